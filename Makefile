@@ -1,0 +1,31 @@
+# One entry point per job. `make test` builds .venv from scratch when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision must be a matching pair (torchvision's compiled ops fail against
+# another torch build, e.g. the local CPU-only 2.13.0 wheel); pin one for reproducible runs.
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test bench demo lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]' $(TORCH_PAIR)
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check repsim tests benchmarks
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_cka.py
+
+demo:
+	@echo "make demo will extract the bundled CIFAR-10 probe set with the committed"
+	@echo "checkpoints and build the CKA figures; it arrives with 'repsim figures' (issue 5)."
+	@exit 2
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

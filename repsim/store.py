@@ -1,0 +1,227 @@
+"""Self-describing, resumable HDF5 activation stores.
+
+Layout of a store (one file)::
+
+    /ids                (n,) int64    stable sample IDs (index in the probe set's canonical order)
+    /labels             (n,) int64
+    /layers/<name>      (n, D_l)      one dataset per layer, rows aligned with /ids
+    /batches_done       (n_batches,)  bool, the resume journal
+    attrs: provenance (JSON), layer_order (JSON list: HDF5 sorts names, blocks.10 < blocks.2),
+           format, repsim_version, complete (set last)
+
+Integrity: a store is written as ``FILE.h5.partial`` and renamed to ``FILE.h5`` only after
+``complete`` is set and the file is closed, so a crash never leaves a file that looks
+complete. Each finished batch is flushed and then marked in ``batches_done``; a rerun skips
+marked batches, and because batches always cover the same rows, the resumed store equals an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repsim import __version__
+from repsim.errors import UserError
+
+FORMAT = "repsim-activations/1"
+PARTIAL = ".partial"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + PARTIAL)
+
+
+def _open(path: Path, mode: str):
+    import h5py
+
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise UserError(f"cannot read store {path}: {exc}; it is corrupt or not an HDF5 "
+                        "file (delete it, or rerun repsim extract with --overwrite)") from exc
+
+
+class Store:
+    """Read access to a complete store: ``layers`` in model order, ``ids``, ``labels``, ``meta``.
+
+    ``store[name]`` is the h5py dataset ``(n, D)`` (read lazily, row slices work, so the CKA
+    engine streams stores larger than memory). Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            part = partial_path(self.path)
+            if part.exists():
+                raise UserError(
+                    f"store {self.path} is incomplete (found {part.name}); run the same "
+                    "repsim extract command again to resume it")
+            raise UserError(f"no store at {self.path}; create it with repsim extract")
+        self._f = _open(self.path, "r")
+        try:
+            attrs = self._f.attrs
+            if attrs.get("format") != FORMAT:
+                raise UserError(f"{self.path} is not a repsim activation store "
+                                f"(format {attrs.get('format')!r}, expected {FORMAT!r})")
+            if not bool(attrs.get("complete", False)):
+                raise UserError(f"store {self.path} is incomplete; run the same repsim "
+                                "extract command again to resume it")
+            self.layers: list[str] = json.loads(attrs["layer_order"])
+            self.meta: dict = json.loads(attrs["provenance"])
+            self.ids = self._f["ids"][:]
+            self.labels = self._f["labels"][:]
+            missing = [n for n in self.layers if n not in self._f["layers"]]
+            if missing:
+                raise UserError(f"store {self.path} is corrupt: layers {missing} are listed "
+                                "but missing; rerun repsim extract with --overwrite")
+        except (KeyError, ValueError, OSError) as exc:
+            self._f.close()
+            raise UserError(f"store {self.path} is corrupt or unreadable ({exc}); rerun "
+                            "repsim extract with --overwrite") from exc
+        except UserError:
+            self._f.close()
+            raise
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, layer: str):
+        if layer not in self.layers:
+            import difflib
+
+            close = difflib.get_close_matches(layer, self.layers, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"layer {layer!r} is not in {self.path.name} (layers: "
+                            f"{', '.join(self.layers)}){hint}")
+        return self._f["layers"][layer]
+
+    def features(self, layers: list[str] | None = None) -> dict[str, Any]:
+        """Name -> lazy ``(n, D)`` dataset, in model order."""
+        return {name: self[name] for name in (layers or self.layers)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def identity(meta: dict) -> dict:
+    """The part of the provenance that decides whether two stores hold the same thing."""
+    return {k: v for k, v in meta.items() if k not in ("versions", "created", "seconds")}
+
+
+class StoreWriter:
+    """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch.
+
+    ``batch_bounds`` fixes which rows each batch covers; ``pending()`` lists the batches
+    still to do; ``write(j, {layer: (rows, D) array})`` stores one batch and journals it.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict, ids: np.ndarray,
+                 labels: np.ndarray, batch_size: int) -> None:
+        self.final = Path(path)
+        self.path = partial_path(path)
+        self.meta = meta
+        n = len(ids)
+        self.bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+        self.resumed = False
+        self._f = self._reopen(ids) if self.path.exists() else None
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = _open(self.path, "w")
+            a = self._f.attrs
+            a["format"] = FORMAT
+            a["complete"] = False
+            a["provenance"] = json.dumps(meta, sort_keys=True)
+            a["repsim_version"] = __version__
+            self._f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
+            self._f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+            self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
+            self._f.create_group("layers")
+            self._f.flush()
+
+    def _reopen(self, ids: np.ndarray):
+        """The partial file to resume, or None when it is unreadable (then start over)."""
+        import h5py
+
+        try:
+            f = h5py.File(self.path, "r+")
+        except OSError:
+            # A crash mid-write can leave HDF5 metadata unreadable: start over, never guess.
+            self.path.unlink()
+            return None
+        try:
+            old = json.loads(f.attrs["provenance"])
+            same_ids = np.array_equal(f["ids"][:], ids)
+            done = f["batches_done"][:]
+        except (KeyError, OSError, ValueError):
+            f.close()
+            self.path.unlink()
+            return None
+        if identity(old) != identity(self.meta) or not same_ids or len(done) != len(self.bounds):
+            f.close()
+            raise UserError(
+                f"{self.path} is an unfinished store with different settings; rerun with "
+                "--overwrite to discard it, or repeat the original command to resume it")
+        self.resumed = bool(done.any())
+        return f
+
+    @property
+    def layers_created(self) -> bool:
+        return bool(len(self._f["layers"]))
+
+    def create_layers(self, dims: dict[str, int], dtype: str, chunk_rows: int,
+                      compression: str | None) -> None:
+        """One ``(n, D)`` dataset per layer; ``layer_order`` keeps the model's order."""
+        n = len(self._f["ids"])
+        for name, d in dims.items():
+            self._f["layers"].create_dataset(
+                name, shape=(n, d), dtype=dtype, chunks=(max(1, min(chunk_rows, n)), d),
+                compression=compression)
+        self._f.attrs["layer_order"] = json.dumps(list(dims))
+        self._f.flush()
+
+    def pending(self) -> list[int]:
+        done = self._f["batches_done"][:]
+        return [j for j in range(len(self.bounds)) if not done[j]]
+
+    def write(self, j: int, feats: dict[str, np.ndarray]) -> None:
+        a, b = self.bounds[j]
+        for name, x in feats.items():
+            self._f["layers"][name][a:b] = x
+        self._f.flush()  # data first, then the journal entry that vouches for it
+        self._f["batches_done"][j] = True
+        self._f.flush()
+
+    def finish(self) -> Path:
+        """Mark complete, close, and atomically rename to the final path."""
+        if self.pending():
+            raise RuntimeError(f"cannot finish {self.path}: batches {self.pending()} missing")
+        self._f.attrs["complete"] = True
+        self._f.close()
+        os.replace(self.path, self.final)
+        return self.final
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+
+def store_info(path: str | os.PathLike) -> dict:
+    """Provenance of a store without opening its data (complete stores only)."""
+    with Store(path) as s:
+        return {"path": str(s.path), "n": s.n, "layers": s.layers, **s.meta}

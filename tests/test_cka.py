@@ -1,0 +1,281 @@
+"""CKA engine: agreement with an independent reference, invariances, estimators, errors."""
+
+import warnings
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+from repsim import cka
+
+KERNELS = ["linear", "rbf"]
+FULL = ["biased", "debiased"]
+
+
+# ------------------------------------------------------------------ agreement with the reference
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", FULL)
+def test_matrix_matches_reference_float64(layers, kernel, estimator):
+    b = [layers[2], layers[0]]
+    got = cka.cka_matrix(layers, b, kernel=kernel, estimator=estimator, threshold=0.8)
+    want = np.array([[ref.cka(x, y, kernel, estimator == "debiased", 0.8) for y in b]
+                     for x in layers])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", FULL)
+def test_float32_inputs_match_float64_reference(layers, kernel, estimator):
+    a32 = [x.astype(np.float32) for x in layers]
+    got = cka.cka_matrix(a32, a32[:2], kernel=kernel, estimator=estimator)
+    want = np.array([[ref.cka(x.astype(np.float64), y.astype(np.float64), kernel,
+                              estimator == "debiased") for y in a32[:2]] for x in a32])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_minibatch_matches_reference(layers, kernel):
+    n = layers[0].shape[0]
+    rows = cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
+    med = [np.median(np.sum((x[rows][:, None] - x[rows][None]) ** 2, -1)) for x in layers]
+    got = cka.cka_matrix(layers, layers[:2], kernel=kernel, estimator="minibatch",
+                         batch_size=16)
+    want = np.array([[ref.minibatch_cka(x, y, 16, kernel, 1.0, med[i], med[j])
+                      for j, y in enumerate(layers[:2])] for i, x in enumerate(layers)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", FULL)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_blockwise_equals_single_block(layers, kernel, estimator):
+    # A tiny memory budget forces many row blocks (off-diagonal blocks, syrk triangles).
+    whole = cka.compare(layers, layers[:2], kernel=kernel, estimator=estimator).matrix
+    blocked = cka.compare(layers, layers[:2], kernel=kernel, estimator=estimator,
+                          memory_budget=10_000).matrix
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-12)
+
+
+def test_pair_functions_match_reference(layers):
+    x, y = layers[0], layers[1]
+    assert cka.linear_cka(x, y) == pytest.approx(ref.cka(x, y), abs=1e-9)
+    assert cka.linear_cka(x, y, debiased=True) == pytest.approx(
+        ref.cka(x, y, debiased=True), abs=1e-9)
+    assert cka.rbf_cka(x, y, threshold=2.0) == pytest.approx(
+        ref.cka(x, y, "rbf", threshold=2.0), abs=1e-9)
+    assert cka.rbf_cka(x, y, debiased=True) == pytest.approx(
+        ref.cka(x, y, "rbf", debiased=True), abs=1e-9)
+
+
+def test_torch_inputs_give_numpy_results(layers):
+    t = [torch.from_numpy(x) for x in layers]
+    np.testing.assert_allclose(cka.cka_matrix(t, t), cka.cka_matrix(layers, layers), atol=1e-12)
+
+
+def test_named_layers_keep_their_names(layers):
+    res = cka.compare({"x": layers[0], "y": layers[1]}, {"z": layers[2]})
+    assert res.layers_a == ["x", "y"] and res.layers_b == ["z"]
+    assert res.matrix.shape == (2, 1)
+
+
+# ------------------------------------------------------------------ invariances
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_orthogonal_transform_and_isotropic_scaling_leave_cka_unchanged(rng, layers, kernel):
+    x, y = layers[0], layers[1]
+    q, _ = np.linalg.qr(rng.standard_normal((x.shape[1], x.shape[1])))
+    base = cka.cka_matrix([x], [y], kernel=kernel)[0, 0]
+    assert cka.cka_matrix([x @ q], [y], kernel=kernel)[0, 0] == pytest.approx(base, abs=1e-10)
+    assert cka.cka_matrix([7.5 * x], [y], kernel=kernel)[0, 0] == pytest.approx(base, abs=1e-10)
+
+
+def test_general_invertible_map_changes_linear_cka(rng, layers):
+    x, y = layers[0], layers[1]
+    a = np.diag(np.linspace(0.1, 10, x.shape[1]))  # invertible, far from orthogonal
+    assert abs(cka.linear_cka(x @ a, y) - cka.linear_cka(x, y)) > 1e-2
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", FULL)
+def test_self_similarity_is_one_and_symmetric(layers, kernel, estimator):
+    m = cka.cka_matrix(layers, layers, kernel=kernel, estimator=estimator)
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(m, m.T)
+
+
+def test_same_object_and_equal_copy_agree(layers):
+    copy = [x.copy() for x in layers]
+    np.testing.assert_allclose(cka.cka_matrix(layers, layers), cka.cka_matrix(layers, copy),
+                               atol=1e-12)
+
+
+# ------------------------------------------------------------------ estimators
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_minibatch_with_batch_size_n_equals_debiased(layers, kernel):
+    n = layers[0].shape[0]
+    mb = cka.cka_matrix(layers, layers, kernel=kernel, estimator="minibatch", batch_size=n)
+    db = cka.cka_matrix(layers, layers, kernel=kernel, estimator="debiased")
+    np.testing.assert_allclose(mb, db, atol=1e-10)
+
+
+def test_minibatch_approaches_full_data_value(rng):
+    def sample(n):
+        z = rng.standard_normal((n, 5))
+        return z @ rng.standard_normal((5, 20)), np.tanh(z) @ rng.standard_normal((5, 12))
+
+    # The large-n, full-data value is the target; the minibatch error must shrink with n.
+    x, y = sample(6000)
+    target = cka.linear_cka(x, y)
+    errs = []
+    for n in (200, 6000):
+        est = cka.cka_matrix([x[:n]], [y[:n]], estimator="minibatch", batch_size=100)[0, 0]
+        errs.append(abs(est - target))
+    assert errs[1] < errs[0] and errs[1] < 0.01
+
+
+def test_debiased_near_zero_for_independent_data_biased_is_not(rng):
+    x, y = rng.standard_normal((32, 100)), rng.standard_normal((32, 100))
+    assert abs(cka.linear_cka(x, y, debiased=True)) < 0.1
+    assert cka.linear_cka(x, y) > 0.5
+
+
+def test_negative_debiased_values_are_not_clamped(rng):
+    vals = [cka.linear_cka(rng.standard_normal((8, 50)), rng.standard_normal((8, 50)),
+                           debiased=True) for _ in range(20)]
+    assert min(vals) < 0
+
+
+def test_accumulator_merge_equals_single_accumulator(layers):
+    one = cka.MinibatchCKA()
+    left, right = cka.MinibatchCKA(), cka.MinibatchCKA()
+    for k, a in enumerate(range(0, 60, 12)):
+        batch_a = [x[a:a + 12] for x in layers]
+        batch_b = [layers[0][a:a + 12]]
+        one.update(batch_a, batch_b)
+        (left if k % 2 else right).update(batch_a, batch_b)
+    np.testing.assert_allclose(left.merge(right).compute(), one.compute(), atol=1e-12)
+    assert left.n_samples_ == 60 and left.n_batches_ == 5
+
+
+def test_accumulator_sums_are_float64_and_addable(layers):
+    acc = cka.MinibatchCKA()
+    acc.update([layers[0][:20].astype(np.float32)], [layers[1][:20]])
+    sums = acc.sums()
+    assert sums["hsic_ab"].dtype == torch.float64
+    twice = cka.MinibatchCKA()
+    twice.update([layers[0][:20]], [layers[1][:20]])
+    twice.update([layers[0][:20]], [layers[1][:20]])
+    np.testing.assert_allclose(twice.sums()["hsic_ab"], 2 * sums["hsic_ab"], rtol=1e-6)
+
+
+def test_short_last_batch_is_dropped_with_warning(layers):
+    with pytest.warns(RuntimeWarning, match="last batch of 3 rows"):
+        got = cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=19)  # 3 left
+    want = cka.cka_matrix([x[:57] for x in layers], [x[:57] for x in layers],
+                          estimator="minibatch", batch_size=19)
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_short_last_batch_of_four_is_used(layers):
+    res = cka.compare(layers, layers, estimator="minibatch", batch_size=14)  # 60 = 4*14 + 4
+    assert res.n_batches == 5
+
+
+def test_rbf_minibatch_records_bandwidth_rows(layers):
+    res = cka.compare(layers, layers[:1], kernel="rbf", estimator="minibatch", batch_size=20)
+    assert res.bandwidth_rows == list(range(60))
+    assert len(res.bandwidths_a) == 3 and all(b > 0 for b in res.bandwidths_a)
+
+
+def test_bandwidth_sample_is_fixed_and_sorted():
+    a, b = cka._sample_rows(5000, 1000), cka._sample_rows(5000, 1000)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 1000 and np.all(np.diff(a) > 0)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_different_n_is_rejected(layers):
+    with pytest.raises(ValueError, match="rows"):
+        cka.cka_matrix(layers, [layers[0][:50]])
+
+
+def test_too_few_rows_for_unbiased(rng):
+    x = rng.standard_normal((3, 5))
+    with pytest.raises(ValueError, match="at least 4 rows"):
+        cka.cka_matrix([x], [x], estimator="debiased")
+
+
+def test_non_finite_values_name_the_layer(layers):
+    bad = layers[1].copy()
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"'b\[1\]'.*row 7"):
+        cka.cka_matrix(layers, [layers[0], bad])
+
+
+def test_unknown_kernel_and_estimator(layers):
+    with pytest.raises(ValueError, match="unknown kernel 'poly'"):
+        cka.cka_matrix(layers, layers, kernel="poly")
+    with pytest.raises(ValueError, match="unknown estimator 'fast'.*biased, debiased"):
+        cka.cka_matrix(layers, layers, estimator="fast")
+
+
+def test_minibatch_needs_valid_batch_size(layers):
+    with pytest.raises(ValueError, match="batch_size"):
+        cka.cka_matrix(layers, layers, estimator="minibatch")
+    with pytest.raises(ValueError, match="batch_size"):
+        cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=3)
+
+
+def test_single_matrix_instead_of_sequence_is_rejected(layers):
+    with pytest.raises(ValueError, match="sequence of matrices"):
+        cka.cka_matrix(layers[0], layers)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_zero_variance_layer_gives_nan_and_warning(layers, kernel, estimator):
+    const = np.full((60, 4), 2.5)
+    with pytest.warns(RuntimeWarning, match=r"'b\[1\]' has zero variance"):
+        m = cka.cka_matrix(layers, [layers[0], const], kernel=kernel, estimator=estimator,
+                           batch_size=20)
+    assert np.isnan(m[:, 1]).all()
+    assert np.isfinite(m[:, 0]).all()
+
+
+def test_no_warning_for_healthy_layers(layers):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cka.cka_matrix(layers, layers)
+
+
+# ------------------------------------------------------------------ memory and devices
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_h5py_sources_streamed_in_blocks_match_in_memory(tmp_path, layers, kernel):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        for i, x in enumerate(layers):
+            f.create_dataset(f"l{i}", data=x.astype(np.float32))
+    mem = cka.cka_matrix([x.astype(np.float32) for x in layers], layers[:1], kernel=kernel)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        # A budget far below the features' size forces re-reading row blocks from disk.
+        got = cka.compare([f[f"l{i}"] for i in range(3)], layers[:1], kernel=kernel,
+                          memory_budget=30_000).matrix
+    np.testing.assert_allclose(got, mem, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_cuda_inputs_give_cpu_results(layers, estimator):
+    gpu = [torch.from_numpy(x).cuda() for x in layers]
+    np.testing.assert_allclose(
+        cka.cka_matrix(gpu, gpu[:2], estimator=estimator, batch_size=20),
+        cka.cka_matrix(layers, layers[:2], estimator=estimator, batch_size=20), atol=1e-10)
