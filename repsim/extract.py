@@ -236,12 +236,26 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                     writer.create_layers({k: v.shape[1] for k, v in feats.items()}, cfg.dtype,
                                          cfg.chunk_rows, cfg.compression)
                 writer.write(j, feats)
+                _maybe_fault()
                 if bar is not None:
                     bar.update(b - a)
     finally:
         cap.remove()
         if bar is not None:
             bar.close()
+
+
+def _maybe_fault() -> None:
+    """Test-only fault injection: REPSIM_FAULT_AFTER_BATCHES=k SIGKILLs after k batches."""
+    left = os.environ.get("REPSIM_FAULT_AFTER_BATCHES")
+    if left is None:
+        return
+    left = int(left) - 1
+    os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(left)
+    if left <= 0:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _shard(out: Path, rank: int, world: int) -> Path:

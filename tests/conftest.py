@@ -23,3 +23,24 @@ def layers(rng):
         np.tanh(base @ rng.standard_normal((16, 24))) + 3.0,  # large mean: centring matters
         rng.standard_normal((60, 7)),
     ]
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory):
+    """A tiny CIFAR-10-shaped image-folder tree: 10 classes x 2 images per split, 32x32 PNG."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("data")
+    gen = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in CIFAR_CLASSES:
+            d = root / "cifar10" / split / c
+            d.mkdir(parents=True)
+            for k in range(2):
+                img = gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{k:04d}.png")
+    return root

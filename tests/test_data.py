@@ -1,0 +1,321 @@
+"""Probe sets: canonical order, stable IDs, seeded subsets, data roots, resizing, errors.
+
+Every test builds its own tiny image tree; nothing touches the network or a shared dataset.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from repsim import data
+from repsim.errors import UserError
+
+CLASSES = ("cat", "ant", "bee")  # deliberately unsorted: canonical order is ant, bee, cat
+PER_CLASS = 4
+
+
+def colour(cls_index: int, file_index: int) -> tuple[int, int, int]:
+    """A distinct solid colour per (class, file), far apart so PNG round trips are exact."""
+    return (40 * cls_index + 10, 40 * file_index + 10, 200)
+
+
+def write_tree(split_dir, classes=CLASSES, per_class=PER_CLASS, size=(32, 32)):
+    """``split_dir/<class>/<k>.png`` solid-colour images; colour encodes (sorted class, k)."""
+    for c, cls in enumerate(sorted(classes)):
+        (split_dir / cls).mkdir(parents=True)
+        # Written in reverse so directory order differs from sorted file order.
+        for k in reversed(range(per_class)):
+            Image.new("RGB", size, colour(c, k)).save(split_dir / cls / f"{k:04d}.png")
+    return split_dir
+
+
+def pixel(probe, row):
+    return tuple(int(v) for v in probe.images[row, 0, 0])
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A data root holding ``svhn/test`` as a 3-class tree (svhn's class check patched to 3)."""
+    monkeypatch.setitem(data._CLASS_COUNTS, "svhn", len(CLASSES))
+    monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
+    write_tree(tmp_path / "root" / "svhn" / "test")
+    return tmp_path / "root"
+
+
+# --------------------------------------------------------------------------- order and ids
+
+
+def test_canonical_order_and_labels(root):
+    p = data.load_probe_set("svhn", "test", data_root=root)
+    assert p.classes == ("ant", "bee", "cat")
+    assert p.images.shape == (12, 32, 32, 3) and p.images.dtype == np.uint8
+    np.testing.assert_array_equal(p.labels, np.repeat([0, 1, 2], PER_CLASS))
+    assert p.labels.dtype == np.int64
+    assert [pixel(p, i) for i in range(12)] == [
+        colour(c, k) for c in range(3) for k in range(PER_CLASS)
+    ]
+
+
+def test_ids_are_canonical_index_of_full_split(root):
+    p = data.load_probe_set("svhn", "test", data_root=root)
+    np.testing.assert_array_equal(p.ids, np.arange(12))
+    assert p.ids.dtype == np.int64 and p.n_total == 12 and p.seed is None
+    assert p.source == f"imagefolder:{root / 'svhn' / 'test'}"
+
+
+def test_ids_stable_when_files_are_added_to_a_later_class(root):
+    before = data.load_probe_set("svhn", "test", data_root=root)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "svhn" / "test" / "cat" / "9999.png")
+    after = data.load_probe_set("svhn", "test", data_root=root)
+    np.testing.assert_array_equal(after.ids[:12], before.ids)
+    np.testing.assert_array_equal(after.images[:12], before.images)
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def test_subset_is_deterministic_and_sorted(root):
+    a = data.load_probe_set("svhn", "test", n=5, seed=3, data_root=root)
+    b = data.load_probe_set("svhn", "test", n=5, seed=3, data_root=root)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert len(a) == 5 and a.seed == 3 and a.n_total == 12
+    assert np.all(np.diff(a.ids) > 0)
+
+
+def test_different_seed_gives_different_ids(root):
+    a = data.load_probe_set("svhn", "test", n=5, seed=0, data_root=root)
+    b = data.load_probe_set("svhn", "test", n=5, seed=1, data_root=root)
+    assert not np.array_equal(a.ids, b.ids)
+
+
+def test_subset_matches_full_set_at_its_ids(root):
+    full = data.load_probe_set("svhn", "test", data_root=root)
+    sub = data.load_probe_set("svhn", "test", n=5, seed=7, data_root=root)
+    np.testing.assert_array_equal(sub.images, full.images[sub.ids])
+    np.testing.assert_array_equal(sub.labels, full.labels[sub.ids])
+
+
+def test_subset_opens_only_selected_files(root, monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or
+                        real_open(fp, *a, **k))
+    sub = data.load_probe_set("svhn", "test", n=3, seed=0, data_root=root)
+    assert len(set(opened)) == 3 and len(sub) == 3
+
+
+def test_subset_indices_rule():
+    np.testing.assert_array_equal(data.subset_indices(6, None, 0), np.arange(6))
+    np.testing.assert_array_equal(data.subset_indices(6, 9, 0), np.arange(6))
+    want = np.sort(np.random.default_rng(4).choice(100, 10, replace=False))
+    np.testing.assert_array_equal(data.subset_indices(100, 10, 4), want)
+
+
+def test_n_equal_to_split_size_is_the_full_set(root):
+    p = data.load_probe_set("svhn", "test", n=12, seed=5, data_root=root)
+    np.testing.assert_array_equal(p.ids, np.arange(12))
+    assert p.seed is None
+
+
+# --------------------------------------------------------------------------- data root
+
+
+def test_env_var_is_honoured(root, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # ./data does not exist here
+    monkeypatch.setenv(data.ENV_DATA_ROOT, str(root))
+    assert data.resolve_data_root(None) == root
+    assert data.load_probe_set("svhn", "test").n_total == 12
+
+
+def test_explicit_root_wins_over_env(root, monkeypatch, tmp_path):
+    monkeypatch.setenv(data.ENV_DATA_ROOT, str(tmp_path / "elsewhere"))
+    assert data.resolve_data_root(root) == root
+    assert data.load_probe_set("svhn", "test", data_root=root).n_total == 12
+
+
+def test_default_root_is_cwd_data(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert data.resolve_data_root(None) == tmp_path / "data"
+
+
+def test_root_pointing_at_dataset_folder(root):
+    p = data.load_probe_set("svhn", "test", data_root=root / "svhn")
+    assert p.n_total == 12 and p.classes == ("ant", "bee", "cat")
+
+
+def test_cifar10_tree_needs_ten_classes(tmp_path):
+    write_tree(tmp_path / "cifar10" / "test")
+    with pytest.raises(UserError, match="3 class folders but cifar10 has 10"):
+        data.load_probe_set("cifar10", "test", data_root=tmp_path)
+
+
+# --------------------------------------------------------------------------- imagefolder:PATH
+
+
+def test_imagefolder_mixed_sizes_become_uniform(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    Image.new("RGB", (40, 20), "red").save(folder / "a" / "x.png")
+    Image.new("RGB", (17, 33), "blue").save(folder / "b" / "y.jpg")
+    p = data.load_probe_set(f"imagefolder:{folder}", image_size=16)
+    assert p.images.shape == (2, 16, 16, 3)
+    assert p.classes == ("a", "b") and p.dataset == f"imagefolder:{folder}"
+    default = data.load_probe_set(f"imagefolder:{folder}")
+    assert default.images.shape == (2, 224, 224, 3)
+
+
+def test_imagefolder_flat_folder_is_one_class(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for k in range(3):
+        Image.new("RGB", (8, 8), (k * 50, 0, 0)).save(folder / f"{k}.bmp")
+    p = data.load_probe_set(f"imagefolder:{folder}", split="train")
+    assert p.classes == ("images",) and p.split == "train"
+    np.testing.assert_array_equal(p.labels, [0, 0, 0])
+    assert p.images.shape == (3, 8, 8, 3)  # same sizes: native kept
+
+
+# --------------------------------------------------------------------------- torchvision layout
+
+
+class FakeCIFAR:
+    """Stands in for torchvision.datasets.CIFAR10: found on disk, 5 images coded by index."""
+
+    def __init__(self, root, train=True, download=False):
+        self.data = np.arange(5, dtype=np.uint8)[:, None, None, None] * np.ones((5, 4, 4, 3),
+                                                                                np.uint8)
+        self.targets = [4, 3, 2, 1, 0]
+        self.classes = [f"c{i}" for i in range(10)]
+
+
+def test_torchvision_layout_ids_are_dataset_index(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR)
+    p = data.load_probe_set("cifar10", "test", n=3, seed=1, data_root=tmp_path)
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], p.ids)
+    np.testing.assert_array_equal(p.labels, 4 - p.ids)
+    assert p.source == f"torchvision:{tmp_path}" and p.n_total == 5
+
+
+def test_no_data_names_root_and_both_fixes(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    def missing(root, train=True, download=False):
+        calls.append(download)
+        if download:
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", missing)
+    with pytest.raises(UserError) as err:
+        data.load_probe_set("cifar100", "train", data_root=tmp_path)
+    msg = str(err.value)
+    assert calls == [False, True] and "\n" not in msg
+    for part in (str(tmp_path), "cifar100/train/<class>", "run online", "--data-root",
+                 "REPSIM_DATA", "name resolution"):
+        assert part in msg
+
+
+def test_no_data_without_download_never_downloads(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def missing(root, split="train", download=False):
+        assert not download
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "SVHN", missing)
+    with pytest.raises(UserError, match="downloading is off"):
+        data.load_probe_set("svhn", "test", data_root=tmp_path, download=False)
+
+
+# --------------------------------------------------------------------------- balanced subsets
+
+
+def test_balanced_subset_takes_fraction_of_each_class():
+    labels = np.repeat([0, 1, 2], [10, 20, 40])
+    idx = data.balanced_subset(labels, 0.25, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [2, 5, 10]  # round(2.5) == 2 (half to even)
+    assert np.all(np.diff(idx) > 0) and idx.dtype == np.int64
+
+
+def test_balanced_subset_is_deterministic():
+    labels = np.tile(np.arange(5), 30)
+    a = data.balanced_subset(labels, 0.5, seed=9)
+    np.testing.assert_array_equal(a, data.balanced_subset(labels, 0.5, seed=9))
+    assert not np.array_equal(a, data.balanced_subset(labels, 0.5, seed=10))
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_provenance_keys_and_hash(root):
+    p = data.load_probe_set("svhn", "test", n=4, seed=2, data_root=root)
+    prov = p.provenance()
+    assert set(prov) == {"dataset", "split", "n", "n_total", "seed", "source", "ids_sha256"}
+    assert json.loads(json.dumps(prov)) == prov
+    assert prov["n"] == 4 and prov["seed"] == 2
+    assert prov["ids_sha256"] == hashlib.sha256(p.ids.astype("<i8").tobytes()).hexdigest()
+
+
+def test_provenance_hash_is_stable_across_loads(root):
+    a = data.load_probe_set("svhn", "test", n=4, seed=2, data_root=root).provenance()
+    b = data.load_probe_set("svhn", "test", n=4, seed=2, data_root=root).provenance()
+    c = data.load_probe_set("svhn", "test", n=4, seed=3, data_root=root).provenance()
+    assert a["ids_sha256"] == b["ids_sha256"] != c["ids_sha256"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"dataset": "mnist"}, "cifar10, cifar100, svhn, imagefolder:PATH"),
+        ({"split": "val"}, "use one of train, test"),
+        ({"n": 0}, "pass a positive n"),
+        ({"n": -3}, "pass a positive n"),
+        ({"n": 13}, "which has 12 images; pass n <= 12"),
+        ({"dataset": "imagefolder:"}, "has no path"),
+    ],
+)
+def test_bad_load_arguments(root, kwargs, pattern):
+    args = {"dataset": "svhn", "split": "test", "data_root": root, **kwargs}
+    with pytest.raises(UserError, match=pattern) as err:
+        data.load_probe_set(**args)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_imagefolder_path(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        data.load_probe_set(f"imagefolder:{tmp_path / 'nope'}")
+
+
+def test_empty_imagefolder(tmp_path):
+    with pytest.raises(UserError, match="is empty"):
+        data.load_probe_set(f"imagefolder:{tmp_path}")
+
+
+def test_empty_class_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(UserError, match="has no images"):
+        data.load_probe_set(f"imagefolder:{tmp_path}")
+
+
+def test_unreadable_image(tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="cannot read image"):
+        data.load_probe_set(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_balanced_subset_rejects_bad_fraction(fraction):
+    with pytest.raises(UserError, match=r"must be in \(0, 1\]"):
+        data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)

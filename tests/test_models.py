@@ -1,0 +1,421 @@
+"""Model zoo: architectures, layer names, weights loading rules and preprocessing (offline)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import timm
+import timm.models._builder
+import torch
+
+from repsim import models as M
+from repsim.errors import UserError
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def capture(model: torch.nn.Module, spec: M.ModelSpec, layers: list[str], x: torch.Tensor):
+    """Forward ``x`` and return {layer: output} collected with forward hooks."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [
+        M.module_for(model, spec, name).register_forward_hook(
+            lambda _m, _i, o, name=name: out.__setitem__(name, o.detach().clone())
+        )
+        for name in layers
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return M.build_model("vit_cifar", seed=0)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return M.build_model("resnet18_cifar", seed=0)
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, monkeypatch):
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(d))
+    return d
+
+
+class NotATensorDict(collections.OrderedDict):
+    """An OrderedDict subclass: unpickling it would need to import this module."""
+
+
+class Payload:
+    pass
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+def test_registry_and_specs():
+    assert M.list_models() == ["vit_cifar", "resnet18_cifar", "vit_imagenet", "resnet18_imagenet"]
+    s = M.get_spec("vit_cifar")
+    assert (s.family, s.input_size, s.num_classes) == ("vit", 32, 10)
+    assert s.mean == (0.0, 0.0, 0.0) and s.std == (1.0, 1.0, 1.0)
+    assert s.default_weights == "checkpoints/vit_cifar.pt"
+    v = M.get_spec("vit_imagenet")
+    assert (v.input_size, v.interpolation, v.mean, v.std) == (
+        224,
+        "bicubic",
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+    )
+    r = M.get_spec("resnet18_imagenet")
+    assert r.mean == pytest.approx((0.485, 0.456, 0.406)) and r.interpolation == "bilinear"
+    info = M.preprocessing_info(v)
+    assert info == {
+        "input_size": 224,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+    }
+
+
+def test_param_counts_and_forward(vit, resnet):
+    assert 9.4e6 <= n_params(vit) <= 9.6e6
+    assert 11.1e6 <= n_params(resnet) <= 11.3e6
+    assert not vit.training and not resnet.training
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert vit(x).shape == (2, 10)
+        assert resnet(x).shape == (2, 10)
+    assert isinstance(resnet.maxpool, torch.nn.Identity)
+    assert resnet.conv1.kernel_size == (3, 3) and resnet.conv1.stride == (1, 1)
+    assert resnet.conv1.bias is None
+    blk = vit.blocks[0]
+    assert blk.mlp.fc1.out_features == 512 and blk.attn.num_heads == 8
+    assert vit.pos_drop.p == 0.1 and blk.attn.proj_drop.p == 0.1 and blk.attn.attn_drop.p == 0
+
+
+def test_build_is_seeded_and_leaves_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = M.build_model("resnet18_cifar", seed=1)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # build_model does not consume the global RNG
+    b = M.build_model("resnet18_cifar", seed=1)
+    c = M.build_model("resnet18_cifar", seed=2)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert M.build_model("resnet18_cifar", num_classes=7).fc.out_features == 7
+    with pytest.raises(UserError, match="num_classes"):
+        M.build_model("resnet18_cifar", num_classes=0)
+
+
+def test_vit_block_hooks_match_timm_intermediates(vit):
+    spec = M.get_spec("vit_cifar")
+    x = torch.rand(2, 3, 32, 32)
+    names = [f"blocks.{i}" for i in range(6)]
+    got = capture(vit, spec, ["embed", *names], x)
+    with torch.no_grad():
+        inter = vit.forward_intermediates(x, intermediates_only=True, norm=False, output_fmt="NLC")
+    # timm splits off the class token; the hook sees it at position 0.
+    assert len(inter) == 6 and vit.num_prefix_tokens == 1
+    for name, ref in zip(names, inter):
+        assert got[name].shape == (2, 65, 512)
+        torch.testing.assert_close(got[name][:, vit.num_prefix_tokens :], ref)
+    # "embed" is exactly the input of blocks.0.
+    with torch.no_grad():
+        torch.testing.assert_close(vit.blocks[0](got["embed"]), got["blocks.0"])
+        tokens = vit._pos_embed(vit.patch_embed(x))
+    torch.testing.assert_close(got["embed"], tokens)
+
+
+def test_resnet_stage_hooks_match_manual_forward(resnet):
+    spec = M.get_spec("resnet18_cifar")
+    x = torch.rand(2, 3, 32, 32)
+    layers = M.layer_names(resnet, spec)
+    got = capture(resnet, spec, layers, x)
+    with torch.no_grad():
+        h = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
+        torch.testing.assert_close(got["stem"], h)
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            h = getattr(resnet, stage)(h)
+            torch.testing.assert_close(got[stage], h)
+    assert got["stem"].shape == (2, 64, 32, 32) and got["layer4"].shape == (2, 512, 4, 4)
+
+
+# --------------------------------------------------------------------------- layer names
+
+
+def test_default_and_blocks_layers(vit, resnet):
+    vs, rs = M.get_spec("vit_cifar"), M.get_spec("resnet18_cifar")
+    vit_default = ["embed"] + [f"blocks.{i}" for i in range(6)]
+    assert M.layer_names(vit, vs) == vit_default
+    assert M.layer_names(vit, vs, "default") == vit_default
+    assert M.layer_names(vit, vs, "blocks") == vit_default
+    assert M.layer_names(resnet, rs) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert M.layer_names(resnet, rs, "blocks") == ["stem"] + [
+        f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
+    ]
+    assert M.module_for(vit, vs, "embed") is vit.norm_pre
+    assert M.module_for(resnet, rs, "stem") is resnet.maxpool
+    assert M.module_for(resnet, rs, "layer2.1") is resnet.layer2[1]
+
+
+def test_globs_lists_and_commas_keep_model_order(vit, resnet):
+    vs, rs = M.get_spec("vit_cifar"), M.get_spec("resnet18_cifar")
+    assert M.layer_names(vit, vs, "blocks.*") == [f"blocks.{i}" for i in range(6)]
+    assert M.layer_names(vit, vs, "blocks.5,blocks.0") == ["blocks.0", "blocks.5"]
+    assert M.layer_names(vit, vs, ["blocks.3", "embed", "blocks.?", "embed"]) == [
+        "embed",
+        *[f"blocks.{i}" for i in range(6)],
+    ]
+    assert M.layer_names(vit, vs, "blocks.[01].mlp") == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert M.layer_names(resnet, rs, "layer?.1") == [f"layer{i}.1" for i in range(1, 5)]
+    # An alias sits at its module's position (stem before layer1 even if asked later).
+    assert M.layer_names(resnet, rs, ["layer1", "stem", "maxpool"]) == ["stem", "maxpool", "layer1"]
+
+
+def test_unknown_layer_suggests_close_match(vit, resnet):
+    vs = M.get_spec("vit_cifar")
+    with pytest.raises(UserError, match="blocks.1") as e:
+        M.layer_names(vit, vs, "blokcs.1")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="'layer9'"):
+        M.layer_names(resnet, M.get_spec("resnet18_cifar"), ["layer1", "layer9"])
+    with pytest.raises(UserError, match="nothing"):
+        M.layer_names(vit, vs, "nothing.*")
+    with pytest.raises(UserError, match="embed"):
+        M.module_for(vit, vs, "embd")
+    with pytest.raises(UserError):
+        M.layer_names(vit, vs, " , ")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_get_spec_errors_and_timm_prefix():
+    with pytest.raises(UserError, match="vit_cifar") as e:
+        M.get_spec("vit_cfiar")
+    assert "did you mean" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="timm:resnet18"):
+        M.get_spec("resnet18")  # a bare timm name: suggest the prefix
+    with pytest.raises(UserError, match="nonexistent_model_xyz"):
+        M.get_spec("timm:nonexistent_model_xyz")
+    spec = M.get_spec("timm:resnet18")
+    assert (spec.family, spec.input_size, spec.num_classes) == ("resnet", 224, 1000)
+    assert spec.default_weights == "timm" and "timm:resnet18" not in M.list_models()
+    assert M.get_spec("timm:vit_tiny_patch16_224").family == "vit"
+    model = M.build_model("timm:resnet18", num_classes=5)
+    assert model.fc.out_features == 5 and not model.training
+    assert M.layer_names(model, spec) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_load_state_dict_file_exact(tmp_path):
+    src = M.build_model("vit_cifar", seed=7)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    model, prov = M.load_model("vit_cifar", weights=str(path), seed=0)
+    assert not model.training
+    for (k, a), b in zip(src.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert prov == {
+        "model": "vit_cifar",
+        "weights": str(path),
+        "weights_sha256": M.sha256_file(path),
+        "num_classes": 10,
+        "seed": 0,
+    }
+    assert len(prov["weights_sha256"]) == 64
+
+
+def test_load_half_checkpoint_dict_module_prefix_and_num_classes(tmp_path):
+    src = M.build_model("resnet18_cifar", num_classes=100, seed=3)
+    sd = {
+        f"module.{k}": v.half() if v.is_floating_point() else v for k, v in src.state_dict().items()
+    }
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": sd, "model": "resnet18_cifar", "num_classes": 100, "epoch": 5}, path)
+    model, prov = M.load_model("resnet18_cifar", weights=path)
+    assert prov["num_classes"] == 100 and model.fc.out_features == 100  # inferred from fc.weight
+    for k, v in model.state_dict().items():
+        ref = src.state_dict()[k]
+        assert v.dtype == ref.dtype, k
+        if v.is_floating_point():
+            torch.testing.assert_close(v, ref.half().float(), rtol=0, atol=0)
+    # An explicit, contradicting num_classes is a shape error, not a silent head reset.
+    with pytest.raises(UserError, match="fc.weight"):
+        M.load_model("resnet18_cifar", weights=path, num_classes=10)
+
+
+def test_load_vit_half_checkpoint(tmp_path):
+    src = M.build_model("vit_cifar", seed=5)
+    path = tmp_path / "vit16.pt"
+    torch.save(
+        {"state_dict": {k: v.half() for k, v in src.state_dict().items()}, "model": "vit_cifar"},
+        path,
+    )
+    model, _ = M.load_model("vit_cifar", weights=path)
+    assert model.cls_token.dtype == torch.float32
+    torch.testing.assert_close(model.cls_token, src.cls_token.half().float(), rtol=0, atol=0)
+
+
+def test_wrong_architecture_file(tmp_path):
+    path = tmp_path / "resnet.pt"
+    torch.save(
+        {"state_dict": M.build_model("resnet18_cifar").state_dict(), "model": "resnet18_cifar"},
+        path,
+    )
+    with pytest.raises(UserError) as e:
+        M.load_model("vit_cifar", weights=path)
+    msg = str(e.value)
+    assert "vit_cifar" in msg and "resnet18_cifar" in msg and "\n" not in msg
+    n_vit = len(M.build_model("vit_cifar").state_dict())
+    n_res = len(M.build_model("resnet18_cifar").state_dict())
+    assert f"{n_vit} missing" in msg and f"{n_res} unexpected" in msg
+
+
+@pytest.mark.parametrize(
+    "obj", [{"x": Payload()}, NotATensorDict(w=torch.zeros(2))], ids=["object", "dict-subclass"]
+)
+def test_unsafe_pickle_refused(tmp_path, obj):
+    path = tmp_path / "evil.pt"
+    torch.save(obj, path)
+    with pytest.raises(UserError, match="arbitrary Python objects") as e:
+        M.load_model("vit_cifar", weights=path)
+    assert "refuses to unpickle" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_corrupt_missing_and_odd_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all \x00\x01\x02")
+    with pytest.raises(UserError, match="corrupt"):
+        M.load_model("vit_cifar", weights=bad)
+    good = tmp_path / "good.pt"
+    torch.save(M.build_model("resnet18_cifar").state_dict(), good)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(UserError, match="corrupt"):
+        M.load_model("resnet18_cifar", weights=trunc)
+    with pytest.raises(UserError, match="does not exist"):
+        M.load_model("vit_cifar", weights=tmp_path / "nope.pt")
+    notsd = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], notsd)
+    with pytest.raises(UserError, match="not a state dict"):
+        M.load_model("vit_cifar", weights=notsd)
+    with pytest.raises(UserError, match="not tensors"):
+        torch.save({"epoch": 3, "net": {}}, notsd)
+        M.load_model("vit_cifar", weights=notsd)
+
+
+def test_default_weights_from_checkpoint_dir(ckpt_dir):
+    with pytest.raises(UserError, match="repsim train --model vit_cifar") as e:
+        M.load_model("vit_cifar")
+    assert "--weights random" in str(e.value) and "\n" not in str(e.value)
+    src = M.build_model("resnet18_cifar", seed=4)
+    torch.save(
+        {"state_dict": src.state_dict(), "model": "resnet18_cifar"}, ckpt_dir / "resnet18_cifar.pt"
+    )
+    model, prov = M.load_model("resnet18_cifar")
+    assert prov["weights"] == str(ckpt_dir / "resnet18_cifar.pt")
+    assert torch.equal(model.conv1.weight, src.conv1.weight)
+
+
+def test_random_weights_are_seeded():
+    a, pa = M.load_model("resnet18_cifar", "random", seed=1)
+    b, _ = M.load_model("resnet18_cifar", "random", seed=1)
+    c, _ = M.load_model("resnet18_cifar", "random", seed=2)
+    assert torch.equal(a.fc.weight, b.fc.weight) and not torch.equal(a.fc.weight, c.fc.weight)
+    assert pa == {
+        "model": "resnet18_cifar",
+        "weights": "random",
+        "weights_sha256": None,
+        "num_classes": 10,
+        "seed": 1,
+    }
+    with pytest.raises(UserError, match="not available"):
+        M.load_model("vit_cifar", "timm")
+    with pytest.raises(UserError, match="device"):
+        M.load_model("resnet18_cifar", "random", device="gpu0")
+
+
+@pytest.mark.parametrize("name", ["vit_imagenet", "resnet18_imagenet"])
+def test_imagenet_models_from_local_file(tmp_path, name, monkeypatch):
+    # Any network access would be a bug: make pretrained fetching fail loudly.
+    def no_network(*_a, **_k):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
+    src = M.build_model(name, seed=9)
+    path = tmp_path / f"{name}.pt"
+    torch.save(src.state_dict(), path)
+    model, prov = M.load_model(name, weights=path)
+    assert prov["num_classes"] == 1000 and prov["weights_sha256"] == M.sha256_file(path)
+    first = next(iter(src.state_dict()))
+    assert torch.equal(model.state_dict()[first], src.state_dict()[first])
+    spec = M.get_spec(name)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    expected = 12 if name == "vit_imagenet" else 4
+    assert len(M.layer_names(model, spec)) == expected + 1
+
+
+def test_pretrained_unavailable_offline_is_a_user_error(monkeypatch):
+    def offline(*_a, **_k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(UserError, match="unavailable") as e:
+        M.load_model("vit_imagenet")
+    msg = str(e.value)
+    assert "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k" in msg and "\n" not in msg
+    assert "--weights PATH" in msg and "internet" in msg
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_cifar_identity_scaling():
+    spec = M.get_spec("vit_cifar")
+    imgs = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    imgs[0, 0, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)
+    x = M.preprocess(spec, imgs)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([0.0, 1.0, 128 / 255]))
+    torch.testing.assert_close(x, imgs.permute(0, 3, 1, 2).float() / 255)
+
+
+def test_preprocess_imagenet_resizes_and_normalises():
+    spec = M.get_spec("vit_imagenet")
+    imgs = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
+    imgs[1] = 0
+    x = M.preprocess(spec, imgs)
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0], torch.ones(3, 224, 224))  # (1 - 0.5) / 0.5
+    torch.testing.assert_close(x[1], -torch.ones(3, 224, 224))
+    r = M.preprocess(M.get_spec("resnet18_imagenet"), imgs[:1])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(r[0], ((1 - mean) / std).expand(3, 224, 224))
+
+
+def test_preprocess_rejects_bad_input():
+    spec = M.get_spec("vit_cifar")
+    with pytest.raises(UserError, match="uint8"):
+        M.preprocess(spec, torch.zeros(2, 32, 32, 3))
+    with pytest.raises(UserError, match=r"\(n, H, W, 3\)"):
+        M.preprocess(spec, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
