@@ -10,7 +10,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]' $(TORCH_PAIR)
+	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH_PAIR)
 	touch $@
 
 test: $(VENV)/.installed
@@ -20,7 +20,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check repsim tests benchmarks
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_PAIR)
 	$(PY) benchmarks/bench_cka.py
+	$(PY) benchmarks/bench_extract.py
 
 demo:
 	@echo "make demo will extract the bundled CIFAR-10 probe set with the committed"

@@ -1,0 +1,101 @@
+"""Extraction benchmark (issue 3): `repsim extract` vs a bare `model(x)` loop.
+
+Same model, same images, same batches, same device: the bare loop only preprocesses
+and runs the forward pass (no hooks, no reduction, no storage); `extract()` is timed
+end to end (model and probe-set loading, hooks, reduction, HDF5 writes, finishing the
+store). Images come from `--data-root` (e.g. the CIFAR-10 copy) or, if not given, a
+generated 32x32 image-folder tree.
+
+Usage: python benchmarks/bench_extract.py [--n 512] [--batch-size 128] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def synthetic_root(n: int) -> Path:
+    from PIL import Image
+
+    root = Path(tempfile.gettempdir()) / f"repsim-bench-data-{n}"
+    d = root / "cifar10" / "test"
+    if not d.exists():
+        gen = np.random.default_rng(0)
+        for c in range(10):
+            (d / f"class{c}").mkdir(parents=True)
+            for k in range(-(-n // 10)):
+                Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    d / f"class{c}" / f"{k:04d}.png")
+    return root
+
+
+def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str) -> float:
+    from repsim import models
+    from repsim.data import load_probe_set
+
+    spec = models.get_spec(model_name)
+    model, _ = models.load_model(model_name, "random", device=device)
+    probe = load_probe_set("cifar10", "test", n=n, data_root=root)
+    images = torch.from_numpy(probe.images)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for a in range(0, len(images), batch_size):
+            model(models.preprocess(spec, images[a:a + batch_size].to(device)))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def run_extract(model_name, root, n, batch_size, device, reduce, out) -> float:
+    from repsim.extract import ExtractConfig, extract
+
+    t0 = time.perf_counter()
+    extract(ExtractConfig(model=model_name, weights="random", data_root=str(root), n=n,
+                          batch_size=batch_size, device=device, reduce=reduce, out=str(out),
+                          overwrite=True, progress=False))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data-root", help="data root holding cifar10/test (default: generated)")
+    ap.add_argument("--out", default="benchmarks/out/extract.json")
+    args = ap.parse_args()
+    root = Path(args.data_root) if args.data_root else synthetic_root(args.n)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model_name in ("vit_cifar", "resnet18_cifar"):
+            for reduce in ("flatten", "mean"):
+                bare_loop(model_name, root, min(args.n, args.batch_size), args.batch_size,
+                          args.device)  # warm-up: thread pools, allocator, page cache
+                t_bare = bare_loop(model_name, root, args.n, args.batch_size, args.device)
+                out = Path(tmp) / f"{model_name}-{reduce}.h5"
+                t_ext = run_extract(model_name, root, args.n, args.batch_size, args.device,
+                                    reduce, out)
+                row = {"model": model_name, "reduce": reduce, "n": args.n,
+                       "device": args.device, "bare_img_s": args.n / t_bare,
+                       "extract_img_s": args.n / t_ext, "ratio": t_ext / t_bare,
+                       "store_mb": out.stat().st_size / 2**20}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"torch": torch.__version__,
+                                          "threads": torch.get_num_threads(),
+                                          "cores": os.cpu_count(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
