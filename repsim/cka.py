@@ -176,6 +176,7 @@ def _set_bandwidth(layer: _Layer, threshold: float, step: int, device: torch.dev
     Needs one n x n float64 matrix (800 MB at n = 10,000), freed before the next layer.
     """
     x = torch.cat([layer.block(a, b, device) for a, b in _block_bounds(layer.n, step)])
+    layer.sqnorm = (x * x).sum(1)  # the Gram blocks need it; x is at hand only here
     d = _sqdist(x)
     del x
     med = _median(d.flatten())
@@ -477,8 +478,6 @@ def compare(
         for layer in all_layers:
             if not layer.degenerate:
                 _set_bandwidth(layer, threshold, step, dev)
-                layer.sqnorm = torch.cat([(layer.block(a, b, dev) ** 2).sum(1)
-                                          for a, b in _block_bounds(n, step)])
     _warn_degenerate(all_layers)
     cross, sa, sb = _hsic_all_pairs(layers_a, None if same else layers_b, debiased, dev,
                                     budget, progress)

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from repsim.errors import UserError
@@ -213,7 +212,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
 
     if not todo:
         return
-    np_dtype = np.dtype(cfg.dtype)
+    store_dtype = getattr(torch, cfg.dtype)
     modules = {name: models.module_for(model, spec, name) for name in layers}
     cap = _Capture(modules, cfg.reduce, getattr(model, "num_prefix_tokens", 1))
     bar = None
@@ -230,8 +229,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 x = models.preprocess(spec, images[a:b].to(device, non_blocking=True))
                 cap.out.clear()
                 model(x)
-                feats = {name: cap.out[name].to("cpu", torch.float32).numpy().astype(np_dtype)
-                         for name in layers}
+                feats = {name: cap.out[name].to("cpu", store_dtype).numpy() for name in layers}
                 if not writer.layers_created:
                     writer.create_layers({k: v.shape[1] for k, v in feats.items()}, cfg.dtype,
                                          cfg.chunk_rows, cfg.compression)

@@ -2,6 +2,7 @@
 
 import warnings
 
+import h5py
 import numpy as np
 import pytest
 import reference as ref
@@ -260,7 +261,6 @@ def test_no_warning_for_healthy_layers(layers):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_h5py_sources_streamed_in_blocks_match_in_memory(tmp_path, layers, kernel):
-    h5py = pytest.importorskip("h5py")
     with h5py.File(tmp_path / "f.h5", "w") as f:
         for i, x in enumerate(layers):
             f.create_dataset(f"l{i}", data=x.astype(np.float32))
