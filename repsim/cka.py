@@ -115,14 +115,44 @@ class _Layer:
     gamma: float | None = None  # RBF: 1 / (2 threshold^2 median d^2)
     median_sqdist: float | None = None
     degenerate: str | None = None  # why this layer's CKA is undefined (NaN)
+    x: torch.Tensor | None = None  # (n, p) centred float64 features, when kept resident
 
     def block(self, a: int, b: int, device: torch.device) -> torch.Tensor:
         """Centred rows ``a:b``, float64, shape (b - a, p)."""
+        if self.x is not None:
+            return self.x[a:b]
         return _rows(self.src, a, b, device) - self.mean
 
 
 def _block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _non_finite(name: str, x: torch.Tensor, offset: int) -> ValueError:
+    bad = ~torch.isfinite(x).all(dim=1)
+    where = f"first at row {int(bad.nonzero()[0, 0]) + offset}" if bad.any() else \
+        "its column sums overflow"
+    return ValueError(
+        f"layer {name!r} has non-finite values ({where}); check the activations "
+        "(overflow in float16 storage?) before computing CKA"
+    )
+
+
+def _load_resident(layer: _Layer, device: torch.device) -> None:
+    """Read a layer once into float64, check it, and centre its columns in place.
+
+    A NaN or infinity anywhere makes its column sum non-finite (float64 sums of
+    float32/float16 values cannot overflow), so one reduction does the finiteness
+    check that a separate pass would.
+    """
+    x = _rows(layer.src, 0, layer.n, device)
+    colsum = x.sum(dim=0)
+    if not bool(torch.isfinite(colsum).all()):
+        raise _non_finite(layer.name, x, 0)
+    if bool((x == x[:1]).all()):
+        layer.degenerate = "has zero variance (every row is identical)"
+    layer.mean = colsum / layer.n
+    layer.x = x.sub_(layer.mean)
 
 
 def _scan(layer: _Layer, step: int, device: torch.device) -> None:
@@ -135,11 +165,7 @@ def _scan(layer: _Layer, step: int, device: torch.device) -> None:
         x = x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x),
                                                                                device=device)
         if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0]) + a
-            raise ValueError(
-                f"layer {layer.name!r} has non-finite values (first at row {bad}); "
-                "check the activations (overflow in float16 storage?) before computing CKA"
-            )
+            raise _non_finite(layer.name, x, a)
         if first is None:
             first = x[:1]
         constant = constant and bool((x == first).all())
@@ -187,23 +213,6 @@ def _set_bandwidth(layer: _Layer, threshold: float, step: int, device: torch.dev
         )
     else:
         layer.gamma = 1.0 / (2.0 * threshold**2 * med)
-
-
-class _Blocks:
-    """Centred float64 row blocks of every layer, materialised once when they fit."""
-
-    def __init__(self, layers: list[_Layer], device: torch.device, keep: bool) -> None:
-        self.layers, self.device, self.keep = layers, device, keep
-        self.cache: dict[int, torch.Tensor] = {}
-        if keep:
-            for i, L in enumerate(layers):
-                if not L.degenerate:
-                    self.cache[i] = L.block(0, L.n, device)
-
-    def get(self, i: int, a: int, b: int) -> torch.Tensor:
-        if self.keep:
-            return self.cache[i][a:b]
-        return self.layers[i].block(a, b, self.device)
 
 
 def _strip_grams(layers: list[_Layer], live: list[int], rows_x: dict, cols_x: dict,
@@ -271,12 +280,10 @@ def _hsic_all_pairs(
         L.diag = torch.zeros(n, dtype=torch.float64, device=device)
         L.rowsum = torch.zeros(n, dtype=torch.float64, device=device)
 
-    # Memory plan: features (float64, centred) stay resident when they fit in half the
-    # budget; otherwise row blocks are re-read from the sources (h5py streams them).
+    # Memory plan (made by the caller): centred float64 features are resident when they
+    # fit in half the budget; otherwise row blocks are re-read from the sources.
     n_live = len(live_a) + (0 if same else len(live_b))
-    feat_bytes = 8 * n * sum(everyone[i].p for i in range(len(everyone))
-                             if not everyone[i].degenerate)
-    keep = feat_bytes <= memory_budget // 2
+    keep = all(L.x is not None for L in everyone if not L.degenerate)
     if keep:
         block = n
     else:
@@ -291,8 +298,6 @@ def _hsic_all_pairs(
     buf_a = torch.empty(len(live_a) * strip * block, dtype=torch.float64, device=device)
     buf_b = buf_a if same else torch.empty(len(live_b) * strip * block, dtype=torch.float64,
                                            device=device)
-    blocks_a = _Blocks(layers_a, device, keep)
-    blocks_b = blocks_a if same else _Blocks(lb, device, keep)
     ia, ib = torch.tensor(live_a, device=device), torch.tensor(live_b, device=device)
 
     bounds = _block_bounds(n, block)
@@ -310,14 +315,14 @@ def _hsic_all_pairs(
         from tqdm.auto import tqdm
         it = tqdm(jobs, desc="CKA", unit="strip", leave=False)
     for rows, cols, dw in it:
-        xa_r = {i: blocks_a.get(i, *rows) for i in live_a}
-        xa_c = {i: blocks_a.get(i, *cols) for i in live_a}
+        xa_r = {i: layers_a[i].block(*rows, device) for i in live_a}
+        xa_c = {i: layers_a[i].block(*cols, device) for i in live_a}
         ga = _strip_grams(layers_a, live_a, xa_r, xa_c, rows, cols, dw, debiased, buf_a)
         if same:
             gb = ga
         else:
-            xb_r = {j: blocks_b.get(j, *rows) for j in live_b}
-            xb_c = {j: blocks_b.get(j, *cols) for j in live_b}
+            xb_r = {j: lb[j].block(*rows, device) for j in live_b}
+            xb_c = {j: lb[j].block(*cols, device) for j in live_b}
             gb = _strip_grams(lb, live_b, xb_r, xb_c, rows, cols, dw, debiased, buf_b)
         fa, fb = ga.flatten(1), gb.flatten(1)
         cross[ia[:, None], ib[None, :]] += fa @ fb.T
@@ -472,8 +477,16 @@ def compare(
     layers_b = layers_a if same else [_Layer(nm, m, n, m.shape[1])
                                       for nm, m in zip(names_b, mats_b)]
     all_layers = layers_a if same else layers_a + layers_b
+    # Centred float64 features stay resident when they fit in half the budget (one read
+    # and one conversion per layer); otherwise row blocks stream from the sources.
+    resident = 8 * n * sum(L.p for L in all_layers) <= budget // 2
     for layer in all_layers:
-        _scan(layer, step, dev)
+        if resident:
+            _load_resident(layer, dev)
+            if layer.degenerate:
+                layer.x = None
+        else:
+            _scan(layer, step, dev)
     if kernel == "rbf":
         for layer in all_layers:
             if not layer.degenerate:
@@ -598,7 +611,9 @@ class MinibatchCKA:
         for k, (nm, x) in enumerate(zip(names, mats)):
             x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
             L = _Layer(nm, x.to(dev), m, x.shape[1])
-            _scan(L, m, dev)  # raises on non-finite values; constant-in-batch adds 0
+            _load_resident(L, dev)  # raises on non-finite values; constant-in-batch adds 0
+            if L.degenerate:
+                L.x = None
             if self.kernel == "rbf" and not L.degenerate:
                 if not meds[k] > 0:
                     L.degenerate = "has a zero bandwidth"

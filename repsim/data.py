@@ -15,6 +15,10 @@ Where data comes from (the data root is ``--data-root``, else ``$REPSIM_DATA``, 
    sample ID = torchvision's dataset index. Downloaded by torchvision when missing and
    ``download=True`` (needs network).
 
+``cifar10-probe`` is the bundled set (:mod:`repsim.assets`): 1,000 CIFAR-10 test images with
+their canonical IDs, needing no data root and no network (the default of ``repsim cka`` and
+``repsim figures``).
+
 ``imagefolder:PATH`` reads the user's own images, ``PATH/<class>/*`` or flat ``PATH/*``
 (one class, ``"images"``).
 
@@ -46,7 +50,8 @@ ENV_DATA_ROOT = "REPSIM_DATA"
 # would silently disagree with the dataset's standard label order.
 _CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 _TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
-_VALID_DATASETS = ", ".join(DATASETS) + ", imagefolder:PATH"
+# "cifar10-probe": 1,000 CIFAR-10 test images bundled in the package (repsim.assets).
+_VALID_DATASETS = ", ".join(DATASETS) + ", cifar10-probe, imagefolder:PATH"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: array fields make value equality ambiguous
@@ -177,6 +182,10 @@ def load_probe_set(
                            n, seed, image_size, progress)
 
     name = dataset.lower()
+    if name == "cifar10-probe":  # bundled: no data root, no download
+        from repsim.assets import load_bundled_probe
+
+        return load_bundled_probe(split, n, seed, image_size, progress)
     if name not in DATASETS:
         raise UserError(f"dataset {dataset!r} is unknown; use one of {_VALID_DATASETS}")
     root = resolve_data_root(data_root)
@@ -369,6 +378,8 @@ def _from_torchvision(name: str, split: str, root: Path, n: int | None, seed: in
                 f"no {name} {split} data under data root {root} ({why}); put an image-folder "
                 f"tree at {root / name / split}/<class>/*.jpg, or run online so torchvision "
                 f"downloads it; choose the root with --data-root DIR or {ENV_DATA_ROOT}=DIR"
+                + (" (or use --dataset cifar10-probe: 1,000 bundled test images)"
+                   if name == "cifar10" and split == "test" else "")
             )
 
     if name == "svhn":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class ExtractConfig:
     data_root: str | None = None
     out: str | None = None
     overwrite: bool = False
-    chunk_rows: int = 256
+    chunk_rows: int | None = None  # None: about 4 MiB per chunk, at most one batch
     compression: str | None = None
     progress: bool = True
 
@@ -222,6 +223,17 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
         bar = tqdm(total=sum(writer.bounds[j][1] - writer.bounds[j][0] for j in todo),
                    desc=f"extract {cfg.model}", unit="img", unit_scale=True)
     images = torch.from_numpy(probe.images)
+
+    def store(j: int, feats: dict[str, torch.Tensor]) -> None:
+        # Runs on the writer thread, overlapping the next batch's forward pass.
+        arrays = {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()}
+        writer.write(j, arrays)
+        _maybe_fault()
+
+    # One writer thread and at most one batch in flight: HDF5 writes overlap compute,
+    # memory stays at two batches, and batches still land in order (the journal is exact).
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
+    pending = None
     try:
         with torch.inference_mode():
             for j in todo:
@@ -229,18 +241,36 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 x = models.preprocess(spec, images[a:b].to(device, non_blocking=True))
                 cap.out.clear()
                 model(x)
-                feats = {name: cap.out[name].to("cpu", store_dtype).numpy() for name in layers}
+                feats = {name: cap.out[name] for name in layers}
+                if pending is not None:
+                    pending.result()  # re-raises a failed write here
                 if not writer.layers_created:
-                    writer.create_layers({k: v.shape[1] for k, v in feats.items()}, cfg.dtype,
-                                         cfg.chunk_rows, cfg.compression)
-                writer.write(j, feats)
-                _maybe_fault()
+                    dims = {k: v.shape[1] for k, v in feats.items()}
+                    writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims, store_dtype),
+                                         cfg.compression)
+                pending = pool.submit(store, j, feats)
                 if bar is not None:
                     bar.update(b - a)
+            if pending is not None:
+                pending.result()
     finally:
+        pool.shutdown(wait=True)
         cap.remove()
         if bar is not None:
             bar.close()
+
+
+def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int], dtype: torch.dtype) -> int:
+    """Rows per HDF5 chunk: the user's choice, else ~4 MiB and at most one batch.
+
+    Chunks much larger than HDF5's chunk cache (1 MiB) make every partial-chunk write
+    slow (several times slower measured here for 34 MB chunks); ~4 MiB chunks write at
+    disk speed and still read fast in the row blocks CKA streams.
+    """
+    if cfg.chunk_rows:
+        return cfg.chunk_rows
+    row_bytes = max(dims.values()) * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(cfg.batch_size, (4 << 20) // row_bytes))
 
 
 def _maybe_fault() -> None:

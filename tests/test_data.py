@@ -278,7 +278,7 @@ def test_provenance_hash_is_stable_across_loads(root):
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"dataset": "mnist"}, "cifar10, cifar100, svhn, imagefolder:PATH"),
+        ({"dataset": "mnist"}, "cifar10, cifar100, svhn, cifar10-probe, imagefolder:PATH"),
         ({"split": "val"}, "use one of train, test"),
         ({"n": 0}, "pass a positive n"),
         ({"n": -3}, "pass a positive n"),

@@ -1,0 +1,219 @@
+"""End-to-end benchmark (issue 5): `repsim extract` x 2 + `repsim cka` vs pytorch-cka.
+
+The same n CIFAR-10 test images (default 2,000, seed 0), vit_cifar against resnet18_cifar,
+every default layer of both (ViT: embed + 6 blocks; ResNet: stem + 4 stages), flattened
+activations, minibatch CKA with the same batch size on both sides (pytorch-cka's
+``compute_cka`` implements exactly that estimator: unbiased HSIC summed over the
+DataLoader's batches), on CPU.
+
+- **first comparison**: `repsim extract` of both models, then `repsim cka`, each a separate
+  command as a user runs them (wall time of the three processes, imports included), against
+  one pytorch-cka process (imports, model and image loading, forward passes and CKA).
+- **further comparisons** reuse the stored activations: the two self-similarity matrices and
+  the cross matrix again (recomputed into a fresh folder, so no cached result is used). Each
+  is set against the pytorch-cka process that computes the same matrix (it must run the
+  models again).
+
+Weights: the committed checkpoints when present, else seeded random weights saved to a
+temporary checkpoint folder (the timing is the same). Images: ``--data-root`` or
+``$REPSIM_DATA``; without either, a generated 32x32 image tree (noted in the output).
+
+Usage: python benchmarks/bench_e2e.py [--n 2000] [--batch-size 250] [--data-root DIR]
+       [--out benchmarks/out/e2e.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = {"vit_cifar": {"embed": "norm_pre"}, "resnet18_cifar": {"stem": "maxpool"}}
+
+
+def default_layers(model: str) -> list[str]:
+    if model == "vit_cifar":
+        return ["embed"] + [f"blocks.{i}" for i in range(6)]
+    return ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+# ----------------------------------------------------------------- pytorch-cka (child process)
+
+
+def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str) -> None:
+    t0 = time.perf_counter()
+    import torch
+    from cka import compute_cka
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from repsim import models
+    from repsim.data import load_probe_set
+
+    ma, _ = models.load_model(a, device="cpu")
+    mb = ma if b == a else models.load_model(b, device="cpu")[0]
+    probe = load_probe_set("cifar10", "test", n=n, seed=0, data_root=data_root)
+    spec = models.get_spec(a)
+    assert models.preprocessing_info(spec) == models.preprocessing_info(models.get_spec(b))
+    x = models.preprocess(spec, torch.from_numpy(probe.images))
+    loader = DataLoader(TensorDataset(x), batch_size=batch, shuffle=False)
+    la = [MODULES[a].get(n_, n_) for n_ in default_layers(a)]
+    lb = [MODULES[b].get(n_, n_) for n_ in default_layers(b)]
+    t1 = time.perf_counter()
+    (m,) = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu",
+                       progress=False)
+    t2 = time.perf_counter()
+    np.save(out, m.double().numpy())
+    print(json.dumps({"setup_s": t1 - t0, "compute_s": t2 - t1}))
+
+
+# ----------------------------------------------------------------- parent
+
+
+def timed(cmd: list[str], env: dict) -> tuple[float, str, float]:
+    """(wall seconds, stdout, load average over the last minute at the end)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout, os.getloadavg()[0]
+
+
+def synthetic_root(n: int) -> Path:
+    from PIL import Image
+
+    root = Path(tempfile.gettempdir()) / f"repsim-bench-e2e-data-{n}"
+    if not root.exists():
+        gen = np.random.default_rng(0)
+        for c in range(10):
+            d = root / "cifar10" / "test" / f"class{c}"
+            d.mkdir(parents=True)
+            for k in range(-(-n // 10)):
+                Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    d / f"{k:04d}.png")
+    return root
+
+
+def has_cifar(root: str | None) -> bool:
+    return bool(root) and (Path(root) / "cifar10" / "test").is_dir()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=250, help="minibatch CKA batch")
+    ap.add_argument("--data-root", default=os.environ.get("REPSIM_DATA"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "e2e.json"))
+    ap.add_argument("--child", nargs=6, metavar=("A", "B", "N", "BATCH", "ROOT", "OUT"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        a, b, n, batch, root, out = args.child
+        pcka_child(a, b, int(n), int(batch), root, out)
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="repsim-bench-e2e-"))
+    root = args.data_root if has_cifar(args.data_root) else str(synthetic_root(args.n))
+    data_note = "CIFAR-10 test (JPEG copy)" if has_cifar(args.data_root) else (
+        "generated 32x32 images (no CIFAR-10 data root given)")
+    ck = REPO / "checkpoints"
+    weights = "committed checkpoints"
+    if not all((ck / f"{m}.pt").is_file() for m in MODULES):
+        import torch
+
+        from repsim.models import build_model
+
+        ck = work / "ckpt"
+        ck.mkdir()
+        for m in MODULES:
+            torch.save(build_model(m).state_dict(), ck / f"{m}.pt")
+        weights = "seeded random weights (no committed checkpoints yet)"
+    env = {**os.environ, "REPSIM_CHECKPOINTS": str(ck), "REPSIM_CACHE": str(work / "cache"),
+           "REPSIM_DATA": root, "REPSIM_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    repsim = [sys.executable, "-m", "repsim"]
+    probe = ["--dataset", "cifar10", "--n", str(args.n), "--data-root", root]
+    est = ["--estimator", "minibatch", "--batch-size", str(args.batch_size)]
+    rows: dict[str, dict] = {}
+
+    def pcka(a: str, b: str) -> dict:
+        out = work / f"pcka_{a}_{b}.npy"
+        wall, stdout, load = timed([sys.executable, __file__, "--child", a, b, str(args.n),
+                                    str(args.batch_size), root, str(out)], env)
+        return {"wall_s": wall, **json.loads(stdout.strip().splitlines()[-1]),
+                "matrix": np.load(out), "load": load}
+
+    def cka(a: str, b: str, out: str) -> dict:
+        wall, stdout, load = timed(repsim + ["cka", "--a", a, "--b", b, *probe, *est,
+                                             "--out", str(work / out), "--json"], env)
+        r = json.loads(stdout)
+        return {"wall_s": wall, "matrix": np.array(r["matrix"], dtype=float), "load": load,
+                "reused": r["reused"]}
+
+    print(f"n = {args.n}, batch {args.batch_size}, {data_note}, {weights}", flush=True)
+    rows["pcka cross"] = pcka("vit_cifar", "resnet18_cifar")
+    print(f"pytorch-cka cross: {rows['pcka cross']['wall_s']:.1f} s", flush=True)
+    ext = {}
+    for m in MODULES:
+        wall, stdout, load = timed(repsim + ["extract", "--model", m, *probe, "--json"], env)
+        ext[m] = {"wall_s": wall, "load": load, **json.loads(stdout)}
+        print(f"repsim extract {m}: {wall:.1f} s ({ext[m]['bytes'] / 1e9:.2f} GB)", flush=True)
+    rows["repsim cross"] = cka("vit_cifar", "resnet18_cifar", "first")
+    print(f"repsim cka cross: {rows['repsim cross']['wall_s']:.1f} s", flush=True)
+    further = [("vit_cifar", "vit_cifar"), ("resnet18_cifar", "resnet18_cifar"),
+               ("vit_cifar", "resnet18_cifar")]
+    for a, b in further:
+        rows[f"repsim {a} {b}"] = cka(a, b, "further")
+        print(f"repsim cka {a} vs {b} (stored): {rows[f'repsim {a} {b}']['wall_s']:.1f} s",
+              flush=True)
+    for a, b in further[:2]:
+        rows[f"pcka {a} {b}"] = pcka(a, b)
+        print(f"pytorch-cka {a} vs {b}: {rows[f'pcka {a} {b}']['wall_s']:.1f} s", flush=True)
+    rows["pcka vit_cifar resnet18_cifar"] = rows["pcka cross"]
+
+    first = sum(e["wall_s"] for e in ext.values()) + rows["repsim cross"]["wall_s"]
+    diff = float(np.max(np.abs(rows["repsim cross"]["matrix"] - rows["pcka cross"]["matrix"])))
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "n": args.n, "batch_size": args.batch_size, "data": data_note, "weights": weights,
+        "first": {"repsim_extract_s": {m: e["wall_s"] for m, e in ext.items()},
+                  "repsim_store_bytes": {m: e["bytes"] for m, e in ext.items()},
+                  "repsim_cka_s": rows["repsim cross"]["wall_s"], "repsim_total_s": first,
+                  "pytorch_cka_s": rows["pcka cross"]["wall_s"],
+                  "pytorch_cka_compute_s": rows["pcka cross"]["compute_s"],
+                  "ratio": rows["pcka cross"]["wall_s"] / first,
+                  "max_abs_diff": diff},
+        "further": [{"a": a, "b": b, "repsim_s": rows[f"repsim {a} {b}"]["wall_s"],
+                     "pytorch_cka_s": rows[f"pcka {a} {b}"]["wall_s"],
+                     "speedup": rows[f"pcka {a} {b}"]["wall_s"]
+                     / rows[f"repsim {a} {b}"]["wall_s"],
+                     "max_abs_diff": float(np.max(np.abs(rows[f"repsim {a} {b}"]["matrix"]
+                                                         - rows[f"pcka {a} {b}"]["matrix"])))}
+                    for a, b in further],
+        "load_average_at_end": {k: v["load"] for k, v in rows.items()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    f = result["first"]
+    print(f"\nfirst comparison: repsim {f['repsim_total_s']:.1f} s (extract "
+          f"{f['repsim_extract_s']['vit_cifar']:.1f} + "
+          f"{f['repsim_extract_s']['resnet18_cifar']:.1f}"
+          f", cka {f['repsim_cka_s']:.1f}) vs pytorch-cka {f['pytorch_cka_s']:.1f} s: "
+          f"{f['ratio']:.2f}x (goal >= 1); max |diff| {diff:.1e}")
+    for r in result["further"]:
+        print(f"further {r['a']} vs {r['b']}: repsim {r['repsim_s']:.1f} s vs pytorch-cka "
+              f"{r['pytorch_cka_s']:.1f} s: {r['speedup']:.1f}x (goal >= 5); max |diff| "
+              f"{r['max_abs_diff']:.1e}")
+    print(f"results: {args.out}; stores and logs in {work} (delete when done)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Look inside CNNs: each stage's strongest channels and its mean activation map.
+
+Forward hooks on the chosen stage modules (ResNet ``layer1`` .. ``layer4`` by default, or any
+layer name / alias such as ``stem`` or ``layer2.1``) capture their ``(B, C, h, w)`` outputs in
+one forward pass; the hooks are removed afterwards and the model's outputs are unchanged.
+
+Per image and stage: the ``top`` channels ranked by mean activation over the map (ResNet
+stage outputs are post-ReLU, so "mean activation" is how strongly the channel fires on that
+image), their maps, and the mean over all channels (the per-stage mean map).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from repsim.errors import UserError
+from repsim.figures import figure_kind
+
+__all__ = [
+    "FeatureMapsConfig",
+    "StageMaps",
+    "feature_maps",
+    "plot_feature_maps",
+    "run_featuremaps",
+    "stage_activations",
+    "top_channels",
+]
+
+
+@dataclass(frozen=True)
+class StageMaps:
+    """One stage's view of ``B`` images: ``maps`` ``(B, k, h, w)`` of the ``channels`` ``(B, k)``
+    with ``scores`` ``(B, k)`` (their mean activation, descending) and ``mean_map``
+    ``(B, h, w)`` (mean over all ``num_channels`` channels). float32 / int64 numpy arrays."""
+
+    maps: np.ndarray
+    channels: np.ndarray
+    scores: np.ndarray
+    mean_map: np.ndarray
+    num_channels: int
+
+
+def _not_conv(what: str, layer: str, shape: tuple) -> UserError:
+    return UserError(
+        f"{what} layer {layer!r} gives outputs of shape {shape}, not (batch, channels, h, w) "
+        "feature maps; valid: convolutional models (resnet18_cifar, resnet18_imagenet, "
+        "timm:<a CNN>); fix: pass a CNN, or use `repsim attention` for ViTs"
+    )
+
+
+def stage_activations(model: nn.Module, x: torch.Tensor,
+                      stages: Sequence[str] | dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``.
+
+    ``stages``: module names (``model.get_submodule``) or ``{name: module}``. UserError when a
+    stage's output is not a 4-D feature map (e.g. a ViT block).
+    """
+    mods = stages if isinstance(stages, dict) else {s: _submodule(model, s) for s in stages}
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            acts[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    p = next(model.parameters(), None)
+    try:
+        with torch.inference_mode():
+            model(x.to(p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+    for name in mods:
+        a = acts.get(name)
+        if not isinstance(a, torch.Tensor) or a.ndim != 4:
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise _not_conv(type(model).__name__, name, shape)
+        acts[name] = a.float()
+    return {n: acts[n] for n in mods}
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"{type(model).__name__} has no module {name!r}; pass module names "
+                        "such as layer1 .. layer4") from None
+
+
+def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(channels ``(B, k)`` int64, scores ``(B, k)`` float32): per image, the ``k`` channels of
+    ``act`` ``(B, C, h, w)`` with the largest mean activation, strongest first."""
+    a = torch.as_tensor(act)
+    k = min(int(k), a.shape[1])
+    if k < 1:
+        raise UserError(f"--top {k}: pass a positive number of channels")
+    scores, idx = a.float().mean(dim=(2, 3)).topk(k, dim=1)
+    return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str] | dict[str, nn.Module],
+                 top: int = 8) -> dict[str, StageMaps]:
+    """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
+    ``top`` strongest channels per image, and its mean map."""
+    out = {}
+    for name, act in stage_activations(model, x, stages).items():
+        channels, scores = top_channels(act, top)
+        idx = torch.as_tensor(channels, device=act.device)
+        maps = torch.take_along_dim(act, idx[:, :, None, None], dim=1)
+        out[name] = StageMaps(maps=maps.cpu().numpy(), channels=channels, scores=scores,
+                              mean_map=act.mean(1).cpu().numpy(), num_channels=act.shape[1])
+    return out
+
+
+def plot_feature_maps(images: np.ndarray, stage: StageMaps, title: str = "",
+                      ids: Sequence[int] | None = None):
+    """Figure: one row per image: the image, the stage's mean map, then its strongest channels.
+
+    Channel maps of one image share one colour scale (0 to that row's maximum), so their
+    strengths compare; the mean map has its own scale.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from repsim.viz import bare
+
+    n, k = stage.maps.shape[:2]
+    fig, axes = plt.subplots(n, k + 2, figsize=(1.2 * (k + 2), 1.3 * n + 0.6), squeeze=False)
+    for i in range(n):
+        row = axes[i]
+        row[0].imshow(images[i], interpolation="nearest")
+        row[0].set_ylabel(f"id {ids[i]}" if ids is not None else f"image {i}", fontsize=7)
+        row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
+        vmax = float(stage.maps[i].max()) or 1.0
+        for j in range(k):
+            row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
+                              interpolation="nearest")
+            row[j + 2].set_title(f"ch {stage.channels[i, j]}", fontsize=6, pad=2)
+        for ax in row:
+            bare(ax)
+    axes[0, 0].set_title("input", fontsize=7)
+    axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class FeatureMapsConfig:
+    """What ``repsim featuremaps`` computes; ``ids`` overrides ``images``."""
+
+    model: str
+    weights: str | None = None
+    dataset: str = "cifar10-probe"
+    split: str = "test"
+    data_root: str | None = None
+    images: int = 4
+    ids: list[int] | None = None
+    stages: str | None = None  # default: layer1..layer4 for ResNets, else the default layers
+    top: int = 8
+    probe: int = 1000  # the images are the first N of this probe set (as in repsim attention)
+    seed: int = 0
+    device: str | None = None
+    out: str | None = None
+    progress: bool = True
+
+
+def _check_conv(spec) -> None:
+    if spec.family == "vit":
+        raise UserError(
+            f"{spec.name} is a Vision Transformer: it has tokens, not convolutional feature "
+            "maps; valid: resnet18_cifar, resnet18_imagenet or timm:<a CNN>; fix: pass a CNN, "
+            f"or run `repsim attention --model {spec.name}` for its attention maps")
+
+
+def resolve_stages(model: nn.Module, spec, request: str | Sequence[str] | None) -> list[str]:
+    """Stage names: the request through :func:`repsim.models.layer_names`; None -> ResNet
+    ``layer1..layer4`` (other CNNs: their default layers). UserError for ViTs."""
+    from repsim.models import layer_names
+
+    _check_conv(spec)
+    if request is None and spec.family == "resnet":
+        return [f"layer{i}" for i in range(1, 5)]
+    return layer_names(model, spec, request)
+
+
+def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
+    """Feature-map figures and arrays for ``cfg.model``, one per stage, in ``cfg.out`` (default
+    ``$REPSIM_FIGURES/featuremaps``): ``featuremaps_<model>_<stage>.png`` and
+    ``featuremaps_<model>.npz``. Returns a summary dict (outputs, stages, seconds)."""
+    from repsim import models as zoo
+    from repsim.data import load_probe_set
+    from repsim.viz import default_out, pick_images, resolve_device, safe_name, save_figure
+
+    t0 = time.perf_counter()
+    _check_conv(zoo.get_spec(cfg.model))  # before any loading
+    device = resolve_device(cfg.device)
+    model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
+    probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
+                           data_root=cfg.data_root, progress=cfg.progress)
+    images, ids = pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
+    if not cfg.weights:
+        label = cfg.model
+    elif cfg.weights == "random":
+        label = f"{cfg.model} (random)"
+    else:
+        label = f"{cfg.model} ({Path(cfg.weights).stem})"
+    out = Path(cfg.out) if cfg.out else default_out("featuremaps")
+    stem = safe_name(label)
+
+    def save(fig, path: Path, prov: dict) -> list[Path]:
+        return [save_figure(fig, path.with_name(path.name + ".png"), prov)]
+
+    res = featuremap_views(model, cfg.model, wprov, label, probe, images, ids, cfg.stages,
+                           cfg.top, out, f"featuremaps_{stem}", save)
+    return {"outputs": res["outputs"], "out": str(out), "model": cfg.model, "label": label,
+            "stages": res["stages"], "n_images": len(ids), "top": cfg.top,
+            "seconds": time.perf_counter() - t0}
+
+
+def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe,
+                     images: np.ndarray, ids: np.ndarray, stages: str | Sequence[str] | None,
+                     top: int, out: Path, prefix: str, save) -> dict[str, Any]:
+    """Compute and save one figure per stage (``save(fig, <out>/<prefix>_<stage>, provenance)``)
+    and ``<prefix>.npz``; returns ``{"outputs", "stages", "views"}``."""
+    import json
+
+    from repsim import __version__
+    from repsim import models as zoo
+    from repsim.viz import safe_name, save_npz
+
+    spec = zoo.get_spec(name)
+    names = resolve_stages(model, spec, stages)
+    p = next(model.parameters(), None)
+    x = zoo.preprocess(spec, torch.from_numpy(images).to(p.device if p is not None else "cpu"))
+    views = feature_maps(model, x, {s: zoo.module_for(model, spec, s) for s in names}, top)
+    prov = {"model": name, "label": label, "weights": wprov, "stages": names, "top": top,
+            "ids": ids.tolist(), "data": probe.provenance(),
+            "preprocessing": zoo.preprocessing_info(spec),
+            "versions": {"repsim": __version__, "torch": torch.__version__}}
+    outputs: list[str] = []
+    arrays = {}
+    for s, v in views.items():
+        c, h, w = v.num_channels, v.maps.shape[2], v.maps.shape[3]
+        fig = plot_feature_maps(images, v, ids=ids, title=f"{label}: {s} ({c} channels, "
+                                f"{h}x{w}), strongest {v.maps.shape[1]} per image")
+        outputs += map(str, save(fig, out / f"{prefix}_{safe_name(s)}", {**prov, "stage": s}))
+        key = safe_name(s)
+        arrays.update({f"{key}/maps": v.maps, f"{key}/channels": v.channels,
+                       f"{key}/scores": v.scores, f"{key}/mean_map": v.mean_map})
+    npz = save_npz(out / f"{prefix}.npz", ids=ids, images=images,
+                   provenance=np.asarray(json.dumps(prov, default=str)), **arrays)
+    outputs.append(str(npz))
+    return {"outputs": outputs, "stages": names, "views": views}
+
+
+# --------------------------------------------------------------------------- repsim figures
+
+
+@figure_kind("featuremaps", fields=("model", "images", "ids", "stages", "top"))
+def build_featuremaps_figure(spec: dict, ctx) -> list[Path]:
+    """CNN feature maps: per stage, each image's strongest channels and the mean map.
+
+    Spec keys: ``model`` (a CNN), ``images`` (first N probe images, default 4) or ``ids``,
+    ``stages`` (default layer1..layer4), ``top`` (channels per image, default 8). Writes
+    ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``.
+    """
+    from repsim import plots
+    from repsim.models import get_spec
+    from repsim.viz import pick_images, resolve_device
+
+    ref = ctx.model_ref(spec["model"], spec)
+    _check_conv(get_spec(ref.model))
+    pspec = ctx.probe_spec(spec)
+    probe = ctx.images(pspec)
+    model, prov = ctx.model(ref)  # a model without weights skips the figure here
+    images, ids = pick_images(probe, spec.get("images", 4), spec.get("ids"), pspec.data_root,
+                              ctx.progress)
+    model.to(resolve_device(ctx.device))
+    try:
+        res = featuremap_views(model, ref.model, prov, ref.display(), probe, images, ids,
+                               spec.get("stages"), int(spec.get("top", 8)), ctx.out_dir,
+                               ctx.name, lambda fig, stem, p: plots.save(fig, stem))
+    finally:
+        model.to("cpu")  # the context shares loaded models between figures
+    ctx.data.update({"image_ids": ids.tolist(), "stages": {
+        s: {"channels": v.channels.tolist(), "scores": v.scores.round(6).tolist(),
+            "num_channels": v.num_channels} for s, v in res["views"].items()}})
+    return [Path(p) for p in res["outputs"]]

@@ -1,0 +1,575 @@
+"""Training and evaluation: the study's recipe, a stronger one, fine-tuning; resumable.
+
+The whole training split lives on the device as ``(N, H, W, 3)`` uint8 (150 MB for
+CIFAR-10); each batch is gathered, augmented and preprocessed there, so a GPU never waits
+for a CPU data loader. The same code runs on CPU.
+
+A run keeps its state in ``<run_dir>/state.pt`` (model, optimiser, schedule, RNG states,
+epoch), rewritten atomically after every epoch, and logs one JSON line per epoch to
+``<run_dir>/log.jsonl``. Running the same command again continues from the last finished
+epoch and ends where an uninterrupted run would. After every epoch the deliverable
+checkpoint (float16 weights plus provenance and metrics) is written to ``out`` and listed in
+the ``manifest.json`` next to it, so a run stopped early still leaves a usable,
+honestly-labelled checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repsim import __version__
+from repsim.errors import UserError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An optimisation recipe; ``epochs``/``batch_size``/``lr`` are CLI-overridable defaults."""
+
+    name: str
+    optimizer: str  # "adam" | "adamw"
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    warmup_epochs: int  # linear warm-up from lr/100, then the schedule
+    schedule: str  # "constant" | "cosine" (per step, to 0 at the last step)
+    label_smoothing: float
+    cutout: int  # side in pixels of one zeroed square per image; 0 = off
+    description: str
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("paper", "adam", 1e-4, 0.0, 100, 500, 0, "constant", 0.0, 0,
+               "Zhu, Chen & Yang 2023: Adam 1e-4, batch 100, 500 epochs, 4-px-padded random "
+               "crop + horizontal flip, no pixel normalisation"),
+        Recipe("strong", "adamw", 1e-3, 0.05, 128, 200, 10, "cosine", 0.1, 8,
+               "small-data ViT recipe: AdamW 1e-3 (wd 0.05), 10 warm-up epochs, cosine decay, "
+               "label smoothing 0.1, crop + flip + 8-px cutout"),
+    )
+}
+
+PAD = 4  # random-crop padding in pixels (both recipes)
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str = "cifar10"
+    recipe: str = "paper"
+    epochs: int | None = None  # None: the recipe's
+    batch_size: int | None = None
+    lr: float | None = None
+    train_fraction: float = 1.0
+    seed: int = 0
+    weights: str | None = None  # start point: None = scratch or the model's pretrained
+    device: str | None = None
+    data_root: str | None = None
+    out: str | None = None  # final checkpoint; default checkpoints/<run name>.pt
+    run_dir: str | None = None  # resume state + log; default $REPSIM_CACHE/runs/<run name>
+    eval_batch_size: int = 500
+    restart: bool = False
+    max_steps: int | None = None  # stop after this many optimiser steps (tests, smoke runs)
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N; "
+                        "fix: pass e.g. --device cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here; "
+                        "fix: pass --device cpu")
+    return dev
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"recipe {name!r} is unknown; valid: {', '.join(RECIPES)}; "
+                        "fix: pass --recipe paper or --recipe strong")
+    return RECIPES[name]
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """``vit_cifar`` for the study's default run, else the settings that differ."""
+    parts = [cfg.model.replace(":", "-")]
+    if cfg.dataset != "cifar10":
+        parts.append(cfg.dataset)
+    if cfg.recipe != "paper":
+        parts.append(cfg.recipe)
+    if cfg.train_fraction != 1.0:
+        parts.append(f"frac{cfg.train_fraction:g}")
+    if cfg.seed != 0:
+        parts.append(f"seed{cfg.seed}")
+    return "_".join(parts)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, cutout: int = 0) -> torch.Tensor:
+    """Random 4-px-padded crop, horizontal flip and optional cutout of a uint8 batch.
+
+    ``x`` is ``(B, H, W, 3)`` uint8 on any device; returns the same shape and dtype.
+    Every random draw comes from ``gen`` (on ``x``'s device), so a run is reproducible.
+    """
+    b, h, w, _ = x.shape
+    dev = x.device
+    padded = F.pad(x, (0, 0, PAD, PAD, PAD, PAD))  # zero padding of H and W
+    oy = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev)
+    ox = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b, device=dev)[:, None, None], rows, cols]  # (B, H, W, 3)
+    flip = torch.rand(b, generator=gen, device=dev) < 0.5
+    out = torch.where(flip[:, None, None, None], out.flip(2), out)
+    if cutout:
+        cy = torch.randint(0, h, (b,), generator=gen, device=dev)
+        cx = torch.randint(0, w, (b,), generator=gen, device=dev)
+        yy = torch.arange(h, device=dev)[None, :, None]
+        xx = torch.arange(w, device=dev)[None, None, :]
+        y0 = (cy - cutout // 2)[:, None, None]
+        x0 = (cx - cutout // 2)[:, None, None]
+        hole = (yy >= y0) & (yy < y0 + cutout) & (xx >= x0) & (xx < x0 + cutout)
+        out = out.masked_fill(hole[..., None], 0)
+    return out
+
+
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe, lr: float) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``."""
+    warm = recipe.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return lr * (0.01 + 0.99 * step / warm)
+    if recipe.schedule == "constant":
+        return lr
+    t = (step - warm) / max(1, total_steps - warm)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """A fresh, seeded classifier for a new task (fine-tuning)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "reset_classifier"):  # every timm model
+            model.reset_classifier(num_classes)
+        elif isinstance(getattr(model, "fc", None), nn.Linear):  # torchvision ResNets
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+        else:
+            raise UserError(f"cannot find the classifier of {type(model).__name__} to replace; "
+                            "fix: fine-tune a timm model or a torchvision ResNet")
+    return model
+
+
+def initial_model(name: str, weights: str | None, num_classes: int, seed: int
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """The starting point of a run, on CPU, in train mode.
+
+    ``weights`` None: from scratch for models whose default weights come from training
+    (vit_cifar, resnet18_cifar), else the model's pretrained weights (fine-tuning).
+    ``"random"``: from scratch. A path: start from that file. A pretrained start whose
+    class count differs from the dataset's gets a fresh classifier head.
+    """
+    from repsim.models import build_model, get_spec, load_model
+
+    spec = get_spec(name)
+    scratch = weights == "random" or (
+        weights is None and (spec.default_weights or "").startswith("checkpoints/"))
+    if scratch:
+        model = build_model(name, num_classes, seed)
+        prov = {"init": "random", "init_sha256": None}
+    else:
+        model, p = load_model(name, weights, seed=seed)
+        if p["num_classes"] != num_classes:
+            model = _replace_head(model, num_classes, seed)
+        prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
+    return model.train(), prov
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 500, progress: bool = False) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on a whole split.
+
+    ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64, both on the model's
+    device. Sums accumulate in float64.
+    """
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    dev = images.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+        x = _prepare(spec, images[s:s + batch_size], model)
+        y = labels[s:s + batch_size]
+        with _autocast(dev):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(images)
+    return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n, "n": n}
+
+
+def _autocast(dev: torch.device):
+    # bf16 autocast on GPUs only: CPU bf16 matmuls are slow on most hosts and would change
+    # the CPU results the tests pin down.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def _prepare(spec, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    from repsim.models import preprocess
+
+    x = preprocess(spec, images)
+    if spec.family == "resnet":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _to_device(ps, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(ps.images)).to(dev)
+    y = torch.from_numpy(np.asarray(ps.labels, dtype=np.int64)).to(dev)
+    return x, y
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _hardware(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (CPU)"
+
+
+def _identity(cfg: TrainConfig, recipe: Recipe, epochs: int, batch_size: int, lr: float
+              ) -> dict[str, Any]:
+    """The settings a resumed run must share with the interrupted one."""
+    ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
+             "batch_size": batch_size, "lr": lr, "train_fraction": cfg.train_fraction,
+             "seed": cfg.seed, "weights": cfg.weights}
+    if recipe.schedule != "constant":  # the schedule depends on the planned length
+        ident["epochs"] = epochs
+    return ident
+
+
+def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
+    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint."""
+    path = ckpt_path.parent / "manifest.json"
+    data = {"checkpoints": []}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun") from None
+    rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
+    rows.append(entry)
+    data["checkpoints"] = sorted(rows, key=lambda r: r["name"])
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or continue training) one model; returns the run's summary.
+
+    Summary keys: checkpoint, manifest, run_dir, log, curve, epochs, epochs_planned,
+    test_accuracy, test_loss, resumed_from, seconds.
+    """
+    from tqdm import tqdm
+
+    from repsim.data import balanced_subset, load_probe_set
+    from repsim.models import get_spec, sha256_file
+
+    t_start = time.perf_counter()
+    spec = get_spec(cfg.model)
+    recipe = get_recipe(cfg.recipe)
+    epochs = recipe.epochs if cfg.epochs is None else cfg.epochs
+    batch_size = recipe.batch_size if cfg.batch_size is None else cfg.batch_size
+    lr = recipe.lr if cfg.lr is None else cfg.lr
+    for label, v in (("epochs", epochs), ("batch size", batch_size)):
+        if v < 1:
+            raise UserError(f"{label} {v} is not positive; valid: an integer >= 1")
+    if not lr > 0:
+        raise UserError(f"learning rate {lr} is not positive; valid: a float > 0, e.g. 1e-4")
+    if not 0 < cfg.train_fraction <= 1:
+        raise UserError(f"train fraction {cfg.train_fraction} is out of range; valid: "
+                        "(0, 1], e.g. 0.1 for 10% of each class")
+    dev = resolve_device(cfg.device)
+    name = run_name(cfg)
+    from repsim.models import checkpoint_dir
+
+    out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{name}.pt"
+    cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else cache / "runs" / name
+    state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
+
+    # Data: whole splits as uint8 on the device.
+    train_ps = load_probe_set(cfg.dataset, "train", data_root=cfg.data_root,
+                              progress=cfg.progress)
+    test_ps = load_probe_set(cfg.dataset, "test", data_root=cfg.data_root,
+                             progress=cfg.progress)
+    keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
+            if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+    x_train, y_train = _to_device(train_ps, dev)
+    keep_t = torch.from_numpy(keep).to(dev)
+    x_train, y_train = x_train[keep_t], y_train[keep_t]
+    x_test, y_test = _to_device(test_ps, dev)
+    num_classes = len(train_ps.classes)
+    n_train = len(keep)
+    steps_per_epoch = n_train // batch_size + (n_train % batch_size > 0)
+    total_steps = epochs * steps_per_epoch
+
+    ident = _identity(cfg, recipe, epochs, batch_size, lr)
+    model, init_prov = initial_model(cfg.model, cfg.weights, num_classes, cfg.seed)
+    model = model.to(dev)
+    if spec.family == "resnet":
+        model = model.to(memory_format=torch.channels_last)
+    decay, no_decay = [], []
+    for pname, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or pname.endswith(("pos_embed", "cls_token")) else decay
+         ).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    opt_cls = torch.optim.Adam if recipe.optimizer == "adam" else torch.optim.AdamW
+    opt = opt_cls(groups, lr=lr)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # dropout
+
+    start_epoch, resumed_from = 0, None
+    if state_path.is_file() and not cfg.restart:
+        from repsim.models import _torch_load
+
+        state = _torch_load(state_path)
+        if state.get("identity") != ident:
+            raise UserError(f"{state_path} belongs to a run with other settings; valid: the "
+                            "same command as before to resume; fix: add --restart to start over, "
+                            "or pass another --run-dir")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if dev.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
+        start_epoch = resumed_from = int(state["epoch"])
+        _truncate_log(log_path, start_epoch)
+    elif cfg.restart and run_dir.exists():
+        state_path.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    data_prov = {"dataset": cfg.dataset, "train_source": train_ps.source,
+                 "n_train": n_train, "n_train_total": len(train_ps.labels),
+                 "train_fraction": cfg.train_fraction,
+                 "train_ids_sha256": hashlib.sha256(
+                     np.asarray(train_ps.ids)[keep].astype(np.int64).tobytes()).hexdigest(),
+                 "n_test": len(test_ps.labels), "augmentation":
+                 f"pad {PAD} crop + flip" + (f" + cutout {recipe.cutout}" if recipe.cutout else "")}
+    summary: dict[str, Any] = {"checkpoint": str(out), "run_dir": str(run_dir),
+                               "log": str(log_path), "epochs_planned": epochs,
+                               "resumed_from": resumed_from, "epochs": start_epoch}
+    if start_epoch >= epochs:
+        summary.update(_last_metrics(log_path))
+    step = start_epoch * steps_per_epoch
+    stop = False
+    loop_seconds, images_seen = 0.0, 0
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        model.train()
+        perm = torch.randperm(n_train, generator=gen, device=dev)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{epochs}",
+                   unit="step", disable=not cfg.progress, leave=False)
+        t_loop = time.perf_counter()
+        for i in bar:
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x = _prepare(spec, augment(x_train[idx], gen, recipe.cutout), model)
+            y = y_train[idx]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total_steps, steps_per_epoch, recipe, lr)
+            with _autocast(dev):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += loss.detach().double() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            images_seen += len(idx)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                stop = True
+                break
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        loop_seconds += time.perf_counter() - t_loop
+        if stop:
+            break  # a smoke run: no epoch is recorded as finished
+        test = evaluate(model, spec, x_test, y_test, cfg.eval_batch_size)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n_train,
+               "train_accuracy": 100.0 * correct.item() / n_train,
+               "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        state = {"identity": ident, "epoch": epoch + 1, "model": model.state_dict(),
+                 "optimizer": opt.state_dict(),
+                 "rng": {"data": gen.get_state(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}
+        _atomic_save(state, state_path)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        ckpt_meta = {"name": out.stem, "model": cfg.model, "num_classes": num_classes,
+                     "recipe": dataclasses.asdict(recipe), "epochs": epoch + 1,
+                     "epochs_planned": epochs, "batch_size": batch_size, "lr": lr,
+                     "seed": cfg.seed, **init_prov, "data": data_prov,
+                     "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                     "hardware": _hardware(dev),
+                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec="seconds"),
+                     "repsim_version": __version__, "torch_version": str(torch.__version__)}
+        save_checkpoint(model, ckpt_meta, out)
+        manifest = update_manifest(out, {
+            "name": out.stem, "file": out.name, "model": cfg.model, "dataset": cfg.dataset,
+            "train_fraction": cfg.train_fraction, "recipe": recipe.name, "epochs": epoch + 1,
+            "epochs_planned": epochs, "test_accuracy": round(test["accuracy"], 2),
+            "test_loss": round(test["loss"], 4), "sha256": sha256_file(out),
+            "hardware": ckpt_meta["hardware"], "date": ckpt_meta["date"],
+            "data_source": train_ps.source})
+        summary.update(epochs=epoch + 1, test_accuracy=test["accuracy"],
+                       test_loss=test["loss"], manifest=str(manifest))
+        if cfg.progress:
+            tqdm.write(f"{name} epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f} "
+                       f"acc {row['train_accuracy']:.2f}%, test loss {test['loss']:.4f} "
+                       f"acc {test['accuracy']:.2f}% ({row['seconds']:.0f} s)")
+    if log_path.is_file():
+        summary["curve"] = str(plot_curve(log_path, run_dir / "curve.png", title=name))
+    summary["steps"] = step
+    summary["train_images_per_second"] = images_seen / loop_seconds if loop_seconds else None
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["stopped_early"] = stop
+    return summary
+
+
+def _truncate_log(log_path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after the last saved state (a crash between the two)."""
+    if not log_path.is_file():
+        return
+    rows = [ln for ln in log_path.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["epoch"] <= epochs_done]
+    log_path.write_text("".join(r + "\n" for r in rows))
+
+
+def _last_metrics(log_path: Path) -> dict[str, Any]:
+    rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    last = rows[-1] if rows else {}
+    return {"test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss")}
+
+
+def save_checkpoint(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
+    """Float16 weights (halves the file; loading casts back) plus JSON-able metadata."""
+    sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu())
+          for k, v in model.state_dict().items()}
+    _atomic_save({"state_dict": sd, **meta}, path)
+
+
+def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:
+    """Loss and accuracy per epoch (train and test) from a run's JSON-lines log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
+    ep = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    for split, style in (("train", "-"), ("test", "--")):
+        ax1.plot(ep, [r[f"{split}_loss"] for r in rows], style, marker=".", label=split)
+        ax2.plot(ep, [r[f"{split}_accuracy"] for r in rows], style, marker=".", label=split)
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title} loss")
+    ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=f"{title} accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    tmp = out.with_name(out.stem + ".partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    weights: str | None = None
+    dataset: str = "cifar10"
+    split: str = "test"
+    device: str | None = None
+    data_root: str | None = None
+    batch_size: int = 500
+    progress: bool = True
+
+
+def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
+    """Top-1 accuracy and loss of a registered model on a whole split, with provenance."""
+    from repsim.data import load_probe_set
+    from repsim.models import get_spec, load_model
+
+    spec = get_spec(cfg.model)
+    dev = resolve_device(cfg.device)
+    ps = load_probe_set(cfg.dataset, cfg.split, data_root=cfg.data_root, progress=cfg.progress)
+    model, prov = load_model(cfg.model, cfg.weights, device=dev)
+    if prov["num_classes"] != len(ps.classes):
+        raise UserError(f"{cfg.model} ({prov['weights']}) has {prov['num_classes']} outputs but "
+                        f"{cfg.dataset} has {len(ps.classes)} classes; fix: pass --weights "
+                        f"trained on {cfg.dataset}, or the matching --dataset")
+    if spec.family == "resnet":
+        model = model.to(memory_format=torch.channels_last)
+    x, y = _to_device(ps, dev)
+    t0 = time.perf_counter()
+    res = evaluate(model, spec, x, y, cfg.batch_size, progress=cfg.progress)
+    return {"model": cfg.model, "weights": prov["weights"],
+            "weights_sha256": prov["weights_sha256"], "dataset": cfg.dataset,
+            "split": cfg.split, "data_source": ps.source, "n": res["n"],
+            "accuracy": res["accuracy"], "loss": res["loss"], "device": str(dev),
+            "seconds": time.perf_counter() - t0, "repsim_version": __version__}

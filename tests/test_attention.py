@@ -1,0 +1,360 @@
+"""Attention capture, rollout and mean attention distance: known answers and the CLI."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from repsim import attention as A
+from repsim.cli import main
+from repsim.errors import UserError
+from repsim.models import build_model, get_spec
+
+
+def _tiny_vit(**kw) -> VisionTransformer:
+    """A small timm ViT (16 px, patch 4, 4x4 grid) with a seeded random init, in eval mode."""
+    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    args.update(kw)
+    torch.manual_seed(0)
+    return VisionTransformer(**args).eval()
+
+
+def _set_fused(model, fused: bool) -> None:
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+
+
+def _mean_pairwise_distance(coords) -> float:
+    """Brute force: mean Euclidean distance over all ordered pairs (self-pairs included)."""
+    total = sum(math.dist(p, q) for p in coords for q in coords)
+    return total / len(coords) ** 2
+
+
+# --------------------------------------------------------------------------- distance
+
+
+def test_uniform_attention_gives_the_grids_mean_distance():
+    # 2x2 patches of 4 px: from each patch, distances 0, 4, 4, 4*sqrt(2) -> mean 2 + sqrt(2).
+    t = 1 + 4  # class token + 4 patches; uniform over all tokens, prefix excluded
+    attn = np.full((3, 2, t, t), 1.0 / t)
+    d = A.mean_attention_distance(attn, grid=(2, 2), patch_size=4)
+    assert d.shape == (3, 2)
+    np.testing.assert_allclose(d, 2 + math.sqrt(2), rtol=0, atol=1e-12)
+
+
+def test_uniform_attention_on_a_non_square_grid():
+    # 1x3 patches of 5 px: distance sums per query 0+1+2, 1+0+1, 2+1+0 (patches) -> 8/9 * 5.
+    attn = np.full((1, 1, 1, 3, 3), 1.0 / 3)
+    d = A.mean_attention_distance(attn, grid=(1, 3), patch_size=5)
+    np.testing.assert_allclose(d, [[8 / 9 * 5]], rtol=0, atol=1e-12)
+
+
+def test_uniform_attention_without_renormalising_counts_prefix_mass_as_zero():
+    t = 2 + 4  # two prefix tokens (class + register) hold 2/6 of every row
+    attn = np.full((1, 1, t, t), 1.0 / t)
+    d = A.mean_attention_distance(attn, grid=(2, 2), patch_size=4, renormalize=False)
+    np.testing.assert_allclose(d, [[(2 + math.sqrt(2)) * 4 / 6]], rtol=0, atol=1e-12)
+
+
+def test_identity_attention_has_distance_zero():
+    attn = np.broadcast_to(np.eye(1 + 9), (2, 3, 4, 10, 10))
+    np.testing.assert_array_equal(A.mean_attention_distance(attn, (3, 3), 16), np.zeros((3, 4)))
+
+
+def test_distance_matrix_is_row_major_in_pixels():
+    d = A.distance_matrix((2, 2), (2, 3))  # patches 2 px tall, 3 px wide
+    # patch 0 (0,0), 1 (0,1), 2 (1,0), 3 (1,1): right = 3 px, down = 2 px.
+    assert d[0, 1] == 3 and d[0, 2] == 2 and d[0, 3] == pytest.approx(math.hypot(2, 3))
+    np.testing.assert_array_equal(np.diag(d), 0)
+
+
+def test_attention_distance_of_an_attention_that_is_uniform_by_construction():
+    # Zero q/k projections make every score 0, so every block attends uniformly: the streamed
+    # distance must be the 8x8 grid's mean pairwise distance in pixels, for every head.
+    model = build_model("vit_cifar")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:2 * 512].zero_()
+            blk.attn.qkv.bias[:2 * 512].zero_()
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    d = A.attention_distance(model, images, get_spec("vit_cifar"), batch_size=2)
+    coords = [(4 * r + 2, 4 * c + 2) for r in range(8) for c in range(8)]
+    np.testing.assert_allclose(d, _mean_pairwise_distance(coords), rtol=1e-6)
+    assert d.shape == (6, 8) and d.dtype == np.float64
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_streamed_distance_equals_distance_of_captured_maps(renormalize):
+    model = _tiny_vit(reg_tokens=2)  # 3 prefix tokens
+    x = torch.randn(7, 3, 16, 16)
+    maps = A.attention_maps(model, x)
+    want = A.mean_attention_distance(maps, (4, 4), 4, renormalize=renormalize)
+    got = A.attention_distance(model, x, batch_size=3, renormalize=renormalize)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_streamed_distance_does_not_depend_on_batch_size(study_vit):
+    model = study_vit
+    _set_fused(model, True)
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    spec = get_spec("vit_cifar")
+    a = A.attention_distance(model, images, spec, batch_size=6)
+    b = A.attention_distance(model, images, spec, batch_size=4)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def test_identity_attention_rolls_out_to_the_identity():
+    attn = np.broadcast_to(np.eye(5), (2, 3, 4, 5, 5))
+    r = A.rollout(attn)
+    assert r.shape == (2, 5, 5)
+    np.testing.assert_allclose(r, np.broadcast_to(np.eye(5), (2, 5, 5)), atol=1e-15)
+
+
+def test_rollout_of_a_one_block_model_is_its_residual_adjusted_mean_attention():
+    model = _tiny_vit(depth=1)
+    maps = A.attention_maps(model, torch.randn(2, 3, 16, 16))  # (2, 1, 4, 17, 17)
+    mean = maps[:, 0].astype(np.float64).mean(1)
+    want = (mean + np.eye(17)) / (mean + np.eye(17)).sum(-1, keepdims=True)
+    np.testing.assert_allclose(A.rollout(maps), want, atol=1e-12)
+    np.testing.assert_allclose(want, 0.5 * mean + 0.5 * np.eye(17), atol=1e-6)  # rows sum to 1
+
+
+def test_rollout_multiplies_later_blocks_on_the_left():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 3, 4, 4))
+    a /= a.sum(-1, keepdims=True)  # two blocks, three heads, row-stochastic
+    hat = [0.5 * a[i].mean(0) + 0.5 * np.eye(4) for i in range(2)]
+    np.testing.assert_allclose(A.rollout(a), hat[1] @ hat[0], atol=1e-14)
+    assert not np.allclose(hat[1] @ hat[0], hat[0] @ hat[1])  # the order is tested
+
+
+def test_token_maps_take_the_class_token_row_over_the_patch_grid():
+    attn = np.zeros((1 + 4, 1 + 4))
+    attn[0, 1:] = [1, 2, 3, 4]
+    np.testing.assert_array_equal(A.token_maps(attn, (2, 2)), [[1, 2], [3, 4]])
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@pytest.fixture(scope="module")
+def study_vit():
+    """vit_cifar with random weights, built once (timm's init of 9.5M parameters is slow)."""
+    return build_model("vit_cifar")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_logits_are_bit_identical_with_capture(fused, study_vit):
+    model = study_vit
+    _set_fused(model, fused)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        plain = model(x)
+        with A.capture_attention(model) as maps:
+            captured = model(x)
+        after = model(x)
+    assert len(maps) == 6
+    assert torch.equal(plain, captured) and torch.equal(plain, after)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_captured_rows_sum_to_one(fused):
+    model = _tiny_vit(reg_tokens=1)
+    _set_fused(model, fused)
+    maps = A.attention_maps(model, torch.randn(3, 3, 16, 16))
+    assert maps.shape == (3, 2, 4, 18, 18)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-6)
+    assert (maps >= 0).all()
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_captured_attention_is_the_models_own_attention_bit_for_bit(qk_norm):
+    # With the explicit (non-fused) path the model materialises its attention as the input of
+    # attn_drop; the capture must equal it exactly, q_norm/k_norm included.
+    model = _tiny_vit(qk_norm=qk_norm, reg_tokens=2)
+    _set_fused(model, False)
+    own = {}
+    hooks = [blk.attn.attn_drop.register_forward_hook(
+        lambda m, i, o, k=k: own.__setitem__(k, i[0].clone())) for k, blk in
+        enumerate(model.blocks)]
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    for k in own:
+        assert torch.equal(maps[k], own[k])
+
+
+def test_with_the_fused_kernel_capture_uses_the_kernels_own_queries_and_keys(monkeypatch):
+    # Spy on the fused kernel: the capture must be softmax(q k^T * scale) of exactly the q, k
+    # timm handed to scaled_dot_product_attention.
+    import torch.nn.functional as F
+
+    model = _tiny_vit(qk_norm=True)
+    _set_fused(model, True)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.clone(), k.clone()))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    assert len(seen) == 2
+    for i, (q, k) in enumerate(seen):
+        scale = model.blocks[i].attn.scale
+        assert torch.equal(maps[i], ((q * scale) @ k.transpose(-2, -1)).softmax(-1))
+
+
+def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
+    model = _tiny_vit(depth=3)
+    maps = A.attention_maps(model, torch.randn(1, 3, 16, 16), blocks=[2, 0])
+    assert maps.shape == (1, 2, 4, 17, 17)
+    assert all(not blk.attn._forward_pre_hooks and not blk.attn.qkv._forward_hooks
+               for blk in model.blocks)
+
+
+def test_a_cnn_asked_for_attention_is_a_clear_error():
+    with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
+        A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
+
+
+def test_a_non_standard_attention_module_is_refused():
+    model = _tiny_vit()
+    base = type(model.blocks[0].attn)
+
+    class Custom(base):
+        def forward(self, x, attn_mask=None, is_causal=False):
+            return super().forward(x, attn_mask, is_causal)
+
+    model.blocks[1].attn.__class__ = Custom
+    with pytest.raises(UserError, match="block 1 .* uses Custom, not timm's standard Attention"):
+        A.vit_geometry(model)
+
+
+def test_geometry_of_the_study_vit(study_vit):
+    geo = A.vit_geometry(study_vit)
+    assert (geo.depth, geo.num_heads, geo.grid, geo.patch_size, geo.n_prefix) == (
+        6, 8, (8, 8), (4, 4), 1)
+    assert geo.input_size == (32, 32) and geo.class_token
+
+
+def test_block_requests(study_vit):
+    model = study_vit
+    spec = get_spec("vit_cifar")
+    assert A.resolve_blocks(None, 6) == [0, 3, 5]
+    assert A.resolve_blocks("5,blocks.1", 6, model, spec) == [1, 5]
+    assert A.resolve_blocks("blocks", 6, model, spec) == list(range(6))
+    with pytest.raises(UserError, match="block 9 does not exist"):
+        A.resolve_blocks("9", 6, model, spec)
+    with pytest.raises(UserError, match="names no transformer block"):
+        A.resolve_blocks("embed", 6, model, spec)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def vit_weights(tmp_path):
+    path = tmp_path / "vit_cifar_w.pt"
+    torch.save(build_model("vit_cifar", seed=3).state_dict(), path)
+    return path
+
+
+def test_cli_attention_writes_maps_rollout_and_distance(cifar_root, vit_weights, tmp_path,
+                                                        monkeypatch, capsys):
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fig"
+    argv = ["attention", "--model", "vit_cifar", "--weights", str(vit_weights),
+            "--data-root", str(cifar_root), "--probe", "20", "--images", "2",
+            "--layers", "0,5", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    for name in ["attention_heads_vit_cifar.png", "attention_maps_vit_cifar.npz",
+                 "attention_rollout.png", "attention_distance.png", "attention_distance.csv",
+                 "attention_distance.json"]:
+        assert str(out / name) in res["outputs"] and (out / name).is_file()
+    assert res["reused"] == [False] and res["n_probe"] == 20
+    with np.load(out / "attention_maps_vit_cifar.npz") as z:
+        assert z["heads"].shape == (2, 2, 8, 8, 8) and z["rollout"].shape == (2, 8, 8)
+        np.testing.assert_array_equal(z["blocks"], [0, 5])
+    rows = list(csv.DictReader(open(out / "attention_distance.csv")))
+    assert len(rows) == 6 * 8
+    # vit_cifar sees the 32 px probe image itself: image pixels == model-input pixels.
+    assert all(r["distance_image_px"] == r["distance_model_px"] for r in rows)
+    saved = json.loads((out / "attention_distance.json").read_text())
+    assert saved["models"][0]["weights"]["weights_sha256"]
+    assert saved["data"]["n"] == 20
+    # Same inputs again: the distances come from the cache.
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["reused"] == [True]
+
+
+def test_cli_attention_compares_two_models_with_different_input_sizes(cifar_root, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fig"
+    assert main(["attention", "--model", "vit_cifar", "--model", "timm:vit_tiny_patch16_224",
+                 "--weights", "random", "--data-root", str(cifar_root), "--probe", "6",
+                 "--ids", "3,1", "--out", str(out), "--json", "--no-cache"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["models"] == ["vit_cifar", "timm:vit_tiny_patch16_224"] and res["n_images"] == 2
+    saved = json.loads((out / "attention_distance.json").read_text())
+    tiny = saved["models"][1]
+    # 224 px model input of a 32 px image: image px = model px * 32 / 224.
+    np.testing.assert_allclose(np.asarray(tiny["distance_image_px"]),
+                               np.asarray(tiny["distance_model_px"]) * 32 / 224)
+    assert len(tiny["distance_model_px"]) == 12 and saved["image_ids"] == [3, 1]
+
+
+def test_cli_attention_on_a_cnn_is_one_line_error(capsys):
+    assert main(["attention", "--model", "resnet18_cifar", "--weights", "random"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("repsim attention: error: resnet18_cifar is a resnet model")
+    assert "repsim featuremaps" in err and "\n" not in err
+
+
+def test_cli_attention_rejects_mismatched_weights(capsys):
+    assert main(["attention", "--model", "vit_cifar", "--model", "vit_imagenet", "--weights",
+                 "random", "--weights", "random", "--weights", "random"]) == 1
+    assert "3 --weights for 2 --model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- repsim figures
+
+
+def test_figure_kind_attention_builds_then_caches_then_skips_missing_weights(tmp_path,
+                                                                               monkeypatch):
+    from repsim.figures import build_all
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "no-checkpoints"))
+    ana = tmp_path / "analyses"
+    ana.mkdir()
+    (ana / "att.toml").write_text(
+        'kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\n'
+        'images = 2\nblocks = "0"\n[probe]\ndataset = "cifar10-probe"\nn = 12\n')
+    (ana / "att_trained.toml").write_text(  # default weights: checkpoints/vit_cifar.pt
+        'kind = "attention"\nmodels = ["vit_cifar"]\n[probe]\ndataset = "cifar10-probe"\n'
+        'n = 12\n')
+    out = tmp_path / "figures"
+    first = build_all(ana, out, progress=False)
+    assert [b["name"] for b in first["built"]] == ["att"] and not first["failed"]
+    for name in ["att_heads_vit_cifar-random.png", "att_rollout.pdf", "att_distance.png",
+                 "att_distance.csv", "att_maps_vit_cifar-random.npz"]:
+        assert (out / name).is_file(), name
+    record = json.loads((out / "att.json").read_text())
+    assert len(record["data"]["models"][0]["distance_model_px"]) == 6
+    (skip,) = first["skipped"]
+    assert skip["name"] == "att_trained" and "vit_cifar" in skip["reason"]
+    again = build_all(ana, out, progress=False)
+    assert [c["name"] for c in again["cached"]] == ["att"] and not again["built"]

@@ -1,0 +1,242 @@
+"""`repsim cka`: stores in, matrix file and heatmap out; alignment checks, caching, the
+bundled probe set, and extraction on demand from model names."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import reference
+import torch
+
+from repsim import cli
+from repsim.compare import CKAConfig, ids_digest, run_cka
+from repsim.store import StoreWriter
+
+BLOCKS = [f"blocks.{i}" for i in range(12)]  # blocks.10 sorts before blocks.2 in HDF5
+
+
+def make_store(path, feats: dict, ids=None, labels=None, meta=None, dtype="float32"):
+    """A complete store holding ``feats`` (name -> (n, D)) in the given order."""
+    n = len(next(iter(feats.values())))
+    ids = np.arange(n) * 7 if ids is None else np.asarray(ids)
+    labels = np.arange(n) % 3 if labels is None else np.asarray(labels)
+    meta = meta or {"model": path.stem, "data": {"dataset": "toy", "split": "test", "n": n}}
+    w = StoreWriter(path, meta, ids, labels, batch_size=n)
+    w.create_layers({k: v.shape[1] for k, v in feats.items()}, dtype, n, None)
+    w.write(0, {k: v.astype(dtype) for k, v in feats.items()})
+    w.finish()
+    return path
+
+
+def toy_feats(names, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n, 6))
+    return {name: np.tanh(base @ rng.standard_normal((6, 5 + i))) + 0.3 * rng.standard_normal(
+        (n, 5 + i)) for i, name in enumerate(names)}
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(["cka", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def pair(tmp_path):
+    fa, fb = toy_feats(BLOCKS, seed=1), toy_feats(["stem", "layer1", "layer2"], seed=2)
+    return (make_store(tmp_path / "a.h5", fa), make_store(tmp_path / "b.h5", fb), fa, fb)
+
+
+def test_json_has_layers_in_model_order_and_reference_values(tmp_path, pair, capsys):
+    pa, pb, fa, fb = pair
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o", "--json")
+    assert code == 0, err
+    r = json.loads(out)  # exactly one JSON object on stdout
+    for key in ("model_a", "model_b", "layers_a", "layers_b", "kernel", "estimator", "n",
+                "matrix"):
+        assert key in r
+    assert (r["model_a"], r["model_b"], r["n"]) == ("a", "b", 24)
+    assert r["layers_a"] == BLOCKS and r["layers_b"] == ["stem", "layer1", "layer2"]
+    m = np.array(r["matrix"])
+    assert m.shape == (12, 3)
+    for i, j in [(0, 0), (10, 2), (11, 1)]:
+        want = reference.cka(fa[BLOCKS[i]].astype(np.float32), fb[r["layers_b"][j]]
+                             .astype(np.float32))
+        assert m[i, j] == pytest.approx(want, abs=1e-10)
+
+
+def test_result_file_and_heatmaps_carry_metadata(tmp_path, pair, capsys):
+    pa, pb, _, _ = pair
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o",
+                             "--estimator", "minibatch", "--batch-size", "8")
+    assert code == 0, err
+    stem = tmp_path / "o" / "a__b__linear-minibatch"
+    for ext in ("json", "png", "pdf"):
+        assert (stem.parent / f"{stem.name}.{ext}").stat().st_size > 0
+        assert f"{stem.name}.{ext}" in out  # the summary line says where things went
+    r = json.loads(stem.with_suffix(".json").read_text())
+    assert r["batch_size"] == 8 and r["n_batches"] == 3
+    assert r["samples"]["ids_sha256"] == ids_digest(np.arange(24) * 7)
+    assert r["inputs"]["a"]["path"] == str(pa) and r["inputs"]["b"]["path"] == str(pb)
+    assert set(r["versions"]) >= {"repsim", "torch", "numpy"}
+
+
+def test_self_similarity_has_unit_diagonal_and_is_bit_identical(tmp_path, pair, capsys):
+    pa = pair[0]
+    args = ["--a", pa, "--b", pa, "--out", tmp_path / "o", "--estimator", "debiased"]
+    assert run_cli(capsys, *args)[0] == 0
+    stem = tmp_path / "o" / "a__a__linear-debiased"
+    first = {ext: (stem.parent / f"{stem.name}.{ext}").read_bytes()
+             for ext in ("json", "png", "pdf")}
+    m = np.array(json.loads(first["json"])["matrix"])
+    np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(m, m.T)
+    assert run_cli(capsys, *args, "--force")[0] == 0  # recomputed from scratch
+    for ext, data in first.items():
+        assert (stem.parent / f"{stem.name}.{ext}").read_bytes() == data, ext
+
+
+def test_different_sample_counts_are_refused_with_both_sizes(tmp_path, pair, capsys):
+    pa = pair[0]
+    pc = make_store(tmp_path / "c.h5", toy_feats(["x"], n=16))
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pc, "--out", tmp_path / "o")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1
+    assert "A has 24 rows and B has 16" in err and "ids sha256" in err
+
+
+def test_different_sample_ids_are_refused_at_the_first_difference(tmp_path, pair, capsys):
+    pa = pair[0]
+    ids = np.arange(24) * 7
+    ids[5:] += 1
+    pc = make_store(tmp_path / "c.h5", toy_feats(["x"]), ids=ids)
+    code, _, err = run_cli(capsys, "--a", pa, "--b", pc, "--out", tmp_path / "o")
+    assert code == 1 and err.count("\n") == 1
+    assert "first differ at row 5 (A id 35, B id 36)" in err
+
+
+def test_same_ids_but_different_labels_are_refused(tmp_path, pair, capsys):
+    pc = make_store(tmp_path / "c.h5", toy_feats(["x"]), labels=np.arange(24) % 5)
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pc, "--out", tmp_path / "o")
+    assert code == 1 and "different labels" in err
+
+
+def test_incomplete_store_is_refused_in_one_line(tmp_path, pair, capsys):
+    w = StoreWriter(tmp_path / "half.h5", {"model": "m"}, np.arange(24), np.zeros(24), 8)
+    w.close()
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", tmp_path / "half.h5")
+    assert code == 1 and err.count("\n") == 1 and "incomplete" in err
+
+
+def test_corrupt_store_is_refused_in_one_line(tmp_path, pair, capsys):
+    (tmp_path / "bad.h5").write_bytes(b"\x89HDF garbage")
+    code, _, err = run_cli(capsys, "--a", tmp_path / "bad.h5", "--b", pair[1])
+    assert code == 1 and err.count("\n") == 1 and "corrupt" in err
+
+
+def test_minibatch_without_batch_size_is_refused(tmp_path, pair, capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator", "minibatch")
+    assert code == 1 and "--batch-size" in err
+
+
+def test_second_run_does_no_work_until_a_store_changes(tmp_path, pair, capsys):
+    pa, pb, _, _ = pair
+    args = ["--a", pa, "--b", pb, "--out", tmp_path / "o", "--json"]
+    assert run_cli(capsys, *args)[0] == 0
+    files = sorted((tmp_path / "o").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and json.loads(out)["reused"] is True
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    later = time.time() + 5  # a re-written store (newer than the result) invalidates it
+    os.utime(pb, (later, later))
+    code, out, _ = run_cli(capsys, *args)
+    assert json.loads(out)["reused"] is False
+
+
+def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
+    pa, pb, _, _ = pair
+    common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
+                  force=True)
+    full = run_cka(CKAConfig(**common))["result"]["matrix"]
+    tiny = run_cka(CKAConfig(**common, memory_budget=4096))["result"]["matrix"]
+    np.testing.assert_allclose(tiny, full, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ bundled probe set
+
+
+def test_bundled_probe_set_is_100_per_class_with_recorded_ids():
+    from repsim.assets import bundled_info
+    from repsim.data import load_probe_set
+
+    p = load_probe_set("cifar10-probe")
+    assert p.images.shape == (1000, 32, 32, 3) and p.images.dtype == np.uint8
+    assert np.bincount(p.labels).tolist() == [100] * 10
+    assert np.all(np.diff(p.ids) > 0) and p.ids.max() < 10_000
+    assert p.provenance()["ids_sha256"] == bundled_info()["ids_sha256"]
+    assert p.provenance()["dataset"] == "cifar10" and "bundled" in p.source
+    sub = load_probe_set("cifar10-probe", n=10, seed=3)
+    assert set(sub.ids) <= set(p.ids) and len(sub) == 10
+
+
+def test_bundled_probe_set_refuses_train_split_and_large_n():
+    from repsim.data import load_probe_set
+    from repsim.errors import UserError
+
+    with pytest.raises(UserError, match="test images only"):
+        load_probe_set("cifar10-probe", "train")
+    with pytest.raises(UserError, match="larger than the 1000"):
+        load_probe_set("cifar10-probe", n=1001)
+
+
+# ------------------------------------------------------------------ model names
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name in ("vit_cifar", "resnet18_cifar"):
+        torch.save(build_model(name).state_dict(), ck / f"{name}.pt")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    return ck
+
+
+def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
+    from repsim.models import build_model
+
+    args = ["--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8", "--json"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["layers_a"] == ["embed"] + [f"blocks.{i}" for i in range(6)]
+    assert r["layers_b"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert r["samples"]["dataset"] == "cifar10" and r["n"] == 8
+    assert "bundled" in r["samples"]["source"]
+    code, out, _ = run_cli(capsys, *args)
+    assert json.loads(out)["reused"] is True
+    # New weights under the same name: the stale store is re-extracted, the result recomputed.
+    torch.save(build_model("vit_cifar", seed=1).state_dict(), checkpoints / "vit_cifar.pt")
+    code, out, err = run_cli(capsys, *args)
+    r2 = json.loads(out)
+    assert r2["reused"] is False and "re-extracting" in err
+    assert r2["inputs"]["a"]["weights_sha256"] != r["inputs"]["a"]["weights_sha256"]
+    assert not np.allclose(r2["matrix"], r["matrix"])
+
+
+def test_missing_weights_give_one_line_on_how_to_get_them(checkpoints, capsys):
+    (checkpoints / "vit_cifar.pt").unlink()
+    code, _, err = run_cli(capsys, "--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8")
+    assert code == 1 and err.count("\n") == 1
+    assert "no trained weights for vit_cifar" in err and "repsim train" in err
+
+
+def test_unknown_name_that_is_no_file_is_refused(capsys):
+    code, _, err = run_cli(capsys, "--a", "vit_cifr", "--b", "vit_cifar")
+    assert code == 1 and "neither a store file" in err and "vit_cifar" in err

@@ -1,0 +1,117 @@
+"""CNN feature maps: strongest channels, mean maps, errors and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from repsim import featuremaps as FM
+from repsim.cli import main
+from repsim.errors import UserError
+from repsim.models import build_model, get_spec
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return build_model("resnet18_cifar", seed=1)
+
+
+def _manual_stages(model, x):
+    """Each stage's output by calling the torchvision ResNet's modules one after another."""
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out = {}
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        h = getattr(model, name)(h)
+        out[name] = h
+    return out
+
+
+def test_top_channels_rank_by_mean_activation():
+    act = np.zeros((2, 4, 2, 2), dtype=np.float32)
+    act[0, :, 0, 0] = [1, 8, 4, 0]  # means 0.25, 2, 1, 0
+    act[1, :, :, :] = np.array([3, 0, 1, 2], dtype=np.float32)[:, None, None]
+    channels, scores = FM.top_channels(act, 2)
+    np.testing.assert_array_equal(channels, [[1, 2], [0, 3]])
+    np.testing.assert_allclose(scores, [[2, 1], [3, 2]])
+
+
+def test_stage_maps_are_the_stage_outputs(resnet):
+    x = torch.randn(2, 3, 32, 32)
+    views = FM.feature_maps(resnet, x, ["layer1", "layer2", "layer3", "layer4"], top=5)
+    with torch.inference_mode():
+        want = _manual_stages(resnet, x)
+    sizes = {"layer1": (64, 32), "layer2": (128, 16), "layer3": (256, 8), "layer4": (512, 4)}
+    for name, v in views.items():
+        c, s = sizes[name]
+        ref = want[name].numpy()
+        assert v.num_channels == c and v.maps.shape == (2, 5, s, s)
+        np.testing.assert_allclose(v.mean_map, ref.mean(1), rtol=1e-5, atol=1e-6)
+        for i in range(2):
+            np.testing.assert_allclose(v.maps[i], ref[i, v.channels[i]], rtol=1e-5, atol=1e-6)
+            # they are the strongest: no other channel has a larger mean activation
+            means = ref[i].mean((1, 2))
+            assert means[v.channels[i]].min() >= np.delete(means, v.channels[i]).max() - 1e-6
+
+
+def test_feature_maps_leave_outputs_unchanged_and_remove_hooks(resnet):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        before = resnet(x)
+    FM.feature_maps(resnet, x, ["layer2"], top=3)
+    with torch.inference_mode():
+        after = resnet(x)
+    assert torch.equal(before, after)
+    assert not resnet.layer2._forward_hooks
+
+
+def test_a_vit_asked_for_feature_maps_is_a_clear_error():
+    with pytest.raises(UserError, match="vit_cifar is a Vision Transformer.*repsim attention"):
+        FM.resolve_stages(None, get_spec("vit_cifar"), None)
+
+
+def test_a_layer_without_feature_maps_is_a_clear_error(resnet):
+    with pytest.raises(UserError, match=r"layer 'fc' gives outputs of shape \(1, 10\)"):
+        FM.stage_activations(resnet, torch.randn(1, 3, 32, 32), ["fc"])
+
+
+def test_cli_featuremaps_writes_one_figure_per_stage(cifar_root, tmp_path, capsys):
+    weights = tmp_path / "r18.pt"
+    torch.save(build_model("resnet18_cifar", seed=2).state_dict(), weights)
+    out = tmp_path / "fig"
+    assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", str(weights),
+                 "--data-root", str(cifar_root), "--probe", "20", "--ids", "4", "9",
+                 "--stages", "stem,layer3", "--top", "4", "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["stages"] == ["stem", "layer3"] and res["n_images"] == 2
+    for name in ["featuremaps_resnet18_cifar-r18_stem.png",
+                 "featuremaps_resnet18_cifar-r18_layer3.png", "featuremaps_resnet18_cifar-r18.npz"]:
+        assert (out / name).is_file() and str(out / name) in res["outputs"]
+    with np.load(out / "featuremaps_resnet18_cifar-r18.npz") as z:
+        assert z["layer3/maps"].shape == (2, 4, 8, 8) and z["stem/mean_map"].shape == (2, 32, 32)
+        np.testing.assert_array_equal(z["ids"], [4, 9])
+        assert json.loads(str(z["provenance"]))["weights"]["weights_sha256"]
+
+
+def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
+    assert main(["featuremaps", "--model", "vit_cifar", "--weights", "random"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("repsim featuremaps: error: vit_cifar is a Vision Transformer")
+    assert "\n" not in err
+
+
+def test_figure_kind_featuremaps_builds_one_figure_per_stage(tmp_path):
+    from repsim.figures import build_all
+
+    ana = tmp_path / "analyses"
+    ana.mkdir()
+    (ana / "fm.toml").write_text(
+        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+        'images = 2\nstages = "layer1,layer4"\ntop = 3\n[probe]\ndataset = "cifar10-probe"\n'
+        'n = 10\n')
+    res = build_all(ana, tmp_path / "figures", progress=False)
+    assert [b["name"] for b in res["built"]] == ["fm"] and not res["failed"]
+    for name in ["fm_layer1.png", "fm_layer4.pdf", "fm.npz"]:
+        assert (tmp_path / "figures" / name).is_file()
+    data = json.loads((tmp_path / "figures" / "fm.json").read_text())["data"]
+    assert np.asarray(data["stages"]["layer4"]["channels"]).shape == (2, 3)

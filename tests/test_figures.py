@@ -1,0 +1,265 @@
+"""`repsim figures`: every panel type renders with labelled axes and one 0-1 scale; specs are
+validated; figures are cached and rebuilt only when their spec or inputs change; a figure
+whose weights are unavailable is skipped in one line while the others are built."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repsim import plots
+from repsim.errors import UserError
+from repsim.figures import KINDS, build_all, figure_kind, load_specs
+
+VIT = ["embed"] + [f"blocks.{i}" for i in range(6)]
+RES = ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).random(shape)
+
+
+def heatmap_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def assert_saved(fig, stem):
+    files = plots.save(fig, stem)
+    assert [f.suffix for f in files] == [".png", ".pdf"]
+    assert files[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert files[1].read_bytes()[:5] == b"%PDF-"
+
+
+# ------------------------------------------------------------------ panels
+
+
+def test_heatmap_labels_both_axes_and_uses_one_0_to_1_scale(tmp_path):
+    m = rand((7, 5))
+    m[2, 3] = np.nan
+    result = {"matrix": [[None if np.isnan(v) else v for v in row] for row in m.tolist()],
+              "layers_a": VIT, "layers_b": RES, "model_a": "vit_cifar",
+              "model_b": "resnet18_cifar", "kernel": "linear", "estimator": "minibatch",
+              "n": 1000, "batch_size": 250}
+    fig = plots.cka_heatmap(result)
+    (ax,) = heatmap_axes(fig)
+    assert [t.get_text() for t in ax.get_yticklabels()] == VIT  # rows: model A
+    assert [t.get_text() for t in ax.get_xticklabels()] == RES  # columns: model B
+    assert "vit_cifar" in ax.get_ylabel() and "resnet18_cifar" in ax.get_xlabel()
+    im = ax.images[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0)
+    assert len(fig.axes) == 2  # the heatmap and one colour bar
+    assert "minibatch" in ax.get_title() and "n = 1,000" in ax.get_title()
+    assert_saved(fig, tmp_path / "h")
+
+
+def test_grid_has_every_pair_and_one_shared_colour_bar(tmp_path):
+    labels, layers = ["A", "B", "C"], [VIT, RES, ["x", "y"]]
+    panels = {(i, j): {"matrix": rand((len(layers[i]), len(layers[j])), 3 * i + j).tolist(),
+                       "layers_a": layers[i], "layers_b": layers[j]}
+              for i in range(3) for j in range(3)}
+    fig = plots.cka_grid(labels, panels, "grid")
+    axes = heatmap_axes(fig)
+    assert len(axes) == 9 and len(fig.axes) == 10  # 3 x 3 panels + 1 colour bar
+    assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in axes} == {(0.0, 1.0)}
+    assert [t.get_text() for t in axes[5].get_yticklabels()] == RES  # panel (1, 2): B vs C
+    assert [t.get_text() for t in axes[5].get_xticklabels()] == ["x", "y"]
+    assert_saved(fig, tmp_path / "g")
+
+
+def test_best_match_curve_picks_each_rows_maximum_and_skips_nan_rows(tmp_path):
+    m = np.array([[0.1, 0.9, 0.3], [0.5, 0.2, 0.7], [np.nan, np.nan, np.nan]])
+    idx, val = plots.best_match_curve(m)
+    assert idx.tolist() == [1, 2, -1]
+    assert val[:2].tolist() == [0.9, 0.7] and np.isnan(val[2])
+    fig = plots.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1", "a2"],
+                             "layers_b": ["b0", "b1", "b2"], "index": idx.tolist(),
+                             "value": [0.9, 0.7, None]}], "curves")
+    top = fig.axes[0]
+    assert top.lines[1].get_ydata()[:2].tolist() == [1.0, 2.0]
+    assert [t.get_text() for t in top.get_yticklabels()] == ["b0", "b1", "b2"]
+    assert_saved(fig, tmp_path / "b")
+
+
+def test_data_scale_draws_one_heatmap_per_fraction_and_same_layer_curves(tmp_path):
+    entries = [{"fraction": f, "label": f"ViT {f}", "matrix": rand((7, 7), k).tolist(),
+                "layers_a": VIT, "layers_b": VIT} for k, f in enumerate([0.1, 0.5])]
+    fig = plots.data_scale("ViT", entries, "scale")
+    assert len(heatmap_axes(fig)) == 2
+    curves = [ax for ax in fig.axes if len(ax.lines) == len(VIT)]
+    assert len(curves) == 1
+    np.testing.assert_allclose(curves[0].lines[3].get_ydata(),
+                               [entries[0]["matrix"][3][3], entries[1]["matrix"][3][3]])
+    assert_saved(fig, tmp_path / "d")
+
+
+def test_table_renders_markdown_and_csv():
+    md, csv_text = plots.table([{"model": "ViT", "acc": 81.364, "x": None}], ["model", "acc", "x"])
+    assert md == "| model | acc | x |\n|---|---|---|\n| ViT | 81.36 | - |\n"
+    assert csv_text == "model,acc,x\nViT,81.364,\n"
+
+
+# ------------------------------------------------------------------ specs
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(text)
+    return folder / f"{name}.toml"
+
+
+PROBE = """
+[probe]
+dataset = "cifar10-probe"
+n = 8
+[cka]
+estimator = "minibatch"
+batch_size = 8
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    ('kind = "pie_chart"\n', "kind 'pie_chart' is unknown; valid kinds: "),
+    ('kind = "cka_grid"\nmodel = ["vit_cifar"]\n', "keys ['model'] are unknown"),
+    ('kind = "cka_grid"\n', "needs models"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),
+    ('kind = "cka_grid\n', "not valid TOML"),
+])
+def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
+    path = write(tmp_path / "analyses", "bad", text)
+    with pytest.raises(UserError, match=None) as exc:
+        load_specs(tmp_path / "analyses")
+    assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    calls = []
+
+    def build_count(spec, ctx):
+        """Counts checkpoints in the manifest."""
+        calls.append(spec["label"])
+        ctx.data["count"] = len(ctx.manifest()["checkpoints"])
+        return [ctx.write_text(".txt", f"{spec['label']}: {ctx.data['count']}\n")]
+
+    monkeypatch.setitem(KINDS, "count", None)  # restored after the test
+    figure_kind("count", fields=("label",))(build_count)
+    write(tmp_path / "a", "c", 'kind = "count"\nlabel = "n"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    assert [e["name"] for e in run()["built"]] == ["c"]
+    assert (tmp_path / "f" / "c.txt").read_text() == "n: 1\n"
+    assert [e["name"] for e in run()["cached"]] == ["c"] and len(calls) == 1
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}, {}]}))
+    assert [e["name"] for e in run()["built"]] == ["c"]
+    assert (tmp_path / "f" / "c.txt").read_text() == "n: 2\n"
+    record = json.loads((tmp_path / "f" / "c.json").read_text())
+    assert record["data"] == {"count": 2} and record["cache_key"]
+
+
+# ------------------------------------------------------------------ the study's kinds
+
+
+@pytest.fixture
+def study(tmp_path, monkeypatch):
+    """Random-weight checkpoints, a manifest, and one spec per built-in kind (n = 8)."""
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name, arch, seed in [("vit_cifar", "vit_cifar", 0), ("resnet18_cifar",
+                             "resnet18_cifar", 0), ("vit_cifar_frac0.5", "vit_cifar", 1)]:
+        torch.save(build_model(arch, seed=seed).state_dict(), ck / f"{name}.pt")
+    manifest = {"checkpoints": [
+        {"name": "vit_cifar", "file": "vit_cifar.pt", "model": "vit_cifar",
+         "dataset": "cifar10", "train_fraction": 1.0, "epochs": 3, "epochs_planned": 500,
+         "test_accuracy": 42.5, "recipe": "paper"},
+        {"name": "vit_cifar_frac0.5", "file": "vit_cifar_frac0.5.pt", "model": "vit_cifar",
+         "dataset": "cifar10", "train_fraction": 0.5, "test_accuracy": 30.0}]}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "analyses"
+    write(a, "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar", "resnet18_cifar"]\n' + PROBE)
+    write(a, "best", 'kind = "best_match"\npairs = [["vit_cifar", "resnet18_cifar"]]\n' + PROBE)
+    write(a, "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n[[rows]]\ndataset = "svhn"\n'
+          'model = "resnet18_cifar"\nstudy = 95.78\n')
+    write(a, "scale", 'kind = "data_scale"\nbase = "vit_cifar"\n'
+          'checkpoints = "vit_cifar_frac*"\n' + PROBE)
+    return tmp_path
+
+
+def stamps(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_study_figures_are_built_cached_and_rebuilt_only_where_changed(study):
+    run = lambda: build_all(study / "analyses", study / "figures", progress=False)  # noqa: E731
+    first = run()
+    assert sorted(e["name"] for e in first["built"]) == ["acc", "best", "grid", "scale"]
+    assert not first["skipped"] and not first["failed"]
+    figs = study / "figures"
+    for name in ("grid", "best", "scale"):
+        assert (figs / f"{name}.png").exists() and (figs / f"{name}.pdf").exists()
+    grid = json.loads((figs / "grid.json").read_text())["data"]["panels"]
+    assert [(p["row_model"], p["col_model"]) for p in grid] == [
+        ("vit_cifar", "vit_cifar"), ("vit_cifar", "resnet18_cifar"),
+        ("resnet18_cifar", "vit_cifar"), ("resnet18_cifar", "resnet18_cifar")]
+    np.testing.assert_allclose(np.diag(grid[0]["matrix"]), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(np.array(grid[1]["matrix"]).T, grid[2]["matrix"])
+    best = (figs / "best.csv").read_text().splitlines()
+    assert best[0] == "model_a,layer_a,model_b,best_layer_b,cka" and len(best) == 1 + len(VIT)
+    md = (figs / "acc.md").read_text()
+    assert "| cifar10 | vit_cifar | 81.36 | 42.50 | -38.86 | 3/500 |" in md
+    assert "| svhn | resnet18_cifar | 95.78 | - |" in md
+    scale = json.loads((figs / "scale.json").read_text())["data"]["entries"]
+    assert [e["fraction"] for e in scale] == [0.5] and scale[0]["test_accuracy"] == 30.0
+
+    before = stamps(figs)
+    second = run()
+    assert sorted(e["name"] for e in second["cached"]) == ["acc", "best", "grid", "scale"]
+    assert stamps(figs) == before  # nothing rewritten
+
+    spec = study / "analyses" / "best.toml"
+    spec.write_text(spec.read_text().replace('kind = "best_match"',
+                                             'kind = "best_match"\ntitle = "Renamed"'))
+    third = run()
+    assert [e["name"] for e in third["built"]] == ["best"]
+    assert sorted(e["name"] for e in third["cached"]) == ["acc", "grid", "scale"]
+    after = stamps(figs)
+    assert all(after[k] == before[k] for k in before if not k.startswith("best."))
+
+
+def test_unavailable_weights_skip_that_figure_in_one_line_and_build_the_rest(study):
+    write(study / "analyses", "imagenet", 'kind = "cka_grid"\nmodels = ["vit_imagenet", '
+          '"vit_cifar"]\n' + PROBE)
+    env = {**os.environ, "HF_HOME": str(study / "hf"), "HF_HUB_OFFLINE": "1",
+           "TORCH_HOME": str(study / "torch"), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "repsim", "figures", "--analyses", str(study / "analyses"),
+         "--out", str(study / "figures"), "--only", "imagenet,acc", "--offline"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    skipped = [ln for ln in lines if ln.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith("skipped imagenet: pretrained weights")
+    assert "vit_imagenet" in skipped[0] and "internet" in skipped[0]
+    assert any(ln.startswith("built   acc:") for ln in lines)
+    assert lines[-1].startswith("figures in ") and "1 built, 0 cached, 1 skipped" in lines[-1]
+    assert (study / "figures" / "acc.md").exists()
+    assert not (study / "figures" / "imagenet.png").exists()
+
+
+def test_a_missing_manifest_skips_the_table_in_one_line(study):
+    (study / "ckpt" / "manifest.json").unlink()
+    res = build_all(study / "analyses", study / "figures", only=["acc"], progress=False)
+    assert [e["name"] for e in res["skipped"]] == ["acc"]
+    assert "no checkpoint manifest" in res["skipped"][0]["reason"]
+    assert "\n" not in res["skipped"][0]["reason"]

@@ -1,0 +1,224 @@
+"""Training and evaluation (issue 4): learning, exact resume, subsets, checkpoints, eval."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from repsim import data, models, train
+from repsim.errors import UserError
+
+N_TRAIN, N_TEST = 2, 2  # images per class
+BATCH = 10
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory):
+    """A learnable 10-class CIFAR-10 tree: each class has its own mean colour."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    for split, k in (("train", N_TRAIN), ("test", N_TEST)):
+        for c in range(10):
+            d = root / "cifar10" / split / f"class{c}"
+            d.mkdir(parents=True)
+            colour = np.array([c * 25, 255 - c * 25, (c * 97) % 256])
+            for i in range(k):
+                img = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+def _cfg(toy_root, tmp_path, **kw):
+    base = dict(model="vit_cifar", data_root=str(toy_root), epochs=2, batch_size=BATCH, lr=1e-3,
+                out=str(tmp_path / "ck" / "m.pt"), run_dir=str(tmp_path / "run"),
+                progress=False)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def _log(run_dir):
+    return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss(toy_root, tmp_path):
+    cfg = _cfg(toy_root, tmp_path, epochs=4)
+    spec = models.get_spec(cfg.model)
+    ps = data.load_probe_set("cifar10", "test", data_root=str(toy_root))
+    x, y = torch.from_numpy(ps.images), torch.from_numpy(ps.labels.astype(np.int64))
+    start, _ = train.initial_model(cfg.model, None, 10, seed=0)
+    before = train.evaluate(start, spec, x, y)["loss"]
+    res = train.train(cfg)
+    after = train.evaluate(models.load_model(cfg.model, cfg.out)[0], spec, x, y)["loss"]
+    assert res["steps"] == 4 * 10 * N_TRAIN // BATCH
+    assert after < before - 0.5, (before, after)  # nats; chance level is ln 10
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path):
+    ref = train.train(_cfg(toy_root, tmp_path / "a"))
+    steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
+    # Stop mid-way through epoch 2: only epoch 1 is saved, then rerun the same command.
+    cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 2))
+    assert cut["stopped_early"] and cut["epochs"] == 1
+    res = train.train(_cfg(toy_root, tmp_path / "b"))
+    assert res["resumed_from"] == 1 and res["epochs"] == 2
+    a = torch.load(tmp_path / "a" / "run" / "state.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "run" / "state.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    drop = {"seconds"}
+    la = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "a" / "run")]
+    lb = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "b" / "run")]
+    assert la == lb
+    assert ref["test_accuracy"] == res["test_accuracy"]
+
+
+def test_finished_run_is_not_retrained(toy_root, tmp_path):
+    train.train(_cfg(toy_root, tmp_path, epochs=1))
+    again = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    assert again["resumed_from"] == 1 and again["steps"] == math.ceil(10 * N_TRAIN / BATCH)
+
+
+def test_resume_with_other_settings_is_refused(toy_root, tmp_path):
+    train.train(_cfg(toy_root, tmp_path, epochs=1))
+    with pytest.raises(UserError, match="--restart"):
+        train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
+
+
+def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
+    out = tmp_path / "ck" / "m.pt"
+    train.train(_cfg(toy_root, tmp_path, epochs=1, train_fraction=0.5))
+    ck = torch.load(out, weights_only=True)
+    assert ck["data"]["n_train"] == 10 * N_TRAIN // 2
+    assert ck["data"]["train_fraction"] == 0.5
+    labels = np.repeat(np.arange(10), N_TRAIN)  # the toy tree's canonical order
+    keep = data.balanced_subset(labels, 0.5, seed=0)
+    digest = hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest()
+    assert ck["data"]["train_ids_sha256"] == digest
+
+
+def test_checkpoint_round_trip_and_manifest(toy_root, tmp_path):
+    res = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    out = tmp_path / "ck" / "m.pt"
+    ck = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in ck["state_dict"].values()
+               if v.is_floating_point())
+    assert ck["model"] == "vit_cifar" and ck["epochs"] == 1 and ck["recipe"]["name"] == "paper"
+    assert ck["repsim_version"] and ck["test_accuracy"] == res["test_accuracy"]
+    model, prov = models.load_model("vit_cifar", out)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():  # float32 again, equal to the fp16-rounded weights
+        assert v.dtype == torch.float32
+        assert torch.equal(v, state[k].half().float()), k
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    (row,) = manifest["checkpoints"]
+    assert row["file"] == "m.pt" and row["sha256"] == prov["weights_sha256"]
+    assert row["epochs"] == 1 and row["epochs_planned"] == 1
+
+
+def test_eval_of_a_known_answer_model(toy_root, tmp_path):
+    # Zero weights into the classifier and bias c on class 3: every image scores class 3,
+    # so accuracy is the share of class 3 and the loss is known in closed form.
+    model = models.build_model("resnet18_cifar")
+    c = 2.0
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        model.fc.bias[3] = c
+    path = tmp_path / "known.pt"
+    torch.save(model.state_dict(), path)
+    res = train.evaluate_model(train.EvalConfig(
+        model="resnet18_cifar", weights=str(path), data_root=str(toy_root), progress=False))
+    assert res["n"] == 10 * N_TEST
+    assert res["accuracy"] == pytest.approx(10.0)
+    expected = math.log(math.exp(c) + 9) - c / 10
+    assert res["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_finetune_replaces_the_head_of_a_pretrained_file(tmp_path):
+    # A 1000-class "pretrained" timm ViT written by the test; CIFAR-10 needs 10 outputs.
+    arch = "timm:vit_tiny_patch16_224"
+    path = tmp_path / "pre.pt"
+    src = models.build_model(arch, seed=1)
+    torch.save(src.state_dict(), path)
+    model, prov = train.initial_model(arch, str(path), 10, seed=0)
+    assert model.head.out_features == 10
+    assert prov["init"] == str(path) and prov["init_sha256"] == models.sha256_file(path)
+    sd = model.state_dict()
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], src.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_scratch_models_start_from_seeded_random_weights():
+    a, prov = train.initial_model("resnet18_cifar", None, 10, seed=3)
+    b, _ = train.initial_model("resnet18_cifar", None, 10, seed=3)
+    assert prov["init"] == "random"
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_augment_keeps_shape_dtype_and_is_seeded():
+    x = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a, b = train.augment(x, g1, cutout=8), train.augment(x, g2, cutout=8)
+    assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    # A crop of the padded image: every output row of an un-flipped, un-shifted... at least
+    # the pixel multiset of a zero-offset crop must come from x or the zero padding.
+    assert set(a.unique().tolist()) <= set(x.unique().tolist()) | {0}
+
+
+def test_lr_schedules():
+    paper, strong = train.RECIPES["paper"], train.RECIPES["strong"]
+    assert train.lr_at(0, 1000, 10, paper, 1e-4) == 1e-4
+    assert train.lr_at(999, 1000, 10, paper, 1e-4) == 1e-4
+    warm = strong.warmup_epochs * 10
+    assert train.lr_at(0, 1000, 10, strong, 1e-3) == pytest.approx(1e-5)
+    assert train.lr_at(warm, 1000, 10, strong, 1e-3) == pytest.approx(1e-3)
+    assert train.lr_at(1000, 1000, 10, strong, 1e-3) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"model": "vit_cifr"}, "vit_cifar"),
+    ({"dataset": "cifar11"}, "cifar10"),
+    ({"recipe": "fast"}, "paper"),
+    ({"epochs": 0}, "epochs"),
+    ({"batch_size": 0}, "batch size"),
+])
+def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        train.train(_cfg(toy_root, tmp_path, **kw))
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "repsim", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--model", "vit_cifar", "--epochs", "0"],
+    ["train", "--model", "vit_cifar", "--batch-size", "-3"],
+    ["train", "--model", "nope"],
+    ["train", "--model", "vit_cifar", "--recipe", "fast"],
+    ["eval", "--model", "vit_cifar", "--dataset", "mnist"],
+])
+def test_cli_errors_are_one_line_exit_1(tmp_path, args):
+    r = _cli(*args, REPSIM_DATA=str(tmp_path), REPSIM_OFFLINE="1")
+    assert r.returncode == 1, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_cli_eval_json(toy_root, tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(models.build_model("resnet18_cifar").state_dict(), path)
+    r = _cli("eval", "--model", "resnet18_cifar", "--weights", str(path),
+             "--data-root", str(toy_root), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"model", "dataset", "split", "n", "accuracy"} <= set(out)
+    assert out["n"] == 10 * N_TEST and out["split"] == "test"
