@@ -68,7 +68,7 @@ def run_extract(model_name, root, n, batch_size, device, reduce, out) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data-root", help="data root holding cifar10/test (default: generated)")

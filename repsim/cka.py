@@ -145,14 +145,28 @@ def _load_resident(layer: _Layer, device: torch.device) -> None:
     float32/float16 values cannot overflow), so one reduction does the finiteness
     check that a separate pass would.
     """
-    x = _rows(layer.src, 0, layer.n, device)
+    # A private copy: centring happens in place, and float64 inputs would otherwise share
+    # memory with the caller's array.
+    src = layer.src[0:layer.n]
+    if isinstance(src, torch.Tensor):
+        x = src.to(device=device, dtype=torch.float64, copy=True)
+    else:
+        x = torch.tensor(np.asarray(src), dtype=torch.float64, device=device)
     colsum = x.sum(dim=0)
     if not bool(torch.isfinite(colsum).all()):
         raise _non_finite(layer.name, x, 0)
-    if bool((x == x[:1]).all()):
-        layer.degenerate = "has zero variance (every row is identical)"
+    # Inputs of at most 24 significant bits (float32/16, small ints) sum exactly in float64,
+    # so a constant column centres to exact zeros and a cheap any() decides constancy;
+    # float64 inputs need the direct comparison.
+    wide = src.dtype in (torch.float64, np.float64, torch.int64, np.int64, np.int32,
+                         torch.int32)
+    constant = bool((x == x[:1]).all()) if wide else None
     layer.mean = colsum / layer.n
     layer.x = x.sub_(layer.mean)
+    if constant is None:
+        constant = not bool(layer.x.any())
+    if constant:
+        layer.degenerate = "has zero variance (every row is identical)"
 
 
 def _scan(layer: _Layer, step: int, device: torch.device) -> None:
@@ -700,17 +714,6 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
             "estimator needs at least 4; choose a batch_size that leaves >= 4",
             RuntimeWarning, stacklevel=3,
         )
-    # Fail on bad layers before doing any work, naming them; constant layers give NaN
-    # explicitly (in-batch centring of identical rows can leave rounding-level residue).
-    def scan(names, mats):
-        layers = [_Layer(nm, m, n, m.shape[1]) for nm, m in zip(names, mats)]
-        for lay in layers:
-            _scan(lay, max(batch_size, 4096), dev)
-        _warn_degenerate(layers)
-        return [i for i, lay in enumerate(layers) if lay.degenerate]
-
-    dead_a = scan(names_a, mats_a)
-    dead_b = dead_a if same else scan(names_b, mats_b)
     rows = meds_a = meds_b = None
     if kernel == "rbf":
         rows = _sample_rows(n, BANDWIDTH_SAMPLE)
@@ -726,6 +729,15 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
         ba = [m[a:b] for m in mats_a]
         acc.update(ba, ba if same else [m[a:b] for m in mats_b])
     matrix = acc.compute()
+    # One read per batch does all the checking: non-finite values raise in update(), and a
+    # layer that is constant within every batch has a zero self-sum (NaN via _normalise).
+    dead_a = [i for i, v in enumerate(acc.hsic_aa_.tolist()) if v == 0]
+    dead_b = dead_a if same else [j for j, v in enumerate(acc.hsic_bb_.tolist()) if v == 0]
+    sides = [(names_a, dead_a)] + ([] if same else [(names_b, dead_b)])
+    for names, dead in sides:
+        for i in dead:
+            warnings.warn(f"layer {names[i]!r} has zero variance within every batch; its CKA "
+                          "values are NaN", RuntimeWarning, stacklevel=3)
     matrix[dead_a, :] = np.nan
     matrix[:, dead_b] = np.nan
     if same:
@@ -736,3 +748,96 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
         res.bandwidth_rows = [int(i) for i in rows]
     return res
+
+
+# --------------------------------------------------------------------------- sketches
+#
+# Every estimator here is an inner product of centred Gram matrices, so each layer can be
+# reduced once to a float64 vector ``s`` with HSIC(a, b) = s_a . s_b: the strict upper
+# triangle of its U-centred batch Grams (debiased, minibatch) or the upper triangle of
+# H K H (biased), off-diagonal entries scaled by sqrt(2). A cached sketch turns every
+# further comparison involving that layer into one small matrix product.
+
+
+def _u_centre(k: torch.Tensor) -> torch.Tensor:
+    """Song et al.'s U-centring of an ``(m, m)`` Gram: <U(K), U(L)> = m (m - 3) HSIC_u."""
+    m = k.shape[0]
+    k = k.clone()
+    k.fill_diagonal_(0.0)
+    r = k.sum(1)
+    u = k - r[:, None] / (m - 2) - r[None, :] / (m - 2) + r.sum() / ((m - 1) * (m - 2))
+    u.fill_diagonal_(0.0)
+    return u
+
+
+def _kernel_gram(x: torch.Tensor, kernel: str, median_sqdist: float | None,
+                 threshold: float) -> torch.Tensor:
+    """Raw Gram of float64 rows ``x`` (columns centred for the linear kernel)."""
+    x = x - x.mean(0)
+    if kernel == "linear":
+        return x @ x.T
+    return torch.exp(_sqdist(x) * (-1.0 / (2.0 * threshold**2 * median_sqdist)))
+
+
+def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
+    """Length of one layer's sketch vector (float64 entries)."""
+    if estimator == "biased":
+        return n * (n + 1) // 2
+    sizes = [b - a for a, b in _block_bounds(n, batch_size if estimator == "minibatch" else n)]
+    return sum(m * (m - 1) // 2 for m in sizes if m >= 4)
+
+
+def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
+                 threshold: float = 1.0, batch_size: int | None = None,
+                 median_sqdist: float | None = None,
+                 device: str | torch.device | None = None) -> torch.Tensor:
+    """One layer's ``(D,)`` float64 sketch (see :func:`sketch_size`) for :func:`cka_from_sketches`.
+
+    ``x`` is ``(n, p)``. RBF needs the layer's ``median_sqdist``: over all rows for
+    biased/debiased, over the fixed sample of :func:`rbf_bandwidths` for minibatch -- the
+    same bandwidths :func:`compare` uses. A last minibatch of fewer than 4 rows is left out,
+    as in :func:`compare`. Non-finite input raises ``ValueError``; constant batches add
+    zeros (a constant layer's sketch is all zeros, and its CKA is NaN).
+    """
+    _validate_options(kernel, estimator, threshold, batch_size)
+    n = x.shape[0]
+    dev = _pick_device([x], device)
+    if kernel == "rbf" and median_sqdist is None:
+        raise ValueError("the RBF kernel needs median_sqdist (see rbf_bandwidths)")
+    size = batch_size if estimator == "minibatch" else n
+    parts = []
+    for a, b in _block_bounds(n, size):
+        m = b - a
+        if estimator != "biased" and m < 4:
+            continue
+        blk = _rows(x, a, b, dev)
+        if not bool(torch.isfinite(blk).all()):
+            raise _non_finite("x", blk, a)
+        if bool((blk == blk[:1]).all()) or (kernel == "rbf" and not median_sqdist > 0):
+            k = torch.zeros(m, m, dtype=torch.float64, device=dev)
+        else:
+            k = _kernel_gram(blk, kernel, median_sqdist, threshold)
+        if estimator == "biased":
+            h = k - k.mean(0, keepdim=True)
+            h = (h - h.mean(1, keepdim=True)) / n  # H K H / n: s.s = tr(KHLH) / n^2
+            iu = torch.triu_indices(m, m, 0, device=dev)
+            v = h[iu[0], iu[1]]
+            v[iu[0] != iu[1]] *= math.sqrt(2.0)
+        else:
+            u = _u_centre(k) / math.sqrt(m * (m - 3))  # s.s sums HSIC_u over batches
+            iu = torch.triu_indices(m, m, 1, device=dev)
+            v = u[iu[0], iu[1]] * math.sqrt(2.0)
+        parts.append(v)
+    return torch.cat(parts)
+
+
+def cka_from_sketches(sketches_a: Sequence[torch.Tensor],
+                      sketches_b: Sequence[torch.Tensor]) -> np.ndarray:
+    """``(La, Lb)`` CKA from per-layer sketches made with the same settings and rows."""
+    sa = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in sketches_a])
+    sb = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=sa.device)
+                      for s in sketches_b])
+    if sa.shape[1] != sb.shape[1]:
+        raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
+                         "different rows or settings")
+    return _normalise(sa @ sb.T, (sa * sa).sum(1), (sb * sb).sum(1))

@@ -460,7 +460,6 @@ def run_cka(cfg: CKAConfig) -> dict:
     ``files`` (json, png, pdf), ``reused`` (True when nothing was recomputed), ``seconds``,
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
     from repsim.cka import ESTIMATORS, KERNELS
-    from repsim.cka import compare as cka_compare
 
     t0 = time.perf_counter()
     if cfg.kernel not in KERNELS:
@@ -501,24 +500,7 @@ def run_cka(cfg: CKAConfig) -> dict:
             return {"result": old, "files": [str(jpath)] + [str(p) for p in plots],
                     "reused": True, "stores": stores, "seconds": time.perf_counter() - t0}
 
-    from repsim.store import Store
-
-    with Store(sa.path) as ra:
-        fa = ra.features(layers_a)
-        if same_store and layers_b == layers_a:
-            fb = fa  # the same object: the engine computes the symmetric matrix once
-            res = cka_compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                              threshold=cfg.threshold, batch_size=cfg.batch_size,
-                              device=cfg.device, memory_budget=cfg.memory_budget,
-                              progress=cfg.progress)
-        else:
-            with Store(sb.path) as rb:
-                fb = rb.features(layers_b)
-                res = cka_compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                                  threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                  device=cfg.device, memory_budget=cfg.memory_budget,
-                                  progress=cfg.progress)
-    d = res.to_dict()
+    d = _compute(sa, sb, layers_a, layers_b, same_store, cfg)
     data = sa.meta.get("data") or {}
     payload = {
         "format": FORMAT, "cache_key": key,
@@ -543,6 +525,121 @@ def run_cka(cfg: CKAConfig) -> dict:
         P.save(P.cka_heatmap(payload), out_dir / stem)
     return {"result": payload, "files": [str(jpath)] + [str(p) for p in plots],
             "reused": False, "stores": stores, "seconds": time.perf_counter() - t0}
+
+
+# A layer's sketch is cached when it is at most this big (float64 entries * 8 bytes):
+# 4 MB for minibatch CKA of 2,000 images in batches of 250, 4 MB debiased at n = 1,000.
+SKETCH_MAX_BYTES = 256 << 20
+
+
+def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
+    """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
+    st = store.path.stat()
+    key = _digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
+                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
+                   "kernel": cfg.kernel, "estimator": cfg.estimator,
+                   "batch_size": cfg.batch_size, "threshold": cfg.threshold,
+                   "version": __version__, "format": "sketch/1"})
+    cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
+    return cache / "sketches" / f"{key[:32]}.npz"
+
+
+def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tuple[list, list]:
+    """Each layer's sketch and RBF bandwidth, from the cache or computed (and cached)."""
+    import torch
+
+    from repsim import cka
+
+    out, meds = [], []
+    rows = (cka._sample_rows(store.n, cka.BANDWIDTH_SAMPLE)
+            if cfg.estimator == "minibatch" else None)
+    for layer in layers:
+        path = _sketch_path(store, layer, cfg)
+        if path.is_file():
+            with np.load(path) as z:
+                out.append(torch.from_numpy(z["sketch"]))
+                meds.append(float(z["median_sqdist"]) if cfg.kernel == "rbf" else None)
+            continue
+        ds = reader[layer]
+        med = cka.rbf_bandwidths({layer: ds}, rows)[0] if cfg.kernel == "rbf" else None
+        try:
+            sk = cka.layer_sketch(ds, kernel=cfg.kernel, estimator=cfg.estimator,
+                                  threshold=cfg.threshold, batch_size=cfg.batch_size,
+                                  median_sqdist=med, device=cfg.device)
+        except ValueError as e:  # non-finite activations: name the store and layer
+            raise UserError(f"{store.path} layer {layer!r}: {e}") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".partial.npz")
+        np.savez(tmp, sketch=sk.cpu().numpy(), median_sqdist=np.float64(med or 0.0))
+        os.replace(tmp, path)
+        out.append(sk)
+        meds.append(med)
+    return out, meds
+
+
+def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str],
+             same_store: bool, cfg: CKAConfig) -> dict:
+    """The CKA result as a dict (``CKAResult.to_dict()`` layout).
+
+    When a layer's sketch is small (``SKETCH_MAX_BYTES``), each layer is reduced once to
+    its sketch and cached, so later comparisons with that layer cost one small product;
+    otherwise the engine streams the stores block by block.
+    """
+    import warnings
+
+    from repsim import cka
+    from repsim.store import Store
+
+    n = sa.n
+    size = cka.sketch_size(n, cfg.estimator, cfg.batch_size)
+    with Store(sa.path) as ra, Store(sb.path) as rb:
+        width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
+    rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
+    budget = cfg.memory_budget or cka._default_budget(cka._pick_device([], cfg.device))
+    # Sketches read rows_at_once rows of a layer in float64; larger reads stream instead.
+    if 0 < 8 * size <= SKETCH_MAX_BYTES and 8 * rows_at_once * width <= budget // 2:
+        if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
+            warnings.warn(f"dropping the last batch of {n % cfg.batch_size} rows: the unbiased "
+                          "HSIC estimator needs at least 4", RuntimeWarning, stacklevel=2)
+        with Store(sa.path) as ra:
+            ska, meds_a = _sketches(sa, layers_a, cfg, ra)
+        if same_store and layers_b == layers_a:
+            skb, meds_b = ska, meds_a
+        else:
+            with Store(sb.path) as rb:
+                skb, meds_b = _sketches(sb, layers_b, cfg, rb)
+        matrix = cka.cka_from_sketches(ska, skb)
+        if same_store and layers_b == layers_a:
+            matrix = (matrix + matrix.T) / 2
+        rbf = cfg.kernel == "rbf"
+        n_batches = (sum(1 for a, b in cka._block_bounds(n, cfg.batch_size) if b - a >= 4)
+                     if cfg.estimator == "minibatch" else None)
+        rows = (cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
+                if rbf and cfg.estimator == "minibatch" else None)
+        res = cka.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
+                            kernel=cfg.kernel, estimator=cfg.estimator, n=n,
+                            threshold=cfg.threshold if rbf else None,
+                            batch_size=cfg.batch_size, n_batches=n_batches,
+                            bandwidths_a=meds_a if rbf else None,
+                            bandwidths_b=meds_b if rbf else None,
+                            bandwidth_rows=None if rows is None else [int(i) for i in rows])
+        return res.to_dict()
+    with Store(sa.path) as ra:
+        fa = ra.features(layers_a)
+        if same_store and layers_b == layers_a:
+            fb = fa  # the same object: the engine computes the symmetric matrix once
+            res = cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
+                              threshold=cfg.threshold, batch_size=cfg.batch_size,
+                              device=cfg.device, memory_budget=cfg.memory_budget,
+                              progress=cfg.progress)
+        else:
+            with Store(sb.path) as rb:
+                fb = rb.features(layers_b)
+                res = cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
+                                  threshold=cfg.threshold, batch_size=cfg.batch_size,
+                                  device=cfg.device, memory_budget=cfg.memory_budget,
+                                  progress=cfg.progress)
+    return res.to_dict()
 
 
 def _resolve_side(ref: str, weights: str | None, layers: str | None, label: str | None,

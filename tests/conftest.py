@@ -44,3 +44,9 @@ def cifar_root(tmp_path_factory):
                 img = gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(img).save(d / f"{k:04d}.png")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Every test gets its own REPSIM_CACHE: nothing is written into the repository."""
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))

@@ -279,3 +279,38 @@ def test_cuda_inputs_give_cpu_results(layers, estimator):
     np.testing.assert_allclose(
         cka.cka_matrix(gpu, gpu[:2], estimator=estimator, batch_size=20),
         cka.cka_matrix(layers, layers[:2], estimator=estimator, batch_size=20), atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "minibatch"])
+def test_inputs_are_left_unchanged(estimator):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 6)) + 5.0
+    t = torch.from_numpy(rng.standard_normal((40, 4)) + 2.0)
+    x0, t0 = x.copy(), t.clone()
+    cka.compare([x], [t], estimator=estimator, batch_size=20 if estimator == "minibatch" else None)
+    np.testing.assert_array_equal(x, x0)
+    assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_sketches_give_the_engine_result(kernel, estimator):
+    rng = np.random.default_rng(4)
+    n = 103  # minibatch: batches of 25, 25, 25, 25 and a dropped 3
+    fa = [rng.standard_normal((n, 12)), rng.standard_normal((n, 4)) @ rng.standard_normal((4, 9))]
+    fb = [fa[0] @ rng.standard_normal((12, 5)) + 0.3 * rng.standard_normal((n, 5))]
+    bs = 25 if estimator == "minibatch" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ref = cka.compare(fa, fb, kernel=kernel, estimator=estimator, batch_size=bs)
+
+    def sketches(feats, meds):
+        return [cka.layer_sketch(x, kernel=kernel, estimator=estimator, batch_size=bs,
+                                 median_sqdist=m) for x, m in zip(feats, meds)]
+
+    meds_a = ref.bandwidths_a or [None] * 2
+    meds_b = ref.bandwidths_b or [None]
+    got = cka.cka_from_sketches(sketches(fa, meds_a), sketches(fb, meds_b))
+    assert cka.layer_sketch(fa[0], estimator=estimator, batch_size=bs).numel() == \
+        cka.sketch_size(n, estimator, bs)
+    np.testing.assert_allclose(got, ref.matrix, rtol=0, atol=1e-12)

@@ -240,3 +240,21 @@ def test_missing_weights_give_one_line_on_how_to_get_them(checkpoints, capsys):
 def test_unknown_name_that_is_no_file_is_refused(capsys):
     code, _, err = run_cli(capsys, "--a", "vit_cifr", "--b", "vit_cifar")
     assert code == 1 and "neither a store file" in err and "vit_cifar" in err
+
+
+def test_layer_sketches_are_cached_and_reused_by_later_comparisons(tmp_path, pair):
+    from repsim import cka
+
+    pa, pb, fa, fb = pair
+    common = dict(out=str(tmp_path / "o"), plots=False, progress=False,
+                  estimator="minibatch", batch_size=8)
+    run_cka(CKAConfig(a=str(pa), b=str(pb), **common))
+    sketches = sorted((tmp_path / "cache" / "sketches").iterdir())
+    assert len(sketches) == len(fa) + len(fb)  # one file per layer
+    stamps = [p.stat().st_mtime_ns for p in sketches]
+    self_sim = run_cka(CKAConfig(a=str(pb), b=str(pb), **common))["result"]
+    assert sorted((tmp_path / "cache" / "sketches").iterdir()) == sketches  # nothing new
+    assert [p.stat().st_mtime_ns for p in sketches] == stamps
+    feats = [fb[k].astype(np.float32) for k in self_sim["layers_a"]]
+    want = cka.compare(feats, feats, estimator="minibatch", batch_size=8).matrix
+    np.testing.assert_allclose(np.array(self_sim["matrix"]), want, rtol=0, atol=1e-12)
