@@ -48,5 +48,7 @@ def cifar_root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    """Every test gets its own REPSIM_CACHE: nothing is written into the repository."""
+    """Every test gets its own REPSIM_CACHE and an empty REPSIM_CHECKPOINTS: nothing is
+    written into the repository, and the committed checkpoints never change an outcome."""
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "checkpoints"))
