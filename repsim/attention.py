@@ -741,7 +741,8 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
     """
     from repsim import models as zoo
     from repsim.data import load_probe_set
-    from repsim.viz import default_out, pick_images, resolve_device
+    from repsim.models import resolve_device
+    from repsim.viz import default_out, pick_images
 
     t0 = time.perf_counter()
     if not cfg.models:
@@ -908,7 +909,8 @@ def build_attention_figure(spec: dict, ctx) -> list[Path]:
     ``<name>_maps_<label>.npz`` and ``<name>_distance.csv/.json``.
     """
     from repsim import plots
-    from repsim.viz import pick_images, resolve_device
+    from repsim.models import resolve_device
+    from repsim.viz import pick_images
 
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:

@@ -591,54 +591,40 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
     from repsim.store import Store
 
     n = sa.n
+    same = same_store and layers_b == layers_a  # one symmetric matrix, computed once
     size = cka.sketch_size(n, cfg.estimator, cfg.batch_size)
-    with Store(sa.path) as ra, Store(sb.path) as rb:
-        width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
     rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
     budget = cfg.memory_budget or cka._default_budget(cka._pick_device([], cfg.device))
-    # Sketches read rows_at_once rows of a layer in float64; larger reads stream instead.
-    if 0 < 8 * size <= SKETCH_MAX_BYTES and 8 * rows_at_once * width <= budget // 2:
+    with Store(sa.path) as ra, Store(sb.path) as rb:
+        width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
+        # Sketches read rows_at_once rows of a layer in float64; larger reads stream instead.
+        if not (0 < 8 * size <= SKETCH_MAX_BYTES and 8 * rows_at_once * width <= budget // 2):
+            fa = ra.features(layers_a)
+            fb = fa if same else rb.features(layers_b)  # the same object: symmetric, once
+            return cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
+                               threshold=cfg.threshold, batch_size=cfg.batch_size,
+                               device=cfg.device, memory_budget=cfg.memory_budget,
+                               progress=cfg.progress).to_dict()
         if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
             warnings.warn(f"dropping the last batch of {n % cfg.batch_size} rows: the unbiased "
                           "HSIC estimator needs at least 4", RuntimeWarning, stacklevel=2)
-        with Store(sa.path) as ra:
-            ska, meds_a = _sketches(sa, layers_a, cfg, ra)
-        if same_store and layers_b == layers_a:
-            skb, meds_b = ska, meds_a
-        else:
-            with Store(sb.path) as rb:
-                skb, meds_b = _sketches(sb, layers_b, cfg, rb)
-        matrix = cka.cka_from_sketches(ska, skb)
-        if same_store and layers_b == layers_a:
-            matrix = (matrix + matrix.T) / 2
-        rbf = cfg.kernel == "rbf"
-        n_batches = (sum(1 for a, b in cka._block_bounds(n, cfg.batch_size) if b - a >= 4)
-                     if cfg.estimator == "minibatch" else None)
-        rows = (cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
-                if rbf and cfg.estimator == "minibatch" else None)
-        res = cka.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
-                            kernel=cfg.kernel, estimator=cfg.estimator, n=n,
-                            threshold=cfg.threshold if rbf else None,
-                            batch_size=cfg.batch_size, n_batches=n_batches,
-                            bandwidths_a=meds_a if rbf else None,
-                            bandwidths_b=meds_b if rbf else None,
-                            bandwidth_rows=None if rows is None else [int(i) for i in rows])
-        return res.to_dict()
-    with Store(sa.path) as ra:
-        fa = ra.features(layers_a)
-        if same_store and layers_b == layers_a:
-            fb = fa  # the same object: the engine computes the symmetric matrix once
-            res = cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                              threshold=cfg.threshold, batch_size=cfg.batch_size,
-                              device=cfg.device, memory_budget=cfg.memory_budget,
-                              progress=cfg.progress)
-        else:
-            with Store(sb.path) as rb:
-                fb = rb.features(layers_b)
-                res = cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                                  threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                  device=cfg.device, memory_budget=cfg.memory_budget,
-                                  progress=cfg.progress)
+        ska, meds_a = _sketches(sa, layers_a, cfg, ra)
+        skb, meds_b = (ska, meds_a) if same else _sketches(sb, layers_b, cfg, rb)
+    matrix = cka.cka_from_sketches(ska, skb)
+    if same:
+        matrix = (matrix + matrix.T) / 2
+    rbf = cfg.kernel == "rbf"
+    n_batches = (sum(1 for a, b in cka._block_bounds(n, cfg.batch_size) if b - a >= 4)
+                 if cfg.estimator == "minibatch" else None)
+    rows = (cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
+            if rbf and cfg.estimator == "minibatch" else None)
+    res = cka.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
+                        kernel=cfg.kernel, estimator=cfg.estimator, n=n,
+                        threshold=cfg.threshold if rbf else None,
+                        batch_size=cfg.batch_size, n_batches=n_batches,
+                        bandwidths_a=meds_a if rbf else None,
+                        bandwidths_b=meds_b if rbf else None,
+                        bandwidth_rows=None if rows is None else [int(i) for i in rows])
     return res.to_dict()
 
 

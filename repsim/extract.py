@@ -115,15 +115,6 @@ def _validate(cfg: ExtractConfig) -> None:
         raise UserError(f"--compression {cfg.compression!r} is not valid; use gzip or lzf")
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; "
-                        "use --device cpu")
-    return torch.device(name)
-
-
 def _dist() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -150,7 +141,7 @@ def extract(cfg: ExtractConfig) -> dict:
     _validate(cfg)
     t0 = time.perf_counter()
     rank, world = _dist()
-    device = _device(cfg.device)
+    device = models.resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     spec = models.get_spec(cfg.model)

@@ -202,7 +202,8 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
     ``featuremaps_<model>.npz``. Returns a summary dict (outputs, stages, seconds)."""
     from repsim import models as zoo
     from repsim.data import load_probe_set
-    from repsim.viz import default_out, pick_images, resolve_device, safe_name, save_figure
+    from repsim.models import resolve_device
+    from repsim.viz import default_out, pick_images, safe_name, save_figure
 
     t0 = time.perf_counter()
     _check_conv(zoo.get_spec(cfg.model))  # before any loading
@@ -278,8 +279,8 @@ def build_featuremaps_figure(spec: dict, ctx) -> list[Path]:
     ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``.
     """
     from repsim import plots
-    from repsim.models import get_spec
-    from repsim.viz import pick_images, resolve_device
+    from repsim.models import get_spec, resolve_device
+    from repsim.viz import pick_images
 
     ref = ctx.model_ref(spec["model"], spec)
     _check_conv(get_spec(ref.model))

@@ -358,6 +358,21 @@ def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.
 # --------------------------------------------------------------------------- weights
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``torch.device`` from ``--device`` (None: cuda when available); UserError if unusable."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {name!r} is not a torch device; valid: cpu, cuda, cuda:N; "
+                        "fix: pass e.g. --device cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; "
+                        "use --device cpu")
+    return dev
+
+
 def checkpoint_dir() -> Path:
     """Where default weights live: ``$REPSIM_CHECKPOINTS`` or ``<repo>/checkpoints``."""
     env = os.environ.get("REPSIM_CHECKPOINTS")

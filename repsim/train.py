@@ -92,20 +92,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- small pieces
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device {device!r} is not a torch device; valid: cpu, cuda, cuda:N; "
-                        "fix: pass e.g. --device cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available here; "
-                        "fix: pass --device cpu")
-    return dev
-
-
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"recipe {name!r} is unknown; valid: {', '.join(RECIPES)}; "
@@ -222,7 +208,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     starts = range(0, len(images), batch_size)
     for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        x = _prepare(spec, images[s:s + batch_size], model)
+        x = _prepare(spec, images[s:s + batch_size])
         y = labels[s:s + batch_size]
         with _autocast(dev):
             logits = model(x)
@@ -239,7 +225,7 @@ def _autocast(dev: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
-def _prepare(spec, images: torch.Tensor, model: nn.Module) -> torch.Tensor:
+def _prepare(spec, images: torch.Tensor) -> torch.Tensor:
     from repsim.models import preprocess
 
     x = preprocess(spec, images)
@@ -316,7 +302,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from repsim.data import balanced_subset, load_probe_set
-    from repsim.models import get_spec, sha256_file
+    from repsim.models import checkpoint_dir, get_spec, resolve_device, sha256_file
 
     t_start = time.perf_counter()
     spec = get_spec(cfg.model)
@@ -334,8 +320,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         "(0, 1], e.g. 0.1 for 10% of each class")
     dev = resolve_device(cfg.device)
     name = run_name(cfg)
-    from repsim.models import checkpoint_dir
-
     out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{name}.pt"
     cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
     run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else cache / "runs" / name
@@ -422,7 +406,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         t_loop = time.perf_counter()
         for i in bar:
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = _prepare(spec, augment(x_train[idx], gen, recipe.cutout), model)
+            x = _prepare(spec, augment(x_train[idx], gen, recipe.cutout))
             y = y_train[idx]
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, steps_per_epoch, recipe, lr)
@@ -553,7 +537,7 @@ class EvalConfig:
 def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     """Top-1 accuracy and loss of a registered model on a whole split, with provenance."""
     from repsim.data import load_probe_set
-    from repsim.models import get_spec, load_model
+    from repsim.models import get_spec, load_model, resolve_device
 
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)

@@ -159,20 +159,3 @@ def default_out(kind: str) -> Path:
     """Default output folder of a figure command: ``$REPSIM_FIGURES/<kind>`` (default
     ``./figures/<kind>``)."""
     return Path(os.environ.get("REPSIM_FIGURES", "figures")) / kind
-
-
-def resolve_device(name: str | None):
-    """``torch.device`` from ``--device`` (None: cuda when available); UserError if unusable."""
-    import torch
-
-    from repsim.errors import UserError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; "
-                        "use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cpu or cuda") from None
