@@ -12,7 +12,8 @@ Baselines
 - pytorch-cka: `cka.cka_from_features` (PyPI pytorch-cka), float32, unbiased
   HSIC, results clamped to [0, 1]; it implements only the debiased estimator.
 
-Usage: python benchmarks/bench_cka.py [--quick] [--out benchmarks/out/cka.json]
+Usage: python benchmarks/bench_cka.py [--quick] [--only-n N] [--repeat K]
+       [--out benchmarks/out/cka.json]
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def run_child(method, estimator, feats, n, batch_size, loop_pairs, tmp) -> dict:
     return rec
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median time (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
 def machine() -> str:
     import torch
 
@@ -159,6 +165,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--loop-pairs", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="n = 2000 only")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of repsim and pytorch-cka per row, alternating (median kept)")
+    ap.add_argument("--only-n", type=int, help="run one n only")
     ap.add_argument("--out", default="benchmarks/out/cka.json")
     args = ap.parse_args()
     if args.child:
@@ -168,13 +177,23 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     rows = []
     ns = [2000] if args.quick else [2000, 10000]
+    if args.only_n:
+        ns = [args.only_n]
     print(f"# machine: {machine()}", flush=True)
     for n in ns:
         for p in (512, 4096):
             feats = features(n, p)
             loop_pairs = 0 if n <= 2000 else 2
             for est in ("biased", "debiased", "minibatch"):
-                ours = run_child("repsim", est, feats, n, args.batch_size, 0, tmp)
+                # repsim and pytorch-cka alternate --repeat times (same machine state for
+                # both); the median of each is reported, every run is kept.
+                ours_runs, ptc_runs = [], []
+                for _ in range(args.repeat):
+                    ours_runs.append(run_child("repsim", est, feats, n, args.batch_size, 0, tmp))
+                    if est == "debiased":
+                        ptc_runs.append(run_child("pytorch-cka", est, feats, n,
+                                                  args.batch_size, 0, tmp))
+                ours = median_run(ours_runs)
                 loop = run_child("loop", est, feats, n, args.batch_size, loop_pairs, tmp)
                 mask = ~np.isnan(loop["matrix"])
                 row = {
@@ -187,8 +206,10 @@ def main() -> None:
                     "max_abs_diff_vs_loop": float(np.max(np.abs(ours["matrix"][mask]
                                                                 - loop["matrix"][mask]))),
                 }
+                row["repsim_runs_s"] = [r["seconds"] for r in ours_runs]
                 if est == "debiased":
-                    ptc = run_child("pytorch-cka", est, feats, n, args.batch_size, 0, tmp)
+                    ptc = median_run(ptc_runs)
+                    row["pytorch_cka_runs_s"] = [r["seconds"] for r in ptc_runs]
                     row.update({
                         "pytorch_cka_s": ptc["seconds"], "pytorch_cka_peak_mb": ptc["peak_mb"],
                         "speedup_vs_pytorch_cka": ptc["seconds"] / ours["seconds"],

@@ -6,7 +6,8 @@ end to end (model and probe-set loading, hooks, reduction, HDF5 writes, finishin
 store). Images come from `--data-root` (e.g. the CIFAR-10 copy) or, if not given, a
 generated 32x32 image-folder tree.
 
-Usage: python benchmarks/bench_extract.py [--n 512] [--batch-size 128] [--device cpu]
+Usage: python benchmarks/bench_extract.py [--n 2048] [--batch-size 128] [--repeat 3]
+       [--device cpu] [--data-root DIR]
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data-root", help="data root holding cifar10/test (default: generated)")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs (median kept)")
     ap.add_argument("--out", default="benchmarks/out/extract.json")
     args = ap.parse_args()
     root = Path(args.data_root) if args.data_root else synthetic_root(args.n)
@@ -81,13 +83,21 @@ def main() -> None:
             for reduce in ("flatten", "mean"):
                 bare_loop(model_name, root, min(args.n, args.batch_size), args.batch_size,
                           args.device)  # warm-up: thread pools, allocator, page cache
-                t_bare = bare_loop(model_name, root, args.n, args.batch_size, args.device)
+                # Bare loop and extract alternate --repeat times, so both see the same
+                # machine state (this shared VM drifts by 10-20 % within minutes).
+                bares, exts = [], []
                 out = Path(tmp) / f"{model_name}-{reduce}.h5"
-                t_ext = run_extract(model_name, root, args.n, args.batch_size, args.device,
-                                    reduce, out)
+                for _ in range(args.repeat):
+                    bares.append(bare_loop(model_name, root, args.n, args.batch_size,
+                                           args.device))
+                    exts.append(run_extract(model_name, root, args.n, args.batch_size,
+                                            args.device, reduce, out))
+                t_bare, t_ext = float(np.median(bares)), float(np.median(exts))
                 row = {"model": model_name, "reduce": reduce, "n": args.n,
                        "device": args.device, "bare_img_s": args.n / t_bare,
                        "extract_img_s": args.n / t_ext, "ratio": t_ext / t_bare,
+                       "ratios_per_pair": [e / b for b, e in zip(bares, exts)],
+                       "bare_s": bares, "extract_s": exts,
                        "store_mb": out.stat().st_size / 2**20}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -30,16 +30,23 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-KERNELS = ("linear", "rbf")
-ESTIMATORS = ("biased", "debiased", "minibatch")
-BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
-
+from repsim.sketch import (  # noqa: F401  (re-exported: part of this module's API)
+    BANDWIDTH_SAMPLE,
+    ESTIMATORS,
+    KERNELS,
+    CKAResult,
+    block_bounds,
+    cka_from_sketches,
+    normalise,
+    sample_rows,
+    sketch_size,
+)
 
 # --------------------------------------------------------------------------- inputs
 
@@ -124,10 +131,6 @@ class _Layer:
         return _rows(self.src, a, b, device) - self.mean
 
 
-def _block_bounds(n: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
 def _non_finite(name: str, x: torch.Tensor, offset: int) -> ValueError:
     bad = ~torch.isfinite(x).all(dim=1)
     where = f"first at row {int(bad.nonzero()[0, 0]) + offset}" if bad.any() else \
@@ -174,7 +177,7 @@ def _scan(layer: _Layer, step: int, device: torch.device) -> None:
     colsum = torch.zeros(layer.p, dtype=torch.float64, device=device)
     first = None
     constant = True
-    for a, b in _block_bounds(layer.n, step):
+    for a, b in block_bounds(layer.n, step):
         x = layer.src[a:b]
         x = x.to(device) if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x),
                                                                                device=device)
@@ -215,7 +218,7 @@ def _set_bandwidth(layer: _Layer, threshold: float, step: int, device: torch.dev
 
     Needs one n x n float64 matrix (800 MB at n = 10,000), freed before the next layer.
     """
-    x = torch.cat([layer.block(a, b, device) for a, b in _block_bounds(layer.n, step)])
+    x = torch.cat([layer.block(a, b, device) for a, b in block_bounds(layer.n, step)])
     layer.sqnorm = (x * x).sum(1)  # the Gram blocks need it; x is at hand only here
     d = _sqdist(x)
     del x
@@ -295,7 +298,8 @@ def _hsic_all_pairs(
         L.rowsum = torch.zeros(n, dtype=torch.float64, device=device)
 
     # Memory plan (made by the caller): centred float64 features are resident when they
-    # fit in half the budget; otherwise row blocks are re-read from the sources.
+    # fit in half the budget; otherwise one row block and one column block, a quarter of
+    # the budget each, are read from the sources at a time.
     n_live = len(live_a) + (0 if same else len(live_b))
     keep = all(L.x is not None for L in everyone if not L.degenerate)
     if keep:
@@ -314,35 +318,50 @@ def _hsic_all_pairs(
                                            device=device)
     ia, ib = torch.tensor(live_a, device=device), torch.tensor(live_b, device=device)
 
-    bounds = _block_bounds(n, block)
-    jobs = []  # (row strip, column range, width of the diagonal part)
-    for k, (r0, r1) in enumerate(bounds):
-        for c0, c1 in bounds[k:]:
-            for s0, s1 in _block_bounds(r1 - r0, strip):
-                s0, s1 = s0 + r0, s1 + r0
-                if c0 == r0:  # diagonal block: the trapezoid from this strip's diagonal on
-                    jobs.append(((s0, s1), (s0, c1), s1 - s0))
-                else:
-                    jobs.append(((s0, s1), (c0, c1), 0))
-    it = jobs
+    # Row and column blocks are read once per block pair (a re-read converts a whole
+    # block when features stream from a store); strips then slice them.
+    bounds = block_bounds(n, block)
+    pairs = [(k, c) for k in range(len(bounds)) for c in range(k, len(bounds))]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(jobs, desc="CKA", unit="strip", leave=False)
-    for rows, cols, dw in it:
-        xa_r = {i: layers_a[i].block(*rows, device) for i in live_a}
-        xa_c = {i: layers_a[i].block(*cols, device) for i in live_a}
-        ga = _strip_grams(layers_a, live_a, xa_r, xa_c, rows, cols, dw, debiased, buf_a)
-        if same:
-            gb = ga
+        bar = tqdm(total=len(pairs), desc="CKA", unit="block", leave=False)
+    ra = rb = None
+    for k, c in pairs:
+        (r0, r1), (c0, c1) = bounds[k], bounds[c]
+        if c == k:
+            ra = rb = ca = cb = None  # free the previous row block before reading the next
+            ra = {i: layers_a[i].block(r0, r1, device) for i in live_a}
+            rb = ra if same else {j: lb[j].block(r0, r1, device) for j in live_b}
+            ca, cb = ra, rb
         else:
-            xb_r = {j: lb[j].block(*rows, device) for j in live_b}
-            xb_c = {j: lb[j].block(*cols, device) for j in live_b}
-            gb = _strip_grams(lb, live_b, xb_r, xb_c, rows, cols, dw, debiased, buf_b)
-        fa, fb = ga.flatten(1), gb.flatten(1)
-        cross[ia[:, None], ib[None, :]] += fa @ fb.T
-        self_a[ia] += (fa * fa).sum(1)
-        if not same:
-            self_b[ib] += (fb * fb).sum(1)
+            ca = cb = None
+            ca = {i: layers_a[i].block(c0, c1, device) for i in live_a}
+            cb = ca if same else {j: lb[j].block(c0, c1, device) for j in live_b}
+        for s0, s1 in block_bounds(r1 - r0, strip):
+            rows = (r0 + s0, r0 + s1)
+            # On a diagonal block: the trapezoid from this strip's diagonal on.
+            lo, dw = (s0, s1 - s0) if c == k else (0, 0)
+            cols = (c0 + lo, c1)
+            ga = _strip_grams(layers_a, live_a, {i: ra[i][s0:s1] for i in live_a},
+                              {i: ca[i][lo:] for i in live_a}, rows, cols, dw, debiased,
+                              buf_a)
+            if same:
+                gb = ga
+            else:
+                gb = _strip_grams(lb, live_b, {j: rb[j][s0:s1] for j in live_b},
+                                  {j: cb[j][lo:] for j in live_b}, rows, cols, dw, debiased,
+                                  buf_b)
+            fa, fb = ga.flatten(1), gb.flatten(1)
+            cross[ia[:, None], ib[None, :]] += fa @ fb.T
+            self_a[ia] += (fa * fa).sum(1)
+            if not same:
+                self_b[ib] += (fb * fb).sum(1)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    ra = rb = ca = cb = None
 
     def sums(layers: list[_Layer]) -> tuple[torch.Tensor, torch.Tensor]:
         r = torch.zeros(len(layers), n, dtype=torch.float64, device=device)
@@ -382,11 +401,7 @@ def _default_budget(device: torch.device) -> int:
 
 def _normalise(cross: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> np.ndarray:
     """``cross / sqrt(self_a self_b)``; NaN where a self term is not positive."""
-    denom = torch.sqrt(self_a[:, None].clamp(min=0) * self_b[None, :].clamp(min=0))
-    out = (cross / denom).cpu().numpy()
-    bad = ~(self_a[:, None] > 0) | ~(self_b[None, :] > 0)
-    out[bad.cpu().numpy()] = np.nan
-    return out
+    return normalise(cross.cpu().numpy(), self_a.cpu().numpy(), self_b.cpu().numpy())
 
 
 def _warn_degenerate(layers: list[_Layer]) -> None:
@@ -400,32 +415,6 @@ def _warn_degenerate(layers: list[_Layer]) -> None:
 
 
 # --------------------------------------------------------------------------- public API
-
-
-@dataclass
-class CKAResult:
-    """A CKA matrix with what is needed to interpret and reproduce it."""
-
-    matrix: np.ndarray  # (La, Lb) float64
-    layers_a: list[str]
-    layers_b: list[str]
-    kernel: str
-    estimator: str
-    n: int
-    threshold: float | None = None
-    batch_size: int | None = None
-    n_batches: int | None = None
-    bandwidths_a: list[float] | None = None  # RBF: median squared distance per layer
-    bandwidths_b: list[float] | None = None
-    bandwidth_rows: list[int] | None = None  # minibatch RBF: rows the bandwidth came from
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict; NaN becomes ``None``."""
-        d = {k: v for k, v in self.__dict__.items() if k != "matrix"}
-        d["matrix"] = [[None if not np.isfinite(v) else float(v) for v in row]
-                       for row in self.matrix]
-        return d
 
 
 def _validate_options(kernel: str, estimator: str, threshold: float, batch_size: int | None):
@@ -548,13 +537,6 @@ def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = False) -
 
 
 # --------------------------------------------------------------------------- minibatch
-
-
-def _sample_rows(n: int, k: int) -> np.ndarray:
-    """A fixed (seed 0), sorted sample of ``min(n, k)`` row indices."""
-    if n <= k:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
 
 
 def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None) -> list[float]:
@@ -706,7 +688,7 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
     n = common["n"]
     if n < 4:
         raise ValueError(f"the unbiased HSIC estimator needs at least 4 rows, got n={n}")
-    bounds = _block_bounds(n, batch_size)
+    bounds = block_bounds(n, batch_size)
     if bounds[-1][1] - bounds[-1][0] < 4 and len(bounds) > 1:
         a, b = bounds.pop()
         warnings.warn(
@@ -716,7 +698,7 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
         )
     rows = meds_a = meds_b = None
     if kernel == "rbf":
-        rows = _sample_rows(n, BANDWIDTH_SAMPLE)
+        rows = sample_rows(n, BANDWIDTH_SAMPLE)
         meds_a = rbf_bandwidths(dict(zip(names_a, mats_a)), rows)
         meds_b = meds_a if same else rbf_bandwidths(dict(zip(names_b, mats_b)), rows)
     acc = MinibatchCKA(kernel=kernel, threshold=threshold, median_sqdist_a=meds_a,
@@ -779,14 +761,6 @@ def _kernel_gram(x: torch.Tensor, kernel: str, median_sqdist: float | None,
     return torch.exp(_sqdist(x) * (-1.0 / (2.0 * threshold**2 * median_sqdist)))
 
 
-def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
-    """Length of one layer's sketch vector (float64 entries)."""
-    if estimator == "biased":
-        return n * (n + 1) // 2
-    sizes = [b - a for a, b in _block_bounds(n, batch_size if estimator == "minibatch" else n)]
-    return sum(m * (m - 1) // 2 for m in sizes if m >= 4)
-
-
 def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
                  threshold: float = 1.0, batch_size: int | None = None,
                  median_sqdist: float | None = None,
@@ -806,7 +780,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
         raise ValueError("the RBF kernel needs median_sqdist (see rbf_bandwidths)")
     size = batch_size if estimator == "minibatch" else n
     parts = []
-    for a, b in _block_bounds(n, size):
+    for a, b in block_bounds(n, size):
         m = b - a
         if estimator != "biased" and m < 4:
             continue
@@ -829,15 +803,3 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
             v = u[iu[0], iu[1]] * math.sqrt(2.0)
         parts.append(v)
     return torch.cat(parts)
-
-
-def cka_from_sketches(sketches_a: Sequence[torch.Tensor],
-                      sketches_b: Sequence[torch.Tensor]) -> np.ndarray:
-    """``(La, Lb)`` CKA from per-layer sketches made with the same settings and rows."""
-    sa = torch.stack([torch.as_tensor(s, dtype=torch.float64) for s in sketches_a])
-    sb = torch.stack([torch.as_tensor(s, dtype=torch.float64, device=sa.device)
-                      for s in sketches_b])
-    if sa.shape[1] != sb.shape[1]:
-        raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
-                         "different rows or settings")
-    return _normalise(sa @ sb.T, (sa * sa).sum(1), (sb * sb).sum(1))

@@ -33,7 +33,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,10 +240,6 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     ``layers`` request gets its own file). Raises :class:`InputUnavailable` when the model's
     weights cannot be had here, UserError for anything else that is wrong.
     """
-    from repsim import models
-    from repsim.extract import ExtractConfig, default_out, extract
-    from repsim.store import Store
-
     probe = probe or ProbeSpec()
     say = log or (lambda msg: None)
     if _looks_like_path(ref):
@@ -252,6 +248,18 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
             raise UserError(f"--weights applies to model names, but {ref!r} is a store file; "
                             "drop --weights, or pass a model name to extract")
         return _open_store(path, "given", label, None)
+    slug = _slug(ref + (f"-{_weights_tag(weights)}" if weights else ""))
+    if label is None:
+        label = f"{ref} ({_weights_tag(weights)})" if weights else ref
+    request = _request(ref, weights, layers, probe)
+    hit = None if force else _resolved(request)
+    if hit is not None:  # this exact request was resolved before and nothing changed since
+        return _open_store(hit, "reused", label, slug)
+
+    from repsim import models
+    from repsim.extract import ExtractConfig, default_out, extract
+    from repsim.store import Store
+
     try:
         models.get_spec(ref)
     except UserError as exc:
@@ -266,9 +274,6 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     if layers is not None:  # another layer set is another store, not a clash with the default
         out = out.with_name(f"{out.stem}-L{_digest(layers)[:8]}{out.suffix}")
     cfg.out = str(out)
-    slug = _slug(ref + (f"-{_weights_tag(weights)}" if weights else ""))
-    if label is None:
-        label = f"{ref} ({_weights_tag(weights)})" if weights else ref
 
     existed = out.exists()
     if existed and not force:
@@ -278,6 +283,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
         except UserError as exc:
             raise UserError(f"{exc}; or pass --force to repsim cka / figures") from None
         if _up_to_date(meta, ref, weights, layers, probe):
+            _remember(request, out, _weights_file(ref, weights))
             return _open_store(out, "reused", label, slug)
         cfg.batch_size = int(meta.get("batch_size") or cfg.batch_size)  # an execution detail
         why = _stale(meta, ref, weights, probe)
@@ -295,7 +301,67 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
             raise UserError(f"{exc}; for repsim cka / figures pass --force to re-extract"
                             ) from None
         raise
+    _remember(request, out, _weights_file(ref, weights))
     return _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
+
+
+# Resolving a model name to its store needs the model registry (timm and torchvision:
+# seconds of imports) to vouch that the store is current. The verdict is remembered per
+# request, together with the size and mtime of the store and of the weights file it
+# depends on; while those are unchanged, the next identical request skips the registry.
+
+
+def _request(ref: str, weights: str | None, layers: str | None, probe: ProbeSpec) -> dict:
+    """Everything a model name's store resolution depends on, environment included."""
+    return {"ref": ref, "weights": weights, "layers": layers, "probe": asdict(probe),
+            "cwd": os.getcwd(), "version": __version__,
+            "env": {k: os.environ.get(k) for k in ("REPSIM_CACHE", "REPSIM_CHECKPOINTS",
+                                                   "REPSIM_DATA", "REPSIM_OFFLINE")}}
+
+
+def _resolution_file(request: dict) -> Path:
+    root = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
+    return root / "resolved" / f"{_digest(request)[:32]}.json"
+
+
+def _stamp(path: Path | None) -> list | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _remember(request: dict, store: Path, weights_file: Path | None) -> None:
+    # Only probe sets that _up_to_date can vouch for without reading images; a user's own
+    # image folder is compared file by file by extract() every time.
+    if request["probe"]["dataset"].lower() not in ("cifar10-probe", "cifar10", "cifar100",
+                                                   "svhn"):
+        return
+    stamp = {"request": request, "store": _stamp(store),
+             "weights_file": None if weights_file is None else _stamp(weights_file)}
+    if stamp["store"] is None:
+        return
+    write_json(_resolution_file(request), stamp)
+
+
+def _resolved(request: dict) -> Path | None:
+    """The store remembered for ``request``, if it and its weights file are unchanged."""
+    try:
+        old = json.loads(_resolution_file(request).read_text())
+    except (OSError, ValueError):
+        return None
+    if old.get("request") != request or not old.get("store"):
+        return None
+    store = Path(old["store"][0])
+    if _stamp(store) != old["store"]:
+        return None
+    w = old.get("weights_file")
+    if w is not None and _stamp(Path(w[0])) != w:
+        return None
+    return store
 
 
 def _up_to_date(meta: dict, model: str, weights: str | None, layers: str | None,
@@ -405,11 +471,14 @@ def check_aligned(a: StoreRef, b: StoreRef) -> None:
 
 
 def versions() -> dict[str, str]:
-    import h5py
-    import torch
+    """Versions of what computed a result. torch's comes from its package metadata, so the
+    answer does not depend on whether torch was imported (cached comparisons never do)."""
+    from importlib.metadata import version
 
-    return {"repsim": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "h5py": h5py.__version__}
+    import h5py
+
+    return {"repsim": __version__, "numpy": np.__version__, "h5py": h5py.__version__,
+            "torch": version("torch")}
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -459,7 +528,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     """Resolve, align, compute, write. Returns a summary: ``result`` (the payload written),
     ``files`` (json, png, pdf), ``reused`` (True when nothing was recomputed), ``seconds``,
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
-    from repsim.cka import ESTIMATORS, KERNELS
+    from repsim.sketch import ESTIMATORS, KERNELS
 
     t0 = time.perf_counter()
     if cfg.kernel not in KERNELS:
@@ -545,32 +614,33 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
 
 
 def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tuple[list, list]:
-    """Each layer's sketch and RBF bandwidth, from the cache or computed (and cached)."""
-    import torch
-
-    from repsim import cka
+    """Each layer's sketch (float64 numpy) and RBF bandwidth, from the cache or computed
+    from ``reader`` (an open store) and cached."""
+    from repsim import sketch
 
     out, meds = [], []
-    rows = (cka._sample_rows(store.n, cka.BANDWIDTH_SAMPLE)
-            if cfg.estimator == "minibatch" else None)
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
         if path.is_file():
             with np.load(path) as z:
-                out.append(torch.from_numpy(z["sketch"]))
+                out.append(z["sketch"])
                 meds.append(float(z["median_sqdist"]) if cfg.kernel == "rbf" else None)
             continue
+        from repsim import cka
+
         ds = reader[layer]
+        rows = (sketch.sample_rows(store.n, sketch.BANDWIDTH_SAMPLE)
+                if cfg.estimator == "minibatch" else None)
         med = cka.rbf_bandwidths({layer: ds}, rows)[0] if cfg.kernel == "rbf" else None
         try:
             sk = cka.layer_sketch(ds, kernel=cfg.kernel, estimator=cfg.estimator,
                                   threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                  median_sqdist=med, device=cfg.device)
+                                  median_sqdist=med, device=cfg.device).cpu().numpy()
         except ValueError as e:  # non-finite activations: name the store and layer
             raise UserError(f"{store.path} layer {layer!r}: {e}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".partial.npz")
-        np.savez(tmp, sketch=sk.cpu().numpy(), median_sqdist=np.float64(med or 0.0))
+        np.savez(tmp, sketch=sk, median_sqdist=np.float64(med or 0.0))
         os.replace(tmp, path)
         out.append(sk)
         meds.append(med)
@@ -582,49 +652,60 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
     """The CKA result as a dict (``CKAResult.to_dict()`` layout).
 
     When a layer's sketch is small (``SKETCH_MAX_BYTES``), each layer is reduced once to
-    its sketch and cached, so later comparisons with that layer cost one small product;
-    otherwise the engine streams the stores block by block.
+    its sketch and cached, so later comparisons with that layer cost one small product
+    (and, with every sketch cached, no torch import); otherwise the engine streams the
+    stores block by block.
     """
     import warnings
 
-    from repsim import cka
+    from repsim import sketch
     from repsim.store import Store
 
     n = sa.n
     same = same_store and layers_b == layers_a  # one symmetric matrix, computed once
-    size = cka.sketch_size(n, cfg.estimator, cfg.batch_size)
-    rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
-    budget = cfg.memory_budget or cka._default_budget(cka._pick_device([], cfg.device))
-    with Store(sa.path) as ra, Store(sb.path) as rb:
-        width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
-        # Sketches read rows_at_once rows of a layer in float64; larger reads stream instead.
-        if not (0 < 8 * size <= SKETCH_MAX_BYTES and 8 * rows_at_once * width <= budget // 2):
-            fa = ra.features(layers_a)
-            fb = fa if same else rb.features(layers_b)  # the same object: symmetric, once
-            return cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                               threshold=cfg.threshold, batch_size=cfg.batch_size,
-                               device=cfg.device, memory_budget=cfg.memory_budget,
-                               progress=cfg.progress).to_dict()
-        if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
-            warnings.warn(f"dropping the last batch of {n % cfg.batch_size} rows: the unbiased "
-                          "HSIC estimator needs at least 4", RuntimeWarning, stacklevel=2)
-        ska, meds_a = _sketches(sa, layers_a, cfg, ra)
-        skb, meds_b = (ska, meds_a) if same else _sketches(sb, layers_b, cfg, rb)
-    matrix = cka.cka_from_sketches(ska, skb)
+    size = sketch.sketch_size(n, cfg.estimator, cfg.batch_size)
+    small = 0 < 8 * size <= SKETCH_MAX_BYTES
+    if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
+        warnings.warn(f"dropping the last batch of {n % cfg.batch_size} rows: the unbiased "
+                      "HSIC estimator needs at least 4", RuntimeWarning, stacklevel=2)
+    if small and all(_sketch_path(st, x, cfg).is_file()
+                     for st, names in ((sa, layers_a), (sb, layers_b)) for x in names):
+        ska, meds_a = _sketches(sa, layers_a, cfg, None)
+        skb, meds_b = _sketches(sb, layers_b, cfg, None)
+    else:
+        from repsim import cka
+
+        rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
+        budget = cfg.memory_budget or cka._default_budget(cka._pick_device([], cfg.device))
+        with Store(sa.path) as ra, Store(sb.path) as rb:
+            width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
+            # Sketches read rows_at_once rows of a layer in float64; larger reads stream.
+            if not (small and 8 * rows_at_once * width <= budget // 2):
+                fa = ra.features(layers_a)
+                fb = fa if same else rb.features(layers_b)  # the same object: symmetric, once
+                with warnings.catch_warnings():  # said above, once
+                    warnings.filterwarnings("ignore", "dropping the last batch")
+                    return cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
+                                       threshold=cfg.threshold, batch_size=cfg.batch_size,
+                                       device=cfg.device, memory_budget=cfg.memory_budget,
+                                       progress=cfg.progress).to_dict()
+            ska, meds_a = _sketches(sa, layers_a, cfg, ra)
+            skb, meds_b = (ska, meds_a) if same else _sketches(sb, layers_b, cfg, rb)
+    matrix = sketch.cka_from_sketches(ska, skb)
     if same:
         matrix = (matrix + matrix.T) / 2
     rbf = cfg.kernel == "rbf"
-    n_batches = (sum(1 for a, b in cka._block_bounds(n, cfg.batch_size) if b - a >= 4)
+    n_batches = (len(sketch.minibatches(n, cfg.batch_size))
                  if cfg.estimator == "minibatch" else None)
-    rows = (cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
+    rows = (sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
             if rbf and cfg.estimator == "minibatch" else None)
-    res = cka.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
-                        kernel=cfg.kernel, estimator=cfg.estimator, n=n,
-                        threshold=cfg.threshold if rbf else None,
-                        batch_size=cfg.batch_size, n_batches=n_batches,
-                        bandwidths_a=meds_a if rbf else None,
-                        bandwidths_b=meds_b if rbf else None,
-                        bandwidth_rows=None if rows is None else [int(i) for i in rows])
+    res = sketch.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
+                           kernel=cfg.kernel, estimator=cfg.estimator, n=n,
+                           threshold=cfg.threshold if rbf else None,
+                           batch_size=cfg.batch_size, n_batches=n_batches,
+                           bandwidths_a=meds_a if rbf else None,
+                           bandwidths_b=meds_b if rbf else None,
+                           bandwidth_rows=None if rows is None else [int(i) for i in rows])
     return res.to_dict()
 
 

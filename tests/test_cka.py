@@ -40,7 +40,7 @@ def test_float32_inputs_match_float64_reference(layers, kernel, estimator):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_minibatch_matches_reference(layers, kernel):
     n = layers[0].shape[0]
-    rows = cka._sample_rows(n, cka.BANDWIDTH_SAMPLE)
+    rows = cka.sample_rows(n, cka.BANDWIDTH_SAMPLE)
     med = [np.median(np.sum((x[rows][:, None] - x[rows][None]) ** 2, -1)) for x in layers]
     got = cka.cka_matrix(layers, layers[:2], kernel=kernel, estimator="minibatch",
                          batch_size=16)
@@ -194,7 +194,7 @@ def test_rbf_minibatch_records_bandwidth_rows(layers):
 
 
 def test_bandwidth_sample_is_fixed_and_sorted():
-    a, b = cka._sample_rows(5000, 1000), cka._sample_rows(5000, 1000)
+    a, b = cka.sample_rows(5000, 1000), cka.sample_rows(5000, 1000)
     np.testing.assert_array_equal(a, b)
     assert len(a) == 1000 and np.all(np.diff(a) > 0)
 

@@ -230,6 +230,36 @@ def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
     assert not np.allclose(r2["matrix"], r["matrix"])
 
 
+def test_a_remembered_store_resolves_without_the_model_registry(checkpoints):
+    import subprocess
+    import sys
+
+    from repsim.compare import ProbeSpec, resolve_store
+
+    first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
+    code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
+            "s = resolve_store('resnet18_cifar', probe=ProbeSpec(n=8), progress=False); "
+            "print(s.path, s.how, 'repsim.models' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.getcwd()).stdout.split()
+    assert out == [str(first.path), "reused", "False", "False"]
+
+
+def test_a_remembered_store_is_checked_again_after_it_changes(checkpoints, monkeypatch):
+    from repsim import compare
+
+    checks = []
+    real = compare._up_to_date
+    monkeypatch.setattr(compare, "_up_to_date", lambda *a: checks.append(1) or real(*a))
+    probe = compare.ProbeSpec(n=8)
+    first = compare.resolve_store("resnet18_cifar", probe=probe, progress=False)
+    compare.resolve_store("resnet18_cifar", probe=probe, progress=False)
+    assert checks == []  # extracted, then remembered: no registry check
+    os.utime(first.path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    again = compare.resolve_store("resnet18_cifar", probe=probe, progress=False)
+    assert checks == [1] and again.path == first.path and again.how == "reused"
+
+
 def test_missing_weights_give_one_line_on_how_to_get_them(checkpoints, capsys):
     (checkpoints / "vit_cifar.pt").unlink()
     code, _, err = run_cli(capsys, "--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8")
@@ -258,3 +288,22 @@ def test_layer_sketches_are_cached_and_reused_by_later_comparisons(tmp_path, pai
     feats = [fb[k].astype(np.float32) for k in self_sim["layers_a"]]
     want = cka.compare(feats, feats, estimator="minibatch", batch_size=8).matrix
     np.testing.assert_allclose(np.array(self_sim["matrix"]), want, rtol=0, atol=1e-12)
+
+
+def test_a_comparison_with_cached_sketches_does_not_import_torch(tmp_path, pair, capsys):
+    import subprocess
+    import sys
+
+    pa, pb, _, _ = pair
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o1", "--json")
+    assert code == 0, err
+    first = json.loads(out)
+    script = ("import json, sys; from repsim import cli; "
+              f"rc = cli.main(['cka', '--a', {str(pa)!r}, '--b', {str(pb)!r}, '--out', "
+              f"{str(tmp_path / 'o2')!r}, '--json']); "
+              "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+    lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()
+    again, status = json.loads(lines[0]), json.loads(lines[-1])
+    assert status == {"rc": 0, "torch": False}
+    assert again["matrix"] == first["matrix"]  # bit for bit, from the cached sketches

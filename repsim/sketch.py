@@ -1,0 +1,98 @@
+"""The torch-free half of CKA: results, row batches and layer sketches.
+
+Every estimator is an inner product of centred Grams, so a layer can be reduced once to a
+float64 *sketch* vector (:func:`repsim.cka.layer_sketch` makes one) and any later
+comparison is one small product of sketches (:func:`cka_from_sketches`). This module holds
+what that product and its bookkeeping need, with numpy only, so a comparison whose
+sketches are cached starts without importing torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+KERNELS = ("linear", "rbf")
+ESTIMATORS = ("biased", "debiased", "minibatch")
+BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
+
+
+@dataclass
+class CKAResult:
+    """A CKA matrix with what is needed to interpret and reproduce it."""
+
+    matrix: np.ndarray  # (La, Lb) float64
+    layers_a: list[str]
+    layers_b: list[str]
+    kernel: str
+    estimator: str
+    n: int
+    threshold: float | None = None
+    batch_size: int | None = None
+    n_batches: int | None = None
+    bandwidths_a: list[float] | None = None  # RBF: median squared distance per layer
+    bandwidths_b: list[float] | None = None
+    bandwidth_rows: list[int] | None = None  # minibatch RBF: rows the bandwidth came from
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; NaN becomes ``None``."""
+        d = {k: v for k, v in self.__dict__.items() if k != "matrix"}
+        d["matrix"] = [[None if not np.isfinite(v) else float(v) for v in row]
+                       for row in self.matrix]
+        return d
+
+
+def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` row ranges of ``size`` rows (the last may be shorter)."""
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def minibatches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The minibatch estimator's batches: a last batch of fewer than 4 rows is left out."""
+    return [(a, b) for a, b in block_bounds(n, batch_size) if b - a >= 4]
+
+
+def sample_rows(n: int, k: int) -> np.ndarray:
+    """A fixed (seed 0), sorted sample of ``min(n, k)`` row indices."""
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
+
+
+def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
+    """Length of one layer's sketch vector (float64 entries)."""
+    if estimator == "biased":
+        return n * (n + 1) // 2
+    sizes = [b - a for a, b in block_bounds(n, batch_size if estimator == "minibatch" else n)]
+    return sum(m * (m - 1) // 2 for m in sizes if m >= 4)
+
+
+def normalise(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
+    """``cross / sqrt(self_a self_b)`` in float64; NaN where a self term is not positive."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = cross / np.sqrt(np.maximum(self_a, 0)[:, None] * np.maximum(self_b, 0)[None, :])
+    out[~(self_a[:, None] > 0) | ~(self_b[None, :] > 0)] = np.nan
+    return out
+
+
+def _as_array(s: Any) -> np.ndarray:
+    if hasattr(s, "detach"):  # a torch tensor, possibly on a GPU
+        s = s.detach().cpu().numpy()
+    return np.asarray(s, dtype=np.float64)
+
+
+def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
+    """``(La, Lb)`` CKA from per-layer sketches made with the same settings and rows.
+
+    Sketches are 1-D float64 arrays (numpy, or torch tensors on any device).
+    """
+    sa = np.stack([_as_array(s) for s in sketches_a])
+    sb = np.stack([_as_array(s) for s in sketches_b])
+    if sa.shape[1] != sb.shape[1]:
+        raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
+                         "different rows or settings")
+    return normalise(sa @ sb.T, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
