@@ -314,3 +314,11 @@ def test_sketches_give_the_engine_result(kernel, estimator):
     assert cka.layer_sketch(fa[0], estimator=estimator, batch_size=bs).numel() == \
         cka.sketch_size(n, estimator, bs)
     np.testing.assert_allclose(got, ref.matrix, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_sketch_refuses_non_finite_rows_and_says_where(bad):
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    x[27, 3] = bad
+    with pytest.raises(ValueError, match="non-finite values.*row 27"):
+        cka.layer_sketch(x, estimator="minibatch", batch_size=10)
