@@ -619,6 +619,8 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tup
     from repsim import sketch
 
     out, meds = [], []
+    rows = (sketch.sample_rows(store.n, sketch.BANDWIDTH_SAMPLE)
+            if cfg.estimator == "minibatch" else None)
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
         if path.is_file():
@@ -629,8 +631,6 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tup
         from repsim import cka
 
         ds = reader[layer]
-        rows = (sketch.sample_rows(store.n, sketch.BANDWIDTH_SAMPLE)
-                if cfg.estimator == "minibatch" else None)
         med = cka.rbf_bandwidths({layer: ds}, rows)[0] if cfg.kernel == "rbf" else None
         try:
             sk = cka.layer_sketch(ds, kernel=cfg.kernel, estimator=cfg.estimator,
