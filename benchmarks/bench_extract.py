@@ -60,6 +60,7 @@ def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str)
 def run_extract(model_name, root, n, batch_size, device, reduce, out) -> float:
     from repsim.extract import ExtractConfig, extract
 
+    Path(out).unlink(missing_ok=True)  # the previous repeat's store: not extraction work
     t0 = time.perf_counter()
     extract(ExtractConfig(model=model_name, weights="random", data_root=str(root), n=n,
                           batch_size=batch_size, device=device, reduce=reduce, out=str(out),

@@ -89,6 +89,9 @@ class StoreRef:
     ids_sha256: str
     identity_sha256: str  # digest of the store's provenance (what decides its contents)
     how: str  # "given", "reused" or "extracted"
+    # Linear minibatch sketches made while extracting (batch size -> {layer: sketch}), so
+    # the first comparison need not read the activations back.
+    streamed: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def record(self) -> dict:
         """JSON-able provenance of this input (no machine-specific times)."""
@@ -233,12 +236,15 @@ def _stale(meta: dict, model: str, weights: str | None, probe: ProbeSpec) -> str
 def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = None,
                   probe: ProbeSpec | None = None, label: str | None = None,
                   force: bool = False, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> StoreRef:
+                  log: Callable[[str], None] | None = None,
+                  sketch_batch: int | None = None) -> StoreRef:
     """A complete store for ``ref`` (a store path, or a model name to extract on demand).
 
     Model names use ``repsim extract``'s default path for ``probe`` (a non-default
     ``layers`` request gets its own file). Raises :class:`InputUnavailable` when the model's
-    weights cannot be had here, UserError for anything else that is wrong.
+    weights cannot be had here, UserError for anything else that is wrong. With
+    ``sketch_batch``, an extraction also builds each layer's linear minibatch sketch for
+    that batch size from the rows in memory (``StoreRef.streamed``).
     """
     probe = probe or ProbeSpec()
     say = log or (lambda msg: None)
@@ -294,15 +300,24 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     problem = _weights_problem(ref, weights)  # before extracting: one line on how to get them
     if problem is not None:
         raise InputUnavailable(problem)
+    acc = None
+    if sketch_batch is not None:
+        from repsim.cka import SketchAccumulator
+
+        acc = SketchAccumulator(sketch_batch, probe.device)
     try:
-        res = extract(cfg)
+        res = extract(cfg, observe=acc)
     except UserError as exc:
         if existed and "different settings" in str(exc):  # extract's own refusal
             raise UserError(f"{exc}; for repsim cka / figures pass --force to re-extract"
                             ) from None
         raise
     _remember(request, out, _weights_file(ref, weights))
-    return _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
+    store = _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
+    if acc is not None and not res.get("reused") and not res.get("resumed") \
+            and acc.rows_ == store.n:
+        store.streamed[sketch_batch] = {k: v.cpu().numpy() for k, v in acc.compute().items()}
+    return store
 
 
 # Resolving a model name to its store needs the model registry (timm and torchvision:
@@ -543,7 +558,8 @@ def run_cka(cfg: CKAConfig) -> dict:
         raise UserError(f"--batch-size applies to --estimator minibatch only, not "
                         f"{cfg.estimator}; drop it or use --estimator minibatch")
 
-    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
+    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log,
+                  sketch_batch=cfg.batch_size if _streamable(cfg) else None)
     sa, layers_a = _resolve_side(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
                                  common)
     if (cfg.b, cfg.weights_b, cfg.layers_b) == (cfg.a, cfg.weights_a, cfg.layers_a):
@@ -555,6 +571,11 @@ def run_cka(cfg: CKAConfig) -> dict:
                                      common)
     check_aligned(sa, sb)
     same_store = sa.path.resolve() == sb.path.resolve()
+    for st in (sa, sb):
+        for layer, sk in st.streamed.get(cfg.batch_size, {}).items():
+            path = _sketch_path(st, layer, cfg)
+            if not path.is_file():
+                _save_sketch(path, sk, None)
 
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa, cfg.probe,
                                                             not _looks_like_path(cfg.a))
@@ -613,6 +634,19 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
     return cache / "sketches" / f"{key[:32]}.npz"
 
 
+def _streamable(cfg: CKAConfig) -> bool:
+    """Whether this comparison's sketches can be built while extracting (see SketchAccumulator)."""
+    return cfg.kernel == "linear" and cfg.estimator == "minibatch"
+
+
+def _save_sketch(path: Path, sk: np.ndarray, med: float | None) -> None:
+    """Write one sketch to the cache atomically (a crash leaves no half-written entry)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.npz")
+    np.savez(tmp, sketch=sk, median_sqdist=np.float64(med or 0.0))
+    os.replace(tmp, path)
+
+
 def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tuple[list, list]:
     """Each layer's sketch (float64 numpy) and RBF bandwidth, from the cache or computed
     from ``reader`` (an open store) and cached."""
@@ -638,10 +672,7 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tup
                                   median_sqdist=med, device=cfg.device).cpu().numpy()
         except ValueError as e:  # non-finite activations: name the store and layer
             raise UserError(f"{store.path} layer {layer!r}: {e}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".partial.npz")
-        np.savez(tmp, sketch=sk, median_sqdist=np.float64(med or 0.0))
-        os.replace(tmp, path)
+        _save_sketch(path, sk, med)
         out.append(sk)
         meds.append(med)
     return out, meds

@@ -316,9 +316,65 @@ def test_sketches_give_the_engine_result(kernel, estimator):
     np.testing.assert_allclose(got, ref.matrix, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_sketch_of_a_constant_layer_is_exactly_zero(kernel):
+    # 0.1 is not a float; a mean-centred constant block would leave rounding residue.
+    x = np.full((30, 7), 0.1, dtype=np.float32)
+    sk = cka.layer_sketch(x, kernel=kernel, estimator="minibatch", batch_size=10,
+                          median_sqdist=1.0 if kernel == "rbf" else None)
+    assert not sk.any()
+    y = np.random.default_rng(0).standard_normal((30, 5))
+    sy = cka.layer_sketch(y, kernel=kernel, estimator="minibatch", batch_size=10,
+                          median_sqdist=1.0 if kernel == "rbf" else None)
+    assert np.isnan(cka.cka_from_sketches([sk], [sy])).all()
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_sketch_ignores_a_large_offset(estimator):
+    x = np.random.default_rng(5).standard_normal((60, 8))
+    y = np.random.default_rng(6).standard_normal((60, 3))
+    bs = 20 if estimator == "minibatch" else None
+    ref = cka.cka_matrix([x], [y], estimator=estimator, batch_size=bs)
+    got = cka.cka_from_sketches([cka.layer_sketch(x + 1e4, estimator=estimator, batch_size=bs)],
+                                [cka.layer_sketch(y, estimator=estimator, batch_size=bs)])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_sketch_leaves_float64_input_unchanged(as_tensor):
+    x = np.random.default_rng(7).standard_normal((40, 5)) + 3.0
+    src = torch.from_numpy(x.copy()) if as_tensor else x.copy()
+    cka.layer_sketch(src, estimator="minibatch", batch_size=10)
+    np.testing.assert_array_equal(np.asarray(src), x)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_sketch_refuses_non_finite_rows_and_says_where(bad):
     x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
     x[27, 3] = bad
     with pytest.raises(ValueError, match="non-finite values.*row 27"):
         cka.layer_sketch(x, estimator="minibatch", batch_size=10)
+
+
+def test_sketch_accumulator_equals_layer_sketch_for_any_row_chunks():
+    rng = np.random.default_rng(8)
+    n, bs = 103, 25  # batches of 25 x 4 and a short last batch of 3, left out
+    feats = {"a": rng.standard_normal((n, 9)).astype(np.float32),
+             "b": rng.standard_normal((n, 4))}
+    acc = cka.SketchAccumulator(bs)
+    for a, b in [(0, 7), (7, 20), (20, 71), (71, 72), (72, n)]:  # chunks unrelated to 25
+        acc.update({k: v[a:b] for k, v in feats.items()})
+    got = acc.compute()
+    assert acc.rows_ == n and list(got) == ["a", "b"]
+    for k, x in feats.items():
+        want = cka.layer_sketch(x, estimator="minibatch", batch_size=bs)
+        np.testing.assert_array_equal(got[k].numpy(), want.numpy())
+
+
+def test_sketch_accumulator_leaves_out_a_layer_with_non_finite_rows():
+    x = np.random.default_rng(9).standard_normal((40, 5))
+    bad = x.copy()
+    bad[33, 1] = np.nan
+    acc = cka.SketchAccumulator(10)
+    acc.update({"ok": x, "bad": bad})
+    assert list(acc.compute()) == ["ok"] and acc.failed_ == {"bad"}

@@ -11,7 +11,7 @@ import reference
 import torch
 
 from repsim import cli
-from repsim.compare import CKAConfig, ids_digest, run_cka
+from repsim.compare import CKAConfig, ProbeSpec, ids_digest, run_cka
 from repsim.store import StoreWriter
 
 BLOCKS = [f"blocks.{i}" for i in range(12)]  # blocks.10 sorts before blocks.2 in HDF5
@@ -228,6 +228,30 @@ def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
     assert r2["reused"] is False and "re-extracting" in err
     assert r2["inputs"]["a"]["weights_sha256"] != r["inputs"]["a"]["weights_sha256"]
     assert not np.allclose(r2["matrix"], r["matrix"])
+
+
+def test_sketches_built_while_extracting_equal_those_read_back(checkpoints, tmp_path,
+                                                              monkeypatch):
+    import shutil
+
+    from repsim import cka
+
+    # Forward batches of 5 rows, CKA batches of 4: rows cross batch boundaries.
+    common = dict(a="vit_cifar", b="resnet18_cifar", probe=ProbeSpec(n=12, batch_size=5),
+                  plots=False, progress=False, estimator="minibatch", batch_size=4)
+    real = cka.layer_sketch
+    monkeypatch.setattr(cka, "layer_sketch", lambda *a, **k: pytest.fail("read back"))
+    first = run_cka(CKAConfig(out=str(tmp_path / "o1"), **common))
+    assert first["stores"] == {"a": "extracted", "b": "extracted"}
+    sketches = tmp_path / "cache" / "sketches"
+    assert len(list(sketches.iterdir())) == 7 + 5  # every layer, from the rows in memory
+    shutil.rmtree(sketches)
+    monkeypatch.setattr(cka, "layer_sketch", real)
+    again = run_cka(CKAConfig(out=str(tmp_path / "o2"), **common))  # read back from stores
+    assert again["stores"] == {"a": "reused", "b": "reused"}
+    assert len(list(sketches.iterdir())) == 7 + 5
+    np.testing.assert_array_equal(np.array(again["result"]["matrix"]),
+                                  np.array(first["result"]["matrix"]))
 
 
 def test_a_remembered_store_resolves_without_the_model_registry(checkpoints):
