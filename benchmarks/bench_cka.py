@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of repsim and pytorch-cka per row, alternating (median kept)")
     ap.add_argument("--only-n", type=int, help="run one n only")
+    ap.add_argument("--only-p", type=int, choices=[512, 4096], help="run one p only")
+    ap.add_argument("--only-estimator", choices=["biased", "debiased", "minibatch"],
+                    help="run one estimator only")
     ap.add_argument("--out", default="benchmarks/out/cka.json")
     args = ap.parse_args()
     if args.child:
@@ -181,10 +184,11 @@ def main() -> None:
         ns = [args.only_n]
     print(f"# machine: {machine()}", flush=True)
     for n in ns:
-        for p in (512, 4096):
+        for p in [args.only_p] if args.only_p else [512, 4096]:
             feats = features(n, p)
             loop_pairs = 0 if n <= 2000 else 2
-            for est in ("biased", "debiased", "minibatch"):
+            for est in [args.only_estimator] if args.only_estimator else [
+                    "biased", "debiased", "minibatch"]:
                 # repsim and pytorch-cka alternate --repeat times (same machine state for
                 # both); the median of each is reported, every run is kept.
                 ours_runs, ptc_runs = [], []
