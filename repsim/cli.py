@@ -260,7 +260,7 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
 def cmd_attention(args) -> int:
     import json
 
-    from repsim.attention import AttentionConfig, run_attention
+    from repsim.attention_figures import AttentionConfig, run_attention
 
     ids = [i for group in args.ids for i in group] if args.ids else None
     res = run_attention(AttentionConfig(

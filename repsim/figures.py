@@ -70,7 +70,7 @@ PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_roo
 CKA_KEYS = ("kernel", "estimator", "batch_size", "threshold")
 # Modules that register more kinds, imported when a spec names a kind not yet registered
 # (a module that does not exist is not an error).
-EXTRA_KIND_MODULES = ("repsim.attention", "repsim.featuremaps")
+EXTRA_KIND_MODULES = ("repsim.attention_figures", "repsim.featuremaps")
 
 Builder = Callable[[dict, "FigureContext"], list[Path]]
 

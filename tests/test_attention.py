@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from repsim import attention as A
+from repsim.attention_figures import resolve_blocks
 from repsim.cli import main
 from repsim.errors import UserError
 from repsim.models import build_model, get_spec
@@ -251,13 +252,13 @@ def test_geometry_of_the_study_vit(study_vit):
 def test_block_requests(study_vit):
     model = study_vit
     spec = get_spec("vit_cifar")
-    assert A.resolve_blocks(None, 6) == [0, 3, 5]
-    assert A.resolve_blocks("5,blocks.1", 6, model, spec) == [1, 5]
-    assert A.resolve_blocks("blocks", 6, model, spec) == list(range(6))
+    assert resolve_blocks(None, 6) == [0, 3, 5]
+    assert resolve_blocks("5,blocks.1", 6, model, spec) == [1, 5]
+    assert resolve_blocks("blocks", 6, model, spec) == list(range(6))
     with pytest.raises(UserError, match="block 9 does not exist"):
-        A.resolve_blocks("9", 6, model, spec)
+        resolve_blocks("9", 6, model, spec)
     with pytest.raises(UserError, match="names no transformer block"):
-        A.resolve_blocks("embed", 6, model, spec)
+        resolve_blocks("embed", 6, model, spec)
 
 
 # --------------------------------------------------------------------------- command line
