@@ -78,17 +78,21 @@ class _WriteBehind:
     loses data; it only keeps the page cache from growing by the whole store.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int | None) -> None:
         self.fd, self.started = fd, 0
 
     def __call__(self) -> None:
-        if _SYNC_FILE_RANGE is None or not hasattr(os, "posix_fadvise"):
+        if self.fd is None or _SYNC_FILE_RANGE is None or not hasattr(os, "posix_fadvise"):
             return
-        end = os.fstat(self.fd).st_size
-        if self.started:
-            os.posix_fadvise(self.fd, 0, self.started, os.POSIX_FADV_DONTNEED)
-        _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: to the end
-        self.started = end
+        try:
+            end = os.fstat(self.fd).st_size
+            if self.started:
+                os.posix_fadvise(self.fd, 0, self.started, os.POSIX_FADV_DONTNEED)
+        except OSError:  # a file system without it: plain page-cache writes, still correct
+            self.fd = None
+            return
+        _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: to the end; a
+        self.started = end  # failure (unsupported) only means no early writeback
 
 
 class Store:
