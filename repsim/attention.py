@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 
-
 def _timm_attention() -> type:
     try:
         from timm.layers.attention import Attention

@@ -752,14 +752,13 @@ def _u_centre(k: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def _rows_into(x: Any, a: int, b: int, buf: torch.Tensor) -> torch.Tensor:
-    """Rows ``a:b`` of ``x`` converted into the float64 buffer ``buf``; returns the view."""
+def _copy_rows(x: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``a:b`` of any 2-D source converted into ``out`` (a float64 buffer view of
+    ``b - a`` rows, reused: fresh memory costs more than the copy); returns ``out``."""
     src = x[a:b]
     if not isinstance(src, torch.Tensor):
         src = torch.as_tensor(np.asarray(src))
-    out = buf[: b - a]
-    out.copy_(src)
-    return out
+    return out.copy_(src)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -834,14 +833,14 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
         raise ValueError("the RBF kernel needs median_sqdist (see rbf_bandwidths)")
     size = batch_size if estimator == "minibatch" else n
     parts = []
-    buf = None  # one float64 block buffer, reused: fresh memory is costly to fault in
+    buf = None  # one float64 block buffer, reused (see _copy_rows)
     for a, b in block_bounds(n, size):
         m = b - a
         if estimator != "biased" and m < 4:
             continue
         if buf is None:
             buf = torch.empty(min(size, n), x.shape[1], dtype=torch.float64, device=dev)
-        v = _sketch_part(_rows_into(x, a, b, buf), kernel, estimator, n, median_sqdist,
+        v = _sketch_part(_copy_rows(x, a, b, buf[:m]), kernel, estimator, n, median_sqdist,
                          threshold)
         if v is None:
             raise _non_finite("x", _rows(x, a, b, dev), a)
@@ -887,10 +886,7 @@ class SketchAccumulator:
                     self._buf[name] = torch.empty(self.batch_size, x.shape[1],
                                                   dtype=torch.float64, device=dev)
                     self._parts[name] = []
-                src = x[a:a + take]
-                if not isinstance(src, torch.Tensor):
-                    src = torch.as_tensor(np.asarray(src))
-                self._buf[name][self._fill:self._fill + take].copy_(src)
+                _copy_rows(x, a, a + take, self._buf[name][self._fill:self._fill + take])
             self._fill += take
             a += take
             if self._fill == self.batch_size:

@@ -91,8 +91,9 @@ class _WriteBehind:
         except OSError:  # a file system without it: plain page-cache writes, still correct
             self.fd = None
             return
-        _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # 0, 0: to the end; a
-        self.started = end  # failure (unsupported) only means no early writeback
+        # 0, 0: to the end of the file. A failure (unsupported) only means no early writeback.
+        _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        self.started = end
 
 
 class Store:
