@@ -741,15 +741,24 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
 # further comparison involving that layer into one small matrix product.
 
 
-def _u_centre(k: torch.Tensor) -> torch.Tensor:
-    """Song et al.'s U-centring of an ``(m, m)`` Gram: <U(K), U(L)> = m (m - 3) HSIC_u."""
+def _centred_upper(k: Any, estimator: str, n: int, iu: tuple[Any, Any]) -> Any:
+    """A block's sketch entries from its ``(m, m)`` Gram ``k`` (numpy array or torch tensor;
+    ``iu``: its upper-triangle indices of the same kind, diagonal included for "biased").
+
+    Biased: ``H K H / n`` (s.s = tr(KHLH) / n^2). Otherwise Song et al.'s U-centring of the
+    hollow Gram, scaled so that s.s sums HSIC_u over batches. Off-diagonal entries carry
+    sqrt(2): each stands for itself and its mirror image.
+    """
     m = k.shape[0]
-    k = k.clone()
-    k.fill_diagonal_(0.0)
-    r = k.sum(1)
-    u = k - r[:, None] / (m - 2) - r[None, :] / (m - 2) + r.sum() / ((m - 1) * (m - 2))
-    u.fill_diagonal_(0.0)
-    return u
+    rows, cols = iu
+    if estimator == "biased":
+        c = k.sum(0) / m  # row means = column means: K is symmetric
+        v = (k[rows, cols] - c[rows] - c[cols] + c.sum() / m) / n
+        v[rows != cols] *= math.sqrt(2.0)
+        return v
+    r = k.sum(1) - k.diagonal()  # row sums of the hollow Gram
+    u = k[rows, cols] - (r[rows] + r[cols]) / (m - 2) + r.sum() / ((m - 1) * (m - 2))
+    return u * (math.sqrt(2.0) / math.sqrt(m * (m - 3)))
 
 
 def _copy_rows(x: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
@@ -779,20 +788,8 @@ def _linear_sketch_part(blk: np.ndarray, estimator: str, n: int) -> np.ndarray |
         k = blk @ blk.T
     if not np.isfinite(k.diagonal()).all():
         return None
-    if estimator == "biased":
-        h = k - k.mean(0, keepdims=True)
-        h -= h.mean(1, keepdims=True)
-        h /= n  # H K H / n: s.s = tr(KHLH) / n^2
-        iu = np.triu_indices(m, 0)
-        v = h[iu]
-        v[iu[0] != iu[1]] *= math.sqrt(2.0)
-        return v
-    np.fill_diagonal(k, 0.0)  # U-centring, as in _u_centre
-    r = k.sum(1)
-    u = k - r[:, None] / (m - 2) - r[None, :] / (m - 2) + r.sum() / ((m - 1) * (m - 2))
-    u /= math.sqrt(m * (m - 3))  # s.s sums HSIC_u over batches
-    iu = np.triu_indices(m, 1)
-    return u[iu] * math.sqrt(2.0)
+    return _centred_upper(k, estimator, n, np.triu_indices(m, 0 if estimator == "biased"
+                                                            else 1))
 
 
 def _sketch_gram(blk: torch.Tensor, kernel: str, median_sqdist: float | None,
@@ -829,16 +826,8 @@ def _sketch_part(blk: torch.Tensor, kernel: str, estimator: str, n: int,
     k = _sketch_gram(blk, kernel, median_sqdist, threshold)
     if k is None:
         return None
-    if estimator == "biased":
-        h = k - k.mean(0, keepdim=True)
-        h = (h - h.mean(1, keepdim=True)) / n  # H K H / n: s.s = tr(KHLH) / n^2
-        iu = torch.triu_indices(m, m, 0, device=blk.device)
-        v = h[iu[0], iu[1]]
-        v[iu[0] != iu[1]] *= math.sqrt(2.0)
-        return v
-    u = _u_centre(k) / math.sqrt(m * (m - 3))  # s.s sums HSIC_u over batches
-    iu = torch.triu_indices(m, m, 1, device=blk.device)
-    return u[iu[0], iu[1]] * math.sqrt(2.0)
+    iu = torch.triu_indices(m, m, 0 if estimator == "biased" else 1, device=blk.device)
+    return _centred_upper(k, estimator, n, (iu[0], iu[1]))
 
 
 def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
