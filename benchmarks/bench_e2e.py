@@ -42,11 +42,14 @@ from pathlib import Path
 
 import numpy as np
 
+from repsim import cli  # light: no torch
+
 REPO = Path(__file__).resolve().parent.parent
 MODULES = {"vit_cifar": {"embed": "norm_pre"}, "resnet18_cifar": {"stem": "maxpool"}}
 # What repsim.cli.tune_process sets, as environment variables for another process.
-TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
-             "OPENBLAS_THREAD_TIMEOUT": "4"}
+TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(cli.MMAP_THRESHOLD),
+             "MALLOC_TRIM_THRESHOLD_": str(cli.TRIM_THRESHOLD),
+             "OPENBLAS_THREAD_TIMEOUT": cli.OPENBLAS_THREAD_TIMEOUT}
 
 
 def default_layers(model: str) -> list[str]:

@@ -430,6 +430,12 @@ def cmd_figures(args) -> int:
     return 1 if res["failed"] else 0
 
 
+# The process settings of tune_process (benchmarks/bench_e2e.py gives them to pytorch-cka).
+MMAP_THRESHOLD = 256 << 20  # bytes: blocks up to this size come from the heap
+TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
+OPENBLAS_THREAD_TIMEOUT = "4"  # log2 of the cycles OpenBLAS threads spin before sleeping
+
+
 def reuse_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -451,9 +457,8 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    # Blocks up to 256 MiB come from the heap; up to 1 GiB of free heap stays mapped.
-    return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold,
-                                                                       1 << 30))
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
 def tune_process() -> None:
@@ -464,7 +469,7 @@ def tune_process() -> None:
     passes they spin against torch's threads (measured: ResNet-18 batches 7 % slower).
     A short timeout sends them to sleep at once. A value the user set is kept.
     """
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
     reuse_freed_memory()
 
 
