@@ -4,7 +4,7 @@ The same n CIFAR-10 test images (default 2,000, seed 0), vit_cifar against resne
 every default layer of both (ViT: embed + 6 blocks; ResNet: stem + 4 stages), flattened
 activations, minibatch CKA with the same batch size on both sides (pytorch-cka's
 ``compute_cka`` implements exactly that estimator: unbiased HSIC summed over the
-DataLoader's batches), on CPU.
+DataLoader's batches), on ``--device`` (default: cuda when available, as both tools do).
 
 - **first comparison**: `repsim extract` of both models, then `repsim cka`, each a separate
   command as a user runs them (wall time of the three processes, imports included), against
@@ -20,12 +20,15 @@ DataLoader's batches), on CPU.
   is set against the pytorch-cka process that computes the same matrix (it must run the
   models again).
 
-Weights: the committed checkpoints when present, else seeded random weights saved to a
-temporary checkpoint folder (the timing is the same). Images: ``--data-root`` or
-``$REPSIM_DATA``; without either, a generated 32x32 image tree (noted in the output).
+Weights: ``vit_cifar.pt`` and ``resnet18_cifar.pt`` from ``--checkpoints`` (default
+``$REPSIM_CHECKPOINTS`` or the committed ``checkpoints/``); when the default folder lacks
+them, seeded random weights saved to a temporary checkpoint folder (the timing is the
+same). Images: ``--data-root`` or ``$REPSIM_DATA``; without either, a generated 32x32 image
+tree (noted in the output). At n = 10,000 the flattened stores take about 17 GB, twice
+(the three-command and the one-command routes), under the system's temporary folder.
 
 Usage: python benchmarks/bench_e2e.py [--n 2000] [--batch-size 250] [--data-root DIR]
-       [--out benchmarks/out/e2e.json]
+       [--device cuda] [--checkpoints DIR] [--out benchmarks/out/e2e.json]
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def default_layers(model: str) -> list[str]:
 # ----------------------------------------------------------------- pytorch-cka (child process)
 
 
-def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str) -> None:
+def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str,
+               device: str | None) -> None:
     t0 = time.perf_counter()
     import torch
     from cka import compute_cka
@@ -70,8 +74,9 @@ def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str) -> 
     from repsim import models
     from repsim.data import load_probe_set
 
-    ma, _ = models.load_model(a, device="cpu")
-    mb = ma if b == a else models.load_model(b, device="cpu")[0]
+    dev = models.resolve_device(device)  # None: cuda when available, as repsim's commands
+    ma, _ = models.load_model(a, device=dev)
+    mb = ma if b == a else models.load_model(b, device=dev)[0]
     probe = load_probe_set("cifar10", "test", n=n, seed=0, data_root=data_root)
     spec = models.get_spec(a)
     assert models.preprocessing_info(spec) == models.preprocessing_info(models.get_spec(b))
@@ -80,11 +85,14 @@ def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str) -> 
     la = [MODULES[a].get(n_, n_) for n_ in default_layers(a)]
     lb = [MODULES[b].get(n_, n_) for n_ in default_layers(b)]
     t1 = time.perf_counter()
-    (m,) = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device="cpu",
+    (m,) = compute_cka(ma, mb, loader, layers=la, model2_layers=lb, device=dev,
                        progress=False)
+    m = m.double().cpu().numpy()  # also waits for the device's queued work
     t2 = time.perf_counter()
-    np.save(out, m.double().numpy())
-    print(json.dumps({"setup_s": t1 - t0, "compute_s": t2 - t1}))
+    np.save(out, m)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    print(json.dumps({"setup_s": t1 - t0, "compute_s": t2 - t1, "device": str(dev),
+                      "gpu": gpu}))
 
 
 # ----------------------------------------------------------------- parent
@@ -124,42 +132,50 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=250, help="minibatch CKA batch")
     ap.add_argument("--data-root", default=os.environ.get("REPSIM_DATA"))
+    ap.add_argument("--device", help="cpu or cuda for both tools (default: cuda when available)")
+    ap.add_argument("--checkpoints", help="folder with vit_cifar.pt and resnet18_cifar.pt "
+                    "(default: $REPSIM_CHECKPOINTS or <repo>/checkpoints)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "e2e.json"))
-    ap.add_argument("--child", nargs=6, metavar=("A", "B", "N", "BATCH", "ROOT", "OUT"),
+    ap.add_argument("--child", nargs=7, metavar=("A", "B", "N", "BATCH", "ROOT", "OUT", "DEVICE"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        a, b, n, batch, root, out = args.child
-        pcka_child(a, b, int(n), int(batch), root, out)
+        a, b, n, batch, root, out, device = args.child
+        pcka_child(a, b, int(n), int(batch), root, out, device or None)
         return
 
+    from repsim.models import build_model, checkpoint_dir
+
+    ck = Path(args.checkpoints) if args.checkpoints else checkpoint_dir()
+    weights = f"checkpoints in {ck}"
+    have = all((ck / f"{m}.pt").is_file() for m in MODULES)
+    if args.checkpoints and not have:
+        raise SystemExit(f"--checkpoints {ck} lacks {' or '.join(f'{m}.pt' for m in MODULES)}")
     work = Path(tempfile.mkdtemp(prefix="repsim-bench-e2e-"))
     root = args.data_root if has_cifar(args.data_root) else str(synthetic_root(args.n))
     data_note = "CIFAR-10 test (JPEG copy)" if has_cifar(args.data_root) else (
         "generated 32x32 images (no CIFAR-10 data root given)")
-    ck = REPO / "checkpoints"
-    weights = "committed checkpoints"
-    if not all((ck / f"{m}.pt").is_file() for m in MODULES):
+    if not have:
         import torch
-
-        from repsim.models import build_model
 
         ck = work / "ckpt"
         ck.mkdir()
         for m in MODULES:
             torch.save(build_model(m).state_dict(), ck / f"{m}.pt")
-        weights = "seeded random weights (no committed checkpoints yet)"
+        weights = f"seeded random weights (no checkpoints in {checkpoint_dir()})"
     env = {**os.environ, "REPSIM_CHECKPOINTS": str(ck), "REPSIM_CACHE": str(work / "cache"),
            "REPSIM_DATA": root, "REPSIM_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     repsim = [sys.executable, "-m", "repsim"]
     probe = ["--dataset", "cifar10", "--n", str(args.n), "--data-root", root]
+    if args.device:  # extract and cka both take it (default: cuda when available)
+        probe += ["--device", args.device]
     est = ["--estimator", "minibatch", "--batch-size", str(args.batch_size)]
     rows: dict[str, dict] = {}
 
     def pcka(a: str, b: str, extra_env: dict | None = None) -> dict:
         out = work / f"pcka_{a}_{b}.npy"
         wall, stdout, load = timed([sys.executable, __file__, "--child", a, b, str(args.n),
-                                    str(args.batch_size), root, str(out)],
+                                    str(args.batch_size), root, str(out), args.device or ""],
                                    {**env, **(extra_env or {})})
         return {"wall_s": wall, **json.loads(stdout.strip().splitlines()[-1]),
                 "matrix": np.load(out), "load": load}
@@ -213,6 +229,7 @@ def main() -> None:
     diff = float(np.max(np.abs(rows["repsim cross"]["matrix"] - rows["pcka cross"]["matrix"])))
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "device": rows["pcka cross"]["device"], "gpu": rows["pcka cross"]["gpu"],
         "n": args.n, "batch_size": args.batch_size, "data": data_note, "weights": weights,
         "first": {"repsim_extract_s": {m: e["wall_s"] for m, e in ext.items()},
                   "repsim_store_bytes": {m: e["bytes"] for m, e in ext.items()},

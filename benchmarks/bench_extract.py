@@ -38,14 +38,22 @@ def synthetic_root(n: int) -> Path:
     return root
 
 
-def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str) -> float:
+def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str,
+              weights: str = "random", model=None, probe=None) -> float:
+    """Seconds for preprocessing and forward passes over the first ``n`` images.
+
+    Loading is not timed. ``model`` and ``probe`` (a loaded model on ``device`` and a probe
+    set of at least ``n`` images) are reused when given, else loaded here.
+    """
     from repsim import models
     from repsim.data import load_probe_set
 
     spec = models.get_spec(model_name)
-    model, _ = models.load_model(model_name, "random", device=device)
-    probe = load_probe_set("cifar10", "test", n=n, data_root=root)
-    images = torch.from_numpy(probe.images)
+    if model is None:
+        model, _ = models.load_model(model_name, weights, device=device)
+    if probe is None:
+        probe = load_probe_set("cifar10", "test", n=n, data_root=root)
+    images = torch.from_numpy(probe.images[:n])
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -57,12 +65,14 @@ def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str)
     return time.perf_counter() - t0
 
 
-def run_extract(model_name, root, n, batch_size, device, reduce, out) -> float:
+def run_extract(model_name, root, n, batch_size, device, reduce, out,
+                weights: str = "random") -> float:
+    """Seconds for one ``extract()`` end to end (model and probe loading included)."""
     from repsim.extract import ExtractConfig, extract
 
     Path(out).unlink(missing_ok=True)  # the previous repeat's store: not extraction work
     t0 = time.perf_counter()
-    extract(ExtractConfig(model=model_name, weights="random", data_root=str(root), n=n,
+    extract(ExtractConfig(model=model_name, weights=weights, data_root=str(root), n=n,
                           batch_size=batch_size, device=device, reduce=reduce, out=str(out),
                           overwrite=True, progress=False))
     return time.perf_counter() - t0

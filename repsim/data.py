@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,13 +311,23 @@ def _uniform_size_or_none(paths: list[Path]) -> int | None:
     return None
 
 
-def _decode(paths: Iterable[Path]) -> Iterator[Image.Image]:
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                yield im.convert("RGB")
-        except OSError as exc:
-            raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
+def _open_rgb(p: Path) -> Image.Image:
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except OSError as exc:
+        raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
+
+
+def _decode(paths: list[Path]) -> Iterator[Image.Image]:
+    """RGB images in the order of ``paths``, decoded by a few threads (PIL releases the GIL
+    while decoding, so 50,000 CIFAR JPEGs load several times faster than in one thread)."""
+    workers = min(8, os.cpu_count() or 1)
+    if workers == 1 or len(paths) < 256:
+        yield from map(_open_rgb, paths)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(_open_rgb, paths)
 
 
 # --------------------------------------------------------------------------- pixels

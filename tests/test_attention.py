@@ -1,5 +1,6 @@
 """Attention capture, rollout and mean attention distance: known answers and the CLI."""
 
+import copy
 import csv
 import json
 import math
@@ -214,6 +215,23 @@ def test_with_the_fused_kernel_capture_uses_the_kernels_own_queries_and_keys(mon
     for i, (q, k) in enumerate(seen):
         scale = model.blocks[i].attn.scale
         assert torch.equal(maps[i], ((q * scale) @ k.transpose(-2, -1)).softmax(-1))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_capture_and_distance_give_the_cpu_results(fused):
+    # Both devices compute in float32; the tolerances also allow TF32 matmuls (should a
+    # caller enable them), and a wrong device, head or token order is off by far more.
+    cpu = _tiny_vit(reg_tokens=1)
+    _set_fused(cpu, fused)
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = A.attention_maps(gpu, x)
+    assert maps.shape == (3, 2, 4, 18, 18)
+    np.testing.assert_allclose(maps, A.attention_maps(cpu, x), rtol=0, atol=2e-3)
+    np.testing.assert_allclose(A.attention_distance(gpu, x, batch_size=2),
+                               A.attention_distance(cpu, x, batch_size=2), rtol=2e-3)
 
 
 def test_only_chosen_blocks_are_captured_and_hooks_are_removed():

@@ -272,6 +272,7 @@ def test_h5py_sources_streamed_in_blocks_match_in_memory(tmp_path, layers, kerne
     np.testing.assert_allclose(got, mem, atol=1e-12)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
 def test_cuda_inputs_give_cpu_results(layers, estimator):

@@ -147,6 +147,27 @@ def test_cls_reduction_on_resnet_is_refused(tmp_path, cifar_root):
         extract(cfg(tmp_path, cifar_root, model="resnet18_cifar", reduce="cls"))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model,reduce", [("vit_cifar", "flatten"), ("vit_cifar", "mean"),
+                                          ("resnet18_cifar", "flatten")])
+def test_cuda_extraction_gives_the_cpu_activations(tmp_path, cifar_root, model, reduce):
+    # extract() runs float32 on CUDA (no autocast), but cuDNN computes float32 convolutions in
+    # TF32 by default (10-bit mantissa: ~1e-3 relative per conv, compounding over ResNet-18's
+    # convs; TF32 matmuls too, should a caller enable them). So each layer is compared to 1 %
+    # of its largest value: rows out of order, a lost batch or a stale buffer are off by far
+    # more. 20 images in batches of 6: the writer thread has batches in flight.
+    res = {dev: extract(cfg(tmp_path, cifar_root, model=model, reduce=reduce, device=dev,
+                            out=str(tmp_path / f"{dev}.h5"))) for dev in ("cpu", "cuda")}
+    with Store(res["cpu"]["path"]) as cpu, Store(res["cuda"]["path"]) as gpu:
+        assert gpu.layers == cpu.layers
+        np.testing.assert_array_equal(gpu.ids, cpu.ids)
+        for k in cpu.layers:
+            want = cpu[k][:]
+            np.testing.assert_allclose(gpu[k][:], want, rtol=0, atol=1e-2 * np.abs(want).max(),
+                                       err_msg=k)
+
+
 def test_unknown_layer_lists_close_matches(tmp_path, cifar_root):
     with pytest.raises(UserError, match="blocks.1"):
         extract(cfg(tmp_path, cifar_root, layers="blocks.1x"))

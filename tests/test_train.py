@@ -49,8 +49,8 @@ def _log(run_dir):
     return [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_lowers_the_loss(toy_root, tmp_path):
-    cfg = _cfg(toy_root, tmp_path, epochs=4)
+def _train_and_losses(toy_root, cfg):
+    """Train ``cfg``; the test loss of the seeded start and of the saved checkpoint (nats)."""
     spec = models.get_spec(cfg.model)
     ps = data.load_probe_set("cifar10", "test", data_root=str(toy_root))
     x, y = torch.from_numpy(ps.images), torch.from_numpy(ps.labels.astype(np.int64))
@@ -58,6 +58,11 @@ def test_training_lowers_the_loss(toy_root, tmp_path):
     before = train.evaluate(start, spec, x, y)["loss"]
     res = train.train(cfg)
     after = train.evaluate(models.load_model(cfg.model, cfg.out)[0], spec, x, y)["loss"]
+    return res, before, after
+
+
+def test_training_lowers_the_loss(toy_root, tmp_path):
+    res, before, after = _train_and_losses(toy_root, _cfg(toy_root, tmp_path, epochs=4))
     assert res["steps"] == 4 * 10 * N_TRAIN // BATCH
     assert after < before - 0.5, (before, after)  # nats; chance level is ln 10
 
@@ -183,12 +188,81 @@ def test_lr_schedules():
     assert train.lr_at(1000, 1000, 10, strong, 1e-3) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_triangular_schedule_matches_its_definition():
+    # airbench's np.interp(step, [0, 0.2 T, T], [0.2, 1, 0]) times the peak rate
+    fast = train.RECIPES["fast-resnet"]
+    total = 1000
+    expected = np.interp(np.arange(total + 1), [0, 200, total], [0.2, 1.0, 0.0]) * 0.2
+    got = [train.lr_at(s, total, 10, fast, 0.2) for s in range(total + 1)]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+
+
+def test_reflect_indices_match_numpy_pad():
+    idx = train._reflect(torch.arange(-train.PAD, 32 + train.PAD), 32)
+    assert idx.tolist() == np.pad(np.arange(32), train.PAD, mode="reflect").tolist()
+
+
+@pytest.mark.parametrize("pad_mode", ["zeros", "reflect"])
+def test_translate_is_a_crop_of_the_padded_image(pad_mode):
+    x = torch.randint(1, 256, (16, 32, 32, 3), dtype=torch.uint8)  # no zero pixels
+    out = train.augment(x, torch.Generator().manual_seed(0), pad_mode=pad_mode)
+    mode = "constant" if pad_mode == "zeros" else "reflect"
+    padded = np.pad(x.numpy(), ((0, 0), (4, 4), (4, 4), (0, 0)), mode=mode)
+    for i in range(len(x)):  # some shift and flip of padded image i must give output i
+        crops = [padded[i, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        o = out[i].numpy()
+        assert any(np.array_equal(o, c) or np.array_equal(o, c[:, ::-1]) for c in crops), i
+
+
+def test_eval_every_saves_on_schedule_and_at_the_end(toy_root, tmp_path):
+    res = train.train(_cfg(toy_root, tmp_path, epochs=3, eval_every=2))
+    rows = _log(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["test_accuracy"] is not None for r in rows] == [False, True, True]
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 3
+    assert res["test_accuracy"] == rows[-1]["test_accuracy"]
+
+
+def test_time_limit_stops_after_a_saved_epoch_and_resumes(toy_root, tmp_path):
+    # 0.001 min: the first epoch runs (nothing is known yet), then no second one fits.
+    cut = train.train(_cfg(toy_root, tmp_path, epochs=3, eval_every=5, time_limit=0.001))
+    assert cut["stopped"] == "time limit" and cut["epochs"] == 1
+    ck = torch.load(tmp_path / "ck" / "m.pt", weights_only=True)
+    assert ck["epochs"] == 1 and ck["epochs_planned"] == 3
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+    res = train.train(_cfg(toy_root, tmp_path, epochs=3, eval_every=5))
+    assert res["resumed_from"] == 1 and res["epochs"] == 3 and res["stopped"] is None
+
+
+def test_sgd_recipe_decays_every_weight_with_nesterov():
+    model = models.build_model("resnet18_cifar")
+    opt = train.make_optimizer(model, train.RECIPES["fast-resnet"], 0.2, torch.device("cpu"))
+    (group,) = opt.param_groups
+    assert isinstance(opt, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.9
+    assert group["weight_decay"] == 5e-4
+    assert len(group["params"]) == len(list(model.parameters()))
+
+
+def test_precision_is_chosen_and_recorded(toy_root, tmp_path):
+    cpu = torch.device("cpu")
+    assert train.train_precision(cpu, "auto") == ("bf16" if train.cpu_has_native_bf16()
+                                                  else "fp32")
+    assert train.train_precision(torch.device("cuda"), "auto") == "bf16"
+    # fp32 forced: bf16 is emulated (about 10x slower) on CPUs without native bf16
+    res = train.train(_cfg(toy_root, tmp_path, epochs=1, precision="fp32"))
+    assert res["precision"] == "fp32"
+    assert torch.load(tmp_path / "ck" / "m.pt", weights_only=True)["precision"] == "fp32"
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"model": "vit_cifr"}, "vit_cifar"),
     ({"dataset": "cifar11"}, "cifar10"),
     ({"recipe": "fast"}, "paper"),
     ({"epochs": 0}, "epochs"),
     ({"batch_size": 0}, "batch size"),
+    ({"eval_every": 0}, "eval every"),
+    ({"time_limit": 0}, "time limit"),
+    ({"precision": "fp8"}, "precision"),
 ])
 def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
     with pytest.raises(UserError, match=match):
@@ -205,6 +279,8 @@ def _cli(*args, **env):
     ["train", "--model", "vit_cifar", "--batch-size", "-3"],
     ["train", "--model", "nope"],
     ["train", "--model", "vit_cifar", "--recipe", "fast"],
+    ["train", "--model", "vit_cifar", "--time-limit", "-1"],
+    ["train", "--model", "vit_cifar", "--eval-every", "0"],
     ["eval", "--model", "vit_cifar", "--dataset", "mnist"],
 ])
 def test_cli_errors_are_one_line_exit_1(tmp_path, args):
@@ -222,3 +298,15 @@ def test_cli_eval_json(toy_root, tmp_path):
     out = json.loads(r.stdout)
     assert {"model", "dataset", "split", "n", "accuracy"} <= set(out)
     assert out["n"] == 10 * N_TEST and out["split"] == "test"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_training_lowers_the_loss_and_saves_plain_keys(toy_root, tmp_path, compile_):
+    cfg = _cfg(toy_root, tmp_path, epochs=4, device="cuda", compile=compile_, eval_every=2)
+    res, before, after = _train_and_losses(toy_root, cfg)
+    assert res["precision"] == "bf16" and res["compiled"] is compile_
+    sd = torch.load(cfg.out, weights_only=True)["state_dict"]
+    assert not any(k.startswith("_orig_mod.") for k in sd)
+    assert after < before - 0.5, (before, after)

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# One rehearsed GPU window (issue 13): train the study's models with the fast recipes,
+# evaluate them, and, when time is left, train the data-scale ViTs and run the GPU
+# benchmarks. Everything finished is packaged into $OUT before the time guard.
+#
+#   scripts/device_run.sh            the GPU run (CIFAR-10 from .device/cifar10.tar.xz)
+#   scripts/device_run.sh --smoke    the same steps on CPU in about a minute (tests run it)
+#   scripts/device_run.sh --collect  on the same (still warm) machine: package the
+#                                    data-scale checkpoints that did not fit the first reply
+#
+# Environment: PYTHON (default python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
+# packed tree, default .device/cifar10.tar.xz), DEVICE_BUDGET_S (the guard, default 510 s:
+# packaged well inside 9 minutes), DEVICE_WORK (scratch, default .device/run), DEVICE_BENCH
+# (0 skips the benchmarks).
+#
+# What comes back (the device returns at most 8 files of at most 16 MiB, 64 MiB together):
+# summary.json, device.log, SHA256SUMS and results.tar split into parts of at most 15 MiB
+# (checkpoints, manifest, training logs, evaluations, benchmark JSON). Rebuild with
+# `cat results.tar.part-* > results.tar && sha256sum -c SHA256SUMS`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$REPO/.device/out}
+WORK=${DEVICE_WORK:-$REPO/.device/run}
+TAR=${REPSIM_CIFAR_TAR:-$REPO/.device/cifar10.tar.xz}
+BUDGET_S=${DEVICE_BUDGET_S:-510}
+MODE=${1:-gpu}
+T0=$(date +%s)
+PART=15M
+
+mkdir -p "$OUT"
+LOG=$OUT/device.log
+say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+minutes() { "$PYTHON" -c "print(max(0.2, ($1) / 60))"; }  # seconds -> minutes, at least 0.2
+
+package() {  # package DIR NAME: DIR as NAME.tar, split into parts, sums appended
+    (cd "$1" && tar cf - .) | split -b "$PART" -d -a 3 - "$OUT/$2.tar.part-"
+    (cd "$OUT" && sha256sum "$2".tar.part-* >> SHA256SUMS)
+}
+
+if [ "$MODE" = "--collect" ]; then
+    : > "$LOG"
+    if [ -d "$WORK/scale" ] && [ -n "$(ls -A "$WORK/scale")" ]; then
+        package "$WORK/scale" scale
+        say "collected $(ls "$WORK/scale" | wc -l) data-scale files"
+    else
+        say "nothing to collect in $WORK/scale"
+    fi
+    exit 0
+fi
+
+SMOKE=0
+[ "$MODE" = "--smoke" ] && SMOKE=1
+rm -rf "$WORK"
+DATA=$WORK/data CK=$WORK/checkpoints RUNS=$WORK/runs LOGS=$WORK/logs
+mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale"
+: > "$LOG"
+export PYTHONUNBUFFERED=1 REPSIM_OFFLINE=1 REPSIM_CACHE=$WORK/cache REPSIM_CHECKPOINTS=$CK
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+# ---------------------------------------------------------------- set-up
+say "mode ${MODE}, budget ${BUDGET_S} s, python $("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
+tar xJf "$TAR" -C "$DATA" || { say "cannot unpack $TAR"; exit 1; }
+say "unpacked $(find "$DATA" -type f | wc -l) images"
+if [ "$SMOKE" = 0 ]; then
+    "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$LOG" 2>&1 \
+        || say "pip install failed; using PYTHONPATH"
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+            .whl/*.whl >> "$LOG" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
+fi
+DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+say "device $DEVICE, torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+
+# CUDA tests in the background (small; they share the GPU with the first minutes of training).
+timeout $((BUDGET_S - 60)) "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests \
+    > "$LOGS/cuda_tests.log" 2>&1 &
+TESTS=$!
+
+# ---------------------------------------------------------------- stage 1: the two models
+if [ "$SMOKE" = 1 ]; then
+    COMMON=(--data-root "$DATA" --json --train-fraction 0.02 --epochs 1)
+    VIT_EXTRA=() RES_EXTRA=()
+else
+    COMMON=(--data-root "$DATA" --json)
+    VIT_EXTRA=(--compile --eval-every 10) RES_EXTRA=(--eval-every 5)
+fi
+train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
+    local name=$1 model=$2 recipe=$3 secs=$4
+    shift 4
+    "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
+        --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
+        > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
+}
+# The ResNet trains on the GPU while the ViT compiles; both must end 60 s before the guard
+# (final evaluation + packaging).
+STAGE1=$(($(left) - 60))
+train vit_cifar vit_cifar fast-vit "$STAGE1" "${VIT_EXTRA[@]}"
+VIT=$!
+train resnet18_cifar resnet18_cifar fast-resnet "$STAGE1" "${RES_EXTRA[@]}"
+RES=$!
+wait "$RES"; say "resnet18_cifar: exit $? $(tail -c 300 "$LOGS/train_resnet18_cifar.json")"
+wait "$VIT"; say "vit_cifar: exit $? $(tail -c 300 "$LOGS/train_vit_cifar.json")"
+
+for m in resnet18_cifar vit_cifar; do
+    [ -f "$CK/$m.pt" ] || continue
+    "$PYTHON" -m repsim eval --model "$m" --weights "$CK/$m.pt" --data-root "$DATA" --json \
+        > "$LOGS/eval_$m.json" 2> "$LOGS/eval_$m.err"
+    say "eval $m: $(cat "$LOGS/eval_$m.json")"
+done
+
+# ---------------------------------------------------------------- stage 2: only with 5 min left
+if [ "$(left)" -ge 300 ] || [ "$SMOKE" = 1 ]; then
+    say "stage 2 with $(left) s left"
+    # Data-scale ViTs (same recipe) side by side, leaving 120 s for the benchmarks.
+    SCALE=$(($(left) - 120))
+    [ "$SMOKE" = 1 ] && SCALE=60
+    PIDS=()
+    FRACTIONS=(0.1 0.25 0.5)
+    [ "$SMOKE" = 1 ] && FRACTIONS=(0.02 0.04 0.1)  # seconds on a CPU, not minutes
+    for f in "${FRACTIONS[@]}"; do
+        if [ "$SMOKE" = 1 ]; then
+            "$PYTHON" -m repsim train --model vit_cifar --recipe fast-vit --train-fraction "$f" \
+                --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --epochs 1 \
+                --data-root "$DATA" --json \
+                > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
+        else
+            "$PYTHON" -m repsim train --model vit_cifar --recipe fast-vit --train-fraction "$f" \
+                --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
+                --eval-every 20 --time-limit "$(minutes "$SCALE")" --data-root "$DATA" --json \
+                > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
+        fi
+        PIDS+=($!)
+    done
+    for p in "${PIDS[@]}"; do wait "$p"; done
+    for f in "${FRACTIONS[@]}"; do say "frac $f: $(tail -c 200 "$LOGS/train_frac$f.json")"; done
+    BENCH=$(($(left) - 40))
+    if [ "$BENCH" -ge 30 ] && [ "${DEVICE_BENCH:-1}" = 1 ] && [ -f benchmarks/bench_gpu.py ]; then
+        QUICK=()
+        [ "$SMOKE" = 1 ] && QUICK=(--quick)
+        timeout "$BENCH" "$PYTHON" benchmarks/bench_gpu.py --device "$DEVICE" --data-root "$DATA" \
+            --weights-dir "$CK" --time-budget $((BENCH - 10)) --out "$LOGS/bench_gpu.json" \
+            "${QUICK[@]}" > "$LOGS/bench_gpu.log" 2>&1
+        say "bench_gpu: exit $? $(tail -c 600 "$LOGS/bench_gpu.log")"
+    fi
+else
+    say "stage 2 skipped: $(left) s left"
+fi
+
+# ---------------------------------------------------------------- package
+wait "$TESTS"; say "cuda tests: $(tail -n 1 "$LOGS/cuda_tests.log")"
+cp -r "$RUNS" "$LOGS/runs" 2>/dev/null
+rm -f "$LOGS"/runs/*/state.pt  # optimiser state: large and not needed off the machine
+cp "$CK"/*.pt "$CK/manifest.json" "$LOGS/" 2>/dev/null
+cp "$WORK/scale/manifest.json" "$LOGS/manifest_scale.json" 2>/dev/null
+"$PYTHON" - "$LOGS" "$OUT/summary.json" "$(($(date +%s) - T0))" "$MODE" <<'EOF'
+import json, sys
+from pathlib import Path
+
+import torch
+
+logs, out, seconds, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def read(p):
+    try:
+        lines = p.read_text().strip().splitlines()
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+
+summary = {"mode": mode, "seconds": seconds, "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+           "train": {p.stem[6:]: read(p) for p in sorted(logs.glob("train_*.json"))},
+           "eval": {p.stem[5:]: read(p) for p in sorted(logs.glob("eval_*.json"))},
+           "bench_gpu": read(logs / "bench_gpu.json") if (logs / "bench_gpu.json").is_file()
+           else None,
+           "cuda_tests": (logs / "cuda_tests.log").read_text().strip().splitlines()[-1:]}
+out.write_text(json.dumps(summary, indent=1))
+EOF
+: > "$OUT/SHA256SUMS"
+package "$LOGS" results
+say "packaged $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1); data-scale: $(ls "$WORK/scale" | tr '\n' ' ')"

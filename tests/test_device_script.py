@@ -1,0 +1,99 @@
+"""The rehearsal of the GPU window (issue 13): scripts/device_run.sh --smoke on this CPU.
+
+The script unpacks a packed CIFAR-10 tree, trains both models and the data-scale ViTs,
+evaluates, and packages everything into at most 8 files of at most 15 MiB. Here it runs on
+a tiny generated tree, so the script cannot rot between GPU windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "device_run.sh"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    rng = np.random.default_rng(0)
+    tree = root / "tree" / "cifar10"
+    for split, k in (("train", 50), ("test", 3)):
+        for c in range(10):
+            d = tree / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(k):
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.jpg")
+    packed = root / "cifar10.tar.xz"
+    with tarfile.open(packed, "w:xz") as tf:
+        tf.add(tree, arcname="cifar10")
+    out, work = root / "out", root / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE_WORK": str(work),
+           "REPSIM_CIFAR_TAR": str(packed), "DEVICE_BENCH": "0"}
+    run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    collect_out = root / "collect"
+    collect = subprocess.run(["bash", str(SCRIPT), "--collect"], capture_output=True, text=True,
+                             env={**env, "OUT": str(collect_out)}, timeout=120)
+    assert collect.returncode == 0, collect.stdout + collect.stderr
+    return out, collect_out, root
+
+
+def _unpack(folder: Path, name: str, dest: Path) -> Path:
+    sums = dict(ln.split()[::-1] for ln in (folder / "SHA256SUMS").read_text().splitlines())
+    parts = sorted(folder.glob(f"{name}.tar.part-*"))
+    assert parts and {p.name for p in parts} <= set(sums)
+    blob = b""
+    for p in parts:
+        data = p.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sums[p.name], p.name
+        blob += data
+    (dest / f"{name}.tar").write_bytes(blob)
+    with tarfile.open(dest / f"{name}.tar") as tf:
+        tf.extractall(dest / name, filter="data")
+    return dest / name
+
+
+@pytest.mark.slow
+def test_smoke_run_trains_evaluates_and_summarises(smoke):
+    out, _, _ = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "--smoke" and summary["gpu"] is None
+    for name in ("vit_cifar", "resnet18_cifar"):
+        assert summary["train"][name]["epochs"] == 1
+        assert summary["eval"][name]["n"] == 30  # the whole test split
+    assert {"frac0.02", "frac0.04", "frac0.1"} <= set(summary["train"])
+
+
+@pytest.mark.slow
+def test_smoke_run_packages_within_the_return_limits(smoke, tmp_path):
+    out, _, _ = smoke
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.stat().st_size <= 15 * 2**20 for f in files)
+    results = _unpack(out, "results", tmp_path)
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert {r["name"] for r in manifest["checkpoints"]} == {"vit_cifar", "resnet18_cifar"}
+    assert (results / "vit_cifar.pt").is_file() and (results / "runs" / "vit_cifar").is_dir()
+
+
+@pytest.mark.slow
+def test_collect_returns_the_data_scale_checkpoints(smoke, tmp_path):
+    _, collect, _ = smoke
+    scale = _unpack(collect, "scale", tmp_path)
+    names = sorted(p.name for p in scale.glob("*.pt"))
+    assert names == ["vit_cifar_frac0.02.pt", "vit_cifar_frac0.04.pt", "vit_cifar_frac0.1.pt"]
+    fractions = {r["train_fraction"] for r in
+                 json.loads((scale / "manifest.json").read_text())["checkpoints"]}
+    assert fractions == {0.02, 0.04, 0.1}
