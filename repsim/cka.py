@@ -13,7 +13,8 @@ Estimators (Kornblith et al. 2019; Song et al. 2012; Nguyen, Raghu & Kornblith 2
 - ``debiased``: the unbiased HSIC estimator via U-centring (zero diagonal,
   ``n - 2`` row means) -- the inner product of two U-centred Grams is
   ``n (n - 3)`` times unbiased HSIC.
-- ``minibatch``: unbiased HSIC summed over consecutive batches, then
+- ``minibatch``: unbiased HSIC summed over batches of rows drawn at random (one seeded
+  permutation, :func:`repsim.sketch.minibatches`), then
   ``sum HSIC(K, L) / sqrt(sum HSIC(K, K) * sum HSIC(L, L))``.
 
 How it is fast: every layer's centred Gram (or one block of it) is built once
@@ -43,6 +44,7 @@ from repsim.sketch import (  # noqa: F401  (re-exported: part of this module's A
     CKAResult,
     block_bounds,
     cka_from_sketches,
+    minibatches,
     normalise,
     sample_rows,
     sketch_size,
@@ -103,6 +105,13 @@ def _rows(x: Any, a: int, b: int, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(blk), dtype=torch.float64, device=device)
 
 
+def _take(x: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` (sorted) of any 2-D source, in its own kind (array, tensor, h5py read)."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(idx, device=x.device)]
+    return x[idx]
+
+
 # --------------------------------------------------------------------------- per-layer state
 
 
@@ -131,10 +140,14 @@ class _Layer:
         return _rows(self.src, a, b, device) - self.mean
 
 
-def _non_finite(name: str, x: torch.Tensor, offset: int) -> ValueError:
+def _non_finite(name: str, x: torch.Tensor, offset: int | np.ndarray) -> ValueError:
+    """The error for non-finite rows of ``x``: rows ``offset + i``, or ``offset[i]``."""
     bad = ~torch.isfinite(x).all(dim=1)
-    where = f"first at row {int(bad.nonzero()[0, 0]) + offset}" if bad.any() else \
-        "its column sums overflow"
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        where = f"first at row {int(offset[i]) if isinstance(offset, np.ndarray) else offset + i}"
+    else:
+        where = "its column sums overflow"
     return ValueError(
         f"layer {name!r} has non-finite values ({where}); check the activations "
         "(overflow in float16 storage?) before computing CKA"
@@ -444,6 +457,7 @@ def compare(
     estimator: str = "biased",
     threshold: float = 1.0,
     batch_size: int | None = None,
+    batch_seed: int = 0,
     device: str | torch.device | None = None,
     memory_budget: int | None = None,
     progress: bool = False,
@@ -452,8 +466,9 @@ def compare(
 
     ``feats_a``/``feats_b``: sequences (or name -> matrix mappings) of ``(n, p_l)``
     matrices with the same ``n``. Passing the same object twice computes the
-    self-similarity matrix with half the work. Returns a :class:`CKAResult`
-    whose ``matrix`` has shape ``(La, Lb)``.
+    self-similarity matrix with half the work. ``batch_seed`` draws the minibatch
+    estimator's random batches. Returns a :class:`CKAResult` whose ``matrix`` has shape
+    ``(La, Lb)``.
     """
     _validate_options(kernel, estimator, threshold, batch_size)
     names_a, mats_a = _named(feats_a, "a")
@@ -472,7 +487,7 @@ def compare(
 
     if estimator == "minibatch":
         return _compare_minibatch(names_a, mats_a, names_b, mats_b, same, int(batch_size),
-                                  kernel, threshold, dev, common, progress)
+                                  batch_seed, kernel, threshold, dev, common, progress)
 
     budget = memory_budget or _default_budget(dev)
     step = 4096  # rows per read in the scanning passes
@@ -515,13 +530,14 @@ def cka_matrix(
     estimator: str = "biased",
     threshold: float = 1.0,
     batch_size: int | None = None,
+    batch_seed: int = 0,
 ) -> np.ndarray:
     """CKA for all layer pairs: float64 array of shape ``(len(feats_a), len(feats_b))``.
 
     See :func:`compare` for the same computation with its metadata (bandwidths, n).
     """
     return compare(feats_a, feats_b, kernel=kernel, estimator=estimator,
-                   threshold=threshold, batch_size=batch_size).matrix
+                   threshold=threshold, batch_size=batch_size, batch_seed=batch_seed).matrix
 
 
 def linear_cka(x: Any, y: Any, *, debiased: bool = False) -> float:
@@ -683,16 +699,18 @@ class MinibatchCKA:
         return _normalise(self.hsic_ab_, self.hsic_aa_, self.hsic_bb_)
 
 
-def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kernel, threshold,
-                       dev, common, progress) -> CKAResult:
+def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, batch_seed, kernel,
+                       threshold, dev, common, progress) -> CKAResult:
     n = common["n"]
     if n < 4:
         raise ValueError(f"the unbiased HSIC estimator needs at least 4 rows, got n={n}")
-    bounds = block_bounds(n, batch_size)
-    if bounds[-1][1] - bounds[-1][0] < 4 and len(bounds) > 1:
-        a, b = bounds.pop()
+    batches = minibatches(n, batch_size, batch_seed)
+    if not batches:
+        raise ValueError(f"batch_size {batch_size} leaves no batch of at least 4 of {n} rows")
+    left = n - sum(len(b) for b in batches)
+    if left:
         warnings.warn(
-            f"dropping the last batch of {b - a} rows (rows {a}..{b - 1}): the unbiased HSIC "
+            f"dropping {left} of {n} rows (the last, short random batch): the unbiased HSIC "
             "estimator needs at least 4; choose a batch_size that leaves >= 4",
             RuntimeWarning, stacklevel=3,
         )
@@ -703,13 +721,13 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
         meds_b = meds_a if same else rbf_bandwidths(dict(zip(names_b, mats_b)), rows)
     acc = MinibatchCKA(kernel=kernel, threshold=threshold, median_sqdist_a=meds_a,
                        median_sqdist_b=meds_b, device=dev)
-    it = bounds
+    it = batches
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(bounds, desc="minibatch CKA", unit="batch")
-    for a, b in it:
-        ba = [m[a:b] for m in mats_a]
-        acc.update(ba, ba if same else [m[a:b] for m in mats_b])
+        it = tqdm(batches, desc="minibatch CKA", unit="batch")
+    for idx in it:
+        ba = [_take(m, idx) for m in mats_a]
+        acc.update(ba, ba if same else [_take(m, idx) for m in mats_b])
     matrix = acc.compute()
     # One read per batch does all the checking: non-finite values raise in update(), and a
     # layer that is constant within every batch has a zero self-sum (NaN via _normalise).
@@ -725,7 +743,7 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
     if same:
         matrix = (matrix + matrix.T) / 2
     res = CKAResult(matrix=matrix, layers_a=names_a, layers_b=names_b, batch_size=batch_size,
-                    n_batches=acc.n_batches_, **common)
+                    batch_seed=batch_seed, n_batches=acc.n_batches_, **common)
     if kernel == "rbf":
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
         res.bandwidth_rows = [int(i) for i in rows]
@@ -741,9 +759,10 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, kerne
 # further comparison involving that layer into one small matrix product.
 
 
-def _centred_upper(k: Any, estimator: str, n: int, iu: tuple[Any, Any]) -> Any:
-    """A block's sketch entries from its ``(m, m)`` Gram ``k`` (numpy array or torch tensor;
-    ``iu``: its upper-triangle indices of the same kind, diagonal included for "biased").
+def _centred_upper(k: torch.Tensor, estimator: str, n: int,
+                   iu: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A block's sketch entries from its ``(m, m)`` Gram ``k`` (``iu``: its upper-triangle
+    indices, diagonal included for "biased").
 
     Biased: ``H K H / n`` (s.s = tr(KHLH) / n^2). Otherwise Song et al.'s U-centring of the
     hollow Gram, scaled so that s.s sums HSIC_u over batches. Off-diagonal entries carry
@@ -761,35 +780,13 @@ def _centred_upper(k: Any, estimator: str, n: int, iu: tuple[Any, Any]) -> Any:
     return u * (math.sqrt(2.0) / math.sqrt(m * (m - 3)))
 
 
-def _copy_rows(x: Any, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows ``a:b`` of any 2-D source converted into ``out`` (a float64 buffer view of
-    ``b - a`` rows, reused: fresh memory costs more than the copy); returns ``out``."""
-    src = x[a:b]
-    if isinstance(src, torch.Tensor):
-        if out.device.type != "cpu" or src.device.type != "cpu" or src.dtype == torch.bfloat16:
-            return out.copy_(src)
-        src = src.detach().numpy()
-    # numpy on CPU: see _linear_sketch_part
-    np.copyto(out.numpy(), np.asarray(src), casting="unsafe")
-    return out
-
-
-def _linear_sketch_part(blk: np.ndarray, estimator: str, n: int) -> np.ndarray | None:
-    """:func:`_sketch_part` for the linear kernel on CPU, in numpy from copy to sketch.
-
-    The Gram ``A A^T`` goes to numpy's BLAS as syrk: half the products, 1.6x faster than
-    torch's gemm for 250 x 65,536 blocks here. Right after a torch op, torch's OpenMP
-    threads keep spinning while OpenBLAS runs, so no torch op precedes it: measured
-    15-20 % faster sketches than the same steps in torch.
-    """
-    m = blk.shape[0]
-    np.subtract(blk, blk[0].copy(), out=blk)  # see _sketch_gram
-    with np.errstate(invalid="ignore", over="ignore"):
-        k = blk @ blk.T
-    if not np.isfinite(k.diagonal()).all():
-        return None
-    return _centred_upper(k, estimator, n, np.triu_indices(m, 0 if estimator == "biased"
-                                                            else 1))
+def _gather(x: Any, idx: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of any 2-D source converted into ``out``, a float64 buffer view of
+    ``len(idx)`` rows on any device (reused: fresh memory costs more than the copy)."""
+    src = _take(x, idx)
+    if not isinstance(src, torch.Tensor):
+        src = torch.from_numpy(np.asarray(src))
+    return out.copy_(src)
 
 
 def _sketch_gram(blk: torch.Tensor, kernel: str, median_sqdist: float | None,
@@ -819,9 +816,6 @@ def _sketch_part(blk: torch.Tensor, kernel: str, estimator: str, n: int,
     """One block's share of a layer sketch from its float64 rows (overwritten): the
     upper triangle of the doubly centred (biased) or U-centred Gram, scaled so that sketch
     inner products give the estimator's sums. None when the block is not finite."""
-    if kernel == "linear" and blk.device.type == "cpu":
-        v = _linear_sketch_part(blk.numpy(), estimator, n)
-        return None if v is None else torch.from_numpy(v)
     m = blk.shape[0]
     k = _sketch_gram(blk, kernel, median_sqdist, threshold)
     if k is None:
@@ -831,101 +825,37 @@ def _sketch_part(blk: torch.Tensor, kernel: str, estimator: str, n: int,
 
 
 def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
-                 threshold: float = 1.0, batch_size: int | None = None,
+                 threshold: float = 1.0, batch_size: int | None = None, batch_seed: int = 0,
                  median_sqdist: float | None = None,
                  device: str | torch.device | None = None) -> torch.Tensor:
     """One layer's ``(D,)`` float64 sketch (see :func:`sketch_size`) for :func:`cka_from_sketches`.
 
     ``x`` is ``(n, p)``. RBF needs the layer's ``median_sqdist``: over all rows for
     biased/debiased, over the fixed sample of :func:`rbf_bandwidths` for minibatch -- the
-    same bandwidths :func:`compare` uses. A last minibatch of fewer than 4 rows is left out,
-    as in :func:`compare`. Non-finite input raises ``ValueError``; constant batches add
-    zeros (a constant layer's sketch is all zeros, and its CKA is NaN).
+    same bandwidths :func:`compare` uses. Minibatch sketches use the random batches of
+    :func:`repsim.sketch.minibatches` (``batch_seed``), as :func:`compare` does.
+    Non-finite input raises ``ValueError``; constant batches add zeros (a constant layer's
+    sketch is all zeros, and its CKA is NaN).
     """
     _validate_options(kernel, estimator, threshold, batch_size)
     n = x.shape[0]
     dev = _pick_device([x], device)
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("the RBF kernel needs median_sqdist (see rbf_bandwidths)")
-    size = batch_size if estimator == "minibatch" else n
+    if estimator == "minibatch":
+        batches = minibatches(n, batch_size, batch_seed)
+    else:
+        batches = [np.arange(n)]
     parts = []
-    buf = None  # one float64 block buffer, reused (see _copy_rows)
-    for a, b in block_bounds(n, size):
-        m = b - a
-        if estimator != "biased" and m < 4:
-            continue
+    buf = None  # one float64 block buffer, reused (see _gather)
+    for idx in batches:
+        m = len(idx)
         if buf is None:
-            buf = torch.empty(min(size, n), x.shape[1], dtype=torch.float64, device=dev)
-        v = _sketch_part(_copy_rows(x, a, b, buf[:m]), kernel, estimator, n, median_sqdist,
+            buf = torch.empty(max(len(b) for b in batches), x.shape[1], dtype=torch.float64,
+                              device=dev)
+        v = _sketch_part(_gather(x, idx, buf[:m]), kernel, estimator, n, median_sqdist,
                          threshold)
         if v is None:
-            raise _non_finite("x", _rows(x, a, b, dev), a)
+            raise _non_finite("x", _rows(_take(x, idx), 0, m, dev), idx)
         parts.append(v)
     return torch.cat(parts)
-
-
-class SketchAccumulator:
-    """Linear minibatch sketches of layers whose rows arrive in order, batch by batch.
-
-    For extraction-time CKA: ``update({layer: (b, p) rows})`` with the next rows of every
-    layer (any batch size; rows are buffered in float64 up to ``batch_size``), then
-    ``compute()`` gives ``{layer: sketch}``, equal to :func:`layer_sketch` of the whole
-    ``(n, p)`` matrix with ``kernel="linear", estimator="minibatch"``. Linear minibatch
-    only: the RBF bandwidth needs a sample of all rows first, and the full-data estimators
-    need every pair of rows. A layer with non-finite rows is left out of ``compute()``
-    (``failed_`` names it); the store reader reports it properly later.
-    """
-
-    def __init__(self, batch_size: int, device: str | torch.device | None = None) -> None:
-        _validate_options("linear", "minibatch", 1.0, batch_size)
-        self.batch_size = batch_size
-        self.device = None if device is None else torch.device(device)
-        self.rows_ = 0  # rows seen per layer
-        self.failed_: set[str] = set()
-        self._fill = 0  # rows in the current batch so far
-        self._buf: dict[str, torch.Tensor] = {}
-        self._parts: dict[str, list[torch.Tensor]] = {}
-
-    def update(self, feats: Mapping[str, Any]) -> None:
-        names, mats = _named(feats, "feats")
-        rows = _check_shapes(names, mats, None)
-        if self._buf and set(names) != set(self._buf):
-            raise ValueError(f"update() got layers {names}, earlier ones {list(self._buf)}")
-        a = 0
-        while a < rows:
-            take = min(rows - a, self.batch_size - self._fill)
-            for name, x in zip(names, mats):
-                if name not in self._buf:
-                    if self.rows_:
-                        raise ValueError(f"layer {name!r} appeared after {self.rows_} rows")
-                    dev = self.device or _pick_device([x], None)
-                    self._buf[name] = torch.empty(self.batch_size, x.shape[1],
-                                                  dtype=torch.float64, device=dev)
-                    self._parts[name] = []
-                _copy_rows(x, a, a + take, self._buf[name][self._fill:self._fill + take])
-            self._fill += take
-            a += take
-            if self._fill == self.batch_size:
-                self._flush()
-        self.rows_ += rows
-
-    def _flush(self) -> None:
-        m, self._fill = self._fill, 0
-        if m < 4:  # the estimator's rule: a last batch of fewer than 4 rows is left out
-            return
-        for name, buf in self._buf.items():
-            if name in self.failed_:
-                continue
-            v = _sketch_part(buf[:m], "linear", "minibatch", m, None, 1.0)
-            if v is None:
-                self.failed_.add(name)
-                self._parts[name].clear()
-            else:
-                self._parts[name].append(v)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """``{layer: (D,) float64 sketch}`` of every row seen (the last short batch too)."""
-        if self._fill:
-            self._flush()
-        return {name: torch.cat(parts) for name, parts in self._parts.items()
-                if name not in self.failed_ and parts}

@@ -364,6 +364,8 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimator", default="biased", choices=["biased", "debiased", "minibatch"])
     p.add_argument("--batch-size", type=_positive_int,
                    help="rows per batch for --estimator minibatch")
+    p.add_argument("--batch-seed", type=int, default=0,
+                   help="seed of the minibatch estimator's random batches (default 0)")
     _add_probe_options(p)
     p.add_argument("--weights-a", help="weights file or 'random' for A (default: its own)")
     p.add_argument("--weights-b", help="weights file or 'random' for B")
@@ -386,10 +388,10 @@ def cmd_cka(args) -> int:
                       data_root=args.data_root, reduce=args.reduce, dtype=args.dtype,
                       device=args.device)
     cfg = CKAConfig(a=args.a, b=args.b, kernel=args.kernel, estimator=args.estimator,
-                    threshold=args.threshold, batch_size=args.batch_size, probe=probe,
-                    weights_a=args.weights_a, weights_b=args.weights_b,
-                    layers_a=args.layers_a, layers_b=args.layers_b, out=args.out,
-                    force=args.force, device=args.device, progress=not args.json,
+                    threshold=args.threshold, batch_size=args.batch_size,
+                    batch_seed=args.batch_seed, probe=probe, weights_a=args.weights_a,
+                    weights_b=args.weights_b, layers_a=args.layers_a, layers_b=args.layers_b,
+                    out=args.out, force=args.force, device=args.device, progress=not args.json,
                     log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr))
     res = run_cka(cfg)
     r = res["result"]

@@ -89,9 +89,6 @@ class StoreRef:
     ids_sha256: str
     identity_sha256: str  # digest of the store's provenance (what decides its contents)
     how: str  # "given", "reused" or "extracted"
-    # Linear minibatch sketches made while extracting (batch size -> {layer: sketch}), so
-    # the first comparison need not read the activations back.
-    streamed: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def record(self) -> dict:
         """JSON-able provenance of this input (no machine-specific times)."""
@@ -116,6 +113,7 @@ class CKAConfig:
     estimator: str = "biased"
     threshold: float = 1.0
     batch_size: int | None = None  # minibatch estimator: rows per batch
+    batch_seed: int = 0  # minibatch estimator: seed of the random batches
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     weights_a: str | None = None
     weights_b: str | None = None
@@ -236,15 +234,12 @@ def _stale(meta: dict, model: str, weights: str | None, probe: ProbeSpec) -> str
 def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = None,
                   probe: ProbeSpec | None = None, label: str | None = None,
                   force: bool = False, progress: bool = True,
-                  log: Callable[[str], None] | None = None,
-                  sketch_batch: int | None = None) -> StoreRef:
+                  log: Callable[[str], None] | None = None) -> StoreRef:
     """A complete store for ``ref`` (a store path, or a model name to extract on demand).
 
     Model names use ``repsim extract``'s default path for ``probe`` (a non-default
     ``layers`` request gets its own file). Raises :class:`InputUnavailable` when the model's
-    weights cannot be had here, UserError for anything else that is wrong. With
-    ``sketch_batch``, an extraction also builds each layer's linear minibatch sketch for
-    that batch size from the rows in memory (``StoreRef.streamed``).
+    weights cannot be had here, UserError for anything else that is wrong.
     """
     probe = probe or ProbeSpec()
     say = log or (lambda msg: None)
@@ -300,24 +295,15 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     problem = _weights_problem(ref, weights)  # before extracting: one line on how to get them
     if problem is not None:
         raise InputUnavailable(problem)
-    acc = None
-    if sketch_batch is not None:
-        from repsim.cka import SketchAccumulator
-
-        acc = SketchAccumulator(sketch_batch, probe.device)
     try:
-        res = extract(cfg, observe=acc)
+        res = extract(cfg)
     except UserError as exc:
         if existed and "different settings" in str(exc):  # extract's own refusal
             raise UserError(f"{exc}; for repsim cka / figures pass --force to re-extract"
                             ) from None
         raise
     _remember(request, out, _weights_file(ref, weights))
-    store = _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
-    if acc is not None and not res.get("reused") and not res.get("resumed") \
-            and acc.rows_ == store.n:
-        store.streamed[sketch_batch] = {k: v.cpu().numpy() for k, v in acc.compute().items()}
-    return store
+    return _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
 
 
 # Resolving a model name to its store needs the model registry (timm and torchvision:
@@ -510,6 +496,7 @@ def _cache_key(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> 
         "layers_a": layers_a, "layers_b": layers_b, "kernel": cfg.kernel,
         "estimator": cfg.estimator, "threshold": cfg.threshold if cfg.kernel == "rbf" else None,
         "batch_size": cfg.batch_size if cfg.estimator == "minibatch" else None,
+        "batch_seed": cfg.batch_seed if cfg.estimator == "minibatch" else None,
         "versions": versions(),
     })
 
@@ -558,8 +545,7 @@ def run_cka(cfg: CKAConfig) -> dict:
         raise UserError(f"--batch-size applies to --estimator minibatch only, not "
                         f"{cfg.estimator}; drop it or use --estimator minibatch")
 
-    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log,
-                  sketch_batch=cfg.batch_size if _streamable(cfg) else None)
+    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
     sa, layers_a = _resolve_side(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
                                  common)
     if (cfg.b, cfg.weights_b, cfg.layers_b) == (cfg.a, cfg.weights_a, cfg.layers_a):
@@ -571,11 +557,6 @@ def run_cka(cfg: CKAConfig) -> dict:
                                      common)
     check_aligned(sa, sb)
     same_store = sa.path.resolve() == sb.path.resolve()
-    for st in (sa, sb):
-        for layer, sk in st.streamed.get(cfg.batch_size, {}).items():
-            path = _sketch_path(st, layer, cfg)
-            if not path.is_file():
-                _save_sketch(path, sk, None)
 
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa, cfg.probe,
                                                             not _looks_like_path(cfg.a))
@@ -598,7 +579,7 @@ def run_cka(cfg: CKAConfig) -> dict:
         "layers_a": layers_a, "layers_b": layers_b,
         "kernel": d["kernel"], "estimator": d["estimator"], "n": d["n"],
         "threshold": d["threshold"], "batch_size": d["batch_size"],
-        "n_batches": d["n_batches"], "matrix": d["matrix"],
+        "batch_seed": d["batch_seed"], "n_batches": d["n_batches"], "matrix": d["matrix"],
         "bandwidths_a": d["bandwidths_a"], "bandwidths_b": d["bandwidths_b"],
         "bandwidth_rows_sha256": (None if d["bandwidth_rows"] is None
                                   else ids_digest(np.asarray(d["bandwidth_rows"]))),
@@ -628,15 +609,10 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
     key = _digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
                    "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                    "kernel": cfg.kernel, "estimator": cfg.estimator,
-                   "batch_size": cfg.batch_size, "threshold": cfg.threshold,
-                   "version": __version__, "format": "sketch/1"})
+                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
+                   "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
     cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
     return cache / "sketches" / f"{key[:32]}.npz"
-
-
-def _streamable(cfg: CKAConfig) -> bool:
-    """Whether this comparison's sketches can be built while extracting (see SketchAccumulator)."""
-    return cfg.kernel == "linear" and cfg.estimator == "minibatch"
 
 
 def _save_sketch(path: Path, sk: np.ndarray, med: float | None) -> None:
@@ -669,7 +645,8 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tup
         try:
             sk = cka.layer_sketch(ds, kernel=cfg.kernel, estimator=cfg.estimator,
                                   threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                  median_sqdist=med, device=cfg.device).cpu().numpy()
+                                  batch_seed=cfg.batch_seed, median_sqdist=med,
+                                  device=_device(cfg)).cpu().numpy()
         except ValueError as e:  # non-finite activations: name the store and layer
             raise UserError(f"{store.path} layer {layer!r}: {e}") from None
         _save_sketch(path, sk, med)
@@ -697,8 +674,9 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
     size = sketch.sketch_size(n, cfg.estimator, cfg.batch_size)
     small = 0 < 8 * size <= SKETCH_MAX_BYTES
     if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
-        warnings.warn(f"dropping the last batch of {n % cfg.batch_size} rows: the unbiased "
-                      "HSIC estimator needs at least 4", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"dropping {n % cfg.batch_size} of {n} rows (the last, short random "
+                      "batch): the unbiased HSIC estimator needs at least 4", RuntimeWarning,
+                      stacklevel=2)
     if small and all(_sketch_path(st, x, cfg).is_file()
                      for st, names in ((sa, layers_a), (sb, layers_b)) for x in names):
         ska, meds_a = _sketches(sa, layers_a, cfg, None)
@@ -707,7 +685,7 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
         from repsim import cka
 
         rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
-        budget = cfg.memory_budget or cka._default_budget(cka._pick_device([], cfg.device))
+        budget = cfg.memory_budget or cka._default_budget(_device(cfg))
         with Store(sa.path) as ra, Store(sb.path) as rb:
             width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
             # Sketches read rows_at_once rows of a layer in float64; larger reads stream.
@@ -715,10 +693,11 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
                 fa = ra.features(layers_a)
                 fb = fa if same else rb.features(layers_b)  # the same object: symmetric, once
                 with warnings.catch_warnings():  # said above, once
-                    warnings.filterwarnings("ignore", "dropping the last batch")
+                    warnings.filterwarnings("ignore", "dropping .* rows")
                     return cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
                                        threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                       device=cfg.device, memory_budget=cfg.memory_budget,
+                                       batch_seed=cfg.batch_seed, device=_device(cfg),
+                                       memory_budget=cfg.memory_budget,
                                        progress=cfg.progress).to_dict()
             ska, meds_a = _sketches(sa, layers_a, cfg, ra)
             skb, meds_b = (ska, meds_a) if same else _sketches(sb, layers_b, cfg, rb)
@@ -726,18 +705,26 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
     if same:
         matrix = (matrix + matrix.T) / 2
     rbf = cfg.kernel == "rbf"
-    n_batches = (len(sketch.minibatches(n, cfg.batch_size))
-                 if cfg.estimator == "minibatch" else None)
+    mini = cfg.estimator == "minibatch"
+    n_batches = len(sketch.minibatches(n, cfg.batch_size, cfg.batch_seed)) if mini else None
     rows = (sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
             if rbf and cfg.estimator == "minibatch" else None)
     res = sketch.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
                            kernel=cfg.kernel, estimator=cfg.estimator, n=n,
                            threshold=cfg.threshold if rbf else None,
-                           batch_size=cfg.batch_size, n_batches=n_batches,
+                           batch_size=cfg.batch_size,
+                           batch_seed=cfg.batch_seed if mini else None, n_batches=n_batches,
                            bandwidths_a=meds_a if rbf else None,
                            bandwidths_b=meds_b if rbf else None,
                            bandwidth_rows=None if rows is None else [int(i) for i in rows])
     return res.to_dict()
+
+
+def _device(cfg: CKAConfig):
+    """The CKA device: ``cfg.device``, else the GPU when there is one (stores are numpy)."""
+    from repsim.models import resolve_device
+
+    return resolve_device(cfg.device)
 
 
 def _resolve_side(ref: str, weights: str | None, layers: str | None, label: str | None,

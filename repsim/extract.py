@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -129,14 +128,11 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def extract(cfg: ExtractConfig, observe: Any = None) -> dict:
+def extract(cfg: ExtractConfig) -> dict:
     """Extract activations as ``cfg`` says; returns a summary dict (path, n, layers, seconds).
 
     A complete store with the same provenance is reused; one with different provenance
     needs ``overwrite``. An unfinished ``.partial`` store with the same settings is resumed.
-    ``observe`` (optional, e.g. :class:`repsim.cka.SketchAccumulator`) gets
-    ``update({layer: rows})`` with each batch as stored, in the order computed; it sees
-    every row, in order, only when the summary says neither ``reused`` nor ``resumed``.
     """
     from repsim import __version__, models
     from repsim.data import load_probe_set
@@ -188,7 +184,7 @@ def extract(cfg: ExtractConfig, observe: Any = None) -> dict:
     writer = StoreWriter(target, meta, probe.ids, probe.labels, cfg.batch_size)
     mine = [j for j in writer.pending() if j % world == rank]
     try:
-        _run(model, spec, layers, cfg, probe, writer, mine, device, rank, observe)
+        _run(model, spec, layers, cfg, probe, writer, mine, device, rank)
         if world == 1:
             writer.finish()
     finally:
@@ -202,7 +198,7 @@ def extract(cfg: ExtractConfig, observe: Any = None) -> dict:
             "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
 
 
-def _run(model, spec, layers, cfg, probe, writer, todo, device, rank, observe) -> None:
+def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     """The hot loop: batches -> device -> preprocess -> forward with hooks -> store."""
     from repsim import models
 
@@ -241,8 +237,6 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank, observe) -
                 cap.out.clear()
                 model(x)
                 feats = {name: cap.out[name] for name in layers}
-                if observe is not None:  # the values as stored (storage dtype)
-                    observe.update({k: v.to(store_dtype) for k, v in feats.items()})
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
                 if not writer.layers_created:

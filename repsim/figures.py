@@ -11,7 +11,7 @@
     vit_cifar = "ViT (CIFAR-10)"
     [probe]                           # which images: repsim.compare.ProbeSpec fields
     dataset = "cifar10-probe"         # dataset, split, n, seed, reduce, dtype
-    [cka]                             # kernel, estimator, batch_size, threshold
+    [cka]                             # kernel, estimator, batch_size, batch_seed, threshold
     estimator = "minibatch"
 
 A relative ``weights`` file is looked up in the checkpoint folder. ``repsim figures --n N
@@ -67,7 +67,7 @@ from repsim.errors import UserError
 FORMAT = "repsim-figure/1"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
-CKA_KEYS = ("kernel", "estimator", "batch_size", "threshold")
+CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold")
 # Modules that register more kinds, imported when a spec names a kind not yet registered
 # (a module that does not exist is not an error).
 EXTRA_KIND_MODULES = ("repsim.attention_figures", "repsim.featuremaps")
@@ -173,7 +173,8 @@ class FigureContext:
         return ProbeSpec(**{**d, "device": self.device})
 
     def cka_settings(self, spec: dict) -> dict:
-        c = {"kernel": "linear", "estimator": "biased", "batch_size": None, "threshold": 1.0}
+        c = {"kernel": "linear", "estimator": "biased", "batch_size": None, "batch_seed": 0,
+             "threshold": 1.0}
         c.update(spec.get("cka") or {})
         if c["estimator"] == "minibatch" and c.get("batch_size") is None:
             raise UserError(f"{self.name}: [cka] estimator = 'minibatch' needs batch_size")
@@ -311,7 +312,8 @@ def _dep_cka(ctx: FigureContext, d: dict):
     lb = lb if lb is None or isinstance(lb, str) else ",".join(lb)
     cfg = CKAConfig(a=str(sa.path), b=str(sb.path), label_a=a.display(), label_b=b.display(),
                     layers_a=la, layers_b=lb, kernel=c["kernel"], estimator=c["estimator"],
-                    threshold=c["threshold"], batch_size=c["batch_size"], probe=probe,
+                    threshold=c["threshold"], batch_size=c["batch_size"],
+                    batch_seed=c["batch_seed"], probe=probe,
                     out=str(ctx.cache_dir / probe.tag()), plots=False, force=ctx.force,
                     device=probe.device, progress=ctx.progress, log=ctx.log)
     res = run_cka(cfg)["result"]

@@ -32,6 +32,7 @@ class CKAResult:
     n: int
     threshold: float | None = None
     batch_size: int | None = None
+    batch_seed: int | None = None  # minibatch: seed of the random batches (see minibatches)
     n_batches: int | None = None
     bandwidths_a: list[float] | None = None  # RBF: median squared distance per layer
     bandwidths_b: list[float] | None = None
@@ -51,9 +52,19 @@ def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def minibatches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """The minibatch estimator's batches: a last batch of fewer than 4 rows is left out."""
-    return [(a, b) for a, b in block_bounds(n, batch_size) if b - a >= 4]
+def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
+    """The minibatch estimator's batches: sorted ``int64`` row indices, drawn at random.
+
+    Rows are dealt into batches by one seeded permutation (Nguyen, Raghu & Kornblith 2021
+    draw minibatches at random without replacement), so a batch is a random sample even
+    when the rows are sorted by class, as stores are; consecutive rows would give
+    single-class batches and measure within-class similarity only. The same ``n``,
+    ``batch_size`` and ``seed`` give the same batches for both models, so rows stay
+    aligned. A last batch of fewer than 4 rows is left out (the unbiased HSIC estimator
+    needs 4). Indices are sorted within a batch (h5py reads need that; HSIC does not care).
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:

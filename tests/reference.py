@@ -52,17 +52,15 @@ def cka(x, y, kernel="linear", debiased=False, threshold=1.0):
     return cka_from_grams(k, l, debiased)
 
 
-def minibatch_cka(x, y, batch_size, kernel="linear", threshold=1.0, sq_median_x=None,
+def minibatch_cka(x, y, batches, kernel="linear", threshold=1.0, sq_median_x=None,
                   sq_median_y=None):
-    """Nguyen et al. 2021: sum unbiased HSIC over consecutive batches, then normalise."""
+    """Nguyen et al. 2021: sum unbiased HSIC over the given batches (lists of row
+    indices), then normalise."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    n = x.shape[0]
     kl = kk = ll = 0.0
-    for a in range(0, n, batch_size):
-        xb, yb = x[a:a + batch_size], y[a:a + batch_size]
-        if len(xb) < 4:
-            continue
+    for rows in batches:
+        xb, yb = x[rows], y[rows]
         if kernel == "linear":
             k, l = gram_linear(xb), gram_linear(yb)
         else:

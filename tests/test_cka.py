@@ -44,7 +44,8 @@ def test_minibatch_matches_reference(layers, kernel):
     med = [np.median(np.sum((x[rows][:, None] - x[rows][None]) ** 2, -1)) for x in layers]
     got = cka.cka_matrix(layers, layers[:2], kernel=kernel, estimator="minibatch",
                          batch_size=16)
-    want = np.array([[ref.minibatch_cka(x, y, 16, kernel, 1.0, med[i], med[j])
+    batches = cka.minibatches(n, 16)
+    want = np.array([[ref.minibatch_cka(x, y, batches, kernel, 1.0, med[i], med[j])
                       for j, y in enumerate(layers[:2])] for i, x in enumerate(layers)])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
@@ -175,11 +176,37 @@ def test_accumulator_sums_are_float64_and_addable(layers):
 
 
 def test_short_last_batch_is_dropped_with_warning(layers):
-    with pytest.warns(RuntimeWarning, match="last batch of 3 rows"):
+    with pytest.warns(RuntimeWarning, match="dropping 3 of 60 rows"):
         got = cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=19)  # 3 left
-    want = cka.cka_matrix([x[:57] for x in layers], [x[:57] for x in layers],
-                          estimator="minibatch", batch_size=19)
+    batches = cka.minibatches(60, 19)
+    assert [len(b) for b in batches] == [19, 19, 19]
+    want = [[ref.minibatch_cka(x, y, batches) for y in layers] for x in layers]
     np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_minibatches_are_a_seeded_random_partition():
+    batches = cka.minibatches(103, 25, seed=3)
+    assert [len(b) for b in batches] == [25, 25, 25, 25]  # the 3 left over are dropped
+    rows = np.concatenate(batches)
+    assert len(set(rows.tolist())) == 100 and all(np.all(np.diff(b) > 0) for b in batches)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, cka.minibatches(103, 25, seed=3)))
+    assert not np.array_equal(batches[0], cka.minibatches(103, 25, seed=4)[0])
+    assert not np.array_equal(batches[0], np.arange(25))  # not consecutive rows
+
+
+def test_minibatch_on_class_sorted_rows_agrees_with_debiased(rng):
+    # Rows sorted by class, as in a store: a shared class signal plus independent noise.
+    # Consecutive batches of 100 would each hold one class, whose signal centring removes
+    # (CKA of noise, about 0); random batches see every class, as the full data does.
+    n, classes = 1000, 10
+    signal = rng.standard_normal((classes, 30))[np.repeat(np.arange(classes), n // classes)]
+    x = signal @ rng.standard_normal((30, 40)) + 0.5 * rng.standard_normal((n, 40))
+    y = signal @ rng.standard_normal((30, 50)) + 0.5 * rng.standard_normal((n, 50))
+    debiased = cka.linear_cka(x, y, debiased=True)
+    mini = cka.cka_matrix([x], [y], estimator="minibatch", batch_size=100)[0, 0]
+    consecutive = ref.minibatch_cka(x, y, [range(a, a + 100) for a in range(0, n, 100)])
+    assert debiased > 0.5 and abs(consecutive) < 0.1  # the trap this test guards
+    assert mini == pytest.approx(debiased, abs=0.05)
 
 
 def test_short_last_batch_of_four_is_used(layers):
@@ -355,27 +382,3 @@ def test_sketch_refuses_non_finite_rows_and_says_where(bad):
     x[27, 3] = bad
     with pytest.raises(ValueError, match="non-finite values.*row 27"):
         cka.layer_sketch(x, estimator="minibatch", batch_size=10)
-
-
-def test_sketch_accumulator_equals_layer_sketch_for_any_row_chunks():
-    rng = np.random.default_rng(8)
-    n, bs = 103, 25  # batches of 25 x 4 and a short last batch of 3, left out
-    feats = {"a": rng.standard_normal((n, 9)).astype(np.float32),
-             "b": rng.standard_normal((n, 4))}
-    acc = cka.SketchAccumulator(bs)
-    for a, b in [(0, 7), (7, 20), (20, 71), (71, 72), (72, n)]:  # chunks unrelated to 25
-        acc.update({k: v[a:b] for k, v in feats.items()})
-    got = acc.compute()
-    assert acc.rows_ == n and list(got) == ["a", "b"]
-    for k, x in feats.items():
-        want = cka.layer_sketch(x, estimator="minibatch", batch_size=bs)
-        np.testing.assert_array_equal(got[k].numpy(), want.numpy())
-
-
-def test_sketch_accumulator_leaves_out_a_layer_with_non_finite_rows():
-    x = np.random.default_rng(9).standard_normal((40, 5))
-    bad = x.copy()
-    bad[33, 1] = np.nan
-    acc = cka.SketchAccumulator(10)
-    acc.update({"ok": x, "bad": bad})
-    assert list(acc.compute()) == ["ok"] and acc.failed_ == {"bad"}

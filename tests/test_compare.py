@@ -77,7 +77,7 @@ def test_result_file_and_heatmaps_carry_metadata(tmp_path, pair, capsys):
         assert (stem.parent / f"{stem.name}.{ext}").stat().st_size > 0
         assert f"{stem.name}.{ext}" in out  # the summary line says where things went
     r = json.loads(stem.with_suffix(".json").read_text())
-    assert r["batch_size"] == 8 and r["n_batches"] == 3
+    assert r["batch_size"] == 8 and r["n_batches"] == 3 and r["batch_seed"] == 0
     assert r["samples"]["ids_sha256"] == ids_digest(np.arange(24) * 7)
     assert r["inputs"]["a"]["path"] == str(pa) and r["inputs"]["b"]["path"] == str(pb)
     assert set(r["versions"]) >= {"repsim", "torch", "numpy"}
@@ -230,35 +230,11 @@ def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
     assert not np.allclose(r2["matrix"], r["matrix"])
 
 
-def test_sketches_built_while_extracting_equal_those_read_back(checkpoints, tmp_path,
-                                                              monkeypatch):
-    import shutil
-
-    from repsim import cka
-
-    # Forward batches of 5 rows, CKA batches of 4: rows cross batch boundaries.
-    common = dict(a="vit_cifar", b="resnet18_cifar", probe=ProbeSpec(n=12, batch_size=5),
-                  plots=False, progress=False, estimator="minibatch", batch_size=4)
-    real = cka.layer_sketch
-    monkeypatch.setattr(cka, "layer_sketch", lambda *a, **k: pytest.fail("read back"))
-    first = run_cka(CKAConfig(out=str(tmp_path / "o1"), **common))
-    assert first["stores"] == {"a": "extracted", "b": "extracted"}
-    sketches = tmp_path / "cache" / "sketches"
-    assert len(list(sketches.iterdir())) == 7 + 5  # every layer, from the rows in memory
-    shutil.rmtree(sketches)
-    monkeypatch.setattr(cka, "layer_sketch", real)
-    again = run_cka(CKAConfig(out=str(tmp_path / "o2"), **common))  # read back from stores
-    assert again["stores"] == {"a": "reused", "b": "reused"}
-    assert len(list(sketches.iterdir())) == 7 + 5
-    np.testing.assert_array_equal(np.array(again["result"]["matrix"]),
-                                  np.array(first["result"]["matrix"]))
-
-
 def test_a_remembered_store_resolves_without_the_model_registry(checkpoints):
     import subprocess
     import sys
 
-    from repsim.compare import ProbeSpec, resolve_store
+    from repsim.compare import resolve_store
 
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
@@ -331,3 +307,37 @@ def test_a_comparison_with_cached_sketches_does_not_import_torch(tmp_path, pair,
     again, status = json.loads(lines[0]), json.loads(lines[-1])
     assert status == {"rc": 0, "torch": False}
     assert again["matrix"] == first["matrix"]  # bit for bit, from the cached sketches
+
+
+def test_minibatch_of_a_class_sorted_store_agrees_with_debiased(tmp_path):
+    # Stores hold rows sorted by class; the minibatch estimator must still sample batches
+    # across classes (consecutive batches of 50 here would each hold one class).
+    rng = np.random.default_rng(11)
+    n, classes = 500, 10
+    signal = rng.standard_normal((classes, 20))[np.repeat(np.arange(classes), n // classes)]
+    feats = {f"l{i}": signal @ rng.standard_normal((20, 30)) + 0.5 * rng.standard_normal(
+        (n, 30)) for i in range(2)}
+    path = make_store(tmp_path / "s.h5", feats, labels=np.repeat(np.arange(classes), 50))
+    common = dict(a=str(path), b=str(path), plots=False, progress=False, layers_a="l0",
+                  layers_b="l1")
+    mini = run_cka(CKAConfig(estimator="minibatch", batch_size=50, out=str(tmp_path / "m"),
+                             **common))["result"]["matrix"][0][0]
+    debiased = run_cka(CKAConfig(estimator="debiased", out=str(tmp_path / "d"),
+                                 **common))["result"]["matrix"][0][0]
+    assert debiased > 0.5 and mini == pytest.approx(debiased, abs=0.05)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["biased", "minibatch"])
+def test_cuda_comparison_of_stores_gives_the_cpu_result(tmp_path, pair, estimator,
+                                                        monkeypatch):
+    pa, pb, _, _ = pair
+    bs = 8 if estimator == "minibatch" else None
+    got = {}
+    for dev in ("cpu", "cuda"):
+        monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / f"cache-{dev}"))  # no shared sketches
+        got[dev] = run_cka(CKAConfig(a=str(pa), b=str(pb), estimator=estimator, batch_size=bs,
+                                     device=dev, out=str(tmp_path / dev), plots=False,
+                                     progress=False))["result"]["matrix"]
+    np.testing.assert_allclose(np.array(got["cuda"]), np.array(got["cpu"]), atol=1e-10)
