@@ -68,7 +68,7 @@ def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str,
 def run_extract(model_name, root, n, batch_size, device, reduce, out,
                 weights: str = "random") -> float:
     """Seconds for one ``extract()`` end to end (model and probe loading included)."""
-    from repsim.extract import ExtractConfig, extract
+    from repsim.extraction import ExtractConfig, extract
 
     Path(out).unlink(missing_ok=True)  # the previous repeat's store: not extraction work
     t0 = time.perf_counter()

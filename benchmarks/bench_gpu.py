@@ -8,7 +8,7 @@ the rows not started are listed under "skipped". A row that fails is recorded wi
 and the run goes on (exit status 1 at the end).
 
 a. extract: `bench_extract.bare_loop` (preprocessing + forward passes only) against
-   `bench_extract.run_extract` (`repsim.extract.extract` end to end: model and probe-set
+   `bench_extract.run_extract` (`repsim.extraction.extract` end to end: model and probe-set
    loading, hooks, reduction on the device, HDF5 writes), for vit_cifar and resnet18_cifar
    (32 px, batch 500, --n images; trained weights from --weights-dir, else random) and
    ViT-B/16 (`vit_imagenet` with random weights: timm's vit_base_patch16_224, images resized

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"repsim {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE", help="import a Python module first, e.g. one that "
+                        "registers your models with repsim.register_model (repeatable)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -109,7 +112,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
 def cmd_extract(args) -> int:
     import json
 
-    from repsim.extract import ExtractConfig, extract
+    from repsim.extraction import ExtractConfig, extract
 
     cfg = ExtractConfig(
         model=args.model, weights=args.weights, dataset=args.dataset, split=args.split,
@@ -499,6 +502,23 @@ def tune_process() -> None:
     reuse_freed_memory()
 
 
+def _import_user_modules(names: list[str]) -> None:
+    """``--import MODULE``: the user's own code, named on the command line (never a file's)."""
+    import importlib
+
+    from repsim.errors import UserError
+
+    if names and "" not in sys.path:
+        sys.path.insert(0, "")  # modules next to where the command runs, as `python -m` does
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--import {name}: cannot import it ({exc}); valid: an importable "
+                            "module name (a .py file in the current folder or on PYTHONPATH, "
+                            "without .py)") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from repsim.errors import UserError
 
@@ -509,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tune_process()
     try:
+        _import_user_modules(args.imports)
         return COMMANDS[args.command][2](args) or 0
     except (UserError, ValueError, FileNotFoundError, KeyError) as exc:
         if args.debug:

@@ -193,8 +193,7 @@ def _weights_problem(model: str, weights: str | None) -> str | None:
         except UserError as exc:
             return str(exc)
         return None
-    path = (models.checkpoint_dir() / Path(source).name if weights is None
-            else Path(source).expanduser()) if source else None
+    path = _weights_file(model, weights)
     if path is None or not path.is_file():
         try:
             models.load_model(model, weights)  # raises the canonical "how to get them" line
@@ -208,10 +207,9 @@ def _weights_file(model: str, weights: str | None) -> Path | None:
 
     if weights == "random":
         return None
-    source = models.get_spec(model).default_weights if weights is None else weights
-    if source in (None, "timm", "torchvision"):
-        return None
-    return models.checkpoint_dir() / Path(source).name if weights is None else Path(source)
+    if weights is None:
+        return models.default_weights_file(models.get_spec(model))
+    return Path(weights).expanduser()
 
 
 def _stale(meta: dict, model: str, weights: str | None, probe: ProbeSpec) -> str | None:
@@ -258,7 +256,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
         return _open_store(hit, "reused", label, slug)
 
     from repsim import models
-    from repsim.extract import ExtractConfig, default_out, extract
+    from repsim.extraction import ExtractConfig, default_out, extract
     from repsim.store import Store
 
     try:
@@ -371,7 +369,7 @@ def _up_to_date(meta: dict, model: str, weights: str | None, layers: str | None,
     write, judged without running (or loading) the model: same weights (file sha256, or the
     immutable pretrained tag, so this works offline), probe selection, reduction, dtype,
     preprocessing and layers. Anything it cannot vouch for goes the slow way, through
-    :func:`repsim.extract.extract`, which compares the full provenance.
+    :func:`repsim.extraction.extract`, which compares the full provenance.
     """
     import torch
 

@@ -57,43 +57,25 @@ def _not_conv(what: str, layer: str, shape: tuple) -> UserError:
 
 
 def stage_activations(model: nn.Module, x: torch.Tensor,
-                      stages: Sequence[str] | dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+                      stages: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``.
 
-    ``stages``: module names (``model.get_submodule``) or ``{name: module}``. UserError when a
-    stage's output is not a 4-D feature map (e.g. a ViT block).
+    ``stages``: layer names (as :func:`repsim.models.layer_names` takes them). UserError when
+    a stage's output is not a 4-D feature map (e.g. a ViT block).
     """
-    mods = stages if isinstance(stages, dict) else {s: _submodule(model, s) for s in stages}
-    acts: dict[str, torch.Tensor] = {}
+    from repsim.hooks import capture
 
-    def hook(name):
-        def fn(module, inputs, output):
-            acts[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     p = next(model.parameters(), None)
-    try:
-        with torch.inference_mode():
-            model(x.to(p.device if p is not None else "cpu"))
-    finally:
-        for h in handles:
-            h.remove()
-    for name in mods:
-        a = acts.get(name)
+    with torch.inference_mode(), capture(model, list(stages), reduce=None) as cap:
+        model(x.to(p.device if p is not None else "cpu"))
+    acts = {}
+    for name in cap.layers:
+        a = cap.outputs.get(name)
         if not isinstance(a, torch.Tensor) or a.ndim != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise _not_conv(type(model).__name__, name, shape)
         acts[name] = a.float()
-    return {n: acts[n] for n in mods}
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise UserError(f"{type(model).__name__} has no module {name!r}; pass module names "
-                        "such as layer1 .. layer4") from None
+    return acts
 
 
 def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +89,7 @@ def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np
     return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str] | dict[str, nn.Module],
+def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str],
                  top: int = 8) -> dict[str, StageMaps]:
     """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
     ``top`` strongest channels per image, and its mean map."""

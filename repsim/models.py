@@ -42,6 +42,7 @@ __all__ = [
     "ModelSpec",
     "build_model",
     "checkpoint_dir",
+    "default_weights_file",
     "get_spec",
     "layer_names",
     "list_models",
@@ -49,7 +50,9 @@ __all__ = [
     "module_for",
     "preprocess",
     "preprocessing_info",
+    "register_model",
     "sha256_file",
+    "spec_for",
 ]
 
 TIMM_PREFIX = "timm:"
@@ -235,19 +238,67 @@ _register_vit_imagenet()
 _register_resnet18_imagenet()
 
 
-def _timm_family(arch: str) -> str:
+def _family(model: nn.Module) -> str:
     """'vit' for timm VisionTransformers, 'resnet' for layer1..layer4 nets, else 'other'."""
-    try:
-        # The meta device allocates no memory and runs no real init: cheap even for huge models.
-        with torch.device("meta"):
-            model = timm.create_model(arch, pretrained=False)
-    except Exception:  # some constructors compute on tensors; family is only a hint then
-        return "other"
     if isinstance(model, VisionTransformer) and hasattr(model, "norm_pre"):
         return "vit"
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         return "resnet"
     return "other"
+
+
+def _timm_family(arch: str) -> str:
+    try:
+        # The meta device allocates no memory and runs no real init: cheap even for huge models.
+        with torch.device("meta"):
+            return _family(timm.create_model(arch, pretrained=False))
+    except Exception:  # some constructors compute on tensors; family is only a hint then
+        return "other"
+
+
+def spec_for(model: nn.Module) -> ModelSpec:
+    """A :class:`ModelSpec` for a module given directly (not by name): what layer naming
+    needs. Its family is inferred, so timm ViTs and ResNets get their aliases and keywords."""
+    return ModelSpec(name=type(model).__name__, family=_family(model), input_size=0,
+                     mean=_NO_NORM[0], std=_NO_NORM[1], interpolation="bilinear",
+                     num_classes=0, default_weights=None, description="a module given directly")
+
+
+def register_model(name: str, *, family: str = "other", input_size: int = 32,
+                   mean: tuple[float, float, float] = _NO_NORM[0],
+                   std: tuple[float, float, float] = _NO_NORM[1],
+                   interpolation: str = "bilinear", num_classes: int = 10,
+                   weights: str | os.PathLike | None = None, head_key: str | None = None,
+                   description: str = ""):
+    """Decorator that makes ``build(num_classes) -> nn.Module`` a model name (timm-style).
+
+    ``@register_model("my_net", input_size=32)`` over ``def my_net(num_classes): ...``; from
+    then on ``"my_net"`` works wherever a model name does (``load_model``, ``extract``, the
+    CLI with ``repsim --import MODULE``, ``analyses/*.toml``). Images reach the model as
+    ``(n, 3, input_size, input_size)`` float in [0, 1], normalised by ``mean``/``std``.
+    ``weights``: the default weights file (a state dict; a relative name is looked up in the
+    checkpoint folder), else ``--weights`` must be given. ``head_key``: the classifier's
+    weight in the state dict, to read the class count from a file. ``family``: "vit"
+    (timm ``VisionTransformer``), "resnet" (``layer1`` .. ``layer4``) or "other".
+    """
+    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
+        raise ValueError(f"model name {name!r} is taken; choose another")
+    if family not in ("vit", "resnet", "other"):
+        raise ValueError(f"family {family!r} is unknown; valid: vit, resnet, other")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is unknown; valid: "
+                         f"{', '.join(_INTERPOLATIONS)}")
+    spec = ModelSpec(name=name, family=family, input_size=int(input_size),
+                     mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                     interpolation=interpolation, num_classes=int(num_classes),
+                     default_weights=None if weights is None else os.fspath(weights),
+                     description=description or f"user model {name}")
+
+    def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        _REGISTRY[name] = _Entry(spec, build, head_key)
+        return build
+
+    return deco
 
 
 @functools.lru_cache(maxsize=64)
@@ -377,6 +428,19 @@ def checkpoint_dir() -> Path:
     """Where default weights live: ``$REPSIM_CHECKPOINTS`` or ``<repo>/checkpoints``."""
     env = os.environ.get("REPSIM_CHECKPOINTS")
     return Path(env).expanduser() if env else _REPO_ROOT / "checkpoints"
+
+
+def default_weights_file(spec: ModelSpec) -> Path | None:
+    """The file behind a model's default weights, or None (timm/torchvision/none).
+
+    A relative name (the registry's ``checkpoints/<file>.pt``) lives in the checkpoint
+    folder (:func:`checkpoint_dir`); an absolute path is itself.
+    """
+    source = spec.default_weights
+    if source in (None, "timm", "torchvision"):
+        return None
+    path = Path(source).expanduser()
+    return path if path.is_absolute() else checkpoint_dir() / path.name
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -572,8 +636,8 @@ def load_model(
         n = _check_num_classes(num_classes, spec)
         label = entry.pretrained_tag or source
     else:
-        if weights is None:  # the registry's own checkpoint, relative to the checkpoint dir
-            path = checkpoint_dir() / Path(source).name
+        if weights is None:
+            path = default_weights_file(spec)
             if not path.is_file():
                 raise UserError(
                     f"no trained weights for {spec.name}: {path} does not exist (default "

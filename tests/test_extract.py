@@ -13,7 +13,7 @@ import torch
 
 from repsim import models
 from repsim.errors import UserError
-from repsim.extract import ExtractConfig, extract
+from repsim.extraction import ExtractConfig, extract
 from repsim.store import Store, StoreWriter, partial_path
 
 
@@ -175,12 +175,14 @@ def test_unknown_layer_lists_close_matches(tmp_path, cifar_root):
 
 def test_hooks_are_removed_after_extraction(tmp_path, cifar_root):
     extract(cfg(tmp_path, cifar_root, reduce="mean"))
-    # extract loads its own model; check the capture helper directly on a fresh one.
-    from repsim.extract import _Capture
+    # extract loads its own model; check the capture mechanism directly on a fresh one.
+    from repsim.hooks import capture
 
     m = models.build_model("vit_cifar")
-    cap = _Capture({"blocks.0": m.blocks[0]}, "mean", 1)
-    cap.remove()
+    with capture(m, ["blocks.0"], "mean") as cap:
+        assert len(m.blocks[0]._forward_hooks) == 1
+        m(torch.zeros(2, 3, 32, 32))
+    assert cap.outputs["blocks.0"].shape == (2, 512)
     assert len(m.blocks[0]._forward_hooks) == 0
 
 

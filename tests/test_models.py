@@ -9,6 +9,7 @@ import timm
 import timm.models._builder
 import torch
 
+from repsim import hooks
 from repsim import models as M
 from repsim.errors import UserError
 
@@ -18,21 +19,10 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def capture(model: torch.nn.Module, spec: M.ModelSpec, layers: list[str], x: torch.Tensor):
-    """Forward ``x`` and return {layer: output} collected with forward hooks."""
-    out: dict[str, torch.Tensor] = {}
-    handles = [
-        M.module_for(model, spec, name).register_forward_hook(
-            lambda _m, _i, o, name=name: out.__setitem__(name, o.detach().clone())
-        )
-        for name in layers
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    """Forward ``x`` and return {layer: unreduced output} (repsim's own hooks)."""
+    with torch.no_grad(), hooks.capture(model, layers, reduce=None, spec=spec) as cap:
+        model(x)
+    return {name: cap.outputs[name] for name in layers}
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
-"""Run a model over a probe set once and stream every chosen layer's activations to HDF5.
+"""``repsim extract``: run a model over a probe set once and stream every chosen layer's
+activations into an HDF5 store.
 
 One row per image, one ``(n, D)`` dataset per layer (see :mod:`repsim.store`). Activations are
-captured by forward hooks on exactly the chosen modules, reduced on the device, and written
-batch by batch; an interrupted run resumes where it stopped. Under ``torchrun`` the batches
-are dealt out to the ranks, each rank writes its own shard, and rank 0 merges them into one
-store identical to a single-process run's.
+captured by :func:`repsim.hooks.capture` on exactly the chosen modules, reduced on the device,
+and written batch by batch; an interrupted run resumes where it stopped. Under ``torchrun``
+the batches are dealt out to the ranks, each rank writes its own shard, and rank 0 merges
+them into one store identical to a single-process run's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from repsim.errors import UserError
 
+# Which reductions make sense per model family (repsim.hooks.reduce does them).
 REDUCTIONS = {"vit": ("flatten", "mean", "cls"), "resnet": ("flatten", "mean")}
 DTYPES = ("float32", "float16")
 
@@ -44,53 +46,6 @@ class ExtractConfig:
     chunk_rows: int | None = None  # None: about 4 MiB per chunk, at most one batch
     compression: str | None = None
     progress: bool = True
-
-
-def reduce_tokens(x: torch.Tensor, how: str, n_prefix: int) -> torch.Tensor:
-    """``(b, T, D)`` ViT tokens -> ``(b, T*D)`` flatten, ``(b, D)`` mean of patch tokens or cls."""
-    if how == "flatten":
-        return x.flatten(1)
-    if how == "mean":
-        return x[:, n_prefix:].mean(1)
-    if how == "cls":
-        return x[:, 0]
-    raise ValueError(f"unknown reduction {how!r}")
-
-
-def reduce_maps(x: torch.Tensor, how: str) -> torch.Tensor:
-    """``(b, C, H, W)`` feature maps -> ``(b, C*H*W)`` flatten or ``(b, C)`` global mean."""
-    if how == "flatten":
-        return x.flatten(1)
-    if how == "mean":
-        return x.mean((2, 3))
-    raise ValueError(f"unknown reduction {how!r}")
-
-
-class _Capture:
-    """Forward hooks on the chosen modules; each output is reduced on the device at once."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module], how: str, n_prefix: int) -> None:
-        self.out: dict[str, torch.Tensor] = {}
-        self.how, self.n_prefix = how, n_prefix
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
-            if x.dim() == 3:
-                self.out[name] = reduce_tokens(x, self.how, self.n_prefix)
-            elif x.dim() == 4:
-                if self.how == "cls":
-                    raise UserError(f"--reduce cls needs token outputs, but layer {name!r} "
-                                    "gives feature maps; use flatten or mean")
-                self.out[name] = reduce_maps(x, self.how)
-            else:
-                self.out[name] = x.flatten(1)
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def default_out(cfg: ExtractConfig) -> Path:
@@ -201,12 +156,11 @@ def extract(cfg: ExtractConfig) -> dict:
 def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     """The hot loop: batches -> device -> preprocess -> forward with hooks -> store."""
     from repsim import models
+    from repsim.hooks import ReductionError, capture
 
     if not todo:
         return
     store_dtype = getattr(torch, cfg.dtype)
-    modules = {name: models.module_for(model, spec, name) for name in layers}
-    cap = _Capture(modules, cfg.reduce, getattr(model, "num_prefix_tokens", 1))
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -230,13 +184,15 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
     pending = None
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
             for j in todo:
                 a, b = writer.bounds[j]
                 x = models.preprocess(spec, images[a:b].to(device, non_blocking=True))
-                cap.out.clear()
-                model(x)
-                feats = {name: cap.out[name] for name in layers}
+                try:
+                    model(x)
+                except ReductionError as exc:
+                    raise UserError(f"--reduce {cfg.reduce}: {exc}") from None
+                feats = dict(cap.outputs)
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
                 if not writer.layers_created:
@@ -250,7 +206,6 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 pending.result()
     finally:
         pool.shutdown(wait=True)
-        cap.remove()
         if bar is not None:
             bar.close()
 

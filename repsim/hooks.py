@@ -1,0 +1,145 @@
+"""Capture what named layers of any ``nn.Module`` output: the one forward-hook mechanism.
+
+:func:`capture` is a context manager: inside it, every forward pass of the model leaves each
+chosen layer's output in ``outputs``, reduced on the device to one row per sample (or kept
+whole with ``reduce=None``); the hooks are removed on exit. :func:`extract` runs a model
+over images in batches and returns ``{layer: (n, p) float32 array}``, ready for
+:func:`repsim.cka.cka_matrix`. Stores on disk (``repsim extract``) are built on the same
+:func:`capture` (:mod:`repsim.extraction`).
+
+Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`): module names
+(``"blocks.3"``, ``"layer2.1"``, ``"0"`` for the first child of an ``nn.Sequential``),
+globs (``"blocks.*"``), the aliases ``embed``/``stem``, and ``default``/``blocks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+REDUCTIONS = ("flatten", "mean", "cls")
+
+
+class ReductionError(ValueError):
+    """A layer's output cannot be reduced the way asked (``cls`` of a feature map)."""
+
+
+def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
+    """One row per sample from a layer output.
+
+    ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
+    (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``.
+    ``(b, C, H, W)`` maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything
+    else is flattened. ``how=None`` returns ``x`` as it is.
+    """
+    if how is None:
+        return x
+    if how not in REDUCTIONS:
+        raise ValueError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
+    if x.dim() == 3:
+        if how == "mean":
+            return x[:, n_prefix:].mean(1)
+        return x[:, 0] if how == "cls" else x.flatten(1)
+    if x.dim() == 4 and how == "mean":
+        return x.mean((2, 3))
+    if how == "cls":
+        raise ReductionError(f"reduce='cls' needs token outputs (b, T, D), got shape "
+                             f"{tuple(x.shape)}; use 'flatten' or 'mean'")
+    return x.flatten(1)
+
+
+class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`
+    """Forward hooks on the chosen layers of ``model``; outputs land in ``outputs``.
+
+    ``with capture(model, ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``
+    leaves ``cap.outputs == {"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device
+    (each forward pass replaces them). ``layers``: None for the model's default set, or
+    names/globs/keywords; ``spec``: a :class:`repsim.models.ModelSpec` (registry models),
+    else one is inferred from the module (timm ViTs and ResNets get their aliases).
+    """
+
+    def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None,
+                 reduce: str | None = "flatten", spec: Any = None) -> None:
+        from repsim import models
+
+        if reduce is not None and reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r} is unknown; valid: {', '.join(REDUCTIONS)} "
+                             "or None")
+        self.spec = spec or models.spec_for(model)
+        self.layers = models.layer_names(model, self.spec, layers)
+        self.modules = {name: models.module_for(model, self.spec, name) for name in self.layers}
+        self.how = reduce
+        default_prefix = 1 if self.spec.family == "vit" else 0
+        self.n_prefix = int(getattr(model, "num_prefix_tokens", default_prefix))
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            try:
+                self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
+            except ReductionError as exc:
+                raise ReductionError(f"layer {name!r}: {exc}") from None
+        return hook
+
+    def __enter__(self) -> capture:
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _batches(images: Any, batch_size: int) -> Iterable[Any]:
+    """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader);
+    a batch that is a tuple or list, like ``(x, y)``, contributes its first element."""
+    if isinstance(images, (torch.Tensor, np.ndarray)):
+        for a in range(0, len(images), batch_size):
+            yield images[a:a + batch_size]
+        return
+    for item in images:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+@torch.inference_mode()
+def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | None = None,
+            reduce: str = "flatten", batch_size: int = 128,
+            device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+    """Activations of ``layers`` over ``images``: ``{layer: (n, p) float32 numpy array}``.
+
+    ``model``: any ``nn.Module`` (run as it is, on ``images`` as the model takes them, e.g.
+    ``(n, 3, H, W)`` float tensors, or a DataLoader yielding such batches), or a registry
+    name such as ``"vit_cifar"`` (its default weights; ``images`` are then ``(n, H, W, 3)``
+    uint8, preprocessed the model's way). Rows follow the order of ``images``. Runs in eval
+    mode on ``device`` (default: a GPU when there is one).
+    """
+    from repsim import models
+
+    dev = models.resolve_device(None if device is None else str(device))
+    spec = None
+    if isinstance(model, str):
+        spec = models.get_spec(model)
+        model, _ = models.load_model(model, device=dev)
+    was_training = model.training
+    model.eval().to(dev)
+    rows: dict[str, list[np.ndarray]] = {}
+    try:
+        with capture(model, layers, reduce, spec) as cap:
+            for x in _batches(images, batch_size):
+                x = torch.as_tensor(x).to(dev)
+                model(models.preprocess(spec, x) if spec is not None else x)
+                for name in cap.layers:
+                    rows.setdefault(name, []).append(
+                        cap.outputs[name].to("cpu", torch.float32).numpy())
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise ValueError("no images: give at least one batch")
+    return {name: np.concatenate(parts) for name, parts in rows.items()}

@@ -1,0 +1,116 @@
+"""The public API: any nn.Module in, activations out, CKA against a registry model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reference
+import torch
+from torch import nn
+
+import repsim
+from repsim import models
+from repsim.errors import UserError
+
+
+@pytest.fixture
+def vit_weights(tmp_path, monkeypatch):
+    """vit_cifar's default weights, written by the test (seeded random init)."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    torch.save(models.build_model("vit_cifar", seed=5).state_dict(), ck / "vit_cifar.pt")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    return ck
+
+
+def test_own_module_against_a_registry_model_in_a_few_lines(vit_weights):
+    # The README's first example, as written there.
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                        nn.Flatten(), nn.Linear(256, 10))
+    images = repsim.load_probe_set("cifar10-probe", n=64).images  # (64, 32, 32, 3) uint8
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    mine = repsim.extract(net, x, layers=["1", "4"])  # {layer: (n, p) array}
+    vit = repsim.extract("vit_cifar", images, layers=["blocks.0", "blocks.5"])
+    m = repsim.cka_matrix(mine, vit, estimator="debiased")
+    assert m.shape == (2, 2) and np.isfinite(m).all()
+    assert mine["1"].shape == (64, 16 * 32 * 32) and vit["blocks.0"].shape == (64, 65 * 512)
+    with torch.no_grad():  # the activations are the module's own outputs
+        want = net[1](net[0](x)).flatten(1).numpy()
+    np.testing.assert_allclose(mine["1"], want, rtol=1e-5, atol=1e-6)
+    assert m[0, 1] == pytest.approx(reference.cka(mine["1"], vit["blocks.5"], debiased=True),
+                                    abs=1e-6)
+
+
+def test_extract_takes_a_loader_and_reduces():
+    net = models.build_model("vit_cifar")
+    x = torch.rand(10, 3, 32, 32)
+    loader = [(x[:6], torch.zeros(6)), (x[6:], torch.zeros(4))]  # (images, labels) batches
+    out = repsim.extract(net, loader, layers="blocks.*", reduce="mean")
+    assert list(out) == [f"blocks.{i}" for i in range(6)]
+    assert all(v.shape == (10, 512) and v.dtype == np.float32 for v in out.values())
+    whole = repsim.extract(net, x, layers="blocks.*", reduce="mean", batch_size=3)
+    for k in out:
+        np.testing.assert_allclose(out[k], whole[k], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_removes_its_hooks_and_keeps_raw_outputs():
+    net = models.build_model("resnet18_cifar")
+    with repsim.capture(net, ["stem", "layer3"], reduce=None) as cap:
+        net(torch.rand(2, 3, 32, 32))
+    assert cap.outputs["stem"].shape == (2, 64, 32, 32)
+    assert cap.outputs["layer3"].shape == (2, 256, 8, 8)
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_unknown_layer_of_an_own_module_lists_close_matches():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match="close matches: 1"):
+        repsim.extract(net, torch.rand(3, 4), layers=["11"])
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Registrations made by a test stay in that test."""
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+
+
+def test_registered_model_is_a_name_everywhere(tmp_path, private_registry):
+    @repsim.register_model("tiny_mlp_test", input_size=8, num_classes=3,
+                           weights=tmp_path / "tiny.pt", head_key="2.weight")
+    def tiny(num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5), nn.Linear(5, num_classes))
+
+    torch.save(tiny(3).state_dict(), tmp_path / "tiny.pt")
+    assert "tiny_mlp_test" in repsim.list_models()
+    model, prov = repsim.load_model("tiny_mlp_test")
+    assert prov["weights"] == str(tmp_path / "tiny.pt") and prov["num_classes"] == 3
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    out = repsim.extract("tiny_mlp_test", torch.from_numpy(images), layers=["1"])
+    assert out["1"].shape == (6, 5)  # resized to 8 x 8 on the way in
+    with pytest.raises(ValueError, match="taken"):
+        repsim.register_model("tiny_mlp_test")(tiny)
+
+
+def test_cli_imports_a_module_that_registers_a_model(tmp_path):
+    (tmp_path / "my_models.py").write_text(
+        "import repsim\nfrom torch import nn\n\n"
+        "@repsim.register_model('cli_mlp', input_size=4)\n"
+        "def cli_mlp(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes))\n")
+    r = subprocess.run([sys.executable, "-m", "repsim", "--import", "my_models", "cka",
+                        "--a", "cli_mlp", "--weights-a", "random", "--b", "cli_mlp",
+                        "--weights-b", "random", "--n", "20", "--json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    bad = subprocess.run([sys.executable, "-m", "repsim", "--import", "no_such_mod", "cka",
+                          "--a", "x", "--b", "y"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
+    assert "--import no_such_mod" in bad.stderr
+
+
+def test_import_repsim_is_light():
+    code = "import sys, repsim; print('torch' in sys.modules, callable(repsim.cka_matrix))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.split() == ["False", "True"]
