@@ -8,9 +8,7 @@ weights and probe set.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -226,9 +224,9 @@ def model_labels(models: list[str], weights: list[str | None]) -> list[str]:
 
 
 def _cache_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", key["model"])
-    return Path(os.environ.get("REPSIM_CACHE", "cache")) / "attention" / f"{name}-{digest}.json"
+    from repsim.paths import cache_dir, digest, slug
+
+    return cache_dir("attention", f"{slug(key['model'])}-{digest(key)[:16]}.json")
 
 
 def _distance_cached(model, spec, wprov: dict, probe, cfg: AttentionConfig
@@ -236,7 +234,7 @@ def _distance_cached(model, spec, wprov: dict, probe, cfg: AttentionConfig
     """(distance (L, H) in model pixels, reused?, seconds): computed once per provenance."""
     from repsim import __version__
     from repsim.models import preprocessing_info
-    from repsim.viz import write_json
+    from repsim.paths import write_json
 
     key = {"format": FORMAT, "model": spec.name, "weights": wprov, "data": probe.provenance(),
            "preprocessing": preprocessing_info(spec), "renormalize": cfg.renormalize,
@@ -306,7 +304,8 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
     from repsim import models as zoo
     from repsim.data import load_probe_set
     from repsim.models import resolve_device
-    from repsim.viz import default_out, pick_images
+    from repsim.paths import figures_dir
+    from repsim.viz import pick_images
 
     t0 = time.perf_counter()
     if not cfg.models:
@@ -324,7 +323,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
     for name, w, label in zip(cfg.models, weights, labels):
         model, wprov = zoo.load_model(name, w, seed=cfg.seed, device=device)
         loaded.append((label, name, model, wprov))
-    out = Path(cfg.out) if cfg.out else default_out("attention")
+    out = Path(cfg.out) if cfg.out else figures_dir("attention")
     res = attention_views(loaded, probe, images, ids, cfg, out, "attention", _png)
     res.pop("entries")  # in attention_distance.json; the summary stays short
     return {**res, "out": str(out), "seconds": time.perf_counter() - t0}
@@ -387,7 +386,7 @@ def _one_model(label: str, name: str, model: nn.Module, wprov: dict, cfg: Attent
     from dataclasses import asdict
 
     from repsim import models as zoo
-    from repsim.viz import safe_name, save_npz
+    from repsim.paths import save_npz, slug
 
     spec = zoo.get_spec(name)
     geo = vit_geometry(model)
@@ -406,14 +405,14 @@ def _one_model(label: str, name: str, model: nn.Module, wprov: dict, cfg: Attent
     prov = {"model": name, "label": label, "weights": wprov, "geometry": asdict(geo),
             "blocks": blocks, "query": query, **_base_provenance(cfg, probe, ids),
             "preprocessing": zoo.preprocessing_info(spec)}
-    npz = save_npz(out / f"{prefix}_maps_{safe_name(label)}.npz",
+    npz = save_npz(out / f"{prefix}_maps_{slug(label)}.npz",
                    heads=heads.astype(np.float32), rollout=roll.astype(np.float32), ids=ids,
                    blocks=np.asarray(blocks), images=images,
                    provenance=np.asarray(json.dumps(prov, default=str)))
     kind = "class-token" if query == "cls" else "mean-query"
     fig = plot_attention_heads(images, heads, blocks, ids=ids, title=f"{label}: {kind} "
                                "attention per head (each panel min-max scaled)")
-    files = save(fig, out / f"{prefix}_heads_{safe_name(label)}", prov)
+    files = save(fig, out / f"{prefix}_heads_{slug(label)}", prov)
     entry = {
         "label": label, "model": name, "weights": wprov, "geometry": asdict(geo),
         "input_size": s, "unit_factor": factor,
@@ -432,7 +431,7 @@ def _one_model(label: str, name: str, model: nn.Module, wprov: dict, cfg: Attent
 def _write_distance_tables(stem: Path, entries: list[dict], base: dict, cfg: AttentionConfig,
                            n_probe: int) -> list[str]:
     """``<stem>.csv`` (one row per model, block, head) and ``<stem>.json``."""
-    from repsim.viz import write_json, write_text
+    from repsim.paths import write_json, write_text
 
     rows = ["label,model,weights,block,head,distance_image_px,distance_model_px,"
             "distance_fraction,n_images,renormalized"]

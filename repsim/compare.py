@@ -27,20 +27,18 @@ its key matches and neither store file is newer than it (make's rule), unless ``
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from repsim import __version__
 from repsim.errors import UserError
+from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, write_json
 
 FORMAT = "repsim-cka/1"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -133,19 +131,6 @@ class CKAConfig:
 # --------------------------------------------------------------------------- stores
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """sha256 of the IDs as little-endian int64 (the same digest as ProbeSet.provenance)."""
-    return hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "x"
-
-
 def _looks_like_path(ref: str) -> bool:
     return (ref.lower().endswith(STORE_SUFFIXES) or os.sep in ref or "/" in ref
             or Path(ref).is_file())
@@ -158,7 +143,7 @@ def _weights_tag(weights: str | None) -> str:
     return "random" if weights == "random" else Path(weights).stem
 
 
-def _open_store(path: Path, how: str, label: str | None, slug: str | None) -> StoreRef:
+def _open_store(path: Path, how: str, label: str | None, name: str | None) -> StoreRef:
     from repsim.store import Store, identity
 
     with Store(path) as s:
@@ -172,9 +157,9 @@ def _open_store(path: Path, how: str, label: str | None, slug: str | None) -> St
             stem = Path(wl).stem
             tag = "" if stem == model else stem
         label = f"{model} ({tag})" if tag else model
-    return StoreRef(path=path, label=label, slug=slug or _slug(path.stem), meta=meta,
+    return StoreRef(path=path, label=label, slug=name or slug(path.stem), meta=meta,
                     layers=layers, n=len(ids), ids_sha256=ids_digest(ids),
-                    identity_sha256=_digest({"meta": identity(meta), "ids": ids_digest(ids),
+                    identity_sha256=digest({"meta": identity(meta), "ids": ids_digest(ids),
                                              "layers": layers}),
                     how=how)
 
@@ -247,13 +232,13 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
             raise UserError(f"--weights applies to model names, but {ref!r} is a store file; "
                             "drop --weights, or pass a model name to extract")
         return _open_store(path, "given", label, None)
-    slug = _slug(ref + (f"-{_weights_tag(weights)}" if weights else ""))
+    name = slug(ref + (f"-{_weights_tag(weights)}" if weights else ""))
     if label is None:
         label = f"{ref} ({_weights_tag(weights)})" if weights else ref
     request = _request(ref, weights, layers, probe)
     hit = None if force else _resolved(request)
     if hit is not None:  # this exact request was resolved before and nothing changed since
-        return _open_store(hit, "reused", label, slug)
+        return _open_store(hit, "reused", label, name)
 
     from repsim import models
     from repsim.extraction import ExtractConfig, default_out, extract
@@ -271,7 +256,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
                         data_root=probe.data_root, progress=progress)
     out = default_out(cfg)
     if layers is not None:  # another layer set is another store, not a clash with the default
-        out = out.with_name(f"{out.stem}-L{_digest(layers)[:8]}{out.suffix}")
+        out = out.with_name(f"{out.stem}-L{digest(layers)[:8]}{out.suffix}")
     cfg.out = str(out)
 
     existed = out.exists()
@@ -283,7 +268,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
             raise UserError(f"{exc}; or pass --force to repsim cka / figures") from None
         if _up_to_date(meta, ref, weights, layers, probe):
             _remember(request, out, _weights_file(ref, weights))
-            return _open_store(out, "reused", label, slug)
+            return _open_store(out, "reused", label, name)
         cfg.batch_size = int(meta.get("batch_size") or cfg.batch_size)  # an execution detail
         why = _stale(meta, ref, weights, probe)
         if why:
@@ -301,7 +286,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
                             ) from None
         raise
     _remember(request, out, _weights_file(ref, weights))
-    return _open_store(out, "reused" if res.get("reused") else "extracted", label, slug)
+    return _open_store(out, "reused" if res.get("reused") else "extracted", label, name)
 
 
 # Resolving a model name to its store needs the model registry (timm and torchvision:
@@ -319,8 +304,7 @@ def _request(ref: str, weights: str | None, layers: str | None, probe: ProbeSpec
 
 
 def _resolution_file(request: dict) -> Path:
-    root = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
-    return root / "resolved" / f"{_digest(request)[:32]}.json"
+    return cache_dir("resolved", f"{digest(request)[:32]}.json")
 
 
 def _stamp(path: Path | None) -> list | None:
@@ -480,16 +464,8 @@ def versions() -> dict[str, str]:
             "torch": version("torch")}
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Sorted keys, fixed layout, trailing newline; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _cache_key(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> str:
-    return _digest({
+    return digest({
         "format": FORMAT, "a": a.identity_sha256, "b": b.identity_sha256,
         "layers_a": layers_a, "layers_b": layers_b, "kernel": cfg.kernel,
         "estimator": cfg.estimator, "threshold": cfg.threshold if cfg.kernel == "rbf" else None,
@@ -514,13 +490,13 @@ def _cached(path: Path, key: str, inputs: list[Path], files: list[Path]) -> dict
 
 
 def default_out_dir(a: StoreRef, probe: ProbeSpec, a_is_name: bool) -> Path:
-    root = Path(os.environ.get("REPSIM_CACHE", "cache")) / "cka"
+    root = cache_dir("cka")
     if a_is_name:
         return root / probe.tag()
     d = a.meta.get("data") or {}
     if d.get("dataset"):
         n = d.get("n", a.n)
-        return root / _slug(f"{d['dataset']}-{d.get('split')}-n{n}-{a.meta.get('reduce')}")
+        return root / slug(f"{d['dataset']}-{d.get('split')}-n{n}-{a.meta.get('reduce')}")
     return root / "stores"
 
 
@@ -604,21 +580,18 @@ SKETCH_MAX_BYTES = 256 << 20
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
     """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
     st = store.path.stat()
-    key = _digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
+    key = digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
                    "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                    "kernel": cfg.kernel, "estimator": cfg.estimator,
                    "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
                    "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
-    cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
-    return cache / "sketches" / f"{key[:32]}.npz"
+    return cache_dir("sketches", f"{key[:32]}.npz")
 
 
 def _save_sketch(path: Path, sk: np.ndarray, med: float | None) -> None:
     """Write one sketch to the cache atomically (a crash leaves no half-written entry)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial.npz")
-    np.savez(tmp, sketch=sk, median_sqdist=np.float64(med or 0.0))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, sketch=sk,
+                                            median_sqdist=np.float64(med or 0.0)))
 
 
 def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tuple[list, list]:

@@ -27,7 +27,6 @@ Images come back as ``(n, H, W, 3)`` uint8 RGB. Only the selected files are open
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,7 +82,8 @@ class ProbeSet:
         ``ids_sha256`` hashes the ids as little-endian int64 bytes, so it is identical across
         machines and numpy versions for the same selection.
         """
-        ids = np.ascontiguousarray(self.ids, dtype="<i8")
+        from repsim.paths import ids_digest
+
         return {
             "dataset": self.dataset,
             "split": self.split,
@@ -91,7 +91,7 @@ class ProbeSet:
             "n_total": int(self.n_total),
             "seed": self.seed,
             "source": self.source,
-            "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "ids_sha256": ids_digest(self.ids),
         }
 
 

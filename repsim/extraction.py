@@ -50,13 +50,14 @@ class ExtractConfig:
 
 def default_out(cfg: ExtractConfig) -> Path:
     """``$REPSIM_CACHE/stores/<model>-<dataset>-<split>-n<N>-seed<S>-<reduce>.h5``."""
-    root = Path(os.environ.get("REPSIM_CACHE", "cache"))
+    from repsim.paths import cache_dir
+
     ds = cfg.dataset.replace(":", "_").replace("/", "_")
     n = "all" if cfg.n is None else str(cfg.n)
     w = "" if cfg.weights is None else "-" + (
         "random" if cfg.weights == "random" else Path(cfg.weights).stem)
     name = cfg.model.replace(":", "_").replace("/", "_")
-    return root / "stores" / f"{name}{w}-{ds}-{cfg.split}-n{n}-seed{cfg.seed}-{cfg.reduce}.h5"
+    return cache_dir("stores", f"{name}{w}-{ds}-{cfg.split}-n{n}-seed{cfg.seed}-{cfg.reduce}.h5")
 
 
 def _validate(cfg: ExtractConfig) -> None:

@@ -185,7 +185,8 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
     from repsim import models as zoo
     from repsim.data import load_probe_set
     from repsim.models import resolve_device
-    from repsim.viz import default_out, pick_images, safe_name, save_figure
+    from repsim.paths import figures_dir, slug
+    from repsim.viz import pick_images, save_figure
 
     t0 = time.perf_counter()
     _check_conv(zoo.get_spec(cfg.model))  # before any loading
@@ -200,8 +201,8 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
         label = f"{cfg.model} (random)"
     else:
         label = f"{cfg.model} ({Path(cfg.weights).stem})"
-    out = Path(cfg.out) if cfg.out else default_out("featuremaps")
-    stem = safe_name(label)
+    out = Path(cfg.out) if cfg.out else figures_dir("featuremaps")
+    stem = slug(label)
 
     def save(fig, path: Path, prov: dict) -> list[Path]:
         return [save_figure(fig, path.with_name(path.name + ".png"), prov)]
@@ -222,7 +223,7 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
 
     from repsim import __version__
     from repsim import models as zoo
-    from repsim.viz import safe_name, save_npz
+    from repsim.paths import save_npz, slug
 
     spec = zoo.get_spec(name)
     names = resolve_stages(model, spec, stages)
@@ -239,8 +240,8 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
         c, h, w = v.num_channels, v.maps.shape[2], v.maps.shape[3]
         fig = plot_feature_maps(images, v, ids=ids, title=f"{label}: {s} ({c} channels, "
                                 f"{h}x{w}), strongest {v.maps.shape[1]} per image")
-        outputs += map(str, save(fig, out / f"{prefix}_{safe_name(s)}", {**prov, "stage": s}))
-        key = safe_name(s)
+        outputs += map(str, save(fig, out / f"{prefix}_{slug(s)}", {**prov, "stage": s}))
+        key = slug(s)
         arrays.update({f"{key}/maps": v.maps, f"{key}/channels": v.channels,
                        f"{key}/scores": v.scores, f"{key}/mean_map": v.mean_map})
     npz = save_npz(out / f"{prefix}.npz", ids=ids, images=images,

@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from repsim import __version__
+from repsim import __version__, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
 
@@ -134,10 +134,6 @@ def dependency(kind: str):
     return deco
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 class FigureContext:
     """What a builder sees: settings, tracked inputs, and where to write.
 
@@ -154,7 +150,7 @@ class FigureContext:
         self.force = force
         self.progress = progress
         self.log = log or (lambda msg: None)
-        self.cache_dir = cache_dir or Path(os.environ.get("REPSIM_CACHE", "cache")) / "cka"
+        self.cache_dir = cache_dir or paths.cache_dir("cka")
         self.name = ""  # the figure being built
         self.data: dict = {}
         self._memo: dict[str, tuple[Any, Any]] = {}
@@ -272,12 +268,7 @@ class FigureContext:
         return plots.save(fig, self.out_dir / self.name)
 
     def write_text(self, suffix: str, text: str) -> Path:
-        path = self.path(suffix)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return paths.write_text(self.path(suffix), text)
 
 
 # --------------------------------------------------------------------------- dependency types
@@ -317,7 +308,7 @@ def _dep_cka(ctx: FigureContext, d: dict):
                     out=str(ctx.cache_dir / probe.tag()), plots=False, force=ctx.force,
                     device=probe.device, progress=ctx.progress, log=ctx.log)
     res = run_cka(cfg)["result"]
-    return res, {"key": res["cache_key"], "matrix": _digest(res["matrix"])}
+    return res, {"key": res["cache_key"], "matrix": paths.digest(res["matrix"])}
 
 
 @dependency("model")
@@ -606,7 +597,7 @@ def _key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
     """What a figure depends on: its spec, the command-line overrides (they change which
     inputs it reads), its kind's version, repsim's version and its inputs' fingerprints."""
     kind = KINDS[spec["kind"]]
-    return _digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
+    return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
                     "kind_version": kind.version, "repsim": __version__, "deps": deps})
 
 
@@ -634,7 +625,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     user error in that spec or its inputs) give the one-line reason. One figure's problem
     never stops the others.
     """
-    from repsim.compare import versions, write_json
+    from repsim.compare import versions
 
     t0 = time.perf_counter()
     specs = load_specs(Path(analyses), only)
@@ -669,7 +660,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         finally:
             ctx._deps = None
         files = [str(f) for f in files] + [str(record_path)]
-        write_json(record_path, {  # last: its presence with this key means "complete"
+        paths.write_json(record_path, {  # last: its presence with this key means "complete"
             "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
             "spec": spec, "overrides": ctx.overrides,
             "cache_key": _key(name, spec, ctx.overrides, deps), "deps": deps, "files": files,

@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
+from repsim import paths  # noqa: E402
+
 CMAP = "magma"
 DPI = 150
 ANNOTATE_MAX_CELLS = 64  # write the value in each cell when the matrix is this small
@@ -242,9 +244,7 @@ def save(fig: plt.Figure, stem: str | os.PathLike) -> list[Path]:
                       ("pdf", {"CreationDate": None, "ModDate": None, "Producer": None,
                                "Creator": None})):
         path = stem.with_name(f"{stem.name}.{ext}")
-        tmp = path.with_name(f".{path.name}.partial")
-        fig.savefig(tmp, format=ext, dpi=DPI, metadata=meta)
-        os.replace(tmp, path)
-        out.append(path)
+        out.append(paths.atomic_write(path, lambda tmp, ext=ext, meta=meta: fig.savefig(
+            tmp, format=ext, dpi=DPI, metadata=meta)))
     plt.close(fig)
     return out

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
-import os
 import platform
 import time
 import warnings
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim import __version__
+from repsim import __version__, paths
 from repsim.errors import UserError
 
 
@@ -310,10 +308,7 @@ def _to_device(ps, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    paths.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _hardware(dev: torch.device) -> str:
@@ -353,10 +348,7 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
     rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
     rows.append(entry)
     data["checkpoints"] = sorted(rows, key=lambda r: r["name"])
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- the loop
@@ -398,8 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     precision = train_precision(dev, cfg.precision)
     name = run_name(cfg)
     out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{name}.pt"
-    cache = Path(os.environ.get("REPSIM_CACHE", "cache")).expanduser()
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else cache / "runs" / name
+    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else paths.cache_dir("runs", name)
     state_path, log_path = run_dir / "state.pt", run_dir / "log.jsonl"
 
     # Data: whole splits as uint8 on the device.
@@ -464,8 +455,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     data_prov = {"dataset": cfg.dataset, "train_source": train_ps.source,
                  "n_train": n_train, "n_train_total": len(train_ps.labels),
                  "train_fraction": cfg.train_fraction,
-                 "train_ids_sha256": hashlib.sha256(
-                     np.asarray(train_ps.ids)[keep].astype(np.int64).tobytes()).hexdigest(),
+                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
                  "n_test": len(test_ps.labels), "augmentation":
                  f"{recipe.pad_mode}-padded {PAD}-px translate + flip"
                  + (f" + cutout {recipe.cutout}" if recipe.cutout else "")}
@@ -675,10 +665,8 @@ def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
-    tmp = out.with_name(out.stem + ".partial.png")
-    fig.savefig(tmp, dpi=120)
+    paths.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

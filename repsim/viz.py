@@ -1,51 +1,19 @@
-"""Small drawing and file helpers shared by the attention and feature-map figures.
+"""Small drawing helpers shared by the attention and feature-map figures.
 
 Maps are ``(h, w)`` float arrays on a coarse grid (patches or feature-map cells); images are
-``(H, W, 3)`` uint8. Figures are written atomically (temporary file in the same folder, then
-``os.replace``) with their provenance in the PNG's text chunk.
+``(H, W, 3)`` uint8. Figures are written atomically (:func:`repsim.paths.atomic_write`) with
+their provenance in the PNG's text chunk.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` for a temporary file next to ``path``, then rename it to ``path``.
-
-    A crash leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON to ``path``."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+from repsim import paths
 
 
 def save_figure(fig, path: str | os.PathLike, provenance: dict | None = None, dpi: int = 120
@@ -57,7 +25,7 @@ def save_figure(fig, path: str | os.PathLike, provenance: dict | None = None, dp
     if provenance is not None:
         meta["Description"] = json.dumps(provenance, default=str)
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi,
+        return paths.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi,
                                                           metadata=meta, bbox_inches="tight"))
     finally:
         plt.close(fig)
@@ -99,16 +67,6 @@ def bare(ax) -> None:
         s.set_visible(False)
 
 
-def safe_name(name: str) -> str:
-    """A label usable in a file name: ``timm:vit_b`` -> ``timm_vit_b``, ``vit_cifar (random)``
-    -> ``vit_cifar-random``."""
-    import re
-
-    s = re.sub(r"\s*\(\s*", "-", name).replace(")", "")
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_-")
-    return s or "unnamed"
-
-
 def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
@@ -145,17 +103,3 @@ def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool
     return probe.images[:n], np.asarray(probe.ids[:n], dtype=np.int64)
 
 
-def save_npz(path: str | os.PathLike, **arrays) -> Path:
-    """Atomically write ``arrays`` as a compressed ``.npz`` at exactly ``path``."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
-            np.savez_compressed(f, **arrays)
-
-    return atomic_write(path, write)
-
-
-def default_out(kind: str) -> Path:
-    """Default output folder of a figure command: ``$REPSIM_FIGURES/<kind>`` (default
-    ``./figures/<kind>``)."""
-    return Path(os.environ.get("REPSIM_FIGURES", "figures")) / kind

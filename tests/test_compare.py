@@ -11,7 +11,8 @@ import reference
 import torch
 
 from repsim import cli
-from repsim.compare import CKAConfig, ProbeSpec, ids_digest, run_cka
+from repsim.compare import CKAConfig, ProbeSpec, run_cka
+from repsim.paths import ids_digest
 from repsim.store import StoreWriter
 
 BLOCKS = [f"blocks.{i}" for i in range(12)]  # blocks.10 sorts before blocks.2 in HDF5

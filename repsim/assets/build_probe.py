@@ -13,7 +13,6 @@ store extracted from the bundle equals one extracted from the same IDs of the tr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import numpy as np
 
 from repsim.assets import PROBE_FILE
 from repsim.data import _decode, _scan_class_tree, _stack
+from repsim.paths import atomic_write, ids_digest
 
 
 def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int = 0,
@@ -45,15 +45,13 @@ def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int 
         "selection": "per class (sorted names): rng=numpy.random.default_rng(seed) draws "
                      "per_class indices without replacement, sorted",
         "id_order": "index in the full test split sorted by class folder, then file name",
-        "ids_sha256": hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest(),
+        "ids_sha256": ids_digest(ids),
         "source_files": f"{Path(source).name}/<class>/<file> ({len(paths)} files)",
     }
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images, labels=labels[ids], ids=ids,
                         classes=np.array(classes), meta=np.array(json.dumps(meta)))
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     return meta
 
 

@@ -1,0 +1,94 @@
+"""Where repsim keeps things and how it writes them: roots, names, digests, atomic files.
+
+Roots come from the environment: ``$REPSIM_CACHE`` (stores, results, sketches, runs;
+default ``./cache``), ``$REPSIM_FIGURES`` (figure commands; default ``./figures``). Every
+file repsim writes goes through :func:`atomic_write`: a uniquely named temporary file in the
+same folder, renamed over the target when complete, so a crash or a concurrent writer never
+leaves a file that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$REPSIM_CACHE/<parts...>`` (default ``./cache``)."""
+    return Path(os.environ.get("REPSIM_CACHE") or "cache").expanduser().joinpath(*parts)
+
+
+def figures_dir(kind: str) -> Path:
+    """Default output folder of a figure command: ``$REPSIM_FIGURES/<kind>``."""
+    return Path(os.environ.get("REPSIM_FIGURES") or "figures").expanduser() / kind
+
+
+def digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys): a content address."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ids_digest(ids: Any) -> str:
+    """sha256 of sample IDs as little-endian int64, the same on every machine."""
+    return hashlib.sha256(np.ascontiguousarray(ids, "<i8").tobytes()).hexdigest()
+
+
+def slug(name: str) -> str:
+    """A label usable in a file name: ``timm:vit_b`` -> ``timm_vit_b``, ``vit_cifar (random)``
+    -> ``vit_cifar-random``."""
+    s = re.sub(r"\s*\(\s*", "-", str(name)).replace(")", "")
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("_-")
+    return s or "unnamed"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``.
+
+    The temporary name is unique (two processes writing the same file do not collide) and
+    keeps ``path``'s suffix (so writers that infer a format from it still work). A failure
+    removes it: the old file, or none, remains.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}",
+                               dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as JSON: sorted keys, fixed layout, trailing newline (the same
+    object gives the same bytes)."""
+    return write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
+    """Atomically write ``arrays`` as a compressed ``.npz`` at exactly ``path``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a name
+            np.savez_compressed(f, **arrays)
+
+    return atomic_write(path, write)
