@@ -13,7 +13,7 @@ DataLoader's batches), on ``--device`` (default: cuda when available, as both to
   both models on demand in one process and builds the (linear minibatch) sketches from the
   rows in memory while extracting, so nothing is read back.
 - **reference**: pytorch-cka once more, in a process given the malloc and OpenBLAS settings
-  that repsim's commands make for themselves (``repsim.cli.tune_process``), to show how
+  that repsim's commands make for themselves (``repsim.cli.reuse_freed_memory``), to show how
   much of the difference those account for. Not the goal's baseline.
 - **further comparisons** reuse the stored activations: the two self-similarity matrices and
   the cross matrix again (recomputed into a fresh folder, so no cached result is used). Each
@@ -49,10 +49,9 @@ from repsim import cli  # light: no torch
 
 REPO = Path(__file__).resolve().parent.parent
 MODULES = {"vit_cifar": {"embed": "norm_pre"}, "resnet18_cifar": {"stem": "maxpool"}}
-# What repsim.cli.tune_process sets, as environment variables for another process.
+# What repsim.cli.reuse_freed_memory sets, as environment variables for another process.
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(cli.MMAP_THRESHOLD),
-             "MALLOC_TRIM_THRESHOLD_": str(cli.TRIM_THRESHOLD),
-             "OPENBLAS_THREAD_TIMEOUT": cli.OPENBLAS_THREAD_TIMEOUT}
+             "MALLOC_TRIM_THRESHOLD_": str(cli.TRIM_THRESHOLD)}
 
 
 def default_layers(model: str) -> list[str]:
@@ -216,7 +215,7 @@ def main() -> None:
     rows["pcka cross again"] = pcka("vit_cifar", "resnet18_cifar")
     print(f"pytorch-cka cross again: {rows['pcka cross again']['wall_s']:.1f} s", flush=True)
     # For reference only (not the goal's baseline): pytorch-cka in a process with the
-    # settings repsim's commands make for themselves (repsim.cli.tune_process), so the
+    # settings repsim's commands make for themselves (repsim.cli.reuse_freed_memory), so the
     # reader can see how much of the difference they account for.
     rows["pcka cross tuned"] = pcka("vit_cifar", "resnet18_cifar", TUNED_ENV)
     print(f"pytorch-cka cross, repsim's process settings: "

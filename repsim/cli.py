@@ -459,10 +459,9 @@ def cmd_figures(args) -> int:
     return 1 if res["failed"] else 0
 
 
-# The process settings of tune_process (benchmarks/bench_e2e.py gives them to pytorch-cka).
+# The malloc setting of reuse_freed_memory (benchmarks/bench_e2e.py gives it to pytorch-cka).
 MMAP_THRESHOLD = 256 << 20  # bytes: blocks up to this size come from the heap
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
-OPENBLAS_THREAD_TIMEOUT = "4"  # log2 of the cycles OpenBLAS threads spin before sleeping
 
 
 def reuse_freed_memory() -> bool:
@@ -490,18 +489,6 @@ def reuse_freed_memory() -> bool:
         mallopt(m_trim_threshold, TRIM_THRESHOLD))
 
 
-def tune_process() -> None:
-    """Process-wide settings for the commands, made before numpy or torch load.
-
-    Besides :func:`reuse_freed_memory`: numpy's OpenBLAS threads busy-wait for about 2^28
-    cycles after each call, and while ``repsim cka`` builds CKA sketches between forward
-    passes they spin against torch's threads (measured: ResNet-18 batches 7 % slower).
-    A short timeout sends them to sleep at once. A value the user set is kept.
-    """
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
-    reuse_freed_memory()
-
-
 def _import_user_modules(names: list[str]) -> None:
     """``--import MODULE``: the user's own code, named on the command line (never a file's)."""
     import importlib
@@ -527,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    tune_process()
+    reuse_freed_memory()
     try:
         _import_user_modules(args.imports)
         return COMMANDS[args.command][2](args) or 0

@@ -178,10 +178,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
     # forward pass (memory stays at two batches; batches land in order, so the journal is
-    # exact). On CPU this used to oversubscribe the cores (1.3x slower for flattened
-    # ResNet-18 maps) while every write claimed fresh page-cache pages; with write-behind
-    # stores (see repsim.store) it is faster there too (measured: 14.91 s -> 14.20 s for
-    # resnet18_cifar, 18.34 s -> 17.87 s for vit_cifar, 2,048 images flattened).
+    # exact).
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
     pending = None
     try:

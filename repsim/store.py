@@ -15,19 +15,12 @@ complete. Each finished batch is flushed and then marked in ``batches_done``; a 
 marked batches, and because batches always cover the same rows, the resumed store equals an
 uninterrupted run's.
 
-Write-behind: after each batch the writer starts the kernel's writeback of the new pages and
-drops the pages of earlier batches from the page cache (Linux only). A store is written
-once and read later in blocks, so caching it buys little, while filling the page cache
-with gigabytes of fresh pages is what made flattened extraction slow here (see
-``benchmarks/README.md``): recycled pages are cheap, new ones are not.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,47 +46,6 @@ def _open(path: Path, mode: str):
     except OSError as exc:
         raise UserError(f"cannot read store {path}: {exc}; it is corrupt or not an HDF5 "
                         "file (delete it, or rerun repsim extract with --overwrite)") from exc
-
-
-def _libc_sync_file_range():
-    """``sync_file_range`` from libc on Linux (None elsewhere): asynchronous writeback."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-class _WriteBehind:
-    """Start writeback of what was just written; drop what an earlier call started.
-
-    Pages still dirty or under writeback are not dropped by the kernel, so this never
-    loses data; it only keeps the page cache from growing by the whole store.
-    """
-
-    def __init__(self, fd: int | None) -> None:
-        self.fd, self.started = fd, 0
-
-    def __call__(self) -> None:
-        if self.fd is None or _SYNC_FILE_RANGE is None or not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            end = os.fstat(self.fd).st_size
-            if self.started:
-                os.posix_fadvise(self.fd, 0, self.started, os.POSIX_FADV_DONTNEED)
-        except OSError:  # a file system without it: plain page-cache writes, still correct
-            self.fd = None
-            return
-        # 0, 0: to the end of the file. A failure (unsupported) only means no early writeback.
-        _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
-        self.started = end
 
 
 class Store:
@@ -202,7 +154,6 @@ class StoreWriter:
             self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
             self._f.create_group("layers")
             self._f.flush()
-        self._behind = _WriteBehind(self._f.id.get_vfd_handle())
 
     def _reopen(self, ids: np.ndarray):
         """The partial file to resume, or None when it is unreadable (then start over)."""
@@ -256,7 +207,6 @@ class StoreWriter:
         self._f.flush()  # data first, then the journal entry that vouches for it
         self._f["batches_done"][j] = True
         self._f.flush()
-        self._behind()
 
     def finish(self) -> Path:
         """Mark complete, close, and atomically rename to the final path."""

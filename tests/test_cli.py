@@ -54,11 +54,3 @@ def test_user_malloc_environment_is_left_alone():
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
     made, _ = _run("-c", _REALLOC_FAULTS, "tuned", env=env).stdout.split()
     assert made == "False"
-
-
-def test_blas_threads_are_told_not_to_spin_unless_the_user_says_otherwise():
-    code = "import os; from repsim.cli import tune_process; tune_process(); " \
-           "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    assert _run("-c", code, env=env).stdout.strip() == "4"
-    assert _run("-c", code, env={**env, "OPENBLAS_THREAD_TIMEOUT": "20"}).stdout.strip() == "20"
