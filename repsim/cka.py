@@ -400,7 +400,7 @@ def _hsic_all_pairs(
     return cross, self_a, self_b
 
 
-def _default_budget(device: torch.device) -> int:
+def default_memory_budget(device: torch.device) -> int:
     """A quarter of the device's memory, between 1 and 16 GiB."""
     try:
         if device.type == "cuda":
@@ -489,7 +489,7 @@ def compare(
         return _compare_minibatch(names_a, mats_a, names_b, mats_b, same, int(batch_size),
                                   batch_seed, kernel, threshold, dev, common, progress)
 
-    budget = memory_budget or _default_budget(dev)
+    budget = memory_budget or default_memory_budget(dev)
     step = 4096  # rows per read in the scanning passes
     layers_a = [_Layer(nm, m, n, m.shape[1]) for nm, m in zip(names_a, mats_a)]
     layers_b = layers_a if same else [_Layer(nm, m, n, m.shape[1])
@@ -651,7 +651,7 @@ class MinibatchCKA:
         dev = self.device or _pick_device(mats_a + mats_b, None)
         la = self._layers(names_a, mats_a, self.median_sqdist_a, dev)
         lb = None if same else self._layers(names_b, mats_b, self.median_sqdist_b, dev)
-        ab, aa, bb = _hsic_all_pairs(la, lb, True, dev, _default_budget(dev))
+        ab, aa, bb = _hsic_all_pairs(la, lb, True, dev, default_memory_budget(dev))
         scale = 1.0 / (m * (m - 3))  # U-centred inner products are n(n-3) HSIC_u
         ab, aa, bb = ab * scale, aa * scale, bb * scale
         if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor

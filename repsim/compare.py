@@ -26,7 +26,6 @@ its key matches and neither store file is newer than it (make's rule), unless ``
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
@@ -164,7 +163,7 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
                     how=how)
 
 
-def _weights_problem(model: str, weights: str | None) -> str | None:
+def weights_problem(model: str, weights: str | None) -> str | None:
     """Why ``model``'s weights cannot be had here (one line), or None when they can."""
     from repsim import models
 
@@ -275,7 +274,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
             say(f"re-extracting {out}: {why}")
             cfg.overwrite = True
     cfg.overwrite = cfg.overwrite or force
-    problem = _weights_problem(ref, weights)  # before extracting: one line on how to get them
+    problem = weights_problem(ref, weights)  # before extracting: one line on how to get them
     if problem is not None:
         raise InputUnavailable(problem)
     try:
@@ -379,9 +378,9 @@ def _up_to_date(meta: dict, model: str, weights: str | None, layers: str | None,
     if (meta.get("reduce"), meta.get("dtype")) != (probe.reduce, probe.dtype):
         return False
     if probe.dataset.lower() == "cifar10-probe":
-        from repsim.assets import load_bundled_probe
+        from repsim.data import load_probe_set
 
-        if data != load_bundled_probe(probe.split, probe.n, probe.seed).provenance():
+        if data != load_probe_set(probe.dataset, probe.split, probe.n, probe.seed).provenance():
             return False
     elif probe.dataset.lower() in ("cifar10", "cifar100", "svhn"):
         from repsim.data import resolve_data_root
@@ -399,18 +398,16 @@ def _up_to_date(meta: dict, model: str, weights: str | None, layers: str | None,
 
 
 def select_layers(store: StoreRef, request: str | None) -> list[str]:
-    """Store layers matching ``request`` (comma-separated names or globs), in store order."""
-    if request is None or request in ("default", "all"):
+    """Store layers matching ``request`` (names, globs, or ``default``/``all`` for every
+    layer), in store order, by the rule every command uses (:func:`repsim.models.match_layers`)."""
+    from repsim.layers import match_layers
+
+    if request is None:
         return list(store.layers)
-    parts = [p.strip() for p in request.split(",") if p.strip()]
-    picked = set()
-    for part in parts:
-        hits = [n for n in store.layers if n == part or fnmatch.fnmatchcase(n, part)]
-        if not hits:
-            raise UserError(f"layer {part!r} is not in {store.path} (layers: "
-                            f"{', '.join(store.layers)}); pick from those")
-        picked.update(hits)
-    return [n for n in store.layers if n in picked]
+    every = {"default": store.layers, "all": store.layers}
+    return match_layers(store.layers, request, every, lambda part: UserError(
+        f"layer {part!r} is not in {store.path} (layers: {', '.join(store.layers)}); pick "
+        "from those"))
 
 
 def check_aligned(a: StoreRef, b: StoreRef) -> None:
@@ -520,14 +517,14 @@ def run_cka(cfg: CKAConfig) -> dict:
                         f"{cfg.estimator}; drop it or use --estimator minibatch")
 
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
-    sa, layers_a = _resolve_side(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
+    sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
                                  common)
     if (cfg.b, cfg.weights_b, cfg.layers_b) == (cfg.a, cfg.weights_a, cfg.layers_a):
         sb, layers_b = replace(sa, label=cfg.label_b or sa.label), layers_a
     else:
         # A forced re-extraction of a store that A already re-extracted would be wasted work.
         again = cfg.force and not (cfg.b == cfg.a and cfg.weights_b == cfg.weights_a)
-        sb, layers_b = _resolve_side(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
+        sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      common)
     check_aligned(sa, sb)
     same_store = sa.path.resolve() == sb.path.resolve()
@@ -656,7 +653,7 @@ def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str
         from repsim import cka
 
         rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
-        budget = cfg.memory_budget or cka._default_budget(_device(cfg))
+        budget = cfg.memory_budget or cka.default_memory_budget(_device(cfg))
         with Store(sa.path) as ra, Store(sb.path) as rb:
             width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
             # Sketches read rows_at_once rows of a layer in float64; larger reads stream.
@@ -698,7 +695,7 @@ def _device(cfg: CKAConfig):
     return resolve_device(cfg.device)
 
 
-def _resolve_side(ref: str, weights: str | None, layers: str | None, label: str | None,
+def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
                   force: bool, common: dict) -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers. For a model name the default store is
     used when it holds the requested layers; otherwise a store of exactly those is made."""

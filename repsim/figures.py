@@ -286,7 +286,7 @@ def _dep_store(ctx: FigureContext, d: dict):
 
 @dependency("cka")
 def _dep_cka(ctx: FigureContext, d: dict):
-    from repsim.compare import CKAConfig, _resolve_side, run_cka
+    from repsim.compare import CKAConfig, resolve_input, run_cka
 
     a, b, probe, c = ModelRef(**d["a"]), ModelRef(**d["b"]), ctx._probe(d["probe"]), d["cka"]
     sides = []
@@ -295,7 +295,7 @@ def _dep_cka(ctx: FigureContext, d: dict):
         if ref.layers is None:
             sides.append((store, None))
         else:  # a store of exactly those layers when the default one lacks them
-            sides.append(_resolve_side(ref.model, ref.weights, ref.layers, ref.display(),
+            sides.append(resolve_input(ref.model, ref.weights, ref.layers, ref.display(),
                                        False, dict(probe=probe, progress=ctx.progress,
                                                    log=ctx.log)))
     (sa, la), (sb, lb) = sides
@@ -314,10 +314,10 @@ def _dep_cka(ctx: FigureContext, d: dict):
 @dependency("model")
 def _dep_model(ctx: FigureContext, d: dict):
     from repsim import models
-    from repsim.compare import _weights_problem
+    from repsim.compare import weights_problem
 
     ref = ModelRef(**d["ref"])
-    problem = _weights_problem(ref.model, ref.weights)
+    problem = weights_problem(ref.model, ref.weights)
     if problem:
         raise InputUnavailable(problem)
     model, prov = models.load_model(ref.model, ref.weights)

@@ -16,7 +16,6 @@ a checkpoint that needs arbitrary unpickling is refused, never executed.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import functools
 import hashlib
 import os
@@ -37,6 +36,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from repsim.errors import UserError
+from repsim.layers import match_layers
 
 __all__ = [
     "ModelSpec",
@@ -47,9 +47,11 @@ __all__ = [
     "layer_names",
     "list_models",
     "load_model",
+    "match_layers",
     "module_for",
     "preprocess",
     "preprocessing_info",
+    "read_weights",
     "register_model",
     "sha256_file",
     "spec_for",
@@ -462,7 +464,7 @@ def _examples(keys: Sequence[str], k: int = 3) -> str:
 _UNSAFE_RE = re.compile(r"unsupported global|not an allowed global|unsupported class", re.I)
 
 
-def _torch_load(path: Path) -> Any:
+def read_weights(path: Path) -> Any:
     """``torch.load`` with weights_only=True, every failure turned into one UserError line."""
     fix = "fix: re-save the weights with torch.save(model.state_dict(), PATH)"
     try:
@@ -493,7 +495,7 @@ def _torch_load(path: Path) -> Any:
 
 def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict with any 'module.' prefix stripped, checkpoint metadata) from a file."""
-    obj = _torch_load(path)
+    obj = read_weights(path)
     meta: dict[str, Any] = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         sd = obj["state_dict"]
@@ -762,24 +764,6 @@ def _keyword_layers(model: nn.Module, spec: ModelSpec, keyword: str) -> list[str
     return [name for name, _ in model.named_children()]
 
 
-def _split_request(request: str | Sequence[str]) -> list[str]:
-    items = [request] if isinstance(request, str) else list(request)
-    parts: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise UserError(
-                f"layer request item {item!r} is not a string; valid: names, globs, 'default' "
-                "or 'blocks'; fix: pass e.g. --layers blocks.0,blocks.5"
-            )
-        parts.extend(p.strip() for p in item.split(",") if p.strip())
-    if not parts:
-        raise UserError(
-            f"empty layer request {request!r}; valid: names, globs, 'default' or 'blocks'; "
-            "fix: pass e.g. --layers blocks or leave --layers out for the default"
-        )
-    return parts
-
-
 def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec) -> UserError:
     close = difflib.get_close_matches(layer, candidates, n=4, cutoff=0.5)
     hint = f"close matches: {', '.join(close)}; " if close else ""
@@ -790,12 +774,6 @@ def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec) -> UserEr
     )
 
 
-def _glob_match(name: str, pattern: str) -> bool:
-    """fnmatch per dot-separated segment, so 'blocks.*' means the blocks, not their insides."""
-    segs, pats = name.split("."), pattern.split(".")
-    return len(segs) == len(pats) and all(fnmatch.fnmatchcase(s, p) for s, p in zip(segs, pats))
-
-
 def layer_names(
     model: nn.Module, spec: ModelSpec, request: str | Sequence[str] | None = None
 ) -> list[str]:
@@ -803,25 +781,13 @@ def layer_names(
 
     ``request``: None / ``"default"`` -> ViT ``["embed", "blocks.0", ...]``, ResNet
     ``["stem", "layer1", ..., "layer4"]``; ``"blocks"`` -> every transformer block /
-    every residual block (``"layer1.0"``, ...); otherwise names and fnmatch globs
-    (a list, or one comma-separated string) over module names plus aliases. A glob
-    matches segment by segment: ``"blocks.*"`` is ``blocks.0 .. blocks.N``, not
-    ``blocks.0.attn``; write ``"blocks.*.attn"`` to go deeper.
+    every residual block (``"layer1.0"``, ...); otherwise names and globs over module names
+    plus aliases (:func:`match_layers`).
     """
     candidates = _candidates(model, spec)
-    parts = ["default"] if request is None else _split_request(request)
-    wanted: set[str] = set()
-    for part in parts:
-        if part in _LAYER_KEYWORDS:
-            hits = _keyword_layers(model, spec, part)
-        elif any(c in part for c in "*?["):
-            hits = [c for c in candidates if _glob_match(c, part)]
-        else:
-            hits = [part] if part in candidates else []
-        if not hits:
-            raise _unknown_layer(part, candidates, spec)
-        wanted.update(hits)
-    return [c for c in candidates if c in wanted]
+    keywords = {k: _keyword_layers(model, spec, k) for k in _LAYER_KEYWORDS}
+    return match_layers(candidates, "default" if request is None else request, keywords,
+                        lambda part: _unknown_layer(part, candidates, spec))
 
 
 def module_for(model: nn.Module, spec: ModelSpec, layer: str) -> nn.Module:

@@ -432,9 +432,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     start_epoch, resumed_from = 0, None
     if state_path.is_file() and not cfg.restart:
-        from repsim.models import _torch_load
+        from repsim.models import read_weights
 
-        state = _torch_load(state_path)
+        state = read_weights(state_path)
         if state.get("identity") != ident:
             raise UserError(f"{state_path} belongs to a run with other settings; valid: the "
                             "same command as before to resume; fix: add --restart to start over, "

@@ -170,8 +170,7 @@ def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
 
 
 def test_bundled_probe_set_is_100_per_class_with_recorded_ids():
-    from repsim.assets import bundled_info
-    from repsim.data import load_probe_set
+    from repsim.data import bundled_info, load_probe_set
 
     p = load_probe_set("cifar10-probe")
     assert p.images.shape == (1000, 32, 32, 3) and p.images.dtype == np.uint8
@@ -342,3 +341,14 @@ def test_cuda_comparison_of_stores_gives_the_cpu_result(tmp_path, pair, estimato
                                      device=dev, out=str(tmp_path / dev), plots=False,
                                      progress=False))["result"]["matrix"]
     np.testing.assert_allclose(np.array(got["cuda"]), np.array(got["cpu"]), atol=1e-10)
+
+
+def test_layer_globs_match_segment_by_segment_as_in_extract(tmp_path):
+    from repsim.compare import StoreRef, select_layers
+
+    names = ["blocks.0", "blocks.0.attn", "blocks.1", "head"]
+    store = StoreRef(path=tmp_path / "s.h5", label="s", slug="s", meta={}, layers=names, n=1,
+                     ids_sha256="", identity_sha256="", how="given")
+    assert select_layers(store, "blocks.*") == ["blocks.0", "blocks.1"]
+    assert select_layers(store, "blocks.*.attn,head") == ["blocks.0.attn", "head"]
+    assert select_layers(store, "all") == names

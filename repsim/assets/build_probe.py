@@ -21,24 +21,25 @@ from pathlib import Path
 import numpy as np
 
 from repsim.assets import PROBE_FILE
-from repsim.data import _decode, _scan_class_tree, _stack
+from repsim.data import load_probe_set
 from repsim.paths import atomic_write, ids_digest
 
 
 def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int = 0,
           pixels: str = "JPEG re-encoding of the CIFAR-10 test batch") -> dict:
     """Write the bundle to ``out`` (atomically) and return its ``meta`` record."""
-    classes, paths, labels = _scan_class_tree(Path(source))
-    if len(classes) != 10 or len(paths) != 10_000:
-        raise SystemExit(f"{source} has {len(classes)} classes and {len(paths)} images; "
+    tree = load_probe_set(f"imagefolder:{source}", progress=True)  # decoded as every set is
+    labels = tree.labels
+    if len(tree.classes) != 10 or len(tree) != 10_000:
+        raise SystemExit(f"{source} has {len(tree.classes)} classes and {len(tree)} images; "
                          "expected the CIFAR-10 test split (10 x 1,000)")
     rng = np.random.default_rng(seed)
     picked = []
-    for c in range(len(classes)):
+    for c in range(len(tree.classes)):
         members = np.flatnonzero(labels == c)
         picked.append(np.sort(rng.choice(members, per_class, replace=False)))
     ids = np.concatenate(picked).astype(np.int64)  # class-major, so already sorted
-    images = _stack(_decode(paths[i] for i in ids), len(ids), None, True, "probe")
+    images, classes = tree.images[ids], tree.classes
     meta = {
         "dataset": "cifar10", "split": "test", "n": int(len(ids)), "per_class": per_class,
         "seed": seed, "pixels": pixels,
@@ -46,7 +47,7 @@ def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int 
                      "per_class indices without replacement, sorted",
         "id_order": "index in the full test split sorted by class folder, then file name",
         "ids_sha256": ids_digest(ids),
-        "source_files": f"{Path(source).name}/<class>/<file> ({len(paths)} files)",
+        "source_files": f"{Path(source).name}/<class>/<file> ({len(tree)} files)",
     }
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images, labels=labels[ids], ids=ids,

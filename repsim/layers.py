@@ -1,0 +1,60 @@
+"""The one layer-selection rule: which of a model's (or a store's) layers a request names.
+
+Torch-free, so a comparison of cached stores can select layers without loading models.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+
+from repsim.errors import UserError
+
+
+def _split_request(request: str | Sequence[str]) -> list[str]:
+    items = [request] if isinstance(request, str) else list(request)
+    parts: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise UserError(
+                f"layer request item {item!r} is not a string; valid: names, globs, 'default' "
+                "or 'blocks'; fix: pass e.g. --layers blocks.0,blocks.5"
+            )
+        parts.extend(p.strip() for p in item.split(",") if p.strip())
+    if not parts:
+        raise UserError(
+            f"empty layer request {request!r}; valid: names, globs, 'default' or 'blocks'; "
+            "fix: pass e.g. --layers blocks or leave --layers out for the default"
+        )
+    return parts
+
+
+def _glob_match(name: str, pattern: str) -> bool:
+    """fnmatch per dot-separated segment, so 'blocks.*' means the blocks, not their insides."""
+    segs, pats = name.split("."), pattern.split(".")
+    return len(segs) == len(pats) and all(fnmatch.fnmatchcase(s, p) for s, p in zip(segs, pats))
+
+
+def match_layers(candidates: Sequence[str], request: str | Sequence[str],
+                 keywords: Mapping[str, Sequence[str]], unknown: Callable[[str], Exception]
+                 ) -> list[str]:
+    """The one layer-selection rule, for models and stores alike.
+
+    ``request``: a list, or one comma-separated string, of exact names, fnmatch globs and
+    keywords (``keywords`` maps each to its layers). A glob matches segment by segment:
+    ``"blocks.*"`` is ``blocks.0 .. blocks.N``, not ``blocks.0.attn``. Returns the matches in
+    ``candidates``' order without duplicates; a part that matches nothing raises
+    ``unknown(part)``.
+    """
+    wanted: set[str] = set()
+    for part in _split_request(request):
+        if part in keywords:
+            hits = list(keywords[part])
+        elif any(c in part for c in "*?["):
+            hits = [c for c in candidates if _glob_match(c, part)]
+        else:
+            hits = [part] if part in candidates else []
+        if not hits:
+            raise unknown(part)
+        wanted.update(hits)
+    return [c for c in candidates if c in wanted]
