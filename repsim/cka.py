@@ -112,6 +112,16 @@ def _take(x: Any, idx: np.ndarray) -> Any:
     return x[idx]
 
 
+def _in_memory(x: Any, budget: int) -> Any:
+    """``x`` itself when it is an array or tensor; a lazy source (an h5py dataset) read whole,
+    in one sequential pass, when it fits ``budget`` bytes. Random minibatches gather
+    scattered rows, which h5py reads about 4x slower than the same rows in one block."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x
+    size = int(np.prod(x.shape)) * np.dtype(getattr(x, "dtype", np.float64)).itemsize
+    return np.asarray(x[0:x.shape[0]]) if size <= budget else x
+
+
 # --------------------------------------------------------------------------- per-layer state
 
 
@@ -719,6 +729,13 @@ def _compare_minibatch(names_a, mats_a, names_b, mats_b, same, batch_size, batch
         rows = sample_rows(n, BANDWIDTH_SAMPLE)
         meds_a = rbf_bandwidths(dict(zip(names_a, mats_a)), rows)
         meds_b = meds_a if same else rbf_bandwidths(dict(zip(names_b, mats_b)), rows)
+    # Lazy sources that fit half the memory budget together are read once, in order.
+    lazy = [m for m in (mats_a if same else mats_a + mats_b)
+            if not isinstance(m, (torch.Tensor, np.ndarray))]
+    total = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in lazy)
+    if lazy and total <= default_memory_budget(dev) // 2:
+        mats_a = [_in_memory(m, total) for m in mats_a]
+        mats_b = mats_a if same else [_in_memory(m, total) for m in mats_b]
     acc = MinibatchCKA(kernel=kernel, threshold=threshold, median_sqdist_a=meds_a,
                        median_sqdist_b=meds_b, device=dev)
     it = batches
@@ -844,6 +861,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
         raise ValueError("the RBF kernel needs median_sqdist (see rbf_bandwidths)")
     if estimator == "minibatch":
         batches = minibatches(n, batch_size, batch_seed)
+        x = _in_memory(x, default_memory_budget(dev) // 2)
     else:
         batches = [np.arange(n)]
     parts = []

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim import __version__, paths
+from repsim import __version__, augment, paths
 from repsim.errors import UserError
 
 
@@ -56,6 +56,10 @@ class Recipe:
     decay_all: bool = False  # weight decay on norms and biases too (as in the recipe's source)
     start_factor: float = 0.2  # triangular: lr starts at start_factor * lr ...
     peak_at: float = 0.2  # ... and peaks at this fraction of all steps
+    randaugment: int = 0  # RandAugment ops per image (0 = off) ...
+    ra_magnitude: int = 9  # ... at this magnitude (of 30)
+    mixup: float = 0.0  # MixUp Beta alpha (0 = off)
+    cutmix: float = 0.0  # CutMix Beta alpha (0 = off); with both on, CutMix half the time
 
 
 RECIPES: dict[str, Recipe] = {
@@ -76,6 +80,19 @@ RECIPES: dict[str, Recipe] = {
                source="Keller Jordan, cifar10-airbench research/train_resnet18.py "
                       "(about 94 % in 32 epochs)",
                pad_mode="reflect", decay_all=True),
+        Recipe("fast-resnet-ls", "sgd", 0.2, 5e-4, 500, 100, 0, "triangular", 0.2, 12,
+               "fast-resnet with label smoothing 0.2 (airbench94's) and 100 epochs",
+               source="Keller Jordan, cifar10-airbench (train_resnet18.py; label smoothing "
+                      "0.2 from airbench94.py); not yet run here",
+               pad_mode="reflect", decay_all=True),
+        Recipe("fast-vit-aug", "adamw", 1e-3, 0.05, 500, 200, 10, "cosine", 0.1, 0,
+               "small-data ViT regularisation on top of fast-vit: AdamW 1e-3 (wd 0.05, not on "
+               "norms, biases, tokens), 10 warm-up epochs, cosine, label smoothing 0.1, "
+               "RandAugment (2 ops, magnitude 9), MixUp 0.8 / CutMix 1.0, crop + flip",
+               source="DeiT (Touvron et al. 2021) and Lee et al. 2021 (ViT for small-size "
+                      "datasets) regularisation; fast-vit overfits the JPEG copy at 70 %; "
+                      "not yet run here",
+               randaugment=2, mixup=0.8, cutmix=1.0),
         Recipe("fast-vit", "adamw", 3e-4, 0.0, 500, 200, 0, "cosine", 0.0, 0,
                "fast small ViT: AdamW 3e-4 (no weight decay), batch 500, cosine to 0 over "
                "200 epochs, no warm-up, 4-px-padded crop + flip",
@@ -84,7 +101,6 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
-PAD = 4  # random-crop padding in pixels (every recipe)
 
 
 @dataclass
@@ -134,47 +150,6 @@ def run_name(cfg: TrainConfig) -> str:
     if cfg.seed != 0:
         parts.append(f"seed{cfg.seed}")
     return "_".join(parts)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, cutout: int = 0,
-            pad_mode: str = "zeros") -> torch.Tensor:
-    """Random 4-px translate (a crop of the padded image), horizontal flip, optional cutout.
-
-    ``x`` is ``(B, H, W, 3)`` uint8 on any device; returns the same shape and dtype.
-    ``pad_mode`` "zeros" pads with black, "reflect" mirrors the border (no edge repeat).
-    Every random draw comes from ``gen`` (on ``x``'s device), so a run is reproducible.
-    """
-    b, h, w, _ = x.shape
-    dev = x.device
-    oy = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev) - PAD
-    ox = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev) - PAD
-    rows = oy[:, None] + torch.arange(h, device=dev)  # (B, H) source rows, may leave the image
-    cols = ox[:, None] + torch.arange(w, device=dev)  # (B, W)
-    if pad_mode == "reflect":
-        rows, cols = _reflect(rows, h), _reflect(cols, w)
-    inside = (((rows >= 0) & (rows < h))[:, :, None]
-              & ((cols >= 0) & (cols < w))[:, None, :])  # (B, H, W)
-    out = x[torch.arange(b, device=dev)[:, None, None], rows.clamp(0, h - 1)[:, :, None],
-            cols.clamp(0, w - 1)[:, None, :]]  # (B, H, W, 3)
-    out = out.masked_fill(~inside[..., None], 0)
-    flip = torch.rand(b, generator=gen, device=dev) < 0.5
-    out = torch.where(flip[:, None, None, None], out.flip(2), out)
-    if cutout:
-        cy = torch.randint(0, h, (b,), generator=gen, device=dev)
-        cx = torch.randint(0, w, (b,), generator=gen, device=dev)
-        yy = torch.arange(h, device=dev)[None, :, None]
-        xx = torch.arange(w, device=dev)[None, None, :]
-        y0 = (cy - cutout // 2)[:, None, None]
-        x0 = (cx - cutout // 2)[:, None, None]
-        hole = (yy >= y0) & (yy < y0 + cutout) & (xx >= x0) & (xx < x0 + cutout)
-        out = out.masked_fill(hole[..., None], 0)
-    return out
-
-
-def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
-    """Mirror indices in [-n+1, 2n-2] into [0, n-1] without repeating the edge."""
-    i = i.abs()
-    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe, lr: float) -> float:
@@ -456,9 +431,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                  "n_train": n_train, "n_train_total": len(train_ps.labels),
                  "train_fraction": cfg.train_fraction,
                  "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
-                 "n_test": len(test_ps.labels), "augmentation":
-                 f"{recipe.pad_mode}-padded {PAD}-px translate + flip"
-                 + (f" + cutout {recipe.cutout}" if recipe.cutout else "")}
+                 "n_test": len(test_ps.labels), "augmentation": describe_augmentation(recipe)}
     summary: dict[str, Any] = {"checkpoint": str(out), "run_dir": str(run_dir),
                                "log": str(log_path), "epochs_planned": epochs,
                                "resumed_from": resumed_from, "epochs": start_epoch,
@@ -526,8 +499,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    unit="step", disable=not cfg.progress, leave=False)
         for i in bar:
             idx = perm[i * batch_size:(i + 1) * batch_size]
-            x = _prepare(spec, augment(x_train[idx], gen, recipe.cutout, recipe.pad_mode))
-            y = y_train[idx]
+            x, y = _batch(x_train[idx], y_train[idx], spec, recipe, gen, num_classes)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total_steps, steps_per_epoch, recipe, lr)
             try:
@@ -543,7 +515,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             opt.step()
             step += 1
             loss_sum += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += (logits.detach().argmax(1) == y_train[idx]).sum()
             images_seen += len(idx)
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = "max_steps"
@@ -586,10 +558,38 @@ def _fits(epoch_s: float, finish_s: float, deadline: float) -> bool:
     return time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 
+def describe_augmentation(recipe: Recipe) -> str:
+    """The recipe's augmentation in words (recorded in every checkpoint)."""
+    parts = [f"{recipe.pad_mode}-padded {augment.PAD}-px translate + flip"]
+    if recipe.cutout:
+        parts.append(f"cutout {recipe.cutout}")
+    if recipe.randaugment:
+        parts.append(f"RandAugment {recipe.randaugment} ops, magnitude {recipe.ra_magnitude}")
+    if recipe.mixup or recipe.cutmix:
+        parts.append(f"MixUp {recipe.mixup} / CutMix {recipe.cutmix}")
+    return " + ".join(parts)
+
+
+def _batch(images: torch.Tensor, labels: torch.Tensor, spec, recipe: Recipe,
+           gen: torch.Generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One augmented, preprocessed batch and its targets (class ids, or soft targets
+    ``(B, classes)`` when the recipe mixes images)."""
+    x = augment.crop_flip(images, gen, recipe.pad_mode)
+    if recipe.cutout:
+        x = augment.cutout(x, gen, recipe.cutout)
+    if recipe.randaugment:
+        x = augment.rand_augment(x, recipe.randaugment, recipe.ra_magnitude)
+    x = _prepare(spec, x)
+    if recipe.mixup or recipe.cutmix:
+        return augment.mix(x, labels, num_classes, gen, recipe.mixup, recipe.cutmix)
+    return x, labels
+
+
 def _loss_and_backward(forward: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                        y: torch.Tensor, recipe: Recipe, dev: torch.device, bf16: bool
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward; gradients land in the parameters, the caller steps."""
+    """One forward + backward; gradients land in the parameters, the caller steps.
+    ``y``: class ids ``(B,)`` or soft targets ``(B, classes)``."""
     opt.zero_grad(set_to_none=True)
     with _autocast(dev, cpu_bf16=bf16):
         logits = forward(x)

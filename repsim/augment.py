@@ -1,0 +1,99 @@
+"""Training-time augmentation on the device, a whole batch at a time.
+
+The training split lives on the device as ``(N, H, W, 3)`` uint8; each batch is augmented
+there (so a GPU never waits for a CPU data loader): a random translate (a crop of the padded
+image) and a horizontal flip, then optionally cutout and RandAugment on the uint8 pixels,
+and, after preprocessing, MixUp or CutMix of the float batch with soft targets. Draws come
+from the run's generator ``gen`` (translate, flip, cutout, the mixing choice) or torch's
+global RNG (RandAugment's ops, the mixing weight), both of which a run saves and restores.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAD = 4  # translate range in pixels (every recipe)
+RANDAUGMENT_GROUP = 50  # images that share one RandAugment draw (per-image variety, few calls)
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Mirror indices in [-n+1, 2n-2] into [0, n-1] without repeating the edge."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def crop_flip(x: torch.Tensor, gen: torch.Generator, pad_mode: str = "zeros") -> torch.Tensor:
+    """Random 4-px translate and horizontal flip of ``(B, H, W, 3)`` uint8 (same shape back).
+
+    ``pad_mode`` "zeros" fills the uncovered border with black, "reflect" mirrors the image.
+    """
+    b, h, w, _ = x.shape
+    dev = x.device
+    oy = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev) - PAD
+    ox = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev) - PAD
+    rows = oy[:, None] + torch.arange(h, device=dev)  # (B, H) source rows, may leave the image
+    cols = ox[:, None] + torch.arange(w, device=dev)  # (B, W)
+    if pad_mode == "reflect":
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    inside = (((rows >= 0) & (rows < h))[:, :, None]
+              & ((cols >= 0) & (cols < w))[:, None, :])  # (B, H, W)
+    out = x[torch.arange(b, device=dev)[:, None, None], rows.clamp(0, h - 1)[:, :, None],
+            cols.clamp(0, w - 1)[:, None, :]]  # (B, H, W, 3)
+    out = out.masked_fill(~inside[..., None], 0)
+    flip = torch.rand(b, generator=gen, device=dev) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(2), out)
+
+
+def cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
+    """Zero one ``size x size`` square per image of ``(B, H, W, 3)``, centred anywhere."""
+    b, h, w, _ = x.shape
+    dev = x.device
+    cy = torch.randint(0, h, (b,), generator=gen, device=dev)
+    cx = torch.randint(0, w, (b,), generator=gen, device=dev)
+    yy = torch.arange(h, device=dev)[None, :, None]
+    xx = torch.arange(w, device=dev)[None, None, :]
+    y0 = (cy - size // 2)[:, None, None]
+    x0 = (cx - size // 2)[:, None, None]
+    hole = (yy >= y0) & (yy < y0 + size) & (xx >= x0) & (xx < x0 + size)
+    return x.masked_fill(hole[..., None], 0)
+
+
+def rand_augment(x: torch.Tensor, num_ops: int, magnitude: int) -> torch.Tensor:
+    """RandAugment (Cubuk et al. 2020, torchvision's) of ``(B, H, W, 3)`` uint8; each group
+    of :data:`RANDAUGMENT_GROUP` images gets its own draw of ops."""
+    from torchvision.transforms import v2
+
+    op = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    chw = x.permute(0, 3, 1, 2)
+    out = torch.cat([op(g) for g in chw.split(RANDAUGMENT_GROUP)])
+    return out.permute(0, 2, 3, 1)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator,
+        mixup: float, cutmix: float, switch: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a preprocessed batch.
+
+    ``x`` ``(B, C, H, W)`` float, ``y`` ``(B,)`` int64. Each image is mixed with its mirror
+    in the batch (image ``B - 1 - i``, as timm does); CutMix is chosen with probability
+    ``switch`` when both are on. The weight ``lam ~ Beta(alpha, alpha)``; for CutMix it is
+    the share of the image left uncut. Returns ``(x, targets (B, num_classes) float)``.
+    """
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    use_cut = cutmix > 0 and (mixup <= 0 or
+                              bool(torch.rand((), generator=gen, device=x.device) < switch))
+    alpha = cutmix if use_cut else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if use_cut:
+        h, w = x.shape[-2:]
+        ch, cw = round(h * (1 - lam) ** 0.5), round(w * (1 - lam) ** 0.5)
+        cy = int(torch.randint(0, h, (), generator=gen, device=x.device))
+        cx = int(torch.randint(0, w, (), generator=gen, device=x.device))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch - ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw - cw // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = lam * x + (1.0 - lam) * x.flip(0)
+    return x, lam * target + (1.0 - lam) * target.flip(0)
