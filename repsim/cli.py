@@ -507,7 +507,7 @@ def _import_user_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from repsim.errors import UserError
+    from repsim.errors import UserError, as_flags
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -522,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"repsim {args.command}: error: {msg}", file=sys.stderr)
+        print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"repsim {args.command}: interrupted", file=sys.stderr)

@@ -54,3 +54,10 @@ def test_user_malloc_environment_is_left_alone():
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"}
     made, _ = _run("-c", _REALLOC_FAULTS, "tuned", env=env).stdout.split()
     assert made == "False"
+
+
+def test_library_messages_become_flags_at_the_cli():
+    from repsim.errors import as_flags
+
+    assert (as_flags("batch_size=0 is not valid; use reduce='mean' (a==b)")
+            == "--batch-size 0 is not valid; use --reduce 'mean' (a==b)")
