@@ -37,7 +37,7 @@ import numpy as np
 
 from repsim import __version__
 from repsim.errors import UserError
-from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, write_json
+from repsim.paths import cache_dir, digest, ids_digest, slug, write_json
 
 FORMAT = "repsim-cka/1"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -501,7 +501,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     """Resolve, align, compute, write. Returns a summary: ``result`` (the payload written),
     ``files`` (json, png, pdf), ``reused`` (True when nothing was recomputed), ``seconds``,
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
-    from repsim.sketch import ESTIMATORS, KERNELS
+    from repsim.sketch import ESTIMATORS, KERNELS, cka_of_stores
 
     t0 = time.perf_counter()
     if cfg.kernel not in KERNELS:
@@ -527,7 +527,6 @@ def run_cka(cfg: CKAConfig) -> dict:
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      common)
     check_aligned(sa, sb)
-    same_store = sa.path.resolve() == sb.path.resolve()
 
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa, cfg.probe,
                                                             not _looks_like_path(cfg.a))
@@ -542,7 +541,7 @@ def run_cka(cfg: CKAConfig) -> dict:
             return {"result": old, "files": [str(jpath)] + [str(p) for p in plots],
                     "reused": True, "stores": stores, "seconds": time.perf_counter() - t0}
 
-    d = _compute(sa, sb, layers_a, layers_b, same_store, cfg)
+    d = cka_of_stores(sa, sb, layers_a, layers_b, cfg).to_dict()
     data = sa.meta.get("data") or {}
     payload = {
         "format": FORMAT, "cache_key": key,
@@ -567,132 +566,6 @@ def run_cka(cfg: CKAConfig) -> dict:
         P.save(P.cka_heatmap(payload), out_dir / stem)
     return {"result": payload, "files": [str(jpath)] + [str(p) for p in plots],
             "reused": False, "stores": stores, "seconds": time.perf_counter() - t0}
-
-
-# A layer's sketch is cached when it is at most this big (float64 entries * 8 bytes):
-# 4 MB for minibatch CKA of 2,000 images in batches of 250, 4 MB debiased at n = 1,000.
-SKETCH_MAX_BYTES = 256 << 20
-
-
-def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
-    """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
-    st = store.path.stat()
-    key = digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
-                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
-                   "kernel": cfg.kernel, "estimator": cfg.estimator,
-                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                   "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
-    return cache_dir("sketches", f"{key[:32]}.npz")
-
-
-def _save_sketch(path: Path, sk: np.ndarray, med: float | None) -> None:
-    """Write one sketch to the cache atomically (a crash leaves no half-written entry)."""
-    atomic_write(path, lambda tmp: np.savez(tmp, sketch=sk,
-                                            median_sqdist=np.float64(med or 0.0)))
-
-
-def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader) -> tuple[list, list]:
-    """Each layer's sketch (float64 numpy) and RBF bandwidth, from the cache or computed
-    from ``reader`` (an open store) and cached."""
-    from repsim import sketch
-
-    out, meds = [], []
-    rows = (sketch.sample_rows(store.n, sketch.BANDWIDTH_SAMPLE)
-            if cfg.estimator == "minibatch" else None)
-    for layer in layers:
-        path = _sketch_path(store, layer, cfg)
-        if path.is_file():
-            with np.load(path) as z:
-                out.append(z["sketch"])
-                meds.append(float(z["median_sqdist"]) if cfg.kernel == "rbf" else None)
-            continue
-        from repsim import cka
-
-        ds = reader[layer]
-        med = cka.rbf_bandwidths({layer: ds}, rows)[0] if cfg.kernel == "rbf" else None
-        try:
-            sk = cka.layer_sketch(ds, kernel=cfg.kernel, estimator=cfg.estimator,
-                                  threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                  batch_seed=cfg.batch_seed, median_sqdist=med,
-                                  device=_device(cfg)).cpu().numpy()
-        except ValueError as e:  # non-finite activations: name the store and layer
-            raise UserError(f"{store.path} layer {layer!r}: {e}") from None
-        _save_sketch(path, sk, med)
-        out.append(sk)
-        meds.append(med)
-    return out, meds
-
-
-def _compute(sa: StoreRef, sb: StoreRef, layers_a: list[str], layers_b: list[str],
-             same_store: bool, cfg: CKAConfig) -> dict:
-    """The CKA result as a dict (``CKAResult.to_dict()`` layout).
-
-    When a layer's sketch is small (``SKETCH_MAX_BYTES``), each layer is reduced once to
-    its sketch and cached, so later comparisons with that layer cost one small product
-    (and, with every sketch cached, no torch import); otherwise the engine streams the
-    stores block by block.
-    """
-    import warnings
-
-    from repsim import sketch
-    from repsim.store import Store
-
-    n = sa.n
-    same = same_store and layers_b == layers_a  # one symmetric matrix, computed once
-    size = sketch.sketch_size(n, cfg.estimator, cfg.batch_size)
-    small = 0 < 8 * size <= SKETCH_MAX_BYTES
-    if cfg.estimator == "minibatch" and n % cfg.batch_size and n % cfg.batch_size < 4:
-        warnings.warn(f"dropping {n % cfg.batch_size} of {n} rows (the last, short random "
-                      "batch): the unbiased HSIC estimator needs at least 4", RuntimeWarning,
-                      stacklevel=2)
-    if small and all(_sketch_path(st, x, cfg).is_file()
-                     for st, names in ((sa, layers_a), (sb, layers_b)) for x in names):
-        ska, meds_a = _sketches(sa, layers_a, cfg, None)
-        skb, meds_b = _sketches(sb, layers_b, cfg, None)
-    else:
-        from repsim import cka
-
-        rows_at_once = cfg.batch_size if cfg.estimator == "minibatch" else n
-        budget = cfg.memory_budget or cka.default_memory_budget(_device(cfg))
-        with Store(sa.path) as ra, Store(sb.path) as rb:
-            width = max([ra[x].shape[1] for x in layers_a] + [rb[x].shape[1] for x in layers_b])
-            # Sketches read rows_at_once rows of a layer in float64; larger reads stream.
-            if not (small and 8 * rows_at_once * width <= budget // 2):
-                fa = ra.features(layers_a)
-                fb = fa if same else rb.features(layers_b)  # the same object: symmetric, once
-                with warnings.catch_warnings():  # said above, once
-                    warnings.filterwarnings("ignore", "dropping .* rows")
-                    return cka.compare(fa, fb, kernel=cfg.kernel, estimator=cfg.estimator,
-                                       threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                       batch_seed=cfg.batch_seed, device=_device(cfg),
-                                       memory_budget=cfg.memory_budget,
-                                       progress=cfg.progress).to_dict()
-            ska, meds_a = _sketches(sa, layers_a, cfg, ra)
-            skb, meds_b = (ska, meds_a) if same else _sketches(sb, layers_b, cfg, rb)
-    matrix = sketch.cka_from_sketches(ska, skb)
-    if same:
-        matrix = (matrix + matrix.T) / 2
-    rbf = cfg.kernel == "rbf"
-    mini = cfg.estimator == "minibatch"
-    n_batches = len(sketch.minibatches(n, cfg.batch_size, cfg.batch_seed)) if mini else None
-    rows = (sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
-            if rbf and cfg.estimator == "minibatch" else None)
-    res = sketch.CKAResult(matrix=matrix, layers_a=layers_a, layers_b=layers_b,
-                           kernel=cfg.kernel, estimator=cfg.estimator, n=n,
-                           threshold=cfg.threshold if rbf else None,
-                           batch_size=cfg.batch_size,
-                           batch_seed=cfg.batch_seed if mini else None, n_batches=n_batches,
-                           bandwidths_a=meds_a if rbf else None,
-                           bandwidths_b=meds_b if rbf else None,
-                           bandwidth_rows=None if rows is None else [int(i) for i in rows])
-    return res.to_dict()
-
-
-def _device(cfg: CKAConfig):
-    """The CKA device: ``cfg.device``, else the GPU when there is one (stores are numpy)."""
-    from repsim.models import resolve_device
-
-    return resolve_device(cfg.device)
 
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
