@@ -287,7 +287,7 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
 def cmd_attention(args) -> int:
     import json
 
-    from repsim.attention_figures import AttentionConfig, run_attention
+    from repsim.figures.attention import AttentionConfig, run_attention
 
     ids = [i for group in args.ids for i in group] if args.ids else None
     res = run_attention(AttentionConfig(
@@ -323,7 +323,7 @@ def _add_featuremaps(p: argparse.ArgumentParser) -> None:
 def cmd_featuremaps(args) -> int:
     import json
 
-    from repsim.featuremaps import FeatureMapsConfig, run_featuremaps
+    from repsim.figures.featuremaps import FeatureMapsConfig, run_featuremaps
 
     ids = [i for group in args.ids for i in group] if args.ids else None
     res = run_featuremaps(FeatureMapsConfig(
@@ -436,7 +436,7 @@ def cmd_figures(args) -> int:
         # Read by huggingface_hub at import: set before anything imports timm.
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["REPSIM_OFFLINE"] = "1"
-    from repsim.figures import build_all
+    from repsim.figures.runner import build_all
 
     overrides = {"dataset": args.dataset, "split": args.split, "n": args.n, "seed": args.seed,
                  "data_root": args.data_root}

@@ -561,7 +561,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     }
     write_json(jpath, payload)
     if cfg.plots:
-        from repsim import plots as P
+        from repsim.figures import draw as P
 
         P.save(P.cka_heatmap(payload), out_dir / stem)
     return {"result": payload, "files": [str(jpath)] + [str(p) for p in plots],

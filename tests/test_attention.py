@@ -11,9 +11,9 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from repsim import attention as A
-from repsim.attention_figures import resolve_blocks
 from repsim.cli import main
 from repsim.errors import UserError
+from repsim.figures.attention import resolve_blocks
 from repsim.models import build_model, get_spec
 
 
@@ -345,7 +345,8 @@ def test_cli_attention_on_a_cnn_is_one_line_error(capsys):
 def test_cli_attention_rejects_mismatched_weights(capsys):
     assert main(["attention", "--model", "vit_cifar", "--model", "vit_imagenet", "--weights",
                  "random", "--weights", "random", "--weights", "random"]) == 1
-    assert "3 --weights for 2 --model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "3 weights for 2 models (--weights ['random', 'random', 'random'])" in err
 
 
 # --------------------------------------------------------------------------- repsim figures
@@ -353,7 +354,7 @@ def test_cli_attention_rejects_mismatched_weights(capsys):
 
 def test_figure_kind_attention_builds_then_caches_then_skips_missing_weights(tmp_path,
                                                                                monkeypatch):
-    from repsim.figures import build_all
+    from repsim.figures.runner import build_all
 
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "no-checkpoints"))

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from repsim import featuremaps as FM
 from repsim.cli import main
 from repsim.errors import UserError
+from repsim.figures import featuremaps as FM
 from repsim.models import build_model, get_spec
 
 
@@ -101,7 +101,7 @@ def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
 
 
 def test_figure_kind_featuremaps_builds_one_figure_per_stage(tmp_path):
-    from repsim.figures import build_all
+    from repsim.figures.runner import build_all
 
     ana = tmp_path / "analyses"
     ana.mkdir()

@@ -4,6 +4,7 @@ whose weights are unavailable is skipped in one line while the others are built.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from repsim import plots
 from repsim.errors import UserError
-from repsim.figures import KINDS, build_all, figure_kind, load_specs
+from repsim.figures import draw
+from repsim.figures.runner import KINDS, build_all, figure_kind, load_specs
 
 VIT = ["embed"] + [f"blocks.{i}" for i in range(6)]
 RES = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -29,7 +30,7 @@ def heatmap_axes(fig):
 
 
 def assert_saved(fig, stem):
-    files = plots.save(fig, stem)
+    files = draw.save(fig, stem)
     assert [f.suffix for f in files] == [".png", ".pdf"]
     assert files[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert files[1].read_bytes()[:5] == b"%PDF-"
@@ -45,7 +46,7 @@ def test_heatmap_labels_both_axes_and_uses_one_0_to_1_scale(tmp_path):
               "layers_a": VIT, "layers_b": RES, "model_a": "vit_cifar",
               "model_b": "resnet18_cifar", "kernel": "linear", "estimator": "minibatch",
               "n": 1000, "batch_size": 250}
-    fig = plots.cka_heatmap(result)
+    fig = draw.cka_heatmap(result)
     (ax,) = heatmap_axes(fig)
     assert [t.get_text() for t in ax.get_yticklabels()] == VIT  # rows: model A
     assert [t.get_text() for t in ax.get_xticklabels()] == RES  # columns: model B
@@ -62,7 +63,7 @@ def test_grid_has_every_pair_and_one_shared_colour_bar(tmp_path):
     panels = {(i, j): {"matrix": rand((len(layers[i]), len(layers[j])), 3 * i + j).tolist(),
                        "layers_a": layers[i], "layers_b": layers[j]}
               for i in range(3) for j in range(3)}
-    fig = plots.cka_grid(labels, panels, "grid")
+    fig = draw.cka_grid(labels, panels, "grid")
     axes = heatmap_axes(fig)
     assert len(axes) == 9 and len(fig.axes) == 10  # 3 x 3 panels + 1 colour bar
     assert {(a.images[0].norm.vmin, a.images[0].norm.vmax) for a in axes} == {(0.0, 1.0)}
@@ -73,10 +74,10 @@ def test_grid_has_every_pair_and_one_shared_colour_bar(tmp_path):
 
 def test_best_match_curve_picks_each_rows_maximum_and_skips_nan_rows(tmp_path):
     m = np.array([[0.1, 0.9, 0.3], [0.5, 0.2, 0.7], [np.nan, np.nan, np.nan]])
-    idx, val = plots.best_match_curve(m)
+    idx, val = draw.best_match_curve(m)
     assert idx.tolist() == [1, 2, -1]
     assert val[:2].tolist() == [0.9, 0.7] and np.isnan(val[2])
-    fig = plots.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1", "a2"],
+    fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1", "a2"],
                              "layers_b": ["b0", "b1", "b2"], "index": idx.tolist(),
                              "value": [0.9, 0.7, None]}], "curves")
     top = fig.axes[0]
@@ -88,7 +89,7 @@ def test_best_match_curve_picks_each_rows_maximum_and_skips_nan_rows(tmp_path):
 def test_data_scale_draws_one_heatmap_per_fraction_and_same_layer_curves(tmp_path):
     entries = [{"fraction": f, "label": f"ViT {f}", "matrix": rand((7, 7), k).tolist(),
                 "layers_a": VIT, "layers_b": VIT} for k, f in enumerate([0.1, 0.5])]
-    fig = plots.data_scale("ViT", entries, "scale")
+    fig = draw.data_scale("ViT", entries, "scale")
     assert len(heatmap_axes(fig)) == 2
     curves = [ax for ax in fig.axes if len(ax.lines) == len(VIT)]
     assert len(curves) == 1
@@ -98,7 +99,7 @@ def test_data_scale_draws_one_heatmap_per_fraction_and_same_layer_curves(tmp_pat
 
 
 def test_table_renders_markdown_and_csv():
-    md, csv_text = plots.table([{"model": "ViT", "acc": 81.364, "x": None}], ["model", "acc", "x"])
+    md, csv_text = draw.table([{"model": "ViT", "acc": 81.364, "x": None}], ["model", "acc", "x"])
     assert md == "| model | acc | x |\n|---|---|---|\n| ViT | 81.36 | - |\n"
     assert csv_text == "model,acc,x\nViT,81.364,\n"
 
@@ -235,6 +236,30 @@ def test_study_figures_are_built_cached_and_rebuilt_only_where_changed(study):
     assert sorted(e["name"] for e in third["cached"]) == ["acc", "grid", "scale"]
     after = stamps(figs)
     assert all(after[k] == before[k] for k in before if not k.startswith("best."))
+
+
+def test_the_cache_key_survives_moving_the_checkpoints_and_an_empty_cache(study, monkeypatch):
+    """A fresh clone: the same checkpoint files elsewhere, no stores and no CKA results. The
+    committed figures are reused as they are, and nothing is extracted to check them."""
+    figs = study / "figures"
+    build_all(study / "analyses", figs, progress=False)
+    before = stamps(figs)
+    assert not any(str(study / "ckpt") in (figs / f"{n}.json").read_text()
+                   for n in ("acc", "best", "grid", "scale"))
+    shutil.copytree(study / "ckpt", study / "elsewhere" / "checkpoints")
+    shutil.rmtree(study / "ckpt")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(study / "elsewhere" / "checkpoints"))
+    monkeypatch.setenv("REPSIM_CACHE", str(study / "fresh-cache"))
+    again = build_all(study / "analyses", figs, progress=False)
+    assert sorted(e["name"] for e in again["cached"]) == ["acc", "best", "grid", "scale"]
+    assert stamps(figs) == before and not (study / "fresh-cache").exists()
+    # A changed weights file (same name, same place) is a changed input.
+    vit = study / "elsewhere" / "checkpoints" / "vit_cifar_frac0.5.pt"
+    from repsim.models import build_model
+
+    torch.save(build_model("vit_cifar", seed=5).state_dict(), vit)
+    third = build_all(study / "analyses", figs, progress=False)
+    assert [e["name"] for e in third["built"]] == ["scale"]
 
 
 def test_unavailable_weights_skip_that_figure_in_one_line_and_build_the_rest(study):

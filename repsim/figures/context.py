@@ -1,0 +1,336 @@
+"""What a figure builder sees (:class:`FigureContext`): settings, tracked inputs, outputs.
+
+Every input a builder reads through the context (stores, CKA results, models, probe images,
+the checkpoint manifest, data-scale checkpoints) is computed once per run and recorded for
+the figure's cache key with a fingerprint of its content: the sha256 of weights files, of the
+probe images and of the manifest. No path, machine or library build enters a fingerprint,
+and computing one extracts nothing, so committed figures are checked in seconds on a fresh
+clone or with the checkpoints moved.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from repsim import compare, paths
+from repsim.compare import InputUnavailable, ProbeSpec
+from repsim.errors import UserError
+
+_FRACTION_RE = re.compile(r"frac(?:tion)?[_-]?([0-9]*\.?[0-9]+)")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model in a spec: registry name, weights (None: its own; 'random'; a file, relative
+    to the checkpoint folder unless absolute), display label, layers."""
+
+    model: str
+    weights: str | None = None
+    label: str | None = None
+    layers: str | None = None
+
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        return self.model + (f" ({Path(self.weights).stem})" if self.weights else "")
+
+
+def _checkpoint_dir() -> Path:
+    from repsim.models import checkpoint_dir
+
+    return checkpoint_dir()
+
+
+def weights_path(weights: str | None) -> str | None:
+    """A spec's weights as ``load_model`` takes them: relative files in the checkpoint folder."""
+    if weights in (None, "random") or Path(weights).is_absolute():
+        return weights
+    return str(_checkpoint_dir() / weights)
+
+
+class FigureContext:
+    """What a builder sees: settings, tracked inputs, and where to write.
+
+    State: one run's memo of inputs (a store or CKA result is computed once per run however
+    many figures use it) and the current figure's ``name``, ``data`` and recorded inputs
+    (``deps``: description -> fingerprint).
+    """
+
+    def __init__(self, out_dir: Path, overrides: dict | None = None, force: bool = False,
+                 progress: bool = True, log: Callable[[str], None] | None = None,
+                 device: str | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        self.device = device  # where to extract and compute; not part of any cache key
+        self.force, self.progress = force, progress
+        self.log = log or (lambda msg: None)
+        self.name = ""
+        self.data: dict = {}
+        self.deps: dict[str, Any] | None = None
+        self._values: dict[str, Any] = {}
+        self._hashes: dict[tuple, str] = {}
+
+    # ----------------------------------------------------------------- settings
+
+    def probe_spec(self, spec: dict) -> ProbeSpec:
+        """The spec's ``[probe]`` with the command line's overrides applied."""
+        return ProbeSpec(**{**(spec.get("probe") or {}), **self.overrides})
+
+    def cka_settings(self, spec: dict) -> dict:
+        c = {"kernel": "linear", "estimator": "biased", "batch_size": None, "batch_seed": 0,
+             "threshold": 1.0, **(spec.get("cka") or {})}
+        if c["estimator"] == "minibatch" and c.get("batch_size") is None:
+            raise UserError(f"{self.name}: [cka] estimator = 'minibatch' needs batch_size")
+        if c["estimator"] != "minibatch":
+            c["batch_size"] = None
+        return c
+
+    def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
+        """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
+        item = {"model": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or "model" not in item:
+            raise UserError(f"{self.name}: model entry {item!r} is neither a name nor a table "
+                            "with a 'model' key")
+        extra = set(item) - {"model", "weights", "label", "layers"}
+        if extra:
+            raise UserError(f"{self.name}: model entry keys {sorted(extra)} are unknown; "
+                            "valid: model, weights, label, layers")
+        label = item.get("label") or ((spec or {}).get("labels") or {}).get(item["model"])
+        return ModelRef(item["model"], item.get("weights"), label, item.get("layers"))
+
+    # ----------------------------------------------------------------- tracked inputs
+
+    def store(self, ref: ModelRef, probe: ProbeSpec):
+        """The activation store (:class:`repsim.compare.StoreRef`) of ``ref`` on ``probe``."""
+        return self._need({"type": "store", "ref": asdict(ref), "probe": asdict(probe)})
+
+    def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
+        """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
+        unordered pair is computed once and transposed on demand."""
+        ka, kb = (json.dumps(asdict(r), sort_keys=True) for r in (a, b))
+        first, second = (a, b) if ka <= kb else (b, a)
+        res = self._need({"type": "cka", "a": asdict(first), "b": asdict(second),
+                          "probe": asdict(probe), "cka": settings})
+        if (first, second) == (a, b):
+            return res
+        return {**res, "model_a": res["model_b"], "model_b": res["model_a"],
+                "layers_a": res["layers_b"], "layers_b": res["layers_a"],
+                "matrix": [list(col) for col in zip(*res["matrix"])]}
+
+    def model(self, ref: ModelRef):
+        """``(model, provenance)`` on CPU; weights paths in the provenance are relative to
+        the checkpoint folder when inside it."""
+        return self._need({"type": "model", "ref": asdict(ref)})
+
+    def images(self, probe: ProbeSpec):
+        """The :class:`repsim.data.ProbeSet` of ``probe``."""
+        return self._need({"type": "images", "probe": asdict(probe)})
+
+    def manifest(self) -> dict | None:
+        """``checkpoints/manifest.json`` parsed, or None when there is none."""
+        return self._need({"type": "manifest"})
+
+    @property
+    def manifest_path(self) -> Path:
+        return _checkpoint_dir() / "manifest.json"
+
+    def checkpoints(self, base: str, pattern: str) -> list[dict]:
+        """Checkpoints of model ``base`` whose name matches ``pattern``, by fraction: dicts
+        with name, file (relative to the checkpoint folder), train_fraction, manifest entry."""
+        return self._need({"type": "checkpoints", "base": base, "pattern": pattern})
+
+    def _need(self, desc: dict) -> Any:
+        fingerprint = self.fingerprint(desc)
+        if self.deps is not None:
+            self.deps[json.dumps(desc, sort_keys=True)] = fingerprint
+        return self._value(desc)
+
+    def _value(self, desc: dict) -> Any:
+        """The input ``desc`` from ``self._load_<type>``, once per run (an unavailable input
+        is asked about once, not once per figure)."""
+        key = json.dumps(desc, sort_keys=True)
+        if key not in self._values:
+            try:
+                self._values[key] = getattr(self, "_load_" + desc["type"])(desc)
+            except InputUnavailable as exc:
+                self._values[key] = exc
+        if isinstance(self._values[key], InputUnavailable):
+            raise self._values[key]
+        return self._values[key]
+
+    def fingerprint(self, desc: dict) -> Any:
+        """What decides the input ``desc``, by content: each model's weights (sha256 of the
+        file, 'random', or the registry's pretrained source), the probe images' sha256, the
+        manifest's sha256. Cheap: nothing is extracted or computed."""
+        kind = desc["type"]
+        if kind == "manifest":
+            path = self.manifest_path
+            return self._sha256(path) if path.is_file() else None
+        if kind == "checkpoints":
+            return {"manifest": self.fingerprint({"type": "manifest"}),
+                    "files": [(c["name"], c["train_fraction"],
+                               self._sha256(_checkpoint_dir() / c["file"]))
+                              for c in self._value(desc)]}
+        if kind == "images":
+            ps = self._value(desc)
+            return {**{k: v for k, v in ps.provenance().items() if k != "source"},
+                    "images_sha256": hashlib.sha256(ps.images.tobytes()).hexdigest()}
+        if kind not in ("store", "cka", "model"):
+            raise KeyError(kind)
+        out = {side: self._weights_print(desc[side]["model"], desc[side]["weights"])
+               for side in ("ref", "a", "b") if side in desc}
+        if "probe" in desc:
+            out["images"] = self.fingerprint({"type": "images", "probe": desc["probe"]})
+        return out
+
+    def _weights_print(self, model: str, weights: str | None) -> str | None:
+        if weights == "random":
+            return weights
+        from repsim import models
+
+        spec = models.get_spec(model)
+        path = (models.default_weights_file(spec) if weights is None
+                else Path(weights_path(weights)).expanduser())
+        if path is None:  # timm / torchvision pretrained: fixed by the model's name
+            return spec.default_weights
+        if not path.is_file():
+            raise InputUnavailable(compare.weights_problem(model, weights_path(weights))
+                                   or f"weights file {path} does not exist")
+        return self._sha256(path)
+
+    def _sha256(self, path: Path) -> str:
+        """The file's sha256, hashed once per run while its size and mtime hold."""
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._hashes:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            self._hashes[key] = h.hexdigest()
+        return self._hashes[key]
+
+    def _probe(self, d: dict) -> ProbeSpec:
+        """A probe from an input description, set to run on this run's device."""
+        return ProbeSpec(**{**d, "device": self.device})
+
+    def _load_store(self, d: dict):
+        ref = ModelRef(**d["ref"])
+        return compare.resolve_store(ref.model, weights=weights_path(ref.weights),
+                                     probe=self._probe(d["probe"]), label=ref.display(),
+                                     force=self.force, progress=self.progress, log=self.log)
+
+    def _load_cka(self, d: dict) -> dict:
+        probe, c = self._probe(d["probe"]), d["cka"]
+        refs = ModelRef(**d["a"]), ModelRef(**d["b"])
+        for r in refs:  # the default stores, extracted once per run (force applies here)
+            self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
+        # ... or stores of exactly the requested layers when the default ones lack them
+        sides = [compare.resolve_input(r.model, weights_path(r.weights), r.layers, r.display(),
+                                       False, dict(probe=probe, progress=self.progress,
+                                                   log=self.log)) for r in refs]
+        layers = [None if r.layers is None else ",".join(names)
+                  for r, (_, names) in zip(refs, sides)]
+        cfg = compare.CKAConfig(
+            a=str(sides[0][0].path), b=str(sides[1][0].path), label_a=refs[0].display(),
+            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1],
+            kernel=c["kernel"], estimator=c["estimator"], threshold=c["threshold"],
+            batch_size=c["batch_size"], batch_seed=c["batch_seed"], probe=probe, plots=False,
+            out=str(paths.cache_dir("cka") / probe.tag()), force=self.force,
+            device=probe.device, progress=self.progress, log=self.log)
+        return compare.run_cka(cfg)["result"]
+
+    def _load_model(self, d: dict):
+        from repsim import models
+
+        ref = ModelRef(**d["ref"])
+        problem = compare.weights_problem(ref.model, weights_path(ref.weights))
+        if problem:
+            raise InputUnavailable(problem)
+        model, prov = models.load_model(ref.model, weights_path(ref.weights))
+        try:  # a committed figure names no folder of the machine that built it
+            prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()
+        except ValueError:
+            pass
+        return model, prov
+
+    def _load_images(self, d: dict):
+        from repsim.data import load_probe_set
+
+        p = self._probe(d["probe"])
+        return load_probe_set(p.dataset, p.split, n=p.n, seed=p.seed, data_root=p.data_root,
+                              progress=self.progress)
+
+    def _load_manifest(self, d: dict) -> dict | None:
+        path = self.manifest_path
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError as exc:
+            raise UserError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
+        if not isinstance(data.get("checkpoints"), list):
+            raise UserError(f"{path} has no 'checkpoints' list; see the README for its schema")
+        return data
+
+    def _load_checkpoints(self, d: dict) -> list[dict]:
+        folder, found = _checkpoint_dir(), {}
+        for e in (self._value({"type": "manifest"}) or {}).get("checkpoints", []):
+            name, frac = str(e.get("name", "")), e.get("train_fraction")
+            file = str(e.get("file", f"{name}.pt"))
+            if (fnmatch.fnmatchcase(name, d["pattern"]) and e.get("model", d["base"]) == d["base"]
+                    and (folder / file).is_file() and isinstance(frac, (int, float))):
+                found[name] = {"name": name, "file": file, "train_fraction": float(frac),
+                               "entry": e}
+        for path in sorted(folder.glob(d["pattern"] + ".pt")):  # files the manifest lacks
+            m = _FRACTION_RE.search(path.stem)
+            if path.stem not in found and m:
+                found[path.stem] = {"name": path.stem, "file": path.name,
+                                    "train_fraction": float(m.group(1)), "entry": None}
+        return sorted(found.values(), key=lambda c: (c["train_fraction"], c["name"]))
+
+    def drawn_images(self, spec: dict):
+        """``(probe set, images (N, H, W, 3) uint8, ids (N,))``: the spec's ``[probe]`` and the
+        images drawn from it (its ``images``: the first N, default 4, or its ``ids``)."""
+        from repsim.figures.draw import pick_images
+
+        pspec = self.probe_spec(spec)
+        probe = self.images(pspec)
+        return (probe, *pick_images(probe, spec.get("images", 4), spec.get("ids"),
+                                    pspec.data_root, self.progress))
+
+    @contextmanager
+    def on_device(self, models: list) -> Iterator[list]:
+        """Run ``models`` on this run's device, then back to the CPU: the context shares
+        loaded models between figures."""
+        from repsim.models import resolve_device
+
+        device = resolve_device(self.device)
+        try:
+            yield [m.to(device) for m in models]
+        finally:
+            for m in models:
+                m.to("cpu")
+
+    # ----------------------------------------------------------------- outputs
+
+    def path(self, suffix: str) -> Path:
+        """``<out>/<figure name><suffix>``, e.g. ``ctx.path('.csv')``."""
+        return self.out_dir / f"{self.name}{suffix}"
+
+    def save(self, fig) -> list[Path]:
+        """Write ``fig`` as ``<out>/<name>.png`` and ``.pdf``."""
+        from repsim.figures import draw
+
+        return draw.save(fig, self.out_dir / self.name)
+
+    def write_text(self, suffix: str, text: str) -> Path:
+        return paths.write_text(self.path(suffix), text)

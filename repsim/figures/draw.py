@@ -1,0 +1,382 @@
+"""Every picture repsim draws, from plain arrays and names; no I/O but :func:`save`.
+
+CKA panels: rows are model A's layers (first layer at the bottom), columns model B's, both
+axes carry the layer names and the axis labels the model names; one colour scale runs from 0
+to 1 (values outside it are clipped in colour only; the data files keep them) with a colour
+bar; NaN cells (a zero-variance layer) are grey. Maps over images are ``(h, w)`` float grids
+(patches or feature-map cells) on ``(H, W, 3)`` uint8 images. Files carry no dates and a fixed
+DPI, so the same data gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+from repsim import paths  # noqa: E402
+
+CMAP = "magma"
+DPI = 150
+ANNOTATE_MAX_CELLS = 64  # write the value in each cell when the matrix is this small
+
+
+def _matrix(values) -> np.ndarray:
+    """Rows of floats or None (JSON) -> float64 array with NaN."""
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in values],
+                    dtype=np.float64).reshape(len(values), -1)
+
+
+def describe(kernel: str, estimator: str, n: int, batch_size: int | None = None) -> str:
+    """Title fragment, e.g. ``linear CKA, minibatch estimator (batch 256), n = 1,000``."""
+    est = f"{estimator} estimator" + (f" (batch {batch_size})" if batch_size else "")
+    return f"{kernel} CKA, {est}, n = {n:,}"
+
+
+def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], label_a: str,
+                 label_b: str, annotate: bool | None = None, fontsize: float = 8):
+    """One CKA heatmap on ``ax``: ``matrix`` is ``(len(layers_a), len(layers_b))``."""
+    m = matrix if isinstance(matrix, np.ndarray) else _matrix(matrix)
+    if m.shape != (len(layers_a), len(layers_b)):
+        raise ValueError(f"matrix {m.shape} does not match {len(layers_a)} x {len(layers_b)} "
+                         "layer names")
+    im = ax.imshow(np.ma.masked_invalid(m), origin="lower", norm=Normalize(0.0, 1.0),
+                   cmap=plt.get_cmap(CMAP).with_extremes(bad="#c8c8c8"), aspect="auto",
+                   interpolation="nearest")
+    ax.set_xticks(range(len(layers_b)), labels=list(layers_b), rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(layers_a)), labels=list(layers_a), fontsize=fontsize)
+    ax.set_xlabel(f"{label_b}: layer")
+    ax.set_ylabel(f"{label_a}: layer")
+    if annotate or (annotate is None and m.size <= ANNOTATE_MAX_CELLS):
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "nan", ha="center", va="center",
+                    fontsize=fontsize - 1,
+                    color="black" if np.isfinite(v) and v > 0.6 else "white")
+    return im
+
+
+def _colorbar(fig, im, axes, values: np.ndarray) -> None:
+    finite = values[np.isfinite(values)]
+    tol = 1e-9  # a self-similarity of 1 + rounding is not "beyond the scale"
+    lo = bool(finite.size and finite.min() < -tol)
+    hi = bool(finite.size and finite.max() > 1 + tol)
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[(lo, hi)]
+    fig.colorbar(im, ax=axes, extend=extend, shrink=0.9).set_label("CKA")
+
+
+def cka_heatmap(result: dict) -> plt.Figure:
+    """The heatmap of one ``repsim cka`` result (the dict written to its JSON file)."""
+    m = _matrix(result["matrix"])
+    la, lb = result["layers_a"], result["layers_b"]
+    fig, ax = plt.subplots(figsize=(min(14.0, 2.8 + 0.45 * len(lb)),
+                                    min(12.0, 2.4 + 0.4 * len(la))), layout="constrained")
+    im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"])
+    _colorbar(fig, im, ax, m)
+    ax.set_title(f"{result['model_a']} vs {result['model_b']}\n"
+                 + describe(result["kernel"], result["estimator"], result["n"],
+                            result.get("batch_size")), fontsize=10)
+    return fig
+
+
+def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: str) -> plt.Figure:
+    """A ``k x k`` grid: panel ``(i, j)`` (``matrix``, ``layers_a``, ``layers_b``) is model
+    ``i`` (rows) against model ``j`` (columns); one colour bar for the whole grid."""
+    k = len(labels)
+    size = 3.2 if k > 2 else 3.6
+    fig, axes = plt.subplots(k, k, figsize=(size * k + 1.2, size * k + 0.6),
+                             layout="constrained", squeeze=False)
+    im, values = None, []
+    for (i, j), ax in np.ndenumerate(axes):
+        p = panels[(i, j)]
+        m = _matrix(p["matrix"])
+        values.append(m.ravel())
+        im = draw_heatmap(ax, m, p["layers_a"], p["layers_b"], labels[i], labels[j],
+                          annotate=False, fontsize=6)
+        ax.set_title("self" if i == j else f"{labels[i]} vs {labels[j]}", fontsize=8)
+    _colorbar(fig, im, axes, np.concatenate(values))
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def best_match_curve(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """For each row (layer of A) the best-matching column (layer of B) and its CKA:
+    ``(index (La,) int, value (La,) float)``; a row that is all NaN gives -1, NaN."""
+    m = matrix if isinstance(matrix, np.ndarray) else _matrix(matrix)
+    idx = np.full(m.shape[0], -1, dtype=np.int64)
+    val = np.full(m.shape[0], np.nan)
+    for i, row in enumerate(m):
+        if np.isfinite(row).any():
+            idx[i] = int(np.nanargmax(row))
+            val[i] = row[idx[i]]
+    return idx, val
+
+
+def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
+    """"Diagonal" curves, one column per curve (``label_a``, ``label_b``, ``layers_a``,
+    ``layers_b``, ``index``, ``value``). Top: the best-matching layer of B for each layer of A,
+    the proportional-depth diagonal dashed; bottom: that best CKA (0 to 1)."""
+    fig, axes = plt.subplots(2, len(curves), figsize=(4.6 * len(curves), 6.4),
+                             layout="constrained", squeeze=False, height_ratios=[2, 1])
+    for (top, bottom), cur in zip(axes.T, curves):
+        la, lb = cur["layers_a"], cur["layers_b"]
+        x = np.arange(len(la))
+        idx = np.asarray(cur["index"], dtype=float)
+        idx[idx < 0] = np.nan
+        span = (len(lb) - 1) / max(1, len(la) - 1)
+        top.plot(x, x * span, ls="--", color="0.6", lw=1, label="proportional depth")
+        top.plot(x, idx, marker="o", color="C0", label="best match")
+        top.set_yticks(range(len(lb)), labels=list(lb), fontsize=7)
+        top.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
+        top.set_ylabel(f"{cur['label_b']}: best-matching layer")
+        top.set_title(f"{cur['label_a']} -> {cur['label_b']}", fontsize=9)
+        top.legend(fontsize=7, loc="upper left")
+        bottom.plot(x, np.asarray(cur["value"], dtype=float), marker="o", color="C1")
+        bottom.set_ylim(0, 1)
+        bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
+        bottom.set_xlabel(f"{cur['label_a']}: layer")
+        bottom.set_ylabel("CKA of best match")
+        bottom.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def data_scale(base_label: str, entries: Sequence[dict], title: str) -> plt.Figure:
+    """Models trained on fractions of the data against the full-data one. ``entries`` (sorted
+    by ``fraction``) hold ``label``, ``matrix`` (rows: the fraction model's layers, columns:
+    the base model's), ``layers_a``, ``layers_b``. Top: one heatmap per fraction; bottom: CKA
+    between same-named layers against the fraction, one line per layer."""
+    fig = plt.figure(figsize=(3.6 * len(entries) + 1.4, 7.4), layout="constrained")
+    sub = fig.subfigures(2, 1, height_ratios=[1.15, 1])
+    axes = sub[0].subplots(1, len(entries), squeeze=False)[0]
+    mats = [_matrix(e["matrix"]) for e in entries]
+    for ax, e, m in zip(axes, entries, mats):
+        im = draw_heatmap(ax, m, e["layers_a"], e["layers_b"], e["label"], base_label,
+                          annotate=False, fontsize=6)
+        ax.set_title(f"{e['fraction']:g} of the data", fontsize=9)
+    _colorbar(sub[0], im, list(axes), np.concatenate([m.ravel() for m in mats]))
+    ax = sub[1].subplots()
+    fracs = [e["fraction"] for e in entries]
+    shared = [n for n in entries[0]["layers_a"]
+              if all(n in e["layers_a"] and n in e["layers_b"] for e in entries)]
+    for k, name in enumerate(shared):
+        ys = [m[e["layers_a"].index(name), e["layers_b"].index(name)]
+              for e, m in zip(entries, mats)]
+        ax.plot(fracs, ys, marker="o", label=name,
+                color=plt.get_cmap("viridis")(k / max(1, len(shared) - 1)))
+    if len(set(fracs)) > 1 and min(fracs) > 0:
+        ax.set_xscale("log")
+        ax.minorticks_off()  # only the fractions themselves are labelled
+    ax.set_xticks(fracs, labels=[f"{f:g}" for f in fracs])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("fraction of the training set")
+    ax.set_ylabel(f"CKA(layer, same layer of {base_label})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def table(rows: Sequence[dict], columns: Sequence[str]) -> tuple[str, str]:
+    """``(markdown, csv)`` of ``rows`` (dicts) in ``columns`` order; None prints as ``-``."""
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    md += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    w.writerows([["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+# --------------------------------------------------------------------------- maps on images
+
+
+def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` (default
+    4) of the probe set, or the samples with these ``ids`` (canonical order of the split).
+    Ids outside the probe set load the whole split once (for the bundled probe set that
+    needs the CIFAR-10 data root)."""
+    from repsim.data import load_probe_set
+    from repsim.errors import UserError
+
+    if not ids:
+        n = 4 if n_images is None else int(n_images)
+        if not 1 <= n <= len(probe):
+            raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
+                            f"1 <= images <= {len(probe)}")
+        return probe.images[:n], np.asarray(probe.ids[:n], dtype=np.int64)
+    ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+    bad = ids[(ids < 0) | (ids >= probe.n_total)].tolist()
+    if bad:
+        raise UserError(f"ids={bad[:5]} out of range; {probe.dataset} {probe.split} has ids "
+                        f"0..{probe.n_total - 1}")
+    source = probe
+    if not np.isin(ids, probe.ids).all():
+        square = probe.images.shape[1] == probe.images.shape[2]
+        source = load_probe_set(probe.dataset, probe.split, n=None, data_root=data_root,
+                                image_size=probe.images.shape[1] if square else None,
+                                progress=progress)
+    where = {int(v): j for j, v in enumerate(source.ids)}
+    missing = [int(i) for i in ids if int(i) not in where]
+    if missing:
+        raise UserError(f"ids={missing[:5]} are not in {source.source}; pass ids it holds")
+    return source.images[[where[int(i)] for i in ids]], ids
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_visible(False)
+
+
+def _overlay(ax, image: np.ndarray, grid_map: np.ndarray) -> None:
+    """``image`` with ``grid_map`` on top: upsampled bilinearly (cell centres aligned) and
+    min-max scaled (a constant map shows as zeros)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None]
+    heat = F.interpolate(t, size=image.shape[:2], mode="bilinear", align_corners=False)
+    heat = heat[0, 0].numpy().astype(np.float64)
+    lo, hi = float(heat.min()), float(heat.max())
+    ax.imshow(image, interpolation="nearest")
+    ax.imshow(np.zeros_like(heat) if hi <= lo else (heat - lo) / (hi - lo), cmap="inferno",
+              alpha=0.55, vmin=0.0, vmax=1.0, interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float, float],
+                pad: float = 0.6, fontsize: float = 7):
+    """A figure of ``rows`` x (1 + ``cols``) panels per image, the image in the first column
+    labelled with its id."""
+    n = len(images)
+    fig, axes = plt.subplots(n * rows, cols + 1, squeeze=False,
+                             figsize=(size[0] * (cols + 1), size[1] * n * rows + pad))
+    for i in range(n * rows):
+        axes[i, 0].imshow(images[i // rows], interpolation="nearest")
+        _bare(axes[i, 0])
+        axes[i, 0].set_ylabel(f"id {ids[i // rows]}" if ids is not None else f"image {i // rows}",
+                              fontsize=fontsize)
+    return fig, axes
+
+
+def _finish(fig, title: str) -> plt.Figure:
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def attention_heads(images: np.ndarray, maps: np.ndarray, blocks: Sequence[int],
+                    title: str = "", ids: Sequence[int] | None = None) -> plt.Figure:
+    """One row per (image, block): the image, then one overlay per head. ``images`` ``(N, H,
+    W, 3)`` uint8, ``maps`` ``(N, len(blocks), heads, gh, gw)``; each panel min-max scaled
+    (the colour shows where a head looks, not how much)."""
+    n, nb, nh = maps.shape[:3]
+    fig, axes = _image_rows(images, nb, nh, ids, (1.25, 1.3))
+    for i, j in np.ndindex(n, nb):
+        row = axes[i * nb + j]
+        row[0].set_ylabel(f"{row[0].get_ylabel()}\nblock {blocks[j]}", fontsize=7)
+        for h in range(nh):
+            _overlay(row[h + 1], images[i], maps[i, j, h])
+    for h in range(nh):
+        axes[0, h + 1].set_title(f"head {h}", fontsize=7)
+    return _finish(fig, title)
+
+
+def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
+                      ids: Sequence[int] | None = None) -> plt.Figure:
+    """One row per image: the image, then one rollout overlay per model (``maps``: ``{label:
+    (N, gh, gw)}``), each min-max scaled."""
+    fig, axes = _image_rows(images, 1, len(maps), ids, (1.9, 1.9), pad=0.5, fontsize=8)
+    for j, (label, m) in enumerate(maps.items()):
+        for i in range(len(images)):
+            _overlay(axes[i, j + 1], images[i], m[i])
+        axes[0, j + 1].set_title(label, fontsize=8)
+    axes[0, 0].set_title("input", fontsize=8)
+    return _finish(fig, "attention rollout (class token, Abnar & Zuidema 2020)")
+
+
+def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
+                       uniform: dict[str, float] | None = None, title: str = "") -> plt.Figure:
+    """Mean attention distance of every head (points) against block (1-based), one colour per
+    model, the mean over heads as a line. ``distances``: ``{label: (L, H)}``; ``uniform`` (same
+    unit) draws each model's uniform-attention distance dashed."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for j, (label, d) in enumerate(distances.items()):
+        depth, heads = np.shape(d)
+        x = np.arange(1, depth + 1) + (j - (len(distances) - 1) / 2) * 0.12  # side by side
+        ax.scatter(np.repeat(x, heads), np.ravel(d), s=14, alpha=0.75, color=f"C{j}",
+                   label=f"{label} (heads)")
+        ax.plot(x, np.mean(d, 1), color=f"C{j}", alpha=0.5, lw=1)
+        if uniform and label in uniform:
+            ax.hlines(uniform[label], 0.7, depth + 0.3, colors=f"C{j}", linestyles="dashed",
+                      lw=0.8, alpha=0.7, label=f"{label}: uniform attention")
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"mean attention distance\n({unit})")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    top = max([float(np.max(d)) for d in distances.values()] + list((uniform or {}).values()))
+    ax.set_ylim(0, 1.1 * top if top > 0 else 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _finish(fig, "")
+
+
+def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] | None = None
+                 ) -> plt.Figure:
+    """One row per image: the image, the stage's mean map, then its strongest channels.
+    ``stage`` is a :class:`repsim.figures.featuremaps.StageMaps`. Channel maps of one image
+    share one scale (0 to that row's maximum), so their strengths compare."""
+    k = stage.maps.shape[1]
+    fig, axes = _image_rows(images, 1, k + 1, ids, (1.2, 1.3))
+    for i, row in enumerate(axes):
+        row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
+        vmax = float(stage.maps[i].max()) or 1.0
+        for j in range(k):
+            row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
+                              interpolation="nearest")
+            row[j + 2].set_title(f"ch {stage.channels[i, j]}", fontsize=6, pad=2)
+        for ax in row[1:]:
+            _bare(ax)
+    axes[0, 0].set_title("input", fontsize=7)
+    axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
+    return _finish(fig, title)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save(fig: plt.Figure, stem: str | os.PathLike, provenance: dict | None = None,
+         formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``stem.<format>`` for each format atomically and without dates, close ``fig``.
+    ``provenance`` (JSON-able) goes into the PNG's text chunk."""
+    stem = Path(stem)
+    meta = {"png": {"Software": None},
+            "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None}}
+    if provenance is not None:
+        meta["png"]["Description"] = json.dumps(provenance, default=str)
+    try:
+        return [paths.atomic_write(stem.with_name(f"{stem.name}.{ext}"), lambda tmp, ext=ext:
+                                   fig.savefig(tmp, format=ext, dpi=DPI, metadata=meta[ext]))
+                for ext in formats]
+    finally:
+        plt.close(fig)

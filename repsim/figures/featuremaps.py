@@ -1,0 +1,204 @@
+"""Look inside CNNs: each stage's strongest channels and its mean activation map; the
+``repsim featuremaps`` command and the figure kind ``featuremaps``.
+
+Hooks (:func:`repsim.hooks.capture`) on the chosen stages (ResNet ``layer1`` .. ``layer4`` by
+default, or any layer name / alias such as ``stem`` or ``layer2.1``) capture their ``(B, C,
+h, w)`` outputs in one forward pass and are removed afterwards. Per image and stage: the
+``top`` channels ranked by mean activation over the map (ResNet stage outputs are post-ReLU,
+so this is how strongly the channel fires on that image), their maps, and the mean over all
+channels.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from repsim import __version__, paths
+from repsim.errors import UserError
+from repsim.figures import draw
+
+
+@dataclass(frozen=True)
+class StageMaps:
+    """One stage's view of ``B`` images: ``maps`` ``(B, k, h, w)`` of the ``channels`` ``(B, k)``
+    with ``scores`` ``(B, k)`` (their mean activation, descending) and ``mean_map``
+    ``(B, h, w)`` (mean over all ``num_channels`` channels). float32 / int64 numpy arrays."""
+
+    maps: np.ndarray
+    channels: np.ndarray
+    scores: np.ndarray
+    mean_map: np.ndarray
+    num_channels: int
+
+
+def stage_activations(model: nn.Module, x: torch.Tensor,
+                      stages: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``;
+    UserError when a stage's output is not a 4-D feature map (e.g. a ViT block)."""
+    from repsim.hooks import capture
+
+    p = next(model.parameters(), None)
+    with torch.inference_mode(), capture(model, list(stages), reduce=None) as cap:
+        model(x.to(p.device if p is not None else "cpu"))
+    acts = {}
+    for name in cap.layers:
+        a = cap.outputs.get(name)
+        if not isinstance(a, torch.Tensor) or a.ndim != 4:
+            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+            raise UserError(
+                f"{type(model).__name__} layer {name!r} gives outputs of shape {shape}, not "
+                "(batch, channels, h, w) feature maps; valid: convolutional models "
+                "(resnet18_cifar, resnet18_imagenet, timm:<a CNN>); fix: pass a CNN, or draw "
+                "a ViT's attention with `repsim attention`")
+        acts[name] = a.float()
+    return acts
+
+
+def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(channels ``(B, k)`` int64, scores ``(B, k)`` float32): per image, the ``k`` channels of
+    ``act`` ``(B, C, h, w)`` with the largest mean activation, strongest first."""
+    a = torch.as_tensor(act)
+    k = min(int(k), a.shape[1])
+    if k < 1:
+        raise UserError(f"top={k}: pass a positive number of channels")
+    scores, idx = a.float().mean(dim=(2, 3)).topk(k, dim=1)
+    return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
+
+
+def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str],
+                 top: int = 8) -> dict[str, StageMaps]:
+    """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
+    ``top`` strongest channels per image, and its mean map."""
+    out = {}
+    for name, act in stage_activations(model, x, stages).items():
+        channels, scores = top_channels(act, top)
+        idx = torch.as_tensor(channels, device=act.device)
+        maps = torch.take_along_dim(act, idx[:, :, None, None], dim=1)
+        out[name] = StageMaps(maps=maps.cpu().numpy(), channels=channels, scores=scores,
+                              mean_map=act.mean(1).cpu().numpy(), num_channels=act.shape[1])
+    return out
+
+
+@dataclass
+class FeatureMapsConfig:
+    """What ``repsim featuremaps`` computes; ``ids`` overrides ``images``."""
+
+    model: str
+    weights: str | None = None
+    dataset: str = "cifar10-probe"
+    split: str = "test"
+    data_root: str | None = None
+    images: int = 4
+    ids: list[int] | None = None
+    stages: str | None = None  # default: layer1..layer4 for ResNets, else the default layers
+    top: int = 8
+    probe: int = 1000  # the images are the first N of this probe set (as in repsim attention)
+    seed: int = 0
+    device: str | None = None
+    out: str | None = None
+    progress: bool = True
+
+
+def check_cnn(spec) -> None:
+    """UserError for a ViT (``spec``: its :class:`repsim.models.ModelSpec`)."""
+    if spec.family == "vit":
+        raise UserError(
+            f"{spec.name} is a Vision Transformer: it has tokens, not convolutional feature "
+            "maps; valid: resnet18_cifar, resnet18_imagenet or timm:<a CNN>; fix: pass a CNN, "
+            f"or draw {spec.name}'s attention maps with `repsim attention`")
+
+
+def resolve_stages(model: nn.Module, spec, request: str | Sequence[str] | None) -> list[str]:
+    """Stage names: the request through :func:`repsim.models.layer_names`; None -> ResNet
+    ``layer1..layer4`` (other CNNs: their default layers). UserError for ViTs."""
+    from repsim.models import layer_names
+
+    check_cnn(spec)
+    if request is None and spec.family == "resnet":
+        return [f"layer{i}" for i in range(1, 5)]
+    return layer_names(model, spec, request)
+
+
+def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
+    """Feature-map figures and arrays for ``cfg.model``, one per stage, in ``cfg.out`` (default
+    ``$REPSIM_FIGURES/featuremaps``): ``featuremaps_<label>_<stage>.png`` and
+    ``featuremaps_<label>.npz``. Returns a summary dict (outputs, stages, seconds)."""
+    from repsim import models as zoo
+    from repsim.data import load_probe_set
+
+    t0 = time.perf_counter()
+    check_cnn(zoo.get_spec(cfg.model))  # before any loading
+    model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.seed,
+                                  device=zoo.resolve_device(cfg.device))
+    probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
+                           data_root=cfg.data_root, progress=cfg.progress)
+    images, ids = draw.pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
+    label = cfg.model if not cfg.weights else f"{cfg.model} ({Path(cfg.weights).stem})"
+    out = Path(cfg.out) if cfg.out else paths.figures_dir("featuremaps")
+    res = featuremap_views(model, cfg.model, wprov, label, probe, images, ids, cfg.stages,
+                           cfg.top, out / f"featuremaps_{paths.slug(label)}",
+                           lambda fig, stem, prov: draw.save(fig, stem, prov, ("png",)))
+    return {"outputs": res["outputs"], "out": str(out), "model": cfg.model, "label": label,
+            "stages": res["stages"], "n_images": len(ids), "top": cfg.top,
+            "seconds": time.perf_counter() - t0}
+
+
+def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe,
+                     images: np.ndarray, ids: np.ndarray, stages: str | Sequence[str] | None,
+                     top: int, stem: Path, save) -> dict[str, Any]:
+    """One figure per stage (``save(fig, <stem>_<stage>, provenance)``) and ``<stem>.npz``;
+    returns ``{"outputs", "stages", "views"}``."""
+    from repsim import models as zoo
+
+    spec = zoo.get_spec(name)
+    names = resolve_stages(model, spec, stages)
+    p = next(model.parameters(), None)
+    x = zoo.preprocess(spec, torch.from_numpy(images).to(p.device if p is not None else "cpu"))
+    views = feature_maps(model, x, {s: zoo.module_for(model, spec, s) for s in names}, top)
+    prov = {"model": name, "label": label, "weights": wprov, "stages": names, "top": top,
+            "ids": ids.tolist(), "data": probe.provenance(),
+            "preprocessing": zoo.preprocessing_info(spec),
+            "versions": {"repsim": __version__, "torch": torch.__version__}}
+    outputs: list[str] = []
+    arrays = {}
+    for s, v in views.items():
+        c, h, w = v.num_channels, v.maps.shape[2], v.maps.shape[3]
+        fig = draw.feature_maps(images, v, ids=ids, title=f"{label}: {s} ({c} channels, "
+                                f"{h}x{w}), strongest {v.maps.shape[1]} per image")
+        key = paths.slug(s)
+        outputs += map(str, save(fig, stem.with_name(f"{stem.name}_{key}"), {**prov, "stage": s}))
+        arrays.update({f"{key}/maps": v.maps, f"{key}/channels": v.channels,
+                       f"{key}/scores": v.scores, f"{key}/mean_map": v.mean_map})
+    npz = paths.save_npz(stem.with_name(f"{stem.name}.npz"), ids=ids, images=images,
+                         provenance=np.asarray(json.dumps(prov, default=str)), **arrays)
+    return {"outputs": outputs + [str(npz)], "stages": names, "views": views}
+
+
+def build_figure(spec: dict, ctx) -> list[Path]:
+    """Figure kind ``featuremaps``: per CNN stage, each image's strongest channels and the
+    mean map. Spec keys: ``model`` (a CNN), ``images`` (first N probe images, default 4) or
+    ``ids``, ``stages`` (default layer1..layer4), ``top`` (channels per image, default 8).
+    Writes ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``."""
+    from repsim.models import get_spec
+
+    ref = ctx.model_ref(spec["model"], spec)
+    check_cnn(get_spec(ref.model))
+    model, prov = ctx.model(ref)  # a model without weights skips the figure here
+    probe, images, ids = ctx.drawn_images(spec)
+    with ctx.on_device([model]) as (on,):
+        res = featuremap_views(on, ref.model, prov, ref.display(), probe, images, ids,
+                               spec.get("stages"), int(spec.get("top", 8)),
+                               ctx.out_dir / ctx.name, lambda fig, stem, p: draw.save(fig, stem))
+    ctx.data.update({"image_ids": ids.tolist(), "stages": {
+        s: {"channels": v.channels.tolist(), "scores": v.scores.round(6).tolist(),
+            "num_channels": v.num_channels} for s, v in res["views"].items()}})
+    return [Path(p) for p in res["outputs"]]

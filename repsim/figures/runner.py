@@ -1,0 +1,225 @@
+"""``repsim figures``: build every figure and table of the study from ``analyses/*.toml``.
+
+**Specs.** One small TOML file per figure; its stem names the outputs
+(``analyses/cka_grid.toml`` -> ``figures/cka_grid.png``, ``.pdf``, ``.json``). Common keys::
+
+    kind = "cka_grid"                 # which builder (a key of KINDS)
+    title = "..."                     # optional
+    models = ["vit_cifar", {model = "vit_cifar", weights = "vit_cifar_frac0.1.pt",
+              label = "ViT 10%", layers = "blocks.*"}]   # a name, or a table
+    [labels]                          # optional display names per model name
+    vit_cifar = "ViT (CIFAR-10)"
+    [probe]                           # which images: repsim.compare.ProbeSpec fields
+    dataset = "cifar10-probe"         # dataset, split, n, seed, reduce, dtype
+    [cka]                             # kernel, estimator, batch_size, batch_seed, threshold
+    estimator = "minibatch"
+
+A relative ``weights`` file lives in the checkpoint folder. ``repsim figures --n N --dataset
+D --data-root DIR`` override ``[probe]`` for every spec.
+
+**Kinds.** :data:`KINDS` names each kind's ``build(spec, ctx) -> list[Path]`` and its own
+spec keys (unknown keys are refused); the built-in builders are imported only when a spec
+uses them and never import this module. More kinds register with :func:`figure_kind`. A
+builder reads its inputs through ``ctx`` (:class:`repsim.figures.context.FigureContext`),
+puts JSON-able data in ``ctx.data`` and returns the files it wrote (``ctx.save(fig)``:
+``figures/<name>.png`` and ``.pdf``). An input that cannot be had here
+(:class:`repsim.compare.InputUnavailable`) skips that figure in one line.
+
+**Caching.** ``figures/<name>.json`` holds the data, the inputs' fingerprints and the
+``cache_key``: a hash of the spec, the overrides, the kind's version, repsim's version and
+those fingerprints. A figure is rebuilt only when its key changed or a file is missing. The
+JSON is written last, so a crash mid-figure never looks complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from repsim import __version__, compare, paths
+from repsim.compare import InputUnavailable, ProbeSpec
+from repsim.errors import UserError
+from repsim.figures.context import FigureContext
+
+FORMAT = "repsim-figure/2"
+COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
+PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
+CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold")
+
+Builder = Callable[[dict, "FigureContext"], list[Path]]
+
+
+@dataclass(frozen=True)
+class FigureKind:
+    """A builder (or ``"module:function"``, imported on first use), the kind's own spec keys,
+    the required ones among them, and a version (bump it to rebuild that kind's figures)."""
+
+    build: Builder | str
+    fields: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    version: str = "1"
+
+    def builder(self) -> Builder:
+        if callable(self.build):
+            return self.build
+        module, _, name = self.build.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+KINDS: dict[str, FigureKind] = {
+    "cka_grid": FigureKind("repsim.figures.study:cka_grid", ("models",), ("models",)),
+    "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",), ("pairs",)),
+    "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",), ("rows",)),
+    "data_scale": FigureKind("repsim.figures.study:data_scale", ("base", "checkpoints"),
+                             ("base", "checkpoints")),
+    "attention": FigureKind("repsim.figures.attention:build_figure",
+                            ("models", "images", "ids", "blocks", "unit", "batch_size",
+                             "renormalize"), ("models",)),
+    "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
+                              ("model", "images", "ids", "stages", "top"), ("model",)),
+}
+
+
+def figure_kind(name: str, *, fields: tuple[str, ...] = (),
+                required: tuple[str, ...] | None = None, version: str = "1"):
+    """Decorator: register ``build(spec, ctx) -> list[Path]`` as the figure kind ``name``
+    (``required`` defaults to the first field)."""
+    keys = tuple(fields)
+
+    def deco(build: Builder) -> Builder:
+        KINDS[name] = FigureKind(build, keys, keys[:1] if required is None else tuple(required),
+                                 version)
+        return build
+
+    return deco
+
+
+# --------------------------------------------------------------------------- specs and runs
+
+
+def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict[str, dict]:
+    """name -> parsed spec for ``folder/*.toml`` (sorted), validated against the kinds."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"no analyses folder at {folder}; run from the repository root or pass "
+                        "analyses=<a folder of .toml specs, one per figure>")
+    specs = {}
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            spec = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid TOML ({exc}); fix the file") from None
+        _validate(path, spec)
+        specs[path.stem] = spec
+    if not specs:
+        raise UserError(f"{folder} holds no .toml specs; add one per figure (see the README)")
+    missing = [n for n in only or [] if n not in specs]
+    if missing:
+        raise UserError(f"no spec named {', '.join(missing)} in {folder}; specs: "
+                        f"{', '.join(specs)}")
+    return {n: specs[n] for n in only} if only else specs
+
+
+def _validate(path: Path, spec: dict) -> None:
+    kind = KINDS.get(spec.get("kind"))
+    if kind is None:
+        raise UserError(f"{path}: kind {spec.get('kind')!r} is unknown; valid kinds: "
+                        f"{', '.join(sorted(KINDS))}")
+    unknown = set(spec) - set(COMMON_KEYS) - set(kind.fields)
+    if unknown:
+        raise UserError(f"{path}: keys {sorted(unknown)} are unknown for kind "
+                        f"{spec['kind']!r}; valid: {', '.join(COMMON_KEYS + kind.fields)}")
+    missing = [f for f in kind.required if f not in spec]
+    if missing:
+        raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
+    for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS)):
+        bad = set(spec.get(table) or {}) - set(keys)
+        if bad:
+            raise UserError(f"{path}: [{table}] keys {sorted(bad)} are unknown; valid: "
+                            f"{', '.join(keys)}")
+
+
+def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
+    """What a figure depends on: its spec, the command-line overrides (they change which
+    inputs it reads), its kind's version, repsim's version and its inputs' fingerprints."""
+    return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
+                         "kind_version": KINDS[spec["kind"]].version, "repsim": __version__,
+                         "deps": deps})
+
+
+def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> bool:
+    """True when the record's files exist and its key matches its inputs' fingerprints now."""
+    files = [Path(f) for f in record.get("files", [])]
+    if not files or not all(f.exists() for f in files):
+        return False
+    try:
+        deps = {k: ctx.fingerprint(json.loads(k)) for k in record.get("deps") or {}}
+    except (KeyError, TypeError, ValueError):  # a record of another format
+        return False
+    return cache_key(name, spec, ctx.overrides, deps) == record.get("cache_key")
+
+
+def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
+    """``(status, summary entry)`` for one spec: cached, built, skipped or failed."""
+
+    ctx.name, ctx.data, ctx.deps = name, {}, None
+    record_path = ctx.path(".json")
+    entry = {"name": name, "kind": spec["kind"]}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    except ValueError:
+        record = None
+    try:
+        if record and not ctx.force and _still_valid(name, spec, ctx, record):
+            return "cached", {**entry, "files": record["files"]}
+        ctx.log(f"build   {name} ({spec['kind']})")
+        ctx.deps = {}
+        files = KINDS[spec["kind"]].builder()(spec, ctx)
+    except InputUnavailable as exc:
+        return "skipped", {**entry, "reason": str(exc)}
+    except (UserError, ValueError) as exc:
+        return "failed", {**entry, "reason": str(exc)}
+    files = [str(f) for f in files] + [str(record_path)]
+    paths.write_json(record_path, {  # last: its presence with this key means "complete"
+        "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
+        "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
+        "cache_key": cache_key(name, spec, ctx.overrides, ctx.deps), "data": ctx.data,
+        "versions": compare.versions()})
+    return "built", {**entry, "files": files}
+
+
+def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
+              only: list[str] | None = None, overrides: dict | None = None,
+              device: str | None = None, force: bool = False, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Build every spec in ``analyses`` into ``out``.
+
+    Returns ``{"out", "built", "cached", "skipped", "failed", "seconds"}``: built and cached
+    entries list their files; skipped ones (an input unavailable here) and failed ones (a
+    user error in that spec or its inputs) give the one-line reason. One figure's problem
+    never stops the others.
+    """
+    t0 = time.perf_counter()
+    specs = load_specs(analyses, only)
+    ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
+    summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "skipped": [],
+                               "failed": []}
+    for name, spec in specs.items():
+        status, entry = _build_one(name, spec, ctx)
+        summary[status].append(entry)
+        ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
+                                         else ""))
+    summary["seconds"] = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,144 @@
+"""The study's CKA figure kinds (cka_grid, best_match, data_scale) and its accuracy table.
+
+Each is ``build(spec, ctx) -> list[Path]`` as :mod:`repsim.figures` calls it; every input
+comes through ``ctx``, which records it for the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from repsim.compare import InputUnavailable
+from repsim.errors import UserError
+from repsim.figures import draw
+
+
+def _title(spec: dict, default: str, c: dict | None = None, n: int | None = None) -> str:
+    """The spec's title (or ``default``), with the CKA settings and n on a second line."""
+    title = spec.get("title") or default
+    if c is None:
+        return title
+    return f"{title}\n{draw.describe(c['kernel'], c['estimator'], n, c['batch_size'])}"
+
+
+def cka_grid(spec: dict, ctx) -> list[Path]:
+    """Heatmaps among all models, self and cross, with one shared colour scale."""
+    refs = [ctx.model_ref(m, spec) for m in spec["models"]]
+    probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
+    for r in refs:  # every store first: a missing model skips the figure before any CKA
+        ctx.store(r, probe)
+    panels, n = {}, None
+    for i, a in enumerate(refs):
+        for j, b in enumerate(refs):
+            r = ctx.cka(a, b, probe, c)
+            panels[(i, j)] = {k: r[k] for k in ("matrix", "layers_a", "layers_b")}
+            n = r["n"]
+    labels = [r.display() for r in refs]
+    fig = draw.cka_grid(labels, panels, _title(spec, "CKA among " + ", ".join(labels), c, n))
+    ctx.data["panels"] = [{"row_model": labels[i], "col_model": labels[j], **p}
+                          for (i, j), p in sorted(panels.items())]
+    ctx.data["n"] = n
+    return ctx.save(fig)
+
+
+def best_match(spec: dict, ctx) -> list[Path]:
+    """For each layer of model A, the best-matching layer of model B ("diagonal" curves)."""
+    probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
+    pairs = spec["pairs"]
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
+        raise UserError(f"{ctx.name}: pairs must be a list of [A, B] pairs, got {pairs!r}")
+    refs = [(ctx.model_ref(a, spec), ctx.model_ref(b, spec)) for a, b in pairs]
+    for a, b in refs:
+        ctx.store(a, probe)
+        ctx.store(b, probe)
+    curves, rows, n = [], [], None
+    for a, b in refs:
+        r = ctx.cka(a, b, probe, c)
+        n = r["n"]
+        idx, val = draw.best_match_curve(r["matrix"])
+        cur = {"label_a": a.display(), "label_b": b.display(), "layers_a": r["layers_a"],
+               "layers_b": r["layers_b"], "index": idx.tolist(),
+               "value": [None if v != v else float(v) for v in val]}
+        curves.append(cur)
+        rows += [{"model_a": a.display(), "layer_a": name, "model_b": b.display(),
+                  "best_layer_b": r["layers_b"][idx[i]] if idx[i] >= 0 else None,
+                  "cka": cur["value"][i]} for i, name in enumerate(r["layers_a"])]
+    fig = draw.best_match(curves, _title(spec, "Best-matching layers", c, n))
+    _, csv_text = draw.table(rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka"])
+    ctx.data["curves"] = curves
+    return ctx.save(fig) + [ctx.write_text(".csv", csv_text)]
+
+
+ROW_KEYS = ("dataset", "model", "study", "label", "recipe", "checkpoint")
+
+
+def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
+    """One table row: the study's number next to our checkpoint's (the named one, else the
+    study's recipe on all the data, the plainest run name first)."""
+    if not {"dataset", "model", "study"} <= set(row):
+        raise UserError(f"{where}: each [[rows]] needs dataset, model and study, got {row!r}")
+    extra = set(row) - set(ROW_KEYS)
+    if extra:
+        raise UserError(f"{where}: [[rows]] keys {sorted(extra)} are unknown; valid: "
+                        f"{', '.join(ROW_KEYS)}")
+    if "checkpoint" in row:
+        ours = [e for e in entries if e.get("name") == row["checkpoint"]]
+    else:
+        ours = sorted((e for e in entries if e.get("model") == row["model"]
+                       and e.get("dataset") == row["dataset"]
+                       and float(e.get("train_fraction", 1.0)) == 1.0
+                       and e.get("recipe", "paper") == row.get("recipe", "paper")),
+                      key=lambda e: (len(str(e.get("name"))), str(e.get("name"))))
+    e = ours[0] if ours else {}
+    acc = e.get("test_accuracy")
+    return {"dataset": row["dataset"], "model": row.get("label", row["model"]),
+            "study (%)": float(row["study"]), "ours (%)": None if acc is None else float(acc),
+            "difference": None if acc is None else float(acc) - float(row["study"]),
+            "epochs": f"{e.get('epochs')}/{e.get('epochs_planned')}" if e else None,
+            "recipe": e.get("recipe"), "checkpoint": e.get("name"), "data": e.get("data_source")}
+
+
+def accuracy_table(spec: dict, ctx) -> list[Path]:
+    """The study's test accuracies next to ours (from checkpoints/manifest.json)."""
+    manifest = ctx.manifest()
+    if manifest is None:
+        raise InputUnavailable(f"no checkpoint manifest at {ctx.manifest_path}; train the "
+                               "models with `repsim train` (it records each checkpoint there)")
+    rows = [_accuracy_row(row, manifest["checkpoints"], ctx.name) for row in spec["rows"]]
+    md, csv_text = draw.table(rows, ["dataset", "model", "study (%)", "ours (%)", "difference",
+                                     "epochs", "recipe", "checkpoint"])
+    note = spec.get("description", "")
+    md = f"# {_title(spec, 'Test accuracy')}\n\n{md}" + (f"\n{note.strip()}\n" if note else "")
+    ctx.data["rows"] = rows
+    return [ctx.write_text(".md", md), ctx.write_text(".csv", csv_text)]
+
+
+def data_scale(spec: dict, ctx) -> list[Path]:
+    """Models trained on fractions of the data, each compared with the full-data one."""
+    probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
+    base = ctx.model_ref(spec["base"], spec)
+    found = ctx.checkpoints(base.model, spec["checkpoints"])
+    if not found:
+        raise InputUnavailable(
+            f"no data-scale checkpoints {spec['checkpoints']!r} of {base.model} in "
+            f"{ctx.manifest_path.parent}; train them with `repsim train --model {base.model} "
+            f"--train-fraction 0.1` (and 0.25, 0.5, ...), which writes "
+            f"{base.model}_frac0.1.pt there")
+    ctx.store(base, probe)
+    refs = [replace(base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}")
+            for cp in found]
+    for r in refs:
+        ctx.store(r, probe)
+    entries, n = [], None
+    for cp, r in zip(found, refs):
+        res = ctx.cka(r, base, probe, c)
+        n = res["n"]
+        entries.append({"fraction": cp["train_fraction"], "label": r.display(),
+                        "checkpoint": cp["name"],
+                        "test_accuracy": (cp["entry"] or {}).get("test_accuracy"),
+                        "matrix": res["matrix"], "layers_a": res["layers_a"],
+                        "layers_b": res["layers_b"]})
+    title = _title(spec, f"Data scale: {base.display()} on fractions of the training set", c, n)
+    ctx.data["entries"] = entries
+    return ctx.save(draw.data_scale(base.display(), entries, title))
