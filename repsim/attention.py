@@ -1,37 +1,21 @@
 """Look inside ViTs: every head's attention, attention rollout and mean attention distance.
 
-**Capture (exact, outputs untouched).** For each chosen block, a forward hook on the block's
-``attn.qkv`` linear layer receives the very ``qkv`` tensor the model computed, and rebuilds
-the attention weights the way timm's ``Attention.forward`` does on its non-fused path::
+Capture is exact and leaves outputs untouched: a hook on each block's ``attn.qkv`` takes the
+very ``qkv`` the model computed and rebuilds timm's non-fused ``softmax(q_norm(q) * scale @
+k_norm(k)^T + mask)``; it writes into nothing the model uses, so outputs are bit-identical with
+and without capture, fused kernel or not (on the explicit path the captured weights are the
+model's own, bit for bit). Blocks whose ``attn`` is not timm's ``Attention`` are refused.
 
-    q, k = q_norm(q), k_norm(k);  A = softmax(q * scale @ k^T + mask)
+Shapes: ``B`` images, ``L`` blocks, ``H`` heads, ``T = n_prefix + P`` tokens (class/register
+tokens first, then the ``P = gh * gw`` patches, row-major). Attention is ``(B, L, H, T, T)``.
 
-A forward pre-hook on ``attn`` records the call's ``attn_mask`` / ``is_causal``. The hooks return
-nothing and write into no tensor the model uses, so the model's outputs are bit-identical with
-and without capture, and capture works the same whether timm runs its fused
-``scaled_dot_product_attention`` kernel or the explicit softmax (with the explicit path, the
-captured weights equal the model's own, bit for bit). Only blocks whose ``attn`` is timm's
-standard ``Attention`` (same ``forward``) are accepted; anything else raises a UserError
-instead of returning weights that might not be the model's.
-
-**Shapes.** ``B`` images, ``L`` blocks, ``H`` heads, ``T = n_prefix + P`` tokens, where the
-``n_prefix`` class/register tokens come first and the ``P = gh * gw`` patch tokens follow in
-row-major grid order. Attention arrays are ``(B, L, H, T, T)`` (rows: queries, each sums to 1).
-
-**Mean attention distance** (Dosovitskiy et al. 2021, Raghu et al. 2021): for every patch query,
-the attention-weighted mean distance between its patch centre and the patch centres it attends
-to, averaged over queries and images; ``(L, H)`` in pixels of the model input. Prefix tokens
-are left out as queries and keys; by default the remaining weights are renormalised over the
-patch keys (``renormalize=True``: "where in the image does this head look"), so uniform
-attention gives exactly the mean pairwise patch distance of the grid. With
-``renormalize=False`` the mass on prefix tokens counts as distance 0 (the convention of some
-public notebooks).
-
-**Rollout** (Abnar & Zuidema 2020): per block, average the heads, add the identity for the
-residual path, renormalise the rows, and multiply through the blocks: ``R = Â_L ... Â_1``.
-
-Figures of all this, the ``repsim attention`` command and its ``repsim figures`` kind live in
-:mod:`repsim.attention_figures`.
+Mean attention distance (Dosovitskiy et al. 2021): per patch query, the attention-weighted
+distance to the patch centres it attends to, averaged over queries and images; ``(L, H)`` in
+pixels of the model input. Prefix tokens are neither queries nor keys: ``renormalize=True``
+renormalises the weights over patch keys (uniform attention gives the grid's mean pairwise
+distance), ``False`` counts prefix mass as distance 0. Rollout (Abnar & Zuidema 2020):
+``R = Â_L ... Â_1`` with ``Â_l = rownorm(mean_h A_l + I)``. Figures and the ``repsim
+attention`` command live in :mod:`repsim.attention_figures`.
 """
 
 from __future__ import annotations
@@ -46,31 +30,13 @@ from torch import nn
 
 from repsim.errors import UserError
 
-__all__ = [
-    "QKHooks",
-    "ViTGeometry",
-    "attention_distance",
-    "attention_maps",
-    "attention_modules",
-    "capture_attention",
-    "distance_matrix",
-    "mean_attention_distance",
-    "model_device",
-    "rollout",
-    "token_maps",
-    "vit_geometry",
-]
-
 
 def _timm_attention() -> type:
-    try:
+    try:  # imported here: timm takes seconds to import and only ViT callers need it
         from timm.layers.attention import Attention
     except ImportError:  # older timm kept it in vision_transformer.py
         from timm.models.vision_transformer import Attention
     return Attention
-
-
-# --------------------------------------------------------------------------- geometry
 
 
 @dataclass(frozen=True)
@@ -90,10 +56,6 @@ class ViTGeometry:
         return self.grid[0] * self.grid[1]
 
     @property
-    def n_tokens(self) -> int:
-        return self.n_prefix + self.n_patches
-
-    @property
     def input_size(self) -> tuple[int, int]:
         return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
 
@@ -109,10 +71,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         raise UserError(
             f"attention maps need a timm Vision Transformer, but the model is a "
             f"{type(model).__name__} (no transformer blocks); valid: vit_cifar, vit_imagenet "
-            "or timm:<a ViT>; fix: pass a ViT, or use `repsim featuremaps` for CNNs"
-        )
+            "or timm:<a ViT>; fix: pass a ViT, or use `repsim featuremaps` for CNNs")
     cls = _timm_attention()
-    mods = []
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if not isinstance(attn, cls) or type(attn).forward is not cls.forward:
@@ -120,18 +80,15 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             raise UserError(
                 f"block {i} of this {type(model).__name__} uses {what}, not timm's standard "
                 "Attention, so its attention weights cannot be captured exactly; valid: ViTs "
-                "built from timm's Attention (vit_*, deit_*); fix: choose such a model"
-            )
-        mods.append(attn)
-    if not mods:
+                "built from timm's Attention (vit_*, deit_*); fix: choose such a model")
+    if len(blocks) == 0:
         raise UserError(f"this {type(model).__name__} has no transformer blocks; pass a ViT")
-    return mods
+    return [block.attn for block in blocks]
 
 
 def vit_geometry(model: nn.Module) -> ViTGeometry:
     """The :class:`ViTGeometry` of a timm ViT (UserError for anything else)."""
-    mods = attention_modules(model)
-    heads = {m.num_heads for m in mods}
+    heads = {m.num_heads for m in attention_modules(model)}
     if len(heads) != 1:
         raise UserError(f"blocks have different head counts {sorted(heads)}; not supported")
     pe = model.patch_embed
@@ -142,7 +99,7 @@ def vit_geometry(model: nn.Module) -> ViTGeometry:
                         "attention maps need a ViT with a fixed patch grid")
     class_token = getattr(model, "cls_token", None) is not None
     n_prefix = int(getattr(model, "num_prefix_tokens", int(class_token)))
-    return ViTGeometry(len(mods), heads.pop(), grid, patch, n_prefix, class_token)
+    return ViTGeometry(len(model.blocks), heads.pop(), grid, patch, n_prefix, class_token)
 
 
 def distance_matrix(grid: tuple[int, int], patch_size: int | float | Sequence = 1
@@ -156,97 +113,66 @@ def distance_matrix(grid: tuple[int, int], patch_size: int | float | Sequence = 
     return np.hypot(y[:, None] - y[None, :], x[:, None] - x[None, :])
 
 
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- capture
+
+# consume(block, q, k, scale, bias): q = q_norm(q), k = k_norm(k), both (B, H, T, d) views of
+# the qkv output the model computed; scale = head_dim ** -0.5 (timm multiplies q by it);
+# bias = the additive mask timm's non-fused path adds to the scores (None for plain ViTs).
+Consumer = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], None]
 
 
 def _attn_bias(n: int, ref: torch.Tensor, mask: torch.Tensor | None, causal: bool
                ) -> torch.Tensor | None:
-    """The additive mask timm's non-fused path adds to the scores (timm's own semantics)."""
     if causal:
         return ref.new_full((n, n), float("-inf")).triu_(1)
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        bias = torch.zeros_like(mask, dtype=ref.dtype)
-        return bias.masked_fill_(~mask, float("-inf"))
+    if mask is not None and mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=ref.dtype).masked_fill_(~mask, float("-inf"))
     return mask
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(q * scale @ k^T + bias)`` over keys: ``(B, H, T, d)`` -> ``(B, H, T, T)``.
+@contextlib.contextmanager
+def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None = None
+              ) -> Iterator[None]:
+    """Call ``consume`` with each chosen block's queries and keys during every forward pass
+    inside the ``with`` (under ``torch.no_grad``); the hooks go on exit, also on errors."""
+    mods = attention_modules(model)
+    chosen = range(len(mods)) if blocks is None else list(blocks)
+    for i in chosen:
+        if not isinstance(i, int) or not 0 <= i < len(mods):
+            raise UserError(f"block {i!r} does not exist; this model has blocks "
+                            f"0..{len(mods) - 1}")
+    calls: dict[int, tuple[torch.Tensor | None, bool]] = {}
 
-    The same operations, in the same order, as timm's non-fused ``Attention.forward``.
-    """
-    scores = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        scores = scores + bias
-    return scores.softmax(dim=-1)
-
-
-Consumer = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], None]
-
-
-class QKHooks:
-    """Hooks handing ``consume(block, q, k, scale, bias)`` each chosen block's queries and keys.
-
-    ``q`` is ``q_norm(q)`` and ``k`` is ``k_norm(k)``, both ``(B, H, T, d)`` views of the
-    ``qkv`` output the model itself computed; ``scale`` is the block's ``head_dim ** -0.5``
-    (timm multiplies ``q`` by it before the product); ``bias`` is the additive mask
-    (None for ordinary ViT inference). The consumer runs under ``torch.no_grad``. Use as a
-    context manager (hooks are removed on exit, also on errors).
-    """
-
-    def __init__(self, model: nn.Module, consume: Consumer, blocks: Sequence[int] | None = None
-                 ) -> None:
-        mods = attention_modules(model)
-        chosen = range(len(mods)) if blocks is None else list(blocks)
-        for i in chosen:
-            if not isinstance(i, int) or not 0 <= i < len(mods):
-                raise UserError(f"block {i!r} does not exist; this model has blocks "
-                                f"0..{len(mods) - 1}")
-        self.consume = consume
-        self._calls: dict[int, tuple[torch.Tensor | None, bool]] = {}
-        self.handles = []
-        try:
-            for i in chosen:
-                m = mods[i]
-                self.handles.append(m.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-                self.handles.append(m.qkv.register_forward_hook(self._qkv(i, m)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def _pre(self, i: int):
-        def hook(module, args, kwargs):
+    def hooks(i: int, m: nn.Module):
+        def pre(module, args, kwargs):
             mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
             causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-            self._calls[i] = (mask, bool(causal))
+            calls[i] = (mask, bool(causal))
 
-        return hook
-
-    def _qkv(self, i: int, m: nn.Module):
-        def hook(module, inputs, out):
+        def post(module, inputs, out):
             with torch.no_grad():
                 b, n, _ = out.shape
-                qkv = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-                q, k, _ = qkv.unbind(0)
-                q, k = m.q_norm(q), m.k_norm(k)
-                mask, causal = self._calls.pop(i, (None, False))
-                self.consume(i, q, k, m.scale, _attn_bias(n, q, mask, causal))
+                q, k, _ = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+                mask, causal = calls.pop(i, (None, False))
+                consume(i, m.q_norm(q), m.k_norm(k), m.scale, _attn_bias(n, q, mask, causal))
 
-        return hook
+        return pre, post
 
-    def remove(self) -> None:
-        for h in self.handles:
+    handles = []
+    try:
+        for i in chosen:
+            pre, post = hooks(i, mods[i])
+            handles.append(mods[i].register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(mods[i].qkv.register_forward_hook(post))
+        yield
+    finally:
+        for h in handles:
             h.remove()
-        self.handles = []
-
-    def __enter__(self) -> QKHooks:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 @contextlib.contextmanager
@@ -263,24 +189,20 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None,
     maps: dict[int, torch.Tensor] = {}
 
     def consume(i, q, k, scale, bias):
-        a = softmax_attention(q, k, scale, bias)
+        # The same operations, in the same order, as timm's non-fused Attention.forward.
+        scores = (q * scale) @ k.transpose(-2, -1)
+        a = (scores if bias is None else scores + bias).softmax(dim=-1)
         maps[i] = a.cpu() if to_cpu else a
 
-    with QKHooks(model, consume, blocks):
+    with _qk_hooks(model, consume, blocks):
         yield maps
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = None
                    ) -> np.ndarray:
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
     batch ``x`` ``(B, 3, S, S)`` (moved to the model's device). Rows sum to 1."""
-    mods = attention_modules(model)
-    order = list(range(len(mods))) if blocks is None else list(blocks)
+    order = list(range(len(attention_modules(model)))) if blocks is None else list(blocks)
     with torch.inference_mode(), capture_attention(model, order) as maps:
         model(x.to(model_device(model)))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
@@ -299,14 +221,10 @@ def mean_attention_distance(attn: np.ndarray | torch.Tensor, grid: tuple[int, in
                             patch_size: int | float | Sequence = 1,
                             renormalize: bool = True) -> np.ndarray:
     """``(L, H)`` float64 mean attention distance (pixels) of ``(B, L, H, T, T)`` or
-    ``(L, H, T, T)`` attention over a ``grid`` of patches of ``patch_size`` pixels.
-
-    The first ``T - gh*gw`` tokens are prefix tokens and are excluded as queries and keys;
-    averaged over patch queries and images. See the module docstring for ``renormalize``.
-    """
+    ``(L, H, T, T)`` attention over a ``grid`` of patches of ``patch_size`` pixels; the first
+    ``T - gh*gw`` tokens are the prefix (see the module docstring for ``renormalize``)."""
     a = _as_float64(attn)
-    if a.ndim == 4:
-        a = a[None]
+    a = a[None] if a.ndim == 4 else a
     gh, gw = _pair(grid)
     p = int(gh) * int(gw)
     if a.ndim != 5 or a.shape[-1] != a.shape[-2] or a.shape[-1] < p:
@@ -321,16 +239,12 @@ def mean_attention_distance(attn: np.ndarray | torch.Tensor, grid: tuple[int, in
 
 
 def rollout(attn: np.ndarray | torch.Tensor, residual: bool = True) -> np.ndarray:
-    """Attention rollout, float64: ``(B, L, H, T, T) -> (B, T, T)`` or ``(L, H, T, T) -> (T, T)``.
-
-    ``Â_l = rownorm(mean_h A_l + I)`` (``residual=False`` drops the ``+ I``), and
-    ``R = Â_L @ ... @ Â_1``: row ``t`` of ``R`` is how token ``t`` of the last block draws on
-    the input tokens.
-    """
+    """Attention rollout, float64: ``(B, L, H, T, T) -> (B, T, T)`` or ``(L, H, T, T) -> (T, T)``;
+    row ``t`` is how token ``t`` of the last block draws on the input tokens.
+    ``residual=False`` drops the ``+ I``."""
     a = _as_float64(attn)
     single = a.ndim == 4
-    if single:
-        a = a[None]
+    a = a[None] if single else a
     if a.ndim != 5 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"attention of shape {tuple(a.shape)}; expected (B, L, H, T, T) "
                          "or (L, H, T, T)")
@@ -345,24 +259,19 @@ def rollout(attn: np.ndarray | torch.Tensor, residual: bool = True) -> np.ndarra
 
 
 def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> np.ndarray:
-    """Attention over the patch grid: ``(..., T, T) -> (..., gh, gw)``.
-
-    ``query="cls"``: the class token's row (token 0); ``"mean"``: the mean over patch queries
-    (for ViTs without a class token). Prefix-token columns are dropped.
-    """
+    """Attention over the patch grid, ``(..., T, T) -> (..., gh, gw)``, prefix keys dropped:
+    the class token's row (``query="cls"``) or the mean over patch queries (``"mean"``, for
+    ViTs without a class token)."""
     a = np.asarray(attn)
     gh, gw = _pair(grid)
     n = a.shape[-1] - gh * gw
     if n < 0:
         raise ValueError(f"{a.shape[-1]} tokens cannot hold a {gh}x{gw} patch grid")
-    if query == "cls":
-        if n < 1:
-            raise ValueError("this model has no class token; use query='mean'")
-        rows = a[..., 0, n:]
-    elif query == "mean":
-        rows = a[..., n:, n:].mean(-2)
-    else:
-        raise ValueError(f"query {query!r}; valid: 'cls' or 'mean'")
+    if query not in ("cls", "mean"):
+        raise ValueError(f"query={query!r}; valid: 'cls' or 'mean'")
+    if query == "cls" and n < 1:
+        raise ValueError("this model has no class token; use query='mean'")
+    rows = a[..., 0, n:] if query == "cls" else a[..., n:, n:].mean(-2)
     return rows.reshape(*rows.shape[:-1], gh, gw)
 
 
@@ -370,30 +279,27 @@ def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> n
 
 
 class _DistanceSums:
-    """Consumer accumulating per-(block, head) float64 sums of per-query expected distances.
+    """Per-(block, head) float64 sums of per-query expected patch distances.
 
     Per block and batch: one batched product for the scores (scale folded into the GEMM), one
     softmax, and one matrix-vector product of the ``(B, H, Q*K)`` weights with the flattened
-    distance matrix. Each image's per-head sum over its ``Q*K`` weights is a float32 dot
-    product; sums over images and batches are float64.
+    distance matrix; each image's per-head sum is a float32 dot product, the sums over images
+    and batches are float64.
     """
 
     def __init__(self, geo: ViTGeometry, d: torch.Tensor, renormalize: bool) -> None:
-        self.n = geo.n_prefix
-        self.p = geo.n_patches
-        self.renormalize = renormalize
-        if renormalize:  # scores over patch tokens only
-            self.d_flat = d.reshape(-1).contiguous()
-        else:  # all tokens; prefix rows and columns weigh 0 (prefix queries are not counted)
-            t = geo.n_tokens
-            full = d.new_zeros((t, t))
+        self.n, self.p, self.renormalize = geo.n_prefix, geo.n_patches, renormalize
+        if not renormalize:  # scores over all tokens; prefix rows and columns weigh 0
+            full = d.new_zeros((self.n + self.p,) * 2)
             full[self.n:, self.n:] = d
-            self.d_flat = full.reshape(-1)
+            d = full
+        self.d_flat = d.reshape(-1).contiguous()
         self.sums = torch.zeros(geo.depth, geo.num_heads, dtype=torch.float64, device=d.device)
         self.counts = np.zeros(geo.depth, dtype=np.int64)
         self._beta0 = d.new_empty((1, 1, 1))  # ignored input of baddbmm(beta=0)
 
-    def __call__(self, i: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias) -> None:
+    def update(self, i: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias
+               ) -> _DistanceSums:
         b, h, t, dh = q.shape
         if t != self.n + self.p:
             raise UserError(f"block {i} sees {t} tokens, but the patch grid has {self.p} + "
@@ -405,20 +311,17 @@ class _DistanceSums:
             q, k = q[:, :, self.n:], k[:, :, self.n:]
             bias = None if bias is None else bias[..., self.n:, self.n:]
         m = q.shape[2]
-        qf = q.reshape(b * h, m, dh).float()
-        kf = k.reshape(b * h, m, dh).float()
+        qf, kf = q.reshape(b * h, m, dh).float(), k.reshape(b * h, m, dh).float()
         scores = torch.baddbmm(self._beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
         scores = scores.view(b, h, m, m)
-        if bias is not None:
-            scores = scores + bias
-        a = scores.softmax(dim=-1)
+        a = (scores if bias is None else scores + bias).softmax(dim=-1)
         per_image = a.view(b, h, m * m) @ self.d_flat  # (B, H): sum over queries and keys
         self.sums[i] += per_image.to(torch.float64).sum(0)
         self.counts[i] += b * self.p
+        return self
 
-    def result(self) -> np.ndarray:
-        if (self.counts == 0).any():
-            raise RuntimeError("some blocks saw no images")
+    def compute(self) -> np.ndarray:
+        """``(L, H)`` float64 mean distances."""
         return self.sums.cpu().numpy() / self.counts[:, None]
 
 
@@ -430,8 +333,7 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
     ``images``: ``(n, H, W, 3)`` uint8 (then ``spec``, a :class:`repsim.models.ModelSpec`, says
     how to preprocess) or an already preprocessed float ``(n, 3, S, S)`` tensor. Runs batches
     of ``batch_size`` on the model's device; no attention map outlives its block, so memory
-    does not grow with ``n``. Each image's per-head sum over its patch queries and keys is a
-    float32 dot product; the sums over images and batches are float64.
+    does not grow with ``n``.
     """
     from tqdm.auto import tqdm
 
@@ -439,24 +341,20 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
 
     geo = vit_geometry(model)
     dev = model_device(model)
-    is_uint8 = (images.dtype == np.uint8) if isinstance(images, np.ndarray) \
-        else images.dtype == torch.uint8
+    src = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
         raise ValueError("uint8 images need the model's spec to be preprocessed")
-    if batch_size < 1 or len(images) == 0:
-        raise UserError(f"need images and a positive batch size (got {len(images)} images, "
-                        f"batch size {batch_size})")
+    if batch_size < 1 or len(src) == 0:
+        raise UserError(f"need images and a positive batch size (got {len(src)} images, "
+                        f"batch_size={batch_size})")
     d = torch.as_tensor(distance_matrix(geo.grid, geo.patch_size), dtype=torch.float32,
                         device=dev)
     acc = _DistanceSums(geo, d, renormalize)
-    src = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
     bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
-    try:
-        with torch.inference_mode(), QKHooks(model, acc):
-            for a in range(0, len(src), batch_size):
-                xb = src[a:a + batch_size].to(dev, non_blocking=True)
-                model(preprocess(spec, xb) if is_uint8 else xb)
-                bar.update(len(xb))
-    finally:
-        bar.close()
-    return acc.result()  # pixels of the model input (the grid's patch_size units)
+    with bar, torch.inference_mode(), _qk_hooks(model, acc.update):
+        for a in range(0, len(src), batch_size):
+            xb = src[a:a + batch_size].to(dev, non_blocking=True)
+            model(preprocess(spec, xb) if is_uint8 else xb)
+            bar.update(len(xb))
+    return acc.compute()

@@ -219,7 +219,7 @@ def test_no_data_names_root_and_both_fixes(tmp_path, monkeypatch):
         data.load_probe_set("cifar100", "train", data_root=tmp_path)
     msg = str(err.value)
     assert calls == [False, True] and "\n" not in msg
-    for part in (str(tmp_path), "cifar100/train/<class>", "run online", "--data-root",
+    for part in (str(tmp_path), "cifar100/train/<class>", "run online", "data_root=DIR",
                  "REPSIM_DATA", "name resolution"):
         assert part in msg
 

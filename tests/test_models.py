@@ -313,7 +313,7 @@ def test_corrupt_missing_and_odd_files(tmp_path):
 def test_default_weights_from_checkpoint_dir(ckpt_dir):
     with pytest.raises(UserError, match="repsim train --model vit_cifar") as e:
         M.load_model("vit_cifar")
-    assert "--weights random" in str(e.value) and "\n" not in str(e.value)
+    assert "weights='random'" in str(e.value) and "\n" not in str(e.value)
     src = M.build_model("resnet18_cifar", seed=4)
     torch.save(
         {"state_dict": src.state_dict(), "model": "resnet18_cifar"}, ckpt_dir / "resnet18_cifar.pt"
@@ -372,7 +372,7 @@ def test_pretrained_unavailable_offline_is_a_user_error(monkeypatch):
         M.load_model("vit_imagenet")
     msg = str(e.value)
     assert "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k" in msg and "\n" not in msg
-    assert "--weights PATH" in msg and "internet" in msg
+    assert "weights=PATH" in msg and "internet" in msg
 
 
 # --------------------------------------------------------------------------- preprocessing

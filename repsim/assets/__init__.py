@@ -1,7 +1,8 @@
-"""Data shipped inside the package: the bundled CIFAR-10 probe set (``--dataset cifar10-probe``).
+"""Data shipped inside the package: the bundled CIFAR-10 probe set ``cifar10-probe``.
 
 ``cifar10_test_probe.npz`` holds 1,000 CIFAR-10 test images (100 per class) so the main job
-runs on a fresh machine with no dataset download and no data root. Each image keeps its
+runs on a fresh machine with no dataset download and no data root (it is every
+command's default dataset, :data:`repsim.data.DEFAULT_DATASET`). Each image keeps its
 canonical sample ID (its index in the sorted image-folder order of the full 10,000-image test
 split: sorted class, then sorted file name), so stores extracted from it line up with stores
 extracted from the full set. The pixels are those of the JPEG re-encoding of the test batch
