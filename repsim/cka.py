@@ -44,8 +44,6 @@ from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, min
 F64 = torch.float64
 SQRT2 = math.sqrt(2.0)
 
-# --------------------------------------------------------------------------- building blocks
-
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linear",
          sigma2: float | None = None, out: torch.Tensor | None = None,
@@ -279,8 +277,9 @@ class MinibatchCKA:
     """Sums HSIC over batches (``update(batch_a, batch_b)``: feature sets of the same ``m``
     samples); :meth:`compute` gives the ``(La, Lb)`` CKA matrix. ``debiased=True`` sums
     unbiased HSIC, the minibatch estimator (Nguyen, Raghu & Kornblith 2021); ``False`` sums
-    ``tr(K H L H) / m^2``. The float64 sums of several processes add up exactly
-    (:meth:`merge`, or ``torch.distributed.all_reduce`` on :meth:`sums`). ``dead_``: per side
+    ``tr(K H L H) / m^2``. The float64 sums (``hsic_ab_``, ``hsic_aa_``, ``hsic_bb_``) of
+    several processes add up exactly (:meth:`merge`, or ``torch.distributed.all_reduce`` on
+    :meth:`sums`). ``dead_``: per side
     and layer, why it added nothing to any batch, or None. RBF needs each layer's median
     squared distance (``median_sqdist_a``/``_b``, see :func:`rbf_bandwidths`)."""
 
@@ -297,7 +296,7 @@ class MinibatchCKA:
         self.sigma2 = [None if m is None or kernel == "linear" else
                        [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
         self.device = None if device is None else torch.device(device)
-        self.hsic_: list[torch.Tensor] | None = None  # sums of HSIC: (La, Lb), (La,), (Lb,)
+        self.hsic_ab_ = self.hsic_aa_ = self.hsic_bb_ = None  # HSIC sums: (La, Lb), (La,), (Lb,)
         self.dead_: list[list[str | None]] = [[], []]
         self.n_batches_ = self.n_samples_ = 0
 
@@ -333,13 +332,14 @@ class MinibatchCKA:
 
     def _accumulate(self, hsic: list[torch.Tensor], dead: list[list[str | None]],
                     batches: int, samples: int) -> MinibatchCKA:
-        if self.hsic_ is None:  # own copies: with A == B, aa and bb are one tensor
-            self.hsic_, self.dead_ = [x.clone() for x in hsic], [list(d) for d in dead]
-        elif self.hsic_[0].shape != hsic[0].shape:
+        if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor
+            self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (x.clone() for x in hsic)
+            self.dead_ = [list(d) for d in dead]
+        elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
-                             f"had {tuple(self.hsic_[0].shape)}")
+                             f"had {tuple(self.hsic_ab_.shape)}")
         else:
-            for total, x in zip(self.hsic_, hsic):
+            for total, x in zip((self.hsic_ab_, self.hsic_aa_, self.hsic_bb_), hsic):
                 total += x.to(total.device)
             self.dead_ = [[old and new for old, new in zip(olds, news)]
                           for olds, news in zip(self.dead_, dead)]
@@ -349,21 +349,24 @@ class MinibatchCKA:
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         """Add another accumulator's sums into this one (same layers and settings)."""
-        return self if other.hsic_ is None else self._accumulate(
-            other.hsic_, other.dead_, other.n_batches_, other.n_samples_)
+        if other.hsic_ab_ is None:
+            return self
+        return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
+                                other.n_batches_, other.n_samples_)
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums; adding these across processes is exact merging."""
-        if self.hsic_ is None:
+        if self.hsic_ab_ is None:
             raise ValueError("no batch has been added yet")
-        return {**dict(zip(("hsic_ab", "hsic_aa", "hsic_bb"), self.hsic_)),
+        return {"hsic_ab": self.hsic_ab_, "hsic_aa": self.hsic_aa_, "hsic_bb": self.hsic_bb_,
                 "n_batches": torch.tensor(float(self.n_batches_), dtype=F64),
                 "n_samples": torch.tensor(float(self.n_samples_), dtype=F64)}
 
     def compute(self) -> np.ndarray:
         """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive."""
-        self.sums()  # raises before the first batch
-        return sketch.normalise(*(x.cpu().numpy() for x in self.hsic_))
+        sums = self.sums()  # raises before the first batch
+        return sketch.normalise(*(sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa",
+                                                                  "hsic_bb")))
 
 
 # --------------------------------------------------------------------------- public API
@@ -373,13 +376,10 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
             threshold: float = 1.0, batch_size: int | None = None, batch_seed: int = 0,
             device: str | torch.device | None = None, memory_budget: int | None = None,
             progress: bool = False) -> CKAResult:
-    """CKA between every layer of ``feats_a`` and every layer of ``feats_b``.
-
-    ``feats_a``/``feats_b``: sequences (or name -> matrix mappings) of ``(n, p_l)`` matrices
-    with the same ``n``. Passing the same object twice computes the self-similarity matrix
-    with half the work, exactly symmetric. ``batch_seed`` draws the minibatch estimator's
-    random batches. Returns a :class:`CKAResult` whose ``matrix`` is ``(La, Lb)``.
-    """
+    """CKA of every layer of ``feats_a`` with every layer of ``feats_b`` (feature sets of
+    ``(n, p_l)`` matrices, the same ``n``): a :class:`CKAResult`, ``matrix`` ``(La, Lb)``.
+    The same object twice gives the self-similarity matrix, exactly symmetric, with half the
+    work. ``batch_seed`` draws the minibatch estimator's random batches."""
     sketch.check_options(kernel, estimator, threshold, batch_size)
     names_a, mats_a, n = _feature_set(feats_a, "a")
     same = feats_b is feats_a

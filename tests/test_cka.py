@@ -71,6 +71,19 @@ def test_pair_functions_match_reference(layers):
         ref.cka(x, y, "rbf", debiased=True), abs=1e-9)
 
 
+@pytest.mark.parametrize("estimator", FULL)
+def test_building_blocks_give_the_reference_hsic(layers, estimator):
+    x, y = layers[0], layers[1]
+    n = x.shape[0]
+    k, l = (cka.gram(torch.from_numpy(v)) for v in (x, y))
+    got = float((cka.centre(k, estimator) * cka.centre(l, estimator)).sum())
+    if estimator == "biased":
+        want = ref.hsic_biased(ref.gram_linear(x), ref.gram_linear(y)) * (n - 1) ** 2
+    else:
+        want = ref.hsic_unbiased(ref.gram_linear(x), ref.gram_linear(y)) * n * (n - 3)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
 def test_torch_inputs_give_numpy_results(layers):
     t = [torch.from_numpy(x) for x in layers]
     np.testing.assert_allclose(cka.cka_matrix(t, t), cka.cka_matrix(layers, layers), atol=1e-12)
@@ -166,7 +179,7 @@ def test_accumulator_merge_equals_single_accumulator(layers):
 
 def test_accumulator_sums_are_float64_and_addable(layers):
     acc = cka.MinibatchCKA()
-    acc.update([layers[0][:20].astype(np.float32)], [layers[1][:20]])
+    assert acc.update([layers[0][:20].astype(np.float32)], [layers[1][:20]]) is acc
     sums = acc.sums()
     assert sums["hsic_ab"].dtype == torch.float64
     twice = cka.MinibatchCKA()
@@ -245,6 +258,13 @@ def test_non_finite_values_name_the_layer(layers):
     bad[7, 2] = np.nan
     with pytest.raises(ValueError, match=r"'b\[1\]'.*row 7"):
         cka.cka_matrix(layers, [layers[0], bad])
+
+
+def test_non_finite_values_in_a_minibatch_give_the_row_of_the_data(layers):
+    bad = layers[1].copy()
+    bad[37, 2] = np.inf
+    with pytest.raises(ValueError, match=r"'b\[0\]'.*row 37"):
+        cka.cka_matrix(layers, [bad], estimator="minibatch", batch_size=20)
 
 
 def test_unknown_kernel_and_estimator(layers):
