@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,10 +187,12 @@ def _check_positive(n: int | None) -> None:
                         "to use the whole split")
 
 
-def _check_n(n: int | None, n_total: int, dataset: str, split: str) -> None:
+def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
+    """:func:`subset_indices`, refusing an ``n`` above ``n_total`` (the size of ``what``)."""
     if n is not None and n > n_total:
-        raise UserError(f"n={n} is larger than {dataset} {split}, which has {n_total} images; "
+        raise UserError(f"n={n} is larger than {what}, which has {n_total} images; "
                         f"pass n <= {n_total}, or omit n to use them all")
+    return subset_indices(n_total, n, seed)
 
 
 # --------------------------------------------------------------------------- the bundled set
@@ -303,8 +305,7 @@ def _scan_user_folder(raw: str) -> tuple[Path, tuple[str, ...], list[Path], np.n
 def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...],
                 paths: list[Path], labels: np.ndarray, n: int | None, seed: int,
                 image_size: int | None, progress: bool) -> ProbeSet:
-    _check_n(n, len(paths), dataset, split)
-    ids = subset_indices(len(paths), n, seed)
+    ids = _subset(len(paths), n, seed, f"{dataset} {split}")
     chosen = [paths[i] for i in ids]
     size = image_size if image_size is not None else _uniform_size_or_none(chosen)
     images = _stack(_decode(chosen), len(chosen), size, progress, f"{dataset} {split}")
@@ -317,22 +318,23 @@ def _uniform_size_or_none(paths: list[Path]) -> int | None:
     Reads only headers: PIL decodes pixels lazily."""
     sizes = set()
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                sizes.add(im.size)
-        except OSError as exc:
-            raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
+        sizes.add(_open(p, lambda im: im.size))
         if len(sizes) > 1:
             return DEFAULT_MIXED_SIZE
     return None
 
 
-def _open_rgb(p: Path) -> Image.Image:
+def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
+    """``read(image)`` of the image file ``p``; UserError when it cannot be read."""
     try:
         with Image.open(p) as im:
-            return im.convert("RGB")
+            return read(im)
     except OSError as exc:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
+
+
+def _open_rgb(p: Path) -> Image.Image:
+    return _open(p, lambda im: im.convert("RGB"))
 
 
 def _decode(paths: list[Path]) -> Iterator[Image.Image]:
@@ -412,8 +414,7 @@ def _from_torchvision(name: str, split: str, root: Path, n: int | None, seed: in
         classes = tuple(str(d) for d in range(10))
     else:
         data, targets, classes = np.asarray(ds.data), np.asarray(ds.targets), tuple(ds.classes)
-    _check_n(n, len(data), name, split)
-    ids = subset_indices(len(data), n, seed)
+    ids = _subset(len(data), n, seed, f"{name} {split}")
     images = _resized(data[ids], image_size, progress, f"{name} {split}")
     return ProbeSet(name, split, images, targets[ids].astype(np.int64), ids, classes,
                     f"torchvision:{root}", None if len(ids) == len(data) else seed, len(data))

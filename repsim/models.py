@@ -1,22 +1,17 @@
 """Model zoo: registered architectures, their weights, preprocessing and layer names.
 
-A model is a registry name (``vit_cifar``, ``resnet18_cifar``, ``vit_imagenet``,
-``resnet18_imagenet``, or one added with :func:`register_model`) or ``timm:<any timm
+A model is a registry name (:func:`list_models`, :func:`register_model`) or ``timm:<any timm
 model>``; its layers are the strings users type (``embed``, ``blocks.3``, ``stem``,
-``layer2.1``, globs such as ``blocks.*``). Images enter :func:`preprocess` as ``(n, H, W, 3)``
-uint8 and leave as ``(n, 3, S, S)`` float32. ViT layer outputs are ``(n, 1 + tokens, d)``,
-ResNet layer outputs ``(n, c, h, w)``. Weights files are read with ``weights_only=True``: a
-checkpoint that needs arbitrary unpickling is refused, never executed.
+``layer2.1``, globs such as ``blocks.*``). ViT layer outputs are ``(n, 1 + tokens, d)``, ResNet
+layer outputs ``(n, c, h, w)``. Weights files are read by :mod:`repsim.weights`.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +27,7 @@ from torch import nn
 
 from repsim.errors import UserError
 from repsim.layers import match_layers
+from repsim.weights import checkpoint_dir, load_into, read_state_dict, sha256_file
 
 TIMM_PREFIX = "timm:"
 _NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
@@ -76,13 +72,11 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
                    weights: str | os.PathLike | None = None, head_key: str | None = None,
                    description: str = ""):
     """Decorator (timm-style) that makes ``build(num_classes) -> nn.Module`` a model name
-    usable everywhere (``load_model``, ``extract``, ``repsim --import MODULE``, analyses).
-
-    The model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised by
-    ``mean``/``std``. ``weights``: its default state-dict file (a relative name lives in
-    :func:`checkpoint_dir`); ``head_key``: the classifier weight, whose rows give a file's class
-    count; ``family``: "vit" (timm ViT), "resnet" (``layer1`` .. ``layer4``) or "other".
-    """
+    usable everywhere (``load_model``, ``extract``, ``repsim --import MODULE``, analyses). The
+    model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised by ``mean``/``std``.
+    ``weights``: its default state-dict file (relative: in :func:`checkpoint_dir`); ``head_key``:
+    the classifier weight, whose rows give a file's class count; ``family``: "vit" (timm ViT),
+    "resnet" (``layer1`` .. ``layer4``) or "other"."""
     if name in _REGISTRY or name.startswith(TIMM_PREFIX):
         raise ValueError(f"model name {name!r} is taken; choose another")
     if family not in _FAMILIES:
@@ -272,12 +266,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def checkpoint_dir() -> Path:
-    """Where default weights live: ``$REPSIM_CHECKPOINTS`` or ``<repo>/checkpoints``."""
-    env = os.environ.get("REPSIM_CHECKPOINTS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "checkpoints"
-
-
 def default_weights_file(spec: ModelSpec) -> Path | None:
     """The file behind a model's default weights, or None (timm/torchvision/none). A relative
     name (``checkpoints/<file>.pt``) lives in :func:`checkpoint_dir`; an absolute path is itself."""
@@ -287,110 +275,26 @@ def default_weights_file(spec: ModelSpec) -> Path | None:
     return path if path.is_absolute() else checkpoint_dir() / path.name
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _examples(keys: Sequence[str], k: int = 3) -> str:
-    return f" (e.g. {', '.join(repr(x) for x in keys[:k])})" if keys else ""
-
-
-# torch's weights-only unpickler names the refused class ("Unsupported global: GLOBAL m.C");
-# other weights-only failures ("Unsupported operand 103") mean the bytes are not a checkpoint.
-_UNSAFE_RE = re.compile(r"unsupported global|not an allowed global|unsupported class", re.I)
-
-
-def read_weights(path: Path) -> Any:
-    """``torch.load`` with weights_only=True, every failure turned into one UserError line."""
-    fix = "fix: re-save the weights with torch.save(model.state_dict(), PATH)"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # EOFError, zip/OS errors, unpickling errors: unreadable bytes
-        text = str(e)
-        if _UNSAFE_RE.search(text):
-            found = re.search(r"GLOBAL (\S+)", text)
-            raise UserError(
-                f"{path} contains arbitrary Python objects{f' ({found[1]})' if found else ''} "
-                "and repsim refuses to unpickle them (loading could run code); valid: a file "
-                f"holding only tensors, e.g. a state dict; {fix} in a trusted environment"
-            ) from None
-        # torch wraps the real cause ("Unsupported operand 103") in boilerplate: dig it out.
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        inner = [ln for ln in lines if ln.startswith("Unsupported") or "zip archive" in ln]
-        reason = (inner or lines or [""])[0][:120]
-        raise UserError(f"{path} is corrupt or not a PyTorch weights file ({type(e).__name__}: "
-                        f"{reason}); valid: a file written by torch.save; {fix}, or download "
-                        "it again") from None
-
-
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict with any 'module.' prefix stripped, checkpoint metadata) from a file."""
-    sd = obj = read_weights(path)
-    meta: dict[str, Any] = {}
-    for key in ("state_dict", "model"):  # {"state_dict": sd, ...}; DeiT/MAE {"model": sd, ...}
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            sd, meta = obj[key], {k: v for k, v in obj.items() if k != key}
-            break
-    if not isinstance(sd, Mapping):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; valid: a state "
-                        "dict or {'state_dict': ...}; fix: save model.state_dict() instead")
-    bad = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad or not sd:
-        raise UserError(f"{path} is not a state dict: {len(bad)} of {len(sd)} entries are not "
-                        f"tensors{_examples(bad)}; valid: a name -> tensor mapping or "
-                        "{'state_dict': ...}; fix: save model.state_dict()")
-    # DistributedDataParallel saves parameters as "module.<name>".
-    return {k.removeprefix("module."): v for k, v in sd.items()}, meta
-
-
 def _load_file(entry: _Entry, path: Path, num_classes: int | None, seed: int
                ) -> tuple[nn.Module, int]:
     spec = entry.spec
-    sd, meta = _read_state_dict(path)
+    sd, meta = read_state_dict(path)
     head = sd.get(entry.head_key) if entry.head_key else None
-    if num_classes is not None:
-        n = _check_num_classes(num_classes, spec)
-    elif head is not None and head.ndim == 2:  # the class count a file was trained with
+    n = num_classes
+    if n is None and head is not None and head.ndim == 2:  # the class count the file has
         n = int(head.shape[0])
-    else:
-        saved = meta.get("num_classes")
-        ok = isinstance(saved, int) and not isinstance(saved, bool) and saved > 0
-        n = saved if ok else spec.num_classes
-    model = build_model(spec.name, n, seed)
-    target = model.state_dict()
+    elif n is None:
+        n = meta.get("num_classes", spec.num_classes)
     note = f" (the file says model {meta['model']!r})" if isinstance(meta.get("model"), str) else ""
-    missing = [k for k in target if k not in sd]
-    unexpected = [k for k in sd if k not in target]
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit {spec.name}{note}: {len(missing)} missing keys"
-                        f"{_examples(missing)} and {len(unexpected)} unexpected keys"
-                        f"{_examples(unexpected)}; valid: weights saved from {spec.name}; fix: "
-                        "pass the model= the file was trained as, or other weights=")
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-             if sd[k].shape != v.shape]
-    if wrong:
-        hint = " or drop num_classes=" if num_classes is not None else ""
-        raise UserError(f"{path} has {len(wrong)} tensors whose shape (file vs {spec.name}) "
-                        f"differs: {'; '.join(wrong[:3])}; valid: weights saved from "
-                        f"{spec.name} with the same configuration; fix: use matching "
-                        f"weights={hint}")
-    # Checkpoints may be stored in float16: cast to each parameter's own dtype first.
-    model.load_state_dict({k: v.to(dtype=target[k].dtype) for k, v in sd.items()}, strict=True)
-    return model, n
+    hint = " or drop num_classes=" if num_classes is not None else ""
+    return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n
 
 
-def _load_pretrained(entry: _Entry, source: str, num_classes: int | None, seed: int
-                     ) -> nn.Module:
+def _load_pretrained(entry: _Entry, source: str, n: int, seed: int) -> nn.Module:
     spec = entry.spec
     if entry.pretrained is None or source != spec.default_weights:
         raise UserError(f"weights={source!r} is not available for {spec.name}; valid: "
                         f"{spec.default_weights or 'no default'}, 'random' or a file path")
-    n = _check_num_classes(num_classes, spec)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # a replaced classifier head is still reproducible
@@ -442,8 +346,8 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
         n = _check_num_classes(num_classes, spec)
         model, label = build_model(spec.name, n, seed), "random"
     elif source in ("timm", "torchvision"):
-        model = _load_pretrained(entry, source, num_classes, seed)
-        n, label = _check_num_classes(num_classes, spec), entry.pretrained_tag
+        n = _check_num_classes(num_classes, spec)
+        model, label = _load_pretrained(entry, source, n, seed), entry.pretrained_tag
     else:
         path = _weights_path(spec, weights)
         model, n = _load_file(entry, path, num_classes, seed)
@@ -463,15 +367,14 @@ def preprocess(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
     (antialiased ``spec.interpolation``; non-square inputs are stretched), then normalises
     ``(x - mean) / std``.
     """
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3 \
-            or images.dtype != torch.uint8:
-        what = (f"shape {tuple(images.shape)} and dtype {images.dtype}"
-                if isinstance(images, torch.Tensor) else f"type {type(images).__name__}")
-        raise UserError(f"images have {what}; valid: an (n, H, W, 3) uint8 torch.Tensor "
-                        "(channels last, RGB); fix: torch.from_numpy(array), "
-                        "x.permute(0, 2, 3, 1) or x.to(torch.uint8)")
+    x = images
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
+        raise UserError(f"images are {what}; valid: an (n, H, W, 3) uint8 torch.Tensor (RGB, "
+                        "channels last); fix: torch.from_numpy(a), x.permute(0, 2, 3, 1) or "
+                        "x.to(torch.uint8)")
     s = spec.input_size
-    x = images.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     if tuple(x.shape[-2:]) != (s, s):
         x = F.interpolate(x, size=(s, s), mode=spec.interpolation, align_corners=False,
                           antialias=True)
@@ -513,23 +416,23 @@ def _candidates(model: nn.Module, spec: ModelSpec) -> list[str]:
     return out
 
 
-def _keyword_layers(model: nn.Module, spec: ModelSpec, keyword: str) -> list[str]:
+def _keywords(model: nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
+    """The layers of the keywords 'default' and 'blocks'."""
     aliases = list(_aliases(model, spec))
     if spec.family == "vit":
-        return aliases + [f"blocks.{i}" for i in range(len(model.blocks))]
+        blocks = aliases + [f"blocks.{i}" for i in range(len(model.blocks))]
+        return {"default": blocks, "blocks": blocks}
     if spec.family == "resnet":
         stages = [f"layer{i}" for i in range(1, 5)]
-        if keyword == "default":
-            return aliases + stages
-        return aliases + [f"{s}.{j}" for s in stages for j in range(len(model.get_submodule(s)))]
+        return {"default": aliases + stages, "blocks": aliases + [
+            f"{s}.{j}" for s in stages for j in range(len(model.get_submodule(s)))]}
     # Other timm models: their feature-pyramid modules when declared, else top-level children.
     info = getattr(model, "feature_info", None)
-    known = dict(model.named_modules())
-    if isinstance(info, list) and info:
-        mods = [d.get("module") for d in info if isinstance(d, dict)]
-        if mods and all(m in known for m in mods):
-            return mods
-    return [name for name, _ in model.named_children()]
+    mods = [d.get("module") for d in info if isinstance(d, dict)] if isinstance(info, list) else []
+    known = {name for name, _ in model.named_modules()}
+    if not mods or not all(m in known for m in mods):
+        mods = [name for name, _ in model.named_children()]
+    return {"default": mods, "blocks": mods}
 
 
 def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec) -> UserError:
@@ -550,8 +453,8 @@ def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] 
     aliases (:func:`repsim.layers.match_layers`).
     """
     candidates = _candidates(model, spec)
-    keywords = {k: _keyword_layers(model, spec, k) for k in ("default", "blocks")}
-    return match_layers(candidates, "default" if request is None else request, keywords,
+    return match_layers(candidates, "default" if request is None else request,
+                        _keywords(model, spec),
                         lambda part: _unknown_layer(part, candidates, spec))
 
 

@@ -407,7 +407,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     start_epoch, resumed_from = 0, None
     if state_path.is_file() and not cfg.restart:
-        from repsim.models import read_weights
+        from repsim.weights import read_weights
 
         state = read_weights(state_path)
         if state.get("identity") != ident:

@@ -11,6 +11,7 @@ import torch
 
 from repsim import hooks
 from repsim import models as M
+from repsim import weights as W
 from repsim.errors import UserError
 
 
@@ -224,7 +225,7 @@ def test_load_state_dict_file_exact(tmp_path):
     assert prov == {
         "model": "vit_cifar",
         "weights": str(path),
-        "weights_sha256": M.sha256_file(path),
+        "weights_sha256": W.sha256_file(path),
         "num_classes": 10,
         "seed": 0,
     }
@@ -353,7 +354,7 @@ def test_imagenet_models_from_local_file(tmp_path, name, monkeypatch):
     path = tmp_path / f"{name}.pt"
     torch.save(src.state_dict(), path)
     model, prov = M.load_model(name, weights=path)
-    assert prov["num_classes"] == 1000 and prov["weights_sha256"] == M.sha256_file(path)
+    assert prov["num_classes"] == 1000 and prov["weights_sha256"] == W.sha256_file(path)
     first = next(iter(src.state_dict()))
     assert torch.equal(model.state_dict()[first], src.state_dict()[first])
     spec = M.get_spec(name)

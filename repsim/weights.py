@@ -1,0 +1,109 @@
+"""Weights files: where default checkpoints live, reading one safely, fitting it to a model.
+
+Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint that needs
+arbitrary unpickling is refused, never executed. Every failure is one :class:`UserError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from repsim.errors import UserError
+
+# torch's weights-only unpickler names the refused class ("Unsupported global: GLOBAL m.C");
+# other weights-only failures ("Unsupported operand 103") mean the bytes are not a checkpoint.
+_UNSAFE_RE = re.compile(r"unsupported global|not an allowed global|unsupported class", re.I)
+_FIX = "fix: re-save the weights with torch.save(model.state_dict(), PATH)"
+
+
+def checkpoint_dir() -> Path:
+    """Where default weights live: ``$REPSIM_CHECKPOINTS`` or ``<repo>/checkpoints``."""
+    env = os.environ.get("REPSIM_CHECKPOINTS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _examples(keys: Sequence[str], k: int = 3) -> str:
+    return f" (e.g. {', '.join(repr(x) for x in keys[:k])})" if keys else ""
+
+
+def read_weights(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, zip/OS errors, unpickling errors: unreadable bytes
+        text = str(e)
+        if _UNSAFE_RE.search(text):
+            found = re.search(r"GLOBAL (\S+)", text)
+            raise UserError(
+                f"{path} contains arbitrary Python objects{f' ({found[1]})' if found else ''} "
+                "and repsim refuses to unpickle them (loading could run code); valid: a file "
+                f"holding only tensors, e.g. a state dict; {_FIX} in a trusted environment"
+            ) from None
+        # torch wraps the real cause ("Unsupported operand 103") in boilerplate: dig it out.
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        inner = [ln for ln in lines if ln.startswith("Unsupported") or "zip archive" in ln]
+        reason = (inner or lines or [""])[0][:120]
+        raise UserError(f"{path} is corrupt or not a PyTorch weights file ({type(e).__name__}: "
+                        f"{reason}); valid: a file written by torch.save; {_FIX}, or download "
+                        "it again") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict, metadata)`` of a weights file: a bare state dict, or a checkpoint dict
+    holding it under "state_dict" (or "model", DeiT/MAE style) next to metadata. A
+    DistributedDataParallel "module." prefix is stripped."""
+    sd = obj = read_weights(path)
+    meta: dict[str, Any] = {}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            sd, meta = obj[key], {k: v for k, v in obj.items() if k != key}
+            break
+    if not isinstance(sd, Mapping):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict; valid: a state "
+                        "dict or {'state_dict': ...}; fix: save model.state_dict() instead")
+    bad = [str(k) for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad or not sd:
+        raise UserError(f"{path} is not a state dict: {len(bad)} of {len(sd)} entries are not "
+                        f"tensors{_examples(bad)}; valid: a name -> tensor mapping or "
+                        "{'state_dict': ...}; fix: save model.state_dict()")
+    return {k.removeprefix("module."): v for k, v in sd.items()}, meta
+
+
+def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
+              name: str, note: str = "", hint: str = "") -> nn.Module:
+    """Load ``sd`` (read from ``path``) into ``model`` (called ``name`` in messages), strictly:
+    every key present, none extra, every shape equal. Tensors are cast to each parameter's own
+    dtype (checkpoints may be stored in float16). ``note``/``hint`` extend the messages."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit {name}{note}: {len(missing)} missing keys"
+                        f"{_examples(missing)} and {len(unexpected)} unexpected keys"
+                        f"{_examples(unexpected)}; valid: weights saved from {name}; fix: pass "
+                        "the model= the file was trained as, or other weights=")
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+             if sd[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{path} has {len(wrong)} tensors whose shape (file vs {name}) differs: "
+                        f"{'; '.join(wrong[:3])}; valid: weights saved from {name} with the "
+                        f"same configuration; fix: use matching weights={hint}")
+    model.load_state_dict({k: v.to(dtype=target[k].dtype) for k, v in sd.items()}, strict=True)
+    return model
