@@ -15,7 +15,7 @@ pixels of the model input. Prefix tokens are neither queries nor keys: ``renorma
 renormalises the weights over patch keys (uniform attention gives the grid's mean pairwise
 distance), ``False`` counts prefix mass as distance 0. Rollout (Abnar & Zuidema 2020):
 ``R = Â_L ... Â_1`` with ``Â_l = rownorm(mean_h A_l + I)``. Figures and the ``repsim
-attention`` command live in :mod:`repsim.attention_figures`.
+attention`` command live in :mod:`repsim.figures.attention`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """``repsim extract``: run a model over a probe set once and stream every chosen layer's
-activations into an HDF5 store.
+activations into an HDF5 store (:mod:`repsim.store`), captured by :func:`repsim.hooks.capture`.
 
-One row per image, one ``(n, D)`` dataset per layer (see :mod:`repsim.store`). Activations are
-captured by :func:`repsim.hooks.capture` on exactly the chosen modules, reduced on the device,
-and written batch by batch; an interrupted run resumes where it stopped. Under ``torchrun``
-the batches are dealt out to the ranks, each rank writes its own shard, and rank 0 merges
-them into one store identical to a single-process run's.
+A store's default path is a content address: a digest of everything that decides what it
+holds (``_store_key``), so stores made with other options never replace each other and a
+complete store at that path is reused without running the model. An interrupted run resumes
+where it stopped. Under ``torchrun`` the batches are dealt out to the ranks, each rank writes
+its own shard, and rank 0 merges them into one store identical to a single-process run's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from repsim.errors import UserError
 
@@ -41,34 +41,52 @@ class ExtractConfig:
     device: str | None = None  # None: cuda when available
     dtype: str = "float32"
     data_root: str | None = None
-    out: str | None = None
+    out: str | None = None  # None: the content address in $REPSIM_CACHE/stores
     overwrite: bool = False
     chunk_rows: int | None = None  # None: about 4 MiB per chunk, at most one batch
     compression: str | None = None
     progress: bool = True
 
 
-def default_out(cfg: ExtractConfig) -> Path:
-    """``$REPSIM_CACHE/stores/<model>-<dataset>-<split>-n<N>-seed<S>-<reduce>.h5``."""
-    from repsim.paths import cache_dir
-
-    ds = cfg.dataset.replace(":", "_").replace("/", "_")
-    n = "all" if cfg.n is None else str(cfg.n)
-    w = "" if cfg.weights is None else "-" + (
-        "random" if cfg.weights == "random" else Path(cfg.weights).stem)
-    name = cfg.model.replace(":", "_").replace("/", "_")
-    return cache_dir("stores", f"{name}{w}-{ds}-{cfg.split}-n{n}-seed{cfg.seed}-{cfg.reduce}.h5")
-
-
-def _validate(cfg: ExtractConfig) -> None:
+def _validate(cfg: ExtractConfig, family: str) -> None:
     if cfg.batch_size is None or cfg.batch_size < 1:
-        raise UserError(f"--batch-size must be a positive integer, got {cfg.batch_size}")
+        raise UserError(f"batch_size={cfg.batch_size} is not valid; pass a positive integer")
     if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype {cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    if cfg.reduce not in ("flatten", "mean", "cls"):
-        raise UserError(f"--reduce {cfg.reduce!r} is not valid; use flatten, mean or cls")
+        raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    valid = REDUCTIONS.get(family, ("flatten", "mean"))
+    if cfg.reduce not in valid:
+        raise UserError(f"reduce={cfg.reduce!r} does not apply to {cfg.model} ({family}); "
+                        f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
-        raise UserError(f"--compression {cfg.compression!r} is not valid; use gzip or lzf")
+        raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
+
+
+def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
+    """Everything that decides what a store holds (``data``: the probe set's provenance).
+
+    Weights count by content (the file's sha256), so new weights under the same name make a
+    new store; batch size, device and compression are how it is made, not what it holds.
+    """
+    from repsim import models
+    from repsim.store import FORMAT
+
+    w = cfg.weights
+    file = None if w == "random" else (
+        Path(w).expanduser() if w else models.default_weights_file(spec))
+    weights = (models.sha256_file(file) if file is not None and file.is_file()
+               else w or spec.default_weights)
+    return {"format": FORMAT, "model": cfg.model, "weights": weights, "seed": cfg.seed,
+            "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
+            "preprocessing": models.preprocessing_info(spec)}
+
+
+def _default_out(cfg: ExtractConfig, key: str) -> Path:
+    """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``."""
+    from repsim.paths import cache_dir, slug, weights_tag
+
+    name = "-".join(filter(None, [cfg.model, weights_tag(cfg.weights), cfg.dataset,
+                                  f"n{'all' if cfg.n is None else cfg.n}", cfg.reduce]))
+    return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")
 
 
 def _dist() -> tuple[int, int]:
@@ -76,71 +94,75 @@ def _dist() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
 def extract(cfg: ExtractConfig) -> dict:
-    """Extract activations as ``cfg`` says; returns a summary dict (path, n, layers, seconds).
+    """Extract activations as ``cfg`` says. Returns a summary: path, n, layers, reused,
+    resumed, seconds, bytes.
 
-    A complete store with the same provenance is reused; one with different provenance
-    needs ``overwrite``. An unfinished ``.partial`` store with the same settings is resumed.
+    A complete store at the target with the same key (``_store_key``) is reused (the model is
+    not run); one with another key needs ``overwrite``. An unfinished ``.partial`` store with
+    the same settings is resumed.
     """
     from repsim import __version__, models
     from repsim.data import load_probe_set
-    from repsim.store import Store, StoreWriter, identity, partial_path
+    from repsim.paths import digest
+    from repsim.store import Store
 
-    _validate(cfg)
     t0 = time.perf_counter()
+    spec = models.get_spec(cfg.model)
+    _validate(cfg, spec.family)
     rank, world = _dist()
+    probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
+                           data_root=cfg.data_root, progress=cfg.progress and rank == 0)
+    data = probe.provenance()
+    key = digest(_store_key(cfg, spec, data))
+    out = Path(cfg.out) if cfg.out else _default_out(cfg, key)
+    if out.exists() and not cfg.overwrite:
+        with Store(out) as old:
+            reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True}
+            if old.meta.get("key") != key:
+                raise UserError(f"{out} already holds a store with different settings; pass "
+                                "overwrite=True to replace it, or another out=PATH")
+        return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
+    import torch  # only now: a reused store needs neither torch nor the model
+
     device = models.resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    spec = models.get_spec(cfg.model)
-    if cfg.reduce not in REDUCTIONS.get(spec.family, ("flatten", "mean")):
-        raise UserError(f"--reduce {cfg.reduce} does not apply to {cfg.model} ({spec.family}); "
-                        f"use one of {', '.join(REDUCTIONS.get(spec.family, ('flatten', 'mean')))}")
     model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
     layers = models.layer_names(model, spec, cfg.layers)
-    probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
-                           data_root=cfg.data_root, progress=cfg.progress and rank == 0)
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    meta = {
-        "model": cfg.model, "weights": wprov,
-        "data": probe.provenance(),
-        "preprocessing": models.preprocessing_info(spec),
-        "layers": layers, "reduce": cfg.reduce, "dtype": cfg.dtype,
-        "batch_size": cfg.batch_size,
-        "versions": {"repsim": __version__, "torch": torch.__version__},
-    }
-    summary = {"path": str(out), "n": len(probe.ids), "layers": layers}
+    meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
+            "preprocessing": models.preprocessing_info(spec), "layers": layers,
+            "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+            "versions": {"repsim": __version__, "torch": torch.__version__}}
+    resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)
+    return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
+            "resumed": resumed, "seconds": time.perf_counter() - t0,
+            "bytes": out.stat().st_size}
 
-    if out.exists():
-        if cfg.overwrite:
-            if rank == 0:
-                out.unlink()
-        else:
-            with Store(out) as old:
-                same = identity(old.meta) == identity(meta)
-            if same:
-                return {**summary, "reused": True, "seconds": time.perf_counter() - t0,
-                        "bytes": out.stat().st_size}
-            raise UserError(f"{out} already holds a store with different settings; "
-                            "pass --overwrite to replace it, or --out to write elsewhere")
+
+def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device,
+           rank: int, world: int) -> bool:
+    """Fill ``out`` (this rank's batches; rank 0 merges the shards). True when resumed."""
+    from repsim.store import StoreWriter, partial_path
+
     if cfg.overwrite and rank == 0:
-        for p in [partial_path(out)] + [_shard(out, r, world) for r in range(world)]:
+        shards = [partial_path(_shard(out, r, world)) for r in range(world)]
+        for p in [out, partial_path(out), *shards]:
             p.unlink(missing_ok=True)
     _barrier(world)
-
-    target = out if world == 1 else _shard(out, rank, world)
-    writer = StoreWriter(target, meta, probe.ids, probe.labels, cfg.batch_size)
-    mine = [j for j in writer.pending() if j % world == rank]
+    writer = StoreWriter(out if world == 1 else _shard(out, rank, world), meta, probe.ids,
+                         probe.labels, cfg.batch_size)
     try:
-        _run(model, spec, layers, cfg, probe, writer, mine, device, rank)
+        _run(model, spec, meta["layers"], cfg, probe, writer,
+             [j for j in writer.pending() if j % world == rank], device, rank)
         if world == 1:
             writer.finish()
     finally:
@@ -150,30 +172,27 @@ def extract(cfg: ExtractConfig) -> dict:
         if rank == 0:
             _merge(out, meta, probe, cfg.batch_size, world)
         _barrier(world)
-    return {**summary, "reused": False, "resumed": writer.resumed,
-            "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
+    return writer.resumed
 
 
 def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     """The hot loop: batches -> device -> preprocess -> forward with hooks -> store."""
+    import torch
+    from tqdm.auto import tqdm
+
     from repsim import models
     from repsim.hooks import ReductionError, capture
 
     if not todo:
         return
     store_dtype = getattr(torch, cfg.dtype)
-    bar = None
-    if cfg.progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(writer.bounds[j][1] - writer.bounds[j][0] for j in todo),
-                   desc=f"extract {cfg.model}", unit="img", unit_scale=True)
+    bar = tqdm(total=sum(writer.bounds[j][1] - writer.bounds[j][0] for j in todo),
+               desc=f"extract {cfg.model}", unit="img", unit_scale=True,
+               disable=not (cfg.progress and rank == 0))
     images = torch.from_numpy(probe.images)
 
     def store(j: int, feats: dict[str, torch.Tensor]) -> None:
-        # Runs on the writer thread, overlapping the next batch's forward pass.
-        arrays = {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()}
-        writer.write(j, arrays)
+        writer.write(j, {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()})
         _maybe_fault()
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
@@ -185,39 +204,33 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
         with torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
             for j in todo:
                 a, b = writer.bounds[j]
-                x = models.preprocess(spec, images[a:b].to(device, non_blocking=True))
                 try:
-                    model(x)
+                    model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
                 except ReductionError as exc:
-                    raise UserError(f"--reduce {cfg.reduce}: {exc}") from None
+                    raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
                 feats = dict(cap.outputs)
                 if pending is not None:
                     pending.result()  # re-raises a failed write here
                 if not writer.layers_created:
                     dims = {k: v.shape[1] for k, v in feats.items()}
-                    writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims, store_dtype),
+                    writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims),
                                          cfg.compression)
                 pending = pool.submit(store, j, feats)
-                if bar is not None:
-                    bar.update(b - a)
+                bar.update(b - a)
             if pending is not None:
                 pending.result()
     finally:
         pool.shutdown(wait=True)
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
-def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int], dtype: torch.dtype) -> int:
-    """Rows per HDF5 chunk: the user's choice, else ~4 MiB and at most one batch.
-
-    Chunks much larger than HDF5's chunk cache (1 MiB) make every partial-chunk write
-    slow (several times slower measured here for 34 MB chunks); ~4 MiB chunks write at
-    disk speed and still read fast in the row blocks CKA streams.
-    """
+def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
+    """Rows per HDF5 chunk: the user's choice, else ~4 MiB and at most one batch. (Chunks far
+    above HDF5's 1 MiB chunk cache made partial-chunk writes several times slower here; 4 MiB
+    ones write at disk speed and still read fast in the row blocks CKA streams.)"""
     if cfg.chunk_rows:
         return cfg.chunk_rows
-    row_bytes = max(dims.values()) * torch.empty((), dtype=dtype).element_size()
+    row_bytes = max(dims.values()) * np.dtype(cfg.dtype).itemsize
     return max(1, min(cfg.batch_size, (4 << 20) // row_bytes))
 
 
@@ -226,9 +239,8 @@ def _maybe_fault() -> None:
     left = os.environ.get("REPSIM_FAULT_AFTER_BATCHES")
     if left is None:
         return
-    left = int(left) - 1
-    os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(left)
-    if left <= 0:
+    os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(int(left) - 1)
+    if int(left) <= 1:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -256,11 +268,11 @@ def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> Path:
     writer = StoreWriter(out, meta, probe.ids, probe.labels, batch_size)
     shards = [h5py.File(partial_path(_shard(out, r, world)), "r") for r in range(world)]
     try:
-        order = json.loads(shards[0].attrs["layer_order"])
+        order, src = json.loads(shards[0].attrs["layer_order"]), shards[0]["layers"]
         if not writer.layers_created:
-            src = shards[0]["layers"]
-            writer.create_layers({k: src[k].shape[1] for k in order}, src[order[0]].dtype.name,
-                                 src[order[0]].chunks[0], src[order[0]].compression)
+            first = src[order[0]]
+            writer.create_layers({k: src[k].shape[1] for k in order}, first.dtype.name,
+                                 first.chunks[0], first.compression)
         for j in writer.pending():
             a, b = writer.bounds[j]
             sh = shards[j % world]

@@ -1,15 +1,10 @@
 """Capture what named layers of any ``nn.Module`` output: the one forward-hook mechanism.
 
-:func:`capture` is a context manager: inside it, every forward pass of the model leaves each
-chosen layer's output in ``outputs``, reduced on the device to one row per sample (or kept
-whole with ``reduce=None``); the hooks are removed on exit. :func:`extract` runs a model
-over images in batches and returns ``{layer: (n, p) float32 array}``, ready for
-:func:`repsim.cka.cka_matrix`. Stores on disk (``repsim extract``) are built on the same
-:func:`capture` (:mod:`repsim.extraction`).
-
-Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`): module names
-(``"blocks.3"``, ``"layer2.1"``, ``"0"`` for the first child of an ``nn.Sequential``),
-globs (``"blocks.*"``), the aliases ``embed``/``stem``, and ``default``/``blocks``.
+:func:`capture` hooks the chosen layers for the length of a ``with`` block; :func:`extract`
+runs a model over images with it and returns ``{layer: (n, p) float32 array}`` for
+:func:`repsim.cka.cka_matrix`. Stores on disk (:mod:`repsim.extraction`) use the same
+:func:`capture`. Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`):
+module names (``"blocks.3"``, ``"0"``), globs (``"blocks.*"``), aliases and keywords.
 """
 
 from __future__ import annotations
@@ -28,6 +23,11 @@ class ReductionError(ValueError):
     """A layer's output cannot be reduced the way asked (``cls`` of a feature map)."""
 
 
+def _check(how: str | None) -> None:
+    if how is not None and how not in REDUCTIONS:
+        raise ValueError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
+
+
 def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     """One row per sample from a layer output.
 
@@ -36,10 +36,9 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     ``(b, C, H, W)`` maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything
     else is flattened. ``how=None`` returns ``x`` as it is.
     """
+    _check(how)
     if how is None:
         return x
-    if how not in REDUCTIONS:
-        raise ValueError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
     if x.dim() == 3:
         if how == "mean":
             return x[:, n_prefix:].mean(1)
@@ -66,9 +65,7 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                  reduce: str | None = "flatten", spec: Any = None) -> None:
         from repsim import models
 
-        if reduce is not None and reduce not in REDUCTIONS:
-            raise ValueError(f"reduce={reduce!r} is unknown; valid: {', '.join(REDUCTIONS)} "
-                             "or None")
+        _check(reduce)
         self.spec = spec or models.spec_for(model)
         self.layers = models.layer_names(model, self.spec, layers)
         self.modules = {name: models.module_for(model, self.spec, name) for name in self.layers}
@@ -101,11 +98,8 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader);
     a batch that is a tuple or list, like ``(x, y)``, contributes its first element."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        for a in range(0, len(images), batch_size):
-            yield images[a:a + batch_size]
-        return
-    for item in images:
-        yield item[0] if isinstance(item, (tuple, list)) else item
+        return (images[a:a + batch_size] for a in range(0, len(images), batch_size))
+    return (item[0] if isinstance(item, (tuple, list)) else item for item in images)
 
 
 @torch.inference_mode()

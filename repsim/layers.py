@@ -13,20 +13,13 @@ from repsim.errors import UserError
 
 def _split_request(request: str | Sequence[str]) -> list[str]:
     items = [request] if isinstance(request, str) else list(request)
-    parts: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise UserError(
-                f"layer request item {item!r} is not a string; valid: names, globs, 'default' "
-                "or 'blocks'; fix: pass e.g. --layers blocks.0,blocks.5"
-            )
-        parts.extend(p.strip() for p in item.split(",") if p.strip())
-    if not parts:
-        raise UserError(
-            f"empty layer request {request!r}; valid: names, globs, 'default' or 'blocks'; "
-            "fix: pass e.g. --layers blocks or leave --layers out for the default"
-        )
-    return parts
+    bad = [item for item in items if not isinstance(item, str)]
+    parts = [p.strip() for item in items if isinstance(item, str) for p in item.split(",")]
+    if bad or not any(parts):
+        raise UserError(f"layers={request!r} is not a layer request; valid: names, globs, "
+                        "'default' or 'blocks' (a list, or one comma-separated string), e.g. "
+                        "layers='blocks.0,blocks.5'")
+    return [p for p in parts if p]
 
 
 def _glob_match(name: str, pattern: str) -> bool:

@@ -49,6 +49,11 @@ def slug(name: str) -> str:
     return s or "unnamed"
 
 
+def weights_tag(weights: str | None) -> str:
+    """A name part for weights: '' (the model's own), 'random', or the weights file's stem."""
+    return "" if weights is None else "random" if weights == "random" else Path(weights).stem
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``.
 

@@ -9,12 +9,10 @@ Layout of a store (one file)::
     attrs: provenance (JSON), layer_order (JSON list: HDF5 sorts names, blocks.10 < blocks.2),
            format, repsim_version, complete (set last)
 
-Integrity: a store is written as ``FILE.h5.partial`` and renamed to ``FILE.h5`` only after
-``complete`` is set and the file is closed, so a crash never leaves a file that looks
-complete. Each finished batch is flushed and then marked in ``batches_done``; a rerun skips
-marked batches, and because batches always cover the same rows, the resumed store equals an
-uninterrupted run's.
-
+A store is written as ``FILE.h5.partial`` and renamed to ``FILE.h5`` once ``complete`` is
+set and the file closed, so a crash never leaves a file that looks complete. Each batch is
+flushed before ``batches_done`` vouches for it; a rerun skips the marked batches, which always
+cover the same rows, so a resumed store equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -31,11 +29,10 @@ from repsim import __version__
 from repsim.errors import UserError
 
 FORMAT = "repsim-activations/1"
-PARTIAL = ".partial"
 
 
 def partial_path(path: str | os.PathLike) -> Path:
-    return Path(str(path) + PARTIAL)
+    return Path(str(path) + ".partial")
 
 
 def _open(path: Path, mode: str):
@@ -45,46 +42,39 @@ def _open(path: Path, mode: str):
         return h5py.File(path, mode)
     except OSError as exc:
         raise UserError(f"cannot read store {path}: {exc}; it is corrupt or not an HDF5 "
-                        "file (delete it, or rerun repsim extract with --overwrite)") from exc
+                        "file (delete it and extract it again)") from exc
 
 
 class Store:
     """Read access to a complete store: ``layers`` in model order, ``ids``, ``labels``, ``meta``.
 
-    ``store[name]`` is the h5py dataset ``(n, D)`` (read lazily, row slices work, so the CKA
+    ``store[name]`` is the h5py dataset ``(n, D)``, read lazily (row slices work, so the CKA
     engine streams stores larger than memory). Use as a context manager.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.exists():
-            part = partial_path(self.path)
-            if part.exists():
-                raise UserError(
-                    f"store {self.path} is incomplete (found {part.name}); run the same "
-                    "repsim extract command again to resume it")
-            raise UserError(f"no store at {self.path}; create it with repsim extract")
+            if partial_path(self.path).exists():
+                raise UserError(f"store {self.path} is incomplete (found {self.path.name}"
+                                ".partial); run the same extraction again to resume it")
+            raise UserError(f"no store at {self.path}; extract one first")
         self._f = _open(self.path, "r")
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT:
                 raise UserError(f"{self.path} is not a repsim activation store "
                                 f"(format {attrs.get('format')!r}, expected {FORMAT!r})")
-            if not bool(attrs.get("complete", False)):
-                raise UserError(f"store {self.path} is incomplete; run the same repsim "
-                                "extract command again to resume it")
+            if not attrs.get("complete", False):
+                raise UserError(f"store {self.path} is incomplete; run the same extraction "
+                                "again to resume it")
             self.layers: list[str] = json.loads(attrs["layer_order"])
             self.meta: dict = json.loads(attrs["provenance"])
-            self.ids = self._f["ids"][:]
-            self.labels = self._f["labels"][:]
-            missing = [n for n in self.layers if n not in self._f["layers"]]
-            if missing:
-                raise UserError(f"store {self.path} is corrupt: layers {missing} are listed "
-                                "but missing; rerun repsim extract with --overwrite")
+            self.ids, self.labels = self._f["ids"][:], self._f["labels"][:]
         except (KeyError, ValueError, OSError) as exc:
             self._f.close()
-            raise UserError(f"store {self.path} is corrupt or unreadable ({exc}); rerun "
-                            "repsim extract with --overwrite") from exc
+            raise UserError(f"store {self.path} is corrupt or unreadable ({exc}); delete it "
+                            "and extract it again") from exc
         except UserError:
             self._f.close()
             raise
@@ -92,6 +82,9 @@ class Store:
     @property
     def n(self) -> int:
         return int(self.ids.shape[0])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
 
     def __getitem__(self, layer: str):
         if layer not in self.layers:
@@ -106,9 +99,6 @@ class Store:
     def features(self, layers: list[str] | None = None) -> dict[str, Any]:
         """Name -> lazy ``(n, D)`` dataset, in model order."""
         return {name: self[name] for name in (layers or self.layers)}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
 
     def close(self) -> None:
         self._f.close()
@@ -128,15 +118,14 @@ def identity(meta: dict) -> dict:
 class StoreWriter:
     """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch.
 
-    ``batch_bounds`` fixes which rows each batch covers; ``pending()`` lists the batches
-    still to do; ``write(j, {layer: (rows, D) array})`` stores one batch and journals it.
+    ``bounds[j]`` is the ``(start, stop)`` row range of batch ``j``; ``pending()`` lists the
+    batches still to do; ``write(j, {layer: (rows, D) array})`` stores one batch and journals
+    it; ``finish()`` marks the store complete and renames it into place.
     """
 
     def __init__(self, path: str | os.PathLike, meta: dict, ids: np.ndarray,
                  labels: np.ndarray, batch_size: int) -> None:
-        self.final = Path(path)
-        self.path = partial_path(path)
-        self.meta = meta
+        self.final, self.path, self.meta = Path(path), partial_path(path), meta
         n = len(ids)
         self.bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
         self.resumed = False
@@ -144,11 +133,8 @@ class StoreWriter:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = _open(self.path, "w")
-            a = self._f.attrs
-            a["format"] = FORMAT
-            a["complete"] = False
-            a["provenance"] = json.dumps(meta, sort_keys=True)
-            a["repsim_version"] = __version__
+            self._f.attrs.update({"format": FORMAT, "complete": False, "repsim_version":
+                                  __version__, "provenance": json.dumps(meta, sort_keys=True)})
             self._f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
             self._f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
             self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
@@ -156,28 +142,26 @@ class StoreWriter:
             self._f.flush()
 
     def _reopen(self, ids: np.ndarray):
-        """The partial file to resume, or None when it is unreadable (then start over)."""
+        """The partial file to resume, or None when it is unreadable (then start over: a crash
+        mid-write can leave HDF5 metadata unreadable, and guessing would be worse)."""
         import h5py
 
+        f = None
         try:
             f = h5py.File(self.path, "r+")
-        except OSError:
-            # A crash mid-write can leave HDF5 metadata unreadable: start over, never guess.
-            self.path.unlink()
-            return None
-        try:
-            old = json.loads(f.attrs["provenance"])
-            same_ids = np.array_equal(f["ids"][:], ids)
-            done = f["batches_done"][:]
+            old, done = json.loads(f.attrs["provenance"]), f["batches_done"][:]
+            same = (identity(old) == identity(self.meta) and np.array_equal(f["ids"][:], ids)
+                    and len(done) == len(self.bounds))
         except (KeyError, OSError, ValueError):
-            f.close()
+            if f is not None:
+                f.close()
             self.path.unlink()
             return None
-        if identity(old) != identity(self.meta) or not same_ids or len(done) != len(self.bounds):
+        if not same:
             f.close()
-            raise UserError(
-                f"{self.path} is an unfinished store with different settings; rerun with "
-                "--overwrite to discard it, or repeat the original command to resume it")
+            raise UserError(f"{self.path} is an unfinished store with different settings; "
+                            "pass overwrite=True to discard it, or repeat the original "
+                            "extraction to resume it")
         self.resumed = bool(done.any())
         return f
 
@@ -220,9 +204,3 @@ class StoreWriter:
     def close(self) -> None:
         if self._f.id.valid:
             self._f.close()
-
-
-def store_info(path: str | os.PathLike) -> dict:
-    """Provenance of a store without opening its data (complete stores only)."""
-    with Store(path) as s:
-        return {"path": str(s.path), "n": s.n, "layers": s.layers, **s.meta}

@@ -127,10 +127,15 @@ def test_complete_store_with_same_provenance_is_reused(tmp_path, cifar_root):
     assert not first["reused"] and again["reused"]
 
 
-def test_different_provenance_needs_overwrite(tmp_path, cifar_root):
+def test_different_provenance_needs_overwrite(tmp_path, cifar_root, capsys):
+    from repsim import cli
+
     extract(cfg(tmp_path, cifar_root, reduce="mean"))
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="overwrite=True"):
         extract(cfg(tmp_path, cifar_root, reduce="cls"))
+    assert cli.main(["extract", "--model", "vit_cifar", "--weights", "random", "--data-root",
+                     str(cifar_root), "--reduce", "cls", "--out", str(tmp_path / "s.h5")]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err  # the CLI says it as a flag
     res = extract(cfg(tmp_path, cifar_root, reduce="cls", overwrite=True))
     with Store(res["path"]) as s:
         assert s.meta["reduce"] == "cls"
@@ -143,7 +148,7 @@ def test_float16_storage(tmp_path, cifar_root):
 
 
 def test_cls_reduction_on_resnet_is_refused(tmp_path, cifar_root):
-    with pytest.raises(UserError, match="--reduce cls"):
+    with pytest.raises(UserError, match="reduce='cls'"):
         extract(cfg(tmp_path, cifar_root, model="resnet18_cifar", reduce="cls"))
 
 
