@@ -143,7 +143,8 @@ def main() -> None:
         pcka_child(a, b, int(n), int(batch), root, out, device or None)
         return
 
-    from repsim.models import build_model, checkpoint_dir
+    from repsim.models import build_model
+    from repsim.weights import checkpoint_dir
 
     ck = Path(args.checkpoints) if args.checkpoints else checkpoint_dir()
     weights = f"checkpoints in {ck}"

@@ -69,11 +69,12 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     """
     from repsim import models
     from repsim.store import FORMAT
+    from repsim.weights import sha256_file
 
     w = cfg.weights
     file = None if w == "random" else (
         Path(w).expanduser() if w else models.default_weights_file(spec))
-    weights = (models.sha256_file(file) if file is not None and file.is_file()
+    weights = (sha256_file(file) if file is not None and file.is_file()
                else w or spec.default_weights)
     return {"format": FORMAT, "model": cfg.model, "weights": weights, "seed": cfg.seed,
             "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,

@@ -44,7 +44,7 @@ class ModelRef:
 
 
 def _checkpoint_dir() -> Path:
-    from repsim.models import checkpoint_dir
+    from repsim.weights import checkpoint_dir
 
     return checkpoint_dir()
 
