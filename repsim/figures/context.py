@@ -231,6 +231,10 @@ class FigureContext:
     def _load_cka(self, d: dict) -> dict:
         probe, c = self._probe(d["probe"]), d["cka"]
         refs = ModelRef(**d["a"]), ModelRef(**d["b"])
+        for r in refs:  # before extracting either side: B's weights may be missing
+            problem = compare.weights_problem(r.model, weights_path(r.weights))
+            if problem:
+                raise InputUnavailable(problem)
         for r in refs:  # the default stores, extracted once per run (force applies here)
             self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
         # ... or stores of exactly the requested layers when the default ones lack them
