@@ -112,7 +112,8 @@ wait "$VIT"; say "vit_cifar: exit $? $(tail -c 300 "$LOGS/train_vit_cifar.json")
 
 for m in resnet18_cifar vit_cifar; do
     [ -f "$CK/$m.pt" ] || continue
-    "$PYTHON" -m repsim eval --model "$m" --weights "$CK/$m.pt" --data-root "$DATA" --json \
+    "$PYTHON" -m repsim eval --model "$m" --weights "$CK/$m.pt" --dataset cifar10 \
+        --data-root "$DATA" --json \
         > "$LOGS/eval_$m.json" 2> "$LOGS/eval_$m.err"
     say "eval $m: $(cat "$LOGS/eval_$m.json")"
 done

@@ -1,3 +1,5 @@
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +63,63 @@ def test_library_messages_become_flags_at_the_cli():
 
     assert (as_flags("batch_size=0 is not valid; use reduce='mean' (a==b)")
             == "--batch-size 0 is not valid; use --reduce 'mean' (a==b)")
+    assert as_flags("fix: restart=True to start over") == "fix: --restart to start over"
+
+
+def _subparsers():
+    from repsim.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_help_shows_its_default():
+    for name, p in _subparsers().items():
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if not a.option_strings or a.nargs == 0 or a.required:
+                continue  # switches, --help, required options: no default to show
+            h = " ".join(p._get_formatter()._expand_help(a).split())
+            assert "default" in h and h in text, (name, a.option_strings, h)
+            if a.default is not None:
+                assert f"default: {a.default}" in h or "default" in (a.help or ""), (name, h)
+    assert "(default: 128)" in " ".join(_subparsers()["extract"].format_help().split())
+
+
+def test_probe_commands_default_to_the_bundled_probe_set():
+    for name, p in _subparsers().items():
+        if name not in ("train", "figures"):  # training needs a train split; figures: specs
+            assert p.get_default("dataset") == "cifar10-probe", name
+    assert "cifar10-probe" in _subparsers()["eval"].format_help()
+
+
+@pytest.mark.parametrize("argv, bad", [(["cka", "--a", "x", "--b", "y", "--bogus"], "--bogus"),
+                                       (["eval", "--model", "vit_cifar", "--nn", "3"], "--nn")])
+def test_unknown_option_points_at_the_subcommand_help(argv, bad, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"see 'repsim {argv[0]} --help'" in err and bad in err
+
+
+def _eval(capsys, *args: str) -> dict:
+    from repsim.cli import main
+
+    assert main(["eval", "--model", "resnet18_cifar", "--weights", "random", "--device", "cpu",
+                 "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_on_a_subset_and_random_weights_seeded_apart_from_the_images(capsys):
+    a = _eval(capsys, "--n", "20", "--weights-seed", "1")
+    assert a["n"] == 20 and a["dataset"] == "cifar10-probe" and a["weights_seed"] == 1
+    same = _eval(capsys, "--n", "20", "--weights-seed", "1")
+    other_weights = _eval(capsys, "--n", "20", "--weights-seed", "2")
+    other_images = _eval(capsys, "--n", "20", "--weights-seed", "1", "--seed", "1")
+    assert same["loss"] == a["loss"] and same["ids_sha256"] == a["ids_sha256"]
+    assert other_weights["ids_sha256"] == a["ids_sha256"] and other_weights["loss"] != a["loss"]
+    assert other_images["ids_sha256"] != a["ids_sha256"]

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repsim import data, models, train
+from repsim import data, evaluation, models, recipes, train
+from repsim.weights import sha256_file
 from repsim.errors import UserError
 
 N_TRAIN, N_TEST = 2, 2  # images per class
@@ -55,9 +56,9 @@ def _train_and_losses(toy_root, cfg):
     ps = data.load_probe_set("cifar10", "test", data_root=str(toy_root))
     x, y = torch.from_numpy(ps.images), torch.from_numpy(ps.labels.astype(np.int64))
     start, _ = train.initial_model(cfg.model, None, 10, seed=0)
-    before = train.evaluate(start, spec, x, y)["loss"]
+    before = evaluation.evaluate(start, spec, x, y)["loss"]
     res = train.train(cfg)
-    after = train.evaluate(models.load_model(cfg.model, cfg.out)[0], spec, x, y)["loss"]
+    after = evaluation.evaluate(models.load_model(cfg.model, cfg.out)[0], spec, x, y)["loss"]
     return res, before, after
 
 
@@ -94,7 +95,7 @@ def test_finished_run_is_not_retrained(toy_root, tmp_path):
 
 def test_resume_with_other_settings_is_refused(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
-    with pytest.raises(UserError, match="--restart"):
+    with pytest.raises(UserError, match="restart=True"):
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
@@ -140,8 +141,9 @@ def test_eval_of_a_known_answer_model(toy_root, tmp_path):
         model.fc.bias[3] = c
     path = tmp_path / "known.pt"
     torch.save(model.state_dict(), path)
-    res = train.evaluate_model(train.EvalConfig(
-        model="resnet18_cifar", weights=str(path), data_root=str(toy_root), progress=False))
+    res = evaluation.evaluate_model(evaluation.EvalConfig(
+        model="resnet18_cifar", weights=str(path), dataset="cifar10", data_root=str(toy_root),
+        progress=False))
     assert res["n"] == 10 * N_TEST
     assert res["accuracy"] == pytest.approx(10.0)
     expected = math.log(math.exp(c) + 9) - c / 10
@@ -156,7 +158,7 @@ def test_finetune_replaces_the_head_of_a_pretrained_file(tmp_path):
     torch.save(src.state_dict(), path)
     model, prov = train.initial_model(arch, str(path), 10, seed=0)
     assert model.head.out_features == 10
-    assert prov["init"] == str(path) and prov["init_sha256"] == models.sha256_file(path)
+    assert prov["init"] == str(path) and prov["init_sha256"] == sha256_file(path)
     sd = model.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], src.state_dict()["blocks.0.attn.qkv.weight"])
 
@@ -168,22 +170,36 @@ def test_scratch_models_start_from_seeded_random_weights():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_weights_seed_changes_the_init_not_the_training_data(toy_root, tmp_path):
+    cfgs = [_cfg(toy_root, tmp_path / str(w), epochs=1, train_fraction=0.5, weights_seed=w)
+            for w in (None, 7)]
+    assert train.run_name(cfgs[1]) == "vit_cifar_frac0.5_wseed7"
+    cks = []
+    for cfg in cfgs:
+        train.train(cfg)
+        cks.append(torch.load(cfg.out, weights_only=True))
+    assert [ck["init_seed"] for ck in cks] == [0, 7]
+    assert cks[0]["data"]["train_ids_sha256"] == cks[1]["data"]["train_ids_sha256"]
+    start = [train.initial_model("vit_cifar", None, 10, seed=s)[0].state_dict() for s in (0, 7)]
+    assert not torch.equal(start[0]["head.weight"], start[1]["head.weight"])
+
+
 def test_lr_schedules():
-    paper, strong = train.RECIPES["paper"], train.RECIPES["strong"]
-    assert train.lr_at(0, 1000, 10, paper, 1e-4) == 1e-4
-    assert train.lr_at(999, 1000, 10, paper, 1e-4) == 1e-4
+    paper, strong = recipes.RECIPES["paper"], recipes.RECIPES["strong"]
+    assert recipes.lr_at(0, 1000, 10, paper, 1e-4) == 1e-4
+    assert recipes.lr_at(999, 1000, 10, paper, 1e-4) == 1e-4
     warm = strong.warmup_epochs * 10
-    assert train.lr_at(0, 1000, 10, strong, 1e-3) == pytest.approx(1e-5)
-    assert train.lr_at(warm, 1000, 10, strong, 1e-3) == pytest.approx(1e-3)
-    assert train.lr_at(1000, 1000, 10, strong, 1e-3) == pytest.approx(0.0, abs=1e-12)
+    assert recipes.lr_at(0, 1000, 10, strong, 1e-3) == pytest.approx(1e-5)
+    assert recipes.lr_at(warm, 1000, 10, strong, 1e-3) == pytest.approx(1e-3)
+    assert recipes.lr_at(1000, 1000, 10, strong, 1e-3) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_triangular_schedule_matches_its_definition():
     # airbench's np.interp(step, [0, 0.2 T, T], [0.2, 1, 0]) times the peak rate
-    fast = train.RECIPES["fast-resnet"]
+    fast = recipes.RECIPES["fast-resnet"]
     total = 1000
     expected = np.interp(np.arange(total + 1), [0, 200, total], [0.2, 1.0, 0.0]) * 0.2
-    got = [train.lr_at(s, total, 10, fast, 0.2) for s in range(total + 1)]
+    got = [recipes.lr_at(s, total, 10, fast, 0.2) for s in range(total + 1)]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
 
 
@@ -209,7 +225,7 @@ def test_time_limit_stops_after_a_saved_epoch_and_resumes(toy_root, tmp_path):
 
 def test_sgd_recipe_decays_every_weight_with_nesterov():
     model = models.build_model("resnet18_cifar")
-    opt = train.make_optimizer(model, train.RECIPES["fast-resnet"], 0.2, torch.device("cpu"))
+    opt = recipes.make_optimizer(model, recipes.RECIPES["fast-resnet"], 0.2, torch.device("cpu"))
     (group,) = opt.param_groups
     assert isinstance(opt, torch.optim.SGD) and group["nesterov"] and group["momentum"] == 0.9
     assert group["weight_decay"] == 5e-4
@@ -218,9 +234,9 @@ def test_sgd_recipe_decays_every_weight_with_nesterov():
 
 def test_precision_is_chosen_and_recorded(toy_root, tmp_path):
     cpu = torch.device("cpu")
-    assert train.train_precision(cpu, "auto") == ("bf16" if train.cpu_has_native_bf16()
+    assert evaluation.train_precision(cpu, "auto") == ("bf16" if evaluation.cpu_has_native_bf16()
                                                   else "fp32")
-    assert train.train_precision(torch.device("cuda"), "auto") == "bf16"
+    assert evaluation.train_precision(torch.device("cuda"), "auto") == "bf16"
     # fp32 forced: bf16 is emulated (about 10x slower) on CPUs without native bf16
     res = train.train(_cfg(toy_root, tmp_path, epochs=1, precision="fp32"))
     assert res["precision"] == "fp32"
@@ -232,9 +248,9 @@ def test_precision_is_chosen_and_recorded(toy_root, tmp_path):
     ({"dataset": "cifar11"}, "cifar10"),
     ({"recipe": "fast"}, "paper"),
     ({"epochs": 0}, "epochs"),
-    ({"batch_size": 0}, "batch size"),
-    ({"eval_every": 0}, "eval every"),
-    ({"time_limit": 0}, "time limit"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"eval_every": 0}, "eval_every=0"),
+    ({"time_limit": 0}, "time_limit=0"),
     ({"precision": "fp8"}, "precision"),
 ])
 def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
@@ -265,7 +281,7 @@ def test_cli_errors_are_one_line_exit_1(tmp_path, args):
 def test_cli_eval_json(toy_root, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(models.build_model("resnet18_cifar").state_dict(), path)
-    r = _cli("eval", "--model", "resnet18_cifar", "--weights", str(path),
+    r = _cli("eval", "--model", "resnet18_cifar", "--weights", str(path), "--dataset", "cifar10",
              "--data-root", str(toy_root), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
