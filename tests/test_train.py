@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from repsim import data, evaluation, models, recipes, train
-from repsim.weights import sha256_file
 from repsim.errors import UserError
+from repsim.weights import sha256_file
 
 N_TRAIN, N_TEST = 2, 2  # images per class
 BATCH = 10
