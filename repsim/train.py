@@ -191,7 +191,8 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     ``"random"``: from scratch. A path: start from that file. A pretrained start whose
     class count differs from the dataset's gets a fresh classifier head.
     """
-    from repsim.models import build_model, get_spec, load_model
+    from repsim.models import build_model, load_model
+    from repsim.registry import get_spec
 
     spec = get_spec(name)
     scratch = weights == "random" or (
@@ -339,7 +340,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from repsim.data import balanced_subset, load_probe_set
-    from repsim.models import checkpoint_dir, get_spec, resolve_device, sha256_file
+    from repsim.models import resolve_device
+    from repsim.registry import get_spec
+    from repsim.weights import checkpoint_dir, sha256_file
 
     t_start = time.perf_counter()
     spec = get_spec(cfg.model)
@@ -688,7 +691,8 @@ class EvalConfig:
 def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     """Top-1 accuracy and loss of a registered model on a whole split, with provenance."""
     from repsim.data import load_probe_set
-    from repsim.models import get_spec, load_model, resolve_device
+    from repsim.models import load_model, resolve_device
+    from repsim.registry import get_spec
 
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)
