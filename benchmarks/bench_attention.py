@@ -36,8 +36,9 @@ def _sync(device: str) -> None:
 def bench_model(name: str, images: np.ndarray, batch_size: int, device: str) -> dict:
     from repsim import models
     from repsim.attention import attention_distance
+    from repsim.registry import get_spec
 
-    spec = models.get_spec(name)
+    spec = get_spec(name)
     model, _ = models.load_model(name, "random", device=device)
     src = torch.from_numpy(images)
 

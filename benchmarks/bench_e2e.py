@@ -72,13 +72,14 @@ def pcka_child(a: str, b: str, n: int, batch: int, data_root: str, out: str,
 
     from repsim import models
     from repsim.data import load_probe_set
+    from repsim.registry import get_spec, preprocessing_info
 
     dev = models.resolve_device(device)  # None: cuda when available, as repsim's commands
     ma, _ = models.load_model(a, device=dev)
     mb = ma if b == a else models.load_model(b, device=dev)[0]
     probe = load_probe_set("cifar10", "test", n=n, seed=0, data_root=data_root)
-    spec = models.get_spec(a)
-    assert models.preprocessing_info(spec) == models.preprocessing_info(models.get_spec(b))
+    spec = get_spec(a)
+    assert preprocessing_info(spec) == preprocessing_info(get_spec(b))
     x = models.preprocess(spec, torch.from_numpy(probe.images))
     loader = DataLoader(TensorDataset(x), batch_size=batch, shuffle=False)
     la = [MODULES[a].get(n_, n_) for n_ in default_layers(a)]

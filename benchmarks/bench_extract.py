@@ -47,8 +47,9 @@ def bare_loop(model_name: str, root: Path, n: int, batch_size: int, device: str,
     """
     from repsim import models
     from repsim.data import load_probe_set
+    from repsim.registry import get_spec
 
-    spec = models.get_spec(model_name)
+    spec = get_spec(model_name)
     if model is None:
         model, _ = models.load_model(model_name, weights, device=device)
     if probe is None:

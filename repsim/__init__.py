@@ -10,7 +10,7 @@ The public API, imported on first use (so ``repsim --help`` stays instant)::
 - ``extract``, ``capture``: activations of named layers (:mod:`repsim.hooks`);
 - ``cka_matrix``, ``linear_cka``, ``rbf_cka``, ``MinibatchCKA``, ``minibatches``
   (:mod:`repsim.cka`);
-- ``load_model``, ``list_models``, ``register_model`` (:mod:`repsim.models`);
+- ``load_model`` (:mod:`repsim.models`); ``list_models``, ``register_model`` (its registry);
 - ``load_probe_set`` (:mod:`repsim.data`), ``Store`` (:mod:`repsim.store`).
 """
 
@@ -30,8 +30,8 @@ _EXPORTS = {
     "MinibatchCKA": "repsim.cka",
     "minibatches": "repsim.cka",
     "load_model": "repsim.models",
-    "list_models": "repsim.models",
-    "register_model": "repsim.models",
+    "list_models": "repsim.registry",
+    "register_model": "repsim.registry",
     "load_probe_set": "repsim.data",
     "Store": "repsim.store",
 }

@@ -330,7 +330,7 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
                        progress: bool = False) -> np.ndarray:
     """``(L, H)`` float64 mean attention distance, in pixels of the model input, over ``images``.
 
-    ``images``: ``(n, H, W, 3)`` uint8 (then ``spec``, a :class:`repsim.models.ModelSpec`, says
+    ``images``: ``(n, H, W, 3)`` uint8 (then ``spec``, a :class:`repsim.registry.ModelSpec`, says
     how to preprocess) or an already preprocessed float ``(n, 3, S, S)`` tensor. Runs batches
     of ``batch_size`` on the model's device; no attention map outlives its block, so memory
     does not grow with ``n``.

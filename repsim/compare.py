@@ -133,8 +133,9 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
 def weights_problem(model: str, weights: str | None) -> str | None:
     """Why ``model``'s weights cannot be had here (one line), or None when they can."""
     from repsim import models
+    from repsim.registry import default_weights_file, get_spec
 
-    file = (models.default_weights_file(models.get_spec(model)) if weights is None
+    file = (default_weights_file(get_spec(model)) if weights is None
             else Path(weights).expanduser())
     if weights == "random" or (file is not None and file.is_file()):
         return None
@@ -163,11 +164,11 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     _refuse_weights_of_a_file(ref, weights, "weights", "")
     if _looks_like_path(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
-    from repsim import models
     from repsim.extraction import ExtractConfig, extract
+    from repsim.registry import get_spec
 
     try:
-        models.get_spec(ref)
+        get_spec(ref)
     except UserError as exc:
         raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
                         f"{exc}") from None

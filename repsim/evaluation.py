@@ -130,7 +130,8 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     """Top-1 accuracy and loss of a registered model on a split (or ``n`` of its images),
     with provenance."""
     from repsim.data import load_probe_set
-    from repsim.models import get_spec, load_model, resolve_device
+    from repsim.models import load_model, resolve_device
+    from repsim.registry import get_spec
 
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)

@@ -67,18 +67,18 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     Weights count by content (the file's sha256), so new weights under the same name make a
     new store; batch size, device and compression are how it is made, not what it holds.
     """
-    from repsim import models
+    from repsim.registry import default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
 
     w = cfg.weights
     file = None if w == "random" else (
-        Path(w).expanduser() if w else models.default_weights_file(spec))
+        Path(w).expanduser() if w else default_weights_file(spec))
     weights = (sha256_file(file) if file is not None and file.is_file()
                else w or spec.default_weights)
     return {"format": FORMAT, "model": cfg.model, "weights": weights, "seed": cfg.seed,
             "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
-            "preprocessing": models.preprocessing_info(spec)}
+            "preprocessing": preprocessing_info(spec)}
 
 
 def _default_out(cfg: ExtractConfig, key: str) -> Path:
@@ -111,13 +111,14 @@ def extract(cfg: ExtractConfig) -> dict:
     not run); one with another key needs ``overwrite``. An unfinished ``.partial`` store with
     the same settings is resumed.
     """
-    from repsim import __version__, models
+    from repsim import __version__
     from repsim.data import load_probe_set
     from repsim.paths import digest
+    from repsim.registry import get_spec, preprocessing_info
     from repsim.store import Store
 
     t0 = time.perf_counter()
-    spec = models.get_spec(cfg.model)
+    spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
     rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
@@ -134,13 +135,15 @@ def extract(cfg: ExtractConfig) -> dict:
         return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
     import torch  # only now: a reused store needs neither torch nor the model
 
+    from repsim import models
+
     device = models.resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
     layers = models.layer_names(model, spec, cfg.layers)
     meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
-            "preprocessing": models.preprocessing_info(spec), "layers": layers,
+            "preprocessing": preprocessing_info(spec), "layers": layers,
             "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
             "versions": {"repsim": __version__, "torch": torch.__version__}}
     resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)

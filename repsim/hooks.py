@@ -57,7 +57,7 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
     ``with capture(model, ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``
     leaves ``cap.outputs == {"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device
     (each forward pass replaces them). ``layers``: None for the model's default set, or
-    names/globs/keywords; ``spec``: a :class:`repsim.models.ModelSpec` (registry models),
+    names/globs/keywords; ``spec``: a :class:`repsim.registry.ModelSpec` (registry models),
     else one is inferred from the module (timm ViTs and ResNets get their aliases).
     """
 
@@ -115,11 +115,12 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     mode on ``device`` (default: a GPU when there is one).
     """
     from repsim import models
+    from repsim.registry import get_spec
 
     dev = models.resolve_device(None if device is None else str(device))
     spec = None
     if isinstance(model, str):
-        spec = models.get_spec(model)
+        spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
     was_training = model.training
     model.eval().to(dev)

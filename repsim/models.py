@@ -1,231 +1,33 @@
-"""Model zoo: registered architectures, their weights, preprocessing and layer names.
+"""Models as torch modules: built, loaded with weights, fed images, addressed by layer name.
 
-A model is a registry name (:func:`list_models`, :func:`register_model`) or ``timm:<any timm
-model>``; its layers are the strings users type (``embed``, ``blocks.3``, ``stem``,
-``layer2.1``, globs such as ``blocks.*``). ViT layer outputs are ``(n, 1 + tokens, d)``, ResNet
-layer outputs ``(n, c, h, w)``. Weights files are read by :mod:`repsim.weights`.
+A model is a :mod:`repsim.registry` name or ``timm:<any timm model>``; its layers are the
+strings users type (``embed``, ``blocks.3``, ``stem``, ``layer2.1``, globs such as
+``blocks.*``). ViT layer outputs are ``(n, 1 + tokens, d)``, ResNet layer outputs
+``(n, c, h, w)``. Weights files are read by :mod:`repsim.weights`.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import timm
-import timm.data
-import timm.models
 import torch
 import torch.nn.functional as F
-import torchvision
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from repsim.errors import UserError
 from repsim.layers import match_layers
-from repsim.weights import checkpoint_dir, load_into, read_state_dict, sha256_file
-
-TIMM_PREFIX = "timm:"
-_NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-_INTERPOLATIONS = ("bilinear", "bicubic")  # the modes F.interpolate antialiases
-_FAMILIES = ("vit", "resnet", "other")
-_HEAD_KEYS = {"vit": "head.weight", "resnet": "fc.weight"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to build, feed and describe one model (no weights)."""
-
-    name: str  # registry name, e.g. "vit_cifar" or "timm:resnet18"
-    family: str  # "vit", "resnet" or "other": decides layer aliases and defaults
-    input_size: int  # square input side in pixels
-    mean: tuple[float, float, float]  # normalisation; (0,0,0) with std (1,1,1) = none
-    std: tuple[float, float, float]
-    interpolation: str  # "bilinear" | "bicubic"
-    num_classes: int
-    default_weights: str | None  # "checkpoints/<file>.pt", "timm", "torchvision" or None
-    description: str
-
-
-@dataclass(frozen=True)
-class _Entry:
-    spec: ModelSpec
-    build: Callable[[int], nn.Module]  # num_classes -> model with random init
-    head_key: str | None  # classifier weight in a state dict: a file's class count
-    pretrained: Callable[[int], nn.Module] | None = None  # num_classes -> pretrained model
-    pretrained_tag: str | None = None  # provenance, e.g. "torchvision:ResNet18_Weights..."
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-# --------------------------------------------------------------------------- registry
-
-
-def register_model(name: str, *, family: str = "other", input_size: int = 32,
-                   mean: tuple[float, float, float] = _NO_NORM[0],
-                   std: tuple[float, float, float] = _NO_NORM[1],
-                   interpolation: str = "bilinear", num_classes: int = 10,
-                   weights: str | os.PathLike | None = None, head_key: str | None = None,
-                   description: str = ""):
-    """Decorator (timm-style) that makes ``build(num_classes) -> nn.Module`` a model name
-    usable everywhere (``load_model``, ``extract``, ``repsim --import MODULE``, analyses). The
-    model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised by ``mean``/``std``.
-    ``weights``: its default state-dict file (relative: in :func:`checkpoint_dir`); ``head_key``:
-    the classifier weight, whose rows give a file's class count; ``family``: "vit" (timm ViT),
-    "resnet" (``layer1`` .. ``layer4``) or "other"."""
-    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
-        raise ValueError(f"model name {name!r} is taken; choose another")
-    if family not in _FAMILIES:
-        raise ValueError(f"family={family!r} is unknown; valid: {', '.join(_FAMILIES)}")
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r} is unknown; valid: "
-                         f"{', '.join(_INTERPOLATIONS)}")
-    spec = ModelSpec(name, family, int(input_size), tuple(float(v) for v in mean),
-                     tuple(float(v) for v in std), interpolation, int(num_classes),
-                     None if weights is None else os.fspath(weights),
-                     description or f"user model {name}")
-
-    def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        _REGISTRY[name] = _Entry(spec, build, head_key)
-        return build
-
-    return deco
-
-
-@register_model("vit_cifar", family="vit", weights="checkpoints/vit_cifar.pt",
-                head_key="head.weight", description="the study's small ViT (patch 4, dim 512, "
-                "depth 6, 8 heads, MLP 512, ~9.5M params) trained from scratch on CIFAR-10")
-def _vit_cifar(num_classes: int) -> nn.Module:
-    # A plain timm VisionTransformer so module names and forward_intermediates match timm.
-    return VisionTransformer(img_size=32, patch_size=4, num_classes=num_classes, embed_dim=512,
-                             depth=6, num_heads=8, mlp_ratio=1.0, class_token=True,
-                             pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.0)
-
-
-@register_model("resnet18_cifar", family="resnet", weights="checkpoints/resnet18_cifar.pt",
-                head_key="fc.weight", description="ResNet-18 with a CIFAR stem (3x3 stride-1 "
-                "conv1, no max-pool), ~11.2M params, trained from scratch on CIFAR-10")
-def _resnet18_cifar(num_classes: int) -> nn.Module:
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    # 32 px inputs: keep full resolution into layer1 instead of the ImageNet 4x downsample.
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
-def _family(model: nn.Module) -> str:
-    if isinstance(model, VisionTransformer) and hasattr(model, "norm_pre"):
-        return "vit"
-    return "resnet" if all(hasattr(model, f"layer{i}") for i in range(1, 5)) else "other"
-
-
-def _timm_family(arch: str) -> str:
-    try:
-        # The meta device allocates no memory and runs no real init: cheap even for huge models.
-        with torch.device("meta"):
-            return _family(timm.create_model(arch, pretrained=False))
-    except Exception:  # some constructors compute on tensors; family is only a hint then
-        return "other"
-
-
-def _timm_entry(arch: str, name: str | None = None, family: str | None = None,
-                description: str | None = None) -> _Entry:
-    """The entry of timm architecture ``arch`` (``arch.tag`` allowed), preprocessing and class
-    count from its pretrained config."""
-    cfg = timm.models.get_pretrained_cfg(arch)
-    data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
-    interp = data["interpolation"] if data["interpolation"] in _INTERPOLATIONS else "bilinear"
-    family = family or _timm_family(arch)
-    head_key = _HEAD_KEYS.get(family) or (
-        f"{cfg.classifier}.weight" if isinstance(cfg.classifier, str) else None)
-    has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file)
-    spec = ModelSpec(name or TIMM_PREFIX + arch, family, int(data["input_size"][-1]),
-                     tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
-                     interp, int(cfg.num_classes or 1000), "timm" if has_weights else None,
-                     description or f"timm model {arch}")
-    tag = f"timm:{cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm:{arch}"
-
-    def build(num_classes: int, pretrained: bool = False) -> nn.Module:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
-
-    return _Entry(spec, build, head_key,
-                  functools.partial(build, pretrained=True) if has_weights else None, tag)
-
-
-def _resnet18_imagenet() -> _Entry:
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    tf = weights.transforms()
-    spec = ModelSpec("resnet18_imagenet", "resnet", int(tf.crop_size[0]),
-                     tuple(float(v) for v in tf.mean), tuple(float(v) for v in tf.std),
-                     "bilinear", len(weights.meta["categories"]), "torchvision",
-                     "torchvision ResNet-18 trained on ImageNet-1k (IMAGENET1K_V1)")
-
-    def pretrained(num_classes: int) -> nn.Module:
-        model = torchvision.models.resnet18(weights=weights)
-        if num_classes != model.fc.out_features:  # another task: a fresh (seeded) classifier
-            model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return model
-
-    return _Entry(spec, lambda n: torchvision.models.resnet18(num_classes=n), "fc.weight",
-                  pretrained, f"torchvision:{weights}")
-
-
-_VIT_IMAGENET = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
-_REGISTRY["vit_imagenet"] = _timm_entry(
-    _VIT_IMAGENET, "vit_imagenet", "vit",
-    f"ViT-B/16 pretrained on ImageNet-21k, fine-tuned on ImageNet-1k (timm {_VIT_IMAGENET})")
-_REGISTRY["resnet18_imagenet"] = _resnet18_imagenet()
-
-
-@functools.lru_cache(maxsize=64)
-def _timm_named(name: str) -> _Entry:
-    arch = name[len(TIMM_PREFIX):]
-    if not arch or not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}; " if close else ""
-        raise UserError(f"unknown timm model {arch!r} in {name!r}; {hint}valid: 'timm:<name>' "
-                        "for any name in timm.list_models(), e.g. timm:resnet18")
-    try:
-        timm.models.get_pretrained_cfg(arch)
-    except RuntimeError:  # "arch.badtag": timm knows the architecture but not the tag
-        tags = timm.list_pretrained(arch.split(".")[0] + ".*")
-        raise UserError(f"unknown pretrained tag in {name!r}; valid tags: "
-                        f"{', '.join(tags[:8]) or 'none'}; fix: use one or drop the '.tag'"
-                        ) from None
-    return _timm_entry(arch)
-
-
-def _entry(name: str) -> _Entry:
-    if isinstance(name, str) and name in _REGISTRY:
-        return _REGISTRY[name]
-    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
-        return _timm_named(name)
-    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
-    if isinstance(name, str) and timm.is_model(name):  # a bare timm name: the prefix is missing
-        close.append(TIMM_PREFIX + name)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise UserError(f"unknown model={name!r}; {hint}valid: {', '.join(list_models())} or "
-                    "'timm:<any timm model>'")
-
-
-def list_models() -> list[str]:
-    """Registered model names (``timm:<name>`` models are accepted but not listed)."""
-    return list(_REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` of a registered name or ``timm:<name>``; UserError if unknown."""
-    return _entry(name).spec
+from repsim.registry import NO_NORM, Entry, ModelSpec, default_weights_file, family_of, get_entry
+from repsim.weights import load_into, read_state_dict, sha256_file
 
 
 def spec_for(model: nn.Module) -> ModelSpec:
     """A :class:`ModelSpec` for a module given directly (not by name): what layer naming
     needs. Its family is inferred, so timm ViTs and ResNets get their aliases and keywords."""
-    return ModelSpec(type(model).__name__, _family(model), 0, *_NO_NORM, "bilinear", 0, None,
+    return ModelSpec(type(model).__name__, family_of(model), 0, *NO_NORM, "bilinear", 0, None,
                      "a module given directly")
 
 
@@ -241,7 +43,7 @@ def _check_num_classes(num_classes: int | None, spec: ModelSpec) -> int:
 def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
     """The architecture with a seeded random init, in eval mode on CPU. The same ``(name,
     num_classes, seed)`` always gives the same weights; the global RNG is left as it was."""
-    entry = _entry(name)
+    entry = get_entry(name)
     n = _check_num_classes(num_classes, entry.spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -266,16 +68,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def default_weights_file(spec: ModelSpec) -> Path | None:
-    """The file behind a model's default weights, or None (timm/torchvision/none). A relative
-    name (``checkpoints/<file>.pt``) lives in :func:`checkpoint_dir`; an absolute path is itself."""
-    if spec.default_weights in (None, "timm", "torchvision"):
-        return None
-    path = Path(spec.default_weights).expanduser()
-    return path if path.is_absolute() else checkpoint_dir() / path.name
-
-
-def _load_file(entry: _Entry, path: Path, num_classes: int | None, seed: int
+def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
                ) -> tuple[nn.Module, int]:
     spec = entry.spec
     sd, meta = read_state_dict(path)
@@ -290,7 +83,7 @@ def _load_file(entry: _Entry, path: Path, num_classes: int | None, seed: int
     return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n
 
 
-def _load_pretrained(entry: _Entry, source: str, n: int, seed: int) -> nn.Module:
+def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
     spec = entry.spec
     if entry.pretrained is None or source != spec.default_weights:
         raise UserError(f"weights={source!r} is not available for {spec.name}; valid: "
@@ -334,7 +127,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     Provenance keys: model, weights (path, "random", "timm:<tag>" or "torchvision:<tag>"),
     weights_sha256 (of the file, else None), num_classes, seed.
     """
-    entry = _entry(name)
+    entry = get_entry(name)
     spec = entry.spec
     dev = resolve_device(device)
     source = spec.default_weights if weights is None else os.fspath(weights)
@@ -379,17 +172,11 @@ def preprocess(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(s, s), mode=spec.interpolation, align_corners=False,
                           antialias=True)
         x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL pipelines clip at uint8, so do we
-    if (spec.mean, spec.std) != _NO_NORM:
+    if (spec.mean, spec.std) != NO_NORM:
         mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x.contiguous()
-
-
-def preprocessing_info(spec: ModelSpec) -> dict[str, Any]:
-    """JSON-able preprocessing description (for provenance / results files)."""
-    return {"input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
-            "interpolation": spec.interpolation}
 
 
 # --------------------------------------------------------------------------- layers

@@ -136,7 +136,8 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     class count differs from the dataset's gets a fresh classifier head. ``seed`` seeds the
     random init and the new head.
     """
-    from repsim.models import build_model, get_spec, load_model
+    from repsim.models import build_model, load_model
+    from repsim.registry import get_spec
 
     spec = get_spec(name)
     scratch = weights == "random" or (
@@ -207,7 +208,8 @@ def _start(cfg: TrainConfig) -> _Run:
     """Check ``cfg``, put the data on the device, build model and optimiser, and continue
     from the saved state of an interrupted run (or, with ``restart``, drop it)."""
     from repsim.data import balanced_subset, load_probe_set
-    from repsim.models import get_spec, resolve_device
+    from repsim.models import resolve_device
+    from repsim.registry import get_spec
     from repsim.weights import checkpoint_dir
 
     spec = get_spec(cfg.model)

@@ -11,12 +11,13 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from repsim.errors import UserError
+
+if TYPE_CHECKING:  # torch loads only to read a file: sha256_file and checkpoint_dir need none
+    import torch
+    from torch import nn
 
 # torch's weights-only unpickler names the refused class ("Unsupported global: GLOBAL m.C");
 # other weights-only failures ("Unsupported operand 103") mean the bytes are not a checkpoint.
@@ -45,6 +46,8 @@ def _examples(keys: Sequence[str], k: int = 3) -> str:
 
 def read_weights(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # EOFError, zip/OS errors, unpickling errors: unreadable bytes
@@ -69,6 +72,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     """``(state dict, metadata)`` of a weights file: a bare state dict, or a checkpoint dict
     holding it under "state_dict" (or "model", DeiT/MAE style) next to metadata. A
     DistributedDataParallel "module." prefix is stripped."""
+    import torch
+
     sd = obj = read_weights(path)
     meta: dict[str, Any] = {}
     for key in ("state_dict", "model"):

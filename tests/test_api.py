@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import repsim
-from repsim import models
+from repsim import models, registry
 from repsim.errors import UserError
 
 
@@ -72,7 +72,7 @@ def test_unknown_layer_of_an_own_module_lists_close_matches():
 @pytest.fixture
 def private_registry(monkeypatch):
     """Registrations made by a test stay in that test."""
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
 
 def test_registered_model_is_a_name_everywhere(tmp_path, private_registry):

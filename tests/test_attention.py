@@ -14,7 +14,8 @@ from repsim import attention as A
 from repsim.cli import main
 from repsim.errors import UserError
 from repsim.figures.attention import resolve_blocks
-from repsim.models import build_model, get_spec
+from repsim.models import build_model
+from repsim.registry import get_spec
 
 
 def _tiny_vit(**kw) -> VisionTransformer:

@@ -256,9 +256,6 @@ def test_the_same_request_twice_reuses_the_store_without_extracting(checkpoints,
     assert again.path.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.xfail(reason="repsim.models imports timm and torch at the top; once its registry "
-                   "(get_spec, default_weights_file, preprocessing_info, sha256_file) imports "
-                   "them lazily, a reused store costs neither", strict=False)
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     import subprocess
     import sys

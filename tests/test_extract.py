@@ -14,6 +14,7 @@ import torch
 from repsim import models
 from repsim.errors import UserError
 from repsim.extraction import ExtractConfig, extract
+from repsim.registry import get_spec
 from repsim.store import Store, StoreWriter, partial_path
 
 
@@ -67,7 +68,7 @@ def test_vit_store_equals_timm_forward_intermediates(tmp_path, cifar_root):
     from repsim.data import load_probe_set
 
     probe = load_probe_set("cifar10", "test", data_root=cifar_root)
-    x = models.preprocess(models.get_spec("vit_cifar"), torch.from_numpy(probe.images))
+    x = models.preprocess(get_spec("vit_cifar"), torch.from_numpy(probe.images))
     with torch.inference_mode():
         inter = model.forward_intermediates(x, intermediates_only=True, norm=False,
                                             output_fmt="NLC", return_prefix_tokens=True)
@@ -85,7 +86,7 @@ def test_resnet_stage_outputs_equal_manual_forward(tmp_path, cifar_root):
     from repsim.data import load_probe_set
 
     probe = load_probe_set("cifar10", "test", data_root=cifar_root)
-    x = models.preprocess(models.get_spec("resnet18_cifar"), torch.from_numpy(probe.images))
+    x = models.preprocess(get_spec("resnet18_cifar"), torch.from_numpy(probe.images))
     with torch.inference_mode():
         h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
         want = {"stem": h}

@@ -9,7 +9,8 @@ import torch
 from repsim.cli import main
 from repsim.errors import UserError
 from repsim.figures import featuremaps as FM
-from repsim.models import build_model, get_spec
+from repsim.models import build_model
+from repsim.registry import get_spec
 
 
 @pytest.fixture(scope="module")

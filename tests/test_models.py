@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import subprocess
+import sys
 
 import pytest
 import timm
 import timm.models._builder
 import torch
+import torchvision
 
 from repsim import hooks
 from repsim import models as M
+from repsim import registry as R
 from repsim import weights as W
 from repsim.errors import UserError
 
@@ -19,7 +24,7 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def capture(model: torch.nn.Module, spec: M.ModelSpec, layers: list[str], x: torch.Tensor):
+def capture(model: torch.nn.Module, spec: R.ModelSpec, layers: list[str], x: torch.Tensor):
     """Forward ``x`` and return {layer: unreduced output} (repsim's own hooks)."""
     with torch.no_grad(), hooks.capture(model, layers, reduce=None, spec=spec) as cap:
         model(x)
@@ -56,27 +61,39 @@ class Payload:
 
 
 def test_registry_and_specs():
-    assert M.list_models() == ["vit_cifar", "resnet18_cifar", "vit_imagenet", "resnet18_imagenet"]
-    s = M.get_spec("vit_cifar")
+    assert R.list_models() == ["vit_cifar", "resnet18_cifar", "vit_imagenet", "resnet18_imagenet"]
+    s = R.get_spec("vit_cifar")
     assert (s.family, s.input_size, s.num_classes) == ("vit", 32, 10)
     assert s.mean == (0.0, 0.0, 0.0) and s.std == (1.0, 1.0, 1.0)
     assert s.default_weights == "checkpoints/vit_cifar.pt"
-    v = M.get_spec("vit_imagenet")
-    assert (v.input_size, v.interpolation, v.mean, v.std) == (
-        224,
-        "bicubic",
-        (0.5, 0.5, 0.5),
-        (0.5, 0.5, 0.5),
-    )
-    r = M.get_spec("resnet18_imagenet")
-    assert r.mean == pytest.approx((0.485, 0.456, 0.406)) and r.interpolation == "bilinear"
-    info = M.preprocessing_info(v)
+    # The ImageNet specs are written out so that the registry needs no torch; they must stay
+    # what timm's pretrained config and torchvision's transforms() say.
+    v, arch = R.get_spec("vit_imagenet"), "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert v == dataclasses.replace(R.get_spec(arch), name=v.name, description=v.description)
+    assert (v.input_size, v.interpolation) == (224, "bicubic")
+    assert v.mean == v.std == (0.5, 0.5, 0.5)
+    assert R.get_entry("vit_imagenet").pretrained_tag == R.get_entry(arch).pretrained_tag == arch
+    r, w = R.get_spec("resnet18_imagenet"), torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    tf = w.transforms()
+    assert (r.input_size, r.mean, r.std, r.interpolation, r.num_classes) == (
+        tf.crop_size[0], tuple(tf.mean), tuple(tf.std), tf.interpolation.value,
+        len(w.meta["categories"]))
+    assert R.get_entry("resnet18_imagenet").pretrained_tag == f"torchvision:{w}"
+    info = R.preprocessing_info(v)
     assert info == {
         "input_size": 224,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
         "interpolation": "bicubic",
     }
+
+
+def test_specs_need_neither_torch_nor_timm():
+    code = ("import sys; from repsim import registry as R; from repsim.weights import sha256_file; "
+            "[R.default_weights_file(R.get_spec(n)) for n in R.list_models()]; "
+            "print(sorted({'torch', 'torchvision', 'timm'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]"]
 
 
 def test_param_counts_and_forward(vit, resnet):
@@ -112,7 +129,7 @@ def test_build_is_seeded_and_leaves_global_rng():
 
 
 def test_vit_block_hooks_match_timm_intermediates(vit):
-    spec = M.get_spec("vit_cifar")
+    spec = R.get_spec("vit_cifar")
     x = torch.rand(2, 3, 32, 32)
     names = [f"blocks.{i}" for i in range(6)]
     got = capture(vit, spec, ["embed", *names], x)
@@ -131,7 +148,7 @@ def test_vit_block_hooks_match_timm_intermediates(vit):
 
 
 def test_resnet_stage_hooks_match_manual_forward(resnet):
-    spec = M.get_spec("resnet18_cifar")
+    spec = R.get_spec("resnet18_cifar")
     x = torch.rand(2, 3, 32, 32)
     layers = M.layer_names(resnet, spec)
     got = capture(resnet, spec, layers, x)
@@ -148,7 +165,7 @@ def test_resnet_stage_hooks_match_manual_forward(resnet):
 
 
 def test_default_and_blocks_layers(vit, resnet):
-    vs, rs = M.get_spec("vit_cifar"), M.get_spec("resnet18_cifar")
+    vs, rs = R.get_spec("vit_cifar"), R.get_spec("resnet18_cifar")
     vit_default = ["embed"] + [f"blocks.{i}" for i in range(6)]
     assert M.layer_names(vit, vs) == vit_default
     assert M.layer_names(vit, vs, "default") == vit_default
@@ -163,7 +180,7 @@ def test_default_and_blocks_layers(vit, resnet):
 
 
 def test_globs_lists_and_commas_keep_model_order(vit, resnet):
-    vs, rs = M.get_spec("vit_cifar"), M.get_spec("resnet18_cifar")
+    vs, rs = R.get_spec("vit_cifar"), R.get_spec("resnet18_cifar")
     assert M.layer_names(vit, vs, "blocks.*") == [f"blocks.{i}" for i in range(6)]
     assert M.layer_names(vit, vs, "blocks.5,blocks.0") == ["blocks.0", "blocks.5"]
     assert M.layer_names(vit, vs, ["blocks.3", "embed", "blocks.?", "embed"]) == [
@@ -177,12 +194,12 @@ def test_globs_lists_and_commas_keep_model_order(vit, resnet):
 
 
 def test_unknown_layer_suggests_close_match(vit, resnet):
-    vs = M.get_spec("vit_cifar")
+    vs = R.get_spec("vit_cifar")
     with pytest.raises(UserError, match="blocks.1") as e:
         M.layer_names(vit, vs, "blokcs.1")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="'layer9'"):
-        M.layer_names(resnet, M.get_spec("resnet18_cifar"), ["layer1", "layer9"])
+        M.layer_names(resnet, R.get_spec("resnet18_cifar"), ["layer1", "layer9"])
     with pytest.raises(UserError, match="nothing"):
         M.layer_names(vit, vs, "nothing.*")
     with pytest.raises(UserError, match="embed"):
@@ -196,16 +213,16 @@ def test_unknown_layer_suggests_close_match(vit, resnet):
 
 def test_get_spec_errors_and_timm_prefix():
     with pytest.raises(UserError, match="vit_cifar") as e:
-        M.get_spec("vit_cfiar")
+        R.get_spec("vit_cfiar")
     assert "did you mean" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(UserError, match="timm:resnet18"):
-        M.get_spec("resnet18")  # a bare timm name: suggest the prefix
+        R.get_spec("resnet18")  # a bare timm name: suggest the prefix
     with pytest.raises(UserError, match="nonexistent_model_xyz"):
-        M.get_spec("timm:nonexistent_model_xyz")
-    spec = M.get_spec("timm:resnet18")
+        R.get_spec("timm:nonexistent_model_xyz")
+    spec = R.get_spec("timm:resnet18")
     assert (spec.family, spec.input_size, spec.num_classes) == ("resnet", 224, 1000)
-    assert spec.default_weights == "timm" and "timm:resnet18" not in M.list_models()
-    assert M.get_spec("timm:vit_tiny_patch16_224").family == "vit"
+    assert spec.default_weights == "timm" and "timm:resnet18" not in R.list_models()
+    assert R.get_spec("timm:vit_tiny_patch16_224").family == "vit"
     model = M.build_model("timm:resnet18", num_classes=5)
     assert model.fc.out_features == 5 and not model.training
     assert M.layer_names(model, spec) == ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -357,7 +374,7 @@ def test_imagenet_models_from_local_file(tmp_path, name, monkeypatch):
     assert prov["num_classes"] == 1000 and prov["weights_sha256"] == W.sha256_file(path)
     first = next(iter(src.state_dict()))
     assert torch.equal(model.state_dict()[first], src.state_dict()[first])
-    spec = M.get_spec(name)
+    spec = R.get_spec(name)
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
     expected = 12 if name == "vit_imagenet" else 4
@@ -380,7 +397,7 @@ def test_pretrained_unavailable_offline_is_a_user_error(monkeypatch):
 
 
 def test_preprocess_cifar_identity_scaling():
-    spec = M.get_spec("vit_cifar")
+    spec = R.get_spec("vit_cifar")
     imgs = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     imgs[0, 0, 0] = torch.tensor([0, 255, 128], dtype=torch.uint8)
     x = M.preprocess(spec, imgs)
@@ -391,21 +408,21 @@ def test_preprocess_cifar_identity_scaling():
 
 
 def test_preprocess_imagenet_resizes_and_normalises():
-    spec = M.get_spec("vit_imagenet")
+    spec = R.get_spec("vit_imagenet")
     imgs = torch.full((2, 32, 32, 3), 255, dtype=torch.uint8)
     imgs[1] = 0
     x = M.preprocess(spec, imgs)
     assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
     torch.testing.assert_close(x[0], torch.ones(3, 224, 224))  # (1 - 0.5) / 0.5
     torch.testing.assert_close(x[1], -torch.ones(3, 224, 224))
-    r = M.preprocess(M.get_spec("resnet18_imagenet"), imgs[:1])
+    r = M.preprocess(R.get_spec("resnet18_imagenet"), imgs[:1])
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     torch.testing.assert_close(r[0], ((1 - mean) / std).expand(3, 224, 224))
 
 
 def test_preprocess_rejects_bad_input():
-    spec = M.get_spec("vit_cifar")
+    spec = R.get_spec("vit_cifar")
     with pytest.raises(UserError, match="uint8"):
         M.preprocess(spec, torch.zeros(2, 32, 32, 3))
     with pytest.raises(UserError, match=r"\(n, H, W, 3\)"):

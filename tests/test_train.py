@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repsim import data, evaluation, models, recipes, train
+from repsim import data, evaluation, models, recipes, registry, train
 from repsim.errors import UserError
 from repsim.weights import sha256_file
 
@@ -52,7 +52,7 @@ def _log(run_dir):
 
 def _train_and_losses(toy_root, cfg):
     """Train ``cfg``; the test loss of the seeded start and of the saved checkpoint (nats)."""
-    spec = models.get_spec(cfg.model)
+    spec = registry.get_spec(cfg.model)
     ps = data.load_probe_set("cifar10", "test", data_root=str(toy_root))
     x, y = torch.from_numpy(ps.images), torch.from_numpy(ps.labels.astype(np.int64))
     start, _ = train.initial_model(cfg.model, None, 10, seed=0)

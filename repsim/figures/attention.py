@@ -110,7 +110,7 @@ def _distance(model, spec, wprov: dict, probe, cfg: AttentionConfig
               ) -> tuple[np.ndarray, bool, float]:
     """(distance (L, H) in model pixels, reused?, seconds), cached in
     ``$REPSIM_CACHE/attention`` by content: the weights' sha256, never their path."""
-    from repsim.models import preprocessing_info
+    from repsim.registry import preprocessing_info
 
     weights = wprov["weights_sha256"] or wprov["weights"]  # a file's hash, or random / a tag
     key = {"format": FORMAT, "model": spec.name, "weights": weights, "seed": wprov.get("seed"),
@@ -147,7 +147,7 @@ def unit_label(unit: str, image_hw: tuple[int, int]) -> str:
 
 
 def check_vit(name: str) -> None:
-    from repsim.models import get_spec
+    from repsim.registry import get_spec
 
     spec = get_spec(name)
     if spec.family != "vit":
@@ -238,8 +238,9 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     """One model's maps (figure ``<stem>_heads_<label>`` + npz) and distances: (entry for the
     tables, rollout maps ``(N, gh, gw)``, files written)."""
     from repsim import models as zoo
+    from repsim.registry import get_spec, preprocessing_info
 
-    spec = zoo.get_spec(name)
+    spec = get_spec(name)
     geo = vit_geometry(model)
     blocks = resolve_blocks(cfg.layers, geo.depth, model, spec)
     query = "cls" if geo.class_token else "mean"
@@ -253,7 +254,7 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     factor = {"model": 1.0, "fraction": 1.0 / s, "image": h / s if h == w else None}
     prov = {"model": name, "label": label, "weights": wprov, "geometry": asdict(geo),
             "blocks": blocks, "query": query, **_base_provenance(cfg, probe, ids),
-            "preprocessing": zoo.preprocessing_info(spec)}
+            "preprocessing": preprocessing_info(spec)}
     tag = paths.slug(label)
     npz = paths.save_npz(stem.with_name(f"{stem.name}_maps_{tag}.npz"),
                          heads=heads.astype(np.float32), rollout=roll.astype(np.float32),

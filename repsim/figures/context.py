@@ -194,10 +194,10 @@ class FigureContext:
     def _weights_print(self, model: str, weights: str | None) -> str | None:
         if weights == "random":
             return weights
-        from repsim import models
+        from repsim.registry import default_weights_file, get_spec
 
-        spec = models.get_spec(model)
-        path = (models.default_weights_file(spec) if weights is None
+        spec = get_spec(model)
+        path = (default_weights_file(spec) if weights is None
                 else Path(weights_path(weights)).expanduser())
         if path is None:  # timm / torchvision pretrained: fixed by the model's name
             return spec.default_weights

@@ -109,7 +109,7 @@ class FeatureMapsConfig:
 
 
 def check_cnn(spec) -> None:
-    """UserError for a ViT (``spec``: its :class:`repsim.models.ModelSpec`)."""
+    """UserError for a ViT (``spec``: its :class:`repsim.registry.ModelSpec`)."""
     if spec.family == "vit":
         raise UserError(
             f"{spec.name} is a Vision Transformer: it has tokens, not convolutional feature "
@@ -134,9 +134,10 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
     ``featuremaps_<label>.npz``. Returns a summary dict (outputs, stages, seconds)."""
     from repsim import models as zoo
     from repsim.data import load_probe_set
+    from repsim.registry import get_spec
 
     t0 = time.perf_counter()
-    check_cnn(zoo.get_spec(cfg.model))  # before any loading
+    check_cnn(get_spec(cfg.model))  # before any loading
     model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.seed,
                                   device=zoo.resolve_device(cfg.device))
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
@@ -158,15 +159,16 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
     """One figure per stage (``save(fig, <stem>_<stage>, provenance)``) and ``<stem>.npz``;
     returns ``{"outputs", "stages", "views"}``."""
     from repsim import models as zoo
+    from repsim.registry import get_spec, preprocessing_info
 
-    spec = zoo.get_spec(name)
+    spec = get_spec(name)
     names = resolve_stages(model, spec, stages)
     p = next(model.parameters(), None)
     x = zoo.preprocess(spec, torch.from_numpy(images).to(p.device if p is not None else "cpu"))
     views = feature_maps(model, x, {s: zoo.module_for(model, spec, s) for s in names}, top)
     prov = {"model": name, "label": label, "weights": wprov, "stages": names, "top": top,
             "ids": ids.tolist(), "data": probe.provenance(),
-            "preprocessing": zoo.preprocessing_info(spec),
+            "preprocessing": preprocessing_info(spec),
             "versions": {"repsim": __version__, "torch": torch.__version__}}
     outputs: list[str] = []
     arrays = {}
@@ -188,7 +190,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     mean map. Spec keys: ``model`` (a CNN), ``images`` (first N probe images, default 4) or
     ``ids``, ``stages`` (default layer1..layer4), ``top`` (channels per image, default 8).
     Writes ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``."""
-    from repsim.models import get_spec
+    from repsim.registry import get_spec
 
     ref = ctx.model_ref(spec["model"], spec)
     check_cnn(get_spec(ref.model))

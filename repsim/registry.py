@@ -1,0 +1,234 @@
+"""Model names: each one's :class:`ModelSpec` (input, normalisation, classes, default weights)
+and builder. Torch-free: torch/torchvision/timm load only to build a model or to resolve a
+``timm:<any timm model>`` name, so naming a cached store costs no imports.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from repsim.errors import UserError
+from repsim.weights import checkpoint_dir
+
+if TYPE_CHECKING:
+    from torch import nn
+
+TIMM_PREFIX = "timm:"
+NO_NORM = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+_INTERPOLATIONS = ("bilinear", "bicubic")  # the modes F.interpolate antialiases
+_FAMILIES = ("vit", "resnet", "other")
+_HEAD_KEYS = {"vit": "head.weight", "resnet": "fc.weight"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build, feed and describe one model (no weights)."""
+
+    name: str  # registry name, e.g. "vit_cifar" or "timm:resnet18"
+    family: str  # "vit", "resnet" or "other": decides layer aliases and defaults
+    input_size: int  # square input side in pixels
+    mean: tuple[float, float, float]  # normalisation; (0,0,0) with std (1,1,1) = none
+    std: tuple[float, float, float]
+    interpolation: str  # "bilinear" | "bicubic"
+    num_classes: int
+    default_weights: str | None  # "checkpoints/<file>.pt", "timm", "torchvision" or None
+    description: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    spec: ModelSpec
+    build: Callable[[int], nn.Module]  # num_classes -> model with random init
+    head_key: str | None  # classifier weight in a state dict: a file's class count
+    pretrained: Callable[[int], nn.Module] | None = None  # num_classes -> pretrained model
+    pretrained_tag: str | None = None  # provenance, e.g. "torchvision:ResNet18_Weights..."
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register_model(name: str, *, family: str = "other", input_size: int = 32,
+                   mean: tuple[float, float, float] = NO_NORM[0],
+                   std: tuple[float, float, float] = NO_NORM[1],
+                   interpolation: str = "bilinear", num_classes: int = 10,
+                   weights: str | os.PathLike | None = None, head_key: str | None = None,
+                   description: str = ""):
+    """Decorator (timm-style) that makes ``build(num_classes) -> nn.Module`` a model name
+    usable everywhere (``load_model``, ``extract``, ``repsim --import MODULE``, analyses). The
+    model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised by ``mean``/``std``.
+    ``weights``: its default state-dict file (relative: in :func:`checkpoint_dir`); ``head_key``:
+    the classifier weight, whose rows give a file's class count; ``family``: "vit" (timm ViT),
+    "resnet" (``layer1`` .. ``layer4``) or "other"."""
+    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
+        raise ValueError(f"model name {name!r} is taken; choose another")
+    if family not in _FAMILIES:
+        raise ValueError(f"family={family!r} is unknown; valid: {', '.join(_FAMILIES)}")
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is unknown; valid: "
+                         f"{', '.join(_INTERPOLATIONS)}")
+    spec = ModelSpec(name, family, int(input_size), tuple(float(v) for v in mean),
+                     tuple(float(v) for v in std), interpolation, int(num_classes),
+                     None if weights is None else os.fspath(weights),
+                     description or f"user model {name}")
+
+    def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        _REGISTRY[name] = Entry(spec, build, head_key)
+        return build
+
+    return deco
+
+
+@register_model("vit_cifar", family="vit", weights="checkpoints/vit_cifar.pt",
+                head_key="head.weight", description="the study's small ViT (patch 4, dim 512, "
+                "depth 6, 8 heads, MLP 512, ~9.5M params) trained from scratch on CIFAR-10")
+def _vit_cifar(num_classes: int) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    # A plain timm VisionTransformer so module names and forward_intermediates match timm.
+    return VisionTransformer(img_size=32, patch_size=4, num_classes=num_classes, embed_dim=512,
+                             depth=6, num_heads=8, mlp_ratio=1.0, class_token=True,
+                             pos_drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.0)
+
+
+def _resnet18(num_classes: int, pretrained: bool = False) -> nn.Module:
+    import torchvision
+    from torch import nn
+
+    if not pretrained:
+        return torchvision.models.resnet18(num_classes=num_classes)
+    model = torchvision.models.resnet18(weights=torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    if num_classes != model.fc.out_features:  # another task: a fresh (seeded) classifier
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+@register_model("resnet18_cifar", family="resnet", weights="checkpoints/resnet18_cifar.pt",
+                head_key="fc.weight", description="ResNet-18 with a CIFAR stem (3x3 stride-1 "
+                "conv1, no max-pool), ~11.2M params, trained from scratch on CIFAR-10")
+def _resnet18_cifar(num_classes: int) -> nn.Module:
+    from torch import nn
+
+    model = _resnet18(num_classes)
+    # 32 px inputs: keep full resolution into layer1 instead of the ImageNet 4x downsample.
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _timm_build(arch: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes)
+
+
+# The ImageNet models' preprocessing, written out so their specs need neither library;
+# test_models checks them against timm's pretrained config and torchvision's transforms().
+_VIT_IMAGENET = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
+_REGISTRY["vit_imagenet"] = Entry(
+    ModelSpec("vit_imagenet", "vit", 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", 1000,
+              "timm", "ViT-B/16 pretrained on ImageNet-21k, fine-tuned on ImageNet-1k (timm "
+              f"{_VIT_IMAGENET})"),
+    functools.partial(_timm_build, _VIT_IMAGENET), "head.weight",
+    functools.partial(_timm_build, _VIT_IMAGENET, pretrained=True), TIMM_PREFIX + _VIT_IMAGENET)
+_REGISTRY["resnet18_imagenet"] = Entry(
+    ModelSpec("resnet18_imagenet", "resnet", 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+              "bilinear", 1000, "torchvision",
+              "torchvision ResNet-18 trained on ImageNet-1k (IMAGENET1K_V1)"),
+    _resnet18, "fc.weight", functools.partial(_resnet18, pretrained=True),
+    "torchvision:ResNet18_Weights.IMAGENET1K_V1")
+
+
+def family_of(model: nn.Module) -> str:
+    """"vit" (a timm VisionTransformer), "resnet" (``layer1`` .. ``layer4``) or "other"."""
+    vit = sys.modules.get("timm.models.vision_transformer")  # not loaded: model is no timm ViT
+    if vit is not None and isinstance(model, vit.VisionTransformer) and hasattr(model, "norm_pre"):
+        return "vit"
+    return "resnet" if all(hasattr(model, f"layer{i}") for i in range(1, 5)) else "other"
+
+
+@functools.lru_cache(maxsize=64)
+def _timm_entry(name: str) -> Entry:
+    """The entry of ``timm:<arch>`` (``arch.tag`` allowed): preprocessing and class count from
+    timm's pretrained config."""
+    import timm.data
+    import torch
+
+    arch = name[len(TIMM_PREFIX):]
+    if not arch or not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}; " if close else ""
+        raise UserError(f"unknown timm model {arch!r} in {name!r}; {hint}valid: 'timm:<name>' "
+                        "for any name in timm.list_models(), e.g. timm:resnet18")
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except RuntimeError:  # "arch.badtag": timm knows the architecture but not the tag
+        tags = timm.list_pretrained(arch.split(".")[0] + ".*")
+        raise UserError(f"unknown pretrained tag in {name!r}; valid tags: "
+                        f"{', '.join(tags[:8]) or 'none'}; fix: use one or drop the '.tag'"
+                        ) from None
+    data = timm.data.resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    interp = data["interpolation"] if data["interpolation"] in _INTERPOLATIONS else "bilinear"
+    try:  # the meta device allocates no memory and runs no real init: cheap even for huge models
+        with torch.device("meta"):
+            family = family_of(timm.create_model(arch, pretrained=False))
+    except Exception:  # some constructors compute on tensors; family is only a hint then
+        family = "other"
+    head_key = _HEAD_KEYS.get(family) or (
+        f"{cfg.classifier}.weight" if isinstance(cfg.classifier, str) else None)
+    has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file)
+    spec = ModelSpec(name, family, int(data["input_size"][-1]),
+                     tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
+                     interp, int(cfg.num_classes or 1000), "timm" if has_weights else None,
+                     f"timm model {arch}")
+    tag = f"timm:{cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm:{arch}"
+    return Entry(spec, functools.partial(_timm_build, arch), head_key,
+                 functools.partial(_timm_build, arch, pretrained=True) if has_weights else None,
+                 tag)
+
+
+def get_entry(name: str) -> Entry:
+    """The :class:`Entry` of a registered name or ``timm:<name>``; UserError if unknown."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+        return _timm_entry(name)
+    import timm  # only for the hint: a bare timm name whose prefix is missing
+
+    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
+    if isinstance(name, str) and timm.is_model(name):
+        close.append(TIMM_PREFIX + name)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UserError(f"unknown model={name!r}; {hint}valid: {', '.join(list_models())} or "
+                    "'timm:<any timm model>'")
+
+
+def list_models() -> list[str]:
+    """Registered model names (``timm:<name>`` models are accepted but not listed)."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a registered name or ``timm:<name>``; UserError if unknown."""
+    return get_entry(name).spec
+
+
+def default_weights_file(spec: ModelSpec) -> Path | None:
+    """The file behind a model's default weights, or None (timm/torchvision/none). A relative
+    name (``checkpoints/<file>.pt``) lives in :func:`checkpoint_dir`; an absolute path is itself."""
+    if spec.default_weights in (None, "timm", "torchvision"):
+        return None
+    path = Path(spec.default_weights).expanduser()
+    return path if path.is_absolute() else checkpoint_dir() / path.name
+
+
+def preprocessing_info(spec: ModelSpec) -> dict[str, Any]:
+    """JSON-able preprocessing description (for provenance / results files)."""
+    return {"input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std),
+            "interpolation": spec.interpolation}
