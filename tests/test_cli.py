@@ -76,8 +76,7 @@ def _subparsers():
 
 def test_every_option_help_shows_its_default():
     for name, p in _subparsers().items():
-        # argparse wraps lines at spaces and at hyphens: compare without any whitespace
-        text = "".join(p.format_help().split())
+        text = "".join(p.format_help().split())  # as printed, without line wrapping
         for a in p._actions:
             if not a.option_strings or a.nargs == 0 or a.required:
                 continue  # switches, --help, required options: no default to show
