@@ -134,8 +134,8 @@ def test_different_provenance_needs_overwrite(tmp_path, cifar_root, capsys):
     extract(cfg(tmp_path, cifar_root, reduce="mean"))
     with pytest.raises(UserError, match="overwrite=True"):
         extract(cfg(tmp_path, cifar_root, reduce="cls"))
-    assert cli.main(["extract", "--model", "vit_cifar", "--weights", "random", "--data-root",
-                     str(cifar_root), "--reduce", "cls", "--out", str(tmp_path / "s.h5")]) == 1
+    assert cli.main(["extract", "--model", "vit_cifar", "--weights", "random", "--dataset",
+                     "cifar10", "--data-root", str(cifar_root), "--reduce", "cls", "--out", str(tmp_path / "s.h5")]) == 1
     assert "pass --overwrite" in capsys.readouterr().err  # the CLI says it as a flag
     res = extract(cfg(tmp_path, cifar_root, reduce="cls", overwrite=True))
     with Store(res["path"]) as s:
@@ -203,8 +203,8 @@ def _cli(args, env=None, **kw):
 
 
 def _args(root, out, *extra):
-    return ["extract", "--model", "vit_cifar", "--weights", "random", "--data-root", str(root),
-            "--batch-size", "4", "--reduce", "mean", "--device", "cpu", "--out", str(out),
+    return ["extract", "--model", "vit_cifar", "--weights", "random", "--dataset", "cifar10",
+            "--data-root", str(root), "--batch-size", "4", "--reduce", "mean", "--device", "cpu", "--out", str(out),
             *extra]
 
 
@@ -253,7 +253,7 @@ def test_cli_unknown_model_is_one_line_exit_1(tmp_path, cifar_root):
 
 
 def test_cli_missing_data_names_root_and_fixes(tmp_path):
-    r = _cli(["extract", "--model", "vit_cifar", "--weights", "random", "--data-root",
-              str(tmp_path / "nowhere")], env={"REPSIM_OFFLINE": "1"})
+    r = _cli(["extract", "--model", "vit_cifar", "--weights", "random", "--dataset", "cifar10",
+              "--data-root", str(tmp_path / "nowhere")], env={"REPSIM_OFFLINE": "1"})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert str(tmp_path / "nowhere") in r.stderr
