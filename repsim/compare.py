@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,15 @@ import numpy as np
 
 from repsim import __version__
 from repsim.errors import UserError
-from repsim.paths import cache_dir, digest, ids_digest, slug, weights_tag, write_json
+from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
+from repsim.sketch import (
+    BANDWIDTH_SAMPLE,
+    CKAResult,
+    cka_from_sketches,
+    minibatches,
+    sample_rows,
+    sketch_size,
+)
 
 FORMAT = "repsim-cka/1"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -322,8 +331,6 @@ def run_cka(cfg: CKAConfig) -> dict:
     """Resolve, align, compute, write. Returns a summary: ``result`` (the payload written),
     ``files`` (json, png, pdf), ``reused`` (True when nothing was recomputed), ``seconds``,
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
-    from repsim.sketch import cka_of_stores
-
     t0 = time.perf_counter()
     _check_settings(cfg)
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
@@ -373,3 +380,109 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
     store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
                           **common)
     return store, list(store.layers)
+
+
+# --------------------------------------------------------------------------- the engine on stores
+
+# A layer's sketch is cached when it is at most this big: 4 MB for minibatch CKA of 2,000
+# images in batches of 250, 4 MB debiased at n = 1,000.
+SKETCH_MAX_BYTES = 256 << 20
+
+
+def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
+                  layers_b: list[str], cfg: CKAConfig) -> CKAResult:
+    """CKA between layers of two aligned activation stores (what ``repsim cka`` computes).
+
+    ``store_a``/``store_b`` have ``path``, ``n`` and ``identity_sha256``
+    (:class:`StoreRef`); ``cfg`` has ``kernel``, ``estimator``,
+    ``threshold``, ``batch_size``, ``batch_seed``, ``device``, ``memory_budget`` and
+    ``progress`` (:class:`CKAConfig`). Layers whose sketches are small
+    (``SKETCH_MAX_BYTES``) are sketched once and cached; larger ones stream through
+    :func:`repsim.cka.compare`. Non-finite activations raise UserError.
+    """
+    from repsim.store import Store
+
+    n, rbf, mini = store_a.n, cfg.kernel == "rbf", cfg.estimator == "minibatch"
+    same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
+    sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
+    if mini and 0 < n % cfg.batch_size < 4:
+        warnings.warn(f"dropping {n % cfg.batch_size} of {n} rows (the last, short random "
+                      "batch): the unbiased HSIC estimator needs at least 4", RuntimeWarning,
+                      stacklevel=2)
+    small = 0 < 8 * sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
+    if small and all(_sketch_path(s, x, cfg).is_file() for s, names in sides for x in names):
+        got = [_sketches(s, names, cfg) for s, names in sides]
+    else:
+        from repsim import cka
+        from repsim.models import resolve_device
+
+        dev = resolve_device(cfg.device)
+        budget = cfg.memory_budget or cka.default_memory_budget(dev)
+        with Store(store_a.path) as ra, Store(store_b.path) as rb:
+            readers = [ra, rb][:len(sides)]
+            width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
+            # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
+            if not (small and 8 * (cfg.batch_size if mini else n) * width <= budget // 2):
+                fa = ra.features(layers_a)
+                with warnings.catch_warnings():  # said above, once
+                    warnings.filterwarnings("ignore", "dropping .* rows")
+                    return cka.compare(
+                        fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
+                        estimator=cfg.estimator, threshold=cfg.threshold,
+                        batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
+                        memory_budget=cfg.memory_budget, progress=cfg.progress)
+            got = [_sketches(s, names, cfg, r, dev) for r, (s, names) in zip(readers, sides)]
+    (ska, meds_a), (skb, meds_b) = got[0], got[-1]
+    matrix = cka_from_sketches(ska, skb)
+    rows = sample_rows(n, BANDWIDTH_SAMPLE) if rbf and mini else None
+    return CKAResult(
+        matrix=(matrix + matrix.T) / 2 if same else matrix, layers_a=list(layers_a),
+        layers_b=list(layers_b), kernel=cfg.kernel, estimator=cfg.estimator, n=n,
+        threshold=cfg.threshold if rbf else None, batch_size=cfg.batch_size,
+        batch_seed=cfg.batch_seed if mini else None,
+        n_batches=len(minibatches(n, cfg.batch_size, cfg.batch_seed)) if mini else None,
+        bandwidths_a=meds_a if rbf else None, bandwidths_b=meds_b if rbf else None,
+        bandwidth_rows=None if rows is None else rows.tolist())
+
+
+def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
+    """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
+    st = store.path.stat()
+    key = digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
+                  "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
+                  "kernel": cfg.kernel, "estimator": cfg.estimator,
+                  "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
+                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
+    return cache_dir("sketches", f"{key[:32]}.npz")
+
+
+def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
+              device=None) -> tuple[list[np.ndarray], list[float]]:
+    """Each layer's sketch and median squared distance: cached, or computed from ``reader``
+    (the open store) and cached atomically."""
+    sketches, medians = [], []
+    for layer in layers:
+        path = _sketch_path(store, layer, cfg)
+        if path.is_file():
+            with np.load(path) as z:
+                sk, med = z["sketch"], float(z["median_sqdist"])
+        else:
+            from repsim import cka
+
+            rows = (sample_rows(store.n, BANDWIDTH_SAMPLE) if cfg.estimator == "minibatch"
+                    else None)
+            med = (cka.rbf_bandwidths([reader[layer]], rows, device)[0] if cfg.kernel == "rbf"
+                   else 0.0)
+            try:
+                sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
+                                      threshold=cfg.threshold, batch_size=cfg.batch_size,
+                                      batch_seed=cfg.batch_seed,
+                                      median_sqdist=med if cfg.kernel == "rbf" else None,
+                                      device=device).cpu().numpy()
+            except ValueError as e:  # non-finite activations: name the store and layer
+                raise UserError(f"{store.path} layer {layer!r}: {e}") from None
+            atomic_write(path, lambda tmp, sk=sk, med=med: np.savez(
+                tmp, sketch=sk, median_sqdist=np.float64(med)))
+        sketches.append(sk)
+        medians.append(med)
+    return sketches, medians

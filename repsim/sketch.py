@@ -2,32 +2,24 @@
 
 Every CKA estimate is an inner product of centred Grams, so a layer can be reduced once to a
 float64 *sketch* vector (:func:`repsim.cka.layer_sketch`) and any later comparison with it
-is one small product of sketches (:func:`cka_from_sketches`). :func:`cka_of_stores` caches
-each store layer's sketch. This module imports numpy only: importing torch takes 3-4 s
+is one small product of sketches (:func:`cka_from_sketches`);
+:func:`repsim.compare.cka_of_stores` caches each store layer's sketch. This module imports
+numpy only: importing torch takes 3-4 s
 here, longer than a whole comparison of cached sketches, so that path never imports it.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from repsim import __version__
-from repsim.errors import UserError
-from repsim.paths import atomic_write, cache_dir, digest
-
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
 BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
-# A layer's sketch is cached when it is at most this big: 4 MB for minibatch CKA of 2,000
-# images in batches of 250, 4 MB debiased at n = 1,000.
-SKETCH_MAX_BYTES = 256 << 20
 
 
 @dataclass
@@ -129,105 +121,3 @@ def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> n
         raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
                          "different rows or settings")
     return normalise(sa @ sb.T, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
-
-
-# --------------------------------------------------------------------------- stores
-
-
-def cka_of_stores(store_a: Any, store_b: Any, layers_a: list[str], layers_b: list[str],
-                  cfg: Any) -> CKAResult:
-    """CKA between layers of two aligned activation stores (what ``repsim cka`` computes).
-
-    ``store_a``/``store_b`` have ``path``, ``n`` and ``identity_sha256``
-    (:class:`repsim.compare.StoreRef`); ``cfg`` has ``kernel``, ``estimator``,
-    ``threshold``, ``batch_size``, ``batch_seed``, ``device``, ``memory_budget`` and
-    ``progress`` (:class:`repsim.compare.CKAConfig`). Layers whose sketches are small
-    (``SKETCH_MAX_BYTES``) are sketched once and cached; larger ones stream through
-    :func:`repsim.cka.compare`. Non-finite activations raise UserError.
-    """
-    from repsim.store import Store
-
-    n, rbf, mini = store_a.n, cfg.kernel == "rbf", cfg.estimator == "minibatch"
-    same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
-    sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
-    if mini and 0 < n % cfg.batch_size < 4:
-        warnings.warn(f"dropping {n % cfg.batch_size} of {n} rows (the last, short random "
-                      "batch): the unbiased HSIC estimator needs at least 4", RuntimeWarning,
-                      stacklevel=2)
-    small = 0 < 8 * sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
-    if small and all(_sketch_path(s, x, cfg).is_file() for s, names in sides for x in names):
-        got = [_sketches(s, names, cfg) for s, names in sides]
-    else:
-        from repsim import cka
-        from repsim.models import resolve_device
-
-        dev = resolve_device(cfg.device)
-        budget = cfg.memory_budget or cka.default_memory_budget(dev)
-        with Store(store_a.path) as ra, Store(store_b.path) as rb:
-            readers = [ra, rb][:len(sides)]
-            width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
-            # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
-            if not (small and 8 * (cfg.batch_size if mini else n) * width <= budget // 2):
-                fa = ra.features(layers_a)
-                with warnings.catch_warnings():  # said above, once
-                    warnings.filterwarnings("ignore", "dropping .* rows")
-                    return cka.compare(
-                        fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
-                        estimator=cfg.estimator, threshold=cfg.threshold,
-                        batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
-                        memory_budget=cfg.memory_budget, progress=cfg.progress)
-            got = [_sketches(s, names, cfg, r, dev) for r, (s, names) in zip(readers, sides)]
-    (ska, meds_a), (skb, meds_b) = got[0], got[-1]
-    matrix = cka_from_sketches(ska, skb)
-    rows = sample_rows(n, BANDWIDTH_SAMPLE) if rbf and mini else None
-    return CKAResult(
-        matrix=(matrix + matrix.T) / 2 if same else matrix, layers_a=list(layers_a),
-        layers_b=list(layers_b), kernel=cfg.kernel, estimator=cfg.estimator, n=n,
-        threshold=cfg.threshold if rbf else None, batch_size=cfg.batch_size,
-        batch_seed=cfg.batch_seed if mini else None,
-        n_batches=len(minibatches(n, cfg.batch_size, cfg.batch_seed)) if mini else None,
-        bandwidths_a=meds_a if rbf else None, bandwidths_b=meds_b if rbf else None,
-        bandwidth_rows=None if rows is None else rows.tolist())
-
-
-def _sketch_path(store: Any, layer: str, cfg: Any) -> Path:
-    """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
-    st = store.path.stat()
-    key = digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
-                  "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
-                  "kernel": cfg.kernel, "estimator": cfg.estimator,
-                  "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
-    return cache_dir("sketches", f"{key[:32]}.npz")
-
-
-def _sketches(store: Any, layers: list[str], cfg: Any, reader: Any = None,
-              device: Any = None) -> tuple[list[np.ndarray], list[float]]:
-    """Each layer's sketch and median squared distance: cached, or computed from ``reader``
-    (the open store) and cached atomically."""
-    sketches, medians = [], []
-    for layer in layers:
-        path = _sketch_path(store, layer, cfg)
-        if path.is_file():
-            with np.load(path) as z:
-                sk, med = z["sketch"], float(z["median_sqdist"])
-        else:
-            from repsim import cka
-
-            rows = (sample_rows(store.n, BANDWIDTH_SAMPLE) if cfg.estimator == "minibatch"
-                    else None)
-            med = (cka.rbf_bandwidths([reader[layer]], rows, device)[0] if cfg.kernel == "rbf"
-                   else 0.0)
-            try:
-                sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
-                                      threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                      batch_seed=cfg.batch_seed,
-                                      median_sqdist=med if cfg.kernel == "rbf" else None,
-                                      device=device).cpu().numpy()
-            except ValueError as e:  # non-finite activations: name the store and layer
-                raise UserError(f"{store.path} layer {layer!r}: {e}") from None
-            atomic_write(path, lambda tmp, sk=sk, med=med: np.savez(
-                tmp, sketch=sk, median_sqdist=np.float64(med)))
-        sketches.append(sk)
-        medians.append(med)
-    return sketches, medians

@@ -135,7 +135,8 @@ def test_different_provenance_needs_overwrite(tmp_path, cifar_root, capsys):
     with pytest.raises(UserError, match="overwrite=True"):
         extract(cfg(tmp_path, cifar_root, reduce="cls"))
     assert cli.main(["extract", "--model", "vit_cifar", "--weights", "random", "--dataset",
-                     "cifar10", "--data-root", str(cifar_root), "--reduce", "cls", "--out", str(tmp_path / "s.h5")]) == 1
+                     "cifar10", "--data-root", str(cifar_root), "--reduce", "cls", "--out",
+                     str(tmp_path / "s.h5")]) == 1
     assert "pass --overwrite" in capsys.readouterr().err  # the CLI says it as a flag
     res = extract(cfg(tmp_path, cifar_root, reduce="cls", overwrite=True))
     with Store(res["path"]) as s:
@@ -204,8 +205,8 @@ def _cli(args, env=None, **kw):
 
 def _args(root, out, *extra):
     return ["extract", "--model", "vit_cifar", "--weights", "random", "--dataset", "cifar10",
-            "--data-root", str(root), "--batch-size", "4", "--reduce", "mean", "--device", "cpu", "--out", str(out),
-            *extra]
+            "--data-root", str(root), "--batch-size", "4", "--reduce", "mean", "--device", "cpu",
+            "--out", str(out), *extra]
 
 
 def test_resume_after_kill_gives_identical_store(tmp_path, cifar_root):
