@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 
 from repsim import __version__
+from repsim.assets import DEFAULT_DATASET
 
-DEFAULT_DATASET = "cifar10-probe"  # 1,000 CIFAR-10 test images bundled with repsim: offline
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim import __version__
+from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.sketch import (
@@ -46,7 +47,7 @@ class InputUnavailable(UserError):
 class ProbeSpec:
     """Which images to extract when a store has to be made (ignored for store paths)."""
 
-    dataset: str = "cifar10-probe"
+    dataset: str = DEFAULT_DATASET
     split: str = "test"
     n: int | None = None  # None: the whole split (1,000 for cifar10-probe)
     seed: int = 0

@@ -28,11 +28,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repsim.assets import PROBE_FILE, PROBE_NAME
+from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME
 from repsim.errors import UserError
 from repsim.paths import ids_digest
 
-DEFAULT_DATASET = PROBE_NAME  # bundled: every command works offline with no data root
 DATASETS = ("cifar10", "cifar100", "svhn")  # under the data root
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim import __version__, paths
+from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 
 
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
 class EvalConfig:
     model: str
     weights: str | None = None  # None: the model's own; "random"; or a file
-    dataset: str = "cifar10-probe"
+    dataset: str = DEFAULT_DATASET
     split: str = "test"
     n: int | None = None  # images drawn by `seed`; None: the whole split
     seed: int = 0

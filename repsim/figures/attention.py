@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from repsim import __version__, paths
+from repsim.assets import DEFAULT_DATASET
 from repsim.attention import (
     attention_distance,
     attention_maps,
@@ -49,7 +50,7 @@ class AttentionConfig:
 
     models: list[str]
     weights: list[str | None] = field(default_factory=list)
-    dataset: str = "cifar10-probe"
+    dataset: str = DEFAULT_DATASET
     split: str = "test"
     data_root: str | None = None
     images: int = 4

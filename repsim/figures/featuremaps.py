@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from repsim import __version__, paths
+from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 from repsim.figures import draw
 
@@ -94,7 +95,7 @@ class FeatureMapsConfig:
 
     model: str
     weights: str | None = None
-    dataset: str = "cifar10-probe"
+    dataset: str = DEFAULT_DATASET
     split: str = "test"
     data_root: str | None = None
     images: int = 4
