@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def extract(cfg: ExtractConfig) -> dict:
     """
     from repsim import __version__
     from repsim.data import load_probe_set
-    from repsim.paths import digest
+    from repsim.paths import digest, lock
     from repsim.registry import get_spec, preprocessing_info
     from repsim.store import Store
 
@@ -126,30 +127,34 @@ def extract(cfg: ExtractConfig) -> dict:
     data = probe.provenance()
     key = digest(_store_key(cfg, spec, data))
     out = Path(cfg.out) if cfg.out else _default_out(cfg, key)
-    if out.exists() and not cfg.overwrite:
-        with Store(out) as old:
-            reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True}
-            if old.meta.get("key") != key:
-                raise UserError(f"{out} already holds a store with different settings; pass "
-                                "overwrite=True to replace it, or another out=PATH")
-        return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
-    import torch  # only now: a reused store needs neither torch nor the model
+    # One writer per store: a concurrent run of the same extraction waits here, then reuses
+    # it (ranks of a torchrun job meet at barriers instead).
+    writing = world == 1 and (cfg.overwrite or not out.exists())
+    with lock(out) if writing else nullcontext():
+        if out.exists() and not cfg.overwrite:
+            with Store(out) as old:
+                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True}
+                if old.meta.get("key") != key:
+                    raise UserError(f"{out} already holds a store with different settings; pass "
+                                    "overwrite=True to replace it, or another out=PATH")
+            return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
+        import torch  # only now: a reused store needs neither torch nor the model
 
-    from repsim import models
+        from repsim import models
 
-    device = models.resolve_device(cfg.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
-    layers = models.layer_names(model, spec, cfg.layers)
-    meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
-            "preprocessing": preprocessing_info(spec), "layers": layers,
-            "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-            "versions": {"repsim": __version__, "torch": torch.__version__}}
-    resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)
-    return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
-            "resumed": resumed, "seconds": time.perf_counter() - t0,
-            "bytes": out.stat().st_size}
+        device = models.resolve_device(cfg.device)
+        if world > 1 and device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
+        layers = models.layer_names(model, spec, cfg.layers)
+        meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
+                "preprocessing": preprocessing_info(spec), "layers": layers,
+                "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+                "versions": {"repsim": __version__, "torch": torch.__version__}}
+        resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)
+        return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
+                "resumed": resumed, "seconds": time.perf_counter() - t0,
+                "bytes": out.stat().st_size}
 
 
 def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device,

@@ -4,7 +4,8 @@ Roots come from the environment: ``$REPSIM_CACHE`` (stores, results, sketches, r
 default ``./cache``), ``$REPSIM_FIGURES`` (figure commands; default ``./figures``). Every
 file repsim writes goes through :func:`atomic_write`: a uniquely named temporary file in the
 same folder, renamed over the target when complete, so a crash or a concurrent writer never
-leaves a file that looks complete but is not.
+leaves a file that looks complete but is not. A file built in place over a long time (an
+activation store) is made under :func:`lock`, so concurrent runs make it once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,3 +99,34 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
             np.savez_compressed(f, **arrays)
 
     return atomic_write(path, write)
+
+
+@contextmanager
+def lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` across processes for a ``with`` block; another
+    process waits here until it is released (or its holder dies). An advisory ``flock`` on
+    ``<path>.lock``, left in place (deleting a lock file someone waits on would let two
+    writers in); none where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes, or when the process dies
+        yield
+
+
+def locked(path: str | os.PathLike) -> bool:
+    """Whether some process holds :func:`lock` on ``path`` now (it is being written)."""
+    try:
+        import fcntl
+
+        with open(f"{path}.lock") as f:  # read-only: checking needs no write access
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except (ImportError, OSError):  # no lock file (or no fcntl): nobody holds it
+        return False
+    return False

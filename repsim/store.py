@@ -9,10 +9,11 @@ Layout of a store (one file)::
     attrs: provenance (JSON), layer_order (JSON list: HDF5 sorts names, blocks.10 < blocks.2),
            format, repsim_version, complete (set last)
 
-A store is written as ``FILE.h5.partial`` and renamed to ``FILE.h5`` once ``complete`` is
-set and the file closed, so a crash never leaves a file that looks complete. Each batch is
-flushed before ``batches_done`` vouches for it; a rerun skips the marked batches, which always
-cover the same rows, so a resumed store equals an uninterrupted run's.
+A store is written as ``FILE.h5.partial`` (by one process at a time: :func:`repsim.paths.lock`)
+and renamed to ``FILE.h5`` once ``complete`` is set and the file closed, so a crash never
+leaves a file that looks complete. Each batch is flushed before ``batches_done`` vouches for
+it; a rerun skips the marked batches, which always cover the same rows, so a resumed store
+equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from repsim import __version__
 from repsim.errors import UserError
+from repsim.paths import locked
 
 FORMAT = "repsim-activations/1"
 
@@ -55,6 +57,9 @@ class Store:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         if not self.path.exists():
+            if locked(self.path):
+                raise UserError(f"store {self.path} is being written by another process; "
+                                "wait until that run finishes, then run this again")
             if partial_path(self.path).exists():
                 raise UserError(f"store {self.path} is incomplete (found {self.path.name}"
                                 ".partial); run the same extraction again to resume it")

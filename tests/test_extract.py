@@ -243,6 +243,44 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, cifar_root):
     assert not list(tmp_path.glob("two.h5.rank*"))
 
 
+def test_two_identical_cka_runs_at_once_share_one_store(tmp_path):
+    # Both start together: the first extracts the store under its lock, the second waits for
+    # it and reuses it (before the lock, the second deleted the first's .partial and one run
+    # renamed the other's half-written file into place).
+    args = ["cka", "--a", "vit_cifar", "--b", "vit_cifar", "--weights-a", "random",
+            "--weights-b", "random", "--n", "64", "--reduce", "mean", "--device", "cpu",
+            "--json"]
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([sys.executable, "-m", "repsim", *args], env=e, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [r.communicate(timeout=300) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [err[-500:] for _, err in outs]
+    a, b = (json.loads(out) for out, _ in outs)
+    assert a["matrix"] == b["matrix"] and a["inputs"] == b["inputs"]
+    assert sum("extracted vit_cifar" in err for _, err in outs) == 1  # made once
+    stores = os.listdir(os.path.join(os.environ["REPSIM_CACHE"], "stores"))
+    assert len([f for f in stores if f.endswith(".h5")]) == 1 and "partial" not in str(stores)
+
+
+def test_reader_says_a_store_is_being_written_while_another_holds_its_lock(tmp_path):
+    out = tmp_path / "s.h5"
+    StoreWriter(out, {"model": "m"}, np.arange(4), np.zeros(4), batch_size=2).close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from repsim.paths import lock\n"
+                               f"with lock({str(out)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match="being written by another process"):
+            Store(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(UserError, match="incomplete"):  # the writer died: resume it
+        Store(out)
+
+
 # ------------------------------------------------------------------ CLI errors
 
 
