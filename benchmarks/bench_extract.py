@@ -73,7 +73,8 @@ def run_extract(model_name, root, n, batch_size, device, reduce, out,
 
     Path(out).unlink(missing_ok=True)  # the previous repeat's store: not extraction work
     t0 = time.perf_counter()
-    extract(ExtractConfig(model=model_name, weights=weights, data_root=str(root), n=n,
+    extract(ExtractConfig(model=model_name, weights=weights, dataset="cifar10",
+                          data_root=str(root), n=n,
                           batch_size=batch_size, device=device, reduce=reduce, out=str(out),
                           overwrite=True, progress=False))
     return time.perf_counter() - t0

@@ -125,7 +125,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
                    "vit_imagenet, resnet18_imagenet) or timm:<name>")
     p.add_argument("--weights", help="checkpoint file, or 'random' for seeded random weights "
                    "(default: the model's own weights)")
-    _add(p, "--dataset", "--split", "--n", "--seed")
+    _add(p, "--dataset", "--split", "--n", "--seed", "--weights-seed")
     p.add_argument("--layers", help="'blocks', or comma-separated names/globs "
                    "(default: embed/stem and every block/stage)")
     p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls"],
@@ -244,7 +244,7 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     _add(p, "--dataset", "--split")
     p.add_argument("--probe", type=_positive_int, default=1000,
                    help="probe-set size: its first --images are drawn")
-    p.add_argument("--seed", type=int, default=0, help="probe-subset and random-weights seed")
+    _add(p, "--seed", "--weights-seed")
     p.add_argument("--out", help="output folder (default: $REPSIM_FIGURES/<command>, "
                    "REPSIM_FIGURES defaults to ./figures)")
     _add(p, "--data-root", "--device", "--json")
@@ -332,6 +332,10 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
                    help="storage dtype when extracting")
     p.add_argument("--weights-a", help="weights file or 'random' for A (default: its own)")
     p.add_argument("--weights-b", help="weights file or 'random' for B (default: its own)")
+    p.add_argument("--weights-seed-a", type=int, default=0, help="seed of A's random weights")
+    p.add_argument("--weights-seed-b", type=int, default=0, help="seed of B's random weights "
+                   "(--a X --b X --weights-a random --weights-b random --weights-seed-b 1 "
+                   "compares two random inits on one image subset)")
     p.add_argument("--layers-a", help="comma-separated layer names/globs of A (default: all)")
     p.add_argument("--layers-b", help="the same for B (default: all)")
     p.add_argument("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)")

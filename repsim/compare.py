@@ -102,6 +102,8 @@ class CKAConfig:
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     weights_a: str | None = None
     weights_b: str | None = None
+    weights_seed_a: int = 0  # of random weights for A, e.g. to compare two random inits
+    weights_seed_b: int = 0
     layers_a: str | None = None  # names/globs/keywords; None = every layer of the store
     layers_b: str | None = None
     label_a: str | None = None  # axis labels (default: model name, plus weights tag)
@@ -130,8 +132,10 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
         meta, layers, ids = s.meta, list(s.layers), s.ids
     model = meta.get("model") or path.stem
     if label is None:  # the model, and the weights when they are not its own
-        w = str((meta.get("weights") or {}).get("weights") or "")
-        tag = "" if w.startswith(("timm:", "torchvision:")) else weights_tag(w or None)
+        w = meta.get("weights") or {}
+        ws = str(w.get("weights") or "")
+        tag = ("" if ws.startswith(("timm:", "torchvision:"))
+               else weights_tag(ws or None, w.get("seed")))
         label = f"{model} ({tag})" if tag and tag != model else model
     return StoreRef(path=path, label=label, slug=name or slug(path.stem), meta=meta,
                     layers=layers, n=len(ids), ids_sha256=ids_digest(ids),
@@ -162,8 +166,9 @@ def _refuse_weights_of_a_file(ref: str, weights: str | None, name: str, side: st
                         "store file; drop the weights, or give a model name to extract")
 
 
-def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = None,
-                  probe: ProbeSpec | None = None, label: str | None = None,
+def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0,
+                  layers: str | None = None, probe: ProbeSpec | None = None,
+                  label: str | None = None,
                   force: bool = False, progress: bool = True,
                   log: Callable[[str], None] | None = None) -> StoreRef:
     """A complete store for ``ref``: a store path, or a model name whose store (of ``layers``,
@@ -182,7 +187,8 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
     except UserError as exc:
         raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
                         f"{exc}") from None
-    cfg = ExtractConfig(model=ref, weights=weights, layers=layers, overwrite=force,
+    cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
+                        overwrite=force,
                         progress=progress, **asdict(probe or ProbeSpec()))
     try:
         res = extract(cfg)
@@ -193,7 +199,7 @@ def resolve_store(ref: str, *, weights: str | None = None, layers: str | None = 
         raise
     if not res["reused"] and log is not None:
         log(f"extracted {ref} ({res['n']} images) into {res['path']}")
-    tag = weights_tag(weights)
+    tag = weights_tag(weights, weights_seed)
     return _open_store(Path(res["path"]), "reused" if res["reused"] else "extracted",
                        label or (f"{ref} ({tag})" if tag else ref),
                        slug(f"{ref}-{tag}" if tag else ref))
@@ -336,14 +342,15 @@ def run_cka(cfg: CKAConfig) -> dict:
     _check_settings(cfg)
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
     sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
-                                 common)
-    if (cfg.b, cfg.weights_b, cfg.layers_b) == (cfg.a, cfg.weights_a, cfg.layers_a):
+                                 {**common, "weights_seed": cfg.weights_seed_a})
+    side_b = (cfg.b, cfg.weights_b, cfg.weights_seed_b, cfg.layers_b)
+    if side_b == (cfg.a, cfg.weights_a, cfg.weights_seed_a, cfg.layers_a):
         sb, layers_b = replace(sa, label=cfg.label_b or sa.label), layers_a
     else:
         # A forced re-extraction of a store that A already re-extracted would be wasted work.
-        again = cfg.force and not (cfg.b == cfg.a and cfg.weights_b == cfg.weights_a)
+        again = cfg.force and side_b[:3] != (cfg.a, cfg.weights_a, cfg.weights_seed_a)
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
-                                     common)
+                                     {**common, "weights_seed": cfg.weights_seed_b})
     check_aligned(sa, sb)
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
@@ -371,7 +378,8 @@ def run_cka(cfg: CKAConfig) -> dict:
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
                   force: bool, common: dict) -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers. For a model name the default store is
-    used when it holds the requested layers; otherwise a store of exactly those is made."""
+    used when it holds the requested layers; otherwise a store of exactly those is made.
+    ``common``: the other arguments of :func:`resolve_store`."""
     store = resolve_store(ref, weights=weights, label=label, force=force, **common)
     try:
         return store, select_layers(store, layers)

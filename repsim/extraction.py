@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 
 # Which reductions make sense per model family (repsim.hooks.reduce does them).
@@ -32,10 +33,11 @@ class ExtractConfig:
 
     model: str
     weights: str | None = None  # None: the model's default; "random"; or a file
-    dataset: str = "cifar10"
+    dataset: str = DEFAULT_DATASET
     split: str = "test"
     n: int | None = None  # None: the whole split
-    seed: int = 0
+    seed: int = 0  # of the image subset
+    weights_seed: int = 0  # of random weights (and of a replaced classifier head)
     layers: list[str] | str | None = None  # None: the model's default layer set
     reduce: str = "flatten"
     batch_size: int = 128
@@ -75,9 +77,11 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     w = cfg.weights
     file = None if w == "random" else (
         Path(w).expanduser() if w else default_weights_file(spec))
-    weights = (sha256_file(file) if file is not None and file.is_file()
-               else w or spec.default_weights)
-    return {"format": FORMAT, "model": cfg.model, "weights": weights, "seed": cfg.seed,
+    is_file = file is not None and file.is_file()
+    weights = sha256_file(file) if is_file else w or spec.default_weights
+    # The subset seed is part of ``data``; the weights seed matters only when no file is read.
+    return {"format": FORMAT, "model": cfg.model, "weights": weights,
+            "weights_seed": None if is_file else cfg.weights_seed,
             "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
             "preprocessing": preprocessing_info(spec)}
 
@@ -86,7 +90,8 @@ def _default_out(cfg: ExtractConfig, key: str) -> Path:
     """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``."""
     from repsim.paths import cache_dir, slug, weights_tag
 
-    name = "-".join(filter(None, [cfg.model, weights_tag(cfg.weights), cfg.dataset,
+    name = "-".join(filter(None, [cfg.model, weights_tag(cfg.weights, cfg.weights_seed),
+                                  cfg.dataset,
                                   f"n{'all' if cfg.n is None else cfg.n}", cfg.reduce]))
     return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")
 
@@ -145,7 +150,8 @@ def extract(cfg: ExtractConfig) -> dict:
         device = models.resolve_device(cfg.device)
         if world > 1 and device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.seed, device=device)
+        model, wprov = models.load_model(cfg.model, cfg.weights, seed=cfg.weights_seed,
+                                         device=device)
         layers = models.layer_names(model, spec, cfg.layers)
         meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
                 "preprocessing": preprocessing_info(spec), "layers": layers,

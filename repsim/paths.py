@@ -51,9 +51,12 @@ def slug(name: str) -> str:
     return s or "unnamed"
 
 
-def weights_tag(weights: str | None) -> str:
-    """A name part for weights: '' (the model's own), 'random', or the weights file's stem."""
-    return "" if weights is None else "random" if weights == "random" else Path(weights).stem
+def weights_tag(weights: str | None, seed: int | None = 0) -> str:
+    """A name part for weights: '' (the model's own), 'random' ('random-seed3' for a seed
+    other than 0), or the weights file's stem."""
+    if weights == "random":
+        return f"random-seed{seed}" if seed else "random"
+    return "" if weights is None else Path(weights).stem
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -289,6 +289,20 @@ def test_a_store_with_other_options_is_another_store(checkpoints):
     assert len({default.path.parent, half.path.parent}) == 1  # one cache
 
 
+def test_two_random_inits_are_compared_on_one_image_subset(checkpoints, capsys):
+    args = ["--a", "resnet18_cifar", "--b", "resnet18_cifar", "--weights-a", "random",
+            "--weights-b", "random", "--n", "8", "--seed", "3", "--json"]
+    same = json.loads(run_cli(capsys, *args)[1])
+    code, out, err = run_cli(capsys, *args, "--weights-seed-b", "1")
+    assert code == 0, err
+    other = json.loads(out)
+    assert same["samples"] == other["samples"] and other["samples"]["seed"] == 3
+    assert np.allclose(np.diag(same["matrix"]), 1.0)  # the same init: identical stores
+    assert other["inputs"]["a"]["path"] != other["inputs"]["b"]["path"]
+    assert other["model_b"] == "resnet18_cifar (random-seed1)"
+    assert not np.allclose(np.diag(other["matrix"]), 1.0)
+
+
 def test_a_layer_subset_result_does_not_overwrite_the_full_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), progress=False)

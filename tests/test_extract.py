@@ -19,8 +19,8 @@ from repsim.store import Store, StoreWriter, partial_path
 
 
 def cfg(tmp_path, cifar_root, **kw):
-    base = dict(model="vit_cifar", weights="random", data_root=str(cifar_root), n=None,
-                batch_size=6, out=str(tmp_path / "s.h5"), progress=False, device="cpu")
+    base = dict(model="vit_cifar", weights="random", dataset="cifar10", data_root=str(cifar_root),
+                n=None, batch_size=6, out=str(tmp_path / "s.h5"), progress=False, device="cpu")
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -120,6 +120,16 @@ def test_sample_ids_are_deterministic(tmp_path, cifar_root):
         np.testing.assert_array_equal(sa["blocks.3"][:], sb["blocks.3"][:])
         assert not np.array_equal(sa.ids, sc.ids)
         assert np.all(np.diff(sa.ids) > 0)
+
+
+def test_weights_seed_changes_the_weights_not_the_images(tmp_path, cifar_root):
+    runs = [extract(cfg(tmp_path, cifar_root, n=8, seed=1, reduce="mean", weights_seed=w,
+                        out=None)) for w in (0, 1)]
+    assert runs[0]["path"] != runs[1]["path"]  # two stores, neither replaces the other
+    with Store(runs[0]["path"]) as a, Store(runs[1]["path"]) as b:
+        np.testing.assert_array_equal(a.ids, b.ids)
+        assert (a.meta["weights"]["seed"], b.meta["weights"]["seed"]) == (0, 1)
+        assert not np.allclose(a["blocks.3"][:], b["blocks.3"][:])
 
 
 def test_complete_store_with_same_provenance_is_reused(tmp_path, cifar_root):

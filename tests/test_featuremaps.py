@@ -94,6 +94,20 @@ def test_cli_featuremaps_writes_one_figure_per_stage(cifar_root, tmp_path, capsy
         assert json.loads(str(z["provenance"]))["weights"]["weights_sha256"]
 
 
+def test_weights_seed_draws_another_random_model_on_the_same_images(tmp_path, capsys):
+    maps = []
+    for seed in ("0", "2"):
+        assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", "random",
+                     "--weights-seed", seed, "--probe", "20", "--images", "2", "--stages",
+                     "layer1", "--top", "2", "--out", str(tmp_path), "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        with np.load([p for p in res["outputs"] if p.endswith(".npz")][0]) as z:
+            maps.append((res["label"], z["ids"].tolist(), z["layer1/mean_map"]))
+    assert [m[0] for m in maps] == ["resnet18_cifar (random)", "resnet18_cifar (random-seed2)"]
+    assert maps[0][1] == maps[1][1]
+    assert not np.allclose(maps[0][2], maps[1][2])
+
+
 def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
     assert main(["featuremaps", "--model", "vit_cifar", "--weights", "random"]) == 1
     err = capsys.readouterr().err.strip()

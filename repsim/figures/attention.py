@@ -57,7 +57,8 @@ class AttentionConfig:
     ids: list[int] | None = None
     layers: str | None = None  # blocks for the per-head maps; default first, middle, last
     probe: int = DEFAULT_PROBE  # images for the mean attention distance
-    seed: int = 0
+    seed: int = 0  # of the probe subset
+    weights_seed: int = 0  # of random weights
     batch_size: int = 64
     device: str | None = None
     unit: str = "image"
@@ -96,11 +97,11 @@ def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=
     return sorted(out)
 
 
-def model_labels(models: list[str], weights: list[str | None]) -> list[str]:
-    """Unique display labels: the model name, plus the weights' stem when needed."""
+def model_labels(models: list[str], weights: list[str | None], seed: int = 0) -> list[str]:
+    """Unique display labels: the model name, plus the weights' tag when needed."""
     if len(set(models)) == len(models):
         return list(models)
-    out = [m if w is None else f"{m} ({'random' if w == 'random' else Path(w).stem})"
+    out = [m if w is None else f"{m} ({paths.weights_tag(w, seed)})"
            for m, w in zip(models, weights)]
     if len(set(out)) != len(out):
         raise UserError("the same model and weights are given twice; drop the duplicate")
@@ -178,7 +179,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
         raise UserError(f"{len(weights)} weights for {len(cfg.models)} models (weights="
                         f"{cfg.weights!r}); valid: none, one for all models, or one per model "
                         "in the same order")
-    labels = model_labels(cfg.models, weights)
+    labels = model_labels(cfg.models, weights, cfg.weights_seed)
     for name in cfg.models:
         check_vit(name)
     device = zoo.resolve_device(cfg.device)
@@ -186,7 +187,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
                            data_root=cfg.data_root, progress=cfg.progress)
     images, ids = draw.pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
     unit_label(cfg.unit, tuple(images.shape[1:3]))  # fails before the slow part
-    loaded = [(label, name, *zoo.load_model(name, w, seed=cfg.seed, device=device))
+    loaded = [(label, name, *zoo.load_model(name, w, seed=cfg.weights_seed, device=device))
               for name, w, label in zip(cfg.models, weights, labels)]
     out = Path(cfg.out) if cfg.out else paths.figures_dir("attention")
     res = attention_views(loaded, probe, images, ids, cfg, out, "attention",

@@ -103,7 +103,8 @@ class FeatureMapsConfig:
     stages: str | None = None  # default: layer1..layer4 for ResNets, else the default layers
     top: int = 8
     probe: int = 1000  # the images are the first N of this probe set (as in repsim attention)
-    seed: int = 0
+    seed: int = 0  # of the probe subset
+    weights_seed: int = 0  # of random weights
     device: str | None = None
     out: str | None = None
     progress: bool = True
@@ -139,12 +140,13 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     check_cnn(get_spec(cfg.model))  # before any loading
-    model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.seed,
+    model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.weights_seed,
                                   device=zoo.resolve_device(cfg.device))
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress)
     images, ids = draw.pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
-    label = cfg.model if not cfg.weights else f"{cfg.model} ({Path(cfg.weights).stem})"
+    tag = paths.weights_tag(cfg.weights, cfg.weights_seed)
+    label = f"{cfg.model} ({tag})" if tag else cfg.model
     out = Path(cfg.out) if cfg.out else paths.figures_dir("featuremaps")
     res = featuremap_views(model, cfg.model, wprov, label, probe, images, ids, cfg.stages,
                            cfg.top, out / f"featuremaps_{paths.slug(label)}",
