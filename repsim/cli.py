@@ -325,6 +325,14 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
                    "minibatch (default: the engine's)")
     p.add_argument("--batch-seed", type=int, default=0,
                    help="seed of the minibatch estimator's random batches")
+    p.add_argument("--permutations", type=_number(int, 0, low_ok=True), default=0,
+                   help="permutation null per cell: p-value, null mean and 95th percentile "
+                   "(0: none; 999 is usual)")
+    p.add_argument("--permutation-seed", type=int, default=0, help="seed of the permutations")
+    p.add_argument("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
+                   help="per cell, the K images whose removal moves it most (in the JSON)")
+    p.add_argument("--no-se", dest="se", action="store_false", help="skip the jackknife "
+                   "standard errors and participation ratios (they cost about one more pass)")
     _add(p, "--dataset", "--split", "--n", "--seed", "--data-root")
     p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls"],
                    help="token/map reduction when extracting")
@@ -354,9 +362,11 @@ def cmd_cka(args) -> int:
                           log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr)))
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"
+    se = [v for row in r.get("se") or [] for v in row if v is not None]
     return _report(args, {**r, "files": res["files"], "reused": res["reused"]},
                    f"{r['model_a']} vs {r['model_b']}: {r['kernel']} CKA ({r['estimator']}), "
-                   f"n = {r['n']}, {len(r['layers_a'])} x {len(r['layers_b'])} layers, {how}: "
+                   f"n = {r['n']}, {len(r['layers_a'])} x {len(r['layers_b'])} layers"
+                   f"{f', SE <= {max(se):.3f}' if se else ''}, {how}: "
                    f"{', '.join(res['files'])}")
 
 

@@ -2,9 +2,9 @@
 
 :func:`run_cka` resolves A and B (:func:`resolve_store`: a store file as it is; a model name
 through :func:`repsim.extraction.extract`, which reuses the store at its content address or
-makes it), checks that their rows are the same samples (:func:`check_aligned`), computes CKA
-(``A == B`` with the same layers: one symmetric matrix) and writes, atomically and without
-timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
+makes it), checks that their rows are the same samples (:func:`repsim.store.check_aligned`),
+computes CKA (``A == B`` with the same layers: one symmetric matrix) and writes, atomically
+and without timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
 heatmap (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose
 ``cache_key`` (inputs and versions) matches, newer than both stores, is reused unless ``force``.
 """
@@ -33,6 +33,7 @@ from repsim.sketch import (
     sample_rows,
     sketch_size,
 )
+from repsim.store import check_aligned
 
 FORMAT = "repsim-cka/1"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -99,6 +100,10 @@ class CKAConfig:
     threshold: float = 1.0
     batch_size: int | None = None  # minibatch estimator: rows per batch
     batch_seed: int = 0  # minibatch estimator: seed of the random batches
+    se: bool = True  # jackknife standard errors and participation ratios (repsim.stats)
+    permutations: int = 0  # size of the permutation null per cell (0: none)
+    permutation_seed: int = 0
+    influence: int = 0  # per cell, list this many most influential images
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     weights_a: str | None = None
     weights_b: str | None = None
@@ -218,42 +223,6 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
         "from those"))
 
 
-def check_aligned(a: StoreRef, b: StoreRef) -> None:
-    """Refuse two stores whose rows are not the same samples in the same order."""
-    from repsim.store import Store
-
-    if a.path.resolve() == b.path.resolve():
-        return
-    da, db = a.meta.get("data") or {}, b.meta.get("data") or {}
-
-    def desc(s: StoreRef, d: dict) -> str:
-        ds = f"{d.get('dataset')}/{d.get('split')}, " if d.get("dataset") else ""
-        return f"{s.path} ({ds}{s.n} rows, ids sha256 {s.ids_sha256[:12]})"
-
-    where = (f"A is {desc(a, da)}, B is {desc(b, db)}; extract both from the same probe set "
-             "(dataset, split, n and seed; repsim cka does that when given model names)")
-    if a.n != b.n:
-        raise UserError(f"the stores hold different samples: A has {a.n} rows and B has "
-                        f"{b.n}; {where}")
-    with Store(a.path) as sa, Store(b.path) as sb:
-        ia, ib, la, lb = sa.ids, sb.ids, sa.labels, sb.labels
-    if not np.array_equal(ia, ib):
-        k = int(np.flatnonzero(ia != ib)[0])
-        raise UserError(f"the stores hold different samples: the same {a.n} rows but the "
-                        f"sample IDs first differ at row {k} (A id {int(ia[k])}, B id "
-                        f"{int(ib[k])}); {where}")
-    for key in ("dataset", "split"):
-        if da.get(key) and db.get(key) and da[key] != db[key]:
-            raise UserError(f"the stores have the same sample IDs but different {key}s "
-                            f"({da[key]} vs {db[key]}); {where}")
-    if not np.array_equal(la, lb):
-        k = int(np.flatnonzero(la != lb)[0])
-        raise UserError(f"the stores have the same sample IDs but different labels from row "
-                        f"{k} (A {int(la[k])}, B {int(lb[k])}): they number different copies "
-                        f"or orderings of the data (A source {da.get('source')}, B source "
-                        f"{db.get('source')}); {where}")
-
-
 # --------------------------------------------------------------------------- results
 
 
@@ -276,7 +245,9 @@ def _inputs(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> dic
             "estimator": cfg.estimator,
             "threshold": cfg.threshold if cfg.kernel == "rbf" else None,
             "batch_size": cfg.batch_size if mini else None,
-            "batch_seed": cfg.batch_seed if mini else None}
+            "batch_seed": cfg.batch_seed if mini else None, "se": cfg.se,
+            "permutations": cfg.permutations, "influence": cfg.influence,
+            "permutation_seed": cfg.permutation_seed if cfg.permutations else None}
 
 
 def _cached(path: Path, key: str, inputs: list[Path], files: list[Path]) -> dict | None:
@@ -299,16 +270,12 @@ def default_out_dir(a: StoreRef) -> Path:
 
 
 def _check_settings(cfg: CKAConfig) -> None:
-    from repsim.sketch import ESTIMATORS, KERNELS
+    from repsim.sketch import check_options
 
-    if cfg.kernel not in KERNELS:
-        raise UserError(f"kernel={cfg.kernel!r} is unknown; use one of {', '.join(KERNELS)}")
-    if cfg.estimator not in ESTIMATORS:
-        raise UserError(f"estimator={cfg.estimator!r} is unknown; use one of "
-                        f"{', '.join(ESTIMATORS)}")
-    if cfg.estimator == "minibatch" and cfg.batch_size is None:
-        raise UserError("estimator='minibatch' needs a batch size (rows per batch, at least "
-                        "4), e.g. batch_size=256")
+    try:
+        check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if cfg.estimator != "minibatch" and cfg.batch_size is not None:
         raise UserError(f"batch_size={cfg.batch_size} applies to estimator='minibatch' only, "
                         f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
@@ -322,9 +289,7 @@ def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
     rows = d["bandwidth_rows"]
     return {
         "format": FORMAT, "cache_key": key, "model_a": sa.label, "model_b": sb.label,
-        **{k: d[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n", "threshold",
-                             "batch_size", "batch_seed", "n_batches", "matrix",
-                             "bandwidths_a", "bandwidths_b")},
+        **{k: v for k, v in d.items() if k != "bandwidth_rows"},
         "bandwidth_rows_sha256": None if rows is None else ids_digest(np.asarray(rows)),
         "samples": {"n": sa.n, "ids_sha256": sa.ids_sha256, "dataset": data.get("dataset"),
                     "split": data.get("split"), "seed": data.get("seed"),
@@ -400,6 +365,23 @@ SKETCH_MAX_BYTES = 256 << 20
 
 def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
                   layers_b: list[str], cfg: CKAConfig) -> CKAResult:
+    """:func:`_cka_of_stores`, plus how far to trust it (:func:`repsim.stats.calibrate_result`)."""
+    res = _cka_of_stores(store_a, store_b, layers_a, layers_b, cfg)
+    if not (cfg.se or cfg.permutations):
+        return res
+    from repsim import stats
+    from repsim.models import resolve_device
+    from repsim.store import Store
+
+    with Store(store_a.path) as ra, Store(store_b.path) as rb:
+        return stats.calibrate_result(
+            res, [ra[x] for x in layers_a], [rb[x] for x in layers_b],
+            permutations=cfg.permutations, seed=cfg.permutation_seed,
+            influence=cfg.influence, ids=ra.ids, device=resolve_device(cfg.device))
+
+
+def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
+                   layers_b: list[str], cfg: CKAConfig) -> CKAResult:
     """CKA between layers of two aligned activation stores (what ``repsim cka`` computes).
 
     ``store_a``/``store_b`` have ``path``, ``n`` and ``identity_sha256``

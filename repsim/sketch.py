@@ -39,13 +39,31 @@ class CKAResult:
     bandwidths_a: list[float] | None = None  # RBF: median squared distance per layer
     bandwidths_b: list[float] | None = None
     bandwidth_rows: list[int] | None = None  # minibatch RBF: rows the bandwidth came from
+    # How much to trust each cell (repsim.stats.calibrate): arrays shaped like ``matrix``,
+    # or per layer (``pr_a``, ``pr_b``); None when not computed.
+    se: np.ndarray | None = None  # jackknife standard error
+    se_method: str | None = None  # "delete-one-image" or "delete-one-batch"
+    pr_a: np.ndarray | None = None  # participation ratio (effective dimensionality)
+    pr_b: np.ndarray | None = None
+    biased_null_mean: np.ndarray | None = None  # sqrt(PR_a PR_b) / (m - 1)
+    permutations: int | None = None  # permutation null: its size, seed and summaries
+    permutation_seed: int | None = None
+    p_value: np.ndarray | None = None
+    null_mean: np.ndarray | None = None
+    null_q95: np.ndarray | None = None
+    influence: list | None = None  # per cell: [[sample id, change without it], ...]
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; NaN becomes ``None``."""
-        d = {k: v for k, v in self.__dict__.items() if k != "matrix"}
-        d["matrix"] = [[None if not np.isfinite(v) else float(v) for v in row]
-                       for row in self.matrix]
-        return d
+        """JSON-ready dict; arrays become lists, NaN becomes ``None``."""
+        return {k: _json(v) for k, v in self.__dict__.items()}
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [_json(x) for x in v] if v.ndim else _json(v.item())
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    return v
 
 
 def check_options(kernel: str, estimator: str, threshold: float = 1.0,
@@ -60,8 +78,8 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
         raise ValueError(f"threshold={threshold!r} must be a positive number")
     if estimator == "minibatch" and (batch_size is None or int(batch_size) != batch_size
                                      or batch_size < 4):
-        raise ValueError(f"estimator='minibatch' needs batch_size, an integer >= 4 (rows per "
-                         f"batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
+        raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
+                         f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
 
 
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:

@@ -209,3 +209,38 @@ class StoreWriter:
     def close(self) -> None:
         if self._f.id.valid:
             self._f.close()
+
+
+def check_aligned(a: Any, b: Any) -> None:
+    """Refuse two stores whose rows are not the same samples in the same order (``a``,
+    ``b``: :class:`repsim.compare.StoreRef`, with ``path``, ``n``, ``meta``, ``ids_sha256``)."""
+    if a.path.resolve() == b.path.resolve():
+        return
+    da, db = a.meta.get("data") or {}, b.meta.get("data") or {}
+
+    def desc(s: Any, d: dict) -> str:
+        ds = f"{d.get('dataset')}/{d.get('split')}, " if d.get("dataset") else ""
+        return f"{s.path} ({ds}{s.n} rows, ids sha256 {s.ids_sha256[:12]})"
+
+    where = (f"A is {desc(a, da)}, B is {desc(b, db)}; extract both from the same probe set "
+             "(dataset, split, n and seed; repsim cka does that when given model names)")
+    if a.n != b.n:
+        raise UserError(f"the stores hold different samples: A has {a.n} rows and B has "
+                        f"{b.n}; {where}")
+    with Store(a.path) as sa, Store(b.path) as sb:
+        ia, ib, la, lb = sa.ids, sb.ids, sa.labels, sb.labels
+    if not np.array_equal(ia, ib):
+        k = int(np.flatnonzero(ia != ib)[0])
+        raise UserError(f"the stores hold different samples: the same {a.n} rows but the "
+                        f"sample IDs first differ at row {k} (A id {int(ia[k])}, B id "
+                        f"{int(ib[k])}); {where}")
+    for key in ("dataset", "split"):
+        if da.get(key) and db.get(key) and da[key] != db[key]:
+            raise UserError(f"the stores have the same sample IDs but different {key}s "
+                            f"({da[key]} vs {db[key]}); {where}")
+    if not np.array_equal(la, lb):
+        k = int(np.flatnonzero(la != lb)[0])
+        raise UserError(f"the stores have the same sample IDs but different labels from row "
+                        f"{k} (A {int(la[k])}, B {int(lb[k])}): they number different copies "
+                        f"or orderings of the data (A source {da.get('source')}, B source "
+                        f"{db.get('source')}); {where}")

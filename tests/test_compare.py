@@ -350,12 +350,13 @@ def test_a_comparison_with_cached_sketches_does_not_import_torch(tmp_path, pair,
     import sys
 
     pa, pb, _, _ = pair
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o1", "--json")
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o1", "--json",
+                             "--no-se")  # standard errors need the Grams (and torch)
     assert code == 0, err
     first = json.loads(out)
     script = ("import json, sys; from repsim import cli; "
               f"rc = cli.main(['cka', '--a', {str(pa)!r}, '--b', {str(pb)!r}, '--out', "
-              f"{str(tmp_path / 'o2')!r}, '--json']); "
+              f"{str(tmp_path / 'o2')!r}, '--json', '--no-se']); "
               "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
     lines = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            check=True).stdout.strip().splitlines()
@@ -407,3 +408,40 @@ def test_layer_globs_match_segment_by_segment_as_in_extract(tmp_path):
     assert select_layers(store, "blocks.*") == ["blocks.0", "blocks.1"]
     assert select_layers(store, "blocks.*.attn,head") == ["blocks.0.attn", "head"]
     assert select_layers(store, "all") == names
+
+
+def test_results_carry_standard_errors_and_participation_ratios(tmp_path, pair, capsys):
+    code, out, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator",
+                             "debiased", "--out", tmp_path / "r", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    se, pr_a = np.array(r["se"], dtype=float), np.array(r["pr_a"], dtype=float)
+    assert se.shape == (12, 3) and r["se_method"] == "delete-one-image"
+    # the jackknife over images, by brute force for one cell
+    fa, fb = pair[2]["blocks.4"], pair[3]["layer2"]
+    loo = [reference.cka(np.delete(fa, i, 0), np.delete(fb, i, 0), debiased=True)
+           for i in range(24)]
+    assert se[4, 2] == pytest.approx(np.sqrt(23 / 24 * np.sum((loo - np.mean(loo)) ** 2)))
+    assert pr_a.shape == (12,) and np.all((pr_a >= 1) & (pr_a <= 23))
+    assert r["p_value"] is None  # no permutations asked for
+    code, out, _ = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator", "debiased",
+                           "--out", tmp_path / "r")
+    assert f"SE <= {se.max():.3f}" in out
+
+
+def test_permutations_and_influence_are_in_the_result_and_its_cache_key(tmp_path, pair,
+                                                                        capsys):
+    args = ["--a", pair[0], "--b", pair[1], "--out", tmp_path / "r", "--json"]
+    code, out, err = run_cli(capsys, *args, "--permutations", "49", "--influence", "2")
+    assert code == 0, err
+    r = json.loads(out)
+    p = np.array(r["p_value"], dtype=float)
+    assert r["permutations"] == 49 and p.shape == (12, 3)
+    assert np.all((p >= 1 / 50) & (p <= 1))
+    assert np.array(r["null_q95"], dtype=float).shape == (12, 3)
+    ids = set((np.arange(24) * 7).tolist())  # make_store's sample IDs
+    assert len(r["influence"][0][0]) == 2 and {i for i, _ in r["influence"][0][0]} <= ids
+    code, out, _ = run_cli(capsys, *args)
+    again = json.loads(out)
+    assert again["reused"] is False and again["p_value"] is None
+    np.testing.assert_array_equal(again["matrix"], r["matrix"])

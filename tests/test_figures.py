@@ -58,6 +58,18 @@ def test_heatmap_labels_both_axes_and_uses_one_0_to_1_scale(tmp_path):
     assert_saved(fig, tmp_path / "h")
 
 
+def test_heatmap_dots_the_cells_not_above_the_permutation_null():
+    p = np.full((7, 5), 0.01)
+    p[1, 4] = p[6, 0] = 0.3
+    result = {"matrix": rand((7, 5)).tolist(), "layers_a": VIT, "layers_b": RES,
+              "model_a": "a", "model_b": "b", "kernel": "linear", "estimator": "debiased",
+              "n": 1000, "p_value": p.tolist(), "permutations": 99}
+    (ax,) = heatmap_axes(draw.cka_heatmap(result))
+    (dots,) = ax.collections
+    np.testing.assert_allclose(np.round(dots.get_offsets()), [[4, 1], [0, 6]])
+    assert "not above the permutation null (p > 0.05, 99 permutations)" in ax.get_title()
+
+
 def test_grid_has_every_pair_and_one_shared_colour_bar(tmp_path):
     labels, layers = ["A", "B", "C"], [VIT, RES, ["x", "y"]]
     panels = {(i, j): {"matrix": rand((len(layers[i]), len(layers[j])), 3 * i + j).tolist(),

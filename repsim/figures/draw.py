@@ -30,6 +30,7 @@ from repsim import paths  # noqa: E402
 CMAP = "magma"
 DPI = 150
 ANNOTATE_MAX_CELLS = 64  # write the value in each cell when the matrix is this small
+ALPHA = 0.05  # heatmaps mark cells whose permutation p-value is above this
 
 
 def _matrix(values) -> np.ndarray:
@@ -45,8 +46,10 @@ def describe(kernel: str, estimator: str, n: int, batch_size: int | None = None)
 
 
 def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], label_a: str,
-                 label_b: str, annotate: bool | None = None, fontsize: float = 8):
-    """One CKA heatmap on ``ax``: ``matrix`` is ``(len(layers_a), len(layers_b))``."""
+                 label_b: str, annotate: bool | None = None, fontsize: float = 8,
+                 null=None):
+    """One CKA heatmap on ``ax``: ``matrix`` is ``(len(layers_a), len(layers_b))``; cells
+    where ``null`` (same shape, bool) is true get a white dot: not above the null."""
     m = matrix if isinstance(matrix, np.ndarray) else _matrix(matrix)
     if m.shape != (len(layers_a), len(layers_b)):
         raise ValueError(f"matrix {m.shape} does not match {len(layers_a)} x {len(layers_b)} "
@@ -63,6 +66,10 @@ def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], l
             ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "nan", ha="center", va="center",
                     fontsize=fontsize - 1,
                     color="black" if np.isfinite(v) and v > 0.6 else "white")
+    if null is not None and np.any(null):
+        i, j = np.nonzero(null)
+        ax.scatter(j, i + (0.3 if m.size <= ANNOTATE_MAX_CELLS else 0), s=6, c="white",
+                   edgecolors="black", linewidths=0.3)
     return im
 
 
@@ -82,11 +89,15 @@ def cka_heatmap(result: dict) -> plt.Figure:
     la, lb = result["layers_a"], result["layers_b"]
     fig, ax = plt.subplots(figsize=(min(14.0, 2.8 + 0.45 * len(lb)),
                                     min(12.0, 2.4 + 0.4 * len(la))), layout="constrained")
-    im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"])
+    p = None if result.get("p_value") is None else _matrix(result["p_value"])
+    null = None if p is None else ~(p <= ALPHA)  # NaN p-values: not above the null either
+    im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"], null=null)
     _colorbar(fig, im, ax, m)
+    legend = ("" if p is None else f"\ndot: not above the permutation null (p > {ALPHA}, "
+              f"{result['permutations']} permutations)")
     ax.set_title(f"{result['model_a']} vs {result['model_b']}\n"
                  + describe(result["kernel"], result["estimator"], result["n"],
-                            result.get("batch_size")), fontsize=10)
+                            result.get("batch_size")) + legend, fontsize=10)
     return fig
 
 

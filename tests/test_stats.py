@@ -1,0 +1,197 @@
+"""Calibrated CKA (repsim.stats): each statistic against brute force or a closed form."""
+
+import numpy as np
+import pytest
+import torch
+
+from repsim import stats
+from repsim.cka import compare, rbf_bandwidths
+from repsim.sketch import minibatches
+from tests.reference import cka as ref_cka
+
+
+def _gauss(n, p, seed):
+    return np.random.default_rng(seed).standard_normal((n, p))
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_closed_form_leave_one_out_equals_brute_force(estimator, kernel):
+    n, hollow = 50, estimator == "debiased"
+    a = [_gauss(n, 7, 0), _gauss(n, 30, 1) ** 2]
+    b = [a[0] @ _gauss(7, 5, 2) + _gauss(n, 5, 3)]
+    sig = lambda mats: [v for v in rbf_bandwidths(mats)] if kernel == "rbf" else None  # noqa: E731
+    ka = stats.grams(a, kernel=kernel, sigma2=sig(a))
+    kb = stats.grams(b, kernel=kernel, sigma2=sig(b))
+    loo = stats.leave_one_out(ka, kb, hollow)
+    for i in (0, 17, n - 1):
+        keep = np.delete(np.arange(n), i)
+        # the Grams of the n - 1 images, with the kernel fixed on all n (bandwidth, means)
+        want = stats.hsic(ka[:, keep][:, :, keep], kb[:, keep][:, :, keep], hollow)
+        np.testing.assert_allclose(loo[i].numpy(), want.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_calibrated_matrix_is_the_engines_matrix(estimator):
+    a, b = [_gauss(64, 10, 0), _gauss(64, 40, 1)], [_gauss(64, 8, 2)]
+    b[0][:, :3] += a[0][:, :3]
+    batches = minibatches(64, 16, 3) if estimator == "minibatch" else None
+    cal = stats.calibrate(a, b, estimator=estimator, batches=batches)
+    want = compare(a, b, estimator=estimator, batch_size=16 if batches else None,
+                   batch_seed=3).matrix
+    np.testing.assert_allclose(cal.matrix, want, rtol=1e-12, atol=1e-14)
+
+
+def test_jackknife_se_equals_the_textbook_formula_on_brute_force_estimates():
+    x, y = _gauss(40, 6, 0), _gauss(40, 6, 1)
+    y[:, :2] += x[:, :2]
+    cal = stats.calibrate([x], [y], estimator="debiased")
+    loo = np.array([ref_cka(np.delete(x, i, 0), np.delete(y, i, 0), debiased=True)
+                    for i in range(40)])
+    # features are centred once, on all 40 images; CKA does not depend on that
+    np.testing.assert_allclose(cal.loo[:, 0, 0], loo, rtol=1e-10)
+    want = np.sqrt(39 / 40 * ((loo - loo.mean()) ** 2).sum())
+    np.testing.assert_allclose(cal.se[0, 0], want, rtol=1e-10)
+
+
+def test_jackknife_intervals_cover_the_population_cka():
+    """X = Z A, Y = Z B + noise: population CKA tr(S_xy S_yx) / sqrt(tr S_x^2 tr S_y^2)."""
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
+    sx, sy, sxy = A.T @ A, B.T @ B + 0.5 * np.eye(5), A.T @ B
+    truth = np.trace(sxy @ sxy.T) / np.sqrt(np.trace(sx @ sx) * np.trace(sy @ sy))
+    hits = 0
+    for _ in range(200):
+        z = rng.standard_normal((200, 4))
+        y = z @ B + np.sqrt(0.5) * rng.standard_normal((200, 5))
+        cal = stats.calibrate([z @ A], [y], estimator="debiased")
+        hits += abs(cal.matrix[0, 0] - truth) <= 1.96 * cal.se[0, 0]
+    assert 182 <= hits <= 196  # 91-98 %
+
+
+def test_biased_null_mean_is_the_participation_ratio_formula():
+    x, y = _gauss(40, 12, 0), _gauss(40, 300, 1) * np.linspace(0.1, 2, 300)
+    cal = stats.calibrate([x], [y], estimator="biased", permutations=4000, seed=1)
+    assert cal.biased_null_mean[0, 0] == pytest.approx(
+        np.sqrt(cal.pr_a[0] * cal.pr_b[0]) / 39)
+    assert cal.null["null_mean"][0, 0] == pytest.approx(cal.biased_null_mean[0, 0], abs=1e-3)
+
+
+def test_debiased_null_mean_is_zero_and_matches_recomputing_on_permuted_data():
+    x, y = _gauss(40, 12, 0), _gauss(40, 300, 1)
+    cal = stats.calibrate([x], [y], estimator="debiased", permutations=2000, seed=2)
+    rng = np.random.default_rng(4)
+    draws = np.array([ref_cka(x, y[rng.permutation(40)], debiased=True) for _ in range(1000)])
+    se = draws.std() / np.sqrt(2000)
+    assert abs(cal.null["null_mean"][0, 0]) <= 3 * se
+    assert abs(draws.mean()) <= 3 * draws.std() / np.sqrt(1000)
+    assert cal.null["null_q95"][0, 0] == pytest.approx(np.quantile(draws, 0.95), abs=0.02)
+
+
+def test_permutation_p_values_of_independent_data_are_uniform():
+    rng = np.random.default_rng(0)
+    p = [stats.calibrate([rng.standard_normal((30, 5))], [rng.standard_normal((30, 8))],
+                         estimator="debiased", permutations=99,
+                         seed=int(rng.integers(1 << 30))).null["p_value"][0, 0]
+         for _ in range(200)]
+    assert 0.02 <= np.mean(np.asarray(p) <= 0.05) <= 0.08
+
+
+def test_an_orthogonal_transform_has_the_smallest_p_value():
+    x = _gauss(50, 10, 0)
+    q, _ = np.linalg.qr(_gauss(10, 10, 1))
+    cal = stats.calibrate([x], [x @ q], estimator="debiased", permutations=199)
+    assert cal.matrix[0, 0] == pytest.approx(1.0, abs=1e-12)
+    assert cal.null["p_value"][0, 0] == 1 / 200
+
+
+def test_minibatch_null_permutes_within_batches_and_keeps_the_observed_value():
+    x = _gauss(96, 10, 0)
+    y = x[:, :4] + 0.5 * _gauss(96, 4, 1)
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=minibatches(96, 32, 0),
+                          permutations=99)
+    assert cal.null["p_value"][0, 0] == 1 / 100
+    assert abs(cal.null["null_mean"][0, 0]) < 0.05 < cal.matrix[0, 0]
+
+
+def test_isotropic_wide_features_murphy_table():
+    """Independent isotropic data with p = 10 n: biased CKA about 0.91, debiased about 0;
+    the biased value grows with p at fixed n."""
+    n = 100
+    biased = [stats.calibrate([_gauss(n, p, 0)], [_gauss(n, p, 1)], estimator="biased").matrix[0, 0]
+              for p in (n // 10, n, 10 * n)]
+    debiased = stats.calibrate([_gauss(n, 10 * n, 0)], [_gauss(n, 10 * n, 1)],
+                               estimator="debiased")
+    assert biased[2] == pytest.approx(0.91, abs=0.01)
+    assert biased[0] < biased[1] < biased[2]
+    assert abs(debiased.matrix[0, 0]) < 3 * debiased.se[0, 0]
+
+
+def test_one_far_image_drives_cka_to_its_own_limit():
+    """Translating image i of A by t v: K_c -> t^2 |v|^2 c c', c = H e_i, so linear CKA ->
+    (L_c)_ii / ((1 - 1/n) ||L_c||_F), whatever else A holds (Davari et al. 2022)."""
+    n, i = 60, 7
+    y = _gauss(n, 9, 1)
+    lc = stats.grams([y])[0].numpy()
+    limit = lc[i, i] / ((1 - 1 / n) * np.linalg.norm(lc))
+    for seed in (2, 3):
+        x = _gauss(n, 5, seed)
+        x[i] += 1e5 * _gauss(1, 5, 4)[0]
+        got = stats.calibrate([x], [y], estimator="biased").matrix[0, 0]
+        assert got == pytest.approx(limit, rel=1e-3)
+
+
+def test_top_principal_components_give_the_singular_value_formula():
+    """CKA(X, X_k) = sqrt(sum_{i<=k} s_i^4 / sum s_i^4) (Ding et al. 2021)."""
+    x = _gauss(80, 12, 0) * np.linspace(3, 0.2, 12)
+    xc = x - x.mean(0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    for k in (1, 3, 8):
+        got = stats.calibrate([x], [xc @ vt[:k].T], estimator="biased").matrix[0, 0]
+        assert got == pytest.approx(np.sqrt((s[:k] ** 4).sum() / (s**4).sum()), rel=1e-10)
+
+
+def test_delete_one_batch_jackknife_from_twenty_batches():
+    x, y = _gauss(400, 6, 0), _gauss(400, 6, 1)
+    y[:, 0] += x[:, 0]
+    batches = minibatches(400, 20, 0)
+    assert len(batches) == 20
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=batches)
+    brute = np.array([stats.calibrate([x], [y], estimator="minibatch",
+                                      batches=batches[:j] + batches[j + 1:]).matrix[0, 0]
+                      for j in range(20)])
+    want = np.sqrt(19 / 20 * ((brute - brute.mean()) ** 2).sum())
+    assert cal.se[0, 0] == pytest.approx(want, rel=1e-10)
+    assert cal.se_method == "delete-one-batch"
+
+
+def test_minibatch_with_few_batches_jackknifes_images_within_their_batch():
+    x, y = _gauss(60, 6, 0), _gauss(60, 6, 1)
+    y[:, 0] += x[:, 0]
+    batches = minibatches(60, 20, 0)
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=batches)
+    assert cal.se_method == "delete-one-image"
+    for k in (0, 31, 59):  # image cal.rows[k] removed from its batch, the others unchanged
+        rest = [np.setdiff1d(b, [cal.rows[k]]) for b in batches]
+        want = stats.calibrate([x], [y], estimator="minibatch", batches=rest).matrix[0, 0]
+        assert cal.loo[k, 0, 0] == pytest.approx(want, rel=1e-10)
+
+
+def test_influence_names_the_outlier():
+    x, y = _gauss(50, 5, 0), _gauss(50, 5, 1)
+    x[13] += 40
+    y[13] += 40
+    cal = stats.calibrate([x], [y], estimator="debiased")
+    (row, change), *_ = cal.influence(0, 0, 3)
+    assert row == 13 and change < -0.1
+
+
+def test_participation_ratio_of_isotropic_and_rank_one_data():
+    x = _gauss(30, 1, 0) @ _gauss(1, 20, 1)
+    assert stats.participation_ratio(stats.grams([x]))[0] == pytest.approx(1.0)
+    assert stats.participation_ratio(stats.grams([_gauss(30, 3000, 2)]))[0] > 27
+
+
+def test_grams_accept_torch_and_numpy_alike():
+    x = _gauss(10, 4, 0)
+    np.testing.assert_array_equal(stats.grams([x]).numpy(), stats.grams([torch.tensor(x)]).numpy())
