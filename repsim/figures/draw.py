@@ -106,7 +106,7 @@ def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: 
                           annotate=False, fontsize=6)
         ax.set_title("self" if i == j else f"{labels[i]} vs {labels[j]}", fontsize=8)
     _colorbar(fig, im, axes, np.concatenate(values))
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -148,7 +148,7 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         bottom.set_xlabel(f"{cur['label_a']}: layer")
         bottom.set_ylabel("CKA of best match")
         bottom.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -184,7 +184,7 @@ def data_scale(base_label: str, entries: Sequence[dict], title: str) -> plt.Figu
     ax.set_ylabel(f"CKA(layer, same layer of {base_label})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -279,7 +279,7 @@ def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float
 
 def _finish(fig, title: str) -> plt.Figure:
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     return fig
 

@@ -78,7 +78,7 @@ KINDS: dict[str, FigureKind] = {
     "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",), ("pairs",)),
     "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",), ("rows",)),
     "data_scale": FigureKind("repsim.figures.study:data_scale", ("base", "checkpoints"),
-                             ("base", "checkpoints")),
+                             ("base", "checkpoints"), "2"),  # 2: titles wrap
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
                              "renormalize"), ("models",)),
