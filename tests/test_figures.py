@@ -110,6 +110,14 @@ def test_a_title_wider_than_the_figure_wraps_inside_it():
     assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
 
 
+def test_attention_distance_numbers_blocks_from_0_like_the_cli():
+    d = rand((6, 3))
+    fig = draw.attention_distance({"ViT": d}, uniform={"ViT": 0.5})
+    ax = fig.axes[0]
+    assert ax.lines[0].get_xdata().tolist() == list(range(6))  # mean over heads per block
+    assert sorted(set(ax.collections[0].get_offsets()[:, 0])) == list(range(6))
+
+
 def test_table_renders_markdown_and_csv():
     md, csv_text = draw.table([{"model": "ViT", "acc": 81.364, "x": None}], ["model", "acc", "x"])
     assert md == "| model | acc | x |\n|---|---|---|\n| ViT | 81.36 | - |\n"

@@ -316,20 +316,21 @@ def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
 
 def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
                        uniform: dict[str, float] | None = None, title: str = "") -> plt.Figure:
-    """Mean attention distance of every head (points) against block (1-based), one colour per
-    model, the mean over heads as a line. ``distances``: ``{label: (L, H)}``; ``uniform`` (same
-    unit) draws each model's uniform-attention distance dashed."""
+    """Mean attention distance of every head (points) against block (numbered from 0, as
+    ``blocks.0`` and ``--layers 0``), one colour per model, the mean over heads as a line.
+    ``distances``: ``{label: (L, H)}``; ``uniform`` (same unit) draws each model's
+    uniform-attention distance dashed."""
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for j, (label, d) in enumerate(distances.items()):
         depth, heads = np.shape(d)
-        x = np.arange(1, depth + 1) + (j - (len(distances) - 1) / 2) * 0.12  # side by side
+        x = np.arange(depth) + (j - (len(distances) - 1) / 2) * 0.12  # side by side
         ax.scatter(np.repeat(x, heads), np.ravel(d), s=14, alpha=0.75, color=f"C{j}",
                    label=f"{label} (heads)")
         ax.plot(x, np.mean(d, 1), color=f"C{j}", alpha=0.5, lw=1)
         if uniform and label in uniform:
-            ax.hlines(uniform[label], 0.7, depth + 0.3, colors=f"C{j}", linestyles="dashed",
+            ax.hlines(uniform[label], -0.3, depth - 0.7, colors=f"C{j}", linestyles="dashed",
                       lw=0.8, alpha=0.7, label=f"{label}: uniform attention")
-    ax.set_xlabel("block")
+    ax.set_xlabel("block (blocks.i)")
     ax.set_ylabel(f"mean attention distance\n({unit})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     top = max([float(np.max(d)) for d in distances.values()] + list((uniform or {}).values()))

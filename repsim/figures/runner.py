@@ -81,7 +81,7 @@ KINDS: dict[str, FigureKind] = {
                              ("base", "checkpoints"), "2"),  # 2: titles wrap
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
-                             "renormalize"), ("models",)),
+                             "renormalize"), ("models",), "2"),  # 2: blocks from 0
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
                               ("model", "images", "ids", "stages", "top"), ("model",)),
 }
