@@ -207,15 +207,19 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> tuple[str, str]:
 
 def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` (default
-    4) of the probe set, or the samples with these ``ids`` (canonical order of the split).
-    Ids outside the probe set load the whole split once (for the bundled probe set that
-    needs the CIFAR-10 data root)."""
+    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
+    probe set; with ``n_images=None`` the first image of each class, in class order (the
+    canonical order sorts by class, so the first N may all be airplanes); or the samples with
+    these ``ids`` (canonical order of the split). Ids outside the probe set load the whole
+    split once (for the bundled probe set that needs the CIFAR-10 data root)."""
     from repsim.data import load_probe_set
     from repsim.errors import UserError
 
+    if not ids and n_images is None:
+        first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
+        return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
     if not ids:
-        n = 4 if n_images is None else int(n_images)
+        n = int(n_images)
         if not 1 <= n <= len(probe):
             raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
                             f"1 <= images <= {len(probe)}")
@@ -346,18 +350,23 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
                  ) -> plt.Figure:
     """One row per image: the image, the stage's mean map, then its strongest channels.
     ``stage`` is a :class:`repsim.figures.featuremaps.StageMaps`. Channel maps of one image
-    share one scale (0 to that row's maximum), so their strengths compare."""
+    share one scale (0 to that row's maximum), so their strengths compare; the mean map, much
+    weaker, has its own. A colour bar right of each shows its scale."""
     k = stage.maps.shape[1]
-    fig, axes = _image_rows(images, 1, k + 1, ids, (1.2, 1.3))
+    fig, axes = _image_rows(images, 1, k + 1, ids, (1.5, 1.3))  # wide: room for the bars
     for i, row in enumerate(axes):
-        row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
+        mean = row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
         vmax = float(stage.maps[i].max()) or 1.0
         for j in range(k):
-            row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
-                              interpolation="nearest")
+            im = row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
+                                   interpolation="nearest")
             row[j + 2].set_title(f"ch {stage.channels[i, j]}", fontsize=6, pad=2)
         for ax in row[1:]:
             _bare(ax)
+        for ax, mappable in ((row[1], mean), (row[-1], im)):
+            # Insets: tight_layout makes room for them, the panels keep one size.
+            bar = fig.colorbar(mappable, cax=ax.inset_axes((1.04, 0.0, 0.06, 1.0)))
+            bar.ax.tick_params(labelsize=5, length=2, pad=1)
     axes[0, 0].set_title("input", fontsize=7)
     axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
     return _finish(fig, title)

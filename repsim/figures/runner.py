@@ -83,7 +83,8 @@ KINDS: dict[str, FigureKind] = {
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
                              "renormalize"), ("models",), "2"),  # 2: blocks from 0
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
-                              ("model", "images", "ids", "stages", "top"), ("model",)),
+                              ("model", "images", "ids", "stages", "top"), ("model",),
+                              "2"),  # 2: colour bars, one image per class
 }
 
 
