@@ -234,16 +234,17 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def _add_images(p: argparse.ArgumentParser) -> None:
+def _add_images(p: argparse.ArgumentParser, per_class: bool = False) -> None:
     """Options of `attention` and `featuremaps`: which images, from which data."""
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--images", type=_positive_int, default=4,
-                       help="draw the first N images of the probe set")
+    which.add_argument("--images", type=_positive_int, default=None if per_class else 4,
+                       help="draw the first N images of the probe set (default: "
+                       f"{'the first image of each class' if per_class else '4'})")
     which.add_argument("--ids", type=_id_list, nargs="+", help="draw these sample ids (index "
                        "in the split's canonical order) (default: --images)")
     _add(p, "--dataset", "--split")
     p.add_argument("--probe", type=_positive_int, default=1000,
-                   help="probe-set size: its first --images are drawn")
+                   help="probe-set size: the images are drawn from it")
     _add(p, "--seed", "--weights-seed")
     p.add_argument("--out", help="output folder (default: $REPSIM_FIGURES/<command>, "
                    "REPSIM_FIGURES defaults to ./figures)")
@@ -297,7 +298,7 @@ def _add_featuremaps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="layer names, aliases or globs (default: layer1..layer4)")
     p.add_argument("--top", type=_positive_int, default=8,
                    help="strongest channels shown per image and stage")
-    _add_images(p)
+    _add_images(p, per_class=True)
 
 
 @command("featuremaps", "CNN feature maps: each stage's strongest channels and mean map.",

@@ -8,13 +8,14 @@ A run keeps its state in ``<run_dir>/state.pt`` (model, optimiser, RNG states, e
 rewritten atomically at every save, and logs one JSON line per epoch to
 ``<run_dir>/log.jsonl``. Running the same command again continues from the last saved epoch
 and ends where an uninterrupted run would. Every save also writes the deliverable checkpoint
-(float16 weights plus provenance and metrics) to ``out`` and lists it in the
-``manifest.json`` beside it, so a run stopped early still leaves a usable,
+(float16 weights plus provenance and the metrics of those very weights) to ``out`` and lists
+it in the ``manifest.json`` beside it, so a run stopped early still leaves a usable,
 honestly-labelled checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -404,13 +405,17 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
 
 def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: float
           ) -> dict[str, Any]:
-    """Evaluate, then write the state, the ``pending`` log rows (emptied), the checkpoint and
-    the manifest; returns the summary entries of this save."""
+    """Evaluate the weights as the checkpoint holds them (float16), then write the state, the
+    ``pending`` log rows (emptied), the checkpoint and the manifest; returns the summary
+    entries of this save."""
     from tqdm import tqdm
 
     from repsim.weights import sha256_file
 
-    test = evaluate(run.model, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
+    half = _half(run.model)
+    saved = copy.deepcopy(run.model)  # scored as `repsim eval` of the checkpoint will score it
+    saved.load_state_dict(half)
+    test = evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
@@ -424,7 +429,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
             "test_loss": test["loss"], "compiled": run.forward is not run.model,
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    save_checkpoint(run.model, meta, run.out)
+    paths.atomic_write(run.out, lambda tmp: torch.save({"state_dict": half, **meta}, tmp))
     manifest = update_manifest(run.out, {
         "name": run.out.stem, "file": run.out.name, "model": run.cfg.model,
         "dataset": run.cfg.dataset, "train_fraction": run.cfg.train_fraction,
@@ -440,11 +445,10 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
             "test_loss": test["loss"], "manifest": str(manifest)}
 
 
-def save_checkpoint(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
-    """Float16 weights (halves the file; loading casts back) plus JSON-able metadata."""
-    sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu())
-          for k, v in model.state_dict().items()}
-    paths.atomic_write(path, lambda tmp: torch.save({"state_dict": sd, **meta}, tmp))
+def _half(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights: float16 on the CPU (halves the file; loading casts back)."""
+    return {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu())
+            for k, v in model.state_dict().items()}
 
 
 def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:

@@ -8,6 +8,7 @@ import torch
 
 from repsim.cli import main
 from repsim.errors import UserError
+from repsim.figures import draw
 from repsim.figures import featuremaps as FM
 from repsim.models import build_model
 from repsim.registry import get_spec
@@ -108,6 +109,34 @@ def test_weights_seed_draws_another_random_model_on_the_same_images(tmp_path, ca
     assert not np.allclose(maps[0][2], maps[1][2])
 
 
+def test_cli_featuremaps_draws_the_first_image_of_each_class_by_default(cifar_root, tmp_path,
+                                                                        capsys):
+    # The tree's canonical order is sorted by class, 2 images each: class c holds ids 2c, 2c+1.
+    assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", "random",
+                 "--dataset", "cifar10", "--data-root", str(cifar_root), "--probe", "20",
+                 "--stages", "layer4", "--top", "1", "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_images"] == 10
+    with np.load(tmp_path / "featuremaps_resnet18_cifar-random.npz") as z:
+        np.testing.assert_array_equal(z["ids"], np.arange(0, 20, 2))
+
+
+def test_each_row_has_colour_bars_for_its_mean_map_and_its_channels():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 3, 4, 4)).astype(np.float32)
+    maps[1] *= 5  # the second image fires five times as strongly
+    stage = FM.StageMaps(maps=maps, channels=np.tile(np.arange(3), (2, 1)),
+                         scores=maps.mean((2, 3)), mean_map=maps.mean(1) / 10, num_channels=3)
+    fig = draw.feature_maps(rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8), stage)
+    rows = np.reshape(fig.axes, (2, 5))  # input, mean map, 3 channels
+    for i, row in enumerate(rows):
+        # The bars are insets beside the mean map and beside the last channel map.
+        mean_bar, channel_bar = (row[j].images[0].colorbar for j in (1, -1))
+        assert mean_bar.ax in row[1].child_axes and channel_bar.ax in row[-1].child_axes
+        np.testing.assert_allclose(mean_bar.ax.get_ylim(), [stage.mean_map[i].min(),
+                                                            stage.mean_map[i].max()], rtol=1e-6)
+        np.testing.assert_allclose(channel_bar.ax.get_ylim(), [0, maps[i].max()], rtol=1e-6)
+
+
 def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
     assert main(["featuremaps", "--model", "vit_cifar", "--weights", "random"]) == 1
     err = capsys.readouterr().err.strip()
@@ -130,3 +159,20 @@ def test_figure_kind_featuremaps_builds_one_figure_per_stage(tmp_path):
         assert (tmp_path / "figures" / name).is_file()
     data = json.loads((tmp_path / "figures" / "fm.json").read_text())["data"]
     assert np.asarray(data["stages"]["layer4"]["channels"]).shape == (2, 3)
+
+
+def test_figure_kind_featuremaps_draws_one_image_per_class_by_default(tmp_path):
+    from repsim.data import load_probe_set
+    from repsim.figures.runner import build_all
+
+    ana = tmp_path / "analyses"
+    ana.mkdir()
+    (ana / "fm.toml").write_text(
+        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+        'stages = "layer4"\ntop = 1\n[probe]\ndataset = "cifar10-probe"\nn = 30\n')
+    assert not build_all(ana, tmp_path / "figures", progress=False)["failed"]
+    ids = json.loads((tmp_path / "figures" / "fm.json").read_text())["data"]["image_ids"]
+    probe = load_probe_set("cifar10-probe", n=30)
+    label = dict(zip(probe.ids.tolist(), probe.labels.tolist()))
+    first = {c: min(i for i in label if label[i] == c) for c in sorted(set(label.values()))}
+    assert ids == list(first.values())

@@ -110,6 +110,26 @@ def test_data_scale_draws_one_heatmap_per_fraction_and_same_layer_curves(tmp_pat
     assert_saved(fig, tmp_path / "d")
 
 
+def test_a_title_wider_than_the_figure_wraps_inside_it():
+    entries = [{"fraction": 0.1, "label": "ViT 0.1", "matrix": rand((7, 7)).tolist(),
+                "layers_a": VIT, "layers_b": VIT}]  # one fraction: a 5-inch-wide figure
+    title = ("Data scale: ViTs trained on fractions of CIFAR-10 vs the full-data ViT\n"
+             + draw.describe("linear", "minibatch", 1000, 1000))
+    fig = draw.data_scale("ViT", entries, title)
+    fig.canvas.draw()
+    (text,) = [t for t in fig.texts if t.get_text().startswith("Data scale")]  # the suptitle
+    box = text.get_window_extent()
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+
+
+def test_attention_distance_numbers_blocks_from_0_like_the_cli():
+    d = rand((6, 3))
+    fig = draw.attention_distance({"ViT": d}, uniform={"ViT": 0.5})
+    ax = fig.axes[0]
+    assert ax.lines[0].get_xdata().tolist() == list(range(6))  # mean over heads per block
+    assert sorted(set(ax.collections[0].get_offsets()[:, 0])) == list(range(6))
+
+
 def test_table_renders_markdown_and_csv():
     md, csv_text = draw.table([{"model": "ViT", "acc": 81.364, "x": None}], ["model", "acc", "x"])
     assert md == "| model | acc | x |\n|---|---|---|\n| ViT | 81.36 | - |\n"

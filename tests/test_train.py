@@ -130,6 +130,19 @@ def test_checkpoint_round_trip_and_manifest(toy_root, tmp_path):
     assert row["epochs"] == 1 and row["epochs_planned"] == 1
 
 
+def test_recorded_metrics_are_those_of_the_saved_float16_weights(toy_root, tmp_path):
+    res = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    ev = evaluation.evaluate_model(evaluation.EvalConfig(
+        model="vit_cifar", weights=res["checkpoint"], dataset="cifar10",
+        data_root=str(toy_root), progress=False))  # what `repsim eval` of the file reports
+    assert res["test_loss"] == pytest.approx(ev["loss"], rel=1e-9, abs=0)
+    ck = torch.load(res["checkpoint"], weights_only=True)
+    assert (ck["test_loss"], ck["test_accuracy"]) == (res["test_loss"], ev["accuracy"])
+    (row,) = json.loads((tmp_path / "ck" / "manifest.json").read_text())["checkpoints"]
+    assert (row["test_loss"], row["test_accuracy"]) == (round(ev["loss"], 4),
+                                                        round(ev["accuracy"], 2))
+
+
 def test_eval_of_a_known_answer_model(toy_root, tmp_path):
     # Zero weights into the classifier and bias c on class 3: every image scores class 3,
     # so accuracy is the share of class 3 and the loss is known in closed form.

@@ -301,14 +301,15 @@ class FigureContext:
                                     "train_fraction": float(m.group(1)), "entry": None}
         return sorted(found.values(), key=lambda c: (c["train_fraction"], c["name"]))
 
-    def drawn_images(self, spec: dict):
+    def drawn_images(self, spec: dict, default: int | None = 4):
         """``(probe set, images (N, H, W, 3) uint8, ids (N,))``: the spec's ``[probe]`` and the
-        images drawn from it (its ``images``: the first N, default 4, or its ``ids``)."""
+        images drawn from it (its ``images``: the first N, else ``default``, None meaning one
+        per class; or its ``ids``)."""
         from repsim.figures.draw import pick_images
 
         pspec = self.probe_spec(spec)
         probe = self.images(pspec)
-        return (probe, *pick_images(probe, spec.get("images", 4), spec.get("ids"),
+        return (probe, *pick_images(probe, spec.get("images", default), spec.get("ids"),
                                     pspec.data_root, self.progress))
 
     @contextmanager

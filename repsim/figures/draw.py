@@ -117,7 +117,7 @@ def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: 
                           annotate=False, fontsize=6)
         ax.set_title("self" if i == j else f"{labels[i]} vs {labels[j]}", fontsize=8)
     _colorbar(fig, im, axes, np.concatenate(values))
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -159,7 +159,7 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         bottom.set_xlabel(f"{cur['label_a']}: layer")
         bottom.set_ylabel("CKA of best match")
         bottom.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -195,7 +195,7 @@ def data_scale(base_label: str, entries: Sequence[dict], title: str) -> plt.Figu
     ax.set_ylabel(f"CKA(layer, same layer of {base_label})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
 
@@ -218,15 +218,19 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> tuple[str, str]:
 
 def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` (default
-    4) of the probe set, or the samples with these ``ids`` (canonical order of the split).
-    Ids outside the probe set load the whole split once (for the bundled probe set that
-    needs the CIFAR-10 data root)."""
+    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
+    probe set; with ``n_images=None`` the first image of each class, in class order (the
+    canonical order sorts by class, so the first N may all be airplanes); or the samples with
+    these ``ids`` (canonical order of the split). Ids outside the probe set load the whole
+    split once (for the bundled probe set that needs the CIFAR-10 data root)."""
     from repsim.data import load_probe_set
     from repsim.errors import UserError
 
+    if not ids and n_images is None:
+        first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
+        return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
     if not ids:
-        n = 4 if n_images is None else int(n_images)
+        n = int(n_images)
         if not 1 <= n <= len(probe):
             raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
                             f"1 <= images <= {len(probe)}")
@@ -290,7 +294,7 @@ def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float
 
 def _finish(fig, title: str) -> plt.Figure:
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
     return fig
 
@@ -327,20 +331,21 @@ def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
 
 def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
                        uniform: dict[str, float] | None = None, title: str = "") -> plt.Figure:
-    """Mean attention distance of every head (points) against block (1-based), one colour per
-    model, the mean over heads as a line. ``distances``: ``{label: (L, H)}``; ``uniform`` (same
-    unit) draws each model's uniform-attention distance dashed."""
+    """Mean attention distance of every head (points) against block (numbered from 0, as
+    ``blocks.0`` and ``--layers 0``), one colour per model, the mean over heads as a line.
+    ``distances``: ``{label: (L, H)}``; ``uniform`` (same unit) draws each model's
+    uniform-attention distance dashed."""
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     for j, (label, d) in enumerate(distances.items()):
         depth, heads = np.shape(d)
-        x = np.arange(1, depth + 1) + (j - (len(distances) - 1) / 2) * 0.12  # side by side
+        x = np.arange(depth) + (j - (len(distances) - 1) / 2) * 0.12  # side by side
         ax.scatter(np.repeat(x, heads), np.ravel(d), s=14, alpha=0.75, color=f"C{j}",
                    label=f"{label} (heads)")
         ax.plot(x, np.mean(d, 1), color=f"C{j}", alpha=0.5, lw=1)
         if uniform and label in uniform:
-            ax.hlines(uniform[label], 0.7, depth + 0.3, colors=f"C{j}", linestyles="dashed",
+            ax.hlines(uniform[label], -0.3, depth - 0.7, colors=f"C{j}", linestyles="dashed",
                       lw=0.8, alpha=0.7, label=f"{label}: uniform attention")
-    ax.set_xlabel("block")
+    ax.set_xlabel("block (blocks.i)")
     ax.set_ylabel(f"mean attention distance\n({unit})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     top = max([float(np.max(d)) for d in distances.values()] + list((uniform or {}).values()))
@@ -356,18 +361,23 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
                  ) -> plt.Figure:
     """One row per image: the image, the stage's mean map, then its strongest channels.
     ``stage`` is a :class:`repsim.figures.featuremaps.StageMaps`. Channel maps of one image
-    share one scale (0 to that row's maximum), so their strengths compare."""
+    share one scale (0 to that row's maximum), so their strengths compare; the mean map, much
+    weaker, has its own. A colour bar right of each shows its scale."""
     k = stage.maps.shape[1]
-    fig, axes = _image_rows(images, 1, k + 1, ids, (1.2, 1.3))
+    fig, axes = _image_rows(images, 1, k + 1, ids, (1.5, 1.3))  # wide: room for the bars
     for i, row in enumerate(axes):
-        row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
+        mean = row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
         vmax = float(stage.maps[i].max()) or 1.0
         for j in range(k):
-            row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
-                              interpolation="nearest")
+            im = row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
+                                   interpolation="nearest")
             row[j + 2].set_title(f"ch {stage.channels[i, j]}", fontsize=6, pad=2)
         for ax in row[1:]:
             _bare(ax)
+        for ax, mappable in ((row[1], mean), (row[-1], im)):
+            # Insets: tight_layout makes room for them, the panels keep one size.
+            bar = fig.colorbar(mappable, cax=ax.inset_axes((1.04, 0.0, 0.06, 1.0)))
+            bar.ax.tick_params(labelsize=5, length=2, pad=1)
     axes[0, 0].set_title("input", fontsize=7)
     axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
     return _finish(fig, title)

@@ -98,11 +98,11 @@ class FeatureMapsConfig:
     dataset: str = DEFAULT_DATASET
     split: str = "test"
     data_root: str | None = None
-    images: int = 4
+    images: int | None = None  # the first N probe images; None: the first of each class
     ids: list[int] | None = None
     stages: str | None = None  # default: layer1..layer4 for ResNets, else the default layers
     top: int = 8
-    probe: int = 1000  # the images are the first N of this probe set (as in repsim attention)
+    probe: int = 1000  # the images are drawn from this probe set
     seed: int = 0  # of the probe subset
     weights_seed: int = 0  # of random weights
     device: str | None = None
@@ -190,15 +190,15 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
 
 def build_figure(spec: dict, ctx) -> list[Path]:
     """Figure kind ``featuremaps``: per CNN stage, each image's strongest channels and the
-    mean map. Spec keys: ``model`` (a CNN), ``images`` (first N probe images, default 4) or
-    ``ids``, ``stages`` (default layer1..layer4), ``top`` (channels per image, default 8).
-    Writes ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``."""
+    mean map. Spec keys: ``model`` (a CNN), ``images`` (first N probe images; default: the
+    first of each class) or ``ids``, ``stages`` (default layer1..layer4), ``top`` (channels
+    per image, default 8). Writes ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``."""
     from repsim.registry import get_spec
 
     ref = ctx.model_ref(spec["model"], spec)
     check_cnn(get_spec(ref.model))
     model, prov = ctx.model(ref)  # a model without weights skips the figure here
-    probe, images, ids = ctx.drawn_images(spec)
+    probe, images, ids = ctx.drawn_images(spec, default=None)
     with ctx.on_device([model]) as (on,):
         res = featuremap_views(on, ref.model, prov, ref.display(), probe, images, ids,
                                spec.get("stages"), int(spec.get("top", 8)),

@@ -78,12 +78,13 @@ KINDS: dict[str, FigureKind] = {
     "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",), ("pairs",)),
     "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",), ("rows",)),
     "data_scale": FigureKind("repsim.figures.study:data_scale", ("base", "checkpoints"),
-                             ("base", "checkpoints")),
+                             ("base", "checkpoints"), "2"),  # 2: titles wrap
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
-                             "renormalize"), ("models",)),
+                             "renormalize"), ("models",), "2"),  # 2: blocks from 0
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
-                              ("model", "images", "ids", "stages", "top"), ("model",)),
+                              ("model", "images", "ids", "stages", "top"), ("model",),
+                              "2"),  # 2: colour bars, one image per class
 }
 
 
