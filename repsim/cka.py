@@ -42,6 +42,7 @@ from repsim import sketch
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
+DEFAULT = sketch.DEFAULT_ESTIMATOR  # minibatch, batches of 1,024
 SQRT2 = math.sqrt(2.0)
 
 
@@ -279,9 +280,8 @@ class MinibatchCKA:
     unbiased HSIC, the minibatch estimator (Nguyen, Raghu & Kornblith 2021); ``False`` sums
     ``tr(K H L H) / m^2``. The float64 sums (``hsic_ab_``, ``hsic_aa_``, ``hsic_bb_``) of
     several processes add up exactly (:meth:`merge`, or ``torch.distributed.all_reduce`` on
-    :meth:`sums`). ``dead_``: per side
-    and layer, why it added nothing to any batch, or None. RBF needs each layer's median
-    squared distance (``median_sqdist_a``/``_b``, see :func:`rbf_bandwidths`)."""
+    :meth:`sums`). ``dead_``: per side and layer, why it added nothing to any batch, or None.
+    RBF needs each layer's median squared distance (``median_sqdist_a``/``_b``)."""
 
     def __init__(self, *, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                  median_sqdist_a: Sequence[float] | None = None,
@@ -372,15 +372,15 @@ class MinibatchCKA:
 # --------------------------------------------------------------------------- public API
 
 
-def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = "biased",
+def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
             threshold: float = 1.0, batch_size: int | None = None, batch_seed: int = 0,
             device: str | torch.device | None = None, memory_budget: int | None = None,
             progress: bool = False) -> CKAResult:
     """CKA of every layer of ``feats_a`` with every layer of ``feats_b`` (feature sets of
-    ``(n, p_l)`` matrices, the same ``n``): a :class:`CKAResult`, ``matrix`` ``(La, Lb)``.
-    The same object twice gives the self-similarity matrix, exactly symmetric, with half the
-    work. ``batch_seed`` draws the minibatch estimator's random batches."""
-    sketch.check_options(kernel, estimator, threshold, batch_size)
+    ``(n, p_l)`` matrices, the same ``n``): a :class:`CKAResult`, ``matrix`` ``(La, Lb)``;
+    the same object twice: the exactly symmetric self-similarity, in half the work. Minibatch:
+    random batches of ``batch_size`` rows (default 1,024; n <= 1,024: one batch, debiased)."""
+    batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     names_a, mats_a, n = _feature_set(feats_a, "a")
     same = feats_b is feats_a
     names_b, mats_b, _ = (names_a, mats_a, n) if same else _feature_set(feats_b, "b", n)
@@ -427,7 +427,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     return res
 
 
-def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = "biased",
+def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
                threshold: float = 1.0, batch_size: int | None = None,
                batch_seed: int = 0) -> np.ndarray:
     """CKA for all layer pairs: float64 ``(len(feats_a), len(feats_b))``; see :func:`compare`."""
@@ -435,12 +435,12 @@ def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator:
                    batch_size=batch_size, batch_seed=batch_seed).matrix
 
 
-def linear_cka(x: Any, y: Any, *, debiased: bool = False) -> float:
-    """Linear CKA of two ``(n, p)`` / ``(n, q)`` matrices with the same rows."""
+def linear_cka(x: Any, y: Any, *, debiased: bool = True) -> float:
+    """Linear CKA of two ``(n, p)`` / ``(n, q)`` matrices with the same rows (unbiased HSIC)."""
     return float(cka_matrix([x], [y], estimator="debiased" if debiased else "biased")[0, 0])
 
 
-def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = False) -> float:
+def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = True) -> float:
     """RBF-kernel CKA; bandwidth ``threshold * sqrt(median squared distance)`` per matrix."""
     return float(cka_matrix([x], [y], kernel="rbf", threshold=threshold,
                             estimator="debiased" if debiased else "biased")[0, 0])
@@ -469,7 +469,7 @@ def _median(v: torch.Tensor) -> float:
     return float(hi if v.numel() % 2 else (torch.kthvalue(v, k).values + hi) / 2)
 
 
-def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
+def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
                  threshold: float = 1.0, batch_size: int | None = None, batch_seed: int = 0,
                  median_sqdist: float | None = None,
                  device: str | torch.device | None = None) -> torch.Tensor:
@@ -478,7 +478,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = "biased",
     scaled so that sketch inner products are :func:`compare`'s sums (:func:`cka_from_sketches`).
     RBF needs compare's ``median_sqdist`` (:func:`rbf_bandwidths`: all rows, or the fixed
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
-    sketch.check_options(kernel, estimator, threshold, batch_size)
+    batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
     n, dev, biased = x.shape[0], _pick_device([x], device), estimator == "biased"

@@ -320,10 +320,11 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel")
     p.add_argument("--threshold", type=float, default=1.0,
                    help="RBF bandwidth as a multiple of the median distance")
-    p.add_argument("--estimator", default="biased", choices=["biased", "debiased", "minibatch"],
-                   help="CKA estimator")
+    p.add_argument("--estimator", default="minibatch", choices=["biased", "debiased",
+                   "minibatch"], help="CKA estimator (minibatch with n <= --batch-size is one "
+                   "batch: debiased CKA; biased reads high on wide layers)")
     p.add_argument("--batch-size", type=_positive_int, help="rows per batch for --estimator "
-                   "minibatch (default: the engine's)")
+                   "minibatch (default: 1024)")
     p.add_argument("--batch-seed", type=int, default=0,
                    help="seed of the minibatch estimator's random batches")
     p.add_argument("--permutations", type=_number(int, 0, low_ok=True), default=0,

@@ -96,7 +96,7 @@ class CKAConfig:
     a: str
     b: str
     kernel: str = "linear"
-    estimator: str = "biased"
+    estimator: str = "minibatch"  # batches of batch_size (default 1,024; see repsim.sketch)
     threshold: float = 1.0
     batch_size: int | None = None  # minibatch estimator: rows per batch
     batch_seed: int = 0  # minibatch estimator: seed of the random batches
@@ -269,18 +269,30 @@ def default_out_dir(a: StoreRef) -> Path:
     return cache_dir("cka", slug(f"{d['dataset']}-{d.get('split')}-n{n}-{reduce}"))
 
 
-def _check_settings(cfg: CKAConfig) -> None:
+def _check_settings(cfg: CKAConfig) -> CKAConfig:
+    """``cfg`` with its minibatch batch size resolved; UserError for invalid settings."""
     from repsim.sketch import check_options
 
-    try:
-        check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     if cfg.estimator != "minibatch" and cfg.batch_size is not None:
         raise UserError(f"batch_size={cfg.batch_size} applies to estimator='minibatch' only, "
                         f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
     _refuse_weights_of_a_file(cfg.a, cfg.weights_a, "weights_a", "a=")
     _refuse_weights_of_a_file(cfg.b, cfg.weights_b, "weights_b", "b=")
+    try:
+        return replace(cfg, batch_size=check_options(cfg.kernel, cfg.estimator, cfg.threshold,
+                                                     cfg.batch_size))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1: say so."""
+    null = res.biased_null_mean
+    if cfg.estimator == "biased" and null is not None and np.nanmax(null) > 0.1 and cfg.log:
+        cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
+                f"data here (n = {res.n}, layers of effective dimensionality up to "
+                f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
+                "default) or 'debiased' has null level 0")
 
 
 def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
@@ -304,7 +316,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     ``files`` (json, png, pdf), ``reused`` (True when nothing was recomputed), ``seconds``,
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
     t0 = time.perf_counter()
-    _check_settings(cfg)
+    cfg = _check_settings(cfg)
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
     sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
                                  {**common, "weights_seed": cfg.weights_seed_a})
@@ -330,7 +342,9 @@ def run_cka(cfg: CKAConfig) -> dict:
         return {"result": old, "files": [str(jpath)] + [str(p) for p in plots],
                 "reused": True, "stores": stores, "seconds": time.perf_counter() - t0}
 
-    payload = _payload(sa, sb, cka_of_stores(sa, sb, layers_a, layers_b, cfg).to_dict(), key)
+    res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
+    _warn_if_biased_reads_high(res, cfg)
+    payload = _payload(sa, sb, res.to_dict(), key)
     write_json(jpath, payload)
     if cfg.plots:
         from repsim.figures import draw as P

@@ -20,6 +20,10 @@ import numpy as np
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
 BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
+# The default estimator is minibatch CKA in batches of 1,024 (Raghu et al. 2021): unbiased,
+# and one batch, that is debiased CKA, whenever n <= 1,024. The biased estimator reads high
+# on layers wider than the probe set (repsim.stats: its null mean is sqrt(PR_a PR_b)/(n-1)).
+DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
 
 
 @dataclass
@@ -67,8 +71,10 @@ def _json(v: Any) -> Any:
 
 
 def check_options(kernel: str, estimator: str, threshold: float = 1.0,
-                  batch_size: int | None = None) -> None:
-    """ValueError unless the CKA settings are valid (``threshold`` matters for RBF only)."""
+                  batch_size: int | None = None) -> int | None:
+    """ValueError unless the CKA settings are valid (``threshold`` matters for RBF only).
+    Returns the batch size to use: ``batch_size`` (default ``DEFAULT_BATCH_SIZE``) for the
+    minibatch estimator, else None."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is unknown; valid kernels: {', '.join(KERNELS)}")
     if estimator not in ESTIMATORS:
@@ -76,10 +82,13 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
                          f"{', '.join(ESTIMATORS)}")
     if kernel == "rbf" and not (threshold > 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold={threshold!r} must be a positive number")
-    if estimator == "minibatch" and (batch_size is None or int(batch_size) != batch_size
-                                     or batch_size < 4):
+    if estimator != "minibatch":
+        return None
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
+    if int(batch_size) != batch_size or batch_size < 4:
         raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
                          f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
+    return int(batch_size)
 
 
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:

@@ -62,13 +62,19 @@ def test_blockwise_equals_single_block(layers, kernel, estimator):
 
 def test_pair_functions_match_reference(layers):
     x, y = layers[0], layers[1]
-    assert cka.linear_cka(x, y) == pytest.approx(ref.cka(x, y), abs=1e-9)
-    assert cka.linear_cka(x, y, debiased=True) == pytest.approx(
-        ref.cka(x, y, debiased=True), abs=1e-9)
-    assert cka.rbf_cka(x, y, threshold=2.0) == pytest.approx(
+    assert cka.linear_cka(x, y, debiased=False) == pytest.approx(ref.cka(x, y), abs=1e-9)
+    assert cka.linear_cka(x, y) == pytest.approx(ref.cka(x, y, debiased=True), abs=1e-9)
+    assert cka.rbf_cka(x, y, threshold=2.0, debiased=False) == pytest.approx(
         ref.cka(x, y, "rbf", threshold=2.0), abs=1e-9)
-    assert cka.rbf_cka(x, y, debiased=True) == pytest.approx(
-        ref.cka(x, y, "rbf", debiased=True), abs=1e-9)
+    assert cka.rbf_cka(x, y) == pytest.approx(ref.cka(x, y, "rbf", debiased=True), abs=1e-9)
+
+
+def test_the_default_estimator_is_minibatch_of_1024_that_is_debiased_up_to_1024_rows(layers):
+    res = cka.compare(layers, layers[:2])
+    assert (res.estimator, res.batch_size, res.n_batches) == ("minibatch", 1024, 1)
+    want = [[ref.cka(x, y, debiased=True) for y in layers[:2]] for x in layers]
+    np.testing.assert_allclose(res.matrix, want, atol=1e-12)
+    np.testing.assert_array_equal(cka.cka_matrix(layers, layers[:2]), res.matrix)
 
 
 @pytest.mark.parametrize("estimator", FULL)
@@ -156,7 +162,7 @@ def test_minibatch_approaches_full_data_value(rng):
 def test_debiased_near_zero_for_independent_data_biased_is_not(rng):
     x, y = rng.standard_normal((32, 100)), rng.standard_normal((32, 100))
     assert abs(cka.linear_cka(x, y, debiased=True)) < 0.1
-    assert cka.linear_cka(x, y) > 0.5
+    assert cka.linear_cka(x, y, debiased=False) > 0.5
 
 
 def test_negative_debiased_values_are_not_clamped(rng):
@@ -276,9 +282,9 @@ def test_unknown_kernel_and_estimator(layers):
 
 def test_minibatch_needs_valid_batch_size(layers):
     with pytest.raises(ValueError, match="batch_size"):
-        cka.cka_matrix(layers, layers, estimator="minibatch")
-    with pytest.raises(ValueError, match="batch_size"):
         cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=8.5)
 
 
 def test_single_matrix_instead_of_sequence_is_rejected(layers):

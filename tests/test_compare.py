@@ -58,7 +58,8 @@ def pair(tmp_path):
 
 def test_json_has_layers_in_model_order_and_reference_values(tmp_path, pair, capsys):
     pa, pb, fa, fb = pair
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o", "--json")
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o", "--json",
+                             "--estimator", "biased")
     assert code == 0, err
     r = json.loads(out)  # exactly one JSON object on stdout
     for key in ("model_a", "model_b", "layers_a", "layers_b", "kernel", "estimator", "n",
@@ -143,9 +144,18 @@ def test_corrupt_store_is_refused_in_one_line(tmp_path, pair, capsys):
     assert code == 1 and err.count("\n") == 1 and "corrupt" in err
 
 
-def test_minibatch_without_batch_size_is_refused(tmp_path, pair, capsys):
-    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator", "minibatch")
-    assert code == 1 and "--batch-size" in err
+def test_the_default_is_minibatch_of_1024_rows_and_batch_size_needs_it(tmp_path, pair,
+                                                                       capsys):
+    pa, pb, fa, fb = pair
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--json")
+    r = json.loads(out)
+    assert (r["estimator"], r["batch_size"], r["n_batches"]) == ("minibatch", 1024, 1)
+    want = reference.cka(fa["blocks.3"].astype(np.float32), fb["layer1"].astype(np.float32),
+                         debiased=True)  # one batch of all 24 rows: debiased CKA
+    assert r["matrix"][3][1] == pytest.approx(want, abs=1e-10)
+    code, _, err = run_cli(capsys, "--a", pa, "--b", pb, "--estimator", "debiased",
+                           "--batch-size", "8")
+    assert code == 1 and "--batch-size 8 applies to --estimator 'minibatch' only" in err
 
 
 def test_second_run_does_no_work_until_a_store_changes(tmp_path, pair, capsys):
@@ -445,3 +455,19 @@ def test_permutations_and_influence_are_in_the_result_and_its_cache_key(tmp_path
     again = json.loads(out)
     assert again["reused"] is False and again["p_value"] is None
     np.testing.assert_array_equal(again["matrix"], r["matrix"])
+
+
+def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    wide = {"x": rng.standard_normal((24, 240))}  # p = 10 n: biased null level about 0.9
+    narrow = {"x": rng.standard_normal((24, 2))}  # PR <= 2: null level at most about 0.1
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    c = make_store(tmp_path / "c.h5", narrow)
+    code, out, err = run_cli(capsys, "--a", a, "--b", b, "--estimator", "biased", "--json")
+    r = json.loads(out)
+    assert code == 0 and "warning: the biased estimator reads up to" in err
+    assert r["biased_null_mean"][0][0] > 0.8 and r["matrix"][0][0] > 0.8  # unrelated data
+    _, _, err = run_cli(capsys, "--a", a, "--b", b, "--json")
+    assert "warning" not in err  # the default (minibatch, here debiased) has null level 0
+    _, out, err = run_cli(capsys, "--a", c, "--b", c, "--estimator", "biased", "--json")
+    assert json.loads(out)["biased_null_mean"][0][0] <= 0.1 and "warning" not in err

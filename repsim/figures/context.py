@@ -85,12 +85,12 @@ class FigureContext:
         return ProbeSpec(**{**(spec.get("probe") or {}), **self.overrides})
 
     def cka_settings(self, spec: dict) -> dict:
-        c = {"kernel": "linear", "estimator": "biased", "batch_size": None, "batch_seed": 0,
-             "threshold": 1.0, **(spec.get("cka") or {})}
-        if c["estimator"] == "minibatch" and c.get("batch_size") is None:
-            raise UserError(f"{self.name}: [cka] estimator = 'minibatch' needs batch_size")
-        if c["estimator"] != "minibatch":
-            c["batch_size"] = None
+        from repsim.sketch import DEFAULT_BATCH_SIZE, DEFAULT_ESTIMATOR
+
+        c = {"kernel": "linear", "estimator": DEFAULT_ESTIMATOR, "batch_size": None,
+             "batch_seed": 0, "threshold": 1.0, **(spec.get("cka") or {})}
+        mini = c["estimator"] == "minibatch"
+        c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
         return c
 
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
