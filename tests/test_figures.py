@@ -248,7 +248,7 @@ def test_study_figures_are_built_cached_and_rebuilt_only_where_changed(study):
     np.testing.assert_allclose(np.diag(grid[0]["matrix"]), 1.0, atol=1e-12)
     np.testing.assert_array_equal(np.array(grid[1]["matrix"]).T, grid[2]["matrix"])
     best = (figs / "best.csv").read_text().splitlines()
-    assert best[0] == "model_a,layer_a,model_b,best_layer_b,cka" and len(best) == 1 + len(VIT)
+    assert best[0] == "model_a,layer_a,model_b,best_layer_b,cka,se" and len(best) == 1 + len(VIT)
     md = (figs / "acc.md").read_text()
     assert "| cifar10 | vit_cifar | 81.36 | 42.50 | -38.86 | 3/500 |" in md
     assert "| svhn | resnet18_cifar | 95.78 | - |" in md
@@ -320,3 +320,16 @@ def test_a_missing_manifest_skips_the_table_in_one_line(study):
     assert [e["name"] for e in res["skipped"]] == ["acc"]
     assert "no checkpoint manifest" in res["skipped"][0]["reason"]
     assert "\n" not in res["skipped"][0]["reason"]
+
+
+def test_a_grid_with_a_null_carries_p_values_and_errors_transposed_with_each_panel(study):
+    write(study / "analyses", "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar", '
+          '"resnet18_cifar"]\n' + PROBE + "permutations = 19\n")  # in PROBE's [cka]
+    res = build_all(study / "analyses", study / "figures", only=["grid"], progress=False)
+    assert [e["name"] for e in res["built"]] == ["grid"]
+    panels = json.loads((study / "figures" / "grid.json").read_text())["data"]["panels"]
+    for key in ("matrix", "se", "p_value"):
+        np.testing.assert_array_equal(np.array(panels[1][key], dtype=float).T,
+                                      np.array(panels[2][key], dtype=float))
+    p = np.array(panels[1]["p_value"], dtype=float)
+    assert p.shape == (len(VIT), len(RES)) and np.all((p >= 1 / 20) & (p <= 1))

@@ -25,6 +25,8 @@ from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
 
 _FRACTION_RE = re.compile(r"frac(?:tion)?[_-]?([0-9]*\.?[0-9]+)")
+# A CKA result's per-cell fields (rows: A's layers), transposed with the matrix
+CELLS = ("matrix", "se", "biased_null_mean", "p_value", "null_mean", "null_q95", "influence")
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class FigureContext:
         from repsim.sketch import DEFAULT_BATCH_SIZE, DEFAULT_ESTIMATOR
 
         c = {"kernel": "linear", "estimator": DEFAULT_ESTIMATOR, "batch_size": None,
-             "batch_seed": 0, "threshold": 1.0, **(spec.get("cka") or {})}
+             "batch_seed": 0, "threshold": 1.0, "permutations": 0, **(spec.get("cka") or {})}
         mini = c["estimator"] == "minibatch"
         c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
         return c
@@ -121,9 +123,10 @@ class FigureContext:
                           "probe": asdict(probe), "cka": settings})
         if (first, second) == (a, b):
             return res
-        return {**res, "model_a": res["model_b"], "model_b": res["model_a"],
-                "layers_a": res["layers_b"], "layers_b": res["layers_a"],
-                "matrix": [list(col) for col in zip(*res["matrix"])]}
+        flip = {k: res[k[:-1] + ("b" if k.endswith("_a") else "a")]
+                for k in res if k.endswith(("_a", "_b"))}  # model_a <-> model_b, ...
+        cells = {k: [list(col) for col in zip(*res[k])] for k in CELLS if res.get(k)}
+        return {**res, **flip, **cells}
 
     def model(self, ref: ModelRef):
         """``(model, provenance)`` on CPU; weights paths in the provenance are relative to
@@ -247,7 +250,8 @@ class FigureContext:
             a=str(sides[0][0].path), b=str(sides[1][0].path), label_a=refs[0].display(),
             label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1],
             kernel=c["kernel"], estimator=c["estimator"], threshold=c["threshold"],
-            batch_size=c["batch_size"], batch_seed=c["batch_seed"], probe=probe, plots=False,
+            batch_size=c["batch_size"], batch_seed=c["batch_seed"],
+            permutations=c["permutations"], probe=probe, plots=False,
             out=str(paths.cache_dir("cka") / probe.tag()), force=self.force,
             device=probe.device, progress=self.progress, log=self.log)
         return compare.run_cka(cfg)["result"]

@@ -89,16 +89,23 @@ def cka_heatmap(result: dict) -> plt.Figure:
     la, lb = result["layers_a"], result["layers_b"]
     fig, ax = plt.subplots(figsize=(min(14.0, 2.8 + 0.45 * len(lb)),
                                     min(12.0, 2.4 + 0.4 * len(la))), layout="constrained")
-    p = None if result.get("p_value") is None else _matrix(result["p_value"])
-    null = None if p is None else ~(p <= ALPHA)  # NaN p-values: not above the null either
-    im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"], null=null)
+    im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"],
+                      null=_not_above_null(result))
     _colorbar(fig, im, ax, m)
-    legend = ("" if p is None else f"\ndot: not above the permutation null (p > {ALPHA}, "
-              f"{result['permutations']} permutations)")
+    legend = "" if result.get("p_value") is None else "\n" + null_legend(result["permutations"])
     ax.set_title(f"{result['model_a']} vs {result['model_b']}\n"
                  + describe(result["kernel"], result["estimator"], result["n"],
                             result.get("batch_size")) + legend, fontsize=10)
     return fig
+
+
+def _not_above_null(result: dict) -> np.ndarray | None:
+    """Cells whose permutation p-value is above ``ALPHA`` (or NaN); None without a null."""
+    return None if result.get("p_value") is None else ~(_matrix(result["p_value"]) <= ALPHA)
+
+
+def null_legend(permutations: int) -> str:
+    return f"dot: not above the permutation null (p > {ALPHA}, {permutations} permutations)"
 
 
 def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: str) -> plt.Figure:
@@ -114,7 +121,7 @@ def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: 
         m = _matrix(p["matrix"])
         values.append(m.ravel())
         im = draw_heatmap(ax, m, p["layers_a"], p["layers_b"], labels[i], labels[j],
-                          annotate=False, fontsize=6)
+                          annotate=False, fontsize=6, null=_not_above_null(p))
         ax.set_title("self" if i == j else f"{labels[i]} vs {labels[j]}", fontsize=8)
     _colorbar(fig, im, axes, np.concatenate(values))
     fig.suptitle(title, fontsize=11, wrap=True)
@@ -153,11 +160,13 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         top.set_ylabel(f"{cur['label_b']}: best-matching layer")
         top.set_title(f"{cur['label_a']} -> {cur['label_b']}", fontsize=9)
         top.legend(fontsize=7, loc="upper left")
-        bottom.plot(x, np.asarray(cur["value"], dtype=float), marker="o", color="C1")
+        se = [np.nan if v is None else v for v in cur.get("se") or [None] * len(x)]
+        bottom.errorbar(x, np.asarray(cur["value"], dtype=float), yerr=np.asarray(se, float),
+                        marker="o", color="C1", capsize=2)  # +-1 jackknife SE
         bottom.set_ylim(0, 1)
         bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
         bottom.set_xlabel(f"{cur['label_a']}: layer")
-        bottom.set_ylabel("CKA of best match")
+        bottom.set_ylabel("CKA of best match (+-1 SE)")
         bottom.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11, wrap=True)
     return fig

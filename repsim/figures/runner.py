@@ -51,7 +51,7 @@ from repsim.figures.context import FigureContext
 FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
-CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold")
+CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
 
 Builder = Callable[[dict, "FigureContext"], list[Path]]
 

@@ -32,10 +32,14 @@ def cka_grid(spec: dict, ctx) -> list[Path]:
     for i, a in enumerate(refs):
         for j, b in enumerate(refs):
             r = ctx.cka(a, b, probe, c)
-            panels[(i, j)] = {k: r[k] for k in ("matrix", "layers_a", "layers_b")}
+            panels[(i, j)] = {k: r.get(k) for k in ("matrix", "layers_a", "layers_b", "se",
+                                                    "p_value")}
             n = r["n"]
     labels = [r.display() for r in refs]
-    fig = draw.cka_grid(labels, panels, _title(spec, "CKA among " + ", ".join(labels), c, n))
+    title = _title(spec, "CKA among " + ", ".join(labels), c, n)
+    if c["permutations"]:
+        title += "; " + draw.null_legend(c["permutations"])
+    fig = draw.cka_grid(labels, panels, title)
     ctx.data["panels"] = [{"row_model": labels[i], "col_model": labels[j], **p}
                           for (i, j), p in sorted(panels.items())]
     ctx.data["n"] = n
@@ -59,13 +63,17 @@ def best_match(spec: dict, ctx) -> list[Path]:
         idx, val = draw.best_match_curve(r["matrix"])
         cur = {"label_a": a.display(), "label_b": b.display(), "layers_a": r["layers_a"],
                "layers_b": r["layers_b"], "index": idx.tolist(),
-               "value": [None if v != v else float(v) for v in val]}
+               "value": [None if v != v else float(v) for v in val],
+               "se": [r["se"][i][j] if r.get("se") and j >= 0 else None
+                      for i, j in enumerate(idx.tolist())]}
         curves.append(cur)
         rows += [{"model_a": a.display(), "layer_a": name, "model_b": b.display(),
                   "best_layer_b": r["layers_b"][idx[i]] if idx[i] >= 0 else None,
-                  "cka": cur["value"][i]} for i, name in enumerate(r["layers_a"])]
+                  "cka": cur["value"][i], "se": cur["se"][i]}
+                 for i, name in enumerate(r["layers_a"])]
     fig = draw.best_match(curves, _title(spec, "Best-matching layers", c, n))
-    _, csv_text = draw.table(rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka"])
+    _, csv_text = draw.table(rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka",
+                                    "se"])
     ctx.data["curves"] = curves
     return ctx.save(fig) + [ctx.write_text(".csv", csv_text)]
 
