@@ -340,7 +340,8 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
                    help="token/map reduction when extracting")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage dtype when extracting")
-    p.add_argument("--weights-a", help="weights file or 'random' for A (default: its own)")
+    p.add_argument("--weights-a", help="weights file or 'random' for A (default: its own); "
+                   "several files, comma-separated, are seeds: mean, spread and seed ceiling")
     p.add_argument("--weights-b", help="weights file or 'random' for B (default: its own)")
     p.add_argument("--weights-seed-a", type=int, default=0, help="seed of A's random weights")
     p.add_argument("--weights-seed-b", type=int, default=0, help="seed of B's random weights "
@@ -358,10 +359,12 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
          "file and a heatmap.", _add_cka)
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, run_cka
+    from repsim.seeds import has_seeds, run_cka_seeds
 
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
-    res = run_cka(_config(CKAConfig, args, probe=probe,
-                          log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr)))
+    cfg = _config(CKAConfig, args, probe=probe,
+                  log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr))
+    res = run_cka_seeds(cfg) if has_seeds(cfg) else run_cka(cfg)
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"
     se = [v for row in r.get("se") or [] for v in row if v is not None]

@@ -471,3 +471,28 @@ def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys
     assert "warning" not in err  # the default (minibatch, here debiased) has null level 0
     _, out, err = run_cli(capsys, "--a", c, "--b", c, "--estimator", "biased", "--json")
     assert json.loads(out)["biased_null_mean"][0][0] <= 0.1 and "warning" not in err
+
+
+def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys):
+    from repsim.models import build_model
+
+    files = []
+    for s in range(3):
+        files.append(checkpoints / f"r{s}.pt")
+        torch.save(build_model("resnet18_cifar", seed=10 + s).state_dict(), files[-1])
+    seeds_a = ",".join(map(str, files[:2]))
+    code, out, err = run_cli(capsys, "--a", "resnet18_cifar", "--weights-a", seeds_a, "--b",
+                             "resnet18_cifar", "--weights-b", str(files[2]), "--n", "8",
+                             "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    each = [np.array(json.load(open(f))["matrix"]) for f in r["comparisons"]]
+    assert r["n_comparisons"] == 2 and r["model_a"] == "resnet18_cifar (2 seeds)"
+    np.testing.assert_allclose(r["matrix"], np.mean(each, 0), atol=1e-15)
+    np.testing.assert_allclose(r["seed_sd"], np.std(each, 0, ddof=1), atol=1e-15)
+    code, out, _ = run_cli(capsys, "--a", "resnet18_cifar", "--weights-a", str(files[0]),
+                           "--b", "resnet18_cifar", "--weights-b", str(files[1]), "--n", "8",
+                           "--json")
+    np.testing.assert_allclose(r["seed_ceiling_a"], np.diag(json.loads(out)["matrix"]))
+    assert r["seed_ceiling_b"] is None  # one seed of B
+    assert np.array(r["se"]).shape == (5, 5)  # image-level SE, apart from the seed spread

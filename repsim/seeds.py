@@ -1,0 +1,89 @@
+"""Comparisons over seeds: several weights files (seeds of one recipe) per model.
+
+``repsim cka --weights-a s0.pt,s1.pt,s2.pt --weights-b t0.pt,t1.pt`` compares every seed of A
+with every seed of B (each one an ordinary, cached ``repsim cka`` result) and reports the
+mean matrix, the spread between seeds (``seed_sd``, the standard deviation over the
+comparisons), and per model with two or more seeds its **seed ceiling**: the CKA between two
+seeds of that model, layer with same layer, averaged over seed pairs, which is how similar a
+layer can look to its own counterpart. The image-level standard error (``se``, the jackknife
+SE of one comparison, averaged) is reported apart from the seed spread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from repsim.compare import CKAConfig, run_cka
+from repsim.paths import digest, slug, write_json
+
+
+def seed_list(weights: str | None) -> list[str | None]:
+    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file or None stays a single entry."""
+    return [None] if weights is None else [w.strip() for w in weights.split(",") if w.strip()]
+
+
+def has_seeds(cfg: CKAConfig) -> bool:
+    """Whether either side names several weights files."""
+    return max(len(seed_list(cfg.weights_a)), len(seed_list(cfg.weights_b))) > 1
+
+
+def _matrix(rows: list) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
+
+
+def _json(m: np.ndarray) -> list:
+    return [[None if not np.isfinite(v) else float(v) for v in r] for r in m]
+
+
+def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> list | None:
+    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself; None for one
+    seed."""
+    if len(seeds) < 2:
+        return None
+    diags = [np.diag(_matrix(run_cka(replace(
+        cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers, layers_b=layers,
+        label_a=None, label_b=None, plots=False))["result"]["matrix"]))
+        for x, y in itertools.combinations(seeds, 2)]
+    return [None if not np.isfinite(v) else float(v) for v in np.mean(diags, 0)]
+
+
+def run_cka_seeds(cfg: CKAConfig) -> dict:
+    """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
+    Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``)."""
+    t0 = time.perf_counter()
+    seeds_a, seeds_b = seed_list(cfg.weights_a), seed_list(cfg.weights_b)
+    runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
+            for x in seeds_a for y in seeds_b]
+    results = [r["result"] for r in runs]
+    stack = np.stack([_matrix(r["matrix"]) for r in results])
+    se = [_matrix(r["se"]) for r in results if r.get("se")]
+    first = results[0]
+    res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n",
+                                 "batch_size", "samples")}
+    res.update(
+        model_a=(cfg.label_a or f"{cfg.a} ({len(seeds_a)} seeds)") if len(seeds_a) > 1
+        else first["model_a"],
+        model_b=(cfg.label_b or f"{cfg.b} ({len(seeds_b)} seeds)") if len(seeds_b) > 1
+        else first["model_b"],
+        matrix=_json(np.nanmean(stack, 0)),
+        seed_sd=_json(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
+        se=_json(np.mean(se, 0)) if se else None,
+        seeds_a=seeds_a, seeds_b=seeds_b, n_comparisons=len(runs),
+        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a),
+        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
+        comparisons=[r["files"][0] for r in runs])
+    out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out)
+    stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
+            f"{digest(res['comparisons'])[:10]}")
+    files = [write_json(out / f"{stem}.json", res)]
+    if cfg.plots:
+        from repsim.figures import draw
+
+        files += draw.save(draw.cka_heatmap(res), out / stem)
+    return {"result": res, "files": [str(f) for f in files],
+            "reused": all(r["reused"] for r in runs), "seconds": time.perf_counter() - t0}
