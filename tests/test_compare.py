@@ -387,10 +387,13 @@ def test_minibatch_of_a_class_sorted_store_agrees_with_debiased(tmp_path):
     common = dict(a=str(path), b=str(path), plots=False, progress=False, layers_a="l0",
                   layers_b="l1")
     mini = run_cka(CKAConfig(estimator="minibatch", batch_size=50, out=str(tmp_path / "m"),
-                             **common))["result"]["matrix"][0][0]
+                             **common))["result"]
     debiased = run_cka(CKAConfig(estimator="debiased", out=str(tmp_path / "d"),
                                  **common))["result"]["matrix"][0][0]
-    assert debiased > 0.5 and mini == pytest.approx(debiased, abs=0.05)
+    # within a few of the minibatch estimate's own (jackknife) standard errors
+    se = mini["se"][0][0]
+    assert debiased > 0.5 and 0 < se < 0.05
+    assert abs(mini["matrix"][0][0] - debiased) <= 3 * se
 
 
 @pytest.mark.cuda
