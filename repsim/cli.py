@@ -380,10 +380,8 @@ def _add_figures(p: argparse.ArgumentParser) -> None:
 @command("figures", "Build the study's figures and tables from analyses/*.toml into "
          "figures/ (cached, incremental).", _add_figures)
 def cmd_figures(args) -> int:
-    if args.offline or os.environ.get("REPSIM_OFFLINE", "") in ("1", "true", "yes"):
-        # Read by huggingface_hub at import: set before anything imports timm.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["REPSIM_OFFLINE"] = "1"
+    if args.offline:
+        os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)
     from repsim.figures.runner import build_all
 
     overrides = {k: getattr(args, k) for k in ("dataset", "split", "n", "seed", "data_root")}

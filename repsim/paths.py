@@ -26,6 +26,12 @@ def cache_dir(*parts: str) -> Path:
     return Path(os.environ.get("REPSIM_CACHE") or "cache").expanduser().joinpath(*parts)
 
 
+def offline() -> bool:
+    """Whether downloads are off: ``$REPSIM_OFFLINE`` or the Hugging Face hub's own switches."""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("REPSIM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def figures_dir(kind: str) -> Path:
     """Default output folder of a figure command: ``$REPSIM_FIGURES/<kind>``."""
     return Path(os.environ.get("REPSIM_FIGURES") or "figures").expanduser() / kind

@@ -52,3 +52,5 @@ def _private_cache(tmp_path, monkeypatch):
     written into the repository, and the committed checkpoints never change an outcome."""
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    for switch in ("REPSIM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(switch, raising=False)  # tests that want one set it
