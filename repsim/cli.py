@@ -445,7 +445,7 @@ def _import_user_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from repsim.errors import UserError, as_flags
+    from repsim.errors import UserError, as_flags, os_problem
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -458,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_user_modules(args.imports)
         return COMMANDS[args.command][2](args)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk, a path
         if args.debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
+               else os_problem(exc) if isinstance(exc, OSError) else exc)
         print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

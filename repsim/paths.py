@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from repsim.errors import NO_SPACE, UserError, os_problem
+
 
 def cache_dir(*parts: str) -> Path:
     """``$REPSIM_CACHE/<parts...>`` (default ``./cache``)."""
@@ -78,8 +80,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # name the file, not its tmp
+            raise UserError(os_problem(exc, path)) from exc
         raise
     return path
 
