@@ -399,10 +399,8 @@ def _add_figures(p: argparse.ArgumentParser) -> None:
 @command("figures", "Build the study's figures and tables from analyses/*.toml into "
          "figures/ (cached, incremental).", _add_figures)
 def cmd_figures(args) -> int:
-    if args.offline or os.environ.get("REPSIM_OFFLINE", "") in ("1", "true", "yes"):
-        # Read by huggingface_hub at import: set before anything imports timm.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["REPSIM_OFFLINE"] = "1"
+    if args.offline:
+        os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)
     from repsim.figures.runner import build_all
 
     overrides = {k: getattr(args, k) for k in ("dataset", "split", "n", "seed", "data_root")}
@@ -466,7 +464,7 @@ def _import_user_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from repsim.errors import UserError, as_flags
+    from repsim.errors import UserError, as_flags, os_problem
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -479,10 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _import_user_modules(args.imports)
         return COMMANDS[args.command][2](args)
-    except (UserError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk, a path
         if args.debug:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
+               else os_problem(exc) if isinstance(exc, OSError) else exc)
         print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

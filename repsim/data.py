@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME
 from repsim.errors import UserError
-from repsim.paths import ids_digest
+from repsim.paths import ids_digest, offline
 
 DATASETS = ("cifar10", "cifar100", "svhn")  # under the data root
 SPLITS = ("train", "test")
@@ -171,7 +171,7 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     root = resolve_data_root(data_root)
     tree = _find_tree(root, name, split)
     if tree is None:
-        download = download and os.environ.get("REPSIM_OFFLINE", "") not in ("1", "true", "yes")
+        download = download and not offline()
         return _from_torchvision(name, split, root, n, seed, image_size, download, progress)
     classes, paths, labels = _scan_class_tree(tree)
     if len(classes) != _CLASS_COUNTS[name]:

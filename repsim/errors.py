@@ -6,7 +6,14 @@ CLI rewrites each ``name=`` into its flag (``--layers 'blocks.9'``, ``--restart`
 :func:`as_flags` before printing.
 """
 
+import errno
+import os
 import re
+import shutil
+from pathlib import Path
+
+# A full disk, a full quota and a file-size limit (ulimit -f, FAT32) all mean: no room.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(Exception):
@@ -21,3 +28,21 @@ def as_flags(message: str) -> str:
         return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) else " ")
 
     return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=(?!=)(True\b)?", flag, message)
+
+
+def os_problem(exc: OSError, path: str | os.PathLike | None = None,
+               needed: int | None = None) -> str:
+    """One line for a failed file operation on ``path`` (default: the error's): the reason and
+    the fix; for no room (:data:`NO_SPACE`), the ``needed`` bytes when known and the free ones."""
+    path = exc.filename if path is None else path
+    if exc.strerror is None or path is None:
+        return str(exc)
+    if exc.errno not in NO_SPACE:
+        return f"cannot use {path}: {exc.strerror}; fix: check that path and its permissions"
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    need = f"needs about {needed / 2**20:,.1f} MiB more, " if needed else ""
+    return (f"cannot write {path}: {exc.strerror} ({need}"
+            f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free there); fix: free space on "
+            "that disk or write elsewhere with out=PATH, then run the same command again")

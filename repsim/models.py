@@ -8,6 +8,7 @@ strings users type (``embed``, ``blocks.3``, ``stem``, ``layer2.1``, globs such 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from torch import nn
 
 from repsim.errors import UserError
 from repsim.layers import match_layers
+from repsim.paths import offline
 from repsim.registry import NO_NORM, Entry, ModelSpec, default_weights_file, family_of, get_entry
 from repsim.weights import load_into, read_state_dict, sha256_file
 
@@ -83,22 +85,83 @@ def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
     return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n
 
 
+def _weights_cache(tag: str) -> tuple[str | None, bool, Path]:
+    """(download host, whether cached, cache folder) of pretrained weights ``tag``
+    (``timm:<arch.tag>`` or ``torchvision:<Enum.MEMBER>``)."""
+    from urllib.parse import urlparse
+
+    hub = Path(torch.hub.get_dir()) / "checkpoints"  # torchvision's and timm's URL downloads
+    kind, name = tag.split(":", 1)
+    if kind == "torchvision":
+        import torchvision
+
+        url = torchvision.models.get_weight(name).url
+    else:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg.hf_hub_id:
+            from huggingface_hub import constants, try_to_load_from_cache
+
+            files = {cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"} - {None}
+            cached = any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files)
+            return urlparse(constants.ENDPOINT).hostname, cached, Path(constants.HF_HUB_CACHE)
+        if not cfg.url:
+            return None, True, hub  # a local file: nothing to download
+        url = cfg.url
+    return urlparse(url).hostname, (hub / Path(urlparse(url).path).name).is_file(), hub
+
+
+def _reachable(host: str | None, timeout: float = 3.0) -> bool:
+    """Whether a connection to ``host`` opens within ``timeout`` s (behind a proxy: assumed).
+    In a thread, because name resolution has no timeout of its own."""
+    import socket
+    import threading
+    import urllib.request
+
+    if host is None or urllib.request.getproxies().get("https"):
+        return True
+    ok: list[bool] = []
+
+    def probe() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
 def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
-    spec = entry.spec
+    spec, tag = entry.spec, entry.pretrained_tag
     if entry.pretrained is None or source != spec.default_weights:
         raise UserError(f"weights={source!r} is not available for {spec.name}; valid: "
                         f"{spec.default_weights or 'no default'}, 'random' or a file path")
+    fix = ("fix: run once with internet access to cache them (or copy that folder from a "
+           "machine that has them), or pass weights=PATH (a state dict or checkpoint file) or "
+           "weights='random'")
+    # Decide before the hub client does: without network it retries for about a minute.
+    host, cached, folder = _weights_cache(tag)
+    if not cached and (offline() or not _reachable(host)):
+        why = ("downloads are off (REPSIM_OFFLINE or HF_HUB_OFFLINE is set)" if offline()
+               else f"{host} cannot be reached")
+        raise UserError(f"pretrained weights {tag} for {spec.name} are unavailable: not cached "
+                        f"in {folder}, and {why}; {fix}")
+    from huggingface_hub import constants as hf  # cached weights: read them, ask nothing
+
+    hub_offline, hf.HF_HUB_OFFLINE = hf.HF_HUB_OFFLINE, hf.HF_HUB_OFFLINE or cached
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # a replaced classifier head is still reproducible
             return entry.pretrained(n)
-    except Exception as e:  # offline: OSError, HF hub / URL errors, ... depending on backend
+    except Exception as e:  # HF hub / URL errors, a damaged download, ... depending on backend
         reason = (str(e).strip().splitlines() or [""])[0][:120]
-        raise UserError(
-            f"pretrained weights {entry.pretrained_tag} for {spec.name} are unavailable "
-            f"(offline? {type(e).__name__}: {reason}); valid: a cached download, a weights file "
-            "or 'random'; fix: run once with internet access to cache them, or pass "
-            "weights=PATH (a state dict or checkpoint file) or weights='random'") from None
+        raise UserError(f"pretrained weights {tag} for {spec.name} are unavailable "
+                        f"({type(e).__name__}: {reason}); {fix}") from None
+    finally:
+        hf.HF_HUB_OFFLINE = hub_offline
 
 
 def _weights_path(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:

@@ -22,10 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from repsim.errors import NO_SPACE, UserError, os_problem
+
 
 def cache_dir(*parts: str) -> Path:
     """``$REPSIM_CACHE/<parts...>`` (default ``./cache``)."""
     return Path(os.environ.get("REPSIM_CACHE") or "cache").expanduser().joinpath(*parts)
+
+
+def offline() -> bool:
+    """Whether downloads are off: ``$REPSIM_OFFLINE`` or the Hugging Face hub's own switches."""
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+               for k in ("REPSIM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def figures_dir(kind: str) -> Path:
@@ -77,8 +85,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # name the file, not its tmp
+            raise UserError(os_problem(exc, path)) from exc
         raise
     return path
 

@@ -18,8 +18,12 @@ equals an uninterrupted run's.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from repsim import __version__
-from repsim.errors import UserError
+from repsim.errors import NO_SPACE, UserError, os_problem
 from repsim.paths import locked
 
 FORMAT = "repsim-activations/1"
@@ -37,14 +41,14 @@ def partial_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".partial")
 
 
-def _open(path: Path, mode: str):
+def _open(path: Path):
     import h5py
 
     try:
-        return h5py.File(path, mode)
-    except OSError as exc:
-        raise UserError(f"cannot read store {path}: {exc}; it is corrupt or not an HDF5 "
-                        "file (delete it and extract it again)") from exc
+        return h5py.File(path, "r")
+    except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
+        raise UserError(f"{path} is not a repsim store ({exc}); valid: an .h5 file written by "
+                        "repsim extract; fix: check the path") from exc
 
 
 class Store:
@@ -64,7 +68,7 @@ class Store:
                 raise UserError(f"store {self.path} is incomplete (found {self.path.name}"
                                 ".partial); run the same extraction again to resume it")
             raise UserError(f"no store at {self.path}; extract one first")
-        self._f = _open(self.path, "r")
+        self._f = _open(self.path)
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT:
@@ -130,21 +134,29 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, meta: dict, ids: np.ndarray,
                  labels: np.ndarray, batch_size: int) -> None:
+        import h5py
+
         self.final, self.path, self.meta = Path(path), partial_path(path), meta
         n = len(ids)
         self.bounds = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
-        self.resumed = False
+        self.resumed, self._layers = False, {}
         self._f = self._reopen(ids) if self.path.exists() else None
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = _open(self.path, "w")
-            self._f.attrs.update({"format": FORMAT, "complete": False, "repsim_version":
-                                  __version__, "provenance": json.dumps(meta, sort_keys=True)})
-            self._f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
-            self._f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
-            self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
-            self._f.create_group("layers")
-            self._f.flush()
+            with self._writing():
+                self._f = h5py.File(self.path, "w")
+                self._make_room(0)
+                self._f.attrs.update({"format": FORMAT, "complete": False, "repsim_version":
+                                      __version__, "provenance": json.dumps(meta, sort_keys=True)})
+                self._f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
+                self._f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+                self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
+                self._f.create_group("layers")
+                self._f.flush()
+        self._done = self._f["batches_done"][:]  # the journal, also readable after a failure
+        self._layers = {k: self._f["layers"][k] for k in json.loads(
+            self._f.attrs.get("layer_order", "[]"))}
+        self.check_space()
 
     def _reopen(self, ids: np.ndarray):
         """The partial file to resume, or None when it is unreadable (then start over: a crash
@@ -170,43 +182,103 @@ class StoreWriter:
         self.resumed = bool(done.any())
         return f
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A full disk (or quota, or file-size limit) as one UserError saying how much more room
+        the rest of the store needs; h5py reports most failed writes as RuntimeError."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            m = re.search(r"errno = (\d+)", str(exc))
+            code = getattr(exc, "errno", None) or (int(m[1]) if m else None)
+            if code not in NO_SPACE:
+                raise
+            err = OSError(code, os.strerror(code))
+            raise UserError(os_problem(err, self.final, self.bytes_left())) from exc
+
+    def _row_bytes(self) -> int:
+        return sum(ds.shape[1] * ds.dtype.itemsize for ds in self._layers.values())
+
+    def bytes_left(self) -> int | None:
+        """Bytes the batches still to do take uncompressed (None before the layers exist)."""
+        if not self._layers:
+            return None
+        return self._row_bytes() * sum(b - a for (a, b), done in zip(self.bounds, self._done)
+                                       if not done)
+
+    def _make_room(self, rows: int) -> None:
+        """Raise OSError when ``rows`` more rows may not fit, before HDF5 writes any of them.
+
+        HDF5 cannot recover from a failed write: the dataset's close fails, and the next flush
+        or close crashed the process (SIGSEGV). So the file is grown by the most a batch can
+        add (its rows, a chunk per layer it may start, metadata), which fails cleanly on a full
+        disk, quota or file-size limit, then shrunk back: HDF5 sees the file unchanged.
+        """
+        if not hasattr(os, "posix_fallocate"):  # not on macOS: HDF5's own error then
+            return
+        chunk = max(ds.chunks[0] for ds in self._layers.values()) if self._layers else 0
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fallocate(fd, self._f.id.get_filesize(),
+                               (rows + chunk) * self._row_bytes() + (1 << 20))
+        finally:
+            os.ftruncate(fd, size)
+            os.close(fd)
+
+    def check_space(self) -> None:
+        """Refuse to start what the disk cannot hold (compressed layers: of unknown size)."""
+        need = self.bytes_left()
+        if (need and not any(ds.compression for ds in self._layers.values())
+                and need > shutil.disk_usage(self.path.parent).free):
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise UserError(os_problem(err, self.final, need))
+
     @property
     def layers_created(self) -> bool:
-        return bool(len(self._f["layers"]))
+        return bool(self._layers)
 
     def create_layers(self, dims: dict[str, int], dtype: str, chunk_rows: int,
                       compression: str | None) -> None:
         """One ``(n, D)`` dataset per layer; ``layer_order`` keeps the model's order."""
         n = len(self._f["ids"])
-        for name, d in dims.items():
-            self._f["layers"].create_dataset(
-                name, shape=(n, d), dtype=dtype, chunks=(max(1, min(chunk_rows, n)), d),
-                compression=compression)
-        self._f.attrs["layer_order"] = json.dumps(list(dims))
-        self._f.flush()
+        with self._writing():
+            self._make_room(0)
+            for name, d in dims.items():
+                self._layers[name] = self._f["layers"].create_dataset(
+                    name, shape=(n, d), dtype=dtype, chunks=(max(1, min(chunk_rows, n)), d),
+                    compression=compression)
+            self._f.attrs["layer_order"] = json.dumps(list(dims))
+            self._f.flush()
+        self.check_space()
 
     def pending(self) -> list[int]:
-        done = self._f["batches_done"][:]
-        return [j for j in range(len(self.bounds)) if not done[j]]
+        return [j for j in range(len(self.bounds)) if not self._done[j]]
 
     def write(self, j: int, feats: dict[str, np.ndarray]) -> None:
         a, b = self.bounds[j]
-        for name, x in feats.items():
-            self._f["layers"][name][a:b] = x
-        self._f.flush()  # data first, then the journal entry that vouches for it
-        self._f["batches_done"][j] = True
-        self._f.flush()
+        with self._writing():
+            self._make_room(b - a)
+            for name, x in feats.items():
+                self._layers[name][a:b] = x
+            self._f.flush()  # data first, then the journal entry that vouches for it
+            self._f["batches_done"][j] = True
+            self._f.flush()
+        self._done[j] = True
 
     def finish(self) -> Path:
         """Mark complete, close, and atomically rename to the final path."""
         if self.pending():
             raise RuntimeError(f"cannot finish {self.path}: batches {self.pending()} missing")
-        self._f.attrs["complete"] = True
-        self._f.close()
+        with self._writing():
+            self._make_room(0)
+            self._f.attrs["complete"] = True
+            self._f.close()
         os.replace(self.path, self.final)
         return self.final
 
     def close(self) -> None:
+        """Close an unfinished store (the journal says which batches a rerun still needs)."""
         if self._f.id.valid:
             self._f.close()
 

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 
 import numpy as np
@@ -52,3 +53,21 @@ def _private_cache(tmp_path, monkeypatch):
     written into the repository, and the committed checkpoints never change an outcome."""
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    for switch in ("REPSIM_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(switch, raising=False)  # tests that want one set it
+
+
+@pytest.fixture
+def file_size_limit():
+    """``limit(n)``: a subprocess ``preexec_fn`` after which no file can grow past ``n`` bytes.
+    Writes then fail with EFBIG, as on a full disk (a small tmpfs would need root)."""
+    resource = pytest.importorskip("resource")  # POSIX only
+
+    def limit(n: int):
+        def apply():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
+        return apply
+
+    return limit

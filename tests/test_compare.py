@@ -3,6 +3,8 @@ bundled probe set, and extraction on demand from model names."""
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -141,7 +143,18 @@ def test_incomplete_store_is_refused_in_one_line(tmp_path, pair, capsys):
 def test_corrupt_store_is_refused_in_one_line(tmp_path, pair, capsys):
     (tmp_path / "bad.h5").write_bytes(b"\x89HDF garbage")
     code, _, err = run_cli(capsys, "--a", tmp_path / "bad.h5", "--b", pair[1])
-    assert code == 1 and err.count("\n") == 1 and "corrupt" in err
+    assert code == 1 and err.count("\n") == 1 and "bad.h5 is not a repsim store" in err
+
+
+def test_full_disk_while_drawing_the_heatmap_is_one_line(tmp_path, pair, file_size_limit):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "repsim", "cka", "--a", str(pair[0]), "--b",
+                        str(pair[1]), "--out", str(out), "--json"], capture_output=True,
+                       text=True, preexec_fn=file_size_limit(20_000), timeout=120)  # json fits
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert f"cannot write {out}" in line and ".png: File too large" in line
+    assert "--out PATH" in line and not list(out.glob("*.png")) + list(out.glob(".*"))
 
 
 def test_the_default_is_minibatch_of_1024_rows_and_batch_size_needs_it(tmp_path, pair,

@@ -55,8 +55,17 @@ def test_incomplete_store_is_refused_with_resume_hint(tmp_path):
 
 def test_corrupt_store_is_refused(tmp_path):
     (tmp_path / "s.h5").write_bytes(b"not an hdf5 file at all")
-    with pytest.raises(UserError, match="corrupt or not an HDF5"):
+    with pytest.raises(UserError, match="is not a repsim store"):
         Store(tmp_path / "s.h5")
+
+
+def test_a_users_own_file_as_out_is_not_called_deletable(tmp_path, cifar_root):
+    readme = tmp_path / "README.md"
+    readme.write_text("# my notes\n")
+    with pytest.raises(UserError, match="README.md is not a repsim store") as e:
+        extract(cfg(tmp_path, cifar_root, dataset="cifar10", out=str(readme)))
+    assert "delete" not in str(e.value) and "overwrite" not in str(e.value)
+    assert readme.read_text() == "# my notes\n"
 
 
 # ------------------------------------------------------------------ extraction
@@ -235,6 +244,26 @@ def test_resume_after_kill_gives_identical_store(tmp_path, cifar_root):
     with Store(out) as a, Store(ref) as b:
         assert a.layers == b.layers
         for k in a.layers:
+            np.testing.assert_array_equal(a[k][:], b[k][:])
+
+
+def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, cifar_root, file_size_limit):
+    out = tmp_path / "full.h5"
+    # Rows of 7 layers x 512 floats (14 KiB); each batch first makes room for itself, a chunk
+    # per layer and 1 MiB of metadata: this limit lets the first batch of 4 rows in, not the 2nd.
+    r = _cli(_args(cifar_root, out, "--json"), preexec_fn=file_size_limit((1 << 20) + 150_000),
+             timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert f"cannot write {out}: File too large (needs about " in line and "MiB more" in line
+    assert "--out PATH" in line and not out.exists() and partial_path(out).exists()
+    r = _cli(_args(cifar_root, out, "--json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed"] is True
+    ref = tmp_path / "ref.h5"
+    assert _cli(_args(cifar_root, ref)).returncode == 0
+    with Store(out) as a, Store(ref) as b:
+        for k in b.layers:
             np.testing.assert_array_equal(a[k][:], b[k][:])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -391,6 +392,31 @@ def test_pretrained_unavailable_offline_is_a_user_error(monkeypatch):
     msg = str(e.value)
     assert "timm:vit_base_patch16_224.augreg2_in21k_ft_in1k" in msg and "\n" not in msg
     assert "weights=PATH" in msg and "internet" in msg
+
+
+@pytest.mark.parametrize("command,model,switch", [
+    ("extract", "vit_imagenet", "REPSIM_OFFLINE"), ("eval", "resnet18_imagenet", "HF_HUB_OFFLINE")])
+def test_offline_without_cached_weights_fails_at_once_naming_the_cache(tmp_path, command,
+                                                                       model, switch):
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update({switch: "1", "HF_HOME": str(tmp_path / "hf"),
+                "TORCH_HOME": str(tmp_path / "torch")})  # empty caches
+    r = subprocess.run([sys.executable, "-m", "repsim", command, "--model", model, "--n", "2"],
+                       capture_output=True, text=True, env=env, timeout=60)  # no hub retries
+    assert r.returncode == 1
+    (line,) = r.stderr.splitlines()
+    assert "downloads are off" in line and str(tmp_path) in line and "--weights PATH" in line
+
+
+def test_cached_pretrained_weights_load_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")
+    src = M.build_model("resnet18_imagenet", seed=3)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(src.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model, prov = M.load_model("resnet18_imagenet")
+    assert torch.equal(model.fc.weight, src.fc.weight)
+    assert prov["weights"] == "torchvision:ResNet18_Weights.IMAGENET1K_V1"
 
 
 # --------------------------------------------------------------------------- preprocessing
