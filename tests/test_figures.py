@@ -333,3 +333,28 @@ def test_a_grid_with_a_null_carries_p_values_and_errors_transposed_with_each_pan
                                       np.array(panels[2][key], dtype=float))
     p = np.array(panels[1]["p_value"], dtype=float)
     assert p.shape == (len(VIT), len(RES)) and np.all((p >= 1 / 20) & (p <= 1))
+
+
+def test_the_report_captions_each_figure_with_numbers_from_its_data(study, monkeypatch):
+    write(study / "analyses", "imagenet", 'kind = "cka_grid"\nmodels = ["vit_imagenet", '
+          '"resnet18_cifar"]\n' + PROBE)
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")  # vit_imagenet's weights: skipped, with why
+    monkeypatch.setenv("HF_HOME", str(study / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(study / "torch"))
+    res = build_all(study / "analyses", study / "figures", progress=False)
+    report = (study / "figures" / "REPORT.md").read_text()
+    assert res["report"] == str(study / "figures" / "REPORT.md")
+    curve = json.loads((study / "figures" / "best.json").read_text())["data"]["curves"][0]
+    hit = [v for v in curve["value"] if v >= 0.5]
+    low = [v for v in curve["value"] if v < 0.5]
+    assert hit or low
+    if hit:
+        assert f"at CKA {min(hit):.2f}-{max(hit):.2f}" in report
+    if low:
+        assert f"match nothing in resnet18_cifar above {max(low):.2f}." in report
+    assert "![grid](grid.png)" in report and "## Not built here" in report
+    assert "- `imagenet`: " in report
+    assert "vit_cifar on cifar10: ours 42.50 % against the study's 81.36 %." in report
+    assert report.index("![best]") < report.index("| cifar10 | vit_cifar | 81.36 | 42.50 |")
+    again = build_all(study / "analyses", study / "figures", progress=False)
+    assert (study / "figures" / "REPORT.md").read_text() == report and again["cached"]

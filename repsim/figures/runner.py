@@ -222,5 +222,9 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         summary[status].append(entry)
         ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
                                          else ""))
+    if not only:  # the report covers every spec, so only a full run rewrites it
+        from repsim.figures.report import write_report
+
+        summary["report"] = str(write_report(out, list(specs), summary))
     summary["seconds"] = time.perf_counter() - t0
     return summary

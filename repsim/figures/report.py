@@ -1,0 +1,158 @@
+"""``figures/REPORT.md``: the study's results section, written from the figures' own data.
+
+After every ``repsim figures`` run the report is rebuilt from each figure's record
+(``figures/<spec>.json``): the question, then each figure with a caption of numbers taken
+from its data (no adjectives), the accuracy table, and what could not be built here and how
+to get it. It is cheap (no model, no CKA), so it is simply rewritten; the same records give
+the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from repsim import paths
+
+QUESTION = """\
+# Why does a ViT trained on small data fall behind ResNet-18? Results
+
+Zhu, Chen & Yang 2023 ask why a Vision Transformer trained on CIFAR-10 alone (81.36 % in
+their table) falls behind ResNet-18 (92.8 %), and answer with CKA heatmaps and attention
+maps. Below, each figure `repsim figures` built here, with a caption computed from the data
+behind it (`figures/<spec>.json`); SE is the jackknife standard error over images.
+"""
+MATCH = 0.5  # a best match at or above this CKA counts as "matches" in captions
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+
+
+def _fmt(v: float | None) -> str:
+    return "nan" if v is None else f"{v:.2f}"
+
+
+def match_caption(label_a: str, label_b: str, layers_a: list[str], layers_b: list[str],
+                  best: list[int], value: list, se: list | None) -> str:
+    """Two lines: which layers of A find a match in B (CKA >= ``MATCH``) and which do not."""
+    hit = [i for i, v in enumerate(value) if v is not None and v >= MATCH]
+    miss = [i for i in range(len(layers_a)) if i not in hit]
+    out = []
+    if hit:
+        vals = [value[i] for i in hit]
+        ses = [s for s in (se[i] for i in hit) if s is not None] if se else []
+        out.append(f"{label_a} {_span([layers_a[i] for i in hit])} best match {label_b} "
+                   f"{_span(sorted({layers_b[best[i]] for i in hit}, key=layers_b.index))} "
+                   f"at CKA {_fmt(min(vals))}-{_fmt(max(vals))}"
+                   + (f" (SE <= {max(ses):.3f})" if ses else "") + ".")
+    if miss:
+        top = max((value[i] for i in miss if value[i] is not None), default=None)
+        out.append(f"{label_a} {_span([layers_a[i] for i in miss])} match nothing in "
+                   f"{label_b} above {_fmt(top)}.")
+    return "\n".join(out)
+
+
+def _rows_best(matrix: list, se: list | None) -> tuple[list[int], list, list | None]:
+    best, value, err = [], [], [] if se else None
+    for i, row in enumerate(matrix):
+        finite = [(v, j) for j, v in enumerate(row) if v is not None]
+        v, j = max(finite) if finite else (None, -1)
+        best.append(j)
+        value.append(v)
+        if se:
+            err.append(se[i][j] if j >= 0 else None)
+    return best, value, err
+
+
+def _cka_grid(data: dict) -> str:
+    lines = []
+    for p in data["panels"]:
+        if p["row_model"] != p["col_model"]:
+            best, value, se = _rows_best(p["matrix"], p.get("se"))
+            lines.append(match_caption(p["row_model"], p["col_model"], p["layers_a"],
+                                       p["layers_b"], best, value, se))
+    return "\n".join(lines)
+
+
+def _best_match(data: dict) -> str:
+    return "\n".join(match_caption(c["label_a"], c["label_b"], c["layers_a"], c["layers_b"],
+                                   c["index"], c["value"], c.get("se")) for c in data["curves"])
+
+
+def _accuracy(data: dict) -> str:
+    return "\n".join(f"{r['model']} on {r['dataset']}: ours {_fmt(r['ours (%)'])} % against "
+                     f"the study's {r['study (%)']:.2f} %." for r in data["rows"]
+                     if r.get("ours (%)") is not None)
+
+
+def _data_scale(data: dict) -> str:
+    out = []
+    for e in data["entries"]:
+        diag = [row[i] for i, row in enumerate(e["matrix"]) if i < len(row)]
+        finite = [v for v in diag if v is not None]
+        acc = e.get("test_accuracy")
+        out.append(f"{e['label']}" + (f" ({acc:.2f} %)" if acc is not None else "")
+                   + (f": CKA to the full-data model, layer by layer, {_fmt(min(finite))}-"
+                      f"{_fmt(max(finite))}." if finite else "."))
+    return "\n".join(out)
+
+
+def _attention(data: dict) -> str:
+    out = []
+    for m in data["models"]:
+        d = [sum(row) / len(row) for row in m["distance_image_px"]]
+        out.append(f"{m['label']}: mean attention distance {d[0]:.1f} px in block 0, "
+                   f"{d[-1]:.1f} px in block {len(d) - 1} (image pixels).")
+    return "\n".join(out)
+
+
+def _featuremaps(data: dict) -> str:
+    stages = data["stages"]
+    return (f"{len(data['image_ids'])} images; the strongest channels of "
+            + ", ".join(f"{s} (of {v['num_channels']})" for s, v in stages.items()) + ".")
+
+
+CAPTIONS: dict[str, Callable[[dict], str]] = {
+    "cka_grid": _cka_grid, "best_match": _best_match, "accuracy_table": _accuracy,
+    "data_scale": _data_scale, "attention": _attention, "featuremaps": _featuremaps}
+
+
+def caption(kind: str, data: dict, spec: dict) -> str:
+    """The figure's caption from its data; the spec's description for other kinds."""
+    try:
+        text = CAPTIONS[kind](data) if kind in CAPTIONS else ""
+    except (KeyError, IndexError, TypeError, ValueError):  # data of an older kind version
+        text = ""
+    return text or (spec.get("description") or "").strip()
+
+
+def _section(out: Path, name: str, record: dict) -> str:
+    files = [Path(f) for f in record.get("files", [])]
+    img = [f for f in files if f.suffix == ".png"]
+    body = [f"## {record.get('title') or name}", ""]
+    if record.get("kind") == "accuracy_table" and (out / f"{name}.md").is_file():
+        table = (out / f"{name}.md").read_text().split("\n", 2)[-1]  # without its heading
+        body += [table.strip(), ""]
+    body += [f"![{name}]({f.name})" for f in img] + ([""] if img else [])
+    text = caption(record.get("kind", ""), record.get("data") or {}, record.get("spec") or {})
+    return "\n".join(body + ([text, ""] if text else []))
+
+
+def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> Path:
+    """Write ``out/REPORT.md`` for the specs ``names`` (in order) from their records in
+    ``out`` and this run's ``summary`` (skipped and failed specs, with their reasons)."""
+    out = Path(out)
+    missing = {e["name"]: e["reason"] for k in ("skipped", "failed") for e in summary[k]}
+    parts = [QUESTION]
+    records = {n: json.loads((out / f"{n}.json").read_text()) for n in names
+               if n not in missing and (out / f"{n}.json").is_file()}
+    # figures first, then the tables (the accuracy table closes the results)
+    for name in sorted(records, key=lambda n: records[n].get("kind") == "accuracy_table"):
+        parts.append(_section(out, name, records[name]))
+    if missing:
+        parts.append("## Not built here\n\n" + "\n".join(
+            f"- `{n}`: {r}" for n, r in sorted(missing.items())) + "\n")
+    return paths.write_text(out / "REPORT.md", "\n".join(parts))
