@@ -52,6 +52,16 @@ def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> lis
     return [None if not np.isfinite(v) else float(v) for v in np.mean(diags, 0)]
 
 
+def aggregate(results: list[dict]) -> dict:
+    """The mean ``matrix``, ``seed_sd`` (over the comparisons, ddof 1; None for one) and the
+    mean image-level ``se`` of several CKA results of the same layers."""
+    stack = np.stack([_matrix(r["matrix"]) for r in results])
+    se = [_matrix(r["se"]) for r in results if r.get("se")]
+    return {"matrix": _json(np.nanmean(stack, 0)),
+            "seed_sd": _json(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
+            "se": _json(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
+
+
 def run_cka_seeds(cfg: CKAConfig) -> dict:
     """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
     Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``)."""
@@ -60,8 +70,6 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
             for x in seeds_a for y in seeds_b]
     results = [r["result"] for r in runs]
-    stack = np.stack([_matrix(r["matrix"]) for r in results])
-    se = [_matrix(r["se"]) for r in results if r.get("se")]
     first = results[0]
     res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n",
                                  "batch_size", "samples")}
@@ -70,10 +78,7 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         else first["model_a"],
         model_b=(cfg.label_b or f"{cfg.b} ({len(seeds_b)} seeds)") if len(seeds_b) > 1
         else first["model_b"],
-        matrix=_json(np.nanmean(stack, 0)),
-        seed_sd=_json(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
-        se=_json(np.mean(se, 0)) if se else None,
-        seeds_a=seeds_a, seeds_b=seeds_b, n_comparisons=len(runs),
+        **aggregate(results), seeds_a=seeds_a, seeds_b=seeds_b,
         seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a),
         seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
         comparisons=[r["files"][0] for r in runs])

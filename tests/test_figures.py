@@ -358,3 +358,23 @@ def test_the_report_captions_each_figure_with_numbers_from_its_data(study, monke
     assert report.index("![best]") < report.index("| cifar10 | vit_cifar | 81.36 | 42.50 |")
     again = build_all(study / "analyses", study / "figures", progress=False)
     assert (study / "figures" / "REPORT.md").read_text() == report and again["cached"]
+
+
+def test_a_model_with_several_weights_files_is_drawn_as_the_mean_over_its_seeds(study, capsys):
+    from repsim.cli import main
+    from repsim.models import build_model
+
+    for s in (1, 2):
+        torch.save(build_model("vit_cifar", seed=20 + s).state_dict(), study / "ckpt" / f"s{s}.pt")
+    write(study / "analyses", "grid", 'kind = "cka_grid"\nmodels = [{model = "vit_cifar", '
+          'weights = ["s1.pt", "s2.pt"]}, "resnet18_cifar"]\n' + PROBE)
+    res = build_all(study / "analyses", study / "figures", only=["grid"], progress=False)
+    assert [e["name"] for e in res["built"]] == ["grid"], res
+    panel = json.loads((study / "figures" / "grid.json").read_text())["data"]["panels"][1]
+    assert panel["row_model"] == "vit_cifar (2 seeds)"
+    each = []
+    for s in (1, 2):
+        assert main(["cka", "--a", "vit_cifar", "--weights-a", str(study / "ckpt" / f"s{s}.pt"),
+                     "--b", "resnet18_cifar", "--n", "8", "--batch-size", "8", "--json"]) == 0
+        each.append(json.loads(capsys.readouterr().out)["matrix"])
+    np.testing.assert_allclose(panel["matrix"], np.mean(each, 0), atol=1e-12)

@@ -16,7 +16,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from repsim.errors import UserError
 
 _FRACTION_RE = re.compile(r"frac(?:tion)?[_-]?([0-9]*\.?[0-9]+)")
 # A CKA result's per-cell fields (rows: A's layers), transposed with the matrix
-CELLS = ("matrix", "se", "biased_null_mean", "p_value", "null_mean", "null_q95", "influence")
+CELLS = ("matrix", "se", "biased_null_mean", "p_value", "null_mean", "null_q95", "influence",
+         "seed_sd")
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,22 @@ class ModelRef:
     to the checkpoint folder unless absolute), display label, layers."""
 
     model: str
-    weights: str | None = None
+    weights: str | list[str] | None = None  # a list: seeds of one recipe (repsim.seeds)
     label: str | None = None
     layers: str | None = None
 
     def display(self) -> str:
         if self.label:
             return self.label
+        if isinstance(self.weights, list):
+            return f"{self.model} ({len(self.weights)} seeds)"
         return self.model + (f" ({Path(self.weights).stem})" if self.weights else "")
+
+    def seeds(self) -> list[ModelRef]:
+        """One reference per weights file (itself unless ``weights`` is a list)."""
+        if not isinstance(self.weights, list):
+            return [self]
+        return [replace(self, weights=w, label=None) for w in self.weights]
 
 
 def _checkpoint_dir() -> Path:
@@ -111,12 +120,22 @@ class FigureContext:
     # ----------------------------------------------------------------- tracked inputs
 
     def store(self, ref: ModelRef, probe: ProbeSpec):
-        """The activation store (:class:`repsim.compare.StoreRef`) of ``ref`` on ``probe``."""
-        return self._need({"type": "store", "ref": asdict(ref), "probe": asdict(probe)})
+        """The activation store (:class:`repsim.compare.StoreRef`) of ``ref`` on ``probe``
+        (of its first seed; every seed's store is made)."""
+        return [self._need({"type": "store", "ref": asdict(r), "probe": asdict(probe)})
+                for r in ref.seeds()][0]
 
     def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
-        unordered pair is computed once and transposed on demand."""
+        unordered pair is computed once and transposed on demand. Seeds (a list of weights)
+        give the mean over every seed pair, with ``seed_sd`` (:func:`repsim.seeds.aggregate`)."""
+        if len(a.seeds()) * len(b.seeds()) > 1:
+            from repsim.seeds import aggregate
+
+            runs = [self.cka(x, y, probe, settings) for x in a.seeds() for y in b.seeds()]
+            per_run = {k: None for k in CELLS}  # a single comparison's, not the mean's
+            return {**runs[0], **per_run, **aggregate(runs), "model_a": a.display(),
+                    "model_b": b.display()}
         ka, kb = (json.dumps(asdict(r), sort_keys=True) for r in (a, b))
         first, second = (a, b) if ka <= kb else (b, a)
         res = self._need({"type": "cka", "a": asdict(first), "b": asdict(second),
