@@ -191,7 +191,8 @@ def checkpoints(tmp_path, monkeypatch):
     return ck
 
 
-SPEC = ('kind = "locality"\nvit = "vit_cifar"\ncnn = "resnet18_cifar"\nmax_images = 6\n'
+SPEC = ('kind = "locality"\nvit = {model = "vit_cifar", layers = "embed,blocks.5"}\n'
+        'cnn = {model = "resnet18_cifar", layers = "stem,layer3,layer4"}\nmax_images = 6\n'
         'tokens = [[0, 0], [4, 4]]\n[probe]\ndataset = "cifar10-probe"\nn = 20\n')
 
 
@@ -209,13 +210,13 @@ def test_figure_kind_builds_both_figures_caches_and_skips_without_weights(tmp_pa
     assert {"loc.png", "loc.pdf", "loc_maps.png", "loc_maps.pdf", "loc.npz"} <= set(names)
     data = json.loads((out / "loc.json").read_text())["data"]
     assert data["n_images"] == 6 and data["grid"] == [8, 8]
-    assert data["layers"] == ["input", "embed"] + [f"blocks.{i}" for i in range(6)]
-    assert data["position_cka"]["layers_b"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert data["layers"] == ["input", "embed", "blocks.5"]
+    assert data["position_cka"]["layers_b"] == ["stem", "layer3", "layer4"]
     assert data["position_cka"]["n"] == 6 * 64
-    assert np.array(data["token_maps"]["4,4"]).shape == (8, 64)
+    assert np.array(data["token_maps"]["4,4"]).shape == (3, 64)
     assert data["summary"]["own"][0] == pytest.approx(1.0)  # input patches vs themselves
     with np.load(out / "loc.npz") as z:
-        assert z["maps"].shape == (8, 64, 64) and len(z["ids"]) == 6
+        assert z["maps"].shape == (3, 64, 64) and len(z["ids"]) == 6
     assert [e["name"] for e in build_all(ana, out, only=["loc"], progress=False)["cached"]] == [
         "loc"]
     (checkpoints / "resnet18_cifar.pt").unlink()

@@ -41,7 +41,7 @@ def _bare(ax) -> None:
 
 def _mark(ax, r: float, c: float, size: float = 1.0) -> None:
     ax.add_patch(Rectangle((c - size / 2, r - size / 2), size, size, fill=False,
-                           edgecolor="#00e5ff", lw=1.0))
+                           edgecolor="#00e5ff", lw=1.0, clip_on=False))
 
 
 def summary_figure(loc: Locality, vit_label: str, cnn_label: str | None,
@@ -81,8 +81,12 @@ def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) ->
     gh, gw = loc.grid.grid
     rel = relative_map(loc.maps, (gh, gw))
     nl, nc = len(loc.map_layers), len(tokens) + 1
-    fig, axes = plt.subplots(nl, nc, squeeze=False, layout="constrained",
-                             figsize=(1.25 * nc + 1.3, 1.2 * nl + 0.7))
+    # Fixed margins in inches (left: row labels, right: colour bar, top: titles): with
+    # dozens of panels, an automatic layout costs more CPU than the maps themselves.
+    w, h = 1.2 * nc + 1.5, 1.2 * nl + 0.75
+    fig, axes = plt.subplots(nl, nc, squeeze=False, figsize=(w, h))
+    fig.subplots_adjust(left=0.6 / w, right=1 - 0.9 / w, bottom=0.1 / h, top=1 - 0.65 / h,
+                        wspace=0.1, hspace=0.12)
     norm, cmap = Normalize(0.0, 1.0), plt.get_cmap(draw.CMAP)
     for i, layer in enumerate(loc.map_layers):
         for j, (r, c) in enumerate(tokens):
@@ -97,9 +101,12 @@ def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) ->
     for j, (r, c) in enumerate(tokens):
         axes[0, j].set_title(f"token ({r}, {c})", fontsize=7)
     axes[0, -1].set_title("mean by offset", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=min(1.0, 4.0 / nl), label="CKA")
+    bar_h = min(1.0, 4.0 / nl) * (1 - 0.75 / h)
+    bar = fig.colorbar(im, cax=fig.add_axes((1 - 0.7 / w, 0.5 - bar_h / 2, 0.12 / w, bar_h)))
+    bar.set_label("CKA", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if title:
-        fig.suptitle(title, fontsize=9, wrap=True)
+        fig.suptitle(title, fontsize=9, wrap=True, y=1 - 0.12 / h, va="top")
     return fig
 
 
@@ -137,12 +144,13 @@ def build_figure(spec: dict, ctx) -> list[Path]:
 
     from repsim import models
     from repsim.data import subset_indices
-    from repsim.locality import measure
+    from repsim.locality import measure, token_grid
     from repsim.registry import get_spec
 
     refs = [ctx.model_ref(spec[k], spec) for k in ("vit", "cnn") if spec.get(k)]
     settings = _settings(ctx, spec)
     loaded = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
+    tokens = _tokens(spec, token_grid(loaded[0][0]).grid)  # spec errors before any work
     probe = ctx.images(ctx.probe_spec(spec))
     k = int(spec.get("max_images", DEFAULT_IMAGES))
     if k < 4:
@@ -155,13 +163,13 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         loc = measure(on[0], xs[0], *(on[1:2] + xs[1:2]), vit_layers=refs[0].layers,
                       cnn_layers=refs[1].layers if len(refs) > 1 else None, vit_spec=specs[0],
                       cnn_spec=specs[1] if len(refs) > 1 else None, **settings)
-    return _write(ctx, spec, loc, refs, probe.ids[pick])
+    return _write(ctx, spec, loc, refs, probe.ids[pick], tokens)
 
 
-def _write(ctx, spec: dict, loc: Locality, refs: list, ids: np.ndarray) -> list[Path]:
+def _write(ctx, spec: dict, loc: Locality, refs: list, ids: np.ndarray,
+           tokens: list[tuple[int, int]]) -> list[Path]:
     from repsim import paths
 
-    tokens = _tokens(spec, loc.grid.grid)
     labels = [r.display() for r in refs]
     title = spec.get("title") or f"Spatial locality: {' vs '.join(labels)}"
     files = ctx.save(summary_figure(loc, labels[0], labels[1] if len(labels) > 1 else None,
