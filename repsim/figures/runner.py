@@ -85,6 +85,8 @@ KINDS: dict[str, FigureKind] = {
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
                               ("model", "images", "ids", "stages", "top"), ("model",),
                               "2"),  # 2: colour bars, one image per class
+    "locality": FigureKind("repsim.figures.locality:build_figure",
+                           ("vit", "cnn", "max_images", "tokens"), ("vit",)),
 }
 
 

@@ -1,0 +1,232 @@
+"""Spatial locality: CKA over (image, grid position) samples, and how local a ViT token stays.
+
+A ViT patch token and a CNN feature-map cell both describe one place in the image. Here a
+*sample* is a pair (image i, grid cell g) of a ``gh x gw`` grid (a ViT's patch grid), so a
+layer becomes an ``(n * G, D)`` matrix, ``G = gh * gw``, row ``i * G + g`` (cells row-major),
+the same row order for every layer of both models:
+
+- ViT tokens ``(b, T, D)`` lose their ``n_prefix`` class/register tokens; the rest are the
+  grid's cells in timm's row-major order.
+- CNN maps ``(b, C, H, W)`` are brought to the grid by adaptive average pooling: a map finer
+  than the grid is averaged over each cell's window (ResNet-18's 32x32 stem onto an 8x8 grid:
+  4x4 windows); a coarser one repeats each cell over the grid cells inside it (layer4's 4x4
+  onto 8x8: 2x2 copies); a map of the grid's size is used as it is (resnet18_cifar layer3).
+
+:func:`position_cka` is then ordinary CKA (:func:`repsim.cka.compare`) on those rows.
+
+**Locality maps** (Raghu et al. 2021, Section 7): for block ``l`` and token position ``t``,
+the CKA across images between the token's ``(n, D)`` representation and the raw input patch
+``(n, 3 * ph * pw)`` at every grid cell ``s``: ``maps[l, t, s]``, a ``gh x gw`` map per
+token. A token that still holds its own patch peaks at ``s = t``; one that has mixed in the
+whole image is flat. :func:`locality_summary` reduces each block's maps to a few numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repsim import cka
+from repsim.errors import UserError
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A ViT's token layout: ``grid`` (rows, cols) of patches of ``patch_size`` pixels of the
+    model input (rows, cols), after ``n_prefix`` class/register tokens."""
+
+    grid: tuple[int, int]
+    patch_size: tuple[int, int]
+    n_prefix: int
+
+    @property
+    def cells(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def token_grid(model: nn.Module) -> TokenGrid:
+    """The :class:`TokenGrid` of a ViT-like module: ``model.patch_embed.grid_size`` and
+    ``.patch_size`` (timm's names), ``model.num_prefix_tokens`` (default: 1 with a
+    ``cls_token``, else 0). UserError for a module without a patch grid (a CNN)."""
+    pe = getattr(model, "patch_embed", None)
+    grid, patch = (getattr(pe, k, None) for k in ("grid_size", "patch_size"))
+    if grid is None or patch is None or min(_pair(grid) + _pair(patch)) < 1:
+        raise UserError(f"vit={type(model).__name__} has no patch grid (patch_embed.grid_size "
+                        "and .patch_size); valid: vit_cifar, vit_imagenet or timm:<a ViT>")
+    default = 1 if getattr(model, "cls_token", None) is not None else 0
+    return TokenGrid(_pair(grid), _pair(patch), int(getattr(model, "num_prefix_tokens", default)))
+
+
+def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
+            layer: str = "") -> torch.Tensor:
+    """One layer's batch output as ``(b, G, D)``, cells row-major: tokens ``(b, n_prefix + G,
+    D)`` without their prefix, or maps ``(b, C, H, W)`` pooled to ``grid`` (see the module
+    docstring). UserError for any other shape, or tokens that do not fill the grid."""
+    gh, gw = grid
+    if x.dim() == 3:
+        if x.shape[1] != n_prefix + gh * gw:
+            raise UserError(f"layer {layer!r} has {x.shape[1]} tokens, not {n_prefix} prefix "
+                            f"+ {gh}x{gw} patch tokens; pick layers that keep the patch grid")
+        return x[:, n_prefix:]
+    if x.dim() == 4:
+        if tuple(x.shape[-2:]) != (gh, gw):
+            x = F.adaptive_avg_pool2d(x, (gh, gw))
+        return x.flatten(2).transpose(1, 2)
+    raise UserError(f"layer {layer!r} gives outputs of shape {tuple(x.shape)}, neither tokens "
+                    "(b, T, D) nor feature maps (b, C, H, W); pick spatial layers")
+
+
+@torch.inference_mode()
+def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
+                  layers: str | Sequence[str] | None = None, n_prefix: int | None = None,
+                  spec: Any = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """``{layer: (n, G, D) float32}`` on the model's device for the model input ``x`` ``(n,
+    3, S, S)`` (preprocessed its way), every layer brought to ``grid`` by :func:`to_grid`.
+    ``layers``/``spec`` as in :func:`repsim.hooks.capture` (None: the model's defaults);
+    ``n_prefix`` defaults to the model's class/register token count."""
+    from repsim.hooks import capture
+
+    p = next(model.parameters(), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    parts: dict[str, list[torch.Tensor]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with capture(model, layers, reduce=None, spec=spec) as cap:
+            k = cap.n_prefix if n_prefix is None else n_prefix
+            for a in range(0, len(x), batch_size):
+                model(x[a:a + batch_size].to(dev))
+                for name in cap.layers:
+                    out = to_grid(cap.outputs[name], grid, k, name)
+                    parts.setdefault(name, []).append(out.float())
+    finally:
+        model.train(was_training)
+    return {name: torch.cat(v) for name, v in parts.items()}
+
+
+def input_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The raw input patches ``(n, G, 3 * ph * pw)`` of ``x`` ``(n, 3, S, S)`` cut into a
+    ``grid`` of non-overlapping ``ph x pw`` patches (``ph = S / gh``), cells row-major, each
+    patch flattened channel-major as a ViT's patch embedding reads it."""
+    gh, gw = grid
+    h, w = x.shape[-2:]
+    if h % gh or w % gw:
+        raise UserError(f"an input of {h}x{w} pixels does not split into a {gh}x{gw} grid of "
+                        "equal patches")
+    return F.unfold(x, (h // gh, w // gw), stride=(h // gh, w // gw)).transpose(1, 2)
+
+
+def _rows(feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``(n, G, D)`` -> ``(n * G, D)``: row ``i * G + g`` is image ``i``, cell ``g``."""
+    return {name: f.reshape(-1, f.shape[-1]) for name, f in feats.items()}
+
+
+def position_cka(feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor],
+                 **settings: Any) -> cka.CKAResult:
+    """CKA of every layer of A with every layer of B over (image, cell) samples: ``feats_*``
+    map layers to ``(n, G, D)`` (from :func:`grid_features` on the same images and grid).
+    ``settings`` go to :func:`repsim.cka.compare` (default: minibatch, batches of 1,024
+    rows drawn at random from all ``n * G``); the result's ``n`` counts rows."""
+    shapes = {tuple(f.shape[:2]) for f in [*feats_a.values(), *feats_b.values()]}
+    if len(shapes) != 1:
+        raise UserError(f"feature sets hold (images, cells) {sorted(shapes)}; give both models "
+                        "the same images on the same grid")
+    return cka.compare(_rows(feats_a), _rows(feats_b), **settings)
+
+
+def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
+                  **settings: Any) -> np.ndarray:
+    """``(L, G, G)`` float64: ``[l, t, s]`` is the CKA across the ``n`` images between layer
+    ``l``'s token ``t`` (``tokens``: layer -> ``(n, G, D)``) and the input patch at cell ``s``
+    (``patches`` ``(n, G, P)`` from :func:`input_patches`). ``settings`` go to
+    :func:`repsim.cka.cka_matrix` (default: minibatch, one batch = debiased when n <= 1,024)."""
+    n, g = patches.shape[:2]
+    cols = [patches[:, s] for s in range(g)]
+    out = np.empty((len(tokens), g, g))
+    for k, (name, f) in enumerate(tokens.items()):
+        if tuple(f.shape[:2]) != (n, g):
+            raise UserError(f"layer {name!r} holds {tuple(f.shape[:2])} (images, cells), the "
+                            f"patches {(n, g)}; give both the same images and grid")
+        out[k] = cka.cka_matrix([f[:, t] for t in range(g)], cols, **settings)
+    return out
+
+
+def locality_summary(maps: np.ndarray) -> dict[str, np.ndarray]:
+    """Per layer of ``maps`` ``(L, G, G)``: ``own`` (mean over tokens of the CKA with their
+    own patch, the diagonal), ``elsewhere`` (mean of the off-diagonal), ``contrast = own -
+    elsewhere`` (about 1 for a token that copies its patch, 0 for a flat map) and
+    ``peak_at_own`` (fraction of tokens whose map is largest at their own cell). ``(L,)``
+    float64 each."""
+    m = np.asarray(maps, dtype=np.float64)
+    g = m.shape[-1]
+    own = np.einsum("ltt->lt", m)
+    elsewhere = (m.sum(-1) - own) / (g - 1)
+    return {"own": own.mean(1), "elsewhere": elsewhere.mean(1),
+            "contrast": (own - elsewhere).mean(1),
+            "peak_at_own": (m.argmax(-1) == np.arange(g)).mean(1)}
+
+
+def relative_map(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``(L, 2gh-1, 2gw-1)`` float64: the maps of ``(L, G, G)`` re-indexed by the offset of
+    cell ``s`` from token ``t`` and averaged over the tokens having that offset; the centre
+    ``[gh-1, gw-1]`` is the own-patch CKA. Shows how far a typical token's similarity
+    reaches, independent of where the token sits."""
+    gh, gw = grid
+    r, c = np.divmod(np.arange(gh * gw), gw)
+    dr = (r[None, :] - r[:, None] + gh - 1).ravel()  # (t, s) -> offset row, col
+    dc = (c[None, :] - c[:, None] + gw - 1).ravel()
+    flat = dr * (2 * gw - 1) + dc
+    size = (2 * gh - 1) * (2 * gw - 1)
+    count = np.bincount(flat, minlength=size)
+    m = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1)
+    sums = np.stack([np.bincount(flat, weights=row, minlength=size) for row in m])
+    return (sums / count).reshape(len(maps), 2 * gh - 1, 2 * gw - 1)
+
+
+@dataclass
+class Locality:
+    """What :func:`measure` found on ``n`` images: the ViT's ``grid``; ``maps`` ``(L, G, G)``
+    for ``map_layers`` (``"input"``, the raw patches against themselves, then the ViT's
+    layers); ``summary`` (:func:`locality_summary` of ``maps``); ``position`` (the ViT's
+    layers against the CNN's over (image, cell) samples), None without a CNN."""
+
+    grid: TokenGrid
+    n: int
+    map_layers: list[str]
+    maps: np.ndarray
+    summary: dict[str, np.ndarray]
+    position: cka.CKAResult | None = None
+
+
+def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
+            x_cnn: torch.Tensor | None = None, *, vit_layers: str | Sequence[str] | None = None,
+            cnn_layers: str | Sequence[str] | None = None, vit_spec: Any = None,
+            cnn_spec: Any = None, batch_size: int = 64, **settings: Any) -> Locality:
+    """Locality maps of ``vit`` and, with ``cnn``, its CKA with the CNN per (image, cell), on
+    the same ``n`` images as each model takes them (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``,
+    preprocessed). Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
+    :func:`repsim.cka.compare` (kernel, estimator, batch_size, batch_seed, threshold)."""
+    geo = token_grid(vit)
+    tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, batch_size)
+    dev = next(iter(tokens.values())).device
+    patches = input_patches(x_vit.to(dev), geo.grid)
+    maps = locality_maps({"input": patches, **tokens}, patches, **settings)
+    position = None
+    if cnn is not None:
+        if x_cnn is None or len(x_cnn) != len(x_vit):
+            raise UserError("x_cnn must hold the CNN's view of the same images as x_vit")
+        # The CNN's maps land on the ViT's grid; n_prefix=0: a CNN has no prefix tokens.
+        cells = grid_features(cnn, x_cnn, geo.grid, cnn_layers, 0, cnn_spec, batch_size)
+        position = position_cka(tokens, cells, **settings)
+    return Locality(geo, len(x_vit), ["input", *tokens], maps, locality_summary(maps),
+                    position)

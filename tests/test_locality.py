@@ -1,0 +1,224 @@
+"""Spatial locality: (image, cell) rows, locality maps with known answers, the figure kind."""
+
+import json
+
+import numpy as np
+import pytest
+import reference
+import torch
+from torch import nn
+
+from repsim import locality as L
+from repsim.errors import UserError
+
+PATCH, SIDE = 4, 16  # 16 px images, a 4x4 grid of 4x4 patches
+GRID = (SIDE // PATCH, SIDE // PATCH)
+G = GRID[0] * GRID[1]
+
+
+def _orthogonal_conv(c_in: int, k: int, seed: int) -> nn.Conv2d:
+    """A patchify conv (kernel = stride = k) whose weight is a square orthogonal matrix: it
+    maps each patch vector to Q @ patch, which linear CKA cannot tell from the patch."""
+    d = c_in * k * k
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
+    conv = nn.Conv2d(c_in, d, k, stride=k, bias=False)
+    conv.weight.data = q.reshape(d, c_in, k, k)
+    return conv
+
+
+class Mix(nn.Module):
+    """Every patch token becomes the mean of all patch tokens (the class token is kept)."""
+
+    def forward(self, t):
+        patches = t[:, 1:].mean(1, keepdim=True).expand_as(t[:, 1:])
+        return torch.cat([t[:, :1], patches], 1)
+
+
+class CopyViT(nn.Module):
+    """ViT-shaped (a class token, then the patch tokens row-major): ``blocks.0`` returns its
+    input, so token t is (an orthogonal map of) its own input patch; ``blocks.1`` mixes all
+    tokens into one, so no token is local any more."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = _orthogonal_conv(3, PATCH, seed=0)
+        self.patch_embed.grid_size, self.patch_embed.patch_size = GRID, (PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.ones(1, 1, 3 * PATCH * PATCH))
+        self.blocks = nn.Sequential(nn.Identity(), Mix())
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([self.cls_token.expand(len(x), -1, -1), t], 1))
+
+
+class PatchCNN(nn.Module):
+    """Feature maps at three resolutions: ``native`` on the 4x4 grid (another orthogonal map
+    of each patch), ``fine`` 8x8 (pooled onto the grid), ``coarse`` 2x2 (repeated onto it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.native = _orthogonal_conv(3, PATCH, seed=1)
+        self.fine = nn.Conv2d(3, 5, 2, stride=2)
+        self.coarse = nn.AvgPool2d(2)
+
+    def forward(self, x):
+        self.fine(x)
+        return self.coarse(self.native(x))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(40, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+
+
+def test_token_grid_and_input_patches_follow_the_patch_embedding(images):
+    vit = CopyViT()
+    assert L.token_grid(vit) == L.TokenGrid(GRID, (PATCH, PATCH), 1)
+    p = L.input_patches(images, GRID)
+    assert p.shape == (40, G, 3 * PATCH * PATCH)
+    for g in (0, 6, G - 1):
+        r, c = divmod(g, GRID[1])
+        want = images[:, :, r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH].reshape(40, -1)
+        torch.testing.assert_close(p[:, g], want, rtol=0, atol=0)
+    # the patch embedding reads exactly these vectors: its tokens are W @ patch
+    w = vit.patch_embed.weight.reshape(48, 48)
+    tokens = L.grid_features(vit, images, GRID, "blocks.0")["blocks.0"]
+    torch.testing.assert_close(tokens, p @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="has no patch grid"):
+        L.token_grid(PatchCNN())
+
+
+def test_feature_maps_land_on_the_grid_row_major_pooled_or_repeated():
+    x = torch.randn(2, 5, 8, 8)
+    fine = L.to_grid(x, GRID)  # 8x8 -> 4x4: the mean of each 2x2 window
+    coarse = L.to_grid(x[:, :, :2, :2], GRID)  # 2x2 -> 4x4: each cell repeated over 2x2
+    native = L.to_grid(x[:, :, :4, :4], GRID)
+    for g in range(G):
+        r, c = divmod(g, GRID[1])
+        window = x[:, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+        torch.testing.assert_close(fine[:, g], window.mean((2, 3)))
+        torch.testing.assert_close(coarse[:, g], x[:, :, r // 2, c // 2])
+        torch.testing.assert_close(native[:, g], x[:, :, r, c])
+    tokens = torch.randn(2, 1 + G, 7)
+    torch.testing.assert_close(L.to_grid(tokens, GRID, n_prefix=1), tokens[:, 1:])
+    with pytest.raises(UserError, match="has 17 tokens, not 2 prefix"):
+        L.to_grid(tokens, GRID, n_prefix=2, layer="blocks.0")
+    with pytest.raises(UserError, match="neither tokens"):
+        L.to_grid(torch.randn(2, 7), GRID, layer="head")
+
+
+def test_a_token_that_copies_its_patch_peaks_at_its_own_position(images):
+    res = L.measure(CopyViT(), images, vit_layers="blocks.*", estimator="debiased")
+    assert res.map_layers == ["input", "blocks.0", "blocks.1"]
+    copy, mixed = res.maps[1], res.maps[2]
+    np.testing.assert_allclose(np.diag(copy), 1.0, atol=1e-6)  # own patch (float32 tokens)
+    assert (copy.argmax(1) == np.arange(G)).all()
+    assert np.abs(copy - np.eye(G)).max() < 0.15  # independent pixels elsewhere: about 0
+    np.testing.assert_allclose(res.maps[0], copy, atol=1e-6)  # = the patches themselves
+    s = res.summary
+    assert s["peak_at_own"][1] == 1.0 and s["contrast"][1] > 0.9
+    # every token of the mixing block is the same vector: all maps are one map, so "own" and
+    # "elsewhere" average the same numbers (contrast 0) and one token in G peaks at its own
+    assert np.allclose(mixed, mixed[0], atol=1e-10)
+    assert abs(s["contrast"][2]) < 1e-10 and s["peak_at_own"][2] == 1 / G
+
+
+def test_locality_maps_match_the_reference_cka(images):
+    vit = CopyViT()
+    vit.blocks[1] = nn.Sequential(nn.Linear(48, 48), nn.Tanh())  # a non-trivial token map
+    feats = L.grid_features(vit, images, GRID, "blocks.*")
+    patches = L.input_patches(images, GRID)
+    maps = L.locality_maps(feats, patches, estimator="debiased")
+    for layer, t, s in [(0, 0, 0), (0, 3, 9), (1, 5, 5), (1, 12, 2)]:
+        x = next(v for k, v in enumerate(feats.values()) if k == layer)[:, t].numpy()
+        want = reference.cka(x, patches[:, s].numpy(), debiased=True)
+        assert maps[layer, t, s] == pytest.approx(want, abs=1e-10)
+
+
+def test_summary_and_offset_map_against_explicit_loops():
+    rng = np.random.default_rng(0)
+    gh, gw = 3, 4
+    maps = rng.standard_normal((2, gh * gw, gh * gw))
+    s = L.locality_summary(maps)
+    for k in range(2):
+        own = [maps[k, t, t] for t in range(gh * gw)]
+        rest = [maps[k, t, u] for t in range(gh * gw) for u in range(gh * gw) if u != t]
+        assert s["own"][k] == pytest.approx(np.mean(own))
+        assert s["elsewhere"][k] == pytest.approx(np.mean(rest))
+        assert s["contrast"][k] == pytest.approx(np.mean(own) - np.mean(rest))
+    rel = L.relative_map(maps, (gh, gw))
+    assert rel.shape == (2, 2 * gh - 1, 2 * gw - 1)
+    for dr, dc in [(0, 0), (1, -2), (-2, 3), (2, -3)]:
+        vals = [maps[1, r * gw + c, (r + dr) * gw + c + dc] for r in range(gh) for c in range(gw)
+                if 0 <= r + dr < gh and 0 <= c + dc < gw]
+        assert rel[1, gh - 1 + dr, gw - 1 + dc] == pytest.approx(np.mean(vals))
+
+
+def test_matching_positions_give_cka_1_and_a_misaligned_grid_does_not(images):
+    vit, cnn = CopyViT(), PatchCNN()
+    res = L.measure(vit, images, cnn, images, vit_layers="blocks.0",
+                    cnn_layers="native,fine,coarse", estimator="debiased")
+    pos = res.position
+    assert pos.layers_b == ["native", "fine", "coarse"] and pos.n == 40 * G
+    # the same patch vectors under two orthogonal maps, row for row: CKA 1
+    assert pos.matrix[0, 0] == pytest.approx(1.0, abs=1e-6)
+    tok = L.grid_features(vit, images, GRID, "blocks.0")
+    cells = L.grid_features(cnn, images, GRID, "native,fine,coarse")
+    want = reference.cka(tok["blocks.0"].reshape(-1, 48).numpy(),
+                         cells["fine"].reshape(-1, 5).numpy(), debiased=True)
+    assert pos.matrix[0, 1] == pytest.approx(want, abs=1e-10)
+    # the CNN's cells transposed (row g of an image paired with another place): not 1
+    flipped = {"native": cells["native"].reshape(40, *GRID, 48).transpose(1, 2).reshape(40, G, 48)}
+    assert L.position_cka(tok, flipped, estimator="debiased").matrix[0, 0] < 0.5
+    with pytest.raises(UserError, match="same images on the same grid"):
+        L.position_cka(tok, {"x": cells["native"][:10]})
+
+
+# ------------------------------------------------------------------ the figure kind
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name in ("vit_cifar", "resnet18_cifar"):
+        torch.save(build_model(name, seed=0).state_dict(), ck / f"{name}.pt")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    return ck
+
+
+SPEC = ('kind = "locality"\nvit = {model = "vit_cifar", layers = "embed,blocks.5"}\n'
+        'cnn = {model = "resnet18_cifar", layers = "stem,layer3,layer4"}\nmax_images = 6\n'
+        'tokens = [[0, 0], [4, 4]]\n[probe]\ndataset = "cifar10-probe"\nn = 20\n')
+
+
+def test_figure_kind_builds_both_figures_caches_and_skips_without_weights(tmp_path, checkpoints):
+    from repsim.figures.runner import build_all
+
+    ana, out = tmp_path / "analyses", tmp_path / "figures"
+    ana.mkdir()
+    (ana / "loc.toml").write_text(SPEC)
+    (ana / "bad.toml").write_text(SPEC.replace("[[0, 0], [4, 4]]", "[[0, 9]]"))
+    res = build_all(ana, out, progress=False)
+    assert [e["name"] for e in res["built"]] == ["loc"]
+    assert "tokens=[[0, 9]]" in res["failed"][0]["reason"]
+    names = sorted(p.name for p in out.iterdir())
+    assert {"loc.png", "loc.pdf", "loc_maps.png", "loc_maps.pdf", "loc.npz"} <= set(names)
+    data = json.loads((out / "loc.json").read_text())["data"]
+    assert data["n_images"] == 6 and data["grid"] == [8, 8]
+    assert data["layers"] == ["input", "embed", "blocks.5"]
+    assert data["position_cka"]["layers_b"] == ["stem", "layer3", "layer4"]
+    assert data["position_cka"]["n"] == 6 * 64
+    assert np.array(data["token_maps"]["4,4"]).shape == (3, 64)
+    assert data["summary"]["own"][0] == pytest.approx(1.0)  # input patches vs themselves
+    with np.load(out / "loc.npz") as z:
+        assert z["maps"].shape == (3, 64, 64) and len(z["ids"]) == 6
+    assert [e["name"] for e in build_all(ana, out, only=["loc"], progress=False)["cached"]] == [
+        "loc"]
+    (checkpoints / "resnet18_cifar.pt").unlink()
+    skipped = build_all(ana, out, only=["loc"], progress=False)["skipped"]
+    assert [e["name"] for e in skipped] == ["loc"] and "resnet18_cifar" in skipped[0]["reason"]
