@@ -115,9 +115,26 @@ def _featuremaps(data: dict) -> str:
             + ", ".join(f"{s} (of {v['num_channels']})" for s, v in stages.items()) + ".")
 
 
+def _locality(data: dict) -> str:
+    s, layers = data["summary"], data["layers"]
+    rows = [i for i, name in enumerate(layers) if name != "input"]
+    first, last = rows[0], rows[-1]
+    out = [f"A token's CKA with its own input patch: {s['own'][first]:.2f} in {layers[first]}, "
+           f"{s['own'][last]:.2f} in {layers[last]} (elsewhere {s['elsewhere'][first]:.2f}, "
+           f"{s['elsewhere'][last]:.2f}); tokens peaking at their own cell: "
+           f"{100 * s['peak_at_own'][first]:.0f} %, {100 * s['peak_at_own'][last]:.0f} %."]
+    pos = data.get("position_cka")
+    if pos and pos.get("matrix"):
+        best, value, se = _rows_best(pos["matrix"], pos.get("se"))
+        out.append("Place by place: " + match_caption(
+            "ViT", "ResNet", pos["layers_a"], pos["layers_b"], best, value, se))
+    return "\n".join(out)
+
+
 CAPTIONS: dict[str, Callable[[dict], str]] = {
     "cka_grid": _cka_grid, "best_match": _best_match, "accuracy_table": _accuracy,
-    "data_scale": _data_scale, "attention": _attention, "featuremaps": _featuremaps}
+    "data_scale": _data_scale, "attention": _attention, "featuremaps": _featuremaps,
+    "locality": _locality}
 
 
 def caption(kind: str, data: dict, spec: dict) -> str:
