@@ -85,6 +85,9 @@ KINDS: dict[str, FigureKind] = {
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
                               ("model", "images", "ids", "stages", "top"), ("model",),
                               "2"),  # 2: colour bars, one image per class
+    "probes": FigureKind("repsim.figures.probes:build_figure",
+                         ("models", "ks", "train_fraction", "split_seed", "weight_decay",
+                          "steps"), ("models",)),
 }
 
 
