@@ -87,6 +87,9 @@ KINDS: dict[str, FigureKind] = {
                               "2"),  # 2: colour bars, one image per class
     "locality": FigureKind("repsim.figures.locality:build_figure",
                            ("vit", "cnn", "max_images", "tokens"), ("vit",)),
+    "probes": FigureKind("repsim.figures.probes:build_figure",
+                         ("models", "ks", "train_fraction", "split_seed", "weight_decay",
+                          "steps"), ("models",)),
 }
 
 

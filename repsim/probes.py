@@ -1,0 +1,268 @@
+"""Per-layer linear probes, and what deleting a layer's top principal components does to CKA
+and to probe accuracy (Ding, Denain & Steinhardt 2021).
+
+- :func:`linear_probe`: test accuracy of a multinomial logistic regression trained on one
+  split of a layer's ``(n, p)`` features and tested on another.
+- :func:`remove_top_pcs`: a layer's centred features without their top-``k`` principal
+  components.
+- :func:`probe_layers` runs both for every layer of a feature set (``{layer: (n, p)}``, as
+  :func:`repsim.extract` returns it); :func:`probe_model` extracts the features first.
+
+**The probe shares linear CKA's invariances.** Features are centred and divided by one number
+(the root-mean-square distance of a training row to the training mean), not z-scored per
+feature: per-feature scaling would change a layer's geometry, so a rotated copy of a layer
+would probe differently while CKA calls the two identical. The fit is L2-penalised (on the
+weights, not the biases), starts at zero and runs full-batch L-BFGS; its iterates depend on
+the data only through inner products, so any isometry of the features (a rotation, an
+embedding into more dimensions), a translation or a global scale leaves the accuracy
+unchanged, and a network whose layers are such maps of its input probes exactly like its
+input (tested). The penalised loss is strictly convex, so there is one optimum and no
+randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test split.
+A non-orthogonal linear map of the input can change the accuracy (the penalty is not
+invariant to it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from repsim.errors import UserError
+
+DEFAULT_KS = (1, 5, 10)
+DEFAULT_WEIGHT_DECAY = 1e-3
+DEFAULT_STEPS = 500
+TOLERANCE = 1e-6  # L-BFGS stops when no gradient entry exceeds this
+
+
+@contextmanager
+def _one_thread(device: torch.device | None = None) -> Iterator[None]:
+    """One CPU thread for the small matrices of probes and deletions (500 x 512, 512 x 512):
+    on our 2-core machine shared with other jobs, two threads spent most of their time
+    waiting for each other: a probe step took 116 ms on two threads and 13 ms on one, the
+    eigendecomposition of a 512 x 512 matrix 18 s and 0.6 s."""
+    before = torch.get_num_threads()
+    if device is None or device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
+    """``x`` as a float64 ``(n, p)`` tensor on ``device``; UserError when it is not 2-D."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dim() != 2:
+        raise UserError(f"{name} has shape {tuple(t.shape)}; pass an (n, p) matrix, one row "
+                        "per sample")
+    return t.to(device, torch.float64)
+
+
+def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Both splits centred on the training mean and divided by one scale, the root-mean-square
+    distance of a training row to that mean (so training rows have mean squared norm 1).
+    One scale, not one per feature: see the module docstring."""
+    mean = train_x.mean(0)
+    scale = (train_x - mean).pow(2).sum(1).mean().sqrt()
+    scale = scale if scale > 0 else torch.ones_like(scale)  # a constant layer stays zero
+    return (train_x - mean) / scale, (test_x - mean) / scale
+
+
+def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
+                 weight_decay: float = DEFAULT_WEIGHT_DECAY, steps: int = DEFAULT_STEPS,
+                 device: str | torch.device | None = None) -> float:
+    """Test accuracy (a fraction in [0, 1]) of a multinomial logistic regression.
+
+    ``train_x`` ``(n_train, p)`` with labels ``train_y`` ``(n_train,)``; ``test_x``
+    ``(n_test, p)``, ``test_y`` ``(n_test,)``; any integer labels. Minimises mean cross-entropy
+    ``+ weight_decay / 2 * ||W||^2`` on standardised features (:func:`standardise`) with
+    full-batch L-BFGS from zero for at most ``steps`` iterations, in float64 on ``device``
+    (default: a GPU when there is one). Deterministic: the same inputs give the same number.
+    """
+    from repsim.models import resolve_device
+
+    if weight_decay < 0 or steps < 1:
+        raise UserError(f"weight_decay={weight_decay}, steps={steps}: pass weight_decay >= 0 "
+                        "and steps >= 1")
+    dev = resolve_device(None if device is None else str(device))
+    xtr, xte = _matrix(train_x, "train_x", dev), _matrix(test_x, "test_x", dev)
+    labels = np.concatenate([np.asarray(train_y).ravel(), np.asarray(test_y).ravel()])
+    if xtr.shape[1] != xte.shape[1] or len(labels) != len(xtr) + len(xte):
+        raise UserError(f"train_x {tuple(xtr.shape)}, test_x {tuple(xte.shape)} and "
+                        f"{len(labels)} labels do not fit; pass one label per row and the "
+                        "same features in both splits")
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = torch.as_tensor(codes, device=dev)
+    ytr, yte = codes[:len(xtr)], codes[len(xtr):]
+    xtr, xte = standardise(xtr, xte)
+    w = torch.zeros(xtr.shape[1], len(classes), dtype=torch.float64, device=dev,
+                    requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, history_size=20,
+                            tolerance_grad=TOLERANCE, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = F.cross_entropy(xtr @ w + b, ytr) + 0.5 * weight_decay * w.pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad(), _one_thread(dev):
+        opt.step(loss)
+        loss()  # the final gradient, to say whether the fit converged
+    grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))
+    if grad > 10 * TOLERANCE:
+        warnings.warn(f"linear probe stopped after steps={steps} with gradient {grad:.1e}; "
+                      "its accuracy may move with more steps", RuntimeWarning, stacklevel=2)
+    with torch.no_grad():
+        pred = (xte @ w + b).argmax(1)
+    return float((pred == yte).double().mean())
+
+
+def remove_top_pcs(x: Any, k: int) -> np.ndarray:
+    """``x`` ``(n, p)`` centred, minus its top-``k`` principal components: float64 ``(n, p)``.
+
+    The centred ``X = U S V'``; the result is ``X - U_k S_k V_k'``, found from the eigenvectors
+    of the smaller of ``X X'`` (``n x n``, when p > n) and ``X' X``. Its linear biased CKA with
+    ``x`` is ``sqrt(sum_{i>k} s_i^4 / sum_i s_i^4)``. ``k = 0`` gives ``x`` centred.
+    """
+    t = _matrix(x, "x", torch.device("cpu") if not isinstance(x, torch.Tensor) else x.device)
+    n, p = t.shape
+    if not 0 <= k <= min(n, p):
+        raise UserError(f"k={k} is out of range for x of shape {(n, p)}; pass 0 <= k <= "
+                        f"{min(n, p)}")
+    xc = t - t.mean(0)
+    if k == 0:
+        return xc.cpu().numpy()
+    with _one_thread(t.device):
+        if p > n:  # top left singular vectors: eigenvectors of the n x n Gram (ascending)
+            u = torch.linalg.eigh(xc @ xc.T).eigenvectors[:, -k:]
+            out = xc - u @ (u.T @ xc)
+        else:
+            v = torch.linalg.eigh(xc.T @ xc).eigenvectors[:, -k:]
+            out = xc - (xc @ v) @ v.T
+    return out.cpu().numpy()
+
+
+@dataclass
+class LayerProbes:
+    """Per-layer probes of one feature set. Rows follow ``layers``; columns follow ``ks``
+    (principal components deleted, 0 first: the layer as it is). NaN where a layer has fewer
+    than ``k`` components.
+
+    ``accuracy`` ``(L, K)``: probe test accuracy, a fraction. ``self_cka`` ``(L, K)``: CKA of
+    the layer with itself after the deletion. ``match_layers``: each layer's best-matching
+    reference layer (highest CKA before deletion), ``match_cka`` ``(L, K)``: CKA with it after
+    deleting the layer's PCs (both None without a reference)."""
+
+    layers: list[str]
+    ks: list[int]
+    accuracy: np.ndarray
+    self_cka: np.ndarray
+    match_layers: list[str] | None
+    match_cka: np.ndarray | None
+    n_train: int
+    n_test: int
+    seed: int
+    weight_decay: float
+    steps: int
+    estimator: str
+
+    def to_dict(self) -> dict:
+        """JSON-able, NaN as None."""
+        def clean(v):
+            if isinstance(v, np.ndarray):
+                return [[None if c != c else float(c) for c in row] for row in v.tolist()]
+            return v
+
+        return {k: clean(v) for k, v in asdict(self).items()}
+
+
+def stratified_split(labels: Any, train_fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, test)`` row indices: ``round(train_fraction * count)`` of every class
+    for training, drawn by ``seed`` (:func:`repsim.data.balanced_subset`), the rest for test."""
+    from repsim.data import balanced_subset
+
+    labels = np.asarray(labels)
+    train = balanced_subset(labels, train_fraction, seed)
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    if len(test) == 0:
+        raise UserError(f"train_fraction={train_fraction} leaves no test rows; pass a "
+                        "fraction below 1, e.g. 0.5")
+    return train, test
+
+
+def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = DEFAULT_KS,
+                 reference: dict[str, Any] | None = None, train_fraction: float = 0.5,
+                 seed: int = 0, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+                 steps: int = DEFAULT_STEPS, estimator: str = "debiased",
+                 batch_size: int | None = None, batch_seed: int = 0,
+                 device: str | torch.device | None = None) -> LayerProbes:
+    """Probe every layer of ``features`` (``{layer: (n, p)}``, one label per row in
+    ``labels`` ``(n,)``), as it is and with its top ``k`` principal components deleted for each
+    ``k`` in ``ks``. The probe trains on a stratified ``train_fraction`` of the rows (drawn by
+    ``seed``) and is tested on the rest; principal components and CKA use all ``n`` rows.
+    ``reference`` (another model's ``{layer: (n, q)}`` on the same rows): each layer's best
+    match there, and its CKA after the deletion. CKA settings: ``estimator``,
+    ``batch_size``, ``batch_seed`` as in :func:`repsim.cka.cka_matrix` (linear kernel)."""
+    from repsim.cka import cka_matrix
+
+    labels = np.asarray(labels).ravel()
+    ks = [0] + sorted({int(k) for k in ks} - {0})
+    mats = {name: np.asarray(x) for name, x in features.items()}
+    if any(len(x) != len(labels) for x in mats.values()):
+        raise UserError(f"features have {sorted({len(x) for x in mats.values()})} rows but "
+                        f"labels has {len(labels)}; pass one label per row")
+    train, test = stratified_split(labels, train_fraction, seed)
+    opts = dict(estimator=estimator, batch_size=batch_size, batch_seed=batch_seed)
+    match_idx = None
+    if reference is not None:
+        m = cka_matrix(mats, reference, **opts)
+        match_idx = [int(np.nanargmax(r)) if np.isfinite(r).any() else -1 for r in m]
+    ref = list((reference or {}).values())
+    shape = (len(mats), len(ks))
+    acc, self_cka, match = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    for i, x in enumerate(mats.values()):
+        usable = [k for k in ks if k <= min(x.shape)]
+        removed = {k: remove_top_pcs(x, k) for k in usable}
+        for k in usable:
+            acc[i, ks.index(k)] = linear_probe(
+                removed[k][train], labels[train], removed[k][test], labels[test],
+                weight_decay=weight_decay, steps=steps, device=device)
+        others = [x] + ([ref[match_idx[i]]] if match_idx and match_idx[i] >= 0 else [])
+        with _one_thread():  # small CKAs: 0.5 s on one thread, 1.9 s on two (shared CPU)
+            c = cka_matrix(list(removed.values()), others, **opts)  # (len(usable), 1 or 2)
+        cols = [ks.index(k) for k in usable]
+        self_cka[i, cols] = c[:, 0]
+        if c.shape[1] > 1:
+            match[i, cols] = c[:, 1]
+    names = list(reference or {})
+    return LayerProbes(
+        list(mats), ks, acc, self_cka,
+        None if match_idx is None else [names[j] if j >= 0 else None for j in match_idx],
+        None if reference is None else match, len(train), len(test), seed, weight_decay,
+        steps, estimator)
+
+
+def probe_model(model: Any, images: Any, labels: Any, *, layers: str | Sequence[str] | None
+                = None, reduce: str = "mean", batch_size: int = 128,
+                device: str | torch.device | None = None, **options: Any) -> LayerProbes:
+    """:func:`probe_layers` of ``model``'s ``layers`` over ``images``, their features from
+    :func:`repsim.extract` (``reduce="mean"``: mean-pooled tokens, average-pooled maps).
+    ``model`` and ``images`` as :func:`repsim.extract` takes them; ``options`` go to
+    :func:`probe_layers`."""
+    from repsim.hooks import extract
+
+    feats = extract(model, images, layers=layers, reduce=reduce, batch_size=batch_size,
+                    device=device)
+    return probe_layers(feats, labels, device=device, **options)

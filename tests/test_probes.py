@@ -1,0 +1,186 @@
+"""Per-layer linear probes and principal-component deletion (repsim.probes), against known
+answers: isometric layers probe exactly like their input, separable classes give accuracy 1,
+deleting k components matches the SVD and CKA's closed form; and the ``probes`` figure."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from repsim.cka import cka_matrix, linear_cka
+from repsim.errors import UserError
+from repsim.probes import (
+    linear_probe,
+    probe_layers,
+    probe_model,
+    remove_top_pcs,
+    stratified_split,
+)
+
+
+def blobs(n_per_class=40, classes=3, dim=8, spread=1.0, seed=0):
+    """Gaussian classes around random centres: (n, dim) float32 features, (n,) labels."""
+    g = np.random.default_rng(seed)
+    centres = g.standard_normal((classes, dim)) * 1.5
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = centres[y] + spread * g.standard_normal((len(y), dim))
+    return x.astype(np.float32), y
+
+
+def orthonormal_columns(rows, cols, seed):
+    """A (rows, cols) matrix with orthonormal columns (rows >= cols): an isometric map."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((rows, cols)))
+    return torch.tensor(q, dtype=torch.float32)
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return 3.7 * x
+
+
+def isometric_net(dim):
+    """Layers that are fixed random isometries of the input (plus translations, a scale)."""
+    rotate, embed = nn.Linear(dim, dim), nn.Linear(dim, 3 * dim)
+    with torch.no_grad():
+        rotate.weight.copy_(orthonormal_columns(dim, dim, 1))
+        embed.weight.copy_(orthonormal_columns(3 * dim, dim, 2))
+    return nn.Sequential(rotate, embed, Scale())
+
+
+def test_isometric_layers_probe_exactly_like_the_input():
+    # Hard enough that per-feature z-scoring breaks the equality (0.70, 0.75, 0.75 vs 0.717)
+    x, y = blobs(n_per_class=30, classes=4, dim=16, spread=2.5)
+    probes = probe_model(isometric_net(x.shape[1]), torch.from_numpy(x), y, layers=["0", "1", "2"],
+                         ks=(), device="cpu", seed=3)
+    train, test = stratified_split(y, 0.5, 3)
+    direct = linear_probe(x[train], y[train], x[test], y[test], device="cpu")
+    assert 0.5 < direct < 1.0  # overlapping classes: the equality below says something
+    assert probes.layers == ["0", "1", "2"] and probes.ks == [0]
+    np.testing.assert_array_equal(probes.accuracy[:, 0], [direct] * 3)
+    # A non-isometric map (one feature stretched 20x) is not invariant: the test can fail.
+    stretched = x * np.r_[20.0, np.ones(x.shape[1] - 1)].astype(np.float32)
+    assert linear_probe(stretched[train], y[train], stretched[test], y[test],
+                        device="cpu") != direct
+
+
+def test_separable_classes_are_probed_perfectly_and_labels_may_be_any_integers():
+    x, y = blobs(n_per_class=30, classes=4, dim=10, spread=0.05, seed=1)
+    train, test = stratified_split(y, 0.5, 0)
+    assert linear_probe(x[train], y[train] * 7 - 3, x[test], y[test] * 7 - 3,
+                        device="cpu") == 1.0
+
+
+def test_the_split_is_stratified_seeded_and_disjoint():
+    y = np.repeat(np.arange(5), 20)
+    train, test = stratified_split(y, 0.5, 0)
+    assert np.bincount(y[train]).tolist() == [10] * 5
+    assert np.intersect1d(train, test).size == 0 and len(train) + len(test) == 100
+    np.testing.assert_array_equal(train, stratified_split(y, 0.5, 0)[0])
+    assert not np.array_equal(train, stratified_split(y, 0.5, 1)[0])
+
+
+@pytest.mark.parametrize("n,p", [(40, 12), (12, 40)])  # both branches: X'X and the Gram
+def test_removing_top_pcs_matches_the_svd_and_cka_closed_form(n, p):
+    g = np.random.default_rng(0)
+    x = g.standard_normal((n, p)) * np.geomspace(10, 0.1, p) + 5.0  # distinct spectrum, offset
+    xc = x - x.mean(0)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)
+    for k in (0, 1, 3, 5):
+        out = remove_top_pcs(x, k)
+        assert out.shape == (n, p) and out.dtype == np.float64
+        np.testing.assert_allclose(out, xc - (u[:, :k] * s[:k]) @ vt[:k], atol=1e-10)
+        closed = np.sqrt((s[k:] ** 4).sum() / (s ** 4).sum())
+        np.testing.assert_allclose(linear_cka(x, out, debiased=False), closed, rtol=1e-10)
+    assert np.abs(remove_top_pcs(x, min(n, p))).max() < 1e-9  # everything deleted
+
+
+def test_probe_layers_matches_reference_layers_and_is_deterministic():
+    x, y = blobs(n_per_class=30, classes=3, dim=6, seed=2)
+    g = np.random.default_rng(5)
+    feats = {"a": x @ g.standard_normal((6, 9)), "narrow": x[:, :3]}
+    ref = {"noise": g.standard_normal((len(y), 5)), "copy": np.tanh(feats["a"])}
+    kw = dict(ks=(1, 5), reference=ref, estimator="biased", device="cpu")
+    res = probe_layers(feats, y, **kw)
+    assert res.ks == [0, 1, 5] and res.match_layers == ["copy", "copy"]
+    full = cka_matrix(feats, ref, estimator="biased")
+    np.testing.assert_allclose(res.match_cka[:, 0], full[:, 1], rtol=1e-12)
+    np.testing.assert_allclose(res.self_cka[:, 0], 1.0, rtol=1e-12)
+    s = np.linalg.svd(feats["a"] - feats["a"].mean(0), compute_uv=False)
+    closed = [np.sqrt((s[k:] ** 4).sum() / (s ** 4).sum()) for k in (1, 5)]
+    np.testing.assert_allclose(res.self_cka[0, 1:], closed, rtol=1e-10)
+    assert np.isnan(res.accuracy[1, 2]) and np.isnan(res.self_cka[1, 2])  # 3 < k = 5
+    assert np.isfinite(res.accuracy[:, :2]).all() and res.n_train == res.n_test == 45
+    again = probe_layers(feats, y, **kw)
+    for field in ("accuracy", "self_cka", "match_cka"):
+        np.testing.assert_array_equal(getattr(res, field), getattr(again, field))
+    assert json.loads(json.dumps(res.to_dict()))["accuracy"][1][2] is None
+
+
+def test_bad_inputs_are_user_errors_naming_the_parameter():
+    x, y = blobs()
+    with pytest.raises(UserError, match="k=9"):
+        remove_top_pcs(x, 9)
+    with pytest.raises(UserError, match="labels"):
+        probe_layers({"a": x}, y[:-1])
+    with pytest.raises(UserError, match="weight_decay=-1"):
+        linear_probe(x, y, x, y, weight_decay=-1)
+    with pytest.raises(UserError, match="train_fraction=1"):
+        stratified_split(y, 1.0, 0)
+
+
+# ------------------------------------------------------------------ the figure kind
+
+SPEC = """kind = "probes"
+models = ["vit_cifar", "resnet18_cifar"]
+ks = [1, 5]
+weight_decay = 0.01         # converges faster on 20 training images
+[probe]
+dataset = "cifar10-probe"
+n = 40
+reduce = "mean"
+[cka]
+estimator = "minibatch"
+"""
+
+
+def test_the_probes_figure_puts_accuracy_by_depth_next_to_the_best_match_curve(tmp_path,
+                                                                               monkeypatch):
+    from repsim.figures.runner import build_all
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name in ("vit_cifar", "resnet18_cifar"):  # random weights: the plumbing, not the study
+        torch.save(build_model(name, seed=0).state_dict(), ck / f"{name}.pt")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    a = tmp_path / "analyses"
+    a.mkdir()
+    (a / "probes.toml").write_text(SPEC)
+    (a / "rbf.toml").write_text(SPEC.replace('estimator = "minibatch"', 'kernel = "rbf"'))
+    (a / "missing.toml").write_text(SPEC.replace('"resnet18_cifar"]', '"resnet18_cifar"]\n'
+                                                 '[labels]').replace(
+        'models = ["vit_cifar"', 'models = [{model = "vit_cifar", weights = "nope.pt"}'))
+    out = build_all(a, tmp_path / "figures", progress=False)
+    assert [e["name"] for e in out["built"]] == ["probes"]
+    assert [e["name"] for e in out["skipped"]] == ["missing"]
+    assert [e["name"] for e in out["failed"]] == ["rbf"] and "kernel" in out["failed"][0]["reason"]
+    figs = tmp_path / "figures"
+    assert (figs / "probes.png").exists() and (figs / "probes.pdf").exists()
+    data = json.loads((figs / "probes.json").read_text())["data"]
+    vit, res = data["entries"]
+    assert vit["layers"] == ["embed"] + [f"blocks.{i}" for i in range(6)]
+    assert res["layers"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    for e in (vit, res):
+        assert e["ks"] == [0, 1, 5] and e["weight_decay"] == 0.01
+        assert e["n_train"] + e["n_test"] == data["n"] == 40
+        assert all(0 <= v <= 1 for row in e["accuracy"] for v in row)
+        # the k = 0 column is the best-match curve of the figure's own CKA result
+        assert e["match_layers"] == e["curve"]["best_layer_b"]
+        np.testing.assert_allclose([r[0] for r in e["match_cka"]], e["curve"]["value"],
+                                   rtol=1e-9)
+    assert 0 <= data["pixel_accuracy"] <= 1
+    csv = (figs / "probes.csv").read_text().splitlines()
+    assert csv[0] == "model,layer,k,accuracy,self_cka,match_layer,match_cka"
+    assert len(csv) == 1 + 3 * (7 + 5)
