@@ -131,10 +131,26 @@ def _locality(data: dict) -> str:
     return "\n".join(out)
 
 
+def _probes(data: dict) -> str:
+    out = [f"A linear probe on the raw pixels: {data['pixel_accuracy']:.3f}."]
+    for e in data["entries"]:
+        acc = [row[0] for row in e["accuracy"]]
+        best = max(range(len(acc)), key=lambda i: -1 if acc[i] is None else acc[i])
+        k = e["ks"][1] if len(e["ks"]) > 1 else None
+        line = (f"{e['label']}: probe accuracy {_fmt(acc[0])} in {e['layers'][0]} to "
+                f"{_fmt(acc[-1])} in {e['layers'][-1]}, highest {_fmt(acc[best])} in "
+                f"{e['layers'][best]}")
+        if k is not None:
+            line += (f"; without its top {k} component(s) {_fmt(e['accuracy'][-1][1])}, CKA "
+                     f"with itself {_fmt(e['self_cka'][-1][1])}")
+        out.append(line + ".")
+    return "\n".join(out)
+
+
 CAPTIONS: dict[str, Callable[[dict], str]] = {
     "cka_grid": _cka_grid, "best_match": _best_match, "accuracy_table": _accuracy,
     "data_scale": _data_scale, "attention": _attention, "featuremaps": _featuremaps,
-    "locality": _locality}
+    "locality": _locality, "probes": _probes}
 
 
 def caption(kind: str, data: dict, spec: dict) -> str:
