@@ -27,6 +27,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_attention.py
 	$(PY) benchmarks/bench_stats.py
+	$(PY) benchmarks/bench_correspondence.py
 
 # The main job, offline: the bundled 1,000-image CIFAR-10 probe set, the committed
 # checkpoints, every figure in analyses/ whose weights are here (the others are skipped with
