@@ -5,6 +5,7 @@ capture for every variant, and the tinyvit recipe's augmentations."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -280,3 +281,54 @@ def test_random_erasing_fills_one_rectangle_with_the_mean_colour():
         assert rows.max() - rows.min() + 1 == h and cols.max() - cols.min() + 1 == w
         assert 0.02 * 1024 * 0.7 <= h * w <= 0.4 * 1024 * 1.3  # rounding of sides
         assert (img[mask] == torch.tensor([125, 123, 114], dtype=torch.uint8)).all()
+
+
+# --------------------------------------------------------------------------- prefix tokens
+
+
+def test_token_cka_splits_the_prefix_columns_token_by_token():
+    from reference import cka as reference_cka
+
+    from repsim.figures.prefix import token_cka
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((60, 8))
+    b = a @ rng.standard_normal((8, 8)) + 0.5 * rng.standard_normal((60, 8))
+    feats = np.concatenate([a, 3.0 * a, b], axis=1)  # three tokens of width 8
+    m = token_cka(feats, 3)
+    assert m.shape == (3, 3)
+    np.testing.assert_allclose(m[0, 1], 1.0, atol=1e-12)  # CKA ignores isotropic scaling
+    np.testing.assert_allclose(m[0, 2], reference_cka(a, b, debiased=True), atol=1e-10)
+    np.testing.assert_allclose(m, m.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,expected", [("vit_cifar_tiny_reg3", 1 / 68),
+                                           ("vit_cifar_tiny_sptlsa", 1 / 64)])
+def test_prefix_attention_mass_of_uniform_attention(models, name, expected):
+    # Zero queries and keys make every score 0: attention is uniform over the T tokens a query
+    # may see (T = 68 with four prefix tokens; T - 1 = 64 when LSA masks the query itself).
+    model = copy.deepcopy(models[name])
+    with torch.no_grad():
+        for blk in model.blocks:
+            for p in blk.attn.qkv.parameters():
+                p.zero_()
+    mass = A.prefix_attention_mass(model, X, batch_size=2)
+    assert mass.shape == (9, model.num_prefix_tokens)
+    np.testing.assert_allclose(mass, expected, rtol=1e-6)
+
+
+def test_prefix_tokens_figure_builds_from_random_weights(tmp_path):
+    from repsim.figures.runner import build_all
+
+    specs = tmp_path / "analyses"
+    specs.mkdir()
+    (specs / "prefix.toml").write_text(
+        'kind = "prefix_tokens"\nmodels = [{model = "vit_cifar_tiny_mcls4", weights = '
+        '"random"}]\nlayer = "blocks.2"\n[probe]\ndataset = "cifar10-probe"\nn = 12\n')
+    summary = build_all(specs, tmp_path / "figures", progress=False)
+    assert not summary["failed"] and not summary["skipped"], summary
+    (res,) = json.loads((tmp_path / "figures" / "prefix.json").read_text())["data"]["models"]
+    assert res["n"] == 12 and res["n_prefix"] == 4 and res["layer"] == "blocks.2"
+    assert np.allclose(np.diag(res["token_cka"]), 1.0)
+    assert np.array(res["attention_mass"]).shape == (9, 4)
+    assert (tmp_path / "figures" / "prefix.png").is_file()

@@ -85,6 +85,8 @@ KINDS: dict[str, FigureKind] = {
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
                               ("model", "images", "ids", "stages", "top"), ("model",),
                               "2"),  # 2: colour bars, one image per class
+    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
+                                ("models",)),
 }
 
 
