@@ -176,3 +176,18 @@ def build(variant: str, num_classes: int = 10) -> VisionTransformer:
             blk.attn.qkv = LowRankQKV(kw["embed_dim"], RANK, variant[-1], bias=True)
             blk.attn.qkv.apply(init_weights_vit_timm)  # as timm initialises its own qkv
     return model
+
+
+def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(D, D)`` query and key projection matrices of a timm ``Attention`` (rows: output
+    features), from a fused ``qkv`` Linear or a :class:`LowRankQKV` (then ``up @ down`` for
+    the factored one, of rank at most ``rank``)."""
+    qkv = attn.qkv
+    if isinstance(qkv, nn.Linear):
+        d = qkv.weight.shape[0] // 3
+        return qkv.weight[:d], qkv.weight[d:2 * d]
+
+    def matrix(proj: nn.Module) -> torch.Tensor:
+        return proj.weight if isinstance(proj, nn.Linear) else proj[1].weight @ proj[0].weight
+
+    return matrix(qkv.q), matrix(qkv.k)

@@ -42,7 +42,7 @@ def smoke(tmp_path_factory):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE_WORK": str(work),
            "REPSIM_CIFAR_TAR": str(packed), "DEVICE_BENCH": "0"}
     run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1200)  # stage 3 adds seven short runs
     assert run.returncode == 0, run.stdout + run.stderr
     collect_out = root / "collect"
     collect = subprocess.run(["bash", str(SCRIPT), "--collect"], capture_output=True, text=True,

@@ -332,3 +332,54 @@ def test_prefix_tokens_figure_builds_from_random_weights(tmp_path):
     assert np.allclose(np.diag(res["token_cka"]), 1.0)
     assert np.array(res["attention_mass"]).shape == (9, 4)
     assert (tmp_path / "figures" / "prefix.png").is_file()
+
+
+# --------------------------------------------------------------------------- projection ranks
+
+
+def test_effective_rank_closed_forms():
+    from repsim.figures.lowrank import effective_rank, matrix_effective_rank
+
+    assert effective_rank([2.0, 2.0, 2.0, 0.0]) == pytest.approx(3.0, abs=1e-12)
+    assert effective_rank([1.0]) == pytest.approx(1.0, abs=1e-12)
+    p = np.array([0.5, 0.25, 0.25])  # exp(entropy) = exp(1.5 log 2) = 2 ** 1.5
+    assert effective_rank(4 * p) == pytest.approx(2 ** 1.5, abs=1e-12)
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
+    m = q[:, :4] @ np.diag([3.0, 3.0, 3.0, 3.0]) @ q[:, 2:].T  # rank 4, equal values
+    assert matrix_effective_rank(m) == pytest.approx(4.0, abs=1e-9)
+
+
+def test_query_key_weights_of_full_and_low_rank_attention(models):
+    from repsim.figures.lowrank import matrix_effective_rank
+    from repsim.tinyvit import query_key_weights
+
+    attn = models["vit_cifar_tiny"].blocks[0].attn
+    wq, wk = query_key_weights(attn)
+    assert torch.equal(wq, attn.qkv.weight[:192]) and torch.equal(wk, attn.qkv.weight[192:384])
+    for name, low in (("vit_cifar_tiny_lowrankq", 0), ("vit_cifar_tiny_lowrankk", 1)):
+        attn = models[name].blocks[0].attn
+        w = query_key_weights(attn)
+        down, up = getattr(attn.qkv, "qk"[low])
+        assert torch.allclose(w[low], up.weight @ down.weight)
+        assert matrix_effective_rank(w[low]) <= RANK < matrix_effective_rank(w[1 - low])
+
+
+def test_activation_ranks_match_the_centred_token_matrix(models):
+    # The streamed covariance route against the singular values of the centred (n T, D)
+    # query and key matrices, formed whole.
+    from repsim.figures.lowrank import _activation_ranks, matrix_effective_rank
+
+    model = models["vit_cifar_tiny_lowrankq"]
+    got = _activation_ranks(model, X, batch_size=2)
+    out = {}
+    h = model.blocks[4].attn.qkv.register_forward_hook(lambda m, i, o: out.__setitem__(0, o))
+    try:
+        with torch.inference_mode():
+            model(X)
+    finally:
+        h.remove()
+    z = out[0].reshape(-1, 576).double()
+    for j in range(2):
+        part = z[:, j * 192:(j + 1) * 192]
+        assert got[4, j] == pytest.approx(matrix_effective_rank(part - part.mean(0)), rel=1e-6)
+    assert got.shape == (9, 2) and got[4, 0] <= RANK

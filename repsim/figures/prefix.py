@@ -64,19 +64,22 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     fig, axes = draw.plt.subplots(2, len(results), figsize=(4.2 * len(results), 7.4),
                                   squeeze=False, constrained_layout=True)
     for col, res in enumerate(results):
-        names = ["cls"] + [f"reg{t}" for t in range(1, res["n_prefix"])]
+        # Token 0 is timm's class token; 1.. its register tokens (class tokens in mcls4).
+        names = ["0 (cls)"] + [str(t) for t in range(1, res["n_prefix"])]
         acc = res["test_accuracy"]
         head = res["label"] + ("" if acc is None else f" ({acc:.2f} %)")
         draw.draw_heatmap(axes[0, col], np.array(res["token_cka"]), names, names,
                           head, head, annotate=True)
-        axes[0, col].set_title(f"{res['layer']}: debiased CKA among prefix tokens", fontsize=9)
+        axes[0, col].set(xlabel="prefix token", ylabel="prefix token")
+        axes[0, col].set_title(f"{head}\n{res['layer']}: debiased CKA among prefix tokens",
+                               fontsize=9)
         mass = np.array(res["attention_mass"])
         for t, name in enumerate(names):
-            axes[1, col].plot(range(len(mass)), mass[:, t], marker="o", label=name)
+            axes[1, col].plot(range(len(mass)), mass[:, t], marker="o", label=f"token {name}")
         uniform = 1.0 / (res["n_prefix"] + 64)  # the tiny ViTs' 8 x 8 patch grid
         axes[1, col].axhline(uniform, ls="--", c="grey", lw=0.8, label="uniform")
-        axes[1, col].set(xlabel="block", ylabel="attention from patch queries",
-                         title=f"{head}: attention on each prefix token")
+        axes[1, col].set(xlabel="block", ylabel="attention from patch queries")
+        axes[1, col].set_title("attention on each prefix token (mean over heads)", fontsize=9)
         axes[1, col].legend(fontsize=8)
     fig.suptitle(spec.get("title") or "Prefix tokens", fontsize=11)
     ctx.data["models"] = results

@@ -87,6 +87,8 @@ KINDS: dict[str, FigureKind] = {
                               "2"),  # 2: colour bars, one image per class
     "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
                                 ("models",)),
+    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",),
+                                  ("models",)),
 }
 
 
