@@ -91,7 +91,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
             ax.plot(r[:, 0], "-o", c=colour, label=f"{res['label']}: queries")
             ax.plot(r[:, 1], "--s", c=colour, label=f"{res['label']}: keys")
     for ax, what in zip(axes, ("projection matrices", f"activations (n = {results[0]['n']:,})")):
-        ax.set(xlabel="block", ylabel="effective rank", title=f"{what}")
+        ax.set(xlabel="block", ylabel="effective rank", title=f"{what} (dotted: rank 64)")
         ax.axhline(64, c="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
