@@ -358,3 +358,30 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
             model(preprocess(spec, xb) if is_uint8 else xb)
             bar.update(len(xb))
     return acc.compute()
+
+
+def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 64
+                          ) -> np.ndarray:
+    """``(L, n_prefix)`` float64: the attention weight that patch queries give each class or
+    register token, averaged over patch queries, heads and images, per block. Uniform
+    attention gives ``1 / T`` per token. ``x``: preprocessed ``(n, 3, S, S)`` float images,
+    run in batches of ``batch_size`` on the model's device."""
+    geo = vit_geometry(model)
+    n = geo.n_prefix
+    if n < 1:
+        raise UserError("this ViT has no class or register tokens to measure attention on")
+    sums = torch.zeros(geo.depth, n, dtype=torch.float64)
+    count = 0
+
+    def consume(i, q, k, scale, bias):
+        scores = (q * scale) @ k.transpose(-2, -1)
+        a = (scores if bias is None else scores + bias).softmax(dim=-1)
+        sums[i] += a[:, :, n:, :n].to(torch.float64).sum(dim=(0, 1, 2)).cpu()
+
+    dev = model_device(model)
+    with torch.inference_mode(), _qk_hooks(model, consume):
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size].to(dev)
+            model(xb)
+            count += len(xb)
+    return (sums / (count * geo.num_heads * geo.n_patches)).numpy()

@@ -2,8 +2,9 @@
 
 The training split lives on the device as ``(N, H, W, 3)`` uint8; each batch is augmented
 there (so a GPU never waits for a CPU data loader): a random translate (a crop of the padded
-image) and a horizontal flip, then optionally cutout and RandAugment on the uint8 pixels,
-and, after preprocessing, MixUp or CutMix of the float batch with soft targets. Draws come
+image) and a horizontal flip, then optionally cutout, RandAugment or AutoAugment and random
+erasing on the uint8 pixels, and, after preprocessing, MixUp or CutMix of the float batch
+with soft targets. Draws come
 from the run's generator ``gen`` (translate, flip, cutout, the mixing choice) or torch's
 global RNG (RandAugment's ops, the mixing weight), both of which a run saves and restores.
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 PAD = 4  # translate range in pixels (every recipe)
 RANDAUGMENT_GROUP = 50  # images that share one RandAugment draw (per-image variety, few calls)
+AUTOAUGMENT_GROUP = 64  # images that share one AutoAugment sub-policy draw (4 calls per 256)
 
 
 def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,16 +72,60 @@ def rand_augment(x: torch.Tensor, num_ops: int, magnitude: int) -> torch.Tensor:
     return out.permute(0, 2, 3, 1)
 
 
+def auto_augment(x: torch.Tensor, fill: int = 128) -> torch.Tensor:
+    """AutoAugment with the CIFAR-10 policy (Cubuk et al. 2019; torchvision's, the policy of
+    the DeepVoltaire code the small-ViT studies use, grey ``fill`` as there) of
+    ``(B, H, W, 3)`` uint8; each group of :data:`AUTOAUGMENT_GROUP` images draws its own
+    sub-policy (torchvision draws once per call)."""
+    from torchvision.transforms import v2
+
+    op = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill)
+    chw = x.permute(0, 3, 1, 2)
+    out = torch.cat([op(g) for g in chw.split(AUTOAUGMENT_GROUP)])
+    return out.permute(0, 2, 3, 1)
+
+
+def random_erase(x: torch.Tensor, gen: torch.Generator, prob: float,
+                 fill: tuple[int, int, int], area: tuple[float, float] = (0.02, 0.4),
+                 aspect: float = 0.3) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) of ``(B, H, W, 3)`` uint8: with probability
+    ``prob`` an image gets one rectangle of ``area`` (fractions of the image, uniform) and
+    aspect ratio uniform in ``[aspect, 1/aspect]`` filled with the colour ``fill``. A
+    rectangle that would not fit is clipped to ``H - 1`` by ``W - 1`` (the reference code
+    redraws up to 100 times instead)."""
+    b, h, w, _ = x.shape
+    dev = x.device
+    u = torch.rand(b, 5, generator=gen, device=dev)
+    target = (area[0] + (area[1] - area[0]) * u[:, 0]) * h * w
+    ratio = aspect + (1 / aspect - aspect) * u[:, 1]
+    eh = (target * ratio).sqrt().round().clamp(1, h - 1).long()
+    ew = (target / ratio).sqrt().round().clamp(1, w - 1).long()
+    y0 = (u[:, 2] * (h - eh + 1)).long()[:, None, None]  # uniform in [0, h - eh]
+    x0 = (u[:, 3] * (w - ew + 1)).long()[:, None, None]
+    yy = torch.arange(h, device=dev)[None, :, None]
+    xx = torch.arange(w, device=dev)[None, None, :]
+    hole = ((yy >= y0) & (yy < y0 + eh[:, None, None]) & (xx >= x0)
+            & (xx < x0 + ew[:, None, None]) & (u[:, 4] < prob)[:, None, None])
+    colour = torch.tensor(fill, dtype=x.dtype, device=dev)
+    return torch.where(hole[..., None], colour, x)
+
+
 def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator,
-        mixup: float, cutmix: float, switch: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        mixup: float, cutmix: float, switch: float = 0.5, prob: float = 1.0
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a preprocessed batch.
 
     ``x`` ``(B, C, H, W)`` float, ``y`` ``(B,)`` int64. Each image is mixed with its mirror
     in the batch (image ``B - 1 - i``, as timm does); CutMix is chosen with probability
     ``switch`` when both are on. The weight ``lam ~ Beta(alpha, alpha)``; for CutMix it is
-    the share of the image left uncut. Returns ``(x, targets (B, num_classes) float)``.
+    the share of the image left uncut. With ``prob < 1`` the batch is mixed with probability
+    ``prob`` and otherwise left as it is (one-hot targets). Returns ``(x, targets (B,
+    num_classes) float)``.
     """
     target = F.one_hot(y, num_classes).to(x.dtype)
+    # Drawn only when asked for, so recipes that always mix keep their random stream.
+    if prob < 1 and not bool(torch.rand((), generator=gen, device=x.device) < prob):
+        return x, target
     use_cut = cutmix > 0 and (mixup <= 0 or
                               bool(torch.rand((), generator=gen, device=x.device) < switch))
     alpha = cutmix if use_cut else mixup

@@ -128,7 +128,7 @@ def _add_extract(p: argparse.ArgumentParser) -> None:
     _add(p, "--dataset", "--split", "--n", "--seed", "--weights-seed")
     p.add_argument("--layers", help="'blocks', or comma-separated names/globs "
                    "(default: embed/stem and every block/stage)")
-    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls"],
+    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
                    help="token/map reduction")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
@@ -336,7 +336,7 @@ def _add_cka(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-se", dest="se", action="store_false", help="skip the jackknife "
                    "standard errors and participation ratios (they cost about one more pass)")
     _add(p, "--dataset", "--split", "--n", "--seed", "--data-root")
-    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls"],
+    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
                    help="token/map reduction when extracting")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
                    help="storage dtype when extracting")

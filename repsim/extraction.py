@@ -23,7 +23,7 @@ from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 
 # Which reductions make sense per model family (repsim.hooks.reduce does them).
-REDUCTIONS = {"vit": ("flatten", "mean", "cls"), "resnet": ("flatten", "mean")}
+REDUCTIONS = {"vit": ("flatten", "mean", "cls", "prefix"), "resnet": ("flatten", "mean")}
 DTYPES = ("float32", "float16")
 
 

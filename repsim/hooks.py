@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-REDUCTIONS = ("flatten", "mean", "cls")
+REDUCTIONS = ("flatten", "mean", "cls", "prefix")
 
 
 class ReductionError(ValueError):
@@ -32,7 +32,9 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     """One row per sample from a layer output.
 
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
-    (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``.
+    (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
+    ``prefix`` -> every class/register token, token by token ``(b, n_prefix*D)`` (columns
+    ``t*D:(t+1)*D`` are prefix token ``t``, so one token can be compared with another).
     ``(b, C, H, W)`` maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything
     else is flattened. ``how=None`` returns ``x`` as it is.
     """
@@ -42,11 +44,16 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     if x.dim() == 3:
         if how == "mean":
             return x[:, n_prefix:].mean(1)
+        if how == "prefix":
+            if n_prefix < 1:
+                raise ReductionError("reduce='prefix' needs class or register tokens; this "
+                                     "model has none; use 'flatten', 'mean' or 'cls'")
+            return x[:, :n_prefix].flatten(1)
         return x[:, 0] if how == "cls" else x.flatten(1)
     if x.dim() == 4 and how == "mean":
         return x.mean((2, 3))
-    if how == "cls":
-        raise ReductionError(f"reduce='cls' needs token outputs (b, T, D), got shape "
+    if how in ("cls", "prefix"):
+        raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
     return x.flatten(1)
 

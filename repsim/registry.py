@@ -145,6 +145,35 @@ _REGISTRY["resnet18_imagenet"] = Entry(
     "torchvision:ResNet18_Weights.IMAGENET1K_V1")
 
 
+# The small-data ViT designs (repsim.tinyvit): name -> (variant, description). Inputs are
+# normalised with the CIFAR-10 statistics their sources use.
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+TINYVIT_MODELS = {
+    "vit_cifar_tiny": ("base", "Gent Wu 2025's tiny ViT (patch 4, dim 192, depth 9, 12 heads, "
+                       "MLP ratio 2, qkv bias, drop path 0.1), 2.70M params"),
+    "vit_cifar_tiny_mcls4": ("mcls4", "vit_cifar_tiny with four class tokens, their outputs "
+                             "concatenated into the head"),
+    "vit_cifar_tiny_reg3": ("reg3", "vit_cifar_tiny with three register tokens (the control "
+                            "for mcls4: same prefix, first token pooled)"),
+    "vit_cifar_tiny_lowrankq": ("lowrankq", "vit_cifar_tiny with rank-64 query projections"),
+    "vit_cifar_tiny_lowrankk": ("lowrankk", "vit_cifar_tiny with rank-64 key projections"),
+    "vit_cifar_tiny_sptlsa": ("sptlsa", "vit_cifar_tiny with shifted patch tokenisation and "
+                              "locality self-attention (Lee et al. 2021)"),
+}
+
+
+def _tinyvit(variant: str, num_classes: int) -> nn.Module:
+    from repsim.tinyvit import build  # torch and timm load only to build
+
+    return build(variant, num_classes)
+
+
+for _name, (_variant, _about) in TINYVIT_MODELS.items():
+    register_model(_name, family="vit", mean=CIFAR10_NORM[0], std=CIFAR10_NORM[1],
+                   weights=f"checkpoints/{_name}.pt", head_key="head.weight",
+                   description=_about)(functools.partial(_tinyvit, _variant))
+
+
 def family_of(model: nn.Module) -> str:
     """"vit" (a timm VisionTransformer), "resnet" (``layer1`` .. ``layer4``) or "other"."""
     vit = sys.modules.get("timm.models.vision_transformer")  # not loaded: model is no timm ViT

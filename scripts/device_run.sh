@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # One rehearsed GPU window (issue 13): train the study's models with the fast recipes,
 # evaluate them, and, when time is left, train the data-scale ViTs and run the GPU
-# benchmarks. Everything finished is packaged into $OUT before the time guard.
+# benchmarks, then (issue 18) the small-data ViT designs (vit_cifar_tiny, two seeds, and its
+# five variants, recipe tinyvit). Everything finished is packaged into $OUT before the guard.
 #
 #   scripts/device_run.sh            the GPU run (CIFAR-10 from .device/cifar10.tar.xz)
 #   scripts/device_run.sh --smoke    the same steps on CPU in about a minute (tests run it)
-#   scripts/device_run.sh --collect  on the same (still warm) machine: package the
-#                                    data-scale checkpoints that did not fit the first reply
+#   scripts/device_run.sh --collect [scale|tinyvit]
+#                                    on the same (still warm) machine: package the data-scale
+#                                    (default) or tiny-ViT checkpoints that did not fit the
+#                                    first reply
 #
 # Environment: VIT_RECIPE (default fast-vit-aug), RESNET_RECIPE (default fast-resnet-ls: the
 # first window's fast-vit and fast-resnet gave 70.5 % and 92.6 %, short of the goal),
 # PYTHON (default python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
 # packed tree, default .device/cifar10.tar.xz), DEVICE_BUDGET_S (the guard, default 510 s:
 # packaged well inside 9 minutes), DEVICE_WORK (scratch, default .device/run), DEVICE_BENCH
-# (0 skips the benchmarks).
+# (0 skips the benchmarks), TINYVIT_S (seconds kept from stage 2 for stage 3, default 0:
+# stage 3 then runs only on what is left), TINYVIT_PASSES (the tinyvit recipe's passes over
+# CIFAR-10, default 300 as in the source; the time limit stops earlier runs honestly labelled).
 #
 # What comes back (the device returns at most 8 files of at most 16 MiB, 64 MiB together):
 # summary.json, device.log, SHA256SUMS and results.tar split into parts of at most 15 MiB
@@ -46,11 +51,13 @@ package() {  # package DIR NAME: DIR as NAME.tar, split into parts, sums appende
 
 if [ "$MODE" = "--collect" ]; then
     : > "$LOG"
-    if [ -d "$WORK/scale" ] && [ -n "$(ls -A "$WORK/scale")" ]; then
-        package "$WORK/scale" scale
-        say "collected $(ls "$WORK/scale" | wc -l) data-scale files"
+    WHAT=${2:-scale}
+    case "$WHAT" in scale|tinyvit) ;; *) say "--collect takes scale or tinyvit, not $WHAT"; exit 1;; esac
+    if [ -d "$WORK/$WHAT" ] && [ -n "$(ls -A "$WORK/$WHAT")" ]; then
+        package "$WORK/$WHAT" "$WHAT"
+        say "collected $(ls "$WORK/$WHAT" | wc -l) $WHAT files"
     else
-        say "nothing to collect in $WORK/scale"
+        say "nothing to collect in $WORK/$WHAT"
     fi
     exit 0
 fi
@@ -59,7 +66,7 @@ SMOKE=0
 [ "$MODE" = "--smoke" ] && SMOKE=1
 rm -rf "$WORK"
 DATA=$WORK/data CK=$WORK/checkpoints RUNS=$WORK/runs LOGS=$WORK/logs
-mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale"
+mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale" "$WORK/tinyvit"
 : > "$LOG"
 export PYTHONUNBUFFERED=1 REPSIM_OFFLINE=1 REPSIM_CACHE=$WORK/cache REPSIM_CHECKPOINTS=$CK
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
@@ -119,10 +126,11 @@ for m in resnet18_cifar vit_cifar; do
 done
 
 # ---------------------------------------------------------------- stage 2: only with 5 min left
-if [ "$(left)" -ge 300 ] || [ "$SMOKE" = 1 ]; then
+TINYVIT_S=${TINYVIT_S:-0}
+if [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; then
     say "stage 2 with $(left) s left"
     # Data-scale ViTs (same recipe) side by side, leaving 120 s for the benchmarks.
-    SCALE=$(($(left) - 120))
+    SCALE=$(($(left) - 120 - TINYVIT_S))
     [ "$SMOKE" = 1 ] && SCALE=60
     PIDS=()
     FRACTIONS=(0.1 0.25 0.5)
@@ -143,7 +151,7 @@ if [ "$(left)" -ge 300 ] || [ "$SMOKE" = 1 ]; then
     done
     for p in "${PIDS[@]}"; do wait "$p"; done
     for f in "${FRACTIONS[@]}"; do say "frac $f: $(tail -c 200 "$LOGS/train_frac$f.json")"; done
-    BENCH=$(($(left) - 40))
+    BENCH=$(($(left) - 40 - TINYVIT_S))
     if [ "$BENCH" -ge 30 ] && [ "${DEVICE_BENCH:-1}" = 1 ] && [ -f benchmarks/bench_gpu.py ]; then
         QUICK=()
         [ "$SMOKE" = 1 ] && QUICK=(--quick)
@@ -156,12 +164,50 @@ else
     say "stage 2 skipped: $(left) s left"
 fi
 
+# ---------------------------------------------------------------- stage 3: the tiny ViTs
+# vit_cifar_tiny with two seeds (the seed-to-seed band) and its five variants, side by side,
+# recipe tinyvit; only with 4 minutes left. Checkpoints go to $WORK/tinyvit (--collect
+# tinyvit); their manifest and run logs travel with the first reply.
+TINY=(vit_cifar_tiny:vit_cifar_tiny:0 vit_cifar_tiny_seed1:vit_cifar_tiny:1
+      vit_cifar_tiny_mcls4:vit_cifar_tiny_mcls4:0 vit_cifar_tiny_reg3:vit_cifar_tiny_reg3:0
+      vit_cifar_tiny_lowrankq:vit_cifar_tiny_lowrankq:0
+      vit_cifar_tiny_lowrankk:vit_cifar_tiny_lowrankk:0
+      vit_cifar_tiny_sptlsa:vit_cifar_tiny_sptlsa:0)
+if [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; then
+    say "stage 3 with $(left) s left"
+    TINY_S=$(($(left) - 60))
+    PIDS=()
+    for run in "${TINY[@]}"; do
+        IFS=: read -r name model seed <<< "$run"
+        ENVS=()
+        if [ "$SMOKE" = 1 ]; then
+            EXTRA=(--train-fraction 0.02 --epochs 1)
+            ENVS=(OMP_NUM_THREADS=1)  # seven processes on a few CPU cores: no oversubscription
+        else
+            EXTRA=(--compile --eval-every 25 --epochs "${TINYVIT_PASSES:-300}"
+                   --time-limit "$(minutes "$TINY_S")")
+        fi
+        env "${ENVS[@]}" "$PYTHON" -m repsim train --model "$model" --recipe tinyvit --seed "$seed" \
+            --out "$WORK/tinyvit/$name.pt" --run-dir "$RUNS/tiny_$name" --data-root "$DATA" \
+            --json "${EXTRA[@]}" > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
+        PIDS+=($!)
+    done
+    for p in "${PIDS[@]}"; do wait "$p"; done
+    for run in "${TINY[@]}"; do
+        name=${run%%:*}
+        say "$name: $(tail -c 200 "$LOGS/train_$name.json")"
+    done
+else
+    say "stage 3 skipped: $(left) s left"
+fi
+
 # ---------------------------------------------------------------- package
 wait "$TESTS"; say "cuda tests: $(tail -n 1 "$LOGS/cuda_tests.log")"
 cp -r "$RUNS" "$LOGS/runs" 2>/dev/null
 rm -f "$LOGS"/runs/*/state.pt  # optimiser state: large and not needed off the machine
 cp "$CK"/*.pt "$CK/manifest.json" "$LOGS/" 2>/dev/null
 cp "$WORK/scale/manifest.json" "$LOGS/manifest_scale.json" 2>/dev/null
+cp "$WORK/tinyvit/manifest.json" "$LOGS/manifest_tinyvit.json" 2>/dev/null
 "$PYTHON" - "$LOGS" "$OUT/summary.json" "$(($(date +%s) - T0))" "$MODE" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -188,4 +234,4 @@ out.write_text(json.dumps(summary, indent=1))
 EOF
 : > "$OUT/SHA256SUMS"
 package "$LOGS" results
-say "packaged $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1); data-scale: $(ls "$WORK/scale" | tr '\n' ' ')"
+say "packaged $(ls "$OUT" | wc -l) files, $(du -sh "$OUT" | cut -f1); data-scale: $(ls "$WORK/scale" | tr '\n' ' '); tinyvit: $(ls "$WORK/tinyvit" | tr '\n' ' ')"

@@ -42,7 +42,7 @@ def smoke(tmp_path_factory):
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE_WORK": str(work),
            "REPSIM_CIFAR_TAR": str(packed), "DEVICE_BENCH": "0"}
     run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1200)  # stage 3 adds seven short runs
     assert run.returncode == 0, run.stdout + run.stderr
     collect_out = root / "collect"
     collect = subprocess.run(["bash", str(SCRIPT), "--collect"], capture_output=True, text=True,
@@ -97,3 +97,28 @@ def test_collect_returns_the_data_scale_checkpoints(smoke, tmp_path):
     fractions = {r["train_fraction"] for r in
                  json.loads((scale / "manifest.json").read_text())["checkpoints"]}
     assert fractions == {0.02, 0.04, 0.1}
+
+
+TINY_RUNS = ["vit_cifar_tiny", "vit_cifar_tiny_lowrankk", "vit_cifar_tiny_lowrankq",
+             "vit_cifar_tiny_mcls4", "vit_cifar_tiny_reg3", "vit_cifar_tiny_seed1",
+             "vit_cifar_tiny_sptlsa"]
+
+
+@pytest.mark.slow
+def test_stage_3_trains_every_tiny_vit_and_collect_returns_them(smoke, tmp_path):
+    # Issue 18: vit_cifar_tiny (two seeds) and its five variants with the tinyvit recipe; the
+    # summary and manifest travel in the first reply, the checkpoints with --collect tinyvit.
+    out, _, root = smoke
+    summary = json.loads((out / "summary.json").read_text())
+    for name in TINY_RUNS:
+        assert summary["train"][name]["epochs"] == 1, name
+    results = _unpack(out, "results", tmp_path)
+    rows = json.loads((results / "manifest_tinyvit.json").read_text())["checkpoints"]
+    assert sorted(r["name"] for r in rows) == TINY_RUNS
+    assert {r["recipe"] for r in rows} == {"tinyvit"}
+    env = {**os.environ, "OUT": str(root / "collect_tiny"), "DEVICE_WORK": str(root / "work")}
+    run = subprocess.run(["bash", str(SCRIPT), "--collect", "tinyvit"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    tiny = _unpack(root / "collect_tiny", "tinyvit", tmp_path)
+    assert sorted(p.stem for p in tiny.glob("*.pt")) == TINY_RUNS

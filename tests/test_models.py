@@ -62,7 +62,8 @@ class Payload:
 
 
 def test_registry_and_specs():
-    assert R.list_models() == ["vit_cifar", "resnet18_cifar", "vit_imagenet", "resnet18_imagenet"]
+    assert R.list_models() == ["vit_cifar", "resnet18_cifar", "vit_imagenet", "resnet18_imagenet",
+                               *R.TINYVIT_MODELS]
     s = R.get_spec("vit_cifar")
     assert (s.family, s.input_size, s.num_classes) == ("vit", 32, 10)
     assert s.mean == (0.0, 0.0, 0.0) and s.std == (1.0, 1.0, 1.0)

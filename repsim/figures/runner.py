@@ -90,6 +90,10 @@ KINDS: dict[str, FigureKind] = {
     "probes": FigureKind("repsim.figures.probes:build_figure",
                          ("models", "ks", "train_fraction", "split_seed", "weight_decay",
                           "steps"), ("models",)),
+    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
+                                ("models",)),
+    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",),
+                                  ("models",)),
 }
 
 

@@ -1,0 +1,100 @@
+"""The ``projection_rank`` figure kind: how much of its width a ViT's queries and keys use.
+
+Per block, the effective rank (Roy & Vetterli 2007: ``exp`` of the entropy of the normalised
+singular values) of the query and key projection matrices and of the query and key
+activations over the probe images (all tokens; singular values of the centred ``(n T, D)``
+matrix, from its float64 covariance). For rank-64 projections (``vit_cifar_tiny_lowrankq``,
+``_lowrankk``) against the full-rank ``vit_cifar_tiny`` (issue 18).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def effective_rank(singular_values: np.ndarray) -> float:
+    """``exp(-sum p log p)`` with ``p = s / sum(s)`` over the non-zero singular values ``s``;
+    ``k`` equal non-zero values give exactly ``k``."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    p = s[s > 0] / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def matrix_effective_rank(m) -> float:
+    """Effective rank of a matrix from its float64 singular values."""
+    import torch
+
+    return effective_rank(torch.linalg.svdvals(torch.as_tensor(m).detach().double()).numpy())
+
+
+def _activation_ranks(model, x, batch_size: int = 100) -> np.ndarray:
+    """``(L, 2)`` effective ranks of the query and key activations, all tokens pooled."""
+    import torch
+
+    from repsim.hooks import capture
+
+    layers = [f"blocks.{i}.attn.qkv" for i in range(len(model.blocks))]
+    d = model.embed_dim
+    sums = torch.zeros(len(layers), 2, d, dtype=torch.float64)
+    grams = torch.zeros(len(layers), 2, d, d, dtype=torch.float64)
+    rows = 0
+    with torch.inference_mode(), capture(model, layers, reduce=None) as cap:
+        for s in range(0, len(x), batch_size):
+            model(x[s:s + batch_size].to(next(model.parameters()).device))
+            for i, name in enumerate(layers):
+                out = cap.outputs[name].reshape(-1, 3 * d).double().cpu()
+                for j in range(2):  # 0: queries, 1: keys
+                    z = out[:, j * d:(j + 1) * d]
+                    sums[i, j] += z.sum(0)
+                    grams[i, j] += z.T @ z
+            rows += out.shape[0]
+    cov = grams - sums[..., :, None] * sums[..., None, :] / rows
+    eig = torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().numpy()  # singular values
+    return np.array([[effective_rank(eig[i, j]) for j in range(2)] for i in range(len(layers))])
+
+
+def _measure(ref, spec: dict, ctx) -> dict:
+    import torch
+
+    from repsim.models import preprocess
+    from repsim.registry import get_spec
+    from repsim.tinyvit import query_key_weights
+
+    model, prov = ctx.model(ref)
+    weights = np.array([[matrix_effective_rank(w) for w in query_key_weights(blk.attn)]
+                        for blk in model.blocks])
+    images = ctx.images(ctx.probe_spec(spec)).images
+    x = preprocess(get_spec(ref.model), torch.from_numpy(np.ascontiguousarray(images)))
+    with ctx.on_device([model]) as (m,):
+        acts = _activation_ranks(m, x)
+    return {"model": ref.model, "label": ref.display(), "n": len(x),
+            "weights_sha256": prov.get("weights_sha256"), "width": model.embed_dim,
+            "weight_rank": weights.tolist(), "activation_rank": acts.tolist()}
+
+
+def build_figure(spec: dict, ctx) -> list[Path]:
+    """Two panels (projection matrices, activations): effective rank per block, queries
+    solid and keys dashed, one colour per model."""
+    from repsim.figures import draw
+
+    refs = [ctx.model_ref(m, spec) for m in spec["models"]]
+    for r in refs:  # every model first: a missing checkpoint skips before any computing
+        ctx.model(r)
+    results = [_measure(r, spec, ctx) for r in refs]
+    fig, axes = draw.plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for k, res in enumerate(results):
+        colour = f"C{k}"
+        for ax, key in zip(axes, ("weight_rank", "activation_rank")):
+            r = np.array(res[key])
+            ax.plot(r[:, 0], "-o", c=colour, label=f"{res['label']}: queries")
+            ax.plot(r[:, 1], "--s", c=colour, label=f"{res['label']}: keys")
+    for ax, what in zip(axes, ("projection matrices", f"activations (n = {results[0]['n']:,})")):
+        ax.set(xlabel="block", ylabel="effective rank", title=f"{what} (dotted: rank 64)")
+        ax.axhline(64, c="grey", lw=0.8, ls=":")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(spec.get("title") or "Effective rank of queries and keys", fontsize=11)
+    ctx.data["models"] = results
+    return ctx.save(fig)

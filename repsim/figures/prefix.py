@@ -1,0 +1,86 @@
+"""The ``prefix_tokens`` figure kind: what several class tokens hold (issue 18).
+
+For each model with class and register tokens (``vit_cifar_tiny_mcls4`` and its register
+control ``vit_cifar_tiny_reg3``): the CKA among its prefix tokens at one block (do four class
+tokens carry four representations, or one?) and the attention that patch queries give each
+prefix token, block by block (:func:`repsim.attention.prefix_attention_mass`), with each
+model's test accuracy from the manifest when it has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from repsim.compare import InputUnavailable
+
+
+def token_cka(features: np.ndarray, n_prefix: int, estimator: str = "debiased") -> np.ndarray:
+    """``(n_prefix, n_prefix)`` float64 linear CKA among the prefix tokens of a ``prefix``
+    store row block ``(n, n_prefix * D)`` (token ``t`` in columns ``t*D:(t+1)*D``)."""
+    from repsim.cka import cka_matrix
+
+    tokens = np.split(np.asarray(features), n_prefix, axis=1)
+    return cka_matrix(tokens, tokens, kernel="linear", estimator=estimator)
+
+
+def _measure(ref, spec: dict, ctx) -> dict:
+    import torch
+
+    from repsim.attention import prefix_attention_mass, vit_geometry
+    from repsim.hooks import extract
+    from repsim.models import preprocess
+    from repsim.registry import get_spec
+
+    model, prov = ctx.model(ref)
+    n_prefix = vit_geometry(model).n_prefix
+    if n_prefix < 2:
+        raise InputUnavailable(f"{ref.model} has {n_prefix} prefix token(s); this figure "
+                               "compares several")
+    images = ctx.images(ctx.probe_spec(spec)).images
+    x = preprocess(get_spec(ref.model), torch.from_numpy(np.ascontiguousarray(images)))
+    layer = spec.get("layer", f"blocks.{len(model.blocks) - 1}")
+    with ctx.on_device([model]) as (m,):
+        feats = extract(m, x, layers=[layer], reduce="prefix", device=ctx.device)[layer]
+        mass = prefix_attention_mass(m, x)
+    entry = next((e for e in ((ctx.manifest() or {}).get("checkpoints") or [])
+                  if e.get("name") == ref.model), {})
+    return {"model": ref.model, "label": ref.display(), "layer": layer, "n": len(x),
+            "weights_sha256": prov.get("weights_sha256"), "n_prefix": n_prefix,
+            "token_cka": token_cka(feats, n_prefix).tolist(),
+            "attention_mass": mass.tolist(), "test_accuracy": entry.get("test_accuracy")}
+
+
+def build_figure(spec: dict, ctx) -> list[Path]:
+    """One column per model: CKA among its prefix tokens (top), attention mass on each
+    prefix token per block (bottom)."""
+    from repsim.figures import draw
+
+    refs = [ctx.model_ref(m, spec) for m in spec["models"]]
+    for r in refs:  # every model first: a missing checkpoint skips before any extraction
+        ctx.model(r)
+    results = [_measure(r, spec, ctx) for r in refs]
+    fig, axes = draw.plt.subplots(2, len(results), figsize=(4.2 * len(results), 7.4),
+                                  squeeze=False, constrained_layout=True)
+    for col, res in enumerate(results):
+        # Token 0 is timm's class token; 1.. its register tokens (class tokens in mcls4).
+        names = ["0 (cls)"] + [str(t) for t in range(1, res["n_prefix"])]
+        acc = res["test_accuracy"]
+        head = res["label"] + ("" if acc is None else f" ({acc:.2f} %)")
+        draw.draw_heatmap(axes[0, col], np.array(res["token_cka"]), names, names,
+                          head, head, annotate=True)
+        axes[0, col].set(xlabel="prefix token", ylabel="prefix token")
+        axes[0, col].set_title(f"{head}\n{res['layer']}: debiased CKA among prefix tokens",
+                               fontsize=9)
+        mass = np.array(res["attention_mass"])
+        for t, name in enumerate(names):
+            axes[1, col].plot(range(len(mass)), mass[:, t], marker="o", label=f"token {name}")
+        uniform = 1.0 / (res["n_prefix"] + 64)  # the tiny ViTs' 8 x 8 patch grid
+        axes[1, col].axhline(uniform, ls="--", c="grey", lw=0.8, label="uniform")
+        axes[1, col].set(xlabel="block", ylabel="attention from patch queries")
+        axes[1, col].set_title("attention on each prefix token (mean over heads)", fontsize=9)
+        axes[1, col].legend(fontsize=8)
+    fig.suptitle(spec.get("title") or "Prefix tokens", fontsize=11)
+    ctx.data["models"] = results
+    return ctx.save(fig)

@@ -1,0 +1,193 @@
+"""Small-data ViT designs as timm ``VisionTransformer`` models (the ``vit_cifar_tiny*`` names).
+
+The tiny ViT of Gent Wu 2025 (*Powerful Design of Small Vision Transformer on CIFAR10*, code
+erow/PoorViTs): 32 px, patch 4, width 192, depth 9, 12 heads, MLP ratio 2, qkv bias, drop path
+0.1 (linearly rising over the blocks), one class token; and the designs it and Lee et al. 2021
+(*Vision Transformer for Small-Size Datasets*) compare. Every variant stays a timm
+``VisionTransformer`` whose blocks' ``attn`` is timm's own ``Attention`` with its own
+``forward``, so layer names, :func:`repsim.capture` and exact attention capture
+(:mod:`repsim.attention`, a hook on ``attn.qkv``) work unchanged:
+
+- low-rank query or key: ``attn.qkv`` is :class:`LowRankQKV`, which returns the same
+  ``(B, N, 3 D)`` ``[q | k | v]`` tensor a fused ``Linear`` would, one projection factored
+  ``D -> rank`` (no bias) ``-> D``;
+- locality self-attention: the learned per-head temperature is ``attn.q_norm``
+  (:class:`HeadTemperature`; timm applies ``q_norm`` before its scale, both on the fused and
+  the explicit path), and the diagonal mask is the ``attn_mask`` that
+  :class:`LocalityViT` passes to every block (the hook reads it as it reads any mask);
+- shifted patch tokenisation: ``patch_embed`` is :class:`ShiftedPatchEmbed`;
+- several class tokens: timm's register tokens (each has its own position embedding), of
+  which :class:`PrefixPoolViT` concatenates the first ``pooled_tokens`` into the head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from torch import nn
+
+RANK = 64  # the study's latent dimension of a low-rank projection
+VARIANTS = ("base", "mcls4", "reg3", "lowrankq", "lowrankk", "sptlsa")
+# The source's parameter counts for 10 classes (its code at erow/PoorViTs, read in the fork
+# chrisjmccormick/PoorViTs_subspaces at 8bb105e; SPT+LSA: aanna0701/SPT_LSA_ViT, whose tiny
+# ViT has no qkv bias: 9 x 576 parameters fewer than ours).
+SOURCE_PARAMS = {"base": 2_697_610, "mcls4": 2_704_522, "lowrankq": 2_587_018,
+                 "lowrankk": 2_587_018, "sptlsa": 2_729_878}
+
+
+class LowRankQKV(nn.Module):
+    """``attn.qkv`` with the query (``low="q"``) or key (``"k"``) projection of rank ``rank``.
+
+    ``(B, N, D) -> (B, N, 3 D)``, laid out ``[q | k | v]`` as timm's fused ``qkv`` Linear, so
+    timm's ``Attention.forward`` and repsim's capture read it unchanged. The factored
+    projection is ``Linear(D, rank, bias=False)`` then ``Linear(rank, D, bias)``.
+    """
+
+    def __init__(self, dim: int, rank: int, low: str, bias: bool = True) -> None:
+        super().__init__()
+        if low not in ("q", "k"):
+            raise ValueError(f"low={low!r}; valid: 'q' or 'k'")
+        self.low, self.rank = low, rank
+
+        def proj(name: str) -> nn.Module:
+            if name != low:
+                return nn.Linear(dim, dim, bias=bias)
+            return nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, dim, bias=bias))
+
+        self.q, self.k, self.v = proj("q"), proj("k"), proj("v")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
+class HeadTemperature(nn.Module):
+    """Lee et al.'s learned per-head temperature as timm's ``q_norm``.
+
+    timm computes ``softmax(q_norm(q) * head_dim**-0.5 @ k^T)``; multiplying each head's
+    queries ``(B, H, N, d)`` by ``temperature_h / head_dim**-0.5`` makes the scores
+    ``temperature_h * q.k``. ``temperature`` starts at ``head_dim**-0.5`` (plain attention)."""
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.scale = head_dim ** -0.5
+        self.temperature = nn.Parameter(torch.full((num_heads,), self.scale))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        # Cast to q's dtype: under bf16 autocast a float32 factor would promote q alone.
+        return q * (self.temperature / self.scale).view(-1, 1, 1).to(q.dtype)
+
+
+class ShiftedPatchEmbed(nn.Module):
+    """Shifted patch tokenisation (Lee et al. 2021): ``(B, C, H, W) -> (B, gh * gw, D)``.
+
+    The image and its four diagonal shifts by half a patch (zero-filled) are stacked into
+    ``5 C`` channels, cut into ``p x p`` patches (features ordered row, column, channel),
+    layer-normalised over the ``5 C p^2`` features and embedded by one Linear. Keeps timm's
+    ``PatchEmbed`` attributes (``grid_size``, ``patch_size``, ``num_patches``) that repsim's
+    attention geometry reads.
+    """
+
+    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
+                 embed_dim: int = 192, **_timm_kwargs) -> None:
+        super().__init__()
+        img = img_size if isinstance(img_size, int) else img_size[0]
+        p = patch_size if isinstance(patch_size, int) else patch_size[0]
+        self.img_size, self.patch_size = (img, img), (p, p)
+        self.grid_size = (img // p, img // p)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.shift = p // 2
+        features = 5 * in_chans * p * p
+        self.norm = nn.LayerNorm(features)
+        self.proj = nn.Linear(features, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, (p, _), (gh, gw) = self.shift, self.patch_size, self.grid_size
+        pad = F.pad(x, (s, s, s, s))
+        shifted = [pad[..., :-2 * s, :-2 * s], pad[..., :-2 * s, 2 * s:],
+                   pad[..., 2 * s:, :-2 * s], pad[..., 2 * s:, 2 * s:]]
+        x = torch.cat([x, *shifted], dim=1)  # (B, 5C, H, W)
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+        return self.proj(self.norm(x))
+
+
+class LocalityViT(VisionTransformer):
+    """A ViT whose blocks never attend from a token to itself (locality self-attention's
+    diagonal mask, every token including the prefix), given to timm's blocks as ``attn_mask``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        n = self.num_prefix_tokens + self.patch_embed.num_patches
+        # True = may attend (SDPA's and timm's convention); not in the state dict.
+        self.register_buffer("locality_mask", ~torch.eye(n, dtype=torch.bool), persistent=False)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        mask = self.locality_mask
+        if attn_mask is not None:  # a caller's mask on top: both must allow a pair
+            mask = (mask & attn_mask if attn_mask.dtype == torch.bool
+                    else attn_mask.masked_fill(~mask, float("-inf")))
+        return super().forward_features(x, attn_mask=mask, is_causal=is_causal)
+
+
+class PrefixPoolViT(VisionTransformer):
+    """Pools the final outputs of the first ``pooled_tokens`` prefix tokens, concatenated:
+    ``(B, T, D) -> (B, pooled_tokens * D)``, then ``Linear(pooled_tokens * D, classes)``."""
+
+    def __init__(self, pooled_tokens: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pooled_tokens = pooled_tokens
+        self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        k = getattr(self, "pooled_tokens", 1)  # timm may call this before __init__ sets it
+        if num_classes > 0 and k > 1:
+            self.head = nn.Linear(k * self.embed_dim, num_classes)
+            trunc_normal_(self.head.weight, std=0.02)  # timm's init of its own head
+            nn.init.zeros_(self.head.bias)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        return x[:, :self.pooled_tokens].flatten(1)
+
+
+def build(variant: str, num_classes: int = 10) -> VisionTransformer:
+    """The ``vit_cifar_tiny`` variant ``variant`` (one of :data:`VARIANTS`), randomly
+    initialised as timm initialises its ViTs (seed the global RNG first for repeatability)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}; valid: {', '.join(VARIANTS)}")
+    kw = dict(img_size=32, patch_size=4, num_classes=num_classes, embed_dim=192, depth=9,
+              num_heads=12, mlp_ratio=2.0, qkv_bias=True, drop_path_rate=0.1,
+              class_token=True, global_pool="token")
+    if variant == "mcls4":
+        model = PrefixPoolViT(pooled_tokens=4, reg_tokens=3, **kw)
+    elif variant == "reg3":
+        model = VisionTransformer(reg_tokens=3, **kw)
+    elif variant == "sptlsa":
+        model = LocalityViT(embed_layer=ShiftedPatchEmbed, **kw)
+        for blk in model.blocks:
+            blk.attn.q_norm = HeadTemperature(blk.attn.num_heads, blk.attn.head_dim)
+    else:
+        model = VisionTransformer(**kw)
+    if variant in ("lowrankq", "lowrankk"):
+        for blk in model.blocks:
+            blk.attn.qkv = LowRankQKV(kw["embed_dim"], RANK, variant[-1], bias=True)
+            blk.attn.qkv.apply(init_weights_vit_timm)  # as timm initialises its own qkv
+    return model
+
+
+def query_key_weights(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(D, D)`` query and key projection matrices of a timm ``Attention`` (rows: output
+    features), from a fused ``qkv`` Linear or a :class:`LowRankQKV` (then ``up @ down`` for
+    the factored one, of rank at most ``rank``)."""
+    qkv = attn.qkv
+    if isinstance(qkv, nn.Linear):
+        d = qkv.weight.shape[0] // 3
+        return qkv.weight[:d], qkv.weight[d:2 * d]
+
+    def matrix(proj: nn.Module) -> torch.Tensor:
+        return proj.weight if isinstance(proj, nn.Linear) else proj[1].weight @ proj[0].weight
+
+    return matrix(qkv.q), matrix(qkv.k)
