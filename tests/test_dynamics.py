@@ -161,3 +161,27 @@ def test_snapshots_of_a_model_that_stops_changing_give_cka_1_to_the_final_one(st
     assert [x["label"] for x in some["models"]] == ["vit_cifar"]
     assert [x["model"] for x in some["missing"]] == ["resnet18_cifar"]
     assert (tmp_path / "figures" / "some.png").exists()
+
+
+def test_the_dynamics_picture_has_a_curve_per_layer_on_a_symlog_epoch_axis(tmp_path):
+    from repsim.figures import draw
+
+    epochs = [0, 1, 2, 5, 10, 20]
+    model = {"label": "ViT", "final_epoch": 20, "final_test_accuracy": 70.0, "epochs": epochs,
+             "layers": ["embed", "blocks.0"],
+             "cka": {"embed": [0.5, 0.95, 0.96, 0.99, 1.0, 1.0],
+                     "blocks.0": [0.1, 0.2, None, 0.5, 0.95, 1.0]},
+             "settled_epoch": {"embed": 1, "blocks.0": 10},
+             "test_accuracy": [10.0, 20.0, 30.0, 50.0, 60.0, 70.0],
+             "train_accuracy": [None, 25.0, 35.0, 60.0, 80.0, 99.0]}
+    fig = draw.dynamics([model, {**model, "label": "ResNet"}], "dynamics", 0.9)
+    top, bottom = fig.axes[0], fig.axes[2]  # row-major: the first model's two panels
+    assert top.get_xscale() == "symlog" and [t.get_text() for t in top.get_xticklabels()] == [
+        str(e) for e in epochs]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["embed (from 1)",
+                                                                     "blocks.0 (from 10)"]
+    np.testing.assert_array_equal(top.lines[1].get_ydata(), [0.1, 0.2, np.nan, 0.5, 0.95, 1.0])
+    assert [ln.get_label() for ln in bottom.lines] == ["test", "train"]
+    assert "test accuracy 70.0 %" in top.get_title()
+    files = draw.save(fig, tmp_path / "dyn")
+    assert [f.suffix for f in files] == [".png", ".pdf"]

@@ -185,7 +185,7 @@ def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
     model (``panels``: ``label``, ``entries`` sorted by ``fraction``, ``base_accuracy``,
     ``missing`` fractions). Left: CKA between same-named layers (fraction model vs full-data
     model) along the depth, one curve per fraction with +-1 SE bars; right: test accuracy
-    against the fraction, the full-data model at 1."""
+    against the fraction, the full-data model at 1, a dotted line at each missing fraction."""
     fig, axes = plt.subplots(len(panels), 2, figsize=(11.0, 3.9 * len(panels) + 0.9),
                              layout="constrained", squeeze=False, width_ratios=[1.6, 1])
     for (left, right), p in zip(axes, panels):
@@ -211,7 +211,11 @@ def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
         for f, a in pts:
             right.annotate(f"{a:.1f}", (f, a), textcoords="offset points", xytext=(0, 5),
                            ha="center", fontsize=7)
-        _fractions_axis(right, [f for f, _ in pts] or [1.0])
+        for f in p["missing"]:  # the planned runs that are not here, at their place
+            right.axvline(f, ls=":", color="0.6")
+            right.text(f, 0.03, " missing", transform=right.get_xaxis_transform(),
+                       rotation=90, color="0.4", fontsize=7, ha="right", va="bottom")
+        _fractions_axis(right, [f for f, _ in pts] + list(p["missing"]) or [1.0])
         right.set_xlabel("fraction of the training set")
         right.set_ylabel("test top-1 accuracy (%)")
         right.set_title(f"{p['label']}: accuracy", fontsize=9)
@@ -237,13 +241,15 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
         top.axhline(settle, ls="--", color="0.5", lw=0.8)
         top.set_ylim(min(0.0, top.get_ylim()[0]), max(1.02, top.get_ylim()[1]))
         top.set_ylabel("CKA(layer at epoch, same layer final)")
-        top.set_title(f"{m['label']}: final epoch {m['final_epoch']}", fontsize=9)
+        acc = m.get("final_test_accuracy")
+        top.set_title(f"{m['label']}: final epoch {m['final_epoch']}"
+                      + ("" if acc is None else f", test accuracy {acc:.1f} %"), fontsize=9)
         top.legend(fontsize=7, title=f"layer (CKA >= {settle:g} from epoch)",
                    title_fontsize=7, loc="lower right")
-        for split, style in (("test", "-"), ("train", "--")):
+        for split, style, colour in (("test", "-", "C3"), ("train", "--", "0.5")):
             ys = [np.nan if v is None else v for v in m[f"{split}_accuracy"]]
             if np.isfinite(ys).any():
-                bottom.plot(x, ys, style, marker="o", ms=3, color="C3", label=split)
+                bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
         bottom.set_ylabel("top-1 accuracy (%)")
         bottom.set_xlabel("epoch")
         bottom.legend(fontsize=7)
