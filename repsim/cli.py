@@ -188,6 +188,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    "state and a checkpoint labelled with the epochs done (default: none)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--snapshots", metavar="EPOCHS", help="keep float16 weights and metrics at "
+                   "these epochs beside the checkpoint, e.g. 0,1,5,every:10 (default: none)")
     _add(p, "--data-root", "--device", "--json")
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim import __version__, paths, recipes
+from repsim import __version__, checkpoints, paths, recipes
 from repsim.errors import UserError
 from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
@@ -61,10 +61,12 @@ class TrainConfig:
     eval_every: int = 1  # evaluate + save the resumable state every K epochs and at the end
     time_limit: float | None = None  # minutes: stop after the last epoch that fits
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA and native-bf16 CPUs) | "bf16" | "fp32"
+    snapshots: str | list[int] | None = None  # "0,1,5,every:10": see repsim.checkpoints
 
 
-def _settings(cfg: TrainConfig) -> tuple[Recipe, int, int, float]:
-    """The recipe and the run's epochs, batch size and peak lr; UserError for bad values."""
+def _settings(cfg: TrainConfig) -> tuple[Recipe, int, int, float, tuple[int, ...]]:
+    """The recipe and the run's epochs, batch size, peak lr and snapshot epochs; UserError
+    for bad values."""
     recipe = recipes.get_recipe(cfg.recipe)
     epochs = recipe.epochs if cfg.epochs is None else cfg.epochs
     batch_size = recipe.batch_size if cfg.batch_size is None else cfg.batch_size
@@ -81,7 +83,7 @@ def _settings(cfg: TrainConfig) -> tuple[Recipe, int, int, float]:
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise UserError(f"time_limit={cfg.time_limit} minutes is not positive; valid: a "
                         "number > 0, e.g. 8.5")
-    return recipe, epochs, batch_size, lr
+    return recipe, epochs, batch_size, lr, checkpoints.snapshot_epochs(cfg.snapshots, epochs)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -199,6 +201,7 @@ class _Run:
     step: int = 0  # optimiser steps since epoch 0, counting those of resumed sessions
     images_seen: int = 0  # this session
     train_seconds: float = 0.0  # this session's step loops, without evaluation and saves
+    snap_epochs: tuple[int, ...] = ()  # epochs whose weights are kept (repsim.checkpoints)
 
     def __post_init__(self):
         self.steps_per_epoch = math.ceil(len(self.y_train) / self.batch_size)
@@ -206,15 +209,14 @@ class _Run:
 
 
 def _start(cfg: TrainConfig) -> _Run:
-    """Check ``cfg``, put the data on the device, build model and optimiser, and continue
-    from the saved state of an interrupted run (or, with ``restart``, drop it)."""
+    """Check ``cfg``, put the data on the device, build model and optimiser; resume."""
     from repsim.data import balanced_subset, load_probe_set
     from repsim.models import resolve_device
     from repsim.registry import get_spec
     from repsim.weights import checkpoint_dir
 
     spec = get_spec(cfg.model)
-    recipe, epochs, batch_size, lr = _settings(cfg)
+    recipe, epochs, batch_size, lr, snap_epochs = _settings(cfg)
     dev = resolve_device(cfg.device)
     precision = train_precision(dev, cfg.precision)
     name = run_name(cfg)
@@ -256,13 +258,14 @@ def _start(cfg: TrainConfig) -> _Run:
                torch.compile(model) if cfg.compile else model,
                recipes.make_optimizer(model, recipe, lr, dev),
                torch.Generator(device=dev).manual_seed(cfg.seed),
-               _identity(cfg, recipe, epochs, batch_size, lr), meta)
+               _identity(cfg, recipe, epochs, batch_size, lr), meta, snap_epochs=snap_epochs)
     torch.manual_seed(cfg.seed)  # dropout
     if run.state_path.is_file() and not cfg.restart:
         _resume(run)
-    elif cfg.restart:
-        run.state_path.unlink(missing_ok=True)
-        run.log_path.unlink(missing_ok=True)
+    else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
+        for stale in (run.state_path, run.log_path):
+            stale.unlink(missing_ok=True)
+        checkpoints.clear_snapshots(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run
 
@@ -299,14 +302,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     The loop: each epoch trains on a fresh permutation of the training subset
     (:func:`_train_epoch`), then the run is saved -- evaluation, resumable state, log rows,
-    checkpoint, manifest (:func:`_save`) -- every ``eval_every`` epochs, after the last, and
-    before a ``time_limit`` would cut the next epoch; the loop stops at the time limit
-    instead of starting an epoch that would not fit. ``max_steps`` stops mid-epoch without
-    saving (tests, smoke runs).
+    checkpoint, manifest (:func:`_save`), snapshot -- every ``eval_every`` epochs, at the
+    ``snapshots`` epochs, after the last, and before a ``time_limit`` would cut the next
+    epoch; the loop stops at the time limit instead of starting an epoch that would not fit.
+    ``max_steps`` stops mid-epoch without saving (tests, smoke runs).
 
     Summary keys: checkpoint, manifest, run_dir, log, curve, epochs, epochs_planned,
     test_accuracy, test_loss, resumed_from, seconds, steps, train_images_per_second,
-    precision, compiled, stopped (None, "max_steps" or "time limit"), stopped_early.
+    precision, compiled, stopped (None, "max_steps" or "time limit"), stopped_early,
+    snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
     run = _start(cfg)
@@ -320,6 +324,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
     pending: list[dict[str, Any]] = []  # log rows of epochs trained since the last save
+    if run.start_epoch == 0 and 0 in run.snap_epochs:  # the initialisation, scored
+        checkpoints.save_snapshot(run.out, 0, *_scored_half(run), run.meta)
     for epoch in range(run.start_epoch, run.epochs):
         if deadline is not None and epoch_s is not None and not _fits(epoch_s, 0.0, deadline):
             stopped = "time limit"
@@ -330,8 +336,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             break
         pending.append(row)
         epoch_s = row["seconds"]
-        # An evaluation + save not yet measured is assumed to cost one epoch.
+        # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
+        # epoch is always saved, so that its weights are scored and kept.
         if (epoch + 1 == run.epochs or (epoch + 1) % cfg.eval_every == 0
+                or epoch + 1 in run.snap_epochs
                 or (deadline is not None
                     and not _fits(epoch_s, epoch_s if finish_s is None else finish_s,
                                   deadline))):
@@ -342,6 +350,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         summary["curve"] = str(plot_curve(run.log_path, run.run_dir / "curve.png",
                                           title=run.name))
     summary.update(steps=run.step, seconds=time.perf_counter() - t_start, stopped=stopped,
+                   snapshots=[s["epoch"] for s in checkpoints.snapshots(run.out)],
                    stopped_early=stopped is not None, compiled=run.forward is not run.model,
                    train_images_per_second=(run.images_seen / run.train_seconds
                                             if run.train_seconds else None))
@@ -412,11 +421,10 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
 
     from repsim.weights import sha256_file
 
-    half = _half(run.model)
-    saved = copy.deepcopy(run.model)  # scored as `repsim eval` of the checkpoint will score it
-    saved.load_state_dict(half)
-    test = evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
+    half, test = _scored_half(run)
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+    if epoch_done in run.snap_epochs:
+        checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": run.ident, "epoch": epoch_done, "model": run.model.state_dict(),
@@ -430,14 +438,15 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     paths.atomic_write(run.out, lambda tmp: torch.save({"state_dict": half, **meta}, tmp))
-    manifest = update_manifest(run.out, {
+    manifest = checkpoints.update_manifest(run.out, {
         "name": run.out.stem, "file": run.out.name, "model": run.cfg.model,
         "dataset": run.cfg.dataset, "train_fraction": run.cfg.train_fraction,
         "recipe": run.recipe.name, "epochs": epoch_done, "epochs_planned": run.epochs,
         "test_accuracy": round(test["accuracy"], 2), "test_loss": round(test["loss"], 4),
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
-        "data_source": meta["data"]["train_source"]})
+        "data_source": meta["data"]["train_source"],
+        **checkpoints.manifest_fields(run.out)})
     if run.cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{run.epochs}: test loss {test['loss']:.4f} "
                    f"acc {test['accuracy']:.2f}%")
@@ -445,24 +454,13 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
             "test_loss": test["loss"], "manifest": str(manifest)}
 
 
-def _half(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights: float16 on the CPU (halves the file; loading casts back)."""
-    return {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu())
-            for k, v in model.state_dict().items()}
-
-
-def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
-    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint."""
-    path = ckpt_path.parent / "manifest.json"
-    data = {"checkpoints": []}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun") from None
-    rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
-    data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
-    return paths.write_text(path, json.dumps(data, indent=2) + "\n")
+def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The checkpoint's float16 weights and their test metrics, scored as `repsim eval` of
+    the checkpoint will score them."""
+    half = checkpoints.half(run.model)
+    saved = copy.deepcopy(run.model)
+    saved.load_state_dict(half)
+    return half, evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
 
 
 def _last_metrics(log_path: Path) -> dict[str, Any]:

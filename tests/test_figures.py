@@ -98,24 +98,37 @@ def test_best_match_curve_picks_each_rows_maximum_and_skips_nan_rows(tmp_path):
     assert_saved(fig, tmp_path / "b")
 
 
-def test_data_scale_draws_one_heatmap_per_fraction_and_same_layer_curves(tmp_path):
-    entries = [{"fraction": f, "label": f"ViT {f}", "matrix": rand((7, 7), k).tolist(),
-                "layers_a": VIT, "layers_b": VIT} for k, f in enumerate([0.1, 0.5])]
-    fig = draw.data_scale("ViT", entries, "scale")
-    assert len(heatmap_axes(fig)) == 2
-    curves = [ax for ax in fig.axes if len(ax.lines) == len(VIT)]
-    assert len(curves) == 1
-    np.testing.assert_allclose(curves[0].lines[3].get_ydata(),
-                               [entries[0]["matrix"][3][3], entries[1]["matrix"][3][3]])
+def scale_panel(label, fractions, layers, accuracy=80.0, missing=()):
+    entries = [{"fraction": f, "label": f"{label} {f}", "test_accuracy": 40.0 + 10 * k,
+                "layers": layers, "cka": rand(len(layers), k).tolist(),
+                "se": (0.01 * rand(len(layers), k + 9)).tolist()}
+               for k, f in enumerate(fractions)]
+    return {"label": label, "entries": entries, "base_accuracy": accuracy,
+            "missing": list(missing)}
+
+
+def test_data_scale_draws_a_depth_curve_per_fraction_and_accuracy_beside(tmp_path):
+    panels = [scale_panel("ViT", [0.1, 0.5], VIT, missing=[0.25]),
+              scale_panel("ResNet-18", [0.25], RES, accuracy=None)]
+    fig = draw.data_scale(panels, "scale")
+    (vit_cka, vit_acc), (res_cka, res_acc) = np.reshape(fig.axes, (2, 2))
+    for k, e in enumerate(panels[0]["entries"]):  # one curve per fraction, along the depth
+        np.testing.assert_array_equal(vit_cka.containers[k].lines[0].get_ydata(), e["cka"])
+    assert [t.get_text() for t in vit_cka.get_xticklabels()] == VIT
+    assert [t.get_text() for t in vit_cka.get_legend().get_texts()] == [
+        "0.1 of the data, 40.0 %", "0.5 of the data, 50.0 %"]
+    assert "missing: 0.25" in vit_cka.get_title()
+    np.testing.assert_array_equal(vit_acc.lines[0].get_xydata(),
+                                  [[0.1, 40.0], [0.5, 50.0], [1.0, 80.0]])  # full data at 1
+    assert res_acc.lines[0].get_xydata().tolist() == [[0.25, 40.0]]  # no full-data accuracy
+    assert len(res_cka.containers) == 1
     assert_saved(fig, tmp_path / "d")
 
 
 def test_a_title_wider_than_the_figure_wraps_inside_it():
-    entries = [{"fraction": 0.1, "label": "ViT 0.1", "matrix": rand((7, 7)).tolist(),
-                "layers_a": VIT, "layers_b": VIT}]  # one fraction: a 5-inch-wide figure
-    title = ("Data scale: ViTs trained on fractions of CIFAR-10 vs the full-data ViT\n"
-             + draw.describe("linear", "minibatch", 1000, 1000))
-    fig = draw.data_scale("ViT", entries, title)
+    title = ("Data scale: ViTs trained on fractions of CIFAR-10 vs the full-data ViT, with "
+             "a long title that runs on\n" + draw.describe("linear", "minibatch", 1000, 1000))
+    fig = draw.data_scale([scale_panel("ViT", [0.1], VIT)], title)
     fig.canvas.draw()
     (text,) = [t for t in fig.texts if t.get_text().startswith("Data scale")]  # the suptitle
     box = text.get_window_extent()
@@ -252,7 +265,7 @@ def test_study_figures_are_built_cached_and_rebuilt_only_where_changed(study):
     md = (figs / "acc.md").read_text()
     assert "| cifar10 | vit_cifar | 81.36 | 42.50 | -38.86 | 3/500 |" in md
     assert "| svhn | resnet18_cifar | 95.78 | - |" in md
-    scale = json.loads((figs / "scale.json").read_text())["data"]["entries"]
+    scale = json.loads((figs / "scale.json").read_text())["data"]["panels"][0]["entries"]
     assert [e["fraction"] for e in scale] == [0.5] and scale[0]["test_accuracy"] == 30.0
 
     before = stamps(figs)
@@ -312,6 +325,32 @@ def test_unavailable_weights_skip_that_figure_in_one_line_and_build_the_rest(stu
     assert lines[-1].startswith("figures in ") and "1 built, 0 cached, 1 skipped" in lines[-1]
     assert (study / "figures" / "acc.md").exists()
     assert not (study / "figures" / "imagenet.png").exists()
+
+
+def test_data_scale_builds_from_the_fractions_present_and_names_the_missing_ones(study):
+    write(study / "analyses", "scale", 'kind = "data_scale"\nbases = ["vit_cifar", '
+          '"resnet18_cifar"]\n' + PROBE)  # default: {base}_frac*, fractions 0.1, 0.25, 0.5
+    write(study / "analyses", "none", 'kind = "data_scale"\nbase = "resnet18_cifar"\n' + PROBE)
+    log: list[str] = []
+    res = build_all(study / "analyses", study / "figures", only=["scale", "none"],
+                    progress=False, log=log.append)
+    assert [e["name"] for e in res["built"]] == ["scale"]
+    data = json.loads((study / "figures" / "scale.json").read_text())["data"]
+    assert data["missing"] == [{"base": "vit_cifar", "fractions": [0.1, 0.25]},
+                               {"base": "resnet18_cifar", "fractions": [0.1, 0.25, 0.5]}]
+    (panel,) = data["panels"]
+    assert panel["label"] == "vit_cifar" and panel["base_accuracy"] == 42.5
+    (entry,) = panel["entries"]
+    assert entry["fraction"] == 0.5 and entry["test_accuracy"] == 30.0 and entry["layers"] == VIT
+    assert entry["cka"] == [entry["matrix"][i][i] for i in range(len(VIT))]  # same layers
+    assert all(se is not None and se >= 0 for se in entry["se"])
+    (line,) = [ln for ln in log if "missing" in ln]
+    assert "vit_cifar fractions 0.1, 0.25 (`repsim train --model vit_cifar --recipe paper " \
+           "--train-fraction 0.1" in line and "resnet18_cifar fractions 0.1, 0.25, 0.5" in line
+    assert (study / "figures" / "scale.png").exists()
+    (skip,) = res["skipped"]  # no fraction checkpoint of any base: one line saying which
+    assert skip["name"] == "none" and "\n" not in skip["reason"]
+    assert "missing resnet18_cifar fractions 0.1, 0.25, 0.5" in skip["reason"]
 
 
 def test_a_missing_manifest_skips_the_table_in_one_line(study):

@@ -67,6 +67,16 @@ def weights_path(weights: str | None) -> str | None:
     return str(_checkpoint_dir() / weights)
 
 
+def weights_file(ref: ModelRef) -> Path | None:
+    """The weights file behind ``ref`` (its own, or the model's default file); None for
+    random or pretrained weights. A run's manifest entry is named by this file's stem."""
+    from repsim.registry import default_weights_file, get_spec
+
+    if ref.weights is None:
+        return default_weights_file(get_spec(ref.model))
+    return None if ref.weights == "random" else Path(weights_path(ref.weights))
+
+
 class FigureContext:
     """What a builder sees: settings, tracked inputs, and where to write.
 

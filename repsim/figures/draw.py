@@ -172,38 +172,93 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
     return fig
 
 
-def data_scale(base_label: str, entries: Sequence[dict], title: str) -> plt.Figure:
-    """Models trained on fractions of the data against the full-data one. ``entries`` (sorted
-    by ``fraction``) hold ``label``, ``matrix`` (rows: the fraction model's layers, columns:
-    the base model's), ``layers_a``, ``layers_b``. Top: one heatmap per fraction; bottom: CKA
-    between same-named layers against the fraction, one line per layer."""
-    fig = plt.figure(figsize=(3.6 * len(entries) + 1.4, 7.4), layout="constrained")
-    sub = fig.subfigures(2, 1, height_ratios=[1.15, 1])
-    axes = sub[0].subplots(1, len(entries), squeeze=False)[0]
-    mats = [_matrix(e["matrix"]) for e in entries]
-    for ax, e, m in zip(axes, entries, mats):
-        im = draw_heatmap(ax, m, e["layers_a"], e["layers_b"], e["label"], base_label,
-                          annotate=False, fontsize=6)
-        ax.set_title(f"{e['fraction']:g} of the data", fontsize=9)
-    _colorbar(sub[0], im, list(axes), np.concatenate([m.ravel() for m in mats]))
-    ax = sub[1].subplots()
-    fracs = [e["fraction"] for e in entries]
-    shared = [n for n in entries[0]["layers_a"]
-              if all(n in e["layers_a"] and n in e["layers_b"] for e in entries)]
-    for k, name in enumerate(shared):
-        ys = [m[e["layers_a"].index(name), e["layers_b"].index(name)]
-              for e, m in zip(entries, mats)]
-        ax.plot(fracs, ys, marker="o", label=name,
-                color=plt.get_cmap("viridis")(k / max(1, len(shared) - 1)))
+def _fractions_axis(ax, fracs: Sequence[float]) -> None:
+    """A log axis labelled at exactly the training-set fractions."""
     if len(set(fracs)) > 1 and min(fracs) > 0:
         ax.set_xscale("log")
-        ax.minorticks_off()  # only the fractions themselves are labelled
-    ax.set_xticks(fracs, labels=[f"{f:g}" for f in fracs])
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("fraction of the training set")
-    ax.set_ylabel(f"CKA(layer, same layer of {base_label})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
+        ax.minorticks_off()
+    ax.set_xticks(sorted(set(fracs)), labels=[f"{f:g}" for f in sorted(set(fracs))])
+
+
+def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
+    """Models trained on fractions of the data against the full-data one, one row per base
+    model (``panels``: ``label``, ``entries`` sorted by ``fraction``, ``base_accuracy``,
+    ``missing`` fractions). Left: CKA between same-named layers (fraction model vs full-data
+    model) along the depth, one curve per fraction with +-1 SE bars; right: test accuracy
+    against the fraction, the full-data model at 1, a dotted line at each missing fraction."""
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11.0, 3.9 * len(panels) + 0.9),
+                             layout="constrained", squeeze=False, width_ratios=[1.6, 1])
+    for (left, right), p in zip(axes, panels):
+        layers = p["entries"][0]["layers"] if p["entries"] else []
+        for k, e in enumerate(p["entries"]):
+            acc = "" if e["test_accuracy"] is None else f", {e['test_accuracy']:.1f} %"
+            se = [np.nan if v is None else v for v in e["se"]]
+            left.errorbar(range(len(e["layers"])), [np.nan if v is None else v for v in e["cka"]],
+                          yerr=se, marker="o", capsize=2, color=plt.get_cmap("viridis")(
+                              k / max(1, len(p["entries"]) - 1)),
+                          label=f"{e['fraction']:g} of the data{acc}")
+        left.set_xticks(range(len(layers)), labels=layers, rotation=90, fontsize=7)
+        left.set_ylim(min(0.0, left.get_ylim()[0]), max(1.0, left.get_ylim()[1]))
+        left.set_ylabel(f"CKA(layer, same layer of\n{p['label']} on all the data)")
+        left.set_title(p["label"] + (f" (missing: {', '.join(f'{f:g}' for f in p['missing'])})"
+                                     if p["missing"] else ""), fontsize=9)
+        left.grid(alpha=0.3)
+        left.legend(fontsize=7, title="trained on (test accuracy)", title_fontsize=7)
+        pts = sorted([(e["fraction"], e["test_accuracy"]) for e in p["entries"]
+                      if e["test_accuracy"] is not None]
+                     + ([(1.0, p["base_accuracy"])] if p["base_accuracy"] is not None else []))
+        right.plot([f for f, _ in pts], [a for _, a in pts], marker="o", color="C3")
+        for f, a in pts:
+            right.annotate(f"{a:.1f}", (f, a), textcoords="offset points", xytext=(0, 5),
+                           ha="center", fontsize=7)
+        for f in p["missing"]:  # the planned runs that are not here, at their place
+            right.axvline(f, ls=":", color="0.6")
+            right.text(f, 0.03, " missing", transform=right.get_xaxis_transform(),
+                       rotation=90, color="0.4", fontsize=7, ha="right", va="bottom")
+        _fractions_axis(right, [f for f, _ in pts] + list(p["missing"]) or [1.0])
+        right.set_xlabel("fraction of the training set")
+        right.set_ylabel("test top-1 accuracy (%)")
+        right.set_title(f"{p['label']}: accuracy", fontsize=9)
+        right.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11, wrap=True)
+    return fig
+
+
+def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
+    """Training dynamics, one column per model (``label``, ``epochs``, ``layers``, ``cka``
+    and ``settled_epoch`` per layer, ``test_accuracy`` and ``train_accuracy`` per epoch).
+    Top: CKA of each layer at each snapshot epoch to the same layer of the final model, one
+    curve per layer coloured by depth, the ``settle`` level dashed; bottom: accuracy (%)."""
+    fig, axes = plt.subplots(2, len(models), figsize=(5.4 * len(models), 7.0),
+                             layout="constrained", squeeze=False, height_ratios=[2, 1])
+    for (top, bottom), m in zip(axes.T, models):
+        x = m["epochs"]
+        for k, name in enumerate(m["layers"]):
+            when = m["settled_epoch"].get(name)
+            top.plot(x, [np.nan if v is None else v for v in m["cka"][name]], marker="o",
+                     ms=3, color=plt.get_cmap("viridis")(k / max(1, len(m["layers"]) - 1)),
+                     label=f"{name} ({'from ' + str(when) if when is not None else 'not yet'})")
+        top.axhline(settle, ls="--", color="0.5", lw=0.8)
+        top.set_ylim(min(0.0, top.get_ylim()[0]), max(1.02, top.get_ylim()[1]))
+        top.set_ylabel("CKA(layer at epoch, same layer final)")
+        acc = m.get("final_test_accuracy")
+        top.set_title(f"{m['label']}: final epoch {m['final_epoch']}"
+                      + ("" if acc is None else f", test accuracy {acc:.1f} %"), fontsize=9)
+        top.legend(fontsize=7, title=f"layer (CKA >= {settle:g} from epoch)",
+                   title_fontsize=7, loc="lower right")
+        for split, style, colour in (("test", "-", "C3"), ("train", "--", "0.5")):
+            ys = [np.nan if v is None else v for v in m[f"{split}_accuracy"]]
+            if np.isfinite(ys).any():
+                bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
+        bottom.set_ylabel("top-1 accuracy (%)")
+        bottom.set_xlabel("epoch")
+        bottom.legend(fontsize=7)
+        for ax in (top, bottom):
+            if max(x) > 10:  # snapshots are roughly log-spaced; epoch 0 needs symlog
+                ax.set_xscale("symlog", linthresh=1.0)
+                ax.minorticks_off()
+            ax.set_xticks(x, labels=[str(e) for e in x], fontsize=7)
+            ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 

@@ -77,8 +77,10 @@ KINDS: dict[str, FigureKind] = {
     "cka_grid": FigureKind("repsim.figures.study:cka_grid", ("models",), ("models",)),
     "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",), ("pairs",)),
     "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",), ("rows",)),
-    "data_scale": FigureKind("repsim.figures.study:data_scale", ("base", "checkpoints"),
-                             ("base", "checkpoints"), "2"),  # 2: titles wrap
+    "data_scale": FigureKind("repsim.figures.study:data_scale",
+                             ("base", "bases", "checkpoints", "fractions"), (),
+                             "3"),  # 3: several bases, CKA along the depth, accuracy beside
+    "dynamics": FigureKind("repsim.figures.dynamics:build", ("models", "settle"), ("models",)),
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
                              "renormalize"), ("models",), "2"),  # 2: blocks from 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from repsim.compare import InputUnavailable
 from repsim.errors import UserError
 from repsim.figures import draw
+from repsim.figures.context import weights_file
 
 
 def _title(spec: dict, default: str, c: dict | None = None, n: int | None = None) -> str:
@@ -122,31 +123,78 @@ def accuracy_table(spec: dict, ctx) -> list[Path]:
     return [ctx.write_text(".md", md), ctx.write_text(".csv", csv_text)]
 
 
+FRACTIONS = (0.1, 0.25, 0.5)  # the data-scale runs expected by default
+
+
+def _scale_bases(spec: dict, ctx) -> list[tuple]:
+    """``[(base ModelRef, checkpoint pattern)]`` from ``base`` or ``bases`` and
+    ``checkpoints`` (default ``{base}_frac*``; ``{base}`` is each base's model name)."""
+    items = spec.get("bases") or ([spec["base"]] if "base" in spec else [])
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{ctx.name}: data_scale needs base = \"vit_cifar\" or bases = "
+                        f"[\"vit_cifar\", \"resnet18_cifar\"], got {items!r}")
+    pattern = spec.get("checkpoints", "{base}_frac*")
+    if len(items) > 1 and "{base}" not in pattern:
+        raise UserError(f"{ctx.name}: checkpoints={pattern!r} names one base's files; with "
+                        "several bases use {base}, e.g. \"{base}_frac*\"")
+    refs = [ctx.model_ref(b, spec) for b in items]
+    return [(r, pattern.replace("{base}", r.model)) for r in refs]
+
+
+def _scale_entry(cp: dict, base, probe, c, ctx) -> dict:
+    """One fraction model against the full-data one: the matrix and its same-layer curve."""
+    ref = replace(base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}")
+    res = ctx.cka(ref, base, probe, c)
+    layers = [n for n in res["layers_a"] if n in res["layers_b"]]
+    ij = [(res["layers_a"].index(n), res["layers_b"].index(n)) for n in layers]
+    return {"fraction": cp["train_fraction"], "label": ref.display(), "checkpoint": cp["name"],
+            "test_accuracy": (cp["entry"] or {}).get("test_accuracy"), "n": res["n"],
+            "layers": layers, "cka": [res["matrix"][i][j] for i, j in ij],
+            "se": [res["se"][i][j] if res.get("se") else None for i, j in ij],
+            "matrix": res["matrix"], "layers_a": res["layers_a"], "layers_b": res["layers_b"]}
+
+
 def data_scale(spec: dict, ctx) -> list[Path]:
-    """Models trained on fractions of the data, each compared with the full-data one."""
+    """Models trained on fractions of the data against the full-data one, per base model:
+    same-layer CKA along the depth per fraction, accuracy beside; built from whatever
+    fraction checkpoints exist, naming the expected ``fractions`` that do not."""
     probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
-    base = ctx.model_ref(spec["base"], spec)
-    found = ctx.checkpoints(base.model, spec["checkpoints"])
-    if not found:
-        raise InputUnavailable(
-            f"no data-scale checkpoints {spec['checkpoints']!r} of {base.model} in "
-            f"{ctx.manifest_path.parent}; train them with `repsim train --model {base.model} "
-            f"--train-fraction 0.1` (and 0.25, 0.5, ...), which writes "
-            f"{base.model}_frac0.1.pt there")
-    ctx.store(base, probe)
-    refs = [replace(base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}")
-            for cp in found]
-    for r in refs:
-        ctx.store(r, probe)
-    entries, n = [], None
-    for cp, r in zip(found, refs):
-        res = ctx.cka(r, base, probe, c)
-        n = res["n"]
-        entries.append({"fraction": cp["train_fraction"], "label": r.display(),
-                        "checkpoint": cp["name"],
-                        "test_accuracy": (cp["entry"] or {}).get("test_accuracy"),
-                        "matrix": res["matrix"], "layers_a": res["layers_a"],
-                        "layers_b": res["layers_b"]})
-    title = _title(spec, f"Data scale: {base.display()} on fractions of the training set", c, n)
-    ctx.data["entries"] = entries
-    return ctx.save(draw.data_scale(base.display(), entries, title))
+    expected = [float(f) for f in spec.get("fractions", FRACTIONS)]
+    entries = {e.get("name"): e for e in (ctx.manifest() or {}).get("checkpoints", [])}
+    plan, notes = [], []
+    for base, pattern in _scale_bases(spec, ctx):
+        found = ctx.checkpoints(base.model, pattern)
+        have = [cp["train_fraction"] for cp in found]
+        missing = [f for f in expected if not any(abs(f - h) < 1e-9 for h in have)]
+        final = weights_file(base)
+        base_entry = entries.get(final.stem if final else None) or {}
+        recipe = f" --recipe {base_entry['recipe']}" if base_entry.get("recipe") else ""
+        if missing:
+            f0, more = f"{missing[0]:g}", ", ".join(f"{f:g}" for f in missing[1:])
+            notes.append(f"{base.display()} fractions {', '.join(f'{f:g}' for f in missing)} "
+                         f"(`repsim train --model {base.model}{recipe} --train-fraction {f0} "
+                         f"--out {ctx.manifest_path.parent}/{base.model}_frac{f0}.pt`"
+                         + (f", likewise {more}" if more else "") + ")")
+        plan.append((base, found, missing, base_entry))
+    if not any(found for _, found, _, _ in plan):
+        raise InputUnavailable(f"no data-scale checkpoints in {ctx.manifest_path.parent}: "
+                               f"missing {'; '.join(notes)}")
+    if notes:
+        ctx.log(f"{ctx.name}: missing {'; '.join(notes)}")
+    for base, found, _, _ in plan:  # every store first: a missing file skips before any CKA
+        for cp in [None, *found]:
+            ctx.store(base if cp is None else replace(
+                base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}"),
+                probe)
+    panels = [{"label": base.display(), "missing": missing,
+               "base_accuracy": base_entry.get("test_accuracy"),
+               "entries": [_scale_entry(cp, base, probe, c, ctx) for cp in found]}
+              for base, found, missing, base_entry in plan if found]
+    n = panels[0]["entries"][0]["n"]
+    title = _title(spec, "Data scale: models trained on fractions of the training set", c, n)
+    skipped = [b.display() for b, found, _, _ in plan if not found]
+    if skipped:
+        title += f"\nno fraction checkpoints of {', '.join(skipped)}"
+    ctx.data.update(panels=panels, expected_fractions=expected,
+                    missing=[{"base": b.display(), "fractions": m} for b, _, m, _ in plan if m])
+    return ctx.save(draw.data_scale(panels, title))

@@ -1,0 +1,134 @@
+"""A run's deliverable files: float16 weights, the manifest beside them, and snapshots.
+
+``repsim train`` writes the checkpoint ``<dir>/<name>.pt`` and lists it in
+``<dir>/manifest.json`` (:func:`update_manifest`). With ``--snapshots 0,1,5,every:10`` it
+also keeps ``<dir>/<name>_snapshots/epoch<E>.pt`` at those epochs (epoch 0: the
+initialisation): the checkpoint's format (float16 ``state_dict`` plus provenance and the
+metrics of those very weights), so every command loads one with ``--weights``. The folder's
+``index.json`` lists them (epoch, file relative to ``<dir>``, sha256, test and train metrics),
+and the checkpoint's manifest entry carries the same list under ``snapshots``: that is where
+the ``dynamics`` figure (:mod:`repsim.figures.dynamics`) finds them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from repsim import paths
+from repsim.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+def half(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights: float16 on the CPU (halves the file; loading casts back)."""
+    import torch
+
+    return {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.cpu())
+            for k, v in model.state_dict().items()}
+
+
+def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
+    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint."""
+    path = ckpt_path.parent / "manifest.json"
+    data = {"checkpoints": []}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun") from None
+    rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
+    data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
+    return paths.write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def snapshot_epochs(spec: str | Sequence[int] | None, epochs: int) -> tuple[int, ...]:
+    """The epochs to keep, sorted: ``spec`` is comma-separated epochs and ``every:K`` items
+    (K, 2K, ... and the last epoch), or a sequence of epochs; 0 is the initialisation.
+    ``epochs``: the run's planned epochs. None or ``""``: none."""
+    if spec is None or spec == "":
+        return ()
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    bad = (f"snapshots={spec!r} is not a list of epochs; valid: comma-separated epochs "
+           f"0..{epochs} (0: the initialisation) and every:K, e.g. 0,1,5,every:10")
+    out: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        try:
+            if text.startswith("every:"):
+                k = int(text[len("every:"):])
+                if k < 1:
+                    raise ValueError(text)
+                out.update([*range(k, epochs + 1, k), epochs])
+            else:
+                out.add(int(text))
+        except ValueError:
+            raise UserError(bad) from None
+    if not out:
+        return ()
+    if min(out) < 0 or max(out) > epochs:
+        raise UserError(f"{bad}; {max(out) if max(out) > epochs else min(out)} is outside "
+                        f"the run's 0..{epochs} (epochs={epochs})")
+    return tuple(sorted(out))
+
+
+def snapshot_dir(ckpt_path: Path) -> Path:
+    """``<dir>/<name>_snapshots`` for the checkpoint ``<dir>/<name>.pt``."""
+    return ckpt_path.parent / f"{ckpt_path.stem}_snapshots"
+
+
+def snapshots(ckpt_path: Path) -> list[dict[str, Any]]:
+    """The snapshots of the run whose checkpoint is ``ckpt_path``, by epoch (empty: none)."""
+    index = snapshot_dir(ckpt_path) / "index.json"
+    if not index.is_file():
+        return []
+    try:
+        return json.loads(index.read_text())["snapshots"]
+    except (ValueError, KeyError):
+        raise UserError(f"{index} is not a snapshot index; delete it (and restart=True "
+                        "the run) to start the snapshots over") from None
+
+
+def manifest_fields(ckpt_path: Path) -> dict[str, Any]:
+    """What the checkpoint's manifest entry says of its snapshots: ``{"snapshots": index}``,
+    or nothing when there are none."""
+    rows = snapshots(ckpt_path)
+    return {"snapshots": rows} if rows else {}
+
+
+def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tensor],
+                  test: dict[str, float], meta: dict[str, Any],
+                  row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Write the snapshot of ``epoch`` and record it in the index, atomically; returns the
+    index. ``state_dict``: the float16 weights; ``test``: their ``accuracy`` (%) and ``loss``
+    (nats) on the test split; ``meta``: the checkpoint's provenance; ``row``: the epoch's log
+    row (train_accuracy, train_loss), None for the initialisation."""
+    import torch
+
+    from repsim.weights import sha256_file
+
+    folder = snapshot_dir(ckpt_path)
+    path = folder / f"epoch{epoch}.pt"
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"],
+               **{k: (row or {}).get(k) for k in ("train_accuracy", "train_loss")}}
+    paths.atomic_write(path, lambda tmp: torch.save(
+        {"state_dict": state_dict, **meta, "epochs": epoch, **metrics}, tmp))
+    entry = {"epoch": epoch, "file": path.relative_to(ckpt_path.parent).as_posix(),
+             "sha256": sha256_file(path), **metrics}
+    rows = sorted([*(r for r in snapshots(ckpt_path) if r["epoch"] != epoch), entry],
+                  key=lambda r: r["epoch"])
+    paths.write_json(folder / "index.json", {"checkpoint": ckpt_path.name, "snapshots": rows})
+    return rows
+
+
+def clear_snapshots(ckpt_path: Path) -> None:
+    """Remove the run's snapshot folder (a restarted run's snapshots belong to another)."""
+    shutil.rmtree(snapshot_dir(ckpt_path), ignore_errors=True)
