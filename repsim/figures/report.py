@@ -10,6 +10,7 @@ the same bytes.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -155,11 +156,18 @@ CAPTIONS: dict[str, Callable[[dict], str]] = {
 
 def caption(kind: str, data: dict, spec: dict) -> str:
     """The figure's caption from its data; the spec's description for other kinds."""
+    if kind not in CAPTIONS:
+        return (spec.get("description") or "").strip()
     try:
-        text = CAPTIONS[kind](data) if kind in CAPTIONS else ""
+        return CAPTIONS[kind](data)
     except (KeyError, IndexError, TypeError, ValueError):  # data of an older kind version
-        text = ""
-    return text or (spec.get("description") or "").strip()
+        return ""
+
+
+def _portable(text: str) -> str:
+    """``text`` without this machine's paths: the working folder's prefix dropped, the home
+    folder as ``~``, so the committed report is the same on every clone."""
+    return text.replace(str(Path.cwd()) + os.sep, "").replace(str(Path.home()), "~")
 
 
 def _section(out: Path, name: str, record: dict) -> str:
@@ -187,5 +195,5 @@ def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> 
         parts.append(_section(out, name, records[name]))
     if missing:
         parts.append("## Not built here\n\n" + "\n".join(
-            f"- `{n}`: {r}" for n, r in sorted(missing.items())) + "\n")
+            f"- `{n}`: {_portable(r)}" for n, r in sorted(missing.items())) + "\n")
     return paths.write_text(out / "REPORT.md", "\n".join(parts))
