@@ -280,7 +280,9 @@ def test_study_figures_are_built_cached_and_rebuilt_only_where_changed(study):
     assert [e["name"] for e in third["built"]] == ["best"]
     assert sorted(e["name"] for e in third["cached"]) == ["acc", "grid", "scale"]
     after = stamps(figs)
-    assert all(after[k] == before[k] for k in before if not k.startswith("best."))
+    assert all(after[k] == before[k] for k in before
+               if not k.startswith("best.") and k != "REPORT.md")
+    assert "## Renamed" in (figs / "REPORT.md").read_text()  # the report follows its figures
 
 
 def test_the_cache_key_survives_moving_the_checkpoints_and_an_empty_cache(study, monkeypatch):

@@ -3,8 +3,8 @@
 After every ``repsim figures`` run the report is rebuilt from each figure's record
 (``figures/<spec>.json``): the question, then each figure with a caption of numbers taken
 from its data (no adjectives), the accuracy table, and what could not be built here and how
-to get it. It is cheap (no model, no CKA), so it is simply rewritten; the same records give
-the same bytes.
+to get it. It is cheap (no model, no CKA), so it is made anew each run and written only when
+its text changed.
 """
 
 from __future__ import annotations
@@ -196,4 +196,7 @@ def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> 
     if missing:
         parts.append("## Not built here\n\n" + "\n".join(
             f"- `{n}`: {_portable(r)}" for n, r in sorted(missing.items())) + "\n")
-    return paths.write_text(out / "REPORT.md", "\n".join(parts))
+    path, text = out / "REPORT.md", "\n".join(parts)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path  # unchanged: not rewritten, so a cached run touches nothing
+    return paths.write_text(path, text)
