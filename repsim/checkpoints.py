@@ -34,17 +34,21 @@ def half(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
-    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint."""
+    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint.
+    Runs training in parallel into one folder share it: the read-modify-write holds a lock,
+    or one run's entry could overwrite another's."""
     path = ckpt_path.parent / "manifest.json"
-    data = {"checkpoints": []}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun") from None
-    rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
-    data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
-    return paths.write_text(path, json.dumps(data, indent=2) + "\n")
+    with paths.lock(path):
+        data = {"checkpoints": []}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun"
+                                ) from None
+        rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
+        data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
+        return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -320,3 +320,22 @@ def test_augmented_recipe_trains_and_records_its_augmentation(toy_root, tmp_path
     ck = torch.load(tmp_path / "ck" / "m.pt", weights_only=True)
     assert "RandAugment 2 ops" in ck["data"]["augmentation"]
     assert "MixUp 0.8 / CutMix 1.0" in ck["data"]["augmentation"]
+
+
+def test_parallel_runs_all_land_in_one_manifest(tmp_path):
+    # device_run.sh trains the tiny ViTs in parallel into one folder: no entry may be lost.
+    import multiprocessing
+
+    from repsim.checkpoints import update_manifest
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=lambda i=i: [update_manifest(tmp_path / f"m{i}.pt",
+                                                             {"name": f"m{i}", "round": r})
+                                             for r in range(20)]) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    rows = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
+    assert [r["name"] for r in rows] == [f"m{i}" for i in range(8)]
+    assert all(r["round"] == 19 for r in rows)
