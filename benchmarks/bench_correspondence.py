@@ -215,7 +215,7 @@ def main() -> None:
     for seed in range(args.nets):
         path = cache / f"plaincnn_w{args.width}_seed{seed}_e{args.epochs}.pt"
         if path.is_file():
-            blob = torch.load(path, weights_only=False)
+            blob = torch.load(path, weights_only=True)  # never run pickled code
             model = PlainCNN(args.width).to(memory_format=torch.channels_last)
             model.load_state_dict(blob["state_dict"])
             info = {**blob["info"], "cached": True}
