@@ -414,8 +414,11 @@ def cmd_figures(args) -> int:
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in res[status]]
     lines += [f"{status:8s}{e['name']}: {e['reason']}"
-              for status in ("skipped", "failed") for e in res[status]]
+              for status in ("kept", "skipped", "failed") for e in res[status]]
     counts = ", ".join(f"{len(res[k])} {k}" for k in ("built", "cached", "skipped", "failed"))
+    if res["kept"]:  # earlier builds whose inputs are not here (e.g. from a GPU machine)
+        counts += f", {len(res['kept'])} kept"
+
     lines.append(f"figures in {os.path.abspath(res['out'])}: {counts} ({res['seconds']:.0f} s)")
     _report(args, res, "\n".join(lines))
     return 1 if res["failed"] else 0

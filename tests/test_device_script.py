@@ -1,8 +1,9 @@
 """The rehearsal of the GPU window (issue 13): scripts/device_run.sh --smoke on this CPU.
 
-The script unpacks a packed CIFAR-10 tree, trains both models and the data-scale ViTs,
-evaluates, and packages everything into at most 8 files of at most 15 MiB. Here it runs on
-a tiny generated tree, so the script cannot rot between GPU windows.
+The script unpacks a packed CIFAR-10 tree, trains both models (keeping snapshots) and the
+data-scale ViTs, evaluates, draws the dynamics figure, and packages everything into at
+most 8 files of at most 15 MiB. Here it runs on a tiny generated tree, so the script cannot
+rot between GPU windows.
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ def test_smoke_run_packages_within_the_return_limits(smoke, tmp_path):
     manifest = json.loads((results / "manifest.json").read_text())
     assert {r["name"] for r in manifest["checkpoints"]} == {"vit_cifar", "resnet18_cifar"}
     assert (results / "vit_cifar.pt").is_file() and (results / "runs" / "vit_cifar").is_dir()
+
+
+@pytest.mark.slow
+def test_smoke_run_draws_the_dynamics_figure_from_snapshots_that_stay_behind(smoke, tmp_path):
+    # Issue 17: snapshots are too large to travel; the figure built from them does.
+    out, _, _ = smoke
+    results = _unpack(out, "results", tmp_path)
+    record = json.loads((results / "figures" / "dynamics.json").read_text())
+    assert [m["epochs"] for m in record["data"]["models"]] == [[0, 1], [0, 1]]
+    assert (results / "figures" / "dynamics.png").is_file()
+    index = json.loads((results / "vit_cifar_snapshots" / "index.json").read_text())
+    assert [s["epoch"] for s in index["snapshots"]] == [0, 1]
+    assert not list(results.glob("*_snapshots/*.pt"))
 
 
 @pytest.mark.slow

@@ -209,6 +209,44 @@ def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path
     assert record["data"] == {"count": 2} and record["cache_key"]
 
 
+def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
+                                                                           monkeypatch):
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Stands for a figure of GPU-machine snapshots: built there, its inputs absent here."""
+        ctx.manifest()  # an input: the manifest here differs from the one it was built with
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        ctx.data["v"] = 1
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    moved = tmp_path / "moved"
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    shutil.move(tmp_path / "f", moved)  # a folder built elsewhere, brought here
+    here["inputs"] = False
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    res = build_all(tmp_path / "a", moved, progress=False)
+    assert [e["name"] for e in res["kept"]] == ["s"] and not res["skipped"]
+    assert res["kept"][0]["reason"] == "no snapshots here"
+    assert (moved / "s.txt").read_text() == "built\n"
+    assert json.loads((moved / "s.json").read_text())["data"] == {"v": 1}
+    report = (moved / "REPORT.md").read_text()
+    assert "not rebuilt here: no snapshots here" in report and "Not built here" not in report
+    (moved / "s.txt").unlink()  # an incomplete build is not kept
+    assert [e["name"] for e in build_all(tmp_path / "a", moved, progress=False)["skipped"]] \
+        == ["s"]
+
+
 # ------------------------------------------------------------------ the study's kinds
 
 

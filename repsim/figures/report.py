@@ -91,13 +91,23 @@ def _accuracy(data: dict) -> str:
 
 def _data_scale(data: dict) -> str:
     out = []
-    for e in data["entries"]:
-        diag = [row[i] for i, row in enumerate(e["matrix"]) if i < len(row)]
-        finite = [v for v in diag if v is not None]
-        acc = e.get("test_accuracy")
-        out.append(f"{e['label']}" + (f" ({acc:.2f} %)" if acc is not None else "")
-                   + (f": CKA to the full-data model, layer by layer, {_fmt(min(finite))}-"
-                      f"{_fmt(max(finite))}." if finite else "."))
+    for panel in data["panels"]:
+        base = panel.get("base_accuracy")
+        out.append(f"{panel['label']}, full data" + (f" {base:.2f} %" if base is not None
+                                                     else "") + ":")
+        for e in panel["entries"]:
+            cka, acc = [v for v in e["cka"] if v is not None], e.get("test_accuracy")
+            low = e["layers"][e["cka"].index(min(cka))] if cka else None
+            out.append(f"- {e['fraction']:g} of the data" + (f" ({acc:.2f} %)" if acc is not None
+                                                             else "")
+                       + (f": CKA to the full-data model, layer by layer, {_fmt(min(cka))} "
+                          f"({low})-{_fmt(max(cka))}." if cka else "."))
+        if panel.get("missing"):
+            out.append("- missing fractions: " + ", ".join(f"{f:g}" for f in panel["missing"])
+                       + ".")
+    for m in data.get("missing") or []:
+        out.append(f"{m['base']}: no fraction checkpoints (missing "
+                   + ", ".join(f"{f:g}" for f in m["fractions"]) + ").")
     return "\n".join(out)
 
 
@@ -148,10 +158,30 @@ def _probes(data: dict) -> str:
     return "\n".join(out)
 
 
+def _dynamics(data: dict) -> str:
+    out = []
+    for m in data["models"]:
+        settled = m["settled_epoch"]
+        early = [k for k in m["layers"] if settled.get(k) is not None]
+        late = [k for k in m["layers"] if settled.get(k) is None]
+        acc = m.get("final_test_accuracy")
+        line = (f"{m['label']} (final: epoch {m['final_epoch']}"
+                + (f", {acc:.2f} %" if acc is not None else "") + "): CKA to the final model "
+                f"at epoch {m['epochs'][0]} {_fmt(min(v[0] for v in m['cka'].values()))}-"
+                f"{_fmt(max(v[0] for v in m['cka'].values()))}")
+        if early:
+            line += "; at or above {:.2f} from epoch ".format(data["settle"]) + ", ".join(
+                f"{settled[k]} ({k})" for k in early)
+        if late:
+            line += f"; not settled by epoch {m['epochs'][-1]}: {_span(late)}"
+        out.append(line + ".")
+    return "\n".join(out)
+
+
 CAPTIONS: dict[str, Callable[[dict], str]] = {
     "cka_grid": _cka_grid, "best_match": _best_match, "accuracy_table": _accuracy,
     "data_scale": _data_scale, "attention": _attention, "featuremaps": _featuremaps,
-    "locality": _locality, "probes": _probes}
+    "locality": _locality, "probes": _probes, "dynamics": _dynamics}
 
 
 def caption(kind: str, data: dict, spec: dict) -> str:
@@ -170,7 +200,7 @@ def _portable(text: str) -> str:
     return text.replace(str(Path.cwd()) + os.sep, "").replace(str(Path.home()), "~")
 
 
-def _section(out: Path, name: str, record: dict) -> str:
+def _section(out: Path, name: str, record: dict, kept: str | None = None) -> str:
     files = [Path(f) for f in record.get("files", [])]
     img = [f for f in files if f.suffix == ".png"]
     body = [f"## {record.get('title') or name}", ""]
@@ -179,7 +209,10 @@ def _section(out: Path, name: str, record: dict) -> str:
         body += [table.strip(), ""]
     body += [f"![{name}]({f.name})" for f in img] + ([""] if img else [])
     text = caption(record.get("kind", ""), record.get("data") or {}, record.get("spec") or {})
-    return "\n".join(body + ([text, ""] if text else []))
+    if kept:
+        text += (f"\n\nBuilt on {record.get('hardware') or 'another machine'}; not rebuilt "
+                 f"here: {_portable(kept)}")
+    return "\n".join(body + ([text.strip(), ""] if text.strip() else []))
 
 
 def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> Path:
@@ -191,8 +224,9 @@ def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> 
     records = {n: json.loads((out / f"{n}.json").read_text()) for n in names
                if n not in missing and (out / f"{n}.json").is_file()}
     # figures first, then the tables (the accuracy table closes the results)
+    kept = {e["name"]: e["reason"] for e in summary.get("kept", [])}
     for name in sorted(records, key=lambda n: records[n].get("kind") == "accuracy_table"):
-        parts.append(_section(out, name, records[name]))
+        parts.append(_section(out, name, records[name], kept.get(name)))
     if missing:
         parts.append("## Not built here\n\n" + "\n".join(
             f"- `{n}`: {_portable(r)}" for n, r in sorted(missing.items())) + "\n")

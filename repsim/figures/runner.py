@@ -29,6 +29,10 @@ puts JSON-able data in ``ctx.data`` and returns the files it wrote (``ctx.save(f
 ``cache_key``: a hash of the spec, the overrides, the kind's version, repsim's version and
 those fingerprints. A figure is rebuilt only when its key changed or a file is missing. The
 JSON is written last, so a crash mid-figure never looks complete.
+
+**Kept.** A figure whose inputs are not on this machine (say, built on a GPU machine from
+training snapshots that stayed there) keeps its last complete build: it is reported as
+``kept``, with the reason it could not be rebuilt, never deleted or half-overwritten.
 """
 
 from __future__ import annotations
@@ -171,20 +175,28 @@ def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
                          "deps": deps})
 
 
+def _files_here(ctx: FigureContext, record: dict) -> list[Path] | None:
+    """The record's files in the output folder (by name, so a moved or imported folder keeps
+    its builds); None when any is missing."""
+    files = [ctx.out_dir / Path(f).name for f in record.get("files", [])]
+    return files if files and all(f.exists() for f in files) else None
+
+
 def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> bool:
     """True when the record's files exist and its key matches its inputs' fingerprints now."""
-    files = [Path(f) for f in record.get("files", [])]
-    if not files or not all(f.exists() for f in files):
+    if _files_here(ctx, record) is None:
         return False
     try:
         deps = {k: ctx.fingerprint(json.loads(k)) for k in record.get("deps") or {}}
     except (KeyError, TypeError, ValueError):  # a record of another format
         return False
+    except (InputUnavailable, UserError):  # an input gone: the builder says which, and why
+        return False
     return cache_key(name, spec, ctx.overrides, deps) == record.get("cache_key")
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
-    """``(status, summary entry)`` for one spec: cached, built, skipped or failed."""
+    """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
 
     ctx.name, ctx.data, ctx.deps = name, {}, None
     record_path = ctx.path(".json")
@@ -200,6 +212,9 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         ctx.deps = {}
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
+        kept = _files_here(ctx, record) if record and record.get("format") == FORMAT else None
+        if kept:  # built where its inputs were: keep that build rather than lose it
+            return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc)}
         return "skipped", {**entry, "reason": str(exc)}
     except (UserError, ValueError) as exc:
         return "failed", {**entry, "reason": str(exc)}
@@ -208,8 +223,16 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
         "cache_key": cache_key(name, spec, ctx.overrides, ctx.deps), "data": ctx.data,
-        "versions": compare.versions()})
+        "versions": compare.versions(), "hardware": _hardware(ctx.device)})
     return "built", {**entry, "files": files}
+
+
+def _hardware(device: str | None) -> str:
+    """Where the figure was computed (a kept figure says so in the report)."""
+    from repsim.evaluation import hardware
+    from repsim.models import resolve_device
+
+    return hardware(resolve_device(device))
 
 
 def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
@@ -218,16 +241,17 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
               log: Callable[[str], None] | None = None) -> dict:
     """Build every spec in ``analyses`` into ``out``.
 
-    Returns ``{"out", "built", "cached", "skipped", "failed", "seconds"}``: built and cached
-    entries list their files; skipped ones (an input unavailable here) and failed ones (a
-    user error in that spec or its inputs) give the one-line reason. One figure's problem
-    never stops the others.
+    Returns ``{"out", "built", "cached", "kept", "skipped", "failed", "seconds"}``: built,
+    cached and kept entries list their files; kept ones (an earlier build whose inputs are not
+    here), skipped ones (an input unavailable here, no earlier build) and failed ones (a user
+    error in that spec or its inputs) give the one-line reason. One figure's problem never
+    stops the others.
     """
     t0 = time.perf_counter()
     specs = load_specs(analyses, only)
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
-    summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "skipped": [],
-                               "failed": []}
+    summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "kept": [],
+                               "skipped": [], "failed": []}
     for name, spec in specs.items():
         status, entry = _build_one(name, spec, ctx)
         summary[status].append(entry)
