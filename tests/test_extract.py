@@ -270,7 +270,8 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, cifar_root):
     assert _cli(_args(cifar_root, single)).returncode == 0
     e = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", "-m", "repsim", *_args(cifar_root, dist)],
+                        "--master_port", "29533", "-m", "--", "repsim",  # the README's form
+                        *_args(cifar_root, dist)],
                        env=e, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     with Store(single) as a, Store(dist) as b:

@@ -196,7 +196,7 @@ SPEC = ('kind = "locality"\nvit = {model = "vit_cifar", layers = "embed,blocks.5
         'tokens = [[0, 0], [4, 4]]\n[probe]\ndataset = "cifar10-probe"\nn = 20\n')
 
 
-def test_figure_kind_builds_both_figures_caches_and_skips_without_weights(tmp_path, checkpoints):
+def test_figure_kind_builds_both_figures_then_keeps_or_skips_without_weights(tmp_path, checkpoints):
     from repsim.figures.runner import build_all
 
     ana, out = tmp_path / "analyses", tmp_path / "figures"
@@ -219,6 +219,8 @@ def test_figure_kind_builds_both_figures_caches_and_skips_without_weights(tmp_pa
         assert z["maps"].shape == (3, 64, 64) and len(z["ids"]) == 6
     assert [e["name"] for e in build_all(ana, out, only=["loc"], progress=False)["cached"]] == [
         "loc"]
-    (checkpoints / "resnet18_cifar.pt").unlink()
-    skipped = build_all(ana, out, only=["loc"], progress=False)["skipped"]
+    (checkpoints / "resnet18_cifar.pt").unlink()  # the built figure is kept, the reason given
+    kept = build_all(ana, out, only=["loc"], progress=False)["kept"]
+    assert [e["name"] for e in kept] == ["loc"] and "resnet18_cifar" in kept[0]["reason"]
+    skipped = build_all(ana, tmp_path / "fresh", only=["loc"], progress=False)["skipped"]
     assert [e["name"] for e in skipped] == ["loc"] and "resnet18_cifar" in skipped[0]["reason"]
