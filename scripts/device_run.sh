@@ -18,7 +18,10 @@
 # packaged well inside 10 minutes; the 2026-11-28 window: 521 s of 560, machine start 37 s), DEVICE_WORK (scratch, default .device/run), DEVICE_BENCH
 # (0 skips the benchmarks), TINYVIT_S (seconds kept from stage 2 for stage 3, default 0:
 # stage 3 then runs only on what is left), TINYVIT_PASSES (the tinyvit recipe's passes over
-# CIFAR-10, default 300 as in the source; the time limit stops earlier runs honestly labelled).
+# CIFAR-10, default 300 as in the source; the time limit stops earlier runs honestly labelled),
+# STAGES (which stages run, default 123: "3" gives a window to the tiny ViTs alone, "2" to the
+# data-scale runs), SCALE_RECIPE (the data-scale ViTs' recipe, default fast-vit: the committed
+# vit_cifar's, so the figure compares like with like).
 #
 # What comes back (the device returns at most 8 files of at most 16 MiB, 64 MiB together):
 # summary.json, device.log, SHA256SUMS and results.tar split into parts of at most 15 MiB
@@ -64,6 +67,9 @@ fi
 
 SMOKE=0
 [ "$MODE" = "--smoke" ] && SMOKE=1
+STAGES=${STAGES:-123}
+stage() { [[ "$STAGES" == *"$1"* ]]; }
+SCALE_RECIPE=${SCALE_RECIPE:-fast-vit}
 rm -rf "$WORK"
 DATA=$WORK/data CK=$WORK/checkpoints RUNS=$WORK/runs LOGS=$WORK/logs
 mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale" "$WORK/tinyvit"
@@ -93,60 +99,64 @@ timeout $((BUDGET_S - 60)) "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider te
 TESTS=$!
 
 # ---------------------------------------------------------------- stage 1: the two models
-if [ "$SMOKE" = 1 ]; then
-    COMMON=(--data-root "$DATA" --json --train-fraction 0.02 --epochs 1)
-    VIT_EXTRA=(--snapshots 0,1) RES_EXTRA=(--snapshots 0,1)
-else
-    # Snapshots (roughly log-spaced epochs) feed the training-dynamics figure, built on this
-    # machine below: they are too large to travel. VIT_EPOCHS: the whole cosine schedule must
-    # fit the window (a cut schedule ends at a high learning rate); fast-vit-aug ran 2.7 s an
-    # epoch on the H200 (104 of 160 epochs in 420 s, 58.0 %), so 130 fit after compiling.
-    COMMON=(--data-root "$DATA" --json)
-    VE=${VIT_EPOCHS:-130}
-    VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "0,1,2,5,10,20,50,100,$VE")
-    RES_EXTRA=(--eval-every 5 --snapshots 0,1,2,5,10,20,50,100)
-fi
-train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
-    local name=$1 model=$2 recipe=$3 secs=$4
-    shift 4
-    "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
-        --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
-        > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
-}
-# The ResNet trains on the GPU while the ViT compiles; both must end 150 s before the guard
-# (final evaluation 35 s, the dynamics figure 40 s on the H200, packaging).
-STAGE1=$(($(left) - 150))
-train vit_cifar vit_cifar "$VIT_RECIPE" "$STAGE1" "${VIT_EXTRA[@]}"
-VIT=$!
-train resnet18_cifar resnet18_cifar "$RESNET_RECIPE" "$STAGE1" "${RES_EXTRA[@]}"
-RES=$!
-wait "$RES"; say "resnet18_cifar: exit $? $(tail -c 300 "$LOGS/train_resnet18_cifar.json")"
-wait "$VIT"; say "vit_cifar: exit $? $(tail -c 300 "$LOGS/train_vit_cifar.json")"
+if stage 1; then
+    if [ "$SMOKE" = 1 ]; then
+        COMMON=(--data-root "$DATA" --json --train-fraction 0.02 --epochs 1)
+        VIT_EXTRA=(--snapshots 0,1) RES_EXTRA=(--snapshots 0,1)
+    else
+        # Snapshots (roughly log-spaced epochs) feed the training-dynamics figure, built on this
+        # machine below: they are too large to travel. VIT_EPOCHS: the whole cosine schedule must
+        # fit the window (a cut schedule ends at a high learning rate); fast-vit-aug ran 2.7 s an
+        # epoch on the H200 (104 of 160 epochs in 420 s, 58.0 %), so 130 fit after compiling.
+        COMMON=(--data-root "$DATA" --json)
+        VE=${VIT_EPOCHS:-130}
+        VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "0,1,2,5,10,20,50,100,$VE")
+        RES_EXTRA=(--eval-every 5 --snapshots 0,1,2,5,10,20,50,100)
+    fi
+    train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
+        local name=$1 model=$2 recipe=$3 secs=$4
+        shift 4
+        "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
+            --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
+            > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
+    }
+    # The ResNet trains on the GPU while the ViT compiles; both must end 150 s before the guard
+    # (final evaluation 35 s, the dynamics figure 40 s on the H200, packaging).
+    STAGE1=$(($(left) - 150))
+    train vit_cifar vit_cifar "$VIT_RECIPE" "$STAGE1" "${VIT_EXTRA[@]}"
+    VIT=$!
+    train resnet18_cifar resnet18_cifar "$RESNET_RECIPE" "$STAGE1" "${RES_EXTRA[@]}"
+    RES=$!
+    wait "$RES"; say "resnet18_cifar: exit $? $(tail -c 300 "$LOGS/train_resnet18_cifar.json")"
+    wait "$VIT"; say "vit_cifar: exit $? $(tail -c 300 "$LOGS/train_vit_cifar.json")"
 
-for m in resnet18_cifar vit_cifar; do
-    [ -f "$CK/$m.pt" ] || continue
-    "$PYTHON" -m repsim eval --model "$m" --weights "$CK/$m.pt" --dataset cifar10 \
-        --data-root "$DATA" --json \
-        > "$LOGS/eval_$m.json" 2> "$LOGS/eval_$m.err"
-    say "eval $m: $(cat "$LOGS/eval_$m.json")"
-done
+    for m in resnet18_cifar vit_cifar; do
+        [ -f "$CK/$m.pt" ] || continue
+        "$PYTHON" -m repsim eval --model "$m" --weights "$CK/$m.pt" --dataset cifar10 \
+            --data-root "$DATA" --json \
+            > "$LOGS/eval_$m.json" 2> "$LOGS/eval_$m.err"
+        say "eval $m: $(cat "$LOGS/eval_$m.json")"
+    done
 
-# Training dynamics (issue 17) from the snapshots just kept: the figure and its data travel
-# (on a CPU the smoke run draws it from 50 probe images).
-FIGN=()
-[ "$SMOKE" = 1 ] && FIGN=(--n 50)
-if [ "$(left)" -ge 70 ]; then
-    timeout $(($(left) - 45)) "$PYTHON" -m repsim figures --only dynamics --out "$WORK/figures" \
-        "${FIGN[@]}" > "$LOGS/figures_dynamics.log" 2>&1
-    say "dynamics figure: exit $? $(tail -c 300 "$LOGS/figures_dynamics.log")"
-    cp -r "$WORK/figures" "$LOGS/figures" 2>/dev/null
+    # Training dynamics (issue 17) from the snapshots just kept: the figure and its data travel
+    # (on a CPU the smoke run draws it from 50 probe images).
+    FIGN=()
+    [ "$SMOKE" = 1 ] && FIGN=(--n 50)
+    if [ "$(left)" -ge 70 ]; then
+        timeout $(($(left) - 45)) "$PYTHON" -m repsim figures --only dynamics \
+            --out "$WORK/figures" "${FIGN[@]}" > "$LOGS/figures_dynamics.log" 2>&1
+        say "dynamics figure: exit $? $(tail -c 300 "$LOGS/figures_dynamics.log")"
+        cp -r "$WORK/figures" "$LOGS/figures" 2>/dev/null
+    else
+        say "dynamics figure skipped: $(left) s left"
+    fi
 else
-    say "dynamics figure skipped: $(left) s left"
+    say "stage 1 skipped: STAGES=$STAGES"
 fi
 
 # ---------------------------------------------------------------- stage 2: only with 5 min left
 TINYVIT_S=${TINYVIT_S:-0}
-if [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; then
+if stage 2 && { [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; }; then
     say "stage 2 with $(left) s left"
     # Data-scale ViTs (same recipe) side by side, leaving 120 s for the benchmarks.
     SCALE=$(($(left) - 120 - TINYVIT_S))
@@ -156,12 +166,12 @@ if [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; then
     [ "$SMOKE" = 1 ] && FRACTIONS=(0.02 0.04 0.1)  # seconds on a CPU, not minutes
     for f in "${FRACTIONS[@]}"; do
         if [ "$SMOKE" = 1 ]; then
-            "$PYTHON" -m repsim train --model vit_cifar --recipe "$VIT_RECIPE" --train-fraction \
+            "$PYTHON" -m repsim train --model vit_cifar --recipe "$SCALE_RECIPE" --train-fraction \
                 "$f" --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --epochs 1 \
                 --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
         else
-            "$PYTHON" -m repsim train --model vit_cifar --recipe "$VIT_RECIPE" --train-fraction \
+            "$PYTHON" -m repsim train --model vit_cifar --recipe "$SCALE_RECIPE" --train-fraction \
                 "$f" --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
                 --eval-every 20 --time-limit "$(minutes "$SCALE")" --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
@@ -180,7 +190,7 @@ if [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; then
         say "bench_gpu: exit $? $(tail -c 600 "$LOGS/bench_gpu.log")"
     fi
 else
-    say "stage 2 skipped: $(left) s left"
+    say "stage 2 skipped: $(left) s left, STAGES=$STAGES"
 fi
 
 # ---------------------------------------------------------------- stage 3: the tiny ViTs
@@ -192,7 +202,7 @@ TINY=(vit_cifar_tiny:vit_cifar_tiny:0 vit_cifar_tiny_seed1:vit_cifar_tiny:1
       vit_cifar_tiny_lowrankq:vit_cifar_tiny_lowrankq:0
       vit_cifar_tiny_lowrankk:vit_cifar_tiny_lowrankk:0
       vit_cifar_tiny_sptlsa:vit_cifar_tiny_sptlsa:0)
-if [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; then
+if stage 3 && { [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; }; then
     say "stage 3 with $(left) s left"
     TINY_S=$(($(left) - 60))
     PIDS=()
@@ -217,7 +227,7 @@ if [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; then
         say "$name: $(tail -c 200 "$LOGS/train_$name.json")"
     done
 else
-    say "stage 3 skipped: $(left) s left"
+    say "stage 3 skipped: $(left) s left, STAGES=$STAGES"
 fi
 
 # ---------------------------------------------------------------- package

@@ -25,7 +25,8 @@ SCRIPT = REPO / "scripts" / "device_run.sh"
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def packed(tmp_path_factory):
+    """A tiny packed CIFAR-10-like tree: 50 train and 3 test JPEGs per class."""
     root = tmp_path_factory.mktemp("device")
     rng = np.random.default_rng(0)
     tree = root / "tree" / "cifar10"
@@ -39,6 +40,12 @@ def smoke(tmp_path_factory):
     packed = root / "cifar10.tar.xz"
     with tarfile.open(packed, "w:xz") as tf:
         tf.add(tree, arcname="cifar10")
+    return packed
+
+
+@pytest.fixture(scope="module")
+def smoke(packed):
+    root = packed.parent
     out, work = root / "out", root / "work"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DEVICE_WORK": str(work),
            "REPSIM_CIFAR_TAR": str(packed), "DEVICE_BENCH": "0"}
@@ -76,6 +83,19 @@ def test_smoke_run_trains_evaluates_and_summarises(smoke):
         assert summary["train"][name]["epochs"] == 1
         assert summary["eval"][name]["n"] == 30  # the whole test split
     assert {"frac0.02", "frac0.04", "frac0.1"} <= set(summary["train"])
+
+
+def test_stages_picks_which_stages_run(packed, tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
+           "STAGES": "none"}
+    run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "stage 1 skipped: STAGES=none" in run.stdout
+    assert "stage 2 skipped" in run.stdout and "stage 3 skipped" in run.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train"] == {} and summary["eval"] == {}
 
 
 @pytest.mark.slow

@@ -88,6 +88,16 @@ def test_debiased_null_mean_is_zero_and_matches_recomputing_on_permuted_data():
     assert cal.null["null_q95"][0, 0] == pytest.approx(np.quantile(draws, 0.95), abs=0.02)
 
 
+def test_null_values_are_cka_recomputed_on_the_same_permutations():
+    # m = 40: the triangle (820 entries) is padded to whole chunks; the padding adds nothing.
+    x, y = _gauss(40, 12, 0), _gauss(40, 30, 1)
+    cal = stats.calibrate([x], [y], estimator="biased", permutations=50, seed=3)
+    g = torch.Generator().manual_seed(3)  # the null's own stream: A's rows re-ordered
+    draws = [ref_cka(x[torch.randperm(40, generator=g).numpy()], y) for _ in range(50)]
+    assert cal.null["null_mean"][0, 0] == pytest.approx(np.mean(draws), abs=1e-12)
+    assert cal.null["null_q95"][0, 0] == pytest.approx(np.quantile(draws, 0.95), abs=1e-12)
+
+
 def test_permutation_p_values_of_independent_data_are_uniform():
     rng = np.random.default_rng(0)
     p = [stats.calibrate([rng.standard_normal((30, 5))], [rng.standard_normal((30, 8))],
