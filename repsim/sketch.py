@@ -58,8 +58,16 @@ class CKAResult:
     influence: list | None = None  # per cell: [[sample id, change without it], ...]
 
     def to_dict(self) -> dict:
-        """JSON-ready dict; arrays become lists, NaN becomes ``None``."""
-        return {k: _json(v) for k, v in self.__dict__.items()}
+        """JSON-ready dict; arrays become lists, NaN becomes ``None``. With participation
+        ratios it adds ``n_over_pr_a`` and ``n_over_pr_b``, images per effective dimension:
+        where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024)."""
+        out = {k: _json(v) for k, v in self.__dict__.items()}
+        for side in ("a", "b"):
+            pr = getattr(self, f"pr_{side}")
+            if pr is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    out[f"n_over_pr_{side}"] = _json(self.n / np.asarray(pr, dtype=float))
+        return out
 
 
 def _json(v: Any) -> Any:

@@ -449,6 +449,11 @@ def test_results_carry_standard_errors_and_participation_ratios(tmp_path, pair, 
            for i in range(24)]
     assert se[4, 2] == pytest.approx(np.sqrt(23 / 24 * np.sum((loo - np.mean(loo)) ** 2)))
     assert pr_a.shape == (12,) and np.all((pr_a >= 1) & (pr_a <= 23))
+    h = np.eye(24) - 1 / 24  # the participation ratio of blocks.4, from its definition
+    x = fa.astype(np.float32).astype(float)  # as stored
+    c = h @ x @ x.T @ h
+    assert pr_a[4] == pytest.approx(np.trace(c) ** 2 / np.sum(c * c), rel=1e-9)
+    assert r["n_over_pr_a"] == pytest.approx(list(24 / pr_a))  # images per dimension
     assert r["p_value"] is None  # no permutations asked for
     code, out, _ = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator", "debiased",
                            "--out", tmp_path / "r")
