@@ -60,6 +60,16 @@ def test_blockwise_equals_single_block(layers, kernel, estimator):
     np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-12)
 
 
+def test_a_symmetric_gram_built_in_strips_matches_the_reference():
+    # 600 rows: strips of 256, 256 and a short one of 88, mirrored below the diagonal
+    x = np.random.default_rng(0).standard_normal((600, 40))
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(cka.gram(t).numpy(), ref.gram_linear(x), rtol=0, atol=1e-11)
+    sq = np.median(np.sum((x[:, None] - x[None]) ** 2, -1))
+    np.testing.assert_allclose(cka.gram(t, kernel="rbf", sigma2=sq).numpy(),
+                               ref.gram_rbf(x), rtol=0, atol=1e-12)
+
+
 def test_pair_functions_match_reference(layers):
     x, y = layers[0], layers[1]
     assert cka.linear_cka(x, y, debiased=False) == pytest.approx(ref.cka(x, y), abs=1e-9)
