@@ -415,10 +415,8 @@ def cmd_figures(args) -> int:
              for status in ("built", "cached") for e in res[status]]
     lines += [f"{status:8s}{e['name']}: {e['reason']}"
               for status in ("kept", "skipped", "failed") for e in res[status]]
-    counts = ", ".join(f"{len(res[k])} {k}" for k in ("built", "cached", "skipped", "failed"))
-    if res["kept"]:  # earlier builds whose inputs are not here (e.g. from a GPU machine)
-        counts += f", {len(res['kept'])} kept"
-
+    counts = ", ".join(f"{len(res[k])} {k}"
+                       for k in ("built", "cached", "skipped", "failed", "kept"))
     lines.append(f"figures in {os.path.abspath(res['out'])}: {counts} ({res['seconds']:.0f} s)")
     _report(args, res, "\n".join(lines))
     return 1 if res["failed"] else 0

@@ -16,21 +16,7 @@ from repsim import checkpoints, recipes, train
 from repsim.errors import UserError
 from repsim.figures.dynamics import settled_epoch, suggested_epochs
 from repsim.figures.runner import build_all
-
-PROBE = """
-[probe]
-dataset = "cifar10-probe"
-n = 8
-[cka]
-estimator = "minibatch"
-batch_size = 8
-"""
-
-
-def write(folder, name, text):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.toml").write_text(text)
-
+from tests.test_figures import PROBE, write  # the figure tests' probe settings and spec writer
 
 # ------------------------------------------------------------------ pure parts
 

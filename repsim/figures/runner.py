@@ -188,9 +188,8 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
         return False
     try:
         deps = {k: ctx.fingerprint(json.loads(k)) for k in record.get("deps") or {}}
-    except (KeyError, TypeError, ValueError):  # a record of another format
-        return False
-    except (InputUnavailable, UserError):  # an input gone: the builder says which, and why
+    # A record of another format, or an input gone (the builder then says which, and why).
+    except (KeyError, TypeError, ValueError, InputUnavailable, UserError):
         return False
     return cache_key(name, spec, ctx.overrides, deps) == record.get("cache_key")
 
