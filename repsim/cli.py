@@ -161,8 +161,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100 or svhn (a dataset with a train split)")
     p.add_argument("--recipe", default="paper", help="paper (the study's: Adam 1e-4, batch "
-                   "100, 500 epochs), strong, fast-resnet, fast-resnet-ls, fast-vit or "
-                   "fast-vit-aug (README, 'Training and evaluation')")
+                   "100, 500 epochs), strong, fast-resnet, fast-resnet-ls, fast-resnet-aa, "
+                   "fast-vit, fast-vit-aa, fast-vit-aug or tinyvit (README, 'Training and "
+                   "evaluation')")
     p.add_argument("--epochs", type=_positive_int, help="default: the recipe's")
     p.add_argument("--batch-size", type=_positive_int, help="default: the recipe's")
     p.add_argument("--lr", type=_number(float, 0), help="peak learning rate (default: the "

@@ -98,6 +98,22 @@ def test_stages_picks_which_stages_run(packed, tmp_path):
     assert summary["train"] == {} and summary["eval"] == {} and summary["cuda_tests"] is None
 
 
+def test_recipe_none_skips_a_model_and_the_dynamics_figure(packed, tmp_path):
+    # A window given to one model alone (RESNET_RECIPE=none) must not train the other, and the
+    # dynamics figure, which needs both, is skipped rather than failed.
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
+           "STAGES": "1", "VIT_RECIPE": "none", "RESNET_RECIPE": "none"}
+    run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "vit_cifar: not trained (recipe none)" in run.stdout
+    assert "resnet18_cifar: not trained (recipe none)" in run.stdout
+    assert "dynamics figure skipped: a model was not trained" in run.stdout
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train"] == {} and summary["eval"] == {}
+
+
 @pytest.mark.slow
 def test_smoke_run_packages_within_the_return_limits(smoke, tmp_path):
     out, _, _ = smoke
