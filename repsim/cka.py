@@ -1,9 +1,7 @@
 """Centred kernel alignment (CKA) between every layer of two networks: one engine.
 
-A layer's features are an ``(n, p)`` matrix, one row per sample, rows aligned across all
-layers of both networks: a numpy array, a torch tensor on any device, or an h5py dataset
-(read in row blocks, so stores larger than memory work). A *feature set* is a sequence, or
-a name -> matrix mapping, of them.
+Inputs are feature sets (:mod:`repsim.features`): ``(n, p)`` matrices, rows aligned across
+all layers of both networks, as numpy arrays, torch tensors on any device or h5py datasets.
 
 CKA (Kornblith et al. 2019) of two layers with ``n x n`` Grams ``K``, ``L`` -- linear
 ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)`` with ``s^2 = threshold^2 median|x_i - x_j|^2``
@@ -31,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
+from repsim.features import feature_set, in_memory, pick_device, read_rows, take
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
@@ -97,67 +96,6 @@ def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     return k.fill_diagonal_(0.0) if hollow else k
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def _feature_set(feats: Any, side: str, n: int | None = None):
-    """``(names, matrices, n)``; unnamed layers are called ``a[0]``, ``a[1]``, ..."""
-    if isinstance(feats, Mapping):
-        names, mats = [str(k) for k in feats], list(feats.values())
-    elif len(getattr(feats, "shape", ())) == 2:
-        raise ValueError(
-            f"feats_{side} is a single (n, p) matrix; pass a sequence of matrices, e.g. [x]")
-    else:
-        mats = list(feats)
-        names = [f"{side}[{i}]" for i in range(len(mats))]
-    if not mats:
-        raise ValueError("empty feature set: give at least one (n, p) matrix")
-    for name, m in zip(names, mats):
-        shape = tuple(getattr(m, "shape", ()))
-        if len(shape) != 2:
-            raise ValueError(f"layer {name!r} has shape {shape}; every layer must be a 2-D "
-                             "(n, p) matrix (reduce token or channel axes at extraction)")
-        n = shape[0] if n is None else n
-        if shape[0] != n:
-            raise ValueError(f"layer {name!r} has {shape[0]} rows but other layers have {n}; "
-                             "every layer must hold the same samples in the same order")
-        if shape[1] < 1:
-            raise ValueError(f"layer {name!r} has no features (shape {shape})")
-    return names, mats, n
-
-
-def _pick_device(mats: list[Any], device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return next((m.device for m in mats if isinstance(m, torch.Tensor)), torch.device("cpu"))
-
-
-def _rows(x: Any, a: int, b: int | None, device: torch.device) -> torch.Tensor:
-    """Rows ``a:b`` of any 2-D source: a fresh float64 tensor on ``device``."""
-    blk = x[a:b]
-    if isinstance(blk, torch.Tensor):
-        return blk.to(device=device, dtype=F64, copy=True)
-    return torch.tensor(np.asarray(blk), dtype=F64, device=device)
-
-
-def _take(x: Any, idx: np.ndarray | None) -> Any:
-    """Rows ``idx`` (sorted; None: all) of any 2-D source, in its own kind."""
-    if isinstance(x, torch.Tensor) and idx is not None:
-        return x[torch.as_tensor(idx, device=x.device)]
-    return x if idx is None else x[idx]
-
-
-def _in_memory(mats: list[Any], budget: int) -> list[Any]:
-    """``mats`` with the lazy sources (h5py datasets) read whole, each in one sequential pass,
-    when together they fit ``budget`` bytes: random minibatches gather scattered rows, which
-    h5py reads about 4x slower than the same rows in one block."""
-    lazy = [not isinstance(m, (torch.Tensor, np.ndarray)) for m in mats]
-    size = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m, z in zip(mats, lazy)
-               if z)
-    return [np.asarray(m[0:m.shape[0]]) if z and size <= budget else m
-            for m, z in zip(mats, lazy)]
-
-
 @dataclass
 class _Layer:
     """One layer of one batch, checked, with its column means."""
@@ -171,7 +109,7 @@ class _Layer:
     dead: str | None = None  # why it adds nothing to this batch (its CKA is NaN)
 
     def rows(self, a: int, b: int, device: torch.device) -> torch.Tensor:
-        return self.x[a:b] if self.x is not None else _rows(self.src, a, b, device) - self.mean
+        return self.x[a:b] if self.x is not None else read_rows(self.src, a, b, device) - self.mean
 
 
 def _load(name: str, src: Any, device: torch.device, resident: bool,
@@ -182,7 +120,7 @@ def _load(name: str, src: Any, device: torch.device, resident: bool,
     colsum, first, constant = 0.0, None, True
     blocks = sketch.block_bounds(n, n if resident else 4096)
     for a, b in blocks:
-        x = _rows(src, a, b, device)
+        x = read_rows(src, a, b, device)
         colsum = colsum + x.sum(0)
         # NaN and infinity make a column sum non-finite: one reduction checks every value.
         if not bool(torch.isfinite(colsum).all()):
@@ -320,14 +258,14 @@ class MinibatchCKA:
 
     def _add(self, batch_a: Any, batch_b: Any, rows: np.ndarray | None = None,
              progress: bool = False) -> MinibatchCKA:
-        names_a, mats_a, m = _feature_set(batch_a, "a")
+        names_a, mats_a, m = feature_set(batch_a, "a")
         same = batch_b is batch_a
-        names_b, mats_b, _ = (names_a, mats_a, m) if same else _feature_set(batch_b, "b", m)
+        names_b, mats_b, _ = (names_a, mats_a, m) if same else feature_set(batch_b, "b", m)
         if m < (need := 4 if self.debiased else 2):
             warnings.warn(f"dropping a batch of {m} rows: the estimator needs at least {need}",
                           RuntimeWarning, stacklevel=3)
             return self
-        dev = self.device or _pick_device(mats_a + mats_b, None)
+        dev = self.device or pick_device(mats_a + mats_b, None)
         budget = self.memory_budget or default_memory_budget(dev)
         todo = [(names_a, mats_a, self.sigma2[0]), (names_b, mats_b, self.sigma2[1])][:2 - same]
         # Centred float64 features stay in memory when they fit in half the budget.
@@ -395,12 +333,12 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     the same object twice: the exactly symmetric self-similarity, in half the work. Minibatch:
     random batches of ``batch_size`` rows (default 1,024; n <= 1,024: one batch, debiased)."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
-    names_a, mats_a, n = _feature_set(feats_a, "a")
+    names_a, mats_a, n = feature_set(feats_a, "a")
     same = feats_b is feats_a
-    names_b, mats_b, _ = (names_a, mats_a, n) if same else _feature_set(feats_b, "b", n)
+    names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
     if n < (need := 2 if estimator == "biased" else 4):
         raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
-    dev = _pick_device(mats_a + mats_b, device)
+    dev = pick_device(mats_a + mats_b, device)
     budget = memory_budget or default_memory_budget(dev)
     mini, rbf = estimator == "minibatch", kernel == "rbf"
     res = CKAResult(np.empty((0, 0)), names_a, names_b, kernel, estimator, n,
@@ -413,7 +351,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
             warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
                           "batch): the unbiased HSIC estimator needs at least 4; choose a "
                           "batch_size that leaves >= 4", RuntimeWarning, stacklevel=2)
-        both = _in_memory(mats_a if same else mats_a + mats_b, budget // 2)
+        both = in_memory(mats_a if same else mats_a + mats_b, budget // 2)
         mats_a, mats_b = both[:len(mats_a)], both if same else both[len(mats_a):]
         if rbf:
             rows = sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
@@ -428,8 +366,8 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="minibatch CKA", unit="batch")
     for idx in batches:
-        ba = dict(zip(names_a, [_take(m, idx) for m in mats_a]))
-        bb = ba if same else dict(zip(names_b, [_take(m, idx) for m in mats_b]))
+        ba = dict(zip(names_a, [take(m, idx) for m in mats_a]))
+        bb = ba if same else dict(zip(names_b, [take(m, idx) for m in mats_b]))
         acc._add(ba, bb, idx, progress and not mini)
     for names, dead in [(names_a, acc.dead_[0])] + ([] if same else [(names_b, acc.dead_[1])]):
         for name, why in zip(names, dead):
@@ -464,10 +402,10 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
                    device: str | torch.device | None = None) -> list[float]:
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
     diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
-    _, mats, _ = _feature_set(feats, "a")
+    _, mats, _ = feature_set(feats, "a")
     out = []
     for m in mats:
-        x = _rows(_take(m, rows), 0, None, _pick_device(mats, device))
+        x = read_rows(take(m, rows), 0, None, pick_device(mats, device))
         x -= x.mean(0)
         out.append(_median(_sqdist(x, x).flatten()))
     return out
@@ -495,15 +433,15 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
-    n, dev, biased = x.shape[0], _pick_device([x], device), estimator == "biased"
+    n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
     batches = [None]
     if estimator == "minibatch":
         batches = minibatches(n, batch_size, batch_seed)
-        x = _in_memory([x], default_memory_budget(dev) // 2)[0]
+        x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None
     parts = []
     for idx in batches:
-        L = _load("x", _take(x, idx), dev, True, idx, sigma2)
+        L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
         c = L.x.new_zeros(m, m) if L.dead else centre(gram(L.x, kernel=kernel, sigma2=sigma2),
                                                        estimator)

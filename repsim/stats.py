@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from repsim.cka import F64, centre, gram
+from repsim.features import read_rows, take
 from repsim.sketch import CKAResult, minibatches
 
 # minibatch CKA gets a delete-one-batch standard error from this many batches on
@@ -42,10 +43,8 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
     out = []
     for i, m in enumerate(mats):
-        x = m if rows is None else m[rows]
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        x = x.to(device=device, dtype=F64)
-        x = x - x.mean(0)
+        x = read_rows(take(m, rows), 0, None, torch.device(device))
+        x -= x.mean(0)
         out.append(gram(x, kernel=kernel, sigma2=None if sigma2 is None else sigma2[i]))
     return torch.stack(out)
 
