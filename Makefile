@@ -13,8 +13,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH_PAIR)
 	touch $@
 
+# Two workers, a test file each: most tests wait on subprocesses (2-core CI: 7 min, not 11).
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check repsim tests benchmarks

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(2)
+# Two cores: with two pytest-xdist workers, one thread each (the subprocesses tests start
+# keep torch's default).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture
