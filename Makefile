@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH_PAIR)
 	touch $@
 
-# Two workers, a test file each: most tests wait on subprocesses (2-core CI: 7 min, not 11).
+# Two workers, a test file each: most tests wait on subprocesses (2 cores: 7-8 min, not 11).
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests

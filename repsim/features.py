@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 
-def feature_set(feats: Any, side: str, n: int | None = None):
-    """``(names, matrices, n)``; unnamed layers are called ``a[0]``, ``a[1]``, ..."""
+def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str], list[Any], int]:
+    """``(names, matrices, n)`` of a feature set, checked (2-D, ``n`` rows each, or the given
+    ``n``); unnamed layers are called ``a[0]``, ``a[1]``, ... (``side`` is the prefix)."""
     if isinstance(feats, Mapping):
         names, mats = [str(k) for k in feats], list(feats.values())
     elif len(getattr(feats, "shape", ())) == 2:
@@ -43,6 +44,7 @@ def feature_set(feats: Any, side: str, n: int | None = None):
 
 
 def pick_device(mats: list[Any], device: str | torch.device | None) -> torch.device:
+    """``device`` if given, else that of the first torch tensor in ``mats``, else the CPU."""
     if device is not None:
         return torch.device(device)
     return next((m.device for m in mats if isinstance(m, torch.Tensor)), torch.device("cpu"))

@@ -121,6 +121,7 @@ if stage 1; then
     train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
         local name=$1 model=$2 recipe=$3 secs=$4
         shift 4
+        # recipe none: nothing to train, but the caller's `wait $!` needs a finished process
         if [ "$recipe" = none ]; then say "$name: not trained (recipe none)"; true & return; fi
         "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
             --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
