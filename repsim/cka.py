@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
-from repsim.features import feature_set, in_memory, pick_device, read_rows, take
+from repsim.features import centred_rows, feature_set, in_memory, pick_device, read_rows, take
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
@@ -78,11 +78,10 @@ def _sqdist(x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor | None = 
     return _dot(x, y, out).mul_(-2.0).add_(nx[:, None]).add_(ny[None, :])
 
 
-def _centring(estimator: str, m: int) -> tuple[float, float]:
-    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram."""
-    if estimator == "biased":
-        return 1.0 / m, 1.0 / m**2
-    return 1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))
+def centring(hollow: bool, m: int) -> tuple[float, float]:
+    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram:
+    ``H K H``, or U-centring (``hollow``: the diagonal zeroed first)."""
+    return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
 
 
 def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -90,7 +89,7 @@ def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     hollow = estimator != "biased"
     if hollow:
         k.fill_diagonal_(0.0)
-    a, b = _centring(estimator, k.shape[0])
+    a, b = centring(hollow, k.shape[0])
     r = k.sum(1)
     k.sub_(a * r[:, None]).sub_(a * r[None, :]).add_(b * r.sum())
     return k.fill_diagonal_(0.0) if hollow else k
@@ -185,7 +184,7 @@ def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str
         dot += g[0] @ g[-1].T
         for k, f in enumerate(g):
             sq[k] += (f * f).sum(1)
-    a, b = _centring(estimator, n)
+    a, b = centring(estimator != "biased", n)
     s = [x.sum(1) for x in r]
     own = [sq[k] - 2 * a * (r[k] * r[k]).sum(1) + b * s[k] ** 2 for k in range(len(sides))]
     return dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :], own[0], own[-1]
@@ -340,23 +339,15 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
     dev = pick_device(mats_a + mats_b, device)
     budget = memory_budget or default_memory_budget(dev)
-    mini, rbf = estimator == "minibatch", kernel == "rbf"
-    res = CKAResult(np.empty((0, 0)), names_a, names_b, kernel, estimator, n,
-                    threshold if rbf else None)
-    batches, rows = [None], None  # None: all rows
+    mini = estimator == "minibatch"
+    res = sketch.new_result(names_a, names_b, kernel, estimator, n, threshold, batch_size,
+                            batch_seed)
+    batches = sketch.batches(n, estimator, batch_size, batch_seed)
     if mini:
-        batches = minibatches(n, batch_size, batch_seed)
-        res.batch_size, res.batch_seed, res.n_batches = batch_size, batch_seed, len(batches)
-        if n % batch_size and n % batch_size < 4:
-            warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
-                          "batch): the unbiased HSIC estimator needs at least 4; choose a "
-                          "batch_size that leaves >= 4", RuntimeWarning, stacklevel=2)
         both = in_memory(mats_a if same else mats_a + mats_b, budget // 2)
         mats_a, mats_b = both[:len(mats_a)], both if same else both[len(mats_a):]
-        if rbf:
-            rows = sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
-            res.bandwidth_rows = rows.tolist()
-    if rbf:
+    if kernel == "rbf":
+        rows = sketch.bandwidth_rows(n, estimator)
         res.bandwidths_a = rbf_bandwidths(mats_a, rows, dev)
         res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(mats_b, rows, dev)
     acc = MinibatchCKA(kernel=kernel, debiased=estimator != "biased", threshold=threshold,
@@ -403,10 +394,9 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
     diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
     _, mats, _ = feature_set(feats, "a")
-    out = []
+    dev, out = pick_device(mats, device), []
     for m in mats:
-        x = read_rows(take(m, rows), 0, None, pick_device(mats, device))
-        x -= x.mean(0)
+        x = centred_rows(m, rows, dev)
         out.append(_median(_sqdist(x, x).flatten()))
     return out
 
@@ -434,13 +424,11 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
     n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
-    batches = [None]
     if estimator == "minibatch":
-        batches = minibatches(n, batch_size, batch_seed)
         x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None
     parts = []
-    for idx in batches:
+    for idx in sketch.batches(n, estimator, batch_size, batch_seed):
         L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
         c = L.x.new_zeros(m, m) if L.dead else centre(gram(L.x, kernel=kernel, sigma2=sigma2),
