@@ -1,12 +1,9 @@
 """Centred kernel alignment (CKA) between every layer of two networks: one engine.
 
-Inputs are feature sets (:mod:`repsim.features`): ``(n, p)`` matrices, rows aligned across
-all layers of both networks, as numpy arrays, torch tensors on any device or h5py datasets.
-
-CKA (Kornblith et al. 2019) of two layers with ``n x n`` Grams ``K``, ``L`` -- linear
-``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)`` with ``s^2 = threshold^2 median|x_i - x_j|^2``
--- is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``, each HSIC an inner product of centred
-Grams ``<C(K), C(L)>``:
+Inputs are feature sets (:mod:`repsim.features`). CKA (Kornblith et al. 2019) of two layers
+with ``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``
+with ``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
+each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
 
 - ``biased`` (Gretton et al. 2005): ``C(K) = H K H``, ``H = I - 11'/n``;
 - ``debiased`` (Song et al. 2012): U-centring zeroes the diagonal and sets
@@ -15,13 +12,11 @@ Grams ``<C(K), C(L)>``:
 - ``minibatch`` (Nguyen, Raghu & Kornblith 2021): debiased HSIC summed over random batches
   of rows (:func:`minibatches`) before normalising, in O(batch^2) memory whatever ``n``.
 
-Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (``a, b = 1/n, 1/n^2`` for ``HKH``),
-so ``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``. The engine (:func:`_hsic`) uses that:
-one pass over tiles of the Gram's upper triangle (it is symmetric) adds up ``<K, L>``, ``r``
-and ``s``; the tiles of all layers are stacked, so all ``La x Lb`` inner products are one
-matrix product. A full-data estimate is one batch of ``n`` rows, minibatch CKA a sum over
-batches (:class:`MinibatchCKA`). All in float64, within ``memory_budget`` bytes, and never
-clamped: a negative debiased value is an honest estimate.
+Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`centring`), so
+``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) adds up
+``<K, L>``, ``r`` and ``s`` over tiles of the Gram's upper triangle, the tiles of all layers
+stacked so that all ``La x Lb`` inner products are one matrix product. All in float64, within
+``memory_budget`` bytes, never clamped: a negative debiased value is an honest estimate.
 """
 
 from __future__ import annotations
@@ -227,12 +222,10 @@ def default_memory_budget(device: torch.device) -> int:
 
 class MinibatchCKA:
     """Sums HSIC over batches (``update(batch_a, batch_b)``: feature sets of the same ``m``
-    samples); :meth:`compute` gives the ``(La, Lb)`` CKA matrix. ``debiased=True`` sums
-    unbiased HSIC, the minibatch estimator (Nguyen, Raghu & Kornblith 2021); ``False`` sums
-    ``tr(K H L H) / m^2``. The float64 sums (``hsic_ab_``, ``hsic_aa_``, ``hsic_bb_``) of
-    several processes add up exactly (:meth:`merge`, or ``torch.distributed.all_reduce`` on
-    :meth:`sums`). ``dead_``: per side and layer, why it added nothing to any batch, or None.
-    RBF needs each layer's median squared distance (``median_sqdist_a``/``_b``)."""
+    samples): unbiased HSIC (``debiased``, the minibatch estimator) or ``tr(K H L H) / m^2``;
+    :meth:`compute` gives the ``(La, Lb)`` CKA matrix. Sums of several processes add up
+    exactly (:meth:`merge`, or ``all_reduce`` on :meth:`sums`). ``dead_``: per side and layer,
+    why it added nothing to any batch, or None. RBF needs ``median_sqdist_a``/``_b``."""
 
     def __init__(self, *, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                  median_sqdist_a: Sequence[float] | None = None,

@@ -135,10 +135,9 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
                else weights_tag(ws or None, w.get("seed")))
         label = f"{model} ({tag})" if tag and tag != model else model
     return StoreRef(path=path, label=label, slug=name or slug(path.stem), meta=meta,
-                    layers=layers, n=len(ids), ids_sha256=ids_digest(ids),
+                    layers=layers, n=len(ids), ids_sha256=ids_digest(ids), how=how,
                     identity_sha256=digest({"meta": identity(meta), "ids": ids_digest(ids),
-                                            "layers": layers}),
-                    how=how)
+                                            "layers": layers}))
 
 
 def weights_problem(model: str, weights: str | None) -> str | None:
@@ -165,14 +164,12 @@ def _refuse_weights_of_a_file(ref: str, weights: str | None, name: str, side: st
 
 def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0,
                   layers: str | None = None, probe: ProbeSpec | None = None,
-                  label: str | None = None,
-                  force: bool = False, progress: bool = True,
+                  label: str | None = None, force: bool = False, progress: bool = True,
                   log: Callable[[str], None] | None = None) -> StoreRef:
     """A complete store for ``ref``: a store path, or a model name whose store (of ``layers``,
     on ``probe``) is reused when one with the same content address exists, else extracted
     (``force``: extracted again). Raises :class:`InputUnavailable` when the model's weights
-    cannot be had here, UserError for anything else that is wrong.
-    """
+    cannot be had here, UserError for anything else that is wrong."""
     _refuse_weights_of_a_file(ref, weights, "weights", "")
     if _looks_like_path(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
@@ -185,8 +182,7 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
         raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
                         f"{exc}") from None
     cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
-                        overwrite=force,
-                        progress=progress, **asdict(probe or ProbeSpec()))
+                        overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
     try:
         res = extract(cfg)
     except UserError:

@@ -86,10 +86,12 @@ def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Ten
     return dot - 2 * a * u + b * s_a[:, :, None] * s_b[:, None, :]
 
 
-def _own(k: torch.Tensor, hollow: bool, loo: bool) -> torch.Tensor:
-    """Each layer's ``<C(K), C(K)>``: ``(L,)``, or ``(m, L)`` leaving each row out."""
-    f = leave_one_out if loo else hsic
-    return torch.stack([f(k[i:i + 1], k[i:i + 1], hollow)[..., 0, 0] for i in range(len(k))], -1)
+def _terms(f, ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> list[np.ndarray]:
+    """``f`` (:func:`hsic` or :func:`leave_one_out`) of A with B, ``(..., La, Lb)``, and of
+    each layer with itself only, ``(..., La)`` and ``(..., Lb)``."""
+    own = [torch.stack([f(k[i:i + 1], k[i:i + 1], hollow)[..., 0, 0] for i in range(len(k))], -1)
+           for k in (ka, kb)]
+    return [x.cpu().numpy() for x in (f(ka, kb, hollow), *own)]
 
 
 def jackknife_se(loo: np.ndarray) -> np.ndarray:
@@ -191,10 +193,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         whole = len(rows) == n
         ka = grams(mats_a, None if whole else rows, kernel=kernel, sigma2=sigma2_a, device=device)
         kb = grams(mats_b, None if whole else rows, kernel=kernel, sigma2=sigma2_b, device=device)
-        terms.append([x.cpu().numpy() for x in (hsic(ka, kb, hollow), _own(ka, hollow, False),
-                                                _own(kb, hollow, False))])
-        loos.append([x.cpu().numpy() for x in (leave_one_out(ka, kb, hollow),
-                                               _own(ka, hollow, True), _own(kb, hollow, True))])
+        terms.append(_terms(hsic, ka, kb, hollow))
+        loos.append(_terms(leave_one_out, ka, kb, hollow))
         pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
         if permutations:
             kind = "debiased" if hollow else "biased"
