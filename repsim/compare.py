@@ -285,16 +285,13 @@ def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
     """The result file's content: the engine's result ``d``, the samples and the inputs."""
     data = sa.meta.get("data") or {}
     rows = d["bandwidth_rows"]
-    return {
-        "format": FORMAT, "cache_key": key, "model_a": sa.label, "model_b": sb.label,
-        **{k: v for k, v in d.items() if k != "bandwidth_rows"},
-        "bandwidth_rows_sha256": None if rows is None else ids_digest(np.asarray(rows)),
-        "samples": {"n": sa.n, "ids_sha256": sa.ids_sha256, "dataset": data.get("dataset"),
-                    "split": data.get("split"), "seed": data.get("seed"),
-                    "source": data.get("source")},
-        "inputs": {"a": sa.record(), "b": sb.record()},
-        "versions": versions(),
-    }
+    samples = {"n": sa.n, "ids_sha256": sa.ids_sha256,
+               **{k: data.get(k) for k in ("dataset", "split", "seed", "source")}}
+    return {"format": FORMAT, "cache_key": key, "model_a": sa.label, "model_b": sb.label,
+            **{k: v for k, v in d.items() if k != "bandwidth_rows"},
+            "bandwidth_rows_sha256": None if rows is None else ids_digest(np.asarray(rows)),
+            "samples": samples, "inputs": {"a": sa.record(), "b": sb.record()},
+            "versions": versions()}
 
 
 def run_cka(cfg: CKAConfig) -> dict:

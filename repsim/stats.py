@@ -197,9 +197,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         loos.append(_terms(leave_one_out, ka, kb, hollow))
         pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
         if permutations:
-            kind = "debiased" if hollow else "biased"
-            ca.append(torch.stack([centre(x, kind) for x in ka]))
-            cb.append(torch.stack([centre(x, kind) for x in kb]))
+            ca.append(torch.stack([centre(x, estimator) for x in ka]))
+            cb.append(torch.stack([centre(x, estimator) for x in kb]))
         del ka, kb
     per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]
