@@ -1,12 +1,9 @@
 """Centred kernel alignment (CKA) between every layer of two networks: one engine.
 
-Inputs are feature sets (:mod:`repsim.features`): ``(n, p)`` matrices, rows aligned across
-all layers of both networks, as numpy arrays, torch tensors on any device or h5py datasets.
-
-CKA (Kornblith et al. 2019) of two layers with ``n x n`` Grams ``K``, ``L`` -- linear
-``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)`` with ``s^2 = threshold^2 median|x_i - x_j|^2``
--- is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``, each HSIC an inner product of centred
-Grams ``<C(K), C(L)>``:
+Inputs are feature sets (:mod:`repsim.features`). CKA (Kornblith et al. 2019) of two layers
+with ``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``
+with ``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
+each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
 
 - ``biased`` (Gretton et al. 2005): ``C(K) = H K H``, ``H = I - 11'/n``;
 - ``debiased`` (Song et al. 2012): U-centring zeroes the diagonal and sets
@@ -15,13 +12,11 @@ Grams ``<C(K), C(L)>``:
 - ``minibatch`` (Nguyen, Raghu & Kornblith 2021): debiased HSIC summed over random batches
   of rows (:func:`minibatches`) before normalising, in O(batch^2) memory whatever ``n``.
 
-Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (``a, b = 1/n, 1/n^2`` for ``HKH``),
-so ``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``. The engine (:func:`_hsic`) uses that:
-one pass over tiles of the Gram's upper triangle (it is symmetric) adds up ``<K, L>``, ``r``
-and ``s``; the tiles of all layers are stacked, so all ``La x Lb`` inner products are one
-matrix product. A full-data estimate is one batch of ``n`` rows, minibatch CKA a sum over
-batches (:class:`MinibatchCKA`). All in float64, within ``memory_budget`` bytes, and never
-clamped: a negative debiased value is an honest estimate.
+Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`centring`), so
+``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) adds up
+``<K, L>``, ``r`` and ``s`` over tiles of the Gram's upper triangle, the tiles of all layers
+stacked so that all ``La x Lb`` inner products are one matrix product. All in float64, within
+``memory_budget`` bytes, never clamped: a negative debiased value is an honest estimate.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
-from repsim.features import feature_set, in_memory, pick_device, read_rows, take
+from repsim.features import centred_rows, feature_set, in_memory, pick_device, read_rows, take
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
@@ -78,11 +73,10 @@ def _sqdist(x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor | None = 
     return _dot(x, y, out).mul_(-2.0).add_(nx[:, None]).add_(ny[None, :])
 
 
-def _centring(estimator: str, m: int) -> tuple[float, float]:
-    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram."""
-    if estimator == "biased":
-        return 1.0 / m, 1.0 / m**2
-    return 1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))
+def centring(hollow: bool, m: int) -> tuple[float, float]:
+    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram:
+    ``H K H``, or U-centring (``hollow``: the diagonal zeroed first)."""
+    return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
 
 
 def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -90,7 +84,7 @@ def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     hollow = estimator != "biased"
     if hollow:
         k.fill_diagonal_(0.0)
-    a, b = _centring(estimator, k.shape[0])
+    a, b = centring(hollow, k.shape[0])
     r = k.sum(1)
     k.sub_(a * r[:, None]).sub_(a * r[None, :]).add_(b * r.sum())
     return k.fill_diagonal_(0.0) if hollow else k
@@ -185,7 +179,7 @@ def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str
         dot += g[0] @ g[-1].T
         for k, f in enumerate(g):
             sq[k] += (f * f).sum(1)
-    a, b = _centring(estimator, n)
+    a, b = centring(estimator != "biased", n)
     s = [x.sum(1) for x in r]
     own = [sq[k] - 2 * a * (r[k] * r[k]).sum(1) + b * s[k] ** 2 for k in range(len(sides))]
     return dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :], own[0], own[-1]
@@ -228,12 +222,10 @@ def default_memory_budget(device: torch.device) -> int:
 
 class MinibatchCKA:
     """Sums HSIC over batches (``update(batch_a, batch_b)``: feature sets of the same ``m``
-    samples); :meth:`compute` gives the ``(La, Lb)`` CKA matrix. ``debiased=True`` sums
-    unbiased HSIC, the minibatch estimator (Nguyen, Raghu & Kornblith 2021); ``False`` sums
-    ``tr(K H L H) / m^2``. The float64 sums (``hsic_ab_``, ``hsic_aa_``, ``hsic_bb_``) of
-    several processes add up exactly (:meth:`merge`, or ``torch.distributed.all_reduce`` on
-    :meth:`sums`). ``dead_``: per side and layer, why it added nothing to any batch, or None.
-    RBF needs each layer's median squared distance (``median_sqdist_a``/``_b``)."""
+    samples): unbiased HSIC (``debiased``, the minibatch estimator) or ``tr(K H L H) / m^2``;
+    :meth:`compute` gives the ``(La, Lb)`` CKA matrix. Sums of several processes add up
+    exactly (:meth:`merge`, or ``all_reduce`` on :meth:`sums`). ``dead_``: per side and layer,
+    why it added nothing to any batch, or None. RBF needs ``median_sqdist_a``/``_b``."""
 
     def __init__(self, *, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                  median_sqdist_a: Sequence[float] | None = None,
@@ -340,23 +332,15 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
     dev = pick_device(mats_a + mats_b, device)
     budget = memory_budget or default_memory_budget(dev)
-    mini, rbf = estimator == "minibatch", kernel == "rbf"
-    res = CKAResult(np.empty((0, 0)), names_a, names_b, kernel, estimator, n,
-                    threshold if rbf else None)
-    batches, rows = [None], None  # None: all rows
+    mini = estimator == "minibatch"
+    res = sketch.new_result(names_a, names_b, kernel, estimator, n, threshold, batch_size,
+                            batch_seed)
+    batches = sketch.batches(n, estimator, batch_size, batch_seed)
     if mini:
-        batches = minibatches(n, batch_size, batch_seed)
-        res.batch_size, res.batch_seed, res.n_batches = batch_size, batch_seed, len(batches)
-        if n % batch_size and n % batch_size < 4:
-            warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
-                          "batch): the unbiased HSIC estimator needs at least 4; choose a "
-                          "batch_size that leaves >= 4", RuntimeWarning, stacklevel=2)
         both = in_memory(mats_a if same else mats_a + mats_b, budget // 2)
         mats_a, mats_b = both[:len(mats_a)], both if same else both[len(mats_a):]
-        if rbf:
-            rows = sketch.sample_rows(n, sketch.BANDWIDTH_SAMPLE)
-            res.bandwidth_rows = rows.tolist()
-    if rbf:
+    if kernel == "rbf":
+        rows = sketch.bandwidth_rows(n, estimator)
         res.bandwidths_a = rbf_bandwidths(mats_a, rows, dev)
         res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(mats_b, rows, dev)
     acc = MinibatchCKA(kernel=kernel, debiased=estimator != "biased", threshold=threshold,
@@ -403,10 +387,9 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
     diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
     _, mats, _ = feature_set(feats, "a")
-    out = []
+    dev, out = pick_device(mats, device), []
     for m in mats:
-        x = read_rows(take(m, rows), 0, None, pick_device(mats, device))
-        x -= x.mean(0)
+        x = centred_rows(m, rows, dev)
         out.append(_median(_sqdist(x, x).flatten()))
     return out
 
@@ -434,13 +417,11 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
     n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
-    batches = [None]
     if estimator == "minibatch":
-        batches = minibatches(n, batch_size, batch_seed)
         x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None
     parts = []
-    for idx in batches:
+    for idx in sketch.batches(n, estimator, batch_size, batch_seed):
         L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
         c = L.x.new_zeros(m, m) if L.dead else centre(gram(L.x, kernel=kernel, sigma2=sigma2),

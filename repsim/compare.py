@@ -14,25 +14,17 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from repsim import __version__
+from repsim import __version__, sketch
 from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
-from repsim.sketch import (
-    BANDWIDTH_SAMPLE,
-    CKAResult,
-    cka_from_sketches,
-    minibatches,
-    sample_rows,
-    sketch_size,
-)
+from repsim.sketch import CKAResult
 from repsim.store import check_aligned
 
 FORMAT = "repsim-cka/1"
@@ -143,10 +135,9 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
                else weights_tag(ws or None, w.get("seed")))
         label = f"{model} ({tag})" if tag and tag != model else model
     return StoreRef(path=path, label=label, slug=name or slug(path.stem), meta=meta,
-                    layers=layers, n=len(ids), ids_sha256=ids_digest(ids),
+                    layers=layers, n=len(ids), ids_sha256=ids_digest(ids), how=how,
                     identity_sha256=digest({"meta": identity(meta), "ids": ids_digest(ids),
-                                            "layers": layers}),
-                    how=how)
+                                            "layers": layers}))
 
 
 def weights_problem(model: str, weights: str | None) -> str | None:
@@ -173,14 +164,12 @@ def _refuse_weights_of_a_file(ref: str, weights: str | None, name: str, side: st
 
 def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0,
                   layers: str | None = None, probe: ProbeSpec | None = None,
-                  label: str | None = None,
-                  force: bool = False, progress: bool = True,
+                  label: str | None = None, force: bool = False, progress: bool = True,
                   log: Callable[[str], None] | None = None) -> StoreRef:
     """A complete store for ``ref``: a store path, or a model name whose store (of ``layers``,
     on ``probe``) is reused when one with the same content address exists, else extracted
     (``force``: extracted again). Raises :class:`InputUnavailable` when the model's weights
-    cannot be had here, UserError for anything else that is wrong.
-    """
+    cannot be had here, UserError for anything else that is wrong."""
     _refuse_weights_of_a_file(ref, weights, "weights", "")
     if _looks_like_path(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
@@ -193,8 +182,7 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
         raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
                         f"{exc}") from None
     cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
-                        overwrite=force,
-                        progress=progress, **asdict(probe or ProbeSpec()))
+                        overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
     try:
         res = extract(cfg)
     except UserError:
@@ -271,16 +259,14 @@ def default_out_dir(a: StoreRef) -> Path:
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
     """``cfg`` with its minibatch batch size resolved; UserError for invalid settings."""
-    from repsim.sketch import check_options
-
     if cfg.estimator != "minibatch" and cfg.batch_size is not None:
         raise UserError(f"batch_size={cfg.batch_size} applies to estimator='minibatch' only, "
                         f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
     _refuse_weights_of_a_file(cfg.a, cfg.weights_a, "weights_a", "a=")
     _refuse_weights_of_a_file(cfg.b, cfg.weights_b, "weights_b", "b=")
     try:
-        return replace(cfg, batch_size=check_options(cfg.kernel, cfg.estimator, cfg.threshold,
-                                                     cfg.batch_size))
+        return replace(cfg, batch_size=sketch.check_options(
+            cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size))
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -299,16 +285,13 @@ def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
     """The result file's content: the engine's result ``d``, the samples and the inputs."""
     data = sa.meta.get("data") or {}
     rows = d["bandwidth_rows"]
-    return {
-        "format": FORMAT, "cache_key": key, "model_a": sa.label, "model_b": sb.label,
-        **{k: v for k, v in d.items() if k != "bandwidth_rows"},
-        "bandwidth_rows_sha256": None if rows is None else ids_digest(np.asarray(rows)),
-        "samples": {"n": sa.n, "ids_sha256": sa.ids_sha256, "dataset": data.get("dataset"),
-                    "split": data.get("split"), "seed": data.get("seed"),
-                    "source": data.get("source")},
-        "inputs": {"a": sa.record(), "b": sb.record()},
-        "versions": versions(),
-    }
+    samples = {"n": sa.n, "ids_sha256": sa.ids_sha256,
+               **{k: data.get(k) for k in ("dataset", "split", "seed", "source")}}
+    return {"format": FORMAT, "cache_key": key, "model_a": sa.label, "model_b": sb.label,
+            **{k: v for k, v in d.items() if k != "bandwidth_rows"},
+            "bandwidth_rows_sha256": None if rows is None else ids_digest(np.asarray(rows)),
+            "samples": samples, "inputs": {"a": sa.record(), "b": sb.record()},
+            "versions": versions()}
 
 
 def run_cka(cfg: CKAConfig) -> dict:
@@ -336,22 +319,19 @@ def run_cka(cfg: CKAConfig) -> dict:
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"
     plots = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"] if cfg.plots else []
-    stores = {"a": sa.how, "b": sb.how}
-    old = None if cfg.force else _cached(jpath, key, [sa.path, sb.path], plots)
-    if old is not None:
-        return {"result": old, "files": [str(jpath)] + [str(p) for p in plots],
-                "reused": True, "stores": stores, "seconds": time.perf_counter() - t0}
+    payload = None if cfg.force else _cached(jpath, key, [sa.path, sb.path], plots)
+    reused = payload is not None
+    if not reused:
+        res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
+        _warn_if_biased_reads_high(res, cfg)
+        payload = _payload(sa, sb, res.to_dict(), key)
+        write_json(jpath, payload)
+        if cfg.plots:
+            from repsim.figures import draw as P
 
-    res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
-    _warn_if_biased_reads_high(res, cfg)
-    payload = _payload(sa, sb, res.to_dict(), key)
-    write_json(jpath, payload)
-    if cfg.plots:
-        from repsim.figures import draw as P
-
-        P.save(P.cka_heatmap(payload), out_dir / stem)
-    return {"result": payload, "files": [str(jpath)] + [str(p) for p in plots],
-            "reused": False, "stores": stores, "seconds": time.perf_counter() - t0}
+            P.save(P.cka_heatmap(payload), out_dir / stem)
+    return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
+            "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
 
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
@@ -379,7 +359,8 @@ SKETCH_MAX_BYTES = 256 << 20
 
 def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
                   layers_b: list[str], cfg: CKAConfig) -> CKAResult:
-    """:func:`_cka_of_stores`, plus how far to trust it (:func:`repsim.stats.calibrate_result`)."""
+    """CKA between layers of two aligned stores (what ``repsim cka`` computes), with how far
+    to trust it (:func:`repsim.stats.calibrate_result`) when ``cfg`` asks for it."""
     res = _cka_of_stores(store_a, store_b, layers_a, layers_b, cfg)
     if not (cfg.se or cfg.permutations):
         return res
@@ -396,30 +377,18 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
 
 def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
                    layers_b: list[str], cfg: CKAConfig) -> CKAResult:
-    """CKA between layers of two aligned activation stores (what ``repsim cka`` computes).
-
-    ``store_a``/``store_b`` have ``path``, ``n`` and ``identity_sha256``
-    (:class:`StoreRef`); ``cfg`` has ``kernel``, ``estimator``,
-    ``threshold``, ``batch_size``, ``batch_seed``, ``device``, ``memory_budget`` and
-    ``progress`` (:class:`CKAConfig`). Layers whose sketches are small
-    (``SKETCH_MAX_BYTES``) are sketched once and cached; larger ones stream through
-    :func:`repsim.cka.compare`. Non-finite activations raise UserError.
-    """
-    from repsim.store import Store
-
-    n, rbf, mini = store_a.n, cfg.kernel == "rbf", cfg.estimator == "minibatch"
+    """The matrix alone: from each layer's sketch when sketches are small
+    (``SKETCH_MAX_BYTES``; cached), else streamed through :func:`repsim.cka.compare`."""
+    n = store_a.n
     same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
     sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
-    if mini and 0 < n % cfg.batch_size < 4:
-        warnings.warn(f"dropping {n % cfg.batch_size} of {n} rows (the last, short random "
-                      "batch): the unbiased HSIC estimator needs at least 4", RuntimeWarning,
-                      stacklevel=2)
-    small = 0 < 8 * sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
+    small = 0 < 8 * sketch.sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
     if small and all(_sketch_path(s, x, cfg).is_file() for s, names in sides for x in names):
         got = [_sketches(s, names, cfg) for s, names in sides]
     else:
         from repsim import cka
         from repsim.models import resolve_device
+        from repsim.store import Store
 
         dev = resolve_device(cfg.device)
         budget = cfg.memory_budget or cka.default_memory_budget(dev)
@@ -427,27 +396,22 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
             readers = [ra, rb][:len(sides)]
             width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
             # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
-            if not (small and 8 * (cfg.batch_size if mini else n) * width <= budget // 2):
+            if not (small and 8 * (cfg.batch_size or n) * width <= budget // 2):
                 fa = ra.features(layers_a)
-                with warnings.catch_warnings():  # said above, once
-                    warnings.filterwarnings("ignore", "dropping .* rows")
-                    return cka.compare(
-                        fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
-                        estimator=cfg.estimator, threshold=cfg.threshold,
-                        batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
-                        memory_budget=cfg.memory_budget, progress=cfg.progress)
+                return cka.compare(
+                    fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
+                    estimator=cfg.estimator, threshold=cfg.threshold,
+                    batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
+                    memory_budget=cfg.memory_budget, progress=cfg.progress)
             got = [_sketches(s, names, cfg, r, dev) for r, (s, names) in zip(readers, sides)]
+    res = sketch.new_result(layers_a, layers_b, cfg.kernel, cfg.estimator, n, cfg.threshold,
+                            cfg.batch_size, cfg.batch_seed)
     (ska, meds_a), (skb, meds_b) = got[0], got[-1]
-    matrix = cka_from_sketches(ska, skb)
-    rows = sample_rows(n, BANDWIDTH_SAMPLE) if rbf and mini else None
-    return CKAResult(
-        matrix=(matrix + matrix.T) / 2 if same else matrix, layers_a=list(layers_a),
-        layers_b=list(layers_b), kernel=cfg.kernel, estimator=cfg.estimator, n=n,
-        threshold=cfg.threshold if rbf else None, batch_size=cfg.batch_size,
-        batch_seed=cfg.batch_seed if mini else None,
-        n_batches=len(minibatches(n, cfg.batch_size, cfg.batch_seed)) if mini else None,
-        bandwidths_a=meds_a if rbf else None, bandwidths_b=meds_b if rbf else None,
-        bandwidth_rows=None if rows is None else rows.tolist())
+    if cfg.kernel == "rbf":
+        res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
+    m = sketch.cka_from_sketches(ska, skb)
+    res.matrix = (m + m.T) / 2 if same else m
+    return res
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
@@ -463,8 +427,8 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
 
 def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
               device=None) -> tuple[list[np.ndarray], list[float]]:
-    """Each layer's sketch and median squared distance: cached, or computed from ``reader``
-    (the open store) and cached atomically."""
+    """Each layer's sketch and median squared distance (0 for the linear kernel): cached, or
+    computed from ``reader`` (the open store) and cached atomically."""
     sketches, medians = [], []
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
@@ -474,15 +438,14 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
         else:
             from repsim import cka
 
-            rows = (sample_rows(store.n, BANDWIDTH_SAMPLE) if cfg.estimator == "minibatch"
-                    else None)
-            med = (cka.rbf_bandwidths([reader[layer]], rows, device)[0] if cfg.kernel == "rbf"
-                   else 0.0)
+            rbf = cfg.kernel == "rbf"
+            rows = sketch.bandwidth_rows(store.n, cfg.estimator)
+            med = cka.rbf_bandwidths([reader[layer]], rows, device)[0] if rbf else 0.0
             try:
                 sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
                                       threshold=cfg.threshold, batch_size=cfg.batch_size,
                                       batch_seed=cfg.batch_seed,
-                                      median_sqdist=med if cfg.kernel == "rbf" else None,
+                                      median_sqdist=med if rbf else None,
                                       device=device).cpu().numpy()
             except ValueError as e:  # non-finite activations: name the store and layer
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None

@@ -58,6 +58,13 @@ def read_rows(x: Any, a: int, b: int | None, device: torch.device) -> torch.Tens
     return torch.tensor(np.asarray(blk), dtype=torch.float64, device=device)
 
 
+def centred_rows(x: Any, idx: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """Rows ``idx`` (sorted; None: all) of any 2-D source, float64 on ``device``, minus their
+    column means."""
+    rows = read_rows(take(x, idx), 0, None, device)
+    return rows.sub_(rows.mean(0))
+
+
 def take(x: Any, idx: np.ndarray | None) -> Any:
     """Rows ``idx`` (sorted; None: all) of any 2-D source, in its own kind."""
     if isinstance(x, torch.Tensor) and idx is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from repsim.compare import CKAConfig, run_cka
 from repsim.paths import digest, slug, write_json
+from repsim.sketch import jsonable
 
 
 def seed_list(weights: str | None) -> list[str | None]:
@@ -36,20 +37,15 @@ def _matrix(rows: list) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
 
 
-def _json(m: np.ndarray) -> list:
-    return [[None if not np.isfinite(v) else float(v) for v in r] for r in m]
-
-
 def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> list | None:
-    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself; None for one
-    seed."""
+    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None)."""
     if len(seeds) < 2:
         return None
     diags = [np.diag(_matrix(run_cka(replace(
         cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers, layers_b=layers,
         label_a=None, label_b=None, plots=False))["result"]["matrix"]))
         for x, y in itertools.combinations(seeds, 2)]
-    return [None if not np.isfinite(v) else float(v) for v in np.mean(diags, 0)]
+    return jsonable(np.mean(diags, 0))
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -57,9 +53,9 @@ def aggregate(results: list[dict]) -> dict:
     mean image-level ``se`` of several CKA results of the same layers."""
     stack = np.stack([_matrix(r["matrix"]) for r in results])
     se = [_matrix(r["se"]) for r in results if r.get("se")]
-    return {"matrix": _json(np.nanmean(stack, 0)),
-            "seed_sd": _json(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
-            "se": _json(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
+    return {"matrix": jsonable(np.nanmean(stack, 0)),
+            "seed_sd": jsonable(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
+            "se": jsonable(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
 
 
 def run_cka_seeds(cfg: CKAConfig) -> dict:

@@ -2,15 +2,15 @@
 
 Every CKA estimate is an inner product of centred Grams, so a layer can be reduced once to a
 float64 *sketch* vector (:func:`repsim.cka.layer_sketch`) and any later comparison with it
-is one small product of sketches (:func:`cka_from_sketches`);
-:func:`repsim.compare.cka_of_stores` caches each store layer's sketch. This module imports
-numpy only: importing torch takes 3-4 s
-here, longer than a whole comparison of cached sketches, so that path never imports it.
+is one small product of sketches (:func:`cka_from_sketches`); ``repsim cka`` caches each store
+layer's sketch. This module imports numpy only: importing torch takes 3-4 s here, longer
+than a whole comparison of cached sketches, so that path never imports it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,21 +61,40 @@ class CKAResult:
         """JSON-ready dict; arrays become lists, NaN becomes ``None``. With participation
         ratios it adds ``n_over_pr_a`` and ``n_over_pr_b``, images per effective dimension:
         where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024)."""
-        out = {k: _json(v) for k, v in self.__dict__.items()}
+        out = {k: jsonable(v) for k, v in self.__dict__.items()}
         for side in ("a", "b"):
             pr = getattr(self, f"pr_{side}")
             if pr is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    out[f"n_over_pr_{side}"] = _json(self.n / np.asarray(pr, dtype=float))
+                    out[f"n_over_pr_{side}"] = jsonable(self.n / np.asarray(pr, dtype=float))
         return out
 
 
-def _json(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """``v`` with arrays as (nested) lists and non-finite floats as None."""
     if isinstance(v, np.ndarray):
-        return [_json(x) for x in v] if v.ndim else _json(v.item())
+        return [jsonable(x) for x in v] if v.ndim else jsonable(v.item())
     if isinstance(v, (float, np.floating)):
         return float(v) if math.isfinite(v) else None
     return v
+
+
+def new_result(layers_a: Sequence[str], layers_b: Sequence[str], kernel: str, estimator: str,
+               n: int, threshold: float, batch_size: int | None, batch_seed: int) -> CKAResult:
+    """A :class:`CKAResult` with its settings (checked by :func:`check_options`) filled in,
+    ``matrix`` and bandwidths still to come. Warns when the minibatches leave rows out."""
+    res = CKAResult(np.empty((0, 0)), list(layers_a), list(layers_b), kernel, estimator, n,
+                    threshold if kernel == "rbf" else None)
+    if estimator == "minibatch":
+        res.batch_size, res.batch_seed = batch_size, batch_seed
+        res.n_batches = len(minibatches(n, batch_size, batch_seed))
+        if 0 < n % batch_size < 4:
+            warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
+                          "batch): the unbiased HSIC estimator needs at least 4; choose a "
+                          "batch_size that leaves >= 4", RuntimeWarning, stacklevel=3)
+        if kernel == "rbf":
+            res.bandwidth_rows = bandwidth_rows(n, estimator).tolist()
+    return res
 
 
 def check_options(kernel: str, estimator: str, threshold: float = 1.0,
@@ -110,13 +129,17 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     Rows are dealt into batches by one seeded permutation (Nguyen, Raghu & Kornblith 2021
     draw minibatches at random without replacement), so a batch is a random sample even
     when the rows are sorted by class, as stores are; consecutive rows would give
-    single-class batches and measure within-class similarity only. The same ``n``,
-    ``batch_size`` and ``seed`` give the same batches for both models, so rows stay
-    aligned. A last batch of fewer than 4 rows is left out (the unbiased HSIC estimator
-    needs 4). Indices are sorted within a batch (h5py reads need that; HSIC does not care).
+    single-class batches and measure within-class similarity only. The same arguments give
+    the same batches for both models, so rows stay aligned. A last batch of fewer than 4
+    rows is left out (unbiased HSIC needs 4). Sorted within a batch for h5py reads.
     """
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
+
+
+def batches(n: int, estimator: str, batch_size: int | None, seed: int) -> list:
+    """The row sets an estimator sums over: :func:`minibatches`, or ``[None]`` (all rows)."""
+    return minibatches(n, batch_size, seed) if estimator == "minibatch" else [None]
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:
@@ -124,6 +147,12 @@ def sample_rows(n: int, k: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(0).choice(n, size=k, replace=False))
+
+
+def bandwidth_rows(n: int, estimator: str) -> np.ndarray | None:
+    """Rows that fix each layer's RBF bandwidth: a fixed sample for minibatch CKA, else None
+    (all rows)."""
+    return sample_rows(n, BANDWIDTH_SAMPLE) if estimator == "minibatch" else None
 
 
 def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
@@ -135,18 +164,18 @@ def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
 
 
 def normalise(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
-    """``cross / sqrt(self_a self_b)`` in float64; NaN where a self term is not positive."""
+    """CKA ``cross / sqrt(self_a self_b)`` ``(..., La, Lb)`` from HSIC ``(..., La, Lb)``,
+    ``(..., La)``, ``(..., Lb)``; never clamped, NaN where a self term is not positive."""
+    a, b = self_a[..., :, None], self_b[..., None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = cross / np.sqrt(np.maximum(self_a, 0)[:, None] * np.maximum(self_b, 0)[None, :])
-    out[~(self_a[:, None] > 0) | ~(self_b[None, :] > 0)] = np.nan
+        out = cross / np.sqrt(np.maximum(a, 0) * np.maximum(b, 0))
+    out[~(a > 0) | ~(b > 0)] = np.nan
     return out
 
 
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
-    """``(La, Lb)`` CKA from per-layer sketches made with the same settings and rows.
-
-    Sketches are 1-D float64 arrays (numpy, or torch tensors on any device).
-    """
+    """``(La, Lb)`` CKA from per-layer sketches (1-D float64 numpy arrays or torch tensors)
+    made with the same settings and rows."""
     def stack(sketches):
         return np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
                                     dtype=np.float64) for s in sketches])

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import F64, centre, gram
-from repsim.features import read_rows, take
-from repsim.sketch import CKAResult, minibatches
+from repsim.cka import F64, centre, centring, gram
+from repsim.features import centred_rows
+from repsim.sketch import CKAResult, minibatches, normalise
 
 # minibatch CKA gets a delete-one-batch standard error from this many batches on
 MIN_JACKKNIFE_BATCHES = 20
@@ -41,12 +41,9 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
     linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
     layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
-    out = []
-    for i, m in enumerate(mats):
-        x = read_rows(take(m, rows), 0, None, torch.device(device))
-        x -= x.mean(0)
-        out.append(gram(x, kernel=kernel, sigma2=None if sigma2 is None else sigma2[i]))
-    return torch.stack(out)
+    return torch.stack([gram(centred_rows(m, rows, torch.device(device)), kernel=kernel,
+                             sigma2=None if sigma2 is None else sigma2[i])
+                        for i, m in enumerate(mats)])
 
 
 def _parts(k: torch.Tensor, hollow: bool):
@@ -60,16 +57,11 @@ def _parts(k: torch.Tensor, hollow: bool):
     return k, d, r, r.sum(1)
 
 
-def _centring(hollow: bool, m: int) -> tuple[float, float]:
-    # The same constants as repsim.cka's: C_ij = K_ij - a (r_i + r_j) + b s.
-    return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
-
-
 def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     """``<C(K_a), C(K_b)>`` ``(La, Lb)`` of stacked Grams: biased (``HKH``) or, with
     ``hollow``, U-centred (unbiased HSIC times ``m(m - 3)``)."""
     (ka, _, ra, sa), (kb, _, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
-    a, b = _centring(hollow, ka.shape[1])
+    a, b = centring(hollow, ka.shape[1])
     return ka.flatten(1) @ kb.flatten(1).T - 2 * a * (ra @ rb.T) + b * sa[:, None] * sb[None, :]
 
 
@@ -83,7 +75,7 @@ def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Ten
     """
     (ka, da, ra, sa), (kb, db, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
     m = ka.shape[1]
-    a, b = _centring(hollow, m - 1)
+    a, b = centring(hollow, m - 1)
     rowdot = torch.einsum("aij,bij->iab", ka, kb)  # (K_a o K_b 1)_i
     dd = da.T[:, :, None] * db.T[:, None, :]
     dot = (ka.flatten(1) @ kb.flatten(1).T)[None] - 2 * rowdot + dd
@@ -94,23 +86,19 @@ def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Ten
     return dot - 2 * a * u + b * s_a[:, :, None] * s_b[:, None, :]
 
 
-def _own(k: torch.Tensor, hollow: bool, loo: bool) -> torch.Tensor:
-    """Each layer's ``<C(K), C(K)>``: ``(L,)``, or ``(m, L)`` leaving each row out."""
-    f = leave_one_out if loo else hsic
-    return torch.stack([f(k[i:i + 1], k[i:i + 1], hollow)[..., 0, 0] for i in range(len(k))], -1)
+def _terms(f, ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> list[np.ndarray]:
+    """``f`` (:func:`hsic` or :func:`leave_one_out`) of A with B, ``(..., La, Lb)``, and of
+    each layer with itself only, ``(..., La)`` and ``(..., Lb)``."""
+    own = [torch.stack([f(k[i:i + 1], k[i:i + 1], hollow)[..., 0, 0] for i in range(len(k))], -1)
+           for k in (ka, kb)]
+    return [x.cpu().numpy() for x in (f(ka, kb, hollow), *own)]
 
 
-def _cka(cross: torch.Tensor, own_a: torch.Tensor, own_b: torch.Tensor) -> torch.Tensor:
-    # Never clamped; a layer with no positive self-HSIC gives NaN.
-    den = torch.sqrt(own_a[..., :, None] * own_b[..., None, :])
-    return torch.where(den > 0, cross / torch.where(den > 0, den, 1.0), torch.nan)
-
-
-def jackknife_se(loo: torch.Tensor) -> torch.Tensor:
+def jackknife_se(loo: np.ndarray) -> np.ndarray:
     """Delete-one jackknife standard error ``sqrt((g-1)/g sum (t_i - mean t)^2)`` over the
     first axis of ``loo`` ``(g, ...)`` (the estimates without unit ``i``)."""
     g = loo.shape[0]
-    return torch.sqrt((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0))
+    return ((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0)) ** 0.5
 
 
 def participation_ratio(k: torch.Tensor) -> torch.Tensor:
@@ -205,30 +193,28 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         whole = len(rows) == n
         ka = grams(mats_a, None if whole else rows, kernel=kernel, sigma2=sigma2_a, device=device)
         kb = grams(mats_b, None if whole else rows, kernel=kernel, sigma2=sigma2_b, device=device)
-        terms.append((hsic(ka, kb, hollow), _own(ka, hollow, False), _own(kb, hollow, False)))
-        loos.append((leave_one_out(ka, kb, hollow), _own(ka, hollow, True), _own(kb, hollow, True)))
+        terms.append(_terms(hsic, ka, kb, hollow))
+        loos.append(_terms(leave_one_out, ka, kb, hollow))
         pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
         if permutations:
-            kind = "debiased" if hollow else "biased"
-            ca.append(torch.stack([centre(x, kind) for x in ka]))
-            cb.append(torch.stack([centre(x, kind) for x in kb]))
+            ca.append(torch.stack([centre(x, estimator) for x in ka]))
+            cb.append(torch.stack([centre(x, estimator) for x in kb]))
         del ka, kb
-    per_batch = [torch.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
+    per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]
-    matrix = _cka(*total)
     # Without image i of batch b: the totals with batch b's terms replaced by its leave-one-out.
-    loo = torch.cat([_cka(*(t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)))
-                     for b, loo_b in enumerate(loos)])
+    loo = np.concatenate([normalise(*(t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)))
+                          for b, loo_b in enumerate(loos)])
     if len(batches) >= MIN_JACKKNIFE_BATCHES:
-        method, se = "delete-one-batch", jackknife_se(_cka(*(t - x for t, x in
-                                                              zip(total, per_batch))))
+        method = "delete-one-batch"
+        se = jackknife_se(normalise(*(t - x for t, x in zip(total, per_batch))))
     else:
         method, se = "delete-one-image", jackknife_se(loo)
     m = max(len(r) for r in batches)
     pr_a, pr_b = (pr_a / len(batches)).cpu().numpy(), (pr_b / len(batches)).cpu().numpy()
-    cal = Calibration(matrix.cpu().numpy(), se.cpu().numpy(), method, pr_a, pr_b,
+    cal = Calibration(normalise(*total), se, method, pr_a, pr_b,
                       np.sqrt(pr_a[:, None] * pr_b[None, :]) / (m - 1),
-                      np.concatenate(batches), loo.cpu().numpy())
+                      np.concatenate(batches), loo)
     if permutations:
         cal.null = permutation_null(ca, cb, cal.matrix, permutations, seed)
     return cal

@@ -41,16 +41,6 @@ def partial_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".partial")
 
 
-def _open(path: Path):
-    import h5py
-
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
-        raise UserError(f"{path} is not a repsim store ({exc}); valid: an .h5 file written by "
-                        "repsim extract; fix: check the path") from exc
-
-
 class Store:
     """Read access to a complete store: ``layers`` in model order, ``ids``, ``labels``, ``meta``.
 
@@ -68,7 +58,13 @@ class Store:
                 raise UserError(f"store {self.path} is incomplete (found {self.path.name}"
                                 ".partial); run the same extraction again to resume it")
             raise UserError(f"no store at {self.path}; extract one first")
-        self._f = _open(self.path)
+        import h5py
+
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
+            raise UserError(f"{self.path} is not a repsim store ({exc}); valid: an .h5 file "
+                            "written by repsim extract; fix: check the path") from exc
         try:
             attrs = self._f.attrs
             if attrs.get("format") != FORMAT:
@@ -143,7 +139,7 @@ class StoreWriter:
         self._f = self._reopen(ids) if self.path.exists() else None
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._writing():
+            with self._writing(None):
                 self._f = h5py.File(self.path, "w")
                 self._make_room(0)
                 self._f.attrs.update({"format": FORMAT, "complete": False, "repsim_version":
@@ -183,10 +179,13 @@ class StoreWriter:
         return f
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        """A full disk (or quota, or file-size limit) as one UserError saying how much more room
-        the rest of the store needs; h5py reports most failed writes as RuntimeError."""
+    def _writing(self, rows: int | None = 0) -> Iterator[None]:
+        """Room for ``rows`` more rows first (:meth:`_make_room`; None: no file yet); a full
+        disk (or quota, or file-size limit) as one UserError saying how much more room the
+        rest of the store needs (h5py reports most failed writes as RuntimeError)."""
         try:
+            if rows is not None:
+                self._make_room(rows)
             yield
         except (OSError, RuntimeError) as exc:
             m = re.search(r"errno = (\d+)", str(exc))
@@ -243,7 +242,6 @@ class StoreWriter:
         """One ``(n, D)`` dataset per layer; ``layer_order`` keeps the model's order."""
         n = len(self._f["ids"])
         with self._writing():
-            self._make_room(0)
             for name, d in dims.items():
                 self._layers[name] = self._f["layers"].create_dataset(
                     name, shape=(n, d), dtype=dtype, chunks=(max(1, min(chunk_rows, n)), d),
@@ -257,8 +255,7 @@ class StoreWriter:
 
     def write(self, j: int, feats: dict[str, np.ndarray]) -> None:
         a, b = self.bounds[j]
-        with self._writing():
-            self._make_room(b - a)
+        with self._writing(b - a):
             for name, x in feats.items():
                 self._layers[name][a:b] = x
             self._f.flush()  # data first, then the journal entry that vouches for it
@@ -271,7 +268,6 @@ class StoreWriter:
         if self.pending():
             raise RuntimeError(f"cannot finish {self.path}: batches {self.pending()} missing")
         with self._writing():
-            self._make_room(0)
             self._f.attrs["complete"] = True
             self._f.close()
         os.replace(self.path, self.final)

@@ -12,10 +12,11 @@ def gram_linear(x):
     return x @ x.T
 
 
-def gram_rbf(x, threshold=1.0):
+def gram_rbf(x, threshold=1.0, sq_median=None):
+    """The bandwidth from the median squared distance of ``x``'s rows unless given."""
     x = np.asarray(x, dtype=np.float64)
     sq = np.sum((x[:, None, :] - x[None, :, :]) ** 2, axis=-1)  # explicit pairwise distances
-    return np.exp(-sq / (2 * threshold**2 * np.median(sq)))
+    return np.exp(-sq / (2 * threshold**2 * (np.median(sq) if sq_median is None else sq_median)))
 
 
 def hsic_biased(k, l):
@@ -28,8 +29,7 @@ def hsic_biased(k, l):
 def hsic_unbiased(k, l):
     """Song et al. 2012, eq. (5): unbiased HSIC from zero-diagonal Grams."""
     n = k.shape[0]
-    kt = k.copy()
-    lt = l.copy()
+    kt, lt = k.copy(), l.copy()
     np.fill_diagonal(kt, 0)
     np.fill_diagonal(lt, 0)
     one = np.ones(n)
@@ -46,28 +46,22 @@ def cka_from_grams(k, l, debiased=False):
 
 def cka(x, y, kernel="linear", debiased=False, threshold=1.0):
     if kernel == "linear":
-        k, l = gram_linear(x), gram_linear(y)
-    else:
-        k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)
-    return cka_from_grams(k, l, debiased)
+        return cka_from_grams(gram_linear(x), gram_linear(y), debiased)
+    return cka_from_grams(gram_rbf(x, threshold), gram_rbf(y, threshold), debiased)
 
 
 def minibatch_cka(x, y, batches, kernel="linear", threshold=1.0, sq_median_x=None,
                   sq_median_y=None):
     """Nguyen et al. 2021: sum unbiased HSIC over the given batches (lists of row
     indices), then normalise."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
+    x, y = np.asarray(x), np.asarray(y)
     kl = kk = ll = 0.0
     for rows in batches:
-        xb, yb = x[rows], y[rows]
         if kernel == "linear":
-            k, l = gram_linear(xb), gram_linear(yb)
+            k, l = gram_linear(x[rows]), gram_linear(y[rows])
         else:
-            dk = np.sum((xb[:, None] - xb[None]) ** 2, -1)
-            dl = np.sum((yb[:, None] - yb[None]) ** 2, -1)
-            k = np.exp(-dk / (2 * threshold**2 * sq_median_x))
-            l = np.exp(-dl / (2 * threshold**2 * sq_median_y))
+            k = gram_rbf(x[rows], threshold, sq_median_x)
+            l = gram_rbf(y[rows], threshold, sq_median_y)
         kl += hsic_unbiased(k, l)
         kk += hsic_unbiased(k, k)
         ll += hsic_unbiased(l, l)

@@ -19,22 +19,14 @@ FULL = ["biased", "debiased"]
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("estimator", FULL)
-def test_matrix_matches_reference_float64(layers, kernel, estimator):
-    b = [layers[2], layers[0]]
-    got = cka.cka_matrix(layers, b, kernel=kernel, estimator=estimator, threshold=0.8)
-    want = np.array([[ref.cka(x, y, kernel, estimator == "debiased", 0.8) for y in b]
-                     for x in layers])
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("estimator", FULL)
-def test_float32_inputs_match_float64_reference(layers, kernel, estimator):
-    a32 = [x.astype(np.float32) for x in layers]
-    got = cka.cka_matrix(a32, a32[:2], kernel=kernel, estimator=estimator)
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-6), (np.float32, 1e-4)])
+def test_matrix_matches_the_float64_reference(layers, kernel, estimator, dtype, atol):
+    a = [x.astype(dtype) for x in layers]
+    b = [a[2], a[0]]
+    got = cka.cka_matrix(a, b, kernel=kernel, estimator=estimator, threshold=0.8)
     want = np.array([[ref.cka(x.astype(np.float64), y.astype(np.float64), kernel,
-                              estimator == "debiased") for y in a32[:2]] for x in a32])
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+                              estimator == "debiased", 0.8) for y in b] for x in a])
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -283,18 +275,14 @@ def test_non_finite_values_in_a_minibatch_give_the_row_of_the_data(layers):
         cka.cka_matrix(layers, [bad], estimator="minibatch", batch_size=20)
 
 
-def test_unknown_kernel_and_estimator(layers):
-    with pytest.raises(ValueError, match="kernel='poly' is unknown; valid kernels: linear, rbf"):
-        cka.cka_matrix(layers, layers, kernel="poly")
-    with pytest.raises(ValueError, match="estimator='fast' is unknown.*biased, debiased"):
-        cka.cka_matrix(layers, layers, estimator="fast")
-
-
-def test_minibatch_needs_valid_batch_size(layers):
-    with pytest.raises(ValueError, match="batch_size"):
-        cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=3)
-    with pytest.raises(ValueError, match="batch_size"):
-        cka.cka_matrix(layers, layers, estimator="minibatch", batch_size=8.5)
+@pytest.mark.parametrize("settings, match", [
+    (dict(kernel="poly"), "kernel='poly' is unknown; valid kernels: linear, rbf"),
+    (dict(estimator="fast"), "estimator='fast' is unknown.*biased, debiased"),
+    (dict(estimator="minibatch", batch_size=3), "batch_size"),
+    (dict(estimator="minibatch", batch_size=8.5), "batch_size")])
+def test_invalid_settings_are_refused(layers, settings, match):
+    with pytest.raises(ValueError, match=match):
+        cka.cka_matrix(layers, layers, **settings)
 
 
 def test_single_matrix_instead_of_sequence_is_rejected(layers):
@@ -383,13 +371,11 @@ def test_sketches_give_the_engine_result(kernel, estimator):
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
 def test_sketch_of_a_constant_layer_is_exactly_zero(kernel):
     # 0.1 is not a float; a mean-centred constant block would leave rounding residue.
-    x = np.full((30, 7), 0.1, dtype=np.float32)
-    sk = cka.layer_sketch(x, kernel=kernel, estimator="minibatch", batch_size=10,
-                          median_sqdist=1.0 if kernel == "rbf" else None)
+    kw = dict(kernel=kernel, estimator="minibatch", batch_size=10,
+              median_sqdist=1.0 if kernel == "rbf" else None)
+    sk = cka.layer_sketch(np.full((30, 7), 0.1, dtype=np.float32), **kw)
     assert not sk.any()
-    y = np.random.default_rng(0).standard_normal((30, 5))
-    sy = cka.layer_sketch(y, kernel=kernel, estimator="minibatch", batch_size=10,
-                          median_sqdist=1.0 if kernel == "rbf" else None)
+    sy = cka.layer_sketch(np.random.default_rng(0).standard_normal((30, 5)), **kw)
     assert np.isnan(cka.cka_from_sketches([sk], [sy])).all()
 
 

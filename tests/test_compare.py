@@ -13,7 +13,7 @@ import reference
 import torch
 
 from repsim import cli
-from repsim.compare import CKAConfig, ProbeSpec, run_cka
+from repsim.compare import CKAConfig, ProbeSpec, StoreRef, resolve_store, run_cka, select_layers
 from repsim.paths import ids_digest
 from repsim.store import StoreWriter
 
@@ -52,6 +52,13 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+def run_json(capsys, *argv):
+    """``repsim cka ARGV --json``, which must succeed: its one JSON object, and stderr."""
+    code, out, err = run_cli(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out), err
+
+
 @pytest.fixture
 def pair(tmp_path):
     fa, fb = toy_feats(BLOCKS, seed=1), toy_feats(["stem", "layer1", "layer2"], seed=2)
@@ -60,10 +67,8 @@ def pair(tmp_path):
 
 def test_json_has_layers_in_model_order_and_reference_values(tmp_path, pair, capsys):
     pa, pb, fa, fb = pair
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o", "--json",
-                             "--estimator", "biased")
-    assert code == 0, err
-    r = json.loads(out)  # exactly one JSON object on stdout
+    r, _ = run_json(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o", "--estimator",
+                    "biased")
     for key in ("model_a", "model_b", "layers_a", "layers_b", "kernel", "estimator", "n",
                 "matrix"):
         assert key in r
@@ -108,29 +113,17 @@ def test_self_similarity_has_unit_diagonal_and_is_bit_identical(tmp_path, pair, 
         assert (stem.parent / f"{stem.name}.{ext}").read_bytes() == data, ext
 
 
-def test_different_sample_counts_are_refused_with_both_sizes(tmp_path, pair, capsys):
-    pa = pair[0]
-    pc = make_store(tmp_path / "c.h5", toy_feats(["x"], n=16))
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pc, "--out", tmp_path / "o")
-    assert code == 1 and out == ""
-    assert err.count("\n") == 1
-    assert "A has 24 rows and B has 16" in err and "ids sha256" in err
-
-
-def test_different_sample_ids_are_refused_at_the_first_difference(tmp_path, pair, capsys):
-    pa = pair[0]
-    ids = np.arange(24) * 7
-    ids[5:] += 1
-    pc = make_store(tmp_path / "c.h5", toy_feats(["x"]), ids=ids)
-    code, _, err = run_cli(capsys, "--a", pa, "--b", pc, "--out", tmp_path / "o")
-    assert code == 1 and err.count("\n") == 1
-    assert "first differ at row 5 (A id 35, B id 36)" in err
-
-
-def test_same_ids_but_different_labels_are_refused(tmp_path, pair, capsys):
-    pc = make_store(tmp_path / "c.h5", toy_feats(["x"]), labels=np.arange(24) % 5)
-    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pc, "--out", tmp_path / "o")
-    assert code == 1 and "different labels" in err
+@pytest.mark.parametrize("n, ids, labels, message", [
+    (16, None, None, "A has 24 rows and B has 16"),  # both sizes
+    (24, np.arange(24) * 7 + (np.arange(24) >= 5), None,  # the ids differ from row 5 on
+     "first differ at row 5 (A id 35, B id 36)"),
+    (24, None, np.arange(24) % 5, "different labels")])
+def test_stores_of_other_samples_are_refused_in_one_line(tmp_path, pair, capsys, n, ids, labels,
+                                                         message):
+    pc = make_store(tmp_path / "c.h5", toy_feats(["x"], n=n), ids=ids, labels=labels)
+    code, out, err = run_cli(capsys, "--a", pair[0], "--b", pc, "--out", tmp_path / "o")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert message in err and "ids sha256" in err
 
 
 def test_incomplete_store_is_refused_in_one_line(tmp_path, pair, capsys):
@@ -160,8 +153,7 @@ def test_full_disk_while_drawing_the_heatmap_is_one_line(tmp_path, pair, file_si
 def test_the_default_is_minibatch_of_1024_rows_and_batch_size_needs_it(tmp_path, pair,
                                                                        capsys):
     pa, pb, fa, fb = pair
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--json")
-    r = json.loads(out)
+    r, _ = run_json(capsys, "--a", pa, "--b", pb)
     assert (r["estimator"], r["batch_size"], r["n_batches"]) == ("minibatch", 1024, 1)
     want = reference.cka(fa["blocks.3"].astype(np.float32), fb["layer1"].astype(np.float32),
                          debiased=True)  # one batch of all 24 rows: debiased CKA
@@ -173,17 +165,15 @@ def test_the_default_is_minibatch_of_1024_rows_and_batch_size_needs_it(tmp_path,
 
 def test_second_run_does_no_work_until_a_store_changes(tmp_path, pair, capsys):
     pa, pb, _, _ = pair
-    args = ["--a", pa, "--b", pb, "--out", tmp_path / "o", "--json"]
-    assert run_cli(capsys, *args)[0] == 0
+    args = ["--a", pa, "--b", pb, "--out", tmp_path / "o"]
+    run_json(capsys, *args)
     files = sorted((tmp_path / "o").iterdir())
     stamps = [f.stat().st_mtime_ns for f in files]
-    code, out, _ = run_cli(capsys, *args)
-    assert code == 0 and json.loads(out)["reused"] is True
+    assert run_json(capsys, *args)[0]["reused"] is True
     assert [f.stat().st_mtime_ns for f in files] == stamps
     later = time.time() + 5  # a re-written store (newer than the result) invalidates it
     os.utime(pb, (later, later))
-    code, out, _ = run_cli(capsys, *args)
-    assert json.loads(out)["reused"] is False
+    assert run_json(capsys, *args)[0]["reused"] is False
 
 
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
@@ -240,20 +230,16 @@ def checkpoints(tmp_path, monkeypatch):
 def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
     from repsim.models import build_model
 
-    args = ["--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8", "--json"]
-    code, out, err = run_cli(capsys, *args)
-    assert code == 0, err
-    r = json.loads(out)
+    args = ["--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8"]
+    r, _ = run_json(capsys, *args)
     assert r["layers_a"] == ["embed"] + [f"blocks.{i}" for i in range(6)]
     assert r["layers_b"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
     assert r["samples"]["dataset"] == "cifar10" and r["n"] == 8
     assert "bundled" in r["samples"]["source"]
-    code, out, _ = run_cli(capsys, *args)
-    assert json.loads(out)["reused"] is True
+    assert run_json(capsys, *args)[0]["reused"] is True
     # New weights under the same name: a new store (content-addressed), a new result.
     torch.save(build_model("vit_cifar", seed=1).state_dict(), checkpoints / "vit_cifar.pt")
-    code, out, err = run_cli(capsys, *args)
-    r2 = json.loads(out)
+    r2, err = run_json(capsys, *args)
     assert r2["reused"] is False and "extracted vit_cifar" in err
     assert "extracted resnet18_cifar" not in err  # B's store is reused
     assert r2["inputs"]["a"]["weights_sha256"] != r["inputs"]["a"]["weights_sha256"]
@@ -264,7 +250,6 @@ def test_model_names_are_extracted_on_demand_then_reused(checkpoints, capsys):
 
 def test_the_same_request_twice_reuses_the_store_without_extracting(checkpoints, monkeypatch):
     from repsim import models
-    from repsim.compare import resolve_store
 
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     assert first.how == "extracted"
@@ -280,11 +265,6 @@ def test_the_same_request_twice_reuses_the_store_without_extracting(checkpoints,
 
 
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
-    import subprocess
-    import sys
-
-    from repsim.compare import resolve_store
-
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
             "s = resolve_store('resnet18_cifar', probe=ProbeSpec(n=8), progress=False); "
@@ -295,7 +275,6 @@ def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
 
 
 def test_a_store_with_other_options_is_another_store(checkpoints):
-    from repsim.compare import resolve_store
     from repsim.extraction import ExtractConfig, extract
 
     # repsim extract with non-default options, no --out: its own content-addressed file
@@ -314,11 +293,9 @@ def test_a_store_with_other_options_is_another_store(checkpoints):
 
 def test_two_random_inits_are_compared_on_one_image_subset(checkpoints, capsys):
     args = ["--a", "resnet18_cifar", "--b", "resnet18_cifar", "--weights-a", "random",
-            "--weights-b", "random", "--n", "8", "--seed", "3", "--json"]
-    same = json.loads(run_cli(capsys, *args)[1])
-    code, out, err = run_cli(capsys, *args, "--weights-seed-b", "1")
-    assert code == 0, err
-    other = json.loads(out)
+            "--weights-b", "random", "--n", "8", "--seed", "3"]
+    same, _ = run_json(capsys, *args)
+    other, _ = run_json(capsys, *args, "--weights-seed-b", "1")
     assert same["samples"] == other["samples"] and other["samples"]["seed"] == 3
     assert np.allclose(np.diag(same["matrix"]), 1.0)  # the same init: identical stores
     assert other["inputs"]["a"]["path"] != other["inputs"]["b"]["path"]
@@ -369,14 +346,9 @@ def test_layer_sketches_are_cached_and_reused_by_later_comparisons(tmp_path, pai
 
 
 def test_a_comparison_with_cached_sketches_does_not_import_torch(tmp_path, pair, capsys):
-    import subprocess
-    import sys
-
     pa, pb, _, _ = pair
-    code, out, err = run_cli(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o1", "--json",
-                             "--no-se")  # standard errors need the Grams (and torch)
-    assert code == 0, err
-    first = json.loads(out)
+    # --no-se: standard errors need the Grams (and torch)
+    first, _ = run_json(capsys, "--a", pa, "--b", pb, "--out", tmp_path / "o1", "--no-se")
     script = ("import json, sys; from repsim import cli; "
               f"rc = cli.main(['cka', '--a', {str(pa)!r}, '--b', {str(pb)!r}, '--out', "
               f"{str(tmp_path / 'o2')!r}, '--json', '--no-se']); "
@@ -426,8 +398,6 @@ def test_cuda_comparison_of_stores_gives_the_cpu_result(tmp_path, pair, estimato
 
 
 def test_layer_globs_match_segment_by_segment_as_in_extract(tmp_path):
-    from repsim.compare import StoreRef, select_layers
-
     names = ["blocks.0", "blocks.0.attn", "blocks.1", "head"]
     store = StoreRef(path=tmp_path / "s.h5", label="s", slug="s", meta={}, layers=names, n=1,
                      ids_sha256="", identity_sha256="", how="given")
@@ -437,10 +407,8 @@ def test_layer_globs_match_segment_by_segment_as_in_extract(tmp_path):
 
 
 def test_results_carry_standard_errors_and_participation_ratios(tmp_path, pair, capsys):
-    code, out, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--estimator",
-                             "debiased", "--out", tmp_path / "r", "--json")
-    assert code == 0, err
-    r = json.loads(out)
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--estimator", "debiased", "--out",
+                    tmp_path / "r")
     se, pr_a = np.array(r["se"], dtype=float), np.array(r["pr_a"], dtype=float)
     assert se.shape == (12, 3) and r["se_method"] == "delete-one-image"
     # the jackknife over images, by brute force for one cell
@@ -462,18 +430,15 @@ def test_results_carry_standard_errors_and_participation_ratios(tmp_path, pair, 
 
 def test_permutations_and_influence_are_in_the_result_and_its_cache_key(tmp_path, pair,
                                                                         capsys):
-    args = ["--a", pair[0], "--b", pair[1], "--out", tmp_path / "r", "--json"]
-    code, out, err = run_cli(capsys, *args, "--permutations", "49", "--influence", "2")
-    assert code == 0, err
-    r = json.loads(out)
+    args = ["--a", pair[0], "--b", pair[1], "--out", tmp_path / "r"]
+    r, _ = run_json(capsys, *args, "--permutations", "49", "--influence", "2")
     p = np.array(r["p_value"], dtype=float)
     assert r["permutations"] == 49 and p.shape == (12, 3)
     assert np.all((p >= 1 / 50) & (p <= 1))
     assert np.array(r["null_q95"], dtype=float).shape == (12, 3)
     ids = set((np.arange(24) * 7).tolist())  # make_store's sample IDs
     assert len(r["influence"][0][0]) == 2 and {i for i, _ in r["influence"][0][0]} <= ids
-    code, out, _ = run_cli(capsys, *args)
-    again = json.loads(out)
+    again, _ = run_json(capsys, *args)
     assert again["reused"] is False and again["p_value"] is None
     np.testing.assert_array_equal(again["matrix"], r["matrix"])
 
@@ -484,14 +449,13 @@ def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys
     narrow = {"x": rng.standard_normal((24, 2))}  # PR <= 2: null level at most about 0.1
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     c = make_store(tmp_path / "c.h5", narrow)
-    code, out, err = run_cli(capsys, "--a", a, "--b", b, "--estimator", "biased", "--json")
-    r = json.loads(out)
-    assert code == 0 and "warning: the biased estimator reads up to" in err
+    r, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
+    assert "warning: the biased estimator reads up to" in err
     assert r["biased_null_mean"][0][0] > 0.8 and r["matrix"][0][0] > 0.8  # unrelated data
-    _, _, err = run_cli(capsys, "--a", a, "--b", b, "--json")
+    _, err = run_json(capsys, "--a", a, "--b", b)
     assert "warning" not in err  # the default (minibatch, here debiased) has null level 0
-    _, out, err = run_cli(capsys, "--a", c, "--b", c, "--estimator", "biased", "--json")
-    assert json.loads(out)["biased_null_mean"][0][0] <= 0.1 and "warning" not in err
+    r, err = run_json(capsys, "--a", c, "--b", c, "--estimator", "biased")
+    assert r["biased_null_mean"][0][0] <= 0.1 and "warning" not in err
 
 
 def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys):
@@ -502,18 +466,14 @@ def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys
         files.append(checkpoints / f"r{s}.pt")
         torch.save(build_model("resnet18_cifar", seed=10 + s).state_dict(), files[-1])
     seeds_a = ",".join(map(str, files[:2]))
-    code, out, err = run_cli(capsys, "--a", "resnet18_cifar", "--weights-a", seeds_a, "--b",
-                             "resnet18_cifar", "--weights-b", str(files[2]), "--n", "8",
-                             "--json")
-    assert code == 0, err
-    r = json.loads(out)
+    r, _ = run_json(capsys, "--a", "resnet18_cifar", "--weights-a", seeds_a, "--b",
+                    "resnet18_cifar", "--weights-b", str(files[2]), "--n", "8")
     each = [np.array(json.load(open(f))["matrix"]) for f in r["comparisons"]]
     assert r["n_comparisons"] == 2 and r["model_a"] == "resnet18_cifar (2 seeds)"
     np.testing.assert_allclose(r["matrix"], np.mean(each, 0), atol=1e-15)
     np.testing.assert_allclose(r["seed_sd"], np.std(each, 0, ddof=1), atol=1e-15)
-    code, out, _ = run_cli(capsys, "--a", "resnet18_cifar", "--weights-a", str(files[0]),
-                           "--b", "resnet18_cifar", "--weights-b", str(files[1]), "--n", "8",
-                           "--json")
-    np.testing.assert_allclose(r["seed_ceiling_a"], np.diag(json.loads(out)["matrix"]))
+    pair_01, _ = run_json(capsys, "--a", "resnet18_cifar", "--weights-a", str(files[0]), "--b",
+                          "resnet18_cifar", "--weights-b", str(files[1]), "--n", "8")
+    np.testing.assert_allclose(r["seed_ceiling_a"], np.diag(pair_01["matrix"]))
     assert r["seed_ceiling_b"] is None  # one seed of B
     assert np.array(r["se"]).shape == (5, 5)  # image-level SE, apart from the seed spread

@@ -20,9 +20,8 @@ def test_closed_form_leave_one_out_equals_brute_force(estimator, kernel):
     n, hollow = 50, estimator == "debiased"
     a = [_gauss(n, 7, 0), _gauss(n, 30, 1) ** 2]
     b = [a[0] @ _gauss(7, 5, 2) + _gauss(n, 5, 3)]
-    sig = lambda mats: [v for v in rbf_bandwidths(mats)] if kernel == "rbf" else None  # noqa: E731
-    ka = stats.grams(a, kernel=kernel, sigma2=sig(a))
-    kb = stats.grams(b, kernel=kernel, sigma2=sig(b))
+    ka, kb = (stats.grams(m, kernel=kernel, sigma2=rbf_bandwidths(m) if kernel == "rbf" else None)
+              for m in (a, b))
     loo = stats.leave_one_out(ka, kb, hollow)
     for i in (0, 17, n - 1):
         keep = np.delete(np.arange(n), i)
