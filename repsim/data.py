@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,30 +76,6 @@ class ProbeSet:
                 "ids_sha256": ids_digest(self.ids)}
 
 
-@dataclass(frozen=True)
-class ProbeOptions:
-    """Which images: the probe-set options every command shares, defined once.
-
-    The fields are :func:`load_probe_set`'s keyword arguments and, with ``_`` -> ``-``, the
-    CLI's flags (``data_root`` -> ``--data-root``); ``metadata["help"]`` is their help text.
-    """
-
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": (
-        f"{PROBE_NAME} (default: 1,000 CIFAR-10 test images bundled with repsim, offline), "
-        f"{', '.join(DATASETS)} or imagefolder:PATH")})
-    split: str = field(default="test", metadata={"help": "split (default test)",
-                                                  "choices": SPLITS})
-    n: int | None = field(default=None, metadata={
-        "help": "number of images (default: the whole split)"})
-    seed: int = field(default=0, metadata={"help": "subset seed (default 0)"})
-    data_root: str | None = field(default=None, metadata={
-        "help": f"data folder (default ${ENV_DATA_ROOT} or ./data)"})
-
-    def load(self, **kwargs: Any) -> ProbeSet:
-        """The probe set (``kwargs``: ``image_size``, ``download``, ``progress``)."""
-        return load_probe_set(**asdict(self), **kwargs)
-
-
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
     """``data_root`` if given, else ``$REPSIM_DATA``, else ``./data``; absolute, may not exist."""
     if data_root is None or str(data_root) == "":
@@ -127,10 +103,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     if labels.ndim != 1:
         raise UserError(f"labels have shape {labels.shape}; pass a 1-D array of class labels")
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        picked.append(rng.choice(members, round(fraction * len(members)), replace=False))
+    members = (np.flatnonzero(labels == c) for c in np.unique(labels))
+    picked = [rng.choice(m, round(fraction * len(m)), replace=False) for m in members]
     out = np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
     if len(out) == 0:
         raise UserError(f"fraction={fraction} selects no samples from {len(labels)} labels; "
@@ -186,15 +160,13 @@ def _check_positive(n: int | None) -> None:
                         "to use the whole split")
 
 
-def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
+def _subset(n_total: int, n: int | None, seed: int, what: str,
+            fix: str = "omit n to use them all") -> np.ndarray:
     """:func:`subset_indices`, refusing an ``n`` above ``n_total`` (the size of ``what``)."""
     if n is not None and n > n_total:
         raise UserError(f"n={n} is larger than {what}, which has {n_total} images; "
-                        f"pass n <= {n_total}, or omit n to use them all")
+                        f"pass n <= {n_total}, or {fix}")
     return subset_indices(n_total, n, seed)
-
-
-# --------------------------------------------------------------------------- the bundled set
 
 
 @functools.lru_cache(maxsize=1)
@@ -227,19 +199,12 @@ def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")
     images, labels, ids, classes, meta, sha = _bundle()
-    total = len(ids)
-    if n is not None and n > total:
-        raise UserError(f"n={n} is larger than the {total} images bundled as {PROBE_NAME}; pass "
-                        f"n <= {total}, or dataset='cifar10' with data_root=DIR for more")
-    pos = subset_indices(total, n, seed)
+    pos = _subset(len(ids), n, seed, PROBE_NAME, "dataset='cifar10' with data_root=DIR for more")
     source = (f"bundled:{PROBE_FILE.name} sha256={sha[:16]} ({meta['n']} CIFAR-10 test images, "
               f"{meta['per_class']} per class, {meta['pixels']})")
     return ProbeSet("cifar10", "test", _resized(images[pos], image_size, progress, PROBE_NAME),
                     labels[pos], ids[pos], classes, source,
-                    None if len(pos) == total else seed, CIFAR10_TEST_SIZE)
-
-
-# --------------------------------------------------------------------------- image folders
+                    None if len(pos) == len(ids) else seed, CIFAR10_TEST_SIZE)
 
 
 def _listing(folder: Path) -> tuple[list[str], list[str]]:
@@ -306,21 +271,12 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
                 image_size: int | None, progress: bool) -> ProbeSet:
     ids = _subset(len(paths), n, seed, f"{dataset} {split}")
     chosen = [paths[i] for i in ids]
-    size = image_size if image_size is not None else _uniform_size_or_none(chosen)
+    size = image_size
+    if size is None and len({_open(p, lambda im: im.size) for p in chosen}) > 1:
+        size = DEFAULT_MIXED_SIZE  # PIL reads only the headers here
     images = _stack(_decode(chosen), len(chosen), size, progress, f"{dataset} {split}")
     return ProbeSet(dataset, split, images, labels[ids], ids, classes, f"imagefolder:{folder}",
                     None if len(ids) == len(paths) else seed, len(paths))
-
-
-def _uniform_size_or_none(paths: list[Path]) -> int | None:
-    """None when every image has the same size (keep native), else the default square side.
-    Reads only headers: PIL decodes pixels lazily."""
-    sizes = set()
-    for p in paths:
-        sizes.add(_open(p, lambda im: im.size))
-        if len(sizes) > 1:
-            return DEFAULT_MIXED_SIZE
-    return None
 
 
 def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
@@ -332,22 +288,16 @@ def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
 
 
-def _open_rgb(p: Path) -> Image.Image:
-    return _open(p, lambda im: im.convert("RGB"))
-
-
 def _decode(paths: list[Path]) -> Iterator[Image.Image]:
     """RGB images in the order of ``paths``, decoded by a few threads (PIL releases the GIL
     while decoding, so 50,000 CIFAR JPEGs load several times faster than in one thread)."""
+    rgb = functools.partial(_open, read=lambda im: im.convert("RGB"))
     workers = min(8, os.cpu_count() or 1)
     if workers == 1 or len(paths) < 256:
-        yield from map(_open_rgb, paths)
+        yield from map(rgb, paths)
         return
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(_open_rgb, paths)
-
-
-# --------------------------------------------------------------------------- pixels
+        yield from pool.map(rgb, paths)
 
 
 def _fit_square(img: Image.Image, size: int) -> Image.Image:
@@ -380,9 +330,6 @@ def _resized(images: np.ndarray, size: int | None, progress: bool, desc: str) ->
     if size is None or images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images, dtype=np.uint8)
     return _stack((Image.fromarray(a) for a in images), len(images), size, progress, desc)
-
-
-# --------------------------------------------------------------------------- torchvision
 
 
 def _from_torchvision(name: str, split: str, root: Path, n: int | None, seed: int,

@@ -1,10 +1,7 @@
 """Capture what named layers of any ``nn.Module`` output: the one forward-hook mechanism.
 
-:func:`capture` hooks the chosen layers for the length of a ``with`` block; :func:`extract`
-runs a model over images with it and returns ``{layer: (n, p) float32 array}`` for
-:func:`repsim.cka.cka_matrix`. Stores on disk (:mod:`repsim.extraction`) use the same
-:func:`capture`. Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`):
-module names (``"blocks.3"``, ``"0"``), globs (``"blocks.*"``), aliases and keywords.
+:func:`capture` hooks layers for a ``with`` block; :func:`extract` runs a model over images
+with it. Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`).
 """
 
 from __future__ import annotations
@@ -33,10 +30,9 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
 
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
-    ``prefix`` -> every class/register token, token by token ``(b, n_prefix*D)`` (columns
-    ``t*D:(t+1)*D`` are prefix token ``t``, so one token can be compared with another).
-    ``(b, C, H, W)`` maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything
-    else is flattened. ``how=None`` returns ``x`` as it is.
+    ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
+    maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
+    ``how=None`` returns ``x`` as it is.
     """
     _check(how)
     if how is None:

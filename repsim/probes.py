@@ -1,25 +1,15 @@
 """Per-layer linear probes, and what deleting a layer's top principal components does to CKA
-and to probe accuracy (Ding, Denain & Steinhardt 2021).
+and to probe accuracy (Ding, Denain & Steinhardt 2021): :func:`linear_probe`,
+:func:`remove_top_pcs`, both for every layer of a feature set (:func:`probe_layers`) or of a
+model (:func:`probe_model`).
 
-- :func:`linear_probe`: test accuracy of a multinomial logistic regression trained on one
-  split of a layer's ``(n, p)`` features and tested on another.
-- :func:`remove_top_pcs`: a layer's centred features without their top-``k`` principal
-  components.
-- :func:`probe_layers` runs both for every layer of a feature set (``{layer: (n, p)}``, as
-  :func:`repsim.extract` returns it); :func:`probe_model` extracts the features first.
-
-**The probe shares linear CKA's invariances.** Features are centred and divided by one number
-(the root-mean-square distance of a training row to the training mean), not z-scored per
-feature: per-feature scaling would change a layer's geometry, so a rotated copy of a layer
-would probe differently while CKA calls the two identical. The fit is L2-penalised (on the
-weights, not the biases), starts at zero and runs full-batch L-BFGS; its iterates depend on
-the data only through inner products, so any isometry of the features (a rotation, an
-embedding into more dimensions), a translation or a global scale leaves the accuracy
-unchanged, and a network whose layers are such maps of its input probes exactly like its
-input (tested). The penalised loss is strictly convex, so there is one optimum and no
-randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test split.
-A non-orthogonal linear map of the input can change the accuracy (the penalty is not
-invariant to it).
+**The probe shares linear CKA's invariances.** Features are centred and divided by one number,
+not z-scored per feature (that would change a layer's geometry, so a rotated copy of a layer
+would probe differently while CKA calls the two identical). The L2-penalised fit starts at
+zero and runs full-batch L-BFGS, whose iterates see the data only through inner products: an
+isometry, a translation or a global scale of the features leaves the accuracy unchanged
+(tested); a non-orthogonal linear map can change it. The loss is strictly convex, so there is
+no randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test split.
 """
 
 from __future__ import annotations
@@ -44,10 +34,8 @@ TOLERANCE = 1e-6  # L-BFGS stops when no gradient entry exceeds this
 
 @contextmanager
 def _one_thread(device: torch.device | None = None) -> Iterator[None]:
-    """One CPU thread for the small matrices of probes and deletions (500 x 512, 512 x 512):
-    on our 2-core machine shared with other jobs, two threads spent most of their time
-    waiting for each other: a probe step took 116 ms on two threads and 13 ms on one, the
-    eigendecomposition of a 512 x 512 matrix 18 s and 0.6 s."""
+    """One CPU thread for the small matrices of probes and deletions (500 x 512): on a shared
+    2-core machine a probe step took 116 ms on two threads, 13 ms on one."""
     before = torch.get_num_threads()
     if device is None or device.type == "cpu":
         torch.set_num_threads(1)
@@ -58,7 +46,6 @@ def _one_thread(device: torch.device | None = None) -> Iterator[None]:
 
 
 def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
-    """``x`` as a float64 ``(n, p)`` tensor on ``device``; UserError when it is not 2-D."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() != 2:
         raise UserError(f"{name} has shape {tuple(t.shape)}; pass an (n, p) matrix, one row "
@@ -67,9 +54,8 @@ def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
 
 
 def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Both splits centred on the training mean and divided by one scale, the root-mean-square
-    distance of a training row to that mean (so training rows have mean squared norm 1).
-    One scale, not one per feature: see the module docstring."""
+    """Both splits centred on the training mean and divided by the root-mean-square distance
+    of a training row to it (one scale, not one per feature: see the module docstring)."""
     mean = train_x.mean(0)
     scale = (train_x - mean).pow(2).sum(1).mean().sqrt()
     scale = scale if scale > 0 else torch.ones_like(scale)  # a constant layer stays zero
@@ -81,11 +67,10 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
                  device: str | torch.device | None = None) -> float:
     """Test accuracy (a fraction in [0, 1]) of a multinomial logistic regression.
 
-    ``train_x`` ``(n_train, p)`` with labels ``train_y`` ``(n_train,)``; ``test_x``
-    ``(n_test, p)``, ``test_y`` ``(n_test,)``; any integer labels. Minimises mean cross-entropy
-    ``+ weight_decay / 2 * ||W||^2`` on standardised features (:func:`standardise`) with
-    full-batch L-BFGS from zero for at most ``steps`` iterations, in float64 on ``device``
-    (default: a GPU when there is one). Deterministic: the same inputs give the same number.
+    ``train_x`` ``(n_train, p)``, ``test_x`` ``(n_test, p)``, integer labels ``(n_*,)``.
+    Minimises mean cross-entropy ``+ weight_decay / 2 * ||W||^2`` on :func:`standardise`-d
+    features, full-batch L-BFGS from zero for at most ``steps`` iterations, in float64 on
+    ``device`` (default: a GPU when there is one). Deterministic.
     """
     from repsim.models import resolve_device
 
