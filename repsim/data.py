@@ -1,15 +1,12 @@
 """Probe sets: the fixed, reproducible images whose activations get extracted and compared.
 
 A probe set is ``n`` images of one split, each with a stable *sample ID* (its index in the
-canonical order of the full split), so runs and models line up row by row and a subset traces
-back to its files. Images are ``(n, H, W, 3)`` uint8 RGB; only the selected files are opened.
-
-- ``cifar10-probe`` (:data:`DEFAULT_DATASET`): 1,000 CIFAR-10 test images bundled in
-  :mod:`repsim.assets` with their canonical IDs; no data root, no network.
-- ``cifar10``, ``cifar100``, ``svhn`` under the data root: an image-folder tree
-  ``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file
-  name), else torchvision's own layout (ID = torchvision's index; downloaded if missing).
-- ``imagefolder:PATH``: the user's images, ``PATH/<class>/*`` or flat ``PATH/*`` (one class).
+canonical order of the full split), so runs and models line up row by row. Sources:
+``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
+``cifar100``, ``svhn`` under the data root, as an image-folder tree
+``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file name)
+or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
+or flat ``PATH/*``, one class).
 """
 
 from __future__ import annotations
@@ -48,12 +45,9 @@ _VALID_DATASETS = ", ".join(DATASETS) + f", {PROBE_NAME}, imagefolder:PATH"
 
 @dataclass(frozen=True, eq=False)  # eq=False: array fields make value equality ambiguous
 class ProbeSet:
-    """A reproducible set of probe images.
-
-    ``images`` is ``(n, H, W, 3)`` uint8 RGB; ``labels`` and ``ids`` are ``(n,)`` int64, with
-    ``ids`` the sorted indices of the samples in the canonical order of the full split of size
-    ``n_total``. ``seed`` is the subset seed, or None when the whole split was taken.
-    """
+    """``images`` ``(n, H, W, 3)`` uint8 RGB; ``labels``, ``ids`` ``(n,)`` int64, ``ids`` the
+    sorted indices into the canonical order of the full split of size ``n_total``; ``seed``
+    the subset seed, or None when the whole split was taken."""
 
     dataset: str
     split: str
@@ -116,14 +110,12 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
                    seed: int = 0, data_root: str | os.PathLike | None = None,
                    image_size: int | None = None, download: bool = True,
                    progress: bool = False) -> ProbeSet:
-    """Load ``n`` images (all if None) of ``dataset``/``split``, chosen by ``seed``.
+    """``n`` images (all if None) of ``dataset``/``split``, chosen by ``seed``.
 
-    ``image_size`` (pixels) resizes every image's shorter side to it (bicubic) and centre-crops
-    a square. When None, images keep their native size if all selected images share one,
-    else they are brought to 224x224 -- so for mixed-size folders pass ``image_size`` to make
-    the size independent of which subset was drawn. ``download`` lets torchvision fetch a
-    missing standard dataset (needs network; ``REPSIM_OFFLINE=1`` turns it off);
-    ``progress`` shows a bar while decoding.
+    ``image_size`` (pixels): resize the shorter side to it (bicubic), centre-crop a square.
+    None keeps the native size when all selected images share one, else 224x224 (so for
+    mixed-size folders pass it, or the size depends on the subset drawn). ``download`` lets
+    torchvision fetch a missing standard dataset (``REPSIM_OFFLINE=1`` turns it off).
     """
     if not isinstance(dataset, str):
         raise UserError(f"dataset={dataset!r} is not a name; use one of {_VALID_DATASETS}")
@@ -192,9 +184,8 @@ def bundled_info() -> dict:
 
 def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
                   progress: bool) -> ProbeSet:
-    """The bundle as a ``cifar10`` test :class:`ProbeSet`: all 1,000 images (seed recorded as
-    None) or ``subset_indices(1000, n, seed)`` of them. ``ids`` stay the canonical CIFAR-10
-    test IDs, so ``n_total`` is 10,000 (the split the IDs index)."""
+    """The bundle as a ``cifar10`` test :class:`ProbeSet` (``n`` of its images by ``seed``);
+    ``ids`` stay the canonical CIFAR-10 test IDs, so ``n_total`` is 10,000."""
     if split != "test":
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")

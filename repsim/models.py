@@ -65,9 +65,20 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
-               ) -> tuple[nn.Module, int]:
+def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int | None,
+               seed: int) -> tuple[nn.Module, int, Path]:
+    """``(model, class count, path)`` of the weights file ``weights`` (None: the default)."""
     spec = entry.spec
+    path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
+    if weights is None and not path.is_file():
+        raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
+                        "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
+                        f"`repsim train --model {spec.name}`, or pass weights=PATH or "
+                        "weights='random'")
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"weights file {path} {what}; valid: a state dict or checkpoint file, "
+                        "or 'random'")
     sd, meta = read_state_dict(path)
     head = sd.get(entry.head_key) if entry.head_key else None
     n = num_classes
@@ -77,7 +88,7 @@ def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
         n = meta.get("num_classes", spec.num_classes)
     note = f" (the file says model {meta['model']!r})" if isinstance(meta.get("model"), str) else ""
     hint = " or drop num_classes=" if num_classes is not None else ""
-    return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n
+    return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n, path
 
 
 def _weights_cache(tag: str) -> tuple[str | None, bool, Path]:
@@ -158,20 +169,6 @@ def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
         hf.HF_HUB_OFFLINE = hub_offline
 
 
-def _weights_path(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
-    path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
-    if weights is None and not path.is_file():
-        raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
-                        "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
-                        f"`repsim train --model {spec.name}`, or pass weights=PATH or "
-                        "weights='random'")
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"weights file {path} {what}; valid: a state dict or checkpoint file, "
-                        "or 'random'")
-    return path
-
-
 def load_model(name: str, weights: str | os.PathLike | None = None, *,
                num_classes: int | None = None, seed: int = 0,
                device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -188,16 +185,13 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     if source is None:
         raise UserError(f"{spec.name} has no default weights; valid: weights=PATH or "
                         "weights='random'")
-    sha = None
+    n, sha = _check_num_classes(num_classes, spec), None
     if source == "random":
-        n = _check_num_classes(num_classes, spec)
         model, label = build_model(spec.name, n, seed), "random"
     elif source in ("timm", "torchvision"):
-        n = _check_num_classes(num_classes, spec)
         model, label = _load_pretrained(entry, source, n, seed), entry.pretrained_tag
-    else:
-        path = _weights_path(spec, weights)
-        model, n = _load_file(entry, path, num_classes, seed)
+    else:  # a file: its head decides the class count unless num_classes says otherwise
+        model, n, path = _load_file(entry, weights, num_classes, seed)
         sha, label = sha256_file(path), str(path)
     prov = {"model": spec.name, "weights": label, "weights_sha256": sha, "num_classes": n,
             "seed": seed}
@@ -221,9 +215,7 @@ def preprocess(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
                           antialias=True)
         x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL pipelines clip at uint8, so do we
     if (spec.mean, spec.std) != NO_NORM:
-        mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        x = (x - x.new_tensor(spec.mean).view(1, 3, 1, 1)) / x.new_tensor(spec.std).view(1, 3, 1, 1)
     return x.contiguous()
 
 
