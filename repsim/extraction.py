@@ -1,11 +1,10 @@
 """``repsim extract``: run a model over a probe set once and stream every chosen layer's
-activations into an HDF5 store (:mod:`repsim.store`), captured by :func:`repsim.hooks.capture`.
+activations into an HDF5 store (:mod:`repsim.store`).
 
-A store's default path is a content address: a digest of everything that decides what it
-holds (``_store_key``), so stores made with other options never replace each other and a
-complete store at that path is reused without running the model. An interrupted run resumes
-where it stopped. Under ``torchrun`` the batches are dealt out to the ranks, each rank writes
-its own shard, and rank 0 merges them into one store identical to a single-process run's.
+A store's default path is a digest of everything that decides what it holds (``_store_key``),
+so a complete store there is reused without running the model; an interrupted run resumes.
+Under ``torchrun`` each rank writes its own batches to a shard and rank 0 merges the shards
+into one store identical to a single-process run's.
 """
 
 from __future__ import annotations
@@ -65,11 +64,8 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
-    """Everything that decides what a store holds (``data``: the probe set's provenance).
-
-    Weights count by content (the file's sha256), so new weights under the same name make a
-    new store; batch size, device and compression are how it is made, not what it holds.
-    """
+    """Everything that decides what a store holds (``data``: the probe set's provenance):
+    weights by content (the file's sha256); not batch size, device or compression."""
     from repsim.registry import default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -110,13 +106,9 @@ def _dist() -> tuple[int, int]:
 
 
 def extract(cfg: ExtractConfig) -> dict:
-    """Extract activations as ``cfg`` says. Returns a summary: path, n, layers, reused,
-    resumed, seconds, bytes.
-
-    A complete store at the target with the same key (``_store_key``) is reused (the model is
-    not run); one with another key needs ``overwrite``. An unfinished ``.partial`` store with
-    the same settings is resumed.
-    """
+    """Extract activations as ``cfg`` says; a summary: path, n, layers, reused, resumed,
+    seconds, bytes. A complete store at the target with the same key is reused, one with
+    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed."""
     from repsim import __version__
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock

@@ -35,8 +35,6 @@ class LowRankQKV(nn.Module):
 
     def __init__(self, dim: int, rank: int, low: str, bias: bool = True) -> None:
         super().__init__()
-        if low not in ("q", "k"):
-            raise ValueError(f"low={low!r}; valid: 'q' or 'k'")
         self.low, self.rank = low, rank
 
         def proj(name: str) -> nn.Module:
