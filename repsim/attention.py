@@ -83,10 +83,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             f"attention maps need a timm Vision Transformer, but the model is a "
             f"{type(model).__name__} (no transformer blocks); valid: vit_cifar, vit_imagenet "
             "or timm:<a ViT>; fix: pass a ViT, or use `repsim featuremaps` for CNNs")
-    try:  # imported here: timm takes seconds to import and only ViT callers need it
-        from timm.layers.attention import Attention
-    except ImportError:  # older timm kept it in vision_transformer.py
-        from timm.models.vision_transformer import Attention
+    from timm.models.vision_transformer import Attention  # here: timm takes seconds to load
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
@@ -191,14 +188,8 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None,
                       to_cpu: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass.
-
-    Example::
-
-        with capture_attention(model) as maps:
-            logits = model(x)          # unchanged logits
-        maps[0].sum(-1)                # all ones
-    """
+    """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass
+    (``with capture_attention(model) as maps: logits = model(x)``; the logits are unchanged)."""
     maps: dict[int, torch.Tensor] = {}
 
     def consume(i, q, k, scale, bias):

@@ -10,6 +10,7 @@ into one store identical to a single-process run's.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -196,7 +197,8 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     bar = tqdm(total=sum(writer.bounds[j][1] - writer.bounds[j][0] for j in todo),
                desc=f"extract {cfg.model}", unit="img", unit_scale=True,
                disable=not (cfg.progress and rank == 0))
-    images = torch.from_numpy(probe.images)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
+    images, pending = torch.from_numpy(probe.images), None
 
     def store(j: int, feats: dict[str, torch.Tensor]) -> None:
         writer.write(j, {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()})
@@ -204,31 +206,24 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
     # forward pass (memory stays at two batches; batches land in order, so the journal is
-    # exact).
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
-    pending = None
-    try:
-        with torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
-            for j in todo:
-                a, b = writer.bounds[j]
-                try:
-                    model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
-                except ReductionError as exc:
-                    raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
-                feats = dict(cap.outputs)
-                if pending is not None:
-                    pending.result()  # re-raises a failed write here
-                if not writer.layers_created:
-                    dims = {k: v.shape[1] for k, v in feats.items()}
-                    writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims),
-                                         cfg.compression)
-                pending = pool.submit(store, j, feats)
-                bar.update(b - a)
+    # exact). Leaving the pool waits for the last write, also on errors.
+    with pool, bar, torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
+        for j in todo:
+            a, b = writer.bounds[j]
+            try:
+                model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
+            except ReductionError as exc:
+                raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
+            feats = dict(cap.outputs)
             if pending is not None:
-                pending.result()
-    finally:
-        pool.shutdown(wait=True)
-        bar.close()
+                pending.result()  # re-raises a failed write here
+            if not writer.layers_created:
+                dims = {k: v.shape[1] for k, v in feats.items()}
+                writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims), cfg.compression)
+            pending = pool.submit(store, j, feats)
+            bar.update(b - a)
+        if pending is not None:
+            pending.result()
 
 
 def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
@@ -244,13 +239,10 @@ def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
 def _maybe_fault() -> None:
     """Test-only fault injection: REPSIM_FAULT_AFTER_BATCHES=k SIGKILLs after k batches."""
     left = os.environ.get("REPSIM_FAULT_AFTER_BATCHES")
-    if left is None:
-        return
-    os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(int(left) - 1)
-    if int(left) <= 1:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    if left is not None:
+        os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(int(left) - 1)
+        if int(left) <= 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _shard(out: Path, rank: int, world: int) -> Path:
@@ -264,7 +256,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> Path:
+def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> None:
     """Rank 0: copy each rank's batches from its shard into one store, then finish it."""
     import json
 
@@ -289,7 +281,6 @@ def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> Path:
     finally:
         for s in shards:
             s.close()
-    path = writer.finish()
+    writer.finish()
     for r in range(world):
         partial_path(_shard(out, r, world)).unlink(missing_ok=True)
-    return path
