@@ -186,15 +186,15 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None,
-                      to_cpu: bool = True) -> Iterator[dict[int, torch.Tensor]]:
+def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
+                      ) -> Iterator[dict[int, torch.Tensor]]:
     """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass
-    (``with capture_attention(model) as maps: logits = model(x)``; the logits are unchanged)."""
+    (``with capture_attention(model) as maps: logits = model(x)``; the logits are unchanged),
+    on the CPU."""
     maps: dict[int, torch.Tensor] = {}
 
     def consume(i, q, k, scale, bias):
-        a = _softmax(q, k, scale, bias)
-        maps[i] = a.cpu() if to_cpu else a
+        maps[i] = _softmax(q, k, scale, bias).cpu()
 
     with _qk_hooks(model, consume, blocks):
         yield maps
