@@ -152,12 +152,11 @@ def _check_positive(n: int | None) -> None:
                         "to use the whole split")
 
 
-def _subset(n_total: int, n: int | None, seed: int, what: str,
-            fix: str = "omit n to use them all") -> np.ndarray:
+def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
     """:func:`subset_indices`, refusing an ``n`` above ``n_total`` (the size of ``what``)."""
     if n is not None and n > n_total:
         raise UserError(f"n={n} is larger than {what}, which has {n_total} images; "
-                        f"pass n <= {n_total}, or {fix}")
+                        f"pass n <= {n_total}, or omit n to use them all")
     return subset_indices(n_total, n, seed)
 
 
@@ -190,7 +189,10 @@ def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")
     images, labels, ids, classes, meta, sha = _bundle()
-    pos = _subset(len(ids), n, seed, PROBE_NAME, "dataset='cifar10' with data_root=DIR for more")
+    if n is not None and n > len(ids):
+        raise UserError(f"n={n} is larger than the {len(ids)} images bundled as {PROBE_NAME}; "
+                        f"pass n <= {len(ids)}, or dataset='cifar10' with data_root=DIR for more")
+    pos = subset_indices(len(ids), n, seed)
     source = (f"bundled:{PROBE_FILE.name} sha256={sha[:16]} ({meta['n']} CIFAR-10 test images, "
               f"{meta['per_class']} per class, {meta['pixels']})")
     return ProbeSet("cifar10", "test", _resized(images[pos], image_size, progress, PROBE_NAME),
