@@ -2,13 +2,9 @@
 
 The tiny ViT of Gent Wu 2025 (*Powerful Design of Small Vision Transformer on CIFAR10*, code
 erow/PoorViTs) and the designs it and Lee et al. 2021 (*Vision Transformer for Small-Size
-Datasets*) compare. Every variant keeps timm's own ``Attention`` in its blocks, so layer names,
-:func:`repsim.capture` and exact attention capture (a hook on ``attn.qkv``) work unchanged:
-a low-rank query or key is a :class:`LowRankQKV` ``attn.qkv``; locality self-attention's
-temperature is ``attn.q_norm`` (:class:`HeadTemperature`) and its diagonal mask the
-``attn_mask`` :class:`LocalityViT` passes to every block; shifted patch tokenisation is
-:class:`ShiftedPatchEmbed`; several class tokens are timm's register tokens, pooled by
-:class:`PrefixPoolViT`.
+Datasets*) compare. Every variant keeps timm's own ``Attention`` in its blocks (the changes
+sit in ``attn.qkv``, ``attn.q_norm``, the ``attn_mask``, ``patch_embed`` and the pooling), so
+layer names, :func:`repsim.capture` and exact attention capture work unchanged.
 """
 
 from __future__ import annotations
