@@ -1,10 +1,9 @@
 """Look inside ViTs: every head's attention, attention rollout and mean attention distance.
 
 Capture is exact and leaves outputs untouched: a hook on each block's ``attn.qkv`` takes the
-very ``qkv`` the model computed and rebuilds timm's non-fused ``softmax(q_norm(q) * scale @
-k_norm(k)^T + mask)``; it writes into nothing the model uses, so outputs are bit-identical with
-and without capture, fused kernel or not (on the explicit path the captured weights are the
-model's own, bit for bit). Blocks whose ``attn`` is not timm's ``Attention`` are refused.
+``qkv`` the model computed and rebuilds timm's non-fused ``softmax(q_norm(q) * scale @
+k_norm(k)^T + mask)`` without writing into anything the model uses, fused kernel or not.
+Blocks whose ``attn`` is not timm's ``Attention`` are refused.
 
 Shapes: ``B`` images, ``L`` blocks, ``H`` heads, ``T = n_prefix + P`` tokens (class/register
 tokens first, then the ``P = gh * gw`` patches, row-major). Attention is ``(B, L, H, T, T)``.
@@ -14,8 +13,7 @@ distance to the patch centres it attends to, averaged over queries and images; `
 pixels of the model input. Prefix tokens are neither queries nor keys: ``renormalize=True``
 renormalises the weights over patch keys (uniform attention gives the grid's mean pairwise
 distance), ``False`` counts prefix mass as distance 0. Rollout (Abnar & Zuidema 2020):
-``R = Â_L ... Â_1`` with ``Â_l = rownorm(mean_h A_l + I)``. Figures and the ``repsim
-attention`` command live in :mod:`repsim.figures.attention`.
+``R = Â_L ... Â_1`` with ``Â_l = rownorm(mean_h A_l + I)``.
 """
 
 from __future__ import annotations
@@ -26,33 +24,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from repsim.errors import UserError
 
 
-def _timm_attention() -> type:
-    try:  # imported here: timm takes seconds to import and only ViT callers need it
-        from timm.layers.attention import Attention
-    except ImportError:  # older timm kept it in vision_transformer.py
-        from timm.models.vision_transformer import Attention
-    return Attention
-
-
 @dataclass(frozen=True)
-class ViTGeometry:
-    """Token layout of a ViT: ``grid`` (patch rows, cols), ``patch_size`` (pixels of the model
-    input, rows x cols), ``n_prefix`` class/register tokens, ``depth`` blocks of ``num_heads``."""
+class TokenGrid:
+    """A ViT's token layout: ``grid`` (rows, cols) of patches of ``patch_size`` pixels of the
+    model input (rows, cols), after ``n_prefix`` class/register tokens."""
 
-    depth: int
-    num_heads: int
     grid: tuple[int, int]
     patch_size: tuple[int, int]
     n_prefix: int
-    class_token: bool
 
     @property
-    def n_patches(self) -> int:
+    def cells(self) -> int:
         return self.grid[0] * self.grid[1]
 
     @property
@@ -60,8 +48,31 @@ class ViTGeometry:
         return self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1]
 
 
+@dataclass(frozen=True)
+class ViTGeometry(TokenGrid):
+    """A :class:`TokenGrid` plus ``depth`` blocks of ``num_heads`` heads; ``class_token``."""
+
+    depth: int
+    num_heads: int
+    class_token: bool
+
+
 def _pair(v: int | float | Sequence) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def token_grid(model: nn.Module) -> TokenGrid:
+    """The :class:`TokenGrid` of a ViT-like module: ``model.patch_embed.grid_size`` and
+    ``.patch_size`` (timm's names), ``model.num_prefix_tokens`` (default: 1 with a
+    ``cls_token``, else 0). UserError for a module without a patch grid (a CNN)."""
+    pe = getattr(model, "patch_embed", None)
+    grid, patch = (tuple(int(v) for v in _pair(getattr(pe, k, None) or 0))
+                   for k in ("grid_size", "patch_size"))
+    if min(grid + patch) < 1:
+        raise UserError(f"{type(model).__name__} has no patch grid (patch_embed.grid_size and "
+                        ".patch_size); valid: vit_cifar, vit_imagenet or timm:<a ViT>")
+    default = 1 if getattr(model, "cls_token", None) is not None else 0
+    return TokenGrid(grid, patch, int(getattr(model, "num_prefix_tokens", default)))
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -72,10 +83,10 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
             f"attention maps need a timm Vision Transformer, but the model is a "
             f"{type(model).__name__} (no transformer blocks); valid: vit_cifar, vit_imagenet "
             "or timm:<a ViT>; fix: pass a ViT, or use `repsim featuremaps` for CNNs")
-    cls = _timm_attention()
+    from timm.models.vision_transformer import Attention  # here: timm takes seconds to load
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
-        if not isinstance(attn, cls) or type(attn).forward is not cls.forward:
+        if not isinstance(attn, Attention) or type(attn).forward is not Attention.forward:
             what = type(attn).__name__ if attn is not None else "no 'attn' module"
             raise UserError(
                 f"block {i} of this {type(model).__name__} uses {what}, not timm's standard "
@@ -91,15 +102,9 @@ def vit_geometry(model: nn.Module) -> ViTGeometry:
     heads = {m.num_heads for m in attention_modules(model)}
     if len(heads) != 1:
         raise UserError(f"blocks have different head counts {sorted(heads)}; not supported")
-    pe = model.patch_embed
-    grid = tuple(int(g) for g in _pair(getattr(pe, "grid_size", None) or (0, 0)))
-    patch = tuple(int(p) for p in _pair(getattr(pe, "patch_size", None) or (0, 0)))
-    if min(grid + patch) < 1:
-        raise UserError(f"cannot read the patch grid of this {type(model).__name__}; "
-                        "attention maps need a ViT with a fixed patch grid")
-    class_token = getattr(model, "cls_token", None) is not None
-    n_prefix = int(getattr(model, "num_prefix_tokens", int(class_token)))
-    return ViTGeometry(len(model.blocks), heads.pop(), grid, patch, n_prefix, class_token)
+    g = token_grid(model)
+    return ViTGeometry(g.grid, g.patch_size, g.n_prefix, len(model.blocks), heads.pop(),
+                       getattr(model, "cls_token", None) is not None)
 
 
 def distance_matrix(grid: tuple[int, int], patch_size: int | float | Sequence = 1
@@ -118,8 +123,6 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-# --------------------------------------------------------------------------- capture
-
 # consume(block, q, k, scale, bias): q = q_norm(q), k = k_norm(k), both (B, H, T, d) views of
 # the qkv output the model computed; scale = head_dim ** -0.5 (timm multiplies q by it);
 # bias = the additive mask timm's non-fused path adds to the scores (None for plain ViTs).
@@ -133,6 +136,13 @@ def _attn_bias(n: int, ref: torch.Tensor, mask: torch.Tensor | None, causal: boo
     if mask is not None and mask.dtype == torch.bool:
         return torch.zeros_like(mask, dtype=ref.dtype).masked_fill_(~mask, float("-inf"))
     return mask
+
+
+def _softmax(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None
+             ) -> torch.Tensor:
+    # The same operations, in the same order, as timm's non-fused Attention.forward.
+    scores = (q * scale) @ k.transpose(-2, -1)
+    return (scores if bias is None else scores + bias).softmax(dim=-1)
 
 
 @contextlib.contextmanager
@@ -176,23 +186,15 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None,
-                      to_cpu: bool = True) -> Iterator[dict[int, torch.Tensor]]:
-    """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass.
-
-    Example::
-
-        with capture_attention(model) as maps:
-            logits = model(x)          # unchanged logits
-        maps[0].sum(-1)                # all ones
-    """
+def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
+                      ) -> Iterator[dict[int, torch.Tensor]]:
+    """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass
+    (``with capture_attention(model) as maps: logits = model(x)``; the logits are unchanged),
+    on the CPU."""
     maps: dict[int, torch.Tensor] = {}
 
     def consume(i, q, k, scale, bias):
-        # The same operations, in the same order, as timm's non-fused Attention.forward.
-        scores = (q * scale) @ k.transpose(-2, -1)
-        a = (scores if bias is None else scores + bias).softmax(dim=-1)
-        maps[i] = a.cpu() if to_cpu else a
+        maps[i] = _softmax(q, k, scale, bias).cpu()
 
     with _qk_hooks(model, consume, blocks):
         yield maps
@@ -208,13 +210,40 @@ def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | No
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
 
-# --------------------------------------------------------------------------- analyses on arrays
+def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer, spec: object,
+          batch_size: int, progress: bool = False) -> None:
+    """Run ``images`` through ``model`` in batches with ``consume`` hooked on every block:
+    uint8 ``(n, H, W, 3)`` preprocessed as ``spec`` says, or float ``(n, 3, S, S)`` as given."""
+    from tqdm.auto import tqdm
+
+    from repsim.models import preprocess
+
+    src = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    is_uint8 = src.dtype == torch.uint8
+    if is_uint8 and spec is None:
+        raise ValueError("uint8 images need the model's spec to be preprocessed")
+    if batch_size < 1 or len(src) == 0:
+        raise UserError(f"need images and a positive batch size (got {len(src)} images, "
+                        f"batch_size={batch_size})")
+    dev = model_device(model)
+    bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
+    with bar, torch.inference_mode(), _qk_hooks(model, consume):
+        for a in range(0, len(src), batch_size):
+            xb = src[a:a + batch_size].to(dev, non_blocking=True)
+            model(preprocess(spec, xb) if is_uint8 else xb)
+            bar.update(len(xb))
 
 
-def _as_float64(attn: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _batched(attn: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``attn`` as float64 ``(B, L, H, T, T)`` on the CPU; True if it came as ``(L, H, T, T)``."""
     if isinstance(attn, torch.Tensor):
-        return attn.detach().to("cpu", torch.float64)
-    return torch.from_numpy(np.array(attn, dtype=np.float64))  # a copy: input may be read-only
+        a = attn.detach().to("cpu", torch.float64)
+    else:
+        a = torch.from_numpy(np.array(attn, dtype=np.float64))  # a copy: may be read-only
+    if a.ndim not in (4, 5) or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"attention of shape {tuple(a.shape)}; expected (B, L, H, T, T) "
+                         "or (L, H, T, T)")
+    return (a[None], True) if a.ndim == 4 else (a, False)
 
 
 def mean_attention_distance(attn: np.ndarray | torch.Tensor, grid: tuple[int, int],
@@ -223,13 +252,11 @@ def mean_attention_distance(attn: np.ndarray | torch.Tensor, grid: tuple[int, in
     """``(L, H)`` float64 mean attention distance (pixels) of ``(B, L, H, T, T)`` or
     ``(L, H, T, T)`` attention over a ``grid`` of patches of ``patch_size`` pixels; the first
     ``T - gh*gw`` tokens are the prefix (see the module docstring for ``renormalize``)."""
-    a = _as_float64(attn)
-    a = a[None] if a.ndim == 4 else a
+    a, _ = _batched(attn)
     gh, gw = _pair(grid)
     p = int(gh) * int(gw)
-    if a.ndim != 5 or a.shape[-1] != a.shape[-2] or a.shape[-1] < p:
-        raise ValueError(f"attention of shape {tuple(a.shape)} does not fit a {gh}x{gw} grid; "
-                         "expected (B, L, H, T, T) or (L, H, T, T) with T >= gh*gw")
+    if a.shape[-1] < p:
+        raise ValueError(f"{a.shape[-1]} tokens cannot hold a {gh}x{gw} patch grid")
     n = a.shape[-1] - p
     a = a[..., n:, n:]
     if renormalize:
@@ -242,12 +269,7 @@ def rollout(attn: np.ndarray | torch.Tensor, residual: bool = True) -> np.ndarra
     """Attention rollout, float64: ``(B, L, H, T, T) -> (B, T, T)`` or ``(L, H, T, T) -> (T, T)``;
     row ``t`` is how token ``t`` of the last block draws on the input tokens.
     ``residual=False`` drops the ``+ I``."""
-    a = _as_float64(attn)
-    single = a.ndim == 4
-    a = a[None] if single else a
-    if a.ndim != 5 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"attention of shape {tuple(a.shape)}; expected (B, L, H, T, T) "
-                         "or (L, H, T, T)")
+    a, single = _batched(attn)
     m = a.mean(2)
     if residual:
         m = m + torch.eye(m.shape[-1], dtype=m.dtype)
@@ -275,89 +297,44 @@ def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> n
     return rows.reshape(*rows.shape[:-1], gh, gw)
 
 
-# --------------------------------------------------------------------------- streaming distance
-
-
-class _DistanceSums:
-    """Per-(block, head) float64 sums of per-query expected patch distances.
-
-    Per block and batch: one batched product for the scores (scale folded into the GEMM), one
-    softmax, and one matrix-vector product of the ``(B, H, Q*K)`` weights with the flattened
-    distance matrix; each image's per-head sum is a float32 dot product, the sums over images
-    and batches are float64.
-    """
-
-    def __init__(self, geo: ViTGeometry, d: torch.Tensor, renormalize: bool) -> None:
-        self.n, self.p, self.renormalize = geo.n_prefix, geo.n_patches, renormalize
-        if not renormalize:  # scores over all tokens; prefix rows and columns weigh 0
-            full = d.new_zeros((self.n + self.p,) * 2)
-            full[self.n:, self.n:] = d
-            d = full
-        self.d_flat = d.reshape(-1).contiguous()
-        self.sums = torch.zeros(geo.depth, geo.num_heads, dtype=torch.float64, device=d.device)
-        self.counts = np.zeros(geo.depth, dtype=np.int64)
-        self._beta0 = d.new_empty((1, 1, 1))  # ignored input of baddbmm(beta=0)
-
-    def update(self, i: int, q: torch.Tensor, k: torch.Tensor, scale: float, bias
-               ) -> _DistanceSums:
-        b, h, t, dh = q.shape
-        if t != self.n + self.p:
-            raise UserError(f"block {i} sees {t} tokens, but the patch grid has {self.p} + "
-                            f"{self.n} prefix; feed images of the model's input size (dynamic "
-                            "image sizes are not supported)")
-        if self.renormalize:
-            # softmax over patch keys only == full softmax renormalised over patch keys, and
-            # only patch queries are needed: a (T-n)^2 instead of T^2 score block.
-            q, k = q[:, :, self.n:], k[:, :, self.n:]
-            bias = None if bias is None else bias[..., self.n:, self.n:]
-        m = q.shape[2]
-        qf, kf = q.reshape(b * h, m, dh).float(), k.reshape(b * h, m, dh).float()
-        scores = torch.baddbmm(self._beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
-        scores = scores.view(b, h, m, m)
-        a = (scores if bias is None else scores + bias).softmax(dim=-1)
-        per_image = a.view(b, h, m * m) @ self.d_flat  # (B, H): sum over queries and keys
-        self.sums[i] += per_image.to(torch.float64).sum(0)
-        self.counts[i] += b * self.p
-        return self
-
-    def compute(self) -> np.ndarray:
-        """``(L, H)`` float64 mean distances."""
-        return self.sums.cpu().numpy() / self.counts[:, None]
-
-
 def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec=None, *,
                        batch_size: int = 64, renormalize: bool = True,
                        progress: bool = False) -> np.ndarray:
-    """``(L, H)`` float64 mean attention distance, in pixels of the model input, over ``images``.
-
-    ``images``: ``(n, H, W, 3)`` uint8 (then ``spec``, a :class:`repsim.registry.ModelSpec`, says
-    how to preprocess) or an already preprocessed float ``(n, 3, S, S)`` tensor. Runs batches
-    of ``batch_size`` on the model's device; no attention map outlives its block, so memory
-    does not grow with ``n``.
-    """
-    from tqdm.auto import tqdm
-
-    from repsim.models import preprocess
-
+    """``(L, H)`` float64 mean attention distance, in pixels of the model input, over ``images``:
+    ``(n, H, W, 3)`` uint8 (preprocessed as ``spec``, a :class:`repsim.registry.ModelSpec`,
+    says) or preprocessed float ``(n, 3, S, S)``. No attention map outlives its block, so
+    memory does not grow with ``n``."""
     geo = vit_geometry(model)
-    dev = model_device(model)
-    src = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
-    is_uint8 = src.dtype == torch.uint8
-    if is_uint8 and spec is None:
-        raise ValueError("uint8 images need the model's spec to be preprocessed")
-    if batch_size < 1 or len(src) == 0:
-        raise UserError(f"need images and a positive batch size (got {len(src)} images, "
-                        f"batch_size={batch_size})")
+    n, p = geo.n_prefix, geo.cells
     d = torch.as_tensor(distance_matrix(geo.grid, geo.patch_size), dtype=torch.float32,
-                        device=dev)
-    acc = _DistanceSums(geo, d, renormalize)
-    bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
-    with bar, torch.inference_mode(), _qk_hooks(model, acc.update):
-        for a in range(0, len(src), batch_size):
-            xb = src[a:a + batch_size].to(dev, non_blocking=True)
-            model(preprocess(spec, xb) if is_uint8 else xb)
-            bar.update(len(xb))
-    return acc.compute()
+                        device=model_device(model))
+    if not renormalize:  # scores over all tokens; prefix rows and columns weigh 0
+        d = F.pad(d, (n, 0, n, 0))
+    d_flat = d.reshape(-1).contiguous()
+    sums = torch.zeros(geo.depth, geo.num_heads, dtype=torch.float64, device=d.device)
+    beta0 = d.new_empty((1, 1, 1))  # ignored input of baddbmm(beta=0)
+
+    def consume(i, q, k, scale, bias):
+        b, h, t, dh = q.shape
+        if t != n + p:
+            raise UserError(f"block {i} sees {t} tokens, but the patch grid has {p} + {n} "
+                            "prefix; feed images of the model's input size (dynamic image "
+                            "sizes are not supported)")
+        if renormalize:
+            # softmax over patch keys only == full softmax renormalised over patch keys, and
+            # only patch queries are needed: a (T-n)^2 instead of T^2 score block.
+            q, k = q[:, :, n:], k[:, :, n:]
+            bias = None if bias is None else bias[..., n:, n:]
+        m = q.shape[2]
+        qf, kf = q.reshape(b * h, m, dh).float(), k.reshape(b * h, m, dh).float()
+        scores = torch.baddbmm(beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
+        scores = scores.view(b, h, m, m)
+        a = (scores if bias is None else scores + bias).softmax(dim=-1)
+        # (B, H) sums over queries and keys in float32 per image; float64 across images.
+        sums[i] += (a.view(b, h, m * m) @ d_flat).to(torch.float64).sum(0)
+
+    _feed(model, images, consume, spec, batch_size, progress)
+    return sums.cpu().numpy() / (len(images) * p)
 
 
 def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 64
@@ -371,17 +348,10 @@ def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 6
     if n < 1:
         raise UserError("this ViT has no class or register tokens to measure attention on")
     sums = torch.zeros(geo.depth, n, dtype=torch.float64)
-    count = 0
 
     def consume(i, q, k, scale, bias):
-        scores = (q * scale) @ k.transpose(-2, -1)
-        a = (scores if bias is None else scores + bias).softmax(dim=-1)
+        a = _softmax(q, k, scale, bias)
         sums[i] += a[:, :, n:, :n].to(torch.float64).sum(dim=(0, 1, 2)).cpu()
 
-    dev = model_device(model)
-    with torch.inference_mode(), _qk_hooks(model, consume):
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size].to(dev)
-            model(xb)
-            count += len(xb)
-    return (sums / (count * geo.num_heads * geo.n_patches)).numpy()
+    _feed(model, x, consume, None, batch_size)
+    return (sums / (len(x) * geo.num_heads * geo.cells)).numpy()

@@ -1,15 +1,12 @@
 """Probe sets: the fixed, reproducible images whose activations get extracted and compared.
 
 A probe set is ``n`` images of one split, each with a stable *sample ID* (its index in the
-canonical order of the full split), so runs and models line up row by row and a subset traces
-back to its files. Images are ``(n, H, W, 3)`` uint8 RGB; only the selected files are opened.
-
-- ``cifar10-probe`` (:data:`DEFAULT_DATASET`): 1,000 CIFAR-10 test images bundled in
-  :mod:`repsim.assets` with their canonical IDs; no data root, no network.
-- ``cifar10``, ``cifar100``, ``svhn`` under the data root: an image-folder tree
-  ``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file
-  name), else torchvision's own layout (ID = torchvision's index; downloaded if missing).
-- ``imagefolder:PATH``: the user's images, ``PATH/<class>/*`` or flat ``PATH/*`` (one class).
+canonical order of the full split), so runs and models line up row by row. Sources:
+``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
+``cifar100``, ``svhn`` under the data root, as an image-folder tree
+``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file name)
+or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
+or flat ``PATH/*``, one class).
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +45,9 @@ _VALID_DATASETS = ", ".join(DATASETS) + f", {PROBE_NAME}, imagefolder:PATH"
 
 @dataclass(frozen=True, eq=False)  # eq=False: array fields make value equality ambiguous
 class ProbeSet:
-    """A reproducible set of probe images.
-
-    ``images`` is ``(n, H, W, 3)`` uint8 RGB; ``labels`` and ``ids`` are ``(n,)`` int64, with
-    ``ids`` the sorted indices of the samples in the canonical order of the full split of size
-    ``n_total``. ``seed`` is the subset seed, or None when the whole split was taken.
-    """
+    """``images`` ``(n, H, W, 3)`` uint8 RGB; ``labels``, ``ids`` ``(n,)`` int64, ``ids`` the
+    sorted indices into the canonical order of the full split of size ``n_total``; ``seed``
+    the subset seed, or None when the whole split was taken."""
 
     dataset: str
     split: str
@@ -74,30 +68,6 @@ class ProbeSet:
         return {"dataset": self.dataset, "split": self.split, "n": len(self.ids),
                 "n_total": int(self.n_total), "seed": self.seed, "source": self.source,
                 "ids_sha256": ids_digest(self.ids)}
-
-
-@dataclass(frozen=True)
-class ProbeOptions:
-    """Which images: the probe-set options every command shares, defined once.
-
-    The fields are :func:`load_probe_set`'s keyword arguments and, with ``_`` -> ``-``, the
-    CLI's flags (``data_root`` -> ``--data-root``); ``metadata["help"]`` is their help text.
-    """
-
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": (
-        f"{PROBE_NAME} (default: 1,000 CIFAR-10 test images bundled with repsim, offline), "
-        f"{', '.join(DATASETS)} or imagefolder:PATH")})
-    split: str = field(default="test", metadata={"help": "split (default test)",
-                                                  "choices": SPLITS})
-    n: int | None = field(default=None, metadata={
-        "help": "number of images (default: the whole split)"})
-    seed: int = field(default=0, metadata={"help": "subset seed (default 0)"})
-    data_root: str | None = field(default=None, metadata={
-        "help": f"data folder (default ${ENV_DATA_ROOT} or ./data)"})
-
-    def load(self, **kwargs: Any) -> ProbeSet:
-        """The probe set (``kwargs``: ``image_size``, ``download``, ``progress``)."""
-        return load_probe_set(**asdict(self), **kwargs)
 
 
 def resolve_data_root(data_root: str | os.PathLike | None) -> Path:
@@ -127,10 +97,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     if labels.ndim != 1:
         raise UserError(f"labels have shape {labels.shape}; pass a 1-D array of class labels")
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        picked.append(rng.choice(members, round(fraction * len(members)), replace=False))
+    members = (np.flatnonzero(labels == c) for c in np.unique(labels))
+    picked = [rng.choice(m, round(fraction * len(m)), replace=False) for m in members]
     out = np.sort(np.concatenate(picked)) if picked else np.empty(0, np.int64)
     if len(out) == 0:
         raise UserError(f"fraction={fraction} selects no samples from {len(labels)} labels; "
@@ -142,14 +110,12 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
                    seed: int = 0, data_root: str | os.PathLike | None = None,
                    image_size: int | None = None, download: bool = True,
                    progress: bool = False) -> ProbeSet:
-    """Load ``n`` images (all if None) of ``dataset``/``split``, chosen by ``seed``.
+    """``n`` images (all if None) of ``dataset``/``split``, chosen by ``seed``.
 
-    ``image_size`` (pixels) resizes every image's shorter side to it (bicubic) and centre-crops
-    a square. When None, images keep their native size if all selected images share one,
-    else they are brought to 224x224 -- so for mixed-size folders pass ``image_size`` to make
-    the size independent of which subset was drawn. ``download`` lets torchvision fetch a
-    missing standard dataset (needs network; ``REPSIM_OFFLINE=1`` turns it off);
-    ``progress`` shows a bar while decoding.
+    ``image_size`` (pixels): resize the shorter side to it (bicubic), centre-crop a square.
+    None keeps the native size when all selected images share one, else 224x224 (so for
+    mixed-size folders pass it, or the size depends on the subset drawn). ``download`` lets
+    torchvision fetch a missing standard dataset (``REPSIM_OFFLINE=1`` turns it off).
     """
     if not isinstance(dataset, str):
         raise UserError(f"dataset={dataset!r} is not a name; use one of {_VALID_DATASETS}")
@@ -194,9 +160,6 @@ def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
     return subset_indices(n_total, n, seed)
 
 
-# --------------------------------------------------------------------------- the bundled set
-
-
 @functools.lru_cache(maxsize=1)
 def _bundle() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], dict, str]:
     """(images (1000, 32, 32, 3) uint8, labels, ids, classes, meta, file sha256), read once."""
@@ -220,26 +183,21 @@ def bundled_info() -> dict:
 
 def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
                   progress: bool) -> ProbeSet:
-    """The bundle as a ``cifar10`` test :class:`ProbeSet`: all 1,000 images (seed recorded as
-    None) or ``subset_indices(1000, n, seed)`` of them. ``ids`` stay the canonical CIFAR-10
-    test IDs, so ``n_total`` is 10,000 (the split the IDs index)."""
+    """The bundle as a ``cifar10`` test :class:`ProbeSet` (``n`` of its images by ``seed``);
+    ``ids`` stay the canonical CIFAR-10 test IDs, so ``n_total`` is 10,000."""
     if split != "test":
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")
     images, labels, ids, classes, meta, sha = _bundle()
-    total = len(ids)
-    if n is not None and n > total:
-        raise UserError(f"n={n} is larger than the {total} images bundled as {PROBE_NAME}; pass "
-                        f"n <= {total}, or dataset='cifar10' with data_root=DIR for more")
-    pos = subset_indices(total, n, seed)
+    if n is not None and n > len(ids):
+        raise UserError(f"n={n} is larger than the {len(ids)} images bundled as {PROBE_NAME}; "
+                        f"pass n <= {len(ids)}, or dataset='cifar10' with data_root=DIR for more")
+    pos = subset_indices(len(ids), n, seed)
     source = (f"bundled:{PROBE_FILE.name} sha256={sha[:16]} ({meta['n']} CIFAR-10 test images, "
               f"{meta['per_class']} per class, {meta['pixels']})")
     return ProbeSet("cifar10", "test", _resized(images[pos], image_size, progress, PROBE_NAME),
                     labels[pos], ids[pos], classes, source,
-                    None if len(pos) == total else seed, CIFAR10_TEST_SIZE)
-
-
-# --------------------------------------------------------------------------- image folders
+                    None if len(pos) == len(ids) else seed, CIFAR10_TEST_SIZE)
 
 
 def _listing(folder: Path) -> tuple[list[str], list[str]]:
@@ -306,21 +264,12 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
                 image_size: int | None, progress: bool) -> ProbeSet:
     ids = _subset(len(paths), n, seed, f"{dataset} {split}")
     chosen = [paths[i] for i in ids]
-    size = image_size if image_size is not None else _uniform_size_or_none(chosen)
+    size = image_size
+    if size is None and len({_open(p, lambda im: im.size) for p in chosen}) > 1:
+        size = DEFAULT_MIXED_SIZE  # PIL reads only the headers here
     images = _stack(_decode(chosen), len(chosen), size, progress, f"{dataset} {split}")
     return ProbeSet(dataset, split, images, labels[ids], ids, classes, f"imagefolder:{folder}",
                     None if len(ids) == len(paths) else seed, len(paths))
-
-
-def _uniform_size_or_none(paths: list[Path]) -> int | None:
-    """None when every image has the same size (keep native), else the default square side.
-    Reads only headers: PIL decodes pixels lazily."""
-    sizes = set()
-    for p in paths:
-        sizes.add(_open(p, lambda im: im.size))
-        if len(sizes) > 1:
-            return DEFAULT_MIXED_SIZE
-    return None
 
 
 def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
@@ -332,22 +281,16 @@ def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
 
 
-def _open_rgb(p: Path) -> Image.Image:
-    return _open(p, lambda im: im.convert("RGB"))
-
-
 def _decode(paths: list[Path]) -> Iterator[Image.Image]:
     """RGB images in the order of ``paths``, decoded by a few threads (PIL releases the GIL
     while decoding, so 50,000 CIFAR JPEGs load several times faster than in one thread)."""
+    rgb = functools.partial(_open, read=lambda im: im.convert("RGB"))
     workers = min(8, os.cpu_count() or 1)
     if workers == 1 or len(paths) < 256:
-        yield from map(_open_rgb, paths)
+        yield from map(rgb, paths)
         return
     with ThreadPoolExecutor(workers) as pool:
-        yield from pool.map(_open_rgb, paths)
-
-
-# --------------------------------------------------------------------------- pixels
+        yield from pool.map(rgb, paths)
 
 
 def _fit_square(img: Image.Image, size: int) -> Image.Image:
@@ -380,9 +323,6 @@ def _resized(images: np.ndarray, size: int | None, progress: bool, desc: str) ->
     if size is None or images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images, dtype=np.uint8)
     return _stack((Image.fromarray(a) for a in images), len(images), size, progress, desc)
-
-
-# --------------------------------------------------------------------------- torchvision
 
 
 def _from_torchvision(name: str, split: str, root: Path, n: int | None, seed: int,

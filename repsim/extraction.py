@@ -1,16 +1,16 @@
 """``repsim extract``: run a model over a probe set once and stream every chosen layer's
-activations into an HDF5 store (:mod:`repsim.store`), captured by :func:`repsim.hooks.capture`.
+activations into an HDF5 store (:mod:`repsim.store`).
 
-A store's default path is a content address: a digest of everything that decides what it
-holds (``_store_key``), so stores made with other options never replace each other and a
-complete store at that path is reused without running the model. An interrupted run resumes
-where it stopped. Under ``torchrun`` the batches are dealt out to the ranks, each rank writes
-its own shard, and rank 0 merges them into one store identical to a single-process run's.
+A store's default path is a digest of everything that decides what it holds (``_store_key``),
+so a complete store there is reused without running the model; an interrupted run resumes.
+Under ``torchrun`` each rank writes its own batches to a shard and rank 0 merges the shards
+into one store identical to a single-process run's.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -65,11 +65,8 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
-    """Everything that decides what a store holds (``data``: the probe set's provenance).
-
-    Weights count by content (the file's sha256), so new weights under the same name make a
-    new store; batch size, device and compression are how it is made, not what it holds.
-    """
+    """Everything that decides what a store holds (``data``: the probe set's provenance):
+    weights by content (the file's sha256); not batch size, device or compression."""
     from repsim.registry import default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -110,13 +107,9 @@ def _dist() -> tuple[int, int]:
 
 
 def extract(cfg: ExtractConfig) -> dict:
-    """Extract activations as ``cfg`` says. Returns a summary: path, n, layers, reused,
-    resumed, seconds, bytes.
-
-    A complete store at the target with the same key (``_store_key``) is reused (the model is
-    not run); one with another key needs ``overwrite``. An unfinished ``.partial`` store with
-    the same settings is resumed.
-    """
+    """Extract activations as ``cfg`` says; a summary: path, n, layers, reused, resumed,
+    seconds, bytes. A complete store at the target with the same key is reused, one with
+    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed."""
     from repsim import __version__
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock
@@ -204,7 +197,8 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     bar = tqdm(total=sum(writer.bounds[j][1] - writer.bounds[j][0] for j in todo),
                desc=f"extract {cfg.model}", unit="img", unit_scale=True,
                disable=not (cfg.progress and rank == 0))
-    images = torch.from_numpy(probe.images)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
+    images, pending = torch.from_numpy(probe.images), None
 
     def store(j: int, feats: dict[str, torch.Tensor]) -> None:
         writer.write(j, {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()})
@@ -212,31 +206,24 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
     # forward pass (memory stays at two batches; batches land in order, so the journal is
-    # exact).
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repsim-store")
-    pending = None
-    try:
-        with torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
-            for j in todo:
-                a, b = writer.bounds[j]
-                try:
-                    model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
-                except ReductionError as exc:
-                    raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
-                feats = dict(cap.outputs)
-                if pending is not None:
-                    pending.result()  # re-raises a failed write here
-                if not writer.layers_created:
-                    dims = {k: v.shape[1] for k, v in feats.items()}
-                    writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims),
-                                         cfg.compression)
-                pending = pool.submit(store, j, feats)
-                bar.update(b - a)
+    # exact). Leaving the pool waits for the last write, also on errors.
+    with pool, bar, torch.inference_mode(), capture(model, layers, cfg.reduce, spec) as cap:
+        for j in todo:
+            a, b = writer.bounds[j]
+            try:
+                model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
+            except ReductionError as exc:
+                raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
+            feats = dict(cap.outputs)
             if pending is not None:
-                pending.result()
-    finally:
-        pool.shutdown(wait=True)
-        bar.close()
+                pending.result()  # re-raises a failed write here
+            if not writer.layers_created:
+                dims = {k: v.shape[1] for k, v in feats.items()}
+                writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims), cfg.compression)
+            pending = pool.submit(store, j, feats)
+            bar.update(b - a)
+        if pending is not None:
+            pending.result()
 
 
 def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
@@ -252,13 +239,10 @@ def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
 def _maybe_fault() -> None:
     """Test-only fault injection: REPSIM_FAULT_AFTER_BATCHES=k SIGKILLs after k batches."""
     left = os.environ.get("REPSIM_FAULT_AFTER_BATCHES")
-    if left is None:
-        return
-    os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(int(left) - 1)
-    if int(left) <= 1:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+    if left is not None:
+        os.environ["REPSIM_FAULT_AFTER_BATCHES"] = str(int(left) - 1)
+        if int(left) <= 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _shard(out: Path, rank: int, world: int) -> Path:
@@ -272,7 +256,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> Path:
+def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> None:
     """Rank 0: copy each rank's batches from its shard into one store, then finish it."""
     import json
 
@@ -297,7 +281,6 @@ def _merge(out: Path, meta: dict, probe, batch_size: int, world: int) -> Path:
     finally:
         for s in shards:
             s.close()
-    path = writer.finish()
+    writer.finish()
     for r in range(world):
         partial_path(_shard(out, r, world)).unlink(missing_ok=True)
-    return path

@@ -1,14 +1,12 @@
 """Capture what named layers of any ``nn.Module`` output: the one forward-hook mechanism.
 
-:func:`capture` hooks the chosen layers for the length of a ``with`` block; :func:`extract`
-runs a model over images with it and returns ``{layer: (n, p) float32 array}`` for
-:func:`repsim.cka.cka_matrix`. Stores on disk (:mod:`repsim.extraction`) use the same
-:func:`capture`. Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`):
-module names (``"blocks.3"``, ``"0"``), globs (``"blocks.*"``), aliases and keywords.
+:func:`capture` hooks layers for a ``with`` block; :func:`extract` runs a model over images
+with it. Layers are named as everywhere in repsim (:func:`repsim.models.layer_names`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,10 +31,9 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
 
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
-    ``prefix`` -> every class/register token, token by token ``(b, n_prefix*D)`` (columns
-    ``t*D:(t+1)*D`` are prefix token ``t``, so one token can be compared with another).
-    ``(b, C, H, W)`` maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything
-    else is flattened. ``how=None`` returns ``x`` as it is.
+    ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
+    maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
+    ``how=None`` returns ``x`` as it is.
     """
     _check(how)
     if how is None:
@@ -59,14 +56,11 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
 
 
 class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`
-    """Forward hooks on the chosen layers of ``model``; outputs land in ``outputs``.
-
-    ``with capture(model, ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``
-    leaves ``cap.outputs == {"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device
-    (each forward pass replaces them). ``layers``: None for the model's default set, or
-    names/globs/keywords; ``spec``: a :class:`repsim.registry.ModelSpec` (registry models),
-    else one is inferred from the module (timm ViTs and ResNets get their aliases).
-    """
+    """Forward hooks on the chosen layers of ``model``: after ``with capture(model,
+    ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``, ``cap.outputs`` is
+    ``{"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device (each pass replaces it).
+    ``layers``: None for the model's default set, or names/globs/keywords; ``spec``: a
+    :class:`repsim.registry.ModelSpec`, else inferred from the module."""
 
     def __init__(self, model: nn.Module, layers: str | Sequence[str] | None = None,
                  reduce: str | None = "flatten", spec: Any = None) -> None:
@@ -82,17 +76,16 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            x = output[0] if isinstance(output, (tuple, list)) else output
-            try:
-                self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
-            except ReductionError as exc:
-                raise ReductionError(f"layer {name!r}: {exc}") from None
-        return hook
+    def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+        x = output[0] if isinstance(output, (tuple, list)) else output
+        try:
+            self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
+        except ReductionError as exc:
+            raise ReductionError(f"layer {name!r}: {exc}") from None
 
     def __enter__(self) -> capture:
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
+                         for n, m in self.modules.items()]
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -113,14 +106,10 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
 def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | None = None,
             reduce: str = "flatten", batch_size: int = 128,
             device: str | torch.device | None = None) -> dict[str, np.ndarray]:
-    """Activations of ``layers`` over ``images``: ``{layer: (n, p) float32 numpy array}``.
-
-    ``model``: any ``nn.Module`` (run as it is, on ``images`` as the model takes them, e.g.
-    ``(n, 3, H, W)`` float tensors, or a DataLoader yielding such batches), or a registry
-    name such as ``"vit_cifar"`` (its default weights; ``images`` are then ``(n, H, W, 3)``
-    uint8, preprocessed the model's way). Rows follow the order of ``images``. Runs in eval
-    mode on ``device`` (default: a GPU when there is one).
-    """
+    """``{layer: (n, p) float32 array}`` of ``layers`` over ``images``, rows in their order.
+    ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array or
+    DataLoader) or a registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8,
+    preprocessed its way). Runs in eval mode on ``device`` (default: a GPU if there is one)."""
     from repsim import models
     from repsim.registry import get_spec
 

@@ -31,14 +31,10 @@ def _glob_match(name: str, pattern: str) -> bool:
 def match_layers(candidates: Sequence[str], request: str | Sequence[str],
                  keywords: Mapping[str, Sequence[str]], unknown: Callable[[str], Exception]
                  ) -> list[str]:
-    """The one layer-selection rule, for models and stores alike.
-
-    ``request``: a list, or one comma-separated string, of exact names, fnmatch globs and
-    keywords (``keywords`` maps each to its layers). A glob matches segment by segment:
-    ``"blocks.*"`` is ``blocks.0 .. blocks.N``, not ``blocks.0.attn``. Returns the matches in
-    ``candidates``' order without duplicates; a part that matches nothing raises
-    ``unknown(part)``.
-    """
+    """The ``candidates`` a ``request`` names, in their order, without duplicates. ``request``:
+    a list, or one comma-separated string, of names, globs (matched segment by segment:
+    ``"blocks.*"`` is not ``blocks.0.attn``) and ``keywords`` (each maps to its layers); a part
+    that matches nothing raises ``unknown(part)``."""
     wanted: set[str] = set()
     for part in _split_request(request):
         if part in keywords:

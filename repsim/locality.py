@@ -1,24 +1,15 @@
 """Spatial locality: CKA over (image, grid position) samples, and how local a ViT token stays.
 
 A ViT patch token and a CNN feature-map cell both describe one place in the image. Here a
-*sample* is a pair (image i, grid cell g) of a ``gh x gw`` grid (a ViT's patch grid), so a
-layer becomes an ``(n * G, D)`` matrix, ``G = gh * gw``, row ``i * G + g`` (cells row-major),
-the same row order for every layer of both models:
+*sample* is a pair (image i, cell g) of a ViT's ``gh x gw`` patch grid, so a layer becomes an
+``(n * G, D)`` matrix, ``G = gh * gw``, row ``i * G + g`` (cells row-major). ViT tokens lose
+their class/register tokens; CNN maps ``(b, C, H, W)`` are adaptive-average-pooled onto the
+grid (a finer map is averaged over each cell's window, a coarser one repeated over the cells
+inside each of its own). :func:`position_cka` is then ordinary CKA on those rows.
 
-- ViT tokens ``(b, T, D)`` lose their ``n_prefix`` class/register tokens; the rest are the
-  grid's cells in timm's row-major order.
-- CNN maps ``(b, C, H, W)`` are brought to the grid by adaptive average pooling: a map finer
-  than the grid is averaged over each cell's window (ResNet-18's 32x32 stem onto an 8x8 grid:
-  4x4 windows); a coarser one repeats each cell over the grid cells inside it (layer4's 4x4
-  onto 8x8: 2x2 copies); a map of the grid's size is used as it is (resnet18_cifar layer3).
-
-:func:`position_cka` is then ordinary CKA (:func:`repsim.cka.compare`) on those rows.
-
-**Locality maps** (Raghu et al. 2021, Section 7): for block ``l`` and token position ``t``,
-the CKA across images between the token's ``(n, D)`` representation and the raw input patch
-``(n, 3 * ph * pw)`` at every grid cell ``s``: ``maps[l, t, s]``, a ``gh x gw`` map per
-token. A token that still holds its own patch peaks at ``s = t``; one that has mixed in the
-whole image is flat. :func:`locality_summary` reduces each block's maps to a few numbers.
+**Locality maps** (Raghu et al. 2021, Section 7): ``maps[l, t, s]`` is the CKA across images
+between block ``l``'s token ``t`` and the raw input patch at cell ``s``. A token that still
+holds its own patch peaks at ``s = t``; one that has mixed in the whole image is flat.
 """
 
 from __future__ import annotations
@@ -33,45 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim import cka
+from repsim.attention import TokenGrid, model_device, token_grid
 from repsim.errors import UserError
-
-
-@dataclass(frozen=True)
-class TokenGrid:
-    """A ViT's token layout: ``grid`` (rows, cols) of patches of ``patch_size`` pixels of the
-    model input (rows, cols), after ``n_prefix`` class/register tokens."""
-
-    grid: tuple[int, int]
-    patch_size: tuple[int, int]
-    n_prefix: int
-
-    @property
-    def cells(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def token_grid(model: nn.Module) -> TokenGrid:
-    """The :class:`TokenGrid` of a ViT-like module: ``model.patch_embed.grid_size`` and
-    ``.patch_size`` (timm's names), ``model.num_prefix_tokens`` (default: 1 with a
-    ``cls_token``, else 0). UserError for a module without a patch grid (a CNN)."""
-    pe = getattr(model, "patch_embed", None)
-    grid, patch = (getattr(pe, k, None) for k in ("grid_size", "patch_size"))
-    if grid is None or patch is None or min(_pair(grid) + _pair(patch)) < 1:
-        raise UserError(f"vit={type(model).__name__} has no patch grid (patch_embed.grid_size "
-                        "and .patch_size); valid: vit_cifar, vit_imagenet or timm:<a ViT>")
-    default = 1 if getattr(model, "cls_token", None) is not None else 0
-    return TokenGrid(_pair(grid), _pair(patch), int(getattr(model, "num_prefix_tokens", default)))
 
 
 def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
             layer: str = "") -> torch.Tensor:
     """One layer's batch output as ``(b, G, D)``, cells row-major: tokens ``(b, n_prefix + G,
-    D)`` without their prefix, or maps ``(b, C, H, W)`` pooled to ``grid`` (see the module
-    docstring). UserError for any other shape, or tokens that do not fill the grid."""
+    D)`` without their prefix, or maps ``(b, C, H, W)`` pooled to ``grid``."""
     gh, gw = grid
     if x.dim() == 3:
         if x.shape[1] != n_prefix + gh * gw:
@@ -90,14 +50,12 @@ def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
 def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
                   layers: str | Sequence[str] | None = None, n_prefix: int | None = None,
                   spec: Any = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """``{layer: (n, G, D) float32}`` on the model's device for the model input ``x`` ``(n,
-    3, S, S)`` (preprocessed its way), every layer brought to ``grid`` by :func:`to_grid`.
-    ``layers``/``spec`` as in :func:`repsim.hooks.capture` (None: the model's defaults);
-    ``n_prefix`` defaults to the model's class/register token count."""
+    """``{layer: (n, G, D) float32}`` on the model's device for the preprocessed input ``x``
+    ``(n, 3, S, S)``, by :func:`to_grid`. ``layers``/``spec`` as in
+    :func:`repsim.hooks.capture`; ``n_prefix`` defaults to the model's prefix token count."""
     from repsim.hooks import capture
 
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
+    dev = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     was_training = model.training
     model.eval()
@@ -115,9 +73,8 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
 
 
 def input_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The raw input patches ``(n, G, 3 * ph * pw)`` of ``x`` ``(n, 3, S, S)`` cut into a
-    ``grid`` of non-overlapping ``ph x pw`` patches (``ph = S / gh``), cells row-major, each
-    patch flattened channel-major as a ViT's patch embedding reads it."""
+    """The raw input patches ``(n, G, 3 * ph * pw)`` of ``x`` ``(n, 3, S, S)`` on ``grid``,
+    cells row-major, each flattened channel-major as a ViT's patch embedding reads it."""
     gh, gw = grid
     h, w = x.shape[-2:]
     if h % gh or w % gw:
@@ -126,30 +83,25 @@ def input_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.unfold(x, (h // gh, w // gw), stride=(h // gh, w // gw)).transpose(1, 2)
 
 
-def _rows(feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``(n, G, D)`` -> ``(n * G, D)``: row ``i * G + g`` is image ``i``, cell ``g``."""
-    return {name: f.reshape(-1, f.shape[-1]) for name, f in feats.items()}
-
-
 def position_cka(feats_a: Mapping[str, torch.Tensor], feats_b: Mapping[str, torch.Tensor],
                  **settings: Any) -> cka.CKAResult:
-    """CKA of every layer of A with every layer of B over (image, cell) samples: ``feats_*``
-    map layers to ``(n, G, D)`` (from :func:`grid_features` on the same images and grid).
-    ``settings`` go to :func:`repsim.cka.compare` (default: minibatch, batches of 1,024
-    rows drawn at random from all ``n * G``); the result's ``n`` counts rows."""
+    """CKA of every layer of A with every layer of B over (image, cell) rows: ``feats_*`` map
+    layers to ``(n, G, D)`` (:func:`grid_features`); ``settings`` go to
+    :func:`repsim.cka.compare`; the result's ``n`` counts rows."""
     shapes = {tuple(f.shape[:2]) for f in [*feats_a.values(), *feats_b.values()]}
     if len(shapes) != 1:
         raise UserError(f"feature sets hold (images, cells) {sorted(shapes)}; give both models "
                         "the same images on the same grid")
-    return cka.compare(_rows(feats_a), _rows(feats_b), **settings)
+    a, b = ({name: f.reshape(-1, f.shape[-1]) for name, f in feats.items()}
+            for feats in (feats_a, feats_b))
+    return cka.compare(a, b, **settings)
 
 
 def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
                   **settings: Any) -> np.ndarray:
     """``(L, G, G)`` float64: ``[l, t, s]`` is the CKA across the ``n`` images between layer
     ``l``'s token ``t`` (``tokens``: layer -> ``(n, G, D)``) and the input patch at cell ``s``
-    (``patches`` ``(n, G, P)`` from :func:`input_patches`). ``settings`` go to
-    :func:`repsim.cka.cka_matrix` (default: minibatch, one batch = debiased when n <= 1,024)."""
+    (``patches`` ``(n, G, P)``); ``settings`` go to :func:`repsim.cka.cka_matrix`."""
     n, g = patches.shape[:2]
     cols = [patches[:, s] for s in range(g)]
     out = np.empty((len(tokens), g, g))
@@ -162,11 +114,9 @@ def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
 
 
 def locality_summary(maps: np.ndarray) -> dict[str, np.ndarray]:
-    """Per layer of ``maps`` ``(L, G, G)``: ``own`` (mean over tokens of the CKA with their
-    own patch, the diagonal), ``elsewhere`` (mean of the off-diagonal), ``contrast = own -
-    elsewhere`` (about 1 for a token that copies its patch, 0 for a flat map) and
-    ``peak_at_own`` (fraction of tokens whose map is largest at their own cell). ``(L,)``
-    float64 each."""
+    """``(L,)`` float64 each, per layer of ``maps`` ``(L, G, G)``: ``own`` (mean CKA of a
+    token with its own patch), ``elsewhere`` (mean off-diagonal), ``contrast = own -
+    elsewhere`` and ``peak_at_own`` (fraction of tokens whose map peaks at their own cell)."""
     m = np.asarray(maps, dtype=np.float64)
     g = m.shape[-1]
     own = np.einsum("ltt->lt", m)
@@ -177,10 +127,8 @@ def locality_summary(maps: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def relative_map(maps: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """``(L, 2gh-1, 2gw-1)`` float64: the maps of ``(L, G, G)`` re-indexed by the offset of
-    cell ``s`` from token ``t`` and averaged over the tokens having that offset; the centre
-    ``[gh-1, gw-1]`` is the own-patch CKA. Shows how far a typical token's similarity
-    reaches, independent of where the token sits."""
+    """``(L, 2gh-1, 2gw-1)`` float64: the maps ``(L, G, G)`` indexed by the offset of cell
+    ``s`` from token ``t``, averaged over tokens; the centre ``[gh-1, gw-1]`` is own-patch."""
     gh, gw = grid
     r, c = np.divmod(np.arange(gh * gw), gw)
     dr = (r[None, :] - r[:, None] + gh - 1).ravel()  # (t, s) -> offset row, col
@@ -213,9 +161,9 @@ def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
             cnn_layers: str | Sequence[str] | None = None, vit_spec: Any = None,
             cnn_spec: Any = None, batch_size: int = 64, **settings: Any) -> Locality:
     """Locality maps of ``vit`` and, with ``cnn``, its CKA with the CNN per (image, cell), on
-    the same ``n`` images as each model takes them (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``,
-    preprocessed). Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
-    :func:`repsim.cka.compare` (kernel, estimator, batch_size, batch_seed, threshold)."""
+    the same ``n`` images preprocessed for each (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``).
+    Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
+    :func:`repsim.cka.compare`."""
     geo = token_grid(vit)
     tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, batch_size)
     dev = next(iter(tokens.values())).device

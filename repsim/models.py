@@ -1,9 +1,7 @@
 """Models as torch modules: built, loaded with weights, fed images, addressed by layer name.
 
 A model is a :mod:`repsim.registry` name or ``timm:<any timm model>``; its layers are the
-strings users type (``embed``, ``blocks.3``, ``stem``, ``layer2.1``, globs such as
-``blocks.*``). ViT layer outputs are ``(n, 1 + tokens, d)``, ResNet layer outputs
-``(n, c, h, w)``. Weights files are read by :mod:`repsim.weights`.
+strings users type (``embed``, ``blocks.3``, ``stem``, ``layer2.1``, globs like ``blocks.*``).
 """
 
 from __future__ import annotations
@@ -27,8 +25,8 @@ from repsim.weights import load_into, read_state_dict, sha256_file
 
 
 def spec_for(model: nn.Module) -> ModelSpec:
-    """A :class:`ModelSpec` for a module given directly (not by name): what layer naming
-    needs. Its family is inferred, so timm ViTs and ResNets get their aliases and keywords."""
+    """A :class:`ModelSpec` for a module given directly (not by name), for layer naming; its
+    family is inferred, so timm ViTs and ResNets get their aliases and keywords."""
     return ModelSpec(type(model).__name__, family_of(model), 0, *NO_NORM, "bilinear", 0, None,
                      "a module given directly")
 
@@ -52,9 +50,6 @@ def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.
         return entry.build(n).eval()
 
 
-# --------------------------------------------------------------------------- weights
-
-
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """The ``torch.device`` named (None: cuda when available); UserError if unusable."""
     if name is None:
@@ -70,9 +65,20 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
-               ) -> tuple[nn.Module, int]:
+def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int | None,
+               seed: int) -> tuple[nn.Module, int, Path]:
+    """``(model, class count, path)`` of the weights file ``weights`` (None: the default)."""
     spec = entry.spec
+    path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
+    if weights is None and not path.is_file():
+        raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
+                        "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
+                        f"`repsim train --model {spec.name}`, or pass weights=PATH or "
+                        "weights='random'")
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise UserError(f"weights file {path} {what}; valid: a state dict or checkpoint file, "
+                        "or 'random'")
     sd, meta = read_state_dict(path)
     head = sd.get(entry.head_key) if entry.head_key else None
     n = num_classes
@@ -82,12 +88,11 @@ def _load_file(entry: Entry, path: Path, num_classes: int | None, seed: int
         n = meta.get("num_classes", spec.num_classes)
     note = f" (the file says model {meta['model']!r})" if isinstance(meta.get("model"), str) else ""
     hint = " or drop num_classes=" if num_classes is not None else ""
-    return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n
+    return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n, path
 
 
 def _weights_cache(tag: str) -> tuple[str | None, bool, Path]:
-    """(download host, whether cached, cache folder) of pretrained weights ``tag``
-    (``timm:<arch.tag>`` or ``torchvision:<Enum.MEMBER>``)."""
+    """(download host, whether cached, cache folder) of pretrained weights ``tag``."""
     from urllib.parse import urlparse
 
     hub = Path(torch.hub.get_dir()) / "checkpoints"  # torchvision's and timm's URL downloads
@@ -164,32 +169,15 @@ def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
         hf.HF_HUB_OFFLINE = hub_offline
 
 
-def _weights_path(spec: ModelSpec, weights: str | os.PathLike | None) -> Path:
-    path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
-    if weights is None and not path.is_file():
-        raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
-                        "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
-                        f"`repsim train --model {spec.name}`, or pass weights=PATH or "
-                        "weights='random'")
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise UserError(f"weights file {path} {what}; valid: a state dict or checkpoint file, "
-                        "or 'random'")
-    return path
-
-
 def load_model(name: str, weights: str | os.PathLike | None = None, *,
                num_classes: int | None = None, seed: int = 0,
                device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A model with weights, in eval mode on ``device`` (None: cuda when available), plus its
-    provenance.
-
-    ``weights``: None -> the model's default weights (its checkpoint file, or timm /
-    torchvision pretrained); ``"random"`` -> seeded random init; anything else -> a path.
-    With a file and no ``num_classes``, the class count is read from the file's head.
-    Provenance keys: model, weights (path, "random", "timm:<tag>" or "torchvision:<tag>"),
-    weights_sha256 (of the file, else None), num_classes, seed.
-    """
+    """``(model, provenance)``: the model in eval mode on ``device`` (None: cuda when
+    available). ``weights``: None -> its default (checkpoint file, or timm / torchvision
+    pretrained); ``"random"`` -> seeded random init; else a path, whose head gives the class
+    count unless ``num_classes`` is passed. Provenance keys: model, weights (path, "random",
+    "timm:<tag>" or "torchvision:<tag>"), weights_sha256 (of the file, else None),
+    num_classes, seed."""
     entry = get_entry(name)
     spec = entry.spec
     dev = resolve_device(device)
@@ -197,32 +185,23 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     if source is None:
         raise UserError(f"{spec.name} has no default weights; valid: weights=PATH or "
                         "weights='random'")
-    sha = None
+    n, sha = _check_num_classes(num_classes, spec), None
     if source == "random":
-        n = _check_num_classes(num_classes, spec)
         model, label = build_model(spec.name, n, seed), "random"
     elif source in ("timm", "torchvision"):
-        n = _check_num_classes(num_classes, spec)
         model, label = _load_pretrained(entry, source, n, seed), entry.pretrained_tag
-    else:
-        path = _weights_path(spec, weights)
-        model, n = _load_file(entry, path, num_classes, seed)
+    else:  # a file: its head decides the class count unless num_classes says otherwise
+        model, n, path = _load_file(entry, weights, num_classes, seed)
         sha, label = sha256_file(path), str(path)
     prov = {"model": spec.name, "weights": label, "weights_sha256": sha, "num_classes": n,
             "seed": seed}
     return model.to(dev).eval(), prov
 
 
-# --------------------------------------------------------------------------- preprocessing
-
-
 def preprocess(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
-    """``(n, H, W, 3)`` uint8 on any device -> ``(n, 3, S, S)`` float32 on the same device.
-
-    Scales to [0, 1], resizes to ``S = spec.input_size`` only when ``(H, W) != (S, S)``
-    (antialiased ``spec.interpolation``; non-square inputs are stretched), then normalises
-    ``(x - mean) / std``.
-    """
+    """``(n, H, W, 3)`` uint8 -> ``(n, 3, S, S)`` float32 on the same device: scaled to
+    [0, 1], resized to ``S = spec.input_size`` if needed (antialiased ``spec.interpolation``;
+    non-square inputs are stretched), normalised ``(x - mean) / std``."""
     x = images
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         what = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
@@ -236,13 +215,8 @@ def preprocess(spec: ModelSpec, images: torch.Tensor) -> torch.Tensor:
                           antialias=True)
         x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL pipelines clip at uint8, so do we
     if (spec.mean, spec.std) != NO_NORM:
-        mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        x = (x - x.new_tensor(spec.mean).view(1, 3, 1, 1)) / x.new_tensor(spec.std).view(1, 3, 1, 1)
     return x.contiguous()
-
-
-# --------------------------------------------------------------------------- layers
 
 
 def _aliases(model: nn.Module, spec: ModelSpec) -> dict[str, str]:
@@ -295,13 +269,10 @@ def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec) -> UserEr
 
 def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] | None = None
                 ) -> list[str]:
-    """Resolve a layer request to layer names, in model order and without duplicates.
-
-    ``request``: None / ``"default"`` -> ViT ``["embed", "blocks.0", ...]``, ResNet
-    ``["stem", "layer1", ..., "layer4"]``; ``"blocks"`` -> every transformer block / every
-    residual block (``"layer1.0"``, ...); otherwise names and globs over module names plus
-    aliases (:func:`repsim.layers.match_layers`).
-    """
+    """The layer names a request means, in model order, without duplicates. ``request``:
+    None / ``"default"`` -> ViT ``["embed", "blocks.0", ...]``, ResNet ``["stem", "layer1",
+    ..., "layer4"]``; ``"blocks"`` -> every transformer / residual block (``"layer1.0"``, ...);
+    else names and globs (:func:`repsim.layers.match_layers`)."""
     candidates = _candidates(model, spec)
     return match_layers(candidates, "default" if request is None else request,
                         _keywords(model, spec),

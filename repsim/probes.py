@@ -1,25 +1,15 @@
 """Per-layer linear probes, and what deleting a layer's top principal components does to CKA
-and to probe accuracy (Ding, Denain & Steinhardt 2021).
+and to probe accuracy (Ding, Denain & Steinhardt 2021): :func:`linear_probe`,
+:func:`remove_top_pcs`, both for every layer of a feature set (:func:`probe_layers`) or of a
+model (:func:`probe_model`).
 
-- :func:`linear_probe`: test accuracy of a multinomial logistic regression trained on one
-  split of a layer's ``(n, p)`` features and tested on another.
-- :func:`remove_top_pcs`: a layer's centred features without their top-``k`` principal
-  components.
-- :func:`probe_layers` runs both for every layer of a feature set (``{layer: (n, p)}``, as
-  :func:`repsim.extract` returns it); :func:`probe_model` extracts the features first.
-
-**The probe shares linear CKA's invariances.** Features are centred and divided by one number
-(the root-mean-square distance of a training row to the training mean), not z-scored per
-feature: per-feature scaling would change a layer's geometry, so a rotated copy of a layer
-would probe differently while CKA calls the two identical. The fit is L2-penalised (on the
-weights, not the biases), starts at zero and runs full-batch L-BFGS; its iterates depend on
-the data only through inner products, so any isometry of the features (a rotation, an
-embedding into more dimensions), a translation or a global scale leaves the accuracy
-unchanged, and a network whose layers are such maps of its input probes exactly like its
-input (tested). The penalised loss is strictly convex, so there is one optimum and no
-randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test split.
-A non-orthogonal linear map of the input can change the accuracy (the penalty is not
-invariant to it).
+**The probe shares linear CKA's invariances.** Features are centred and divided by one number,
+not z-scored per feature (that would change a layer's geometry, so a rotated copy of a layer
+would probe differently while CKA calls the two identical). The L2-penalised fit starts at
+zero and runs full-batch L-BFGS, whose iterates see the data only through inner products: an
+isometry, a translation or a global scale of the features leaves the accuracy unchanged
+(tested); a non-orthogonal linear map can change it. The loss is strictly convex, so there is
+no randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test split.
 """
 
 from __future__ import annotations
@@ -44,10 +34,8 @@ TOLERANCE = 1e-6  # L-BFGS stops when no gradient entry exceeds this
 
 @contextmanager
 def _one_thread(device: torch.device | None = None) -> Iterator[None]:
-    """One CPU thread for the small matrices of probes and deletions (500 x 512, 512 x 512):
-    on our 2-core machine shared with other jobs, two threads spent most of their time
-    waiting for each other: a probe step took 116 ms on two threads and 13 ms on one, the
-    eigendecomposition of a 512 x 512 matrix 18 s and 0.6 s."""
+    """One CPU thread for the small matrices of probes and deletions (500 x 512): on a shared
+    2-core machine a probe step took 116 ms on two threads, 13 ms on one."""
     before = torch.get_num_threads()
     if device is None or device.type == "cpu":
         torch.set_num_threads(1)
@@ -58,7 +46,6 @@ def _one_thread(device: torch.device | None = None) -> Iterator[None]:
 
 
 def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
-    """``x`` as a float64 ``(n, p)`` tensor on ``device``; UserError when it is not 2-D."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() != 2:
         raise UserError(f"{name} has shape {tuple(t.shape)}; pass an (n, p) matrix, one row "
@@ -67,9 +54,8 @@ def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
 
 
 def standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Both splits centred on the training mean and divided by one scale, the root-mean-square
-    distance of a training row to that mean (so training rows have mean squared norm 1).
-    One scale, not one per feature: see the module docstring."""
+    """Both splits centred on the training mean and divided by the root-mean-square distance
+    of a training row to it (one scale, not one per feature: see the module docstring)."""
     mean = train_x.mean(0)
     scale = (train_x - mean).pow(2).sum(1).mean().sqrt()
     scale = scale if scale > 0 else torch.ones_like(scale)  # a constant layer stays zero
@@ -81,11 +67,10 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
                  device: str | torch.device | None = None) -> float:
     """Test accuracy (a fraction in [0, 1]) of a multinomial logistic regression.
 
-    ``train_x`` ``(n_train, p)`` with labels ``train_y`` ``(n_train,)``; ``test_x``
-    ``(n_test, p)``, ``test_y`` ``(n_test,)``; any integer labels. Minimises mean cross-entropy
-    ``+ weight_decay / 2 * ||W||^2`` on standardised features (:func:`standardise`) with
-    full-batch L-BFGS from zero for at most ``steps`` iterations, in float64 on ``device``
-    (default: a GPU when there is one). Deterministic: the same inputs give the same number.
+    ``train_x`` ``(n_train, p)``, ``test_x`` ``(n_test, p)``, integer labels ``(n_*,)``.
+    Minimises mean cross-entropy ``+ weight_decay / 2 * ||W||^2`` on :func:`standardise`-d
+    features, full-batch L-BFGS from zero for at most ``steps`` iterations, in float64 on
+    ``device`` (default: a GPU when there is one). Deterministic.
     """
     from repsim.models import resolve_device
 
@@ -129,12 +114,8 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
 
 
 def remove_top_pcs(x: Any, k: int) -> np.ndarray:
-    """``x`` ``(n, p)`` centred, minus its top-``k`` principal components: float64 ``(n, p)``.
-
-    The centred ``X = U S V'``; the result is ``X - U_k S_k V_k'``, found from the eigenvectors
-    of the smaller of ``X X'`` (``n x n``, when p > n) and ``X' X``. Its linear biased CKA with
-    ``x`` is ``sqrt(sum_{i>k} s_i^4 / sum_i s_i^4)``. ``k = 0`` gives ``x`` centred.
-    """
+    """``x`` ``(n, p)`` centred, minus its top-``k`` principal components: float64 ``(n, p)``,
+    ``X - U_k S_k V_k'`` for the centred ``X = U S V'`` (``k = 0``: ``x`` centred)."""
     t = _matrix(x, "x", torch.device("cpu") if not isinstance(x, torch.Tensor) else x.device)
     n, p = t.shape
     if not 0 <= k <= min(n, p):
@@ -155,14 +136,11 @@ def remove_top_pcs(x: Any, k: int) -> np.ndarray:
 
 @dataclass
 class LayerProbes:
-    """Per-layer probes of one feature set. Rows follow ``layers``; columns follow ``ks``
-    (principal components deleted, 0 first: the layer as it is). NaN where a layer has fewer
-    than ``k`` components.
-
-    ``accuracy`` ``(L, K)``: probe test accuracy, a fraction. ``self_cka`` ``(L, K)``: CKA of
-    the layer with itself after the deletion. ``match_layers``: each layer's best-matching
-    reference layer (highest CKA before deletion), ``match_cka`` ``(L, K)``: CKA with it after
-    deleting the layer's PCs (both None without a reference)."""
+    """Per-layer probes: rows follow ``layers``, columns ``ks`` (principal components deleted,
+    0 first); NaN where a layer has fewer than ``k``. ``accuracy``: probe test accuracy;
+    ``self_cka``: CKA of the layer with itself after the deletion; ``match_layers``: each
+    layer's best reference layer, ``match_cka``: CKA with it after the deletion (both None
+    without a reference). Arrays are ``(L, K)``."""
 
     layers: list[str]
     ks: list[int]
@@ -208,13 +186,11 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
                  steps: int = DEFAULT_STEPS, estimator: str = "debiased",
                  batch_size: int | None = None, batch_seed: int = 0,
                  device: str | torch.device | None = None) -> LayerProbes:
-    """Probe every layer of ``features`` (``{layer: (n, p)}``, one label per row in
-    ``labels`` ``(n,)``), as it is and with its top ``k`` principal components deleted for each
-    ``k`` in ``ks``. The probe trains on a stratified ``train_fraction`` of the rows (drawn by
-    ``seed``) and is tested on the rest; principal components and CKA use all ``n`` rows.
-    ``reference`` (another model's ``{layer: (n, q)}`` on the same rows): each layer's best
-    match there, and its CKA after the deletion. CKA settings: ``estimator``,
-    ``batch_size``, ``batch_seed`` as in :func:`repsim.cka.cka_matrix` (linear kernel)."""
+    """Probe every layer of ``features`` (``{layer: (n, p)}``, ``labels`` ``(n,)``) as it is and
+    without its top ``k`` principal components for each ``k`` in ``ks``. The probe trains on a
+    stratified ``train_fraction`` of the rows (drawn by ``seed``), tests on the rest; PCs and
+    CKA use all rows. ``reference``: another model's ``{layer: (n, q)}`` on the same rows.
+    ``estimator``, ``batch_size``, ``batch_seed``: as in :func:`repsim.cka.cka_matrix`."""
     from repsim.cka import cka_matrix
 
     labels = np.asarray(labels).ravel()
@@ -225,32 +201,28 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
                         f"labels has {len(labels)}; pass one label per row")
     train, test = stratified_split(labels, train_fraction, seed)
     opts = dict(estimator=estimator, batch_size=batch_size, batch_seed=batch_seed)
-    match_idx = None
-    if reference is not None:
-        m = cka_matrix(mats, reference, **opts)
-        match_idx = [int(np.nanargmax(r)) if np.isfinite(r).any() else -1 for r in m]
-    ref = list((reference or {}).values())
-    shape = (len(mats), len(ks))
-    acc, self_cka, match = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    ref_names, ref, match = list(reference or {}), list((reference or {}).values()), None
+    if reference is not None:  # each layer's best match: its highest CKA before deletion
+        match = [int(np.nanargmax(r)) if np.isfinite(r).any() else None
+                 for r in cka_matrix(mats, reference, **opts)]
+    acc, self_cka, match_cka = (np.full((len(mats), len(ks)), np.nan) for _ in range(3))
     for i, x in enumerate(mats.values()):
         usable = [k for k in ks if k <= min(x.shape)]
-        removed = {k: remove_top_pcs(x, k) for k in usable}
-        for k in usable:
-            acc[i, ks.index(k)] = linear_probe(
-                removed[k][train], labels[train], removed[k][test], labels[test],
-                weight_decay=weight_decay, steps=steps, device=device)
-        others = [x] + ([ref[match_idx[i]]] if match_idx and match_idx[i] >= 0 else [])
-        with _one_thread():  # small CKAs: 0.5 s on one thread, 1.9 s on two (shared CPU)
-            c = cka_matrix(list(removed.values()), others, **opts)  # (len(usable), 1 or 2)
         cols = [ks.index(k) for k in usable]
+        removed = [remove_top_pcs(x, k) for k in usable]
+        acc[i, cols] = [linear_probe(r[train], labels[train], r[test], labels[test],
+                                     weight_decay=weight_decay, steps=steps, device=device)
+                        for r in removed]
+        others = [x] + ([ref[match[i]]] if match and match[i] is not None else [])
+        with _one_thread():  # small CKAs: 0.5 s on one thread, 1.9 s on two (shared CPU)
+            c = cka_matrix(removed, others, **opts)  # (len(usable), 1 or 2)
         self_cka[i, cols] = c[:, 0]
         if c.shape[1] > 1:
-            match[i, cols] = c[:, 1]
-    names = list(reference or {})
+            match_cka[i, cols] = c[:, 1]
     return LayerProbes(
         list(mats), ks, acc, self_cka,
-        None if match_idx is None else [names[j] if j >= 0 else None for j in match_idx],
-        None if reference is None else match, len(train), len(test), seed, weight_decay,
+        None if match is None else [None if j is None else ref_names[j] for j in match],
+        None if match is None else match_cka, len(train), len(test), seed, weight_decay,
         steps, estimator)
 
 

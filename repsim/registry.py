@@ -60,12 +60,11 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
                    interpolation: str = "bilinear", num_classes: int = 10,
                    weights: str | os.PathLike | None = None, head_key: str | None = None,
                    description: str = ""):
-    """Decorator (timm-style) that makes ``build(num_classes) -> nn.Module`` a model name
-    usable everywhere (``load_model``, ``extract``, ``repsim --import MODULE``, analyses). The
-    model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised by ``mean``/``std``.
-    ``weights``: its default state-dict file (relative: in :func:`checkpoint_dir`); ``head_key``:
-    the classifier weight, whose rows give a file's class count; ``family``: "vit" (timm ViT),
-    "resnet" (``layer1`` .. ``layer4``) or "other"."""
+    """Decorator (timm-style) that makes ``build(num_classes) -> nn.Module`` a model name usable
+    everywhere. The model sees ``(n, 3, input_size, input_size)`` float in [0, 1] normalised
+    by ``mean``/``std``. ``weights``: its default state-dict file (relative: in
+    :func:`checkpoint_dir`); ``head_key``: the classifier weight, whose rows give a file's class
+    count; ``family``: "vit" (timm ViT), "resnet" (``layer1`` .. ``layer4``) or "other"."""
     if name in _REGISTRY or name.startswith(TIMM_PREFIX):
         raise ValueError(f"model name {name!r} is taken; choose another")
     if family not in _FAMILIES:
@@ -184,8 +183,7 @@ def family_of(model: nn.Module) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _timm_entry(name: str) -> Entry:
-    """The entry of ``timm:<arch>`` (``arch.tag`` allowed): preprocessing and class count from
-    timm's pretrained config."""
+    """The entry of ``timm:<arch>`` or ``timm:<arch.tag>``, from timm's pretrained config."""
     import timm.data
     import torch
 
@@ -249,8 +247,8 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def default_weights_file(spec: ModelSpec) -> Path | None:
-    """The file behind a model's default weights, or None (timm/torchvision/none). A relative
-    name (``checkpoints/<file>.pt``) lives in :func:`checkpoint_dir`; an absolute path is itself."""
+    """The file behind a model's default weights (a relative name lives in
+    :func:`checkpoint_dir`), or None for timm/torchvision/no default weights."""
     if spec.default_weights in (None, "timm", "torchvision"):
         return None
     path = Path(spec.default_weights).expanduser()

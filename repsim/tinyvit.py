@@ -1,23 +1,10 @@
 """Small-data ViT designs as timm ``VisionTransformer`` models (the ``vit_cifar_tiny*`` names).
 
 The tiny ViT of Gent Wu 2025 (*Powerful Design of Small Vision Transformer on CIFAR10*, code
-erow/PoorViTs): 32 px, patch 4, width 192, depth 9, 12 heads, MLP ratio 2, qkv bias, drop path
-0.1 (linearly rising over the blocks), one class token; and the designs it and Lee et al. 2021
-(*Vision Transformer for Small-Size Datasets*) compare. Every variant stays a timm
-``VisionTransformer`` whose blocks' ``attn`` is timm's own ``Attention`` with its own
-``forward``, so layer names, :func:`repsim.capture` and exact attention capture
-(:mod:`repsim.attention`, a hook on ``attn.qkv``) work unchanged:
-
-- low-rank query or key: ``attn.qkv`` is :class:`LowRankQKV`, which returns the same
-  ``(B, N, 3 D)`` ``[q | k | v]`` tensor a fused ``Linear`` would, one projection factored
-  ``D -> rank`` (no bias) ``-> D``;
-- locality self-attention: the learned per-head temperature is ``attn.q_norm``
-  (:class:`HeadTemperature`; timm applies ``q_norm`` before its scale, both on the fused and
-  the explicit path), and the diagonal mask is the ``attn_mask`` that
-  :class:`LocalityViT` passes to every block (the hook reads it as it reads any mask);
-- shifted patch tokenisation: ``patch_embed`` is :class:`ShiftedPatchEmbed`;
-- several class tokens: timm's register tokens (each has its own position embedding), of
-  which :class:`PrefixPoolViT` concatenates the first ``pooled_tokens`` into the head.
+erow/PoorViTs) and the designs it and Lee et al. 2021 (*Vision Transformer for Small-Size
+Datasets*) compare. Every variant keeps timm's own ``Attention`` in its blocks (the changes
+sit in ``attn.qkv``, ``attn.q_norm``, the ``attn_mask``, ``patch_embed`` and the pooling), so
+layer names, :func:`repsim.capture` and exact attention capture work unchanged.
 """
 
 from __future__ import annotations
@@ -38,17 +25,12 @@ SOURCE_PARAMS = {"base": 2_697_610, "mcls4": 2_704_522, "lowrankq": 2_587_018,
 
 
 class LowRankQKV(nn.Module):
-    """``attn.qkv`` with the query (``low="q"``) or key (``"k"``) projection of rank ``rank``.
-
-    ``(B, N, D) -> (B, N, 3 D)``, laid out ``[q | k | v]`` as timm's fused ``qkv`` Linear, so
-    timm's ``Attention.forward`` and repsim's capture read it unchanged. The factored
-    projection is ``Linear(D, rank, bias=False)`` then ``Linear(rank, D, bias)``.
-    """
+    """``attn.qkv`` with the query (``low="q"``) or key (``"k"``) projection factored as
+    ``Linear(D, rank, bias=False)`` then ``Linear(rank, D, bias)``: ``(B, N, D) -> (B, N, 3 D)``
+    laid out ``[q | k | v]`` like timm's fused ``qkv`` Linear."""
 
     def __init__(self, dim: int, rank: int, low: str, bias: bool = True) -> None:
         super().__init__()
-        if low not in ("q", "k"):
-            raise ValueError(f"low={low!r}; valid: 'q' or 'k'")
         self.low, self.rank = low, rank
 
         def proj(name: str) -> nn.Module:
@@ -63,11 +45,9 @@ class LowRankQKV(nn.Module):
 
 
 class HeadTemperature(nn.Module):
-    """Lee et al.'s learned per-head temperature as timm's ``q_norm``.
-
-    timm computes ``softmax(q_norm(q) * head_dim**-0.5 @ k^T)``; multiplying each head's
-    queries ``(B, H, N, d)`` by ``temperature_h / head_dim**-0.5`` makes the scores
-    ``temperature_h * q.k``. ``temperature`` starts at ``head_dim**-0.5`` (plain attention)."""
+    """Lee et al.'s learned per-head temperature as timm's ``q_norm``: timm scales the scores
+    by ``head_dim**-0.5`` after ``q_norm``, so queries ``(B, H, N, d)`` are multiplied by
+    ``temperature_h / head_dim**-0.5``; ``temperature`` starts at ``head_dim**-0.5``."""
 
     def __init__(self, num_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -80,14 +60,10 @@ class HeadTemperature(nn.Module):
 
 
 class ShiftedPatchEmbed(nn.Module):
-    """Shifted patch tokenisation (Lee et al. 2021): ``(B, C, H, W) -> (B, gh * gw, D)``.
-
-    The image and its four diagonal shifts by half a patch (zero-filled) are stacked into
-    ``5 C`` channels, cut into ``p x p`` patches (features ordered row, column, channel),
-    layer-normalised over the ``5 C p^2`` features and embedded by one Linear. Keeps timm's
-    ``PatchEmbed`` attributes (``grid_size``, ``patch_size``, ``num_patches``) that repsim's
-    attention geometry reads.
-    """
+    """Shifted patch tokenisation (Lee et al. 2021): ``(B, C, H, W) -> (B, gh * gw, D)``. The
+    image and its four diagonal half-patch shifts (zero-filled), ``5 C`` channels, cut into
+    patches, layer-normalised and embedded by one Linear; with timm ``PatchEmbed``'s
+    ``grid_size``, ``patch_size`` and ``num_patches``."""
 
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
                  embed_dim: int = 192, **_timm_kwargs) -> None:

@@ -1,15 +1,9 @@
 """Data shipped inside the package: the bundled CIFAR-10 probe set ``cifar10-probe``.
 
-``cifar10_test_probe.npz`` holds 1,000 CIFAR-10 test images (100 per class) so the main job
-runs on a fresh machine with no dataset download and no data root (it is every
-command's default dataset, :data:`DEFAULT_DATASET`). Each image keeps its
-canonical sample ID (its index in the sorted image-folder order of the full 10,000-image test
-split: sorted class, then sorted file name), so stores extracted from it line up with stores
-extracted from the full set. The pixels are those of the JPEG re-encoding of the test batch
-that our machines hold, decoded exactly as :func:`repsim.data.load_probe_set` decodes the
-tree; ``meta`` in the file records the source, the selection rule and the IDs' digest.
-It is rebuilt by ``python -m repsim.assets.build_probe --source DIR`` and read by
-:func:`repsim.data.load_probe_set` (``dataset="cifar10-probe"``).
+``cifar10_test_probe.npz``: 1,000 CIFAR-10 test images (100 per class) with their canonical
+sample IDs (index in the full test split sorted by class, then file name), so stores from it
+line up with stores from the full set; ``meta`` records the source and the selection. Rebuilt
+by ``python -m repsim.assets.build_probe --source DIR``.
 """
 
 from pathlib import Path

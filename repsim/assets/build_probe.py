@@ -2,12 +2,9 @@
 
     python -m repsim.assets.build_probe --source /path/to/cifar10/test [--per-class 100]
 
-``--source`` is a CIFAR-10 test image-folder tree (``<class>/<file>``, 10 classes x 1,000
-images). From each class (sorted names) ``per_class`` files are drawn without replacement by
-one ``numpy.random.default_rng(seed)`` and sorted; a sample's ID is its index in the tree's
-canonical order (sorted class, then sorted file name), exactly as :mod:`repsim.data` numbers
-it. Images are decoded with PIL as :func:`repsim.data.load_probe_set` decodes them, so a
-store extracted from the bundle equals one extracted from the same IDs of the tree.
+``--source`` is a CIFAR-10 test image-folder tree (``<class>/<file>``, 10 x 1,000 images),
+read by :func:`repsim.data.load_probe_set`, so IDs and pixels are the tree's own; each class
+gives ``per_class`` images (:func:`repsim.data.balanced_subset`).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.assets import PROBE_FILE
-from repsim.data import load_probe_set
+from repsim.data import balanced_subset, load_probe_set
 from repsim.paths import atomic_write, ids_digest
 
 
@@ -29,17 +26,11 @@ def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int 
           pixels: str = "JPEG re-encoding of the CIFAR-10 test batch") -> dict:
     """Write the bundle to ``out`` (atomically) and return its ``meta`` record."""
     tree = load_probe_set(f"imagefolder:{source}", progress=True)  # decoded as every set is
-    labels = tree.labels
-    if len(tree.classes) != 10 or len(tree) != 10_000:
-        raise SystemExit(f"{source} has {len(tree.classes)} classes and {len(tree)} images; "
+    labels, classes = tree.labels, tree.classes
+    if len(classes) != 10 or len(tree) != 10_000 or np.bincount(labels).min() != 1000:
+        raise SystemExit(f"{source} has {len(classes)} classes and {len(tree)} images; "
                          "expected the CIFAR-10 test split (10 x 1,000)")
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in range(len(tree.classes)):
-        members = np.flatnonzero(labels == c)
-        picked.append(np.sort(rng.choice(members, per_class, replace=False)))
-    ids = np.concatenate(picked).astype(np.int64)  # class-major, so already sorted
-    images, classes = tree.images[ids], tree.classes
+    ids = balanced_subset(labels, per_class / 1000, seed)
     meta = {
         "dataset": "cifar10", "split": "test", "n": int(len(ids)), "per_class": per_class,
         "seed": seed, "pixels": pixels,
@@ -50,7 +41,7 @@ def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int 
         "source_files": f"{Path(source).name}/<class>/<file> ({len(tree)} files)",
     }
     buf = io.BytesIO()
-    np.savez_compressed(buf, images=images, labels=labels[ids], ids=ids,
+    np.savez_compressed(buf, images=tree.images[ids], labels=labels[ids], ids=ids,
                         classes=np.array(classes), meta=np.array(json.dumps(meta)))
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     return meta
