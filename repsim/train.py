@@ -150,97 +150,79 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
 # --------------------------------------------------------------------------- a run
 
 
-@dataclass
 class _Run:
-    """What the training loop reads and advances; built (and resumed) by :func:`_start`."""
+    """What the training loop reads and advances: settings (``cfg`` with the recipe's defaults
+    filled in), data on the device, model, optimiser and progress; resumed unless restarted."""
 
-    cfg: TrainConfig  # with the recipe's defaults filled in (_resolve)
-    recipe: Recipe
-    name: str
-    out: Path  # the deliverable checkpoint
-    run_dir: Path
-    dev: torch.device
-    spec: Any
-    x_train: torch.Tensor  # (N, H, W, 3) uint8 on dev: the training subset
-    y_train: torch.Tensor  # (N,) int64
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    model: nn.Module
-    forward: nn.Module  # torch.compile(model), sharing its parameters, or model itself
-    opt: torch.optim.Optimizer
-    gen: torch.Generator  # data order and augmentation draws
-    meta: dict[str, Any]  # checkpoint provenance fixed for the whole run
-    snap_epochs: tuple[int, ...]  # epochs whose weights are kept (repsim.checkpoints)
-    start_epoch: int = 0
-    resumed_from: int | None = None
-    step: int = 0  # optimiser steps since epoch 0, counting those of resumed sessions
-    images_seen: int = 0  # this session
-    train_seconds: float = 0.0  # this session's step loops, without evaluation and saves
+    def __init__(self, cfg: TrainConfig):
+        from repsim.models import resolve_device
+        from repsim.registry import get_spec
+        from repsim.weights import checkpoint_dir
 
-    def __post_init__(self):
-        self.steps_per_epoch = math.ceil(len(self.y_train) / self.cfg.batch_size)
+        self.spec = get_spec(cfg.model)
+        cfg, recipe = self.cfg, self.recipe = _resolve(cfg)
+        self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
+        self.dev = dev = resolve_device(cfg.device)
+        precision = train_precision(dev, cfg.precision)
+        self.name = run_name(cfg)
+        self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
+        self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
+                        else paths.cache_dir("runs", self.name))
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
-
-
-def _start(cfg: TrainConfig) -> _Run:
-    """Check ``cfg``, put the data on the device, build model and optimiser; resume."""
-    from repsim.data import balanced_subset, load_probe_set
-    from repsim.models import resolve_device
-    from repsim.registry import get_spec
-    from repsim.weights import checkpoint_dir
-
-    spec = get_spec(cfg.model)
-    cfg, recipe = _resolve(cfg)
-    snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
-    dev = resolve_device(cfg.device)
-    precision = train_precision(dev, cfg.precision)
-    name = run_name(cfg)
-    out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{name}.pt"
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else paths.cache_dir("runs", name)
-
-    train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
-                                        progress=cfg.progress) for split in ("train", "test"))
-    keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
-            if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
-    keep_t = torch.from_numpy(keep).to(dev)
-    x_train, y_train = (t[keep_t] for t in to_device(train_ps, dev))
-    num_classes = len(train_ps.classes)
-
-    model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
-                                     cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
-    model = model.to(dev)
-    if spec.family == "resnet":
-        model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-        # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
-        # memory-efficient SDPA remain.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    data_prov = {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
-                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
-                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
-                 "n_test": len(test_ps.labels),
-                 "augmentation": recipes.describe_augmentation(recipe)}
-    meta = {"name": out.stem, "model": cfg.model, "num_classes": num_classes,
+        data_prov, num_classes = self._load_data()
+        model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
+                                         cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
+        model = model.to(dev)
+        if self.spec.family == "resnet":
+            model = model.to(memory_format=torch.channels_last)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+            # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
+            # memory-efficient SDPA remain.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry
+        # no "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
+        self.model = model
+        self.forward = torch.compile(model) if cfg.compile else model  # shares its parameters
+        self.opt = recipes.make_optimizer(model, recipe, cfg.lr, dev)
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # data order, augmentation
+        self.meta = {  # checkpoint provenance fixed for the whole run
+            "name": self.out.stem, "model": cfg.model, "num_classes": num_classes,
             "recipe": dataclasses.asdict(recipe), "epochs_planned": cfg.epochs,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, **init_prov,
             "data": data_prov, "hardware": hardware(dev), "precision": precision,
             "repsim_version": __version__, "torch_version": str(torch.__version__)}
-    # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry no
-    # "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
-    run = _Run(cfg, recipe, name, out, run_dir, dev, spec, x_train, y_train,
-               *to_device(test_ps, dev), model, torch.compile(model) if cfg.compile else model,
-               recipes.make_optimizer(model, recipe, cfg.lr, dev),
-               torch.Generator(device=dev).manual_seed(cfg.seed), meta, snap_epochs)
-    torch.manual_seed(cfg.seed)  # dropout
-    if run.state_path.is_file() and not cfg.restart:
-        _resume(run)
-    else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
-        run.state_path.unlink(missing_ok=True)
-        run.log_path.unlink(missing_ok=True)
-        checkpoints.clear_snapshots(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run
+        self.steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
+        self.start_epoch, self.resumed_from = 0, None
+        self.step = 0  # optimiser steps since epoch 0, counting those of resumed sessions
+        self.images_seen, self.train_seconds = 0, 0.0  # this session's step loops
+        torch.manual_seed(cfg.seed)  # dropout
+        if self.state_path.is_file() and not cfg.restart:
+            _resume(self)
+        else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
+            self.state_path.unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
+            checkpoints.clear_snapshots(self.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _load_data(self) -> tuple[dict[str, Any], int]:
+        """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
+        and ``(N,)`` int64; returns their provenance and the number of classes."""
+        from repsim.data import balanced_subset, load_probe_set
+
+        cfg = self.cfg
+        train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
+                                            progress=cfg.progress) for split in ("train", "test"))
+        keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
+                if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        keep_t = torch.from_numpy(keep).to(self.dev)
+        self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
+        self.x_test, self.y_test = to_device(test_ps, self.dev)
+        return {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
+                "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
+                "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
+                "n_test": len(test_ps.labels),
+                "augmentation": recipes.describe_augmentation(self.recipe)}, len(train_ps.classes)
 
 
 def _resume(run: _Run) -> None:
@@ -282,7 +264,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stopped (None, "max_steps" or "time limit"), stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
-    run = _start(cfg)
+    run = _Run(cfg)
     cfg = run.cfg
     summary: dict[str, Any] = {"checkpoint": str(run.out), "run_dir": str(run.run_dir),
                                "log": str(run.log_path), "epochs_planned": cfg.epochs,
