@@ -107,6 +107,10 @@ _SHARED = {  # options several commands share
     "--data-root": dict(help="data folder (default: $REPSIM_DATA or ./data)"),
     "--device": dict(help="cpu, cuda or cuda:N (default: cuda when available)"),
     "--json": dict(action="store_true", help="print one JSON object, no progress"),
+    "--model": dict(required=True, help="registry name (vit_cifar, resnet18_cifar, "
+                    "vit_imagenet, resnet18_imagenet) or timm:<name>"),
+    "--weights": dict(help="checkpoint file, or 'random' for seeded random weights (default: "
+                      "the model's own weights)"),
 }
 _PROBE = ("--dataset", "--split", "--n", "--seed", "--weights-seed")
 _RUN = ("--data-root", "--device", "--json")
@@ -127,11 +131,7 @@ def _report(args: argparse.Namespace, result: dict, text: str) -> int:
 
 
 @command("extract", "Extract layer activations over a probe set into an HDF5 store.",
-         opt("--model", required=True, help="registry name (vit_cifar, resnet18_cifar, "
-             "vit_imagenet, resnet18_imagenet) or timm:<name>"),
-         opt("--weights", help="checkpoint file, or 'random' for seeded random weights "
-             "(default: the model's own weights)"),
-         *_PROBE,
+         "--model", "--weights", *_PROBE,
          opt("--layers", help="'blocks', or comma-separated names/globs (default: embed/stem "
              "and every block/stage)"),
          opt("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
@@ -203,10 +203,7 @@ def cmd_train(args) -> int:
 
 
 @command("eval", "Top-1 accuracy and loss of a model on a split (or --n of its images).",
-         opt("--model", required=True, help="registry name or timm:<name>"),
-         opt("--weights", help="checkpoint file, or 'random' (default: the model's own "
-             "weights)"),
-         *_PROBE,
+         "--model", "--weights", *_PROBE,
          opt("--batch-size", type=_positive_int, default=500, help="images per forward"),
          *_RUN)
 def cmd_eval(args) -> int:
@@ -285,7 +282,7 @@ def cmd_attention(args) -> int:
 @command("featuremaps", "CNN feature maps: each stage's strongest channels and mean map.",
          opt("--model", required=True,
              help="a CNN: resnet18_cifar, resnet18_imagenet or timm:<cnn>"),
-         opt("--weights", help="checkpoint file or 'random' (default: own weights)"),
+         "--weights",
          opt("--stages", help="layer names, aliases or globs (default: layer1..layer4)"),
          opt("--top", type=_positive_int, default=8,
              help="strongest channels shown per image and stage"),

@@ -160,7 +160,8 @@ class _Run:
         from repsim.weights import checkpoint_dir
 
         self.spec = get_spec(cfg.model)
-        cfg, recipe = self.cfg, self.recipe = _resolve(cfg)
+        cfg, recipe = _resolve(cfg)
+        self.cfg, self.recipe = cfg, recipe
         self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
         self.dev = dev = resolve_device(cfg.device)
         precision = train_precision(dev, cfg.precision)
@@ -198,12 +199,35 @@ class _Run:
         self.images_seen, self.train_seconds = 0, 0.0  # this session's step loops
         torch.manual_seed(cfg.seed)  # dropout
         if self.state_path.is_file() and not cfg.restart:
-            _resume(self)
+            self._resume()
         else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
             self.state_path.unlink(missing_ok=True)
             self.log_path.unlink(missing_ok=True)
             checkpoints.clear_snapshots(self.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _resume(self) -> None:
+        """Load the saved state; refused when it belongs to other settings."""
+        from repsim.weights import read_weights
+
+        state = read_weights(self.state_path)
+        if state.get("identity") != _identity(self.cfg, self.recipe):
+            raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
+                            "same settings as before to resume; fix: restart=True to start over, "
+                            "or another run_dir=PATH")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.dev.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
+        self.start_epoch = self.resumed_from = int(state["epoch"])
+        self.step = self.start_epoch * self.steps_per_epoch
+        # Log lines of epochs after the saved state (a crash between the two writes) go.
+        rows = _read_log(self.log_path)
+        kept = [r for r in rows if r["epoch"] <= self.start_epoch]
+        if len(kept) < len(rows):
+            paths.write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _load_data(self) -> tuple[dict[str, Any], int]:
         """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
@@ -223,30 +247,6 @@ class _Run:
                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
                 "n_test": len(test_ps.labels),
                 "augmentation": recipes.describe_augmentation(self.recipe)}, len(train_ps.classes)
-
-
-def _resume(run: _Run) -> None:
-    """Load the saved state into ``run``; refused when it belongs to other settings."""
-    from repsim.weights import read_weights
-
-    state = read_weights(run.state_path)
-    if state.get("identity") != _identity(run.cfg, run.recipe):
-        raise UserError(f"{run.state_path} belongs to a run with other settings; valid: the "
-                        "same settings as before to resume; fix: restart=True to start over, "
-                        "or another run_dir=PATH")
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["optimizer"])
-    run.gen.set_state(state["rng"]["data"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if run.dev.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], run.dev)
-    run.start_epoch = run.resumed_from = int(state["epoch"])
-    run.step = run.start_epoch * run.steps_per_epoch
-    # Log lines of epochs after the saved state (a crash between the two writes) go.
-    rows = _read_log(run.log_path)
-    kept = [r for r in rows if r["epoch"] <= run.start_epoch]
-    if len(kept) < len(rows):
-        paths.write_text(run.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # --------------------------------------------------------------------------- the loop
