@@ -65,8 +65,8 @@ def weights_tag(weights: str | None, seed: int | None = 0) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``.
-    The name is unique (concurrent writers do not collide) and keeps ``path``'s suffix (for
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``;
+    its name is unique (concurrent writers do not collide) and keeps ``path``'s suffix (for
     writers that infer the format). A failure removes it: the old file, or none, remains."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
