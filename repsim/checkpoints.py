@@ -1,10 +1,8 @@
 """A run's deliverable files: float16 weights, the manifest beside them, and snapshots.
 
-``repsim train`` writes ``<dir>/<name>.pt`` and lists it in ``<dir>/manifest.json``. With
-``--snapshots 0,1,5,every:10`` it also keeps ``<dir>/<name>_snapshots/epoch<E>.pt`` at those
-epochs (0: the initialisation), in the checkpoint's format, listed (epoch, file relative to
-``<dir>``, sha256, metrics) in that folder's ``index.json`` and under ``snapshots`` in the
-checkpoint's manifest entry, where the ``dynamics`` figure finds them.
+``<dir>/<name>.pt`` is listed in ``<dir>/manifest.json``; snapshots (``--snapshots``) are
+``<dir>/<name>_snapshots/epoch<E>.pt`` in the checkpoint's format, listed in that folder's
+``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input).
 """
 
 from __future__ import annotations

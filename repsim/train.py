@@ -1,13 +1,10 @@
 """Training a model with a recipe (:mod:`repsim.recipes`), from scratch or fine-tuning; resumable.
 
-The training split lives on the device as ``(N, H, W, 3)`` uint8 (150 MB for CIFAR-10) and
-each batch is augmented and preprocessed there, so a GPU never waits for a CPU data loader
-(the same code runs on CPU). A run keeps its state (model, optimiser, RNG states, epoch) in
-``<run_dir>/state.pt`` and one JSON line per epoch in ``<run_dir>/log.jsonl``; running the
-same command again continues from the last save and ends where an uninterrupted run would.
-Every save also writes the float16 checkpoint ``out`` with its provenance and the metrics of
-those very weights, listed in the ``manifest.json`` beside it, so a run stopped early still
-leaves a usable, honestly-labelled checkpoint.
+The training split lives on the device as uint8 and each batch is augmented there, so a GPU
+never waits for a CPU data loader. A run keeps its state in ``<run_dir>/state.pt`` and a log
+line per epoch in ``<run_dir>/log.jsonl``: the same command again continues where it stopped
+and ends where an uninterrupted run would. Every save also writes the float16 checkpoint with
+the metrics of those very weights, so a run stopped early leaves an honestly-labelled one.
 """
 
 from __future__ import annotations
@@ -379,9 +376,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
 
 def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: float
           ) -> dict[str, Any]:
-    """Evaluate the weights as the checkpoint holds them (float16), then write the state, the
-    ``pending`` log rows (emptied), the checkpoint and the manifest; returns the summary
-    entries of this save."""
+    """Score the float16 weights, then write state, ``pending`` log rows (emptied), checkpoint
+    and manifest entry; returns the summary entries of this save."""
     from tqdm import tqdm
 
     from repsim.weights import sha256_file
@@ -421,8 +417,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
 
 
 def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The checkpoint's float16 weights and their test metrics, scored as `repsim eval` of
-    the checkpoint will score them."""
+    """The checkpoint's float16 weights and their test metrics, as `repsim eval` scores them."""
     half = checkpoints.half(run.model)
     saved = copy.deepcopy(run.model)
     saved.load_state_dict(half)
