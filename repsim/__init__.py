@@ -7,11 +7,8 @@ The public API, imported on first use (so ``repsim --help`` stays instant)::
     ref = repsim.extract("vit_cifar", uint8_images)                       # or a model name
     m = repsim.cka_matrix(acts, ref, estimator="debiased")                # (La, Lb) float64
 
-- ``extract``, ``capture``: activations of named layers (:mod:`repsim.hooks`);
-- ``cka_matrix``, ``linear_cka``, ``rbf_cka``, ``MinibatchCKA``, ``minibatches``
-  (:mod:`repsim.cka`);
-- ``load_model`` (:mod:`repsim.models`); ``list_models``, ``register_model`` (its registry);
-- ``load_probe_set`` (:mod:`repsim.data`), ``Store`` (:mod:`repsim.store`).
+The rest: ``capture``, ``linear_cka``, ``rbf_cka``, ``MinibatchCKA``, ``minibatches``,
+``load_model``, ``list_models``, ``register_model``, ``load_probe_set``, ``Store``.
 """
 
 from __future__ import annotations
@@ -21,20 +18,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "capture": "repsim.hooks",
-    "extract": "repsim.hooks",
-    "cka_matrix": "repsim.cka",
-    "linear_cka": "repsim.cka",
-    "rbf_cka": "repsim.cka",
-    "MinibatchCKA": "repsim.cka",
-    "minibatches": "repsim.cka",
-    "load_model": "repsim.models",
-    "list_models": "repsim.registry",
-    "register_model": "repsim.registry",
-    "load_probe_set": "repsim.data",
-    "Store": "repsim.store",
+_MODULES = {  # the public names of each module
+    "repsim.hooks": ("capture", "extract"),  # activations of named layers
+    "repsim.cka": ("cka_matrix", "linear_cka", "rbf_cka", "MinibatchCKA", "minibatches"),
+    "repsim.models": ("load_model",),
+    "repsim.registry": ("list_models", "register_model"),
+    "repsim.data": ("load_probe_set",),
+    "repsim.store": ("Store",),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = ["__version__", *_EXPORTS]
 

@@ -1,12 +1,7 @@
-"""Training-time augmentation on the device, a whole batch at a time.
+"""Training-time augmentation of a whole ``(B, H, W, 3)`` uint8 batch on its device.
 
-The training split lives on the device as ``(N, H, W, 3)`` uint8; each batch is augmented
-there (so a GPU never waits for a CPU data loader): a random translate (a crop of the padded
-image) and a horizontal flip, then optionally cutout, RandAugment or AutoAugment and random
-erasing on the uint8 pixels, and, after preprocessing, MixUp or CutMix of the float batch
-with soft targets. Draws come
-from the run's generator ``gen`` (translate, flip, cutout, the mixing choice) or torch's
-global RNG (RandAugment's ops, the mixing weight), both of which a run saves and restores.
+Draws come from the run's generator ``gen`` or torch's global RNG (RandAugment's and
+AutoAugment's ops, the mixing weight); a run saves and restores both.
 """
 
 from __future__ import annotations
@@ -26,10 +21,8 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def crop_flip(x: torch.Tensor, gen: torch.Generator, pad_mode: str = "zeros") -> torch.Tensor:
-    """Random 4-px translate and horizontal flip of ``(B, H, W, 3)`` uint8 (same shape back).
-
-    ``pad_mode`` "zeros" fills the uncovered border with black, "reflect" mirrors the image.
-    """
+    """Random 4-px translate and horizontal flip of ``(B, H, W, 3)`` uint8 (same shape back);
+    ``pad_mode`` "zeros" fills the uncovered border with black, "reflect" mirrors the image."""
     b, h, w, _ = x.shape
     dev = x.device
     oy = torch.randint(0, 2 * PAD + 1, (b,), generator=gen, device=dev) - PAD
@@ -47,18 +40,28 @@ def crop_flip(x: torch.Tensor, gen: torch.Generator, pad_mode: str = "zeros") ->
     return torch.where(flip[:, None, None, None], out.flip(2), out)
 
 
+def _boxes(x: torch.Tensor, y0, x0, bh, bw) -> torch.Tensor:
+    """``(B, H, W)`` bool: per image of ``x``, rows [y0, y0 + bh) and columns [x0, x0 + bw)
+    (each a ``(B,)`` tensor or an int; the box may reach outside the image)."""
+    yy = torch.arange(x.shape[1], device=x.device)[:, None]
+    xx = torch.arange(x.shape[2], device=x.device)[None, :]
+    y0, x0, bh, bw = (torch.as_tensor(v, device=x.device).reshape(-1, 1, 1)
+                      for v in (y0, x0, bh, bw))
+    return (yy >= y0) & (yy < y0 + bh) & (xx >= x0) & (xx < x0 + bw)
+
+
 def cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
     """Zero one ``size x size`` square per image of ``(B, H, W, 3)``, centred anywhere."""
     b, h, w, _ = x.shape
-    dev = x.device
-    cy = torch.randint(0, h, (b,), generator=gen, device=dev)
-    cx = torch.randint(0, w, (b,), generator=gen, device=dev)
-    yy = torch.arange(h, device=dev)[None, :, None]
-    xx = torch.arange(w, device=dev)[None, None, :]
-    y0 = (cy - size // 2)[:, None, None]
-    x0 = (cx - size // 2)[:, None, None]
-    hole = (yy >= y0) & (yy < y0 + size) & (xx >= x0) & (xx < x0 + size)
-    return x.masked_fill(hole[..., None], 0)
+    cy = torch.randint(0, h, (b,), generator=gen, device=x.device)
+    cx = torch.randint(0, w, (b,), generator=gen, device=x.device)
+    return x.masked_fill(_boxes(x, cy - size // 2, cx - size // 2, size, size)[..., None], 0)
+
+
+def _grouped(op, x: torch.Tensor, group: int) -> torch.Tensor:
+    """Torchvision's ``op`` over ``(B, H, W, 3)`` uint8, one call (one draw) per ``group``."""
+    out = torch.cat([op(g) for g in x.permute(0, 3, 1, 2).split(group)])
+    return out.permute(0, 2, 3, 1)
 
 
 def rand_augment(x: torch.Tensor, num_ops: int, magnitude: int) -> torch.Tensor:
@@ -66,47 +69,36 @@ def rand_augment(x: torch.Tensor, num_ops: int, magnitude: int) -> torch.Tensor:
     of :data:`RANDAUGMENT_GROUP` images gets its own draw of ops."""
     from torchvision.transforms import v2
 
-    op = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
-    chw = x.permute(0, 3, 1, 2)
-    out = torch.cat([op(g) for g in chw.split(RANDAUGMENT_GROUP)])
-    return out.permute(0, 2, 3, 1)
+    return _grouped(v2.RandAugment(num_ops=num_ops, magnitude=magnitude), x, RANDAUGMENT_GROUP)
 
 
 def auto_augment(x: torch.Tensor, fill: int = 128) -> torch.Tensor:
-    """AutoAugment with the CIFAR-10 policy (Cubuk et al. 2019; torchvision's, the policy of
-    the DeepVoltaire code the small-ViT studies use, grey ``fill`` as there) of
-    ``(B, H, W, 3)`` uint8; each group of :data:`AUTOAUGMENT_GROUP` images draws its own
-    sub-policy (torchvision draws once per call)."""
+    """AutoAugment, CIFAR-10 policy (Cubuk et al. 2019; torchvision's, as in the DeepVoltaire
+    code the small-ViT studies use, grey ``fill`` as there) of ``(B, H, W, 3)`` uint8; each
+    group of :data:`AUTOAUGMENT_GROUP` images draws its own sub-policy."""
     from torchvision.transforms import v2
 
-    op = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill)
-    chw = x.permute(0, 3, 1, 2)
-    out = torch.cat([op(g) for g in chw.split(AUTOAUGMENT_GROUP)])
-    return out.permute(0, 2, 3, 1)
+    return _grouped(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10, fill=fill), x,
+                    AUTOAUGMENT_GROUP)
 
 
 def random_erase(x: torch.Tensor, gen: torch.Generator, prob: float,
                  fill: tuple[int, int, int], area: tuple[float, float] = (0.02, 0.4),
                  aspect: float = 0.3) -> torch.Tensor:
-    """Random erasing (Zhong et al. 2020) of ``(B, H, W, 3)`` uint8: with probability
-    ``prob`` an image gets one rectangle of ``area`` (fractions of the image, uniform) and
-    aspect ratio uniform in ``[aspect, 1/aspect]`` filled with the colour ``fill``. A
-    rectangle that would not fit is clipped to ``H - 1`` by ``W - 1`` (the reference code
-    redraws up to 100 times instead)."""
+    """Random erasing (Zhong et al. 2020) of ``(B, H, W, 3)`` uint8: with probability ``prob``
+    an image gets one rectangle of ``area`` (fractions of the image, uniform) and aspect ratio
+    uniform in ``[aspect, 1/aspect]``, filled with ``fill``; clipped to ``H - 1`` by ``W - 1``
+    where it would not fit (the reference code redraws up to 100 times instead)."""
     b, h, w, _ = x.shape
-    dev = x.device
-    u = torch.rand(b, 5, generator=gen, device=dev)
+    u = torch.rand(b, 5, generator=gen, device=x.device)
     target = (area[0] + (area[1] - area[0]) * u[:, 0]) * h * w
     ratio = aspect + (1 / aspect - aspect) * u[:, 1]
     eh = (target * ratio).sqrt().round().clamp(1, h - 1).long()
     ew = (target / ratio).sqrt().round().clamp(1, w - 1).long()
-    y0 = (u[:, 2] * (h - eh + 1)).long()[:, None, None]  # uniform in [0, h - eh]
-    x0 = (u[:, 3] * (w - ew + 1)).long()[:, None, None]
-    yy = torch.arange(h, device=dev)[None, :, None]
-    xx = torch.arange(w, device=dev)[None, None, :]
-    hole = ((yy >= y0) & (yy < y0 + eh[:, None, None]) & (xx >= x0)
-            & (xx < x0 + ew[:, None, None]) & (u[:, 4] < prob)[:, None, None])
-    colour = torch.tensor(fill, dtype=x.dtype, device=dev)
+    y0 = (u[:, 2] * (h - eh + 1)).long()  # uniform in [0, h - eh]
+    x0 = (u[:, 3] * (w - ew + 1)).long()
+    hole = _boxes(x, y0, x0, eh, ew) & (u[:, 4] < prob)[:, None, None]
+    colour = torch.tensor(fill, dtype=x.dtype, device=x.device)
     return torch.where(hole[..., None], colour, x)
 
 
@@ -119,8 +111,7 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, gen: torch.Generator
     in the batch (image ``B - 1 - i``, as timm does); CutMix is chosen with probability
     ``switch`` when both are on. The weight ``lam ~ Beta(alpha, alpha)``; for CutMix it is
     the share of the image left uncut. With ``prob < 1`` the batch is mixed with probability
-    ``prob`` and otherwise left as it is (one-hot targets). Returns ``(x, targets (B,
-    num_classes) float)``.
+    ``prob``, else left as it is. Returns ``(x, targets (B, num_classes) float)``.
     """
     target = F.one_hot(y, num_classes).to(x.dtype)
     # Drawn only when asked for, so recipes that always mix keep their random stream.

@@ -1,13 +1,8 @@
 """A run's deliverable files: float16 weights, the manifest beside them, and snapshots.
 
-``repsim train`` writes the checkpoint ``<dir>/<name>.pt`` and lists it in
-``<dir>/manifest.json`` (:func:`update_manifest`). With ``--snapshots 0,1,5,every:10`` it
-also keeps ``<dir>/<name>_snapshots/epoch<E>.pt`` at those epochs (epoch 0: the
-initialisation): the checkpoint's format (float16 ``state_dict`` plus provenance and the
-metrics of those very weights), so every command loads one with ``--weights``. The folder's
-``index.json`` lists them (epoch, file relative to ``<dir>``, sha256, test and train metrics),
-and the checkpoint's manifest entry carries the same list under ``snapshots``: that is where
-the ``dynamics`` figure (:mod:`repsim.figures.dynamics`) finds them.
+``<dir>/<name>.pt`` is listed in ``<dir>/manifest.json``; snapshots (``--snapshots``) are
+``<dir>/<name>_snapshots/epoch<E>.pt`` in the checkpoint's format, listed in that folder's
+``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input).
 """
 
 from __future__ import annotations
@@ -25,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+
 def half(model: nn.Module) -> dict[str, torch.Tensor]:
     """The checkpoint's weights: float16 on the CPU (halves the file; loading casts back)."""
     import torch
@@ -34,9 +30,8 @@ def half(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
-    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint.
-    Runs training in parallel into one folder share it: the read-modify-write holds a lock,
-    or one run's entry could overwrite another's."""
+    """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint,
+    under a lock: runs training in parallel into one folder would overwrite each other's."""
     path = ckpt_path.parent / "manifest.json"
     with paths.lock(path):
         data = {"checkpoints": []}
@@ -57,8 +52,8 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
 def snapshot_epochs(spec: str | Sequence[int] | None, epochs: int) -> tuple[int, ...]:
     """The epochs to keep, sorted: ``spec`` is comma-separated epochs and ``every:K`` items
     (K, 2K, ... and the last epoch), or a sequence of epochs; 0 is the initialisation.
-    ``epochs``: the run's planned epochs. None or ``""``: none."""
-    if spec is None or spec == "":
+    ``epochs``: the run's planned epochs. None or empty: none."""
+    if not spec:
         return ()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     bad = (f"snapshots={spec!r} is not a list of epochs; valid: comma-separated epochs "
@@ -76,8 +71,6 @@ def snapshot_epochs(spec: str | Sequence[int] | None, epochs: int) -> tuple[int,
                 out.add(int(text))
         except ValueError:
             raise UserError(bad) from None
-    if not out:
-        return ()
     if min(out) < 0 or max(out) > epochs:
         raise UserError(f"{bad}; {max(out) if max(out) > epochs else min(out)} is outside "
                         f"the run's 0..{epochs} (epochs={epochs})")
@@ -101,20 +94,12 @@ def snapshots(ckpt_path: Path) -> list[dict[str, Any]]:
                         "the run) to start the snapshots over") from None
 
 
-def manifest_fields(ckpt_path: Path) -> dict[str, Any]:
-    """What the checkpoint's manifest entry says of its snapshots: ``{"snapshots": index}``,
-    or nothing when there are none."""
-    rows = snapshots(ckpt_path)
-    return {"snapshots": rows} if rows else {}
-
-
 def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tensor],
                   test: dict[str, float], meta: dict[str, Any],
                   row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Write the snapshot of ``epoch`` and record it in the index, atomically; returns the
-    index. ``state_dict``: the float16 weights; ``test``: their ``accuracy`` (%) and ``loss``
-    (nats) on the test split; ``meta``: the checkpoint's provenance; ``row``: the epoch's log
-    row (train_accuracy, train_loss), None for the initialisation."""
+    """Write the snapshot of ``epoch`` and add it to the index; returns the index.
+    ``state_dict``: float16 weights; ``test``: their test ``accuracy`` (%) and ``loss``
+    (nats); ``meta``: provenance; ``row``: the epoch's log row, None for the initialisation."""
     import torch
 
     from repsim.weights import sha256_file

@@ -1,9 +1,8 @@
 """The ``repsim`` command line: parse, build a config, call one library function, report.
 
-Each flag's dest is the name of the library parameter it sets, and configs are filled by
-name (:func:`_config`), so a library message's ``name=`` becomes the right flag
-(:func:`repsim.errors.as_flags`). Heavy imports (torch, h5py, matplotlib) happen inside the
-command functions so that ``repsim --help`` is instant.
+Each flag's dest is the name of the library parameter it sets and configs are filled by name
+(:func:`_config`), so a library message's ``name=`` maps to its flag (``errors.as_flags``).
+Heavy imports (torch, h5py, matplotlib) happen inside the commands: ``repsim --help`` is instant.
 """
 
 from __future__ import annotations
@@ -18,17 +17,23 @@ from collections.abc import Callable
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
 
-COMMANDS: dict[str, tuple[str, Callable, Callable]] = {}
+COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
 
 
-def command(name: str, help: str, add: Callable[[argparse.ArgumentParser], None]):
-    """Register ``run(args) -> exit status`` as a subcommand; ``add(parser)`` adds its options."""
+def command(name: str, help: str, *options):
+    """Register ``run(args) -> exit status`` as a subcommand with ``options``, in help order:
+    names of :data:`_SHARED` options, or functions ``add(parser)`` such as :func:`opt`'s."""
 
     def deco(run):
-        COMMANDS[name] = (help, add, run)
+        COMMANDS[name] = (help, options, run)
         return run
 
     return deco
+
+
+def opt(*flags: str, **kw) -> Callable[[argparse.ArgumentParser], None]:
+    """An option of one command: ``add_argument``'s arguments."""
+    return lambda p: p.add_argument(*flags, **kw)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="MODULE", help="import a Python module first, e.g. one that "
                         "registers your models with repsim.register_model (repeatable)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_, add, _) in COMMANDS.items():
+    for name, (help_, options, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks on errors")
         p.set_defaults(parser=p)  # where an unknown option is reported (see main)
-        add(p)
+        for option in options:
+            if isinstance(option, str):
+                p.add_argument(option, **_SHARED[option])
+            else:
+                option(p)
     return parser
 
 
@@ -86,7 +95,7 @@ def _number(kind: type, low: float, high: float = float("inf"), low_ok: bool = F
 
 
 _positive_int = _number(int, 1, low_ok=True)
-_OPTIONS = {  # options several commands share
+_SHARED = {  # options several commands share
     "--dataset": dict(default=DEFAULT_DATASET, help="cifar10-probe (1,000 CIFAR-10 test "
                       "images bundled with repsim, offline), cifar10, cifar100, svhn or "
                       "imagefolder:PATH"),
@@ -98,12 +107,13 @@ _OPTIONS = {  # options several commands share
     "--data-root": dict(help="data folder (default: $REPSIM_DATA or ./data)"),
     "--device": dict(help="cpu, cuda or cuda:N (default: cuda when available)"),
     "--json": dict(action="store_true", help="print one JSON object, no progress"),
+    "--model": dict(required=True, help="registry name (vit_cifar, resnet18_cifar, "
+                    "vit_imagenet, resnet18_imagenet) or timm:<name>"),
+    "--weights": dict(help="checkpoint file, or 'random' for seeded random weights (default: "
+                      "the model's own weights)"),
 }
-
-
-def _add(p: argparse.ArgumentParser, *flags: str) -> None:
-    for flag in flags:
-        p.add_argument(flag, **_OPTIONS[flag])
+_PROBE = ("--dataset", "--split", "--n", "--seed", "--weights-seed")
+_RUN = ("--data-root", "--device", "--json")
 
 
 def _config(cls, args: argparse.Namespace, **extra):
@@ -120,29 +130,20 @@ def _report(args: argparse.Namespace, result: dict, text: str) -> int:
     return 0
 
 
-def _add_extract(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name (vit_cifar, resnet18_cifar, "
-                   "vit_imagenet, resnet18_imagenet) or timm:<name>")
-    p.add_argument("--weights", help="checkpoint file, or 'random' for seeded random weights "
-                   "(default: the model's own weights)")
-    _add(p, "--dataset", "--split", "--n", "--seed", "--weights-seed")
-    p.add_argument("--layers", help="'blocks', or comma-separated names/globs "
-                   "(default: embed/stem and every block/stage)")
-    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
-                   help="token/map reduction")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per forward")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="storage dtype (float16 halves the file)")
-    p.add_argument("--compression", choices=["gzip", "lzf"],
-                   help="HDF5 compression (default: none)")
-    p.add_argument("--out", help="output .h5 (default: $REPSIM_CACHE/stores/...)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing store with different settings")
-    _add(p, "--data-root", "--device", "--json")
-
-
 @command("extract", "Extract layer activations over a probe set into an HDF5 store.",
-         _add_extract)
+         "--model", "--weights", *_PROBE,
+         opt("--layers", help="'blocks', or comma-separated names/globs (default: embed/stem "
+             "and every block/stage)"),
+         opt("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
+             help="token/map reduction"),
+         opt("--batch-size", type=_positive_int, default=128, help="images per forward"),
+         opt("--dtype", default="float32", choices=["float32", "float16"],
+             help="storage dtype (float16 halves the file)"),
+         opt("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default: none)"),
+         opt("--out", help="output .h5 (default: $REPSIM_CACHE/stores/...)"),
+         opt("--overwrite", action="store_true",
+             help="replace an existing store with different settings"),
+         *_RUN)
 def cmd_extract(args) -> int:
     from repsim.extraction import ExtractConfig, extract
 
@@ -154,47 +155,41 @@ def cmd_extract(args) -> int:
                    f"{res['n']} images, {len(res['layers'])} layers) in {res['seconds']:.1f} s")
 
 
-def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="vit_cifar or resnet18_cifar (from scratch), or any registry model to "
-                   "fine-tune from its pretrained weights (vit_imagenet, timm:<name>)")
-    p.add_argument("--dataset", default="cifar10",
-                   help="cifar10, cifar100 or svhn (a dataset with a train split)")
-    p.add_argument("--recipe", default="paper", help="paper (the study's: Adam 1e-4, batch "
-                   "100, 500 epochs), strong, fast-resnet, fast-resnet-ls, fast-resnet-aa, "
-                   "fast-vit, fast-vit-aa, fast-vit-aug or tinyvit (README, 'Training and "
-                   "evaluation')")
-    p.add_argument("--epochs", type=_positive_int, help="default: the recipe's")
-    p.add_argument("--batch-size", type=_positive_int, help="default: the recipe's")
-    p.add_argument("--lr", type=_number(float, 0), help="peak learning rate (default: the "
-                   "recipe's)")
-    p.add_argument("--train-fraction", type=_number(float, 0, 1), default=1.0,
-                   help="seeded class-balanced fraction of the training set")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the training subset, data order, augmentation and dropout")
-    p.add_argument("--weights-seed", type=int, help="seed of the random init (and of a "
-                   "replaced classifier head) (default: --seed)")
-    p.add_argument("--weights", help="start from this file, or 'random' (default: scratch for "
-                   "the CIFAR models, pretrained weights for the others)")
-    p.add_argument("--out", help="checkpoint path (default: checkpoints/<run name>.pt)")
-    p.add_argument("--run-dir", help="resume state and log (default: "
-                   "$REPSIM_CACHE/runs/<run name>)")
-    p.add_argument("--restart", action="store_true", help="discard saved state and start over")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (worth it for runs of minutes)")
-    p.add_argument("--eval-every", type=_positive_int, default=1, metavar="K",
-                   help="evaluate and save the resumable state every K epochs and at the end")
-    p.add_argument("--time-limit", type=_number(float, 0), metavar="MINUTES",
-                   help="stop cleanly after the last epoch that fits, leaving a resumable "
-                   "state and a checkpoint labelled with the epochs done (default: none)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--snapshots", metavar="EPOCHS", help="keep float16 weights and metrics at "
-                   "these epochs beside the checkpoint, e.g. 0,1,5,every:10 (default: none)")
-    _add(p, "--data-root", "--device", "--json")
-
-
-@command("train", "Train a model (resumable: rerun the same command to continue).", _add_train)
+@command("train", "Train a model (resumable: rerun the same command to continue).",
+         opt("--model", required=True, help="vit_cifar or resnet18_cifar (from scratch), or "
+             "any registry model to fine-tune from its pretrained weights (vit_imagenet, "
+             "timm:<name>)"),
+         opt("--dataset", default="cifar10",
+             help="cifar10, cifar100 or svhn (a dataset with a train split)"),
+         opt("--recipe", default="paper", help="paper (the study's: Adam 1e-4, batch 100, 500 "
+             "epochs), strong, fast-resnet, fast-resnet-ls, fast-resnet-aa, fast-vit, "
+             "fast-vit-aa, fast-vit-aug or tinyvit (README, 'Training and evaluation')"),
+         opt("--epochs", type=_positive_int, help="default: the recipe's"),
+         opt("--batch-size", type=_positive_int, help="default: the recipe's"),
+         opt("--lr", type=_number(float, 0), help="peak learning rate (default: the recipe's)"),
+         opt("--train-fraction", type=_number(float, 0, 1), default=1.0,
+             help="seeded class-balanced fraction of the training set"),
+         opt("--seed", type=int, default=0,
+             help="seed of the training subset, data order, augmentation and dropout"),
+         opt("--weights-seed", type=int, help="seed of the random init (and of a replaced "
+             "classifier head) (default: --seed)"),
+         opt("--weights", help="start from this file, or 'random' (default: scratch for the "
+             "CIFAR models, pretrained weights for the others)"),
+         opt("--out", help="checkpoint path (default: checkpoints/<run name>.pt)"),
+         opt("--run-dir", help="resume state and log (default: $REPSIM_CACHE/runs/<run name>)"),
+         opt("--restart", action="store_true", help="discard saved state and start over"),
+         opt("--compile", action="store_true",
+             help="torch.compile the training step (worth it for runs of minutes)"),
+         opt("--eval-every", type=_positive_int, default=1, metavar="K",
+             help="evaluate and save the resumable state every K epochs and at the end"),
+         opt("--time-limit", type=_number(float, 0), metavar="MINUTES",
+             help="stop cleanly after the last epoch that fits, leaving a resumable state and "
+             "a checkpoint labelled with the epochs done (default: none)"),
+         opt("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+             help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32"),
+         opt("--snapshots", metavar="EPOCHS", help="keep float16 weights and metrics at these "
+             "epochs beside the checkpoint, e.g. 0,1,5,every:10 (default: none)"),
+         *_RUN)
 def cmd_train(args) -> int:
     from repsim.train import TrainConfig, train
 
@@ -207,17 +202,10 @@ def cmd_train(args) -> int:
                    f"{res['log']}, curve {res.get('curve', '-')})")
 
 
-def _add_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name or timm:<name>")
-    p.add_argument("--weights", help="checkpoint file, or 'random' (default: the model's own "
-                   "weights)")
-    _add(p, "--dataset", "--split", "--n", "--seed", "--weights-seed")
-    p.add_argument("--batch-size", type=_positive_int, default=500, help="images per forward")
-    _add(p, "--data-root", "--device", "--json")
-
-
 @command("eval", "Top-1 accuracy and loss of a model on a split (or --n of its images).",
-         _add_eval)
+         "--model", "--weights", *_PROBE,
+         opt("--batch-size", type=_positive_int, default=500, help="images per forward"),
+         *_RUN)
 def cmd_eval(args) -> int:
     from repsim.evaluation import EvalConfig, evaluate_model
 
@@ -237,75 +225,68 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
-def _add_images(p: argparse.ArgumentParser, per_class: bool = False) -> None:
+def _images(per_class: bool = False) -> tuple:
     """Options of `attention` and `featuremaps`: which images, from which data."""
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--images", type=_positive_int, default=None if per_class else 4,
-                       help="draw the first N images of the probe set (default: "
-                       f"{'the first image of each class' if per_class else '4'})")
-    which.add_argument("--ids", type=_id_list, nargs="+", help="draw these sample ids (index "
-                       "in the split's canonical order) (default: --images)")
-    _add(p, "--dataset", "--split")
-    p.add_argument("--probe", type=_positive_int, default=1000,
-                   help="probe-set size: the images are drawn from it")
-    _add(p, "--seed", "--weights-seed")
-    p.add_argument("--out", help="output folder (default: $REPSIM_FIGURES/<command>, "
-                   "REPSIM_FIGURES defaults to ./figures)")
-    _add(p, "--data-root", "--device", "--json")
+
+    def which(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--images", type=_positive_int, default=None if per_class else 4,
+                           help="draw the first N images of the probe set (default: "
+                           f"{'the first image of each class' if per_class else '4'})")
+        group.add_argument("--ids", type=_id_list, nargs="+", help="draw these sample ids "
+                           "(index in the split's canonical order) (default: --images)")
+
+    return (which, "--dataset", "--split",
+            opt("--probe", type=_positive_int, default=1000,
+                help="probe-set size: the images are drawn from it"),
+            "--seed", "--weights-seed",
+            opt("--out", help="output folder (default: $REPSIM_FIGURES/<command>, "
+                "REPSIM_FIGURES defaults to ./figures)"),
+            *_RUN)
 
 
 def _ids(args) -> list[int] | None:
     return [i for group in args.ids for i in group] if args.ids else None
 
 
-def _add_attention(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "--models", dest="models", action="append", required=True,
-                   metavar="MODEL",
-                   help="a ViT: vit_cifar, vit_imagenet or timm:<vit>; repeat to compare models")
-    p.add_argument("--weights", action="append", default=[], help="checkpoint file or "
-                   "'random'; once for all models or once per --model, in order (default: "
-                   "their own)")
-    p.add_argument("--layers", help="blocks for the per-head maps: numbers (0,5), names "
-                   "(blocks.0), globs or 'blocks' (default: first, middle and last)")
-    _add_images(p)
-    p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="batch size for the mean attention distance")
-    p.add_argument("--unit", default="image", choices=["image", "model", "fraction"],
-                   help="distance plot unit: pixels of the probe image, of the model input, or "
-                   "fraction of the image side (all three are saved)")
-    p.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="recompute attention distances even when cached")
-
-
-@command("attention", "ViT attention per head, attention rollout and mean attention "
-         "distance.", _add_attention)
+@command("attention", "ViT attention per head, attention rollout and mean attention distance.",
+         opt("--model", "--models", dest="models", action="append", required=True,
+             metavar="MODEL",
+             help="a ViT: vit_cifar, vit_imagenet or timm:<vit>; repeat to compare models"),
+         opt("--weights", action="append", default=[], help="checkpoint file or 'random'; "
+             "once for all models or once per --model, in order (default: their own)"),
+         opt("--layers", help="blocks for the per-head maps: numbers (0,5), names (blocks.0), "
+             "globs or 'blocks' (default: first, middle and last)"),
+         *_images(),
+         opt("--batch-size", type=_positive_int, default=64,
+             help="batch size for the mean attention distance"),
+         opt("--unit", default="image", choices=["image", "model", "fraction"],
+             help="distance plot unit: pixels of the probe image, of the model input, or "
+             "fraction of the image side (all three are saved)"),
+         opt("--no-cache", dest="cache", action="store_false",
+             help="recompute attention distances even when cached"))
 def cmd_attention(args) -> int:
     from repsim.figures.attention import AttentionConfig, run_attention
 
     res = run_attention(_config(AttentionConfig, args, ids=_ids(args)))
-    lines = []
-    for label, reused in zip(res["models"], res["reused"]):
-        fmt = ".3f" if res["unit"] == "fraction" else ".1f"
-        means = ", ".join(f"{v:{fmt}}" for v in res["distance_mean_per_block"][label])
-        lines.append(f"{label}: mean attention distance per block ({res['unit']})"
-                     f"{' (cached)' if reused else ''}: {means}")
+    fmt = ".3f" if res["unit"] == "fraction" else ".1f"
+    lines = [f"{label}: mean attention distance per block ({res['unit']})"
+             f"{' (cached)' if reused else ''}: "
+             + ", ".join(f"{v:{fmt}}" for v in res["distance_mean_per_block"][label])
+             for label, reused in zip(res["models"], res["reused"])]
     lines.append(f"wrote {len(res['outputs'])} files to {res['out']} ({res['n_images']} "
                  f"images, distance over {res['n_probe']}) in {res['seconds']:.1f} s")
     return _report(args, res, "\n".join(lines))
 
 
-def _add_featuremaps(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="a CNN: resnet18_cifar, resnet18_imagenet or timm:<cnn>")
-    p.add_argument("--weights", help="checkpoint file or 'random' (default: own weights)")
-    p.add_argument("--stages", help="layer names, aliases or globs (default: layer1..layer4)")
-    p.add_argument("--top", type=_positive_int, default=8,
-                   help="strongest channels shown per image and stage")
-    _add_images(p, per_class=True)
-
-
 @command("featuremaps", "CNN feature maps: each stage's strongest channels and mean map.",
-         _add_featuremaps)
+         opt("--model", required=True,
+             help="a CNN: resnet18_cifar, resnet18_imagenet or timm:<cnn>"),
+         "--weights",
+         opt("--stages", help="layer names, aliases or globs (default: layer1..layer4)"),
+         opt("--top", type=_positive_int, default=8,
+             help="strongest channels shown per image and stage"),
+         *_images(per_class=True))
 def cmd_featuremaps(args) -> int:
     from repsim.figures.featuremaps import FeatureMapsConfig, run_featuremaps
 
@@ -315,51 +296,47 @@ def cmd_featuremaps(args) -> int:
                    f"images) in {res['seconds']:.1f} s")
 
 
-def _add_cka(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--a", required=True, metavar="A",
-                   help="model name (store found in the cache or extracted) or store file")
-    p.add_argument("--b", required=True, metavar="B", help="the same for model B (rows: A's "
-                   "layers, columns: B's); --a X --b X is the self-similarity")
-    p.add_argument("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel")
-    p.add_argument("--threshold", type=float, default=1.0,
-                   help="RBF bandwidth as a multiple of the median distance")
-    p.add_argument("--estimator", default="minibatch", choices=["biased", "debiased",
-                   "minibatch"], help="CKA estimator (minibatch with n <= --batch-size is one "
-                   "batch: debiased CKA; biased reads high on wide layers)")
-    p.add_argument("--batch-size", type=_positive_int, help="rows per batch for --estimator "
-                   "minibatch (default: 1024)")
-    p.add_argument("--batch-seed", type=int, default=0,
-                   help="seed of the minibatch estimator's random batches")
-    p.add_argument("--permutations", type=_number(int, 0, low_ok=True), default=0,
-                   help="permutation null per cell: p-value, null mean and 95th percentile "
-                   "(0: none; 999 is usual)")
-    p.add_argument("--permutation-seed", type=int, default=0, help="seed of the permutations")
-    p.add_argument("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
-                   help="per cell, the K images whose removal moves it most (in the JSON)")
-    p.add_argument("--no-se", dest="se", action="store_false", help="skip the jackknife "
-                   "standard errors and participation ratios (they cost about one more pass)")
-    _add(p, "--dataset", "--split", "--n", "--seed", "--data-root")
-    p.add_argument("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
-                   help="token/map reduction when extracting")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="storage dtype when extracting")
-    p.add_argument("--weights-a", help="weights file or 'random' for A (default: its own); "
-                   "several files, comma-separated, are seeds: mean, spread and seed ceiling")
-    p.add_argument("--weights-b", help="weights file or 'random' for B (default: its own)")
-    p.add_argument("--weights-seed-a", type=int, default=0, help="seed of A's random weights")
-    p.add_argument("--weights-seed-b", type=int, default=0, help="seed of B's random weights "
-                   "(--a X --b X --weights-a random --weights-b random --weights-seed-b 1 "
-                   "compares two random inits on one image subset)")
-    p.add_argument("--layers-a", help="comma-separated layer names/globs of A (default: all)")
-    p.add_argument("--layers-b", help="the same for B (default: all)")
-    p.add_argument("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)")
-    p.add_argument("--force", action="store_true",
-                   help="re-extract and recompute even when cached")
-    _add(p, "--device", "--json")
-
-
 @command("cka", "CKA between every layer of model A and every layer of model B: a matrix "
-         "file and a heatmap.", _add_cka)
+         "file and a heatmap.",
+         opt("--a", required=True, metavar="A",
+             help="model name (store found in the cache or extracted) or store file"),
+         opt("--b", required=True, metavar="B", help="the same for model B (rows: A's layers, "
+             "columns: B's); --a X --b X is the self-similarity"),
+         opt("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel"),
+         opt("--threshold", type=float, default=1.0,
+             help="RBF bandwidth as a multiple of the median distance"),
+         opt("--estimator", default="minibatch", choices=["biased", "debiased", "minibatch"],
+             help="CKA estimator (minibatch with n <= --batch-size is one batch: debiased "
+             "CKA; biased reads high on wide layers)"),
+         opt("--batch-size", type=_positive_int, help="rows per batch for --estimator "
+             "minibatch (default: 1024)"),
+         opt("--batch-seed", type=int, default=0,
+             help="seed of the minibatch estimator's random batches"),
+         opt("--permutations", type=_number(int, 0, low_ok=True), default=0,
+             help="permutation null per cell: p-value, null mean and 95th percentile "
+             "(0: none; 999 is usual)"),
+         opt("--permutation-seed", type=int, default=0, help="seed of the permutations"),
+         opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
+             help="per cell, the K images whose removal moves it most (in the JSON)"),
+         opt("--no-se", dest="se", action="store_false", help="skip the jackknife standard "
+             "errors and participation ratios (they cost about one more pass)"),
+         "--dataset", "--split", "--n", "--seed", "--data-root",
+         opt("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
+             help="token/map reduction when extracting"),
+         opt("--dtype", default="float32", choices=["float32", "float16"],
+             help="storage dtype when extracting"),
+         opt("--weights-a", help="weights file or 'random' for A (default: its own); several "
+             "files, comma-separated, are seeds: mean, spread and seed ceiling"),
+         opt("--weights-b", help="weights file or 'random' for B (default: its own)"),
+         opt("--weights-seed-a", type=int, default=0, help="seed of A's random weights"),
+         opt("--weights-seed-b", type=int, default=0, help="seed of B's random weights (--a X "
+             "--b X --weights-a random --weights-b random --weights-seed-b 1 compares two "
+             "random inits on one image subset)"),
+         opt("--layers-a", help="comma-separated layer names/globs of A (default: all)"),
+         opt("--layers-b", help="the same for B (default: all)"),
+         opt("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)"),
+         opt("--force", action="store_true", help="re-extract and recompute even when cached"),
+         "--device", "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, run_cka
     from repsim.seeds import has_seeds, run_cka_seeds
@@ -378,29 +355,24 @@ def cmd_cka(args) -> int:
                    f"{', '.join(res['files'])}")
 
 
-def _add_figures(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--analyses", default="analyses",
-                   help="folder of figure specs, one .toml per figure")
-    p.add_argument("--out", default="figures", help="output folder")
-    p.add_argument("--only", help="comma-separated spec names to build (default: all)")
-    p.add_argument("--dataset", help="override every spec's probe dataset, e.g. cifar10 "
-                   "(default: each spec's)")
-    p.add_argument("--split", choices=["train", "test"],
-                   help="override the probe split (default: each spec's)")
-    p.add_argument("--n", type=_positive_int,
-                   help="override the number of probe images (default: each spec's)")
-    p.add_argument("--seed", type=int, help="override the probe subset seed (default: each "
-                   "spec's)")
-    _add(p, "--data-root", "--device")
-    p.add_argument("--offline", action="store_true",
-                   help="never try to download weights or data (models without local "
-                   "weights are skipped at once)")
-    p.add_argument("--force", action="store_true", help="rebuild everything, ignoring caches")
-    _add(p, "--json")
-
-
-@command("figures", "Build the study's figures and tables from analyses/*.toml into "
-         "figures/ (cached, incremental).", _add_figures)
+@command("figures", "Build the study's figures and tables from analyses/*.toml into figures/ "
+         "(cached, incremental).",
+         opt("--analyses", default="analyses", help="folder of figure specs, one .toml per "
+             "figure"),
+         opt("--out", default="figures", help="output folder"),
+         opt("--only", help="comma-separated spec names to build (default: all)"),
+         opt("--dataset", help="override every spec's probe dataset, e.g. cifar10 (default: "
+             "each spec's)"),
+         opt("--split", choices=["train", "test"],
+             help="override the probe split (default: each spec's)"),
+         opt("--n", type=_positive_int,
+             help="override the number of probe images (default: each spec's)"),
+         opt("--seed", type=int, help="override the probe subset seed (default: each spec's)"),
+         "--data-root", "--device",
+         opt("--offline", action="store_true", help="never try to download weights or data "
+             "(models without local weights are skipped at once)"),
+         opt("--force", action="store_true", help="rebuild everything, ignoring caches"),
+         "--json")
 def cmd_figures(args) -> int:
     if args.offline:
         os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)

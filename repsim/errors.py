@@ -1,9 +1,7 @@
 """The one exception type the CLI turns into a one-line message (no traceback).
 
-Library messages speak Python: they name parameters as ``name=`` (``layers='blocks.9'``,
-``batch_size=0``, ``restart=True``), so a notebook user reads the argument they passed. The
-CLI rewrites each ``name=`` into its flag (``--layers 'blocks.9'``, ``--restart``) with
-:func:`as_flags` before printing.
+Library messages name parameters as ``name=`` (``batch_size=0``, ``restart=True``), the
+argument a notebook user passed; the CLI prints them as flags (:func:`as_flags`).
 """
 
 import errno
@@ -21,9 +19,7 @@ class UserError(Exception):
 
 
 def as_flags(message: str) -> str:
-    """``"batch_size=0 ..."`` -> ``"--batch-size 0 ..."``: a library message in CLI terms.
-
-    ``name=True`` becomes the bare switch ``--name``."""
+    """``"batch_size=0 ..."`` -> ``"--batch-size 0 ..."``; ``name=True`` -> ``--name``."""
     def flag(m: re.Match) -> str:
         return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) else " ")
 

@@ -1,8 +1,7 @@
 """Running a model on the device: precision, input preparation, accuracy and loss.
 
-:func:`evaluate` scores a model on a split held on its device (training evaluates with it
-after every save); :func:`evaluate_model` is ``repsim eval``: a registered model with its
-weights, on a probe set, with provenance.
+:func:`evaluate` scores a model on a split held on its device (training's evaluations);
+:func:`evaluate_model` is ``repsim eval``.
 """
 
 from __future__ import annotations
@@ -87,11 +86,8 @@ def to_device(ps, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.inference_mode()
 def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 500, progress: bool = False) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on a whole split.
-
-    ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64, both on the model's
-    device. Sums accumulate in float64.
-    """
+    """Top-1 accuracy (%), mean cross-entropy (nats, summed in float64) and ``n`` of ``model``
+    on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -128,8 +124,7 @@ class EvalConfig:
 
 
 def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
-    """Top-1 accuracy and loss of a registered model on a split (or ``n`` of its images),
-    with provenance."""
+    """``repsim eval``: accuracy and loss of a registered model on a split, with provenance."""
     from repsim.data import load_probe_set
     from repsim.models import load_model, resolve_device
     from repsim.registry import get_spec

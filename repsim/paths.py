@@ -1,11 +1,8 @@
 """Where repsim keeps things and how it writes them: roots, names, digests, atomic files.
 
-Roots come from the environment: ``$REPSIM_CACHE`` (stores, results, sketches, runs;
-default ``./cache``), ``$REPSIM_FIGURES`` (figure commands; default ``./figures``). Every
-file repsim writes goes through :func:`atomic_write`: a uniquely named temporary file in the
-same folder, renamed over the target when complete, so a crash or a concurrent writer never
-leaves a file that looks complete but is not. A file built in place over a long time (an
-activation store) is made under :func:`lock`, so concurrent runs make it once.
+Every file repsim writes goes through :func:`atomic_write`, so a crash or a concurrent
+writer never leaves a file that looks complete but is not; a file built in place over a long
+time (an activation store) is made under :func:`lock`, so concurrent runs make it once.
 """
 
 from __future__ import annotations
@@ -68,12 +65,9 @@ def weights_tag(weights: str | None, seed: int | None = 0) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``.
-
-    The temporary name is unique (two processes writing the same file do not collide) and
-    keeps ``path``'s suffix (so writers that infer a format from it still work). A failure
-    removes it: the old file, or none, remains.
-    """
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``;
+    its name is unique (concurrent writers do not collide) and keeps ``path``'s suffix (for
+    writers that infer the format). A failure removes it: the old file, or none, remains."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}",
@@ -116,10 +110,9 @@ def save_npz(path: str | os.PathLike, **arrays: Any) -> Path:
 
 @contextmanager
 def lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` across processes for a ``with`` block; another
-    process waits here until it is released (or its holder dies). An advisory ``flock`` on
-    ``<path>.lock``, left in place (deleting a lock file someone waits on would let two
-    writers in); none where ``fcntl`` is missing (Windows)."""
+    """Hold an exclusive lock on ``path`` across processes for a ``with`` block (others wait):
+    an advisory ``flock`` on ``<path>.lock``, left in place (deleting a lock file someone waits
+    on would let two writers in); none where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:

@@ -1,16 +1,10 @@
 """Training a model with a recipe (:mod:`repsim.recipes`), from scratch or fine-tuning; resumable.
 
-The whole training split lives on the device as ``(N, H, W, 3)`` uint8 (150 MB for
-CIFAR-10); each batch is gathered, augmented (:mod:`repsim.augment`) and preprocessed there,
-so a GPU never waits for a CPU data loader. The same code runs on CPU.
-
-A run keeps its state in ``<run_dir>/state.pt`` (model, optimiser, RNG states, epoch),
-rewritten atomically at every save, and logs one JSON line per epoch to
-``<run_dir>/log.jsonl``. Running the same command again continues from the last saved epoch
-and ends where an uninterrupted run would. Every save also writes the deliverable checkpoint
-(float16 weights plus provenance and the metrics of those very weights) to ``out`` and lists
-it in the ``manifest.json`` beside it, so a run stopped early still leaves a usable,
-honestly-labelled checkpoint.
+The training split lives on the device as uint8 and each batch is augmented there, so a GPU
+never waits for a CPU data loader. A run keeps its state in ``<run_dir>/state.pt`` and a log
+line per epoch in ``<run_dir>/log.jsonl``: the same command again continues where it stopped
+and ends where an uninterrupted run would. Every save also writes the float16 checkpoint with
+the metrics of those very weights, so a run stopped early leaves an honestly-labelled one.
 """
 
 from __future__ import annotations
@@ -64,26 +58,24 @@ class TrainConfig:
     snapshots: str | list[int] | None = None  # "0,1,5,every:10": see repsim.checkpoints
 
 
-def _settings(cfg: TrainConfig) -> tuple[Recipe, int, int, float, tuple[int, ...]]:
-    """The recipe and the run's epochs, batch size, peak lr and snapshot epochs; UserError
-    for bad values."""
+def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
+    """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None, and the
+    recipe; UserError for bad values."""
     recipe = recipes.get_recipe(cfg.recipe)
-    epochs = recipe.epochs if cfg.epochs is None else cfg.epochs
-    batch_size = recipe.batch_size if cfg.batch_size is None else cfg.batch_size
-    lr = recipe.lr if cfg.lr is None else cfg.lr
-    for label, v in (("epochs", epochs), ("batch_size", batch_size),
-                     ("eval_every", cfg.eval_every)):
-        if v < 1:
-            raise UserError(f"{label}={v} is not positive; valid: an integer >= 1")
-    if not lr > 0:
-        raise UserError(f"lr={lr} is not positive; valid: a float > 0, e.g. 1e-4")
+    cfg = dataclasses.replace(cfg, **{k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr")
+                                      if getattr(cfg, k) is None})
+    for name in ("epochs", "batch_size", "eval_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
+    if not cfg.lr > 0:
+        raise UserError(f"lr={cfg.lr} is not positive; valid: a float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise UserError(f"time_limit={cfg.time_limit} minutes is not positive; valid: a "
                         "number > 0, e.g. 8.5")
-    return recipe, epochs, batch_size, lr, checkpoints.snapshot_epochs(cfg.snapshots, epochs)
+    return cfg, recipe
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -102,16 +94,15 @@ def run_name(cfg: TrainConfig) -> str:
     return "_".join(parts)
 
 
-def _identity(cfg: TrainConfig, recipe: Recipe, epochs: int, batch_size: int, lr: float
-              ) -> dict[str, Any]:
+def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
     ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
-             "batch_size": batch_size, "lr": lr, "train_fraction": cfg.train_fraction,
+             "batch_size": cfg.batch_size, "lr": cfg.lr, "train_fraction": cfg.train_fraction,
              "seed": cfg.seed, "weights": cfg.weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
     if recipe.schedule != "constant":  # the schedule depends on the planned length
-        ident["epochs"] = epochs
+        ident["epochs"] = cfg.epochs
     return ident
 
 
@@ -131,21 +122,18 @@ def _replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
 
 def initial_model(name: str, weights: str | None, num_classes: int, seed: int
                   ) -> tuple[nn.Module, dict[str, Any]]:
-    """The starting point of a run, on CPU, in train mode.
+    """The starting point of a run, on CPU, in train mode, and its provenance.
 
     ``weights`` None: from scratch for models whose default weights come from training
-    (vit_cifar, resnet18_cifar), else the model's pretrained weights (fine-tuning).
-    ``"random"``: from scratch. A path: start from that file. A pretrained start whose
-    class count differs from the dataset's gets a fresh classifier head. ``seed`` seeds the
-    random init and the new head.
+    (vit_cifar, resnet18_cifar), else the pretrained weights; ``"random"``: from scratch; a
+    path: that file. A pretrained start with another class count gets a fresh head. ``seed``
+    seeds the random init and the new head.
     """
     from repsim.models import build_model, load_model
     from repsim.registry import get_spec
 
-    spec = get_spec(name)
-    scratch = weights == "random" or (
-        weights is None and (spec.default_weights or "").startswith("checkpoints/"))
-    if scratch:
+    if weights == "random" or (weights is None and (get_spec(name).default_weights or ""
+                                                    ).startswith("checkpoints/")):
         model = build_model(name, num_classes, seed)
         prov = {"init": "random", "init_sha256": None}
     else:
@@ -156,142 +144,106 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     return model.train(), {**prov, "init_seed": seed}
 
 
-def _loss_and_backward(forward: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
-                       y: torch.Tensor, recipe: Recipe, dev: torch.device, bf16: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward; gradients land in the parameters, the caller steps.
-    ``y``: class ids ``(B,)`` or soft targets ``(B, classes)``."""
-    opt.zero_grad(set_to_none=True)
-    with autocast(dev, cpu_bf16=bf16):
-        logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-    loss.backward()
-    return loss, logits
-
-
 # --------------------------------------------------------------------------- a run
 
 
-@dataclass
 class _Run:
-    """What the training loop reads and advances; built (and resumed) by :func:`_start`."""
+    """What the training loop reads and advances: settings (``cfg`` with the recipe's defaults
+    filled in), data on the device, model, optimiser and progress; resumed unless restarted."""
 
-    cfg: TrainConfig
-    recipe: Recipe
-    epochs: int
-    batch_size: int
-    lr: float
-    name: str
-    out: Path  # the deliverable checkpoint
-    run_dir: Path
-    dev: torch.device
-    spec: Any
-    x_train: torch.Tensor  # (N, H, W, 3) uint8 on dev: the training subset
-    y_train: torch.Tensor  # (N,) int64
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    model: nn.Module
-    forward: nn.Module  # torch.compile(model), sharing its parameters, or model itself
-    opt: torch.optim.Optimizer
-    gen: torch.Generator  # data order and augmentation draws
-    ident: dict[str, Any]  # what a resumed run must share (see _identity)
-    meta: dict[str, Any]  # checkpoint provenance fixed for the whole run
-    start_epoch: int = 0
-    resumed_from: int | None = None
-    step: int = 0  # optimiser steps since epoch 0, counting those of resumed sessions
-    images_seen: int = 0  # this session
-    train_seconds: float = 0.0  # this session's step loops, without evaluation and saves
-    snap_epochs: tuple[int, ...] = ()  # epochs whose weights are kept (repsim.checkpoints)
+    def __init__(self, cfg: TrainConfig):
+        from repsim.models import resolve_device
+        from repsim.registry import get_spec
+        from repsim.weights import checkpoint_dir
 
-    def __post_init__(self):
-        self.steps_per_epoch = math.ceil(len(self.y_train) / self.batch_size)
+        self.spec = get_spec(cfg.model)
+        cfg, recipe = _resolve(cfg)
+        self.cfg, self.recipe = cfg, recipe
+        self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
+        self.dev = dev = resolve_device(cfg.device)
+        precision = train_precision(dev, cfg.precision)
+        self.name = run_name(cfg)
+        self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
+        self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
+                        else paths.cache_dir("runs", self.name))
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
-
-
-def _start(cfg: TrainConfig) -> _Run:
-    """Check ``cfg``, put the data on the device, build model and optimiser; resume."""
-    from repsim.data import balanced_subset, load_probe_set
-    from repsim.models import resolve_device
-    from repsim.registry import get_spec
-    from repsim.weights import checkpoint_dir
-
-    spec = get_spec(cfg.model)
-    recipe, epochs, batch_size, lr, snap_epochs = _settings(cfg)
-    dev = resolve_device(cfg.device)
-    precision = train_precision(dev, cfg.precision)
-    name = run_name(cfg)
-    out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{name}.pt"
-    run_dir = Path(cfg.run_dir).expanduser() if cfg.run_dir else paths.cache_dir("runs", name)
-
-    train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
-                                        progress=cfg.progress) for split in ("train", "test"))
-    keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
-            if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
-    x_train, y_train = to_device(train_ps, dev)
-    keep_t = torch.from_numpy(keep).to(dev)
-    num_classes = len(train_ps.classes)
-
-    seed = cfg.seed if cfg.weights_seed is None else cfg.weights_seed
-    model, init_prov = initial_model(cfg.model, cfg.weights, num_classes, seed)
-    model = model.to(dev)
-    if spec.family == "resnet":
-        model = model.to(memory_format=torch.channels_last)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-        # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
-        # memory-efficient SDPA remain.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    data_prov = {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
-                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
-                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
-                 "n_test": len(test_ps.labels),
-                 "augmentation": recipes.describe_augmentation(recipe)}
-    meta = {"name": out.stem, "model": cfg.model, "num_classes": num_classes,
-            "recipe": dataclasses.asdict(recipe), "epochs_planned": epochs,
-            "batch_size": batch_size, "lr": lr, "seed": cfg.seed, **init_prov,
+        data_prov, num_classes = self._load_data()
+        model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
+                                         cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
+        model = model.to(dev)
+        if self.spec.family == "resnet":
+            model = model.to(memory_format=torch.channels_last)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
+            # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
+            # memory-efficient SDPA remain.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry
+        # no "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
+        self.model = model
+        self.forward = torch.compile(model) if cfg.compile else model  # shares its parameters
+        self.opt = recipes.make_optimizer(model, recipe, cfg.lr, dev)
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # data order, augmentation
+        self.meta = {  # checkpoint provenance fixed for the whole run
+            "name": self.out.stem, "model": cfg.model, "num_classes": num_classes,
+            "recipe": dataclasses.asdict(recipe), "epochs_planned": cfg.epochs,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed, **init_prov,
             "data": data_prov, "hardware": hardware(dev), "precision": precision,
             "repsim_version": __version__, "torch_version": str(torch.__version__)}
-    # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry no
-    # "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
-    run = _Run(cfg, recipe, epochs, batch_size, lr, name, out, run_dir, dev, spec,
-               x_train[keep_t], y_train[keep_t], *to_device(test_ps, dev), model,
-               torch.compile(model) if cfg.compile else model,
-               recipes.make_optimizer(model, recipe, lr, dev),
-               torch.Generator(device=dev).manual_seed(cfg.seed),
-               _identity(cfg, recipe, epochs, batch_size, lr), meta, snap_epochs=snap_epochs)
-    torch.manual_seed(cfg.seed)  # dropout
-    if run.state_path.is_file() and not cfg.restart:
-        _resume(run)
-    else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
-        for stale in (run.state_path, run.log_path):
-            stale.unlink(missing_ok=True)
-        checkpoints.clear_snapshots(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run
+        self.steps_per_epoch = math.ceil(len(self.y_train) / cfg.batch_size)
+        self.start_epoch, self.resumed_from = 0, None
+        self.step = 0  # optimiser steps since epoch 0, counting those of resumed sessions
+        self.images_seen, self.train_seconds = 0, 0.0  # this session's step loops
+        torch.manual_seed(cfg.seed)  # dropout
+        if self.state_path.is_file() and not cfg.restart:
+            self._resume()
+        else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
+            self.state_path.unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
+            checkpoints.clear_snapshots(self.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    def _resume(self) -> None:
+        """Load the saved state; refused when it belongs to other settings."""
+        from repsim.weights import read_weights
 
-def _resume(run: _Run) -> None:
-    """Load the saved state into ``run``; refused when it belongs to other settings."""
-    from repsim.weights import read_weights
+        state = read_weights(self.state_path)
+        if state.get("identity") != _identity(self.cfg, self.recipe):
+            raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
+                            "same settings as before to resume; fix: restart=True to start over, "
+                            "or another run_dir=PATH")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.dev.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
+        self.start_epoch = self.resumed_from = int(state["epoch"])
+        self.step = self.start_epoch * self.steps_per_epoch
+        # Log lines of epochs after the saved state (a crash between the two writes) go.
+        rows = _read_log(self.log_path)
+        kept = [r for r in rows if r["epoch"] <= self.start_epoch]
+        if len(kept) < len(rows):
+            paths.write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    state = read_weights(run.state_path)
-    if state.get("identity") != run.ident:
-        raise UserError(f"{run.state_path} belongs to a run with other settings; valid: the "
-                        "same settings as before to resume; fix: restart=True to start over, "
-                        "or another run_dir=PATH")
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["optimizer"])
-    run.gen.set_state(state["rng"]["data"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if run.dev.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], run.dev)
-    run.start_epoch = run.resumed_from = int(state["epoch"])
-    run.step = run.start_epoch * run.steps_per_epoch
-    # Log lines of epochs after the saved state (a crash between the two writes) go.
-    if run.log_path.is_file():
-        rows = [ln for ln in run.log_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["epoch"] <= run.start_epoch]
-        run.log_path.write_text("".join(r + "\n" for r in rows))
+    def _load_data(self) -> tuple[dict[str, Any], int]:
+        """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
+        and ``(N,)`` int64; returns their provenance and the number of classes."""
+        from repsim.data import balanced_subset, load_probe_set
+
+        cfg = self.cfg
+        train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
+                                            progress=cfg.progress) for split in ("train", "test"))
+        keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
+                if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        keep_t = torch.from_numpy(keep).to(self.dev)
+        self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
+        self.x_test, self.y_test = to_device(test_ps, self.dev)
+        return {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
+                "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
+                "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
+                "n_test": len(test_ps.labels),
+                "augmentation": recipes.describe_augmentation(self.recipe)}, len(train_ps.classes)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -300,33 +252,32 @@ def _resume(run: _Run) -> None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or continue training) one model; returns the run's summary.
 
-    The loop: each epoch trains on a fresh permutation of the training subset
-    (:func:`_train_epoch`), then the run is saved -- evaluation, resumable state, log rows,
-    checkpoint, manifest (:func:`_save`), snapshot -- every ``eval_every`` epochs, at the
-    ``snapshots`` epochs, after the last, and before a ``time_limit`` would cut the next
-    epoch; the loop stops at the time limit instead of starting an epoch that would not fit.
-    ``max_steps`` stops mid-epoch without saving (tests, smoke runs).
-
-    Summary keys: checkpoint, manifest, run_dir, log, curve, epochs, epochs_planned,
-    test_accuracy, test_loss, resumed_from, seconds, steps, train_images_per_second,
-    precision, compiled, stopped (None, "max_steps" or "time limit"), stopped_early,
-    snapshots (the epochs kept).
+    Each epoch trains on a fresh permutation of the training subset; the run is saved
+    (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
+    and before a ``time_limit`` would cut the next epoch, which is then not started.
+    ``max_steps`` stops mid-epoch without saving (tests, smoke runs). Summary keys:
+    checkpoint, manifest, run_dir, log, curve, epochs, epochs_planned, test_accuracy,
+    test_loss, resumed_from, seconds, steps, train_images_per_second, precision, compiled,
+    stopped (None, "max_steps" or "time limit"), stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
-    run = _start(cfg)
+    run = _Run(cfg)
+    cfg = run.cfg
     summary: dict[str, Any] = {"checkpoint": str(run.out), "run_dir": str(run.run_dir),
-                               "log": str(run.log_path), "epochs_planned": run.epochs,
+                               "log": str(run.log_path), "epochs_planned": cfg.epochs,
                                "resumed_from": run.resumed_from, "epochs": run.start_epoch,
                                "precision": run.meta["precision"]}
-    if run.start_epoch >= run.epochs:
-        summary.update(_last_metrics(run.log_path))
+    if run.start_epoch >= cfg.epochs:  # finished before: its last evaluated metrics
+        last = next((r for r in reversed(_read_log(run.log_path))
+                     if r.get("test_accuracy") is not None), {})
+        summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
     pending: list[dict[str, Any]] = []  # log rows of epochs trained since the last save
     if run.start_epoch == 0 and 0 in run.snap_epochs:  # the initialisation, scored
         checkpoints.save_snapshot(run.out, 0, *_scored_half(run), run.meta)
-    for epoch in range(run.start_epoch, run.epochs):
+    for epoch in range(run.start_epoch, cfg.epochs):
         if deadline is not None and epoch_s is not None and not _fits(epoch_s, 0.0, deadline):
             stopped = "time limit"
             break
@@ -338,7 +289,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         epoch_s = row["seconds"]
         # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
         # epoch is always saved, so that its weights are scored and kept.
-        if (epoch + 1 == run.epochs or (epoch + 1) % cfg.eval_every == 0
+        if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0
                 or epoch + 1 in run.snap_epochs
                 or (deadline is not None
                     and not _fits(epoch_s, epoch_s if finish_s is None else finish_s,
@@ -362,26 +313,37 @@ def _fits(epoch_s: float, finish_s: float, deadline: float) -> bool:
     return time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 
+def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward; gradients land in the parameters, the caller steps.
+    ``y``: class ids ``(B,)`` or soft targets ``(B, classes)``."""
+    run.opt.zero_grad(set_to_none=True)
+    with autocast(run.dev, cpu_bf16=run.meta["precision"] == "bf16"):
+        logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=run.recipe.label_smoothing)
+    loss.backward()
+    return loss, logits
+
+
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
     """One pass over the training subset: its log row, or None when ``max_steps`` cut it."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     cfg, dev, n, spe = run.cfg, run.dev, len(run.y_train), run.steps_per_epoch
-    bf16 = run.meta["precision"] == "bf16"
     run.model.train()
     perm = torch.randperm(n, generator=run.gen, device=dev)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    for i in tqdm(range(spe), desc=f"{run.name} epoch {epoch + 1}/{run.epochs}", unit="step",
+    for i in tqdm(range(spe), desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
                   disable=not cfg.progress, leave=False):
-        idx = perm[i * run.batch_size:(i + 1) * run.batch_size]
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         x, y = recipes.batch(run.x_train[idx], run.y_train[idx], run.spec, run.recipe,
                              run.gen, run.meta["num_classes"])
         for g in run.opt.param_groups:
-            g["lr"] = recipes.lr_at(run.step, run.epochs * spe, spe, run.recipe, run.lr)
+            g["lr"] = recipes.lr_at(run.step, cfg.epochs * spe, spe, run.recipe, cfg.lr)
         try:
-            loss, logits = _loss_and_backward(run.forward, run.opt, x, y, run.recipe, dev, bf16)
+            loss, logits = _loss_and_backward(run, run.forward, x, y)
         except Exception as exc:  # torch.compile fails at its first call, if at all
             if run.forward is run.model:
                 raise
@@ -389,7 +351,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); training "
                           "continues without it", stacklevel=1)
             run.forward = run.model
-            loss, logits = _loss_and_backward(run.forward, run.opt, x, y, run.recipe, dev, bf16)
+            loss, logits = _loss_and_backward(run, run.forward, x, y)
         run.opt.step()
         run.step += 1
         run.images_seen += len(idx)
@@ -407,28 +369,28 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
            "train_accuracy": 100.0 * correct.item() / n, "test_loss": None,
            "test_accuracy": None, "lr": run.opt.param_groups[0]["lr"], "seconds": seconds}
     if cfg.progress:
-        tqdm.write(f"{run.name} epoch {epoch + 1}/{run.epochs}: train loss "
+        tqdm.write(f"{run.name} epoch {epoch + 1}/{cfg.epochs}: train loss "
                    f"{row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% ({seconds:.1f} s)")
     return row
 
 
 def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: float
           ) -> dict[str, Any]:
-    """Evaluate the weights as the checkpoint holds them (float16), then write the state, the
-    ``pending`` log rows (emptied), the checkpoint and the manifest; returns the summary
-    entries of this save."""
+    """Score the float16 weights, then write state, ``pending`` log rows (emptied), checkpoint
+    and manifest entry; returns the summary entries of this save."""
     from tqdm import tqdm
 
     from repsim.weights import sha256_file
 
+    cfg = run.cfg
     half, test = _scored_half(run)
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if epoch_done in run.snap_epochs:
         checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
-    state = {"identity": run.ident, "epoch": epoch_done, "model": run.model.state_dict(),
-             "optimizer": run.opt.state_dict(), "rng": rng}
+    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     with open(run.log_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in pending)
@@ -438,35 +400,35 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     paths.atomic_write(run.out, lambda tmp: torch.save({"state_dict": half, **meta}, tmp))
+    snaps = checkpoints.snapshots(run.out)
     manifest = checkpoints.update_manifest(run.out, {
-        "name": run.out.stem, "file": run.out.name, "model": run.cfg.model,
-        "dataset": run.cfg.dataset, "train_fraction": run.cfg.train_fraction,
-        "recipe": run.recipe.name, "epochs": epoch_done, "epochs_planned": run.epochs,
+        "name": run.out.stem, "file": run.out.name, "model": cfg.model,
+        "dataset": cfg.dataset, "train_fraction": cfg.train_fraction,
+        "recipe": run.recipe.name, "epochs": epoch_done, "epochs_planned": cfg.epochs,
         "test_accuracy": round(test["accuracy"], 2), "test_loss": round(test["loss"], 4),
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
-        "data_source": meta["data"]["train_source"],
-        **checkpoints.manifest_fields(run.out)})
-    if run.cfg.progress:
-        tqdm.write(f"{run.name} epoch {epoch_done}/{run.epochs}: test loss {test['loss']:.4f} "
+        "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
+    if cfg.progress:
+        tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
                    f"acc {test['accuracy']:.2f}%")
     return {"epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "manifest": str(manifest)}
 
 
 def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The checkpoint's float16 weights and their test metrics, scored as `repsim eval` of
-    the checkpoint will score them."""
+    """The checkpoint's float16 weights and their test metrics, as `repsim eval` scores them."""
     half = checkpoints.half(run.model)
     saved = copy.deepcopy(run.model)
     saved.load_state_dict(half)
     return half, evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
 
 
-def _last_metrics(log_path: Path) -> dict[str, Any]:
-    rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
-    last = next((r for r in reversed(rows) if r.get("test_accuracy") is not None), {})
-    return {"test_accuracy": last.get("test_accuracy"), "test_loss": last.get("test_loss")}
+def _read_log(log_path: Path) -> list[dict[str, Any]]:
+    """A run's log rows, one per epoch ([] before the first save)."""
+    if not log_path.is_file():
+        return []
+    return [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
 
 
 def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:
@@ -476,21 +438,19 @@ def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in Path(log_path).read_text().splitlines() if ln.strip()]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
+    rows = _read_log(Path(log_path))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
     for split, style in (("train", "-"), ("test", "--")):
         # Test metrics exist only on evaluated epochs (eval_every).
         pts = [r for r in rows if r.get(f"{split}_loss") is not None]
-        ep = [r["epoch"] for r in pts]
-        ax1.plot(ep, [r[f"{split}_loss"] for r in pts], style, marker=".", label=split)
-        ax2.plot(ep, [r[f"{split}_accuracy"] for r in pts], style, marker=".", label=split)
-    ax1.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title} loss")
-    ax2.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title=f"{title} accuracy")
-    for ax in (ax1, ax2):
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
+                    marker=".", label=split)
+    for ax, metric, ylabel in zip(axes, ("loss", "accuracy"),
+                                  ("cross-entropy", "top-1 accuracy (%)")):
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} {metric}")
         ax.grid(alpha=0.3)
         ax.legend()
     paths.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
     return out
-
-
