@@ -33,7 +33,6 @@ from repsim.figures import draw
 FORMAT = "repsim-attention-distance/1"
 UNITS = {"image": "distance_image_px", "model": "distance_model_px",
          "fraction": "distance_fraction"}  # unit -> the entry key holding it
-DEFAULT_PROBE = 1000
 
 Saver = Callable[[Any, Path, dict], list[Path]]  # (figure, stem, provenance) -> files
 
@@ -51,7 +50,7 @@ class AttentionConfig:
     images: int = 4
     ids: list[int] | None = None
     layers: str | None = None  # blocks for the per-head maps; default first, middle, last
-    probe: int = DEFAULT_PROBE  # images for the mean attention distance
+    probe: int = 1000  # images for the mean attention distance
     seed: int = 0  # of the probe subset
     weights_seed: int = 0  # of random weights
     batch_size: int = 64

@@ -371,7 +371,8 @@ def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float
     return fig, axes
 
 
-def _finish(fig, title: str) -> plt.Figure:
+def finish(fig, title: str) -> plt.Figure:
+    """``fig`` with ``title`` (if any) above, laid out tightly."""
     if title:
         fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
@@ -392,7 +393,7 @@ def attention_heads(images: np.ndarray, maps: np.ndarray, blocks: Sequence[int],
             _overlay(row[h + 1], images[i], maps[i, j, h])
     for h in range(nh):
         axes[0, h + 1].set_title(f"head {h}", fontsize=7)
-    return _finish(fig, title)
+    return finish(fig, title)
 
 
 def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
@@ -405,7 +406,7 @@ def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
             _overlay(axes[i, j + 1], images[i], m[i])
         axes[0, j + 1].set_title(label, fontsize=8)
     axes[0, 0].set_title("input", fontsize=8)
-    return _finish(fig, "attention rollout (class token, Abnar & Zuidema 2020)")
+    return finish(fig, "attention rollout (class token, Abnar & Zuidema 2020)")
 
 
 def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
@@ -433,7 +434,7 @@ def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
     ax.legend(fontsize=7, loc="lower right")
     if title:
         ax.set_title(title, fontsize=9)
-    return _finish(fig, "")
+    return finish(fig, "")
 
 
 def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] | None = None
@@ -459,7 +460,7 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
             bar.ax.tick_params(labelsize=5, length=2, pad=1)
     axes[0, 0].set_title("input", fontsize=7)
     axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
-    return _finish(fig, title)
+    return finish(fig, title)
 
 
 # --------------------------------------------------------------------------- files

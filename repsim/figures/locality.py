@@ -52,10 +52,7 @@ def summary_figure(loc: Locality, vit_label: str, cnn_label: str | None,
     ax.set_title(f"{vit_label}: how local each token is (n = {loc.n:,} images)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    return fig
+    return draw.finish(fig, title)
 
 
 def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) -> plt.Figure:
