@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +131,13 @@ class FigureContext:
         if not isinstance(item, dict) or "model" not in item:
             raise UserError(f"{self.name}: model entry {item!r} is neither a name nor a table "
                             "with a 'model' key")
-        extra = set(item) - {"model", "weights", "label", "layers"}
+        keys = [f.name for f in fields(ModelRef)]
+        extra = set(item) - set(keys)
         if extra:
             raise UserError(f"{self.name}: model entry keys {sorted(extra)} are unknown; "
-                            "valid: model, weights, label, layers")
+                            f"valid: {', '.join(keys)}")
         label = item.get("label") or ((spec or {}).get("labels") or {}).get(item["model"])
-        return ModelRef(item["model"], item.get("weights"), label, item.get("layers"))
+        return ModelRef(**{**item, "label": label})
 
     # ----------------------------------------------------------------- tracked inputs
 

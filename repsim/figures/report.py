@@ -183,8 +183,7 @@ def _portable(text: str) -> str:
 
 
 def _section(out: Path, name: str, record: dict, kept: str | None = None) -> str:
-    files = [Path(f) for f in record.get("files", [])]
-    img = [f for f in files if f.suffix == ".png"]
+    img = [Path(f) for f in record.get("files", []) if f.endswith(".png")]
     body = [f"## {record.get('title') or name}", ""]
     if record.get("kind") == "accuracy_table" and (out / f"{name}.md").is_file():
         table = (out / f"{name}.md").read_text().split("\n", 2)[-1]  # without its heading
