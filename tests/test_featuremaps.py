@@ -144,34 +144,25 @@ def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
     assert "\n" not in err
 
 
-def test_figure_kind_featuremaps_builds_one_figure_per_stage(tmp_path):
-    from repsim.figures.runner import build_all
-
-    ana = tmp_path / "analyses"
-    ana.mkdir()
-    (ana / "fm.toml").write_text(
-        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
-        'images = 2\nstages = "layer1,layer4"\ntop = 3\n[probe]\ndataset = "cifar10-probe"\n'
-        'n = 10\n')
-    res = build_all(ana, tmp_path / "figures", progress=False)
-    assert [b["name"] for b in res["built"]] == ["fm"] and not res["failed"]
-    for name in ["fm_layer1.png", "fm_layer4.pdf", "fm.npz"]:
-        assert (tmp_path / "figures" / name).is_file()
-    data = json.loads((tmp_path / "figures" / "fm.json").read_text())["data"]
-    assert np.asarray(data["stages"]["layer4"]["channels"]).shape == (2, 3)
-
-
-def test_figure_kind_featuremaps_draws_one_image_per_class_by_default(tmp_path):
+def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class(tmp_path):
     from repsim.data import load_probe_set
     from repsim.figures.runner import build_all
 
-    ana = tmp_path / "analyses"
+    ana, figs = tmp_path / "analyses", tmp_path / "figures"
     ana.mkdir()
-    (ana / "fm.toml").write_text(
-        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
-        'stages = "layer4"\ntop = 1\n[probe]\ndataset = "cifar10-probe"\nn = 30\n')
-    assert not build_all(ana, tmp_path / "figures", progress=False)["failed"]
-    ids = json.loads((tmp_path / "figures" / "fm.json").read_text())["data"]["image_ids"]
+    model = 'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+    (ana / "fm.toml").write_text(model + 'images = 2\nstages = "layer1,layer4"\ntop = 3\n'
+                                 '[probe]\ndataset = "cifar10-probe"\nn = 10\n')
+    (ana / "per_class.toml").write_text(model + 'stages = "layer4"\ntop = 1\n[probe]\n'
+                                        'dataset = "cifar10-probe"\nn = 30\n')
+    res = build_all(ana, figs, progress=False)
+    assert [b["name"] for b in res["built"]] == ["fm", "per_class"] and not res["failed"]
+    for name in ["fm_layer1.png", "fm_layer4.pdf", "fm.npz"]:
+        assert (figs / name).is_file()
+    data = json.loads((figs / "fm.json").read_text())["data"]
+    assert np.asarray(data["stages"]["layer4"]["channels"]).shape == (2, 3)
+    # By default, the first image of each class.
+    ids = json.loads((figs / "per_class.json").read_text())["data"]["image_ids"]
     probe = load_probe_set("cifar10-probe", n=30)
     label = dict(zip(probe.ids.tolist(), probe.labels.tolist()))
     first = {c: min(i for i in label if label[i] == c) for c in sorted(set(label.values()))}

@@ -1,10 +1,5 @@
-"""Pictures of ViT attention: the ``repsim attention`` command and the figure kind ``attention``.
-
-The measurements (capture, rollout, mean attention distance) are :mod:`repsim.attention`;
-this draws them (per-head maps over the images, rollout maps, distance per block and head),
-writes them with their data and provenance, and caches the distance per model, weights and
-probe set.
-"""
+"""Pictures of ViT attention (measured by :mod:`repsim.attention`): the ``repsim attention``
+command and the figure kind ``attention``."""
 
 from __future__ import annotations
 
@@ -38,7 +33,6 @@ from repsim.figures import draw
 FORMAT = "repsim-attention-distance/1"
 UNITS = {"image": "distance_image_px", "model": "distance_model_px",
          "fraction": "distance_fraction"}  # unit -> the entry key holding it
-DEFAULT_PROBE = 1000
 
 Saver = Callable[[Any, Path, dict], list[Path]]  # (figure, stem, provenance) -> files
 
@@ -56,7 +50,7 @@ class AttentionConfig:
     images: int = 4
     ids: list[int] | None = None
     layers: str | None = None  # blocks for the per-head maps; default first, middle, last
-    probe: int = DEFAULT_PROBE  # images for the mean attention distance
+    probe: int = 1000  # images for the mean attention distance
     seed: int = 0  # of the probe subset
     weights_seed: int = 0  # of random weights
     batch_size: int = 64
@@ -160,12 +154,8 @@ def check_vit(name: str) -> None:
 
 
 def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
-    """Per-head class-token maps, rollout maps and mean attention distance for ``cfg.models``.
-
-    Writes into ``cfg.out`` (default ``$REPSIM_FIGURES/attention``): ``attention_heads_<label>
-    .png``, ``attention_maps_<label>.npz``, ``attention_rollout.png``, ``attention_distance
-    .png/.csv/.json``. Returns a summary dict (outputs, models, seconds, ...).
-    """
+    """Every view of :func:`attention_views` for ``cfg.models``, as PNG files in ``cfg.out``
+    (default ``$REPSIM_FIGURES/attention``); returns a summary dict (outputs, models, ...)."""
     from repsim import models as zoo
     from repsim.data import load_probe_set
 
@@ -198,11 +188,10 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
 
 def attention_views(loaded: list[tuple], probe, images: np.ndarray, ids: np.ndarray,
                     cfg: AttentionConfig, out: Path, prefix: str, save: Saver) -> dict[str, Any]:
-    """Draw and save every view of ``loaded`` = ``[(label, model name, model, weights
-    provenance)]``: figures ``<prefix>_heads_<label>``, ``<prefix>_rollout``,
-    ``<prefix>_distance`` (through ``save``), ``<prefix>_maps_<label>.npz`` and
-    ``<prefix>_distance.csv/.json``. ``probe`` is the distance probe set, ``images``/``ids``
-    the drawn images. Returns a summary (outputs, models, distances, reused flags)."""
+    """Per-head maps, rollout and mean attention distance of ``loaded`` = ``[(label, model
+    name, model, weights provenance)]``: figures ``<prefix>_heads_<label>``, ``_rollout``,
+    ``_distance`` (through ``save``), ``<prefix>_maps_<label>.npz``, ``_distance.csv/.json``.
+    The distance is over ``probe``; the maps over ``images``. Returns a summary dict."""
     axis = unit_label(cfg.unit, tuple(images.shape[1:3]))
     outputs: list[str] = []
     entries, rollouts = [], {}
@@ -300,14 +289,9 @@ def _write_tables(stem: Path, entries: list[dict], base: dict, cfg: AttentionCon
 
 
 def build_figure(spec: dict, ctx) -> list[Path]:
-    """Figure kind ``attention``: ViT attention per head, rollout and mean attention distance.
-
-    Spec keys: ``models`` (ViTs), ``images`` (first N probe images, default 4) or ``ids``,
-    ``blocks`` (per-head maps; default first, middle, last), ``unit`` (image, model or
-    fraction), ``batch_size``, ``renormalize``; ``[probe]`` is the distance probe set. Writes
-    ``<name>_heads_<label>``, ``<name>_rollout``, ``<name>_distance`` (.png, .pdf),
-    ``<name>_maps_<label>.npz`` and ``<name>_distance.csv/.json``.
-    """
+    """Figure kind ``attention``: :func:`attention_views` of the spec's ``models`` (ViTs) on
+    its ``images`` (default 4) or ``ids``, per-head maps of ``blocks``; ``[probe]`` is the
+    distance probe set."""
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:
         check_vit(r.model)

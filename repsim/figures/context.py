@@ -1,11 +1,8 @@
 """What a figure builder sees (:class:`FigureContext`): settings, tracked inputs, outputs.
 
-Every input a builder reads through the context (stores, CKA results, models, probe images,
-the checkpoint manifest, data-scale checkpoints) is computed once per run and recorded for
-the figure's cache key with a fingerprint of its content: the sha256 of weights files, of the
-probe images and of the manifest. No path, machine or library build enters a fingerprint,
-and computing one extracts nothing, so committed figures are checked in seconds on a fresh
-clone or with the checkpoints moved.
+Every input read through the context is computed once per run and recorded for the figure's
+cache key by a fingerprint of its content (sha256 of weights, probe images, manifest), never
+a path, so committed figures are checked in seconds on a fresh clone, extracting nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +51,16 @@ class ModelRef:
         return [replace(self, weights=w, label=None) for w in self.weights]
 
 
+def same_layer_cka(res: dict) -> tuple[list[str], list, list]:
+    """``(layers, cka, se)``: the layers on both sides of a CKA result, each one's CKA with
+    the same layer of the other side, and its SE (None without)."""
+    layers = [n for n in res["layers_a"] if n in res["layers_b"]]
+    ij = [(res["layers_a"].index(n), res["layers_b"].index(n)) for n in layers]
+    se = res.get("se")
+    return (layers, [res["matrix"][i][j] for i, j in ij],
+            [se[i][j] if se else None for i, j in ij])
+
+
 def _checkpoint_dir() -> Path:
     from repsim.weights import checkpoint_dir
 
@@ -67,6 +74,13 @@ def weights_path(weights: str | None) -> str | None:
     return str(_checkpoint_dir() / weights)
 
 
+def _check_weights(ref: ModelRef) -> None:
+    """InputUnavailable when ``ref``'s weights cannot be had here."""
+    problem = compare.weights_problem(ref.model, weights_path(ref.weights))
+    if problem:
+        raise InputUnavailable(problem)
+
+
 def weights_file(ref: ModelRef) -> Path | None:
     """The weights file behind ``ref`` (its own, or the model's default file); None for
     random or pretrained weights. A run's manifest entry is named by this file's stem."""
@@ -78,12 +92,9 @@ def weights_file(ref: ModelRef) -> Path | None:
 
 
 class FigureContext:
-    """What a builder sees: settings, tracked inputs, and where to write.
-
-    State: one run's memo of inputs (a store or CKA result is computed once per run however
-    many figures use it) and the current figure's ``name``, ``data`` and recorded inputs
-    (``deps``: description -> fingerprint).
-    """
+    """What a builder sees: settings, tracked inputs, and where to write. Holds one run's
+    memo of inputs and the current figure's ``name``, ``data`` and ``deps`` (description ->
+    fingerprint of each input it read)."""
 
     def __init__(self, out_dir: Path, overrides: dict | None = None, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] | None = None,
@@ -120,12 +131,13 @@ class FigureContext:
         if not isinstance(item, dict) or "model" not in item:
             raise UserError(f"{self.name}: model entry {item!r} is neither a name nor a table "
                             "with a 'model' key")
-        extra = set(item) - {"model", "weights", "label", "layers"}
+        keys = [f.name for f in fields(ModelRef)]
+        extra = set(item) - set(keys)
         if extra:
             raise UserError(f"{self.name}: model entry keys {sorted(extra)} are unknown; "
-                            "valid: model, weights, label, layers")
+                            f"valid: {', '.join(keys)}")
         label = item.get("label") or ((spec or {}).get("labels") or {}).get(item["model"])
-        return ModelRef(item["model"], item.get("weights"), label, item.get("layers"))
+        return ModelRef(**{**item, "label": label})
 
     # ----------------------------------------------------------------- tracked inputs
 
@@ -217,25 +229,23 @@ class FigureContext:
                     "images_sha256": hashlib.sha256(ps.images.tobytes()).hexdigest()}
         if kind not in ("store", "cka", "model"):
             raise KeyError(kind)
-        out = {side: self._weights_print(desc[side]["model"], desc[side]["weights"])
+        out = {side: self._weights_print(ModelRef(**desc[side]))
                for side in ("ref", "a", "b") if side in desc}
         if "probe" in desc:
             out["images"] = self.fingerprint({"type": "images", "probe": desc["probe"]})
         return out
 
-    def _weights_print(self, model: str, weights: str | None) -> str | None:
-        if weights == "random":
-            return weights
-        from repsim.registry import default_weights_file, get_spec
+    def _weights_print(self, ref: ModelRef) -> str | None:
+        from repsim.registry import get_spec
 
-        spec = get_spec(model)
-        path = (default_weights_file(spec) if weights is None
-                else Path(weights_path(weights)).expanduser())
+        if ref.weights == "random":
+            return ref.weights
+        path = weights_file(ref)
         if path is None:  # timm / torchvision pretrained: fixed by the model's name
-            return spec.default_weights
+            return get_spec(ref.model).default_weights
         if not path.is_file():
-            raise InputUnavailable(compare.weights_problem(model, weights_path(weights))
-                                   or f"weights file {path} does not exist")
+            _check_weights(ref)  # with its reason, when there is one
+            raise InputUnavailable(f"weights file {path} does not exist")
         return self._sha256(path)
 
     def _sha256(self, path: Path) -> str:
@@ -261,12 +271,10 @@ class FigureContext:
                                      force=self.force, progress=self.progress, log=self.log)
 
     def _load_cka(self, d: dict) -> dict:
-        probe, c = self._probe(d["probe"]), d["cka"]
+        probe = self._probe(d["probe"])
         refs = ModelRef(**d["a"]), ModelRef(**d["b"])
         for r in refs:  # before extracting either side: B's weights may be missing
-            problem = compare.weights_problem(r.model, weights_path(r.weights))
-            if problem:
-                raise InputUnavailable(problem)
+            _check_weights(r)
         for r in refs:  # the default stores, extracted once per run (force applies here)
             self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
         # ... or stores of exactly the requested layers when the default ones lack them
@@ -277,21 +285,16 @@ class FigureContext:
                   for r, (_, names) in zip(refs, sides)]
         cfg = compare.CKAConfig(
             a=str(sides[0][0].path), b=str(sides[1][0].path), label_a=refs[0].display(),
-            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1],
-            kernel=c["kernel"], estimator=c["estimator"], threshold=c["threshold"],
-            batch_size=c["batch_size"], batch_seed=c["batch_seed"],
-            permutations=c["permutations"], probe=probe, plots=False,
-            out=str(paths.cache_dir("cka") / probe.tag()), force=self.force,
-            device=probe.device, progress=self.progress, log=self.log)
+            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1], **d["cka"],
+            probe=probe, plots=False, out=str(paths.cache_dir("cka") / probe.tag()),
+            force=self.force, device=probe.device, progress=self.progress, log=self.log)
         return compare.run_cka(cfg)["result"]
 
     def _load_model(self, d: dict):
         from repsim import models
 
         ref = ModelRef(**d["ref"])
-        problem = compare.weights_problem(ref.model, weights_path(ref.weights))
-        if problem:
-            raise InputUnavailable(problem)
+        _check_weights(ref)
         model, prov = models.load_model(ref.model, weights_path(ref.weights))
         try:  # a committed figure names no folder of the machine that built it
             prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()

@@ -1,11 +1,8 @@
 """Every picture repsim draws, from plain arrays and names; no I/O but :func:`save`.
 
-CKA panels: rows are model A's layers (first layer at the bottom), columns model B's, both
-axes carry the layer names and the axis labels the model names; one colour scale runs from 0
-to 1 (values outside it are clipped in colour only; the data files keep them) with a colour
-bar; NaN cells (a zero-variance layer) are grey. Maps over images are ``(h, w)`` float grids
-(patches or feature-map cells) on ``(H, W, 3)`` uint8 images. Files carry no dates and a fixed
-DPI, so the same data gives the same bytes.
+CKA panels: rows are model A's layers (first at the bottom), columns model B's; one colour
+scale from 0 to 1 (values outside it clipped in colour only); NaN cells are grey. Files carry
+no dates and a fixed DPI, so the same data gives the same bytes.
 """
 
 from __future__ import annotations
@@ -35,14 +32,26 @@ ALPHA = 0.05  # heatmaps mark cells whose permutation p-value is above this
 
 def _matrix(values) -> np.ndarray:
     """Rows of floats or None (JSON) -> float64 array with NaN."""
-    return np.array([[np.nan if v is None else float(v) for v in row] for row in values],
-                    dtype=np.float64).reshape(len(values), -1)
+    return np.array(values, dtype=np.float64).reshape(len(values), -1)  # None -> NaN
+
+
+def _shade(k: int, n: int):
+    """The ``k``-th of ``n`` viridis colours (curves ordered by depth or fraction)."""
+    return plt.get_cmap("viridis")(k / max(1, n - 1))
 
 
 def describe(kernel: str, estimator: str, n: int, batch_size: int | None = None) -> str:
     """Title fragment, e.g. ``linear CKA, minibatch estimator (batch 256), n = 1,000``."""
     est = f"{estimator} estimator" + (f" (batch {batch_size})" if batch_size else "")
     return f"{kernel} CKA, {est}, n = {n:,}"
+
+
+def spec_title(spec: dict, default: str, c: dict | None = None, n: int | None = None) -> str:
+    """A figure spec's title (or ``default``), with its CKA settings ``c`` and n below."""
+    title = spec.get("title") or default
+    if c is None:
+        return title
+    return f"{title}\n{describe(c['kernel'], c['estimator'], n, c['batch_size'])}"
 
 
 def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], label_a: str,
@@ -78,8 +87,7 @@ def _colorbar(fig, im, axes, values: np.ndarray) -> None:
     tol = 1e-9  # a self-similarity of 1 + rounding is not "beyond the scale"
     lo = bool(finite.size and finite.min() < -tol)
     hi = bool(finite.size and finite.max() > 1 + tol)
-    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
-              (True, True): "both"}[(lo, hi)]
+    extend = "both" if lo and hi else "min" if lo else "max" if hi else "neither"
     fig.colorbar(im, ax=axes, extend=extend, shrink=0.9).set_label("CKA")
 
 
@@ -141,6 +149,15 @@ def best_match_curve(matrix) -> tuple[np.ndarray, np.ndarray]:
     return idx, val
 
 
+def best_matches(result: dict) -> dict:
+    """Each row's best match in a CKA result: ``index`` (-1 for an all-NaN row), ``value``
+    and ``se`` (None where NaN or absent), as JSON lists."""
+    idx, val = best_match_curve(result["matrix"])
+    se = result.get("se")
+    return {"index": idx.tolist(), "value": [None if v != v else float(v) for v in val],
+            "se": [se[i][j] if se and j >= 0 else None for i, j in enumerate(idx.tolist())]}
+
+
 def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
     """"Diagonal" curves, one column per curve (``label_a``, ``label_b``, ``layers_a``,
     ``layers_b``, ``index``, ``value``). Top: the best-matching layer of B for each layer of A,
@@ -150,7 +167,7 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
     for (top, bottom), cur in zip(axes.T, curves):
         la, lb = cur["layers_a"], cur["layers_b"]
         x = np.arange(len(la))
-        idx = np.asarray(cur["index"], dtype=float)
+        idx = np.asarray(cur["index"], float)
         idx[idx < 0] = np.nan
         span = (len(lb) - 1) / max(1, len(la) - 1)
         top.plot(x, x * span, ls="--", color="0.6", lw=1, label="proportional depth")
@@ -160,9 +177,9 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         top.set_ylabel(f"{cur['label_b']}: best-matching layer")
         top.set_title(f"{cur['label_a']} -> {cur['label_b']}", fontsize=9)
         top.legend(fontsize=7, loc="upper left")
-        se = [np.nan if v is None else v for v in cur.get("se") or [None] * len(x)]
-        bottom.errorbar(x, np.asarray(cur["value"], dtype=float), yerr=np.asarray(se, float),
-                        marker="o", color="C1", capsize=2)  # +-1 jackknife SE
+        se = np.array(cur.get("se") or [None] * len(x), float)
+        bottom.errorbar(x, np.array(cur["value"], float), yerr=se, marker="o", color="C1",
+                        capsize=2)  # +-1 jackknife SE
         bottom.set_ylim(0, 1)
         bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
         bottom.set_xlabel(f"{cur['label_a']}: layer")
@@ -181,21 +198,19 @@ def _fractions_axis(ax, fracs: Sequence[float]) -> None:
 
 
 def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
-    """Models trained on fractions of the data against the full-data one, one row per base
-    model (``panels``: ``label``, ``entries`` sorted by ``fraction``, ``base_accuracy``,
-    ``missing`` fractions). Left: CKA between same-named layers (fraction model vs full-data
-    model) along the depth, one curve per fraction with +-1 SE bars; right: test accuracy
-    against the fraction, the full-data model at 1, a dotted line at each missing fraction."""
+    """One row per base model (``panels``: ``label``, ``entries`` by ``fraction``,
+    ``base_accuracy``, ``missing`` fractions). Left: each fraction model's CKA with the same
+    layer of the full-data one, along the depth (+-1 SE); right: test accuracy by fraction,
+    the full-data model at 1, a dotted line at each missing fraction."""
     fig, axes = plt.subplots(len(panels), 2, figsize=(11.0, 3.9 * len(panels) + 0.9),
                              layout="constrained", squeeze=False, width_ratios=[1.6, 1])
     for (left, right), p in zip(axes, panels):
         layers = p["entries"][0]["layers"] if p["entries"] else []
         for k, e in enumerate(p["entries"]):
             acc = "" if e["test_accuracy"] is None else f", {e['test_accuracy']:.1f} %"
-            se = [np.nan if v is None else v for v in e["se"]]
-            left.errorbar(range(len(e["layers"])), [np.nan if v is None else v for v in e["cka"]],
-                          yerr=se, marker="o", capsize=2, color=plt.get_cmap("viridis")(
-                              k / max(1, len(p["entries"]) - 1)),
+            left.errorbar(range(len(e["layers"])), np.array(e["cka"], float),
+                          yerr=np.array(e["se"], float), marker="o", capsize=2,
+                          color=_shade(k, len(p["entries"])),
                           label=f"{e['fraction']:g} of the data{acc}")
         left.set_xticks(range(len(layers)), labels=layers, rotation=90, fontsize=7)
         left.set_ylim(min(0.0, left.get_ylim()[0]), max(1.0, left.get_ylim()[1]))
@@ -235,8 +250,8 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
         x = m["epochs"]
         for k, name in enumerate(m["layers"]):
             when = m["settled_epoch"].get(name)
-            top.plot(x, [np.nan if v is None else v for v in m["cka"][name]], marker="o",
-                     ms=3, color=plt.get_cmap("viridis")(k / max(1, len(m["layers"]) - 1)),
+            top.plot(x, np.array(m["cka"][name], float), marker="o", ms=3,
+                     color=_shade(k, len(m["layers"])),
                      label=f"{name} ({'from ' + str(when) if when is not None else 'not yet'})")
         top.axhline(settle, ls="--", color="0.5", lw=0.8)
         top.set_ylim(min(0.0, top.get_ylim()[0]), max(1.02, top.get_ylim()[1]))
@@ -247,7 +262,7 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
         top.legend(fontsize=7, title=f"layer (CKA >= {settle:g} from epoch)",
                    title_fontsize=7, loc="lower right")
         for split, style, colour in (("test", "-", "C3"), ("train", "--", "0.5")):
-            ys = [np.nan if v is None else v for v in m[f"{split}_accuracy"]]
+            ys = np.array(m[f"{split}_accuracy"], float)
             if np.isfinite(ys).any():
                 bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
         bottom.set_ylabel("top-1 accuracy (%)")
@@ -270,11 +285,15 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> tuple[str, str]:
 
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     md += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(md) + "\n", csv_text(rows, columns)
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """CSV of ``rows`` (dicts) in ``columns`` order, a header first; None is empty."""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    w.writerows([["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
-    return "\n".join(md) + "\n", buf.getvalue()
+    csv.writer(buf, lineterminator="\n").writerows(
+        [columns] + [["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- maps on images
@@ -283,10 +302,8 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> tuple[str, str]:
 def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
-    probe set; with ``n_images=None`` the first image of each class, in class order (the
-    canonical order sorts by class, so the first N may all be airplanes); or the samples with
-    these ``ids`` (canonical order of the split). Ids outside the probe set load the whole
-    split once (for the bundled probe set that needs the CIFAR-10 data root)."""
+    probe set, the first image of each class (``n_images=None``), or the samples with these
+    ``ids`` (ids outside the probe set load the whole split once)."""
     from repsim.data import load_probe_set
     from repsim.errors import UserError
 
@@ -318,8 +335,7 @@ def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool
 
 
 def _bare(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     for s in ax.spines.values():
         s.set_visible(False)
 
@@ -337,8 +353,7 @@ def _overlay(ax, image: np.ndarray, grid_map: np.ndarray) -> None:
     ax.imshow(image, interpolation="nearest")
     ax.imshow(np.zeros_like(heat) if hi <= lo else (heat - lo) / (hi - lo), cmap="inferno",
               alpha=0.55, vmin=0.0, vmax=1.0, interpolation="bilinear")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
 
 
 def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float, float],
@@ -356,7 +371,8 @@ def _image_rows(images: np.ndarray, rows: int, cols: int, ids, size: tuple[float
     return fig, axes
 
 
-def _finish(fig, title: str) -> plt.Figure:
+def finish(fig, title: str) -> plt.Figure:
+    """``fig`` with ``title`` (if any) above, laid out tightly."""
     if title:
         fig.suptitle(title, fontsize=9, wrap=True)
     fig.tight_layout()
@@ -377,7 +393,7 @@ def attention_heads(images: np.ndarray, maps: np.ndarray, blocks: Sequence[int],
             _overlay(row[h + 1], images[i], maps[i, j, h])
     for h in range(nh):
         axes[0, h + 1].set_title(f"head {h}", fontsize=7)
-    return _finish(fig, title)
+    return finish(fig, title)
 
 
 def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
@@ -390,7 +406,7 @@ def attention_rollout(images: np.ndarray, maps: dict[str, np.ndarray],
             _overlay(axes[i, j + 1], images[i], m[i])
         axes[0, j + 1].set_title(label, fontsize=8)
     axes[0, 0].set_title("input", fontsize=8)
-    return _finish(fig, "attention rollout (class token, Abnar & Zuidema 2020)")
+    return finish(fig, "attention rollout (class token, Abnar & Zuidema 2020)")
 
 
 def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
@@ -418,7 +434,7 @@ def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
     ax.legend(fontsize=7, loc="lower right")
     if title:
         ax.set_title(title, fontsize=9)
-    return _finish(fig, "")
+    return finish(fig, "")
 
 
 def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] | None = None
@@ -444,7 +460,7 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
             bar.ax.tick_params(labelsize=5, length=2, pad=1)
     axes[0, 0].set_title("input", fontsize=7)
     axes[0, 1].set_title(f"mean of {stage.num_channels}", fontsize=6, pad=2)
-    return _finish(fig, title)
+    return finish(fig, title)
 
 
 # --------------------------------------------------------------------------- files

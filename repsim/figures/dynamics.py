@@ -1,13 +1,9 @@
 """Figure kind ``dynamics``: which layers settle first during training.
 
-For each model of the spec, one training run: its final checkpoint (the model's own weights,
-or ``weights``) and the snapshots that run kept (``repsim train --snapshots``, listed under
-``snapshots`` in the checkpoint's manifest entry; :mod:`repsim.checkpoints`). For every
-snapshot epoch ``e`` and layer ``l``: CKA(layer ``l`` at epoch ``e``, layer ``l`` of the final
-model) on the probe set, next to the snapshot's test accuracy. A layer is *settled* from the
-first snapshot epoch after which its CKA to the final model stays at or above ``settle``
-(default 0.9). A model without snapshots is named, with the command that makes them, in the
-figure and its data; when no model has any, the figure is skipped in one line.
+Per model, the snapshots its training run kept (``repsim train --snapshots``, listed in its
+manifest entry): CKA of each layer at each snapshot epoch with the same layer of the final
+model. A layer is *settled* from the first epoch after which that CKA stays >= ``settle``. A
+model without snapshots is named with the command that makes them.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ from pathlib import Path
 from repsim.compare import InputUnavailable
 from repsim.errors import UserError
 from repsim.figures import draw
-from repsim.figures.context import ModelRef, weights_file
+from repsim.figures.context import ModelRef, same_layer_cka, weights_file
 
 SETTLE = 0.9
 STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # suggested snapshot epochs (roughly log)
@@ -45,17 +41,14 @@ def settled_epoch(epochs: list[int], values: list[float], level: float) -> int |
 def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
     """The ``repsim train`` line that retrains ``ref``'s run keeping snapshots."""
     epochs = int(entry.get("epochs_planned") or entry.get("epochs") or 0)
-    parts = [f"repsim train --model {ref.model}"]
-    if entry.get("recipe"):
-        parts.append(f"--recipe {entry['recipe']}")
-    if epochs:
-        parts.append(f"--epochs {epochs}")
-    if entry.get("train_fraction", 1.0) != 1.0:
-        parts.append(f"--train-fraction {entry['train_fraction']:g}")
-    if final is not None:
-        parts.append(f"--out {final}")
-    parts.append(f"--snapshots {suggested_epochs(epochs) if epochs else '0,1,2,5,every:10'}")
-    return " ".join(parts)
+    fraction = entry.get("train_fraction", 1.0)
+    parts = [f"repsim train --model {ref.model}",
+             entry.get("recipe") and f"--recipe {entry['recipe']}",
+             epochs and f"--epochs {epochs}",
+             fraction != 1.0 and f"--train-fraction {fraction:g}",
+             final is not None and f"--out {final}",
+             f"--snapshots {suggested_epochs(epochs) if epochs else '0,1,2,5,every:10'}"]
+    return " ".join(p for p in parts if p)  # the options that apply
 
 
 def _runs(refs: list[ModelRef], ctx) -> tuple[list[tuple], list[dict]]:
@@ -85,11 +78,11 @@ def _curves(ref: ModelRef, entry: dict, snaps: list[dict], ctx, probe, c, level:
     cka, se, layers, n = {}, {}, None, None
     for s in snaps:
         r = ctx.cka(_snapshot_ref(ref, s), ref, probe, c)
-        n, layers = r["n"], [name for name in r["layers_a"] if name in r["layers_b"]]
-        for name in layers:
-            i, j = r["layers_a"].index(name), r["layers_b"].index(name)
-            cka.setdefault(name, []).append(r["matrix"][i][j])
-            se.setdefault(name, []).append(r["se"][i][j] if r.get("se") else None)
+        n = r["n"]
+        layers, values, errors = same_layer_cka(r)
+        for name, v, e in zip(layers, values, errors):
+            cka.setdefault(name, []).append(v)
+            se.setdefault(name, []).append(e)
     epochs = [int(s["epoch"]) for s in snaps]
     return {"label": ref.display(), "checkpoint": entry.get("name"), "n": n,
             "final_epoch": entry.get("epochs"), "final_test_accuracy": entry.get("test_accuracy"),
@@ -117,8 +110,8 @@ def build(spec: dict, ctx) -> list[Path]:
             ctx.store(_snapshot_ref(ref, s), probe)
         ctx.store(ref, probe)
     models = [_curves(ref, entry, snaps, ctx, probe, c, level) for ref, entry, snaps in runs]
-    title = spec.get("title") or "Training dynamics: CKA of each layer to the final model"
-    title += "\n" + draw.describe(c["kernel"], c["estimator"], models[0]["n"], c["batch_size"])
+    title = draw.spec_title(spec, "Training dynamics: CKA of each layer to the final model", c,
+                            models[0]["n"])
     if missing:
         title += "\nno snapshots of " + ", ".join(m["model"] for m in missing)
     ctx.data.update(models=models, missing=missing, settle=level)

@@ -1,12 +1,6 @@
-"""Look inside CNNs: each stage's strongest channels and its mean activation map; the
-``repsim featuremaps`` command and the figure kind ``featuremaps``.
-
-Hooks (:func:`repsim.hooks.capture`) on the chosen stages (ResNet ``layer1`` .. ``layer4`` by
-default, or any layer name / alias such as ``stem`` or ``layer2.1``) capture their ``(B, C,
-h, w)`` outputs in one forward pass and are removed afterwards. Per image and stage: the
-``top`` channels ranked by mean activation over the map (ResNet stage outputs are post-ReLU,
-so this is how strongly the channel fires on that image), their maps, and the mean over all
-channels.
+"""CNN feature maps: per image and stage, the ``top`` channels by mean activation (ResNet
+stages are post-ReLU: how strongly each fires), their maps and the mean over all channels;
+the ``repsim featuremaps`` command and the figure kind ``featuremaps``.
 """
 
 from __future__ import annotations
@@ -45,11 +39,11 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
                       stages: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``;
     UserError when a stage's output is not a 4-D feature map (e.g. a ViT block)."""
+    from repsim.attention import model_device
     from repsim.hooks import capture
 
-    p = next(model.parameters(), None)
     with torch.inference_mode(), capture(model, list(stages), reduce=None) as cap:
-        model(x.to(p.device if p is not None else "cpu"))
+        model(x.to(model_device(model)))
     acts = {}
     for name in cap.layers:
         a = cap.outputs.get(name)
@@ -131,9 +125,9 @@ def resolve_stages(model: nn.Module, spec, request: str | Sequence[str] | None) 
 
 
 def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
-    """Feature-map figures and arrays for ``cfg.model``, one per stage, in ``cfg.out`` (default
-    ``$REPSIM_FIGURES/featuremaps``): ``featuremaps_<label>_<stage>.png`` and
-    ``featuremaps_<label>.npz``. Returns a summary dict (outputs, stages, seconds)."""
+    """:func:`featuremap_views` of ``cfg.model`` as ``featuremaps_<label>_<stage>.png`` and
+    ``featuremaps_<label>.npz`` in ``cfg.out`` (default ``$REPSIM_FIGURES/featuremaps``);
+    returns a summary dict (outputs, stages, seconds)."""
     from repsim import models as zoo
     from repsim.data import load_probe_set
     from repsim.registry import get_spec
@@ -162,12 +156,12 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
     """One figure per stage (``save(fig, <stem>_<stage>, provenance)``) and ``<stem>.npz``;
     returns ``{"outputs", "stages", "views"}``."""
     from repsim import models as zoo
+    from repsim.attention import model_device
     from repsim.registry import get_spec, preprocessing_info
 
     spec = get_spec(name)
     names = resolve_stages(model, spec, stages)
-    p = next(model.parameters(), None)
-    x = zoo.preprocess(spec, torch.from_numpy(images).to(p.device if p is not None else "cpu"))
+    x = zoo.preprocess(spec, torch.from_numpy(images).to(model_device(model)))
     views = feature_maps(model, x, {s: zoo.module_for(model, spec, s) for s in names}, top)
     prov = {"model": name, "label": label, "weights": wprov, "stages": names, "top": top,
             "ids": ids.tolist(), "data": probe.provenance(),
@@ -189,10 +183,8 @@ def featuremap_views(model: nn.Module, name: str, wprov: dict, label: str, probe
 
 
 def build_figure(spec: dict, ctx) -> list[Path]:
-    """Figure kind ``featuremaps``: per CNN stage, each image's strongest channels and the
-    mean map. Spec keys: ``model`` (a CNN), ``images`` (first N probe images; default: the
-    first of each class) or ``ids``, ``stages`` (default layer1..layer4), ``top`` (channels
-    per image, default 8). Writes ``<name>_<stage>`` (.png, .pdf) and ``<name>.npz``."""
+    """Figure kind ``featuremaps``: :func:`featuremap_views` of the spec's ``model`` on its
+    ``images`` (default: the first of each class) or ``ids``, ``stages``, ``top``."""
     from repsim.registry import get_spec
 
     ref = ctx.model_ref(spec["model"], spec)

@@ -1,10 +1,7 @@
 """Figure kind ``locality``: how local a ViT's tokens are, and how its layers match a CNN's
-place by place (:mod:`repsim.locality` computes; this module draws and records).
-
-Two figures per spec: ``<name>`` (.png, .pdf) is the CKA of every ViT layer with every CNN
-stage over (image, grid cell) samples next to each layer's locality numbers, and
-``<name>_maps`` the per-token locality maps (Raghu et al. 2021, Section 7) of a few tokens
-per layer plus the mean map by offset from the token. ``<name>.npz`` holds every token's map.
+place by place (:mod:`repsim.locality` computes). Writes ``<name>`` (per-place CKA and each
+layer's locality), ``<name>_maps`` (per-token maps, Raghu et al. 2021, Section 7) and
+``<name>.npz`` (every token's map).
 """
 
 from __future__ import annotations
@@ -22,21 +19,6 @@ from repsim.figures import draw
 from repsim.locality import Locality, relative_map
 
 DEFAULT_IMAGES = 256  # (image, cell) rows: 256 x 64 = 16,384 for an 8x8 grid
-
-
-def default_tokens(grid: tuple[int, int]) -> list[tuple[int, int]]:
-    """Corner, edge and centre cells of a ``grid``: the representative tokens drawn."""
-    gh, gw = grid
-    return [(0, 0), (0, gw // 2), (gh // 2, gw // 2)]
-
-
-_LEGEND = {"own": "own patch (mean over tokens)", "elsewhere": "other patches (mean)",
-           "contrast": "locality = own - elsewhere"}
-
-
-def _bare(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def _mark(ax, r: float, c: float, size: float = 1.0) -> None:
@@ -60,18 +42,17 @@ def summary_figure(loc: Locality, vit_label: str, cnn_label: str | None,
                              f"{loc.grid.cells} cells", fontsize=8)
     ax = axes[0, -1]
     x = np.arange(len(loc.map_layers))
-    for key, style in (("own", "o-"), ("elsewhere", "s--"), ("contrast", "^-")):
-        ax.plot(x, loc.summary[key], style, ms=4, lw=1.2, label=_LEGEND[key])
+    for key, style, label in (("own", "o-", "own patch (mean over tokens)"),
+                              ("elsewhere", "s--", "other patches (mean)"),
+                              ("contrast", "^-", "locality = own - elsewhere")):
+        ax.plot(x, loc.summary[key], style, ms=4, lw=1.2, label=label)
     ax.axhline(0.0, color="grey", lw=0.6)
     ax.set_xticks(x, labels=loc.map_layers, rotation=90, fontsize=8)
     ax.set_ylabel("CKA with input patches (across images)", fontsize=8)
     ax.set_title(f"{vit_label}: how local each token is (n = {loc.n:,} images)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9, wrap=True)
-    fig.tight_layout()
-    return fig
+    return draw.finish(fig, title)
 
 
 def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) -> plt.Figure:
@@ -96,7 +77,7 @@ def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) ->
         axes[i, -1].imshow(rel[i], norm=norm, cmap=cmap, interpolation="nearest")
         _mark(axes[i, -1], gh - 1, gw - 1)
         for ax in axes[i]:
-            _bare(ax)
+            ax.set(xticks=[], yticks=[])
         axes[i, 0].set_ylabel(f"{layer}\nlocality {loc.summary['contrast'][i]:.2f}", fontsize=7)
     for j, (r, c) in enumerate(tokens):
         axes[0, j].set_title(f"token ({r}, {c})", fontsize=7)
@@ -111,9 +92,10 @@ def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) ->
 
 
 def _tokens(spec: dict, grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """The spec's ``tokens`` (grid cells to draw); default corner, edge and centre."""
     raw = spec.get("tokens")
     if raw is None:
-        return default_tokens(grid)
+        return [(0, 0), (0, grid[1] // 2), (grid[0] // 2, grid[1] // 2)]
     ok = isinstance(raw, list) and raw and all(
         isinstance(t, list) and len(t) == 2 and all(isinstance(v, int) for v in t)
         and 0 <= t[0] < grid[0] and 0 <= t[1] < grid[1] for t in raw)
@@ -123,19 +105,6 @@ def _tokens(spec: dict, grid: tuple[int, int]) -> list[tuple[int, int]]:
     return [tuple(t) for t in raw]
 
 
-def _device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else "cpu"
-
-
-def _settings(ctx, spec: dict) -> dict:
-    c = ctx.cka_settings(spec)
-    if c.pop("permutations"):
-        raise UserError("permutations is not supported by kind 'locality': its samples are "
-                        "(image, cell) pairs, not independent images; leave it out of [cka]")
-    return c
-
-
 def build_figure(spec: dict, ctx) -> list[Path]:
     """Figure kind ``locality``. Keys: ``vit`` (a ViT: name or model table), ``cnn``
     (optional: compared per place), ``max_images`` (a seeded random subset of the probe set,
@@ -143,12 +112,16 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     import torch
 
     from repsim import models
+    from repsim.attention import model_device
     from repsim.data import subset_indices
     from repsim.locality import measure, token_grid
     from repsim.registry import get_spec
 
     refs = [ctx.model_ref(spec[k], spec) for k in ("vit", "cnn") if spec.get(k)]
-    settings = _settings(ctx, spec)
+    settings = ctx.cka_settings(spec)
+    if settings.pop("permutations"):
+        raise UserError("permutations is not supported by kind 'locality': its samples are "
+                        "(image, cell) pairs, not independent images; leave it out of [cka]")
     loaded = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
     tokens = _tokens(spec, token_grid(loaded[0][0]).grid)  # spec errors before any work
     probe = ctx.images(ctx.probe_spec(spec))
@@ -159,7 +132,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     images = torch.from_numpy(probe.images[pick])
     specs = [get_spec(r.model) for r in refs]
     with ctx.on_device([m for m, _ in loaded]) as on:
-        xs = [models.preprocess(s, images.to(_device(m))) for s, m in zip(specs, on)]
+        xs = [models.preprocess(s, images.to(model_device(m))) for s, m in zip(specs, on)]
         loc = measure(on[0], xs[0], *(on[1:2] + xs[1:2]), vit_layers=refs[0].layers,
                       cnn_layers=refs[1].layers if len(refs) > 1 else None, vit_spec=specs[0],
                       cnn_spec=specs[1] if len(refs) > 1 else None, **settings)

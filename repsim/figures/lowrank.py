@@ -1,10 +1,7 @@
 """The ``projection_rank`` figure kind: how much of its width a ViT's queries and keys use.
 
-Per block, the effective rank (Roy & Vetterli 2007: ``exp`` of the entropy of the normalised
-singular values) of the query and key projection matrices and of the query and key
-activations over the probe images (all tokens; singular values of the centred ``(n T, D)``
-matrix, from its float64 covariance). For rank-64 projections (``vit_cifar_tiny_lowrankq``,
-``_lowrankk``) against the full-rank ``vit_cifar_tiny`` (issue 18).
+Per block, the effective rank (Roy & Vetterli 2007) of the query and key projection matrices
+and of their activations over the probe images, all tokens pooled (issue 18).
 """
 
 from __future__ import annotations

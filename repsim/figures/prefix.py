@@ -1,10 +1,7 @@
 """The ``prefix_tokens`` figure kind: what several class tokens hold (issue 18).
 
-For each model with class and register tokens (``vit_cifar_tiny_mcls4`` and its register
-control ``vit_cifar_tiny_reg3``): the CKA among its prefix tokens at one block (do four class
-tokens carry four representations, or one?) and the attention that patch queries give each
-prefix token, block by block (:func:`repsim.attention.prefix_attention_mass`), with each
-model's test accuracy from the manifest when it has one.
+Per model with several prefix tokens: the CKA among them at one block (four representations,
+or one?) and the attention patch queries give each, block by block.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Figure kind ``probes``: linear-probe accuracy by depth next to the CKA best-match curves,
 and what deleting each layer's top principal components does to both (:mod:`repsim.probes`).
 
-Spec keys: ``models`` (one or two; with two, each model's layers are matched in the other),
-``ks`` (numbers of principal components to delete, default [1, 5, 10]), ``train_fraction``
-(of each class, for training the probe; default 0.5), ``split_seed`` (default 0),
-``weight_decay`` and ``steps`` (of the probe). The features are the spec's ``[probe]`` stores
-(``reduce = "mean"``: mean-pooled tokens, average-pooled maps), so the CKA curves describe the
-same features the probes read; ``[cka]`` must use the linear kernel.
+Spec keys: ``models`` (one, or two matched in each other), ``ks`` (components to delete),
+``train_fraction`` (of each class, to train the probe), ``split_seed``, ``weight_decay``,
+``steps``. Probes and CKA read the same ``[probe]`` stores; ``[cka]`` must be linear.
 """
 
 from __future__ import annotations
@@ -44,13 +41,12 @@ def _features(ref, store) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray
 
 def _curve(res: dict, layers: list[str]) -> dict:
     """The best-match curve of a CKA result (rows: ``layers``) with its +-1 SE."""
-    idx, val = draw.best_match_curve(res["matrix"])
+    best = draw.best_matches(res)
     rows = [res["layers_a"].index(name) for name in layers]
-    se = res.get("se")
     return {"layers_b": res["layers_b"],
-            "best_layer_b": [res["layers_b"][idx[i]] if idx[i] >= 0 else None for i in rows],
-            "value": [None if val[i] != val[i] else float(val[i]) for i in rows],
-            "se": [se[i][idx[i]] if se and idx[i] >= 0 else None for i in rows]}
+            "best_layer_b": [res["layers_b"][best["index"][i]] if best["index"][i] >= 0
+                             else None for i in rows],
+            **{k: [best[k][i] for i in rows] for k in ("value", "se")}}
 
 
 def build_figure(spec: dict, ctx) -> list[Path]:
@@ -85,49 +81,38 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                                   batch_seed=c["batch_seed"], device=ctx.device, **opts)
         entry = {"label": ref.display(), **res.to_dict()}
         if other is not None:
-            other_label = refs[1 - i].display()
-            entry.update(other=other_label, curve=_curve(ctx.cka(ref, refs[1 - i], probe, c),
-                                                         res.layers))
+            entry.update(other=refs[1 - i].display(),
+                         curve=_curve(ctx.cka(ref, refs[1 - i], probe, c), res.layers))
         entries.append(entry)
-    n = len(labels)
-    title = (f"{spec.get('title') or 'Linear probes by depth'}\n"
-             f"{draw.describe(c['kernel'], c['estimator'], n, c['batch_size'])}; probe: "
-             f"{len(train)} train / {len(test)} test images, weight decay "
+    title = (draw.spec_title(spec, "Linear probes by depth", c, len(labels))
+             + f"; probe: {len(train)} train / {len(test)} test images, weight decay "
              f"{opts['weight_decay']:g}")
-    ctx.data.update({"n": n, "pixel_accuracy": pixel_acc, "entries": entries})
-    _, csv_text = draw.table(_rows(entries), ["model", "layer", "k", "accuracy", "self_cka",
-                                              "match_layer", "match_cka"])
+    ctx.data.update({"n": len(labels), "pixel_accuracy": pixel_acc, "entries": entries})
+    csv_text = draw.csv_text(_rows(entries), ["model", "layer", "k", "accuracy", "self_cka",
+                                               "match_layer", "match_cka"])
     return (ctx.save(draw_probes(entries, pixel_acc, len(np.unique(labels)), title))
             + [ctx.write_text(".csv", csv_text)])
 
 
 def _rows(entries: list[dict]) -> list[dict]:
     """One CSV row per model, layer and number of deleted components."""
-    out = []
-    for e in entries:
-        for i, layer in enumerate(e["layers"]):
-            for j, k in enumerate(e["ks"]):
-                out.append({"model": e["label"], "layer": layer, "k": k,
-                            "accuracy": e["accuracy"][i][j], "self_cka": e["self_cka"][i][j],
-                            "match_layer": (e["match_layers"] or [None] * (i + 1))[i],
-                            "match_cka": e["match_cka"][i][j] if e["match_cka"] else None})
-    return out
+    return [{"model": e["label"], "layer": layer, "k": k, "accuracy": e["accuracy"][i][j],
+             "self_cka": e["self_cka"][i][j],
+             "match_layer": e["match_layers"][i] if e["match_layers"] else None,
+             "match_cka": e["match_cka"][i][j] if e["match_cka"] else None}
+            for e in entries for i, layer in enumerate(e["layers"]) for j, k in enumerate(e["ks"])]
 
 
-def _k_colours(ks: list[int]) -> dict[int, str]:
-    """k = 0 (the layer as it is) in black; deletions light to dark."""
+def _series(ax, x, values, ks, deleted_only: bool = False) -> None:
+    """One line per column of ``values`` (rows: layers; columns: ``ks``): k = 0 (the layer
+    as it is) in black, deletions light to dark."""
     shades = plt.cm.viridis(np.linspace(0.85, 0.25, max(1, len(ks) - 1)))
-    return {k: ("black" if k == 0 else shades[i - 1]) for i, k in enumerate(ks)}
-
-
-def _series(ax, x, values, ks, colours, deleted_only: bool = False) -> None:
-    """One line per column of ``values`` (rows: layers; columns: ``ks``)."""
     for j, k in enumerate(ks):
         if k == 0 and deleted_only:
             continue
-        v = np.array([np.nan if r[j] is None else r[j] for r in values], dtype=float)
-        ax.plot(x, v, marker="o", ms=3, lw=2 if k == 0 else 1, color=colours[k],
-                ls="-" if k == 0 else "--",
+        ax.plot(x, np.array([r[j] for r in values], float), marker="o", ms=3,
+                lw=2 if k == 0 else 1, ls="-" if k == 0 else "--",
+                color="black" if k == 0 else shades[j - 1],
                 label="as measured" if k == 0 else f"top {k} PC{'s' * (k > 1)} deleted")
 
 
@@ -141,9 +126,8 @@ def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
                              layout="constrained", squeeze=False, sharex="col")
     for col, e in zip(axes.T, entries):
         x, ks = np.arange(len(e["layers"])), e["ks"]
-        colours = _k_colours(ks)
         ax = col[0]
-        _series(ax, x, e["accuracy"], ks, colours)
+        _series(ax, x, e["accuracy"], ks)
         ax.axhline(pixel_acc, color="0.5", ls=":", lw=1,
                    label=f"probe on the pixels ({pixel_acc:.2f})")
         ax.axhline(1 / n_classes, color="0.75", lw=1, label="chance")
@@ -152,17 +136,17 @@ def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
         ax.set_title(e["label"], fontsize=10)
         if "curve" in e:
             ax = col[1]
-            _series(ax, x, e["match_cka"], ks, colours, deleted_only=True)  # k = 0: the curve
-            se = [np.nan if v is None else v for v in e["curve"]["se"]]
-            val = [np.nan if v is None else v for v in e["curve"]["value"]]
-            ax.errorbar(x, val, yerr=se, marker="o", ms=3, lw=2, color="black", capsize=2)
+            _series(ax, x, e["match_cka"], ks, deleted_only=True)  # k = 0: the curve
+            val = np.array(e["curve"]["value"], float)
+            ax.errorbar(x, val, yerr=np.array(e["curve"]["se"], float), marker="o", ms=3,
+                        lw=2, color="black", capsize=2)
             for xi, yi, name in zip(x, val, e["curve"]["best_layer_b"]):
                 ax.annotate(name or "", (xi, yi), fontsize=6, xytext=(0, 4),
                             textcoords="offset points", ha="center")
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel(f"CKA with best match\nin {e['other']} (+-1 SE)")
         ax = col[-1]
-        _series(ax, x, e["self_cka"], ks, colours, deleted_only=True)  # k = 0: 1 exactly
+        _series(ax, x, e["self_cka"], ks, deleted_only=True)  # k = 0: 1 exactly
         ax.set_ylim(-0.05, 1.05)
         ax.set_ylabel("CKA with itself\nafter the deletion")
         ax.set_xticks(x, labels=e["layers"], rotation=90, fontsize=7)

@@ -1,10 +1,6 @@
-"""``figures/REPORT.md``: the study's results section, written from the figures' own data.
-
-After every ``repsim figures`` run the report is rebuilt from each figure's record
-(``figures/<spec>.json``): the question, then each figure with a caption of numbers taken
-from its data (no adjectives), the accuracy table, and what could not be built here and how
-to get it. It is cheap (no model, no CKA), so it is made anew each run and written only when
-its text changed.
+"""``figures/REPORT.md``: the study's results, rebuilt after each full ``repsim figures`` run
+from the figures' records: each figure with a caption of numbers from its data, the accuracy
+table, and what could not be built here and why.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from repsim import paths
+from repsim.figures import draw
 
 QUESTION = """\
 # Why does a ViT trained on small data fall behind ResNet-18? Results
@@ -37,8 +34,10 @@ def _fmt(v: float | None) -> str:
 
 
 def match_caption(label_a: str, label_b: str, layers_a: list[str], layers_b: list[str],
-                  best: list[int], value: list, se: list | None) -> str:
-    """Two lines: which layers of A find a match in B (CKA >= ``MATCH``) and which do not."""
+                  match: dict) -> str:
+    """Two lines: which layers of A find a match in B (CKA >= ``MATCH``) and which do not;
+    ``match``: each layer of A's best match (:func:`repsim.figures.draw.best_matches`)."""
+    best, value, se = match["index"], match["value"], match.get("se")
     hit = [i for i, v in enumerate(value) if v is not None and v >= MATCH]
     miss = [i for i in range(len(layers_a)) if i not in hit]
     out = []
@@ -56,31 +55,15 @@ def match_caption(label_a: str, label_b: str, layers_a: list[str], layers_b: lis
     return "\n".join(out)
 
 
-def _rows_best(matrix: list, se: list | None) -> tuple[list[int], list, list | None]:
-    best, value, err = [], [], [] if se else None
-    for i, row in enumerate(matrix):
-        finite = [(v, j) for j, v in enumerate(row) if v is not None]
-        v, j = max(finite) if finite else (None, -1)
-        best.append(j)
-        value.append(v)
-        if se:
-            err.append(se[i][j] if j >= 0 else None)
-    return best, value, err
-
-
 def _cka_grid(data: dict) -> str:
-    lines = []
-    for p in data["panels"]:
-        if p["row_model"] != p["col_model"]:
-            best, value, se = _rows_best(p["matrix"], p.get("se"))
-            lines.append(match_caption(p["row_model"], p["col_model"], p["layers_a"],
-                                       p["layers_b"], best, value, se))
-    return "\n".join(lines)
+    return "\n".join(match_caption(p["row_model"], p["col_model"], p["layers_a"], p["layers_b"],
+                                   draw.best_matches(p))
+                     for p in data["panels"] if p["row_model"] != p["col_model"])
 
 
 def _best_match(data: dict) -> str:
-    return "\n".join(match_caption(c["label_a"], c["label_b"], c["layers_a"], c["layers_b"],
-                                   c["index"], c["value"], c.get("se")) for c in data["curves"])
+    return "\n".join(match_caption(c["label_a"], c["label_b"], c["layers_a"], c["layers_b"], c)
+                     for c in data["curves"])
 
 
 def _accuracy(data: dict) -> str:
@@ -136,9 +119,8 @@ def _locality(data: dict) -> str:
            f"{100 * s['peak_at_own'][first]:.0f} %, {100 * s['peak_at_own'][last]:.0f} %."]
     pos = data.get("position_cka")
     if pos and pos.get("matrix"):
-        best, value, se = _rows_best(pos["matrix"], pos.get("se"))
         out.append("Place by place: " + match_caption(
-            "ViT", "ResNet", pos["layers_a"], pos["layers_b"], best, value, se))
+            "ViT", "ResNet", pos["layers_a"], pos["layers_b"], draw.best_matches(pos)))
     return "\n".join(out)
 
 
@@ -201,8 +183,7 @@ def _portable(text: str) -> str:
 
 
 def _section(out: Path, name: str, record: dict, kept: str | None = None) -> str:
-    files = [Path(f) for f in record.get("files", [])]
-    img = [f for f in files if f.suffix == ".png"]
+    img = [Path(f) for f in record.get("files", []) if f.endswith(".png")]
     body = [f"## {record.get('title') or name}", ""]
     if record.get("kind") == "accuracy_table" and (out / f"{name}.md").is_file():
         table = (out / f"{name}.md").read_text().split("\n", 2)[-1]  # without its heading

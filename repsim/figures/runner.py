@@ -1,38 +1,15 @@
 """``repsim figures``: build every figure and table of the study from ``analyses/*.toml``.
 
-**Specs.** One small TOML file per figure; its stem names the outputs
-(``analyses/cka_grid.toml`` -> ``figures/cka_grid.png``, ``.pdf``, ``.json``). Common keys::
+One TOML spec per figure; its stem names the outputs (``analyses/grid.toml`` ->
+``figures/grid.png``, ``.pdf``, ``.json``); the README lists the keys. :data:`KINDS` maps each
+``kind`` to its builder ``build(spec, ctx) -> list[Path]`` (imported on first use; more
+register with :func:`figure_kind`), which reads its inputs through ``ctx``
+(:class:`repsim.figures.context.FigureContext`) and puts JSON-able data in ``ctx.data``.
 
-    kind = "cka_grid"                 # which builder (a key of KINDS)
-    title = "..."                     # optional
-    models = ["vit_cifar", {model = "vit_cifar", weights = "vit_cifar_frac0.1.pt",
-              label = "ViT 10%", layers = "blocks.*"}]   # a name, or a table
-    [labels]                          # optional display names per model name
-    vit_cifar = "ViT (CIFAR-10)"
-    [probe]                           # which images: repsim.compare.ProbeSpec fields
-    dataset = "cifar10-probe"         # dataset, split, n, seed, reduce, dtype
-    [cka]                             # kernel, estimator, batch_size, batch_seed, threshold
-    estimator = "minibatch"
-
-A relative ``weights`` file lives in the checkpoint folder. ``repsim figures --n N --dataset
-D --data-root DIR`` override ``[probe]`` for every spec.
-
-**Kinds.** :data:`KINDS` names each kind's ``build(spec, ctx) -> list[Path]`` and its own
-spec keys (unknown keys are refused); the built-in builders are imported only when a spec
-uses them and never import this module. More kinds register with :func:`figure_kind`. A
-builder reads its inputs through ``ctx`` (:class:`repsim.figures.context.FigureContext`),
-puts JSON-able data in ``ctx.data`` and returns the files it wrote (``ctx.save(fig)``:
-``figures/<name>.png`` and ``.pdf``). An input that cannot be had here
-(:class:`repsim.compare.InputUnavailable`) skips that figure in one line.
-
-**Caching.** ``figures/<name>.json`` holds the data, the inputs' fingerprints and the
-``cache_key``: a hash of the spec, the overrides, the kind's version, repsim's version and
-those fingerprints. A figure is rebuilt only when its key changed or a file is missing. The
-JSON is written last, so a crash mid-figure never looks complete.
-
-**Kept.** A figure whose inputs are not on this machine (say, built on a GPU machine from
-training snapshots that stayed there) keeps its last complete build: it is reported as
-``kept``, with the reason it could not be rebuilt, never deleted or half-overwritten.
+``figures/<name>.json``, written last, holds that data, the inputs' fingerprints and a
+``cache_key``; a figure is rebuilt only when its key changed or a file is missing. A figure
+whose input is unavailable here (:class:`repsim.compare.InputUnavailable`) is skipped in one
+line, or ``kept`` when an earlier complete build of it is here.
 """
 
 from __future__ import annotations
@@ -63,12 +40,16 @@ Builder = Callable[[dict, "FigureContext"], list[Path]]
 @dataclass(frozen=True)
 class FigureKind:
     """A builder (or ``"module:function"``, imported on first use), the kind's own spec keys,
-    the required ones among them, and a version (bump it to rebuild that kind's figures)."""
+    the required ones among them (None: the first), and a version (bump it to rebuild that
+    kind's figures)."""
 
     build: Builder | str
     fields: tuple[str, ...] = ()
-    required: tuple[str, ...] = ()
+    required: tuple[str, ...] | None = None
     version: str = "1"
+
+    def needs(self) -> tuple[str, ...]:
+        return self.fields[:1] if self.required is None else tuple(self.required)
 
     def builder(self) -> Builder:
         if callable(self.build):
@@ -78,28 +59,25 @@ class FigureKind:
 
 
 KINDS: dict[str, FigureKind] = {
-    "cka_grid": FigureKind("repsim.figures.study:cka_grid", ("models",), ("models",)),
-    "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",), ("pairs",)),
-    "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",), ("rows",)),
+    "cka_grid": FigureKind("repsim.figures.study:cka_grid", ("models",)),
+    "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",)),
+    "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",)),
     "data_scale": FigureKind("repsim.figures.study:data_scale",
                              ("base", "bases", "checkpoints", "fractions"), (),
                              "3"),  # 3: several bases, CKA along the depth, accuracy beside
-    "dynamics": FigureKind("repsim.figures.dynamics:build", ("models", "settle"), ("models",)),
+    "dynamics": FigureKind("repsim.figures.dynamics:build", ("models", "settle")),
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
-                             "renormalize"), ("models",), "2"),  # 2: blocks from 0
+                             "renormalize"), version="2"),  # 2: blocks from 0
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
-                              ("model", "images", "ids", "stages", "top"), ("model",),
-                              "2"),  # 2: colour bars, one image per class
+                              ("model", "images", "ids", "stages", "top"),
+                              version="2"),  # 2: colour bars, one image per class
     "locality": FigureKind("repsim.figures.locality:build_figure",
-                           ("vit", "cnn", "max_images", "tokens"), ("vit",)),
+                           ("vit", "cnn", "max_images", "tokens")),
     "probes": FigureKind("repsim.figures.probes:build_figure",
-                         ("models", "ks", "train_fraction", "split_seed", "weight_decay",
-                          "steps"), ("models",)),
-    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
-                                ("models",)),
-    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",),
-                                  ("models",)),
+                         ("models", "ks", "train_fraction", "split_seed", "weight_decay", "steps")),
+    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer")),
+    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",)),
 }
 
 
@@ -107,11 +85,8 @@ def figure_kind(name: str, *, fields: tuple[str, ...] = (),
                 required: tuple[str, ...] | None = None, version: str = "1"):
     """Decorator: register ``build(spec, ctx) -> list[Path]`` as the figure kind ``name``
     (``required`` defaults to the first field)."""
-    keys = tuple(fields)
-
     def deco(build: Builder) -> Builder:
-        KINDS[name] = FigureKind(build, keys, keys[:1] if required is None else tuple(required),
-                                 version)
+        KINDS[name] = FigureKind(build, tuple(fields), required, version)
         return build
 
     return deco
@@ -157,7 +132,7 @@ def _validate(path: Path, spec: dict) -> None:
     if unknown:
         raise UserError(f"{path}: keys {sorted(unknown)} are unknown for kind "
                         f"{spec['kind']!r}; valid: {', '.join(COMMON_KEYS + kind.fields)}")
-    missing = [f for f in kind.required if f not in spec]
+    missing = [f for f in kind.needs() if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
     for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS)):
@@ -196,6 +171,8 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
+    from repsim.evaluation import hardware
+    from repsim.models import resolve_device
 
     ctx.name, ctx.data, ctx.deps = name, {}, None
     record_path = ctx.path(".json")
@@ -222,30 +199,17 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
         "cache_key": cache_key(name, spec, ctx.overrides, ctx.deps), "data": ctx.data,
-        "versions": compare.versions(), "hardware": _hardware(ctx.device)})
+        "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
-
-
-def _hardware(device: str | None) -> str:
-    """Where the figure was computed (a kept figure says so in the report)."""
-    from repsim.evaluation import hardware
-    from repsim.models import resolve_device
-
-    return hardware(resolve_device(device))
 
 
 def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
               only: list[str] | None = None, overrides: dict | None = None,
               device: str | None = None, force: bool = False, progress: bool = True,
               log: Callable[[str], None] | None = None) -> dict:
-    """Build every spec in ``analyses`` into ``out``.
-
-    Returns ``{"out", "built", "cached", "kept", "skipped", "failed", "seconds"}``: built,
-    cached and kept entries list their files; kept ones (an earlier build whose inputs are not
-    here), skipped ones (an input unavailable here, no earlier build) and failed ones (a user
-    error in that spec or its inputs) give the one-line reason. One figure's problem never
-    stops the others.
-    """
+    """Build every spec in ``analyses`` into ``out``; one figure's problem never stops the
+    others. Returns ``{"out", "built", "cached", "kept", "skipped", "failed", "seconds"}``:
+    lists of entries with their files, or (kept, skipped, failed) the one-line reason."""
     t0 = time.perf_counter()
     specs = load_specs(analyses, only)
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)

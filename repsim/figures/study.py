@@ -1,8 +1,4 @@
-"""The study's CKA figure kinds (cka_grid, best_match, data_scale) and its accuracy table.
-
-Each is ``build(spec, ctx) -> list[Path]`` as :mod:`repsim.figures` calls it; every input
-comes through ``ctx``, which records it for the cache.
-"""
+"""The study's CKA figure kinds (cka_grid, best_match, data_scale) and its accuracy table."""
 
 from __future__ import annotations
 
@@ -12,15 +8,7 @@ from pathlib import Path
 from repsim.compare import InputUnavailable
 from repsim.errors import UserError
 from repsim.figures import draw
-from repsim.figures.context import weights_file
-
-
-def _title(spec: dict, default: str, c: dict | None = None, n: int | None = None) -> str:
-    """The spec's title (or ``default``), with the CKA settings and n on a second line."""
-    title = spec.get("title") or default
-    if c is None:
-        return title
-    return f"{title}\n{draw.describe(c['kernel'], c['estimator'], n, c['batch_size'])}"
+from repsim.figures.context import same_layer_cka, weights_file
 
 
 def cka_grid(spec: dict, ctx) -> list[Path]:
@@ -37,7 +25,7 @@ def cka_grid(spec: dict, ctx) -> list[Path]:
                                                     "p_value")}
             n = r["n"]
     labels = [r.display() for r in refs]
-    title = _title(spec, "CKA among " + ", ".join(labels), c, n)
+    title = draw.spec_title(spec, "CKA among " + ", ".join(labels), c, n)
     if c["permutations"]:
         title += "; " + draw.null_legend(c["permutations"])
     fig = draw.cka_grid(labels, panels, title)
@@ -54,29 +42,24 @@ def best_match(spec: dict, ctx) -> list[Path]:
     if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
         raise UserError(f"{ctx.name}: pairs must be a list of [A, B] pairs, got {pairs!r}")
     refs = [(ctx.model_ref(a, spec), ctx.model_ref(b, spec)) for a, b in pairs]
-    for a, b in refs:
-        ctx.store(a, probe)
-        ctx.store(b, probe)
+    for pair in refs:
+        for r in pair:
+            ctx.store(r, probe)
     curves, rows, n = [], [], None
     for a, b in refs:
         r = ctx.cka(a, b, probe, c)
         n = r["n"]
-        idx, val = draw.best_match_curve(r["matrix"])
         cur = {"label_a": a.display(), "label_b": b.display(), "layers_a": r["layers_a"],
-               "layers_b": r["layers_b"], "index": idx.tolist(),
-               "value": [None if v != v else float(v) for v in val],
-               "se": [r["se"][i][j] if r.get("se") and j >= 0 else None
-                      for i, j in enumerate(idx.tolist())]}
+               "layers_b": r["layers_b"], **draw.best_matches(r)}
         curves.append(cur)
         rows += [{"model_a": a.display(), "layer_a": name, "model_b": b.display(),
-                  "best_layer_b": r["layers_b"][idx[i]] if idx[i] >= 0 else None,
+                  "best_layer_b": r["layers_b"][j] if j >= 0 else None,
                   "cka": cur["value"][i], "se": cur["se"][i]}
-                 for i, name in enumerate(r["layers_a"])]
-    fig = draw.best_match(curves, _title(spec, "Best-matching layers", c, n))
-    _, csv_text = draw.table(rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka",
-                                    "se"])
+                 for i, (name, j) in enumerate(zip(r["layers_a"], cur["index"]))]
+    fig = draw.best_match(curves, draw.spec_title(spec, "Best-matching layers", c, n))
     ctx.data["curves"] = curves
-    return ctx.save(fig) + [ctx.write_text(".csv", csv_text)]
+    return ctx.save(fig) + [ctx.write_text(".csv", draw.csv_text(
+        rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka", "se"]))]
 
 
 ROW_KEYS = ("dataset", "model", "study", "label", "recipe", "checkpoint")
@@ -118,7 +101,8 @@ def accuracy_table(spec: dict, ctx) -> list[Path]:
     md, csv_text = draw.table(rows, ["dataset", "model", "study (%)", "ours (%)", "difference",
                                      "epochs", "recipe", "checkpoint"])
     note = spec.get("description", "")
-    md = f"# {_title(spec, 'Test accuracy')}\n\n{md}" + (f"\n{note.strip()}\n" if note else "")
+    md = f"# {draw.spec_title(spec, 'Test accuracy')}\n\n{md}"
+    md += f"\n{note.strip()}\n" if note else ""
     ctx.data["rows"] = rows
     return [ctx.write_text(".md", md), ctx.write_text(".csv", csv_text)]
 
@@ -141,16 +125,19 @@ def _scale_bases(spec: dict, ctx) -> list[tuple]:
     return [(r, pattern.replace("{base}", r.model)) for r in refs]
 
 
+def _fraction_ref(base, cp: dict):
+    """The model of checkpoint ``cp``, trained on a fraction of the data like ``base``."""
+    return replace(base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}")
+
+
 def _scale_entry(cp: dict, base, probe, c, ctx) -> dict:
     """One fraction model against the full-data one: the matrix and its same-layer curve."""
-    ref = replace(base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}")
+    ref = _fraction_ref(base, cp)
     res = ctx.cka(ref, base, probe, c)
-    layers = [n for n in res["layers_a"] if n in res["layers_b"]]
-    ij = [(res["layers_a"].index(n), res["layers_b"].index(n)) for n in layers]
+    layers, cka, se = same_layer_cka(res)
     return {"fraction": cp["train_fraction"], "label": ref.display(), "checkpoint": cp["name"],
             "test_accuracy": (cp["entry"] or {}).get("test_accuracy"), "n": res["n"],
-            "layers": layers, "cka": [res["matrix"][i][j] for i, j in ij],
-            "se": [res["se"][i][j] if res.get("se") else None for i, j in ij],
+            "layers": layers, "cka": cka, "se": se,
             "matrix": res["matrix"], "layers_a": res["layers_a"], "layers_b": res["layers_b"]}
 
 
@@ -182,16 +169,15 @@ def data_scale(spec: dict, ctx) -> list[Path]:
     if notes:
         ctx.log(f"{ctx.name}: missing {'; '.join(notes)}")
     for base, found, _, _ in plan:  # every store first: a missing file skips before any CKA
-        for cp in [None, *found]:
-            ctx.store(base if cp is None else replace(
-                base, weights=cp["file"], label=f"{base.display()} {cp['train_fraction']:g}"),
-                probe)
+        for ref in [base, *(_fraction_ref(base, cp) for cp in found)]:
+            ctx.store(ref, probe)
     panels = [{"label": base.display(), "missing": missing,
                "base_accuracy": base_entry.get("test_accuracy"),
                "entries": [_scale_entry(cp, base, probe, c, ctx) for cp in found]}
               for base, found, missing, base_entry in plan if found]
     n = panels[0]["entries"][0]["n"]
-    title = _title(spec, "Data scale: models trained on fractions of the training set", c, n)
+    title = draw.spec_title(spec, "Data scale: models trained on fractions of the training set",
+                            c, n)
     skipped = [b.display() for b, found, _, _ in plan if not found]
     if skipped:
         title += f"\nno fraction checkpoints of {', '.join(skipped)}"
