@@ -159,13 +159,14 @@ class Locality:
 def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
             x_cnn: torch.Tensor | None = None, *, vit_layers: str | Sequence[str] | None = None,
             cnn_layers: str | Sequence[str] | None = None, vit_spec: Any = None,
-            cnn_spec: Any = None, batch_size: int = 64, **settings: Any) -> Locality:
+            cnn_spec: Any = None, forward_batch: int = 64, **settings: Any) -> Locality:
     """Locality maps of ``vit`` and, with ``cnn``, its CKA with the CNN per (image, cell), on
     the same ``n`` images preprocessed for each (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``).
     Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
-    :func:`repsim.cka.compare`."""
+    :func:`repsim.cka.compare` (``batch_size`` there is the CKA estimator's; ``forward_batch``
+    is images per forward pass)."""
     geo = token_grid(vit)
-    tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, batch_size)
+    tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, forward_batch)
     dev = next(iter(tokens.values())).device
     patches = input_patches(x_vit.to(dev), geo.grid)
     maps = locality_maps({"input": patches, **tokens}, patches, **settings)
@@ -174,7 +175,7 @@ def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
         if x_cnn is None or len(x_cnn) != len(x_vit):
             raise UserError("x_cnn must hold the CNN's view of the same images as x_vit")
         # The CNN's maps land on the ViT's grid; n_prefix=0: a CNN has no prefix tokens.
-        cells = grid_features(cnn, x_cnn, geo.grid, cnn_layers, 0, cnn_spec, batch_size)
+        cells = grid_features(cnn, x_cnn, geo.grid, cnn_layers, 0, cnn_spec, forward_batch)
         position = position_cka(tokens, cells, **settings)
     return Locality(geo, len(x_vit), ["input", *tokens], maps, locality_summary(maps),
                     position)

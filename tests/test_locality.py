@@ -137,6 +137,24 @@ def test_locality_maps_match_the_reference_cka(images):
         assert maps[layer, t, s] == pytest.approx(want, abs=1e-10)
 
 
+def test_cka_settings_reach_the_engine_not_the_forward_batch(images):
+    # What the figure kind passes: batch_size is the CKA estimator's (None unless minibatch).
+    vit, cnn = CopyViT(), PatchCNN()
+    res = L.measure(vit, images, cnn, images, vit_layers="blocks.0", cnn_layers="fine",
+                    estimator="minibatch", batch_size=160, batch_seed=3, forward_batch=7)
+    assert (res.position.batch_size, res.position.n_batches) == (160, 40 * G // 160)
+    assert res.position.batch_seed == 3
+    tok = L.grid_features(vit, images, GRID, "blocks.0")
+    patches = L.input_patches(images, GRID)
+    want = L.locality_maps(tok, patches, estimator="minibatch", batch_size=16, batch_seed=3)
+    got = L.measure(vit, images, vit_layers="blocks.0", estimator="minibatch", batch_size=16,
+                    batch_seed=3).maps[1]
+    np.testing.assert_allclose(got, want[0], atol=1e-12)
+    debiased = L.measure(vit, images, cnn, images, vit_layers="blocks.0", cnn_layers="fine",
+                         estimator="debiased", batch_size=None)
+    assert debiased.position.estimator == "debiased"
+
+
 def test_summary_and_offset_map_against_explicit_loops():
     rng = np.random.default_rng(0)
     gh, gw = 3, 4
