@@ -24,6 +24,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]' $(TORCH_PAIR)
 	$(PY) benchmarks/bench_cka.py
+	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_e2e.py

@@ -169,6 +169,44 @@ def test_imagefolder_mixed_sizes_become_uniform(tmp_path):
     assert default.images.shape == (2, 224, 224, 3)
 
 
+def jpeg_folder(folder, sizes=((32, 32),) * 3):
+    """Noise JPEGs of several kinds (4:2:0, 4:4:4, progressive, grayscale) in ``folder``."""
+    folder.mkdir(parents=True)
+    gen = np.random.default_rng(0)
+    kinds = [dict(subsampling=2), dict(subsampling=0, quality=95), dict(progressive=True)]
+    for k, (w, h) in enumerate(sizes):
+        img = Image.fromarray(gen.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        img.save(folder / f"{k:03d}.jpg", **kinds[k % 3])
+    Image.fromarray(gen.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "gray.jpg")
+    return sorted(folder.iterdir())
+
+
+def test_jpegs_decode_to_pils_pixels(tmp_path):
+    jpeg_folder(tmp_path / "jpegs")
+    Image.new("CMYK", (32, 32), (10, 200, 30, 40)).save(tmp_path / "jpegs" / "zcmyk.jpg")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "jpegs" / "zpng.jpg", format="PNG")
+    files = sorted((tmp_path / "jpegs").iterdir())
+    p = data.load_probe_set(f"imagefolder:{tmp_path / 'jpegs'}")
+    want = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    np.testing.assert_array_equal(p.images, want)
+
+
+def test_plain_jpegs_take_the_batched_decoder(tmp_path):
+    files = jpeg_folder(tmp_path / "jpegs")
+    arrays = data._decode_jpegs(files)
+    assert arrays is not None and len(arrays) == len(files)
+    for f, a in zip(files, arrays):
+        np.testing.assert_array_equal(a, np.asarray(Image.open(f).convert("RGB")))
+    Image.new("CMYK", (32, 32), (10, 200, 30, 40)).save(tmp_path / "jpegs" / "cmyk.jpg")
+    assert data._decode_jpegs([*files, tmp_path / "jpegs" / "cmyk.jpg"]) is None
+
+
+def test_mixed_size_jpegs_become_uniform(tmp_path):
+    jpeg_folder(tmp_path / "jpegs", sizes=[(32, 32), (40, 24), (32, 32)])
+    p = data.load_probe_set(f"imagefolder:{tmp_path / 'jpegs'}")
+    assert p.images.shape == (4, 224, 224, 3)
+
+
 def test_imagefolder_flat_folder_is_one_class(tmp_path):
     folder = tmp_path / "flat"
     folder.mkdir()
