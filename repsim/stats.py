@@ -21,6 +21,7 @@ the biased and debiased estimators, each random batch for minibatch CKA), in flo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,15 @@ def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     (ka, _, ra, sa), (kb, _, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
     a, b = centring(hollow, ka.shape[1])
     return ka.flatten(1) @ kb.flatten(1).T - 2 * a * (ra @ rb.T) + b * sa[:, None] * sb[None, :]
+
+
+def hsic_scale(hollow: bool, m: int) -> float:
+    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
+    engine (:class:`repsim.cka.MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
+    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
+    if hollow:
+        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
+    return 1.0 / m**2
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
@@ -193,12 +203,14 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         whole = len(rows) == n
         ka = grams(mats_a, None if whole else rows, kernel=kernel, sigma2=sigma2_a, device=device)
         kb = grams(mats_b, None if whole else rows, kernel=kernel, sigma2=sigma2_b, device=device)
-        terms.append(_terms(hsic, ka, kb, hollow))
-        loos.append(_terms(leave_one_out, ka, kb, hollow))
+        # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
+        w, w_loo = hsic_scale(hollow, len(rows)), hsic_scale(hollow, len(rows) - 1)
+        terms.append([x * w for x in _terms(hsic, ka, kb, hollow)])
+        loos.append([x * w_loo for x in _terms(leave_one_out, ka, kb, hollow)])
         pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
-        if permutations:
-            ca.append(torch.stack([centre(x, estimator) for x in ka]))
-            cb.append(torch.stack([centre(x, estimator) for x in kb]))
+        if permutations:  # sqrt(w) on each side: every inner product carries w
+            ca.append(torch.stack([centre(x, estimator) for x in ka]) * math.sqrt(w))
+            cb.append(torch.stack([centre(x, estimator) for x in kb]) * math.sqrt(w))
         del ka, kb
     per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]
