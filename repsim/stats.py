@@ -42,9 +42,15 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
     linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
     layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
-    return torch.stack([gram(centred_rows(m, rows, torch.device(device)), kernel=kernel,
-                             sigma2=None if sigma2 is None else sigma2[i])
+    return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
+                              None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
+
+
+def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
+    if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
+        return x.new_zeros(len(x), len(x))
+    return gram(x, kernel=kernel, sigma2=sigma2)
 
 
 def _parts(k: torch.Tensor, hollow: bool):

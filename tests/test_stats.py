@@ -226,6 +226,16 @@ def test_minibatch_null_of_uneven_batches_is_cka_recomputed_on_the_permutations(
     assert cal.null["null_q95"][0, 0] == pytest.approx(np.quantile(draws, 0.95), abs=1e-12)
 
 
+def test_rbf_calibration_of_a_constant_layer_gives_nan_like_the_engine():
+    # its median squared distance, so its bandwidth, is 0: the engine counts it dead
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = compare([x, np.ones((40, 3))], [y], kernel="rbf", estimator="debiased")
+    res = stats.calibrate_result(res, [x, np.ones((40, 3))], [y], permutations=9)
+    assert np.isfinite(res.matrix[0, 0]) and np.isfinite(res.se[0, 0])
+    assert np.isnan(res.matrix[1, 0]) and np.isnan(res.se[1, 0])
+
+
 def test_influence_names_the_outlier():
     x, y = _gauss(50, 5, 0), _gauss(50, 5, 1)
     x[13] += 40
