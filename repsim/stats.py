@@ -165,7 +165,9 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
         null[t] = (num / den).cpu()
     null = null.numpy()
     reached = null >= observed[None] - 1e-12  # a tie up to rounding reaches the observed
-    return {"p_value": (1 + reached.sum(0)) / (1 + permutations),
+    # A NaN cell (a dead layer) reaches nothing: without this its p-value would be the least.
+    p_value = np.where(np.isnan(observed), np.nan, (1 + reached.sum(0)) / (1 + permutations))
+    return {"p_value": p_value,
             "null_mean": null.mean(0), "null_q95": np.quantile(null, 0.95, axis=0)}
 
 

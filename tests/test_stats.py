@@ -236,6 +236,14 @@ def test_rbf_calibration_of_a_constant_layer_gives_nan_like_the_engine():
     assert np.isnan(res.matrix[1, 0]) and np.isnan(res.se[1, 0])
 
 
+def test_a_cell_without_a_value_has_no_p_value():
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    cal = stats.calibrate([x, np.ones((40, 3))], [y], estimator="debiased", permutations=19)
+    assert np.isnan(cal.matrix[1, 0])
+    assert np.isnan(cal.null["p_value"][1, 0])  # not 1/20, the smallest p-value there is
+    assert 0 < cal.null["p_value"][0, 0] <= 1
+
+
 def test_influence_names_the_outlier():
     x, y = _gauss(50, 5, 0), _gauss(50, 5, 1)
     x[13] += 40
