@@ -6,7 +6,8 @@ makes it), checks that their rows are the same samples (:func:`repsim.store.chec
 computes CKA (``A == B`` with the same layers: one symmetric matrix) and writes, atomically
 and without timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
 heatmap (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose
-``cache_key`` (inputs and versions) matches, newer than both stores, is reused unless ``force``.
+``cache_key`` (inputs, axis labels and versions) matches, newer than both stores, is reused
+unless ``force``.
 """
 
 from __future__ import annotations
@@ -314,7 +315,8 @@ def run_cka(cfg: CKAConfig) -> dict:
     check_aligned(sa, sb)
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
-    key = digest({**inputs, "versions": versions()})
+    # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
+    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"

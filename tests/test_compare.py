@@ -176,6 +176,16 @@ def test_second_run_does_no_work_until_a_store_changes(tmp_path, pair, capsys):
     assert run_json(capsys, *args)[0]["reused"] is False
 
 
+def test_new_axis_labels_are_not_answered_from_a_result_with_the_old_ones(tmp_path, pair):
+    pa, pb, _, _ = pair
+    common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
+                  se=False)
+    run_cka(CKAConfig(**common, label_a="first"))
+    again = run_cka(CKAConfig(**common, label_a="second", label_b="other"))
+    assert again["result"]["model_a"] == "second" and again["result"]["model_b"] == "other"
+    assert json.loads(open(again["files"][0]).read())["model_a"] == "second"
+
+
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
