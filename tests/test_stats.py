@@ -1,5 +1,7 @@
 """Calibrated CKA (repsim.stats): each statistic against brute force or a closed form."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -242,6 +244,14 @@ def test_a_cell_without_a_value_has_no_p_value():
     assert np.isnan(cal.matrix[1, 0])
     assert np.isnan(cal.null["p_value"][1, 0])  # not 1/20, the smallest p-value there is
     assert 0 < cal.null["p_value"][0, 0] <= 1
+
+
+def test_a_result_with_influence_of_a_nan_cell_is_strict_json():
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = compare([x, np.ones((40, 3))], [y], estimator="debiased")
+    res = stats.calibrate_result(res, [x, np.ones((40, 3))], [y], influence=2)
+    json.dumps(res.to_dict(), allow_nan=False)  # NaN is not JSON; to_dict makes it None
 
 
 def test_influence_names_the_outlier():
