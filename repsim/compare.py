@@ -250,12 +250,12 @@ def _cached(path: Path, key: str, inputs: list[Path], files: list[Path]) -> dict
 
 
 def default_out_dir(a: StoreRef) -> Path:
-    """``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-<reduce>`` of A's samples."""
+    """``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-seed<S>-<reduce>`` of A's samples."""
     d = a.meta.get("data") or {}
     if not d.get("dataset"):
         return cache_dir("cka", "stores")
-    n, reduce = d.get("n", a.n), a.meta.get("reduce")
-    return cache_dir("cka", slug(f"{d['dataset']}-{d.get('split')}-n{n}-{reduce}"))
+    n, seed, reduce = d.get("n", a.n), d.get("seed"), a.meta.get("reduce")
+    return cache_dir("cka", slug(f"{d['dataset']}-{d.get('split')}-n{n}-seed{seed}-{reduce}"))
 
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:

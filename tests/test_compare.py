@@ -186,6 +186,17 @@ def test_new_axis_labels_are_not_answered_from_a_result_with_the_old_ones(tmp_pa
     assert json.loads(open(again["files"][0]).read())["model_a"] == "second"
 
 
+def test_the_default_output_folder_names_the_probe_set_with_its_seed(tmp_path):
+    """README: ``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-seed<S>-<reduce>/``; two subsets of
+    one size (other seeds) are other probe sets."""
+    feats = toy_feats(["l0"], n=12)
+    meta = {"model": "m", "reduce": "mean",
+            "data": {"dataset": "toy", "split": "test", "n": 12, "seed": 3}}
+    store = make_store(tmp_path / "m.h5", feats, meta=meta)
+    res = run_cka(CKAConfig(a=str(store), b=str(store), plots=False, progress=False, se=False))
+    assert os.path.basename(os.path.dirname(res["files"][0])) == "toy-test-n12-seed3-mean"
+
+
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
