@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -413,7 +414,20 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
     m = sketch.cka_from_sketches(ska, skb)
     res.matrix = (m + m.T) / 2 if same else m
+    for (_, names), (sks, meds) in zip(sides, got):
+        _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
     return res
+
+
+def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[float] | None) -> None:
+    """The engine's warning (:func:`repsim.cka.compare`) for layers whose sketch is zero."""
+    for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
+        if not np.any(sk):
+            why = ("has a zero median squared distance, so its RBF bandwidth is zero"
+                   if med is not None and not med > 0 else
+                   "has zero variance (every row is identical)")
+            warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
+                          stacklevel=4)
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:

@@ -197,6 +197,17 @@ def test_the_default_output_folder_names_the_probe_set_with_its_seed(tmp_path):
     assert os.path.basename(os.path.dirname(res["files"][0])) == "toy-test-n12-seed3-mean"
 
 
+@pytest.mark.parametrize("memory_budget", [None, 4096])  # from sketches, or streamed
+def test_a_constant_layer_gives_nan_and_a_warning_naming_it(tmp_path, memory_budget):
+    feats = {**toy_feats(["l0"], n=24), "const": np.full((24, 3), 2.5)}
+    store = make_store(tmp_path / "m.h5", feats)
+    cfg = CKAConfig(a=str(store), b=str(store), plots=False, progress=False, se=False,
+                    memory_budget=memory_budget, out=str(tmp_path / "o"))
+    with pytest.warns(RuntimeWarning, match="'const' has zero variance"):
+        m = np.array(run_cka(cfg)["result"]["matrix"], dtype=float)
+    assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1)
+
+
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
