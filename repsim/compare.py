@@ -328,11 +328,11 @@ def run_cka(cfg: CKAConfig) -> dict:
         res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
         _warn_if_biased_reads_high(res, cfg)
         payload = _payload(sa, sb, res.to_dict(), key)
-        write_json(jpath, payload)
-        if cfg.plots:
+        if cfg.plots:  # before the JSON, whose key vouches for them (make's rule)
             from repsim.figures import draw as P
 
             P.save(P.cka_heatmap(payload), out_dir / stem)
+        write_json(jpath, payload)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
 

@@ -208,6 +208,26 @@ def test_a_constant_layer_gives_nan_and_a_warning_naming_it(tmp_path, memory_bud
     assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1)
 
 
+def test_an_interrupted_recompute_does_not_leave_the_old_heatmap_looking_current(
+        tmp_path, pair, monkeypatch):
+    from repsim.figures import draw
+
+    pa, pb, _, _ = pair
+    cfg = CKAConfig(a=str(pa), b=str(pb), out=str(tmp_path / "o"), progress=False, se=False)
+    for f in run_cka(cfg)["files"]:  # B re-written after the result: it is out of date
+        os.utime(f, (time.time() - 20, time.time() - 20))
+    os.utime(pb, (time.time() - 10, time.time() - 10))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(draw, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_cka(cfg)
+    assert run_cka(cfg)["reused"] is False  # not the new matrix beside the old heatmap
+
+
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
