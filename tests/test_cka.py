@@ -97,6 +97,15 @@ def test_torch_inputs_give_numpy_results(layers):
     np.testing.assert_allclose(cka.cka_matrix(t, t), cka.cka_matrix(layers, layers), atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tensors_that_require_grad_work_like_any_tensor(layers, kernel):
+    # e.g. a model's outputs computed outside torch.no_grad()
+    t = [torch.from_numpy(x).requires_grad_() for x in layers]
+    want = cka.cka_matrix(layers, layers[:2], kernel=kernel)
+    np.testing.assert_allclose(cka.cka_matrix(t, t[:2], kernel=kernel), want, atol=1e-12)
+    assert not cka.layer_sketch(t[0]).requires_grad
+
+
 def test_named_layers_keep_their_names(layers):
     res = cka.compare({"x": layers[0], "y": layers[1]}, {"z": layers[2]})
     assert res.layers_a == ["x", "y"] and res.layers_b == ["z"]
