@@ -365,7 +365,7 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     """CKA between layers of two aligned stores (what ``repsim cka`` computes), with how far
     to trust it (:func:`repsim.stats.calibrate_result`) when ``cfg`` asks for it."""
     res = _cka_of_stores(store_a, store_b, layers_a, layers_b, cfg)
-    if not (cfg.se or cfg.permutations):
+    if not (cfg.se or cfg.permutations or cfg.influence):  # each needs the calibration
         return res
     from repsim import stats
     from repsim.models import resolve_device

@@ -495,6 +495,12 @@ def test_permutations_and_influence_are_in_the_result_and_its_cache_key(tmp_path
     np.testing.assert_array_equal(again["matrix"], r["matrix"])
 
 
+def test_influence_is_listed_without_the_standard_errors_too(tmp_path, pair, capsys):
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path / "r", "--no-se",
+                    "--influence", "2")
+    assert r["influence"] is not None and len(r["influence"][0][0]) == 2
+
+
 def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys):
     rng = np.random.default_rng(0)
     wide = {"x": rng.standard_normal((24, 240))}  # p = 10 n: biased null level about 0.9
