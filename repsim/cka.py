@@ -48,6 +48,10 @@ def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linea
     (``norms``: the rows' squared norms, when at hand)."""
     if kernel == "linear":
         return _dot(x, y, out)
+    sketch.check_options(kernel, "biased")  # an unknown kernel
+    if sigma2 is None or not sigma2 > 0:
+        raise ValueError(f"kernel='rbf' needs sigma2 > 0, the squared bandwidth (threshold^2 "
+                         f"times a median from rbf_bandwidths), got sigma2={sigma2!r}")
     return _sqdist(x, y, out, norms).mul_(-0.5 / sigma2).exp_()
 
 
@@ -81,6 +85,7 @@ def centring(hollow: bool, m: int) -> tuple[float, float]:
 
 def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     """``H K H`` (``"biased"``) or the U-centred ``K`` (otherwise) of a symmetric Gram, in place."""
+    sketch.check_options("linear", estimator)  # an unknown estimator
     hollow = estimator != "biased"
     if hollow:
         k.fill_diagonal_(0.0)

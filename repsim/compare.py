@@ -6,7 +6,8 @@ makes it), checks that their rows are the same samples (:func:`repsim.store.chec
 computes CKA (``A == B`` with the same layers: one symmetric matrix) and writes, atomically
 and without timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
 heatmap (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose
-``cache_key`` (inputs and versions) matches, newer than both stores, is reused unless ``force``.
+``cache_key`` (inputs, axis labels and versions) matches, newer than both stores, is reused
+unless ``force``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -249,12 +251,12 @@ def _cached(path: Path, key: str, inputs: list[Path], files: list[Path]) -> dict
 
 
 def default_out_dir(a: StoreRef) -> Path:
-    """``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-<reduce>`` of A's samples."""
+    """``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-seed<S>-<reduce>`` of A's samples."""
     d = a.meta.get("data") or {}
     if not d.get("dataset"):
         return cache_dir("cka", "stores")
-    n, reduce = d.get("n", a.n), a.meta.get("reduce")
-    return cache_dir("cka", slug(f"{d['dataset']}-{d.get('split')}-n{n}-{reduce}"))
+    n, seed, reduce = d.get("n", a.n), d.get("seed"), a.meta.get("reduce")
+    return cache_dir("cka", slug(f"{d['dataset']}-{d.get('split')}-n{n}-seed{seed}-{reduce}"))
 
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
@@ -314,7 +316,8 @@ def run_cka(cfg: CKAConfig) -> dict:
     check_aligned(sa, sb)
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
-    key = digest({**inputs, "versions": versions()})
+    # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
+    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"
@@ -325,11 +328,11 @@ def run_cka(cfg: CKAConfig) -> dict:
         res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
         _warn_if_biased_reads_high(res, cfg)
         payload = _payload(sa, sb, res.to_dict(), key)
-        write_json(jpath, payload)
-        if cfg.plots:
+        if cfg.plots:  # before the JSON, whose key vouches for them (make's rule)
             from repsim.figures import draw as P
 
             P.save(P.cka_heatmap(payload), out_dir / stem)
+        write_json(jpath, payload)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
 
@@ -362,7 +365,7 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     """CKA between layers of two aligned stores (what ``repsim cka`` computes), with how far
     to trust it (:func:`repsim.stats.calibrate_result`) when ``cfg`` asks for it."""
     res = _cka_of_stores(store_a, store_b, layers_a, layers_b, cfg)
-    if not (cfg.se or cfg.permutations):
+    if not (cfg.se or cfg.permutations or cfg.influence):  # each needs the calibration
         return res
     from repsim import stats
     from repsim.models import resolve_device
@@ -411,7 +414,20 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
     m = sketch.cka_from_sketches(ska, skb)
     res.matrix = (m + m.T) / 2 if same else m
+    for (_, names), (sks, meds) in zip(sides, got):
+        _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
     return res
+
+
+def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[float] | None) -> None:
+    """The engine's warning (:func:`repsim.cka.compare`) for layers whose sketch is zero."""
+    for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
+        if not np.any(sk):
+            why = ("has a zero median squared distance, so its RBF bandwidth is zero"
+                   if med is not None and not med > 0 else
+                   "has zero variance (every row is identical)")
+            warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
+                          stacklevel=4)
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:

@@ -53,8 +53,8 @@ def pick_device(mats: list[Any], device: str | torch.device | None) -> torch.dev
 def read_rows(x: Any, a: int, b: int | None, device: torch.device) -> torch.Tensor:
     """Rows ``a:b`` of any 2-D source: a fresh float64 tensor on ``device``."""
     blk = x[a:b]
-    if isinstance(blk, torch.Tensor):
-        return blk.to(device=device, dtype=torch.float64, copy=True)
+    if isinstance(blk, torch.Tensor):  # detached: CKA is no part of the input's graph
+        return blk.detach().to(device=device, dtype=torch.float64, copy=True)
     return torch.tensor(np.asarray(blk), dtype=torch.float64, device=device)
 
 

@@ -6,7 +6,8 @@ mean matrix, the spread between seeds (``seed_sd``, the standard deviation over 
 comparisons), and per model with two or more seeds its **seed ceiling**: the CKA between two
 seeds of that model, layer with same layer, averaged over seed pairs, which is how similar a
 layer can look to its own counterpart. The image-level standard error (``se``, the jackknife
-SE of one comparison, averaged) is reported apart from the seed spread.
+SE of one comparison, averaged) is reported apart from the seed spread. Permutation nulls and
+influence stay in each comparison's own file (``comparisons``): they do not average.
 """
 
 from __future__ import annotations

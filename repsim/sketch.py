@@ -71,9 +71,11 @@ class CKAResult:
 
 
 def jsonable(v: Any) -> Any:
-    """``v`` with arrays as (nested) lists and non-finite floats as None."""
+    """``v`` with arrays as (nested) lists and non-finite floats as None, also inside lists."""
     if isinstance(v, np.ndarray):
         return [jsonable(x) for x in v] if v.ndim else jsonable(v.item())
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
     if isinstance(v, (float, np.floating)):
         return float(v) if math.isfinite(v) else None
     return v

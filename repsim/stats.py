@@ -21,6 +21,7 @@ the biased and debiased estimators, each random batch for minibatch CKA), in flo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,15 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
     linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
     layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
-    return torch.stack([gram(centred_rows(m, rows, torch.device(device)), kernel=kernel,
-                             sigma2=None if sigma2 is None else sigma2[i])
+    return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
+                              None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
+
+
+def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
+    if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
+        return x.new_zeros(len(x), len(x))
+    return gram(x, kernel=kernel, sigma2=sigma2)
 
 
 def _parts(k: torch.Tensor, hollow: bool):
@@ -63,6 +70,15 @@ def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     (ka, _, ra, sa), (kb, _, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
     a, b = centring(hollow, ka.shape[1])
     return ka.flatten(1) @ kb.flatten(1).T - 2 * a * (ra @ rb.T) + b * sa[:, None] * sb[None, :]
+
+
+def hsic_scale(hollow: bool, m: int) -> float:
+    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
+    engine (:class:`repsim.cka.MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
+    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
+    if hollow:
+        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
+    return 1.0 / m**2
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
@@ -149,7 +165,9 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
         null[t] = (num / den).cpu()
     null = null.numpy()
     reached = null >= observed[None] - 1e-12  # a tie up to rounding reaches the observed
-    return {"p_value": (1 + reached.sum(0)) / (1 + permutations),
+    # A NaN cell (a dead layer) reaches nothing: without this its p-value would be the least.
+    p_value = np.where(np.isnan(observed), np.nan, (1 + reached.sum(0)) / (1 + permutations))
+    return {"p_value": p_value,
             "null_mean": null.mean(0), "null_q95": np.quantile(null, 0.95, axis=0)}
 
 
@@ -193,12 +211,14 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         whole = len(rows) == n
         ka = grams(mats_a, None if whole else rows, kernel=kernel, sigma2=sigma2_a, device=device)
         kb = grams(mats_b, None if whole else rows, kernel=kernel, sigma2=sigma2_b, device=device)
-        terms.append(_terms(hsic, ka, kb, hollow))
-        loos.append(_terms(leave_one_out, ka, kb, hollow))
+        # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
+        w, w_loo = hsic_scale(hollow, len(rows)), hsic_scale(hollow, len(rows) - 1)
+        terms.append([x * w for x in _terms(hsic, ka, kb, hollow)])
+        loos.append([x * w_loo for x in _terms(leave_one_out, ka, kb, hollow)])
         pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
-        if permutations:
-            ca.append(torch.stack([centre(x, estimator) for x in ka]))
-            cb.append(torch.stack([centre(x, estimator) for x in kb]))
+        if permutations:  # sqrt(w) on each side: every inner product carries w
+            ca.append(torch.stack([centre(x, estimator) for x in ka]) * math.sqrt(w))
+            cb.append(torch.stack([centre(x, estimator) for x in kb]) * math.sqrt(w))
         del ka, kb
     per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]

@@ -92,9 +92,27 @@ def test_building_blocks_give_the_reference_hsic(layers, estimator):
     assert got == pytest.approx(want, rel=1e-10)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda k: cka.gram(k, kernel="poly"), "kernel='poly' is unknown"),
+    (lambda k: cka.gram(k, kernel="rbf"), "sigma2"),
+    (lambda k: cka.centre(k @ k.T, "unbiased"), "estimator='unbiased' is unknown")])
+def test_building_blocks_refuse_unknown_settings_with_a_value_error(layers, call, match):
+    with pytest.raises(ValueError, match=match):  # not a TypeError, nor a silent U-centring
+        call(torch.from_numpy(layers[0]))
+
+
 def test_torch_inputs_give_numpy_results(layers):
     t = [torch.from_numpy(x) for x in layers]
     np.testing.assert_allclose(cka.cka_matrix(t, t), cka.cka_matrix(layers, layers), atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tensors_that_require_grad_work_like_any_tensor(layers, kernel):
+    # e.g. a model's outputs computed outside torch.no_grad()
+    t = [torch.from_numpy(x).requires_grad_() for x in layers]
+    want = cka.cka_matrix(layers, layers[:2], kernel=kernel)
+    np.testing.assert_allclose(cka.cka_matrix(t, t[:2], kernel=kernel), want, atol=1e-12)
+    assert not cka.layer_sketch(t[0]).requires_grad
 
 
 def test_named_layers_keep_their_names(layers):

@@ -176,6 +176,58 @@ def test_second_run_does_no_work_until_a_store_changes(tmp_path, pair, capsys):
     assert run_json(capsys, *args)[0]["reused"] is False
 
 
+def test_new_axis_labels_are_not_answered_from_a_result_with_the_old_ones(tmp_path, pair):
+    pa, pb, _, _ = pair
+    common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
+                  se=False)
+    run_cka(CKAConfig(**common, label_a="first"))
+    again = run_cka(CKAConfig(**common, label_a="second", label_b="other"))
+    assert again["result"]["model_a"] == "second" and again["result"]["model_b"] == "other"
+    assert json.loads(open(again["files"][0]).read())["model_a"] == "second"
+
+
+def test_the_default_output_folder_names_the_probe_set_with_its_seed(tmp_path):
+    """README: ``$REPSIM_CACHE/cka/<dataset>-<split>-n<N>-seed<S>-<reduce>/``; two subsets of
+    one size (other seeds) are other probe sets."""
+    feats = toy_feats(["l0"], n=12)
+    meta = {"model": "m", "reduce": "mean",
+            "data": {"dataset": "toy", "split": "test", "n": 12, "seed": 3}}
+    store = make_store(tmp_path / "m.h5", feats, meta=meta)
+    res = run_cka(CKAConfig(a=str(store), b=str(store), plots=False, progress=False, se=False))
+    assert os.path.basename(os.path.dirname(res["files"][0])) == "toy-test-n12-seed3-mean"
+
+
+@pytest.mark.parametrize("memory_budget", [None, 4096])  # from sketches, or streamed
+def test_a_constant_layer_gives_nan_and_a_warning_naming_it(tmp_path, memory_budget):
+    feats = {**toy_feats(["l0"], n=24), "const": np.full((24, 3), 2.5)}
+    store = make_store(tmp_path / "m.h5", feats)
+    cfg = CKAConfig(a=str(store), b=str(store), plots=False, progress=False, se=False,
+                    memory_budget=memory_budget, out=str(tmp_path / "o"))
+    with pytest.warns(RuntimeWarning, match="'const' has zero variance"):
+        m = np.array(run_cka(cfg)["result"]["matrix"], dtype=float)
+    assert np.isnan(m[1]).all() and np.isnan(m[:, 1]).all() and m[0, 0] == pytest.approx(1)
+
+
+def test_an_interrupted_recompute_does_not_leave_the_old_heatmap_looking_current(
+        tmp_path, pair, monkeypatch):
+    from repsim.figures import draw
+
+    pa, pb, _, _ = pair
+    cfg = CKAConfig(a=str(pa), b=str(pb), out=str(tmp_path / "o"), progress=False, se=False)
+    for f in run_cka(cfg)["files"]:  # B re-written after the result: it is out of date
+        os.utime(f, (time.time() - 20, time.time() - 20))
+    os.utime(pb, (time.time() - 10, time.time() - 10))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(draw, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_cka(cfg)
+    assert run_cka(cfg)["reused"] is False  # not the new matrix beside the old heatmap
+
+
 def test_streamed_blocks_equal_the_in_memory_result(tmp_path, pair):
     pa, pb, _, _ = pair
     common = dict(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False,
@@ -441,6 +493,12 @@ def test_permutations_and_influence_are_in_the_result_and_its_cache_key(tmp_path
     again, _ = run_json(capsys, *args)
     assert again["reused"] is False and again["p_value"] is None
     np.testing.assert_array_equal(again["matrix"], r["matrix"])
+
+
+def test_influence_is_listed_without_the_standard_errors_too(tmp_path, pair, capsys):
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path / "r", "--no-se",
+                    "--influence", "2")
+    assert r["influence"] is not None and len(r["influence"][0][0]) == 2
 
 
 def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys):

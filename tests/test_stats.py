@@ -1,5 +1,7 @@
 """Calibrated CKA (repsim.stats): each statistic against brute force or a closed form."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from repsim import stats
 from repsim.cka import compare, rbf_bandwidths
 from repsim.sketch import minibatches
 from tests.reference import cka as ref_cka
+from tests.reference import minibatch_cka as ref_minibatch_cka
 
 
 def _gauss(n, p, seed):
@@ -184,6 +187,71 @@ def test_minibatch_with_few_batches_jackknifes_images_within_their_batch():
         rest = [np.setdiff1d(b, [cal.rows[k]]) for b in batches]
         want = stats.calibrate([x], [y], estimator="minibatch", batches=rest).matrix[0, 0]
         assert cal.loo[k, 0, 0] == pytest.approx(want, rel=1e-10)
+
+
+def _uneven(n=70, size=32):
+    """Data and minibatches of 32, 32 and 6 rows: each batch's HSIC has its own scale."""
+    x, y = _gauss(n, 6, 0), _gauss(n, 5, 1)
+    y[:, 0] += x[:, 0]
+    batches = minibatches(n, size, 0)
+    assert sorted(map(len, batches)) == [6, 32, 32]
+    return x, y, batches
+
+
+def test_calibrated_matrix_is_the_engines_matrix_when_the_last_batch_is_shorter():
+    x, y, batches = _uneven()
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=batches)
+    want = compare([x], [y], estimator="minibatch", batch_size=32).matrix
+    np.testing.assert_allclose(cal.matrix, want, rtol=1e-12)
+    np.testing.assert_allclose(cal.matrix[0, 0], ref_minibatch_cka(x, y, batches), rtol=1e-10)
+
+
+def test_leave_one_out_of_uneven_minibatches_equals_brute_force():
+    x, y, batches = _uneven()
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=batches)
+    for k in (0, 40, 69):  # image cal.rows[k] removed from its batch, the others unchanged
+        rest = [np.setdiff1d(b, [cal.rows[k]]) for b in batches]
+        assert cal.loo[k, 0, 0] == pytest.approx(ref_minibatch_cka(x, y, rest), rel=1e-10)
+
+
+def test_minibatch_null_of_uneven_batches_is_cka_recomputed_on_the_permutations():
+    x, y, batches = _uneven()
+    cal = stats.calibrate([x], [y], estimator="minibatch", batches=batches, permutations=20,
+                          seed=5)
+    g, draws = torch.Generator().manual_seed(5), []
+    for _ in range(20):  # A's rows re-ordered within each batch, in the null's own stream
+        xp = x.copy()
+        for b in batches:
+            xp[b] = x[b[torch.randperm(len(b), generator=g).numpy()]]
+        draws.append(ref_minibatch_cka(xp, y, batches))
+    assert cal.null["null_mean"][0, 0] == pytest.approx(np.mean(draws), abs=1e-12)
+    assert cal.null["null_q95"][0, 0] == pytest.approx(np.quantile(draws, 0.95), abs=1e-12)
+
+
+def test_rbf_calibration_of_a_constant_layer_gives_nan_like_the_engine():
+    # its median squared distance, so its bandwidth, is 0: the engine counts it dead
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = compare([x, np.ones((40, 3))], [y], kernel="rbf", estimator="debiased")
+    res = stats.calibrate_result(res, [x, np.ones((40, 3))], [y], permutations=9)
+    assert np.isfinite(res.matrix[0, 0]) and np.isfinite(res.se[0, 0])
+    assert np.isnan(res.matrix[1, 0]) and np.isnan(res.se[1, 0])
+
+
+def test_a_cell_without_a_value_has_no_p_value():
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    cal = stats.calibrate([x, np.ones((40, 3))], [y], estimator="debiased", permutations=19)
+    assert np.isnan(cal.matrix[1, 0])
+    assert np.isnan(cal.null["p_value"][1, 0])  # not 1/20, the smallest p-value there is
+    assert 0 < cal.null["p_value"][0, 0] <= 1
+
+
+def test_a_result_with_influence_of_a_nan_cell_is_strict_json():
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = compare([x, np.ones((40, 3))], [y], estimator="debiased")
+    res = stats.calibrate_result(res, [x, np.ones((40, 3))], [y], influence=2)
+    json.dumps(res.to_dict(), allow_nan=False)  # NaN is not JSON; to_dict makes it None
 
 
 def test_influence_names_the_outlier():
