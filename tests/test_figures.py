@@ -209,6 +209,30 @@ def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path
     assert record["data"] == {"count": 2} and record["cache_key"]
 
 
+def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
+    """--data-root (the bundled probe set reads none; a path is not content) and --dataset
+    equal to the spec's own leave the figure cached; --n, which changes its images, does not."""
+    calls = []
+
+    def build_pixels(spec, ctx):
+        """Sums the probe images it reads."""
+        calls.append(1)
+        ctx.data["sum"] = int(ctx.images(ctx.probe_spec(spec)).images.sum())
+        return [ctx.write_text(".txt", f"{ctx.data['sum']}\n")]
+
+    monkeypatch.setitem(KINDS, "pixels", None)  # restored after the test
+    figure_kind("pixels")(build_pixels)
+    write(tmp_path / "a", "p", 'kind = "pixels"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
+    run = lambda **o: build_all(tmp_path / "a", tmp_path / "f", overrides=o,  # noqa: E731
+                                progress=False)
+    assert [e["name"] for e in run()["built"]] == ["p"]
+    same = run(data_root=str(tmp_path / "data"), dataset="cifar10-probe", n=8)
+    assert [e["name"] for e in same["cached"]] == ["p"] and len(calls) == 1
+    assert [e["name"] for e in run(n=4)["built"]] == ["p"] and len(calls) == 2
+    assert str(tmp_path / "data") not in json.loads((tmp_path / "f" / "p.json").read_text())[
+        "cache_key"] + json.dumps(json.loads((tmp_path / "f" / "p.json").read_text())["deps"])
+
+
 def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
                                                                            monkeypatch):
     from repsim.compare import InputUnavailable

@@ -113,8 +113,17 @@ class FigureContext:
     # ----------------------------------------------------------------- settings
 
     def probe_spec(self, spec: dict) -> ProbeSpec:
-        """The spec's ``[probe]`` with the command line's overrides applied."""
-        return ProbeSpec(**{**(spec.get("probe") or {}), **self.overrides})
+        """The spec's ``[probe]`` with the command line's overrides applied, but not the data
+        root: where the images are read from is no part of which images they are (their
+        fingerprint is their content), so it joins only when they are loaded."""
+        return ProbeSpec(**{**(spec.get("probe") or {}), **self.key_overrides(spec)})
+
+    def key_overrides(self, spec: dict) -> dict:
+        """The overrides that change what ``spec`` reads (for its cache key): not the data
+        root, nor one equal to the spec's own setting."""
+        own = ProbeSpec(**(spec.get("probe") or {}))
+        return {k: v for k, v in self.overrides.items()
+                if k != "data_root" and getattr(own, k) != v}
 
     def cka_settings(self, spec: dict) -> dict:
         from repsim.sketch import DEFAULT_BATCH_SIZE, DEFAULT_ESTIMATOR
@@ -262,7 +271,8 @@ class FigureContext:
 
     def _probe(self, d: dict) -> ProbeSpec:
         """A probe from an input description, set to run on this run's device."""
-        return ProbeSpec(**{**d, "device": self.device})
+        return ProbeSpec(**{**d, "data_root": self.overrides.get("data_root"),
+                            "device": self.device})
 
     def _load_store(self, d: dict):
         ref = ModelRef(**d["ref"])
@@ -346,7 +356,7 @@ class FigureContext:
         pspec = self.probe_spec(spec)
         probe = self.images(pspec)
         return (probe, *pick_images(probe, spec.get("images", default), spec.get("ids"),
-                                    pspec.data_root, self.progress))
+                                    self.overrides.get("data_root"), self.progress))
 
     @contextmanager
     def on_device(self, models: list) -> Iterator[list]:

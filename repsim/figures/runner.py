@@ -143,8 +143,8 @@ def _validate(path: Path, spec: dict) -> None:
 
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
-    """What a figure depends on: its spec, the command-line overrides (they change which
-    inputs it reads), its kind's version, repsim's version and its inputs' fingerprints."""
+    """What a figure depends on: its spec, the command-line overrides that change which
+    inputs it reads, its kind's version, repsim's version and its inputs' fingerprints."""
     return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
                          "kind_version": KINDS[spec["kind"]].version, "repsim": __version__,
                          "deps": deps})
@@ -166,7 +166,7 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     # A record of another format, or an input gone (the builder then says which, and why).
     except (KeyError, TypeError, ValueError, InputUnavailable, UserError):
         return False
-    return cache_key(name, spec, ctx.overrides, deps) == record.get("cache_key")
+    return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -198,7 +198,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
-        "cache_key": cache_key(name, spec, ctx.overrides, ctx.deps), "data": ctx.data,
+        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps), "data": ctx.data,
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
 
