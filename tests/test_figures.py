@@ -174,12 +174,45 @@ batch_size = 8
     ('kind = "cka_grid"\n', "needs models"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),
     ('kind = "cka_grid\n', "not valid TOML"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\npermutations = "x"\n',
+     "[cka] permutations='x' must be an integer"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nn = "x"\n',
+     "[probe] n='x' must be an integer"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\nkernel="rbf"\nthreshold = "x"\n',
+     "[cka] threshold='x' must be a number"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
 ])
 def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     path = write(tmp_path / "analyses", "bad", text)
     with pytest.raises(UserError, match=None) as exc:
         load_specs(tmp_path / "analyses")
     assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('kind = "data_scale"\nbase = "vit_cifar"\nfractions = 0.5\n',
+     "fractions=0.5 must be a list of numbers"),
+    ('kind = "data_scale"\nbase = "vit_cifar"\ncheckpoints = 5\n',
+     "checkpoints=5 must be a file-name pattern"),
+    ('kind = "accuracy_table"\nrows = [1]\n', "each [[rows]] needs dataset, model and study"),
+    ('kind = "cka_grid"\nmodels = [{model = "vit_cifar", weights = 5}]\n',
+     "weights=5 must be a file name"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[labels]\nvit_cifar = 1\n',
+     "[labels] vit_cifar=1 must be a string"),
+])
+def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    write(tmp_path / "a", "bad", text)
+    write(tmp_path / "a", "good", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["good"]
+    (failed,) = res["failed"]
+    assert failed["name"] == "bad" and message in failed["reason"], failed
 
 
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):

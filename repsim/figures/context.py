@@ -145,7 +145,14 @@ class FigureContext:
         if extra:
             raise UserError(f"{self.name}: model entry keys {sorted(extra)} are unknown; "
                             f"valid: {', '.join(keys)}")
+        for k, v in item.items():
+            seeds = k == "weights" and isinstance(v, list) and v
+            if not isinstance(v, str) and not (seeds and all(isinstance(w, str) for w in v)):
+                what = "a file name or a list of them (seeds)" if k == "weights" else "a string"
+                raise UserError(f"{self.name}: model entry {k}={v!r} must be {what}")
         label = item.get("label") or ((spec or {}).get("labels") or {}).get(item["model"])
+        if not isinstance(label, (str, type(None))):
+            raise UserError(f"{self.name}: [labels] {item['model']}={label!r} must be a string")
         return ModelRef(**{**item, "label": label})
 
     # ----------------------------------------------------------------- tracked inputs

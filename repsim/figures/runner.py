@@ -33,6 +33,10 @@ FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
+# The type of each [probe] and [cka] value; a wrong one would fail deep inside a build.
+NUMBER = (int, float)
+VALUE_TYPES = {"n": int, "seed": int, "batch_size": int, "batch_seed": int,
+               "permutations": int, "threshold": NUMBER}  # the others: strings
 
 Builder = Callable[[dict, "FigureContext"], list[Path]]
 
@@ -135,11 +139,20 @@ def _validate(path: Path, spec: dict) -> None:
     missing = [f for f in kind.needs() if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
-    for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS)):
-        bad = set(spec.get(table) or {}) - set(keys)
+    for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
+        values = spec.get(table, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: {table}={values!r} must be a table ([{table}]); fix "
+                            "the file")
+        bad = set(values) - set(keys) if keys else ()
         if bad:
             raise UserError(f"{path}: [{table}] keys {sorted(bad)} are unknown; valid: "
                             f"{', '.join(keys)}")
+        for k, v in values.items() if keys else ():  # labels: checked where used
+            want = VALUE_TYPES.get(k, str)
+            if not isinstance(v, want) or isinstance(v, bool):
+                what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
+                raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
 
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
