@@ -514,3 +514,26 @@ def test_a_model_with_several_weights_files_is_drawn_as_the_mean_over_its_seeds(
                      "--b", "resnet18_cifar", "--n", "8", "--batch-size", "8", "--json"]) == 0
         each.append(json.loads(capsys.readouterr().out)["matrix"])
     np.testing.assert_allclose(panel["matrix"], np.mean(each, 0), atol=1e-12)
+
+
+def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, monkeypatch):
+    """A model entry with other weights than the model's own: its heading's accuracy is that
+    checkpoint's, not the default checkpoint's."""
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    name = "vit_cifar_tiny_mcls4"
+    for stem, seed in ((name, 0), (f"{name}_seed1", 1)):
+        torch.save(build_model(name, seed=seed).state_dict(), ck / f"{stem}.pt")
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": name, "file": f"{name}.pt", "model": name, "test_accuracy": 90.0},
+        {"name": f"{name}_seed1", "file": f"{name}_seed1.pt", "model": name,
+         "test_accuracy": 60.0}]}))
+    write(tmp_path / "a", "prefix", f'kind = "prefix_tokens"\nmodels = [{{model = "{name}", '
+          f'weights = "{name}_seed1.pt"}}]\nlayer = "blocks.0"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["prefix"], res
+    (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
+    assert entry["test_accuracy"] == 60.0
