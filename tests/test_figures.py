@@ -537,3 +537,22 @@ def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, m
     assert [e["name"] for e in res["built"]] == ["prefix"], res
     (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
     assert entry["test_accuracy"] == 60.0
+
+
+def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
+    """--force rebuilds ignoring caches: a cached attention distance is recomputed, and the
+    cache holds the new value."""
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    write(tmp_path / "a", "attn", 'kind = "attention"\nmodels = [{model = "vit_cifar", '
+          'weights = "random"}]\nimages = 1\nblocks = "0"\n[probe]\nn = 4\n')
+    run = lambda **kw: build_all(tmp_path / "a", tmp_path / "f", progress=False,  # noqa: E731
+                                 **kw)
+    assert [e["name"] for e in run()["built"]] == ["attn"]
+    (cached,) = (tmp_path / "cache" / "attention").glob("*.json")
+    saved = json.loads(cached.read_text())
+    stale = np.zeros_like(np.asarray(saved["distance_model_px"])).tolist()
+    cached.write_text(json.dumps({**saved, "distance_model_px": stale}))
+    assert [e["name"] for e in run(force=True)["built"]] == ["attn"]
+    (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
+    assert model["distance_model_px"] != stale
+    assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
