@@ -556,3 +556,15 @@ def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
     assert model["distance_model_px"] != stale
     assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
+
+
+def test_the_probes_figure_reads_a_model_entrys_layers_outside_the_default_store(tmp_path):
+    """Like every kind, probes takes a model entry's ``layers`` even when the default store
+    lacks them (a store of exactly those is made)."""
+    write(tmp_path / "a", "p", 'kind = "probes"\nmodels = [{model = "resnet18_cifar", '
+          'weights = "random", layers = "layer1.0,layer2"}]\nks = [1]\nsteps = 5\n'
+          '[probe]\nn = 20\nreduce = "mean"\n[cka]\nestimator = "debiased"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["p"], res
+    (entry,) = json.loads((tmp_path / "f" / "p.json").read_text())["data"]["entries"]
+    assert entry["layers"] == ["layer1.0", "layer2"]

@@ -163,6 +163,15 @@ class FigureContext:
         return [self._need({"type": "store", "ref": asdict(r), "probe": asdict(probe)})
                 for r in ref.seeds()][0]
 
+    def layer_store(self, ref: ModelRef, probe: ProbeSpec) -> tuple[Any, list[str]]:
+        """``(store, layer names)`` of ``ref``'s layers: its default store when that holds
+        them, else a store of exactly those (made once). Call :meth:`store` first: this one
+        is not tracked, the inputs being the same."""
+        return compare.resolve_input(ref.model, weights_path(ref.weights), ref.layers,
+                                     ref.display(), False, dict(probe=self._probe(asdict(probe)),
+                                                                progress=self.progress,
+                                                                log=self.log))
+
     def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
         unordered pair is computed once and transposed on demand. Seeds (a list of weights)
