@@ -304,6 +304,31 @@ def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_
         == ["s"]
 
 
+def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
+    """A kept build is a build of this spec: once the spec changed (here its title), the old
+    files are not presented as its figure; it is skipped, and the report says why."""
+    from repsim.compare import InputUnavailable
+
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Stands for a figure of GPU-machine snapshots: built there, its inputs absent here."""
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", f"{spec['title']}\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    here["inputs"] = False
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "new"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["skipped"]] == ["s"] and not res["kept"]
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert "## old" not in report and "- `s`: no snapshots here" in report
+
+
 # ------------------------------------------------------------------ the study's kinds
 
 

@@ -9,7 +9,7 @@ register with :func:`figure_kind`), which reads its inputs through ``ctx``
 ``figures/<name>.json``, written last, holds that data, the inputs' fingerprints and a
 ``cache_key``; a figure is rebuilt only when its key changed or a file is missing. A figure
 whose input is unavailable here (:class:`repsim.compare.InputUnavailable`) is skipped in one
-line, or ``kept`` when an earlier complete build of it is here.
+line, or ``kept`` when an earlier complete build of it (of the same spec) is here.
 """
 
 from __future__ import annotations
@@ -201,7 +201,9 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         ctx.deps = {}
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
-        kept = _files_here(ctx, record) if record and record.get("format") == FORMAT else None
+        # A build of this very spec: a changed spec's old files are not its figure.
+        kept = (_files_here(ctx, record) if record and record.get("format") == FORMAT
+                and record.get("spec") == spec else None)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc)}
         return "skipped", {**entry, "reason": str(exc)}
