@@ -593,3 +593,27 @@ def test_the_probes_figure_reads_a_model_entrys_layers_outside_the_default_store
     assert [e["name"] for e in res["built"]] == ["p"], res
     (entry,) = json.loads((tmp_path / "f" / "p.json").read_text())["data"]["entries"]
     assert entry["layers"] == ["layer1.0", "layer2"]
+
+
+def test_every_png_of_repsim_attention_names_the_models_weights(tmp_path, monkeypatch):
+    """The README: every PNG carries its provenance (model, weights and sha256, data,
+    versions) in its text chunk; the rollout and distance plots included."""
+    from hashlib import sha256
+
+    from PIL import Image
+
+    from repsim.cli import main
+    from repsim.models import build_model
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.pt"
+    torch.save(build_model("vit_cifar", seed=3).state_dict(), weights)
+    out = tmp_path / "fig"
+    assert main(["attention", "--model", "vit_cifar", "--weights", str(weights), "--probe", "4",
+                 "--images", "1", "--layers", "0", "--out", str(out), "--json"]) == 0
+    for png in ("attention_heads_vit_cifar", "attention_rollout", "attention_distance"):
+        prov = json.loads(Image.open(out / f"{png}.png").text["Description"])
+        text = json.dumps(prov)
+        assert "vit_cifar" in text and str(weights) in text, png
+        assert prov["data"]["n"] == 4 and prov["versions"]["repsim"], png
+        assert sha256(weights.read_bytes()).hexdigest() in text, png

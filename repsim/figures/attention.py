@@ -200,10 +200,11 @@ def attention_views(loaded: list[tuple], probe, images: np.ndarray, ids: np.ndar
                                                    images, ids, out / prefix, save)
         entries.append(entry)
         outputs += files
-    base = _base_provenance(cfg, probe, ids)
     labels = [e["label"] for e in entries]
+    base = {**_base_provenance(cfg, probe, ids),  # the models drawn, for the shared plots
+            "models": [{k: e[k] for k in ("label", "model", "weights")} for e in entries]}
     fig = draw.attention_rollout(images, rollouts, ids=ids)
-    outputs += map(str, save(fig, out / f"{prefix}_rollout", {**base, "models": labels}))
+    outputs += map(str, save(fig, out / f"{prefix}_rollout", base))
     plotted = {e["label"]: np.asarray(e[UNITS[cfg.unit]]) for e in entries}
     uniform = {e["label"]: e["uniform_attention_distance_model_px"] * e["unit_factor"][cfg.unit]
                for e in entries}
