@@ -200,6 +200,10 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      "weights=5 must be a file name"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[labels]\nvit_cifar = 1\n',
      "[labels] vit_cifar=1 must be a string"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = ["a.pt", "b.pt"]}\n',
+     "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one resnet18_cifar model"),
+    ('kind = "data_scale"\nbase = {model = "vit_cifar", weights = ["a.pt", "b.pt"]}\n',
+     "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one vit_cifar model"),
 ])
 def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
     ck = tmp_path / "ckpt"

@@ -86,6 +86,10 @@ def weights_file(ref: ModelRef) -> Path | None:
     random or pretrained weights. A run's manifest entry is named by this file's stem."""
     from repsim.registry import default_weights_file, get_spec
 
+    if isinstance(ref.weights, list):  # only CKA kinds average over seeds
+        raise UserError(f"model entry weights={ref.weights!r} lists seeds, but this figure "
+                        f"reads one {ref.model} model; give one file, e.g. "
+                        f"weights={ref.weights[0]!r}")
     if ref.weights is None:
         return default_weights_file(get_spec(ref.model))
     return None if ref.weights == "random" else Path(weights_path(ref.weights))
