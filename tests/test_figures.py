@@ -621,3 +621,19 @@ def test_every_png_of_repsim_attention_names_the_models_weights(tmp_path, monkey
         assert "vit_cifar" in text and str(weights) in text, png
         assert prov["data"]["n"] == 4 and prov["versions"]["repsim"], png
         assert sha256(weights.read_bytes()).hexdigest() in text, png
+
+
+def test_seeds_given_to_the_probes_figure_fail_it_in_one_line(tmp_path, monkeypatch):
+    """probes averages nothing over seeds: a list of weights files is refused, not a crash."""
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    for s in (1, 2):
+        torch.save(build_model("resnet18_cifar", seed=s).state_dict(), ck / f"s{s}.pt")
+    write(tmp_path / "a", "p", 'kind = "probes"\nmodels = [{model = "resnet18_cifar", '
+          'weights = ["s1.pt", "s2.pt"]}]\n[probe]\nn = 8\nreduce = "mean"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (failed,) = res["failed"]
+    assert "weights=['s1.pt', 's2.pt'] lists seeds" in failed["reason"]

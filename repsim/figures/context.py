@@ -69,6 +69,9 @@ def _checkpoint_dir() -> Path:
 
 def weights_path(weights: str | None) -> str | None:
     """A spec's weights as ``load_model`` takes them: relative files in the checkpoint folder."""
+    if isinstance(weights, list):
+        raise UserError(f"weights={weights!r} lists seeds, but this figure reads one model; "
+                        f"give one file, e.g. weights={weights[0]!r}")
     if weights in (None, "random") or Path(weights).is_absolute():
         return weights
     return str(_checkpoint_dir() / weights)
