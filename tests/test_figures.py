@@ -637,3 +637,16 @@ def test_seeds_given_to_the_probes_figure_fail_it_in_one_line(tmp_path, monkeypa
     res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
     (failed,) = res["failed"]
     assert "weights=['s1.pt', 's2.pt'] lists seeds" in failed["reason"]
+
+
+def test_a_caption_names_layers_that_are_not_neighbours_one_by_one():
+    """Layers 0 and 2 of A match, layer 1 does not: the caption must not say 0..2 match."""
+    from repsim.figures.report import match_caption
+
+    la, lb = ["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"]
+    match = {"index": [0, 1, 3], "value": [0.9, 0.2, 0.8], "se": None}
+    assert match_caption("A", "B", la, lb, match).splitlines() == [
+        "A a0, a2 best match B b0, b3 at CKA 0.80-0.90.", "A a1 match nothing in B above 0.20."]
+    match = {"index": [0, 1, 2], "value": [0.9, 0.7, 0.2], "se": None}  # runs stay spans
+    assert match_caption("A", "B", la, lb, match).splitlines() == [
+        "A a0..a1 best match B b0..b1 at CKA 0.70-0.90.", "A a2 match nothing in B above 0.20."]
