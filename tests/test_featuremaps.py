@@ -144,6 +144,14 @@ def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
     assert "\n" not in err
 
 
+def test_cli_featuremaps_names_the_stages_flag_for_an_unknown_stage(capsys):
+    assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", "random",
+                 "--stages", "nope", "--probe", "4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("repsim featuremaps: error: --stages 'nope' matches nothing")
+    assert "--layers" not in err and "\n" not in err
+
+
 def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class(tmp_path):
     from repsim.data import load_probe_set
     from repsim.figures.runner import build_all

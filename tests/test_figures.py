@@ -174,12 +174,49 @@ batch_size = 8
     ('kind = "cka_grid"\n', "needs models"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),
     ('kind = "cka_grid\n', "not valid TOML"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\npermutations = "x"\n',
+     "[cka] permutations='x' must be an integer"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nn = "x"\n',
+     "[probe] n='x' must be an integer"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\nkernel="rbf"\nthreshold = "x"\n',
+     "[cka] threshold='x' must be a number"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
 ])
 def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     path = write(tmp_path / "analyses", "bad", text)
     with pytest.raises(UserError, match=None) as exc:
         load_specs(tmp_path / "analyses")
     assert message in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('kind = "data_scale"\nbase = "vit_cifar"\nfractions = 0.5\n',
+     "fractions=0.5 must be a list of numbers"),
+    ('kind = "data_scale"\nbase = "vit_cifar"\ncheckpoints = 5\n',
+     "checkpoints=5 must be a file-name pattern"),
+    ('kind = "accuracy_table"\nrows = [1]\n', "each [[rows]] needs dataset, model and study"),
+    ('kind = "cka_grid"\nmodels = [{model = "vit_cifar", weights = 5}]\n',
+     "weights=5 must be a file name"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[labels]\nvit_cifar = 1\n',
+     "[labels] vit_cifar=1 must be a string"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = ["a.pt", "b.pt"]}\n',
+     "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one resnet18_cifar model"),
+    ('kind = "data_scale"\nbase = {model = "vit_cifar", weights = ["a.pt", "b.pt"]}\n',
+     "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one vit_cifar model"),
+])
+def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    write(tmp_path / "a", "bad", text)
+    write(tmp_path / "a", "good", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["good"]
+    (failed,) = res["failed"]
+    assert failed["name"] == "bad" and message in failed["reason"], failed
 
 
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):
@@ -207,6 +244,30 @@ def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path
     assert (tmp_path / "f" / "c.txt").read_text() == "n: 2\n"
     record = json.loads((tmp_path / "f" / "c.json").read_text())
     assert record["data"] == {"count": 2} and record["cache_key"]
+
+
+def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
+    """--data-root (the bundled probe set reads none; a path is not content) and --dataset
+    equal to the spec's own leave the figure cached; --n, which changes its images, does not."""
+    calls = []
+
+    def build_pixels(spec, ctx):
+        """Sums the probe images it reads."""
+        calls.append(1)
+        ctx.data["sum"] = int(ctx.images(ctx.probe_spec(spec)).images.sum())
+        return [ctx.write_text(".txt", f"{ctx.data['sum']}\n")]
+
+    monkeypatch.setitem(KINDS, "pixels", None)  # restored after the test
+    figure_kind("pixels")(build_pixels)
+    write(tmp_path / "a", "p", 'kind = "pixels"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
+    run = lambda **o: build_all(tmp_path / "a", tmp_path / "f", overrides=o,  # noqa: E731
+                                progress=False)
+    assert [e["name"] for e in run()["built"]] == ["p"]
+    same = run(data_root=str(tmp_path / "data"), dataset="cifar10-probe", n=8)
+    assert [e["name"] for e in same["cached"]] == ["p"] and len(calls) == 1
+    assert [e["name"] for e in run(n=4)["built"]] == ["p"] and len(calls) == 2
+    assert str(tmp_path / "data") not in json.loads((tmp_path / "f" / "p.json").read_text())[
+        "cache_key"] + json.dumps(json.loads((tmp_path / "f" / "p.json").read_text())["deps"])
 
 
 def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
@@ -245,6 +306,31 @@ def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_
     (moved / "s.txt").unlink()  # an incomplete build is not kept
     assert [e["name"] for e in build_all(tmp_path / "a", moved, progress=False)["skipped"]] \
         == ["s"]
+
+
+def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
+    """A kept build is a build of this spec: once the spec changed (here its title), the old
+    files are not presented as its figure; it is skipped, and the report says why."""
+    from repsim.compare import InputUnavailable
+
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Stands for a figure of GPU-machine snapshots: built there, its inputs absent here."""
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", f"{spec['title']}\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    here["inputs"] = False
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "new"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["skipped"]] == ["s"] and not res["kept"]
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert "## old" not in report and "- `s`: no snapshots here" in report
 
 
 # ------------------------------------------------------------------ the study's kinds
@@ -457,3 +543,110 @@ def test_a_model_with_several_weights_files_is_drawn_as_the_mean_over_its_seeds(
                      "--b", "resnet18_cifar", "--n", "8", "--batch-size", "8", "--json"]) == 0
         each.append(json.loads(capsys.readouterr().out)["matrix"])
     np.testing.assert_allclose(panel["matrix"], np.mean(each, 0), atol=1e-12)
+
+
+def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, monkeypatch):
+    """A model entry with other weights than the model's own: its heading's accuracy is that
+    checkpoint's, not the default checkpoint's."""
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    name = "vit_cifar_tiny_mcls4"
+    for stem, seed in ((name, 0), (f"{name}_seed1", 1)):
+        torch.save(build_model(name, seed=seed).state_dict(), ck / f"{stem}.pt")
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": name, "file": f"{name}.pt", "model": name, "test_accuracy": 90.0},
+        {"name": f"{name}_seed1", "file": f"{name}_seed1.pt", "model": name,
+         "test_accuracy": 60.0}]}))
+    write(tmp_path / "a", "prefix", f'kind = "prefix_tokens"\nmodels = [{{model = "{name}", '
+          f'weights = "{name}_seed1.pt"}}]\nlayer = "blocks.0"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["prefix"], res
+    (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
+    assert entry["test_accuracy"] == 60.0
+
+
+def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
+    """--force rebuilds ignoring caches: a cached attention distance is recomputed, and the
+    cache holds the new value."""
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    write(tmp_path / "a", "attn", 'kind = "attention"\nmodels = [{model = "vit_cifar", '
+          'weights = "random"}]\nimages = 1\nblocks = "0"\n[probe]\nn = 4\n')
+    run = lambda **kw: build_all(tmp_path / "a", tmp_path / "f", progress=False,  # noqa: E731
+                                 **kw)
+    assert [e["name"] for e in run()["built"]] == ["attn"]
+    (cached,) = (tmp_path / "cache" / "attention").glob("*.json")
+    saved = json.loads(cached.read_text())
+    stale = np.zeros_like(np.asarray(saved["distance_model_px"])).tolist()
+    cached.write_text(json.dumps({**saved, "distance_model_px": stale}))
+    assert [e["name"] for e in run(force=True)["built"]] == ["attn"]
+    (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
+    assert model["distance_model_px"] != stale
+    assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
+
+
+def test_the_probes_figure_reads_a_model_entrys_layers_outside_the_default_store(tmp_path):
+    """Like every kind, probes takes a model entry's ``layers`` even when the default store
+    lacks them (a store of exactly those is made)."""
+    write(tmp_path / "a", "p", 'kind = "probes"\nmodels = [{model = "resnet18_cifar", '
+          'weights = "random", layers = "layer1.0,layer2"}]\nks = [1]\nsteps = 5\n'
+          '[probe]\nn = 20\nreduce = "mean"\n[cka]\nestimator = "debiased"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["p"], res
+    (entry,) = json.loads((tmp_path / "f" / "p.json").read_text())["data"]["entries"]
+    assert entry["layers"] == ["layer1.0", "layer2"]
+
+
+def test_every_png_of_repsim_attention_names_the_models_weights(tmp_path, monkeypatch):
+    """The README: every PNG carries its provenance (model, weights and sha256, data,
+    versions) in its text chunk; the rollout and distance plots included."""
+    from hashlib import sha256
+
+    from PIL import Image
+
+    from repsim.cli import main
+    from repsim.models import build_model
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "w.pt"
+    torch.save(build_model("vit_cifar", seed=3).state_dict(), weights)
+    out = tmp_path / "fig"
+    assert main(["attention", "--model", "vit_cifar", "--weights", str(weights), "--probe", "4",
+                 "--images", "1", "--layers", "0", "--out", str(out), "--json"]) == 0
+    for png in ("attention_heads_vit_cifar", "attention_rollout", "attention_distance"):
+        prov = json.loads(Image.open(out / f"{png}.png").text["Description"])
+        text = json.dumps(prov)
+        assert "vit_cifar" in text and str(weights) in text, png
+        assert prov["data"]["n"] == 4 and prov["versions"]["repsim"], png
+        assert sha256(weights.read_bytes()).hexdigest() in text, png
+
+
+def test_seeds_given_to_the_probes_figure_fail_it_in_one_line(tmp_path, monkeypatch):
+    """probes averages nothing over seeds: a list of weights files is refused, not a crash."""
+    from repsim.models import build_model
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    for s in (1, 2):
+        torch.save(build_model("resnet18_cifar", seed=s).state_dict(), ck / f"s{s}.pt")
+    write(tmp_path / "a", "p", 'kind = "probes"\nmodels = [{model = "resnet18_cifar", '
+          'weights = ["s1.pt", "s2.pt"]}]\n[probe]\nn = 8\nreduce = "mean"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (failed,) = res["failed"]
+    assert "weights=['s1.pt', 's2.pt'] lists seeds" in failed["reason"]
+
+
+def test_a_caption_names_layers_that_are_not_neighbours_one_by_one():
+    """Layers 0 and 2 of A match, layer 1 does not: the caption must not say 0..2 match."""
+    from repsim.figures.report import match_caption
+
+    la, lb = ["a0", "a1", "a2"], ["b0", "b1", "b2", "b3"]
+    match = {"index": [0, 1, 3], "value": [0.9, 0.2, 0.8], "se": None}
+    assert match_caption("A", "B", la, lb, match).splitlines() == [
+        "A a0, a2 best match B b0, b3 at CKA 0.80-0.90.", "A a1 match nothing in B above 0.20."]
+    match = {"index": [0, 1, 2], "value": [0.9, 0.7, 0.2], "se": None}  # runs stay spans
+    assert match_caption("A", "B", la, lb, match).splitlines() == [
+        "A a0..a1 best match B b0..b1 at CKA 0.70-0.90.", "A a2 match nothing in B above 0.20."]

@@ -124,9 +124,9 @@ def _distance(model, spec, wprov: dict, probe, cfg: AttentionConfig
     dist = attention_distance(model, probe.images, spec, batch_size=cfg.batch_size,
                               renormalize=cfg.renormalize, progress=cfg.progress)
     seconds = time.perf_counter() - t0
-    if cfg.cache:
-        paths.write_json(path, {"key": key, "distance_model_px": dist.tolist(),
-                                "seconds": seconds, "torch": torch.__version__})
+    # Written even when the cache was not read: a recomputation refreshes a stale entry.
+    paths.write_json(path, {"key": key, "distance_model_px": dist.tolist(),
+                            "seconds": seconds, "torch": torch.__version__})
     return dist, False, seconds
 
 
@@ -200,10 +200,11 @@ def attention_views(loaded: list[tuple], probe, images: np.ndarray, ids: np.ndar
                                                    images, ids, out / prefix, save)
         entries.append(entry)
         outputs += files
-    base = _base_provenance(cfg, probe, ids)
     labels = [e["label"] for e in entries]
+    base = {**_base_provenance(cfg, probe, ids),  # the models drawn, for the shared plots
+            "models": [{k: e[k] for k in ("label", "model", "weights")} for e in entries]}
     fig = draw.attention_rollout(images, rollouts, ids=ids)
-    outputs += map(str, save(fig, out / f"{prefix}_rollout", {**base, "models": labels}))
+    outputs += map(str, save(fig, out / f"{prefix}_rollout", base))
     plotted = {e["label"]: np.asarray(e[UNITS[cfg.unit]]) for e in entries}
     uniform = {e["label"]: e["uniform_attention_distance_model_px"] * e["unit_factor"][cfg.unit]
                for e in entries}
@@ -301,7 +302,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
                           batch_size=int(spec.get("batch_size", 64)),
                           renormalize=bool(spec.get("renormalize", True)),
-                          title=spec.get("title"), progress=ctx.progress)
+                          title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:
         res = attention_views([(r.display(), r.model, m, prov) for r, m, (_, prov)
                                in zip(refs, on, models)], probe, images, ids, cfg, ctx.out_dir,

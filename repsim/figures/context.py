@@ -69,6 +69,9 @@ def _checkpoint_dir() -> Path:
 
 def weights_path(weights: str | None) -> str | None:
     """A spec's weights as ``load_model`` takes them: relative files in the checkpoint folder."""
+    if isinstance(weights, list):
+        raise UserError(f"weights={weights!r} lists seeds, but this figure reads one model; "
+                        f"give one file, e.g. weights={weights[0]!r}")
     if weights in (None, "random") or Path(weights).is_absolute():
         return weights
     return str(_checkpoint_dir() / weights)
@@ -86,6 +89,10 @@ def weights_file(ref: ModelRef) -> Path | None:
     random or pretrained weights. A run's manifest entry is named by this file's stem."""
     from repsim.registry import default_weights_file, get_spec
 
+    if isinstance(ref.weights, list):  # only CKA kinds average over seeds
+        raise UserError(f"model entry weights={ref.weights!r} lists seeds, but this figure "
+                        f"reads one {ref.model} model; give one file, e.g. "
+                        f"weights={ref.weights[0]!r}")
     if ref.weights is None:
         return default_weights_file(get_spec(ref.model))
     return None if ref.weights == "random" else Path(weights_path(ref.weights))
@@ -113,8 +120,17 @@ class FigureContext:
     # ----------------------------------------------------------------- settings
 
     def probe_spec(self, spec: dict) -> ProbeSpec:
-        """The spec's ``[probe]`` with the command line's overrides applied."""
-        return ProbeSpec(**{**(spec.get("probe") or {}), **self.overrides})
+        """The spec's ``[probe]`` with the command line's overrides applied, but not the data
+        root: where the images are read from is no part of which images they are (their
+        fingerprint is their content), so it joins only when they are loaded."""
+        return ProbeSpec(**{**(spec.get("probe") or {}), **self.key_overrides(spec)})
+
+    def key_overrides(self, spec: dict) -> dict:
+        """The overrides that change what ``spec`` reads (for its cache key): not the data
+        root, nor one equal to the spec's own setting."""
+        own = ProbeSpec(**(spec.get("probe") or {}))
+        return {k: v for k, v in self.overrides.items()
+                if k != "data_root" and getattr(own, k) != v}
 
     def cka_settings(self, spec: dict) -> dict:
         from repsim.sketch import DEFAULT_BATCH_SIZE, DEFAULT_ESTIMATOR
@@ -136,7 +152,14 @@ class FigureContext:
         if extra:
             raise UserError(f"{self.name}: model entry keys {sorted(extra)} are unknown; "
                             f"valid: {', '.join(keys)}")
+        for k, v in item.items():
+            seeds = k == "weights" and isinstance(v, list) and v
+            if not isinstance(v, str) and not (seeds and all(isinstance(w, str) for w in v)):
+                what = "a file name or a list of them (seeds)" if k == "weights" else "a string"
+                raise UserError(f"{self.name}: model entry {k}={v!r} must be {what}")
         label = item.get("label") or ((spec or {}).get("labels") or {}).get(item["model"])
+        if not isinstance(label, (str, type(None))):
+            raise UserError(f"{self.name}: [labels] {item['model']}={label!r} must be a string")
         return ModelRef(**{**item, "label": label})
 
     # ----------------------------------------------------------------- tracked inputs
@@ -146,6 +169,15 @@ class FigureContext:
         (of its first seed; every seed's store is made)."""
         return [self._need({"type": "store", "ref": asdict(r), "probe": asdict(probe)})
                 for r in ref.seeds()][0]
+
+    def layer_store(self, ref: ModelRef, probe: ProbeSpec) -> tuple[Any, list[str]]:
+        """``(store, layer names)`` of ``ref``'s layers: its default store when that holds
+        them, else a store of exactly those (made once). Call :meth:`store` first: this one
+        is not tracked, the inputs being the same."""
+        return compare.resolve_input(ref.model, weights_path(ref.weights), ref.layers,
+                                     ref.display(), False, dict(probe=self._probe(asdict(probe)),
+                                                                progress=self.progress,
+                                                                log=self.log))
 
     def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
@@ -262,7 +294,8 @@ class FigureContext:
 
     def _probe(self, d: dict) -> ProbeSpec:
         """A probe from an input description, set to run on this run's device."""
-        return ProbeSpec(**{**d, "device": self.device})
+        return ProbeSpec(**{**d, "data_root": self.overrides.get("data_root"),
+                            "device": self.device})
 
     def _load_store(self, d: dict):
         ref = ModelRef(**d["ref"])
@@ -346,7 +379,7 @@ class FigureContext:
         pspec = self.probe_spec(spec)
         probe = self.images(pspec)
         return (probe, *pick_images(probe, spec.get("images", default), spec.get("ids"),
-                                    pspec.data_root, self.progress))
+                                    self.overrides.get("data_root"), self.progress))
 
     @contextmanager
     def on_device(self, models: list) -> Iterator[list]:

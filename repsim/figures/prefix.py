@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.compare import InputUnavailable
+from repsim.figures.context import weights_file
 
 
 def token_cka(features: np.ndarray, n_prefix: int, estimator: str = "debiased") -> np.ndarray:
@@ -41,8 +42,9 @@ def _measure(ref, spec: dict, ctx) -> dict:
     with ctx.on_device([model]) as (m,):
         feats = extract(m, x, layers=[layer], reduce="prefix", device=ctx.device)[layer]
         mass = prefix_attention_mass(m, x)
+    final = weights_file(ref)  # the manifest names a run by its weights file
     entry = next((e for e in ((ctx.manifest() or {}).get("checkpoints") or [])
-                  if e.get("name") == ref.model), {})
+                  if final is not None and e.get("name") == final.stem), {})
     return {"model": ref.model, "label": ref.display(), "layer": layer, "n": len(x),
             "weights_sha256": prov.get("weights_sha256"), "n_prefix": n_prefix,
             "token_cka": token_cka(feats, n_prefix).tolist(),

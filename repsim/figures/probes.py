@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from repsim import compare, probes
+from repsim import probes
 from repsim.errors import UserError
 from repsim.figures import draw
 
@@ -30,11 +30,10 @@ def _options(spec: dict, name: str) -> dict:
             "steps": int(spec.get("steps", probes.DEFAULT_STEPS))}
 
 
-def _features(ref, store) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """``({layer: (n, p)}, labels (n,), ids (n,))`` of the store's selected layers."""
+def _features(store, layers: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """``({layer: (n, p)}, labels (n,), ids (n,))`` of ``layers`` in the store."""
     from repsim.store import Store
 
-    layers = compare.select_layers(store, ref.layers)
     with Store(store.path) as s:
         return {name: s[name][:] for name in layers}, s.labels[:], s.ids[:]
 
@@ -61,8 +60,9 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     if c["kernel"] != "linear":
         raise UserError(f"{ctx.name}: kernel={c['kernel']!r}; the probes figure compares "
                         "principal-component deletions with linear CKA: use kernel='linear'")
-    stores = [ctx.store(r, probe) for r in refs]  # a missing model skips before any work
-    feats = [_features(r, s) for r, s in zip(refs, stores)]
+    for r in refs:  # a missing model skips before any work
+        ctx.store(r, probe)
+    feats = [_features(*ctx.layer_store(r, probe)) for r in refs]
     images = ctx.images(probe)
     if any(not np.array_equal(ids, images.ids) for _, _, ids in feats):
         raise UserError(f"{ctx.name}: the stores' images are not the probe set's; rerun with "

@@ -25,8 +25,16 @@ behind it (`figures/<spec>.json`); SE is the jackknife standard error over image
 MATCH = 0.5  # a best match at or above this CKA counts as "matches" in captions
 
 
-def _span(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
+def _span(names, order: list[str]) -> str:
+    """``names`` as runs of neighbours in ``order``, e.g. ``embed..blocks.2, blocks.5``: a run
+    ``a..c`` claims every layer between, so layers that are not neighbours are not one run."""
+    idx = sorted(order.index(n) for n in names)
+    runs, start = [], idx[0]
+    for prev, nxt in zip(idx, idx[1:] + [None]):
+        if nxt != prev + 1:
+            runs.append(order[prev] if start == prev else f"{order[start]}..{order[prev]}")
+            start = nxt
+    return ", ".join(runs)
 
 
 def _fmt(v: float | None) -> str:
@@ -44,13 +52,13 @@ def match_caption(label_a: str, label_b: str, layers_a: list[str], layers_b: lis
     if hit:
         vals = [value[i] for i in hit]
         ses = [s for s in (se[i] for i in hit) if s is not None] if se else []
-        out.append(f"{label_a} {_span([layers_a[i] for i in hit])} best match {label_b} "
-                   f"{_span(sorted({layers_b[best[i]] for i in hit}, key=layers_b.index))} "
+        out.append(f"{label_a} {_span([layers_a[i] for i in hit], layers_a)} best match "
+                   f"{label_b} {_span({layers_b[best[i]] for i in hit}, layers_b)} "
                    f"at CKA {_fmt(min(vals))}-{_fmt(max(vals))}"
                    + (f" (SE <= {max(ses):.3f})" if ses else "") + ".")
     if miss:
         top = max((value[i] for i in miss if value[i] is not None), default=None)
-        out.append(f"{label_a} {_span([layers_a[i] for i in miss])} match nothing in "
+        out.append(f"{label_a} {_span([layers_a[i] for i in miss], layers_a)} match nothing in "
                    f"{label_b} above {_fmt(top)}.")
     return "\n".join(out)
 
@@ -155,7 +163,7 @@ def _dynamics(data: dict) -> str:
             line += "; at or above {:.2f} from epoch ".format(data["settle"]) + ", ".join(
                 f"{settled[k]} ({k})" for k in early)
         if late:
-            line += f"; not settled by epoch {m['epochs'][-1]}: {_span(late)}"
+            line += f"; not settled by epoch {m['epochs'][-1]}: {_span(late, m['layers'])}"
         out.append(line + ".")
     return "\n".join(out)
 

@@ -9,7 +9,7 @@ register with :func:`figure_kind`), which reads its inputs through ``ctx``
 ``figures/<name>.json``, written last, holds that data, the inputs' fingerprints and a
 ``cache_key``; a figure is rebuilt only when its key changed or a file is missing. A figure
 whose input is unavailable here (:class:`repsim.compare.InputUnavailable`) is skipped in one
-line, or ``kept`` when an earlier complete build of it is here.
+line, or ``kept`` when an earlier complete build of it (of the same spec) is here.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
+# The type of each [probe] and [cka] value; a wrong one would fail deep inside a build.
+NUMBER = (int, float)
+VALUE_TYPES = {"n": int, "seed": int, "batch_size": int, "batch_seed": int,
+               "permutations": int, "threshold": NUMBER}  # the others: strings
 
 Builder = Callable[[dict, "FigureContext"], list[Path]]
 
@@ -135,16 +139,25 @@ def _validate(path: Path, spec: dict) -> None:
     missing = [f for f in kind.needs() if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
-    for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS)):
-        bad = set(spec.get(table) or {}) - set(keys)
+    for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
+        values = spec.get(table, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: {table}={values!r} must be a table ([{table}]); fix "
+                            "the file")
+        bad = set(values) - set(keys) if keys else ()
         if bad:
             raise UserError(f"{path}: [{table}] keys {sorted(bad)} are unknown; valid: "
                             f"{', '.join(keys)}")
+        for k, v in values.items() if keys else ():  # labels: checked where used
+            want = VALUE_TYPES.get(k, str)
+            if not isinstance(v, want) or isinstance(v, bool):
+                what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
+                raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
 
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
-    """What a figure depends on: its spec, the command-line overrides (they change which
-    inputs it reads), its kind's version, repsim's version and its inputs' fingerprints."""
+    """What a figure depends on: its spec, the command-line overrides that change which
+    inputs it reads, its kind's version, repsim's version and its inputs' fingerprints."""
     return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
                          "kind_version": KINDS[spec["kind"]].version, "repsim": __version__,
                          "deps": deps})
@@ -166,7 +179,7 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     # A record of another format, or an input gone (the builder then says which, and why).
     except (KeyError, TypeError, ValueError, InputUnavailable, UserError):
         return False
-    return cache_key(name, spec, ctx.overrides, deps) == record.get("cache_key")
+    return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -188,7 +201,9 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         ctx.deps = {}
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
-        kept = _files_here(ctx, record) if record and record.get("format") == FORMAT else None
+        # A build of this very spec: a changed spec's old files are not its figure.
+        kept = (_files_here(ctx, record) if record and record.get("format") == FORMAT
+                and record.get("spec") == spec else None)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc)}
         return "skipped", {**entry, "reason": str(exc)}
@@ -198,7 +213,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
-        "cache_key": cache_key(name, spec, ctx.overrides, ctx.deps), "data": ctx.data,
+        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps), "data": ctx.data,
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
 

@@ -68,7 +68,7 @@ ROW_KEYS = ("dataset", "model", "study", "label", "recipe", "checkpoint")
 def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
     """One table row: the study's number next to our checkpoint's (the named one, else the
     study's recipe on all the data, the plainest run name first)."""
-    if not {"dataset", "model", "study"} <= set(row):
+    if not isinstance(row, dict) or not {"dataset", "model", "study"} <= set(row):
         raise UserError(f"{where}: each [[rows]] needs dataset, model and study, got {row!r}")
     extra = set(row) - set(ROW_KEYS)
     if extra:
@@ -118,6 +118,9 @@ def _scale_bases(spec: dict, ctx) -> list[tuple]:
         raise UserError(f"{ctx.name}: data_scale needs base = \"vit_cifar\" or bases = "
                         f"[\"vit_cifar\", \"resnet18_cifar\"], got {items!r}")
     pattern = spec.get("checkpoints", "{base}_frac*")
+    if not isinstance(pattern, str):
+        raise UserError(f"{ctx.name}: checkpoints={pattern!r} must be a file-name pattern, "
+                        "e.g. \"{base}_frac*\"")
     if len(items) > 1 and "{base}" not in pattern:
         raise UserError(f"{ctx.name}: checkpoints={pattern!r} names one base's files; with "
                         "several bases use {base}, e.g. \"{base}_frac*\"")
@@ -146,7 +149,12 @@ def data_scale(spec: dict, ctx) -> list[Path]:
     same-layer CKA along the depth per fraction, accuracy beside; built from whatever
     fraction checkpoints exist, naming the expected ``fractions`` that do not."""
     probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
-    expected = [float(f) for f in spec.get("fractions", FRACTIONS)]
+    expected = spec.get("fractions", FRACTIONS)
+    if not (isinstance(expected, (list, tuple))
+            and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in expected)):
+        raise UserError(f"{ctx.name}: fractions={expected!r} must be a list of numbers, e.g. "
+                        "[0.1, 0.25, 0.5]")
+    expected = [float(f) for f in expected]
     entries = {e.get("name"): e for e in (ctx.manifest() or {}).get("checkpoints", [])}
     plan, notes = [], []
     for base, pattern in _scale_bases(spec, ctx):
