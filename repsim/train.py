@@ -61,7 +61,16 @@ class TrainConfig:
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None, and the
     recipe; UserError for bad values."""
+    from repsim.data import DATASETS
+
     recipe = recipes.get_recipe(cfg.recipe)
+    if not isinstance(cfg.dataset, str) or cfg.dataset.lower() not in DATASETS:
+        # An image folder has one split, which would be scored as the test split too; the
+        # bundled probe set has test images only.
+        raise UserError(f"dataset={cfg.dataset!r} cannot be trained on; valid: "
+                        f"{', '.join(DATASETS)} (a train split and a separate test split); fix: "
+                        "dataset=cifar10 with data_root=DIR holding cifar10/train and "
+                        "cifar10/test")
     cfg = dataclasses.replace(cfg, **{k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr")
                                       if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):

@@ -258,6 +258,15 @@ def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
         train.train(_cfg(toy_root, tmp_path, **kw))
 
 
+
+@pytest.mark.parametrize("dataset", ["cifar10-probe", "imagefolder:/tmp"])
+def test_train_refuses_a_dataset_without_its_own_test_split(toy_root, tmp_path, dataset):
+    # An image folder would be scored on its own training images as the "test" split.
+    with pytest.raises(UserError, match=f"dataset='{dataset}' cannot be trained on; valid: "
+                       "cifar10, cifar100, svhn"):
+        train.train(_cfg(toy_root, tmp_path, dataset=dataset))
+    assert not (tmp_path / "ck").exists()
+
 def _cli(*args, **env):
     return subprocess.run([sys.executable, "-m", "repsim", *args], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=300)
@@ -287,6 +296,7 @@ def test_cli_eval_json(toy_root, tmp_path):
     out = json.loads(r.stdout)
     assert {"model", "dataset", "split", "n", "accuracy"} <= set(out)
     assert out["n"] == 10 * N_TEST and out["split"] == "test"
+
 
 
 @pytest.mark.cuda
