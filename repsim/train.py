@@ -243,8 +243,14 @@ class _Run:
         cfg = self.cfg
         train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
                                             progress=cfg.progress) for split in ("train", "test"))
-        keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
-                if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        try:
+            keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
+                    if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        except UserError:  # its message names its own parameter, not train_fraction
+            raise UserError(f"train_fraction={cfg.train_fraction} selects no images of the "
+                            f"{len(train_ps.labels)} in {cfg.dataset} train; valid: a fraction "
+                            "that keeps at least one image of a class; fix: a larger "
+                            "train_fraction") from None
         keep_t = torch.from_numpy(keep).to(self.dev)
         self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
         self.x_test, self.y_test = to_device(test_ps, self.dev)

@@ -299,6 +299,14 @@ def test_cli_eval_json(toy_root, tmp_path):
 
 
 
+def test_cli_train_fraction_that_selects_nothing_names_its_flag(toy_root, tmp_path):
+    # 2 images a class: 10 % rounds to none.
+    r = _cli("train", "--model", "vit_cifar", "--data-root", str(toy_root), "--train-fraction",
+             "0.1", "--out", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run"), "--json",
+             REPSIM_OFFLINE="1")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--train-fraction 0.1 selects no images" in r.stderr
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("compile_", [False, True])
