@@ -289,11 +289,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
+    fits = True  # whether one more epoch and its evaluation + save end before the deadline
     pending: list[dict[str, Any]] = []  # log rows of epochs trained since the last save
     if run.start_epoch == 0 and 0 in run.snap_epochs:  # the initialisation, scored
         checkpoints.save_snapshot(run.out, 0, *_scored_half(run), run.meta)
     for epoch in range(run.start_epoch, cfg.epochs):
-        if deadline is not None and epoch_s is not None and not _fits(epoch_s, 0.0, deadline):
+        if not fits:
             stopped = "time limit"
             break
         row = _train_epoch(run, epoch)
@@ -304,14 +305,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         epoch_s = row["seconds"]
         # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
         # epoch is always saved, so that its weights are scored and kept.
+        fits = _fits(epoch_s, epoch_s if finish_s is None else finish_s, deadline)
         if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0
-                or epoch + 1 in run.snap_epochs
-                or (deadline is not None
-                    and not _fits(epoch_s, epoch_s if finish_s is None else finish_s,
-                                  deadline))):
+                or epoch + 1 in run.snap_epochs or not fits):
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)
+            # Decided again after the time the save took, so a stop never leaves an
+            # epoch unsaved.
+            fits = _fits(epoch_s, finish_s, deadline)
     if run.log_path.is_file():
         summary["curve"] = str(plot_curve(run.log_path, run.run_dir / "curve.png",
                                           title=run.name))
@@ -323,9 +325,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _fits(epoch_s: float, finish_s: float, deadline: float) -> bool:
-    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``."""
-    return time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
+def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
+    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``
+    (always, without one)."""
+    return deadline is None or time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 
 def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.Tensor

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -233,6 +234,31 @@ def test_time_limit_stops_after_a_saved_epoch_and_resumes(toy_root, tmp_path):
     res = train.train(_cfg(toy_root, tmp_path, epochs=3, eval_every=5))
     assert res["resumed_from"] == 1 and res["epochs"] == 3 and res["stopped"] is None
 
+
+
+def test_time_limit_leaves_room_for_the_save_of_the_next_epoch(toy_root, tmp_path,
+                                                               monkeypatch):
+    # A fake clock: an epoch takes 10 s and an evaluation + save 30 s (a small training
+    # subset, the whole test split), against a 60 s limit. After epoch 1 and its save (40 s)
+    # a second epoch and its save would end at 80 s, so the run stops at epoch 1.
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    train_epoch, save = train._train_epoch, train._save
+
+    def epoch_10s(run, epoch):
+        row = train_epoch(run, epoch)
+        now[0] += 10.0
+        return {**row, "seconds": 10.0}
+
+    def save_30s(*args):
+        now[0] += 30.0
+        return save(*args)
+
+    monkeypatch.setattr(train, "_train_epoch", epoch_10s)
+    monkeypatch.setattr(train, "_save", save_30s)
+    res = train.train(_cfg(toy_root, tmp_path, epochs=3, time_limit=1.0))
+    assert res["stopped"] == "time limit" and res["epochs"] == 1
+    assert now[0] <= 60.0
 
 def test_sgd_recipe_decays_every_weight_with_nesterov():
     model = models.build_model("resnet18_cifar")
