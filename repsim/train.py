@@ -394,8 +394,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
 
 def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: float
           ) -> dict[str, Any]:
-    """Score the float16 weights, then write state, ``pending`` log rows (emptied), checkpoint
-    and manifest entry; returns the summary entries of this save."""
+    """Score the float16 weights, then write checkpoint, manifest entry, ``pending`` log rows
+    (emptied) and, last, the resumable state; returns the summary entries of this save."""
     from tqdm import tqdm
 
     from repsim.weights import sha256_file
@@ -405,14 +405,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if epoch_done in run.snap_epochs:
         checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
-    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
-    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
-    with open(run.log_path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in pending)
-    pending.clear()
     meta = {**run.meta, "epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "compiled": run.forward is not run.model,
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
@@ -427,6 +419,16 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
         "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
+    with open(run.log_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in pending)
+    pending.clear()
+    # The resumable state goes last: an interruption before it leaves the previous state,
+    # from which the same command redoes this save (and drops the log rows past it).
+    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
                    f"acc {test['accuracy']:.2f}%")

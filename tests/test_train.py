@@ -9,13 +9,14 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from repsim import data, evaluation, models, recipes, registry, train
+from repsim import data, evaluation, models, paths, recipes, registry, train
 from repsim.errors import UserError
 from repsim.weights import sha256_file
 
@@ -87,6 +88,28 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path):
     assert la == lb
     assert ref["test_accuracy"] == res["test_accuracy"]
 
+
+
+def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root, tmp_path,
+                                                                       monkeypatch):
+    # Killed while writing the last epoch's checkpoint: rerunning the command must leave
+    # that checkpoint, not report the run finished from its saved state without one.
+    out = tmp_path / "ck" / "m.pt"
+    write = paths.atomic_write
+
+    def killed_at_the_checkpoint(path, fn):
+        if Path(path) == out:
+            raise KeyboardInterrupt
+        return write(path, fn)
+
+    monkeypatch.setattr(paths, "atomic_write", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_cfg(toy_root, tmp_path, epochs=1))
+    monkeypatch.setattr(paths, "atomic_write", write)
+    res = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    assert res["epochs"] == 1
+    assert torch.load(out, weights_only=True)["epochs"] == 1
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
 
 def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
