@@ -221,6 +221,11 @@ class _Run:
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over, "
                             "or another run_dir=PATH")
+        saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
+        if saved_on != self.dev.type:  # generator states of one device type fit no other
+            raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "
+                            f"{self.dev.type}; valid: device={saved_on} to resume; fix: "
+                            "restart=True to start over, or another run_dir=PATH")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"]["data"])

@@ -90,6 +90,19 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path):
 
 
 
+
+def test_resuming_a_state_saved_on_cuda_on_the_cpu_is_a_user_error(toy_root, tmp_path):
+    steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
+    train.train(_cfg(toy_root, tmp_path, max_steps=steps_per_epoch + 1))  # epoch 1 saved
+    state_path = tmp_path / "run" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    # What a CUDA run saves: its device generator's Philox state (seed and offset, 16
+    # bytes) for the data order and augmentation, and the CUDA RNG's for dropout.
+    state["rng"]["data"] = state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, state_path)
+    with pytest.raises(UserError, match="saved on cuda.*device=cuda"):
+        train.train(_cfg(toy_root, tmp_path, device="cpu"))
+
 def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root, tmp_path,
                                                                        monkeypatch):
     # Killed while writing the last epoch's checkpoint: rerunning the command must leave
