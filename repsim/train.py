@@ -234,11 +234,9 @@ class _Run:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
         self.start_epoch = self.resumed_from = int(state["epoch"])
         self.step = self.start_epoch * self.steps_per_epoch
-        # Log lines of epochs after the saved state (a crash between the two writes) go.
-        rows = _read_log(self.log_path)
-        kept = [r for r in rows if r["epoch"] <= self.start_epoch]
-        if len(kept) < len(rows):
-            paths.write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Rows of epochs after the saved state (a save interrupted before the state) go.
+        _write_log(self.log_path, [r for r in _read_log(self.log_path)
+                                   if r["epoch"] <= self.start_epoch])
 
     def _load_data(self) -> tuple[dict[str, Any], int]:
         """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
@@ -424,8 +422,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
         "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
-    with open(run.log_path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in pending)
+    _write_log(run.log_path, _read_log(run.log_path) + pending)
     pending.clear()
     # The resumable state goes last: an interruption before it leaves the previous state,
     # from which the same command redoes this save (and drops the log rows past it).
@@ -450,10 +447,25 @@ def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 
 
 def _read_log(log_path: Path) -> list[dict[str, Any]]:
-    """A run's log rows, one per epoch ([] before the first save)."""
+    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
+    a run killed while an older repsim appended to its log, before the state of that epoch."""
     if not log_path.is_file():
         return []
-    return [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i + 1 < len(lines):
+                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
+                                "start the run over, or another run_dir=PATH") from None
+    return rows
+
+
+def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
+    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:

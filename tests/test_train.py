@@ -124,6 +124,22 @@ def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root,
     assert torch.load(out, weights_only=True)["epochs"] == 1
     assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
 
+
+def test_resume_after_a_kill_mid_way_through_a_log_line(toy_root, tmp_path):
+    # Killed while appending epoch 2's log row, before its state: the torn row must not
+    # stop the same command from resuming at epoch 1 and finishing as an uninterrupted run.
+    train.train(_cfg(toy_root, tmp_path / "a"))
+    steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
+    train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 1))
+    log = tmp_path / "b" / "run" / "log.jsonl"
+    log.write_text(log.read_text() + '{"epoch": 2, "train_lo')
+    res = train.train(_cfg(toy_root, tmp_path / "b"))
+    assert res["resumed_from"] == 1 and res["epochs"] == 2
+    drop = {"seconds"}
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in _log(d / "run")]
+            for d in (tmp_path / "a", tmp_path / "b")]
+    assert rows[0] == rows[1]
+
 def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
     again = train.train(_cfg(toy_root, tmp_path, epochs=1))
