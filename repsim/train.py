@@ -76,8 +76,9 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
-    if not cfg.lr > 0:
-        raise UserError(f"lr={cfg.lr} is not positive; valid: a float > 0, e.g. 1e-4")
+    if not 0 < cfg.lr < math.inf:
+        raise UserError(f"lr={cfg.lr} is not a positive number; valid: a finite float > 0, "
+                        "e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")

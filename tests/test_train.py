@@ -329,6 +329,7 @@ def test_sgd_recipe_decays_every_weight_with_nesterov():
     ({"batch_size": 0}, "batch_size=0"),
     ({"eval_every": 0}, "eval_every=0"),
     ({"time_limit": 0}, "time_limit=0"),
+    ({"lr": math.inf}, "lr=inf"),
     ({"precision": "fp8"}, "precision"),
 ])
 def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
