@@ -23,7 +23,8 @@ def as_flags(message: str) -> str:
     def flag(m: re.Match) -> str:
         return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) else " ")
 
-    return re.sub(r"(?<![\w.-])([a-z][a-z0-9_]*)=(?!=)(True\b)?", flag, message)
+    # Not after a path separator: a folder named lr=0.1 in a path is no parameter.
+    return re.sub(r"(?<![\w./\\-])([a-z][a-z0-9_]*)=(?!=)(True\b)?", flag, message)
 
 
 def os_problem(exc: OSError, path: str | os.PathLike | None = None,

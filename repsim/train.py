@@ -61,14 +61,24 @@ class TrainConfig:
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None, and the
     recipe; UserError for bad values."""
+    from repsim.data import DATASETS
+
     recipe = recipes.get_recipe(cfg.recipe)
+    if not isinstance(cfg.dataset, str) or cfg.dataset.lower() not in DATASETS:
+        # An image folder has one split, which would be scored as the test split too; the
+        # bundled probe set has test images only.
+        raise UserError(f"dataset={cfg.dataset!r} cannot be trained on; valid: "
+                        f"{', '.join(DATASETS)} (a train split and a separate test split); fix: "
+                        "dataset=cifar10 with data_root=DIR holding cifar10/train and "
+                        "cifar10/test")
     cfg = dataclasses.replace(cfg, **{k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr")
                                       if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
-    if not cfg.lr > 0:
-        raise UserError(f"lr={cfg.lr} is not positive; valid: a float > 0, e.g. 1e-4")
+    if not 0 < cfg.lr < math.inf:
+        raise UserError(f"lr={cfg.lr} is not a positive number; valid: a finite float > 0, "
+                        "e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
@@ -212,6 +222,11 @@ class _Run:
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over, "
                             "or another run_dir=PATH")
+        saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
+        if saved_on != self.dev.type:  # generator states of one device type fit no other
+            raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "
+                            f"{self.dev.type}; valid: device={saved_on} to resume; fix: "
+                            "restart=True to start over, or another run_dir=PATH")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"]["data"])
@@ -220,11 +235,9 @@ class _Run:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
         self.start_epoch = self.resumed_from = int(state["epoch"])
         self.step = self.start_epoch * self.steps_per_epoch
-        # Log lines of epochs after the saved state (a crash between the two writes) go.
-        rows = _read_log(self.log_path)
-        kept = [r for r in rows if r["epoch"] <= self.start_epoch]
-        if len(kept) < len(rows):
-            paths.write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # Rows of epochs after the saved state (a save interrupted before the state) go.
+        _write_log(self.log_path, [r for r in _read_log(self.log_path)
+                                   if r["epoch"] <= self.start_epoch])
 
     def _load_data(self) -> tuple[dict[str, Any], int]:
         """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
@@ -234,8 +247,14 @@ class _Run:
         cfg = self.cfg
         train_ps, test_ps = (load_probe_set(cfg.dataset, split, data_root=cfg.data_root,
                                             progress=cfg.progress) for split in ("train", "test"))
-        keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
-                if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        try:
+            keep = (balanced_subset(train_ps.labels, cfg.train_fraction, cfg.seed)
+                    if cfg.train_fraction < 1 else np.arange(len(train_ps.labels)))
+        except UserError:  # its message names its own parameter, not train_fraction
+            raise UserError(f"train_fraction={cfg.train_fraction} selects no images of the "
+                            f"{len(train_ps.labels)} in {cfg.dataset} train; valid: a fraction "
+                            "that keeps at least one image of a class; fix: a larger "
+                            "train_fraction") from None
         keep_t = torch.from_numpy(keep).to(self.dev)
         self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
         self.x_test, self.y_test = to_device(test_ps, self.dev)
@@ -274,11 +293,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
+    fits = True  # whether one more epoch and its evaluation + save end before the deadline
     pending: list[dict[str, Any]] = []  # log rows of epochs trained since the last save
     if run.start_epoch == 0 and 0 in run.snap_epochs:  # the initialisation, scored
         checkpoints.save_snapshot(run.out, 0, *_scored_half(run), run.meta)
     for epoch in range(run.start_epoch, cfg.epochs):
-        if deadline is not None and epoch_s is not None and not _fits(epoch_s, 0.0, deadline):
+        if not fits:
             stopped = "time limit"
             break
         row = _train_epoch(run, epoch)
@@ -289,14 +309,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         epoch_s = row["seconds"]
         # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
         # epoch is always saved, so that its weights are scored and kept.
+        fits = _fits(epoch_s, epoch_s if finish_s is None else finish_s, deadline)
         if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0
-                or epoch + 1 in run.snap_epochs
-                or (deadline is not None
-                    and not _fits(epoch_s, epoch_s if finish_s is None else finish_s,
-                                  deadline))):
+                or epoch + 1 in run.snap_epochs or not fits):
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)
+            # Decided again after the time the save took, so a stop never leaves an
+            # epoch unsaved.
+            fits = _fits(epoch_s, finish_s, deadline)
     if run.log_path.is_file():
         summary["curve"] = str(plot_curve(run.log_path, run.run_dir / "curve.png",
                                           title=run.name))
@@ -308,9 +329,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-def _fits(epoch_s: float, finish_s: float, deadline: float) -> bool:
-    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``."""
-    return time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
+def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
+    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``
+    (always, without one)."""
+    return deadline is None or time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 
 def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
@@ -376,8 +398,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
 
 def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: float
           ) -> dict[str, Any]:
-    """Score the float16 weights, then write state, ``pending`` log rows (emptied), checkpoint
-    and manifest entry; returns the summary entries of this save."""
+    """Score the float16 weights, then write checkpoint, manifest entry, ``pending`` log rows
+    (emptied) and, last, the resumable state; returns the summary entries of this save."""
     from tqdm import tqdm
 
     from repsim.weights import sha256_file
@@ -387,14 +409,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if epoch_done in run.snap_epochs:
         checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
-    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
-    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
-    with open(run.log_path, "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in pending)
-    pending.clear()
     meta = {**run.meta, "epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "compiled": run.forward is not run.model,
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
@@ -409,6 +423,15 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
         "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
+    _write_log(run.log_path, _read_log(run.log_path) + pending)
+    pending.clear()
+    # The resumable state goes last: an interruption before it leaves the previous state,
+    # from which the same command redoes this save (and drops the log rows past it).
+    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
                    f"acc {test['accuracy']:.2f}%")
@@ -425,10 +448,25 @@ def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 
 
 def _read_log(log_path: Path) -> list[dict[str, Any]]:
-    """A run's log rows, one per epoch ([] before the first save)."""
+    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
+    a run killed while an older repsim appended to its log, before the state of that epoch."""
     if not log_path.is_file():
         return []
-    return [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i + 1 < len(lines):
+                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
+                                "start the run over, or another run_dir=PATH") from None
+    return rows
+
+
+def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
+    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:

@@ -48,6 +48,12 @@ LOG=$OUT/device.log
 say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 minutes() { "$PYTHON" -c "print(max(0.2, ($1) / 60))"; }  # seconds -> minutes, at least 0.2
+upto() {  # upto EPOCHS N: the comma-separated EPOCHS <= N (a shorter run refuses the rest)
+    "$PYTHON" -c 'import sys; print(",".join(e for e in sys.argv[1].split(",") if int(e) <= int(sys.argv[2])))' "$1" "$2"
+}
+recipe_epochs() {  # recipe_epochs NAME: the recipe's planned epochs (0 for none or unknown)
+    "$PYTHON" -c 'import sys; from repsim.recipes import RECIPES; r = RECIPES.get(sys.argv[1]); print(r.epochs if r else 0)' "$1"
+}
 
 package() {  # package DIR NAME: DIR as NAME.tar, split into parts, sums appended
     (cd "$1" && tar cf - .) | split -b "$PART" -d -a 3 - "$OUT/$2.tar.part-"
@@ -115,8 +121,9 @@ if stage 1; then
         # epoch alone on the H200, so 140 fit after compiling when the ViT has the GPU alone.
         COMMON=(--data-root "$DATA" --json)
         VE=${VIT_EPOCHS:-140}
-        VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "0,1,2,5,10,20,50,100,$VE")
-        RES_EXTRA=(--eval-every 5 --snapshots 0,1,2,5,10,20,50,100)
+        SNAPS=0,1,2,5,10,20,50,100
+        VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "$(upto $SNAPS "$VE"),$VE")
+        RES_EXTRA=(--eval-every 5 --snapshots "$(upto $SNAPS "$(recipe_epochs "$RESNET_RECIPE")")")
     fi
     train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
         local name=$1 model=$2 recipe=$3 secs=$4

@@ -66,6 +66,14 @@ def test_library_messages_become_flags_at_the_cli():
     assert as_flags("fix: restart=True to start over") == "fix: --restart to start over"
 
 
+
+def test_as_flags_leaves_a_name_inside_a_path_alone():
+    from repsim.errors import as_flags
+
+    for path in ("/data/lr=0.1/m.pt", r"C:\runs\lr=0.1\m.pt"):
+        msg = f"weights file {path} does not exist; valid: weights=PATH"
+        assert as_flags(msg) == f"weights file {path} does not exist; valid: --weights PATH"
+
 def _subparsers():
     from repsim.cli import build_parser
 

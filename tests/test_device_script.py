@@ -103,6 +103,20 @@ def test_stages_and_recipe_none_pick_what_runs(packed, tmp_path):
     assert summary["train"] == {} and summary["eval"] == {} and summary["cuda_tests"] is None
 
 
+
+def test_snapshot_epochs_are_cut_to_a_shorter_run():
+    # The GPU run's snapshot list reaches epoch 100; fast-resnet plans 80 epochs and
+    # VIT_EPOCHS may be below 100, and repsim train refuses a snapshot past the run's end.
+    text = SCRIPT.read_text()
+    funcs = "\n".join(text[text.index(f"{name}() {{"):].split("\n}\n", 1)[0] + "\n}"
+                      for name in ("upto", "recipe_epochs"))
+    run = subprocess.run(
+        ["bash", "-c", funcs + '\nupto 0,1,2,5,10,20,50,100 "$(recipe_epochs fast-resnet)"; '
+         "upto 0,1,2,5,10,20,50,100 70"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0,1,2,5,10,20,50", "0,1,2,5,10,20,50"]
+
 @pytest.mark.slow
 def test_smoke_run_packages_within_the_return_limits(smoke, tmp_path):
     out, _, _ = smoke

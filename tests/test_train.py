@@ -8,13 +8,15 @@ import math
 import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from repsim import data, evaluation, models, recipes, registry, train
+from repsim import data, evaluation, models, paths, recipes, registry, train
 from repsim.errors import UserError
 from repsim.weights import sha256_file
 
@@ -86,6 +88,57 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path):
     assert la == lb
     assert ref["test_accuracy"] == res["test_accuracy"]
 
+
+
+
+def test_resuming_a_state_saved_on_cuda_on_the_cpu_is_a_user_error(toy_root, tmp_path):
+    steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
+    train.train(_cfg(toy_root, tmp_path, max_steps=steps_per_epoch + 1))  # epoch 1 saved
+    state_path = tmp_path / "run" / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    # What a CUDA run saves: its device generator's Philox state (seed and offset, 16
+    # bytes) for the data order and augmentation, and the CUDA RNG's for dropout.
+    state["rng"]["data"] = state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, state_path)
+    with pytest.raises(UserError, match="saved on cuda.*device=cuda"):
+        train.train(_cfg(toy_root, tmp_path, device="cpu"))
+
+def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root, tmp_path,
+                                                                       monkeypatch):
+    # Killed while writing the last epoch's checkpoint: rerunning the command must leave
+    # that checkpoint, not report the run finished from its saved state without one.
+    out = tmp_path / "ck" / "m.pt"
+    write = paths.atomic_write
+
+    def killed_at_the_checkpoint(path, fn):
+        if Path(path) == out:
+            raise KeyboardInterrupt
+        return write(path, fn)
+
+    monkeypatch.setattr(paths, "atomic_write", killed_at_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_cfg(toy_root, tmp_path, epochs=1))
+    monkeypatch.setattr(paths, "atomic_write", write)
+    res = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    assert res["epochs"] == 1
+    assert torch.load(out, weights_only=True)["epochs"] == 1
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+
+
+def test_resume_after_a_kill_mid_way_through_a_log_line(toy_root, tmp_path):
+    # Killed while appending epoch 2's log row, before its state: the torn row must not
+    # stop the same command from resuming at epoch 1 and finishing as an uninterrupted run.
+    train.train(_cfg(toy_root, tmp_path / "a"))
+    steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
+    train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 1))
+    log = tmp_path / "b" / "run" / "log.jsonl"
+    log.write_text(log.read_text() + '{"epoch": 2, "train_lo')
+    res = train.train(_cfg(toy_root, tmp_path / "b"))
+    assert res["resumed_from"] == 1 and res["epochs"] == 2
+    drop = {"seconds"}
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in _log(d / "run")]
+            for d in (tmp_path / "a", tmp_path / "b")]
+    assert rows[0] == rows[1]
 
 def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
@@ -234,6 +287,31 @@ def test_time_limit_stops_after_a_saved_epoch_and_resumes(toy_root, tmp_path):
     assert res["resumed_from"] == 1 and res["epochs"] == 3 and res["stopped"] is None
 
 
+
+def test_time_limit_leaves_room_for_the_save_of_the_next_epoch(toy_root, tmp_path,
+                                                               monkeypatch):
+    # A fake clock: an epoch takes 10 s and an evaluation + save 30 s (a small training
+    # subset, the whole test split), against a 60 s limit. After epoch 1 and its save (40 s)
+    # a second epoch and its save would end at 80 s, so the run stops at epoch 1.
+    now = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    train_epoch, save = train._train_epoch, train._save
+
+    def epoch_10s(run, epoch):
+        row = train_epoch(run, epoch)
+        now[0] += 10.0
+        return {**row, "seconds": 10.0}
+
+    def save_30s(*args):
+        now[0] += 30.0
+        return save(*args)
+
+    monkeypatch.setattr(train, "_train_epoch", epoch_10s)
+    monkeypatch.setattr(train, "_save", save_30s)
+    res = train.train(_cfg(toy_root, tmp_path, epochs=3, time_limit=1.0))
+    assert res["stopped"] == "time limit" and res["epochs"] == 1
+    assert now[0] <= 60.0
+
 def test_sgd_recipe_decays_every_weight_with_nesterov():
     model = models.build_model("resnet18_cifar")
     opt = recipes.make_optimizer(model, recipes.RECIPES["fast-resnet"], 0.2, torch.device("cpu"))
@@ -251,12 +329,22 @@ def test_sgd_recipe_decays_every_weight_with_nesterov():
     ({"batch_size": 0}, "batch_size=0"),
     ({"eval_every": 0}, "eval_every=0"),
     ({"time_limit": 0}, "time_limit=0"),
+    ({"lr": math.inf}, "lr=inf"),
     ({"precision": "fp8"}, "precision"),
 ])
 def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
     with pytest.raises(UserError, match=match):
         train.train(_cfg(toy_root, tmp_path, **kw))
 
+
+
+@pytest.mark.parametrize("dataset", ["cifar10-probe", "imagefolder:/tmp"])
+def test_train_refuses_a_dataset_without_its_own_test_split(toy_root, tmp_path, dataset):
+    # An image folder would be scored on its own training images as the "test" split.
+    with pytest.raises(UserError, match=f"dataset='{dataset}' cannot be trained on; valid: "
+                       "cifar10, cifar100, svhn"):
+        train.train(_cfg(toy_root, tmp_path, dataset=dataset))
+    assert not (tmp_path / "ck").exists()
 
 def _cli(*args, **env):
     return subprocess.run([sys.executable, "-m", "repsim", *args], capture_output=True,
@@ -288,6 +376,15 @@ def test_cli_eval_json(toy_root, tmp_path):
     assert {"model", "dataset", "split", "n", "accuracy"} <= set(out)
     assert out["n"] == 10 * N_TEST and out["split"] == "test"
 
+
+
+def test_cli_train_fraction_that_selects_nothing_names_its_flag(toy_root, tmp_path):
+    # 2 images a class: 10 % rounds to none.
+    r = _cli("train", "--model", "vit_cifar", "--data-root", str(toy_root), "--train-fraction",
+             "0.1", "--out", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run"), "--json",
+             REPSIM_OFFLINE="1")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--train-fraction 0.1 selects no images" in r.stderr
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
