@@ -41,12 +41,14 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     if x.dim() == 3:
         if how == "mean":
             return x[:, n_prefix:].mean(1)
-        if how == "prefix":
+        if how in ("cls", "prefix"):
+            # Without a prefix, token 0 is a patch token: returning it would pass for a class
+            # token (a timm ViT with class_token=False, global_pool='avg').
             if n_prefix < 1:
-                raise ReductionError("reduce='prefix' needs class or register tokens; this "
-                                     "model has none; use 'flatten', 'mean' or 'cls'")
-            return x[:, :n_prefix].flatten(1)
-        return x[:, 0] if how == "cls" else x.flatten(1)
+                raise ReductionError(f"reduce={how!r} needs class or register tokens; this "
+                                     "model has none; use 'flatten' or 'mean'")
+            return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
+        return x.flatten(1)
     if x.dim() == 4 and how == "mean":
         return x.mean((2, 3))
     if how in ("cls", "prefix"):

@@ -63,6 +63,19 @@ def test_capture_removes_its_hooks_and_keeps_raw_outputs():
     assert not any(m._forward_hooks for m in net.modules())
 
 
+def test_cls_of_a_vit_without_class_token_is_refused_not_a_patch_token():
+    # timm ViTs without a class token (global_pool='avg') have num_prefix_tokens == 0: token 0
+    # is the top-left patch, which reduce='cls' returned as if it were a class token.
+    from timm.models.vision_transformer import VisionTransformer
+
+    from repsim.hooks import ReductionError
+
+    net = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2,
+                            num_classes=3, class_token=False, global_pool="avg").eval()
+    with pytest.raises(ReductionError, match="reduce='cls' needs class or register tokens"):
+        repsim.extract(net, torch.rand(2, 3, 16, 16), layers="blocks.1", reduce="cls")
+
+
 def test_unknown_layer_of_an_own_module_lists_close_matches():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match="close matches: 1"):
