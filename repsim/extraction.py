@@ -9,6 +9,7 @@ into one store identical to a single-process run's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -65,8 +66,9 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
-    """Everything that decides what a store holds (``data``: the probe set's provenance):
-    weights by content (the file's sha256); not batch size, device or compression."""
+    """Everything that decides what a store holds (``data``: the probe set's provenance and
+    its pixels' sha256): weights by content (the file's sha256); not batch size, device or
+    compression."""
     from repsim.registry import default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -122,7 +124,9 @@ def extract(cfg: ExtractConfig) -> dict:
     rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress and rank == 0)
-    data = probe.provenance()
+    # The pixels too: an image folder can change under the same names (ids are positions).
+    data = {**probe.provenance(), "images_sha256": hashlib.sha256(
+        np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
     out = Path(cfg.out) if cfg.out else _default_out(cfg, key)
     # One writer per store: a concurrent run of the same extraction waits here, then reuses

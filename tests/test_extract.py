@@ -162,6 +162,27 @@ def test_different_provenance_needs_overwrite(tmp_path, cifar_root, capsys):
         assert s.meta["reduce"] == "cls"
 
 
+def test_edited_image_folder_gets_a_new_store_not_the_stale_one(tmp_path):
+    # Sample IDs are positions, so replacing an image under the same name kept the key and
+    # the old activations were reused.
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(4):
+        Image.new("RGB", (32, 32), (60 * k, 100, 7)).save(folder / f"{k}.png")
+    run = ExtractConfig(model="resnet18_cifar", weights="random", dataset=f"imagefolder:{folder}",
+                        layers="stem", reduce="mean", progress=False, device="cpu")
+    first = extract(run)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "0.png")
+    second = extract(run)
+    assert not second["reused"] and second["path"] != first["path"]
+    with Store(first["path"]) as a, Store(second["path"]) as b:
+        assert not np.array_equal(a["stem"][0], b["stem"][0])
+        np.testing.assert_array_equal(a["stem"][1:], b["stem"][1:])
+    assert extract(run)["reused"]  # unchanged images still find their store
+
+
 def test_float16_storage(tmp_path, cifar_root):
     res = extract(cfg(tmp_path, cifar_root, reduce="mean", dtype="float16"))
     with Store(res["path"]) as s:
