@@ -101,7 +101,7 @@ def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
                   **settings: Any) -> np.ndarray:
     """``(L, G, G)`` float64: ``[l, t, s]`` is the CKA across the ``n`` images between layer
     ``l``'s token ``t`` (``tokens``: layer -> ``(n, G, D)``) and the input patch at cell ``s``
-    (``patches`` ``(n, G, P)``); ``settings`` go to :func:`repsim.cka.cka_matrix`."""
+    (``patches`` ``(n, G, P)``); ``settings`` go to :func:`repsim.cka.compare`."""
     n, g = patches.shape[:2]
     cols = [patches[:, s] for s in range(g)]
     out = np.empty((len(tokens), g, g))
@@ -109,7 +109,9 @@ def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
         if tuple(f.shape[:2]) != (n, g):
             raise UserError(f"layer {name!r} holds {tuple(f.shape[:2])} (images, cells), the "
                             f"patches {(n, g)}; give both the same images and grid")
-        out[k] = cka.cka_matrix([f[:, t] for t in range(g)], cols, **settings)
+        # compare, not cka_matrix: measure() hands both calls compare's settings
+        # (device, memory_budget, progress), which cka_matrix does not take.
+        out[k] = cka.compare([f[:, t] for t in range(g)], cols, **settings).matrix
     return out
 
 
