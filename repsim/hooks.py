@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from repsim.errors import UserError
+
 REDUCTIONS = ("flatten", "mean", "cls", "prefix")
 
 
@@ -115,6 +117,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     from repsim import models
     from repsim.registry import get_spec
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
+                        "e.g. 128")
     dev = models.resolve_device(None if device is None else str(device))
     spec = None
     if isinstance(model, str):

@@ -76,6 +76,14 @@ def test_cls_of_a_vit_without_class_token_is_refused_not_a_patch_token():
         repsim.extract(net, torch.rand(2, 3, 16, 16), layers="blocks.1", reduce="cls")
 
 
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_non_positive_batch_size_is_one_user_error(batch_size):
+    # 0 raised range()'s "arg 3 must not be zero", -1 said "no images" of 3 images.
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match=f"batch_size={batch_size} is not valid"):
+        repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=batch_size)
+
+
 def test_unknown_layer_of_an_own_module_lists_close_matches():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match="close matches: 1"):
