@@ -62,7 +62,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
 class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`
     """Forward hooks on the chosen layers of ``model``: after ``with capture(model,
     ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``, ``cap.outputs`` is
-    ``{"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device (each pass replaces it).
+    ``{"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device (each pass replaces it;
+    :meth:`collect` takes one pass's outputs and checks that every layer ran).
     ``layers``: None for the model's default set, or names/globs/keywords; ``spec``: a
     :class:`repsim.registry.ModelSpec`, else inferred from the module."""
 
@@ -86,6 +87,18 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
             self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
+        next. UserError naming any layer the pass did not run: its output would be missing,
+        or an earlier pass's would stand in for this one's."""
+        out, self.outputs = self.outputs, {}
+        missing = [name for name in self.layers if name not in out]
+        if missing:
+            raise UserError(f"layers {', '.join(missing)} gave no output in this forward pass "
+                            "(the model did not call them, e.g. a training-only head); valid: "
+                            "layers its forward pass runs; fix: pass layers= without them")
+        return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
         self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
@@ -133,9 +146,8 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             for x in _batches(images, batch_size):
                 x = torch.as_tensor(x).to(dev)
                 model(models.preprocess(spec, x) if spec is not None else x)
-                for name in cap.layers:
-                    rows.setdefault(name, []).append(
-                        cap.outputs[name].to("cpu", torch.float32).numpy())
+                for name, out in cap.collect().items():
+                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     finally:
         model.train(was_training)
     if not rows:

@@ -64,9 +64,8 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
             k = cap.n_prefix if n_prefix is None else n_prefix
             for a in range(0, len(x), batch_size):
                 model(x[a:a + batch_size].to(dev))
-                for name in cap.layers:
-                    out = to_grid(cap.outputs[name], grid, k, name)
-                    parts.setdefault(name, []).append(out.float())
+                for name, out in cap.collect().items():
+                    parts.setdefault(name, []).append(to_grid(out, grid, k, name).float())
     finally:
         model.train(was_training)
     return {name: torch.cat(v) for name, v in parts.items()}

@@ -84,6 +84,32 @@ def test_non_positive_batch_size_is_one_user_error(batch_size):
         repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=batch_size)
 
 
+class _Gated(nn.Module):
+    """Runs ``b`` only on batches whose sum is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x)) if x.sum() > 0 else self.a(x)
+
+
+def test_a_layer_a_batch_skips_is_an_error_not_the_last_batchs_rows():
+    # Batch 2 does not run "b": its rows were batch 1's outputs again, silently.
+    x = torch.cat([torch.ones(2, 4), -torch.ones(2, 4)])
+    with pytest.raises(UserError, match="layers b gave no output in this forward pass"):
+        repsim.extract(_Gated(), x, layers=["b"], batch_size=2)
+
+
+def test_a_training_only_module_in_the_default_layers_is_one_user_error():
+    # A head called only in training mode was a KeyError traceback in eval-mode extraction.
+    net = nn.ModuleDict({"body": nn.Linear(4, 4), "aux": nn.Linear(4, 2)})
+    net.forward = lambda x: net["aux"](net["body"](x)) if net.training else net["body"](x)
+    with pytest.raises(UserError, match="layers aux gave no output"):
+        repsim.extract(net, torch.rand(3, 4))
+
+
 def test_unknown_layer_of_an_own_module_lists_close_matches():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match="close matches: 1"):
