@@ -63,6 +63,25 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
+    if cfg.overwrite and cfg.out and Path(cfg.out).exists():
+        _check_replaceable(Path(cfg.out))
+
+
+def _check_replaceable(out: Path) -> None:
+    """``overwrite`` replaces repsim stores only, never a file of the user's named by mistake."""
+    import h5py
+
+    from repsim.store import FORMAT
+
+    try:
+        with h5py.File(out, "r") as f:
+            ours = f.attrs.get("format") == FORMAT
+    except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
+        ours = False
+    if not ours:
+        raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace it; "
+                        "valid: out=PATH naming a new file or a store; fix: choose another "
+                        "out=PATH, or move that file away yourself")
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:

@@ -68,6 +68,22 @@ def test_a_users_own_file_as_out_is_not_called_deletable(tmp_path, cifar_root):
     assert readme.read_text() == "# my notes\n"
 
 
+@pytest.mark.parametrize("content", [b"# my notes\n", None])
+def test_overwrite_replaces_stores_only_never_a_users_own_file(tmp_path, cifar_root, content):
+    # --overwrite deleted whatever --out named (a typo'd notes file, the user's own HDF5 data)
+    # and wrote a store in its place.
+    own = tmp_path / "mine.h5"
+    if content is None:
+        with h5py.File(own, "w") as f:
+            f["x"] = np.arange(3)
+        content = own.read_bytes()
+    else:
+        own.write_bytes(content)
+    with pytest.raises(UserError, match="is not a repsim store, so overwrite=True does not"):
+        extract(cfg(tmp_path, cifar_root, out=str(own), overwrite=True))
+    assert own.read_bytes() == content
+
+
 # ------------------------------------------------------------------ extraction
 
 
