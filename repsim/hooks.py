@@ -78,12 +78,20 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self.how = reduce
         default_prefix = 1 if self.spec.family == "vit" else 0
         self.n_prefix = int(getattr(model, "num_prefix_tokens", default_prefix))
+        # timm models that say output_fmt "NHWC" (Swin) put channels last in their 4-D
+        # outputs, but not in every sub-module's (patch_embed.proj is a Conv2d): which axis
+        # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
+        self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
         x = output[0] if isinstance(output, (tuple, list)) else output
         try:
+            if self.channels_last and self.how == "mean" and x.dim() == 4:
+                raise ReductionError("reduce='mean' cannot tell channels from positions in "
+                                     "this model's 4-D outputs (timm output_fmt 'NHWC': "
+                                     "channels last); use 'flatten'")
             self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None

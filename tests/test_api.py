@@ -110,6 +110,20 @@ def test_a_training_only_module_in_the_default_layers_is_one_user_error():
         repsim.extract(net, torch.rand(3, 4))
 
 
+def test_mean_of_a_channels_last_timm_model_is_refused_not_pooled_over_channels():
+    # Swin's stage outputs are (b, H, W, C): 'mean' averaged W and C, leaving (b, H) rows.
+    from timm.models.swin_transformer import SwinTransformer
+
+    from repsim.hooks import ReductionError
+
+    net = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1),
+                          num_heads=(1, 1), num_classes=3).eval()
+    with pytest.raises(ReductionError, match="layer 'layers.0': reduce='mean' cannot tell"):
+        repsim.extract(net, torch.rand(2, 3, 32, 32), layers="layers.0", reduce="mean")
+    flat = repsim.extract(net, torch.rand(2, 3, 32, 32), layers="layers.0")["layers.0"]
+    assert flat.shape == (2, 8 * 8 * 8)  # flatten keeps every value, in any layout
+
+
 def test_unknown_layer_of_an_own_module_lists_close_matches():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match="close matches: 1"):
