@@ -9,6 +9,7 @@ into one store identical to a single-process run's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -62,11 +63,31 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
+    if cfg.overwrite and cfg.out and Path(cfg.out).exists():
+        _check_replaceable(Path(cfg.out))
+
+
+def _check_replaceable(out: Path) -> None:
+    """``overwrite`` replaces repsim stores only, never a file of the user's named by mistake."""
+    import h5py
+
+    from repsim.store import FORMAT
+
+    try:
+        with h5py.File(out, "r") as f:
+            ours = f.attrs.get("format") == FORMAT
+    except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
+        ours = False
+    if not ours:
+        raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace it; "
+                        "valid: out=PATH naming a new file or a store; fix: choose another "
+                        "out=PATH, or move that file away yourself")
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
-    """Everything that decides what a store holds (``data``: the probe set's provenance):
-    weights by content (the file's sha256); not batch size, device or compression."""
+    """Everything that decides what a store holds (``data``: the probe set's provenance and
+    its pixels' sha256): weights by content (the file's sha256); not batch size, device or
+    compression."""
     from repsim.registry import default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -122,7 +143,9 @@ def extract(cfg: ExtractConfig) -> dict:
     rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress and rank == 0)
-    data = probe.provenance()
+    # The pixels too: an image folder can change under the same names (ids are positions).
+    data = {**probe.provenance(), "images_sha256": hashlib.sha256(
+        np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
     out = Path(cfg.out) if cfg.out else _default_out(cfg, key)
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
@@ -214,7 +237,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
             except ReductionError as exc:
                 raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
-            feats = dict(cap.outputs)
+            feats = cap.collect()
             if pending is not None:
                 pending.result()  # re-raises a failed write here
             if not writer.layers_created:

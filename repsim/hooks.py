@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from repsim.errors import UserError
+
 REDUCTIONS = ("flatten", "mean", "cls", "prefix")
 
 
@@ -41,12 +43,14 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
     if x.dim() == 3:
         if how == "mean":
             return x[:, n_prefix:].mean(1)
-        if how == "prefix":
+        if how in ("cls", "prefix"):
+            # Without a prefix, token 0 is a patch token: returning it would pass for a class
+            # token (a timm ViT with class_token=False, global_pool='avg').
             if n_prefix < 1:
-                raise ReductionError("reduce='prefix' needs class or register tokens; this "
-                                     "model has none; use 'flatten', 'mean' or 'cls'")
-            return x[:, :n_prefix].flatten(1)
-        return x[:, 0] if how == "cls" else x.flatten(1)
+                raise ReductionError(f"reduce={how!r} needs class or register tokens; this "
+                                     "model has none; use 'flatten' or 'mean'")
+            return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
+        return x.flatten(1)
     if x.dim() == 4 and how == "mean":
         return x.mean((2, 3))
     if how in ("cls", "prefix"):
@@ -58,7 +62,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
 class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`
     """Forward hooks on the chosen layers of ``model``: after ``with capture(model,
     ["blocks.0", "blocks.5"], reduce="mean") as cap: model(x)``, ``cap.outputs`` is
-    ``{"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device (each pass replaces it).
+    ``{"blocks.0": (b, D), "blocks.5": (b, D)}`` on ``x``'s device (each pass replaces it;
+    :meth:`collect` takes one pass's outputs and checks that every layer ran).
     ``layers``: None for the model's default set, or names/globs/keywords; ``spec``: a
     :class:`repsim.registry.ModelSpec`, else inferred from the module."""
 
@@ -73,15 +78,35 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self.how = reduce
         default_prefix = 1 if self.spec.family == "vit" else 0
         self.n_prefix = int(getattr(model, "num_prefix_tokens", default_prefix))
+        # timm models that say output_fmt "NHWC" (Swin) put channels last in their 4-D
+        # outputs, but not in every sub-module's (patch_embed.proj is a Conv2d): which axis
+        # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
+        self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
         x = output[0] if isinstance(output, (tuple, list)) else output
         try:
+            if self.channels_last and self.how == "mean" and x.dim() == 4:
+                raise ReductionError("reduce='mean' cannot tell channels from positions in "
+                                     "this model's 4-D outputs (timm output_fmt 'NHWC': "
+                                     "channels last); use 'flatten'")
             self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
+        next. UserError naming any layer the pass did not run: its output would be missing,
+        or an earlier pass's would stand in for this one's."""
+        out, self.outputs = self.outputs, {}
+        missing = [name for name in self.layers if name not in out]
+        if missing:
+            raise UserError(f"layers {', '.join(missing)} gave no output in this forward pass "
+                            "(the model did not call them, e.g. a training-only head); valid: "
+                            "layers its forward pass runs; fix: pass layers= without them")
+        return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
         self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
@@ -113,6 +138,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     from repsim import models
     from repsim.registry import get_spec
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
+                        "e.g. 128")
     dev = models.resolve_device(None if device is None else str(device))
     spec = None
     if isinstance(model, str):
@@ -126,9 +154,8 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             for x in _batches(images, batch_size):
                 x = torch.as_tensor(x).to(dev)
                 model(models.preprocess(spec, x) if spec is not None else x)
-                for name in cap.layers:
-                    rows.setdefault(name, []).append(
-                        cap.outputs[name].to("cpu", torch.float32).numpy())
+                for name, out in cap.collect().items():
+                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     finally:
         model.train(was_training)
     if not rows:

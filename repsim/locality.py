@@ -64,9 +64,8 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
             k = cap.n_prefix if n_prefix is None else n_prefix
             for a in range(0, len(x), batch_size):
                 model(x[a:a + batch_size].to(dev))
-                for name in cap.layers:
-                    out = to_grid(cap.outputs[name], grid, k, name)
-                    parts.setdefault(name, []).append(out.float())
+                for name, out in cap.collect().items():
+                    parts.setdefault(name, []).append(to_grid(out, grid, k, name).float())
     finally:
         model.train(was_training)
     return {name: torch.cat(v) for name, v in parts.items()}
@@ -101,7 +100,7 @@ def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
                   **settings: Any) -> np.ndarray:
     """``(L, G, G)`` float64: ``[l, t, s]`` is the CKA across the ``n`` images between layer
     ``l``'s token ``t`` (``tokens``: layer -> ``(n, G, D)``) and the input patch at cell ``s``
-    (``patches`` ``(n, G, P)``); ``settings`` go to :func:`repsim.cka.cka_matrix`."""
+    (``patches`` ``(n, G, P)``); ``settings`` go to :func:`repsim.cka.compare`."""
     n, g = patches.shape[:2]
     cols = [patches[:, s] for s in range(g)]
     out = np.empty((len(tokens), g, g))
@@ -109,7 +108,9 @@ def locality_maps(tokens: Mapping[str, torch.Tensor], patches: torch.Tensor,
         if tuple(f.shape[:2]) != (n, g):
             raise UserError(f"layer {name!r} holds {tuple(f.shape[:2])} (images, cells), the "
                             f"patches {(n, g)}; give both the same images and grid")
-        out[k] = cka.cka_matrix([f[:, t] for t in range(g)], cols, **settings)
+        # compare, not cka_matrix: measure() hands both calls compare's settings
+        # (device, memory_budget, progress), which cka_matrix does not take.
+        out[k] = cka.compare([f[:, t] for t in range(g)], cols, **settings).matrix
     return out
 
 

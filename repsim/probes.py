@@ -171,6 +171,9 @@ def stratified_split(labels: Any, train_fraction: float, seed: int
     for training, drawn by ``seed`` (:func:`repsim.data.balanced_subset`), the rest for test."""
     from repsim.data import balanced_subset
 
+    if not 0 < train_fraction < 1:  # else balanced_subset's message names its own fraction=
+        raise UserError(f"train_fraction={train_fraction} is out of range; pass a fraction in "
+                        "(0, 1), e.g. 0.5")
     labels = np.asarray(labels)
     train = balanced_subset(labels, train_fraction, seed)
     test = np.setdiff1d(np.arange(len(labels)), train)

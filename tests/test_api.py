@@ -63,6 +63,67 @@ def test_capture_removes_its_hooks_and_keeps_raw_outputs():
     assert not any(m._forward_hooks for m in net.modules())
 
 
+def test_cls_of_a_vit_without_class_token_is_refused_not_a_patch_token():
+    # timm ViTs without a class token (global_pool='avg') have num_prefix_tokens == 0: token 0
+    # is the top-left patch, which reduce='cls' returned as if it were a class token.
+    from timm.models.vision_transformer import VisionTransformer
+
+    from repsim.hooks import ReductionError
+
+    net = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2,
+                            num_classes=3, class_token=False, global_pool="avg").eval()
+    with pytest.raises(ReductionError, match="reduce='cls' needs class or register tokens"):
+        repsim.extract(net, torch.rand(2, 3, 16, 16), layers="blocks.1", reduce="cls")
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_non_positive_batch_size_is_one_user_error(batch_size):
+    # 0 raised range()'s "arg 3 must not be zero", -1 said "no images" of 3 images.
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match=f"batch_size={batch_size} is not valid"):
+        repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=batch_size)
+
+
+class _Gated(nn.Module):
+    """Runs ``b`` only on batches whose sum is positive."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x)) if x.sum() > 0 else self.a(x)
+
+
+def test_a_layer_a_batch_skips_is_an_error_not_the_last_batchs_rows():
+    # Batch 2 does not run "b": its rows were batch 1's outputs again, silently.
+    x = torch.cat([torch.ones(2, 4), -torch.ones(2, 4)])
+    with pytest.raises(UserError, match="layers b gave no output in this forward pass"):
+        repsim.extract(_Gated(), x, layers=["b"], batch_size=2)
+
+
+def test_a_training_only_module_in_the_default_layers_is_one_user_error():
+    # A head called only in training mode was a KeyError traceback in eval-mode extraction.
+    net = nn.ModuleDict({"body": nn.Linear(4, 4), "aux": nn.Linear(4, 2)})
+    net.forward = lambda x: net["aux"](net["body"](x)) if net.training else net["body"](x)
+    with pytest.raises(UserError, match="layers aux gave no output"):
+        repsim.extract(net, torch.rand(3, 4))
+
+
+def test_mean_of_a_channels_last_timm_model_is_refused_not_pooled_over_channels():
+    # Swin's stage outputs are (b, H, W, C): 'mean' averaged W and C, leaving (b, H) rows.
+    from timm.models.swin_transformer import SwinTransformer
+
+    from repsim.hooks import ReductionError
+
+    net = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1),
+                          num_heads=(1, 1), num_classes=3).eval()
+    with pytest.raises(ReductionError, match="layer 'layers.0': reduce='mean' cannot tell"):
+        repsim.extract(net, torch.rand(2, 3, 32, 32), layers="layers.0", reduce="mean")
+    flat = repsim.extract(net, torch.rand(2, 3, 32, 32), layers="layers.0")["layers.0"]
+    assert flat.shape == (2, 8 * 8 * 8)  # flatten keeps every value, in any layout
+
+
 def test_unknown_layer_of_an_own_module_lists_close_matches():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match="close matches: 1"):

@@ -68,6 +68,22 @@ def test_a_users_own_file_as_out_is_not_called_deletable(tmp_path, cifar_root):
     assert readme.read_text() == "# my notes\n"
 
 
+@pytest.mark.parametrize("content", [b"# my notes\n", None])
+def test_overwrite_replaces_stores_only_never_a_users_own_file(tmp_path, cifar_root, content):
+    # --overwrite deleted whatever --out named (a typo'd notes file, the user's own HDF5 data)
+    # and wrote a store in its place.
+    own = tmp_path / "mine.h5"
+    if content is None:
+        with h5py.File(own, "w") as f:
+            f["x"] = np.arange(3)
+        content = own.read_bytes()
+    else:
+        own.write_bytes(content)
+    with pytest.raises(UserError, match="is not a repsim store, so overwrite=True does not"):
+        extract(cfg(tmp_path, cifar_root, out=str(own), overwrite=True))
+    assert own.read_bytes() == content
+
+
 # ------------------------------------------------------------------ extraction
 
 
@@ -160,6 +176,27 @@ def test_different_provenance_needs_overwrite(tmp_path, cifar_root, capsys):
     res = extract(cfg(tmp_path, cifar_root, reduce="cls", overwrite=True))
     with Store(res["path"]) as s:
         assert s.meta["reduce"] == "cls"
+
+
+def test_edited_image_folder_gets_a_new_store_not_the_stale_one(tmp_path):
+    # Sample IDs are positions, so replacing an image under the same name kept the key and
+    # the old activations were reused.
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(4):
+        Image.new("RGB", (32, 32), (60 * k, 100, 7)).save(folder / f"{k}.png")
+    run = ExtractConfig(model="resnet18_cifar", weights="random", dataset=f"imagefolder:{folder}",
+                        layers="stem", reduce="mean", progress=False, device="cpu")
+    first = extract(run)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(folder / "0.png")
+    second = extract(run)
+    assert not second["reused"] and second["path"] != first["path"]
+    with Store(first["path"]) as a, Store(second["path"]) as b:
+        assert not np.array_equal(a["stem"][0], b["stem"][0])
+        np.testing.assert_array_equal(a["stem"][1:], b["stem"][1:])
+    assert extract(run)["reused"]  # unchanged images still find their store
 
 
 def test_float16_storage(tmp_path, cifar_root):

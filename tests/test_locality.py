@@ -155,6 +155,16 @@ def test_cka_settings_reach_the_engine_not_the_forward_batch(images):
     assert debiased.position.estimator == "debiased"
 
 
+def test_every_compare_setting_reaches_both_cka_calls(images):
+    # measure's settings go to repsim.cka.compare; the locality maps went to cka_matrix, which
+    # has no memory_budget (or device, progress): a TypeError after the forward passes.
+    vit = CopyViT()
+    plain = L.measure(vit, images, vit_layers="blocks.0", estimator="debiased")
+    small = L.measure(vit, images, vit_layers="blocks.0", estimator="debiased",
+                      memory_budget=1 << 20, device="cpu", progress=False)
+    np.testing.assert_allclose(small.maps, plain.maps, atol=1e-12)
+
+
 def test_summary_and_offset_map_against_explicit_loops():
     rng = np.random.default_rng(0)
     gh, gw = 3, 4

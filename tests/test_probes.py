@@ -130,6 +130,14 @@ def test_bad_inputs_are_user_errors_naming_the_parameter():
         stratified_split(y, 1.0, 0)
 
 
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_train_fraction_out_of_range_names_train_fraction(fraction):
+    # balanced_subset refused these as "fraction=...", a name the caller never used.
+    x, y = blobs()
+    with pytest.raises(UserError, match=f"train_fraction={fraction} is out of range"):
+        probe_layers({"a": x}, y, train_fraction=fraction)
+
+
 # ------------------------------------------------------------------ the figure kind
 
 SPEC = """kind = "probes"
