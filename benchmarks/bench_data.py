@@ -16,26 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-
-def synthetic_root(n: int) -> Path:
-    root = Path(tempfile.gettempdir()) / f"repsim-bench-jpegs-{n}"
-    d = root / "cifar10" / "test"
-    if not d.exists():
-        gen = np.random.default_rng(0)
-        for c in range(10):
-            (d / f"class{c}").mkdir(parents=True)
-            for k in range(-(-n // 10)):
-                Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    d / f"class{c}" / f"{k:04d}.jpg")
-    return root
 
 
 def rgb(path: Path) -> np.ndarray:
@@ -61,10 +47,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/data.json")
     args = ap.parse_args()
     import torchvision  # noqa: F401  imported by every model command; not loading work
+    from bench_extract import synthetic_root
 
     from repsim.data import load_probe_set
 
-    root = Path(args.data_root) if args.data_root else synthetic_root(args.n)
+    root = Path(args.data_root) if args.data_root else synthetic_root(args.n, "jpg")
     split_dir = root / "cifar10" / args.split
     paths = [f for c in sorted(split_dir.iterdir()) if c.is_dir() for f in sorted(c.iterdir())]
     ways = {"repsim": lambda: load_probe_set("cifar10", args.split, data_root=root).images,

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 
-def synthetic_root(n: int) -> Path:
+def synthetic_root(n: int, ext: str = "png") -> Path:
+    """A generated ``cifar10/test`` tree of ``n`` 32 x 32 noise images (``ext``: png, jpg)."""
     from PIL import Image
 
-    root = Path(tempfile.gettempdir()) / f"repsim-bench-data-{n}"
+    root = Path(tempfile.gettempdir()) / f"repsim-bench-data-{n}{'' if ext == 'png' else '-' + ext}"
     d = root / "cifar10" / "test"
     if not d.exists():
         gen = np.random.default_rng(0)
@@ -34,7 +35,7 @@ def synthetic_root(n: int) -> Path:
             (d / f"class{c}").mkdir(parents=True)
             for k in range(-(-n // 10)):
                 Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    d / f"class{c}" / f"{k:04d}.png")
+                    d / f"class{c}" / f"{k:04d}.{ext}")
     return root
 
 
