@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from repsim.compare import CKAConfig, run_cka
+from repsim.compare import CKAConfig, run_cka, versions
 from repsim.paths import digest, slug, write_json
 from repsim.sketch import jsonable
+
+FORMAT = "repsim-cka-seeds/1"
 
 
 def seed_list(weights: str | None) -> list[str | None]:
@@ -78,14 +80,16 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         **aggregate(results), seeds_a=seeds_a, seeds_b=seeds_b,
         seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a),
         seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
-        comparisons=[r["files"][0] for r in runs])
+        comparisons=[r["files"][0] for r in runs],
+        comparison_keys=[r["cache_key"] for r in results], format=FORMAT, versions=versions())
     out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out)
     stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
             f"{digest(res['comparisons'])[:10]}")
-    files = [write_json(out / f"{stem}.json", res)]
-    if cfg.plots:
+    files = []
+    if cfg.plots:  # before the JSON that vouches for them, as in run_cka
         from repsim.figures import draw
 
         files += draw.save(draw.cka_heatmap(res), out / stem)
+    files.insert(0, write_json(out / f"{stem}.json", res))
     return {"result": res, "files": [str(f) for f in files],
             "reused": all(r["reused"] for r in runs), "seconds": time.perf_counter() - t0}

@@ -535,3 +535,17 @@ def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys
     np.testing.assert_allclose(r["seed_ceiling_a"], np.diag(pair_01["matrix"]))
     assert r["seed_ceiling_b"] is None  # one seed of B
     assert np.array(r["se"]).shape == (5, 5)  # image-level SE, apart from the seed spread
+
+
+def test_the_seeds_aggregate_carries_its_provenance(checkpoints, capsys):
+    from repsim.compare import versions
+    from repsim.models import build_model
+
+    files = []
+    for s in range(2):
+        files.append(checkpoints / f"p{s}.pt")
+        torch.save(build_model("resnet18_cifar", seed=20 + s).state_dict(), files[-1])
+    r, _ = run_json(capsys, "--a", "resnet18_cifar", "--weights-a", ",".join(map(str, files)),
+                    "--b", "resnet18_cifar", "--n", "8", "--no-se")
+    assert r["format"] == "repsim-cka-seeds/1" and r["versions"] == versions()
+    assert r["comparison_keys"] == [json.load(open(f))["cache_key"] for f in r["comparisons"]]
