@@ -304,7 +304,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     cfg = _check_settings(cfg)
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
     sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
-                                 {**common, "weights_seed": cfg.weights_seed_a})
+                                 {**common, "weights_seed": cfg.weights_seed_a}, "layers_a")
     side_b = (cfg.b, cfg.weights_b, cfg.weights_seed_b, cfg.layers_b)
     if side_b == (cfg.a, cfg.weights_a, cfg.weights_seed_a, cfg.layers_a):
         sb, layers_b = replace(sa, label=cfg.label_b or sa.label), layers_a
@@ -312,7 +312,7 @@ def run_cka(cfg: CKAConfig) -> dict:
         # A forced re-extraction of a store that A already re-extracted would be wasted work.
         again = cfg.force and side_b[:3] != (cfg.a, cfg.weights_a, cfg.weights_seed_a)
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
-                                     {**common, "weights_seed": cfg.weights_seed_b})
+                                     {**common, "weights_seed": cfg.weights_seed_b}, "layers_b")
     check_aligned(sa, sb)
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
@@ -338,18 +338,24 @@ def run_cka(cfg: CKAConfig) -> dict:
 
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
-                  force: bool, common: dict) -> tuple[StoreRef, list[str]]:
+                  force: bool, common: dict, name: str = "layers") -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers. For a model name the default store is
     used when it holds the requested layers; otherwise a store of exactly those is made.
-    ``common``: the other arguments of :func:`resolve_store`."""
+    ``common``: the other arguments of :func:`resolve_store`; ``name``: the parameter that
+    gave ``layers``, named in errors."""
     store = resolve_store(ref, weights=weights, label=label, force=force, **common)
     try:
         return store, select_layers(store, layers)
     except UserError:
         if _looks_like_path(ref) or layers is None:
             raise
-    store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
-                          **common)
+    try:
+        store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
+                              **common)
+    except UserError as exc:  # the model's layer rule speaks of layers=, not of this side's
+        if not str(exc).startswith("layers="):
+            raise
+        raise type(exc)(name + str(exc)[len("layers"):]) from None
     return store, list(store.layers)
 
 

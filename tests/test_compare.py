@@ -549,3 +549,10 @@ def test_the_seeds_aggregate_carries_its_provenance(checkpoints, capsys):
                     "--b", "resnet18_cifar", "--n", "8", "--no-se")
     assert r["format"] == "repsim-cka-seeds/1" and r["versions"] == versions()
     assert r["comparison_keys"] == [json.load(open(f))["cache_key"] for f in r["comparisons"]]
+
+
+def test_an_unknown_layer_of_one_side_names_that_sides_flag(checkpoints, capsys):
+    code, _, err = run_cli(capsys, "--a", "resnet18_cifar", "--b", "resnet18_cifar",
+                           "--weights-a", "random", "--weights-b", "random", "--n", "8",
+                           "--layers-b", "layer9")
+    assert code == 1 and "error: --layers-b 'layer9' matches nothing in resnet18_cifar" in err
