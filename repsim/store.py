@@ -163,18 +163,23 @@ class StoreWriter:
         try:
             f = h5py.File(self.path, "r+")
             old, done = json.loads(f.attrs["provenance"]), f["batches_done"][:]
-            same = (identity(old) == identity(self.meta) and np.array_equal(f["ids"][:], ids)
-                    and len(done) == len(self.bounds))
+            a, b = identity(old), identity(self.meta)
+            differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "key"]
+            if not np.array_equal(f["ids"][:], ids):
+                differ.append("samples")
+            if len(done) != len(self.bounds) and "batch_size" not in differ:
+                differ.append("batch_size")
+            same = a == b and not differ
         except (KeyError, OSError, ValueError):
             if f is not None:
                 f.close()
             self.path.unlink()
             return None
-        if not same:
+        if not same:  # say what differs: a rerun with another --batch-size is the usual case
             f.close()
-            raise UserError(f"{self.path} is an unfinished store with different settings; "
-                            "pass overwrite=True to discard it, or repeat the original "
-                            "extraction to resume it")
+            raise UserError(f"{self.path} is an unfinished store with different settings "
+                            f"({', '.join(differ) or 'key'}); pass overwrite=True to discard "
+                            "it, or repeat the original extraction to resume it")
         self.resumed = bool(done.any())
         return f
 

@@ -371,3 +371,10 @@ def test_cli_missing_data_names_root_and_fixes(tmp_path):
               "--data-root", str(tmp_path / "nowhere")], env={"REPSIM_OFFLINE": "1"})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert str(tmp_path / "nowhere") in r.stderr
+
+
+def test_resuming_with_another_batch_size_says_that_is_what_differs(tmp_path):
+    meta = {"model": "m", "batch_size": 2}
+    StoreWriter(tmp_path / "s.h5", meta, np.arange(4), np.zeros(4), batch_size=2).close()
+    with pytest.raises(UserError, match=r"different settings \(batch_size\); pass overwrite"):
+        StoreWriter(tmp_path / "s.h5", {**meta, "batch_size": 3}, np.arange(4), np.zeros(4), 3)
