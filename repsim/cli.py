@@ -338,9 +338,17 @@ def cmd_featuremaps(args) -> int:
          opt("--force", action="store_true", help="re-extract and recompute even when cached"),
          "--device", "--json")
 def cmd_cka(args) -> int:
-    from repsim.compare import CKAConfig, ProbeSpec, run_cka
+    from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
+    from repsim.errors import UserError
     from repsim.seeds import has_seeds, run_cka_seeds
 
+    if looks_like_store(args.a) and looks_like_store(args.b):  # nothing to extract
+        given = [k for k in ("dataset", "split", "n", "seed", "data_root", "reduce", "dtype")
+                 if getattr(args, k) != getattr(ProbeSpec, k)]
+        if given:
+            flag = f"--{given[0].replace('_', '-')} {getattr(args, given[0])}"
+            raise UserError(f"{flag} chooses what to extract, but --a and --b are both store "
+                            "files, used as they are; drop it, or give a model name")
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
     cfg = _config(CKAConfig, args, probe=probe,
                   log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr))

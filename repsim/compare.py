@@ -119,7 +119,8 @@ class CKAConfig:
 # --------------------------------------------------------------------------- stores
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_store(ref: str) -> bool:
+    """Whether ``ref`` (``a``/``b``) names a store file rather than a model."""
     return (ref.lower().endswith(STORE_SUFFIXES) or os.sep in ref or "/" in ref
             or Path(ref).is_file())
 
@@ -159,7 +160,7 @@ def weights_problem(model: str, weights: str | None) -> str | None:
 
 
 def _refuse_weights_of_a_file(ref: str, weights: str | None, name: str, side: str) -> None:
-    if weights is not None and _looks_like_path(ref):  # ``name``, ``side``: the parameters
+    if weights is not None and looks_like_store(ref):  # ``name``, ``side``: the parameters
         raise UserError(f"{name}={weights!r} applies to model names, but {side}{ref!r} is a "
                         "store file; drop the weights, or give a model name to extract")
 
@@ -173,7 +174,7 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     (``force``: extracted again). Raises :class:`InputUnavailable` when the model's weights
     cannot be had here, UserError for anything else that is wrong."""
     _refuse_weights_of_a_file(ref, weights, "weights", "")
-    if _looks_like_path(ref):
+    if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
     from repsim.extraction import ExtractConfig, extract
     from repsim.registry import get_spec
@@ -347,7 +348,7 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
     try:
         return store, select_layers(store, layers)
     except UserError:
-        if _looks_like_path(ref) or layers is None:
+        if looks_like_store(ref) or layers is None:
             raise
     try:
         store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,

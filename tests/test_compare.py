@@ -556,3 +556,10 @@ def test_an_unknown_layer_of_one_side_names_that_sides_flag(checkpoints, capsys)
                            "--weights-a", "random", "--weights-b", "random", "--n", "8",
                            "--layers-b", "layer9")
     assert code == 1 and "error: --layers-b 'layer9' matches nothing in resnet18_cifar" in err
+
+
+def test_extraction_settings_with_two_store_files_are_refused_not_ignored(tmp_path, pair,
+                                                                          capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--n", "10")
+    assert code == 1
+    assert "error: --n 10 chooses what to extract, but --a and --b are both store files" in err
