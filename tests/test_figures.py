@@ -219,6 +219,25 @@ def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, tex
     assert failed["name"] == "bad" and message in failed["reason"], failed
 
 
+def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch, capsys):
+    """`--only acc,` builds acc (not "no spec named  "); `--only ,` names no spec: one line."""
+    from repsim.cli import main
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    args = ["figures", "--analyses", str(tmp_path / "a"), "--out", str(tmp_path / "f"), "--json"]
+    assert main(args + ["--only", "acc,"]) == 0
+    assert (tmp_path / "f" / "acc.md").exists()
+    capsys.readouterr()
+    assert main(args + ["--only", ","]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--only ','" in err and "no spec name" in err, err
+
+
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):
     ck = tmp_path / "ckpt"
     ck.mkdir()
