@@ -293,6 +293,10 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     """Figure kind ``attention``: :func:`attention_views` of the spec's ``models`` (ViTs) on
     its ``images`` (default 4) or ``ids``, per-head maps of ``blocks``; ``[probe]`` is the
     distance probe set."""
+    renormalize = spec.get("renormalize", True)
+    if not isinstance(renormalize, bool):  # bool("false") is True
+        raise UserError(f"{ctx.name}: renormalize={renormalize!r} must be true or false; fix "
+                        "the file")
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:
         check_vit(r.model)
@@ -301,7 +305,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     cfg = AttentionConfig(models=[r.model for r in refs], layers=spec.get("blocks"),
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
                           batch_size=int(spec.get("batch_size", 64)),
-                          renormalize=bool(spec.get("renormalize", True)),
+                          renormalize=renormalize,
                           title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:
         res = attention_views([(r.display(), r.model, m, prov) for r, m, (_, prov)
