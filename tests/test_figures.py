@@ -206,6 +206,10 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one vit_cifar model"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'renormalize = "false"\n[probe]\nn = 4\n', "renormalize='false' must be true or false"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = "9"\n[probe]\nn = 4\n', "blocks='9': block 9 does not exist"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
 ])
 def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
     ck = tmp_path / "ckpt"
