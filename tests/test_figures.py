@@ -612,6 +612,30 @@ def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
 
 
+def test_the_locality_figures_forward_batch_is_the_probes_batch_size(tmp_path, monkeypatch):
+    """[probe] batch_size is images per forward pass, as for every kind's extraction (it was
+    always 64); unset, it stays 64, and 0 fails that figure in one line."""
+    import repsim.locality
+
+    seen, measure = [], repsim.locality.measure
+
+    def spy(*args, **kw):
+        seen.append(kw.get("forward_batch", 64))
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(repsim.locality, "measure", spy)
+    spec = ('kind = "locality"\nvit = {model = "vit_cifar", weights = "random", layers = '
+            '"blocks.0"}\nmax_images = 4\n[probe]\nn = 8\n')
+    write(tmp_path / "a", "loc3", spec + "batch_size = 3\n")
+    write(tmp_path / "a", "loc", spec)
+    write(tmp_path / "a", "loc0", spec + "batch_size = 0\n")
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["loc", "loc3"], res
+    assert seen == [64, 3]
+    (failed,) = res["failed"]
+    assert failed["name"] == "loc0" and "[probe] batch_size=0" in failed["reason"], failed
+
+
 def test_the_probes_figure_reads_a_model_entrys_layers_outside_the_default_store(tmp_path):
     """Like every kind, probes takes a model entry's ``layers`` even when the default store
     lacks them (a store of exactly those is made)."""
