@@ -151,7 +151,8 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
     """Call ``consume`` with each chosen block's queries and keys during every forward pass
     inside the ``with`` (under ``torch.no_grad``); the hooks go on exit, also on errors."""
     mods = attention_modules(model)
-    chosen = range(len(mods)) if blocks is None else list(blocks)
+    chosen = range(len(mods)) if blocks is None else [  # np.int64(0) from numpy is block 0
+        int(i) if isinstance(i, np.integer) else i for i in blocks]
     for i in chosen:
         if not isinstance(i, int) or not 0 <= i < len(mods):
             raise UserError(f"block {i!r} does not exist; this model has blocks "

@@ -384,11 +384,16 @@ def cmd_cka(args) -> int:
 def cmd_figures(args) -> int:
     if args.offline:
         os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)
+    from repsim.errors import UserError
     from repsim.figures.runner import build_all
 
+    # Empty names (a trailing comma) are no spec; a list of only those names none.
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if args.only and not only:
+        raise UserError(f"--only {args.only!r}: no spec name was given; pass comma-separated "
+                        "spec names (the .toml stems), or leave --only out to build all")
     overrides = {k: getattr(args, k) for k in ("dataset", "split", "n", "seed", "data_root")}
-    res = build_all(args.analyses, args.out,
-                    only=[s.strip() for s in args.only.split(",")] if args.only else None,
+    res = build_all(args.analyses, args.out, only=only,
                     overrides=overrides, device=args.device, force=args.force,
                     progress=not args.json,
                     log=lambda msg: print(f"repsim figures: {msg}", file=sys.stderr))

@@ -243,6 +243,19 @@ def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
                for blk in model.blocks)
 
 
+def test_numpy_integer_blocks_are_blocks():
+    """np.int64(0) is block 0 (it was refused as "block 0 does not exist"), same maps as 0."""
+    model, x = _tiny_vit(depth=3), torch.randn(1, 3, 16, 16)
+    want = A.attention_maps(model, x, blocks=[2, 0])
+    got = A.attention_maps(model, x, blocks=np.array([2, 0]))
+    np.testing.assert_array_equal(got, want)
+    with torch.inference_mode(), A.capture_attention(model, [np.int32(1)]) as maps:
+        model(x)
+    assert list(maps) == [1] and type(next(iter(maps))) is int
+    with pytest.raises(UserError, match="block 3 does not exist"):
+        A.attention_maps(model, x, blocks=[np.int64(3)])
+
+
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))

@@ -204,6 +204,12 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one resnet18_cifar model"),
     ('kind = "data_scale"\nbase = {model = "vit_cifar", weights = ["a.pt", "b.pt"]}\n',
      "weights=['a.pt', 'b.pt'] lists seeds, but this figure reads one vit_cifar model"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'renormalize = "false"\n[probe]\nn = 4\n', "renormalize='false' must be true or false"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = "9"\n[probe]\nn = 4\n', "blocks='9': block 9 does not exist"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
 ])
 def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
     ck = tmp_path / "ckpt"
@@ -217,6 +223,25 @@ def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, tex
     assert [e["name"] for e in res["built"]] == ["good"]
     (failed,) = res["failed"]
     assert failed["name"] == "bad" and message in failed["reason"], failed
+
+
+def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch, capsys):
+    """`--only acc,` builds acc (not "no spec named  "); `--only ,` names no spec: one line."""
+    from repsim.cli import main
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    args = ["figures", "--analyses", str(tmp_path / "a"), "--out", str(tmp_path / "f"), "--json"]
+    assert main(args + ["--only", "acc,"]) == 0
+    assert (tmp_path / "f" / "acc.md").exists()
+    capsys.readouterr()
+    assert main(args + ["--only", ","]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--only ','" in err and "no spec name" in err, err
 
 
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):
@@ -585,6 +610,30 @@ def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
     assert model["distance_model_px"] != stale
     assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
+
+
+def test_the_locality_figures_forward_batch_is_the_probes_batch_size(tmp_path, monkeypatch):
+    """[probe] batch_size is images per forward pass, as for every kind's extraction (it was
+    always 64); unset, it stays 64, and 0 fails that figure in one line."""
+    import repsim.locality
+
+    seen, measure = [], repsim.locality.measure
+
+    def spy(*args, **kw):
+        seen.append(kw.get("forward_batch", 64))
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(repsim.locality, "measure", spy)
+    spec = ('kind = "locality"\nvit = {model = "vit_cifar", weights = "random", layers = '
+            '"blocks.0"}\nmax_images = 4\n[probe]\nn = 8\n')
+    write(tmp_path / "a", "loc3", spec + "batch_size = 3\n")
+    write(tmp_path / "a", "loc", spec)
+    write(tmp_path / "a", "loc0", spec + "batch_size = 0\n")
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["loc", "loc3"], res
+    assert seen == [64, 3]
+    (failed,) = res["failed"]
+    assert failed["name"] == "loc0" and "[probe] batch_size=0" in failed["reason"], failed
 
 
 def test_the_probes_figure_reads_a_model_entrys_layers_outside_the_default_store(tmp_path):

@@ -63,10 +63,11 @@ class AttentionConfig:
     progress: bool = True
 
 
-def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=None
-                   ) -> list[int]:
+def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=None,
+                   name: str = "layers") -> list[int]:
     """Block indices from ``'0,5'``, ``'blocks.0,blocks.5'``, ``'blocks'``, globs; None ->
-    first, middle and last block."""
+    first, middle and last block. ``name``: the parameter that gave ``request``, named in
+    errors."""
     if request is None:
         return sorted({0, depth // 2, depth - 1})
     items = [request] if isinstance(request, str) else list(request)
@@ -74,19 +75,24 @@ def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=
     for part in (p.strip() for it in items for p in str(it).split(",") if p.strip()):
         if re.fullmatch(r"-?\d+", part):
             if not 0 <= int(part) < depth:
-                raise UserError(f"layers={part!r}: block {part} does not exist; valid: "
+                raise UserError(f"{name}={part!r}: block {part} does not exist; valid: "
                                 f"0..{depth - 1}, names like blocks.0, or 'blocks' for all")
             out.add(int(part))
             continue
         if model is None or spec is None:
-            raise UserError(f"layers={part!r} is not a block number; pass e.g. layers='0,5'")
+            raise UserError(f"{name}={part!r} is not a block number; pass e.g. {name}='0,5'")
         from repsim.models import layer_names
 
-        idx = [int(m.group(1)) for n in layer_names(model, spec, part)
-               if (m := re.fullmatch(r"blocks\.(\d+)", n))]
+        try:
+            names = layer_names(model, spec, part)
+        except UserError as exc:  # the model's layer rule speaks of layers=, not of name
+            if not str(exc).startswith("layers="):
+                raise
+            raise UserError(name + str(exc)[len("layers"):]) from None
+        idx = [int(m.group(1)) for n in names if (m := re.fullmatch(r"blocks\.(\d+)", n))]
         if not idx:
-            raise UserError(f"layers={part!r} names no transformer block (attention lives in "
-                            f"blocks.0..blocks.{depth - 1}); pass e.g. layers='0,{depth - 1}'")
+            raise UserError(f"{name}={part!r} names no transformer block (attention lives in "
+                            f"blocks.0..blocks.{depth - 1}); pass e.g. {name}='0,{depth - 1}'")
         out.update(idx)
     return sorted(out)
 
@@ -293,15 +299,24 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     """Figure kind ``attention``: :func:`attention_views` of the spec's ``models`` (ViTs) on
     its ``images`` (default 4) or ``ids``, per-head maps of ``blocks``; ``[probe]`` is the
     distance probe set."""
+    from repsim.registry import get_spec
+
+    renormalize = spec.get("renormalize", True)
+    if not isinstance(renormalize, bool):  # bool("false") is True
+        raise UserError(f"{ctx.name}: renormalize={renormalize!r} must be true or false; fix "
+                        "the file")
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:
         check_vit(r.model)
     models = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
+    for r, (m, _) in zip(refs, models):  # before the slow part, naming the spec's key
+        resolve_blocks(spec.get("blocks"), vit_geometry(m).depth, m, get_spec(r.model),
+                       "blocks")
     probe, images, ids = ctx.drawn_images(spec)
     cfg = AttentionConfig(models=[r.model for r in refs], layers=spec.get("blocks"),
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
                           batch_size=int(spec.get("batch_size", 64)),
-                          renormalize=bool(spec.get("renormalize", True)),
+                          renormalize=renormalize,
                           title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:
         res = attention_views([(r.display(), r.model, m, prov) for r, m, (_, prov)

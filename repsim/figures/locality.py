@@ -122,6 +122,13 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     if settings.pop("permutations"):
         raise UserError("permutations is not supported by kind 'locality': its samples are "
                         "(image, cell) pairs, not independent images; leave it out of [cka]")
+    # [probe] batch_size: images per forward pass, as in every kind's extraction; unset, the
+    # 64 of measure (a figure built without it keeps its numbers).
+    forward = {"forward_batch": ctx.probe_spec(spec).batch_size} if "batch_size" in (
+        spec.get("probe") or {}) else {}
+    if forward and forward["forward_batch"] < 1:
+        raise UserError(f"{ctx.name}: [probe] batch_size={forward['forward_batch']} is not "
+                        "valid; pass a positive integer (images per forward pass)")
     loaded = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
     tokens = _tokens(spec, token_grid(loaded[0][0]).grid)  # spec errors before any work
     probe = ctx.images(ctx.probe_spec(spec))
@@ -135,7 +142,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         xs = [models.preprocess(s, images.to(model_device(m))) for s, m in zip(specs, on)]
         loc = measure(on[0], xs[0], *(on[1:2] + xs[1:2]), vit_layers=refs[0].layers,
                       cnn_layers=refs[1].layers if len(refs) > 1 else None, vit_spec=specs[0],
-                      cnn_spec=specs[1] if len(refs) > 1 else None, **settings)
+                      cnn_spec=specs[1] if len(refs) > 1 else None, **forward, **settings)
     return _write(ctx, spec, loc, refs, probe.ids[pick], tokens)
 
 
