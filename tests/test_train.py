@@ -423,3 +423,12 @@ def test_parallel_runs_all_land_in_one_manifest(tmp_path):
     rows = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
     assert [r["name"] for r in rows] == [f"m{i}" for i in range(8)]
     assert all(r["round"] == 19 for r in rows)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '{"checkpoints": {}}', '{"checkpoints": [1]}'])
+def test_a_manifest_that_is_no_json_object_is_a_user_error(tmp_path, text):
+    from repsim.checkpoints import update_manifest
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(UserError, match=r"manifest\.json is not a checkpoint manifest.*delete it"):
+        update_manifest(tmp_path / "m.pt", {"name": "m"})
