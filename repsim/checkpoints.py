@@ -29,10 +29,15 @@ def half(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def manifest_path(ckpt_path: Path) -> Path:
+    """The ``manifest.json`` beside the checkpoint ``ckpt_path``, which lists it."""
+    return ckpt_path.parent / "manifest.json"
+
+
 def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
     """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint,
     under a lock: runs training in parallel into one folder would overwrite each other's."""
-    path = ckpt_path.parent / "manifest.json"
+    path = manifest_path(ckpt_path)
     with paths.lock(path):
         data = {"checkpoints": []}
         if path.is_file():

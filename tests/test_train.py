@@ -148,6 +148,14 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
+    first = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
+    assert again["manifest"] == first["manifest"] == str(tmp_path / "ck" / "manifest.json")
+    rows = json.loads(Path(again["manifest"]).read_text())["checkpoints"]
+    assert [r["name"] for r in rows] == ["m"]
+
+
 def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
     out = tmp_path / "ck" / "m.pt"
     train.train(_cfg(toy_root, tmp_path, epochs=1, train_fraction=0.5))
