@@ -284,6 +284,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = _Run(cfg)
     cfg = run.cfg
     summary = _first_summary(run)
+    _warn_of_lost_snapshots(run)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
@@ -336,6 +337,18 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                      if r.get("test_accuracy") is not None), {})
         summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
     return summary
+
+
+def _warn_of_lost_snapshots(run: _Run) -> None:
+    """Warn of snapshot epochs the resumed (or finished) run has passed without keeping them:
+    those weights are gone, and no later save can make them."""
+    kept = {s["epoch"] for s in checkpoints.snapshots(run.out)}
+    lost = [e for e in run.snap_epochs if e <= run.start_epoch and e not in kept]
+    if run.start_epoch and lost:
+        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
+                      f"{run.name} had trained to epoch {run.start_epoch} without keeping them; "
+                      "fix: restart=True (repsim train --restart) to train it again from "
+                      "scratch and keep them", stacklevel=1)
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:

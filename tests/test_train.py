@@ -156,6 +156,13 @@ def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     assert [r["name"] for r in rows] == ["m"]
 
 
+def test_snapshots_asked_of_a_finished_run_are_named_as_lost(toy_root, tmp_path):
+    train.train(_cfg(toy_root, tmp_path, epochs=1))
+    with pytest.warns(UserWarning, match=r"snapshots at epochs 0, 1 cannot be made.*restart"):
+        again = train.train(_cfg(toy_root, tmp_path, epochs=1, snapshots="0,1"))
+    assert again["snapshots"] == [] and again["epochs"] == 1
+
+
 def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
     out = tmp_path / "ck" / "m.pt"
     train.train(_cfg(toy_root, tmp_path, epochs=1, train_fraction=0.5))
