@@ -29,10 +29,15 @@ def half(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+def manifest_path(ckpt_path: Path) -> Path:
+    """The ``manifest.json`` beside the checkpoint ``ckpt_path``, which lists it."""
+    return ckpt_path.parent / "manifest.json"
+
+
 def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
     """Insert or replace ``entry`` (by name) in the ``manifest.json`` beside the checkpoint,
     under a lock: runs training in parallel into one folder would overwrite each other's."""
-    path = ckpt_path.parent / "manifest.json"
+    path = manifest_path(ckpt_path)
     with paths.lock(path):
         data = {"checkpoints": []}
         if path.is_file():
@@ -41,7 +46,11 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
             except json.JSONDecodeError:
                 raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun"
                                 ) from None
-        rows = [r for r in data.get("checkpoints", []) if r.get("name") != entry["name"]]
+        rows = data.get("checkpoints", []) if isinstance(data, dict) else None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"{path} is not a checkpoint manifest; valid: a JSON object whose "
+                            "'checkpoints' is a list of objects; fix: fix or delete it, then rerun")
+        rows = [r for r in rows if r.get("name") != entry["name"]]
         data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 

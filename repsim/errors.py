@@ -19,12 +19,14 @@ class UserError(Exception):
 
 
 def as_flags(message: str) -> str:
-    """``"batch_size=0 ..."`` -> ``"--batch-size 0 ..."``; ``name=True`` -> ``--name``."""
+    """``"batch_size=0 ..."`` -> ``"--batch-size 0 ..."``; ``name=True`` -> ``--name``; a bare
+    ``name=`` (no value: "pass the model= the file was trained as") -> ``--name``."""
     def flag(m: re.Match) -> str:
-        return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) else " ")
+        return "--" + m.group(1).replace("_", "-") + ("" if m.group(2) is not None else " ")
 
     # Not after a path separator: a folder named lr=0.1 in a path is no parameter.
-    return re.sub(r"(?<![\w./\\-])([a-z][a-z0-9_]*)=(?!=)(True\b)?", flag, message)
+    return re.sub(r"(?<![\w./\\-])([a-z][a-z0-9_]*)=(?!=)(True\b|(?=[\s,;)]|$))?", flag,
+                  message)
 
 
 def os_problem(exc: OSError, path: str | os.PathLike | None = None,

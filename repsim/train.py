@@ -275,21 +275,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
     and before a ``time_limit`` would cut the next epoch, which is then not started.
     ``max_steps`` stops mid-epoch without saving (tests, smoke runs). Summary keys:
-    checkpoint, manifest, run_dir, log, curve, epochs, epochs_planned, test_accuracy,
-    test_loss, resumed_from, seconds, steps, train_images_per_second, precision, compiled,
-    stopped (None, "max_steps" or "time limit"), stopped_early, snapshots (the epochs kept).
+    checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
+    epochs, epochs_planned, test_accuracy, test_loss, resumed_from, seconds, steps,
+    train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
+    stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
     run = _Run(cfg)
     cfg = run.cfg
-    summary: dict[str, Any] = {"checkpoint": str(run.out), "run_dir": str(run.run_dir),
-                               "log": str(run.log_path), "epochs_planned": cfg.epochs,
-                               "resumed_from": run.resumed_from, "epochs": run.start_epoch,
-                               "precision": run.meta["precision"]}
-    if run.start_epoch >= cfg.epochs:  # finished before: its last evaluated metrics
-        last = next((r for r in reversed(_read_log(run.log_path))
-                     if r.get("test_accuracy") is not None), {})
-        summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
+    summary = _first_summary(run)
+    _warn_of_lost_snapshots(run)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
@@ -327,6 +322,33 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                    train_images_per_second=(run.images_seen / run.train_seconds
                                             if run.train_seconds else None))
     return summary
+
+
+def _first_summary(run: _Run) -> dict[str, Any]:
+    """The summary entries known before training; for a run finished before, its last
+    evaluated metrics."""
+    summary: dict[str, Any] = {"checkpoint": str(run.out),
+                               "manifest": str(checkpoints.manifest_path(run.out)),
+                               "run_dir": str(run.run_dir), "log": str(run.log_path),
+                               "epochs_planned": run.cfg.epochs, "resumed_from": run.resumed_from,
+                               "epochs": run.start_epoch, "precision": run.meta["precision"]}
+    if run.start_epoch >= run.cfg.epochs:
+        last = next((r for r in reversed(_read_log(run.log_path))
+                     if r.get("test_accuracy") is not None), {})
+        summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
+    return summary
+
+
+def _warn_of_lost_snapshots(run: _Run) -> None:
+    """Warn of snapshot epochs the resumed (or finished) run has passed without keeping them:
+    those weights are gone, and no later save can make them."""
+    kept = {s["epoch"] for s in checkpoints.snapshots(run.out)}
+    lost = [e for e in run.snap_epochs if e <= run.start_epoch and e not in kept]
+    if run.start_epoch and lost:
+        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
+                      f"{run.name} had trained to epoch {run.start_epoch} without keeping them; "
+                      "fix: restart=True (repsim train --restart) to train it again from "
+                      "scratch and keep them", stacklevel=1)
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:

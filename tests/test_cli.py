@@ -66,6 +66,14 @@ def test_library_messages_become_flags_at_the_cli():
     assert as_flags("fix: restart=True to start over") == "fix: --restart to start over"
 
 
+def test_a_bare_parameter_becomes_a_flag_without_a_double_space():
+    # weights.load_into says "pass the model= the file was trained as, or other weights=".
+    from repsim.errors import as_flags
+
+    assert (as_flags("fix: pass the model= the file was trained as, or other weights=")
+            == "fix: pass the --model the file was trained as, or other --weights")
+
+
 
 def test_as_flags_leaves_a_name_inside_a_path_alone():
     from repsim.errors import as_flags

@@ -148,6 +148,21 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
+    first = train.train(_cfg(toy_root, tmp_path, epochs=1))
+    again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
+    assert again["manifest"] == first["manifest"] == str(tmp_path / "ck" / "manifest.json")
+    rows = json.loads(Path(again["manifest"]).read_text())["checkpoints"]
+    assert [r["name"] for r in rows] == ["m"]
+
+
+def test_snapshots_asked_of_a_finished_run_are_named_as_lost(toy_root, tmp_path):
+    train.train(_cfg(toy_root, tmp_path, epochs=1))
+    with pytest.warns(UserWarning, match=r"snapshots at epochs 0, 1 cannot be made.*restart"):
+        again = train.train(_cfg(toy_root, tmp_path, epochs=1, snapshots="0,1"))
+    assert again["snapshots"] == [] and again["epochs"] == 1
+
+
 def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
     out = tmp_path / "ck" / "m.pt"
     train.train(_cfg(toy_root, tmp_path, epochs=1, train_fraction=0.5))
@@ -423,3 +438,12 @@ def test_parallel_runs_all_land_in_one_manifest(tmp_path):
     rows = json.loads((tmp_path / "manifest.json").read_text())["checkpoints"]
     assert [r["name"] for r in rows] == [f"m{i}" for i in range(8)]
     assert all(r["round"] == 19 for r in rows)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '{"checkpoints": {}}', '{"checkpoints": [1]}'])
+def test_a_manifest_that_is_no_json_object_is_a_user_error(tmp_path, text):
+    from repsim.checkpoints import update_manifest
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(UserError, match=r"manifest\.json is not a checkpoint manifest.*delete it"):
+        update_manifest(tmp_path / "m.pt", {"name": "m"})
