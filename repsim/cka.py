@@ -83,6 +83,15 @@ def centring(hollow: bool, m: int) -> tuple[float, float]:
     return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
 
 
+def hsic_scale(hollow: bool, m: int) -> float:
+    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
+    engine (:class:`MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
+    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
+    if hollow:
+        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
+    return 1.0 / m**2
+
+
 def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     """``H K H`` (``"biased"``) or the U-centred ``K`` (otherwise) of a symmetric Gram, in place."""
     sketch.check_options("linear", estimator)  # an unknown estimator
@@ -275,7 +284,7 @@ class MinibatchCKA:
                           for k, (nm, x) in enumerate(zip(names, mats))])
         hsic = _hsic(sides[0], None if same else sides[1], self.kernel,
                      "debiased" if self.debiased else "biased", dev, budget, progress)
-        scale = 1.0 / (m * (m - 3)) if self.debiased else 1.0 / m**2
+        scale = hsic_scale(self.debiased, m)
         dead = [[L.dead for L in side] for side in (sides[0], sides[-1])]
         return self._accumulate([x * scale for x in hsic], dead, 1, m)
 

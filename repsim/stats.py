@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import F64, centre, centring, gram
+from repsim.cka import F64, centre, centring, gram, hsic_scale
 from repsim.features import centred_rows
 from repsim.sketch import CKAResult, minibatches, normalise
 
@@ -70,15 +70,6 @@ def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     (ka, _, ra, sa), (kb, _, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
     a, b = centring(hollow, ka.shape[1])
     return ka.flatten(1) @ kb.flatten(1).T - 2 * a * (ra @ rb.T) + b * sa[:, None] * sb[None, :]
-
-
-def hsic_scale(hollow: bool, m: int) -> float:
-    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
-    engine (:class:`repsim.cka.MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
-    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
-    if hollow:
-        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
-    return 1.0 / m**2
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
