@@ -259,24 +259,26 @@ def _keywords(model: nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
     return {"default": mods, "blocks": mods}
 
 
-def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec) -> UserError:
+def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec,
+                   name: str = "layers") -> UserError:
     close = difflib.get_close_matches(layer, candidates, n=4, cutoff=0.5)
     hint = f"close matches: {', '.join(close)}; " if close else ""
-    return UserError(f"layers={layer!r} matches nothing in {spec.name}; {hint}valid: "
+    return UserError(f"{name}={layer!r} matches nothing in {spec.name}; {hint}valid: "
                      f"'default', 'blocks', module names ({', '.join(candidates[:6])}, ...) "
                      "or globs like 'blocks.*'")
 
 
-def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] | None = None
-                ) -> list[str]:
+def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] | None = None,
+                name: str = "layers") -> list[str]:
     """The layer names a request means, in model order, without duplicates. ``request``:
     None / ``"default"`` -> ViT ``["embed", "blocks.0", ...]``, ResNet ``["stem", "layer1",
     ..., "layer4"]``; ``"blocks"`` -> every transformer / residual block (``"layer1.0"``, ...);
-    else names and globs (:func:`repsim.layers.match_layers`)."""
+    else names and globs (:func:`repsim.layers.match_layers`). ``name``: the parameter that
+    gave ``request``, named in errors."""
     candidates = _candidates(model, spec)
     return match_layers(candidates, "default" if request is None else request,
                         _keywords(model, spec),
-                        lambda part: _unknown_layer(part, candidates, spec))
+                        lambda part: _unknown_layer(part, candidates, spec, name))
 
 
 def module_for(model: nn.Module, spec: ModelSpec, layer: str) -> nn.Module:

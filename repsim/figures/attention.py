@@ -83,13 +83,8 @@ def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=
             raise UserError(f"{name}={part!r} is not a block number; pass e.g. {name}='0,5'")
         from repsim.models import layer_names
 
-        try:
-            names = layer_names(model, spec, part)
-        except UserError as exc:  # the model's layer rule speaks of layers=, not of name
-            if not str(exc).startswith("layers="):
-                raise
-            raise UserError(name + str(exc)[len("layers"):]) from None
-        idx = [int(m.group(1)) for n in names if (m := re.fullmatch(r"blocks\.(\d+)", n))]
+        idx = [int(m.group(1)) for n in layer_names(model, spec, part, name)
+               if (m := re.fullmatch(r"blocks\.(\d+)", n))]
         if not idx:
             raise UserError(f"{name}={part!r} names no transformer block (attention lives in "
                             f"blocks.0..blocks.{depth - 1}); pass e.g. {name}='0,{depth - 1}'")

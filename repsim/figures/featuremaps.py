@@ -121,12 +121,7 @@ def resolve_stages(model: nn.Module, spec, request: str | Sequence[str] | None) 
     check_cnn(spec)
     if request is None and spec.family == "resnet":
         return [f"layer{i}" for i in range(1, 5)]
-    try:
-        return layer_names(model, spec, request)
-    except UserError as exc:  # the request is stages here (--stages), not layers
-        msg = str(exc)
-        raise UserError("stages=" + msg[len("layers="):] if msg.startswith("layers=")
-                        else msg) from None
+    return layer_names(model, spec, request, name="stages")
 
 
 def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
