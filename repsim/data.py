@@ -147,6 +147,38 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     return _from_files(name, split, tree, classes, paths, labels, n, seed, image_size, progress)
 
 
+def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
+    probe set, the first image of each class (``n_images=None``), or the samples with these
+    ``ids`` (ids outside the probe set load the whole split once)."""
+    if not ids and n_images is None:
+        first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
+        return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
+    if not ids:
+        n = int(n_images)
+        if not 1 <= n <= len(probe):
+            raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
+                            f"1 <= images <= {len(probe)}")
+        return probe.images[:n], np.asarray(probe.ids[:n], dtype=np.int64)
+    ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+    bad = ids[(ids < 0) | (ids >= probe.n_total)].tolist()
+    if bad:
+        raise UserError(f"ids={bad[:5]} out of range; {probe.dataset} {probe.split} has ids "
+                        f"0..{probe.n_total - 1}")
+    source = probe
+    if not np.isin(ids, probe.ids).all():
+        square = probe.images.shape[1] == probe.images.shape[2]
+        source = load_probe_set(probe.dataset, probe.split, n=None, data_root=data_root,
+                                image_size=probe.images.shape[1] if square else None,
+                                progress=progress)
+    where = {int(v): j for j, v in enumerate(source.ids)}
+    missing = [int(i) for i in ids if int(i) not in where]
+    if missing:
+        raise UserError(f"ids={missing[:5]} are not in {source.source}; pass ids it holds")
+    return source.images[[where[int(i)] for i in ids]], ids
+
+
 def _check_positive(n: int | None) -> None:
     if n is not None and n <= 0:
         raise UserError(f"n={n} is not a valid sample count; pass a positive n, or omit it "

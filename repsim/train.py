@@ -314,8 +314,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             # epoch unsaved.
             fits = _fits(epoch_s, finish_s, deadline)
     if run.log_path.is_file():
-        summary["curve"] = str(plot_curve(run.log_path, run.run_dir / "curve.png",
-                                          title=run.name))
+        from repsim.figures import draw
+
+        fig = draw.training_curve(_read_log(run.log_path), run.name)
+        summary["curve"] = str(draw.save(fig, run.run_dir / "curve", formats=("png",))[0])
     summary.update(steps=run.step, seconds=time.perf_counter() - t_start, stopped=stopped,
                    snapshots=[s["epoch"] for s in checkpoints.snapshots(run.out)],
                    stopped_early=stopped is not None, compiled=run.forward is not run.model,
@@ -489,28 +491,3 @@ def _read_log(log_path: Path) -> list[dict[str, Any]]:
 def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
     paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def plot_curve(log_path: Path, out: Path, title: str = "") -> Path:
-    """Loss and accuracy per epoch (train and test) from a run's JSON-lines log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _read_log(Path(log_path))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), constrained_layout=True)
-    for split, style in (("train", "-"), ("test", "--")):
-        # Test metrics exist only on evaluated epochs (eval_every).
-        pts = [r for r in rows if r.get(f"{split}_loss") is not None]
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
-                    marker=".", label=split)
-    for ax, metric, ylabel in zip(axes, ("loss", "accuracy"),
-                                  ("cross-entropy", "top-1 accuracy (%)")):
-        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    paths.atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return out

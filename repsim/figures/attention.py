@@ -158,7 +158,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
     """Every view of :func:`attention_views` for ``cfg.models``, as PNG files in ``cfg.out``
     (default ``$REPSIM_FIGURES/attention``); returns a summary dict (outputs, models, ...)."""
     from repsim import models as zoo
-    from repsim.data import load_probe_set
+    from repsim.data import load_probe_set, pick_images
 
     t0 = time.perf_counter()
     if not cfg.models:
@@ -176,7 +176,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
     device = zoo.resolve_device(cfg.device)
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress)
-    images, ids = draw.pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
+    images, ids = pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
     unit_label(cfg.unit, tuple(images.shape[1:3]))  # fails before the slow part
     loaded = [(label, name, *zoo.load_model(name, w, seed=cfg.weights_seed, device=device))
               for name, w, label in zip(cfg.models, weights, labels)]

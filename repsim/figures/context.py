@@ -374,7 +374,7 @@ class FigureContext:
         """``(probe set, images (N, H, W, 3) uint8, ids (N,))``: the spec's ``[probe]`` and the
         images drawn from it (its ``images``: the first N, else ``default``, None meaning one
         per class; or its ``ids``)."""
-        from repsim.figures.draw import pick_images
+        from repsim.data import pick_images
 
         pspec = self.probe_spec(spec)
         probe = self.images(pspec)

@@ -299,41 +299,6 @@ def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- maps on images
 
 
-def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
-    probe set, the first image of each class (``n_images=None``), or the samples with these
-    ``ids`` (ids outside the probe set load the whole split once)."""
-    from repsim.data import load_probe_set
-    from repsim.errors import UserError
-
-    if not ids and n_images is None:
-        first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
-        return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
-    if not ids:
-        n = int(n_images)
-        if not 1 <= n <= len(probe):
-            raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
-                            f"1 <= images <= {len(probe)}")
-        return probe.images[:n], np.asarray(probe.ids[:n], dtype=np.int64)
-    ids = np.asarray([int(i) for i in ids], dtype=np.int64)
-    bad = ids[(ids < 0) | (ids >= probe.n_total)].tolist()
-    if bad:
-        raise UserError(f"ids={bad[:5]} out of range; {probe.dataset} {probe.split} has ids "
-                        f"0..{probe.n_total - 1}")
-    source = probe
-    if not np.isin(ids, probe.ids).all():
-        square = probe.images.shape[1] == probe.images.shape[2]
-        source = load_probe_set(probe.dataset, probe.split, n=None, data_root=data_root,
-                                image_size=probe.images.shape[1] if square else None,
-                                progress=progress)
-    where = {int(v): j for j, v in enumerate(source.ids)}
-    missing = [int(i) for i in ids if int(i) not in where]
-    if missing:
-        raise UserError(f"ids={missing[:5]} are not in {source.source}; pass ids it holds")
-    return source.images[[where[int(i)] for i in ids]], ids
-
-
 def _bare(ax) -> None:
     ax.set(xticks=[], yticks=[])
     for s in ax.spines.values():
@@ -464,6 +429,22 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
 
 
 # --------------------------------------------------------------------------- files
+
+
+def training_curve(rows: Sequence[dict], title: str) -> plt.Figure:
+    """Loss and accuracy per epoch, train and test, from a run's log rows."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    for split, style in (("train", "-"), ("test", "--")):
+        pts = [r for r in rows if r.get(f"{split}_loss") is not None]  # test: evaluated epochs
+        for ax, metric in zip(axes, ("loss", "accuracy")):
+            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
+                    marker=".", label=split)
+    for ax, metric, ylabel in zip(axes, ("loss", "accuracy"),
+                                  ("cross-entropy", "top-1 accuracy (%)")):
+        ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
 
 
 def save(fig: plt.Figure, stem: str | os.PathLike, provenance: dict | None = None,

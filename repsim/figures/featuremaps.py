@@ -129,7 +129,7 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
     ``featuremaps_<label>.npz`` in ``cfg.out`` (default ``$REPSIM_FIGURES/featuremaps``);
     returns a summary dict (outputs, stages, seconds)."""
     from repsim import models as zoo
-    from repsim.data import load_probe_set
+    from repsim.data import load_probe_set, pick_images
     from repsim.registry import get_spec
 
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
                                   device=zoo.resolve_device(cfg.device))
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.probe, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress)
-    images, ids = draw.pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
+    images, ids = pick_images(probe, cfg.images, cfg.ids, cfg.data_root, cfg.progress)
     tag = paths.weights_tag(cfg.weights, cfg.weights_seed)
     label = f"{cfg.model} ({tag})" if tag else cfg.model
     out = Path(cfg.out) if cfg.out else paths.figures_dir("featuremaps")
