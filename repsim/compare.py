@@ -382,7 +382,8 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         return stats.calibrate_result(
             res, [ra[x] for x in layers_a], [rb[x] for x in layers_b],
             permutations=cfg.permutations, seed=cfg.permutation_seed,
-            influence=cfg.influence, ids=ra.ids, device=resolve_device(cfg.device))
+            influence=cfg.influence, ids=ra.ids, device=resolve_device(cfg.device),
+            memory_budget=cfg.memory_budget)
 
 
 def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],

@@ -1,18 +1,23 @@
 """How much to trust a CKA value: standard errors, permutation nulls, effective dimensionality.
 
-Everything here works on stacked Grams ``(L, m, m)`` of one batch of rows (all ``n`` rows for
-the biased and debiased estimators, each random batch for minibatch CKA), in float64:
+Everything here works on the stacked Grams ``(L, m, m)`` of one batch of rows (all ``n`` rows
+for the biased and debiased estimators, each random batch for minibatch CKA), in float64:
 
 - **Delete-one jackknife over images, in closed form.** Removing image ``i`` changes the
   inner product, row sums and total of a Gram by rank-one terms, so every leave-one-out HSIC
   of every layer pair comes from three batched products, O(m^2) per pair like CKA itself
-  (:func:`leave_one_out`). With minibatches the unit is a batch (delete-one-batch).
+  (:func:`_closed_forms`). Those products, like the participation ratio, add up row by row,
+  so the Grams are read in strips of rows within a memory budget (:func:`strip_rows`) and
+  never need to be whole (:class:`_Side`). With minibatches the unit is a batch
+  (delete-one-batch).
   The bootstrap over images is *not* offered: resampling with replacement duplicates
   images, which both Grams see as perfectly aligned pairs, so it inflates CKA (independent
   Gaussian data, n = 300, p = 3,000: debiased CKA -0.0002, on a bootstrap resample 0.91).
 - **Permutation null.** Shuffling which image of B goes with which image of A re-indexes
   B's centred Gram (centring commutes with a permutation): ``<C_a, P C_b P'>``, never a
-  new Gram (:func:`permutation_null`). Minibatch CKA permutes within each batch.
+  new Gram (:func:`permutation_null`). Minibatch CKA permutes within each batch. This does
+  need every batch's whole centred Grams: beyond the memory budget it is refused
+  (:func:`check_null_fits`).
 - **Participation ratio** ``PR = (tr HKH)^2 / ||HKH||_F^2`` of each layer (its effective
   dimensionality; at most ``m - 1``): the biased estimator's permutation-null mean is exactly
   ``sqrt(PR_a PR_b) / (m - 1)``, about 0.91 for isotropic features with ``p = 10 m``
@@ -28,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import F64, centre, centring, gram, hsic_scale
+from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
+from repsim.errors import UserError
 from repsim.features import centred_rows
-from repsim.sketch import CKAResult, minibatches, normalise
+from repsim.sketch import CKAResult, block_bounds, minibatches, normalise
 
 # minibatch CKA gets a delete-one-batch standard error from this many batches on
 MIN_JACKKNIFE_BATCHES = 20
@@ -73,32 +79,132 @@ def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
-    """``<C(K_a), C(K_b)>`` on all rows but ``i``, for every ``i``: ``(m, La, Lb)``.
+    """``<C(K_a), C(K_b)>`` on all rows but ``i``, for every ``i``: ``(m, La, Lb)``, of whole
+    stacked Grams ``(La, m, m)``, ``(Lb, m, m)`` (:func:`_closed_forms`)."""
+    sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
+    return _closed_forms(*_moments(sa, sb)[0], hollow)[1]
 
-    With ``d`` the diagonal, ``r`` the row sums, ``s`` the total and ``u = r_a . r_b``,
-    removing row ``i`` gives ``<K_a, K_b> - 2 (K_a o K_b 1)_i + d_ai d_bi``,
-    ``s - 2 r_i + d_i`` and ``u - (K_a r_b)_i - (K_b r_a)_i + (K_a o K_b 1)_i
-    - (r_ai - d_ai)(r_bi - d_bi)``; the centring constants are those of ``m - 1`` rows.
-    """
-    (ka, da, ra, sa), (kb, db, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
-    m = ka.shape[1]
+
+class _Side:
+    """One side's ``L`` layers on one batch of ``m`` rows, read as row strips of their Grams.
+
+    Holds either the whole stacked Grams ``(L, m, m)`` or the centred features, from which
+    each strip ``(L, s, m)`` is computed when asked (:meth:`of_features`). ``diag`` and
+    ``rows`` ``(L, m)``: the diagonal and row sums of the Grams as the estimator uses them
+    (``hollow``: zero diagonal); ``full_diag``: the diagonal before that."""
+
+    def __init__(self, hollow: bool, m: int, strip: int) -> None:
+        self.hollow, self.m, self.strip = hollow, m, min(strip, m)
+        self.k: torch.Tensor | None = None
+        self.x: list[torch.Tensor] = []
+        self.kernel, self.sigma2 = "linear", []
+
+    @classmethod
+    def of_grams(cls, k: torch.Tensor, hollow: bool) -> _Side:
+        """From whole Grams ``(L, m, m)``, kept (and, ``hollow``, their diagonal zeroed)."""
+        side = cls(hollow, k.shape[1], k.shape[1])
+        side.k = k
+        side._set_sums(k.diagonal(dim1=1, dim2=2).clone(), k.sum(2))
+        return side
+
+    @classmethod
+    def of_features(cls, xs: list[torch.Tensor], kernel: str, sigma2: list[float | None],
+                    hollow: bool, strip: int) -> _Side:
+        """From centred features ``(m, p_l)``: the Grams in strips of ``strip`` rows. Row
+        sums come first: linear ``K 1 = X (X' 1)``; RBF a pass over the strips of its own."""
+        side = cls(hollow, len(xs[0]), strip)
+        side.x, side.kernel, side.sigma2 = xs, kernel, sigma2
+        if kernel == "linear":
+            side._set_sums(torch.stack([(x * x).sum(1) for x in xs]),
+                           torch.stack([x @ x.sum(0) for x in xs]))
+            return side
+        d, r = [], []
+        for s0, s1 in block_bounds(side.m, side.strip):
+            k = side._raw(s0, s1)
+            d.append(k[:, :, s0:s1].diagonal(dim1=1, dim2=2).clone())
+            r.append(k.sum(2))
+        side._set_sums(torch.cat(d, 1), torch.cat(r, 1))
+        return side
+
+    def _set_sums(self, d: torch.Tensor, r: torch.Tensor) -> None:
+        self.full_diag = d
+        self.diag = torch.zeros_like(d) if self.hollow else d
+        self.rows = r - d if self.hollow else r
+        if self.hollow and self.k is not None:
+            self.k.diagonal(dim1=1, dim2=2).zero_()
+
+    def _raw(self, s0: int, s1: int) -> torch.Tensor:
+        """Rows ``s0:s1`` of the full Grams (diagonal kept), from the features."""
+        return torch.stack([_gram_rows(x, s0, s1, self.kernel, sig)
+                            for x, sig in zip(self.x, self.sigma2)])
+
+    def rows_of(self, s0: int, s1: int) -> torch.Tensor:
+        """Rows ``s0:s1`` of the Grams as used: ``(L, s1 - s0, m)``."""
+        if self.k is not None:
+            return self.k[:, s0:s1]
+        k = self._raw(s0, s1)
+        if self.hollow:
+            k[:, :, s0:s1].diagonal(dim1=1, dim2=2).zero_()
+        return k
+
+
+def _gram_rows(x: torch.Tensor, s0: int, s1: int, kernel: str,
+               sigma2: float | None) -> torch.Tensor:
+    """Rows ``s0:s1`` of one layer's Gram ``(s1 - s0, m)`` from its centred features."""
+    if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
+        return x.new_zeros(s1 - s0, len(x))
+    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2)
+
+
+def _products(ka: torch.Tensor, kb: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
+              pairs: bool) -> tuple[torch.Tensor, ...]:
+    """``(K_a o K_b 1)_i``, ``(K_a r_b)_i`` and ``(K_b r_a)_i`` for the rows ``i`` of strips
+    ``ka`` ``(La, s, m)``, ``kb`` ``(Lb, s, m)`` (``ra`` ``(La, m)``, ``rb``: row sums): each
+    ``(s, La, Lb)``, or with ``pairs=False`` (``kb`` is ``ka``) each layer with itself
+    ``(s, L)``."""
+    o, b = ("ab", "b") if pairs else ("a", "a")
+    return (torch.einsum(f"aij,{b}ij->i{o}", ka, kb), torch.einsum(f"aij,{b}j->i{o}", ka, rb),
+            torch.einsum(f"{b}ij,aj->i{o}", kb, ra))
+
+
+def _moments(sa: _Side, sb: _Side) -> list[tuple[torch.Tensor, ...]]:
+    """What the closed forms need, strip by strip, for A with B, A with itself and B with
+    itself: ``(rowdot, K_a r_b, K_b r_a, d_a, d_b, r_a, r_b)``, each ``(m, La, Lb)``,
+    ``(m, La)`` or ``(m, Lb)`` (or broadcastable to it; :func:`_products`)."""
+    la, lb, m, ra, rb = len(sa.rows), len(sb.rows), sa.m, sa.rows, sb.rows
+    # Filled in place: small results allocated between the strips' large temporaries would
+    # fragment the heap (m = 4,000, 5 layers, strips for 64 MiB: peak RSS 1.1 GiB, not 0.14).
+    out = [[ra.new_empty(m, *shape) for _ in range(3)] for shape in ((la, lb), (la,), (lb,))]
+    for s0, s1 in block_bounds(m, min(sa.strip, sb.strip)):
+        ka, kb = sa.rows_of(s0, s1), sb.rows_of(s0, s1)
+        for dst, args in zip(out, ((ka, kb, ra, rb, True), (ka, ka, ra, ra, False),
+                                   (kb, kb, rb, rb, False))):
+            for x, got in zip(dst, _products(*args)):
+                x[s0:s1] = got
+        del ka, kb  # before the next strip is made
+    da, db, ra, rb = sa.diag.T, sb.diag.T, ra.T, rb.T  # (m, L)
+    return [(*out[0], da[:, :, None], db[:, None, :], ra[:, :, None], rb[:, None, :]),
+            (*out[1], da, da, ra, ra), (*out[2], db, db, rb, rb)]
+
+
+def _closed_forms(rowdot: torch.Tensor, kr_ab: torch.Tensor, kr_ba: torch.Tensor,
+                  da: torch.Tensor, db: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
+                  hollow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<C(K_a), C(K_b)>`` ``(...)`` on all ``m`` rows and without row ``i`` ``(m, ...)``,
+    from :func:`_moments` (``rowdot = (K_a o K_b 1)_i``; ``d``, ``r``: diagonals and row sums).
+
+    With ``s`` the total and ``u = r_a . r_b``, removing row ``i`` gives ``<K_a, K_b> - 2
+    (K_a o K_b 1)_i + d_ai d_bi``, ``s - 2 r_i + d_i`` and ``u - (K_a r_b)_i - (K_b r_a)_i +
+    (K_a o K_b 1)_i - (r_ai - d_ai)(r_bi - d_bi)``; the centring constants are those of
+    ``m - 1`` rows."""
+    m = len(rowdot)
+    dot, u, sa, sb = rowdot.sum(0), (ra * rb).sum(0), ra.sum(0), rb.sum(0)
+    a, b = centring(hollow, m)
+    whole = dot - 2 * a * u + b * sa * sb
     a, b = centring(hollow, m - 1)
-    rowdot = torch.einsum("aij,bij->iab", ka, kb)  # (K_a o K_b 1)_i
-    dd = da.T[:, :, None] * db.T[:, None, :]
-    dot = (ka.flatten(1) @ kb.flatten(1).T)[None] - 2 * rowdot + dd
-    s_a, s_b = sa[None] - 2 * ra.T + da.T, sb[None] - 2 * rb.T + db.T  # (m, La), (m, Lb)
-    u = ((ra @ rb.T)[None] - torch.einsum("aij,bj->iab", ka, rb)
-         - torch.einsum("bij,aj->iab", kb, ra) + rowdot
-         - (ra - da).T[:, :, None] * (rb - db).T[:, None, :])
-    return dot - 2 * a * u + b * s_a[:, :, None] * s_b[:, None, :]
-
-
-def _terms(f, ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> list[np.ndarray]:
-    """``f`` (:func:`hsic` or :func:`leave_one_out`) of A with B, ``(..., La, Lb)``, and of
-    each layer with itself only, ``(..., La)`` and ``(..., Lb)``."""
-    own = [torch.stack([f(k[i:i + 1], k[i:i + 1], hollow)[..., 0, 0] for i in range(len(k))], -1)
-           for k in (ka, kb)]
-    return [x.cpu().numpy() for x in (f(ka, kb, hollow), *own)]
+    dot_i = dot - 2 * rowdot + da * db
+    u_i = u - kr_ab - kr_ba + rowdot - (ra - da) * (rb - db)
+    return whole, dot_i - 2 * a * u_i + b * (sa - 2 * ra + da) * (sb - 2 * rb + db)
 
 
 def jackknife_se(loo: np.ndarray) -> np.ndarray:
@@ -113,6 +219,17 @@ def participation_ratio(k: torch.Tensor) -> torch.Tensor:
     c = torch.stack([centre(x.clone(), "biased") for x in k])
     tr = c.diagonal(dim1=1, dim2=2).sum(1)
     return tr**2 / (c * c).sum((1, 2))
+
+
+def _participation(side: _Side, sq: torch.Tensor) -> torch.Tensor:
+    """:func:`participation_ratio` ``(L,)`` of a side's full Grams, from its sums and ``sq``
+    ``(L,)``, the ``<K, K>`` of its Grams as used: ``||HKH||^2 = <K, K> - 2 |r|^2 / m +
+    s^2 / m^2`` and ``tr HKH = tr K - s / m``."""
+    d, r, m = side.full_diag, side.rows, side.m
+    if side.hollow:  # the diagonal back
+        sq, r = sq + (d * d).sum(1), r + d
+    s = r.sum(1)
+    return (d.sum(1) - s / m) ** 2 / (sq - 2 / m * (r * r).sum(1) + s**2 / m**2)
 
 
 CHUNK = 512  # triangle entries per product in the permutation null
@@ -183,34 +300,96 @@ class Calibration:
         return [(int(self.rows[r]), float(d[r])) for r in top]
 
 
+# Whole Grams are formed when this many copies of them fit the memory budget (the Grams,
+# the products' reordered copies, headroom); otherwise strips of as many rows as fit.
+WORK_COPIES = 4
+# The permutation null holds every batch's centred Grams and its own reordered copies of
+# them: peak memory about this many times the Grams (measured at n = 2,000, 3 + 2 layers).
+NULL_COPIES = 3
+
+
+def strip_rows(m: int, layers: int, budget: int) -> int:
+    """Rows per Gram strip for a batch of ``m`` rows of ``layers`` layers within ``budget``
+    bytes: ``m`` (whole Grams) when :data:`WORK_COPIES` of them fit, else as many as fit
+    (at least 16). Memory: ``WORK_COPIES * 8 * layers * strip * m`` bytes, plus the
+    leave-one-out values ``(m, La, Lb)`` and the centred features ``(m, p)`` of every layer."""
+    return min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
+
+
+def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray],
+                    layers: int, budget: int) -> None:
+    """Refuse (:class:`UserError`) a permutation null whose centred Grams, every batch's at
+    once (:func:`permutation_null`), would not fit ``budget`` bytes."""
+    need = NULL_COPIES * 8 * layers * sum(len(r) ** 2 for r in batches)
+    if need <= budget:
+        return
+    m = max(len(r) for r in batches)
+    fix = ("a smaller batch_size= or fewer images (n=)" if estimator == "minibatch" else
+           "estimator='minibatch' (batches of 1,024 rows) or fewer images (n=)")
+    raise UserError(f"permutations={permutations} needs every batch's centred Grams in memory, "
+                    f"about {need / 2**30:.1f} GiB for {layers} layers of {m} rows per batch; "
+                    f"valid: at most the memory budget, {budget / 2**30:.1f} GiB (a quarter of "
+                    f"the device's memory unless memory_budget is given); fix: use {fix}, or "
+                    "permutations=0 for standard errors alone")
+
+
+def _side(mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
+          sigma2: list[float] | None, hollow: bool, strip: int, device: torch.device) -> _Side:
+    """One side of a batch of ``m`` rows ``rows`` (None: all): whole Grams built one layer at a
+    time when ``strip >= m``, else the centred features of every layer, for strips."""
+    if strip >= m:
+        return _Side.of_grams(grams(mats, rows, kernel=kernel, sigma2=sigma2, device=device),
+                              hollow)
+    return _Side.of_features([centred_rows(x, rows, device) for x in mats], kernel,
+                             sigma2 or [None] * len(mats), hollow, strip)
+
+
+def _batch(sides: list[_Side], hollow: bool):
+    """HSIC terms of one batch, unscaled: ``[(La, Lb), (La,), (Lb,)]``, the same without each
+    row ``[(m, La, Lb), (m, La), (m, Lb)]``, and the participation ratios ``(La,)``, ``(Lb,)``."""
+    moments = _moments(*sides)
+    pr = [_participation(s, x[0].sum(0)) for s, x in zip(sides, moments[1:])]
+    whole, loo = zip(*(_closed_forms(*x, hollow) for x in moments))
+    return [x.cpu().numpy() for x in whole], [x.cpu().numpy() for x in loo], pr
+
+
 def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiased",
               kernel: str = "linear", sigma2_a: list[float] | None = None,
               sigma2_b: list[float] | None = None, batches: list[np.ndarray] | None = None,
-              permutations: int = 0, seed: int = 0,
-              device: str | torch.device = "cpu") -> Calibration:
+              permutations: int = 0, seed: int = 0, device: str | torch.device = "cpu",
+              memory_budget: int | None = None, strip: int | None = None) -> Calibration:
     """CKA of every layer pair of ``mats_a``, ``mats_b`` (lists of ``(n, p)`` matrices, rows
     aligned) with its jackknife standard error, participation ratios and, with
     ``permutations``, the permutation null. ``batches``: the row sets of minibatch CKA
     (default: all rows, one batch). Removing an image changes only its batch's terms, so the
-    delete-one-image jackknife is closed-form for every estimator. Needs one batch's Grams
-    in memory: ``(La + Lb) m^2`` float64 numbers."""
-    hollow = estimator != "biased"
+    delete-one-image jackknife is closed-form for every estimator. Memory: Gram strips of
+    ``strip`` rows (default :func:`strip_rows` of ``memory_budget`` bytes, itself by default
+    :func:`repsim.cka.default_memory_budget`); the permutation null needs every batch's whole
+    Grams, ``(La + Lb) m^2`` float64 numbers each, and is refused beyond the budget."""
+    hollow, dev = estimator != "biased", torch.device(device)
     n = np.shape(mats_a[0])[0]
     batches = batches or [np.arange(n)]
+    budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
+    if permutations:
+        check_null_fits(permutations, estimator, batches, layers, budget)
     terms, loos, pr_a, pr_b, ca, cb = [], [], 0.0, 0.0, [], []
     for rows in batches:
-        whole = len(rows) == n
-        ka = grams(mats_a, None if whole else rows, kernel=kernel, sigma2=sigma2_a, device=device)
-        kb = grams(mats_b, None if whole else rows, kernel=kernel, sigma2=sigma2_b, device=device)
+        m = len(rows)
+        each = m if permutations else strip or strip_rows(m, layers, budget)
+        sides = [_side(mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
+                 for mats, sig in ((mats_a, sigma2_a), (mats_b, sigma2_b))]
+        whole, loo, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
-        w, w_loo = hsic_scale(hollow, len(rows)), hsic_scale(hollow, len(rows) - 1)
-        terms.append([x * w for x in _terms(hsic, ka, kb, hollow)])
-        loos.append([x * w_loo for x in _terms(leave_one_out, ka, kb, hollow)])
-        pr_a, pr_b = pr_a + participation_ratio(ka), pr_b + participation_ratio(kb)
+        w, w_loo = hsic_scale(hollow, m), hsic_scale(hollow, m - 1)
+        terms.append([x * w for x in whole])
+        loos.append([x * w_loo for x in loo])
+        pr_a, pr_b = pr_a + pr[0], pr_b + pr[1]
         if permutations:  # sqrt(w) on each side: every inner product carries w
-            ca.append(torch.stack([centre(x, estimator) for x in ka]) * math.sqrt(w))
-            cb.append(torch.stack([centre(x, estimator) for x in kb]) * math.sqrt(w))
-        del ka, kb
+            for c, side in ((ca, sides[0]), (cb, sides[1])):
+                for x in side.k:  # in place: the Grams are not needed as they were
+                    centre(x, estimator)
+                c.append(side.k.mul_(math.sqrt(w)))
+        del sides
     per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]
     # Without image i of batch b: the totals with batch b's terms replaced by its leave-one-out.
@@ -233,19 +412,21 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
 
 def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
                      permutations: int = 0, seed: int = 0, influence: int = 0,
-                     ids: np.ndarray | None = None,
-                     device: str | torch.device = "cpu") -> CKAResult:
+                     ids: np.ndarray | None = None, device: str | torch.device = "cpu",
+                     memory_budget: int | None = None) -> CKAResult:
     """Add standard errors, participation ratios and (``permutations``) the null to ``res``,
     the CKA of ``mats_a`` and ``mats_b`` made by :func:`repsim.cka.compare` (its settings
     and bandwidths are reused). ``influence``: per cell, the ``influence`` images whose removal
-    moves it most, as ``[sample id, change]`` (``ids``: the rows' sample IDs)."""
+    moves it most, as ``[sample id, change]`` (``ids``: the rows' sample IDs).
+    ``memory_budget``: bytes, as in :func:`calibrate`."""
     batches = (minibatches(res.n, res.batch_size, res.batch_seed)
                if res.estimator == "minibatch" else None)
     sig = [None if b is None else [res.threshold**2 * v for v in b]
            for b in (res.bandwidths_a, res.bandwidths_b)]
     cal = calibrate(mats_a, mats_b, estimator=res.estimator, kernel=res.kernel,
                     sigma2_a=sig[0], sigma2_b=sig[1], batches=batches,
-                    permutations=permutations, seed=seed, device=device)
+                    permutations=permutations, seed=seed, device=device,
+                    memory_budget=memory_budget)
     if not np.allclose(cal.matrix, res.matrix, rtol=1e-9, atol=1e-12, equal_nan=True):
         raise RuntimeError("the calibrated CKA matrix differs from the engine's; please report")
     res.se, res.se_method, res.pr_a, res.pr_b = cal.se, cal.se_method, cal.pr_a, cal.pr_b

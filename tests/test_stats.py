@@ -8,6 +8,7 @@ import torch
 
 from repsim import stats
 from repsim.cka import compare, rbf_bandwidths
+from repsim.errors import UserError, as_flags
 from repsim.sketch import minibatches
 from tests.reference import cka as ref_cka
 from tests.reference import minibatch_cka as ref_minibatch_cka
@@ -272,3 +273,44 @@ def test_participation_ratio_of_isotropic_and_rank_one_data():
 def test_grams_accept_torch_and_numpy_alike():
     x = _gauss(10, 4, 0)
     np.testing.assert_array_equal(stats.grams([x]).numpy(), stats.grams([torch.tensor(x)]).numpy())
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_gram_strips_give_the_whole_grams_numbers(estimator, kernel, monkeypatch):
+    """Strips of 4 rows (dividing neither n = 67 nor the batches of 30, 30 and 7 rows) give
+    every number of the whole Grams, a constant layer's NaN included, and no Gram block
+    taller than a strip is ever formed."""
+    n = 67
+    a = [_gauss(n, 7, 0), _gauss(n, 30, 1) ** 2, np.ones((n, 3))]
+    b = [a[0] @ _gauss(7, 5, 2) + _gauss(n, 5, 3), _gauss(n, 4, 4)]
+    kw = {"estimator": estimator, "kernel": kernel}
+    if estimator == "minibatch":
+        kw["batches"] = minibatches(n, 30, 0)
+        assert sorted(map(len, kw["batches"])) == [7, 30, 30]
+    if kernel == "rbf":  # the constant layer's bandwidth is 0: dead, as in the engine
+        kw["sigma2_a"], kw["sigma2_b"] = rbf_bandwidths(a), rbf_bandwidths(b)
+    whole = stats.calibrate(a, b, **kw, strip=n)
+    blocks, gram = [], stats.gram
+    monkeypatch.setattr(stats, "gram", lambda *x, **k: blocks.append(gram(*x, **k)) or blocks[-1])
+    strips = stats.calibrate(a, b, **kw, strip=4)
+    assert blocks and max(len(g) for g in blocks) == 4
+    assert np.isnan(strips.matrix[2]).all() and np.isnan(strips.se[2]).all()
+    for name in ("matrix", "se", "loo", "pr_a", "pr_b", "biased_null_mean", "rows"):
+        np.testing.assert_allclose(getattr(strips, name), getattr(whole, name), rtol=1e-12,
+                                   atol=1e-14, equal_nan=True, err_msg=name)
+
+
+@pytest.mark.parametrize("estimator, fix", [("debiased", "--estimator 'minibatch'"),
+                                            ("minibatch", "--batch-size")])
+def test_a_permutation_null_beyond_the_memory_budget_is_refused(estimator, fix):
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    batches = [np.arange(40)] if estimator == "minibatch" else None
+    need = stats.NULL_COPIES * 8 * 2 * 40**2  # two layers' Grams of 40 rows, and copies
+    with pytest.raises(UserError, match="permutations=9 needs") as err:
+        stats.calibrate([x], [y], estimator=estimator, batches=batches, permutations=9,
+                        memory_budget=need - 1)
+    assert "\n" not in str(err.value) and fix in as_flags(str(err.value))
+    cal = stats.calibrate([x], [y], estimator=estimator, batches=batches, permutations=9,
+                          memory_budget=need)
+    assert 0 < cal.null["p_value"][0, 0] <= 1
