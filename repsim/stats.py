@@ -189,9 +189,10 @@ def _moments(sa: _Side, sb: _Side) -> list[tuple[torch.Tensor, ...]]:
 
 def _closed_forms(rowdot: torch.Tensor, kr_ab: torch.Tensor, kr_ba: torch.Tensor,
                   da: torch.Tensor, db: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
-                  hollow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  hollow: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``<C(K_a), C(K_b)>`` ``(...)`` on all ``m`` rows and without row ``i`` ``(m, ...)``,
-    from :func:`_moments` (``rowdot = (K_a o K_b 1)_i``; ``d``, ``r``: diagonals and row sums).
+    from :func:`_moments` (``rowdot = (K_a o K_b 1)_i``; ``d``, ``r``: diagonals and row sums),
+    and the size ``(...)`` of the terms that the centring identity cancels (its rounding).
 
     With ``s`` the total and ``u = r_a . r_b``, removing row ``i`` gives ``<K_a, K_b> - 2
     (K_a o K_b 1)_i + d_ai d_bi``, ``s - 2 r_i + d_i`` and ``u - (K_a r_b)_i - (K_b r_a)_i +
@@ -201,10 +202,11 @@ def _closed_forms(rowdot: torch.Tensor, kr_ab: torch.Tensor, kr_ba: torch.Tensor
     dot, u, sa, sb = rowdot.sum(0), (ra * rb).sum(0), ra.sum(0), rb.sum(0)
     a, b = centring(hollow, m)
     whole = dot - 2 * a * u + b * sa * sb
+    size = dot.abs() + 2 * a * u.abs() + b * (sa * sb).abs()
     a, b = centring(hollow, m - 1)
     dot_i = dot - 2 * rowdot + da * db
     u_i = u - kr_ab - kr_ba + rowdot - (ra - da) * (rb - db)
-    return whole, dot_i - 2 * a * u_i + b * (sa - 2 * ra + da) * (sb - 2 * rb + db)
+    return whole, dot_i - 2 * a * u_i + b * (sa - 2 * ra + da) * (sb - 2 * rb + db), size
 
 
 def jackknife_se(loo: np.ndarray) -> np.ndarray:
@@ -291,6 +293,10 @@ class Calibration:
     biased_null_mean: np.ndarray  # sqrt(PR_a PR_b) / (m - 1), m the rows per Gram
     rows: np.ndarray  # (n',) the row numbers of ``loo``
     loo: np.ndarray  # (n', La, Lb): CKA without row ``rows[k]``
+    # (La, Lb): a bound on float64 rounding in ``matrix``. An HSIC is a difference of sums that
+    # can far exceed it (RBF: the Grams' mean): eps times the cell's condition number (those
+    # sums over the HSICs), times m, the length of a row sum (the recursive-summation bound).
+    rounding: np.ndarray
     null: dict[str, np.ndarray] = field(default_factory=dict)  # p_value, null_mean, null_q95
 
     def influence(self, i: int, j: int, k: int) -> list[tuple[int, float]]:
@@ -346,11 +352,36 @@ def _side(mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
 
 def _batch(sides: list[_Side], hollow: bool):
     """HSIC terms of one batch, unscaled: ``[(La, Lb), (La,), (Lb,)]``, the same without each
-    row ``[(m, La, Lb), (m, La), (m, Lb)]``, and the participation ratios ``(La,)``, ``(Lb,)``."""
+    row ``[(m, La, Lb), (m, La), (m, Lb)]``, their sizes (:func:`_closed_forms`) like the
+    first, and the participation ratios ``(La,)``, ``(Lb,)``."""
     moments = _moments(*sides)
     pr = [_participation(s, x[0].sum(0)) for s, x in zip(sides, moments[1:])]
-    whole, loo = zip(*(_closed_forms(*x, hollow) for x in moments))
-    return [x.cpu().numpy() for x in whole], [x.cpu().numpy() for x in loo], pr
+    forms = zip(*(_closed_forms(*x, hollow) for x in moments))
+    return *([x.cpu().numpy() for x in f] for f in forms), pr
+
+
+def _jackknife(terms: list[list[np.ndarray]], loos: list[list[np.ndarray]]):
+    """``(matrix, se, se_method, loo)`` from each batch's HSIC terms and their leave-one-out
+    (:func:`_batch`, scaled)."""
+    per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
+    total = [x.sum(0) for x in per_batch]
+    # Without image i of batch b: the totals with batch b's terms replaced by its leave-one-out.
+    loo = np.concatenate([normalise(*(t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)))
+                          for b, loo_b in enumerate(loos)])
+    if len(terms) >= MIN_JACKKNIFE_BATCHES:
+        se = jackknife_se(normalise(*(t - x for t, x in zip(total, per_batch))))
+        return normalise(*total), se, "delete-one-batch", loo
+    return normalise(*total), jackknife_se(loo), "delete-one-image", loo
+
+
+def _rounding(terms: list[list[np.ndarray]], sizes: list[list[np.ndarray]],
+              cka: np.ndarray, m: int) -> np.ndarray:
+    """:attr:`Calibration.rounding` ``(La, Lb)`` from each batch's HSIC terms and sizes."""
+    (hab, haa, hbb), (sab, saa, sbb) = ([sum(x) for x in zip(*t)] for t in (terms, sizes))
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, like its CKA
+        cond = (sab / np.sqrt(np.outer(haa, hbb))
+                + np.abs(cka) * (saa / haa)[:, None] / 2 + np.abs(cka) * (sbb / hbb)[None] / 2)
+    return np.finfo(np.float64).eps * m * cond
 
 
 def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiased",
@@ -372,17 +403,18 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
     if permutations:
         check_null_fits(permutations, estimator, batches, layers, budget)
-    terms, loos, pr_a, pr_b, ca, cb = [], [], 0.0, 0.0, [], []
+    terms, loos, sizes, pr_a, pr_b, ca, cb = [], [], [], 0.0, 0.0, [], []
     for rows in batches:
         m = len(rows)
         each = m if permutations else strip or strip_rows(m, layers, budget)
         sides = [_side(mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
                  for mats, sig in ((mats_a, sigma2_a), (mats_b, sigma2_b))]
-        whole, loo, pr = _batch(sides, hollow)
+        whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
         w, w_loo = hsic_scale(hollow, m), hsic_scale(hollow, m - 1)
         terms.append([x * w for x in whole])
         loos.append([x * w_loo for x in loo])
+        sizes.append([x * w for x in size])
         pr_a, pr_b = pr_a + pr[0], pr_b + pr[1]
         if permutations:  # sqrt(w) on each side: every inner product carries w
             for c, side in ((ca, sides[0]), (cb, sides[1])):
@@ -390,21 +422,12 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
                     centre(x, estimator)
                 c.append(side.k.mul_(math.sqrt(w)))
         del sides
-    per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
-    total = [x.sum(0) for x in per_batch]
-    # Without image i of batch b: the totals with batch b's terms replaced by its leave-one-out.
-    loo = np.concatenate([normalise(*(t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)))
-                          for b, loo_b in enumerate(loos)])
-    if len(batches) >= MIN_JACKKNIFE_BATCHES:
-        method = "delete-one-batch"
-        se = jackknife_se(normalise(*(t - x for t, x in zip(total, per_batch))))
-    else:
-        method, se = "delete-one-image", jackknife_se(loo)
+    matrix, se, method, loo = _jackknife(terms, loos)
     m = max(len(r) for r in batches)
     pr_a, pr_b = (pr_a / len(batches)).cpu().numpy(), (pr_b / len(batches)).cpu().numpy()
-    cal = Calibration(normalise(*total), se, method, pr_a, pr_b,
+    cal = Calibration(matrix, se, method, pr_a, pr_b,
                       np.sqrt(pr_a[:, None] * pr_b[None, :]) / (m - 1),
-                      np.concatenate(batches), loo)
+                      np.concatenate(batches), loo, _rounding(terms, sizes, matrix, m))
     if permutations:
         cal.null = permutation_null(ca, cb, cal.matrix, permutations, seed)
     return cal
@@ -427,7 +450,9 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
                     sigma2_a=sig[0], sigma2_b=sig[1], batches=batches,
                     permutations=permutations, seed=seed, device=device,
                     memory_budget=memory_budget)
-    if not np.allclose(cal.matrix, res.matrix, rtol=1e-9, atol=1e-12, equal_nan=True):
+    # The engine sums the same terms in another order: equal up to their rounding.
+    tol = np.nan_to_num(1e-12 + 1e-9 * np.abs(res.matrix) + cal.rounding)  # NaN: dead layers
+    if not np.isclose(cal.matrix, res.matrix, rtol=0, atol=tol, equal_nan=True).all():
         raise RuntimeError("the calibrated CKA matrix differs from the engine's; please report")
     res.se, res.se_method, res.pr_a, res.pr_b = cal.se, cal.se_method, cal.pr_a, cal.pr_b
     res.biased_null_mean = cal.biased_null_mean

@@ -11,6 +11,7 @@ from repsim.cka import compare, rbf_bandwidths
 from repsim.errors import UserError, as_flags
 from repsim.sketch import minibatches
 from tests.reference import cka as ref_cka
+from tests.reference import gram_rbf as ref_gram_rbf
 from tests.reference import minibatch_cka as ref_minibatch_cka
 
 
@@ -314,3 +315,28 @@ def test_a_permutation_null_beyond_the_memory_budget_is_refused(estimator, fix):
     cal = stats.calibrate([x], [y], estimator=estimator, batches=batches, permutations=9,
                           memory_budget=need)
     assert 0 < cal.null["p_value"][0, 0] <= 1
+
+
+def _u_centred(k):
+    """Song et al.'s U-centring entry by entry: no large sums cancel (unlike the identity)."""
+    m, k = len(k), k.copy()
+    np.fill_diagonal(k, 0)
+    r = k.sum(1)
+    c = k - (r[:, None] + r[None, :]) / (m - 2) + r.sum() / ((m - 1) * (m - 2))
+    np.fill_diagonal(c, 0)
+    return c
+
+
+def test_a_wide_rbf_bandwidth_passes_the_engine_cross_check_within_rounding():
+    """threshold=100: the Grams are nearly constant, so the centring identity cancels sums some
+    1e9 times the HSIC, in the engine and here alike, each in its own order: calibrate_result's
+    cross-check (1e-12) raised. Both stay within the rounding bound of the exact value."""
+    x, y = _gauss(50, 30, 2), _gauss(50, 20, 3)
+    res = compare([x], [y], kernel="rbf", estimator="debiased", threshold=100)
+    sig = [[1e4 * v for v in b] for b in (res.bandwidths_a, res.bandwidths_b)]
+    cal = stats.calibrate([x], [y], kernel="rbf", sigma2_a=sig[0], sigma2_b=sig[1])
+    ca, cb = (_u_centred(ref_gram_rbf(z, threshold=100)) for z in (x, y))
+    exact = (ca * cb).sum() / np.sqrt((ca * ca).sum() * (cb * cb).sum())
+    assert abs(cal.matrix[0, 0] - exact) <= cal.rounding[0, 0] < 1e-3
+    assert abs(res.matrix[0, 0] - exact) <= cal.rounding[0, 0]
+    stats.calibrate_result(res, [x], [y])  # no RuntimeError
