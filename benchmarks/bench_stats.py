@@ -6,13 +6,15 @@ images, synthetic float32 features of width ``--p``. Timed side by side in one p
 - ``cka``: the CKA matrix alone (:func:`repsim.cka.compare`, debiased);
 - ``calibrate``: the matrix with its closed-form jackknife SE and participation ratios
   (:func:`repsim.stats.calibrate`); goal: at most 2x ``cka``;
+- ``calibrate_strips``: the same read in Gram strips of ``--strip`` rows, as when the whole
+  Grams do not fit the memory budget (:func:`repsim.stats.strip_rows`);
 - ``permutations``: the same plus a 999-permutation null per cell; goal: within 30 s;
 - baselines: the brute-force jackknife (n recomputations of the matrix) and a brute-force
   permutation null (one recomputation per permutation), each timed on ``--brute`` runs and
   extrapolated linearly (every run costs the same).
 
 Usage: python benchmarks/bench_stats.py [--n 1000] [--p 2048] [--permutations 999]
-       [--repeat 3] [--out benchmarks/out/stats.json]
+       [--repeat 3] [--strip 256] [--out benchmarks/out/stats.json]
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ def main() -> None:
     ap.add_argument("--permutations", type=int, default=999)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--brute", type=int, default=5, help="brute-force runs to extrapolate from")
+    ap.add_argument("--strip", type=int, default=256, help="rows per Gram strip")
     ap.add_argument("--out", default="benchmarks/out/stats.json")
     args = ap.parse_args()
     a, b = layers(args.n, args.p, 7, 0), layers(args.n, args.p, 5, 1)
     rows = {}
     rows["cka"] = best(lambda: compare(a, b, estimator="debiased"), args.repeat)
     rows["calibrate"] = best(lambda: stats.calibrate(a, b, estimator="debiased"), args.repeat)
+    rows["calibrate_strips"] = best(lambda: stats.calibrate(a, b, estimator="debiased",
+                                                            strip=args.strip), args.repeat)
     rows["permutations"] = best(lambda: stats.calibrate(
         a, b, estimator="debiased", permutations=args.permutations), 1)
     rng = np.random.default_rng(0)
@@ -76,6 +81,7 @@ def main() -> None:
     rows["brute_jackknife"] = best(lambda: [brute_loo() for _ in range(args.brute)],
                                    1) / args.brute * args.n
     res = {"n": args.n, "p": args.p, "grid": [7, 5], "permutations": args.permutations,
+           "strip": args.strip,
            "seconds": rows, "calibrate_over_cka": rows["calibrate"] / rows["cka"],
            "permutation_null_seconds": rows["permutations"] - rows["calibrate"],
            "machine": platform.processor() or platform.machine(),

@@ -310,7 +310,7 @@ class Calibration:
 # the products' reordered copies, headroom); otherwise strips of as many rows as fit.
 WORK_COPIES = 4
 # The permutation null holds every batch's centred Grams and its own reordered copies of
-# them: peak memory about this many times the Grams (measured at n = 2,000, 3 + 2 layers).
+# them: peak memory about this many times the Grams (2.6 measured at n = 2,000, 3 + 2 layers).
 NULL_COPIES = 3
 
 
