@@ -333,8 +333,8 @@ def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray]
     fix = ("a smaller batch_size= or fewer images (n=)" if estimator == "minibatch" else
            "estimator='minibatch' (batches of 1,024 rows) or fewer images (n=)")
     raise UserError(f"permutations={permutations} needs every batch's centred Grams in memory, "
-                    f"about {need / 2**30:.1f} GiB for {layers} layers of {m} rows per batch; "
-                    f"valid: at most the memory budget, {budget / 2**30:.1f} GiB (a quarter of "
+                    f"about {need / 2**20:,.0f} MiB for {layers} layers of {m} rows per batch; "
+                    f"valid: at most the memory budget, {budget / 2**20:,.0f} MiB (a quarter of "
                     f"the device's memory unless memory_budget is given); fix: use {fix}, or "
                     "permutations=0 for standard errors alone")
 
