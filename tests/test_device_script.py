@@ -175,3 +175,43 @@ def test_stage_3_trains_every_tiny_vit_and_collect_returns_them(smoke, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     tiny = _unpack(root / "collect_tiny", "tinyvit", tmp_path)
     assert sorted(p.stem for p in tiny.glob("*.pt")) == TINY_RUNS
+
+
+THIRD = REPO / "benchmarks" / "out" / "device_2026-11-28_third"
+
+
+def _script_funcs(*names: str) -> str:
+    text = SCRIPT.read_text()
+    return "\n".join(text[text.index(f"{name}() {{"):].split("\n}\n", 1)[0] + "\n}"
+                     for name in names)
+
+
+def _measured(log: str, summary: str) -> tuple[float, float, float]:
+    """A run of the third GPU window: its first epoch (compiling), its later epochs' mean and
+    the seconds spent outside epochs (loading, evaluations, snapshots), in seconds."""
+    rows = [json.loads(ln) for ln in (THIRD / log).read_text().splitlines()]
+    total = json.loads((THIRD / summary).read_text())["seconds"]
+    spent = [r["seconds"] for r in rows]
+    return spent[0], sum(spent[1:]) / (len(spent) - 1), total - sum(spent)
+
+
+def test_stage_1_default_epochs_finish_their_schedule_inside_the_window():
+    # A schedule cut by the time limit ends at a high learning rate. At the third window's
+    # measured speed (compiling 40 s, 3.26 s an epoch alone, 42 s of loading and evaluations)
+    # 140 ViT epochs needed ~535 s of the 484 s stage 1 gets (560 s budget, 16 s set-up, 60 s
+    # kept), and the ResNet's 100 epochs ~260 s of the 164 s of a DEVICE_BUDGET_S=240 call.
+    funcs = _script_funcs("recipe_epochs", "stage1_epochs")
+    run = subprocess.run(
+        ["bash", "-c", funcs + "\nstage1_epochs vit fast-vit-aa 484; "
+         "stage1_epochs resnet fast-resnet-aa 394; stage1_epochs resnet fast-resnet-aa 164"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    vit, res_shared, res_alone = map(int, run.stdout.split())
+    first, _, rest = _measured("log_vit_cifar_lr1e-3.jsonl", "train_vit_cifar_lr1e-3.json")
+    _, alone, _ = _measured("log_vit_cifar_lr3e-4.jsonl", "train_vit_cifar_lr3e-4.json")
+    assert first + (vit - 1) * alone + rest <= 484 - 1.1 * alone  # the time limit's margin
+    assert vit >= 100
+    first, epoch, rest = _measured("log_resnet18_cifar.jsonl", "train_resnet18_cifar.json")
+    assert res_shared == 100  # the recipe's epochs fit beside the ViT (they took 258 s)
+    assert first + (res_alone - 1) * epoch + rest <= 164 - 1.1 * epoch
