@@ -16,7 +16,8 @@
 # `STAGES=1 RESNET_RECIPE=none` gives the ViT the whole window), VIT_EPOCHS and RESNET_EPOCHS
 # (default: what ends inside stage 1 at the H200's measured speed, at most the recipe's; the
 # ViT alone at the default budget: 116, about 3.3 s an epoch after 100 s of loading, compiling
-# and evaluating; the ResNet alone with DEVICE_BUDGET_S=240: 51 of its 100), PYTHON (default python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
+# and evaluating; the ResNet alone with DEVICE_BUDGET_S=240: 51 of its 100), PYTHON (default
+# python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
 # packed tree, default .device/cifar10.tar.xz), DEVICE_BUDGET_S (the guard, default 560 s:
 # packaged well inside 10 minutes; the 2026-11-28 window: 521 s of 560, machine start 37 s), DEVICE_WORK (scratch, default .device/run), DEVICE_BENCH
 # (0 skips the benchmarks), TINYVIT_S (seconds kept from stage 2 for stage 3, default 0:
@@ -48,6 +49,13 @@ mkdir -p "$OUT"
 LOG=$OUT/device.log
 say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+# --time-limit stops a run between epochs; a run still going GRACE_S seconds after its limit
+# (a stuck compile, an epoch far slower than the last) is killed, keeping its last save, so the
+# script still packages before the guard. Not in a smoke run (0: no limit): a slow CPU.
+GRACE_S=30
+hard() {  # hard SECONDS: the seconds after which a run of SECONDS is killed
+    [ "$SMOKE" = 1 ] && echo 0 || echo $(( ($1 > 12 ? $1 : 12) + GRACE_S ))
+}
 minutes() { "$PYTHON" -c "print(max(0.2, ($1) / 60))"; }  # seconds -> minutes, at least 0.2
 upto() {  # upto EPOCHS N: the comma-separated EPOCHS <= N (a shorter run refuses the rest)
     "$PYTHON" -c 'import sys; print(",".join(e for e in sys.argv[1].split(",") if int(e) <= int(sys.argv[2])))' "$1" "$2"
@@ -148,8 +156,9 @@ if stage 1; then
         shift 4
         # recipe none: nothing to train, but the caller's `wait $!` needs a finished process
         if [ "$recipe" = none ]; then say "$name: not trained (recipe none)"; true & return; fi
-        "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
-            --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
+        timeout "$(hard "$secs")" "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" \
+            --out "$CK/$name.pt" --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" \
+            "${COMMON[@]}" "$@" \
             > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
     }
     train vit_cifar vit_cifar "$VIT_RECIPE" "$STAGE1" "${VIT_EXTRA[@]}"
@@ -208,8 +217,9 @@ if stage 2 && { [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; }; t
                 --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
         else
-            "$PYTHON" -m repsim train --model vit_cifar --recipe "$SCALE_RECIPE" --train-fraction \
-                "$f" --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
+            timeout "$(hard "$SCALE")" "$PYTHON" -m repsim train --model vit_cifar \
+                --recipe "$SCALE_RECIPE" --train-fraction "$f" \
+                --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
                 --eval-every 20 --time-limit "$(minutes "$SCALE")" --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
         fi
@@ -253,8 +263,9 @@ if stage 3 && { [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; }; then
             EXTRA=(--compile --eval-every 25 --epochs "${TINYVIT_PASSES:-300}"
                    --time-limit "$(minutes "$TINY_S")")
         fi
-        env "${ENVS[@]}" "$PYTHON" -m repsim train --model "$model" --recipe tinyvit --seed "$seed" \
-            --out "$WORK/tinyvit/$name.pt" --run-dir "$RUNS/tiny_$name" --data-root "$DATA" \
+        env "${ENVS[@]}" timeout "$(hard "$TINY_S")" "$PYTHON" -m repsim train --model "$model" \
+            --recipe tinyvit --seed "$seed" --out "$WORK/tinyvit/$name.pt" \
+            --run-dir "$RUNS/tiny_$name" --data-root "$DATA" \
             --json "${EXTRA[@]}" > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
         PIDS+=($!)
     done

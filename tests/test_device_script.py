@@ -215,3 +215,25 @@ def test_stage_1_default_epochs_finish_their_schedule_inside_the_window():
     first, epoch, rest = _measured("log_resnet18_cifar.jsonl", "train_resnet18_cifar.json")
     assert res_shared == 100  # the recipe's epochs fit beside the ViT (they took 258 s)
     assert first + (res_alone - 1) * epoch + rest <= 164 - 1.1 * epoch
+
+
+@pytest.mark.slow
+def test_a_training_run_that_overstays_is_stopped_and_the_rest_packaged(packed, tmp_path):
+    # --time-limit is checked between epochs only: a run that hangs (a stuck compile, an epoch
+    # far slower than the last) must not keep the script past its guard, or nothing comes back.
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n"
+                    '[ "$1 $2 $3" = "-m repsim train" ] && exec sleep 1000\n'
+                    '[ "$1 $2" = "-m pip" ] && exit 0\n'
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    budget = 100
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
+           "STAGES": "1", "RESNET_RECIPE": "none", "DEVICE_BUDGET_S": str(budget)}
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                         timeout=3 * budget)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "vit_cifar: exit 124" in run.stdout
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["vit_cifar"] is None
+    assert (tmp_path / "out" / "SHA256SUMS").read_text().strip()
