@@ -13,9 +13,11 @@
 #
 # Environment: VIT_RECIPE (default fast-vit-aa), RESNET_RECIPE (default fast-resnet-aa; "none"
 # skips a model: the third window's fast-vit-aa reached 77.6 % in 59 epochs alone, and
-# `STAGES=1 RESNET_RECIPE=none` gives the ViT's 140 epochs the whole window), VIT_EPOCHS
-# (default 140: 3.1 s an epoch alone on the H200, plus about 30 s of compiling),
-# PYTHON (default python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
+# `STAGES=1 RESNET_RECIPE=none` gives the ViT the whole window), VIT_EPOCHS and RESNET_EPOCHS
+# (default: what ends inside stage 1 at the H200's measured speed, at most the recipe's; the
+# ViT alone at the default budget: 116, about 3.3 s an epoch after 100 s of loading, compiling
+# and evaluating; the ResNet alone with DEVICE_BUDGET_S=240: 51 of its 100), PYTHON (default
+# python3), OUT (default .device/out), REPSIM_CIFAR_TAR (the
 # packed tree, default .device/cifar10.tar.xz), DEVICE_BUDGET_S (the guard, default 560 s:
 # packaged well inside 10 minutes; the 2026-11-28 window: 521 s of 560, machine start 37 s), DEVICE_WORK (scratch, default .device/run), DEVICE_BENCH
 # (0 skips the benchmarks), TINYVIT_S (seconds kept from stage 2 for stage 3, default 0:
@@ -47,12 +49,29 @@ mkdir -p "$OUT"
 LOG=$OUT/device.log
 say() { echo "[$(($(date +%s) - T0)) s] $*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+# --time-limit stops a run between epochs; a run still going GRACE_S seconds after its limit
+# (a stuck compile, an epoch far slower than the last) is killed, keeping its last save, so the
+# script still packages before the guard. Not in a smoke run (0: no limit): a slow CPU.
+GRACE_S=30
+hard() {  # hard SECONDS: the seconds after which a run of SECONDS is killed
+    [ "$SMOKE" = 1 ] && echo 0 || echo $(( ($1 > 12 ? $1 : 12) + GRACE_S ))
+}
 minutes() { "$PYTHON" -c "print(max(0.2, ($1) / 60))"; }  # seconds -> minutes, at least 0.2
 upto() {  # upto EPOCHS N: the comma-separated EPOCHS <= N (a shorter run refuses the rest)
     "$PYTHON" -c 'import sys; print(",".join(e for e in sys.argv[1].split(",") if int(e) <= int(sys.argv[2])))' "$1" "$2"
 }
 recipe_epochs() {  # recipe_epochs NAME: the recipe's planned epochs (0 for none or unknown)
     "$PYTHON" -c 'import sys; from repsim.recipes import RECIPES; r = RECIPES.get(sys.argv[1]); print(r.epochs if r else 0)' "$1"
+}
+stage1_epochs() {  # stage1_epochs vit|resnet RECIPE SECONDS: the most epochs, at most the recipe's
+    # (0 for none), whose run ends within SECONDS, so the schedule runs to its end (a cut one
+    # ends at a high learning rate). Measured on the H200 (benchmarks/out/
+    # device_2026-11-28_third): seconds an epoch and seconds outside the epochs (loading
+    # 25-30 s, the ViT's compiling 37 s, evaluations, snapshots); the ResNet's epochs as they
+    # ran beside the ViT (alone: faster).
+    local cost="3.3 100"
+    [ "$1" = resnet ] && cost="2.2 50"
+    "$PYTHON" -c 'import sys; e, f = map(float, sys.argv[1].split()); s, n = float(sys.argv[2]), int(sys.argv[3]); print(min(n, max(1, int((s - f) / e))))' "$cost" "$3" "$(recipe_epochs "$2")"
 }
 
 package() {  # package DIR NAME: DIR as NAME.tar, split into parts, sums appended
@@ -111,35 +130,37 @@ fi
 
 # ---------------------------------------------------------------- stage 1: the two models
 if stage 1; then
-    if [ "$SMOKE" = 1 ]; then
-        COMMON=(--data-root "$DATA" --json --train-fraction 0.02 --epochs 1)
-        VIT_EXTRA=(--snapshots 0,1) RES_EXTRA=(--snapshots 0,1)
-    else
-        # Snapshots (roughly log-spaced epochs) feed the training-dynamics figure, built on this
-        # machine below: they are too large to travel. VIT_EPOCHS: the whole cosine schedule must
-        # fit the window (a cut schedule ends at a high learning rate); fast-vit-aa ran 3.1 s an
-        # epoch alone on the H200, so 140 fit after compiling when the ViT has the GPU alone.
-        COMMON=(--data-root "$DATA" --json)
-        VE=${VIT_EPOCHS:-140}
-        SNAPS=0,1,2,5,10,20,50,100
-        VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "$(upto $SNAPS "$VE"),$VE")
-        RES_EXTRA=(--eval-every 5 --snapshots "$(upto $SNAPS "$(recipe_epochs "$RESNET_RECIPE")")")
-    fi
-    train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
-        local name=$1 model=$2 recipe=$3 secs=$4
-        shift 4
-        # recipe none: nothing to train, but the caller's `wait $!` needs a finished process
-        if [ "$recipe" = none ]; then say "$name: not trained (recipe none)"; true & return; fi
-        "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" --out "$CK/$name.pt" \
-            --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" "${COMMON[@]}" "$@" \
-            > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
-    }
     # The ResNet trains on the GPU while the ViT compiles; both must end 150 s before the guard
     # (final evaluation 35 s, the dynamics figure 60 s on the H200, packaging), or 60 s when one
     # model is not trained (no dynamics figure: it needs both).
     DYNAMICS=1
     [ "$VIT_RECIPE" = none ] || [ "$RESNET_RECIPE" = none ] && DYNAMICS=0
     STAGE1=$(($(left) - (DYNAMICS ? 150 : 60)))
+    if [ "$SMOKE" = 1 ]; then
+        COMMON=(--data-root "$DATA" --json --train-fraction 0.02 --epochs 1)
+        VIT_EXTRA=(--snapshots 0,1) RES_EXTRA=(--snapshots 0,1)
+    else
+        # Snapshots (roughly log-spaced epochs) feed the training-dynamics figure, built on this
+        # machine below: they are too large to travel. VIT_EPOCHS, RESNET_EPOCHS: by default
+        # what fits STAGE1 (stage1_epochs), so the whole schedule runs.
+        COMMON=(--data-root "$DATA" --json)
+        VE=${VIT_EPOCHS:-$(stage1_epochs vit "$VIT_RECIPE" "$STAGE1")}
+        RE=${RESNET_EPOCHS:-$(stage1_epochs resnet "$RESNET_RECIPE" "$STAGE1")}
+        SNAPS=0,1,2,5,10,20,50,100
+        VIT_EXTRA=(--compile --eval-every 10 --epochs "$VE" --snapshots "$(upto $SNAPS "$VE"),$VE")
+        RES_EXTRA=(--eval-every 5 --epochs "$RE" --snapshots "$(upto $SNAPS "$RE"),$RE")
+        say "stage 1: $STAGE1 s; vit_cifar $VE epochs, resnet18_cifar $RE epochs"
+    fi
+    train() {  # train NAME MODEL RECIPE SECONDS [extra...]: background run, JSON summary in LOGS
+        local name=$1 model=$2 recipe=$3 secs=$4
+        shift 4
+        # recipe none: nothing to train, but the caller's `wait $!` needs a finished process
+        if [ "$recipe" = none ]; then say "$name: not trained (recipe none)"; true & return; fi
+        timeout "$(hard "$secs")" "$PYTHON" -m repsim train --model "$model" --recipe "$recipe" \
+            --out "$CK/$name.pt" --run-dir "$RUNS/$name" --time-limit "$(minutes "$secs")" \
+            "${COMMON[@]}" "$@" \
+            > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
+    }
     train vit_cifar vit_cifar "$VIT_RECIPE" "$STAGE1" "${VIT_EXTRA[@]}"
     VIT=$!
     train resnet18_cifar resnet18_cifar "$RESNET_RECIPE" "$STAGE1" "${RES_EXTRA[@]}"
@@ -196,8 +217,9 @@ if stage 2 && { [ "$(left)" -ge $((300 + TINYVIT_S)) ] || [ "$SMOKE" = 1 ]; }; t
                 --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
         else
-            "$PYTHON" -m repsim train --model vit_cifar --recipe "$SCALE_RECIPE" --train-fraction \
-                "$f" --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
+            timeout "$(hard "$SCALE")" "$PYTHON" -m repsim train --model vit_cifar \
+                --recipe "$SCALE_RECIPE" --train-fraction "$f" \
+                --out "$WORK/scale/vit_cifar_frac$f.pt" --run-dir "$RUNS/frac$f" --compile \
                 --eval-every 20 --time-limit "$(minutes "$SCALE")" --data-root "$DATA" --json \
                 > "$LOGS/train_frac$f.json" 2> "$LOGS/train_frac$f.err" &
         fi
@@ -241,8 +263,9 @@ if stage 3 && { [ "$(left)" -ge 240 ] || [ "$SMOKE" = 1 ]; }; then
             EXTRA=(--compile --eval-every 25 --epochs "${TINYVIT_PASSES:-300}"
                    --time-limit "$(minutes "$TINY_S")")
         fi
-        env "${ENVS[@]}" "$PYTHON" -m repsim train --model "$model" --recipe tinyvit --seed "$seed" \
-            --out "$WORK/tinyvit/$name.pt" --run-dir "$RUNS/tiny_$name" --data-root "$DATA" \
+        env "${ENVS[@]}" timeout "$(hard "$TINY_S")" "$PYTHON" -m repsim train --model "$model" \
+            --recipe tinyvit --seed "$seed" --out "$WORK/tinyvit/$name.pt" \
+            --run-dir "$RUNS/tiny_$name" --data-root "$DATA" \
             --json "${EXTRA[@]}" > "$LOGS/train_$name.json" 2> "$LOGS/train_$name.err" &
         PIDS+=($!)
     done

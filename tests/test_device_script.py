@@ -175,3 +175,65 @@ def test_stage_3_trains_every_tiny_vit_and_collect_returns_them(smoke, tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     tiny = _unpack(root / "collect_tiny", "tinyvit", tmp_path)
     assert sorted(p.stem for p in tiny.glob("*.pt")) == TINY_RUNS
+
+
+THIRD = REPO / "benchmarks" / "out" / "device_2026-11-28_third"
+
+
+def _script_funcs(*names: str) -> str:
+    text = SCRIPT.read_text()
+    return "\n".join(text[text.index(f"{name}() {{"):].split("\n}\n", 1)[0] + "\n}"
+                     for name in names)
+
+
+def _measured(log: str, summary: str) -> tuple[float, float, float]:
+    """A run of the third GPU window: its first epoch (compiling), its later epochs' mean and
+    the seconds spent outside epochs (loading, evaluations, snapshots), in seconds."""
+    rows = [json.loads(ln) for ln in (THIRD / log).read_text().splitlines()]
+    total = json.loads((THIRD / summary).read_text())["seconds"]
+    spent = [r["seconds"] for r in rows]
+    return spent[0], sum(spent[1:]) / (len(spent) - 1), total - sum(spent)
+
+
+def test_stage_1_default_epochs_finish_their_schedule_inside_the_window():
+    # A schedule cut by the time limit ends at a high learning rate. At the third window's
+    # measured speed (compiling 40 s, 3.26 s an epoch alone, 42 s of loading and evaluations)
+    # 140 ViT epochs needed ~535 s of the 484 s stage 1 gets (560 s budget, 16 s set-up, 60 s
+    # kept), and the ResNet's 100 epochs ~260 s of the 164 s of a DEVICE_BUDGET_S=240 call.
+    funcs = _script_funcs("recipe_epochs", "stage1_epochs")
+    run = subprocess.run(
+        ["bash", "-c", funcs + "\nstage1_epochs vit fast-vit-aa 484; "
+         "stage1_epochs resnet fast-resnet-aa 394; stage1_epochs resnet fast-resnet-aa 164"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr
+    vit, res_shared, res_alone = map(int, run.stdout.split())
+    first, _, rest = _measured("log_vit_cifar_lr1e-3.jsonl", "train_vit_cifar_lr1e-3.json")
+    _, alone, _ = _measured("log_vit_cifar_lr3e-4.jsonl", "train_vit_cifar_lr3e-4.json")
+    assert first + (vit - 1) * alone + rest <= 484 - 1.1 * alone  # the time limit's margin
+    assert vit >= 100
+    first, epoch, rest = _measured("log_resnet18_cifar.jsonl", "train_resnet18_cifar.json")
+    assert res_shared == 100  # the recipe's epochs fit beside the ViT (they took 258 s)
+    assert first + (res_alone - 1) * epoch + rest <= 164 - 1.1 * epoch
+
+
+@pytest.mark.slow
+def test_a_training_run_that_overstays_is_stopped_and_the_rest_packaged(packed, tmp_path):
+    # --time-limit is checked between epochs only: a run that hangs (a stuck compile, an epoch
+    # far slower than the last) must not keep the script past its guard, or nothing comes back.
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n"
+                    '[ "$1 $2 $3" = "-m repsim train" ] && exec sleep 1000\n'
+                    '[ "$1 $2" = "-m pip" ] && exit 0\n'
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    budget = 100
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
+           "STAGES": "1", "RESNET_RECIPE": "none", "DEVICE_BUDGET_S": str(budget)}
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                         timeout=3 * budget)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "vit_cifar: exit 124" in run.stdout
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["vit_cifar"] is None
+    assert (tmp_path / "out" / "SHA256SUMS").read_text().strip()
