@@ -25,7 +25,7 @@ class ReductionError(ValueError):
 
 def _check(how: str | None) -> None:
     if how is not None and how not in REDUCTIONS:
-        raise ValueError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
+        raise UserError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
 
 
 def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:

@@ -84,6 +84,17 @@ def test_non_positive_batch_size_is_one_user_error(batch_size):
         repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=batch_size)
 
 
+@pytest.mark.parametrize("call", ["extract", "capture"])
+def test_an_unknown_reduction_is_one_user_error(call):
+    # repsim.extract(net, x, layers=..., reduce="pool") raised a bare ValueError.
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match="reduce='pool' is unknown; valid: flatten, mean"):
+        if call == "extract":
+            repsim.extract(net, torch.rand(3, 4), layers="0", reduce="pool")
+        else:
+            repsim.capture(net, ["0"], reduce="pool")
+
+
 class _Gated(nn.Module):
     """Runs ``b`` only on batches whose sum is positive."""
 

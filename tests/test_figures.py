@@ -478,6 +478,19 @@ def test_unavailable_weights_skip_that_figure_in_one_line_and_build_the_rest(stu
     assert not (study / "figures" / "imagenet.png").exists()
 
 
+@pytest.mark.parametrize("kind, models", [
+    ("best_match", 'pairs = [["vit_cifar", {model = "resnet18_cifar", weights = "gone.pt"}]]'),
+    ("cka_grid", 'models = ["vit_cifar", {model = "resnet18_cifar", weights = "gone.pt"}]')])
+def test_a_missing_model_skips_the_figure_before_any_store_is_extracted(study, kind, models):
+    """make demo offline: best_match_imagenet names vit_cifar before vit_imagenet, whose
+    weights are not here; the figure is skipped without first extracting vit_cifar's store."""
+    write(study / "analyses", "gone", f'kind = "{kind}"\n{models}\n' + PROBE)
+    out = build_all(study / "analyses", study / "figures", only=["gone"], progress=False)
+    assert [e["name"] for e in out["skipped"]] == ["gone"]
+    assert "gone.pt" in out["skipped"][0]["reason"]
+    assert not list((study / "cache").glob("stores/*.h5"))
+
+
 def test_data_scale_builds_from_the_fractions_present_and_names_the_missing_ones(study):
     write(study / "analyses", "scale", 'kind = "data_scale"\nbases = ["vit_cifar", '
           '"resnet18_cifar"]\n' + PROBE)  # default: {base}_frac*, fractions 0.1, 0.25, 0.5

@@ -3,6 +3,8 @@
 The rules, in README order:
 - ```python blocks run in this process, each in a fresh namespace, in a temporary working
   folder (``REPSIM_CACHE`` and ``REPSIM_FIGURES`` inside it) with the committed checkpoints.
+  A line whose comment starts with a shape of numbers (``m = ...  # (2, 2) float64``) must
+  give a value of that shape (and dtype, when one follows).
   A block right after ``<!-- readme-test: continue -->`` runs in the namespace of the python
   block before it; every other block must be self-contained.
 - ```bash / ```sh blocks run with ``bash -e``, each in its own such folder, with ``repsim``
@@ -20,6 +22,7 @@ The rules, in README order:
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -116,6 +119,7 @@ def workdir(tmp_path, monkeypatch):
     """A fresh working folder with private cache and figures, and the committed checkpoints."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REPSIM_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("REPSIM_CHECKPOINTS", raising=False)
     return tmp_path
 
@@ -132,15 +136,58 @@ def _python_runs() -> list[list[Block]]:
     return runs
 
 
+_SHAPE = re.compile(r"#\s*\((\d+(?:,\s*\d+)*),?\)(?:\s+(\w+))?")
+
+
+def with_shape_checks(code: str) -> str:
+    """``code`` with an assertion after each one-line statement whose comment quotes a shape
+    of numbers: the assigned name (or the expression) has that shape, and that dtype when a
+    word follows that names one. A tuple of several values is left alone."""
+    out = []
+    for line in code.splitlines():
+        out.append(line)
+        m = _SHAPE.search(line)
+        try:
+            (stmt,) = ast.parse(line[:m.start()]).body if m else ((),)
+        except SyntaxError:  # a continuation line
+            continue
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
+            value = stmt.targets[0].id
+        elif isinstance(stmt, ast.Expr) and not isinstance(stmt.value, ast.Tuple):
+            value = ast.unparse(stmt.value)
+        else:
+            continue
+        shape = tuple(int(d) for d in m.group(1).split(","))
+        got = value if value.endswith(".shape") else f"__np.shape({value})"
+        check = f"assert {got} == {shape!r}, ({value!r}, {got})"
+        if m.group(2) in ("float64", "float32", "uint8"):
+            check += f"; assert str({value}.dtype).endswith({m.group(2)!r}), {value!r}"
+        out.append(line[:len(line) - len(line.lstrip())] + check)
+    return "\n".join(out) + "\n"
+
+
+def test_shape_checks_follow_the_comment():
+    code = with_shape_checks("import numpy as np\nm = np.zeros((2, 3))  # (2, 3) float64\n"
+                             "m[0]  # (3,)\nm.shape  # (2, 3)\nm.shape, m  # (2, 3): both\n")
+    ns = {"__np": __import__("numpy")}
+    exec(code, ns)
+    assert code.count("assert") == 4  # three shapes, one dtype; the tuple is left alone
+    with pytest.raises(AssertionError):
+        exec(with_shape_checks("import numpy as np\nm = np.zeros(2)  # (2, 2)\n"), ns)
+
+
 @pytest.mark.parametrize("run", [pytest.param(r, id=f"README.md:{r[0].line}")
                                  for r in _python_runs()])
 def test_python_blocks_run(run, workdir, monkeypatch):
+    import numpy as np
+
     from repsim.figures import runner
 
     monkeypatch.setattr(runner, "KINDS", dict(runner.KINDS))  # a block may register a kind
-    ns: dict = {"__name__": "__readme__"}
+    ns: dict = {"__name__": "__readme__", "__np": np}
     for b in run:
-        exec(compile(b.code, f"README.md:{b.line}", "exec"), ns)
+        exec(compile(with_shape_checks(b.code), f"README.md:{b.line}", "exec"), ns)
+    assert Path(os.environ["REPSIM_CACHE"]).parent == workdir  # a user's cache is left alone
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,27 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from repsim.compare import InputUnavailable
+from repsim.compare import InputUnavailable, weights_problem
 from repsim.errors import UserError
 from repsim.figures import draw
-from repsim.figures.context import same_layer_cka, weights_file
+from repsim.figures.context import same_layer_cka, weights_file, weights_path
+
+
+def _check_weights(refs: list) -> None:
+    """InputUnavailable for the first of ``refs`` whose weights are not here, before any
+    store is made: otherwise the models named before it are extracted for a skipped figure."""
+    for ref in refs:
+        for seed in ref.seeds():
+            problem = weights_problem(seed.model, weights_path(seed.weights))
+            if problem:
+                raise InputUnavailable(problem)
 
 
 def cka_grid(spec: dict, ctx) -> list[Path]:
     """Heatmaps among all models, self and cross, with one shared colour scale."""
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
+    _check_weights(refs)
     for r in refs:  # every store first: a missing model skips the figure before any CKA
         ctx.store(r, probe)
     panels, n = {}, None
@@ -42,6 +53,7 @@ def best_match(spec: dict, ctx) -> list[Path]:
     if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
         raise UserError(f"{ctx.name}: pairs must be a list of [A, B] pairs, got {pairs!r}")
     refs = [(ctx.model_ref(a, spec), ctx.model_ref(b, spec)) for a, b in pairs]
+    _check_weights([r for pair in refs for r in pair])
     for pair in refs:
         for r in pair:
             ctx.store(r, probe)
