@@ -275,9 +275,13 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
 
 
 def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
-    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1: say so."""
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1: say so; say
+    too when it is unknown (no standard errors, and no sketches to read it from)."""
     null = res.biased_null_mean
-    if cfg.estimator == "biased" and null is not None and np.nanmax(null) > 0.1 and cfg.log:
+    if cfg.estimator == "biased" and null is None and cfg.log:
+        cfg.log("note: without the standard errors (se=False) and this many rows, whether the "
+                "biased estimator reads high here was not checked; drop se=False to check")
+    elif cfg.estimator == "biased" and np.nanmax(null) > 0.1 and cfg.log:
         cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
                 f"data here (n = {res.n}, layers of effective dimensionality up to "
                 f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
@@ -421,6 +425,9 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
     m = sketch.cka_from_sketches(ska, skb)
     res.matrix = (m + m.T) / 2 if same else m
+    if cfg.estimator == "biased":  # free from its sketches (repsim.stats computes it too)
+        res.pr_a, res.pr_b = _participation_ratios(ska, n), _participation_ratios(skb, n)
+        res.biased_null_mean = np.sqrt(np.outer(res.pr_a, res.pr_b)) / (n - 1)
     for (_, names), (sks, meds) in zip(sides, got):
         _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
     return res
@@ -435,6 +442,14 @@ def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[floa
                    "has zero variance (every row is identical)")
             warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
                           stacklevel=4)
+
+
+def _participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
+    """``(tr C)^2 / ||C||_F^2`` per layer from biased sketches: each is the centred Gram
+    ``C``'s upper triangle row by row, off-diagonal entries times sqrt(2), all over n."""
+    diagonal = np.arange(n) * n - np.arange(n) * (np.arange(n) - 1) // 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, as in stats
+        return np.array([sk[diagonal].sum() ** 2 / (sk @ sk) for sk in sketches])
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:

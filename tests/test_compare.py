@@ -516,6 +516,31 @@ def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys
     assert r["biased_null_mean"][0][0] <= 0.1 and "warning" not in err
 
 
+def test_the_biased_estimator_warns_without_the_standard_errors_too(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    wide = {"x": rng.standard_normal((24, 240))}  # biased null level about 0.9
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    r, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
+    assert "warning: the biased estimator reads up to 0.9" in err and r["se"] is None
+    full, _ = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--out",
+                       tmp_path / "se")  # the same level as repsim.stats gives
+    assert r["biased_null_mean"][0] == pytest.approx(full["biased_null_mean"][0], rel=1e-9)
+    c = make_store(tmp_path / "c.h5", {"x": rng.standard_normal((24, 2))})  # PR <= 2
+    _, err = run_json(capsys, "--a", c, "--b", c, "--estimator", "biased", "--no-se")
+    assert "warning" not in err
+
+
+def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_unchecked(
+        tmp_path, capsys, monkeypatch):
+    from repsim import compare
+
+    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
+    wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    _, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
+    assert "whether the biased estimator reads high here was not checked" in err
+
+
 def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys):
     from repsim.models import build_model
 
