@@ -279,8 +279,8 @@ def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
     too when it is unknown (no standard errors, and no sketches to read it from)."""
     null = res.biased_null_mean
     if cfg.estimator == "biased" and null is None and cfg.log:
-        cfg.log("note: without the standard errors (se=False) and this many rows, whether the "
-                "biased estimator reads high here was not checked; drop se=False to check")
+        cfg.log("note: the standard errors were skipped, so whether the biased estimator "
+                "reads high here was not checked; compute them (the default) to check")
     elif cfg.estimator == "biased" and np.nanmax(null) > 0.1 and cfg.log:
         cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
                 f"data here (n = {res.n}, layers of effective dimensionality up to "
