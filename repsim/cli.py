@@ -310,12 +310,12 @@ def cmd_featuremaps(args) -> int:
              "CKA; biased reads high on wide layers)"),
          opt("--batch-size", type=_positive_int, help="rows per batch for --estimator "
              "minibatch (default: 1024)"),
-         opt("--batch-seed", type=int, default=0,
-             help="seed of the minibatch estimator's random batches"),
+         opt("--batch-seed", type=int,
+             help="seed of the minibatch estimator's random batches (default: 0)"),
          opt("--permutations", type=_number(int, 0, low_ok=True), default=0,
              help="permutation null per cell: p-value, null mean and 95th percentile "
              "(0: none; 999 is usual)"),
-         opt("--permutation-seed", type=int, default=0, help="seed of the permutations"),
+         opt("--permutation-seed", type=int, help="seed of the permutations (default: 0)"),
          opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
              help="per cell, the K images whose removal moves it most (in the JSON)"),
          opt("--no-se", dest="se", action="store_false", help="skip the jackknife standard "

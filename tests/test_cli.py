@@ -139,3 +139,9 @@ def test_eval_on_a_subset_and_random_weights_seeded_apart_from_the_images(capsys
     assert same["loss"] == a["loss"] and same["ids_sha256"] == a["ids_sha256"]
     assert other_weights["ids_sha256"] == a["ids_sha256"] and other_weights["loss"] != a["loss"]
     assert other_images["ids_sha256"] != a["ids_sha256"]
+
+
+def test_cka_seed_help_states_the_effective_default():
+    text = " ".join(_subparsers()["cka"].format_help().split())
+    assert "seed of the minibatch estimator's random batches (default: 0)" in text
+    assert "seed of the permutations (default: 0)" in text

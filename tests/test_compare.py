@@ -588,3 +588,22 @@ def test_extraction_settings_with_two_store_files_are_refused_not_ignored(tmp_pa
     code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--n", "10")
     assert code == 1
     assert "error: --n 10 chooses what to extract, but --a and --b are both store files" in err
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--estimator", "biased", "--batch-seed", "3"],
+     "--batch-seed 3 applies to --estimator 'minibatch' only, not 'biased'"),
+    (["--batch-seed", "0"], "--batch-seed 0 has no effect: the 24 rows fit in one "
+     "--batch-size 1024; give one below 24, or drop --batch-seed"),
+    (["--permutation-seed", "2"], "--permutation-seed 2 has no effect without --permutations"),
+])
+def test_a_seed_given_where_it_has_no_effect_is_refused(tmp_path, pair, capsys, extra, want):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, *extra)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert want in err
+
+
+def test_seeds_given_where_they_apply_are_used(tmp_path, pair, capsys):
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--batch-size",
+                    "8", "--batch-seed", "3", "--permutations", "9", "--permutation-seed", "2")
+    assert r["batch_seed"] == 3 and r["permutation_seed"] == 2

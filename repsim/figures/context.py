@@ -316,9 +316,11 @@ class FigureContext:
                                                    log=self.log)) for r in refs]
         layers = [None if r.layers is None else ",".join(names)
                   for r, (_, names) in zip(refs, sides)]
+        # The spec's default batch seed (0) is no seed given: run_cka refuses an idle one.
+        cka = {**d["cka"], "batch_seed": d["cka"].get("batch_seed") or None}
         cfg = compare.CKAConfig(
             a=str(sides[0][0].path), b=str(sides[1][0].path), label_a=refs[0].display(),
-            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1], **d["cka"],
+            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1], **cka,
             probe=probe, plots=False, out=str(paths.cache_dir("cka") / probe.tag()),
             force=self.force, device=probe.device, progress=self.progress, log=self.log)
         return compare.run_cka(cfg)["result"]
