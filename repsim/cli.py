@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from repsim import __version__
@@ -452,6 +453,21 @@ def _import_user_modules(names: list[str]) -> None:
                             "without .py)") from None
 
 
+def _one_line_warnings(command: str, show_other: Callable) -> Callable:
+    """``warnings.showwarning`` for a command: repsim's own warnings as one line in the CLI's
+    voice (flags, not parameters); anyone else's as Python shows them (with their source)."""
+    home = os.path.dirname(os.path.abspath(__file__))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(home + os.sep):
+            return show_other(message, category, filename, lineno, file, line)
+        from repsim.errors import as_flags
+
+        print(f"repsim {command}: warning: {as_flags(str(message))}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from repsim.errors import UserError, as_flags, os_problem
 
@@ -463,16 +479,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     reuse_freed_memory()
-    try:
-        _import_user_modules(args.imports)
-        return COMMANDS[args.command][2](args)
-    except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk, a path
-        if args.debug:
-            raise
-        msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
-               else os_problem(exc) if isinstance(exc, OSError) else exc)
-        print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"repsim {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
+        if not args.debug:  # --debug: where each warning comes from
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        try:
+            _import_user_modules(args.imports)
+            return COMMANDS[args.command][2](args)
+        except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
+            if args.debug:
+                raise
+            msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
+                   else os_problem(exc) if isinstance(exc, OSError) else exc)
+            print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"repsim {args.command}: interrupted", file=sys.stderr)
+            return 130
