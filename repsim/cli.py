@@ -340,7 +340,7 @@ def cmd_featuremaps(args) -> int:
          "--device", "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
-    from repsim.errors import UserError
+    from repsim.errors import UserError, as_flags
     from repsim.seeds import has_seeds, run_cka_seeds
 
     if looks_like_store(args.a) and looks_like_store(args.b):  # nothing to extract
@@ -352,7 +352,7 @@ def cmd_cka(args) -> int:
                             "files, used as they are; drop it, or give a model name")
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
     cfg = _config(CKAConfig, args, probe=probe,
-                  log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr))
+                  log=lambda msg: print(f"repsim cka: {as_flags(msg)}", file=sys.stderr))
     res = run_cka_seeds(cfg) if has_seeds(cfg) else run_cka(cfg)
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"

@@ -522,6 +522,7 @@ def test_the_biased_estimator_warns_without_the_standard_errors_too(tmp_path, ca
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     r, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
     assert "warning: the biased estimator reads up to 0.9" in err and r["se"] is None
+    assert "--estimator 'minibatch' (the default)" in err  # the CLI's words for parameters
     full, _ = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--out",
                        tmp_path / "se")  # the same level as repsim.stats gives
     assert r["biased_null_mean"][0] == pytest.approx(full["biased_null_mean"][0], rel=1e-9)
