@@ -209,6 +209,14 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "9"\n[probe]\nn = 4\n', "blocks='9': block 9 does not exist"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = 2.7\n[probe]\nn = 4\n', "batch_size=2.7 must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = "8"\n[probe]\nn = 4\n', "batch_size='8' must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = true\n[probe]\nn = 4\n', "batch_size=True must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = 0\n[probe]\nn = 4\n', "batch_size=0 must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
 ])
 def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):

@@ -141,6 +141,14 @@ class FigureContext:
         c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
         return c
 
+    def positive_int(self, spec: dict, key: str, default: int) -> int:
+        """The spec's ``key`` (else ``default``), which must be a positive integer: a float, a
+        string or a boolean is refused, not coerced (``int(2.7)`` is 2, ``int(True)`` 1)."""
+        v = spec.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{self.name}: {key}={v!r} must be a positive integer; fix the file")
+        return v
+
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
         """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
         item = {"model": item} if isinstance(item, str) else item
