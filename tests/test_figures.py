@@ -216,6 +216,10 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      'batch_size = true\n[probe]\nn = 4\n', "batch_size=True must be a positive integer"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'batch_size = 0\n[probe]\nn = 4\n', "batch_size=0 must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1.5\n'
+     '[probe]\nn = 4\n', "images=1.5 must be a positive integer"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+     'ids = [1.5]\n[probe]\nn = 4\n', "ids=[1.5] must be a list of sample ids (integers)"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
 ])

@@ -386,10 +386,15 @@ class FigureContext:
         per class; or its ``ids``)."""
         from repsim.data import pick_images
 
-        pspec = self.probe_spec(spec)
-        probe = self.images(pspec)
-        return (probe, *pick_images(probe, spec.get("images", default), spec.get("ids"),
-                                    self.overrides.get("data_root"), self.progress))
+        n = self.positive_int(spec, "images", 1) if "images" in spec else default
+        ids = spec.get("ids")
+        if ids is not None and not (isinstance(ids, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise UserError(f"{self.name}: ids={ids!r} must be a list of sample ids (integers); "
+                            "fix the file")
+        probe = self.images(self.probe_spec(spec))
+        return (probe, *pick_images(probe, n, ids, self.overrides.get("data_root"),
+                                    self.progress))
 
     @contextmanager
     def on_device(self, models: list) -> Iterator[list]:
