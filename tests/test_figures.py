@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -711,3 +712,16 @@ def test_a_caption_names_layers_that_are_not_neighbours_one_by_one():
     match = {"index": [0, 1, 2], "value": [0.9, 0.7, 0.2], "se": None}  # runs stay spans
     assert match_caption("A", "B", la, lb, match).splitlines() == [
         "A a0..a1 best match B b0..b1 at CKA 0.70-0.90.", "A a2 match nothing in B above 0.20."]
+
+
+def test_a_timm_models_default_tag_is_in_its_figures_fingerprint(tmp_path):
+    # A figure of timm:resnet18 must rebuild when a timm release moves its default tag.
+    import timm
+
+    from repsim.figures.context import FigureContext, ModelRef
+
+    tag = f"timm:resnet18.{timm.models.get_pretrained_cfg('resnet18').tag}"
+    ctx = FigureContext(tmp_path)
+    prints = [ctx.fingerprint({"type": "model", "ref": asdict(ModelRef(m))})["ref"]
+              for m in ("timm:resnet18", tag, "vit_imagenet")]
+    assert prints[0] == tag and prints[2] == "timm"  # a registry name pins its tag itself

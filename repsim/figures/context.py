@@ -276,13 +276,14 @@ class FigureContext:
         return out
 
     def _weights_print(self, ref: ModelRef) -> str | None:
-        from repsim.registry import get_spec
+        from repsim.registry import canonical_name, get_spec
 
         if ref.weights == "random":
             return ref.weights
         path = weights_file(ref)
-        if path is None:  # timm / torchvision pretrained: fixed by the model's name
-            return get_spec(ref.model).default_weights
+        if path is None:  # pretrained: fixed by the name, once timm:<arch> has its default tag
+            name = canonical_name(ref.model)
+            return get_spec(ref.model).default_weights if name == ref.model else name
         if not path.is_file():
             _check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
