@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from repsim import __version__
@@ -310,12 +311,12 @@ def cmd_featuremaps(args) -> int:
              "CKA; biased reads high on wide layers)"),
          opt("--batch-size", type=_positive_int, help="rows per batch for --estimator "
              "minibatch (default: 1024)"),
-         opt("--batch-seed", type=int, default=0,
-             help="seed of the minibatch estimator's random batches"),
+         opt("--batch-seed", type=int,
+             help="seed of the minibatch estimator's random batches (default: 0)"),
          opt("--permutations", type=_number(int, 0, low_ok=True), default=0,
              help="permutation null per cell: p-value, null mean and 95th percentile "
              "(0: none; 999 is usual)"),
-         opt("--permutation-seed", type=int, default=0, help="seed of the permutations"),
+         opt("--permutation-seed", type=int, help="seed of the permutations (default: 0)"),
          opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
              help="per cell, the K images whose removal moves it most (in the JSON)"),
          opt("--no-se", dest="se", action="store_false", help="skip the jackknife standard "
@@ -339,7 +340,7 @@ def cmd_featuremaps(args) -> int:
          "--device", "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
-    from repsim.errors import UserError
+    from repsim.errors import UserError, as_flags
     from repsim.seeds import has_seeds, run_cka_seeds
 
     if looks_like_store(args.a) and looks_like_store(args.b):  # nothing to extract
@@ -351,7 +352,7 @@ def cmd_cka(args) -> int:
                             "files, used as they are; drop it, or give a model name")
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
     cfg = _config(CKAConfig, args, probe=probe,
-                  log=lambda msg: print(f"repsim cka: {msg}", file=sys.stderr))
+                  log=lambda msg: print(f"repsim cka: {as_flags(msg)}", file=sys.stderr))
     res = run_cka_seeds(cfg) if has_seeds(cfg) else run_cka(cfg)
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"
@@ -452,6 +453,21 @@ def _import_user_modules(names: list[str]) -> None:
                             "without .py)") from None
 
 
+def _one_line_warnings(command: str, show_other: Callable) -> Callable:
+    """``warnings.showwarning`` for a command: repsim's own warnings as one line in the CLI's
+    voice (flags, not parameters); anyone else's as Python shows them (with their source)."""
+    home = os.path.dirname(os.path.abspath(__file__))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(home + os.sep):
+            return show_other(message, category, filename, lineno, file, line)
+        from repsim.errors import as_flags
+
+        print(f"repsim {command}: warning: {as_flags(str(message))}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from repsim.errors import UserError, as_flags, os_problem
 
@@ -463,16 +479,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     reuse_freed_memory()
-    try:
-        _import_user_modules(args.imports)
-        return COMMANDS[args.command][2](args)
-    except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk, a path
-        if args.debug:
-            raise
-        msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
-               else os_problem(exc) if isinstance(exc, OSError) else exc)
-        print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"repsim {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
+        if not args.debug:  # --debug: where each warning comes from
+            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        try:
+            _import_user_modules(args.imports)
+            return COMMANDS[args.command][2](args)
+        except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
+            if args.debug:
+                raise
+            msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
+                   else os_problem(exc) if isinstance(exc, OSError) else exc)
+            print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"repsim {args.command}: interrupted", file=sys.stderr)
+            return 130

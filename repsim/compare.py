@@ -93,10 +93,10 @@ class CKAConfig:
     estimator: str = "minibatch"  # batches of batch_size (default 1,024; see repsim.sketch)
     threshold: float = 1.0
     batch_size: int | None = None  # minibatch estimator: rows per batch
-    batch_seed: int = 0  # minibatch estimator: seed of the random batches
+    batch_seed: int | None = None  # minibatch: seed of its batches (None: 0; refused if idle)
     se: bool = True  # jackknife standard errors and participation ratios (repsim.stats)
     permutations: int = 0  # size of the permutation null per cell (0: none)
-    permutation_seed: int = 0
+    permutation_seed: int | None = None  # None: 0; refused without permutations
     influence: int = 0  # per cell, list this many most influential images
     probe: ProbeSpec = field(default_factory=ProbeSpec)
     weights_a: str | None = None
@@ -261,23 +261,30 @@ def default_out_dir(a: StoreRef) -> Path:
 
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
-    """``cfg`` with its minibatch batch size resolved; UserError for invalid settings."""
-    if cfg.estimator != "minibatch" and cfg.batch_size is not None:
-        raise UserError(f"batch_size={cfg.batch_size} applies to estimator='minibatch' only, "
-                        f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
+    """``cfg`` with its batch size and permutation seed resolved; UserError for bad settings."""
+    for k in ("batch_size", "batch_seed"):
+        if cfg.estimator != "minibatch" and getattr(cfg, k) is not None:
+            raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
+                            f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
+    if not cfg.permutations and cfg.permutation_seed is not None:
+        raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
+                        "permutations=N (N > 0, e.g. 999); give that, or drop it")
     _refuse_weights_of_a_file(cfg.a, cfg.weights_a, "weights_a", "a=")
     _refuse_weights_of_a_file(cfg.b, cfg.weights_b, "weights_b", "b=")
     try:
-        return replace(cfg, batch_size=sketch.check_options(
-            cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size))
+        size = sketch.check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
+        return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
-    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1: say so."""
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown."""
     null = res.biased_null_mean
-    if cfg.estimator == "biased" and null is not None and np.nanmax(null) > 0.1 and cfg.log:
+    if cfg.estimator == "biased" and null is None and cfg.log:
+        cfg.log("note: the standard errors were skipped, so whether the biased estimator "
+                "reads high here was not checked; compute them (the default) to check")
+    elif cfg.estimator == "biased" and np.nanmax(null) > 0.1 and cfg.log:
         cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
                 f"data here (n = {res.n}, layers of effective dimensionality up to "
                 f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
@@ -315,6 +322,10 @@ def run_cka(cfg: CKAConfig) -> dict:
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      {**common, "weights_seed": cfg.weights_seed_b}, "layers_b")
     check_aligned(sa, sb)
+    if cfg.batch_seed is not None and cfg.estimator == "minibatch" and sa.n <= cfg.batch_size:
+        raise UserError(f"batch_seed={cfg.batch_seed} has no effect: the {sa.n} rows fit in one "
+                        f"batch_size={cfg.batch_size}; give one below {sa.n}, or drop batch_seed=")
+    cfg = replace(cfg, batch_seed=cfg.batch_seed or 0)
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
     # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
@@ -422,6 +433,9 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
     m = sketch.cka_from_sketches(ska, skb)
     res.matrix = (m + m.T) / 2 if same else m
+    if cfg.estimator == "biased":  # free from its sketches (repsim.stats computes it too)
+        res.pr_a, res.pr_b = _participation_ratios(ska, n), _participation_ratios(skb, n)
+        res.biased_null_mean = np.sqrt(np.outer(res.pr_a, res.pr_b)) / (n - 1)
     for (_, names), (sks, meds) in zip(sides, got):
         _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
     return res
@@ -436,6 +450,13 @@ def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[floa
                    "has zero variance (every row is identical)")
             warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
                           stacklevel=4)
+
+
+def _participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
+    """``(tr C)^2 / ||C||_F^2`` per layer from biased sketches (C's upper triangle by rows)."""
+    diagonal = np.arange(n) * n - np.arange(n) * (np.arange(n) - 1) // 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, as in stats
+        return np.array([sk[diagonal].sum() ** 2 / (sk @ sk) for sk in sketches])
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,8 @@ class EvalConfig:
 
 
 def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
-    """``repsim eval``: accuracy and loss of a registered model on a split, with provenance."""
+    """``repsim eval``: accuracy and loss of a registered model on a split, with provenance
+    (``checkpoint_dataset``: what a checkpoint file was trained on; warns when it is another)."""
     from repsim.data import load_probe_set
     from repsim.models import load_model, resolve_device
     from repsim.registry import get_spec
@@ -138,6 +140,11 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"{cfg.model} ({prov['weights']}) has {prov['num_classes']} outputs but "
                         f"{cfg.dataset} has {len(ps.classes)} classes; fix: pass weights=PATH "
                         f"trained on {cfg.dataset}, or the matching dataset=NAME")
+    trained_on = _trained_on(prov)
+    if trained_on is not None and trained_on != ps.dataset:  # transfer may be meant: no error
+        shown = ps.dataset + (f" ({cfg.dataset})" if cfg.dataset != ps.dataset else "")
+        warnings.warn(f"the weights were trained on {trained_on} but are evaluated on {shown}: "
+                      "the accuracy measures transfer, not the model's own task", stacklevel=2)
     if spec.family == "resnet":
         model = model.to(memory_format=torch.channels_last)
     x, y = to_device(ps, dev)
@@ -145,8 +152,20 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     res = evaluate(model, spec, x, y, cfg.batch_size, progress=cfg.progress)
     return {"model": cfg.model, "weights": prov["weights"],
             "weights_sha256": prov["weights_sha256"], "weights_seed": prov["seed"],
+            "checkpoint_dataset": trained_on,
             "dataset": cfg.dataset, "split": cfg.split, "data_source": ps.source,
             "seed": ps.seed, "ids_sha256": paths.ids_digest(ps.ids), "n": res["n"],
             "accuracy": res["accuracy"], "loss": res["loss"], "device": str(dev),
             "hardware": hardware(dev), "seconds": time.perf_counter() - t0,
             "repsim_version": __version__}
+
+
+def _trained_on(prov: dict[str, Any]) -> str | None:
+    """The dataset a weights file's checkpoint metadata says it was trained on (None: a bare
+    state dict, or no file)."""
+    from repsim.weights import read_state_dict
+
+    if prov["weights_sha256"] is None:  # random or pretrained weights: no file
+        return None
+    dataset = (read_state_dict(prov["weights"])[1].get("data") or {}).get("dataset")
+    return dataset if isinstance(dataset, str) else None

@@ -88,7 +88,7 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     """Everything that decides what a store holds (``data``: the probe set's provenance and
     its pixels' sha256): weights by content (the file's sha256); not batch size, device or
     compression."""
-    from repsim.registry import default_weights_file, preprocessing_info
+    from repsim.registry import canonical_name, default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
 
@@ -98,17 +98,20 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     is_file = file is not None and file.is_file()
     weights = sha256_file(file) if is_file else w or spec.default_weights
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
-    return {"format": FORMAT, "model": cfg.model, "weights": weights,
+    return {"format": FORMAT, "model": canonical_name(cfg.model), "weights": weights,
             "weights_seed": None if is_file else cfg.weights_seed,
             "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
             "preprocessing": preprocessing_info(spec)}
 
 
 def _default_out(cfg: ExtractConfig, key: str) -> Path:
-    """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``."""
+    """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``
+    (``timm:<arch>`` as ``timm:<arch>.<tag>``)."""
     from repsim.paths import cache_dir, slug, weights_tag
+    from repsim.registry import canonical_name
 
-    name = "-".join(filter(None, [cfg.model, weights_tag(cfg.weights, cfg.weights_seed),
+    model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
+    name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,
                                   f"n{'all' if cfg.n is None else cfg.n}", cfg.reduce]))
     return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")

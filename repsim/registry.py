@@ -220,6 +220,13 @@ def _timm_entry(name: str) -> Entry:
                  tag)
 
 
+def canonical_name(name: str) -> str:
+    """The name that fixes what ``name`` computes: ``timm:<arch>`` means timm's default
+    pretrained tag of ``arch``, which a timm release may change, so it resolves (from timm's
+    local config registry, no download) to ``timm:<arch>.<tag>``; other names as given."""
+    return get_entry(name).pretrained_tag if name.startswith(TIMM_PREFIX) else name
+
+
 def get_entry(name: str) -> Entry:
     """The :class:`Entry` of a registered name or ``timm:<name>``; UserError if unknown."""
     if isinstance(name, str) and name in _REGISTRY:

@@ -349,8 +349,8 @@ def _warn_of_lost_snapshots(run: _Run) -> None:
     if run.start_epoch and lost:
         warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
                       f"{run.name} had trained to epoch {run.start_epoch} without keeping them; "
-                      "fix: restart=True (repsim train --restart) to train it again from "
-                      "scratch and keep them", stacklevel=1)
+                      "fix: restart=True to train it again from scratch and keep them",
+                      stacklevel=1)
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:

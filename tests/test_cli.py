@@ -139,3 +139,43 @@ def test_eval_on_a_subset_and_random_weights_seeded_apart_from_the_images(capsys
     assert same["loss"] == a["loss"] and same["ids_sha256"] == a["ids_sha256"]
     assert other_weights["ids_sha256"] == a["ids_sha256"] and other_weights["loss"] != a["loss"]
     assert other_images["ids_sha256"] != a["ids_sha256"]
+
+
+def test_cka_seed_help_states_the_effective_default():
+    text = " ".join(_subparsers()["cka"].format_help().split())
+    assert "seed of the minibatch estimator's random batches (default: 0)" in text
+    assert "seed of the permutations (default: 0)" in text
+
+
+def _checkpoint_trained_on(path, dataset: str):
+    import torch
+
+    from repsim.models import build_model
+
+    torch.save({"state_dict": build_model("resnet18_cifar").state_dict(),
+                "data": {"dataset": dataset}}, path)
+    return str(path)
+
+
+def test_eval_warns_in_one_line_when_the_checkpoint_was_trained_on_another_dataset(
+        tmp_path, capsys):
+    from repsim.cli import main
+
+    weights = _checkpoint_trained_on(tmp_path / "svhn.pt", "svhn")
+    assert main(["eval", "--model", "resnet18_cifar", "--weights", weights, "--n", "10",
+                 "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["checkpoint_dataset"] == "svhn"
+    assert err.strip() == ("repsim eval: warning: the weights were trained on svhn but are "
+                           "evaluated on cifar10 (cifar10-probe): the accuracy measures "
+                           "transfer, not the model's own task")
+
+
+def test_eval_of_a_checkpoint_on_its_own_dataset_does_not_warn(tmp_path, capsys):
+    from repsim.cli import main
+
+    weights = _checkpoint_trained_on(tmp_path / "c10.pt", "cifar10")
+    assert main(["eval", "--model", "resnet18_cifar", "--weights", weights, "--n", "10",
+                 "--device", "cpu", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["checkpoint_dataset"] == "cifar10" and err == ""

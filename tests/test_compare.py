@@ -516,6 +516,32 @@ def test_the_biased_estimator_warns_when_its_null_level_is_high(tmp_path, capsys
     assert r["biased_null_mean"][0][0] <= 0.1 and "warning" not in err
 
 
+def test_the_biased_estimator_warns_without_the_standard_errors_too(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    wide = {"x": rng.standard_normal((24, 240))}  # biased null level about 0.9
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    r, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
+    assert "warning: the biased estimator reads up to 0.9" in err and r["se"] is None
+    assert "--estimator 'minibatch' (the default)" in err  # the CLI's words for parameters
+    full, _ = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--out",
+                       tmp_path / "se")  # the same level as repsim.stats gives
+    assert r["biased_null_mean"][0] == pytest.approx(full["biased_null_mean"][0], rel=1e-9)
+    c = make_store(tmp_path / "c.h5", {"x": rng.standard_normal((24, 2))})  # PR <= 2
+    _, err = run_json(capsys, "--a", c, "--b", c, "--estimator", "biased", "--no-se")
+    assert "warning" not in err
+
+
+def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_unchecked(
+        tmp_path, capsys, monkeypatch):
+    from repsim import compare
+
+    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
+    wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    _, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
+    assert "whether the biased estimator reads high here was not checked" in err
+
+
 def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys):
     from repsim.models import build_model
 
@@ -563,3 +589,22 @@ def test_extraction_settings_with_two_store_files_are_refused_not_ignored(tmp_pa
     code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--n", "10")
     assert code == 1
     assert "error: --n 10 chooses what to extract, but --a and --b are both store files" in err
+
+
+@pytest.mark.parametrize("extra, want", [
+    (["--estimator", "biased", "--batch-seed", "3"],
+     "--batch-seed 3 applies to --estimator 'minibatch' only, not 'biased'"),
+    (["--batch-seed", "0"], "--batch-seed 0 has no effect: the 24 rows fit in one "
+     "--batch-size 1024; give one below 24, or drop --batch-seed"),
+    (["--permutation-seed", "2"], "--permutation-seed 2 has no effect without --permutations"),
+])
+def test_a_seed_given_where_it_has_no_effect_is_refused(tmp_path, pair, capsys, extra, want):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, *extra)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert want in err
+
+
+def test_seeds_given_where_they_apply_are_used(tmp_path, pair, capsys):
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--batch-size",
+                    "8", "--batch-seed", "3", "--permutations", "9", "--permutation-seed", "2")
+    assert r["batch_seed"] == 3 and r["permutation_seed"] == 2

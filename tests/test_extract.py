@@ -378,3 +378,23 @@ def test_resuming_with_another_batch_size_says_that_is_what_differs(tmp_path):
     StoreWriter(tmp_path / "s.h5", meta, np.arange(4), np.zeros(4), batch_size=2).close()
     with pytest.raises(UserError, match=r"different settings \(batch_size\); pass overwrite"):
         StoreWriter(tmp_path / "s.h5", {**meta, "batch_size": 3}, np.arange(4), np.zeros(4), 3)
+
+
+def test_a_timm_models_default_tag_is_in_its_store_key(tmp_path):
+    # timm:resnet18 means timm's default pretrained tag, which a timm release may change: the
+    # key holds the resolved name (from timm's local config registry, no download).
+    import timm
+
+    from repsim.extraction import _default_out, _store_key
+    from repsim.paths import digest
+
+    default = timm.models.get_pretrained_cfg("resnet18").tag
+    other = next(t for t in timm.list_pretrained("resnet18.*") if t != f"resnet18.{default}")
+
+    def where(model):
+        c = ExtractConfig(model=model, progress=False)
+        key = digest(_store_key(c, get_spec(model), {"images_sha256": "x"}))
+        return key, _default_out(c, key)
+
+    assert where("timm:resnet18") == where(f"timm:resnet18.{default}")
+    assert where("timm:resnet18")[0] != where(f"timm:{other}")[0]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,18 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      'renormalize = "false"\n[probe]\nn = 4\n', "renormalize='false' must be true or false"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "9"\n[probe]\nn = 4\n', "blocks='9': block 9 does not exist"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = 2.7\n[probe]\nn = 4\n', "batch_size=2.7 must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = "8"\n[probe]\nn = 4\n', "batch_size='8' must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = true\n[probe]\nn = 4\n', "batch_size=True must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'batch_size = 0\n[probe]\nn = 4\n', "batch_size=0 must be a positive integer"),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1.5\n'
+     '[probe]\nn = 4\n', "images=1.5 must be a positive integer"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+     'ids = [1.5]\n[probe]\nn = 4\n', "ids=[1.5] must be a list of sample ids (integers)"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
 ])
@@ -712,3 +725,16 @@ def test_a_caption_names_layers_that_are_not_neighbours_one_by_one():
     match = {"index": [0, 1, 2], "value": [0.9, 0.7, 0.2], "se": None}  # runs stay spans
     assert match_caption("A", "B", la, lb, match).splitlines() == [
         "A a0..a1 best match B b0..b1 at CKA 0.70-0.90.", "A a2 match nothing in B above 0.20."]
+
+
+def test_a_timm_models_default_tag_is_in_its_figures_fingerprint(tmp_path):
+    # A figure of timm:resnet18 must rebuild when a timm release moves its default tag.
+    import timm
+
+    from repsim.figures.context import FigureContext, ModelRef
+
+    tag = f"timm:resnet18.{timm.models.get_pretrained_cfg('resnet18').tag}"
+    ctx = FigureContext(tmp_path)
+    prints = [ctx.fingerprint({"type": "model", "ref": asdict(ModelRef(m))})["ref"]
+              for m in ("timm:resnet18", tag, "vit_imagenet")]
+    assert prints[0] == tag and prints[2] == "timm"  # a registry name pins its tag itself

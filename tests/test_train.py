@@ -163,6 +163,18 @@ def test_snapshots_asked_of_a_finished_run_are_named_as_lost(toy_root, tmp_path)
     assert again["snapshots"] == [] and again["epochs"] == 1
 
 
+def test_the_cli_prints_a_library_warning_as_one_line(toy_root, tmp_path):
+    cfg = _cfg(toy_root, tmp_path, epochs=1)
+    train.train(cfg)
+    r = _cli("train", "--model", "vit_cifar", "--data-root", str(toy_root), "--epochs", "1",
+             "--batch-size", str(BATCH), "--lr", "1e-3", "--out", cfg.out, "--run-dir",
+             cfg.run_dir, "--snapshots", "0,1", "--json", REPSIM_OFFLINE="1")
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("repsim train: warning: snapshots at epochs 0, 1 cannot be made")
+    assert "fix: --restart to train it again" in line
+
+
 def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
     out = tmp_path / "ck" / "m.pt"
     train.train(_cfg(toy_root, tmp_path, epochs=1, train_fraction=0.5))

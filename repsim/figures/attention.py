@@ -300,6 +300,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     if not isinstance(renormalize, bool):  # bool("false") is True
         raise UserError(f"{ctx.name}: renormalize={renormalize!r} must be true or false; fix "
                         "the file")
+    batch_size = ctx.positive_int(spec, "batch_size", 64)
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:
         check_vit(r.model)
@@ -310,7 +311,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     probe, images, ids = ctx.drawn_images(spec)
     cfg = AttentionConfig(models=[r.model for r in refs], layers=spec.get("blocks"),
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
-                          batch_size=int(spec.get("batch_size", 64)),
+                          batch_size=batch_size,
                           renormalize=renormalize,
                           title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:

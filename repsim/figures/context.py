@@ -141,6 +141,14 @@ class FigureContext:
         c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
         return c
 
+    def positive_int(self, spec: dict, key: str, default: int) -> int:
+        """The spec's ``key`` (else ``default``), which must be a positive integer: a float, a
+        string or a boolean is refused, not coerced (``int(2.7)`` is 2, ``int(True)`` 1)."""
+        v = spec.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{self.name}: {key}={v!r} must be a positive integer; fix the file")
+        return v
+
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
         """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
         item = {"model": item} if isinstance(item, str) else item
@@ -268,13 +276,14 @@ class FigureContext:
         return out
 
     def _weights_print(self, ref: ModelRef) -> str | None:
-        from repsim.registry import get_spec
+        from repsim.registry import canonical_name, get_spec
 
         if ref.weights == "random":
             return ref.weights
         path = weights_file(ref)
-        if path is None:  # timm / torchvision pretrained: fixed by the model's name
-            return get_spec(ref.model).default_weights
+        if path is None:  # pretrained: fixed by the name, once timm:<arch> has its default tag
+            name = canonical_name(ref.model)
+            return get_spec(ref.model).default_weights if name == ref.model else name
         if not path.is_file():
             _check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
@@ -316,9 +325,11 @@ class FigureContext:
                                                    log=self.log)) for r in refs]
         layers = [None if r.layers is None else ",".join(names)
                   for r, (_, names) in zip(refs, sides)]
+        # The spec's default batch seed (0) is no seed given: run_cka refuses an idle one.
+        cka = {**d["cka"], "batch_seed": d["cka"].get("batch_seed") or None}
         cfg = compare.CKAConfig(
             a=str(sides[0][0].path), b=str(sides[1][0].path), label_a=refs[0].display(),
-            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1], **d["cka"],
+            label_b=refs[1].display(), layers_a=layers[0], layers_b=layers[1], **cka,
             probe=probe, plots=False, out=str(paths.cache_dir("cka") / probe.tag()),
             force=self.force, device=probe.device, progress=self.progress, log=self.log)
         return compare.run_cka(cfg)["result"]
@@ -376,10 +387,15 @@ class FigureContext:
         per class; or its ``ids``)."""
         from repsim.data import pick_images
 
-        pspec = self.probe_spec(spec)
-        probe = self.images(pspec)
-        return (probe, *pick_images(probe, spec.get("images", default), spec.get("ids"),
-                                    self.overrides.get("data_root"), self.progress))
+        n = self.positive_int(spec, "images", 1) if "images" in spec else default
+        ids = spec.get("ids")
+        if ids is not None and not (isinstance(ids, list) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+            raise UserError(f"{self.name}: ids={ids!r} must be a list of sample ids (integers); "
+                            "fix the file")
+        probe = self.images(self.probe_spec(spec))
+        return (probe, *pick_images(probe, n, ids, self.overrides.get("data_root"),
+                                    self.progress))
 
     @contextmanager
     def on_device(self, models: list) -> Iterator[list]:
