@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -143,26 +144,28 @@ def _open_store(path: Path, how: str, label: str | None, name: str | None) -> St
                                             "layers": layers}))
 
 
-def weights_problem(model: str, weights: str | None) -> str | None:
-    """Why ``model``'s weights cannot be had here (one line), or None when they can."""
-    from repsim import models
-    from repsim.registry import default_weights_file, get_spec
+def check_ref(ref: str, weights: str | None = None) -> None:
+    """Refuse, before any work, ``weights`` for a store file and a ``ref`` that is neither a
+    store file nor a known model."""
+    from repsim.registry import get_spec
 
-    file = (default_weights_file(get_spec(model)) if weights is None
-            else Path(weights).expanduser())
-    if weights == "random" or (file is not None and file.is_file()):
-        return None
-    try:  # a missing file, or pretrained weights that may need a download
-        models.load_model(model, weights)
+    if looks_like_store(ref):
+        if weights is not None:
+            raise UserError(f"weights={weights!r} applies to model names, but model={ref!r} is "
+                            "a store file; drop the weights, or give a model name to extract")
+        return
+    try:
+        get_spec(ref)
     except UserError as exc:
-        return str(exc)
-    return None
+        raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
+                        f"{exc}") from None
 
 
-def _refuse_weights_of_a_file(ref: str, weights: str | None, name: str, side: str) -> None:
-    if weights is not None and looks_like_store(ref):  # ``name``, ``side``: the parameters
-        raise UserError(f"{name}={weights!r} applies to model names, but {side}{ref!r} is a "
-                        "store file; drop the weights, or give a model name to extract")
+def for_side(exc: UserError, side: str) -> UserError:
+    """``exc`` naming the parameters of side ``side`` (``"a"``, ``"b"``) of a comparison:
+    ``weights_b=``, ``layers_b=``, ``b=`` for the model's ``weights=``, ``layers=``, ``model=``."""
+    msg = re.sub(r"(?<![\w.])(weights|layers)=", rf"\g<1>_{side}=", str(exc))
+    return type(exc)(re.sub(r"(?<![\w.])model=", f"{side}=", msg))
 
 
 def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0,
@@ -173,23 +176,18 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     on ``probe``) is reused when one with the same content address exists, else extracted
     (``force``: extracted again). Raises :class:`InputUnavailable` when the model's weights
     cannot be had here, UserError for anything else that is wrong."""
-    _refuse_weights_of_a_file(ref, weights, "weights", "")
+    check_ref(ref, weights)
     if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
+    from repsim import models
     from repsim.extraction import ExtractConfig, extract
-    from repsim.registry import get_spec
 
-    try:
-        get_spec(ref)
-    except UserError as exc:
-        raise UserError(f"{ref!r} is neither a store file (no such file) nor a known model: "
-                        f"{exc}") from None
     cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
                         overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
     try:
         res = extract(cfg)
     except UserError:
-        problem = weights_problem(ref, weights)
+        problem = models.weights_problem(ref, weights)
         if problem is not None:
             raise InputUnavailable(problem) from None
         raise
@@ -269,8 +267,11 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")
-    _refuse_weights_of_a_file(cfg.a, cfg.weights_a, "weights_a", "a=")
-    _refuse_weights_of_a_file(cfg.b, cfg.weights_b, "weights_b", "b=")
+    for side, ref, weights in (("a", cfg.a, cfg.weights_a), ("b", cfg.b, cfg.weights_b)):
+        try:  # a typo in b must not cost an extraction of a first
+            check_ref(ref, weights)
+        except UserError as exc:
+            raise for_side(exc, side) from None
     try:
         size = sketch.check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
         return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
@@ -280,8 +281,7 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
 
 def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
     """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown."""
-    null = res.biased_null_mean
-    if cfg.estimator == "biased" and null is None and cfg.log:
+    if (null := res.biased_null_mean) is None and cfg.estimator == "biased" and cfg.log:
         cfg.log("note: the standard errors were skipped, so whether the biased estimator "
                 "reads high here was not checked; compute them (the default) to check")
     elif cfg.estimator == "biased" and np.nanmax(null) > 0.1 and cfg.log:
@@ -312,7 +312,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     cfg = _check_settings(cfg)
     common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
     sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
-                                 {**common, "weights_seed": cfg.weights_seed_a}, "layers_a")
+                                 {**common, "weights_seed": cfg.weights_seed_a}, "a")
     side_b = (cfg.b, cfg.weights_b, cfg.weights_seed_b, cfg.layers_b)
     if side_b == (cfg.a, cfg.weights_a, cfg.weights_seed_a, cfg.layers_a):
         sb, layers_b = replace(sa, label=cfg.label_b or sa.label), layers_a
@@ -320,7 +320,7 @@ def run_cka(cfg: CKAConfig) -> dict:
         # A forced re-extraction of a store that A already re-extracted would be wasted work.
         again = cfg.force and side_b[:3] != (cfg.a, cfg.weights_a, cfg.weights_seed_a)
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
-                                     {**common, "weights_seed": cfg.weights_seed_b}, "layers_b")
+                                     {**common, "weights_seed": cfg.weights_seed_b}, "b")
     check_aligned(sa, sb)
     if cfg.batch_seed is not None and cfg.estimator == "minibatch" and sa.n <= cfg.batch_size:
         raise UserError(f"batch_seed={cfg.batch_seed} has no effect: the {sa.n} rows fit in one "
@@ -350,25 +350,26 @@ def run_cka(cfg: CKAConfig) -> dict:
 
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
-                  force: bool, common: dict, name: str = "layers") -> tuple[StoreRef, list[str]]:
+                  force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers. For a model name the default store is
     used when it holds the requested layers; otherwise a store of exactly those is made.
-    ``common``: the other arguments of :func:`resolve_store`; ``name``: the parameter that
-    gave ``layers``, named in errors."""
-    store = resolve_store(ref, weights=weights, label=label, force=force, **common)
+    ``common``: the other arguments of :func:`resolve_store`; ``side`` (``"a"``, ``"b"``):
+    errors name this side's parameters (``b=``, ``weights_b=``, ``layers_b=``), not the
+    model's (``model=``, ``weights=``, ``layers=``)."""
     try:
-        return store, select_layers(store, layers)
-    except UserError:
-        if looks_like_store(ref) or layers is None:
-            raise
-    try:
+        store = resolve_store(ref, weights=weights, label=label, force=force, **common)
+        try:
+            return store, select_layers(store, layers)
+        except UserError:
+            if looks_like_store(ref) or layers is None:
+                raise
         store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
                               **common)
-    except UserError as exc:  # the model's layer rule speaks of layers=, not of this side's
-        if not str(exc).startswith("layers="):
+        return store, list(store.layers)
+    except UserError as exc:
+        if not side:
             raise
-        raise type(exc)(name + str(exc)[len("layers"):]) from None
-    return store, list(store.layers)
+        raise for_side(exc, side) from None
 
 
 # --------------------------------------------------------------------------- the engine on stores
@@ -434,7 +435,7 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     m = sketch.cka_from_sketches(ska, skb)
     res.matrix = (m + m.T) / 2 if same else m
     if cfg.estimator == "biased":  # free from its sketches (repsim.stats computes it too)
-        res.pr_a, res.pr_b = _participation_ratios(ska, n), _participation_ratios(skb, n)
+        res.pr_a, res.pr_b = (sketch.participation_ratios(x, n) for x in (ska, skb))
         res.biased_null_mean = np.sqrt(np.outer(res.pr_a, res.pr_b)) / (n - 1)
     for (_, names), (sks, meds) in zip(sides, got):
         _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
@@ -450,13 +451,6 @@ def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[floa
                    "has zero variance (every row is identical)")
             warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
                           stacklevel=4)
-
-
-def _participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
-    """``(tr C)^2 / ||C||_F^2`` per layer from biased sketches (C's upper triangle by rows)."""
-    diagonal = np.arange(n) * n - np.arange(n) * (np.arange(n) - 1) // 2
-    with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, as in stats
-        return np.array([sk[diagonal].sum() ** 2 / (sk @ sk) for sk in sketches])
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:

@@ -290,3 +290,16 @@ def module_for(model: nn.Module, spec: ModelSpec, layer: str) -> nn.Module:
         except AttributeError:
             pass
     raise _unknown_layer(str(layer), _candidates(model, spec), spec)
+
+
+def weights_problem(model: str, weights: str | None) -> str | None:
+    """Why ``model``'s weights cannot be had here (one line), or None when they can."""
+    file = (default_weights_file(get_entry(model).spec) if weights is None
+            else Path(weights).expanduser())
+    if weights == "random" or (file is not None and file.is_file()):
+        return None
+    try:  # a missing file, or pretrained weights that may need a download
+        load_model(model, weights)
+    except UserError as exc:
+        return str(exc)
+    return None

@@ -187,3 +187,10 @@ def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> n
         raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
                          "different rows or settings")
     return normalise(sa @ sb.T, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
+
+
+def participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
+    """``(tr C)^2 / ||C||_F^2`` per layer from biased sketches (C's upper triangle by rows)."""
+    diagonal = np.arange(n) * n - np.arange(n) * (np.arange(n) - 1) // 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, as in stats
+        return np.array([sk[diagonal].sum() ** 2 / (sk @ sk) for sk in sketches])

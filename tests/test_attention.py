@@ -354,6 +354,7 @@ def test_cli_attention_on_a_cnn_is_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("repsim attention: error: resnet18_cifar is a resnet model")
     assert "repsim featuremaps" in err and "\n" not in err
+    assert "vit_cifar_tiny_sptlsa" in err  # every registered ViT is named valid
 
 
 def test_cli_attention_rejects_mismatched_weights(capsys):

@@ -379,6 +379,18 @@ def test_unknown_name_that_is_no_file_is_refused(capsys):
     assert code == 1 and "neither a store file" in err and "vit_cifar" in err
 
 
+def test_a_typo_in_b_is_refused_before_a_is_extracted(checkpoints, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--a", "vit_cifar", "--b", "resnt18_cifar", "--n", "8")
+    assert code == 1 and "nor a known model: unknown --b 'resnt18_cifar'" in err
+    assert "extracted" not in err and not list(tmp_path.rglob("*.h5"))
+
+
+def test_missing_weights_of_one_side_name_that_sides_flag(checkpoints, capsys):
+    (checkpoints / "resnet18_cifar.pt").unlink()
+    code, _, err = run_cli(capsys, "--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "8")
+    assert code == 1 and "pass --weights-b PATH or --weights-b 'random'" in err
+
+
 def test_layer_sketches_are_cached_and_reused_by_later_comparisons(tmp_path, pair):
     from repsim import cka
 

@@ -223,6 +223,16 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      'ids = [1.5]\n[probe]\nn = 4\n', "ids=[1.5] must be a list of sample ids (integers)"),
     ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+     'top = 2.5\n[probe]\nn = 4\n', "top=2.5 must be a positive integer"),
+    ('kind = "locality"\nvit = {model = "vit_cifar", weights = "random"}\n'
+     'max_images = "8"\n[probe]\nn = 8\n', "max_images='8' must be a positive integer"),
+    ('kind = "probes"\nmodels = [{model = "vit_cifar", weights = "random"}]\nsteps = 1.5\n',
+     "steps=1.5 must be a positive integer"),
+    ('kind = "probes"\nmodels = [{model = "vit_cifar", weights = "random"}]\n'
+     'train_fraction = "0.5"\n', "train_fraction='0.5' must be a number"),
+    ('kind = "probes"\nmodels = [{model = "vit_cifar", weights = "random"}]\n'
+     'split_seed = 1.0\n', "split_seed=1.0 must be an integer"),
 ])
 def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, text, message):
     ck = tmp_path / "ckpt"

@@ -144,13 +144,14 @@ def unit_label(unit: str, image_hw: tuple[int, int]) -> str:
 
 
 def check_vit(name: str) -> None:
-    from repsim.registry import get_spec
+    from repsim.registry import get_spec, list_models
 
     spec = get_spec(name)
     if spec.family != "vit":
+        vits = [m for m in list_models() if get_spec(m).family == "vit"]
         raise UserError(
             f"{spec.name} is a {spec.family} model, and attention maps need a Vision "
-            "Transformer; valid: vit_cifar, vit_imagenet or timm:<a ViT>; fix: pass a ViT, or "
+            f"Transformer; valid: {', '.join(vits)} or timm:<a ViT>; fix: pass a ViT, or "
             f"draw {spec.name}'s feature maps with `repsim featuremaps`")
 
 

@@ -77,9 +77,11 @@ def weights_path(weights: str | None) -> str | None:
     return str(_checkpoint_dir() / weights)
 
 
-def _check_weights(ref: ModelRef) -> None:
+def check_weights(ref: ModelRef) -> None:
     """InputUnavailable when ``ref``'s weights cannot be had here."""
-    problem = compare.weights_problem(ref.model, weights_path(ref.weights))
+    from repsim.models import weights_problem
+
+    problem = weights_problem(ref.model, weights_path(ref.weights))
     if problem:
         raise InputUnavailable(problem)
 
@@ -285,7 +287,7 @@ class FigureContext:
             name = canonical_name(ref.model)
             return get_spec(ref.model).default_weights if name == ref.model else name
         if not path.is_file():
-            _check_weights(ref)  # with its reason, when there is one
+            check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
         return self._sha256(path)
 
@@ -316,7 +318,7 @@ class FigureContext:
         probe = self._probe(d["probe"])
         refs = ModelRef(**d["a"]), ModelRef(**d["b"])
         for r in refs:  # before extracting either side: B's weights may be missing
-            _check_weights(r)
+            check_weights(r)
         for r in refs:  # the default stores, extracted once per run (force applies here)
             self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
         # ... or stores of exactly the requested layers when the default ones lack them
@@ -338,7 +340,7 @@ class FigureContext:
         from repsim import models
 
         ref = ModelRef(**d["ref"])
-        _check_weights(ref)
+        check_weights(ref)
         model, prov = models.load_model(ref.model, weights_path(ref.weights))
         try:  # a committed figure names no folder of the machine that built it
             prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()

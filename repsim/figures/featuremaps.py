@@ -193,7 +193,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     probe, images, ids = ctx.drawn_images(spec, default=None)
     with ctx.on_device([model]) as (on,):
         res = featuremap_views(on, ref.model, prov, ref.display(), probe, images, ids,
-                               spec.get("stages"), int(spec.get("top", 8)),
+                               spec.get("stages"), ctx.positive_int(spec, "top", 8),
                                ctx.out_dir / ctx.name, lambda fig, stem, p: draw.save(fig, stem))
     ctx.data.update({"image_ids": ids.tolist(), "stages": {
         s: {"channels": v.channels.tolist(), "scores": v.scores.round(6).tolist(),

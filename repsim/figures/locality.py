@@ -132,7 +132,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     loaded = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
     tokens = _tokens(spec, token_grid(loaded[0][0]).grid)  # spec errors before any work
     probe = ctx.images(ctx.probe_spec(spec))
-    k = int(spec.get("max_images", DEFAULT_IMAGES))
+    k = ctx.positive_int(spec, "max_images", DEFAULT_IMAGES)
     if k < 4:
         raise UserError(f"max_images={k}; valid: at least 4 images")
     pick = subset_indices(len(probe.images), k, ctx.probe_spec(spec).seed)

@@ -18,16 +18,19 @@ from repsim.errors import UserError
 from repsim.figures import draw
 
 
-def _options(spec: dict, name: str) -> dict:
-    """The probe options of a spec, checked."""
+def _options(spec: dict, ctx) -> dict:
+    """The probe options of a spec, checked (a float, string or boolean is not coerced)."""
     ks = spec.get("ks", list(probes.DEFAULT_KS))
     if not (isinstance(ks, list) and all(isinstance(k, int) and k >= 0 for k in ks)):
-        raise UserError(f"{name}: ks={ks!r} must be a list of non-negative integers, "
+        raise UserError(f"{ctx.name}: ks={ks!r} must be a list of non-negative integers, "
                         "e.g. [1, 5, 10]")
-    return {"ks": ks, "train_fraction": float(spec.get("train_fraction", 0.5)),
-            "seed": int(spec.get("split_seed", 0)),
-            "weight_decay": float(spec.get("weight_decay", probes.DEFAULT_WEIGHT_DECAY)),
-            "steps": int(spec.get("steps", probes.DEFAULT_STEPS))}
+    opts = {"train_fraction": spec.get("train_fraction", 0.5), "seed": spec.get("split_seed", 0),
+            "weight_decay": spec.get("weight_decay", probes.DEFAULT_WEIGHT_DECAY)}
+    for key, v in opts.items():
+        if isinstance(v, bool) or not isinstance(v, int if key == "seed" else (int, float)):
+            raise UserError(f"{ctx.name}: {'split_seed' if key == 'seed' else key}={v!r} must "
+                            f"be {'an integer' if key == 'seed' else 'a number'}; fix the file")
+    return {"ks": ks, **opts, "steps": ctx.positive_int(spec, "steps", probes.DEFAULT_STEPS)}
 
 
 def _features(store, layers: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -56,7 +59,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     if len(refs) not in (1, 2):
         raise UserError(f"{ctx.name}: models lists {len(refs)} models; pass one, or two to "
                         "match each one's layers in the other")
-    probe, c, opts = ctx.probe_spec(spec), ctx.cka_settings(spec), _options(spec, ctx.name)
+    probe, c, opts = ctx.probe_spec(spec), ctx.cka_settings(spec), _options(spec, ctx)
     if c["kernel"] != "linear":
         raise UserError(f"{ctx.name}: kernel={c['kernel']!r}; the probes figure compares "
                         "principal-component deletions with linear CKA: use kernel='linear'")

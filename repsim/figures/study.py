@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from repsim.compare import InputUnavailable, weights_problem
+from repsim.compare import InputUnavailable
 from repsim.errors import UserError
 from repsim.figures import draw
-from repsim.figures.context import same_layer_cka, weights_file, weights_path
+from repsim.figures.context import check_weights, same_layer_cka, weights_file
 
 
 def _check_weights(refs: list) -> None:
@@ -16,9 +16,7 @@ def _check_weights(refs: list) -> None:
     store is made: otherwise the models named before it are extracted for a skipped figure."""
     for ref in refs:
         for seed in ref.seeds():
-            problem = weights_problem(seed.model, weights_path(seed.weights))
-            if problem:
-                raise InputUnavailable(problem)
+            check_weights(seed)
 
 
 def cka_grid(spec: dict, ctx) -> list[Path]:
