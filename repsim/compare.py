@@ -179,7 +179,6 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     check_ref(ref, weights)
     if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
-    from repsim import models
     from repsim.extraction import ExtractConfig, extract
 
     cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
@@ -187,7 +186,9 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     try:
         res = extract(cfg)
     except UserError:
-        problem = models.weights_problem(ref, weights)
+        from repsim.models import weights_problem  # torch: only when extraction failed
+
+        problem = weights_problem(ref, weights)
         if problem is not None:
             raise InputUnavailable(problem) from None
         raise
