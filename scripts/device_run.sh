@@ -52,7 +52,7 @@ left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 # --time-limit stops a run between epochs; a run still going GRACE_S seconds after its limit
 # (a stuck compile, an epoch far slower than the last) is killed, keeping its last save, so the
 # script still packages before the guard. Not in a smoke run (0: no limit): a slow CPU.
-GRACE_S=30
+GRACE_S=${GRACE_S:-30}  # the test of the kill sets it short
 hard() {  # hard SECONDS: the seconds after which a run of SECONDS is killed
     [ "$SMOKE" = 1 ] && echo 0 || echo $(( ($1 > 12 ? $1 : 12) + GRACE_S ))
 }

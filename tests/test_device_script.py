@@ -227,10 +227,11 @@ def test_a_training_run_that_overstays_is_stopped_and_the_rest_packaged(packed, 
                     '[ "$1 $2" = "-m pip" ] && exit 0\n'
                     f'exec {sys.executable} "$@"\n')
     stub.chmod(0o755)
-    budget = 100
+    budget = 75  # stage 1 gets about 10 s; the run is killed 1 s (GRACE_S) past its limit
     env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
            "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
-           "STAGES": "1", "RESNET_RECIPE": "none", "DEVICE_BUDGET_S": str(budget)}
+           "STAGES": "1", "RESNET_RECIPE": "none", "DEVICE_BUDGET_S": str(budget),
+           "GRACE_S": "1"}
     run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                          timeout=3 * budget)
     assert run.returncode == 0, run.stdout + run.stderr
