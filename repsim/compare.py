@@ -282,10 +282,12 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
 
 def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
     """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown."""
-    if (null := res.biased_null_mean) is None and cfg.estimator == "biased" and cfg.log:
+    if cfg.estimator != "biased" or not cfg.log:
+        return
+    if (null := res.biased_null_mean) is None:
         cfg.log("note: the standard errors were skipped, so whether the biased estimator "
                 "reads high here was not checked; compute them (the default) to check")
-    elif cfg.estimator == "biased" and np.nanmax(null) > 0.1 and cfg.log:
+    elif np.nanmax(null) > 0.1:
         cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
                 f"data here (n = {res.n}, layers of effective dimensionality up to "
                 f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "

@@ -554,6 +554,18 @@ def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_uncheck
     assert "whether the biased estimator reads high here was not checked" in err
 
 
+def test_the_streamed_biased_estimator_without_se_or_log_runs(tmp_path, monkeypatch):
+    from repsim import compare
+
+    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # streamed: no null level to read
+    wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    res = compare.run_cka(compare.CKAConfig(a=str(a), b=str(b), estimator="biased", se=False,
+                                            plots=False, out=str(tmp_path / "o"), log=None))
+    assert res["result"]["biased_null_mean"] is None
+    assert res["result"]["matrix"][0][0] == pytest.approx(1.0)
+
+
 def test_seeds_give_the_mean_the_spread_and_the_seed_ceiling(checkpoints, capsys):
     from repsim.models import build_model
 
