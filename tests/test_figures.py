@@ -356,6 +356,46 @@ def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_
         == ["s"]
 
 
+def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_path,
+                                                                            monkeypatch):
+    """A kept build's numbers are those of the weights it read: once the checkpoint of that
+    name here is another run, the report names it (else its accuracy and CKA pass for the
+    committed model's)."""
+    import hashlib
+
+    import repsim.models
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "resnet18_cifar.pt").write_bytes(b"the run it was built from")
+    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
+                        lambda m, w=None: (None, {"weights": str(ck / "resnet18_cifar.pt")}))
+    (ck / "epoch0.pt").write_bytes(b"a snapshot")
+
+    def build_snap(spec, ctx):
+        """Reads the final model and a snapshot, which stays on the GPU machine."""
+        ctx.model(ctx.model_ref("resnet18_cifar", spec))
+        ctx.model(ctx.model_ref({"model": "resnet18_cifar", "weights": "epoch0.pt"}))
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n[labels]\nresnet18_cifar = "ResNet-18"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (ck / "epoch0.pt").unlink()
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert res["kept"][0].get("changed", []) == []  # the same final model: nothing to say
+    assert "not the files here" not in (tmp_path / "f" / "REPORT.md").read_text()
+    old = hashlib.sha256((ck / "resnet18_cifar.pt").read_bytes()).hexdigest()
+    (ck / "resnet18_cifar.pt").write_bytes(b"a newer run")
+    new = hashlib.sha256(b"a newer run").hexdigest()
+    (kept,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["kept"]
+    line = f"ResNet-18 (resnet18_cifar.pt: it read sha256 {old[:12]}, here {new[:12]})"
+    assert kept["changed"] == [line]
+    assert line in (tmp_path / "f" / "REPORT.md").read_text()
+
+
 def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
     """A kept build is a build of this spec: once the spec changed (here its title), the old
     files are not presented as its figure; it is skipped, and the report says why."""

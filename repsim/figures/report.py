@@ -190,7 +190,7 @@ def _portable(text: str) -> str:
     return text.replace(str(Path.cwd()) + os.sep, "").replace(str(Path.home()), "~")
 
 
-def _section(out: Path, name: str, record: dict, kept: str | None = None) -> str:
+def _section(out: Path, name: str, record: dict, kept: dict | None = None) -> str:
     img = [Path(f) for f in record.get("files", []) if f.endswith(".png")]
     body = [f"## {record.get('title') or name}", ""]
     if record.get("kind") == "accuracy_table" and (out / f"{name}.md").is_file():
@@ -200,7 +200,10 @@ def _section(out: Path, name: str, record: dict, kept: str | None = None) -> str
     text = caption(record.get("kind", ""), record.get("data") or {}, record.get("spec") or {})
     if kept:
         text += (f"\n\nBuilt on {record.get('hardware') or 'another machine'}; not rebuilt "
-                 f"here: {_portable(kept)}")
+                 f"here: {_portable(kept['reason'])}")
+    if kept and kept.get("changed"):
+        text += ("\n\nIts numbers are of weights that are not the files here now: "
+                 + "; ".join(kept["changed"]) + ".")
     return "\n".join(body + ([text.strip(), ""] if text.strip() else []))
 
 
@@ -213,7 +216,7 @@ def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> 
     records = {n: json.loads((out / f"{n}.json").read_text()) for n in names
                if n not in missing and (out / f"{n}.json").is_file()}
     # figures first, then the tables (the accuracy table closes the results)
-    kept = {e["name"]: e["reason"] for e in summary.get("kept", [])}
+    kept = {e["name"]: e for e in summary.get("kept", [])}
     for name in sorted(records, key=lambda n: records[n].get("kind") == "accuracy_table"):
         parts.append(_section(out, name, records[name], kept.get(name)))
     if missing:

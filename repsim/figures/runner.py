@@ -27,7 +27,7 @@ from typing import Any
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
-from repsim.figures.context import FigureContext
+from repsim.figures.context import FigureContext, ModelRef, weights_file
 
 FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
@@ -182,6 +182,27 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
+def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
+    """For a kept build: each model it read whose weights file here is another file now (by
+    sha256), in one line; its numbers are of the file it read, not of the checkpoint here."""
+    out = []
+    for key, then in (record.get("deps") or {}).items():
+        desc = json.loads(key)
+        if desc.get("type") not in ("store", "model") or not isinstance(then, dict):
+            continue
+        try:
+            ref = ModelRef(**desc["ref"])
+            file = weights_file(ref)
+            now = ctx.fingerprint({"type": "model", "ref": desc["ref"]})["ref"]
+        except (InputUnavailable, UserError, KeyError, TypeError, ValueError):
+            continue  # not here (a snapshot left on the GPU machine): nothing to compare
+        if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
+            line = (f"{ref.display()} ({file.name}: it read sha256 {then['ref'][:12]}, "
+                    f"here {now[:12]})")
+            out += [line] if line not in out else []
+    return out
+
+
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
     from repsim.evaluation import hardware
@@ -205,7 +226,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         kept = (_files_here(ctx, record) if record and record.get("format") == FORMAT
                 and record.get("spec") == spec else None)
         if kept:  # built where its inputs were: keep that build rather than lose it
-            return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc)}
+            return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
+                            "changed": _changed_weights(ctx, record)}
         return "skipped", {**entry, "reason": str(exc)}
     except (UserError, ValueError) as exc:
         return "failed", {**entry, "reason": str(exc)}
