@@ -788,3 +788,21 @@ def test_a_timm_models_default_tag_is_in_its_figures_fingerprint(tmp_path):
     prints = [ctx.fingerprint({"type": "model", "ref": asdict(ModelRef(m))})["ref"]
               for m in ("timm:resnet18", tag, "vit_imagenet")]
     assert prints[0] == tag and prints[2] == "timm"  # a registry name pins its tag itself
+
+
+def test_the_dynamics_caption_does_not_count_the_final_model_as_settling():
+    """The snapshot at the final epoch is the final model (CKA 1): a layer that reaches the
+    level only there has not settled during training."""
+    from repsim.figures.report import caption
+
+    run = {"label": "R", "final_epoch": 100, "final_test_accuracy": 92.85,
+           "epochs": [0, 10, 100], "layers": ["a", "b"],
+           "cka": {"a": [0.5, 0.95, 1.0], "b": [0.2, 0.6, 1.0]},
+           "settled_epoch": {"a": 10, "b": 100}}
+    assert caption("dynamics", {"settle": 0.9, "models": [run]}, {}) == (
+        "R (final: epoch 100, 92.85 %): CKA to the final model at epoch 0 0.20-0.50; at or "
+        "above 0.90 from epoch 10 (a); not before the final model (epoch 100): b.")
+    run.update(test_accuracy=[10.0, 60.0, 92.85], train_accuracy=[None, 50.0, 90.0])
+    fig = draw.dynamics([run], "t", 0.9)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["a (from 10)", "b (final model only)"]

@@ -250,9 +250,11 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
         x = m["epochs"]
         for k, name in enumerate(m["layers"]):
             when = m["settled_epoch"].get(name)
+            # the snapshot at the final epoch is the final model itself (CKA 1)
+            said = ("not yet" if when is None else "final model only"
+                    if when == x[-1] == m["final_epoch"] else f"from {when}")
             top.plot(x, np.array(m["cka"][name], float), marker="o", ms=3,
-                     color=_shade(k, len(m["layers"])),
-                     label=f"{name} ({'from ' + str(when) if when is not None else 'not yet'})")
+                     color=_shade(k, len(m["layers"])), label=f"{name} ({said})")
         top.axhline(settle, ls="--", color="0.5", lw=0.8)
         top.set_ylim(min(0.0, top.get_ylim()[0]), max(1.02, top.get_ylim()[1]))
         top.set_ylabel("CKA(layer at epoch, same layer final)")

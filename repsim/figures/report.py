@@ -152,7 +152,11 @@ def _dynamics(data: dict) -> str:
     out = []
     for m in data["models"]:
         settled = m["settled_epoch"]
-        early = [k for k in m["layers"] if settled.get(k) is not None]
+        # A snapshot at the final epoch is the final model: reaching the level there alone
+        # (CKA 1 by construction) is not settling during training.
+        last = m["epochs"][-1] if m["epochs"][-1] == m["final_epoch"] else None
+        early = [k for k in m["layers"] if settled.get(k) not in (None, last)]
+        final = [k for k in m["layers"] if last is not None and settled.get(k) == last]
         late = [k for k in m["layers"] if settled.get(k) is None]
         acc = m.get("final_test_accuracy")
         line = (f"{m['label']} (final: epoch {m['final_epoch']}"
@@ -162,6 +166,8 @@ def _dynamics(data: dict) -> str:
         if early:
             line += "; at or above {:.2f} from epoch ".format(data["settle"]) + ", ".join(
                 f"{settled[k]} ({k})" for k in early)
+        if final:
+            line += f"; not before the final model (epoch {last}): {_span(final, m['layers'])}"
         if late:
             line += f"; not settled by epoch {m['epochs'][-1]}: {_span(late, m['layers'])}"
         out.append(line + ".")
