@@ -806,3 +806,24 @@ def test_the_dynamics_caption_does_not_count_the_final_model_as_settling():
     fig = draw.dynamics([run], "t", 0.9)
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["a (from 10)", "b (final model only)"]
+
+
+def test_the_grid_caption_states_the_permutation_null_of_each_model_pair():
+    """A grid with a null dots the cells not above it; the caption says how many there are
+    (a grid with no dot otherwise reads as if no null had been computed)."""
+    from repsim.figures.report import caption
+
+    def panel(a, b, p):
+        return {"row_model": a, "col_model": b, "layers_a": ["x0", "x1"][:len(p)],
+                "layers_b": ["y0", "y1"][:len(p[0])], "matrix": [[0.9] * len(p[0])] * len(p),
+                "se": None, "p_value": p}
+
+    p = [[0.005, 0.2]]
+    data = {"panels": [panel("A", "A", [[0.005]]), panel("A", "B", p),
+                       panel("B", "A", [list(r) for r in zip(*p)]), panel("B", "B", p)]}
+    lines = caption("cka_grid", data, {}).splitlines()
+    assert lines[-1] == "Permutation null: 1 of 2 cells of A vs B not above it (p > 0.05, dotted)."
+    p = [[0.005, 0.01]]
+    data["panels"][1:3] = [panel("A", "B", p), panel("B", "A", [list(r) for r in zip(*p)])]
+    assert caption("cka_grid", data, {}).splitlines()[-1] == (
+        "Permutation null: every cell of A vs B above it (p <= 0.010).")

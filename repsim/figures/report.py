@@ -63,10 +63,30 @@ def match_caption(label_a: str, label_b: str, layers_a: list[str], layers_b: lis
     return "\n".join(out)
 
 
+def _null_caption(panels: list[dict]) -> list[str]:
+    """One line per pair of models whose panel has p-values: how many cells are not above
+    the permutation null (the dotted ones), or that every one is."""
+    out, seen = [], set()
+    for p in panels:
+        pair = frozenset((p["row_model"], p["col_model"]))
+        ps = [v for row in p.get("p_value") or [] for v in row]
+        if len(pair) < 2 or pair in seen or not ps:
+            continue
+        seen.add(pair)
+        above = [v for v in ps if v is not None and v <= draw.ALPHA]
+        what = f"cells of {p['row_model']} vs {p['col_model']}"
+        out.append(f"Permutation null: every cell of {p['row_model']} vs {p['col_model']} "
+                   f"above it (p <= {max(above):.3f})." if len(above) == len(ps) else
+                   f"Permutation null: {len(ps) - len(above)} of {len(ps)} {what} not above it "
+                   f"(p > {draw.ALPHA}, dotted).")
+    return out
+
+
 def _cka_grid(data: dict) -> str:
-    return "\n".join(match_caption(p["row_model"], p["col_model"], p["layers_a"], p["layers_b"],
-                                   draw.best_matches(p))
-                     for p in data["panels"] if p["row_model"] != p["col_model"])
+    return "\n".join([match_caption(p["row_model"], p["col_model"], p["layers_a"],
+                                    p["layers_b"], draw.best_matches(p))
+                      for p in data["panels"] if p["row_model"] != p["col_model"]]
+                     + _null_caption(data["panels"]))
 
 
 def _best_match(data: dict) -> str:
