@@ -827,3 +827,18 @@ def test_the_grid_caption_states_the_permutation_null_of_each_model_pair():
     data["panels"][1:3] = [panel("A", "B", p), panel("B", "A", [list(r) for r in zip(*p)])]
     assert caption("cka_grid", data, {}).splitlines()[-1] == (
         "Permutation null: every cell of A vs B above it (p <= 0.010).")
+
+
+def test_the_probes_caption_names_the_layer_whose_components_it_deletes():
+    from repsim.figures.report import caption
+
+    entry = {"label": "R", "layers": ["stem", "layer4"], "ks": [0, 1, 5],
+             "accuracy": [[0.31, 0.28, 0.27], [0.926, 0.924, 0.91]],
+             "self_cka": [[1.0, 0.42, 0.04], [1.0, 0.92, 0.6]],
+             "match_layers": ["embed", "blocks.5"],
+             "match_cka": [[0.76, 0.42, 0.01], [0.447, 0.301, 0.079]]}
+    lines = caption("probes", {"pixel_accuracy": 0.302, "entries": [entry]}, {}).splitlines()
+    assert lines[1] == (
+        "R: probe accuracy 0.31 in stem to 0.93 in layer4, highest 0.93 in layer4; layer4 "
+        "without its top 1 principal component(s): probe 0.92, CKA with itself 0.92, CKA "
+        "with its best match blocks.5 0.45 -> 0.30.")

@@ -162,8 +162,11 @@ def _probes(data: dict) -> str:
                 f"{_fmt(acc[-1])} in {e['layers'][-1]}, highest {_fmt(acc[best])} in "
                 f"{e['layers'][best]}")
         if k is not None:
-            line += (f"; without its top {k} component(s) {_fmt(e['accuracy'][-1][1])}, CKA "
-                     f"with itself {_fmt(e['self_cka'][-1][1])}")
+            match = e["match_cka"][-1]
+            line += (f"; {e['layers'][-1]} without its top {k} principal component(s): probe "
+                     f"{_fmt(e['accuracy'][-1][1])}, CKA with itself "
+                     f"{_fmt(e['self_cka'][-1][1])}, CKA with its best match "
+                     f"{e['match_layers'][-1]} {_fmt(match[0])} -> {_fmt(match[1])}")
         out.append(line + ".")
     return "\n".join(out)
 
