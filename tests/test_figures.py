@@ -99,6 +99,16 @@ def test_best_match_curve_picks_each_rows_maximum_and_skips_nan_rows(tmp_path):
     assert_saved(fig, tmp_path / "b")
 
 
+def test_a_best_match_below_zero_stays_on_the_cka_axis():
+    """Unbiased CKA is not clamped: a layer whose best match is negative, and its error bar,
+    must not fall off a 0-to-1 axis."""
+    fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1"],
+                            "layers_b": ["b0"], "index": [0, 0], "value": [0.8, -0.05],
+                            "se": [0.01, 0.02]}], "curves")
+    low, high = fig.axes[1].get_ylim()
+    assert low <= -0.07 and high == 1.0
+
+
 def scale_panel(label, fractions, layers, accuracy=80.0, missing=()):
     entries = [{"fraction": f, "label": f"{label} {f}", "test_accuracy": 40.0 + 10 * k,
                 "layers": layers, "cka": rand(len(layers), k).tolist(),

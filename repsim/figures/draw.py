@@ -161,7 +161,7 @@ def best_matches(result: dict) -> dict:
 def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
     """"Diagonal" curves, one column per curve (``label_a``, ``label_b``, ``layers_a``,
     ``layers_b``, ``index``, ``value``). Top: the best-matching layer of B for each layer of A,
-    the proportional-depth diagonal dashed; bottom: that best CKA (0 to 1)."""
+    the proportional-depth diagonal dashed; bottom: that best CKA (0 to 1, or below 0)."""
     fig, axes = plt.subplots(2, len(curves), figsize=(4.6 * len(curves), 6.4),
                              layout="constrained", squeeze=False, height_ratios=[2, 1])
     for (top, bottom), cur in zip(axes.T, curves):
@@ -180,7 +180,7 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         se = np.array(cur.get("se") or [None] * len(x), float)
         bottom.errorbar(x, np.array(cur["value"], float), yerr=se, marker="o", color="C1",
                         capsize=2)  # +-1 jackknife SE
-        bottom.set_ylim(0, 1)
+        bottom.set_ylim(min(0.0, bottom.get_ylim()[0]), 1)  # unclamped CKA can be < 0
         bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
         bottom.set_xlabel(f"{cur['label_a']}: layer")
         bottom.set_ylabel("CKA of best match (+-1 SE)")
