@@ -300,11 +300,13 @@ def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> n
 
 def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec=None, *,
                        batch_size: int = 64, renormalize: bool = True,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, uniform: bool = False) -> np.ndarray:
     """``(L, H)`` float64 mean attention distance, in pixels of the model input, over ``images``:
     ``(n, H, W, 3)`` uint8 (preprocessed as ``spec``, a :class:`repsim.registry.ModelSpec`,
     says) or preprocessed float ``(n, 3, S, S)``. No attention map outlives its block, so
-    memory does not grow with ``n``."""
+    memory does not grow with ``n``. ``uniform=True``: every score set to 0, so each query
+    spreads its weight evenly over the keys the model's mask allows: the reference for uniform
+    attention (an LSA model's masked diagonal and ``renormalize=False`` included)."""
     geo = vit_geometry(model)
     n, p = geo.n_prefix, geo.cells
     d = torch.as_tensor(distance_matrix(geo.grid, geo.patch_size), dtype=torch.float32,
@@ -328,7 +330,8 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
             bias = None if bias is None else bias[..., n:, n:]
         m = q.shape[2]
         qf, kf = q.reshape(b * h, m, dh).float(), k.reshape(b * h, m, dh).float()
-        scores = torch.baddbmm(beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
+        scores = (qf.new_zeros(b * h, m, m) if uniform else
+                  torch.baddbmm(beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale))
         scores = scores.view(b, h, m, m)
         a = (scores if bias is None else scores + bias).softmax(dim=-1)
         # (B, H) sums over queries and keys in float32 per image; float64 across images.

@@ -90,6 +90,47 @@ def test_attention_distance_of_an_attention_that_is_uniform_by_construction():
     assert d.shape == (6, 8) and d.dtype == np.float64
 
 
+def _zero_queries_and_keys(model) -> None:
+    """Every score 0: each query attends uniformly to the keys its mask allows."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            d = blk.attn.attn_dim
+            blk.attn.qkv.weight[:2 * d].zero_()
+            blk.attn.qkv.bias[:2 * d].zero_()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_uniform_reference_of_a_locality_masked_vit(renormalize):
+    # LSA masks each token's own key: a patch query spreads over the other P - 1 patches
+    # (renormalised), or over the T - 1 = P other tokens (prefix mass at distance 0). The
+    # reference line was the grid's mean pairwise distance, self-pairs included, P^2 terms.
+    from repsim.tinyvit import LocalityViT
+
+    torch.manual_seed(0)
+    lsa = LocalityViT(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                      num_classes=0, qkv_bias=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    total, p = A.distance_matrix((4, 4), 4).sum(), 16
+    want = total / (p * (p - 1)) if renormalize else total / (p * p)
+    ref = A.attention_distance(lsa, x, renormalize=renormalize, uniform=True)
+    assert ref.shape == (2, 2)
+    np.testing.assert_allclose(ref, want, rtol=1e-6)
+    _zero_queries_and_keys(lsa)  # the model's own attention made uniform: the same number
+    np.testing.assert_allclose(A.attention_distance(lsa, x, renormalize=renormalize), want,
+                               rtol=1e-6)
+
+
+def test_uniform_reference_without_renormalising_discounts_the_prefix():
+    model = _tiny_vit(depth=1, reg_tokens=2)  # 3 prefix + 16 patches: 16/19 of the mass
+    x = torch.randn(2, 3, 16, 16)
+    want = A.distance_matrix((4, 4), 4).mean() * 16 / 19
+    ref = A.attention_distance(model, x, renormalize=False, uniform=True)
+    np.testing.assert_allclose(ref, want, rtol=1e-6)
+    _zero_queries_and_keys(model)
+    np.testing.assert_allclose(A.attention_distance(model, x, renormalize=False), want,
+                               rtol=1e-6)
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_streamed_distance_equals_distance_of_captured_maps(renormalize):
     model = _tiny_vit(reg_tokens=2)  # 3 prefix tokens
