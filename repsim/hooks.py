@@ -28,14 +28,16 @@ def _check(how: str | None) -> None:
         raise UserError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
 
 
-def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
+def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
+           class_token: bool | None = None) -> torch.Tensor:
     """One row per sample from a layer output.
 
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
     ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
     maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
-    ``how=None`` returns ``x`` as it is.
+    ``how=None`` returns ``x`` as it is. ``class_token``: whether token 0 is a class token
+    (default: whenever there is a prefix); ``cls`` is refused when it is not.
     """
     _check(how)
     if how is None:
@@ -49,6 +51,9 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
             if n_prefix < 1:
                 raise ReductionError(f"reduce={how!r} needs class or register tokens; this "
                                      "model has none; use 'flatten' or 'mean'")
+            if how == "cls" and class_token is False:  # timm's *_reg4_gap: token 0 a register
+                raise ReductionError(f"reduce='cls' needs a class token; this model has none, "
+                                     f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
         return x.flatten(1)
     if x.dim() == 4 and how == "mean":
@@ -78,6 +83,9 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self.how = reduce
         default_prefix = 1 if self.spec.family == "vit" else 0
         self.n_prefix = int(getattr(model, "num_prefix_tokens", default_prefix))
+        # A timm ViT says whether it has one; any other model's first prefix token is taken for it.
+        self.class_token = (getattr(model, "cls_token", None) is not None
+                            if hasattr(model, "cls_token") else None)
         # timm models that say output_fmt "NHWC" (Swin) put channels last in their 4-D
         # outputs, but not in every sub-module's (patch_embed.proj is a Conv2d): which axis
         # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
@@ -92,7 +100,7 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                 raise ReductionError("reduce='mean' cannot tell channels from positions in "
                                      "this model's 4-D outputs (timm output_fmt 'NHWC': "
                                      "channels last); use 'flatten'")
-            self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
+            self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix, self.class_token)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 

@@ -297,6 +297,25 @@ def test_numpy_integer_blocks_are_blocks():
         A.attention_maps(model, x, blocks=[np.int64(3)])
 
 
+def test_cls_of_a_vit_with_registers_but_no_class_token_is_refused_not_a_register():
+    # timm's *_reg4_gap models: 4 register tokens, no class token, global_pool='avg'. Token 0
+    # is a register, which reduce='cls' returned as the class token; 'prefix' keeps them all.
+    import repsim
+    from repsim.hooks import ReductionError
+
+    model, x = _tiny_vit(depth=1, class_token=False, reg_tokens=2, global_pool="avg"), \
+        torch.randn(2, 3, 16, 16)
+    with pytest.raises(ReductionError, match="reduce='cls' needs a class token; this model "
+                                             "has none, only 2 register tokens"):
+        repsim.extract(model, x, layers="blocks.0", reduce="cls", device="cpu")
+    tokens = repsim.extract(model, x, layers="blocks.0", reduce=None, device="cpu")["blocks.0"]
+    prefix = repsim.extract(model, x, layers="blocks.0", reduce="prefix", device="cpu")
+    np.testing.assert_array_equal(prefix["blocks.0"], tokens[:, :2].reshape(2, -1))
+    cls = repsim.extract(_tiny_vit(depth=1, reg_tokens=2), x, layers="blocks.0", reduce="cls",
+                         device="cpu")["blocks.0"]  # class token + registers: token 0
+    assert cls.shape == (2, 32)
+
+
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
