@@ -276,6 +276,22 @@ def test_cuda_capture_and_distance_give_the_cpu_results(fused):
                                A.attention_distance(cpu, x, batch_size=2), rtol=2e-3)
 
 
+def test_maps_and_distances_are_measured_in_eval_mode_and_the_mode_is_restored():
+    # A model fresh from training (train mode, stochastic depth on) gave different maps and
+    # distances on every call: drop_path randomly skipped residual branches, while
+    # repsim.extract and the locality features measure in eval mode.
+    model = _tiny_vit(depth=3, drop_path_rate=0.5, reg_tokens=1)
+    x = torch.randn(2, 3, 16, 16)
+    want_maps, want_dist = A.attention_maps(model, x), A.attention_distance(model, x)
+    want_mass = A.prefix_attention_mass(model, x)
+    model.train()
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(A.attention_maps(model, x), want_maps)
+    np.testing.assert_array_equal(A.attention_distance(model, x), want_dist)
+    np.testing.assert_array_equal(A.prefix_attention_mass(model, x), want_mass)
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
     model = _tiny_vit(depth=3)
     maps = A.attention_maps(model, torch.randn(1, 3, 16, 16), blocks=[2, 0])
