@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim.errors import UserError
+from repsim.hooks import eval_mode
 
 
 @dataclass(frozen=True)
@@ -187,19 +188,6 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Measure the model as it predicts, as repsim.extract does: dropout and stochastic depth
-    off (in train mode every call drew other maps); each module's own mode comes back."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextlib.contextmanager
 def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
                       ) -> Iterator[dict[int, torch.Tensor]]:
     """Context manager yielding ``{block: (B, H, T, T) attention}`` of the latest forward pass
@@ -219,7 +207,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | No
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
     batch ``x`` ``(B, 3, S, S)`` (moved to the model's device), in eval mode. Rows sum to 1."""
     order = list(range(len(attention_modules(model)))) if blocks is None else list(blocks)
-    with torch.inference_mode(), _eval_mode(model), capture_attention(model, order) as maps:
+    with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
         model(x.to(model_device(model)))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
@@ -241,7 +229,7 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
                         f"batch_size={batch_size})")
     dev = model_device(model)
     bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
-    with bar, torch.inference_mode(), _eval_mode(model), _qk_hooks(model, consume):
+    with bar, torch.inference_mode(), eval_mode(model), _qk_hooks(model, consume):
         for a in range(0, len(src), batch_size):
             xb = src[a:a + batch_size].to(dev, non_blocking=True)
             model(preprocess(spec, xb) if is_uint8 else xb)

@@ -6,8 +6,9 @@ with it. Layers are named as everywhere in repsim (:func:`repsim.models.layer_na
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,20 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
     return x.flatten(1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the ``with``, so it is measured as it predicts: dropout and
+    stochastic depth off, BatchNorm on its running statistics (in train mode every call drew
+    other values and BatchNorm updated its statistics). Each module's own mode comes back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`

@@ -175,3 +175,20 @@ def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class
     label = dict(zip(probe.ids.tolist(), probe.labels.tolist()))
     first = {c: min(i for i in label if label[i] == c) for c in sorted(set(label.values()))}
     assert ids == list(first.values())
+
+
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_as_it_was(resnet):
+    # In train mode BatchNorm normalised by the batch's own statistics (maps 0.77 off for a
+    # batch of one) and updated its running statistics: drawing maps changed the model.
+    x = torch.randn(3, 3, 32, 32)
+    want = FM.feature_maps(resnet, x, ["layer1"], top=2)["layer1"]
+    buffers = {k: v.clone() for k, v in resnet.state_dict().items()}
+    resnet.train()
+    try:
+        got = FM.feature_maps(resnet, x[:1], ["layer1"], top=2)["layer1"]
+        assert resnet.training and all(m.training for m in resnet.modules())
+    finally:
+        resnet.eval()
+    np.testing.assert_allclose(got.mean_map, want.mean_map[:1], rtol=1e-5, atol=1e-6)
+    for k, v in resnet.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
