@@ -154,8 +154,11 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
     mods = attention_modules(model)
     chosen = range(len(mods)) if blocks is None else [  # np.int64(0) from numpy is block 0
         int(i) if isinstance(i, np.integer) else i for i in blocks]
+    if not chosen:
+        raise UserError(f"blocks={list(chosen)} names no block; pass e.g. blocks=[0], or None "
+                        f"for all {len(mods)}")
     for i in chosen:
-        if not isinstance(i, int) or not 0 <= i < len(mods):
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(mods):
             raise UserError(f"block {i!r} does not exist; this model has blocks "
                             f"0..{len(mods) - 1}")
     calls: dict[int, tuple[torch.Tensor | None, bool]] = {}

@@ -332,6 +332,16 @@ def test_cls_of_a_vit_with_registers_but_no_class_token_is_refused_not_a_registe
     assert cls.shape == (2, 32)
 
 
+def test_an_empty_or_boolean_block_list_is_a_user_error():
+    # blocks=[] died in np.stack ("need at least one array to stack"); blocks=[True] drew
+    # block 1, as bool is an int.
+    model, x = _tiny_vit(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(UserError, match=r"blocks=\[\] names no block; pass e.g. blocks=\[0\]"):
+        A.attention_maps(model, x, blocks=[])
+    with pytest.raises(UserError, match="block True does not exist"):
+        A.attention_maps(model, x, blocks=[True])
+
+
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
