@@ -64,16 +64,20 @@ def _pair(v: int | float | Sequence) -> tuple:
 
 def token_grid(model: nn.Module) -> TokenGrid:
     """The :class:`TokenGrid` of a ViT-like module: ``model.patch_embed.grid_size`` and
-    ``.patch_size`` (timm's names), ``model.num_prefix_tokens`` (default: 1 with a
-    ``cls_token``, else 0). UserError for a module without a patch grid (a CNN)."""
+    ``.patch_size`` (timm's names; times ``.feature_ratio``, the input pixels per feature of a
+    hybrid ViT's CNN backbone), ``model.num_prefix_tokens`` (default: 1 with a ``cls_token``,
+    else 0). UserError for a module without a patch grid (a CNN)."""
     pe = getattr(model, "patch_embed", None)
     grid, patch = (tuple(int(v) for v in _pair(getattr(pe, k, None) or 0))
                    for k in ("grid_size", "patch_size"))
     if min(grid + patch) < 1:
         raise UserError(f"{type(model).__name__} has no patch grid (patch_embed.grid_size and "
                         ".patch_size); valid: vit_cifar, vit_imagenet or timm:<a ViT>")
+    # timm's HybridEmbed cuts the backbone's feature map into patches, not the image.
+    ratio = tuple(int(v) for v in _pair(getattr(pe, "feature_ratio", None) or 1))
     default = 1 if getattr(model, "cls_token", None) is not None else 0
-    return TokenGrid(grid, patch, int(getattr(model, "num_prefix_tokens", default)))
+    return TokenGrid(grid, (patch[0] * ratio[0], patch[1] * ratio[1]),
+                     int(getattr(model, "num_prefix_tokens", default)))
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from repsim import attention as A
 from repsim.cli import main
@@ -356,6 +357,24 @@ def test_a_non_standard_attention_module_is_refused():
     model.blocks[1].attn.__class__ = Custom
     with pytest.raises(UserError, match="block 1 .* uses Custom, not timm's standard Attention"):
         A.vit_geometry(model)
+
+
+def test_hybrid_vit_patches_are_measured_in_input_pixels():
+    # A hybrid ViT (timm's HybridEmbed, e.g. vit_small_r26_s32_224) cuts the CNN backbone's
+    # feature map, not the image, into patches: patch_size (1, 1) there is 32 input pixels.
+    # The geometry said 1 px, so distances came out 32x too small (7 px "input" for 224 px).
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+
+    torch.manual_seed(0)
+    backbone = nn.Conv2d(3, 8, 4, stride=4)  # feature ratio 4: 16 px -> 4x4 features
+    model = _tiny_vit(patch_size=1, embed_layer=partial(HybridEmbed, backbone=backbone))
+    geo = A.vit_geometry(model)
+    assert (geo.grid, geo.patch_size, geo.input_size) == ((4, 4), (4, 4), (16, 16))
+    coords = [(4 * r + 2, 4 * c + 2) for r in range(4) for c in range(4)]
+    got = A.attention_distance(model, torch.randn(1, 3, 16, 16), uniform=True)
+    np.testing.assert_allclose(got, _mean_pairwise_distance(coords), rtol=1e-6)
 
 
 def test_geometry_of_the_study_vit(study_vit):
