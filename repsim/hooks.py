@@ -169,18 +169,14 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     if isinstance(model, str):
         spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
-    was_training = model.training
-    model.eval().to(dev)
+    model.to(dev)
     rows: dict[str, list[np.ndarray]] = {}
-    try:
-        with capture(model, layers, reduce, spec) as cap:
-            for x in _batches(images, batch_size):
-                x = torch.as_tensor(x).to(dev)
-                model(models.preprocess(spec, x) if spec is not None else x)
-                for name, out in cap.collect().items():
-                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), capture(model, layers, reduce, spec) as cap:
+        for x in _batches(images, batch_size):
+            x = torch.as_tensor(x).to(dev)
+            model(models.preprocess(spec, x) if spec is not None else x)
+            for name, out in cap.collect().items():
+                rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     if not rows:
         raise ValueError("no images: give at least one batch")
     return {name: np.concatenate(parts) for name, parts in rows.items()}
