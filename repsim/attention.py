@@ -129,7 +129,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # consume(block, q, k, scale, bias): q = q_norm(q), k = k_norm(k), both (B, H, T, d) views of
-# the qkv output the model computed; scale = head_dim ** -0.5 (timm multiplies q by it);
+# the qkv output the model computed; scale = the one the model applied (attn.scale on timm's
+# explicit path, head_dim ** -0.5 in the fused kernel);
 # bias = the additive mask timm's non-fused path adds to the scores (None for plain ViTs).
 Consumer = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], None]
 
@@ -178,7 +179,9 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
                 b, n, _ = out.shape
                 q, k, _ = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
                 mask, causal = calls.pop(i, (None, False))
-                consume(i, m.q_norm(q), m.k_norm(k), m.scale, _attn_bias(n, q, mask, causal))
+                # timm's fused call passes no scale=: the kernel's default, not attn.scale.
+                scale = m.head_dim ** -0.5 if m.fused_attn else m.scale
+                consume(i, m.q_norm(q), m.k_norm(k), scale, _attn_bias(n, q, mask, causal))
 
         return pre, post
 

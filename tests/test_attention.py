@@ -291,6 +291,36 @@ def test_maps_and_distances_are_measured_in_eval_mode_and_the_mode_is_restored()
     assert model.training and all(m.training for m in model.modules())
 
 
+def test_with_the_fused_kernel_a_changed_scale_is_not_what_the_model_used(monkeypatch):
+    # timm's fused path calls scaled_dot_product_attention without scale=, so the kernel
+    # scales by head_dim ** -0.5 whatever attn.scale says (only the explicit path reads it);
+    # the capture used attn.scale, weights the model never computed (maps @ v != its output).
+    import torch.nn.functional as F
+
+    model = _tiny_vit(depth=1)
+    _set_fused(model, True)
+    model.blocks[0].attn.scale = 0.05  # a temperature experiment; head_dim ** -0.5 = 0.354
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        seen.append((v.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    (v, out), = seen
+    torch.testing.assert_close(maps[0] @ v, out, rtol=0, atol=1e-5)
+    _set_fused(model, False)  # the explicit path does read attn.scale: so does the capture
+    own = {}
+    model.blocks[0].attn.attn_drop.register_forward_hook(lambda m, i, o: own.update(a=i[0]))
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    assert torch.equal(maps[0], own["a"])
+
+
 def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
     model = _tiny_vit(depth=3)
     maps = A.attention_maps(model, torch.randn(1, 3, 16, 16), blocks=[2, 0])
