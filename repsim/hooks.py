@@ -50,8 +50,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
             # Without a prefix, token 0 is a patch token: returning it would pass for a class
             # token (a timm ViT with class_token=False, global_pool='avg').
             if n_prefix < 1:
-                raise ReductionError(f"reduce={how!r} needs class or register tokens; this "
-                                     "model has none; use 'flatten' or 'mean'")
+                raise ReductionError(f"reduce={how!r} needs class or register tokens; these "
+                                     "outputs have none; use 'flatten' or 'mean'")
             if how == "cls" and class_token is False:  # timm's *_reg4_gap: token 0 a register
                 raise ReductionError(f"reduce='cls' needs a class token; this model has none, "
                                      f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
@@ -101,6 +101,9 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         # A timm ViT says whether it has one; any other model's first prefix token is taken for it.
         self.class_token = (getattr(model, "cls_token", None) is not None
                             if hasattr(model, "cls_token") else None)
+        # A ViT prepends its prefix after patch_embed: tokens out of it have none to skip.
+        pe = getattr(model, "patch_embed", None)
+        self.prefixless = set(pe.modules()) if isinstance(pe, nn.Module) else set()
         # timm models that say output_fmt "NHWC" (Swin) put channels last in their 4-D
         # outputs, but not in every sub-module's (patch_embed.proj is a Conv2d): which axis
         # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
@@ -115,7 +118,8 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                 raise ReductionError("reduce='mean' cannot tell channels from positions in "
                                      "this model's 4-D outputs (timm output_fmt 'NHWC': "
                                      "channels last); use 'flatten'")
-            self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix, self.class_token)
+            n = 0 if module in self.prefixless else self.n_prefix
+            self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 

@@ -371,6 +371,26 @@ def test_an_empty_or_boolean_block_list_is_a_user_error():
         A.attention_maps(model, x, blocks=[True])
 
 
+def test_patch_embed_tokens_have_no_prefix_to_skip():
+    # patch_embed outputs the P patch tokens before the class token is prepended; reduce='mean'
+    # skipped the model's prefix count anyway (the mean of patches 1..P-1, patch 0 lost) and
+    # 'cls' returned patch 0 as the class token.
+    import repsim
+    from repsim.hooks import ReductionError
+
+    model, x = _tiny_vit(depth=1, reg_tokens=1), torch.randn(2, 3, 16, 16)
+    tokens = repsim.extract(model, x, layers="patch_embed", reduce=None, device="cpu")
+    tokens = tokens["patch_embed"]
+    assert tokens.shape == (2, 16, 32)
+    mean = repsim.extract(model, x, layers="patch_embed", reduce="mean", device="cpu")
+    np.testing.assert_allclose(mean["patch_embed"], tokens.mean(1), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ReductionError, match="layer 'patch_embed': reduce='cls' needs class"):
+        repsim.extract(model, x, layers="patch_embed", reduce="cls", device="cpu")
+    blocks = repsim.extract(model, x, layers="blocks.0", reduce=None, device="cpu")["blocks.0"]
+    mean = repsim.extract(model, x, layers="blocks.0", reduce="mean", device="cpu")["blocks.0"]
+    np.testing.assert_allclose(mean, blocks[:, 2:].mean(1), rtol=1e-6, atol=1e-7)
+
+
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
