@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim.errors import UserError
+from repsim.hooks import eval_mode
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,20 @@ def _pair(v: int | float | Sequence) -> tuple:
 
 def token_grid(model: nn.Module) -> TokenGrid:
     """The :class:`TokenGrid` of a ViT-like module: ``model.patch_embed.grid_size`` and
-    ``.patch_size`` (timm's names), ``model.num_prefix_tokens`` (default: 1 with a
-    ``cls_token``, else 0). UserError for a module without a patch grid (a CNN)."""
+    ``.patch_size`` (timm's names; times ``.feature_ratio``, the input pixels per feature of a
+    hybrid ViT's CNN backbone), ``model.num_prefix_tokens`` (default: 1 with a ``cls_token``,
+    else 0). UserError for a module without a patch grid (a CNN)."""
     pe = getattr(model, "patch_embed", None)
     grid, patch = (tuple(int(v) for v in _pair(getattr(pe, k, None) or 0))
                    for k in ("grid_size", "patch_size"))
     if min(grid + patch) < 1:
         raise UserError(f"{type(model).__name__} has no patch grid (patch_embed.grid_size and "
                         ".patch_size); valid: vit_cifar, vit_imagenet or timm:<a ViT>")
+    # timm's HybridEmbed cuts the backbone's feature map into patches, not the image.
+    ratio = tuple(int(v) for v in _pair(getattr(pe, "feature_ratio", None) or 1))
     default = 1 if getattr(model, "cls_token", None) is not None else 0
-    return TokenGrid(grid, patch, int(getattr(model, "num_prefix_tokens", default)))
+    return TokenGrid(grid, (patch[0] * ratio[0], patch[1] * ratio[1]),
+                     int(getattr(model, "num_prefix_tokens", default)))
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -124,7 +129,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 # consume(block, q, k, scale, bias): q = q_norm(q), k = k_norm(k), both (B, H, T, d) views of
-# the qkv output the model computed; scale = head_dim ** -0.5 (timm multiplies q by it);
+# the qkv output the model computed; scale = the one the model applied (attn.scale on timm's
+# explicit path, head_dim ** -0.5 in the fused kernel);
 # bias = the additive mask timm's non-fused path adds to the scores (None for plain ViTs).
 Consumer = Callable[[int, torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], None]
 
@@ -153,8 +159,11 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
     mods = attention_modules(model)
     chosen = range(len(mods)) if blocks is None else [  # np.int64(0) from numpy is block 0
         int(i) if isinstance(i, np.integer) else i for i in blocks]
+    if not chosen:
+        raise UserError(f"blocks={list(chosen)} names no block; pass e.g. blocks=[0], or None "
+                        f"for all {len(mods)}")
     for i in chosen:
-        if not isinstance(i, int) or not 0 <= i < len(mods):
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(mods):
             raise UserError(f"block {i!r} does not exist; this model has blocks "
                             f"0..{len(mods) - 1}")
     calls: dict[int, tuple[torch.Tensor | None, bool]] = {}
@@ -170,7 +179,9 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
                 b, n, _ = out.shape
                 q, k, _ = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
                 mask, causal = calls.pop(i, (None, False))
-                consume(i, m.q_norm(q), m.k_norm(k), m.scale, _attn_bias(n, q, mask, causal))
+                # timm's fused call passes no scale=: the kernel's default, not attn.scale.
+                scale = m.head_dim ** -0.5 if m.fused_attn else m.scale
+                consume(i, m.q_norm(q), m.k_norm(k), scale, _attn_bias(n, q, mask, causal))
 
         return pre, post
 
@@ -204,16 +215,16 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
 def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = None
                    ) -> np.ndarray:
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
-    batch ``x`` ``(B, 3, S, S)`` (moved to the model's device). Rows sum to 1."""
+    batch ``x`` ``(B, 3, S, S)`` (moved to the model's device), in eval mode. Rows sum to 1."""
     order = list(range(len(attention_modules(model)))) if blocks is None else list(blocks)
-    with torch.inference_mode(), capture_attention(model, order) as maps:
+    with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
         model(x.to(model_device(model)))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
 
 def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer, spec: object,
           batch_size: int, progress: bool = False) -> None:
-    """Run ``images`` through ``model`` in batches with ``consume`` hooked on every block:
+    """Run ``images`` through ``model`` (in eval mode) in batches, ``consume`` on every block:
     uint8 ``(n, H, W, 3)`` preprocessed as ``spec`` says, or float ``(n, 3, S, S)`` as given."""
     from tqdm.auto import tqdm
 
@@ -228,7 +239,7 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
                         f"batch_size={batch_size})")
     dev = model_device(model)
     bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
-    with bar, torch.inference_mode(), _qk_hooks(model, consume):
+    with bar, torch.inference_mode(), eval_mode(model), _qk_hooks(model, consume):
         for a in range(0, len(src), batch_size):
             xb = src[a:a + batch_size].to(dev, non_blocking=True)
             model(preprocess(spec, xb) if is_uint8 else xb)
@@ -300,11 +311,13 @@ def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> n
 
 def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec=None, *,
                        batch_size: int = 64, renormalize: bool = True,
-                       progress: bool = False) -> np.ndarray:
+                       progress: bool = False, uniform: bool = False) -> np.ndarray:
     """``(L, H)`` float64 mean attention distance, in pixels of the model input, over ``images``:
     ``(n, H, W, 3)`` uint8 (preprocessed as ``spec``, a :class:`repsim.registry.ModelSpec`,
     says) or preprocessed float ``(n, 3, S, S)``. No attention map outlives its block, so
-    memory does not grow with ``n``."""
+    memory does not grow with ``n``. ``uniform=True``: every score set to 0, so each query
+    spreads its weight evenly over the keys the model's mask allows: the reference for uniform
+    attention (an LSA model's masked diagonal and ``renormalize=False`` included)."""
     geo = vit_geometry(model)
     n, p = geo.n_prefix, geo.cells
     d = torch.as_tensor(distance_matrix(geo.grid, geo.patch_size), dtype=torch.float32,
@@ -328,7 +341,8 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
             bias = None if bias is None else bias[..., n:, n:]
         m = q.shape[2]
         qf, kf = q.reshape(b * h, m, dh).float(), k.reshape(b * h, m, dh).float()
-        scores = torch.baddbmm(beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale)
+        scores = (qf.new_zeros(b * h, m, m) if uniform else
+                  torch.baddbmm(beta0, qf, kf.transpose(1, 2), beta=0.0, alpha=scale))
         scores = scores.view(b, h, m, m)
         a = (scores if bias is None else scores + bias).softmax(dim=-1)
         # (B, H) sums over queries and keys in float32 per image; float64 across images.

@@ -6,8 +6,9 @@ with it. Layers are named as everywhere in repsim (:func:`repsim.models.layer_na
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,16 @@ def _check(how: str | None) -> None:
         raise UserError(f"reduce={how!r} is unknown; valid: {', '.join(REDUCTIONS)} or None")
 
 
-def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
+def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
+           class_token: bool | None = None) -> torch.Tensor:
     """One row per sample from a layer output.
 
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
     ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
     maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
-    ``how=None`` returns ``x`` as it is.
+    ``how=None`` returns ``x`` as it is. ``class_token``: whether token 0 is a class token
+    (default: whenever there is a prefix); ``cls`` is refused when it is not.
     """
     _check(how)
     if how is None:
@@ -47,8 +50,11 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
             # Without a prefix, token 0 is a patch token: returning it would pass for a class
             # token (a timm ViT with class_token=False, global_pool='avg').
             if n_prefix < 1:
-                raise ReductionError(f"reduce={how!r} needs class or register tokens; this "
-                                     "model has none; use 'flatten' or 'mean'")
+                raise ReductionError(f"reduce={how!r} needs class or register tokens; these "
+                                     "outputs have none; use 'flatten' or 'mean'")
+            if how == "cls" and class_token is False:  # timm's *_reg4_gap: token 0 a register
+                raise ReductionError(f"reduce='cls' needs a class token; this model has none, "
+                                     f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
         return x.flatten(1)
     if x.dim() == 4 and how == "mean":
@@ -57,6 +63,20 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1) -> torch.Tensor:
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
     return x.flatten(1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the ``with``, so it is measured as it predicts: dropout and
+    stochastic depth off, BatchNorm on its running statistics (in train mode every call drew
+    other values and BatchNorm updated its statistics). Each module's own mode comes back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class capture:  # noqa: N801 -- a function-like context manager, used as `with capture(...)`
@@ -78,6 +98,12 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self.how = reduce
         default_prefix = 1 if self.spec.family == "vit" else 0
         self.n_prefix = int(getattr(model, "num_prefix_tokens", default_prefix))
+        # A timm ViT says whether it has one; any other model's first prefix token is taken for it.
+        self.class_token = (getattr(model, "cls_token", None) is not None
+                            if hasattr(model, "cls_token") else None)
+        # A ViT prepends its prefix after patch_embed: tokens out of it have none to skip.
+        pe = getattr(model, "patch_embed", None)
+        self.prefixless = set(pe.modules()) if isinstance(pe, nn.Module) else set()
         # timm models that say output_fmt "NHWC" (Swin) put channels last in their 4-D
         # outputs, but not in every sub-module's (patch_embed.proj is a Conv2d): which axis
         # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
@@ -92,7 +118,8 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                 raise ReductionError("reduce='mean' cannot tell channels from positions in "
                                      "this model's 4-D outputs (timm output_fmt 'NHWC': "
                                      "channels last); use 'flatten'")
-            self.outputs[name] = reduce(x.detach(), self.how, self.n_prefix)
+            n = 0 if module in self.prefixless else self.n_prefix
+            self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 
@@ -146,18 +173,14 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     if isinstance(model, str):
         spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
-    was_training = model.training
-    model.eval().to(dev)
+    model.to(dev)
     rows: dict[str, list[np.ndarray]] = {}
-    try:
-        with capture(model, layers, reduce, spec) as cap:
-            for x in _batches(images, batch_size):
-                x = torch.as_tensor(x).to(dev)
-                model(models.preprocess(spec, x) if spec is not None else x)
-                for name, out in cap.collect().items():
-                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), capture(model, layers, reduce, spec) as cap:
+        for x in _batches(images, batch_size):
+            x = torch.as_tensor(x).to(dev)
+            model(models.preprocess(spec, x) if spec is not None else x)
+            for name, out in cap.collect().items():
+                rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     if not rows:
         raise ValueError("no images: give at least one batch")
     return {name: np.concatenate(parts) for name, parts in rows.items()}

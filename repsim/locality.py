@@ -53,21 +53,16 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
     """``{layer: (n, G, D) float32}`` on the model's device for the preprocessed input ``x``
     ``(n, 3, S, S)``, by :func:`to_grid`. ``layers``/``spec`` as in
     :func:`repsim.hooks.capture`; ``n_prefix`` defaults to the model's prefix token count."""
-    from repsim.hooks import capture
+    from repsim.hooks import capture, eval_mode
 
     dev = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with capture(model, layers, reduce=None, spec=spec) as cap:
-            k = cap.n_prefix if n_prefix is None else n_prefix
-            for a in range(0, len(x), batch_size):
-                model(x[a:a + batch_size].to(dev))
-                for name, out in cap.collect().items():
-                    parts.setdefault(name, []).append(to_grid(out, grid, k, name).float())
-    finally:
-        model.train(was_training)
+    with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
+        k = cap.n_prefix if n_prefix is None else n_prefix
+        for a in range(0, len(x), batch_size):
+            model(x[a:a + batch_size].to(dev))
+            for name, out in cap.collect().items():
+                parts.setdefault(name, []).append(to_grid(out, grid, k, name).float())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 

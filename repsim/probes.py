@@ -45,11 +45,22 @@ def _one_thread(device: torch.device | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    # A NaN or infinite row makes every logit NaN, and argmax then names class 0 for every test
+    # row: an accuracy (the share of class 0) with no warning, so refuse, as CKA does.
+    ok = torch.isfinite(t).flatten(1).all(1) if t.dim() > 1 else torch.isfinite(t)
+    if not bool(ok.all()):
+        row = int((~ok).nonzero()[0, 0])
+        raise UserError(f"{name} has non-finite values (first at row {row}); check the "
+                        "activations (overflow in float16 storage?) before probing")
+
+
 def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() != 2:
         raise UserError(f"{name} has shape {tuple(t.shape)}; pass an (n, p) matrix, one row "
                         "per sample")
+    _check_finite(t, name)
     return t.to(device, torch.float64)
 
 
@@ -209,7 +220,8 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
         match = [int(np.nanargmax(r)) if np.isfinite(r).any() else None
                  for r in cka_matrix(mats, reference, **opts)]
     acc, self_cka, match_cka = (np.full((len(mats), len(ks)), np.nan) for _ in range(3))
-    for i, x in enumerate(mats.values()):
+    for i, (name, x) in enumerate(mats.items()):
+        _check_finite(torch.as_tensor(x), f"layer {name!r}")
         usable = [k for k in ks if k <= min(x.shape)]
         cols = [ks.index(k) for k in usable]
         removed = [remove_top_pcs(x, k) for k in usable]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from repsim import attention as A
 from repsim.cli import main
@@ -88,6 +89,47 @@ def test_attention_distance_of_an_attention_that_is_uniform_by_construction():
     coords = [(4 * r + 2, 4 * c + 2) for r in range(8) for c in range(8)]
     np.testing.assert_allclose(d, _mean_pairwise_distance(coords), rtol=1e-6)
     assert d.shape == (6, 8) and d.dtype == np.float64
+
+
+def _zero_queries_and_keys(model) -> None:
+    """Every score 0: each query attends uniformly to the keys its mask allows."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            d = blk.attn.attn_dim
+            blk.attn.qkv.weight[:2 * d].zero_()
+            blk.attn.qkv.bias[:2 * d].zero_()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_uniform_reference_of_a_locality_masked_vit(renormalize):
+    # LSA masks each token's own key: a patch query spreads over the other P - 1 patches
+    # (renormalised), or over the T - 1 = P other tokens (prefix mass at distance 0). The
+    # reference line was the grid's mean pairwise distance, self-pairs included, P^2 terms.
+    from repsim.tinyvit import LocalityViT
+
+    torch.manual_seed(0)
+    lsa = LocalityViT(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                      num_classes=0, qkv_bias=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    total, p = A.distance_matrix((4, 4), 4).sum(), 16
+    want = total / (p * (p - 1)) if renormalize else total / (p * p)
+    ref = A.attention_distance(lsa, x, renormalize=renormalize, uniform=True)
+    assert ref.shape == (2, 2)
+    np.testing.assert_allclose(ref, want, rtol=1e-6)
+    _zero_queries_and_keys(lsa)  # the model's own attention made uniform: the same number
+    np.testing.assert_allclose(A.attention_distance(lsa, x, renormalize=renormalize), want,
+                               rtol=1e-6)
+
+
+def test_uniform_reference_without_renormalising_discounts_the_prefix():
+    model = _tiny_vit(depth=1, reg_tokens=2)  # 3 prefix + 16 patches: 16/19 of the mass
+    x = torch.randn(2, 3, 16, 16)
+    want = A.distance_matrix((4, 4), 4).mean() * 16 / 19
+    ref = A.attention_distance(model, x, renormalize=False, uniform=True)
+    np.testing.assert_allclose(ref, want, rtol=1e-6)
+    _zero_queries_and_keys(model)
+    np.testing.assert_allclose(A.attention_distance(model, x, renormalize=False), want,
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -235,6 +277,50 @@ def test_cuda_capture_and_distance_give_the_cpu_results(fused):
                                A.attention_distance(cpu, x, batch_size=2), rtol=2e-3)
 
 
+def test_maps_and_distances_are_measured_in_eval_mode_and_the_mode_is_restored():
+    # A model fresh from training (train mode, stochastic depth on) gave different maps and
+    # distances on every call: drop_path randomly skipped residual branches, while
+    # repsim.extract and the locality features measure in eval mode.
+    model = _tiny_vit(depth=3, drop_path_rate=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    want_maps, want_dist = A.attention_maps(model, x), A.attention_distance(model, x)
+    model.train()
+    torch.manual_seed(1)
+    np.testing.assert_array_equal(A.attention_maps(model, x), want_maps)
+    np.testing.assert_array_equal(A.attention_distance(model, x), want_dist)  # as all of _feed
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_with_the_fused_kernel_a_changed_scale_is_not_what_the_model_used(monkeypatch):
+    # timm's fused path calls scaled_dot_product_attention without scale=, so the kernel
+    # scales by head_dim ** -0.5 whatever attn.scale says (only the explicit path reads it);
+    # the capture used attn.scale, weights the model never computed (maps @ v != its output).
+    import torch.nn.functional as F
+
+    model = _tiny_vit(depth=1)
+    _set_fused(model, True)
+    model.blocks[0].attn.scale = 0.05  # a temperature experiment; head_dim ** -0.5 = 0.354
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        out = real(q, k, v, *args, **kwargs)
+        seen.append((v.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    (v, out), = seen
+    torch.testing.assert_close(maps[0] @ v, out, rtol=0, atol=1e-5)
+    _set_fused(model, False)  # the explicit path does read attn.scale: so does the capture
+    own = {}
+    model.blocks[0].attn.attn_drop.register_forward_hook(lambda m, i, o: own.update(a=i[0]))
+    with torch.inference_mode(), A.capture_attention(model) as maps:
+        model(torch.randn(2, 3, 16, 16))
+    assert torch.equal(maps[0], own["a"])
+
+
 def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
     model = _tiny_vit(depth=3)
     maps = A.attention_maps(model, torch.randn(1, 3, 16, 16), blocks=[2, 0])
@@ -256,6 +342,55 @@ def test_numpy_integer_blocks_are_blocks():
         A.attention_maps(model, x, blocks=[np.int64(3)])
 
 
+def test_cls_of_a_vit_with_registers_but_no_class_token_is_refused_not_a_register():
+    # timm's *_reg4_gap models: 4 register tokens, no class token, global_pool='avg'. Token 0
+    # is a register, which reduce='cls' returned as the class token; 'prefix' keeps them all.
+    import repsim
+    from repsim.hooks import ReductionError
+
+    model, x = _tiny_vit(depth=1, class_token=False, reg_tokens=2, global_pool="avg"), \
+        torch.randn(2, 3, 16, 16)
+    with pytest.raises(ReductionError, match="reduce='cls' needs a class token; this model "
+                                             "has none, only 2 register tokens"):
+        repsim.extract(model, x, layers="blocks.0", reduce="cls", device="cpu")
+    tokens = repsim.extract(model, x, layers="blocks.0", reduce=None, device="cpu")["blocks.0"]
+    prefix = repsim.extract(model, x, layers="blocks.0", reduce="prefix", device="cpu")
+    np.testing.assert_array_equal(prefix["blocks.0"], tokens[:, :2].reshape(2, -1))
+    cls = repsim.extract(_tiny_vit(depth=1, reg_tokens=2), x, layers="blocks.0", reduce="cls",
+                         device="cpu")["blocks.0"]  # class token + registers: token 0
+    assert cls.shape == (2, 32)
+
+
+def test_an_empty_or_boolean_block_list_is_a_user_error():
+    # blocks=[] died in np.stack ("need at least one array to stack"); blocks=[True] drew
+    # block 1, as bool is an int.
+    model, x = _tiny_vit(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(UserError, match=r"blocks=\[\] names no block; pass e.g. blocks=\[0\]"):
+        A.attention_maps(model, x, blocks=[])
+    with pytest.raises(UserError, match="block True does not exist"):
+        A.attention_maps(model, x, blocks=[True])
+
+
+def test_patch_embed_tokens_have_no_prefix_to_skip():
+    # patch_embed outputs the P patch tokens before the class token is prepended; reduce='mean'
+    # skipped the model's prefix count anyway (the mean of patches 1..P-1, patch 0 lost) and
+    # 'cls' returned patch 0 as the class token.
+    import repsim
+    from repsim.hooks import ReductionError
+
+    model, x = _tiny_vit(depth=1, reg_tokens=1), torch.randn(2, 3, 16, 16)
+    tokens = repsim.extract(model, x, layers="patch_embed", reduce=None, device="cpu")
+    tokens = tokens["patch_embed"]
+    assert tokens.shape == (2, 16, 32)
+    mean = repsim.extract(model, x, layers="patch_embed", reduce="mean", device="cpu")
+    np.testing.assert_allclose(mean["patch_embed"], tokens.mean(1), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ReductionError, match="layer 'patch_embed': reduce='cls' needs class"):
+        repsim.extract(model, x, layers="patch_embed", reduce="cls", device="cpu")
+    blocks = repsim.extract(model, x, layers="blocks.0", reduce=None, device="cpu")["blocks.0"]
+    mean = repsim.extract(model, x, layers="blocks.0", reduce="mean", device="cpu")["blocks.0"]
+    np.testing.assert_allclose(mean, blocks[:, 2:].mean(1), rtol=1e-6, atol=1e-7)
+
+
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
@@ -272,6 +407,24 @@ def test_a_non_standard_attention_module_is_refused():
     model.blocks[1].attn.__class__ = Custom
     with pytest.raises(UserError, match="block 1 .* uses Custom, not timm's standard Attention"):
         A.vit_geometry(model)
+
+
+def test_hybrid_vit_patches_are_measured_in_input_pixels():
+    # A hybrid ViT (timm's HybridEmbed, e.g. vit_small_r26_s32_224) cuts the CNN backbone's
+    # feature map, not the image, into patches: patch_size (1, 1) there is 32 input pixels.
+    # The geometry said 1 px, so distances came out 32x too small (7 px "input" for 224 px).
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+
+    torch.manual_seed(0)
+    backbone = nn.Conv2d(3, 8, 4, stride=4)  # feature ratio 4: 16 px -> 4x4 features
+    model = _tiny_vit(patch_size=1, embed_layer=partial(HybridEmbed, backbone=backbone))
+    geo = A.vit_geometry(model)
+    assert (geo.grid, geo.patch_size, geo.input_size) == ((4, 4), (4, 4), (16, 16))
+    coords = [(4 * r + 2, 4 * c + 2) for r in range(4) for c in range(4)]
+    got = A.attention_distance(model, torch.randn(1, 3, 16, 16), uniform=True)
+    np.testing.assert_allclose(got, _mean_pairwise_distance(coords), rtol=1e-6)
 
 
 def test_geometry_of_the_study_vit(study_vit):

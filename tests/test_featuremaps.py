@@ -175,3 +175,21 @@ def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class
     label = dict(zip(probe.ids.tolist(), probe.labels.tolist()))
     first = {c: min(i for i in label if label[i] == c) for c in sorted(set(label.values()))}
     assert ids == list(first.values())
+
+
+def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_as_it_was():
+    # In train mode BatchNorm normalised by the batch's own statistics (a ResNet-18's layer1
+    # mean map 0.77 off for a batch of one) and updated its running statistics: drawing maps
+    # changed the model.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = FM.feature_maps(net, x, ["2"], top=2)["2"]
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    got = FM.feature_maps(net, x[:1], ["2"], top=2)["2"]
+    assert net.training and all(m.training for m in net.modules())
+    np.testing.assert_allclose(got.mean_map, want.mean_map[:1], rtol=1e-5, atol=1e-6)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, buffers[k]), k

@@ -90,6 +90,20 @@ def test_token_grid_and_input_patches_follow_the_patch_embedding(images):
         L.token_grid(PatchCNN())
 
 
+def test_measuring_gives_every_module_its_own_mode_back(images):
+    # A model in train mode with a frozen part (BatchNorm kept in eval while fine-tuning):
+    # grid_features and repsim.extract ran it in eval mode, then model.train(True) switched
+    # the frozen part to train mode as well.
+    import repsim
+
+    vit = CopyViT().train()
+    vit.patch_embed.eval()
+    L.grid_features(vit, images[:2], GRID, "blocks.0")
+    assert vit.training and not vit.patch_embed.training
+    repsim.extract(vit, images[:2], layers="blocks.0", device="cpu")
+    assert vit.training and not vit.patch_embed.training and vit.blocks.training
+
+
 def test_feature_maps_land_on_the_grid_row_major_pooled_or_repeated():
     x = torch.randn(2, 5, 8, 8)
     fine = L.to_grid(x, GRID)  # 8x8 -> 4x4: the mean of each 2x2 window

@@ -192,3 +192,21 @@ def test_the_probes_figure_puts_accuracy_by_depth_next_to_the_best_match_curve(t
     csv = (figs / "probes.csv").read_text().splitlines()
     assert csv[0] == "model,layer,k,accuracy,self_cka,match_layer,match_cka"
     assert len(csv) == 1 + 3 * (7 + 5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_are_refused_not_probed_at_chance(bad):
+    # A NaN (or inf) training row made every logit NaN: argmax picked class 0 for every test
+    # row, so the probe returned the share of class 0 (1/3 here) with no warning at all, and
+    # the L-BFGS gradient check, NaN > tolerance being False, stayed silent too.
+    x, y = blobs(n_per_class=10, classes=3, dim=4, spread=0.05)
+    train, test = stratified_split(y, 0.5, 0)
+    assert linear_probe(x[train], y[train], x[test], y[test], device="cpu") == 1.0
+    x[train[4], 2] = bad
+    with pytest.raises(UserError, match="train_x has non-finite values \\(first at row 4\\)"):
+        linear_probe(x[train], y[train], x[test], y[test], device="cpu")
+    with pytest.raises(UserError, match="test_x has non-finite values"):
+        linear_probe(x[test], y[test], x[train], y[train], device="cpu")
+    with pytest.raises(UserError, match=f"layer 'a' has non-finite values \\(first at row "
+                                        f"{train[4]}\\)"):
+        probe_layers({"a": x}, y, ks=(1,), device="cpu")  # was a LinAlgError from eigh

@@ -21,7 +21,6 @@ from repsim.assets import DEFAULT_DATASET
 from repsim.attention import (
     attention_distance,
     attention_maps,
-    distance_matrix,
     model_device,
     rollout,
     token_maps,
@@ -264,9 +263,10 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
         "distance_fraction": (dist * factor["fraction"]).tolist(),
         "distance_image_px": None if factor["image"] is None
         else (dist * factor["image"]).tolist(),
-        # What uniform attention would give: the grid's mean pairwise patch distance.
-        "uniform_attention_distance_model_px":
-            float(distance_matrix(geo.grid, geo.patch_size).mean()),
+        # What uniform attention would give under the model's own mask: the grid's mean
+        # pairwise patch distance, unless LSA masks self-pairs or prefix mass counts as 0.
+        "uniform_attention_distance_model_px": float(attention_distance(
+            model, x[:1], renormalize=cfg.renormalize, uniform=True).mean()),
         "reused": reused, "seconds": seconds,
     }
     return entry, roll, [str(f) for f in files] + [str(npz)]

@@ -37,12 +37,14 @@ class StageMaps:
 
 def stage_activations(model: nn.Module, x: torch.Tensor,
                       stages: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``;
+    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``, in
+    eval mode (BatchNorm on its running statistics, which stay as they were);
     UserError when a stage's output is not a 4-D feature map (e.g. a ViT block)."""
     from repsim.attention import model_device
-    from repsim.hooks import capture
+    from repsim.hooks import capture, eval_mode
 
-    with torch.inference_mode(), capture(model, list(stages), reduce=None) as cap:
+    with torch.inference_mode(), eval_mode(model), capture(model, list(stages),
+                                                           reduce=None) as cap:
         model(x.to(model_device(model)))
     acts = {}
     for name in cap.layers:
