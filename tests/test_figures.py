@@ -677,6 +677,7 @@ def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, m
     assert [e["name"] for e in res["built"]] == ["prefix"], res
     (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
     assert entry["test_accuracy"] == 60.0
+    assert entry["uniform_mass"] == 1 / (4 + 64)  # four prefix tokens, an 8 x 8 patch grid
 
 
 def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):

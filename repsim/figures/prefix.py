@@ -32,7 +32,8 @@ def _measure(ref, spec: dict, ctx) -> dict:
     from repsim.registry import get_spec
 
     model, prov = ctx.model(ref)
-    n_prefix = vit_geometry(model).n_prefix
+    geo = vit_geometry(model)
+    n_prefix = geo.n_prefix
     if n_prefix < 2:
         raise InputUnavailable(f"{ref.model} has {n_prefix} prefix token(s); this figure "
                                "compares several")
@@ -48,7 +49,9 @@ def _measure(ref, spec: dict, ctx) -> dict:
     return {"model": ref.model, "label": ref.display(), "layer": layer, "n": len(x),
             "weights_sha256": prov.get("weights_sha256"), "n_prefix": n_prefix,
             "token_cka": token_cka(feats, n_prefix).tolist(),
-            "attention_mass": mass.tolist(), "test_accuracy": entry.get("test_accuracy")}
+            "attention_mass": mass.tolist(),
+            # uniform attention over all T = n_prefix + patch tokens (no attention mask)
+            "uniform_mass": 1.0 / (n_prefix + geo.cells), "test_accuracy": entry.get("test_accuracy")}
 
 
 def build_figure(spec: dict, ctx) -> list[Path]:
@@ -75,8 +78,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         mass = np.array(res["attention_mass"])
         for t, name in enumerate(names):
             axes[1, col].plot(range(len(mass)), mass[:, t], marker="o", label=f"token {name}")
-        uniform = 1.0 / (res["n_prefix"] + 64)  # the tiny ViTs' 8 x 8 patch grid
-        axes[1, col].axhline(uniform, ls="--", c="grey", lw=0.8, label="uniform")
+        axes[1, col].axhline(res["uniform_mass"], ls="--", c="grey", lw=0.8, label="uniform")
         axes[1, col].set(xlabel="block", ylabel="attention from patch queries")
         axes[1, col].set_title("attention on each prefix token (mean over heads)", fontsize=9)
         axes[1, col].legend(fontsize=8)
