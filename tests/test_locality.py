@@ -266,3 +266,21 @@ def test_figure_kind_builds_both_figures_then_keeps_or_skips_without_weights(tmp
     assert [e["name"] for e in kept] == ["loc"] and "resnet18_cifar" in kept[0]["reason"]
     skipped = build_all(ana, tmp_path / "fresh", only=["loc"], progress=False)["skipped"]
     assert [e["name"] for e in skipped] == ["loc"] and "resnet18_cifar" in skipped[0]["reason"]
+
+
+def test_the_maps_colour_bar_shows_values_below_zero():
+    """CKA is never clamped: a locality map a little below 0 gets an arrow at the foot of
+    its 0..1 colour bar, so the clipped colour is not read as 0."""
+    from repsim.figures.locality import maps_figure
+
+    maps = np.full((2, 4, 4), 0.5)
+    maps[1, 0, 3] = -0.004
+    loc = L.Locality(grid=L.TokenGrid((2, 2), (4, 4), 1), n=8, map_layers=["input", "b0"],
+                     maps=maps, summary={"contrast": np.zeros(2)})
+    fig = maps_figure(loc, [(0, 0)], "")
+    (bar,) = {a.images[0].colorbar for a in fig.axes if a.images and a.images[0].colorbar}
+    assert bar.extend == "min"
+    maps[1, 0, 3] = 0.0
+    fig = maps_figure(loc, [(0, 0)], "")
+    (bar,) = {a.images[0].colorbar for a in fig.axes if a.images and a.images[0].colorbar}
+    assert bar.extend == "neither"

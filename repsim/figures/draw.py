@@ -82,13 +82,19 @@ def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], l
     return im
 
 
-def _colorbar(fig, im, axes, values: np.ndarray) -> None:
-    finite = values[np.isfinite(values)]
+def cka_extend(values: np.ndarray) -> str:
+    """A colour bar's ``extend`` for CKA ``values`` on the 0..1 scale: an arrow at each end
+    that some value passes (CKA is never clamped, so unbiased estimates can fall below 0)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
     tol = 1e-9  # a self-similarity of 1 + rounding is not "beyond the scale"
     lo = bool(finite.size and finite.min() < -tol)
     hi = bool(finite.size and finite.max() > 1 + tol)
-    extend = "both" if lo and hi else "min" if lo else "max" if hi else "neither"
-    fig.colorbar(im, ax=axes, extend=extend, shrink=0.9).set_label("CKA")
+    return "both" if lo and hi else "min" if lo else "max" if hi else "neither"
+
+
+def _colorbar(fig, im, axes, values: np.ndarray) -> None:
+    fig.colorbar(im, ax=axes, extend=cka_extend(values), shrink=0.9).set_label("CKA")
 
 
 def cka_heatmap(result: dict) -> plt.Figure:

@@ -36,7 +36,8 @@ def summary_figure(loc: Locality, vit_label: str, cnn_label: str | None,
     if pos is not None:
         im = draw.draw_heatmap(axes[0, 0], pos.matrix, pos.layers_a, pos.layers_b, vit_label,
                                cnn_label or "CNN")
-        fig.colorbar(im, ax=axes[0, 0], fraction=0.046, pad=0.04)
+        fig.colorbar(im, ax=axes[0, 0], fraction=0.046, pad=0.04,
+                     extend=draw.cka_extend(pos.matrix))
         how = draw.describe(pos.kernel, pos.estimator, pos.n, pos.batch_size)
         axes[0, 0].set_title(f"per place: {how}\nsamples = {loc.n:,} images x "
                              f"{loc.grid.cells} cells", fontsize=8)
@@ -58,7 +59,7 @@ def summary_figure(loc: Locality, vit_label: str, cnn_label: str | None,
 def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) -> plt.Figure:
     """One row per layer: the locality maps of ``tokens`` (grid cells; the token's own cell
     outlined), then the mean map by offset from the token (own cell at the centre). One colour
-    scale, CKA 0 to 1, for every panel."""
+    scale, CKA 0 to 1, for every panel (an arrow at an end that some value passes)."""
     gh, gw = loc.grid.grid
     rel = relative_map(loc.maps, (gh, gw))
     nl, nc = len(loc.map_layers), len(tokens) + 1
@@ -83,7 +84,8 @@ def maps_figure(loc: Locality, tokens: Sequence[tuple[int, int]], title: str) ->
         axes[0, j].set_title(f"token ({r}, {c})", fontsize=7)
     axes[0, -1].set_title("mean by offset", fontsize=7)
     bar_h = min(1.0, 4.0 / nl) * (1 - 0.75 / h)
-    bar = fig.colorbar(im, cax=fig.add_axes((1 - 0.7 / w, 0.5 - bar_h / 2, 0.12 / w, bar_h)))
+    bar = fig.colorbar(im, cax=fig.add_axes((1 - 0.7 / w, 0.5 - bar_h / 2, 0.12 / w, bar_h)),
+                       extend=draw.cka_extend(np.concatenate([loc.maps.ravel(), rel.ravel()])))
     bar.set_label("CKA", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     if title:
