@@ -122,6 +122,32 @@ def test_unknown_option_points_at_the_subcommand_help(argv, bad, capsys):
     assert f"see 'repsim {argv[0]} --help'" in err and bad in err
 
 
+@pytest.mark.parametrize("command", ["extract", "train", "eval", "attention", "featuremaps",
+                                     "cka", "figures"])
+def test_a_mistyped_flag_is_reported_as_unknown_with_close_matches_not_as_missing(
+        command, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:  # extract: --model is required, cka: --a and --b
+        main([command, "--modle", "x", "--sed", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"repsim {command}: error: unrecognized arguments: --modle x --sed 1")
+    assert "required" not in err and "--sed: did you mean --seed?" in err
+    if command not in ("cka", "figures"):  # the commands with a --model
+        assert "--modle: did you mean --model?" in err
+
+
+def test_a_missing_required_flag_is_still_reported_as_missing(capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--a", "x"])
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        "repsim cka: error: the following arguments are required: --b; see 'repsim cka "
+        "--help'\n")
+
+
 def _eval(capsys, *args: str) -> dict:
     from repsim.cli import main
 
