@@ -137,7 +137,7 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     ``weights`` None: from scratch for models whose default weights come from training
     (vit_cifar, resnet18_cifar), else the pretrained weights; ``"random"``: from scratch; a
     path: that file. A pretrained start with another class count gets a fresh head. ``seed``
-    seeds the random init and the new head.
+    seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
     from repsim.registry import get_spec
@@ -148,10 +148,11 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
         prov = {"init": "random", "init_sha256": None}
     else:
         model, p = load_model(name, weights, seed=seed)
-        if p["num_classes"] != num_classes:
-            model = _replace_head(model, num_classes, seed)
-        prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
-    return model.train(), {**prov, "init_seed": seed}
+        drawn = p["num_classes"] != num_classes
+        model = _replace_head(model, num_classes, seed) if drawn else model
+        prov = {"init": p["weights"], "init_sha256": p["weights_sha256"],
+                "init_seed": seed if drawn else None}
+    return model.train(), {"init_seed": seed, **prov}
 
 
 # --------------------------------------------------------------------------- a run
@@ -180,6 +181,12 @@ class _Run:
         data_prov, num_classes = self._load_data()
         model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
+        if cfg.weights_seed is not None and init_prov["init_seed"] is None:
+            raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
+                            f"sets every parameter, the {num_classes}-class head included, so "
+                            "nothing is drawn at random; fix: drop weights_seed= (seed= still "
+                            "seeds data order, augmentation and dropout), or pass "
+                            "weights='random' to start from a seeded random init")
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)

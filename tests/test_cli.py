@@ -205,3 +205,21 @@ def test_eval_of_a_checkpoint_on_its_own_dataset_does_not_warn(tmp_path, capsys)
                  "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["checkpoint_dataset"] == "cifar10" and err == ""
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "--model", "vit_cifar", "--weights-seed", "3"],
+    ["eval", "--model", "vit_cifar", "--weights", "checkpoints/vit_cifar.pt", "--weights-seed",
+     "3"],
+    ["attention", "--model", "vit_cifar", "--weights-seed", "3"],
+    ["cka", "--a", "vit_cifar", "--b", "vit_cifar", "--weights-a", "random",
+     "--weights-seed-b", "3"]])
+def test_a_weights_seed_that_seeds_no_random_weights_is_refused_in_flags(argv, capsys):
+    from repsim.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    flag = argv[-2]
+    assert err.startswith(f"repsim {argv[0]}: error: {flag} 3 has no effect: it seeds random "
+                          "weights only") and len(err.strip().splitlines()) == 1
+    assert f"pass {flag.replace('-seed', '')} 'random'" in err

@@ -250,6 +250,7 @@ def test_finetune_replaces_the_head_of_a_pretrained_file(tmp_path):
     model, prov = train.initial_model(arch, str(path), 10, seed=0)
     assert model.head.out_features == 10
     assert prov["init"] == str(path) and prov["init_sha256"] == sha256_file(path)
+    assert prov["init_seed"] == 0  # the new head was drawn with it
     sd = model.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], src.state_dict()["blocks.0.attn.qkv.weight"])
 
@@ -259,6 +260,17 @@ def test_scratch_models_start_from_seeded_random_weights():
     b, _ = train.initial_model("resnet18_cifar", None, 10, seed=3)
     assert prov["init"] == "random"
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_weights_seed_that_draws_nothing_is_refused(toy_root, tmp_path):
+    # A start file of the task's class count sets every weight, its head included.
+    path = tmp_path / "start.pt"
+    torch.save(models.build_model("resnet18_cifar").state_dict(), path)
+    cfg = _cfg(toy_root, tmp_path, model="resnet18_cifar", weights=str(path), weights_seed=3)
+    with pytest.raises(UserError, match=r"^weights_seed=3 has no effect: \S*start\.pt sets every "
+                       r"parameter, the 10-class head included.*fix: drop weights_seed="):
+        train.train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_seed_changes_the_init_not_the_training_data(toy_root, tmp_path):
