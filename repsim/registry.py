@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -171,6 +173,8 @@ for _name, (_variant, _about) in TINYVIT_MODELS.items():
     register_model(_name, family="vit", mean=CIFAR10_NORM[0], std=CIFAR10_NORM[1],
                    weights=f"checkpoints/{_name}.pt", head_key="head.weight",
                    description=_about)(functools.partial(_tinyvit, _variant))
+# Fixed by repsim's own code; any other name is the user's, whose code may change under it.
+BUILT_IN = frozenset(_REGISTRY)
 
 
 def family_of(model: nn.Module) -> str:
@@ -223,8 +227,33 @@ def _timm_entry(name: str) -> Entry:
 def canonical_name(name: str) -> str:
     """The name that fixes what ``name`` computes: ``timm:<arch>`` means timm's default
     pretrained tag of ``arch``, which a timm release may change, so it resolves (from timm's
-    local config registry, no download) to ``timm:<arch>.<tag>``; other names as given."""
-    return get_entry(name).pretrained_tag if name.startswith(TIMM_PREFIX) else name
+    local config registry, no download) to ``timm:<arch>.<tag>``; a model the user registered
+    (:func:`register_model`), whose code may change under the same name, is
+    ``<name>@<architecture digest>`` (:func:`architecture_digest`); other names as given."""
+    if name.startswith(TIMM_PREFIX):
+        return get_entry(name).pretrained_tag
+    if name in _REGISTRY and name not in BUILT_IN:
+        return f"{name}@{architecture_digest(_REGISTRY[name])}"
+    return name
+
+
+@functools.lru_cache(maxsize=64)  # per entry: a name is registered once per process
+def architecture_digest(entry: Entry) -> str:
+    """Digest of the architecture ``entry`` builds (its default class count): every module's
+    name and class, every state-dict entry's name, shape and dtype. Built on the meta device
+    (no memory, no real init), else for real; the global RNG is left as it was. It changes
+    with a layer's width, depth or type, not with code inside a forward()."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                model = entry.build(entry.spec.num_classes)
+        except Exception:  # some constructors compute on tensors
+            model = entry.build(entry.spec.num_classes)
+    parts = [[n, type(m).__qualname__] for n, m in model.named_modules()]
+    parts += [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def get_entry(name: str) -> Entry:
