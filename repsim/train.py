@@ -183,10 +183,9 @@ class _Run:
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
         if cfg.weights_seed is not None and init_prov["init_seed"] is None:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
-                            f"sets every parameter, the {num_classes}-class head included, so "
-                            "nothing is drawn at random; fix: drop weights_seed= (seed= still "
-                            "seeds data order, augmentation and dropout), or pass "
-                            "weights='random' to start from a seeded random init")
+                            f"sets every parameter, its {num_classes}-class head included; fix: "
+                            "drop weights_seed= (seed= seeds data order, augmentation, dropout), "
+                            "or pass weights='random' for a seeded random init")
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)
@@ -227,8 +226,9 @@ class _Run:
         state = read_weights(self.state_path)
         if state.get("identity") != _identity(self.cfg, self.recipe):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
-                            "same settings as before to resume; fix: restart=True to start over, "
-                            "or another run_dir=PATH")
+                            "same settings as before to resume; fix: restart=True to start over "
+                            f"(replacing {self.out} and its snapshots), or out=PATH and "
+                            "run_dir=PATH both new for a separate run")
         saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
         if saved_on != self.dev.type:  # generator states of one device type fit no other
             raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "

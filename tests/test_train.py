@@ -148,6 +148,16 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_state_of_other_settings_points_to_a_separate_out_and_run_dir(toy_root, tmp_path):
+    # A new run_dir alone would start a fresh run that replaces the checkpoint and snapshots
+    # at the same out: the fix must name both.
+    (tmp_path / "run").mkdir()
+    torch.save({"identity": {"model": "another run"}}, tmp_path / "run" / "state.pt")
+    with pytest.raises(UserError, match=r"fix: restart=True to start over \(replacing \S*m\.pt "
+                       r"and its snapshots\), or out=PATH and run_dir=PATH both new"):
+        train.train(_cfg(toy_root, tmp_path, model="resnet18_cifar"))
+
+
 def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     first = train.train(_cfg(toy_root, tmp_path, epochs=1))
     again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
@@ -268,7 +278,7 @@ def test_a_weights_seed_that_draws_nothing_is_refused(toy_root, tmp_path):
     torch.save(models.build_model("resnet18_cifar").state_dict(), path)
     cfg = _cfg(toy_root, tmp_path, model="resnet18_cifar", weights=str(path), weights_seed=3)
     with pytest.raises(UserError, match=r"^weights_seed=3 has no effect: \S*start\.pt sets every "
-                       r"parameter, the 10-class head included.*fix: drop weights_seed="):
+                       r"parameter, its 10-class head included; fix: drop weights_seed="):
         train.train(cfg)
     assert not (tmp_path / "run").exists()
 
