@@ -67,8 +67,7 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     by ``mean``/``std``. ``weights``: its default state-dict file (relative: in
     :func:`checkpoint_dir`); ``head_key``: the classifier weight, whose rows give a file's class
     count; ``family``: "vit" (timm ViT), "resnet" (``layer1`` .. ``layer4``) or "other"."""
-    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
-        raise ValueError(f"model name {name!r} is taken; choose another")
+    _check_new_name(name)
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r} is unknown; valid: {', '.join(_FAMILIES)}")
     if interpolation not in _INTERPOLATIONS:
@@ -80,10 +79,26 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        _check_new_name(name)  # a decorator applied twice would replace the first model
         _REGISTRY[name] = Entry(spec, build, head_key)
         return build
 
     return deco
+
+
+def _check_new_name(name: str) -> None:
+    """ValueError unless ``name`` is free and usable wherever a model is named: ``repsim cka``
+    takes a name with a path separator or a store suffix for a store file."""
+    if (not isinstance(name, str) or not name or name != name.strip() or "/" in name
+            or os.sep in name or name.lower().endswith((".h5", ".hdf5"))):
+        raise ValueError(f"model name {name!r} is not usable as a model name; valid: a "
+                         "non-empty string without '/', surrounding spaces or a store file's "
+                         "suffix (.h5, .hdf5), e.g. 'my_net'")
+    if name.startswith(TIMM_PREFIX):
+        raise ValueError(f"model name {name!r} starts with {TIMM_PREFIX!r}, which names timm's "
+                         "models; choose a name without it")
+    if name in _REGISTRY:
+        raise ValueError(f"model name {name!r} is taken; choose another")
 
 
 @register_model("vit_cifar", family="vit", weights="checkpoints/vit_cifar.pt",

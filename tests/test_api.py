@@ -208,3 +208,20 @@ def test_a_registered_models_store_follows_its_architecture(cifar_root, private_
     assert (five["width"], seven["width"]) == (5, 7)
     assert not seven["reused"] and five_again["reused"] and five_again["path"] == five["path"]
     assert registry.canonical_name("vit_cifar") == "vit_cifar"  # built-ins: fixed by repsim
+
+
+@pytest.mark.parametrize("name", ["", " my_net", "my/net", "my_net.h5", "timm:my_net"])
+def test_registration_refuses_a_name_no_command_could_use(name, private_registry):
+    # repsim cka takes a name with '/' or a store suffix for a store file; 'timm:' is timm's.
+    with pytest.raises(ValueError, match="model name .* (not usable|starts with 'timm:')"):
+        repsim.register_model(name)
+    assert name not in registry.list_models()
+
+
+def test_a_registration_decorator_applied_twice_does_not_replace_the_first(private_registry):
+    register = repsim.register_model("twice_test", input_size=4)
+    first = register(lambda num_classes: nn.Linear(48, num_classes))
+    with pytest.raises(ValueError, match="'twice_test' is taken"):
+        register(lambda num_classes: nn.Linear(48, 2 * num_classes))
+    assert registry.get_entry("twice_test").build is first
+
