@@ -210,6 +210,8 @@ def _timm_entry(name: str) -> Entry:
     if not arch or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}; " if close else ""
+        if arch in _REGISTRY:  # repsim's own name, given the prefix of timm's
+            hint = f"did you mean {arch} (a repsim model: no 'timm:')? "
         raise UserError(f"unknown timm model {arch!r} in {name!r}; {hint}valid: 'timm:<name>' "
                         "for any name in timm.list_models(), e.g. timm:resnet18")
     try:
@@ -279,9 +281,12 @@ def get_entry(name: str) -> Entry:
         return _timm_entry(name)
     import timm  # only for the hint: a bare timm name whose prefix is missing
 
-    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
-    if isinstance(name, str) and timm.is_model(name):
-        close.append(TIMM_PREFIX + name)
+    lower = {n.lower(): n for n in list_models()}  # VIT_CIFAR means vit_cifar, surely
+    text = str(name).strip().lower()
+    close = [lower[c] for c in difflib.get_close_matches(text, lower, n=3, cutoff=0.5)]
+    arch = text.removeprefix(TIMM_PREFIX)  # Timm:resnet18, resnet18
+    if isinstance(name, str) and timm.is_model(arch):
+        close.append(TIMM_PREFIX + arch)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise UserError(f"unknown model={name!r}; {hint}valid: {', '.join(list_models())} or "
                     "'timm:<any timm model>'")

@@ -225,3 +225,11 @@ def test_a_registration_decorator_applied_twice_does_not_replace_the_first(priva
         register(lambda num_classes: nn.Linear(48, 2 * num_classes))
     assert registry.get_entry("twice_test").build is first
 
+
+@pytest.mark.parametrize("name, hint", [("VIT_CIFAR", "did you mean vit_cifar "),
+                                        ("Timm:resnet18", "timm:resnet18?"),
+                                        ("timm:vit_cifar", "did you mean vit_cifar (a repsim")])
+def test_an_unknown_name_lists_its_close_matches(name, hint):
+    with pytest.raises(UserError) as e:
+        registry.get_spec(name)
+    assert hint in str(e.value) and "\n" not in str(e.value)
