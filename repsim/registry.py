@@ -208,7 +208,7 @@ def _timm_entry(name: str) -> Entry:
 
     arch = name[len(TIMM_PREFIX):]
     if not arch or not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        close = difflib.get_close_matches(arch.lower(), timm.list_models(), n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}; " if close else ""
         if arch in _REGISTRY:  # repsim's own name, given the prefix of timm's
             hint = f"did you mean {arch} (a repsim model: no 'timm:')? "

@@ -228,7 +228,8 @@ def test_a_registration_decorator_applied_twice_does_not_replace_the_first(priva
 
 @pytest.mark.parametrize("name, hint", [("VIT_CIFAR", "did you mean vit_cifar "),
                                         ("Timm:resnet18", "timm:resnet18?"),
-                                        ("timm:vit_cifar", "did you mean vit_cifar (a repsim")])
+                                        ("timm:vit_cifar", "did you mean vit_cifar (a repsim"),
+                                        ("timm:RESNET18", "close matches: timm:resnet18,")])
 def test_an_unknown_name_lists_its_close_matches(name, hint):
     with pytest.raises(UserError) as e:
         registry.get_spec(name)
