@@ -249,9 +249,15 @@ def canonical_name(name: str) -> str:
     ``<name>@<architecture digest>`` (:func:`architecture_digest`); other names as given."""
     if name.startswith(TIMM_PREFIX):
         return get_entry(name).pretrained_tag
-    if name in _REGISTRY and name not in BUILT_IN:
-        return f"{name}@{architecture_digest(_REGISTRY[name])}"
-    return name
+    arch = user_architecture(name)
+    return name if arch is None else f"{name}@{arch}"
+
+
+def user_architecture(name: str) -> str | None:
+    """:func:`architecture_digest` of a model the user registered; None for any other name
+    (repsim's own and timm's are fixed by their code and release)."""
+    user = name in _REGISTRY and name not in BUILT_IN
+    return architecture_digest(_REGISTRY[name]) if user else None
 
 
 @functools.lru_cache(maxsize=64)  # per entry: a name is registered once per process

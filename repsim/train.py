@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim import __version__, checkpoints, paths, recipes
+from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError
 from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
@@ -111,6 +111,8 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
              "seed": cfg.seed, "weights": cfg.weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
+    if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
+        ident["architecture"] = arch
     if recipe.schedule != "constant":  # the schedule depends on the planned length
         ident["epochs"] = cfg.epochs
     return ident
@@ -144,15 +146,14 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
 
     if weights == "random" or (weights is None and (get_spec(name).default_weights or ""
                                                     ).startswith("checkpoints/")):
-        model = build_model(name, num_classes, seed)
+        model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:
         model, p = load_model(name, weights, seed=seed)
         drawn = p["num_classes"] != num_classes
         model = _replace_head(model, num_classes, seed) if drawn else model
-        prov = {"init": p["weights"], "init_sha256": p["weights_sha256"],
-                "init_seed": seed if drawn else None}
-    return model.train(), {"init_seed": seed, **prov}
+        prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
+    return model.train(), {**prov, "init_seed": seed if drawn else None}
 
 
 # --------------------------------------------------------------------------- a run
@@ -184,8 +185,7 @@ class _Run:
         if cfg.weights_seed is not None and init_prov["init_seed"] is None:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
                             f"sets every parameter, its {num_classes}-class head included; fix: "
-                            "drop weights_seed= (seed= seeds data order, augmentation, dropout), "
-                            "or pass weights='random' for a seeded random init")
+                            "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)

@@ -158,6 +158,28 @@ def test_a_state_of_other_settings_points_to_a_separate_out_and_run_dir(toy_root
         train.train(_cfg(toy_root, tmp_path, model="resnet18_cifar"))
 
 
+def test_resuming_a_registered_model_whose_architecture_changed_is_refused(
+        toy_root, tmp_path, monkeypatch):
+    # Its saved weights no longer fit (a width changed): a one-line refusal, not torch's
+    # size-mismatch traceback; an unchanged architecture still resumes.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def register(width: int) -> None:
+        registry._REGISTRY.pop("resume_mlp_test", None)
+        registry.register_model("resume_mlp_test", input_size=4)(
+            lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, width),
+                                          torch.nn.Linear(width, n)))
+
+    cfg = _cfg(toy_root, tmp_path, model="resume_mlp_test", weights="random", epochs=1)
+    register(5)
+    train.train(cfg)
+    register(7)
+    with pytest.raises(UserError, match="belongs to a run with other settings"):
+        train.train(cfg)
+    register(5)
+    assert train.train(cfg)["resumed_from"] == 1
+
+
 def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     first = train.train(_cfg(toy_root, tmp_path, epochs=1))
     again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
