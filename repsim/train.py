@@ -59,8 +59,8 @@ class TrainConfig:
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
-    """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None, and the
-    recipe; UserError for bad values."""
+    """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None and its
+    dataset's name in lower case (as data loads it), and the recipe; UserError for bad values."""
     from repsim.data import DATASETS
 
     recipe = recipes.get_recipe(cfg.recipe)
@@ -71,8 +71,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
                         f"{', '.join(DATASETS)} (a train split and a separate test split); fix: "
                         "dataset=cifar10 with data_root=DIR holding cifar10/train and "
                         "cifar10/test")
-    cfg = dataclasses.replace(cfg, **{k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr")
-                                      if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
+        k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")

@@ -180,6 +180,13 @@ def test_resuming_a_registered_model_whose_architecture_changed_is_refused(
     assert train.train(cfg)["resumed_from"] == 1
 
 
+def test_a_dataset_named_in_capitals_is_the_same_run():
+    # CIFAR10 trains on cifar10: its checkpoint is the model's own (checkpoints/vit_cifar.pt),
+    # its run resumes a cifar10 one.
+    cfg, recipe = train._resolve(train.TrainConfig(model="vit_cifar", dataset="CIFAR10"))
+    assert train.run_name(cfg) == "vit_cifar" and cfg.dataset == "cifar10"
+
+
 def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     first = train.train(_cfg(toy_root, tmp_path, epochs=1))
     again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
