@@ -116,10 +116,10 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.P
 
 def check_weights_seeds(settings: Mapping[str, Any]) -> None:
     """UserError for a ``weights_seed`` (or ``weights_seed_a``, ``_b``) in ``settings`` given (not
-    0 or None) where its ``weights`` (``weights_a``, ``_b``: one value, a comma-separated list of
-    seeds' files, or a list) are none ``'random'``: a weights file or pretrained weights set
-    every parameter, so the seed would change nothing. (Training seeds a new head too: its own
-    check is in :func:`repsim.train.initial_model`.)"""
+    0 or None) where none of its ``weights`` (``weights_a``, ``_b``: one value, a comma-separated
+    list of seeds' files, or a list) is ``'random'``: a weights file or pretrained weights set
+    every parameter, so the seed would change nothing. (Training, where it also seeds a new
+    head, checks its own: :func:`repsim.train.train`.)"""
     for side in ("", "_a", "_b"):
         seed, weights = settings.get(f"weights_seed{side}"), settings.get(f"weights{side}")
         given = weights if isinstance(weights, (list, tuple)) else str(weights or "").split(",")
