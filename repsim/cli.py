@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
+from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
+from repsim.weights import check_weights_seeds
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
 
@@ -32,7 +38,7 @@ def command(name: str, help: str, *options):
     return deco
 
 
-def opt(*flags: str, **kw) -> Callable[[argparse.ArgumentParser], None]:
+def opt(*flags: str, **kw) -> Callable[[argparse.ArgumentParser], argparse.Action]:
     """An option of one command: ``add_argument``'s arguments."""
     return lambda p: p.add_argument(*flags, **kw)
 
@@ -41,7 +47,20 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 1, like every other user error."""
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            raise UserError(message)  # main looks for a mistyped option first
+        self.fail(message)
+
+    def fail(self, message: str) -> NoReturn:
         self.exit(1, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+    def unrecognized(self, extras: list[str]) -> NoReturn:
+        """Exit on arguments it does not know, naming each option's close matches."""
+        known = re.findall(r"(?<![\w-])--?([a-z][\w-]*)", self.format_usage())  # every option
+        hints = "; ".join(f"{flag}: did you mean {' or '.join('--' + c for c in close)}?"
+                          for flag in (t.split("=")[0] for t in extras if t.startswith("-"))
+                          if (close := difflib.get_close_matches(flag.lstrip("-"), known, 3, .6)))
+        self.fail(f"unrecognized arguments: {' '.join(extras)}{f' ({hints})' if hints else ''}")
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -55,7 +74,9 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
+    """The ``repsim`` parser; ``lenient``: no option is required (:func:`main` looks for
+    unknown options then: a mistyped required flag would otherwise read as a missing one)."""
     parser = _Parser(prog="repsim", formatter_class=_Formatter,
                      description="Compare what neural networks learn, layer by layer, with CKA.")
     parser.add_argument("--version", action="version", version=f"repsim {__version__}")
@@ -70,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show tracebacks on errors")
         p.set_defaults(parser=p)  # where an unknown option is reported (see main)
         for option in options:
-            if isinstance(option, str):
-                p.add_argument(option, **_SHARED[option])
-            else:
-                option(p)
+            action = (p.add_argument(option, **_SHARED[option]) if isinstance(option, str)
+                      else option(p))
+            if lenient and action is not None:  # None: a group of options (never required)
+                action.required = False
     return parser
 
 
@@ -340,16 +361,15 @@ def cmd_featuremaps(args) -> int:
          "--device", "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
-    from repsim.errors import UserError, as_flags
     from repsim.seeds import has_seeds, run_cka_seeds
 
     if looks_like_store(args.a) and looks_like_store(args.b):  # nothing to extract
         given = [k for k in ("dataset", "split", "n", "seed", "data_root", "reduce", "dtype")
                  if getattr(args, k) != getattr(ProbeSpec, k)]
         if given:
-            flag = f"--{given[0].replace('_', '-')} {getattr(args, given[0])}"
-            raise UserError(f"{flag} chooses what to extract, but --a and --b are both store "
-                            "files, used as they are; drop it, or give a model name")
+            raise UserError(f"{given[0]}={getattr(args, given[0])} chooses what to extract, but "
+                            "a= and b= are both store files, used as they are; drop it, or give "
+                            "a model name")
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
     cfg = _config(CKAConfig, args, probe=probe,
                   log=lambda msg: print(f"repsim cka: {as_flags(msg)}", file=sys.stderr))
@@ -385,7 +405,6 @@ def cmd_cka(args) -> int:
 def cmd_figures(args) -> int:
     if args.offline:
         os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)
-    from repsim.errors import UserError
     from repsim.figures.runner import build_all
 
     # Empty names (a trailing comma) are no spec; a list of only those names none.
@@ -438,10 +457,6 @@ def reuse_freed_memory() -> bool:
 
 def _import_user_modules(names: list[str]) -> None:
     """``--import MODULE``: the user's own code, named on the command line (never a file's)."""
-    import importlib
-
-    from repsim.errors import UserError
-
     if names and "" not in sys.path:
         sys.path.insert(0, "")  # modules next to where the command runs, as `python -m` does
     for name in names:
@@ -453,44 +468,32 @@ def _import_user_modules(names: list[str]) -> None:
                             "without .py)") from None
 
 
-def _one_line_warnings(command: str, show_other: Callable) -> Callable:
-    """``warnings.showwarning`` for a command: repsim's own warnings as one line in the CLI's
-    voice (flags, not parameters); anyone else's as Python shows them (with their source)."""
-    home = os.path.dirname(os.path.abspath(__file__))
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not os.path.abspath(filename).startswith(home + os.sep):
-            return show_other(message, category, filename, lineno, file, line)
-        from repsim.errors import as_flags
-
-        print(f"repsim {command}: warning: {as_flags(str(message))}", file=sys.stderr)
-
-    return show
-
-
 def main(argv: list[str] | None = None) -> int:
-    from repsim.errors import UserError, as_flags, os_problem
-
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except UserError as missing:  # a required option: unless an unknown one was meant to be it
+        args, unknown = build_parser(lenient=True).parse_known_args(argv)
+        if not unknown:
+            args.parser.fail(str(missing))
     if unknown:  # reported by the subcommand's parser, so the hint names its --help
-        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        getattr(args, "parser", parser).unrecognized(unknown)
     if args.command is None:
         parser.print_help()
         return 0
     reuse_freed_memory()
     with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
         if not args.debug:  # --debug: where each warning comes from
-            warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+            warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
             _import_user_modules(args.imports)
+            if args.command != "train":  # train() decides: its seed may also seed a new head
+                check_weights_seeds(vars(args))
             return COMMANDS[args.command][2](args)
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
                 raise
-            msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
-                   else os_problem(exc) if isinstance(exc, OSError) else exc)
-            print(f"repsim {args.command}: error: {as_flags(str(msg))}", file=sys.stderr)
+            print(f"repsim {args.command}: error: {one_line(exc)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(f"repsim {args.command}: interrupted", file=sys.stderr)

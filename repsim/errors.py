@@ -8,6 +8,8 @@ import errno
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 # A full disk, a full quota and a file-size limit (ulimit -f, FAT32) all mean: no room.
@@ -45,3 +47,25 @@ def os_problem(exc: OSError, path: str | os.PathLike | None = None,
     return (f"cannot write {path}: {exc.strerror} ({need}"
             f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free there); fix: free space on "
             "that disk or write elsewhere with out=PATH, then run the same command again")
+
+
+def one_line(exc: Exception) -> str:
+    """The line the CLI prints for an error: a KeyError's own text (not its repr), a failed
+    file operation's reason and fix (:func:`os_problem`), anything else's message; in flags."""
+    msg = (exc.args[0] if isinstance(exc, KeyError) and exc.args
+           else os_problem(exc) if isinstance(exc, OSError) else exc)
+    return as_flags(str(msg))
+
+
+def one_line_warnings(prefix: str, show_other: Callable) -> Callable:
+    """``warnings.showwarning`` for the CLI: repsim's own warnings as one line, ``prefix:
+    warning: ...``, naming flags (:func:`as_flags`); anyone else's by ``show_other``, as Python
+    shows them (with their source)."""
+    home = os.path.dirname(os.path.abspath(__file__))
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(home + os.sep):
+            return show_other(message, category, filename, lineno, file, line)
+        print(f"{prefix}: warning: {as_flags(str(message))}", file=sys.stderr)
+
+    return show

@@ -136,14 +136,21 @@ def lr_at(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe, lr:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+# 1-D parameters that are weights all the same, decayed like matrices: locality
+# self-attention's learned per-head temperature (repsim.tinyvit.HeadTemperature) is no norm,
+# bias, position embedding or prefix token, and its source (Lee et al. 2021) decays it.
+DECAYED_VECTORS = ("attn.q_norm.temperature",)
+
+
 def make_optimizer(model: nn.Module, recipe: Recipe, lr: float, dev: torch.device
                    ) -> torch.optim.Optimizer:
     """The recipe's optimiser; weight decay skips norms, biases and tokens unless
     ``recipe.decay_all``. Fused kernels on CUDA (one launch for all parameters)."""
     decay, no_decay = [], []
     for pname, p in model.named_parameters():
-        skip = not recipe.decay_all and (p.ndim <= 1
-                                         or pname.endswith(("pos_embed", "cls_token", "reg_token")))
+        skip = not recipe.decay_all and (
+            (p.ndim <= 1 and not pname.endswith(DECAYED_VECTORS))
+            or pname.endswith(("pos_embed", "cls_token", "reg_token")))
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]

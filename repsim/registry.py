@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -65,8 +67,7 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     by ``mean``/``std``. ``weights``: its default state-dict file (relative: in
     :func:`checkpoint_dir`); ``head_key``: the classifier weight, whose rows give a file's class
     count; ``family``: "vit" (timm ViT), "resnet" (``layer1`` .. ``layer4``) or "other"."""
-    if name in _REGISTRY or name.startswith(TIMM_PREFIX):
-        raise ValueError(f"model name {name!r} is taken; choose another")
+    _check_new_name(name)
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r} is unknown; valid: {', '.join(_FAMILIES)}")
     if interpolation not in _INTERPOLATIONS:
@@ -78,10 +79,26 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
+        _check_new_name(name)  # a decorator applied twice would replace the first model
         _REGISTRY[name] = Entry(spec, build, head_key)
         return build
 
     return deco
+
+
+def _check_new_name(name: str) -> None:
+    """ValueError unless ``name`` is free and usable wherever a model is named: ``repsim cka``
+    takes a name with a path separator or a store suffix for a store file."""
+    if (not isinstance(name, str) or not name or name != name.strip() or "/" in name
+            or os.sep in name or name.lower().endswith((".h5", ".hdf5"))):
+        raise ValueError(f"model name {name!r} is not usable as a model name; valid: a "
+                         "non-empty string without '/', surrounding spaces or a store file's "
+                         "suffix (.h5, .hdf5), e.g. 'my_net'")
+    if name.startswith(TIMM_PREFIX):
+        raise ValueError(f"model name {name!r} starts with {TIMM_PREFIX!r}, which names timm's "
+                         "models; choose a name without it")
+    if name in _REGISTRY:
+        raise ValueError(f"model name {name!r} is taken; choose another")
 
 
 @register_model("vit_cifar", family="vit", weights="checkpoints/vit_cifar.pt",
@@ -171,6 +188,8 @@ for _name, (_variant, _about) in TINYVIT_MODELS.items():
     register_model(_name, family="vit", mean=CIFAR10_NORM[0], std=CIFAR10_NORM[1],
                    weights=f"checkpoints/{_name}.pt", head_key="head.weight",
                    description=_about)(functools.partial(_tinyvit, _variant))
+# Fixed by repsim's own code; any other name is the user's, whose code may change under it.
+BUILT_IN = frozenset(_REGISTRY)
 
 
 def family_of(model: nn.Module) -> str:
@@ -189,8 +208,10 @@ def _timm_entry(name: str) -> Entry:
 
     arch = name[len(TIMM_PREFIX):]
     if not arch or not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        close = difflib.get_close_matches(arch.lower(), timm.list_models(), n=5, cutoff=0.6)
         hint = f"close matches: {', '.join(TIMM_PREFIX + c for c in close)}; " if close else ""
+        if arch in _REGISTRY:  # repsim's own name, given the prefix of timm's
+            hint = f"did you mean {arch} (a repsim model: no 'timm:')? "
         raise UserError(f"unknown timm model {arch!r} in {name!r}; {hint}valid: 'timm:<name>' "
                         "for any name in timm.list_models(), e.g. timm:resnet18")
     try:
@@ -223,8 +244,39 @@ def _timm_entry(name: str) -> Entry:
 def canonical_name(name: str) -> str:
     """The name that fixes what ``name`` computes: ``timm:<arch>`` means timm's default
     pretrained tag of ``arch``, which a timm release may change, so it resolves (from timm's
-    local config registry, no download) to ``timm:<arch>.<tag>``; other names as given."""
-    return get_entry(name).pretrained_tag if name.startswith(TIMM_PREFIX) else name
+    local config registry, no download) to ``timm:<arch>.<tag>``; a model the user registered
+    (:func:`register_model`), whose code may change under the same name, is
+    ``<name>@<architecture digest>`` (:func:`architecture_digest`); other names as given."""
+    if name.startswith(TIMM_PREFIX):
+        return get_entry(name).pretrained_tag
+    arch = user_architecture(name)
+    return name if arch is None else f"{name}@{arch}"
+
+
+def user_architecture(name: str) -> str | None:
+    """:func:`architecture_digest` of a model the user registered; None for any other name
+    (repsim's own and timm's are fixed by their code and release)."""
+    user = name in _REGISTRY and name not in BUILT_IN
+    return architecture_digest(_REGISTRY[name]) if user else None
+
+
+@functools.lru_cache(maxsize=64)  # per entry: a name is registered once per process
+def architecture_digest(entry: Entry) -> str:
+    """Digest of the architecture ``entry`` builds (its default class count): every module's
+    name and class, every state-dict entry's name, shape and dtype. Built on the meta device
+    (no memory, no real init), else for real; the global RNG is left as it was. It changes
+    with a layer's width, depth or type, not with code inside a forward()."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                model = entry.build(entry.spec.num_classes)
+        except Exception:  # some constructors compute on tensors
+            model = entry.build(entry.spec.num_classes)
+    parts = [[n, type(m).__qualname__] for n, m in model.named_modules()]
+    parts += [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def get_entry(name: str) -> Entry:
@@ -235,9 +287,12 @@ def get_entry(name: str) -> Entry:
         return _timm_entry(name)
     import timm  # only for the hint: a bare timm name whose prefix is missing
 
-    close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.5)
-    if isinstance(name, str) and timm.is_model(name):
-        close.append(TIMM_PREFIX + name)
+    lower = {n.lower(): n for n in list_models()}  # VIT_CIFAR means vit_cifar, surely
+    text = str(name).strip().lower()
+    close = [lower[c] for c in difflib.get_close_matches(text, lower, n=3, cutoff=0.5)]
+    arch = text.removeprefix(TIMM_PREFIX)  # Timm:resnet18, resnet18
+    if isinstance(name, str) and timm.is_model(arch):
+        close.append(TIMM_PREFIX + arch)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise UserError(f"unknown model={name!r}; {hint}valid: {', '.join(list_models())} or "
                     "'timm:<any timm model>'")

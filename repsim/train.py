@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim import __version__, checkpoints, paths, recipes
+from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError
 from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
@@ -59,8 +59,8 @@ class TrainConfig:
 
 
 def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
-    """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None, and the
-    recipe; UserError for bad values."""
+    """``cfg`` with the recipe's epochs, batch size and lr where it leaves them None and its
+    dataset's name in lower case (as data loads it), and the recipe; UserError for bad values."""
     from repsim.data import DATASETS
 
     recipe = recipes.get_recipe(cfg.recipe)
@@ -71,8 +71,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
                         f"{', '.join(DATASETS)} (a train split and a separate test split); fix: "
                         "dataset=cifar10 with data_root=DIR holding cifar10/train and "
                         "cifar10/test")
-    cfg = dataclasses.replace(cfg, **{k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr")
-                                      if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
+        k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
@@ -111,6 +111,8 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
              "seed": cfg.seed, "weights": cfg.weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
+    if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
+        ident["architecture"] = arch
     if recipe.schedule != "constant":  # the schedule depends on the planned length
         ident["epochs"] = cfg.epochs
     return ident
@@ -137,21 +139,21 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     ``weights`` None: from scratch for models whose default weights come from training
     (vit_cifar, resnet18_cifar), else the pretrained weights; ``"random"``: from scratch; a
     path: that file. A pretrained start with another class count gets a fresh head. ``seed``
-    seeds the random init and the new head.
+    seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
     from repsim.registry import get_spec
 
     if weights == "random" or (weights is None and (get_spec(name).default_weights or ""
                                                     ).startswith("checkpoints/")):
-        model = build_model(name, num_classes, seed)
+        model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:
         model, p = load_model(name, weights, seed=seed)
-        if p["num_classes"] != num_classes:
-            model = _replace_head(model, num_classes, seed)
+        drawn = p["num_classes"] != num_classes
+        model = _replace_head(model, num_classes, seed) if drawn else model
         prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
-    return model.train(), {**prov, "init_seed": seed}
+    return model.train(), {**prov, "init_seed": seed if drawn else None}
 
 
 # --------------------------------------------------------------------------- a run
@@ -180,6 +182,10 @@ class _Run:
         data_prov, num_classes = self._load_data()
         model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
+        if cfg.weights_seed is not None and init_prov["init_seed"] is None:
+            raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
+                            f"sets every parameter, its {num_classes}-class head included; fix: "
+                            "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)
@@ -220,8 +226,9 @@ class _Run:
         state = read_weights(self.state_path)
         if state.get("identity") != _identity(self.cfg, self.recipe):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
-                            "same settings as before to resume; fix: restart=True to start over, "
-                            "or another run_dir=PATH")
+                            "same settings as before to resume; fix: restart=True to start over "
+                            f"(replacing {self.out} and its snapshots), or out=PATH and "
+                            "run_dir=PATH both new for a separate run")
         saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
         if saved_on != self.dev.type:  # generator states of one device type fit no other
             raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "

@@ -112,3 +112,21 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.P
                         f"same configuration; fix: use matching weights={hint}")
     model.load_state_dict({k: v.to(dtype=target[k].dtype) for k, v in sd.items()}, strict=True)
     return model
+
+
+def check_weights_seeds(settings: Mapping[str, Any]) -> None:
+    """UserError for a ``weights_seed`` (or ``weights_seed_a``, ``_b``) in ``settings`` given (not
+    0 or None) where none of its ``weights`` (``weights_a``, ``_b``: one value, a comma-separated
+    list of seeds' files, or a list) is ``'random'``: a weights file or pretrained weights set
+    every parameter, so the seed would change nothing. (Training, where it also seeds a new
+    head, checks its own: :func:`repsim.train.train`.)"""
+    for side in ("", "_a", "_b"):
+        seed, weights = settings.get(f"weights_seed{side}"), settings.get(f"weights{side}")
+        given = weights if isinstance(weights, (list, tuple)) else str(weights or "").split(",")
+        if not seed or "random" in given:
+            continue
+        what = (f"weights{side}={','.join(map(str, given))} sets" if weights else
+                f"the model's own weights (no weights{side}=) set")
+        raise UserError(f"weights_seed{side}={seed} has no effect: it seeds random weights "
+                        f"only, and {what} every parameter; fix: drop weights_seed{side}=, or "
+                        f"pass weights{side}='random' for seeded random weights")

@@ -186,3 +186,51 @@ def test_import_repsim_is_light():
     code = "import sys, repsim; print('torch' in sys.modules, callable(repsim.cka_matrix))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.split() == ["False", "True"]
+
+
+def test_a_registered_models_store_follows_its_architecture(cifar_root, private_registry):
+    # The user edits a registered model's width: random weights of the new architecture must
+    # not be read from the old architecture's store, which has the same name and settings.
+    from repsim.extraction import ExtractConfig, extract
+    from repsim.store import Store
+
+    def register(width: int) -> dict:
+        registry._REGISTRY.pop("arch_test", None)
+        repsim.register_model("arch_test", input_size=4)(lambda num_classes: nn.Sequential(
+            nn.Flatten(), nn.Linear(48, width), nn.Linear(width, num_classes)))
+        res = extract(ExtractConfig(model="arch_test", weights="random", dataset="cifar10",
+                                    data_root=str(cifar_root), n=4, layers=["1"],
+                                    device="cpu", progress=False))
+        with Store(res["path"]) as s:
+            return {**res, "width": s["1"].shape[1]}
+
+    five, seven, five_again = register(5), register(7), register(5)
+    assert (five["width"], seven["width"]) == (5, 7)
+    assert not seven["reused"] and five_again["reused"] and five_again["path"] == five["path"]
+    assert registry.canonical_name("vit_cifar") == "vit_cifar"  # built-ins: fixed by repsim
+
+
+@pytest.mark.parametrize("name", ["", " my_net", "my/net", "my_net.h5", "timm:my_net"])
+def test_registration_refuses_a_name_no_command_could_use(name, private_registry):
+    # repsim cka takes a name with '/' or a store suffix for a store file; 'timm:' is timm's.
+    with pytest.raises(ValueError, match="model name .* (not usable|starts with 'timm:')"):
+        repsim.register_model(name)
+    assert name not in registry.list_models()
+
+
+def test_a_registration_decorator_applied_twice_does_not_replace_the_first(private_registry):
+    register = repsim.register_model("twice_test", input_size=4)
+    first = register(lambda num_classes: nn.Linear(48, num_classes))
+    with pytest.raises(ValueError, match="'twice_test' is taken"):
+        register(lambda num_classes: nn.Linear(48, 2 * num_classes))
+    assert registry.get_entry("twice_test").build is first
+
+
+@pytest.mark.parametrize("name, hint", [("VIT_CIFAR", "did you mean vit_cifar "),
+                                        ("Timm:resnet18", "timm:resnet18?"),
+                                        ("timm:vit_cifar", "did you mean vit_cifar (a repsim"),
+                                        ("timm:RESNET18", "close matches: timm:resnet18,")])
+def test_an_unknown_name_lists_its_close_matches(name, hint):
+    with pytest.raises(UserError) as e:
+        registry.get_spec(name)
+    assert hint in str(e.value) and "\n" not in str(e.value)

@@ -122,6 +122,32 @@ def test_unknown_option_points_at_the_subcommand_help(argv, bad, capsys):
     assert f"see 'repsim {argv[0]} --help'" in err and bad in err
 
 
+@pytest.mark.parametrize("command", ["extract", "train", "eval", "attention", "featuremaps",
+                                     "cka", "figures"])
+def test_a_mistyped_flag_is_reported_as_unknown_with_close_matches_not_as_missing(
+        command, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:  # extract: --model is required, cka: --a and --b
+        main([command, "--modle", "x", "--sed", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"repsim {command}: error: unrecognized arguments: --modle x --sed 1")
+    assert "required" not in err and "--sed: did you mean --seed?" in err
+    if command not in ("cka", "figures"):  # the commands with a --model
+        assert "--modle: did you mean --model?" in err
+
+
+def test_a_missing_required_flag_is_still_reported_as_missing(capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--a", "x"])
+    assert e.value.code == 1 and capsys.readouterr().err == (
+        "repsim cka: error: the following arguments are required: --b; see 'repsim cka "
+        "--help'\n")
+
+
 def _eval(capsys, *args: str) -> dict:
     from repsim.cli import main
 
@@ -179,3 +205,21 @@ def test_eval_of_a_checkpoint_on_its_own_dataset_does_not_warn(tmp_path, capsys)
                  "--device", "cpu", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["checkpoint_dataset"] == "cifar10" and err == ""
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "--model", "vit_cifar", "--weights-seed", "3"],
+    ["eval", "--model", "vit_cifar", "--weights", "checkpoints/vit_cifar.pt", "--weights-seed",
+     "3"],
+    ["attention", "--model", "vit_cifar", "--weights-seed", "3"],
+    ["cka", "--a", "vit_cifar", "--b", "vit_cifar", "--weights-a", "random",
+     "--weights-seed-b", "3"]])
+def test_a_weights_seed_that_seeds_no_random_weights_is_refused_in_flags(argv, capsys):
+    from repsim.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    flag = argv[-2]
+    assert err.startswith(f"repsim {argv[0]}: error: {flag} 3 has no effect: it seeds random "
+                          "weights only") and len(err.strip().splitlines()) == 1
+    assert f"pass {flag.replace('-seed', '')} 'random'" in err

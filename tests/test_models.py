@@ -454,3 +454,27 @@ def test_preprocess_rejects_bad_input():
         M.preprocess(spec, torch.zeros(2, 32, 32, 3))
     with pytest.raises(UserError, match=r"\(n, H, W, 3\)"):
         M.preprocess(spec, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("settings, valid", [
+    ({"weights": None, "weights_seed": 3}, False),  # the model's own (trained) weights
+    ({"weights": "a.pt", "weights_seed": -1}, False),
+    ({"weights": "random", "weights_seed": 3}, True),
+    ({"weights": "a.pt", "weights_seed": 0}, True),  # 0: the default, no seed given
+    ({"weights": ["a.pt", "random"], "weights_seed": 2}, True),  # attention: one random model
+    ({"weights": [], "weights_seed": 2}, False),
+    ({"weights_a": "random", "weights_seed_a": 1, "weights_b": None, "weights_seed_b": 0}, True),
+    ({"weights_a": "random", "weights_seed_a": 1, "weights_b": "s0.pt,s1.pt",
+      "weights_seed_b": 1}, False),
+])
+def test_a_weights_seed_where_no_weights_are_random_is_refused(settings, valid):
+    if valid:
+        W.check_weights_seeds(settings)
+        return
+    with pytest.raises(UserError) as e:
+        W.check_weights_seeds(settings)
+    side = "_b" if "weights_b" in settings else ""
+    seed = settings[f"weights_seed{side}"]
+    msg = str(e.value)
+    assert msg.startswith(f"weights_seed{side}={seed} has no effect: it seeds random weights")
+    assert f"pass weights{side}='random'" in msg and "\n" not in msg

@@ -383,3 +383,16 @@ def test_activation_ranks_match_the_centred_token_matrix(models):
         part = z[:, j * 192:(j + 1) * 192]
         assert got[4, j] == pytest.approx(matrix_effective_rank(part - part.mean(0)), rel=1e-6)
     assert got.shape == (9, 2) and got[4, 0] <= RANK
+
+
+def test_tinyvit_recipe_decays_the_locality_attention_temperature(models):
+    # Lee et al. 2021 decay every parameter, PoorViTs all but norms, biases, position
+    # embeddings and prefix tokens: the learned temperature is none of those.
+    model = models["vit_cifar_tiny_sptlsa"]
+    r = recipes.get_recipe("tinyvit")
+    opt = recipes.make_optimizer(model, r, r.lr, torch.device("cpu"))
+    decay = {n: g["weight_decay"] for g in opt.param_groups for p in g["params"]
+             for n, q in model.named_parameters() if q is p}
+    temps = [n for n in decay if n.endswith("q_norm.temperature")]
+    assert len(temps) == 9 and all(decay[n] == 0.05 for n in temps)
+    assert decay["patch_embed.norm.weight"] == decay["blocks.0.attn.qkv.bias"] == 0.0

@@ -148,6 +148,45 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_state_of_other_settings_points_to_a_separate_out_and_run_dir(toy_root, tmp_path):
+    # A new run_dir alone would start a fresh run that replaces the checkpoint and snapshots
+    # at the same out: the fix must name both.
+    (tmp_path / "run").mkdir()
+    torch.save({"identity": {"model": "another run"}}, tmp_path / "run" / "state.pt")
+    with pytest.raises(UserError, match=r"fix: restart=True to start over \(replacing \S*m\.pt "
+                       r"and its snapshots\), or out=PATH and run_dir=PATH both new"):
+        train.train(_cfg(toy_root, tmp_path, model="resnet18_cifar"))
+
+
+def test_resuming_a_registered_model_whose_architecture_changed_is_refused(
+        toy_root, tmp_path, monkeypatch):
+    # Its saved weights no longer fit (a width changed): a one-line refusal, not torch's
+    # size-mismatch traceback; an unchanged architecture still resumes.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def register(width: int) -> None:
+        registry._REGISTRY.pop("resume_mlp_test", None)
+        registry.register_model("resume_mlp_test", input_size=4)(
+            lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, width),
+                                          torch.nn.Linear(width, n)))
+
+    cfg = _cfg(toy_root, tmp_path, model="resume_mlp_test", weights="random", epochs=1)
+    register(5)
+    train.train(cfg)
+    register(7)
+    with pytest.raises(UserError, match="belongs to a run with other settings"):
+        train.train(cfg)
+    register(5)
+    assert train.train(cfg)["resumed_from"] == 1
+
+
+def test_a_dataset_named_in_capitals_is_the_same_run():
+    # CIFAR10 trains on cifar10: its checkpoint is the model's own (checkpoints/vit_cifar.pt),
+    # its run resumes a cifar10 one.
+    cfg, recipe = train._resolve(train.TrainConfig(model="vit_cifar", dataset="CIFAR10"))
+    assert train.run_name(cfg) == "vit_cifar" and cfg.dataset == "cifar10"
+
+
 def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     first = train.train(_cfg(toy_root, tmp_path, epochs=1))
     again = train.train(_cfg(toy_root, tmp_path, epochs=1))  # finished: nothing is saved
@@ -250,6 +289,7 @@ def test_finetune_replaces_the_head_of_a_pretrained_file(tmp_path):
     model, prov = train.initial_model(arch, str(path), 10, seed=0)
     assert model.head.out_features == 10
     assert prov["init"] == str(path) and prov["init_sha256"] == sha256_file(path)
+    assert prov["init_seed"] == 0  # the new head was drawn with it
     sd = model.state_dict()
     assert torch.equal(sd["blocks.0.attn.qkv.weight"], src.state_dict()["blocks.0.attn.qkv.weight"])
 
@@ -259,6 +299,17 @@ def test_scratch_models_start_from_seeded_random_weights():
     b, _ = train.initial_model("resnet18_cifar", None, 10, seed=3)
     assert prov["init"] == "random"
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_weights_seed_that_draws_nothing_is_refused(toy_root, tmp_path):
+    # A start file of the task's class count sets every weight, its head included.
+    path = tmp_path / "start.pt"
+    torch.save(models.build_model("resnet18_cifar").state_dict(), path)
+    cfg = _cfg(toy_root, tmp_path, model="resnet18_cifar", weights=str(path), weights_seed=3)
+    with pytest.raises(UserError, match=r"^weights_seed=3 has no effect: \S*start\.pt sets every "
+                       r"parameter, its 10-class head included; fix: drop weights_seed="):
+        train.train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_weights_seed_changes_the_init_not_the_training_data(toy_root, tmp_path):
