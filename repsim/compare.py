@@ -29,6 +29,7 @@ from repsim.errors import UserError
 from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.sketch import CKAResult
 from repsim.store import check_aligned
+from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka/1"
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -265,6 +266,7 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
         if cfg.estimator != "minibatch" and getattr(cfg, k) is not None:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
                             f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
+    check_weights_seeds(vars(cfg))
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")

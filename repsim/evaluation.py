@@ -130,7 +130,9 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     from repsim.data import load_probe_set
     from repsim.models import load_model, resolve_device
     from repsim.registry import get_spec
+    from repsim.weights import check_weights_seeds
 
+    check_weights_seeds(vars(cfg))
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)
     ps = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed, data_root=cfg.data_root,

@@ -38,7 +38,7 @@ class ExtractConfig:
     split: str = "test"
     n: int | None = None  # None: the whole split
     seed: int = 0  # of the image subset
-    weights_seed: int = 0  # of random weights (and of a replaced classifier head)
+    weights_seed: int = 0  # of random weights (refused with any other weights)
     layers: list[str] | str | None = None  # None: the model's default layer set
     reduce: str = "flatten"
     batch_size: int = 128
@@ -138,6 +138,9 @@ def extract(cfg: ExtractConfig) -> dict:
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock
     from repsim.registry import get_spec, preprocessing_info
+    from repsim.weights import check_weights_seeds
+
+    check_weights_seeds(vars(cfg))
     from repsim.store import Store
 
     t0 = time.perf_counter()

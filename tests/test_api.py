@@ -234,3 +234,36 @@ def test_an_unknown_name_lists_its_close_matches(name, hint):
     with pytest.raises(UserError) as e:
         registry.get_spec(name)
     assert hint in str(e.value) and "\n" not in str(e.value)
+
+
+
+SEEDED = ["repsim.extraction:extract", "repsim.evaluation:evaluate_model", "repsim.compare:run_cka",
+          "repsim.figures.attention:run_attention", "repsim.figures.featuremaps:run_featuremaps"]
+
+
+def _seeded_config(target: str):
+    """The config of ``target`` with weights_seed(_b)=3 and the models' own weights."""
+    from repsim.compare import CKAConfig
+    from repsim.evaluation import EvalConfig
+    from repsim.extraction import ExtractConfig
+    from repsim.figures.attention import AttentionConfig
+    from repsim.figures.featuremaps import FeatureMapsConfig
+
+    return {SEEDED[0]: lambda: ExtractConfig(model="vit_cifar", weights_seed=3),
+            SEEDED[1]: lambda: EvalConfig(model="vit_cifar", weights_seed=3),
+            SEEDED[2]: lambda: CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_seed_b=3),
+            SEEDED[3]: lambda: AttentionConfig(models=["vit_cifar"], weights_seed=3),
+            SEEDED[4]: lambda: FeatureMapsConfig(model="resnet18_cifar", weights_seed=3),
+            }[target]()
+
+
+@pytest.mark.parametrize("target", SEEDED)
+def test_the_library_refuses_a_weights_seed_that_seeds_nothing(target, tmp_path, monkeypatch):
+    """Not only the CLI: each library entry point refuses a seed with the model's own weights
+    before any work (the CLI's check, repsim.weights.check_weights_seeds)."""
+    import importlib
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path))
+    module, name = target.split(":")
+    with pytest.raises(UserError, match=r"^weights_seed(_b)?=3 has no effect"):
+        getattr(importlib.import_module(module), name)(_seeded_config(target))

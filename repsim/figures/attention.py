@@ -28,6 +28,7 @@ from repsim.attention import (
 )
 from repsim.errors import UserError
 from repsim.figures import draw
+from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-attention-distance/1"
 UNITS = {"image": "distance_image_px", "model": "distance_model_px",
@@ -170,6 +171,7 @@ def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
         raise UserError(f"{len(weights)} weights for {len(cfg.models)} models (weights="
                         f"{cfg.weights!r}); valid: none, one for all models, or one per model "
                         "in the same order")
+    check_weights_seeds({"weights": weights, "weights_seed": cfg.weights_seed})
     labels = model_labels(cfg.models, weights, cfg.weights_seed)
     for name in cfg.models:
         check_vit(name)

@@ -20,6 +20,7 @@ from repsim import __version__, paths
 from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError
 from repsim.figures import draw
+from repsim.weights import check_weights_seeds
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def run_featuremaps(cfg: FeatureMapsConfig) -> dict[str, Any]:
     from repsim.registry import get_spec
 
     t0 = time.perf_counter()
+    check_weights_seeds(vars(cfg))
     check_cnn(get_spec(cfg.model))  # before any loading
     model, wprov = zoo.load_model(cfg.model, cfg.weights, seed=cfg.weights_seed,
                                   device=zoo.resolve_device(cfg.device))

@@ -51,7 +51,8 @@ def _measure(ref, spec: dict, ctx) -> dict:
             "token_cka": token_cka(feats, n_prefix).tolist(),
             "attention_mass": mass.tolist(),
             # uniform attention over all T = n_prefix + patch tokens (no attention mask)
-            "uniform_mass": 1.0 / (n_prefix + geo.cells), "test_accuracy": entry.get("test_accuracy")}
+            "uniform_mass": 1.0 / (n_prefix + geo.cells),
+            "test_accuracy": entry.get("test_accuracy")}
 
 
 def build_figure(spec: dict, ctx) -> list[Path]:
