@@ -267,3 +267,22 @@ def test_the_library_refuses_a_weights_seed_that_seeds_nothing(target, tmp_path,
     module, name = target.split(":")
     with pytest.raises(UserError, match=r"^weights_seed(_b)?=3 has no effect"):
         getattr(importlib.import_module(module), name)(_seeded_config(target))
+
+
+def test_a_figure_of_a_registered_model_with_random_weights_follows_its_architecture(
+        tmp_path, private_registry):
+    # A figure's inputs are fingerprinted without extracting: random weights of an edited
+    # architecture must not count as the figure's old input.
+    from repsim.figures.context import FigureContext
+
+    def fingerprint(width: int):
+        registry._REGISTRY.pop("arch_fig", None)
+        repsim.register_model("arch_fig", input_size=4)(lambda num_classes: nn.Sequential(
+            nn.Flatten(), nn.Linear(48, width), nn.Linear(width, num_classes)))
+        return FigureContext(tmp_path).fingerprint(
+            {"type": "model", "ref": {"model": "arch_fig", "weights": "random"}})
+
+    assert fingerprint(5) != fingerprint(7) and fingerprint(5) == fingerprint(5)
+    builtin = FigureContext(tmp_path).fingerprint(
+        {"type": "model", "ref": {"model": "vit_cifar", "weights": "random"}})
+    assert builtin == {"ref": "random"}  # built-ins keep their keys

@@ -280,8 +280,9 @@ class FigureContext:
     def _weights_print(self, ref: ModelRef) -> str | None:
         from repsim.registry import canonical_name, get_spec
 
-        if ref.weights == "random":
-            return ref.weights
+        if ref.weights == "random":  # a user's model: random weights of its architecture
+            name = canonical_name(ref.model)
+            return ref.weights if name == ref.model else f"random:{name}"
         path = weights_file(ref)
         if path is None:  # pretrained: fixed by the name, once timm:<arch> has its default tag
             name = canonical_name(ref.model)
