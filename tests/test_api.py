@@ -286,3 +286,30 @@ def test_a_figure_of_a_registered_model_with_random_weights_follows_its_architec
     builtin = FigureContext(tmp_path).fingerprint(
         {"type": "model", "ref": {"model": "vit_cifar", "weights": "random"}})
     assert builtin == {"ref": "random"}  # built-ins keep their keys
+
+
+def test_cached_attention_distances_follow_a_registered_vits_architecture(
+        cifar_root, tmp_path, monkeypatch, capsys, private_registry):
+    # Same name, random weights, same seed: a patch size of 8 instead of 4 is another model,
+    # and its distances must be measured, not read from the cache of the first.
+    import json
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from repsim.cli import main
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+
+    def reused(patch: int) -> bool:
+        registry._REGISTRY.pop("arch_vit", None)
+        repsim.register_model("arch_vit", family="vit", input_size=16)(
+            lambda num_classes: VisionTransformer(
+                img_size=16, patch_size=patch, embed_dim=16, depth=1, num_heads=2,
+                num_classes=num_classes))
+        assert main(["attention", "--model", "arch_vit", "--weights", "random", "--data-root",
+                     str(cifar_root), "--probe", "4", "--images", "1", "--out",
+                     str(tmp_path / "fig"), "--json"]) == 0
+        (res,) = json.loads(capsys.readouterr().out)["reused"]
+        return res
+
+    assert [reused(4), reused(8), reused(4)] == [False, False, True]

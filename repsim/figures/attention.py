@@ -107,10 +107,14 @@ def _distance(model, spec, wprov: dict, probe, cfg: AttentionConfig
               ) -> tuple[np.ndarray, bool, float]:
     """(distance (L, H) in model pixels, reused?, seconds), cached in
     ``$REPSIM_CACHE/attention`` by content: the weights' sha256, never their path."""
-    from repsim.registry import preprocessing_info
+    from repsim.registry import canonical_name, preprocessing_info
 
     weights = wprov["weights_sha256"] or wprov["weights"]  # a file's hash, or random / a tag
-    key = {"format": FORMAT, "model": spec.name, "weights": weights, "seed": wprov.get("seed"),
+    # The geometry is the model's (patch size in input pixels): a fix to how it is read, or
+    # a user's edited architecture (in its canonical name), must not reuse old distances.
+    geometry = json.loads(json.dumps(asdict(vit_geometry(model))))
+    key = {"format": FORMAT, "model": canonical_name(spec.name), "geometry": geometry,
+           "weights": weights, "seed": wprov.get("seed"),
            "data": probe.provenance(), "preprocessing": preprocessing_info(spec),
            "renormalize": cfg.renormalize, "repsim": __version__}
     path = paths.cache_dir("attention", f"{paths.slug(spec.name)}-{paths.digest(key)[:16]}.json")
@@ -150,8 +154,9 @@ def check_vit(name: str) -> None:
     if spec.family != "vit":
         vits = [m for m in list_models() if get_spec(m).family == "vit"]
         raise UserError(
-            f"{spec.name} is a {spec.family} model, and attention maps need a Vision "
-            f"Transformer; valid: {', '.join(vits)} or timm:<a ViT>; fix: pass a ViT, or "
+            f"{spec.name} is a{'n' * (spec.family[0] in 'aeiou')} {spec.family} model, and "
+            f"attention maps need a Vision Transformer; valid: {', '.join(vits)} or "
+            "timm:<a ViT>; fix: pass a ViT (register your own with family='vit'), or "
             f"draw {spec.name}'s feature maps with `repsim featuremaps`")
 
 
