@@ -313,3 +313,13 @@ def test_cached_attention_distances_follow_a_registered_vits_architecture(
         return res
 
     assert [reused(4), reused(8), reused(4)] == [False, False, True]
+
+
+def test_attention_of_a_model_not_registered_as_a_vit_says_how_to_register_one(
+        private_registry):
+    from repsim.figures.attention import check_vit
+
+    repsim.register_model("plain_net")(lambda num_classes: nn.Linear(3, num_classes))
+    with pytest.raises(UserError, match=r"^plain_net is not registered as a ViT, and .*"
+                                        r"register your own with family='vit'"):
+        check_vit("plain_net")

@@ -153,9 +153,10 @@ def check_vit(name: str) -> None:
     spec = get_spec(name)
     if spec.family != "vit":
         vits = [m for m in list_models() if get_spec(m).family == "vit"]
+        what = "not registered as a ViT" if spec.family == "other" else f"a {spec.family} model"
         raise UserError(
-            f"{spec.name} is a{'n' * (spec.family[0] in 'aeiou')} {spec.family} model, and "
-            f"attention maps need a Vision Transformer; valid: {', '.join(vits)} or "
+            f"{spec.name} is {what}, and attention maps need a Vision Transformer; valid: "
+            f"{', '.join(vits)} or "
             "timm:<a ViT>; fix: pass a ViT (register your own with family='vit'), or "
             f"draw {spec.name}'s feature maps with `repsim featuremaps`")
 
