@@ -20,7 +20,15 @@ from torch import nn
 from repsim.errors import UserError
 from repsim.layers import match_layers
 from repsim.paths import offline
-from repsim.registry import NO_NORM, Entry, ModelSpec, default_weights_file, family_of, get_entry
+from repsim.registry import (
+    NO_NORM,
+    TINYVIT_MODELS,
+    Entry,
+    ModelSpec,
+    default_weights_file,
+    family_of,
+    get_entry,
+)
 from repsim.weights import load_into, read_state_dict, sha256_file
 
 
@@ -71,9 +79,10 @@ def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int
     spec = entry.spec
     path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
     if weights is None and not path.is_file():
+        recipe = " --recipe tinyvit" if spec.name in TINYVIT_MODELS else ""  # not the paper's
         raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
                         "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
-                        f"`repsim train --model {spec.name}`, or pass weights=PATH or "
+                        f"`repsim train --model {spec.name}{recipe}`, or pass weights=PATH or "
                         "weights='random'")
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"

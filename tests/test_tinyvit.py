@@ -396,3 +396,14 @@ def test_tinyvit_recipe_decays_the_locality_attention_temperature(models):
     temps = [n for n in decay if n.endswith("q_norm.temperature")]
     assert len(temps) == 9 and all(decay[n] == 0.05 for n in temps)
     assert decay["patch_embed.norm.weight"] == decay["blocks.0.attn.qkv.bias"] == 0.0
+
+
+def test_missing_tiny_vit_weights_point_to_its_own_recipe(tmp_path, monkeypatch):
+    # The default recipe is the study's (500 epochs of Adam): not how these models train.
+    from repsim.errors import UserError
+    from repsim.models import load_model
+
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(UserError, match=r"`repsim train --model vit_cifar_tiny_reg3 "
+                                        r"--recipe tinyvit`"):
+        load_model("vit_cifar_tiny_reg3")
