@@ -546,3 +546,22 @@ def test_figure_kind_attention_builds_then_caches_then_skips_missing_weights(tmp
     assert skip["name"] == "att_trained" and "vit_cifar" in skip["reason"]
     again = build_all(ana, out, progress=False)
     assert [c["name"] for c in again["cached"]] == ["att"] and not again["built"]
+
+
+def test_figure_kind_attention_loads_no_model_when_a_later_ones_weights_are_missing(
+        tmp_path, monkeypatch):
+    # A skipped figure costs nothing: the first model is not built and loaded only to find
+    # that the second has no weights here.
+    from repsim.figures import context
+    from repsim.figures.runner import build_all
+
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "no-checkpoints"))
+    monkeypatch.setattr(context.FigureContext, "model", lambda self, ref: pytest.fail(
+        f"{ref.model} was loaded for a figure that is skipped"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "att.toml").write_text(
+        'kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}, '
+        '"vit_cifar_tiny"]\n[probe]\ndataset = "cifar10-probe"\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [s["name"] for s in res["skipped"]] == ["att"] and not res["failed"], res

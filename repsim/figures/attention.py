@@ -28,6 +28,7 @@ from repsim.attention import (
 )
 from repsim.errors import UserError
 from repsim.figures import draw
+from repsim.figures.context import check_weights
 from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-attention-distance/1"
@@ -311,9 +312,10 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                         "the file")
     batch_size = ctx.positive_int(spec, "batch_size", 64)
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
-    for r in refs:
+    for r in refs:  # every model's weights first: loading one for a skipped figure is waste
         check_vit(r.model)
-    models = [ctx.model(r) for r in refs]  # a model without weights skips the figure here
+        check_weights(r)
+    models = [ctx.model(r) for r in refs]
     for r, (m, _) in zip(refs, models):  # before the slow part, naming the spec's key
         resolve_blocks(spec.get("blocks"), vit_geometry(m).depth, m, get_spec(r.model),
                        "blocks")
