@@ -187,9 +187,9 @@ if stage 1; then
     done
 
     # Training dynamics (issue 17) from the snapshots just kept: the figure and its data travel
-    # (on a CPU the smoke run draws it from 50 probe images).
+    # (on a CPU the smoke run draws it from 20 probe images: its CPU time is mostly start-up).
     FIGN=()
-    [ "$SMOKE" = 1 ] && FIGN=(--n 50)
+    [ "$SMOKE" = 1 ] && FIGN=(--n 20)
     if [ "$DYNAMICS" = 0 ]; then
         say "dynamics figure skipped: a model was not trained"
     elif [ "$(left)" -ge 70 ]; then
