@@ -117,8 +117,13 @@ if [ "$SMOKE" = 0 ]; then
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
 fi
-DEVICE=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-say "device $DEVICE, torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+# One start of torch (seconds on a CPU) for the device, torch's version and the GPU's name;
+# the summary reuses them.
+{ read -r DEVICE; read -r TORCH_VERSION; read -r GPU_NAME; } < <("$PYTHON" -c 'import torch
+cuda = torch.cuda.is_available()
+print("cuda" if cuda else "cpu", torch.__version__, torch.cuda.get_device_name() if cuda else "",
+      sep="\n")')
+say "device $DEVICE, torch $TORCH_VERSION${GPU_NAME:+, $GPU_NAME}"
 
 # CUDA tests in the background (small; they share the GPU with the first minutes of training).
 TESTS=
@@ -182,9 +187,9 @@ if stage 1; then
     done
 
     # Training dynamics (issue 17) from the snapshots just kept: the figure and its data travel
-    # (on a CPU the smoke run draws it from 50 probe images).
+    # (on a CPU the smoke run draws it from 20 probe images: its CPU time is mostly start-up).
     FIGN=()
-    [ "$SMOKE" = 1 ] && FIGN=(--n 50)
+    [ "$SMOKE" = 1 ] && FIGN=(--n 20)
     if [ "$DYNAMICS" = 0 ]; then
         say "dynamics figure skipped: a model was not trained"
     elif [ "$(left)" -ge 70 ]; then
@@ -288,13 +293,13 @@ for d in "$CK"/*_snapshots; do  # the snapshot indexes (metrics per epoch), not 
 done
 cp "$WORK/scale/manifest.json" "$LOGS/manifest_scale.json" 2>/dev/null
 cp "$WORK/tinyvit/manifest.json" "$LOGS/manifest_tinyvit.json" 2>/dev/null
-"$PYTHON" - "$LOGS" "$OUT/summary.json" "$(($(date +%s) - T0))" "$MODE" <<'EOF'
+"$PYTHON" - "$LOGS" "$OUT/summary.json" "$(($(date +%s) - T0))" "$MODE" "$TORCH_VERSION" \
+    "$GPU_NAME" <<'EOF'
 import json, sys
 from pathlib import Path
 
-import torch
-
 logs, out, seconds, mode = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch_version, gpu = sys.argv[5] or None, sys.argv[6] or None  # no second start of torch
 
 def read(p):
     try:
@@ -303,8 +308,7 @@ def read(p):
     except (OSError, ValueError):
         return None
 
-summary = {"mode": mode, "seconds": seconds, "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+summary = {"mode": mode, "seconds": seconds, "torch": torch_version, "gpu": gpu,
            "train": {p.stem[6:]: read(p) for p in sorted(logs.glob("train_*.json"))},
            "eval": {p.stem[5:]: read(p) for p in sorted(logs.glob("eval_*.json"))},
            "bench_gpu": read(logs / "bench_gpu.json") if (logs / "bench_gpu.json").is_file()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +102,8 @@ def test_stages_and_recipe_none_pick_what_runs(packed, tmp_path):
     assert "dynamics figure skipped: a model was not trained" in run.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["train"] == {} and summary["eval"] == {} and summary["cuda_tests"] is None
+    # torch's version and the GPU's name come from the script's one start of torch
+    assert summary["torch"] == torch.__version__ and summary["gpu"] is None
 
 
 

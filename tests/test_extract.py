@@ -265,20 +265,32 @@ def _args(root, out, *extra):
             "--out", str(out), *extra]
 
 
-def _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, tmp_path):
-    """Rerun the interrupted extraction into ``out``: it resumes, and equals a fresh run."""
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cifar_root):
+    """The store of one uninterrupted single-process `repsim extract` with :func:`_args`: the
+    reference of the resume and torchrun tests, made once (a CLI start costs seconds)."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    out = d / "ref.h5"
+    # Module scope runs before each test's private cache is set: give it its own.
+    r = _cli(_args(cifar_root, out), env={"REPSIM_CACHE": str(d / "cache"),
+                                          "REPSIM_CHECKPOINTS": str(d / "checkpoints")})
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, ref):
+    """Rerun the interrupted extraction into ``out``: it resumes, and equals ``ref``, a fresh
+    run's store."""
     r = _cli(_args(cifar_root, out, "--json"))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed"] is True
-    ref = tmp_path / "ref.h5"
-    assert _cli(_args(cifar_root, ref)).returncode == 0
     with Store(out) as a, Store(ref) as b:
         assert a.layers == b.layers
         for k in a.layers:
             np.testing.assert_array_equal(a[k][:], b[k][:])
 
 
-def test_resume_after_kill_gives_identical_store(tmp_path, cifar_root):
+def test_resume_after_kill_gives_identical_store(tmp_path, cifar_root, uninterrupted):
     out = tmp_path / "k.h5"
     # Fault injection: the child SIGKILLs itself right after journalling its 2nd batch.
     r = _cli(_args(cifar_root, out), env={"REPSIM_FAULT_AFTER_BATCHES": "2"})
@@ -286,10 +298,11 @@ def test_resume_after_kill_gives_identical_store(tmp_path, cifar_root):
     assert not out.exists() and partial_path(out).exists()
     with h5py.File(partial_path(out), "r") as f:
         assert f["batches_done"][:].sum() == 2
-    _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, tmp_path)
+    _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, uninterrupted)
 
 
-def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, cifar_root, file_size_limit):
+def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, cifar_root, file_size_limit,
+                                                   uninterrupted):
     out = tmp_path / "full.h5"
     # Rows of 7 layers x 512 floats (14 KiB); each batch first makes room for itself, a chunk
     # per layer and 1 MiB of metadata: this limit lets the first batch of 4 rows in, not the 2nd.
@@ -299,12 +312,11 @@ def test_full_disk_is_one_line_and_a_rerun_resumes(tmp_path, cifar_root, file_si
     (line,) = r.stderr.splitlines()
     assert f"cannot write {out}: File too large (needs about " in line and "MiB more" in line
     assert "--out PATH" in line and not out.exists() and partial_path(out).exists()
-    _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, tmp_path)
+    _assert_rerun_resumes_to_an_uninterrupted_store(cifar_root, out, uninterrupted)
 
 
-def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, cifar_root):
-    single, dist = tmp_path / "one.h5", tmp_path / "two.h5"
-    assert _cli(_args(cifar_root, single)).returncode == 0
+def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, cifar_root, uninterrupted):
+    single, dist = uninterrupted, tmp_path / "two.h5"
     e = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29533", "-m", "--", "repsim",  # the README's form
