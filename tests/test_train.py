@@ -70,25 +70,30 @@ def test_training_lowers_the_loss(toy_root, tmp_path):
     assert after < before - 0.5, (before, after)  # nats; chance level is ln 10
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path):
-    ref = train.train(_cfg(toy_root, tmp_path / "a"))
+@pytest.fixture(scope="module")
+def uninterrupted(toy_root, tmp_path_factory):
+    """``(folder, result)`` of the 2-epoch run the resume tests must reproduce (read only)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return folder, train.train(_cfg(toy_root, folder))
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path, uninterrupted):
+    a_dir, ref = uninterrupted
     steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
     # Stop mid-way through epoch 2: only epoch 1 is saved, then rerun the same command.
     cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 2))
     assert cut["stopped_early"] and cut["epochs"] == 1
     res = train.train(_cfg(toy_root, tmp_path / "b"))
     assert res["resumed_from"] == 1 and res["epochs"] == 2
-    a = torch.load(tmp_path / "a" / "run" / "state.pt", weights_only=True)
+    a = torch.load(a_dir / "run" / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "run" / "state.pt", weights_only=True)
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     drop = {"seconds"}
-    la = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "a" / "run")]
+    la = [{k: v for k, v in r.items() if k not in drop} for r in _log(a_dir / "run")]
     lb = [{k: v for k, v in r.items() if k not in drop} for r in _log(tmp_path / "b" / "run")]
     assert la == lb
     assert ref["test_accuracy"] == res["test_accuracy"]
-
-
 
 
 def test_resuming_a_state_saved_on_cuda_on_the_cpu_is_a_user_error(toy_root, tmp_path):
@@ -102,6 +107,7 @@ def test_resuming_a_state_saved_on_cuda_on_the_cpu_is_a_user_error(toy_root, tmp
     torch.save(state, state_path)
     with pytest.raises(UserError, match="saved on cuda.*device=cuda"):
         train.train(_cfg(toy_root, tmp_path, device="cpu"))
+
 
 def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root, tmp_path,
                                                                        monkeypatch):
@@ -125,10 +131,9 @@ def test_interruption_while_writing_the_checkpoint_is_redone_on_resume(toy_root,
     assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
 
 
-def test_resume_after_a_kill_mid_way_through_a_log_line(toy_root, tmp_path):
+def test_resume_after_a_kill_mid_way_through_a_log_line(toy_root, tmp_path, uninterrupted):
     # Killed while appending epoch 2's log row, before its state: the torn row must not
     # stop the same command from resuming at epoch 1 and finishing as an uninterrupted run.
-    train.train(_cfg(toy_root, tmp_path / "a"))
     steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
     train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 1))
     log = tmp_path / "b" / "run" / "log.jsonl"
@@ -137,8 +142,9 @@ def test_resume_after_a_kill_mid_way_through_a_log_line(toy_root, tmp_path):
     assert res["resumed_from"] == 1 and res["epochs"] == 2
     drop = {"seconds"}
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in _log(d / "run")]
-            for d in (tmp_path / "a", tmp_path / "b")]
+            for d in (uninterrupted[0], tmp_path / "b")]
     assert rows[0] == rows[1]
+
 
 def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
