@@ -357,3 +357,9 @@ def test_unreadable_image(tmp_path):
 def test_balanced_subset_rejects_bad_fraction(fraction):
     with pytest.raises(UserError, match=r"must be in \(0, 1\]"):
         data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)
+
+
+def test_negative_seed_is_a_user_error_not_a_numpy_traceback():
+    # numpy's default_rng refuses negative seeds with a bare ValueError.
+    with pytest.raises(UserError, match="seed=-1"):
+        data.load_probe_set(n=10, seed=-1)
