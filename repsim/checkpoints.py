@@ -47,9 +47,11 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
                 raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun"
                                 ) from None
         rows = data.get("checkpoints", []) if isinstance(data, dict) else None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("name"), str) for r in rows):
             raise UserError(f"{path} is not a checkpoint manifest; valid: a JSON object whose "
-                            "'checkpoints' is a list of objects; fix: fix or delete it, then rerun")
+                            "'checkpoints' is a list of objects, each with a 'name'; fix: fix "
+                            "or delete it, then rerun")
         rows = [r for r in rows if r.get("name") != entry["name"]]
         data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")

@@ -363,3 +363,15 @@ def test_negative_seed_is_a_user_error_not_a_numpy_traceback():
     # numpy's default_rng refuses negative seeds with a bare ValueError.
     with pytest.raises(UserError, match="seed=-1"):
         data.load_probe_set(n=10, seed=-1)
+
+
+# ------------------------------------------------------------------ checkpoint manifests
+# (repsim.checkpoints: the files beside the checkpoints; read here, as data, by every command)
+
+
+def test_manifest_row_without_a_name_is_a_user_error(tmp_path):
+    from repsim.checkpoints import update_manifest
+
+    (tmp_path / "manifest.json").write_text('{"checkpoints": [{"file": "x.pt"}]}')
+    with pytest.raises(UserError, match="not a checkpoint manifest"):
+        update_manifest(tmp_path / "a.pt", {"name": "a"})
