@@ -43,7 +43,7 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a binary file
                 raise UserError(f"{path} is not valid JSON; fix or delete it, then rerun"
                                 ) from None
         rows = data.get("checkpoints", []) if isinstance(data, dict) else None

@@ -375,3 +375,11 @@ def test_manifest_row_without_a_name_is_a_user_error(tmp_path):
     (tmp_path / "manifest.json").write_text('{"checkpoints": [{"file": "x.pt"}]}')
     with pytest.raises(UserError, match="not a checkpoint manifest"):
         update_manifest(tmp_path / "a.pt", {"name": "a"})
+
+
+def test_manifest_that_is_not_utf8_is_a_user_error(tmp_path):
+    from repsim.checkpoints import update_manifest
+
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserError, match="not valid JSON"):
+        update_manifest(tmp_path / "a.pt", {"name": "a"})
