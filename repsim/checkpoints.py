@@ -99,8 +99,12 @@ def snapshots(ckpt_path: Path) -> list[dict[str, Any]]:
     if not index.is_file():
         return []
     try:
-        return json.loads(index.read_text())["snapshots"]
-    except (ValueError, KeyError):
+        rows = json.loads(index.read_text())["snapshots"]
+        if not isinstance(rows, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("epoch"), int) for r in rows):
+            raise TypeError(rows)
+        return rows
+    except (ValueError, KeyError, TypeError):  # TypeError: JSON of another shape
         raise UserError(f"{index} is not a snapshot index; delete it (and restart=True "
                         "the run) to start the snapshots over") from None
 

@@ -383,3 +383,13 @@ def test_manifest_that_is_not_utf8_is_a_user_error(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(UserError, match="not valid JSON"):
         update_manifest(tmp_path / "a.pt", {"name": "a"})
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"snapshots": 3}'])
+def test_snapshot_index_of_the_wrong_shape_is_a_user_error(tmp_path, text):
+    from repsim.checkpoints import snapshots
+
+    (tmp_path / "a_snapshots").mkdir()
+    (tmp_path / "a_snapshots" / "index.json").write_text(text)
+    with pytest.raises(UserError, match="not a snapshot index"):
+        snapshots(tmp_path / "a.pt")
