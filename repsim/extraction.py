@@ -63,8 +63,8 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
-    if cfg.overwrite and cfg.out and Path(cfg.out).exists():
-        _check_replaceable(Path(cfg.out))
+    if cfg.overwrite and cfg.out and Path(cfg.out).expanduser().exists():
+        _check_replaceable(Path(cfg.out).expanduser())
 
 
 def _check_replaceable(out: Path) -> None:
@@ -153,7 +153,7 @@ def extract(cfg: ExtractConfig) -> dict:
     data = {**probe.provenance(), "images_sha256": hashlib.sha256(
         np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
-    out = Path(cfg.out) if cfg.out else _default_out(cfg, key)
+    out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key)
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
     # it (ranks of a torchrun job meet at barriers instead).
     writing = world == 1 and (cfg.overwrite or not out.exists())

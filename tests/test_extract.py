@@ -410,3 +410,18 @@ def test_a_timm_models_default_tag_is_in_its_store_key(tmp_path):
 
     assert where("timm:resnet18") == where(f"timm:resnet18.{default}")
     assert where("timm:resnet18")[0] != where(f"timm:{other}")[0]
+
+
+def test_out_with_a_tilde_is_the_home_folder_not_a_folder_named_tilde(tmp_path, cifar_root,
+                                                                      monkeypatch):
+    # Like weights=, data_root= and train's out=, a store's out= expands '~': here it finds
+    # the store of other settings at $HOME/s.h5 (and stops before running the model).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    w = StoreWriter(tmp_path / "home" / "s.h5", {"key": "other"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"x": 1}, "float32", 2, None)
+    w.write(0, {"x": np.zeros((2, 1), np.float32)})
+    w.finish()
+    with pytest.raises(UserError, match=f"{tmp_path / 'home' / 's.h5'} already holds"):
+        extract(cfg(tmp_path, cifar_root, out="~/s.h5"))
+    assert not (tmp_path / "~").exists()
