@@ -63,7 +63,9 @@ class Store:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
-            raise UserError(f"{self.path} is not a repsim store ({exc}); valid: an .h5 file "
+            # h5py's errno messages span lines (a ctime, buffer addresses): the reason suffices.
+            why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
+            raise UserError(f"{self.path} is not a repsim store ({why}); valid: an .h5 file "
                             "written by repsim extract; fix: check the path") from exc
         try:
             attrs = self._f.attrs

@@ -425,3 +425,11 @@ def test_out_with_a_tilde_is_the_home_folder_not_a_folder_named_tilde(tmp_path, 
     with pytest.raises(UserError, match=f"{tmp_path / 'home' / 's.h5'} already holds"):
         extract(cfg(tmp_path, cifar_root, out="~/s.h5"))
     assert not (tmp_path / "~").exists()
+
+
+def test_a_folder_named_like_a_store_is_refused_in_one_line(tmp_path):
+    # h5py's errno messages span two lines (they embed a ctime); the CLI prints one.
+    (tmp_path / "s.h5").mkdir()
+    with pytest.raises(UserError, match="is not a repsim store") as e:
+        Store(tmp_path / "s.h5")
+    assert "\n" not in str(e.value) and "Is a directory" in str(e.value)
