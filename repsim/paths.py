@@ -83,6 +83,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # name the file, not its tmp
             raise UserError(os_problem(exc, path)) from exc
+        if isinstance(exc, OSError) and exc.filename == tmp:  # the tmp is gone: name the file
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path
 

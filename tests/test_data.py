@@ -393,3 +393,18 @@ def test_snapshot_index_of_the_wrong_shape_is_a_user_error(tmp_path, text):
     (tmp_path / "a_snapshots" / "index.json").write_text(text)
     with pytest.raises(UserError, match="not a snapshot index"):
         snapshots(tmp_path / "a.pt")
+
+
+# ------------------------------------------------------------------ atomic writes (repsim.paths)
+
+
+def test_atomic_write_failure_names_the_destination_not_its_deleted_temp_file(tmp_path):
+    from repsim.errors import one_line
+    from repsim.paths import write_json
+
+    (tmp_path / "out.json").mkdir()  # os.replace cannot put a file over a folder
+    with pytest.raises(IsADirectoryError) as e:
+        write_json(tmp_path / "out.json", {})
+    assert e.value.filename == str(tmp_path / "out.json")
+    assert one_line(e.value).startswith(f"cannot use {tmp_path / 'out.json'}: Is a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # the temp file is gone
