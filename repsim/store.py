@@ -249,6 +249,9 @@ class StoreWriter:
         """One ``(n, D)`` dataset per layer; ``layer_order`` keeps the model's order."""
         n = len(self._f["ids"])
         with self._writing():
+            # Datasets without a layer_order are a kill's leftovers (no batch vouches for them).
+            for name in list(self._f["layers"]):
+                del self._f["layers"][name]
             for name, d in dims.items():
                 self._layers[name] = self._f["layers"].create_dataset(
                     name, shape=(n, d), dtype=dtype, chunks=(max(1, min(chunk_rows, n)), d),

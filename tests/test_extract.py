@@ -433,3 +433,20 @@ def test_a_folder_named_like_a_store_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="is not a repsim store") as e:
         Store(tmp_path / "s.h5")
     assert "\n" not in str(e.value) and "Is a directory" in str(e.value)
+
+
+def test_a_kill_while_creating_the_layers_still_resumes(tmp_path):
+    # A SIGKILL inside create_layers leaves some layer datasets on disk but no layer_order
+    # (reproduced with a real kill); the rerun must create them again, not fail on
+    # "name already exists" forever.
+    StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2).close()
+    with h5py.File(partial_path(tmp_path / "s.h5"), "r+") as f:  # the kill's leftover
+        f["layers"].create_dataset("a", shape=(4, 3), dtype="float32")
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
+    assert not w.layers_created
+    w.create_layers({"a": 3, "b": 2}, "float32", 2, None)
+    for j, (a, b) in enumerate(w.bounds):
+        w.write(j, {"a": np.ones((b - a, 3), np.float32), "b": np.ones((b - a, 2), np.float32)})
+    w.finish()
+    with Store(tmp_path / "s.h5") as s:
+        assert s.layers == ["a", "b"] and s["a"][:].sum() == 12
