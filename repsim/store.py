@@ -166,12 +166,16 @@ class StoreWriter:
             f = h5py.File(self.path, "r+")
             old, done = json.loads(f.attrs["provenance"]), f["batches_done"][:]
             a, b = identity(old), identity(self.meta)
-            differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "key"]
+            # An equal key is the same content (it holds the weights' sha256 and the canonical
+            # model name), however the run spelled the weights file or the model.
+            spelling = ("model", "weights") if a.get("key") and a["key"] == b.get("key") else ()
+            differ = [k for k in sorted(set(a) | set(b))
+                      if a.get(k) != b.get(k) and k != "key" and k not in spelling]
             if not np.array_equal(f["ids"][:], ids):
                 differ.append("samples")
             if len(done) != len(self.bounds) and "batch_size" not in differ:
                 differ.append("batch_size")
-            same = a == b and not differ
+            same = a.get("key") == b.get("key") and not differ
         except (KeyError, OSError, ValueError):
             if f is not None:
                 f.close()

@@ -450,3 +450,18 @@ def test_a_kill_while_creating_the_layers_still_resumes(tmp_path):
     w.finish()
     with Store(tmp_path / "s.h5") as s:
         assert s.layers == ["a", "b"] and s["a"][:].sum() == 12
+
+
+def test_a_weights_file_spelled_another_way_still_resumes(tmp_path):
+    # The same key (it holds the file's sha256) is the same store, as for a complete one:
+    # ckpt/v.pt after a kill, /abs/ckpt/v.pt on the rerun must resume, not ask to discard.
+    def meta(path):
+        return {"key": "k1", "model": "vit", "batch_size": 2,
+                "weights": {"weights": path, "weights_sha256": "s"}}
+
+    StoreWriter(tmp_path / "s.h5", meta("ckpt/v.pt"), np.arange(4), np.zeros(4), 2).close()
+    w = StoreWriter(tmp_path / "s.h5", meta("/abs/ckpt/v.pt"), np.arange(4), np.zeros(4), 2)
+    w.close()
+    with pytest.raises(UserError, match=r"different settings \(key\)"):  # another key: refused
+        StoreWriter(tmp_path / "s.h5", {**meta("ckpt/v.pt"), "key": "k2"}, np.arange(4),
+                    np.zeros(4), 2)
