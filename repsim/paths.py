@@ -70,8 +70,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     writers that infer the format). A failure removes it: the old file, or none, remains."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}",
-                               dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}",
+                                   dir=path.parent)
+    except OSError as exc:  # a read-only folder, a full disk: about path, not a tmp name
+        raise _about(exc, path) from exc
     os.close(fd)
     try:
         write(tmp)
@@ -81,12 +84,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # name the file, not its tmp
-            raise UserError(os_problem(exc, path)) from exc
-        if isinstance(exc, OSError) and exc.filename == tmp:  # the tmp is gone: name the file
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        if isinstance(exc, OSError) and (exc.errno in NO_SPACE or exc.filename == tmp):
+            raise _about(exc, path) from exc  # name the file, not its (deleted) tmp
         raise
     return path
+
+
+def _about(exc: OSError, path: Path) -> Exception:
+    """``exc`` as an error about ``path``: a full disk as a UserError, else the same OSError."""
+    if exc.errno in NO_SPACE:
+        return UserError(os_problem(exc, path))
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -408,3 +408,21 @@ def test_atomic_write_failure_names_the_destination_not_its_deleted_temp_file(tm
     assert e.value.filename == str(tmp_path / "out.json")
     assert one_line(e.value).startswith(f"cannot use {tmp_path / 'out.json'}: Is a directory")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # the temp file is gone
+
+
+def test_atomic_write_into_a_read_only_folder_names_the_destination(tmp_path, monkeypatch):
+    # Reproduced on a read-only mount; mocked here (root writes into any chmod-ed folder).
+    import errno
+    import os
+    import tempfile
+
+    from repsim.paths import write_json
+
+    def read_only(prefix, suffix, dir):
+        name = os.path.join(dir, f"{prefix}abc123{suffix}")
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as e:
+        write_json(tmp_path / "out.json", {})
+    assert e.value.errno == errno.EROFS and e.value.filename == str(tmp_path / "out.json")
