@@ -84,7 +84,8 @@ def subset_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
     _check_positive(n)
     if n is None or n >= n_total:
         return np.arange(n_total, dtype=np.int64)
-    if seed < 0:  # numpy's generators take non-negative seeds only
+    # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
     return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False)).astype(np.int64)
 

@@ -426,3 +426,10 @@ def test_atomic_write_into_a_read_only_folder_names_the_destination(tmp_path, mo
     with pytest.raises(OSError) as e:
         write_json(tmp_path / "out.json", {})
     assert e.value.errno == errno.EROFS and e.value.filename == str(tmp_path / "out.json")
+
+
+def test_seed_none_is_refused_not_an_unreproducible_subset():
+    # default_rng(None) draws from OS entropy: each call another subset, recorded as seed
+    # None (which provenance uses for "the whole split").
+    with pytest.raises(UserError, match="seed=None"):
+        data.load_probe_set(n=10, seed=None)
