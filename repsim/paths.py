@@ -64,10 +64,21 @@ def weights_tag(weights: str | None, seed: int | None = 0) -> str:
     return "" if weights is None else Path(weights).stem
 
 
+def sync_to_disk(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data to the disk (fsync): renamed after this, a file is complete even
+    after a power loss, when the operating system's write-back never happened."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it to ``path``;
     its name is unique (concurrent writers do not collide) and keeps ``path``'s suffix (for
-    writers that infer the format). A failure removes it: the old file, or none, remains."""
+    writers that infer the format). A failure removes it: the old file, or none, remains;
+    the data is on the disk before the rename (:func:`sync_to_disk`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -81,6 +92,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        sync_to_disk(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 from repsim import __version__
 from repsim.errors import NO_SPACE, UserError, os_problem
-from repsim.paths import locked
+from repsim.paths import locked, sync_to_disk
 
 FORMAT = "repsim-activations/1"
 
@@ -284,6 +284,7 @@ class StoreWriter:
         with self._writing():
             self._f.attrs["complete"] = True
             self._f.close()
+        sync_to_disk(self.path)  # complete on the disk before it is named complete
         os.replace(self.path, self.final)
         return self.final
 

@@ -433,3 +433,18 @@ def test_seed_none_is_refused_not_an_unreproducible_subset():
     # None (which provenance uses for "the whole split").
     with pytest.raises(UserError, match="seed=None"):
         data.load_probe_set(n=10, seed=None)
+
+
+def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypatch):
+    # A power loss after the rename must not leave a complete-looking file whose data was
+    # still in the page cache: fsync of the temporary file comes first.
+    import os
+
+    from repsim import paths
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    paths.write_text(tmp_path / "x.json", "{}")
+    assert events == ["fsync", "rename"] and (tmp_path / "x.json").read_text() == "{}"

@@ -46,6 +46,21 @@ def test_store_round_trip_keeps_model_layer_order(tmp_path):
             np.testing.assert_array_equal(s[k][:], data[k])
 
 
+def test_a_finished_store_is_on_disk_before_it_gets_its_final_name(tmp_path, monkeypatch):
+    # After a power loss, a store under its final name must hold every batch written.
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.path.basename(b)))
+                        or replace(a, b))
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"x": 1}, "float32", 2, None)
+    w.write(0, {"x": np.ones((2, 1), np.float32)})
+    events.clear()  # the journal's own writes
+    w.finish()
+    assert events == ["fsync", ("rename", "s.h5")]
+
+
 def test_incomplete_store_is_refused_with_resume_hint(tmp_path):
     w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
     w.close()
