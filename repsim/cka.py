@@ -342,8 +342,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     names_a, mats_a, n = feature_set(feats_a, "a")
     same = feats_b is feats_a
     names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
-    if n < (need := 2 if estimator == "biased" else 4):
-        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+    sketch.check_rows(n, estimator)
     dev = pick_device(mats_a + mats_b, device)
     budget = memory_budget or default_memory_budget(dev)
     mini = estimator == "minibatch"
@@ -431,6 +430,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
     n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
+    sketch.check_rows(n, estimator)
     if estimator == "minibatch":
         x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None

@@ -120,6 +120,12 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     return int(batch_size)
 
 
+def check_rows(n: int, estimator: str) -> None:
+    """ValueError unless ``n`` rows are enough for ``estimator`` (biased 2, unbiased 4)."""
+    if n < (need := 2 if estimator == "biased" else 4):
+        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+
+
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges of ``size`` rows (the last may be shorter)."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]

@@ -422,3 +422,13 @@ def test_sketch_refuses_non_finite_rows_and_says_where(bad):
     x[27, 3] = bad
     with pytest.raises(ValueError, match="non-finite values.*row 27"):
         cka.layer_sketch(x, estimator="minibatch", batch_size=10)
+
+
+@pytest.mark.parametrize("estimator, n", [("biased", 1), ("debiased", 2), ("debiased", 3),
+                                          ("minibatch", 3)])
+def test_sketch_of_too_few_rows_is_refused_like_compare(estimator, n):
+    x = np.arange(2.0 * n).reshape(n, 2) ** 2
+    with pytest.raises(ValueError, match=f"needs at least .* rows, got n={n}"):
+        cka.compare([x], [x], estimator=estimator)
+    with pytest.raises(ValueError, match=f"needs at least .* rows, got n={n}"):
+        cka.layer_sketch(x, estimator=estimator)
