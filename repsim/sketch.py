@@ -176,7 +176,8 @@ def normalise(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.n
     ``(..., La)``, ``(..., Lb)``; never clamped, NaN where a self term is not positive."""
     a, b = self_a[..., :, None], self_b[..., None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = cross / np.sqrt(np.maximum(a, 0) * np.maximum(b, 0))
+        # sqrt of each: their product under- or overflows where each HSIC does not
+        out = cross / (np.sqrt(np.maximum(a, 0)) * np.sqrt(np.maximum(b, 0)))
     out[~(a > 0) | ~(b > 0)] = np.nan
     return out
 

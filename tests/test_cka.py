@@ -432,3 +432,14 @@ def test_sketch_of_too_few_rows_is_refused_like_compare(estimator, n):
         cka.compare([x], [x], estimator=estimator)
     with pytest.raises(ValueError, match=f"needs at least .* rows, got n={n}"):
         cka.layer_sketch(x, estimator=estimator)
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e40])
+@pytest.mark.parametrize("estimator", FULL)
+def test_cka_is_scale_invariant_where_the_product_of_self_hsics_would_overflow(rng, scale,
+                                                                               estimator):
+    # HSIC scales as scale^4: fine in float64, but HSIC_aa * HSIC_bb under- or overflows.
+    x = rng.standard_normal((20, 4))
+    y = x[:, :2] + rng.standard_normal((20, 2))
+    got = cka.cka_matrix([x * scale], [y * scale], estimator=estimator)
+    np.testing.assert_allclose(got, cka.cka_matrix([x], [y], estimator=estimator), rtol=1e-12)
