@@ -248,7 +248,7 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
         return {k: v.T for k, v in null.items()}
     own_a = sum((c.flatten(1) ** 2).sum(1) for c in ca)
     own_b = sum((c.flatten(1) ** 2).sum(1) for c in cb)
-    den = torch.sqrt(own_a[:, None] * own_b[None, :])
+    den = torch.sqrt(own_a)[:, None] * torch.sqrt(own_b)[None, :]  # no product to overflow
     g = torch.Generator().manual_seed(seed)
     # Both Grams are symmetric: sum over the upper triangle, off-diagonal terms twice, which
     # halves the gather and the product that every permutation costs. A's Grams are stored
@@ -379,7 +379,7 @@ def _rounding(terms: list[list[np.ndarray]], sizes: list[list[np.ndarray]],
     """:attr:`Calibration.rounding` ``(La, Lb)`` from each batch's HSIC terms and sizes."""
     (hab, haa, hbb), (sab, saa, sbb) = ([sum(x) for x in zip(*t)] for t in (terms, sizes))
     with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, like its CKA
-        cond = (sab / np.sqrt(np.outer(haa, hbb))
+        cond = (sab / np.outer(np.sqrt(haa), np.sqrt(hbb))
                 + np.abs(cka) * (saa / haa)[:, None] / 2 + np.abs(cka) * (sbb / hbb)[None] / 2)
     return np.finfo(np.float64).eps * m * cond
 
