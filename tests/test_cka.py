@@ -443,3 +443,9 @@ def test_cka_is_scale_invariant_where_the_product_of_self_hsics_would_overflow(r
     y = x[:, :2] + rng.standard_normal((20, 2))
     got = cka.cka_matrix([x * scale], [y * scale], estimator=estimator)
     np.testing.assert_allclose(got, cka.cka_matrix([x], [y], estimator=estimator), rtol=1e-12)
+
+
+def test_normalise_gives_exactly_one_where_the_cross_term_is_the_self_term():
+    # sqrt(h * h) == h in float64 (no over- or underflow), sqrt(h) * sqrt(h) is not always.
+    h = np.array([2.0, 3.0, 1e-200, 1e200, 0.1])
+    assert np.array_equal(sketch.normalise(np.diag(h), h, h).diagonal(), np.ones(5))
