@@ -42,17 +42,21 @@ SQRT2 = math.sqrt(2.0)
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linear",
          sigma2: float | None = None, out: torch.Tensor | None = None,
-         norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+         minus_one: bool = False) -> torch.Tensor:
     """Kernel matrix ``(m, w)`` of the rows of ``x`` ``(m, p)`` and ``y`` ``(w, p)`` (default
     ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for ``kernel="rbf"``
-    (``norms``: the rows' squared norms, when at hand)."""
+    (``norms``: the rows' squared norms, when at hand). ``minus_one``: the RBF Gram less 1
+    (``expm1``), which both centrings map to the same matrix; the engine uses it because
+    entries near 1 (a wide bandwidth) lose their digits in ``exp`` and in the centring."""
     if kernel == "linear":
         return _dot(x, y, out)
     sketch.check_options(kernel, "biased")  # an unknown kernel
     if sigma2 is None or not sigma2 > 0:
         raise ValueError(f"kernel='rbf' needs sigma2 > 0, the squared bandwidth (threshold^2 "
                          f"times a median from rbf_bandwidths), got sigma2={sigma2!r}")
-    return _sqdist(x, y, out, norms).mul_(-0.5 / sigma2).exp_()
+    k = _sqdist(x, y, out, norms).mul_(-0.5 / sigma2)
+    return k.expm1_() if minus_one else k.exp_()
 
 
 GRAM_BLOCK = 256  # rows per strip of a symmetric Gram
@@ -211,7 +215,8 @@ def _tile(side: list[_Layer], xr: list, xc: list, r0: int, c0: int, diag: int, k
             out[i].zero_()
             continue
         norms = None if L.sq is None else (L.sq[r0:r0 + s], L.sq[c0:c0 + w])
-        g = gram(xr[i], xc[i], kernel=kernel, sigma2=L.sigma2, out=out[i], norms=norms)
+        g = gram(xr[i], xc[i], kernel=kernel, sigma2=L.sigma2, out=out[i], norms=norms,
+                 minus_one=True)
         d = g[:, :diag].diagonal()
         if kernel == "linear" and hollow:  # centred rows: K 1 = 0, so the hollow K 1 = -diag
             r[i, r0:r0 + diag] -= d
@@ -438,8 +443,8 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     for idx in sketch.batches(n, estimator, batch_size, batch_seed):
         L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
-        c = L.x.new_zeros(m, m) if L.dead else centre(gram(L.x, kernel=kernel, sigma2=sigma2),
-                                                       estimator)
+        c = L.x.new_zeros(m, m) if L.dead else centre(
+            gram(L.x, kernel=kernel, sigma2=sigma2, minus_one=True), estimator)
         diag = c.diagonal().clone()
         c.mul_(SQRT2).diagonal().copy_(diag)
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]

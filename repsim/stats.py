@@ -47,7 +47,8 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     """Stacked Grams ``(L, m, m)`` float64 of the rows ``rows`` (default all) of each
     ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
     linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
-    layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
+    layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less
+    1, as the engine uses it (``minus_one`` of :func:`repsim.cka.gram`; centring drops it)."""
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
@@ -56,7 +57,7 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
 def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
     if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
         return x.new_zeros(len(x), len(x))
-    return gram(x, kernel=kernel, sigma2=sigma2)
+    return gram(x, kernel=kernel, sigma2=sigma2, minus_one=True)  # as the engine
 
 
 def _parts(k: torch.Tensor, hollow: bool):
@@ -153,7 +154,7 @@ def _gram_rows(x: torch.Tensor, s0: int, s1: int, kernel: str,
     """Rows ``s0:s1`` of one layer's Gram ``(s1 - s0, m)`` from its centred features."""
     if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
         return x.new_zeros(s1 - s0, len(x))
-    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2)
+    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2, minus_one=True)
 
 
 def _products(ka: torch.Tensor, kb: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,

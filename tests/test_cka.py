@@ -449,3 +449,15 @@ def test_normalise_gives_exactly_one_where_the_cross_term_is_the_self_term():
     # sqrt(h * h) == h in float64 (no over- or underflow), sqrt(h) * sqrt(h) is not always.
     h = np.array([2.0, 3.0, 1e-200, 1e200, 0.1])
     assert np.array_equal(sketch.normalise(np.diag(h), h, h).diagonal(), np.ones(5))
+
+
+@pytest.mark.parametrize("threshold", [1e3, 1e5])
+@pytest.mark.parametrize("estimator", FULL)
+def test_rbf_with_a_wide_bandwidth_tends_to_linear_cka(rng, threshold, estimator):
+    # exp(-d / 2s^2) = 1 - d / 2s^2 + O(s^-4), and centring turns -d/2 into the centred x x':
+    # RBF CKA -> linear CKA as threshold -> infinity, up to O(threshold^-2).
+    x = rng.standard_normal((40, 5))
+    y = x[:, :3] + rng.standard_normal((40, 3))
+    got = cka.cka_matrix([x], [y], kernel="rbf", threshold=threshold, estimator=estimator)
+    want = cka.cka_matrix([x], [y], estimator=estimator)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
