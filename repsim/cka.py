@@ -312,6 +312,11 @@ class MinibatchCKA:
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         """Add another accumulator's sums into this one (same layers and settings)."""
+        mine, theirs = (f"kernel={x.kernel!r}, debiased={x.debiased}, squared bandwidths "
+                        f"{x.sigma2}" for x in (self, other))
+        if mine != theirs:  # their sums are of another HSIC: adding them would mean nothing
+            raise ValueError(f"cannot merge: this accumulator has {mine}, the other {theirs}; "
+                             "make both with the same settings")
         if other.hsic_ab_ is None:
             return self
         return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,

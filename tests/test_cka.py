@@ -461,3 +461,10 @@ def test_rbf_with_a_wide_bandwidth_tends_to_linear_cka(rng, threshold, estimator
     got = cka.cka_matrix([x], [y], kernel="rbf", threshold=threshold, estimator=estimator)
     want = cka.cka_matrix([x], [y], estimator=estimator)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_accumulators_of_other_settings_are_not_merged(layers):
+    batch = [layers[0][:20]]
+    biased = cka.MinibatchCKA(debiased=False).update(batch, batch)
+    with pytest.raises(ValueError, match="debiased=True.*debiased=False"):
+        cka.MinibatchCKA().update(batch, batch).merge(biased)
