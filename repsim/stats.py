@@ -301,7 +301,10 @@ class Calibration:
     null: dict[str, np.ndarray] = field(default_factory=dict)  # p_value, null_mean, null_q95
 
     def influence(self, i: int, j: int, k: int) -> list[tuple[int, float]]:
-        """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``."""
+        """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``; none
+        for a NaN cell (a dead layer), which no row moves."""
+        if np.isnan(self.matrix[i, j]):
+            return []
         d = self.loo[:, i, j] - self.matrix[i, j]
         top = np.argsort(-np.abs(d), kind="stable")[:k]
         return [(int(self.rows[r]), float(d[r])) for r in top]

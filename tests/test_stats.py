@@ -353,3 +353,13 @@ def test_null_and_rounding_bound_are_scale_invariant_where_self_hsic_products_ov
     for k in ("p_value", "null_mean", "null_q95"):
         np.testing.assert_allclose(got.null[k], want.null[k], rtol=1e-9, err_msg=k)
     np.testing.assert_allclose(got.rounding, want.rounding, rtol=1e-9)
+
+
+def test_a_nan_cell_lists_no_influential_images():
+    # A dead layer (zero variance) has no CKA, so no image moves it: rows 0, 1 with a null
+    # change would read as the most influential images.
+    rng = np.random.default_rng(5)
+    a, b = [rng.standard_normal((12, 3)), np.ones((12, 2))], [rng.standard_normal((12, 2))]
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = stats.calibrate_result(compare(a, b), a, b, influence=2)
+    assert len(res.influence[0][0]) == 2 and res.influence[1][0] == []
