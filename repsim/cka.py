@@ -42,17 +42,21 @@ SQRT2 = math.sqrt(2.0)
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linear",
          sigma2: float | None = None, out: torch.Tensor | None = None,
-         norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         norms: tuple[torch.Tensor, torch.Tensor] | None = None,
+         minus_one: bool = False) -> torch.Tensor:
     """Kernel matrix ``(m, w)`` of the rows of ``x`` ``(m, p)`` and ``y`` ``(w, p)`` (default
     ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for ``kernel="rbf"``
-    (``norms``: the rows' squared norms, when at hand)."""
+    (``norms``: the rows' squared norms, when at hand). ``minus_one``: the RBF Gram less 1
+    (``expm1``), which both centrings map to the same matrix; the engine uses it because
+    entries near 1 (a wide bandwidth) lose their digits in ``exp`` and in the centring."""
     if kernel == "linear":
         return _dot(x, y, out)
     sketch.check_options(kernel, "biased")  # an unknown kernel
     if sigma2 is None or not sigma2 > 0:
         raise ValueError(f"kernel='rbf' needs sigma2 > 0, the squared bandwidth (threshold^2 "
                          f"times a median from rbf_bandwidths), got sigma2={sigma2!r}")
-    return _sqdist(x, y, out, norms).mul_(-0.5 / sigma2).exp_()
+    k = _sqdist(x, y, out, norms).mul_(-0.5 / sigma2)
+    return k.expm1_() if minus_one else k.exp_()
 
 
 GRAM_BLOCK = 256  # rows per strip of a symmetric Gram
@@ -211,15 +215,14 @@ def _tile(side: list[_Layer], xr: list, xc: list, r0: int, c0: int, diag: int, k
             out[i].zero_()
             continue
         norms = None if L.sq is None else (L.sq[r0:r0 + s], L.sq[c0:c0 + w])
-        g = gram(xr[i], xc[i], kernel=kernel, sigma2=L.sigma2, out=out[i], norms=norms)
-        d = g[:, :diag].diagonal()
-        if kernel == "linear" and hollow:  # centred rows: K 1 = 0, so the hollow K 1 = -diag
-            r[i, r0:r0 + diag] -= d
+        g = gram(xr[i], xc[i], kernel=kernel, sigma2=L.sigma2, out=out[i], norms=norms,
+                 minus_one=True)
         if hollow:
-            d.zero_()
-        if kernel == "rbf":  # the tile's row sums, and its mirror image's
-            r[i, r0:r0 + s] += g.sum(1)
-            r[i, c0 + diag:c0 + w] += g[:, diag:].sum(0)
+            g[:, :diag].diagonal().zero_()
+        # The tile's row sums, and its mirror image's; even linear ones: rows centred with a
+        # rounded mean keep a residual offset, so K 1 is not exactly 0 (1e10 + N(0, 1): 1e-8).
+        r[i, r0:r0 + s] += g.sum(1)
+        r[i, c0 + diag:c0 + w] += g[:, diag:].sum(0)
     out[:, :, diag:] *= SQRT2
     return out
 
@@ -307,6 +310,11 @@ class MinibatchCKA:
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
         """Add another accumulator's sums into this one (same layers and settings)."""
+        mine, theirs = (f"kernel={x.kernel!r}, debiased={x.debiased}, squared bandwidths "
+                        f"{x.sigma2}" for x in (self, other))
+        if mine != theirs:  # their sums are of another HSIC: adding them would mean nothing
+            raise ValueError(f"cannot merge: this accumulator has {mine}, the other {theirs}; "
+                             "make both with the same settings")
         if other.hsic_ab_ is None:
             return self
         return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
@@ -342,8 +350,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     names_a, mats_a, n = feature_set(feats_a, "a")
     same = feats_b is feats_a
     names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
-    if n < (need := 2 if estimator == "biased" else 4):
-        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+    sketch.check_rows(n, estimator)
     dev = pick_device(mats_a + mats_b, device)
     budget = memory_budget or default_memory_budget(dev)
     mini = estimator == "minibatch"
@@ -431,6 +438,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
     n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
+    sketch.check_rows(n, estimator)
     if estimator == "minibatch":
         x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None
@@ -438,8 +446,8 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     for idx in sketch.batches(n, estimator, batch_size, batch_seed):
         L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
-        c = L.x.new_zeros(m, m) if L.dead else centre(gram(L.x, kernel=kernel, sigma2=sigma2),
-                                                       estimator)
+        c = L.x.new_zeros(m, m) if L.dead else centre(
+            gram(L.x, kernel=kernel, sigma2=sigma2, minus_one=True), estimator)
         diag = c.diagonal().clone()
         c.mul_(SQRT2).diagonal().copy_(diag)
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]

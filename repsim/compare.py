@@ -465,7 +465,7 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                   "kernel": cfg.kernel, "estimator": cfg.estimator,
                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/2"})
+                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/3"})
     return cache_dir("sketches", f"{key[:32]}.npz")
 
 

@@ -56,7 +56,7 @@ def aggregate(results: list[dict]) -> dict:
     mean image-level ``se`` of several CKA results of the same layers."""
     stack = np.stack([_matrix(r["matrix"]) for r in results])
     se = [_matrix(r["se"]) for r in results if r.get("se")]
-    return {"matrix": jsonable(np.nanmean(stack, 0)),
+    return {"matrix": jsonable(np.mean(stack, 0)),  # NaN in any comparison: NaN, as seed_sd
             "seed_sd": jsonable(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
             "se": jsonable(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
 

@@ -120,6 +120,12 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     return int(batch_size)
 
 
+def check_rows(n: int, estimator: str) -> None:
+    """ValueError unless ``n`` rows are enough for ``estimator`` (biased 2, unbiased 4)."""
+    if n < (need := 2 if estimator == "biased" else 4):
+        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+
+
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges of ``size`` rows (the last may be shorter)."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -170,9 +176,18 @@ def normalise(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.n
     ``(..., La)``, ``(..., Lb)``; never clamped, NaN where a self term is not positive."""
     a, b = self_a[..., :, None], self_b[..., None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = cross / np.sqrt(np.maximum(a, 0) * np.maximum(b, 0))
+        out = cross / sqrt_product(np.maximum(a, 0), np.maximum(b, 0))
     out[~(a > 0) | ~(b > 0)] = np.nan
     return out
+
+
+def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sqrt(a b)`` of non-negative arrays, from mantissas and exponents: ``a b`` under- or
+    overflows where each HSIC does not, and ``sqrt(a) sqrt(b)`` is not exactly ``a`` for
+    ``a == b`` (a self-similarity of exactly 1) as this is."""
+    (ma, ea), (mb, eb) = np.frexp(a), np.frexp(b)
+    odd = (ea + eb) % 2
+    return np.ldexp(np.sqrt(ma * mb * 2.0**odd), (ea + eb - odd) // 2)
 
 
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:

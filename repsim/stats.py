@@ -47,7 +47,8 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     """Stacked Grams ``(L, m, m)`` float64 of the rows ``rows`` (default all) of each
     ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
     linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
-    layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`)."""
+    layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less
+    1, as the engine uses it (``minus_one`` of :func:`repsim.cka.gram`; centring drops it)."""
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
@@ -56,7 +57,7 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
 def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
     if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
         return x.new_zeros(len(x), len(x))
-    return gram(x, kernel=kernel, sigma2=sigma2)
+    return gram(x, kernel=kernel, sigma2=sigma2, minus_one=True)  # as the engine
 
 
 def _parts(k: torch.Tensor, hollow: bool):
@@ -153,7 +154,7 @@ def _gram_rows(x: torch.Tensor, s0: int, s1: int, kernel: str,
     """Rows ``s0:s1`` of one layer's Gram ``(s1 - s0, m)`` from its centred features."""
     if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
         return x.new_zeros(s1 - s0, len(x))
-    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2)
+    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2, minus_one=True)
 
 
 def _products(ka: torch.Tensor, kb: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
@@ -248,7 +249,7 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
         return {k: v.T for k, v in null.items()}
     own_a = sum((c.flatten(1) ** 2).sum(1) for c in ca)
     own_b = sum((c.flatten(1) ** 2).sum(1) for c in cb)
-    den = torch.sqrt(own_a[:, None] * own_b[None, :])
+    den = torch.sqrt(own_a)[:, None] * torch.sqrt(own_b)[None, :]  # no product to overflow
     g = torch.Generator().manual_seed(seed)
     # Both Grams are symmetric: sum over the upper triangle, off-diagonal terms twice, which
     # halves the gather and the product that every permutation costs. A's Grams are stored
@@ -300,7 +301,10 @@ class Calibration:
     null: dict[str, np.ndarray] = field(default_factory=dict)  # p_value, null_mean, null_q95
 
     def influence(self, i: int, j: int, k: int) -> list[tuple[int, float]]:
-        """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``."""
+        """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``; none
+        for a NaN cell (a dead layer), which no row moves."""
+        if np.isnan(self.matrix[i, j]):
+            return []
         d = self.loo[:, i, j] - self.matrix[i, j]
         top = np.argsort(-np.abs(d), kind="stable")[:k]
         return [(int(self.rows[r]), float(d[r])) for r in top]
@@ -379,7 +383,7 @@ def _rounding(terms: list[list[np.ndarray]], sizes: list[list[np.ndarray]],
     """:attr:`Calibration.rounding` ``(La, Lb)`` from each batch's HSIC terms and sizes."""
     (hab, haa, hbb), (sab, saa, sbb) = ([sum(x) for x in zip(*t)] for t in (terms, sizes))
     with np.errstate(divide="ignore", invalid="ignore"):  # a dead layer: NaN, like its CKA
-        cond = (sab / np.sqrt(np.outer(haa, hbb))
+        cond = (sab / np.outer(np.sqrt(haa), np.sqrt(hbb))
                 + np.abs(cka) * (saa / haa)[:, None] / 2 + np.abs(cka) * (sbb / hbb)[None] / 2)
     return np.finfo(np.float64).eps * m * cond
 

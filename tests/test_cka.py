@@ -422,3 +422,59 @@ def test_sketch_refuses_non_finite_rows_and_says_where(bad):
     x[27, 3] = bad
     with pytest.raises(ValueError, match="non-finite values.*row 27"):
         cka.layer_sketch(x, estimator="minibatch", batch_size=10)
+
+
+@pytest.mark.parametrize("estimator, n", [("biased", 1), ("debiased", 2), ("debiased", 3),
+                                          ("minibatch", 3)])
+def test_sketch_of_too_few_rows_is_refused_like_compare(estimator, n):
+    x = np.arange(2.0 * n).reshape(n, 2) ** 2
+    with pytest.raises(ValueError, match=f"needs at least .* rows, got n={n}"):
+        cka.compare([x], [x], estimator=estimator)
+    with pytest.raises(ValueError, match=f"needs at least .* rows, got n={n}"):
+        cka.layer_sketch(x, estimator=estimator)
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e40])
+@pytest.mark.parametrize("estimator", FULL)
+def test_cka_is_scale_invariant_where_the_product_of_self_hsics_would_overflow(rng, scale,
+                                                                               estimator):
+    # HSIC scales as scale^4: fine in float64, but HSIC_aa * HSIC_bb under- or overflows.
+    x = rng.standard_normal((20, 4))
+    y = x[:, :2] + rng.standard_normal((20, 2))
+    got = cka.cka_matrix([x * scale], [y * scale], estimator=estimator)
+    np.testing.assert_allclose(got, cka.cka_matrix([x], [y], estimator=estimator), rtol=1e-12)
+
+
+def test_normalise_gives_exactly_one_where_the_cross_term_is_the_self_term():
+    # sqrt(h * h) == h in float64 (no over- or underflow), sqrt(h) * sqrt(h) is not always.
+    h = np.array([2.0, 3.0, 1e-200, 1e200, 0.1])
+    assert np.array_equal(sketch.normalise(np.diag(h), h, h).diagonal(), np.ones(5))
+
+
+@pytest.mark.parametrize("threshold", [1e3, 1e5])
+@pytest.mark.parametrize("estimator", FULL)
+def test_rbf_with_a_wide_bandwidth_tends_to_linear_cka(rng, threshold, estimator):
+    # exp(-d / 2s^2) = 1 - d / 2s^2 + O(s^-4), and centring turns -d/2 into the centred x x':
+    # RBF CKA -> linear CKA as threshold -> infinity, up to O(threshold^-2).
+    x = rng.standard_normal((40, 5))
+    y = x[:, :3] + rng.standard_normal((40, 3))
+    got = cka.cka_matrix([x], [y], kernel="rbf", threshold=threshold, estimator=estimator)
+    want = cka.cka_matrix([x], [y], estimator=estimator)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_accumulators_of_other_settings_are_not_merged(layers):
+    batch = [layers[0][:20]]
+    biased = cka.MinibatchCKA(debiased=False).update(batch, batch)
+    with pytest.raises(ValueError, match="debiased=True.*debiased=False"):
+        cka.MinibatchCKA().update(batch, batch).merge(biased)
+
+
+@pytest.mark.parametrize("estimator", FULL)
+def test_a_large_offset_leaves_the_engine_as_exact_as_its_sketches(rng, estimator):
+    # Centring with a rounded column mean leaves a residual offset (1e10 + N(0, 1): ~1e-6);
+    # the centring identity must use the actual row sums, not assume them zero.
+    x, y = rng.standard_normal((300, 20)) + 1e10, rng.standard_normal((300, 5))
+    sk = cka.cka_from_sketches([cka.layer_sketch(x, estimator=estimator)],
+                               [cka.layer_sketch(y, estimator=estimator)])
+    np.testing.assert_allclose(cka.cka_matrix([x], [y], estimator=estimator), sk, rtol=1e-13)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -632,3 +633,18 @@ def test_seeds_given_where_they_apply_are_used(tmp_path, pair, capsys):
     r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--batch-size",
                     "8", "--batch-seed", "3", "--permutations", "9", "--permutation-seed", "2")
     assert r["batch_seed"] == 3 and r["permutation_seed"] == 2
+
+
+def test_seed_aggregate_by_hand_and_a_nan_cell_stays_nan():
+    # A cell that is NaN in one comparison (a dead layer in one seed) has no mean over the
+    # comparisons: the mean of the others would pass for it, beside a NaN seed_sd and se.
+    from repsim.seeds import aggregate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mean of empty slice" either
+        got = aggregate([{"matrix": [[0.5, None, None]], "se": [[0.1, None, None]]},
+                         {"matrix": [[0.7, 0.2, None]], "se": [[0.3, 0.1, None]]}])
+    assert got["matrix"] == [[0.6, None, None]] and got["se"] == [[0.2, None, None]]
+    assert got["seed_sd"] == [[pytest.approx(0.2 / 2**0.5, abs=1e-15), None, None]]
+    one = aggregate([{"matrix": [[0.5, None]], "se": None}])
+    assert one == {"matrix": [[0.5, None]], "seed_sd": None, "se": None, "n_comparisons": 1}

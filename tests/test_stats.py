@@ -340,3 +340,26 @@ def test_a_wide_rbf_bandwidth_passes_the_engine_cross_check_within_rounding():
     assert abs(cal.matrix[0, 0] - exact) <= cal.rounding[0, 0] < 1e-3
     assert abs(res.matrix[0, 0] - exact) <= cal.rounding[0, 0]
     stats.calibrate_result(res, [x], [y])  # no RuntimeError
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e40])
+def test_null_and_rounding_bound_are_scale_invariant_where_self_hsic_products_overflow(scale):
+    # HSIC scales as scale^4: HSIC_aa * HSIC_bb under- or overflows float64, each does not.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 4))
+    y = x[:, :2] + rng.standard_normal((20, 2))
+    want = stats.calibrate([x], [y], permutations=19)
+    got = stats.calibrate([x * scale], [y * scale], permutations=19)
+    for k in ("p_value", "null_mean", "null_q95"):
+        np.testing.assert_allclose(got.null[k], want.null[k], rtol=1e-9, err_msg=k)
+    np.testing.assert_allclose(got.rounding, want.rounding, rtol=1e-9)
+
+
+def test_a_nan_cell_lists_no_influential_images():
+    # A dead layer (zero variance) has no CKA, so no image moves it: rows 0, 1 with a null
+    # change would read as the most influential images.
+    rng = np.random.default_rng(5)
+    a, b = [rng.standard_normal((12, 3)), np.ones((12, 2))], [rng.standard_normal((12, 2))]
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        res = stats.calibrate_result(compare(a, b), a, b, influence=2)
+    assert len(res.influence[0][0]) == 2 and res.influence[1][0] == []
