@@ -76,10 +76,12 @@ def loop_cka(fa, fb, estimator, batch_size, pairs):
         x = torch.from_numpy(fa[i]).double()
         y = torch.from_numpy(fb[j]).double()
         if estimator == "minibatch":
+            # The documented batches: rows dealt by one permutation (seed 0), each sorted.
             kl = kk = ll = 0.0
+            order = np.random.default_rng(0).permutation(x.shape[0])
             for a in range(0, x.shape[0], batch_size):
-                k, l = x[a:a + batch_size] @ x[a:a + batch_size].T, y[a:a + batch_size] @ y[
-                    a:a + batch_size].T
+                rows = torch.from_numpy(np.sort(order[a:a + batch_size]))
+                k, l = x[rows] @ x[rows].T, y[rows] @ y[rows].T
                 kl, kk, ll = kl + hsic(k, l, True), kk + hsic(k, k, True), ll + hsic(l, l, True)
         else:
             k, l = x @ x.T, y @ y.T
