@@ -22,7 +22,6 @@ from typing import NoReturn
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
-from repsim.weights import check_weights_seeds
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
 
@@ -487,8 +486,6 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
             _import_user_modules(args.imports)
-            if args.command != "train":  # train() decides: its seed may also seed a new head
-                check_weights_seeds(vars(args))
             return COMMANDS[args.command][2](args)
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
