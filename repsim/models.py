@@ -148,21 +148,33 @@ def _reachable(host: str | None, timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
-def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
+PRETRAINED_FIX = ("fix: run once with internet access to cache them (or copy that folder "
+                  "from a machine that has them), or pass weights=PATH (a state dict or "
+                  "checkpoint file) or weights='random'")
+
+
+def _pretrained_problem(entry: Entry, source: str) -> tuple[str | None, bool]:
+    """(why pretrained ``source`` weights cannot be had here, or None; whether they are
+    cached), decided without loading them. Before the hub client decides: without network it
+    retries for about a minute."""
     spec, tag = entry.spec, entry.pretrained_tag
     if entry.pretrained is None or source != spec.default_weights:
-        raise UserError(f"weights={source!r} is not available for {spec.name}; valid: "
-                        f"{spec.default_weights or 'no default'}, 'random' or a file path")
-    fix = ("fix: run once with internet access to cache them (or copy that folder from a "
-           "machine that has them), or pass weights=PATH (a state dict or checkpoint file) or "
-           "weights='random'")
-    # Decide before the hub client does: without network it retries for about a minute.
+        return (f"weights={source!r} is not available for {spec.name}; valid: "
+                f"{spec.default_weights or 'no default'}, 'random' or a file path"), False
     host, cached, folder = _weights_cache(tag)
     if not cached and (offline() or not _reachable(host)):
         why = ("downloads are off (REPSIM_OFFLINE or HF_HUB_OFFLINE is set)" if offline()
                else f"{host} cannot be reached")
-        raise UserError(f"pretrained weights {tag} for {spec.name} are unavailable: not cached "
-                        f"in {folder}, and {why}; {fix}")
+        return (f"pretrained weights {tag} for {spec.name} are unavailable: not cached in "
+                f"{folder}, and {why}; {PRETRAINED_FIX}"), False
+    return None, cached
+
+
+def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
+    spec, tag = entry.spec, entry.pretrained_tag
+    problem, cached = _pretrained_problem(entry, source)
+    if problem is not None:
+        raise UserError(problem)
     from huggingface_hub import constants as hf  # cached weights: read them, ask nothing
 
     hub_offline, hf.HF_HUB_OFFLINE = hf.HF_HUB_OFFLINE, hf.HF_HUB_OFFLINE or cached
@@ -173,7 +185,7 @@ def _load_pretrained(entry: Entry, source: str, n: int, seed: int) -> nn.Module:
     except Exception as e:  # HF hub / URL errors, a damaged download, ... depending on backend
         reason = (str(e).strip().splitlines() or [""])[0][:120]
         raise UserError(f"pretrained weights {tag} for {spec.name} are unavailable "
-                        f"({type(e).__name__}: {reason}); {fix}") from None
+                        f"({type(e).__name__}: {reason}); {PRETRAINED_FIX}") from None
     finally:
         hf.HF_HUB_OFFLINE = hub_offline
 
@@ -302,12 +314,15 @@ def module_for(model: nn.Module, spec: ModelSpec, layer: str) -> nn.Module:
 
 
 def weights_problem(model: str, weights: str | None) -> str | None:
-    """Why ``model``'s weights cannot be had here (one line), or None when they can."""
-    file = (default_weights_file(get_entry(model).spec) if weights is None
-            else Path(weights).expanduser())
+    """Why ``model``'s weights cannot be had here (one line), or None when they can; cheap:
+    pretrained weights are looked for in their cache, not loaded."""
+    entry = get_entry(model)
+    if weights is None and entry.spec.default_weights in ("timm", "torchvision"):
+        return _pretrained_problem(entry, entry.spec.default_weights)[0]
+    file = default_weights_file(entry.spec) if weights is None else Path(weights).expanduser()
     if weights == "random" or (file is not None and file.is_file()):
         return None
-    try:  # a missing file, or pretrained weights that may need a download
+    try:  # a missing file, or no default weights
         load_model(model, weights)
     except UserError as exc:
         return str(exc)

@@ -395,6 +395,18 @@ def test_pretrained_unavailable_offline_is_a_user_error(monkeypatch):
     assert "weights=PATH" in msg and "internet" in msg
 
 
+def test_weights_problem_looks_for_pretrained_weights_without_loading_them(monkeypatch):
+    # Checking a figure's inputs must not load ViT-B/16 (330 MB) only to load it again.
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm built it"))
+    monkeypatch.setattr(M, "_weights_cache", lambda tag: ("huggingface.co", True, "/hub"))
+    assert M.weights_problem("vit_imagenet", None) is None
+    monkeypatch.setattr(M, "_weights_cache", lambda tag: ("huggingface.co", False, "/hub"))
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")
+    problem = M.weights_problem("vit_imagenet", None)
+    assert problem.startswith("pretrained weights timm:vit_base_patch16_224") and "/hub" in problem
+
+
 @pytest.mark.parametrize("command,model,switch", [
     ("extract", "vit_imagenet", "REPSIM_OFFLINE"), ("eval", "resnet18_imagenet", "HF_HUB_OFFLINE")])
 def test_offline_without_cached_weights_fails_at_once_naming_the_cache(tmp_path, command,
