@@ -138,11 +138,10 @@ def extract(cfg: ExtractConfig) -> dict:
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock
     from repsim.registry import get_spec, preprocessing_info
+    from repsim.store import Store
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
-    from repsim.store import Store
-
     t0 = time.perf_counter()
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
