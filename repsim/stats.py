@@ -27,6 +27,7 @@ for the biased and debiased estimators, each random batch for minibatch CKA), in
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,6 +379,21 @@ def _jackknife(terms: list[list[np.ndarray]], loos: list[list[np.ndarray]]):
     return normalise(*total), jackknife_se(loo), "delete-one-image", loo
 
 
+def _check_jackknife_rows(se: np.ndarray, m: int, estimator: str) -> np.ndarray:
+    """``se`` of one batch of ``m`` rows, or NaN with a warning where the estimates without
+    a row are undefined: unbiased HSIC needs 4 rows (fewer: every one NaN), and biased CKA
+    of 2 rows is 1 whatever the data (the jackknife would say SE 0)."""
+    need = 3 if estimator == "biased" else 4
+    if m - 1 >= need:
+        return se
+    why = "2 rows give 1 whatever the data" if need == 3 else "unbiased HSIC needs 4 rows"
+    fix = f" per batch (batch_size={need + 1} or more)" if estimator == "minibatch" else ""
+    warnings.warn(f"jackknife standard errors are NaN: without one of its {m} rows a cell has "
+                  f"{m - 1}, too few for {estimator} CKA ({why}); use at least {need + 1} rows"
+                  f"{fix}", RuntimeWarning, stacklevel=3)
+    return np.full_like(se, np.nan)
+
+
 def _rounding(terms: list[list[np.ndarray]], sizes: list[list[np.ndarray]],
               cka: np.ndarray, m: int) -> np.ndarray:
     """:attr:`Calibration.rounding` ``(La, Lb)`` from each batch's HSIC terms and sizes."""
@@ -428,6 +444,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
         del sides
     matrix, se, method, loo = _jackknife(terms, loos)
     m = max(len(r) for r in batches)
+    if len(batches) == 1:
+        se = _check_jackknife_rows(se, m, estimator)
     pr_a, pr_b = (pr_a / len(batches)).cpu().numpy(), (pr_b / len(batches)).cpu().numpy()
     cal = Calibration(matrix, se, method, pr_a, pr_b,
                       np.sqrt(pr_a[:, None] * pr_b[None, :]) / (m - 1),

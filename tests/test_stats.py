@@ -1,6 +1,7 @@
 """Calibrated CKA (repsim.stats): each statistic against brute force or a closed form."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -363,3 +364,27 @@ def test_a_nan_cell_lists_no_influential_images():
     with pytest.warns(RuntimeWarning, match="zero variance"):
         res = stats.calibrate_result(compare(a, b), a, b, influence=2)
     assert len(res.influence[0][0]) == 2 and res.influence[1][0] == []
+
+
+@pytest.mark.parametrize("estimator, n, batch", [("debiased", 4, None), ("biased", 2, None),
+                                                 ("biased", 3, None), ("minibatch", 5, 4)])
+def test_too_few_rows_for_a_jackknife_give_nan_standard_errors_with_one_warning(estimator, n,
+                                                                                batch):
+    # Leaving one row out leaves too few for the estimator: unbiased HSIC needs 4 rows, and
+    # biased CKA of 2 rows is 1 whatever the data (its jackknife would say SE 0).
+    x, y = _gauss(n, 3, 0), _gauss(n, 2, 1)
+    batches = minibatches(n, batch, 0) if batch else None
+    with pytest.warns(RuntimeWarning, match="standard errors are NaN") as got:
+        cal = stats.calibrate([x, x[:, :2]], [y], estimator=estimator, batches=batches)
+    assert len([w for w in got if "standard error" in str(w.message)]) == 1
+    assert "\n" not in str(got[0].message) and "rows" in str(got[0].message)
+    assert np.isfinite(cal.matrix).all() and np.isnan(cal.se).all()
+
+
+@pytest.mark.parametrize("estimator, n", [("debiased", 5), ("biased", 4)])
+def test_one_row_more_than_too_few_gives_finite_standard_errors_without_warning(estimator, n):
+    x, y = _gauss(n, 3, 0), _gauss(n, 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cal = stats.calibrate([x], [y], estimator=estimator)
+    assert np.isfinite(cal.se).all() and cal.se[0, 0] > 1e-6
