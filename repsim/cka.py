@@ -159,7 +159,8 @@ def _load(name: str, src: Any, device: torch.device, resident: bool,
 def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str,
           device: torch.device, budget: int, progress: bool = False):
     """``<C(K_a), C(K_b)>`` of every layer pair of one batch ``(La, Lb)``, and of every
-    layer with itself ``(La,)``, ``(Lb,)``; float64, 0 for dead layers. ``lb=None``: B is A."""
+    layer with itself ``(La,)``, ``(Lb,)``; float64, 0 for dead layers. ``lb=None``: B is A.
+    Also each side's Gram totals ``[(La,), (Lb,)]`` as built (RBF: less 1, see :func:`gram`)."""
     n = la[0].src.shape[0]
     sides = [la] if lb is None else [la, lb]
     layers = [L for side in sides for L in side]
@@ -200,7 +201,8 @@ def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str
     a, b = centring(estimator != "biased", n)
     s = [x.sum(1) for x in r]
     own = [sq[k] - 2 * a * (r[k] * r[k]).sum(1) + b * s[k] ** 2 for k in range(len(sides))]
-    return dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :], own[0], own[-1]
+    return (dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :], own[0],
+            own[-1], [s[0], s[-1]])
 
 
 def _tile(side: list[_Layer], xr: list, xc: list, r0: int, c0: int, diag: int, kernel: str,
@@ -259,6 +261,8 @@ class MinibatchCKA:
         self.device = None if device is None else torch.device(device)
         self.hsic_ab_ = self.hsic_aa_ = self.hsic_bb_ = None  # HSIC sums: (La, Lb), (La,), (Lb,)
         self.dead_: list[list[str | None]] = [[], []]
+        # RBF, per side and layer: the Grams' summed off-diagonal entries (the diagonal is 1)
+        self.offdiag_mass_: list[np.ndarray] | None = None
         self.n_batches_ = self.n_samples_ = 0
 
     def update(self, batch_a: Any, batch_b: Any) -> MinibatchCKA:
@@ -285,17 +289,20 @@ class MinibatchCKA:
                 raise ValueError(f"got {len(sig)} bandwidths for {len(mats)} layers")
             sides.append([_load(nm, x, dev, resident, rows, None if sig is None else sig[k])
                           for k, (nm, x) in enumerate(zip(names, mats))])
-        hsic = _hsic(sides[0], None if same else sides[1], self.kernel,
-                     "debiased" if self.debiased else "biased", dev, budget, progress)
+        *hsic, totals = _hsic(sides[0], None if same else sides[1], self.kernel,
+                              "debiased" if self.debiased else "biased", dev, budget, progress)
         scale = hsic_scale(self.debiased, m)
         dead = [[L.dead for L in side] for side in (sides[0], sides[-1])]
-        return self._accumulate([x * scale for x in hsic], dead, 1, m)
+        # RBF: the Grams' off-diagonal mass (their totals were of K - 1, diagonal 0).
+        mass = [(t + m * (m - 1)).cpu().numpy() for t in totals] if self.kernel == "rbf" else None
+        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass)
 
     def _accumulate(self, hsic: list[torch.Tensor], dead: list[list[str | None]],
-                    batches: int, samples: int) -> MinibatchCKA:
+                    batches: int, samples: int, mass: list[np.ndarray] | None) -> MinibatchCKA:
         if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor
             self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (x.clone() for x in hsic)
             self.dead_ = [list(d) for d in dead]
+            self.offdiag_mass_ = None if mass is None else [x.copy() for x in mass]
         elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
                              f"had {tuple(self.hsic_ab_.shape)}")
@@ -304,6 +311,8 @@ class MinibatchCKA:
                 total += x.to(total.device)
             self.dead_ = [[old and new for old, new in zip(olds, news)]
                           for olds, news in zip(self.dead_, dead)]
+            if mass is not None:
+                self.offdiag_mass_ = [x + y for x, y in zip(self.offdiag_mass_, mass)]
         self.n_batches_ += batches
         self.n_samples_ += samples
         return self
@@ -318,7 +327,7 @@ class MinibatchCKA:
         if other.hsic_ab_ is None:
             return self
         return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
-                                other.n_batches_, other.n_samples_)
+                                other.n_batches_, other.n_samples_, other.offdiag_mass_)
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums; adding these across processes is exact merging."""
@@ -379,9 +388,35 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
             if why:
                 warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
                               "CKA values are NaN", RuntimeWarning, stacklevel=2)
+    if kernel == "rbf":
+        _warn_identity_grams([names_a] + ([] if same else [names_b]), acc, threshold)
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res
+
+
+# Below this off-diagonal Gram mass per row (the diagonal is 1), an RBF Gram is nearly the
+# identity: biased CKA tends to 1, unbiased HSIC to 0 (NaN once it underflows), whatever the
+# data. Measured on Gaussian data (n = 200, p = 10 to 1,000): threshold 0.1 gives 1e-14 to
+# 8e-4, 0.5 gives 27-33, 1.0 about 120; the median distance sits at exp(-1 / 2 threshold^2).
+IDENTITY_MASS = 1e-3
+
+
+def _warn_identity_grams(names: list[list[str]], acc: MinibatchCKA, threshold: float) -> None:
+    """One warning for all layers (``names`` per side) whose RBF Grams are nearly the identity."""
+    per_row = [m / acc.n_samples_ for m in acc.offdiag_mass_]
+    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(names, per_row, acc.dead_)
+           for nm, v, dead in zip(side, vs, ds) if v < IDENTITY_MASS and not dead]
+    if bad:
+        _identity_warning(threshold, f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}", 4)
+
+
+def _identity_warning(threshold: float, layers: str, stacklevel: int) -> None:
+    warnings.warn(f"threshold={threshold:g} makes the RBF Grams of layers {layers} nearly the "
+                  f"identity (off-diagonal mass per row below {IDENTITY_MASS:g} of the "
+                  "diagonal): CKA with them no longer depends on the data; use a threshold "
+                  "between 0.5 and 2 (1, the default, is the median distance)",
+                  RuntimeWarning, stacklevel=stacklevel)
 
 
 def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
@@ -442,14 +477,19 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     if estimator == "minibatch":
         x = in_memory([x], default_memory_budget(dev) // 2)[0]
     sigma2 = threshold**2 * median_sqdist if kernel == "rbf" else None
-    parts = []
+    parts, mass, rows = [], 0.0, 0
     for idx in sketch.batches(n, estimator, batch_size, batch_seed):
         L = _load("x", take(x, idx), dev, True, idx, sigma2)
         m = L.x.shape[0]
-        c = L.x.new_zeros(m, m) if L.dead else centre(
-            gram(L.x, kernel=kernel, sigma2=sigma2, minus_one=True), estimator)
+        c = L.x.new_zeros(m, m) if L.dead else gram(L.x, kernel=kernel, sigma2=sigma2,
+                                                     minus_one=True)
+        if kernel == "rbf" and not L.dead:  # off-diagonal mass: K - 1 has a zero diagonal
+            mass, rows = mass + float(c.sum()) + m * (m - 1), rows + m
+        c = centre(c, estimator)
         diag = c.diagonal().clone()
         c.mul_(SQRT2).diagonal().copy_(diag)
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]
         parts.append(c / n if biased else c / math.sqrt(m * (m - 3)))
+    if rows and mass / rows < IDENTITY_MASS:
+        _identity_warning(threshold, f"x ({mass / rows:.1e})", 3)
     return torch.cat(parts)

@@ -478,3 +478,38 @@ def test_a_large_offset_leaves_the_engine_as_exact_as_its_sketches(rng, estimato
     sk = cka.cka_from_sketches([cka.layer_sketch(x, estimator=estimator)],
                                [cka.layer_sketch(y, estimator=estimator)])
     np.testing.assert_allclose(cka.cka_matrix([x], [y], estimator=estimator), sk, rtol=1e-13)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+def test_a_narrow_rbf_bandwidth_warns_once_that_the_grams_are_the_identity(rng, estimator):
+    # threshold=0.01: exp(-d^2 / (2e-4 median d^2)) underflows off the diagonal, every Gram is
+    # the identity and CKA no longer depends on the data (biased: 1, whatever x and y are).
+    x, y = rng.standard_normal((60, 10)), rng.standard_normal((60, 8))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        m = cka.cka_matrix([x, x[:, :5]], [y, x], kernel="rbf", threshold=0.01,
+                           estimator=estimator, batch_size=20 if estimator == "minibatch" else None)
+    ours = [str(w.message) for w in got if "identity" in str(w.message)]
+    assert len(ours) == 1 and "threshold=0.01" in ours[0] and "\n" not in ours[0]
+    if estimator == "biased":  # not clamped or altered: the value the Grams give
+        np.testing.assert_allclose(m, 1.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 1.0, 1e3])
+def test_a_usual_rbf_bandwidth_does_not_warn(rng, threshold):
+    x = rng.standard_normal((60, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cka.cka_matrix([x, x[:, :5]], [x[:, 5:]], kernel="rbf", threshold=threshold,
+                       estimator="debiased")
+
+
+def test_a_layer_sketch_with_a_narrow_rbf_bandwidth_warns(rng):
+    x = rng.standard_normal((40, 10))
+    med = cka.rbf_bandwidths([x])[0]
+    with pytest.warns(RuntimeWarning, match="threshold=0.01 .* nearly the identity"):
+        cka.layer_sketch(x, kernel="rbf", estimator="debiased", threshold=0.01,
+                         median_sqdist=med)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cka.layer_sketch(x, kernel="rbf", estimator="debiased", median_sqdist=med)
