@@ -344,15 +344,25 @@ def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray]
                     "permutations=0 for standard errors alone")
 
 
-def _side(mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
+def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
           sigma2: list[float] | None, hollow: bool, strip: int, device: torch.device) -> _Side:
-    """One side of a batch of ``m`` rows ``rows`` (None: all): whole Grams built one layer at a
-    time when ``strip >= m``, else the centred features of every layer, for strips."""
+    """One side (``name``: its argument) of a batch of ``m`` rows ``rows`` (None: all): whole
+    Grams built one layer at a time when ``strip >= m``, else the centred features of every
+    layer, for strips."""
+    sigma2 = sigma2 or [None] * len(mats)
+    xs = (_finite(f"{name}[{i}]", centred_rows(x, rows, device)) for i, x in enumerate(mats))
     if strip >= m:
-        return _Side.of_grams(grams(mats, rows, kernel=kernel, sigma2=sigma2, device=device),
+        return _Side.of_grams(torch.stack([_gram(x, kernel, sig) for x, sig in zip(xs, sigma2)]),
                               hollow)
-    return _Side.of_features([centred_rows(x, rows, device) for x in mats], kernel,
-                             sigma2 or [None] * len(mats), hollow, strip)
+    return _Side.of_features(list(xs), kernel, sigma2, hollow, strip)
+
+
+def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x``, or ValueError if it holds NaN or infinity (its CKA would be NaN, silently)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has non-finite values (NaN or infinity); check the "
+                         "activations (overflow in float16 storage?) before computing CKA")
+    return x
 
 
 def _batch(sides: list[_Side], hollow: bool):
@@ -427,8 +437,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     for rows in batches:
         m = len(rows)
         each = m if permutations else strip or strip_rows(m, layers, budget)
-        sides = [_side(mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
-                 for mats, sig in ((mats_a, sigma2_a), (mats_b, sigma2_b))]
+        sides = [_side(nm, mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
+                 for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]
         whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
         w, w_loo = hsic_scale(hollow, m), hsic_scale(hollow, m - 1)

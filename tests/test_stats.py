@@ -388,3 +388,14 @@ def test_one_row_more_than_too_few_gives_finite_standard_errors_without_warning(
         warnings.simplefilter("error")
         cal = stats.calibrate([x], [y], estimator=estimator)
     assert np.isfinite(cal.se).all() and cal.se[0, 0] > 1e-6
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_non_finite_features_are_refused_naming_the_layer(bad, kernel):
+    x, y = _gauss(30, 6, 0), _gauss(30, 5, 1)
+    y[7, 2] = bad
+    sig = {"sigma2_a": [1.0], "sigma2_b": [1.0]} if kernel == "rbf" else {}
+    with pytest.raises(ValueError, match=r"mats_b\[0\] has non-finite values") as err:
+        stats.calibrate([x], [y], kernel=kernel, **sig)
+    assert "\n" not in str(err.value)
