@@ -36,8 +36,8 @@ import torch
 
 from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
 from repsim.errors import UserError
-from repsim.features import centred_rows
-from repsim.sketch import CKAResult, block_bounds, minibatches, normalise
+from repsim.features import centred_rows, feature_set
+from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
 
 # minibatch CKA gets a delete-one-batch standard error from this many batches on
 MIN_JACKKNIFE_BATCHES = 20
@@ -61,23 +61,11 @@ def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
     return gram(x, kernel=kernel, sigma2=sigma2, minus_one=True)  # as the engine
 
 
-def _parts(k: torch.Tensor, hollow: bool):
-    """``(K, diag, row sums, total)`` of stacked Grams, with a zero diagonal if ``hollow``."""
-    d = k.diagonal(dim1=1, dim2=2).clone()
-    if hollow:
-        k = k.clone()
-        k.diagonal(dim1=1, dim2=2).zero_()
-        d.zero_()
-    r = k.sum(2)
-    return k, d, r, r.sum(1)
-
-
 def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     """``<C(K_a), C(K_b)>`` ``(La, Lb)`` of stacked Grams: biased (``HKH``) or, with
     ``hollow``, U-centred (unbiased HSIC times ``m(m - 3)``)."""
-    (ka, _, ra, sa), (kb, _, rb, sb) = _parts(ka, hollow), _parts(kb, hollow)
-    a, b = centring(hollow, ka.shape[1])
-    return ka.flatten(1) @ kb.flatten(1).T - 2 * a * (ra @ rb.T) + b * sa[:, None] * sb[None, :]
+    sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
+    return _closed_forms(*_moments(sa, sb)[0], hollow)[0]
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
@@ -348,21 +336,18 @@ def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: s
           sigma2: list[float] | None, hollow: bool, strip: int, device: torch.device) -> _Side:
     """One side (``name``: its argument) of a batch of ``m`` rows ``rows`` (None: all): whole
     Grams built one layer at a time when ``strip >= m``, else the centred features of every
-    layer, for strips."""
-    sigma2 = sigma2 or [None] * len(mats)
-    xs = (_finite(f"{name}[{i}]", centred_rows(x, rows, device)) for i, x in enumerate(mats))
+    layer, for strips. NaN or infinity raise ValueError (CKA would be NaN, silently)."""
+    sigma2, xs = sigma2 or [None] * len(mats), []
+    for i, x in enumerate(mats):
+        xs.append(centred_rows(x, rows, device))
+        if not bool(torch.isfinite(xs[-1]).all()):
+            raise ValueError(f"{name}[{i}] has non-finite values (NaN or infinity); check the "
+                             "activations (overflow in float16 storage?) before computing CKA")
+        if strip >= m:
+            xs[-1] = _gram(xs[-1], kernel, sigma2[i])
     if strip >= m:
-        return _Side.of_grams(torch.stack([_gram(x, kernel, sig) for x, sig in zip(xs, sigma2)]),
-                              hollow)
-    return _Side.of_features(list(xs), kernel, sigma2, hollow, strip)
-
-
-def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
-    """``x``, or ValueError if it holds NaN or infinity (its CKA would be NaN, silently)."""
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} has non-finite values (NaN or infinity); check the "
-                         "activations (overflow in float16 storage?) before computing CKA")
-    return x
+        return _Side.of_grams(torch.stack(xs), hollow)
+    return _Side.of_features(xs, kernel, sigma2, hollow, strip)
 
 
 def _batch(sides: list[_Side], hollow: bool):
@@ -390,17 +375,15 @@ def _jackknife(terms: list[list[np.ndarray]], loos: list[list[np.ndarray]]):
 
 
 def _check_jackknife_rows(se: np.ndarray, m: int, estimator: str) -> np.ndarray:
-    """``se`` of one batch of ``m`` rows, or NaN with a warning where the estimates without
-    a row are undefined: unbiased HSIC needs 4 rows (fewer: every one NaN), and biased CKA
-    of 2 rows is 1 whatever the data (the jackknife would say SE 0)."""
-    need = 3 if estimator == "biased" else 4
-    if m - 1 >= need:
+    """``se`` of one batch of ``m`` rows, or NaN with a warning where CKA without a row is
+    undefined (unbiased HSIC of 3 rows) or 1 whatever the data (biased, 2 rows: SE 0)."""
+    if m - 1 >= (need := 3 if estimator == "biased" else 4):
         return se
     why = "2 rows give 1 whatever the data" if need == 3 else "unbiased HSIC needs 4 rows"
-    fix = f" per batch (batch_size={need + 1} or more)" if estimator == "minibatch" else ""
     warnings.warn(f"jackknife standard errors are NaN: without one of its {m} rows a cell has "
                   f"{m - 1}, too few for {estimator} CKA ({why}); use at least {need + 1} rows"
-                  f"{fix}", RuntimeWarning, stacklevel=3)
+                  + (f" per batch (batch_size={need + 1} or more)" * (estimator == "minibatch")),
+                  RuntimeWarning, stacklevel=3)
     return np.full_like(se, np.nan)
 
 
@@ -427,8 +410,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     ``strip`` rows (default :func:`strip_rows` of ``memory_budget`` bytes, itself by default
     :func:`repsim.cka.default_memory_budget`); the permutation null needs every batch's whole
     Grams, ``(La + Lb) m^2`` float64 numbers each, and is refused beyond the budget."""
+    mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
     hollow, dev = estimator != "biased", torch.device(device)
-    n = np.shape(mats_a[0])[0]
     batches = batches or [np.arange(n)]
     budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
     if permutations:
@@ -463,6 +446,24 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     if permutations:
         cal.null = permutation_null(ca, cb, cal.matrix, permutations, seed)
     return cal
+
+
+def _checked(mats_a: Any, mats_b: Any, estimator: str, kernel: str, sigma2_a: Any, sigma2_b: Any):
+    """``(mats_a, mats_b, n)``: lists of ``(n, p)`` matrices, or ValueError for arguments that
+    :func:`calibrate` cannot use."""
+    check_options(kernel, estimator)
+    out = []
+    for side, mats, sig in (("a", mats_a, sigma2_a), ("b", mats_b, sigma2_b)):
+        if len(getattr(mats, "shape", ())) == 2:
+            raise ValueError(f"mats_{side} is a single (n, p) matrix; pass a list, e.g. [x]")
+        out.append(feature_set(mats, f"mats_{side}", out[0][2] if out else None))
+        if kernel == "rbf" and (sig is None or len(sig) != len(out[-1][1])):
+            raise ValueError(f"kernel='rbf' needs sigma2_a and sigma2_b, a squared bandwidth "
+                             f"per layer (threshold^2 times repsim.cka.rbf_bandwidths); got "
+                             f"{'none' if sig is None else len(sig)} for the {len(out[-1][1])} "
+                             f"layers of mats_{side}")
+    check_rows(out[0][2], estimator)
+    return out[0][1], out[1][1], out[0][2]
 
 
 def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,

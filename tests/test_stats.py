@@ -399,3 +399,25 @@ def test_non_finite_features_are_refused_naming_the_layer(bad, kernel):
     with pytest.raises(ValueError, match=r"mats_b\[0\] has non-finite values") as err:
         stats.calibrate([x], [y], kernel=kernel, **sig)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"estimator": "unbiased"}, "estimator='unbiased' is unknown"),
+    ({"kernel": "rbf"}, "kernel='rbf' needs sigma2_a and sigma2_b"),
+    ({"kernel": "rbf", "sigma2_a": [1.0, 2.0], "sigma2_b": [1.0]},
+     "got 2 for the 1 layers of mats_a"),
+    ({"short_b": True}, "has 20 rows but"),
+    ({"single": True}, "mats_a is a single"),
+    ({"n": 3}, "needs at least 4 rows, got n=3"),
+])
+def test_invalid_calibrate_arguments_are_refused_with_a_value_error(kwargs, match):
+    # they were: an unknown estimator computed as unbiased, a TypeError, an einsum
+    # RuntimeError, an IndexError and an all-NaN result
+    kw = dict(kwargs)
+    n = kw.pop("n", 30)
+    x, y = _gauss(n, 6, 0), _gauss(n, 5, 1)
+    a = x if kw.pop("single", False) else [x]
+    b = [y[:20]] if kw.pop("short_b", False) else [y]
+    with pytest.raises(ValueError, match=match) as err:
+        stats.calibrate(a, b, **kw)
+    assert "\n" not in str(err.value)
