@@ -421,3 +421,15 @@ def test_invalid_calibrate_arguments_are_refused_with_a_value_error(kwargs, matc
     with pytest.raises(ValueError, match=match) as err:
         stats.calibrate(a, b, **kw)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.05])
+def test_noise_from_identity_rbf_grams_does_not_fail_the_engine_cross_check(threshold):
+    # Grams numerically the identity: the HSICs are rounding noise (bound 250 at 0.01), the
+    # engine's cells NaN or noise; calibrate_result raised "differs from the engine's".
+    x = _gauss(60, 10, 0)
+    feats = {"x": x, "y": x[:, :4] + _gauss(60, 4, 1)}
+    with pytest.warns(RuntimeWarning, match="nearly the identity"):
+        res = compare(feats, dict(feats), kernel="rbf", threshold=threshold, batch_size=20)
+    res = stats.calibrate_result(res, list(feats.values()), list(feats.values()))
+    assert res.se.shape == (2, 2)
