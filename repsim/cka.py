@@ -201,8 +201,10 @@ def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str
     a, b = centring(estimator != "biased", n)
     s = [x.sum(1) for x in r]
     own = [sq[k] - 2 * a * (r[k] * r[k]).sum(1) + b * s[k] ** 2 for k in range(len(sides))]
-    return (dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :], own[0],
-            own[-1], [s[0], s[-1]])
+    cross = dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :]
+    if lb is None:  # self terms as summed for the cross terms: a layer with itself gives 1
+        own = [cross.diagonal().clone()]
+    return cross, own[0], own[-1], [s[0], s[-1]]
 
 
 def _tile(side: list[_Layer], xr: list, xc: list, r0: int, c0: int, diag: int, kernel: str,

@@ -513,3 +513,14 @@ def test_a_layer_sketch_with_a_narrow_rbf_bandwidth_warns(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cka.layer_sketch(x, kernel="rbf", estimator="debiased", median_sqdist=med)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_layer_of_a_self_comparison_has_cka_exactly_one(rng, kernel, estimator):
+    # the cross term <K, K> came from a matrix product, the self term from another sum:
+    # 1 - 1e-13 and 1 + 2e-15 on the diagonal
+    x = rng.standard_normal((300, 50))
+    feats = [x, x[:, :10], np.tanh(x)]
+    m = cka.cka_matrix(feats, feats, kernel=kernel, estimator=estimator, batch_size=128)
+    assert np.array_equal(m.diagonal(), np.ones(3))
