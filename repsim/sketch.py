@@ -192,16 +192,20 @@ def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
     """``(La, Lb)`` CKA from per-layer sketches (1-D float64 numpy arrays or torch tensors)
-    made with the same settings and rows."""
+    made with the same settings and rows; the same sequence twice gives each layer exactly 1."""
     def stack(sketches):
         return np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
                                     dtype=np.float64) for s in sketches])
 
-    sa, sb = stack(sketches_a), stack(sketches_b)
+    sa = stack(sketches_a)
+    sb = sa if sketches_b is sketches_a else stack(sketches_b)
     if sa.shape[1] != sb.shape[1]:
         raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
                          "different rows or settings")
-    return normalise(sa @ sb.T, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
+    cross = sa @ sb.T
+    if sb is sa:  # self terms as summed for the cross terms: a layer with itself gives 1
+        return normalise(cross, cross.diagonal().copy(), cross.diagonal().copy())
+    return normalise(cross, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
 
 
 def participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
