@@ -433,3 +433,9 @@ def test_noise_from_identity_rbf_grams_does_not_fail_the_engine_cross_check(thre
         res = compare(feats, dict(feats), kernel="rbf", threshold=threshold, batch_size=20)
     res = stats.calibrate_result(res, list(feats.values()), list(feats.values()))
     assert res.se.shape == (2, 2)
+
+
+def test_a_jackknife_of_one_unit_has_no_standard_error():
+    # one estimate says nothing about its spread: it was SE 0, a claim of certainty
+    assert np.isnan(stats.jackknife_se(np.array([[0.5, 0.7]]))).all()
+    assert stats.jackknife_se(np.array([[0.5], [0.7]]))[0] == pytest.approx(0.1)
