@@ -173,11 +173,17 @@ def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
 
 def normalise(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
     """CKA ``cross / sqrt(self_a self_b)`` ``(..., La, Lb)`` from HSIC ``(..., La, Lb)``,
-    ``(..., La)``, ``(..., Lb)``; never clamped, NaN where a self term is not positive."""
+    ``(..., La)``, ``(..., Lb)``; never clamped, NaN where a self term is not positive or
+    overflowed (then with a warning: a finite cross term over an infinite one would read 0)."""
     a, b = self_a[..., :, None], self_b[..., None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         out = cross / sqrt_product(np.maximum(a, 0), np.maximum(b, 0))
-    out[~(a > 0) | ~(b > 0)] = np.nan
+    over = ~np.isfinite(a) | ~np.isfinite(b)  # inputs are finite: an overflow (inf, inf - inf)
+    if over.any():
+        warnings.warn("a layer's HSIC with itself overflows float64 (features of magnitude "
+                      "above about 1e75?), so its CKA values are NaN; divide its features by a "
+                      "constant (CKA does not depend on scale)", RuntimeWarning, stacklevel=3)
+    out[~(a > 0) | ~(b > 0) | over] = np.nan
     return out
 
 

@@ -533,3 +533,15 @@ def test_sketches_compared_with_themselves_give_exactly_one(rng, estimator):
     sk = [cka.layer_sketch(z, estimator=estimator, batch_size=128)
           for z in (x, x[:, :10], np.tanh(x))]
     assert np.array_equal(cka.cka_from_sketches(sk, sk).diagonal(), np.ones(3))
+
+
+@pytest.mark.parametrize("estimator", FULL)
+def test_features_whose_self_hsic_overflows_give_nan_with_a_warning(rng, estimator):
+    # x * 1e80: <K, K> ~ 1e320 is infinite in float64, so biased CKA read 0.0, no warning
+    x = rng.standard_normal((100, 30))
+    y = x[:, :5] + rng.standard_normal((100, 5))
+    with pytest.warns(RuntimeWarning, match="overflows float64") as got:
+        m = cka.cka_matrix([x * 1e80, x], [y], estimator=estimator)
+    assert np.isnan(m[0, 0])
+    assert m[1, 0] == pytest.approx(cka.cka_matrix([x], [y], estimator=estimator)[0, 0])
+    assert "divide" in str(got[0].message)
