@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
-from repsim.features import centred_rows, feature_set, in_memory, pick_device, read_rows, take
+from repsim.features import feature_set, in_memory, pick_device, read_rows, take
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
@@ -444,10 +444,10 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
                    device: str | torch.device | None = None) -> list[float]:
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
     diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
-    _, mats, _ = feature_set(feats, "a")
+    names, mats, _ = feature_set(feats, "a")
     dev, out = pick_device(mats, device), []
-    for m in mats:
-        x = centred_rows(m, rows, dev)
+    for name, m in zip(names, mats):
+        x = _load(name, take(m, rows), dev, True, rows).x  # centred; non-finite: ValueError
         out.append(_median(_sqdist(x, x).flatten()))
     return out
 

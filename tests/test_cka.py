@@ -545,3 +545,11 @@ def test_features_whose_self_hsic_overflows_give_nan_with_a_warning(rng, estimat
     assert np.isnan(m[0, 0])
     assert m[1, 0] == pytest.approx(cka.cka_matrix([x], [y], estimator=estimator)[0, 0])
     assert "divide" in str(got[0].message)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_rbf_bandwidths_refuse_non_finite_features(rng, bad):
+    x = rng.standard_normal((20, 4))
+    x[5, 1] = bad
+    with pytest.raises(ValueError, match=r"layer 'a\[1\]' has non-finite"):
+        cka.rbf_bandwidths([rng.standard_normal((20, 3)), x])
