@@ -410,11 +410,11 @@ def _warn_identity_grams(names: list[list[str]], acc: MinibatchCKA, threshold: f
     bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(names, per_row, acc.dead_)
            for nm, v, dead in zip(side, vs, ds) if v < IDENTITY_MASS and not dead]
     if bad:
-        _identity_warning(threshold, f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}", 4)
+        _identity_warning(threshold, f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}", 4)
 
 
 def _identity_warning(threshold: float, layers: str, stacklevel: int) -> None:
-    warnings.warn(f"threshold={threshold:g} makes the RBF Grams of layers {layers} nearly the "
+    warnings.warn(f"threshold={threshold:g} makes the RBF Grams of {layers} nearly the "
                   f"identity (off-diagonal mass per row below {IDENTITY_MASS:g} of the "
                   "diagonal): CKA with them no longer depends on the data; use a threshold "
                   "between 0.5 and 2 (1, the default, is the median distance)",
@@ -493,5 +493,5 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]
         parts.append(c / n if biased else c / math.sqrt(m * (m - 3)))
     if rows and mass / rows < IDENTITY_MASS:
-        _identity_warning(threshold, f"x ({mass / rows:.1e})", 3)
+        _identity_warning(threshold, f"this layer ({mass / rows:.1e})", 3)
     return torch.cat(parts)
