@@ -520,17 +520,17 @@ def test_a_layer_sketch_with_a_narrow_rbf_bandwidth_warns(rng):
 def test_every_layer_of_a_self_comparison_has_cka_exactly_one(rng, kernel, estimator):
     # the cross term <K, K> came from a matrix product, the self term from another sum:
     # 1 - 1e-13 and 1 + 2e-15 on the diagonal
-    x = rng.standard_normal((300, 50))
+    x = rng.standard_normal((120, 20))
     feats = [x, x[:, :10], np.tanh(x)]
-    m = cka.cka_matrix(feats, feats, kernel=kernel, estimator=estimator, batch_size=128)
+    m = cka.cka_matrix(feats, feats, kernel=kernel, estimator=estimator, batch_size=50)
     assert np.array_equal(m.diagonal(), np.ones(3))
 
 
 @pytest.mark.parametrize("estimator", ["biased", "debiased", "minibatch"])
 def test_sketches_compared_with_themselves_give_exactly_one(rng, estimator):
     # repsim cka's cached path: cross terms from a product, self terms from einsum (1 + 4e-15)
-    x = rng.standard_normal((300, 50))
-    sk = [cka.layer_sketch(z, estimator=estimator, batch_size=128)
+    x = rng.standard_normal((120, 20))
+    sk = [cka.layer_sketch(z, estimator=estimator, batch_size=50)
           for z in (x, x[:, :10], np.tanh(x))]
     assert np.array_equal(cka.cka_from_sketches(sk, sk).diagonal(), np.ones(3))
 
