@@ -3,11 +3,10 @@
 :func:`run_cka` resolves A and B (:func:`resolve_store`: a store file as it is; a model name
 through :func:`repsim.extraction.extract`, which reuses the store at its content address or
 makes it), checks that their rows are the same samples (:func:`repsim.store.check_aligned`),
-computes CKA (``A == B`` with the same layers: one symmetric matrix) and writes, atomically
-and without timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
-heatmap (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose
-``cache_key`` (inputs, axis labels and versions) matches, newer than both stores, is reused
-unless ``force``.
+computes CKA (``A == B``, same layers: one symmetric matrix) and writes, atomically, without
+timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of inputs>.json`` and its heatmap
+(``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose ``cache_key``
+(inputs, labels, versions) matches, newer than both stores, is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -208,7 +207,7 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
 
     if request is None:
         return list(store.layers)
-    every = {"default": store.layers, "all": store.layers}
+    every = dict.fromkeys(("default", "all"), store.layers)
     return match_layers(store.layers, request, every, lambda part: UserError(
         f"layer {part!r} is not in {store.path} (layers: {', '.join(store.layers)}); pick "
         "from those"))
@@ -230,11 +229,10 @@ def versions() -> dict[str, str]:
 
 def _inputs(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> dict:
     """Everything that decides a result's matrix (the result file's name is its digest)."""
-    mini = cfg.estimator == "minibatch"
+    mini, rbf = cfg.estimator == "minibatch", cfg.kernel == "rbf"
     return {"format": FORMAT, "a": a.identity_sha256, "b": b.identity_sha256,
             "layers_a": layers_a, "layers_b": layers_b, "kernel": cfg.kernel,
-            "estimator": cfg.estimator,
-            "threshold": cfg.threshold if cfg.kernel == "rbf" else None,
+            "estimator": cfg.estimator, "threshold": cfg.threshold if rbf else None,
             "batch_size": cfg.batch_size if mini else None,
             "batch_seed": cfg.batch_seed if mini else None, "se": cfg.se,
             "permutations": cfg.permutations, "influence": cfg.influence,
@@ -327,6 +325,10 @@ def run_cka(cfg: CKAConfig) -> dict:
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      {**common, "weights_seed": cfg.weights_seed_b}, "b")
     check_aligned(sa, sb)
+    if sa.n < (need := 2 if cfg.estimator == "biased" else 4):  # sketch.check_rows's rule
+        raise UserError(f"a= and b= hold {sa.n} samples each, but estimator={cfg.estimator!r} "
+                        f"needs at least {need}; fix: compare stores of {need} or more samples "
+                        f"(extract them with n={need} or more)")
     if cfg.batch_seed is not None and cfg.estimator == "minibatch" and sa.n <= cfg.batch_size:
         raise UserError(f"batch_seed={cfg.batch_seed} has no effect: the {sa.n} rows fit in one "
                         f"batch_size={cfg.batch_size}; give one below {sa.n}, or drop batch_seed=")
@@ -356,11 +358,10 @@ def run_cka(cfg: CKAConfig) -> dict:
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
                   force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
-    """The store for one side and its selected layers. For a model name the default store is
-    used when it holds the requested layers; otherwise a store of exactly those is made.
-    ``common``: the other arguments of :func:`resolve_store`; ``side`` (``"a"``, ``"b"``):
-    errors name this side's parameters (``b=``, ``weights_b=``, ``layers_b=``), not the
-    model's (``model=``, ``weights=``, ``layers=``)."""
+    """The store for one side and its selected layers: for a model name, the default store
+    when it holds them, else a store of exactly those. ``common``: the other arguments of
+    :func:`resolve_store`; ``side`` (``"a"``, ``"b"``): errors name this side's parameters
+    (``b=``, ``weights_b=``, ``layers_b=``), not the model's (``model=``, ...)."""
     try:
         store = resolve_store(ref, weights=weights, label=label, force=force, **common)
         try:
@@ -451,9 +452,8 @@ def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[floa
     """The engine's warning (:func:`repsim.cka.compare`) for layers whose sketch is zero."""
     for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
         if not np.any(sk):
-            why = ("has a zero median squared distance, so its RBF bandwidth is zero"
-                   if med is not None and not med > 0 else
-                   "has zero variance (every row is identical)")
+            why = ("has zero variance (every row is identical)" if med is None or med > 0 else
+                   "has a zero median squared distance, so its RBF bandwidth is zero")
             warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
                           stacklevel=4)
 

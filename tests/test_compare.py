@@ -648,3 +648,24 @@ def test_seed_aggregate_by_hand_and_a_nan_cell_stays_nan():
     assert got["seed_sd"] == [[pytest.approx(0.2 / 2**0.5, abs=1e-15), None, None]]
     one = aggregate([{"matrix": [[0.5, None]], "se": None}])
     assert one == {"matrix": [[0.5, None]], "seed_sd": None, "se": None, "n_comparisons": 1}
+
+
+@pytest.mark.parametrize("estimator, n, need", [("debiased", 3, 4), ("minibatch", 3, 4),
+                                                ("biased", 1, 2)])
+def test_stores_with_too_few_rows_are_a_user_error_naming_the_rows(tmp_path, estimator, n,
+                                                                   need):
+    from repsim.errors import UserError
+
+    pa = make_store(tmp_path / "a.h5", toy_feats(["x"], n=n))
+    with pytest.raises(UserError, match=rf"a= and b= hold {n} samples each, but "
+                       rf"estimator='{estimator}' needs at least {need}"):
+        run_cka(CKAConfig(a=str(pa), b=str(pa), estimator=estimator, plots=False,
+                          out=str(tmp_path / "o")))
+
+
+def test_too_few_rows_at_the_cli_is_one_line_without_a_made_up_flag(tmp_path, capsys):
+    pa = make_store(tmp_path / "a.h5", toy_feats(["x"], n=3))
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pa, "--estimator", "debiased")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("repsim cka: error: --a and --b hold 3 samples each")
+    assert "--n 3" not in err  # no --n was given: the stores are files
