@@ -33,7 +33,6 @@ def command(name: str, help: str, *options):
     def deco(run):
         COMMANDS[name] = (help, options, run)
         return run
-
     return deco
 
 
@@ -67,9 +66,8 @@ class _Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, argparse.SUPPRESS)
-                or action.nargs == 0):  # flags: off unless given
-            return text
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text  # nargs 0: a flag, off unless given
         return f"{text} (default: %(default)s)"
 
 
@@ -111,8 +109,17 @@ def _number(kind: type, low: float, high: float = float("inf"), low_ok: bool = F
                 f"must be {'>=' if low_ok else '>'} {low:g}"
                 + (f" and <= {high:g}" if high != float("inf") else "") + f", got {v}")
         return v
-
     return parse
+
+
+def _size(text: str) -> int:
+    """An argparse type: bytes, as a number with an optional binary unit (``2GiB``)."""
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    m = re.fullmatch(r"\s*(\d*\.?\d+)\s*([a-z]*)\s*", text.lower())
+    if not m or m[2] not in units or (v := int(float(m[1]) * units[m[2]])) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; valid: a positive number of "
+                                         "bytes, KiB, MiB, GiB or TiB, e.g. 2GiB or 512MiB")
+    return v
 
 
 _positive_int = _number(int, 1, low_ok=True)
@@ -301,8 +308,7 @@ def cmd_attention(args) -> int:
 
 
 @command("featuremaps", "CNN feature maps: each stage's strongest channels and mean map.",
-         opt("--model", required=True,
-             help="a CNN: resnet18_cifar, resnet18_imagenet or timm:<cnn>"),
+         opt("--model", required=True, help="a CNN: resnet18_cifar, resnet18_imagenet, timm:<cnn>"),
          "--weights",
          opt("--stages", help="layer names, aliases or globs (default: layer1..layer4)"),
          opt("--top", type=_positive_int, default=8,
@@ -333,9 +339,8 @@ def cmd_featuremaps(args) -> int:
              "minibatch (default: 1024)"),
          opt("--batch-seed", type=int,
              help="seed of the minibatch estimator's random batches (default: 0)"),
-         opt("--permutations", type=_number(int, 0, low_ok=True), default=0,
-             help="permutation null per cell: p-value, null mean and 95th percentile "
-             "(0: none; 999 is usual)"),
+         opt("--permutations", type=_number(int, 0, low_ok=True), default=0, help="permutation "
+             "null per cell: p-value, null mean and 95th percentile (0: none; 999 is usual)"),
          opt("--permutation-seed", type=int, help="seed of the permutations (default: 0)"),
          opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
              help="per cell, the K images whose removal moves it most (in the JSON)"),
@@ -357,7 +362,9 @@ def cmd_featuremaps(args) -> int:
          opt("--layers-b", help="the same for B (default: all)"),
          opt("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)"),
          opt("--force", action="store_true", help="re-extract and recompute even when cached"),
-         "--device", "--json")
+         "--device", opt("--memory-budget", type=_size, metavar="SIZE", help="working memory "
+             "of CKA, e.g. 2GiB or 512MiB (default: a quarter of the device's, 1 to 16 GiB)"),
+         "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
     from repsim.seeds import has_seeds, run_cka_seeds
@@ -385,8 +392,7 @@ def cmd_cka(args) -> int:
 
 @command("figures", "Build the study's figures and tables from analyses/*.toml into figures/ "
          "(cached, incremental).",
-         opt("--analyses", default="analyses", help="folder of figure specs, one .toml per "
-             "figure"),
+         opt("--analyses", default="analyses", help="folder of figure specs, one .toml per figure"),
          opt("--out", default="figures", help="output folder"),
          opt("--only", help="comma-separated spec names to build (default: all)"),
          opt("--dataset", help="override every spec's probe dataset, e.g. cifar10 (default: "
@@ -412,9 +418,8 @@ def cmd_figures(args) -> int:
         raise UserError(f"--only {args.only!r}: no spec name was given; pass comma-separated "
                         "spec names (the .toml stems), or leave --only out to build all")
     overrides = {k: getattr(args, k) for k in ("dataset", "split", "n", "seed", "data_root")}
-    res = build_all(args.analyses, args.out, only=only,
-                    overrides=overrides, device=args.device, force=args.force,
-                    progress=not args.json,
+    res = build_all(args.analyses, args.out, only=only, overrides=overrides,
+                    device=args.device, force=args.force, progress=not args.json,
                     log=lambda msg: print(f"repsim figures: {msg}", file=sys.stderr))
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in res[status]]
@@ -433,13 +438,11 @@ TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
-
-    A forward pass frees and re-allocates activations of tens of MB every batch; glibc
-    serves each with a fresh ``mmap`` by default, whose pages fault in again (a 2,000-image
-    ResNet-18 forward pass on a 2-core VM: 14.0 s, 10.1 s with this setting). Returns
-    whether it was made: not off glibc, nor when the user tunes malloc in the environment.
-    """
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel: a
+    forward pass frees and re-allocates activations of tens of MB every batch, by default each
+    a fresh ``mmap`` whose pages fault in again (a 2,000-image ResNet-18 forward pass on a
+    2-core VM: 14.0 s, 10.1 s with this setting). Returns whether it was made: not off glibc,
+    nor when the user tunes malloc in the environment."""
     import ctypes
 
     if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)

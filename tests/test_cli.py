@@ -223,3 +223,39 @@ def test_a_weights_seed_that_seeds_no_random_weights_is_refused_in_flags(argv, c
     assert err.startswith(f"repsim {argv[0]}: error: {flag} 3 has no effect: it seeds random "
                           "weights only") and len(err.strip().splitlines()) == 1
     assert f"pass {flag.replace('-seed', '')} 'random'" in err
+
+
+def _cka_config(monkeypatch, *args: str):
+    """The CKAConfig ``repsim cka --a a.h5 --b b.h5 ARGS`` hands the library (not run)."""
+    import repsim.compare
+    from repsim.cli import main
+
+    got = []
+
+    def fake_run_cka(cfg):
+        got.append(cfg)
+        raise KeyboardInterrupt  # stop here: main reports it without running anything
+
+    monkeypatch.setattr(repsim.compare, "run_cka", fake_run_cka)
+    assert main(["cka", "--a", "a.h5", "--b", "b.h5", *args]) == 130
+    return got[0]
+
+
+@pytest.mark.parametrize("size, want", [("2GiB", 2 << 30), ("512MiB", 512 << 20),
+                                        ("1.5kib", 1536), ("4096", 4096), ("64 B", 64)])
+def test_cka_memory_budget_takes_sizes_and_reaches_the_config(monkeypatch, size, want):
+    assert _cka_config(monkeypatch, "--memory-budget", size).memory_budget == want
+    assert _cka_config(monkeypatch).memory_budget is None  # the engine's default
+    help_ = " ".join(_subparsers()["cka"].format_help().split())
+    assert "--memory-budget SIZE" in help_ and "e.g. 2GiB" in help_
+
+
+@pytest.mark.parametrize("bad", ["lots", "0", "-1", "2GB", "0.1B", "1e9"])
+def test_a_bad_memory_budget_is_refused_in_one_line(bad, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--a", "a.h5", "--b", "b.h5", "--memory-budget", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"argument --memory-budget: {bad!r} is not a size" in err and "GiB" in err
