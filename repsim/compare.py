@@ -31,7 +31,6 @@ from repsim.store import check_aligned
 from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka/1"
-STORE_SUFFIXES = (".h5", ".hdf5")
 
 
 class InputUnavailable(UserError):
@@ -122,7 +121,7 @@ class CKAConfig:
 
 def looks_like_store(ref: str) -> bool:
     """Whether ``ref`` (``a``/``b``) names a store file rather than a model."""
-    return (ref.lower().endswith(STORE_SUFFIXES) or os.sep in ref or "/" in ref
+    return (ref.lower().endswith((".h5", ".hdf5")) or os.sep in ref or "/" in ref
             or Path(ref).is_file())
 
 
@@ -188,8 +187,7 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     except UserError:
         from repsim.models import weights_problem  # torch: only when extraction failed
 
-        problem = weights_problem(ref, weights)
-        if problem is not None:
+        if (problem := weights_problem(ref, weights)) is not None:
             raise InputUnavailable(problem) from None
         raise
     if not res["reused"] and log is not None:
@@ -260,6 +258,10 @@ def default_out_dir(a: StoreRef) -> Path:
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
     """``cfg`` with its batch size and permutation seed resolved; UserError for bad settings."""
+    for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
+        if (v := getattr(cfg, k)) is not None and not (isinstance(v, int | np.integer) and v >= lo):
+            raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
+                            f"leave {k}= out")
     for k in ("batch_size", "batch_seed"):
         if cfg.estimator != "minibatch" and getattr(cfg, k) is not None:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
@@ -399,9 +401,8 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     with Store(store_a.path) as ra, Store(store_b.path) as rb:
         return stats.calibrate_result(
             res, [ra[x] for x in layers_a], [rb[x] for x in layers_b],
-            permutations=cfg.permutations, seed=cfg.permutation_seed,
-            influence=cfg.influence, ids=ra.ids, device=resolve_device(cfg.device),
-            memory_budget=cfg.memory_budget)
+            permutations=cfg.permutations, seed=cfg.permutation_seed, influence=cfg.influence,
+            ids=ra.ids, device=resolve_device(cfg.device), memory_budget=cfg.memory_budget)
 
 
 def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
@@ -488,8 +489,7 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
             try:
                 sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
                                       threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                      batch_seed=cfg.batch_seed,
-                                      median_sqdist=med if rbf else None,
+                                      batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None,
                                       device=device).cpu().numpy()
             except ValueError as e:  # non-finite activations: name the store and layer
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None

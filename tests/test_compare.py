@@ -669,3 +669,23 @@ def test_too_few_rows_at_the_cli_is_one_line_without_a_made_up_flag(tmp_path, ca
     assert code == 1 and out == "" and err.count("\n") == 1
     assert err.startswith("repsim cka: error: --a and --b hold 3 samples each")
     assert "--n 3" not in err  # no --n was given: the stores are files
+
+
+@pytest.mark.parametrize("setting", [{"batch_seed": -1, "batch_size": 8}, {"batch_seed": 1.5},
+                                     {"permutations": -5}, {"permutations": 3.5},
+                                     {"influence": -2}, {"memory_budget": 0},
+                                     {"memory_budget": "2GiB"}])
+def test_settings_out_of_range_are_refused_before_any_work(tmp_path, pair, setting):
+    from repsim.errors import UserError
+
+    (k, v), *_ = setting.items()
+    with pytest.raises(UserError, match=rf"^{k}={v!r}: valid values are integers >= "):
+        run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path), **setting))
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, pair, capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--batch-size", "8",
+                           "--batch-seed", "-1", "--out", tmp_path)
+    assert code == 1 and err == ("repsim cka: error: --batch-seed -1: valid values are integers "
+                                 ">= 0; fix: give one, or leave --batch-seed out\n")
