@@ -330,7 +330,7 @@ def cmd_featuremaps(args) -> int:
          opt("--b", required=True, metavar="B", help="the same for model B (rows: A's layers, "
              "columns: B's); --a X --b X is the self-similarity"),
          opt("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel"),
-         opt("--threshold", type=float, default=1.0,
+         opt("--threshold", type=_number(float, 0), default=1.0,
              help="RBF bandwidth as a multiple of the median distance"),
          opt("--estimator", default="minibatch", choices=["biased", "debiased", "minibatch"],
              help="CKA estimator (minibatch with n <= --batch-size is one batch: debiased "

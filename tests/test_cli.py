@@ -259,3 +259,14 @@ def test_a_bad_memory_budget_is_refused_in_one_line(bad, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1
     assert f"argument --memory-budget: {bad!r} is not a size" in err and "GiB" in err
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan"])
+def test_a_threshold_that_is_no_positive_number_is_refused_with_any_kernel(bad, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:  # --kernel linear ignores it, but it is still wrong
+        main(["cka", "--a", "a.h5", "--b", "b.h5", "--threshold", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"argument --threshold: must be > 0, got {float(bad)}" in err
