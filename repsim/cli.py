@@ -383,7 +383,7 @@ def cmd_cka(args) -> int:
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"
     se = [v for row in r.get("se") or [] for v in row if v is not None]
-    return _report(args, {**r, "files": res["files"], "reused": res["reused"]},
+    return _report(args, {**r, **{k: res.get(k) for k in ("files", "reused", "stores", "seconds")}},
                    f"{r['model_a']} vs {r['model_b']}: {r['kernel']} CKA ({r['estimator']}), "
                    f"n = {r['n']}, {len(r['layers_a'])} x {len(r['layers_b'])} layers"
                    f"{f', SE <= {max(se):.3f}' if se else ''}, {how}: "

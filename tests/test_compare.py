@@ -689,3 +689,9 @@ def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, 
                            "--batch-seed", "-1", "--out", tmp_path)
     assert code == 1 and err == ("repsim cka: error: --batch-seed -1: valid values are integers "
                                  ">= 0; fix: give one, or leave --batch-seed out\n")
+
+
+def test_json_says_how_each_store_was_had_and_how_long_it_took(tmp_path, pair, capsys):
+    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--no-se")
+    assert r["stores"] == {"a": "given", "b": "given"} and r["seconds"] >= 0
+    assert r["files"][0].endswith(".json") and r["reused"] is False
