@@ -17,6 +17,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from repsim import __version__
@@ -148,9 +149,8 @@ def _config(cls, args: argparse.Namespace, **extra):
     """The dataclass ``cls`` from the flags of its fields' names, plus ``extra``."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in vars(args).items() if k in names}
-    if "progress" in names:
-        kw["progress"] = not args.json
-    return cls(**{**kw, **extra})
+    progress = {"progress": not args.json} if "progress" in names else {}  # no bars in --json
+    return cls(**{**kw, **progress, **extra})
 
 
 def _report(args: argparse.Namespace, result: dict, text: str) -> int:
@@ -219,15 +219,16 @@ def cmd_extract(args) -> int:
              "epochs beside the checkpoint, e.g. 0,1,5,every:10 (default: none)"),
          *_RUN)
 def cmd_train(args) -> int:
+    from repsim.checkpoints import snapshot_dir
     from repsim.train import TrainConfig, train
 
     res = train(_config(TrainConfig, args))
-    acc = res.get("test_accuracy")
-    acc_txt = f", test accuracy {acc:.2f}%" if acc is not None else ""
+    acc_txt = "" if (acc := res.get("test_accuracy")) is None else f", test accuracy {acc:.2f}%"
     why = f" (stopped: {res['stopped']})" if res.get("stopped") else ""
+    snaps = f", snapshots {snapshot_dir(Path(res['checkpoint']))}" if res.get("snapshots") else ""
     return _report(args, res, f"trained {res['epochs']}/{res['epochs_planned']} epochs{why}"
                    f"{acc_txt} in {res['seconds']:.0f} s: {res['checkpoint']} (log "
-                   f"{res['log']}, curve {res.get('curve', '-')})")
+                   f"{res['log']}, curve {res.get('curve', '-')}{snaps})")
 
 
 @command("eval", "Top-1 accuracy and loss of a model on a split (or --n of its images).",
@@ -466,8 +467,7 @@ def _import_user_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise UserError(f"--import {name}: cannot import it ({exc}); valid: an importable "
-                            "module name (a .py file in the current folder or on PYTHONPATH, "
-                            "without .py)") from None
+                            "module name (a .py file here or on PYTHONPATH, without .py)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

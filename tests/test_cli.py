@@ -270,3 +270,18 @@ def test_a_threshold_that_is_no_positive_number_is_refused_with_any_kernel(bad, 
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1
     assert f"argument --threshold: must be > 0, got {float(bad)}" in err
+
+
+def test_the_train_summary_names_the_snapshot_folder_when_it_kept_snapshots(
+        monkeypatch, tmp_path, capsys):
+    import repsim.train
+    from repsim.cli import main
+
+    ckpt = tmp_path / "vit_cifar.pt"
+    summary = {"epochs": 2, "epochs_planned": 2, "test_accuracy": 50.0, "seconds": 1.0,
+               "checkpoint": str(ckpt), "log": str(tmp_path / "log.jsonl"), "curve": "c.png"}
+    for snaps, shown in (([0, 2], True), ([], False)):
+        monkeypatch.setattr(repsim.train, "train", lambda cfg, s=snaps: {**summary, "snapshots": s})
+        assert main(["train", "--model", "vit_cifar", "--snapshots", "0,2"]) == 0
+        out = capsys.readouterr().out
+        assert (f"snapshots {tmp_path / 'vit_cifar_snapshots'}" in out) == shown, out
