@@ -289,8 +289,8 @@ def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
     if (null := res.biased_null_mean) is None:
         cfg.log("note: the standard errors were skipped, so whether the biased estimator "
                 "reads high here was not checked; compute them (the default) to check")
-    elif np.nanmax(null) > 0.1:
-        cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
+    elif (top := np.nanmax(null, initial=0.0)) > 0.1:  # initial: every layer may be dead
+        cfg.log(f"warning: the biased estimator reads up to {top:.2f} on unrelated "
                 f"data here (n = {res.n}, layers of effective dimensionality up to "
                 f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
                 "default) or 'debiased' has null level 0")

@@ -695,3 +695,15 @@ def test_json_says_how_each_store_was_had_and_how_long_it_took(tmp_path, pair, c
     r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--no-se")
     assert r["stores"] == {"a": "given", "b": "given"} and r["seconds"] >= 0
     assert r["files"][0].endswith(".json") and r["reused"] is False
+
+
+@pytest.mark.parametrize("se", [True, False])
+def test_a_biased_comparison_of_a_constant_layer_warns_of_it_and_of_nothing_else(tmp_path, se):
+    store = make_store(tmp_path / "m.h5", {"const": np.full((24, 3), 2.5)})
+    cfg = CKAConfig(a=str(store), b=str(store), estimator="biased", se=se, plots=False,
+                    progress=False, out=str(tmp_path / "o"), log=lambda msg: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cka(cfg)["result"]["matrix"] == [[None]]
+    assert {str(w.message) for w in caught} == {
+        "layer 'const' has zero variance (every row is identical); its CKA values are NaN"}
