@@ -207,8 +207,8 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
         return list(store.layers)
     every = dict.fromkeys(("default", "all"), store.layers)
     return match_layers(store.layers, request, every, lambda part: UserError(
-        f"layer {part!r} is not in {store.path} (layers: {', '.join(store.layers)}); pick "
-        "from those"))
+        f"layers={part!r} matches nothing in {store.path} (layers: {', '.join(store.layers)}); "
+        "pick from those"))
 
 
 # --------------------------------------------------------------------------- results

@@ -707,3 +707,9 @@ def test_a_biased_comparison_of_a_constant_layer_warns_of_it_and_of_nothing_else
         assert run_cka(cfg)["result"]["matrix"] == [[None]]
     assert {str(w.message) for w in caught} == {
         "layer 'const' has zero variance (every row is identical); its CKA values are NaN"}
+
+
+def test_an_unknown_layer_of_a_store_file_names_that_sides_flag(tmp_path, pair, capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--layers-b", "stem,nope")
+    assert code == 1 and err == (f"repsim cka: error: --layers-b 'nope' matches nothing in "
+                                 f"{pair[1]} (layers: stem, layer1, layer2); pick from those\n")
