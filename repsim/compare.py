@@ -339,7 +339,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
     # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
     key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa)
+    out_dir = Path(cfg.out).expanduser() if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"
     plots = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"] if cfg.plots else []

@@ -713,3 +713,12 @@ def test_an_unknown_layer_of_a_store_file_names_that_sides_flag(tmp_path, pair, 
     code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--layers-b", "stem,nope")
     assert code == 1 and err == (f"repsim cka: error: --layers-b 'nope' matches nothing in "
                                  f"{pair[1]} (layers: stem, layer1, layer2); pick from those\n")
+
+
+def test_an_output_folder_under_home_is_expanded_as_extract_does(tmp_path, pair, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out="~/res", se=False, plots=False,
+                            progress=False))
+    assert res["files"][0].startswith(str(tmp_path / "home" / "res") + os.sep)
+    assert not (tmp_path / "~").exists()
