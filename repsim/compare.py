@@ -282,18 +282,19 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
         raise UserError(str(e)) from None
 
 
-def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
-    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown."""
+def _warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown,
+    in the result file's content ``r``: computed or reused, the same result warns the same."""
     if cfg.estimator != "biased" or not cfg.log:
         return
-    if (null := res.biased_null_mean) is None:
+    if (null := r["biased_null_mean"]) is None:
         cfg.log("note: the standard errors were skipped, so whether the biased estimator "
                 "reads high here was not checked; compute them (the default) to check")
-    elif (top := np.nanmax(null, initial=0.0)) > 0.1:  # initial: every layer may be dead
+    elif (top := np.nanmax(np.array(null, float), initial=0.0)) > 0.1:  # all dead: NaN
         cfg.log(f"warning: the biased estimator reads up to {top:.2f} on unrelated "
-                f"data here (n = {res.n}, layers of effective dimensionality up to "
-                f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
-                "default) or 'debiased' has null level 0")
+                f"data here (n = {r['n']}, layers of effective dimensionality up to "
+                f"{np.nanmax(np.array(r['pr_a'] + r['pr_b'], float)):.0f}); "
+                "estimator='minibatch' (the default) or 'debiased' has null level 0")
 
 
 def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
@@ -346,14 +347,13 @@ def run_cka(cfg: CKAConfig) -> dict:
     payload = None if cfg.force else _cached(jpath, key, [sa.path, sb.path], plots)
     reused = payload is not None
     if not reused:
-        res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
-        _warn_if_biased_reads_high(res, cfg)
-        payload = _payload(sa, sb, res.to_dict(), key)
+        payload = _payload(sa, sb, cka_of_stores(sa, sb, layers_a, layers_b, cfg).to_dict(), key)
         if cfg.plots:  # before the JSON, whose key vouches for them (make's rule)
             from repsim.figures import draw as P
 
             P.save(P.cka_heatmap(payload), out_dir / stem)
         write_json(jpath, payload)
+    _warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
 

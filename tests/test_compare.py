@@ -722,3 +722,12 @@ def test_an_output_folder_under_home_is_expanded_as_extract_does(tmp_path, pair,
                             progress=False))
     assert res["files"][0].startswith(str(tmp_path / "home" / "res") + os.sep)
     assert not (tmp_path / "~").exists()
+
+
+def test_a_reused_biased_result_warns_as_the_computed_one_did(tmp_path, capsys):
+    wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}  # null level about 0.9
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    first, err1 = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
+    again, err2 = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
+    assert again["reused"] and not first["reused"]
+    assert "warning: the biased estimator reads up to 0.9" in err1 and err2 == err1
