@@ -426,7 +426,7 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
             readers = [ra, rb][:len(sides)]
             width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
             # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
-            if not (small and 8 * (cfg.batch_size or n) * width <= budget // 2):
+            if not (small and 8 * min(cfg.batch_size or n, n) * width <= budget // 2):
                 fa = ra.features(layers_a)
                 return cka.compare(
                     fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,

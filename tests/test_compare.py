@@ -731,3 +731,11 @@ def test_a_reused_biased_result_warns_as_the_computed_one_did(tmp_path, capsys):
     again, err2 = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
     assert again["reused"] and not first["reused"]
     assert "warning: the biased estimator reads up to 0.9" in err1 and err2 == err1
+
+
+def test_a_batch_larger_than_the_store_is_sized_by_its_rows_for_the_sketch_cache(tmp_path, pair):
+    # 24 rows of at most 16 columns in float64 are 3,072 bytes, within half of 8,192: the
+    # layers are sketched (and cached) although one batch could hold 1,024 rows.
+    run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), plots=False,
+                      progress=False, se=False, memory_budget=8192))
+    assert len(list((tmp_path / "cache" / "sketches").iterdir())) == len(pair[2]) + len(pair[3])
