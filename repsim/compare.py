@@ -87,8 +87,8 @@ class StoreRef:
 class CKAConfig:
     """Everything ``repsim cka`` needs; ``a``/``b`` are model names or store paths."""
 
-    a: str
-    b: str
+    a: str | os.PathLike
+    b: str | os.PathLike
     kernel: str = "linear"
     estimator: str = "minibatch"  # batches of batch_size (default 1,024; see repsim.sketch)
     threshold: float = 1.0
@@ -257,7 +257,8 @@ def default_out_dir(a: StoreRef) -> Path:
 
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
-    """``cfg`` with its batch size and permutation seed resolved; UserError for bad settings."""
+    """``cfg`` with batch size, permutation seed and a, b (as str) resolved; UserError if bad."""
+    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b))  # store paths may be Paths
     for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
         if (v := getattr(cfg, k)) is not None and not (isinstance(v, int | np.integer) and v >= lo):
             raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
@@ -382,8 +383,7 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
 
 # --------------------------------------------------------------------------- the engine on stores
 
-# A layer's sketch is cached when it is at most this big: 4 MB for minibatch CKA of 2,000
-# images in batches of 250, 4 MB debiased at n = 1,000.
+# A layer's sketch is cached up to this size (4 MB debiased at n = 1,000).
 SKETCH_MAX_BYTES = 256 << 20
 
 

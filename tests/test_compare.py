@@ -739,3 +739,10 @@ def test_a_batch_larger_than_the_store_is_sized_by_its_rows_for_the_sketch_cache
     run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), plots=False,
                       progress=False, se=False, memory_budget=8192))
     assert len(list((tmp_path / "cache" / "sketches").iterdir())) == len(pair[2]) + len(pair[3])
+
+
+def test_store_paths_may_be_path_objects(tmp_path, pair):
+    res = run_cka(CKAConfig(a=pair[0], b=pair[1], out=str(tmp_path), se=False, plots=False,
+                            progress=False))
+    assert res["stores"] == {"a": "given", "b": "given"}
+    assert res["result"]["inputs"]["a"]["path"] == str(pair[0])
