@@ -285,3 +285,18 @@ def test_the_train_summary_names_the_snapshot_folder_when_it_kept_snapshots(
         assert main(["train", "--model", "vit_cifar", "--snapshots", "0,2"]) == 0
         out = capsys.readouterr().out
         assert (f"snapshots {tmp_path / 'vit_cifar_snapshots'}" in out) == shown, out
+
+
+def test_cka_json_says_how_each_store_was_had_and_how_long_it_took(monkeypatch, capsys):
+    import repsim.compare
+    from repsim.cli import main
+
+    result = {"model_a": "a", "model_b": "b", "kernel": "linear", "estimator": "minibatch",
+              "n": 24, "layers_a": ["x"], "layers_b": ["y"], "matrix": [[0.5]], "se": None}
+    summary = {"result": result, "files": ["o/a__b.json"], "reused": False,
+               "stores": {"a": "given", "b": "extracted"}, "seconds": 0.25}
+    monkeypatch.setattr(repsim.compare, "run_cka", lambda cfg: summary)
+    assert main(["cka", "--a", "a.h5", "--b", "b.h5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        **result, "files": ["o/a__b.json"], "reused": False,
+        "stores": {"a": "given", "b": "extracted"}, "seconds": 0.25}

@@ -691,12 +691,6 @@ def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, 
                                  ">= 0; fix: give one, or leave --batch-seed out\n")
 
 
-def test_json_says_how_each_store_was_had_and_how_long_it_took(tmp_path, pair, capsys):
-    r, _ = run_json(capsys, "--a", pair[0], "--b", pair[1], "--out", tmp_path, "--no-se")
-    assert r["stores"] == {"a": "given", "b": "given"} and r["seconds"] >= 0
-    assert r["files"][0].endswith(".json") and r["reused"] is False
-
-
 @pytest.mark.parametrize("se", [True, False])
 def test_a_biased_comparison_of_a_constant_layer_warns_of_it_and_of_nothing_else(tmp_path, se):
     store = make_store(tmp_path / "m.h5", {"const": np.full((24, 3), 2.5)})
