@@ -17,6 +17,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from repsim import __version__
@@ -33,7 +34,6 @@ def command(name: str, help: str, *options):
     def deco(run):
         COMMANDS[name] = (help, options, run)
         return run
-
     return deco
 
 
@@ -67,9 +67,8 @@ class _Formatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, argparse.SUPPRESS)
-                or action.nargs == 0):  # flags: off unless given
-            return text
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text  # nargs 0: a flag, off unless given
         return f"{text} (default: %(default)s)"
 
 
@@ -111,8 +110,17 @@ def _number(kind: type, low: float, high: float = float("inf"), low_ok: bool = F
                 f"must be {'>=' if low_ok else '>'} {low:g}"
                 + (f" and <= {high:g}" if high != float("inf") else "") + f", got {v}")
         return v
-
     return parse
+
+
+def _size(text: str) -> int:
+    """An argparse type: bytes, as a number with an optional binary unit (``2GiB``)."""
+    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    m = re.fullmatch(r"\s*(\d*\.?\d+)\s*([a-z]*)\s*", text.lower())
+    if not m or m[2] not in units or (v := int(float(m[1]) * units[m[2]])) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; valid: a positive number of "
+                                         "bytes, KiB, MiB, GiB or TiB, e.g. 2GiB or 512MiB")
+    return v
 
 
 _positive_int = _number(int, 1, low_ok=True)
@@ -141,9 +149,8 @@ def _config(cls, args: argparse.Namespace, **extra):
     """The dataclass ``cls`` from the flags of its fields' names, plus ``extra``."""
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in vars(args).items() if k in names}
-    if "progress" in names:
-        kw["progress"] = not args.json
-    return cls(**{**kw, **extra})
+    progress = {"progress": not args.json} if "progress" in names else {}  # no bars in --json
+    return cls(**{**kw, **progress, **extra})
 
 
 def _report(args: argparse.Namespace, result: dict, text: str) -> int:
@@ -212,15 +219,16 @@ def cmd_extract(args) -> int:
              "epochs beside the checkpoint, e.g. 0,1,5,every:10 (default: none)"),
          *_RUN)
 def cmd_train(args) -> int:
+    from repsim.checkpoints import snapshot_dir
     from repsim.train import TrainConfig, train
 
     res = train(_config(TrainConfig, args))
-    acc = res.get("test_accuracy")
-    acc_txt = f", test accuracy {acc:.2f}%" if acc is not None else ""
+    acc_txt = "" if (acc := res.get("test_accuracy")) is None else f", test accuracy {acc:.2f}%"
     why = f" (stopped: {res['stopped']})" if res.get("stopped") else ""
+    snaps = f", snapshots {snapshot_dir(Path(res['checkpoint']))}" if res.get("snapshots") else ""
     return _report(args, res, f"trained {res['epochs']}/{res['epochs_planned']} epochs{why}"
                    f"{acc_txt} in {res['seconds']:.0f} s: {res['checkpoint']} (log "
-                   f"{res['log']}, curve {res.get('curve', '-')})")
+                   f"{res['log']}, curve {res.get('curve', '-')}{snaps})")
 
 
 @command("eval", "Top-1 accuracy and loss of a model on a split (or --n of its images).",
@@ -301,8 +309,7 @@ def cmd_attention(args) -> int:
 
 
 @command("featuremaps", "CNN feature maps: each stage's strongest channels and mean map.",
-         opt("--model", required=True,
-             help="a CNN: resnet18_cifar, resnet18_imagenet or timm:<cnn>"),
+         opt("--model", required=True, help="a CNN: resnet18_cifar, resnet18_imagenet, timm:<cnn>"),
          "--weights",
          opt("--stages", help="layer names, aliases or globs (default: layer1..layer4)"),
          opt("--top", type=_positive_int, default=8,
@@ -324,7 +331,7 @@ def cmd_featuremaps(args) -> int:
          opt("--b", required=True, metavar="B", help="the same for model B (rows: A's layers, "
              "columns: B's); --a X --b X is the self-similarity"),
          opt("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel"),
-         opt("--threshold", type=float, default=1.0,
+         opt("--threshold", type=_number(float, 0), default=1.0,
              help="RBF bandwidth as a multiple of the median distance"),
          opt("--estimator", default="minibatch", choices=["biased", "debiased", "minibatch"],
              help="CKA estimator (minibatch with n <= --batch-size is one batch: debiased "
@@ -333,9 +340,8 @@ def cmd_featuremaps(args) -> int:
              "minibatch (default: 1024)"),
          opt("--batch-seed", type=int,
              help="seed of the minibatch estimator's random batches (default: 0)"),
-         opt("--permutations", type=_number(int, 0, low_ok=True), default=0,
-             help="permutation null per cell: p-value, null mean and 95th percentile "
-             "(0: none; 999 is usual)"),
+         opt("--permutations", type=_number(int, 0, low_ok=True), default=0, help="permutation "
+             "null per cell: p-value, null mean and 95th percentile (0: none; 999 is usual)"),
          opt("--permutation-seed", type=int, help="seed of the permutations (default: 0)"),
          opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
              help="per cell, the K images whose removal moves it most (in the JSON)"),
@@ -357,7 +363,9 @@ def cmd_featuremaps(args) -> int:
          opt("--layers-b", help="the same for B (default: all)"),
          opt("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)"),
          opt("--force", action="store_true", help="re-extract and recompute even when cached"),
-         "--device", "--json")
+         "--device", opt("--memory-budget", type=_size, metavar="SIZE", help="working memory "
+             "of CKA, e.g. 2GiB or 512MiB (default: a quarter of the device's, 1 to 16 GiB)"),
+         "--json")
 def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
     from repsim.seeds import has_seeds, run_cka_seeds
@@ -376,7 +384,7 @@ def cmd_cka(args) -> int:
     r = res["result"]
     how = "reused (cached)" if res["reused"] else f"computed in {res['seconds']:.1f} s"
     se = [v for row in r.get("se") or [] for v in row if v is not None]
-    return _report(args, {**r, "files": res["files"], "reused": res["reused"]},
+    return _report(args, {**r, **{k: res.get(k) for k in ("files", "reused", "stores", "seconds")}},
                    f"{r['model_a']} vs {r['model_b']}: {r['kernel']} CKA ({r['estimator']}), "
                    f"n = {r['n']}, {len(r['layers_a'])} x {len(r['layers_b'])} layers"
                    f"{f', SE <= {max(se):.3f}' if se else ''}, {how}: "
@@ -385,8 +393,7 @@ def cmd_cka(args) -> int:
 
 @command("figures", "Build the study's figures and tables from analyses/*.toml into figures/ "
          "(cached, incremental).",
-         opt("--analyses", default="analyses", help="folder of figure specs, one .toml per "
-             "figure"),
+         opt("--analyses", default="analyses", help="folder of figure specs, one .toml per figure"),
          opt("--out", default="figures", help="output folder"),
          opt("--only", help="comma-separated spec names to build (default: all)"),
          opt("--dataset", help="override every spec's probe dataset, e.g. cifar10 (default: "
@@ -412,9 +419,8 @@ def cmd_figures(args) -> int:
         raise UserError(f"--only {args.only!r}: no spec name was given; pass comma-separated "
                         "spec names (the .toml stems), or leave --only out to build all")
     overrides = {k: getattr(args, k) for k in ("dataset", "split", "n", "seed", "data_root")}
-    res = build_all(args.analyses, args.out, only=only,
-                    overrides=overrides, device=args.device, force=args.force,
-                    progress=not args.json,
+    res = build_all(args.analyses, args.out, only=only, overrides=overrides,
+                    device=args.device, force=args.force, progress=not args.json,
                     log=lambda msg: print(f"repsim figures: {msg}", file=sys.stderr))
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in res[status]]
@@ -433,13 +439,11 @@ TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
-
-    A forward pass frees and re-allocates activations of tens of MB every batch; glibc
-    serves each with a fresh ``mmap`` by default, whose pages fault in again (a 2,000-image
-    ResNet-18 forward pass on a 2-core VM: 14.0 s, 10.1 s with this setting). Returns
-    whether it was made: not off glibc, nor when the user tunes malloc in the environment.
-    """
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel: a
+    forward pass frees and re-allocates activations of tens of MB every batch, by default each
+    a fresh ``mmap`` whose pages fault in again (a 2,000-image ResNet-18 forward pass on a
+    2-core VM: 14.0 s, 10.1 s with this setting). Returns whether it was made: not off glibc,
+    nor when the user tunes malloc in the environment."""
     import ctypes
 
     if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)
@@ -463,8 +467,7 @@ def _import_user_modules(names: list[str]) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             raise UserError(f"--import {name}: cannot import it ({exc}); valid: an importable "
-                            "module name (a .py file in the current folder or on PYTHONPATH, "
-                            "without .py)") from None
+                            "module name (a .py file here or on PYTHONPATH, without .py)") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,10 @@
 :func:`run_cka` resolves A and B (:func:`resolve_store`: a store file as it is; a model name
 through :func:`repsim.extraction.extract`, which reuses the store at its content address or
 makes it), checks that their rows are the same samples (:func:`repsim.store.check_aligned`),
-computes CKA (``A == B`` with the same layers: one symmetric matrix) and writes, atomically
-and without timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of the inputs>.json`` and its
-heatmap (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose
-``cache_key`` (inputs, axis labels and versions) matches, newer than both stores, is reused
-unless ``force``.
+computes CKA (``A == B``, same layers: one symmetric matrix) and writes, atomically, without
+timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of inputs>.json`` and its heatmap
+(``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose ``cache_key``
+(inputs, labels, versions) matches, newer than both stores, is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from repsim.store import check_aligned
 from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka/1"
-STORE_SUFFIXES = (".h5", ".hdf5")
 
 
 class InputUnavailable(UserError):
@@ -89,8 +87,8 @@ class StoreRef:
 class CKAConfig:
     """Everything ``repsim cka`` needs; ``a``/``b`` are model names or store paths."""
 
-    a: str
-    b: str
+    a: str | os.PathLike
+    b: str | os.PathLike
     kernel: str = "linear"
     estimator: str = "minibatch"  # batches of batch_size (default 1,024; see repsim.sketch)
     threshold: float = 1.0
@@ -123,7 +121,7 @@ class CKAConfig:
 
 def looks_like_store(ref: str) -> bool:
     """Whether ``ref`` (``a``/``b``) names a store file rather than a model."""
-    return (ref.lower().endswith(STORE_SUFFIXES) or os.sep in ref or "/" in ref
+    return (ref.lower().endswith((".h5", ".hdf5")) or os.sep in ref or "/" in ref
             or Path(ref).is_file())
 
 
@@ -189,8 +187,7 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     except UserError:
         from repsim.models import weights_problem  # torch: only when extraction failed
 
-        problem = weights_problem(ref, weights)
-        if problem is not None:
+        if (problem := weights_problem(ref, weights)) is not None:
             raise InputUnavailable(problem) from None
         raise
     if not res["reused"] and log is not None:
@@ -208,10 +205,10 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
 
     if request is None:
         return list(store.layers)
-    every = {"default": store.layers, "all": store.layers}
+    every = dict.fromkeys(("default", "all"), store.layers)
     return match_layers(store.layers, request, every, lambda part: UserError(
-        f"layer {part!r} is not in {store.path} (layers: {', '.join(store.layers)}); pick "
-        "from those"))
+        f"layers={part!r} matches nothing in {store.path} (layers: {', '.join(store.layers)}); "
+        "pick from those"))
 
 
 # --------------------------------------------------------------------------- results
@@ -230,11 +227,10 @@ def versions() -> dict[str, str]:
 
 def _inputs(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> dict:
     """Everything that decides a result's matrix (the result file's name is its digest)."""
-    mini = cfg.estimator == "minibatch"
+    mini, rbf = cfg.estimator == "minibatch", cfg.kernel == "rbf"
     return {"format": FORMAT, "a": a.identity_sha256, "b": b.identity_sha256,
             "layers_a": layers_a, "layers_b": layers_b, "kernel": cfg.kernel,
-            "estimator": cfg.estimator,
-            "threshold": cfg.threshold if cfg.kernel == "rbf" else None,
+            "estimator": cfg.estimator, "threshold": cfg.threshold if rbf else None,
             "batch_size": cfg.batch_size if mini else None,
             "batch_seed": cfg.batch_seed if mini else None, "se": cfg.se,
             "permutations": cfg.permutations, "influence": cfg.influence,
@@ -261,7 +257,12 @@ def default_out_dir(a: StoreRef) -> Path:
 
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
-    """``cfg`` with its batch size and permutation seed resolved; UserError for bad settings."""
+    """``cfg`` with batch size, permutation seed and a, b (as str) resolved; UserError if bad."""
+    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b))  # store paths may be Paths
+    for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
+        if (v := getattr(cfg, k)) is not None and not (isinstance(v, int | np.integer) and v >= lo):
+            raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
+                            f"leave {k}= out")
     for k in ("batch_size", "batch_seed"):
         if cfg.estimator != "minibatch" and getattr(cfg, k) is not None:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
@@ -282,18 +283,19 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
         raise UserError(str(e)) from None
 
 
-def _warn_if_biased_reads_high(res: CKAResult, cfg: CKAConfig) -> None:
-    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown."""
+def _warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown,
+    in the result file's content ``r``: computed or reused, the same result warns the same."""
     if cfg.estimator != "biased" or not cfg.log:
         return
-    if (null := res.biased_null_mean) is None:
+    if (null := r["biased_null_mean"]) is None:
         cfg.log("note: the standard errors were skipped, so whether the biased estimator "
                 "reads high here was not checked; compute them (the default) to check")
-    elif np.nanmax(null) > 0.1:
-        cfg.log(f"warning: the biased estimator reads up to {np.nanmax(null):.2f} on unrelated "
-                f"data here (n = {res.n}, layers of effective dimensionality up to "
-                f"{np.nanmax([*res.pr_a, *res.pr_b]):.0f}); estimator='minibatch' (the "
-                "default) or 'debiased' has null level 0")
+    elif (top := np.nanmax(np.array(null, float), initial=0.0)) > 0.1:  # all dead: NaN
+        cfg.log(f"warning: the biased estimator reads up to {top:.2f} on unrelated "
+                f"data here (n = {r['n']}, layers of effective dimensionality up to "
+                f"{np.nanmax(np.array(r['pr_a'] + r['pr_b'], float)):.0f}); "
+                "estimator='minibatch' (the default) or 'debiased' has null level 0")
 
 
 def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
@@ -327,6 +329,10 @@ def run_cka(cfg: CKAConfig) -> dict:
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      {**common, "weights_seed": cfg.weights_seed_b}, "b")
     check_aligned(sa, sb)
+    if sa.n < (need := 2 if cfg.estimator == "biased" else 4):  # sketch.check_rows's rule
+        raise UserError(f"a= and b= hold {sa.n} samples each, but estimator={cfg.estimator!r} "
+                        f"needs at least {need}; fix: compare stores of {need} or more samples "
+                        f"(extract them with n={need} or more)")
     if cfg.batch_seed is not None and cfg.estimator == "minibatch" and sa.n <= cfg.batch_size:
         raise UserError(f"batch_seed={cfg.batch_seed} has no effect: the {sa.n} rows fit in one "
                         f"batch_size={cfg.batch_size}; give one below {sa.n}, or drop batch_seed=")
@@ -335,32 +341,30 @@ def run_cka(cfg: CKAConfig) -> dict:
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
     # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
     key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
-    out_dir = Path(cfg.out) if cfg.out else default_out_dir(sa)
+    out_dir = Path(cfg.out).expanduser() if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"
     plots = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"] if cfg.plots else []
     payload = None if cfg.force else _cached(jpath, key, [sa.path, sb.path], plots)
     reused = payload is not None
     if not reused:
-        res = cka_of_stores(sa, sb, layers_a, layers_b, cfg)
-        _warn_if_biased_reads_high(res, cfg)
-        payload = _payload(sa, sb, res.to_dict(), key)
+        payload = _payload(sa, sb, cka_of_stores(sa, sb, layers_a, layers_b, cfg).to_dict(), key)
         if cfg.plots:  # before the JSON, whose key vouches for them (make's rule)
             from repsim.figures import draw as P
 
             P.save(P.cka_heatmap(payload), out_dir / stem)
         write_json(jpath, payload)
+    _warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
 
 
 def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
                   force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
-    """The store for one side and its selected layers. For a model name the default store is
-    used when it holds the requested layers; otherwise a store of exactly those is made.
-    ``common``: the other arguments of :func:`resolve_store`; ``side`` (``"a"``, ``"b"``):
-    errors name this side's parameters (``b=``, ``weights_b=``, ``layers_b=``), not the
-    model's (``model=``, ``weights=``, ``layers=``)."""
+    """The store for one side and its selected layers: for a model name, the default store
+    when it holds them, else a store of exactly those. ``common``: the other arguments of
+    :func:`resolve_store`; ``side`` (``"a"``, ``"b"``): errors name this side's parameters
+    (``b=``, ``weights_b=``, ``layers_b=``), not the model's (``model=``, ...)."""
     try:
         store = resolve_store(ref, weights=weights, label=label, force=force, **common)
         try:
@@ -379,8 +383,7 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
 
 # --------------------------------------------------------------------------- the engine on stores
 
-# A layer's sketch is cached when it is at most this big: 4 MB for minibatch CKA of 2,000
-# images in batches of 250, 4 MB debiased at n = 1,000.
+# A layer's sketch is cached up to this size (4 MB debiased at n = 1,000).
 SKETCH_MAX_BYTES = 256 << 20
 
 
@@ -398,9 +401,8 @@ def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     with Store(store_a.path) as ra, Store(store_b.path) as rb:
         return stats.calibrate_result(
             res, [ra[x] for x in layers_a], [rb[x] for x in layers_b],
-            permutations=cfg.permutations, seed=cfg.permutation_seed,
-            influence=cfg.influence, ids=ra.ids, device=resolve_device(cfg.device),
-            memory_budget=cfg.memory_budget)
+            permutations=cfg.permutations, seed=cfg.permutation_seed, influence=cfg.influence,
+            ids=ra.ids, device=resolve_device(cfg.device), memory_budget=cfg.memory_budget)
 
 
 def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
@@ -424,7 +426,7 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
             readers = [ra, rb][:len(sides)]
             width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
             # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
-            if not (small and 8 * (cfg.batch_size or n) * width <= budget // 2):
+            if not (small and 8 * min(cfg.batch_size or n, n) * width <= budget // 2):
                 fa = ra.features(layers_a)
                 return cka.compare(
                     fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
@@ -451,9 +453,8 @@ def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[floa
     """The engine's warning (:func:`repsim.cka.compare`) for layers whose sketch is zero."""
     for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
         if not np.any(sk):
-            why = ("has a zero median squared distance, so its RBF bandwidth is zero"
-                   if med is not None and not med > 0 else
-                   "has zero variance (every row is identical)")
+            why = ("has zero variance (every row is identical)" if med is None or med > 0 else
+                   "has a zero median squared distance, so its RBF bandwidth is zero")
             warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
                           stacklevel=4)
 
@@ -488,8 +489,7 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
             try:
                 sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
                                       threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                      batch_seed=cfg.batch_seed,
-                                      median_sqdist=med if rbf else None,
+                                      batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None,
                                       device=device).cpu().numpy()
             except ValueError as e:  # non-finite activations: name the store and layer
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None

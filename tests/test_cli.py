@@ -223,3 +223,80 @@ def test_a_weights_seed_that_seeds_no_random_weights_is_refused_in_flags(argv, c
     assert err.startswith(f"repsim {argv[0]}: error: {flag} 3 has no effect: it seeds random "
                           "weights only") and len(err.strip().splitlines()) == 1
     assert f"pass {flag.replace('-seed', '')} 'random'" in err
+
+
+def _cka_config(monkeypatch, *args: str):
+    """The CKAConfig ``repsim cka --a a.h5 --b b.h5 ARGS`` hands the library (not run)."""
+    import repsim.compare
+    from repsim.cli import main
+
+    got = []
+
+    def fake_run_cka(cfg):
+        got.append(cfg)
+        raise KeyboardInterrupt  # stop here: main reports it without running anything
+
+    monkeypatch.setattr(repsim.compare, "run_cka", fake_run_cka)
+    assert main(["cka", "--a", "a.h5", "--b", "b.h5", *args]) == 130
+    return got[0]
+
+
+@pytest.mark.parametrize("size, want", [("2GiB", 2 << 30), ("512MiB", 512 << 20),
+                                        ("1.5kib", 1536), ("4096", 4096), ("64 B", 64)])
+def test_cka_memory_budget_takes_sizes_and_reaches_the_config(monkeypatch, size, want):
+    assert _cka_config(monkeypatch, "--memory-budget", size).memory_budget == want
+    assert _cka_config(monkeypatch).memory_budget is None  # the engine's default
+    help_ = " ".join(_subparsers()["cka"].format_help().split())
+    assert "--memory-budget SIZE" in help_ and "e.g. 2GiB" in help_
+
+
+@pytest.mark.parametrize("bad", ["lots", "0", "-1", "2GB", "0.1B", "1e9"])
+def test_a_bad_memory_budget_is_refused_in_one_line(bad, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["cka", "--a", "a.h5", "--b", "b.h5", "--memory-budget", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"argument --memory-budget: {bad!r} is not a size" in err and "GiB" in err
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "nan"])
+def test_a_threshold_that_is_no_positive_number_is_refused_with_any_kernel(bad, capsys):
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:  # --kernel linear ignores it, but it is still wrong
+        main(["cka", "--a", "a.h5", "--b", "b.h5", "--threshold", bad])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1
+    assert f"argument --threshold: must be > 0, got {float(bad)}" in err
+
+
+def test_the_train_summary_names_the_snapshot_folder_when_it_kept_snapshots(
+        monkeypatch, tmp_path, capsys):
+    import repsim.train
+    from repsim.cli import main
+
+    ckpt = tmp_path / "vit_cifar.pt"
+    summary = {"epochs": 2, "epochs_planned": 2, "test_accuracy": 50.0, "seconds": 1.0,
+               "checkpoint": str(ckpt), "log": str(tmp_path / "log.jsonl"), "curve": "c.png"}
+    for snaps, shown in (([0, 2], True), ([], False)):
+        monkeypatch.setattr(repsim.train, "train", lambda cfg, s=snaps: {**summary, "snapshots": s})
+        assert main(["train", "--model", "vit_cifar", "--snapshots", "0,2"]) == 0
+        out = capsys.readouterr().out
+        assert (f"snapshots {tmp_path / 'vit_cifar_snapshots'}" in out) == shown, out
+
+
+def test_cka_json_says_how_each_store_was_had_and_how_long_it_took(monkeypatch, capsys):
+    import repsim.compare
+    from repsim.cli import main
+
+    result = {"model_a": "a", "model_b": "b", "kernel": "linear", "estimator": "minibatch",
+              "n": 24, "layers_a": ["x"], "layers_b": ["y"], "matrix": [[0.5]], "se": None}
+    summary = {"result": result, "files": ["o/a__b.json"], "reused": False,
+               "stores": {"a": "given", "b": "extracted"}, "seconds": 0.25}
+    monkeypatch.setattr(repsim.compare, "run_cka", lambda cfg: summary)
+    assert main(["cka", "--a", "a.h5", "--b", "b.h5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        **result, "files": ["o/a__b.json"], "reused": False,
+        "stores": {"a": "given", "b": "extracted"}, "seconds": 0.25}

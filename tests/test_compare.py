@@ -648,3 +648,95 @@ def test_seed_aggregate_by_hand_and_a_nan_cell_stays_nan():
     assert got["seed_sd"] == [[pytest.approx(0.2 / 2**0.5, abs=1e-15), None, None]]
     one = aggregate([{"matrix": [[0.5, None]], "se": None}])
     assert one == {"matrix": [[0.5, None]], "seed_sd": None, "se": None, "n_comparisons": 1}
+
+
+@pytest.mark.parametrize("estimator, n, need", [("debiased", 3, 4), ("minibatch", 3, 4),
+                                                ("biased", 1, 2)])
+def test_stores_with_too_few_rows_are_a_user_error_naming_the_rows(tmp_path, estimator, n,
+                                                                   need):
+    from repsim.errors import UserError
+
+    pa = make_store(tmp_path / "a.h5", toy_feats(["x"], n=n))
+    with pytest.raises(UserError, match=rf"a= and b= hold {n} samples each, but "
+                       rf"estimator='{estimator}' needs at least {need}"):
+        run_cka(CKAConfig(a=str(pa), b=str(pa), estimator=estimator, plots=False,
+                          out=str(tmp_path / "o")))
+
+
+def test_too_few_rows_at_the_cli_is_one_line_without_a_made_up_flag(tmp_path, capsys):
+    pa = make_store(tmp_path / "a.h5", toy_feats(["x"], n=3))
+    code, out, err = run_cli(capsys, "--a", pa, "--b", pa, "--estimator", "debiased")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("repsim cka: error: --a and --b hold 3 samples each")
+    assert "--n 3" not in err  # no --n was given: the stores are files
+
+
+@pytest.mark.parametrize("setting", [{"batch_seed": -1, "batch_size": 8}, {"batch_seed": 1.5},
+                                     {"permutations": -5}, {"permutations": 3.5},
+                                     {"influence": -2}, {"memory_budget": 0},
+                                     {"memory_budget": "2GiB"}])
+def test_settings_out_of_range_are_refused_before_any_work(tmp_path, pair, setting):
+    from repsim.errors import UserError
+
+    (k, v), *_ = setting.items()
+    with pytest.raises(UserError, match=rf"^{k}={v!r}: valid values are integers >= "):
+        run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path), **setting))
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, pair, capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--batch-size", "8",
+                           "--batch-seed", "-1", "--out", tmp_path)
+    assert code == 1 and err == ("repsim cka: error: --batch-seed -1: valid values are integers "
+                                 ">= 0; fix: give one, or leave --batch-seed out\n")
+
+
+@pytest.mark.parametrize("se", [True, False])
+def test_a_biased_comparison_of_a_constant_layer_warns_of_it_and_of_nothing_else(tmp_path, se):
+    store = make_store(tmp_path / "m.h5", {"const": np.full((24, 3), 2.5)})
+    cfg = CKAConfig(a=str(store), b=str(store), estimator="biased", se=se, plots=False,
+                    progress=False, out=str(tmp_path / "o"), log=lambda msg: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cka(cfg)["result"]["matrix"] == [[None]]
+    assert {str(w.message) for w in caught} == {
+        "layer 'const' has zero variance (every row is identical); its CKA values are NaN"}
+
+
+def test_an_unknown_layer_of_a_store_file_names_that_sides_flag(tmp_path, pair, capsys):
+    code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--layers-b", "stem,nope")
+    assert code == 1 and err == (f"repsim cka: error: --layers-b 'nope' matches nothing in "
+                                 f"{pair[1]} (layers: stem, layer1, layer2); pick from those\n")
+
+
+def test_an_output_folder_under_home_is_expanded_as_extract_does(tmp_path, pair, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out="~/res", se=False, plots=False,
+                            progress=False))
+    assert res["files"][0].startswith(str(tmp_path / "home" / "res") + os.sep)
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_reused_biased_result_warns_as_the_computed_one_did(tmp_path, capsys):
+    wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}  # null level about 0.9
+    a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
+    first, err1 = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
+    again, err2 = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased")
+    assert again["reused"] and not first["reused"]
+    assert "warning: the biased estimator reads up to 0.9" in err1 and err2 == err1
+
+
+def test_a_batch_larger_than_the_store_is_sized_by_its_rows_for_the_sketch_cache(tmp_path, pair):
+    # 24 rows of at most 16 columns in float64 are 3,072 bytes, within half of 8,192: the
+    # layers are sketched (and cached) although one batch could hold 1,024 rows.
+    run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), plots=False,
+                      progress=False, se=False, memory_budget=8192))
+    assert len(list((tmp_path / "cache" / "sketches").iterdir())) == len(pair[2]) + len(pair[3])
+
+
+def test_store_paths_may_be_path_objects(tmp_path, pair):
+    res = run_cka(CKAConfig(a=pair[0], b=pair[1], out=str(tmp_path), se=False, plots=False,
+                            progress=False))
+    assert res["stores"] == {"a": "given", "b": "given"}
+    assert res["result"]["inputs"]["a"]["path"] == str(pair[0])
