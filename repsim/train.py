@@ -16,7 +16,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError
 from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
+from repsim.weights import checkpoint_dir, sha256_file
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     model: str
     dataset: str = "cifar10"  # a dataset with a train split (not the bundled probe set)
@@ -142,10 +143,9 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
-    from repsim.registry import get_spec
 
-    if weights == "random" or (weights is None and (get_spec(name).default_weights or ""
-                                                    ).startswith("checkpoints/")):
+    default = registry.get_spec(name).default_weights or ""
+    if weights == "random" or (weights is None and default.startswith("checkpoints/")):
         model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:
@@ -165,10 +165,8 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         from repsim.models import resolve_device
-        from repsim.registry import get_spec
-        from repsim.weights import checkpoint_dir
 
-        self.spec = get_spec(cfg.model)
+        self.spec = registry.get_spec(cfg.model)
         cfg, recipe = _resolve(cfg)
         self.cfg, self.recipe = cfg, recipe
         self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
@@ -380,8 +378,6 @@ def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
     """One pass over the training subset: its log row, or None when ``max_steps`` cut it."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     cfg, dev, n, spe = run.cfg, run.dev, len(run.y_train), run.steps_per_epoch
     run.model.train()
@@ -431,10 +427,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
           ) -> dict[str, Any]:
     """Score the float16 weights, then write checkpoint, manifest entry, ``pending`` log rows
     (emptied) and, last, the resumable state; returns the summary entries of this save."""
-    from tqdm import tqdm
-
-    from repsim.weights import sha256_file
-
     cfg = run.cfg
     half, test = _scored_half(run)
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
