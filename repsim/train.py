@@ -219,9 +219,15 @@ class _Run:
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
-        from repsim.weights import read_weights
-
-        state = read_weights(self.state_path)
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
+        except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
+            why = type(exc).__name__
+        if why:  # advice about the run, not about a weights file
+            raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
+                            f"({why}); valid: a state written by repsim train; fix: restart=True "
+                            "to start over (it is deleted), or another run_dir=PATH")
         if state.get("identity") != _identity(self.cfg, self.recipe):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over "

@@ -516,3 +516,27 @@ def test_a_manifest_that_is_no_json_object_is_a_user_error(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(UserError, match=r"manifest\.json is not a checkpoint manifest.*delete it"):
         update_manifest(tmp_path / "m.pt", {"name": "m"})
+
+
+@pytest.fixture
+def mlp(monkeypatch, tmp_path):
+    """A registered 48-input MLP (fast to train on the 4x4 toy input) and a start file of it."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    build = registry.register_model("train_mlp_test", input_size=4)(
+        lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, n)))
+    torch.save(build(10).state_dict(), tmp_path / "start.pt")
+    return "train_mlp_test"
+
+
+def test_a_corrupt_state_file_is_named_as_the_runs_state(toy_root, tmp_path, mlp):
+    # A truncated state.pt: the advice is about the run's state (delete it, restart, another
+    # run_dir), not about re-saving or downloading weights.
+    (tmp_path / "run").mkdir()
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "run" / "state.pt")
+    whole = (tmp_path / "run" / "state.pt").read_bytes()
+    (tmp_path / "run" / "state.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UserError, match=r"state\.pt, the saved state of this run, is unreadable "
+                       r".*fix: restart=True .*or another run_dir=PATH") as err:
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
+    assert "download" not in str(err.value) and "re-save" not in str(err.value)
+
