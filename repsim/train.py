@@ -107,9 +107,12 @@ def run_name(cfg: TrainConfig) -> str:
 
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
+    weights = cfg.weights
+    if weights not in (None, "random", "timm", "torchvision"):  # a file: one however spelled
+        weights = str(Path(weights).expanduser().resolve())
     ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
              "batch_size": cfg.batch_size, "lr": cfg.lr, "train_fraction": cfg.train_fraction,
-             "seed": cfg.seed, "weights": cfg.weights}
+             "seed": cfg.seed, "weights": weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
     if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
@@ -167,8 +170,7 @@ class _Run:
         from repsim.models import resolve_device
 
         self.spec = registry.get_spec(cfg.model)
-        cfg, recipe = _resolve(cfg)
-        self.cfg, self.recipe = cfg, recipe
+        self.cfg, self.recipe = cfg, recipe = _resolve(cfg)
         self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
         self.dev = dev = resolve_device(cfg.device)
         precision = train_precision(dev, cfg.precision)
@@ -189,8 +191,7 @@ class _Run:
             model = model.to(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-            # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
-            # memory-efficient SDPA remain.
+            # cuDNN's attention has produced NaNs on Hopper; flash and memory-efficient remain.
             torch.backends.cuda.enable_cudnn_sdp(False)
         # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry
         # no "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
@@ -228,7 +229,8 @@ class _Run:
             raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
                             f"({why}); valid: a state written by repsim train; fix: restart=True "
                             "to start over (it is deleted), or another run_dir=PATH")
-        if state.get("identity") != _identity(self.cfg, self.recipe):
+        ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
+        if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over "
                             f"(replacing {self.out} and its snapshots), or out=PATH and "

@@ -540,3 +540,22 @@ def test_a_corrupt_state_file_is_named_as_the_runs_state(toy_root, tmp_path, mlp
         train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
     assert "download" not in str(err.value) and "re-save" not in str(err.value)
 
+
+def test_a_start_file_spelled_another_way_resumes_the_run(toy_root, tmp_path, mlp, monkeypatch):
+    train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1))
+    monkeypatch.chdir(tmp_path / "run")
+    again = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="../start.pt", epochs=1))
+    assert again["resumed_from"] == 1
+
+
+def test_a_state_saved_with_the_start_file_as_typed_still_resumes(toy_root, tmp_path, mlp,
+                                                                 monkeypatch):
+    # States saved before the path was resolved hold it as typed: those runs still resume.
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="start.pt", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["weights"] = "start.pt"
+    torch.save(state, tmp_path / "run" / "state.pt")
+    assert train.train(cfg)["resumed_from"] == 1
+
