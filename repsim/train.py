@@ -31,6 +31,10 @@ from repsim.evaluation import autocast, evaluate, hardware, to_device, train_pre
 from repsim.recipes import Recipe
 from repsim.weights import checkpoint_dir, sha256_file
 
+# Each trainable dataset's class count (repsim.data refuses a tree with another): known before
+# any image is read, so a start's head is settled and a useless weights_seed refused first.
+_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -78,14 +82,12 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
     if not 0 < cfg.lr < math.inf:
-        raise UserError(f"lr={cfg.lr} is not a positive number; valid: a finite float > 0, "
-                        "e.g. 1e-4")
+        raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
-        raise UserError(f"time_limit={cfg.time_limit} minutes is not positive; valid: a "
-                        "number > 0, e.g. 8.5")
+        raise UserError(f"time_limit={cfg.time_limit} is not positive; valid: minutes > 0, e.g. 8")
     return cfg, recipe
 
 
@@ -179,13 +181,14 @@ class _Run:
         self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
                         else paths.cache_dir("runs", self.name))
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
-        data_prov, num_classes = self._load_data()
+        num_classes = _CLASS_COUNTS[cfg.dataset]
         model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
         if cfg.weights_seed is not None and init_prov["init_seed"] is None:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
                             f"sets every parameter, its {num_classes}-class head included; fix: "
                             "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
+        data_prov = self._load_data()
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)
@@ -252,9 +255,9 @@ class _Run:
         _write_log(self.log_path, [r for r in _read_log(self.log_path)
                                    if r["epoch"] <= self.start_epoch])
 
-    def _load_data(self) -> tuple[dict[str, Any], int]:
+    def _load_data(self) -> dict[str, Any]:
         """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
-        and ``(N,)`` int64; returns their provenance and the number of classes."""
+        and ``(N,)`` int64; returns their provenance."""
         from repsim.data import balanced_subset, load_probe_set
 
         cfg = self.cfg
@@ -275,7 +278,7 @@ class _Run:
                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
                 "n_test": len(test_ps.labels),
-                "augmentation": recipes.describe_augmentation(self.recipe)}, len(train_ps.classes)
+                "augmentation": recipes.describe_augmentation(self.recipe)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -323,8 +326,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)
-            # Decided again after the time the save took, so a stop never leaves an
-            # epoch unsaved.
+            # Decided again with the save's time, so a stop never leaves an epoch unsaved.
             fits = _fits(epoch_s, finish_s, deadline)
     if run.log_path.is_file():
         from repsim.figures import draw
@@ -340,8 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _first_summary(run: _Run) -> dict[str, Any]:
-    """The summary entries known before training; for a run finished before, its last
-    evaluated metrics."""
+    """Summary entries known before training (a run finished before: its last metrics)."""
     summary: dict[str, Any] = {"checkpoint": str(run.out),
                                "manifest": str(checkpoints.manifest_path(run.out)),
                                "run_dir": str(run.run_dir), "log": str(run.log_path),
@@ -367,8 +368,7 @@ def _warn_of_lost_snapshots(run: _Run) -> None:
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
-    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``
-    (always, without one)."""
+    """Whether one more epoch (+10 %) and an evaluation + save end by ``deadline`` (if any)."""
     return deadline is None or time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 

@@ -559,3 +559,15 @@ def test_a_state_saved_with_the_start_file_as_typed_still_resumes(toy_root, tmp_
     torch.save(state, tmp_path / "run" / "state.pt")
     assert train.train(cfg)["resumed_from"] == 1
 
+
+def test_a_useless_weights_seed_is_refused_before_the_data_is_read(tmp_path, mlp, monkeypatch):
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")  # the missing data is not downloaded either
+    cfg = _cfg(tmp_path / "no such data", tmp_path, model=mlp, weights=str(tmp_path / "start.pt"),
+               weights_seed=3)
+    with pytest.raises(UserError, match=r"^weights_seed=3 has no effect"):
+        train.train(cfg)
+
+
+def test_the_class_counts_known_before_the_data_are_the_datas():
+    assert train._CLASS_COUNTS == data._CLASS_COUNTS
+    assert tuple(train._CLASS_COUNTS) == data.DATASETS
