@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError
-from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
+from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
 from repsim.weights import checkpoint_dir, sha256_file
 
@@ -374,10 +374,10 @@ def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
 
 def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward; gradients land in the parameters, the caller steps.
-    ``y``: class ids ``(B,)`` or soft targets ``(B, classes)``."""
+    """One forward + backward; the caller steps. ``y``: ids ``(B,)`` or soft ``(B, classes)``."""
     run.opt.zero_grad(set_to_none=True)
-    with autocast(run.dev, cpu_bf16=run.meta["precision"] == "bf16"):
+    # The recorded precision on every device (evaluation.autocast is bf16 on any GPU).
+    with torch.autocast(run.dev.type, torch.bfloat16, enabled=run.meta["precision"] == "bf16"):
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=run.recipe.label_smoothing)
     loss.backward()

@@ -571,3 +571,29 @@ def test_a_useless_weights_seed_is_refused_before_the_data_is_read(tmp_path, mlp
 def test_the_class_counts_known_before_the_data_are_the_datas():
     assert train._CLASS_COUNTS == data._CLASS_COUNTS
     assert tuple(train._CLASS_COUNTS) == data.DATASETS
+
+
+@pytest.mark.parametrize("precision, bf16", [("fp32", False), ("bf16", True)])
+def test_the_training_step_runs_in_the_precision_it_records(monkeypatch, precision, bf16):
+    # precision="fp32" on a GPU recorded "fp32" in the checkpoint but trained under bf16
+    # autocast. The autocast asked for is recorded (a CPU machine cannot run a CUDA one).
+    asked = []
+
+    class Recorder:
+        def __init__(self, device_type, dtype=None, enabled=True, **kw):
+            asked.append((device_type, dtype, enabled))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch, "autocast", Recorder)
+    model = torch.nn.Linear(3, 2)
+    run = types.SimpleNamespace(dev=torch.device("cuda"), meta={"precision": precision},
+                                opt=torch.optim.SGD(model.parameters(), lr=0.1),
+                                recipe=recipes.RECIPES["paper"])
+    train._loss_and_backward(run, model, torch.ones(4, 3), torch.tensor([0, 1, 0, 1]))
+    assert [(d, enabled) for d, _, enabled in asked] == [("cuda", bf16)]
+    assert all(dtype in (None, torch.bfloat16) for _, dtype, _ in asked)
