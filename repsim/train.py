@@ -231,7 +231,7 @@ class _Run:
         if why:  # advice about the run, not about a weights file
             raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
                             f"({why}); valid: a state written by repsim train; fix: restart=True "
-                            "to start over (it is deleted), or another run_dir=PATH")
+                            f"to start over (replacing it and {self.out}), or another run_dir=PATH")
         ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
         if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
