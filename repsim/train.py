@@ -392,7 +392,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
     perm = torch.randperm(n, generator=run.gen, device=dev)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    for i in tqdm(range(spe), desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
+    # max_steps counts optimiser steps since epoch 0: it may leave this epoch fewer, or none.
+    steps = spe if cfg.max_steps is None else min(spe, cfg.max_steps - run.step)
+    for i in tqdm(range(steps), desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
                   disable=not cfg.progress, leave=False):
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         x, y = recipes.batch(run.x_train[idx], run.y_train[idx], run.spec, run.recipe,
@@ -414,13 +416,11 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
         run.images_seen += len(idx)
         loss_sum += loss.detach().double() * len(idx)
         correct += (logits.detach().argmax(1) == run.y_train[idx]).sum()
-        if cfg.max_steps is not None and run.step >= cfg.max_steps:
-            break
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
-    if cfg.max_steps is not None and run.step >= cfg.max_steps:
+    if steps < spe:  # cut short: not a finished epoch
         return None
     row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n,
            "train_accuracy": 100.0 * correct.item() / n, "test_loss": None,

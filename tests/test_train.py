@@ -81,7 +81,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path, 
     a_dir, ref = uninterrupted
     steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
     # Stop mid-way through epoch 2: only epoch 1 is saved, then rerun the same command.
-    cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 2))
+    cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 1))
     assert cut["stopped_early"] and cut["epochs"] == 1
     res = train.train(_cfg(toy_root, tmp_path / "b"))
     assert res["resumed_from"] == 1 and res["epochs"] == 2
@@ -597,3 +597,12 @@ def test_the_training_step_runs_in_the_precision_it_records(monkeypatch, precisi
     train._loss_and_backward(run, model, torch.ones(4, 3), torch.tensor([0, 1, 0, 1]))
     assert [(d, enabled) for d, _, enabled in asked] == [("cuda", bf16)]
     assert all(dtype in (None, torch.bfloat16) for _, dtype, _ in asked)
+
+
+def test_max_steps_at_the_end_of_an_epoch_keeps_that_epoch_and_takes_no_more_steps(
+        toy_root, tmp_path, mlp):
+    # 20 images, batch 10: 2 steps an epoch. Epoch 1 is whole at step 2: it is saved, and
+    # epoch 2 takes no step.
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", max_steps=2))
+    assert (res["epochs"], res["steps"], res["stopped"]) == (1, 2, "max_steps")
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1
