@@ -15,6 +15,7 @@ from torch import nn
 from repsim import augment
 from repsim.errors import UserError
 from repsim.evaluation import prepare
+from repsim.registry import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; UserError naming the valid ones."""
     if name not in RECIPES:
         raise UserError(f"recipe={name!r} is unknown; valid: {', '.join(RECIPES)}")
     return RECIPES[name]
@@ -184,7 +186,7 @@ def describe_augmentation(recipe: Recipe) -> str:
     return " + ".join(parts)
 
 
-def batch(images: torch.Tensor, labels: torch.Tensor, spec, recipe: Recipe,
+def batch(images: torch.Tensor, labels: torch.Tensor, spec: ModelSpec, recipe: Recipe,
           gen: torch.Generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The recipe's augmentation of ``(B, H, W, 3)`` uint8 images, prepared for the model,
     and the targets: ``labels`` ``(B,)``, or soft targets ``(B, classes)`` when it mixes."""

@@ -16,7 +16,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError
-from repsim.evaluation import autocast, evaluate, hardware, to_device, train_precision
+from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
+from repsim.weights import checkpoint_dir, sha256_file
+
+# Each trainable dataset's class count (repsim.data refuses a tree with another): known before
+# any image is read, so a start's head is settled and a useless weights_seed refused first.
+_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     model: str
     dataset: str = "cifar10"  # a dataset with a train split (not the bundled probe set)
@@ -77,14 +82,12 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
         if getattr(cfg, name) < 1:
             raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
     if not 0 < cfg.lr < math.inf:
-        raise UserError(f"lr={cfg.lr} is not a positive number; valid: a finite float > 0, "
-                        "e.g. 1e-4")
+        raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
-        raise UserError(f"time_limit={cfg.time_limit} minutes is not positive; valid: a "
-                        "number > 0, e.g. 8.5")
+        raise UserError(f"time_limit={cfg.time_limit} is not positive; valid: minutes > 0, e.g. 8")
     return cfg, recipe
 
 
@@ -106,9 +109,12 @@ def run_name(cfg: TrainConfig) -> str:
 
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
+    weights = cfg.weights
+    if weights not in (None, "random", "timm", "torchvision"):  # a file: one however spelled
+        weights = str(Path(weights).expanduser().resolve())
     ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
              "batch_size": cfg.batch_size, "lr": cfg.lr, "train_fraction": cfg.train_fraction,
-             "seed": cfg.seed, "weights": cfg.weights}
+             "seed": cfg.seed, "weights": weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
     if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
@@ -142,10 +148,9 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
-    from repsim.registry import get_spec
 
-    if weights == "random" or (weights is None and (get_spec(name).default_weights or ""
-                                                    ).startswith("checkpoints/")):
+    default = registry.get_spec(name).default_weights or ""
+    if weights == "random" or (weights is None and default.startswith("checkpoints/")):
         model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:
@@ -165,12 +170,9 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig):
         from repsim.models import resolve_device
-        from repsim.registry import get_spec
-        from repsim.weights import checkpoint_dir
 
-        self.spec = get_spec(cfg.model)
-        cfg, recipe = _resolve(cfg)
-        self.cfg, self.recipe = cfg, recipe
+        self.spec = registry.get_spec(cfg.model)
+        self.cfg, self.recipe = cfg, recipe = _resolve(cfg)
         self.snap_epochs = checkpoints.snapshot_epochs(cfg.snapshots, cfg.epochs)
         self.dev = dev = resolve_device(cfg.device)
         precision = train_precision(dev, cfg.precision)
@@ -179,20 +181,20 @@ class _Run:
         self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
                         else paths.cache_dir("runs", self.name))
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
-        data_prov, num_classes = self._load_data()
+        num_classes = _CLASS_COUNTS[cfg.dataset]
         model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
         if cfg.weights_seed is not None and init_prov["init_seed"] is None:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
                             f"sets every parameter, its {num_classes}-class head included; fix: "
                             "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
+        data_prov = self._load_data()
         model = model.to(dev)
         if self.spec.family == "resnet":
             model = model.to(memory_format=torch.channels_last)
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv once
-            # cuDNN's attention kernel has produced NaNs on Hopper in recent releases; flash and
-            # memory-efficient SDPA remain.
+            # cuDNN's attention has produced NaNs on Hopper; flash and memory-efficient remain.
             torch.backends.cuda.enable_cudnn_sdp(False)
         # Checkpoints come from `model`, never from the compiled wrapper, so their keys carry
         # no "_orig_mod." prefix, and evaluation runs the plain module (no second compile).
@@ -221,10 +223,17 @@ class _Run:
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
-        from repsim.weights import read_weights
-
-        state = read_weights(self.state_path)
-        if state.get("identity") != _identity(self.cfg, self.recipe):
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
+        except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
+            why = type(exc).__name__
+        if why:  # advice about the run, not about a weights file
+            raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
+                            f"({why}); valid: a state written by repsim train; fix: restart=True "
+                            f"to start over (replacing it and {self.out}), or another run_dir=PATH")
+        ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
+        if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over "
                             f"(replacing {self.out} and its snapshots), or out=PATH and "
@@ -246,9 +255,9 @@ class _Run:
         _write_log(self.log_path, [r for r in _read_log(self.log_path)
                                    if r["epoch"] <= self.start_epoch])
 
-    def _load_data(self) -> tuple[dict[str, Any], int]:
+    def _load_data(self) -> dict[str, Any]:
         """Put the training subset and the test split on the device as ``(N, H, W, 3)`` uint8
-        and ``(N,)`` int64; returns their provenance and the number of classes."""
+        and ``(N,)`` int64; returns their provenance."""
         from repsim.data import balanced_subset, load_probe_set
 
         cfg = self.cfg
@@ -269,7 +278,7 @@ class _Run:
                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
                 "n_test": len(test_ps.labels),
-                "augmentation": recipes.describe_augmentation(self.recipe)}, len(train_ps.classes)
+                "augmentation": recipes.describe_augmentation(self.recipe)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -317,8 +326,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)
-            # Decided again after the time the save took, so a stop never leaves an
-            # epoch unsaved.
+            # Decided again with the save's time, so a stop never leaves an epoch unsaved.
             fits = _fits(epoch_s, finish_s, deadline)
     if run.log_path.is_file():
         from repsim.figures import draw
@@ -334,8 +342,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _first_summary(run: _Run) -> dict[str, Any]:
-    """The summary entries known before training; for a run finished before, its last
-    evaluated metrics."""
+    """Summary entries known before training (a run finished before: its last metrics)."""
     summary: dict[str, Any] = {"checkpoint": str(run.out),
                                "manifest": str(checkpoints.manifest_path(run.out)),
                                "run_dir": str(run.run_dir), "log": str(run.log_path),
@@ -361,17 +368,16 @@ def _warn_of_lost_snapshots(run: _Run) -> None:
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
-    """Whether one more epoch (10 % margin) plus an evaluation + save ends before ``deadline``
-    (always, without one)."""
+    """Whether one more epoch (+10 %) and an evaluation + save end by ``deadline`` (if any)."""
     return deadline is None or time.perf_counter() + 1.1 * epoch_s + finish_s <= deadline
 
 
 def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward + backward; gradients land in the parameters, the caller steps.
-    ``y``: class ids ``(B,)`` or soft targets ``(B, classes)``."""
+    """One forward + backward; the caller steps. ``y``: ids ``(B,)`` or soft ``(B, classes)``."""
     run.opt.zero_grad(set_to_none=True)
-    with autocast(run.dev, cpu_bf16=run.meta["precision"] == "bf16"):
+    # The recorded precision on every device (evaluation.autocast is bf16 on any GPU).
+    with torch.autocast(run.dev.type, torch.bfloat16, enabled=run.meta["precision"] == "bf16"):
         logits = forward(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=run.recipe.label_smoothing)
     loss.backward()
@@ -380,15 +386,15 @@ def _loss_and_backward(run: _Run, forward: nn.Module, x: torch.Tensor, y: torch.
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
     """One pass over the training subset: its log row, or None when ``max_steps`` cut it."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     cfg, dev, n, spe = run.cfg, run.dev, len(run.y_train), run.steps_per_epoch
     run.model.train()
     perm = torch.randperm(n, generator=run.gen, device=dev)
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
-    for i in tqdm(range(spe), desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
+    # max_steps counts optimiser steps since epoch 0: it may leave this epoch fewer, or none.
+    steps = spe if cfg.max_steps is None else min(spe, cfg.max_steps - run.step)
+    for i in tqdm(range(steps), desc=f"{run.name} epoch {epoch + 1}/{cfg.epochs}", unit="step",
                   disable=not cfg.progress, leave=False):
         idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         x, y = recipes.batch(run.x_train[idx], run.y_train[idx], run.spec, run.recipe,
@@ -410,13 +416,11 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any] | None:
         run.images_seen += len(idx)
         loss_sum += loss.detach().double() * len(idx)
         correct += (logits.detach().argmax(1) == run.y_train[idx]).sum()
-        if cfg.max_steps is not None and run.step >= cfg.max_steps:
-            break
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
-    if cfg.max_steps is not None and run.step >= cfg.max_steps:
+    if steps < spe:  # cut short: not a finished epoch
         return None
     row = {"epoch": epoch + 1, "train_loss": loss_sum.item() / n,
            "train_accuracy": 100.0 * correct.item() / n, "test_loss": None,
@@ -431,10 +435,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
           ) -> dict[str, Any]:
     """Score the float16 weights, then write checkpoint, manifest entry, ``pending`` log rows
     (emptied) and, last, the resumable state; returns the summary entries of this save."""
-    from tqdm import tqdm
-
-    from repsim.weights import sha256_file
-
     cfg = run.cfg
     half, test = _scored_half(run)
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])

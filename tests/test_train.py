@@ -81,7 +81,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy_root, tmp_path, 
     a_dir, ref = uninterrupted
     steps_per_epoch = math.ceil(10 * N_TRAIN / BATCH)
     # Stop mid-way through epoch 2: only epoch 1 is saved, then rerun the same command.
-    cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 2))
+    cut = train.train(_cfg(toy_root, tmp_path / "b", max_steps=steps_per_epoch + 1))
     assert cut["stopped_early"] and cut["epochs"] == 1
     res = train.train(_cfg(toy_root, tmp_path / "b"))
     assert res["resumed_from"] == 1 and res["epochs"] == 2
@@ -516,3 +516,93 @@ def test_a_manifest_that_is_no_json_object_is_a_user_error(tmp_path, text):
     (tmp_path / "manifest.json").write_text(text)
     with pytest.raises(UserError, match=r"manifest\.json is not a checkpoint manifest.*delete it"):
         update_manifest(tmp_path / "m.pt", {"name": "m"})
+
+
+@pytest.fixture
+def mlp(monkeypatch, tmp_path):
+    """A registered 48-input MLP (fast to train on the 4x4 toy input) and a start file of it."""
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    build = registry.register_model("train_mlp_test", input_size=4)(
+        lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, n)))
+    torch.save(build(10).state_dict(), tmp_path / "start.pt")
+    return "train_mlp_test"
+
+
+def test_a_corrupt_state_file_is_named_as_the_runs_state(toy_root, tmp_path, mlp):
+    # A truncated state.pt: the advice is about the run's state (delete it, restart, another
+    # run_dir), not about re-saving or downloading weights.
+    (tmp_path / "run").mkdir()
+    torch.save({"x": torch.zeros(1000)}, tmp_path / "run" / "state.pt")
+    whole = (tmp_path / "run" / "state.pt").read_bytes()
+    (tmp_path / "run" / "state.pt").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(UserError, match=r"state\.pt, the saved state of this run, is unreadable "
+                       r".*fix: restart=True .*or another run_dir=PATH") as err:
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
+    assert "download" not in str(err.value) and "re-save" not in str(err.value)
+
+
+def test_a_start_file_spelled_another_way_resumes_the_run(toy_root, tmp_path, mlp, monkeypatch):
+    train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1))
+    monkeypatch.chdir(tmp_path / "run")
+    again = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="../start.pt", epochs=1))
+    assert again["resumed_from"] == 1
+
+
+def test_a_state_saved_with_the_start_file_as_typed_still_resumes(toy_root, tmp_path, mlp,
+                                                                 monkeypatch):
+    # States saved before the path was resolved hold it as typed: those runs still resume.
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="start.pt", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["weights"] = "start.pt"
+    torch.save(state, tmp_path / "run" / "state.pt")
+    assert train.train(cfg)["resumed_from"] == 1
+
+
+def test_a_useless_weights_seed_is_refused_before_the_data_is_read(tmp_path, mlp, monkeypatch):
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")  # the missing data is not downloaded either
+    cfg = _cfg(tmp_path / "no such data", tmp_path, model=mlp, weights=str(tmp_path / "start.pt"),
+               weights_seed=3)
+    with pytest.raises(UserError, match=r"^weights_seed=3 has no effect"):
+        train.train(cfg)
+
+
+def test_the_class_counts_known_before_the_data_are_the_datas():
+    assert train._CLASS_COUNTS == data._CLASS_COUNTS
+    assert tuple(train._CLASS_COUNTS) == data.DATASETS
+
+
+@pytest.mark.parametrize("precision, bf16", [("fp32", False), ("bf16", True)])
+def test_the_training_step_runs_in_the_precision_it_records(monkeypatch, precision, bf16):
+    # precision="fp32" on a GPU recorded "fp32" in the checkpoint but trained under bf16
+    # autocast. The autocast asked for is recorded (a CPU machine cannot run a CUDA one).
+    asked = []
+
+    class Recorder:
+        def __init__(self, device_type, dtype=None, enabled=True, **kw):
+            asked.append((device_type, dtype, enabled))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch, "autocast", Recorder)
+    model = torch.nn.Linear(3, 2)
+    run = types.SimpleNamespace(dev=torch.device("cuda"), meta={"precision": precision},
+                                opt=torch.optim.SGD(model.parameters(), lr=0.1),
+                                recipe=recipes.RECIPES["paper"])
+    train._loss_and_backward(run, model, torch.ones(4, 3), torch.tensor([0, 1, 0, 1]))
+    assert [(d, enabled) for d, _, enabled in asked] == [("cuda", bf16)]
+    assert all(dtype in (None, torch.bfloat16) for _, dtype, _ in asked)
+
+
+def test_max_steps_at_the_end_of_an_epoch_keeps_that_epoch_and_takes_no_more_steps(
+        toy_root, tmp_path, mlp):
+    # 20 images, batch 10: 2 steps an epoch. Epoch 1 is whole at step 2: it is saved, and
+    # epoch 2 takes no step.
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", max_steps=2))
+    assert (res["epochs"], res["steps"], res["stopped"]) == (1, 2, "max_steps")
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1
