@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -189,9 +190,12 @@ def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device
     """Fill ``out`` (this rank's batches; rank 0 merges the shards). True when resumed."""
     from repsim.store import StoreWriter, partial_path
 
-    if cfg.overwrite and rank == 0:
-        shards = [partial_path(_shard(out, r, world)) for r in range(world)]
-        for p in [out, partial_path(out), *shards]:
+    if rank == 0:
+        # A run interrupted under another world size left shards no rerun of this size reads.
+        doomed = _shard_files(out, None if cfg.overwrite else world)
+        if cfg.overwrite:
+            doomed += [out, partial_path(out)]
+        for p in doomed:
             p.unlink(missing_ok=True)
     _barrier(world)
     writer = StoreWriter(out if world == 1 else _shard(out, rank, world), meta, probe.ids,
@@ -275,6 +279,22 @@ def _maybe_fault() -> None:
 
 def _shard(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank}of{world}")
+
+
+_SHARD_PARTIAL = re.compile(r"\.rank(0|[1-9]\d*)of([1-9]\d*)\.partial")
+
+
+def _shard_files(out: Path, world: int | None) -> list[Path]:
+    """The unfinished shards of ``out`` on disk (named as :func:`_shard` names them, nothing
+    else) of world sizes other than ``world`` (None: of every size)."""
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        m = p.name.startswith(out.name) and _SHARD_PARTIAL.fullmatch(p.name[len(out.name):])
+        if m and int(m[1]) < int(m[2]) and int(m[2]) != world:
+            found.append(p)
+    return found
 
 
 def _barrier(world: int) -> None:

@@ -25,6 +25,20 @@ def cfg(tmp_path, cifar_root, **kw):
     return ExtractConfig(**base)
 
 
+@pytest.fixture
+def tiny(monkeypatch):
+    """A registered two-layer MLP ("tiny_x", layers "1" and "2"): extractions in milliseconds,
+    for tests of the store's bookkeeping rather than of a model's activations."""
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("tiny_x", input_size=4)(lambda num_classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(48, 5), nn.Linear(5, num_classes)))
+    return "tiny_x"
+
+
 # ------------------------------------------------------------------ store
 
 
@@ -480,3 +494,26 @@ def test_a_weights_file_spelled_another_way_still_resumes(tmp_path):
     with pytest.raises(UserError, match=r"different settings \(key\)"):  # another key: refused
         StoreWriter(tmp_path / "s.h5", {**meta("ckpt/v.pt"), "key": "k2"}, np.arange(4),
                     np.zeros(4), 2)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_rerun_removes_the_shards_of_another_world_size_only(tmp_path, cifar_root, tiny,
+                                                                 monkeypatch, world):
+    # A torchrun job of 2 ranks killed mid-run leaves s.h5.rank{0,1}of2.partial; rerun with
+    # another world size, they were never read nor deleted (each as big as its share).
+    from repsim import extraction
+
+    stale = [tmp_path / f"s.h5.rank{r}of2.partial" for r in range(2)]
+    kept = [tmp_path / n for n in ("s.h5.rank0of2.partial.bak", "t.h5.rank0of2.partial",
+                                   "s.h5.rank0of2", "s.h5.rankXof2.partial", "s.h5.notes")]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    own = [extraction._shard(tmp_path / "s.h5", r, world) for r in range(world)]
+    # Ranks meet at barriers and rank 0 merges; here only rank 0's start is the subject.
+    monkeypatch.setattr(extraction, "_barrier", lambda world: None)
+    monkeypatch.setattr(extraction, "_merge", lambda out, *a: out.write_bytes(b"merged"))
+    monkeypatch.setattr(extraction, "_dist", lambda: (0, world))
+    extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert world == 1 or partial_path(own[0]).exists()  # this run's own shard: kept
