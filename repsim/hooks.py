@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,12 +146,33 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self._handles = []
 
 
+# The keys under which loaders of dict batches (Hugging Face datasets, torchvision v2
+# transforms) commonly hold the images.
+IMAGE_KEYS = ("pixel_values", "image", "images", "img", "input", "inputs", "x")
+
+
+def _images_of(batch: Any) -> Any:
+    """A batch's images: the batch itself, the first element of a tuple or list like
+    ``(x, y)``, or the one value of a dict under a key of :data:`IMAGE_KEYS`."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        keys = [k for k in IMAGE_KEYS if k in batch]
+        if len(keys) != 1:
+            given = ", ".join(repr(k) for k in batch)
+            raise UserError(f"a batch is a dict with keys {given}; valid: dicts with exactly one "
+                            f"of {', '.join(repr(k) for k in IMAGE_KEYS)} for the images; fix: "
+                            "pass (b['your_key'] for b in loader)")
+        return batch[keys[0]]
+    return batch
+
+
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader);
-    a batch that is a tuple or list, like ``(x, y)``, contributes its first element."""
+    """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader),
+    each batch's images taken by :func:`_images_of`."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
         return (images[a:a + batch_size] for a in range(0, len(images), batch_size))
-    return (item[0] if isinstance(item, (tuple, list)) else item for item in images)
+    return (_images_of(item) for item in images)
 
 
 @torch.inference_mode()
@@ -160,8 +181,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             device: str | torch.device | None = None) -> dict[str, np.ndarray]:
     """``{layer: (n, p) float32 array}`` of ``layers`` over ``images``, rows in their order.
     ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array or
-    DataLoader) or a registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8,
-    preprocessed its way). Runs in eval mode on ``device`` (default: a GPU if there is one)."""
+    DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
+    registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
+    way). Runs in eval mode on ``device`` (default: a GPU if there is one)."""
     from repsim import models
     from repsim.registry import get_spec
 

@@ -323,3 +323,19 @@ def test_attention_of_a_model_not_registered_as_a_vit_says_how_to_register_one(
     with pytest.raises(UserError, match=r"^plain_net is not registered as a ViT, and .*"
                                         r"register your own with family='vit'"):
         check_vit("plain_net")
+
+
+def test_a_loader_of_dict_batches_gives_their_images():
+    # A loader of {"image": x, "label": y} batches (Hugging Face style) failed in
+    # torch.as_tensor with "Could not infer dtype of dict".
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(5, 3, 2, 2)
+    loader = [{"image": x[:3], "label": torch.zeros(3)}, {"image": x[3:], "label": torch.ones(2)}]
+    out = repsim.extract(net, loader, layers="1")["1"]
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_dict_batch_without_an_image_key_is_one_user_error_naming_its_keys():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(UserError, match=r"batch is a dict with keys 'a', 'b'; valid: .*'image'"):
+        repsim.extract(net, [{"a": torch.rand(2, 12), "b": torch.zeros(2)}], layers="1")
