@@ -56,13 +56,13 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
                 raise ReductionError(f"reduce='cls' needs a class token; this model has none, "
                                      f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
-        return x.flatten(1)
+        return x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (b,): one value per sample
     if x.dim() == 4 and how == "mean":
         return x.mean((2, 3))
     if how in ("cls", "prefix"):
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
-    return x.flatten(1)
+    return x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (b,): one value per sample
 
 
 @contextlib.contextmanager

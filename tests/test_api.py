@@ -339,3 +339,20 @@ def test_a_dict_batch_without_an_image_key_is_one_user_error_naming_its_keys():
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     with pytest.raises(UserError, match=r"batch is a dict with keys 'a', 'b'; valid: .*'image'"):
         repsim.extract(net, [{"a": torch.rand(2, 12), "b": torch.zeros(2)}], layers="1")
+
+
+class _Score(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(x).squeeze(1)
+
+
+def test_a_layer_with_one_value_per_sample_is_a_one_column_matrix():
+    # A (b,) output raised IndexError from flatten(1).
+    net = nn.Sequential(_Score())
+    x = torch.rand(3, 4)
+    out = repsim.extract(net, x, layers="0")["0"]
+    np.testing.assert_allclose(out, net(x).detach().numpy()[:, None], rtol=1e-6)
