@@ -246,7 +246,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
             except ReductionError as exc:
                 raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
-            feats = cap.collect()
+            feats = cap.collect(b - a)
             if pending is not None:
                 pending.result()  # re-raises a failed write here
             if not writer.layers_created:

@@ -56,7 +56,7 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
                 raise ReductionError(f"reduce='cls' needs a class token; this model has none, "
                                      f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
-        return x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (b,): one value per sample
+        return x.flatten(1)
     if x.dim() == 4 and how == "mean":
         return x.mean((2, 3))
     if how in ("cls", "prefix"):
@@ -123,16 +123,24 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 
-    def collect(self) -> dict[str, torch.Tensor]:
+    def collect(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
         next. UserError naming any layer the pass did not run: its output would be missing,
-        or an earlier pass's would stand in for this one's."""
+        or an earlier pass's would stand in for this one's; and, given the batch's ``rows``,
+        any layer whose output has another number of rows (they would pass for samples)."""
         out, self.outputs = self.outputs, {}
         missing = [name for name in self.layers if name not in out]
         if missing:
             raise UserError(f"layers {', '.join(missing)} gave no output in this forward pass "
                             "(the model did not call them, e.g. a training-only head); valid: "
                             "layers its forward pass runs; fix: pass layers= without them")
+        for name in self.layers:
+            shape = tuple(out[name].shape)
+            if rows is not None and shape[:1] != (rows,):
+                raise UserError(f"layer {name!r} gave {shape[0] if shape else 0} rows for a "
+                                f"batch of {rows} inputs (output shape {shape}); valid: layers "
+                                "whose outputs put the samples first; fix: pass layers= "
+                                "without it (or make that module batch_first)")
         return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
@@ -201,7 +209,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         for x in _batches(images, batch_size):
             x = torch.as_tensor(x).to(dev)
             model(models.preprocess(spec, x) if spec is not None else x)
-            for name, out in cap.collect().items():
+            for name, out in cap.collect(len(x)).items():
                 rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     if not rows:
         raise ValueError("no images: give at least one batch")

@@ -341,6 +341,24 @@ def test_a_dict_batch_without_an_image_key_is_one_user_error_naming_its_keys():
         repsim.extract(net, [{"a": torch.rand(2, 12), "b": torch.zeros(2)}], layers="1")
 
 
+class _TimeFirst(nn.Module):
+    """Takes (b, T, D) but runs ``inner`` on (T, b, D), as modules without batch_first do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_layer_whose_rows_are_not_the_samples_is_refused():
+    # Its (T, b, D) output gave T rows per batch of b images: 3 rows for 2 samples, silently,
+    # and in the store a broadcasting error from h5py.
+    with pytest.raises(UserError, match=r"layer 'inner' gave 3 rows for a batch of 2 inputs"):
+        repsim.extract(_TimeFirst(), torch.rand(2, 3, 4), layers="inner", reduce="mean")
+
+
 class _Score(nn.Module):
     def __init__(self):
         super().__init__()
