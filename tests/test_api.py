@@ -374,3 +374,10 @@ def test_a_layer_with_one_value_per_sample_is_a_one_column_matrix():
     x = torch.rand(3, 4)
     out = repsim.extract(net, x, layers="0")["0"]
     np.testing.assert_allclose(out, net(x).detach().numpy()[:, None], rtol=1e-6)
+
+
+def test_a_single_non_string_layer_is_one_user_error():
+    # layers=1 (an index, not the name "1") raised "'int' object is not iterable".
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match=r"layers=1 is not a layer request; valid: names"):
+        repsim.extract(net, torch.rand(3, 4), layers=1)
