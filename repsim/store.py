@@ -103,9 +103,14 @@ class Store:
                             f"{', '.join(self.layers)}){hint}")
         return self._f["layers"][layer]
 
-    def features(self, layers: list[str] | None = None) -> dict[str, Any]:
-        """Name -> lazy ``(n, D)`` dataset, in model order."""
-        return {name: self[name] for name in (layers or self.layers)}
+    def features(self, layers: str | list[str] | None = None) -> dict[str, Any]:
+        """Name -> lazy ``(n, D)`` dataset: of ``layers`` (one name or a list, in that order),
+        or None for every layer in model order."""
+        names = self.layers if layers is None else [layers] if isinstance(layers, str) else layers
+        if not names:  # an empty selection is no request for everything
+            raise UserError(f"layers={layers!r} names no layer; valid: one or more of "
+                            f"{', '.join(self.layers)}, or None for all of them")
+        return {name: self[name] for name in names}
 
     def close(self) -> None:
         self._f.close()

@@ -517,3 +517,23 @@ def test_a_rerun_removes_the_shards_of_another_world_size_only(tmp_path, cifar_r
     assert not any(p.exists() for p in stale)
     assert all(p.exists() for p in kept)
     assert world == 1 or partial_path(own[0]).exists()  # this run's own shard: kept
+
+
+def _two_layer_store(path):
+    w = StoreWriter(path, {"model": "m"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"x.0": 1, "x.1": 2}, "float32", 2, None)
+    w.write(0, {"x.0": np.zeros((2, 1), np.float32), "x.1": np.ones((2, 2), np.float32)})
+    return w.finish()
+
+
+def test_store_features_of_no_layers_is_refused_not_every_layer(tmp_path):
+    # features([]) returned all layers: an empty selection read as "no selection".
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        with pytest.raises(UserError, match=r"layers=\[\] names no layer; valid: .*x\.0, x\.1"):
+            s.features([])
+
+
+def test_store_features_of_one_name_as_a_string_is_that_layer(tmp_path):
+    # features("x.1") iterated the string's characters: "layer 'x' is not in s.h5".
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        assert list(s.features("x.1")) == ["x.1"]
