@@ -109,6 +109,7 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
         self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
         self.outputs: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, int] = {}  # per layer, since the last collect()
         self._handles: list[Any] = []
 
     def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
@@ -120,15 +121,24 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                                      "channels last); use 'flatten'")
             n = 0 if module in self.prefixless else self.n_prefix
             self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
+            self._calls[name] = self._calls.get(name, 0) + 1
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 
     def collect(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
         next. UserError naming any layer the pass did not run: its output would be missing,
-        or an earlier pass's would stand in for this one's; and, given the batch's ``rows``,
-        any layer whose output has another number of rows (they would pass for samples)."""
-        out, self.outputs = self.outputs, {}
+        or an earlier pass's would stand in for this one's; any layer it ran more than once
+        (which call the name means is ambiguous); and, given the batch's ``rows``, any layer
+        whose output has another number of rows (they would pass for samples)."""
+        out, calls, self.outputs, self._calls = self.outputs, self._calls, {}, {}
+        again = {name: k for name, k in calls.items() if k > 1}
+        if again:
+            name, k = next(iter(again.items()))
+            raise UserError(f"layer {name!r} ran {k} times in one forward pass (a module "
+                            "reused within the model), so which output it means is ambiguous; "
+                            "valid: modules called once per pass; fix: pass layers= naming "
+                            "a module called once, e.g. its parent")
         missing = [name for name in self.layers if name not in out]
         if missing:
             raise UserError(f"layers {', '.join(missing)} gave no output in this forward pass "
@@ -144,6 +154,7 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
+        self.outputs, self._calls = {}, {}
         self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
                          for n, m in self.modules.items()]
         return self

@@ -381,3 +381,21 @@ def test_a_single_non_string_layer_is_one_user_error():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     with pytest.raises(UserError, match=r"layers=1 is not a layer request; valid: names"):
         repsim.extract(net, torch.rand(3, 4), layers=1)
+
+
+class _Twice(nn.Module):
+    """Calls ``act`` twice per pass, as torchvision's BasicBlock calls its ``relu``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.a(self.act(x)) - 1)
+
+
+def test_a_layer_called_twice_in_one_pass_is_refused_not_its_last_call():
+    # layers="layer1.0.relu" of a torchvision ResNet gave the block's output (the relu's 2nd
+    # call), silently: which call a name means is ambiguous.
+    with pytest.raises(UserError, match=r"layer 'act' ran 2 times in one forward pass"):
+        repsim.extract(_Twice(), torch.rand(3, 4), layers="act")
