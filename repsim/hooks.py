@@ -113,7 +113,11 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self._handles: list[Any] = []
 
     def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
-        x = output[0] if isinstance(output, (tuple, list)) else output
+        x = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"layer {name!r} outputs a {type(x).__name__}; valid: layers whose "
+                            "output is a tensor (or a tuple or list starting with one); fix: "
+                            "pass layers= naming a module inside it, or one that returns a tensor")
         try:
             if self.channels_last and self.how == "mean" and x.dim() == 4:
                 raise ReductionError("reduce='mean' cannot tell channels from positions in "

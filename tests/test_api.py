@@ -399,3 +399,23 @@ def test_a_layer_called_twice_in_one_pass_is_refused_not_its_last_call():
     # call), silently: which call a name means is ambiguous.
     with pytest.raises(UserError, match=r"layer 'act' ran 2 times in one forward pass"):
         repsim.extract(_Twice(), torch.rand(3, 4), layers="act")
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.head(x)}
+
+
+def test_a_layer_whose_output_is_not_a_tensor_is_one_user_error():
+    # A layer returning a dict (Hugging Face style) raised "'dict' object has no attribute
+    # 'detach'" from inside the hook.
+    net = nn.ModuleDict({"body": _DictOut()})
+    net.forward = lambda x: net["body"](x)["logits"]
+    with pytest.raises(UserError, match=r"layer 'body' outputs a dict; valid: layers whose "
+                                        r"output is a tensor"):
+        repsim.extract(net, torch.rand(3, 4), layers="body")
+    assert not net["body"]._forward_hooks
