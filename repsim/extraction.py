@@ -164,6 +164,9 @@ def extract(cfg: ExtractConfig) -> dict:
                 if old.meta.get("key") != key:
                     raise UserError(f"{out} already holds a store with different settings; pass "
                                     "overwrite=True to replace it, or another out=PATH")
+            if rank == 0:  # a kill between the merge's rename and its cleanup left them
+                for p in _shard_files(out, None):
+                    p.unlink(missing_ok=True)
             return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
         import torch  # only now: a reused store needs neither torch nor the model
 

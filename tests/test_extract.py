@@ -537,3 +537,15 @@ def test_store_features_of_one_name_as_a_string_is_that_layer(tmp_path):
     # features("x.1") iterated the string's characters: "layer 'x' is not in s.h5".
     with Store(_two_layer_store(tmp_path / "s.h5")) as s:
         assert list(s.features("x.1")) == ["x.1"]
+
+
+def test_reusing_a_complete_store_removes_its_leftover_shards(tmp_path, cifar_root, tiny):
+    # A kill after rank 0's merge renamed the store into place, before it deleted the shards:
+    # every later run reused the store and the shards stayed.
+    run = cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4)
+    extract(run)
+    stale = [tmp_path / f"s.h5.rank{r}of2.partial" for r in range(2)]
+    for p in stale:
+        p.write_bytes(b"x")
+    assert extract(run)["reused"]
+    assert not any(p.exists() for p in stale)
