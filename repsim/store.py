@@ -11,9 +11,10 @@ Layout of a store (one file)::
 
 A store is written as ``FILE.h5.partial`` (by one process at a time: :func:`repsim.paths.lock`)
 and renamed to ``FILE.h5`` once ``complete`` is set and the file closed, so a crash never
-leaves a file that looks complete. Each batch is flushed before ``batches_done`` vouches for
-it; a rerun skips the marked batches, which always cover the same rows, so a resumed store
-equals an uninterrupted run's.
+leaves a file that looks complete. Each batch is synced to the disk before ``batches_done``
+vouches for it (so a power loss cannot keep the entry and lose the rows); a rerun skips the
+marked batches, which always cover the same rows, so a resumed store equals an uninterrupted
+run's.
 """
 
 from __future__ import annotations
@@ -277,7 +278,10 @@ class StoreWriter:
         with self._writing(b - a):
             for name, x in feats.items():
                 self._layers[name][a:b] = x
-            self._f.flush()  # data first, then the journal entry that vouches for it
+            # Data first, on the disk (not only in the page cache, which a power loss empties
+            # in any order), then the journal entry that vouches for it.
+            self._f.flush()
+            os.fsync(self._f.id.get_vfd_handle())
             self._f["batches_done"][j] = True
             self._f.flush()
         self._done[j] = True

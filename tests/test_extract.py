@@ -75,6 +75,21 @@ def test_a_finished_store_is_on_disk_before_it_gets_its_final_name(tmp_path, mon
     assert events == ["fsync", ("rename", "s.h5")]
 
 
+def test_a_batch_is_on_the_disk_before_the_journal_vouches_for_it(tmp_path, monkeypatch):
+    # The journal entry was flushed to the page cache right after the data, never synced: a
+    # power loss could keep the entry and lose the rows, and the resumed store then looked
+    # complete with zeros in them.
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
+    w.create_layers({"x": 1}, "float32", 2, None)
+    journal_at_sync = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: journal_at_sync.append(
+        w._f["batches_done"][:].tolist()) or fsync(fd))
+    w.write(1, {"x": np.ones((2, 1), np.float32)})
+    assert journal_at_sync[:1] == [[False, False]]  # the rows synced before the entry exists
+    w.close()
+
+
 def test_incomplete_store_is_refused_with_resume_hint(tmp_path):
     w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
     w.close()
