@@ -53,9 +53,15 @@ class ExtractConfig:
     progress: bool = True
 
 
+def _positive_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+
+
 def _validate(cfg: ExtractConfig, family: str) -> None:
-    if cfg.batch_size is None or cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} is not valid; pass a positive integer")
+    for name in ("batch_size", "chunk_rows"):  # chunk_rows=None: the default
+        value = getattr(cfg, name)
+        if not (_positive_int(value) or (name == "chunk_rows" and value is None)):
+            raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     valid = REDUCTIONS.get(family, ("flatten", "mean"))

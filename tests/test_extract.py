@@ -564,3 +564,19 @@ def test_reusing_a_complete_store_removes_its_leftover_shards(tmp_path, cifar_ro
         p.write_bytes(b"x")
     assert extract(run)["reused"]
     assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, True, "8"])
+def test_a_batch_size_that_is_not_a_positive_integer_is_one_user_error(tmp_path, cifar_root,
+                                                                        tiny, batch_size):
+    # 2.5 raised range()'s TypeError after loading the model; True ran as batches of 1.
+    with pytest.raises(UserError, match=f"batch_size={batch_size!r} is not valid"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=batch_size))
+
+
+@pytest.mark.parametrize("chunk_rows", [-3, 0, 2.5])
+def test_chunk_rows_that_is_not_a_positive_integer_is_one_user_error(tmp_path, cifar_root, tiny,
+                                                                      chunk_rows):
+    # -3 became chunks of 1 row and 0 the default, silently.
+    with pytest.raises(UserError, match=f"chunk_rows={chunk_rows!r} is not valid"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", chunk_rows=chunk_rows))
