@@ -580,3 +580,17 @@ def test_chunk_rows_that_is_not_a_positive_integer_is_one_user_error(tmp_path, c
     # -3 became chunks of 1 row and 0 the default, silently.
     with pytest.raises(UserError, match=f"chunk_rows={chunk_rows!r} is not valid"):
         extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", chunk_rows=chunk_rows))
+
+
+def test_atomic_write_never_loosens_the_umask_other_threads_share(tmp_path, monkeypatch):
+    # It set the umask to 0 and back to read it: a file another thread (the store writer, a
+    # user's) created meanwhile was world-writable.
+    from repsim import paths
+
+    umask, set_to = os.umask(0o022), []
+    os.umask(umask)
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: set_to.append(m) or real(m))
+    paths.write_text(tmp_path / "x.txt", "hi")
+    assert all(m & 0o077 == 0o077 for m in set_to), set_to
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
