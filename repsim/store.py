@@ -50,7 +50,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.exists():
             if locked(self.path):
                 raise UserError(f"store {self.path} is being written by another process; "

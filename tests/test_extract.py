@@ -594,3 +594,12 @@ def test_atomic_write_never_loosens_the_umask_other_threads_share(tmp_path, monk
     paths.write_text(tmp_path / "x.txt", "hi")
     assert all(m & 0o077 == 0o077 for m in set_to), set_to
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_store_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
+    # Store("~/s.h5") said "no store at ~/s.h5; extract one first", though extract(out=) and
+    # every other path argument expand '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _two_layer_store(tmp_path / "s.h5")
+    with Store("~/s.h5") as s:
+        assert s.layers == ["x.0", "x.1"]
