@@ -166,7 +166,8 @@ def extract(cfg: ExtractConfig) -> dict:
     with lock(out) if writing else nullcontext():
         if out.exists() and not cfg.overwrite:
             with Store(out) as old:
-                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True}
+                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
+                          "resumed": False}
                 if old.meta.get("key") != key:
                     raise UserError(f"{out} already holds a store with different settings; pass "
                                     "overwrite=True to replace it, or another out=PATH")

@@ -603,3 +603,10 @@ def test_a_store_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkey
     _two_layer_store(tmp_path / "s.h5")
     with Store("~/s.h5") as s:
         assert s.layers == ["x.0", "x.1"]
+
+
+def test_a_reused_stores_summary_has_every_key_of_a_written_ones(tmp_path, cifar_root, tiny):
+    # The reuse summary lacked "resumed": res["resumed"] was a KeyError after a reuse.
+    run = cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4)
+    first, again = extract(run), extract(run)
+    assert set(again) == set(first) and again["resumed"] is False and again["reused"] is True
