@@ -157,14 +157,13 @@ class StoreWriter:
                 self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
                 self._f.create_group("layers")
                 self._f.flush()
-        self._done = self._f["batches_done"][:]  # the journal, also readable after a failure
-        self._layers = {k: self._f["layers"][k] for k in json.loads(
-            self._f.attrs.get("layer_order", "[]"))}
+            self._done = np.zeros(len(self.bounds), bool)  # the journal, kept after a failure
         self.check_space()
 
     def _reopen(self, ids: np.ndarray):
-        """The partial file to resume, or None when it is unreadable (then start over: a crash
-        mid-write can leave HDF5 metadata unreadable, and guessing would be worse)."""
+        """The partial file to resume (its journal and layers read), or None when any of it is
+        unreadable (then start over: a crash mid-write can leave HDF5 metadata unreadable or
+        half laid out, and guessing would be worse)."""
         import h5py
 
         f = None
@@ -182,10 +181,15 @@ class StoreWriter:
             if len(done) != len(self.bounds) and "batch_size" not in differ:
                 differ.append("batch_size")
             same = a.get("key") == b.get("key") and not differ
-        except (KeyError, OSError, ValueError):
+            if not isinstance(f.get("labels"), h5py.Dataset) or "layers" not in f:
+                raise KeyError("the file's layout is incomplete")
+            self._done, self._layers = done, {k: f["layers"][k] for k in json.loads(
+                f.attrs.get("layer_order", "[]"))}
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
             if f is not None:
                 f.close()
             self.path.unlink()
+            self._layers = {}
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case
             f.close()

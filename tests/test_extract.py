@@ -610,3 +610,18 @@ def test_a_reused_stores_summary_has_every_key_of_a_written_ones(tmp_path, cifar
     run = cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4)
     first, again = extract(run), extract(run)
     assert set(again) == set(first) and again["resumed"] is False and again["reused"] is True
+
+
+def test_a_partial_store_missing_its_structure_starts_over(tmp_path):
+    # A kill while the file was being laid out (before the "layers" group) left a partial
+    # that passed the resume checks; opening its layers then raised KeyError on every rerun.
+    path = partial_path(tmp_path / "s.h5")
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": "repsim-activations/1", "complete": False,
+                        "provenance": json.dumps({"model": "m"})})
+        f["ids"], f["labels"] = np.arange(4), np.zeros(4, np.int64)
+        f["batches_done"] = np.zeros(2, bool)
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
+    assert w.pending() == [0, 1] and not w.resumed
+    w.create_layers({"x": 1}, "float32", 2, None)
+    w.close()
