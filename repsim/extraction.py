@@ -188,11 +188,25 @@ def extract(cfg: ExtractConfig) -> dict:
         meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
                 "preprocessing": preprocessing_info(spec), "layers": layers,
                 "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-                "versions": {"repsim": __version__, "torch": torch.__version__}}
+                "versions": {"repsim": __version__, **_versions()}}
         resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)
         return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
                 "resumed": resumed, "seconds": time.perf_counter() - t0,
                 "bytes": out.stat().st_size}
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of the libraries that build the model (and its random initialisation), run it
+    and write its rows, from their package metadata (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "torchvision", "timm", "numpy", "h5py"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device,

@@ -625,3 +625,15 @@ def test_a_partial_store_missing_its_structure_starts_over(tmp_path):
     assert w.pending() == [0, 1] and not w.resumed
     w.create_layers({"x": 1}, "float32", 2, None)
     w.close()
+
+
+def test_a_stores_versions_name_the_libraries_that_built_its_model(tmp_path, cifar_root, tiny):
+    # Only repsim's and torch's were recorded, yet timm and torchvision build the models (and
+    # their random initialisation) and h5py and numpy write the rows.
+    from importlib.metadata import version
+
+    res = extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    with Store(res["path"]) as s:
+        got = s.meta["versions"]
+    assert {k: got.get(k) for k in ("timm", "torchvision", "h5py", "numpy")} == {
+        k: version(k) for k in ("timm", "torchvision", "h5py", "numpy")}
