@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -198,6 +199,14 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     return (_images_of(item) for item in images)
 
 
+def _home(model: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None: a name, or no state)."""
+    if not isinstance(model, nn.Module):
+        return None
+    state = itertools.chain(model.parameters(), model.buffers())
+    return next((t.device for t in state), None)
+
+
 @torch.inference_mode()
 def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | None = None,
             reduce: str = "flatten", batch_size: int = 128,
@@ -206,14 +215,17 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array or
     DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
-    way). Runs in eval mode on ``device`` (default: a GPU if there is one)."""
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
+    (moving it would leave the caller's module elsewhere), a registry name on a GPU if there
+    is one."""
     from repsim import models
     from repsim.registry import get_spec
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
-    dev = models.resolve_device(None if device is None else str(device))
+    home = _home(model) if device is None else None
+    dev = home or models.resolve_device(None if device is None else str(device))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)

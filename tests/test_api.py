@@ -419,3 +419,15 @@ def test_a_layer_whose_output_is_not_a_tensor_is_one_user_error():
                                         r"output is a tensor"):
         repsim.extract(net, torch.rand(3, 4), layers="body")
     assert not net["body"]._forward_hooks
+
+
+def test_a_module_given_directly_runs_where_its_parameters_are(monkeypatch):
+    # On a machine with a GPU, extract() moved the user's CPU module there by default and left
+    # it there: their next net(x) on a CPU tensor failed. (The GPU is faked: with none here,
+    # moving to it fails.)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    net = nn.Sequential(nn.Linear(4, 2))
+    x = torch.rand(3, 4)
+    out = repsim.extract(net, x, layers="0")["0"]
+    assert next(net.parameters()).device.type == "cpu"
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6)
