@@ -212,15 +212,19 @@ def _versions() -> dict[str, str | None]:
 def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device,
            rank: int, world: int) -> bool:
     """Fill ``out`` (this rank's batches; rank 0 merges the shards). True when resumed."""
+    from repsim.paths import lock
     from repsim.store import StoreWriter, partial_path
 
+    # Rank 0 of a torchrun job touches FILE.h5(.partial) under the lock that a single-process
+    # run of the same store holds while it writes them (extract() holds it when world is 1).
     if rank == 0:
-        # A run interrupted under another world size left shards no rerun of this size reads.
-        doomed = _shard_files(out, None if cfg.overwrite else world)
-        if cfg.overwrite:
-            doomed += [out, partial_path(out)]
-        for p in doomed:
-            p.unlink(missing_ok=True)
+        with lock(out) if world > 1 else nullcontext():
+            # A run interrupted under another world size left shards no rerun of this size reads.
+            doomed = _shard_files(out, None if cfg.overwrite else world)
+            if cfg.overwrite:
+                doomed += [out, partial_path(out)]
+            for p in doomed:
+                p.unlink(missing_ok=True)
     _barrier(world)
     writer = StoreWriter(out if world == 1 else _shard(out, rank, world), meta, probe.ids,
                          probe.labels, cfg.batch_size)
@@ -234,7 +238,8 @@ def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device
     if world > 1:
         _barrier(world)
         if rank == 0:
-            _merge(out, meta, probe, cfg.batch_size, world)
+            with lock(out):
+                _merge(out, meta, probe, cfg.batch_size, world)
         _barrier(world)
     return writer.resumed
 

@@ -637,3 +637,23 @@ def test_a_stores_versions_name_the_libraries_that_built_its_model(tmp_path, cif
         got = s.meta["versions"]
     assert {k: got.get(k) for k in ("timm", "torchvision", "h5py", "numpy")} == {
         k: version(k) for k in ("timm", "torchvision", "h5py", "numpy")}
+
+
+def test_rank_0_merges_under_the_stores_lock(tmp_path, cifar_root, tiny, monkeypatch):
+    # Under torchrun no rank took the lock a single-process run of the same store writes
+    # under: rank 0's merge could resume that run's FILE.h5.partial while it was being written
+    # (two writers on one HDF5 file).
+    from repsim import extraction
+    from repsim.paths import locked
+
+    out, seen = tmp_path / "s.h5", []
+
+    def merge(out, *args):
+        seen.append(locked(out))
+        out.write_bytes(b"merged")
+
+    monkeypatch.setattr(extraction, "_barrier", lambda world: None)
+    monkeypatch.setattr(extraction, "_merge", merge)
+    monkeypatch.setattr(extraction, "_dist", lambda: (0, 2))
+    extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    assert seen == [True] and not locked(out)
