@@ -657,3 +657,13 @@ def test_rank_0_merges_under_the_stores_lock(tmp_path, cifar_root, tiny, monkeyp
     monkeypatch.setattr(extraction, "_dist", lambda: (0, 2))
     extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
     assert seen == [True] and not locked(out)
+
+
+def test_a_store_is_a_feature_set_itself(tmp_path):
+    # cka_matrix(store, store) said "layer 'a[0]' has shape ()": the Store's layer names were
+    # taken for matrices.
+    from repsim.features import feature_set
+
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        names, mats, n = feature_set(s, "a")
+        assert names == ["x.0", "x.1"] and n == 2 and [m.shape for m in mats] == [(2, 1), (2, 2)]
