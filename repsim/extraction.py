@@ -262,7 +262,10 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     images, pending = torch.from_numpy(probe.images), None
 
     def store(j: int, feats: dict[str, torch.Tensor]) -> None:
-        writer.write(j, {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()})
+        rows = {name: t.to("cpu", store_dtype) for name, t in feats.items()}
+        if cfg.dtype == "float16":
+            _check_range(feats, rows)
+        writer.write(j, {name: r.numpy() for name, r in rows.items()})
         _maybe_fault()
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
@@ -285,6 +288,20 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
             bar.update(b - a)
         if pending is not None:
             pending.result()
+
+
+def _check_range(feats: dict, rows: dict) -> None:
+    """UserError when a layer's values overflowed float16 (|x| > 65504 becomes inf): a store
+    of them is no record of the activations, and CKA would refuse it only later."""
+    import torch
+
+    for name, half in rows.items():
+        if torch.isinf(half).any() and not torch.isinf(feats[name]).any():
+            big = float(feats[name].abs().max())
+            raise UserError(f"layer {name!r} has values beyond float16's range (|x| up to "
+                            f"{big:.3g} > 65504), which float16 stores as inf; valid: "
+                            "dtype='float32' for this model and layer; fix: pass "
+                            "dtype='float32'")
 
 
 def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:

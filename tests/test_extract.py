@@ -667,3 +667,24 @@ def test_a_store_is_a_feature_set_itself(tmp_path):
     with Store(_two_layer_store(tmp_path / "s.h5")) as s:
         names, mats, n = feature_set(s, "a")
         assert names == ["x.0", "x.1"] and n == 2 and [m.shape for m in mats] == [(2, 1), (2, 2)]
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 1e6
+
+
+def test_float16_storage_of_values_beyond_its_range_is_refused_not_stored_as_inf(
+        tmp_path, cifar_root, monkeypatch):
+    # Activations above 65504 became inf in a float16 store, silently; CKA refused the store
+    # only later ("non-finite values"), after the whole extraction.
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("tiny_big", input_size=4)(lambda num_classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(48, 5), _Scale(), nn.Linear(5, num_classes)))
+    with pytest.raises(UserError, match=r"layer '2' has values beyond float16's range .*"
+                                        r"dtype='float32'"):
+        extract(cfg(tmp_path, cifar_root, model="tiny_big", n=4, layers="2", dtype="float16"))
