@@ -431,3 +431,21 @@ def test_a_module_given_directly_runs_where_its_parameters_are(monkeypatch):
     out = repsim.extract(net, x, layers="0")["0"]
     assert next(net.parameters()).device.type == "cpu"
     np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["flatten", "mean", "cls", "prefix"])
+def test_each_reduction_of_a_vit_with_registers_equals_its_hand_computation(how):
+    # Class token first, then 2 registers, then 16 patch tokens (timm's order): 'mean' averages
+    # the patches only, 'cls' is token 0, 'prefix' the 3 prefix tokens side by side.
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2,
+                            num_classes=3, reg_tokens=2).eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = net.blocks[1](net.blocks[0](net.norm_pre(net._pos_embed(net.patch_embed(x)))))
+    want = {"flatten": tokens.flatten(1), "mean": tokens[:, 3:].mean(1), "cls": tokens[:, 0],
+            "prefix": tokens[:, :3].flatten(1)}[how]
+    got = repsim.extract(net, x, layers="blocks.1", reduce=how)["blocks.1"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
