@@ -159,9 +159,15 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
-        self.outputs, self._calls = {}, {}
-        self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
-                         for n, m in self.modules.items()]
+        self.outputs, self._calls, self._handles = {}, {}, []
+        for name, module in self.modules.items():
+            try:  # one by one, so that a refusal removes the hooks already placed
+                self._handles.append(module.register_forward_hook(
+                    functools.partial(self._hook, name)))
+            except RuntimeError as exc:  # a TorchScript module takes none
+                self.__exit__()
+                raise UserError(f"layer {name!r} takes no forward hooks ({exc}); valid: layers "
+                                "that are plain nn.Modules; fix: pass layers= without it") from exc
         return self
 
     def __exit__(self, *exc: Any) -> None:

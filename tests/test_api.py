@@ -449,3 +449,16 @@ def test_each_reduction_of_a_vit_with_registers_equals_its_hand_computation(how)
             "prefix": tokens[:, :3].flatten(1)}[how]
     got = repsim.extract(net, x, layers="blocks.1", reduce=how)["blocks.1"]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_that_takes_no_hooks_leaves_no_hook_on_the_others():
+    # Hooks were registered in one list comprehension: when the second layer refused one (a
+    # TorchScript module), the first kept its hook for good, and the error was torch's.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+        net = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Linear(4, 4)))
+    with pytest.raises(UserError, match=r"layer '1' takes no forward hooks \(register_"):
+        repsim.extract(net, torch.rand(3, 4), layers=["0", "1"])
+    assert not net[0]._forward_hooks
