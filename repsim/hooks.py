@@ -201,7 +201,8 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader),
     each batch's images taken by :func:`_images_of`."""
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        return (images[a:a + batch_size] for a in range(0, len(images), batch_size))
+        step = int(batch_size)
+        return (images[a:a + step] for a in range(0, len(images), step))
     return (_images_of(item) for item in images)
 
 
@@ -227,7 +228,8 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     from repsim import models
     from repsim.registry import get_spec
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
     home = _home(model) if device is None else None

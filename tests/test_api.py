@@ -462,3 +462,11 @@ def test_a_layer_that_takes_no_hooks_leaves_no_hook_on_the_others():
     with pytest.raises(UserError, match=r"layer '1' takes no forward hooks \(register_"):
         repsim.extract(net, torch.rand(3, 4), layers=["0", "1"])
     assert not net[0]._forward_hooks
+
+
+def test_a_numpy_integer_batch_size_is_a_positive_integer():
+    # np.int64(2) (from a config array or np.arange) was refused: "is not valid; pass a
+    # positive integer".
+    net = nn.Sequential(nn.Linear(4, 4))
+    assert repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=np.int64(2))["0"].shape \
+        == (3, 4)
