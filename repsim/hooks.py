@@ -198,8 +198,11 @@ def _images_of(batch: Any) -> Any:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader),
-    each batch's images taken by :func:`_images_of`."""
+    """Batches from an array/tensor (sliced), a torch Dataset of samples (batched by a
+    DataLoader) or any iterable of batches (a DataLoader), each batch's images taken by
+    :func:`_images_of`."""
+    if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
+        images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
     if isinstance(images, (torch.Tensor, np.ndarray)):
         step = int(batch_size)
         return (images[a:a + step] for a in range(0, len(images), step))
@@ -219,8 +222,8 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             reduce: str = "flatten", batch_size: int = 128,
             device: str | torch.device | None = None) -> dict[str, np.ndarray]:
     """``{layer: (n, p) float32 array}`` of ``layers`` over ``images``, rows in their order.
-    ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array or
-    DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
+    ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array, Dataset,
+    or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
     way). Runs in eval mode on ``device``; by default a module runs where its parameters are
     (moving it would leave the caller's module elsewhere), a registry name on a GPU if there

@@ -470,3 +470,13 @@ def test_a_numpy_integer_batch_size_is_a_positive_integer():
     net = nn.Sequential(nn.Linear(4, 4))
     assert repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=np.int64(2))["0"].shape \
         == (3, 4)
+
+
+def test_a_dataset_of_samples_is_batched_not_taken_for_batches():
+    # Each (x_i, y_i) sample of a Dataset was fed as a batch: x_i (3, 4, 4) ran unbatched and
+    # its channels passed for samples.
+    net = nn.Sequential(nn.Conv2d(3, 2, 1))
+    x = torch.rand(5, 3, 4, 4)
+    dataset = torch.utils.data.TensorDataset(x, torch.zeros(5))
+    out = repsim.extract(net, dataset, layers="0", batch_size=2)["0"]
+    np.testing.assert_allclose(out, net(x).detach().flatten(1).numpy(), rtol=1e-6)
