@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,9 +53,15 @@ class ExtractConfig:
     progress: bool = True
 
 
+def _positive_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
+
+
 def _validate(cfg: ExtractConfig, family: str) -> None:
-    if cfg.batch_size is None or cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} is not valid; pass a positive integer")
+    for name in ("batch_size", "chunk_rows"):  # chunk_rows=None: the default
+        value = getattr(cfg, name)
+        if not (_positive_int(value) or (name == "chunk_rows" and value is None)):
+            raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     valid = REDUCTIONS.get(family, ("flatten", "mean"))
@@ -159,10 +166,14 @@ def extract(cfg: ExtractConfig) -> dict:
     with lock(out) if writing else nullcontext():
         if out.exists() and not cfg.overwrite:
             with Store(out) as old:
-                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True}
+                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
+                          "resumed": False}
                 if old.meta.get("key") != key:
                     raise UserError(f"{out} already holds a store with different settings; pass "
                                     "overwrite=True to replace it, or another out=PATH")
+            if rank == 0:  # a kill between the merge's rename and its cleanup left them
+                for p in _shard_files(out, None):
+                    p.unlink(missing_ok=True)
             return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
         import torch  # only now: a reused store needs neither torch nor the model
 
@@ -177,22 +188,43 @@ def extract(cfg: ExtractConfig) -> dict:
         meta = {"key": key, "model": cfg.model, "weights": wprov, "data": data,
                 "preprocessing": preprocessing_info(spec), "layers": layers,
                 "reduce": cfg.reduce, "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-                "versions": {"repsim": __version__, "torch": torch.__version__}}
+                "versions": {"repsim": __version__, **_versions()}}
         resumed = _write(out, meta, probe, cfg, model, spec, device, rank, world)
         return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
                 "resumed": resumed, "seconds": time.perf_counter() - t0,
                 "bytes": out.stat().st_size}
 
 
+def _versions() -> dict[str, str | None]:
+    """Versions of the libraries that build the model (and its random initialisation), run it
+    and write its rows, from their package metadata (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "torchvision", "timm", "numpy", "h5py"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device,
            rank: int, world: int) -> bool:
     """Fill ``out`` (this rank's batches; rank 0 merges the shards). True when resumed."""
+    from repsim.paths import lock
     from repsim.store import StoreWriter, partial_path
 
-    if cfg.overwrite and rank == 0:
-        shards = [partial_path(_shard(out, r, world)) for r in range(world)]
-        for p in [out, partial_path(out), *shards]:
-            p.unlink(missing_ok=True)
+    # Rank 0 of a torchrun job touches FILE.h5(.partial) under the lock that a single-process
+    # run of the same store holds while it writes them (extract() holds it when world is 1).
+    if rank == 0:
+        with lock(out) if world > 1 else nullcontext():
+            # A run interrupted under another world size left shards no rerun of this size reads.
+            doomed = _shard_files(out, None if cfg.overwrite else world)
+            if cfg.overwrite:
+                doomed += [out, partial_path(out)]
+            for p in doomed:
+                p.unlink(missing_ok=True)
     _barrier(world)
     writer = StoreWriter(out if world == 1 else _shard(out, rank, world), meta, probe.ids,
                          probe.labels, cfg.batch_size)
@@ -206,7 +238,8 @@ def _write(out: Path, meta: dict, probe, cfg: ExtractConfig, model, spec, device
     if world > 1:
         _barrier(world)
         if rank == 0:
-            _merge(out, meta, probe, cfg.batch_size, world)
+            with lock(out):
+                _merge(out, meta, probe, cfg.batch_size, world)
         _barrier(world)
     return writer.resumed
 
@@ -229,7 +262,10 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
     images, pending = torch.from_numpy(probe.images), None
 
     def store(j: int, feats: dict[str, torch.Tensor]) -> None:
-        writer.write(j, {name: t.to("cpu", store_dtype).numpy() for name, t in feats.items()})
+        rows = {name: t.to("cpu", store_dtype) for name, t in feats.items()}
+        if cfg.dtype == "float16":
+            _check_range(feats, rows)
+        writer.write(j, {name: r.numpy() for name, r in rows.items()})
         _maybe_fault()
 
     # One writer thread with at most one batch in flight lets HDF5 writes overlap the next
@@ -242,7 +278,7 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
                 model(models.preprocess(spec, images[a:b].to(device, non_blocking=True)))
             except ReductionError as exc:
                 raise UserError(f"reduce={cfg.reduce!r}: {exc}") from None
-            feats = cap.collect()
+            feats = cap.collect(b - a)
             if pending is not None:
                 pending.result()  # re-raises a failed write here
             if not writer.layers_created:
@@ -252,6 +288,20 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
             bar.update(b - a)
         if pending is not None:
             pending.result()
+
+
+def _check_range(feats: dict, rows: dict) -> None:
+    """UserError when a layer's values overflowed float16 (|x| > 65504 becomes inf): a store
+    of them is no record of the activations, and CKA would refuse it only later."""
+    import torch
+
+    for name, half in rows.items():
+        if torch.isinf(half).any() and not torch.isinf(feats[name]).any():
+            big = float(feats[name].abs().max())
+            raise UserError(f"layer {name!r} has values beyond float16's range (|x| up to "
+                            f"{big:.3g} > 65504), which float16 stores as inf; valid: "
+                            "dtype='float32' for this model and layer; fix: pass "
+                            "dtype='float32'")
 
 
 def _chunk_rows(cfg: ExtractConfig, dims: dict[str, int]) -> int:
@@ -275,6 +325,22 @@ def _maybe_fault() -> None:
 
 def _shard(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.rank{rank}of{world}")
+
+
+_SHARD_PARTIAL = re.compile(r"\.rank(0|[1-9]\d*)of([1-9]\d*)\.partial")
+
+
+def _shard_files(out: Path, world: int | None) -> list[Path]:
+    """The unfinished shards of ``out`` on disk (named as :func:`_shard` names them, nothing
+    else) of world sizes other than ``world`` (None: of every size)."""
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        m = p.name.startswith(out.name) and _SHARD_PARTIAL.fullmatch(p.name[len(out.name):])
+        if m and int(m[1]) < int(m[2]) and int(m[2]) != world:
+            found.append(p)
+    return found
 
 
 def _barrier(world: int) -> None:

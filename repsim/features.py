@@ -15,10 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from repsim.store import Store
+
 
 def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str], list[Any], int]:
     """``(names, matrices, n)`` of a feature set, checked (2-D, ``n`` rows each, or the given
-    ``n``); unnamed layers are called ``a[0]``, ``a[1]``, ... (``side`` is the prefix)."""
+    ``n``); unnamed layers are called ``a[0]``, ``a[1]``, ... (``side`` is the prefix).
+    A :class:`repsim.store.Store` stands for all its layers (iterated, it names them)."""
+    if isinstance(feats, Store):
+        feats = feats.features()
     if isinstance(feats, Mapping):
         names, mats = [str(k) for k in feats], list(feats.values())
     elif len(getattr(feats, "shape", ())) == 2:

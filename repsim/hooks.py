@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
     if how in ("cls", "prefix"):
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
-    return x.flatten(1)
+    return x.flatten(1) if x.dim() > 1 else x.reshape(-1, 1)  # (b,): one value per sample
 
 
 @contextlib.contextmanager
@@ -109,10 +110,15 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         # holds channels is unknown, so 'mean' of a 4-D output is refused, never guessed.
         self.channels_last = getattr(model, "output_fmt", None) == "NHWC"
         self.outputs: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, int] = {}  # per layer, since the last collect()
         self._handles: list[Any] = []
 
     def _hook(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
-        x = output[0] if isinstance(output, (tuple, list)) else output
+        x = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(x, torch.Tensor):
+            raise UserError(f"layer {name!r} outputs a {type(x).__name__}; valid: layers whose "
+                            "output is a tensor (or a tuple or list starting with one); fix: "
+                            "pass layers= naming a module inside it, or one that returns a tensor")
         try:
             if self.channels_last and self.how == "mean" and x.dim() == 4:
                 raise ReductionError("reduce='mean' cannot tell channels from positions in "
@@ -120,24 +126,48 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                                      "channels last); use 'flatten'")
             n = 0 if module in self.prefixless else self.n_prefix
             self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
+            self._calls[name] = self._calls.get(name, 0) + 1
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 
-    def collect(self) -> dict[str, torch.Tensor]:
+    def collect(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
         next. UserError naming any layer the pass did not run: its output would be missing,
-        or an earlier pass's would stand in for this one's."""
-        out, self.outputs = self.outputs, {}
+        or an earlier pass's would stand in for this one's; any layer it ran more than once
+        (which call the name means is ambiguous); and, given the batch's ``rows``, any layer
+        whose output has another number of rows (they would pass for samples)."""
+        out, calls, self.outputs, self._calls = self.outputs, self._calls, {}, {}
+        again = {name: k for name, k in calls.items() if k > 1}
+        if again:
+            name, k = next(iter(again.items()))
+            raise UserError(f"layer {name!r} ran {k} times in one forward pass (a module "
+                            "reused within the model), so which output it means is ambiguous; "
+                            "valid: modules called once per pass; fix: pass layers= naming "
+                            "a module called once, e.g. its parent")
         missing = [name for name in self.layers if name not in out]
         if missing:
             raise UserError(f"layers {', '.join(missing)} gave no output in this forward pass "
                             "(the model did not call them, e.g. a training-only head); valid: "
                             "layers its forward pass runs; fix: pass layers= without them")
+        for name in self.layers:
+            shape = tuple(out[name].shape)
+            if rows is not None and shape[:1] != (rows,):
+                raise UserError(f"layer {name!r} gave {shape[0] if shape else 0} rows for a "
+                                f"batch of {rows} inputs (output shape {shape}); valid: layers "
+                                "whose outputs put the samples first; fix: pass layers= "
+                                "without it (or make that module batch_first)")
         return {name: out[name] for name in self.layers}
 
     def __enter__(self) -> capture:
-        self._handles = [m.register_forward_hook(functools.partial(self._hook, n))
-                         for n, m in self.modules.items()]
+        self.outputs, self._calls, self._handles = {}, {}, []
+        for name, module in self.modules.items():
+            try:  # one by one, so that a refusal removes the hooks already placed
+                self._handles.append(module.register_forward_hook(
+                    functools.partial(self._hook, name)))
+            except RuntimeError as exc:  # a TorchScript module takes none
+                self.__exit__()
+                raise UserError(f"layer {name!r} takes no forward hooks ({exc}); valid: layers "
+                                "that are plain nn.Modules; fix: pass layers= without it") from exc
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -146,12 +176,45 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
         self._handles = []
 
 
+# The keys under which loaders of dict batches (Hugging Face datasets, torchvision v2
+# transforms) commonly hold the images.
+IMAGE_KEYS = ("pixel_values", "image", "images", "img", "input", "inputs", "x")
+
+
+def _images_of(batch: Any) -> Any:
+    """A batch's images: the batch itself, the first element of a tuple or list like
+    ``(x, y)``, or the one value of a dict under a key of :data:`IMAGE_KEYS`."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        keys = [k for k in IMAGE_KEYS if k in batch]
+        if len(keys) != 1:
+            given = ", ".join(repr(k) for k in batch)
+            raise UserError(f"a batch is a dict with keys {given}; valid: dicts with exactly one "
+                            f"of {', '.join(repr(k) for k in IMAGE_KEYS)} for the images; fix: "
+                            "pass (b['your_key'] for b in loader)")
+        return batch[keys[0]]
+    return batch
+
+
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Batches from an array/tensor (sliced) or any iterable of batches (a DataLoader);
-    a batch that is a tuple or list, like ``(x, y)``, contributes its first element."""
+    """Batches from an array/tensor (sliced), a torch Dataset of samples (batched by a
+    DataLoader) or any iterable of batches (a DataLoader), each batch's images taken by
+    :func:`_images_of`."""
+    if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
+        images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
     if isinstance(images, (torch.Tensor, np.ndarray)):
-        return (images[a:a + batch_size] for a in range(0, len(images), batch_size))
-    return (item[0] if isinstance(item, (tuple, list)) else item for item in images)
+        step = int(batch_size)
+        return (images[a:a + step] for a in range(0, len(images), step))
+    return (_images_of(item) for item in images)
+
+
+def _home(model: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None: a name, or no state)."""
+    if not isinstance(model, nn.Module):
+        return None
+    state = itertools.chain(model.parameters(), model.buffers())
+    return next((t.device for t in state), None)
 
 
 @torch.inference_mode()
@@ -159,16 +222,21 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             reduce: str = "flatten", batch_size: int = 128,
             device: str | torch.device | None = None) -> dict[str, np.ndarray]:
     """``{layer: (n, p) float32 array}`` of ``layers`` over ``images``, rows in their order.
-    ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array or
-    DataLoader) or a registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8,
-    preprocessed its way). Runs in eval mode on ``device`` (default: a GPU if there is one)."""
+    ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array, Dataset,
+    or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
+    registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
+    (moving it would leave the caller's module elsewhere), a registry name on a GPU if there
+    is one."""
     from repsim import models
     from repsim.registry import get_spec
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+            or batch_size < 1):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
-    dev = models.resolve_device(None if device is None else str(device))
+    home = _home(model) if device is None else None
+    dev = home or models.resolve_device(None if device is None else str(device))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
@@ -179,7 +247,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         for x in _batches(images, batch_size):
             x = torch.as_tensor(x).to(dev)
             model(models.preprocess(spec, x) if spec is not None else x)
-            for name, out in cap.collect().items():
+            for name, out in cap.collect(len(x)).items():
                 rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     if not rows:
         raise ValueError("no images: give at least one batch")

@@ -12,7 +12,10 @@ from repsim.errors import UserError
 
 
 def _split_request(request: str | Sequence[str]) -> list[str]:
-    items = [request] if isinstance(request, str) else list(request)
+    try:
+        items = [request] if isinstance(request, str) else list(request)
+    except TypeError:  # not iterable (layers=1 for the name "1"): refused below
+        items = [request]
     bad = [item for item in items if not isinstance(item, str)]
     parts = [p.strip() for item in items if isinstance(item, str) for p in item.split(",")]
     if bad or not any(parts):

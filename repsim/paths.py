@@ -89,9 +89,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         sync_to_disk(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -100,6 +98,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             raise _about(exc, path) from exc  # name the file, not its (deleted) tmp
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask. os.umask can only set it, and setting 0 to read it let any file
+    another thread created meanwhile be world-writable: Linux says it in /proc; elsewhere
+    the strictest umask stands in for that moment, never a looser one."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _about(exc: OSError, path: Path) -> Exception:

@@ -11,9 +11,10 @@ Layout of a store (one file)::
 
 A store is written as ``FILE.h5.partial`` (by one process at a time: :func:`repsim.paths.lock`)
 and renamed to ``FILE.h5`` once ``complete`` is set and the file closed, so a crash never
-leaves a file that looks complete. Each batch is flushed before ``batches_done`` vouches for
-it; a rerun skips the marked batches, which always cover the same rows, so a resumed store
-equals an uninterrupted run's.
+leaves a file that looks complete. Each batch is synced to the disk before ``batches_done``
+vouches for it (so a power loss cannot keep the entry and lose the rows); a rerun skips the
+marked batches, which always cover the same rows, so a resumed store equals an uninterrupted
+run's.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.exists():
             if locked(self.path):
                 raise UserError(f"store {self.path} is being written by another process; "
@@ -103,9 +104,14 @@ class Store:
                             f"{', '.join(self.layers)}){hint}")
         return self._f["layers"][layer]
 
-    def features(self, layers: list[str] | None = None) -> dict[str, Any]:
-        """Name -> lazy ``(n, D)`` dataset, in model order."""
-        return {name: self[name] for name in (layers or self.layers)}
+    def features(self, layers: str | list[str] | None = None) -> dict[str, Any]:
+        """Name -> lazy ``(n, D)`` dataset: of ``layers`` (one name or a list, in that order),
+        or None for every layer in model order."""
+        names = self.layers if layers is None else [layers] if isinstance(layers, str) else layers
+        if not names:  # an empty selection is no request for everything
+            raise UserError(f"layers={layers!r} names no layer; valid: one or more of "
+                            f"{', '.join(self.layers)}, or None for all of them")
+        return {name: self[name] for name in names}
 
     def close(self) -> None:
         self._f.close()
@@ -151,14 +157,13 @@ class StoreWriter:
                 self._f.create_dataset("batches_done", data=np.zeros(len(self.bounds), bool))
                 self._f.create_group("layers")
                 self._f.flush()
-        self._done = self._f["batches_done"][:]  # the journal, also readable after a failure
-        self._layers = {k: self._f["layers"][k] for k in json.loads(
-            self._f.attrs.get("layer_order", "[]"))}
+            self._done = np.zeros(len(self.bounds), bool)  # the journal, kept after a failure
         self.check_space()
 
     def _reopen(self, ids: np.ndarray):
-        """The partial file to resume, or None when it is unreadable (then start over: a crash
-        mid-write can leave HDF5 metadata unreadable, and guessing would be worse)."""
+        """The partial file to resume (its journal and layers read), or None when any of it is
+        unreadable (then start over: a crash mid-write can leave HDF5 metadata unreadable or
+        half laid out, and guessing would be worse)."""
         import h5py
 
         f = None
@@ -176,10 +181,15 @@ class StoreWriter:
             if len(done) != len(self.bounds) and "batch_size" not in differ:
                 differ.append("batch_size")
             same = a.get("key") == b.get("key") and not differ
-        except (KeyError, OSError, ValueError):
+            if not isinstance(f.get("labels"), h5py.Dataset) or "layers" not in f:
+                raise KeyError("the file's layout is incomplete")
+            self._done, self._layers = done, {k: f["layers"][k] for k in json.loads(
+                f.attrs.get("layer_order", "[]"))}
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
             if f is not None:
                 f.close()
             self.path.unlink()
+            self._layers = {}
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case
             f.close()
@@ -272,7 +282,10 @@ class StoreWriter:
         with self._writing(b - a):
             for name, x in feats.items():
                 self._layers[name][a:b] = x
-            self._f.flush()  # data first, then the journal entry that vouches for it
+            # Data first, on the disk (not only in the page cache, which a power loss empties
+            # in any order), then the journal entry that vouches for it.
+            self._f.flush()
+            os.fsync(self._f.id.get_vfd_handle())
             self._f["batches_done"][j] = True
             self._f.flush()
         self._done[j] = True

@@ -323,3 +323,160 @@ def test_attention_of_a_model_not_registered_as_a_vit_says_how_to_register_one(
     with pytest.raises(UserError, match=r"^plain_net is not registered as a ViT, and .*"
                                         r"register your own with family='vit'"):
         check_vit("plain_net")
+
+
+def test_a_loader_of_dict_batches_gives_their_images():
+    # A loader of {"image": x, "label": y} batches (Hugging Face style) failed in
+    # torch.as_tensor with "Could not infer dtype of dict".
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x = torch.rand(5, 3, 2, 2)
+    loader = [{"image": x[:3], "label": torch.zeros(3)}, {"image": x[3:], "label": torch.ones(2)}]
+    out = repsim.extract(net, loader, layers="1")["1"]
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_dict_batch_without_an_image_key_is_one_user_error_naming_its_keys():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(UserError, match=r"batch is a dict with keys 'a', 'b'; valid: .*'image'"):
+        repsim.extract(net, [{"a": torch.rand(2, 12), "b": torch.zeros(2)}], layers="1")
+
+
+class _TimeFirst(nn.Module):
+    """Takes (b, T, D) but runs ``inner`` on (T, b, D), as modules without batch_first do."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_layer_whose_rows_are_not_the_samples_is_refused():
+    # Its (T, b, D) output gave T rows per batch of b images: 3 rows for 2 samples, silently,
+    # and in the store a broadcasting error from h5py.
+    with pytest.raises(UserError, match=r"layer 'inner' gave 3 rows for a batch of 2 inputs"):
+        repsim.extract(_TimeFirst(), torch.rand(2, 3, 4), layers="inner", reduce="mean")
+
+
+class _Score(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(x).squeeze(1)
+
+
+def test_a_layer_with_one_value_per_sample_is_a_one_column_matrix():
+    # A (b,) output raised IndexError from flatten(1).
+    net = nn.Sequential(_Score())
+    x = torch.rand(3, 4)
+    out = repsim.extract(net, x, layers="0")["0"]
+    np.testing.assert_allclose(out, net(x).detach().numpy()[:, None], rtol=1e-6)
+
+
+def test_a_single_non_string_layer_is_one_user_error():
+    # layers=1 (an index, not the name "1") raised "'int' object is not iterable".
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UserError, match=r"layers=1 is not a layer request; valid: names"):
+        repsim.extract(net, torch.rand(3, 4), layers=1)
+
+
+class _Twice(nn.Module):
+    """Calls ``act`` twice per pass, as torchvision's BasicBlock calls its ``relu``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act = nn.Linear(4, 4), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.a(self.act(x)) - 1)
+
+
+def test_a_layer_called_twice_in_one_pass_is_refused_not_its_last_call():
+    # layers="layer1.0.relu" of a torchvision ResNet gave the block's output (the relu's 2nd
+    # call), silently: which call a name means is ambiguous.
+    with pytest.raises(UserError, match=r"layer 'act' ran 2 times in one forward pass"):
+        repsim.extract(_Twice(), torch.rand(3, 4), layers="act")
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return {"logits": self.head(x)}
+
+
+def test_a_layer_whose_output_is_not_a_tensor_is_one_user_error():
+    # A layer returning a dict (Hugging Face style) raised "'dict' object has no attribute
+    # 'detach'" from inside the hook.
+    net = nn.ModuleDict({"body": _DictOut()})
+    net.forward = lambda x: net["body"](x)["logits"]
+    with pytest.raises(UserError, match=r"layer 'body' outputs a dict; valid: layers whose "
+                                        r"output is a tensor"):
+        repsim.extract(net, torch.rand(3, 4), layers="body")
+    assert not net["body"]._forward_hooks
+
+
+def test_a_module_given_directly_runs_where_its_parameters_are(monkeypatch):
+    # On a machine with a GPU, extract() moved the user's CPU module there by default and left
+    # it there: their next net(x) on a CPU tensor failed. (The GPU is faked: with none here,
+    # moving to it fails.)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    net = nn.Sequential(nn.Linear(4, 2))
+    x = torch.rand(3, 4)
+    out = repsim.extract(net, x, layers="0")["0"]
+    assert next(net.parameters()).device.type == "cpu"
+    np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["flatten", "mean", "cls", "prefix"])
+def test_each_reduction_of_a_vit_with_registers_equals_its_hand_computation(how):
+    # Class token first, then 2 registers, then 16 patch tokens (timm's order): 'mean' averages
+    # the patches only, 'cls' is token 0, 'prefix' the 3 prefix tokens side by side.
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2,
+                            num_classes=3, reg_tokens=2).eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        tokens = net.blocks[1](net.blocks[0](net.norm_pre(net._pos_embed(net.patch_embed(x)))))
+    want = {"flatten": tokens.flatten(1), "mean": tokens[:, 3:].mean(1), "cls": tokens[:, 0],
+            "prefix": tokens[:, :3].flatten(1)}[how]
+    got = repsim.extract(net, x, layers="blocks.1", reduce=how)["blocks.1"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_that_takes_no_hooks_leaves_no_hook_on_the_others():
+    # Hooks were registered in one list comprehension: when the second layer refused one (a
+    # TorchScript module), the first kept its hook for good, and the error was torch's.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation warning
+        net = nn.Sequential(nn.Linear(4, 4), torch.jit.script(nn.Linear(4, 4)))
+    with pytest.raises(UserError, match=r"layer '1' takes no forward hooks \(register_"):
+        repsim.extract(net, torch.rand(3, 4), layers=["0", "1"])
+    assert not net[0]._forward_hooks
+
+
+def test_a_numpy_integer_batch_size_is_a_positive_integer():
+    # np.int64(2) (from a config array or np.arange) was refused: "is not valid; pass a
+    # positive integer".
+    net = nn.Sequential(nn.Linear(4, 4))
+    assert repsim.extract(net, torch.rand(3, 4), layers="0", batch_size=np.int64(2))["0"].shape \
+        == (3, 4)
+
+
+def test_a_dataset_of_samples_is_batched_not_taken_for_batches():
+    # Each (x_i, y_i) sample of a Dataset was fed as a batch: x_i (3, 4, 4) ran unbatched and
+    # its channels passed for samples.
+    net = nn.Sequential(nn.Conv2d(3, 2, 1))
+    x = torch.rand(5, 3, 4, 4)
+    dataset = torch.utils.data.TensorDataset(x, torch.zeros(5))
+    out = repsim.extract(net, dataset, layers="0", batch_size=2)["0"]
+    np.testing.assert_allclose(out, net(x).detach().flatten(1).numpy(), rtol=1e-6)

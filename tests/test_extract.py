@@ -25,6 +25,20 @@ def cfg(tmp_path, cifar_root, **kw):
     return ExtractConfig(**base)
 
 
+@pytest.fixture
+def tiny(monkeypatch):
+    """A registered two-layer MLP ("tiny_x", layers "1" and "2"): extractions in milliseconds,
+    for tests of the store's bookkeeping rather than of a model's activations."""
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("tiny_x", input_size=4)(lambda num_classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(48, 5), nn.Linear(5, num_classes)))
+    return "tiny_x"
+
+
 # ------------------------------------------------------------------ store
 
 
@@ -59,6 +73,21 @@ def test_a_finished_store_is_on_disk_before_it_gets_its_final_name(tmp_path, mon
     events.clear()  # the journal's own writes
     w.finish()
     assert events == ["fsync", ("rename", "s.h5")]
+
+
+def test_a_batch_is_on_the_disk_before_the_journal_vouches_for_it(tmp_path, monkeypatch):
+    # The journal entry was flushed to the page cache right after the data, never synced: a
+    # power loss could keep the entry and lose the rows, and the resumed store then looked
+    # complete with zeros in them.
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
+    w.create_layers({"x": 1}, "float32", 2, None)
+    journal_at_sync = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: journal_at_sync.append(
+        w._f["batches_done"][:].tolist()) or fsync(fd))
+    w.write(1, {"x": np.ones((2, 1), np.float32)})
+    assert journal_at_sync[:1] == [[False, False]]  # the rows synced before the entry exists
+    w.close()
 
 
 def test_incomplete_store_is_refused_with_resume_hint(tmp_path):
@@ -480,3 +509,182 @@ def test_a_weights_file_spelled_another_way_still_resumes(tmp_path):
     with pytest.raises(UserError, match=r"different settings \(key\)"):  # another key: refused
         StoreWriter(tmp_path / "s.h5", {**meta("ckpt/v.pt"), "key": "k2"}, np.arange(4),
                     np.zeros(4), 2)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_rerun_removes_the_shards_of_another_world_size_only(tmp_path, cifar_root, tiny,
+                                                                 monkeypatch, world):
+    # A torchrun job of 2 ranks killed mid-run leaves s.h5.rank{0,1}of2.partial; rerun with
+    # another world size, they were never read nor deleted (each as big as its share).
+    from repsim import extraction
+
+    stale = [tmp_path / f"s.h5.rank{r}of2.partial" for r in range(2)]
+    kept = [tmp_path / n for n in ("s.h5.rank0of2.partial.bak", "t.h5.rank0of2.partial",
+                                   "s.h5.rank0of2", "s.h5.rankXof2.partial", "s.h5.notes")]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    own = [extraction._shard(tmp_path / "s.h5", r, world) for r in range(world)]
+    # Ranks meet at barriers and rank 0 merges; here only rank 0's start is the subject.
+    monkeypatch.setattr(extraction, "_barrier", lambda world: None)
+    monkeypatch.setattr(extraction, "_merge", lambda out, *a: out.write_bytes(b"merged"))
+    monkeypatch.setattr(extraction, "_dist", lambda: (0, world))
+    extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert world == 1 or partial_path(own[0]).exists()  # this run's own shard: kept
+
+
+def _two_layer_store(path):
+    w = StoreWriter(path, {"model": "m"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"x.0": 1, "x.1": 2}, "float32", 2, None)
+    w.write(0, {"x.0": np.zeros((2, 1), np.float32), "x.1": np.ones((2, 2), np.float32)})
+    return w.finish()
+
+
+def test_store_features_of_no_layers_is_refused_not_every_layer(tmp_path):
+    # features([]) returned all layers: an empty selection read as "no selection".
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        with pytest.raises(UserError, match=r"layers=\[\] names no layer; valid: .*x\.0, x\.1"):
+            s.features([])
+
+
+def test_store_features_of_one_name_as_a_string_is_that_layer(tmp_path):
+    # features("x.1") iterated the string's characters: "layer 'x' is not in s.h5".
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        assert list(s.features("x.1")) == ["x.1"]
+
+
+def test_reusing_a_complete_store_removes_its_leftover_shards(tmp_path, cifar_root, tiny):
+    # A kill after rank 0's merge renamed the store into place, before it deleted the shards:
+    # every later run reused the store and the shards stayed.
+    run = cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4)
+    extract(run)
+    stale = [tmp_path / f"s.h5.rank{r}of2.partial" for r in range(2)]
+    for p in stale:
+        p.write_bytes(b"x")
+    assert extract(run)["reused"]
+    assert not any(p.exists() for p in stale)
+
+
+@pytest.mark.parametrize("batch_size", [2.5, True, "8"])
+def test_a_batch_size_that_is_not_a_positive_integer_is_one_user_error(tmp_path, cifar_root,
+                                                                        tiny, batch_size):
+    # 2.5 raised range()'s TypeError after loading the model; True ran as batches of 1.
+    with pytest.raises(UserError, match=f"batch_size={batch_size!r} is not valid"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=batch_size))
+
+
+@pytest.mark.parametrize("chunk_rows", [-3, 0, 2.5])
+def test_chunk_rows_that_is_not_a_positive_integer_is_one_user_error(tmp_path, cifar_root, tiny,
+                                                                      chunk_rows):
+    # -3 became chunks of 1 row and 0 the default, silently.
+    with pytest.raises(UserError, match=f"chunk_rows={chunk_rows!r} is not valid"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", chunk_rows=chunk_rows))
+
+
+def test_atomic_write_never_loosens_the_umask_other_threads_share(tmp_path, monkeypatch):
+    # It set the umask to 0 and back to read it: a file another thread (the store writer, a
+    # user's) created meanwhile was world-writable.
+    from repsim import paths
+
+    umask, set_to = os.umask(0o022), []
+    os.umask(umask)
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda m: set_to.append(m) or real(m))
+    paths.write_text(tmp_path / "x.txt", "hi")
+    assert all(m & 0o077 == 0o077 for m in set_to), set_to
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_store_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
+    # Store("~/s.h5") said "no store at ~/s.h5; extract one first", though extract(out=) and
+    # every other path argument expand '~'.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _two_layer_store(tmp_path / "s.h5")
+    with Store("~/s.h5") as s:
+        assert s.layers == ["x.0", "x.1"]
+
+
+def test_a_reused_stores_summary_has_every_key_of_a_written_ones(tmp_path, cifar_root, tiny):
+    # The reuse summary lacked "resumed": res["resumed"] was a KeyError after a reuse.
+    run = cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4)
+    first, again = extract(run), extract(run)
+    assert set(again) == set(first) and again["resumed"] is False and again["reused"] is True
+
+
+def test_a_partial_store_missing_its_structure_starts_over(tmp_path):
+    # A kill while the file was being laid out (before the "layers" group) left a partial
+    # that passed the resume checks; opening its layers then raised KeyError on every rerun.
+    path = partial_path(tmp_path / "s.h5")
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"format": "repsim-activations/1", "complete": False,
+                        "provenance": json.dumps({"model": "m"})})
+        f["ids"], f["labels"] = np.arange(4), np.zeros(4, np.int64)
+        f["batches_done"] = np.zeros(2, bool)
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(4), np.zeros(4), 2)
+    assert w.pending() == [0, 1] and not w.resumed
+    w.create_layers({"x": 1}, "float32", 2, None)
+    w.close()
+
+
+def test_a_stores_versions_name_the_libraries_that_built_its_model(tmp_path, cifar_root, tiny):
+    # Only repsim's and torch's were recorded, yet timm and torchvision build the models (and
+    # their random initialisation) and h5py and numpy write the rows.
+    from importlib.metadata import version
+
+    res = extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    with Store(res["path"]) as s:
+        got = s.meta["versions"]
+    assert {k: got.get(k) for k in ("timm", "torchvision", "h5py", "numpy")} == {
+        k: version(k) for k in ("timm", "torchvision", "h5py", "numpy")}
+
+
+def test_rank_0_merges_under_the_stores_lock(tmp_path, cifar_root, tiny, monkeypatch):
+    # Under torchrun no rank took the lock a single-process run of the same store writes
+    # under: rank 0's merge could resume that run's FILE.h5.partial while it was being written
+    # (two writers on one HDF5 file).
+    from repsim import extraction
+    from repsim.paths import locked
+
+    out, seen = tmp_path / "s.h5", []
+
+    def merge(out, *args):
+        seen.append(locked(out))
+        out.write_bytes(b"merged")
+
+    monkeypatch.setattr(extraction, "_barrier", lambda world: None)
+    monkeypatch.setattr(extraction, "_merge", merge)
+    monkeypatch.setattr(extraction, "_dist", lambda: (0, 2))
+    extract(cfg(tmp_path, cifar_root, model=tiny, n=4, layers="1", batch_size=4))
+    assert seen == [True] and not locked(out)
+
+
+def test_a_store_is_a_feature_set_itself(tmp_path):
+    # cka_matrix(store, store) said "layer 'a[0]' has shape ()": the Store's layer names were
+    # taken for matrices.
+    from repsim.features import feature_set
+
+    with Store(_two_layer_store(tmp_path / "s.h5")) as s:
+        names, mats, n = feature_set(s, "a")
+        assert names == ["x.0", "x.1"] and n == 2 and [m.shape for m in mats] == [(2, 1), (2, 2)]
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 1e6
+
+
+def test_float16_storage_of_values_beyond_its_range_is_refused_not_stored_as_inf(
+        tmp_path, cifar_root, monkeypatch):
+    # Activations above 65504 became inf in a float16 store, silently; CKA refused the store
+    # only later ("non-finite values"), after the whole extraction.
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("tiny_big", input_size=4)(lambda num_classes: nn.Sequential(
+        nn.Flatten(), nn.Linear(48, 5), _Scale(), nn.Linear(5, num_classes)))
+    with pytest.raises(UserError, match=r"layer '2' has values beyond float16's range .*"
+                                        r"dtype='float32'"):
+        extract(cfg(tmp_path, cifar_root, model="tiny_big", n=4, layers="2", dtype="float16"))
