@@ -4,7 +4,8 @@ A probe set is ``n`` images of one split, each with a stable *sample ID* (its in
 canonical order of the full split), so runs and models line up row by row. Sources:
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
-``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file name)
+``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
+CIFAR-10's names is theirs and otherwise sorted, then sorted file name)
 or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
 or flat ``PATH/*``, one class).
 """
@@ -41,6 +42,10 @@ CIFAR10_TEST_SIZE = 10_000
 # would silently disagree with the dataset's standard label order.
 _CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 _TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
+# CIFAR-10's labels 0..9. A tree whose folders name classes must use these (any case):
+# other names ("plane", "car") sort into another order, so their labels would be wrong.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 _VALID_DATASETS = ", ".join(DATASETS) + f", {PROBE_NAME}, imagefolder:PATH"
 
 
@@ -143,10 +148,7 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     if tree is None:
         download = download and not offline()
         return _from_torchvision(name, split, root, n, seed, image_size, download, progress)
-    classes, paths, labels = _scan_class_tree(tree)
-    if len(classes) != _CLASS_COUNTS[name]:
-        raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
-                        f"{_CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+    classes, paths, labels = _scan_class_tree(tree, _tree_classes(tree, name))
     return _from_files(name, split, tree, classes, paths, labels, n, seed, image_size, progress)
 
 
@@ -253,10 +255,31 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
     return next((d for d in candidates if d.is_dir() and _listing(d)[0]), None)
 
 
-def _scan_class_tree(folder: Path) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
-    """Canonical ``(classes, paths, labels)`` of ``folder/<class>/*``: sorted classes, then
-    sorted file names within each class."""
-    classes = tuple(_listing(folder)[0])
+def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
+    """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
+    where they are CIFAR-10's class names, else sorted (folders that name no class, such as
+    ``0``..``9``, carry no other order); UserError for a wrong count or a mix of names."""
+    classes = tuple(_listing(tree)[0])
+    if len(classes) != _CLASS_COUNTS[name]:
+        raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
+                        f"{_CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+    if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
+        return classes
+    foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
+    if len({c.lower() for c in classes}) != len(classes):  # "Cat" and "cat": one is missing
+        foreign = [c for c in classes if c != c.lower()]
+    if foreign:
+        raise UserError(f"{tree}: class folders {', '.join(foreign)} are not CIFAR-10 class "
+                        "names, so their labels would be guessed; rename the 10 folders "
+                        f"{', '.join(CIFAR10_CLASSES)} (labels 0..9 in that order)")
+    return tuple(sorted(classes, key=lambda c: CIFAR10_CLASSES.index(c.lower())))
+
+
+def _scan_class_tree(folder: Path, classes: tuple[str, ...] | None = None
+                     ) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
+    """Canonical ``(classes, paths, labels)`` of ``folder/<class>/*``: ``classes`` in label
+    order (default: the sorted folder names), then sorted file names within each class."""
+    classes = tuple(_listing(folder)[0]) if classes is None else classes
     paths: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):

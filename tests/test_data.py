@@ -153,6 +153,38 @@ def test_cifar10_tree_needs_ten_classes(tmp_path):
         data.load_probe_set("cifar10", "test", data_root=tmp_path)
 
 
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck")
+
+
+def test_cifar10_tree_with_other_class_names_is_refused_not_relabelled(tmp_path):
+    # torchvision's tutorial names sort as bird, car, cat, ..., plane: bird would be label 0
+    # and plane label 7, silently disagreeing with every CIFAR-10 model and the bundled set.
+    names = ("plane", "car", *CIFAR10[2:])
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    with pytest.raises(UserError, match="class folders car, plane are not CIFAR-10 class names")\
+            as err:
+        data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert str(tmp_path / "cifar10" / "test") in str(err.value) and "\n" not in str(err.value)
+    assert "airplane, automobile, bird" in str(err.value)
+
+
+def test_cifar10_tree_classes_take_cifar10_label_order_whatever_their_case(tmp_path):
+    # "Bird" sorts before "airplane" (capitals first): sorted folder names are not the label
+    # order once the case differs, the canonical names' order is.
+    names = tuple(c.capitalize() if c in ("bird", "ship") else c for c in CIFAR10)
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert tuple(c.lower() for c in p.classes) == CIFAR10
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+
+
+def test_cifar10_tree_of_folders_that_name_no_class_keeps_sorted_order(tmp_path):
+    write_tree(tmp_path / "cifar10" / "test", classes=tuple("0123456789"), per_class=1)
+    p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert p.classes == tuple("0123456789")
+
+
 # --------------------------------------------------------------------------- imagefolder:PATH
 
 
