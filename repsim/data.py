@@ -89,9 +89,7 @@ def subset_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
     _check_positive(n)
     if n is None or n >= n_total:
         return np.arange(n_total, dtype=np.int64)
-    # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
+    _check_seed(seed)
     return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False)).astype(np.int64)
 
 
@@ -105,6 +103,7 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise UserError(f"labels have shape {labels.shape}; pass a 1-D array of class labels")
+    _check_seed(seed)
     rng = np.random.default_rng(seed)
     members = (np.flatnonzero(labels == c) for c in np.unique(labels))
     picked = [rng.choice(m, round(fraction * len(m)), replace=False) for m in members]
@@ -182,6 +181,12 @@ def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool
     if missing:
         raise UserError(f"ids={missing[:5]} are not in {source.source}; pass ids it holds")
     return source.images[[where[int(i)] for i in ids]], ids
+
+
+def _check_seed(seed: Any) -> None:
+    # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
 
 
 def _check_positive(n: int | None) -> None:

@@ -480,3 +480,11 @@ def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypa
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
     paths.write_text(tmp_path / "x.json", "{}")
     assert events == ["fsync", "rename"] and (tmp_path / "x.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("seed", [None, -1])
+def test_balanced_subset_refuses_a_seed_that_draws_unreproducibly_or_not_at_all(seed):
+    # default_rng(None) draws from OS entropy: each call (a train fraction, a probe's split)
+    # another subset, recorded as seed None; default_rng(-1) is numpy's bare ValueError.
+    with pytest.raises(UserError, match=f"seed={seed} is not valid; pass a seed >= 0"):
+        data.balanced_subset(np.repeat([0, 1], 10), 0.5, seed=seed)
