@@ -91,6 +91,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device."""
     from tqdm import tqdm
 
+    _check_batch_size(batch_size)
     was_training = model.training
     model.eval()
     dev = images.device
@@ -107,6 +108,14 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     model.train(was_training)
     n = len(images)
     return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n, "n": n}
+
+
+def _check_batch_size(batch_size: int) -> None:
+    # Below 1, range() over the batch starts is empty (top-1 would read 0 %) or refuses.
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise UserError(f"batch_size={batch_size} is not valid; pass a positive number of "
+                        "images per forward pass, e.g. batch_size=500")
 
 
 @dataclass
@@ -133,6 +142,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
+    _check_batch_size(cfg.batch_size)  # before the data and the model are loaded
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)
     ps = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed, data_root=cfg.data_root,

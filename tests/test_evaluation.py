@@ -1,0 +1,53 @@
+"""repsim.evaluation.evaluate: top-1 and loss against hand counts, batch sizes, model modes."""
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from repsim import evaluation
+from repsim.errors import UserError
+
+# preprocess() needs only these fields: 2 px inputs, pixels scaled to [0, 1], no normalising.
+SPEC = types.SimpleNamespace(input_size=2, interpolation="bilinear", mean=(0.0, 0.0, 0.0),
+                             std=(1.0, 1.0, 1.0), family="toy")
+
+
+class Guess(nn.Module):
+    """Predicts class ``v`` for an image of grey level ``v``: logits ``-|k - v|``, k = 0..4."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(1)  # a submodule whose mode can be frozen
+
+    def forward(self, x):
+        v = x[:, 0, 0, 0:1] * 255
+        return -(torch.arange(5.0) - v).abs()
+
+
+def _images(levels):
+    x = torch.tensor(levels, dtype=torch.uint8)[:, None, None, None]
+    return x.expand(-1, 2, 2, 3).contiguous()
+
+
+def test_accuracy_and_loss_count_every_image_by_hand():
+    # 7 images in batches of 3 (the last one short): 5 labels match the guess, 2 do not.
+    levels, labels = [0, 1, 2, 3, 4, 1, 2], torch.tensor([0, 1, 2, 3, 4, 0, 4])
+    res = evaluation.evaluate(Guess(), SPEC, _images(levels), labels, batch_size=3)
+    assert res["n"] == 7 and res["accuracy"] == pytest.approx(100 * 5 / 7, abs=1e-12)
+    logits = -np.abs(np.arange(5.0)[None] - np.array(levels)[:, None])
+    nll = [math.log(np.exp(row).sum()) - row[y] for row, y in zip(logits, labels.tolist())]
+    assert res["loss"] == pytest.approx(np.mean(nll), rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_batch_size_below_one_is_a_user_error_not_zero_accuracy(batch_size):
+    # range(0, n, -1) is empty: no batch ran, and top-1 read 0.00 % with loss 0 over n images;
+    # 0 was range()'s own ValueError.
+    with pytest.raises(UserError, match=f"batch_size={batch_size} is not valid; pass"):
+        evaluation.evaluate(Guess(), SPEC, _images([0, 1]), torch.tensor([0, 1]),
+                            batch_size=batch_size)
+
