@@ -91,21 +91,23 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device."""
     from tqdm import tqdm
 
+    from repsim.hooks import eval_mode
+
     _check_batch_size(batch_size)
-    was_training = model.training
-    model.eval()
     dev = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        x = prepare(spec, images[s:s + batch_size])
-        y = labels[s:s + batch_size]
-        with autocast(dev):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+    # eval_mode, not model.train(was_training) after: that would switch a part kept in eval
+    # mode during training (frozen BatchNorm) to train mode, and skip it on an error.
+    with eval_mode(model):
+        for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+            x = prepare(spec, images[s:s + batch_size])
+            y = labels[s:s + batch_size]
+            with autocast(dev):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
     n = len(images)
     return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n, "n": n}
 

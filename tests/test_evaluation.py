@@ -51,3 +51,11 @@ def test_a_batch_size_below_one_is_a_user_error_not_zero_accuracy(batch_size):
         evaluation.evaluate(Guess(), SPEC, _images([0, 1]), torch.tensor([0, 1]),
                             batch_size=batch_size)
 
+
+def test_evaluate_gives_every_module_its_own_mode_back():
+    # Training with a frozen part (BatchNorm kept in eval): model.train(True) after the
+    # evaluation switched the frozen part back to train mode for the rest of training.
+    model = Guess().train()
+    model.bn.eval()
+    evaluation.evaluate(model, SPEC, _images([0, 1]), torch.tensor([0, 1]))
+    assert model.training and not model.bn.training
