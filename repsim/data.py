@@ -145,6 +145,7 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     root = resolve_data_root(data_root)
     tree = _find_tree(root, name, split)
     if tree is None:
+        _check_root(root, name, split)
         download = download and not offline()
         return _from_torchvision(name, split, root, n, seed, image_size, download, progress)
     classes, paths, labels = _scan_class_tree(tree, _tree_classes(tree, name))
@@ -278,6 +279,19 @@ def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
                         "names, so their labels would be guessed; rename the 10 folders "
                         f"{', '.join(CIFAR10_CLASSES)} (labels 0..9 in that order)")
     return tuple(sorted(classes, key=lambda c: CIFAR10_CLASSES.index(c.lower())))
+
+
+def _check_root(root: Path, dataset: str, split: str) -> None:
+    """UserError for a data root torchvision cannot use either: a file (an archive not yet
+    unpacked), or a folder inside a ``dataset`` tree (its split or class folder), which
+    would have had torchvision download into the tree."""
+    if root.is_file():
+        raise UserError(f"data root {root} is a file, not a folder; unpack it (tar xJf FILE -C "
+                        f"DIR) and pass data_root=DIR, the folder that holds {dataset}/{split}")
+    for above in list(root.parents)[:3]:
+        if root.is_relative_to(above / dataset) and _find_tree(above, dataset, split):
+            raise UserError(f"data root {root} is inside the {dataset} tree at {above / dataset}"
+                            f"; pass data_root={above}, the folder that holds {dataset}/{split}")
 
 
 def _scan_class_tree(folder: Path, classes: tuple[str, ...] | None = None

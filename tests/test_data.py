@@ -488,3 +488,21 @@ def test_balanced_subset_refuses_a_seed_that_draws_unreproducibly_or_not_at_all(
     # another subset, recorded as seed None; default_rng(-1) is numpy's bare ValueError.
     with pytest.raises(UserError, match=f"seed={seed} is not valid; pass a seed >= 0"):
         data.balanced_subset(np.repeat([0, 1], 10), 0.5, seed=seed)
+
+
+@pytest.mark.parametrize("inside", ["cifar10/test", "cifar10/test/cat"])
+def test_a_data_root_inside_the_tree_names_the_root_to_pass(cifar_root, monkeypatch, inside):
+    # The message told the user to put a tree at <their root>/cifar10/test/..., one more level
+    # down, and with downloading on, torchvision would have downloaded into the tree.
+    monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
+    with pytest.raises(UserError, match=f"pass data_root={cifar_root}") as err:
+        data.load_probe_set("cifar10", "test", data_root=cifar_root / inside)
+    assert str(cifar_root / inside) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_data_root_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "cifar10.tar.xz").write_bytes(b"xz")
+    with pytest.raises(UserError, match=f"data root {tmp_path / 'cifar10.tar.xz'} is a file, "
+                                        "not a folder; unpack"):
+        data.load_probe_set("cifar10", "test", data_root=tmp_path / "cifar10.tar.xz")
+
