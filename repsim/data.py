@@ -320,6 +320,9 @@ def _scan_user_folder(raw: str) -> tuple[Path, tuple[str, ...], list[Path], np.n
         raise UserError("dataset='imagefolder:' has no path; write imagefolder:PATH with PATH "
                         "a folder of images or of class folders of images")
     folder = Path(raw).expanduser().absolute()
+    if folder.is_file():
+        raise UserError(f"image folder {folder} is a file, not a folder; pass imagefolder:PATH "
+                        "with PATH its folder, or a folder of class folders")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist; pass imagefolder:PATH with "
                         "PATH an existing folder of images or of class folders")

@@ -506,3 +506,9 @@ def test_a_data_root_that_is_a_file_says_so(tmp_path):
                                         "not a folder; unpack"):
         data.load_probe_set("cifar10", "test", data_root=tmp_path / "cifar10.tar.xz")
 
+
+def test_an_imagefolder_path_that_is_a_file_says_so_not_that_it_is_missing(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    with pytest.raises(UserError, match=f"image folder {tmp_path / 'a.png'} is a file, not a "
+                                        "folder"):
+        data.load_probe_set(f"imagefolder:{tmp_path / 'a.png'}")
