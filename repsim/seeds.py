@@ -34,9 +34,12 @@ def seed_list(weights: str | None) -> list[str | None]:
 
 
 def _side_seeds(weights: str | None, side: str) -> list[str | None]:
-    """:func:`seed_list` of ``weights_<side>``; UserError for one file twice (the
+    """:func:`seed_list` of ``weights_<side>``; UserError for no file or one file twice (the
     pair of a file with itself would enter the seed ceiling as a CKA of exactly 1)."""
     seeds = seed_list(weights)
+    if not seeds:
+        raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
+                        f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
     seen: set[str] = set()
     for w in seeds:
         key = None if w is None else os.path.normpath(os.path.expanduser(w))

@@ -14,3 +14,8 @@ def test_a_weights_file_listed_twice_is_refused_not_its_own_seed_ceiling():
     with pytest.raises(UserError, match=r"weights_a='a.pt,b.pt,./a.pt' lists a.pt twice"):
         run_cka_seeds(cfg)
 
+
+def test_a_seed_list_without_files_is_a_user_error_not_an_index_error():
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=" , ", weights_b="a.pt,b.pt")
+    with pytest.raises(UserError, match=r"weights_a=' , ' names no weights file"):
+        run_cka_seeds(cfg)
