@@ -152,11 +152,13 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     return _from_files(name, split, tree, classes, paths, labels, n, seed, image_size, progress)
 
 
-def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
+def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None,
+                data_root: str | os.PathLike | None = None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
     probe set, the first image of each class (``n_images=None``), or the samples with these
     ``ids`` (ids outside the probe set load the whole split once)."""
+    ids = [] if ids is None else list(ids)  # a list: `not ids` is ambiguous for an array
     if not ids and n_images is None:
         first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
         return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)

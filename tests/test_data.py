@@ -512,3 +512,12 @@ def test_an_imagefolder_path_that_is_a_file_says_so_not_that_it_is_missing(tmp_p
     with pytest.raises(UserError, match=f"image folder {tmp_path / 'a.png'} is a file, not a "
                                         "folder"):
         data.load_probe_set(f"imagefolder:{tmp_path / 'a.png'}")
+
+
+def test_pick_images_takes_ids_as_a_numpy_array():
+    # `if not ids` on an array of two ids raised numpy's "truth value of an array is
+    # ambiguous"; ids straight from a store or a ProbeSet are arrays.
+    probe = data.load_probe_set(n=20)
+    images, ids = data.pick_images(probe, None, probe.ids[[3, 1]])
+    np.testing.assert_array_equal(ids, probe.ids[[3, 1]])
+    np.testing.assert_array_equal(images, probe.images[[3, 1]])
