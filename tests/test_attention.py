@@ -396,6 +396,13 @@ def test_a_cnn_asked_for_attention_is_a_clear_error():
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
 
 
+def test_the_library_error_for_a_cnn_names_the_python_function_not_a_command():
+    # attention_maps is called from Python: "use `repsim featuremaps`" named a CLI command.
+    with pytest.raises(UserError, match=r"repsim\.figures\.featuremaps\.run_featuremaps") as err:
+        A.attention_modules(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert "`repsim featuremaps`" not in str(err.value)
+
+
 def test_a_non_standard_attention_module_is_refused():
     model = _tiny_vit()
     base = type(model.blocks[0].attn)
