@@ -130,9 +130,9 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     if split not in SPLITS:
         raise UserError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
     _check_positive(n)
-    if image_size is not None and image_size <= 0:
-        raise UserError(f"image_size={image_size} is not a valid size; pass a positive number "
-                        "of pixels, e.g. 224, or omit it to keep the native size")
+    if image_size is not None and not _is_count(image_size):
+        raise UserError(f"image_size={_shown(image_size)} is not a valid size; pass a positive "
+                        "number of pixels, e.g. 224, or omit it to keep the native size")
     if dataset.startswith("imagefolder:"):
         folder, classes, paths, labels = _scan_user_folder(dataset[len("imagefolder:"):])
         return _from_files(f"imagefolder:{folder}", split, folder, classes, paths, labels,
@@ -192,10 +192,19 @@ def _check_seed(seed: Any) -> None:
         raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
 
 
+def _is_count(v: Any) -> bool:
+    """Whether ``v`` is an integer >= 1 (a bool is not: True would mean 1 image)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def _shown(v: Any) -> str:
+    return str(v) if isinstance(v, (int, np.integer)) else repr(v)  # n='5' shows its quotes
+
+
 def _check_positive(n: int | None) -> None:
-    if n is not None and n <= 0:
-        raise UserError(f"n={n} is not a valid sample count; pass a positive n, or omit it "
-                        "to use the whole split")
+    if n is not None and not _is_count(n):
+        raise UserError(f"n={_shown(n)} is not a valid sample count; pass a positive n, or "
+                        "omit it to use the whole split")
 
 
 def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:

@@ -521,3 +521,17 @@ def test_pick_images_takes_ids_as_a_numpy_array():
     images, ids = data.pick_images(probe, None, probe.ids[[3, 1]])
     np.testing.assert_array_equal(ids, probe.ids[[3, 1]])
     np.testing.assert_array_equal(images, probe.images[[3, 1]])
+
+
+@pytest.mark.parametrize("n", [5.0, True, "5"])
+def test_a_sample_count_that_is_no_integer_is_a_user_error(n):
+    # n=5.0 (say len(x) / 2) was numpy's "expected a sequence of integers" TypeError, n="5"
+    # a comparison TypeError, and n=True one image.
+    with pytest.raises(UserError, match=f"n={n!r} is not a valid sample count"):
+        data.load_probe_set(n=n)
+
+
+@pytest.mark.parametrize("size", [32.5, "32", True])
+def test_an_image_size_that_is_no_integer_is_a_user_error(size):
+    with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
+        data.load_probe_set(n=2, image_size=size)
