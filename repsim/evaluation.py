@@ -60,11 +60,13 @@ def hardware(dev: torch.device) -> str:
 
 
 def autocast(dev: torch.device, cpu_bf16: bool = False):
-    # Evaluation runs bf16 on GPUs only, so a CPU `repsim eval` is exact float32; training on
-    # a CPU with native bf16 (AVX512-BF16, AMX) passes cpu_bf16=True.
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+    """bf16 autocast on ``dev`` (CUDA or CPU) when ``cpu_bf16`` (training passes its
+    precision == "bf16"; the name predates CUDA honouring it), else exact float32."""
+    # Evaluation passes nothing: float32 on every device. Under bf16 close logits tie and
+    # argmax takes the lower class (vit_cifar: 4 of 1,000 predictions from the rounding of
+    # its float32 logits alone), and precision="fp32" training must not run in bf16.
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(cpu_bf16))
 
 
 def prepare(spec, images: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,8 @@ def to_device(ps, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 500, progress: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%), mean cross-entropy (nats, summed in float64) and ``n`` of ``model``
-    on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device."""
+    on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device, from
+    float32 logits on every device."""
     from tqdm import tqdm
 
     from repsim.hooks import eval_mode

@@ -59,3 +59,47 @@ def test_evaluate_gives_every_module_its_own_mode_back():
     model.bn.eval()
     evaluation.evaluate(model, SPEC, _images([0, 1]), torch.tensor([0, 1]))
     assert model.training and not model.bn.training
+
+
+class Close(nn.Module):
+    """Logits 1.0 and 1.004 (class 1 wins) times the grey level: bf16 (8 bits of mantissa)
+    rounds both to 1.0, and argmax then names class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(1, 2, bias=False)
+        self.head.weight.data = torch.tensor([[1.0], [1.004]])
+
+    def forward(self, x):
+        return self.head(x[:, 0, 0, 0:1] * 255)
+
+
+def _cuda_autocast_on_the_cpu(monkeypatch):
+    """torch.autocast as a CUDA device sees it here: device 'cuda' becomes bf16 on the CPU."""
+    real = torch.autocast
+
+    def autocast(device_type, dtype=None, enabled=True, **kw):
+        return real("cpu", dtype=dtype or torch.bfloat16, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+
+
+def test_top1_on_a_gpu_is_counted_on_float32_logits_not_bf16_ties(monkeypatch):
+    # On CUDA evaluate() ran under bf16 autocast: close logits tied and argmax took the lower
+    # class (rounding vit_cifar's float32 logits to bf16 alone changed 4 of 1,000 predictions).
+    _cuda_autocast_on_the_cpu(monkeypatch)
+    x = evaluation.prepare(SPEC, _images([1]))
+    with evaluation.autocast(torch.device("cuda")):  # as evaluate() enters it, on a GPU
+        logits = Close()(x)
+    assert logits.dtype == torch.float32 and logits.argmax(1).tolist() == [1]
+
+
+def test_fp32_training_on_cuda_gets_no_bf16_autocast(monkeypatch):
+    # train.py asks autocast(dev, cpu_bf16=precision == "bf16"); on CUDA it returned bf16
+    # autocast whatever was asked, so precision='fp32' trained in bf16 and recorded "fp32".
+    _cuda_autocast_on_the_cpu(monkeypatch)
+    x = torch.ones(1, 1)
+    with evaluation.autocast(torch.device("cuda"), cpu_bf16=False):
+        assert Close().head(x).dtype == torch.float32
+    with evaluation.autocast(torch.device("cuda"), cpu_bf16=True):
+        assert Close().head(x).dtype == torch.bfloat16
