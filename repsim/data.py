@@ -294,13 +294,13 @@ def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
 
 def _check_root(root: Path, dataset: str, split: str) -> None:
     """UserError for a data root torchvision cannot use either: a file (an archive not yet
-    unpacked), or a folder inside a ``dataset`` tree (its split or class folder), which
-    would have had torchvision download into the tree."""
+    unpacked), or a split or class folder of a ``dataset`` tree (it would download there)."""
     if root.is_file():
         raise UserError(f"data root {root} is a file, not a folder; unpack it (tar xJf FILE -C "
                         f"DIR) and pass data_root=DIR, the folder that holds {dataset}/{split}")
-    for above in list(root.parents)[:3]:
-        if root.is_relative_to(above / dataset) and _find_tree(above, dataset, split):
+    for above in list(root.parents)[1:3]:  # root is <above>/<dataset>/<split>[/<class>]
+        inside = any(root.is_relative_to(above / dataset / s) for s in SPLITS)
+        if inside and _find_tree(above, dataset, split):
             raise UserError(f"data root {root} is inside the {dataset} tree at {above / dataset}"
                             f"; pass data_root={above}, the folder that holds {dataset}/{split}")
 

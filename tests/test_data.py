@@ -535,3 +535,16 @@ def test_a_sample_count_that_is_no_integer_is_a_user_error(n):
 def test_an_image_size_that_is_no_integer_is_a_user_error(size):
     with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
         data.load_probe_set(n=2, image_size=size)
+
+
+def test_a_torchvision_root_beside_the_split_folders_is_not_taken_for_the_tree(
+        cifar_root, tmp_path, monkeypatch):
+    # <root>/cifar10/torchvision (torchvision's files) is no split or class folder of the
+    # tree beside it: it goes to torchvision, which finds its data there.
+    import torchvision.datasets
+
+    seen = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **kw: seen.append(root)
+                        or FakeCIFAR(root))
+    p = data.load_probe_set("cifar10", "test", data_root=cifar_root / "cifar10" / "torchvision")
+    assert seen == [str(cifar_root / "cifar10" / "torchvision")] and p.n_total == 5
