@@ -65,6 +65,10 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
         for a in range(0, len(x), batch_size):
             model(x[a:a + batch_size].to(dev))
             for name, out in cap.collect().items():
+                if cap.channels_last and out.dim() == 4:  # as capture refuses reduce='mean'
+                    raise UserError(f"layer {name!r}: this model says its maps are channels "
+                                    "last (timm output_fmt 'NHWC'), so which axis holds "
+                                    "channels is unknown; pick token layers, or a CNN")
                 parts.setdefault(name, []).append(to_grid(out, grid, ks[name], name).float())
     return {name: torch.cat(v) for name, v in parts.items()}
 

@@ -140,6 +140,24 @@ def test_patch_embedding_tokens_have_no_prefix_to_drop(images):
     torch.testing.assert_close(feats["blocks.0"], want)
 
 
+def test_maps_of_a_channels_last_model_are_refused_not_pooled_over_channels(images):
+    # timm models with output_fmt "NHWC" (Swin) give (b, H, W, C) maps: pooled as (b, C, H, W)
+    # their width became the grid's channels and their channels a grid axis, without a word.
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, PATCH, stride=PATCH)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 2, 3, 1)  # (b, 4, 4, 6)
+
+    model = nn.Sequential()
+    model.add_module("stage", Stage())
+    model.output_fmt = "NHWC"
+    with pytest.raises(UserError, match="channels last"):
+        L.grid_features(model, images[:2], GRID, "stage")
+
+
 def test_a_token_that_copies_its_patch_peaks_at_its_own_position(images):
     res = L.measure(CopyViT(), images, vit_layers="blocks.*", estimator="debiased")
     assert res.map_layers == ["input", "blocks.0", "blocks.1"]
