@@ -87,7 +87,8 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         raise UserError(
             f"attention maps need a timm Vision Transformer, but the model is a "
             f"{type(model).__name__} (no transformer blocks); valid: vit_cifar, vit_imagenet "
-            "or timm:<a ViT>; fix: pass a ViT, or use `repsim featuremaps` for CNNs")
+            "or timm:<a ViT>; fix: pass a ViT, or draw a CNN's feature maps with "
+            "repsim.figures.featuremaps.run_featuremaps")
     from timm.models.vision_transformer import Attention  # here: timm takes seconds to load
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)

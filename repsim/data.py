@@ -4,7 +4,8 @@ A probe set is ``n`` images of one split, each with a stable *sample ID* (its in
 canonical order of the full split), so runs and models line up row by row. Sources:
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
-``<root>/<dataset>/<split>/<class>/*`` (canonical order: sorted class, then sorted file name)
+``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
+CIFAR-10's names is theirs and otherwise sorted, then sorted file name)
 or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
 or flat ``PATH/*``, one class).
 """
@@ -41,6 +42,10 @@ CIFAR10_TEST_SIZE = 10_000
 # would silently disagree with the dataset's standard label order.
 _CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 _TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
+# CIFAR-10's labels 0..9. A tree whose folders name classes must use these (any case):
+# other names ("plane", "car") sort into another order, so their labels would be wrong.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 _VALID_DATASETS = ", ".join(DATASETS) + f", {PROBE_NAME}, imagefolder:PATH"
 
 
@@ -84,9 +89,7 @@ def subset_indices(n_total: int, n: int | None, seed: int) -> np.ndarray:
     _check_positive(n)
     if n is None or n >= n_total:
         return np.arange(n_total, dtype=np.int64)
-    # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
+    _check_seed(seed)
     return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False)).astype(np.int64)
 
 
@@ -100,6 +103,7 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise UserError(f"labels have shape {labels.shape}; pass a 1-D array of class labels")
+    _check_seed(seed)
     rng = np.random.default_rng(seed)
     members = (np.flatnonzero(labels == c) for c in np.unique(labels))
     picked = [rng.choice(m, round(fraction * len(m)), replace=False) for m in members]
@@ -126,9 +130,9 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     if split not in SPLITS:
         raise UserError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
     _check_positive(n)
-    if image_size is not None and image_size <= 0:
-        raise UserError(f"image_size={image_size} is not a valid size; pass a positive number "
-                        "of pixels, e.g. 224, or omit it to keep the native size")
+    if image_size is not None and not _is_count(image_size):
+        raise UserError(f"image_size={_shown(image_size)} is not a valid size; pass a positive "
+                        "number of pixels, e.g. 224, or omit it to keep the native size")
     if dataset.startswith("imagefolder:"):
         folder, classes, paths, labels = _scan_user_folder(dataset[len("imagefolder:"):])
         return _from_files(f"imagefolder:{folder}", split, folder, classes, paths, labels,
@@ -141,20 +145,20 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     root = resolve_data_root(data_root)
     tree = _find_tree(root, name, split)
     if tree is None:
+        _check_root(root, name, split)
         download = download and not offline()
         return _from_torchvision(name, split, root, n, seed, image_size, download, progress)
-    classes, paths, labels = _scan_class_tree(tree)
-    if len(classes) != _CLASS_COUNTS[name]:
-        raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
-                        f"{_CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+    classes, paths, labels = _scan_class_tree(tree, _tree_classes(tree, name))
     return _from_files(name, split, tree, classes, paths, labels, n, seed, image_size, progress)
 
 
-def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool = False
+def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None,
+                data_root: str | os.PathLike | None = None, progress: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
     probe set, the first image of each class (``n_images=None``), or the samples with these
     ``ids`` (ids outside the probe set load the whole split once)."""
+    ids = [] if ids is None else list(ids)  # a list: `not ids` is ambiguous for an array
     if not ids and n_images is None:
         first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
         return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
@@ -182,10 +186,25 @@ def pick_images(probe, n_images: int | None, ids, data_root=None, progress: bool
     return source.images[[where[int(i)] for i in ids]], ids
 
 
+def _check_seed(seed: Any) -> None:
+    # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
+
+
+def _is_count(v: Any) -> bool:
+    """Whether ``v`` is an integer >= 1 (a bool is not: True would mean 1 image)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+
+
+def _shown(v: Any) -> str:
+    return str(v) if isinstance(v, (int, np.integer)) else repr(v)  # n='5' shows its quotes
+
+
 def _check_positive(n: int | None) -> None:
-    if n is not None and n <= 0:
-        raise UserError(f"n={n} is not a valid sample count; pass a positive n, or omit it "
-                        "to use the whole split")
+    if n is not None and not _is_count(n):
+        raise UserError(f"n={_shown(n)} is not a valid sample count; pass a positive n, or "
+                        "omit it to use the whole split")
 
 
 def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
@@ -253,10 +272,44 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
     return next((d for d in candidates if d.is_dir() and _listing(d)[0]), None)
 
 
-def _scan_class_tree(folder: Path) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
-    """Canonical ``(classes, paths, labels)`` of ``folder/<class>/*``: sorted classes, then
-    sorted file names within each class."""
-    classes = tuple(_listing(folder)[0])
+def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
+    """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
+    where they are CIFAR-10's class names, else sorted (folders that name no class, such as
+    ``0``..``9``, carry no other order); UserError for a wrong count or a mix of names."""
+    classes = tuple(_listing(tree)[0])
+    if len(classes) != _CLASS_COUNTS[name]:
+        raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
+                        f"{_CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+    if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
+        return classes
+    foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
+    if len({c.lower() for c in classes}) != len(classes):  # "Cat" and "cat": one is missing
+        foreign = [c for c in classes if c != c.lower()]
+    if foreign:
+        raise UserError(f"{tree}: class folders {', '.join(foreign)} are not CIFAR-10 class "
+                        "names, so their labels would be guessed; rename the 10 folders "
+                        f"{', '.join(CIFAR10_CLASSES)} (labels 0..9 in that order)")
+    return tuple(sorted(classes, key=lambda c: CIFAR10_CLASSES.index(c.lower())))
+
+
+def _check_root(root: Path, dataset: str, split: str) -> None:
+    """UserError for a data root torchvision cannot use either: a file (an archive not yet
+    unpacked), or a split or class folder of a ``dataset`` tree (it would download there)."""
+    if root.is_file():
+        raise UserError(f"data root {root} is a file, not a folder; unpack it (tar xJf FILE -C "
+                        f"DIR) and pass data_root=DIR, the folder that holds {dataset}/{split}")
+    for above in list(root.parents)[1:3]:  # root is <above>/<dataset>/<split>[/<class>]
+        inside = any(root.is_relative_to(above / dataset / s) for s in SPLITS)
+        if inside and _find_tree(above, dataset, split):
+            raise UserError(f"data root {root} is inside the {dataset} tree at {above / dataset}"
+                            f"; pass data_root={above}, the folder that holds {dataset}/{split}")
+
+
+def _scan_class_tree(folder: Path, classes: tuple[str, ...] | None = None
+                     ) -> tuple[tuple[str, ...], list[Path], np.ndarray]:
+    """Canonical ``(classes, paths, labels)`` of ``folder/<class>/*``: ``classes`` in label
+    order (default: the sorted folder names), then sorted file names within each class."""
+    classes = tuple(_listing(folder)[0]) if classes is None else classes
     paths: list[Path] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
@@ -278,6 +331,9 @@ def _scan_user_folder(raw: str) -> tuple[Path, tuple[str, ...], list[Path], np.n
         raise UserError("dataset='imagefolder:' has no path; write imagefolder:PATH with PATH "
                         "a folder of images or of class folders of images")
     folder = Path(raw).expanduser().absolute()
+    if folder.is_file():
+        raise UserError(f"image folder {folder} is a file, not a folder; pass imagefolder:PATH "
+                        "with PATH its folder, or a folder of class folders")
     if not folder.is_dir():
         raise UserError(f"image folder {folder} does not exist; pass imagefolder:PATH with "
                         "PATH an existing folder of images or of class folders")

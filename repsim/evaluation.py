@@ -60,11 +60,13 @@ def hardware(dev: torch.device) -> str:
 
 
 def autocast(dev: torch.device, cpu_bf16: bool = False):
-    # Evaluation runs bf16 on GPUs only, so a CPU `repsim eval` is exact float32; training on
-    # a CPU with native bf16 (AVX512-BF16, AMX) passes cpu_bf16=True.
-    if dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
+    """bf16 autocast on ``dev`` (CUDA or CPU) when ``cpu_bf16`` (training passes its
+    precision == "bf16"; the name predates CUDA honouring it), else exact float32."""
+    # Evaluation passes nothing: float32 on every device. Under bf16 close logits tie and
+    # argmax takes the lower class (vit_cifar: 4 of 1,000 predictions from the rounding of
+    # its float32 logits alone), and precision="fp32" training must not run in bf16.
+    kind = "cuda" if dev.type == "cuda" else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(cpu_bf16))
 
 
 def prepare(spec, images: torch.Tensor) -> torch.Tensor:
@@ -88,25 +90,37 @@ def to_device(ps, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 500, progress: bool = False) -> dict[str, float]:
     """Top-1 accuracy (%), mean cross-entropy (nats, summed in float64) and ``n`` of ``model``
-    on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device."""
+    on ``images`` ``(N, H, W, 3)`` uint8 and ``labels`` ``(N,)`` int64 on its device, from
+    float32 logits on every device."""
     from tqdm import tqdm
 
-    was_training = model.training
-    model.eval()
+    from repsim.hooks import eval_mode
+
+    _check_batch_size(batch_size)
     dev = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     starts = range(0, len(images), batch_size)
-    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
-        x = prepare(spec, images[s:s + batch_size])
-        y = labels[s:s + batch_size]
-        with autocast(dev):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+    # eval_mode, not model.train(was_training) after: that would switch a part kept in eval
+    # mode during training (frozen BatchNorm) to train mode, and skip it on an error.
+    with eval_mode(model):
+        for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
+            x = prepare(spec, images[s:s + batch_size])
+            y = labels[s:s + batch_size]
+            with autocast(dev):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
     n = len(images)
     return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n, "n": n}
+
+
+def _check_batch_size(batch_size: int) -> None:
+    # Below 1, range() over the batch starts is empty (top-1 would read 0 %) or refuses.
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
+            or batch_size < 1:
+        raise UserError(f"batch_size={batch_size} is not valid; pass a positive number of "
+                        "images per forward pass, e.g. batch_size=500")
 
 
 @dataclass
@@ -133,6 +147,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
+    _check_batch_size(cfg.batch_size)  # before the data and the model are loaded
     spec = get_spec(cfg.model)
     dev = resolve_device(cfg.device)
     ps = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed, data_root=cfg.data_root,

@@ -52,17 +52,24 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
                   spec: Any = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """``{layer: (n, G, D) float32}`` on the model's device for the preprocessed input ``x``
     ``(n, 3, S, S)``, by :func:`to_grid`. ``layers``/``spec`` as in
-    :func:`repsim.hooks.capture`; ``n_prefix`` defaults to the model's prefix token count."""
+    :func:`repsim.hooks.capture`; ``n_prefix`` defaults to the model's prefix token count
+    (none is dropped from ``patch_embed``'s tokens, which come before the prefix)."""
     from repsim.hooks import capture, eval_mode
 
     dev = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
         k = cap.n_prefix if n_prefix is None else n_prefix
+        # Tokens out of patch_embed come before the prefix is prepended: none to drop.
+        ks = {name: 0 if m in cap.prefixless else k for name, m in cap.modules.items()}
         for a in range(0, len(x), batch_size):
             model(x[a:a + batch_size].to(dev))
             for name, out in cap.collect().items():
-                parts.setdefault(name, []).append(to_grid(out, grid, k, name).float())
+                if cap.channels_last and out.dim() == 4:  # as capture refuses reduce='mean'
+                    raise UserError(f"layer {name!r}: this model says its maps are channels "
+                                    "last (timm output_fmt 'NHWC'), so which axis holds "
+                                    "channels is unknown; pick token layers, or a CNN")
+                parts.setdefault(name, []).append(to_grid(out, grid, ks[name], name).float())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 

@@ -186,6 +186,11 @@ def stratified_split(labels: Any, train_fraction: float, seed: int
         raise UserError(f"train_fraction={train_fraction} is out of range; pass a fraction in "
                         "(0, 1), e.g. 0.5")
     labels = np.asarray(labels)
+    counts = np.unique(labels, return_counts=True)[1]
+    if not any(round(train_fraction * c) for c in counts):  # else "fraction=" again, below
+        raise UserError(f"train_fraction={train_fraction} selects no training rows from "
+                        f"classes of at most {counts.max(initial=0)} rows; pass a larger "
+                        "fraction, or more rows")
     train = balanced_subset(labels, train_fraction, seed)
     test = np.setdiff1d(np.arange(len(labels)), train)
     if len(test) == 0:

@@ -13,6 +13,7 @@ influence stay in each comparison's own file (``comparisons``): they do not aver
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.compare import CKAConfig, run_cka, versions
+from repsim.errors import UserError
 from repsim.paths import digest, slug, write_json
 from repsim.sketch import jsonable
 
@@ -29,6 +31,23 @@ FORMAT = "repsim-cka-seeds/1"
 def seed_list(weights: str | None) -> list[str | None]:
     """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file or None stays a single entry."""
     return [None] if weights is None else [w.strip() for w in weights.split(",") if w.strip()]
+
+
+def _side_seeds(weights: str | None, side: str) -> list[str | None]:
+    """:func:`seed_list` of ``weights_<side>``; UserError for no file or one file twice (the
+    pair of a file with itself would enter the seed ceiling as a CKA of exactly 1)."""
+    seeds = seed_list(weights)
+    if not seeds:
+        raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
+                        f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
+    seen: set[str] = set()
+    for w in seeds:
+        key = None if w is None else os.path.normpath(os.path.expanduser(w))
+        if key in seen:
+            raise UserError(f"weights_{side}={weights!r} lists {key} twice; list each seed's "
+                            "weights file once")
+        seen.add(key)
+    return seeds
 
 
 def has_seeds(cfg: CKAConfig) -> bool:
@@ -65,7 +84,7 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
     Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``)."""
     t0 = time.perf_counter()
-    seeds_a, seeds_b = seed_list(cfg.weights_a), seed_list(cfg.weights_b)
+    seeds_a, seeds_b = _side_seeds(cfg.weights_a, "a"), _side_seeds(cfg.weights_b, "b")
     runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
             for x in seeds_a for y in seeds_b]
     results = [r["result"] for r in runs]

@@ -64,6 +64,21 @@ def test_uniform_attention_without_renormalising_counts_prefix_mass_as_zero():
     np.testing.assert_allclose(d, [[(2 + math.sqrt(2)) * 4 / 6]], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_distance_of_attention_split_between_the_class_token_and_two_patches_by_hand(
+        renormalize):
+    # 1 + 1x3 patches of 2 px tall, 5 px wide (centres x = 2.5, 7.5, 12.5): every query puts
+    # 1/2 on the class token and 1/4 on each of two patches. Patch queries: 0 -> {0, 1},
+    # 1 -> {1, 2}, 2 -> {2, 0}: distances 0 + 5, 0 + 5, 0 + 10.
+    attn = np.zeros((1, 1, 4, 4))
+    attn[..., 0] = 0.5
+    for q, keys in enumerate([(0, 1), (1, 2), (2, 0)]):
+        attn[0, 0, 1 + q, [1 + k for k in keys]] = 0.25
+    per_query = np.array([5, 5, 10]) * (0.5 if renormalize else 0.25)
+    d = A.mean_attention_distance(attn, (1, 3), (2, 5), renormalize=renormalize)
+    np.testing.assert_allclose(d, [[per_query.mean()]], rtol=0, atol=1e-12)
+
+
 def test_identity_attention_has_distance_zero():
     attn = np.broadcast_to(np.eye(1 + 9), (2, 3, 4, 10, 10))
     np.testing.assert_array_equal(A.mean_attention_distance(attn, (3, 3), 16), np.zeros((3, 4)))
@@ -140,6 +155,20 @@ def test_streamed_distance_equals_distance_of_captured_maps(renormalize):
     want = A.mean_attention_distance(maps, (4, 4), 4, renormalize=renormalize)
     got = A.attention_distance(model, x, batch_size=3, renormalize=renormalize)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_streamed_distance_on_a_non_square_grid_of_non_square_patches_with_registers():
+    # 12 x 20 px in 4 x 5 px patches: a 3 x 4 grid after 3 register tokens and no class token.
+    model = _tiny_vit(img_size=(12, 20), patch_size=(4, 5), class_token=False, reg_tokens=3,
+                      global_pool="avg")
+    geo = A.vit_geometry(model)
+    assert (geo.grid, geo.patch_size, geo.n_prefix) == ((3, 4), (4, 5), 3)
+    x = torch.randn(3, 3, 12, 20)
+    maps = A.attention_maps(model, x)[..., 3:, 3:].astype(np.float64)
+    coords = [(4 * r + 2, 5 * c + 2.5) for r in range(3) for c in range(4)]
+    d = np.array([[math.dist(p, q) for q in coords] for p in coords])
+    want = (maps / maps.sum(-1, keepdims=True) * d).sum(-1).mean(axis=(0, 3))
+    np.testing.assert_allclose(A.attention_distance(model, x, batch_size=2), want, rtol=1e-5)
 
 
 def test_streamed_distance_does_not_depend_on_batch_size(study_vit):
@@ -394,6 +423,13 @@ def test_patch_embed_tokens_have_no_prefix_to_skip():
 def test_a_cnn_asked_for_attention_is_a_clear_error():
     with pytest.raises(UserError, match="need a timm Vision Transformer.*ResNet"):
         A.attention_maps(build_model("resnet18_cifar"), torch.randn(1, 3, 32, 32))
+
+
+def test_the_library_error_for_a_cnn_names_the_python_function_not_a_command():
+    # attention_maps is called from Python: "use `repsim featuremaps`" named a CLI command.
+    with pytest.raises(UserError, match=r"repsim\.figures\.featuremaps\.run_featuremaps") as err:
+        A.attention_modules(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert "`repsim featuremaps`" not in str(err.value)
 
 
 def test_a_non_standard_attention_module_is_refused():

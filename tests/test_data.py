@@ -153,6 +153,38 @@ def test_cifar10_tree_needs_ten_classes(tmp_path):
         data.load_probe_set("cifar10", "test", data_root=tmp_path)
 
 
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck")
+
+
+def test_cifar10_tree_with_other_class_names_is_refused_not_relabelled(tmp_path):
+    # torchvision's tutorial names sort as bird, car, cat, ..., plane: bird would be label 0
+    # and plane label 7, silently disagreeing with every CIFAR-10 model and the bundled set.
+    names = ("plane", "car", *CIFAR10[2:])
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    with pytest.raises(UserError, match="class folders car, plane are not CIFAR-10 class names")\
+            as err:
+        data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert str(tmp_path / "cifar10" / "test") in str(err.value) and "\n" not in str(err.value)
+    assert "airplane, automobile, bird" in str(err.value)
+
+
+def test_cifar10_tree_classes_take_cifar10_label_order_whatever_their_case(tmp_path):
+    # "Bird" sorts before "airplane" (capitals first): sorted folder names are not the label
+    # order once the case differs, the canonical names' order is.
+    names = tuple(c.capitalize() if c in ("bird", "ship") else c for c in CIFAR10)
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert tuple(c.lower() for c in p.classes) == CIFAR10
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+
+
+def test_cifar10_tree_of_folders_that_name_no_class_keeps_sorted_order(tmp_path):
+    write_tree(tmp_path / "cifar10" / "test", classes=tuple("0123456789"), per_class=1)
+    p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert p.classes == tuple("0123456789")
+
+
 # --------------------------------------------------------------------------- imagefolder:PATH
 
 
@@ -448,3 +480,71 @@ def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypa
     monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
     paths.write_text(tmp_path / "x.json", "{}")
     assert events == ["fsync", "rename"] and (tmp_path / "x.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("seed", [None, -1])
+def test_balanced_subset_refuses_a_seed_that_draws_unreproducibly_or_not_at_all(seed):
+    # default_rng(None) draws from OS entropy: each call (a train fraction, a probe's split)
+    # another subset, recorded as seed None; default_rng(-1) is numpy's bare ValueError.
+    with pytest.raises(UserError, match=f"seed={seed} is not valid; pass a seed >= 0"):
+        data.balanced_subset(np.repeat([0, 1], 10), 0.5, seed=seed)
+
+
+@pytest.mark.parametrize("inside", ["cifar10/test", "cifar10/test/cat"])
+def test_a_data_root_inside_the_tree_names_the_root_to_pass(cifar_root, monkeypatch, inside):
+    # The message told the user to put a tree at <their root>/cifar10/test/..., one more level
+    # down, and with downloading on, torchvision would have downloaded into the tree.
+    monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
+    with pytest.raises(UserError, match=f"pass data_root={cifar_root}") as err:
+        data.load_probe_set("cifar10", "test", data_root=cifar_root / inside)
+    assert str(cifar_root / inside) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_data_root_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "cifar10.tar.xz").write_bytes(b"xz")
+    with pytest.raises(UserError, match=f"data root {tmp_path / 'cifar10.tar.xz'} is a file, "
+                                        "not a folder; unpack"):
+        data.load_probe_set("cifar10", "test", data_root=tmp_path / "cifar10.tar.xz")
+
+
+def test_an_imagefolder_path_that_is_a_file_says_so_not_that_it_is_missing(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    with pytest.raises(UserError, match=f"image folder {tmp_path / 'a.png'} is a file, not a "
+                                        "folder"):
+        data.load_probe_set(f"imagefolder:{tmp_path / 'a.png'}")
+
+
+def test_pick_images_takes_ids_as_a_numpy_array():
+    # `if not ids` on an array of two ids raised numpy's "truth value of an array is
+    # ambiguous"; ids straight from a store or a ProbeSet are arrays.
+    probe = data.load_probe_set(n=20)
+    images, ids = data.pick_images(probe, None, probe.ids[[3, 1]])
+    np.testing.assert_array_equal(ids, probe.ids[[3, 1]])
+    np.testing.assert_array_equal(images, probe.images[[3, 1]])
+
+
+@pytest.mark.parametrize("n", [5.0, True, "5"])
+def test_a_sample_count_that_is_no_integer_is_a_user_error(n):
+    # n=5.0 (say len(x) / 2) was numpy's "expected a sequence of integers" TypeError, n="5"
+    # a comparison TypeError, and n=True one image.
+    with pytest.raises(UserError, match=f"n={n!r} is not a valid sample count"):
+        data.load_probe_set(n=n)
+
+
+@pytest.mark.parametrize("size", [32.5, "32", True])
+def test_an_image_size_that_is_no_integer_is_a_user_error(size):
+    with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
+        data.load_probe_set(n=2, image_size=size)
+
+
+def test_a_torchvision_root_beside_the_split_folders_is_not_taken_for_the_tree(
+        cifar_root, tmp_path, monkeypatch):
+    # <root>/cifar10/torchvision (torchvision's files) is no split or class folder of the
+    # tree beside it: it goes to torchvision, which finds its data there.
+    import torchvision.datasets
+
+    seen = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **kw: seen.append(root)
+                        or FakeCIFAR(root))
+    p = data.load_probe_set("cifar10", "test", data_root=cifar_root / "cifar10" / "torchvision")
+    assert seen == [str(cifar_root / "cifar10" / "torchvision")] and p.n_total == 5

@@ -123,6 +123,41 @@ def test_feature_maps_land_on_the_grid_row_major_pooled_or_repeated():
         L.to_grid(torch.randn(2, 7), GRID, layer="head")
 
 
+def test_patch_embedding_tokens_have_no_prefix_to_drop(images):
+    # timm's patch_embed gives the G patch tokens before the class token is prepended: the
+    # model's prefix count applied to every layer refused it ("16 tokens, not 1 prefix + 4x4")
+    # although it is the most local layer there is.
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=SIDE, patch_size=PATCH, embed_dim=8, depth=1,
+                            num_heads=2, num_classes=0, reg_tokens=1).eval()
+    x = images[:3]
+    feats = L.grid_features(vit, x, GRID, ["patch_embed", "blocks.0"])
+    with torch.no_grad():
+        torch.testing.assert_close(feats["patch_embed"], vit.patch_embed(x))
+        want = vit.blocks(vit.norm_pre(vit._pos_embed(vit.patch_embed(x))))[:, 2:]
+    torch.testing.assert_close(feats["blocks.0"], want)
+
+
+def test_maps_of_a_channels_last_model_are_refused_not_pooled_over_channels(images):
+    # timm models with output_fmt "NHWC" (Swin) give (b, H, W, C) maps: pooled as (b, C, H, W)
+    # their width became the grid's channels and their channels a grid axis, without a word.
+    class Stage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, PATCH, stride=PATCH)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 2, 3, 1)  # (b, 4, 4, 6)
+
+    model = nn.Sequential()
+    model.add_module("stage", Stage())
+    model.output_fmt = "NHWC"
+    with pytest.raises(UserError, match="channels last"):
+        L.grid_features(model, images[:2], GRID, "stage")
+
+
 def test_a_token_that_copies_its_patch_peaks_at_its_own_position(images):
     res = L.measure(CopyViT(), images, vit_layers="blocks.*", estimator="debiased")
     assert res.map_layers == ["input", "blocks.0", "blocks.1"]

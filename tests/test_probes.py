@@ -138,6 +138,15 @@ def test_train_fraction_out_of_range_names_train_fraction(fraction):
         probe_layers({"a": x}, y, train_fraction=fraction)
 
 
+
+def test_a_train_fraction_too_small_for_any_class_names_train_fraction():
+    # One row per class: round(0.3) = 0 of each. balanced_subset said "fraction=0.3 selects
+    # no samples", a parameter the caller never passed (the CLI showed it as --fraction).
+    with pytest.raises(UserError, match=r"train_fraction=0.3 selects no training rows") as err:
+        stratified_split(np.arange(3), 0.3, 0)
+    assert "fraction=0.3 selects no samples" not in str(err.value)
+
+
 # ------------------------------------------------------------------ the figure kind
 
 SPEC = """kind = "probes"
