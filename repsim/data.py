@@ -40,7 +40,7 @@ CIFAR10_TEST_SIZE = 10_000
 
 # A tree with another class count is some other dataset (or a half-copied one); labels
 # would silently disagree with the dataset's standard label order.
-_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 _TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
 # CIFAR-10's labels 0..9. A tree whose folders name classes must use these (any case):
 # other names ("plane", "car") sort into another order, so their labels would be wrong.
@@ -277,9 +277,9 @@ def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     where they are CIFAR-10's class names, else sorted (folders that name no class, such as
     ``0``..``9``, carry no other order); UserError for a wrong count or a mix of names."""
     classes = tuple(_listing(tree)[0])
-    if len(classes) != _CLASS_COUNTS[name]:
+    if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
-                        f"{_CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+                        f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
     if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]

@@ -31,10 +31,6 @@ from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
 from repsim.weights import checkpoint_dir, sha256_file
 
-# Each trainable dataset's class count (repsim.data refuses a tree with another): known before
-# any image is read, so a start's head is settled and a useless weights_seed refused first.
-_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -86,6 +82,8 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UserError(f"seed={cfg.seed!r} is no seed; valid: an integer >= 0, e.g. 0")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise UserError(f"time_limit={cfg.time_limit} is not positive; valid: minutes > 0, e.g. 8")
     return cfg, recipe
@@ -181,7 +179,8 @@ class _Run:
         self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
                         else paths.cache_dir("runs", self.name))
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
-        num_classes = _CLASS_COUNTS[cfg.dataset]
+        from repsim.data import CLASS_COUNTS  # known before any image is read: a start's
+        num_classes = CLASS_COUNTS[cfg.dataset]  # head is settled, a useless weights_seed refused
         model, init_prov = initial_model(cfg.model, cfg.weights, num_classes,
                                          cfg.seed if cfg.weights_seed is None else cfg.weights_seed)
         if cfg.weights_seed is not None and init_prov["init_seed"] is None:

@@ -39,7 +39,7 @@ def pixel(probe, row):
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     """A data root holding ``svhn/test`` as a 3-class tree (svhn's class check patched to 3)."""
-    monkeypatch.setitem(data._CLASS_COUNTS, "svhn", len(CLASSES))
+    monkeypatch.setitem(data.CLASS_COUNTS, "svhn", len(CLASSES))
     monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
     write_tree(tmp_path / "root" / "svhn" / "test")
     return tmp_path / "root"
