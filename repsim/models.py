@@ -284,9 +284,11 @@ def _unknown_layer(layer: str, candidates: list[str], spec: ModelSpec,
                    name: str = "layers") -> UserError:
     close = difflib.get_close_matches(layer, candidates, n=4, cutoff=0.5)
     hint = f"close matches: {', '.join(close)}; " if close else ""
+    glob = {"vit": "blocks.*", "resnet": "layer1.*"}.get(
+        spec.family, f"{candidates[-1].split('.')[0]}.*" if candidates else "*")
     return UserError(f"{name}={layer!r} matches nothing in {spec.name}; {hint}valid: "
                      f"'default', 'blocks', module names ({', '.join(candidates[:6])}, ...) "
-                     "or globs like 'blocks.*'")
+                     f"or globs like {glob!r}")
 
 
 def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] | None = None,

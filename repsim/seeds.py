@@ -101,7 +101,7 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
         comparisons=[r["files"][0] for r in runs],
         comparison_keys=[r["cache_key"] for r in results], format=FORMAT, versions=versions())
-    out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out)
+    out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out).expanduser()
     stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
             f"{digest(res['comparisons'])[:10]}")
     files = []

@@ -602,6 +602,23 @@ def test_the_seeds_aggregate_carries_its_provenance(checkpoints, capsys):
     assert r["comparison_keys"] == [json.load(open(f))["cache_key"] for f in r["comparisons"]]
 
 
+def test_the_seeds_aggregate_under_home_is_written_there(checkpoints, capsys, tmp_path,
+                                                          monkeypatch):
+    from repsim.models import build_model
+
+    files = []
+    for s in range(2):
+        files.append(checkpoints / f"h{s}.pt")
+        torch.save(build_model("resnet18_cifar", seed=30 + s).state_dict(), files[-1])
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    r, _ = run_json(capsys, "--a", "resnet18_cifar", "--weights-a", ",".join(map(str, files)),
+                    "--b", "resnet18_cifar", "--n", "8", "--no-se", "--layers-a", "layer4",
+                    "--layers-b", "layer4", "--out", "~/agg")
+    assert r["files"] and all(f.startswith(str(tmp_path / "home" / "agg")) for f in r["files"])
+    assert not (tmp_path / "~").exists()
+
+
 def test_an_unknown_layer_of_one_side_names_that_sides_flag(checkpoints, capsys):
     code, _, err = run_cli(capsys, "--a", "resnet18_cifar", "--b", "resnet18_cifar",
                            "--weights-a", "random", "--weights-b", "random", "--n", "8",

@@ -195,6 +195,14 @@ def test_globs_lists_and_commas_keep_model_order(vit, resnet):
     assert M.layer_names(resnet, rs, ["layer1", "stem", "maxpool"]) == ["stem", "maxpool", "layer1"]
 
 
+def test_unknown_layer_suggests_a_glob_of_the_models_own_family(vit, resnet):
+    with pytest.raises(UserError, match=r"globs like 'layer1\.\*'") as e:
+        M.layer_names(resnet, R.get_spec("resnet18_cifar"), "layer9")
+    assert "blocks.*" not in str(e.value)
+    with pytest.raises(UserError, match=r"globs like 'blocks\.\*'"):
+        M.layer_names(vit, R.get_spec("vit_cifar"), "blokcs.1")
+
+
 def test_unknown_layer_suggests_close_match(vit, resnet):
     vs = R.get_spec("vit_cifar")
     with pytest.raises(UserError, match="blocks.1") as e:
