@@ -97,6 +97,9 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     from repsim.hooks import eval_mode
 
     _check_batch_size(batch_size)
+    if len(images) == 0 or len(labels) != len(images):
+        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}): evaluate needs "
+                         "one label per image and at least one image")
     dev = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)

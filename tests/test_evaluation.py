@@ -103,3 +103,10 @@ def test_fp32_training_on_cuda_gets_no_bf16_autocast(monkeypatch):
         assert Close().head(x).dtype == torch.float32
     with evaluation.autocast(torch.device("cuda"), cpu_bf16=True):
         assert Close().head(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("levels, labels", [([], []), ([0, 1, 2], [0, 1])])
+def test_images_without_one_label_each_are_refused(levels, labels):
+    with pytest.raises(ValueError, match=r"images \(\d+\) and labels \(\d+\)"):
+        evaluation.evaluate(Guess(), SPEC, _images(levels).reshape(-1, 2, 2, 3),
+                            torch.tensor(labels, dtype=torch.int64))
