@@ -7,6 +7,7 @@ time (an activation store) is made under :func:`lock`, so concurrent runs make i
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -81,9 +82,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     the data is on the disk before the rename (:func:`sync_to_disk`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}",
-                                   dir=path.parent)
+    _remove_orphans(path)
+    try:  # named .<stem>.<pid>.<random>.partial<suffix>: the pid tells an orphan (below)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.",
+                                   suffix=f".partial{path.suffix}", dir=path.parent)
     except OSError as exc:  # a read-only folder, a full disk: about path, not a tmp name
         raise _about(exc, path) from exc
     os.close(fd)
@@ -98,6 +100,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             raise _about(exc, path) from exc  # name the file, not its (deleted) tmp
         raise
     return path
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete the temporary files of ``path`` whose writer died without cleaning up (``kill
+    -9``; a training state is gigabytes): those whose pid runs no process on this machine."""
+    head, tail = f".{path.stem}.", f".partial{path.suffix}"
+    for tmp in path.parent.glob(f"{glob.escape(head)}*{glob.escape(tail)}"):
+        pid, _, rest = tmp.name[len(head):-len(tail)].partition(".")
+        if not pid.isdigit() or "." in rest or not rest:
+            continue  # not one of ours: another file's temporary, or a user's
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or no pid at all: leave it
 
 
 def _umask() -> int:

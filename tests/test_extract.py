@@ -596,6 +596,34 @@ def test_atomic_write_never_loosens_the_umask_other_threads_share(tmp_path, monk
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    # A writer killed with -9 mid-write (a training state: gigabytes) left its temporary file
+    # beside the target for good. A writer still alive keeps its own.
+    code = ("import sys, time; from repsim import paths; paths.atomic_write(sys.argv[1], "
+            "lambda t: (open(t, 'w').write('half'), print('ready', flush=True), time.sleep(60)))")
+    target = tmp_path / "state.pt"
+
+    def writer():
+        p = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE,
+                             text=True)
+        assert p.stdout.readline().strip() == "ready"
+        return p
+
+    dead, alive = writer(), writer()
+    try:
+        dead.kill()
+        dead.wait()
+        assert len(list(tmp_path.glob(".state.*"))) == 2
+        from repsim import paths
+        paths.write_text(target, "whole")
+        left = list(tmp_path.glob(".state.*"))
+        assert len(left) == 1 and str(alive.pid) in left[0].name
+        assert target.read_text() == "whole"
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_store_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeypatch):
     # Store("~/s.h5") said "no store at ~/s.h5; extract one first", though extract(out=) and
     # every other path argument expand '~'.
