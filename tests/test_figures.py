@@ -406,6 +406,45 @@ def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_
     assert line in (tmp_path / "f" / "REPORT.md").read_text()
 
 
+def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, monkeypatch):
+    """The summary `repsim figures` prints (and its log line) shows what a kept figure's
+    `changed` records, not only why it was kept: else the user never sees that its numbers
+    are of another checkpoint than the one here."""
+    import repsim.models
+    from repsim.compare import InputUnavailable
+    from repsim.figures.runner import summary_text
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "vit_cifar.pt").write_bytes(b"old run")
+    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
+                        lambda m, w=None: (None, {"weights": str(ck / "vit_cifar.pt")}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Reads the final model; its snapshots then leave."""
+        ctx.model(ctx.model_ref("vit_cifar", spec))
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    here["inputs"] = False
+    (ck / "vit_cifar.pt").write_bytes(b"new run")
+    logged = []
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False, log=logged.append)
+    (kept,) = res["kept"]
+    assert len(kept["changed"]) == 1 and kept["changed"][0].startswith("vit_cifar (vit_cifar")
+    text = summary_text(res)
+    assert ("kept    s: no snapshots here; its numbers are of other weights than the files "
+            f"here: {kept['changed'][0]}") in text.splitlines()
+    assert any(kept["changed"][0] in line for line in logged), logged
+
+
 def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
     """A kept build is a build of this spec: once the spec changed (here its title), the old
     files are not presented as its figure; it is skipped, and the report says why."""

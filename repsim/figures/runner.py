@@ -240,6 +240,28 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     return "built", {**entry, "files": files}
 
 
+def _changed_note(entry: dict) -> str:
+    """For a kept figure read from weights that are not the files here: which, after "; "."""
+    changed = entry.get("changed")
+    return ("; its numbers are of other weights than the files here: " + "; ".join(changed)
+            if changed else "")
+
+
+def summary_text(summary: dict) -> str:
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: one line per figure
+    (its files, or why it was kept, skipped or failed, and for a kept one the weights that
+    changed since its build), then the counts."""
+    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
+             for status in ("built", "cached") for e in summary[status]]
+    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _changed_note(e)
+              for status in ("kept", "skipped", "failed") for e in summary[status]]
+    counts = ", ".join(f"{len(summary[k])} {k}"
+                       for k in ("built", "cached", "skipped", "failed", "kept"))
+    seconds = summary.get("seconds", 0.0)
+    lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
+    return "\n".join(lines)
+
+
 def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
               only: list[str] | None = None, overrides: dict | None = None,
               device: str | None = None, force: bool = False, progress: bool = True,
@@ -256,7 +278,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         status, entry = _build_one(name, spec, ctx)
         summary[status].append(entry)
         ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                         else ""))
+                                         else "") + _changed_note(entry))
     if not only:  # the report covers every spec, so only a full run rewrites it
         from repsim.figures.report import write_report
 
