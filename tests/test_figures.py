@@ -193,6 +193,9 @@ batch_size = 8
      "[cka] threshold='x' must be a number"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
+    ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
+     'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
+     "its models: resnet18_cifar, vit_cifar"),
 ])
 def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     path = write(tmp_path / "analyses", "bad", text)

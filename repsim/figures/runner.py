@@ -33,6 +33,8 @@ FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
+# The spec keys of the built-in kinds that name models (names or tables), for [labels]
+MODEL_FIELDS = ("models", "pairs", "model", "vit", "cnn", "base", "bases")
 # The type of each [probe] and [cka] value; a wrong one would fail deep inside a build.
 NUMBER = (int, float)
 VALUE_TYPES = {"n": int, "seed": int, "batch_size": int, "batch_seed": int,
@@ -127,6 +129,31 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
     return {n: specs[n] for n in only} if only else specs
 
 
+def _models_named(value: Any) -> set[str]:
+    """The model names in a spec value: names, ``model`` of tables, inside lists."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return {value["model"]} if isinstance(value.get("model"), str) else set()
+    if isinstance(value, list):
+        return set().union(*map(_models_named, value)) if value else set()
+    return set()
+
+
+def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
+    """A ``[labels]`` key that names no model of the spec (a typo) would leave that model
+    unlabelled without a word; kinds whose models lie elsewhere are not checked."""
+    where = [k for k in MODEL_FIELDS if k in kind.fields and k in spec]
+    labels = spec.get("labels")
+    if not where or not isinstance(labels, dict):
+        return
+    named = set().union(*(_models_named(spec[k]) for k in where))
+    stray = sorted(set(labels) - named)
+    if stray:
+        raise UserError(f"{path}: [labels] keys {stray} name no model of this spec; its "
+                        f"models: {', '.join(sorted(named))}; fix the file")
+
+
 def _validate(path: Path, spec: dict) -> None:
     kind = KINDS.get(spec.get("kind"))
     if kind is None:
@@ -153,6 +180,7 @@ def _validate(path: Path, spec: dict) -> None:
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
                 raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
+    _check_labels(path, spec, kind)
 
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
