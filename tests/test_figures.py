@@ -307,6 +307,28 @@ def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path
     assert record["data"] == {"count": 2} and record["cache_key"]
 
 
+def test_a_cached_figure_in_a_moved_folder_lists_the_files_here(tmp_path, monkeypatch):
+    """A record names the files where they were built (another machine's folder, for the
+    committed figures); a cached figure's summary lists the files in this output folder."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+
+    def build_note(spec, ctx):
+        """Reads the manifest, writes one file."""
+        ctx.manifest()
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(build_note)
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    build_all(tmp_path / "a", tmp_path / "gpu", progress=False)
+    shutil.move(tmp_path / "gpu", tmp_path / "here")  # built elsewhere, brought here
+    (cached,) = build_all(tmp_path / "a", tmp_path / "here", progress=False)["cached"]
+    assert cached["files"] == [str(tmp_path / "here" / f) for f in ("c.txt", "c.json")]
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

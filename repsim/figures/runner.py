@@ -245,7 +245,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         record = None
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
-            return "cached", {**entry, "files": record["files"]}
+            return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
         ctx.log(f"build   {name} ({spec['kind']})")
         ctx.deps = {}
         files = KINDS[spec["kind"]].builder()(spec, ctx)
