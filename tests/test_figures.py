@@ -744,6 +744,21 @@ def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, m
     assert entry["uniform_mass"] == 1 / (4 + 64)  # four prefix tokens, an 8 x 8 patch grid
 
 
+@pytest.mark.parametrize("layer, message", [
+    ('"blocks.*"', "layer='blocks.*' names 9 layers (blocks.0 .. blocks.8); the prefix figure "
+     "reads one, e.g. layer = \"blocks.8\""),
+    ('"blocks.99"', "layer='blocks.99' matches nothing in vit_cifar_tiny_mcls4"),
+    ("8", "layer=8 must be one layer name, e.g. layer = \"blocks.8\""),
+])
+def test_a_prefix_layer_that_is_not_one_layer_fails_that_figure_by_its_key(tmp_path, layer,
+                                                                            message):
+    """A glob crashed the whole run (KeyError); an unknown name was reported as `layers=`."""
+    write(tmp_path / "a", "prefix", 'kind = "prefix_tokens"\nmodels = [{model = '
+          f'"vit_cifar_tiny_mcls4", weights = "random"}}]\nlayer = {layer}\n[probe]\nn = 4\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert failed["reason"].startswith(message), failed
+
+
 def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     """--force rebuilds ignoring caches: a cached attention distance is recomputed, and the
     cache holds the new value."""

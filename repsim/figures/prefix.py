@@ -23,6 +23,23 @@ def token_cka(features: np.ndarray, n_prefix: int, estimator: str = "debiased") 
     return cka_matrix(tokens, tokens, kernel="linear", estimator=estimator)
 
 
+def _layer(spec: dict, model, model_spec) -> str:
+    """The spec's ``layer`` (default: the last block), which must name exactly one layer."""
+    from repsim.errors import UserError
+    from repsim.models import layer_names
+
+    last = f"blocks.{len(model.blocks) - 1}"
+    layer = spec.get("layer", last)
+    if not isinstance(layer, str):
+        raise UserError(f"layer={layer!r} must be one layer name, e.g. layer = \"{last}\"; fix "
+                        "the file")
+    names = layer_names(model, model_spec, layer, name="layer")
+    if len(names) != 1:  # a glob: the figure compares the prefix tokens of one layer
+        raise UserError(f"layer={layer!r} names {len(names)} layers ({names[0]} .. "
+                        f"{names[-1]}); the prefix figure reads one, e.g. layer = \"{last}\"")
+    return names[0]
+
+
 def _measure(ref, spec: dict, ctx) -> dict:
     import torch
 
@@ -37,9 +54,9 @@ def _measure(ref, spec: dict, ctx) -> dict:
     if n_prefix < 2:
         raise InputUnavailable(f"{ref.model} has {n_prefix} prefix token(s); this figure "
                                "compares several")
+    layer = _layer(spec, model, get_spec(ref.model))
     images = ctx.images(ctx.probe_spec(spec)).images
     x = preprocess(get_spec(ref.model), torch.from_numpy(np.ascontiguousarray(images)))
-    layer = spec.get("layer", f"blocks.{len(model.blocks) - 1}")
     with ctx.on_device([model]) as (m,):
         feats = extract(m, x, layers=[layer], reduce="prefix", device=ctx.device)[layer]
         mass = prefix_attention_mass(m, x)
