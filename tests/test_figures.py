@@ -470,6 +470,29 @@ def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, m
     assert any(kept["changed"][0] in line for line in logged), logged
 
 
+def test_a_build_that_stops_halfway_leaves_no_record_that_passes_for_complete(tmp_path,
+                                                                               monkeypatch):
+    """A rebuild that fails after rewriting some files left the old record behind: once the
+    spec was back as it was, the mixed files were `cached` as the old figure."""
+    def build_half(spec, ctx):
+        """Writes its file, then (title "two") fails before the record is written."""
+        files = [ctx.write_text(".txt", f"{spec['title']}\n")]
+        if spec["title"] == "two":
+            raise UserError("stopped halfway")
+        return files
+
+    monkeypatch.setitem(KINDS, "half", None)  # restored after the test
+    figure_kind("half")(build_half)
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "one"\n')
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "two"\n')
+    assert [e["name"] for e in run()["failed"]] == ["s"]
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "one"\n')
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    assert (tmp_path / "f" / "s.txt").read_text() == "one\n"
+
+
 def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
     """A kept build is a build of this spec: once the spec changed (here its title), the old
     files are not presented as its figure; it is skipped, and the report says why."""

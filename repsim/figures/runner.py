@@ -231,6 +231,21 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
+def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
+          ) -> list[Path] | None:
+    """The files of the earlier complete build of this very spec (a changed spec's old files
+    are not its figure), its record written back; None when there is none."""
+    if not (record and record.get("format") == FORMAT and record.get("spec") == spec):
+        return None
+    others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
+    if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
+        return None
+    # Removed when this build began; builders check their inputs before writing any file.
+    if not record_path.exists():
+        paths.write_json(record_path, record)
+    return _files_here(ctx, record)
+
+
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
     from repsim.evaluation import hardware
@@ -248,11 +263,12 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
         ctx.log(f"build   {name} ({spec['kind']})")
         ctx.deps = {}
+        # Until the new record is written, none: a build that stops after rewriting some
+        # files must not leave the old record vouching for them.
+        record_path.unlink(missing_ok=True)
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
-        # A build of this very spec: a changed spec's old files are not its figure.
-        kept = (_files_here(ctx, record) if record and record.get("format") == FORMAT
-                and record.get("spec") == spec else None)
+        kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             "changed": _changed_weights(ctx, record)}
