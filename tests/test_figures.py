@@ -955,3 +955,17 @@ def test_the_probes_caption_names_the_layer_whose_components_it_deletes():
         "R: probe accuracy 0.31 in stem to 0.93 in layer4, highest 0.93 in layer4; layer4 "
         "without its top 1 principal component(s): probe 0.92, CKA with itself 0.92, CKA "
         "with its best match blocks.5 0.45 -> 0.30.")
+
+
+def test_the_locality_caption_names_the_spec_models_not_vit_and_resnet():
+    """The place-by-place line called the two sides "ViT" and "ResNet" whatever the spec's
+    models and labels; it names the labels the figure drew (the data records them)."""
+    from repsim.figures.report import caption
+
+    data = {"layers": ["input", "blocks.0"], "labels": ["tiny ViT", "ConvNeXt"],
+            "summary": {"own": [1.0, 0.5], "elsewhere": [0.1, 0.2], "peak_at_own": [1.0, 0.5]},
+            "position_cka": {"layers_a": ["blocks.0"], "layers_b": ["stages.0"],
+                             "matrix": [[0.7]]}}
+    last = caption("locality", data, {}).splitlines()[-1]
+    assert last == ("Place by place: tiny ViT blocks.0 best match ConvNeXt stages.0 at CKA "
+                    "0.70-0.70."), last

@@ -146,9 +146,11 @@ def _locality(data: dict) -> str:
            f"{s['elsewhere'][last]:.2f}); tokens peaking at their own cell: "
            f"{100 * s['peak_at_own'][first]:.0f} %, {100 * s['peak_at_own'][last]:.0f} %."]
     pos = data.get("position_cka")
+    # The labels drawn (data of older builds has none: the study's two models, then)
+    vit, cnn = [*(data.get("labels") or ["ViT", "ResNet"]), "CNN"][:2]
     if pos and pos.get("matrix"):
         out.append("Place by place: " + match_caption(
-            "ViT", "ResNet", pos["layers_a"], pos["layers_b"], draw.best_matches(pos)))
+            vit, cnn, pos["layers_a"], pos["layers_b"], draw.best_matches(pos)))
     return "\n".join(out)
 
 
