@@ -685,6 +685,19 @@ def test_a_missing_manifest_skips_the_table_in_one_line(study):
     assert "\n" not in res["skipped"][0]["reason"]
 
 
+def test_a_cka_figures_data_states_the_settings_and_n_its_title_gives(study):
+    """The title says "linear CKA, minibatch estimator (batch 8), n = 8"; the data behind it
+    said nothing of the kind for best_match (no n at all), nor the settings for cka_grid."""
+    res = build_all(study / "analyses", study / "figures", only=["best", "grid"],
+                    progress=False)
+    assert sorted(e["name"] for e in res["built"]) == ["best", "grid"], res
+    want = {"kernel": "linear", "estimator": "minibatch", "batch_size": 8, "batch_seed": 0,
+            "threshold": 1.0, "permutations": 0}
+    for name in ("best", "grid"):
+        data = json.loads((study / "figures" / f"{name}.json").read_text())["data"]
+        assert (data["n"], data["cka"]) == (8, want), name
+
+
 def test_a_grid_with_a_null_carries_p_values_and_errors_transposed_with_each_panel(study):
     write(study / "analyses", "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar", '
           '"resnet18_cifar"]\n' + PROBE + "permutations = 19\n")  # in PROBE's [cka]

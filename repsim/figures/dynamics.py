@@ -119,5 +119,5 @@ def build(spec: dict, ctx) -> list[Path]:
                             models[0]["n"])
     if missing:
         title += "\nno snapshots of " + ", ".join(m["model"] for m in missing)
-    ctx.data.update(models=models, missing=missing, settle=level)
+    ctx.data.update(models=models, missing=missing, settle=level, cka=c)
     return ctx.save(draw.dynamics(models, title, level))

@@ -90,7 +90,8 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     title = (draw.spec_title(spec, "Linear probes by depth", c, len(labels))
              + f"; probe: {len(train)} train / {len(test)} test images, weight decay "
              f"{opts['weight_decay']:g}")
-    ctx.data.update({"n": len(labels), "pixel_accuracy": pixel_acc, "entries": entries})
+    ctx.data.update({"n": len(labels), "cka": c, "probe": opts, "pixel_accuracy": pixel_acc,
+                     "entries": entries})
     csv_text = draw.csv_text(_rows(entries), ["model", "layer", "k", "accuracy", "self_cka",
                                                "match_layer", "match_cka"])
     return (ctx.save(draw_probes(entries, pixel_acc, len(np.unique(labels)), title))

@@ -40,7 +40,7 @@ def cka_grid(spec: dict, ctx) -> list[Path]:
     fig = draw.cka_grid(labels, panels, title)
     ctx.data["panels"] = [{"row_model": labels[i], "col_model": labels[j], **p}
                           for (i, j), p in sorted(panels.items())]
-    ctx.data["n"] = n
+    ctx.data.update(n=n, cka=c)  # what the title states
     return ctx.save(fig)
 
 
@@ -67,7 +67,7 @@ def best_match(spec: dict, ctx) -> list[Path]:
                   "cka": cur["value"][i], "se": cur["se"][i]}
                  for i, (name, j) in enumerate(zip(r["layers_a"], cur["index"]))]
     fig = draw.best_match(curves, draw.spec_title(spec, "Best-matching layers", c, n))
-    ctx.data["curves"] = curves
+    ctx.data.update(curves=curves, n=n, cka=c)  # n and c: what the title states
     return ctx.save(fig) + [ctx.write_text(".csv", draw.csv_text(
         rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka", "se"]))]
 
@@ -199,6 +199,6 @@ def data_scale(spec: dict, ctx) -> list[Path]:
     skipped = [b.display() for b, found, _, _ in plan if not found]
     if skipped:
         title += f"\nno fraction checkpoints of {', '.join(skipped)}"
-    ctx.data.update(panels=panels, expected_fractions=expected,
+    ctx.data.update(panels=panels, expected_fractions=expected, n=n, cka=c,
                     missing=[{"base": b.display(), "fractions": m} for b, _, m, _ in plan if m])
     return ctx.save(draw.data_scale(panels, title))
