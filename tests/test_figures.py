@@ -193,6 +193,10 @@ batch_size = 8
      "[cka] threshold='x' must be a number"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
+    ('kind = "cka_grid"\nmodels = "vit_cifar"\n', "models='vit_cifar' must be a non-empty "
+     'list of models, e.g. models = ["vit_cifar", "resnet18_cifar"]'),
+    ('kind = "attention"\nmodels = 5\n', "models=5 must be a non-empty list of models"),
+    ('kind = "data_scale"\nbases = []\n', "bases=[] must be a non-empty list of models"),
     ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
      'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
      "its models: resnet18_cifar, vit_cifar"),

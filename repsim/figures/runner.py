@@ -180,6 +180,11 @@ def _validate(path: Path, spec: dict) -> None:
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
                 raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
+    for key in ("models", "bases"):  # a name here would be read letter by letter
+        v = spec.get(key, [None])
+        if key in kind.fields and not (isinstance(v, list) and v):
+            raise UserError(f"{path}: {key}={v!r} must be a non-empty list of models, e.g. "
+                            f'{key} = ["vit_cifar", "resnet18_cifar"]; fix the file')
     _check_labels(path, spec, kind)
 
 
