@@ -197,6 +197,8 @@ batch_size = 8
      'list of models, e.g. models = ["vit_cifar", "resnet18_cifar"]'),
     ('kind = "attention"\nmodels = 5\n', "models=5 must be a non-empty list of models"),
     ('kind = "data_scale"\nbases = []\n', "bases=[] must be a non-empty list of models"),
+    ('kind = "accuracy_table"\nrows = 5\n', "rows=5 must be a non-empty list of rows, e.g. "
+     "one [[rows]] table"),
     ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
      'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
      "its models: resnet18_cifar, vit_cifar"),

@@ -35,6 +35,11 @@ PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_roo
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
 # The spec keys of the built-in kinds that name models (names or tables), for [labels]
 MODEL_FIELDS = ("models", "pairs", "model", "vit", "cnn", "base", "bases")
+# The kinds' keys that hold lists: what of, and an example
+LISTS = {"models": ("models", 'models = ["vit_cifar", "resnet18_cifar"]'),
+         "bases": ("models", 'bases = ["vit_cifar", "resnet18_cifar"]'),
+         "pairs": ("[A, B] pairs", 'pairs = [["vit_cifar", "resnet18_cifar"]]'),
+         "rows": ("rows", "one [[rows]] table (dataset, model, study) per row")}
 # The type of each [probe] and [cka] value; a wrong one would fail deep inside a build.
 NUMBER = (int, float)
 VALUE_TYPES = {"n": int, "seed": int, "batch_size": int, "batch_seed": int,
@@ -180,11 +185,11 @@ def _validate(path: Path, spec: dict) -> None:
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
                 raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
-    for key in ("models", "bases"):  # a name here would be read letter by letter
+    for key, (what, example) in LISTS.items():  # a name here would be read letter by letter
         v = spec.get(key, [None])
         if key in kind.fields and not (isinstance(v, list) and v):
-            raise UserError(f"{path}: {key}={v!r} must be a non-empty list of models, e.g. "
-                            f'{key} = ["vit_cifar", "resnet18_cifar"]; fix the file')
+            raise UserError(f"{path}: {key}={v!r} must be a non-empty list of {what}, e.g. "
+                            f"{example}; fix the file")
     _check_labels(path, spec, kind)
 
 
