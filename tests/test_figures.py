@@ -186,18 +186,18 @@ batch_size = 8
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),
     ('kind = "cka_grid\n', "not valid TOML"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\npermutations = "x"\n',
-     "[cka] permutations='x' must be an integer"),
+     "[cka] permutations = 'x' must be an integer"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nn = "x"\n',
-     "[probe] n='x' must be an integer"),
+     "[probe] n = 'x' must be an integer"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\nkernel="rbf"\nthreshold = "x"\n',
-     "[cka] threshold='x' must be a number"),
-    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
-    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
-    ('kind = "cka_grid"\nmodels = "vit_cifar"\n', "models='vit_cifar' must be a non-empty "
+     "[cka] threshold = 'x' must be a number"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka = 3 must be a table"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels = 'x' must be a table"),
+    ('kind = "cka_grid"\nmodels = "vit_cifar"\n', "models = 'vit_cifar' must be a non-empty "
      'list of models, e.g. models = ["vit_cifar", "resnet18_cifar"]'),
-    ('kind = "attention"\nmodels = 5\n', "models=5 must be a non-empty list of models"),
-    ('kind = "data_scale"\nbases = []\n', "bases=[] must be a non-empty list of models"),
-    ('kind = "accuracy_table"\nrows = 5\n', "rows=5 must be a non-empty list of rows, e.g. "
+    ('kind = "attention"\nmodels = 5\n', "models = 5 must be a non-empty list of models"),
+    ('kind = "data_scale"\nbases = []\n', "bases = [] must be a non-empty list of models"),
+    ('kind = "accuracy_table"\nrows = 5\n', "rows = 5 must be a non-empty list of rows, e.g. "
      "one [[rows]] table"),
     ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
      'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
@@ -284,6 +284,18 @@ def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch
     assert main(args + ["--only", ","]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--only ','" in err and "no spec name" in err, err
+
+
+def test_a_bad_spec_file_is_reported_by_its_keys_not_as_command_line_flags(tmp_path, capsys):
+    """The CLI prints a library's `name=value` as `--name value`; a spec file's key is no
+    flag, so the spec errors write TOML's `key = value`."""
+    from repsim.cli import main
+
+    write(tmp_path / "a", "bad", 'kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\n'
+          'permutations = "x"\n')
+    assert main(["figures", "--analyses", str(tmp_path / "a"), "--out", str(tmp_path / "f")]) == 1
+    err = capsys.readouterr().err
+    assert "[cka] permutations = 'x' must be an integer" in err and "--perm" not in err, err
 
 
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):

@@ -160,6 +160,8 @@ def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
 
 
 def _validate(path: Path, spec: dict) -> None:
+    # Its messages write a key as TOML does, `key = value`: the CLI prints a library's
+    # `name=value` as the flag `--name value`, and a spec file's key is no flag.
     kind = KINDS.get(spec.get("kind"))
     if kind is None:
         raise UserError(f"{path}: kind {spec.get('kind')!r} is unknown; valid kinds: "
@@ -174,7 +176,7 @@ def _validate(path: Path, spec: dict) -> None:
     for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
         values = spec.get(table, {})
         if not isinstance(values, dict):
-            raise UserError(f"{path}: {table}={values!r} must be a table ([{table}]); fix "
+            raise UserError(f"{path}: {table} = {values!r} must be a table ([{table}]); fix "
                             "the file")
         bad = set(values) - set(keys) if keys else ()
         if bad:
@@ -184,11 +186,11 @@ def _validate(path: Path, spec: dict) -> None:
             want = VALUE_TYPES.get(k, str)
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
-                raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
+                raise UserError(f"{path}: [{table}] {k} = {v!r} must be {what}; fix the file")
     for key, (what, example) in LISTS.items():  # a name here would be read letter by letter
         v = spec.get(key, [None])
         if key in kind.fields and not (isinstance(v, list) and v):
-            raise UserError(f"{path}: {key}={v!r} must be a non-empty list of {what}, e.g. "
+            raise UserError(f"{path}: {key} = {v!r} must be a non-empty list of {what}, e.g. "
                             f"{example}; fix the file")
     _check_labels(path, spec, kind)
 
