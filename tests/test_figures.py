@@ -244,6 +244,12 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
     ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
      'top = 2.5\n[probe]\nn = 4\n', "top=2.5 must be a positive integer"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+     'stages = 5\n[probe]\nn = 4\n', "stages=5 must be layer names: a string or a list of "
+     'them, e.g. stages = "layer1,layer4"'),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = {a = 1}\n[probe]\nn = 4\n', "blocks={'a': 1} must be block numbers or names: "
+     'a string or a list of them, e.g. blocks = "0,5"'),
     ('kind = "locality"\nvit = {model = "vit_cifar", weights = "random"}\n'
      'max_images = "8"\n[probe]\nn = 8\n', "max_images='8' must be a positive integer"),
     ('kind = "probes"\nmodels = [{model = "vit_cifar", weights = "random"}]\nsteps = 1.5\n',

@@ -311,16 +311,16 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         raise UserError(f"{ctx.name}: renormalize={renormalize!r} must be true or false; fix "
                         "the file")
     batch_size = ctx.positive_int(spec, "batch_size", 64)
+    blocks = ctx.names(spec, "blocks", "block numbers or names", '"0,5"', numbers=True)
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:  # every model's weights first: loading one for a skipped figure is waste
         check_vit(r.model)
         check_weights(r)
     models = [ctx.model(r) for r in refs]
     for r, (m, _) in zip(refs, models):  # before the slow part, naming the spec's key
-        resolve_blocks(spec.get("blocks"), vit_geometry(m).depth, m, get_spec(r.model),
-                       "blocks")
+        resolve_blocks(blocks, vit_geometry(m).depth, m, get_spec(r.model), "blocks")
     probe, images, ids = ctx.drawn_images(spec)
-    cfg = AttentionConfig(models=[r.model for r in refs], layers=spec.get("blocks"),
+    cfg = AttentionConfig(models=[r.model for r in refs], layers=blocks,
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
                           batch_size=batch_size,
                           renormalize=renormalize,
