@@ -197,6 +197,10 @@ batch_size = 8
      'list of models, e.g. models = ["vit_cifar", "resnet18_cifar"]'),
     ('kind = "attention"\nmodels = 5\n', "models = 5 must be a non-empty list of models"),
     ('kind = "data_scale"\nbases = []\n', "bases = [] must be a non-empty list of models"),
+    ('kind = "accuracy_table"\nrows = [{dataset = "c", model = "m", study = 1}]\n'
+     'description = 5\n', "description = 5 must be a string; fix the file"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ntitle = ["a"]\n', "title = ['a'] must be a "
+     "string"),
     ('kind = "accuracy_table"\nrows = 5\n', "rows = 5 must be a non-empty list of rows, e.g. "
      "one [[rows]] table"),
     ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'

@@ -187,6 +187,9 @@ def _validate(path: Path, spec: dict) -> None:
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
                 raise UserError(f"{path}: [{table}] {k} = {v!r} must be {what}; fix the file")
+    for key in ("title", "description"):  # else .strip() in the report fails the whole run
+        if not isinstance(spec.get(key, ""), str):
+            raise UserError(f"{path}: {key} = {spec[key]!r} must be a string; fix the file")
     for key, (what, example) in LISTS.items():  # a name here would be read letter by letter
         v = spec.get(key, [None])
         if key in kind.fields and not (isinstance(v, list) and v):
