@@ -220,6 +220,9 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     ('kind = "data_scale"\nbase = "vit_cifar"\ncheckpoints = 5\n',
      "checkpoints=5 must be a file-name pattern"),
     ('kind = "accuracy_table"\nrows = [1]\n', "each [[rows]] needs dataset, model and study"),
+    ('kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\nmodel = "vit_cifar"\n'
+     'study = "81.36 %"\n', "[[rows]] study='81.36 %' must be a number (the study's accuracy, "
+     "%), e.g. study = 81.36"),
     ('kind = "cka_grid"\nmodels = [{model = "vit_cifar", weights = 5}]\n',
      "weights=5 must be a file name"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[labels]\nvit_cifar = 1\n',

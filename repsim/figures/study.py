@@ -84,6 +84,10 @@ def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
     if extra:
         raise UserError(f"{where}: [[rows]] keys {sorted(extra)} are unknown; valid: "
                         f"{', '.join(ROW_KEYS)}")
+    study = row["study"]
+    if isinstance(study, bool) or not isinstance(study, (int, float)):
+        raise UserError(f"{where}: [[rows]] study={study!r} must be a number (the study's "
+                        "accuracy, %), e.g. study = 81.36; fix the file")
     if "checkpoint" in row:
         ours = [e for e in entries if e.get("name") == row["checkpoint"]]
     else:
