@@ -360,6 +360,27 @@ def test_a_cached_figure_in_a_moved_folder_lists_the_files_here(tmp_path, monkey
     assert cached["files"] == [str(tmp_path / "here" / f) for f in ("c.txt", "c.json")]
 
 
+def test_a_figures_record_is_strict_json_with_nan_as_null(tmp_path, monkeypatch):
+    """NaN in a figure's data (a zero-variance layer's CKA, say) was written as the bare
+    token NaN, which JSON has not (jq, browsers refuse the file); it is null, as in the CKA
+    results."""
+    def build_nan(spec, ctx):
+        """Data with NaN and infinity inside lists and tables."""
+        ctx.data.update(cka=[[1.0, float("nan")]], summary={"own": [np.float64("inf")]})
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "nan", None)  # restored after the test
+    figure_kind("nan")(build_nan)
+    write(tmp_path / "a", "n", 'kind = "nan"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    record = json.loads((tmp_path / "f" / "n.json").read_text(), parse_constant=refuse)
+    assert record["data"] == {"cka": [[1.0, None]], "summary": {"own": [None]}}
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

@@ -141,10 +141,11 @@ def _locality(data: dict) -> str:
     s, layers = data["summary"], data["layers"]
     rows = [i for i, name in enumerate(layers) if name != "input"]
     first, last = rows[0], rows[-1]
-    out = [f"A token's CKA with its own input patch: {s['own'][first]:.2f} in {layers[first]}, "
-           f"{s['own'][last]:.2f} in {layers[last]} (elsewhere {s['elsewhere'][first]:.2f}, "
-           f"{s['elsewhere'][last]:.2f}); tokens peaking at their own cell: "
-           f"{100 * s['peak_at_own'][first]:.0f} %, {100 * s['peak_at_own'][last]:.0f} %."]
+    pct = ["nan" if v is None else f"{100 * v:.0f}" for v in s["peak_at_own"]]
+    out = [f"A token's CKA with its own input patch: {_fmt(s['own'][first])} in "
+           f"{layers[first]}, {_fmt(s['own'][last])} in {layers[last]} (elsewhere "
+           f"{_fmt(s['elsewhere'][first])}, {_fmt(s['elsewhere'][last])}); tokens peaking at "
+           f"their own cell: {pct[first]} %, {pct[last]} %."]
     pos = data.get("position_cka")
     # The labels drawn (data of older builds has none: the study's two models, then)
     vit, cnn = [*(data.get("labels") or ["ViT", "ResNet"]), "CNN"][:2]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -246,6 +247,16 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
+def _strict(v: Any) -> Any:
+    """``v`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write
+    the bare token NaN, which strict readers refuse), and CKA results write None too."""
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
@@ -294,7 +305,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
-        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps), "data": ctx.data,
+        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
+        "data": _strict(ctx.data),
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
 
