@@ -986,6 +986,18 @@ def test_the_dynamics_caption_does_not_count_the_final_model_as_settling():
     assert legend == ["a (from 10)", "b (final model only)"]
 
 
+def test_the_dynamics_caption_survives_a_layer_without_cka_at_the_first_epoch():
+    """A zero-variance layer at epoch 0 has no CKA (null): the whole caption vanished (min
+    over a None); the range is of the layers that have one."""
+    from repsim.figures.report import caption
+
+    run = {"label": "R", "final_epoch": 100, "epochs": [0, 100], "layers": ["a", "b"],
+           "cka": {"a": [None, 1.0], "b": [0.2, 1.0]}, "settled_epoch": {"a": 100, "b": 100}}
+    assert caption("dynamics", {"settle": 0.9, "models": [run]}, {}) == (
+        "R (final: epoch 100): CKA to the final model at epoch 0 0.20-0.20; not before the "
+        "final model (epoch 100): a..b.")
+
+
 def test_the_grid_caption_states_the_permutation_null_of_each_model_pair():
     """A grid with a null dots the cells not above it; the caption says how many there are
     (a grid with no dot otherwise reads as if no null had been computed)."""

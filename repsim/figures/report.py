@@ -185,10 +185,11 @@ def _dynamics(data: dict) -> str:
         final = [k for k in m["layers"] if last is not None and settled.get(k) == last]
         late = [k for k in m["layers"] if settled.get(k) is None]
         acc = m.get("final_test_accuracy")
+        first = [v[0] for v in m["cka"].values() if v[0] is not None]  # None: no CKA there
         line = (f"{m['label']} (final: epoch {m['final_epoch']}"
                 + (f", {acc:.2f} %" if acc is not None else "") + "): CKA to the final model "
-                f"at epoch {m['epochs'][0]} {_fmt(min(v[0] for v in m['cka'].values()))}-"
-                f"{_fmt(max(v[0] for v in m['cka'].values()))}")
+                f"at epoch {m['epochs'][0]} {_fmt(min(first, default=None))}-"
+                f"{_fmt(max(first, default=None))}")
         if early:
             line += "; at or above {:.2f} from epoch ".format(data["settle"]) + ", ".join(
                 f"{settled[k]} ({k})" for k in early)
