@@ -847,6 +847,22 @@ def test_a_prefix_layer_that_is_not_one_layer_fails_that_figure_by_its_key(tmp_p
     assert failed["reason"].startswith(message), failed
 
 
+def test_the_rank_figure_draws_the_rank_line_of_the_models_it_measured(tmp_path, monkeypatch):
+    """It drew a dotted line at 64 captioned "rank 64" whatever the models: a full-rank ViT
+    has no such rank. The line is each low-rank model's own rank, and the data records it."""
+    figs, save = [], draw.save
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: figs.append(fig) or save(fig, *a, **k))
+    write(tmp_path / "a", "rank", 'kind = "projection_rank"\nmodels = [{model = '
+          '"vit_cifar_tiny", weights = "random"}]\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["rank"], res
+    (entry,) = json.loads((tmp_path / "f" / "rank.json").read_text())["data"]["models"]
+    assert entry["rank"] is None
+    axes = figs[0].axes
+    assert not any(line.get_linestyle() == ":" for ax in axes for line in ax.lines)
+    assert "rank 64" not in axes[0].get_title()
+
+
 def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     """--force rebuilds ignoring caches: a cached attention distance is recomputed, and the
     cache holds the new value."""

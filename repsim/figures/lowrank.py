@@ -68,6 +68,8 @@ def _measure(ref, spec: dict, ctx) -> dict:
         acts = _activation_ranks(m, x)
     return {"model": ref.model, "label": ref.display(), "n": len(x),
             "weights_sha256": prov.get("weights_sha256"), "width": model.embed_dim,
+            # a factored projection's rank (repsim.tinyvit.LowRankQKV); None: full rank
+            "rank": getattr(model.blocks[0].attn.qkv, "rank", None),
             "weight_rank": weights.tolist(), "activation_rank": acts.tolist()}
 
 
@@ -87,9 +89,12 @@ def build_figure(spec: dict, ctx) -> list[Path]:
             r = np.array(res[key])
             ax.plot(r[:, 0], "-o", c=colour, label=f"{res['label']}: queries")
             ax.plot(r[:, 1], "--s", c=colour, label=f"{res['label']}: keys")
+    ranks = sorted({r["rank"] for r in results if r["rank"] is not None})
+    dotted = f" (dotted: rank {', '.join(map(str, ranks))})" if ranks else ""
     for ax, what in zip(axes, ("projection matrices", f"activations (n = {results[0]['n']:,})")):
-        ax.set(xlabel="block", ylabel="effective rank", title=f"{what} (dotted: rank 64)")
-        ax.axhline(64, c="grey", lw=0.8, ls=":")
+        ax.set(xlabel="block", ylabel="effective rank", title=what + dotted)
+        for rank in ranks:  # the low-rank models' own rank, the most their factor can use
+            ax.axhline(rank, c="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(spec.get("title") or "Effective rank of queries and keys", fontsize=11)
