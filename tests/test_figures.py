@@ -280,6 +280,25 @@ def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, tex
     assert failed["name"] == "bad" and message in failed["reason"], failed
 
 
+def test_a_row_naming_a_checkpoint_of_another_dataset_or_model_fails_in_one_line(tmp_path,
+                                                                                  monkeypatch):
+    """A row's checkpoint gave its accuracy whatever it was trained on: a CIFAR-10 run's
+    number stood in the CIFAR-100 row, as ours against the study's CIFAR-100 one."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar", "model": "vit_cifar", "dataset": "cifar10",
+         "test_accuracy": 77.5}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar100"\n'
+          'model = "vit_cifar"\nstudy = 54.31\ncheckpoint = "vit_cifar"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert failed["reason"] == (
+        "acc: [[rows]] checkpoint 'vit_cifar' is a vit_cifar run on cifar10, but its row is "
+        "vit_cifar on cifar100; name a checkpoint of that model and dataset, or leave "
+        "checkpoint out; fix the file"), failed
+
+
 def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch, capsys):
     """`--only acc,` builds acc (not "no spec named  "); `--only ,` names no spec: one line."""
     from repsim.cli import main

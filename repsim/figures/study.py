@@ -75,6 +75,17 @@ def best_match(spec: dict, ctx) -> list[Path]:
 ROW_KEYS = ("dataset", "model", "study", "label", "recipe", "checkpoint")
 
 
+def _check_run(entry: dict, row: dict, where: str) -> None:
+    """UserError when a row's named checkpoint is a run of another model or dataset (its
+    number would stand as ours for the row's); entries that do not say are taken as named."""
+    theirs = (entry.get("model", row["model"]), entry.get("dataset", row["dataset"]))
+    if theirs != (row["model"], row["dataset"]):
+        raise UserError(f"{where}: [[rows]] checkpoint {row['checkpoint']!r} is a {theirs[0]} "
+                        f"run on {theirs[1]}, but its row is {row['model']} on "
+                        f"{row['dataset']}; name a checkpoint of that model and dataset, or "
+                        "leave checkpoint out; fix the file")
+
+
 def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
     """One table row: the study's number next to our checkpoint's (the named one, else the
     study's recipe on all the data, the plainest run name first)."""
@@ -90,6 +101,7 @@ def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
                         "accuracy, %), e.g. study = 81.36; fix the file")
     if "checkpoint" in row:
         ours = [e for e in entries if e.get("name") == row["checkpoint"]]
+        _check_run(ours[0] if ours else {}, row, where)
     else:
         ours = sorted((e for e in entries if e.get("model") == row["model"]
                        and e.get("dataset") == row["dataset"]
