@@ -424,6 +424,25 @@ def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatc
         "cache_key"] + json.dumps(json.loads((tmp_path / "f" / "p.json").read_text())["deps"])
 
 
+def test_a_figures_record_names_no_data_folder_of_the_machine_that_built_it(tmp_path,
+                                                                           monkeypatch):
+    """--data-root is where the images were read, not which: it stays out of the key, and out
+    of the committed record too (it was written there as this machine's path)."""
+    def build_pixels(spec, ctx):
+        """Sums the probe images it reads."""
+        ctx.data["sum"] = int(ctx.images(ctx.probe_spec(spec)).images.sum())
+        return [ctx.write_text(".txt", f"{ctx.data['sum']}\n")]
+
+    monkeypatch.setitem(KINDS, "pixels", None)  # restored after the test
+    figure_kind("pixels")(build_pixels)
+    write(tmp_path / "a", "p", 'kind = "pixels"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False,
+              overrides={"data_root": str(tmp_path / "data"), "n": 4})
+    record = json.loads((tmp_path / "f" / "p.json").read_text())
+    assert record["overrides"] == {"n": 4}
+    assert str(tmp_path / "data") not in json.dumps(record)
+
+
 def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
                                                                            monkeypatch):
     from repsim.compare import InputUnavailable

@@ -304,7 +304,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     files = [str(f) for f in files] + [str(record_path)]
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
-        "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
+        # The overrides that changed its inputs: not the data root, a path of this machine
+        "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps, "files": files,
         "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
         "data": _strict(ctx.data),
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
