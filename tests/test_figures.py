@@ -443,6 +443,18 @@ def test_a_figures_record_names_no_data_folder_of_the_machine_that_built_it(tmp_
     assert str(tmp_path / "data") not in json.dumps(record)
 
 
+def test_a_figures_record_names_its_files_not_the_folder_they_were_built_in(tmp_path,
+                                                                          monkeypatch):
+    """The committed records listed /work/main/.device/run/figures/...: the GPU machine's
+    folder. A record lists its files by name (the output folder is where it lies)."""
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    (built,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["built"]
+    assert built["files"] == [str(tmp_path / "f" / n) for n in ("c.txt", "c.json")]
+    assert json.loads((tmp_path / "f" / "c.json").read_text())["files"] == ["c.txt", "c.json"]
+
+
 def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
                                                                            monkeypatch):
     from repsim.compare import InputUnavailable

@@ -305,7 +305,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         # The overrides that changed its inputs: not the data root, a path of this machine
-        "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps, "files": files,
+        "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps,
+        "files": [Path(f).name for f in files],  # by name: where they lie is no part of them
         "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
         "data": _strict(ctx.data),
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
