@@ -787,16 +787,28 @@ def test_a_missing_manifest_skips_the_table_in_one_line(study):
     assert "\n" not in res["skipped"][0]["reason"]
 
 
-def test_a_cka_figures_data_states_the_settings_and_n_its_title_gives(study):
+def test_a_cka_figures_data_states_the_settings_and_n_its_title_gives(tmp_path, monkeypatch):
     """The title says "linear CKA, minibatch estimator (batch 8), n = 8"; the data behind it
     said nothing of the kind for best_match (no n at all), nor the settings for cka_grid."""
-    res = build_all(study / "analyses", study / "figures", only=["best", "grid"],
-                    progress=False)
+    from repsim.figures.context import FigureContext
+
+    def fake_cka(self, a, b, probe, settings):
+        """A 2 x 2 result of n = 8 rows: the builders' data, not CKA, is under test."""
+        return {"matrix": [[0.9, 0.2], [0.3, 0.8]], "layers_a": ["a0", "a1"],
+                "layers_b": ["b0", "b1"], "n": 8, "se": None, "p_value": None}
+
+    monkeypatch.setattr(FigureContext, "store", lambda self, ref, probe: None)
+    monkeypatch.setattr(FigureContext, "cka", fake_cka)
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    m = '{model = "vit_cifar", weights = "random"}, {model = "resnet18_cifar", weights = "random"}'
+    write(tmp_path / "a", "best", f"kind = \"best_match\"\npairs = [[{m}]]\n" + PROBE)
+    write(tmp_path / "a", "grid", f"kind = \"cka_grid\"\nmodels = [{m}]\n" + PROBE)
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
     assert sorted(e["name"] for e in res["built"]) == ["best", "grid"], res
     want = {"kernel": "linear", "estimator": "minibatch", "batch_size": 8, "batch_seed": 0,
             "threshold": 1.0, "permutations": 0}
     for name in ("best", "grid"):
-        data = json.loads((study / "figures" / f"{name}.json").read_text())["data"]
+        data = json.loads((tmp_path / "f" / f"{name}.json").read_text())["data"]
         assert (data["n"], data["cka"]) == (8, want), name
 
 
@@ -897,20 +909,21 @@ def test_a_prefix_layer_that_is_not_one_layer_fails_that_figure_by_its_key(tmp_p
     assert failed["reason"].startswith(message), failed
 
 
-def test_the_rank_figure_draws_the_rank_line_of_the_models_it_measured(tmp_path, monkeypatch):
+def test_the_rank_figure_draws_the_rank_line_of_the_models_it_measured():
     """It drew a dotted line at 64 captioned "rank 64" whatever the models: a full-rank ViT
-    has no such rank. The line is each low-rank model's own rank, and the data records it."""
-    figs, save = [], draw.save
-    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: figs.append(fig) or save(fig, *a, **k))
-    write(tmp_path / "a", "rank", 'kind = "projection_rank"\nmodels = [{model = '
-          '"vit_cifar_tiny", weights = "random"}]\n[probe]\nn = 4\n')
-    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
-    assert [e["name"] for e in res["built"]] == ["rank"], res
-    (entry,) = json.loads((tmp_path / "f" / "rank.json").read_text())["data"]["models"]
-    assert entry["rank"] is None
-    axes = figs[0].axes
-    assert not any(line.get_linestyle() == ":" for ax in axes for line in ax.lines)
-    assert "rank 64" not in axes[0].get_title()
+    has no such rank. The lines are the low-rank models' own ranks (their data's)."""
+    from repsim.figures.lowrank import draw_ranks
+
+    full = {"label": "full", "n": 4, "rank": None, "weight_rank": [[150.0, 140.0]],
+            "activation_rank": [[20.0, 21.0]]}
+
+    def dotted(fig):
+        return [line.get_ydata()[0] for line in fig.axes[0].lines if line.get_linestyle() == ":"]
+
+    fig = draw_ranks([full], "t")
+    assert dotted(fig) == [] and "rank" not in fig.axes[0].get_title()
+    fig = draw_ranks([full, {**full, "label": "low q", "rank": 48}], "t")
+    assert dotted(fig) == [48] and fig.axes[0].get_title().endswith("(dotted: rank 48)")
 
 
 def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.compare import InputUnavailable
+from repsim.errors import UserError
 from repsim.figures.context import weights_file
 
 
@@ -25,14 +26,10 @@ def token_cka(features: np.ndarray, n_prefix: int, estimator: str = "debiased") 
 
 def _layer(spec: dict, model, model_spec) -> str:
     """The spec's ``layer`` (default: the last block), which must name exactly one layer."""
-    from repsim.errors import UserError
     from repsim.models import layer_names
 
     last = f"blocks.{len(model.blocks) - 1}"
     layer = spec.get("layer", last)
-    if not isinstance(layer, str):
-        raise UserError(f"layer={layer!r} must be one layer name, e.g. layer = \"{last}\"; fix "
-                        "the file")
     names = layer_names(model, model_spec, layer, name="layer")
     if len(names) != 1:  # a glob: the figure compares the prefix tokens of one layer
         raise UserError(f"layer={layer!r} names {len(names)} layers ({names[0]} .. "
@@ -77,6 +74,9 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     prefix token per block (bottom)."""
     from repsim.figures import draw
 
+    if not isinstance(spec.get("layer", ""), str):  # before loading any model
+        raise UserError(f"layer={spec['layer']!r} must be one layer name, e.g. layer = "
+                        "\"blocks.8\"; fix the file")
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:  # every model first: a missing checkpoint skips before any extraction
         ctx.model(r)
