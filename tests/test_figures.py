@@ -109,6 +109,16 @@ def test_a_best_match_below_zero_stays_on_the_cka_axis():
     assert low <= -0.07 and high == 1.0
 
 
+def test_a_best_match_above_one_stays_on_the_cka_axis():
+    """Unbiased CKA can pass 1 on few images: the axis stopped at 1, so that point and its
+    error bar were cut off the picture while the data and the CSV held them."""
+    fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1"],
+                            "layers_b": ["b0"], "index": [0, 0], "value": [0.8, 1.1],
+                            "se": [0.01, 0.05]}], "curves")
+    low, high = fig.axes[1].get_ylim()
+    assert low == 0.0 and high >= 1.15
+
+
 def scale_panel(label, fractions, layers, accuracy=80.0, missing=()):
     entries = [{"fraction": f, "label": f"{label} {f}", "test_accuracy": 40.0 + 10 * k,
                 "layers": layers, "cka": rand(len(layers), k).tolist(),

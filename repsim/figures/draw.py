@@ -186,7 +186,8 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         se = np.array(cur.get("se") or [None] * len(x), float)
         bottom.errorbar(x, np.array(cur["value"], float), yerr=se, marker="o", color="C1",
                         capsize=2)  # +-1 jackknife SE
-        bottom.set_ylim(min(0.0, bottom.get_ylim()[0]), 1)  # unclamped CKA can be < 0
+        lo, hi = bottom.get_ylim()  # unclamped CKA can be < 0, or > 1 on few images
+        bottom.set_ylim(min(0.0, lo), max(1.0, hi))
         bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
         bottom.set_xlabel(f"{cur['label_a']}: layer")
         bottom.set_ylabel("CKA of best match (+-1 SE)")
