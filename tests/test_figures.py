@@ -904,6 +904,19 @@ def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, m
     assert entry["uniform_mass"] == 1 / (4 + 64)  # four prefix tokens, an 8 x 8 patch grid
 
 
+def test_the_probes_cka_axes_reach_a_deletion_below_zero():
+    """The CKA rows were fixed at -0.05..1.05: a deletion's CKA of -0.3 (unbiased, not
+    clamped) fell off the picture while the data and the CSV held it."""
+    from repsim.figures.probes import draw_probes
+
+    entry = {"label": "R", "layers": ["l0", "l1"], "ks": [0, 1],
+             "accuracy": [[0.5, 0.4], [0.9, 0.8]], "self_cka": [[1.0, -0.3], [1.0, 0.5]],
+             "match_layers": None, "match_cka": None}
+    fig = draw_probes([entry], 0.3, 10, "t")
+    low, high = fig.axes[-1].get_ylim()
+    assert low <= -0.3 and high >= 1.0
+
+
 @pytest.mark.parametrize("layer, message", [
     ('"blocks.*"', "layer='blocks.*' names 9 layers (blocks.0 .. blocks.8); the prefix figure "
      "reads one, e.g. layer = \"blocks.8\""),

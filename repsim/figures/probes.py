@@ -120,6 +120,12 @@ def _series(ax, x, values, ks, deleted_only: bool = False) -> None:
                 label="as measured" if k == 0 else f"top {k} PC{'s' * (k > 1)} deleted")
 
 
+def _cka_axis(ax) -> None:
+    """At least -0.05..1.05, and wider to hold every value: CKA is not clamped."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(-0.05, lo), max(1.05, hi))
+
+
 def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
                 title: str) -> plt.Figure:
     """One column per model: probe accuracy by layer (top), CKA with the best-matching layer
@@ -147,11 +153,11 @@ def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
             for xi, yi, name in zip(x, val, e["curve"]["best_layer_b"]):
                 ax.annotate(name or "", (xi, yi), fontsize=6, xytext=(0, 4),
                             textcoords="offset points", ha="center")
-            ax.set_ylim(-0.05, 1.05)
+            _cka_axis(ax)
             ax.set_ylabel(f"CKA with best match\nin {e['other']} (+-1 SE)")
         ax = col[-1]
         _series(ax, x, e["self_cka"], ks, deleted_only=True)  # k = 0: 1 exactly
-        ax.set_ylim(-0.05, 1.05)
+        _cka_axis(ax)
         ax.set_ylabel("CKA with itself\nafter the deletion")
         ax.set_xticks(x, labels=e["layers"], rotation=90, fontsize=7)
         ax.set_xlabel(f"{e['label']}: layer")
