@@ -191,6 +191,7 @@ batch_size = 8
 
 @pytest.mark.parametrize("text, message", [
     ('kind = "pie_chart"\n', "kind 'pie_chart' is unknown; valid kinds: "),
+    ('kind = ["cka_grid"]\n', "kind ['cka_grid'] is unknown; valid kinds: "),
     ('kind = "cka_grid"\nmodel = ["vit_cifar"]\n', "keys ['model'] are unknown"),
     ('kind = "cka_grid"\n', "needs models"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),

@@ -163,8 +163,8 @@ def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
 def _validate(path: Path, spec: dict) -> None:
     # Its messages write a key as TOML does, `key = value`: the CLI prints a library's
     # `name=value` as the flag `--name value`, and a spec file's key is no flag.
-    kind = KINDS.get(spec.get("kind"))
-    if kind is None:
+    kind = KINDS.get(spec.get("kind")) if isinstance(spec.get("kind"), str) else None
+    if kind is None:  # a list would not even be looked up (unhashable)
         raise UserError(f"{path}: kind {spec.get('kind')!r} is unknown; valid kinds: "
                         f"{', '.join(sorted(KINDS))}")
     unknown = set(spec) - set(COMMON_KEYS) - set(kind.fields)
