@@ -7,8 +7,12 @@ and of their activations over the probe images, all tokens pooled (issue 18).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 
 def effective_rank(singular_values: np.ndarray) -> float:
@@ -73,7 +77,7 @@ def _measure(ref, spec: dict, ctx) -> dict:
             "weight_rank": weights.tolist(), "activation_rank": acts.tolist()}
 
 
-def draw_ranks(results: list[dict], title: str):
+def draw_ranks(results: list[dict], title: str) -> Figure:
     """Two panels (projection matrices, activations): effective rank per block, queries
     solid and keys dashed, one colour per model; dotted, each low-rank model's ``rank``."""
     from repsim.figures import draw
