@@ -190,6 +190,25 @@ def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class
     assert ids == list(first.values())
 
 
+def test_the_featuremaps_figures_data_names_the_model_and_weights_it_drew(tmp_path,
+                                                                          monkeypatch):
+    """Its data held channel numbers and image ids but not whose channels they were (the
+    `repsim featuremaps` files carry the model and weights; the figure's did not)."""
+    from repsim.figures.runner import build_all
+
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "fm.toml").write_text(
+        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random", label = '
+        '"R"}\nimages = 1\nstages = "layer1"\ntop = 1\n[probe]\ndataset = "cifar10-probe"\n'
+        'n = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [b["name"] for b in res["built"]] == ["fm"], res
+    data = json.loads((tmp_path / "f" / "fm.json").read_text())["data"]
+    assert (data["model"], data["label"], data["weights"]["weights"]) == (
+        "resnet18_cifar", "R", "random")
+
+
 def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_as_it_was():
     # In train mode BatchNorm normalised by the batch's own statistics (a ResNet-18's layer1
     # mean map 0.77 off for a batch of one) and updated its running statistics: drawing maps

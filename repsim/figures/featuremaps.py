@@ -200,7 +200,8 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         res = featuremap_views(on, ref.model, prov, ref.display(), probe, images, ids,
                                stages, ctx.positive_int(spec, "top", 8),
                                ctx.out_dir / ctx.name, lambda fig, stem, p: draw.save(fig, stem))
-    ctx.data.update({"image_ids": ids.tolist(), "stages": {
+    ctx.data.update({"model": ref.model, "label": ref.display(), "weights": prov,
+                     "image_ids": ids.tolist(), "stages": {
         s: {"channels": v.channels.tolist(), "scores": v.scores.round(6).tolist(),
             "num_channels": v.num_channels} for s, v in res["views"].items()}})
     return [Path(p) for p in res["outputs"]]
