@@ -969,6 +969,20 @@ def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
 
 
+def test_the_attention_figures_data_names_the_weights_and_blocks_it_drew(tmp_path,
+                                                                         monkeypatch):
+    """Its data held the distances but not which weights gave them, nor which blocks the
+    per-head maps show (`repsim attention`'s files carry both)."""
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    write(tmp_path / "a", "attn", 'kind = "attention"\nmodels = [{model = "vit_cifar", '
+          'weights = "random"}]\nimages = 1\nblocks = "0,5"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["attn"], res
+    (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
+    assert (model["weights"]["weights"], model["blocks"]) == ("random", [0, 5])
+
+
 def test_the_locality_figures_forward_batch_is_the_probes_batch_size(tmp_path, monkeypatch):
     """[probe] batch_size is images per forward pass, as for every kind's extraction (it was
     always 64); unset, it stays 64, and 0 fails that figure in one line."""

@@ -268,7 +268,8 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     files = save(fig, stem.with_name(f"{stem.name}_heads_{tag}"), prov)
     entry = {
         "label": label, "model": name, "weights": wprov, "geometry": asdict(geo),
-        "input_size": s, "unit_factor": factor, "distance_model_px": dist.tolist(),
+        "blocks": blocks, "input_size": s, "unit_factor": factor,
+        "distance_model_px": dist.tolist(),
         "distance_fraction": (dist * factor["fraction"]).tolist(),
         "distance_image_px": None if factor["image"] is None
         else (dist * factor["image"]).tolist(),
@@ -330,8 +331,9 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                                in zip(refs, on, models)], probe, images, ids, cfg, ctx.out_dir,
                               ctx.name, lambda fig, stem, prov: draw.save(fig, stem))
     ctx.data.update({"image_ids": ids.tolist(), "unit": cfg.unit,
-                     "models": [{k: e[k] for k in ("label", "model", "geometry",
-                                                   "distance_model_px", "distance_image_px",
+                     "models": [{k: e[k] for k in ("label", "model", "weights", "blocks",
+                                                   "geometry", "distance_model_px",
+                                                   "distance_image_px",
                                                    "uniform_attention_distance_model_px")}
                                 for e in res["entries"]]})
     return [Path(p) for p in res["outputs"]]
