@@ -171,3 +171,17 @@ def test_the_dynamics_picture_has_a_curve_per_layer_on_a_symlog_epoch_axis(tmp_p
     assert "test accuracy 70.0 %" in top.get_title()
     files = draw.save(fig, tmp_path / "dyn")
     assert [f.suffix for f in files] == [".png", ".pdf"]
+
+
+@pytest.mark.parametrize("value, shown", [('"high"', "'high'"), ("true", "True"),
+                                          ("0", "0"), ("1.5", "1.5")])
+def test_a_settle_level_that_is_not_a_cka_level_fails_in_one_line(tmp_path, monkeypatch, value,
+                                                                  shown):
+    """settle = "high" gave Python's "could not convert string to float", and true passed as
+    1.0: a level is a number in (0, 1], refused by name otherwise."""
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    write(tmp_path / "a", "dyn", f'kind = "dynamics"\nmodels = ["vit_cifar"]\nsettle = {value}\n'
+          + PROBE)
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert failed["reason"] == (f"dyn: settle={shown} must be a CKA level in (0, 1], e.g. "
+                                "settle = 0.9; fix the file"), failed

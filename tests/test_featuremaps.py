@@ -137,6 +137,19 @@ def test_each_row_has_colour_bars_for_its_mean_map_and_its_channels():
         np.testing.assert_allclose(channel_bar.ax.get_ylim(), [0, maps[i].max()], rtol=1e-6)
 
 
+def test_channel_maps_with_negative_values_are_drawn_on_a_scale_that_holds_them():
+    """A stage before its ReLU (stages = "layer1.0.bn1") has negative values: the 0-to-max
+    scale showed them all as 0, and a row of negatives only got an inverted scale."""
+    maps = np.array([[[[-2.0, 1.0], [0.5, 0.0]]], [[[-3.0, -1.0], [-2.0, -1.5]]]],
+                    dtype=np.float32)  # (2 images, 1 channel, 2, 2)
+    stage = FM.StageMaps(maps=maps, channels=np.zeros((2, 1), np.int64),
+                         scores=maps.mean((2, 3)), mean_map=maps.mean(1), num_channels=1)
+    fig = draw.feature_maps(np.zeros((2, 8, 8, 3), dtype=np.uint8), stage)
+    rows = np.reshape(fig.axes, (2, 3))  # input, mean map, 1 channel
+    assert rows[0][-1].images[0].get_clim() == (-2.0, 1.0)
+    assert rows[1][-1].images[0].get_clim() == (-3.0, 0.0)
+
+
 def test_cli_featuremaps_on_a_vit_is_one_line_error(capsys):
     assert main(["featuremaps", "--model", "vit_cifar", "--weights", "random"]) == 1
     err = capsys.readouterr().err.strip()
@@ -175,6 +188,25 @@ def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class
     label = dict(zip(probe.ids.tolist(), probe.labels.tolist()))
     first = {c: min(i for i in label if label[i] == c) for c in sorted(set(label.values()))}
     assert ids == list(first.values())
+
+
+def test_the_featuremaps_figures_data_names_the_model_and_weights_it_drew(tmp_path,
+                                                                          monkeypatch):
+    """Its data held channel numbers and image ids but not whose channels they were (the
+    `repsim featuremaps` files carry the model and weights; the figure's did not)."""
+    from repsim.figures.runner import build_all
+
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "fm.toml").write_text(
+        'kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random", label = '
+        '"R"}\nimages = 1\nstages = "layer1"\ntop = 1\n[probe]\ndataset = "cifar10-probe"\n'
+        'n = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [b["name"] for b in res["built"]] == ["fm"], res
+    data = json.loads((tmp_path / "f" / "fm.json").read_text())["data"]
+    assert (data["model"], data["label"], data["weights"]["weights"]) == (
+        "resnet18_cifar", "R", "random")
 
 
 def test_a_model_in_train_mode_is_measured_in_eval_mode_and_left_as_it_was():

@@ -109,6 +109,16 @@ def test_a_best_match_below_zero_stays_on_the_cka_axis():
     assert low <= -0.07 and high == 1.0
 
 
+def test_a_best_match_above_one_stays_on_the_cka_axis():
+    """Unbiased CKA can pass 1 on few images: the axis stopped at 1, so that point and its
+    error bar were cut off the picture while the data and the CSV held them."""
+    fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": ["a0", "a1"],
+                            "layers_b": ["b0"], "index": [0, 0], "value": [0.8, 1.1],
+                            "se": [0.01, 0.05]}], "curves")
+    low, high = fig.axes[1].get_ylim()
+    assert low == 0.0 and high >= 1.15
+
+
 def scale_panel(label, fractions, layers, accuracy=80.0, missing=()):
     entries = [{"fraction": f, "label": f"{label} {f}", "test_accuracy": 40.0 + 10 * k,
                 "layers": layers, "cka": rand(len(layers), k).tolist(),
@@ -181,18 +191,32 @@ batch_size = 8
 
 @pytest.mark.parametrize("text, message", [
     ('kind = "pie_chart"\n', "kind 'pie_chart' is unknown; valid kinds: "),
+    ('kind = ["cka_grid"]\n', "kind ['cka_grid'] is unknown; valid kinds: "),
     ('kind = "cka_grid"\nmodel = ["vit_cifar"]\n', "keys ['model'] are unknown"),
     ('kind = "cka_grid"\n', "needs models"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nsize = 3\n', "[probe] keys"),
     ('kind = "cka_grid\n', "not valid TOML"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\npermutations = "x"\n',
-     "[cka] permutations='x' must be an integer"),
+     "[cka] permutations = 'x' must be an integer"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[probe]\nn = "x"\n',
-     "[probe] n='x' must be an integer"),
+     "[probe] n = 'x' must be an integer"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\nkernel="rbf"\nthreshold = "x"\n',
-     "[cka] threshold='x' must be a number"),
-    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka=3 must be a table"),
-    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels='x' must be a table"),
+     "[cka] threshold = 'x' must be a number"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ncka = 3\n', "cka = 3 must be a table"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\nlabels = "x"\n', "labels = 'x' must be a table"),
+    ('kind = "cka_grid"\nmodels = "vit_cifar"\n', "models = 'vit_cifar' must be a non-empty "
+     'list of models, e.g. models = ["vit_cifar", "resnet18_cifar"]'),
+    ('kind = "attention"\nmodels = 5\n', "models = 5 must be a non-empty list of models"),
+    ('kind = "data_scale"\nbases = []\n', "bases = [] must be a non-empty list of models"),
+    ('kind = "accuracy_table"\nrows = [{dataset = "c", model = "m", study = 1}]\n'
+     'description = 5\n', "description = 5 must be a string; fix the file"),
+    ('kind = "cka_grid"\nmodels = ["vit_cifar"]\ntitle = ["a"]\n', "title = ['a'] must be a "
+     "string"),
+    ('kind = "accuracy_table"\nrows = 5\n', "rows = 5 must be a non-empty list of rows, e.g. "
+     "one [[rows]] table"),
+    ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
+     'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
+     "its models: resnet18_cifar, vit_cifar"),
 ])
 def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     path = write(tmp_path / "analyses", "bad", text)
@@ -207,6 +231,9 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     ('kind = "data_scale"\nbase = "vit_cifar"\ncheckpoints = 5\n',
      "checkpoints=5 must be a file-name pattern"),
     ('kind = "accuracy_table"\nrows = [1]\n', "each [[rows]] needs dataset, model and study"),
+    ('kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\nmodel = "vit_cifar"\n'
+     'study = "81.36 %"\n', "[[rows]] study='81.36 %' must be a number (the study's accuracy, "
+     "%), e.g. study = 81.36"),
     ('kind = "cka_grid"\nmodels = [{model = "vit_cifar", weights = 5}]\n',
      "weights=5 must be a file name"),
     ('kind = "cka_grid"\nmodels = ["vit_cifar"]\n[labels]\nvit_cifar = 1\n',
@@ -235,6 +262,12 @@ def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
      'blocks = "nosuch"\n[probe]\nn = 4\n', "blocks='nosuch' matches nothing in vit_cifar"),
     ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
      'top = 2.5\n[probe]\nn = 4\n', "top=2.5 must be a positive integer"),
+    ('kind = "featuremaps"\nmodel = {model = "resnet18_cifar", weights = "random"}\n'
+     'stages = 5\n[probe]\nn = 4\n', "stages=5 must be layer names: a string or a list of "
+     'them, e.g. stages = "layer1,layer4"'),
+    ('kind = "attention"\nmodels = [{model = "vit_cifar", weights = "random"}]\nimages = 1\n'
+     'blocks = {a = 1}\n[probe]\nn = 4\n', "blocks={'a': 1} must be block numbers or names: "
+     'a string or a list of them, e.g. blocks = "0,5"'),
     ('kind = "locality"\nvit = {model = "vit_cifar", weights = "random"}\n'
      'max_images = "8"\n[probe]\nn = 8\n', "max_images='8' must be a positive integer"),
     ('kind = "probes"\nmodels = [{model = "vit_cifar", weights = "random"}]\nsteps = 1.5\n',
@@ -258,6 +291,25 @@ def test_a_wrongly_typed_value_fails_that_figure_only(tmp_path, monkeypatch, tex
     assert failed["name"] == "bad" and message in failed["reason"], failed
 
 
+def test_a_row_naming_a_checkpoint_of_another_dataset_or_model_fails_in_one_line(tmp_path,
+                                                                                  monkeypatch):
+    """A row's checkpoint gave its accuracy whatever it was trained on: a CIFAR-10 run's
+    number stood in the CIFAR-100 row, as ours against the study's CIFAR-100 one."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar", "model": "vit_cifar", "dataset": "cifar10",
+         "test_accuracy": 77.5}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar100"\n'
+          'model = "vit_cifar"\nstudy = 54.31\ncheckpoint = "vit_cifar"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert failed["reason"] == (
+        "acc: [[rows]] checkpoint 'vit_cifar' is a vit_cifar run on cifar10, but its row is "
+        "vit_cifar on cifar100; name a checkpoint of that model and dataset, or leave "
+        "checkpoint out; fix the file"), failed
+
+
 def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch, capsys):
     """`--only acc,` builds acc (not "no spec named  "); `--only ,` names no spec: one line."""
     from repsim.cli import main
@@ -275,6 +327,18 @@ def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch
     assert main(args + ["--only", ","]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--only ','" in err and "no spec name" in err, err
+
+
+def test_a_bad_spec_file_is_reported_by_its_keys_not_as_command_line_flags(tmp_path, capsys):
+    """The CLI prints a library's `name=value` as `--name value`; a spec file's key is no
+    flag, so the spec errors write TOML's `key = value`."""
+    from repsim.cli import main
+
+    write(tmp_path / "a", "bad", 'kind = "cka_grid"\nmodels = ["vit_cifar"]\n[cka]\n'
+          'permutations = "x"\n')
+    assert main(["figures", "--analyses", str(tmp_path / "a"), "--out", str(tmp_path / "f")]) == 1
+    err = capsys.readouterr().err
+    assert "[cka] permutations = 'x' must be an integer" in err and "--perm" not in err, err
 
 
 def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path, monkeypatch):
@@ -304,6 +368,49 @@ def test_a_registered_kind_is_built_then_cached_until_its_input_changes(tmp_path
     assert record["data"] == {"count": 2} and record["cache_key"]
 
 
+def test_a_cached_figure_in_a_moved_folder_lists_the_files_here(tmp_path, monkeypatch):
+    """A record names the files where they were built (another machine's folder, for the
+    committed figures); a cached figure's summary lists the files in this output folder."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+
+    def build_note(spec, ctx):
+        """Reads the manifest, writes one file."""
+        ctx.manifest()
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(build_note)
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    build_all(tmp_path / "a", tmp_path / "gpu", progress=False)
+    shutil.move(tmp_path / "gpu", tmp_path / "here")  # built elsewhere, brought here
+    (cached,) = build_all(tmp_path / "a", tmp_path / "here", progress=False)["cached"]
+    assert cached["files"] == [str(tmp_path / "here" / f) for f in ("c.txt", "c.json")]
+
+
+def test_a_figures_record_is_strict_json_with_nan_as_null(tmp_path, monkeypatch):
+    """NaN in a figure's data (a zero-variance layer's CKA, say) was written as the bare
+    token NaN, which JSON has not (jq, browsers refuse the file); it is null, as in the CKA
+    results."""
+    def build_nan(spec, ctx):
+        """Data with NaN and infinity inside lists and tables."""
+        ctx.data.update(cka=[[1.0, float("nan")]], summary={"own": [np.float64("inf")]})
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "nan", None)  # restored after the test
+    figure_kind("nan")(build_nan)
+    write(tmp_path / "a", "n", 'kind = "nan"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    record = json.loads((tmp_path / "f" / "n.json").read_text(), parse_constant=refuse)
+    assert record["data"] == {"cka": [[1.0, None]], "summary": {"own": [None]}}
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""
@@ -326,6 +433,37 @@ def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatc
     assert [e["name"] for e in run(n=4)["built"]] == ["p"] and len(calls) == 2
     assert str(tmp_path / "data") not in json.loads((tmp_path / "f" / "p.json").read_text())[
         "cache_key"] + json.dumps(json.loads((tmp_path / "f" / "p.json").read_text())["deps"])
+
+
+def test_a_figures_record_names_no_data_folder_of_the_machine_that_built_it(tmp_path,
+                                                                           monkeypatch):
+    """--data-root is where the images were read, not which: it stays out of the key, and out
+    of the committed record too (it was written there as this machine's path)."""
+    def build_pixels(spec, ctx):
+        """Sums the probe images it reads."""
+        ctx.data["sum"] = int(ctx.images(ctx.probe_spec(spec)).images.sum())
+        return [ctx.write_text(".txt", f"{ctx.data['sum']}\n")]
+
+    monkeypatch.setitem(KINDS, "pixels", None)  # restored after the test
+    figure_kind("pixels")(build_pixels)
+    write(tmp_path / "a", "p", 'kind = "pixels"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False,
+              overrides={"data_root": str(tmp_path / "data"), "n": 4})
+    record = json.loads((tmp_path / "f" / "p.json").read_text())
+    assert record["overrides"] == {"n": 4}
+    assert str(tmp_path / "data") not in json.dumps(record)
+
+
+def test_a_figures_record_names_its_files_not_the_folder_they_were_built_in(tmp_path,
+                                                                          monkeypatch):
+    """The committed records listed /work/main/.device/run/figures/...: the GPU machine's
+    folder. A record lists its files by name (the output folder is where it lies)."""
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    (built,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["built"]
+    assert built["files"] == [str(tmp_path / "f" / n) for n in ("c.txt", "c.json")]
+    assert json.loads((tmp_path / "f" / "c.json").read_text())["files"] == ["c.txt", "c.json"]
 
 
 def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_path,
@@ -404,6 +542,68 @@ def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_
     line = f"ResNet-18 (resnet18_cifar.pt: it read sha256 {old[:12]}, here {new[:12]})"
     assert kept["changed"] == [line]
     assert line in (tmp_path / "f" / "REPORT.md").read_text()
+
+
+def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, monkeypatch):
+    """The summary `repsim figures` prints (and its log line) shows what a kept figure's
+    `changed` records, not only why it was kept: else the user never sees that its numbers
+    are of another checkpoint than the one here."""
+    import repsim.models
+    from repsim.compare import InputUnavailable
+    from repsim.figures.runner import summary_text
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "vit_cifar.pt").write_bytes(b"old run")
+    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
+                        lambda m, w=None: (None, {"weights": str(ck / "vit_cifar.pt")}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Reads the final model; its snapshots then leave."""
+        ctx.model(ctx.model_ref("vit_cifar", spec))
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    here["inputs"] = False
+    (ck / "vit_cifar.pt").write_bytes(b"new run")
+    logged = []
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False, log=logged.append)
+    (kept,) = res["kept"]
+    assert len(kept["changed"]) == 1 and kept["changed"][0].startswith("vit_cifar (vit_cifar")
+    text = summary_text(res)
+    assert ("kept    s: no snapshots here; its numbers are of other weights than the files "
+            f"here: {kept['changed'][0]}") in text.splitlines()
+    assert any(kept["changed"][0] in line for line in logged), logged
+
+
+def test_a_build_that_stops_halfway_leaves_no_record_that_passes_for_complete(tmp_path,
+                                                                               monkeypatch):
+    """A rebuild that fails after rewriting some files left the old record behind: once the
+    spec was back as it was, the mixed files were `cached` as the old figure."""
+    def build_half(spec, ctx):
+        """Writes its file, then (title "two") fails before the record is written."""
+        files = [ctx.write_text(".txt", f"{spec['title']}\n")]
+        if spec["title"] == "two":
+            raise UserError("stopped halfway")
+        return files
+
+    monkeypatch.setitem(KINDS, "half", None)  # restored after the test
+    figure_kind("half")(build_half)
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "one"\n')
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "two"\n')
+    assert [e["name"] for e in run()["failed"]] == ["s"]
+    write(tmp_path / "a", "s", 'kind = "half"\ntitle = "one"\n')
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    assert (tmp_path / "f" / "s.txt").read_text() == "one\n"
 
 
 def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
@@ -598,6 +798,31 @@ def test_a_missing_manifest_skips_the_table_in_one_line(study):
     assert "\n" not in res["skipped"][0]["reason"]
 
 
+def test_a_cka_figures_data_states_the_settings_and_n_its_title_gives(tmp_path, monkeypatch):
+    """The title says "linear CKA, minibatch estimator (batch 8), n = 8"; the data behind it
+    said nothing of the kind for best_match (no n at all), nor the settings for cka_grid."""
+    from repsim.figures.context import FigureContext
+
+    def fake_cka(self, a, b, probe, settings):
+        """A 2 x 2 result of n = 8 rows: the builders' data, not CKA, is under test."""
+        return {"matrix": [[0.9, 0.2], [0.3, 0.8]], "layers_a": ["a0", "a1"],
+                "layers_b": ["b0", "b1"], "n": 8, "se": None, "p_value": None}
+
+    monkeypatch.setattr(FigureContext, "store", lambda self, ref, probe: None)
+    monkeypatch.setattr(FigureContext, "cka", fake_cka)
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    m = '{model = "vit_cifar", weights = "random"}, {model = "resnet18_cifar", weights = "random"}'
+    write(tmp_path / "a", "best", f"kind = \"best_match\"\npairs = [[{m}]]\n" + PROBE)
+    write(tmp_path / "a", "grid", f"kind = \"cka_grid\"\nmodels = [{m}]\n" + PROBE)
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert sorted(e["name"] for e in res["built"]) == ["best", "grid"], res
+    want = {"kernel": "linear", "estimator": "minibatch", "batch_size": 8, "batch_seed": 0,
+            "threshold": 1.0, "permutations": 0}
+    for name in ("best", "grid"):
+        data = json.loads((tmp_path / "f" / f"{name}.json").read_text())["data"]
+        assert (data["n"], data["cka"]) == (8, want), name
+
+
 def test_a_grid_with_a_null_carries_p_values_and_errors_transposed_with_each_panel(study):
     write(study / "analyses", "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar", '
           '"resnet18_cifar"]\n' + PROBE + "permutations = 19\n")  # in PROBE's [cka]
@@ -680,6 +905,51 @@ def test_the_prefix_figure_gives_the_accuracy_of_the_weights_it_drew(tmp_path, m
     assert entry["uniform_mass"] == 1 / (4 + 64)  # four prefix tokens, an 8 x 8 patch grid
 
 
+def test_the_probes_cka_axes_reach_a_deletion_below_zero():
+    """The CKA rows were fixed at -0.05..1.05: a deletion's CKA of -0.3 (unbiased, not
+    clamped) fell off the picture while the data and the CSV held it."""
+    from repsim.figures.probes import draw_probes
+
+    entry = {"label": "R", "layers": ["l0", "l1"], "ks": [0, 1],
+             "accuracy": [[0.5, 0.4], [0.9, 0.8]], "self_cka": [[1.0, -0.3], [1.0, 0.5]],
+             "match_layers": None, "match_cka": None}
+    fig = draw_probes([entry], 0.3, 10, "t")
+    low, high = fig.axes[-1].get_ylim()
+    assert low <= -0.3 and high >= 1.0
+
+
+@pytest.mark.parametrize("layer, message", [
+    ('"blocks.*"', "layer='blocks.*' names 9 layers (blocks.0 .. blocks.8); the prefix figure "
+     "reads one, e.g. layer = \"blocks.8\""),
+    ('"blocks.99"', "layer='blocks.99' matches nothing in vit_cifar_tiny_mcls4"),
+    ("8", "layer=8 must be one layer name, e.g. layer = \"blocks.8\""),
+])
+def test_a_prefix_layer_that_is_not_one_layer_fails_that_figure_by_its_key(tmp_path, layer,
+                                                                            message):
+    """A glob crashed the whole run (KeyError); an unknown name was reported as `layers=`."""
+    write(tmp_path / "a", "prefix", 'kind = "prefix_tokens"\nmodels = [{model = '
+          f'"vit_cifar_tiny_mcls4", weights = "random"}}]\nlayer = {layer}\n[probe]\nn = 4\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert failed["reason"].startswith(message), failed
+
+
+def test_the_rank_figure_draws_the_rank_line_of_the_models_it_measured():
+    """It drew a dotted line at 64 captioned "rank 64" whatever the models: a full-rank ViT
+    has no such rank. The lines are the low-rank models' own ranks (their data's)."""
+    from repsim.figures.lowrank import draw_ranks
+
+    full = {"label": "full", "n": 4, "rank": None, "weight_rank": [[150.0, 140.0]],
+            "activation_rank": [[20.0, 21.0]]}
+
+    def dotted(fig):
+        return [line.get_ydata()[0] for line in fig.axes[0].lines if line.get_linestyle() == ":"]
+
+    fig = draw_ranks([full], "t")
+    assert dotted(fig) == [] and "rank" not in fig.axes[0].get_title()
+    fig = draw_ranks([full, {**full, "label": "low q", "rank": 48}], "t")
+    assert dotted(fig) == [48] and fig.axes[0].get_title().endswith("(dotted: rank 48)")
+
+
 def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     """--force rebuilds ignoring caches: a cached attention distance is recomputed, and the
     cache holds the new value."""
@@ -697,6 +967,20 @@ def test_force_recomputes_the_attention_distances_too(tmp_path, monkeypatch):
     (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
     assert model["distance_model_px"] != stale
     assert json.loads(cached.read_text())["distance_model_px"] == model["distance_model_px"]
+
+
+def test_the_attention_figures_data_names_the_weights_and_blocks_it_drew(tmp_path,
+                                                                         monkeypatch):
+    """Its data held the distances but not which weights gave them, nor which blocks the
+    per-head maps show (`repsim attention`'s files carry both)."""
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(draw, "save", lambda fig, *a, **k: draw.plt.close(fig) or [])  # slow
+    write(tmp_path / "a", "attn", 'kind = "attention"\nmodels = [{model = "vit_cifar", '
+          'weights = "random"}]\nimages = 1\nblocks = "0,5"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["attn"], res
+    (model,) = json.loads((tmp_path / "f" / "attn.json").read_text())["data"]["models"]
+    assert (model["weights"]["weights"], model["blocks"]) == ("random", [0, 5])
 
 
 def test_the_locality_figures_forward_batch_is_the_probes_batch_size(tmp_path, monkeypatch):
@@ -819,6 +1103,18 @@ def test_the_dynamics_caption_does_not_count_the_final_model_as_settling():
     assert legend == ["a (from 10)", "b (final model only)"]
 
 
+def test_the_dynamics_caption_survives_a_layer_without_cka_at_the_first_epoch():
+    """A zero-variance layer at epoch 0 has no CKA (null): the whole caption vanished (min
+    over a None); the range is of the layers that have one."""
+    from repsim.figures.report import caption
+
+    run = {"label": "R", "final_epoch": 100, "epochs": [0, 100], "layers": ["a", "b"],
+           "cka": {"a": [None, 1.0], "b": [0.2, 1.0]}, "settled_epoch": {"a": 100, "b": 100}}
+    assert caption("dynamics", {"settle": 0.9, "models": [run]}, {}) == (
+        "R (final: epoch 100): CKA to the final model at epoch 0 0.20-0.20; not before the "
+        "final model (epoch 100): a..b.")
+
+
 def test_the_grid_caption_states_the_permutation_null_of_each_model_pair():
     """A grid with a null dots the cells not above it; the caption says how many there are
     (a grid with no dot otherwise reads as if no null had been computed)."""
@@ -853,3 +1149,17 @@ def test_the_probes_caption_names_the_layer_whose_components_it_deletes():
         "R: probe accuracy 0.31 in stem to 0.93 in layer4, highest 0.93 in layer4; layer4 "
         "without its top 1 principal component(s): probe 0.92, CKA with itself 0.92, CKA "
         "with its best match blocks.5 0.45 -> 0.30.")
+
+
+def test_the_locality_caption_names_the_spec_models_not_vit_and_resnet():
+    """The place-by-place line called the two sides "ViT" and "ResNet" whatever the spec's
+    models and labels; it names the labels the figure drew (the data records them)."""
+    from repsim.figures.report import caption
+
+    data = {"layers": ["input", "blocks.0"], "labels": ["tiny ViT", "ConvNeXt"],
+            "summary": {"own": [1.0, 0.5], "elsewhere": [0.1, 0.2], "peak_at_own": [1.0, 0.5]},
+            "position_cka": {"layers_a": ["blocks.0"], "layers_b": ["stages.0"],
+                             "matrix": [[0.7]]}}
+    last = caption("locality", data, {}).splitlines()[-1]
+    assert last == ("Place by place: tiny ViT blocks.0 best match ConvNeXt stages.0 at CKA "
+                    "0.70-0.70."), last

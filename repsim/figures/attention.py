@@ -268,7 +268,8 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     files = save(fig, stem.with_name(f"{stem.name}_heads_{tag}"), prov)
     entry = {
         "label": label, "model": name, "weights": wprov, "geometry": asdict(geo),
-        "input_size": s, "unit_factor": factor, "distance_model_px": dist.tolist(),
+        "blocks": blocks, "input_size": s, "unit_factor": factor,
+        "distance_model_px": dist.tolist(),
         "distance_fraction": (dist * factor["fraction"]).tolist(),
         "distance_image_px": None if factor["image"] is None
         else (dist * factor["image"]).tolist(),
@@ -311,16 +312,16 @@ def build_figure(spec: dict, ctx) -> list[Path]:
         raise UserError(f"{ctx.name}: renormalize={renormalize!r} must be true or false; fix "
                         "the file")
     batch_size = ctx.positive_int(spec, "batch_size", 64)
+    blocks = ctx.names(spec, "blocks", "block numbers or names", '"0,5"', numbers=True)
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:  # every model's weights first: loading one for a skipped figure is waste
         check_vit(r.model)
         check_weights(r)
     models = [ctx.model(r) for r in refs]
     for r, (m, _) in zip(refs, models):  # before the slow part, naming the spec's key
-        resolve_blocks(spec.get("blocks"), vit_geometry(m).depth, m, get_spec(r.model),
-                       "blocks")
+        resolve_blocks(blocks, vit_geometry(m).depth, m, get_spec(r.model), "blocks")
     probe, images, ids = ctx.drawn_images(spec)
-    cfg = AttentionConfig(models=[r.model for r in refs], layers=spec.get("blocks"),
+    cfg = AttentionConfig(models=[r.model for r in refs], layers=blocks,
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
                           batch_size=batch_size,
                           renormalize=renormalize,
@@ -330,8 +331,9 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                                in zip(refs, on, models)], probe, images, ids, cfg, ctx.out_dir,
                               ctx.name, lambda fig, stem, prov: draw.save(fig, stem))
     ctx.data.update({"image_ids": ids.tolist(), "unit": cfg.unit,
-                     "models": [{k: e[k] for k in ("label", "model", "geometry",
-                                                   "distance_model_px", "distance_image_px",
+                     "models": [{k: e[k] for k in ("label", "model", "weights", "blocks",
+                                                   "geometry", "distance_model_px",
+                                                   "distance_image_px",
                                                    "uniform_attention_distance_model_px")}
                                 for e in res["entries"]]})
     return [Path(p) for p in res["outputs"]]

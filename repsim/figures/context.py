@@ -151,6 +151,21 @@ class FigureContext:
             raise UserError(f"{self.name}: {key}={v!r} must be a positive integer; fix the file")
         return v
 
+    def names(self, spec: dict, key: str, what: str, example: str, numbers: bool = False
+              ) -> str | list | None:
+        """The spec's ``key`` (None when absent): a string or a list of strings (and, with
+        ``numbers``, integers), refused by name otherwise: a number alone would fail deep
+        inside, where nothing names the key."""
+        v = spec.get(key)
+        kinds = (str, int) if numbers else str
+        ok = v is None or (isinstance(v, kinds) and not isinstance(v, bool)) or (
+            isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool)
+                                        for x in v))
+        if not ok:
+            raise UserError(f"{self.name}: {key}={v!r} must be {what}: a string or a list of "
+                            f"them, e.g. {key} = {example}; fix the file")
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
         """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
         item = {"model": item} if isinstance(item, str) else item

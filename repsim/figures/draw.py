@@ -186,7 +186,8 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         se = np.array(cur.get("se") or [None] * len(x), float)
         bottom.errorbar(x, np.array(cur["value"], float), yerr=se, marker="o", color="C1",
                         capsize=2)  # +-1 jackknife SE
-        bottom.set_ylim(min(0.0, bottom.get_ylim()[0]), 1)  # unclamped CKA can be < 0
+        lo, hi = bottom.get_ylim()  # unclamped CKA can be < 0, or > 1 on few images
+        bottom.set_ylim(min(0.0, lo), max(1.0, hi))
         bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
         bottom.set_xlabel(f"{cur['label_a']}: layer")
         bottom.set_ylabel("CKA of best match (+-1 SE)")
@@ -414,15 +415,20 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
                  ) -> plt.Figure:
     """One row per image: the image, the stage's mean map, then its strongest channels.
     ``stage`` is a :class:`repsim.figures.featuremaps.StageMaps`. Channel maps of one image
-    share one scale (0 to that row's maximum), so their strengths compare; the mean map, much
-    weaker, has its own. A colour bar right of each shows its scale."""
+    share one scale (0 to that row's maximum, from its minimum when negative), so their
+    strengths compare; the mean map, much weaker, has its own. A colour bar right of each
+    shows its scale."""
     k = stage.maps.shape[1]
     fig, axes = _image_rows(images, 1, k + 1, ids, (1.5, 1.3))  # wide: room for the bars
     for i, row in enumerate(axes):
         mean = row[1].imshow(stage.mean_map[i], cmap="viridis", interpolation="nearest")
-        vmax = float(stage.maps[i].max()) or 1.0
+        # 0 stays on the scale (post-ReLU maps: 0 to the maximum); a stage before its ReLU
+        # has negative values, which a scale from 0 would paint as 0.
+        vmin = min(0.0, float(stage.maps[i].min()))
+        vmax = max(0.0, float(stage.maps[i].max()))
+        vmax = vmax if vmax > vmin else vmin + 1.0  # an all-zero row
         for j in range(k):
-            im = row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=0.0, vmax=vmax,
+            im = row[j + 2].imshow(stage.maps[i, j], cmap="viridis", vmin=vmin, vmax=vmax,
                                    interpolation="nearest")
             row[j + 2].set_title(f"ch {stage.channels[i, j]}", fontsize=6, pad=2)
         for ax in row[1:]:

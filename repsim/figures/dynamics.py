@@ -94,7 +94,12 @@ def _curves(ref: ModelRef, entry: dict, snaps: list[dict], ctx, probe, c, level:
 def build(spec: dict, ctx) -> list[Path]:
     """Per model: CKA of each layer to the final model across the run's snapshot epochs."""
     probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
-    level = float(spec.get("settle", SETTLE))
+    level = spec.get("settle", SETTLE)
+    # A string would fail in float() without naming the key, and true would pass as 1.0.
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level <= 1:
+        raise UserError(f"{ctx.name}: settle={level!r} must be a CKA level in (0, 1], e.g. "
+                        "settle = 0.9; fix the file")
+    level = float(level)
     if not isinstance(spec["models"], list) or not spec["models"]:
         raise UserError(f"{ctx.name}: models must be a non-empty list, got {spec['models']!r}")
     runs, missing = _runs([ctx.model_ref(m, spec) for m in spec["models"]], ctx)
@@ -114,5 +119,5 @@ def build(spec: dict, ctx) -> list[Path]:
                             models[0]["n"])
     if missing:
         title += "\nno snapshots of " + ", ".join(m["model"] for m in missing)
-    ctx.data.update(models=models, missing=missing, settle=level)
+    ctx.data.update(models=models, missing=missing, settle=level, cka=c)
     return ctx.save(draw.dynamics(models, title, level))

@@ -193,13 +193,15 @@ def build_figure(spec: dict, ctx) -> list[Path]:
 
     ref = ctx.model_ref(spec["model"], spec)
     check_cnn(get_spec(ref.model))
+    stages = ctx.names(spec, "stages", "layer names", '"layer1,layer4"')
     model, prov = ctx.model(ref)  # a model without weights skips the figure here
     probe, images, ids = ctx.drawn_images(spec, default=None)
     with ctx.on_device([model]) as (on,):
         res = featuremap_views(on, ref.model, prov, ref.display(), probe, images, ids,
-                               spec.get("stages"), ctx.positive_int(spec, "top", 8),
+                               stages, ctx.positive_int(spec, "top", 8),
                                ctx.out_dir / ctx.name, lambda fig, stem, p: draw.save(fig, stem))
-    ctx.data.update({"image_ids": ids.tolist(), "stages": {
+    ctx.data.update({"model": ref.model, "label": ref.display(), "weights": prov,
+                     "image_ids": ids.tolist(), "stages": {
         s: {"channels": v.channels.tolist(), "scores": v.scores.round(6).tolist(),
             "num_channels": v.num_channels} for s, v in res["views"].items()}})
     return [Path(p) for p in res["outputs"]]

@@ -163,8 +163,9 @@ def _write(ctx, spec: dict, loc: Locality, refs: list, ids: np.ndarray,
                                 layers=np.asarray(loc.map_layers), grid=np.asarray(loc.grid.grid)))
     gw = loc.grid.grid[1]
     ctx.data.update({
-        "n_images": loc.n, "image_ids": [int(i) for i in ids], "grid": list(loc.grid.grid),
-        "patch_size": list(loc.grid.patch_size), "layers": loc.map_layers,
+        "labels": labels, "n_images": loc.n, "image_ids": [int(i) for i in ids],
+        "grid": list(loc.grid.grid), "patch_size": list(loc.grid.patch_size),
+        "layers": loc.map_layers,
         "summary": {k: np.round(v, 6).tolist() for k, v in loc.summary.items()},
         "token_maps": {f"{r},{c}": np.round(loc.maps[:, r * gw + c], 6).tolist()
                        for r, c in tokens},

@@ -7,8 +7,12 @@ and of their activations over the probe images, all tokens pooled (issue 18).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 
 def effective_rank(singular_values: np.ndarray) -> float:
@@ -68,18 +72,16 @@ def _measure(ref, spec: dict, ctx) -> dict:
         acts = _activation_ranks(m, x)
     return {"model": ref.model, "label": ref.display(), "n": len(x),
             "weights_sha256": prov.get("weights_sha256"), "width": model.embed_dim,
+            # a factored projection's rank (repsim.tinyvit.LowRankQKV); None: full rank
+            "rank": getattr(model.blocks[0].attn.qkv, "rank", None),
             "weight_rank": weights.tolist(), "activation_rank": acts.tolist()}
 
 
-def build_figure(spec: dict, ctx) -> list[Path]:
+def draw_ranks(results: list[dict], title: str) -> Figure:
     """Two panels (projection matrices, activations): effective rank per block, queries
-    solid and keys dashed, one colour per model."""
+    solid and keys dashed, one colour per model; dotted, each low-rank model's ``rank``."""
     from repsim.figures import draw
 
-    refs = [ctx.model_ref(m, spec) for m in spec["models"]]
-    for r in refs:  # every model first: a missing checkpoint skips before any computing
-        ctx.model(r)
-    results = [_measure(r, spec, ctx) for r in refs]
     fig, axes = draw.plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for k, res in enumerate(results):
         colour = f"C{k}"
@@ -87,11 +89,24 @@ def build_figure(spec: dict, ctx) -> list[Path]:
             r = np.array(res[key])
             ax.plot(r[:, 0], "-o", c=colour, label=f"{res['label']}: queries")
             ax.plot(r[:, 1], "--s", c=colour, label=f"{res['label']}: keys")
+    ranks = sorted({r["rank"] for r in results if r.get("rank") is not None})
+    dotted = f" (dotted: rank {', '.join(map(str, ranks))})" if ranks else ""
     for ax, what in zip(axes, ("projection matrices", f"activations (n = {results[0]['n']:,})")):
-        ax.set(xlabel="block", ylabel="effective rank", title=f"{what} (dotted: rank 64)")
-        ax.axhline(64, c="grey", lw=0.8, ls=":")
+        ax.set(xlabel="block", ylabel="effective rank", title=what + dotted)
+        for rank in ranks:  # the low-rank models' own rank, the most their factor can use
+            ax.axhline(rank, c="grey", lw=0.8, ls=":")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.suptitle(spec.get("title") or "Effective rank of queries and keys", fontsize=11)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def build_figure(spec: dict, ctx) -> list[Path]:
+    """Effective rank of each model's queries and keys, per block (:func:`draw_ranks`)."""
+    refs = [ctx.model_ref(m, spec) for m in spec["models"]]
+    for r in refs:  # every model first: a missing checkpoint skips before any computing
+        ctx.model(r)
+    results = [_measure(r, spec, ctx) for r in refs]
     ctx.data["models"] = results
-    return ctx.save(fig)
+    return ctx.save(draw_ranks(results, spec.get("title")
+                               or "Effective rank of queries and keys"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.compare import InputUnavailable
+from repsim.errors import UserError
 from repsim.figures.context import weights_file
 
 
@@ -21,6 +22,19 @@ def token_cka(features: np.ndarray, n_prefix: int, estimator: str = "debiased") 
 
     tokens = np.split(np.asarray(features), n_prefix, axis=1)
     return cka_matrix(tokens, tokens, kernel="linear", estimator=estimator)
+
+
+def _layer(spec: dict, model, model_spec) -> str:
+    """The spec's ``layer`` (default: the last block), which must name exactly one layer."""
+    from repsim.models import layer_names
+
+    last = f"blocks.{len(model.blocks) - 1}"
+    layer = spec.get("layer", last)
+    names = layer_names(model, model_spec, layer, name="layer")
+    if len(names) != 1:  # a glob: the figure compares the prefix tokens of one layer
+        raise UserError(f"layer={layer!r} names {len(names)} layers ({names[0]} .. "
+                        f"{names[-1]}); the prefix figure reads one, e.g. layer = \"{last}\"")
+    return names[0]
 
 
 def _measure(ref, spec: dict, ctx) -> dict:
@@ -37,9 +51,9 @@ def _measure(ref, spec: dict, ctx) -> dict:
     if n_prefix < 2:
         raise InputUnavailable(f"{ref.model} has {n_prefix} prefix token(s); this figure "
                                "compares several")
+    layer = _layer(spec, model, get_spec(ref.model))
     images = ctx.images(ctx.probe_spec(spec)).images
     x = preprocess(get_spec(ref.model), torch.from_numpy(np.ascontiguousarray(images)))
-    layer = spec.get("layer", f"blocks.{len(model.blocks) - 1}")
     with ctx.on_device([model]) as (m,):
         feats = extract(m, x, layers=[layer], reduce="prefix", device=ctx.device)[layer]
         mass = prefix_attention_mass(m, x)
@@ -60,6 +74,9 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     prefix token per block (bottom)."""
     from repsim.figures import draw
 
+    if not isinstance(spec.get("layer", ""), str):  # before loading any model
+        raise UserError(f"layer={spec['layer']!r} must be one layer name, e.g. layer = "
+                        "\"blocks.8\"; fix the file")
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:  # every model first: a missing checkpoint skips before any extraction
         ctx.model(r)

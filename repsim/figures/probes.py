@@ -90,7 +90,8 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     title = (draw.spec_title(spec, "Linear probes by depth", c, len(labels))
              + f"; probe: {len(train)} train / {len(test)} test images, weight decay "
              f"{opts['weight_decay']:g}")
-    ctx.data.update({"n": len(labels), "pixel_accuracy": pixel_acc, "entries": entries})
+    ctx.data.update({"n": len(labels), "cka": c, "probe": opts, "pixel_accuracy": pixel_acc,
+                     "entries": entries})
     csv_text = draw.csv_text(_rows(entries), ["model", "layer", "k", "accuracy", "self_cka",
                                                "match_layer", "match_cka"])
     return (ctx.save(draw_probes(entries, pixel_acc, len(np.unique(labels)), title))
@@ -117,6 +118,12 @@ def _series(ax, x, values, ks, deleted_only: bool = False) -> None:
                 lw=2 if k == 0 else 1, ls="-" if k == 0 else "--",
                 color="black" if k == 0 else shades[j - 1],
                 label="as measured" if k == 0 else f"top {k} PC{'s' * (k > 1)} deleted")
+
+
+def _cka_axis(ax) -> None:
+    """At least -0.05..1.05, and wider to hold every value: CKA is not clamped."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(-0.05, lo), max(1.05, hi))
 
 
 def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
@@ -146,11 +153,11 @@ def draw_probes(entries: list[dict], pixel_acc: float, n_classes: int,
             for xi, yi, name in zip(x, val, e["curve"]["best_layer_b"]):
                 ax.annotate(name or "", (xi, yi), fontsize=6, xytext=(0, 4),
                             textcoords="offset points", ha="center")
-            ax.set_ylim(-0.05, 1.05)
+            _cka_axis(ax)
             ax.set_ylabel(f"CKA with best match\nin {e['other']} (+-1 SE)")
         ax = col[-1]
         _series(ax, x, e["self_cka"], ks, deleted_only=True)  # k = 0: 1 exactly
-        ax.set_ylim(-0.05, 1.05)
+        _cka_axis(ax)
         ax.set_ylabel("CKA with itself\nafter the deletion")
         ax.set_xticks(x, labels=e["layers"], rotation=90, fontsize=7)
         ax.set_xlabel(f"{e['label']}: layer")

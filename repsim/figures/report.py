@@ -141,14 +141,17 @@ def _locality(data: dict) -> str:
     s, layers = data["summary"], data["layers"]
     rows = [i for i, name in enumerate(layers) if name != "input"]
     first, last = rows[0], rows[-1]
-    out = [f"A token's CKA with its own input patch: {s['own'][first]:.2f} in {layers[first]}, "
-           f"{s['own'][last]:.2f} in {layers[last]} (elsewhere {s['elsewhere'][first]:.2f}, "
-           f"{s['elsewhere'][last]:.2f}); tokens peaking at their own cell: "
-           f"{100 * s['peak_at_own'][first]:.0f} %, {100 * s['peak_at_own'][last]:.0f} %."]
+    pct = ["nan" if v is None else f"{100 * v:.0f}" for v in s["peak_at_own"]]
+    out = [f"A token's CKA with its own input patch: {_fmt(s['own'][first])} in "
+           f"{layers[first]}, {_fmt(s['own'][last])} in {layers[last]} (elsewhere "
+           f"{_fmt(s['elsewhere'][first])}, {_fmt(s['elsewhere'][last])}); tokens peaking at "
+           f"their own cell: {pct[first]} %, {pct[last]} %."]
     pos = data.get("position_cka")
+    # The labels drawn (data of older builds has none: the study's two models, then)
+    vit, cnn = [*(data.get("labels") or ["ViT", "ResNet"]), "CNN"][:2]
     if pos and pos.get("matrix"):
         out.append("Place by place: " + match_caption(
-            "ViT", "ResNet", pos["layers_a"], pos["layers_b"], draw.best_matches(pos)))
+            vit, cnn, pos["layers_a"], pos["layers_b"], draw.best_matches(pos)))
     return "\n".join(out)
 
 
@@ -182,10 +185,11 @@ def _dynamics(data: dict) -> str:
         final = [k for k in m["layers"] if last is not None and settled.get(k) == last]
         late = [k for k in m["layers"] if settled.get(k) is None]
         acc = m.get("final_test_accuracy")
+        first = [v[0] for v in m["cka"].values() if v[0] is not None]  # None: no CKA there
         line = (f"{m['label']} (final: epoch {m['final_epoch']}"
                 + (f", {acc:.2f} %" if acc is not None else "") + "): CKA to the final model "
-                f"at epoch {m['epochs'][0]} {_fmt(min(v[0] for v in m['cka'].values()))}-"
-                f"{_fmt(max(v[0] for v in m['cka'].values()))}")
+                f"at epoch {m['epochs'][0]} {_fmt(min(first, default=None))}-"
+                f"{_fmt(max(first, default=None))}")
         if early:
             line += "; at or above {:.2f} from epoch ".format(data["settle"]) + ", ".join(
                 f"{settled[k]} ({k})" for k in early)

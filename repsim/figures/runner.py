@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,13 @@ FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
 PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
+# The spec keys of the built-in kinds that name models (names or tables), for [labels]
+MODEL_FIELDS = ("models", "pairs", "model", "vit", "cnn", "base", "bases")
+# The kinds' keys that hold lists: what of, and an example
+LISTS = {"models": ("models", 'models = ["vit_cifar", "resnet18_cifar"]'),
+         "bases": ("models", 'bases = ["vit_cifar", "resnet18_cifar"]'),
+         "pairs": ("[A, B] pairs", 'pairs = [["vit_cifar", "resnet18_cifar"]]'),
+         "rows": ("rows", "one [[rows]] table (dataset, model, study) per row")}
 # The type of each [probe] and [cka] value; a wrong one would fail deep inside a build.
 NUMBER = (int, float)
 VALUE_TYPES = {"n": int, "seed": int, "batch_size": int, "batch_seed": int,
@@ -127,9 +135,36 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
     return {n: specs[n] for n in only} if only else specs
 
 
+def _models_named(value: Any) -> set[str]:
+    """The model names in a spec value: names, ``model`` of tables, inside lists."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return {value["model"]} if isinstance(value.get("model"), str) else set()
+    if isinstance(value, list):
+        return set().union(*map(_models_named, value)) if value else set()
+    return set()
+
+
+def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
+    """A ``[labels]`` key that names no model of the spec (a typo) would leave that model
+    unlabelled without a word; kinds whose models lie elsewhere are not checked."""
+    where = [k for k in MODEL_FIELDS if k in kind.fields and k in spec]
+    labels = spec.get("labels")
+    if not where or not isinstance(labels, dict):
+        return
+    named = set().union(*(_models_named(spec[k]) for k in where))
+    stray = sorted(set(labels) - named)
+    if stray:
+        raise UserError(f"{path}: [labels] keys {stray} name no model of this spec; its "
+                        f"models: {', '.join(sorted(named))}; fix the file")
+
+
 def _validate(path: Path, spec: dict) -> None:
-    kind = KINDS.get(spec.get("kind"))
-    if kind is None:
+    # Its messages write a key as TOML does, `key = value`: the CLI prints a library's
+    # `name=value` as the flag `--name value`, and a spec file's key is no flag.
+    kind = KINDS.get(spec.get("kind")) if isinstance(spec.get("kind"), str) else None
+    if kind is None:  # a list would not even be looked up (unhashable)
         raise UserError(f"{path}: kind {spec.get('kind')!r} is unknown; valid kinds: "
                         f"{', '.join(sorted(KINDS))}")
     unknown = set(spec) - set(COMMON_KEYS) - set(kind.fields)
@@ -142,7 +177,7 @@ def _validate(path: Path, spec: dict) -> None:
     for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
         values = spec.get(table, {})
         if not isinstance(values, dict):
-            raise UserError(f"{path}: {table}={values!r} must be a table ([{table}]); fix "
+            raise UserError(f"{path}: {table} = {values!r} must be a table ([{table}]); fix "
                             "the file")
         bad = set(values) - set(keys) if keys else ()
         if bad:
@@ -152,7 +187,16 @@ def _validate(path: Path, spec: dict) -> None:
             want = VALUE_TYPES.get(k, str)
             if not isinstance(v, want) or isinstance(v, bool):
                 what = {int: "an integer", NUMBER: "a number", str: "a string"}[want]
-                raise UserError(f"{path}: [{table}] {k}={v!r} must be {what}; fix the file")
+                raise UserError(f"{path}: [{table}] {k} = {v!r} must be {what}; fix the file")
+    for key in ("title", "description"):  # else .strip() in the report fails the whole run
+        if not isinstance(spec.get(key, ""), str):
+            raise UserError(f"{path}: {key} = {spec[key]!r} must be a string; fix the file")
+    for key, (what, example) in LISTS.items():  # a name here would be read letter by letter
+        v = spec.get(key, [None])
+        if key in kind.fields and not (isinstance(v, list) and v):
+            raise UserError(f"{path}: {key} = {v!r} must be a non-empty list of {what}, e.g. "
+                            f"{example}; fix the file")
+    _check_labels(path, spec, kind)
 
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
@@ -203,6 +247,31 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
+def _strict(v: Any) -> Any:
+    """``v`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write
+    the bare token NaN, which strict readers refuse), and CKA results write None too."""
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
+          ) -> list[Path] | None:
+    """The files of the earlier complete build of this very spec (a changed spec's old files
+    are not its figure), its record written back; None when there is none."""
+    if not (record and record.get("format") == FORMAT and record.get("spec") == spec):
+        return None
+    others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
+    if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
+        return None
+    # Removed when this build began; builders check their inputs before writing any file.
+    if not record_path.exists():
+        paths.write_json(record_path, record)
+    return _files_here(ctx, record)
+
+
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
     from repsim.evaluation import hardware
@@ -217,14 +286,15 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         record = None
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
-            return "cached", {**entry, "files": record["files"]}
+            return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
         ctx.log(f"build   {name} ({spec['kind']})")
         ctx.deps = {}
+        # Until the new record is written, none: a build that stops after rewriting some
+        # files must not leave the old record vouching for them.
+        record_path.unlink(missing_ok=True)
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
-        # A build of this very spec: a changed spec's old files are not its figure.
-        kept = (_files_here(ctx, record) if record and record.get("format") == FORMAT
-                and record.get("spec") == spec else None)
+        kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             "changed": _changed_weights(ctx, record)}
@@ -234,10 +304,35 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     files = [str(f) for f in files] + [str(record_path)]
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
-        "spec": spec, "overrides": ctx.overrides, "deps": ctx.deps, "files": files,
-        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps), "data": ctx.data,
+        # The overrides that changed its inputs: not the data root, a path of this machine
+        "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps,
+        "files": [Path(f).name for f in files],  # by name: where they lie is no part of them
+        "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
+        "data": _strict(ctx.data),
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
+
+
+def _changed_note(entry: dict) -> str:
+    """For a kept figure read from weights that are not the files here: which, after "; "."""
+    changed = entry.get("changed")
+    return ("; its numbers are of other weights than the files here: " + "; ".join(changed)
+            if changed else "")
+
+
+def summary_text(summary: dict) -> str:
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: one line per figure
+    (its files, or why it was kept, skipped or failed, and for a kept one the weights that
+    changed since its build), then the counts."""
+    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
+             for status in ("built", "cached") for e in summary[status]]
+    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _changed_note(e)
+              for status in ("kept", "skipped", "failed") for e in summary[status]]
+    counts = ", ".join(f"{len(summary[k])} {k}"
+                       for k in ("built", "cached", "skipped", "failed", "kept"))
+    seconds = summary.get("seconds", 0.0)
+    lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
+    return "\n".join(lines)
 
 
 def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
@@ -256,7 +351,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         status, entry = _build_one(name, spec, ctx)
         summary[status].append(entry)
         ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                         else ""))
+                                         else "") + _changed_note(entry))
     if not only:  # the report covers every spec, so only a full run rewrites it
         from repsim.figures.report import write_report
 

@@ -40,7 +40,7 @@ def cka_grid(spec: dict, ctx) -> list[Path]:
     fig = draw.cka_grid(labels, panels, title)
     ctx.data["panels"] = [{"row_model": labels[i], "col_model": labels[j], **p}
                           for (i, j), p in sorted(panels.items())]
-    ctx.data["n"] = n
+    ctx.data.update(n=n, cka=c)  # what the title states
     return ctx.save(fig)
 
 
@@ -67,12 +67,23 @@ def best_match(spec: dict, ctx) -> list[Path]:
                   "cka": cur["value"][i], "se": cur["se"][i]}
                  for i, (name, j) in enumerate(zip(r["layers_a"], cur["index"]))]
     fig = draw.best_match(curves, draw.spec_title(spec, "Best-matching layers", c, n))
-    ctx.data["curves"] = curves
+    ctx.data.update(curves=curves, n=n, cka=c)  # n and c: what the title states
     return ctx.save(fig) + [ctx.write_text(".csv", draw.csv_text(
         rows, ["model_a", "layer_a", "model_b", "best_layer_b", "cka", "se"]))]
 
 
 ROW_KEYS = ("dataset", "model", "study", "label", "recipe", "checkpoint")
+
+
+def _check_run(entry: dict, row: dict, where: str) -> None:
+    """UserError when a row's named checkpoint is a run of another model or dataset (its
+    number would stand as ours for the row's); entries that do not say are taken as named."""
+    theirs = (entry.get("model", row["model"]), entry.get("dataset", row["dataset"]))
+    if theirs != (row["model"], row["dataset"]):
+        raise UserError(f"{where}: [[rows]] checkpoint {row['checkpoint']!r} is a {theirs[0]} "
+                        f"run on {theirs[1]}, but its row is {row['model']} on "
+                        f"{row['dataset']}; name a checkpoint of that model and dataset, or "
+                        "leave checkpoint out; fix the file")
 
 
 def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
@@ -84,8 +95,13 @@ def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
     if extra:
         raise UserError(f"{where}: [[rows]] keys {sorted(extra)} are unknown; valid: "
                         f"{', '.join(ROW_KEYS)}")
+    study = row["study"]
+    if isinstance(study, bool) or not isinstance(study, (int, float)):
+        raise UserError(f"{where}: [[rows]] study={study!r} must be a number (the study's "
+                        "accuracy, %), e.g. study = 81.36; fix the file")
     if "checkpoint" in row:
         ours = [e for e in entries if e.get("name") == row["checkpoint"]]
+        _check_run(ours[0] if ours else {}, row, where)
     else:
         ours = sorted((e for e in entries if e.get("model") == row["model"]
                        and e.get("dataset") == row["dataset"]
@@ -199,6 +215,6 @@ def data_scale(spec: dict, ctx) -> list[Path]:
     skipped = [b.display() for b, found, _, _ in plan if not found]
     if skipped:
         title += f"\nno fraction checkpoints of {', '.join(skipped)}"
-    ctx.data.update(panels=panels, expected_fractions=expected,
+    ctx.data.update(panels=panels, expected_fractions=expected, n=n, cka=c,
                     missing=[{"base": b.display(), "fractions": m} for b, _, m, _ in plan if m])
     return ctx.save(draw.data_scale(panels, title))
