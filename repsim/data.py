@@ -179,11 +179,20 @@ def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None
         source = load_probe_set(probe.dataset, probe.split, n=None, data_root=data_root,
                                 image_size=probe.images.shape[1] if square else None,
                                 progress=progress)
-    where = {int(v): j for j, v in enumerate(source.ids)}
-    missing = [int(i) for i in ids if int(i) not in where]
-    if missing:
-        raise UserError(f"ids={missing[:5]} are not in {source.source}; pass ids it holds")
+        _check_same_numbering(probe, source)
+    where = {int(v): j for j, v in enumerate(source.ids)}  # every id: checked in range above
     return source.images[[where[int(i)] for i in ids]], ids
+
+
+def _check_same_numbering(probe: ProbeSet, split: ProbeSet) -> None:
+    """UserError unless the whole ``split`` holds ``probe``'s images and labels at its ids
+    (torchvision numbers CIFAR-10 in batch order, a tree and the bundle in sorted order)."""
+    same = split.n_total == probe.n_total and np.array_equal(split.labels[probe.ids], probe.labels)
+    if same and split.images.shape[1:] == probe.images.shape[1:]:  # else resized: no pixels
+        same = np.array_equal(split.images[probe.ids], probe.images)
+    if not same:
+        raise UserError(f"{probe.source} and {split.source} number the images differently; "
+                        f"pass ids the probe set holds, or point data_root=DIR at its source")
 
 
 def _check_seed(seed: Any) -> None:

@@ -526,8 +526,8 @@ def test_cli_attention_compares_two_models_with_different_input_sizes(cifar_root
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fig"
     assert main(["attention", "--model", "vit_cifar", "--model", "timm:vit_tiny_patch16_224",
-                 "--weights", "random", "--data-root", str(cifar_root), "--probe", "6",
-                 "--ids", "3,1", "--out", str(out), "--json", "--no-cache"]) == 0
+                 "--weights", "random", "--dataset", "cifar10", "--data-root", str(cifar_root),
+                 "--probe", "6", "--ids", "3,1", "--out", str(out), "--json", "--no-cache"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["models"] == ["vit_cifar", "timm:vit_tiny_patch16_224"] and res["n_images"] == 2
     saved = json.loads((out / "attention_distance.json").read_text())

@@ -548,3 +548,28 @@ def test_a_torchvision_root_beside_the_split_folders_is_not_taken_for_the_tree(
                         or FakeCIFAR(root))
     p = data.load_probe_set("cifar10", "test", data_root=cifar_root / "cifar10" / "torchvision")
     assert seen == [str(cifar_root / "cifar10" / "torchvision")] and p.n_total == 5
+
+
+class FakeCIFARTest:
+    """torchvision's CIFAR-10 test layout: 10,000 images numbered by their index in the
+    original batches, not in the sorted-tree order the bundled probe set's ids follow."""
+
+    def __init__(self, root, train=True, download=False):
+        self.data = np.zeros((10_000, 32, 32, 3), np.uint8)
+        self.data[:, 0, 0, 0] = np.arange(10_000) % 251
+        self.targets = [i % 10 for i in range(10_000)]
+        self.classes = list(CIFAR10)
+
+
+def test_ids_beyond_the_probe_set_from_a_data_root_that_numbers_images_otherwise(
+        tmp_path, monkeypatch):
+    # ids outside the bundled set loaded the whole split from the data root; in torchvision's
+    # layout id k is another image than the bundle's id k, and it was drawn without a word.
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFARTest)
+    probe = data.load_probe_set("cifar10-probe", n=4)
+    other = next(i for i in range(10_000) if i not in probe.ids)
+    with pytest.raises(UserError, match="number the images differently") as err:
+        data.pick_images(probe, None, [other], data_root=tmp_path)
+    assert f"torchvision:{tmp_path}" in str(err.value) and "\n" not in str(err.value)
