@@ -411,7 +411,7 @@ def cmd_cka(args) -> int:
 def cmd_figures(args) -> int:
     if args.offline:
         os.environ["REPSIM_OFFLINE"] = "1"  # what every download asks (repsim.paths.offline)
-    from repsim.figures.runner import build_all
+    from repsim.figures.runner import build_all, summary_text
 
     # Empty names (a trailing comma) are no spec; a list of only those names none.
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
@@ -422,14 +422,7 @@ def cmd_figures(args) -> int:
     res = build_all(args.analyses, args.out, only=only, overrides=overrides,
                     device=args.device, force=args.force, progress=not args.json,
                     log=lambda msg: print(f"repsim figures: {msg}", file=sys.stderr))
-    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
-             for status in ("built", "cached") for e in res[status]]
-    lines += [f"{status:8s}{e['name']}: {e['reason']}"
-              for status in ("kept", "skipped", "failed") for e in res[status]]
-    counts = ", ".join(f"{len(res[k])} {k}"
-                       for k in ("built", "cached", "skipped", "failed", "kept"))
-    lines.append(f"figures in {os.path.abspath(res['out'])}: {counts} ({res['seconds']:.0f} s)")
-    _report(args, res, "\n".join(lines))
+    _report(args, res, summary_text(res))
     return 1 if res["failed"] else 0
 
 

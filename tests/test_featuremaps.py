@@ -82,7 +82,8 @@ def test_cli_featuremaps_writes_one_figure_per_stage(cifar_root, tmp_path, capsy
     torch.save(build_model("resnet18_cifar", seed=2).state_dict(), weights)
     out = tmp_path / "fig"
     assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", str(weights),
-                 "--data-root", str(cifar_root), "--probe", "20", "--ids", "4", "9",
+                 "--dataset", "cifar10", "--data-root", str(cifar_root), "--probe", "20",
+                 "--ids", "4", "9",
                  "--stages", "stem,layer3", "--top", "4", "--out", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["stages"] == ["stem", "layer3"] and res["n_images"] == 2

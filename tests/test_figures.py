@@ -544,7 +544,8 @@ def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_
     assert line in (tmp_path / "f" / "REPORT.md").read_text()
 
 
-def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, monkeypatch):
+def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, monkeypatch,
+                                                                     capsys):
     """The summary `repsim figures` prints (and its log line) shows what a kept figure's
     `changed` records, not only why it was kept: else the user never sees that its numbers
     are of another checkpoint than the one here."""
@@ -581,6 +582,11 @@ def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, m
     assert ("kept    s: no snapshots here; its numbers are of other weights than the files "
             f"here: {kept['changed'][0]}") in text.splitlines()
     assert any(kept["changed"][0] in line for line in logged), logged
+    from repsim.cli import main  # and the command prints that summary
+
+    capsys.readouterr()
+    assert main(["figures", "--analyses", str(tmp_path / "a"), "--out", str(tmp_path / "f")]) == 0
+    assert f"here: {kept['changed'][0]}" in capsys.readouterr().out
 
 
 def test_a_build_that_stops_halfway_leaves_no_record_that_passes_for_complete(tmp_path,

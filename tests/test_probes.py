@@ -176,8 +176,7 @@ def test_the_probes_figure_puts_accuracy_by_depth_next_to_the_best_match_curve(t
     a.mkdir()
     (a / "probes.toml").write_text(SPEC)
     (a / "rbf.toml").write_text(SPEC.replace('estimator = "minibatch"', 'kernel = "rbf"'))
-    (a / "missing.toml").write_text(SPEC.replace('"resnet18_cifar"]', '"resnet18_cifar"]\n'
-                                                 '[labels]').replace(
+    (a / "missing.toml").write_text(SPEC.replace(
         'models = ["vit_cifar"', 'models = [{model = "vit_cifar", weights = "nope.pt"}'))
     out = build_all(a, tmp_path / "figures", progress=False)
     assert [e["name"] for e in out["built"]] == ["probes"]
