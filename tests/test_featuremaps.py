@@ -77,6 +77,12 @@ def test_a_layer_without_feature_maps_is_a_clear_error(resnet):
         FM.stage_activations(resnet, torch.randn(1, 3, 32, 32), ["fc"])
 
 
+def test_a_stage_that_runs_twice_in_one_pass_is_refused_not_drawn_from_its_last_call(resnet):
+    # torchvision's BasicBlock calls its one `relu` twice: the maps were the second call's.
+    with pytest.raises(UserError, match=r"'layer1\.0\.relu' ran 2 times"):
+        FM.stage_activations(resnet, torch.randn(2, 3, 32, 32), ["layer1.0.relu"])
+
+
 def test_cli_featuremaps_writes_one_figure_per_stage(cifar_root, tmp_path, capsys):
     weights = tmp_path / "r18.pt"
     torch.save(build_model("resnet18_cifar", seed=2).state_dict(), weights)

@@ -47,13 +47,13 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
     with torch.inference_mode(), eval_mode(model), capture(model, list(stages),
                                                            reduce=None) as cap:
         model(x.to(model_device(model)))
+        outputs = cap.collect(len(x))  # every stage ran once, samples first
     acts = {}
-    for name in cap.layers:
-        a = cap.outputs.get(name)
-        if not isinstance(a, torch.Tensor) or a.ndim != 4:
-            shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+    for name, a in outputs.items():
+        if a.ndim != 4:
             raise UserError(
-                f"{type(model).__name__} layer {name!r} gives outputs of shape {shape}, not "
+                f"{type(model).__name__} layer {name!r} gives outputs of shape "
+                f"{tuple(a.shape)}, not "
                 "(batch, channels, h, w) feature maps; valid: convolutional models "
                 "(resnet18_cifar, resnet18_imagenet, timm:<a CNN>); fix: pass a CNN, or draw "
                 "a ViT's attention with `repsim attention`")

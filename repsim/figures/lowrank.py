@@ -43,9 +43,11 @@ def _activation_ranks(model, x, batch_size: int = 100) -> np.ndarray:
     rows = 0
     with torch.inference_mode(), capture(model, layers, reduce=None) as cap:
         for s in range(0, len(x), batch_size):
-            model(x[s:s + batch_size].to(next(model.parameters()).device))
+            batch = x[s:s + batch_size]
+            model(batch.to(next(model.parameters()).device))
+            outputs = cap.collect(len(batch))  # each qkv ran once, samples first
             for i, name in enumerate(layers):
-                out = cap.outputs[name].reshape(-1, 3 * d).double().cpu()
+                out = outputs[name].reshape(-1, 3 * d).double().cpu()
                 for j in range(2):  # 0: queries, 1: keys
                     z = out[:, j * d:(j + 1) * d]
                     sums[i, j] += z.sum(0)
