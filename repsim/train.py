@@ -449,6 +449,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "name": run.out.stem, "file": run.out.name, "model": cfg.model,
         "dataset": cfg.dataset, "train_fraction": cfg.train_fraction,
         "recipe": run.recipe.name, "epochs": epoch_done, "epochs_planned": cfg.epochs,
+        **{k: getattr(cfg, k) for k in ("seed", "batch_size", "lr", "weights_seed")},
         "test_accuracy": round(test["accuracy"], 2), "test_loss": round(test["loss"], 4),
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},

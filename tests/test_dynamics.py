@@ -185,3 +185,14 @@ def test_a_settle_level_that_is_not_a_cka_level_fails_in_one_line(tmp_path, monk
     (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
     assert failed["reason"] == (f"dyn: settle={shown} must be a CKA level in (0, 1], e.g. "
                                 "settle = 0.9; fix the file"), failed
+
+
+def test_the_retrain_command_keeps_the_runs_seed_batch_size_and_lr():
+    from repsim.figures import dynamics
+    from repsim.figures.context import ModelRef
+
+    entry = {"recipe": "paper", "epochs_planned": 10, "seed": 3, "batch_size": 100, "lr": 1e-4,
+             "weights_seed": None}
+    line = dynamics._command(ModelRef("vit_cifar"), None, entry)
+    assert "--seed 3 --batch-size 100 --lr 0.0001 --snapshots" in line
+    assert "--weights-seed" not in line

@@ -232,6 +232,14 @@ def test_train_fraction_is_balanced_and_recorded(toy_root, tmp_path):
     assert ck["data"]["train_ids_sha256"] == digest
 
 
+def test_the_manifest_entry_holds_the_settings_that_retrain_the_run(toy_root, tmp_path):
+    # Without them, the retrain command a figure suggests dropped --seed, --lr, --batch-size.
+    train.train(_cfg(toy_root, tmp_path, epochs=1, seed=2, lr=2e-3))
+    (row,) = json.loads((tmp_path / "ck" / "manifest.json").read_text())["checkpoints"]
+    assert (row["seed"], row["batch_size"], row["lr"], row["weights_seed"]) == (2, BATCH, 2e-3,
+                                                                                None)
+
+
 def test_checkpoint_round_trip_manifest_metrics_and_precision(toy_root, tmp_path):
     cpu = torch.device("cpu")
     assert evaluation.train_precision(cpu, "auto") == ("bf16" if evaluation.cpu_has_native_bf16()

@@ -46,6 +46,9 @@ def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
              entry.get("recipe") and f"--recipe {entry['recipe']}",
              epochs and f"--epochs {epochs}",
              fraction != 1.0 and f"--train-fraction {fraction:g}",
+             # as the run had them (manifests before these were recorded: the defaults)
+             *(f"--{k.replace('_', '-')} {entry[k]:g}" for k in
+               ("seed", "batch_size", "lr", "weights_seed") if entry.get(k) is not None),
              final is not None and f"--out {final}",
              f"--snapshots {suggested_epochs(epochs) if epochs else '0,1,2,5,every:10'}"]
     return " ".join(p for p in parts if p)  # the options that apply
