@@ -217,6 +217,8 @@ batch_size = 8
     ('kind = "best_match"\npairs = [["vit_cifar", {model = "resnet18_cifar"}]]\n[labels]\n'
      'resnet18_cifr = "R"\n', "[labels] keys ['resnet18_cifr'] name no model of this spec; "
      "its models: resnet18_cifar, vit_cifar"),
+    ('kind = "prefix_tokens"\nmodels = ["vit_cifar_tiny_mcls4"]\n[cka]\nestimator = "biased"\n',
+     "[cka] is not read by kind 'prefix_tokens'"),  # its token CKA was debiased regardless
 ])
 def test_bad_specs_are_refused_with_the_file_name(tmp_path, text, message):
     path = write(tmp_path / "analyses", "bad", text)

@@ -52,13 +52,14 @@ Builder = Callable[[dict, "FigureContext"], list[Path]]
 @dataclass(frozen=True)
 class FigureKind:
     """A builder (or ``"module:function"``, imported on first use), the kind's own spec keys,
-    the required ones among them (None: the first), and a version (bump it to rebuild that
-    kind's figures)."""
+    the required ones among them (None: the first), a version (bump it to rebuild that
+    kind's figures), and whether it reads the spec's ``[cka]`` table (else it is refused)."""
 
     build: Builder | str
     fields: tuple[str, ...] = ()
     required: tuple[str, ...] | None = None
     version: str = "1"
+    reads_cka: bool = True
 
     def needs(self) -> tuple[str, ...]:
         return self.fields[:1] if self.required is None else tuple(self.required)
@@ -73,32 +74,37 @@ class FigureKind:
 KINDS: dict[str, FigureKind] = {
     "cka_grid": FigureKind("repsim.figures.study:cka_grid", ("models",)),
     "best_match": FigureKind("repsim.figures.study:best_match", ("pairs",)),
-    "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",)),
+    "accuracy_table": FigureKind("repsim.figures.study:accuracy_table", ("rows",),
+                                 reads_cka=False),
     "data_scale": FigureKind("repsim.figures.study:data_scale",
                              ("base", "bases", "checkpoints", "fractions"), (),
                              "3"),  # 3: several bases, CKA along the depth, accuracy beside
     "dynamics": FigureKind("repsim.figures.dynamics:build", ("models", "settle")),
     "attention": FigureKind("repsim.figures.attention:build_figure",
                             ("models", "images", "ids", "blocks", "unit", "batch_size",
-                             "renormalize"), version="2"),  # 2: blocks from 0
+                             "renormalize"), version="2", reads_cka=False),  # 2: blocks from 0
     "featuremaps": FigureKind("repsim.figures.featuremaps:build_figure",
                               ("model", "images", "ids", "stages", "top"),
-                              version="2"),  # 2: colour bars, one image per class
+                              version="2", reads_cka=False),  # 2: colour bars, one per class
     "locality": FigureKind("repsim.figures.locality:build_figure",
                            ("vit", "cnn", "max_images", "tokens")),
     "probes": FigureKind("repsim.figures.probes:build_figure",
                          ("models", "ks", "train_fraction", "split_seed", "weight_decay", "steps")),
-    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer")),
-    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",)),
+    # Their CKA among a model's own tokens is debiased, by design; [cka] would be ignored.
+    "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
+                                reads_cka=False),
+    "projection_rank": FigureKind("repsim.figures.lowrank:build_figure", ("models",),
+                                  reads_cka=False),
 }
 
 
 def figure_kind(name: str, *, fields: tuple[str, ...] = (),
-                required: tuple[str, ...] | None = None, version: str = "1"):
+                required: tuple[str, ...] | None = None, version: str = "1",
+                reads_cka: bool = True):
     """Decorator: register ``build(spec, ctx) -> list[Path]`` as the figure kind ``name``
-    (``required`` defaults to the first field)."""
+    (``required`` defaults to the first field; see :class:`FigureKind`)."""
     def deco(build: Builder) -> Builder:
-        KINDS[name] = FigureKind(build, tuple(fields), required, version)
+        KINDS[name] = FigureKind(build, tuple(fields), required, version, reads_cka)
         return build
 
     return deco
@@ -171,6 +177,9 @@ def _validate(path: Path, spec: dict) -> None:
     if unknown:
         raise UserError(f"{path}: keys {sorted(unknown)} are unknown for kind "
                         f"{spec['kind']!r}; valid: {', '.join(COMMON_KEYS + kind.fields)}")
+    if "cka" in spec and not kind.reads_cka:
+        raise UserError(f"{path}: [cka] is not read by kind {spec['kind']!r}, so its settings "
+                        "would be ignored; fix: remove the [cka] table")
     missing = [f for f in kind.needs() if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
