@@ -488,6 +488,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"repsim {args.command}: error: {one_line(exc)}", file=sys.stderr)
             return 1
+        except RuntimeError as exc:  # torch's out-of-memory (only if torch was imported)
+            torch = sys.modules.get("torch")
+            if args.debug or torch is None or not isinstance(exc, torch.OutOfMemoryError):
+                raise
+            print(f"repsim {args.command}: error: out of device memory ({one_line(exc)}); fix: "
+                  "fewer images per batch (--batch-size; cka: --memory-budget)", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print(f"repsim {args.command}: interrupted", file=sys.stderr)
             return 130

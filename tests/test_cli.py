@@ -300,3 +300,21 @@ def test_cka_json_says_how_each_store_was_had_and_how_long_it_took(monkeypatch, 
     assert json.loads(capsys.readouterr().out) == {
         **result, "files": ["o/a__b.json"], "reused": False,
         "stores": {"a": "given", "b": "extracted"}, "seconds": 0.25}
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_the_flags_that_shrink_it(monkeypatch,
+                                                                              capsys):
+    import torch
+
+    import repsim.compare
+    from repsim.cli import main
+
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(repsim.compare, "run_cka", oom)
+    assert main(["cka", "--a", "a.h5", "--b", "b.h5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("repsim cka: error: out of device memory (CUDA out of memory.")
+    assert "fix: fewer images per batch (--batch-size; cka: --memory-budget)" in err
