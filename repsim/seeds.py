@@ -82,7 +82,8 @@ def aggregate(results: list[dict]) -> dict:
 
 def run_cka_seeds(cfg: CKAConfig) -> dict:
     """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
-    Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``)."""
+    Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``, and
+    ``stores`` per comparison)."""
     t0 = time.perf_counter()
     seeds_a, seeds_b = _side_seeds(cfg.weights_a, "a"), _side_seeds(cfg.weights_b, "b")
     runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
@@ -111,4 +112,5 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         files += draw.save(draw.cka_heatmap(res), out / stem)
     files.insert(0, write_json(out / f"{stem}.json", res))
     return {"result": res, "files": [str(f) for f in files],
-            "reused": all(r["reused"] for r in runs), "seconds": time.perf_counter() - t0}
+            "reused": all(r["reused"] for r in runs), "stores": [r["stores"] for r in runs],
+            "seconds": time.perf_counter() - t0}

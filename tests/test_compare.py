@@ -599,6 +599,7 @@ def test_the_seeds_aggregate_carries_its_provenance(checkpoints, capsys):
     r, _ = run_json(capsys, "--a", "resnet18_cifar", "--weights-a", ",".join(map(str, files)),
                     "--b", "resnet18_cifar", "--n", "8", "--no-se")
     assert r["format"] == "repsim-cka-seeds/1" and r["versions"] == versions()
+    assert [set(s) for s in r["stores"]] == [{"a", "b"}] * 2  # how each comparison had its own
     assert r["comparison_keys"] == [json.load(open(f))["cache_key"] for f in r["comparisons"]]
 
 
