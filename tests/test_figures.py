@@ -506,6 +506,20 @@ def test_a_figure_whose_inputs_left_keeps_its_build_and_the_report_says_why(tmp_
         == ["s"]
 
 
+def _checkpoint_only(tmp_path: Path, monkeypatch, model: str, content: bytes) -> Path:
+    """A checkpoint folder holding ``<model>.pt`` (``content``: only its hash matters), with
+    load_model faked to read it without building the model."""
+    import repsim.models
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / f"{model}.pt").write_bytes(content)
+    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
+                        lambda m, w=None: (None, {"weights": str(ck / f"{model}.pt")}))
+    return ck
+
+
 def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_path,
                                                                             monkeypatch):
     """A kept build's numbers are those of the weights it read: once the checkpoint of that
@@ -513,14 +527,7 @@ def test_a_kept_figure_says_when_the_weights_it_read_are_not_the_files_here(tmp_
     committed model's)."""
     import hashlib
 
-    import repsim.models
-
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
-    (ck / "resnet18_cifar.pt").write_bytes(b"the run it was built from")
-    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
-                        lambda m, w=None: (None, {"weights": str(ck / "resnet18_cifar.pt")}))
+    ck = _checkpoint_only(tmp_path, monkeypatch, "resnet18_cifar", b"the run it was built from")
     (ck / "epoch0.pt").write_bytes(b"a snapshot")
 
     def build_snap(spec, ctx):
@@ -551,16 +558,10 @@ def test_the_summary_of_a_kept_figure_names_the_weights_that_changed(tmp_path, m
     """The summary `repsim figures` prints (and its log line) shows what a kept figure's
     `changed` records, not only why it was kept: else the user never sees that its numbers
     are of another checkpoint than the one here."""
-    import repsim.models
     from repsim.compare import InputUnavailable
     from repsim.figures.runner import summary_text
 
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
-    (ck / "vit_cifar.pt").write_bytes(b"old run")
-    monkeypatch.setattr(repsim.models, "load_model",  # the model itself is not needed
-                        lambda m, w=None: (None, {"weights": str(ck / "vit_cifar.pt")}))
+    ck = _checkpoint_only(tmp_path, monkeypatch, "vit_cifar", b"old run")
     here = {"inputs": True}
 
     def build_snap(spec, ctx):
