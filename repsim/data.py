@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.paths import ids_digest, offline
 
 DATASETS = ("cifar10", "cifar100", "svhn")  # under the data root
@@ -130,7 +130,7 @@ def load_probe_set(dataset: str = DEFAULT_DATASET, split: str = "test", n: int |
     if split not in SPLITS:
         raise UserError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
     _check_positive(n)
-    if image_size is not None and not _is_count(image_size):
+    if image_size is not None and not is_whole(image_size):
         raise UserError(f"image_size={_shown(image_size)} is not a valid size; pass a positive "
                         "number of pixels, e.g. 224, or omit it to keep the native size")
     if dataset.startswith("imagefolder:"):
@@ -197,13 +197,8 @@ def _check_same_numbering(probe: ProbeSet, split: ProbeSet) -> None:
 
 def _check_seed(seed: Any) -> None:
     # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not is_whole(seed, 0):
         raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
-
-
-def _is_count(v: Any) -> bool:
-    """Whether ``v`` is an integer >= 1 (a bool is not: True would mean 1 image)."""
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
 
 
 def _shown(v: Any) -> str:
@@ -211,7 +206,7 @@ def _shown(v: Any) -> str:
 
 
 def _check_positive(n: int | None) -> None:
-    if n is not None and not _is_count(n):
+    if n is not None and not is_whole(n):
         raise UserError(f"n={_shown(n)} is not a valid sample count; pass a positive n, or "
                         "omit it to use the whole split")
 

@@ -5,6 +5,7 @@ argument a notebook user passed; the CLI prints them as flags (:func:`as_flags`)
 """
 
 import errno
+import numbers
 import os
 import re
 import shutil
@@ -18,6 +19,12 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class UserError(Exception):
     """Bad input from the user: say what was given, what is valid, and how to fix it."""
+
+
+def is_whole(v: object, minimum: int = 1) -> bool:
+    """Whether ``v`` is an integer (numpy's too) >= ``minimum``, the check for counts, sizes
+    and seeds; a bool is none (True would pass for 1)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
 
 
 def as_flags(message: str) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from repsim import __version__, paths
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 
 
 def _cpuinfo(key: str) -> str:
@@ -120,8 +120,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
 
 def _check_batch_size(batch_size: int) -> None:
     # Below 1, range() over the batch starts is empty (top-1 would read 0 %) or refuses.
-    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) \
-            or batch_size < 1:
+    if not is_whole(batch_size):
         raise UserError(f"batch_size={batch_size} is not valid; pass a positive number of "
                         "images per forward pass, e.g. batch_size=500")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 
 # Which reductions make sense per model family (repsim.hooks.reduce does them).
 REDUCTIONS = {"vit": ("flatten", "mean", "cls", "prefix"), "resnet": ("flatten", "mean")}
@@ -53,14 +53,10 @@ class ExtractConfig:
     progress: bool = True
 
 
-def _positive_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 1
-
-
 def _validate(cfg: ExtractConfig, family: str) -> None:
     for name in ("batch_size", "chunk_rows"):  # chunk_rows=None: the default
         value = getattr(cfg, name)
-        if not (_positive_int(value) or (name == "chunk_rows" and value is None)):
+        if not (is_whole(value) or (name == "chunk_rows" and value is None)):
             raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")

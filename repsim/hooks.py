@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 
 REDUCTIONS = ("flatten", "mean", "cls", "prefix")
 
@@ -231,8 +231,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     from repsim import models
     from repsim.registry import get_spec
 
-    if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-            or batch_size < 1):
+    if not is_whole(batch_size):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
     home = _home(model) if device is None else None
