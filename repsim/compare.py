@@ -24,7 +24,7 @@ import numpy as np
 
 from repsim import __version__, sketch
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.sketch import CKAResult
 from repsim.store import check_aligned
@@ -260,7 +260,7 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     """``cfg`` with batch size, permutation seed and a, b (as str) resolved; UserError if bad."""
     cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b))  # store paths may be Paths
     for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
-        if (v := getattr(cfg, k)) is not None and not (isinstance(v, int | np.integer) and v >= lo):
+        if (v := getattr(cfg, k)) is not None and not is_whole(v, lo):
             raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
                             f"leave {k}= out")
     for k in ("batch_size", "batch_seed"):
@@ -329,7 +329,7 @@ def run_cka(cfg: CKAConfig) -> dict:
         sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
                                      {**common, "weights_seed": cfg.weights_seed_b}, "b")
     check_aligned(sa, sb)
-    if sa.n < (need := 2 if cfg.estimator == "biased" else 4):  # sketch.check_rows's rule
+    if sa.n < (need := sketch.min_rows(cfg.estimator)):
         raise UserError(f"a= and b= hold {sa.n} samples each, but estimator={cfg.estimator!r} "
                         f"needs at least {need}; fix: compare stores of {need} or more samples "
                         f"(extract them with n={need} or more)")

@@ -120,9 +120,14 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     return int(batch_size)
 
 
+def min_rows(estimator: str) -> int:
+    """The fewest rows ``estimator`` is defined on: biased HSIC 2, the unbiased estimator 4."""
+    return 2 if estimator == "biased" else 4
+
+
 def check_rows(n: int, estimator: str) -> None:
-    """ValueError unless ``n`` rows are enough for ``estimator`` (biased 2, unbiased 4)."""
-    if n < (need := 2 if estimator == "biased" else 4):
+    """ValueError unless ``n`` rows are enough for ``estimator`` (:func:`min_rows`)."""
+    if n < (need := min_rows(estimator)):
         raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
 
 
