@@ -319,8 +319,9 @@ def weights_problem(model: str, weights: str | None) -> str | None:
     """Why ``model``'s weights cannot be had here (one line), or None when they can; cheap:
     pretrained weights are looked for in their cache, not loaded."""
     entry = get_entry(model)
-    if weights is None and entry.spec.default_weights in ("timm", "torchvision"):
-        return _pretrained_problem(entry, entry.spec.default_weights)[0]
+    source = entry.spec.default_weights if weights is None else weights
+    if source in ("timm", "torchvision"):  # as load_model reads them, default or not
+        return _pretrained_problem(entry, source)[0]
     file = default_weights_file(entry.spec) if weights is None else Path(weights).expanduser()
     if weights == "random" or (file is not None and file.is_file()):
         return None

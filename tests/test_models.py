@@ -415,6 +415,13 @@ def test_weights_problem_looks_for_pretrained_weights_without_loading_them(monke
     assert problem.startswith("pretrained weights timm:vit_base_patch16_224") and "/hub" in problem
 
 
+def test_weights_problem_of_pretrained_weights_named_explicitly_loads_nothing(monkeypatch):
+    # weights="timm" is the default of vit_imagenet written out: looked for, not loaded.
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(M, "_weights_cache", lambda tag: ("huggingface.co", True, "/hub"))
+    assert M.weights_problem("vit_imagenet", "timm") is None
+
+
 @pytest.mark.parametrize("command,model,switch", [
     ("extract", "vit_imagenet", "REPSIM_OFFLINE"), ("eval", "resnet18_imagenet", "HF_HUB_OFFLINE")])
 def test_offline_without_cached_weights_fails_at_once_naming_the_cache(tmp_path, command,
