@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,11 +368,11 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
                     None if len(ids) == len(paths) else seed, len(paths))
 
 
-def _open(p: Path, read: Callable[[Image.Image], Any]) -> Any:
-    """``read(image)`` of the image file ``p``; UserError when it cannot be read."""
+def _read_rgb(p: Path) -> np.ndarray:
+    """The pixels of PIL's ``convert("RGB")`` of the image file ``p``; UserError if unreadable."""
     try:
         with Image.open(p) as im:
-            return read(im)
+            return np.asarray(im.convert("RGB"))
     except OSError as exc:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None
 
@@ -393,12 +393,11 @@ def _decode(paths: list[Path]) -> Iterator[np.ndarray]:
 
 def _decode_pil(paths: list[Path]) -> list[np.ndarray]:
     """PIL, in a few threads (it releases the GIL while decoding)."""
-    rgb = functools.partial(_open, read=lambda im: np.asarray(im.convert("RGB")))
     workers = min(8, os.cpu_count() or 1)
     if workers == 1 or len(paths) < 256:
-        return list(map(rgb, paths))
+        return list(map(_read_rgb, paths))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(rgb, paths))
+        return list(pool.map(_read_rgb, paths))
 
 
 def _decode_jpegs(paths: list[Path]) -> list[np.ndarray] | None:
