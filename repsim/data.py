@@ -41,7 +41,6 @@ CIFAR10_TEST_SIZE = 10_000
 # A tree with another class count is some other dataset (or a half-copied one); labels
 # would silently disagree with the dataset's standard label order.
 CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-_TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "svhn": "SVHN"}
 # CIFAR-10's labels 0..9. A tree whose folders name classes must use these (any case):
 # other names ("plane", "car") sort into another order, so their labels would be wrong.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -358,12 +357,12 @@ def _scan_user_folder(raw: str) -> tuple[Path, tuple[str, ...], list[Path], np.n
 def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...],
                 paths: list[Path], labels: np.ndarray, n: int | None, seed: int,
                 image_size: int | None, progress: bool) -> ProbeSet:
-    ids = _subset(len(paths), n, seed, f"{dataset} {split}")
+    desc = f"{dataset} {split}"
+    ids = _subset(len(paths), n, seed, desc)
     chosen = [paths[i] for i in ids]
-    images = _stack(_decode(chosen), len(chosen), image_size, progress, f"{dataset} {split}")
+    images = _stack(_decode(chosen), len(chosen), image_size, progress, desc)
     if images is None:  # sizes differ and none was asked for: decode again, as squares
-        images = _stack(_decode(chosen), len(chosen), DEFAULT_MIXED_SIZE, progress,
-                        f"{dataset} {split}")
+        images = _stack(_decode(chosen), len(chosen), DEFAULT_MIXED_SIZE, progress, desc)
     return ProbeSet(dataset, split, images, labels[ids], ids, classes, f"imagefolder:{folder}",
                     None if len(ids) == len(paths) else seed, len(paths))
 
@@ -462,7 +461,7 @@ def _from_torchvision(name: str, split: str, root: Path, n: int | None, seed: in
                       image_size: int | None, download: bool, progress: bool) -> ProbeSet:
     from torchvision import datasets  # takes seconds to import; only this layout needs it
 
-    cls = getattr(datasets, _TORCHVISION_NAMES[name])
+    cls = getattr(datasets, name.upper())  # CIFAR10, CIFAR100, SVHN
     kwargs = {"split": split} if name == "svhn" else {"train": split == "train"}
     try:
         ds = cls(str(root), download=False, **kwargs)
