@@ -381,10 +381,9 @@ DECODE_BATCH = 512  # files per decoding call: bounded memory, a steady progress
 
 def _decode(paths: list[Path]) -> Iterator[np.ndarray]:
     """``(H, W, 3)`` uint8 arrays in the order of ``paths``: the pixels of PIL's
-    ``convert("RGB")``. JPEGs are decoded in batches by torchvision, one C++ loop over
-    libjpeg-turbo (10,000 CIFAR-10 JPEGs: 0.6 s against 2.1 s through PIL, one image at a
-    time; the same decoder settings, so the same pixels, checked on each batch's first
-    image); a batch with anything else (PNG, CMYK, a broken file) goes through PIL."""
+    ``convert("RGB")``. JPEG batches go through torchvision's batched libjpeg-turbo decoder
+    (10,000 CIFAR-10 JPEGs: 0.6 s against PIL's 2.1 s; the same pixels, checked on each
+    batch's first image); a batch with anything else (PNG, CMYK, a broken file), PIL's."""
     for a in range(0, len(paths), DECODE_BATCH):
         batch = paths[a:a + DECODE_BATCH]
         yield from _decode_jpegs(batch) or _decode_pil(batch)
