@@ -162,11 +162,10 @@ def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None
         first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
         return probe.images[first], np.asarray(probe.ids[first], dtype=np.int64)
     if not ids:
-        n = int(n_images)
-        if not 1 <= n <= len(probe):
-            raise UserError(f"images={n}: the probe set has {len(probe)} images; pass "
-                            f"1 <= images <= {len(probe)}")
-        return probe.images[:n], np.asarray(probe.ids[:n], dtype=np.int64)
+        if not is_whole(n_images) or n_images > len(probe):  # int(2.5) would draw 2
+            raise UserError(f"images={_shown(n_images)}: the probe set has {len(probe)} "
+                            f"images; pass 1 <= images <= {len(probe)}")
+        return probe.images[:n_images], np.asarray(probe.ids[:n_images], dtype=np.int64)
     ids = np.asarray([int(i) for i in ids], dtype=np.int64)
     bad = ids[(ids < 0) | (ids >= probe.n_total)].tolist()
     if bad:

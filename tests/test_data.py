@@ -531,6 +531,14 @@ def test_a_sample_count_that_is_no_integer_is_a_user_error(n):
         data.load_probe_set(n=n)
 
 
+@pytest.mark.parametrize("n", [2.5, True])
+def test_pick_images_refuses_a_count_that_is_no_integer(n):
+    # int(2.5) drew 2 images and int(True) one, silently.
+    probe = data.load_probe_set(n=20)
+    with pytest.raises(UserError, match=f"images={n!r}: the probe set has 20 images"):
+        data.pick_images(probe, n, None)
+
+
 @pytest.mark.parametrize("size", [32.5, "32", True])
 def test_an_image_size_that_is_no_integer_is_a_user_error(size):
     with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
