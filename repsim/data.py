@@ -166,7 +166,10 @@ def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None
             raise UserError(f"images={_shown(n_images)}: the probe set has {len(probe)} "
                             f"images; pass 1 <= images <= {len(probe)}")
         return probe.images[:n_images], np.asarray(probe.ids[:n_images], dtype=np.int64)
-    ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+    odd = ", ".join(str(i) for i in ids if not is_whole(i, 0))  # int(3.7) would draw 3
+    if odd:
+        raise UserError(f"ids [{odd}]: ids are whole numbers >= 0; pass sample ids")
+    ids = np.asarray(ids, dtype=np.int64)
     bad = ids[(ids < 0) | (ids >= probe.n_total)].tolist()
     if bad:
         raise UserError(f"ids={bad[:5]} out of range; {probe.dataset} {probe.split} has ids "

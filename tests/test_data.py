@@ -5,6 +5,7 @@ Every test builds its own tiny image tree; nothing touches the network or a shar
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -537,6 +538,14 @@ def test_pick_images_refuses_a_count_that_is_no_integer(n):
     probe = data.load_probe_set(n=20)
     with pytest.raises(UserError, match=f"images={n!r}: the probe set has 20 images"):
         data.pick_images(probe, n, None)
+
+
+@pytest.mark.parametrize("bad", [3.7, True])
+def test_pick_images_refuses_ids_that_are_no_integers(bad):
+    # int(3.7) drew sample 3 instead, silently.
+    probe = data.load_probe_set(n=20)
+    with pytest.raises(UserError, match=re.escape(f"ids [{bad}]: ids are whole numbers")):
+        data.pick_images(probe, None, [bad])
 
 
 @pytest.mark.parametrize("size", [32.5, "32", True])
