@@ -225,29 +225,33 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array, Dataset,
     or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
-    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
-    (moving it would leave the caller's module elsewhere), a registry name on a GPU if there
-    is one."""
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are,
+    a registry name on a GPU if there is one. A module sent to ``device`` is sent back."""
     from repsim import models
     from repsim.registry import get_spec
 
     if not is_whole(batch_size):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
-    home = _home(model) if device is None else None
-    dev = home or models.resolve_device(None if device is None else str(device))
+    home = _home(model)  # None: a registry name or a stateless module, nothing to send back
+    dev = (home if device is None else None) or models.resolve_device(
+        None if device is None else str(device))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
     model.to(dev)
     rows: dict[str, list[np.ndarray]] = {}
-    with eval_mode(model), capture(model, layers, reduce, spec) as cap:
-        for x in _batches(images, batch_size):
-            x = torch.as_tensor(x).to(dev)
-            model(models.preprocess(spec, x) if spec is not None else x)
-            for name, out in cap.collect(len(x)).items():
-                rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
+    try:
+        with eval_mode(model), capture(model, layers, reduce, spec) as cap:
+            for x in _batches(images, batch_size):
+                x = torch.as_tensor(x).to(dev)
+                model(models.preprocess(spec, x) if spec is not None else x)
+                for name, out in cap.collect(len(x)).items():
+                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
+    finally:  # the caller's module stays where it was, also after an error
+        if home is not None and home != dev:
+            model.to(home)
     if not rows:
         raise ValueError("no images: give at least one batch")
     return {name: np.concatenate(parts) for name, parts in rows.items()}
