@@ -43,11 +43,8 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 
 class Store:
-    """Read access to a complete store: ``layers`` in model order, ``ids``, ``labels``, ``meta``.
-
-    ``store[name]`` is the h5py dataset ``(n, D)``, read lazily (row slices work, so the CKA
-    engine streams stores larger than memory). Use as a context manager.
-    """
+    """A complete store, read: ``layers`` in model order, ``ids``, ``labels``, ``meta``;
+    ``store[name]``: the lazy h5py ``(n, D)`` dataset (the CKA engine streams its row slices)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
@@ -129,12 +126,9 @@ def identity(meta: dict) -> dict:
 
 
 class StoreWriter:
-    """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch.
-
-    ``bounds[j]`` is the ``(start, stop)`` row range of batch ``j``; ``pending()`` lists the
-    batches still to do; ``write(j, {layer: (rows, D) array})`` stores one batch and journals
-    it; ``finish()`` marks the store complete and renames it into place.
-    """
+    """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch: ``bounds[j]`` is
+    batch ``j``'s ``(start, stop)`` rows, ``write(j, {layer: (rows, D) array})`` stores and
+    journals it, ``finish()`` marks the store complete and renames it into place."""
 
     def __init__(self, path: str | os.PathLike, meta: dict, ids: np.ndarray,
                  labels: np.ndarray, batch_size: int) -> None:
@@ -189,7 +183,6 @@ class StoreWriter:
             if f is not None:
                 f.close()
             self.path.unlink()
-            self._layers = {}
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case
             f.close()
