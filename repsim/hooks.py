@@ -132,10 +132,8 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
 
     def collect(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
-        next. UserError naming any layer the pass did not run: its output would be missing,
-        or an earlier pass's would stand in for this one's; any layer it ran more than once
-        (which call the name means is ambiguous); and, given the batch's ``rows``, any layer
-        whose output has another number of rows (they would pass for samples)."""
+        next; UserError for a layer the pass did not run exactly once (its output would be
+        missing, stale or ambiguous) or, given ``rows``, whose rows are not the batch's."""
         out, calls, self.outputs, self._calls = self.outputs, self._calls, {}, {}
         again = {name: k for name, k in calls.items() if k > 1}
         if again:
@@ -182,8 +180,7 @@ IMAGE_KEYS = ("pixel_values", "image", "images", "img", "input", "inputs", "x")
 
 
 def _images_of(batch: Any) -> Any:
-    """A batch's images: the batch itself, the first element of a tuple or list like
-    ``(x, y)``, or the one value of a dict under a key of :data:`IMAGE_KEYS`."""
+    """A batch's images: the batch, its first element (``(x, y)``), or its one IMAGE_KEYS value."""
     if isinstance(batch, (tuple, list)):
         return batch[0]
     if isinstance(batch, Mapping):
@@ -198,23 +195,14 @@ def _images_of(batch: Any) -> Any:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Batches from an array/tensor (sliced), a torch Dataset of samples (batched by a
-    DataLoader) or any iterable of batches (a DataLoader), each batch's images taken by
-    :func:`_images_of`."""
+    """Image batches of an array/tensor (sliced), a Dataset of samples (batched by a
+    DataLoader) or any iterable of batches (a DataLoader)."""
     if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
         images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
     if isinstance(images, (torch.Tensor, np.ndarray)):
         step = int(batch_size)
         return (images[a:a + step] for a in range(0, len(images), step))
     return (_images_of(item) for item in images)
-
-
-def _home(model: Any) -> torch.device | None:
-    """The device of a module's first parameter or buffer (None: a name, or no state)."""
-    if not isinstance(model, nn.Module):
-        return None
-    state = itertools.chain(model.parameters(), model.buffers())
-    return next((t.device for t in state), None)
 
 
 @torch.inference_mode()
@@ -233,7 +221,10 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     if not is_whole(batch_size):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
-    home = _home(model)  # None: a registry name or a stateless module, nothing to send back
+    # Where a module's first parameter or buffer is (None: a name, or a module without state).
+    state = (itertools.chain(model.parameters(), model.buffers())
+             if isinstance(model, nn.Module) else ())
+    home = next((t.device for t in state), None)
     dev = (home if device is None else None) or models.resolve_device(
         None if device is None else str(device))
     spec = None
