@@ -225,15 +225,14 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     state = (itertools.chain(model.parameters(), model.buffers())
              if isinstance(model, nn.Module) else ())
     home = next((t.device for t in state), None)
-    dev = (home if device is None else None) or models.resolve_device(
-        None if device is None else str(device))
+    dev = models.resolve_device(home if device is None else str(device))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
-    model.to(dev)
     rows: dict[str, list[np.ndarray]] = {}
     try:
+        model.to(dev)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
                 x = torch.as_tensor(x).to(dev)

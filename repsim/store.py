@@ -220,13 +220,11 @@ class StoreWriter:
                                        if not done)
 
     def _make_room(self, rows: int) -> None:
-        """Raise OSError when ``rows`` more rows may not fit, before HDF5 writes any of them.
-
-        HDF5 cannot recover from a failed write: the dataset's close fails, and the next flush
-        or close crashed the process (SIGSEGV). So the file is grown by the most a batch can
-        add (its rows, a chunk per layer it may start, metadata), which fails cleanly on a full
-        disk, quota or file-size limit, then shrunk back: HDF5 sees the file unchanged.
-        """
+        """Raise OSError when ``rows`` more rows may not fit, before HDF5 writes any of them:
+        HDF5 cannot recover from a failed write (the next flush or close crashed the process,
+        SIGSEGV). So the file is grown by the most a batch can add (its rows, a chunk per layer
+        it may start, metadata), which fails cleanly on a full disk, quota or file-size limit,
+        then shrunk back: HDF5 sees the file unchanged."""
         if not hasattr(os, "posix_fallocate"):  # not on macOS: HDF5's own error then
             return
         chunk = max(ds.chunks[0] for ds in self._layers.values()) if self._layers else 0
