@@ -125,7 +125,10 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                                      "this model's 4-D outputs (timm output_fmt 'NHWC': "
                                      "channels last); use 'flatten'")
             n = 0 if module in self.prefixless else self.n_prefix
-            self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
+            out = reduce(x.detach(), self.how, n, self.class_token)
+            # A view of x would follow the model's later in-place ops (ReLU(inplace=True), +=).
+            same = out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            self.outputs[name] = out.clone() if same else out
             self._calls[name] = self._calls.get(name, 0) + 1
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
