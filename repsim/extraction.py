@@ -9,6 +9,7 @@ into one store identical to a single-process run's.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -66,31 +67,27 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
-    if cfg.overwrite and cfg.out and Path(cfg.out).expanduser().exists():
-        _check_replaceable(Path(cfg.out).expanduser())
+    out = Path(cfg.out).expanduser() if cfg.out else None
+    if cfg.overwrite and out and out.exists():
+        # overwrite replaces repsim stores only, never a file of the user's named by mistake.
+        import h5py
 
+        from repsim.store import FORMAT
 
-def _check_replaceable(out: Path) -> None:
-    """``overwrite`` replaces repsim stores only, never a file of the user's named by mistake."""
-    import h5py
-
-    from repsim.store import FORMAT
-
-    try:
-        with h5py.File(out, "r") as f:
-            ours = f.attrs.get("format") == FORMAT
-    except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
-        ours = False
-    if not ours:
-        raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace it; "
-                        "valid: out=PATH naming a new file or a store; fix: choose another "
-                        "out=PATH, or move that file away yourself")
+        try:
+            with h5py.File(out, "r") as f:
+                ours = f.attrs.get("format") == FORMAT
+        except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
+            ours = False
+        if not ours:
+            raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace "
+                            "it; valid: out=PATH naming a new file or a store; fix: choose "
+                            "another out=PATH, or move that file away yourself")
 
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
-    """Everything that decides what a store holds (``data``: the probe set's provenance and
-    its pixels' sha256): weights by content (the file's sha256); not batch size, device or
-    compression."""
+    """Everything that decides what a store holds, weights by content (the file's sha256);
+    not batch size, device or compression. ``data``: the probe set's provenance and pixels."""
     from repsim.registry import canonical_name, default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -192,8 +189,7 @@ def extract(cfg: ExtractConfig) -> dict:
 
 
 def _versions() -> dict[str, str | None]:
-    """Versions of the libraries that build the model (and its random initialisation), run it
-    and write its rows, from their package metadata (None: not installed)."""
+    """Versions of the libraries that build, initialise, run and store the model (None: absent)."""
     from importlib.metadata import PackageNotFoundError, version
 
     found: dict[str, str | None] = {}
@@ -329,11 +325,9 @@ _SHARD_PARTIAL = re.compile(r"\.rank(0|[1-9]\d*)of([1-9]\d*)\.partial")
 def _shard_files(out: Path, world: int | None) -> list[Path]:
     """The unfinished shards of ``out`` on disk (named as :func:`_shard` names them, nothing
     else) of world sizes other than ``world`` (None: of every size)."""
-    if not out.parent.is_dir():
-        return []
     found = []
-    for p in out.parent.iterdir():
-        m = p.name.startswith(out.name) and _SHARD_PARTIAL.fullmatch(p.name[len(out.name):])
+    for p in out.parent.glob(f"{glob.escape(out.name)}.rank*.partial"):
+        m = _SHARD_PARTIAL.fullmatch(p.name[len(out.name):])
         if m and int(m[1]) < int(m[2]) and int(m[2]) != world:
             found.append(p)
     return found

@@ -125,17 +125,18 @@ class capture:  # noqa: N801 -- a function-like context manager, used as `with c
                                      "this model's 4-D outputs (timm output_fmt 'NHWC': "
                                      "channels last); use 'flatten'")
             n = 0 if module in self.prefixless else self.n_prefix
-            self.outputs[name] = reduce(x.detach(), self.how, n, self.class_token)
+            out = reduce(x.detach(), self.how, n, self.class_token)
+            # A view of x would follow the model's later in-place ops (ReLU(inplace=True), +=).
+            same = out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            self.outputs[name] = out.clone() if same else out
             self._calls[name] = self._calls.get(name, 0) + 1
         except ReductionError as exc:
             raise ReductionError(f"layer {name!r}: {exc}") from None
 
     def collect(self, rows: int | None = None) -> dict[str, torch.Tensor]:
         """``{layer: output}`` of the pass just run, in layer order, and a clean slate for the
-        next. UserError naming any layer the pass did not run: its output would be missing,
-        or an earlier pass's would stand in for this one's; any layer it ran more than once
-        (which call the name means is ambiguous); and, given the batch's ``rows``, any layer
-        whose output has another number of rows (they would pass for samples)."""
+        next; UserError for a layer the pass did not run exactly once (its output would be
+        missing, stale or ambiguous) or, given ``rows``, whose rows are not the batch's."""
         out, calls, self.outputs, self._calls = self.outputs, self._calls, {}, {}
         again = {name: k for name, k in calls.items() if k > 1}
         if again:
@@ -182,8 +183,7 @@ IMAGE_KEYS = ("pixel_values", "image", "images", "img", "input", "inputs", "x")
 
 
 def _images_of(batch: Any) -> Any:
-    """A batch's images: the batch itself, the first element of a tuple or list like
-    ``(x, y)``, or the one value of a dict under a key of :data:`IMAGE_KEYS`."""
+    """A batch's images: the batch, its first element (``(x, y)``), or its one IMAGE_KEYS value."""
     if isinstance(batch, (tuple, list)):
         return batch[0]
     if isinstance(batch, Mapping):
@@ -198,23 +198,14 @@ def _images_of(batch: Any) -> Any:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Batches from an array/tensor (sliced), a torch Dataset of samples (batched by a
-    DataLoader) or any iterable of batches (a DataLoader), each batch's images taken by
-    :func:`_images_of`."""
+    """Image batches of an array/tensor (sliced), a Dataset of samples (batched by a
+    DataLoader) or any iterable of batches (a DataLoader)."""
     if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
         images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
     if isinstance(images, (torch.Tensor, np.ndarray)):
         step = int(batch_size)
         return (images[a:a + step] for a in range(0, len(images), step))
     return (_images_of(item) for item in images)
-
-
-def _home(model: Any) -> torch.device | None:
-    """The device of a module's first parameter or buffer (None: a name, or no state)."""
-    if not isinstance(model, nn.Module):
-        return None
-    state = itertools.chain(model.parameters(), model.buffers())
-    return next((t.device for t in state), None)
 
 
 @torch.inference_mode()
@@ -225,29 +216,35 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array, Dataset,
     or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
-    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
-    (moving it would leave the caller's module elsewhere), a registry name on a GPU if there
-    is one."""
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are,
+    a registry name on a GPU if there is one. A module sent to ``device`` is sent back."""
     from repsim import models
     from repsim.registry import get_spec
 
     if not is_whole(batch_size):
         raise UserError(f"batch_size={batch_size!r} is not valid; pass a positive integer, "
                         "e.g. 128")
-    home = _home(model) if device is None else None
-    dev = home or models.resolve_device(None if device is None else str(device))
+    # Where a module's first parameter or buffer is (None: a name, or a module without state).
+    state = (itertools.chain(model.parameters(), model.buffers())
+             if isinstance(model, nn.Module) else ())
+    home = next((t.device for t in state), None)
+    dev = models.resolve_device(home if device is None else str(device))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
         model, _ = models.load_model(model, device=dev)
-    model.to(dev)
     rows: dict[str, list[np.ndarray]] = {}
-    with eval_mode(model), capture(model, layers, reduce, spec) as cap:
-        for x in _batches(images, batch_size):
-            x = torch.as_tensor(x).to(dev)
-            model(models.preprocess(spec, x) if spec is not None else x)
-            for name, out in cap.collect(len(x)).items():
-                rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
+    try:
+        model.to(dev)
+        with eval_mode(model), capture(model, layers, reduce, spec) as cap:
+            for x in _batches(images, batch_size):
+                x = torch.as_tensor(x).to(dev)
+                model(models.preprocess(spec, x) if spec is not None else x)
+                for name, out in cap.collect(len(x)).items():
+                    rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
+    finally:  # the caller's module stays where it was, also after an error
+        if home is not None and home != dev:
+            model.to(home)
     if not rows:
         raise ValueError("no images: give at least one batch")
     return {name: np.concatenate(parts) for name, parts in rows.items()}

@@ -68,11 +68,8 @@ def weights_tag(weights: str | None, seed: int | None = 0) -> str:
 def sync_to_disk(path: str | os.PathLike) -> None:
     """Flush ``path``'s data to the disk (fsync): renamed after this, a file is complete even
     after a power loss, when the operating system's write-back never happened."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

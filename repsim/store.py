@@ -43,11 +43,8 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 
 class Store:
-    """Read access to a complete store: ``layers`` in model order, ``ids``, ``labels``, ``meta``.
-
-    ``store[name]`` is the h5py dataset ``(n, D)``, read lazily (row slices work, so the CKA
-    engine streams stores larger than memory). Use as a context manager.
-    """
+    """A complete store, read: ``layers`` in model order, ``ids``, ``labels``, ``meta``;
+    ``store[name]``: the lazy h5py ``(n, D)`` dataset (the CKA engine streams its row slices)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
@@ -129,12 +126,9 @@ def identity(meta: dict) -> dict:
 
 
 class StoreWriter:
-    """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch.
-
-    ``bounds[j]`` is the ``(start, stop)`` row range of batch ``j``; ``pending()`` lists the
-    batches still to do; ``write(j, {layer: (rows, D) array})`` stores one batch and journals
-    it; ``finish()`` marks the store complete and renames it into place.
-    """
+    """Creates or resumes ``FILE.h5.partial`` and fills it batch by batch: ``bounds[j]`` is
+    batch ``j``'s ``(start, stop)`` rows, ``write(j, {layer: (rows, D) array})`` stores and
+    journals it, ``finish()`` marks the store complete and renames it into place."""
 
     def __init__(self, path: str | os.PathLike, meta: dict, ids: np.ndarray,
                  labels: np.ndarray, batch_size: int) -> None:
@@ -189,7 +183,6 @@ class StoreWriter:
             if f is not None:
                 f.close()
             self.path.unlink()
-            self._layers = {}
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case
             f.close()
@@ -227,13 +220,11 @@ class StoreWriter:
                                        if not done)
 
     def _make_room(self, rows: int) -> None:
-        """Raise OSError when ``rows`` more rows may not fit, before HDF5 writes any of them.
-
-        HDF5 cannot recover from a failed write: the dataset's close fails, and the next flush
-        or close crashed the process (SIGSEGV). So the file is grown by the most a batch can
-        add (its rows, a chunk per layer it may start, metadata), which fails cleanly on a full
-        disk, quota or file-size limit, then shrunk back: HDF5 sees the file unchanged.
-        """
+        """Raise OSError when ``rows`` more rows may not fit, before HDF5 writes any of them:
+        HDF5 cannot recover from a failed write (the next flush or close crashed the process,
+        SIGSEGV). So the file is grown by the most a batch can add (its rows, a chunk per layer
+        it may start, metadata), which fails cleanly on a full disk, quota or file-size limit,
+        then shrunk back: HDF5 sees the file unchanged."""
         if not hasattr(os, "posix_fallocate"):  # not on macOS: HDF5's own error then
             return
         chunk = max(ds.chunks[0] for ds in self._layers.values()) if self._layers else 0

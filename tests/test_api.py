@@ -433,6 +433,29 @@ def test_a_module_given_directly_runs_where_its_parameters_are(monkeypatch):
     np.testing.assert_allclose(out, net(x).detach().numpy(), rtol=1e-6)
 
 
+def test_an_explicit_device_sends_the_module_back_where_it_was():
+    # extract(net, x, device=d) moved the caller's module to d and left it there: their next
+    # net(x) on their own device failed. (A CPU has one device: a spy records where net is
+    # sent, moving nothing; 'cpu:1' is another device to torch that tensors can go to.)
+    net = nn.Sequential(nn.Linear(4, 2))
+    sent = []
+    net.to = lambda dev: sent.append(torch.device(dev)) or net
+    repsim.extract(net, torch.rand(3, 4), layers="0", device="cpu:1")
+    assert sent == [torch.device("cpu:1"), torch.device("cpu")]
+
+
+def test_a_layer_output_a_later_op_changes_in_place_is_kept_as_the_layer_gave_it():
+    # A view of the output was kept, so nn.ReLU(inplace=True) after the layer (torchvision's
+    # ResNets: bn1 -> relu; bn2 -> out += identity) rewrote it: layer '0' came back as relu(0).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = net[0](x).numpy()
+    assert (want < 0).any()
+    np.testing.assert_allclose(repsim.extract(net, x, layers="0")["0"], want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["flatten", "mean", "cls", "prefix"])
 def test_each_reduction_of_a_vit_with_registers_equals_its_hand_computation(how):
     # Class token first, then 2 registers, then 16 patch tokens (timm's order): 'mean' averages
