@@ -1,8 +1,8 @@
 """Centred kernel alignment (CKA) between every layer of two networks: one engine.
 
-Inputs are feature sets (:mod:`repsim.features`). CKA (Kornblith et al. 2019) of two layers
-with ``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``
-with ``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
+CKA (Kornblith et al. 2019) of two layers of feature sets (:mod:`repsim.features`) with
+``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``,
+``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
 each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
 
 - ``biased`` (Gretton et al. 2005): ``C(K) = H K H``, ``H = I - 11'/n``;
@@ -13,10 +13,10 @@ each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
   of rows (:func:`minibatches`) before normalising, in O(batch^2) memory whatever ``n``.
 
 Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`centring`), so
-``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) adds up
-``<K, L>``, ``r`` and ``s`` over tiles of the Gram's upper triangle, the tiles of all layers
-stacked so that all ``La x Lb`` inner products are one matrix product. All in float64, within
-``memory_budget`` bytes, never clamped: a negative debiased value is an honest estimate.
+``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) sums ``<K, L>``,
+``r`` and ``s`` over tiles of the Grams' upper triangles, all layers' tiles stacked so that all
+``La x Lb`` inner products are one matrix product. Float64, within ``memory_budget`` bytes,
+never clamped: a negative debiased value is an honest estimate.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linea
          norms: tuple[torch.Tensor, torch.Tensor] | None = None,
          minus_one: bool = False) -> torch.Tensor:
     """Kernel matrix ``(m, w)`` of the rows of ``x`` ``(m, p)`` and ``y`` ``(w, p)`` (default
-    ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for ``kernel="rbf"``
-    (``norms``: the rows' squared norms, when at hand). ``minus_one``: the RBF Gram less 1
-    (``expm1``), which both centrings map to the same matrix; the engine uses it because
-    entries near 1 (a wide bandwidth) lose their digits in ``exp`` and in the centring."""
+    ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for RBF (``norms``: the rows'
+    squared norms, if known). ``minus_one``: the RBF Gram less 1 (``expm1``), the same once
+    centred; entries near 1 (a wide bandwidth) would lose their digits in ``exp`` and centring."""
     if kernel == "linear":
         return _dot(x, y, out)
     sketch.check_options(kernel, "biased")  # an unknown kernel
@@ -88,9 +87,8 @@ def centring(hollow: bool, m: int) -> tuple[float, float]:
 
 
 def hsic_scale(hollow: bool, m: int) -> float:
-    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
-    engine (:class:`MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
-    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
+    """``<C(K_a), C(K_b)>`` of ``m`` rows times this is the HSIC the engine sums: ``1 / m^2``,
+    or unbiased ``1 / (m(m - 3))``, 0 below 4 rows (the engine drops such a batch)."""
     if hollow:
         return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
     return 1.0 / m**2
@@ -126,8 +124,8 @@ class _Layer:
 
 def _load(name: str, src: Any, device: torch.device, resident: bool,
           rows: np.ndarray | None = None, sigma2: float | None = None) -> _Layer:
-    """One pass over a layer's row blocks: check for non-finite values (``rows``: the rows'
-    numbers for the message) and constancy, find column means; keep it centred if resident."""
+    """One pass over a layer's row blocks: refuse non-finite values (``rows``: row numbers for
+    the message), find constancy and column means; keep it centred if resident."""
     n = src.shape[0]
     colsum, first, constant = 0.0, None, True
     blocks = sketch.block_bounds(n, n if resident else 4096)
@@ -454,10 +452,9 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
 
 def _median(v: torch.Tensor) -> float:
     """numpy.median of a 1-D tensor (the mean of the two middle values for even counts)."""
-    k = v.numel() // 2
     if v.device.type == "cpu":
-        part = np.partition(v.numpy(), [k - 1, k])
-        return float(part[k] if v.numel() % 2 else (part[k - 1] + part[k]) / 2)
+        return float(np.median(v.numpy()))
+    k = v.numel() // 2
     hi = torch.kthvalue(v, k + 1).values
     return float(hi if v.numel() % 2 else (torch.kthvalue(v, k).values + hi) / 2)
 
