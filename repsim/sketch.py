@@ -137,15 +137,12 @@ def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
 
 
 def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
-    """The minibatch estimator's batches: sorted ``int64`` row indices, drawn at random.
+    """The minibatch estimator's batches: sorted ``int64`` row indices (for h5py reads).
 
-    Rows are dealt into batches by one seeded permutation (Nguyen, Raghu & Kornblith 2021
-    draw minibatches at random without replacement), so a batch is a random sample even
-    when the rows are sorted by class, as stores are; consecutive rows would give
-    single-class batches and measure within-class similarity only. The same arguments give
-    the same batches for both models, so rows stay aligned. A last batch of fewer than 4
-    rows is left out (unbiased HSIC needs 4). Sorted within a batch for h5py reads.
-    """
+    One seeded permutation deals the rows out (Nguyen, Raghu & Kornblith 2021 draw batches
+    without replacement), so a batch is a random sample even of rows sorted by class, as in
+    stores (consecutive rows would measure within-class similarity only); the same arguments
+    give both models the same batches. A last batch of fewer than 4 rows is left out."""
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 
@@ -163,8 +160,7 @@ def sample_rows(n: int, k: int) -> np.ndarray:
 
 
 def bandwidth_rows(n: int, estimator: str) -> np.ndarray | None:
-    """Rows that fix each layer's RBF bandwidth: a fixed sample for minibatch CKA, else None
-    (all rows)."""
+    """Rows fixing each layer's RBF bandwidth: a fixed sample for minibatch CKA, else None (all)."""
     return sample_rows(n, BANDWIDTH_SAMPLE) if estimator == "minibatch" else None
 
 
@@ -204,7 +200,7 @@ def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
     """``(La, Lb)`` CKA from per-layer sketches (1-D float64 numpy arrays or torch tensors)
     made with the same settings and rows; the same sequence twice gives each layer exactly 1."""
-    def stack(sketches):
+    def stack(sketches):  # without importing torch (see the module's docstring)
         return np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
                                     dtype=np.float64) for s in sketches])
 
