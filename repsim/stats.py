@@ -316,10 +316,17 @@ def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray]
     fix = ("a smaller batch_size= or fewer images (n=)" if estimator == "minibatch" else
            "estimator='minibatch' (batches of 1,024 rows) or fewer images (n=)")
     raise UserError(f"permutations={permutations} needs every batch's centred Grams in memory, "
-                    f"about {need / 2**20:,.0f} MiB for {layers} layers of {m} rows per batch; "
-                    f"valid: at most the memory budget, {budget / 2**20:,.0f} MiB (a quarter of "
+                    f"about {_size(need)} for {layers} layers of {m} rows per batch; "
+                    f"valid: at most the memory budget, {_size(budget)} (a quarter of "
                     f"the device's memory unless memory_budget is given); fix: use {fix}, or "
                     "permutations=0 for standard errors alone")
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` for a message: MiB, or below 1 MiB (where MiB would read 0) KiB or bytes."""
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:,.0f} MiB"
+    return f"{nbytes / 2**10:,.1f} KiB" if nbytes >= 2**10 else f"{nbytes:,} bytes"
 
 
 def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
