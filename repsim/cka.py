@@ -244,7 +244,8 @@ class MinibatchCKA:
     samples): unbiased HSIC (``debiased``, the minibatch estimator) or ``tr(K H L H) / m^2``;
     :meth:`compute` gives the ``(La, Lb)`` CKA matrix. Sums of several processes add up
     exactly (:meth:`merge`, or ``all_reduce`` on :meth:`sums`). ``dead_``: per side and layer,
-    why it added nothing to any batch, or None. RBF needs ``median_sqdist_a``/``_b``."""
+    why it added nothing to any batch, or None; ``layers_``: per side (one when B is A), the
+    layers' names. RBF needs ``median_sqdist_a``/``_b``."""
 
     def __init__(self, *, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                  median_sqdist_a: Sequence[float] | None = None,
@@ -255,12 +256,14 @@ class MinibatchCKA:
         if kernel == "rbf" and (median_sqdist_a is None or median_sqdist_b is None):
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
                              "median_sqdist_b (see repsim.cka.rbf_bandwidths)")
-        self.kernel, self.debiased, self.memory_budget = kernel, debiased, memory_budget
+        self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
+        self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
                        [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
         self.device = None if device is None else torch.device(device)
         self.hsic_ab_ = self.hsic_aa_ = self.hsic_bb_ = None  # HSIC sums: (La, Lb), (La,), (Lb,)
         self.dead_: list[list[str | None]] = [[], []]
+        self.layers_: list[list[str]] = []
         # RBF, per side and layer: the Grams' summed off-diagonal entries (the diagonal is 1)
         self.offdiag_mass_: list[np.ndarray] | None = None
         self.n_batches_ = self.n_samples_ = 0
@@ -295,13 +298,15 @@ class MinibatchCKA:
         dead = [[L.dead for L in side] for side in (sides[0], sides[-1])]
         # RBF: the Grams' off-diagonal mass (their totals were of K - 1, diagonal 0).
         mass = [(t + m * (m - 1)).cpu().numpy() for t in totals] if self.kernel == "rbf" else None
-        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass)
+        names = [names_a] if same else [names_a, names_b]
+        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass, names)
 
     def _accumulate(self, hsic: list[torch.Tensor], dead: list[list[str | None]],
-                    batches: int, samples: int, mass: list[np.ndarray] | None) -> MinibatchCKA:
+                    batches: int, samples: int, mass: list[np.ndarray] | None,
+                    names: list[list[str]]) -> MinibatchCKA:
         if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor
             self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (x.clone() for x in hsic)
-            self.dead_ = [list(d) for d in dead]
+            self.dead_, self.layers_ = [list(d) for d in dead], [list(x) for x in names]
             self.offdiag_mass_ = None if mass is None else [x.copy() for x in mass]
         elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
@@ -327,7 +332,8 @@ class MinibatchCKA:
         if other.hsic_ab_ is None:
             return self
         return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
-                                other.n_batches_, other.n_samples_, other.offdiag_mass_)
+                                other.n_batches_, other.n_samples_, other.offdiag_mass_,
+                                other.layers_)
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums; adding these across processes is exact merging."""
@@ -338,10 +344,13 @@ class MinibatchCKA:
                 "n_samples": torch.tensor(float(self.n_samples_), dtype=F64)}
 
     def compute(self) -> np.ndarray:
-        """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive."""
+        """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
+        Warns of RBF Grams that are nearly the identity."""
         sums = self.sums()  # raises before the first batch
-        return sketch.normalise(*(sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa",
-                                                                  "hsic_bb")))
+        ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
+        if self.kernel == "rbf":
+            _warn_identity_grams(self)
+        return sketch.normalise(ab, aa, bb)
 
 
 # --------------------------------------------------------------------------- public API
@@ -388,8 +397,6 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
             if why:
                 warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
                               "CKA values are NaN", RuntimeWarning, stacklevel=2)
-    if kernel == "rbf":
-        _warn_identity_grams([names_a] + ([] if same else [names_b]), acc, threshold)
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res
@@ -402,13 +409,14 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
 IDENTITY_MASS = 1e-3
 
 
-def _warn_identity_grams(names: list[list[str]], acc: MinibatchCKA, threshold: float) -> None:
-    """One warning for all layers (``names`` per side) whose RBF Grams are nearly the identity."""
+def _warn_identity_grams(acc: MinibatchCKA) -> None:
+    """One warning for all of ``acc``'s layers whose RBF Grams are nearly the identity."""
     per_row = [m / acc.n_samples_ for m in acc.offdiag_mass_]
-    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(names, per_row, acc.dead_)
+    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(acc.layers_, per_row, acc.dead_)
            for nm, v, dead in zip(side, vs, ds) if v < IDENTITY_MASS and not dead]
     if bad:
-        _identity_warning(threshold, f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}", 4)
+        layers = f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}"
+        _identity_warning(acc.threshold, layers, 4)
 
 
 def _identity_warning(threshold: float, layers: str, stacklevel: int) -> None:

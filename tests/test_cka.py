@@ -553,3 +553,13 @@ def test_rbf_bandwidths_refuse_non_finite_features(rng, bad):
     x[5, 1] = bad
     with pytest.raises(ValueError, match=r"layer 'a\[1\]' has non-finite"):
         cka.rbf_bandwidths([rng.standard_normal((20, 3)), x])
+
+
+def test_minibatch_cka_used_directly_warns_of_a_narrow_rbf_bandwidth(rng):
+    x, y = rng.standard_normal((60, 10)), rng.standard_normal((60, 8))
+    acc = cka.MinibatchCKA(kernel="rbf", threshold=0.01, median_sqdist_a=cka.rbf_bandwidths([x]),
+                           median_sqdist_b=cka.rbf_bandwidths([y]))
+    for idx in cka.minibatches(60, 20):
+        acc.update([x[idx]], [y[idx]])
+    with pytest.warns(RuntimeWarning, match=r"threshold=0.01 .*'a\[0\]'.* nearly the identity"):
+        acc.compute()
