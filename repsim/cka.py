@@ -345,11 +345,13 @@ class MinibatchCKA:
 
     def compute(self) -> np.ndarray:
         """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
-        Warns of RBF Grams that are nearly the identity."""
+        Warns of RBF Grams that are nearly the identity, and of self-HSICs that underflow."""
         sums = self.sums()  # raises before the first batch
         ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
         if self.kernel == "rbf":
             _warn_identity_grams(self)
+        else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
+            sketch.warn_underflow([aa, bb], [[not d for d in x] for x in self.dead_])
         return sketch.normalise(ab, aa, bb)
 
 

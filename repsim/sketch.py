@@ -211,8 +211,22 @@ def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> n
                          "different rows or settings")
     cross = sa @ sb.T
     if sb is sa:  # self terms as summed for the cross terms: a layer with itself gives 1
-        return normalise(cross, cross.diagonal().copy(), cross.diagonal().copy())
-    return normalise(cross, np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb))
+        own_a = own_b = cross.diagonal().copy()
+    else:
+        own_a, own_b = np.einsum("ij,ij->i", sa, sa), np.einsum("ij,ij->i", sb, sb)
+    warn_underflow([own_a, own_b], [sa.any(1), sb.any(1)])  # all zeros: a dead layer
+    return normalise(cross, own_a, own_b)
+
+
+def warn_underflow(own: Sequence[np.ndarray], alive: Sequence[Any]) -> None:
+    """Warn if a live layer's HSIC with itself (``own``, per side) is below float64's smallest
+    normal number, the way :func:`normalise` warns of an overflow: its CKA is NaN or inexact."""
+    if any(np.any(np.asarray(x)[np.asarray(ok, dtype=bool)] < np.finfo(np.float64).tiny)
+           for x, ok in zip(own, alive)):
+        warnings.warn("a layer's HSIC with itself underflows float64 (features of magnitude "
+                      "below about 1e-75?), so its CKA values are NaN or inexact; multiply its "
+                      "features by a constant (CKA does not depend on scale)", RuntimeWarning,
+                      stacklevel=3)
 
 
 def participation_ratios(sketches: list[np.ndarray], n: int) -> np.ndarray:
