@@ -349,10 +349,19 @@ class MinibatchCKA:
         sums = self.sums()  # raises before the first batch
         ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
         if self.kernel == "rbf":
-            _warn_identity_grams(self)
+            self._warn_identity()
         else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
             sketch.warn_underflow([aa, bb], [[not d for d in x] for x in self.dead_])
         return sketch.normalise(ab, aa, bb)
+
+    def _warn_identity(self) -> None:
+        """One warning for all layers whose RBF Grams are nearly the identity."""
+        per_row = [m / self.n_samples_ for m in self.offdiag_mass_]
+        bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(self.layers_, per_row, self.dead_)
+               for nm, v, dead in zip(side, vs, ds) if v < sketch.IDENTITY_MASS and not dead]
+        if bad:
+            sketch.warn_identity(self.threshold, f"layers {', '.join(bad[:4])}"
+                                 f"{' ...' * (len(bad) > 4)}", 4)
 
 
 # --------------------------------------------------------------------------- public API
@@ -394,7 +403,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         ba = dict(zip(names_a, [take(m, idx) for m in mats_a]))
         bb = ba if same else dict(zip(names_b, [take(m, idx) for m in mats_b]))
         acc._add(ba, bb, idx, progress and not mini)
-    for names, dead in [(names_a, acc.dead_[0])] + ([] if same else [(names_b, acc.dead_[1])]):
+    for names, dead in zip(acc.layers_, acc.dead_):  # one side when B is A
         for name, why in zip(names, dead):
             if why:
                 warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
@@ -402,31 +411,6 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res
-
-
-# Below this off-diagonal Gram mass per row (the diagonal is 1), an RBF Gram is nearly the
-# identity: biased CKA tends to 1, unbiased HSIC to 0 (NaN once it underflows), whatever the
-# data. Measured on Gaussian data (n = 200, p = 10 to 1,000): threshold 0.1 gives 1e-14 to
-# 8e-4, 0.5 gives 27-33, 1.0 about 120; the median distance sits at exp(-1 / 2 threshold^2).
-IDENTITY_MASS = 1e-3
-
-
-def _warn_identity_grams(acc: MinibatchCKA) -> None:
-    """One warning for all of ``acc``'s layers whose RBF Grams are nearly the identity."""
-    per_row = [m / acc.n_samples_ for m in acc.offdiag_mass_]
-    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(acc.layers_, per_row, acc.dead_)
-           for nm, v, dead in zip(side, vs, ds) if v < IDENTITY_MASS and not dead]
-    if bad:
-        layers = f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}"
-        _identity_warning(acc.threshold, layers, 4)
-
-
-def _identity_warning(threshold: float, layers: str, stacklevel: int) -> None:
-    warnings.warn(f"threshold={threshold:g} makes the RBF Grams of {layers} nearly the "
-                  f"identity (off-diagonal mass per row below {IDENTITY_MASS:g} of the "
-                  "diagonal): CKA with them no longer depends on the data; use a threshold "
-                  "between 0.5 and 2 (1, the default, is the median distance)",
-                  RuntimeWarning, stacklevel=stacklevel)
 
 
 def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
@@ -499,6 +483,6 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
         c.mul_(SQRT2).diagonal().copy_(diag)
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]
         parts.append(c / n if biased else c / math.sqrt(m * (m - 3)))
-    if rows and mass / rows < IDENTITY_MASS:
-        _identity_warning(threshold, f"this layer ({mass / rows:.1e})", 3)
+    if rows and mass / rows < sketch.IDENTITY_MASS:
+        sketch.warn_identity(threshold, f"this layer ({mass / rows:.1e})", 3)
     return torch.cat(parts)
