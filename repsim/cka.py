@@ -446,9 +446,10 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
 
 def _median(v: torch.Tensor) -> float:
     """numpy.median of a 1-D tensor (the mean of the two middle values for even counts)."""
-    if v.device.type == "cpu":
-        return float(np.median(v.numpy()))
     k = v.numel() // 2
+    if v.device.type == "cpu":  # numpy.median itself: 25 % slower (a copy, a NaN check)
+        part = np.partition(v.numpy(), [k - 1, k])
+        return float(part[k] if v.numel() % 2 else (part[k - 1] + part[k]) / 2)
     hi = torch.kthvalue(v, k + 1).values
     return float(hi if v.numel() % 2 else (torch.kthvalue(v, k).values + hi) / 2)
 
