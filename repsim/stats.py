@@ -83,17 +83,16 @@ class _Side:
     ``diag``, ``rows`` ``(L, m)``: the Grams' diagonal and row sums as the estimator uses them
     (``hollow``: zero diagonal); ``full_diag``: the diagonal before that."""
 
-    def __init__(self, hollow: bool, m: int, strip: int) -> None:
+    def __init__(self, hollow: bool, m: int, strip: int, k: torch.Tensor | None = None,
+                 x: list[torch.Tensor] | None = None, kernel: str = "linear",
+                 sigma2: list[float | None] | None = None) -> None:
         self.hollow, self.m, self.strip = hollow, m, min(strip, m)
-        self.k: torch.Tensor | None = None
-        self.x: list[torch.Tensor] = []
-        self.kernel, self.sigma2 = "linear", []
+        self.k, self.x, self.kernel, self.sigma2 = k, x, kernel, sigma2
 
     @classmethod
     def of_grams(cls, k: torch.Tensor, hollow: bool) -> _Side:
         """From whole Grams ``(L, m, m)``, kept (and, ``hollow``, their diagonal zeroed)."""
-        side = cls(hollow, k.shape[1], k.shape[1])
-        side.k = k
+        side = cls(hollow, k.shape[1], k.shape[1], k)
         side._set_sums(k.diagonal(dim1=1, dim2=2).clone(), k.sum(2))
         return side
 
@@ -102,8 +101,7 @@ class _Side:
                     hollow: bool, strip: int) -> _Side:
         """From centred features ``(m, p_l)``, Grams in strips of ``strip`` rows. Row sums:
         linear ``K 1 = X (X' 1)``; RBF a pass over the strips of its own."""
-        side = cls(hollow, len(xs[0]), strip)
-        side.x, side.kernel, side.sigma2 = xs, kernel, sigma2
+        side = cls(hollow, len(xs[0]), strip, None, xs, kernel, sigma2)
         if kernel == "linear":
             side._set_sums(torch.stack([(x * x).sum(1) for x in xs]),
                            torch.stack([x @ x.sum(0) for x in xs]))
