@@ -1,8 +1,8 @@
 """Centred kernel alignment (CKA) between every layer of two networks: one engine.
 
-Inputs are feature sets (:mod:`repsim.features`). CKA (Kornblith et al. 2019) of two layers
-with ``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``
-with ``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
+CKA (Kornblith et al. 2019) of two layers of feature sets (:mod:`repsim.features`) with
+``n x n`` Grams ``K``, ``L`` (linear ``X X'``, or RBF ``exp(-|x_i - x_j|^2 / 2s^2)``,
+``s^2 = threshold^2 median|x_i - x_j|^2``) is ``HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))``,
 each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
 
 - ``biased`` (Gretton et al. 2005): ``C(K) = H K H``, ``H = I - 11'/n``;
@@ -13,10 +13,10 @@ each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
   of rows (:func:`minibatches`) before normalising, in O(batch^2) memory whatever ``n``.
 
 Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`centring`), so
-``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) adds up
-``<K, L>``, ``r`` and ``s`` over tiles of the Gram's upper triangle, the tiles of all layers
-stacked so that all ``La x Lb`` inner products are one matrix product. All in float64, within
-``memory_budget`` bytes, never clamped: a negative debiased value is an honest estimate.
+``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) sums ``<K, L>``,
+``r`` and ``s`` over tiles of the Grams' upper triangles, all layers' tiles stacked so that all
+``La x Lb`` inner products are one matrix product. Float64, within ``memory_budget`` bytes,
+never clamped: a negative debiased value is an honest estimate.
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linea
          norms: tuple[torch.Tensor, torch.Tensor] | None = None,
          minus_one: bool = False) -> torch.Tensor:
     """Kernel matrix ``(m, w)`` of the rows of ``x`` ``(m, p)`` and ``y`` ``(w, p)`` (default
-    ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for ``kernel="rbf"``
-    (``norms``: the rows' squared norms, when at hand). ``minus_one``: the RBF Gram less 1
-    (``expm1``), which both centrings map to the same matrix; the engine uses it because
-    entries near 1 (a wide bandwidth) lose their digits in ``exp`` and in the centring."""
+    ``x``): ``x y'``, or ``exp(-|x_i - y_j|^2 / (2 sigma2))`` for RBF (``norms``: the rows'
+    squared norms, if known). ``minus_one``: the RBF Gram less 1 (``expm1``), the same once
+    centred; entries near 1 (a wide bandwidth) would lose their digits in ``exp`` and centring."""
     if kernel == "linear":
         return _dot(x, y, out)
     sketch.check_options(kernel, "biased")  # an unknown kernel
@@ -88,9 +87,8 @@ def centring(hollow: bool, m: int) -> tuple[float, float]:
 
 
 def hsic_scale(hollow: bool, m: int) -> float:
-    """The factor that makes ``<C(K_a), C(K_b)>`` of a batch of ``m`` rows the HSIC that the
-    engine (:class:`MinibatchCKA`) sums: ``1 / (m(m - 3))`` (unbiased) or
-    ``1 / m^2``; 0 for an unbiased batch of fewer than 4 rows, which the engine drops."""
+    """``<C(K_a), C(K_b)>`` of ``m`` rows times this is the HSIC the engine sums: ``1 / m^2``,
+    or unbiased ``1 / (m(m - 3))``, 0 below 4 rows (the engine drops such a batch)."""
     if hollow:
         return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
     return 1.0 / m**2
@@ -126,8 +124,8 @@ class _Layer:
 
 def _load(name: str, src: Any, device: torch.device, resident: bool,
           rows: np.ndarray | None = None, sigma2: float | None = None) -> _Layer:
-    """One pass over a layer's row blocks: check for non-finite values (``rows``: the rows'
-    numbers for the message) and constancy, find column means; keep it centred if resident."""
+    """One pass over a layer's row blocks: refuse non-finite values (``rows``: row numbers for
+    the message), find constancy and column means; keep it centred if resident."""
     n = src.shape[0]
     colsum, first, constant = 0.0, None, True
     blocks = sketch.block_bounds(n, n if resident else 4096)
@@ -246,7 +244,8 @@ class MinibatchCKA:
     samples): unbiased HSIC (``debiased``, the minibatch estimator) or ``tr(K H L H) / m^2``;
     :meth:`compute` gives the ``(La, Lb)`` CKA matrix. Sums of several processes add up
     exactly (:meth:`merge`, or ``all_reduce`` on :meth:`sums`). ``dead_``: per side and layer,
-    why it added nothing to any batch, or None. RBF needs ``median_sqdist_a``/``_b``."""
+    why it added nothing to any batch, or None; ``layers_``: per side (one when B is A), the
+    layers' names. RBF needs ``median_sqdist_a``/``_b``."""
 
     def __init__(self, *, kernel: str = "linear", debiased: bool = True, threshold: float = 1.0,
                  median_sqdist_a: Sequence[float] | None = None,
@@ -257,12 +256,14 @@ class MinibatchCKA:
         if kernel == "rbf" and (median_sqdist_a is None or median_sqdist_b is None):
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
                              "median_sqdist_b (see repsim.cka.rbf_bandwidths)")
-        self.kernel, self.debiased, self.memory_budget = kernel, debiased, memory_budget
+        self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
+        self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
                        [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
         self.device = None if device is None else torch.device(device)
         self.hsic_ab_ = self.hsic_aa_ = self.hsic_bb_ = None  # HSIC sums: (La, Lb), (La,), (Lb,)
         self.dead_: list[list[str | None]] = [[], []]
+        self.layers_: list[list[str]] = []
         # RBF, per side and layer: the Grams' summed off-diagonal entries (the diagonal is 1)
         self.offdiag_mass_: list[np.ndarray] | None = None
         self.n_batches_ = self.n_samples_ = 0
@@ -297,13 +298,15 @@ class MinibatchCKA:
         dead = [[L.dead for L in side] for side in (sides[0], sides[-1])]
         # RBF: the Grams' off-diagonal mass (their totals were of K - 1, diagonal 0).
         mass = [(t + m * (m - 1)).cpu().numpy() for t in totals] if self.kernel == "rbf" else None
-        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass)
+        names = [names_a] if same else [names_a, names_b]
+        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass, names)
 
     def _accumulate(self, hsic: list[torch.Tensor], dead: list[list[str | None]],
-                    batches: int, samples: int, mass: list[np.ndarray] | None) -> MinibatchCKA:
+                    batches: int, samples: int, mass: list[np.ndarray] | None,
+                    names: list[list[str]]) -> MinibatchCKA:
         if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor
             self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (x.clone() for x in hsic)
-            self.dead_ = [list(d) for d in dead]
+            self.dead_, self.layers_ = [list(d) for d in dead], [list(x) for x in names]
             self.offdiag_mass_ = None if mass is None else [x.copy() for x in mass]
         elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
@@ -329,7 +332,8 @@ class MinibatchCKA:
         if other.hsic_ab_ is None:
             return self
         return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
-                                other.n_batches_, other.n_samples_, other.offdiag_mass_)
+                                other.n_batches_, other.n_samples_, other.offdiag_mass_,
+                                other.layers_)
 
     def sums(self) -> dict[str, torch.Tensor]:
         """The raw float64 sums; adding these across processes is exact merging."""
@@ -340,10 +344,24 @@ class MinibatchCKA:
                 "n_samples": torch.tensor(float(self.n_samples_), dtype=F64)}
 
     def compute(self) -> np.ndarray:
-        """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive."""
+        """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
+        Warns of RBF Grams that are nearly the identity, and of self-HSICs that underflow."""
         sums = self.sums()  # raises before the first batch
-        return sketch.normalise(*(sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa",
-                                                                  "hsic_bb")))
+        ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
+        if self.kernel == "rbf":
+            self._warn_identity()
+        else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
+            sketch.warn_underflow([aa, bb], [[not d for d in x] for x in self.dead_])
+        return sketch.normalise(ab, aa, bb)
+
+    def _warn_identity(self) -> None:
+        """One warning for all layers whose RBF Grams are nearly the identity."""
+        per_row = [m / self.n_samples_ for m in self.offdiag_mass_]
+        bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(self.layers_, per_row, self.dead_)
+               for nm, v, dead in zip(side, vs, ds) if v < sketch.IDENTITY_MASS and not dead]
+        if bad:
+            sketch.warn_identity(self.threshold, f"layers {', '.join(bad[:4])}"
+                                 f"{' ...' * (len(bad) > 4)}", 4)
 
 
 # --------------------------------------------------------------------------- public API
@@ -385,40 +403,14 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         ba = dict(zip(names_a, [take(m, idx) for m in mats_a]))
         bb = ba if same else dict(zip(names_b, [take(m, idx) for m in mats_b]))
         acc._add(ba, bb, idx, progress and not mini)
-    for names, dead in [(names_a, acc.dead_[0])] + ([] if same else [(names_b, acc.dead_[1])]):
+    for names, dead in zip(acc.layers_, acc.dead_):  # one side when B is A
         for name, why in zip(names, dead):
             if why:
                 warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
                               "CKA values are NaN", RuntimeWarning, stacklevel=2)
-    if kernel == "rbf":
-        _warn_identity_grams([names_a] + ([] if same else [names_b]), acc, threshold)
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res
-
-
-# Below this off-diagonal Gram mass per row (the diagonal is 1), an RBF Gram is nearly the
-# identity: biased CKA tends to 1, unbiased HSIC to 0 (NaN once it underflows), whatever the
-# data. Measured on Gaussian data (n = 200, p = 10 to 1,000): threshold 0.1 gives 1e-14 to
-# 8e-4, 0.5 gives 27-33, 1.0 about 120; the median distance sits at exp(-1 / 2 threshold^2).
-IDENTITY_MASS = 1e-3
-
-
-def _warn_identity_grams(names: list[list[str]], acc: MinibatchCKA, threshold: float) -> None:
-    """One warning for all layers (``names`` per side) whose RBF Grams are nearly the identity."""
-    per_row = [m / acc.n_samples_ for m in acc.offdiag_mass_]
-    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(names, per_row, acc.dead_)
-           for nm, v, dead in zip(side, vs, ds) if v < IDENTITY_MASS and not dead]
-    if bad:
-        _identity_warning(threshold, f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}", 4)
-
-
-def _identity_warning(threshold: float, layers: str, stacklevel: int) -> None:
-    warnings.warn(f"threshold={threshold:g} makes the RBF Grams of {layers} nearly the "
-                  f"identity (off-diagonal mass per row below {IDENTITY_MASS:g} of the "
-                  "diagonal): CKA with them no longer depends on the data; use a threshold "
-                  "between 0.5 and 2 (1, the default, is the median distance)",
-                  RuntimeWarning, stacklevel=stacklevel)
 
 
 def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
@@ -455,7 +447,7 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
 def _median(v: torch.Tensor) -> float:
     """numpy.median of a 1-D tensor (the mean of the two middle values for even counts)."""
     k = v.numel() // 2
-    if v.device.type == "cpu":
+    if v.device.type == "cpu":  # numpy.median itself: 25 % slower (a copy, a NaN check)
         part = np.partition(v.numpy(), [k - 1, k])
         return float(part[k] if v.numel() % 2 else (part[k - 1] + part[k]) / 2)
     hi = torch.kthvalue(v, k + 1).values
@@ -492,6 +484,6 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
         c.mul_(SQRT2).diagonal().copy_(diag)
         c = c[torch.ones(m, m, dtype=torch.bool, device=dev).triu_(0 if biased else 1)]
         parts.append(c / n if biased else c / math.sqrt(m * (m - 3)))
-    if rows and mass / rows < IDENTITY_MASS:
-        _identity_warning(threshold, f"this layer ({mass / rows:.1e})", 3)
+    if rows and mass / rows < sketch.IDENTITY_MASS:
+        sketch.warn_identity(threshold, f"this layer ({mass / rows:.1e})", 3)
     return torch.cat(parts)

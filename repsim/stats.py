@@ -1,27 +1,23 @@
 """How much to trust a CKA value: standard errors, permutation nulls, effective dimensionality.
 
-Everything here works on the stacked Grams ``(L, m, m)`` of one batch of rows (all ``n`` rows
-for the biased and debiased estimators, each random batch for minibatch CKA), in float64:
+All in float64 on the stacked Grams ``(L, m, m)`` of one batch of rows (all ``n`` rows for the
+biased and debiased estimators, each random batch for minibatch CKA):
 
-- **Delete-one jackknife over images, in closed form.** Removing image ``i`` changes the
-  inner product, row sums and total of a Gram by rank-one terms, so every leave-one-out HSIC
-  of every layer pair comes from three batched products, O(m^2) per pair like CKA itself
-  (:func:`_closed_forms`). Those products, like the participation ratio, add up row by row,
-  so the Grams are read in strips of rows within a memory budget (:func:`strip_rows`) and
-  never need to be whole (:class:`_Side`). With minibatches the unit is a batch
-  (delete-one-batch).
-  The bootstrap over images is *not* offered: resampling with replacement duplicates
-  images, which both Grams see as perfectly aligned pairs, so it inflates CKA (independent
-  Gaussian data, n = 300, p = 3,000: debiased CKA -0.0002, on a bootstrap resample 0.91).
-- **Permutation null.** Shuffling which image of B goes with which image of A re-indexes
-  B's centred Gram (centring commutes with a permutation): ``<C_a, P C_b P'>``, never a
-  new Gram (:func:`permutation_null`). Minibatch CKA permutes within each batch. This does
-  need every batch's whole centred Grams: beyond the memory budget it is refused
-  (:func:`check_null_fits`).
-- **Participation ratio** ``PR = (tr HKH)^2 / ||HKH||_F^2`` of each layer (its effective
-  dimensionality; at most ``m - 1``): the biased estimator's permutation-null mean is exactly
+- **Delete-one jackknife over images, in closed form.** Removing image ``i`` changes a Gram's
+  inner product, row sums and total by rank-one terms, so every leave-one-out HSIC of every
+  layer pair comes from three batched products, O(m^2) per pair (:func:`_closed_forms`).
+  These add up row by row, so the Grams are read in strips within a memory budget
+  (:func:`strip_rows`, :class:`_Side`). With minibatches the unit is a batch.
+  No bootstrap: resampling with replacement duplicates images, which both Grams see as
+  perfectly aligned pairs (independent Gaussian data, n = 300, p = 3,000: debiased CKA
+  -0.0002, on a bootstrap resample 0.91).
+- **Permutation null.** Re-pairing the images of B with those of A re-indexes B's centred
+  Gram: ``<C_a, P C_b P'>``, no new Gram (:func:`permutation_null`; minibatch CKA permutes
+  within each batch). It needs every batch's whole centred Grams (:func:`check_null_fits`).
+- **Participation ratio** ``PR = (tr HKH)^2 / ||HKH||_F^2`` per layer (effective
+  dimensionality, at most ``m - 1``): the biased estimator's permutation-null mean is exactly
   ``sqrt(PR_a PR_b) / (m - 1)``, about 0.91 for isotropic features with ``p = 10 m``
-  (Murphy, Zylberberg & Fyshe 2024). The unbiased estimators' null mean is 0.
+  (Murphy, Zylberberg & Fyshe 2024); the unbiased estimators' is 0.
 """
 
 from __future__ import annotations
@@ -46,64 +42,66 @@ MIN_JACKKNIFE_BATCHES = 20
 def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "linear",
           sigma2: list[float] | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
     """Stacked Grams ``(L, m, m)`` float64 of the rows ``rows`` (default all) of each
-    ``(n, p)`` matrix in ``mats``, features centred first (CKA does not change; the
-    linear Gram is then already ``HKH``). RBF needs ``sigma2``, the squared bandwidth per
-    layer (``threshold^2`` times :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less
-    1, as the engine uses it (``minus_one`` of :func:`repsim.cka.gram`; centring drops it)."""
+    ``(n, p)`` matrix in ``mats``, features centred first (the linear Gram is then ``HKH``).
+    RBF needs ``sigma2``, the squared bandwidth per layer (``threshold^2`` times
+    :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less 1, as the engine does."""
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
 
 
-def _gram(x: torch.Tensor, kernel: str, sigma2: float | None) -> torch.Tensor:
+def _gram(x: torch.Tensor, kernel: str, sigma2: float | None, s0: int = 0,
+          s1: int | None = None) -> torch.Tensor:
+    """Rows ``s0:s1`` (default all) ``(s, m)`` of one layer's Gram from its centred features,
+    as the engine uses it (``minus_one``)."""
+    s1 = len(x) if s1 is None else s1
     if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
-        return x.new_zeros(len(x), len(x))
-    return gram(x, kernel=kernel, sigma2=sigma2, minus_one=True)  # as the engine
+        return x.new_zeros(s1 - s0, len(x))
+    y = None if s1 - s0 == len(x) else x  # None: the whole Gram, exactly symmetric
+    return gram(x[s0:s1], y, kernel=kernel, sigma2=sigma2, minus_one=True)
 
 
 def hsic(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
     """``<C(K_a), C(K_b)>`` ``(La, Lb)`` of stacked Grams: biased (``HKH``) or, with
     ``hollow``, U-centred (unbiased HSIC times ``m(m - 3)``)."""
-    sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
-    return _closed_forms(*_moments(sa, sb)[0], hollow)[0]
+    return _of_grams(ka, kb, hollow)[0]
 
 
 def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Tensor:
-    """``<C(K_a), C(K_b)>`` on all rows but ``i``, for every ``i``: ``(m, La, Lb)``, of whole
-    stacked Grams ``(La, m, m)``, ``(Lb, m, m)`` (:func:`_closed_forms`)."""
+    """:func:`hsic` on all rows but ``i``, for every ``i``: ``(m, La, Lb)``."""
+    return _of_grams(ka, kb, hollow)[1]
+
+
+def _of_grams(ka: torch.Tensor, kb: torch.Tensor, hollow: bool):
     sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
-    return _closed_forms(*_moments(sa, sb)[0], hollow)[1]
+    return _closed_forms(*_moments(sa, sb)[0], hollow)
 
 
 class _Side:
-    """One side's ``L`` layers on one batch of ``m`` rows, read as row strips of their Grams.
-
-    Holds either the whole stacked Grams ``(L, m, m)`` or the centred features, from which
-    each strip ``(L, s, m)`` is computed when asked (:meth:`of_features`). ``diag`` and
-    ``rows`` ``(L, m)``: the diagonal and row sums of the Grams as the estimator uses them
+    """One side's ``L`` layers on a batch of ``m`` rows, read as row strips ``(L, s, m)`` of
+    their Grams: held whole ``(L, m, m)``, or made from the centred features when asked.
+    ``diag``, ``rows`` ``(L, m)``: the Grams' diagonal and row sums as the estimator uses them
     (``hollow``: zero diagonal); ``full_diag``: the diagonal before that."""
 
-    def __init__(self, hollow: bool, m: int, strip: int) -> None:
+    def __init__(self, hollow: bool, m: int, strip: int, k: torch.Tensor | None = None,
+                 x: list[torch.Tensor] | None = None, kernel: str = "linear",
+                 sigma2: list[float | None] | None = None) -> None:
         self.hollow, self.m, self.strip = hollow, m, min(strip, m)
-        self.k: torch.Tensor | None = None
-        self.x: list[torch.Tensor] = []
-        self.kernel, self.sigma2 = "linear", []
+        self.k, self.x, self.kernel, self.sigma2 = k, x, kernel, sigma2
 
     @classmethod
     def of_grams(cls, k: torch.Tensor, hollow: bool) -> _Side:
         """From whole Grams ``(L, m, m)``, kept (and, ``hollow``, their diagonal zeroed)."""
-        side = cls(hollow, k.shape[1], k.shape[1])
-        side.k = k
+        side = cls(hollow, k.shape[1], k.shape[1], k)
         side._set_sums(k.diagonal(dim1=1, dim2=2).clone(), k.sum(2))
         return side
 
     @classmethod
     def of_features(cls, xs: list[torch.Tensor], kernel: str, sigma2: list[float | None],
                     hollow: bool, strip: int) -> _Side:
-        """From centred features ``(m, p_l)``: the Grams in strips of ``strip`` rows. Row
-        sums come first: linear ``K 1 = X (X' 1)``; RBF a pass over the strips of its own."""
-        side = cls(hollow, len(xs[0]), strip)
-        side.x, side.kernel, side.sigma2 = xs, kernel, sigma2
+        """From centred features ``(m, p_l)``, Grams in strips of ``strip`` rows. Row sums:
+        linear ``K 1 = X (X' 1)``; RBF a pass over the strips of its own."""
+        side = cls(hollow, len(xs[0]), strip, None, xs, kernel, sigma2)
         if kernel == "linear":
             side._set_sums(torch.stack([(x * x).sum(1) for x in xs]),
                            torch.stack([x @ x.sum(0) for x in xs]))
@@ -125,7 +123,7 @@ class _Side:
 
     def _raw(self, s0: int, s1: int) -> torch.Tensor:
         """Rows ``s0:s1`` of the full Grams (diagonal kept), from the features."""
-        return torch.stack([_gram_rows(x, s0, s1, self.kernel, sig)
+        return torch.stack([_gram(x, self.kernel, sig, s0, s1)
                             for x, sig in zip(self.x, self.sigma2)])
 
     def rows_of(self, s0: int, s1: int) -> torch.Tensor:
@@ -138,29 +136,20 @@ class _Side:
         return k
 
 
-def _gram_rows(x: torch.Tensor, s0: int, s1: int, kernel: str,
-               sigma2: float | None) -> torch.Tensor:
-    """Rows ``s0:s1`` of one layer's Gram ``(s1 - s0, m)`` from its centred features."""
-    if kernel == "rbf" and not sigma2 > 0:  # no bandwidth: the engine's dead layer (CKA NaN)
-        return x.new_zeros(s1 - s0, len(x))
-    return gram(x[s0:s1], x, kernel=kernel, sigma2=sigma2, minus_one=True)
-
-
 def _products(ka: torch.Tensor, kb: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor,
               pairs: bool) -> tuple[torch.Tensor, ...]:
-    """``(K_a o K_b 1)_i``, ``(K_a r_b)_i`` and ``(K_b r_a)_i`` for the rows ``i`` of strips
-    ``ka`` ``(La, s, m)``, ``kb`` ``(Lb, s, m)`` (``ra`` ``(La, m)``, ``rb``: row sums): each
-    ``(s, La, Lb)``, or with ``pairs=False`` (``kb`` is ``ka``) each layer with itself
-    ``(s, L)``."""
+    """``(K_a o K_b 1)_i``, ``(K_a r_b)_i``, ``(K_b r_a)_i`` for the rows ``i`` of strips
+    ``ka`` ``(La, s, m)``, ``kb`` ``(Lb, s, m)`` (``ra``, ``rb``: row sums ``(L, m)``): each
+    ``(s, La, Lb)``, or ``(s, L)`` for ``pairs=False`` (``kb`` is ``ka``, each layer alone)."""
     o, b = ("ab", "b") if pairs else ("a", "a")
     return (torch.einsum(f"aij,{b}ij->i{o}", ka, kb), torch.einsum(f"aij,{b}j->i{o}", ka, rb),
             torch.einsum(f"{b}ij,aj->i{o}", kb, ra))
 
 
 def _moments(sa: _Side, sb: _Side) -> list[tuple[torch.Tensor, ...]]:
-    """What the closed forms need, strip by strip, for A with B, A with itself and B with
-    itself: ``(rowdot, K_a r_b, K_b r_a, d_a, d_b, r_a, r_b)``, each ``(m, La, Lb)``,
-    ``(m, La)`` or ``(m, Lb)`` (or broadcastable to it; :func:`_products`)."""
+    """The closed forms' arguments for A with B, A with itself, B with itself, strip by strip:
+    ``(rowdot, K_a r_b, K_b r_a, d_a, d_b, r_a, r_b)``, each (broadcastable to) ``(m, La, Lb)``,
+    ``(m, La)`` or ``(m, Lb)``."""
     la, lb, m, ra, rb = len(sa.rows), len(sb.rows), sa.m, sa.rows, sb.rows
     # Filled in place: small results allocated between the strips' large temporaries would
     # fragment the heap (m = 4,000, 5 layers, strips for 64 MiB: peak RSS 1.1 GiB, not 0.14).
@@ -229,10 +218,10 @@ CHUNK = 512  # triangle entries per product in the permutation null
 
 def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: np.ndarray,
                      permutations: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Permutation null of CKA from centred Grams, one ``(L, m, m)`` pair per batch
-    (:func:`repsim.cka.centre` of each). Each permutation pairs B's rows with a random
-    reordering of A's within every batch. Returns ``p_value`` ``(1 + #{null >= observed}) /
-    (1 + permutations)``, ``null_mean`` and ``null_q95`` per cell."""
+    """Permutation null of CKA from centred Grams (:func:`repsim.cka.centre`), one
+    ``(L, m, m)`` pair per batch; each permutation reorders A's rows within every batch.
+    Per cell: ``p_value`` ``(1 + #{null >= observed}) / (1 + permutations)``, ``null_mean``,
+    ``null_q95``."""
     if len(ca[0]) > len(cb[0]):  # re-index the side with fewer layers
         null = permutation_null(cb, ca, observed.T, permutations, seed)
         return {k: v.T for k, v in null.items()}
@@ -240,12 +229,11 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
     own_b = sum((c.flatten(1) ** 2).sum(1) for c in cb)
     den = torch.sqrt(own_a)[:, None] * torch.sqrt(own_b)[None, :]  # no product to overflow
     g = torch.Generator().manual_seed(seed)
-    # Both Grams are symmetric: sum over the upper triangle, off-diagonal terms twice, which
-    # halves the gather and the product that every permutation costs. A's Grams are stored
-    # entry-major, (m^2, L_a), so the gather reads one short row per entry; the triangle is
-    # cut into chunks of CHUNK entries for one batched product (BLAS does one (L_a x N) @
-    # (N x L_b) product with N ~ m^2 / 2 about 3x slower than N / CHUNK short ones). The
-    # padding entries point at entry 0 and meet zero rows of B.
+    # Symmetric Grams: the upper triangle, off-diagonal terms twice, halves each permutation's
+    # gather and product. A's Grams are entry-major (m^2, L_a), so the gather reads one short
+    # row per entry; the triangle is cut into chunks of CHUNK entries for one batched product
+    # (BLAS does one (L_a x N) @ (N x L_b) product, N ~ m^2 / 2, 3x slower than N / CHUNK
+    # short ones). Padding entries point at entry 0 and meet zero rows of B.
     batches = []
     for a, b in zip(ca, cb):
         m = a.shape[1]
@@ -308,10 +296,10 @@ NULL_COPIES = 3
 
 
 def strip_rows(m: int, layers: int, budget: int) -> int:
-    """Rows per Gram strip for a batch of ``m`` rows of ``layers`` layers within ``budget``
-    bytes: ``m`` (whole Grams) when :data:`WORK_COPIES` of them fit, else as many as fit
-    (at least 16). Memory: ``WORK_COPIES * 8 * layers * strip * m`` bytes, plus the
-    leave-one-out values ``(m, La, Lb)`` and the centred features ``(m, p)`` of every layer."""
+    """Rows per Gram strip of a batch of ``m`` rows of ``layers`` layers within ``budget``
+    bytes: ``m`` (whole Grams) when :data:`WORK_COPIES` of them fit, else as many as fit, at
+    least 16. Memory: ``WORK_COPIES * 8 * layers * strip * m`` bytes, plus the leave-one-out
+    values ``(m, La, Lb)`` and every layer's centred features ``(m, p)``."""
     return min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
 
 
@@ -326,17 +314,24 @@ def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray]
     fix = ("a smaller batch_size= or fewer images (n=)" if estimator == "minibatch" else
            "estimator='minibatch' (batches of 1,024 rows) or fewer images (n=)")
     raise UserError(f"permutations={permutations} needs every batch's centred Grams in memory, "
-                    f"about {need / 2**20:,.0f} MiB for {layers} layers of {m} rows per batch; "
-                    f"valid: at most the memory budget, {budget / 2**20:,.0f} MiB (a quarter of "
+                    f"about {_size(need)} for {layers} layers of {m} rows per batch; "
+                    f"valid: at most the memory budget, {_size(budget)} (a quarter of "
                     f"the device's memory unless memory_budget is given); fix: use {fix}, or "
                     "permutations=0 for standard errors alone")
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` for a message: MiB, or below 1 MiB (where MiB would read 0) KiB or bytes."""
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:,.0f} MiB"
+    return f"{nbytes / 2**10:,.1f} KiB" if nbytes >= 2**10 else f"{nbytes:,} bytes"
 
 
 def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
           sigma2: list[float] | None, hollow: bool, strip: int, device: torch.device) -> _Side:
     """One side (``name``: its argument) of a batch of ``m`` rows ``rows`` (None: all): whole
-    Grams built one layer at a time when ``strip >= m``, else the centred features of every
-    layer, for strips. NaN or infinity raise ValueError (CKA would be NaN, silently)."""
+    Grams, one layer at a time, when ``strip >= m``, else every layer's centred features.
+    NaN or infinity raise ValueError (CKA would be NaN, silently)."""
     sigma2, xs = sigma2 or [None] * len(mats), []
     for i, x in enumerate(mats):
         xs.append(centred_rows(x, rows, device))
@@ -351,9 +346,8 @@ def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: s
 
 
 def _batch(sides: list[_Side], hollow: bool):
-    """HSIC terms of one batch, unscaled: ``[(La, Lb), (La,), (Lb,)]``, the same without each
-    row ``[(m, La, Lb), (m, La), (m, Lb)]``, their sizes (:func:`_closed_forms`) like the
-    first, and the participation ratios ``(La,)``, ``(Lb,)``."""
+    """One batch's unscaled HSIC terms ``[(La, Lb), (La,), (Lb,)]``, the same without each row
+    (``(m, ...)``), their sizes (:func:`_closed_forms`), and participation ratios."""
     moments = _moments(*sides)
     pr = [_participation(s, x[0].sum(0)) for s, x in zip(sides, moments[1:])]
     forms = zip(*(_closed_forms(*x, hollow) for x in moments))
@@ -402,13 +396,12 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
               permutations: int = 0, seed: int = 0, device: str | torch.device = "cpu",
               memory_budget: int | None = None, strip: int | None = None) -> Calibration:
     """CKA of every layer pair of ``mats_a``, ``mats_b`` (lists of ``(n, p)`` matrices, rows
-    aligned) with its jackknife standard error, participation ratios and, with
-    ``permutations``, the permutation null. ``batches``: the row sets of minibatch CKA
-    (default: all rows, one batch). Removing an image changes only its batch's terms, so the
-    delete-one-image jackknife is closed-form for every estimator. Memory: Gram strips of
-    ``strip`` rows (default :func:`strip_rows` of ``memory_budget`` bytes, itself by default
-    :func:`repsim.cka.default_memory_budget`); the permutation null needs every batch's whole
-    Grams, ``(La + Lb) m^2`` float64 numbers each, and is refused beyond the budget."""
+    aligned) with jackknife standard errors, participation ratios and, with ``permutations``,
+    the permutation null. ``batches``: minibatch CKA's row sets (default: all rows). Removing
+    an image changes only its batch's terms, so the delete-one-image jackknife is closed-form
+    for every estimator. Memory: Gram strips of ``strip`` rows (default :func:`strip_rows` of
+    ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
+    needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
     hollow, dev = estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
@@ -469,10 +462,9 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
                      ids: np.ndarray | None = None, device: str | torch.device = "cpu",
                      memory_budget: int | None = None) -> CKAResult:
     """Add standard errors, participation ratios and (``permutations``) the null to ``res``,
-    the CKA of ``mats_a`` and ``mats_b`` made by :func:`repsim.cka.compare` (its settings
-    and bandwidths are reused). ``influence``: per cell, the ``influence`` images whose removal
-    moves it most, as ``[sample id, change]`` (``ids``: the rows' sample IDs).
-    ``memory_budget``: bytes, as in :func:`calibrate`."""
+    :func:`repsim.cka.compare`'s CKA of ``mats_a`` and ``mats_b`` (its settings and bandwidths
+    reused). ``influence``: per cell, the ``influence`` images whose removal moves it most,
+    as ``[sample id, change]`` (``ids``: the rows' sample IDs). ``memory_budget``: bytes."""
     batches = (minibatches(res.n, res.batch_size, res.batch_seed)
                if res.estimator == "minibatch" else None)
     sig = [None if b is None else [res.threshold**2 * v for v in b]

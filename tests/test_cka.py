@@ -553,3 +553,32 @@ def test_rbf_bandwidths_refuse_non_finite_features(rng, bad):
     x[5, 1] = bad
     with pytest.raises(ValueError, match=r"layer 'a\[1\]' has non-finite"):
         cka.rbf_bandwidths([rng.standard_normal((20, 3)), x])
+
+
+@pytest.mark.parametrize("estimator", FULL)
+def test_features_whose_self_hsic_underflows_warn(rng, estimator):
+    # x * 1e-90: <K, K> ~ 1e-350 underflows float64 to 0, so CKA was NaN, without a warning
+    x = rng.standard_normal((100, 30))
+    y = x[:, :5] + rng.standard_normal((100, 5))
+    with pytest.warns(RuntimeWarning, match="underflows float64") as got:
+        m = cka.cka_matrix([x * 1e-90, x], [y], estimator=estimator)
+    assert np.isnan(m[0, 0]) and "multiply" in str(got[0].message)
+    assert m[1, 0] == pytest.approx(cka.cka_matrix([x], [y], estimator=estimator)[0, 0])
+
+
+def test_sketches_whose_self_hsic_underflows_warn(rng):
+    x = rng.standard_normal((100, 30))
+    sk = [cka.layer_sketch(z, estimator="debiased") for z in (x * 1e-90, x)]
+    with pytest.warns(RuntimeWarning, match="underflows float64"):
+        m = cka.cka_from_sketches(sk, sk[1:])
+    assert np.isnan(m[0, 0]) and m[1, 0] == pytest.approx(1.0)
+
+
+def test_minibatch_cka_used_directly_warns_of_a_narrow_rbf_bandwidth(rng):
+    x, y = rng.standard_normal((60, 10)), rng.standard_normal((60, 8))
+    acc = cka.MinibatchCKA(kernel="rbf", threshold=0.01, median_sqdist_a=cka.rbf_bandwidths([x]),
+                           median_sqdist_b=cka.rbf_bandwidths([y]))
+    for idx in cka.minibatches(60, 20):
+        acc.update([x[idx]], [y[idx]])
+    with pytest.warns(RuntimeWarning, match=r"threshold=0.01 .*'a\[0\]'.* nearly the identity"):
+        acc.compute()

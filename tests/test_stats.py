@@ -439,3 +439,11 @@ def test_a_jackknife_of_one_unit_has_no_standard_error():
     # one estimate says nothing about its spread: it was SE 0, a claim of certainty
     assert np.isnan(stats.jackknife_se(np.array([[0.5, 0.7]]))).all()
     assert stats.jackknife_se(np.array([[0.5], [0.7]]))[0] == pytest.approx(0.1)
+
+
+def test_a_permutation_null_refused_at_a_tiny_budget_states_sizes_in_a_useful_unit():
+    # 75 KiB of Grams against a 1,000-byte budget read "about 0 MiB ... 0 MiB"
+    x, y = _gauss(40, 6, 0), _gauss(40, 5, 1)
+    with pytest.raises(UserError, match="permutations=9 needs") as err:
+        stats.calibrate([x], [y], permutations=9, memory_budget=1000)
+    assert "about 75.0 KiB" in str(err.value) and "budget, 1,000 bytes" in str(err.value)
