@@ -40,13 +40,10 @@ def _side_seeds(weights: str | None, side: str) -> list[str | None]:
     if not seeds:
         raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
                         f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
-    seen: set[str] = set()
-    for w in seeds:
-        key = None if w is None else os.path.normpath(os.path.expanduser(w))
-        if key in seen:
-            raise UserError(f"weights_{side}={weights!r} lists {key} twice; list each seed's "
-                            "weights file once")
-        seen.add(key)
+    keys = [None if w is None else os.path.normpath(os.path.expanduser(w)) for w in seeds]
+    if twice := [k for i, k in enumerate(keys) if k in keys[:i]]:
+        raise UserError(f"weights_{side}={weights!r} lists {twice[0]} twice; list each seed's "
+                        "weights file once")
     return seeds
 
 
