@@ -363,17 +363,16 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
                   force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers: for a model name, the default store
     when it holds them, else a store of exactly those. ``common``: the other arguments of
-    :func:`resolve_store`; ``side`` (``"a"``, ``"b"``): errors name this side's parameters
-    (``b=``, ``weights_b=``, ``layers_b=``), not the model's (``model=``, ...)."""
+    :func:`resolve_store`; errors name the parameters of ``side`` (:func:`for_side`)."""
+    kw = dict(weights=weights, label=label, force=force, **common)
     try:
-        store = resolve_store(ref, weights=weights, label=label, force=force, **common)
+        store = resolve_store(ref, **kw)
         try:
             return store, select_layers(store, layers)
         except UserError:
             if looks_like_store(ref) or layers is None:
                 raise
-        store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
-                              **common)
+        store = resolve_store(ref, layers=layers, **kw)
         return store, list(store.layers)
     except UserError as exc:
         if not side:
