@@ -278,9 +278,14 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
             raise for_side(exc, side) from None
     try:
         size = sketch.check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
-        return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
     except ValueError as e:
         raise UserError(str(e)) from None
+    n, need = cfg.probe.n, sketch.min_rows(cfg.estimator)
+    extracts = not (looks_like_store(cfg.a) and looks_like_store(cfg.b))  # n applies then
+    if extracts and is_whole(n) and n < need:  # refused before extracting, not after
+        raise UserError(f"n={n}: estimator={cfg.estimator!r} needs at least {need} samples; "
+                        f"fix: give n={need} or more")
+    return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 
 def _warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
