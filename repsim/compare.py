@@ -215,14 +215,11 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    """Versions of what computed a result. torch's comes from its package metadata, so the
-    answer does not depend on whether torch was imported (cached comparisons never do)."""
+    """Versions of what computed a result, from package metadata: the same whether torch was
+    imported or not (cached comparisons never import it)."""
     from importlib.metadata import version
 
-    import h5py
-
-    return {"repsim": __version__, "numpy": np.__version__, "h5py": h5py.__version__,
-            "torch": version("torch")}
+    return {"repsim": __version__, **{m: version(m) for m in ("numpy", "h5py", "torch")}}
 
 
 def _inputs(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> dict:
