@@ -278,10 +278,9 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     except ValueError as e:
         raise UserError(str(e)) from None
     n, need = cfg.probe.n, sketch.min_rows(cfg.estimator)
-    extracts = not (looks_like_store(cfg.a) and looks_like_store(cfg.b))  # n applies then
-    if extracts and is_whole(n) and n < need:  # refused before extracting, not after
+    if is_whole(n) and n < need and not (looks_like_store(cfg.a) and looks_like_store(cfg.b)):
         raise UserError(f"n={n}: estimator={cfg.estimator!r} needs at least {need} samples; "
-                        f"fix: give n={need} or more")
+                        f"fix: give n={need} or more")  # before extracting a model, not after
     return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 
