@@ -215,14 +215,11 @@ def select_layers(store: StoreRef, request: str | None) -> list[str]:
 
 
 def versions() -> dict[str, str]:
-    """Versions of what computed a result. torch's comes from its package metadata, so the
-    answer does not depend on whether torch was imported (cached comparisons never do)."""
+    """Versions of what computed a result, from package metadata: the same whether torch was
+    imported or not (cached comparisons never import it)."""
     from importlib.metadata import version
 
-    import h5py
-
-    return {"repsim": __version__, "numpy": np.__version__, "h5py": h5py.__version__,
-            "torch": version("torch")}
+    return {"repsim": __version__, **{m: version(m) for m in ("numpy", "h5py", "torch")}}
 
 
 def _inputs(a: StoreRef, b: StoreRef, layers_a, layers_b, cfg: CKAConfig) -> dict:
@@ -278,9 +275,13 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
             raise for_side(exc, side) from None
     try:
         size = sketch.check_options(cfg.kernel, cfg.estimator, cfg.threshold, cfg.batch_size)
-        return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
     except ValueError as e:
         raise UserError(str(e)) from None
+    n, need = cfg.probe.n, sketch.min_rows(cfg.estimator)
+    if is_whole(n) and n < need and not (looks_like_store(cfg.a) and looks_like_store(cfg.b)):
+        raise UserError(f"n={n}: estimator={cfg.estimator!r} needs at least {need} samples; "
+                        f"fix: give n={need} or more")  # before extracting a model, not after
+    return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 
 def _warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
@@ -363,17 +364,16 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
                   force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
     """The store for one side and its selected layers: for a model name, the default store
     when it holds them, else a store of exactly those. ``common``: the other arguments of
-    :func:`resolve_store`; ``side`` (``"a"``, ``"b"``): errors name this side's parameters
-    (``b=``, ``weights_b=``, ``layers_b=``), not the model's (``model=``, ...)."""
+    :func:`resolve_store`; errors name the parameters of ``side`` (:func:`for_side`)."""
+    kw = dict(weights=weights, label=label, force=force, **common)
     try:
-        store = resolve_store(ref, weights=weights, label=label, force=force, **common)
+        store = resolve_store(ref, **kw)
         try:
             return store, select_layers(store, layers)
         except UserError:
             if looks_like_store(ref) or layers is None:
                 raise
-        store = resolve_store(ref, weights=weights, layers=layers, label=label, force=force,
-                              **common)
+        store = resolve_store(ref, layers=layers, **kw)
         return store, list(store.layers)
     except UserError as exc:
         if not side:

@@ -40,13 +40,10 @@ def _side_seeds(weights: str | None, side: str) -> list[str | None]:
     if not seeds:
         raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
                         f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
-    seen: set[str] = set()
-    for w in seeds:
-        key = None if w is None else os.path.normpath(os.path.expanduser(w))
-        if key in seen:
-            raise UserError(f"weights_{side}={weights!r} lists {key} twice; list each seed's "
-                            "weights file once")
-        seen.add(key)
+    keys = [None if w is None else os.path.normpath(os.path.expanduser(w)) for w in seeds]
+    if twice := [k for i, k in enumerate(keys) if k in keys[:i]]:
+        raise UserError(f"weights_{side}={weights!r} lists {twice[0]} twice; list each seed's "
+                        "weights file once")
     return seeds
 
 
@@ -55,26 +52,22 @@ def has_seeds(cfg: CKAConfig) -> bool:
     return max(len(seed_list(cfg.weights_a)), len(seed_list(cfg.weights_b))) > 1
 
 
-def _matrix(rows: list) -> np.ndarray:
-    return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=np.float64)
-
-
 def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> list | None:
     """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None)."""
     if len(seeds) < 2:
         return None
-    diags = [np.diag(_matrix(run_cka(replace(
-        cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers, layers_b=layers,
-        label_a=None, label_b=None, plots=False))["result"]["matrix"]))
-        for x, y in itertools.combinations(seeds, 2)]
-    return jsonable(np.mean(diags, 0))
+    runs = [run_cka(replace(cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers,
+                            layers_b=layers, label_a=None, label_b=None, plots=False))
+            for x, y in itertools.combinations(seeds, 2)]
+    stack = np.array([r["result"]["matrix"] for r in runs], np.float64)  # None: NaN
+    return jsonable(np.diagonal(stack, axis1=1, axis2=2).mean(0))
 
 
 def aggregate(results: list[dict]) -> dict:
     """The mean ``matrix``, ``seed_sd`` (over the comparisons, ddof 1; None for one) and the
     mean image-level ``se`` of several CKA results of the same layers."""
-    stack = np.stack([_matrix(r["matrix"]) for r in results])
-    se = [_matrix(r["se"]) for r in results if r.get("se")]
+    stack = np.array([r["matrix"] for r in results], np.float64)  # JSON's None: NaN again
+    se = [np.array(r["se"], np.float64) for r in results if r.get("se")]
     return {"matrix": jsonable(np.mean(stack, 0)),  # NaN in any comparison: NaN, as seed_sd
             "seed_sd": jsonable(np.std(stack, 0, ddof=1)) if len(stack) > 1 else None,
             "se": jsonable(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}

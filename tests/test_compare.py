@@ -758,3 +758,37 @@ def test_store_paths_may_be_path_objects(tmp_path, pair):
                             progress=False))
     assert res["stores"] == {"a": "given", "b": "given"}
     assert res["result"]["inputs"]["a"]["path"] == str(pair[0])
+
+
+@pytest.mark.parametrize("estimator, n, need", [("minibatch", 3, 4), ("biased", 1, 2)])
+def test_too_few_images_for_model_names_are_refused_before_extraction(tmp_path, monkeypatch,
+                                                                       estimator, n, need):
+    # n=3 extracted both models first, and only then were 3 samples found too few.
+    import repsim.extraction
+    from repsim.errors import UserError
+
+    def extract(cfg):
+        raise AssertionError(f"extracted {cfg.model} before refusing n={cfg.n}")
+
+    monkeypatch.setattr(repsim.extraction, "extract", extract)
+    with pytest.raises(UserError, match=rf"^n={n}: estimator='{estimator}' needs at least "
+                       rf"{need} samples; fix: give n={need} or more$"):
+        run_cka(CKAConfig(a="vit_cifar", b="resnet18_cifar", estimator=estimator,
+                          probe=ProbeSpec(n=n), out=str(tmp_path)))
+
+
+def test_a_probe_size_is_no_limit_on_two_store_files(tmp_path, pair):
+    # repsim figures passes its stores with the probe they were made on: nothing to extract.
+    res = run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), probe=ProbeSpec(n=3), se=False,
+                            plots=False, progress=False, out=str(tmp_path / "o")))
+    assert res["result"]["n"] == 24
+
+
+def test_too_few_images_at_the_cli_are_one_line_naming_the_flags(monkeypatch, capsys):
+    import repsim.extraction
+
+    monkeypatch.setattr(repsim.extraction, "extract", None)  # calling it fails the test
+    code, out, err = run_cli(capsys, "--a", "vit_cifar", "--b", "resnet18_cifar", "--n", "3")
+    assert code == 1 and out == "" and err == (
+        "repsim cka: error: --n 3: --estimator 'minibatch' needs at least 4 samples; fix: give "
+        "--n 4 or more\n")
