@@ -358,6 +358,15 @@ def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
                for blk in model.blocks)
 
 
+def test_hooks_are_removed_when_the_forward_pass_fails():
+    model = _tiny_vit(depth=2)
+    with pytest.raises(RuntimeError, match="boom"), A.capture_attention(model):
+        model(torch.randn(1, 3, 16, 16))
+        raise RuntimeError("boom")
+    assert all(not blk.attn._forward_pre_hooks and not blk.attn.qkv._forward_hooks
+               for blk in model.blocks)
+
+
 def test_numpy_integer_blocks_are_blocks():
     """np.int64(0) is block 0 (it was refused as "block 0 does not exist"), same maps as 0."""
     model, x = _tiny_vit(depth=3), torch.randn(1, 3, 16, 16)
