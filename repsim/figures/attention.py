@@ -157,9 +157,8 @@ def check_vit(name: str) -> None:
         what = "not registered as a ViT" if spec.family == "other" else f"a {spec.family} model"
         raise UserError(
             f"{spec.name} is {what}, and attention maps need a Vision Transformer; valid: "
-            f"{', '.join(vits)} or "
-            "timm:<a ViT>; fix: pass a ViT (register your own with family='vit'), or "
-            f"draw {spec.name}'s feature maps with `repsim featuremaps`")
+            f"{', '.join(vits)} or timm:<a ViT>; fix: pass a ViT (register your own with "
+            f"family='vit'), or draw {spec.name}'s feature maps with `repsim featuremaps`")
 
 
 def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
@@ -269,10 +268,8 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     entry = {
         "label": label, "model": name, "weights": wprov, "geometry": asdict(geo),
         "blocks": blocks, "input_size": s, "unit_factor": factor,
-        "distance_model_px": dist.tolist(),
-        "distance_fraction": (dist * factor["fraction"]).tolist(),
-        "distance_image_px": None if factor["image"] is None
-        else (dist * factor["image"]).tolist(),
+        **{UNITS[u]: None if factor[u] is None else (dist * factor[u]).tolist()
+           for u in ("model", "fraction", "image")},
         # What uniform attention would give under the model's own mask: the grid's mean
         # pairwise patch distance, unless LSA masks self-pairs or prefix mass counts as 0.
         "uniform_attention_distance_model_px": float(attention_distance(
@@ -323,8 +320,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     probe, images, ids = ctx.drawn_images(spec)
     cfg = AttentionConfig(models=[r.model for r in refs], layers=blocks,
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
-                          batch_size=batch_size,
-                          renormalize=renormalize,
+                          batch_size=batch_size, renormalize=renormalize,
                           title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:
         res = attention_views([(r.display(), r.model, m, prov) for r, m, (_, prov)
