@@ -3,8 +3,6 @@ command and the figure kind ``attention``."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import time
@@ -282,18 +280,17 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
 def _write_tables(stem: Path, entries: list[dict], base: dict, cfg: AttentionConfig,
                   n_probe: int) -> list[str]:
     """``<stem>.csv`` (one row per model, block, head) and ``<stem>.json``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["label", "model", "weights", "block", "head", "distance_image_px",
-                "distance_model_px", "distance_fraction", "n_images", "renormalized"])
+    columns = ["label", "model", "weights", "block", "head", "distance_image_px",
+               "distance_model_px", "distance_fraction", "n_images", "renormalized"]
+    rows = []
     for e in entries:
         dm, df = np.asarray(e["distance_model_px"]), np.asarray(e["distance_fraction"])
         di = None if e["distance_image_px"] is None else np.asarray(e["distance_image_px"])
-        w.writerows([e["label"], e["model"], str(e["weights"]["weights"]), b, h,
-                     "" if di is None else f"{di[b, h]:.6f}", f"{dm[b, h]:.6f}",
-                     f"{df[b, h]:.8f}", n_probe, str(cfg.renormalize).lower()]
-                    for b, h in np.ndindex(*dm.shape))
-    return [str(paths.write_text(stem.with_name(stem.name + ".csv"), buf.getvalue())),
+        rows += [dict(zip(columns, [e["label"], e["model"], str(e["weights"]["weights"]), b, h,
+                                    None if di is None else f"{di[b, h]:.6f}", f"{dm[b, h]:.6f}",
+                                    f"{df[b, h]:.8f}", n_probe, str(cfg.renormalize).lower()]))
+                 for b, h in np.ndindex(*dm.shape)]
+    return [str(paths.write_text(stem.with_name(stem.name + ".csv"), draw.csv_text(rows, columns))),
             str(paths.write_json(stem.with_name(stem.name + ".json"), {
                 "format": FORMAT, **base, "unit_plotted": cfg.unit, "models": entries}))]
 
