@@ -227,3 +227,15 @@ def test_a_non_finite_weight_decay_is_refused_not_probed_at_chance(decay):
     x, y = blobs()
     with pytest.raises(UserError, match=f"weight_decay={decay}"):
         linear_probe(x, y, x, y, weight_decay=decay)
+
+
+def test_a_boolean_in_the_probes_figures_ks_is_refused():
+    """ks = [true] deleted one component: a bool passed the integer check."""
+    from types import SimpleNamespace
+
+    from repsim.figures.probes import _options
+
+    ctx = SimpleNamespace(name="p", positive_int=lambda spec, key, default: default)
+    assert _options({"ks": [0, 2]}, ctx)["ks"] == [0, 2]
+    with pytest.raises(UserError, match=r"ks=\[True\] must be a list of non-negative integers"):
+        _options({"ks": [True]}, ctx)
