@@ -137,7 +137,7 @@ def _distance(model, spec, wprov: dict, probe, cfg: AttentionConfig
 def unit_label(unit: str, image_hw: tuple[int, int]) -> str:
     """Axis label for a distance unit; UserError for 'image' with non-square probe images."""
     h, w = image_hw
-    if unit not in UNITS:
+    if not isinstance(unit, str) or unit not in UNITS:  # a list would raise TypeError
         raise UserError(f"unit={unit!r} is unknown; valid: {', '.join(UNITS)}")
     if unit == "image" and h != w:
         raise UserError(f"unit='image' needs square probe images, these are {h}x{w}; pass "
