@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -169,33 +170,26 @@ def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None 
                             f"0..{len(mods) - 1}")
     calls: dict[int, tuple[torch.Tensor | None, bool]] = {}
 
-    def hooks(i: int, m: nn.Module):
-        def pre(module, args, kwargs):
-            mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
-            causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
-            calls[i] = (mask, bool(causal))
+    def pre(i, module, args, kwargs):
+        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 else None)
+        causal = kwargs.get("is_causal", args[2] if len(args) > 2 else False)
+        calls[i] = (mask, bool(causal))
 
-        def post(module, inputs, out):
-            with torch.no_grad():
-                b, n, _ = out.shape
-                q, k, _ = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-                mask, causal = calls.pop(i, (None, False))
-                # timm's fused call passes no scale=: the kernel's default, not attn.scale.
-                scale = m.head_dim ** -0.5 if m.fused_attn else m.scale
-                consume(i, m.q_norm(q), m.k_norm(k), scale, _attn_bias(n, q, mask, causal))
+    def post(i, m, module, inputs, out):
+        with torch.no_grad():
+            b, n, _ = out.shape
+            q, k, _ = out.reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+            mask, causal = calls.pop(i, (None, False))
+            # timm's fused call passes no scale=: the kernel's default, not attn.scale.
+            scale = m.head_dim ** -0.5 if m.fused_attn else m.scale
+            consume(i, m.q_norm(q), m.k_norm(k), scale, _attn_bias(n, q, mask, causal))
 
-        return pre, post
-
-    handles = []
-    try:
+    with contextlib.ExitStack() as hooks:
         for i in chosen:
-            pre, post = hooks(i, mods[i])
-            handles.append(mods[i].register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(mods[i].qkv.register_forward_hook(post))
+            pre_hook = mods[i].register_forward_pre_hook(partial(pre, i), with_kwargs=True)
+            hooks.callback(pre_hook.remove)
+            hooks.callback(mods[i].qkv.register_forward_hook(partial(post, i, mods[i])).remove)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -247,6 +241,15 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
             bar.update(len(xb))
 
 
+def _n_prefix(tokens: int, grid: tuple[int, int]) -> int:
+    """The prefix tokens before a ``grid`` of patches among ``tokens``; ValueError if too few."""
+    gh, gw = _pair(grid)
+    p = int(gh) * int(gw)
+    if tokens < p:
+        raise ValueError(f"{tokens} tokens cannot hold a {gh}x{gw} patch grid")
+    return tokens - p
+
+
 def _batched(attn: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``attn`` as float64 ``(B, L, H, T, T)`` on the CPU; True if it came as ``(L, H, T, T)``."""
     if isinstance(attn, torch.Tensor):
@@ -266,15 +269,11 @@ def mean_attention_distance(attn: np.ndarray | torch.Tensor, grid: tuple[int, in
     ``(L, H, T, T)`` attention over a ``grid`` of patches of ``patch_size`` pixels; the first
     ``T - gh*gw`` tokens are the prefix (see the module docstring for ``renormalize``)."""
     a, _ = _batched(attn)
-    gh, gw = _pair(grid)
-    p = int(gh) * int(gw)
-    if a.shape[-1] < p:
-        raise ValueError(f"{a.shape[-1]} tokens cannot hold a {gh}x{gw} patch grid")
-    n = a.shape[-1] - p
+    n = _n_prefix(a.shape[-1], grid)
     a = a[..., n:, n:]
     if renormalize:
         a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    d = torch.from_numpy(distance_matrix((gh, gw), patch_size))
+    d = torch.from_numpy(distance_matrix(grid, patch_size))
     return (a * d).sum(-1).mean(dim=(0, 3)).numpy()
 
 
@@ -299,9 +298,7 @@ def token_maps(attn: np.ndarray, grid: tuple[int, int], query: str = "cls") -> n
     ViTs without a class token)."""
     a = np.asarray(attn)
     gh, gw = _pair(grid)
-    n = a.shape[-1] - gh * gw
-    if n < 0:
-        raise ValueError(f"{a.shape[-1]} tokens cannot hold a {gh}x{gw} patch grid")
+    n = _n_prefix(a.shape[-1], grid)
     if query not in ("cls", "mean"):
         raise ValueError(f"query={query!r}; valid: 'cls' or 'mean'")
     if query == "cls" and n < 1:

@@ -60,7 +60,6 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
         k = cap.n_prefix if n_prefix is None else n_prefix
-        # Tokens out of patch_embed come before the prefix is prepended: none to drop.
         ks = {name: 0 if m in cap.prefixless else k for name, m in cap.modules.items()}
         for a in range(0, len(x), batch_size):
             model(x[a:a + batch_size].to(dev))

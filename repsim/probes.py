@@ -14,6 +14,7 @@ no randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,9 +86,9 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
     """
     from repsim.models import resolve_device
 
-    if weight_decay < 0 or steps < 1:
-        raise UserError(f"weight_decay={weight_decay}, steps={steps}: pass weight_decay >= 0 "
-                        "and steps >= 1")
+    if not 0 <= weight_decay < math.inf or steps < 1:  # NaN fails too: it gives NaN logits
+        raise UserError(f"weight_decay={weight_decay}, steps={steps}: pass a finite "
+                        "weight_decay >= 0 and steps >= 1")
     dev = resolve_device(None if device is None else str(device))
     xtr, xte = _matrix(train_x, "train_x", dev), _matrix(test_x, "test_x", dev)
     labels = np.concatenate([np.asarray(train_y).ravel(), np.asarray(test_y).ravel()])

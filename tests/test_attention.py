@@ -358,6 +358,15 @@ def test_only_chosen_blocks_are_captured_and_hooks_are_removed():
                for blk in model.blocks)
 
 
+def test_hooks_are_removed_when_the_forward_pass_fails():
+    model = _tiny_vit(depth=2)
+    with pytest.raises(RuntimeError, match="boom"), A.capture_attention(model):
+        model(torch.randn(1, 3, 16, 16))
+        raise RuntimeError("boom")
+    assert all(not blk.attn._forward_pre_hooks and not blk.attn.qkv._forward_hooks
+               for blk in model.blocks)
+
+
 def test_numpy_integer_blocks_are_blocks():
     """np.int64(0) is block 0 (it was refused as "block 0 does not exist"), same maps as 0."""
     model, x = _tiny_vit(depth=3), torch.randn(1, 3, 16, 16)
@@ -601,3 +610,14 @@ def test_figure_kind_attention_loads_no_model_when_a_later_ones_weights_are_miss
         '"vit_cifar_tiny"]\n[probe]\ndataset = "cifar10-probe"\nn = 4\n')
     res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
     assert [s["name"] for s in res["skipped"]] == ["att"] and not res["failed"], res
+
+
+@pytest.mark.parametrize("unit", [["image"], {"px": 1}])
+def test_a_unit_that_is_not_a_name_is_a_user_error(unit):
+    """unit = ["image"] in a figure spec raised TypeError (unhashable) from `unit in UNITS`,
+    which the figure runner does not catch: the whole build stopped, not that figure."""
+    from repsim.figures.attention import unit_label
+
+    assert unit_label("model", (32, 32)) == "pixels of the model input"
+    with pytest.raises(UserError, match="is unknown; valid: image, model, fraction"):
+        unit_label(unit, (32, 32))

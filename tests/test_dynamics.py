@@ -196,3 +196,13 @@ def test_the_retrain_command_keeps_the_runs_seed_batch_size_and_lr():
     line = dynamics._command(ModelRef("vit_cifar"), None, entry)
     assert "--seed 3 --batch-size 100 --lr 0.0001 --snapshots" in line
     assert "--weights-seed" not in line
+
+
+def test_the_retrain_command_writes_a_large_seed_as_an_integer():
+    """A seed of 20261128 came out as --seed 2.02611e+07 (format :g), which train refuses."""
+    from repsim.figures import dynamics
+    from repsim.figures.context import ModelRef
+
+    entry = {"epochs_planned": 10, "seed": 20261128, "batch_size": 1048576, "lr": 1e-4}
+    line = dynamics._command(ModelRef("vit_cifar"), None, entry)
+    assert "--seed 20261128 --batch-size 1048576 --lr 0.0001 --snapshots" in line

@@ -319,3 +319,12 @@ def test_the_maps_colour_bar_shows_values_below_zero():
     fig = maps_figure(loc, [(0, 0)], "")
     (bar,) = {a.images[0].colorbar for a in fig.axes if a.images and a.images[0].colorbar}
     assert bar.extend == "neither"
+
+
+def test_a_boolean_token_cell_is_refused():
+    """tokens = [[true, 0]] was drawn as cell (1, 0): a bool passed the integer check."""
+    from repsim.figures.locality import _tokens
+
+    assert _tokens({"tokens": [[1, 0]]}, (8, 8)) == [(1, 0)]
+    with pytest.raises(UserError, match=r"tokens=\[\[True, 0\]\]"):
+        _tokens({"tokens": [[True, 0]]}, (8, 8))

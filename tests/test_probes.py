@@ -218,3 +218,24 @@ def test_non_finite_features_are_refused_not_probed_at_chance(bad):
     with pytest.raises(UserError, match=f"layer 'a' has non-finite values \\(first at row "
                                         f"{train[4]}\\)"):
         probe_layers({"a": x}, y, ks=(1,), device="cpu")  # was a LinAlgError from eigh
+
+
+@pytest.mark.parametrize("decay", [float("nan"), float("inf")])
+def test_a_non_finite_weight_decay_is_refused_not_probed_at_chance(decay):
+    """weight_decay = nan (valid TOML) passed the check `< 0`, made the loss NaN, and the
+    probe reported the share of class 0 as its accuracy, with no warning."""
+    x, y = blobs()
+    with pytest.raises(UserError, match=f"weight_decay={decay}"):
+        linear_probe(x, y, x, y, weight_decay=decay)
+
+
+def test_a_boolean_in_the_probes_figures_ks_is_refused():
+    """ks = [true] deleted one component: a bool passed the integer check."""
+    from types import SimpleNamespace
+
+    from repsim.figures.probes import _options
+
+    ctx = SimpleNamespace(name="p", positive_int=lambda spec, key, default: default)
+    assert _options({"ks": [0, 2]}, ctx)["ks"] == [0, 2]
+    with pytest.raises(UserError, match=r"ks=\[True\] must be a list of non-negative integers"):
+        _options({"ks": [True]}, ctx)

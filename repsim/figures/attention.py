@@ -3,8 +3,6 @@ command and the figure kind ``attention``."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import time
@@ -139,7 +137,7 @@ def _distance(model, spec, wprov: dict, probe, cfg: AttentionConfig
 def unit_label(unit: str, image_hw: tuple[int, int]) -> str:
     """Axis label for a distance unit; UserError for 'image' with non-square probe images."""
     h, w = image_hw
-    if unit not in UNITS:
+    if not isinstance(unit, str) or unit not in UNITS:  # a list would raise TypeError
         raise UserError(f"unit={unit!r} is unknown; valid: {', '.join(UNITS)}")
     if unit == "image" and h != w:
         raise UserError(f"unit='image' needs square probe images, these are {h}x{w}; pass "
@@ -157,9 +155,8 @@ def check_vit(name: str) -> None:
         what = "not registered as a ViT" if spec.family == "other" else f"a {spec.family} model"
         raise UserError(
             f"{spec.name} is {what}, and attention maps need a Vision Transformer; valid: "
-            f"{', '.join(vits)} or "
-            "timm:<a ViT>; fix: pass a ViT (register your own with family='vit'), or "
-            f"draw {spec.name}'s feature maps with `repsim featuremaps`")
+            f"{', '.join(vits)} or timm:<a ViT>; fix: pass a ViT (register your own with "
+            f"family='vit'), or draw {spec.name}'s feature maps with `repsim featuremaps`")
 
 
 def run_attention(cfg: AttentionConfig) -> dict[str, Any]:
@@ -269,10 +266,8 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
     entry = {
         "label": label, "model": name, "weights": wprov, "geometry": asdict(geo),
         "blocks": blocks, "input_size": s, "unit_factor": factor,
-        "distance_model_px": dist.tolist(),
-        "distance_fraction": (dist * factor["fraction"]).tolist(),
-        "distance_image_px": None if factor["image"] is None
-        else (dist * factor["image"]).tolist(),
+        **{UNITS[u]: None if factor[u] is None else (dist * factor[u]).tolist()
+           for u in ("model", "fraction", "image")},
         # What uniform attention would give under the model's own mask: the grid's mean
         # pairwise patch distance, unless LSA masks self-pairs or prefix mass counts as 0.
         "uniform_attention_distance_model_px": float(attention_distance(
@@ -285,18 +280,17 @@ def _one_model(label: str, name: str, model, wprov: dict, cfg: AttentionConfig, 
 def _write_tables(stem: Path, entries: list[dict], base: dict, cfg: AttentionConfig,
                   n_probe: int) -> list[str]:
     """``<stem>.csv`` (one row per model, block, head) and ``<stem>.json``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["label", "model", "weights", "block", "head", "distance_image_px",
-                "distance_model_px", "distance_fraction", "n_images", "renormalized"])
+    columns = ["label", "model", "weights", "block", "head", "distance_image_px",
+               "distance_model_px", "distance_fraction", "n_images", "renormalized"]
+    rows = []
     for e in entries:
         dm, df = np.asarray(e["distance_model_px"]), np.asarray(e["distance_fraction"])
         di = None if e["distance_image_px"] is None else np.asarray(e["distance_image_px"])
-        w.writerows([e["label"], e["model"], str(e["weights"]["weights"]), b, h,
-                     "" if di is None else f"{di[b, h]:.6f}", f"{dm[b, h]:.6f}",
-                     f"{df[b, h]:.8f}", n_probe, str(cfg.renormalize).lower()]
-                    for b, h in np.ndindex(*dm.shape))
-    return [str(paths.write_text(stem.with_name(stem.name + ".csv"), buf.getvalue())),
+        rows += [dict(zip(columns, [e["label"], e["model"], str(e["weights"]["weights"]), b, h,
+                                    None if di is None else f"{di[b, h]:.6f}", f"{dm[b, h]:.6f}",
+                                    f"{df[b, h]:.8f}", n_probe, str(cfg.renormalize).lower()]))
+                 for b, h in np.ndindex(*dm.shape)]
+    return [str(paths.write_text(stem.with_name(stem.name + ".csv"), draw.csv_text(rows, columns))),
             str(paths.write_json(stem.with_name(stem.name + ".json"), {
                 "format": FORMAT, **base, "unit_plotted": cfg.unit, "models": entries}))]
 
@@ -323,8 +317,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     probe, images, ids = ctx.drawn_images(spec)
     cfg = AttentionConfig(models=[r.model for r in refs], layers=blocks,
                           unit=spec.get("unit", "image"), seed=ctx.probe_spec(spec).seed,
-                          batch_size=batch_size,
-                          renormalize=renormalize,
+                          batch_size=batch_size, renormalize=renormalize,
                           title=spec.get("title"), cache=not ctx.force, progress=ctx.progress)
     with ctx.on_device([m for m, _ in models]) as on:
         res = attention_views([(r.display(), r.model, m, prov) for r, m, (_, prov)

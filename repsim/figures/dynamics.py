@@ -38,6 +38,10 @@ def settled_epoch(epochs: list[int], values: list[float], level: float) -> int |
     return settled
 
 
+def _number(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
     """The ``repsim train`` line that retrains ``ref``'s run keeping snapshots."""
     epochs = int(entry.get("epochs_planned") or entry.get("epochs") or 0)
@@ -46,8 +50,9 @@ def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
              entry.get("recipe") and f"--recipe {entry['recipe']}",
              epochs and f"--epochs {epochs}",
              fraction != 1.0 and f"--train-fraction {fraction:g}",
-             # as the run had them (manifests before these were recorded: the defaults)
-             *(f"--{k.replace('_', '-')} {entry[k]:g}" for k in
+             # as the run had them (manifests before these were recorded: the defaults);
+             # :g only for floats: it writes an integer from 10**6 up as 1e+06
+             *(f"--{k.replace('_', '-')} {_number(entry[k])}" for k in
                ("seed", "batch_size", "lr", "weights_seed") if entry.get(k) is not None),
              final is not None and f"--out {final}",
              f"--snapshots {suggested_epochs(epochs) if epochs else '0,1,2,5,every:10'}"]

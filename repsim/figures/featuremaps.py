@@ -48,17 +48,14 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
                                                            reduce=None) as cap:
         model(x.to(model_device(model)))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
-    acts = {}
     for name, a in outputs.items():
         if a.ndim != 4:
             raise UserError(
-                f"{type(model).__name__} layer {name!r} gives outputs of shape "
-                f"{tuple(a.shape)}, not "
-                "(batch, channels, h, w) feature maps; valid: convolutional models "
+                f"{type(model).__name__} layer {name!r} gives outputs of shape {tuple(a.shape)}, "
+                "not (batch, channels, h, w) feature maps; valid: convolutional models "
                 "(resnet18_cifar, resnet18_imagenet, timm:<a CNN>); fix: pass a CNN, or draw "
                 "a ViT's attention with `repsim attention`")
-        acts[name] = a.float()
-    return acts
+    return {name: a.float() for name, a in outputs.items()}
 
 
 def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

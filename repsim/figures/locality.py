@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.patches import Rectangle
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.figures import draw
 from repsim.locality import Locality, relative_map
 
@@ -99,8 +99,8 @@ def _tokens(spec: dict, grid: tuple[int, int]) -> list[tuple[int, int]]:
     if raw is None:
         return [(0, 0), (0, grid[1] // 2), (grid[0] // 2, grid[1] // 2)]
     ok = isinstance(raw, list) and raw and all(
-        isinstance(t, list) and len(t) == 2 and all(isinstance(v, int) for v in t)
-        and 0 <= t[0] < grid[0] and 0 <= t[1] < grid[1] for t in raw)
+        isinstance(t, list) and len(t) == 2 and all(is_whole(v, 0) for v in t)
+        and t[0] < grid[0] and t[1] < grid[1] for t in raw)
     if not ok:
         raise UserError(f"tokens={raw!r}; valid: a list of [row, col] cells of the "
                         f"{grid[0]}x{grid[1]} patch grid, e.g. [[0, 0], [4, 4]]")

@@ -55,7 +55,7 @@ def _activation_ranks(model, x, batch_size: int = 100) -> np.ndarray:
             rows += out.shape[0]
     cov = grams - sums[..., :, None] * sums[..., None, :] / rows
     eig = torch.linalg.eigvalsh(cov).clamp_min(0).sqrt().numpy()  # singular values
-    return np.array([[effective_rank(eig[i, j]) for j in range(2)] for i in range(len(layers))])
+    return np.array([[effective_rank(s) for s in pair] for pair in eig])  # (L, 2)
 
 
 def _measure(ref, spec: dict, ctx) -> dict:

@@ -84,22 +84,21 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     fig, axes = draw.plt.subplots(2, len(results), figsize=(4.2 * len(results), 7.4),
                                   squeeze=False, constrained_layout=True)
     for col, res in enumerate(results):
+        top, bottom = axes[:, col]
         # Token 0 is timm's class token; 1.. its register tokens (class tokens in mcls4).
         names = ["0 (cls)"] + [str(t) for t in range(1, res["n_prefix"])]
         acc = res["test_accuracy"]
         head = res["label"] + ("" if acc is None else f" ({acc:.2f} %)")
-        draw.draw_heatmap(axes[0, col], np.array(res["token_cka"]), names, names,
-                          head, head, annotate=True)
-        axes[0, col].set(xlabel="prefix token", ylabel="prefix token")
-        axes[0, col].set_title(f"{head}\n{res['layer']}: debiased CKA among prefix tokens",
-                               fontsize=9)
+        draw.draw_heatmap(top, np.array(res["token_cka"]), names, names, head, head, annotate=True)
+        top.set(xlabel="prefix token", ylabel="prefix token")
+        top.set_title(f"{head}\n{res['layer']}: debiased CKA among prefix tokens", fontsize=9)
         mass = np.array(res["attention_mass"])
         for t, name in enumerate(names):
-            axes[1, col].plot(range(len(mass)), mass[:, t], marker="o", label=f"token {name}")
-        axes[1, col].axhline(res["uniform_mass"], ls="--", c="grey", lw=0.8, label="uniform")
-        axes[1, col].set(xlabel="block", ylabel="attention from patch queries")
-        axes[1, col].set_title("attention on each prefix token (mean over heads)", fontsize=9)
-        axes[1, col].legend(fontsize=8)
+            bottom.plot(range(len(mass)), mass[:, t], marker="o", label=f"token {name}")
+        bottom.axhline(res["uniform_mass"], ls="--", c="grey", lw=0.8, label="uniform")
+        bottom.set(xlabel="block", ylabel="attention from patch queries")
+        bottom.set_title("attention on each prefix token (mean over heads)", fontsize=9)
+        bottom.legend(fontsize=8)
     fig.suptitle(spec.get("title") or "Prefix tokens", fontsize=11)
     ctx.data["models"] = results
     return ctx.save(fig)

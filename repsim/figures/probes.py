@@ -14,14 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from repsim import probes
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.figures import draw
 
 
 def _options(spec: dict, ctx) -> dict:
     """The probe options of a spec, checked (a float, string or boolean is not coerced)."""
     ks = spec.get("ks", list(probes.DEFAULT_KS))
-    if not (isinstance(ks, list) and all(isinstance(k, int) and k >= 0 for k in ks)):
+    if not (isinstance(ks, list) and all(is_whole(k, 0) for k in ks)):
         raise UserError(f"{ctx.name}: ks={ks!r} must be a list of non-negative integers, "
                         "e.g. [1, 5, 10]")
     opts = {"train_fraction": spec.get("train_fraction", 0.5), "seed": spec.get("split_seed", 0),
