@@ -199,10 +199,9 @@ class FigureContext:
         """``(store, layer names)`` of ``ref``'s layers: its default store when that holds
         them, else a store of exactly those (made once). Call :meth:`store` first: this one
         is not tracked, the inputs being the same."""
+        settings = dict(probe=self._probe(asdict(probe)), progress=self.progress, log=self.log)
         return compare.resolve_input(ref.model, weights_path(ref.weights), ref.layers,
-                                     ref.display(), False, dict(probe=self._probe(asdict(probe)),
-                                                                progress=self.progress,
-                                                                log=self.log))
+                                     ref.display(), False, settings)
 
     def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
@@ -338,9 +337,7 @@ class FigureContext:
         for r in refs:  # the default stores, extracted once per run (force applies here)
             self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
         # ... or stores of exactly the requested layers when the default ones lack them
-        sides = [compare.resolve_input(r.model, weights_path(r.weights), r.layers, r.display(),
-                                       False, dict(probe=probe, progress=self.progress,
-                                                   log=self.log)) for r in refs]
+        sides = [self.layer_store(r, ProbeSpec(**d["probe"])) for r in refs]
         layers = [None if r.layers is None else ",".join(names)
                   for r, (_, names) in zip(refs, sides)]
         # The spec's default batch seed (0) is no seed given: run_cka refuses an idle one.
