@@ -446,13 +446,12 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
 def training_curve(rows: Sequence[dict], title: str) -> plt.Figure:
     """Loss and accuracy per epoch, train and test, from a run's log rows."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-    for split, style in (("train", "-"), ("test", "--")):
-        pts = [r for r in rows if r.get(f"{split}_loss") is not None]  # test: evaluated epochs
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
-                    marker=".", label=split)
     for ax, metric, ylabel in zip(axes, ("loss", "accuracy"),
                                   ("cross-entropy", "top-1 accuracy (%)")):
+        for split, style in (("train", "-"), ("test", "--")):
+            pts = [r for r in rows if r.get(f"{split}_loss") is not None]  # test: evaluated epochs
+            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
+                    marker=".", label=split)
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} {metric}")
         ax.grid(alpha=0.3)
         ax.legend()
