@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -355,10 +355,8 @@ class FigureContext:
         ref = ModelRef(**d["ref"])
         check_weights(ref)
         model, prov = models.load_model(ref.model, weights_path(ref.weights))
-        try:  # a committed figure names no folder of the machine that built it
+        with suppress(ValueError):  # a committed figure names no folder of its machine
             prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()
-        except ValueError:
-            pass
         return model, prov
 
     def _load_images(self, d: dict):
