@@ -61,9 +61,6 @@ class FigureKind:
     version: str = "1"
     reads_cka: bool = True
 
-    def needs(self) -> tuple[str, ...]:
-        return self.fields[:1] if self.required is None else tuple(self.required)
-
     def builder(self) -> Builder:
         if callable(self.build):
             return self.build
@@ -143,13 +140,11 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
 
 def _models_named(value: Any) -> set[str]:
     """The model names in a spec value: names, ``model`` of tables, inside lists."""
-    if isinstance(value, str):
-        return {value}
-    if isinstance(value, dict):
-        return {value["model"]} if isinstance(value.get("model"), str) else set()
     if isinstance(value, list):
-        return set().union(*map(_models_named, value)) if value else set()
-    return set()
+        return set().union(*map(_models_named, value))
+    if isinstance(value, dict):
+        value = value.get("model")
+    return {value} if isinstance(value, str) else set()
 
 
 def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
@@ -180,7 +175,8 @@ def _validate(path: Path, spec: dict) -> None:
     if "cka" in spec and not kind.reads_cka:
         raise UserError(f"{path}: [cka] is not read by kind {spec['kind']!r}, so its settings "
                         "would be ignored; fix: remove the [cka] table")
-    missing = [f for f in kind.needs() if f not in spec]
+    needs = kind.fields[:1] if kind.required is None else kind.required
+    missing = [f for f in needs if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
     for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
