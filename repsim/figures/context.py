@@ -20,6 +20,7 @@ from typing import Any
 from repsim import compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
+from repsim.weights import checkpoint_dir, sha256_file
 
 _FRACTION_RE = re.compile(r"frac(?:tion)?[_-]?([0-9]*\.?[0-9]+)")
 # A CKA result's per-cell fields (rows: A's layers), transposed with the matrix
@@ -61,12 +62,6 @@ def same_layer_cka(res: dict) -> tuple[list[str], list, list]:
             [se[i][j] if se else None for i, j in ij])
 
 
-def _checkpoint_dir() -> Path:
-    from repsim.weights import checkpoint_dir
-
-    return checkpoint_dir()
-
-
 def weights_path(weights: str | None) -> str | None:
     """A spec's weights as ``load_model`` takes them: relative files in the checkpoint folder."""
     if isinstance(weights, list):
@@ -74,7 +69,7 @@ def weights_path(weights: str | None) -> str | None:
                         f"give one file, e.g. weights={weights[0]!r}")
     if weights in (None, "random") or Path(weights).is_absolute():
         return weights
-    return str(_checkpoint_dir() / weights)
+    return str(checkpoint_dir() / weights)
 
 
 def check_weights(ref: ModelRef) -> None:
@@ -240,7 +235,7 @@ class FigureContext:
 
     @property
     def manifest_path(self) -> Path:
-        return _checkpoint_dir() / "manifest.json"
+        return checkpoint_dir() / "manifest.json"
 
     def checkpoints(self, base: str, pattern: str) -> list[dict]:
         """Checkpoints of model ``base`` whose name matches ``pattern``, by fraction: dicts
@@ -277,7 +272,7 @@ class FigureContext:
         if kind == "checkpoints":
             return {"manifest": self.fingerprint({"type": "manifest"}),
                     "files": [(c["name"], c["train_fraction"],
-                               self._sha256(_checkpoint_dir() / c["file"]))
+                               self._sha256(checkpoint_dir() / c["file"]))
                               for c in self._value(desc)]}
         if kind == "images":
             ps = self._value(desc)
@@ -311,11 +306,7 @@ class FigureContext:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self._hashes[key] = h.hexdigest()
+            self._hashes[key] = sha256_file(path)
         return self._hashes[key]
 
     def _probe(self, d: dict) -> ProbeSpec:
@@ -356,7 +347,7 @@ class FigureContext:
         check_weights(ref)
         model, prov = models.load_model(ref.model, weights_path(ref.weights))
         with suppress(ValueError):  # a committed figure names no folder of its machine
-            prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()
+            prov["weights"] = Path(prov["weights"]).relative_to(checkpoint_dir()).as_posix()
         return model, prov
 
     def _load_images(self, d: dict):
@@ -379,7 +370,7 @@ class FigureContext:
         return data
 
     def _load_checkpoints(self, d: dict) -> list[dict]:
-        folder, found = _checkpoint_dir(), {}
+        folder, found = checkpoint_dir(), {}
         for e in (self._value({"type": "manifest"}) or {}).get("checkpoints", []):
             name, frac = str(e.get("name", "")), e.get("train_fraction")
             file = str(e.get("file", f"{name}.pt"))
