@@ -413,6 +413,18 @@ def test_a_figures_record_is_strict_json_with_nan_as_null(tmp_path, monkeypatch)
     assert record["data"] == {"cka": [[1.0, None]], "summary": {"own": [None]}}
 
 
+def test_a_record_that_is_json_but_no_object_is_rebuilt_not_a_crash(tmp_path, monkeypatch):
+    """A file at a figure's record path holding JSON that is no object (``[1]``) stopped the
+    whole run with AttributeError; it is no record, so the figure is built."""
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "c.json").write_text("[1]\n")
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["c"] and not res["failed"], res
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

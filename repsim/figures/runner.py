@@ -289,6 +289,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
     except ValueError:
         record = None
+    record = record if isinstance(record, dict) else None  # JSON, but no record ([1], say)
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
