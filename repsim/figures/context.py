@@ -365,7 +365,7 @@ class FigureContext:
             data = json.loads(path.read_bytes())
         except ValueError as exc:
             raise UserError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
-        if not isinstance(data.get("checkpoints"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
             raise UserError(f"{path} has no 'checkpoints' list; see the README for its schema")
         return data
 
