@@ -441,6 +441,22 @@ def test_a_manifest_that_is_no_object_fails_its_figure_in_one_line(tmp_path, mon
     assert failed["name"] == "reads" and "has no 'checkpoints' list" in failed["reason"]
 
 
+def test_a_manifest_entry_that_is_no_object_fails_its_figure_in_one_line(tmp_path,
+                                                                         monkeypatch):
+    """A checkpoints entry that is no object ("vit.pt") stopped the whole run with
+    AttributeError where the entries are read; the figure fails in one line naming it."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": ["vit.pt"]}))
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.checkpoints("vit_cifar", "vit*")
+                                           and ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "reads", 'kind = "note"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "checkpoints entry 'vit.pt' is not an object" in failed["reason"]
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

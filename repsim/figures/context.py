@@ -367,6 +367,10 @@ class FigureContext:
             raise UserError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
         if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
             raise UserError(f"{path} has no 'checkpoints' list; see the README for its schema")
+        for e in data["checkpoints"]:
+            if not isinstance(e, dict):
+                raise UserError(f"{path}: checkpoints entry {e!r} is not an object; see the "
+                                "README for its schema")
         return data
 
     def _load_checkpoints(self, d: dict) -> list[dict]:
