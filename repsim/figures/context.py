@@ -96,9 +96,8 @@ def weights_file(ref: ModelRef) -> Path | None:
 
 
 class FigureContext:
-    """What a builder sees: settings, tracked inputs, and where to write. Holds one run's
-    memo of inputs and the current figure's ``name``, ``data`` and ``deps`` (description ->
-    fingerprint of each input it read)."""
+    """What a builder sees: settings, tracked inputs (memoised for the run), where to write;
+    the current figure's ``name``, ``data`` and ``deps`` (description -> fingerprint)."""
 
     def __init__(self, out_dir: Path, overrides: dict | None = None, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] | None = None,
@@ -148,9 +147,8 @@ class FigureContext:
 
     def names(self, spec: dict, key: str, what: str, example: str, numbers: bool = False
               ) -> str | list | None:
-        """The spec's ``key`` (None when absent): a string or a list of strings (and, with
-        ``numbers``, integers), refused by name otherwise: a number alone would fail deep
-        inside, where nothing names the key."""
+        """The spec's ``key`` (None when absent): a string or a list of strings (with ``numbers``,
+        integers too), else refused by name: it would fail deep inside, where nothing names it."""
         v = spec.get(key)
         kinds = (str, int) if numbers else str
         ok = v is None or (isinstance(v, kinds) and not isinstance(v, bool)) or (

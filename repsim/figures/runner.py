@@ -327,9 +327,8 @@ def _changed_note(entry: dict) -> str:
 
 
 def summary_text(summary: dict) -> str:
-    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: one line per figure
-    (its files, or why it was kept, skipped or failed, and for a kept one the weights that
-    changed since its build), then the counts."""
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: a line per figure (its
+    files, or why kept, skipped or failed, and a kept one's changed weights), then the counts."""
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in summary[status]]
     lines += [f"{status:8s}{e['name']}: {e['reason']}" + _changed_note(e)
