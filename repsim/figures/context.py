@@ -151,13 +151,12 @@ class FigureContext:
         integers too), else refused by name: it would fail deep inside, where nothing names it."""
         v = spec.get(key)
         kinds = (str, int) if numbers else str
-        ok = v is None or (isinstance(v, kinds) and not isinstance(v, bool)) or (
-            isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool)
-                                        for x in v))
-        if not ok:
+        items = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(x, kinds) and not isinstance(x, bool)
+                                     for x in items):
             raise UserError(f"{self.name}: {key}={v!r} must be {what}: a string or a list of "
                             f"them, e.g. {key} = {example}; fix the file")
-        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        return [v] if isinstance(v, int) else v  # a bool was refused above
 
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
         """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
