@@ -87,8 +87,7 @@ def cka_extend(values: np.ndarray) -> str:
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     tol = 1e-9  # a self-similarity of 1 + rounding is not "beyond the scale"
-    lo = bool(finite.size and finite.min() < -tol)
-    hi = bool(finite.size and finite.max() > 1 + tol)
+    lo, hi = bool(np.any(finite < -tol)), bool(np.any(finite > 1 + tol))
     return "both" if lo and hi else "min" if lo else "max" if hi else "neither"
 
 
