@@ -413,6 +413,50 @@ def test_a_figures_record_is_strict_json_with_nan_as_null(tmp_path, monkeypatch)
     assert record["data"] == {"cka": [[1.0, None]], "summary": {"own": [None]}}
 
 
+def test_a_record_that_is_json_but_no_object_is_rebuilt_not_a_crash(tmp_path, monkeypatch):
+    """A file at a figure's record path holding JSON that is no object (``[1]``) stopped the
+    whole run with AttributeError; it is no record, so the figure is built."""
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "c", 'kind = "note"\n')
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "c.json").write_text("[1]\n")
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["c"] and not res["failed"], res
+
+
+def test_a_manifest_that_is_no_object_fails_its_figure_in_one_line(tmp_path, monkeypatch):
+    """A checkpoint manifest holding a JSON array stopped the whole run with AttributeError;
+    the figure that reads it fails with the schema's one line."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text("[]\n")
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note", fields=("read",))(
+        lambda spec, ctx: [ctx.manifest() and ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "reads", 'kind = "note"\nread = true\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (failed,) = res["failed"]
+    assert failed["name"] == "reads" and "has no 'checkpoints' list" in failed["reason"]
+
+
+def test_a_manifest_entry_that_is_no_object_fails_its_figure_in_one_line(tmp_path,
+                                                                         monkeypatch):
+    """A checkpoints entry that is no object ("vit.pt") stopped the whole run with
+    AttributeError where the entries are read; the figure fails in one line naming it."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": ["vit.pt"]}))
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.checkpoints("vit_cifar", "vit*")
+                                           and ctx.write_text(".txt", "built\n")])
+    write(tmp_path / "a", "reads", 'kind = "note"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "checkpoints entry 'vit.pt' is not an object" in failed["reason"]
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

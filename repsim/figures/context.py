@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from repsim import compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
+from repsim.weights import checkpoint_dir, sha256_file
 
 _FRACTION_RE = re.compile(r"frac(?:tion)?[_-]?([0-9]*\.?[0-9]+)")
 # A CKA result's per-cell fields (rows: A's layers), transposed with the matrix
@@ -61,12 +62,6 @@ def same_layer_cka(res: dict) -> tuple[list[str], list, list]:
             [se[i][j] if se else None for i, j in ij])
 
 
-def _checkpoint_dir() -> Path:
-    from repsim.weights import checkpoint_dir
-
-    return checkpoint_dir()
-
-
 def weights_path(weights: str | None) -> str | None:
     """A spec's weights as ``load_model`` takes them: relative files in the checkpoint folder."""
     if isinstance(weights, list):
@@ -74,7 +69,7 @@ def weights_path(weights: str | None) -> str | None:
                         f"give one file, e.g. weights={weights[0]!r}")
     if weights in (None, "random") or Path(weights).is_absolute():
         return weights
-    return str(_checkpoint_dir() / weights)
+    return str(checkpoint_dir() / weights)
 
 
 def check_weights(ref: ModelRef) -> None:
@@ -101,9 +96,8 @@ def weights_file(ref: ModelRef) -> Path | None:
 
 
 class FigureContext:
-    """What a builder sees: settings, tracked inputs, and where to write. Holds one run's
-    memo of inputs and the current figure's ``name``, ``data`` and ``deps`` (description ->
-    fingerprint of each input it read)."""
+    """What a builder sees: settings, tracked inputs (memoised for the run), where to write;
+    the current figure's ``name``, ``data`` and ``deps`` (description -> fingerprint)."""
 
     def __init__(self, out_dir: Path, overrides: dict | None = None, force: bool = False,
                  progress: bool = True, log: Callable[[str], None] | None = None,
@@ -153,18 +147,16 @@ class FigureContext:
 
     def names(self, spec: dict, key: str, what: str, example: str, numbers: bool = False
               ) -> str | list | None:
-        """The spec's ``key`` (None when absent): a string or a list of strings (and, with
-        ``numbers``, integers), refused by name otherwise: a number alone would fail deep
-        inside, where nothing names the key."""
+        """The spec's ``key`` (None when absent): a string or a list of strings (with ``numbers``,
+        integers too), else refused by name: it would fail deep inside, where nothing names it."""
         v = spec.get(key)
         kinds = (str, int) if numbers else str
-        ok = v is None or (isinstance(v, kinds) and not isinstance(v, bool)) or (
-            isinstance(v, list) and all(isinstance(x, kinds) and not isinstance(x, bool)
-                                        for x in v))
-        if not ok:
+        items = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(x, kinds) and not isinstance(x, bool)
+                                     for x in items):
             raise UserError(f"{self.name}: {key}={v!r} must be {what}: a string or a list of "
                             f"them, e.g. {key} = {example}; fix the file")
-        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+        return [v] if isinstance(v, int) else v  # a bool was refused above
 
     def model_ref(self, item: str | dict, spec: dict | None = None) -> ModelRef:
         """A ``models`` entry (name or table) as a :class:`ModelRef`; ``[labels]`` apply."""
@@ -199,10 +191,9 @@ class FigureContext:
         """``(store, layer names)`` of ``ref``'s layers: its default store when that holds
         them, else a store of exactly those (made once). Call :meth:`store` first: this one
         is not tracked, the inputs being the same."""
+        settings = dict(probe=self._probe(asdict(probe)), progress=self.progress, log=self.log)
         return compare.resolve_input(ref.model, weights_path(ref.weights), ref.layers,
-                                     ref.display(), False, dict(probe=self._probe(asdict(probe)),
-                                                                progress=self.progress,
-                                                                log=self.log))
+                                     ref.display(), False, settings)
 
     def cka(self, a: ModelRef, b: ModelRef, probe: ProbeSpec, settings: dict) -> dict:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
@@ -241,7 +232,7 @@ class FigureContext:
 
     @property
     def manifest_path(self) -> Path:
-        return _checkpoint_dir() / "manifest.json"
+        return checkpoint_dir() / "manifest.json"
 
     def checkpoints(self, base: str, pattern: str) -> list[dict]:
         """Checkpoints of model ``base`` whose name matches ``pattern``, by fraction: dicts
@@ -278,7 +269,7 @@ class FigureContext:
         if kind == "checkpoints":
             return {"manifest": self.fingerprint({"type": "manifest"}),
                     "files": [(c["name"], c["train_fraction"],
-                               self._sha256(_checkpoint_dir() / c["file"]))
+                               self._sha256(checkpoint_dir() / c["file"]))
                               for c in self._value(desc)]}
         if kind == "images":
             ps = self._value(desc)
@@ -312,11 +303,7 @@ class FigureContext:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._hashes:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            self._hashes[key] = h.hexdigest()
+            self._hashes[key] = sha256_file(path)
         return self._hashes[key]
 
     def _probe(self, d: dict) -> ProbeSpec:
@@ -338,9 +325,7 @@ class FigureContext:
         for r in refs:  # the default stores, extracted once per run (force applies here)
             self._value({"type": "store", "ref": asdict(r), "probe": d["probe"]})
         # ... or stores of exactly the requested layers when the default ones lack them
-        sides = [compare.resolve_input(r.model, weights_path(r.weights), r.layers, r.display(),
-                                       False, dict(probe=probe, progress=self.progress,
-                                                   log=self.log)) for r in refs]
+        sides = [self.layer_store(r, ProbeSpec(**d["probe"])) for r in refs]
         layers = [None if r.layers is None else ",".join(names)
                   for r, (_, names) in zip(refs, sides)]
         # The spec's default batch seed (0) is no seed given: run_cka refuses an idle one.
@@ -358,10 +343,8 @@ class FigureContext:
         ref = ModelRef(**d["ref"])
         check_weights(ref)
         model, prov = models.load_model(ref.model, weights_path(ref.weights))
-        try:  # a committed figure names no folder of the machine that built it
-            prov["weights"] = Path(prov["weights"]).relative_to(_checkpoint_dir()).as_posix()
-        except ValueError:
-            pass
+        with suppress(ValueError):  # a committed figure names no folder of its machine
+            prov["weights"] = Path(prov["weights"]).relative_to(checkpoint_dir()).as_posix()
         return model, prov
 
     def _load_images(self, d: dict):
@@ -379,12 +362,16 @@ class FigureContext:
             data = json.loads(path.read_bytes())
         except ValueError as exc:
             raise UserError(f"{path} is not valid JSON ({exc}); fix or delete it") from None
-        if not isinstance(data.get("checkpoints"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
             raise UserError(f"{path} has no 'checkpoints' list; see the README for its schema")
+        for e in data["checkpoints"]:
+            if not isinstance(e, dict):
+                raise UserError(f"{path}: checkpoints entry {e!r} is not an object; see the "
+                                "README for its schema")
         return data
 
     def _load_checkpoints(self, d: dict) -> list[dict]:
-        folder, found = _checkpoint_dir(), {}
+        folder, found = checkpoint_dir(), {}
         for e in (self._value({"type": "manifest"}) or {}).get("checkpoints", []):
             name, frac = str(e.get("name", "")), e.get("train_fraction")
             file = str(e.get("file", f"{name}.pt"))

@@ -68,8 +68,7 @@ def draw_heatmap(ax, matrix, layers_a: Sequence[str], layers_b: Sequence[str], l
                    interpolation="nearest")
     ax.set_xticks(range(len(layers_b)), labels=list(layers_b), rotation=90, fontsize=fontsize)
     ax.set_yticks(range(len(layers_a)), labels=list(layers_a), fontsize=fontsize)
-    ax.set_xlabel(f"{label_b}: layer")
-    ax.set_ylabel(f"{label_a}: layer")
+    ax.set(xlabel=f"{label_b}: layer", ylabel=f"{label_a}: layer")
     if annotate or (annotate is None and m.size <= ANNOTATE_MAX_CELLS):
         for (i, j), v in np.ndenumerate(m):
             ax.text(j, i, f"{v:.2f}" if np.isfinite(v) else "nan", ha="center", va="center",
@@ -88,13 +87,22 @@ def cka_extend(values: np.ndarray) -> str:
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     tol = 1e-9  # a self-similarity of 1 + rounding is not "beyond the scale"
-    lo = bool(finite.size and finite.min() < -tol)
-    hi = bool(finite.size and finite.max() > 1 + tol)
+    lo, hi = bool(np.any(finite < -tol)), bool(np.any(finite > 1 + tol))
     return "both" if lo and hi else "min" if lo else "max" if hi else "neither"
 
 
 def _colorbar(fig, im, axes, values: np.ndarray) -> None:
     fig.colorbar(im, ax=axes, extend=cka_extend(values), shrink=0.9).set_label("CKA")
+
+
+def _curve_axis(ax, layers: Sequence[str] | None = None, top: float = 1.0, **labels) -> None:
+    """A curve panel: ``layers`` as ticks, a y range holding 0..``top`` (unclamped CKA can
+    fall below 0, or pass 1 on few images), ``labels`` (``xlabel=``, ``ylabel=``), a grid."""
+    if layers is not None:
+        ax.set_xticks(range(len(layers)), labels=list(layers), rotation=90, fontsize=7)
+    lo, hi = ax.get_ylim()
+    ax.set(ylim=(min(0.0, lo), max(top, hi)), **labels)
+    ax.grid(alpha=0.3)
 
 
 def cka_heatmap(result: dict) -> plt.Figure:
@@ -186,12 +194,8 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
         se = np.array(cur.get("se") or [None] * len(x), float)
         bottom.errorbar(x, np.array(cur["value"], float), yerr=se, marker="o", color="C1",
                         capsize=2)  # +-1 jackknife SE
-        lo, hi = bottom.get_ylim()  # unclamped CKA can be < 0, or > 1 on few images
-        bottom.set_ylim(min(0.0, lo), max(1.0, hi))
-        bottom.set_xticks(x, labels=list(la), rotation=90, fontsize=7)
-        bottom.set_xlabel(f"{cur['label_a']}: layer")
-        bottom.set_ylabel("CKA of best match (+-1 SE)")
-        bottom.grid(alpha=0.3)
+        _curve_axis(bottom, la, xlabel=f"{cur['label_a']}: layer",
+                    ylabel="CKA of best match (+-1 SE)")
     fig.suptitle(title, fontsize=11, wrap=True)
     return fig
 
@@ -219,12 +223,9 @@ def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
                           yerr=np.array(e["se"], float), marker="o", capsize=2,
                           color=_shade(k, len(p["entries"])),
                           label=f"{e['fraction']:g} of the data{acc}")
-        left.set_xticks(range(len(layers)), labels=layers, rotation=90, fontsize=7)
-        left.set_ylim(min(0.0, left.get_ylim()[0]), max(1.0, left.get_ylim()[1]))
-        left.set_ylabel(f"CKA(layer, same layer of\n{p['label']} on all the data)")
+        _curve_axis(left, layers, ylabel=f"CKA(layer, same layer of\n{p['label']} on all the data)")
         left.set_title(p["label"] + (f" (missing: {', '.join(f'{f:g}' for f in p['missing'])})"
                                      if p["missing"] else ""), fontsize=9)
-        left.grid(alpha=0.3)
         left.legend(fontsize=7, title="trained on (test accuracy)", title_fontsize=7)
         pts = sorted([(e["fraction"], e["test_accuracy"]) for e in p["entries"]
                       if e["test_accuracy"] is not None]
@@ -238,8 +239,7 @@ def data_scale(panels: Sequence[dict], title: str) -> plt.Figure:
             right.text(f, 0.03, " missing", transform=right.get_xaxis_transform(),
                        rotation=90, color="0.4", fontsize=7, ha="right", va="bottom")
         _fractions_axis(right, [f for f, _ in pts] + list(p["missing"]) or [1.0])
-        right.set_xlabel("fraction of the training set")
-        right.set_ylabel("test top-1 accuracy (%)")
+        right.set(xlabel="fraction of the training set", ylabel="test top-1 accuracy (%)")
         right.set_title(f"{p['label']}: accuracy", fontsize=9)
         right.grid(alpha=0.3)
     fig.suptitle(title, fontsize=11, wrap=True)
@@ -263,8 +263,7 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
             top.plot(x, np.array(m["cka"][name], float), marker="o", ms=3,
                      color=_shade(k, len(m["layers"])), label=f"{name} ({said})")
         top.axhline(settle, ls="--", color="0.5", lw=0.8)
-        top.set_ylim(min(0.0, top.get_ylim()[0]), max(1.02, top.get_ylim()[1]))
-        top.set_ylabel("CKA(layer at epoch, same layer final)")
+        _curve_axis(top, top=1.02, ylabel="CKA(layer at epoch, same layer final)")
         acc = m.get("final_test_accuracy")
         top.set_title(f"{m['label']}: final epoch {m['final_epoch']}"
                       + ("" if acc is None else f", test accuracy {acc:.1f} %"), fontsize=9)
@@ -274,8 +273,7 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
             ys = np.array(m[f"{split}_accuracy"], float)
             if np.isfinite(ys).any():
                 bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
-        bottom.set_ylabel("top-1 accuracy (%)")
-        bottom.set_xlabel("epoch")
+        bottom.set(ylabel="top-1 accuracy (%)", xlabel="epoch")
         bottom.legend(fontsize=7)
         for ax in (top, bottom):
             if max(x) > 10:  # snapshots are roughly log-spaced; epoch 0 needs symlog
@@ -399,8 +397,7 @@ def attention_distance(distances: dict[str, np.ndarray], unit: str = "pixels",
         if uniform and label in uniform:
             ax.hlines(uniform[label], -0.3, depth - 0.7, colors=f"C{j}", linestyles="dashed",
                       lw=0.8, alpha=0.7, label=f"{label}: uniform attention")
-    ax.set_xlabel("block (blocks.i)")
-    ax.set_ylabel(f"mean attention distance\n({unit})")
+    ax.set(xlabel="block (blocks.i)", ylabel=f"mean attention distance\n({unit})")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     top = max([float(np.max(d)) for d in distances.values()] + list((uniform or {}).values()))
     ax.set_ylim(0, 1.1 * top if top > 0 else 1)
@@ -448,13 +445,12 @@ def feature_maps(images: np.ndarray, stage, title: str = "", ids: Sequence[int] 
 def training_curve(rows: Sequence[dict], title: str) -> plt.Figure:
     """Loss and accuracy per epoch, train and test, from a run's log rows."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-    for split, style in (("train", "-"), ("test", "--")):
-        pts = [r for r in rows if r.get(f"{split}_loss") is not None]  # test: evaluated epochs
-        for ax, metric in zip(axes, ("loss", "accuracy")):
-            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
-                    marker=".", label=split)
     for ax, metric, ylabel in zip(axes, ("loss", "accuracy"),
                                   ("cross-entropy", "top-1 accuracy (%)")):
+        for split, style in (("train", "-"), ("test", "--")):
+            pts = [r for r in rows if r.get(f"{split}_loss") is not None]  # test: evaluated epochs
+            ax.plot([r["epoch"] for r in pts], [r[f"{split}_{metric}"] for r in pts], style,
+                    marker=".", label=split)
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{title} {metric}")
         ax.grid(alpha=0.3)
         ax.legend()

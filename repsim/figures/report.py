@@ -74,11 +74,10 @@ def _null_caption(panels: list[dict]) -> list[str]:
             continue
         seen.add(pair)
         above = [v for v in ps if v is not None and v <= draw.ALPHA]
-        what = f"cells of {p['row_model']} vs {p['col_model']}"
-        out.append(f"Permutation null: every cell of {p['row_model']} vs {p['col_model']} "
-                   f"above it (p <= {max(above):.3f})." if len(above) == len(ps) else
-                   f"Permutation null: {len(ps) - len(above)} of {len(ps)} {what} not above it "
-                   f"(p > {draw.ALPHA}, dotted).")
+        pair_name = f"{p['row_model']} vs {p['col_model']}"
+        out.append(f"Permutation null: every cell of {pair_name} above it (p <= {max(above):.3f})."
+                   if len(above) == len(ps) else f"Permutation null: {len(ps) - len(above)} of "
+                   f"{len(ps)} cells of {pair_name} not above it (p > {draw.ALPHA}, dotted).")
     return out
 
 
@@ -234,9 +233,9 @@ def _section(out: Path, name: str, record: dict, kept: dict | None = None) -> st
     if kept:
         text += (f"\n\nBuilt on {record.get('hardware') or 'another machine'}; not rebuilt "
                  f"here: {_portable(kept['reason'])}")
-    if kept and kept.get("changed"):
-        text += ("\n\nIts numbers are of weights that are not the files here now: "
-                 + "; ".join(kept["changed"]) + ".")
+        if kept.get("changed"):
+            text += ("\n\nIts numbers are of weights that are not the files here now: "
+                     + "; ".join(kept["changed"]) + ".")
     return "\n".join(body + ([text.strip(), ""] if text.strip() else []))
 
 

@@ -61,9 +61,6 @@ class FigureKind:
     version: str = "1"
     reads_cka: bool = True
 
-    def needs(self) -> tuple[str, ...]:
-        return self.fields[:1] if self.required is None else tuple(self.required)
-
     def builder(self) -> Builder:
         if callable(self.build):
             return self.build
@@ -143,13 +140,11 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
 
 def _models_named(value: Any) -> set[str]:
     """The model names in a spec value: names, ``model`` of tables, inside lists."""
-    if isinstance(value, str):
-        return {value}
-    if isinstance(value, dict):
-        return {value["model"]} if isinstance(value.get("model"), str) else set()
     if isinstance(value, list):
-        return set().union(*map(_models_named, value)) if value else set()
-    return set()
+        return set().union(*map(_models_named, value))
+    if isinstance(value, dict):
+        value = value.get("model")
+    return {value} if isinstance(value, str) else set()
 
 
 def _check_labels(path: Path, spec: dict, kind: FigureKind) -> None:
@@ -180,7 +175,8 @@ def _validate(path: Path, spec: dict) -> None:
     if "cka" in spec and not kind.reads_cka:
         raise UserError(f"{path}: [cka] is not read by kind {spec['kind']!r}, so its settings "
                         "would be ignored; fix: remove the [cka] table")
-    missing = [f for f in kind.needs() if f not in spec]
+    needs = kind.fields[:1] if kind.required is None else kind.required
+    missing = [f for f in needs if f not in spec]
     if missing:
         raise UserError(f"{path}: kind {spec['kind']!r} needs {', '.join(missing)}")
     for table, keys in (("probe", PROBE_KEYS), ("cka", CKA_KEYS), ("labels", None)):
@@ -293,6 +289,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
     except ValueError:
         record = None
+    record = record if isinstance(record, dict) else None  # JSON, but no record ([1], say)
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
@@ -330,9 +327,8 @@ def _changed_note(entry: dict) -> str:
 
 
 def summary_text(summary: dict) -> str:
-    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: one line per figure
-    (its files, or why it was kept, skipped or failed, and for a kept one the weights that
-    changed since its build), then the counts."""
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: a line per figure (its
+    files, or why kept, skipped or failed, and a kept one's changed weights), then the counts."""
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in summary[status]]
     lines += [f"{status:8s}{e['name']}: {e['reason']}" + _changed_note(e)

@@ -11,21 +11,21 @@ from repsim.figures import draw
 from repsim.figures.context import check_weights, same_layer_cka, weights_file
 
 
-def _check_weights(refs: list) -> None:
-    """InputUnavailable for the first of ``refs`` whose weights are not here, before any
-    store is made: otherwise the models named before it are extracted for a skipped figure."""
+def _stores(ctx, refs: list, probe) -> None:
+    """Every store of ``refs`` before any CKA, their weights checked first: otherwise the models
+    named before a missing one are extracted for a skipped figure."""
     for ref in refs:
         for seed in ref.seeds():
             check_weights(seed)
+    for ref in refs:
+        ctx.store(ref, probe)
 
 
 def cka_grid(spec: dict, ctx) -> list[Path]:
     """Heatmaps among all models, self and cross, with one shared colour scale."""
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     probe, c = ctx.probe_spec(spec), ctx.cka_settings(spec)
-    _check_weights(refs)
-    for r in refs:  # every store first: a missing model skips the figure before any CKA
-        ctx.store(r, probe)
+    _stores(ctx, refs, probe)
     panels, n = {}, None
     for i, a in enumerate(refs):
         for j, b in enumerate(refs):
@@ -51,10 +51,7 @@ def best_match(spec: dict, ctx) -> list[Path]:
     if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
         raise UserError(f"{ctx.name}: pairs must be a list of [A, B] pairs, got {pairs!r}")
     refs = [(ctx.model_ref(a, spec), ctx.model_ref(b, spec)) for a, b in pairs]
-    _check_weights([r for pair in refs for r in pair])
-    for pair in refs:
-        for r in pair:
-            ctx.store(r, probe)
+    _stores(ctx, [r for pair in refs for r in pair], probe)
     curves, rows, n = [], [], None
     for a, b in refs:
         r = ctx.cka(a, b, probe, c)
