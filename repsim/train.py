@@ -91,18 +91,11 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
 
 def run_name(cfg: TrainConfig) -> str:
     """``vit_cifar`` for the study's default run, else the settings that differ."""
-    parts = [cfg.model.replace(":", "-")]
-    if cfg.dataset != "cifar10":
-        parts.append(cfg.dataset)
-    if cfg.recipe != "paper":
-        parts.append(cfg.recipe)
-    if cfg.train_fraction != 1.0:
-        parts.append(f"frac{cfg.train_fraction:g}")
-    if cfg.seed != 0:
-        parts.append(f"seed{cfg.seed}")
-    if cfg.weights_seed is not None:
-        parts.append(f"wseed{cfg.weights_seed}")
-    return "_".join(parts)
+    differing = [(cfg.dataset != "cifar10", cfg.dataset), (cfg.recipe != "paper", cfg.recipe),
+                 (cfg.train_fraction != 1.0, f"frac{cfg.train_fraction:g}"),
+                 (cfg.seed != 0, f"seed{cfg.seed}"),
+                 (cfg.weights_seed is not None, f"wseed{cfg.weights_seed}")]
+    return "_".join([cfg.model.replace(":", "-"), *(part for on, part in differing if on)])
 
 
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
