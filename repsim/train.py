@@ -75,8 +75,11 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
         k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):  # written to JSON: int only
+            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= 1")
+        if value < 1:
+            raise UserError(f"{name}={value} is not positive; valid: an integer >= 1")
     if not 0 < cfg.lr < math.inf:
         raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
