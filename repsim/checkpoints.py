@@ -111,8 +111,8 @@ def snapshots(ckpt_path: Path) -> list[dict[str, Any]]:
 
 def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tensor],
                   test: dict[str, float], meta: dict[str, Any],
-                  row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Write the snapshot of ``epoch`` and add it to the index; returns the index.
+                  row: dict[str, Any] | None = None) -> None:
+    """Write the snapshot of ``epoch`` and add it to the index.
     ``state_dict``: float16 weights; ``test``: their test ``accuracy`` (%) and ``loss``
     (nats); ``meta``: provenance; ``row``: the epoch's log row, None for the initialisation."""
     import torch
@@ -130,7 +130,6 @@ def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tenso
     rows = sorted([*(r for r in snapshots(ckpt_path) if r["epoch"] != epoch), entry],
                   key=lambda r: r["epoch"])
     paths.write_json(folder / "index.json", {"checkpoint": ckpt_path.name, "snapshots": rows})
-    return rows
 
 
 def clear_snapshots(ckpt_path: Path) -> None:

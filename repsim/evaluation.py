@@ -60,11 +60,10 @@ def hardware(dev: torch.device) -> str:
 
 
 def autocast(dev: torch.device, cpu_bf16: bool = False):
-    """bf16 autocast on ``dev`` (CUDA or CPU) when ``cpu_bf16`` (training passes its
-    precision == "bf16"; the name predates CUDA honouring it), else exact float32."""
-    # Evaluation passes nothing: float32 on every device. Under bf16 close logits tie and
-    # argmax takes the lower class (vit_cifar: 4 of 1,000 predictions from the rounding of
-    # its float32 logits alone), and precision="fp32" training must not run in bf16.
+    """bf16 autocast on ``dev`` (CUDA or CPU) when ``cpu_bf16`` (the name predates CUDA
+    honouring it), else exact float32."""
+    # Evaluation passes nothing: under bf16 close logits tie and argmax takes the lower class
+    # (vit_cifar: 4 of 1,000 predictions from the rounding of its float32 logits alone).
     kind = "cuda" if dev.type == "cuda" else "cpu"
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=bool(cpu_bf16))
 

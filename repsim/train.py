@@ -75,8 +75,11 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
     cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
         k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
     for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name}={getattr(cfg, name)} is not positive; valid: an integer >= 1")
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):  # written to JSON: int only
+            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= 1")
+        if value < 1:
+            raise UserError(f"{name}={value} is not positive; valid: an integer >= 1")
     if not 0 < cfg.lr < math.inf:
         raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
@@ -91,18 +94,11 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
 
 def run_name(cfg: TrainConfig) -> str:
     """``vit_cifar`` for the study's default run, else the settings that differ."""
-    parts = [cfg.model.replace(":", "-")]
-    if cfg.dataset != "cifar10":
-        parts.append(cfg.dataset)
-    if cfg.recipe != "paper":
-        parts.append(cfg.recipe)
-    if cfg.train_fraction != 1.0:
-        parts.append(f"frac{cfg.train_fraction:g}")
-    if cfg.seed != 0:
-        parts.append(f"seed{cfg.seed}")
-    if cfg.weights_seed is not None:
-        parts.append(f"wseed{cfg.weights_seed}")
-    return "_".join(parts)
+    differing = [(cfg.dataset != "cifar10", cfg.dataset), (cfg.recipe != "paper", cfg.recipe),
+                 (cfg.train_fraction != 1.0, f"frac{cfg.train_fraction:g}"),
+                 (cfg.seed != 0, f"seed{cfg.seed}"),
+                 (cfg.weights_seed is not None, f"wseed{cfg.weights_seed}")]
+    return "_".join([cfg.model.replace(":", "-"), *(part for on, part in differing if on)])
 
 
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:

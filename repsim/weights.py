@@ -40,7 +40,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _examples(keys: Sequence[str], k: int = 3) -> str:
+def _examples(keys: Sequence[Any], k: int = 3) -> str:
     return f" (e.g. {', '.join(repr(x) for x in keys[:k])})" if keys else ""
 
 
@@ -88,6 +88,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} is not a state dict: {len(bad)} of {len(sd)} entries are not "
                         f"tensors{_examples(bad)}; valid: a name -> tensor mapping or "
                         "{'state_dict': ...}; fix: save model.state_dict()")
+    odd = [k for k in sd if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"{path} is not a state dict: {len(odd)} of {len(sd)} keys are not "
+                        f"parameter names{_examples(odd)}; valid: a name -> tensor mapping; "
+                        "fix: save model.state_dict()")
     return {k.removeprefix("module."): v for k, v in sd.items()}, meta
 
 

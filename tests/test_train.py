@@ -432,6 +432,17 @@ def test_bad_settings_are_user_errors(toy_root, tmp_path, kw, match):
 
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"epochs": 2.5}, r"^epochs=2\.5 is not an integer; valid: an integer >= 1"),
+    ({"batch_size": True}, r"^batch_size=True is not an integer; valid: an integer >= 1"),
+])
+def test_counts_that_are_not_integers_are_refused_before_any_work(kw, match):
+    # epochs=2.5 passed the `< 1` check and failed in range() after the data had loaded, as a
+    # TypeError; batch_size=True trained with batches of one image.
+    with pytest.raises(UserError, match=match):
+        train._resolve(train.TrainConfig(model="vit_cifar", **kw))
+
+
 @pytest.mark.parametrize("dataset", ["cifar10-probe", "imagefolder:/tmp"])
 def test_train_refuses_a_dataset_without_its_own_test_split(toy_root, tmp_path, dataset):
     # An image folder would be scored on its own training images as the "test" split.
