@@ -143,9 +143,9 @@ def _load(name: str, src: Any, device: torch.device, resident: bool,
         constant = constant and bool((x == first).all())
     layer = _Layer(name, src, colsum / n, x.sub_(colsum / n) if resident else None, sigma2)
     if constant:
-        layer.dead = "has zero variance (every row is identical)"
+        layer.dead = sketch.ZERO_VARIANCE
     elif sigma2 is not None and not sigma2 > 0:
-        layer.dead = "has a zero median squared distance, so its RBF bandwidth is zero"
+        layer.dead = sketch.ZERO_BANDWIDTH
     elif sigma2 is not None:  # every RBF tile needs them
         layer.sq = torch.cat([(layer.rows(a, b, device) ** 2).sum(1) for a, b in blocks])
     return layer

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from repsim import __version__, sketch
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError, is_whole
+from repsim.errors import UserError, is_whole, recorded, repeat
 from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.sketch import CKAResult
 from repsim.store import check_aligned
@@ -349,12 +348,15 @@ def run_cka(cfg: CKAConfig) -> dict:
     payload = None if cfg.force else _cached(jpath, key, [sa.path, sb.path], plots)
     reused = payload is not None
     if not reused:
-        payload = _payload(sa, sb, cka_of_stores(sa, sb, layers_a, layers_b, cfg).to_dict(), key)
+        res, said = recorded(cka_of_stores, sa, sb, layers_a, layers_b, cfg)
+        payload = {**_payload(sa, sb, res.to_dict(), key), "warnings": said}
         if cfg.plots:  # before the JSON, whose key vouches for them (make's rule)
             from repsim.figures import draw as P
 
             P.save(P.cka_heatmap(payload), out_dir / stem)
         write_json(jpath, payload)
+    else:
+        repeat(payload.get("warnings") or [])
     _warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
@@ -445,18 +447,8 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
         res.pr_a, res.pr_b = (sketch.participation_ratios(x, n) for x in (ska, skb))
         res.biased_null_mean = np.sqrt(np.outer(res.pr_a, res.pr_b)) / (n - 1)
     for (_, names), (sks, meds) in zip(sides, got):
-        _warn_dead(names, sks, meds if cfg.kernel == "rbf" else None)
+        sketch.warn_dead(names, sks, meds if cfg.kernel == "rbf" else None, stacklevel=3)
     return res
-
-
-def _warn_dead(layers: list[str], sketches: list[np.ndarray], medians: list[float] | None) -> None:
-    """The engine's warning (:func:`repsim.cka.compare`) for layers whose sketch is zero."""
-    for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
-        if not np.any(sk):
-            why = ("has zero variance (every row is identical)" if med is None or med > 0 else
-                   "has a zero median squared distance, so its RBF bandwidth is zero")
-            warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
-                          stacklevel=4)
 
 
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
@@ -466,7 +458,7 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                   "kernel": cfg.kernel, "estimator": cfg.estimator,
                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/3"})
+                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/4"})
     return cache_dir("sketches", f"{key[:32]}.npz")
 
 
@@ -479,7 +471,8 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
         path = _sketch_path(store, layer, cfg)
         if path.is_file():
             with np.load(path) as z:
-                sk, med = z["sketch"], float(z["median_sqdist"])
+                sk, med, said = z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
+            repeat(said)
         else:
             from repsim import cka
 
@@ -487,14 +480,15 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
             rows = sketch.bandwidth_rows(store.n, cfg.estimator)
             med = cka.rbf_bandwidths([reader[layer]], rows, device)[0] if rbf else 0.0
             try:
-                sk = cka.layer_sketch(reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
-                                      threshold=cfg.threshold, batch_size=cfg.batch_size,
-                                      batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None,
-                                      device=device).cpu().numpy()
+                sk, said = recorded(
+                    cka.layer_sketch, reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
+                    threshold=cfg.threshold, batch_size=cfg.batch_size,
+                    batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None, device=device)
+                sk = sk.cpu().numpy()
             except ValueError as e:  # non-finite activations: name the store and layer
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None
-            atomic_write(path, lambda tmp, sk=sk, med=med: np.savez(
-                tmp, sketch=sk, median_sqdist=np.float64(med)))
+            atomic_write(path, lambda tmp, sk=sk, med=med, said=said: np.savez(
+                tmp, sketch=sk, median_sqdist=np.float64(med), warnings=np.array(said, str)))
         sketches.append(sk)
         medians.append(med)
     return sketches, medians

@@ -10,8 +10,10 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # A full disk, a full quota and a file-size limit (ulimit -f, FAT32) all mean: no room.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -76,3 +78,20 @@ def one_line_warnings(prefix: str, show_other: Callable) -> Callable:
         print(f"{prefix}: warning: {as_flags(str(message))}", file=sys.stderr)
 
     return show
+
+
+def recorded(compute: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    """``compute(*args, **kwargs)`` and the RuntimeWarnings it gave: shown as usual, and kept
+    so that a cached copy of its value repeats them (:func:`repeat`)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = compute(*args, **kwargs)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return value, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def repeat(said: list[str]) -> None:
+    """Warn again, as RuntimeWarnings, what :func:`recorded` kept."""
+    for message in said:
+        warnings.warn(str(message), RuntimeWarning, stacklevel=3)

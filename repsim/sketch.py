@@ -235,6 +235,25 @@ def warn_identity(threshold: float, layers: str, stacklevel: int) -> None:
                   RuntimeWarning, stacklevel=stacklevel)
 
 
+# Why a layer's CKA values are NaN; the engine (repsim.cka) and cached sketches say the same.
+ZERO_VARIANCE = "has zero variance (every row is identical)"
+ZERO_BANDWIDTH = "has a zero median squared distance, so its RBF bandwidth is zero"
+IDENTITY_GRAMS = "has RBF Grams that are numerically the identity at this threshold"
+
+
+def warn_dead(layers: Sequence[str], sketches: Sequence[np.ndarray],
+              medians: Sequence[float] | None, stacklevel: int = 2) -> None:
+    """Warn, as the engine does, of each layer whose sketch is all zeros; ``medians`` (RBF
+    only) tell why: none, zero variance; zero, no bandwidth; else its Grams are the identity
+    (U-centred, the identity is zero)."""
+    for name, sk, med in zip(layers, sketches, medians or [None] * len(layers)):
+        if not np.any(sk):
+            why = (ZERO_VARIANCE if med is None else ZERO_BANDWIDTH if not med > 0 else
+                   IDENTITY_GRAMS)
+            warnings.warn(f"layer {name!r} {why}; its CKA values are NaN", RuntimeWarning,
+                          stacklevel=stacklevel + 1)
+
+
 def warn_underflow(own: Sequence[np.ndarray], alive: Sequence[Any]) -> None:
     """Warn if a live layer's HSIC with itself (``own``, per side) is below float64's smallest
     normal number, the way :func:`normalise` warns of an overflow: its CKA is NaN or inexact."""

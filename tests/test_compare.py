@@ -792,3 +792,34 @@ def test_too_few_images_at_the_cli_are_one_line_naming_the_flags(monkeypatch, ca
     assert code == 1 and out == "" and err == (
         "repsim cka: error: --n 3: --estimator 'minibatch' needs at least 4 samples; fix: give "
         "--n 4 or more\n")
+
+
+def _narrow_rbf(tmp_path, pair, out, threshold=0.05):
+    """run_cka at an RBF threshold that makes every Gram the identity, and its warnings."""
+    pa, pb, _, _ = pair
+    cfg = CKAConfig(a=str(pa), b=str(pb), kernel="rbf", threshold=threshold, estimator="debiased",
+                    se=False, plots=False, progress=False, out=str(tmp_path / out))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run_cka(cfg)
+    return r, [str(w.message) for w in caught]
+
+
+def test_a_reused_result_repeats_the_warnings_its_computation_gave(tmp_path, pair):
+    first, said = _narrow_rbf(tmp_path, pair, "o")
+    again, resaid = _narrow_rbf(tmp_path, pair, "o")
+    assert not first["reused"] and again["reused"]
+    assert any("nearly the identity" in m for m in said) and sorted(resaid) == sorted(said)
+
+
+def test_cached_sketches_repeat_the_warnings_their_computation_gave(tmp_path, pair):
+    _, said = _narrow_rbf(tmp_path, pair, "o1")
+    again, resaid = _narrow_rbf(tmp_path, pair, "o2")  # a new result from the cached sketches
+    assert not again["reused"] and any("nearly the identity" in m for m in resaid)
+    assert sorted(resaid) == sorted(said)
+
+
+def test_rbf_grams_made_the_identity_are_not_called_zero_variance(tmp_path, pair):
+    _, said = _narrow_rbf(tmp_path, pair, "o", threshold=0.001)  # U-centred: exactly zero
+    assert said and not any("zero variance" in m for m in said)
+    assert any("has RBF Grams that are numerically the identity" in m for m in said)
