@@ -312,6 +312,24 @@ def test_a_row_naming_a_checkpoint_of_another_dataset_or_model_fails_in_one_line
         "checkpoint out; fix the file"), failed
 
 
+def test_a_manifest_entry_whose_train_fraction_is_null_is_no_full_data_run(tmp_path,
+                                                                            monkeypatch):
+    """A hand-edited "train_fraction": null stopped the whole run with TypeError (float(None));
+    the entry is no full-data run, so the row reads the run that is one."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar_x", "model": "vit_cifar", "dataset": "cifar10",
+         "train_fraction": None, "test_accuracy": 11.0},
+        {"name": "vit_cifar_yy", "model": "vit_cifar", "dataset": "cifar10",
+         "test_accuracy": 77.5}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert not res["failed"] and "77.5" in (tmp_path / "f" / "acc.md").read_text()
+
+
 def test_only_drops_empty_names_and_refuses_a_list_of_none(tmp_path, monkeypatch, capsys):
     """`--only acc,` builds acc (not "no spec named  "); `--only ,` names no spec: one line."""
     from repsim.cli import main

@@ -102,7 +102,7 @@ def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
     else:
         ours = sorted((e for e in entries if e.get("model") == row["model"]
                        and e.get("dataset") == row["dataset"]
-                       and float(e.get("train_fraction", 1.0)) == 1.0
+                       and e.get("train_fraction", 1.0) == 1.0  # null: no full run
                        and e.get("recipe", "paper") == row.get("recipe", "paper")),
                       key=lambda e: (len(str(e.get("name"))), str(e.get("name"))))
     e = ours[0] if ours else {}
