@@ -475,6 +475,22 @@ def test_a_manifest_entry_that_is_no_object_fails_its_figure_in_one_line(tmp_pat
     assert "checkpoints entry 'vit.pt' is not an object" in failed["reason"]
 
 
+def test_a_manifest_entry_whose_train_fraction_is_true_is_no_fraction(tmp_path, monkeypatch):
+    """`"train_fraction": true` passed isinstance(int) and was read as the whole data (1.0)."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "vit_a.pt").write_bytes(b"")
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_a", "model": "vit_cifar", "train_fraction": True}]}))
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(
+        ".txt", f"{len(ctx.checkpoints('vit_cifar', 'vit*'))}\n")])
+    write(tmp_path / "a", "reads", 'kind = "note"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert (tmp_path / "f" / "reads.txt").read_text() == "0\n"
+
+
 def test_an_override_that_changes_no_input_rebuilds_nothing(tmp_path, monkeypatch):
     """--data-root (the bundled probe set reads none; a path is not content) and --dataset
     equal to the spec's own leave the figure cached; --n, which changes its images, does not."""

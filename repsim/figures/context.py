@@ -376,7 +376,8 @@ class FigureContext:
             name, frac = str(e.get("name", "")), e.get("train_fraction")
             file = str(e.get("file", f"{name}.pt"))
             if (fnmatch.fnmatchcase(name, d["pattern"]) and e.get("model", d["base"]) == d["base"]
-                    and (folder / file).is_file() and isinstance(frac, (int, float))):
+                    and (folder / file).is_file() and isinstance(frac, (int, float))
+                    and not isinstance(frac, bool)):
                 found[name] = {"name": name, "file": file, "train_fraction": float(frac),
                                "entry": e}
         for path in sorted(folder.glob(d["pattern"] + ".pt")):  # files the manifest lacks
