@@ -64,11 +64,13 @@ def snapshot_epochs(spec: str | Sequence[int] | None, epochs: int) -> tuple[int,
     """The epochs to keep, sorted: ``spec`` is comma-separated epochs and ``every:K`` items
     (K, 2K, ... and the last epoch), or a sequence of epochs; 0 is the initialisation.
     ``epochs``: the run's planned epochs. None or empty: none."""
+    bad = (f"snapshots={spec!r} is not a list of epochs; valid: comma-separated epochs "
+           f"0..{epochs} (0: the initialisation) and every:K, e.g. 0,1,5,every:10")
+    if spec is not None and not isinstance(spec, (str, Sequence)):  # 10: not every:10
+        raise UserError(bad)
     if not spec:
         return ()
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    bad = (f"snapshots={spec!r} is not a list of epochs; valid: comma-separated epochs "
-           f"0..{epochs} (0: the initialisation) and every:K, e.g. 0,1,5,every:10")
     out: set[int] = set()
     for item in items:
         text = str(item).strip()

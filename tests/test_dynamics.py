@@ -31,6 +31,13 @@ def test_snapshot_epochs_take_lists_and_every_k():
             checkpoints.snapshot_epochs(bad, 8)
 
 
+@pytest.mark.parametrize("bad", [10, 0, 2.5])
+def test_snapshots_given_as_one_number_are_refused_in_one_line(bad):
+    # From Python: 10 raised TypeError (not iterable), 0 quietly kept no snapshot.
+    with pytest.raises(UserError, match=rf"snapshots={bad} is not a list of epochs"):
+        checkpoints.snapshot_epochs(bad, 20)
+
+
 def test_settled_epoch_is_where_the_curve_stays_above_the_level():
     epochs = [0, 1, 2, 5, 10]
     assert settled_epoch(epochs, [0.2, 0.95, 0.5, 0.91, 1.0], 0.9) == 5  # dipped at 2
