@@ -83,6 +83,26 @@ def test_a_stage_that_runs_twice_in_one_pass_is_refused_not_drawn_from_its_last_
         FM.stage_activations(resnet, torch.randn(2, 3, 32, 32), ["layer1.0.relu"])
 
 
+class _ChannelsLast(torch.nn.Module):
+    """A CNN whose stage gives (B, H, W, C) maps and says so as timm does (Swin, MambaOut)."""
+
+    output_fmt = "NHWC"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+        self.stage = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.stage(self.conv(x).permute(0, 2, 3, 1))
+
+
+def test_channels_last_maps_are_refused_not_read_as_channels_first():
+    # (1, 8, 8, 5) maps were drawn as 8 "channels" of 8x5 pixels, silently.
+    with pytest.raises(UserError, match=r"layer 'stage'.*channels last"):
+        FM.stage_activations(_ChannelsLast(), torch.randn(1, 3, 8, 8), ["stage"])
+
+
 def test_cli_featuremaps_writes_one_figure_per_stage(cifar_root, tmp_path, capsys):
     weights = tmp_path / "r18.pt"
     torch.save(build_model("resnet18_cifar", seed=2).state_dict(), weights)

@@ -40,7 +40,8 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
                       stages: Sequence[str]) -> dict[str, torch.Tensor]:
     """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``, in
     eval mode (BatchNorm on its running statistics, which stay as they were);
-    UserError when a stage's output is not a 4-D feature map (e.g. a ViT block)."""
+    UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the model
+    says its maps are channels last."""
     from repsim.attention import model_device
     from repsim.hooks import capture, eval_mode
 
@@ -49,6 +50,11 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
         model(x.to(model_device(model)))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
     for name, a in outputs.items():
+        if cap.channels_last and a.ndim == 4:  # as repsim.locality: (B, H, W, C) or not?
+            raise UserError(f"layer {name!r}: this model says its maps are channels last "
+                            "(timm output_fmt 'NHWC'), so which axis holds channels is "
+                            "unknown; valid: channels-first CNNs (resnet18_cifar, "
+                            "resnet18_imagenet, timm:resnet*); fix: pass such a CNN")
         if a.ndim != 4:
             raise UserError(
                 f"{type(model).__name__} layer {name!r} gives outputs of shape {tuple(a.shape)}, "
