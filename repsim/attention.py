@@ -350,12 +350,14 @@ def attention_distance(model: nn.Module, images: np.ndarray | torch.Tensor, spec
     return sums.cpu().numpy() / (len(images) * p)
 
 
-def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 64
-                          ) -> np.ndarray:
+def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 64,
+                          uniform: bool = False) -> np.ndarray:
     """``(L, n_prefix)`` float64: the attention weight that patch queries give each class or
-    register token, averaged over patch queries, heads and images, per block. Uniform
-    attention gives ``1 / T`` per token. ``x``: preprocessed ``(n, 3, S, S)`` float images,
-    run in batches of ``batch_size`` on the model's device."""
+    register token, averaged over patch queries, heads and images, per block. ``x``:
+    preprocessed ``(n, 3, S, S)`` float images, run in batches of ``batch_size`` on the
+    model's device. ``uniform=True``: every score set to 0 under the model's own attention
+    mask, the reference for uniform attention: ``1 / T`` per token without a mask, ``1 / (T -
+    1)`` for an LSA model, whose patch queries may not attend to themselves."""
     geo = vit_geometry(model)
     n = geo.n_prefix
     if n < 1:
@@ -363,7 +365,12 @@ def prefix_attention_mass(model: nn.Module, x: torch.Tensor, batch_size: int = 6
     sums = torch.zeros(geo.depth, n, dtype=torch.float64)
 
     def consume(i, q, k, scale, bias):
-        a = _softmax(q, k, scale, bias)
+        if uniform:  # float64: 1 / T exactly where no mask applies
+            b, h, t, _ = q.shape
+            zero = torch.zeros(b, h, t, t, dtype=torch.float64, device=q.device)
+            a = (zero if bias is None else zero + bias.to(torch.float64)).softmax(dim=-1)
+        else:
+            a = _softmax(q, k, scale, bias)
         sums[i] += a[:, :, n:, :n].to(torch.float64).sum(dim=(0, 1, 2)).cpu()
 
     _feed(model, x, consume, None, batch_size)

@@ -621,3 +621,18 @@ def test_a_unit_that_is_not_a_name_is_a_user_error(unit):
     assert unit_label("model", (32, 32)) == "pixels of the model input"
     with pytest.raises(UserError, match="is unknown; valid: image, model, fraction"):
         unit_label(unit, (32, 32))
+
+
+@pytest.mark.parametrize("lsa,keys", [(False, 18), (True, 17)])
+def test_uniform_prefix_mass_is_measured_under_the_models_own_mask(lsa, keys):
+    # 2 prefix + 16 patch tokens: a patch query spreads evenly over the 18 keys, or over the
+    # 17 others when LSA masks its own key (the prefix figure's line said 1/18 for both).
+    from repsim.tinyvit import LocalityViT
+
+    torch.manual_seed(0)
+    cls = LocalityViT if lsa else VisionTransformer
+    model = cls(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=0,
+                reg_tokens=1).eval()
+    mass = A.prefix_attention_mass(model, torch.randn(2, 3, 16, 16), uniform=True)
+    assert mass.shape == (2, 2)
+    np.testing.assert_allclose(mass, 1 / keys, rtol=1e-12)

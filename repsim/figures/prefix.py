@@ -57,6 +57,9 @@ def _measure(ref, spec: dict, ctx) -> dict:
     with ctx.on_device([model]) as (m,):
         feats = extract(m, x, layers=[layer], reduce="prefix", device=ctx.device)[layer]
         mass = prefix_attention_mass(m, x)
+        # Measured, not assumed: an LSA model's patch queries may not attend to themselves,
+        # so uniform attention gives each prefix token 1 / (T - 1), not 1 / T.
+        uniform = prefix_attention_mass(m, x[:1], uniform=True)
     final = weights_file(ref)  # the manifest names a run by its weights file
     entry = next((e for e in ((ctx.manifest() or {}).get("checkpoints") or [])
                   if final is not None and e.get("name") == final.stem), {})
@@ -64,8 +67,8 @@ def _measure(ref, spec: dict, ctx) -> dict:
             "weights_sha256": prov.get("weights_sha256"), "n_prefix": n_prefix,
             "token_cka": token_cka(feats, n_prefix).tolist(),
             "attention_mass": mass.tolist(),
-            # uniform attention over all T = n_prefix + patch tokens (no attention mask)
-            "uniform_mass": 1.0 / (n_prefix + geo.cells),
+            # uniform attention over the keys the model's mask allows (1 / T without one)
+            "uniform_mass": float(uniform.mean()),
             "test_accuracy": entry.get("test_accuracy")}
 
 
