@@ -491,6 +491,14 @@ def test_block_requests(study_vit):
         resolve_blocks("embed", 6, model, spec)
 
 
+@pytest.mark.parametrize("request_", ["", " , ", []])
+def test_a_block_request_that_names_nothing_is_refused_before_the_slow_part(request_):
+    # `--layers ""` ran the whole distance pass, then matplotlib failed: "Number of rows
+    # must be a positive integer, not 0".
+    with pytest.raises(UserError, match="names no block.*layers='0,5'"):
+        resolve_blocks(request_, 6)
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -88,6 +88,9 @@ def resolve_blocks(request: str | Sequence | None, depth: int, model=None, spec=
             raise UserError(f"{name}={part!r} names no transformer block (attention lives in "
                             f"blocks.0..blocks.{depth - 1}); pass e.g. {name}='0,{depth - 1}'")
         out.update(idx)
+    if not out:  # else the per-head figure fails after the slow distance pass
+        raise UserError(f"{name}={request!r} names no block; pass e.g. {name}='0,5', "
+                        f"or 'blocks' for all {depth}")
     return sorted(out)
 
 
