@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 
 DEFAULT_KS = (1, 5, 10)
 DEFAULT_WEIGHT_DECAY = 1e-3
@@ -214,6 +214,11 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
     from repsim.cka import cka_matrix
 
     labels = np.asarray(labels).ravel()
+    given = ks  # int(1.5) or True would delete one component, "15" one and five
+    ks = list(ks) if isinstance(ks, Iterable) and not isinstance(ks, str) else [None]
+    if not all(is_whole(k, 0) for k in ks):
+        raise UserError(f"ks={given!r} must be a list of non-negative integers (components "
+                        "to delete), e.g. ks=(1, 5, 10)")
     ks = [0] + sorted({int(k) for k in ks} - {0})
     mats = {name: np.asarray(x) for name, x in features.items()}
     if any(len(x) != len(labels) for x in mats.values()):

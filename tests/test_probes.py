@@ -239,3 +239,13 @@ def test_a_boolean_in_the_probes_figures_ks_is_refused():
     assert _options({"ks": [0, 2]}, ctx)["ks"] == [0, 2]
     with pytest.raises(UserError, match=r"ks=\[True\] must be a list of non-negative integers"):
         _options({"ks": [True]}, ctx)
+
+
+@pytest.mark.parametrize("ks", [5, (1.5,), (True,), "15"])
+def test_ks_that_is_not_a_list_of_counts_is_refused_naming_ks(ks):
+    # ks=5 raised TypeError ('int' object is not iterable); (1.5,) deleted 1 component and
+    # (True,) one, silently; "15" deleted 1 and 5.
+    x, y = blobs()
+    with pytest.raises(UserError, match=r"ks=.* must be a list of non-negative integers"):
+        probe_layers({"a": x}, y, ks=ks, device="cpu")
+
