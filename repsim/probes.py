@@ -15,6 +15,7 @@ no randomness to seed: the ``seed`` of :func:`probe_layers` draws the train/test
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -130,6 +131,8 @@ def remove_top_pcs(x: Any, k: int) -> np.ndarray:
     ``X - U_k S_k V_k'`` for the centred ``X = U S V'`` (``k = 0``: ``x`` centred)."""
     t = _matrix(x, "x", torch.device("cpu") if not isinstance(x, torch.Tensor) else x.device)
     n, p = t.shape
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # 1.0 failed in slicing
+        raise UserError(f"k={k!r} must be a whole number of components, 0 <= k <= {min(n, p)}")
     if not 0 <= k <= min(n, p):
         raise UserError(f"k={k} is out of range for x of shape {(n, p)}; pass 0 <= k <= "
                         f"{min(n, p)}")

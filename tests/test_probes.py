@@ -249,3 +249,10 @@ def test_ks_that_is_not_a_list_of_counts_is_refused_naming_ks(ks):
     with pytest.raises(UserError, match=r"ks=.* must be a list of non-negative integers"):
         probe_layers({"a": x}, y, ks=ks, device="cpu")
 
+
+@pytest.mark.parametrize("k", [1.0, np.float64(2)])
+def test_a_fractional_type_k_is_refused_naming_k(k):
+    # remove_top_pcs(x, 1.0) raised TypeError: slice indices must be integers.
+    x, _ = blobs()
+    with pytest.raises(UserError, match=r"k=.* must be a whole number"):
+        remove_top_pcs(x, k)
