@@ -57,6 +57,15 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                         "activations (overflow in float16 storage?) before probing")
 
 
+def _array(x: Any) -> np.ndarray:
+    """``x`` as a numpy array: a torch tensor from any device, bfloat16 as float32 (numpy has
+    no bfloat16, and np.asarray refused it)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return np.asarray(x)
+
+
 def _matrix(x: Any, name: str, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.dim() != 2:
@@ -223,16 +232,17 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
         raise UserError(f"ks={given!r} must be a list of non-negative integers (components "
                         "to delete), e.g. ks=(1, 5, 10)")
     ks = [0] + sorted({int(k) for k in ks} - {0})
-    mats = {name: np.asarray(x) for name, x in features.items()}
+    mats = {name: _array(x) for name, x in features.items()}
     if any(len(x) != len(labels) for x in mats.values()):
         raise UserError(f"features have {sorted({len(x) for x in mats.values()})} rows but "
                         f"labels has {len(labels)}; pass one label per row")
     train, test = stratified_split(labels, train_fraction, seed)
     opts = dict(estimator=estimator, batch_size=batch_size, batch_seed=batch_seed)
-    ref_names, ref, match = list(reference or {}), list((reference or {}).values()), None
+    ref_names, match = list(reference or {}), None
+    ref = [_array(r) for r in (reference or {}).values()]
     if reference is not None:  # each layer's best match: its highest CKA before deletion
         match = [int(np.nanargmax(r)) if np.isfinite(r).any() else None
-                 for r in cka_matrix(mats, reference, **opts)]
+                 for r in cka_matrix(mats, dict(zip(ref_names, ref)), **opts)]
     acc, self_cka, match_cka = (np.full((len(mats), len(ks)), np.nan) for _ in range(3))
     for i, (name, x) in enumerate(mats.items()):
         _check_finite(torch.as_tensor(x), f"layer {name!r}")

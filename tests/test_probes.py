@@ -256,3 +256,14 @@ def test_a_fractional_type_k_is_refused_naming_k(k):
     x, _ = blobs()
     with pytest.raises(UserError, match=r"k=.* must be a whole number"):
         remove_top_pcs(x, k)
+
+
+def test_torch_features_of_any_dtype_probe_like_their_float32_values():
+    # A bfloat16 tensor (autocast activations) raised TypeError: unsupported ScalarType.
+    x, y = blobs(n_per_class=10)
+    xb = torch.from_numpy(x).bfloat16()
+    kw = dict(ks=(1,), device="cpu", steps=50)
+    got = probe_layers({"a": xb}, y, reference={"r": xb}, **kw)
+    want = probe_layers({"a": xb.float().numpy()}, y, reference={"r": xb.float().numpy()}, **kw)
+    np.testing.assert_array_equal(got.accuracy, want.accuracy)
+    np.testing.assert_array_equal(got.match_cka, want.match_cka)
