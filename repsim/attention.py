@@ -225,7 +225,9 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
 
     from repsim.models import preprocess
 
-    src = torch.as_tensor(images) if isinstance(images, np.ndarray) else images
+    # A copy only when numpy's strides are negative (images[..., ::-1]): torch has none.
+    src = (torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray)
+           else images)
     is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
         raise ValueError("uint8 images need the model's spec to be preprocessed")

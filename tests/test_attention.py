@@ -644,3 +644,13 @@ def test_uniform_prefix_mass_is_measured_under_the_models_own_mask(lsa, keys):
     mass = A.prefix_attention_mass(model, torch.randn(2, 3, 16, 16), uniform=True)
     assert mass.shape == (2, 2)
     np.testing.assert_allclose(mass, 1 / keys, rtol=1e-12)
+
+
+def test_uint8_images_with_negative_strides_are_measured_as_their_copy():
+    # images[..., ::-1] (BGR -> RGB) raised torch's "negative strides are not supported".
+    model = _tiny_vit(img_size=32, depth=1)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    flipped = images[..., ::-1]
+    spec = get_spec("vit_cifar")
+    np.testing.assert_array_equal(A.attention_distance(model, flipped, spec),
+                                  A.attention_distance(model, flipped.copy(), spec))
