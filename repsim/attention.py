@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.hooks import eval_mode
 
 
@@ -231,9 +231,10 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
     is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
         raise ValueError("uint8 images need the model's spec to be preprocessed")
-    if batch_size < 1 or len(src) == 0:
-        raise UserError(f"need images and a positive batch size (got {len(src)} images, "
-                        f"batch_size={batch_size})")
+    if not is_whole(batch_size):  # 2.0 failed in range(), True ran one image at a time
+        raise UserError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64")
+    if len(src) == 0:
+        raise UserError("no images given; pass at least one")
     dev = model_device(model)
     bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
     with bar, torch.inference_mode(), eval_mode(model), _qk_hooks(model, consume):

@@ -654,3 +654,11 @@ def test_uint8_images_with_negative_strides_are_measured_as_their_copy():
     spec = get_spec("vit_cifar")
     np.testing.assert_array_equal(A.attention_distance(model, flipped, spec),
                                   A.attention_distance(model, flipped.copy(), spec))
+
+
+@pytest.mark.parametrize("batch_size", [2.0, True, "8"])
+def test_a_batch_size_that_is_not_a_count_is_a_user_error(batch_size):
+    # 2.0 raised TypeError from range(); True ran batches of one image.
+    model = _tiny_vit(depth=1)
+    with pytest.raises(UserError, match=r"batch_size=.* must be a positive integer"):
+        A.attention_distance(model, torch.randn(2, 3, 16, 16), batch_size=batch_size)
