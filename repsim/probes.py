@@ -155,6 +155,11 @@ def remove_top_pcs(x: Any, k: int) -> np.ndarray:
         else:
             v = torch.linalg.eigh(xc.T @ xc).eigenvectors[:, -k:]
             out = xc - (xc @ v) @ v.T
+    # k at or above the layer's rank leaves only rounding noise, which standardise() would
+    # blow up to unit scale for the probe and CKA to read as signal: it is nothing, zeros.
+    # 1e-9: far above float64 rounding, far below the precision of float32 activations.
+    if float(out.norm()) <= 1e-9 * float(xc.norm()):
+        out = torch.zeros_like(out)
     return out.cpu().numpy()
 
 

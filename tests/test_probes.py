@@ -267,3 +267,16 @@ def test_torch_features_of_any_dtype_probe_like_their_float32_values():
     want = probe_layers({"a": xb.float().numpy()}, y, reference={"r": xb.float().numpy()}, **kw)
     np.testing.assert_array_equal(got.accuracy, want.accuracy)
     np.testing.assert_array_equal(got.match_cka, want.match_cka)
+
+
+def test_deleting_every_component_of_a_low_rank_layer_leaves_zeros_not_rounding_noise():
+    # A rank-1 layer of width 2 minus its top component was ~1e-16 noise, which the probe
+    # rescaled and scored (0.77 on two classes) and CKA read as 0.31 with the layer.
+    x, y = blobs(n_per_class=30, classes=2, dim=1)
+    x = x.astype(np.float64)
+    rank1 = np.c_[x, 2 * x]
+    np.testing.assert_array_equal(remove_top_pcs(rank1, 1), np.zeros_like(rank1))
+    with pytest.warns(RuntimeWarning, match="zero variance"):  # CKA says the layer is gone
+        res = probe_layers({"p1": x, "rank1": rank1}, y, ks=(1,), device="cpu")
+    np.testing.assert_array_equal(res.accuracy[1], res.accuracy[0])  # as a width-1 layer
+    assert np.isnan(res.self_cka[1, 1])
