@@ -25,7 +25,7 @@ from torch import nn
 
 from repsim import cka
 from repsim.attention import TokenGrid, model_device, token_grid
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 
 
 def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
@@ -46,6 +46,12 @@ def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
                     "(b, T, D) nor feature maps (b, C, H, W); pick spatial layers")
 
 
+def _check_batch(value: Any, name: str) -> None:
+    if not is_whole(value):  # 8.0 failed in range(), True ran one image per forward pass
+        raise UserError(f"{name}={value!r} must be a positive integer (images per forward "
+                        "pass), e.g. 64")
+
+
 @torch.inference_mode()
 def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
                   layers: str | Sequence[str] | None = None, n_prefix: int | None = None,
@@ -56,6 +62,7 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
     (none is dropped from ``patch_embed``'s tokens, which come before the prefix)."""
     from repsim.hooks import capture, eval_mode
 
+    _check_batch(batch_size, "batch_size")
     dev = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
@@ -167,6 +174,7 @@ def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
     Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
     :func:`repsim.cka.compare` (``batch_size`` there is the CKA estimator's; ``forward_batch``
     is images per forward pass)."""
+    _check_batch(forward_batch, "forward_batch")
     geo = token_grid(vit)
     tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, forward_batch)
     dev = next(iter(tokens.values())).device

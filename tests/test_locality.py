@@ -328,3 +328,12 @@ def test_a_boolean_token_cell_is_refused():
     assert _tokens({"tokens": [[1, 0]]}, (8, 8)) == [(1, 0)]
     with pytest.raises(UserError, match=r"tokens=\[\[True, 0\]\]"):
         _tokens({"tokens": [[True, 0]]}, (8, 8))
+
+
+@pytest.mark.parametrize("batch", [8.0, True, 0])
+def test_a_forward_batch_that_is_not_a_count_is_a_user_error_naming_it(images, batch):
+    # 8.0 raised TypeError from range(); True ran one image per pass; 0 raised ValueError.
+    with pytest.raises(UserError, match=r"forward_batch=.* must be a positive integer"):
+        L.measure(CopyViT(), images[:4], vit_layers="blocks.0", forward_batch=batch)
+    with pytest.raises(UserError, match=r"batch_size=.* must be a positive integer"):
+        L.grid_features(CopyViT(), images[:4], GRID, "blocks.0", batch_size=batch)
