@@ -213,3 +213,17 @@ def test_the_retrain_command_writes_a_large_seed_as_an_integer():
     entry = {"epochs_planned": 10, "seed": 20261128, "batch_size": 1048576, "lr": 1e-4}
     line = dynamics._command(ModelRef("vit_cifar"), None, entry)
     assert "--seed 20261128 --batch-size 1048576 --lr 0.0001 --snapshots" in line
+
+
+@pytest.mark.parametrize("fraction", [None, True, "0.5"])
+def test_the_retrain_command_of_an_entry_whose_fraction_is_no_number_is_still_a_command(
+        fraction):
+    # train_fraction null raised TypeError (format None with :g): the figure failed instead
+    # of naming the command that makes the snapshots.
+    from repsim.figures import dynamics
+    from repsim.figures.context import ModelRef
+
+    entry = {"epochs_planned": 10, "train_fraction": fraction}
+    line = dynamics._command(ModelRef("vit_cifar"), None, entry)
+    assert line.startswith("repsim train --model vit_cifar --epochs 10")
+    assert "--train-fraction" not in line

@@ -46,6 +46,9 @@ def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
     """The ``repsim train`` line that retrains ``ref``'s run keeping snapshots."""
     epochs = int(entry.get("epochs_planned") or entry.get("epochs") or 0)
     fraction = entry.get("train_fraction", 1.0)
+    # null (older manifests), a bool or a string is no fraction to repeat: the flag goes
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        fraction = 1.0
     parts = [f"repsim train --model {ref.model}",
              entry.get("recipe") and f"--recipe {entry['recipe']}",
              epochs and f"--epochs {epochs}",
