@@ -17,8 +17,10 @@ if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
 
 def effective_rank(singular_values: np.ndarray) -> float:
     """``exp(-sum p log p)`` with ``p = s / sum(s)`` over the non-zero singular values ``s``;
-    ``k`` equal non-zero values give exactly ``k``."""
+    ``k`` equal non-zero values give exactly ``k``; none (a zero matrix) gives 0."""
     s = np.asarray(singular_values, dtype=np.float64)
+    if not (s > 0).any():  # else exp(entropy of nothing) = 1, one direction
+        return 0.0
     p = s[s > 0] / s.sum()
     return float(np.exp(-(p * np.log(p)).sum()))
 
