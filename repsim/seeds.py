@@ -24,6 +24,7 @@ from repsim.compare import CKAConfig, run_cka, versions
 from repsim.errors import UserError
 from repsim.paths import digest, slug, write_json
 from repsim.sketch import jsonable
+from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka-seeds/1"
 
@@ -52,12 +53,22 @@ def has_seeds(cfg: CKAConfig) -> bool:
     return max(len(seed_list(cfg.weights_a)), len(seed_list(cfg.weights_b))) > 1
 
 
-def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> list | None:
-    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None)."""
+def _pair(cfg: CKAConfig, x: str | None, y: str | None, seed_x: int, seed_y: int,
+          **kw) -> CKAConfig:
+    """``cfg`` for weights ``x`` against ``y``, each seeded by its side's seed only when it is
+    ``'random'``: beside a file, run_cka refuses a seed as having no effect."""
+    return replace(cfg, weights_a=x, weights_b=y, weights_seed_a=seed_x if x == "random" else 0,
+                   weights_seed_b=seed_y if y == "random" else 0, plots=False, **kw)
+
+
+def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None,
+             seed: int) -> list | None:
+    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None);
+    ``seed``: the side's weights seed."""
     if len(seeds) < 2:
         return None
-    runs = [run_cka(replace(cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers,
-                            layers_b=layers, label_a=None, label_b=None, plots=False))
+    runs = [run_cka(_pair(cfg, x, y, seed, seed, a=model, b=model, layers_a=layers,
+                          layers_b=layers, label_a=None, label_b=None))
             for x, y in itertools.combinations(seeds, 2)]
     stack = np.array([r["result"]["matrix"] for r in runs], np.float64)  # None: NaN
     return jsonable(np.diagonal(stack, axis1=1, axis2=2).mean(0))
@@ -79,7 +90,8 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     ``stores`` per comparison)."""
     t0 = time.perf_counter()
     seeds_a, seeds_b = _side_seeds(cfg.weights_a, "a"), _side_seeds(cfg.weights_b, "b")
-    runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
+    check_weights_seeds(vars(cfg))  # a seed must seed some 'random' of its side's list
+    runs = [run_cka(_pair(cfg, x, y, cfg.weights_seed_a, cfg.weights_seed_b))
             for x in seeds_a for y in seeds_b]
     results = [r["result"] for r in runs]
     first = results[0]
@@ -91,8 +103,8 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         model_b=(cfg.label_b or f"{cfg.b} ({len(seeds_b)} seeds)") if len(seeds_b) > 1
         else first["model_b"],
         **aggregate(results), seeds_a=seeds_a, seeds_b=seeds_b,
-        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a),
-        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
+        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a, cfg.weights_seed_a),
+        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b, cfg.weights_seed_b),
         comparisons=[r["files"][0] for r in runs],
         comparison_keys=[r["cache_key"] for r in results], format=FORMAT, versions=versions())
     out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out).expanduser()

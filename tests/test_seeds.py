@@ -19,3 +19,48 @@ def test_a_seed_list_without_files_is_a_user_error_not_an_index_error():
     cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=" , ", weights_b="a.pt,b.pt")
     with pytest.raises(UserError, match=r"weights_a=' , ' names no weights file"):
         run_cka_seeds(cfg)
+
+
+def fake_run_cka(calls):
+    """A stand-in for run_cka that checks the seeds of weights as run_cka does, records each
+    configuration and returns a 1 x 1 result."""
+    from repsim.weights import check_weights_seeds
+
+    def run(cfg):
+        check_weights_seeds(vars(cfg))
+        calls.append(cfg)
+        result = {"matrix": [[0.5]], "se": None, "layers_a": ["x"], "layers_b": ["x"],
+                  "kernel": "linear", "estimator": "minibatch", "n": 8, "batch_size": 1024,
+                  "samples": {}, "model_a": "m", "model_b": "m", "cache_key": str(len(calls))}
+        return {"result": result, "files": [f"/nowhere/{len(calls)}.json"], "reused": True,
+                "stores": {"a": "reused", "b": "reused"}}
+    return run
+
+
+def test_each_comparison_seeds_random_weights_with_its_own_sides_seed(monkeypatch, tmp_path):
+    # B: a random baseline with weights_seed_b=1 and a file. Every run kept weights_seed_b=1:
+    # beside t1.pt (and in A's seed ceiling, beside two files) it was refused ('has no
+    # effect'), and B's seed ceiling seeded its 'random' with A's weights_seed_a.
+    from repsim import seeds
+
+    calls = []
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka(calls))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt",
+                    weights_b="random,t1.pt", weights_seed_a=0, weights_seed_b=1, plots=False,
+                    out=str(tmp_path))
+    run_cka_seeds(cfg)
+    got = [(c.a == c.b, c.weights_a, c.weights_b, c.weights_seed_a, c.weights_seed_b)
+           for c in calls]
+    assert got == [(False, "s0.pt", "random", 0, 1), (False, "s0.pt", "t1.pt", 0, 0),
+                   (False, "s1.pt", "random", 0, 1), (False, "s1.pt", "t1.pt", 0, 0),
+                   (True, "s0.pt", "s1.pt", 0, 0), (True, "random", "t1.pt", 1, 0)]
+
+
+def test_a_weights_seed_with_no_random_weights_in_the_list_is_refused(monkeypatch, tmp_path):
+    from repsim import seeds
+
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka([]))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt",
+                    weights_seed_a=2, plots=False, out=str(tmp_path))
+    with pytest.raises(UserError, match=r"weights_seed_a=2 has no effect"):
+        run_cka_seeds(cfg)
