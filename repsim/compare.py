@@ -415,7 +415,8 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
     sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
     small = 0 < 8 * sketch.sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
-    if small and all(_sketch_path(s, x, cfg).is_file() for s, names in sides for x in names):
+    if small and not cfg.force and all(_sketch_path(s, x, cfg).is_file()
+                                       for s, names in sides for x in names):
         got = [_sketches(s, names, cfg) for s, names in sides]
     else:
         from repsim import cka
@@ -469,7 +470,7 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
     sketches, medians = [], []
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
-        if path.is_file():
+        if path.is_file() and not cfg.force:  # force: recompute what is cached, sketches too
             with np.load(path) as z:
                 sk, med, said = z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
             repeat(said)
