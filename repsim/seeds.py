@@ -95,8 +95,8 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
             for x in seeds_a for y in seeds_b]
     results = [r["result"] for r in runs]
     first = results[0]
-    res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n",
-                                 "batch_size", "samples")}
+    res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n", "threshold",
+                                 "batch_size", "batch_seed", "samples")}
     res.update(
         model_a=(cfg.label_a or f"{cfg.a} ({len(seeds_a)} seeds)") if len(seeds_a) > 1
         else first["model_a"],

@@ -30,7 +30,9 @@ def fake_run_cka(calls):
         check_weights_seeds(vars(cfg))
         calls.append(cfg)
         result = {"matrix": [[0.5]], "se": None, "layers_a": ["x"], "layers_b": ["x"],
-                  "kernel": "linear", "estimator": "minibatch", "n": 8, "batch_size": 1024,
+                  "kernel": cfg.kernel, "estimator": cfg.estimator, "n": 8,
+                  "batch_size": 1024 if cfg.estimator == "minibatch" else None,
+                  "threshold": cfg.threshold if cfg.kernel == "rbf" else None, "batch_seed": 0,
                   "samples": {}, "model_a": "m", "model_b": "m", "cache_key": str(len(calls))}
         return {"result": result, "files": [f"/nowhere/{len(calls)}.json"], "reused": True,
                 "stores": {"a": "reused", "b": "reused"}}
@@ -64,3 +66,15 @@ def test_a_weights_seed_with_no_random_weights_in_the_list_is_refused(monkeypatc
                     weights_seed_a=2, plots=False, out=str(tmp_path))
     with pytest.raises(UserError, match=r"weights_seed_a=2 has no effect"):
         run_cka_seeds(cfg)
+
+
+def test_the_seeds_aggregate_records_the_rbf_threshold_and_batch_seed(monkeypatch, tmp_path):
+    # The aggregate named kernel, estimator and batch size but not the RBF bandwidth's
+    # threshold nor the batches' seed: aggregates at thresholds 0.5 and 2 read alike.
+    from repsim import seeds
+
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka([]))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt", kernel="rbf",
+                    threshold=0.5, plots=False, out=str(tmp_path))
+    res = run_cka_seeds(cfg)["result"]
+    assert (res["threshold"], res["batch_seed"]) == (0.5, 0)
