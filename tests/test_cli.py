@@ -318,3 +318,16 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_flags_that_shrink_it(m
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("repsim cka: error: out of device memory (CUDA out of memory.")
     assert "fix: fewer images per batch (--batch-size; cka: --memory-budget)" in err
+
+
+def test_json_failure_is_still_one_json_object_on_stdout(tmp_path, capsys):
+    # --json promised one machine-readable object, but a failure printed nothing on stdout:
+    # a script's json.loads(stdout) failed on '' instead of reading the error.
+    from repsim.cli import main
+
+    missing = tmp_path / "missing.h5"
+    assert main(["cka", "--a", str(missing), "--b", str(missing), "--json"]) == 1
+    out, err = capsys.readouterr()
+    why = f"no store at {missing}; extract one first"
+    assert json.loads(out) == {"error": why}
+    assert err == f"repsim cka: error: {why}\n"
