@@ -13,6 +13,7 @@ influence stay in each comparison's own file (``comparisons``): they do not aver
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import replace
@@ -84,6 +85,14 @@ def aggregate(results: list[dict]) -> dict:
             "se": jsonable(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
 
 
+def _stored(path: Path) -> dict | None:
+    """The aggregate written at ``path`` before, if any (a rerun rewrites an equal one not)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_cka_seeds(cfg: CKAConfig) -> dict:
     """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
     Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``, and
@@ -110,12 +119,13 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out).expanduser()
     stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
             f"{digest(res['comparisons'])[:10]}")
-    files = []
-    if cfg.plots:  # before the JSON that vouches for them, as in run_cka
-        from repsim.figures import draw
+    files = [out / f"{stem}.{ext}" for ext in ("json", "png", "pdf")[:3 if cfg.plots else 1]]
+    if not (_stored(files[0]) == res and all(map(Path.exists, files[1:]))):  # else: unchanged
+        if cfg.plots:  # before the JSON that vouches for them, as in run_cka
+            from repsim.figures import draw
 
-        files += draw.save(draw.cka_heatmap(res), out / stem)
-    files.insert(0, write_json(out / f"{stem}.json", res))
+            draw.save(draw.cka_heatmap(res), out / stem)
+        write_json(files[0], res)
     return {"result": res, "files": [str(f) for f in files],
             "reused": all(r["reused"] for r in runs), "stores": [r["stores"] for r in runs],
             "seconds": time.perf_counter() - t0}

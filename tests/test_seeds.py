@@ -1,5 +1,8 @@
 """repsim.seeds: the lists of weights files that make a comparison over seeds."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from repsim.compare import CKAConfig
@@ -29,12 +32,13 @@ def fake_run_cka(calls):
     def run(cfg):
         check_weights_seeds(vars(cfg))
         calls.append(cfg)
+        name = f"{cfg.a}-{cfg.weights_a}__{cfg.b}-{cfg.weights_b}"
         result = {"matrix": [[0.5]], "se": None, "layers_a": ["x"], "layers_b": ["x"],
                   "kernel": cfg.kernel, "estimator": cfg.estimator, "n": 8,
                   "batch_size": 1024 if cfg.estimator == "minibatch" else None,
                   "threshold": cfg.threshold if cfg.kernel == "rbf" else None, "batch_seed": 0,
-                  "samples": {}, "model_a": "m", "model_b": "m", "cache_key": str(len(calls))}
-        return {"result": result, "files": [f"/nowhere/{len(calls)}.json"], "reused": True,
+                  "samples": {}, "model_a": "m", "model_b": "m", "cache_key": name}
+        return {"result": result, "files": [f"/nowhere/{name}.json"], "reused": True,
                 "stores": {"a": "reused", "b": "reused"}}
     return run
 
@@ -78,3 +82,19 @@ def test_the_seeds_aggregate_records_the_rbf_threshold_and_batch_seed(monkeypatc
                     threshold=0.5, plots=False, out=str(tmp_path))
     res = run_cka_seeds(cfg)["result"]
     assert (res["threshold"], res["batch_seed"]) == (0.5, 0)
+
+
+def test_the_seeds_aggregate_is_not_rewritten_when_nothing_changed(monkeypatch, tmp_path):
+    # Every comparison reused, the aggregate said reused: true, yet its file was written
+    # again each run (README: a rerun with nothing changed rewrites nothing).
+    from repsim import seeds
+
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka([]))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt", plots=False,
+                    out=str(tmp_path))
+    first = run_cka_seeds(cfg)
+    (path,) = map(Path, first["files"])
+    os.utime(path, ns=(1, 1))  # any write would move this
+    again = run_cka_seeds(cfg)
+    assert again["files"] == first["files"] and again["result"] == first["result"]
+    assert again["reused"] and path.stat().st_mtime_ns == 1
