@@ -154,7 +154,8 @@ def _config(cls, args: argparse.Namespace, **extra):
 
 
 def _report(args: argparse.Namespace, result: dict, text: str) -> int:
-    print(json.dumps(result) if args.json else text)
+    print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None))
+          if args.json else text)  # NaN and inf are no JSON (JavaScript refuses them): null
     return 0
 
 
@@ -429,9 +430,8 @@ TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse, not map every forward batch's activations
-    afresh (README, 'Process setting': 14.0 s -> 10.1 s for 2,000 ResNet-18 images on 2 cores).
-    Returns whether it was made: not off glibc, nor when the user tunes malloc."""
+    """Ask glibc to keep freed memory for reuse, not map each forward batch's activations afresh
+    (README, 'Process setting'); returns whether it was made: not off glibc, nor if tuned."""
     import ctypes
 
     if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)

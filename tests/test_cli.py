@@ -331,3 +331,18 @@ def test_json_failure_is_still_one_json_object_on_stdout(tmp_path, capsys):
     why = f"no store at {missing}; extract one first"
     assert json.loads(out) == {"error": why}
     assert err == f"repsim cka: error: {why}\n"
+
+
+def test_json_output_is_strict_json_with_non_finite_numbers_as_null(monkeypatch, capsys):
+    # A diverged checkpoint's loss is NaN: --json printed "loss": NaN, which is no JSON
+    # (JavaScript's JSON.parse, Go and serde refuse it); results write NaN as null already.
+    import repsim.evaluation
+    from repsim.cli import main
+
+    res = {"model": "m", "weights": "w", "dataset": "d", "split": "test", "accuracy": 10.0,
+           "loss": float("nan"), "n": 8, "seconds": 1.0, "curve": [1.0, float("inf")]}
+    monkeypatch.setattr(repsim.evaluation, "evaluate_model", lambda cfg: res)
+    assert main(["eval", "--model", "resnet18_cifar", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=pytest.fail) == {**res, "loss": None,
+                                                           "curve": [1.0, None]}
