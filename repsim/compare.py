@@ -280,6 +280,11 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     if is_whole(n) and n < need and not (looks_like_store(cfg.a) and looks_like_store(cfg.b)):
         raise UserError(f"n={n}: estimator={cfg.estimator!r} needs at least {need} samples; "
                         f"fix: give n={need} or more")  # before extracting a model, not after
+    if cfg.out is not None and (out := Path(cfg.out).expanduser()).exists() and not out.is_dir():
+        raise UserError(f"out={os.fspath(cfg.out)!r} is a file; valid: a folder for the result "
+                        "files (made if missing); fix: give one")
+    if cfg.out is not None:  # made now: one that cannot be fails before the work, not after it
+        out.mkdir(parents=True, exist_ok=True)
     return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 

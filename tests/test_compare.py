@@ -839,3 +839,22 @@ def test_force_recomputes_the_cached_sketches_too(tmp_path, pair):
             wrong = dict(z, sketch=z["sketch"][::-1].copy())
         np.savez(path, **wrong)
     assert run_cka(dataclasses.replace(cfg, force=True))["result"]["matrix"] == first
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, pair, monkeypatch):
+    # --out FILE failed only when the heatmap was saved, after the whole computation (minutes
+    # with --permutations), as 'cannot use FILE: File exists'.
+    from repsim import compare
+    from repsim.errors import UserError
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed before out= was checked")
+
+    monkeypatch.setattr(compare, "cka_of_stores", computed)
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "notes.txt"))
+    with pytest.raises(UserError, match=r"out='.*notes.txt' is a file; valid: a folder"):
+        run_cka(cfg)
+    with pytest.raises(OSError):  # a folder under a file cannot be made: before the work too
+        run_cka(dataclasses.replace(cfg, out=str(tmp_path / "notes.txt" / "sub")))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
