@@ -120,7 +120,8 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
             f"{digest(res['comparisons'])[:10]}")
     files = [out / f"{stem}.{ext}" for ext in ("json", "png", "pdf")[:3 if cfg.plots else 1]]
-    if not (_stored(files[0]) == res and all(map(Path.exists, files[1:]))):  # else: unchanged
+    # An equal aggregate with its plots stays as it is: a rerun rewrites nothing (but force).
+    if cfg.force or not (_stored(files[0]) == res and all(map(Path.exists, files[1:]))):
         if cfg.plots:  # before the JSON that vouches for them, as in run_cka
             from repsim.figures import draw
 

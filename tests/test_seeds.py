@@ -98,3 +98,15 @@ def test_the_seeds_aggregate_is_not_rewritten_when_nothing_changed(monkeypatch, 
     again = run_cka_seeds(cfg)
     assert again["files"] == first["files"] and again["result"] == first["result"]
     assert again["reused"] and path.stat().st_mtime_ns == 1
+
+
+def test_force_rewrites_the_seeds_aggregate(monkeypatch, tmp_path):
+    from repsim import seeds
+
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka([]))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt", plots=False,
+                    out=str(tmp_path), force=True)
+    (path,) = map(Path, run_cka_seeds(cfg)["files"])
+    os.utime(path, ns=(1, 1))
+    run_cka_seeds(cfg)
+    assert path.stat().st_mtime_ns != 1  # force: recompute and rewrite what is cached
