@@ -62,15 +62,16 @@ def _pair(cfg: CKAConfig, x: str | None, y: str | None, seed_x: int, seed_y: int
                    weights_seed_b=seed_y if y == "random" else 0, plots=False, **kw)
 
 
-def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None,
-             seed: int) -> list | None:
+def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None, seed: int,
+             done: list) -> list | None:
     """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None);
-    ``seed``: the side's weights seed."""
+    ``seed``: the side's weights seed; each pair's run_cka summary is added to ``done``."""
     if len(seeds) < 2:
         return None
     runs = [run_cka(_pair(cfg, x, y, seed, seed, a=model, b=model, layers_a=layers,
                           layers_b=layers, label_a=None, label_b=None))
             for x, y in itertools.combinations(seeds, 2)]
+    done += runs
     stack = np.array([r["result"]["matrix"] for r in runs], np.float64)  # None: NaN
     return jsonable(np.diagonal(stack, axis1=1, axis2=2).mean(0))
 
@@ -102,7 +103,7 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
     check_weights_seeds(vars(cfg))  # a seed must seed some 'random' of its side's list
     runs = [run_cka(_pair(cfg, x, y, cfg.weights_seed_a, cfg.weights_seed_b))
             for x in seeds_a for y in seeds_b]
-    results = [r["result"] for r in runs]
+    results, pairs = [r["result"] for r in runs], []  # pairs: the seed ceilings' runs
     first = results[0]
     res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n", "threshold",
                                  "batch_size", "batch_seed", "samples")}
@@ -112,8 +113,8 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
         model_b=(cfg.label_b or f"{cfg.b} ({len(seeds_b)} seeds)") if len(seeds_b) > 1
         else first["model_b"],
         **aggregate(results), seeds_a=seeds_a, seeds_b=seeds_b,
-        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a, cfg.weights_seed_a),
-        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b, cfg.weights_seed_b),
+        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a, cfg.weights_seed_a, pairs),
+        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b, cfg.weights_seed_b, pairs),
         comparisons=[r["files"][0] for r in runs],
         comparison_keys=[r["cache_key"] for r in results], format=FORMAT, versions=versions())
     out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out).expanduser()
@@ -128,5 +129,5 @@ def run_cka_seeds(cfg: CKAConfig) -> dict:
             draw.save(draw.cka_heatmap(res), out / stem)
         write_json(files[0], res)
     return {"result": res, "files": [str(f) for f in files],
-            "reused": all(r["reused"] for r in runs), "stores": [r["stores"] for r in runs],
+            "reused": all(r["reused"] for r in runs + pairs), "stores": [r["stores"] for r in runs],
             "seconds": time.perf_counter() - t0}

@@ -110,3 +110,19 @@ def test_force_rewrites_the_seeds_aggregate(monkeypatch, tmp_path):
     os.utime(path, ns=(1, 1))
     run_cka_seeds(cfg)
     assert path.stat().st_mtime_ns != 1  # force: recompute and rewrite what is cached
+
+
+def test_a_computed_seed_ceiling_is_not_reported_as_reused(monkeypatch, tmp_path):
+    # The comparisons were cached but the seed ceiling's pair was computed (minutes, maybe an
+    # extraction): the aggregate still said reused: true ('reused (cached)' at the CLI).
+    from repsim import seeds
+
+    cached = fake_run_cka([])
+
+    def run(cfg):
+        return {**cached(cfg), "reused": cfg.a != cfg.b}  # a ceiling pair: A against A
+
+    monkeypatch.setattr(seeds, "run_cka", run)
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt", plots=False,
+                    out=str(tmp_path))
+    assert run_cka_seeds(cfg)["reused"] is False
