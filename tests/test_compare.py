@@ -832,7 +832,8 @@ def test_force_recomputes_the_cached_sketches_too(tmp_path, pair):
     from repsim.paths import cache_dir
 
     cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), estimator="debiased", se=False,
-                    plots=False, out=str(tmp_path / "o"), progress=False)
+                    layers_a="blocks.0", layers_b="stem", plots=False, out=str(tmp_path / "o"),
+                    progress=False)
     first = run_cka(cfg)["result"]["matrix"]
     for path in cache_dir("sketches").glob("*.npz"):  # make every cached sketch wrong
         with np.load(path) as z:
