@@ -31,8 +31,11 @@ FORMAT = "repsim-cka-seeds/1"
 
 
 def seed_list(weights: str | None) -> list[str | None]:
-    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file or None stays a single entry."""
-    return [None] if weights is None else [w.strip() for w in weights.split(",") if w.strip()]
+    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file (its path may hold a comma, as
+    'lr=0.1,wd=0.05/best.pt' does) or None stays a single entry."""
+    if weights is None or os.path.isfile(os.path.expanduser(weights)):
+        return [weights]
+    return [w.strip() for w in weights.split(",") if w.strip()]
 
 
 def _side_seeds(weights: str | None, side: str) -> list[str | None]:

@@ -126,3 +126,15 @@ def test_a_computed_seed_ceiling_is_not_reported_as_reused(monkeypatch, tmp_path
     cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a="s0.pt,s1.pt", plots=False,
                     out=str(tmp_path))
     assert run_cka_seeds(cfg)["reused"] is False
+
+
+def test_one_weights_file_with_a_comma_in_its_path_is_one_file_not_seeds(tmp_path):
+    # Hydra-style run folders ('lr=0.1,wd=0.05/best.pt') were split into two "seeds", neither
+    # of which exists.
+    from repsim.seeds import has_seeds, seed_list
+
+    path = tmp_path / "lr=0.1,wd=0.05" / "best.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"")
+    assert seed_list(str(path)) == [str(path)]
+    assert not has_seeds(CKAConfig(a="vit_cifar", b="vit_cifar", weights_a=str(path)))
