@@ -154,7 +154,8 @@ def _config(cls, args: argparse.Namespace, **extra):
 
 
 def _report(args: argparse.Namespace, result: dict, text: str) -> int:
-    print(json.dumps(result) if args.json else text)
+    print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None))
+          if args.json else text)  # NaN and inf are no JSON (JavaScript refuses them): null
     return 0
 
 
@@ -279,8 +280,7 @@ def _ids(args) -> list[int] | None:
 
 
 @command("attention", "ViT attention per head, attention rollout and mean attention distance.",
-         opt("--model", "--models", dest="models", action="append", required=True,
-             metavar="MODEL",
+         opt("--model", "--models", dest="models", action="append", required=True, metavar="MODEL",
              help="a ViT: vit_cifar, vit_imagenet or timm:<vit>; repeat to compare models"),
          opt("--weights", action="append", default=[], help="checkpoint file or 'random'; "
              "once for all models or once per --model, in order (default: their own)"),
@@ -370,13 +370,12 @@ def cmd_cka(args) -> int:
     from repsim.compare import CKAConfig, ProbeSpec, looks_like_store, run_cka
     from repsim.seeds import has_seeds, run_cka_seeds
 
-    if looks_like_store(args.a) and looks_like_store(args.b):  # nothing to extract
-        given = [k for k in ("dataset", "split", "n", "seed", "data_root", "reduce", "dtype")
-                 if getattr(args, k) != getattr(ProbeSpec, k)]
-        if given:
-            raise UserError(f"{given[0]}={getattr(args, given[0])} chooses what to extract, but "
-                            "a= and b= are both store files, used as they are; drop it, or give "
-                            "a model name")
+    if looks_like_store(args.a) and looks_like_store(args.b) and (given := [  # nothing to extract
+            k for k in ("dataset", "split", "n", "seed", "data_root", "reduce", "dtype")
+            if getattr(args, k) != getattr(ProbeSpec, k)]):
+        raise UserError(f"{given[0]}={getattr(args, given[0])} chooses what to extract, but "
+                        "a= and b= are both store files, used as they are; drop it, or give a "
+                        "model name")
     probe = _config(ProbeSpec, args, batch_size=ProbeSpec.batch_size)  # not the estimator's
     cfg = _config(CKAConfig, args, probe=probe,
                   log=lambda msg: print(f"repsim cka: {as_flags(msg)}", file=sys.stderr))
@@ -426,17 +425,13 @@ def cmd_figures(args) -> int:
     return 1 if res["failed"] else 0
 
 
-# The malloc setting of reuse_freed_memory (benchmarks/bench_e2e.py gives it to pytorch-cka).
-MMAP_THRESHOLD = 256 << 20  # bytes: blocks up to this size come from the heap
+MMAP_THRESHOLD = 256 << 20  # bytes: heap blocks up to this size (reuse_freed_memory, bench_e2e)
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap that stay mapped
 
 
 def reuse_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel: a
-    forward pass frees and re-allocates activations of tens of MB every batch, by default each
-    a fresh ``mmap`` whose pages fault in again (a 2,000-image ResNet-18 forward pass on a
-    2-core VM: 14.0 s, 10.1 s with this setting). Returns whether it was made: not off glibc,
-    nor when the user tunes malloc in the environment."""
+    """Ask glibc to keep freed memory for reuse, not map each forward batch's activations afresh
+    (README, 'Process setting'); returns whether it was made: not off glibc, nor if tuned."""
     import ctypes
 
     if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)
@@ -486,15 +481,20 @@ def main(argv: list[str] | None = None) -> int:
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
                 raise
-            print(f"repsim {args.command}: error: {one_line(exc)}", file=sys.stderr)
-            return 1
+            return _fail(args, one_line(exc))
         except RuntimeError as exc:  # torch's out-of-memory (only if torch was imported)
             torch = sys.modules.get("torch")
             if args.debug or torch is None or not isinstance(exc, torch.OutOfMemoryError):
                 raise
-            print(f"repsim {args.command}: error: out of device memory ({one_line(exc)}); fix: "
-                  "fewer images per batch (--batch-size; cka: --memory-budget)", file=sys.stderr)
-            return 1
+            return _fail(args, f"out of device memory ({one_line(exc)}); fix: fewer images "
+                         "per batch (--batch-size; cka: --memory-budget)")
         except KeyboardInterrupt:
-            print(f"repsim {args.command}: interrupted", file=sys.stderr)
-            return 130
+            return _fail(args, "interrupted", 130)
+
+
+def _fail(args: argparse.Namespace, why: str, code: int = 1) -> int:
+    """``why`` a command failed: one line on stderr and, with --json, the one object on stdout."""
+    if getattr(args, "json", False):  # scripts parse stdout, failed or not
+        print(json.dumps({"error": why}))
+    print(f"repsim {args.command}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
+    return code

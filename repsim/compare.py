@@ -280,6 +280,11 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     if is_whole(n) and n < need and not (looks_like_store(cfg.a) and looks_like_store(cfg.b)):
         raise UserError(f"n={n}: estimator={cfg.estimator!r} needs at least {need} samples; "
                         f"fix: give n={need} or more")  # before extracting a model, not after
+    if cfg.out is not None and (out := Path(cfg.out).expanduser()).exists() and not out.is_dir():
+        raise UserError(f"out={os.fspath(cfg.out)!r} is a file; valid: a folder for the result "
+                        "files (made if missing); fix: give one")
+    if cfg.out is not None:  # made now: one that cannot be fails before the work, not after it
+        out.mkdir(parents=True, exist_ok=True)
     return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 
@@ -415,7 +420,8 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
     sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
     small = 0 < 8 * sketch.sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
-    if small and all(_sketch_path(s, x, cfg).is_file() for s, names in sides for x in names):
+    if small and not cfg.force and all(_sketch_path(s, x, cfg).is_file()
+                                       for s, names in sides for x in names):
         got = [_sketches(s, names, cfg) for s, names in sides]
     else:
         from repsim import cka
@@ -469,7 +475,7 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
     sketches, medians = [], []
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
-        if path.is_file():
+        if path.is_file() and not cfg.force:  # force: recompute what is cached, sketches too
             with np.load(path) as z:
                 sk, med, said = z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
             repeat(said)

@@ -13,6 +13,7 @@ influence stay in each comparison's own file (``comparisons``): they do not aver
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 from dataclasses import replace
@@ -24,13 +25,17 @@ from repsim.compare import CKAConfig, run_cka, versions
 from repsim.errors import UserError
 from repsim.paths import digest, slug, write_json
 from repsim.sketch import jsonable
+from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka-seeds/1"
 
 
 def seed_list(weights: str | None) -> list[str | None]:
-    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file or None stays a single entry."""
-    return [None] if weights is None else [w.strip() for w in weights.split(",") if w.strip()]
+    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file (its path may hold a comma, as
+    'lr=0.1,wd=0.05/best.pt' does) or None stays a single entry."""
+    if weights is None or os.path.isfile(os.path.expanduser(weights)):
+        return [weights]
+    return [w.strip() for w in weights.split(",") if w.strip()]
 
 
 def _side_seeds(weights: str | None, side: str) -> list[str | None]:
@@ -52,13 +57,24 @@ def has_seeds(cfg: CKAConfig) -> bool:
     return max(len(seed_list(cfg.weights_a)), len(seed_list(cfg.weights_b))) > 1
 
 
-def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None) -> list | None:
-    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None)."""
+def _pair(cfg: CKAConfig, x: str | None, y: str | None, seed_x: int, seed_y: int,
+          **kw) -> CKAConfig:
+    """``cfg`` for weights ``x`` against ``y``, each seeded by its side's seed only when it is
+    ``'random'``: beside a file, run_cka refuses a seed as having no effect."""
+    return replace(cfg, weights_a=x, weights_b=y, weights_seed_a=seed_x if x == "random" else 0,
+                   weights_seed_b=seed_y if y == "random" else 0, plots=False, **kw)
+
+
+def _ceiling(cfg: CKAConfig, model: str, seeds: list, layers: str | None, seed: int,
+             done: list) -> list | None:
+    """Mean over seed pairs of CKA(seed i, seed j) of each layer with itself (one seed: None);
+    ``seed``: the side's weights seed; each pair's run_cka summary is added to ``done``."""
     if len(seeds) < 2:
         return None
-    runs = [run_cka(replace(cfg, a=model, b=model, weights_a=x, weights_b=y, layers_a=layers,
-                            layers_b=layers, label_a=None, label_b=None, plots=False))
+    runs = [run_cka(_pair(cfg, x, y, seed, seed, a=model, b=model, layers_a=layers,
+                          layers_b=layers, label_a=None, label_b=None))
             for x, y in itertools.combinations(seeds, 2)]
+    done += runs
     stack = np.array([r["result"]["matrix"] for r in runs], np.float64)  # None: NaN
     return jsonable(np.diagonal(stack, axis1=1, axis2=2).mean(0))
 
@@ -73,37 +89,48 @@ def aggregate(results: list[dict]) -> dict:
             "se": jsonable(np.mean(se, 0)) if se else None, "n_comparisons": len(results)}
 
 
+def _stored(path: Path) -> dict | None:
+    """The aggregate written at ``path`` before, if any (a rerun rewrites an equal one not)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_cka_seeds(cfg: CKAConfig) -> dict:
     """Every seed of A against every seed of B, then the mean, the spread and the ceilings.
     Returns ``run_cka``'s summary for the aggregate (``result``, ``files``, ``reused``, and
     ``stores`` per comparison)."""
     t0 = time.perf_counter()
     seeds_a, seeds_b = _side_seeds(cfg.weights_a, "a"), _side_seeds(cfg.weights_b, "b")
-    runs = [run_cka(replace(cfg, weights_a=x, weights_b=y, plots=False))
+    check_weights_seeds(vars(cfg))  # a seed must seed some 'random' of its side's list
+    runs = [run_cka(_pair(cfg, x, y, cfg.weights_seed_a, cfg.weights_seed_b))
             for x in seeds_a for y in seeds_b]
-    results = [r["result"] for r in runs]
+    results, pairs = [r["result"] for r in runs], []  # pairs: the seed ceilings' runs
     first = results[0]
-    res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n",
-                                 "batch_size", "samples")}
+    res = {k: first[k] for k in ("layers_a", "layers_b", "kernel", "estimator", "n", "threshold",
+                                 "batch_size", "batch_seed", "samples")}
     res.update(
         model_a=(cfg.label_a or f"{cfg.a} ({len(seeds_a)} seeds)") if len(seeds_a) > 1
         else first["model_a"],
         model_b=(cfg.label_b or f"{cfg.b} ({len(seeds_b)} seeds)") if len(seeds_b) > 1
         else first["model_b"],
         **aggregate(results), seeds_a=seeds_a, seeds_b=seeds_b,
-        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a),
-        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b),
+        seed_ceiling_a=_ceiling(cfg, cfg.a, seeds_a, cfg.layers_a, cfg.weights_seed_a, pairs),
+        seed_ceiling_b=_ceiling(cfg, cfg.b, seeds_b, cfg.layers_b, cfg.weights_seed_b, pairs),
         comparisons=[r["files"][0] for r in runs],
         comparison_keys=[r["cache_key"] for r in results], format=FORMAT, versions=versions())
     out = Path(runs[0]["files"][0]).parent if cfg.out is None else Path(cfg.out).expanduser()
     stem = (f"{slug(cfg.a)}__{slug(cfg.b)}__seeds-{cfg.kernel}-{cfg.estimator}-"
             f"{digest(res['comparisons'])[:10]}")
-    files = []
-    if cfg.plots:  # before the JSON that vouches for them, as in run_cka
-        from repsim.figures import draw
+    files = [out / f"{stem}.{ext}" for ext in ("json", "png", "pdf")[:3 if cfg.plots else 1]]
+    # An equal aggregate with its plots stays as it is: a rerun rewrites nothing (but force).
+    if cfg.force or not (_stored(files[0]) == res and all(map(Path.exists, files[1:]))):
+        if cfg.plots:  # before the JSON that vouches for them, as in run_cka
+            from repsim.figures import draw
 
-        files += draw.save(draw.cka_heatmap(res), out / stem)
-    files.insert(0, write_json(out / f"{stem}.json", res))
+            draw.save(draw.cka_heatmap(res), out / stem)
+        write_json(files[0], res)
     return {"result": res, "files": [str(f) for f in files],
-            "reused": all(r["reused"] for r in runs), "stores": [r["stores"] for r in runs],
+            "reused": all(r["reused"] for r in runs + pairs), "stores": [r["stores"] for r in runs],
             "seconds": time.perf_counter() - t0}

@@ -318,3 +318,31 @@ def test_running_out_of_gpu_memory_is_one_line_naming_the_flags_that_shrink_it(m
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("repsim cka: error: out of device memory (CUDA out of memory.")
     assert "fix: fewer images per batch (--batch-size; cka: --memory-budget)" in err
+
+
+def test_json_failure_is_still_one_json_object_on_stdout(tmp_path, capsys):
+    # --json promised one machine-readable object, but a failure printed nothing on stdout:
+    # a script's json.loads(stdout) failed on '' instead of reading the error.
+    from repsim.cli import main
+
+    missing = tmp_path / "missing.h5"
+    assert main(["cka", "--a", str(missing), "--b", str(missing), "--json"]) == 1
+    out, err = capsys.readouterr()
+    why = f"no store at {missing}; extract one first"
+    assert json.loads(out) == {"error": why}
+    assert err == f"repsim cka: error: {why}\n"
+
+
+def test_json_output_is_strict_json_with_non_finite_numbers_as_null(monkeypatch, capsys):
+    # A diverged checkpoint's loss is NaN: --json printed "loss": NaN, which is no JSON
+    # (JavaScript's JSON.parse, Go and serde refuse it); results write NaN as null already.
+    import repsim.evaluation
+    from repsim.cli import main
+
+    res = {"model": "m", "weights": "w", "dataset": "d", "split": "test", "accuracy": 10.0,
+           "loss": float("nan"), "n": 8, "seconds": 1.0, "curve": [1.0, float("inf")]}
+    monkeypatch.setattr(repsim.evaluation, "evaluate_model", lambda cfg: res)
+    assert main(["eval", "--model", "resnet18_cifar", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=pytest.fail) == {**res, "loss": None,
+                                                           "curve": [1.0, None]}

@@ -1,6 +1,7 @@
 """`repsim cka`: stores in, matrix file and heatmap out; alignment checks, caching, the
 bundled probe set, and extraction on demand from model names."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -823,3 +824,38 @@ def test_rbf_grams_made_the_identity_are_not_called_zero_variance(tmp_path, pair
     _, said = _narrow_rbf(tmp_path, pair, "o", threshold=0.001)  # U-centred: exactly zero
     assert said and not any("zero variance" in m for m in said)
     assert any("has RBF Grams that are numerically the identity" in m for m in said)
+
+
+def test_force_recomputes_the_cached_sketches_too(tmp_path, pair):
+    # --force ("recompute even when cached") recomputed the matrix from the cached layer
+    # sketches, so a stale sketch (e.g. from older code of the same version) stayed in use.
+    from repsim.paths import cache_dir
+
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), estimator="debiased", se=False,
+                    layers_a="blocks.0", layers_b="stem", plots=False, out=str(tmp_path / "o"),
+                    progress=False)
+    first = run_cka(cfg)["result"]["matrix"]
+    for path in cache_dir("sketches").glob("*.npz"):  # make every cached sketch wrong
+        with np.load(path) as z:
+            wrong = dict(z, sketch=z["sketch"][::-1].copy())
+        np.savez(path, **wrong)
+    assert run_cka(dataclasses.replace(cfg, force=True))["result"]["matrix"] == first
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, pair, monkeypatch):
+    # --out FILE failed only when the heatmap was saved, after the whole computation (minutes
+    # with --permutations), as 'cannot use FILE: File exists'.
+    from repsim import compare
+    from repsim.errors import UserError
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed before out= was checked")
+
+    monkeypatch.setattr(compare, "cka_of_stores", computed)
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "notes.txt"))
+    with pytest.raises(UserError, match=r"out='.*notes.txt' is a file; valid: a folder"):
+        run_cka(cfg)
+    with pytest.raises(OSError):  # a folder under a file cannot be made: before the work too
+        run_cka(dataclasses.replace(cfg, out=str(tmp_path / "notes.txt" / "sub")))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
