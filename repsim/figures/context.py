@@ -199,7 +199,8 @@ class FigureContext:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
         unordered pair is computed once and transposed on demand. Seeds (a list of weights)
         give the mean over every seed pair, with ``seed_sd`` (:func:`repsim.seeds.aggregate`)."""
-        if len(a.seeds()) * len(b.seeds()) > 1:
+        # Any list is seeds, one file too (a recipe's first seed): a list names no one file.
+        if isinstance(a.weights, list) or isinstance(b.weights, list):
             from repsim.seeds import aggregate
 
             runs = [self.cka(x, y, probe, settings) for x in a.seeds() for y in b.seeds()]

@@ -1,0 +1,82 @@
+"""`repsim figures` core (context, runner, report, draw): edge cases found in review round 30,
+each with a fast offline test (no extraction)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from repsim.compare import ProbeSpec
+from repsim.figures.context import FigureContext
+from repsim.figures.runner import KINDS, build_all, figure_kind
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(text)
+    return folder / f"{name}.toml"
+
+
+def test_a_model_entry_listing_one_seed_is_compared_not_refused(tmp_path, monkeypatch):
+    """`weights = ["s0.pt"]` (the first seed of a recipe, the others still training) in a
+    cka_grid failed with "lists seeds, but this figure reads one model"; CKA kinds take seeds."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "s0.pt").write_bytes(b"weights")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    result = {"matrix": [[0.5]], "layers_a": ["x"], "layers_b": ["x"], "se": [[0.1]],
+              "model_a": "a", "model_b": "b", "n": 8}
+    monkeypatch.setattr(FigureContext, "_load_cka", lambda self, d: dict(result))
+    ctx = FigureContext(tmp_path / "f")
+    ctx.deps = {}
+    ref = ctx.model_ref({"model": "vit_cifar", "weights": ["s0.pt"]})
+    res = ctx.cka(ref, ref, ProbeSpec(), ctx.cka_settings({}))
+    assert res["matrix"] == [[0.5]] and res["se"] == [[0.1]]
+
+
+def test_a_cka_batch_size_of_0_is_not_taken_as_the_default(tmp_path):
+    """`[cka] batch_size = 0` was silently replaced by 1,024 (a falsy value), while -4 was
+    refused; it goes to the engine as given, which refuses it in one line."""
+    ctx = FigureContext(tmp_path)
+    assert ctx.cka_settings({"cka": {"batch_size": 0}})["batch_size"] == 0
+    assert ctx.cka_settings({})["batch_size"] == 1024
+
+
+def test_a_registered_models_weights_file_is_fingerprinted_with_its_architecture(
+        tmp_path, monkeypatch):
+    """README: edit MyNet and what was made of it is made again. A figure of a registered
+    model read from a weights file kept its key (the file's sha256) when a parameter-free
+    layer was added, so the old figure was `cached`."""
+    import repsim
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    (tmp_path / "w.pt").write_bytes(b"same file")
+
+    def fingerprint(extra: list) -> dict:
+        registry._REGISTRY.pop("arch_file_fig", None)
+        repsim.register_model("arch_file_fig", input_size=4)(lambda num_classes: nn.Sequential(
+            nn.Flatten(), nn.Linear(48, 5), *extra, nn.Linear(5, num_classes)))
+        return FigureContext(tmp_path).fingerprint(
+            {"type": "model", "ref": {"model": "arch_file_fig", "weights": str(tmp_path / "w.pt")}})
+
+    assert fingerprint([]) != fingerprint([nn.ReLU()]) and fingerprint([]) == fingerprint([])
+    builtin = FigureContext(tmp_path).fingerprint(
+        {"type": "model", "ref": {"model": "vit_cifar", "weights": str(tmp_path / "w.pt")}})
+    assert len(builtin["ref"]) == 64  # built-ins keep their keys: the file's sha256
+
+
+def test_the_report_links_a_figure_whose_name_has_spaces(tmp_path, monkeypatch):
+    """`analyses/my grid (v2).toml` wrote `![..](my grid (v2).png)` into REPORT.md, which
+    Markdown does not read as an image; the link is percent-encoded."""
+    def build_png(spec, ctx):
+        """Writes a stand-in picture."""
+        return [ctx.write_text(".png", "png\n")]
+
+    monkeypatch.setitem(KINDS, "png", None)  # restored after the test
+    figure_kind("png")(build_png)
+    write(tmp_path / "a", "my grid (v2)", 'kind = "png"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert "![my grid (v2)](my%20grid%20%28v2%29.png)" in report, report
