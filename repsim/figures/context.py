@@ -134,7 +134,9 @@ class FigureContext:
         c = {"kernel": "linear", "estimator": DEFAULT_ESTIMATOR, "batch_size": None,
              "batch_seed": 0, "threshold": 1.0, "permutations": 0, **(spec.get("cka") or {})}
         mini = c["estimator"] == "minibatch"
-        c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
+        # None only means the default: a 0 given goes to the engine, which refuses it.
+        batch = DEFAULT_BATCH_SIZE if c.get("batch_size") is None else c["batch_size"]
+        c["batch_size"] = batch if mini else None
         return c
 
     def positive_int(self, spec: dict, key: str, default: int) -> int:
