@@ -1,10 +1,8 @@
 """`repsim figures` core (context, runner, report, draw): edge cases found in review round 30,
 each with a fast offline test (no extraction)."""
 
-import json
 from pathlib import Path
 
-import pytest
 from torch import nn
 
 from repsim.compare import ProbeSpec

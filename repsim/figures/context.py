@@ -287,7 +287,7 @@ class FigureContext:
         return out
 
     def _weights_print(self, ref: ModelRef) -> str | None:
-        from repsim.registry import canonical_name, get_spec
+        from repsim.registry import canonical_name, get_spec, user_architecture
 
         if ref.weights == "random":  # a user's model: random weights of its architecture
             name = canonical_name(ref.model)
@@ -299,7 +299,10 @@ class FigureContext:
         if not path.is_file():
             check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
-        return self._sha256(path)
+        # A registered model's code may change under its name while the file still loads
+        # (a layer without parameters added): the same file is then another model.
+        arch = user_architecture(ref.model)
+        return self._sha256(path) + ("" if arch is None else f"@{arch}")
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, hashed once per run while its size and mtime hold."""

@@ -246,8 +246,11 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
         except (InputUnavailable, UserError, KeyError, TypeError, ValueError):
             continue  # not here (a snapshot left on the GPU machine): nothing to compare
         if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
-            line = (f"{ref.display()} ({file.name}: it read sha256 {then['ref'][:12]}, "
-                    f"here {now[:12]})")
+            # sha256[@architecture of a registered model]: say which of the two changed
+            sha_then, sha_now = then["ref"].partition("@")[0], now.partition("@")[0]
+            line = (f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
+                    f"here {sha_now[:12]})" if sha_then != sha_now else
+                    f"{ref.display()} ({file.name}: the same file, another architecture now)")
             out += [line] if line not in out else []
     return out
 
