@@ -3,6 +3,7 @@ each with a fast offline test (no extraction)."""
 
 from pathlib import Path
 
+import pytest
 from torch import nn
 
 from repsim.compare import ProbeSpec
@@ -78,3 +79,42 @@ def test_the_report_links_a_figure_whose_name_has_spaces(tmp_path, monkeypatch):
     build_all(tmp_path / "a", tmp_path / "f", progress=False)
     report = (tmp_path / "f" / "REPORT.md").read_text()
     assert "![my grid (v2)](my%20grid%20%28v2%29.png)" in report, report
+
+
+LONG = [f"encoder.layer.{i}.attention.output.dense.very_long_layer_name" for i in range(3)]
+
+
+def _axes_inches(fig) -> list[tuple[float, float]]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied": panels collapsed
+        fig.canvas.draw()
+    w, h = fig.get_size_inches()
+    return [(a.get_position().width * w, a.get_position().height * h) for a in fig.axes]
+
+
+@pytest.mark.parametrize("draw_it", ["heatmap", "grid", "best_match"])
+def test_long_layer_names_leave_every_panel_room(draw_it):
+    """A model with 60-character layer names and one layer on the other side: the heatmap's
+    axes collapsed to nothing (matplotlib warned, the PNG showed only labels); the grid's and
+    best-match panels shrank to a sliver. Figures grow by their labels' length."""
+    from repsim.figures import draw
+
+    res = {"matrix": [[0.5, None, -0.2]], "layers_a": ["only"], "layers_b": LONG,
+           "model_a": "A", "model_b": "B", "kernel": "linear", "estimator": "minibatch", "n": 8,
+           "batch_size": 8}
+    if draw_it == "heatmap":
+        fig, axes = draw.cka_heatmap(res), 1
+    elif draw_it == "grid":
+        fig = draw.cka_grid(["A", "B"], {(i, j): {"matrix": [[0.5] * 3] * 3, "layers_a": LONG,
+                                                  "layers_b": LONG}
+                                         for i in range(2) for j in range(2)}, "t")
+        axes = 4
+    else:
+        match = draw.best_matches({"matrix": [[1.0, 0, 0]] * 3})
+        fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": LONG,
+                                "layers_b": LONG, **match}], "t")
+        axes = 2
+    sizes = _axes_inches(fig)[:axes]
+    assert all(w >= 1.0 and h >= 1.0 for w, h in sizes), sizes
