@@ -1,6 +1,7 @@
 """`repsim figures` core (context, runner, report, draw): edge cases found in review round 30,
 each with a fast offline test (no extraction)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,30 @@ def test_long_layer_names_leave_every_panel_room(draw_it):
         axes = 2
     sizes = _axes_inches(fig)[:axes]
     assert all(w >= 1.0 and h >= 1.0 for w, h in sizes), sizes
+
+
+def test_a_kinds_numpy_data_is_recorded_and_the_other_figures_still_built(tmp_path,
+                                                                          monkeypatch):
+    """A registered kind putting a CKA matrix (ndarray) or a numpy scalar in ctx.data stopped
+    the whole run with "Object of type ndarray is not JSON serializable", after its files were
+    written; numpy values are recorded as numbers and lists, other non-JSON data fails that
+    figure in one line."""
+    import numpy as np
+
+    def build_np(spec, ctx):
+        """numpy data, or (title "bad") a set."""
+        ctx.data.update(m=np.array([[1.0, np.nan]]), f=np.float32(0.5), i=np.int64(2))
+        if spec.get("title") == "bad":
+            ctx.data["s"] = {1}
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "np", None)  # restored after the test
+    figure_kind("np")(build_np)
+    write(tmp_path / "a", "a", 'kind = "np"\n')
+    write(tmp_path / "a", "b", 'kind = "np"\ntitle = "bad"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["a"]
+    assert json.loads((tmp_path / "f" / "a.json").read_text())["data"] == {
+        "m": [[1.0, None]], "f": 0.5, "i": 2}
+    (failed,) = res["failed"]
+    assert "not JSON" in failed["reason"] and not (tmp_path / "f" / "b.json").exists()

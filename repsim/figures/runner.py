@@ -25,6 +25,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
@@ -256,12 +258,15 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
 
 
 def _strict(v: Any) -> Any:
-    """``v`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write
-    the bare token NaN, which strict readers refuse), and CKA results write None too."""
+    """``v`` with numpy values as Python's, NaN and infinities as None: JSON has no such
+    numbers (json.dumps would write the bare token NaN, which strict readers refuse), and CKA
+    results write None too."""
     if isinstance(v, dict):
         return {k: _strict(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_strict(x) for x in v]
+    if isinstance(v, (np.ndarray, np.generic)):  # a kind's CKA matrix, a float32 accuracy
+        return _strict(v.tolist())
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
@@ -311,13 +316,19 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     except (UserError, ValueError) as exc:
         return "failed", {**entry, "reason": str(exc)}
     files = [str(f) for f in files] + [str(record_path)]
+    data = _strict(ctx.data)
+    try:
+        json.dumps(data)
+    except TypeError as exc:  # a registered kind's data; no record: the files vouch for nothing
+        return "failed", {**entry, "reason": f"{name}: its data is not JSON ({exc}); a builder "
+                          "puts numbers, strings, lists and tables in ctx.data"}
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         # The overrides that changed its inputs: not the data root, a path of this machine
         "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps,
         "files": [Path(f).name for f in files],  # by name: where they lie is no part of them
         "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
-        "data": _strict(ctx.data),
+        "data": data,
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
 
