@@ -146,3 +146,15 @@ def test_a_kinds_numpy_data_is_recorded_and_the_other_figures_still_built(tmp_pa
         "m": [[1.0, None]], "f": 0.5, "i": 2}
     (failed,) = res["failed"]
     assert "not JSON" in failed["reason"] and not (tmp_path / "f" / "b.json").exists()
+
+
+def test_a_data_scale_spec_with_both_base_and_bases_is_refused(tmp_path, monkeypatch):
+    """`base = "vit_cifar"` next to `bases = ["resnet18_cifar"]`: base was ignored without a
+    word (the figure showed only the bases)."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    write(tmp_path / "a", "s", 'kind = "data_scale"\nbase = "vit_cifar"\n'
+          'bases = ["resnet18_cifar"]\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "takes base or bases, not both" in failed["reason"], failed

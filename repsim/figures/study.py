@@ -136,6 +136,9 @@ FRACTIONS = (0.1, 0.25, 0.5)  # the data-scale runs expected by default
 def _scale_bases(spec: dict, ctx) -> list[tuple]:
     """``[(base ModelRef, checkpoint pattern)]`` from ``base`` or ``bases`` and
     ``checkpoints`` (default ``{base}_frac*``; ``{base}`` is each base's model name)."""
+    if "base" in spec and "bases" in spec:  # else one of them would be dropped unsaid
+        raise UserError(f"{ctx.name}: data_scale takes base or bases, not both; put every "
+                        f"model in bases, e.g. bases = [\"vit_cifar\", \"resnet18_cifar\"]")
     items = spec.get("bases") or ([spec["base"]] if "base" in spec else [])
     if not isinstance(items, list) or not items:
         raise UserError(f"{ctx.name}: data_scale needs base = \"vit_cifar\" or bases = "
