@@ -158,3 +158,19 @@ def test_a_data_scale_spec_with_both_base_and_bases_is_refused(tmp_path, monkeyp
           'bases = ["resnet18_cifar"]\n')
     (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
     assert "takes base or bases, not both" in failed["reason"], failed
+
+
+def test_only_builds_its_specs_while_another_spec_is_being_written(tmp_path):
+    """`--only grid` was refused because analyses/wip.toml (not asked for) had a typo; only
+    the specs asked for are read, and a full run still refuses the broken one."""
+    from repsim.errors import UserError
+    from repsim.figures.runner import load_specs
+
+    write(tmp_path / "a", "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar"]\n')
+    write(tmp_path / "a", "wip", 'kind = "cka_grid"\nmodles = ["vit_cifar"]\n')
+    write(tmp_path / "a", "half", 'kind = "cka_grid\n')
+    assert list(load_specs(tmp_path / "a", ["grid"])) == ["grid"]
+    with pytest.raises(UserError, match="wip.toml: keys \\['modles'\\] are unknown"):
+        load_specs(tmp_path / "a", ["grid", "wip"])
+    with pytest.raises(UserError, match="half.toml: not valid TOML"):
+        load_specs(tmp_path / "a")

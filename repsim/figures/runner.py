@@ -123,8 +123,13 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
     if not folder.is_dir():
         raise UserError(f"no analyses folder at {folder}; run from the repository root or pass "
                         "analyses=<a folder of .toml specs, one per figure>")
-    specs = {}
-    for path in sorted(folder.glob("*.toml")):
+    specs, files = {}, sorted(folder.glob("*.toml"))
+    missing = [n for n in only or [] if n not in {p.stem for p in files}]
+    if missing:
+        raise UserError(f"no spec named {', '.join(missing)} in {folder}; specs: "
+                        f"{', '.join(p.stem for p in files) or 'none'}")
+    # Only the specs asked for: another one being written must not stop them.
+    for path in [p for p in files if not only or p.stem in only]:
         try:
             spec = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -133,10 +138,6 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
         specs[path.stem] = spec
     if not specs:
         raise UserError(f"{folder} holds no .toml specs; add one per figure (see the README)")
-    missing = [n for n in only or [] if n not in specs]
-    if missing:
-        raise UserError(f"no spec named {', '.join(missing)} in {folder}; specs: "
-                        f"{', '.join(specs)}")
     return {n: specs[n] for n in only} if only else specs
 
 
