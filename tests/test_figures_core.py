@@ -174,3 +174,39 @@ def test_only_builds_its_specs_while_another_spec_is_being_written(tmp_path):
         load_specs(tmp_path / "a", ["grid", "wip"])
     with pytest.raises(UserError, match="half.toml: not valid TOML"):
         load_specs(tmp_path / "a")
+
+
+def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeypatch):
+    """Ctrl-C while a kept figure (built on a GPU machine) was being looked at deleted its
+    record for good: every later run skipped it and the report dropped it. The record stays,
+    vouching for nothing until the figure is kept or built again."""
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    state = {"inputs": True, "stop": False}
+
+    def build_snap(spec, ctx):
+        """A figure of snapshots that stayed on the machine that built it."""
+        ctx.manifest()  # an input: changed below, so the figure is looked at again
+        if state["stop"]:
+            raise KeyboardInterrupt
+        if not state["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    state.update(inputs=False, stop=True)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    state["stop"] = False
+    res = run()
+    assert [e["name"] for e in res["kept"]] == ["s"], res
+    assert json.loads((tmp_path / "f" / "s.json").read_text())["cache_key"]

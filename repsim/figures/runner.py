@@ -280,10 +280,24 @@ def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
     others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
     if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
         return None
-    # Removed when this build began; builders check their inputs before writing any file.
-    if not record_path.exists():
-        paths.write_json(record_path, record)
+    # Set aside when this build began (builders check their inputs before writing any file):
+    # it vouches for its files again.
+    key = record.get("building") or record.get("cache_key")
+    paths.write_json(record_path, {**{k: v for k, v in record.items() if k != "building"},
+                                   "cache_key": key})
     return _files_here(ctx, record)
+
+
+def _set_aside(record_path: Path, record: dict | None) -> None:
+    """Until the new record is written, the old one vouches for nothing: a build that stops
+    after rewriting some files must not leave it passing for complete. It stays (keyless,
+    its key under ``building``), so a run stopped while looking at a kept figure's inputs
+    does not lose that build (:func:`_keep` restores it)."""
+    key = (record or {}).get("building") or (record or {}).get("cache_key")
+    if key:
+        paths.write_json(record_path, {**record, "cache_key": None, "building": key})
+    else:
+        record_path.unlink(missing_ok=True)
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -304,17 +318,17 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
         ctx.log(f"build   {name} ({spec['kind']})")
         ctx.deps = {}
-        # Until the new record is written, none: a build that stops after rewriting some
-        # files must not leave the old record vouching for them.
-        record_path.unlink(missing_ok=True)
+        _set_aside(record_path, record)
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
         kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             "changed": _changed_weights(ctx, record)}
+        record_path.unlink(missing_ok=True)
         return "skipped", {**entry, "reason": str(exc)}
     except (UserError, ValueError) as exc:
+        record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": str(exc)}
     files = [str(f) for f in files] + [str(record_path)]
     data = _strict(ctx.data)
