@@ -210,3 +210,19 @@ def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeyp
     res = run()
     assert [e["name"] for e in res["kept"]] == ["s"], res
     assert json.loads((tmp_path / "f" / "s.json").read_text())["cache_key"]
+
+
+def test_a_manifest_accuracy_that_is_no_number_fails_its_table_by_name(tmp_path, monkeypatch):
+    """A hand-edited "test_accuracy": "77.5 %" failed the table with "could not convert
+    string to float: '77.5 %'", naming neither the manifest nor the checkpoint."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar", "model": "vit_cifar", "dataset": "cifar10",
+         "test_accuracy": "77.5 %"}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert ("checkpoint 'vit_cifar' has test_accuracy='77.5 %', not a number" in failed["reason"]
+            and "manifest.json" in failed["reason"]), failed
