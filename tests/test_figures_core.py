@@ -226,3 +226,18 @@ def test_a_manifest_accuracy_that_is_no_number_fails_its_table_by_name(tmp_path,
     (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
     assert ("checkpoint 'vit_cifar' has test_accuracy='77.5 %', not a number" in failed["reason"]
             and "manifest.json" in failed["reason"]), failed
+
+
+def test_a_dynamics_panel_without_accuracies_draws_without_a_warning():
+    """Snapshots saved without evaluation (accuracy None at every epoch): the accuracy panel's
+    empty legend made matplotlib warn "No artists with labels found" on every build."""
+    import warnings
+
+    from repsim.figures import draw
+
+    m = {"label": "V", "epochs": [0, 1], "layers": ["x"], "cka": {"x": [0.5, 1.0]},
+         "settled_epoch": {"x": 1}, "final_epoch": 1, "test_accuracy": [None, None],
+         "train_accuracy": [None, None], "final_test_accuracy": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        draw.dynamics([m], "t", 0.9).canvas.draw()

@@ -286,7 +286,8 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
             if np.isfinite(ys).any():
                 bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
         bottom.set(ylabel="top-1 accuracy (%)", xlabel="epoch")
-        bottom.legend(fontsize=7)
+        if bottom.get_legend_handles_labels()[0]:  # none when no snapshot was evaluated
+            bottom.legend(fontsize=7)
         for ax in (top, bottom):
             if max(x) > 10:  # snapshots are roughly log-spaced; epoch 0 needs symlog
                 ax.set_xscale("symlog", linthresh=1.0)
