@@ -134,7 +134,9 @@ class FigureContext:
         c = {"kernel": "linear", "estimator": DEFAULT_ESTIMATOR, "batch_size": None,
              "batch_seed": 0, "threshold": 1.0, "permutations": 0, **(spec.get("cka") or {})}
         mini = c["estimator"] == "minibatch"
-        c["batch_size"] = (c.get("batch_size") or DEFAULT_BATCH_SIZE) if mini else None
+        # None only means the default: a 0 given goes to the engine, which refuses it.
+        batch = DEFAULT_BATCH_SIZE if c.get("batch_size") is None else c["batch_size"]
+        c["batch_size"] = batch if mini else None
         return c
 
     def positive_int(self, spec: dict, key: str, default: int) -> int:
@@ -199,7 +201,8 @@ class FigureContext:
         """CKA result dict (as ``repsim cka`` writes it) with rows = ``a``'s layers; each
         unordered pair is computed once and transposed on demand. Seeds (a list of weights)
         give the mean over every seed pair, with ``seed_sd`` (:func:`repsim.seeds.aggregate`)."""
-        if len(a.seeds()) * len(b.seeds()) > 1:
+        # Any list is seeds, one file too (a recipe's first seed): a list names no one file.
+        if isinstance(a.weights, list) or isinstance(b.weights, list):
             from repsim.seeds import aggregate
 
             runs = [self.cka(x, y, probe, settings) for x in a.seeds() for y in b.seeds()]
@@ -284,7 +287,7 @@ class FigureContext:
         return out
 
     def _weights_print(self, ref: ModelRef) -> str | None:
-        from repsim.registry import canonical_name, get_spec
+        from repsim.registry import canonical_name, get_spec, user_architecture
 
         if ref.weights == "random":  # a user's model: random weights of its architecture
             name = canonical_name(ref.model)
@@ -296,7 +299,10 @@ class FigureContext:
         if not path.is_file():
             check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
-        return self._sha256(path)
+        # A registered model's code may change under its name while the file still loads
+        # (a layer without parameters added): the same file is then another model.
+        arch = user_architecture(ref.model)
+        return self._sha256(path) + ("" if arch is None else f"@{arch}")
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, hashed once per run while its size and mtime hold."""

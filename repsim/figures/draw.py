@@ -40,6 +40,12 @@ def _shade(k: int, n: int):
     return plt.get_cmap("viridis")(k / max(1, n - 1))
 
 
+def _label_room(names: Sequence[str], fontsize: float) -> float:
+    """Inches the longest of ``names`` takes as tick labels at ``fontsize`` (about 0.6 em a
+    character): figures grow by it, else long layer names squeeze the panels to nothing."""
+    return 0.6 * fontsize / 72 * max((len(str(n)) for n in names), default=0)
+
+
 def describe(kernel: str, estimator: str, n: int, batch_size: int | None = None) -> str:
     """Title fragment, e.g. ``linear CKA, minibatch estimator (batch 256), n = 1,000``."""
     est = f"{estimator} estimator" + (f" (batch {batch_size})" if batch_size else "")
@@ -109,8 +115,9 @@ def cka_heatmap(result: dict) -> plt.Figure:
     """The heatmap of one ``repsim cka`` result (the dict written to its JSON file)."""
     m = _matrix(result["matrix"])
     la, lb = result["layers_a"], result["layers_b"]
-    fig, ax = plt.subplots(figsize=(min(14.0, 2.8 + 0.45 * len(lb)),
-                                    min(12.0, 2.4 + 0.4 * len(la))), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(min(14.0, 2.8 + 0.45 * len(lb)), 2.6 + _label_room(la, 8)),
+                                    max(min(12.0, 2.4 + 0.4 * len(la)), 2.4 + _label_room(lb, 8))),
+                           layout="constrained")
     im = draw_heatmap(ax, m, la, lb, result["model_a"], result["model_b"],
                       null=_not_above_null(result))
     _colorbar(fig, im, ax, m)
@@ -134,7 +141,8 @@ def cka_grid(labels: Sequence[str], panels: dict[tuple[int, int], dict], title: 
     """A ``k x k`` grid: panel ``(i, j)`` (``matrix``, ``layers_a``, ``layers_b``) is model
     ``i`` (rows) against model ``j`` (columns); one colour bar for the whole grid."""
     k = len(labels)
-    size = 3.2 if k > 2 else 3.6
+    names = [n for p in panels.values() for n in (*p["layers_a"], *p["layers_b"])]
+    size = max(3.2 if k > 2 else 3.6, 2.0 + _label_room(names, 6))
     fig, axes = plt.subplots(k, k, figsize=(size * k + 1.2, size * k + 0.6),
                              layout="constrained", squeeze=False)
     im, values = None, []
@@ -176,7 +184,11 @@ def best_match(curves: Sequence[dict], title: str) -> plt.Figure:
     """"Diagonal" curves, one column per curve (``label_a``, ``label_b``, ``layers_a``,
     ``layers_b``, ``index``, ``value``). Top: the best-matching layer of B for each layer of A,
     the proportional-depth diagonal dashed; bottom: that best CKA (0 to 1, or below 0)."""
-    fig, axes = plt.subplots(2, len(curves), figsize=(4.6 * len(curves), 6.4),
+    la_all = [n for c in curves for n in c["layers_a"]]
+    lb_all = [n for c in curves for n in c["layers_b"]]
+    width = max(4.6, 3.6 + _label_room(lb_all, 7))
+    fig, axes = plt.subplots(2, len(curves), figsize=(width * len(curves),
+                                                      max(6.4, 4.6 + 2 * _label_room(la_all, 7))),
                              layout="constrained", squeeze=False, height_ratios=[2, 1])
     for (top, bottom), cur in zip(axes.T, curves):
         la, lb = cur["layers_a"], cur["layers_b"]
@@ -274,7 +286,8 @@ def dynamics(models: Sequence[dict], title: str, settle: float) -> plt.Figure:
             if np.isfinite(ys).any():
                 bottom.plot(x, ys, style, marker="o", ms=3, color=colour, label=split)
         bottom.set(ylabel="top-1 accuracy (%)", xlabel="epoch")
-        bottom.legend(fontsize=7)
+        if bottom.get_legend_handles_labels()[0]:  # none when no snapshot was evaluated
+            bottom.legend(fontsize=7)
         for ax in (top, bottom):
             if max(x) > 10:  # snapshots are roughly log-spaced; epoch 0 needs symlog
                 ax.set_xscale("symlog", linthresh=1.0)

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from repsim import paths
 from repsim.figures import draw
@@ -228,7 +229,8 @@ def _section(out: Path, name: str, record: dict, kept: dict | None = None) -> st
     if record.get("kind") == "accuracy_table" and (out / f"{name}.md").is_file():
         table = (out / f"{name}.md").read_text().split("\n", 2)[-1]  # without its heading
         body += [table.strip(), ""]
-    body += [f"![{name}]({f.name})" for f in img] + ([""] if img else [])
+    # Percent-encoded: a name with spaces or brackets is no Markdown link target as it is.
+    body += [f"![{name}]({quote(f.name)})" for f in img] + ([""] if img else [])
     text = caption(record.get("kind", ""), record.get("data") or {}, record.get("spec") or {})
     if kept:
         text += (f"\n\nBuilt on {record.get('hardware') or 'another machine'}; not rebuilt "

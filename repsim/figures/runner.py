@@ -25,6 +25,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
@@ -121,8 +123,13 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
     if not folder.is_dir():
         raise UserError(f"no analyses folder at {folder}; run from the repository root or pass "
                         "analyses=<a folder of .toml specs, one per figure>")
-    specs = {}
-    for path in sorted(folder.glob("*.toml")):
+    specs, files = {}, sorted(folder.glob("*.toml"))
+    missing = [n for n in only or [] if n not in {p.stem for p in files}]
+    if missing:
+        raise UserError(f"no spec named {', '.join(missing)} in {folder}; specs: "
+                        f"{', '.join(p.stem for p in files) or 'none'}")
+    # Only the specs asked for: another one being written must not stop them.
+    for path in [p for p in files if not only or p.stem in only]:
         try:
             spec = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -131,10 +138,6 @@ def load_specs(folder: str | os.PathLike, only: list[str] | None = None) -> dict
         specs[path.stem] = spec
     if not specs:
         raise UserError(f"{folder} holds no .toml specs; add one per figure (see the README)")
-    missing = [n for n in only or [] if n not in specs]
-    if missing:
-        raise UserError(f"no spec named {', '.join(missing)} in {folder}; specs: "
-                        f"{', '.join(specs)}")
     return {n: specs[n] for n in only} if only else specs
 
 
@@ -246,19 +249,25 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
         except (InputUnavailable, UserError, KeyError, TypeError, ValueError):
             continue  # not here (a snapshot left on the GPU machine): nothing to compare
         if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
-            line = (f"{ref.display()} ({file.name}: it read sha256 {then['ref'][:12]}, "
-                    f"here {now[:12]})")
+            # sha256[@architecture of a registered model]: say which of the two changed
+            sha_then, sha_now = then["ref"].partition("@")[0], now.partition("@")[0]
+            line = (f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
+                    f"here {sha_now[:12]})" if sha_then != sha_now else
+                    f"{ref.display()} ({file.name}: the same file, another architecture now)")
             out += [line] if line not in out else []
     return out
 
 
 def _strict(v: Any) -> Any:
-    """``v`` with NaN and infinities as None: JSON has no such numbers (json.dumps would write
-    the bare token NaN, which strict readers refuse), and CKA results write None too."""
+    """``v`` with numpy values as Python's, NaN and infinities as None: JSON has no such
+    numbers (json.dumps would write the bare token NaN, which strict readers refuse), and CKA
+    results write None too."""
     if isinstance(v, dict):
         return {k: _strict(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_strict(x) for x in v]
+    if isinstance(v, (np.ndarray, np.generic)):  # a kind's CKA matrix, a float32 accuracy
+        return _strict(v.tolist())
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
@@ -271,10 +280,24 @@ def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
     others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
     if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
         return None
-    # Removed when this build began; builders check their inputs before writing any file.
-    if not record_path.exists():
-        paths.write_json(record_path, record)
+    # Set aside when this build began (builders check their inputs before writing any file):
+    # it vouches for its files again.
+    key = record.get("building") or record.get("cache_key")
+    paths.write_json(record_path, {**{k: v for k, v in record.items() if k != "building"},
+                                   "cache_key": key})
     return _files_here(ctx, record)
+
+
+def _set_aside(record_path: Path, record: dict | None) -> None:
+    """Until the new record is written, the old one vouches for nothing: a build that stops
+    after rewriting some files must not leave it passing for complete. It stays (keyless,
+    its key under ``building``), so a run stopped while looking at a kept figure's inputs
+    does not lose that build (:func:`_keep` restores it)."""
+    key = (record or {}).get("building") or (record or {}).get("cache_key")
+    if key:
+        paths.write_json(record_path, {**record, "cache_key": None, "building": key})
+    else:
+        record_path.unlink(missing_ok=True)
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -295,26 +318,32 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
         ctx.log(f"build   {name} ({spec['kind']})")
         ctx.deps = {}
-        # Until the new record is written, none: a build that stops after rewriting some
-        # files must not leave the old record vouching for them.
-        record_path.unlink(missing_ok=True)
+        _set_aside(record_path, record)
         files = KINDS[spec["kind"]].builder()(spec, ctx)
     except InputUnavailable as exc:
         kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             "changed": _changed_weights(ctx, record)}
+        record_path.unlink(missing_ok=True)
         return "skipped", {**entry, "reason": str(exc)}
     except (UserError, ValueError) as exc:
+        record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": str(exc)}
     files = [str(f) for f in files] + [str(record_path)]
+    data = _strict(ctx.data)
+    try:
+        json.dumps(data)
+    except TypeError as exc:  # a registered kind's data; no record: the files vouch for nothing
+        return "failed", {**entry, "reason": f"{name}: its data is not JSON ({exc}); a builder "
+                          "puts numbers, strings, lists and tables in ctx.data"}
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
         "format": FORMAT, "name": name, "kind": spec["kind"], "title": spec.get("title"),
         # The overrides that changed its inputs: not the data root, a path of this machine
         "spec": spec, "overrides": ctx.key_overrides(spec), "deps": ctx.deps,
         "files": [Path(f).name for f in files],  # by name: where they lie is no part of them
         "cache_key": cache_key(name, spec, ctx.key_overrides(spec), ctx.deps),
-        "data": _strict(ctx.data),
+        "data": data,
         "versions": compare.versions(), "hardware": hardware(resolve_device(ctx.device))})
     return "built", {**entry, "files": files}
 

@@ -83,7 +83,17 @@ def _check_run(entry: dict, row: dict, where: str) -> None:
                         "leave checkpoint out; fix the file")
 
 
-def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
+def _accuracy_of(entry: dict | None, where: str) -> float | None:
+    """A manifest entry's test accuracy (%), None without one; anything but a number (a
+    hand-edited "77.5 %") is refused by name, not failed deep in a float() or a format."""
+    acc = (entry or {}).get("test_accuracy")
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))):
+        raise UserError(f"{where}: checkpoint {entry.get('name')!r} has test_accuracy={acc!r}, "
+                        "not a number (percent); fix or delete it")
+    return None if acc is None else float(acc)
+
+
+def _accuracy_row(row: dict, entries: list[dict], where: str, manifest: Path) -> dict:
     """One table row: the study's number next to our checkpoint's (the named one, else the
     study's recipe on all the data, the plainest run name first)."""
     if not isinstance(row, dict) or not {"dataset", "model", "study"} <= set(row):
@@ -106,10 +116,10 @@ def _accuracy_row(row: dict, entries: list[dict], where: str) -> dict:
                        and e.get("recipe", "paper") == row.get("recipe", "paper")),
                       key=lambda e: (len(str(e.get("name"))), str(e.get("name"))))
     e = ours[0] if ours else {}
-    acc = e.get("test_accuracy")
+    acc = _accuracy_of(e, f"{where}: {manifest}")
     return {"dataset": row["dataset"], "model": row.get("label", row["model"]),
-            "study (%)": float(row["study"]), "ours (%)": None if acc is None else float(acc),
-            "difference": None if acc is None else float(acc) - float(row["study"]),
+            "study (%)": float(row["study"]), "ours (%)": acc,
+            "difference": None if acc is None else acc - float(row["study"]),
             "epochs": f"{e.get('epochs')}/{e.get('epochs_planned')}" if e else None,
             "recipe": e.get("recipe"), "checkpoint": e.get("name"), "data": e.get("data_source")}
 
@@ -120,7 +130,8 @@ def accuracy_table(spec: dict, ctx) -> list[Path]:
     if manifest is None:
         raise InputUnavailable(f"no checkpoint manifest at {ctx.manifest_path}; train the "
                                "models with `repsim train` (it records each checkpoint there)")
-    rows = [_accuracy_row(row, manifest["checkpoints"], ctx.name) for row in spec["rows"]]
+    rows = [_accuracy_row(row, manifest["checkpoints"], ctx.name, ctx.manifest_path)
+            for row in spec["rows"]]
     md, csv_text = draw.table(rows, ["dataset", "model", "study (%)", "ours (%)", "difference",
                                      "epochs", "recipe", "checkpoint"])
     note = spec.get("description", "")
@@ -136,6 +147,9 @@ FRACTIONS = (0.1, 0.25, 0.5)  # the data-scale runs expected by default
 def _scale_bases(spec: dict, ctx) -> list[tuple]:
     """``[(base ModelRef, checkpoint pattern)]`` from ``base`` or ``bases`` and
     ``checkpoints`` (default ``{base}_frac*``; ``{base}`` is each base's model name)."""
+    if "base" in spec and "bases" in spec:  # else one of them would be dropped unsaid
+        raise UserError(f"{ctx.name}: data_scale takes base or bases, not both; put every "
+                        f"model in bases, e.g. bases = [\"vit_cifar\", \"resnet18_cifar\"]")
     items = spec.get("bases") or ([spec["base"]] if "base" in spec else [])
     if not isinstance(items, list) or not items:
         raise UserError(f"{ctx.name}: data_scale needs base = \"vit_cifar\" or bases = "
@@ -162,7 +176,8 @@ def _scale_entry(cp: dict, base, probe, c, ctx) -> dict:
     res = ctx.cka(ref, base, probe, c)
     layers, cka, se = same_layer_cka(res)
     return {"fraction": cp["train_fraction"], "label": ref.display(), "checkpoint": cp["name"],
-            "test_accuracy": (cp["entry"] or {}).get("test_accuracy"), "n": res["n"],
+            "test_accuracy": _accuracy_of(cp["entry"], f"{ctx.name}: {ctx.manifest_path}"),
+            "n": res["n"],
             "layers": layers, "cka": cka, "se": se,
             "matrix": res["matrix"], "layers_a": res["layers_a"], "layers_b": res["layers_b"]}
 
@@ -203,7 +218,7 @@ def data_scale(spec: dict, ctx) -> list[Path]:
         for ref in [base, *(_fraction_ref(base, cp) for cp in found)]:
             ctx.store(ref, probe)
     panels = [{"label": base.display(), "missing": missing,
-               "base_accuracy": base_entry.get("test_accuracy"),
+               "base_accuracy": _accuracy_of(base_entry, f"{ctx.name}: {ctx.manifest_path}"),
                "entries": [_scale_entry(cp, base, probe, c, ctx) for cp in found]}
               for base, found, missing, base_entry in plan if found]
     n = panels[0]["entries"][0]["n"]

@@ -1,0 +1,243 @@
+"""`repsim figures` core (context, runner, report, draw): edge cases found in review round 30,
+each with a fast offline test (no extraction)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from repsim.compare import ProbeSpec
+from repsim.figures.context import FigureContext
+from repsim.figures.runner import KINDS, build_all, figure_kind
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(text)
+    return folder / f"{name}.toml"
+
+
+def test_a_model_entry_listing_one_seed_is_compared_not_refused(tmp_path, monkeypatch):
+    """`weights = ["s0.pt"]` (the first seed of a recipe, the others still training) in a
+    cka_grid failed with "lists seeds, but this figure reads one model"; CKA kinds take seeds."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "s0.pt").write_bytes(b"weights")
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    result = {"matrix": [[0.5]], "layers_a": ["x"], "layers_b": ["x"], "se": [[0.1]],
+              "model_a": "a", "model_b": "b", "n": 8}
+    monkeypatch.setattr(FigureContext, "_load_cka", lambda self, d: dict(result))
+    ctx = FigureContext(tmp_path / "f")
+    ctx.deps = {}
+    ref = ctx.model_ref({"model": "vit_cifar", "weights": ["s0.pt"]})
+    res = ctx.cka(ref, ref, ProbeSpec(), ctx.cka_settings({}))
+    assert res["matrix"] == [[0.5]] and res["se"] == [[0.1]]
+
+
+def test_a_cka_batch_size_of_0_is_not_taken_as_the_default(tmp_path):
+    """`[cka] batch_size = 0` was silently replaced by 1,024 (a falsy value), while -4 was
+    refused; it goes to the engine as given, which refuses it in one line."""
+    ctx = FigureContext(tmp_path)
+    assert ctx.cka_settings({"cka": {"batch_size": 0}})["batch_size"] == 0
+    assert ctx.cka_settings({})["batch_size"] == 1024
+
+
+def test_a_registered_models_weights_file_is_fingerprinted_with_its_architecture(
+        tmp_path, monkeypatch):
+    """README: edit MyNet and what was made of it is made again. A figure of a registered
+    model read from a weights file kept its key (the file's sha256) when a parameter-free
+    layer was added, so the old figure was `cached`."""
+    import repsim
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    (tmp_path / "w.pt").write_bytes(b"same file")
+
+    def fingerprint(extra: list) -> dict:
+        registry._REGISTRY.pop("arch_file_fig", None)
+        repsim.register_model("arch_file_fig", input_size=4)(lambda num_classes: nn.Sequential(
+            nn.Flatten(), nn.Linear(48, 5), *extra, nn.Linear(5, num_classes)))
+        return FigureContext(tmp_path).fingerprint(
+            {"type": "model", "ref": {"model": "arch_file_fig", "weights": str(tmp_path / "w.pt")}})
+
+    assert fingerprint([]) != fingerprint([nn.ReLU()]) and fingerprint([]) == fingerprint([])
+    builtin = FigureContext(tmp_path).fingerprint(
+        {"type": "model", "ref": {"model": "vit_cifar", "weights": str(tmp_path / "w.pt")}})
+    assert len(builtin["ref"]) == 64  # built-ins keep their keys: the file's sha256
+
+
+def test_the_report_links_a_figure_whose_name_has_spaces(tmp_path, monkeypatch):
+    """`analyses/my grid (v2).toml` wrote `![..](my grid (v2).png)` into REPORT.md, which
+    Markdown does not read as an image; the link is percent-encoded."""
+    def build_png(spec, ctx):
+        """Writes a stand-in picture."""
+        return [ctx.write_text(".png", "png\n")]
+
+    monkeypatch.setitem(KINDS, "png", None)  # restored after the test
+    figure_kind("png")(build_png)
+    write(tmp_path / "a", "my grid (v2)", 'kind = "png"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert "![my grid (v2)](my%20grid%20%28v2%29.png)" in report, report
+
+
+LONG = [f"encoder.layer.{i}.attention.output.dense.very_long_layer_name" for i in range(3)]
+
+
+def _axes_inches(fig) -> list[tuple[float, float]]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied": panels collapsed
+        fig.canvas.draw()
+    w, h = fig.get_size_inches()
+    return [(a.get_position().width * w, a.get_position().height * h) for a in fig.axes]
+
+
+@pytest.mark.parametrize("draw_it", ["heatmap", "grid", "best_match"])
+def test_long_layer_names_leave_every_panel_room(draw_it):
+    """A model with 60-character layer names and one layer on the other side: the heatmap's
+    axes collapsed to nothing (matplotlib warned, the PNG showed only labels); the grid's and
+    best-match panels shrank to a sliver. Figures grow by their labels' length."""
+    from repsim.figures import draw
+
+    res = {"matrix": [[0.5, None, -0.2]], "layers_a": ["only"], "layers_b": LONG,
+           "model_a": "A", "model_b": "B", "kernel": "linear", "estimator": "minibatch", "n": 8,
+           "batch_size": 8}
+    if draw_it == "heatmap":
+        fig, axes = draw.cka_heatmap(res), 1
+    elif draw_it == "grid":
+        fig = draw.cka_grid(["A", "B"], {(i, j): {"matrix": [[0.5] * 3] * 3, "layers_a": LONG,
+                                                  "layers_b": LONG}
+                                         for i in range(2) for j in range(2)}, "t")
+        axes = 4
+    else:
+        match = draw.best_matches({"matrix": [[1.0, 0, 0]] * 3})
+        fig = draw.best_match([{"label_a": "A", "label_b": "B", "layers_a": LONG,
+                                "layers_b": LONG, **match}], "t")
+        axes = 2
+    sizes = _axes_inches(fig)[:axes]
+    assert all(w >= 1.0 and h >= 1.0 for w, h in sizes), sizes
+
+
+def test_a_kinds_numpy_data_is_recorded_and_the_other_figures_still_built(tmp_path,
+                                                                          monkeypatch):
+    """A registered kind putting a CKA matrix (ndarray) or a numpy scalar in ctx.data stopped
+    the whole run with "Object of type ndarray is not JSON serializable", after its files were
+    written; numpy values are recorded as numbers and lists, other non-JSON data fails that
+    figure in one line."""
+    import numpy as np
+
+    def build_np(spec, ctx):
+        """numpy data, or (title "bad") a set."""
+        ctx.data.update(m=np.array([[1.0, np.nan]]), f=np.float32(0.5), i=np.int64(2))
+        if spec.get("title") == "bad":
+            ctx.data["s"] = {1}
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "np", None)  # restored after the test
+    figure_kind("np")(build_np)
+    write(tmp_path / "a", "a", 'kind = "np"\n')
+    write(tmp_path / "a", "b", 'kind = "np"\ntitle = "bad"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["a"]
+    assert json.loads((tmp_path / "f" / "a.json").read_text())["data"] == {
+        "m": [[1.0, None]], "f": 0.5, "i": 2}
+    (failed,) = res["failed"]
+    assert "not JSON" in failed["reason"] and not (tmp_path / "f" / "b.json").exists()
+
+
+def test_a_data_scale_spec_with_both_base_and_bases_is_refused(tmp_path, monkeypatch):
+    """`base = "vit_cifar"` next to `bases = ["resnet18_cifar"]`: base was ignored without a
+    word (the figure showed only the bases)."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    write(tmp_path / "a", "s", 'kind = "data_scale"\nbase = "vit_cifar"\n'
+          'bases = ["resnet18_cifar"]\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "takes base or bases, not both" in failed["reason"], failed
+
+
+def test_only_builds_its_specs_while_another_spec_is_being_written(tmp_path):
+    """`--only grid` was refused because analyses/wip.toml (not asked for) had a typo; only
+    the specs asked for are read, and a full run still refuses the broken one."""
+    from repsim.errors import UserError
+    from repsim.figures.runner import load_specs
+
+    write(tmp_path / "a", "grid", 'kind = "cka_grid"\nmodels = ["vit_cifar"]\n')
+    write(tmp_path / "a", "wip", 'kind = "cka_grid"\nmodles = ["vit_cifar"]\n')
+    write(tmp_path / "a", "half", 'kind = "cka_grid\n')
+    assert list(load_specs(tmp_path / "a", ["grid"])) == ["grid"]
+    with pytest.raises(UserError, match="wip.toml: keys \\['modles'\\] are unknown"):
+        load_specs(tmp_path / "a", ["grid", "wip"])
+    with pytest.raises(UserError, match="half.toml: not valid TOML"):
+        load_specs(tmp_path / "a")
+
+
+def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeypatch):
+    """Ctrl-C while a kept figure (built on a GPU machine) was being looked at deleted its
+    record for good: every later run skipped it and the report dropped it. The record stays,
+    vouching for nothing until the figure is kept or built again."""
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    state = {"inputs": True, "stop": False}
+
+    def build_snap(spec, ctx):
+        """A figure of snapshots that stayed on the machine that built it."""
+        ctx.manifest()  # an input: changed below, so the figure is looked at again
+        if state["stop"]:
+            raise KeyboardInterrupt
+        if not state["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    state.update(inputs=False, stop=True)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    state["stop"] = False
+    res = run()
+    assert [e["name"] for e in res["kept"]] == ["s"], res
+    assert json.loads((tmp_path / "f" / "s.json").read_text())["cache_key"]
+
+
+def test_a_manifest_accuracy_that_is_no_number_fails_its_table_by_name(tmp_path, monkeypatch):
+    """A hand-edited "test_accuracy": "77.5 %" failed the table with "could not convert
+    string to float: '77.5 %'", naming neither the manifest nor the checkpoint."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar", "model": "vit_cifar", "dataset": "cifar10",
+         "test_accuracy": "77.5 %"}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert ("checkpoint 'vit_cifar' has test_accuracy='77.5 %', not a number" in failed["reason"]
+            and "manifest.json" in failed["reason"]), failed
+
+
+def test_a_dynamics_panel_without_accuracies_draws_without_a_warning():
+    """Snapshots saved without evaluation (accuracy None at every epoch): the accuracy panel's
+    empty legend made matplotlib warn "No artists with labels found" on every build."""
+    import warnings
+
+    from repsim.figures import draw
+
+    m = {"label": "V", "epochs": [0, 1], "layers": ["x"], "cka": {"x": [0.5, 1.0]},
+         "settled_epoch": {"x": 1}, "final_epoch": 1, "test_accuracy": [None, None],
+         "train_accuracy": [None, None], "final_test_accuracy": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        draw.dynamics([m], "t", 0.9).canvas.draw()
