@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.features import centred_rows, feature_set
 from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
 
@@ -403,7 +403,10 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
     needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
-    hollow, dev = estimator != "biased", torch.device(device)
+    if not (is_whole(permutations, 0) and is_whole(seed, -2**63)):  # numpy integers too
+        raise ValueError(f"permutations={permutations!r} and seed={seed!r} must be integers, "
+                         "permutations >= 0 (the size of the null; 0: none)")
+    seed, hollow, dev = int(seed), estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
     budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
     if permutations:

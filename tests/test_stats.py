@@ -447,3 +447,24 @@ def test_a_permutation_null_refused_at_a_tiny_budget_states_sizes_in_a_useful_un
     with pytest.raises(UserError, match="permutations=9 needs") as err:
         stats.calibrate([x], [y], permutations=9, memory_budget=1000)
     assert "about 75.0 KiB" in str(err.value) and "budget, 1,000 bytes" in str(err.value)
+
+
+def test_a_numpy_integer_seed_gives_the_null_of_the_same_python_int():
+    # seed=np.int64(2) (from np.arange, a config array) raised TypeError in torch.manual_seed
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    want = stats.calibrate([x], [y], permutations=5, seed=2).null["null_mean"]
+    got = stats.calibrate([x], [y], permutations=5, seed=np.int64(2)).null["null_mean"]
+    assert got == want
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"permutations": -1}, "permutations=-1"), ({"permutations": 2.5}, "permutations=2.5"),
+    ({"permutations": True}, "permutations=True"), ({"permutations": "9"}, "permutations='9'"),
+    ({"seed": 1.5}, "seed=1.5"), ({"seed": None}, "seed=None")])
+def test_a_permutation_count_or_seed_that_is_no_whole_number_is_a_value_error(kwargs, match):
+    # they were a RuntimeError (negative dimension), TypeErrors from torch.empty and
+    # manual_seed
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    with pytest.raises(ValueError, match=match) as err:
+        stats.calibrate([x], [y], **{"permutations": 3, **kwargs})
+    assert "\n" not in str(err.value)
