@@ -125,10 +125,12 @@ def min_rows(estimator: str) -> int:
     return 2 if estimator == "biased" else 4
 
 
-def check_rows(n: int, estimator: str) -> None:
-    """ValueError unless ``n`` rows are enough for ``estimator`` (:func:`min_rows`)."""
+def check_rows(n: int, estimator: str, batch: int | None = None) -> None:
+    """ValueError unless ``n`` rows (of batch number ``batch``, if given) are enough for
+    ``estimator`` (:func:`min_rows`)."""
     if n < (need := min_rows(estimator)):
-        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+        got = f", got n={n}" if batch is None else f" per batch; batch {batch} has {n}"
+        raise ValueError(f"estimator={estimator!r} needs at least {need} rows{got}")
 
 
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:

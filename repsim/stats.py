@@ -408,6 +408,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
                          "permutations >= 0 (the size of the null; 0: none)")
     seed, hollow, dev = int(seed), estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
+    for i, rows in enumerate(batches):  # a shorter batch would divide by zero in the centring
+        check_rows(len(rows), estimator, i)
     budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
     if permutations:
         check_null_fits(permutations, estimator, batches, layers, budget)

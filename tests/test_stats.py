@@ -468,3 +468,13 @@ def test_a_permutation_count_or_seed_that_is_no_whole_number_is_a_value_error(kw
     with pytest.raises(ValueError, match=match) as err:
         stats.calibrate([x], [y], **{"permutations": 3, **kwargs})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("estimator, rows", [("minibatch", 3), ("biased", 1)])
+def test_a_batch_too_small_for_the_estimator_is_a_value_error(estimator, rows):
+    # calibrate(batches=[...3 rows..., ...]) raised ZeroDivisionError from the centring
+    x, y = _gauss(20, 3, 0), _gauss(20, 2, 1)
+    batches = [np.arange(rows), np.arange(rows, 20)]
+    with pytest.raises(ValueError, match=f"rows per batch; batch 0 has {rows}") as err:
+        stats.calibrate([x], [y], estimator=estimator, batches=batches)
+    assert "\n" not in str(err.value)
