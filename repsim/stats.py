@@ -280,6 +280,8 @@ class Calibration:
     def influence(self, i: int, j: int, k: int) -> list[tuple[int, float]]:
         """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``; none
         for a NaN cell (a dead layer), which no row moves."""
+        if not is_whole(k, 0):  # a negative k would slice off the end: all rows but -k
+            raise ValueError(f"k={k!r} must be a whole number >= 0 (how many rows to list)")
         if np.isnan(self.matrix[i, j]):
             return []
         d = self.loo[:, i, j] - self.matrix[i, j]

@@ -478,3 +478,11 @@ def test_a_batch_too_small_for_the_estimator_is_a_value_error(estimator, rows):
     with pytest.raises(ValueError, match=f"rows per batch; batch 0 has {rows}") as err:
         stats.calibrate([x], [y], estimator=estimator, batches=batches)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("k", [-1, 2.5, True])
+def test_influence_of_a_count_that_is_no_whole_number_is_a_value_error(k):
+    # k=-1 listed all rows but one (a slice [:-1]), 2.5 raised TypeError, True listed one
+    cal = stats.calibrate([_gauss(12, 3, 0)], [_gauss(12, 2, 1)])
+    with pytest.raises(ValueError, match=f"k={k!r} must be a whole number >= 0"):
+        cal.influence(0, 0, k)
