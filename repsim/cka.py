@@ -466,7 +466,8 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     if kernel == "rbf" and median_sqdist is None:
         raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
-    n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
+    _, (x,), n = feature_set({"x": x}, "x")  # a 2-D (n, p) matrix, as compare checks
+    dev, biased = pick_device([x], device), estimator == "biased"
     sketch.check_rows(n, estimator)
     if estimator == "minibatch":
         x = in_memory([x], default_memory_budget(dev) // 2)[0]

@@ -582,3 +582,12 @@ def test_minibatch_cka_used_directly_warns_of_a_narrow_rbf_bandwidth(rng):
         acc.update([x[idx]], [y[idx]])
     with pytest.warns(RuntimeWarning, match=r"threshold=0.01 .*'a\[0\]'.* nearly the identity"):
         acc.compute()
+
+
+@pytest.mark.parametrize("shape", [(20,), (20, 3, 2)])
+def test_a_layer_sketch_of_no_matrix_is_refused_like_compare(shape):
+    # a 1-D layer raised torch's "dimensions must larger than 1", a 3-D one a bmm size error
+    x = np.random.default_rng(0).standard_normal(shape)
+    with pytest.raises(ValueError, match=r"layer 'x' has shape .* must be a 2-D \(n, p\)"):
+        cka.layer_sketch(x)
+
