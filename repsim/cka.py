@@ -22,6 +22,7 @@ never clamped: a negative debiased value is an honest estimate.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -464,8 +465,11 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     RBF needs compare's ``median_sqdist`` (:func:`rbf_bandwidths`: all rows, or the fixed
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
-    if kernel == "rbf" and median_sqdist is None:
-        raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
+    # Not >= 0: rbf_bandwidths' median of duplicate rows can round below 0 (a dead layer).
+    if kernel == "rbf" and not isinstance(median_sqdist, numbers.Real):
+        raise ValueError(f"median_sqdist={median_sqdist!r} is no median squared distance; "
+                         "kernel='rbf' needs one number for this layer, e.g. "
+                         "rbf_bandwidths([x])[0]")
     _, (x,), n = feature_set({"x": x}, "x")  # a 2-D (n, p) matrix, as compare checks
     dev, biased = pick_device([x], device), estimator == "biased"
     sketch.check_rows(n, estimator)

@@ -591,3 +591,10 @@ def test_a_layer_sketch_of_no_matrix_is_refused_like_compare(shape):
     with pytest.raises(ValueError, match=r"layer 'x' has shape .* must be a 2-D \(n, p\)"):
         cka.layer_sketch(x)
 
+
+@pytest.mark.parametrize("med", [[2.0], "2", None])
+def test_a_layer_sketch_with_no_median_sqdist_number_is_refused(med):
+    # rbf_bandwidths' list (one layer's: [2.0]) raised TypeError "can't multiply sequence"
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(ValueError, match=r"median_sqdist=.*one number.*bandwidths\(\[x\]\)"):
+        cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
