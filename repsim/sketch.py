@@ -202,12 +202,16 @@ def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
     """``(La, Lb)`` CKA from per-layer sketches (1-D float64 numpy arrays or torch tensors)
     made with the same settings and rows; the same sequence twice gives each layer exactly 1."""
-    def stack(sketches):  # without importing torch (see the module's docstring)
-        return np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
-                                    dtype=np.float64) for s in sketches])
+    def stack(sketches, side):  # without importing torch (see the module's docstring)
+        out = np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
+                                   dtype=np.float64) for s in sketches])
+        if out.ndim != 2:  # one sketch, not [sketch], stacks its entries: ndim 1
+            raise ValueError(f"sketches_{side} must be a sequence of 1-D sketches, e.g. "
+                             f"[layer_sketch(x)]; they stack to shape {out.shape}")
+        return out
 
-    sa = stack(sketches_a)
-    sb = sa if sketches_b is sketches_a else stack(sketches_b)
+    sa = stack(sketches_a, "a")
+    sb = sa if sketches_b is sketches_a else stack(sketches_b, "b")
     if sa.shape[1] != sb.shape[1]:
         raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
                          "different rows or settings")

@@ -598,3 +598,12 @@ def test_a_layer_sketch_with_no_median_sqdist_number_is_refused(med):
     x = np.random.default_rng(0).standard_normal((20, 3))
     with pytest.raises(ValueError, match=r"median_sqdist=.*one number.*bandwidths\(\[x\]\)"):
         cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: [s.reshape(2, -1)]])
+def test_sketches_that_are_no_list_of_vectors_are_refused(wrap):
+    # one sketch, not [sketch], raised IndexError; a 2-D sketch an einsum error
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    sa, sb = cka.layer_sketch(x), cka.layer_sketch(y)
+    with pytest.raises(ValueError, match=r"sketches_a must be a sequence of 1-D sketches"):
+        cka.cka_from_sketches(wrap(sa), [sb])
