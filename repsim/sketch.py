@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from repsim.errors import is_whole
+
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
 BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
@@ -145,6 +147,9 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     without replacement), so a batch is a random sample even of rows sorted by class, as in
     stores (consecutive rows would measure within-class similarity only); the same arguments
     give both models the same batches. A last batch of fewer than 4 rows is left out."""
+    if not is_whole(seed, 0):  # None would draw other batches every time, unrecorded
+        raise ValueError(f"batch_seed={seed!r} must be a whole number >= 0 (the seed of the "
+                         "random batches)")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 

@@ -607,3 +607,14 @@ def test_sketches_that_are_no_list_of_vectors_are_refused(wrap):
     sa, sb = cka.layer_sketch(x), cka.layer_sketch(y)
     with pytest.raises(ValueError, match=r"sketches_a must be a sequence of 1-D sketches"):
         cka.cka_from_sketches(wrap(sa), [sb])
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "0", True])
+def test_a_batch_seed_that_is_no_whole_number_is_refused(seed):
+    # None drew unseeded batches (a different matrix each call, batch_seed None recorded),
+    # 1.5 and "0" raised numpy's TypeError, True passed for seed 1
+    x, y = np.random.default_rng(0).standard_normal((2, 40, 3))
+    with pytest.raises(ValueError, match=f"batch_seed={seed!r} must be a whole number >= 0"):
+        cka.cka_matrix([x], [y], batch_size=10, batch_seed=seed)
+    with pytest.raises(ValueError, match="must be a whole number >= 0"):
+        cka.layer_sketch(x, batch_size=10, batch_seed=seed)
