@@ -10,6 +10,7 @@ than a whole comparison of cached sketches, so that path never imports it.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,15 +112,21 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is unknown; valid estimators: "
                          f"{', '.join(ESTIMATORS)}")
-    if kernel == "rbf" and not (threshold > 0 and math.isfinite(threshold)):
+    if kernel == "rbf" and not (_real(threshold) and threshold > 0):
         raise ValueError(f"threshold={threshold!r} must be a positive number")
     if estimator != "minibatch":
         return None
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if int(batch_size) != batch_size or batch_size < 4:
+    if not _real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
         raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
                          f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
     return int(batch_size)
+
+
+def _real(v: Any) -> bool:
+    """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
+    comparing or converting a setting, which a str, None or a list would make a TypeError."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def min_rows(estimator: str) -> int:

@@ -618,3 +618,18 @@ def test_a_batch_seed_that_is_no_whole_number_is_refused(seed):
         cka.cka_matrix([x], [y], batch_size=10, batch_seed=seed)
     with pytest.raises(ValueError, match="must be a whole number >= 0"):
         cka.layer_sketch(x, batch_size=10, batch_seed=seed)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(kernel="rbf", threshold="1"), "threshold='1' must be a positive number"),
+    (dict(kernel="rbf", threshold=None), "threshold=None must be a positive number"),
+    (dict(kernel="rbf", threshold=True), "threshold=True must be a positive number"),
+    (dict(batch_size=float("inf")), "batch_size=N, an integer >= 4.*got inf"),
+    (dict(batch_size="abc"), "batch_size=N, an integer >= 4.*got 'abc'"),
+    (dict(batch_size=[8]), r"batch_size=N, an integer >= 4.*got \[8\]")])
+def test_settings_of_the_wrong_kind_are_refused_with_the_settings_message(settings, match):
+    # they raised TypeError ('>' not supported), OverflowError and int()'s own ValueError;
+    # threshold=True computed with threshold 1
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    with pytest.raises(ValueError, match=match):
+        cka.cka_matrix([x], [y], **settings)
