@@ -312,6 +312,9 @@ class MinibatchCKA:
         elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
                              f"had {tuple(self.hsic_ab_.shape)}")
+        elif names[0] != self.layers_[0] or names[-1] != self.layers_[-1]:  # order matters
+            raise ValueError(f"batch has layers {names}, earlier batches had {self.layers_}; "
+                             "give every batch the same layers in the same order")
         else:
             for total, x in zip((self.hsic_ab_, self.hsic_aa_, self.hsic_bb_), hsic):
                 total += x.to(total.device)

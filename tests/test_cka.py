@@ -633,3 +633,16 @@ def test_settings_of_the_wrong_kind_are_refused_with_the_settings_message(settin
     x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
     with pytest.raises(ValueError, match=match):
         cka.cka_matrix([x], [y], **settings)
+
+
+def test_an_accumulator_refuses_batches_or_merges_of_other_layers():
+    # dicts built in another order (a set of layer names: another order in each process)
+    # summed l1's HSIC into l2's cell, silently
+    x, y, z = np.random.default_rng(0).standard_normal((3, 20, 3))
+    acc = cka.MinibatchCKA().update({"l1": x, "l2": z}, {"m": y})
+    with pytest.raises(ValueError, match=r"layers \[\['l2', 'l1'\], \['m'\]\].*had"):
+        acc.update({"l2": z, "l1": x}, {"m": y})
+    other = cka.MinibatchCKA().update({"l2": z, "l1": x}, {"m": y})
+    with pytest.raises(ValueError, match="layers"):
+        acc.merge(other)
+    assert acc.n_batches_ == 1
