@@ -254,9 +254,10 @@ class MinibatchCKA:
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
         sketch.check_options(kernel, "biased", threshold, None)
-        if kernel == "rbf" and (median_sqdist_a is None or median_sqdist_b is None):
+        if kernel == "rbf" and not np.ndim(median_sqdist_a) == np.ndim(median_sqdist_b) == 1:
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
-                             "median_sqdist_b (see repsim.cka.rbf_bandwidths)")
+                             "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
+                             f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
         self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else

@@ -646,3 +646,10 @@ def test_an_accumulator_refuses_batches_or_merges_of_other_layers():
     with pytest.raises(ValueError, match="layers"):
         acc.merge(other)
     assert acc.n_batches_ == 1
+
+
+def test_an_rbf_accumulator_given_one_number_for_a_layer_list_is_refused():
+    # median_sqdist_a=2.0 (one layer's median, not a list) raised "'float' object is not
+    # iterable"
+    with pytest.raises(ValueError, match=r"one per layer.*rbf_bandwidths.*median_sqdist_a=2.0"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=2.0, median_sqdist_b=[1.0])
