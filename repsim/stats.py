@@ -455,10 +455,10 @@ def _checked(mats_a: Any, mats_b: Any, estimator: str, kernel: str, sigma2_a: An
         if len(getattr(mats, "shape", ())) == 2:
             raise ValueError(f"mats_{side} is a single (n, p) matrix; pass a list, e.g. [x]")
         out.append(feature_set(mats, f"mats_{side}", out[0][2] if out else None))
-        if kernel == "rbf" and (sig is None or len(sig) != len(out[-1][1])):
+        if kernel == "rbf" and (np.ndim(sig) != 1 or len(sig) != len(out[-1][1])):
             raise ValueError(f"kernel='rbf' needs sigma2_a and sigma2_b, a squared bandwidth "
                              f"per layer (threshold^2 times repsim.cka.rbf_bandwidths); got "
-                             f"{'none' if sig is None else len(sig)} for the {len(out[-1][1])} "
+                             f"{len(sig) if np.ndim(sig) == 1 else sig} for the {len(out[-1][1])} "
                              f"layers of mats_{side}")
     check_rows(out[0][2], estimator)
     return out[0][1], out[1][1], out[0][2]

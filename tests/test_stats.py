@@ -406,6 +406,7 @@ def test_non_finite_features_are_refused_naming_the_layer(bad, kernel):
     ({"kernel": "rbf"}, "kernel='rbf' needs sigma2_a and sigma2_b"),
     ({"kernel": "rbf", "sigma2_a": [1.0, 2.0], "sigma2_b": [1.0]},
      "got 2 for the 1 layers of mats_a"),
+    ({"kernel": "rbf", "sigma2_a": 2.0, "sigma2_b": [1.0]}, "got 2.0 for the 1 layers"),
     ({"short_b": True}, "has 20 rows but"),
     ({"single": True}, "mats_a is a single"),
     ({"n": 3}, "needs at least 4 rows, got n=3"),
