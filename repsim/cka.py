@@ -22,6 +22,7 @@ never clamped: a negative debiased value is an honest estimate.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -253,9 +254,10 @@ class MinibatchCKA:
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
         sketch.check_options(kernel, "biased", threshold, None)
-        if kernel == "rbf" and (median_sqdist_a is None or median_sqdist_b is None):
+        if kernel == "rbf" and not np.ndim(median_sqdist_a) == np.ndim(median_sqdist_b) == 1:
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
-                             "median_sqdist_b (see repsim.cka.rbf_bandwidths)")
+                             "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
+                             f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
         self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
@@ -311,6 +313,9 @@ class MinibatchCKA:
         elif self.hsic_ab_.shape != hsic[0].shape:
             raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
                              f"had {tuple(self.hsic_ab_.shape)}")
+        elif names[0] != self.layers_[0] or names[-1] != self.layers_[-1]:  # order matters
+            raise ValueError(f"batch has layers {names}, earlier batches had {self.layers_}; "
+                             "give every batch the same layers in the same order")
         else:
             for total, x in zip((self.hsic_ab_, self.hsic_aa_, self.hsic_bb_), hsic):
                 total += x.to(total.device)
@@ -464,9 +469,13 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     RBF needs compare's ``median_sqdist`` (:func:`rbf_bandwidths`: all rows, or the fixed
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
-    if kernel == "rbf" and median_sqdist is None:
-        raise ValueError("kernel='rbf' needs median_sqdist (see rbf_bandwidths)")
-    n, dev, biased = x.shape[0], pick_device([x], device), estimator == "biased"
+    # Not >= 0: rbf_bandwidths' median of duplicate rows can round below 0 (a dead layer).
+    if kernel == "rbf" and not isinstance(median_sqdist, numbers.Real):
+        raise ValueError(f"median_sqdist={median_sqdist!r} is no median squared distance; "
+                         "kernel='rbf' needs one number for this layer, e.g. "
+                         "rbf_bandwidths([x])[0]")
+    _, (x,), n = feature_set({"x": x}, "x")  # a 2-D (n, p) matrix, as compare checks
+    dev, biased = pick_device([x], device), estimator == "biased"
     sketch.check_rows(n, estimator)
     if estimator == "minibatch":
         x = in_memory([x], default_memory_budget(dev) // 2)[0]

@@ -10,12 +10,15 @@ than a whole comparison of cached sketches, so that path never imports it.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from repsim.errors import is_whole
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
@@ -109,15 +112,21 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is unknown; valid estimators: "
                          f"{', '.join(ESTIMATORS)}")
-    if kernel == "rbf" and not (threshold > 0 and math.isfinite(threshold)):
+    if kernel == "rbf" and not (_real(threshold) and threshold > 0):
         raise ValueError(f"threshold={threshold!r} must be a positive number")
     if estimator != "minibatch":
         return None
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if int(batch_size) != batch_size or batch_size < 4:
+    if not _real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
         raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
                          f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
     return int(batch_size)
+
+
+def _real(v: Any) -> bool:
+    """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
+    comparing or converting a setting, which a str, None or a list would make a TypeError."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def min_rows(estimator: str) -> int:
@@ -125,10 +134,12 @@ def min_rows(estimator: str) -> int:
     return 2 if estimator == "biased" else 4
 
 
-def check_rows(n: int, estimator: str) -> None:
-    """ValueError unless ``n`` rows are enough for ``estimator`` (:func:`min_rows`)."""
+def check_rows(n: int, estimator: str, batch: int | None = None) -> None:
+    """ValueError unless ``n`` rows (of batch number ``batch``, if given) are enough for
+    ``estimator`` (:func:`min_rows`)."""
     if n < (need := min_rows(estimator)):
-        raise ValueError(f"estimator={estimator!r} needs at least {need} rows, got n={n}")
+        got = f", got n={n}" if batch is None else f" per batch; batch {batch} has {n}"
+        raise ValueError(f"estimator={estimator!r} needs at least {need} rows{got}")
 
 
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
@@ -143,6 +154,9 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     without replacement), so a batch is a random sample even of rows sorted by class, as in
     stores (consecutive rows would measure within-class similarity only); the same arguments
     give both models the same batches. A last batch of fewer than 4 rows is left out."""
+    if not is_whole(seed, 0):  # None would draw other batches every time, unrecorded
+        raise ValueError(f"batch_seed={seed!r} must be a whole number >= 0 (the seed of the "
+                         "random batches)")
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 
@@ -200,12 +214,16 @@ def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cka_from_sketches(sketches_a: Sequence[Any], sketches_b: Sequence[Any]) -> np.ndarray:
     """``(La, Lb)`` CKA from per-layer sketches (1-D float64 numpy arrays or torch tensors)
     made with the same settings and rows; the same sequence twice gives each layer exactly 1."""
-    def stack(sketches):  # without importing torch (see the module's docstring)
-        return np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
-                                    dtype=np.float64) for s in sketches])
+    def stack(sketches, side):  # without importing torch (see the module's docstring)
+        out = np.stack([np.asarray(s.detach().cpu() if hasattr(s, "detach") else s,
+                                   dtype=np.float64) for s in sketches])
+        if out.ndim != 2:  # one sketch, not [sketch], stacks its entries: ndim 1
+            raise ValueError(f"sketches_{side} must be a sequence of 1-D sketches, e.g. "
+                             f"[layer_sketch(x)]; they stack to shape {out.shape}")
+        return out
 
-    sa = stack(sketches_a)
-    sb = sa if sketches_b is sketches_a else stack(sketches_b)
+    sa = stack(sketches_a, "a")
+    sb = sa if sketches_b is sketches_a else stack(sketches_b, "b")
     if sa.shape[1] != sb.shape[1]:
         raise ValueError(f"sketches of length {sa.shape[1]} and {sb.shape[1]} come from "
                          "different rows or settings")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.features import centred_rows, feature_set
 from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
 
@@ -280,6 +280,8 @@ class Calibration:
     def influence(self, i: int, j: int, k: int) -> list[tuple[int, float]]:
         """The ``k`` rows whose removal moves cell ``(i, j)`` most: ``(row, change)``; none
         for a NaN cell (a dead layer), which no row moves."""
+        if not is_whole(k, 0):  # a negative k would slice off the end: all rows but -k
+            raise ValueError(f"k={k!r} must be a whole number >= 0 (how many rows to list)")
         if np.isnan(self.matrix[i, j]):
             return []
         d = self.loo[:, i, j] - self.matrix[i, j]
@@ -403,8 +405,13 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
     needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
-    hollow, dev = estimator != "biased", torch.device(device)
+    if not (is_whole(permutations, 0) and is_whole(seed, -2**63)):  # numpy integers too
+        raise ValueError(f"permutations={permutations!r} and seed={seed!r} must be integers, "
+                         "permutations >= 0 (the size of the null; 0: none)")
+    seed, hollow, dev = int(seed), estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
+    for i, rows in enumerate(batches):  # a shorter batch would divide by zero in the centring
+        check_rows(len(rows), estimator, i)
     budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
     if permutations:
         check_null_fits(permutations, estimator, batches, layers, budget)
@@ -448,10 +455,10 @@ def _checked(mats_a: Any, mats_b: Any, estimator: str, kernel: str, sigma2_a: An
         if len(getattr(mats, "shape", ())) == 2:
             raise ValueError(f"mats_{side} is a single (n, p) matrix; pass a list, e.g. [x]")
         out.append(feature_set(mats, f"mats_{side}", out[0][2] if out else None))
-        if kernel == "rbf" and (sig is None or len(sig) != len(out[-1][1])):
+        if kernel == "rbf" and (np.ndim(sig) != 1 or len(sig) != len(out[-1][1])):
             raise ValueError(f"kernel='rbf' needs sigma2_a and sigma2_b, a squared bandwidth "
                              f"per layer (threshold^2 times repsim.cka.rbf_bandwidths); got "
-                             f"{'none' if sig is None else len(sig)} for the {len(out[-1][1])} "
+                             f"{len(sig) if np.ndim(sig) == 1 else sig} for the {len(out[-1][1])} "
                              f"layers of mats_{side}")
     check_rows(out[0][2], estimator)
     return out[0][1], out[1][1], out[0][2]

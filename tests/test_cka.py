@@ -582,3 +582,74 @@ def test_minibatch_cka_used_directly_warns_of_a_narrow_rbf_bandwidth(rng):
         acc.update([x[idx]], [y[idx]])
     with pytest.warns(RuntimeWarning, match=r"threshold=0.01 .*'a\[0\]'.* nearly the identity"):
         acc.compute()
+
+
+@pytest.mark.parametrize("shape", [(20,), (20, 3, 2)])
+def test_a_layer_sketch_of_no_matrix_is_refused_like_compare(shape):
+    # a 1-D layer raised torch's "dimensions must larger than 1", a 3-D one a bmm size error
+    x = np.random.default_rng(0).standard_normal(shape)
+    with pytest.raises(ValueError, match=r"layer 'x' has shape .* must be a 2-D \(n, p\)"):
+        cka.layer_sketch(x)
+
+
+@pytest.mark.parametrize("med", [[2.0], "2", None])
+def test_a_layer_sketch_with_no_median_sqdist_number_is_refused(med):
+    # rbf_bandwidths' list (one layer's: [2.0]) raised TypeError "can't multiply sequence"
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(ValueError, match=r"median_sqdist=.*one number.*bandwidths\(\[x\]\)"):
+        cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: [s.reshape(2, -1)]])
+def test_sketches_that_are_no_list_of_vectors_are_refused(wrap):
+    # one sketch, not [sketch], raised IndexError; a 2-D sketch an einsum error
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    sa, sb = cka.layer_sketch(x), cka.layer_sketch(y)
+    with pytest.raises(ValueError, match=r"sketches_a must be a sequence of 1-D sketches"):
+        cka.cka_from_sketches(wrap(sa), [sb])
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "0", True])
+def test_a_batch_seed_that_is_no_whole_number_is_refused(seed):
+    # None drew unseeded batches (a different matrix each call, batch_seed None recorded),
+    # 1.5 and "0" raised numpy's TypeError, True passed for seed 1
+    x, y = np.random.default_rng(0).standard_normal((2, 40, 3))
+    with pytest.raises(ValueError, match=f"batch_seed={seed!r} must be a whole number >= 0"):
+        cka.cka_matrix([x], [y], batch_size=10, batch_seed=seed)
+    with pytest.raises(ValueError, match="must be a whole number >= 0"):
+        cka.layer_sketch(x, batch_size=10, batch_seed=seed)
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(kernel="rbf", threshold="1"), "threshold='1' must be a positive number"),
+    (dict(kernel="rbf", threshold=None), "threshold=None must be a positive number"),
+    (dict(kernel="rbf", threshold=True), "threshold=True must be a positive number"),
+    (dict(batch_size=float("inf")), "batch_size=N, an integer >= 4.*got inf"),
+    (dict(batch_size="abc"), "batch_size=N, an integer >= 4.*got 'abc'"),
+    (dict(batch_size=[8]), r"batch_size=N, an integer >= 4.*got \[8\]")])
+def test_settings_of_the_wrong_kind_are_refused_with_the_settings_message(settings, match):
+    # they raised TypeError ('>' not supported), OverflowError and int()'s own ValueError;
+    # threshold=True computed with threshold 1
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    with pytest.raises(ValueError, match=match):
+        cka.cka_matrix([x], [y], **settings)
+
+
+def test_an_accumulator_refuses_batches_or_merges_of_other_layers():
+    # dicts built in another order (a set of layer names: another order in each process)
+    # summed l1's HSIC into l2's cell, silently
+    x, y, z = np.random.default_rng(0).standard_normal((3, 20, 3))
+    acc = cka.MinibatchCKA().update({"l1": x, "l2": z}, {"m": y})
+    with pytest.raises(ValueError, match=r"layers \[\['l2', 'l1'\], \['m'\]\].*had"):
+        acc.update({"l2": z, "l1": x}, {"m": y})
+    other = cka.MinibatchCKA().update({"l2": z, "l1": x}, {"m": y})
+    with pytest.raises(ValueError, match="layers"):
+        acc.merge(other)
+    assert acc.n_batches_ == 1
+
+
+def test_an_rbf_accumulator_given_one_number_for_a_layer_list_is_refused():
+    # median_sqdist_a=2.0 (one layer's median, not a list) raised "'float' object is not
+    # iterable"
+    with pytest.raises(ValueError, match=r"one per layer.*rbf_bandwidths.*median_sqdist_a=2.0"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=2.0, median_sqdist_b=[1.0])

@@ -406,6 +406,7 @@ def test_non_finite_features_are_refused_naming_the_layer(bad, kernel):
     ({"kernel": "rbf"}, "kernel='rbf' needs sigma2_a and sigma2_b"),
     ({"kernel": "rbf", "sigma2_a": [1.0, 2.0], "sigma2_b": [1.0]},
      "got 2 for the 1 layers of mats_a"),
+    ({"kernel": "rbf", "sigma2_a": 2.0, "sigma2_b": [1.0]}, "got 2.0 for the 1 layers"),
     ({"short_b": True}, "has 20 rows but"),
     ({"single": True}, "mats_a is a single"),
     ({"n": 3}, "needs at least 4 rows, got n=3"),
@@ -447,3 +448,42 @@ def test_a_permutation_null_refused_at_a_tiny_budget_states_sizes_in_a_useful_un
     with pytest.raises(UserError, match="permutations=9 needs") as err:
         stats.calibrate([x], [y], permutations=9, memory_budget=1000)
     assert "about 75.0 KiB" in str(err.value) and "budget, 1,000 bytes" in str(err.value)
+
+
+def test_a_numpy_integer_seed_gives_the_null_of_the_same_python_int():
+    # seed=np.int64(2) (from np.arange, a config array) raised TypeError in torch.manual_seed
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    want = stats.calibrate([x], [y], permutations=5, seed=2).null["null_mean"]
+    got = stats.calibrate([x], [y], permutations=5, seed=np.int64(2)).null["null_mean"]
+    assert got == want
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"permutations": -1}, "permutations=-1"), ({"permutations": 2.5}, "permutations=2.5"),
+    ({"permutations": True}, "permutations=True"), ({"permutations": "9"}, "permutations='9'"),
+    ({"seed": 1.5}, "seed=1.5"), ({"seed": None}, "seed=None")])
+def test_a_permutation_count_or_seed_that_is_no_whole_number_is_a_value_error(kwargs, match):
+    # they were a RuntimeError (negative dimension), TypeErrors from torch.empty and
+    # manual_seed
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    with pytest.raises(ValueError, match=match) as err:
+        stats.calibrate([x], [y], **{"permutations": 3, **kwargs})
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("estimator, rows", [("minibatch", 3), ("biased", 1)])
+def test_a_batch_too_small_for_the_estimator_is_a_value_error(estimator, rows):
+    # calibrate(batches=[...3 rows..., ...]) raised ZeroDivisionError from the centring
+    x, y = _gauss(20, 3, 0), _gauss(20, 2, 1)
+    batches = [np.arange(rows), np.arange(rows, 20)]
+    with pytest.raises(ValueError, match=f"rows per batch; batch 0 has {rows}") as err:
+        stats.calibrate([x], [y], estimator=estimator, batches=batches)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("k", [-1, 2.5, True])
+def test_influence_of_a_count_that_is_no_whole_number_is_a_value_error(k):
+    # k=-1 listed all rows but one (a slice [:-1]), 2.5 raised TypeError, True listed one
+    cal = stats.calibrate([_gauss(12, 3, 0)], [_gauss(12, 2, 1)])
+    with pytest.raises(ValueError, match=f"k={k!r} must be a whole number >= 0"):
+        cal.influence(0, 0, k)
