@@ -9,6 +9,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.weights import checkpoint_dir
 
 if TYPE_CHECKING:
@@ -73,9 +74,12 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r} is unknown; valid: "
                          f"{', '.join(_INTERPOLATIONS)}")
-    spec = ModelSpec(name, family, int(input_size), tuple(float(v) for v in mean),
-                     tuple(float(v) for v in std), interpolation, int(num_classes),
-                     None if weights is None else os.fspath(weights),
+    for what, v in (("input_size", input_size), ("num_classes", num_classes)):
+        if not is_whole(v):  # int(32.7) would silently feed the model 32 px
+            raise ValueError(f"{what}={v!r} is not a positive whole number; e.g. {what}=32")
+    spec = ModelSpec(name, family, int(input_size), _channel_triple("mean", mean),
+                     _channel_triple("std", std, positive=True), interpolation,
+                     int(num_classes), None if weights is None else os.fspath(weights),
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
@@ -84,6 +88,21 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
         return build
 
     return deco
+
+
+def _channel_triple(what: str, v: Any, positive: bool = False) -> tuple[float, float, float]:
+    """``v`` as 3 finite floats (R, G, B), > 0 if ``positive``; ValueError otherwise: a wrong
+    count would fail only in preprocessing, a zero std would make every input inf or NaN."""
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        out = ()
+    if (isinstance(v, str) or len(out) != 3 or not all(math.isfinite(x) for x in out)
+            or (positive and min(out) <= 0)):
+        raise ValueError(f"{what}={v!r} is not usable; valid: three finite numbers, one per "
+                         f"RGB channel{', each > 0' if positive else ''}, e.g. "
+                         f"{what}={CIFAR10_NORM[what == 'std']}")
+    return out
 
 
 def _check_new_name(name: str) -> None:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import timm.models._builder
@@ -505,3 +506,39 @@ def test_a_weights_seed_where_no_weights_are_random_is_refused(settings, valid):
     msg = str(e.value)
     assert msg.startswith(f"weights_seed{side}={seed} has no effect: it seeds random weights")
     assert f"pass weights{side}='random'" in msg and "\n" not in msg
+
+
+# --------------------------------------------------------------------------- user models
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Registrations made by a test stay in that test."""
+    monkeypatch.setattr(R, "_REGISTRY", dict(R._REGISTRY))
+
+
+def _flat(num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, num_classes))
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"input_size": 32.7}, "input_size=32.7"), ({"input_size": 0}, "input_size=0"),
+    ({"input_size": True}, "input_size=True"), ({"num_classes": 2.5}, "num_classes=2.5"),
+    ({"num_classes": 0}, "num_classes=0"), ({"mean": (0.5,)}, r"mean=\(0.5,\)"),
+    ({"mean": 0.5}, "mean=0.5"), ({"std": (0.2, 0.0, 0.2)}, r"std=\(0.2, 0.0, 0.2\)"),
+    ({"std": (0.2, float("nan"), 0.2)}, "std="), ({"mean": "abc"}, "mean='abc'")])
+def test_registration_refuses_sizes_and_normalisation_it_cannot_use(kwargs, what,
+                                                                    private_registry):
+    # Else input_size=32.7 silently became 32, a one-value mean crashed in preprocess and a
+    # zero std turned every input into NaN.
+    with pytest.raises(ValueError, match=what):
+        R.register_model("bad_args_test", **kwargs)
+    assert "bad_args_test" not in R.list_models()
+
+
+def test_registration_takes_numpy_sizes_and_normalisation(private_registry):
+    R.register_model("np_args_test", input_size=np.int64(8), num_classes=np.int32(3),
+                     mean=np.array([0.1, 0.2, 0.3]), std=[0.5, 0.5, 0.5])(_flat)
+    spec = R.get_spec("np_args_test")
+    assert (spec.input_size, spec.num_classes, spec.mean) == (8, 3, (0.1, 0.2, 0.3))
+    assert type(spec.input_size) is int and type(spec.mean[0]) is float
