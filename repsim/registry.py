@@ -79,7 +79,7 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
             raise ValueError(f"{what}={v!r} is not a positive whole number; e.g. {what}=32")
     spec = ModelSpec(name, family, int(input_size), _channel_triple("mean", mean),
                      _channel_triple("std", std, positive=True), interpolation,
-                     int(num_classes), None if weights is None else os.fspath(weights),
+                     int(num_classes), _default_weights(weights),
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
@@ -103,6 +103,19 @@ def _channel_triple(what: str, v: Any, positive: bool = False) -> tuple[float, f
                          f"RGB channel{', each > 0' if positive else ''}, e.g. "
                          f"{what}={CIFAR10_NORM[what == 'std']}")
     return out
+
+
+def _default_weights(weights: str | os.PathLike | None) -> str | None:
+    """A relative file as ``checkpoints/<path>`` (kept whole, sub-folders too), the form of
+    repsim's own models, which :func:`default_weights_file` finds in :func:`checkpoint_dir`
+    and ``repsim train`` reads as "the file training writes"; other values as given."""
+    if weights is None or weights in ("random", "timm", "torchvision"):
+        return weights
+    path = Path(weights).expanduser()
+    if path.is_absolute():
+        return os.fspath(path)
+    parts = path.parts[1:] if path.parts[:1] == ("checkpoints",) else path.parts
+    return "/".join(("checkpoints", *parts))
 
 
 def _check_new_name(name: str) -> None:
@@ -333,7 +346,10 @@ def default_weights_file(spec: ModelSpec) -> Path | None:
     if spec.default_weights in (None, "timm", "torchvision"):
         return None
     path = Path(spec.default_weights).expanduser()
-    return path if path.is_absolute() else checkpoint_dir() / path.name
+    if path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("checkpoints",) else path.parts
+    return checkpoint_dir().joinpath(*parts)
 
 
 def preprocessing_info(spec: ModelSpec) -> dict[str, Any]:

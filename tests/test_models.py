@@ -521,6 +521,32 @@ def _flat(num_classes: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, num_classes))
 
 
+def test_a_user_models_relative_default_weights_keep_their_subfolder(ckpt_dir, private_registry):
+    # Two seeds' files of the same name: each model must read its own, not <dir>/net.pt.
+    R.register_model("seed1_net", input_size=4, weights="seed1/net.pt")(_flat)
+    R.register_model("seed2_net", input_size=4, weights="seed2/net.pt")(_flat)
+    for seed in (1, 2):
+        (ckpt_dir / f"seed{seed}").mkdir()
+        torch.save(M.build_model(f"seed{seed}_net", seed=seed).state_dict(),
+                   ckpt_dir / f"seed{seed}" / "net.pt")
+    assert R.default_weights_file(R.get_spec("seed1_net")) == ckpt_dir / "seed1" / "net.pt"
+    a, _ = M.load_model("seed1_net")
+    b, _ = M.load_model("seed2_net")
+    assert not torch.equal(a[1].weight, b[1].weight)
+    assert R.default_weights_file(R.get_spec("vit_cifar")) == ckpt_dir / "vit_cifar.pt"
+
+
+def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private_registry):
+    # The README's own example: weights="my_net.pt" names the file `repsim train` writes, so
+    # training must start from random weights, not ask to train first.
+    from repsim.train import initial_model
+
+    R.register_model("my_net_test", input_size=4, weights="my_net_test.pt")(_flat)
+    model, prov = initial_model("my_net_test", None, 10, 0)
+    assert prov["init"] == "random" and isinstance(model, torch.nn.Sequential)
+    assert R.default_weights_file(R.get_spec("my_net_test")) == ckpt_dir / "my_net_test.pt"
+
+
 @pytest.mark.parametrize("kwargs, what", [
     ({"input_size": 32.7}, "input_size=32.7"), ({"input_size": 0}, "input_size=0"),
     ({"input_size": True}, "input_size=True"), ({"num_classes": 2.5}, "num_classes=2.5"),
