@@ -186,6 +186,17 @@ def test_cifar10_tree_of_folders_that_name_no_class_keeps_sorted_order(tmp_path)
     assert p.classes == tuple("0123456789")
 
 
+def test_a_tree_of_numbered_class_folders_takes_their_numbers_as_labels(tmp_path):
+    # Folders 0..99 sorted as text put "10" before "2": folder 2 got label 12, silently.
+    for k in range(100):
+        (tmp_path / "cifar100" / "test" / str(k)).mkdir(parents=True)
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(tmp_path / "cifar100" / "test" / str(k) / "a.png")
+    p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes == tuple(map(str, range(100)))
+    np.testing.assert_array_equal(p.labels, np.arange(100))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
 # --------------------------------------------------------------------------- imagefolder:PATH
 
 
