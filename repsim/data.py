@@ -374,9 +374,13 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
 
 
 def _read_rgb(p: Path) -> np.ndarray:
-    """The pixels of PIL's ``convert("RGB")`` of the image file ``p``; UserError if unreadable."""
+    """The pixels of PIL's ``convert("RGB")`` of the image file ``p`` (16-bit grey: its high
+    byte); UserError if unreadable."""
     try:
         with Image.open(p) as im:
+            if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it at 255
+                grey = (np.clip(np.asarray(im), 0, 65535) >> 8).astype(np.uint8)  # high byte
+                return np.repeat(grey[..., None], 3, axis=-1)  # as PIL reads 16-bit RGB
             return np.asarray(im.convert("RGB"))
     except OSError as exc:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None

@@ -601,3 +601,13 @@ def test_ids_beyond_the_probe_set_from_a_data_root_that_numbers_images_otherwise
     with pytest.raises(UserError, match="number the images differently") as err:
         data.pick_images(probe, None, [other], data_root=tmp_path)
     assert f"torchvision:{tmp_path}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sixteen_bit_grayscale_pngs_keep_their_grey_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit grey at 255: every pixel but black became white.
+    levels = (np.arange(16, dtype=np.uint16) * 4000 + 123).reshape(4, 4)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    p = data.load_probe_set(f"imagefolder:{tmp_path}")
+    expected = (levels >> 8).astype(np.uint8)  # the high byte, as PIL reads 16-bit RGB PNGs
+    np.testing.assert_array_equal(p.images[0], np.repeat(expected[..., None], 3, axis=-1))
