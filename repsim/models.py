@@ -264,14 +264,15 @@ def _candidates(model: nn.Module, spec: ModelSpec) -> list[str]:
 def _keywords(model: nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
     """The layers of the keywords 'default' and 'blocks'."""
     aliases = list(_aliases(model, spec))
-    if spec.family == "vit":
+    seqs = (nn.Sequential, nn.ModuleList)  # a family's layout, which a user's model may lack
+    if spec.family == "vit" and isinstance(getattr(model, "blocks", None), seqs):
         blocks = aliases + [f"blocks.{i}" for i in range(len(model.blocks))]
         return {"default": blocks, "blocks": blocks}
-    if spec.family == "resnet":
-        stages = [f"layer{i}" for i in range(1, 5)]
+    stages = [f"layer{i}" for i in range(1, 5)]
+    if spec.family == "resnet" and all(isinstance(getattr(model, s, None), seqs) for s in stages):
         return {"default": aliases + stages, "blocks": aliases + [
             f"{s}.{j}" for s in stages for j in range(len(model.get_submodule(s)))]}
-    # Other timm models: their feature-pyramid modules when declared, else top-level children.
+    # Others (also a "vit"/"resnet" without that layout): feature-pyramid modules, else children.
     info = getattr(model, "feature_info", None)
     mods = [d.get("module") for d in info if isinstance(d, dict)] if isinstance(info, list) else []
     known = {name for name, _ in model.named_modules()}

@@ -568,3 +568,14 @@ def test_registration_takes_numpy_sizes_and_normalisation(private_registry):
     spec = R.get_spec("np_args_test")
     assert (spec.input_size, spec.num_classes, spec.mean) == (8, 3, (0.1, 0.2, 0.3))
     assert type(spec.input_size) is int and type(spec.mean[0]) is float
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_a_user_model_without_its_familys_layout_still_names_its_layers(family,
+                                                                      private_registry):
+    # family="vit" on a model without timm's `blocks` (or "resnet" without layer1..4) made
+    # every layer request, even an explicit name, an AttributeError.
+    R.register_model("layout_test", family=family, input_size=4)(_flat)
+    model, spec = M.build_model("layout_test"), R.get_spec("layout_test")
+    assert M.layer_names(model, spec, ["1"]) == ["1"]
+    assert M.layer_names(model, spec) == M.layer_names(model, spec, "blocks") == ["0", "1"]
