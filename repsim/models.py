@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.layers import match_layers
 from repsim.paths import offline
 from repsim.registry import (
@@ -48,11 +48,20 @@ def _check_num_classes(num_classes: int | None, spec: ModelSpec) -> int:
     return num_classes
 
 
+def _check_seed(seed: int) -> int:
+    # torch.manual_seed would take 1.5 as 1 (recorded as 1.5) and fail on None with a TypeError
+    if not is_whole(seed, 0) or seed >= 2**64:
+        raise UserError(f"seed={seed!r} is not usable; valid: a whole number >= 0 (below 2**64), "
+                        "e.g. seed=0")
+    return int(seed)
+
+
 def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
     """The architecture with a seeded random init, in eval mode on CPU. The same ``(name,
     num_classes, seed)`` always gives the same weights; the global RNG is left as it was."""
     entry = get_entry(name)
     n = _check_num_classes(num_classes, entry.spec)
+    seed = _check_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return entry.build(n).eval()
@@ -201,7 +210,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     num_classes, seed."""
     entry = get_entry(name)
     spec = entry.spec
-    dev = resolve_device(device)
+    dev, seed = resolve_device(device), _check_seed(seed)
     source = spec.default_weights if weights is None else os.fspath(weights)
     if source is None:
         raise UserError(f"{spec.name} has no default weights; valid: weights=PATH or "

@@ -579,3 +579,16 @@ def test_a_user_model_without_its_familys_layout_still_names_its_layers(family,
     model, spec = M.build_model("layout_test"), R.get_spec("layout_test")
     assert M.layer_names(model, spec, ["1"]) == ["1"]
     assert M.layer_names(model, spec) == M.layer_names(model, spec, "blocks") == ["0", "1"]
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3", True, -1, 2**70])
+def test_a_seed_that_is_no_whole_number_is_a_user_error(seed):
+    # None was a TypeError traceback; 1.5 drew seed 1's weights but recorded 1.5.
+    with pytest.raises(UserError, match=r"seed=.*valid: a whole number >= 0"):
+        M.load_model("resnet18_cifar", "random", seed=seed)
+
+
+def test_a_numpy_seed_is_recorded_as_a_plain_int():
+    _, prov = M.load_model("resnet18_cifar", "random", seed=np.int64(2))
+    assert type(prov["seed"]) is int and prov["seed"] == 2  # json.dumps refuses np.int64
+
