@@ -211,6 +211,9 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     entry = get_entry(name)
     spec = entry.spec
     dev, seed = resolve_device(device), _check_seed(seed)
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise UserError(f"weights={weights!r} is not usable; valid: a file path, 'random', or "
+                        "None for the model's default weights")
     source = spec.default_weights if weights is None else os.fspath(weights)
     if source is None:
         raise UserError(f"{spec.name} has no default weights; valid: weights=PATH or "

@@ -592,3 +592,8 @@ def test_a_numpy_seed_is_recorded_as_a_plain_int():
     _, prov = M.load_model("resnet18_cifar", "random", seed=np.int64(2))
     assert type(prov["seed"]) is int and prov["seed"] == 2  # json.dumps refuses np.int64
 
+
+@pytest.mark.parametrize("weights", [5, 1.0, ["a.pt"]])
+def test_weights_that_are_no_path_are_a_user_error(weights):
+    with pytest.raises(UserError, match=r"weights=.*valid: a file path"):
+        M.load_model("resnet18_cifar", weights)
