@@ -77,6 +77,10 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     for what, v in (("input_size", input_size), ("num_classes", num_classes)):
         if not is_whole(v):  # int(32.7) would silently feed the model 32 px
             raise ValueError(f"{what}={v!r} is not a positive whole number; e.g. {what}=32")
+    if max(_channel_triple("mean", mean)) > 1:  # no mean of [0, 1] pixels is; of 0..255 ones
+        raise ValueError(f"mean={mean!r} is on the 0..255 scale, but the model sees pixels in "
+                         "[0, 1]; fix: divide mean and std by 255, e.g. mean=(0.485, 0.456, "
+                         "0.406), std=(0.229, 0.224, 0.225)")
     spec = ModelSpec(name, family, int(input_size), _channel_triple("mean", mean),
                      _channel_triple("std", std, positive=True), interpolation,
                      int(num_classes), _default_weights(weights),

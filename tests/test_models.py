@@ -597,3 +597,12 @@ def test_a_numpy_seed_is_recorded_as_a_plain_int():
 def test_weights_that_are_no_path_are_a_user_error(weights):
     with pytest.raises(UserError, match=r"weights=.*valid: a file path"):
         M.load_model("resnet18_cifar", weights)
+
+
+def test_registration_refuses_a_mean_on_the_0_to_255_scale(private_registry):
+    # mmcv/detectron configs give (123.675, 116.28, 103.53): the model sees [0, 1] inputs, so
+    # such a mean would shift every input to about -2, silently.
+    with pytest.raises(ValueError, match=r"mean=.*0\.\.255 scale.*0\.485"):
+        R.register_model("scale_test", mean=(123.675, 116.28, 103.53),
+                         std=(58.395, 57.12, 57.375))
+    assert "scale_test" not in R.list_models()
