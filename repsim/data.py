@@ -72,7 +72,8 @@ class ProbeSet:
         """JSON-able record of exactly which samples these are (``ids_sha256``: the ids as
         little-endian int64, the same on every machine)."""
         return {"dataset": self.dataset, "split": self.split, "n": len(self.ids),
-                "n_total": int(self.n_total), "seed": self.seed, "source": self.source,
+                "n_total": int(self.n_total), "source": self.source,  # seed: np.int64 too
+                "seed": None if self.seed is None else int(self.seed),
                 "ids_sha256": ids_digest(self.ids)}
 
 
@@ -374,8 +375,7 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
 
 
 def _read_rgb(p: Path) -> np.ndarray:
-    """The pixels of PIL's ``convert("RGB")`` of the image file ``p`` (16-bit grey: its high
-    byte); UserError if unreadable."""
+    """The pixels of PIL's ``convert("RGB")`` of image file ``p``; UserError if unreadable."""
     try:
         with Image.open(p) as im:
             if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it at 255

@@ -611,3 +611,8 @@ def test_sixteen_bit_grayscale_pngs_keep_their_grey_levels(tmp_path):
     p = data.load_probe_set(f"imagefolder:{tmp_path}")
     expected = (levels >> 8).astype(np.uint8)  # the high byte, as PIL reads 16-bit RGB PNGs
     np.testing.assert_array_equal(p.images[0], np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_a_numpy_seed_leaves_the_provenance_json_serialisable():
+    p = data.load_probe_set(n=5, seed=np.int64(3))
+    assert json.loads(json.dumps(p.provenance()))["seed"] == 3  # json refuses np.int64
