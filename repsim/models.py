@@ -42,10 +42,10 @@ def spec_for(model: nn.Module) -> ModelSpec:
 def _check_num_classes(num_classes: int | None, spec: ModelSpec) -> int:
     if num_classes is None:
         return spec.num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if not is_whole(num_classes):  # numpy's integers too: a count read from a labels array
         raise UserError(f"num_classes={num_classes!r} for {spec.name}; valid: a positive "
                         f"integer (default {spec.num_classes})")
-    return num_classes
+    return int(num_classes)
 
 
 def _check_seed(seed: int) -> int:
@@ -224,7 +224,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     elif source in ("timm", "torchvision"):
         model, label = _load_pretrained(entry, source, n, seed), entry.pretrained_tag
     else:  # a file: its head decides the class count unless num_classes says otherwise
-        model, n, path = _load_file(entry, weights, num_classes, seed)
+        model, n, path = _load_file(entry, weights, None if num_classes is None else n, seed)
         sha, label = sha256_file(path), str(path)
     prov = {"model": spec.name, "weights": label, "weights_sha256": sha, "num_classes": n,
             "seed": seed}

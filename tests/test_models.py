@@ -606,3 +606,12 @@ def test_registration_refuses_a_mean_on_the_0_to_255_scale(private_registry):
         R.register_model("scale_test", mean=(123.675, 116.28, 103.53),
                          std=(58.395, 57.12, 57.375))
     assert "scale_test" not in R.list_models()
+
+
+def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
+    # num_classes read from a labels array (np.int64) was refused as "not a positive integer".
+    model = M.build_model("resnet18_cifar", num_classes=np.int64(7))
+    torch.save(model.state_dict(), tmp_path / "seven.pt")
+    for weights in ("random", tmp_path / "seven.pt"):
+        _, prov = M.load_model("resnet18_cifar", weights, num_classes=np.int64(7))
+        assert type(prov["num_classes"]) is int and prov["num_classes"] == 7
