@@ -42,7 +42,8 @@ def spec_for(model: nn.Module) -> ModelSpec:
 def _check_num_classes(num_classes: int | None, spec: ModelSpec) -> int:
     if num_classes is None:
         return spec.num_classes
-    if not is_whole(num_classes):  # numpy's integers too: a count read from a labels array
+    # numpy's integers too (a count read from a labels array); 0 for a model without a head
+    if not is_whole(num_classes, 0 if spec.num_classes == 0 else 1):
         raise UserError(f"num_classes={num_classes!r} for {spec.name}; valid: a positive "
                         f"integer (default {spec.num_classes})")
     return int(num_classes)

@@ -74,9 +74,10 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r} is unknown; valid: "
                          f"{', '.join(_INTERPOLATIONS)}")
-    for what, v in (("input_size", input_size), ("num_classes", num_classes)):
-        if not is_whole(v):  # int(32.7) would silently feed the model 32 px
-            raise ValueError(f"{what}={v!r} is not a positive whole number; e.g. {what}=32")
+    for what, v, least in (("input_size", input_size, 1), ("num_classes", num_classes, 0)):
+        if not is_whole(v, least):  # int(32.7) would silently feed the model 32 px
+            raise ValueError(f"{what}={v!r} is not a whole number >= {least} (num_classes=0: "
+                             f"no classifier); e.g. {what}=32")
     if max(_channel_triple("mean", mean)) > 1:  # no mean of [0, 1] pixels is; of 0..255 ones
         raise ValueError(f"mean={mean!r} is on the 0..255 scale, but the model sees pixels in "
                          "[0, 1]; fix: divide mean and std by 255, e.g. mean=(0.485, 0.456, "
@@ -269,7 +270,8 @@ def _timm_entry(name: str) -> Entry:
     has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file)
     spec = ModelSpec(name, family, int(data["input_size"][-1]),
                      tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
-                     interp, int(cfg.num_classes or 1000), "timm" if has_weights else None,
+                     interp, 1000 if cfg.num_classes is None else int(cfg.num_classes),  # 0:
+                     "timm" if has_weights else None,  # a feature model (DINOv2), no head
                      f"timm model {arch}")
     tag = f"timm:{cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm:{arch}"
     return Entry(spec, functools.partial(_timm_build, arch), head_key,

@@ -550,7 +550,7 @@ def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private
 @pytest.mark.parametrize("kwargs, what", [
     ({"input_size": 32.7}, "input_size=32.7"), ({"input_size": 0}, "input_size=0"),
     ({"input_size": True}, "input_size=True"), ({"num_classes": 2.5}, "num_classes=2.5"),
-    ({"num_classes": 0}, "num_classes=0"), ({"mean": (0.5,)}, r"mean=\(0.5,\)"),
+    ({"num_classes": -1}, "num_classes=-1"), ({"mean": (0.5,)}, r"mean=\(0.5,\)"),
     ({"mean": 0.5}, "mean=0.5"), ({"std": (0.2, 0.0, 0.2)}, r"std=\(0.2, 0.0, 0.2\)"),
     ({"std": (0.2, float("nan"), 0.2)}, "std="), ({"mean": "abc"}, "mean='abc'")])
 def test_registration_refuses_sizes_and_normalisation_it_cannot_use(kwargs, what,
@@ -615,3 +615,16 @@ def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
     for weights in ("random", tmp_path / "seven.pt"):
         _, prov = M.load_model("resnet18_cifar", weights, num_classes=np.int64(7))
         assert type(prov["num_classes"]) is int and prov["num_classes"] == 7
+
+
+def test_a_headless_model_loads_its_own_state_dict(tmp_path, private_registry):
+    # timm's feature models (DINOv2, ...) have num_classes=0 and no head.weight: the spec said
+    # 1000 classes, so their own state dicts were refused for 2 missing head keys.
+    assert R.get_spec("timm:vit_small_patch14_dinov2").num_classes == 0
+    R.register_model("headless_test", input_size=4, num_classes=0)(
+        lambda num_classes: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)))
+    torch.save(M.build_model("headless_test", seed=3).state_dict(), tmp_path / "feat.pt")
+    model, prov = M.load_model("headless_test", tmp_path / "feat.pt")
+    assert prov["num_classes"] == 0 and model[1].out_features == 5
+    with pytest.raises(UserError, match="num_classes=0"):  # a model with a head needs one
+        M.load_model("resnet18_cifar", "random", num_classes=0)
