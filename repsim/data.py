@@ -5,7 +5,8 @@ canonical order of the full split), so runs and models line up row by row. Sourc
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
 ``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
-CIFAR-10's names is theirs and otherwise sorted, then sorted file name)
+CIFAR-10's names is theirs, for numbered folders by number, otherwise sorted; then sorted file
+name)
 or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
 or flat ``PATH/*``, one class).
 """
@@ -71,7 +72,8 @@ class ProbeSet:
         """JSON-able record of exactly which samples these are (``ids_sha256``: the ids as
         little-endian int64, the same on every machine)."""
         return {"dataset": self.dataset, "split": self.split, "n": len(self.ids),
-                "n_total": int(self.n_total), "seed": self.seed, "source": self.source,
+                "n_total": int(self.n_total), "source": self.source,  # seed: np.int64 too
+                "seed": None if self.seed is None else int(self.seed),
                 "ids_sha256": ids_digest(self.ids)}
 
 
@@ -279,12 +281,15 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
-    where they are CIFAR-10's class names, else sorted (folders that name no class, such as
-    ``0``..``9``, carry no other order); UserError for a wrong count or a mix of names."""
+    where they are CIFAR-10's class names, by number where all are numbers (``0``..``99``:
+    as text, ``10`` would come before ``2``), else sorted; UserError for a wrong count or a
+    mix of names."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
                         f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
+    if all(c.isascii() and c.isdigit() for c in classes):
+        return tuple(sorted(classes, key=lambda c: (int(c), c)))
     if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
@@ -370,9 +375,12 @@ def _from_files(dataset: str, split: str, folder: Path, classes: tuple[str, ...]
 
 
 def _read_rgb(p: Path) -> np.ndarray:
-    """The pixels of PIL's ``convert("RGB")`` of the image file ``p``; UserError if unreadable."""
+    """The pixels of PIL's ``convert("RGB")`` of image file ``p``; UserError if unreadable."""
     try:
         with Image.open(p) as im:
+            if im.mode.startswith("I"):  # 16-bit grey: convert("RGB") would clip it at 255
+                grey = (np.clip(np.asarray(im), 0, 65535) >> 8).astype(np.uint8)  # high byte
+                return np.repeat(grey[..., None], 3, axis=-1)  # as PIL reads 16-bit RGB
             return np.asarray(im.convert("RGB"))
     except OSError as exc:
         raise UserError(f"cannot read image {p}: {exc}; remove or replace the file") from None

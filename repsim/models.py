@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.layers import match_layers
 from repsim.paths import offline
 from repsim.registry import (
@@ -42,10 +42,19 @@ def spec_for(model: nn.Module) -> ModelSpec:
 def _check_num_classes(num_classes: int | None, spec: ModelSpec) -> int:
     if num_classes is None:
         return spec.num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    # numpy's integers too (a count read from a labels array); 0 for a model without a head
+    if not is_whole(num_classes, 0 if spec.num_classes == 0 else 1):
         raise UserError(f"num_classes={num_classes!r} for {spec.name}; valid: a positive "
                         f"integer (default {spec.num_classes})")
-    return num_classes
+    return int(num_classes)
+
+
+def _check_seed(seed: int) -> int:
+    # torch.manual_seed would take 1.5 as 1 (recorded as 1.5) and fail on None with a TypeError
+    if not is_whole(seed, 0) or seed >= 2**64:
+        raise UserError(f"seed={seed!r} is not usable; valid: a whole number >= 0 (below 2**64), "
+                        "e.g. seed=0")
+    return int(seed)
 
 
 def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.Module:
@@ -53,6 +62,7 @@ def build_model(name: str, num_classes: int | None = None, seed: int = 0) -> nn.
     num_classes, seed)`` always gives the same weights; the global RNG is left as it was."""
     entry = get_entry(name)
     n = _check_num_classes(num_classes, entry.spec)
+    seed = _check_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return entry.build(n).eval()
@@ -201,7 +211,10 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     num_classes, seed."""
     entry = get_entry(name)
     spec = entry.spec
-    dev = resolve_device(device)
+    dev, seed = resolve_device(device), _check_seed(seed)
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise UserError(f"weights={weights!r} is not usable; valid: a file path, 'random', or "
+                        "None for the model's default weights")
     source = spec.default_weights if weights is None else os.fspath(weights)
     if source is None:
         raise UserError(f"{spec.name} has no default weights; valid: weights=PATH or "
@@ -212,7 +225,7 @@ def load_model(name: str, weights: str | os.PathLike | None = None, *,
     elif source in ("timm", "torchvision"):
         model, label = _load_pretrained(entry, source, n, seed), entry.pretrained_tag
     else:  # a file: its head decides the class count unless num_classes says otherwise
-        model, n, path = _load_file(entry, weights, num_classes, seed)
+        model, n, path = _load_file(entry, weights, None if num_classes is None else n, seed)
         sha, label = sha256_file(path), str(path)
     prov = {"model": spec.name, "weights": label, "weights_sha256": sha, "num_classes": n,
             "seed": seed}
@@ -264,14 +277,15 @@ def _candidates(model: nn.Module, spec: ModelSpec) -> list[str]:
 def _keywords(model: nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
     """The layers of the keywords 'default' and 'blocks'."""
     aliases = list(_aliases(model, spec))
-    if spec.family == "vit":
+    seqs = (nn.Sequential, nn.ModuleList)  # a family's layout, which a user's model may lack
+    if spec.family == "vit" and isinstance(getattr(model, "blocks", None), seqs):
         blocks = aliases + [f"blocks.{i}" for i in range(len(model.blocks))]
         return {"default": blocks, "blocks": blocks}
-    if spec.family == "resnet":
-        stages = [f"layer{i}" for i in range(1, 5)]
+    stages = [f"layer{i}" for i in range(1, 5)]
+    if spec.family == "resnet" and all(isinstance(getattr(model, s, None), seqs) for s in stages):
         return {"default": aliases + stages, "blocks": aliases + [
             f"{s}.{j}" for s in stages for j in range(len(model.get_submodule(s)))]}
-    # Other timm models: their feature-pyramid modules when declared, else top-level children.
+    # Others (also a "vit"/"resnet" without that layout): feature-pyramid modules, else children.
     info = getattr(model, "feature_info", None)
     mods = [d.get("module") for d in info if isinstance(d, dict)] if isinstance(info, list) else []
     known = {name for name, _ in model.named_modules()}

@@ -9,6 +9,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.weights import checkpoint_dir
 
 if TYPE_CHECKING:
@@ -73,9 +74,17 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     if interpolation not in _INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r} is unknown; valid: "
                          f"{', '.join(_INTERPOLATIONS)}")
-    spec = ModelSpec(name, family, int(input_size), tuple(float(v) for v in mean),
-                     tuple(float(v) for v in std), interpolation, int(num_classes),
-                     None if weights is None else os.fspath(weights),
+    for what, v, least in (("input_size", input_size, 1), ("num_classes", num_classes, 0)):
+        if not is_whole(v, least):  # int(32.7) would silently feed the model 32 px
+            raise ValueError(f"{what}={v!r} is not a whole number >= {least} (num_classes=0: "
+                             f"no classifier); e.g. {what}=32")
+    if max(_channel_triple("mean", mean)) > 1:  # no mean of [0, 1] pixels is; of 0..255 ones
+        raise ValueError(f"mean={mean!r} is on the 0..255 scale, but the model sees pixels in "
+                         "[0, 1]; fix: divide mean and std by 255, e.g. mean=(0.485, 0.456, "
+                         "0.406), std=(0.229, 0.224, 0.225)")
+    spec = ModelSpec(name, family, int(input_size), _channel_triple("mean", mean),
+                     _channel_triple("std", std, positive=True), interpolation,
+                     int(num_classes), _default_weights(weights),
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
@@ -84,6 +93,34 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
         return build
 
     return deco
+
+
+def _channel_triple(what: str, v: Any, positive: bool = False) -> tuple[float, float, float]:
+    """``v`` as 3 finite floats (R, G, B), > 0 if ``positive``; ValueError otherwise: a wrong
+    count would fail only in preprocessing, a zero std would make every input inf or NaN."""
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        out = ()
+    if (isinstance(v, str) or len(out) != 3 or not all(math.isfinite(x) for x in out)
+            or (positive and min(out) <= 0)):
+        raise ValueError(f"{what}={v!r} is not usable; valid: three finite numbers, one per "
+                         f"RGB channel{', each > 0' if positive else ''}, e.g. "
+                         f"{what}={CIFAR10_NORM[what == 'std']}")
+    return out
+
+
+def _default_weights(weights: str | os.PathLike | None) -> str | None:
+    """A relative file as ``checkpoints/<path>`` (kept whole, sub-folders too), the form of
+    repsim's own models, which :func:`default_weights_file` finds in :func:`checkpoint_dir`
+    and ``repsim train`` reads as "the file training writes"; other values as given."""
+    if weights is None or weights in ("random", "timm", "torchvision"):
+        return weights
+    path = Path(weights).expanduser()
+    if path.is_absolute():
+        return os.fspath(path)
+    parts = path.parts[1:] if path.parts[:1] == ("checkpoints",) else path.parts
+    return "/".join(("checkpoints", *parts))
 
 
 def _check_new_name(name: str) -> None:
@@ -233,7 +270,8 @@ def _timm_entry(name: str) -> Entry:
     has_weights = bool(cfg.hf_hub_id or cfg.url or cfg.file)
     spec = ModelSpec(name, family, int(data["input_size"][-1]),
                      tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
-                     interp, int(cfg.num_classes or 1000), "timm" if has_weights else None,
+                     interp, 1000 if cfg.num_classes is None else int(cfg.num_classes),  # 0:
+                     "timm" if has_weights else None,  # a feature model (DINOv2), no head
                      f"timm model {arch}")
     tag = f"timm:{cfg.architecture}.{cfg.tag}" if cfg.tag else f"timm:{arch}"
     return Entry(spec, functools.partial(_timm_build, arch), head_key,
@@ -314,7 +352,10 @@ def default_weights_file(spec: ModelSpec) -> Path | None:
     if spec.default_weights in (None, "timm", "torchvision"):
         return None
     path = Path(spec.default_weights).expanduser()
-    return path if path.is_absolute() else checkpoint_dir() / path.name
+    if path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("checkpoints",) else path.parts
+    return checkpoint_dir().joinpath(*parts)
 
 
 def preprocessing_info(spec: ModelSpec) -> dict[str, Any]:

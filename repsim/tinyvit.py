@@ -63,30 +63,40 @@ class ShiftedPatchEmbed(nn.Module):
     """Shifted patch tokenisation (Lee et al. 2021): ``(B, C, H, W) -> (B, gh * gw, D)``. The
     image and its four diagonal half-patch shifts (zero-filled), ``5 C`` channels, cut into
     patches, layer-normalised and embedded by one Linear; with timm ``PatchEmbed``'s
-    ``grid_size``, ``patch_size`` and ``num_patches``."""
+    ``grid_size``, ``patch_size`` and ``num_patches``. Sizes are ints or ``(height, width)``."""
 
-    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
+    def __init__(self, img_size: int | tuple[int, int] = 32,
+                 patch_size: int | tuple[int, int] = 4, in_chans: int = 3,
                  embed_dim: int = 192, **_timm_kwargs) -> None:
         super().__init__()
-        img = img_size if isinstance(img_size, int) else img_size[0]
-        p = patch_size if isinstance(patch_size, int) else patch_size[0]
-        self.img_size, self.patch_size = (img, img), (p, p)
-        self.grid_size = (img // p, img // p)
+        self.img_size, self.patch_size = _pair(img_size), _pair(patch_size)
+        (h, w), (ph, pw) = self.img_size, self.patch_size
+        if h % ph or w % pw:  # timm would drop the remainder; the reshape cannot
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        self.grid_size = (h // ph, w // pw)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.shift = p // 2
-        features = 5 * in_chans * p * p
+        self.shift = (ph // 2, pw // 2)  # (0, 0) for 1-pixel patches: five copies of the image
+        features = 5 * in_chans * ph * pw
         self.norm = nn.LayerNorm(features)
         self.proj = nn.Linear(features, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, (p, _), (gh, gw) = self.shift, self.patch_size, self.grid_size
-        pad = F.pad(x, (s, s, s, s))
-        shifted = [pad[..., :-2 * s, :-2 * s], pad[..., :-2 * s, 2 * s:],
-                   pad[..., 2 * s:, :-2 * s], pad[..., 2 * s:, 2 * s:]]
+        (sy, sx), (ph, pw), (gh, gw) = self.shift, self.patch_size, self.grid_size
+        h, w = x.shape[-2:]
+        if (h, w) != self.img_size:
+            raise ValueError(f"input is {h}x{w} pixels; this patch embedding takes "
+                             f"{self.img_size[0]}x{self.img_size[1]} (img_size={self.img_size})")
+        pad = F.pad(x, (sx, sx, sy, sy))
+        # Windows at offsets 0 and 2*shift: content moved by +shift and -shift on each axis.
+        shifted = [pad[..., r:r + h, c:c + w] for r in (0, 2 * sy) for c in (0, 2 * sx)]
         x = torch.cat([x, *shifted], dim=1)  # (B, 5C, H, W)
         b, c = x.shape[:2]
-        x = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+        x = x.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, -1)
         return self.proj(self.norm(x))
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 class LocalityViT(VisionTransformer):

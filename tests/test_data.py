@@ -186,6 +186,17 @@ def test_cifar10_tree_of_folders_that_name_no_class_keeps_sorted_order(tmp_path)
     assert p.classes == tuple("0123456789")
 
 
+def test_a_tree_of_numbered_class_folders_takes_their_numbers_as_labels(tmp_path):
+    # Folders 0..99 sorted as text put "10" before "2": folder 2 got label 12, silently.
+    for k in range(100):
+        (tmp_path / "cifar100" / "test" / str(k)).mkdir(parents=True)
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(tmp_path / "cifar100" / "test" / str(k) / "a.png")
+    p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes == tuple(map(str, range(100)))
+    np.testing.assert_array_equal(p.labels, np.arange(100))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
 # --------------------------------------------------------------------------- imagefolder:PATH
 
 
@@ -590,3 +601,18 @@ def test_ids_beyond_the_probe_set_from_a_data_root_that_numbers_images_otherwise
     with pytest.raises(UserError, match="number the images differently") as err:
         data.pick_images(probe, None, [other], data_root=tmp_path)
     assert f"torchvision:{tmp_path}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sixteen_bit_grayscale_pngs_keep_their_grey_levels(tmp_path):
+    # PIL's convert("RGB") clips 16-bit grey at 255: every pixel but black became white.
+    levels = (np.arange(16, dtype=np.uint16) * 4000 + 123).reshape(4, 4)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    p = data.load_probe_set(f"imagefolder:{tmp_path}")
+    expected = (levels >> 8).astype(np.uint8)  # the high byte, as PIL reads 16-bit RGB PNGs
+    np.testing.assert_array_equal(p.images[0], np.repeat(expected[..., None], 3, axis=-1))
+
+
+def test_a_numpy_seed_leaves_the_provenance_json_serialisable():
+    p = data.load_probe_set(n=5, seed=np.int64(3))
+    assert json.loads(json.dumps(p.provenance()))["seed"] == 3  # json refuses np.int64

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import timm
 import timm.models._builder
@@ -505,3 +506,125 @@ def test_a_weights_seed_where_no_weights_are_random_is_refused(settings, valid):
     msg = str(e.value)
     assert msg.startswith(f"weights_seed{side}={seed} has no effect: it seeds random weights")
     assert f"pass weights{side}='random'" in msg and "\n" not in msg
+
+
+# --------------------------------------------------------------------------- user models
+
+
+@pytest.fixture
+def private_registry(monkeypatch):
+    """Registrations made by a test stay in that test."""
+    monkeypatch.setattr(R, "_REGISTRY", dict(R._REGISTRY))
+
+
+def _flat(num_classes: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, num_classes))
+
+
+def test_a_user_models_relative_default_weights_keep_their_subfolder(ckpt_dir, private_registry):
+    # Two seeds' files of the same name: each model must read its own, not <dir>/net.pt.
+    R.register_model("seed1_net", input_size=4, weights="seed1/net.pt")(_flat)
+    R.register_model("seed2_net", input_size=4, weights="seed2/net.pt")(_flat)
+    for seed in (1, 2):
+        (ckpt_dir / f"seed{seed}").mkdir()
+        torch.save(M.build_model(f"seed{seed}_net", seed=seed).state_dict(),
+                   ckpt_dir / f"seed{seed}" / "net.pt")
+    assert R.default_weights_file(R.get_spec("seed1_net")) == ckpt_dir / "seed1" / "net.pt"
+    a, _ = M.load_model("seed1_net")
+    b, _ = M.load_model("seed2_net")
+    assert not torch.equal(a[1].weight, b[1].weight)
+    assert R.default_weights_file(R.get_spec("vit_cifar")) == ckpt_dir / "vit_cifar.pt"
+
+
+def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private_registry):
+    # The README's own example: weights="my_net.pt" names the file `repsim train` writes, so
+    # training must start from random weights, not ask to train first.
+    from repsim.train import initial_model
+
+    R.register_model("my_net_test", input_size=4, weights="my_net_test.pt")(_flat)
+    model, prov = initial_model("my_net_test", None, 10, 0)
+    assert prov["init"] == "random" and isinstance(model, torch.nn.Sequential)
+    assert R.default_weights_file(R.get_spec("my_net_test")) == ckpt_dir / "my_net_test.pt"
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"input_size": 32.7}, "input_size=32.7"), ({"input_size": 0}, "input_size=0"),
+    ({"input_size": True}, "input_size=True"), ({"num_classes": 2.5}, "num_classes=2.5"),
+    ({"num_classes": -1}, "num_classes=-1"), ({"mean": (0.5,)}, r"mean=\(0.5,\)"),
+    ({"mean": 0.5}, "mean=0.5"), ({"std": (0.2, 0.0, 0.2)}, r"std=\(0.2, 0.0, 0.2\)"),
+    ({"std": (0.2, float("nan"), 0.2)}, "std="), ({"mean": "abc"}, "mean='abc'")])
+def test_registration_refuses_sizes_and_normalisation_it_cannot_use(kwargs, what,
+                                                                    private_registry):
+    # Else input_size=32.7 silently became 32, a one-value mean crashed in preprocess and a
+    # zero std turned every input into NaN.
+    with pytest.raises(ValueError, match=what):
+        R.register_model("bad_args_test", **kwargs)
+    assert "bad_args_test" not in R.list_models()
+
+
+def test_registration_takes_numpy_sizes_and_normalisation(private_registry):
+    R.register_model("np_args_test", input_size=np.int64(8), num_classes=np.int32(3),
+                     mean=np.array([0.1, 0.2, 0.3]), std=[0.5, 0.5, 0.5])(_flat)
+    spec = R.get_spec("np_args_test")
+    assert (spec.input_size, spec.num_classes, spec.mean) == (8, 3, (0.1, 0.2, 0.3))
+    assert type(spec.input_size) is int and type(spec.mean[0]) is float
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_a_user_model_without_its_familys_layout_still_names_its_layers(family,
+                                                                      private_registry):
+    # family="vit" on a model without timm's `blocks` (or "resnet" without layer1..4) made
+    # every layer request, even an explicit name, an AttributeError.
+    R.register_model("layout_test", family=family, input_size=4)(_flat)
+    model, spec = M.build_model("layout_test"), R.get_spec("layout_test")
+    assert M.layer_names(model, spec, ["1"]) == ["1"]
+    assert M.layer_names(model, spec) == M.layer_names(model, spec, "blocks") == ["0", "1"]
+
+
+@pytest.mark.parametrize("seed", [None, 1.5, "3", True, -1, 2**70])
+def test_a_seed_that_is_no_whole_number_is_a_user_error(seed):
+    # None was a TypeError traceback; 1.5 drew seed 1's weights but recorded 1.5.
+    with pytest.raises(UserError, match=r"seed=.*valid: a whole number >= 0"):
+        M.load_model("resnet18_cifar", "random", seed=seed)
+
+
+def test_a_numpy_seed_is_recorded_as_a_plain_int():
+    _, prov = M.load_model("resnet18_cifar", "random", seed=np.int64(2))
+    assert type(prov["seed"]) is int and prov["seed"] == 2  # json.dumps refuses np.int64
+
+
+@pytest.mark.parametrize("weights", [5, 1.0, ["a.pt"]])
+def test_weights_that_are_no_path_are_a_user_error(weights):
+    with pytest.raises(UserError, match=r"weights=.*valid: a file path"):
+        M.load_model("resnet18_cifar", weights)
+
+
+def test_registration_refuses_a_mean_on_the_0_to_255_scale(private_registry):
+    # mmcv/detectron configs give (123.675, 116.28, 103.53): the model sees [0, 1] inputs, so
+    # such a mean would shift every input to about -2, silently.
+    with pytest.raises(ValueError, match=r"mean=.*0\.\.255 scale.*0\.485"):
+        R.register_model("scale_test", mean=(123.675, 116.28, 103.53),
+                         std=(58.395, 57.12, 57.375))
+    assert "scale_test" not in R.list_models()
+
+
+def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
+    # num_classes read from a labels array (np.int64) was refused as "not a positive integer".
+    model = M.build_model("resnet18_cifar", num_classes=np.int64(7))
+    torch.save(model.state_dict(), tmp_path / "seven.pt")
+    for weights in ("random", tmp_path / "seven.pt"):
+        _, prov = M.load_model("resnet18_cifar", weights, num_classes=np.int64(7))
+        assert type(prov["num_classes"]) is int and prov["num_classes"] == 7
+
+
+def test_a_headless_model_loads_its_own_state_dict(tmp_path, private_registry):
+    # timm's feature models (DINOv2, ...) have num_classes=0 and no head.weight: the spec said
+    # 1000 classes, so their own state dicts were refused for 2 missing head keys.
+    assert R.get_spec("timm:vit_small_patch14_dinov2").num_classes == 0
+    R.register_model("headless_test", input_size=4, num_classes=0)(
+        lambda num_classes: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5)))
+    torch.save(M.build_model("headless_test", seed=3).state_dict(), tmp_path / "feat.pt")
+    model, prov = M.load_model("headless_test", tmp_path / "feat.pt")
+    assert prov["num_classes"] == 0 and model[1].out_features == 5
+    with pytest.raises(UserError, match="num_classes=0"):  # a model with a head needs one
+        M.load_model("resnet18_cifar", "random", num_classes=0)

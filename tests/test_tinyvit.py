@@ -18,7 +18,7 @@ from repsim import augment, recipes
 from repsim.hooks import ReductionError, reduce
 from repsim.models import build_model, layer_names
 from repsim.registry import TINYVIT_MODELS, get_spec
-from repsim.tinyvit import RANK, SOURCE_PARAMS
+from repsim.tinyvit import RANK, SOURCE_PARAMS, ShiftedPatchEmbed
 
 NAMES = list(TINYVIT_MODELS)
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -89,13 +89,15 @@ def test_low_rank_projection_is_a_rank_64_factorisation(models):
             assert torch.allclose(qkv(x), ref, atol=1e-6)
 
 
-def _reference_shifted_patches(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Lee et al.'s SPT input by plain indexing: for each diagonal shift (dy, dx) of p/2,
-    pixel (i, j) is x[i - dy, j - dx] or 0; then patches as (row, col, channel) features."""
+def _reference_shifted_patches(x: torch.Tensor, p: int | tuple[int, int]) -> torch.Tensor:
+    """Lee et al.'s SPT input by plain indexing: for each diagonal shift (dy, dx) of half a
+    patch, pixel (i, j) is x[i - dy, j - dx] or 0; then patches as (row, col, channel)
+    features."""
     b, c, h, w = x.shape
-    s = p // 2
+    ph, pw = (p, p) if isinstance(p, int) else p
+    sy, sx = ph // 2, pw // 2
     views = [x]
-    for dy, dx in ((s, s), (s, -s), (-s, s), (-s, -s)):
+    for dy, dx in ((sy, sx), (sy, -sx), (-sy, sx), (-sy, -sx)):
         out = torch.zeros_like(x)
         for i in range(h):
             for j in range(w):
@@ -103,8 +105,8 @@ def _reference_shifted_patches(x: torch.Tensor, p: int) -> torch.Tensor:
                     out[..., i, j] = x[..., i - dy, j - dx]
         views.append(out)
     z = torch.cat(views, 1)  # (b, 5c, h, w)
-    cols = F.unfold(z, p, stride=p)  # (b, 5c*p*p, L), features ordered (channel, row, col)
-    return cols.view(b, 5 * c, p, p, -1).permute(0, 4, 2, 3, 1).reshape(b, -1, p * p * 5 * c)
+    cols = F.unfold(z, (ph, pw), stride=(ph, pw))  # (b, 5c*ph*pw, L): (channel, row, col)
+    return cols.view(b, 5 * c, ph, pw, -1).permute(0, 4, 2, 3, 1).reshape(b, -1, ph * pw * 5 * c)
 
 
 def test_shifted_patch_tokenisation_matches_a_reference(models):
@@ -113,6 +115,25 @@ def test_shifted_patch_tokenisation_matches_a_reference(models):
         ref = pe.proj(pe.norm(_reference_shifted_patches(X, 4)))
         assert torch.allclose(pe(X), ref, atol=1e-5)
     assert pe(X).shape == (3, 64, 192)
+
+
+@pytest.mark.parametrize("img, patch", [(8, 1), ((8, 12), 4), (12, (4, 2)), ((6, 9), 3)])
+def test_shifted_patch_tokenisation_of_any_image_and_patch_shape(img, patch):
+    torch.manual_seed(0)
+    pe = ShiftedPatchEmbed(img, patch, in_chans=2, embed_dim=8)
+    h, w = (img, img) if isinstance(img, int) else img
+    x = torch.randn(2, 2, h, w)
+    with torch.no_grad():
+        out, ref = pe(x), pe.proj(pe.norm(_reference_shifted_patches(x, patch)))
+    assert out.shape == (2, pe.num_patches, 8) and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_shifted_patch_tokenisation_refuses_an_image_of_another_size():
+    pe = ShiftedPatchEmbed(32, 4, embed_dim=8)
+    with pytest.raises(ValueError, match=r"32x32"):
+        pe(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        ShiftedPatchEmbed(30, 4)
 
 
 @pytest.mark.parametrize("fused", [True, False])
