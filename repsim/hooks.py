@@ -238,6 +238,8 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         model.to(dev)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
+                if isinstance(x, np.ndarray) and any(s < 0 for s in x.strides):
+                    x = np.ascontiguousarray(x)  # x[..., ::-1]: torch refuses negative strides
                 x = torch.as_tensor(x).to(dev)
                 model(models.preprocess(spec, x) if spec is not None else x)
                 for name, out in cap.collect(len(x)).items():
