@@ -87,7 +87,9 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
 
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     """Everything that decides what a store holds, weights by content (the file's sha256);
-    not batch size, device or compression. ``data``: the probe set's provenance and pixels."""
+    not batch size, device or compression, nor how the layer request is spelled. ``data``: the
+    probe set's provenance and pixels."""
+    from repsim.layers import canonical_request
     from repsim.registry import canonical_name, default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -100,7 +102,7 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
     return {"format": FORMAT, "model": canonical_name(cfg.model), "weights": weights,
             "weights_seed": None if is_file else cfg.weights_seed,
-            "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
+            "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
             "preprocessing": preprocessing_info(spec)}
 
 

@@ -716,3 +716,20 @@ def test_float16_storage_of_values_beyond_its_range_is_refused_not_stored_as_inf
     with pytest.raises(UserError, match=r"layer '2' has values beyond float16's range .*"
                                         r"dtype='float32'"):
         extract(cfg(tmp_path, cifar_root, model="tiny_big", n=4, layers="2", dtype="float16"))
+
+
+@pytest.mark.parametrize("a,b", [(None, "default"), (None, ["default"]), ("1,2", ["2", "1"]),
+                                 (" 1 , 2", ["1", "2", "1"])])
+def test_spellings_of_one_layer_request_share_one_content_address(a, b):
+    # The request was hashed as given, so layers=None and 'default', or '1,2' and ['2', '1']
+    # (the same layers, in model order either way) made and stored the same store twice.
+    from repsim.extraction import _store_key
+    from repsim.paths import digest
+
+    def key(layers):
+        c = ExtractConfig(model="vit_cifar", weights="random", layers=layers, progress=False)
+        return digest(_store_key(c, get_spec("vit_cifar"), {"images_sha256": "x"}))
+
+    assert key(a) == key(b)
+    assert key("1") != key("1,2")
+
