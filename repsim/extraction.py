@@ -106,16 +106,18 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
             "preprocessing": preprocessing_info(spec)}
 
 
-def _default_out(cfg: ExtractConfig, key: str) -> Path:
+def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
     """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``
-    (``timm:<arch>`` as ``timm:<arch>.<tag>``)."""
+    (``timm:<arch>`` as ``timm:<arch>.<tag>``); ``n``: the images drawn (else ``cfg.n``), so
+    that ``n=None`` and ``n=`` the split's size, one store, have one name."""
+    n = cfg.n if n is None else n
     from repsim.paths import cache_dir, slug, weights_tag
     from repsim.registry import canonical_name
 
     model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
     name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,
-                                  f"n{'all' if cfg.n is None else cfg.n}", cfg.reduce]))
+                                  f"n{'all' if n is None else n}", cfg.reduce]))
     return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")
 
 
@@ -154,7 +156,7 @@ def extract(cfg: ExtractConfig) -> dict:
     data = {**probe.provenance(), "images_sha256": hashlib.sha256(
         np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
-    out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key)
+    out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key, len(probe.ids))
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
     # it (ranks of a torchrun job meet at barriers instead).
     writing = world == 1 and (cfg.overwrite or not out.exists())

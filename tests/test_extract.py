@@ -733,3 +733,11 @@ def test_spellings_of_one_layer_request_share_one_content_address(a, b):
     assert key(a) == key(b)
     assert key("1") != key("1,2")
 
+
+def test_n_none_and_n_of_every_image_are_one_store(tmp_path, cifar_root, tiny):
+    # The same images and key, but the file name said n=None as 'nall' and n=20 as 'n20':
+    # two paths, so the second run extracted again and kept a second copy.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=20))
+    assert again["reused"] and again["path"] == first["path"]
+    assert "-n20-" in os.path.basename(first["path"])
