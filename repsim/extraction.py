@@ -72,11 +72,11 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         # overwrite replaces repsim stores only, never a file of the user's named by mistake.
         import h5py
 
-        from repsim.store import FORMAT
+        from repsim.store import is_store_format
 
-        try:
+        try:  # a store of an older format version too: readers refuse it, only this fixes it
             with h5py.File(out, "r") as f:
-                ours = f.attrs.get("format") == FORMAT
+                ours = is_store_format(f.attrs.get("format"))
         except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
             ours = False
         if not ours:
@@ -102,8 +102,8 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
     return {"format": FORMAT, "model": canonical_name(cfg.model), "weights": weights,
             "weights_seed": None if is_file else cfg.weights_seed,
-            "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
-            "preprocessing": preprocessing_info(spec)}
+            "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
+            "data": data, "preprocessing": preprocessing_info(spec)}
 
 
 def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:

@@ -38,6 +38,11 @@ from repsim.paths import locked, sync_to_disk
 FORMAT = "repsim-activations/1"
 
 
+def is_store_format(value: Any) -> bool:
+    """Whether a file's ``format`` attribute is a repsim activation store's, of any version."""
+    return isinstance(value, str) and value.startswith(FORMAT.split("/")[0] + "/")
+
+
 def partial_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".partial")
 
@@ -67,6 +72,10 @@ class Store:
                             "written by repsim extract; fix: check the path") from exc
         try:
             attrs = self._f.attrs
+            if is_store_format(attrs.get("format")) and attrs["format"] != FORMAT:
+                raise UserError(f"{self.path} is a repsim store of another format version "
+                                f"({attrs['format']!r}; this repsim reads {FORMAT!r}); "
+                                "extract it again (overwrite=True replaces it)")
             if attrs.get("format") != FORMAT:
                 raise UserError(f"{self.path} is not a repsim activation store "
                                 f"(format {attrs.get('format')!r}, expected {FORMAT!r})")

@@ -741,3 +741,18 @@ def test_n_none_and_n_of_every_image_are_one_store(tmp_path, cifar_root, tiny):
     again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=20))
     assert again["reused"] and again["path"] == first["path"]
     assert "-n20-" in os.path.basename(first["path"])
+
+
+def test_overwrite_replaces_a_store_of_another_format_version(tmp_path, cifar_root, tiny):
+    # A store repsim wrote in an older format is refused by readers, and overwrite=True called
+    # it "not a repsim store" and refused to replace it: no way out but deleting it by hand.
+    c = cfg(tmp_path, cifar_root, model=tiny)
+    extract(c)
+    with h5py.File(c.out, "r+") as f:
+        f.attrs["format"] = "repsim-activations/0"
+    with pytest.raises(UserError, match="format"):
+        extract(c)
+    c.overwrite = True
+    assert not extract(c)["reused"]
+    with Store(c.out) as s:
+        assert s.n == 20
