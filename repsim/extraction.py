@@ -15,9 +15,10 @@ import os
 import re
 import signal
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,6 @@ def extract(cfg: ExtractConfig) -> dict:
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock
     from repsim.registry import get_spec, preprocessing_info
-    from repsim.store import Store
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
@@ -157,21 +157,18 @@ def extract(cfg: ExtractConfig) -> dict:
         np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
     out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key, len(probe.ids))
+    # repsim's own cache entry, unreadable (a truncated copy of the cache): made again.
+    damaged = not cfg.out and not cfg.overwrite and _damaged(out) is not None
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
     # it (ranks of a torchrun job meet at barriers instead).
-    writing = world == 1 and (cfg.overwrite or not out.exists())
+    writing = world == 1 and (cfg.overwrite or damaged or not out.exists())
     with lock(out) if writing else nullcontext():
+        if damaged and (why := _damaged(out)):  # again under the lock: a run may have remade it
+            warnings.warn(f"the cached store is unreadable, so it is made again: "
+                          f"{why.split('; ')[0]}", RuntimeWarning, stacklevel=2)
+            cfg = replace(cfg, overwrite=True)
         if out.exists() and not cfg.overwrite:
-            with Store(out) as old:
-                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
-                          "resumed": False}
-                if old.meta.get("key") != key:
-                    raise UserError(f"{out} already holds a store with different settings; pass "
-                                    "overwrite=True to replace it, or another out=PATH")
-            if rank == 0:  # a kill between the merge's rename and its cleanup left them
-                for p in _shard_files(out, None):
-                    p.unlink(missing_ok=True)
-            return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
+            return {**_reuse(out, key, rank), "seconds": time.perf_counter() - t0}
         import torch  # only now: a reused store needs neither torch nor the model
 
         from repsim import models
@@ -190,6 +187,36 @@ def extract(cfg: ExtractConfig) -> dict:
         return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
                 "resumed": resumed, "seconds": time.perf_counter() - t0,
                 "bytes": out.stat().st_size}
+
+
+def _reuse(out: Path, key: str, rank: int) -> dict:
+    """The summary of the complete store at ``out`` (less its seconds); UserError when it
+    holds other settings than ``key``'s."""
+    from repsim.store import Store
+
+    with Store(out) as old:
+        if old.meta.get("key") != key:
+            raise UserError(f"{out} already holds a store with different settings; pass "
+                            "overwrite=True to replace it, or another out=PATH")
+        reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
+                  "resumed": False}
+    if rank == 0:  # a kill between the merge's rename and its cleanup left them
+        for p in _shard_files(out, None):
+            p.unlink(missing_ok=True)
+    return {**reused, "bytes": out.stat().st_size}
+
+
+def _damaged(out: Path) -> str | None:
+    """Why the store at ``out`` cannot be read (a truncated or garbled file), or None."""
+    from repsim.store import Store
+
+    if not out.exists():
+        return None
+    try:
+        Store(out).close()
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def _versions() -> dict[str, str | None]:

@@ -756,3 +756,20 @@ def test_overwrite_replaces_a_store_of_another_format_version(tmp_path, cifar_ro
     assert not extract(c)["reused"]
     with Store(c.out) as s:
         assert s.n == 20
+
+
+def test_a_damaged_store_at_its_content_address_is_made_again(tmp_path, cifar_root, tiny):
+    # A truncated cache file (an interrupted copy of the cache) stopped every later run of
+    # the same extraction with "not a repsim store ... check the path", a path the user never
+    # gave: repsim's own cache entry is made again, with a warning saying so.
+    c = cfg(tmp_path, cifar_root, model=tiny, out=None)
+    path = extract(c)["path"]
+    with Store(path) as s:
+        want = s["1"][:]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.warns(RuntimeWarning, match="made again"):
+        res = extract(c)
+    assert res["path"] == path and not res["reused"]
+    with Store(path) as s:
+        np.testing.assert_array_equal(s["1"][:], want)
