@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import numbers
 import os
 import re
 import signal
@@ -86,6 +87,15 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                             "another out=PATH, or move that file away yourself")
 
 
+def _plain_ints(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with numpy integers (``seed=np.int64(1)`` from a loop over ``np.arange``) as
+    Python ints: they go into the store's JSON provenance, and into its key as the same
+    number."""
+    ints = {k: int(v) for k, v in vars(cfg).items()
+            if isinstance(v, numbers.Integral) and not isinstance(v, (int, bool))}
+    return replace(cfg, **ints) if ints else cfg
+
+
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     """Everything that decides what a store holds, weights by content (the file's sha256);
     not batch size, device or compression, nor how the layer request is spelled. ``data``: the
@@ -149,6 +159,7 @@ def extract(cfg: ExtractConfig) -> dict:
     t0 = time.perf_counter()
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
+    cfg = _plain_ints(cfg)
     rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress and rank == 0)

@@ -773,3 +773,13 @@ def test_a_damaged_store_at_its_content_address_is_made_again(tmp_path, cifar_ro
     assert res["path"] == path and not res["reused"]
     with Store(path) as s:
         np.testing.assert_array_equal(s["1"][:], want)
+
+
+def test_numpy_integers_as_counts_and_seeds_are_those_integers(tmp_path, cifar_root, tiny):
+    # seed=np.int64(1) (a loop over np.arange) passed validation, then the store's provenance
+    # failed to serialise: TypeError "Object of type int64 is not JSON serializable".
+    plain = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=10, seed=1,
+                        weights_seed=2, batch_size=4))
+    numpy = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=np.int64(10),
+                        seed=np.int64(1), weights_seed=np.int64(2), batch_size=np.int64(4)))
+    assert numpy["reused"] and numpy["path"] == plain["path"]
