@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,10 @@ class Store:
         return iter(self.layers)
 
     def __getitem__(self, layer: str):
+        if not isinstance(layer, str):  # store[0] for an nn.Sequential's layer "0"
+            raise UserError(f"layer {layer!r} is a {type(layer).__name__}, but layer names are "
+                            f"strings; valid: {', '.join(map(repr, self.layers))}; fix: "
+                            f"store[{str(layer)!r}]")
         if layer not in self.layers:
             import difflib
 
@@ -113,7 +117,8 @@ class Store:
     def features(self, layers: str | list[str] | None = None) -> dict[str, Any]:
         """Name -> lazy ``(n, D)`` dataset: of ``layers`` (one name or a list, in that order),
         or None for every layer in model order."""
-        names = self.layers if layers is None else [layers] if isinstance(layers, str) else layers
+        names = (self.layers if layers is None else [layers] if isinstance(layers, str)
+                 else list(layers) if isinstance(layers, Iterable) else [layers])
         if not names:  # an empty selection is no request for everything
             raise UserError(f"layers={layers!r} names no layer; valid: one or more of "
                             f"{', '.join(self.layers)}, or None for all of them")

@@ -783,3 +783,17 @@ def test_numpy_integers_as_counts_and_seeds_are_those_integers(tmp_path, cifar_r
     numpy = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=np.int64(10),
                         seed=np.int64(1), weights_seed=np.int64(2), batch_size=np.int64(4)))
     assert numpy["reused"] and numpy["path"] == plain["path"]
+
+
+@pytest.mark.parametrize("get", [lambda s: s[0], lambda s: s.features(0),
+                                 lambda s: s.features(1), lambda s: s.features([0])])
+def test_a_layer_given_as_a_number_is_one_user_error_naming_the_string(tmp_path, get):
+    # An nn.Sequential's layers are named "0", "1", ...: store[0] raised TypeError ('int'
+    # object is not iterable), features(0) said "names no layer", features(1) a TypeError.
+    ids = np.arange(4)
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, ids, ids % 2, batch_size=4)
+    w.create_layers({"0": 2, "1": 3}, "float32", 4, None)
+    w.write(0, {"0": np.zeros((4, 2), np.float32), "1": np.ones((4, 3), np.float32)})
+    w.finish()
+    with Store(tmp_path / "s.h5") as s, pytest.raises(UserError, match=r"names are strings"):
+        get(s)
