@@ -68,6 +68,9 @@ class Store:
         except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
             # h5py's errno messages span lines (a ctime, buffer addresses): the reason suffices.
             why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
+            if "truncated file" in why:  # an HDF5 file shorter than its own header says
+                raise UserError(f"{self.path} is cut short ({why}): an interrupted copy or a "
+                                "full disk; fix: copy it again or extract it again") from exc
             raise UserError(f"{self.path} is not a repsim store ({why}); valid: an .h5 file "
                             "written by repsim extract; fix: check the path") from exc
         try:

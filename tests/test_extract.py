@@ -797,3 +797,13 @@ def test_a_layer_given_as_a_number_is_one_user_error_naming_the_string(tmp_path,
     w.finish()
     with Store(tmp_path / "s.h5") as s, pytest.raises(UserError, match=r"names are strings"):
         get(s)
+
+
+def test_a_truncated_store_is_called_truncated_not_another_kind_of_file(tmp_path):
+    # An interrupted copy of a store was "not a repsim store ... fix: check the path", and the
+    # path was right: it says the file is cut short and how to get a whole one.
+    path = _two_layer_store(tmp_path / "s.h5")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UserError, match=r"s\.h5 is cut short .*copy it again or extract it again"):
+        Store(path)
