@@ -121,14 +121,22 @@ def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
     """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``
     (``timm:<arch>`` as ``timm:<arch>.<tag>``); ``n``: the images drawn (else ``cfg.n``), so
     that ``n=None`` and ``n=`` the split's size, one store, have one name."""
-    n = cfg.n if n is None else n
     from repsim.paths import cache_dir, slug, weights_tag
     from repsim.registry import canonical_name
+
+    n = cfg.n if n is None else n
 
     model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
     name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,
                                   f"n{'all' if n is None else n}", cfg.reduce]))
+    # The readable part follows the spelling ('CIFAR10', a weights file's other name), the
+    # digest does not: a store (or an unfinished one) of this key under another name is it.
+    stores = cache_dir("stores")
+    found = (sorted(stores.glob(f"*-{key[:12]}.h5"))
+             or sorted(stores.glob(f"*-{key[:12]}.h5.partial")))
+    if found:
+        return found[0].with_name(found[0].name.removesuffix(".partial"))
     return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")
 
 

@@ -807,3 +807,11 @@ def test_a_truncated_store_is_called_truncated_not_another_kind_of_file(tmp_path
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(UserError, match=r"s\.h5 is cut short .*copy it again or extract it again"):
         Store(path)
+
+
+def test_a_store_is_found_by_its_key_however_its_name_was_spelled(tmp_path, cifar_root, tiny):
+    # The file name's readable part follows the spelling (dataset 'CIFAR10' or 'cifar10'),
+    # the key does not: the second spelling extracted the same store again under a new name.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="CIFAR10"))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="cifar10"))
+    assert again["reused"] and again["path"] == first["path"]
