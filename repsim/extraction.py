@@ -326,10 +326,23 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
             if not writer.layers_created:
                 dims = {k: v.shape[1] for k, v in feats.items()}
                 writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims), cfg.compression)
+            elif pending is None:  # the first batch of a resumed run
+                _check_widths(writer, feats)
             pending = pool.submit(store, j, feats)
             bar.update(b - a)
         if pending is not None:
             pending.result()
+
+
+def _check_widths(writer, feats: dict) -> None:
+    """UserError when this run's layers are not as wide as the unfinished store's: the key
+    holds the architecture, not the code in forward(), which was edited in between."""
+    for name, old in writer.widths().items():
+        new = int(feats[name].shape[1]) if name in feats else None
+        if new != old:
+            raise UserError(f"{writer.path} was started with layer {name!r} {old} columns "
+                            f"wide, and this run's is {new} (the model's forward() changed "
+                            "since); pass overwrite=True to start it again")
 
 
 def _check_range(feats: dict, rows: dict) -> None:

@@ -266,6 +266,10 @@ class StoreWriter:
     def layers_created(self) -> bool:
         return bool(self._layers)
 
+    def widths(self) -> dict[str, int]:
+        """``{layer: columns}`` of the layers created so far (resumed: its first run's)."""
+        return {name: int(ds.shape[1]) for name, ds in self._layers.items()}
+
     def create_layers(self, dims: dict[str, int], dtype: str, chunk_rows: int,
                       compression: str | None) -> None:
         """One ``(n, D)`` dataset per layer; ``layer_order`` keeps the model's order."""

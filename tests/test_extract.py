@@ -815,3 +815,42 @@ def test_a_store_is_found_by_its_key_however_its_name_was_spelled(tmp_path, cifa
     first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="CIFAR10"))
     again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="cifar10"))
     assert again["reused"] and again["path"] == first["path"]
+
+
+def test_resuming_after_a_forward_edit_that_changes_a_width_is_one_user_error(
+        tmp_path, cifar_root, monkeypatch):
+    # forward() code is not in the key (the architecture is): a run stopped after one batch,
+    # then resumed with a forward() that slices a layer's output, failed deep in h5py with
+    # "TypeError: Can't broadcast (6, 3) -> (6, 6)".
+    from torch import nn
+
+    from repsim import extraction, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def register(cut):
+        class Net(nn.Module):
+            def __init__(self, num_classes):
+                super().__init__()
+                self.f, self.lin, self.out = nn.Flatten(), nn.Linear(48, 6), nn.Identity()
+
+            def forward(self, x):
+                return self.out(self.lin(self.f(x))[:, :cut])
+
+        registry._REGISTRY.pop("edit_x", None)
+        registry.register_model("edit_x", input_size=4)(Net)
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    register(6)
+    keep = extraction._maybe_fault
+    monkeypatch.setattr(extraction, "_maybe_fault", stop)
+    c = cfg(tmp_path, cifar_root, model="edit_x", layers="out")
+    with pytest.raises(KeyboardInterrupt):
+        extract(c)
+    assert partial_path(c.out).exists()
+    monkeypatch.setattr(extraction, "_maybe_fault", keep)
+    register(3)
+    with pytest.raises(UserError, match=r"'out' 6 columns wide, and this run's is 3 .*overwrite="):
+        extract(c)
