@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import numbers
 import os
 import re
 import signal
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +74,11 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         # overwrite replaces repsim stores only, never a file of the user's named by mistake.
         import h5py
 
-        from repsim.store import FORMAT
+        from repsim.store import is_store_format
 
-        try:
+        try:  # a store of an older format version too: readers refuse it, only this fixes it
             with h5py.File(out, "r") as f:
-                ours = f.attrs.get("format") == FORMAT
+                ours = is_store_format(f.attrs.get("format"))
         except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
             ours = False
         if not ours:
@@ -85,9 +87,20 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                             "another out=PATH, or move that file away yourself")
 
 
+def _plain_ints(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with numpy integers (``seed=np.int64(1)`` from a loop over ``np.arange``) as
+    Python ints: they go into the store's JSON provenance, and into its key as the same
+    number."""
+    ints = {k: int(v) for k, v in vars(cfg).items()
+            if isinstance(v, numbers.Integral) and not isinstance(v, (int, bool))}
+    return replace(cfg, **ints) if ints else cfg
+
+
 def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     """Everything that decides what a store holds, weights by content (the file's sha256);
-    not batch size, device or compression. ``data``: the probe set's provenance and pixels."""
+    not batch size, device or compression, nor how the layer request is spelled. ``data``: the
+    probe set's provenance and pixels."""
+    from repsim.layers import canonical_request
     from repsim.registry import canonical_name, default_weights_file, preprocessing_info
     from repsim.store import FORMAT
     from repsim.weights import sha256_file
@@ -100,20 +113,30 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
     return {"format": FORMAT, "model": canonical_name(cfg.model), "weights": weights,
             "weights_seed": None if is_file else cfg.weights_seed,
-            "layers": cfg.layers, "reduce": cfg.reduce, "dtype": cfg.dtype, "data": data,
-            "preprocessing": preprocessing_info(spec)}
+            "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
+            "data": data, "preprocessing": preprocessing_info(spec)}
 
 
-def _default_out(cfg: ExtractConfig, key: str) -> Path:
+def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
     """``$REPSIM_CACHE/stores/<model>[-<weights>]-<dataset>-n<N>-<reduce>-<digest>.h5``
-    (``timm:<arch>`` as ``timm:<arch>.<tag>``)."""
+    (``timm:<arch>`` as ``timm:<arch>.<tag>``); ``n``: the images drawn (else ``cfg.n``), so
+    that ``n=None`` and ``n=`` the split's size, one store, have one name."""
     from repsim.paths import cache_dir, slug, weights_tag
     from repsim.registry import canonical_name
+
+    n = cfg.n if n is None else n
 
     model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
     name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,
-                                  f"n{'all' if cfg.n is None else cfg.n}", cfg.reduce]))
+                                  f"n{'all' if n is None else n}", cfg.reduce]))
+    # The readable part follows the spelling ('CIFAR10', a weights file's other name), the
+    # digest does not: a store (or an unfinished one) of this key under another name is it.
+    stores = cache_dir("stores")
+    found = (sorted(stores.glob(f"*-{key[:12]}.h5"))
+             or sorted(stores.glob(f"*-{key[:12]}.h5.partial")))
+    if found:
+        return found[0].with_name(found[0].name.removesuffix(".partial"))
     return cache_dir("stores", f"{slug(name)}-{key[:12]}.h5")
 
 
@@ -138,13 +161,13 @@ def extract(cfg: ExtractConfig) -> dict:
     from repsim.data import load_probe_set
     from repsim.paths import digest, lock
     from repsim.registry import get_spec, preprocessing_info
-    from repsim.store import Store
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
     t0 = time.perf_counter()
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
+    cfg = _plain_ints(cfg)
     rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                            data_root=cfg.data_root, progress=cfg.progress and rank == 0)
@@ -152,22 +175,19 @@ def extract(cfg: ExtractConfig) -> dict:
     data = {**probe.provenance(), "images_sha256": hashlib.sha256(
         np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
-    out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key)
+    out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key, len(probe.ids))
+    # repsim's own cache entry, unreadable (a truncated copy of the cache): made again.
+    damaged = not cfg.out and not cfg.overwrite and _damaged(out) is not None
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
     # it (ranks of a torchrun job meet at barriers instead).
-    writing = world == 1 and (cfg.overwrite or not out.exists())
+    writing = world == 1 and (cfg.overwrite or damaged or not out.exists())
     with lock(out) if writing else nullcontext():
+        if damaged and (why := _damaged(out)):  # again under the lock: a run may have remade it
+            warnings.warn(f"the cached store is unreadable, so it is made again: "
+                          f"{why.split('; ')[0]}", RuntimeWarning, stacklevel=2)
+            cfg = replace(cfg, overwrite=True)
         if out.exists() and not cfg.overwrite:
-            with Store(out) as old:
-                reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
-                          "resumed": False}
-                if old.meta.get("key") != key:
-                    raise UserError(f"{out} already holds a store with different settings; pass "
-                                    "overwrite=True to replace it, or another out=PATH")
-            if rank == 0:  # a kill between the merge's rename and its cleanup left them
-                for p in _shard_files(out, None):
-                    p.unlink(missing_ok=True)
-            return {**reused, "seconds": time.perf_counter() - t0, "bytes": out.stat().st_size}
+            return {**_reuse(out, key, rank), "seconds": time.perf_counter() - t0}
         import torch  # only now: a reused store needs neither torch nor the model
 
         from repsim import models
@@ -186,6 +206,36 @@ def extract(cfg: ExtractConfig) -> dict:
         return {"path": str(out), "n": len(probe.ids), "layers": layers, "reused": False,
                 "resumed": resumed, "seconds": time.perf_counter() - t0,
                 "bytes": out.stat().st_size}
+
+
+def _reuse(out: Path, key: str, rank: int) -> dict:
+    """The summary of the complete store at ``out`` (less its seconds); UserError when it
+    holds other settings than ``key``'s."""
+    from repsim.store import Store
+
+    with Store(out) as old:
+        if old.meta.get("key") != key:
+            raise UserError(f"{out} already holds a store with different settings; pass "
+                            "overwrite=True to replace it, or another out=PATH")
+        reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
+                  "resumed": False}
+    if rank == 0:  # a kill between the merge's rename and its cleanup left them
+        for p in _shard_files(out, None):
+            p.unlink(missing_ok=True)
+    return {**reused, "bytes": out.stat().st_size}
+
+
+def _damaged(out: Path) -> str | None:
+    """Why the store at ``out`` cannot be read (a truncated or garbled file), or None."""
+    from repsim.store import Store
+
+    if not out.exists():
+        return None
+    try:
+        Store(out).close()
+    except UserError as exc:
+        return str(exc)
+    return None
 
 
 def _versions() -> dict[str, str | None]:
@@ -276,10 +326,23 @@ def _run(model, spec, layers, cfg, probe, writer, todo, device, rank) -> None:
             if not writer.layers_created:
                 dims = {k: v.shape[1] for k, v in feats.items()}
                 writer.create_layers(dims, cfg.dtype, _chunk_rows(cfg, dims), cfg.compression)
+            elif pending is None:  # the first batch of a resumed run
+                _check_widths(writer, feats)
             pending = pool.submit(store, j, feats)
             bar.update(b - a)
         if pending is not None:
             pending.result()
+
+
+def _check_widths(writer, feats: dict) -> None:
+    """UserError when this run's layers are not as wide as the unfinished store's: the key
+    holds the architecture, not the code in forward(), which was edited in between."""
+    for name, old in writer.widths().items():
+        new = int(feats[name].shape[1]) if name in feats else None
+        if new != old:
+            raise UserError(f"{writer.path} was started with layer {name!r} {old} columns "
+                            f"wide, and this run's is {new} (the model's forward() changed "
+                            "since); pass overwrite=True to start it again")
 
 
 def _check_range(feats: dict, rows: dict) -> None:

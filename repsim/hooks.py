@@ -235,9 +235,12 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         model, _ = models.load_model(model, device=dev)
     rows: dict[str, list[np.ndarray]] = {}
     try:
-        model.to(dev)
+        if device is not None or spec is not None:  # else it runs where it is: one split
+            model.to(dev)                           # across devices stays split
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
+                if isinstance(x, np.ndarray) and any(s < 0 for s in x.strides):
+                    x = np.ascontiguousarray(x)  # x[..., ::-1]: torch refuses negative strides
                 x = torch.as_tensor(x).to(dev)
                 model(models.preprocess(spec, x) if spec is not None else x)
                 for name, out in cap.collect(len(x)).items():

@@ -25,6 +25,14 @@ def _split_request(request: str | Sequence[str]) -> list[str]:
     return [p for p in parts if p]
 
 
+def canonical_request(request: str | Sequence[str] | None) -> list[str]:
+    """``request`` spelled one way (its parts, sorted, without duplicates; None is
+    ``["default"]``): requests that name the same layers by the same parts are equal, as a
+    content address needs (:func:`match_layers` returns layers in model order, whatever the
+    order of the parts)."""
+    return ["default"] if request is None else sorted(set(_split_request(request)))
+
+
 def _glob_match(name: str, pattern: str) -> bool:
     """fnmatch per dot-separated segment, so 'blocks.*' means the blocks, not their insides."""
     segs, pats = name.split("."), pattern.split(".")

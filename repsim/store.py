@@ -25,7 +25,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,11 @@ from repsim.errors import NO_SPACE, UserError, os_problem
 from repsim.paths import locked, sync_to_disk
 
 FORMAT = "repsim-activations/1"
+
+
+def is_store_format(value: Any) -> bool:
+    """Whether a file's ``format`` attribute is a repsim activation store's, of any version."""
+    return isinstance(value, str) and value.startswith(FORMAT.split("/")[0] + "/")
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -63,10 +68,17 @@ class Store:
         except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
             # h5py's errno messages span lines (a ctime, buffer addresses): the reason suffices.
             why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
+            if "truncated file" in why:  # an HDF5 file shorter than its own header says
+                raise UserError(f"{self.path} is cut short ({why}): an interrupted copy or a "
+                                "full disk; fix: copy it again or extract it again") from exc
             raise UserError(f"{self.path} is not a repsim store ({why}); valid: an .h5 file "
                             "written by repsim extract; fix: check the path") from exc
         try:
             attrs = self._f.attrs
+            if is_store_format(attrs.get("format")) and attrs["format"] != FORMAT:
+                raise UserError(f"{self.path} is a repsim store of another format version "
+                                f"({attrs['format']!r}; this repsim reads {FORMAT!r}); "
+                                "extract it again (overwrite=True replaces it)")
             if attrs.get("format") != FORMAT:
                 raise UserError(f"{self.path} is not a repsim activation store "
                                 f"(format {attrs.get('format')!r}, expected {FORMAT!r})")
@@ -92,6 +104,10 @@ class Store:
         return iter(self.layers)
 
     def __getitem__(self, layer: str):
+        if not isinstance(layer, str):  # store[0] for an nn.Sequential's layer "0"
+            raise UserError(f"layer {layer!r} is a {type(layer).__name__}, but layer names are "
+                            f"strings; valid: {', '.join(map(repr, self.layers))}; fix: "
+                            f"store[{str(layer)!r}]")
         if layer not in self.layers:
             import difflib
 
@@ -104,7 +120,8 @@ class Store:
     def features(self, layers: str | list[str] | None = None) -> dict[str, Any]:
         """Name -> lazy ``(n, D)`` dataset: of ``layers`` (one name or a list, in that order),
         or None for every layer in model order."""
-        names = self.layers if layers is None else [layers] if isinstance(layers, str) else layers
+        names = (self.layers if layers is None else [layers] if isinstance(layers, str)
+                 else list(layers) if isinstance(layers, Iterable) else [layers])
         if not names:  # an empty selection is no request for everything
             raise UserError(f"layers={layers!r} names no layer; valid: one or more of "
                             f"{', '.join(self.layers)}, or None for all of them")
@@ -248,6 +265,10 @@ class StoreWriter:
     @property
     def layers_created(self) -> bool:
         return bool(self._layers)
+
+    def widths(self) -> dict[str, int]:
+        """``{layer: columns}`` of the layers created so far (resumed: its first run's)."""
+        return {name: int(ds.shape[1]) for name, ds in self._layers.items()}
 
     def create_layers(self, dims: dict[str, int], dtype: str, chunk_rows: int,
                       compression: str | None) -> None:

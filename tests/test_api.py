@@ -503,3 +503,26 @@ def test_a_dataset_of_samples_is_batched_not_taken_for_batches():
     dataset = torch.utils.data.TensorDataset(x, torch.zeros(5))
     out = repsim.extract(net, dataset, layers="0", batch_size=2)["0"]
     np.testing.assert_allclose(out, net(x).detach().flatten(1).numpy(), rtol=1e-6)
+
+
+def test_a_numpy_array_with_negative_strides_is_read_as_its_values():
+    # images[..., ::-1] (BGR -> RGB) or x[::-1] are numpy views with negative strides, which
+    # torch.as_tensor refused with a ValueError from deep inside the loop.
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = np.arange(20, dtype=np.float32).reshape(5, 4)
+    with torch.no_grad():
+        want = net(torch.from_numpy(x[::-1, ::-1].copy())).numpy()
+    np.testing.assert_allclose(repsim.extract(net, x[::-1, ::-1], layers="0", batch_size=2)["0"],
+                               want, rtol=1e-6)
+
+
+def test_without_device_a_module_is_not_moved_at_all():
+    # extract() without device= called net.to(the first parameter's device): a model split
+    # across devices (its first half on one GPU, the rest on another, as accelerate's
+    # device_map places it) was gathered onto one device and left there. (A spy records
+    # where net is sent.)
+    net = nn.Sequential(nn.Linear(4, 2))
+    sent = []
+    net.to = lambda *a, **k: sent.append((a, k)) or net
+    repsim.extract(net, torch.rand(3, 4), layers="0")
+    assert sent == []

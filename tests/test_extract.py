@@ -716,3 +716,141 @@ def test_float16_storage_of_values_beyond_its_range_is_refused_not_stored_as_inf
     with pytest.raises(UserError, match=r"layer '2' has values beyond float16's range .*"
                                         r"dtype='float32'"):
         extract(cfg(tmp_path, cifar_root, model="tiny_big", n=4, layers="2", dtype="float16"))
+
+
+@pytest.mark.parametrize("a,b", [(None, "default"), (None, ["default"]), ("1,2", ["2", "1"]),
+                                 (" 1 , 2", ["1", "2", "1"])])
+def test_spellings_of_one_layer_request_share_one_content_address(a, b):
+    # The request was hashed as given, so layers=None and 'default', or '1,2' and ['2', '1']
+    # (the same layers, in model order either way) made and stored the same store twice.
+    from repsim.extraction import _store_key
+    from repsim.paths import digest
+
+    def key(layers):
+        c = ExtractConfig(model="vit_cifar", weights="random", layers=layers, progress=False)
+        return digest(_store_key(c, get_spec("vit_cifar"), {"images_sha256": "x"}))
+
+    assert key(a) == key(b)
+    assert key("1") != key("1,2")
+
+
+def test_n_none_and_n_of_every_image_are_one_store(tmp_path, cifar_root, tiny):
+    # The same images and key, but the file name said n=None as 'nall' and n=20 as 'n20':
+    # two paths, so the second run extracted again and kept a second copy.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=20))
+    assert again["reused"] and again["path"] == first["path"]
+    assert "-n20-" in os.path.basename(first["path"])
+
+
+def test_overwrite_replaces_a_store_of_another_format_version(tmp_path, cifar_root, tiny):
+    # A store repsim wrote in an older format is refused by readers, and overwrite=True called
+    # it "not a repsim store" and refused to replace it: no way out but deleting it by hand.
+    c = cfg(tmp_path, cifar_root, model=tiny)
+    extract(c)
+    with h5py.File(c.out, "r+") as f:
+        f.attrs["format"] = "repsim-activations/0"
+    with pytest.raises(UserError, match="format"):
+        extract(c)
+    c.overwrite = True
+    assert not extract(c)["reused"]
+    with Store(c.out) as s:
+        assert s.n == 20
+
+
+def test_a_damaged_store_at_its_content_address_is_made_again(tmp_path, cifar_root, tiny):
+    # A truncated cache file (an interrupted copy of the cache) stopped every later run of
+    # the same extraction with "not a repsim store ... check the path", a path the user never
+    # gave: repsim's own cache entry is made again, with a warning saying so.
+    c = cfg(tmp_path, cifar_root, model=tiny, out=None)
+    path = extract(c)["path"]
+    with Store(path) as s:
+        want = s["1"][:]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.warns(RuntimeWarning, match="made again"):
+        res = extract(c)
+    assert res["path"] == path and not res["reused"]
+    with Store(path) as s:
+        np.testing.assert_array_equal(s["1"][:], want)
+
+
+def test_numpy_integers_as_counts_and_seeds_are_those_integers(tmp_path, cifar_root, tiny):
+    # seed=np.int64(1) (a loop over np.arange) passed validation, then the store's provenance
+    # failed to serialise: TypeError "Object of type int64 is not JSON serializable".
+    plain = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=10, seed=1,
+                        weights_seed=2, batch_size=4))
+    numpy = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=np.int64(10),
+                        seed=np.int64(1), weights_seed=np.int64(2), batch_size=np.int64(4)))
+    assert numpy["reused"] and numpy["path"] == plain["path"]
+
+
+@pytest.mark.parametrize("get", [lambda s: s[0], lambda s: s.features(0),
+                                 lambda s: s.features(1), lambda s: s.features([0])])
+def test_a_layer_given_as_a_number_is_one_user_error_naming_the_string(tmp_path, get):
+    # An nn.Sequential's layers are named "0", "1", ...: store[0] raised TypeError ('int'
+    # object is not iterable), features(0) said "names no layer", features(1) a TypeError.
+    ids = np.arange(4)
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, ids, ids % 2, batch_size=4)
+    w.create_layers({"0": 2, "1": 3}, "float32", 4, None)
+    w.write(0, {"0": np.zeros((4, 2), np.float32), "1": np.ones((4, 3), np.float32)})
+    w.finish()
+    with Store(tmp_path / "s.h5") as s, pytest.raises(UserError, match=r"names are strings"):
+        get(s)
+
+
+def test_a_truncated_store_is_called_truncated_not_another_kind_of_file(tmp_path):
+    # An interrupted copy of a store was "not a repsim store ... fix: check the path", and the
+    # path was right: it says the file is cut short and how to get a whole one.
+    path = _two_layer_store(tmp_path / "s.h5")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(UserError, match=r"s\.h5 is cut short .*copy it again or extract it again"):
+        Store(path)
+
+
+def test_a_store_is_found_by_its_key_however_its_name_was_spelled(tmp_path, cifar_root, tiny):
+    # The file name's readable part follows the spelling (dataset 'CIFAR10' or 'cifar10'),
+    # the key does not: the second spelling extracted the same store again under a new name.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="CIFAR10"))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, dataset="cifar10"))
+    assert again["reused"] and again["path"] == first["path"]
+
+
+def test_resuming_after_a_forward_edit_that_changes_a_width_is_one_user_error(
+        tmp_path, cifar_root, monkeypatch):
+    # forward() code is not in the key (the architecture is): a run stopped after one batch,
+    # then resumed with a forward() that slices a layer's output, failed deep in h5py with
+    # "TypeError: Can't broadcast (6, 3) -> (6, 6)".
+    from torch import nn
+
+    from repsim import extraction, registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+    def register(cut):
+        class Net(nn.Module):
+            def __init__(self, num_classes):
+                super().__init__()
+                self.f, self.lin, self.out = nn.Flatten(), nn.Linear(48, 6), nn.Identity()
+
+            def forward(self, x):
+                return self.out(self.lin(self.f(x))[:, :cut])
+
+        registry._REGISTRY.pop("edit_x", None)
+        registry.register_model("edit_x", input_size=4)(Net)
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    register(6)
+    keep = extraction._maybe_fault
+    monkeypatch.setattr(extraction, "_maybe_fault", stop)
+    c = cfg(tmp_path, cifar_root, model="edit_x", layers="out")
+    with pytest.raises(KeyboardInterrupt):
+        extract(c)
+    assert partial_path(c.out).exists()
+    monkeypatch.setattr(extraction, "_maybe_fault", keep)
+    register(3)
+    with pytest.raises(UserError, match=r"'out' 6 columns wide, and this run's is 3 .*overwrite="):
+        extract(c)
