@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from repsim.errors import UserError
 
 
-def _split_request(request: str | Sequence[str]) -> list[str]:
+def _split_request(request: str | Sequence[str], name: str = "layers") -> list[str]:
     try:
         items = [request] if isinstance(request, str) else list(request)
     except TypeError:  # not iterable (layers=1 for the name "1"): refused below
@@ -19,9 +19,9 @@ def _split_request(request: str | Sequence[str]) -> list[str]:
     bad = [item for item in items if not isinstance(item, str)]
     parts = [p.strip() for item in items if isinstance(item, str) for p in item.split(",")]
     if bad or not any(parts):
-        raise UserError(f"layers={request!r} is not a layer request; valid: names, globs, "
+        raise UserError(f"{name}={request!r} is not a layer request; valid: names, globs, "
                         "'default' or 'blocks' (a list, or one comma-separated string), e.g. "
-                        "layers='blocks.0,blocks.5'")
+                        f"{name}='blocks.0,blocks.5'")
     return [p for p in parts if p]
 
 
@@ -40,14 +40,14 @@ def _glob_match(name: str, pattern: str) -> bool:
 
 
 def match_layers(candidates: Sequence[str], request: str | Sequence[str],
-                 keywords: Mapping[str, Sequence[str]], unknown: Callable[[str], Exception]
-                 ) -> list[str]:
+                 keywords: Mapping[str, Sequence[str]], unknown: Callable[[str], Exception],
+                 name: str = "layers") -> list[str]:
     """The ``candidates`` a ``request`` names, in their order, without duplicates. ``request``:
     a list, or one comma-separated string, of names, globs (matched segment by segment:
     ``"blocks.*"`` is not ``blocks.0.attn``) and ``keywords`` (each maps to its layers); a part
-    that matches nothing raises ``unknown(part)``."""
+    that matches nothing raises ``unknown(part)``; ``name``: the parameter, named in errors."""
     wanted: set[str] = set()
-    for part in _split_request(request):
+    for part in _split_request(request, name):
         if part in keywords:
             hits = list(keywords[part])
         elif any(c in part for c in "*?["):

@@ -315,7 +315,7 @@ def layer_names(model: nn.Module, spec: ModelSpec, request: str | Sequence[str] 
     candidates = _candidates(model, spec)
     return match_layers(candidates, "default" if request is None else request,
                         _keywords(model, spec),
-                        lambda part: _unknown_layer(part, candidates, spec, name))
+                        lambda part: _unknown_layer(part, candidates, spec, name), name)
 
 
 def module_for(model: nn.Module, spec: ModelSpec, layer: str) -> nn.Module:

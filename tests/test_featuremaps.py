@@ -192,6 +192,13 @@ def test_cli_featuremaps_names_the_stages_flag_for_an_unknown_stage(capsys):
     assert "--layers" not in err and "\n" not in err
 
 
+def test_cli_featuremaps_names_the_stages_flag_for_an_empty_request(capsys):
+    assert main(["featuremaps", "--model", "resnet18_cifar", "--weights", "random",
+                 "--stages", "", "--probe", "4"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--stages '' is not a layer request" in err and "--layers" not in err, err
+
+
 def test_figure_kind_featuremaps_builds_one_figure_per_stage_one_image_per_class(tmp_path):
     from repsim.data import load_probe_set
     from repsim.figures.runner import build_all
