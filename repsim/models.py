@@ -290,7 +290,12 @@ def _keywords(model: nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
     mods = [d.get("module") for d in info if isinstance(d, dict)] if isinstance(info, list) else []
     known = {name for name, _ in model.named_modules()}
     if not mods or not all(m in known for m in mods):
-        mods = [name for name, _ in model.named_children()]
+        mods = []
+        for name, child in model.named_children():
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called itself
+                mods += [f"{name}.{k}" for k, _ in child.named_children()]
+            else:
+                mods.append(name)
     return {"default": mods, "blocks": mods}
 
 

@@ -121,6 +121,27 @@ def test_a_training_only_module_in_the_default_layers_is_one_user_error():
         repsim.extract(net, torch.rand(3, 4))
 
 
+class _Stack(nn.Module):
+    """A user's model whose blocks sit in a ModuleList, which itself never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers, self.head = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_the_default_layers_of_a_module_list_child_are_its_items():
+    # The default was ["layers", "head"]: a ModuleList is never called, so it was refused.
+    net, x = _Stack(), torch.rand(3, 4)
+    got = repsim.extract(net, x)
+    assert list(got) == ["layers.0", "layers.1", "head"]
+    np.testing.assert_allclose(got["layers.1"], net.layers[1](net.layers[0](x)).detach().numpy())
+
+
 def test_mean_of_a_channels_last_timm_model_is_refused_not_pooled_over_channels():
     # Swin's stage outputs are (b, H, W, C): 'mean' averaged W and C, leaving (b, H) rows.
     from timm.models.swin_transformer import SwinTransformer
