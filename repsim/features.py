@@ -45,6 +45,12 @@ def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str],
                              "every layer must hold the same samples in the same order")
         if shape[1] < 1:
             raise ValueError(f"layer {name!r} has no features (shape {shape})")
+        dtype = getattr(m, "dtype", None)
+        real = (not dtype.is_complex if isinstance(dtype, torch.dtype)
+                else np.dtype(dtype).kind in "biuf")
+        if not real:  # complex: the imaginary part would be lost, silently
+            raise ValueError(f"layer {name!r} holds {dtype} values; CKA needs real numbers "
+                             "(bool, int or float): pass x.real or x.abs(), or cast it")
     return names, mats, n
 
 

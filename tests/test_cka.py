@@ -653,3 +653,11 @@ def test_an_rbf_accumulator_given_one_number_for_a_layer_list_is_refused():
     # iterable"
     with pytest.raises(ValueError, match=r"one per layer.*rbf_bandwidths.*median_sqdist_a=2.0"):
         cka.MinibatchCKA(kernel="rbf", median_sqdist_a=2.0, median_sqdist_b=[1.0])
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, object])
+def test_features_that_are_no_real_numbers_are_refused(dtype):
+    # Complex features lost their imaginary part silently (the CKA of the real parts).
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(dtype)
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]' holds .* values; CKA needs real"):
+        cka.compare([x], [np.ones((8, 2))])
