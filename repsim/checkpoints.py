@@ -1,8 +1,9 @@
-"""A run's deliverable files: float16 weights, the manifest beside them, and snapshots.
+"""A run's files: float16 weights, the manifest beside them, snapshots and the epoch log.
 
 ``<dir>/<name>.pt`` is listed in ``<dir>/manifest.json``; snapshots (``--snapshots``) are
 ``<dir>/<name>_snapshots/epoch<E>.pt`` in the checkpoint's format, listed in that folder's
-``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input).
+``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input);
+the run directory's ``log.jsonl`` holds a JSON row per epoch.
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         rows = [r for r in rows if r.get("name") != entry["name"]]
         data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the run's log
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
+    a run killed while an older repsim appended to its log, before the state of that epoch."""
+    if not log_path.is_file():
+        return []
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i + 1 < len(lines):
+                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
+                                "start the run over, or another run_dir=PATH") from None
+    return rows
+
+
+def write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
+    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import math
 import time
 import warnings
@@ -247,7 +246,7 @@ class _Run:
         self.start_epoch = self.resumed_from = int(state["epoch"])
         self.step = self.start_epoch * self.steps_per_epoch
         # Rows of epochs after the saved state (a save interrupted before the state) go.
-        _write_log(self.log_path, [r for r in _read_log(self.log_path)
+        checkpoints.write_log(self.log_path, [r for r in checkpoints.read_log(self.log_path)
                                    if r["epoch"] <= self.start_epoch])
 
     def _load_data(self) -> dict[str, Any]:
@@ -295,6 +294,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = _Run(cfg)
     cfg = run.cfg
     summary = _first_summary(run)
+    if run.start_epoch >= cfg.epochs and not run.out.is_file():  # finished: a new or lost out
+        summary.update(_write_checkpoint(run, run.start_epoch, *_scored_half(run), t_start))
     _warn_of_lost_snapshots(run)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
@@ -326,7 +327,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run.log_path.is_file():
         from repsim.figures import draw
 
-        fig = draw.training_curve(_read_log(run.log_path), run.name)
+        fig = draw.training_curve(checkpoints.read_log(run.log_path), run.name)
         summary["curve"] = str(draw.save(fig, run.run_dir / "curve", formats=("png",))[0])
     summary.update(steps=run.step, seconds=time.perf_counter() - t_start, stopped=stopped,
                    snapshots=[s["epoch"] for s in checkpoints.snapshots(run.out)],
@@ -344,7 +345,7 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                                "epochs_planned": run.cfg.epochs, "resumed_from": run.resumed_from,
                                "epochs": run.start_epoch, "precision": run.meta["precision"]}
     if run.start_epoch >= run.cfg.epochs:
-        last = next((r for r in reversed(_read_log(run.log_path))
+        last = next((r for r in reversed(checkpoints.read_log(run.log_path))
                      if r.get("test_accuracy") is not None), {})
         summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
     return summary
@@ -435,6 +436,27 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if epoch_done in run.snap_epochs:
         checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
+    summary = _write_checkpoint(run, epoch_done, half, test, t_start)
+    checkpoints.write_log(run.log_path, checkpoints.read_log(run.log_path) + pending)
+    pending.clear()
+    # The resumable state goes last: an interruption before it leaves the previous state,
+    # from which the same command redoes this save (and drops the log rows past it).
+    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
+    if cfg.progress:
+        tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
+                   f"acc {test['accuracy']:.2f}%")
+    return summary
+
+
+def _write_checkpoint(run: _Run, epoch_done: int, half: dict[str, torch.Tensor],
+                      test: dict[str, float], t_start: float) -> dict[str, Any]:
+    """Write the checkpoint of ``half`` (scored ``test``) and its manifest entry; returns the
+    summary entries of this save."""
+    cfg = run.cfg
     meta = {**run.meta, "epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "compiled": run.forward is not run.model,
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
@@ -450,18 +472,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
         "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
-    _write_log(run.log_path, _read_log(run.log_path) + pending)
-    pending.clear()
-    # The resumable state goes last: an interruption before it leaves the previous state,
-    # from which the same command redoes this save (and drops the log rows past it).
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
-    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
-    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
-    if cfg.progress:
-        tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
-                   f"acc {test['accuracy']:.2f}%")
     return {"epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "manifest": str(manifest)}
 
@@ -472,25 +482,3 @@ def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     saved = copy.deepcopy(run.model)
     saved.load_state_dict(half)
     return half, evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
-
-
-def _read_log(log_path: Path) -> list[dict[str, Any]]:
-    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
-    a run killed while an older repsim appended to its log, before the state of that epoch."""
-    if not log_path.is_file():
-        return []
-    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-    rows = []
-    for i, ln in enumerate(lines):
-        try:
-            rows.append(json.loads(ln))
-        except ValueError:
-            if i + 1 < len(lines):
-                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
-                                "start the run over, or another run_dir=PATH") from None
-    return rows
-
-
-def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
-    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))

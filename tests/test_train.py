@@ -622,3 +622,19 @@ def test_max_steps_at_the_end_of_an_epoch_keeps_that_epoch_and_takes_no_more_ste
     res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", max_steps=2))
     assert (res["epochs"], res["steps"], res["stopped"]) == (1, 2, "max_steps")
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_path, mlp):
+    # The summary named a checkpoint that did not exist (nothing was saved to a new out=).
+    train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
+    new = tmp_path / "elsewhere" / "m2.pt"
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1,
+                           out=str(new)))
+    ck = torch.load(new, weights_only=True)
+    old = torch.load(tmp_path / "ck" / "m.pt", weights_only=True)
+    assert ck["epochs"] == 1 and ck["test_accuracy"] == res["test_accuracy"]
+    for k, v in old["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
+    (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
+    assert row["name"] == "m2" and row["sha256"] == sha256_file(new)
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
