@@ -317,8 +317,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
         # epoch is always saved, so that its weights are scored and kept.
         fits = _fits(epoch_s, epoch_s if finish_s is None else finish_s, deadline)
+        # A max_steps that ends this very epoch saves it: the next one would be cut.
         if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0
-                or epoch + 1 in run.snap_epochs or not fits):
+                or epoch + 1 in run.snap_epochs or not fits or run.step == cfg.max_steps):
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)

@@ -624,6 +624,16 @@ def test_max_steps_at_the_end_of_an_epoch_keeps_that_epoch_and_takes_no_more_ste
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1
 
 
+def test_max_steps_at_the_end_of_an_epoch_saves_it_between_eval_every_saves(
+        toy_root, tmp_path, mlp):
+    # 2 steps an epoch; max_steps=4 ends epoch 2 exactly. With eval_every=3 epoch 2 was not
+    # saved: the run reported 0 epochs and its work was lost.
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=5,
+                           eval_every=3, max_steps=4))
+    assert (res["epochs"], res["steps"], res["stopped"]) == (2, 4, "max_steps")
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 2
+
+
 def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_path, mlp):
     # The summary named a checkpoint that did not exist (nothing was saved to a new out=).
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
