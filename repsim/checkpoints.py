@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +61,26 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
 
 
 # --------------------------------------------------------------------------- the run's log
+
+
+@contextmanager
+def hold_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process: two processes on one run (the same command twice,
+    or restart=True beside a running one) would overwrite each other's state and log rows."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as paths.lock
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "state.pt.lock", "a") as f:  # paths.lock's file: released on exit
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run {run_dir} is being trained by another process; valid: one "
+                            "process per run; fix: wait for it to end, or out=PATH and "
+                            "run_dir=PATH both new for a separate run") from None
+        yield
 
 
 def read_log(log_path: Path) -> list[dict[str, Any]]:
@@ -158,6 +180,19 @@ def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tenso
     rows = sorted([*(r for r in snapshots(ckpt_path) if r["epoch"] != epoch), entry],
                   key=lambda r: r["epoch"])
     paths.write_json(folder / "index.json", {"checkpoint": ckpt_path.name, "snapshots": rows})
+
+
+def warn_of_lost_snapshots(ckpt_path: Path, epochs: Sequence[int], start_epoch: int,
+                           name: str) -> None:
+    """Warn of snapshot ``epochs`` that the run ``name`` resumed (or finished) at
+    ``start_epoch`` has passed without keeping them: no later save can make them."""
+    kept = {s["epoch"] for s in snapshots(ckpt_path)}
+    lost = [e for e in epochs if e <= start_epoch and e not in kept]
+    if start_epoch and lost:
+        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
+                      f"{name} had trained to epoch {start_epoch} without keeping them; "
+                      "fix: restart=True to train it again from scratch and keep them",
+                      stacklevel=3)
 
 
 def clear_snapshots(ckpt_path: Path) -> None:

@@ -161,7 +161,7 @@ class _Run:
     """What the training loop reads and advances: settings (``cfg`` with the recipe's defaults
     filled in), data on the device, model, optimiser and progress; resumed unless restarted."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         from repsim.models import resolve_device
 
         self.spec = registry.get_spec(cfg.model)
@@ -171,8 +171,7 @@ class _Run:
         precision = train_precision(dev, cfg.precision)
         self.name = run_name(cfg)
         self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
-        self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
-                        else paths.cache_dir("runs", self.name))
+        self.run_dir = run_dir
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
         from repsim.data import CLASS_COUNTS  # known before any image is read: a start's
         num_classes = CLASS_COUNTS[cfg.dataset]  # head is settled, a useless weights_seed refused
@@ -210,10 +209,9 @@ class _Run:
         if self.state_path.is_file() and not cfg.restart:
             self._resume()
         else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
-            self.state_path.unlink(missing_ok=True)
-            self.log_path.unlink(missing_ok=True)
+            for old in (self.state_path, self.log_path):  # (train made run_dir, to hold it)
+                old.unlink(missing_ok=True)
             checkpoints.clear_snapshots(self.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
@@ -284,19 +282,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Each epoch trains on a fresh permutation of the training subset; the run is saved
     (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
     and before a ``time_limit`` would cut the next epoch, which is then not started.
-    ``max_steps`` stops mid-epoch without saving (tests, smoke runs). Summary keys:
+    ``max_steps`` stops mid-epoch without saving, but saves an epoch it ends (tests, smoke
+    runs). Summary keys:
     checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
     epochs, epochs_planned, test_accuracy, test_loss, resumed_from, seconds, steps,
     train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
     stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
-    run = _Run(cfg)
+    registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
+    c = _resolve(cfg)[0]
+    run_dir = Path(c.run_dir).expanduser() if c.run_dir else paths.cache_dir("runs", run_name(c))
+    with checkpoints.hold_run(run_dir):
+        return _train(_Run(cfg, run_dir), t_start)
+
+
+def _train(run: _Run, t_start: float) -> dict[str, Any]:
+    """:func:`train` of ``run``, whose run directory this process holds."""
     cfg = run.cfg
     summary = _first_summary(run)
     if run.start_epoch >= cfg.epochs and not run.out.is_file():  # finished: a new or lost out
         summary.update(_write_checkpoint(run, run.start_epoch, *_scored_half(run), t_start))
-    _warn_of_lost_snapshots(run)
+    checkpoints.warn_of_lost_snapshots(run.out, run.snap_epochs, run.start_epoch, run.name)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
@@ -350,18 +357,6 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                      if r.get("test_accuracy") is not None), {})
         summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
     return summary
-
-
-def _warn_of_lost_snapshots(run: _Run) -> None:
-    """Warn of snapshot epochs the resumed (or finished) run has passed without keeping them:
-    those weights are gone, and no later save can make them."""
-    kept = {s["epoch"] for s in checkpoints.snapshots(run.out)}
-    lost = [e for e in run.snap_epochs if e <= run.start_epoch and e not in kept]
-    if run.start_epoch and lost:
-        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
-                      f"{run.name} had trained to epoch {run.start_epoch} without keeping them; "
-                      "fix: restart=True to train it again from scratch and keep them",
-                      stacklevel=1)
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -648,3 +649,16 @@ def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_pat
     (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
     assert row["name"] == "m2" and row["sha256"] == sha256_file(new)
     assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+
+
+def test_a_second_process_on_the_same_run_is_refused(toy_root, tmp_path, mlp):
+    # Two runs of one state (the same command twice, or a restart=True beside a running one)
+    # overwrote each other's state, log rows and snapshots. The lock is held as a second
+    # process would hold it: flock locks of two open files exclude each other.
+    (tmp_path / "run").mkdir()
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    with paths.lock(tmp_path / "run" / "state.pt"):
+        with pytest.raises(UserError, match=r"run .* is being trained by another process"):
+            train.train(dataclasses.replace(cfg, restart=True))
+    assert train.train(cfg)["epochs"] == 1  # released: the run goes on
+
