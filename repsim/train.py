@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repsim import __version__, checkpoints, paths, recipes, registry
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
 from repsim.weights import checkpoint_dir, sha256_file
@@ -73,22 +74,40 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
                         "cifar10/test")
     cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
         k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
-    for name in ("epochs", "batch_size", "eval_every"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int):  # written to JSON: int only
-            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= 1")
-        if value < 1:
-            raise UserError(f"{name}={value} is not positive; valid: an integer >= 1")
+    cfg = _plain_numbers(cfg)
     if not 0 < cfg.lr < math.inf:
         raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise UserError(f"seed={cfg.seed!r} is no seed; valid: an integer >= 0, e.g. 0")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise UserError(f"time_limit={cfg.time_limit} is not positive; valid: minutes > 0, e.g. 8")
     return cfg, recipe
+
+
+def _plain_numbers(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its counts and seeds as int and its reals as float (numpy's too: they are
+    written to JSON); UserError for another type, a count below 1 or a negative seed."""
+    plain: dict[str, Any] = {}
+    for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 1), ("max_steps", 0),
+                      ("seed", 0), ("weights_seed", 0)):
+        value = getattr(cfg, name)
+        if value is None and name in ("max_steps", "weights_seed"):  # None: not set
+            continue
+        if name.endswith("seed") and not is_whole(value, 0):
+            raise UserError(f"{name}={value!r} is no seed; valid: an integer >= 0, e.g. 0")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= {low}")
+        if value < low:
+            raise UserError(f"{name}={value} is {'not positive' if low else 'negative'}; "
+                            f"valid: an integer >= {low}")
+        plain[name] = int(value)
+    for name in ("lr", "train_fraction", "time_limit"):  # their ranges: checked by the caller
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real | None):
+            raise UserError(f"{name}={value!r} is not a number; valid: a float, e.g. 0.5")
+        plain[name] = None if value is None else float(value)
+    return dataclasses.replace(cfg, **plain)
 
 
 def run_name(cfg: TrainConfig) -> str:

@@ -662,3 +662,31 @@ def test_a_second_process_on_the_same_run_is_refused(toy_root, tmp_path, mlp):
             train.train(dataclasses.replace(cfg, restart=True))
     assert train.train(cfg)["epochs"] == 1  # released: the run goes on
 
+
+def test_counts_given_as_numpy_integers_are_plain_ints_after_resolving():
+    # epochs=np.int64(3) (a sweep over np.arange) was refused as "not an integer", and a
+    # numpy weights_seed crashed the first save, after an epoch of training (JSON manifest).
+    counts = dict(epochs=3, batch_size=10, eval_every=2, seed=1, weights_seed=2, max_steps=5)
+    cfg, _ = train._resolve(train.TrainConfig(
+        model="vit_cifar", **{k: np.int64(v) for k, v in counts.items()}))
+    assert {k: getattr(cfg, k) for k in counts} == counts
+    assert all(type(getattr(cfg, k)) is int for k in counts)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"weights_seed": 1.5}, r"^weights_seed=1\.5 is no seed"),
+    ({"weights_seed": "3"}, r"^weights_seed='3' is no seed"),
+    ({"weights_seed": -1}, r"^weights_seed=-1 is no seed"),
+    ({"weights_seed": True}, r"^weights_seed=True is no seed"),
+    ({"max_steps": 1.5}, r"^max_steps=1\.5 is not an integer"),
+    ({"max_steps": "3"}, r"^max_steps='3' is not an integer"),
+    ({"max_steps": -1}, r"^max_steps=-1 is negative"),
+    ({"lr": "1e-3"}, r"^lr='1e-3' is not a number"),
+    ({"train_fraction": "0.5"}, r"^train_fraction='0\.5' is not a number"),
+    ({"time_limit": "5"}, r"^time_limit='5' is not a number"),
+])
+def test_settings_of_the_wrong_type_are_refused_in_one_line(kw, match):
+    # weights_seed=1.5 or "3" trained (torch.manual_seed truncates) and recorded the odd
+    # value; max_steps=1.5 and the strings raised TypeErrors.
+    with pytest.raises(UserError, match=match):
+        train._resolve(train.TrainConfig(model="vit_cifar", **kw))
