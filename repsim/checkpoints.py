@@ -72,8 +72,13 @@ def hold_run(run_dir: Path) -> Iterator[None]:
     except ImportError:  # no flock (Windows): unguarded, as paths.lock
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "state.pt.lock", "a") as f:  # paths.lock's file: released on exit
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / "state.pt.lock", "a")  # paths.lock's file: released on exit
+    except OSError as exc:  # a file of that name, no permission
+        raise UserError(f"run_dir={run_dir} cannot hold the run's files ({exc.strerror}); "
+                        "fix: another run_dir=PATH") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -690,3 +690,10 @@ def test_settings_of_the_wrong_type_are_refused_in_one_line(kw, match):
     # value; max_steps=1.5 and the strings raised TypeErrors.
     with pytest.raises(UserError, match=match):
         train._resolve(train.TrainConfig(model="vit_cifar", **kw))
+
+
+def test_a_run_dir_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "run").write_text("not a folder")  # was a FileExistsError traceback
+    with pytest.raises(UserError, match=r"^run_dir=\S*run cannot hold the run's files .*"
+                                        r"fix: another run_dir=PATH"):
+        train.train(train.TrainConfig(model="vit_cifar", run_dir=str(tmp_path / "run")))
