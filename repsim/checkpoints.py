@@ -72,6 +72,7 @@ def hold_run(run_dir: Path) -> Iterator[None]:
     except ImportError:  # no flock (Windows): unguarded, as paths.lock
         yield
         return
+    made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / "state.pt.lock", "a")  # paths.lock's file: released on exit
@@ -85,7 +86,13 @@ def hold_run(run_dir: Path) -> Iterator[None]:
             raise UserError(f"run {run_dir} is being trained by another process; valid: one "
                             "process per run; fix: wait for it to end, or out=PATH and "
                             "run_dir=PATH both new for a separate run") from None
-        yield
+        try:
+            yield
+        except BaseException:  # refused before any work (bad settings): leave no new folder
+            if made and [p.name for p in run_dir.iterdir()] == [Path(f.name).name]:
+                Path(f.name).unlink()
+                run_dir.rmdir()
+            raise
 
 
 def read_log(log_path: Path) -> list[dict[str, Any]]:
