@@ -1,15 +1,18 @@
-"""A run's deliverable files: float16 weights, the manifest beside them, and snapshots.
+"""A run's files: float16 weights, the manifest beside them, snapshots and the epoch log.
 
 ``<dir>/<name>.pt`` is listed in ``<dir>/manifest.json``; snapshots (``--snapshots``) are
 ``<dir>/<name>_snapshots/epoch<E>.pt`` in the checkpoint's format, listed in that folder's
-``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input).
+``index.json`` and under ``snapshots`` in the manifest entry (the ``dynamics`` figure's input);
+the run directory's ``log.jsonl`` holds a JSON row per epoch.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +58,63 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         rows = [r for r in rows if r.get("name") != entry["name"]]
         data["checkpoints"] = sorted([*rows, entry], key=lambda r: r["name"])
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the run's log
+
+
+@contextmanager
+def hold_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for this process: two processes on one run (the same command twice,
+    or restart=True beside a running one) would overwrite each other's state and log rows."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded, as paths.lock
+        yield
+        return
+    made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(run_dir / "state.pt.lock", "a")  # paths.lock's file: released on exit
+    except OSError as exc:  # a file of that name, no permission
+        raise UserError(f"run_dir={run_dir} cannot hold the run's files ({exc.strerror}); "
+                        "fix: another run_dir=PATH") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run {run_dir} is being trained by another process; valid: one "
+                            "process per run; fix: wait for it to end, or out=PATH and "
+                            "run_dir=PATH both new for a separate run") from None
+        try:
+            yield
+        except BaseException:  # refused before any work (bad settings): leave no new folder
+            if made and [p.name for p in run_dir.iterdir()] == [Path(f.name).name]:
+                Path(f.name).unlink()
+                run_dir.rmdir()
+            raise
+
+
+def read_log(log_path: Path) -> list[dict[str, Any]]:
+    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
+    a run killed while an older repsim appended to its log, before the state of that epoch."""
+    if not log_path.is_file():
+        return []
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError:
+            if i + 1 < len(lines):
+                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
+                                "start the run over, or another run_dir=PATH") from None
+    return rows
+
+
+def write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
+    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -132,6 +192,19 @@ def save_snapshot(ckpt_path: Path, epoch: int, state_dict: dict[str, torch.Tenso
     rows = sorted([*(r for r in snapshots(ckpt_path) if r["epoch"] != epoch), entry],
                   key=lambda r: r["epoch"])
     paths.write_json(folder / "index.json", {"checkpoint": ckpt_path.name, "snapshots": rows})
+
+
+def warn_of_lost_snapshots(ckpt_path: Path, epochs: Sequence[int], start_epoch: int,
+                           name: str) -> None:
+    """Warn of snapshot ``epochs`` that the run ``name`` resumed (or finished) at
+    ``start_epoch`` has passed without keeping them: no later save can make them."""
+    kept = {s["epoch"] for s in snapshots(ckpt_path)}
+    lost = [e for e in epochs if e <= start_epoch and e not in kept]
+    if start_epoch and lost:
+        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
+                      f"{name} had trained to epoch {start_epoch} without keeping them; "
+                      "fix: restart=True to train it again from scratch and keep them",
+                      stacklevel=3)
 
 
 def clear_snapshots(ckpt_path: Path) -> None:

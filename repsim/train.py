@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import json
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from repsim import __version__, checkpoints, paths, recipes, registry
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
 from repsim.weights import checkpoint_dir, sha256_file
@@ -74,22 +74,40 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe]:
                         "cifar10/test")
     cfg = dataclasses.replace(cfg, dataset=cfg.dataset.lower(), **{
         k: getattr(recipe, k) for k in ("epochs", "batch_size", "lr") if getattr(cfg, k) is None})
-    for name in ("epochs", "batch_size", "eval_every"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int):  # written to JSON: int only
-            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= 1")
-        if value < 1:
-            raise UserError(f"{name}={value} is not positive; valid: an integer >= 1")
+    cfg = _plain_numbers(cfg)
     if not 0 < cfg.lr < math.inf:
         raise UserError(f"lr={cfg.lr} is not positive; valid: a finite float > 0, e.g. 1e-4")
     if not 0 < cfg.train_fraction <= 1:
         raise UserError(f"train_fraction={cfg.train_fraction} is out of range; valid: (0, 1], "
                         "e.g. 0.1 for 10% of each class")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise UserError(f"seed={cfg.seed!r} is no seed; valid: an integer >= 0, e.g. 0")
     if cfg.time_limit is not None and not cfg.time_limit > 0:
         raise UserError(f"time_limit={cfg.time_limit} is not positive; valid: minutes > 0, e.g. 8")
     return cfg, recipe
+
+
+def _plain_numbers(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its counts and seeds as int and its reals as float (numpy's too: they are
+    written to JSON); UserError for another type, a count below 1 or a negative seed."""
+    plain: dict[str, Any] = {}
+    for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 1), ("max_steps", 0),
+                      ("seed", 0), ("weights_seed", 0)):
+        value = getattr(cfg, name)
+        if value is None and name in ("max_steps", "weights_seed"):  # None: not set
+            continue
+        if name.endswith("seed") and not is_whole(value, 0):
+            raise UserError(f"{name}={value!r} is no seed; valid: an integer >= 0, e.g. 0")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise UserError(f"{name}={value!r} is not an integer; valid: an integer >= {low}")
+        if value < low:
+            raise UserError(f"{name}={value} is {'not positive' if low else 'negative'}; "
+                            f"valid: an integer >= {low}")
+        plain[name] = int(value)
+    for name in ("lr", "train_fraction", "time_limit"):  # their ranges: checked by the caller
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real | None):
+            raise UserError(f"{name}={value!r} is not a number; valid: a float, e.g. 0.5")
+        plain[name] = None if value is None else float(value)
+    return dataclasses.replace(cfg, **plain)
 
 
 def run_name(cfg: TrainConfig) -> str:
@@ -162,7 +180,7 @@ class _Run:
     """What the training loop reads and advances: settings (``cfg`` with the recipe's defaults
     filled in), data on the device, model, optimiser and progress; resumed unless restarted."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         from repsim.models import resolve_device
 
         self.spec = registry.get_spec(cfg.model)
@@ -172,8 +190,7 @@ class _Run:
         precision = train_precision(dev, cfg.precision)
         self.name = run_name(cfg)
         self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
-        self.run_dir = (Path(cfg.run_dir).expanduser() if cfg.run_dir
-                        else paths.cache_dir("runs", self.name))
+        self.run_dir = run_dir
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
         from repsim.data import CLASS_COUNTS  # known before any image is read: a start's
         num_classes = CLASS_COUNTS[cfg.dataset]  # head is settled, a useless weights_seed refused
@@ -211,10 +228,9 @@ class _Run:
         if self.state_path.is_file() and not cfg.restart:
             self._resume()
         else:  # from scratch: a saved state, log and snapshots beside `out` are another run's
-            self.state_path.unlink(missing_ok=True)
-            self.log_path.unlink(missing_ok=True)
+            for old in (self.state_path, self.log_path):  # (train made run_dir, to hold it)
+                old.unlink(missing_ok=True)
             checkpoints.clear_snapshots(self.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
@@ -247,7 +263,7 @@ class _Run:
         self.start_epoch = self.resumed_from = int(state["epoch"])
         self.step = self.start_epoch * self.steps_per_epoch
         # Rows of epochs after the saved state (a save interrupted before the state) go.
-        _write_log(self.log_path, [r for r in _read_log(self.log_path)
+        checkpoints.write_log(self.log_path, [r for r in checkpoints.read_log(self.log_path)
                                    if r["epoch"] <= self.start_epoch])
 
     def _load_data(self) -> dict[str, Any]:
@@ -285,17 +301,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Each epoch trains on a fresh permutation of the training subset; the run is saved
     (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
     and before a ``time_limit`` would cut the next epoch, which is then not started.
-    ``max_steps`` stops mid-epoch without saving (tests, smoke runs). Summary keys:
+    ``max_steps`` stops mid-epoch without saving, but saves an epoch it ends (tests, smoke
+    runs). Summary keys:
     checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
     epochs, epochs_planned, test_accuracy, test_loss, resumed_from, seconds, steps,
     train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
     stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
-    run = _Run(cfg)
+    registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
+    c = _resolve(cfg)[0]
+    run_dir = Path(c.run_dir).expanduser() if c.run_dir else paths.cache_dir("runs", run_name(c))
+    with checkpoints.hold_run(run_dir):
+        return _train(_Run(cfg, run_dir), t_start)
+
+
+def _train(run: _Run, t_start: float) -> dict[str, Any]:
+    """:func:`train` of ``run``, whose run directory this process holds."""
     cfg = run.cfg
     summary = _first_summary(run)
-    _warn_of_lost_snapshots(run)
+    if run.start_epoch >= cfg.epochs and not run.out.is_file():  # finished: a new or lost out
+        summary.update(_write_checkpoint(run, run.start_epoch, *_scored_half(run), t_start))
+    checkpoints.warn_of_lost_snapshots(run.out, run.snap_epochs, run.start_epoch, run.name)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
     stopped = None  # None | "max_steps" | "time limit"
     epoch_s, finish_s = None, None  # last epoch's training time; longest evaluate + save
@@ -316,8 +343,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # An evaluation + save not yet measured is assumed to cost one epoch. A snapshot
         # epoch is always saved, so that its weights are scored and kept.
         fits = _fits(epoch_s, epoch_s if finish_s is None else finish_s, deadline)
+        # A max_steps that ends this very epoch saves it: the next one would be cut.
         if (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.eval_every == 0
-                or epoch + 1 in run.snap_epochs or not fits):
+                or epoch + 1 in run.snap_epochs or not fits or run.step == cfg.max_steps):
             t0 = time.perf_counter()
             summary.update(_save(run, epoch + 1, pending, t_start))
             finish_s = max(finish_s or 0.0, time.perf_counter() - t0)
@@ -326,7 +354,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if run.log_path.is_file():
         from repsim.figures import draw
 
-        fig = draw.training_curve(_read_log(run.log_path), run.name)
+        fig = draw.training_curve(checkpoints.read_log(run.log_path), run.name)
         summary["curve"] = str(draw.save(fig, run.run_dir / "curve", formats=("png",))[0])
     summary.update(steps=run.step, seconds=time.perf_counter() - t_start, stopped=stopped,
                    snapshots=[s["epoch"] for s in checkpoints.snapshots(run.out)],
@@ -344,22 +372,10 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                                "epochs_planned": run.cfg.epochs, "resumed_from": run.resumed_from,
                                "epochs": run.start_epoch, "precision": run.meta["precision"]}
     if run.start_epoch >= run.cfg.epochs:
-        last = next((r for r in reversed(_read_log(run.log_path))
+        last = next((r for r in reversed(checkpoints.read_log(run.log_path))
                      if r.get("test_accuracy") is not None), {})
         summary.update(test_accuracy=last.get("test_accuracy"), test_loss=last.get("test_loss"))
     return summary
-
-
-def _warn_of_lost_snapshots(run: _Run) -> None:
-    """Warn of snapshot epochs the resumed (or finished) run has passed without keeping them:
-    those weights are gone, and no later save can make them."""
-    kept = {s["epoch"] for s in checkpoints.snapshots(run.out)}
-    lost = [e for e in run.snap_epochs if e <= run.start_epoch and e not in kept]
-    if run.start_epoch and lost:
-        warnings.warn(f"snapshots at epochs {', '.join(map(str, lost))} cannot be made: "
-                      f"{run.name} had trained to epoch {run.start_epoch} without keeping them; "
-                      "fix: restart=True to train it again from scratch and keep them",
-                      stacklevel=1)
 
 
 def _fits(epoch_s: float, finish_s: float, deadline: float | None) -> bool:
@@ -435,6 +451,27 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending[-1].update(test_loss=test["loss"], test_accuracy=test["accuracy"])
     if epoch_done in run.snap_epochs:
         checkpoints.save_snapshot(run.out, epoch_done, half, test, run.meta, pending[-1])
+    summary = _write_checkpoint(run, epoch_done, half, test, t_start)
+    checkpoints.write_log(run.log_path, checkpoints.read_log(run.log_path) + pending)
+    pending.clear()
+    # The resumable state goes last: an interruption before it leaves the previous state,
+    # from which the same command redoes this save (and drops the log rows past it).
+    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
+    if cfg.progress:
+        tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
+                   f"acc {test['accuracy']:.2f}%")
+    return summary
+
+
+def _write_checkpoint(run: _Run, epoch_done: int, half: dict[str, torch.Tensor],
+                      test: dict[str, float], t_start: float) -> dict[str, Any]:
+    """Write the checkpoint of ``half`` (scored ``test``) and its manifest entry; returns the
+    summary entries of this save."""
+    cfg = run.cfg
     meta = {**run.meta, "epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "compiled": run.forward is not run.model,
             "minutes_this_session": round((time.perf_counter() - t_start) / 60.0, 2),
@@ -450,18 +487,6 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
         "sha256": sha256_file(run.out),
         **{k: meta[k] for k in ("hardware", "precision", "minutes_this_session", "date")},
         "data_source": meta["data"]["train_source"], **({"snapshots": snaps} if snaps else {})})
-    _write_log(run.log_path, _read_log(run.log_path) + pending)
-    pending.clear()
-    # The resumable state goes last: an interruption before it leaves the previous state,
-    # from which the same command redoes this save (and drops the log rows past it).
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
-    state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
-    paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
-    if cfg.progress:
-        tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "
-                   f"acc {test['accuracy']:.2f}%")
     return {"epochs": epoch_done, "test_accuracy": test["accuracy"],
             "test_loss": test["loss"], "manifest": str(manifest)}
 
@@ -472,25 +497,3 @@ def _scored_half(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     saved = copy.deepcopy(run.model)
     saved.load_state_dict(half)
     return half, evaluate(saved, run.spec, run.x_test, run.y_test, run.cfg.eval_batch_size)
-
-
-def _read_log(log_path: Path) -> list[dict[str, Any]]:
-    """A run's log rows, one per epoch ([] before the first save), without a torn last line:
-    a run killed while an older repsim appended to its log, before the state of that epoch."""
-    if not log_path.is_file():
-        return []
-    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-    rows = []
-    for i, ln in enumerate(lines):
-        try:
-            rows.append(json.loads(ln))
-        except ValueError:
-            if i + 1 < len(lines):
-                raise UserError(f"{log_path} line {i + 1} is not JSON; fix: restart=True to "
-                                "start the run over, or another run_dir=PATH") from None
-    return rows
-
-
-def _write_log(log_path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace the log with ``rows``, atomically (rewritten whole: a few hundred lines)."""
-    paths.write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))

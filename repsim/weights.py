@@ -71,7 +71,8 @@ def read_weights(path: str | os.PathLike) -> Any:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state dict, metadata)`` of a weights file: a bare state dict, or a checkpoint dict
     holding it under "state_dict" (or "model", DeiT/MAE style) next to metadata. A
-    DistributedDataParallel "module." prefix is stripped."""
+    DistributedDataParallel "module." prefix (on every key) is stripped; :func:`load_into`
+    puts it back for a model whose own keys carry it."""
     import torch
 
     sd = obj = read_weights(path)
@@ -93,7 +94,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} is not a state dict: {len(odd)} of {len(sd)} keys are not "
                         f"parameter names{_examples(odd)}; valid: a name -> tensor mapping; "
                         "fix: save model.state_dict()")
-    return {k.removeprefix("module."): v for k, v in sd.items()}, meta
+    if all(k.startswith("module.") for k in sd):  # DistributedDataParallel prefixes every key
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return dict(sd), meta
 
 
 def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike,
@@ -102,6 +105,8 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.P
     every key present, none extra, every shape equal. Tensors are cast to each parameter's own
     dtype (checkpoints may be stored in float16). ``note``/``hint`` extend the messages."""
     target = model.state_dict()
+    if set(sd) != set(target) and {f"module.{k}" for k in sd} == set(target):
+        sd = {f"module.{k}": v for k, v in sd.items()}  # the model's own "module." (a wrapper)
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     if missing or unexpected:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -622,3 +623,77 @@ def test_max_steps_at_the_end_of_an_epoch_keeps_that_epoch_and_takes_no_more_ste
     res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", max_steps=2))
     assert (res["epochs"], res["steps"], res["stopped"]) == (1, 2, "max_steps")
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 1
+
+
+def test_max_steps_at_the_end_of_an_epoch_saves_it_between_eval_every_saves(
+        toy_root, tmp_path, mlp):
+    # 2 steps an epoch; max_steps=4 ends epoch 2 exactly. With eval_every=3 epoch 2 was not
+    # saved: the run reported 0 epochs and its work was lost.
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=5,
+                           eval_every=3, max_steps=4))
+    assert (res["epochs"], res["steps"], res["stopped"]) == (2, 4, "max_steps")
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_path, mlp):
+    # The summary named a checkpoint that did not exist (nothing was saved to a new out=).
+    train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
+    new = tmp_path / "elsewhere" / "m2.pt"
+    res = train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1,
+                           out=str(new)))
+    ck = torch.load(new, weights_only=True)
+    old = torch.load(tmp_path / "ck" / "m.pt", weights_only=True)
+    assert ck["epochs"] == 1 and ck["test_accuracy"] == res["test_accuracy"]
+    for k, v in old["state_dict"].items():
+        assert torch.equal(v, ck["state_dict"][k]), k
+    (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
+    assert row["name"] == "m2" and row["sha256"] == sha256_file(new)
+    assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+
+
+def test_a_second_process_on_the_same_run_is_refused(toy_root, tmp_path, mlp):
+    # Two runs of one state (the same command twice, or a restart=True beside a running one)
+    # overwrote each other's state, log rows and snapshots. The lock is held as a second
+    # process would hold it: flock locks of two open files exclude each other.
+    (tmp_path / "run").mkdir()
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    with paths.lock(tmp_path / "run" / "state.pt"):
+        with pytest.raises(UserError, match=r"run .* is being trained by another process"):
+            train.train(dataclasses.replace(cfg, restart=True))
+    assert train.train(cfg)["epochs"] == 1  # released: the run goes on
+
+
+def test_counts_given_as_numpy_integers_are_plain_ints_after_resolving():
+    # epochs=np.int64(3) (a sweep over np.arange) was refused as "not an integer", and a
+    # numpy weights_seed crashed the first save, after an epoch of training (JSON manifest).
+    counts = dict(epochs=3, batch_size=10, eval_every=2, seed=1, weights_seed=2, max_steps=5)
+    cfg, _ = train._resolve(train.TrainConfig(
+        model="vit_cifar", **{k: np.int64(v) for k, v in counts.items()}))
+    assert {k: getattr(cfg, k) for k in counts} == counts
+    assert all(type(getattr(cfg, k)) is int for k in counts)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"weights_seed": 1.5}, r"^weights_seed=1\.5 is no seed"),
+    ({"weights_seed": "3"}, r"^weights_seed='3' is no seed"),
+    ({"weights_seed": -1}, r"^weights_seed=-1 is no seed"),
+    ({"weights_seed": True}, r"^weights_seed=True is no seed"),
+    ({"max_steps": 1.5}, r"^max_steps=1\.5 is not an integer"),
+    ({"max_steps": "3"}, r"^max_steps='3' is not an integer"),
+    ({"max_steps": -1}, r"^max_steps=-1 is negative"),
+    ({"lr": "1e-3"}, r"^lr='1e-3' is not a number"),
+    ({"train_fraction": "0.5"}, r"^train_fraction='0\.5' is not a number"),
+    ({"time_limit": "5"}, r"^time_limit='5' is not a number"),
+])
+def test_settings_of_the_wrong_type_are_refused_in_one_line(kw, match):
+    # weights_seed=1.5 or "3" trained (torch.manual_seed truncates) and recorded the odd
+    # value; max_steps=1.5 and the strings raised TypeErrors.
+    with pytest.raises(UserError, match=match):
+        train._resolve(train.TrainConfig(model="vit_cifar", **kw))
+
+
+def test_a_run_dir_that_is_a_file_is_a_user_error(tmp_path):
+    (tmp_path / "run").write_text("not a folder")  # was a FileExistsError traceback
+    with pytest.raises(UserError, match=r"^run_dir=\S*run cannot hold the run's files .*"
+                                        r"fix: another run_dir=PATH"):
+        train.train(train.TrainConfig(model="vit_cifar", run_dir=str(tmp_path / "run")))
