@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,14 @@ import numpy as np
 import torch
 
 from repsim import sketch
-from repsim.features import feature_set, in_memory, pick_device, read_rows, take
+from repsim.features import (
+    default_memory_budget,
+    feature_set,
+    in_memory,
+    pick_device,
+    read_rows,
+    take,
+)
 from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, minibatches  # noqa: F401
 
 F64 = torch.float64
@@ -230,16 +236,6 @@ def _tile(side: list[_Layer], xr: list, xc: list, r0: int, c0: int, diag: int, k
     return out
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """A quarter of the device's memory, between 1 and 16 GiB."""
-    try:
-        total = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
-                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, RuntimeError, AttributeError):
-        total = 8 * 1024**3
-    return int(min(16 * 1024**3, max(1024**3, total // 4)))
-
-
 class MinibatchCKA:
     """Sums HSIC over batches (``update(batch_a, batch_b)``: feature sets of the same ``m``
     samples): unbiased HSIC (``debiased``, the minibatch estimator) or ``tr(K H L H) / m^2``;
@@ -284,7 +280,7 @@ class MinibatchCKA:
                           RuntimeWarning, stacklevel=3)
             return self
         dev = self.device or pick_device(mats_a + mats_b, None)
-        budget = self.memory_budget or default_memory_budget(dev)
+        budget = default_memory_budget(dev, self.memory_budget)
         todo = [(names_a, mats_a, self.sigma2[0]), (names_b, mats_b, self.sigma2[1])][:2 - same]
         # Centred float64 features stay in memory when they fit in half the budget.
         resident = 8 * m * sum(x.shape[1] for _, mats, _ in todo for x in mats) <= budget // 2
@@ -386,7 +382,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
     sketch.check_rows(n, estimator)
     dev = pick_device(mats_a + mats_b, device)
-    budget = memory_budget or default_memory_budget(dev)
+    budget = default_memory_budget(dev, memory_budget)
     mini = estimator == "minibatch"
     res = sketch.new_result(names_a, names_b, kernel, estimator, n, threshold, batch_size,
                             batch_seed)

@@ -9,6 +9,8 @@ a name -> matrix mapping, of them. The CKA engine (:mod:`repsim.cka`) and the st
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +61,20 @@ def pick_device(mats: list[Any], device: str | torch.device | None) -> torch.dev
     if device is not None:
         return torch.device(device)
     return next((m.device for m in mats if isinstance(m, torch.Tensor)), torch.device("cpu"))
+
+
+def default_memory_budget(device: torch.device, given: Any = None) -> int:
+    """``given`` (bytes, checked), else a quarter of the device's memory, 1 to 16 GiB."""
+    if given is not None:  # 0 is no budget, "2GiB" no number of bytes
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
+            raise ValueError(f"memory_budget={given!r} is not a number of bytes >= 1, e.g. 2**30")
+        return int(given)
+    try:
+        total = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        total = 8 * 1024**3
+    return int(min(16 * 1024**3, max(1024**3, total // 4)))
 
 
 def read_rows(x: Any, a: int, b: int | None, device: torch.device) -> torch.Tensor:

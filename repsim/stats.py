@@ -412,7 +412,7 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     batches = batches or [np.arange(n)]
     for i, rows in enumerate(batches):  # a shorter batch would divide by zero in the centring
         check_rows(len(rows), estimator, i)
-    budget, layers = memory_budget or default_memory_budget(dev), len(mats_a) + len(mats_b)
+    budget, layers = default_memory_budget(dev, memory_budget), len(mats_a) + len(mats_b)
     if permutations:
         check_null_fits(permutations, estimator, batches, layers, budget)
     terms, loos, sizes, pr_a, pr_b, ca, cb = [], [], [], 0.0, 0.0, [], []

@@ -661,3 +661,11 @@ def test_features_that_are_no_real_numbers_are_refused(dtype):
     x = np.random.default_rng(0).normal(size=(8, 3)).astype(dtype)
     with pytest.raises(ValueError, match=r"layer 'a\[0\]' holds .* values; CKA needs real"):
         cka.compare([x], [np.ones((8, 2))])
+
+
+@pytest.mark.parametrize("budget", ["2GiB", 0, -1, True, 2.5])
+def test_a_memory_budget_that_is_no_number_of_bytes_is_refused(budget):
+    # "2GiB" raised TypeError deep in the engine; 0 silently meant the default budget.
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    with pytest.raises(ValueError, match=r"memory_budget=.* is not a number of bytes >= 1"):
+        cka.compare([x], [x], memory_budget=budget)
