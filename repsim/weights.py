@@ -71,8 +71,8 @@ def read_weights(path: str | os.PathLike) -> Any:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state dict, metadata)`` of a weights file: a bare state dict, or a checkpoint dict
     holding it under "state_dict" (or "model", DeiT/MAE style) next to metadata. A
-    DistributedDataParallel "module." prefix (on every key) is stripped; :func:`load_into`
-    puts it back for a model whose own keys carry it."""
+    torch.compile "_orig_mod." and a DistributedDataParallel "module." prefix (on every key)
+    are stripped; :func:`load_into` puts "module." back for a model whose own keys carry it."""
     import torch
 
     sd = obj = read_weights(path)
@@ -94,8 +94,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise UserError(f"{path} is not a state dict: {len(odd)} of {len(sd)} keys are not "
                         f"parameter names{_examples(odd)}; valid: a name -> tensor mapping; "
                         "fix: save model.state_dict()")
-    if all(k.startswith("module.") for k in sd):  # DistributedDataParallel prefixes every key
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    for prefix in ("_orig_mod.", "module."):  # torch.compile's, then DistributedDataParallel's
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k.removeprefix(prefix): v for k, v in sd.items()}
     return dict(sd), meta
 
 
