@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
                          "one label per image and at least one image")
     dev = images.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    correct, broken = (torch.zeros((), dtype=torch.int64, device=dev) for _ in range(2))
     starts = range(0, len(images), batch_size)
     # eval_mode, not model.train(was_training) after: that would switch a part kept in eval
     # mode during training (frozen BatchNorm) to train mode, and skip it on an error.
@@ -112,8 +112,13 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
             with autocast(dev):
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
+            ok = torch.isfinite(logits).all(1)  # NaN logits argmax to class 0: no guess
+            correct += ((logits.argmax(1) == y) & ok).sum()
+            broken += (~ok).sum()
     n = len(images)
+    if broken.item():
+        warnings.warn(f"{broken.item()} of {n} images gave non-finite logits (a diverged or "
+                      "overflowing model?); they count as wrong", RuntimeWarning, stacklevel=2)
     return {"accuracy": 100.0 * correct.item() / n, "loss": loss_sum.item() / n, "n": n}
 
 

@@ -110,3 +110,19 @@ def test_images_without_one_label_each_are_refused(levels, labels):
     with pytest.raises(ValueError, match=r"images \(\d+\) and labels \(\d+\)"):
         evaluation.evaluate(Guess(), SPEC, _images(levels).reshape(-1, 2, 2, 3),
                             torch.tensor(labels, dtype=torch.int64))
+
+
+class _Diverged(Guess):
+    """A diverged model: NaN logits for images of grey level 0, else Guess's."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return torch.where(x[:, :1, 0, 0] == 0, torch.nan, logits)
+
+
+def test_images_with_non_finite_logits_count_as_wrong_with_a_warning():
+    # NaN logits argmax to class 0: a diverged model scored the share of class 0, silently.
+    with pytest.warns(RuntimeWarning, match="2 of 4 images gave non-finite logits"):
+        res = evaluation.evaluate(_Diverged(), SPEC, _images([0, 0, 1, 2]),
+                                  torch.tensor([0, 0, 1, 2]))
+    assert res["accuracy"] == 50.0 and math.isnan(res["loss"])
