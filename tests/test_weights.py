@@ -31,18 +31,11 @@ def test_a_model_whose_own_keys_start_with_module_loads_its_own_file(tmp_path):
     assert torch.equal(dst.module.weight, src.module.weight)
 
 
-def test_a_data_parallel_prefix_is_still_stripped(tmp_path):
-    src, dst = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, tmp_path / "d.pt")
-    sd, _ = read_state_dict(tmp_path / "d.pt")
-    load_into(dst, sd, tmp_path / "d.pt", "linear")
-    assert torch.equal(dst.weight, src.weight)
-
-
-def test_the_prefix_of_a_compiled_models_state_dict_is_stripped(tmp_path):
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.module."])
+def test_a_data_parallel_or_compiled_prefix_is_stripped(tmp_path, prefix):
     # torch.compile(model).state_dict() names every key "_orig_mod.<key>": it was refused.
     src, dst = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    torch.save({f"_orig_mod.module.{k}": v for k, v in src.state_dict().items()}, tmp_path / "c.pt")
-    sd, _ = read_state_dict(tmp_path / "c.pt")
-    load_into(dst, sd, tmp_path / "c.pt", "linear")
+    torch.save({prefix + k: v for k, v in src.state_dict().items()}, tmp_path / "d.pt")
+    sd, _ = read_state_dict(tmp_path / "d.pt")
+    load_into(dst, sd, tmp_path / "d.pt", "linear")
     assert torch.equal(dst.weight, src.weight)
