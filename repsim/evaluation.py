@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, spec, images: torch.Tensor, labels: torch.Tensor,
     with eval_mode(model):
         for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False):
             x = prepare(spec, images[s:s + batch_size])
-            y = labels[s:s + batch_size]
+            y = labels[s:s + batch_size].long()  # cross_entropy takes int64 targets only
             with autocast(dev):
                 logits = model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()

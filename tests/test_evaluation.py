@@ -126,3 +126,10 @@ def test_images_with_non_finite_logits_count_as_wrong_with_a_warning():
         res = evaluation.evaluate(_Diverged(), SPEC, _images([0, 0, 1, 2]),
                                   torch.tensor([0, 0, 1, 2]))
     assert res["accuracy"] == 50.0 and math.isnan(res["loss"])
+
+
+def test_int32_labels_count_as_their_values():
+    # cross_entropy refuses int32 targets: a RuntimeError for labels from np.int32 arrays.
+    res = evaluation.evaluate(Guess(), SPEC, _images([0, 1, 2]),
+                              torch.tensor([0, 1, 3], dtype=torch.int32))
+    assert res["accuracy"] == pytest.approx(200 / 3)
