@@ -30,6 +30,9 @@ from repsim.errors import UserError, is_whole
 # Which reductions make sense per model family (repsim.hooks.reduce does them).
 REDUCTIONS = {"vit": ("flatten", "mean", "cls", "prefix"), "resnet": ("flatten", "mean")}
 DTYPES = ("float32", "float16")
+# Bump when a change alters what a store holds for the same inputs, so that stores made before
+# it are not reused (2: a layer output a later in-place op rewrote is kept as the layer gave it).
+CONTENT_VERSION = 2
 
 
 @dataclass
@@ -111,8 +114,8 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     is_file = file is not None and file.is_file()
     weights = sha256_file(file) if is_file else w or spec.default_weights
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
-    return {"format": FORMAT, "model": canonical_name(cfg.model), "weights": weights,
-            "weights_seed": None if is_file else cfg.weights_seed,
+    return {"format": FORMAT, "content": CONTENT_VERSION, "model": canonical_name(cfg.model),
+            "weights": weights, "weights_seed": None if is_file else cfg.weights_seed,
             "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
             "data": data, "preprocessing": preprocessing_info(spec)}
 

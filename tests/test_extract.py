@@ -734,6 +734,18 @@ def test_spellings_of_one_layer_request_share_one_content_address(a, b):
     assert key("1") != key("1,2")
 
 
+def test_a_store_an_older_extractor_filled_is_not_reused(tmp_path, cifar_root, tiny,
+                                                        monkeypatch):
+    # The key held the inputs only: after a fix to what stores hold (a layer output that a
+    # later in-place op rewrote, 5e4de78), the wrong stores of the same inputs were reused.
+    from repsim import extraction
+
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None))
+    monkeypatch.setattr(extraction, "CONTENT_VERSION", extraction.CONTENT_VERSION + 1)
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None))
+    assert not again["reused"] and again["path"] != first["path"]
+
+
 def test_n_none_and_n_of_every_image_are_one_store(tmp_path, cifar_root, tiny):
     # The same images and key, but the file name said n=None as 'nall' and n=20 as 'n20':
     # two paths, so the second run extracted again and kept a second copy.
