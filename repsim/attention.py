@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim.errors import UserError, is_whole
-from repsim.hooks import eval_mode
+from repsim.hooks import as_tensor, eval_mode
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,7 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
 
     from repsim.models import preprocess
 
-    # A copy only when numpy's strides are negative (images[..., ::-1]): torch has none.
-    src = (torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray)
-           else images)
+    src = as_tensor(images)
     is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
         raise ValueError("uint8 images need the model's spec to be preprocessed")

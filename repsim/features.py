@@ -9,7 +9,6 @@ a name -> matrix mapping, of them. The CKA engine (:mod:`repsim.cka`) and the st
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from repsim.errors import is_whole
 from repsim.store import Store
 
 
@@ -66,7 +66,7 @@ def pick_device(mats: list[Any], device: str | torch.device | None) -> torch.dev
 def default_memory_budget(device: torch.device, given: Any = None) -> int:
     """``given`` (bytes, checked), else a quarter of the device's memory, 1 to 16 GiB."""
     if given is not None:  # 0 is no budget, "2GiB" no number of bytes
-        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
+        if not is_whole(given):
             raise ValueError(f"memory_budget={given!r} is not a number of bytes >= 1, e.g. 2**30")
         return int(given)
     try:

@@ -208,6 +208,14 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     return (_images_of(item) for item in images)
 
 
+def as_tensor(x: Any) -> torch.Tensor:
+    """``x`` (array, tensor or nested list) as a tensor, sharing memory where torch can: a copy
+    only for numpy's negative strides (``images[..., ::-1]``), which torch refuses."""
+    if isinstance(x, np.ndarray) and any(s < 0 for s in x.strides):
+        x = np.ascontiguousarray(x)
+    return torch.as_tensor(x)
+
+
 @torch.inference_mode()
 def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | None = None,
             reduce: str = "flatten", batch_size: int = 128,
@@ -239,9 +247,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
             model.to(dev)                           # across devices stays split
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
-                if isinstance(x, np.ndarray) and any(s < 0 for s in x.strides):
-                    x = np.ascontiguousarray(x)  # x[..., ::-1]: torch refuses negative strides
-                x = torch.as_tensor(x).to(dev)
+                x = as_tensor(x).to(dev)
                 model(models.preprocess(spec, x) if spec is not None else x)
                 for name, out in cap.collect(len(x)).items():
                     rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
