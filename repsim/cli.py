@@ -154,8 +154,8 @@ def _config(cls, args: argparse.Namespace, **extra):
 
 
 def _report(args: argparse.Namespace, result: dict, text: str) -> int:
-    print(json.dumps(json.loads(json.dumps(result), parse_constant=lambda _: None))
-          if args.json else text)  # NaN and inf are no JSON (JavaScript refuses them): null
+    from repsim.sketch import jsonable  # NaN, inf: null (strict JSON readers refuse them)
+    print(json.dumps(jsonable(result)) if args.json else text)
     return 0
 
 

@@ -74,14 +74,16 @@ class CKAResult:
 
 
 def jsonable(v: Any) -> Any:
-    """``v`` with arrays as (nested) lists and non-finite floats as None, also inside lists."""
-    if isinstance(v, np.ndarray):
-        return [jsonable(x) for x in v] if v.ndim else jsonable(v.item())
+    """``v`` for JSON, through dicts and lists: arrays and tuples as lists, numpy scalars as
+    Python's, non-finite floats as None (json.dumps writes a bare NaN, which strict readers
+    refuse)."""
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items()}
+    if isinstance(v, (np.ndarray, np.generic)):
+        return jsonable(v.tolist())
     if isinstance(v, (list, tuple)):
         return [jsonable(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def new_result(layers_a: Sequence[str], layers_b: Sequence[str], kernel: str, estimator: str,

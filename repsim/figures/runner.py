@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import sys
 import time
@@ -25,12 +24,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
 from repsim.figures.context import FigureContext, ModelRef, weights_file
+from repsim.sketch import jsonable
 
 FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
@@ -258,19 +256,6 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
-def _strict(v: Any) -> Any:
-    """``v`` with numpy values as Python's, NaN and infinities as None: JSON has no such
-    numbers (json.dumps would write the bare token NaN, which strict readers refuse), and CKA
-    results write None too."""
-    if isinstance(v, dict):
-        return {k: _strict(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_strict(x) for x in v]
-    if isinstance(v, (np.ndarray, np.generic)):  # a kind's CKA matrix, a float32 accuracy
-        return _strict(v.tolist())
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
@@ -331,7 +316,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": str(exc)}
     files = [str(f) for f in files] + [str(record_path)]
-    data = _strict(ctx.data)
+    data = jsonable(ctx.data)
     try:
         json.dumps(data)
     except TypeError as exc:  # a registered kind's data; no record: the files vouch for nothing
