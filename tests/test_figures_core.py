@@ -241,3 +241,71 @@ def test_a_dynamics_panel_without_accuracies_draws_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         draw.dynamics([m], "t", 0.9).canvas.draw()
+
+
+def test_a_kept_figure_of_other_probe_settings_says_so(tmp_path, monkeypatch):
+    """`repsim figures --n 4` kept a figure built (on a GPU machine) from 8 images and listed
+    it like the others, in the summary and REPORT.md: its numbers passed for the n asked.
+    It is still kept (it cannot be rebuilt here), and both say which settings it is of."""
+    from repsim.compare import InputUnavailable
+    from repsim.figures.runner import summary_text
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Reads the probe images; its snapshots then leave (and the manifest changes)."""
+        ctx.images(ctx.probe_spec(spec))
+        ctx.manifest()
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
+    run = lambda **o: build_all(tmp_path / "a", tmp_path / "f", overrides=o,  # noqa: E731
+                                progress=False)
+    run()
+    here["inputs"] = False
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    res = run(n=4, seed=1)
+    (kept,) = res["kept"]
+    note = "built with n = 8, seed = 0; this run asks n = 4, seed = 1"
+    assert kept["settings"] == note
+    line = f"kept    s: no snapshots here; not of this run's probe settings: {note}"
+    assert line in summary_text(res)
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert f"Not of this run's probe settings: {note}." in report
+    (kept,) = run()["kept"]  # the settings it was built with: nothing to say
+    assert "settings" not in kept
+    assert "this run asks" not in (tmp_path / "f" / "REPORT.md").read_text()
+
+
+def test_a_kept_figure_that_reads_no_probe_is_of_any_probe_settings(tmp_path, monkeypatch):
+    """The note on a kept figure of other probe settings is for figures that read a probe:
+    one of the manifest alone is the same whatever --n asks."""
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+
+    def build_runs(spec, ctx):
+        """Reads the manifest; the runs it names then leave."""
+        if not ctx.manifest()["checkpoints"]:
+            raise InputUnavailable("no runs here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "runs", None)  # restored after the test
+    figure_kind("runs")(build_runs)
+    write(tmp_path / "a", "r", 'kind = "runs"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    (kept,) = build_all(tmp_path / "a", tmp_path / "f", overrides={"n": 4},
+                        progress=False)["kept"]
+    assert "settings" not in kept

@@ -235,6 +235,8 @@ def _section(out: Path, name: str, record: dict, kept: dict | None = None) -> st
     if kept:
         text += (f"\n\nBuilt on {record.get('hardware') or 'another machine'}; not rebuilt "
                  f"here: {_portable(kept['reason'])}")
+        if kept.get("settings"):
+            text += f"\n\nNot of this run's probe settings: {kept['settings']}."
         if kept.get("changed"):
             text += ("\n\nIts numbers are of weights that are not the files here now: "
                      + "; ".join(kept["changed"]) + ".")

@@ -256,6 +256,31 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
+def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
+    """For a kept build: the probe settings it was built with, where this run's overrides
+    (``--n``, ``--seed``, ...) ask others, in one line; None when the same, or it read no
+    probe. Its numbers are of those settings, not of the ones asked."""
+    try:
+        reads_probe = any("probe" in json.loads(k) for k in record.get("deps") or {})
+    except ValueError:
+        reads_probe = True
+    then, now = record.get("overrides") or {}, ctx.key_overrides(spec)
+    if not reads_probe or not isinstance(then, dict) or then == now:
+        return None
+    own = {**{f.name: getattr(ProbeSpec(), f.name) for f in fields(ProbeSpec)},
+           **(spec.get("probe") or {})}
+    keys = [k for k in PROBE_KEYS if {**own, **then}[k] != {**own, **now}[k]]
+    if not keys:  # overrides that differ in no probe setting (a hand-edited record)
+        return None
+
+    def show(values: dict) -> str:  # as the spec's [probe] writes them; n = None: all images
+        vals = {**own, **values}
+        return ", ".join(f"{k} = {'all' if vals[k] is None else json.dumps(vals[k])}"
+                         for k in keys)
+
+    return f"built with {show(then)}; this run asks {show(now)}"
+
+
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
@@ -308,7 +333,9 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     except InputUnavailable as exc:
         kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
+            other = _other_settings(ctx, spec, record)
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
+                            **({"settings": other} if other else {}),
                             "changed": _changed_weights(ctx, record)}
         record_path.unlink(missing_ok=True)
         return "skipped", {**entry, "reason": str(exc)}
@@ -333,11 +360,13 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     return "built", {**entry, "files": files}
 
 
-def _changed_note(entry: dict) -> str:
-    """For a kept figure read from weights that are not the files here: which, after "; "."""
-    changed = entry.get("changed")
-    return ("; its numbers are of other weights than the files here: " + "; ".join(changed)
-            if changed else "")
+def _kept_note(entry: dict) -> str:
+    """For a kept figure of other probe settings than this run's, or read from weights that
+    are not the files here: which, after "; "."""
+    changed, other = entry.get("changed"), entry.get("settings")
+    return ((f"; not of this run's probe settings: {other}" if other else "")
+            + ("; its numbers are of other weights than the files here: " + "; ".join(changed)
+               if changed else ""))
 
 
 def summary_text(summary: dict) -> str:
@@ -345,7 +374,7 @@ def summary_text(summary: dict) -> str:
     files, or why kept, skipped or failed, and a kept one's changed weights), then the counts."""
     lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
              for status in ("built", "cached") for e in summary[status]]
-    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _changed_note(e)
+    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _kept_note(e)
               for status in ("kept", "skipped", "failed") for e in summary[status]]
     counts = ", ".join(f"{len(summary[k])} {k}"
                        for k in ("built", "cached", "skipped", "failed", "kept"))
@@ -370,7 +399,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         status, entry = _build_one(name, spec, ctx)
         summary[status].append(entry)
         ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                         else "") + _changed_note(entry))
+                                         else "") + _kept_note(entry))
     if not only:  # the report covers every spec, so only a full run rewrites it
         from repsim.figures.report import write_report
 
