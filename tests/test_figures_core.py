@@ -309,3 +309,27 @@ def test_a_kept_figure_that_reads_no_probe_is_of_any_probe_settings(tmp_path, mo
     (kept,) = build_all(tmp_path / "a", tmp_path / "f", overrides={"n": 4},
                         progress=False)["kept"]
     assert "settings" not in kept
+
+
+def test_a_registered_models_preprocessing_is_in_its_figures_fingerprint(tmp_path, monkeypatch):
+    """Fixing a registered model's mean/std (or input size) makes new stores, but its figures
+    kept their key (the same architecture and file), so `repsim figures` said `cached` and
+    showed the numbers of the old preprocessing."""
+    import repsim
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    (tmp_path / "w.pt").write_bytes(b"same file")
+
+    def fingerprint(weights: str, **prep) -> dict:
+        registry._REGISTRY.pop("prep_fig", None)
+        repsim.register_model("prep_fig", input_size=4, **prep)(
+            lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes)))
+        return FigureContext(tmp_path).fingerprint(
+            {"type": "model", "ref": {"model": "prep_fig", "weights": weights}})
+
+    for weights in (str(tmp_path / "w.pt"), "random"):
+        plain = fingerprint(weights)
+        assert plain == fingerprint(weights)
+        assert plain != fingerprint(weights, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        assert plain != fingerprint(weights, interpolation="bicubic")

@@ -287,22 +287,24 @@ class FigureContext:
         return out
 
     def _weights_print(self, ref: ModelRef) -> str | None:
-        from repsim.registry import canonical_name, get_spec, user_architecture
+        from repsim.registry import canonical_name, get_spec, preprocessing_info, user_architecture
 
+        # A registered model's code may change under its name while the file still loads (a
+        # layer without parameters added), and so may its preprocessing (mean, std, input
+        # size), which its stores' keys hold: either makes the same file another model.
+        arch = user_architecture(ref.model)
+        user = "" if arch is None else (
+            f"@{arch}+{paths.digest(preprocessing_info(get_spec(ref.model)))[:12]}")
+        name = canonical_name(ref.model) if arch is None else ref.model + user
         if ref.weights == "random":  # a user's model: random weights of its architecture
-            name = canonical_name(ref.model)
             return ref.weights if name == ref.model else f"random:{name}"
         path = weights_file(ref)
         if path is None:  # pretrained: fixed by the name, once timm:<arch> has its default tag
-            name = canonical_name(ref.model)
             return get_spec(ref.model).default_weights if name == ref.model else name
         if not path.is_file():
             check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
-        # A registered model's code may change under its name while the file still loads
-        # (a layer without parameters added): the same file is then another model.
-        arch = user_architecture(ref.model)
-        return self._sha256(path) + ("" if arch is None else f"@{arch}")
+        return self._sha256(path) + user
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, hashed once per run while its size and mtime hold."""
