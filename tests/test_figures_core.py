@@ -333,3 +333,16 @@ def test_a_registered_models_preprocessing_is_in_its_figures_fingerprint(tmp_pat
         assert plain == fingerprint(weights)
         assert plain != fingerprint(weights, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
         assert plain != fingerprint(weights, interpolation="bicubic")
+
+
+def test_an_unknown_override_is_refused_in_one_line_before_any_figure(tmp_path):
+    """build_all(overrides={"num": 8}) from a notebook stopped the run with "AttributeError:
+    'ProbeSpec' object has no attribute 'num'"; it is refused by name, with the valid keys."""
+    from repsim.errors import UserError
+
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    with pytest.raises(UserError, match=r"overrides keys \['num'\] are unknown; valid: dataset, "
+                                        r"split, n, seed, .*data_root"):
+        build_all(tmp_path / "a", tmp_path / "f", overrides={"num": 8}, progress=False)
+    assert not (tmp_path / "f").exists()

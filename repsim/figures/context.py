@@ -104,6 +104,11 @@ class FigureContext:
                  device: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        valid = [f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device")]
+        unknown = sorted(set(self.overrides) - {*valid, "data_root"})
+        if unknown:  # else an AttributeError from deep inside the first figure's key
+            raise UserError(f"overrides keys {unknown} are unknown; valid: "
+                            f"{', '.join(valid)}, data_root")
         self.device = device  # where to extract and compute; not part of any cache key
         self.force, self.progress = force, progress
         self.log = log or (lambda msg: None)
