@@ -346,3 +346,20 @@ def test_an_unknown_override_is_refused_in_one_line_before_any_figure(tmp_path):
                                         r"split, n, seed, .*data_root"):
         build_all(tmp_path / "a", tmp_path / "f", overrides={"num": 8}, progress=False)
     assert not (tmp_path / "f").exists()
+
+
+def test_a_figure_rebuilt_with_only_says_the_report_was_not_updated(tmp_path, monkeypatch):
+    """`repsim figures --only s` after a spec change rebuilt s, but REPORT.md (written by full
+    runs only) kept the old caption beside the new picture without a word; the summary says
+    that the report is of the last full run and how to update it."""
+    from repsim.figures.runner import summary_text
+
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", f"{spec['title']}\n")])
+    write(tmp_path / "a", "s", 'kind = "note"\ntitle = "one"\n')
+    run = lambda **kw: build_all(tmp_path / "a", tmp_path / "f", progress=False, **kw)  # noqa
+    note = "REPORT.md not updated: it is of the last full run; build every spec to update it"
+    assert note not in summary_text(run())
+    assert note not in summary_text(run(only=["s"]))  # cached: the report is still of it
+    write(tmp_path / "a", "s", 'kind = "note"\ntitle = "two"\n')
+    assert note in summary_text(run(only=["s"]))

@@ -378,6 +378,9 @@ def summary_text(summary: dict) -> str:
               for status in ("kept", "skipped", "failed") for e in summary[status]]
     counts = ", ".join(f"{len(summary[k])} {k}"
                        for k in ("built", "cached", "skipped", "failed", "kept"))
+    if summary.get("report_stale"):
+        lines.append(f"{summary['report_stale']} not updated: it is of the last full run; "
+                     "build every spec to update it")
     seconds = summary.get("seconds", 0.0)
     lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
     return "\n".join(lines)
@@ -389,7 +392,9 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
               log: Callable[[str], None] | None = None) -> dict:
     """Build every spec in ``analyses`` into ``out``; one figure's problem never stops the
     others. Returns ``{"out", "built", "cached", "kept", "skipped", "failed", "seconds"}``:
-    lists of entries with their files, or (kept, skipped, failed) the one-line reason."""
+    lists of entries with their files, or (kept, skipped, failed) the one-line reason; and
+    ``report`` (a full run's REPORT.md) or ``report_stale`` (one that a run of ``only`` some
+    specs left describing their earlier builds)."""
     t0 = time.perf_counter()
     specs = load_specs(analyses, only)
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
@@ -404,5 +409,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
         from repsim.figures.report import write_report
 
         summary["report"] = str(write_report(out, list(specs), summary))
+    elif (summary["built"] or summary["failed"]) and (Path(out) / "REPORT.md").is_file():
+        summary["report_stale"] = str(Path(out) / "REPORT.md")  # its captions are of old data
     summary["seconds"] = time.perf_counter() - t0
     return summary
