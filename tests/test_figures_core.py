@@ -363,3 +363,20 @@ def test_a_figure_rebuilt_with_only_says_the_report_was_not_updated(tmp_path, mo
     assert note not in summary_text(run(only=["s"]))  # cached: the report is still of it
     write(tmp_path / "a", "s", 'kind = "note"\ntitle = "two"\n')
     assert note in summary_text(run(only=["s"]))
+
+
+def test_a_fix_to_what_stores_hold_rebuilds_the_figures_made_from_them(tmp_path, monkeypatch):
+    """Raising repsim.extraction.CONTENT_VERSION (a fix that changes what a store holds for
+    the same inputs) makes the stores again, but the figures drawn from the old ones kept
+    their key and stayed `cached` with the old numbers."""
+    from repsim import extraction
+
+    calls = []
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: calls.append(1) or [ctx.write_text(".txt", "x\n")])
+    write(tmp_path / "a", "s", 'kind = "note"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    assert [e["name"] for e in run()["cached"]] == ["s"]
+    monkeypatch.setattr(extraction, "CONTENT_VERSION", extraction.CONTENT_VERSION + 1)
+    assert [e["name"] for e in run()["built"]] == ["s"] and len(calls) == 2

@@ -207,10 +207,16 @@ def _validate(path: Path, spec: dict) -> None:
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
     """What a figure depends on: its spec, the command-line overrides that change which
-    inputs it reads, its kind's version, repsim's version and its inputs' fingerprints."""
+    inputs it reads, its kind's version, repsim's version, the extractor's content version
+    (raised by fixes to what stores and captures hold) and its inputs' fingerprints."""
+    from repsim.extraction import CONTENT_VERSION
+
+    # Left out at 2, its value when it entered this key, so the figures built until then
+    # keep their keys; a raise rebuilds every figure.
+    content = {} if CONTENT_VERSION == 2 else {"content": CONTENT_VERSION}
     return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
                          "kind_version": KINDS[spec["kind"]].version, "repsim": __version__,
-                         "deps": deps})
+                         "deps": deps, **content})
 
 
 def _files_here(ctx: FigureContext, record: dict) -> list[Path] | None:
