@@ -380,3 +380,30 @@ def test_a_fix_to_what_stores_hold_rebuilds_the_figures_made_from_them(tmp_path,
     assert [e["name"] for e in run()["cached"]] == ["s"]
     monkeypatch.setattr(extraction, "CONTENT_VERSION", extraction.CONTENT_VERSION + 1)
     assert [e["name"] for e in run()["built"]] == ["s"] and len(calls) == 2
+
+
+def test_a_kept_build_survives_a_spec_edited_and_put_back(tmp_path, monkeypatch):
+    """Editing a kept figure's spec (its title, say) skips it, as it should; but its record
+    was deleted, so putting the spec back (`git checkout analyses/`) no longer kept the build
+    made on the GPU machine: it was lost for good."""
+    from repsim.compare import InputUnavailable
+
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Stands for a figure of GPU-machine snapshots: built there, its inputs absent here."""
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", f"{spec['title']}\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
+    run()
+    here["inputs"] = False
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "new"\n')
+    assert [e["name"] for e in run()["skipped"]] == ["s"]
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
+    assert [e["name"] for e in run()["kept"]] == ["s"]
+    assert "## old" in (tmp_path / "f" / "REPORT.md").read_text()

@@ -343,7 +343,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             **({"settings": other} if other else {}),
                             "changed": _changed_weights(ctx, record)}
-        record_path.unlink(missing_ok=True)
+        if not (record and record.get("spec") != spec):  # else set aside: the spec put back
+            record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
     except (UserError, ValueError) as exc:
         record_path.unlink(missing_ok=True)
