@@ -407,3 +407,16 @@ def test_a_kept_build_survives_a_spec_edited_and_put_back(tmp_path, monkeypatch)
     write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
     assert [e["name"] for e in run()["kept"]] == ["s"]
     assert "## old" in (tmp_path / "f" / "REPORT.md").read_text()
+
+
+def test_a_kind_registered_with_one_field_without_its_comma_reads_that_field(tmp_path,
+                                                                            monkeypatch):
+    """`@figure_kind("mine", fields=("model"))` (a string: the tuple's comma forgotten) made
+    the kind's keys m, o, d, e, l, so every spec naming `model` was refused as unknown."""
+    monkeypatch.setitem(KINDS, "mine", None)  # restored after the test
+    figure_kind("mine", fields=("model"), required=("model"))(
+        lambda spec, ctx: [ctx.write_text(".txt", spec["model"] + "\n")])
+    assert KINDS["mine"].fields == ("model",) and KINDS["mine"].required == ("model",)
+    write(tmp_path / "a", "s", 'kind = "mine"\nmodel = "vit_cifar"\n')
+    (built,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["built"]
+    assert (tmp_path / "f" / "s.txt").read_text() == "vit_cifar\n"

@@ -95,13 +95,17 @@ KINDS: dict[str, FigureKind] = {
 }
 
 
-def figure_kind(name: str, *, fields: tuple[str, ...] = (),
-                required: tuple[str, ...] | None = None, version: str = "1",
+def figure_kind(name: str, *, fields: tuple[str, ...] | str = (),
+                required: tuple[str, ...] | str | None = None, version: str = "1",
                 reads_cka: bool = True):
     """Decorator: register ``build(spec, ctx) -> list[Path]`` as the figure kind ``name``
     (``required`` defaults to the first field; see :class:`FigureKind`)."""
+    # One key without the tuple's comma, ("model"), is a string: not its letters.
+    def keys(v):
+        return (v,) if isinstance(v, str) else v if v is None else tuple(v)
+
     def deco(build: Builder) -> Builder:
-        KINDS[name] = FigureKind(build, tuple(fields), required, version, reads_cka)
+        KINDS[name] = FigureKind(build, keys(fields), keys(required), version, reads_cka)
         return build
 
     return deco
