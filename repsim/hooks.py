@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -205,6 +206,11 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(images, (torch.Tensor, np.ndarray)):
         step = int(batch_size)
         return (images[a:a + step] for a in range(0, len(images), step))
+    # A str iterates as letters, a folder's name is no images: refused before any work.
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Iterable):
+        raise UserError(f"images={images!r} is a {type(images).__name__}; valid: a tensor, a "
+                        "numpy array, a Dataset, or an iterable of batches (a DataLoader); "
+                        "fix: load the images first, e.g. repsim.load_probe_set(...).images")
     return (_images_of(item) for item in images)
 
 

@@ -46,3 +46,11 @@ def test_integer_inputs_reach_a_module_that_takes_them():
     ids = np.array([[1, 2], [3, 4], [5, 6]])
     got = repsim.extract(net, ids, layers="0")["0"]
     np.testing.assert_array_equal(got, net(torch.from_numpy(ids)).detach().flatten(1).numpy())
+
+
+@pytest.mark.parametrize("images", ["images/", 3.5, None])
+def test_images_that_are_no_batches_are_one_user_error(images):
+    # A folder's name, a number or None raised torch's TypeError ("new(): invalid data type
+    # 'str'", "'float' object is not iterable").
+    with pytest.raises(UserError, match=r"images=.*valid: a tensor"):
+        repsim.extract(_net(), images, layers="0")
