@@ -114,10 +114,12 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     is_file = file is not None and file.is_file()
     weights = sha256_file(file) if is_file else w or spec.default_weights
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
+    # Not the data's source (the root as spelled: ../data, a symlink, a copy): its pixels are.
     return {"format": FORMAT, "content": CONTENT_VERSION, "model": canonical_name(cfg.model),
             "weights": weights, "weights_seed": None if is_file else cfg.weights_seed,
             "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
-            "data": data, "preprocessing": preprocessing_info(spec)}
+            "data": {k: v for k, v in data.items() if k != "source"},
+            "preprocessing": preprocessing_info(spec)}
 
 
 def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:

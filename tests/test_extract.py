@@ -896,3 +896,14 @@ def test_find_store_skips_stores_it_cannot_reuse(tmp_path, cifar_root, tiny):
     with open(c.out, "r+b") as f:
         f.truncate(os.path.getsize(c.out) // 2)
     assert find_store(c) is None
+
+
+def test_the_same_images_by_another_spelling_of_their_folder_are_one_store(tmp_path, cifar_root,
+                                                                          tiny, monkeypatch):
+    # The key held the probe set's source, the data root as spelled: REPSIM_DATA=../data from
+    # another folder (or a symlink, or a copy of the tree) extracted the same pixels again.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None))
+    monkeypatch.chdir(cifar_root)
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None,
+                        data_root=os.path.join("..", cifar_root.name)))
+    assert again["reused"] and again["path"] == first["path"]
