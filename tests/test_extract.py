@@ -907,3 +907,10 @@ def test_the_same_images_by_another_spelling_of_their_folder_are_one_store(tmp_p
     again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None,
                         data_root=os.path.join("..", cifar_root.name)))
     assert again["reused"] and again["path"] == first["path"]
+
+
+def test_a_seed_with_every_image_is_one_store(tmp_path, cifar_root, tiny):
+    # The seed draws no subset when n is the whole split: the same images, the same store.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=0))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=7))
+    assert again["reused"] and again["path"] == first["path"]
