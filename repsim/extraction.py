@@ -114,10 +114,12 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     is_file = file is not None and file.is_file()
     weights = sha256_file(file) if is_file else w or spec.default_weights
     # The subset seed is part of ``data``; the weights seed matters only when no file is read.
+    # Not the data's source (the root as spelled: ../data, a symlink, a copy): its pixels are.
     return {"format": FORMAT, "content": CONTENT_VERSION, "model": canonical_name(cfg.model),
             "weights": weights, "weights_seed": None if is_file else cfg.weights_seed,
             "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
-            "data": data, "preprocessing": preprocessing_info(spec)}
+            "data": {k: v for k, v in data.items() if k != "source"},
+            "preprocessing": preprocessing_info(spec)}
 
 
 def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
@@ -156,29 +158,56 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def extract(cfg: ExtractConfig) -> dict:
-    """Extract activations as ``cfg`` says; a summary: path, n, layers, reused, resumed,
-    seconds, bytes. A complete store at the target with the same key is reused, one with
-    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed."""
-    from repsim import __version__
+def _plan(cfg: ExtractConfig, progress: bool) -> tuple:
+    """``(cfg, spec, probe, data, key, out)``: ``cfg`` checked (numpy integers as ints), the
+    probe set, its provenance and pixels' sha256 (``data``), the store's key and path."""
     from repsim.data import load_probe_set
-    from repsim.paths import digest, lock
-    from repsim.registry import get_spec, preprocessing_info
+    from repsim.paths import digest
+    from repsim.registry import get_spec
     from repsim.weights import check_weights_seeds
 
     check_weights_seeds(vars(cfg))
-    t0 = time.perf_counter()
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
     cfg = _plain_ints(cfg)
-    rank, world = _dist()
     probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
-                           data_root=cfg.data_root, progress=cfg.progress and rank == 0)
+                           data_root=cfg.data_root, progress=progress)
     # The pixels too: an image folder can change under the same names (ids are positions).
     data = {**probe.provenance(), "images_sha256": hashlib.sha256(
         np.ascontiguousarray(probe.images).data).hexdigest()}
     key = digest(_store_key(cfg, spec, data))
     out = Path(cfg.out).expanduser() if cfg.out else _default_out(cfg, key, len(probe.ids))
+    return cfg, spec, probe, data, key, out
+
+
+def find_store(cfg: ExtractConfig) -> dict | None:
+    """The summary ``extract(cfg)`` would return by reusing a complete store (``reused``
+    True), or None where it would run the model: no store at its path (``cfg.out``, else the
+    content address), or one that is unfinished, unreadable or of other settings, or
+    ``overwrite``. Reads the probe set (its pixels are in the key), never the model; e.g.
+    ``find_store(replace(cfg, layers=None))``: the default store, which may hold the layers."""
+    t0 = time.perf_counter()
+    cfg, _, _, _, key, out = _plan(cfg, progress=False)
+    if cfg.overwrite or not out.is_file() or _damaged(out) is not None:
+        return None
+    try:
+        found = _reuse(out, key, cleanup=False)  # leftover shards: extract()'s to remove
+    except UserError:  # another extraction's store at out=
+        return None
+    return {**found, "seconds": time.perf_counter() - t0}
+
+
+def extract(cfg: ExtractConfig) -> dict:
+    """Extract activations as ``cfg`` says; a summary: path, n, layers, reused, resumed,
+    seconds, bytes. A complete store at the target with the same key is reused, one with
+    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed."""
+    from repsim import __version__
+    from repsim.paths import lock
+    from repsim.registry import preprocessing_info
+
+    t0 = time.perf_counter()
+    rank, world = _dist()
+    cfg, spec, probe, data, key, out = _plan(cfg, progress=cfg.progress and rank == 0)
     # repsim's own cache entry, unreadable (a truncated copy of the cache): made again.
     damaged = not cfg.out and not cfg.overwrite and _damaged(out) is not None
     # One writer per store: a concurrent run of the same extraction waits here, then reuses
@@ -190,7 +219,7 @@ def extract(cfg: ExtractConfig) -> dict:
                           f"{why.split('; ')[0]}", RuntimeWarning, stacklevel=2)
             cfg = replace(cfg, overwrite=True)
         if out.exists() and not cfg.overwrite:
-            return {**_reuse(out, key, rank), "seconds": time.perf_counter() - t0}
+            return {**_reuse(out, key, rank == 0), "seconds": time.perf_counter() - t0}
         import torch  # only now: a reused store needs neither torch nor the model
 
         from repsim import models
@@ -211,7 +240,7 @@ def extract(cfg: ExtractConfig) -> dict:
                 "bytes": out.stat().st_size}
 
 
-def _reuse(out: Path, key: str, rank: int) -> dict:
+def _reuse(out: Path, key: str, cleanup: bool) -> dict:
     """The summary of the complete store at ``out`` (less its seconds); UserError when it
     holds other settings than ``key``'s."""
     from repsim.store import Store
@@ -222,7 +251,7 @@ def _reuse(out: Path, key: str, rank: int) -> dict:
                             "overwrite=True to replace it, or another out=PATH")
         reused = {"path": str(out), "n": old.n, "layers": old.layers, "reused": True,
                   "resumed": False}
-    if rank == 0:  # a kill between the merge's rename and its cleanup left them
+    if cleanup:  # a kill between the merge's rename and its cleanup left them
         for p in _shard_files(out, None):
             p.unlink(missing_ok=True)
     return {**reused, "bytes": out.stat().st_size}

@@ -37,7 +37,10 @@ def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str],
     if not mats:
         raise ValueError("empty feature set: give at least one (n, p) matrix")
     for name, m in zip(names, mats):
-        shape = tuple(getattr(m, "shape", ()))
+        if not hasattr(m, "shape"):  # a list of rows: "shape ()" would say what it is not
+            raise ValueError(f"layer {name!r} is a {type(m).__name__}, not an (n, p) matrix; "
+                             "pass np.asarray(...) of it, or a torch tensor")
+        shape = tuple(m.shape)
         if len(shape) != 2:
             raise ValueError(f"layer {name!r} has shape {shape}; every layer must be a 2-D "
                              "(n, p) matrix (reduce token or channel axes at extraction)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -205,6 +206,11 @@ def _batches(images: Any, batch_size: int) -> Iterable[Any]:
     if isinstance(images, (torch.Tensor, np.ndarray)):
         step = int(batch_size)
         return (images[a:a + step] for a in range(0, len(images), step))
+    # A str iterates as letters, a folder's name is no images: refused before any work.
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Iterable):
+        raise UserError(f"images={images!r} is a {type(images).__name__}; valid: a tensor, a "
+                        "numpy array, a Dataset, or an iterable of batches (a DataLoader); "
+                        "fix: load the images first, e.g. repsim.load_probe_set(...).images")
     return (_images_of(item) for item in images)
 
 
@@ -216,13 +222,39 @@ def as_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(x)
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter or buffer (None: it has none)."""
+    state = itertools.chain(model.parameters(), model.buffers())
+    return next((t.dtype for t in state if t.is_floating_point()), None)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, want: torch.dtype | None) -> None:
+    """``model(x)``, floating ``x`` in the module's dtype ``want`` (numpy's float64 images into
+    a float32 module, as ``model(torch.from_numpy(a).float())`` would); integer inputs as given
+    (token ids), uint8 images refused in one line when the module cannot take them: a cast
+    cannot know their scale (0-255 pixels are no 0-1 inputs)."""
+    if want is not None and x.is_floating_point() and x.dtype != want:
+        x = x.to(want)
+    try:
+        model(x)
+    except RuntimeError as exc:
+        if want is None or x.dtype != torch.uint8:
+            raise
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the module failed on {x.dtype} inputs (its parameters are {want}: "
+                        f"{why}); valid: the inputs it takes, e.g. float images in [0, 1]; "
+                        "fix: pass x.float() / 255 (and your normalisation), or a registry "
+                        "name with (n, H, W, 3) uint8 images") from exc
+
+
 @torch.inference_mode()
 def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | None = None,
             reduce: str = "flatten", batch_size: int = 128,
             device: str | torch.device | None = None) -> dict[str, np.ndarray]:
     """``{layer: (n, p) float32 array}`` of ``layers`` over ``images``, rows in their order.
     ``model``: an ``nn.Module`` (fed ``images`` as it takes them: a tensor, array, Dataset,
-    or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``) or a
+    or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``; floating
+    ones in the module's own dtype, integer ones as they are) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
     way). Runs in eval mode on ``device``; by default a module runs where its parameters are,
     a registry name on a GPU if there is one. A module sent to ``device`` is sent back."""
@@ -245,10 +277,14 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     try:
         if device is not None or spec is not None:  # else it runs where it is: one split
             model.to(dev)                           # across devices stays split
+        want = _float_dtype(model)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
                 x = as_tensor(x).to(dev)
-                model(models.preprocess(spec, x) if spec is not None else x)
+                if spec is not None:
+                    model(models.preprocess(spec, x))
+                else:
+                    _forward(model, x, want)
                 for name, out in cap.collect(len(x)).items():
                     rows.setdefault(name, []).append(out.to("cpu", torch.float32).numpy())
     finally:  # the caller's module stays where it was, also after an error

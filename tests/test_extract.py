@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -866,3 +867,50 @@ def test_resuming_after_a_forward_edit_that_changes_a_width_is_one_user_error(
     register(3)
     with pytest.raises(UserError, match=r"'out' 6 columns wide, and this run's is 3 .*overwrite="):
         extract(c)
+
+
+def test_find_store_finds_the_store_extract_would_reuse_without_the_model(tmp_path, cifar_root,
+                                                                          tiny, monkeypatch):
+    # repsim cka --layers-a X had no way to ask whether a store holding X was there without
+    # extract() making the default store (8 GB for vit_imagenet) when it was not.
+    from repsim.extraction import find_store
+
+    c = cfg(tmp_path, cifar_root, model=tiny, out=None)
+    assert find_store(c) is None
+    assert not os.path.exists(os.path.join(os.environ["REPSIM_CACHE"], "stores"))
+    made = extract(c)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    found = find_store(c)
+    assert found == {**extract(c), "seconds": found["seconds"]} and found["reused"]
+    assert found["path"] == made["path"] and found["layers"] == ["0", "1", "2"]
+
+
+def test_find_store_skips_stores_it_cannot_reuse(tmp_path, cifar_root, tiny):
+    from repsim.extraction import find_store
+
+    c = cfg(tmp_path, cifar_root, model=tiny, layers="1")
+    extract(c)
+    assert find_store(c)["path"] == c.out
+    assert find_store(replace(c, layers="2")) is None  # another store at out=: not this one
+    assert find_store(replace(c, overwrite=True)) is None  # extract would make it again
+    with open(c.out, "r+b") as f:
+        f.truncate(os.path.getsize(c.out) // 2)
+    assert find_store(c) is None
+
+
+def test_the_same_images_by_another_spelling_of_their_folder_are_one_store(tmp_path, cifar_root,
+                                                                          tiny, monkeypatch):
+    # The key held the probe set's source, the data root as spelled: REPSIM_DATA=../data from
+    # another folder (or a symlink, or a copy of the tree) extracted the same pixels again.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None))
+    monkeypatch.chdir(cifar_root)
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None,
+                        data_root=os.path.join("..", cifar_root.name)))
+    assert again["reused"] and again["path"] == first["path"]
+
+
+def test_a_seed_with_every_image_is_one_store(tmp_path, cifar_root, tiny):
+    # The seed draws no subset when n is the whole split: the same images, the same store.
+    first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=0))
+    again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=7))
+    assert again["reused"] and again["path"] == first["path"]

@@ -1,0 +1,56 @@
+"""repsim.extract on a user's module (repsim.hooks): the inputs a notebook gives it."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import repsim
+from repsim.errors import UserError
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).to(dtype)
+
+
+def test_float64_numpy_images_feed_a_float32_module_as_float32():
+    # numpy's default dtype is float64; torch raised "Input type (double) and bias type (float)
+    # should be the same" from inside the model.
+    net = _net()
+    x = np.random.default_rng(0).random((5, 3, 8, 8))
+    got = repsim.extract(net, x, layers="0")["0"]
+    want = net(torch.from_numpy(x).float()).detach().flatten(1).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_float32_images_feed_a_float64_module_as_float64():
+    net = _net(torch.float64)
+    x = torch.rand(4, 3, 8, 8)
+    got = repsim.extract(net, x, layers="0")["0"]
+    want = net(x.double()).detach().flatten(1).float().numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_uint8_images_into_a_float_module_are_refused_in_one_line():
+    # Cast silently, 0-255 pixels would pass for the module's 0-1 inputs: refused, with the fix.
+    x = np.zeros((2, 3, 8, 8), np.uint8)
+    with pytest.raises(UserError, match=r"torch\.uint8.*torch\.float32.*/ 255"):
+        repsim.extract(_net(), x, layers="0")
+
+
+def test_integer_inputs_reach_a_module_that_takes_them():
+    # Token ids into an Embedding: integers are the module's own input, never cast.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 3), nn.Flatten())
+    ids = np.array([[1, 2], [3, 4], [5, 6]])
+    got = repsim.extract(net, ids, layers="0")["0"]
+    np.testing.assert_array_equal(got, net(torch.from_numpy(ids)).detach().flatten(1).numpy())
+
+
+@pytest.mark.parametrize("images", ["images/", 3.5, None])
+def test_images_that_are_no_batches_are_one_user_error(images):
+    # A folder's name, a number or None raised torch's TypeError ("new(): invalid data type
+    # 'str'", "'float' object is not iterable").
+    with pytest.raises(UserError, match=r"images=.*valid: a tensor"):
+        repsim.extract(_net(), images, layers="0")
