@@ -420,3 +420,17 @@ def test_a_kind_registered_with_one_field_without_its_comma_reads_that_field(tmp
     write(tmp_path / "a", "s", 'kind = "mine"\nmodel = "vit_cifar"\n')
     (built,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["built"]
     assert (tmp_path / "f" / "s.txt").read_text() == "vit_cifar\n"
+
+
+def test_a_seed_over_the_whole_split_changes_no_figure_key(tmp_path):
+    """`repsim figures --seed 1` rebuilt every figure reading the whole split (n = all): the
+    seed chooses a subset, and with every image taken the images are the same ones; a seed
+    still counts where the spec or the overrides take a subset."""
+    whole = {"probe": {"dataset": "cifar10-probe"}}
+    subset = {"probe": {"dataset": "cifar10-probe", "n": 100}}
+    ctx = FigureContext(tmp_path, overrides={"seed": 1})
+    assert ctx.key_overrides(whole) == {}
+    assert ctx.probe_spec(whole).seed == 0
+    assert ctx.key_overrides(subset) == {"seed": 1}
+    assert FigureContext(tmp_path, overrides={"seed": 1, "n": 50}).key_overrides(whole) == \
+        {"seed": 1, "n": 50}

@@ -128,10 +128,14 @@ class FigureContext:
 
     def key_overrides(self, spec: dict) -> dict:
         """The overrides that change what ``spec`` reads (for its cache key): not the data
-        root, nor one equal to the spec's own setting."""
+        root, nor one equal to the spec's own setting, nor a seed where the whole split is
+        read (as the probe set's provenance records it)."""
         own = ProbeSpec(**(spec.get("probe") or {}))
-        return {k: v for k, v in self.overrides.items()
-                if k != "data_root" and getattr(own, k) != v}
+        changed = {k: v for k, v in self.overrides.items()
+                   if k != "data_root" and getattr(own, k) != v}
+        if changed.get("n", own.n) is None:  # every image: a subset seed picks nothing
+            changed.pop("seed", None)
+        return changed
 
     def cka_settings(self, spec: dict) -> dict:
         from repsim.sketch import DEFAULT_BATCH_SIZE, DEFAULT_ESTIMATOR
