@@ -80,6 +80,9 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={str(name)!r} was asked for but no CUDA GPU is available; "
                         "use device='cpu'")
+    if dev.type == "cuda" and (dev.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"device={str(name)!r}: this machine has {count} CUDA GPU(s), cuda:0 "
+                        f"to cuda:{count - 1}; use one of them")
     return dev
 
 

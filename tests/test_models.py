@@ -628,3 +628,12 @@ def test_a_headless_model_loads_its_own_state_dict(tmp_path, private_registry):
     assert prov["num_classes"] == 0 and model[1].out_features == 5
     with pytest.raises(UserError, match="num_classes=0"):  # a model with a head needs one
         M.load_model("resnet18_cifar", "random", num_classes=0)
+
+
+def test_a_gpu_index_this_machine_lacks_is_a_user_error(monkeypatch):
+    # cuda:1 on a one-GPU machine passed, then model.to() died with 'invalid device ordinal'.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"device='cuda:1'.* 1 CUDA GPU.*cuda:0"):
+        M.resolve_device("cuda:1")
+
