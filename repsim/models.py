@@ -83,6 +83,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and (dev.index or 0) >= (count := torch.cuda.device_count()):
         raise UserError(f"device={str(name)!r}: this machine has {count} CUDA GPU(s), cuda:0 "
                         f"to cuda:{count - 1}; use one of them")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: else model.to() fails, deep down
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:  # xpu's check is an assert
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            raise UserError(f"device={str(name)!r} is not usable here ({why}); use "
+                            "device='cpu'") from None
     return dev
 
 

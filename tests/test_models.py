@@ -637,3 +637,9 @@ def test_a_gpu_index_this_machine_lacks_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=r"device='cuda:1'.* 1 CUDA GPU.*cuda:0"):
         M.resolve_device("cuda:1")
 
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an mps device")
+def test_a_device_type_this_torch_cannot_use_is_a_user_error():
+    # 'mps' on Linux passed, then model.to() raised 'not linked with support for mps devices'.
+    with pytest.raises(UserError, match="device='mps' is not usable here.*device='cpu'"):
+        M.resolve_device("mps")
