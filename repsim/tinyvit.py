@@ -109,13 +109,22 @@ class LocalityViT(VisionTransformer):
         # True = may attend (SDPA's and timm's convention); not in the state dict.
         self.register_buffer("locality_mask", ~torch.eye(n, dtype=torch.bool), persistent=False)
 
+    def _mask(self, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """The locality mask, and a caller's ``attn_mask`` on top: both must allow a pair."""
+        mask = self.locality_mask
+        if attn_mask is None:
+            return mask
+        return (mask & attn_mask if attn_mask.dtype == torch.bool
+                else attn_mask.masked_fill(~mask, float("-inf")))
+
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
-        mask = self.locality_mask
-        if attn_mask is not None:  # a caller's mask on top: both must allow a pair
-            mask = (mask & attn_mask if attn_mask.dtype == torch.bool
-                    else attn_mask.masked_fill(~mask, float("-inf")))
-        return super().forward_features(x, attn_mask=mask, is_causal=is_causal)
+        return super().forward_features(x, attn_mask=self._mask(attn_mask), is_causal=is_causal)
+
+    # timm's feature API runs the blocks itself (get_intermediate_layers calls this one).
+    def forward_intermediates(self, x: torch.Tensor, *args, attn_mask: torch.Tensor | None = None,
+                              **kwargs):
+        return super().forward_intermediates(x, *args, attn_mask=self._mask(attn_mask), **kwargs)
 
 
 class PrefixPoolViT(VisionTransformer):
