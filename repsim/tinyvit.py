@@ -80,6 +80,11 @@ class ShiftedPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(features)
         self.proj = nn.Linear(features, embed_dim)
 
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid of an ``img_size`` image, as timm's ``PatchEmbed`` gives it (timm's
+        ``forward_intermediates`` asks, to return feature maps)."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (sy, sx), (ph, pw), (gh, gw) = self.shift, self.patch_size, self.grid_size
         h, w = x.shape[-2:]

@@ -171,6 +171,17 @@ def test_timms_intermediates_of_locality_attention_keep_its_mask(models):
         assert torch.allclose(last, inter[-1], atol=1e-6)
 
 
+def test_timms_intermediates_of_shifted_patches_come_as_feature_maps(models):
+    # forward_intermediates' default NCHW output asked the patch embedding for
+    # dynamic_feat_size, which ShiftedPatchEmbed lacked: an AttributeError.
+    model = models["vit_cifar_tiny_sptlsa"]
+    with torch.inference_mode():
+        maps = model.forward_intermediates(X, indices=[8], intermediates_only=True)
+        tokens = model.forward_intermediates(X, indices=[8], output_fmt="NLC",
+                                             intermediates_only=True)
+    assert maps[0].shape == (3, 192, 8, 8)
+    assert torch.equal(maps[0].flatten(2).transpose(1, 2), tokens[0])  # row-major patches
+
 def test_four_class_tokens_feed_the_head_together(models):
     model = models["vit_cifar_tiny_mcls4"]
     assert model.head.in_features == 4 * 192
