@@ -201,7 +201,7 @@ def _check_same_numbering(probe: ProbeSet, split: ProbeSet) -> None:
 def _check_seed(seed: Any) -> None:
     # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
     if not is_whole(seed, 0):
-        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
+        raise UserError(f"seed={_shown(seed)} is not valid; pass a seed >= 0, e.g. seed=0")
 
 
 def _shown(v: Any) -> str:

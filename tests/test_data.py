@@ -479,6 +479,11 @@ def test_seed_none_is_refused_not_an_unreproducible_subset():
         data.load_probe_set(n=10, seed=None)
 
 
+def test_a_seed_given_as_text_is_shown_as_text():
+    # seed='3' was refused as "seed=3 is not valid", as if the number 3 were the problem.
+    with pytest.raises(UserError, match="seed='3' is not valid"):
+        data.load_probe_set(n=10, seed="3")
+
 def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypatch):
     # A power loss after the rename must not leave a complete-looking file whose data was
     # still in the page cache: fsync of the temporary file comes first.
