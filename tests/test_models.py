@@ -608,6 +608,14 @@ def test_registration_refuses_a_mean_on_the_0_to_255_scale(private_registry):
     assert "scale_test" not in R.list_models()
 
 
+def test_registration_refuses_a_std_on_the_0_to_255_scale(private_registry):
+    # A mean divided by 255 and a std copied as it was, (58.395, 57.12, 57.375), passed: every
+    # input was divided by about 58, to nearly 0, silently.
+    with pytest.raises(ValueError, match=r"std=.*0\.\.255 scale.*0\.229"):
+        R.register_model("std_scale_test", mean=(0.485, 0.456, 0.406),
+                         std=(58.395, 57.12, 57.375))
+    assert "std_scale_test" not in R.list_models()
+
 def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
     # num_classes read from a labels array (np.int64) was refused as "not a positive integer".
     model = M.build_model("resnet18_cifar", num_classes=np.int64(7))
