@@ -433,8 +433,6 @@ def _decode_jpegs(paths: list[Path]) -> list[np.ndarray] | None:
 def _fit_square(img: Image.Image, size: int) -> Image.Image:
     """Bicubic-resize the shorter side to ``size``, then centre-crop ``size x size``."""
     w, h = img.size
-    if (w, h) == (size, size):
-        return img
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
