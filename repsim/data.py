@@ -69,8 +69,9 @@ class ProbeSet:
         return len(self.ids)
 
     def provenance(self) -> dict[str, Any]:
-        """JSON-able record of exactly which samples these are (``ids_sha256``: the ids as
-        little-endian int64, the same on every machine)."""
+        """JSON-able record of exactly which samples these are, in row order (``ids_sha256``:
+        the ids as little-endian int64, the same on every machine). ``seed`` is None whenever
+        every image is taken, whatever seed was passed: the same rows, the same record."""
         return {"dataset": self.dataset, "split": self.split, "n": len(self.ids),
                 "n_total": int(self.n_total), "source": self.source,  # seed: np.int64 too
                 "seed": None if self.seed is None else int(self.seed),
