@@ -182,6 +182,13 @@ def test_timms_intermediates_of_shifted_patches_come_as_feature_maps(models):
     assert maps[0].shape == (3, 192, 8, 8)
     assert torch.equal(maps[0].flatten(2).transpose(1, 2), tokens[0])  # row-major patches
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_of_one_image_gives_one_row_of_logits(models, name):
+    # A last batch of one (n = 1 mod the batch size) must keep its batch axis.
+    with torch.inference_mode():
+        one, three = models[name](X[:1]), models[name](X)
+    assert one.shape == (1, 10) and torch.allclose(one, three[:1], atol=1e-5)
+
 def test_four_class_tokens_feed_the_head_together(models):
     model = models["vit_cifar_tiny_mcls4"]
     assert model.head.in_features == 4 * 192
