@@ -127,8 +127,9 @@ class LocalityViT(VisionTransformer):
         return super().forward_features(x, attn_mask=self._mask(attn_mask), is_causal=is_causal)
 
     # timm's feature API runs the blocks itself (get_intermediate_layers calls this one).
-    def forward_intermediates(self, x: torch.Tensor, *args, attn_mask: torch.Tensor | None = None,
-                              **kwargs):
+    def forward_intermediates(self, x: torch.Tensor, *args: object,
+                              attn_mask: torch.Tensor | None = None,
+                              **kwargs: object) -> list | tuple | dict:
         return super().forward_intermediates(x, *args, attn_mask=self._mask(attn_mask), **kwargs)
 
 
