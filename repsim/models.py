@@ -28,6 +28,7 @@ from repsim.registry import (
     default_weights_file,
     family_of,
     get_entry,
+    list_models,
 )
 from repsim.weights import load_into, read_state_dict, sha256_file
 
@@ -117,6 +118,10 @@ def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int
         n = meta.get("num_classes", spec.num_classes)
     note = f" (the file says model {meta['model']!r})" if isinstance(meta.get("model"), str) else ""
     hint = " or drop num_classes=" if num_classes is not None else ""
+    # A user's model registered without head_key: nothing reads the file's class count.
+    if num_classes is None and entry.head_key is None and spec.name in list_models():
+        hint = (", or, if it has another class count, register the model with head_key (its "
+                "classifier's weight, e.g. 'fc.weight') so that the file's count is read")
     return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n, path
 
 

@@ -616,6 +616,16 @@ def test_registration_refuses_a_std_on_the_0_to_255_scale(private_registry):
                          std=(58.395, 57.12, 57.375))
     assert "std_scale_test" not in R.list_models()
 
+def test_a_file_of_another_class_count_for_a_model_without_head_key_names_the_fix(
+        tmp_path, private_registry):
+    # README's register_model example has no head_key, so a file trained for 100 classes was
+    # built for 10 and refused with "fix: use matching weights=", though they matched.
+    R.register_model("head100_test", input_size=4)(_flat)
+    torch.save(_flat(100).state_dict(), tmp_path / "c100.pt")
+    with pytest.raises(UserError, match=r"\(100, 48\) vs \(10, 48\).*register the model "
+                                        r"with head_key"):
+        M.load_model("head100_test", tmp_path / "c100.pt")
+
 def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
     # num_classes read from a labels array (np.int64) was refused as "not a positive integer".
     model = M.build_model("resnet18_cifar", num_classes=np.int64(7))
