@@ -69,8 +69,9 @@ class ProbeSet:
         return len(self.ids)
 
     def provenance(self) -> dict[str, Any]:
-        """JSON-able record of exactly which samples these are (``ids_sha256``: the ids as
-        little-endian int64, the same on every machine)."""
+        """JSON-able record of exactly which samples these are, in row order (``ids_sha256``:
+        the ids as little-endian int64, the same on every machine). ``seed`` is None whenever
+        every image is taken, whatever seed was passed: the same rows, the same record."""
         return {"dataset": self.dataset, "split": self.split, "n": len(self.ids),
                 "n_total": int(self.n_total), "source": self.source,  # seed: np.int64 too
                 "seed": None if self.seed is None else int(self.seed),
@@ -201,7 +202,7 @@ def _check_same_numbering(probe: ProbeSet, split: ProbeSet) -> None:
 def _check_seed(seed: Any) -> None:
     # numpy's generators take seeds >= 0 only, and None would draw from OS entropy
     if not is_whole(seed, 0):
-        raise UserError(f"seed={seed} is not valid; pass a seed >= 0, e.g. seed=0")
+        raise UserError(f"seed={_shown(seed)} is not valid; pass a seed >= 0, e.g. seed=0")
 
 
 def _shown(v: Any) -> str:
@@ -433,8 +434,6 @@ def _decode_jpegs(paths: list[Path]) -> list[np.ndarray] | None:
 def _fit_square(img: Image.Image, size: int) -> Image.Image:
     """Bicubic-resize the shorter side to ``size``, then centre-crop ``size x size``."""
     w, h = img.size
-    if (w, h) == (size, size):
-        return img
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)

@@ -28,6 +28,7 @@ from repsim.registry import (
     default_weights_file,
     family_of,
     get_entry,
+    list_models,
 )
 from repsim.weights import load_into, read_state_dict, sha256_file
 
@@ -80,6 +81,16 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={str(name)!r} was asked for but no CUDA GPU is available; "
                         "use device='cpu'")
+    if dev.type == "cuda" and (dev.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"device={str(name)!r}: this machine has {count} CUDA GPU(s), cuda:0 "
+                        f"to cuda:{count - 1}; use one of them")
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, ...: else model.to() fails, deep down
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as exc:  # xpu's check is an assert
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            raise UserError(f"device={str(name)!r} is not usable here ({why}); use "
+                            "device='cpu'") from None
     return dev
 
 
@@ -107,6 +118,10 @@ def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int
         n = meta.get("num_classes", spec.num_classes)
     note = f" (the file says model {meta['model']!r})" if isinstance(meta.get("model"), str) else ""
     hint = " or drop num_classes=" if num_classes is not None else ""
+    # A user's model registered without head_key: nothing reads the file's class count.
+    if num_classes is None and entry.head_key is None and spec.name in list_models():
+        hint = (", or, if it has another class count, register the model with head_key (its "
+                "classifier's weight, e.g. 'fc.weight') so that the file's count is read")
     return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n, path
 
 

@@ -78,10 +78,11 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
         if not is_whole(v, least):  # int(32.7) would silently feed the model 32 px
             raise ValueError(f"{what}={v!r} is not a whole number >= {least} (num_classes=0: "
                              f"no classifier); e.g. {what}=32")
-    if max(_channel_triple("mean", mean)) > 1:  # no mean of [0, 1] pixels is; of 0..255 ones
-        raise ValueError(f"mean={mean!r} is on the 0..255 scale, but the model sees pixels in "
-                         "[0, 1]; fix: divide mean and std by 255, e.g. mean=(0.485, 0.456, "
-                         "0.406), std=(0.229, 0.224, 0.225)")
+    for what, v in (("mean", mean), ("std", std)):  # no mean or std of [0, 1] pixels is > 1
+        if max(_channel_triple(what, v, positive=what == "std")) > 1:
+            raise ValueError(f"{what}={v!r} is on the 0..255 scale, but the model sees pixels "
+                             "in [0, 1]; fix: divide mean and std by 255, e.g. mean=(0.485, "
+                             "0.456, 0.406), std=(0.229, 0.224, 0.225)")
     spec = ModelSpec(name, family, int(input_size), _channel_triple("mean", mean),
                      _channel_triple("std", std, positive=True), interpolation,
                      int(num_classes), _default_weights(weights),

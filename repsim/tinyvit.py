@@ -80,6 +80,11 @@ class ShiftedPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(features)
         self.proj = nn.Linear(features, embed_dim)
 
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """The patch grid of an ``img_size`` image, as timm's ``PatchEmbed`` gives it (timm's
+        ``forward_intermediates`` asks, to return feature maps)."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (sy, sx), (ph, pw), (gh, gw) = self.shift, self.patch_size, self.grid_size
         h, w = x.shape[-2:]
@@ -109,13 +114,23 @@ class LocalityViT(VisionTransformer):
         # True = may attend (SDPA's and timm's convention); not in the state dict.
         self.register_buffer("locality_mask", ~torch.eye(n, dtype=torch.bool), persistent=False)
 
+    def _mask(self, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """The locality mask, and a caller's ``attn_mask`` on top: both must allow a pair."""
+        mask = self.locality_mask
+        if attn_mask is None:
+            return mask
+        return (mask & attn_mask if attn_mask.dtype == torch.bool
+                else attn_mask.masked_fill(~mask, float("-inf")))
+
     def forward_features(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          is_causal: bool = False) -> torch.Tensor:
-        mask = self.locality_mask
-        if attn_mask is not None:  # a caller's mask on top: both must allow a pair
-            mask = (mask & attn_mask if attn_mask.dtype == torch.bool
-                    else attn_mask.masked_fill(~mask, float("-inf")))
-        return super().forward_features(x, attn_mask=mask, is_causal=is_causal)
+        return super().forward_features(x, attn_mask=self._mask(attn_mask), is_causal=is_causal)
+
+    # timm's feature API runs the blocks itself (get_intermediate_layers calls this one).
+    def forward_intermediates(self, x: torch.Tensor, *args: object,
+                              attn_mask: torch.Tensor | None = None,
+                              **kwargs: object) -> list | tuple | dict:
+        return super().forward_intermediates(x, *args, attn_mask=self._mask(attn_mask), **kwargs)
 
 
 class PrefixPoolViT(VisionTransformer):

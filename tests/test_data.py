@@ -347,6 +347,12 @@ def test_provenance_keys_and_hash(root):
     assert prov["ids_sha256"] == hashlib.sha256(p.ids.astype("<i8").tobytes()).hexdigest()
 
 
+@pytest.mark.parametrize("kw", [dict(seed=3), dict(n=1000), dict(n=1000, seed=5)])
+def test_a_seed_that_picks_nothing_leaves_the_record_unchanged(kw):
+    # The whole split under any seed is the same rows in the same order: one record, so one
+    # store key and one figure fingerprint (both build on it).
+    assert data.load_probe_set(**kw).provenance() == data.load_probe_set().provenance()
+
 def test_provenance_hash_is_stable_across_loads(root):
     a = data.load_probe_set("svhn", "test", n=4, seed=2, data_root=root).provenance()
     b = data.load_probe_set("svhn", "test", n=4, seed=2, data_root=root).provenance()
@@ -478,6 +484,11 @@ def test_seed_none_is_refused_not_an_unreproducible_subset():
     with pytest.raises(UserError, match="seed=None"):
         data.load_probe_set(n=10, seed=None)
 
+
+def test_a_seed_given_as_text_is_shown_as_text():
+    # seed='3' was refused as "seed=3 is not valid", as if the number 3 were the problem.
+    with pytest.raises(UserError, match="seed='3' is not valid"):
+        data.load_probe_set(n=10, seed="3")
 
 def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypatch):
     # A power loss after the rename must not leave a complete-looking file whose data was

@@ -608,6 +608,24 @@ def test_registration_refuses_a_mean_on_the_0_to_255_scale(private_registry):
     assert "scale_test" not in R.list_models()
 
 
+def test_registration_refuses_a_std_on_the_0_to_255_scale(private_registry):
+    # A mean divided by 255 and a std copied as it was, (58.395, 57.12, 57.375), passed: every
+    # input was divided by about 58, to nearly 0, silently.
+    with pytest.raises(ValueError, match=r"std=.*0\.\.255 scale.*0\.229"):
+        R.register_model("std_scale_test", mean=(0.485, 0.456, 0.406),
+                         std=(58.395, 57.12, 57.375))
+    assert "std_scale_test" not in R.list_models()
+
+def test_a_file_of_another_class_count_for_a_model_without_head_key_names_the_fix(
+        tmp_path, private_registry):
+    # README's register_model example has no head_key, so a file trained for 100 classes was
+    # built for 10 and refused with "fix: use matching weights=", though they matched.
+    R.register_model("head100_test", input_size=4)(_flat)
+    torch.save(_flat(100).state_dict(), tmp_path / "c100.pt")
+    with pytest.raises(UserError, match=r"\(100, 48\) vs \(10, 48\).*register the model "
+                                        r"with head_key"):
+        M.load_model("head100_test", tmp_path / "c100.pt")
+
 def test_a_numpy_class_count_is_taken_as_a_plain_int(tmp_path):
     # num_classes read from a labels array (np.int64) was refused as "not a positive integer".
     model = M.build_model("resnet18_cifar", num_classes=np.int64(7))
@@ -628,3 +646,18 @@ def test_a_headless_model_loads_its_own_state_dict(tmp_path, private_registry):
     assert prov["num_classes"] == 0 and model[1].out_features == 5
     with pytest.raises(UserError, match="num_classes=0"):  # a model with a head needs one
         M.load_model("resnet18_cifar", "random", num_classes=0)
+
+
+def test_a_gpu_index_this_machine_lacks_is_a_user_error(monkeypatch):
+    # cuda:1 on a one-GPU machine passed, then model.to() died with 'invalid device ordinal'.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"device='cuda:1'.* 1 CUDA GPU.*cuda:0"):
+        M.resolve_device("cuda:1")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an mps device")
+def test_a_device_type_this_torch_cannot_use_is_a_user_error():
+    # 'mps' on Linux passed, then model.to() raised 'not linked with support for mps devices'.
+    with pytest.raises(UserError, match="device='mps' is not usable here.*device='cpu'"):
+        M.resolve_device("mps")

@@ -159,6 +159,36 @@ def test_locality_attention_masks_self_and_applies_each_heads_temperature(models
     assert torch.allclose(maps[0].double(), ref, atol=1e-5)
 
 
+def test_timms_intermediates_of_locality_attention_keep_its_mask(models):
+    # timm's forward_intermediates (get_intermediate_layers calls it) ran the blocks without
+    # the diagonal mask: its features were 0.2 off forward_features', silently.
+    model = models["vit_cifar_tiny_sptlsa"]
+    with torch.inference_mode():
+        final, inter = model.forward_intermediates(X, output_fmt="NLC")
+        assert torch.allclose(final, model.forward_features(X), atol=1e-6)
+        assert torch.allclose(model.norm(inter[-1]), final[:, 1:], atol=1e-6)
+        last = model.get_intermediate_layers(X, n=1)[0]
+        assert torch.allclose(last, inter[-1], atol=1e-6)
+
+
+def test_timms_intermediates_of_shifted_patches_come_as_feature_maps(models):
+    # forward_intermediates' default NCHW output asked the patch embedding for
+    # dynamic_feat_size, which ShiftedPatchEmbed lacked: an AttributeError.
+    model = models["vit_cifar_tiny_sptlsa"]
+    with torch.inference_mode():
+        maps = model.forward_intermediates(X, indices=[8], intermediates_only=True)
+        tokens = model.forward_intermediates(X, indices=[8], output_fmt="NLC",
+                                             intermediates_only=True)
+    assert maps[0].shape == (3, 192, 8, 8)
+    assert torch.equal(maps[0].flatten(2).transpose(1, 2), tokens[0])  # row-major patches
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_of_one_image_gives_one_row_of_logits(models, name):
+    # A last batch of one (n = 1 mod the batch size) must keep its batch axis.
+    with torch.inference_mode():
+        one, three = models[name](X[:1]), models[name](X)
+    assert one.shape == (1, 10) and torch.allclose(one, three[:1], atol=1e-5)
+
 def test_four_class_tokens_feed_the_head_together(models):
     model = models["vit_cifar_tiny_mcls4"]
     assert model.head.in_features == 4 * 192
