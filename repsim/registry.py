@@ -68,7 +68,7 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
     by ``mean``/``std``. ``weights``: its default state-dict file (relative: in
     :func:`checkpoint_dir`); ``head_key``: the classifier weight, whose rows give a file's class
     count; ``family``: "vit" (timm ViT), "resnet" (``layer1`` .. ``layer4``) or "other"."""
-    _check_new_name(name)
+    _check_name(name)
     if family not in _FAMILIES:
         raise ValueError(f"family={family!r} is unknown; valid: {', '.join(_FAMILIES)}")
     if interpolation not in _INTERPOLATIONS:
@@ -89,7 +89,8 @@ def register_model(name: str, *, family: str = "other", input_size: int = 32,
                      description or f"user model {name}")
 
     def deco(build: Callable[[int], nn.Module]) -> Callable[[int], nn.Module]:
-        _check_new_name(name)  # a decorator applied twice would replace the first model
+        if name in _REGISTRY and not _redefines(_REGISTRY[name], build):
+            raise ValueError(f"model name {name!r} is taken; choose another")
         _REGISTRY[name] = Entry(spec, build, head_key)
         return build
 
@@ -124,8 +125,17 @@ def _default_weights(weights: str | os.PathLike | None) -> str | None:
     return "/".join(("checkpoints", *parts))
 
 
-def _check_new_name(name: str) -> None:
-    """ValueError unless ``name`` is free and usable wherever a model is named: ``repsim cka``
+def _redefines(entry: Entry, build: Callable) -> bool:
+    """Whether ``build`` is the entry's function defined again (the same module and name): a
+    notebook cell or ``importlib.reload`` run twice, which a researcher expects to update the
+    model, not to find its name taken. Lambdas have no name to tell them apart."""
+    where = lambda f: (getattr(f, "__module__", None), getattr(f, "__qualname__", None))  # noqa
+    name = where(build)[1]
+    return where(entry.build) == where(build) and name is not None and "<lambda>" not in name
+
+
+def _check_name(name: str) -> None:
+    """ValueError unless ``name`` is usable wherever a model is named: ``repsim cka``
     takes a name with a path separator or a store suffix for a store file."""
     if (not isinstance(name, str) or not name or name != name.strip() or "/" in name
             or os.sep in name or name.lower().endswith((".h5", ".hdf5"))):
@@ -135,8 +145,6 @@ def _check_new_name(name: str) -> None:
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"model name {name!r} starts with {TIMM_PREFIX!r}, which names timm's "
                          "models; choose a name without it")
-    if name in _REGISTRY:
-        raise ValueError(f"model name {name!r} is taken; choose another")
 
 
 @register_model("vit_cifar", family="vit", weights="checkpoints/vit_cifar.pt",

@@ -181,8 +181,8 @@ def test_registered_model_is_a_name_everywhere(tmp_path, private_registry):
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     out = repsim.extract("tiny_mlp_test", torch.from_numpy(images), layers=["1"])
     assert out["1"].shape == (6, 5)  # resized to 8 x 8 on the way in
-    with pytest.raises(ValueError, match="taken"):
-        repsim.register_model("tiny_mlp_test")(tiny)
+    with pytest.raises(ValueError, match="taken"):  # another model under the name
+        repsim.register_model("tiny_mlp_test")(lambda num_classes: nn.Linear(3, num_classes))
 
 
 def test_cli_imports_a_module_that_registers_a_model(tmp_path):
@@ -245,6 +245,29 @@ def test_a_registration_decorator_applied_twice_does_not_replace_the_first(priva
     with pytest.raises(ValueError, match="'twice_test' is taken"):
         register(lambda num_classes: nn.Linear(48, 2 * num_classes))
     assert registry.get_entry("twice_test").build is first
+
+
+def test_a_notebook_cell_run_again_updates_its_model(private_registry):
+    """Running a cell with `@register_model("my_net")` twice (after editing the model) said
+    "'my_net' is taken" until the kernel restarted; the same function defined again (same
+    module and name) replaces its model, while another function under the name is refused."""
+    def cell(width):
+        @repsim.register_model("rerun_test", input_size=4)
+        def my_net(num_classes):
+            return nn.Sequential(nn.Flatten(), nn.Linear(48, width), nn.Linear(width, num_classes))
+        return my_net
+
+    cell(5)
+    second = cell(7)
+    assert registry.get_entry("rerun_test").build is second
+    assert registry.get_entry("rerun_test").build(2)[1].out_features == 7
+
+    def my_net(num_classes):  # another function (another qualname) under the same name
+        return nn.Linear(48, num_classes)
+    with pytest.raises(ValueError, match="'rerun_test' is taken"):
+        repsim.register_model("rerun_test")(my_net)
+    with pytest.raises(ValueError, match="'vit_cifar' is taken"):
+        repsim.register_model("vit_cifar")(second)
 
 
 @pytest.mark.parametrize("name, hint", [("VIT_CIFAR", "did you mean vit_cifar "),
