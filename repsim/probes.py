@@ -214,13 +214,10 @@ class LayerProbes:
     estimator: str
 
     def to_dict(self) -> dict:
-        """JSON-able, NaN as None."""
-        def clean(v):
-            if isinstance(v, np.ndarray):
-                return [[None if c != c else float(c) for c in row] for row in v.tolist()]
-            return v
+        """JSON-able, NaN as None (numpy scalars given as options too: seed=np.int64(1))."""
+        from repsim.sketch import jsonable
 
-        return {k: clean(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
 
 def stratified_split(labels: Any, train_fraction: float, seed: int

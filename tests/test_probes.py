@@ -319,3 +319,15 @@ def test_removing_top_pcs_of_some_rows_projects_every_row_on_theirs(n, p):
         assert not remove_top_pcs(x, k, fit_rows=mask).any()
     with pytest.raises(UserError, match=r"fit_rows="):
         remove_top_pcs(x, 1, fit_rows=[n])
+
+
+def test_results_of_numpy_scalar_options_stay_json_able():
+    # seed=np.int64 (a loop over np.arange) or weight_decay=np.float32 went into the result
+    # as given, and json.dumps(res.to_dict()) raised "int64 is not JSON serializable".
+    x, y = blobs(n_per_class=10)
+    res = probe_layers({"a": x}, y, ks=(1,), seed=np.int64(1),
+                       weight_decay=np.float32(0.01), device="cpu")
+    back = json.loads(json.dumps(res.to_dict()))
+    assert back["seed"] == 1 and back["weight_decay"] == pytest.approx(0.01)
+    assert type(back["seed"]) is int
+
