@@ -96,7 +96,10 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
     """
     from repsim.models import resolve_device
 
-    if not 0 <= weight_decay < math.inf or steps < 1:  # NaN fails too: it gives NaN logits
+    if not is_whole(steps):  # 2.5 and True ran as L-BFGS's max_iter
+        raise UserError(f"steps={steps!r} must be a whole number of L-BFGS iterations, at "
+                        "least 1, e.g. 500")
+    if not 0 <= weight_decay < math.inf:  # NaN fails too: it gives NaN logits
         raise UserError(f"weight_decay={weight_decay}, steps={steps}: pass a finite "
                         "weight_decay >= 0 and steps >= 1")
     dev = resolve_device(None if device is None else str(device))

@@ -331,3 +331,10 @@ def test_results_of_numpy_scalar_options_stay_json_able():
     assert back["seed"] == 1 and back["weight_decay"] == pytest.approx(0.01)
     assert type(back["seed"]) is int
 
+
+@pytest.mark.parametrize("steps", [2.5, True, "50"])
+def test_steps_that_is_not_a_whole_number_is_refused(steps):
+    # 2.5 and True ran as L-BFGS max_iter silently; "50" raised TypeError from a comparison.
+    x, y = blobs()
+    with pytest.raises(UserError, match=r"steps=.* must be a whole number"):
+        linear_probe(x, y, x, y, steps=steps, device="cpu")
