@@ -38,6 +38,15 @@ def test_top_channels_rank_by_mean_activation():
     np.testing.assert_allclose(scores, [[2, 1], [3, 2]])
 
 
+
+@pytest.mark.parametrize("top", [2.5, True, 0.5, 0, "8"])
+def test_a_top_that_is_not_a_positive_whole_number_is_refused_naming_it(top):
+    # 2.5 drew 2 channels and True 1, silently; 0.5 was refused as "top=0", a value never
+    # given; "8" drew 8.
+    act = np.ones((1, 4, 2, 2), dtype=np.float32)
+    with pytest.raises(UserError, match=f"top={top!r} must be a positive whole number"):
+        FM.top_channels(act, top)
+
 def test_stage_maps_are_the_stage_outputs(resnet):
     x = torch.randn(2, 3, 32, 32)
     views = FM.feature_maps(resnet, x, ["layer1", "layer2", "layer3", "layer4"], top=5)

@@ -18,7 +18,7 @@ from torch import nn
 
 from repsim import __version__, paths
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.figures import draw
 from repsim.weights import check_weights_seeds
 
@@ -67,10 +67,10 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
 def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(channels ``(B, k)`` int64, scores ``(B, k)`` float32): per image, the ``k`` channels of
     ``act`` ``(B, C, h, w)`` with the largest mean activation, strongest first."""
+    if not is_whole(k):  # int() made 2.5 two channels and True one
+        raise UserError(f"top={k!r} must be a positive whole number of channels, e.g. 8")
     a = torch.as_tensor(act)
     k = min(int(k), a.shape[1])
-    if k < 1:
-        raise UserError(f"top={k}: pass a positive number of channels")
     scores, idx = a.float().mean(dim=(2, 3)).topk(k, dim=1)
     return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
 
