@@ -207,13 +207,14 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
         yield maps
 
 
-def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = None
-                   ) -> np.ndarray:
+def attention_maps(model: nn.Module, x: torch.Tensor | np.ndarray,
+                   blocks: Sequence[int] | None = None) -> np.ndarray:
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
-    batch ``x`` ``(B, 3, S, S)`` (moved to the model's device), in eval mode. Rows sum to 1."""
+    batch ``x`` ``(B, 3, S, S)``, a tensor or array (moved to the model's device), in eval
+    mode. Rows sum to 1."""
     order = list(range(len(attention_modules(model)))) if blocks is None else list(blocks)
     with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
-        model(x.to(model_device(model)))
+        model(as_tensor(x).to(model_device(model)))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
 

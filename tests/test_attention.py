@@ -662,3 +662,10 @@ def test_a_batch_size_that_is_not_a_count_is_a_user_error(batch_size):
     model = _tiny_vit(depth=1)
     with pytest.raises(UserError, match=r"batch_size=.* must be a positive integer"):
         A.attention_distance(model, torch.randn(2, 3, 16, 16), batch_size=batch_size)
+
+
+def test_attention_maps_take_a_numpy_batch_as_attention_distance_does():
+    # attention_maps(model, array) raised AttributeError: 'numpy.ndarray' has no 'to'.
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(A.attention_maps(model, x.numpy()), A.attention_maps(model, x))
