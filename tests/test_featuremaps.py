@@ -65,6 +65,15 @@ def test_stage_maps_are_the_stage_outputs(resnet):
             assert means[v.channels[i]].min() >= np.delete(means, v.channels[i]).max() - 1e-6
 
 
+
+def test_a_numpy_batch_gives_the_maps_of_its_tensor(resnet):
+    # feature_maps(model, array, ...) raised AttributeError: 'numpy.ndarray' has no 'to'.
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got = FM.feature_maps(resnet, x.numpy(), ["layer4"], top=3)["layer4"]
+    want = FM.feature_maps(resnet, x, ["layer4"], top=3)["layer4"]
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.channels, want.channels)
+
 def test_feature_maps_leave_outputs_unchanged_and_remove_hooks(resnet):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

@@ -36,18 +36,18 @@ class StageMaps:
     num_channels: int
 
 
-def stage_activations(model: nn.Module, x: torch.Tensor,
+def stage_activations(model: nn.Module, x: torch.Tensor | np.ndarray,
                       stages: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``, in
-    eval mode (BatchNorm on its running statistics, which stay as they were);
-    UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the model
-    says its maps are channels last."""
+    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x`` (a
+    tensor or array), in eval mode (BatchNorm on its running statistics, which stay as they
+    were); UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the
+    model says its maps are channels last."""
     from repsim.attention import model_device
-    from repsim.hooks import capture, eval_mode
+    from repsim.hooks import as_tensor, capture, eval_mode
 
     with torch.inference_mode(), eval_mode(model), capture(model, list(stages),
                                                            reduce=None) as cap:
-        model(x.to(model_device(model)))
+        model(as_tensor(x).to(model_device(model)))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
     for name, a in outputs.items():
         if cap.channels_last and a.ndim == 4:  # as repsim.locality: (B, H, W, C) or not?
@@ -75,7 +75,7 @@ def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np
     return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str],
+def feature_maps(model: nn.Module, x: torch.Tensor | np.ndarray, stages: Sequence[str],
                  top: int = 8) -> dict[str, StageMaps]:
     """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
     ``top`` strongest channels per image, and its mean map."""
