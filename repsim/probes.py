@@ -268,6 +268,11 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
                         "to delete), e.g. ks=(1, 5, 10)")
     ks = [0] + sorted({int(k) for k in ks} - {0})
     mats = {name: _array(x) for name, x in features.items()}
+    for name, x in mats.items():  # else remove_top_pcs refused it as "x", a name not given
+        if x.ndim != 2:
+            raise UserError(f"layer {name!r} has shape {x.shape}; pass (n, p) matrices, one "
+                            "row per sample (pool or flatten maps first, e.g. repsim.extract "
+                            "with reduce='mean')")
     if any(len(x) != len(labels) for x in mats.values()):
         raise UserError(f"features have {sorted({len(x) for x in mats.values()})} rows but "
                         f"labels has {len(labels)}; pass one label per row")

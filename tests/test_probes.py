@@ -338,3 +338,10 @@ def test_steps_that_is_not_a_whole_number_is_refused(steps):
     x, y = blobs()
     with pytest.raises(UserError, match=r"steps=.* must be a whole number"):
         linear_probe(x, y, x, y, steps=steps, device="cpu")
+
+
+def test_a_layer_that_is_not_a_matrix_is_refused_naming_the_layer():
+    # A (n, C, H, W) map was refused as "x has shape (...)", a parameter probe_layers has not.
+    x, y = blobs(n_per_class=10, dim=8)
+    with pytest.raises(UserError, match=r"layer 'maps' has shape \(30, 2, 2, 2\); pass"):
+        probe_layers({"flat": x, "maps": x.reshape(30, 2, 2, 2)}, y, ks=(1,), device="cpu")
