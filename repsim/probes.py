@@ -104,7 +104,7 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
                         "weight_decay >= 0 and steps >= 1")
     dev = resolve_device(None if device is None else str(device))
     xtr, xte = _matrix(train_x, "train_x", dev), _matrix(test_x, "test_x", dev)
-    labels = np.concatenate([np.asarray(train_y).ravel(), np.asarray(test_y).ravel()])
+    labels = np.concatenate([_array(train_y).ravel(), _array(test_y).ravel()])
     if xtr.shape[1] != xte.shape[1] or len(labels) != len(xtr) + len(xte):
         raise UserError(f"train_x {tuple(xtr.shape)}, test_x {tuple(xte.shape)} and "
                         f"{len(labels)} labels do not fit; pass one label per row and the "
@@ -232,7 +232,7 @@ def stratified_split(labels: Any, train_fraction: float, seed: int
     if not 0 < train_fraction < 1:  # else balanced_subset's message names its own fraction=
         raise UserError(f"train_fraction={train_fraction} is out of range; pass a fraction in "
                         "(0, 1), e.g. 0.5")
-    labels = np.asarray(labels)
+    labels = _array(labels)
     counts = np.unique(labels, return_counts=True)[1]
     if not any(round(train_fraction * c) for c in counts):  # else "fraction=" again, below
         raise UserError(f"train_fraction={train_fraction} selects no training rows from "
@@ -260,7 +260,7 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
     ``batch_size``, ``batch_seed``: as in :func:`repsim.cka.cka_matrix`."""
     from repsim.cka import cka_matrix
 
-    labels = np.asarray(labels).ravel()
+    labels = _array(labels).ravel()
     given = ks  # int(1.5) or True would delete one component, "15" one and five
     ks = list(ks) if isinstance(ks, Iterable) and not isinstance(ks, str) else [None]
     if not all(is_whole(k, 0) for k in ks):

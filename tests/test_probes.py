@@ -345,3 +345,18 @@ def test_a_layer_that_is_not_a_matrix_is_refused_naming_the_layer():
     x, y = blobs(n_per_class=10, dim=8)
     with pytest.raises(UserError, match=r"layer 'maps' has shape \(30, 2, 2, 2\); pass"):
         probe_layers({"flat": x, "maps": x.reshape(30, 2, 2, 2)}, y, ks=(1,), device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="labels on a GPU need one")
+def test_labels_on_the_gpu_probe_like_their_cpu_copy():
+    # np.asarray(labels) raised TypeError (can't convert cuda:0 device type tensor to numpy)
+    # for a notebook's y.cuda(), in linear_probe, stratified_split and probe_layers alike.
+    x, y = blobs(n_per_class=10)
+    yg = torch.from_numpy(y).cuda()
+    train, test = stratified_split(yg, 0.5, 0)
+    np.testing.assert_array_equal(train, stratified_split(y, 0.5, 0)[0])
+    assert linear_probe(x[train], yg[train], x[test], yg[test]) == linear_probe(
+        x[train], y[train], x[test], y[test])
+    kw = dict(ks=(1,), steps=50)
+    np.testing.assert_array_equal(probe_layers({"a": x}, yg, **kw).accuracy,
+                                  probe_layers({"a": x}, y, **kw).accuracy)
