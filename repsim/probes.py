@@ -142,7 +142,7 @@ def _rows(fit_rows: Any, n: int) -> np.ndarray | None:
     """``fit_rows`` as sorted, distinct row indices into ``n`` rows (None: all rows)."""
     if fit_rows is None:
         return None
-    rows = np.asarray(fit_rows)
+    rows = _array(fit_rows)  # a tensor on any device too
     if rows.dtype == bool and rows.shape == (n,):
         rows = np.flatnonzero(rows)
     if (rows.ndim != 1 or not len(rows) or rows.dtype.kind not in "iu"
