@@ -342,7 +342,8 @@ def test_a_forward_batch_that_is_not_a_count_is_a_user_error_naming_it(images, b
 def test_numpy_images_measure_as_their_tensor(images):
     # grid_features and measure raised AttributeError: 'numpy.ndarray' has no 'to'.
     vit, cnn, x = CopyViT(), PatchCNN(), images[:8]
-    got = L.measure(vit, x.numpy(), cnn, x.numpy(), estimator="biased")
-    want = L.measure(vit, x, cnn, x, estimator="biased")
+    kw = dict(vit_layers="blocks.0", cnn_layers="native", estimator="biased")
+    got = L.measure(vit, x.numpy(), cnn, x.numpy(), **kw)
+    want = L.measure(vit, x, cnn, x, **kw)
     np.testing.assert_array_equal(got.maps, want.maps)
     np.testing.assert_array_equal(got.position.matrix, want.position.matrix)
