@@ -229,7 +229,9 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
     src = as_tensor(images)
     is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
-        raise ValueError("uint8 images need the model's spec to be preprocessed")
+        raise UserError(f"images are uint8 pixels of shape {tuple(src.shape)}; pass "
+                        "preprocessed float images (n, 3, S, S) (repsim.models.preprocess), or "
+                        "to attention_distance spec=, the model's repsim.registry.ModelSpec")
     if not is_whole(batch_size):  # 2.0 failed in range(), True ran one image at a time
         raise UserError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64")
     if len(src) == 0:

@@ -669,3 +669,14 @@ def test_attention_maps_take_a_numpy_batch_as_attention_distance_does():
     model = _tiny_vit()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(A.attention_maps(model, x.numpy()), A.attention_maps(model, x))
+
+
+def test_uint8_images_without_a_spec_are_a_user_error_saying_what_to_pass():
+    # Raised ValueError("uint8 images need the model's spec..."): not a UserError, and it
+    # named neither spec= nor the other way, preprocessed float images.
+    model = _tiny_vit()
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"uint8 .*preprocessed float .*attention_distance spec="):
+        A.attention_distance(model, images)
+    with pytest.raises(UserError, match=r"uint8 .*pass preprocessed float images"):
+        A.prefix_attention_mass(model, images)
