@@ -76,6 +76,20 @@ def test_a_numpy_batch_gives_the_maps_of_its_tensor():
     np.testing.assert_array_equal(got.maps, want.maps)
     np.testing.assert_array_equal(got.channels, want.channels)
 
+
+def test_stages_given_as_one_string_are_layer_names_not_letters():
+    # feature_maps(cnn, x, "1") worked by luck; "conv" was read letter by letter and refused
+    # as "layers='c' matches nothing", and "conv,act" the same.
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential()
+    cnn.add_module("conv", torch.nn.Conv2d(3, 6, 3, padding=1))
+    cnn.add_module("act", torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert list(FM.feature_maps(cnn, x, "conv", top=2)) == ["conv"]
+    assert list(FM.feature_maps(cnn, x, "conv,act", top=2)) == ["conv", "act"]
+    np.testing.assert_array_equal(FM.feature_maps(cnn, x, "act", top=2)["act"].maps,
+                                  FM.feature_maps(cnn, x, ["act"], top=2)["act"].maps)
+
 def test_feature_maps_leave_outputs_unchanged_and_remove_hooks(resnet):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

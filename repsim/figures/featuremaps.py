@@ -37,7 +37,7 @@ class StageMaps:
 
 
 def stage_activations(model: nn.Module, x: torch.Tensor | np.ndarray,
-                      stages: Sequence[str]) -> dict[str, torch.Tensor]:
+                      stages: str | Sequence[str]) -> dict[str, torch.Tensor]:
     """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x`` (a
     tensor or array), in eval mode (BatchNorm on its running statistics, which stay as they
     were); UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the
@@ -45,8 +45,9 @@ def stage_activations(model: nn.Module, x: torch.Tensor | np.ndarray,
     from repsim.attention import model_device
     from repsim.hooks import as_tensor, capture, eval_mode
 
-    with torch.inference_mode(), eval_mode(model), capture(model, list(stages),
-                                                           reduce=None) as cap:
+    # A string is capture's own "a,b" request; list() would read it letter by letter.
+    request = stages if isinstance(stages, str) else list(stages)
+    with torch.inference_mode(), eval_mode(model), capture(model, request, reduce=None) as cap:
         model(as_tensor(x).to(model_device(model)))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
     for name, a in outputs.items():
@@ -75,7 +76,7 @@ def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np
     return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor | np.ndarray, stages: Sequence[str],
+def feature_maps(model: nn.Module, x: torch.Tensor | np.ndarray, stages: str | Sequence[str],
                  top: int = 8) -> dict[str, StageMaps]:
     """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
     ``top`` strongest channels per image, and its mean map."""
