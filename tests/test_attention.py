@@ -680,3 +680,16 @@ def test_uint8_images_without_a_spec_are_a_user_error_saying_what_to_pass():
         A.attention_distance(model, images)
     with pytest.raises(UserError, match=r"uint8 .*pass preprocessed float images"):
         A.prefix_attention_mass(model, images)
+
+
+@pytest.mark.parametrize("blocks", [1, "0,1", 1.0])
+def test_blocks_that_is_not_a_list_of_numbers_is_refused_naming_blocks(blocks):
+    # blocks=1 raised TypeError ('int' object is not iterable); "0,1" said "block '0' does
+    # not exist" (its letters were read as blocks); 1.0 the TypeError again.
+    model = _tiny_vit()
+    x = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(UserError, match=r"blocks=.* must be a list of block numbers"):
+        A.attention_maps(model, x, blocks=blocks)
+    with pytest.raises(UserError, match=r"blocks=.* must be a list of block numbers"):
+        with A.capture_attention(model, blocks):
+            model(x)
