@@ -19,7 +19,7 @@ distance), ``False`` counts prefix mass as distance 0. Rollout (Abnar & Zuidema 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -153,14 +153,22 @@ def _softmax(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor 
     return (scores if bias is None else scores + bias).softmax(dim=-1)
 
 
+def _block_list(blocks: Sequence[int]) -> list:
+    """``blocks`` as a list, numpy integers as ints (np.int64(0) is block 0); UserError for a
+    bare number or a string, which list() would fail on or read letter by letter."""
+    if isinstance(blocks, str | bytes) or not isinstance(blocks, Iterable):
+        raise UserError(f"blocks={blocks!r} must be a list of block numbers, e.g. "
+                        "blocks=[0, 5], or None for all")
+    return [int(i) if isinstance(i, np.integer) else i for i in blocks]
+
+
 @contextlib.contextmanager
 def _qk_hooks(model: nn.Module, consume: Consumer, blocks: Sequence[int] | None = None
               ) -> Iterator[None]:
     """Call ``consume`` with each chosen block's queries and keys during every forward pass
     inside the ``with`` (under ``torch.no_grad``); the hooks go on exit, also on errors."""
     mods = attention_modules(model)
-    chosen = range(len(mods)) if blocks is None else [  # np.int64(0) from numpy is block 0
-        int(i) if isinstance(i, np.integer) else i for i in blocks]
+    chosen = range(len(mods)) if blocks is None else _block_list(blocks)
     if not chosen:
         raise UserError(f"blocks={list(chosen)} names no block; pass e.g. blocks=[0], or None "
                         f"for all {len(mods)}")
@@ -207,13 +215,15 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
         yield maps
 
 
-def attention_maps(model: nn.Module, x: torch.Tensor, blocks: Sequence[int] | None = None
-                   ) -> np.ndarray:
+def attention_maps(model: nn.Module, x: torch.Tensor | np.ndarray,
+                   blocks: Sequence[int] | None = None) -> np.ndarray:
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
-    batch ``x`` ``(B, 3, S, S)`` (moved to the model's device), in eval mode. Rows sum to 1."""
-    order = list(range(len(attention_modules(model)))) if blocks is None else list(blocks)
+    batch ``x`` ``(B, 3, S, S)``, a tensor or array (moved to the model's device), in eval
+    mode. Rows sum to 1."""
+    order = (list(range(len(attention_modules(model)))) if blocks is None
+             else _block_list(blocks))
     with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
-        model(x.to(model_device(model)))
+        model(as_tensor(x).to(model_device(model)))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
 
@@ -228,7 +238,9 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
     src = as_tensor(images)
     is_uint8 = src.dtype == torch.uint8
     if is_uint8 and spec is None:
-        raise ValueError("uint8 images need the model's spec to be preprocessed")
+        raise UserError(f"images are uint8 pixels of shape {tuple(src.shape)}; pass "
+                        "preprocessed float images (n, 3, S, S) (repsim.models.preprocess), or "
+                        "to attention_distance spec=, the model's repsim.registry.ModelSpec")
     if not is_whole(batch_size):  # 2.0 failed in range(), True ran one image at a time
         raise UserError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64")
     if len(src) == 0:

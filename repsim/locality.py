@@ -26,6 +26,7 @@ from torch import nn
 from repsim import cka
 from repsim.attention import TokenGrid, model_device, token_grid
 from repsim.errors import UserError, is_whole
+from repsim.hooks import as_tensor
 
 
 def to_grid(x: torch.Tensor, grid: tuple[int, int], n_prefix: int = 0,
@@ -53,17 +54,17 @@ def _check_batch(value: Any, name: str) -> None:
 
 
 @torch.inference_mode()
-def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
+def grid_features(model: nn.Module, x: torch.Tensor | np.ndarray, grid: tuple[int, int],
                   layers: str | Sequence[str] | None = None, n_prefix: int | None = None,
                   spec: Any = None, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """``{layer: (n, G, D) float32}`` on the model's device for the preprocessed input ``x``
-    ``(n, 3, S, S)``, by :func:`to_grid`. ``layers``/``spec`` as in
+    ``(n, 3, S, S)`` (a tensor or array), by :func:`to_grid`. ``layers``/``spec`` as in
     :func:`repsim.hooks.capture`; ``n_prefix`` defaults to the model's prefix token count
     (none is dropped from ``patch_embed``'s tokens, which come before the prefix)."""
     from repsim.hooks import capture, eval_mode
 
     _check_batch(batch_size, "batch_size")
-    dev = model_device(model)
+    dev, x = model_device(model), as_tensor(x)
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
         k = cap.n_prefix if n_prefix is None else n_prefix
@@ -79,10 +80,11 @@ def grid_features(model: nn.Module, x: torch.Tensor, grid: tuple[int, int],
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def input_patches(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def input_patches(x: torch.Tensor | np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """The raw input patches ``(n, G, 3 * ph * pw)`` of ``x`` ``(n, 3, S, S)`` on ``grid``,
     cells row-major, each flattened channel-major as a ViT's patch embedding reads it."""
     gh, gw = grid
+    x = as_tensor(x)
     h, w = x.shape[-2:]
     if h % gh or w % gw:
         raise UserError(f"an input of {h}x{w} pixels does not split into a {gh}x{gw} grid of "
@@ -165,16 +167,19 @@ class Locality:
     position: cka.CKAResult | None = None
 
 
-def measure(vit: nn.Module, x_vit: torch.Tensor, cnn: nn.Module | None = None,
-            x_cnn: torch.Tensor | None = None, *, vit_layers: str | Sequence[str] | None = None,
+def measure(vit: nn.Module, x_vit: torch.Tensor | np.ndarray, cnn: nn.Module | None = None,
+            x_cnn: torch.Tensor | np.ndarray | None = None, *,
+            vit_layers: str | Sequence[str] | None = None,
             cnn_layers: str | Sequence[str] | None = None, vit_spec: Any = None,
             cnn_spec: Any = None, forward_batch: int = 64, **settings: Any) -> Locality:
     """Locality maps of ``vit`` and, with ``cnn``, its CKA with the CNN per (image, cell), on
-    the same ``n`` images preprocessed for each (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``).
+    the same ``n`` images preprocessed for each (``x_vit``, ``x_cnn``: ``(n, 3, S, S)``
+    tensors or arrays).
     Layers and specs as in :func:`repsim.hooks.capture`; ``settings`` go to
     :func:`repsim.cka.compare` (``batch_size`` there is the CKA estimator's; ``forward_batch``
     is images per forward pass)."""
     _check_batch(forward_batch, "forward_batch")
+    x_vit = as_tensor(x_vit)
     geo = token_grid(vit)
     tokens = grid_features(vit, x_vit, geo.grid, vit_layers, geo.n_prefix, vit_spec, forward_batch)
     dev = next(iter(tokens.values())).device

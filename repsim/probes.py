@@ -96,12 +96,15 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
     """
     from repsim.models import resolve_device
 
-    if not 0 <= weight_decay < math.inf or steps < 1:  # NaN fails too: it gives NaN logits
+    if not is_whole(steps):  # 2.5 and True ran as L-BFGS's max_iter
+        raise UserError(f"steps={steps!r} must be a whole number of L-BFGS iterations, at "
+                        "least 1, e.g. 500")
+    if not 0 <= weight_decay < math.inf:  # NaN fails too: it gives NaN logits
         raise UserError(f"weight_decay={weight_decay}, steps={steps}: pass a finite "
                         "weight_decay >= 0 and steps >= 1")
     dev = resolve_device(None if device is None else str(device))
     xtr, xte = _matrix(train_x, "train_x", dev), _matrix(test_x, "test_x", dev)
-    labels = np.concatenate([np.asarray(train_y).ravel(), np.asarray(test_y).ravel()])
+    labels = np.concatenate([_array(train_y).ravel(), _array(test_y).ravel()])
     if xtr.shape[1] != xte.shape[1] or len(labels) != len(xtr) + len(xte):
         raise UserError(f"train_x {tuple(xtr.shape)}, test_x {tuple(xte.shape)} and "
                         f"{len(labels)} labels do not fit; pass one label per row and the "
@@ -135,9 +138,29 @@ def linear_probe(train_x: Any, train_y: Any, test_x: Any, test_y: Any, *,
     return float((pred == yte).double().mean())
 
 
-def remove_top_pcs(x: Any, k: int) -> np.ndarray:
+def _rows(fit_rows: Any, n: int) -> np.ndarray | None:
+    """``fit_rows`` as sorted, distinct row indices into ``n`` rows (None: all rows)."""
+    if fit_rows is None:
+        return None
+    rows = _array(fit_rows)  # a tensor on any device too
+    if rows.dtype == bool and rows.shape == (n,):
+        rows = np.flatnonzero(rows)
+    if (rows.ndim != 1 or not len(rows) or rows.dtype.kind not in "iu"
+            or rows.min() < -n or rows.max() >= n):
+        raise UserError(f"fit_rows={fit_rows!r} must be row indices (or a boolean mask) "
+                        f"into the {n} rows of x, at least one; e.g. the training rows")
+    return np.unique(rows % n)
+
+
+def remove_top_pcs(x: Any, k: int, *, fit_rows: Any = None) -> np.ndarray:
     """``x`` ``(n, p)`` centred, minus its top-``k`` principal components: float64 ``(n, p)``,
-    ``X - U_k S_k V_k'`` for the centred ``X = U S V'`` (``k = 0``: ``x`` centred)."""
+    ``X - U_k S_k V_k'`` for the centred ``X = U S V'`` (``k = 0``: ``x`` centred).
+
+    ``fit_rows`` (indices or a boolean mask, e.g. a probe's training rows): the mean and the
+    components are those of these rows, and every row is centred on that mean and projected
+    off those components, ``(x - m) (I - V_k V_k')``, so that the other rows (a test split)
+    take no part in the fit. ``k`` at or above the rank of the fitting rows leaves all zeros.
+    """
     t = _matrix(x, "x", torch.device("cpu") if not isinstance(x, torch.Tensor) else x.device)
     n, p = t.shape
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # 1.0 failed in slicing
@@ -145,20 +168,29 @@ def remove_top_pcs(x: Any, k: int) -> np.ndarray:
     if not 0 <= k <= min(n, p):
         raise UserError(f"k={k} is out of range for x of shape {(n, p)}; pass 0 <= k <= "
                         f"{min(n, p)}")
-    xc = t - t.mean(0)
+    rows = _rows(fit_rows, n)
+    fit = t if rows is None else t[torch.as_tensor(rows, device=t.device)]
+    xc = t - fit.mean(0)
     if k == 0:
         return xc.cpu().numpy()
+    fc = xc if rows is None else xc[torch.as_tensor(rows, device=t.device)]
     with _one_thread(t.device):
-        if p > n:  # top left singular vectors: eigenvectors of the n x n Gram (ascending)
-            u = torch.linalg.eigh(xc @ xc.T).eigenvectors[:, -k:]
+        if rows is None and p > n:  # top left singular vectors: eigenvectors of the Gram
+            u = torch.linalg.eigh(xc @ xc.T).eigenvectors[:, -k:]  # (ascending)
             out = xc - u @ (u.T @ xc)
-        else:
-            v = torch.linalg.eigh(xc.T @ xc).eigenvectors[:, -k:]
+        elif p > len(fc):  # right singular vectors: span of X'U from the fitting rows' Gram,
+            # orthonormalised (beyond their rank X'U has noise columns, not orthogonal ones)
+            v = torch.linalg.qr(fc.T @ torch.linalg.eigh(fc @ fc.T).eigenvectors[:, -k:])[0]
             out = xc - (xc @ v) @ v.T
-    # k at or above the layer's rank leaves only rounding noise, which standardise() would
-    # blow up to unit scale for the probe and CKA to read as signal: it is nothing, zeros.
-    # 1e-9: far above float64 rounding, far below the precision of float32 activations.
-    if float(out.norm()) <= 1e-9 * float(xc.norm()):
+        else:
+            v = torch.linalg.eigh(fc.T @ fc).eigenvectors[:, -k:]
+            out = xc - (xc @ v) @ v.T
+    # k at or above the rank of the fitting rows leaves only rounding noise of theirs, which
+    # standardise() would blow up to unit scale for the probe and CKA read as signal, and the
+    # components beyond that rank are arbitrary directions, so no row has a defined rest:
+    # it is nothing, zeros. 1e-9: far above float64 rounding, far below float32 precision.
+    left = out if rows is None else out[torch.as_tensor(rows, device=t.device)]
+    if float(left.norm()) <= 1e-9 * float(fc.norm()):
         out = torch.zeros_like(out)
     return out.cpu().numpy()
 
@@ -185,13 +217,10 @@ class LayerProbes:
     estimator: str
 
     def to_dict(self) -> dict:
-        """JSON-able, NaN as None."""
-        def clean(v):
-            if isinstance(v, np.ndarray):
-                return [[None if c != c else float(c) for c in row] for row in v.tolist()]
-            return v
+        """JSON-able, NaN as None (numpy scalars given as options too: seed=np.int64(1))."""
+        from repsim.sketch import jsonable
 
-        return {k: clean(v) for k, v in asdict(self).items()}
+        return jsonable(asdict(self))
 
 
 def stratified_split(labels: Any, train_fraction: float, seed: int
@@ -203,7 +232,7 @@ def stratified_split(labels: Any, train_fraction: float, seed: int
     if not 0 < train_fraction < 1:  # else balanced_subset's message names its own fraction=
         raise UserError(f"train_fraction={train_fraction} is out of range; pass a fraction in "
                         "(0, 1), e.g. 0.5")
-    labels = np.asarray(labels)
+    labels = _array(labels)
     counts = np.unique(labels, return_counts=True)[1]
     if not any(round(train_fraction * c) for c in counts):  # else "fraction=" again, below
         raise UserError(f"train_fraction={train_fraction} selects no training rows from "
@@ -225,12 +254,13 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
                  device: str | torch.device | None = None) -> LayerProbes:
     """Probe every layer of ``features`` (``{layer: (n, p)}``, ``labels`` ``(n,)``) as it is and
     without its top ``k`` principal components for each ``k`` in ``ks``. The probe trains on a
-    stratified ``train_fraction`` of the rows (drawn by ``seed``), tests on the rest; PCs and
-    CKA use all rows. ``reference``: another model's ``{layer: (n, q)}`` on the same rows.
-    ``estimator``, ``batch_size``, ``batch_seed``: as in :func:`repsim.cka.cka_matrix`."""
+    stratified ``train_fraction`` of the rows (drawn by ``seed``), tests on the rest, with the
+    components it deletes fitted on its training rows; CKA's deletions use all rows.
+    ``reference``: another model's ``{layer: (n, q)}`` on the same rows. ``estimator``,
+    ``batch_size``, ``batch_seed``: as in :func:`repsim.cka.cka_matrix`."""
     from repsim.cka import cka_matrix
 
-    labels = np.asarray(labels).ravel()
+    labels = _array(labels).ravel()
     given = ks  # int(1.5) or True would delete one component, "15" one and five
     ks = list(ks) if isinstance(ks, Iterable) and not isinstance(ks, str) else [None]
     if not all(is_whole(k, 0) for k in ks):
@@ -238,6 +268,11 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
                         "to delete), e.g. ks=(1, 5, 10)")
     ks = [0] + sorted({int(k) for k in ks} - {0})
     mats = {name: _array(x) for name, x in features.items()}
+    for name, x in mats.items():  # else remove_top_pcs refused it as "x", a name not given
+        if x.ndim != 2:
+            raise UserError(f"layer {name!r} has shape {x.shape}; pass (n, p) matrices, one "
+                            "row per sample (pool or flatten maps first, e.g. repsim.extract "
+                            "with reduce='mean')")
     if any(len(x) != len(labels) for x in mats.values()):
         raise UserError(f"features have {sorted({len(x) for x in mats.values()})} rows but "
                         f"labels has {len(labels)}; pass one label per row")
@@ -253,10 +288,12 @@ def probe_layers(features: dict[str, Any], labels: Any, *, ks: Sequence[int] = D
         _check_finite(torch.as_tensor(x), f"layer {name!r}")
         usable = [k for k in ks if k <= min(x.shape)]
         cols = [ks.index(k) for k in usable]
-        removed = [remove_top_pcs(x, k) for k in usable]
+        # The probe's deletion is fitted on its training rows alone, as standardise() is:
+        # components fitted on all rows let the test rows choose what the probe trains on.
         acc[i, cols] = [linear_probe(r[train], labels[train], r[test], labels[test],
                                      weight_decay=weight_decay, steps=steps, device=device)
-                        for r in removed]
+                        for r in (remove_top_pcs(x, k, fit_rows=train) for k in usable)]
+        removed = [remove_top_pcs(x, k) for k in usable]  # CKA has no split: all rows
         others = [x] + ([ref[match[i]]] if match and match[i] is not None else [])
         with _one_thread():  # small CKAs: 0.5 s on one thread, 1.9 s on two (shared CPU)
             c = cka_matrix(removed, others, **opts)  # (len(usable), 1 or 2)

@@ -662,3 +662,34 @@ def test_a_batch_size_that_is_not_a_count_is_a_user_error(batch_size):
     model = _tiny_vit(depth=1)
     with pytest.raises(UserError, match=r"batch_size=.* must be a positive integer"):
         A.attention_distance(model, torch.randn(2, 3, 16, 16), batch_size=batch_size)
+
+
+def test_attention_maps_take_a_numpy_batch_as_attention_distance_does():
+    # attention_maps(model, array) raised AttributeError: 'numpy.ndarray' has no 'to'.
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(A.attention_maps(model, x.numpy()), A.attention_maps(model, x))
+
+
+def test_uint8_images_without_a_spec_are_a_user_error_saying_what_to_pass():
+    # Raised ValueError("uint8 images need the model's spec..."): not a UserError, and it
+    # named neither spec= nor the other way, preprocessed float images.
+    model = _tiny_vit()
+    images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"uint8 .*preprocessed float .*attention_distance spec="):
+        A.attention_distance(model, images)
+    with pytest.raises(UserError, match=r"uint8 .*pass preprocessed float images"):
+        A.prefix_attention_mass(model, images)
+
+
+@pytest.mark.parametrize("blocks", [1, "0,1", 1.0])
+def test_blocks_that_is_not_a_list_of_numbers_is_refused_naming_blocks(blocks):
+    # blocks=1 raised TypeError ('int' object is not iterable); "0,1" said "block '0' does
+    # not exist" (its letters were read as blocks); 1.0 the TypeError again.
+    model = _tiny_vit()
+    x = torch.zeros(1, 3, 16, 16)
+    with pytest.raises(UserError, match=r"blocks=.* must be a list of block numbers"):
+        A.attention_maps(model, x, blocks=blocks)
+    with pytest.raises(UserError, match=r"blocks=.* must be a list of block numbers"):
+        with A.capture_attention(model, blocks):
+            model(x)

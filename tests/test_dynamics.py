@@ -227,3 +227,18 @@ def test_the_retrain_command_of_an_entry_whose_fraction_is_no_number_is_still_a_
     line = dynamics._command(ModelRef("vit_cifar"), None, entry)
     assert line.startswith("repsim train --model vit_cifar --epochs 10")
     assert "--train-fraction" not in line
+
+
+def test_the_retrain_command_quotes_a_checkpoint_path_with_spaces():
+    # --out /tmp/my runs/vit_cifar.pt came out bare: pasted, the shell split it in two.
+    import shlex
+    from pathlib import Path
+
+    from repsim.figures import dynamics
+    from repsim.figures.context import ModelRef
+
+    final = Path("/tmp/my runs/vit_cifar.pt")
+    line = dynamics._command(ModelRef("vit_cifar"), final, {"epochs_planned": 10})
+    words = shlex.split(line)
+    assert words[words.index("--out") + 1] == str(final)
+    assert words[:4] == ["repsim", "train", "--model", "vit_cifar"]

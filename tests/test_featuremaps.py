@@ -38,6 +38,15 @@ def test_top_channels_rank_by_mean_activation():
     np.testing.assert_allclose(scores, [[2, 1], [3, 2]])
 
 
+
+@pytest.mark.parametrize("top", [2.5, True, 0.5, 0, "8"])
+def test_a_top_that_is_not_a_positive_whole_number_is_refused_naming_it(top):
+    # 2.5 drew 2 channels and True 1, silently; 0.5 was refused as "top=0", a value never
+    # given; "8" drew 8.
+    act = np.ones((1, 4, 2, 2), dtype=np.float32)
+    with pytest.raises(UserError, match=f"top={top!r} must be a positive whole number"):
+        FM.top_channels(act, top)
+
 def test_stage_maps_are_the_stage_outputs(resnet):
     x = torch.randn(2, 3, 32, 32)
     views = FM.feature_maps(resnet, x, ["layer1", "layer2", "layer3", "layer4"], top=5)
@@ -55,6 +64,31 @@ def test_stage_maps_are_the_stage_outputs(resnet):
             means = ref[i].mean((1, 2))
             assert means[v.channels[i]].min() >= np.delete(means, v.channels[i]).max() - 1e-6
 
+
+
+def test_a_numpy_batch_gives_the_maps_of_its_tensor():
+    # feature_maps(model, array, ...) raised AttributeError: 'numpy.ndarray' has no 'to'.
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = FM.feature_maps(cnn, x.numpy(), ["1"], top=3)["1"]
+    want = FM.feature_maps(cnn, x, ["1"], top=3)["1"]
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.channels, want.channels)
+
+
+def test_stages_given_as_one_string_are_layer_names_not_letters():
+    # feature_maps(cnn, x, "1") worked by luck; "conv" was read letter by letter and refused
+    # as "layers='c' matches nothing", and "conv,act" the same.
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential()
+    cnn.add_module("conv", torch.nn.Conv2d(3, 6, 3, padding=1))
+    cnn.add_module("act", torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert list(FM.feature_maps(cnn, x, "conv", top=2)) == ["conv"]
+    assert list(FM.feature_maps(cnn, x, "conv,act", top=2)) == ["conv", "act"]
+    np.testing.assert_array_equal(FM.feature_maps(cnn, x, "act", top=2)["act"].maps,
+                                  FM.feature_maps(cnn, x, ["act"], top=2)["act"].maps)
 
 def test_feature_maps_leave_outputs_unchanged_and_remove_hooks(resnet):
     x = torch.randn(2, 3, 32, 32)

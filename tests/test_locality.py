@@ -337,3 +337,13 @@ def test_a_forward_batch_that_is_not_a_count_is_a_user_error_naming_it(images, b
         L.measure(CopyViT(), images[:4], vit_layers="blocks.0", forward_batch=batch)
     with pytest.raises(UserError, match=r"batch_size=.* must be a positive integer"):
         L.grid_features(CopyViT(), images[:4], GRID, "blocks.0", batch_size=batch)
+
+
+def test_numpy_images_measure_as_their_tensor(images):
+    # grid_features and measure raised AttributeError: 'numpy.ndarray' has no 'to'.
+    vit, cnn, x = CopyViT(), PatchCNN(), images[:8]
+    kw = dict(vit_layers="blocks.0", cnn_layers="native", estimator="biased")
+    got = L.measure(vit, x.numpy(), cnn, x.numpy(), **kw)
+    want = L.measure(vit, x, cnn, x, **kw)
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.position.matrix, want.position.matrix)

@@ -280,3 +280,83 @@ def test_deleting_every_component_of_a_low_rank_layer_leaves_zeros_not_rounding_
         res = probe_layers({"p1": x, "rank1": rank1}, y, ks=(1,), device="cpu")
     np.testing.assert_array_equal(res.accuracy[1], res.accuracy[0])  # as a width-1 layer
     assert np.isnan(res.self_cka[1, 1])
+
+
+def test_the_probes_deletion_is_fitted_on_the_training_rows_only():
+    # Training rows: the class on axis 0 (+-1), a larger class-free spread on axis 1 (+-3);
+    # test rows: the class at +-10 on axis 0, nothing on axis 1. The training rows' top
+    # component is axis 1, so deleting it leaves the class: accuracy 1. Fitted on all rows,
+    # the test rows made axis 0 the top component and the probe scored 0.5, chance: the test
+    # rows chose what the probe was trained on.
+    y = np.repeat([0, 1], 40)
+    train, test = stratified_split(y, 0.5, 0)
+    x = np.zeros((80, 2))
+    x[train, 0] = np.where(y[train] == 1, 1.0, -1.0)
+    x[train, 1] = np.tile([3.0, -3.0], 20)  # +-3 within each class: no label in it
+    x[test, 0] = np.where(y[test] == 1, 10.0, -10.0)
+    res = probe_layers({"a": x}, y, ks=(1,), device="cpu")
+    np.testing.assert_array_equal(res.accuracy, [[1.0, 1.0]])
+    # CKA has no split: the layer's own deletion still uses all rows (axis 0 goes).
+    np.testing.assert_allclose(res.self_cka[0, 1], linear_cka(x, remove_top_pcs(x, 1),
+                                                              debiased=True), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n,p", [(40, 12), (12, 40)])  # both branches: X'X and the Gram
+def test_removing_top_pcs_of_some_rows_projects_every_row_on_theirs(n, p):
+    g = np.random.default_rng(1)
+    x = g.standard_normal((n, p)) * np.geomspace(10, 0.1, p) + 5.0
+    rows = np.arange(0, n, 2)
+    mean = x[rows].mean(0)
+    vt = np.linalg.svd(x[rows] - mean, full_matrices=False)[2]
+    for k in (0, 1, 3):
+        want = (x - mean) - (x - mean) @ vt[:k].T @ vt[:k]
+        np.testing.assert_allclose(remove_top_pcs(x, k, fit_rows=rows), want, atol=1e-10)
+    np.testing.assert_allclose(remove_top_pcs(x, 3, fit_rows=np.arange(n)),
+                               remove_top_pcs(x, 3), atol=1e-10)
+    # k at or above the rank of the fitting rows (len(rows) - 1, centred): nothing is left
+    mask = np.isin(np.arange(n), rows)  # the same rows as a boolean mask
+    for k in (min(len(rows) - 1, p), min(n, p)):
+        assert not remove_top_pcs(x, k, fit_rows=mask).any()
+    with pytest.raises(UserError, match=r"fit_rows="):
+        remove_top_pcs(x, 1, fit_rows=[n])
+
+
+def test_results_of_numpy_scalar_options_stay_json_able():
+    # seed=np.int64 (a loop over np.arange) or weight_decay=np.float32 went into the result
+    # as given, and json.dumps(res.to_dict()) raised "int64 is not JSON serializable".
+    x, y = blobs(n_per_class=10)
+    res = probe_layers({"a": x}, y, ks=(1,), seed=np.int64(1),
+                       weight_decay=np.float32(0.01), device="cpu")
+    back = json.loads(json.dumps(res.to_dict()))
+    assert back["seed"] == 1 and back["weight_decay"] == pytest.approx(0.01)
+    assert type(back["seed"]) is int
+
+
+@pytest.mark.parametrize("steps", [2.5, True, "50"])
+def test_steps_that_is_not_a_whole_number_is_refused(steps):
+    # 2.5 and True ran as L-BFGS max_iter silently; "50" raised TypeError from a comparison.
+    x, y = blobs()
+    with pytest.raises(UserError, match=r"steps=.* must be a whole number"):
+        linear_probe(x, y, x, y, steps=steps, device="cpu")
+
+
+def test_a_layer_that_is_not_a_matrix_is_refused_naming_the_layer():
+    # A (n, C, H, W) map was refused as "x has shape (...)", a parameter probe_layers has not.
+    x, y = blobs(n_per_class=10, dim=8)
+    with pytest.raises(UserError, match=r"layer 'maps' has shape \(30, 2, 2, 2\); pass"):
+        probe_layers({"flat": x, "maps": x.reshape(30, 2, 2, 2)}, y, ks=(1,), device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="labels on a GPU need one")
+def test_labels_on_the_gpu_probe_like_their_cpu_copy():
+    # np.asarray(labels) raised TypeError (can't convert cuda:0 device type tensor to numpy)
+    # for a notebook's y.cuda(), in linear_probe, stratified_split and probe_layers alike.
+    x, y = blobs(n_per_class=10)
+    yg = torch.from_numpy(y).cuda()
+    train, test = stratified_split(yg, 0.5, 0)
+    np.testing.assert_array_equal(train, stratified_split(y, 0.5, 0)[0])
+    assert linear_probe(x[train], yg[train], x[test], yg[test]) == linear_probe(
+        x[train], y[train], x[test], y[test])
+    kw = dict(ks=(1,), steps=50)
+    np.testing.assert_array_equal(probe_layers({"a": x}, yg, **kw).accuracy,
+                                  probe_layers({"a": x}, y, **kw).accuracy)

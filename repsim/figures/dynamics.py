@@ -8,6 +8,7 @@ model without snapshots is named with the command that makes them.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
     # null (older manifests), a bool or a string is no fraction to repeat: the flag goes
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
         fraction = 1.0
-    parts = [f"repsim train --model {ref.model}",
+    parts = [f"repsim train --model {shlex.quote(ref.model)}",
              entry.get("recipe") and f"--recipe {entry['recipe']}",
              epochs and f"--epochs {epochs}",
              fraction != 1.0 and f"--train-fraction {fraction:g}",
@@ -57,7 +58,8 @@ def _command(ref: ModelRef, final: Path | None, entry: dict) -> str:
              # :g only for floats: it writes an integer from 10**6 up as 1e+06
              *(f"--{k.replace('_', '-')} {_number(entry[k])}" for k in
                ("seed", "batch_size", "lr", "weights_seed") if entry.get(k) is not None),
-             final is not None and f"--out {final}",
+             # quoted: a checkpoint folder with a space would split in the pasted line
+             final is not None and f"--out {shlex.quote(str(final))}",
              f"--snapshots {suggested_epochs(epochs) if epochs else '0,1,2,5,every:10'}"]
     return " ".join(p for p in parts if p)  # the options that apply
 

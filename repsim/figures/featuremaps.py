@@ -18,7 +18,7 @@ from torch import nn
 
 from repsim import __version__, paths
 from repsim.assets import DEFAULT_DATASET
-from repsim.errors import UserError
+from repsim.errors import UserError, is_whole
 from repsim.figures import draw
 from repsim.weights import check_weights_seeds
 
@@ -36,18 +36,19 @@ class StageMaps:
     num_channels: int
 
 
-def stage_activations(model: nn.Module, x: torch.Tensor,
-                      stages: Sequence[str]) -> dict[str, torch.Tensor]:
-    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x``, in
-    eval mode (BatchNorm on its running statistics, which stay as they were);
-    UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the model
-    says its maps are channels last."""
+def stage_activations(model: nn.Module, x: torch.Tensor | np.ndarray,
+                      stages: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{stage: (B, C, h, w) float32 tensor on the model's device}`` for the batch ``x`` (a
+    tensor or array), in eval mode (BatchNorm on its running statistics, which stay as they
+    were); UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the
+    model says its maps are channels last."""
     from repsim.attention import model_device
-    from repsim.hooks import capture, eval_mode
+    from repsim.hooks import as_tensor, capture, eval_mode
 
-    with torch.inference_mode(), eval_mode(model), capture(model, list(stages),
-                                                           reduce=None) as cap:
-        model(x.to(model_device(model)))
+    # A string is capture's own "a,b" request; list() would read it letter by letter.
+    request = stages if isinstance(stages, str) else list(stages)
+    with torch.inference_mode(), eval_mode(model), capture(model, request, reduce=None) as cap:
+        model(as_tensor(x).to(model_device(model)))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
     for name, a in outputs.items():
         if cap.channels_last and a.ndim == 4:  # as repsim.locality: (B, H, W, C) or not?
@@ -67,15 +68,15 @@ def stage_activations(model: nn.Module, x: torch.Tensor,
 def top_channels(act: torch.Tensor | np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(channels ``(B, k)`` int64, scores ``(B, k)`` float32): per image, the ``k`` channels of
     ``act`` ``(B, C, h, w)`` with the largest mean activation, strongest first."""
+    if not is_whole(k):  # int() made 2.5 two channels and True one
+        raise UserError(f"top={k!r} must be a positive whole number of channels, e.g. 8")
     a = torch.as_tensor(act)
     k = min(int(k), a.shape[1])
-    if k < 1:
-        raise UserError(f"top={k}: pass a positive number of channels")
     scores, idx = a.float().mean(dim=(2, 3)).topk(k, dim=1)
     return idx.cpu().numpy().astype(np.int64), scores.cpu().numpy().astype(np.float32)
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor, stages: Sequence[str],
+def feature_maps(model: nn.Module, x: torch.Tensor | np.ndarray, stages: str | Sequence[str],
                  top: int = 8) -> dict[str, StageMaps]:
     """``{stage: StageMaps}`` for the preprocessed batch ``x`` ``(B, 3, S, S)``: each stage's
     ``top`` strongest channels per image, and its mean map."""
