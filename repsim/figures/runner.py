@@ -86,7 +86,8 @@ KINDS: dict[str, FigureKind] = {
     "locality": FigureKind("repsim.figures.locality:build_figure",
                            ("vit", "cnn", "max_images", "tokens")),
     "probes": FigureKind("repsim.figures.probes:build_figure",
-                         ("models", "ks", "train_fraction", "split_seed", "weight_decay", "steps")),
+                         ("models", "ks", "train_fraction", "split_seed", "weight_decay", "steps"),
+                         version="2"),  # 2: components fitted on the training rows only
     # Their CKA among a model's own tokens is debiased, by design; [cka] would be ignored.
     "prefix_tokens": FigureKind("repsim.figures.prefix:build_figure", ("models", "layer"),
                                 reads_cka=False),
