@@ -44,6 +44,7 @@ from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, min
 
 F64 = torch.float64
 DEFAULT = sketch.DEFAULT_ESTIMATOR  # minibatch, batches of 1,024
+CONTENT_VERSION = sketch.CONTENT_VERSION  # raised by fixes that change CKA numbers (see there)
 SQRT2 = math.sqrt(2.0)
 
 

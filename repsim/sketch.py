@@ -27,6 +27,11 @@ BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
 # and one batch, that is debiased CKA, whenever n <= 1,024. The biased estimator reads high
 # on layers wider than the probe set (repsim.stats: its null mean is sqrt(PR_a PR_b)/(n-1)).
 DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
+# Bump when a fix changes the numbers that CKA results, their statistics (repsim.stats) or
+# layer sketches hold for the same inputs: cached results and sketches are keyed on it
+# (repsim.compare), so those made before the fix are made again, not reused. Here, not in
+# repsim.cka, so that the cached path can read it without importing torch.
+CONTENT_VERSION = 1
 
 
 @dataclass

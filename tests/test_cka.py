@@ -669,3 +669,11 @@ def test_a_memory_budget_that_is_no_number_of_bytes_is_refused(budget):
     x = np.random.default_rng(0).normal(size=(8, 3))
     with pytest.raises(ValueError, match=r"memory_budget=.* is not a number of bytes >= 1"):
         cka.compare([x], [x], memory_budget=budget)
+
+
+def test_the_engine_has_one_content_version_for_results_and_sketches():
+    # Cached results and sketches are keyed on it (repsim.compare), so a fix that changes CKA
+    # numbers for the same inputs raises it. It lives in the numpy-only repsim.sketch: the
+    # cached path never imports torch.
+    assert isinstance(sketch.CONTENT_VERSION, int) and sketch.CONTENT_VERSION >= 1
+    assert cka.CONTENT_VERSION == sketch.CONTENT_VERSION
