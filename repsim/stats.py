@@ -412,7 +412,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     for rows in batches:
         m = len(rows)
         each = m if permutations else strip or strip_rows(m, layers, budget)
-        sides = [_side(nm, mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
+        every = m == n and np.array_equal(rows, np.arange(n))  # read without an index
+        sides = [_side(nm, mats, None if every else rows, m, kernel, sig, hollow, each, dev)
                  for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]
         whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).

@@ -514,3 +514,14 @@ def test_influence_ids_of_another_length_than_the_rows_are_a_value_error():
     with pytest.raises(ValueError, match="of 20 rows, ids 19; res is of 1 and 1 layers") as err:
         stats.calibrate_result(compare([x], [y]), [x], [y], influence=2, ids=np.arange(19))
     assert "\n" not in str(err.value)
+
+
+def test_a_batch_of_all_rows_in_another_order_labels_each_row_as_itself():
+    # calibrate(batches=[rows]) read all n rows in their own order whenever len(rows) == n,
+    # but labelled the leave-one-out values by ``rows``: influence named the wrong images
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    x[5] *= 20  # the one influential image
+    want = dict(stats.calibrate([x], [y]).influence(0, 0, 12))
+    got = dict(stats.calibrate([x], [y], batches=[np.arange(12)[::-1]]).influence(0, 0, 12))
+    assert got.keys() == want.keys() and all(got[r] == pytest.approx(want[r]) for r in want)
+    assert stats.calibrate([x], [y]).influence(0, 0, 1)[0][0] == 5
