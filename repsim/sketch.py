@@ -164,6 +164,10 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     if not is_whole(seed, 0):  # None would draw other batches every time, unrecorded
         raise ValueError(f"batch_seed={seed!r} must be a whole number >= 0 (the seed of the "
                          "random batches)")
+    if not is_whole(n, 0):
+        raise ValueError(f"n={n!r} must be a whole number >= 0 (the rows to deal out)")
+    # A batch_size below 4 would list no batch at all: every one left out.
+    batch_size = check_options("linear", "minibatch", 1.0, batch_size)
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 

@@ -677,3 +677,23 @@ def test_the_engine_has_one_content_version_for_results_and_sketches():
     # cached path never imports torch.
     assert isinstance(sketch.CONTENT_VERSION, int) and sketch.CONTENT_VERSION >= 1
     assert cka.CONTENT_VERSION == sketch.CONTENT_VERSION
+
+
+@pytest.mark.parametrize("n, batch_size, match", [
+    (100, 2, r"batch_size=N, an integer >= 4.*got 2"),
+    (100, True, r"batch_size=N, an integer >= 4.*got True"),
+    (100, 256.5, r"batch_size=N, an integer >= 4.*got 256.5"),
+    (100.0, 10, r"n=100.0 must be a whole number >= 0"),
+    ("100", 10, r"n='100' must be a whole number >= 0"),
+    (-1, 10, r"n=-1 must be a whole number >= 0")])
+def test_minibatches_of_no_usable_size_are_refused(n, batch_size, match):
+    # batch_size=2 or True listed no batch at all (a MinibatchCKA fed from it summed nothing),
+    # 256.5 raised range()'s TypeError, n=100.0 numpy's AxisError, n=-1 gave []
+    with pytest.raises(ValueError, match=match):
+        cka.minibatches(n, batch_size)
+
+
+def test_minibatches_of_a_whole_float_size_are_those_of_the_int():
+    # as compare takes batch_size=256.0 (a config value): the same batches
+    assert all(np.array_equal(a, b) for a, b in
+               zip(cka.minibatches(50, 8.0), cka.minibatches(50, 8), strict=True))
