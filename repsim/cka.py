@@ -347,9 +347,14 @@ class MinibatchCKA:
 
     def compute(self) -> np.ndarray:
         """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
-        Warns of RBF Grams that are nearly the identity, and of self-HSICs that underflow."""
+        Warns of dead layers, RBF Grams nearly the identity, and self-HSICs that underflow."""
         sums = self.sums()  # raises before the first batch
         ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
+        every = " in every batch" if self.n_batches_ > 1 else ""
+        for names, dead in zip(self.layers_, self.dead_):  # one side when B is A
+            for name, why in ((nm, why) for nm, why in zip(names, dead) if why):
+                warnings.warn(f"layer {name!r} {why}{every}; its CKA values are NaN",
+                              RuntimeWarning, stacklevel=2)
         if self.kernel == "rbf":
             self._warn_identity()
         else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
@@ -405,11 +410,6 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         ba = dict(zip(names_a, [take(m, idx) for m in mats_a]))
         bb = ba if same else dict(zip(names_b, [take(m, idx) for m in mats_b]))
         acc._add(ba, bb, idx, progress and not mini)
-    for names, dead in zip(acc.layers_, acc.dead_):  # one side when B is A
-        for name, why in zip(names, dead):
-            if why:
-                warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
-                              "CKA values are NaN", RuntimeWarning, stacklevel=2)
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res

@@ -697,3 +697,20 @@ def test_minibatches_of_a_whole_float_size_are_those_of_the_int():
     # as compare takes batch_size=256.0 (a config value): the same batches
     assert all(np.array_equal(a, b) for a, b in
                zip(cka.minibatches(50, 8.0), cka.minibatches(50, 8), strict=True))
+
+
+def test_an_accumulator_used_directly_warns_of_a_zero_variance_layer_once():
+    # MinibatchCKA's update/compute (the streaming API) gave its NaN cells silently; only
+    # compare warned
+    x, const = np.random.default_rng(0).standard_normal((40, 3)), np.full((40, 2), 2.5)
+    acc = cka.MinibatchCKA()
+    for idx in cka.minibatches(40, 10):
+        acc.update({"x": x[idx]}, {"const": const[idx]})
+    with pytest.warns(RuntimeWarning) as caught:
+        m = acc.compute()
+    assert [str(w.message) for w in caught] == ["layer 'const' has zero variance (every row is "
+                                                "identical) in every batch; its CKA values are NaN"]
+    assert np.isnan(m).all()
+    with pytest.warns(RuntimeWarning) as caught:  # compare, through the accumulator: once
+        cka.compare({"x": x}, {"const": const}, batch_size=10)
+    assert len(caught) == 1
