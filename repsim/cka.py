@@ -250,12 +250,12 @@ class MinibatchCKA:
                  median_sqdist_b: Sequence[float] | None = None,
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
-        sketch.check_options(kernel, "biased", threshold, None)
+        sketch.check_options(kernel, sketch.estimator_of(debiased), threshold, None)
         if kernel == "rbf" and not np.ndim(median_sqdist_a) == np.ndim(median_sqdist_b) == 1:
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
                              "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
                              f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
-        self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
+        self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
                        [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
@@ -425,13 +425,13 @@ def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator:
 
 def linear_cka(x: Any, y: Any, *, debiased: bool = True) -> float:
     """Linear CKA of two ``(n, p)`` / ``(n, q)`` matrices with the same rows (unbiased HSIC)."""
-    return float(cka_matrix([x], [y], estimator="debiased" if debiased else "biased")[0, 0])
+    return float(cka_matrix([x], [y], estimator=sketch.estimator_of(debiased))[0, 0])
 
 
 def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = True) -> float:
     """RBF-kernel CKA; bandwidth ``threshold * sqrt(median squared distance)`` per matrix."""
     return float(cka_matrix([x], [y], kernel="rbf", threshold=threshold,
-                            estimator="debiased" if debiased else "biased")[0, 0])
+                            estimator=sketch.estimator_of(debiased))[0, 0])
 
 
 def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,

@@ -130,6 +130,15 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     return int(batch_size)
 
 
+def estimator_of(debiased: Any) -> str:
+    """``"debiased"`` or ``"biased"`` for the ``debiased`` flag; ValueError unless it is a bool
+    (or 0, 1): a str is true, so ``"False"`` would silently mean the unbiased estimator."""
+    if not (isinstance(debiased, (bool, np.bool_, numbers.Integral)) and debiased in (0, 1)):
+        raise ValueError(f"debiased={debiased!r} must be True or False (the unbiased HSIC "
+                         "estimator, or the biased one)")
+    return "debiased" if debiased else "biased"
+
+
 def _real(v: Any) -> bool:
     """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
     comparing or converting a setting, which a str, None or a list would make a TypeError."""

@@ -714,3 +714,20 @@ def test_an_accumulator_used_directly_warns_of_a_zero_variance_layer_once():
     with pytest.warns(RuntimeWarning) as caught:  # compare, through the accumulator: once
         cka.compare({"x": x}, {"const": const}, batch_size=10)
     assert len(caught) == 1
+
+
+@pytest.mark.parametrize("debiased", ["False", "no", None, 2])
+def test_a_debiased_flag_that_is_no_bool_is_refused(debiased):
+    # debiased="False" (a config string) computed the unbiased estimator, None the biased one
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    match = f"debiased={debiased!r} must be True or False"
+    for call in (lambda: cka.linear_cka(x, y, debiased=debiased),
+                 lambda: cka.rbf_cka(x, y, debiased=debiased),
+                 lambda: cka.MinibatchCKA(debiased=debiased)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_a_numpy_bool_debiased_flag_is_taken():
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    assert cka.linear_cka(x, y, debiased=np.bool_(False)) == cka.linear_cka(x, y, debiased=False)
