@@ -251,7 +251,10 @@ class MinibatchCKA:
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
         sketch.check_options(kernel, sketch.estimator_of(debiased), threshold, None)
-        if kernel == "rbf" and not np.ndim(median_sqdist_a) == np.ndim(median_sqdist_b) == 1:
+        meds = (median_sqdist_a, median_sqdist_b)  # numbers, one per layer (a NaN is none)
+        if kernel == "rbf" and not (all(np.ndim(m) == 1 for m in meds) and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+                for m in meds for v in m)):
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
                              "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
                              f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")

@@ -731,3 +731,11 @@ def test_a_debiased_flag_that_is_no_bool_is_refused(debiased):
 def test_a_numpy_bool_debiased_flag_is_taken():
     x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
     assert cka.linear_cka(x, y, debiased=np.bool_(False)) == cka.linear_cka(x, y, debiased=False)
+
+
+@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True]])
+def test_an_rbf_accumulator_given_a_median_that_is_no_number_is_refused(med):
+    # "2.0" (read from a text file) and None (a NaN bandwidth after to_dict) raised TypeErrors
+    # at the first update; NaN warned of a zero median; True computed with a median of 1
+    with pytest.raises(ValueError, match="needs fixed bandwidths"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=med)
