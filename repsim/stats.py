@@ -398,9 +398,9 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
     needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
-    if not (is_whole(permutations, 0) and is_whole(seed, -2**63)):  # numpy integers too
+    if not (is_whole(permutations, 0) and is_whole(seed, -2**63) and seed < 2**64):
         raise ValueError(f"permutations={permutations!r} and seed={seed!r} must be integers, "
-                         "permutations >= 0 (the size of the null; 0: none)")
+                         "permutations >= 0 (the size of the null; 0: none), seed -2**63 to 2**64")
     seed, hollow, dev = int(seed), estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
     for i, rows in enumerate(batches):  # a shorter batch would divide by zero in the centring

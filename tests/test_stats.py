@@ -525,3 +525,10 @@ def test_a_batch_of_all_rows_in_another_order_labels_each_row_as_itself():
     got = dict(stats.calibrate([x], [y], batches=[np.arange(12)[::-1]]).influence(0, 0, 12))
     assert got.keys() == want.keys() and all(got[r] == pytest.approx(want[r]) for r in want)
     assert stats.calibrate([x], [y]).influence(0, 0, 1)[0][0] == 5
+
+
+def test_a_seed_beyond_the_generators_range_is_the_settings_value_error():
+    # seed=2**64 raised torch's "Overflow when unpacking long long"
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be.*-2\*\*63 to 2\*\*64"):
+        stats.calibrate([x], [y], permutations=3, seed=2**64)
