@@ -389,6 +389,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     names_a, mats_a, n = feature_set(feats_a, "a")
     same = feats_b is feats_a
     names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
+    same = same or list(map(id, mats_a)) == list(map(id, mats_b))  # linear_cka(x, x) too
     sketch.check_rows(n, estimator)
     dev = pick_device(mats_a + mats_b, device)
     budget = default_memory_budget(dev, memory_budget)

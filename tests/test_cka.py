@@ -739,3 +739,13 @@ def test_an_rbf_accumulator_given_a_median_that_is_no_number_is_refused(med):
     # at the first update; NaN warned of a zero median; True computed with a median of 1
     with pytest.raises(ValueError, match="needs fixed bandwidths"):
         cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=med)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: cka.linear_cka(x, x), lambda x: cka.linear_cka(x, x, debiased=False),
+    lambda x: cka.rbf_cka(x, x), lambda x: cka.cka_matrix([x], [x], batch_size=40)[0, 0],
+    lambda x: cka.compare({"x": x}, {"y": x}).matrix[0, 0]])
+def test_a_matrix_compared_with_itself_has_cka_exactly_one(rng, call):
+    # linear_cka(x, x), the first check a researcher makes, read 0.9999999999999996 or
+    # 1.0000000000000002: only the same feature-set object was known to be a self-comparison
+    assert call(rng.standard_normal((262, 10))) == 1.0
