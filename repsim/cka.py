@@ -44,6 +44,7 @@ from repsim.sketch import ESTIMATORS, KERNELS, CKAResult, cka_from_sketches, min
 
 F64 = torch.float64
 DEFAULT = sketch.DEFAULT_ESTIMATOR  # minibatch, batches of 1,024
+CONTENT_VERSION = sketch.CONTENT_VERSION  # raised by fixes that change CKA numbers (see there)
 SQRT2 = math.sqrt(2.0)
 
 
@@ -249,12 +250,15 @@ class MinibatchCKA:
                  median_sqdist_b: Sequence[float] | None = None,
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
-        sketch.check_options(kernel, "biased", threshold, None)
-        if kernel == "rbf" and not np.ndim(median_sqdist_a) == np.ndim(median_sqdist_b) == 1:
+        sketch.check_options(kernel, sketch.estimator_of(debiased), threshold, None)
+        meds = (median_sqdist_a, median_sqdist_b)  # numbers, one per layer (a NaN is none)
+        if kernel == "rbf" and not (all(np.ndim(m) == 1 for m in meds) and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+                for m in meds for v in m)):
             raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
                              "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
                              f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
-        self.kernel, self.debiased, self.threshold = kernel, debiased, threshold
+        self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
                        [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
@@ -346,9 +350,14 @@ class MinibatchCKA:
 
     def compute(self) -> np.ndarray:
         """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
-        Warns of RBF Grams that are nearly the identity, and of self-HSICs that underflow."""
+        Warns of dead layers, RBF Grams nearly the identity, and self-HSICs that underflow."""
         sums = self.sums()  # raises before the first batch
         ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
+        every = " in every batch" if self.n_batches_ > 1 else ""
+        for names, dead in zip(self.layers_, self.dead_):  # one side when B is A
+            for name, why in ((nm, why) for nm, why in zip(names, dead) if why):
+                warnings.warn(f"layer {name!r} {why}{every}; its CKA values are NaN",
+                              RuntimeWarning, stacklevel=2)
         if self.kernel == "rbf":
             self._warn_identity()
         else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
@@ -380,6 +389,7 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
     names_a, mats_a, n = feature_set(feats_a, "a")
     same = feats_b is feats_a
     names_b, mats_b, _ = (names_a, mats_a, n) if same else feature_set(feats_b, "b", n)
+    same = same or list(map(id, mats_a)) == list(map(id, mats_b))  # linear_cka(x, x) too
     sketch.check_rows(n, estimator)
     dev = pick_device(mats_a + mats_b, device)
     budget = default_memory_budget(dev, memory_budget)
@@ -404,11 +414,6 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         ba = dict(zip(names_a, [take(m, idx) for m in mats_a]))
         bb = ba if same else dict(zip(names_b, [take(m, idx) for m in mats_b]))
         acc._add(ba, bb, idx, progress and not mini)
-    for names, dead in zip(acc.layers_, acc.dead_):  # one side when B is A
-        for name, why in zip(names, dead):
-            if why:
-                warnings.warn(f"layer {name!r} {why}{' in every batch' if mini else ''}; its "
-                              "CKA values are NaN", RuntimeWarning, stacklevel=2)
     m = acc.compute()
     res.matrix = (m + m.T) / 2 if same else m  # exact symmetry despite summation order
     return res
@@ -424,13 +429,13 @@ def cka_matrix(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator:
 
 def linear_cka(x: Any, y: Any, *, debiased: bool = True) -> float:
     """Linear CKA of two ``(n, p)`` / ``(n, q)`` matrices with the same rows (unbiased HSIC)."""
-    return float(cka_matrix([x], [y], estimator="debiased" if debiased else "biased")[0, 0])
+    return float(cka_matrix([x], [y], estimator=sketch.estimator_of(debiased))[0, 0])
 
 
 def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = True) -> float:
     """RBF-kernel CKA; bandwidth ``threshold * sqrt(median squared distance)`` per matrix."""
     return float(cka_matrix([x], [y], kernel="rbf", threshold=threshold,
-                            estimator="debiased" if debiased else "biased")[0, 0])
+                            estimator=sketch.estimator_of(debiased))[0, 0])
 
 
 def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,

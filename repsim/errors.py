@@ -29,6 +29,13 @@ def is_whole(v: object, minimum: int = 1) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
 
 
+def size_text(nbytes: int) -> str:
+    """``nbytes`` for a message: MiB, or below 1 MiB (where MiB would read 0) KiB or bytes."""
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:,.0f} MiB"
+    return f"{nbytes / 2**10:,.1f} KiB" if nbytes >= 2**10 else f"{nbytes:,} bytes"
+
+
 def as_flags(message: str) -> str:
     """``"batch_size=0 ..."`` -> ``"--batch-size 0 ..."``; ``name=True`` -> ``--name``; a bare
     ``name=`` (no value: "pass the model= the file was trained as") -> ``--name``."""

@@ -27,6 +27,11 @@ BANDWIDTH_SAMPLE = 1000  # rows used to fix the RBF bandwidth in minibatch mode
 # and one batch, that is debiased CKA, whenever n <= 1,024. The biased estimator reads high
 # on layers wider than the probe set (repsim.stats: its null mean is sqrt(PR_a PR_b)/(n-1)).
 DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
+# Bump when a fix changes the numbers that CKA results, their statistics (repsim.stats) or
+# layer sketches hold for the same inputs: cached results and sketches are keyed on it
+# (repsim.compare), so those made before the fix are made again, not reused. Here, not in
+# repsim.cka, so that the cached path can read it without importing torch.
+CONTENT_VERSION = 1
 
 
 @dataclass
@@ -125,6 +130,15 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     return int(batch_size)
 
 
+def estimator_of(debiased: Any) -> str:
+    """``"debiased"`` or ``"biased"`` for the ``debiased`` flag; ValueError unless it is a bool
+    (or 0, 1): a str is true, so ``"False"`` would silently mean the unbiased estimator."""
+    if not (isinstance(debiased, (bool, np.bool_, numbers.Integral)) and debiased in (0, 1)):
+        raise ValueError(f"debiased={debiased!r} must be True or False (the unbiased HSIC "
+                         "estimator, or the biased one)")
+    return "debiased" if debiased else "biased"
+
+
 def _real(v: Any) -> bool:
     """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
     comparing or converting a setting, which a str, None or a list would make a TypeError."""
@@ -159,6 +173,10 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
     if not is_whole(seed, 0):  # None would draw other batches every time, unrecorded
         raise ValueError(f"batch_seed={seed!r} must be a whole number >= 0 (the seed of the "
                          "random batches)")
+    if not is_whole(n, 0):
+        raise ValueError(f"n={n!r} must be a whole number >= 0 (the rows to deal out)")
+    # A batch_size below 4 would list no batch at all: every one left out.
+    batch_size = check_options("linear", "minibatch", 1.0, batch_size)
     order = np.random.default_rng(seed).permutation(n)
     return [np.sort(order[a:b]) for a, b in block_bounds(n, batch_size) if b - a >= 4]
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
-from repsim.errors import UserError, is_whole
+from repsim.errors import UserError, is_whole, size_text
 from repsim.features import centred_rows, feature_set
 from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
 
@@ -316,17 +316,10 @@ def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray]
     fix = ("a smaller batch_size= or fewer images (n=)" if estimator == "minibatch" else
            "estimator='minibatch' (batches of 1,024 rows) or fewer images (n=)")
     raise UserError(f"permutations={permutations} needs every batch's centred Grams in memory, "
-                    f"about {_size(need)} for {layers} layers of {m} rows per batch; "
-                    f"valid: at most the memory budget, {_size(budget)} (a quarter of "
+                    f"about {size_text(need)} for {layers} layers of {m} rows per batch; "
+                    f"valid: at most the memory budget, {size_text(budget)} (a quarter of "
                     f"the device's memory unless memory_budget is given); fix: use {fix}, or "
                     "permutations=0 for standard errors alone")
-
-
-def _size(nbytes: int) -> str:
-    """``nbytes`` for a message: MiB, or below 1 MiB (where MiB would read 0) KiB or bytes."""
-    if nbytes >= 2**20:
-        return f"{nbytes / 2**20:,.0f} MiB"
-    return f"{nbytes / 2**10:,.1f} KiB" if nbytes >= 2**10 else f"{nbytes:,} bytes"
 
 
 def _side(name: str, mats: list[Any], rows: np.ndarray | None, m: int, kernel: str,
@@ -405,9 +398,9 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
     needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
-    if not (is_whole(permutations, 0) and is_whole(seed, -2**63)):  # numpy integers too
+    if not (is_whole(permutations, 0) and is_whole(seed, -2**63) and seed < 2**64):
         raise ValueError(f"permutations={permutations!r} and seed={seed!r} must be integers, "
-                         "permutations >= 0 (the size of the null; 0: none)")
+                         "permutations >= 0 (the size of the null; 0: none), seed -2**63 to 2**64")
     seed, hollow, dev = int(seed), estimator != "biased", torch.device(device)
     batches = batches or [np.arange(n)]
     for i, rows in enumerate(batches):  # a shorter batch would divide by zero in the centring
@@ -419,7 +412,8 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     for rows in batches:
         m = len(rows)
         each = m if permutations else strip or strip_rows(m, layers, budget)
-        sides = [_side(nm, mats, None if m == n else rows, m, kernel, sig, hollow, each, dev)
+        every = m == n and np.array_equal(rows, np.arange(n))  # read without an index
+        sides = [_side(nm, mats, None if every else rows, m, kernel, sig, hollow, each, dev)
                  for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]
         whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
@@ -472,6 +466,12 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
     :func:`repsim.cka.compare`'s CKA of ``mats_a`` and ``mats_b`` (its settings and bandwidths
     reused). ``influence``: per cell, the ``influence`` images whose removal moves it most,
     as ``[sample id, change]`` (``ids``: the rows' sample IDs). ``memory_budget``: bytes."""
+    mats_a, mats_b, n = _checked(mats_a, mats_b, res.estimator, "linear", None, None)
+    k = n if ids is None else len(ids)  # one sample ID per row
+    if (len(mats_a), len(mats_b), n, k) != (len(res.layers_a), len(res.layers_b), res.n, res.n):
+        raise ValueError(f"mats_a and mats_b have {len(mats_a)} and {len(mats_b)} layers of {n} "
+                         f"rows, ids {k}; res is of {len(res.layers_a)} and {len(res.layers_b)} "
+                         f"layers of {res.n} rows: pass res's own features (and IDs)")
     batches = (minibatches(res.n, res.batch_size, res.batch_seed)
                if res.estimator == "minibatch" else None)
     sig = [None if b is None else [res.threshold**2 * v for v in b]
@@ -485,7 +485,8 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
     tol = np.nan_to_num(1e-12 + 1e-9 * np.abs(res.matrix) + cal.rounding)
     if not (np.isclose(cal.matrix, res.matrix, rtol=0, atol=tol) | np.isnan(res.matrix)
             | ~(cal.rounding < 1)).all():
-        raise RuntimeError("the calibrated CKA matrix differs from the engine's; please report")
+        raise ValueError("the CKA of mats_a and mats_b differs from res.matrix: pass res's "
+                         "own features, same layers, same order (if you did, please report)")
     res.se, res.se_method, res.pr_a, res.pr_b = cal.se, cal.se_method, cal.pr_a, cal.pr_b
     res.biased_null_mean = cal.biased_null_mean
     if permutations:

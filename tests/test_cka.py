@@ -669,3 +669,83 @@ def test_a_memory_budget_that_is_no_number_of_bytes_is_refused(budget):
     x = np.random.default_rng(0).normal(size=(8, 3))
     with pytest.raises(ValueError, match=r"memory_budget=.* is not a number of bytes >= 1"):
         cka.compare([x], [x], memory_budget=budget)
+
+
+def test_the_engine_has_one_content_version_for_results_and_sketches():
+    # Cached results and sketches are keyed on it (repsim.compare), so a fix that changes CKA
+    # numbers for the same inputs raises it. It lives in the numpy-only repsim.sketch: the
+    # cached path never imports torch.
+    assert isinstance(sketch.CONTENT_VERSION, int) and sketch.CONTENT_VERSION >= 1
+    assert cka.CONTENT_VERSION == sketch.CONTENT_VERSION
+
+
+@pytest.mark.parametrize("n, batch_size, match", [
+    (100, 2, r"batch_size=N, an integer >= 4.*got 2"),
+    (100, True, r"batch_size=N, an integer >= 4.*got True"),
+    (100, 256.5, r"batch_size=N, an integer >= 4.*got 256.5"),
+    (100.0, 10, r"n=100.0 must be a whole number >= 0"),
+    ("100", 10, r"n='100' must be a whole number >= 0"),
+    (-1, 10, r"n=-1 must be a whole number >= 0")])
+def test_minibatches_of_no_usable_size_are_refused(n, batch_size, match):
+    # batch_size=2 or True listed no batch at all (a MinibatchCKA fed from it summed nothing),
+    # 256.5 raised range()'s TypeError, n=100.0 numpy's AxisError, n=-1 gave []
+    with pytest.raises(ValueError, match=match):
+        cka.minibatches(n, batch_size)
+
+
+def test_minibatches_of_a_whole_float_size_are_those_of_the_int():
+    # as compare takes batch_size=256.0 (a config value): the same batches
+    assert all(np.array_equal(a, b) for a, b in
+               zip(cka.minibatches(50, 8.0), cka.minibatches(50, 8), strict=True))
+
+
+def test_an_accumulator_used_directly_warns_of_a_zero_variance_layer_once():
+    # MinibatchCKA's update/compute (the streaming API) gave its NaN cells silently; only
+    # compare warned
+    x, const = np.random.default_rng(0).standard_normal((40, 3)), np.full((40, 2), 2.5)
+    acc = cka.MinibatchCKA()
+    for idx in cka.minibatches(40, 10):
+        acc.update({"x": x[idx]}, {"const": const[idx]})
+    with pytest.warns(RuntimeWarning) as caught:
+        m = acc.compute()
+    assert [str(w.message) for w in caught] == ["layer 'const' has zero variance (every row is "
+                                                "identical) in every batch; its CKA values are NaN"]
+    assert np.isnan(m).all()
+    with pytest.warns(RuntimeWarning) as caught:  # compare, through the accumulator: once
+        cka.compare({"x": x}, {"const": const}, batch_size=10)
+    assert len(caught) == 1
+
+
+@pytest.mark.parametrize("debiased", ["False", "no", None, 2])
+def test_a_debiased_flag_that_is_no_bool_is_refused(debiased):
+    # debiased="False" (a config string) computed the unbiased estimator, None the biased one
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    match = f"debiased={debiased!r} must be True or False"
+    for call in (lambda: cka.linear_cka(x, y, debiased=debiased),
+                 lambda: cka.rbf_cka(x, y, debiased=debiased),
+                 lambda: cka.MinibatchCKA(debiased=debiased)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_a_numpy_bool_debiased_flag_is_taken():
+    x, y = np.random.default_rng(0).standard_normal((2, 20, 3))
+    assert cka.linear_cka(x, y, debiased=np.bool_(False)) == cka.linear_cka(x, y, debiased=False)
+
+
+@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True]])
+def test_an_rbf_accumulator_given_a_median_that_is_no_number_is_refused(med):
+    # "2.0" (read from a text file) and None (a NaN bandwidth after to_dict) raised TypeErrors
+    # at the first update; NaN warned of a zero median; True computed with a median of 1
+    with pytest.raises(ValueError, match="needs fixed bandwidths"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=med)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: cka.linear_cka(x, x), lambda x: cka.linear_cka(x, x, debiased=False),
+    lambda x: cka.rbf_cka(x, x), lambda x: cka.cka_matrix([x], [x], batch_size=40)[0, 0],
+    lambda x: cka.compare({"x": x}, {"y": x}).matrix[0, 0]])
+def test_a_matrix_compared_with_itself_has_cka_exactly_one(rng, call):
+    # linear_cka(x, x), the first check a researcher makes, read 0.9999999999999996 or
+    # 1.0000000000000002: only the same feature-set object was known to be a self-comparison
+    assert call(rng.standard_normal((262, 10))) == 1.0

@@ -487,3 +487,48 @@ def test_influence_of_a_count_that_is_no_whole_number_is_a_value_error(k):
     cal = stats.calibrate([_gauss(12, 3, 0)], [_gauss(12, 2, 1)])
     with pytest.raises(ValueError, match=f"k={k!r} must be a whole number >= 0"):
         cal.influence(0, 0, k)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("other rows", "have 2 and 1 layers of 30 rows, ids 30; res is of 2 and 1 layers of 40"),
+    ("other layer count", "have 1 and 1 layers of 40 rows, ids 40; res is of 2 and 1"),
+    ("other features", "differs from res.matrix"),
+])
+def test_calibrating_a_result_with_other_features_says_to_pass_its_own(case, match):
+    # A notebook slip (the layers of another result, a subset of the rows): an IndexError,
+    # a RuntimeError asking for a bug report, or for fewer rows minibatch CKA
+    # silently calibrated on rows the matrix never saw.
+    x, z, y = _gauss(40, 6, 0), _gauss(40, 4, 1), _gauss(40, 5, 2)
+    res = compare([x, z], [y], estimator="minibatch", batch_size=10)
+    mats_a = {"other rows": [x[:30], z[:30]], "other layer count": [x],
+              "other features": [z, x]}[case]
+    mats_b = [y[:30]] if case == "other rows" else [y]
+    with pytest.raises(ValueError, match=match) as err:
+        stats.calibrate_result(res, mats_a, mats_b)
+    assert "\n" not in str(err.value)
+
+
+def test_influence_ids_of_another_length_than_the_rows_are_a_value_error():
+    # ids=... of another store's length raised an IndexError (or named the wrong images)
+    x, y = _gauss(20, 3, 0), _gauss(20, 2, 1)
+    with pytest.raises(ValueError, match="of 20 rows, ids 19; res is of 1 and 1 layers") as err:
+        stats.calibrate_result(compare([x], [y]), [x], [y], influence=2, ids=np.arange(19))
+    assert "\n" not in str(err.value)
+
+
+def test_a_batch_of_all_rows_in_another_order_labels_each_row_as_itself():
+    # calibrate(batches=[rows]) read all n rows in their own order whenever len(rows) == n,
+    # but labelled the leave-one-out values by ``rows``: influence named the wrong images
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    x[5] *= 20  # the one influential image
+    want = dict(stats.calibrate([x], [y]).influence(0, 0, 12))
+    got = dict(stats.calibrate([x], [y], batches=[np.arange(12)[::-1]]).influence(0, 0, 12))
+    assert got.keys() == want.keys() and all(got[r] == pytest.approx(want[r]) for r in want)
+    assert stats.calibrate([x], [y]).influence(0, 0, 1)[0][0] == 5
+
+
+def test_a_seed_beyond_the_generators_range_is_the_settings_value_error():
+    # seed=2**64 raised torch's "Overflow when unpacking long long"
+    x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
+    with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be.*-2\*\*63 to 2\*\*64"):
+        stats.calibrate([x], [y], permutations=3, seed=2**64)
