@@ -382,6 +382,21 @@ def test_a_fix_to_what_stores_hold_rebuilds_the_figures_made_from_them(tmp_path,
     assert [e["name"] for e in run()["built"]] == ["s"] and len(calls) == 2
 
 
+def test_a_fix_to_ckas_numbers_rebuilds_the_figures(tmp_path, monkeypatch):
+    """Raising the CKA engine's content version (sketch.CONTENT_VERSION, a fix that changes
+    CKA numbers) remade the cached results, but the figures drawn from them stayed `cached`."""
+    from repsim import sketch
+
+    monkeypatch.setitem(KINDS, "note", None)  # restored after the test
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "x\n")])
+    write(tmp_path / "a", "s", 'kind = "note"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    assert [e["name"] for e in run()["built"]] == ["s"]
+    assert [e["name"] for e in run()["cached"]] == ["s"]
+    monkeypatch.setattr(sketch, "CONTENT_VERSION", sketch.CONTENT_VERSION + 1)
+    assert [e["name"] for e in run()["built"]] == ["s"]
+
+
 def test_a_kept_build_survives_a_spec_edited_and_put_back(tmp_path, monkeypatch):
     """Editing a kept figure's spec (its title, say) skips it, as it should; but its record
     was deleted, so putting the spec back (`git checkout analyses/`) no longer kept the build

@@ -212,16 +212,18 @@ def _validate(path: Path, spec: dict) -> None:
 
 def cache_key(name: str, spec: dict, overrides: dict, deps: dict) -> str:
     """What a figure depends on: its spec, the command-line overrides that change which
-    inputs it reads, its kind's version, repsim's version, the extractor's content version
-    (raised by fixes to what stores and captures hold) and its inputs' fingerprints."""
-    from repsim.extraction import CONTENT_VERSION
+    inputs it reads, its kind's version, repsim's version, the content versions of the
+    extractor and of the CKA engine (raised by fixes to what stores hold and to CKA's numbers)
+    and its inputs' fingerprints."""
+    from repsim import extraction, sketch
 
-    # Left out at 2, its value when it entered this key, so the figures built until then
-    # keep their keys; a raise rebuilds every figure.
-    content = {} if CONTENT_VERSION == 2 else {"content": CONTENT_VERSION}
+    # Each left out at its value when it entered this key (extractor 2, engine 1), so the
+    # figures built until then keep their keys; a raise rebuilds every figure.
+    versions = {k: v for k, v, first in (("content", extraction.CONTENT_VERSION, 2),
+                                         ("engine", sketch.CONTENT_VERSION, 1)) if v != first}
     return paths.digest({"format": FORMAT, "name": name, "spec": spec, "overrides": overrides,
                          "kind_version": KINDS[spec["kind"]].version, "repsim": __version__,
-                         "deps": deps, **content})
+                         "deps": deps, **versions})
 
 
 def _files_here(ctx: FigureContext, record: dict) -> list[Path] | None:
