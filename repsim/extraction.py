@@ -117,7 +117,8 @@ def _store_key(cfg: ExtractConfig, spec, data: dict) -> dict:
     # Not the data's source (the root as spelled: ../data, a symlink, a copy): its pixels are.
     return {"format": FORMAT, "content": CONTENT_VERSION, "model": canonical_name(cfg.model),
             "weights": weights, "weights_seed": None if is_file else cfg.weights_seed,
-            "layers": canonical_request(cfg.layers), "reduce": cfg.reduce, "dtype": cfg.dtype,
+            "layers": canonical_request(cfg.layers), "family": spec.family,  # its defaults
+            "reduce": cfg.reduce, "dtype": cfg.dtype,
             "data": {k: v for k, v in data.items() if k != "source"},
             "preprocessing": preprocessing_info(spec)}
 

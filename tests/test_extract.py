@@ -914,3 +914,25 @@ def test_a_seed_with_every_image_is_one_store(tmp_path, cifar_root, tiny):
     first = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=0))
     again = extract(cfg(tmp_path, cifar_root, model=tiny, out=None, n=None, seed=7))
     assert again["reused"] and again["path"] == first["path"]
+
+
+def test_a_models_family_is_in_its_default_stores_key(monkeypatch):
+    """A registered model's family decides its default layers (children for "other",
+    layer1..layer4 for "resnet"), but re-registering it with another family kept the store
+    key, so the store of the old default layers was reused for the new default."""
+    from torch import nn
+
+    from repsim import registry
+    from repsim.extraction import _store_key
+    from repsim.paths import digest
+
+    builtin = dict(registry._REGISTRY)
+
+    def key(family):
+        monkeypatch.setattr(registry, "_REGISTRY", dict(builtin))
+        registry.register_model("fam_x", family=family, input_size=4)(
+            lambda num_classes: nn.Linear(48, num_classes))
+        c = ExtractConfig(model="fam_x", weights="random", progress=False)
+        return digest(_store_key(c, get_spec("fam_x"), {"images_sha256": "x"}))
+
+    assert key("other") != key("resnet")
