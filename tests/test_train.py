@@ -360,6 +360,22 @@ def test_triangular_schedule_matches_its_definition():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
 
 
+def test_autoaugment_comes_before_cutout_as_in_cubuk_et_al(monkeypatch):
+    # Cubuk et al. 2019: the baseline crop + flip, then the AutoAugment policy, then cutout.
+    # fast-resnet-aa cut out first, so AutoAugment's ops (here an invert standing in for
+    # them) repainted the square: no image kept a zeroed cutout square.
+    monkeypatch.setattr(recipes.augment, "auto_augment", lambda x: 255 - x)
+    r = recipes.RECIPES["fast-resnet-aa"]
+    images = torch.full((16, 32, 32, 3), 100, dtype=torch.uint8)
+    x, _ = recipes.batch(images, torch.zeros(16, dtype=torch.int64),
+                         registry.get_spec("resnet18_cifar"), r,
+                         torch.Generator().manual_seed(0), 10)
+    holes = (x == 0).all(1).sum((1, 2))  # channels-first, no normalisation: 0 stays 0
+    assert (holes > 0).all() and holes.max() == r.cutout ** 2
+    desc = recipes.describe_augmentation(r)
+    assert desc.index("AutoAugment") < desc.index("cutout 12")
+
+
 def test_eval_every_saves_on_schedule_and_at_the_end(toy_root, tmp_path):
     res = train.train(_cfg(toy_root, tmp_path, epochs=3, eval_every=2))
     rows = _log(tmp_path / "run")
