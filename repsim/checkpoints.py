@@ -95,6 +95,23 @@ def hold_run(run_dir: Path) -> Iterator[None]:
             raise
 
 
+def read_state(state_path: Path, out: Path) -> dict[str, Any]:
+    """The resumable state of a run whose checkpoint is ``out``; UserError for torn or foreign
+    bytes, with advice about the run (not about a weights file)."""
+    import torch
+
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
+    except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
+        why = type(exc).__name__
+    if why:
+        raise UserError(f"{state_path}, the saved state of this run, is unreadable ({why}); "
+                        "valid: a state written by repsim train; fix: restart=True to start "
+                        f"over (replacing it and {out}), or another run_dir=PATH")
+    return state
+
+
 def read_log(log_path: Path) -> list[dict[str, Any]]:
     """A run's log rows, one per epoch ([] before the first save), without a torn last line:
     a run killed while an older repsim appended to its log, before the state of that epoch."""

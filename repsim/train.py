@@ -234,15 +234,7 @@ class _Run:
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-            why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
-        except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
-            why = type(exc).__name__
-        if why:  # advice about the run, not about a weights file
-            raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
-                            f"({why}); valid: a state written by repsim train; fix: restart=True "
-                            f"to start over (replacing it and {self.out}), or another run_dir=PATH")
+        state = checkpoints.read_state(self.state_path, self.out)
         ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
         if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
@@ -253,6 +245,11 @@ class _Run:
         if saved_on != self.dev.type:  # generator states of one device type fit no other
             raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "
                             f"{self.dev.type}; valid: device={saved_on} to resume; fix: "
+                            "restart=True to start over, or another run_dir=PATH")
+        saved_in, now = state.get("precision", self.meta["precision"]), self.meta["precision"]
+        if saved_in != now:  # (older states did not record it) another autocast from here on
+            raise UserError(f"{self.state_path} was trained in {saved_in} and cannot continue "
+                            f"in {now}; valid: precision={saved_in} to resume; fix: "
                             "restart=True to start over, or another run_dir=PATH")
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -459,7 +456,8 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+             "precision": run.meta["precision"], "model": run.model.state_dict(),
+             "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

@@ -651,6 +651,17 @@ def test_max_steps_at_the_end_of_an_epoch_saves_it_between_eval_every_saves(
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 2
 
 
+def test_resuming_in_another_precision_is_refused(toy_root, tmp_path, mlp):
+    # A run saved in fp32 went on under bf16 autocast without a word: it no longer ended
+    # where an uninterrupted run would, and its checkpoint said bf16 for every epoch.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1, precision="fp32")
+    train.train(cfg)
+    with pytest.raises(UserError, match=r"^\S*state\.pt was trained in fp32 and cannot "
+                                        r"continue in bf16; valid: precision=fp32 to resume"):
+        train.train(dataclasses.replace(cfg, epochs=2, precision="bf16"))
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
 def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_path, mlp):
     # The summary named a checkpoint that did not exist (nothing was saved to a new out=).
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
