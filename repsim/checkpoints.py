@@ -60,6 +60,28 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def manifest_entry(ckpt_path: Path) -> dict[str, Any] | None:
+    """The entry of the manifest beside ``ckpt_path`` that lists that file; None where there is
+    none or no readable manifest (:func:`update_manifest` says why when it next writes)."""
+    try:
+        rows = json.loads(manifest_path(ckpt_path).read_text())["checkpoints"]
+        return next(r for r in rows if isinstance(r, dict) and ckpt_path.name
+                    == r.get("file", f"{r.get('name')}.pt"))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
+def listed(ckpt_path: Path, sha256: str | None = None) -> bool:
+    """Whether the checkpoint ``ckpt_path`` (of ``sha256``, when known) exists and the manifest
+    beside it lists these very bytes. A run killed between writing the checkpoint and its
+    entry leaves none, or its previous version's (other epochs and metrics)."""
+    from repsim.weights import sha256_file
+
+    entry = manifest_entry(ckpt_path)
+    return (entry is not None and ckpt_path.is_file()
+            and entry.get("sha256") == (sha256 or sha256_file(ckpt_path)))
+
+
 # --------------------------------------------------------------------------- the run's log
 
 

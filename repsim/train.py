@@ -317,7 +317,8 @@ def _train(run: _Run, t_start: float) -> dict[str, Any]:
     """:func:`train` of ``run``, whose run directory this process holds."""
     cfg = run.cfg
     summary = _first_summary(run)
-    if run.start_epoch >= cfg.epochs and not run.out.is_file():  # finished: a new or lost out
+    # Finished: a new or lost out, or one the manifest does not list (killed between the two).
+    if run.start_epoch >= cfg.epochs and not checkpoints.listed(run.out):
         summary.update(_write_checkpoint(run, run.start_epoch, *_scored_half(run), t_start))
     checkpoints.warn_of_lost_snapshots(run.out, run.snap_epochs, run.start_epoch, run.name)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repsim import data, evaluation, models, paths, recipes, registry, train
+from repsim import checkpoints, data, evaluation, models, paths, recipes, registry, train
 from repsim.errors import UserError
 from repsim.weights import sha256_file
 
@@ -676,6 +677,55 @@ def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_pat
     (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
     assert row["name"] == "m2" and row["sha256"] == sha256_file(new)
     assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+
+
+def _kill_manifest_updates(monkeypatch):
+    """Kill a run between its checkpoint's rename and its manifest entry; returns the undo."""
+    update = checkpoints.update_manifest
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "update_manifest", killed)
+    return lambda: monkeypatch.setattr(checkpoints, "update_manifest", update)
+
+
+def test_a_finished_run_killed_before_its_manifest_entry_writes_it_on_the_next_run(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # Its checkpoint was there, so the rerun saved nothing: the manifest never listed it.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    new = tmp_path / "elsewhere" / "m2.pt"
+    undo = _kill_manifest_updates(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dataclasses.replace(cfg, out=str(new)))
+    undo()
+    assert new.is_file() and not (new.parent / "manifest.json").exists()
+    train.train(dataclasses.replace(cfg, out=str(new)))
+    (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
+    assert row["name"] == "m2" and row["sha256"] == sha256_file(new) and row["epochs"] == 1
+
+
+def test_eval_warns_of_a_manifest_entry_of_another_version_of_its_file(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # Killed after epoch 2's checkpoint, before its entry: the manifest kept epoch 1's
+    # accuracy and epochs beside epoch 2's weights, and nothing said so.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    undo = _kill_manifest_updates(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    undo()
+    ev = evaluation.EvalConfig(model=mlp, weights=cfg.out, dataset="cifar10",
+                               data_root=str(toy_root), progress=False)
+    with pytest.warns(UserWarning, match=r"manifest\.json lists another version of m\.pt "
+                      r"\(sha256 \w{12}, the file's \w{12}\): its epochs and metrics are not "
+                      r"this file's.*fix: rerun the training command"):
+        evaluation.evaluate_model(ev)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["epochs"] == 2  # redone: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluation.evaluate_model(ev)
 
 
 def test_a_second_process_on_the_same_run_is_refused(toy_root, tmp_path, mlp):
