@@ -155,14 +155,15 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     """The starting point of a run, on CPU, in train mode, and its provenance.
 
     ``weights`` None: from scratch for models whose default weights come from training
-    (vit_cifar, resnet18_cifar), else the pretrained weights; ``"random"``: from scratch; a
-    path: that file. A pretrained start with another class count gets a fresh head. ``seed``
-    seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
+    (vit_cifar, resnet18_cifar) or are ``"random"``, else the pretrained weights;
+    ``"random"``: from scratch; a path: that file. A pretrained start with another class count
+    gets a fresh head. ``seed`` seeds the random init and the new head (provenance
+    ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
 
     default = registry.get_spec(name).default_weights or ""
-    if weights == "random" or (weights is None and default.startswith("checkpoints/")):
+    if (weights or default) == "random" or (weights is None and default.startswith("checkpoints/")):
         model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:

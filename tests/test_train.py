@@ -317,6 +317,17 @@ def test_scratch_models_start_from_seeded_random_weights():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_a_model_registered_with_random_default_weights_records_its_init_seed(monkeypatch):
+    # Its start is drawn with the seed, but init_seed read None and weights_seed= was refused
+    # as having no effect.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("random_default_test", input_size=4, weights="random")(
+        lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, n)))
+    (a, prov), (b, _) = (train.initial_model("random_default_test", None, 10, s) for s in (3, 4))
+    assert prov == {"init": "random", "init_sha256": None, "init_seed": 3}
+    assert not torch.equal(a[1].weight, b[1].weight)
+
+
 def test_a_weights_seed_that_draws_nothing_is_refused(toy_root, tmp_path):
     # A start file of the task's class count sets every weight, its head included.
     path = tmp_path / "start.pt"
