@@ -134,6 +134,27 @@ def read_state(state_path: Path, out: Path) -> dict[str, Any]:
     return state
 
 
+def check_state(state: dict[str, Any], state_path: Path, device: str, precision: str,
+                init: str, init_sha256: str | None) -> None:
+    """UserError where the saved ``state`` cannot go on here: saved on another ``device``
+    type, trained in another ``precision``, or started from other bytes of the file
+    ``init`` than ``init_sha256`` (states before these were recorded: not checked)."""
+    fix = "fix: restart=True to start over, or another run_dir=PATH"
+    saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
+    if saved_on != device:  # generator states of one device type fit no other
+        raise UserError(f"{state_path} was saved on {saved_on} and cannot continue on "
+                        f"{device}; valid: device={saved_on} to resume; {fix}")
+    saved_in = state.get("precision", precision)
+    if saved_in != precision:  # another autocast from here on: not an uninterrupted run's end
+        raise UserError(f"{state_path} was trained in {saved_in} and cannot continue in "
+                        f"{precision}; valid: precision={saved_in} to resume; {fix}")
+    began = state.get("init_sha256", init_sha256)
+    if began != init_sha256:  # the checkpoint would name a start the run never had
+        raise UserError(f"{state_path} started from other bytes of {init} (sha256 "
+                        f"{str(began)[:12]}, now {str(init_sha256)[:12]}); valid: the start "
+                        f"file as it was, to resume; {fix}")
+
+
 def read_log(log_path: Path) -> list[dict[str, Any]]:
     """A run's log rows, one per epoch ([] before the first save), without a torn last line:
     a run killed while an older repsim appended to its log, before the state of that epoch."""

@@ -242,16 +242,8 @@ class _Run:
                             "same settings as before to resume; fix: restart=True to start over "
                             f"(replacing {self.out} and its snapshots), or out=PATH and "
                             "run_dir=PATH both new for a separate run")
-        saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
-        if saved_on != self.dev.type:  # generator states of one device type fit no other
-            raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "
-                            f"{self.dev.type}; valid: device={saved_on} to resume; fix: "
-                            "restart=True to start over, or another run_dir=PATH")
-        saved_in, now = state.get("precision", self.meta["precision"]), self.meta["precision"]
-        if saved_in != now:  # (older states did not record it) another autocast from here on
-            raise UserError(f"{self.state_path} was trained in {saved_in} and cannot continue "
-                            f"in {now}; valid: precision={saved_in} to resume; fix: "
-                            "restart=True to start over, or another run_dir=PATH")
+        checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
+                                self.meta["init"], self.meta["init_sha256"])
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"]["data"])
@@ -458,7 +450,8 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "precision": run.meta["precision"], "model": run.model.state_dict(),
+             **{k: run.meta[k] for k in ("precision", "init_sha256")},
+             "model": run.model.state_dict(),
              "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:

@@ -591,6 +591,21 @@ def test_a_corrupt_state_file_is_named_as_the_runs_state(toy_root, tmp_path, mlp
     assert "download" not in str(err.value) and "re-save" not in str(err.value)
 
 
+def test_resuming_from_a_start_file_whose_bytes_changed_is_refused(toy_root, tmp_path, mlp):
+    # The run went on from its old start, and its checkpoint named the new file's sha256 as
+    # the start it never had.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1)
+    train.train(cfg)
+    start = (tmp_path / "start.pt").read_bytes()
+    sd = torch.load(tmp_path / "start.pt", weights_only=True)
+    torch.save({k: v + 1 for k, v in sd.items()}, tmp_path / "start.pt")
+    with pytest.raises(UserError, match=r"^\S*state\.pt started from other bytes of \S*start"
+                                        r"\.pt \(sha256 \w{12}, now \w{12}\); valid: "):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    (tmp_path / "start.pt").write_bytes(start)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
 def test_a_start_file_spelled_another_way_resumes_the_run(toy_root, tmp_path, mlp, monkeypatch):
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1))
     monkeypatch.chdir(tmp_path / "run")
