@@ -90,7 +90,7 @@ def _plain_numbers(cfg: TrainConfig) -> TrainConfig:
     written to JSON); UserError for another type, a count below 1 or a negative seed."""
     plain: dict[str, Any] = {}
     for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 1), ("max_steps", 0),
-                      ("seed", 0), ("weights_seed", 0)):
+                      ("seed", 0), ("weights_seed", 0), ("eval_batch_size", 1)):
         value = getattr(cfg, name)
         if value is None and name in ("max_steps", "weights_seed"):  # None: not set
             continue

@@ -787,6 +787,9 @@ def test_counts_given_as_numpy_integers_are_plain_ints_after_resolving():
     ({"lr": "1e-3"}, r"^lr='1e-3' is not a number"),
     ({"train_fraction": "0.5"}, r"^train_fraction='0\.5' is not a number"),
     ({"time_limit": "5"}, r"^time_limit='5' is not a number"),
+    # refused at the first save, after an epoch of training, as batch_size=...
+    ({"eval_batch_size": 0}, r"^eval_batch_size=0 is not positive"),
+    ({"eval_batch_size": 2.5}, r"^eval_batch_size=2\.5 is not an integer"),
 ])
 def test_settings_of_the_wrong_type_are_refused_in_one_line(kw, match):
     # weights_seed=1.5 or "3" trained (torch.manual_seed truncates) and recorded the odd
