@@ -201,6 +201,10 @@ class _Run:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
                             f"sets every parameter, its {num_classes}-class head included; fix: "
                             "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
+        if init_prov["init_sha256"] and Path(init_prov["init"]).resolve() == self.out.resolve():
+            raise UserError(f"out={self.out} is the run's start file (weights="
+                            f"{init_prov['init']}); its first save would overwrite the weights "
+                            "it starts from; fix: another out=PATH")
         data_prov = self._load_data()
         model = model.to(dev)
         if self.spec.family == "resnet":

@@ -606,6 +606,18 @@ def test_resuming_from_a_start_file_whose_bytes_changed_is_refused(toy_root, tmp
     assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
 
 
+def test_a_run_whose_out_is_its_start_file_is_refused_before_overwriting_it(toy_root, tmp_path,
+                                                                            mlp):
+    # repsim train --model vit_cifar --weights checkpoints/vit_cifar.pt (the paper recipe's
+    # default out) overwrote its own start at the first save: the original was lost.
+    start = tmp_path / "start.pt"
+    before = start.read_bytes()
+    with pytest.raises(UserError, match=r"^out=\S*start\.pt is the run's start file "
+                                        r"\(weights=\S*\); .*fix: another out=PATH"):
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(start), out=str(start)))
+    assert start.read_bytes() == before
+
+
 def test_a_start_file_spelled_another_way_resumes_the_run(toy_root, tmp_path, mlp, monkeypatch):
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1))
     monkeypatch.chdir(tmp_path / "run")
