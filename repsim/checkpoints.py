@@ -60,6 +60,28 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def manifest_entry(ckpt_path: Path) -> dict[str, Any] | None:
+    """The entry of the manifest beside ``ckpt_path`` that lists that file; None where there is
+    none or no readable manifest (:func:`update_manifest` says why when it next writes)."""
+    try:
+        rows = json.loads(manifest_path(ckpt_path).read_text())["checkpoints"]
+        return next(r for r in rows if isinstance(r, dict) and ckpt_path.name
+                    == r.get("file", f"{r.get('name')}.pt"))
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
+
+def listed(ckpt_path: Path, sha256: str | None = None) -> bool:
+    """Whether the checkpoint ``ckpt_path`` (of ``sha256``, when known) exists and the manifest
+    beside it lists these very bytes. A run killed between writing the checkpoint and its
+    entry leaves none, or its previous version's (other epochs and metrics)."""
+    from repsim.weights import sha256_file
+
+    entry = manifest_entry(ckpt_path)
+    return (entry is not None and ckpt_path.is_file()
+            and entry.get("sha256") == (sha256 or sha256_file(ckpt_path)))
+
+
 # --------------------------------------------------------------------------- the run's log
 
 
@@ -93,6 +115,44 @@ def hold_run(run_dir: Path) -> Iterator[None]:
                 Path(f.name).unlink()
                 run_dir.rmdir()
             raise
+
+
+def read_state(state_path: Path, out: Path) -> dict[str, Any]:
+    """The resumable state of a run whose checkpoint is ``out``; UserError for torn or foreign
+    bytes, with advice about the run (not about a weights file)."""
+    import torch
+
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
+    except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
+        why = type(exc).__name__
+    if why:
+        raise UserError(f"{state_path}, the saved state of this run, is unreadable ({why}); "
+                        "valid: a state written by repsim train; fix: restart=True to start "
+                        f"over (replacing it and {out}), or another run_dir=PATH")
+    return state
+
+
+def check_state(state: dict[str, Any], state_path: Path, device: str, precision: str,
+                init: str, init_sha256: str | None) -> None:
+    """UserError where the saved ``state`` cannot go on here: saved on another ``device``
+    type, trained in another ``precision``, or started from other bytes of the file
+    ``init`` than ``init_sha256`` (states before these were recorded: not checked)."""
+    fix = "fix: restart=True to start over, or another run_dir=PATH"
+    saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
+    if saved_on != device:  # generator states of one device type fit no other
+        raise UserError(f"{state_path} was saved on {saved_on} and cannot continue on "
+                        f"{device}; valid: device={saved_on} to resume; {fix}")
+    saved_in = state.get("precision", precision)
+    if saved_in != precision:  # another autocast from here on: not an uninterrupted run's end
+        raise UserError(f"{state_path} was trained in {saved_in} and cannot continue in "
+                        f"{precision}; valid: precision={saved_in} to resume; {fix}")
+    began = state.get("init_sha256", init_sha256)
+    if began != init_sha256:  # the checkpoint would name a start the run never had
+        raise UserError(f"{state_path} started from other bytes of {init} (sha256 "
+                        f"{str(began)[:12]}, now {str(init_sha256)[:12]}); valid: the start "
+                        f"file as it was, to resume; {fix}")
 
 
 def read_log(log_path: Path) -> list[dict[str, Any]]:

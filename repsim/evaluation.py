@@ -163,6 +163,7 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"{cfg.model} ({prov['weights']}) has {prov['num_classes']} outputs but "
                         f"{cfg.dataset} has {len(ps.classes)} classes; fix: pass weights=PATH "
                         f"trained on {cfg.dataset}, or the matching dataset=NAME")
+    _check_manifest(prov)
     trained_on = _trained_on(prov)
     if trained_on is not None and trained_on != ps.dataset:  # transfer may be meant: no error
         shown = ps.dataset + (f" ({cfg.dataset})" if cfg.dataset != ps.dataset else "")
@@ -181,6 +182,23 @@ def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
             "accuracy": res["accuracy"], "loss": res["loss"], "device": str(dev),
             "hardware": hardware(dev), "seconds": time.perf_counter() - t0,
             "repsim_version": __version__}
+
+
+def _check_manifest(prov: dict[str, Any]) -> None:
+    """Warn when the manifest beside a weights file lists another version of it: a training
+    run killed between writing the file and its entry left the previous one's metrics."""
+    from repsim.checkpoints import listed, manifest_entry, manifest_path
+
+    if prov["weights_sha256"] is None:  # random or pretrained weights: no file
+        return
+    path = Path(prov["weights"])
+    entry = manifest_entry(path)
+    if entry is not None and not listed(path, prov["weights_sha256"]):
+        warnings.warn(f"{manifest_path(path)} lists another version of {path.name} (sha256 "
+                      f"{str(entry.get('sha256'))[:12]}, the file's "
+                      f"{prov['weights_sha256'][:12]}): its epochs and metrics are not this "
+                      "file's (a training run stopped between writing the two?); fix: rerun "
+                      "the training command, which rewrites the entry", stacklevel=3)
 
 
 def _trained_on(prov: dict[str, Any]) -> str | None:

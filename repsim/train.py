@@ -90,7 +90,7 @@ def _plain_numbers(cfg: TrainConfig) -> TrainConfig:
     written to JSON); UserError for another type, a count below 1 or a negative seed."""
     plain: dict[str, Any] = {}
     for name, low in (("epochs", 1), ("batch_size", 1), ("eval_every", 1), ("max_steps", 0),
-                      ("seed", 0), ("weights_seed", 0)):
+                      ("seed", 0), ("weights_seed", 0), ("eval_batch_size", 1)):
         value = getattr(cfg, name)
         if value is None and name in ("max_steps", "weights_seed"):  # None: not set
             continue
@@ -155,14 +155,15 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     """The starting point of a run, on CPU, in train mode, and its provenance.
 
     ``weights`` None: from scratch for models whose default weights come from training
-    (vit_cifar, resnet18_cifar), else the pretrained weights; ``"random"``: from scratch; a
-    path: that file. A pretrained start with another class count gets a fresh head. ``seed``
-    seeds the random init and the new head (provenance ``init_seed``: None if none is drawn).
+    (vit_cifar, resnet18_cifar) or are ``"random"``, else the pretrained weights;
+    ``"random"``: from scratch; a path: that file. A pretrained start with another class count
+    gets a fresh head. ``seed`` seeds the random init and the new head (provenance
+    ``init_seed``: None if none is drawn).
     """
     from repsim.models import build_model, load_model
 
     default = registry.get_spec(name).default_weights or ""
-    if weights == "random" or (weights is None and default.startswith("checkpoints/")):
+    if (weights or default) == "random" or (weights is None and default.startswith("checkpoints/")):
         model, drawn = build_model(name, num_classes, seed), True
         prov = {"init": "random", "init_sha256": None}
     else:
@@ -200,6 +201,10 @@ class _Run:
             raise UserError(f"weights_seed={cfg.weights_seed} has no effect: {init_prov['init']} "
                             f"sets every parameter, its {num_classes}-class head included; fix: "
                             "drop weights_seed= (seed= seeds data, dropout), or weights='random'")
+        if init_prov["init_sha256"] and Path(init_prov["init"]).resolve() == self.out.resolve():
+            raise UserError(f"out={self.out} is the run's start file (weights="
+                            f"{init_prov['init']}); its first save would overwrite the weights "
+                            "it starts from; fix: another out=PATH")
         data_prov = self._load_data()
         model = model.to(dev)
         if self.spec.family == "resnet":
@@ -234,26 +239,15 @@ class _Run:
 
     def _resume(self) -> None:
         """Load the saved state; refused when it belongs to other settings."""
-        try:
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-            why = None if isinstance(state, dict) else f"a {type(state).__name__}, not a dict"
-        except Exception as exc:  # torn or foreign bytes: zip, EOF and unpickling errors
-            why = type(exc).__name__
-        if why:  # advice about the run, not about a weights file
-            raise UserError(f"{self.state_path}, the saved state of this run, is unreadable "
-                            f"({why}); valid: a state written by repsim train; fix: restart=True "
-                            f"to start over (replacing it and {self.out}), or another run_dir=PATH")
+        state = checkpoints.read_state(self.state_path, self.out)
         ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
         if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over "
                             f"(replacing {self.out} and its snapshots), or out=PATH and "
                             "run_dir=PATH both new for a separate run")
-        saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
-        if saved_on != self.dev.type:  # generator states of one device type fit no other
-            raise UserError(f"{self.state_path} was saved on {saved_on} and cannot continue on "
-                            f"{self.dev.type}; valid: device={saved_on} to resume; fix: "
-                            "restart=True to start over, or another run_dir=PATH")
+        checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
+                                self.meta["init"], self.meta["init_sha256"])
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["rng"]["data"])
@@ -320,7 +314,8 @@ def _train(run: _Run, t_start: float) -> dict[str, Any]:
     """:func:`train` of ``run``, whose run directory this process holds."""
     cfg = run.cfg
     summary = _first_summary(run)
-    if run.start_epoch >= cfg.epochs and not run.out.is_file():  # finished: a new or lost out
+    # Finished: a new or lost out, or one the manifest does not list (killed between the two).
+    if run.start_epoch >= cfg.epochs and not checkpoints.listed(run.out):
         summary.update(_write_checkpoint(run, run.start_epoch, *_scored_half(run), t_start))
     checkpoints.warn_of_lost_snapshots(run.out, run.snap_epochs, run.start_epoch, run.name)
     deadline = t_start + 60.0 * cfg.time_limit if cfg.time_limit else None
@@ -459,7 +454,9 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+             **{k: run.meta[k] for k in ("precision", "init_sha256")},
+             "model": run.model.state_dict(),
+             "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repsim import data, evaluation, models, paths, recipes, registry, train
+from repsim import checkpoints, data, evaluation, models, paths, recipes, registry, train
 from repsim.errors import UserError
 from repsim.weights import sha256_file
 
@@ -316,6 +317,17 @@ def test_scratch_models_start_from_seeded_random_weights():
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_a_model_registered_with_random_default_weights_records_its_init_seed(monkeypatch):
+    # Its start is drawn with the seed, but init_seed read None and weights_seed= was refused
+    # as having no effect.
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_model("random_default_test", input_size=4, weights="random")(
+        lambda n: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, n)))
+    (a, prov), (b, _) = (train.initial_model("random_default_test", None, 10, s) for s in (3, 4))
+    assert prov == {"init": "random", "init_sha256": None, "init_seed": 3}
+    assert not torch.equal(a[1].weight, b[1].weight)
+
+
 def test_a_weights_seed_that_draws_nothing_is_refused(toy_root, tmp_path):
     # A start file of the task's class count sets every weight, its head included.
     path = tmp_path / "start.pt"
@@ -358,6 +370,22 @@ def test_triangular_schedule_matches_its_definition():
     expected = np.interp(np.arange(total + 1), [0, 200, total], [0.2, 1.0, 0.0]) * 0.2
     got = [recipes.lr_at(s, total, 10, fast, 0.2) for s in range(total + 1)]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+
+
+def test_autoaugment_comes_before_cutout_as_in_cubuk_et_al(monkeypatch):
+    # Cubuk et al. 2019: the baseline crop + flip, then the AutoAugment policy, then cutout.
+    # fast-resnet-aa cut out first, so AutoAugment's ops (here an invert standing in for
+    # them) repainted the square: no image kept a zeroed cutout square.
+    monkeypatch.setattr(recipes.augment, "auto_augment", lambda x: 255 - x)
+    r = recipes.RECIPES["fast-resnet-aa"]
+    images = torch.full((16, 32, 32, 3), 100, dtype=torch.uint8)
+    x, _ = recipes.batch(images, torch.zeros(16, dtype=torch.int64),
+                         registry.get_spec("resnet18_cifar"), r,
+                         torch.Generator().manual_seed(0), 10)
+    holes = (x == 0).all(1).sum((1, 2))  # channels-first, no normalisation: 0 stays 0
+    assert (holes > 0).all() and holes.max() == r.cutout ** 2
+    desc = recipes.describe_augmentation(r)
+    assert desc.index("AutoAugment") < desc.index("cutout 12")
 
 
 def test_eval_every_saves_on_schedule_and_at_the_end(toy_root, tmp_path):
@@ -563,6 +591,33 @@ def test_a_corrupt_state_file_is_named_as_the_runs_state(toy_root, tmp_path, mlp
     assert "download" not in str(err.value) and "re-save" not in str(err.value)
 
 
+def test_resuming_from_a_start_file_whose_bytes_changed_is_refused(toy_root, tmp_path, mlp):
+    # The run went on from its old start, and its checkpoint named the new file's sha256 as
+    # the start it never had.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1)
+    train.train(cfg)
+    start = (tmp_path / "start.pt").read_bytes()
+    sd = torch.load(tmp_path / "start.pt", weights_only=True)
+    torch.save({k: v + 1 for k, v in sd.items()}, tmp_path / "start.pt")
+    with pytest.raises(UserError, match=r"^\S*state\.pt started from other bytes of \S*start"
+                                        r"\.pt \(sha256 \w{12}, now \w{12}\); valid: "):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    (tmp_path / "start.pt").write_bytes(start)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_a_run_whose_out_is_its_start_file_is_refused_before_overwriting_it(toy_root, tmp_path,
+                                                                            mlp):
+    # repsim train --model vit_cifar --weights checkpoints/vit_cifar.pt (the paper recipe's
+    # default out) overwrote its own start at the first save: the original was lost.
+    start = tmp_path / "start.pt"
+    before = start.read_bytes()
+    with pytest.raises(UserError, match=r"^out=\S*start\.pt is the run's start file "
+                                        r"\(weights=\S*\); .*fix: another out=PATH"):
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(start), out=str(start)))
+    assert start.read_bytes() == before
+
+
 def test_a_start_file_spelled_another_way_resumes_the_run(toy_root, tmp_path, mlp, monkeypatch):
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights=str(tmp_path / "start.pt"), epochs=1))
     monkeypatch.chdir(tmp_path / "run")
@@ -635,6 +690,17 @@ def test_max_steps_at_the_end_of_an_epoch_saves_it_between_eval_every_saves(
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["epoch"] == 2
 
 
+def test_resuming_in_another_precision_is_refused(toy_root, tmp_path, mlp):
+    # A run saved in fp32 went on under bf16 autocast without a word: it no longer ended
+    # where an uninterrupted run would, and its checkpoint said bf16 for every epoch.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1, precision="fp32")
+    train.train(cfg)
+    with pytest.raises(UserError, match=r"^\S*state\.pt was trained in fp32 and cannot "
+                                        r"continue in bf16; valid: precision=fp32 to resume"):
+        train.train(dataclasses.replace(cfg, epochs=2, precision="bf16"))
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
 def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_path, mlp):
     # The summary named a checkpoint that did not exist (nothing was saved to a new out=).
     train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1))
@@ -649,6 +715,55 @@ def test_a_finished_run_given_a_new_out_writes_that_checkpoint(toy_root, tmp_pat
     (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
     assert row["name"] == "m2" and row["sha256"] == sha256_file(new)
     assert [r["epoch"] for r in _log(tmp_path / "run")] == [1]
+
+
+def _kill_manifest_updates(monkeypatch):
+    """Kill a run between its checkpoint's rename and its manifest entry; returns the undo."""
+    update = checkpoints.update_manifest
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "update_manifest", killed)
+    return lambda: monkeypatch.setattr(checkpoints, "update_manifest", update)
+
+
+def test_a_finished_run_killed_before_its_manifest_entry_writes_it_on_the_next_run(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # Its checkpoint was there, so the rerun saved nothing: the manifest never listed it.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    new = tmp_path / "elsewhere" / "m2.pt"
+    undo = _kill_manifest_updates(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dataclasses.replace(cfg, out=str(new)))
+    undo()
+    assert new.is_file() and not (new.parent / "manifest.json").exists()
+    train.train(dataclasses.replace(cfg, out=str(new)))
+    (row,) = json.loads((new.parent / "manifest.json").read_text())["checkpoints"]
+    assert row["name"] == "m2" and row["sha256"] == sha256_file(new) and row["epochs"] == 1
+
+
+def test_eval_warns_of_a_manifest_entry_of_another_version_of_its_file(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # Killed after epoch 2's checkpoint, before its entry: the manifest kept epoch 1's
+    # accuracy and epochs beside epoch 2's weights, and nothing said so.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    undo = _kill_manifest_updates(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    undo()
+    ev = evaluation.EvalConfig(model=mlp, weights=cfg.out, dataset="cifar10",
+                               data_root=str(toy_root), progress=False)
+    with pytest.warns(UserWarning, match=r"manifest\.json lists another version of m\.pt "
+                      r"\(sha256 \w{12}, the file's \w{12}\): its epochs and metrics are not "
+                      r"this file's.*fix: rerun the training command"):
+        evaluation.evaluate_model(ev)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["epochs"] == 2  # redone: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluation.evaluate_model(ev)
 
 
 def test_a_second_process_on_the_same_run_is_refused(toy_root, tmp_path, mlp):
@@ -684,6 +799,9 @@ def test_counts_given_as_numpy_integers_are_plain_ints_after_resolving():
     ({"lr": "1e-3"}, r"^lr='1e-3' is not a number"),
     ({"train_fraction": "0.5"}, r"^train_fraction='0\.5' is not a number"),
     ({"time_limit": "5"}, r"^time_limit='5' is not a number"),
+    # refused at the first save, after an epoch of training, as batch_size=...
+    ({"eval_batch_size": 0}, r"^eval_batch_size=0 is not positive"),
+    ({"eval_batch_size": 2.5}, r"^eval_batch_size=2\.5 is not an integer"),
 ])
 def test_settings_of_the_wrong_type_are_refused_in_one_line(kw, match):
     # weights_seed=1.5 or "3" trained (torch.manual_seed truncates) and recorded the odd
