@@ -124,8 +124,10 @@ def get_recipe(name: str) -> Recipe:
 
 
 def lr_at(step: int, total_steps: int, steps_per_epoch: int, recipe: Recipe, lr: float) -> float:
-    """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``."""
-    warm = recipe.warmup_epochs * steps_per_epoch
+    """Learning rate for optimiser step ``step`` (0-based) of ``total_steps``. Warm-up takes
+    at most half the steps, so a run shortened below it (``--epochs``) still peaks, then
+    decays."""
+    warm = min(recipe.warmup_epochs * steps_per_epoch, total_steps // 2)
     if step < warm:
         return lr * (0.01 + 0.99 * step / warm)
     if recipe.schedule == "constant":

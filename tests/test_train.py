@@ -363,6 +363,15 @@ def test_lr_schedules():
     assert recipes.lr_at(1000, 1000, 10, strong, 1e-3) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_run_shorter_than_its_warm_up_still_peaks_and_decays():
+    """`--recipe strong --epochs 5` (10 warm-up epochs) ended its run half-way up the ramp at
+    5e-4 and never decayed; warm-up takes at most half the steps, then the cosine runs."""
+    strong = recipes.RECIPES["strong"]
+    lrs = [recipes.lr_at(s, 50, 10, strong, 1e-3) for s in range(51)]
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 25
+    assert lrs[50] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_triangular_schedule_matches_its_definition():
     # airbench's np.interp(step, [0, 0.2 T, T], [0.2, 1, 0]) times the peak rate
     fast = recipes.RECIPES["fast-resnet"]
