@@ -449,3 +449,21 @@ def test_a_seed_over_the_whole_split_changes_no_figure_key(tmp_path):
     assert ctx.key_overrides(subset) == {"seed": 1}
     assert FigureContext(tmp_path, overrides={"seed": 1, "n": 50}).key_overrides(whole) == \
         {"seed": 1, "n": 50}
+
+
+def test_a_bug_in_one_kind_fails_that_figure_and_builds_the_others(tmp_path, monkeypatch):
+    """A kind raising anything but UserError/ValueError/InputUnavailable (a bug in a user's
+    kind: TypeError, KeyError) stopped the whole run with a traceback, though build_all
+    promises that one figure's problem never stops the others; it fails that figure, with
+    the exception's type, message and traceback in its entry."""
+    monkeypatch.setitem(KINDS, "buggy", None)  # restored after the test
+    monkeypatch.setitem(KINDS, "note", None)
+    figure_kind("buggy")(lambda spec, ctx: {}["missing"])
+    figure_kind("note")(lambda spec, ctx: [ctx.write_text(".txt", "x\n")])
+    write(tmp_path / "a", "a_bug", 'kind = "buggy"\n')
+    write(tmp_path / "a", "b_fine", 'kind = "note"\n')
+    out = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in out["built"]] == ["b_fine"]
+    (failed,) = out["failed"]
+    assert failed["name"] == "a_bug" and failed["reason"].startswith("KeyError: 'missing'")
+    assert "Traceback" in failed["traceback"]

@@ -356,6 +356,13 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     except (UserError, ValueError) as exc:
         record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": str(exc)}
+    except Exception as exc:  # a bug (in a user's kind, say): this figure only, with its trace
+        import traceback
+
+        record_path.unlink(missing_ok=True)
+        return "failed", {**entry, "reason": f"{type(exc).__name__}: {exc} (a bug? the "
+                          "traceback is in the summary: repsim figures --json)",
+                          "traceback": traceback.format_exc()}
     files = [str(f) for f in files] + [str(record_path)]
     data = jsonable(ctx.data)
     try:
