@@ -389,6 +389,18 @@ def _import_user_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``repsim ARGV``: its exit status (a usage error raises SystemExit(1))."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # stdout's reader stopped reading (`repsim ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        return 141  # 128 + SIGPIPE: the status of a command that a closed pipe stops
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _import_user_modules(args.imports)
             return COMMANDS[args.command][2](args)
+        except BrokenPipeError:  # an OSError, but no failure of the command (see main)
+            raise
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
                 raise

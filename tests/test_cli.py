@@ -346,3 +346,24 @@ def test_json_output_is_strict_json_with_non_finite_numbers_as_null(monkeypatch,
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=pytest.fail) == {**res, "loss": None,
                                                            "curve": [1.0, None]}
+
+
+_CLOSED_STDOUT = """
+import os, sys
+import repsim.compare
+from repsim.cli import main
+repsim.compare.run_cka = lambda cfg: {"result": {"matrix": [[0.5] * int(sys.argv[1])]},
+                                      "files": [], "reused": True, "stores": {}, "seconds": 0}
+r, w = os.pipe()
+os.close(r)  # the reader is gone, as after `repsim cka ... --json | head -c 10`
+os.dup2(w, 1)
+raise SystemExit(main(["cka", "--a", "a.h5", "--b", "b.h5", "--json"]))
+"""
+
+
+@pytest.mark.parametrize("width", [1, 4000])  # flushed at exit, or written at once
+def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly(width):
+    # `repsim cka ... --json | head -c 10` ended in two BrokenPipeError tracebacks (the
+    # second from printing {"error": ...} to the same closed pipe).
+    done = _run("-c", _CLOSED_STDOUT, str(width))
+    assert (done.returncode, done.stderr) == (141, "")
