@@ -15,11 +15,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
-from repsim.cliargs import Formatter, Parser, id_list, number, positive_int, size
+from repsim.cliargs import Formatter, Parser, Usage, id_list, number, positive_int, size
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     """``repsim ARGV``: its exit status (a usage error raises SystemExit(1))."""
     try:
         try:
-            return _main(argv)
+            return _main(sys.argv[1:] if argv is None else list(argv))
         finally:
             sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except BrokenPipeError:  # stdout's reader stopped reading (`repsim ... | head`)
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE: the status of a command that a closed pipe stops
 
 
-def _main(argv: list[str] | None) -> int:
+def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -412,8 +413,25 @@ def _main(argv: list[str] | None) -> int:
         getattr(args, "parser", parser).unrecognized(unknown)
     if args.command is None:
         parser.print_help()
+    return args
+
+
+def _asks_json(argv: list[str]) -> bool:
+    """Whether ``argv`` gives --json (or a prefix argparse takes for it, --js): read from the
+    words, as a usage error leaves no parsed arguments."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    return any(len(w) > 2 and "--json".startswith(w) for w in words)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        args = _parse(argv)
+    except Usage as exc:
+        raise SystemExit(_fail(exc.prog, _asks_json(argv), str(exc))) from None
+    if args.command is None:
         return 0
     reuse_freed_memory()
+    fail = partial(_fail, f"repsim {args.command}", getattr(args, "json", False))
     with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
         if not args.debug:  # --debug: where each warning comes from
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
@@ -425,20 +443,20 @@ def _main(argv: list[str] | None) -> int:
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
                 raise
-            return _fail(args, one_line(exc))
+            return fail(one_line(exc))
         except RuntimeError as exc:  # torch's out-of-memory (only if torch was imported)
             torch = sys.modules.get("torch")
             if args.debug or torch is None or not isinstance(exc, torch.OutOfMemoryError):
                 raise
-            return _fail(args, f"out of device memory ({one_line(exc)}); fix: fewer images "
-                         "per batch (--batch-size; cka: --memory-budget)")
+            return fail(f"out of device memory ({one_line(exc)}); fix: fewer images "
+                        "per batch (--batch-size; cka: --memory-budget)")
         except KeyboardInterrupt:
-            return _fail(args, "interrupted", 130)
+            return fail("interrupted", 130)
 
 
-def _fail(args: argparse.Namespace, why: str, code: int = 1) -> int:
+def _fail(prog: str, as_json: bool, why: str, code: int = 1) -> int:
     """``why`` a command failed: one line on stderr and, with --json, the one object on stdout."""
-    if getattr(args, "json", False):  # scripts parse stdout, failed or not
+    if as_json:  # scripts parse stdout, failed or not
         print(json.dumps({"error": why}))
-    print(f"repsim {args.command}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
+    print(f"{prog}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
     return code

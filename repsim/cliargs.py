@@ -13,8 +13,17 @@ from typing import NoReturn
 from repsim.errors import UserError  # stdlib only
 
 
+class Usage(Exception):
+    """A usage error of the command line ``prog``, which ``repsim.cli.main`` reports as it
+    does every other failure (one line; under --json, the JSON object too), status 1."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(f"{message}; see '{prog} --help'")
+        self.prog = prog
+
+
 class Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit status 1, like every other user error."""
+    """Usage errors raise :class:`Usage`, reported like every other user error."""
 
     def error(self, message: str):
         if message.startswith("the following arguments are required"):
@@ -22,7 +31,7 @@ class Parser(argparse.ArgumentParser):
         self.fail(message)
 
     def fail(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        raise Usage(self.prog, message)
 
     def unrecognized(self, extras: list[str]) -> NoReturn:
         """Exit on arguments it does not know, naming each option's close matches."""

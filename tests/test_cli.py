@@ -348,6 +348,23 @@ def test_json_output_is_strict_json_with_non_finite_numbers_as_null(monkeypatch,
                                                            "curve": [1.0, None]}
 
 
+@pytest.mark.parametrize("argv, why", [
+    (["cka", "--a", "x", "--json"], "the following arguments are required: --b"),
+    (["cka", "--a", "x", "--b", "y", "--json", "--bogus"], "unrecognized arguments: --bogus"),
+    (["cka", "--a", "x", "--b", "y", "--n", "0", "--json"], "argument --n: must be >= 1, got 0")])
+def test_a_usage_error_under_json_is_one_json_object_on_stdout_too(argv, why, capsys):
+    # Every other failure printed {"error": ...} under --json; usage errors printed nothing
+    # on stdout, so a script's json.loads(stdout) failed on '' instead of reading the error.
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 1
+    assert json.loads(out) == {"error": f"{why}; see 'repsim cka --help'"}
+    assert err == f"repsim cka: error: {why}; see 'repsim cka --help'\n"
+
+
 _CLOSED_STDOUT = """
 import os, sys
 import repsim.compare
