@@ -547,9 +547,9 @@ def test_the_biased_estimator_warns_without_the_standard_errors_too(tmp_path, ca
 
 def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_unchecked(
         tmp_path, capsys, monkeypatch):
-    from repsim import compare
+    from repsim import storecka
 
-    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
     wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     _, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
@@ -557,9 +557,9 @@ def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_uncheck
 
 
 def test_the_streamed_biased_estimator_without_se_or_log_runs(tmp_path, monkeypatch):
-    from repsim import compare
+    from repsim import compare, storecka
 
-    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # streamed: no null level to read
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)  # streamed: no null level to read
     wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     res = compare.run_cka(compare.CKAConfig(a=str(a), b=str(b), estimator="biased", se=False,
