@@ -177,12 +177,10 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     check_ref(ref, weights)
     if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
-    from repsim.extraction import ExtractConfig, extract
+    from repsim.extraction import extract
 
-    cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
-                        overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
     try:
-        res = extract(cfg)
+        res = extract(_extraction(ref, weights, weights_seed, layers, probe, force, progress))
     except UserError:
         from repsim.models import weights_problem  # torch: only when extraction failed
 
@@ -191,23 +189,94 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
         raise
     if not res["reused"] and log is not None:
         log(f"extracted {ref} ({res['n']} images) into {res['path']}")
+    return _model_store(ref, res, weights, weights_seed, label)
+
+
+def _extraction(ref: str, weights: str | None, weights_seed: int, layers: str | None,
+                probe: ProbeSpec | None, force: bool, progress: bool):
+    """The :class:`repsim.extraction.ExtractConfig` of model ``ref``'s store."""
+    from repsim.extraction import ExtractConfig
+
+    return ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
+                         overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
+
+
+def _model_store(ref: str, res: dict, weights: str | None, weights_seed: int,
+                 label: str | None) -> StoreRef:
+    """The store of :func:`repsim.extraction.extract`'s summary ``res`` for model ``ref``."""
     tag = weights_tag(weights, weights_seed)
     return _open_store(Path(res["path"]), "reused" if res["reused"] else "extracted",
                        label or (f"{ref} ({tag})" if tag else ref),
                        slug(f"{ref}-{tag}" if tag else ref))
 
 
+def _cached_store_holding(ref: str, layers: str | list[str], *, weights: str | None = None,
+                          weights_seed: int = 0, probe: ProbeSpec | None = None,
+                          label: str | None = None, progress: bool = True,
+                          **_) -> tuple[StoreRef, list[str]] | None:
+    """A complete store of model ``ref`` in the cache that holds ``layers``, and those layers:
+    the store of this request if there is one (a rerun reads what it read before), else the
+    model's default store when it holds them; None otherwise. Found by
+    :func:`repsim.extraction.find_store`, which never runs the model. ``_``:
+    :func:`resolve_store`'s arguments that choose no store."""
+    from repsim.extraction import find_store
+
+    for request in (layers, None):
+        found = find_store(_extraction(ref, weights, weights_seed, request, probe, False,
+                                       progress))
+        if found is not None:
+            store = _model_store(ref, found, weights, weights_seed, label)
+            if request is not None:  # a store of exactly these (keywords resolved)
+                return store, list(store.layers)
+            try:
+                return store, _select(store.layers, layers, store.path)
+            except UserError:  # the default store lacks some of them
+                return None
+    return None
+
+
 def select_layers(store: StoreRef, request: str | None) -> list[str]:
     """Store layers matching ``request`` (names, globs, or ``default``/``all`` for every
     layer), in store order, by the rule every command uses (:func:`repsim.layers.match_layers`)."""
+    return list(store.layers) if request is None else _select(store.layers, request, store.path)
+
+
+def _select(names: list[str], request: str, path: Path) -> list[str]:
+    """:func:`select_layers` of the layers ``names`` of the store at ``path``."""
     from repsim.layers import match_layers
 
-    if request is None:
-        return list(store.layers)
-    every = dict.fromkeys(("default", "all"), store.layers)
-    return match_layers(store.layers, request, every, lambda part: UserError(
-        f"layers={part!r} matches nothing in {store.path} (layers: {', '.join(store.layers)}); "
+    every = dict.fromkeys(("default", "all"), names)
+    return match_layers(names, request, every, lambda part: UserError(
+        f"layers={part!r} matches nothing in {path} (layers: {', '.join(names)}); "
         "pick from those"))
+
+
+def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
+                  force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
+    """The store for one side and its selected layers. For a model name with ``layers``: the
+    cached store of this request, else its default store when the cache holds it, else a
+    store of exactly those layers, extracted (never the whole default store, 8 GB for
+    vit_imagenet, to pick a few layers from: :func:`_cached_store_holding`). ``common``:
+    the other arguments of :func:`resolve_store`; errors name the parameters of ``side``
+    (:func:`for_side`)."""
+    from repsim.layers import canonical_request
+
+    kw = dict(weights=weights, label=label, force=force, **common)
+    try:
+        if layers is not None and not looks_like_store(ref):  # "all" layers of a store is,
+            layers = ["default" if p == "all" else p for p in canonical_request(layers)]
+            layers = None if layers == ["default"] else layers  # for a model, its default
+        if looks_like_store(ref) or layers is None:
+            store = resolve_store(ref, **kw)
+            return store, select_layers(store, layers)
+        if not force and (found := _cached_store_holding(ref, layers, **kw)) is not None:
+            return found
+        store = resolve_store(ref, layers=layers, **kw)
+        return store, list(store.layers)
+    except UserError as exc:
+        if not side:
+            raise
+        raise for_side(exc, side) from None
 
 
 # --------------------------------------------------------------------------- results
@@ -365,24 +434,3 @@ def run_cka(cfg: CKAConfig) -> dict:
     _warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
-
-
-def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
-                  force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
-    """The store for one side and its selected layers: for a model name, the default store
-    when it holds them, else a store of exactly those. ``common``: the other arguments of
-    :func:`resolve_store`; errors name the parameters of ``side`` (:func:`for_side`)."""
-    kw = dict(weights=weights, label=label, force=force, **common)
-    try:
-        store = resolve_store(ref, **kw)
-        try:
-            return store, select_layers(store, layers)
-        except UserError:
-            if looks_like_store(ref) or layers is None:
-                raise
-        store = resolve_store(ref, layers=layers, **kw)
-        return store, list(store.layers)
-    except UserError as exc:
-        if not side:
-            raise
-        raise for_side(exc, side) from None

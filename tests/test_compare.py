@@ -318,6 +318,79 @@ def test_the_same_request_twice_reuses_the_store_without_extracting(checkpoints,
     assert again.path.stat().st_mtime_ns == stamp
 
 
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A registered MLP ("tiny_cmp": layers "0", "1", "2") and its default weights file:
+    extractions in milliseconds."""
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    build = registry.register_model("tiny_cmp", input_size=4, weights="tiny_cmp.pt")(
+        lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.Linear(5, 3)))
+    (tmp_path / "ckpt").mkdir()
+    torch.save(build(3).state_dict(), tmp_path / "ckpt" / "tiny_cmp.pt")
+    return build
+
+
+def _side(layers, n=8):
+    """``resolve_input`` of "tiny_cmp" as one side of a comparison: (store, selected layers)."""
+    from repsim.compare import resolve_input
+
+    return resolve_input("tiny_cmp", None, layers, None, False,
+                         dict(probe=ProbeSpec(n=n), progress=False))
+
+
+def test_a_layer_subset_of_a_model_extracts_only_those_layers(tiny):
+    # --layers-a blocks.3 extracted the model's whole default store first (for vit_imagenet
+    # about 8 GB), then picked the one layer from it.
+    store, layers = _side("1")
+    assert (store.how, store.layers, layers) == ("extracted", ["1"], ["1"])
+    assert [p.name for p in store.path.parent.glob("*.h5")] == [store.path.name]
+
+
+@pytest.mark.parametrize("request_", ["all", "default", ["all"]])
+def test_every_layer_of_a_model_is_its_default_store(tiny, request_):
+    store, layers = _side(request_)
+    assert store.layers == layers == ["0", "1", "2"]
+    assert store.path == resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False).path
+
+
+def test_a_layer_subset_reuses_a_default_store_that_holds_it(tiny, monkeypatch):
+    from repsim import models
+
+    full = resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    _side("1", n=9)  # a store of other images, not to be taken for it
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a store that holds the layers needs no model")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    store, layers = _side("2,0")
+    assert (store.path, store.how, layers) == (full.path, "reused", ["0", "2"])
+
+
+def test_a_layer_subset_keeps_its_store_when_a_default_store_appears(tiny):
+    # The second run read the default store made since, so its result (keyed on the store's
+    # identity) was computed again, and the comparison's numbers came from another file.
+    first, _ = _side("1")
+    resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    again, _ = _side("1")
+    assert (again.path, again.how) == (first.path, "reused")
+
+
+def test_a_layer_subset_does_not_reuse_the_store_of_other_weights(tiny):
+    old = resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    torch.manual_seed(1)
+    torch.save(tiny(3).state_dict(), os.path.join(os.environ["REPSIM_CHECKPOINTS"],
+                                                  "tiny_cmp.pt"))
+    store, _ = _side("1")
+    assert (store.how, store.layers) == ("extracted", ["1"]) and store.path != old.path
+
+
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
