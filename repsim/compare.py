@@ -6,7 +6,8 @@ makes it), checks that their rows are the same samples (:func:`repsim.store.chec
 computes CKA (``A == B``, same layers: one symmetric matrix) and writes, atomically, without
 timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of inputs>.json`` and its heatmap
 (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose ``cache_key``
-(inputs, labels, versions) matches, newer than both stores, is reused unless ``force``.
+(inputs, labels, versions, :data:`repsim.sketch.CONTENT_VERSION`) matches, newer than both
+stores, is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -414,7 +415,8 @@ def run_cka(cfg: CKAConfig) -> dict:
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
     # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
-    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
+    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions(),
+                  "content": sketch.CONTENT_VERSION})
     out_dir = Path(cfg.out).expanduser() if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"

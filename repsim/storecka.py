@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from repsim import __version__, sketch
+from repsim import sketch
 from repsim.errors import UserError, recorded, repeat
 from repsim.paths import atomic_write, cache_dir, digest
 from repsim.sketch import CKAResult
@@ -92,7 +92,8 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                   "kernel": cfg.kernel, "estimator": cfg.estimator,
                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/4"})
+                  "threshold": cfg.threshold, "content": sketch.CONTENT_VERSION,
+                  "format": "sketch/4"})
     return cache_dir("sketches", f"{key[:32]}.npz")
 
 

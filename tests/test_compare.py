@@ -932,3 +932,19 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, pair, monkey
     with pytest.raises(OSError):  # a folder under a file cannot be made: before the work too
         run_cka(dataclasses.replace(cfg, out=str(tmp_path / "notes.txt" / "sub")))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_fix_that_changes_what_cka_computes_invalidates_cached_results_and_sketches(
+        tmp_path, pair, monkeypatch):
+    # Both keys held repsim.__version__, which is never raised: after a fix to the engine or
+    # the statistics, a rerun reused the stale result and sketches.
+    from repsim import cka, sketch
+
+    pa, pb, fa, fb = pair
+    cfg = CKAConfig(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False)
+    run_cka(cfg)
+    monkeypatch.setattr(sketch, "CONTENT_VERSION", sketch.CONTENT_VERSION + 1)
+    made, real = [], cka.layer_sketch
+    monkeypatch.setattr(cka, "layer_sketch", lambda x, **kw: made.append(x) or real(x, **kw))
+    assert run_cka(cfg)["reused"] is False and len(made) == len(fa) + len(fb)
+    assert run_cka(cfg)["reused"] is True
