@@ -334,6 +334,10 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
                             f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
     check_weights_seeds(vars(cfg))
+    for k in ("weights_a", "weights_b"):
+        if isinstance(w := getattr(cfg, k), (list, tuple)):
+            raise UserError(f"{k}={w!r} is a list of seeds; compare them with "
+                            "repsim.seeds.run_cka_seeds (as repsim cka does), or give one file")
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")

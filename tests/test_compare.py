@@ -948,3 +948,13 @@ def test_a_fix_that_changes_what_cka_computes_invalidates_cached_results_and_ske
     monkeypatch.setattr(cka, "layer_sketch", lambda x, **kw: made.append(x) or real(x, **kw))
     assert run_cka(cfg)["reused"] is False and len(made) == len(fa) + len(fb)
     assert run_cka(cfg)["reused"] is True
+
+
+def test_a_list_of_weights_files_for_one_comparison_points_at_the_seeds():
+    # A list reached the extraction, whose Path(list) raised a TypeError.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=["s0.pt", "s1.pt"])
+    with pytest.raises(UserError, match=r"^weights_a=\['s0.pt', 's1.pt'\] is a list of seeds; "
+                                        r"compare them with repsim.seeds.run_cka_seeds"):
+        run_cka(cfg)
