@@ -334,6 +334,9 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
                             f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
     check_weights_seeds(vars(cfg))
+    for k in ("se", "plots", "force", "progress"):  # "False" would read as true
+        if not isinstance(v := getattr(cfg, k), (bool, np.bool_)):
+            raise UserError(f"{k}={v!r} is not a bool; valid: True or False")
     for k in ("weights_a", "weights_b"):
         if isinstance(w := getattr(cfg, k), (list, tuple)):
             raise UserError(f"{k}={w!r} is a list of seeds; compare them with "

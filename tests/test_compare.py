@@ -958,3 +958,14 @@ def test_a_list_of_weights_files_for_one_comparison_points_at_the_seeds():
     with pytest.raises(UserError, match=r"^weights_a=\['s0.pt', 's1.pt'\] is a list of seeds; "
                                         r"compare them with repsim.seeds.run_cka_seeds"):
         run_cka(cfg)
+
+
+@pytest.mark.parametrize("flag", ["se", "plots", "force"])
+def test_a_switch_that_is_no_bool_is_refused_not_read_by_its_truth(tmp_path, pair, flag):
+    # force="False" (from a config file's string) forced a re-extraction and recompute, and
+    # se="False" computed the standard errors: any non-empty string is true.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), **{flag: "False"})
+    with pytest.raises(UserError, match=rf"^{flag}='False' is not a bool; valid: True or False"):
+        run_cka(cfg)
