@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import importlib
 import json
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import NoReturn
 
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
+from repsim.cliargs import Formatter, Parser, Usage, id_list, number, positive_int, size
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
@@ -42,40 +41,10 @@ def opt(*flags: str, **kw) -> Callable[[argparse.ArgumentParser], argparse.Actio
     return lambda p: p.add_argument(*flags, **kw)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit status 1, like every other user error."""
-
-    def error(self, message: str):
-        if message.startswith("the following arguments are required"):
-            raise UserError(message)  # main looks for a mistyped option first
-        self.fail(message)
-
-    def fail(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
-
-    def unrecognized(self, extras: list[str]) -> NoReturn:
-        """Exit on arguments it does not know, naming each option's close matches."""
-        known = re.findall(r"(?<![\w-])--?([a-z][\w-]*)", self.format_usage())  # every option
-        hints = "; ".join(f"{flag}: did you mean {' or '.join('--' + c for c in close)}?"
-                          for flag in (t.split("=")[0] for t in extras if t.startswith("-"))
-                          if (close := difflib.get_close_matches(flag.lstrip("-"), known, 3, .6)))
-        self.fail(f"unrecognized arguments: {' '.join(extras)}{f' ({hints})' if hints else ''}")
-
-
-class _Formatter(argparse.HelpFormatter):
-    """Every option's help ends with its default, unless it states it itself."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
-            return text  # nargs 0: a flag, off unless given
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     """The ``repsim`` parser; ``lenient``: no option is required (:func:`main` looks for
     unknown options then: a mistyped required flag would otherwise read as a missing one)."""
-    parser = _Parser(prog="repsim", formatter_class=_Formatter,
+    parser = Parser(prog="repsim", formatter_class=Formatter,
                      description="Compare what neural networks learn, layer by layer, with CKA.")
     parser.add_argument("--version", action="version", version=f"repsim {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -84,7 +53,7 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
                         "registers your models with repsim.register_model (repeatable)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, options, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=Formatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks on errors")
         p.set_defaults(parser=p)  # where an unknown option is reported (see main)
@@ -96,40 +65,12 @@ def build_parser(lenient: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-def _number(kind: type, low: float, high: float = float("inf"), low_ok: bool = False):
-    """An argparse type: ``kind`` in (low, high] (or [low, high] with ``low_ok``)."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not ((low <= v) if low_ok else (low < v)) or v > high:
-            raise argparse.ArgumentTypeError(
-                f"must be {'>=' if low_ok else '>'} {low:g}"
-                + (f" and <= {high:g}" if high != float("inf") else "") + f", got {v}")
-        return v
-    return parse
-
-
-def _size(text: str) -> int:
-    """An argparse type: bytes, as a number with an optional binary unit (``2GiB``)."""
-    units = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-    m = re.fullmatch(r"\s*(\d*\.?\d+)\s*([a-z]*)\s*", text.lower())
-    if not m or m[2] not in units or (v := int(float(m[1]) * units[m[2]])) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; valid: a positive number of "
-                                         "bytes, KiB, MiB, GiB or TiB, e.g. 2GiB or 512MiB")
-    return v
-
-
-_positive_int = _number(int, 1, low_ok=True)
 _SHARED = {  # options several commands share
     "--dataset": dict(default=DEFAULT_DATASET, help="cifar10-probe (1,000 CIFAR-10 test "
                       "images bundled with repsim, offline), cifar10, cifar100, svhn or "
                       "imagefolder:PATH"),
     "--split": dict(default="test", choices=["train", "test"], help="split of the dataset"),
-    "--n": dict(type=_positive_int, help="number of images, drawn by --seed (default: all)"),
+    "--n": dict(type=positive_int, help="number of images, drawn by --seed (default: all)"),
     "--seed": dict(type=int, default=0, help="seed of the image subset"),
     "--weights-seed": dict(type=int, default=0, help="seed of random weights "
                            "(--weights random), e.g. to compare two random models"),
@@ -165,7 +106,7 @@ def _report(args: argparse.Namespace, result: dict, text: str) -> int:
              "and every block/stage)"),
          opt("--reduce", default="flatten", choices=["flatten", "mean", "cls", "prefix"],
              help="token/map reduction"),
-         opt("--batch-size", type=_positive_int, default=128, help="images per forward"),
+         opt("--batch-size", type=positive_int, default=128, help="images per forward"),
          opt("--dtype", default="float32", choices=["float32", "float16"],
              help="storage dtype (float16 halves the file)"),
          opt("--compression", choices=["gzip", "lzf"], help="HDF5 compression (default: none)"),
@@ -193,10 +134,10 @@ def cmd_extract(args) -> int:
          opt("--recipe", default="paper", help="paper (the study's: Adam 1e-4, batch 100, 500 "
              "epochs), strong, fast-resnet, fast-resnet-ls, fast-resnet-aa, fast-vit, "
              "fast-vit-aa, fast-vit-aug or tinyvit (README, 'Training and evaluation')"),
-         opt("--epochs", type=_positive_int, help="default: the recipe's"),
-         opt("--batch-size", type=_positive_int, help="default: the recipe's"),
-         opt("--lr", type=_number(float, 0), help="peak learning rate (default: the recipe's)"),
-         opt("--train-fraction", type=_number(float, 0, 1), default=1.0,
+         opt("--epochs", type=positive_int, help="default: the recipe's"),
+         opt("--batch-size", type=positive_int, help="default: the recipe's"),
+         opt("--lr", type=number(float, 0), help="peak learning rate (default: the recipe's)"),
+         opt("--train-fraction", type=number(float, 0, 1), default=1.0,
              help="seeded class-balanced fraction of the training set"),
          opt("--seed", type=int, default=0,
              help="seed of the training subset, data order, augmentation and dropout"),
@@ -209,9 +150,9 @@ def cmd_extract(args) -> int:
          opt("--restart", action="store_true", help="discard saved state and start over"),
          opt("--compile", action="store_true",
              help="torch.compile the training step (worth it for runs of minutes)"),
-         opt("--eval-every", type=_positive_int, default=1, metavar="K",
+         opt("--eval-every", type=positive_int, default=1, metavar="K",
              help="evaluate and save the resumable state every K epochs and at the end"),
-         opt("--time-limit", type=_number(float, 0), metavar="MINUTES",
+         opt("--time-limit", type=number(float, 0), metavar="MINUTES",
              help="stop cleanly after the last epoch that fits, leaving a resumable state and "
              "a checkpoint labelled with the epochs done (default: none)"),
          opt("--precision", default="auto", choices=["auto", "bf16", "fp32"],
@@ -234,7 +175,7 @@ def cmd_train(args) -> int:
 
 @command("eval", "Top-1 accuracy and loss of a model on a split (or --n of its images).",
          "--model", "--weights", *_PROBE,
-         opt("--batch-size", type=_positive_int, default=500, help="images per forward"),
+         opt("--batch-size", type=positive_int, default=500, help="images per forward"),
          *_RUN)
 def cmd_eval(args) -> int:
     from repsim.evaluation import EvalConfig, evaluate_model
@@ -245,29 +186,19 @@ def cmd_eval(args) -> int:
                    f"{res['n']} images ({res['seconds']:.1f} s)")
 
 
-def _id_list(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of sample ids") from None
-    if not ids or min(ids) < 0:
-        raise argparse.ArgumentTypeError(f"ids must be integers >= 0, got {text!r}")
-    return ids
-
-
 def _images(per_class: bool = False) -> tuple:
     """Options of `attention` and `featuremaps`: which images, from which data."""
 
     def which(p: argparse.ArgumentParser) -> None:
         group = p.add_mutually_exclusive_group()
-        group.add_argument("--images", type=_positive_int, default=None if per_class else 4,
+        group.add_argument("--images", type=positive_int, default=None if per_class else 4,
                            help="draw the first N images of the probe set (default: "
                            f"{'the first image of each class' if per_class else '4'})")
-        group.add_argument("--ids", type=_id_list, nargs="+", help="draw these sample ids "
+        group.add_argument("--ids", type=id_list, nargs="+", help="draw these sample ids "
                            "(index in the split's canonical order) (default: --images)")
 
     return (which, "--dataset", "--split",
-            opt("--probe", type=_positive_int, default=1000,
+            opt("--probe", type=positive_int, default=1000,
                 help="probe-set size: the images are drawn from it"),
             "--seed", "--weights-seed",
             opt("--out", help="output folder (default: $REPSIM_FIGURES/<command>, "
@@ -287,7 +218,7 @@ def _ids(args) -> list[int] | None:
          opt("--layers", help="blocks for the per-head maps: numbers (0,5), names (blocks.0), "
              "globs or 'blocks' (default: first, middle and last)"),
          *_images(),
-         opt("--batch-size", type=_positive_int, default=64,
+         opt("--batch-size", type=positive_int, default=64,
              help="batch size for the mean attention distance"),
          opt("--unit", default="image", choices=["image", "model", "fraction"],
              help="distance plot unit: pixels of the probe image, of the model input, or "
@@ -312,7 +243,7 @@ def cmd_attention(args) -> int:
          opt("--model", required=True, help="a CNN: resnet18_cifar, resnet18_imagenet, timm:<cnn>"),
          "--weights",
          opt("--stages", help="layer names, aliases or globs (default: layer1..layer4)"),
-         opt("--top", type=_positive_int, default=8,
+         opt("--top", type=positive_int, default=8,
              help="strongest channels shown per image and stage"),
          *_images(per_class=True))
 def cmd_featuremaps(args) -> int:
@@ -331,19 +262,19 @@ def cmd_featuremaps(args) -> int:
          opt("--b", required=True, metavar="B", help="the same for model B (rows: A's layers, "
              "columns: B's); --a X --b X is the self-similarity"),
          opt("--kernel", default="linear", choices=["linear", "rbf"], help="CKA kernel"),
-         opt("--threshold", type=_number(float, 0), default=1.0,
+         opt("--threshold", type=number(float, 0), default=1.0,
              help="RBF bandwidth as a multiple of the median distance"),
          opt("--estimator", default="minibatch", choices=["biased", "debiased", "minibatch"],
              help="CKA estimator (minibatch with n <= --batch-size is one batch: debiased "
              "CKA; biased reads high on wide layers)"),
-         opt("--batch-size", type=_positive_int, help="rows per batch for --estimator "
+         opt("--batch-size", type=positive_int, help="rows per batch for --estimator "
              "minibatch (default: 1024)"),
          opt("--batch-seed", type=int,
              help="seed of the minibatch estimator's random batches (default: 0)"),
-         opt("--permutations", type=_number(int, 0, low_ok=True), default=0, help="permutation "
+         opt("--permutations", type=number(int, 0, low_ok=True), default=0, help="permutation "
              "null per cell: p-value, null mean and 95th percentile (0: none; 999 is usual)"),
          opt("--permutation-seed", type=int, help="seed of the permutations (default: 0)"),
-         opt("--influence", type=_number(int, 0, low_ok=True), default=0, metavar="K",
+         opt("--influence", type=number(int, 0, low_ok=True), default=0, metavar="K",
              help="per cell, the K images whose removal moves it most (in the JSON)"),
          opt("--no-se", dest="se", action="store_false", help="skip the jackknife standard "
              "errors and participation ratios (they cost about one more pass)"),
@@ -363,7 +294,7 @@ def cmd_featuremaps(args) -> int:
          opt("--layers-b", help="the same for B (default: all)"),
          opt("--out", help="output folder (default: $REPSIM_CACHE/cka/<probe set>)"),
          opt("--force", action="store_true", help="re-extract and recompute even when cached"),
-         "--device", opt("--memory-budget", type=_size, metavar="SIZE", help="working memory "
+         "--device", opt("--memory-budget", type=size, metavar="SIZE", help="working memory "
              "of CKA, e.g. 2GiB or 512MiB (default: a quarter of the device's, 1 to 16 GiB)"),
          "--json")
 def cmd_cka(args) -> int:
@@ -399,7 +330,7 @@ def cmd_cka(args) -> int:
              "each spec's)"),
          opt("--split", choices=["train", "test"],
              help="override the probe split (default: each spec's)"),
-         opt("--n", type=_positive_int,
+         opt("--n", type=positive_int,
              help="override the number of probe images (default: each spec's)"),
          opt("--seed", type=int, help="override the probe subset seed (default: each spec's)"),
          "--data-root", "--device",
@@ -459,6 +390,18 @@ def _import_user_modules(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``repsim ARGV``: its exit status (a usage error raises SystemExit(1))."""
+    try:
+        try:
+            return _main(sys.argv[1:] if argv is None else list(argv))
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:  # stdout's reader stopped reading (`repsim ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+        return 141  # 128 + SIGPIPE: the status of a command that a closed pipe stops
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)
@@ -470,31 +413,50 @@ def main(argv: list[str] | None = None) -> int:
         getattr(args, "parser", parser).unrecognized(unknown)
     if args.command is None:
         parser.print_help()
+    return args
+
+
+def _asks_json(argv: list[str]) -> bool:
+    """Whether ``argv`` gives --json (or a prefix argparse takes for it, --js): read from the
+    words, as a usage error leaves no parsed arguments."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    return any(len(w) > 2 and "--json".startswith(w) for w in words)
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        args = _parse(argv)
+    except Usage as exc:
+        raise SystemExit(_fail(exc.prog, _asks_json(argv), str(exc))) from None
+    if args.command is None:
         return 0
     reuse_freed_memory()
+    fail = partial(_fail, f"repsim {args.command}", getattr(args, "json", False))
     with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
         if not args.debug:  # --debug: where each warning comes from
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
             _import_user_modules(args.imports)
             return COMMANDS[args.command][2](args)
+        except BrokenPipeError:  # an OSError, but no failure of the command (see main)
+            raise
         except (UserError, ValueError, OSError, KeyError) as exc:  # OSError: a full disk
             if args.debug:
                 raise
-            return _fail(args, one_line(exc))
+            return fail(one_line(exc))
         except RuntimeError as exc:  # torch's out-of-memory (only if torch was imported)
             torch = sys.modules.get("torch")
             if args.debug or torch is None or not isinstance(exc, torch.OutOfMemoryError):
                 raise
-            return _fail(args, f"out of device memory ({one_line(exc)}); fix: fewer images "
-                         "per batch (--batch-size; cka: --memory-budget)")
+            return fail(f"out of device memory ({one_line(exc)}); fix: fewer images "
+                        "per batch (--batch-size; cka: --memory-budget)")
         except KeyboardInterrupt:
-            return _fail(args, "interrupted", 130)
+            return fail("interrupted", 130)
 
 
-def _fail(args: argparse.Namespace, why: str, code: int = 1) -> int:
+def _fail(prog: str, as_json: bool, why: str, code: int = 1) -> int:
     """``why`` a command failed: one line on stderr and, with --json, the one object on stdout."""
-    if getattr(args, "json", False):  # scripts parse stdout, failed or not
+    if as_json:  # scripts parse stdout, failed or not
         print(json.dumps({"error": why}))
-    print(f"repsim {args.command}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
+    print(f"{prog}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
     return code

@@ -6,7 +6,8 @@ makes it), checks that their rows are the same samples (:func:`repsim.store.chec
 computes CKA (``A == B``, same layers: one symmetric matrix) and writes, atomically, without
 timestamps, ``<out>/<a>__<b>__<kernel>-<estimator>-<digest of inputs>.json`` and its heatmap
 (``.png``, ``.pdf``): a layer subset never overwrites the full result. A result whose ``cache_key``
-(inputs, labels, versions) matches, newer than both stores, is reused unless ``force``.
+(inputs, labels, versions, :data:`repsim.sketch.CONTENT_VERSION`) matches, newer than both
+stores, is reused unless ``force``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import numpy as np
 from repsim import __version__, sketch
 from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError, is_whole, recorded, repeat
-from repsim.paths import atomic_write, cache_dir, digest, ids_digest, slug, weights_tag, write_json
-from repsim.sketch import CKAResult
+from repsim.paths import cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.store import check_aligned
+from repsim.storecka import cka_of_stores
 from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka/1"
@@ -177,12 +178,10 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
     check_ref(ref, weights)
     if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
-    from repsim.extraction import ExtractConfig, extract
+    from repsim.extraction import extract
 
-    cfg = ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
-                        overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
     try:
-        res = extract(cfg)
+        res = extract(_extraction(ref, weights, weights_seed, layers, probe, force, progress))
     except UserError:
         from repsim.models import weights_problem  # torch: only when extraction failed
 
@@ -191,23 +190,94 @@ def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0
         raise
     if not res["reused"] and log is not None:
         log(f"extracted {ref} ({res['n']} images) into {res['path']}")
+    return _model_store(ref, res, weights, weights_seed, label)
+
+
+def _extraction(ref: str, weights: str | None, weights_seed: int, layers: str | None,
+                probe: ProbeSpec | None, force: bool, progress: bool):
+    """The :class:`repsim.extraction.ExtractConfig` of model ``ref``'s store."""
+    from repsim.extraction import ExtractConfig
+
+    return ExtractConfig(model=ref, weights=weights, weights_seed=weights_seed, layers=layers,
+                         overwrite=force, progress=progress, **asdict(probe or ProbeSpec()))
+
+
+def _model_store(ref: str, res: dict, weights: str | None, weights_seed: int,
+                 label: str | None) -> StoreRef:
+    """The store of :func:`repsim.extraction.extract`'s summary ``res`` for model ``ref``."""
     tag = weights_tag(weights, weights_seed)
     return _open_store(Path(res["path"]), "reused" if res["reused"] else "extracted",
                        label or (f"{ref} ({tag})" if tag else ref),
                        slug(f"{ref}-{tag}" if tag else ref))
 
 
+def _cached_store_holding(ref: str, layers: str | list[str], *, weights: str | None = None,
+                          weights_seed: int = 0, probe: ProbeSpec | None = None,
+                          label: str | None = None, progress: bool = True,
+                          **_) -> tuple[StoreRef, list[str]] | None:
+    """A complete store of model ``ref`` in the cache that holds ``layers``, and those layers:
+    the store of this request if there is one (a rerun reads what it read before), else the
+    model's default store when it holds them; None otherwise. Found by
+    :func:`repsim.extraction.find_store`, which never runs the model. ``_``:
+    :func:`resolve_store`'s arguments that choose no store."""
+    from repsim.extraction import find_store
+
+    for request in (layers, None):
+        found = find_store(_extraction(ref, weights, weights_seed, request, probe, False,
+                                       progress))
+        if found is not None:
+            store = _model_store(ref, found, weights, weights_seed, label)
+            if request is not None:  # a store of exactly these (keywords resolved)
+                return store, list(store.layers)
+            try:
+                return store, _select(store.layers, layers, store.path)
+            except UserError:  # the default store lacks some of them
+                return None
+    return None
+
+
 def select_layers(store: StoreRef, request: str | None) -> list[str]:
     """Store layers matching ``request`` (names, globs, or ``default``/``all`` for every
     layer), in store order, by the rule every command uses (:func:`repsim.layers.match_layers`)."""
+    return list(store.layers) if request is None else _select(store.layers, request, store.path)
+
+
+def _select(names: list[str], request: str, path: Path) -> list[str]:
+    """:func:`select_layers` of the layers ``names`` of the store at ``path``."""
     from repsim.layers import match_layers
 
-    if request is None:
-        return list(store.layers)
-    every = dict.fromkeys(("default", "all"), store.layers)
-    return match_layers(store.layers, request, every, lambda part: UserError(
-        f"layers={part!r} matches nothing in {store.path} (layers: {', '.join(store.layers)}); "
+    every = dict.fromkeys(("default", "all"), names)
+    return match_layers(names, request, every, lambda part: UserError(
+        f"layers={part!r} matches nothing in {path} (layers: {', '.join(names)}); "
         "pick from those"))
+
+
+def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
+                  force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
+    """The store for one side and its selected layers. For a model name with ``layers``: the
+    cached store of this request, else its default store when the cache holds it, else a
+    store of exactly those layers, extracted (never the whole default store, 8 GB for
+    vit_imagenet, to pick a few layers from: :func:`_cached_store_holding`). ``common``:
+    the other arguments of :func:`resolve_store`; errors name the parameters of ``side``
+    (:func:`for_side`)."""
+    from repsim.layers import canonical_request
+
+    kw = dict(weights=weights, label=label, force=force, **common)
+    try:
+        if layers is not None and not looks_like_store(ref):  # "all" layers of a store is,
+            layers = ["default" if p == "all" else p for p in canonical_request(layers)]
+            layers = None if layers == ["default"] else layers  # for a model, its default
+        if looks_like_store(ref) or layers is None:
+            store = resolve_store(ref, **kw)
+            return store, select_layers(store, layers)
+        if not force and (found := _cached_store_holding(ref, layers, **kw)) is not None:
+            return found
+        store = resolve_store(ref, layers=layers, **kw)
+        return store, list(store.layers)
+    except UserError as exc:
+        if not side:
+            raise
+        raise for_side(exc, side) from None
 
 
 # --------------------------------------------------------------------------- results
@@ -264,6 +334,13 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
             raise UserError(f"{k}={getattr(cfg, k)} applies to estimator='minibatch' only, "
                             f"not {cfg.estimator!r}; drop it or use the minibatch estimator")
     check_weights_seeds(vars(cfg))
+    for k in ("se", "plots", "force", "progress"):  # "False" would read as true
+        if not isinstance(v := getattr(cfg, k), (bool, np.bool_)):
+            raise UserError(f"{k}={v!r} is not a bool; valid: True or False")
+    for k in ("weights_a", "weights_b"):
+        if isinstance(w := getattr(cfg, k), (list, tuple)):
+            raise UserError(f"{k}={w!r} is a list of seeds; compare them with "
+                            "repsim.seeds.run_cka_seeds (as repsim cka does), or give one file")
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")
@@ -345,7 +422,8 @@ def run_cka(cfg: CKAConfig) -> dict:
 
     inputs = _inputs(sa, sb, layers_a, layers_b, cfg)
     # The labels are not inputs of the matrix (nor of the file name), but the file holds them.
-    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions()})
+    key = digest({**inputs, "labels": [sa.label, sb.label], "versions": versions(),
+                  "content": sketch.CONTENT_VERSION})
     out_dir = Path(cfg.out).expanduser() if cfg.out else default_out_dir(sa)
     stem = f"{sa.slug}__{sb.slug}__{cfg.kernel}-{cfg.estimator}-{digest(inputs)[:10]}"
     jpath = out_dir / f"{stem}.json"
@@ -365,136 +443,3 @@ def run_cka(cfg: CKAConfig) -> dict:
     _warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}
-
-
-def resolve_input(ref: str, weights: str | None, layers: str | None, label: str | None,
-                  force: bool, common: dict, side: str = "") -> tuple[StoreRef, list[str]]:
-    """The store for one side and its selected layers: for a model name, the default store
-    when it holds them, else a store of exactly those. ``common``: the other arguments of
-    :func:`resolve_store`; errors name the parameters of ``side`` (:func:`for_side`)."""
-    kw = dict(weights=weights, label=label, force=force, **common)
-    try:
-        store = resolve_store(ref, **kw)
-        try:
-            return store, select_layers(store, layers)
-        except UserError:
-            if looks_like_store(ref) or layers is None:
-                raise
-        store = resolve_store(ref, layers=layers, **kw)
-        return store, list(store.layers)
-    except UserError as exc:
-        if not side:
-            raise
-        raise for_side(exc, side) from None
-
-
-# --------------------------------------------------------------------------- the engine on stores
-
-# A layer's sketch is cached up to this size (4 MB debiased at n = 1,000).
-SKETCH_MAX_BYTES = 256 << 20
-
-
-def cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
-                  layers_b: list[str], cfg: CKAConfig) -> CKAResult:
-    """CKA between layers of two aligned stores (what ``repsim cka`` computes), with how far
-    to trust it (:func:`repsim.stats.calibrate_result`) when ``cfg`` asks for it."""
-    res = _cka_of_stores(store_a, store_b, layers_a, layers_b, cfg)
-    if not (cfg.se or cfg.permutations or cfg.influence):  # each needs the calibration
-        return res
-    from repsim import stats
-    from repsim.models import resolve_device
-    from repsim.store import Store
-
-    with Store(store_a.path) as ra, Store(store_b.path) as rb:
-        return stats.calibrate_result(
-            res, [ra[x] for x in layers_a], [rb[x] for x in layers_b],
-            permutations=cfg.permutations, seed=cfg.permutation_seed, influence=cfg.influence,
-            ids=ra.ids, device=resolve_device(cfg.device), memory_budget=cfg.memory_budget)
-
-
-def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
-                   layers_b: list[str], cfg: CKAConfig) -> CKAResult:
-    """The matrix alone: from each layer's sketch when sketches are small
-    (``SKETCH_MAX_BYTES``; cached), else streamed through :func:`repsim.cka.compare`."""
-    n = store_a.n
-    same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
-    sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
-    small = 0 < 8 * sketch.sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
-    if small and not cfg.force and all(_sketch_path(s, x, cfg).is_file()
-                                       for s, names in sides for x in names):
-        got = [_sketches(s, names, cfg) for s, names in sides]
-    else:
-        from repsim import cka
-        from repsim.models import resolve_device
-        from repsim.store import Store
-
-        dev = resolve_device(cfg.device)
-        budget = cfg.memory_budget or cka.default_memory_budget(dev)
-        with Store(store_a.path) as ra, Store(store_b.path) as rb:
-            readers = [ra, rb][:len(sides)]
-            width = max(r[x].shape[1] for r, (_, names) in zip(readers, sides) for x in names)
-            # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
-            if not (small and 8 * min(cfg.batch_size or n, n) * width <= budget // 2):
-                fa = ra.features(layers_a)
-                return cka.compare(
-                    fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
-                    estimator=cfg.estimator, threshold=cfg.threshold,
-                    batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
-                    memory_budget=cfg.memory_budget, progress=cfg.progress)
-            got = [_sketches(s, names, cfg, r, dev) for r, (s, names) in zip(readers, sides)]
-    res = sketch.new_result(layers_a, layers_b, cfg.kernel, cfg.estimator, n, cfg.threshold,
-                            cfg.batch_size, cfg.batch_seed)
-    (ska, meds_a), (skb, meds_b) = got[0], got[-1]
-    if cfg.kernel == "rbf":
-        res.bandwidths_a, res.bandwidths_b = meds_a, meds_b
-    m = sketch.cka_from_sketches(ska, skb)
-    res.matrix = (m + m.T) / 2 if same else m
-    if cfg.estimator == "biased":  # free from its sketches (repsim.stats computes it too)
-        res.pr_a, res.pr_b = (sketch.participation_ratios(x, n) for x in (ska, skb))
-        res.biased_null_mean = np.sqrt(np.outer(res.pr_a, res.pr_b)) / (n - 1)
-    for (_, names), (sks, meds) in zip(sides, got):
-        sketch.warn_dead(names, sks, meds if cfg.kernel == "rbf" else None, stacklevel=3)
-    return res
-
-
-def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
-    """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
-    st = store.path.stat()
-    key = digest({"store": store.identity_sha256, "path": str(store.path.resolve()),
-                  "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
-                  "kernel": cfg.kernel, "estimator": cfg.estimator,
-                  "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "version": __version__, "format": "sketch/4"})
-    return cache_dir("sketches", f"{key[:32]}.npz")
-
-
-def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
-              device=None) -> tuple[list[np.ndarray], list[float]]:
-    """Each layer's sketch and median squared distance (0 for the linear kernel): cached, or
-    computed from ``reader`` (the open store) and cached atomically."""
-    sketches, medians = [], []
-    for layer in layers:
-        path = _sketch_path(store, layer, cfg)
-        if path.is_file() and not cfg.force:  # force: recompute what is cached, sketches too
-            with np.load(path) as z:
-                sk, med, said = z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
-            repeat(said)
-        else:
-            from repsim import cka
-
-            rbf = cfg.kernel == "rbf"
-            rows = sketch.bandwidth_rows(store.n, cfg.estimator)
-            med = cka.rbf_bandwidths([reader[layer]], rows, device)[0] if rbf else 0.0
-            try:
-                sk, said = recorded(
-                    cka.layer_sketch, reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
-                    threshold=cfg.threshold, batch_size=cfg.batch_size,
-                    batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None, device=device)
-                sk = sk.cpu().numpy()
-            except ValueError as e:  # non-finite activations: name the store and layer
-                raise UserError(f"{store.path} layer {layer!r}: {e}") from None
-            atomic_write(path, lambda tmp, sk=sk, med=med, said=said: np.savez(
-                tmp, sketch=sk, median_sqdist=np.float64(med), warnings=np.array(said, str)))
-        sketches.append(sk)
-        medians.append(med)
-    return sketches, medians

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,18 +31,28 @@ from repsim.weights import check_weights_seeds
 FORMAT = "repsim-cka-seeds/1"
 
 
-def seed_list(weights: str | None) -> list[str | None]:
-    """``"a.pt,b.pt"`` -> ``["a.pt", "b.pt"]``; one file (its path may hold a comma, as
-    'lr=0.1,wd=0.05/best.pt' does) or None stays a single entry."""
-    if weights is None or os.path.isfile(os.path.expanduser(weights)):
-        return [weights]
+def seed_list(weights: str | os.PathLike | Sequence | None) -> list[str | None]:
+    """``"a.pt,b.pt"`` or ``["a.pt", Path("b.pt")]`` -> ``["a.pt", "b.pt"]``; one file (its path
+    may hold a comma, as 'lr=0.1,wd=0.05/best.pt' does) or None stays a single entry."""
+    if weights is None:
+        return [None]
+    if isinstance(weights, (list, tuple)):  # several files, as Python spells them
+        if bad := [w for w in weights if not isinstance(w, (str, os.PathLike))]:
+            raise UserError(f"{weights!r}: {bad[0]!r} is no weights file; valid: paths of "
+                            "weights files, or 'random'")
+        return [os.fspath(w) for w in weights]
+    if isinstance(weights, os.PathLike) or os.path.isfile(os.path.expanduser(weights)):
+        return [os.fspath(weights)]
     return [w.strip() for w in weights.split(",") if w.strip()]
 
 
 def _side_seeds(weights: str | None, side: str) -> list[str | None]:
     """:func:`seed_list` of ``weights_<side>``; UserError for no file or one file twice (the
     pair of a file with itself would enter the seed ceiling as a CKA of exactly 1)."""
-    seeds = seed_list(weights)
+    try:
+        seeds = seed_list(weights)
+    except UserError as exc:
+        raise UserError(f"weights_{side}={exc}") from None
     if not seeds:
         raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
                         f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
@@ -53,8 +64,11 @@ def _side_seeds(weights: str | None, side: str) -> list[str | None]:
 
 
 def has_seeds(cfg: CKAConfig) -> bool:
-    """Whether either side names several weights files."""
-    return max(len(seed_list(cfg.weights_a)), len(seed_list(cfg.weights_b))) > 1
+    """Whether either side names several weights files, or a list of them (of one too)."""
+    sides = (cfg.weights_a, cfg.weights_b)
+    if any(isinstance(w, (list, tuple)) for w in sides):
+        return True
+    return any(len(seed_list(w)) > 1 for w in sides)
 
 
 def _pair(cfg: CKAConfig, x: str | None, y: str | None, seed_x: int, seed_y: int,

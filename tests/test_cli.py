@@ -346,3 +346,41 @@ def test_json_output_is_strict_json_with_non_finite_numbers_as_null(monkeypatch,
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=pytest.fail) == {**res, "loss": None,
                                                            "curve": [1.0, None]}
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["cka", "--a", "x", "--json"], "the following arguments are required: --b"),
+    (["cka", "--a", "x", "--b", "y", "--json", "--bogus"], "unrecognized arguments: --bogus"),
+    (["cka", "--a", "x", "--b", "y", "--n", "0", "--json"], "argument --n: must be >= 1, got 0")])
+def test_a_usage_error_under_json_is_one_json_object_on_stdout_too(argv, why, capsys):
+    # Every other failure printed {"error": ...} under --json; usage errors printed nothing
+    # on stdout, so a script's json.loads(stdout) failed on '' instead of reading the error.
+    from repsim.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 1
+    assert json.loads(out) == {"error": f"{why}; see 'repsim cka --help'"}
+    assert err == f"repsim cka: error: {why}; see 'repsim cka --help'\n"
+
+
+_CLOSED_STDOUT = """
+import os, sys
+import repsim.compare
+from repsim.cli import main
+repsim.compare.run_cka = lambda cfg: {"result": {"matrix": [[0.5] * int(sys.argv[1])]},
+                                      "files": [], "reused": True, "stores": {}, "seconds": 0}
+r, w = os.pipe()
+os.close(r)  # the reader is gone, as after `repsim cka ... --json | head -c 10`
+os.dup2(w, 1)
+raise SystemExit(main(["cka", "--a", "a.h5", "--b", "b.h5", "--json"]))
+"""
+
+
+@pytest.mark.parametrize("width", [1, 4000])  # flushed at exit, or written at once
+def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly(width):
+    # `repsim cka ... --json | head -c 10` ended in two BrokenPipeError tracebacks (the
+    # second from printing {"error": ...} to the same closed pipe).
+    done = _run("-c", _CLOSED_STDOUT, str(width))
+    assert (done.returncode, done.stderr) == (141, "")

@@ -318,6 +318,79 @@ def test_the_same_request_twice_reuses_the_store_without_extracting(checkpoints,
     assert again.path.stat().st_mtime_ns == stamp
 
 
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A registered MLP ("tiny_cmp": layers "0", "1", "2") and its default weights file:
+    extractions in milliseconds."""
+    from torch import nn
+
+    from repsim import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    build = registry.register_model("tiny_cmp", input_size=4, weights="tiny_cmp.pt")(
+        lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(48, 5), nn.Linear(5, 3)))
+    (tmp_path / "ckpt").mkdir()
+    torch.save(build(3).state_dict(), tmp_path / "ckpt" / "tiny_cmp.pt")
+    return build
+
+
+def _side(layers, n=8):
+    """``resolve_input`` of "tiny_cmp" as one side of a comparison: (store, selected layers)."""
+    from repsim.compare import resolve_input
+
+    return resolve_input("tiny_cmp", None, layers, None, False,
+                         dict(probe=ProbeSpec(n=n), progress=False))
+
+
+def test_a_layer_subset_of_a_model_extracts_only_those_layers(tiny):
+    # --layers-a blocks.3 extracted the model's whole default store first (for vit_imagenet
+    # about 8 GB), then picked the one layer from it.
+    store, layers = _side("1")
+    assert (store.how, store.layers, layers) == ("extracted", ["1"], ["1"])
+    assert [p.name for p in store.path.parent.glob("*.h5")] == [store.path.name]
+
+
+@pytest.mark.parametrize("request_", ["all", "default", ["all"]])
+def test_every_layer_of_a_model_is_its_default_store(tiny, request_):
+    store, layers = _side(request_)
+    assert store.layers == layers == ["0", "1", "2"]
+    assert store.path == resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False).path
+
+
+def test_a_layer_subset_reuses_a_default_store_that_holds_it(tiny, monkeypatch):
+    from repsim import models
+
+    full = resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    _side("1", n=9)  # a store of other images, not to be taken for it
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a store that holds the layers needs no model")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    store, layers = _side("2,0")
+    assert (store.path, store.how, layers) == (full.path, "reused", ["0", "2"])
+
+
+def test_a_layer_subset_keeps_its_store_when_a_default_store_appears(tiny):
+    # The second run read the default store made since, so its result (keyed on the store's
+    # identity) was computed again, and the comparison's numbers came from another file.
+    first, _ = _side("1")
+    resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    again, _ = _side("1")
+    assert (again.path, again.how) == (first.path, "reused")
+
+
+def test_a_layer_subset_does_not_reuse_the_store_of_other_weights(tiny):
+    old = resolve_store("tiny_cmp", probe=ProbeSpec(n=8), progress=False)
+    torch.manual_seed(1)
+    torch.save(tiny(3).state_dict(), os.path.join(os.environ["REPSIM_CHECKPOINTS"],
+                                                  "tiny_cmp.pt"))
+    store, _ = _side("1")
+    assert (store.how, store.layers) == ("extracted", ["1"]) and store.path != old.path
+
+
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
@@ -547,9 +620,9 @@ def test_the_biased_estimator_warns_without_the_standard_errors_too(tmp_path, ca
 
 def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_unchecked(
         tmp_path, capsys, monkeypatch):
-    from repsim import compare
+    from repsim import storecka
 
-    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)  # too big for sketches: streamed
     wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     _, err = run_json(capsys, "--a", a, "--b", b, "--estimator", "biased", "--no-se")
@@ -557,9 +630,9 @@ def test_the_streamed_biased_estimator_without_se_says_its_null_level_is_uncheck
 
 
 def test_the_streamed_biased_estimator_without_se_or_log_runs(tmp_path, monkeypatch):
-    from repsim import compare
+    from repsim import compare, storecka
 
-    monkeypatch.setattr(compare, "SKETCH_MAX_BYTES", 0)  # streamed: no null level to read
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)  # streamed: no null level to read
     wide = {"x": np.random.default_rng(0).standard_normal((24, 240))}
     a, b = make_store(tmp_path / "a.h5", wide), make_store(tmp_path / "b.h5", wide)
     res = compare.run_cka(compare.CKAConfig(a=str(a), b=str(b), estimator="biased", se=False,
@@ -859,3 +932,40 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, pair, monkey
     with pytest.raises(OSError):  # a folder under a file cannot be made: before the work too
         run_cka(dataclasses.replace(cfg, out=str(tmp_path / "notes.txt" / "sub")))
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_fix_that_changes_what_cka_computes_invalidates_cached_results_and_sketches(
+        tmp_path, pair, monkeypatch):
+    # Both keys held repsim.__version__, which is never raised: after a fix to the engine or
+    # the statistics, a rerun reused the stale result and sketches.
+    from repsim import cka, sketch
+
+    pa, pb, fa, fb = pair
+    cfg = CKAConfig(a=str(pa), b=str(pb), out=str(tmp_path / "o"), plots=False, progress=False)
+    run_cka(cfg)
+    monkeypatch.setattr(sketch, "CONTENT_VERSION", sketch.CONTENT_VERSION + 1)
+    made, real = [], cka.layer_sketch
+    monkeypatch.setattr(cka, "layer_sketch", lambda x, **kw: made.append(x) or real(x, **kw))
+    assert run_cka(cfg)["reused"] is False and len(made) == len(fa) + len(fb)
+    assert run_cka(cfg)["reused"] is True
+
+
+def test_a_list_of_weights_files_for_one_comparison_points_at_the_seeds():
+    # A list reached the extraction, whose Path(list) raised a TypeError.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=["s0.pt", "s1.pt"])
+    with pytest.raises(UserError, match=r"^weights_a=\['s0.pt', 's1.pt'\] is a list of seeds; "
+                                        r"compare them with repsim.seeds.run_cka_seeds"):
+        run_cka(cfg)
+
+
+@pytest.mark.parametrize("flag", ["se", "plots", "force"])
+def test_a_switch_that_is_no_bool_is_refused_not_read_by_its_truth(tmp_path, pair, flag):
+    # force="False" (from a config file's string) forced a re-extraction and recompute, and
+    # se="False" computed the standard errors: any non-empty string is true.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), **{flag: "False"})
+    with pytest.raises(UserError, match=rf"^{flag}='False' is not a bool; valid: True or False"):
+        run_cka(cfg)

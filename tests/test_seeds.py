@@ -138,3 +138,32 @@ def test_one_weights_file_with_a_comma_in_its_path_is_one_file_not_seeds(tmp_pat
     path.write_bytes(b"")
     assert seed_list(str(path)) == [str(path)]
     assert not has_seeds(CKAConfig(a="vit_cifar", b="vit_cifar", weights_a=str(path)))
+
+
+def test_seeds_given_as_a_python_list_of_paths_are_seeds(monkeypatch, tmp_path):
+    # weights_a=["s0.pt", "s1.pt"] (a list, as Python spells several files) raised a TypeError
+    # in os.path.expanduser; a Path for the other side gave "PosixPath is not JSON
+    # serializable" when the aggregate was written.
+    from repsim import seeds
+
+    calls = []
+    monkeypatch.setattr(seeds, "run_cka", fake_run_cka(calls))
+    cfg = CKAConfig(a="resnet18_cifar", b="vit_cifar", weights_a=["s0.pt", Path("s1.pt")],
+                    weights_b=Path("t0.pt"), plots=False, out=str(tmp_path))
+    assert seeds.has_seeds(cfg)
+    res = run_cka_seeds(cfg)["result"]
+    assert (res["seeds_a"], res["seeds_b"]) == (["s0.pt", "s1.pt"], ["t0.pt"])
+    assert [(c.weights_a, c.weights_b) for c in calls] == [("s0.pt", "t0.pt"), ("s1.pt", "t0.pt"),
+                                                           ("s0.pt", "s1.pt")]
+
+
+def test_a_list_of_one_weights_file_is_seeds_too():
+    from repsim import seeds
+
+    assert seeds.has_seeds(CKAConfig(a="vit_cifar", b="vit_cifar", weights_b=["t0.pt"]))
+
+
+def test_a_seed_list_of_what_is_no_path_is_a_user_error():
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=["a.pt", 3])
+    with pytest.raises(UserError, match=r"weights_a=\['a.pt', 3\]: 3 is no weights file"):
+        run_cka_seeds(cfg)
