@@ -467,3 +467,72 @@ def test_a_bug_in_one_kind_fails_that_figure_and_builds_the_others(tmp_path, mon
     (failed,) = out["failed"]
     assert failed["name"] == "a_bug" and failed["reason"].startswith("KeyError: 'missing'")
     assert "Traceback" in failed["traceback"]
+
+
+def _stale_folder(tmp_path, monkeypatch, listed: bytes, here: bytes) -> Path:
+    """A checkpoint folder whose manifest lists ``vit_cifar.pt`` by the sha256 of ``listed``
+    while the file holds ``here`` (a run killed between the two writes, or a hand copy)."""
+    import hashlib
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "vit_cifar.pt").write_bytes(here)
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "vit_cifar", "file": "vit_cifar.pt", "model": "vit_cifar",
+         "dataset": "cifar10", "train_fraction": 1.0, "epochs": 59, "epochs_planned": 70,
+         "test_accuracy": 77.5, "sha256": hashlib.sha256(listed).hexdigest()}]}))
+    write(tmp_path / "a", "acc", 'kind = "accuracy_table"\n[[rows]]\ndataset = "cifar10"\n'
+          'model = "vit_cifar"\nstudy = 81.36\n')
+    return ck
+
+
+def test_an_accuracy_row_whose_entry_lists_other_bytes_than_its_file_is_marked(
+        tmp_path, monkeypatch):
+    """A manifest entry of another version of the checkpoint file (a run killed between
+    writing the two) put that version's accuracy in the table as the file's, unsaid."""
+    _stale_folder(tmp_path, monkeypatch, b"the old run", b"the new run")
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["acc"], res
+    (row,) = json.loads((tmp_path / "f" / "acc.json").read_text())["data"]["rows"]
+    assert "lists vit_cifar.pt with sha256" in row["note"], row
+    md = (tmp_path / "f" / "acc.md").read_text()
+    assert "| note |" in md and "another version of the file" in md
+
+
+def test_an_accuracy_table_that_agrees_with_its_files_has_no_note(tmp_path, monkeypatch):
+    _stale_folder(tmp_path, monkeypatch, b"the run", b"the run")
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    (row,) = json.loads((tmp_path / "f" / "acc.json").read_text())["data"]["rows"]
+    assert "note" not in row and "note" not in (tmp_path / "f" / "acc.md").read_text()
+    assert row["ours (%)"] == 77.5
+
+
+def test_a_checkpoint_replaced_under_its_entry_rebuilds_the_cached_table(tmp_path,
+                                                                         monkeypatch):
+    """The table's key held the manifest alone: a checkpoint file replaced by hand under its
+    entry left the cached table vouching for the entry's accuracy as the file's."""
+    ck = _stale_folder(tmp_path, monkeypatch, b"the run", b"the run")
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    assert [e["name"] for e in run()["cached"]] == ["acc"]
+    (ck / "vit_cifar.pt").write_bytes(b"another run")
+    assert [e["name"] for e in run()["built"]] == ["acc"]
+    (row,) = json.loads((tmp_path / "f" / "acc.json").read_text())["data"]["rows"]
+    assert "another version of the file" in row["note"]
+
+
+def test_a_fraction_checkpoint_whose_entry_lists_other_bytes_has_no_accuracy(tmp_path,
+                                                                            monkeypatch):
+    """data_scale's fraction checkpoints took their entry's accuracy whatever file it was of."""
+    ck = _stale_folder(tmp_path, monkeypatch, b"the run", b"the run")
+    data = json.loads((ck / "manifest.json").read_text())
+    data["checkpoints"].append({**data["checkpoints"][0], "name": "vit_cifar_frac0.5",
+                                "file": "vit_cifar_frac0.5.pt", "train_fraction": 0.5})
+    (ck / "manifest.json").write_text(json.dumps(data))
+    (ck / "vit_cifar_frac0.5.pt").write_bytes(b"a newer fraction run")
+    ctx = FigureContext(tmp_path / "f", progress=False)
+    (cp,) = ctx.checkpoints("vit_cifar", "vit_cifar_frac*")
+    assert cp["train_fraction"] == 0.5 and cp["entry"] is None, cp
+    assert "another version of the file" in cp["stale"]
+

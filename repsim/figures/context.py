@@ -273,11 +273,17 @@ class FigureContext:
     def fingerprint(self, desc: dict) -> Any:
         """What decides the input ``desc``, by content: each model's weights (sha256 of the
         file, 'random', or the registry's pretrained source), the probe images' sha256, the
-        manifest's sha256. Cheap: nothing is extracted or computed."""
+        manifest's sha256 (and its entries of other bytes than their files here, if any).
+        Cheap: nothing is extracted or computed."""
         kind = desc["type"]
         if kind == "manifest":
             path = self.manifest_path
-            return self._sha256(path) if path.is_file() else None
+            if not path.is_file():
+                return None
+            # Its entries' numbers are of their files' bytes: an entry of another version of
+            # its file here changes the key (and the print, only then: agreeing keys hold).
+            stale = self._stale_entries()
+            return {"sha256": self._sha256(path), "stale": stale} if stale else self._sha256(path)
         if kind == "checkpoints":
             return {"manifest": self.fingerprint({"type": "manifest"}),
                     "files": [(c["name"], c["train_fraction"],
@@ -314,6 +320,32 @@ class FigureContext:
             check_weights(ref)  # with its reason, when there is one
             raise InputUnavailable(f"weights file {path} does not exist")
         return self._sha256(path) + user
+
+    def stale(self, entry: dict | None) -> str | None:
+        """Why the manifest ``entry`` is not of its checkpoint file here: the file holds other
+        bytes than the sha256 it lists (a run killed between writing the two, a file replaced
+        by hand), so its accuracy and epochs are another version's; None when it agrees, lists
+        no sha256 (taken as it says) or its file is not here (nothing to check)."""
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(sha, str):
+            return None
+        path = checkpoint_dir() / str(entry.get("file", f"{entry.get('name')}.pt"))
+        now = self._sha256(path) if path.is_file() else sha
+        if now == sha:
+            return None
+        return (f"the manifest lists {path.name} with sha256 {sha[:12]}, but the file "
+                f"here is {now[:12]}: its accuracy and epochs are of another "
+                "version of the file; fix: rerun the file's training command (it rewrites "
+                "the entry)")
+
+    def _stale_entries(self) -> dict[str, str]:
+        """name -> the file's sha256, for each manifest entry :meth:`stale` refuses."""
+        try:
+            rows = (self._value({"type": "manifest"}) or {}).get("checkpoints", [])
+        except UserError:  # its load says why
+            return {}
+        return {str(e.get("name")): self._sha256(checkpoint_dir() / str(e.get(
+                "file", f"{e.get('name')}.pt"))) for e in rows if self.stale(e)}
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, hashed once per run while its size and mtime hold."""
@@ -395,13 +427,15 @@ class FigureContext:
             if (fnmatch.fnmatchcase(name, d["pattern"]) and e.get("model", d["base"]) == d["base"]
                     and (folder / file).is_file() and isinstance(frac, (int, float))
                     and not isinstance(frac, bool)):
+                stale = self.stale(e)  # its accuracy is not this file's
                 found[name] = {"name": name, "file": file, "train_fraction": float(frac),
-                               "entry": e}
+                               "entry": None if stale else e, "stale": stale}
         for path in sorted(folder.glob(d["pattern"] + ".pt")):  # files the manifest lacks
             m = _FRACTION_RE.search(path.stem)
             if path.stem not in found and m:
                 found[path.stem] = {"name": path.stem, "file": path.name,
-                                    "train_fraction": float(m.group(1)), "entry": None}
+                                    "train_fraction": float(m.group(1)), "entry": None,
+                                    "stale": None}
         return sorted(found.values(), key=lambda c: (c["train_fraction"], c["name"]))
 
     def drawn_images(self, spec: dict, default: int | None = 4):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -93,9 +94,11 @@ def _accuracy_of(entry: dict | None, where: str) -> float | None:
     return None if acc is None else float(acc)
 
 
-def _accuracy_row(row: dict, entries: list[dict], where: str, manifest: Path) -> dict:
+def _accuracy_row(row: dict, entries: list[dict], where: str, manifest: Path,
+                  stale: Callable[[dict], str | None]) -> dict:
     """One table row: the study's number next to our checkpoint's (the named one, else the
-    study's recipe on all the data, the plainest run name first)."""
+    study's recipe on all the data, the plainest run name first); a ``note`` when ``stale``
+    says the entry is of another version of its file."""
     if not isinstance(row, dict) or not {"dataset", "model", "study"} <= set(row):
         raise UserError(f"{where}: each [[rows]] needs dataset, model and study, got {row!r}")
     extra = set(row) - set(ROW_KEYS)
@@ -121,7 +124,8 @@ def _accuracy_row(row: dict, entries: list[dict], where: str, manifest: Path) ->
             "study (%)": float(row["study"]), "ours (%)": acc,
             "difference": None if acc is None else acc - float(row["study"]),
             "epochs": f"{e.get('epochs')}/{e.get('epochs_planned')}" if e else None,
-            "recipe": e.get("recipe"), "checkpoint": e.get("name"), "data": e.get("data_source")}
+            "recipe": e.get("recipe"), "checkpoint": e.get("name"), "data": e.get("data_source"),
+            **({"note": note} if (note := stale(e)) else {})}
 
 
 def accuracy_table(spec: dict, ctx) -> list[Path]:
@@ -130,10 +134,14 @@ def accuracy_table(spec: dict, ctx) -> list[Path]:
     if manifest is None:
         raise InputUnavailable(f"no checkpoint manifest at {ctx.manifest_path}; train the "
                                "models with `repsim train` (it records each checkpoint there)")
-    rows = [_accuracy_row(row, manifest["checkpoints"], ctx.name, ctx.manifest_path)
+    rows = [_accuracy_row(row, manifest["checkpoints"], ctx.name, ctx.manifest_path, ctx.stale)
             for row in spec["rows"]]
+    notes = [r for r in rows if r.get("note")]
+    for r in notes:  # marked in the table too (a note column, only then: agreeing ones hold)
+        ctx.log(f"{ctx.name}: {r['model']} on {r['dataset']}: {r['note']}")
     md, csv_text = draw.table(rows, ["dataset", "model", "study (%)", "ours (%)", "difference",
-                                     "epochs", "recipe", "checkpoint"])
+                                     "epochs", "recipe", "checkpoint"]
+                              + (["note"] if notes else []))
     note = spec.get("description", "")
     md = f"# {draw.spec_title(spec, 'Test accuracy')}\n\n{md}"
     md += f"\n{note.strip()}\n" if note else ""
@@ -201,6 +209,11 @@ def data_scale(spec: dict, ctx) -> list[Path]:
         missing = [f for f in expected if not any(abs(f - h) < 1e-9 for h in have)]
         final = weights_file(base)
         base_entry = entries.get(final.stem if final else None) or {}
+        for what, stale in [(final.stem if final else "", ctx.stale(base_entry)),
+                            *((cp["name"], cp["stale"]) for cp in found)]:
+            if stale:  # an entry of another version of its file: no accuracy of this one
+                ctx.log(f"{ctx.name}: {what}: {stale}; its accuracy is left out")
+        base_entry = {} if ctx.stale(base_entry) else base_entry
         recipe = f" --recipe {base_entry['recipe']}" if base_entry.get("recipe") else ""
         if missing:
             f0, more = f"{missing[0]:g}", ", ".join(f"{f:g}" for f in missing[1:])
