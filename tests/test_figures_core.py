@@ -536,3 +536,28 @@ def test_a_fraction_checkpoint_whose_entry_lists_other_bytes_has_no_accuracy(tmp
     assert cp["train_fraction"] == 0.5 and cp["entry"] is None, cp
     assert "another version of the file" in cp["stale"]
 
+
+def test_the_prefix_figure_names_no_class_token_in_a_vit_without_one(tmp_path, monkeypatch):
+    """A ViT of register tokens only (timm class_token=False) had its token 0 labelled
+    "0 (cls)" in both panels."""
+    import repsim
+    from repsim import registry
+
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "ckpt"))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    for name, cls in (("regs_only_fig", False), ("cls_regs_fig", True)):
+        repsim.register_model(name, family="vit", input_size=8)(
+            lambda num_classes, cls=cls: timm.models.vision_transformer.VisionTransformer(
+                img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                num_classes=num_classes, class_token=cls, reg_tokens=2,
+                global_pool="token" if cls else "avg"))
+    write(tmp_path / "a", "prefix", 'kind = "prefix_tokens"\nmodels = [{model = "regs_only_fig", '
+          'weights = "random"}, {model = "cls_regs_fig", weights = "random"}]\n'
+          'layer = "blocks.0"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["prefix"], res
+    regs, cls = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
+    assert regs["tokens"] == ["0", "1"] and cls["tokens"] == ["0 (cls)", "1", "2"]
+

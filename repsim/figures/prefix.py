@@ -63,8 +63,13 @@ def _measure(ref, spec: dict, ctx) -> dict:
     final = weights_file(ref)  # the manifest names a run by its weights file
     entry = next((e for e in ((ctx.manifest() or {}).get("checkpoints") or [])
                   if final is not None and e.get("name") == final.stem), {})
+    # Token 0 is timm's class token when it has one; the others (all, without) its register
+    # tokens (class tokens in mcls4).
+    tokens = [str(t) for t in range(n_prefix)]
+    tokens[0] += " (cls)" if geo.class_token else ""
     return {"model": ref.model, "label": ref.display(), "layer": layer, "n": len(x),
             "weights_sha256": prov.get("weights_sha256"), "n_prefix": n_prefix,
+            "tokens": tokens,
             "token_cka": token_cka(feats, n_prefix).tolist(),
             "attention_mass": mass.tolist(),
             # uniform attention over the keys the model's mask allows (1 / T without one)
@@ -88,8 +93,7 @@ def build_figure(spec: dict, ctx) -> list[Path]:
                                   squeeze=False, constrained_layout=True)
     for col, res in enumerate(results):
         top, bottom = axes[:, col]
-        # Token 0 is timm's class token; 1.. its register tokens (class tokens in mcls4).
-        names = ["0 (cls)"] + [str(t) for t in range(1, res["n_prefix"])]
+        names = res["tokens"]
         acc = res["test_accuracy"]
         head = res["label"] + ("" if acc is None else f" ({acc:.2f} %)")
         draw.draw_heatmap(top, np.array(res["token_cka"]), names, names, head, head, annotate=True)
