@@ -561,3 +561,46 @@ def test_the_prefix_figure_names_no_class_token_in_a_vit_without_one(tmp_path, m
     regs, cls = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
     assert regs["tokens"] == ["0", "1"] and cls["tokens"] == ["0 (cls)", "1", "2"]
 
+
+def test_a_kept_figure_says_when_the_probe_images_it_read_are_not_those_here(tmp_path,
+                                                                             monkeypatch):
+    """A kept build says when the weights it read are not the files here, but not when the
+    probe images are not (another copy of the data set, a re-encoded test split): its numbers
+    passed for those of the images here."""
+    from dataclasses import replace
+
+    import repsim.data
+    from repsim.compare import InputUnavailable
+    from repsim.figures.runner import summary_text
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        """Reads the probe images; its snapshots then leave (and the manifest changes)."""
+        ctx.images(ctx.probe_spec(spec))
+        ctx.manifest()
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n[probe]\ndataset = "cifar10-probe"\nn = 4\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    here["inputs"] = False
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    (kept,) = run()["kept"]
+    assert not kept.get("images_changed"), kept  # the same images: nothing to say
+    load = repsim.data.load_probe_set
+    monkeypatch.setattr(repsim.data, "load_probe_set", lambda *a, **k: (
+        lambda ps: replace(ps, images=255 - ps.images))(load(*a, **k)))
+    res = run()
+    (kept,) = res["kept"]
+    assert len(kept["images_changed"]) == 1 and "cifar10-probe" in kept["images_changed"][0]
+    assert ("; its numbers are of other probe images than these here: "
+            + kept["images_changed"][0]) in summary_text(res)

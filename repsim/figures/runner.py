@@ -269,6 +269,29 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     return out
 
 
+def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
+    """For a kept build: each probe set it read whose images here are others now (another
+    copy of the data set, a re-encoded split: by sha256), in one line; its numbers are of the
+    images it read, not of these."""
+    out = []
+    for key, then in (record.get("deps") or {}).items():
+        try:
+            desc = json.loads(key)
+            then = then if desc["type"] == "images" else then.get("images")
+            if not isinstance(then, dict) or not isinstance(desc.get("probe"), dict):
+                continue
+            now = ctx.fingerprint({"type": "images", "probe": desc["probe"]})
+        except (InputUnavailable, UserError, KeyError, TypeError, ValueError, AttributeError):
+            continue  # not here (no data set offline): nothing to compare
+        if now != then:
+            p = desc["probe"]
+            line = (f"{p.get('dataset')} {p.get('split')} (n = {p.get('n') or 'all'}: it read "
+                    f"sha256 {str(then.get('images_sha256'))[:12]}, here "
+                    f"{str(now.get('images_sha256'))[:12]})")
+            out += [line] if line not in out else []
+    return out
+
+
 def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
     """For a kept build: the probe settings it was built with, where this run's overrides
     (``--n``, ``--seed``, ...) ask others, in one line; None when the same, or it read no
@@ -349,7 +372,8 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
             other = _other_settings(ctx, spec, record)
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             **({"settings": other} if other else {}),
-                            "changed": _changed_weights(ctx, record)}
+                            "changed": _changed_weights(ctx, record),
+                            "images_changed": _changed_images(ctx, record)}
         if not (record and record.get("spec") != spec):  # else set aside: the spec put back
             record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
@@ -382,12 +406,15 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
 
 
 def _kept_note(entry: dict) -> str:
-    """For a kept figure of other probe settings than this run's, or read from weights that
-    are not the files here: which, after "; "."""
+    """For a kept figure of other probe settings than this run's, or read from weights or
+    probe images that are not those here: which, after "; "."""
     changed, other = entry.get("changed"), entry.get("settings")
+    images = entry.get("images_changed")
     return ((f"; not of this run's probe settings: {other}" if other else "")
             + ("; its numbers are of other weights than the files here: " + "; ".join(changed)
-               if changed else ""))
+               if changed else "")
+            + ("; its numbers are of other probe images than these here: " + "; ".join(images)
+               if images else ""))
 
 
 def summary_text(summary: dict) -> str:
