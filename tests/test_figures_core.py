@@ -604,3 +604,36 @@ def test_a_kept_figure_says_when_the_probe_images_it_read_are_not_those_here(tmp
     assert len(kept["images_changed"]) == 1 and "cifar10-probe" in kept["images_changed"][0]
     assert ("; its numbers are of other probe images than these here: "
             + kept["images_changed"][0]) in summary_text(res)
+
+
+def test_the_prefix_figure_gives_no_accuracy_from_an_entry_of_other_bytes(tmp_path,
+                                                                          monkeypatch):
+    """The heading's accuracy came from the manifest entry of the weights' name whatever
+    bytes the file held (the entry of a run killed before rewriting it)."""
+    import hashlib
+
+    import torch
+
+    import repsim
+    from repsim import registry
+
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
+    build = repsim.register_model("cls_regs_acc", family="vit", input_size=8)(
+        lambda num_classes: timm.models.vision_transformer.VisionTransformer(
+            img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+            num_classes=num_classes, reg_tokens=2))
+    torch.save(build(10).state_dict(), ck / "w.pt")
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [
+        {"name": "w", "file": "w.pt", "model": "cls_regs_acc", "test_accuracy": 90.0,
+         "sha256": hashlib.sha256(b"the run before").hexdigest()}]}))
+    write(tmp_path / "a", "prefix", 'kind = "prefix_tokens"\nmodels = [{model = "cls_regs_acc", '
+          'weights = "w.pt"}]\nlayer = "blocks.0"\n[probe]\nn = 4\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["prefix"], res
+    (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
+    assert entry["test_accuracy"] is None

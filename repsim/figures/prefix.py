@@ -63,6 +63,10 @@ def _measure(ref, spec: dict, ctx) -> dict:
     final = weights_file(ref)  # the manifest names a run by its weights file
     entry = next((e for e in ((ctx.manifest() or {}).get("checkpoints") or [])
                   if final is not None and e.get("name") == final.stem), {})
+    stale = ctx.stale(entry)
+    if stale:  # an entry of another version of the file: its accuracy is not this one's
+        ctx.log(f"{ctx.name}: {ref.display()}: {stale}; its accuracy is left out")
+        entry = {}
     # Token 0 is timm's class token when it has one; the others (all, without) its register
     # tokens (class tokens in mcls4).
     tokens = [str(t) for t in range(n_prefix)]
