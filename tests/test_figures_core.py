@@ -604,6 +604,8 @@ def test_a_kept_figure_says_when_the_probe_images_it_read_are_not_those_here(tmp
     assert len(kept["images_changed"]) == 1 and "cifar10-probe" in kept["images_changed"][0]
     assert ("; its numbers are of other probe images than these here: "
             + kept["images_changed"][0]) in summary_text(res)
+    report = (tmp_path / "f" / "REPORT.md").read_text()
+    assert f"other probe images than these here now: {kept['images_changed'][0]}" in report
 
 
 def test_the_prefix_figure_gives_no_accuracy_from_an_entry_of_other_bytes(tmp_path,

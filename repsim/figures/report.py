@@ -240,6 +240,9 @@ def _section(out: Path, name: str, record: dict, kept: dict | None = None) -> st
         if kept.get("changed"):
             text += ("\n\nIts numbers are of weights that are not the files here now: "
                      + "; ".join(kept["changed"]) + ".")
+        if kept.get("images_changed"):
+            text += ("\n\nIts numbers are of other probe images than these here now: "
+                     + "; ".join(kept["images_changed"]) + ".")
     return "\n".join(body + ([text.strip(), ""] if text.strip() else []))
 
 
