@@ -532,3 +532,21 @@ def test_a_seed_beyond_the_generators_range_is_the_settings_value_error():
     x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
     with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be.*-2\*\*63 to 2\*\*64"):
         stats.calibrate([x], [y], permutations=3, seed=2**64)
+
+
+def test_a_layer_constant_without_one_row_warns_once_naming_it_and_ranks_that_row_first():
+    # Without row 5 the layer is constant: CKA without that row is undefined (NaN), which made
+    # the standard error NaN silently and sorted the decisive row last in influence.
+    x, y = np.zeros((12, 3)), _gauss(12, 4, 0)
+    x[5] = [1.0, 2.0, 3.0]
+    with pytest.warns(RuntimeWarning) as got:
+        cal = stats.calibrate([x, x], [y], estimator="biased")
+    said = [str(w.message) for w in got if "no variance" in str(w.message)]
+    assert len(said) == 1 and "mats_a[0]" in said[0] and "row 5" in said[0]
+    assert np.isnan(cal.se[0, 0])
+    (row, change), *rest = cal.influence(0, 0, 3)
+    assert row == 5 and np.isnan(change)
+    full = ref_cka(x, y)
+    for r, d in rest:  # the next rows by their brute-force change
+        keep = np.arange(12) != r
+        assert d == pytest.approx(ref_cka(x[keep], y[keep]) - full, abs=1e-12)
