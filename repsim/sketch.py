@@ -31,7 +31,7 @@ DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
 # layer sketches hold for the same inputs: cached results and sketches are keyed on it
 # (repsim.compare), so those made before the fix are made again, not reused. Here, not in
 # repsim.cka, so that the cached path can read it without importing torch.
-CONTENT_VERSION = 1
+CONTENT_VERSION = 2  # 2: minibatch n_over_pr per batch; influence ranks NaN rows first
 
 
 @dataclass
@@ -68,13 +68,18 @@ class CKAResult:
     def to_dict(self) -> dict:
         """JSON-ready dict; arrays become lists, NaN becomes ``None``. With participation
         ratios it adds ``n_over_pr_a`` and ``n_over_pr_b``, images per effective dimension:
-        where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024)."""
+        where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024).
+        The images are those of one Gram, which each PR is measured on and bounded by (less
+        1): all ``n``, but for minibatch CKA one batch, ``min(n, batch_size)`` (n over a PR
+        averaged over batches would count every batch's images as one Gram's)."""
         out = {k: jsonable(v) for k, v in self.__dict__.items()}
+        mini = self.estimator == "minibatch" and self.batch_size is not None
+        m = min(self.n, self.batch_size) if mini else self.n
         for side in ("a", "b"):
             pr = getattr(self, f"pr_{side}")
             if pr is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    out[f"n_over_pr_{side}"] = jsonable(self.n / np.asarray(pr, dtype=float))
+                    out[f"n_over_pr_{side}"] = jsonable(m / np.asarray(pr, dtype=float))
         return out
 
 

@@ -550,3 +550,17 @@ def test_a_layer_constant_without_one_row_warns_once_naming_it_and_ranks_that_ro
     for r, d in rest:  # the next rows by their brute-force change
         keep = np.arange(12) != r
         assert d == pytest.approx(ref_cka(x[keep], y[keep]) - full, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator, batch_size, rows", [("minibatch", 50, 50),
+                                                          ("minibatch", 500, 200),
+                                                          ("debiased", None, 200)])
+def test_images_per_dimension_count_the_rows_of_one_gram(estimator, batch_size, rows):
+    # A rank-one layer has PR exactly 1 in every Gram. Minibatch PRs are measured on (and
+    # bounded by) one batch, yet n_over_pr divided all n rows by them: 200 images per
+    # dimension where each Gram sees 50.
+    x, y = _gauss(200, 1, 0) * [1.0, 2.0, -1.0], _gauss(200, 6, 1)
+    res = stats.calibrate_result(compare([x], [y], estimator=estimator, batch_size=batch_size),
+                                 [x], [y])
+    assert res.pr_a == pytest.approx([1.0], rel=1e-12)
+    assert res.to_dict()["n_over_pr_a"] == pytest.approx([rows], rel=1e-12)
