@@ -99,16 +99,12 @@ def jsonable(v: Any) -> Any:
 def new_result(layers_a: Sequence[str], layers_b: Sequence[str], kernel: str, estimator: str,
                n: int, threshold: float, batch_size: int | None, batch_seed: int) -> CKAResult:
     """A :class:`CKAResult` with its settings (checked by :func:`check_options`) filled in,
-    ``matrix`` and bandwidths still to come. Warns when the minibatches leave rows out."""
+    ``matrix`` and bandwidths still to come (:func:`batches` warns of rows left out)."""
     res = CKAResult(np.empty((0, 0)), list(layers_a), list(layers_b), kernel, estimator, n,
                     threshold if kernel == "rbf" else None)
     if estimator == "minibatch":
         res.batch_size, res.batch_seed = batch_size, batch_seed
         res.n_batches = len(minibatches(n, batch_size, batch_seed))
-        if 0 < n % batch_size < 4:
-            warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
-                          "batch): the unbiased HSIC estimator needs at least 4; choose a "
-                          "batch_size that leaves >= 4", RuntimeWarning, stacklevel=3)
         if kernel == "rbf":
             res.bandwidth_rows = bandwidth_rows(n, estimator).tolist()
     return res
@@ -187,8 +183,17 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def batches(n: int, estimator: str, batch_size: int | None, seed: int) -> list:
-    """The row sets an estimator sums over: :func:`minibatches`, or ``[None]`` (all rows)."""
-    return minibatches(n, batch_size, seed) if estimator == "minibatch" else [None]
+    """The row sets an estimator sums over: :func:`minibatches`, or ``[None]`` (all rows).
+    Warns when they leave rows out: compare and layer_sketch both deal their rows here, and a
+    store's cached sketches repeat it (:func:`repsim.errors.recorded`)."""
+    if estimator != "minibatch":
+        return [None]
+    out = minibatches(n, batch_size, seed)  # first: it checks the arguments
+    if 0 < n % batch_size < 4:
+        warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random batch): "
+                      "the unbiased HSIC estimator needs at least 4; choose a batch_size that "
+                      "leaves >= 4", RuntimeWarning, stacklevel=3)
+    return out
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:
