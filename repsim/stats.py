@@ -448,6 +448,9 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
     :func:`repsim.cka.compare`'s CKA of ``mats_a`` and ``mats_b`` (its settings and bandwidths
     reused). ``influence``: per cell, the ``influence`` images whose removal moves it most,
     as ``[sample id, change]`` (``ids``: the rows' sample IDs). ``memory_budget``: bytes."""
+    if not is_whole(influence, 0):  # before the work, naming the caller's argument
+        raise ValueError(f"influence={influence!r} must be a whole number >= 0 (images to list "
+                         "per cell; 0: none)")
     mats_a, mats_b, n = _checked(mats_a, mats_b, res.estimator, "linear", None, None)
     k = n if ids is None else len(ids)  # one sample ID per row
     if (len(mats_a), len(mats_b), n, k) != (len(res.layers_a), len(res.layers_b), res.n, res.n):

@@ -564,3 +564,12 @@ def test_images_per_dimension_count_the_rows_of_one_gram(estimator, batch_size, 
                                  [x], [y])
     assert res.pr_a == pytest.approx([1.0], rel=1e-12)
     assert res.to_dict()["n_over_pr_a"] == pytest.approx([rows], rel=1e-12)
+
+
+@pytest.mark.parametrize("influence", [True, 2.0, -1, "3"])
+def test_an_influence_count_that_is_no_whole_number_names_influence(influence):
+    # calibrate_result(influence=True) computed everything, then said "k=True must be ...",
+    # naming a parameter the caller never passed (and "3" was a TypeError).
+    x, y = _gauss(20, 3, 0), _gauss(20, 4, 1)
+    with pytest.raises(ValueError, match=rf"^influence={influence!r} must be a whole number"):
+        stats.calibrate_result(compare([x], [y]), [x], [y], influence=influence)
