@@ -47,6 +47,9 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (the linear Gram is then ``HKH``).
     RBF needs ``sigma2``, the squared bandwidth per layer (``threshold^2`` times
     :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less 1, as the engine does."""
+    if kernel == "rbf" and (np.ndim(sigma2) != 1 or len(sigma2) != len(mats)):
+        raise ValueError(f"kernel='rbf' needs sigma2, a squared bandwidth per matrix; got "
+                         f"{sigma2!r} for {len(mats)} matrices")
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])

@@ -573,3 +573,10 @@ def test_an_influence_count_that_is_no_whole_number_names_influence(influence):
     x, y = _gauss(20, 3, 0), _gauss(20, 4, 1)
     with pytest.raises(ValueError, match=rf"^influence={influence!r} must be a whole number"):
         stats.calibrate_result(compare([x], [y]), [x], [y], influence=influence)
+
+
+@pytest.mark.parametrize("sigma2", [None, [], [1.0, 2.0]])
+def test_rbf_grams_without_one_bandwidth_per_matrix_are_a_value_error(sigma2):
+    # None gave "'>' not supported between 'NoneType' and 'int'"; too many were used silently.
+    with pytest.raises(ValueError, match=r"kernel='rbf' needs sigma2, .* per matrix; got"):
+        stats.grams([_gauss(10, 3, 0)], kernel="rbf", sigma2=sigma2)
