@@ -209,7 +209,9 @@ def bandwidth_rows(n: int, estimator: str) -> np.ndarray | None:
 
 
 def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
-    """Length of one layer's sketch vector (float64 entries)."""
+    """Length of one layer's sketch vector (float64 entries), for :func:`repsim.cka.layer_sketch`'s
+    settings (``batch_size`` None: its default)."""
+    batch_size = check_options("linear", estimator, 1.0, batch_size)
     if estimator == "biased":
         return n * (n + 1) // 2
     sizes = [b - a for a, b in block_bounds(n, batch_size if estimator == "minibatch" else n)]

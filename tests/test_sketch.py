@@ -3,6 +3,7 @@
 import warnings
 
 import numpy as np
+import pytest
 
 from repsim import cka, sketch
 
@@ -31,3 +32,13 @@ def test_new_result_keeps_the_settings_without_warning_of_the_batches():
         warnings.simplefilter("error")
         res = sketch.new_result(["a"], ["b"], "linear", "minibatch", 60, 1.0, 19, 0)
     assert (res.batch_size, res.n_batches) == (19, 3)
+
+
+def test_sketch_size_takes_layer_sketchs_default_batch_size_and_refuses_unknown_estimators():
+    # sketch_size(n, "minibatch") raised a TypeError where layer_sketch uses batches of 1,024,
+    # and an unknown estimator was sized as the debiased one.
+    x = np.random.default_rng(0).standard_normal((1030, 2))
+    want = 1024 * 1023 // 2 + 6 * 5 // 2  # a batch of 1,024 and the last 6 rows
+    assert sketch.sketch_size(1030, "minibatch") == cka.layer_sketch(x).numel() == want
+    with pytest.raises(ValueError, match="estimator='bogus' is unknown"):
+        sketch.sketch_size(100, "bogus")
