@@ -41,18 +41,26 @@ def seed_list(weights: str | os.PathLike | Sequence | None) -> list[str | None]:
             raise UserError(f"{weights!r}: {bad[0]!r} is no weights file; valid: paths of "
                             "weights files, or 'random'")
         return [os.fspath(w) for w in weights]
+    if not isinstance(weights, (str, os.PathLike)):  # else a TypeError from the path functions
+        raise UserError(f"{weights!r} is no weights file; valid: a path, paths separated by "
+                        "commas or a list of them, or 'random'")
     if isinstance(weights, os.PathLike) or os.path.isfile(os.path.expanduser(weights)):
         return [os.fspath(weights)]
     return [w.strip() for w in weights.split(",") if w.strip()]
 
 
+def _named(weights: str | None, side: str) -> list[str | None]:
+    """:func:`seed_list` of ``weights_<side>``, whose UserError names it."""
+    try:
+        return seed_list(weights)
+    except UserError as exc:
+        raise UserError(f"weights_{side}={exc}") from None
+
+
 def _side_seeds(weights: str | None, side: str) -> list[str | None]:
     """:func:`seed_list` of ``weights_<side>``; UserError for no file or one file twice (the
     pair of a file with itself would enter the seed ceiling as a CKA of exactly 1)."""
-    try:
-        seeds = seed_list(weights)
-    except UserError as exc:
-        raise UserError(f"weights_{side}={exc}") from None
+    seeds = _named(weights, side)
     if not seeds:
         raise UserError(f"weights_{side}={weights!r} names no weights file; pass files "
                         f"separated by commas, e.g. weights_{side}='s0.pt,s1.pt'")
@@ -68,7 +76,7 @@ def has_seeds(cfg: CKAConfig) -> bool:
     sides = (cfg.weights_a, cfg.weights_b)
     if any(isinstance(w, (list, tuple)) for w in sides):
         return True
-    return any(len(seed_list(w)) > 1 for w in sides)
+    return any(len(_named(w, side)) > 1 for w, side in zip(sides, "ab"))
 
 
 def _pair(cfg: CKAConfig, x: str | None, y: str | None, seed_x: int, seed_y: int,

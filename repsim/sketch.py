@@ -31,7 +31,7 @@ DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
 # layer sketches hold for the same inputs: cached results and sketches are keyed on it
 # (repsim.compare), so those made before the fix are made again, not reused. Here, not in
 # repsim.cka, so that the cached path can read it without importing torch.
-CONTENT_VERSION = 1
+CONTENT_VERSION = 2  # 2: minibatch n_over_pr per batch; influence ranks NaN rows first
 
 
 @dataclass
@@ -68,13 +68,18 @@ class CKAResult:
     def to_dict(self) -> dict:
         """JSON-ready dict; arrays become lists, NaN becomes ``None``. With participation
         ratios it adds ``n_over_pr_a`` and ``n_over_pr_b``, images per effective dimension:
-        where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024)."""
+        where it is small the biased estimator reads high (Murphy, Zylberberg & Fyshe 2024).
+        The images are those of one Gram, which each PR is measured on and bounded by (less
+        1): all ``n``, but for minibatch CKA one batch, ``min(n, batch_size)`` (n over a PR
+        averaged over batches would count every batch's images as one Gram's)."""
         out = {k: jsonable(v) for k, v in self.__dict__.items()}
+        mini = self.estimator == "minibatch" and self.batch_size is not None
+        m = min(self.n, self.batch_size) if mini else self.n
         for side in ("a", "b"):
             pr = getattr(self, f"pr_{side}")
             if pr is not None:
                 with np.errstate(divide="ignore", invalid="ignore"):
-                    out[f"n_over_pr_{side}"] = jsonable(self.n / np.asarray(pr, dtype=float))
+                    out[f"n_over_pr_{side}"] = jsonable(m / np.asarray(pr, dtype=float))
         return out
 
 
@@ -94,16 +99,12 @@ def jsonable(v: Any) -> Any:
 def new_result(layers_a: Sequence[str], layers_b: Sequence[str], kernel: str, estimator: str,
                n: int, threshold: float, batch_size: int | None, batch_seed: int) -> CKAResult:
     """A :class:`CKAResult` with its settings (checked by :func:`check_options`) filled in,
-    ``matrix`` and bandwidths still to come. Warns when the minibatches leave rows out."""
+    ``matrix`` and bandwidths still to come (:func:`batches` warns of rows left out)."""
     res = CKAResult(np.empty((0, 0)), list(layers_a), list(layers_b), kernel, estimator, n,
                     threshold if kernel == "rbf" else None)
     if estimator == "minibatch":
         res.batch_size, res.batch_seed = batch_size, batch_seed
         res.n_batches = len(minibatches(n, batch_size, batch_seed))
-        if 0 < n % batch_size < 4:
-            warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random "
-                          "batch): the unbiased HSIC estimator needs at least 4; choose a "
-                          "batch_size that leaves >= 4", RuntimeWarning, stacklevel=3)
         if kernel == "rbf":
             res.bandwidth_rows = bandwidth_rows(n, estimator).tolist()
     return res
@@ -182,8 +183,17 @@ def minibatches(n: int, batch_size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def batches(n: int, estimator: str, batch_size: int | None, seed: int) -> list:
-    """The row sets an estimator sums over: :func:`minibatches`, or ``[None]`` (all rows)."""
-    return minibatches(n, batch_size, seed) if estimator == "minibatch" else [None]
+    """The row sets an estimator sums over: :func:`minibatches`, or ``[None]`` (all rows).
+    Warns when they leave rows out: compare and layer_sketch both deal their rows here, and a
+    store's cached sketches repeat it (:func:`repsim.errors.recorded`)."""
+    if estimator != "minibatch":
+        return [None]
+    out = minibatches(n, batch_size, seed)  # first: it checks the arguments
+    if 0 < n % batch_size < 4:
+        warnings.warn(f"dropping {n % batch_size} of {n} rows (the last, short random batch): "
+                      "the unbiased HSIC estimator needs at least 4; choose a batch_size that "
+                      "leaves >= 4", RuntimeWarning, stacklevel=3)
+    return out
 
 
 def sample_rows(n: int, k: int) -> np.ndarray:
@@ -199,7 +209,9 @@ def bandwidth_rows(n: int, estimator: str) -> np.ndarray | None:
 
 
 def sketch_size(n: int, estimator: str, batch_size: int | None = None) -> int:
-    """Length of one layer's sketch vector (float64 entries)."""
+    """Length of one layer's sketch vector (float64 entries), for :func:`repsim.cka.layer_sketch`'s
+    settings (``batch_size`` None: its default)."""
+    batch_size = check_options("linear", estimator, 1.0, batch_size)
     if estimator == "biased":
         return n * (n + 1) // 2
     sizes = [b - a for a, b in block_bounds(n, batch_size if estimator == "minibatch" else n)]

@@ -12,8 +12,9 @@ biased and debiased estimators, each random batch for minibatch CKA):
   perfectly aligned pairs (independent Gaussian data, n = 300, p = 3,000: debiased CKA
   -0.0002, on a bootstrap resample 0.91).
 - **Permutation null.** Re-pairing the images of B with those of A re-indexes B's centred
-  Gram: ``<C_a, P C_b P'>``, no new Gram (:func:`permutation_null`; minibatch CKA permutes
-  within each batch). It needs every batch's whole centred Grams (:func:`check_null_fits`).
+  Gram: ``<C_a, P C_b P'>``, no new Gram (:func:`repsim.permnull.permutation_null`;
+  minibatch CKA permutes within each batch). It needs every batch's whole centred Grams
+  (:func:`check_null_fits`).
 - **Participation ratio** ``PR = (tr HKH)^2 / ||HKH||_F^2`` per layer (effective
   dimensionality, at most ``m - 1``): the biased estimator's permutation-null mean is exactly
   ``sqrt(PR_a PR_b) / (m - 1)``, about 0.91 for isotropic features with ``p = 10 m``
@@ -30,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import F64, centre, centring, default_memory_budget, gram, hsic_scale
+from repsim.cka import centre, centring, default_memory_budget, gram, hsic_scale
 from repsim.errors import UserError, is_whole, size_text
 from repsim.features import centred_rows, feature_set
+from repsim.permnull import permutation_null
 from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
 
 # minibatch CKA gets a delete-one-batch standard error from this many batches on
@@ -45,6 +47,9 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (the linear Gram is then ``HKH``).
     RBF needs ``sigma2``, the squared bandwidth per layer (``threshold^2`` times
     :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less 1, as the engine does."""
+    if kernel == "rbf" and (np.ndim(sigma2) != 1 or len(sigma2) != len(mats)):
+        raise ValueError(f"kernel='rbf' needs sigma2, a squared bandwidth per matrix; got "
+                         f"{sigma2!r} for {len(mats)} matrices")
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
@@ -213,52 +218,6 @@ def _participation(side: _Side, sq: torch.Tensor) -> torch.Tensor:
     return (d.sum(1) - s / m) ** 2 / (sq - 2 / m * (r * r).sum(1) + s**2 / m**2)
 
 
-CHUNK = 512  # triangle entries per product in the permutation null
-
-
-def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: np.ndarray,
-                     permutations: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Permutation null of CKA from centred Grams (:func:`repsim.cka.centre`), one
-    ``(L, m, m)`` pair per batch; each permutation reorders A's rows within every batch.
-    Per cell: ``p_value`` ``(1 + #{null >= observed}) / (1 + permutations)``, ``null_mean``,
-    ``null_q95``."""
-    if len(ca[0]) > len(cb[0]):  # re-index the side with fewer layers
-        null = permutation_null(cb, ca, observed.T, permutations, seed)
-        return {k: v.T for k, v in null.items()}
-    own_a = sum((c.flatten(1) ** 2).sum(1) for c in ca)
-    own_b = sum((c.flatten(1) ** 2).sum(1) for c in cb)
-    den = torch.sqrt(own_a)[:, None] * torch.sqrt(own_b)[None, :]  # no product to overflow
-    g = torch.Generator().manual_seed(seed)
-    # Symmetric Grams: the upper triangle, off-diagonal terms twice, halves each permutation's
-    # gather and product. A's Grams are entry-major (m^2, L_a), so the gather reads one short
-    # row per entry; the triangle is cut into chunks of CHUNK entries for one batched product
-    # (BLAS does one (L_a x N) @ (N x L_b) product, N ~ m^2 / 2, 3x slower than N / CHUNK
-    # short ones). Padding entries point at entry 0 and meet zero rows of B.
-    batches = []
-    for a, b in zip(ca, cb):
-        m = a.shape[1]
-        r, c = torch.triu_indices(m, m, device=a.device)
-        w = torch.where(r == c, 1.0, 2.0).to(F64)
-        pad = -len(r) % CHUNK
-        fb = torch.cat([(b[:, r, c] * w).T, b.new_zeros(pad, len(b))])
-        r, c = (torch.cat([x, x.new_zeros(pad)]) for x in (r, c))
-        batches.append((a.flatten(1).T.contiguous(), fb.view(-1, CHUNK, len(b)), r, c, m))
-    null = torch.empty(permutations, *den.shape, dtype=F64)
-    for t in range(permutations):
-        num = 0.0
-        for fa, fb, r, c, m in batches:
-            p = torch.randperm(m, generator=g).to(fa.device)
-            rows = torch.index_select(fa, 0, (p * m)[r] + p[c])  # (P C P')_rc of each layer
-            num = num + torch.bmm(rows.view(len(fb), CHUNK, -1).transpose(1, 2), fb).sum(0)
-        null[t] = (num / den).cpu()
-    null = null.numpy()
-    reached = null >= observed[None] - 1e-12  # a tie up to rounding reaches the observed
-    # A NaN cell (a dead layer) reaches nothing: without this its p-value would be the least.
-    p_value = np.where(np.isnan(observed), np.nan, (1 + reached.sum(0)) / (1 + permutations))
-    return {"p_value": p_value,
-            "null_mean": null.mean(0), "null_q95": np.quantile(null, 0.95, axis=0)}
-
-
 @dataclass
 class Calibration:
     """Per-cell uncertainty of a CKA matrix ``(La, Lb)`` and per-layer dimensionality."""
@@ -285,7 +244,8 @@ class Calibration:
         if np.isnan(self.matrix[i, j]):
             return []
         d = self.loo[:, i, j] - self.matrix[i, j]
-        top = np.argsort(-np.abs(d), kind="stable")[:k]
+        # NaN: a layer constant without that row, which thus decides the cell: ranked first
+        top = np.argsort(-np.nan_to_num(np.abs(d), nan=np.inf), kind="stable")[:k]
         return [(int(self.rows[r]), float(d[r])) for r in top]
 
 
@@ -350,17 +310,36 @@ def _batch(sides: list[_Side], hollow: bool):
 
 
 def _jackknife(terms: list[list[np.ndarray]], loos: list[list[np.ndarray]]):
-    """``(matrix, se, se_method, loo)`` from each batch's HSIC terms and their leave-one-out
-    (:func:`_batch`, scaled)."""
+    """``(matrix, se, se_method, loo, dead)`` from each batch's HSIC terms and their
+    leave-one-out (:func:`_batch`, scaled); ``dead``: ``(side, layer, k)`` for each live layer
+    constant without loo row ``k`` (its HSIC with itself not positive, so its loo CKA NaN)."""
     per_batch = [np.stack(x) for x in zip(*terms)]  # (B, La, Lb), (B, La), (B, Lb)
     total = [x.sum(0) for x in per_batch]
     # Without image i of batch b: the totals with batch b's terms replaced by its leave-one-out.
-    loo = np.concatenate([normalise(*(t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)))
-                          for b, loo_b in enumerate(loos)])
+    parts = [[t - x[b] + y for t, x, y in zip(total, per_batch, loo_b)]
+             for b, loo_b in enumerate(loos)]
+    loo = np.concatenate([normalise(*p) for p in parts])
+    dead = [(side, int(layer), int(k)) for side in (1, 2) for k, layer in zip(*np.nonzero(
+        ~(np.concatenate([p[side] for p in parts]) > 0) & (total[side] > 0)))]
     if len(terms) >= MIN_JACKKNIFE_BATCHES:
         se = jackknife_se(normalise(*(t - x for t, x in zip(total, per_batch))))
-        return normalise(*total), se, "delete-one-batch", loo
-    return normalise(*total), jackknife_se(loo), "delete-one-image", loo
+        return normalise(*total), se, "delete-one-batch", loo, dead
+    return normalise(*total), jackknife_se(loo), "delete-one-image", loo, dead
+
+
+def _warn_constant_without(dead: list[tuple[int, int, int]], rows: np.ndarray,
+                           names: tuple[list[str], list[str]], method: str) -> None:
+    """One warning for the layers that :func:`_jackknife` found constant without one row."""
+    if not dead:
+        return
+    side, layer, k = dead[0]
+    se = ", and so its standard errors," if method == "delete-one-image" else ""
+    more = f" ({len(dead) - 1} more such layer and row)" * (len(dead) > 1)
+    warnings.warn(f"layer {names[side - 1][layer]} has no variance without row {rows[k]}, to "
+                  "float64 precision (that row holds it all), so its CKA without the row is "
+                  f"undefined: its leave-one-out "
+                  f"values{se} are NaN{more}; influence lists such a row first, the most "
+                  "influential", RuntimeWarning, stacklevel=3)
 
 
 def _check_jackknife_rows(se: np.ndarray, m: int, estimator: str) -> np.ndarray:
@@ -389,14 +368,16 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
               kernel: str = "linear", sigma2_a: list[float] | None = None,
               sigma2_b: list[float] | None = None, batches: list[np.ndarray] | None = None,
               permutations: int = 0, seed: int = 0, device: str | torch.device = "cpu",
-              memory_budget: int | None = None, strip: int | None = None) -> Calibration:
+              memory_budget: int | None = None, strip: int | None = None,
+              names: tuple[list[str], list[str]] | None = None) -> Calibration:
     """CKA of every layer pair of ``mats_a``, ``mats_b`` (lists of ``(n, p)`` matrices, rows
     aligned) with jackknife standard errors, participation ratios and, with ``permutations``,
     the permutation null. ``batches``: minibatch CKA's row sets (default: all rows). Removing
     an image changes only its batch's terms, so the delete-one-image jackknife is closed-form
     for every estimator. Memory: Gram strips of ``strip`` rows (default :func:`strip_rows` of
     ``memory_budget`` bytes, by default :func:`repsim.cka.default_memory_budget`); the null
-    needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it."""
+    needs every batch's whole Grams, ``(La + Lb) m^2`` float64 each, refused beyond it.
+    ``names``: the layers' names for warnings (default ``mats_a[0]``, ...)."""
     mats_a, mats_b, n = _checked(mats_a, mats_b, estimator, kernel, sigma2_a, sigma2_b)
     if not (is_whole(permutations, 0) and is_whole(seed, -2**63) and seed < 2**64):
         raise ValueError(f"permutations={permutations!r} and seed={seed!r} must be integers, "
@@ -428,10 +409,14 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
                     centre(x, estimator)
                 c.append(side.k.mul_(math.sqrt(w)))
         del sides
-    matrix, se, method, loo = _jackknife(terms, loos)
+    matrix, se, method, loo, dead = _jackknife(terms, loos)
     m = max(len(r) for r in batches)
     if len(batches) == 1:
         se = _check_jackknife_rows(se, m, estimator)
+    if len(batches) > 1 or m - 1 >= 3 + hollow:  # else the jackknife is void, warned above
+        _warn_constant_without(dead, np.concatenate(batches), names or tuple(
+            [f"mats_{s}[{i}]" for i in range(len(x))] for s, x in (("a", mats_a), ("b", mats_b))),
+            method)
     pr_a, pr_b = (pr_a / len(batches)).cpu().numpy(), (pr_b / len(batches)).cpu().numpy()
     cal = Calibration(matrix, se, method, pr_a, pr_b,
                       np.sqrt(pr_a[:, None] * pr_b[None, :]) / (m - 1),
@@ -466,6 +451,9 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
     :func:`repsim.cka.compare`'s CKA of ``mats_a`` and ``mats_b`` (its settings and bandwidths
     reused). ``influence``: per cell, the ``influence`` images whose removal moves it most,
     as ``[sample id, change]`` (``ids``: the rows' sample IDs). ``memory_budget``: bytes."""
+    if not is_whole(influence, 0):  # before the work, naming the caller's argument
+        raise ValueError(f"influence={influence!r} must be a whole number >= 0 (images to list "
+                         "per cell; 0: none)")
     mats_a, mats_b, n = _checked(mats_a, mats_b, res.estimator, "linear", None, None)
     k = n if ids is None else len(ids)  # one sample ID per row
     if (len(mats_a), len(mats_b), n, k) != (len(res.layers_a), len(res.layers_b), res.n, res.n):
@@ -479,7 +467,7 @@ def calibrate_result(res: CKAResult, mats_a: list[Any], mats_b: list[Any], *,
     cal = calibrate(mats_a, mats_b, estimator=res.estimator, kernel=res.kernel,
                     sigma2_a=sig[0], sigma2_b=sig[1], batches=batches,
                     permutations=permutations, seed=seed, device=device,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, names=(res.layers_a, res.layers_b))
     # The engine sums the same terms in another order: equal up to their rounding, but for
     # noise (RBF Grams near the identity): a bound of 1 or more, or none, or no engine value.
     tol = np.nan_to_num(1e-12 + 1e-9 * np.abs(res.matrix) + cal.rounding)

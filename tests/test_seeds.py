@@ -167,3 +167,16 @@ def test_a_seed_list_of_what_is_no_path_is_a_user_error():
     cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=["a.pt", 3])
     with pytest.raises(UserError, match=r"weights_a=\['a.pt', 3\]: 3 is no weights file"):
         run_cka_seeds(cfg)
+
+
+@pytest.mark.parametrize("weights", [3, 2.5, b"s0.pt,s1.pt"])
+def test_weights_that_are_no_path_are_a_user_error_naming_the_side(weights):
+    # weights_a=3 raised a raw TypeError from os.path.expanduser, in has_seeds (the CLI's and
+    # a notebook's first step) and in run_cka_seeds alike.
+    from repsim import seeds
+
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", weights_a=weights)
+    for call in (seeds.has_seeds, run_cka_seeds):
+        with pytest.raises(UserError, match=rf"^weights_a={weights!r} is no weights file; "
+                                            r"valid: .*'random'"):
+            call(cfg)

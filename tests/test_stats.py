@@ -532,3 +532,51 @@ def test_a_seed_beyond_the_generators_range_is_the_settings_value_error():
     x, y = _gauss(12, 3, 0), _gauss(12, 2, 1)
     with pytest.raises(ValueError, match=r"seed=18446744073709551616 must be.*-2\*\*63 to 2\*\*64"):
         stats.calibrate([x], [y], permutations=3, seed=2**64)
+
+
+def test_a_layer_constant_without_one_row_warns_once_naming_it_and_ranks_that_row_first():
+    # Without row 5 the layer is constant: CKA without that row is undefined (NaN), which made
+    # the standard error NaN silently and sorted the decisive row last in influence.
+    x, y = np.zeros((12, 3)), _gauss(12, 4, 0)
+    x[5] = [1.0, 2.0, 3.0]
+    with pytest.warns(RuntimeWarning) as got:
+        cal = stats.calibrate([x, x], [y], estimator="biased")
+    said = [str(w.message) for w in got if "no variance" in str(w.message)]
+    assert len(said) == 1 and "mats_a[0]" in said[0] and "row 5" in said[0]
+    assert np.isnan(cal.se[0, 0])
+    (row, change), *rest = cal.influence(0, 0, 3)
+    assert row == 5 and np.isnan(change)
+    full = ref_cka(x, y)
+    for r, d in rest:  # the next rows by their brute-force change
+        keep = np.arange(12) != r
+        assert d == pytest.approx(ref_cka(x[keep], y[keep]) - full, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator, batch_size, rows", [("minibatch", 50, 50),
+                                                          ("minibatch", 500, 200),
+                                                          ("debiased", None, 200)])
+def test_images_per_dimension_count_the_rows_of_one_gram(estimator, batch_size, rows):
+    # A rank-one layer has PR exactly 1 in every Gram. Minibatch PRs are measured on (and
+    # bounded by) one batch, yet n_over_pr divided all n rows by them: 200 images per
+    # dimension where each Gram sees 50.
+    x, y = _gauss(200, 1, 0) * [1.0, 2.0, -1.0], _gauss(200, 6, 1)
+    res = stats.calibrate_result(compare([x], [y], estimator=estimator, batch_size=batch_size),
+                                 [x], [y])
+    assert res.pr_a == pytest.approx([1.0], rel=1e-12)
+    assert res.to_dict()["n_over_pr_a"] == pytest.approx([rows], rel=1e-12)
+
+
+@pytest.mark.parametrize("influence", [True, 2.0, -1, "3"])
+def test_an_influence_count_that_is_no_whole_number_names_influence(influence):
+    # calibrate_result(influence=True) computed everything, then said "k=True must be ...",
+    # naming a parameter the caller never passed (and "3" was a TypeError).
+    x, y = _gauss(20, 3, 0), _gauss(20, 4, 1)
+    with pytest.raises(ValueError, match=rf"^influence={influence!r} must be a whole number"):
+        stats.calibrate_result(compare([x], [y]), [x], [y], influence=influence)
+
+
+@pytest.mark.parametrize("sigma2", [None, [], [1.0, 2.0]])
+def test_rbf_grams_without_one_bandwidth_per_matrix_are_a_value_error(sigma2):
+    # None gave "'>' not supported between 'NoneType' and 'int'"; too many were used silently.
+    with pytest.raises(ValueError, match=r"kernel='rbf' needs sigma2, .* per matrix; got"):
+        stats.grams([_gauss(10, 3, 0)], kernel="rbf", sigma2=sigma2)
