@@ -88,14 +88,16 @@ def one_line_warnings(prefix: str, show_other: Callable) -> Callable:
 
 
 def recorded(compute: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
-    """``compute(*args, **kwargs)`` and the RuntimeWarnings it gave: shown as usual, and kept
-    so that a cached copy of its value repeats them (:func:`repeat`)."""
+    """``compute(*args, **kwargs)`` and the RuntimeWarnings it gave, each text once: shown as
+    usual, and kept so that a cached copy of its value repeats them (:func:`repeat`)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = compute(*args, **kwargs)
-    for w in caught:
+    first = {(str(w.message), w.category): w for w in reversed(caught)}  # one per text
+    kept = [w for w in caught if first[(str(w.message), w.category)] is w]
+    for w in kept:  # the same text from every layer of a model is said once
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return value, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    return value, [str(w.message) for w in kept if issubclass(w.category, RuntimeWarning)]
 
 
 def repeat(said: list[str]) -> None:

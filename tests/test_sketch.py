@@ -42,3 +42,21 @@ def test_sketch_size_takes_layer_sketchs_default_batch_size_and_refuses_unknown_
     assert sketch.sketch_size(1030, "minibatch") == cka.layer_sketch(x).numel() == want
     with pytest.raises(ValueError, match="estimator='bogus' is unknown"):
         sketch.sketch_size(100, "bogus")
+
+
+def test_a_warning_given_once_per_layer_is_recorded_and_shown_once():
+    """The store path records each layer's sketch warnings; a short last batch warned by
+    every layer's sketch was shown, and kept in the result's `warnings`, once per layer."""
+    from repsim.errors import recorded
+
+    def per_layer():
+        for _ in range(3):
+            warnings.warn("the last batch has 2 rows", RuntimeWarning)
+        warnings.warn("another", RuntimeWarning)
+        return 7
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        value, said = recorded(per_layer)
+    assert value == 7 and said == ["the last batch has 2 rows", "another"]
+    assert [str(w.message) for w in shown] == said
