@@ -298,7 +298,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ``max_steps`` stops mid-epoch without saving, but saves an epoch it ends (tests, smoke
     runs). Summary keys:
     checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
-    epochs, epochs_planned, test_accuracy, test_loss, resumed_from, seconds, steps,
+    epochs, epochs_planned, test_accuracy, test_loss, resumed_from (the saved epoch it went on
+    from, or None), finished_before (True: nothing left to train), seconds, steps,
     train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
     stopped_early, snapshots (the epochs kept).
     """
@@ -365,7 +366,8 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                                "manifest": str(checkpoints.manifest_path(run.out)),
                                "run_dir": str(run.run_dir), "log": str(run.log_path),
                                "epochs_planned": run.cfg.epochs, "resumed_from": run.resumed_from,
-                               "epochs": run.start_epoch, "precision": run.meta["precision"]}
+                               "epochs": run.start_epoch, "precision": run.meta["precision"],
+                               "finished_before": run.start_epoch >= run.cfg.epochs}
     if run.start_epoch >= run.cfg.epochs:
         last = next((r for r in reversed(checkpoints.read_log(run.log_path))
                      if r.get("test_accuracy") is not None), {})

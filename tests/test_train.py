@@ -203,6 +203,15 @@ def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     assert [r["name"] for r in rows] == ["m"]
 
 
+def test_the_summary_says_whether_the_run_was_finished_before(toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    first = train.train(cfg)
+    again = train.train(cfg)
+    longer = train.train(dataclasses.replace(cfg, epochs=2))  # constant schedule: it goes on
+    assert (first["finished_before"], again["finished_before"]) == (False, True)
+    assert (longer["finished_before"], longer["resumed_from"], longer["epochs"]) == (False, 1, 2)
+
+
 def test_snapshots_asked_of_a_finished_run_are_named_as_lost(toy_root, tmp_path):
     train.train(_cfg(toy_root, tmp_path, epochs=1))
     with pytest.warns(UserWarning, match=r"snapshots at epochs 0, 1 cannot be made.*restart"):
