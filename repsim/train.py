@@ -124,7 +124,8 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     weights = cfg.weights
     if weights not in (None, "random", "timm", "torchvision"):  # a file: one however spelled
         weights = str(Path(weights).expanduser().resolve())
-    ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
+    ident = {"model": cfg.model, "dataset": cfg.dataset,
+             "recipe": recipes.training_fields(dataclasses.asdict(recipe)),
              "batch_size": cfg.batch_size, "lr": cfg.lr, "train_fraction": cfg.train_fraction,
              "seed": cfg.seed, "weights": weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
@@ -241,7 +242,10 @@ class _Run:
         """Load the saved state; refused when it belongs to other settings."""
         state = checkpoints.read_state(self.state_path, self.out)
         ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
-        if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
+        saved = state.get("identity")  # older states hold all of the recipe, its prose too
+        if isinstance(saved, dict) and saved.get("recipe") is not None:
+            saved = {**saved, "recipe": recipes.training_fields(saved["recipe"])}
+        if saved not in (ident, {**ident, "weights": self.cfg.weights}):
             raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
                             "same settings as before to resume; fix: restart=True to start over "
                             f"(replacing {self.out} and its snapshots), or out=PATH and "
@@ -296,12 +300,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
     and before a ``time_limit`` would cut the next epoch, which is then not started.
     ``max_steps`` stops mid-epoch without saving, but saves an epoch it ends (tests, smoke
-    runs). Summary keys:
-    checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
-    epochs, epochs_planned, test_accuracy, test_loss, resumed_from (the saved epoch it went on
-    from, or None), finished_before (True: nothing left to train), seconds, steps,
-    train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
-    stopped_early, snapshots (the epochs kept).
+    runs). Summary keys: checkpoint and manifest (their paths, also for a run finished before),
+    run_dir, log, curve, epochs, epochs_planned, test_accuracy, test_loss, resumed_from (the
+    saved epoch it went on from, or None), finished_before (True: nothing was left to train),
+    seconds, steps, train_images_per_second, precision, compiled, stopped (None, "max_steps" or
+    "time limit"), stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
     registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
@@ -457,8 +460,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
              **{k: run.meta[k] for k in ("precision", "init_sha256")},
-             "model": run.model.state_dict(),
-             "optimizer": run.opt.state_dict(), "rng": rng}
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

@@ -188,6 +188,45 @@ def test_resuming_a_registered_model_whose_architecture_changed_is_refused(
     assert train.train(cfg)["resumed_from"] == 1
 
 
+def _reworded(monkeypatch, name: str) -> None:
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, name: dataclasses.replace(
+        recipes.RECIPES[name], description="reworded", source="another citation")})
+
+
+def test_an_unfinished_run_resumes_after_its_recipes_prose_is_reworded(toy_root, tmp_path, mlp,
+                                                                      monkeypatch):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2, max_steps=2)
+    train.train(cfg)  # epoch 1 of 2 saved
+    _reworded(monkeypatch, "paper")
+    assert train.train(dataclasses.replace(cfg, max_steps=None))["resumed_from"] == 1
+
+
+def test_a_state_saved_with_the_recipes_prose_in_its_identity_still_resumes(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # States saved before the prose left the identity hold all of the recipe, as worded then.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2, max_steps=2)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["recipe"] = dataclasses.asdict(recipes.RECIPES["paper"])
+    torch.save(state, tmp_path / "run" / "state.pt")
+    _reworded(monkeypatch, "paper")
+    assert train.train(dataclasses.replace(cfg, max_steps=None))["resumed_from"] == 1
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(recipes.Recipe)
+                                   if f.name not in ("description", "source")])
+def test_every_recipe_field_that_changes_training_is_in_the_run_identity(field, monkeypatch):
+    # "strong" (cosine) with the run's epochs, batch size and lr left to the recipe.
+    base = recipes.RECIPES["strong"]
+    value = getattr(base, field)
+    changed = {bool: lambda v: not v, str: lambda v: v + "x"}.get(type(value), lambda v: v * 2 + 1)
+    cfg = train.TrainConfig(model="vit_cifar", recipe="strong")
+    before = train._identity(*train._resolve(cfg))
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, "strong": dataclasses.replace(
+        base, **{field: changed(value)})})
+    assert train._identity(*train._resolve(cfg)) != before
+
+
 def test_a_dataset_named_in_capitals_is_the_same_run():
     # CIFAR10 trains on cifar10: its checkpoint is the model's own (checkpoints/vit_cifar.pt),
     # its run resumes a cifar10 one.
