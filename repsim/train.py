@@ -132,7 +132,7 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
         ident["weights_seed"] = cfg.weights_seed
     if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
         ident["architecture"] = arch
-    if recipe.schedule != "constant":  # the schedule depends on the planned length
+    if recipe.schedule != "constant" or recipe.warmup_epochs:  # lr_at uses the planned length
         ident["epochs"] = cfg.epochs
     return ident
 

@@ -227,6 +227,16 @@ def test_every_recipe_field_that_changes_training_is_in_the_run_identity(field, 
     assert train._identity(*train._resolve(cfg)) != before
 
 
+def test_a_constant_schedule_with_a_warm_up_keeps_the_planned_length_in_the_identity(
+        monkeypatch):
+    # The warm-up is cut to half of a short run: the planned length decides its lr.
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, "warm": dataclasses.replace(
+        recipes.RECIPES["paper"], name="warm", warmup_epochs=3)})
+    idents = [train._identity(*train._resolve(train.TrainConfig(
+        model="vit_cifar", recipe="warm", epochs=e))) for e in (2, 6)]
+    assert idents[0] != idents[1]
+
+
 def test_a_dataset_named_in_capitals_is_the_same_run():
     # CIFAR10 trains on cifar10: its checkpoint is the model's own (checkpoints/vit_cifar.pt),
     # its run resumes a cifar10 one.
