@@ -246,10 +246,7 @@ class _Run:
         if isinstance(saved, dict) and saved.get("recipe") is not None:
             saved = {**saved, "recipe": recipes.training_fields(saved["recipe"])}
         if saved not in (ident, {**ident, "weights": self.cfg.weights}):
-            raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
-                            "same settings as before to resume; fix: restart=True to start over "
-                            f"(replacing {self.out} and its snapshots), or out=PATH and "
-                            "run_dir=PATH both new for a separate run")
+            raise checkpoints.other_settings(saved, ident, self.state_path, self.out)
         checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
                                 self.meta["init"], self.meta["init_sha256"])
         self.model.load_state_dict(state["model"])

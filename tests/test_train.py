@@ -156,6 +156,18 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_state_of_other_settings_names_the_settings_that_differ(toy_root, tmp_path, mlp):
+    # "other settings" alone left the researcher to guess which of a dozen changed.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["recipe"]["cutout"] = 8
+    torch.save(state, tmp_path / "run" / "state.pt")
+    with pytest.raises(UserError, match=r"other settings \(recipe cutout 8, now 0; lr 0\.001, "
+                       r"now 0\.0005\); valid: "):
+        train.train(dataclasses.replace(cfg, lr=5e-4))
+
+
 def test_a_state_of_other_settings_points_to_a_separate_out_and_run_dir(toy_root, tmp_path):
     # A new run_dir alone would start a fresh run that replaces the checkpoint and snapshots
     # at the same out: the fix must name both.
