@@ -155,6 +155,37 @@ def check_state(state: dict[str, Any], state_path: Path, device: str, precision:
                         f"file as it was, to resume; {fix}")
 
 
+def other_settings(saved: Any, now: dict[str, Any], state_path: Path, out: Path) -> UserError:
+    """The refusal to resume the run of ``state_path``, whose identity ``saved`` is not
+    ``now``: it names the settings that differ."""
+    differ = _differing_settings(saved, now)
+    return UserError(f"{state_path} belongs to a run with other settings"
+                     f"{f' ({differ})' if differ else ''}; valid: the same settings as before "
+                     "to resume; fix: restart=True to start over (replacing "
+                     f"{out} and its snapshots), or out=PATH and run_dir=PATH both new for a "
+                     "separate run")
+
+
+def _differing_settings(saved: Any, now: dict[str, Any]) -> str:
+    """The first three settings (a recipe's: by field) where a saved run's identity ``saved``
+    and ``now`` differ, as ``"lr 0.001, now 0.0005; ..."``; "" for a ``saved`` of no identity."""
+    def shown(v: Any) -> str:  # a digest or a long path: both ends
+        return str(v) if len(str(v)) <= 40 else f"{str(v)[:18]}...{str(v)[-18:]}"
+
+    if not isinstance(saved, dict):
+        return ""
+    diffs = []
+    for key in dict.fromkeys([*saved, *now]):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):  # the recipe: the fields that differ
+            diffs += [f"{key} {k} {shown(old.get(k))}, now {shown(new.get(k))}"
+                      for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        elif old != new:
+            diffs.append(f"{key} differs" if isinstance(old, dict) or isinstance(new, dict)
+                         else f"{key} {shown(old)}, now {shown(new)}")
+    return "; ".join(diffs[:3])
+
+
 def read_log(log_path: Path) -> list[dict[str, Any]]:
     """A run's log rows, one per epoch ([] before the first save), without a torn last line:
     a run killed while an older repsim appended to its log, before the state of that epoch."""

@@ -166,9 +166,14 @@ def cmd_train(args) -> int:
 
     res = train(_config(TrainConfig, args))
     acc_txt = "" if (acc := res.get("test_accuracy")) is None else f", test accuracy {acc:.2f}%"
-    why = f" (stopped: {res['stopped']})" if res.get("stopped") else ""
+    notes = [f"resumed from epoch {res['resumed_from']}" if res.get("resumed_from") else "",
+             f"stopped: {res['stopped']}" if res.get("stopped") else ""]
+    why = f" ({'; '.join(n for n in notes if n)})" if any(notes) else ""
+    what = "trained "
+    if res.get("finished_before"):  # a rerun: no step was taken
+        what, why = "already finished: ", " (nothing trained; --restart to train again)"
     snaps = f", snapshots {snapshot_dir(Path(res['checkpoint']))}" if res.get("snapshots") else ""
-    return _report(args, res, f"trained {res['epochs']}/{res['epochs_planned']} epochs{why}"
+    return _report(args, res, f"{what}{res['epochs']}/{res['epochs_planned']} epochs{why}"
                    f"{acc_txt} in {res['seconds']:.0f} s: {res['checkpoint']} (log "
                    f"{res['log']}, curve {res.get('curve', '-')}{snaps})")
 

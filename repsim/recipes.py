@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,6 +115,19 @@ RECIPES: dict[str, Recipe] = {
                       "AdamW: 82.56 +- 0.19 % at 200 epochs)"),
     )
 }
+
+
+# Fields that do not decide how a run trains: prose (a rewording changes no step) and the
+# defaults a run may override (a run's identity holds the values in force).
+NOT_TRAINING = ("description", "source", "epochs", "batch_size", "lr")
+
+
+def training_fields(recipe: Any) -> Any:
+    """A recipe's fields (``dataclasses.asdict``) less :data:`NOT_TRAINING`; what a resumed
+    run must share with the interrupted one. Anything else (a foreign state's): unchanged."""
+    if not isinstance(recipe, dict):
+        return recipe
+    return {k: v for k, v in recipe.items() if k not in NOT_TRAINING}
 
 
 def get_recipe(name: str) -> Recipe:

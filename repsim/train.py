@@ -124,14 +124,15 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     weights = cfg.weights
     if weights not in (None, "random", "timm", "torchvision"):  # a file: one however spelled
         weights = str(Path(weights).expanduser().resolve())
-    ident = {"model": cfg.model, "dataset": cfg.dataset, "recipe": dataclasses.asdict(recipe),
+    ident = {"model": cfg.model, "dataset": cfg.dataset,
+             "recipe": recipes.training_fields(dataclasses.asdict(recipe)),
              "batch_size": cfg.batch_size, "lr": cfg.lr, "train_fraction": cfg.train_fraction,
              "seed": cfg.seed, "weights": weights}
     if cfg.weights_seed is not None:  # absent otherwise, so older runs still resume
         ident["weights_seed"] = cfg.weights_seed
     if (arch := registry.user_architecture(cfg.model)) is not None:  # the user's code may change
         ident["architecture"] = arch
-    if recipe.schedule != "constant":  # the schedule depends on the planned length
+    if recipe.schedule != "constant" or recipe.warmup_epochs:  # lr_at uses the planned length
         ident["epochs"] = cfg.epochs
     return ident
 
@@ -241,11 +242,11 @@ class _Run:
         """Load the saved state; refused when it belongs to other settings."""
         state = checkpoints.read_state(self.state_path, self.out)
         ident = _identity(self.cfg, self.recipe)  # states saved before resolving: as typed
-        if state.get("identity") not in (ident, {**ident, "weights": self.cfg.weights}):
-            raise UserError(f"{self.state_path} belongs to a run with other settings; valid: the "
-                            "same settings as before to resume; fix: restart=True to start over "
-                            f"(replacing {self.out} and its snapshots), or out=PATH and "
-                            "run_dir=PATH both new for a separate run")
+        saved = state.get("identity")  # older states hold all of the recipe, its prose too
+        if isinstance(saved, dict) and saved.get("recipe") is not None:
+            saved = {**saved, "recipe": recipes.training_fields(saved["recipe"])}
+        if saved not in (ident, {**ident, "weights": self.cfg.weights}):
+            raise checkpoints.other_settings(saved, ident, self.state_path, self.out)
         checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
                                 self.meta["init"], self.meta["init_sha256"])
         self.model.load_state_dict(state["model"])
@@ -296,11 +297,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (:func:`_save`) every ``eval_every`` epochs, at the ``snapshots`` epochs, after the last,
     and before a ``time_limit`` would cut the next epoch, which is then not started.
     ``max_steps`` stops mid-epoch without saving, but saves an epoch it ends (tests, smoke
-    runs). Summary keys:
-    checkpoint and manifest (their paths, also for a run finished before), run_dir, log, curve,
-    epochs, epochs_planned, test_accuracy, test_loss, resumed_from, seconds, steps,
-    train_images_per_second, precision, compiled, stopped (None, "max_steps" or "time limit"),
-    stopped_early, snapshots (the epochs kept).
+    runs). Summary keys: checkpoint and manifest (their paths, also for a run finished before),
+    run_dir, log, curve, epochs, epochs_planned, test_accuracy, test_loss, resumed_from (the
+    saved epoch it went on from, or None), finished_before (True: nothing was left to train),
+    seconds, steps, train_images_per_second, precision, compiled, stopped (None, "max_steps" or
+    "time limit"), stopped_early, snapshots (the epochs kept).
     """
     t_start = time.perf_counter()
     registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
@@ -365,7 +366,8 @@ def _first_summary(run: _Run) -> dict[str, Any]:
                                "manifest": str(checkpoints.manifest_path(run.out)),
                                "run_dir": str(run.run_dir), "log": str(run.log_path),
                                "epochs_planned": run.cfg.epochs, "resumed_from": run.resumed_from,
-                               "epochs": run.start_epoch, "precision": run.meta["precision"]}
+                               "epochs": run.start_epoch, "precision": run.meta["precision"],
+                               "finished_before": run.start_epoch >= run.cfg.epochs}
     if run.start_epoch >= run.cfg.epochs:
         last = next((r for r in reversed(checkpoints.read_log(run.log_path))
                      if r.get("test_accuracy") is not None), {})
@@ -455,8 +457,7 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
            "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
              **{k: run.meta[k] for k in ("precision", "init_sha256")},
-             "model": run.model.state_dict(),
-             "optimizer": run.opt.state_dict(), "rng": rng}
+             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

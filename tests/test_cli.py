@@ -384,3 +384,22 @@ def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly(width):
     # second from printing {"error": ...} to the same closed pipe).
     done = _run("-c", _CLOSED_STDOUT, str(width))
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_the_train_summary_says_whether_it_resumed_or_found_the_run_finished(
+        monkeypatch, tmp_path, capsys):
+    # A rerun of a finished run printed "trained 2/2 epochs ..." as if it had trained them.
+    import repsim.train
+    from repsim.cli import main
+
+    summary = {"epochs": 2, "epochs_planned": 2, "test_accuracy": 50.0, "seconds": 1.0,
+               "checkpoint": str(tmp_path / "m.pt"), "log": "log.jsonl", "curve": "c.png",
+               "snapshots": [], "stopped": None}
+    for resumed, finished, start in ((None, False, "trained 2/2 epochs, test"),
+                                     (1, False, "trained 2/2 epochs (resumed from epoch 1), "),
+                                     (2, True, "already finished: 2/2 epochs (nothing trained; "
+                                               "--restart to train again), test")):
+        monkeypatch.setattr(repsim.train, "train", lambda cfg, r=resumed, f=finished: {
+            **summary, "resumed_from": r, "finished_before": f})
+        assert main(["train", "--model", "vit_cifar"]) == 0
+        assert capsys.readouterr().out.startswith(start)

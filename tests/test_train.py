@@ -156,6 +156,18 @@ def test_finished_run_is_not_retrained_nor_resumed_with_other_settings(toy_root,
         train.train(_cfg(toy_root, tmp_path, epochs=1, lr=5e-4))
 
 
+def test_a_state_of_other_settings_names_the_settings_that_differ(toy_root, tmp_path, mlp):
+    # "other settings" alone left the researcher to guess which of a dozen changed.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["recipe"]["cutout"] = 8
+    torch.save(state, tmp_path / "run" / "state.pt")
+    with pytest.raises(UserError, match=r"other settings \(recipe cutout 8, now 0; lr 0\.001, "
+                       r"now 0\.0005\); valid: "):
+        train.train(dataclasses.replace(cfg, lr=5e-4))
+
+
 def test_a_state_of_other_settings_points_to_a_separate_out_and_run_dir(toy_root, tmp_path):
     # A new run_dir alone would start a fresh run that replaces the checkpoint and snapshots
     # at the same out: the fix must name both.
@@ -188,6 +200,55 @@ def test_resuming_a_registered_model_whose_architecture_changed_is_refused(
     assert train.train(cfg)["resumed_from"] == 1
 
 
+def _reworded(monkeypatch, name: str) -> None:
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, name: dataclasses.replace(
+        recipes.RECIPES[name], description="reworded", source="another citation")})
+
+
+def test_an_unfinished_run_resumes_after_its_recipes_prose_is_reworded(toy_root, tmp_path, mlp,
+                                                                      monkeypatch):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2, max_steps=2)
+    train.train(cfg)  # epoch 1 of 2 saved
+    _reworded(monkeypatch, "paper")
+    assert train.train(dataclasses.replace(cfg, max_steps=None))["resumed_from"] == 1
+
+
+def test_a_state_saved_with_the_recipes_prose_in_its_identity_still_resumes(
+        toy_root, tmp_path, mlp, monkeypatch):
+    # States saved before the prose left the identity hold all of the recipe, as worded then.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2, max_steps=2)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    state["identity"]["recipe"] = dataclasses.asdict(recipes.RECIPES["paper"])
+    torch.save(state, tmp_path / "run" / "state.pt")
+    _reworded(monkeypatch, "paper")
+    assert train.train(dataclasses.replace(cfg, max_steps=None))["resumed_from"] == 1
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(recipes.Recipe)
+                                   if f.name not in ("description", "source")])
+def test_every_recipe_field_that_changes_training_is_in_the_run_identity(field, monkeypatch):
+    # "strong" (cosine) with the run's epochs, batch size and lr left to the recipe.
+    base = recipes.RECIPES["strong"]
+    value = getattr(base, field)
+    changed = {bool: lambda v: not v, str: lambda v: v + "x"}.get(type(value), lambda v: v * 2 + 1)
+    cfg = train.TrainConfig(model="vit_cifar", recipe="strong")
+    before = train._identity(*train._resolve(cfg))
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, "strong": dataclasses.replace(
+        base, **{field: changed(value)})})
+    assert train._identity(*train._resolve(cfg)) != before
+
+
+def test_a_constant_schedule_with_a_warm_up_keeps_the_planned_length_in_the_identity(
+        monkeypatch):
+    # The warm-up is cut to half of a short run: the planned length decides its lr.
+    monkeypatch.setattr(recipes, "RECIPES", {**recipes.RECIPES, "warm": dataclasses.replace(
+        recipes.RECIPES["paper"], name="warm", warmup_epochs=3)})
+    idents = [train._identity(*train._resolve(train.TrainConfig(
+        model="vit_cifar", recipe="warm", epochs=e))) for e in (2, 6)]
+    assert idents[0] != idents[1]
+
+
 def test_a_dataset_named_in_capitals_is_the_same_run():
     # CIFAR10 trains on cifar10: its checkpoint is the model's own (checkpoints/vit_cifar.pt),
     # its run resumes a cifar10 one.
@@ -201,6 +262,15 @@ def test_a_finished_run_summary_names_its_manifest(toy_root, tmp_path):
     assert again["manifest"] == first["manifest"] == str(tmp_path / "ck" / "manifest.json")
     rows = json.loads(Path(again["manifest"]).read_text())["checkpoints"]
     assert [r["name"] for r in rows] == ["m"]
+
+
+def test_the_summary_says_whether_the_run_was_finished_before(toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    first = train.train(cfg)
+    again = train.train(cfg)
+    longer = train.train(dataclasses.replace(cfg, epochs=2))  # constant schedule: it goes on
+    assert (first["finished_before"], again["finished_before"]) == (False, True)
+    assert (longer["finished_before"], longer["resumed_from"], longer["epochs"]) == (False, 1, 2)
 
 
 def test_snapshots_asked_of_a_finished_run_are_named_as_lost(toy_root, tmp_path):
