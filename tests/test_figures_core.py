@@ -243,21 +243,20 @@ def test_a_dynamics_panel_without_accuracies_draws_without_a_warning():
         draw.dynamics([m], "t", 0.9).canvas.draw()
 
 
-def test_a_kept_figure_of_other_probe_settings_says_so(tmp_path, monkeypatch):
-    """`repsim figures --n 4` kept a figure built (on a GPU machine) from 8 images and listed
-    it like the others, in the summary and REPORT.md: its numbers passed for the n asked.
-    It is still kept (it cannot be rebuilt here), and both say which settings it is of."""
+@pytest.fixture
+def probe_snap(tmp_path, monkeypatch):
+    """A kind "snap" standing for a figure built on a GPU machine: it reads the probe images
+    and the manifest (of a checkpoint folder of its own). Calling the fixture's value makes
+    its snapshots leave, and changes the manifest so that the figure is looked at again."""
     from repsim.compare import InputUnavailable
-    from repsim.figures.runner import summary_text
 
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    manifest = tmp_path / "ckpt" / "manifest.json"
+    manifest.parent.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(manifest.parent))
+    manifest.write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
     here = {"inputs": True}
 
     def build_snap(spec, ctx):
-        """Reads the probe images; its snapshots then leave (and the manifest changes)."""
         ctx.images(ctx.probe_spec(spec))
         ctx.manifest()
         if not here["inputs"]:
@@ -266,12 +265,24 @@ def test_a_kept_figure_of_other_probe_settings_says_so(tmp_path, monkeypatch):
 
     monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
     figure_kind("snap")(build_snap)
+
+    def leave():
+        here["inputs"] = False
+        manifest.write_text(json.dumps({"checkpoints": []}))
+    return leave
+
+
+def test_a_kept_figure_of_other_probe_settings_says_so(tmp_path, probe_snap):
+    """`repsim figures --n 4` kept a figure built (on a GPU machine) from 8 images and listed
+    it like the others, in the summary and REPORT.md: its numbers passed for the n asked.
+    It is still kept (it cannot be rebuilt here), and both say which settings it is of."""
+    from repsim.figures.runner import summary_text
+
     write(tmp_path / "a", "s", 'kind = "snap"\n[probe]\ndataset = "cifar10-probe"\nn = 8\n')
     run = lambda **o: build_all(tmp_path / "a", tmp_path / "f", overrides=o,  # noqa: E731
                                 progress=False)
     run()
-    here["inputs"] = False
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    probe_snap()
     res = run(n=4, seed=1)
     (kept,) = res["kept"]
     note = "built with n = 8, seed = 0; this run asks n = 4, seed = 1"
@@ -562,38 +573,20 @@ def test_the_prefix_figure_names_no_class_token_in_a_vit_without_one(tmp_path, m
     assert regs["tokens"] == ["0", "1"] and cls["tokens"] == ["0 (cls)", "1", "2"]
 
 
-def test_a_kept_figure_says_when_the_probe_images_it_read_are_not_those_here(tmp_path,
-                                                                             monkeypatch):
+def test_a_kept_figure_says_when_the_probe_images_it_read_are_not_those_here(
+        tmp_path, monkeypatch, probe_snap):
     """A kept build says when the weights it read are not the files here, but not when the
     probe images are not (another copy of the data set, a re-encoded test split): its numbers
     passed for those of the images here."""
     from dataclasses import replace
 
     import repsim.data
-    from repsim.compare import InputUnavailable
     from repsim.figures.runner import summary_text
 
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
-    here = {"inputs": True}
-
-    def build_snap(spec, ctx):
-        """Reads the probe images; its snapshots then leave (and the manifest changes)."""
-        ctx.images(ctx.probe_spec(spec))
-        ctx.manifest()
-        if not here["inputs"]:
-            raise InputUnavailable("no snapshots here")
-        return [ctx.write_text(".txt", "built\n")]
-
-    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
-    figure_kind("snap")(build_snap)
     write(tmp_path / "a", "s", 'kind = "snap"\n[probe]\ndataset = "cifar10-probe"\nn = 4\n')
     run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
     run()
-    here["inputs"] = False
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    probe_snap()
     (kept,) = run()["kept"]
     assert not kept.get("images_changed"), kept  # the same images: nothing to say
     load = repsim.data.load_probe_set
