@@ -695,7 +695,9 @@ def test_a_build_that_stops_halfway_leaves_no_record_that_passes_for_complete(tm
 
 def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, monkeypatch):
     """A kept build is a build of this spec: once the spec changed (here its title), the old
-    files are not presented as its figure; it is skipped, and the report says why."""
+    files are not presented as its figure; it is skipped, and the report says why. Its
+    record stays set aside: putting the spec back (`git checkout analyses/`) keeps the build
+    again (it was deleted, so a GPU machine's build was lost for good)."""
     from repsim.compare import InputUnavailable
 
     here = {"inputs": True}
@@ -716,6 +718,10 @@ def test_a_build_of_another_spec_is_not_kept_when_the_inputs_are_gone(tmp_path, 
     assert [e["name"] for e in res["skipped"]] == ["s"] and not res["kept"]
     report = (tmp_path / "f" / "REPORT.md").read_text()
     assert "## old" not in report and "- `s`: no snapshots here" in report
+    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["kept"]] == ["s"]
+    assert "## old" in (tmp_path / "f" / "REPORT.md").read_text()
 
 
 # ------------------------------------------------------------------ the study's kinds

@@ -408,33 +408,6 @@ def test_a_fix_to_ckas_numbers_rebuilds_the_figures(tmp_path, monkeypatch):
     assert [e["name"] for e in run()["built"]] == ["s"]
 
 
-def test_a_kept_build_survives_a_spec_edited_and_put_back(tmp_path, monkeypatch):
-    """Editing a kept figure's spec (its title, say) skips it, as it should; but its record
-    was deleted, so putting the spec back (`git checkout analyses/`) no longer kept the build
-    made on the GPU machine: it was lost for good."""
-    from repsim.compare import InputUnavailable
-
-    here = {"inputs": True}
-
-    def build_snap(spec, ctx):
-        """Stands for a figure of GPU-machine snapshots: built there, its inputs absent here."""
-        if not here["inputs"]:
-            raise InputUnavailable("no snapshots here")
-        return [ctx.write_text(".txt", f"{spec['title']}\n")]
-
-    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
-    figure_kind("snap")(build_snap)
-    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
-    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
-    run()
-    here["inputs"] = False
-    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "new"\n')
-    assert [e["name"] for e in run()["skipped"]] == ["s"]
-    write(tmp_path / "a", "s", 'kind = "snap"\ntitle = "old"\n')
-    assert [e["name"] for e in run()["kept"]] == ["s"]
-    assert "## old" in (tmp_path / "f" / "REPORT.md").read_text()
-
-
 def test_a_kind_registered_with_one_field_without_its_comma_reads_that_field(tmp_path,
                                                                             monkeypatch):
     """`@figure_kind("mine", fields=("model"))` (a string: the tuple's comma forgotten) made

@@ -51,8 +51,8 @@ def test_a_warning_given_once_per_layer_is_recorded_and_shown_once():
 
     def per_layer():
         for _ in range(3):
-            warnings.warn("the last batch has 2 rows", RuntimeWarning)
-        warnings.warn("another", RuntimeWarning)
+            warnings.warn("the last batch has 2 rows", RuntimeWarning, stacklevel=2)
+        warnings.warn("another", RuntimeWarning, stacklevel=2)
         return 7
 
     with warnings.catch_warnings(record=True) as shown:
