@@ -156,6 +156,20 @@ def test_snapshots_of_a_model_that_stops_changing_give_cka_1_to_the_final_one(st
     assert (tmp_path / "figures" / "some.png").exists()
 
 
+def test_snapshots_listed_by_an_entry_of_other_bytes_than_the_final_file_are_not_read(
+        stopped_run):
+    """The final checkpoint replaced (another run killed before its manifest entry, or a
+    file copied by hand): the entry's snapshots are of another run, yet each was compared
+    with the new final model as if it were its training run."""
+    ck, _, tmp_path = stopped_run
+    shutil.copy(ck / "vit_cifar_snapshots" / "epoch0.pt", ck / "vit_cifar.pt")
+    a = tmp_path / "analyses"
+    write(a, "dyn", 'kind = "dynamics"\nmodels = ["vit_cifar"]\n' + PROBE)
+    (skip,) = build_all(a, tmp_path / "figures", progress=False)["skipped"]
+    assert "its entry's snapshots are not of its checkpoint" in skip["reason"]
+    assert "the manifest lists vit_cifar.pt with sha256" in skip["reason"]
+
+
 def test_the_dynamics_picture_has_a_curve_per_layer_on_a_symlog_epoch_axis(tmp_path):
     from repsim.figures import draw
 

@@ -73,11 +73,14 @@ def _runs(refs: list[ModelRef], ctx) -> tuple[list[tuple], list[dict]]:
         final = weights_file(ref)
         entry = entries.get(final.stem, {}) if final is not None else {}
         snaps = [s for s in entry.get("snapshots") or [] if (folder / s["file"]).is_file()]
-        if final is not None and final.is_file() and snaps:
+        # An entry of other bytes than the final file lists another run's snapshots.
+        stale = ctx.stale(entry) if final is not None and final.is_file() and snaps else None
+        if final is not None and final.is_file() and snaps and not stale:
             runs.append((ref, entry, snaps))
         else:
             missing.append({"model": ref.display(), "checkpoint": final and final.name,
-                            "command": _command(ref, final, entry)})
+                            "command": _command(ref, final, entry),
+                            **({"stale": stale} if stale else {})})
     return runs, missing
 
 
@@ -118,7 +121,9 @@ def build(spec: dict, ctx) -> list[Path]:
     runs, missing = _runs([ctx.model_ref(m, spec) for m in spec["models"]], ctx)
     if not runs:
         raise InputUnavailable(
-            "no training snapshots of " + " or ".join(m["model"] for m in missing)
+            "no training snapshots of " + " or ".join(
+                m["model"] + (f" (its entry's snapshots are not of its checkpoint: "
+                              f"{m['stale']})" if m.get("stale") else "") for m in missing)
             + f" in {ctx.manifest_path.parent}; make each in one run: "
             + "; ".join(f"`{m['command']}`" for m in missing))
     for m in missing:
