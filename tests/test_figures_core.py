@@ -524,10 +524,10 @@ def test_a_fraction_checkpoint_whose_entry_lists_other_bytes_has_no_accuracy(tmp
 def test_the_prefix_figure_names_no_class_token_in_a_vit_without_one(tmp_path, monkeypatch):
     """A ViT of register tokens only (timm class_token=False) had its token 0 labelled
     "0 (cls)" in both panels."""
+    import timm
+
     import repsim
     from repsim import registry
-
-    timm = pytest.importorskip("timm")
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.setenv("REPSIM_CHECKPOINTS", str(tmp_path / "ckpt"))
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "cache"))
@@ -580,12 +580,11 @@ def test_the_prefix_figure_gives_no_accuracy_from_an_entry_of_other_bytes(tmp_pa
     bytes the file held (the entry of a run killed before rewriting it)."""
     import hashlib
 
+    import timm
     import torch
 
     import repsim
     from repsim import registry
-
-    timm = pytest.importorskip("timm")
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     ck = tmp_path / "ckpt"
     ck.mkdir()
