@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -245,12 +245,23 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
+def _record_deps(record: dict) -> Iterator[tuple[dict, Any]]:
+    """A record's inputs as ``(description, fingerprint then)``; a key that is no JSON object
+    (a hand-edited record) is none."""
+    for key, then in (record.get("deps") or {}).items():
+        try:
+            desc = json.loads(key)
+        except ValueError:
+            continue
+        if isinstance(desc, dict):
+            yield desc, then
+
+
 def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
     """For a kept build: each model it read whose weights file here is another file now (by
     sha256), in one line; its numbers are of the file it read, not of the checkpoint here."""
     out = []
-    for key, then in (record.get("deps") or {}).items():
-        desc = json.loads(key)
+    for desc, then in _record_deps(record):
         if desc.get("type") not in ("store", "model") or not isinstance(then, dict):
             continue
         try:
@@ -262,11 +273,10 @@ def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
         if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
             # sha256[@architecture of a registered model]: say which of the two changed
             sha_then, sha_now = then["ref"].partition("@")[0], now.partition("@")[0]
-            line = (f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
-                    f"here {sha_now[:12]})" if sha_then != sha_now else
-                    f"{ref.display()} ({file.name}: the same file, another architecture now)")
-            out += [line] if line not in out else []
-    return out
+            out.append(f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
+                       f"here {sha_now[:12]})" if sha_then != sha_now else
+                       f"{ref.display()} ({file.name}: the same file, another architecture now)")
+    return list(dict.fromkeys(out))
 
 
 def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
@@ -274,9 +284,8 @@ def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
     copy of the data set, a re-encoded split: by sha256), in one line; its numbers are of the
     images it read, not of these."""
     out = []
-    for key, then in (record.get("deps") or {}).items():
+    for desc, then in _record_deps(record):
         try:
-            desc = json.loads(key)
             then = then if desc["type"] == "images" else then.get("images")
             if not isinstance(then, dict) or not isinstance(desc.get("probe"), dict):
                 continue
@@ -285,11 +294,10 @@ def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
             continue  # not here (no data set offline): nothing to compare
         if now != then:
             p = desc["probe"]
-            line = (f"{p.get('dataset')} {p.get('split')} (n = {p.get('n') or 'all'}: it read "
-                    f"sha256 {str(then.get('images_sha256'))[:12]}, here "
-                    f"{str(now.get('images_sha256'))[:12]})")
-            out += [line] if line not in out else []
-    return out
+            out.append(f"{p.get('dataset')} {p.get('split')} (n = {p.get('n') or 'all'}: it "
+                       f"read sha256 {str(then.get('images_sha256'))[:12]}, here "
+                       f"{str(now.get('images_sha256'))[:12]})")
+    return list(dict.fromkeys(out))
 
 
 def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
