@@ -60,13 +60,18 @@ def update_manifest(ckpt_path: Path, entry: dict[str, Any]) -> Path:
         return paths.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def entry_file(entry: dict[str, Any]) -> str:
+    """The checkpoint file a manifest entry lists, relative to the manifest's folder: its
+    ``file``, else ``<name>.pt`` (entries written before files were recorded)."""
+    return str(entry.get("file", f"{entry.get('name')}.pt"))
+
+
 def manifest_entry(ckpt_path: Path) -> dict[str, Any] | None:
     """The entry of the manifest beside ``ckpt_path`` that lists that file; None where there is
     none or no readable manifest (:func:`update_manifest` says why when it next writes)."""
     try:
         rows = json.loads(manifest_path(ckpt_path).read_text())["checkpoints"]
-        return next(r for r in rows if isinstance(r, dict) and ckpt_path.name
-                    == r.get("file", f"{r.get('name')}.pt"))
+        return next(r for r in rows if isinstance(r, dict) and ckpt_path.name == entry_file(r))
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
         return None
 

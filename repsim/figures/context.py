@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from repsim import compare, paths
+from repsim.checkpoints import entry_file
 from repsim.compare import InputUnavailable, ProbeSpec
 from repsim.errors import UserError
 from repsim.weights import checkpoint_dir, sha256_file
@@ -329,7 +330,7 @@ class FigureContext:
         sha = entry.get("sha256") if isinstance(entry, dict) else None
         if not isinstance(sha, str):
             return None
-        path = checkpoint_dir() / str(entry.get("file", f"{entry.get('name')}.pt"))
+        path = checkpoint_dir() / entry_file(entry)
         now = self._sha256(path) if path.is_file() else sha
         if now == sha:
             return None
@@ -344,8 +345,8 @@ class FigureContext:
             rows = (self._value({"type": "manifest"}) or {}).get("checkpoints", [])
         except UserError:  # its load says why
             return {}
-        return {str(e.get("name")): self._sha256(checkpoint_dir() / str(e.get(
-                "file", f"{e.get('name')}.pt"))) for e in rows if self.stale(e)}
+        return {str(e.get("name")): self._sha256(checkpoint_dir() / entry_file(e))
+                for e in rows if self.stale(e)}
 
     def _sha256(self, path: Path) -> str:
         """The file's sha256, hashed once per run while its size and mtime hold."""
@@ -423,7 +424,7 @@ class FigureContext:
         folder, found = checkpoint_dir(), {}
         for e in (self._value({"type": "manifest"}) or {}).get("checkpoints", []):
             name, frac = str(e.get("name", "")), e.get("train_fraction")
-            file = str(e.get("file", f"{name}.pt"))
+            file = entry_file(e)
             if (fnmatch.fnmatchcase(name, d["pattern"]) and e.get("model", d["base"]) == d["base"]
                     and (folder / file).is_file() and isinstance(frac, (int, float))
                     and not isinstance(frac, bool)):
