@@ -130,6 +130,14 @@ def model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def model_input(model: nn.Module, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``x`` on the model's device, floating ``x`` in the dtype of its first floating
+    parameter (numpy's float64 images into a float32 ViT, as :func:`repsim.extract` does)."""
+    t = as_tensor(x).to(model_device(model))
+    want = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return t.to(want) if want is not None and t.is_floating_point() else t
+
+
 # consume(block, q, k, scale, bias): q = q_norm(q), k = k_norm(k), both (B, H, T, d) views of
 # the qkv output the model computed; scale = the one the model applied (attn.scale on timm's
 # explicit path, head_dim ** -0.5 in the fused kernel);
@@ -223,7 +231,7 @@ def attention_maps(model: nn.Module, x: torch.Tensor | np.ndarray,
     order = (list(range(len(attention_modules(model)))) if blocks is None
              else _block_list(blocks))
     with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
-        model(as_tensor(x).to(model_device(model)))
+        model(model_input(model, x))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)
 
 
@@ -245,12 +253,11 @@ def _feed(model: nn.Module, images: np.ndarray | torch.Tensor, consume: Consumer
         raise UserError(f"batch_size={batch_size!r} must be a positive integer, e.g. 64")
     if len(src) == 0:
         raise UserError("no images given; pass at least one")
-    dev = model_device(model)
     bar = tqdm(total=len(src), desc="attention distance", unit="img", disable=not progress)
     with bar, torch.inference_mode(), eval_mode(model), _qk_hooks(model, consume):
         for a in range(0, len(src), batch_size):
-            xb = src[a:a + batch_size].to(dev, non_blocking=True)
-            model(preprocess(spec, xb) if is_uint8 else xb)
+            xb = src[a:a + batch_size].to(model_device(model), non_blocking=True)
+            model(model_input(model, preprocess(spec, xb) if is_uint8 else xb))
             bar.update(len(xb))
 
 

@@ -693,3 +693,16 @@ def test_blocks_that_is_not_a_list_of_numbers_is_refused_naming_blocks(blocks):
     with pytest.raises(UserError, match=r"blocks=.* must be a list of block numbers"):
         with A.capture_attention(model, blocks):
             model(x)
+
+
+def test_float64_inputs_are_measured_in_the_models_own_dtype():
+    # numpy's default float64 images raised RuntimeError "Input type (double) and bias type
+    # (float) should be the same" from every measurement; extract casts them, and so do these.
+    model = _tiny_vit()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x64 = x.double().numpy()
+    np.testing.assert_array_equal(A.attention_maps(model, x64), A.attention_maps(model, x))
+    np.testing.assert_array_equal(A.attention_distance(model, x64, batch_size=2),
+                                  A.attention_distance(model, x, batch_size=2))
+    np.testing.assert_array_equal(A.prefix_attention_mass(model, x.double()),
+                                  A.prefix_attention_mass(model, x))
