@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim import cka
-from repsim.attention import TokenGrid, model_device, token_grid
+from repsim.attention import TokenGrid, model_input, token_grid
 from repsim.errors import UserError, is_whole
 from repsim.hooks import as_tensor
 
@@ -64,13 +64,13 @@ def grid_features(model: nn.Module, x: torch.Tensor | np.ndarray, grid: tuple[in
     from repsim.hooks import capture, eval_mode
 
     _check_batch(batch_size, "batch_size")
-    dev, x = model_device(model), as_tensor(x)
+    x = as_tensor(x)
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), capture(model, layers, reduce=None, spec=spec) as cap:
         k = cap.n_prefix if n_prefix is None else n_prefix
         ks = {name: 0 if m in cap.prefixless else k for name, m in cap.modules.items()}
         for a in range(0, len(x), batch_size):
-            model(x[a:a + batch_size].to(dev))
+            model(model_input(model, x[a:a + batch_size]))
             for name, out in cap.collect().items():
                 if cap.channels_last and out.dim() == 4:  # as capture refuses reduce='mean'
                     raise UserError(f"layer {name!r}: this model says its maps are channels "

@@ -347,3 +347,14 @@ def test_numpy_images_measure_as_their_tensor(images):
     want = L.measure(vit, x, cnn, x, **kw)
     np.testing.assert_array_equal(got.maps, want.maps)
     np.testing.assert_array_equal(got.position.matrix, want.position.matrix)
+
+
+def test_float64_images_measure_as_their_float32_copy(images):
+    # numpy's default float64 raised RuntimeError "Input type (double) and bias type (float)
+    # should be the same" from the forward pass; repsim.extract casts them, and so does this.
+    vit, cnn, x = CopyViT(), PatchCNN(), images[:8]
+    kw = dict(vit_layers="blocks.0", cnn_layers="native", estimator="biased")
+    got = L.measure(vit, x.double().numpy(), cnn, x.double().numpy(), **kw)
+    want = L.measure(vit, x, cnn, x, **kw)
+    np.testing.assert_allclose(got.maps, want.maps, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got.position.matrix, want.position.matrix, rtol=0, atol=1e-6)
