@@ -77,6 +77,18 @@ def test_a_numpy_batch_gives_the_maps_of_its_tensor():
     np.testing.assert_array_equal(got.channels, want.channels)
 
 
+def test_float64_images_give_the_maps_of_their_float32_copy():
+    # numpy's default float64 raised RuntimeError "Input type (double) and bias type (float)
+    # should be the same"; repsim.extract casts them to the module's dtype, and so does this.
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = FM.feature_maps(cnn, x.double().numpy(), ["1"], top=3)["1"]
+    want = FM.feature_maps(cnn, x, ["1"], top=3)["1"]
+    np.testing.assert_array_equal(got.maps, want.maps)
+    np.testing.assert_array_equal(got.channels, want.channels)
+
+
 def test_stages_given_as_one_string_are_layer_names_not_letters():
     # feature_maps(cnn, x, "1") worked by luck; "conv" was read letter by letter and refused
     # as "layers='c' matches nothing", and "conv,act" the same.

@@ -42,13 +42,13 @@ def stage_activations(model: nn.Module, x: torch.Tensor | np.ndarray,
     tensor or array), in eval mode (BatchNorm on its running statistics, which stay as they
     were); UserError when a stage's output is not a 4-D feature map (e.g. a ViT block) or the
     model says its maps are channels last."""
-    from repsim.attention import model_device
-    from repsim.hooks import as_tensor, capture, eval_mode
+    from repsim.attention import model_input
+    from repsim.hooks import capture, eval_mode
 
     # A string is capture's own "a,b" request; list() would read it letter by letter.
     request = stages if isinstance(stages, str) else list(stages)
     with torch.inference_mode(), eval_mode(model), capture(model, request, reduce=None) as cap:
-        model(as_tensor(x).to(model_device(model)))
+        model(model_input(model, x))
         outputs = cap.collect(len(x))  # every stage ran once, samples first
     for name, a in outputs.items():
         if cap.channels_last and a.ndim == 4:  # as repsim.locality: (B, H, W, C) or not?
