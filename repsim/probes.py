@@ -152,6 +152,14 @@ def _rows(fit_rows: Any, n: int) -> np.ndarray | None:
     return np.unique(rows % n)
 
 
+def _epsilon(x: Any) -> float:
+    """The machine epsilon of ``x``'s dtype; 0 for integers, which hold their values exactly."""
+    dtype = x.dtype if isinstance(x, torch.Tensor | np.ndarray) else np.asarray(x).dtype
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
+    return float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+
+
 def remove_top_pcs(x: Any, k: int, *, fit_rows: Any = None) -> np.ndarray:
     """``x`` ``(n, p)`` centred, minus its top-``k`` principal components: float64 ``(n, p)``,
     ``X - U_k S_k V_k'`` for the centred ``X = U S V'`` (``k = 0``: ``x`` centred).
@@ -188,9 +196,12 @@ def remove_top_pcs(x: Any, k: int, *, fit_rows: Any = None) -> np.ndarray:
     # k at or above the rank of the fitting rows leaves only rounding noise of theirs, which
     # standardise() would blow up to unit scale for the probe and CKA read as signal, and the
     # components beyond that rank are arbitrary directions, so no row has a defined rest:
-    # it is nothing, zeros. 1e-9: far above float64 rounding, far below float32 precision.
+    # it is nothing, zeros. 1e-9: far above float64 rounding. A float32 (or float16) input
+    # was rounded before it came here: about 0.3 eps of each raw value, far above 1e-9 (a
+    # float32 low-rank layer left ~1e-8 of its norm), so 4 eps of the raw rows' norm too.
+    cut = max(1e-9 * float(fc.norm()), 4 * _epsilon(x) * float(fit.norm()))
     left = out if rows is None else out[torch.as_tensor(rows, device=t.device)]
-    if float(left.norm()) <= 1e-9 * float(fc.norm()):
+    if float(left.norm()) <= cut:
         out = torch.zeros_like(out)
     return out.cpu().numpy()
 

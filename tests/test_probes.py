@@ -282,6 +282,25 @@ def test_deleting_every_component_of_a_low_rank_layer_leaves_zeros_not_rounding_
     assert np.isnan(res.self_cka[1, 1])
 
 
+def test_a_float32_low_rank_layer_loses_everything_as_its_float64_copy_does():
+    # A rank-3 float32 layer of width 20 minus its top 3 components left its float32 rounding
+    # (~1e-8 of its norm, above the float64-sized cut): the probe scored that noise (0.34 and
+    # 0.30 on four classes where the float64 copy gave 0.25) and CKA read -0.04 for NaN.
+    g = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)
+    x = ((g.standard_normal((4, 3))[y] + g.standard_normal((200, 3)))
+         @ g.standard_normal((3, 20))).astype(np.float32)
+    train = np.arange(0, 200, 2)
+    for fit_rows in (None, train):
+        np.testing.assert_array_equal(remove_top_pcs(x, 3, fit_rows=fit_rows), np.zeros(x.shape))
+        np.testing.assert_array_equal(remove_top_pcs(x + 100, 3, fit_rows=fit_rows),  # rounded
+                                      np.zeros(x.shape))  # relative to 100, not to the spread
+        np.testing.assert_array_equal(remove_top_pcs(torch.from_numpy(x), 3, fit_rows=fit_rows),
+                                      np.zeros(x.shape))
+    kept = remove_top_pcs(x, 2)  # one real component is left, and kept
+    assert np.linalg.norm(kept) > 0.01 * np.linalg.norm(x - x.mean(0))
+
+
 def test_the_probes_deletion_is_fitted_on_the_training_rows_only():
     # Training rows: the class on axis 0 (+-1), a larger class-free spread on axis 1 (+-3);
     # test rows: the class at +-10 on axis 0, nothing on axis 1. The training rows' top
