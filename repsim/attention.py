@@ -60,7 +60,9 @@ class ViTGeometry(TokenGrid):
 
 
 def _pair(v: int | float | Sequence) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    # a numpy array too: a grid read back from a saved .npz is np.array([gh, gw])
+    pair = isinstance(v, tuple | list) or isinstance(v, np.ndarray) and v.ndim > 0
+    return tuple(v) if pair else (v, v)
 
 
 def token_grid(model: nn.Module) -> TokenGrid:

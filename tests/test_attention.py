@@ -706,3 +706,16 @@ def test_float64_inputs_are_measured_in_the_models_own_dtype():
                                   A.attention_distance(model, x, batch_size=2))
     np.testing.assert_array_equal(A.prefix_attention_mass(model, x.double()),
                                   A.prefix_attention_mass(model, x))
+
+
+def test_a_grid_and_patch_size_given_as_numpy_arrays_are_read_as_pairs():
+    # np.array([2, 2]) (a grid read back from a saved .npz) raised TypeError "only
+    # 0-dimensional arrays can be converted to Python scalars" in every grid function.
+    attn = np.full((1, 1, 5, 5), 0.2)
+    want = A.mean_attention_distance(attn, (2, 2), (4, 4))
+    np.testing.assert_array_equal(
+        A.mean_attention_distance(attn, np.array([2, 2]), np.array([4, 4])), want)
+    np.testing.assert_array_equal(A.token_maps(attn, np.array([2, 2])),
+                                  A.token_maps(attn, (2, 2)))
+    np.testing.assert_array_equal(A.distance_matrix(np.array([2, 2]), np.int64(4)),
+                                  A.distance_matrix((2, 2), 4))
