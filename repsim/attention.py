@@ -228,10 +228,14 @@ def capture_attention(model: nn.Module, blocks: Sequence[int] | None = None
 def attention_maps(model: nn.Module, x: torch.Tensor | np.ndarray,
                    blocks: Sequence[int] | None = None) -> np.ndarray:
     """``(B, L, H, T, T)`` float32 attention of ``blocks`` (default all) for the preprocessed
-    batch ``x`` ``(B, 3, S, S)``, a tensor or array (moved to the model's device), in eval
-    mode. Rows sum to 1."""
+    batch ``x`` ``(B, 3, S, S)``, a tensor or array (:func:`model_input`: on the model's
+    device, in its dtype), in eval mode. Rows sum to 1. UserError for uint8 pixels."""
     order = (list(range(len(attention_modules(model)))) if blocks is None
              else _block_list(blocks))
+    x = as_tensor(x)
+    if x.dtype == torch.uint8:  # a timm ViT refuses them, in an assertion on the shape
+        raise UserError(f"images are uint8 pixels of shape {tuple(x.shape)}; pass preprocessed "
+                        "float images (n, 3, S, S): repsim.models.preprocess(spec, images)")
     with torch.inference_mode(), eval_mode(model), capture_attention(model, order) as maps:
         model(model_input(model, x))
     return np.stack([maps[i].float().numpy() for i in order], axis=1)

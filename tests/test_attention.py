@@ -719,3 +719,13 @@ def test_a_grid_and_patch_size_given_as_numpy_arrays_are_read_as_pairs():
                                   A.token_maps(attn, (2, 2)))
     np.testing.assert_array_equal(A.distance_matrix(np.array([2, 2]), np.int64(4)),
                                   A.distance_matrix((2, 2), 4))
+
+
+def test_attention_maps_of_uint8_pixels_is_a_user_error_saying_what_to_pass():
+    # The probe set's (n, H, W, 3) uint8 images raised timm's AssertionError "Input width (3)
+    # doesn't match model (16)"; (n, 3, H, W) uint8 a RuntimeError on the input type.
+    model = _tiny_vit()
+    nchw = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    for images in (np.zeros((2, 16, 16, 3), np.uint8), nchw):
+        with pytest.raises(UserError, match=r"uint8 .*pass preprocessed float images"):
+            A.attention_maps(model, images)
