@@ -22,7 +22,6 @@ never clamped: a negative debiased value is an honest estimate.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -251,13 +250,8 @@ class MinibatchCKA:
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
         sketch.check_options(kernel, sketch.estimator_of(debiased), threshold, None)
-        meds = (median_sqdist_a, median_sqdist_b)  # numbers, one per layer (a NaN is none)
-        if kernel == "rbf" and not (all(np.ndim(m) == 1 for m in meds) and all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
-                for m in meds for v in m)):
-            raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
-                             "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
-                             f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
+        if kernel == "rbf":
+            sketch.check_medians(median_sqdist_a, median_sqdist_b)
         self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
@@ -471,7 +465,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     # Not >= 0: rbf_bandwidths' median of duplicate rows can round below 0 (a dead layer).
-    if kernel == "rbf" and not isinstance(median_sqdist, numbers.Real):
+    if kernel == "rbf" and not sketch.finite_real(median_sqdist):
         raise ValueError(f"median_sqdist={median_sqdist!r} is no median squared distance; "
                          "kernel='rbf' needs one number for this layer, e.g. "
                          "rbf_bandwidths([x])[0]")

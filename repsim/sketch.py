@@ -120,12 +120,12 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is unknown; valid estimators: "
                          f"{', '.join(ESTIMATORS)}")
-    if kernel == "rbf" and not (_real(threshold) and threshold > 0):
+    if kernel == "rbf" and not (finite_real(threshold) and threshold > 0):
         raise ValueError(f"threshold={threshold!r} must be a positive number")
     if estimator != "minibatch":
         return None
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if not _real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
+    if not finite_real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
         raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
                          f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
     return int(batch_size)
@@ -140,10 +140,20 @@ def estimator_of(debiased: Any) -> str:
     return "debiased" if debiased else "biased"
 
 
-def _real(v: Any) -> bool:
+def finite_real(v: Any) -> bool:
     """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
     comparing or converting a setting, which a str, None or a list would make a TypeError."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_medians(median_sqdist_a: Any, median_sqdist_b: Any) -> None:
+    """ValueError unless each is a sequence of :func:`finite_real` numbers, one layer's median
+    squared distance each (an infinite one: an all-ones Gram, CKA NaN, silently)."""
+    meds = (median_sqdist_a, median_sqdist_b)
+    if not (all(np.ndim(m) == 1 for m in meds) and all(finite_real(v) for m in meds for v in m)):
+        raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
+                         "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
+                         f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
 
 
 def min_rows(estimator: str) -> int:

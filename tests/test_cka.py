@@ -592,7 +592,7 @@ def test_a_layer_sketch_of_no_matrix_is_refused_like_compare(shape):
         cka.layer_sketch(x)
 
 
-@pytest.mark.parametrize("med", [[2.0], "2", None])
+@pytest.mark.parametrize("med", [[2.0], "2", None, float("inf"), float("nan"), True])
 def test_a_layer_sketch_with_no_median_sqdist_number_is_refused(med):
     # rbf_bandwidths' list (one layer's: [2.0]) raised TypeError "can't multiply sequence"
     x = np.random.default_rng(0).standard_normal((20, 3))
@@ -733,7 +733,8 @@ def test_a_numpy_bool_debiased_flag_is_taken():
     assert cka.linear_cka(x, y, debiased=np.bool_(False)) == cka.linear_cka(x, y, debiased=False)
 
 
-@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True]])
+@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True], [float("inf")],
+                                 [-np.inf]])
 def test_an_rbf_accumulator_given_a_median_that_is_no_number_is_refused(med):
     # "2.0" (read from a text file) and None (a NaN bandwidth after to_dict) raised TypeErrors
     # at the first update; NaN warned of a zero median; True computed with a median of 1
@@ -749,3 +750,15 @@ def test_a_matrix_compared_with_itself_has_cka_exactly_one(rng, call):
     # linear_cka(x, x), the first check a researcher makes, read 0.9999999999999996 or
     # 1.0000000000000002: only the same feature-set object was known to be a self-comparison
     assert call(rng.standard_normal((262, 10))) == 1.0
+
+
+@pytest.mark.parametrize("med", [float("inf"), float("nan"), "2", True])
+def test_the_accumulator_and_layer_sketch_refuse_the_same_medians(med):
+    # median_sqdist_b=[inf] passed the accumulator (an all-ones Gram: CKA NaN, silently) and
+    # layer_sketch (a sketch of zeros); both now check medians as sketch.check_options checks
+    # a threshold: a finite real number, not a bool
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(ValueError, match="median"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[med])
+    with pytest.raises(ValueError, match="median"):
+        cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
