@@ -155,6 +155,7 @@ def _load(name: str, src: Any, device: torch.device, resident: bool,
         layer.dead = sketch.ZERO_BANDWIDTH
     elif sigma2 is not None:  # every RBF tile needs them
         layer.sq = torch.cat([(layer.rows(a, b, device) ** 2).sum(1) for a, b in blocks])
+        sketch.check_spread(name, float(layer.sq.max()))
     return layer
 
 
@@ -439,8 +440,11 @@ def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
     names, mats, _ = feature_set(feats, "a")
     dev, out = pick_device(mats, device), []
     for name, m in zip(names, mats):
-        x = _load(name, take(m, rows), dev, True, rows).x  # centred; non-finite: ValueError
-        out.append(_median(_sqdist(x, x).flatten()))
+        L = _load(name, take(m, rows), dev, True, rows)  # centred; non-finite: ValueError
+        sq = (L.x * L.x).sum(1)
+        out.append(_median(_sqdist(L.x, L.x, norms=(sq, sq)).flatten()))
+        if not L.dead:  # a constant layer's median is 0 (or rounding): its NaN is explained
+            sketch.check_spread(name, float(sq.max()), out[-1])
     return out
 
 

@@ -295,6 +295,25 @@ def warn_identity(threshold: float, layers: str, stacklevel: int) -> None:
                   RuntimeWarning, stacklevel=stacklevel)
 
 
+def check_spread(name: str, sq_max: float, median: float | None = None) -> None:
+    """ValueError unless layer ``name``'s RBF squared distances fit float64: ``sq_max``, its
+    largest squared centred row norm, bounds them by ``4 sq_max``, which must not overflow;
+    its ``median`` squared distance, if given, must not underflow (a subnormal median, or 0
+    from squares that are all subnormal: not a zero bandwidth of identical rows)."""
+    tiny, top, norm = np.finfo(np.float64).tiny, np.finfo(np.float64).max / 4, \
+        f"its largest squared centred row norm is {sq_max:.1e}"
+    if not sq_max <= top:
+        what, fix = f"overflow float64 ({norm}, above {top:.1e})", "divide"
+    elif median is not None and median < tiny and (median > 0 or sq_max < tiny):
+        what, fix = f"underflow float64 (their median is {median:.1e}, below {tiny:.1e}; {norm})", \
+            "multiply"
+    else:
+        return
+    raise ValueError(f"layer {name!r}: squared distances between its rows {what}, so its RBF "
+                     f"CKA cannot be computed; {fix} its features by a constant (RBF CKA does "
+                     "not depend on their scale)")
+
+
 # Why a layer's CKA values are NaN; the engine (repsim.cka) and cached sketches say the same.
 ZERO_VARIANCE = "has zero variance (every row is identical)"
 ZERO_BANDWIDTH = "has a zero median squared distance, so its RBF bandwidth is zero"

@@ -762,3 +762,51 @@ def test_the_accumulator_and_layer_sketch_refuse_the_same_medians(med):
         cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[med])
     with pytest.raises(ValueError, match="median"):
         cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e150])
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_rbf_cka_is_scale_invariant_while_squared_distances_fit_float64(rng, scale, estimator):
+    x = rng.standard_normal((30, 5))
+    y = x[:, :3] + rng.standard_normal((30, 3))
+    got = cka.rbf_cka(x * scale, y) if estimator == "debiased" else cka.cka_matrix(
+        [x * scale], [y], kernel="rbf", batch_size=10)[0, 0]
+    want = cka.rbf_cka(x, y) if estimator == "debiased" else cka.cka_matrix(
+        [x], [y], kernel="rbf", batch_size=10)[0, 0]
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e155, 1e160, 1e300])
+def test_rbf_features_whose_squared_distances_overflow_are_refused_naming_the_scale(rng, scale):
+    # x * 1e160: |x_i - x_j|^2 ~ 1e320 is inf - inf = NaN, so the median was NaN and
+    # MinibatchCKA blamed the caller: "kernel='rbf' needs fixed bandwidths: pass median_sqdist_a"
+    x = rng.standard_normal((30, 5))
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* overflow "
+                                         r"float64 .*largest .*divide its features"):
+        cka.rbf_cka(x * scale, x)
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-170])
+def test_rbf_features_whose_squared_distances_underflow_are_refused_naming_the_scale(rng, scale):
+    # 1e-160: a subnormal median (9e-320) made every Gram NaN, blamed on "threshold=1";
+    # 1e-170: every distance 0, blamed on "a zero median squared distance" of distinct rows
+    x = rng.standard_normal((30, 5))
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* underflow "
+                                         r"float64 .*largest .*multiply its features"):
+        cka.rbf_cka(x * scale, x)
+
+
+def test_an_rbf_layer_of_mostly_identical_rows_still_has_a_zero_bandwidth(rng):
+    # a median of 0 from duplicate rows (not from underflow) keeps its reason
+    x = np.zeros((30, 4))
+    x[:5] = rng.standard_normal((5, 4))
+    with pytest.warns(RuntimeWarning, match="zero median squared distance"):
+        assert np.isnan(cka.rbf_cka(x, rng.standard_normal((30, 3))))
+
+
+def test_an_rbf_accumulator_refuses_a_batch_whose_squared_distances_overflow(rng):
+    # a finite median from elsewhere, then a batch at 1e160: its Gram was NaN, silently
+    x = rng.standard_normal((20, 3))
+    acc = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[1.0])
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* overflow"):
+        acc.update([x * 1e160], [x])
