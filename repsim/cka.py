@@ -397,8 +397,9 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         mats_a, mats_b = both[:len(mats_a)], both if same else both[len(mats_a):]
     if kernel == "rbf":
         rows = sketch.bandwidth_rows(n, estimator)
-        res.bandwidths_a = rbf_bandwidths(mats_a, rows, dev)
-        res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(mats_b, rows, dev)
+        res.bandwidths_a = rbf_bandwidths(dict(zip(names_a, mats_a)), rows, dev)  # names: errors
+        res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(
+            dict(zip(names_b, mats_b)), rows, dev)
     acc = MinibatchCKA(kernel=kernel, debiased=estimator != "biased", threshold=threshold,
                        median_sqdist_a=res.bandwidths_a, median_sqdist_b=res.bandwidths_b,
                        device=dev, memory_budget=budget)

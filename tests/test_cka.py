@@ -810,3 +810,14 @@ def test_an_rbf_accumulator_refuses_a_batch_whose_squared_distances_overflow(rng
     acc = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[1.0])
     with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* overflow"):
         acc.update([x * 1e160], [x])
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_rbf_errors_name_the_layer_of_either_side_as_given(rng, estimator):
+    # the bandwidths were found on bare lists of matrices: B's layer 'm1' was called 'a[0]'
+    x, y = rng.standard_normal((2, 20, 3))
+    y[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"layer 'm1' has non-finite values \(first at row 3\)"):
+        cka.compare({"l1": x}, {"m1": y}, kernel="rbf", estimator=estimator, batch_size=8)
+    with pytest.raises(ValueError, match=r"layer 'b\[0\]'.*overflow"):
+        cka.rbf_cka(x, x * 1e160)
