@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
+from repsim.errors import finite_real
 from repsim.features import (
     default_memory_budget,
     feature_set,
@@ -470,7 +471,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     # Not >= 0: rbf_bandwidths' median of duplicate rows can round below 0 (a dead layer).
-    if kernel == "rbf" and not sketch.finite_real(median_sqdist):
+    if kernel == "rbf" and not finite_real(median_sqdist):
         raise ValueError(f"median_sqdist={median_sqdist!r} is no median squared distance; "
                          "kernel='rbf' needs one number for this layer, e.g. "
                          "rbf_bandwidths([x])[0]")

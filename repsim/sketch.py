@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from repsim.errors import is_whole
+from repsim.errors import finite_real, is_whole
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
@@ -138,12 +138,6 @@ def estimator_of(debiased: Any) -> str:
         raise ValueError(f"debiased={debiased!r} must be True or False (the unbiased HSIC "
                          "estimator, or the biased one)")
     return "debiased" if debiased else "biased"
-
-
-def finite_real(v: Any) -> bool:
-    """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
-    comparing or converting a setting, which a str, None or a list would make a TypeError."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_medians(median_sqdist_a: Any, median_sqdist_b: Any) -> None:
