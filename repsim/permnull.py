@@ -48,6 +48,10 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
             num = num + torch.bmm(rows.view(len(fb), CHUNK, -1).transpose(1, 2), fb).sum(0)
         null[t] = (num / den).cpu()
     null = null.numpy()
+    # A self-comparison (equal Grams on both sides, as `repsim cka --a M --b M` passes them):
+    # cells (i, j) and (j, i) are one pair, so they share one null sample, the upper triangle's.
+    if len(ca[0]) == len(cb[0]) and all(torch.equal(a, b) for a, b in zip(ca, cb)):
+        null = np.triu(null) + np.triu(null, 1).swapaxes(1, 2)
     reached = null >= observed[None] - 1e-12  # a tie up to rounding reaches the observed
     # A NaN cell (a dead layer) reaches nothing: without this its p-value would be the least.
     p_value = np.where(np.isnan(observed), np.nan, (1 + reached.sum(0)) / (1 + permutations))
