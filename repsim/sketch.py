@@ -31,7 +31,9 @@ DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
 # layer sketches hold for the same inputs: cached results and sketches are keyed on it
 # (repsim.compare), so those made before the fix are made again, not reused. Here, not in
 # repsim.cka, so that the cached path can read it without importing torch.
-CONTENT_VERSION = 2  # 2: minibatch n_over_pr per batch; influence ranks NaN rows first
+# 2: minibatch n_over_pr per batch; influence ranks NaN rows first; 3: a self-comparison's
+# permutation null is symmetric
+CONTENT_VERSION = 3
 
 
 @dataclass
