@@ -438,7 +438,8 @@ def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = True) ->
 def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
                    device: str | torch.device | None = None) -> list[float]:
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
-    diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
+    diagonal included; ValueError if they over- or underflow float64 (:func:`sketch.check_spread`)
+    or a value is not finite. Needs one ``len(rows)^2`` float64 matrix at a time."""
     names, mats, _ = feature_set(feats, "a")
     dev, out = pick_device(mats, device), []
     for name, m in zip(names, mats):
