@@ -15,7 +15,9 @@ CHUNK = 512  # triangle entries per product in the permutation null
 def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: np.ndarray,
                      permutations: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Permutation null of CKA from centred Grams (:func:`repsim.cka.centre`), one
-    ``(L, m, m)`` pair per batch; each permutation reorders A's rows within every batch.
+    ``(L, m, m)`` pair per batch; each permutation reorders one side's rows within every
+    batch (A's, or B's if it has fewer layers); a self-comparison's cells (i, j) and (j, i)
+    share one null.
     Per cell: ``p_value`` ``(1 + #{null >= observed}) / (1 + permutations)``, ``null_mean``,
     ``null_q95``."""
     if len(ca[0]) > len(cb[0]):  # re-index the side with fewer layers
