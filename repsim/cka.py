@@ -22,7 +22,6 @@ never clamped: a negative debiased value is an honest estimate.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from repsim import sketch
+from repsim.errors import finite_real
 from repsim.features import (
     default_memory_budget,
     feature_set,
@@ -156,6 +156,7 @@ def _load(name: str, src: Any, device: torch.device, resident: bool,
         layer.dead = sketch.ZERO_BANDWIDTH
     elif sigma2 is not None:  # every RBF tile needs them
         layer.sq = torch.cat([(layer.rows(a, b, device) ** 2).sum(1) for a, b in blocks])
+        sketch.check_spread(name, float(layer.sq.max()))
     return layer
 
 
@@ -251,13 +252,8 @@ class MinibatchCKA:
                  device: str | torch.device | None = None,
                  memory_budget: int | None = None) -> None:
         sketch.check_options(kernel, sketch.estimator_of(debiased), threshold, None)
-        meds = (median_sqdist_a, median_sqdist_b)  # numbers, one per layer (a NaN is none)
-        if kernel == "rbf" and not (all(np.ndim(m) == 1 for m in meds) and all(
-                isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
-                for m in meds for v in m)):
-            raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
-                             "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
-                             f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
+        if kernel == "rbf":
+            sketch.check_medians(median_sqdist_a, median_sqdist_b)
         self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
         self.sigma2 = [None if m is None or kernel == "linear" else
@@ -402,8 +398,9 @@ def compare(feats_a: Any, feats_b: Any, *, kernel: str = "linear", estimator: st
         mats_a, mats_b = both[:len(mats_a)], both if same else both[len(mats_a):]
     if kernel == "rbf":
         rows = sketch.bandwidth_rows(n, estimator)
-        res.bandwidths_a = rbf_bandwidths(mats_a, rows, dev)
-        res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(mats_b, rows, dev)
+        res.bandwidths_a = rbf_bandwidths(dict(zip(names_a, mats_a)), rows, dev)  # names: errors
+        res.bandwidths_b = res.bandwidths_a if same else rbf_bandwidths(
+            dict(zip(names_b, mats_b)), rows, dev)
     acc = MinibatchCKA(kernel=kernel, debiased=estimator != "biased", threshold=threshold,
                        median_sqdist_a=res.bandwidths_a, median_sqdist_b=res.bandwidths_b,
                        device=dev, memory_budget=budget)
@@ -441,12 +438,16 @@ def rbf_cka(x: Any, y: Any, *, threshold: float = 1.0, debiased: bool = True) ->
 def rbf_bandwidths(feats: Any, rows: np.ndarray | None = None,
                    device: str | torch.device | None = None) -> list[float]:
     """Median squared distance per layer over ``rows`` (increasing indices; default all),
-    diagonal included. Needs one ``len(rows)^2`` float64 matrix at a time."""
+    diagonal included; ValueError if they over- or underflow float64 (:func:`sketch.check_spread`)
+    or a value is not finite. Needs one ``len(rows)^2`` float64 matrix at a time."""
     names, mats, _ = feature_set(feats, "a")
     dev, out = pick_device(mats, device), []
     for name, m in zip(names, mats):
-        x = _load(name, take(m, rows), dev, True, rows).x  # centred; non-finite: ValueError
-        out.append(_median(_sqdist(x, x).flatten()))
+        L = _load(name, take(m, rows), dev, True, rows)  # centred; non-finite: ValueError
+        sq = (L.x * L.x).sum(1)
+        out.append(_median(_sqdist(L.x, L.x, norms=(sq, sq)).flatten()))
+        if not L.dead:  # a constant layer's median is 0 (or rounding): its NaN is explained
+            sketch.check_spread(name, float(sq.max()), out[-1])
     return out
 
 
@@ -471,7 +472,7 @@ def layer_sketch(x: Any, *, kernel: str = "linear", estimator: str = DEFAULT,
     sample for minibatch). Non-finite input raises ValueError; a constant batch adds zeros."""
     batch_size = sketch.check_options(kernel, estimator, threshold, batch_size)
     # Not >= 0: rbf_bandwidths' median of duplicate rows can round below 0 (a dead layer).
-    if kernel == "rbf" and not isinstance(median_sqdist, numbers.Real):
+    if kernel == "rbf" and not finite_real(median_sqdist):
         raise ValueError(f"median_sqdist={median_sqdist!r} is no median squared distance; "
                          "kernel='rbf' needs one number for this layer, e.g. "
                          "rbf_bandwidths([x])[0]")

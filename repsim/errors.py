@@ -5,6 +5,7 @@ argument a notebook user passed; the CLI prints them as flags (:func:`as_flags`)
 """
 
 import errno
+import math
 import numbers
 import os
 import re
@@ -27,6 +28,12 @@ def is_whole(v: object, minimum: int = 1) -> bool:
     """Whether ``v`` is an integer (numpy's too) >= ``minimum``, the check for counts, sizes
     and seeds; a bool is none (True would pass for 1)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
+def finite_real(v: object) -> bool:
+    """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
+    comparing or converting a setting, which a str, None or a list would make a TypeError."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def size_text(nbytes: int) -> str:

@@ -15,7 +15,9 @@ CHUNK = 512  # triangle entries per product in the permutation null
 def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: np.ndarray,
                      permutations: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Permutation null of CKA from centred Grams (:func:`repsim.cka.centre`), one
-    ``(L, m, m)`` pair per batch; each permutation reorders A's rows within every batch.
+    ``(L, m, m)`` pair per batch; each permutation reorders one side's rows within every
+    batch (A's, or B's if it has fewer layers); a self-comparison's cells (i, j) and (j, i)
+    share one null.
     Per cell: ``p_value`` ``(1 + #{null >= observed}) / (1 + permutations)``, ``null_mean``,
     ``null_q95``."""
     if len(ca[0]) > len(cb[0]):  # re-index the side with fewer layers
@@ -48,6 +50,10 @@ def permutation_null(ca: list[torch.Tensor], cb: list[torch.Tensor], observed: n
             num = num + torch.bmm(rows.view(len(fb), CHUNK, -1).transpose(1, 2), fb).sum(0)
         null[t] = (num / den).cpu()
     null = null.numpy()
+    # A self-comparison (equal Grams on both sides, as `repsim cka --a M --b M` passes them):
+    # cells (i, j) and (j, i) are one pair, so they share one null sample, the upper triangle's.
+    if len(ca[0]) == len(cb[0]) and all(torch.equal(a, b) for a, b in zip(ca, cb)):
+        null = np.triu(null) + np.triu(null, 1).swapaxes(1, 2)
     reached = null >= observed[None] - 1e-12  # a tie up to rounding reaches the observed
     # A NaN cell (a dead layer) reaches nothing: without this its p-value would be the least.
     p_value = np.where(np.isnan(observed), np.nan, (1 + reached.sum(0)) / (1 + permutations))

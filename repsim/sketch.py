@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from repsim.errors import is_whole
+from repsim.errors import finite_real, is_whole
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "debiased", "minibatch")
@@ -31,7 +31,9 @@ DEFAULT_ESTIMATOR, DEFAULT_BATCH_SIZE = "minibatch", 1024
 # layer sketches hold for the same inputs: cached results and sketches are keyed on it
 # (repsim.compare), so those made before the fix are made again, not reused. Here, not in
 # repsim.cka, so that the cached path can read it without importing torch.
-CONTENT_VERSION = 2  # 2: minibatch n_over_pr per batch; influence ranks NaN rows first
+# 2: minibatch n_over_pr per batch; influence ranks NaN rows first; 3: a self-comparison's
+# permutation null is symmetric
+CONTENT_VERSION = 3
 
 
 @dataclass
@@ -120,12 +122,12 @@ def check_options(kernel: str, estimator: str, threshold: float = 1.0,
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r} is unknown; valid estimators: "
                          f"{', '.join(ESTIMATORS)}")
-    if kernel == "rbf" and not (_real(threshold) and threshold > 0):
+    if kernel == "rbf" and not (finite_real(threshold) and threshold > 0):
         raise ValueError(f"threshold={threshold!r} must be a positive number")
     if estimator != "minibatch":
         return None
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    if not _real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
+    if not finite_real(batch_size) or int(batch_size) != batch_size or batch_size < 4:
         raise ValueError(f"estimator='minibatch' needs batch_size=N, an integer >= 4 (rows "
                          f"per batch; the unbiased HSIC estimator needs 4), got {batch_size!r}")
     return int(batch_size)
@@ -140,10 +142,14 @@ def estimator_of(debiased: Any) -> str:
     return "debiased" if debiased else "biased"
 
 
-def _real(v: Any) -> bool:
-    """Whether ``v`` is a finite real number (numpy's too), not a bool: the check before
-    comparing or converting a setting, which a str, None or a list would make a TypeError."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+def check_medians(median_sqdist_a: Any, median_sqdist_b: Any) -> None:
+    """ValueError unless each is a sequence of :func:`finite_real` numbers, one layer's median
+    squared distance each (an infinite one: an all-ones Gram, CKA NaN, silently)."""
+    meds = (median_sqdist_a, median_sqdist_b)
+    if not (all(np.ndim(m) == 1 for m in meds) and all(finite_real(v) for m in meds for v in m)):
+        raise ValueError("kernel='rbf' needs fixed bandwidths: pass median_sqdist_a and "
+                         "median_sqdist_b, one per layer (see repsim.cka.rbf_bandwidths); "
+                         f"got median_sqdist_a={median_sqdist_a!r}, _b={median_sqdist_b!r}")
 
 
 def min_rows(estimator: str) -> int:
@@ -283,6 +289,25 @@ def warn_identity(threshold: float, layers: str, stacklevel: int) -> None:
                   "diagonal): CKA with them no longer depends on the data; use a threshold "
                   "between 0.5 and 2 (1, the default, is the median distance)",
                   RuntimeWarning, stacklevel=stacklevel)
+
+
+def check_spread(name: str, sq_max: float, median: float | None = None) -> None:
+    """ValueError unless layer ``name``'s RBF squared distances fit float64: ``sq_max``, its
+    largest squared centred row norm, bounds them by ``4 sq_max``, which must not overflow;
+    its ``median`` squared distance, if given, must not underflow (a subnormal median, or 0
+    from squares that are all subnormal: not a zero bandwidth of identical rows)."""
+    tiny, top, norm = np.finfo(np.float64).tiny, np.finfo(np.float64).max / 4, \
+        f"its largest squared centred row norm is {sq_max:.1e}"
+    if not sq_max <= top:
+        what, fix = f"overflow float64 ({norm}, above {top:.1e})", "divide"
+    elif median is not None and median < tiny and (median > 0 or sq_max < tiny):
+        what, fix = f"underflow float64 (their median is {median:.1e}, below {tiny:.1e}; {norm})", \
+            "multiply"
+    else:
+        return
+    raise ValueError(f"layer {name!r}: squared distances between its rows {what}, so its RBF "
+                     f"CKA cannot be computed; {fix} its features by a constant (RBF CKA does "
+                     "not depend on their scale)")
 
 
 # Why a layer's CKA values are NaN; the engine (repsim.cka) and cached sketches say the same.

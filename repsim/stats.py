@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from repsim.cka import centre, centring, default_memory_budget, gram, hsic_scale
-from repsim.errors import UserError, is_whole, size_text
+from repsim.errors import UserError, finite_real, is_whole, size_text
 from repsim.features import centred_rows, feature_set
 from repsim.permnull import permutation_null
 from repsim.sketch import CKAResult, block_bounds, check_options, check_rows, minibatches, normalise
@@ -47,12 +47,17 @@ def grams(mats: list[Any], rows: np.ndarray | None = None, *, kernel: str = "lin
     ``(n, p)`` matrix in ``mats``, features centred first (the linear Gram is then ``HKH``).
     RBF needs ``sigma2``, the squared bandwidth per layer (``threshold^2`` times
     :func:`repsim.cka.rbf_bandwidths`), and gives the Gram less 1, as the engine does."""
-    if kernel == "rbf" and (np.ndim(sigma2) != 1 or len(sigma2) != len(mats)):
+    if kernel == "rbf" and not _per_layer(sigma2, len(mats)):
         raise ValueError(f"kernel='rbf' needs sigma2, a squared bandwidth per matrix; got "
                          f"{sigma2!r} for {len(mats)} matrices")
     return torch.stack([_gram(centred_rows(m, rows, torch.device(device)), kernel,
                               None if sigma2 is None else sigma2[i])
                         for i, m in enumerate(mats)])
+
+
+def _per_layer(sigma2: Any, layers: int) -> bool:
+    """Whether ``sigma2`` holds a finite real number per layer (inf: an all-ones Gram, NaN)."""
+    return np.ndim(sigma2) == 1 and len(sigma2) == layers and all(map(finite_real, sigma2))
 
 
 def _gram(x: torch.Tensor, kernel: str, sigma2: float | None, s0: int = 0,
@@ -434,11 +439,11 @@ def _checked(mats_a: Any, mats_b: Any, estimator: str, kernel: str, sigma2_a: An
         if len(getattr(mats, "shape", ())) == 2:
             raise ValueError(f"mats_{side} is a single (n, p) matrix; pass a list, e.g. [x]")
         out.append(feature_set(mats, f"mats_{side}", out[0][2] if out else None))
-        if kernel == "rbf" and (np.ndim(sig) != 1 or len(sig) != len(out[-1][1])):
+        if kernel == "rbf" and not _per_layer(sig, len(out[-1][1])):
+            got = len(sig) if np.ndim(sig) == 1 and len(sig) != len(out[-1][1]) else sig
             raise ValueError(f"kernel='rbf' needs sigma2_a and sigma2_b, a squared bandwidth "
-                             f"per layer (threshold^2 times repsim.cka.rbf_bandwidths); got "
-                             f"{len(sig) if np.ndim(sig) == 1 else sig} for the {len(out[-1][1])} "
-                             f"layers of mats_{side}")
+                             f"per layer (threshold^2 times repsim.cka.rbf_bandwidths), finite; "
+                             f"got {got} for the {len(out[-1][1])} layers of mats_{side}")
     check_rows(out[0][2], estimator)
     return out[0][1], out[1][1], out[0][2]
 

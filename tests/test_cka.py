@@ -592,7 +592,7 @@ def test_a_layer_sketch_of_no_matrix_is_refused_like_compare(shape):
         cka.layer_sketch(x)
 
 
-@pytest.mark.parametrize("med", [[2.0], "2", None])
+@pytest.mark.parametrize("med", [[2.0], "2", None, float("inf"), float("nan"), True])
 def test_a_layer_sketch_with_no_median_sqdist_number_is_refused(med):
     # rbf_bandwidths' list (one layer's: [2.0]) raised TypeError "can't multiply sequence"
     x = np.random.default_rng(0).standard_normal((20, 3))
@@ -733,7 +733,8 @@ def test_a_numpy_bool_debiased_flag_is_taken():
     assert cka.linear_cka(x, y, debiased=np.bool_(False)) == cka.linear_cka(x, y, debiased=False)
 
 
-@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True]])
+@pytest.mark.parametrize("med", [["2.0"], [None], [float("nan")], [True], [float("inf")],
+                                 [-np.inf]])
 def test_an_rbf_accumulator_given_a_median_that_is_no_number_is_refused(med):
     # "2.0" (read from a text file) and None (a NaN bandwidth after to_dict) raised TypeErrors
     # at the first update; NaN warned of a zero median; True computed with a median of 1
@@ -749,3 +750,74 @@ def test_a_matrix_compared_with_itself_has_cka_exactly_one(rng, call):
     # linear_cka(x, x), the first check a researcher makes, read 0.9999999999999996 or
     # 1.0000000000000002: only the same feature-set object was known to be a self-comparison
     assert call(rng.standard_normal((262, 10))) == 1.0
+
+
+@pytest.mark.parametrize("med", [float("inf"), float("nan"), "2", True])
+def test_the_accumulator_and_layer_sketch_refuse_the_same_medians(med):
+    # median_sqdist_b=[inf] passed the accumulator (an all-ones Gram: CKA NaN, silently) and
+    # layer_sketch (a sketch of zeros); both now check medians as sketch.check_options checks
+    # a threshold: a finite real number, not a bool
+    x = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(ValueError, match="median"):
+        cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[med])
+    with pytest.raises(ValueError, match="median"):
+        cka.layer_sketch(x, kernel="rbf", median_sqdist=med)
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e150])
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_rbf_cka_is_scale_invariant_while_squared_distances_fit_float64(rng, scale, estimator):
+    x = rng.standard_normal((30, 5))
+    y = x[:, :3] + rng.standard_normal((30, 3))
+    got = cka.rbf_cka(x * scale, y) if estimator == "debiased" else cka.cka_matrix(
+        [x * scale], [y], kernel="rbf", batch_size=10)[0, 0]
+    want = cka.rbf_cka(x, y) if estimator == "debiased" else cka.cka_matrix(
+        [x], [y], kernel="rbf", batch_size=10)[0, 0]
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e155, 1e160, 1e300])
+def test_rbf_features_whose_squared_distances_overflow_are_refused_naming_the_scale(rng, scale):
+    # x * 1e160: |x_i - x_j|^2 ~ 1e320 is inf - inf = NaN, so the median was NaN and
+    # MinibatchCKA blamed the caller: "kernel='rbf' needs fixed bandwidths: pass median_sqdist_a"
+    x = rng.standard_normal((30, 5))
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* overflow "
+                                         r"float64 .*largest .*divide its features"):
+        cka.rbf_cka(x * scale, x)
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e-170])
+def test_rbf_features_whose_squared_distances_underflow_are_refused_naming_the_scale(rng, scale):
+    # 1e-160: a subnormal median (9e-320) made every Gram NaN, blamed on "threshold=1";
+    # 1e-170: every distance 0, blamed on "a zero median squared distance" of distinct rows
+    x = rng.standard_normal((30, 5))
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* underflow "
+                                         r"float64 .*largest .*multiply its features"):
+        cka.rbf_cka(x * scale, x)
+
+
+def test_an_rbf_layer_of_mostly_identical_rows_still_has_a_zero_bandwidth(rng):
+    # a median of 0 from duplicate rows (not from underflow) keeps its reason
+    x = np.zeros((30, 4))
+    x[:5] = rng.standard_normal((5, 4))
+    with pytest.warns(RuntimeWarning, match="zero median squared distance"):
+        assert np.isnan(cka.rbf_cka(x, rng.standard_normal((30, 3))))
+
+
+def test_an_rbf_accumulator_refuses_a_batch_whose_squared_distances_overflow(rng):
+    # a finite median from elsewhere, then a batch at 1e160: its Gram was NaN, silently
+    x = rng.standard_normal((20, 3))
+    acc = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[1.0])
+    with pytest.raises(ValueError, match=r"layer 'a\[0\]'.*squared distances .* overflow"):
+        acc.update([x * 1e160], [x])
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "minibatch"])
+def test_rbf_errors_name_the_layer_of_either_side_as_given(rng, estimator):
+    # the bandwidths were found on bare lists of matrices: B's layer 'm1' was called 'a[0]'
+    x, y = rng.standard_normal((2, 20, 3))
+    y[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"layer 'm1' has non-finite values \(first at row 3\)"):
+        cka.compare({"l1": x}, {"m1": y}, kernel="rbf", estimator=estimator, batch_size=8)
+    with pytest.raises(ValueError, match=r"layer 'b\[0\]'.*overflow"):
+        cka.rbf_cka(x, x * 1e160)

@@ -407,6 +407,9 @@ def test_non_finite_features_are_refused_naming_the_layer(bad, kernel):
     ({"kernel": "rbf", "sigma2_a": [1.0, 2.0], "sigma2_b": [1.0]},
      "got 2 for the 1 layers of mats_a"),
     ({"kernel": "rbf", "sigma2_a": 2.0, "sigma2_b": [1.0]}, "got 2.0 for the 1 layers"),
+    ({"kernel": "rbf", "sigma2_a": [1.0], "sigma2_b": [np.inf]}, r"got \[inf\] for the 1"),
+    ({"kernel": "rbf", "sigma2_a": [np.nan], "sigma2_b": [1.0]}, r"got \[nan\] for the 1"),
+    ({"kernel": "rbf", "sigma2_a": ["2"], "sigma2_b": [1.0]}, r"got \['2'\] for the 1"),
     ({"short_b": True}, "has 20 rows but"),
     ({"single": True}, "mats_a is a single"),
     ({"n": 3}, "needs at least 4 rows, got n=3"),
@@ -580,3 +583,16 @@ def test_rbf_grams_without_one_bandwidth_per_matrix_are_a_value_error(sigma2):
     # None gave "'>' not supported between 'NoneType' and 'int'"; too many were used silently.
     with pytest.raises(ValueError, match=r"kernel='rbf' needs sigma2, .* per matrix; got"):
         stats.grams([_gauss(10, 3, 0)], kernel="rbf", sigma2=sigma2)
+
+
+@pytest.mark.parametrize("batches", [None, minibatches(30, 10)])
+def test_the_null_of_a_self_comparison_is_symmetric(batches):
+    # cell (i, j) permuted layer i's rows, cell (j, i) layer j's: two null samples of one pair,
+    # so a self-similarity heatmap's p-values differed across its diagonal (by 0.16 at 50
+    # permutations). As `repsim cka --a M --b M` passes them: equal copies, not one object.
+    feats = [_gauss(30, 5, 0), _gauss(30, 3, 1)]
+    feats.append(feats[0][:, :2] + 0.5 * _gauss(30, 2, 2))
+    cal = stats.calibrate(feats, [x.copy() for x in feats], batches=batches, permutations=30)
+    for v in cal.null.values():
+        assert np.array_equal(v, v.T)
+    assert cal.null["p_value"][0, 2] < cal.null["p_value"][0, 1]  # still each pair's own null
