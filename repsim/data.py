@@ -13,9 +13,6 @@ or flat ``PATH/*``, one class).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -28,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME
+from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME, read_bundle
 from repsim.errors import UserError, is_whole
 from repsim.paths import ids_digest, offline
 
@@ -223,24 +220,9 @@ def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
     return subset_indices(n_total, n, seed)
 
 
-@functools.lru_cache(maxsize=1)
-def _bundle() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], dict, str]:
-    """(images (1000, 32, 32, 3) uint8, labels, ids, classes, meta, file sha256), read once."""
-    if not PROBE_FILE.is_file():
-        raise UserError(f"the bundled probe set {PROBE_FILE} is missing from this install; "
-                        "reinstall repsim (pip install -e .), or use dataset='cifar10' with "
-                        "data_root=DIR")
-    with np.load(PROBE_FILE, allow_pickle=False) as z:
-        images, labels, ids = z["images"], z["labels"].astype(np.int64), z["ids"].astype(np.int64)
-        classes = tuple(str(c) for c in z["classes"])
-        meta = json.loads(str(z["meta"]))
-    sha = hashlib.sha256(PROBE_FILE.read_bytes()).hexdigest()
-    return images, labels, ids, classes, meta, sha
-
-
 def bundled_info() -> dict:
     """The bundle's own record: source, selection rule, ids digest, file sha256."""
-    *_, meta, sha = _bundle()
+    *_, meta, sha = read_bundle()
     return {**meta, "file": PROBE_FILE.name, "file_sha256": sha}
 
 
@@ -251,7 +233,7 @@ def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
     if split != "test":
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")
-    images, labels, ids, classes, meta, sha = _bundle()
+    images, labels, ids, classes, meta, sha = read_bundle()
     if n is not None and n > len(ids):
         raise UserError(f"n={n} is larger than the {len(ids)} images bundled as {PROBE_NAME}; "
                         f"pass n <= {len(ids)}, or dataset='cifar10' with data_root=DIR for more")
