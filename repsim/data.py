@@ -5,15 +5,15 @@ canonical order of the full split), so runs and models line up row by row. Sourc
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
 ``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
-CIFAR-10's names is theirs, for numbered folders by number, otherwise sorted; then sorted file
-name)
-or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
-or flat ``PATH/*``, one class).
+CIFAR-10's names is theirs, for numbered folders (``7``, ``class7``) by number, otherwise
+sorted; then sorted file name) or else torchvision's own layout (ID = its index);
+``imagefolder:PATH`` (``PATH/<class>/*`` in sorted order, or flat ``PATH/*``, one class).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -264,15 +264,16 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
-    where they are CIFAR-10's class names, by number where all are numbers (``0``..``99``:
-    as text, ``10`` would come before ``2``), else sorted; UserError for a wrong count or a
+    where they are CIFAR-10's class names, by number where all are numbers after one prefix
+    (``0``..``99``, ``class0``..``class99``), else sorted; UserError for a wrong count or a
     mix of names."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
                         f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
-    if all(c.isascii() and c.isdigit() for c in classes):
-        return tuple(sorted(classes, key=lambda c: (int(c), c)))
+    found = [re.fullmatch(r"(.*?)([0-9]+)", c) for c in classes]  # 7, class7: one prefix
+    if all(found) and len({m[1] for m in found}) == 1:  # as text, 10 would precede 2
+        return tuple(m[0] for m in sorted(found, key=lambda m: (int(m[2]), m[0])))
     if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]

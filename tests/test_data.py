@@ -197,6 +197,22 @@ def test_a_tree_of_numbered_class_folders_takes_their_numbers_as_labels(tmp_path
     np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
 
 
+def numbered_tree(split_dir, names):
+    """``split_dir/<name>/a.png``, 2x2, red channel = the folder's position in ``names``."""
+    for k, name in enumerate(names):
+        (split_dir / name).mkdir(parents=True)
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(split_dir / name / "a.png")
+
+
+def test_class_folders_named_class0_to_class99_take_their_numbers_as_labels(tmp_path):
+    # As text "class10" sorts before "class2": folder class2 got label 12, silently.
+    numbered_tree(tmp_path / "cifar100" / "test", [f"class{k}" for k in range(100)])
+    p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes == tuple(f"class{k}" for k in range(100))
+    np.testing.assert_array_equal(p.labels, np.arange(100))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
 # --------------------------------------------------------------------------- imagefolder:PATH
 
 
