@@ -264,16 +264,20 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
-    where they are CIFAR-10's class names, by number where all are numbers after one prefix
-    (``0``..``99``, ``class0``..``class99``), else sorted; UserError for a wrong count or a
-    mix of names."""
+    where they are CIFAR-10's class names, by number where all are the numbers 0..N-1 after
+    one prefix (``0``..``99``, ``class0``..``class99``), else sorted; UserError for a wrong
+    count, other numbers or a mix of names."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
                         f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
     found = [re.fullmatch(r"(.*?)([0-9]+)", c) for c in classes]  # 7, class7: one prefix
-    if all(found) and len({m[1] for m in found}) == 1:  # as text, 10 would precede 2
-        return tuple(m[0] for m in sorted(found, key=lambda m: (int(m[2]), m[0])))
+    if all(found) and len({m[1] for m in found}) == 1:  # the numbers are the labels
+        numbers = sorted(int(m[2]) for m in found)  # as text, 10 would precede 2
+        if numbers != list(range(len(classes))):  # 1..10: SVHN's files number the digit 0 10
+            raise UserError(f"{tree}: class folders numbered {numbers[0]}..{numbers[-1]} are not "
+                            f"{name}'s labels 0..{len(classes) - 1}; rename them, one per label")
+        return tuple(m[0] for m in sorted(found, key=lambda m: int(m[2])))
     if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]

@@ -204,6 +204,15 @@ def numbered_tree(split_dir, names):
         Image.new("RGB", (2, 2), (k, 0, 0)).save(split_dir / name / "a.png")
 
 
+def test_a_tree_numbered_from_one_is_refused_not_shifted_by_a_label(tmp_path):
+    # SVHN's own files number the digit 0 as 10: folders 1..10 took labels by rank, so the
+    # digit 1 got label 0 (torchvision's digit 0) and every label was off by one, silently.
+    numbered_tree(tmp_path / "svhn" / "test", [str(k) for k in range(1, 11)])
+    with pytest.raises(UserError, match=r"numbered 1\.\.10 are not svhn's labels 0\.\.9") as err:
+        data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / "svhn" / "test") in str(err.value)
+
+
 def test_class_folders_named_class0_to_class99_take_their_numbers_as_labels(tmp_path):
     # As text "class10" sorts before "class2": folder class2 got label 12, silently.
     numbered_tree(tmp_path / "cifar100" / "test", [f"class{k}" for k in range(100)])
