@@ -265,8 +265,8 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
     where they are CIFAR-10's class names, by number where all are the numbers 0..N-1 after
-    one prefix (``0``..``99``, ``class0``..``class99``), else sorted; UserError for a wrong
-    count, other numbers or a mix of names."""
+    one prefix (``0``..``99``, ``class0``..``class99``), else sorted (a cifar10 tree with a
+    warning); UserError for a wrong count, other numbers or a mix of names."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
@@ -278,7 +278,14 @@ def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
             raise UserError(f"{tree}: class folders numbered {numbers[0]}..{numbers[-1]} are not "
                             f"{name}'s labels 0..{len(classes) - 1}; rename them, one per label")
         return tuple(m[0] for m in sorted(found, key=lambda m: int(m[2])))
-    if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
+    if name != "cifar10":  # CIFAR-100's names sort into its label order; SVHN's are digits
+        return classes
+    if not any(c.lower() in CIFAR10_CLASSES for c in classes):  # another dataset, or made up
+        warnings.warn(f"{tree}: class folders {', '.join(classes[:3])}, ... name no CIFAR-10 "
+                      f"class, so they are labelled in sorted order ({classes[0]} 0, "
+                      f"{classes[1]} 1, ...), not as CIFAR-10 models label; rename them "
+                      f"{', '.join(CIFAR10_CLASSES)} for CIFAR-10's labels, or load "
+                      f"dataset='imagefolder:{tree}' where sorted order is meant", stacklevel=2)
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
     if len({c.lower() for c in classes}) != len(classes):  # "Cat" and "cat": one is missing

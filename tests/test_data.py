@@ -6,6 +6,7 @@ Every test builds its own tiny image tree; nothing touches the network or a shar
 import hashlib
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -168,6 +169,31 @@ def test_cifar10_tree_with_other_class_names_is_refused_not_relabelled(tmp_path)
         data.load_probe_set("cifar10", "test", data_root=tmp_path)
     assert str(tmp_path / "cifar10" / "test") in str(err.value) and "\n" not in str(err.value)
     assert "airplane, automobile, bird" in str(err.value)
+
+
+def test_cifar10_tree_that_names_no_cifar10_class_says_its_labels_are_in_sorted_order(tmp_path):
+    # "cars" and "planes" sort into other places than automobile and airplane: labels in
+    # sorted folder order were silently taken for CIFAR-10's, so a CIFAR-10 model's accuracy
+    # was measured against other labels. The order stays ImageFolder's; a warning says so.
+    names = ("planes", "cars", "birds", "cats", "stags", "dogs", "frogs", "horses", "ships",
+             "trucks")
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    with pytest.warns(UserWarning, match=r"name no CIFAR-10 class.*sorted order") as said:
+        p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert p.classes == tuple(sorted(names))
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+    msg = str(said[0].message)
+    assert "\n" not in msg and str(tmp_path / "cifar10" / "test") in msg
+    assert "airplane, automobile, bird" in msg and "imagefolder:" in msg
+
+
+def test_numbered_or_imagefolder_trees_need_no_word_on_their_order(tmp_path):
+    write_tree(tmp_path / "cifar10" / "test", classes=tuple(f"class{k}" for k in range(10)),
+               per_class=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load_probe_set("cifar10", "test", data_root=tmp_path).classes[2] == "class2"
+        data.load_probe_set(f"imagefolder:{tmp_path / 'cifar10' / 'test'}")
 
 
 def test_cifar10_tree_classes_take_cifar10_label_order_whatever_their_case(tmp_path):
