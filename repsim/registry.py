@@ -307,12 +307,12 @@ def user_architecture(name: str) -> str | None:
     return architecture_digest(_REGISTRY[name]) if user else None
 
 
-@functools.lru_cache(maxsize=64)  # per entry: a name is registered once per process
 def architecture_digest(entry: Entry) -> str:
     """Digest of the architecture ``entry`` builds (its default class count): every module's
     name and class, every state-dict entry's name, shape and dtype. Built on the meta device
     (no memory, no real init), else for real; the global RNG is left as it was. It changes
-    with a layer's width, depth or type, not with code inside a forward()."""
+    with a layer's width, depth or type, not with code inside a forward(). Not cached: a
+    notebook may redefine the class a registered builder calls without registering again."""
     import torch
 
     with torch.random.fork_rng(devices=[]):

@@ -536,6 +536,27 @@ def test_a_user_models_relative_default_weights_keep_their_subfolder(ckpt_dir, p
     assert R.default_weights_file(R.get_spec("vit_cifar")) == ckpt_dir / "vit_cifar.pt"
 
 
+WIDTH = {"hidden": 8}  # a notebook's global that the registered builder reads
+
+
+class _EditedNet(torch.nn.Sequential):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(torch.nn.Flatten(), torch.nn.Linear(48, WIDTH["hidden"]),
+                         torch.nn.Linear(WIDTH["hidden"], num_classes))
+
+
+def test_a_user_models_name_follows_its_class_edited_without_registering_again(
+        private_registry, monkeypatch):
+    # A notebook: the cell defining the class is edited and rerun, the register cell is not.
+    # The digest was cached per registration, so stores of the old width were reused.
+    R.register_model("edited_net", input_size=4)(lambda num_classes: _EditedNet(num_classes))
+    narrow = R.canonical_name("edited_net")
+    monkeypatch.setitem(WIDTH, "hidden", 64)
+    wide = R.canonical_name("edited_net")
+    monkeypatch.setitem(WIDTH, "hidden", 8)
+    assert wide != narrow and R.canonical_name("edited_net") == narrow
+
+
 def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private_registry):
     # The README's own example: weights="my_net.pt" names the file `repsim train` writes, so
     # training must start from random weights, not ask to train first.
