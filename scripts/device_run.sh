@@ -113,6 +113,9 @@ STAGES=${STAGES:-t123}
 stage() { [[ "$STAGES" == *"$1"* ]]; }
 SCALE_RECIPE=${SCALE_RECIPE:-fast-vit-aa}
 rm -rf "$WORK"
+# An earlier run's products in a reused OUT would pass for this run's (an interrupted one's),
+# and its higher-numbered parts would join this run's archive.
+rm -f "$OUT/summary.json" "$OUT/SHA256SUMS" "$OUT"/*.tar.part-*
 DATA=$WORK/data CK=$WORK/checkpoints RUNS=$WORK/runs LOGS=$WORK/logs
 mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale" "$WORK/tinyvit"
 : > "$LOG"

@@ -109,6 +109,23 @@ def test_stages_and_recipe_none_pick_what_runs(packed, tmp_path):
 
 
 
+
+def test_a_run_clears_what_an_earlier_run_left_in_out(packed, tmp_path):
+    # OUT (default .device/out) is reused by a second rehearsal: the first run's summary and
+    # its higher-numbered results parts stayed, so an interrupted run looked complete and
+    # `cat results.tar.part-*` joined a stale part onto the new archive.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"stale": true}')
+    (out / "results.tar.part-007").write_bytes(b"stale")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(tmp_path / "none"),
+           "STAGES": "1"}
+    run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1 and "cannot unpack" in run.stdout  # stops before any work
+    assert sorted(p.name for p in out.iterdir()) == ["device.log"]
+
 def test_snapshot_epochs_are_cut_to_a_shorter_run():
     # The GPU run's snapshot list reaches epoch 100; fast-resnet plans 80 epochs and
     # VIT_EPOCHS may be below 100, and repsim train refuses a snapshot past the run's end.
