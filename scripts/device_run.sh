@@ -112,6 +112,13 @@ SMOKE=0
 STAGES=${STAGES:-t123}
 stage() { [[ "$STAGES" == *"$1"* ]]; }
 SCALE_RECIPE=${SCALE_RECIPE:-fast-vit-aa}
+# One run per work folder: a second would delete the first's data and runs from under it.
+mkdir -p "$(dirname "$WORK")"
+exec 9> "$WORK.lock"
+if command -v flock > /dev/null && ! flock -n 9; then
+    echo "another run is using $WORK (it holds $WORK.lock); wait for it, or set DEVICE_WORK"
+    exit 1
+fi
 rm -rf "$WORK"
 # An earlier run's products in a reused OUT would pass for this run's (an interrupted one's),
 # and its higher-numbered parts would join this run's archive.

@@ -126,6 +126,23 @@ def test_a_run_clears_what_an_earlier_run_left_in_out(packed, tmp_path):
     assert run.returncode == 1 and "cannot unpack" in run.stdout  # stops before any work
     assert sorted(p.name for p in out.iterdir()) == ["device.log"]
 
+
+def test_a_second_run_on_the_same_work_folder_is_refused(tmp_path):
+    # Two runs of one DEVICE_WORK: the second deleted the first's unpacked data, checkpoints
+    # and runs from under it. The first holds WORK.lock (a flock) while it runs.
+    import fcntl
+
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(work), "REPSIM_CIFAR_TAR": str(tmp_path / "none")}
+    (work / "data").mkdir(parents=True)
+    with open(f"{work}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first run holds it
+        run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert run.returncode == 1 and f"another run is using {work}" in run.stdout
+    assert (work / "data").is_dir()  # left alone
+
 def test_snapshot_epochs_are_cut_to_a_shorter_run():
     # The GPU run's snapshot list reaches epoch 100; fast-resnet plans 80 epochs and
     # VIT_EPOCHS may be below 100, and repsim train refuses a snapshot past the run's end.
