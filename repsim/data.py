@@ -5,18 +5,15 @@ canonical order of the full split), so runs and models line up row by row. Sourc
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
 ``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
-CIFAR-10's names is theirs, for numbered folders by number, otherwise sorted; then sorted file
-name)
-or else torchvision's own layout (ID = its index); ``imagefolder:PATH`` (``PATH/<class>/*``
-or flat ``PATH/*``, one class).
+CIFAR-10's names is theirs, for numbered folders (``7``, ``class7``) by number, otherwise
+sorted; then sorted file name) or else torchvision's own layout (ID = its index);
+``imagefolder:PATH`` (``PATH/<class>/*`` in sorted order, or flat ``PATH/*``, one class).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import os
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME
+from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME, read_bundle
 from repsim.errors import UserError, is_whole
 from repsim.paths import ids_digest, offline
 
@@ -223,24 +220,9 @@ def _subset(n_total: int, n: int | None, seed: int, what: str) -> np.ndarray:
     return subset_indices(n_total, n, seed)
 
 
-@functools.lru_cache(maxsize=1)
-def _bundle() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], dict, str]:
-    """(images (1000, 32, 32, 3) uint8, labels, ids, classes, meta, file sha256), read once."""
-    if not PROBE_FILE.is_file():
-        raise UserError(f"the bundled probe set {PROBE_FILE} is missing from this install; "
-                        "reinstall repsim (pip install -e .), or use dataset='cifar10' with "
-                        "data_root=DIR")
-    with np.load(PROBE_FILE, allow_pickle=False) as z:
-        images, labels, ids = z["images"], z["labels"].astype(np.int64), z["ids"].astype(np.int64)
-        classes = tuple(str(c) for c in z["classes"])
-        meta = json.loads(str(z["meta"]))
-    sha = hashlib.sha256(PROBE_FILE.read_bytes()).hexdigest()
-    return images, labels, ids, classes, meta, sha
-
-
 def bundled_info() -> dict:
     """The bundle's own record: source, selection rule, ids digest, file sha256."""
-    *_, meta, sha = _bundle()
+    *_, meta, sha = read_bundle()
     return {**meta, "file": PROBE_FILE.name, "file_sha256": sha}
 
 
@@ -251,7 +233,7 @@ def _load_bundled(split: str, n: int | None, seed: int, image_size: int | None,
     if split != "test":
         raise UserError(f"{PROBE_NAME} bundles test images only, got split={split!r}; use "
                         "split='test', or dataset='cifar10' with data_root=DIR for train images")
-    images, labels, ids, classes, meta, sha = _bundle()
+    images, labels, ids, classes, meta, sha = read_bundle()
     if n is not None and n > len(ids):
         raise UserError(f"n={n} is larger than the {len(ids)} images bundled as {PROBE_NAME}; "
                         f"pass n <= {len(ids)}, or dataset='cifar10' with data_root=DIR for more")
@@ -282,16 +264,28 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
     """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
-    where they are CIFAR-10's class names, by number where all are numbers (``0``..``99``:
-    as text, ``10`` would come before ``2``), else sorted; UserError for a wrong count or a
-    mix of names."""
+    where they are CIFAR-10's class names, by number where all are the numbers 0..N-1 after
+    one prefix (``0``..``99``, ``class0``..``class99``), else sorted (a cifar10 tree with a
+    warning); UserError for a wrong count, other numbers or a mix of names."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
                         f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
-    if all(c.isascii() and c.isdigit() for c in classes):
-        return tuple(sorted(classes, key=lambda c: (int(c), c)))
-    if name != "cifar10" or not any(c.lower() in CIFAR10_CLASSES for c in classes):
+    found = [re.fullmatch(r"(.*?)([0-9]+)", c) for c in classes]  # 7, class7: one prefix
+    if all(found) and len({m[1] for m in found}) == 1:  # the numbers are the labels
+        numbers = sorted(int(m[2]) for m in found)  # as text, 10 would precede 2
+        if numbers != list(range(len(classes))):  # 1..10: SVHN's files number the digit 0 10
+            raise UserError(f"{tree}: class folders numbered {numbers[0]}..{numbers[-1]} are not "
+                            f"{name}'s labels 0..{len(classes) - 1}; rename them, one per label")
+        return tuple(m[0] for m in sorted(found, key=lambda m: int(m[2])))
+    if name != "cifar10":  # CIFAR-100's names sort into its label order; SVHN's are digits
+        return classes
+    if not any(c.lower() in CIFAR10_CLASSES for c in classes):  # another dataset, or made up
+        warnings.warn(f"{tree}: class folders {', '.join(classes[:3])}, ... name no CIFAR-10 "
+                      f"class, so they are labelled in sorted order ({classes[0]} 0, "
+                      f"{classes[1]} 1, ...), not as CIFAR-10 models label; rename them "
+                      f"{', '.join(CIFAR10_CLASSES)} for CIFAR-10's labels, or load "
+                      f"dataset='imagefolder:{tree}' where sorted order is meant", stacklevel=2)
         return classes
     foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
     if len({c.lower() for c in classes}) != len(classes):  # "Cat" and "cat": one is missing

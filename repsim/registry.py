@@ -307,12 +307,13 @@ def user_architecture(name: str) -> str | None:
     return architecture_digest(_REGISTRY[name]) if user else None
 
 
-@functools.lru_cache(maxsize=64)  # per entry: a name is registered once per process
 def architecture_digest(entry: Entry) -> str:
     """Digest of the architecture ``entry`` builds (its default class count): every module's
-    name and class, every state-dict entry's name, shape and dtype. Built on the meta device
-    (no memory, no real init), else for real; the global RNG is left as it was. It changes
-    with a layer's width, depth or type, not with code inside a forward()."""
+    name and class, every state-dict entry's name, shape and dtype, and the code (bytecode,
+    constants, names: not line numbers or comments) of the builder and of the methods of
+    every module class outside torch, torchvision and timm, so an edited ``forward()`` counts.
+    Built on the meta device (no memory, no real init), else for real; the global RNG is left
+    as it was. Not cached: a notebook may redefine a class without registering again."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -323,7 +324,26 @@ def architecture_digest(entry: Entry) -> str:
             model = entry.build(entry.spec.num_classes)
     parts = [[n, type(m).__qualname__] for n, m in model.named_modules()]
     parts += [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
+    build = entry.build.func if isinstance(entry.build, functools.partial) else entry.build
+    parts.append(_code(build))
+    own = {c for m in model.modules() for c in type(m).__mro__
+           if c.__module__.split(".")[0] not in ("torch", "torchvision", "timm", "builtins")}
+    for cls in sorted(own, key=lambda c: (c.__module__, c.__qualname__)):
+        parts.append([cls.__qualname__, *(_code(f) for _, f in sorted(vars(cls).items()))])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def _code(obj: Any) -> Any:
+    """A JSON-able, process-independent form of the code of a function (or of a code object
+    or a constant in one); None for anything without code (a plain class attribute)."""
+    obj = getattr(obj, "__func__", obj)  # staticmethod, classmethod
+    obj = getattr(obj, "__code__", obj)
+    if isinstance(obj, type(_code.__code__)):
+        return [obj.co_code.hex(), [_code(c) for c in obj.co_consts], list(obj.co_names)]
+    if isinstance(obj, (tuple, frozenset)):  # a frozenset's order varies with the hash seed
+        items = [_code(c) for c in obj]
+        return sorted(items, key=repr) if isinstance(obj, frozenset) else items
+    return repr(obj) if isinstance(obj, (str, bytes, int, float, complex, type(None))) else None
 
 
 def get_entry(name: str) -> Entry:

@@ -74,6 +74,21 @@ stage1_epochs() {  # stage1_epochs vit|resnet RECIPE SECONDS: the most epochs, a
     "$PYTHON" -c 'import sys; e, f = map(float, sys.argv[1].split()); s, n = float(sys.argv[2]), int(sys.argv[3]); print(min(n, max(1, int((s - f) / e))))' "$cost" "$3" "$(recipe_epochs "$2")"
 }
 
+# Ctrl-C or SIGTERM: end the runs started in the background too. A non-interactive shell
+# starts them ignoring SIGINT, and timeout puts each in its own process group, so they would
+# go on training into a work folder the next run deletes. Nothing is packaged.
+stop() {
+    trap - INT TERM
+    local running
+    running=$(jobs -p)
+    [ -n "$running" ] && kill $running 2>/dev/null
+    wait
+    say "interrupted by SIG$1: background runs stopped, nothing packaged"
+    exit $((128 + $2))
+}
+trap 'stop INT 2' INT
+trap 'stop TERM 15' TERM
+
 package() {  # package DIR NAME: DIR as NAME.tar, split into parts, sums appended
     (cd "$1" && tar cf - .) | split -b "$PART" -d -a 3 - "$OUT/$2.tar.part-"
     (cd "$OUT" && sha256sum "$2".tar.part-* >> SHA256SUMS)
@@ -97,7 +112,17 @@ SMOKE=0
 STAGES=${STAGES:-t123}
 stage() { [[ "$STAGES" == *"$1"* ]]; }
 SCALE_RECIPE=${SCALE_RECIPE:-fast-vit-aa}
+# One run per work folder: a second would delete the first's data and runs from under it.
+mkdir -p "$(dirname "$WORK")"
+exec 9> "$WORK.lock"
+if command -v flock > /dev/null && ! flock -n 9; then
+    echo "another run is using $WORK (it holds $WORK.lock); wait for it, or set DEVICE_WORK"
+    exit 1
+fi
 rm -rf "$WORK"
+# An earlier run's products in a reused OUT would pass for this run's (an interrupted one's),
+# and its higher-numbered parts would join this run's archive.
+rm -f "$OUT/summary.json" "$OUT/SHA256SUMS" "$OUT"/*.tar.part-*
 DATA=$WORK/data CK=$WORK/checkpoints RUNS=$WORK/runs LOGS=$WORK/logs
 mkdir -p "$DATA" "$CK" "$RUNS" "$LOGS" "$WORK/scale" "$WORK/tinyvit"
 : > "$LOG"

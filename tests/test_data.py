@@ -6,6 +6,7 @@ Every test builds its own tiny image tree; nothing touches the network or a shar
 import hashlib
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -170,6 +171,31 @@ def test_cifar10_tree_with_other_class_names_is_refused_not_relabelled(tmp_path)
     assert "airplane, automobile, bird" in str(err.value)
 
 
+def test_cifar10_tree_that_names_no_cifar10_class_says_its_labels_are_in_sorted_order(tmp_path):
+    # "cars" and "planes" sort into other places than automobile and airplane: labels in
+    # sorted folder order were silently taken for CIFAR-10's, so a CIFAR-10 model's accuracy
+    # was measured against other labels. The order stays ImageFolder's; a warning says so.
+    names = ("planes", "cars", "birds", "cats", "stags", "dogs", "frogs", "horses", "ships",
+             "trucks")
+    write_tree(tmp_path / "cifar10" / "test", classes=names, per_class=1)
+    with pytest.warns(UserWarning, match=r"name no CIFAR-10 class.*sorted order") as said:
+        p = data.load_probe_set("cifar10", "test", data_root=tmp_path)
+    assert p.classes == tuple(sorted(names))
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+    msg = str(said[0].message)
+    assert "\n" not in msg and str(tmp_path / "cifar10" / "test") in msg
+    assert "airplane, automobile, bird" in msg and "imagefolder:" in msg
+
+
+def test_numbered_or_imagefolder_trees_need_no_word_on_their_order(tmp_path):
+    write_tree(tmp_path / "cifar10" / "test", classes=tuple(f"class{k}" for k in range(10)),
+               per_class=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.load_probe_set("cifar10", "test", data_root=tmp_path).classes[2] == "class2"
+        data.load_probe_set(f"imagefolder:{tmp_path / 'cifar10' / 'test'}")
+
+
 def test_cifar10_tree_classes_take_cifar10_label_order_whatever_their_case(tmp_path):
     # "Bird" sorts before "airplane" (capitals first): sorted folder names are not the label
     # order once the case differs, the canonical names' order is.
@@ -193,6 +219,31 @@ def test_a_tree_of_numbered_class_folders_takes_their_numbers_as_labels(tmp_path
         Image.new("RGB", (2, 2), (k, 0, 0)).save(tmp_path / "cifar100" / "test" / str(k) / "a.png")
     p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
     assert p.classes == tuple(map(str, range(100)))
+    np.testing.assert_array_equal(p.labels, np.arange(100))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
+def numbered_tree(split_dir, names):
+    """``split_dir/<name>/a.png``, 2x2, red channel = the folder's position in ``names``."""
+    for k, name in enumerate(names):
+        (split_dir / name).mkdir(parents=True)
+        Image.new("RGB", (2, 2), (k, 0, 0)).save(split_dir / name / "a.png")
+
+
+def test_a_tree_numbered_from_one_is_refused_not_shifted_by_a_label(tmp_path):
+    # SVHN's own files number the digit 0 as 10: folders 1..10 took labels by rank, so the
+    # digit 1 got label 0 (torchvision's digit 0) and every label was off by one, silently.
+    numbered_tree(tmp_path / "svhn" / "test", [str(k) for k in range(1, 11)])
+    with pytest.raises(UserError, match=r"numbered 1\.\.10 are not svhn's labels 0\.\.9") as err:
+        data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / "svhn" / "test") in str(err.value)
+
+
+def test_class_folders_named_class0_to_class99_take_their_numbers_as_labels(tmp_path):
+    # As text "class10" sorts before "class2": folder class2 got label 12, silently.
+    numbered_tree(tmp_path / "cifar100" / "test", [f"class{k}" for k in range(100)])
+    p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes == tuple(f"class{k}" for k in range(100))
     np.testing.assert_array_equal(p.labels, np.arange(100))
     np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,40 @@ def test_stages_and_recipe_none_pick_what_runs(packed, tmp_path):
     assert summary["torch"] == torch.__version__ and summary["gpu"] is None
 
 
+
+
+def test_a_run_clears_what_an_earlier_run_left_in_out(packed, tmp_path):
+    # OUT (default .device/out) is reused by a second rehearsal: the first run's summary and
+    # its higher-numbered results parts stayed, so an interrupted run looked complete and
+    # `cat results.tar.part-*` joined a stale part onto the new archive.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text('{"stale": true}')
+    (out / "results.tar.part-007").write_bytes(b"stale")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(tmp_path / "none"),
+           "STAGES": "1"}
+    run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1 and "cannot unpack" in run.stdout  # stops before any work
+    assert sorted(p.name for p in out.iterdir()) == ["device.log"]
+
+
+def test_a_second_run_on_the_same_work_folder_is_refused(tmp_path):
+    # Two runs of one DEVICE_WORK: the second deleted the first's unpacked data, checkpoints
+    # and runs from under it. The first holds WORK.lock (a flock) while it runs.
+    import fcntl
+
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(work), "REPSIM_CIFAR_TAR": str(tmp_path / "none")}
+    (work / "data").mkdir(parents=True)
+    with open(f"{work}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first run holds it
+        run = subprocess.run(["bash", str(SCRIPT), "--smoke"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert run.returncode == 1 and f"another run is using {work}" in run.stdout
+    assert (work / "data").is_dir()  # left alone
 
 def test_snapshot_epochs_are_cut_to_a_shorter_run():
     # The GPU run's snapshot list reaches epoch 100; fast-resnet plans 80 epochs and
@@ -241,3 +277,38 @@ def test_a_training_run_that_overstays_is_stopped_and_the_rest_packaged(packed, 
     assert "vit_cifar: exit 124" in run.stdout
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["train"]["vit_cifar"] is None
     assert (tmp_path / "out" / "SHA256SUMS").read_text().strip()
+
+
+@pytest.mark.slow  # about 20 s: one start of torch, then the interrupt
+def test_ctrl_c_stops_the_runs_it_started_in_the_background(packed, tmp_path):
+    # Ctrl-C ended the script alone: a non-interactive shell starts background jobs ignoring
+    # SIGINT, and timeout gives each run its own process group, so both trainings (and the
+    # CUDA tests) went on, writing into a work folder the next run deletes.
+    pids = tmp_path / "pids"
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\n"
+                    f'[ "$1 $2 $3" = "-m repsim train" ] && echo $$ >> {pids} && exec sleep 1000\n'
+                    f'exec {sys.executable} "$@"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"),
+           "DEVICE_WORK": str(tmp_path / "work"), "REPSIM_CIFAR_TAR": str(packed),
+           "STAGES": "1"}
+    run = subprocess.Popen(["bash", str(SCRIPT), "--smoke"], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    for _ in range(600):  # both runs started: seconds (one start of torch before them)
+        if pids.is_file() and len(pids.read_text().split()) == 2:
+            break
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGINT)  # as a terminal does: its whole foreground group
+    out = run.communicate(timeout=60)[0]
+    assert run.returncode == 130 and "interrupted" in out, out
+    for pid in map(int, pids.read_text().split()):
+        for _ in range(50):
+            if not Path(f"/proc/{pid}").exists() or " Z " in Path(f"/proc/{pid}/stat").read_text():
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"training {pid} still runs after Ctrl-C")
+

@@ -536,6 +536,60 @@ def test_a_user_models_relative_default_weights_keep_their_subfolder(ckpt_dir, p
     assert R.default_weights_file(R.get_spec("vit_cifar")) == ckpt_dir / "vit_cifar.pt"
 
 
+WIDTH = {"hidden": 8}  # a notebook's global that the registered builder reads
+
+
+class _EditedNet(torch.nn.Sequential):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(torch.nn.Flatten(), torch.nn.Linear(48, WIDTH["hidden"]),
+                         torch.nn.Linear(WIDTH["hidden"], num_classes))
+
+
+def test_a_user_models_name_follows_its_class_edited_without_registering_again(
+        private_registry, monkeypatch):
+    # A notebook: the cell defining the class is edited and rerun, the register cell is not.
+    # The digest was cached per registration, so stores of the old width were reused.
+    R.register_model("edited_net", input_size=4)(lambda num_classes: _EditedNet(num_classes))
+    narrow = R.canonical_name("edited_net")
+    monkeypatch.setitem(WIDTH, "hidden", 64)
+    wide = R.canonical_name("edited_net")
+    monkeypatch.setitem(WIDTH, "hidden", 8)
+    assert wide != narrow and R.canonical_name("edited_net") == narrow
+
+
+class _ReluNet(torch.nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1)).relu()
+
+
+class _TanhNet(torch.nn.Module):  # the same class after an edit of its forward() alone
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1)).tanh()
+
+
+_TanhNet.__qualname__ = _ReluNet.__qualname__
+
+
+def test_a_user_models_name_follows_an_edit_of_its_forward(private_registry, monkeypatch):
+    # README: "edit MyNet and they are made again". Modules and shapes alone were digested,
+    # so a forward() that now applies tanh reused the stores and results made with relu.
+    net = {"cls": _ReluNet}
+    R.register_model("forward_net", input_size=4)(lambda num_classes: net["cls"](num_classes))
+    relu = R.canonical_name("forward_net")
+    monkeypatch.setitem(net, "cls", _TanhNet)
+    tanh = R.canonical_name("forward_net")
+    monkeypatch.setitem(net, "cls", _ReluNet)
+    assert tanh != relu and R.canonical_name("forward_net") == relu
+
+
 def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private_registry):
     # The README's own example: weights="my_net.pt" names the file `repsim train` writes, so
     # training must start from random weights, not ask to train first.
