@@ -604,3 +604,40 @@ def test_the_prefix_figure_gives_no_accuracy_from_an_entry_of_other_bytes(tmp_pa
     assert [e["name"] for e in res["built"]] == ["prefix"], res
     (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
     assert entry["test_accuracy"] is None
+
+
+def test_two_runs_on_one_folder_build_each_figure_once_not_interleaved(tmp_path, monkeypatch):
+    """Two `repsim figures` on one --out at once both rebuilt every figure, their files
+    interleaved: with other settings (`--n 500` beside a plain run) a record could vouch for
+    a picture of the other run's. The second run waits for the first, says so, and then
+    finds its figures current."""
+    import threading
+
+    calls, started, go, second = [], threading.Event(), threading.Event(), threading.Event()
+
+    def build(spec, ctx):
+        """A slow build: the second run starts while it runs."""
+        calls.append(1)
+        (second if len(calls) > 1 else started).set()
+        assert go.wait(10)
+        return [ctx.write_text(".txt", "x\n")]
+
+    monkeypatch.setitem(KINDS, "slow", None)  # restored after the test
+    figure_kind("slow")(build)
+    write(tmp_path / "a", "s", 'kind = "slow"\n')
+    said, out = [], {}
+
+    def run(key, log=None):
+        out[key] = build_all(tmp_path / "a", tmp_path / "f", progress=False, log=log)
+
+    first = threading.Thread(target=run, args=(1,))
+    first.start()
+    assert started.wait(10)
+    later = threading.Thread(target=run, args=(2, lambda m: said.append(m) or second.set()))
+    later.start()
+    assert second.wait(10)  # it waits (and says so), or builds too
+    go.set()
+    first.join(10)
+    later.join(10)
+    assert len(calls) == 1 and [e["name"] for e in out[2]["cached"]] == ["s"], (calls, out)
+    assert "waiting for another repsim figures" in said[0], said
