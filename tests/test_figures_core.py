@@ -641,3 +641,23 @@ def test_two_runs_on_one_folder_build_each_figure_once_not_interleaved(tmp_path,
     later.join(10)
     assert len(calls) == 1 and [e["name"] for e in out[2]["cached"]] == ["s"], (calls, out)
     assert "waiting for another repsim figures" in said[0], said
+
+
+def test_a_transposed_cka_result_names_its_row_models_store_as_input_a(tmp_path, monkeypatch):
+    """ctx.cka(B, A) after the pair was computed as (A, B) swapped model_a/_b, the layers and
+    every cell, but not `inputs`: inputs["a"] (store, weights, sha256) was the column model's,
+    so a kind reading the rows' provenance got the other model's."""
+    def load(self, d):
+        """A result of the pair in the order asked for first, each side naming its model."""
+        return {"matrix": [[0.1, 0.2]], "layers_a": ["x"], "layers_b": ["y", "z"],
+                "model_a": d["a"]["model"], "model_b": d["b"]["model"],
+                "inputs": {"a": {"model": d["a"]["model"]}, "b": {"model": d["b"]["model"]}}}
+
+    monkeypatch.setattr(FigureContext, "fingerprint", lambda self, d: None)
+    monkeypatch.setattr(FigureContext, "_load_cka", load)
+    ctx = FigureContext(tmp_path)
+    a, b = ctx.model_ref("resnet18_cifar"), ctx.model_ref("vit_cifar")
+    for x, y in ((a, b), (b, a)):
+        res = ctx.cka(x, y, ProbeSpec(), ctx.cka_settings({}))
+        assert res["model_a"] == res["inputs"]["a"]["model"] == x.model, res
+        assert res["model_b"] == res["inputs"]["b"]["model"] == y.model, res
