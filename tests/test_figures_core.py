@@ -661,3 +661,29 @@ def test_a_transposed_cka_result_names_its_row_models_store_as_input_a(tmp_path,
         res = ctx.cka(x, y, ProbeSpec(), ctx.cka_settings({}))
         assert res["model_a"] == res["inputs"]["a"]["model"] == x.model, res
         assert res["model_b"] == res["inputs"]["b"]["model"] == y.model, res
+
+
+def test_a_data_scale_base_without_fractions_is_no_input_of_the_figure(tmp_path, monkeypatch):
+    """bases = [vit_cifar, resnet18_cifar] with fraction checkpoints of the ResNet only
+    extracted the ViT's store too and recorded its weights: the figure (no ViT panel) was
+    rebuilt when vit_cifar.pt changed, and kept, its report said its numbers were of another
+    ViT. Only the bases drawn are read."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name in ("vit_cifar", "resnet18_cifar", "resnet18_cifar_frac0.5"):
+        (ck / f"{name}.pt").write_bytes(name.encode())
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    stored = []
+    monkeypatch.setattr(FigureContext, "_load_store",
+                        lambda self, d: stored.append(d["ref"]["model"]))
+    monkeypatch.setattr(FigureContext, "_load_cka", lambda self, d: {
+        "matrix": [[0.9]], "layers_a": ["x"], "layers_b": ["x"], "se": [[0.01]], "n": 8})
+    write(tmp_path / "a", "scale", 'kind = "data_scale"\nbases = ["vit_cifar", '
+          '"resnet18_cifar"]\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["scale"], res
+    assert "vit_cifar" not in stored, stored
+    deps = json.loads((tmp_path / "f" / "scale.json").read_text())["deps"]
+    # its checkpoints lookup stays: ViT fractions arriving change the figure
+    assert not [k for k in deps if '"vit_cifar"' in k and '"checkpoints"' not in k], list(deps)
