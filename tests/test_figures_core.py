@@ -687,3 +687,21 @@ def test_a_data_scale_base_without_fractions_is_no_input_of_the_figure(tmp_path,
     deps = json.loads((tmp_path / "f" / "scale.json").read_text())["deps"]
     # its checkpoints lookup stays: ViT fractions arriving change the figure
     assert not [k for k in deps if '"vit_cifar"' in k and '"checkpoints"' not in k], list(deps)
+
+
+def test_a_figure_that_cannot_be_written_fails_in_one_line_not_as_a_bug(tmp_path, monkeypatch):
+    """An output folder the user may not write (another user's clone, a read-only mount) failed
+    each figure as "PermissionError: ... (a bug? the traceback is in the summary)"; a file
+    system's refusal is the user's to fix, so it is one line naming the file, as the CLI
+    gives every other OSError."""
+    def unwritable(spec, ctx):
+        """What paths.atomic_write raises for a folder it may not write."""
+        raise PermissionError(13, "Permission denied", str(ctx.path(".png")))
+
+    monkeypatch.setitem(KINDS, "ro", None)  # restored after the test
+    figure_kind("ro")(unwritable)
+    write(tmp_path / "a", "s", 'kind = "ro"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "a bug?" not in failed["reason"] and "traceback" not in failed, failed
+    assert failed["reason"].startswith("cannot use ") and "s.png: Permission denied; fix: " \
+        in failed["reason"], failed

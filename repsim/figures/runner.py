@@ -20,14 +20,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
-from repsim.errors import UserError
+from repsim.errors import UserError, os_problem
 from repsim.figures.context import FigureContext, ModelRef, weights_file
 from repsim.sketch import jsonable
 
@@ -386,9 +386,11 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         if not (record and record.get("spec") != spec):  # else set aside: the spec put back
             record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
-    except (UserError, ValueError) as exc:
-        record_path.unlink(missing_ok=True)
-        return "failed", {**entry, "reason": str(exc)}
+    except (UserError, ValueError, OSError) as exc:  # OSError: a folder it may not write
+        with suppress(OSError):  # ... where the old record, like its files, stays as it was
+            record_path.unlink(missing_ok=True)
+        return "failed", {**entry, "reason": os_problem(exc) if isinstance(exc, OSError)
+                          else str(exc)}
     except Exception as exc:  # a bug (in a user's kind, say): this figure only, with its trace
         import traceback
 
@@ -448,8 +450,10 @@ def _one_run_at_a_time(out: Path, log: Callable[[str], None]) -> Iterator[None]:
     """Hold ``out`` for this run: two runs at once would build the same figures twice and
     interleave their files, so that with other settings a record could vouch for a picture
     of the other run's. Another run waits (saying so), then finds its figures current. A
-    folder where no lock can be made (read-only) is not held: nothing will be written."""
+    folder where no lock can be made (read-only) is not held: each figure that needs
+    writing fails in one line."""
     where = out / ".figures"
+    out.mkdir(parents=True, exist_ok=True)  # a file in the way: one line before any figure
     with ExitStack() as stack:
         if paths.locked(where):
             log(f"waiting for another repsim figures writing {out} to finish")
