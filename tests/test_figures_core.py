@@ -604,3 +604,104 @@ def test_the_prefix_figure_gives_no_accuracy_from_an_entry_of_other_bytes(tmp_pa
     assert [e["name"] for e in res["built"]] == ["prefix"], res
     (entry,) = json.loads((tmp_path / "f" / "prefix.json").read_text())["data"]["models"]
     assert entry["test_accuracy"] is None
+
+
+def test_two_runs_on_one_folder_build_each_figure_once_not_interleaved(tmp_path, monkeypatch):
+    """Two `repsim figures` on one --out at once both rebuilt every figure, their files
+    interleaved: with other settings (`--n 500` beside a plain run) a record could vouch for
+    a picture of the other run's. The second run waits for the first, says so, and then
+    finds its figures current."""
+    import threading
+
+    calls, started, go, second = [], threading.Event(), threading.Event(), threading.Event()
+
+    def build(spec, ctx):
+        """A slow build: the second run starts while it runs."""
+        calls.append(1)
+        (second if len(calls) > 1 else started).set()
+        assert go.wait(10)
+        return [ctx.write_text(".txt", "x\n")]
+
+    monkeypatch.setitem(KINDS, "slow", None)  # restored after the test
+    figure_kind("slow")(build)
+    write(tmp_path / "a", "s", 'kind = "slow"\n')
+    said, out = [], {}
+
+    def run(key, log=None):
+        out[key] = build_all(tmp_path / "a", tmp_path / "f", progress=False, log=log)
+
+    first = threading.Thread(target=run, args=(1,))
+    first.start()
+    assert started.wait(10)
+    later = threading.Thread(target=run, args=(2, lambda m: said.append(m) or second.set()))
+    later.start()
+    assert second.wait(10)  # it waits (and says so), or builds too
+    go.set()
+    first.join(10)
+    later.join(10)
+    assert len(calls) == 1 and [e["name"] for e in out[2]["cached"]] == ["s"], (calls, out)
+    assert "waiting for another repsim figures" in said[0], said
+
+
+def test_a_transposed_cka_result_names_its_row_models_store_as_input_a(tmp_path, monkeypatch):
+    """ctx.cka(B, A) after the pair was computed as (A, B) swapped model_a/_b, the layers and
+    every cell, but not `inputs`: inputs["a"] (store, weights, sha256) was the column model's,
+    so a kind reading the rows' provenance got the other model's."""
+    def load(self, d):
+        """A result of the pair in the order asked for first, each side naming its model."""
+        return {"matrix": [[0.1, 0.2]], "layers_a": ["x"], "layers_b": ["y", "z"],
+                "model_a": d["a"]["model"], "model_b": d["b"]["model"],
+                "inputs": {"a": {"model": d["a"]["model"]}, "b": {"model": d["b"]["model"]}}}
+
+    monkeypatch.setattr(FigureContext, "fingerprint", lambda self, d: None)
+    monkeypatch.setattr(FigureContext, "_load_cka", load)
+    ctx = FigureContext(tmp_path)
+    a, b = ctx.model_ref("resnet18_cifar"), ctx.model_ref("vit_cifar")
+    for x, y in ((a, b), (b, a)):
+        res = ctx.cka(x, y, ProbeSpec(), ctx.cka_settings({}))
+        assert res["model_a"] == res["inputs"]["a"]["model"] == x.model, res
+        assert res["model_b"] == res["inputs"]["b"]["model"] == y.model, res
+
+
+def test_a_data_scale_base_without_fractions_is_no_input_of_the_figure(tmp_path, monkeypatch):
+    """bases = [vit_cifar, resnet18_cifar] with fraction checkpoints of the ResNet only
+    extracted the ViT's store too and recorded its weights: the figure (no ViT panel) was
+    rebuilt when vit_cifar.pt changed, and kept, its report said its numbers were of another
+    ViT. Only the bases drawn are read."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for name in ("vit_cifar", "resnet18_cifar", "resnet18_cifar_frac0.5"):
+        (ck / f"{name}.pt").write_bytes(name.encode())
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    stored = []
+    monkeypatch.setattr(FigureContext, "_load_store",
+                        lambda self, d: stored.append(d["ref"]["model"]))
+    monkeypatch.setattr(FigureContext, "_load_cka", lambda self, d: {
+        "matrix": [[0.9]], "layers_a": ["x"], "layers_b": ["x"], "se": [[0.01]], "n": 8})
+    write(tmp_path / "a", "scale", 'kind = "data_scale"\nbases = ["vit_cifar", '
+          '"resnet18_cifar"]\n')
+    res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert [e["name"] for e in res["built"]] == ["scale"], res
+    assert "vit_cifar" not in stored, stored
+    deps = json.loads((tmp_path / "f" / "scale.json").read_text())["deps"]
+    # its checkpoints lookup stays: ViT fractions arriving change the figure
+    assert not [k for k in deps if '"vit_cifar"' in k and '"checkpoints"' not in k], list(deps)
+
+
+def test_a_figure_that_cannot_be_written_fails_in_one_line_not_as_a_bug(tmp_path, monkeypatch):
+    """An output folder the user may not write (another user's clone, a read-only mount) failed
+    each figure as "PermissionError: ... (a bug? the traceback is in the summary)"; a file
+    system's refusal is the user's to fix, so it is one line naming the file, as the CLI
+    gives every other OSError."""
+    def unwritable(spec, ctx):
+        """What paths.atomic_write raises for a folder it may not write."""
+        raise PermissionError(13, "Permission denied", str(ctx.path(".png")))
+
+    monkeypatch.setitem(KINDS, "ro", None)  # restored after the test
+    figure_kind("ro")(unwritable)
+    write(tmp_path / "a", "s", 'kind = "ro"\n')
+    (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+    assert "a bug?" not in failed["reason"] and "traceback" not in failed, failed
+    assert failed["reason"].startswith("cannot use ") and "s.png: Permission denied; fix: " \
+        in failed["reason"], failed

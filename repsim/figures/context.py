@@ -228,6 +228,9 @@ class FigureContext:
         flip = {k: res[k[:-1] + ("b" if k.endswith("_a") else "a")]
                 for k in res if k.endswith(("_a", "_b"))}  # model_a <-> model_b, ...
         cells = {k: [list(col) for col in zip(*res[k])] for k in CELLS if res.get(k)}
+        sides = res.get("inputs")  # each side's store, weights and sha256
+        if isinstance(sides, dict) and {"a", "b"} <= set(sides):
+            flip["inputs"] = {**sides, "a": sides["b"], "b": sides["a"]}
         return {**res, **flip, **cells}
 
     def model(self, ref: ModelRef):

@@ -20,13 +20,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from repsim import __version__, compare, paths
 from repsim.compare import InputUnavailable, ProbeSpec
-from repsim.errors import UserError
+from repsim.errors import UserError, os_problem
 from repsim.figures.context import FigureContext, ModelRef, weights_file
 from repsim.sketch import jsonable
 
@@ -385,9 +386,11 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
         if not (record and record.get("spec") != spec):  # else set aside: the spec put back
             record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
-    except (UserError, ValueError) as exc:
-        record_path.unlink(missing_ok=True)
-        return "failed", {**entry, "reason": str(exc)}
+    except (UserError, ValueError, OSError) as exc:  # OSError: a folder it may not write
+        with suppress(OSError):  # ... where the old record, like its files, stays as it was
+            record_path.unlink(missing_ok=True)
+        return "failed", {**entry, "reason": os_problem(exc) if isinstance(exc, OSError)
+                          else str(exc)}
     except Exception as exc:  # a bug (in a user's kind, say): this figure only, with its trace
         import traceback
 
@@ -442,6 +445,25 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _one_run_at_a_time(out: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``out`` for this run: two runs at once would build the same figures twice and
+    interleave their files, so that with other settings a record could vouch for a picture
+    of the other run's. Another run waits (saying so), then finds its figures current. A
+    folder where no lock can be made (read-only) is not held: each figure that needs
+    writing fails in one line."""
+    where = out / ".figures"
+    out.mkdir(parents=True, exist_ok=True)  # a file in the way: one line before any figure
+    with ExitStack() as stack:
+        if paths.locked(where):
+            log(f"waiting for another repsim figures writing {out} to finish")
+        try:
+            stack.enter_context(paths.lock(where))
+        except OSError:
+            pass
+        yield
+
+
 def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike = "figures",
               only: list[str] | None = None, overrides: dict | None = None,
               device: str | None = None, force: bool = False, progress: bool = True,
@@ -456,16 +478,17 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
     summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "kept": [],
                                "skipped": [], "failed": []}
-    for name, spec in specs.items():
-        status, entry = _build_one(name, spec, ctx)
-        summary[status].append(entry)
-        ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                         else "") + _kept_note(entry))
-    if not only:  # the report covers every spec, so only a full run rewrites it
-        from repsim.figures.report import write_report
+    with _one_run_at_a_time(Path(out), ctx.log):
+        for name, spec in specs.items():
+            status, entry = _build_one(name, spec, ctx)
+            summary[status].append(entry)
+            ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
+                                             else "") + _kept_note(entry))
+        if not only:  # the report covers every spec, so only a full run rewrites it
+            from repsim.figures.report import write_report
 
-        summary["report"] = str(write_report(out, list(specs), summary))
-    elif (summary["built"] or summary["failed"]) and (Path(out) / "REPORT.md").is_file():
-        summary["report_stale"] = str(Path(out) / "REPORT.md")  # its captions are of old data
+            summary["report"] = str(write_report(out, list(specs), summary))
+        elif (summary["built"] or summary["failed"]) and (Path(out) / "REPORT.md").is_file():
+            summary["report_stale"] = str(Path(out) / "REPORT.md")  # captions of old data
     summary["seconds"] = time.perf_counter() - t0
     return summary

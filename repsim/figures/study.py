@@ -228,7 +228,8 @@ def data_scale(spec: dict, ctx) -> list[Path]:
     if notes:
         ctx.log(f"{ctx.name}: missing {'; '.join(notes)}")
     for base, found, _, _ in plan:  # every store first: a missing file skips before any CKA
-        for ref in [base, *(_fraction_ref(base, cp) for cp in found)]:
+        # (a base without fractions is no panel: its weights are no input of the figure)
+        for ref in [base, *(_fraction_ref(base, cp) for cp in found)] if found else ():
             ctx.store(ref, probe)
     panels = [{"label": base.display(), "missing": missing,
                "base_accuracy": _accuracy_of(base_entry, f"{ctx.name}: {ctx.manifest_path}"),
