@@ -29,7 +29,7 @@ from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError, is_whole
 from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
-from repsim.weights import checkpoint_dir, sha256_file
+from repsim.weights import checkpoint_dir, replace_head, sha256_file
 
 
 @dataclasses.dataclass
@@ -137,20 +137,6 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     return ident
 
 
-def _replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """A fresh, seeded classifier for a new task (fine-tuning)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if hasattr(model, "reset_classifier"):  # every timm model
-            model.reset_classifier(num_classes)
-        elif isinstance(getattr(model, "fc", None), nn.Linear):  # torchvision ResNets
-            model.fc = nn.Linear(model.fc.in_features, num_classes)
-        else:
-            raise UserError(f"cannot find the classifier of {type(model).__name__} to replace; "
-                            "fix: fine-tune a timm model or a torchvision ResNet")
-    return model
-
-
 def initial_model(name: str, weights: str | None, num_classes: int, seed: int
                   ) -> tuple[nn.Module, dict[str, Any]]:
     """The starting point of a run, on CPU, in train mode, and its provenance.
@@ -170,7 +156,7 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     else:
         model, p = load_model(name, weights, seed=seed)
         drawn = p["num_classes"] != num_classes
-        model = _replace_head(model, num_classes, seed) if drawn else model
+        model = replace_head(model, num_classes, seed) if drawn else model
         prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
     return model.train(), {**prov, "init_seed": seed if drawn else None}
 
@@ -249,12 +235,10 @@ class _Run:
             raise checkpoints.other_settings(saved, ident, self.state_path, self.out)
         checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
                                 self.meta["init"], self.meta["init_sha256"])
+        checkpoints.check_train_data(state, self.state_path, self.train_data)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.dev.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
+        checkpoints.set_rng(state["rng"], self.gen, self.dev)
         self.start_epoch = self.resumed_from = int(state["epoch"])
         self.step = self.start_epoch * self.steps_per_epoch
         # Rows of epochs after the saved state (a save interrupted before the state) go.
@@ -277,12 +261,16 @@ class _Run:
                             f"{len(train_ps.labels)} in {cfg.dataset} train; valid: a fraction "
                             "that keeps at least one image of a class; fix: a larger "
                             "train_fraction") from None
+        whole = cfg.train_fraction == 1  # no copy of the whole split to fingerprint it
+        self.train_data = checkpoints.train_data_record(
+            train_ps.images if whole else train_ps.images[keep], train_ps.labels[keep])
         keep_t = torch.from_numpy(keep).to(self.dev)
         self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
         self.x_test, self.y_test = to_device(test_ps, self.dev)
         return {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
+                "train_sha256": self.train_data["sha256"],
                 "n_test": len(test_ps.labels),
                 "augmentation": recipes.describe_augmentation(self.recipe)}
 
@@ -453,11 +441,11 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending.clear()
     # The resumable state goes last: an interruption before it leaves the previous state,
     # from which the same command redoes this save (and drops the log rows past it).
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    rng = checkpoints.get_rng(run.gen, run.dev)
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
              **{k: run.meta[k] for k in ("precision", "init_sha256")},
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+             "train_data": run.train_data, "model": run.model.state_dict(),
+             "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

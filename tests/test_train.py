@@ -894,3 +894,67 @@ def test_a_run_dir_that_is_a_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"^run_dir=\S*run cannot hold the run's files .*"
                                         r"fix: another run_dir=PATH"):
         train.train(train.TrainConfig(model="vit_cifar", run_dir=str(tmp_path / "run")))
+
+
+def _own_copy(toy_root, tmp_path):
+    """A copy of the toy data this test may change."""
+    import shutil
+
+    return shutil.copytree(toy_root, tmp_path / "data")
+
+
+def test_resuming_on_training_images_whose_pixels_changed_is_refused(toy_root, tmp_path, mlp):
+    # The same data root with one image replaced: the run went on, silently, on other data.
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    img = root / "cifar10" / "train" / "class3" / "0001.png"
+    before = img.read_bytes()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    with pytest.raises(UserError, match=r"^\S*state\.pt was trained on other training images "
+                       r"\(20 images as before, other pixels or labels: sha256 \w{12}, now "
+                       r"\w{12}\); valid: .*; fix: restart=True"):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    img.write_bytes(before)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_resuming_on_a_training_set_with_an_image_added_is_refused(toy_root, tmp_path, mlp):
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+        root / "cifar10" / "train" / "class3" / "0009.png")
+    with pytest.raises(UserError, match=r"other training images \(20 images, now 21\)"):
+        train.train(dataclasses.replace(cfg, epochs=2))
+
+
+def test_a_change_in_the_test_images_alone_does_not_refuse_a_resume(toy_root, tmp_path, mlp):
+    # Only what the run trains on is fingerprinted (the test split is scored afresh each save).
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+        root / "cifar10" / "test" / "class3" / "0001.png")
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_a_state_saved_before_the_training_set_was_fingerprinted_still_resumes(
+        toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state.pop("train_data")["n"] == 20
+    torch.save(state, tmp_path / "run" / "state.pt")
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_the_checkpoint_records_the_training_set_fingerprint(toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    ps = data.load_probe_set("cifar10", "train", data_root=str(toy_root))
+    h = hashlib.sha256(np.ascontiguousarray(ps.images).tobytes())
+    h.update(ps.labels.astype("<i8").tobytes())
+    ck = torch.load(cfg.out, weights_only=True)
+    assert ck["data"]["train_sha256"] == h.hexdigest()
+
