@@ -240,6 +240,12 @@ class _Run:
         self.opt.load_state_dict(state["optimizer"])
         checkpoints.set_rng(state["rng"], self.gen, self.dev)
         self.start_epoch = self.resumed_from = int(state["epoch"])
+        if self.start_epoch > self.cfg.epochs:  # a constant schedule resumes across epochs=
+            warnings.warn(f"{self.name} has trained {self.start_epoch} epochs, more than "
+                          f"epochs={self.cfg.epochs}; nothing to do; fix: restart=True to train "
+                          f"{self.cfg.epochs} from scratch (replacing {self.out})", stacklevel=4)
+            self.cfg = dataclasses.replace(self.cfg, epochs=self.start_epoch)  # as it stands
+            self.meta["epochs_planned"] = self.start_epoch
         self.step = self.start_epoch * self.steps_per_epoch
         # Rows of epochs after the saved state (a save interrupted before the state) go.
         checkpoints.write_log(self.log_path, [r for r in checkpoints.read_log(self.log_path)

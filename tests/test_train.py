@@ -958,3 +958,19 @@ def test_the_checkpoint_records_the_training_set_fingerprint(toy_root, tmp_path,
     ck = torch.load(cfg.out, weights_only=True)
     assert ck["data"]["train_sha256"] == h.hexdigest()
 
+
+def test_rerunning_a_finished_run_with_fewer_epochs_says_it_trained_more(toy_root, tmp_path,
+                                                                         mlp):
+    # A constant schedule resumes across --epochs, so a run finished at 2 epochs met
+    # epochs=1: the summary said 2 epochs done of 1 planned ("2/1 epochs").
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2)
+    train.train(cfg)
+    ck_bytes = Path(cfg.out).read_bytes()
+    manifest = (tmp_path / "ck" / "manifest.json").read_text()
+    with pytest.warns(UserWarning, match=r"has trained 2 epochs, more than epochs=1; nothing to "
+                      r"do; fix: restart=True to train 1 from scratch"):
+        res = train.train(dataclasses.replace(cfg, epochs=1))
+    assert (res["epochs"], res["epochs_planned"], res["finished_before"]) == (2, 2, True)
+    assert res["steps"] == 2 * math.ceil(10 * N_TRAIN / BATCH)  # no step taken
+    assert Path(cfg.out).read_bytes() == ck_bytes
+    assert (tmp_path / "ck" / "manifest.json").read_text() == manifest
