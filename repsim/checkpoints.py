@@ -12,7 +12,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,35 +91,59 @@ def listed(ckpt_path: Path, sha256: str | None = None) -> bool:
 
 
 @contextmanager
-def hold_run(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this process: two processes on one run (the same command twice,
-    or restart=True beside a running one) would overwrite each other's state and log rows."""
+def hold_run(run_dir: Path, out: Path | None = None) -> Iterator[None]:
+    """Hold ``run_dir`` and the checkpoint ``out`` for this process: two processes on one run
+    (the same command twice, or restart=True beside a running one) would overwrite each
+    other's state and log rows, and two runs given one out= each other's checkpoint (and a
+    fresh start deletes the other's snapshots)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded, as paths.lock
         yield
         return
-    made = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / "state.pt.lock", "a")  # paths.lock's file: released on exit
-    except OSError as exc:  # a file of that name, no permission
-        raise UserError(f"run_dir={run_dir} cannot hold the run's files ({exc.strerror}); "
-                        "fix: another run_dir=PATH") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"run {run_dir} is being trained by another process; valid: one "
-                            "process per run; fix: wait for it to end, or out=PATH and "
-                            "run_dir=PATH both new for a separate run") from None
+    held = [(run_dir, run_dir / "state.pt.lock",  # paths.lock's files: released on exit
+             f"run {run_dir} is being trained by another process; valid: one process per "
+             "run; fix: wait for it to end, or out=PATH and run_dir=PATH both new for a "
+             "separate run")]
+    if out is not None:
+        held.append((out.parent, Path(f"{out}.lock"), f"out={out} is being written by another "
+                     "run; valid: one run per out; fix: wait for it to end, or another out=PATH"))
+    with ExitStack() as files:
+        made: list[Path] = []  # folders this call made: removed again when refused
+        locks = [lock_file for _, lock_file, _ in held]
+        for folder, lock_file, busy in held:
+            made += [] if folder.exists() else [folder]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                f = files.enter_context(open(lock_file, "a"))
+            except OSError as exc:  # a file of that name, no permission
+                _unmake(made, locks)
+                what = f"run_dir={run_dir}" if folder == run_dir else f"out={out}"
+                raise UserError(f"{what} cannot hold the run's files ({exc.strerror}); "
+                                f"fix: another {what.split('=')[0]}=PATH") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                files.close()
+                _unmake(made, locks)
+                raise UserError(busy) from None
         try:
             yield
         except BaseException:  # refused before any work (bad settings): leave no new folder
-            if made and [p.name for p in run_dir.iterdir()] == [Path(f.name).name]:
-                Path(f.name).unlink()
-                run_dir.rmdir()
+            files.close()
+            _unmake(made, locks)
             raise
+
+
+def _unmake(made: list[Path], locks: list[Path]) -> None:
+    """Remove each folder of ``made`` that holds nothing but some of the ``locks`` (one folder
+    may hold both: out=DIR/m.pt with run_dir=DIR)."""
+    for folder in made:
+        inside = set(folder.iterdir()) if folder.is_dir() else None
+        if inside is not None and inside <= set(locks):
+            for lock_file in inside:
+                lock_file.unlink()
+            folder.rmdir()
 
 
 def read_state(state_path: Path, out: Path) -> dict[str, Any]:

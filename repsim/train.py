@@ -119,6 +119,11 @@ def run_name(cfg: TrainConfig) -> str:
     return "_".join([cfg.model.replace(":", "-"), *(part for on, part in differing if on)])
 
 
+def _out_path(cfg: TrainConfig) -> Path:
+    """The run's checkpoint: ``out``, else ``checkpoints/<run name>.pt``."""
+    return Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{run_name(cfg)}.pt"
+
+
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
     weights = cfg.weights
@@ -177,7 +182,7 @@ class _Run:
         self.dev = dev = resolve_device(cfg.device)
         precision = train_precision(dev, cfg.precision)
         self.name = run_name(cfg)
-        self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
+        self.out = _out_path(cfg)
         self.run_dir = run_dir
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
         from repsim.data import CLASS_COUNTS  # known before any image is read: a start's
@@ -301,7 +306,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
     c = _resolve(cfg)[0]
     run_dir = Path(c.run_dir).expanduser() if c.run_dir else paths.cache_dir("runs", run_name(c))
-    with checkpoints.hold_run(run_dir):
+    with checkpoints.hold_run(run_dir, _out_path(c)):
         return _train(_Run(cfg, run_dir), t_start)
 
 

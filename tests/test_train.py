@@ -974,3 +974,28 @@ def test_rerunning_a_finished_run_with_fewer_epochs_says_it_trained_more(toy_roo
     assert res["steps"] == 2 * math.ceil(10 * N_TRAIN / BATCH)  # no step taken
     assert Path(cfg.out).read_bytes() == ck_bytes
     assert (tmp_path / "ck" / "manifest.json").read_text() == manifest
+
+
+def test_a_second_run_writing_the_same_out_at_once_is_refused(toy_root, tmp_path, mlp):
+    # Two runs of other settings (two run_dirs) given one out=: the second's fresh start
+    # deleted the first's snapshots, and each overwrote the other's checkpoint and entry.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    other = dataclasses.replace(cfg, seed=1, run_dir=str(tmp_path / "run2"))
+    with paths.lock(cfg.out):  # as the first run holds it
+        with pytest.raises(UserError, match=r"^out=\S*m\.pt is being written by another run; "
+                           r"valid: one run per out; fix: .*another out=PATH"):
+            train.train(other)
+    assert not (tmp_path / "run2").exists()
+    assert train.train(other)["epochs"] == 1  # released: the run goes on
+
+
+def test_a_run_refused_before_any_work_leaves_no_folder_holding_its_locks(tmp_path, mlp,
+                                                                         monkeypatch):
+    # out=DIR/m.pt with run_dir=DIR: the run_dir folder held both lock files after the refusal.
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")
+    with pytest.raises(UserError, match="no cifar10 train data"):
+        train.train(train.TrainConfig(model=mlp, weights="random", progress=False,
+                                      data_root=str(tmp_path / "none"),
+                                      out=str(tmp_path / "d" / "m.pt"),
+                                      run_dir=str(tmp_path / "d")))
+    assert not (tmp_path / "d").exists()
