@@ -120,8 +120,12 @@ def run_name(cfg: TrainConfig) -> str:
 
 
 def _out_path(cfg: TrainConfig) -> Path:
-    """The run's checkpoint: ``out``, else ``checkpoints/<run name>.pt``."""
-    return Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{run_name(cfg)}.pt"
+    """``out``, else ``checkpoints/<run name>.pt``; a folder refused (else: at the 1st save)."""
+    out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{run_name(cfg)}.pt"
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder; valid: the checkpoint's file path, e.g. "
+                        f"{out / run_name(cfg)}.pt; fix: out=PATH of a file")
+    return out
 
 
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:

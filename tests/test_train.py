@@ -999,3 +999,15 @@ def test_a_run_refused_before_any_work_leaves_no_folder_holding_its_locks(tmp_pa
                                       out=str(tmp_path / "d" / "m.pt"),
                                       run_dir=str(tmp_path / "d")))
     assert not (tmp_path / "d").exists()
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_training(toy_root, tmp_path, mlp,
+                                                                 monkeypatch):
+    # out=checkpoints/ (a folder, as for --run-dir): the run trained a whole epoch, then
+    # failed to write its checkpoint over the folder.
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(train, "_train_epoch", lambda *a: pytest.fail("trained"))
+    with pytest.raises(UserError, match=r"^out=\S*folder is a folder; valid: the checkpoint's "
+                       r"file path, e.g. \S*folder/train_mlp_test\.pt"):
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1,
+                         out=str(tmp_path / "folder")))
