@@ -12,7 +12,7 @@ import json
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,35 +91,59 @@ def listed(ckpt_path: Path, sha256: str | None = None) -> bool:
 
 
 @contextmanager
-def hold_run(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this process: two processes on one run (the same command twice,
-    or restart=True beside a running one) would overwrite each other's state and log rows."""
+def hold_run(run_dir: Path, out: Path | None = None) -> Iterator[None]:
+    """Hold ``run_dir`` and the checkpoint ``out`` for this process: two processes on one run
+    (the same command twice, or restart=True beside a running one) would overwrite each
+    other's state and log rows, and two runs given one out= each other's checkpoint (and a
+    fresh start deletes the other's snapshots)."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded, as paths.lock
         yield
         return
-    made = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / "state.pt.lock", "a")  # paths.lock's file: released on exit
-    except OSError as exc:  # a file of that name, no permission
-        raise UserError(f"run_dir={run_dir} cannot hold the run's files ({exc.strerror}); "
-                        "fix: another run_dir=PATH") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"run {run_dir} is being trained by another process; valid: one "
-                            "process per run; fix: wait for it to end, or out=PATH and "
-                            "run_dir=PATH both new for a separate run") from None
+    held = [(run_dir, run_dir / "state.pt.lock",  # paths.lock's files: released on exit
+             f"run {run_dir} is being trained by another process; valid: one process per "
+             "run; fix: wait for it to end, or out=PATH and run_dir=PATH both new for a "
+             "separate run")]
+    if out is not None:
+        held.append((out.parent, Path(f"{out}.lock"), f"out={out} is being written by another "
+                     "run; valid: one run per out; fix: wait for it to end, or another out=PATH"))
+    with ExitStack() as files:
+        made: list[Path] = []  # folders this call made: removed again when refused
+        locks = [lock_file for _, lock_file, _ in held]
+        for folder, lock_file, busy in held:
+            made += [] if folder.exists() else [folder]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                f = files.enter_context(open(lock_file, "a"))
+            except OSError as exc:  # a file of that name, no permission
+                _unmake(made, locks)
+                what = f"run_dir={run_dir}" if folder == run_dir else f"out={out}"
+                raise UserError(f"{what} cannot hold the run's files ({exc.strerror}); "
+                                f"fix: another {what.split('=')[0]}=PATH") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                files.close()
+                _unmake(made, locks)
+                raise UserError(busy) from None
         try:
             yield
         except BaseException:  # refused before any work (bad settings): leave no new folder
-            if made and [p.name for p in run_dir.iterdir()] == [Path(f.name).name]:
-                Path(f.name).unlink()
-                run_dir.rmdir()
+            files.close()
+            _unmake(made, locks)
             raise
+
+
+def _unmake(made: list[Path], locks: list[Path]) -> None:
+    """Remove each folder of ``made`` that holds nothing but some of the ``locks`` (one folder
+    may hold both: out=DIR/m.pt with run_dir=DIR)."""
+    for folder in made:
+        inside = set(folder.iterdir()) if folder.is_dir() else None
+        if inside is not None and inside <= set(locks):
+            for lock_file in inside:
+                lock_file.unlink()
+            folder.rmdir()
 
 
 def read_state(state_path: Path, out: Path) -> dict[str, Any]:
@@ -158,6 +182,52 @@ def check_state(state: dict[str, Any], state_path: Path, device: str, precision:
         raise UserError(f"{state_path} started from other bytes of {init} (sha256 "
                         f"{str(began)[:12]}, now {str(init_sha256)[:12]}); valid: the start "
                         f"file as it was, to resume; {fix}")
+
+
+def train_data_record(images: Any, labels: Any) -> dict[str, Any]:
+    """The fingerprint of a run's training images ``(N, H, W, 3)`` uint8 and labels ``(N,)``:
+    ``n`` and the sha256 of the pixels and the labels as little-endian int64 (0.14 s for
+    CIFAR-10's 50,000, once a session; ids alone miss a file replaced under the same name)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(np.ascontiguousarray(images, dtype=np.uint8).data)
+    h.update(np.asarray(labels).astype("<i8").tobytes())
+    return {"n": len(labels), "sha256": h.hexdigest()}
+
+
+def check_train_data(state: dict[str, Any], state_path: Path, now: dict[str, Any]) -> None:
+    """UserError where the saved ``state`` was trained on other images or labels than ``now``
+    (a :func:`train_data_record`); states before it was recorded: not checked."""
+    saved = state.get("train_data", now)
+    if saved == now:
+        return
+    what = (f"{saved['n']} images, now {now['n']}" if saved["n"] != now["n"] else
+            f"{now['n']} images as before, other pixels or labels: sha256 "
+            f"{saved['sha256'][:12]}, now {now['sha256'][:12]}")
+    raise UserError(f"{state_path} was trained on other training images ({what}); valid: the "
+                    "training data as it was, to resume; fix: restart=True to start over, or "
+                    "another run_dir=PATH")
+
+
+def get_rng(gen: torch.Generator, dev: torch.device) -> dict[str, Any]:
+    """The random states a resumed run needs: ``gen`` (data order, augmentation) and torch's
+    CPU and, on CUDA, device generators (dropout)."""
+    import torch
+
+    return {"data": gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+
+
+def set_rng(rng: dict[str, Any], gen: torch.Generator, dev: torch.device) -> None:
+    """Restore the states :func:`get_rng` saved (:func:`check_state` checked the device)."""
+    import torch
+
+    gen.set_state(rng["data"])
+    torch.set_rng_state(rng["torch"])
+    if dev.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], dev)
 
 
 def other_settings(saved: Any, now: dict[str, Any], state_path: Path, out: Path) -> UserError:

@@ -29,7 +29,7 @@ from repsim import __version__, checkpoints, paths, recipes, registry
 from repsim.errors import UserError, is_whole
 from repsim.evaluation import evaluate, hardware, to_device, train_precision
 from repsim.recipes import Recipe
-from repsim.weights import checkpoint_dir, sha256_file
+from repsim.weights import checkpoint_dir, replace_head, sha256_file
 
 
 @dataclasses.dataclass
@@ -119,6 +119,15 @@ def run_name(cfg: TrainConfig) -> str:
     return "_".join([cfg.model.replace(":", "-"), *(part for on, part in differing if on)])
 
 
+def _out_path(cfg: TrainConfig) -> Path:
+    """``out``, else ``checkpoints/<run name>.pt``; a folder refused (else: at the 1st save)."""
+    out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{run_name(cfg)}.pt"
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder; valid: the checkpoint's file path, e.g. "
+                        f"{out / run_name(cfg)}.pt; fix: out=PATH of a file")
+    return out
+
+
 def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     """The settings a resumed run must share with the interrupted one."""
     weights = cfg.weights
@@ -135,20 +144,6 @@ def _identity(cfg: TrainConfig, recipe: Recipe) -> dict[str, Any]:
     if recipe.schedule != "constant" or recipe.warmup_epochs:  # lr_at uses the planned length
         ident["epochs"] = cfg.epochs
     return ident
-
-
-def _replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
-    """A fresh, seeded classifier for a new task (fine-tuning)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if hasattr(model, "reset_classifier"):  # every timm model
-            model.reset_classifier(num_classes)
-        elif isinstance(getattr(model, "fc", None), nn.Linear):  # torchvision ResNets
-            model.fc = nn.Linear(model.fc.in_features, num_classes)
-        else:
-            raise UserError(f"cannot find the classifier of {type(model).__name__} to replace; "
-                            "fix: fine-tune a timm model or a torchvision ResNet")
-    return model
 
 
 def initial_model(name: str, weights: str | None, num_classes: int, seed: int
@@ -170,7 +165,7 @@ def initial_model(name: str, weights: str | None, num_classes: int, seed: int
     else:
         model, p = load_model(name, weights, seed=seed)
         drawn = p["num_classes"] != num_classes
-        model = _replace_head(model, num_classes, seed) if drawn else model
+        model = replace_head(model, num_classes, seed) if drawn else model
         prov = {"init": p["weights"], "init_sha256": p["weights_sha256"]}
     return model.train(), {**prov, "init_seed": seed if drawn else None}
 
@@ -191,7 +186,7 @@ class _Run:
         self.dev = dev = resolve_device(cfg.device)
         precision = train_precision(dev, cfg.precision)
         self.name = run_name(cfg)
-        self.out = Path(cfg.out).expanduser() if cfg.out else checkpoint_dir() / f"{self.name}.pt"
+        self.out = _out_path(cfg)
         self.run_dir = run_dir
         self.state_path, self.log_path = self.run_dir / "state.pt", self.run_dir / "log.jsonl"
         from repsim.data import CLASS_COUNTS  # known before any image is read: a start's
@@ -249,13 +244,17 @@ class _Run:
             raise checkpoints.other_settings(saved, ident, self.state_path, self.out)
         checkpoints.check_state(state, self.state_path, self.dev.type, self.meta["precision"],
                                 self.meta["init"], self.meta["init_sha256"])
+        checkpoints.check_train_data(state, self.state_path, self.train_data)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.dev.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.dev)
+        checkpoints.set_rng(state["rng"], self.gen, self.dev)
         self.start_epoch = self.resumed_from = int(state["epoch"])
+        if self.start_epoch > self.cfg.epochs:  # a constant schedule resumes across epochs=
+            warnings.warn(f"{self.name} has trained {self.start_epoch} epochs, more than "
+                          f"epochs={self.cfg.epochs}; nothing to do; fix: restart=True to train "
+                          f"{self.cfg.epochs} from scratch (replacing {self.out})", stacklevel=4)
+            self.cfg = dataclasses.replace(self.cfg, epochs=self.start_epoch)  # as it stands
+            self.meta["epochs_planned"] = self.start_epoch
         self.step = self.start_epoch * self.steps_per_epoch
         # Rows of epochs after the saved state (a save interrupted before the state) go.
         checkpoints.write_log(self.log_path, [r for r in checkpoints.read_log(self.log_path)
@@ -277,12 +276,16 @@ class _Run:
                             f"{len(train_ps.labels)} in {cfg.dataset} train; valid: a fraction "
                             "that keeps at least one image of a class; fix: a larger "
                             "train_fraction") from None
+        whole = cfg.train_fraction == 1  # no copy of the whole split to fingerprint it
+        self.train_data = checkpoints.train_data_record(
+            train_ps.images if whole else train_ps.images[keep], train_ps.labels[keep])
         keep_t = torch.from_numpy(keep).to(self.dev)
         self.x_train, self.y_train = (t[keep_t] for t in to_device(train_ps, self.dev))
         self.x_test, self.y_test = to_device(test_ps, self.dev)
         return {"dataset": cfg.dataset, "train_source": train_ps.source, "n_train": len(keep),
                 "n_train_total": len(train_ps.labels), "train_fraction": cfg.train_fraction,
                 "train_ids_sha256": paths.ids_digest(np.asarray(train_ps.ids)[keep]),
+                "train_sha256": self.train_data["sha256"],
                 "n_test": len(test_ps.labels),
                 "augmentation": recipes.describe_augmentation(self.recipe)}
 
@@ -307,7 +310,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     registry.get_spec(cfg.model)  # an unknown model's one line before its run_name is formed
     c = _resolve(cfg)[0]
     run_dir = Path(c.run_dir).expanduser() if c.run_dir else paths.cache_dir("runs", run_name(c))
-    with checkpoints.hold_run(run_dir):
+    with checkpoints.hold_run(run_dir, _out_path(c)):
         return _train(_Run(cfg, run_dir), t_start)
 
 
@@ -453,11 +456,11 @@ def _save(run: _Run, epoch_done: int, pending: list[dict[str, Any]], t_start: fl
     pending.clear()
     # The resumable state goes last: an interruption before it leaves the previous state,
     # from which the same command redoes this save (and drops the log rows past it).
-    rng = {"data": run.gen.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(run.dev) if run.dev.type == "cuda" else None}
+    rng = checkpoints.get_rng(run.gen, run.dev)
     state = {"identity": _identity(cfg, run.recipe), "epoch": epoch_done,
              **{k: run.meta[k] for k in ("precision", "init_sha256")},
-             "model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "rng": rng}
+             "train_data": run.train_data, "model": run.model.state_dict(),
+             "optimizer": run.opt.state_dict(), "rng": rng}
     paths.atomic_write(run.state_path, lambda tmp: torch.save(state, tmp))
     if cfg.progress:
         tqdm.write(f"{run.name} epoch {epoch_done}/{cfg.epochs}: test loss {test['loss']:.4f} "

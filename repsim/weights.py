@@ -125,6 +125,24 @@ def load_into(model: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.P
     return model
 
 
+def replace_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
+    """``model`` with a fresh classifier for ``num_classes``, drawn with ``seed``: a pretrained
+    start fine-tuned on a task of another class count."""
+    import torch
+    from torch import nn as torch_nn
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "reset_classifier"):  # every timm model
+            model.reset_classifier(num_classes)
+        elif isinstance(getattr(model, "fc", None), torch_nn.Linear):  # torchvision ResNets
+            model.fc = torch_nn.Linear(model.fc.in_features, num_classes)
+        else:
+            raise UserError(f"cannot find the classifier of {type(model).__name__} to replace; "
+                            "fix: fine-tune a timm model or a torchvision ResNet")
+    return model
+
+
 def check_weights_seeds(settings: Mapping[str, Any]) -> None:
     """UserError for a ``weights_seed`` (or ``weights_seed_a``, ``_b``) in ``settings`` given (not
     0 or None) where none of its ``weights`` (``weights_a``, ``_b``: one value, a comma-separated

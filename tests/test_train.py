@@ -894,3 +894,120 @@ def test_a_run_dir_that_is_a_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"^run_dir=\S*run cannot hold the run's files .*"
                                         r"fix: another run_dir=PATH"):
         train.train(train.TrainConfig(model="vit_cifar", run_dir=str(tmp_path / "run")))
+
+
+def _own_copy(toy_root, tmp_path):
+    """A copy of the toy data this test may change."""
+    import shutil
+
+    return shutil.copytree(toy_root, tmp_path / "data")
+
+
+def test_resuming_on_training_images_whose_pixels_changed_is_refused(toy_root, tmp_path, mlp):
+    # The same data root with one image replaced: the run went on, silently, on other data.
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    img = root / "cifar10" / "train" / "class3" / "0001.png"
+    before = img.read_bytes()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+    with pytest.raises(UserError, match=r"^\S*state\.pt was trained on other training images "
+                       r"\(20 images as before, other pixels or labels: sha256 \w{12}, now "
+                       r"\w{12}\); valid: .*; fix: restart=True"):
+        train.train(dataclasses.replace(cfg, epochs=2))
+    img.write_bytes(before)
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_resuming_on_a_training_set_with_an_image_added_is_refused(toy_root, tmp_path, mlp):
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+        root / "cifar10" / "train" / "class3" / "0009.png")
+    with pytest.raises(UserError, match=r"other training images \(20 images, now 21\)"):
+        train.train(dataclasses.replace(cfg, epochs=2))
+
+
+def test_a_change_in_the_test_images_alone_does_not_refuse_a_resume(toy_root, tmp_path, mlp):
+    # Only what the run trains on is fingerprinted (the test split is scored afresh each save).
+    root = _own_copy(toy_root, tmp_path)
+    cfg = _cfg(root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(
+        root / "cifar10" / "test" / "class3" / "0001.png")
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_a_state_saved_before_the_training_set_was_fingerprinted_still_resumes(
+        toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state.pop("train_data")["n"] == 20
+    torch.save(state, tmp_path / "run" / "state.pt")
+    assert train.train(dataclasses.replace(cfg, epochs=2))["resumed_from"] == 1
+
+
+def test_the_checkpoint_records_the_training_set_fingerprint(toy_root, tmp_path, mlp):
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    train.train(cfg)
+    ps = data.load_probe_set("cifar10", "train", data_root=str(toy_root))
+    h = hashlib.sha256(np.ascontiguousarray(ps.images).tobytes())
+    h.update(ps.labels.astype("<i8").tobytes())
+    ck = torch.load(cfg.out, weights_only=True)
+    assert ck["data"]["train_sha256"] == h.hexdigest()
+
+
+def test_rerunning_a_finished_run_with_fewer_epochs_says_it_trained_more(toy_root, tmp_path,
+                                                                         mlp):
+    # A constant schedule resumes across --epochs, so a run finished at 2 epochs met
+    # epochs=1: the summary said 2 epochs done of 1 planned ("2/1 epochs").
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=2)
+    train.train(cfg)
+    ck_bytes = Path(cfg.out).read_bytes()
+    manifest = (tmp_path / "ck" / "manifest.json").read_text()
+    with pytest.warns(UserWarning, match=r"has trained 2 epochs, more than epochs=1; nothing to "
+                      r"do; fix: restart=True to train 1 from scratch"):
+        res = train.train(dataclasses.replace(cfg, epochs=1))
+    assert (res["epochs"], res["epochs_planned"], res["finished_before"]) == (2, 2, True)
+    assert res["steps"] == 2 * math.ceil(10 * N_TRAIN / BATCH)  # no step taken
+    assert Path(cfg.out).read_bytes() == ck_bytes
+    assert (tmp_path / "ck" / "manifest.json").read_text() == manifest
+
+
+def test_a_second_run_writing_the_same_out_at_once_is_refused(toy_root, tmp_path, mlp):
+    # Two runs of other settings (two run_dirs) given one out=: the second's fresh start
+    # deleted the first's snapshots, and each overwrote the other's checkpoint and entry.
+    cfg = _cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1)
+    other = dataclasses.replace(cfg, seed=1, run_dir=str(tmp_path / "run2"))
+    with paths.lock(cfg.out):  # as the first run holds it
+        with pytest.raises(UserError, match=r"^out=\S*m\.pt is being written by another run; "
+                           r"valid: one run per out; fix: .*another out=PATH"):
+            train.train(other)
+    assert not (tmp_path / "run2").exists()
+    assert train.train(other)["epochs"] == 1  # released: the run goes on
+
+
+def test_a_run_refused_before_any_work_leaves_no_folder_holding_its_locks(tmp_path, mlp,
+                                                                         monkeypatch):
+    # out=DIR/m.pt with run_dir=DIR: the run_dir folder held both lock files after the refusal.
+    monkeypatch.setenv("REPSIM_OFFLINE", "1")
+    with pytest.raises(UserError, match="no cifar10 train data"):
+        train.train(train.TrainConfig(model=mlp, weights="random", progress=False,
+                                      data_root=str(tmp_path / "none"),
+                                      out=str(tmp_path / "d" / "m.pt"),
+                                      run_dir=str(tmp_path / "d")))
+    assert not (tmp_path / "d").exists()
+
+
+def test_an_out_that_is_a_folder_is_refused_before_any_training(toy_root, tmp_path, mlp,
+                                                                 monkeypatch):
+    # out=checkpoints/ (a folder, as for --run-dir): the run trained a whole epoch, then
+    # failed to write its checkpoint over the folder.
+    (tmp_path / "folder").mkdir()
+    monkeypatch.setattr(train, "_train_epoch", lambda *a: pytest.fail("trained"))
+    with pytest.raises(UserError, match=r"^out=\S*folder is a folder; valid: the checkpoint's "
+                       r"file path, e.g. \S*folder/train_mlp_test\.pt"):
+        train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1,
+                         out=str(tmp_path / "folder")))
