@@ -36,6 +36,10 @@ def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str],
         names = [f"{side}[{i}]" for i in range(len(mats))]
     if not mats:
         raise ValueError("empty feature set: give at least one (n, p) matrix")
+    # A frame (pandas, polars, xarray) has no .dtype and frame[idx] selects columns, not a
+    # minibatch's rows: its array is read instead (a frame is in memory anyway).
+    mats = [m.to_numpy() if hasattr(m, "to_numpy") and not isinstance(m, np.ndarray) else m
+            for m in mats]
     for name, m in zip(names, mats):
         if not hasattr(m, "shape"):  # a list of rows: "shape ()" would say what it is not
             raise ValueError(f"layer {name!r} is a {type(m).__name__}, not an (n, p) matrix; "
