@@ -38,7 +38,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
     ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
-    maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
+    maps (and ``(b, C, D, H, W)`` volumes): ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``
+    over every position. Anything else is flattened;
     ``how=None`` returns ``x`` as it is. ``class_token``: whether token 0 is a class token
     (default: whenever there is a prefix); ``cls`` is refused when it is not.
     """
@@ -59,8 +60,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
                                      f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
         return x.flatten(1)
-    if x.dim() == 4 and how == "mean":
-        return x.mean((2, 3))
+    if x.dim() >= 4 and how == "mean":
+        return x.mean(tuple(range(2, x.dim())))
     if how in ("cls", "prefix"):
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")

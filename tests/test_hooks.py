@@ -54,3 +54,13 @@ def test_images_that_are_no_batches_are_one_user_error(images):
     # 'str'", "'float' object is not iterable").
     with pytest.raises(UserError, match=r"images=.*valid: a tensor"):
         repsim.extract(_net(), images, layers="0")
+
+
+def test_mean_of_a_volume_pools_every_position_not_flattens():
+    # reduce="mean" of a Conv3d's (b, C, D, H, W) output silently returned the flattened
+    # (b, C*D*H*W) rows, as if "flatten" had been asked for.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3))
+    x = torch.rand(3, 2, 5, 6, 6)
+    got = repsim.extract(net, x, layers="0", reduce="mean")["0"]
+    np.testing.assert_allclose(got, net(x).detach().mean((2, 3, 4)).numpy(), rtol=1e-6)
