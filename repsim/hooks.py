@@ -200,13 +200,17 @@ def _images_of(batch: Any) -> Any:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Image batches of an array/tensor (sliced), a Dataset of samples (batched by a
-    DataLoader) or any iterable of batches (a DataLoader)."""
+    """Image batches of an array/tensor (sliced, as is any object with a ``shape`` and
+    slicing: an h5py dataset), a Dataset of samples (batched by a DataLoader) or any iterable
+    of batches (a DataLoader)."""
     if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
         images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        step = int(batch_size)
-        return (images[a:a + step] for a in range(0, len(images), step))
+    # Any array (an h5py or zarr dataset too) is sliced by rows: iterated, an h5py dataset
+    # gives single images, each of which would be taken for a batch.
+    if isinstance(images, (torch.Tensor, np.ndarray)) or (
+            len(getattr(images, "shape", ())) > 0 and hasattr(images, "__getitem__")):
+        step, n = int(batch_size), int(images.shape[0])
+        return (images[a:a + step] for a in range(0, n, step))
     # A str iterates as letters, a folder's name is no images: refused before any work.
     if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Iterable):
         raise UserError(f"images={images!r} is a {type(images).__name__}; valid: a tensor, a "

@@ -64,3 +64,14 @@ def test_mean_of_a_volume_pools_every_position_not_flattens():
     x = torch.rand(3, 2, 5, 6, 6)
     got = repsim.extract(net, x, layers="0", reduce="mean")["0"]
     np.testing.assert_allclose(got, net(x).detach().mean((2, 3, 4)).numpy(), rtol=1e-6)
+
+
+def test_images_in_an_hdf5_dataset_are_read_in_batches_of_rows(tmp_path):
+    # An h5py dataset iterates image by image: each image went in as a "batch" (its channels
+    # taken for samples), and the row check blamed the layer ("gave 4 rows for a batch of 3").
+    h5py = pytest.importorskip("h5py")
+    x = np.random.default_rng(0).random((5, 3, 8, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "images.h5", "w") as f:
+        f["x"] = x
+        got = repsim.extract(_net(), f["x"], layers="0", batch_size=2)["0"]
+    np.testing.assert_array_equal(got, repsim.extract(_net(), x, layers="0", batch_size=2)["0"])
