@@ -936,3 +936,22 @@ def test_a_models_family_is_in_its_default_stores_key(monkeypatch):
         return digest(_store_key(c, get_spec("fam_x"), {"images_sha256": "x"}))
 
     assert key("other") != key("resnet")
+
+
+def test_a_store_another_process_holds_open_for_writing_is_not_called_damaged(
+        tmp_path, cifar_root, tiny):
+    # HDF5 locks a file open for writing (h5py.File(path, "a") in a notebook): the store was
+    # called "not a repsim store (Resource temporarily unavailable) ... check the path", and
+    # extract() took it for a damaged cache entry and deleted it to make it again.
+    fcntl = pytest.importorskip("fcntl")
+    c = cfg(tmp_path, cifar_root, model=tiny, out=None)
+    path = extract(c)["path"]
+    inode = os.stat(path).st_ino
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as HDF5's writer holds it
+        with pytest.raises(UserError, match="open for writing in another process"):
+            Store(path)
+        with pytest.raises(UserError, match="open for writing in another process"):
+            extract(c)
+    assert os.stat(path).st_ino == inode
+
