@@ -190,9 +190,11 @@ class StoreWriter:
             f = h5py.File(self.path, "r+")
             old, done = json.loads(f.attrs["provenance"]), f["batches_done"][:]
             a, b = identity(old), identity(self.meta)
-            # An equal key is the same content (it holds the weights' sha256 and the canonical
-            # model name), however the run spelled the weights file or the model.
-            spelling = ("model", "weights") if a.get("key") and a["key"] == b.get("key") else ()
+            # An equal key is the same content (it holds the weights' sha256, the canonical
+            # model name and the images' sha256), however the run spelled the weights file,
+            # the model or the data's folder (the data's source).
+            spelling = (("model", "weights", "data") if a.get("key") and a["key"] == b.get("key")
+                        else ())
             differ = [k for k in sorted(set(a) | set(b))
                       if a.get(k) != b.get(k) and k != "key" and k not in spelling]
             if not np.array_equal(f["ids"][:], ids):

@@ -955,3 +955,26 @@ def test_a_store_another_process_holds_open_for_writing_is_not_called_damaged(
             extract(c)
     assert os.stat(path).st_ino == inode
 
+
+def test_an_unfinished_store_resumes_with_its_images_folder_spelled_another_way(
+        tmp_path, cifar_root, tiny, monkeypatch):
+    # The key leaves out the data's source (the root as spelled), so a complete store is
+    # reused under ../data, but resuming an unfinished one compared the sources and refused:
+    # "an unfinished store with different settings (data)".
+    from repsim import extraction
+
+    def fail():
+        raise RuntimeError("killed")
+
+    keep = extraction._maybe_fault
+    monkeypatch.setattr(extraction, "_maybe_fault", fail)
+    c = cfg(tmp_path, cifar_root, model=tiny, batch_size=8)
+    with pytest.raises(RuntimeError, match="killed"):
+        extract(c)
+    monkeypatch.setattr(extraction, "_maybe_fault", keep)
+    monkeypatch.chdir(cifar_root)
+    res = extract(replace(c, data_root=os.path.join("..", cifar_root.name)))
+    assert res["resumed"] and not res["reused"]
+    whole = extract(replace(c, out=str(tmp_path / "whole.h5")))
+    with Store(res["path"]) as a, Store(whole["path"]) as b:
+        np.testing.assert_array_equal(a["1"][:], b["1"][:])
