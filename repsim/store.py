@@ -116,6 +116,9 @@ class Store:
             raise UserError(f"layer {layer!r} is a {type(layer).__name__}, but layer names are "
                             f"strings; valid: {', '.join(map(repr, self.layers))}; fix: "
                             f"store[{str(layer)!r}]")
+        if not self._f.id.valid:  # h5py's own error: "invalid identifier type to function"
+            raise UserError(f"store {self.path} is closed; read its layers inside the `with "
+                            "Store(path) as s:` block, or open it again")
         if layer not in self.layers:
             import difflib
 

@@ -978,3 +978,16 @@ def test_an_unfinished_store_resumes_with_its_images_folder_spelled_another_way(
     whole = extract(replace(c, out=str(tmp_path / "whole.h5")))
     with Store(res["path"]) as a, Store(whole["path"]) as b:
         np.testing.assert_array_equal(a["1"][:], b["1"][:])
+
+
+def test_a_closed_stores_layer_says_the_store_is_closed(tmp_path):
+    # store[name] after the `with` raised h5py's KeyError "Unable to synchronously open object
+    # (invalid identifier type to function)".
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"a": 3}, "float32", 2, None)
+    w.write(0, {"a": np.ones((2, 3), np.float32)})
+    w.finish()
+    with Store(tmp_path / "s.h5") as s:
+        pass
+    with pytest.raises(UserError, match=r"s\.h5 is closed.*inside the `with"):
+        s["a"]

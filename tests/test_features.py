@@ -26,3 +26,13 @@ def test_a_pandas_frame_is_read_by_rows_as_its_array_is():
     got = cka_matrix([pd.DataFrame(x)], {"y": pd.DataFrame(y)}, estimator="minibatch",
                      batch_size=10)
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_layer_of_a_closed_store_says_the_store_is_closed(tmp_path):
+    # Features taken inside `with Store(path) as s:` and compared after it raised h5py's
+    # RuntimeError "Unable to synchronously get dataspace (identifier is not of specified type)".
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        layer = f.create_dataset("x", data=np.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"layer 'x' .* closed.*inside the `with"):
+        feature_set({"x": layer}, "a")
