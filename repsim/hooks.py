@@ -261,8 +261,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``; floating
     ones in the module's own dtype, integer ones as they are) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
-    way). Runs in eval mode on ``device``; by default a module runs where its parameters are,
-    a registry name on a GPU if there is one. A module sent to ``device`` is sent back."""
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
+    (one without any: where its inputs are), a registry name on a GPU if there is one. A
+    module sent to ``device`` is sent back."""
     from repsim import models
     from repsim.registry import get_spec
 
@@ -273,7 +274,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     state = (itertools.chain(model.parameters(), model.buffers())
              if isinstance(model, nn.Module) else ())
     home = next((t.device for t in state), None)
-    dev = models.resolve_device(home if device is None else str(device))
+    # A module without state runs where its inputs are (None: each batch stays where it is).
+    dev = (None if home is None and device is None and isinstance(model, nn.Module)
+           else models.resolve_device(home if device is None else str(device)))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
@@ -285,7 +288,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         want = _float_dtype(model)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
-                x = as_tensor(x).to(dev)
+                x = as_tensor(x) if dev is None else as_tensor(x).to(dev)
                 if spec is not None:
                     model(models.preprocess(spec, x))
                 else:

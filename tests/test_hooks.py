@@ -75,3 +75,22 @@ def test_images_in_an_hdf5_dataset_are_read_in_batches_of_rows(tmp_path):
         f["x"] = x
         got = repsim.extract(_net(), f["x"], layers="0", batch_size=2)["0"]
     np.testing.assert_array_equal(got, repsim.extract(_net(), x, layers="0", batch_size=2)["0"])
+
+
+def test_a_module_without_parameters_runs_where_its_inputs_are(monkeypatch):
+    # With no parameter to say where it runs, its CPU inputs were sent to a GPU when there was
+    # one, away from the plain tensors the module holds (a fixed random projection).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    w = torch.rand(12, 2)
+
+    class Projection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = nn.Flatten()
+
+        def forward(self, x):
+            return self.flat(x) @ w
+
+    x = torch.rand(3, 3, 2, 2)
+    got = repsim.extract(Projection(), x, layers="flat")["flat"]
+    np.testing.assert_array_equal(got, x.flatten(1).numpy())
