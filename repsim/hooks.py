@@ -48,6 +48,10 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
         return x
     if x.dim() == 3:
         if how == "mean":
+            if x.shape[1] <= n_prefix:  # the mean of no tokens: NaN rows
+                raise ReductionError(f"reduce='mean' averages the tokens after the {n_prefix} "
+                                     f"class/register tokens, and outputs {tuple(x.shape)} "
+                                     "have no patch tokens; use 'flatten'")
             return x[:, n_prefix:].mean(1)
         if how in ("cls", "prefix"):
             # Without a prefix, token 0 is a patch token: returning it would pass for a class

@@ -94,3 +94,12 @@ def test_a_module_without_parameters_runs_where_its_inputs_are(monkeypatch):
     x = torch.rand(3, 3, 2, 2)
     got = repsim.extract(Projection(), x, layers="flat")["flat"]
     np.testing.assert_array_equal(got, x.flatten(1).numpy())
+
+
+def test_mean_of_tokens_that_are_all_prefix_is_refused_not_nan():
+    # A (b, 1, D) output inside a ViT (timm's attention pooling, attn_pool.mlp) has no token
+    # after the class token: reduce='mean' averaged none and returned NaN rows.
+    from repsim.hooks import ReductionError, reduce
+
+    with pytest.raises(ReductionError, match=r"\(2, 1, 4\) have no patch tokens; use 'flatten'"):
+        reduce(torch.rand(2, 1, 4), "mean", n_prefix=1)
