@@ -259,13 +259,16 @@ def _reuse(out: Path, key: str, cleanup: bool) -> dict:
 
 
 def _damaged(out: Path) -> str | None:
-    """Why the store at ``out`` cannot be read (a truncated or garbled file), or None."""
-    from repsim.store import Store
+    """Why the store at ``out`` cannot be read (a truncated or garbled file), or None (also
+    for one held open for writing elsewhere: reading it says so)."""
+    from repsim.store import Store, StoreBusy
 
     if not out.exists():
         return None
     try:
         Store(out).close()
+    except StoreBusy:
+        return None
     except UserError as exc:
         return str(exc)
     return None

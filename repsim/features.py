@@ -36,7 +36,15 @@ def feature_set(feats: Any, side: str, n: int | None = None) -> tuple[list[str],
         names = [f"{side}[{i}]" for i in range(len(mats))]
     if not mats:
         raise ValueError("empty feature set: give at least one (n, p) matrix")
+    # A frame (pandas, polars, xarray) has no .dtype and frame[idx] selects columns, not a
+    # minibatch's rows: its array is read instead (a frame is in memory anyway).
+    mats = [m.to_numpy() if hasattr(m, "to_numpy") and not isinstance(m, np.ndarray) else m
+            for m in mats]
     for name, m in zip(names, mats):
+        if not getattr(getattr(m, "id", None), "valid", True):  # h5py's, once closed (0)
+            raise ValueError(f"layer {name!r} is a dataset of a closed HDF5 file (a store "
+                             "left by its `with`); compare inside the `with Store(path) as "
+                             "s:` block, or read it first: s[name][:]")
         if not hasattr(m, "shape"):  # a list of rows: "shape ()" would say what it is not
             raise ValueError(f"layer {name!r} is a {type(m).__name__}, not an (n, p) matrix; "
                              "pass np.asarray(...) of it, or a torch tensor")

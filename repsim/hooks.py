@@ -38,7 +38,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
     ``(b, T, D)`` tokens: ``flatten`` -> ``(b, T*D)``, ``mean`` -> mean of the patch tokens
     (after ``n_prefix`` class/register tokens) ``(b, D)``, ``cls`` -> token 0 ``(b, D)``,
     ``prefix`` -> the class/register tokens side by side ``(b, n_prefix*D)``. ``(b, C, H, W)``
-    maps: ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``. Anything else is flattened;
+    maps (and ``(b, C, D, H, W)`` volumes): ``flatten`` -> ``(b, C*H*W)``, ``mean`` -> ``(b, C)``
+    over every position. Anything else is flattened;
     ``how=None`` returns ``x`` as it is. ``class_token``: whether token 0 is a class token
     (default: whenever there is a prefix); ``cls`` is refused when it is not.
     """
@@ -47,6 +48,10 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
         return x
     if x.dim() == 3:
         if how == "mean":
+            if x.shape[1] <= n_prefix:  # the mean of no tokens: NaN rows
+                raise ReductionError(f"reduce='mean' averages the tokens after the {n_prefix} "
+                                     f"class/register tokens, and outputs {tuple(x.shape)} "
+                                     "have no patch tokens; use 'flatten'")
             return x[:, n_prefix:].mean(1)
         if how in ("cls", "prefix"):
             # Without a prefix, token 0 is a patch token: returning it would pass for a class
@@ -59,8 +64,8 @@ def reduce(x: torch.Tensor, how: str | None, n_prefix: int = 1,
                                      f"only {n_prefix} register tokens; use 'prefix' or 'mean'")
             return x[:, 0] if how == "cls" else x[:, :n_prefix].flatten(1)
         return x.flatten(1)
-    if x.dim() == 4 and how == "mean":
-        return x.mean((2, 3))
+    if x.dim() >= 4 and how == "mean":
+        return x.mean(tuple(range(2, x.dim())))
     if how in ("cls", "prefix"):
         raise ReductionError(f"reduce={how!r} needs token outputs (b, T, D), got shape "
                              f"{tuple(x.shape)}; use 'flatten' or 'mean'")
@@ -199,13 +204,17 @@ def _images_of(batch: Any) -> Any:
 
 
 def _batches(images: Any, batch_size: int) -> Iterable[Any]:
-    """Image batches of an array/tensor (sliced), a Dataset of samples (batched by a
-    DataLoader) or any iterable of batches (a DataLoader)."""
+    """Image batches of an array/tensor (sliced, as is any object with a ``shape`` and
+    slicing: an h5py dataset), a Dataset of samples (batched by a DataLoader) or any iterable
+    of batches (a DataLoader)."""
     if isinstance(images, torch.utils.data.Dataset):  # samples: iterated, each was a "batch"
         images = torch.utils.data.DataLoader(images, batch_size=int(batch_size))
-    if isinstance(images, (torch.Tensor, np.ndarray)):
-        step = int(batch_size)
-        return (images[a:a + step] for a in range(0, len(images), step))
+    # Any array (an h5py or zarr dataset too) is sliced by rows: iterated, an h5py dataset
+    # gives single images, each of which would be taken for a batch.
+    if isinstance(images, (torch.Tensor, np.ndarray)) or (
+            len(getattr(images, "shape", ())) > 0 and hasattr(images, "__getitem__")):
+        step, n = int(batch_size), int(images.shape[0])
+        return (images[a:a + step] for a in range(0, n, step))
     # A str iterates as letters, a folder's name is no images: refused before any work.
     if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Iterable):
         raise UserError(f"images={images!r} is a {type(images).__name__}; valid: a tensor, a "
@@ -256,8 +265,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     or DataLoader of batches, ``(x, y)`` or dicts like ``{"image": x, "label": y}``; floating
     ones in the module's own dtype, integer ones as they are) or a
     registry name (its default weights; ``images`` ``(n, H, W, 3)`` uint8, preprocessed its
-    way). Runs in eval mode on ``device``; by default a module runs where its parameters are,
-    a registry name on a GPU if there is one. A module sent to ``device`` is sent back."""
+    way). Runs in eval mode on ``device``; by default a module runs where its parameters are
+    (one without any: where its inputs are), a registry name on a GPU if there is one. A
+    module sent to ``device`` is sent back."""
     from repsim import models
     from repsim.registry import get_spec
 
@@ -268,7 +278,9 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     state = (itertools.chain(model.parameters(), model.buffers())
              if isinstance(model, nn.Module) else ())
     home = next((t.device for t in state), None)
-    dev = models.resolve_device(home if device is None else str(device))
+    # A module without state runs where its inputs are (None: each batch stays where it is).
+    dev = (None if home is None and device is None and isinstance(model, nn.Module)
+           else models.resolve_device(home if device is None else str(device)))
     spec = None
     if isinstance(model, str):
         spec = get_spec(model)
@@ -280,7 +292,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
         want = _float_dtype(model)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
-                x = as_tensor(x).to(dev)
+                x = as_tensor(x) if dev is None else as_tensor(x).to(dev)
                 if spec is not None:
                     model(models.preprocess(spec, x))
                 else:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -80,8 +81,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    try:  # named .<stem>.<pid>.<random>.partial<suffix>: the pid tells an orphan (below)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.",
+    try:  # named .<stem>.<pid>@<host>.<random>.partial<suffix>: they tell an orphan (below)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}@{_host()}.",
                                    suffix=f".partial{path.suffix}", dir=path.parent)
     except OSError as exc:  # a read-only folder, a full disk: about path, not a tmp name
         raise _about(exc, path) from exc
@@ -105,14 +106,22 @@ def _remove_orphans(path: Path) -> None:
     head, tail = f".{path.stem}.", f".partial{path.suffix}"
     for tmp in path.parent.glob(f"{glob.escape(head)}*{glob.escape(tail)}"):
         pid, _, rest = tmp.name[len(head):-len(tail)].partition(".")
+        pid, _, host = pid.partition("@")  # no host: a repsim before hosts were named
         if not pid.isdigit() or "." in rest or not rest:
             continue  # not one of ours: another file's temporary, or a user's
+        if host and host != _host():
+            continue  # another machine's (a folder shared over NFS): its pids are not ours
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
         except (PermissionError, OverflowError):
             pass  # alive under another user, or no pid at all: leave it
+
+
+def _host() -> str:
+    """This machine, for temporary files' names: 8 hex digits of its host name's sha256."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _umask() -> int:

@@ -47,6 +47,10 @@ def partial_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".partial")
 
 
+class StoreBusy(UserError):
+    """A store another process holds open for writing: no damage, nothing to make again."""
+
+
 class Store:
     """A complete store, read: ``layers`` in model order, ``ids``, ``labels``, ``meta``;
     ``store[name]``: the lazy h5py ``(n, D)`` dataset (the CKA engine streams its row slices)."""
@@ -68,6 +72,10 @@ class Store:
         except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
             # h5py's errno messages span lines (a ctime, buffer addresses): the reason suffices.
             why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5's lock of a writer
+                raise StoreBusy(f"store {self.path} is open for writing in another process "
+                                f"(HDF5 locks it: {why}); fix: close it there (or wait for "
+                                "that process to end), then run this again") from exc
             if "truncated file" in why:  # an HDF5 file shorter than its own header says
                 raise UserError(f"{self.path} is cut short ({why}): an interrupted copy or a "
                                 "full disk; fix: copy it again or extract it again") from exc
@@ -108,6 +116,9 @@ class Store:
             raise UserError(f"layer {layer!r} is a {type(layer).__name__}, but layer names are "
                             f"strings; valid: {', '.join(map(repr, self.layers))}; fix: "
                             f"store[{str(layer)!r}]")
+        if not self._f.id.valid:  # h5py's own error: "invalid identifier type to function"
+            raise UserError(f"store {self.path} is closed; read its layers inside the `with "
+                            "Store(path) as s:` block, or open it again")
         if layer not in self.layers:
             import difflib
 
@@ -182,9 +193,11 @@ class StoreWriter:
             f = h5py.File(self.path, "r+")
             old, done = json.loads(f.attrs["provenance"]), f["batches_done"][:]
             a, b = identity(old), identity(self.meta)
-            # An equal key is the same content (it holds the weights' sha256 and the canonical
-            # model name), however the run spelled the weights file or the model.
-            spelling = ("model", "weights") if a.get("key") and a["key"] == b.get("key") else ()
+            # An equal key is the same content (it holds the weights' sha256, the canonical
+            # model name and the images' sha256), however the run spelled the weights file,
+            # the model or the data's folder (the data's source).
+            spelling = (("model", "weights", "data") if a.get("key") and a["key"] == b.get("key")
+                        else ())
             differ = [k for k in sorted(set(a) | set(b))
                       if a.get(k) != b.get(k) and k != "key" and k not in spelling]
             if not np.array_equal(f["ids"][:], ids):

@@ -936,3 +936,58 @@ def test_a_models_family_is_in_its_default_stores_key(monkeypatch):
         return digest(_store_key(c, get_spec("fam_x"), {"images_sha256": "x"}))
 
     assert key("other") != key("resnet")
+
+
+def test_a_store_another_process_holds_open_for_writing_is_not_called_damaged(
+        tmp_path, cifar_root, tiny):
+    # HDF5 locks a file open for writing (h5py.File(path, "a") in a notebook): the store was
+    # called "not a repsim store (Resource temporarily unavailable) ... check the path", and
+    # extract() took it for a damaged cache entry and deleted it to make it again.
+    fcntl = pytest.importorskip("fcntl")
+    c = cfg(tmp_path, cifar_root, model=tiny, out=None)
+    path = extract(c)["path"]
+    inode = os.stat(path).st_ino
+    with open(path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as HDF5's writer holds it
+        with pytest.raises(UserError, match="open for writing in another process"):
+            Store(path)
+        with pytest.raises(UserError, match="open for writing in another process"):
+            extract(c)
+    assert os.stat(path).st_ino == inode
+
+
+def test_an_unfinished_store_resumes_with_its_images_folder_spelled_another_way(
+        tmp_path, cifar_root, tiny, monkeypatch):
+    # The key leaves out the data's source (the root as spelled), so a complete store is
+    # reused under ../data, but resuming an unfinished one compared the sources and refused:
+    # "an unfinished store with different settings (data)".
+    from repsim import extraction
+
+    def fail():
+        raise RuntimeError("killed")
+
+    keep = extraction._maybe_fault
+    monkeypatch.setattr(extraction, "_maybe_fault", fail)
+    c = cfg(tmp_path, cifar_root, model=tiny, batch_size=8)
+    with pytest.raises(RuntimeError, match="killed"):
+        extract(c)
+    monkeypatch.setattr(extraction, "_maybe_fault", keep)
+    monkeypatch.chdir(cifar_root)
+    res = extract(replace(c, data_root=os.path.join("..", cifar_root.name)))
+    assert res["resumed"] and not res["reused"]
+    whole = extract(replace(c, out=str(tmp_path / "whole.h5")))
+    with Store(res["path"]) as a, Store(whole["path"]) as b:
+        np.testing.assert_array_equal(a["1"][:], b["1"][:])
+
+
+def test_a_closed_stores_layer_says_the_store_is_closed(tmp_path):
+    # store[name] after the `with` raised h5py's KeyError "Unable to synchronously open object
+    # (invalid identifier type to function)".
+    w = StoreWriter(tmp_path / "s.h5", {"model": "m"}, np.arange(2), np.zeros(2), 2)
+    w.create_layers({"a": 3}, "float32", 2, None)
+    w.write(0, {"a": np.ones((2, 3), np.float32)})
+    w.finish()
+    with Store(tmp_path / "s.h5") as s:
+        pass
+    with pytest.raises(UserError, match=r"s\.h5 is closed.*inside the `with"):
+        s["a"]

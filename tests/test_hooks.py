@@ -54,3 +54,52 @@ def test_images_that_are_no_batches_are_one_user_error(images):
     # 'str'", "'float' object is not iterable").
     with pytest.raises(UserError, match=r"images=.*valid: a tensor"):
         repsim.extract(_net(), images, layers="0")
+
+
+def test_mean_of_a_volume_pools_every_position_not_flattens():
+    # reduce="mean" of a Conv3d's (b, C, D, H, W) output silently returned the flattened
+    # (b, C*D*H*W) rows, as if "flatten" had been asked for.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3))
+    x = torch.rand(3, 2, 5, 6, 6)
+    got = repsim.extract(net, x, layers="0", reduce="mean")["0"]
+    np.testing.assert_allclose(got, net(x).detach().mean((2, 3, 4)).numpy(), rtol=1e-6)
+
+
+def test_images_in_an_hdf5_dataset_are_read_in_batches_of_rows(tmp_path):
+    # An h5py dataset iterates image by image: each image went in as a "batch" (its channels
+    # taken for samples), and the row check blamed the layer ("gave 4 rows for a batch of 3").
+    h5py = pytest.importorskip("h5py")
+    x = np.random.default_rng(0).random((5, 3, 8, 8)).astype(np.float32)
+    with h5py.File(tmp_path / "images.h5", "w") as f:
+        f["x"] = x
+        got = repsim.extract(_net(), f["x"], layers="0", batch_size=2)["0"]
+    np.testing.assert_array_equal(got, repsim.extract(_net(), x, layers="0", batch_size=2)["0"])
+
+
+def test_a_module_without_parameters_runs_where_its_inputs_are(monkeypatch):
+    # With no parameter to say where it runs, its CPU inputs were sent to a GPU when there was
+    # one, away from the plain tensors the module holds (a fixed random projection).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    w = torch.rand(12, 2)
+
+    class Projection(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = nn.Flatten()
+
+        def forward(self, x):
+            return self.flat(x) @ w
+
+    x = torch.rand(3, 3, 2, 2)
+    got = repsim.extract(Projection(), x, layers="flat")["flat"]
+    np.testing.assert_array_equal(got, x.flatten(1).numpy())
+
+
+def test_mean_of_tokens_that_are_all_prefix_is_refused_not_nan():
+    # A (b, 1, D) output inside a ViT (timm's attention pooling, attn_pool.mlp) has no token
+    # after the class token: reduce='mean' averaged none and returned NaN rows.
+    from repsim.hooks import ReductionError, reduce
+
+    with pytest.raises(ReductionError, match=r"\(2, 1, 4\) have no patch tokens; use 'flatten'"):
+        reduce(torch.rand(2, 1, 4), "mean", n_prefix=1)
