@@ -391,6 +391,46 @@ def test_a_layer_subset_does_not_reuse_the_store_of_other_weights(tiny):
     assert (store.how, store.layers) == ("extracted", ["1"]) and store.path != old.path
 
 
+def _passes(monkeypatch):
+    """The layer requests of every model run (extraction that was not a reuse), as a list."""
+    from repsim import extraction
+
+    runs, real = [], extraction.extract
+
+    def counted(cfg):
+        res = real(cfg)
+        if not res["reused"]:
+            runs.append(cfg.layers)
+        return res
+
+    monkeypatch.setattr(extraction, "extract", counted)
+    return runs
+
+
+def _self_cfg(layers_a, layers_b):
+    return CKAConfig(a="tiny_cmp", b="tiny_cmp", layers_a=layers_a, layers_b=layers_b,
+                     estimator="debiased", se=False, plots=False, progress=False,
+                     probe=ProbeSpec(n=8))
+
+
+def test_one_model_with_two_layer_subsets_runs_it_once(tiny, monkeypatch):
+    # --a X --b X with --layers-a 1 --layers-b 2 ran the model twice, once per subset.
+    runs = _passes(monkeypatch)
+    r = run_cka(_self_cfg("1", "2"))["result"]
+    assert len(runs) == 1 and (r["layers_a"], r["layers_b"]) == (["1"], ["2"])
+    full = run_cka(_self_cfg(None, None))["result"]  # every layer: the same numbers
+    assert r["matrix"][0][0] == pytest.approx(full["matrix"][1][2], abs=1e-12)
+    assert run_cka(_self_cfg("1", "2"))["reused"] and len(runs) == 2  # a rerun: cached
+
+
+def test_one_model_with_a_subset_against_all_its_layers_runs_it_once(tiny, monkeypatch):
+    # The subset side was extracted first, then the default store for the other side.
+    runs = _passes(monkeypatch)
+    r = run_cka(_self_cfg("1", None))["result"]
+    assert len(runs) == 1 and (r["layers_a"], r["layers_b"]) == (["1"], ["0", "1", "2"])
+    assert r["matrix"][0][1] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
