@@ -431,6 +431,13 @@ def test_one_model_with_a_subset_against_all_its_layers_runs_it_once(tiny, monke
     assert r["matrix"][0][1] == pytest.approx(1.0, abs=1e-12)
 
 
+def test_one_model_with_two_layer_subsets_names_the_side_of_an_unknown_layer(tiny):
+    from repsim.errors import UserError
+
+    with pytest.raises(UserError, match=r"^layers_b='9' matches nothing in tiny_cmp"):
+        run_cka(_self_cfg("1", "9"))
+
+
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
