@@ -99,7 +99,7 @@ class CKAConfig:
     permutations: int = 0  # size of the permutation null per cell (0: none)
     permutation_seed: int | None = None  # None: 0; refused without permutations
     influence: int = 0  # per cell, list this many most influential images
-    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    probe: ProbeSpec | None = field(default_factory=ProbeSpec)  # None: ProbeSpec()
     weights_a: str | None = None
     weights_b: str | None = None
     weights_seed_a: int = 0  # of random weights for A, e.g. to compare two random inits
@@ -373,7 +373,13 @@ def default_out_dir(a: StoreRef) -> Path:
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
     """``cfg`` with batch size, permutation seed and a, b (as str) resolved; UserError if bad."""
-    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b))  # store paths may be Paths
+    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b),  # store paths may be Paths
+                  probe=ProbeSpec() if cfg.probe is None else cfg.probe)
+    if not isinstance(cfg.probe, ProbeSpec):
+        given = (", ".join(f"{k}={v!r}" for k, v in cfg.probe.items())
+                 if isinstance(cfg.probe, dict) else "n=..., dataset=...")
+        raise UserError(f"probe={cfg.probe!r} is not a ProbeSpec; valid: "
+                        f"repsim.compare.ProbeSpec({given}), or None for the bundled probe set")
     for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
         if (v := getattr(cfg, k)) is not None and not is_whole(v, lo):
             raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "

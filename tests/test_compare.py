@@ -1016,3 +1016,18 @@ def test_a_switch_that_is_no_bool_is_refused_not_read_by_its_truth(tmp_path, pai
     cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), **{flag: "False"})
     with pytest.raises(UserError, match=rf"^{flag}='False' is not a bool; valid: True or False"):
         run_cka(cfg)
+
+
+def test_a_probe_that_is_no_probespec_is_refused_in_one_line(tmp_path, pair):
+    # probe={"n": 100} (or None) from a notebook raised AttributeError: no attribute 'n'.
+    from repsim.errors import UserError
+
+    with pytest.raises(UserError, match=r"^probe=\{'n': 100\} is not a ProbeSpec; valid: "
+                                        r"repsim.compare.ProbeSpec\(n=100\)"):
+        run_cka(CKAConfig(a="vit_cifar", b="resnet18_cifar", probe={"n": 100}))
+
+
+def test_probe_none_is_the_default_probe_set(tmp_path, pair):
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), probe=None, out=str(tmp_path / "o"),
+                    plots=False, progress=False, se=False)
+    assert run_cka(cfg)["result"]["n"] == 24
