@@ -397,8 +397,8 @@ def _passes(monkeypatch):
 
     runs, real = [], extraction.extract
 
-    def counted(cfg):
-        res = real(cfg)
+    def counted(cfg, **kw):
+        res = real(cfg, **kw)
         if not res["reused"]:
             runs.append(cfg.layers)
         return res
