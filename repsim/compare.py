@@ -396,6 +396,9 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
         if isinstance(w := getattr(cfg, k), (list, tuple)):
             raise UserError(f"{k}={w!r} is a list of seeds; compare them with "
                             "repsim.seeds.run_cka_seeds (as repsim cka does), or give one file")
+        if isinstance(w, str) and not w.strip():  # an unset shell variable: not the default
+            raise UserError(f"{k}={w!r} names no weights file; valid: a file or 'random'; "
+                            f"fix: give one, or leave {k}= out for the model's own weights")
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")

@@ -1031,3 +1031,14 @@ def test_probe_none_is_the_default_probe_set(tmp_path, pair):
     cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), probe=None, out=str(tmp_path / "o"),
                     plots=False, progress=False, se=False)
     assert run_cka(cfg)["result"]["n"] == 24
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_an_empty_weights_value_is_refused_not_read_as_the_default(side):
+    # --weights-a "$CKPT" with CKPT unset: with the default store cached, the model's own
+    # weights were compared silently; without it, 'weights file . is a directory'.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", **{f"weights_{side}": " "})
+    with pytest.raises(UserError, match=rf"^weights_{side}=' ' names no weights file"):
+        run_cka(cfg)
