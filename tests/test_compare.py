@@ -1042,3 +1042,20 @@ def test_an_empty_weights_value_is_refused_not_read_as_the_default(side):
     cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", **{f"weights_{side}": " "})
     with pytest.raises(UserError, match=rf"^weights_{side}=' ' names no weights file"):
         run_cka(cfg)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b""])
+def test_an_unreadable_cached_sketch_is_made_again(tmp_path, pair, damage):
+    # A truncated or empty sketch in the cache (a cut-short copy of it) stopped every later
+    # comparison of that layer with a traceback: BadZipFile, EOFError.
+    from repsim.paths import cache_dir
+
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), estimator="debiased", se=False,
+                    layers_a="blocks.0", layers_b="stem", plots=False, progress=False)
+    first = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o1")))["result"]["matrix"]
+    for path in cache_dir("sketches").glob("*.npz"):
+        path.write_bytes(damage(path.read_bytes()))
+    again = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o2")))["result"]["matrix"]
+    assert again == first
+    third = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o3")))["result"]["matrix"]
+    assert third == first  # from the sketches made again
