@@ -12,9 +12,11 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -428,6 +430,28 @@ def _asks_json(argv: list[str]) -> bool:
     return any(len(w) > 2 and "--json".startswith(w) for w in words)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill PID``) during a command: it unwinds as Ctrl-C
+    does, so cleanup runs (temporary files, journals) and one line says why it stopped."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (its handler comes back after)."""
+    def stop(signum, frame):
+        raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread, where only the main thread may set it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _main(argv: list[str]) -> int:
     try:
         args = _parse(argv)
@@ -437,7 +461,7 @@ def _main(argv: list[str]) -> int:
         return 0
     reuse_freed_memory()
     fail = partial(_fail, f"repsim {args.command}", getattr(args, "json", False))
-    with warnings.catch_warnings():  # the library's warnings stay Python warnings for others
+    with warnings.catch_warnings(), _sigterm_unwinds():  # warnings stay Python's for others
         if not args.debug:  # --debug: where each warning comes from
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
@@ -455,13 +479,14 @@ def _main(argv: list[str]) -> int:
                 raise
             return fail(f"out of device memory ({one_line(exc)}); fix: fewer images "
                         "per batch (--batch-size; cka: --memory-budget)")
-        except KeyboardInterrupt:
-            return fail("interrupted", 130)
+        except KeyboardInterrupt as exc:  # 128 + the signal, as a shell reports it
+            return (fail("terminated", 143) if isinstance(exc, Terminated)
+                    else fail("interrupted", 130))
 
 
 def _fail(prog: str, as_json: bool, why: str, code: int = 1) -> int:
     """``why`` a command failed: one line on stderr and, with --json, the one object on stdout."""
     if as_json:  # scripts parse stdout, failed or not
         print(json.dumps({"error": why}))
-    print(f"{prog}: {'' if code == 130 else 'error: '}{why}", file=sys.stderr)
+    print(f"{prog}: {'' if code in (130, 143) else 'error: '}{why}", file=sys.stderr)
     return code

@@ -25,6 +25,7 @@ import numpy as np
 from repsim import __version__, sketch
 from repsim.assets import DEFAULT_DATASET
 from repsim.errors import UserError, is_whole, recorded, repeat
+from repsim.layers import canonical_request
 from repsim.paths import cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.store import check_aligned
 from repsim.storecka import cka_of_stores
@@ -98,7 +99,7 @@ class CKAConfig:
     permutations: int = 0  # size of the permutation null per cell (0: none)
     permutation_seed: int | None = None  # None: 0; refused without permutations
     influence: int = 0  # per cell, list this many most influential images
-    probe: ProbeSpec = field(default_factory=ProbeSpec)
+    probe: ProbeSpec | None = field(default_factory=ProbeSpec)  # None: ProbeSpec()
     weights_a: str | None = None
     weights_b: str | None = None
     weights_seed_a: int = 0  # of random weights for A, e.g. to compare two random inits
@@ -260,8 +261,6 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
     vit_imagenet, to pick a few layers from: :func:`_cached_store_holding`). ``common``:
     the other arguments of :func:`resolve_store`; errors name the parameters of ``side``
     (:func:`for_side`)."""
-    from repsim.layers import canonical_request
-
     kw = dict(weights=weights, label=label, force=force, **common)
     try:
         if layers is not None and not looks_like_store(ref):  # "all" layers of a store is,
@@ -278,6 +277,56 @@ def resolve_input(ref: str, weights: str | None, layers: str | None, label: str 
         if not side:
             raise
         raise for_side(exc, side) from None
+
+
+# Keywords that the model resolves (repsim.models.layer_names), not a store's layer names.
+_MODEL_KEYWORDS = frozenset({"default", "all", "blocks"})
+
+
+def _parts(request: str | list[str] | None) -> list[str] | None:
+    """``request``'s canonical parts (``["default"]`` for None); None where it is no request
+    (:func:`resolve_input` refuses it, naming its side)."""
+    try:
+        return canonical_request(request)
+    except UserError:
+        return None
+
+
+def _resolve_sides(cfg: CKAConfig) -> tuple[StoreRef, list[str], StoreRef, list[str]]:
+    """Both sides' stores and layers. One model on both sides runs at most once: the same
+    request is one store; layer subsets named without keywords are one store of their union,
+    each side picking its own; a side of every layer (the default store) is resolved first,
+    so that the other side's subset is read from that store when it holds it."""
+    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
+
+    def side(s: str, force: bool, layers=None, label=None) -> tuple[StoreRef, list[str]]:
+        return resolve_input(getattr(cfg, s), getattr(cfg, f"weights_{s}"),
+                             layers or getattr(cfg, f"layers_{s}"), label, force,
+                             {**common, "weights_seed": getattr(cfg, f"weights_seed_{s}")}, s)
+
+    same = ((cfg.a, cfg.weights_a, cfg.weights_seed_a)
+            == (cfg.b, cfg.weights_b, cfg.weights_seed_b))
+    pa, pb = _parts(cfg.layers_a), _parts(cfg.layers_b)
+    if same and cfg.layers_a == cfg.layers_b:
+        sa, layers_a = side("a", cfg.force, label=cfg.label_a)
+        return sa, layers_a, replace(sa, label=cfg.label_b or sa.label), layers_a
+    if same and not looks_like_store(cfg.a) and pa and pb and pa != pb:
+        if not _MODEL_KEYWORDS & {*pa, *pb}:  # names and globs: each side picks by name
+            try:
+                store, names = side("a", cfg.force, sorted({*pa, *pb}))
+            except UserError:  # refused: each side alone, for the error naming its side
+                pass
+            else:
+                return (replace(store, label=cfg.label_a or store.label),
+                        _select(names, cfg.layers_a, store.path),
+                        replace(store, label=cfg.label_b or store.label),
+                        _select(names, cfg.layers_b, store.path))
+        if set(pb) <= {"default", "all"}:
+            sb, layers_b = side("b", cfg.force, label=cfg.label_b)
+            return (*side("a", False, label=cfg.label_a), sb, layers_b)
+    sa, layers_a = side("a", cfg.force, label=cfg.label_a)
+    # A forced re-extraction of a store that A already re-extracted would be wasted work.
+    return sa, layers_a, *side("b", cfg.force and not same, label=cfg.label_b)
 
 
 # --------------------------------------------------------------------------- results
@@ -324,7 +373,13 @@ def default_out_dir(a: StoreRef) -> Path:
 
 def _check_settings(cfg: CKAConfig) -> CKAConfig:
     """``cfg`` with batch size, permutation seed and a, b (as str) resolved; UserError if bad."""
-    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b))  # store paths may be Paths
+    cfg = replace(cfg, a=os.fspath(cfg.a), b=os.fspath(cfg.b),  # store paths may be Paths
+                  probe=ProbeSpec() if cfg.probe is None else cfg.probe)
+    if not isinstance(cfg.probe, ProbeSpec):
+        given = (", ".join(f"{k}={v!r}" for k, v in cfg.probe.items())
+                 if isinstance(cfg.probe, dict) else "n=..., dataset=...")
+        raise UserError(f"probe={cfg.probe!r} is not a ProbeSpec; valid: "
+                        f"repsim.compare.ProbeSpec({given}), or None for the bundled probe set")
     for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
         if (v := getattr(cfg, k)) is not None and not is_whole(v, lo):
             raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
@@ -341,6 +396,9 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
         if isinstance(w := getattr(cfg, k), (list, tuple)):
             raise UserError(f"{k}={w!r} is a list of seeds; compare them with "
                             "repsim.seeds.run_cka_seeds (as repsim cka does), or give one file")
+        if isinstance(w, str) and not w.strip():  # an unset shell variable: not the default
+            raise UserError(f"{k}={w!r} names no weights file; valid: a file or 'random'; "
+                            f"fix: give one, or leave {k}= out for the model's own weights")
     if not cfg.permutations and cfg.permutation_seed is not None:
         raise UserError(f"permutation_seed={cfg.permutation_seed} has no effect without "
                         "permutations=N (N > 0, e.g. 999); give that, or drop it")
@@ -399,17 +457,7 @@ def run_cka(cfg: CKAConfig) -> dict:
     and ``stores`` (how each input was obtained: given, reused or extracted)."""
     t0 = time.perf_counter()
     cfg = _check_settings(cfg)
-    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
-    sa, layers_a = resolve_input(cfg.a, cfg.weights_a, cfg.layers_a, cfg.label_a, cfg.force,
-                                 {**common, "weights_seed": cfg.weights_seed_a}, "a")
-    side_b = (cfg.b, cfg.weights_b, cfg.weights_seed_b, cfg.layers_b)
-    if side_b == (cfg.a, cfg.weights_a, cfg.weights_seed_a, cfg.layers_a):
-        sb, layers_b = replace(sa, label=cfg.label_b or sa.label), layers_a
-    else:
-        # A forced re-extraction of a store that A already re-extracted would be wasted work.
-        again = cfg.force and side_b[:3] != (cfg.a, cfg.weights_a, cfg.weights_seed_a)
-        sb, layers_b = resolve_input(cfg.b, cfg.weights_b, cfg.layers_b, cfg.label_b, again,
-                                     {**common, "weights_seed": cfg.weights_seed_b}, "b")
+    sa, layers_a, sb, layers_b = _resolve_sides(cfg)
     check_aligned(sa, sb)
     if sa.n < (need := sketch.min_rows(cfg.estimator)):
         raise UserError(f"a= and b= hold {sa.n} samples each, but estimator={cfg.estimator!r} "

@@ -5,6 +5,7 @@ layer's cached sketch (:mod:`repsim.sketch`) when sketches are small, else strea
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,10 +49,11 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     same = store_a.path.resolve() == store_b.path.resolve() and layers_a == layers_b
     sides = [(store_a, layers_a)] + ([] if same else [(store_b, layers_b)])
     small = 0 < 8 * sketch.sketch_size(n, cfg.estimator, cfg.batch_size) <= SKETCH_MAX_BYTES
+    got = None
     if small and not cfg.force and all(_sketch_path(s, x, cfg).is_file()
                                        for s, names in sides for x in names):
-        got = [_sketches(s, names, cfg) for s, names in sides]
-    else:
+        got = [_sketches(s, names, cfg) for s, names in sides]  # None: one is unreadable
+    if got is None or any(g is None for g in got):
         from repsim import cka
         from repsim.models import resolve_device
         from repsim.store import Store
@@ -97,17 +99,30 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
     return cache_dir("sketches", f"{key[:32]}.npz")
 
 
+def _load(path: Path) -> tuple[np.ndarray, float, list[str]] | None:
+    """A cached sketch, its median and its warnings; None where it is missing or unreadable
+    (a truncated copy of the cache): it is made again."""
+    try:
+        with np.load(path) as z:
+            return z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
-              device=None) -> tuple[list[np.ndarray], list[float]]:
+              device=None) -> tuple[list[np.ndarray], list[float]] | None:
     """Each layer's sketch and median squared distance (0 for the linear kernel): cached, or
-    computed from ``reader`` (the open store) and cached atomically."""
-    sketches, medians = [], []
+    computed from ``reader`` (the open store) and cached atomically; None without ``reader``
+    when one is not cached (readable)."""
+    sketches, medians, cached_said = [], [], []
     for layer in layers:
         path = _sketch_path(store, layer, cfg)
-        if path.is_file() and not cfg.force:  # force: recompute what is cached, sketches too
-            with np.load(path) as z:
-                sk, med, said = z["sketch"], float(z["median_sqdist"]), list(z["warnings"])
-            repeat(said)
+        # force: recompute what is cached, sketches too
+        if (got := None if cfg.force else _load(path)) is not None:
+            sk, med, said = got
+            cached_said += said
+        elif reader is None:
+            return None
         else:
             from repsim import cka
 
@@ -126,4 +141,5 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
                 tmp, sketch=sk, median_sqdist=np.float64(med), warnings=np.array(said, str)))
         sketches.append(sk)
         medians.append(med)
+    repeat(cached_said)  # once all are had: a fallback to the store repeats nothing twice
     return sketches, medians

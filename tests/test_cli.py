@@ -403,3 +403,28 @@ def test_the_train_summary_says_whether_it_resumed_or_found_the_run_finished(
             **summary, "resumed_from": r, "finished_before": f})
         assert main(["train", "--model", "vit_cifar"]) == 0
         assert capsys.readouterr().out.startswith(start)
+
+
+_SIGTERM_MIDWAY = """
+import os, signal, sys, time
+from repsim import cli
+help_, options, _ = cli.COMMANDS["figures"]
+def run(args):
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's time limit, `kill PID`
+        time.sleep(5)
+    finally:
+        print("cleaned up", file=sys.stderr)
+    return 0
+cli.COMMANDS["figures"] = (help_, options, run)
+sys.exit(cli.main(["figures", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.parametrize("json_", [[], ["--json"]])
+def test_sigterm_unwinds_and_says_so_in_one_line(json_):
+    # SIGTERM killed the process at once: no line said why it stopped, and no cleanup ran.
+    r = _run("-c", _SIGTERM_MIDWAY, *json_)
+    assert r.returncode == 143  # 128 + SIGTERM, as a shell reports it
+    assert r.stderr == "cleaned up\nrepsim figures: terminated\n"
+    assert r.stdout == ('{"error": "terminated"}\n' if json_ else "")

@@ -391,6 +391,53 @@ def test_a_layer_subset_does_not_reuse_the_store_of_other_weights(tiny):
     assert (store.how, store.layers) == ("extracted", ["1"]) and store.path != old.path
 
 
+def _passes(monkeypatch):
+    """The layer requests of every model run (extraction that was not a reuse), as a list."""
+    from repsim import extraction
+
+    runs, real = [], extraction.extract
+
+    def counted(cfg, **kw):
+        res = real(cfg, **kw)
+        if not res["reused"]:
+            runs.append(cfg.layers)
+        return res
+
+    monkeypatch.setattr(extraction, "extract", counted)
+    return runs
+
+
+def _self_cfg(layers_a, layers_b):
+    return CKAConfig(a="tiny_cmp", b="tiny_cmp", layers_a=layers_a, layers_b=layers_b,
+                     estimator="debiased", se=False, plots=False, progress=False,
+                     probe=ProbeSpec(n=8))
+
+
+def test_one_model_with_two_layer_subsets_runs_it_once(tiny, monkeypatch):
+    # --a X --b X with --layers-a 1 --layers-b 2 ran the model twice, once per subset.
+    runs = _passes(monkeypatch)
+    r = run_cka(_self_cfg("1", "2"))["result"]
+    assert len(runs) == 1 and (r["layers_a"], r["layers_b"]) == (["1"], ["2"])
+    full = run_cka(_self_cfg(None, None))["result"]  # every layer: the same numbers
+    assert r["matrix"][0][0] == pytest.approx(full["matrix"][1][2], abs=1e-12)
+    assert run_cka(_self_cfg("1", "2"))["reused"] and len(runs) == 2  # a rerun: cached
+
+
+def test_one_model_with_a_subset_against_all_its_layers_runs_it_once(tiny, monkeypatch):
+    # The subset side was extracted first, then the default store for the other side.
+    runs = _passes(monkeypatch)
+    r = run_cka(_self_cfg("1", None))["result"]
+    assert len(runs) == 1 and (r["layers_a"], r["layers_b"]) == (["1"], ["0", "1", "2"])
+    assert r["matrix"][0][1] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_one_model_with_two_layer_subsets_names_the_side_of_an_unknown_layer(tiny):
+    from repsim.errors import UserError
+
+    with pytest.raises(UserError, match=r"^layers_b='9' matches nothing in tiny_cmp"):
+        run_cka(_self_cfg("1", "9"))
+
+
 def test_a_reused_store_needs_neither_torch_nor_timm(checkpoints):
     first = resolve_store("resnet18_cifar", probe=ProbeSpec(n=8), progress=False)
     code = ("import sys; from repsim.compare import ProbeSpec, resolve_store; "
@@ -969,3 +1016,46 @@ def test_a_switch_that_is_no_bool_is_refused_not_read_by_its_truth(tmp_path, pai
     cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path / "o"), **{flag: "False"})
     with pytest.raises(UserError, match=rf"^{flag}='False' is not a bool; valid: True or False"):
         run_cka(cfg)
+
+
+def test_a_probe_that_is_no_probespec_is_refused_in_one_line(tmp_path, pair):
+    # probe={"n": 100} (or None) from a notebook raised AttributeError: no attribute 'n'.
+    from repsim.errors import UserError
+
+    with pytest.raises(UserError, match=r"^probe=\{'n': 100\} is not a ProbeSpec; valid: "
+                                        r"repsim.compare.ProbeSpec\(n=100\)"):
+        run_cka(CKAConfig(a="vit_cifar", b="resnet18_cifar", probe={"n": 100}))
+
+
+def test_probe_none_is_the_default_probe_set(tmp_path, pair):
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), probe=None, out=str(tmp_path / "o"),
+                    plots=False, progress=False, se=False)
+    assert run_cka(cfg)["result"]["n"] == 24
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_an_empty_weights_value_is_refused_not_read_as_the_default(side):
+    # --weights-a "$CKPT" with CKPT unset: with the default store cached, the model's own
+    # weights were compared silently; without it, 'weights file . is a directory'.
+    from repsim.errors import UserError
+
+    cfg = CKAConfig(a="vit_cifar", b="resnet18_cifar", **{f"weights_{side}": " "})
+    with pytest.raises(UserError, match=rf"^weights_{side}=' ' names no weights file"):
+        run_cka(cfg)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b""])
+def test_an_unreadable_cached_sketch_is_made_again(tmp_path, pair, damage):
+    # A truncated or empty sketch in the cache (a cut-short copy of it) stopped every later
+    # comparison of that layer with a traceback: BadZipFile, EOFError.
+    from repsim.paths import cache_dir
+
+    cfg = CKAConfig(a=str(pair[0]), b=str(pair[1]), estimator="debiased", se=False,
+                    layers_a="blocks.0", layers_b="stem", plots=False, progress=False)
+    first = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o1")))["result"]["matrix"]
+    for path in cache_dir("sketches").glob("*.npz"):
+        path.write_bytes(damage(path.read_bytes()))
+    again = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o2")))["result"]["matrix"]
+    assert again == first
+    third = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o3")))["result"]["matrix"]
+    assert third == first  # from the sketches made again
