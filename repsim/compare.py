@@ -28,7 +28,7 @@ from repsim.errors import UserError, is_whole, recorded, repeat
 from repsim.layers import canonical_request
 from repsim.paths import cache_dir, digest, ids_digest, slug, weights_tag, write_json
 from repsim.store import check_aligned
-from repsim.storecka import cka_of_stores
+from repsim.storecka import cka_of_stores, warn_if_biased_reads_high
 from repsim.weights import check_weights_seeds
 
 FORMAT = "repsim-cka/1"
@@ -171,18 +171,21 @@ def for_side(exc: UserError, side: str) -> UserError:
 def resolve_store(ref: str, *, weights: str | None = None, weights_seed: int = 0,
                   layers: str | None = None, probe: ProbeSpec | None = None,
                   label: str | None = None, force: bool = False, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> StoreRef:
+                  log: Callable[[str], None] | None = None,
+                  probe_set: Callable[[], object] | None = None) -> StoreRef:
     """A complete store for ``ref``: a store path, or a model name whose store (of ``layers``,
     on ``probe``) is reused when one with the same content address exists, else extracted
-    (``force``: extracted again). Raises :class:`InputUnavailable` when the model's weights
-    cannot be had here, UserError for anything else that is wrong."""
+    (``force``: extracted again). ``probe_set``: returns ``probe``'s images, read once for
+    every store of a command (:func:`probe_reader`). Raises :class:`InputUnavailable` when
+    the model's weights cannot be had here, UserError for anything else that is wrong."""
     check_ref(ref, weights)
     if looks_like_store(ref):
         return _open_store(Path(ref).expanduser(), "given", label, None)
     from repsim.extraction import extract
 
     try:
-        res = extract(_extraction(ref, weights, weights_seed, layers, probe, force, progress))
+        res = extract(_extraction(ref, weights, weights_seed, layers, probe, force, progress),
+                      probe=probe_set and probe_set())
     except UserError:
         from repsim.models import weights_problem  # torch: only when extraction failed
 
@@ -215,6 +218,7 @@ def _model_store(ref: str, res: dict, weights: str | None, weights_seed: int,
 def _cached_store_holding(ref: str, layers: str | list[str], *, weights: str | None = None,
                           weights_seed: int = 0, probe: ProbeSpec | None = None,
                           label: str | None = None, progress: bool = True,
+                          probe_set: Callable[[], object] | None = None,
                           **_) -> tuple[StoreRef, list[str]] | None:
     """A complete store of model ``ref`` in the cache that holds ``layers``, and those layers:
     the store of this request if there is one (a rerun reads what it read before), else the
@@ -225,7 +229,7 @@ def _cached_store_holding(ref: str, layers: str | list[str], *, weights: str | N
 
     for request in (layers, None):
         found = find_store(_extraction(ref, weights, weights_seed, request, probe, False,
-                                       progress))
+                                       progress), probe=probe_set and probe_set())
         if found is not None:
             store = _model_store(ref, found, weights, weights_seed, label)
             if request is not None:  # a store of exactly these (keywords resolved)
@@ -292,12 +296,28 @@ def _parts(request: str | list[str] | None) -> list[str] | None:
         return None
 
 
+def probe_reader(probe: ProbeSpec, progress: bool = False) -> Callable[[], object]:
+    """A function that reads ``probe``'s images (:func:`repsim.data.load_probe_set`) on its
+    first call and returns them again on later ones: an image folder is read once per
+    comparison, not once per store looked up or extracted."""
+    import functools
+
+    @functools.cache
+    def read():
+        from repsim.data import load_probe_set
+
+        return load_probe_set(probe.dataset, probe.split, n=probe.n, seed=probe.seed,
+                              data_root=probe.data_root, progress=progress)
+    return read
+
+
 def _resolve_sides(cfg: CKAConfig) -> tuple[StoreRef, list[str], StoreRef, list[str]]:
     """Both sides' stores and layers. One model on both sides runs at most once: the same
     request is one store; layer subsets named without keywords are one store of their union,
     each side picking its own; a side of every layer (the default store) is resolved first,
     so that the other side's subset is read from that store when it holds it."""
-    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log)
+    common = dict(probe=cfg.probe, progress=cfg.progress, log=cfg.log,
+                  probe_set=probe_reader(cfg.probe, cfg.progress))
 
     def side(s: str, force: bool, layers=None, label=None) -> tuple[StoreRef, list[str]]:
         return resolve_input(getattr(cfg, s), getattr(cfg, f"weights_{s}"),
@@ -423,21 +443,6 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
     return replace(cfg, batch_size=size, permutation_seed=cfg.permutation_seed or 0)
 
 
-def _warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
-    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown,
-    in the result file's content ``r``: computed or reused, the same result warns the same."""
-    if cfg.estimator != "biased" or not cfg.log:
-        return
-    if (null := r["biased_null_mean"]) is None:
-        cfg.log("note: the standard errors were skipped, so whether the biased estimator "
-                "reads high here was not checked; compute them (the default) to check")
-    elif (top := np.nanmax(np.array(null, float), initial=0.0)) > 0.1:  # all dead: NaN
-        cfg.log(f"warning: the biased estimator reads up to {top:.2f} on unrelated "
-                f"data here (n = {r['n']}, layers of effective dimensionality up to "
-                f"{np.nanmax(np.array(r['pr_a'] + r['pr_b'], float)):.0f}); "
-                "estimator='minibatch' (the default) or 'debiased' has null level 0")
-
-
 def _payload(sa: StoreRef, sb: StoreRef, d: dict, key: str) -> dict:
     """The result file's content: the engine's result ``d``, the samples and the inputs."""
     data = sa.meta.get("data") or {}
@@ -488,6 +493,6 @@ def run_cka(cfg: CKAConfig) -> dict:
         write_json(jpath, payload)
     else:
         repeat(payload.get("warnings") or [])
-    _warn_if_biased_reads_high(payload, cfg)
+    warn_if_biased_reads_high(payload, cfg)
     return {"result": payload, "files": [str(p) for p in [jpath, *plots]], "reused": reused,
             "stores": {"a": sa.how, "b": sb.how}, "seconds": time.perf_counter() - t0}

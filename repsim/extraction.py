@@ -159,9 +159,10 @@ def _dist() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _plan(cfg: ExtractConfig, progress: bool) -> tuple:
+def _plan(cfg: ExtractConfig, progress: bool, probe=None) -> tuple:
     """``(cfg, spec, probe, data, key, out)``: ``cfg`` checked (numpy integers as ints), the
-    probe set, its provenance and pixels' sha256 (``data``), the store's key and path."""
+    probe set (``probe``: read already, else read now), its provenance and pixels' sha256
+    (``data``), the store's key and path."""
     from repsim.data import load_probe_set
     from repsim.paths import digest
     from repsim.registry import get_spec
@@ -171,8 +172,9 @@ def _plan(cfg: ExtractConfig, progress: bool) -> tuple:
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
     cfg = _plain_ints(cfg)
-    probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
-                           data_root=cfg.data_root, progress=progress)
+    if probe is None:
+        probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
+                               data_root=cfg.data_root, progress=progress)
     # The pixels too: an image folder can change under the same names (ids are positions).
     data = {**probe.provenance(), "images_sha256": hashlib.sha256(
         np.ascontiguousarray(probe.images).data).hexdigest()}
@@ -181,14 +183,14 @@ def _plan(cfg: ExtractConfig, progress: bool) -> tuple:
     return cfg, spec, probe, data, key, out
 
 
-def find_store(cfg: ExtractConfig) -> dict | None:
+def find_store(cfg: ExtractConfig, probe=None) -> dict | None:
     """The summary ``extract(cfg)`` would return by reusing a complete store (``reused``
     True), or None where it would run the model: no store at its path (``cfg.out``, else the
     content address), or one that is unfinished, unreadable or of other settings, or
     ``overwrite``. Reads the probe set (its pixels are in the key), never the model; e.g.
     ``find_store(replace(cfg, layers=None))``: the default store, which may hold the layers."""
     t0 = time.perf_counter()
-    cfg, _, _, _, key, out = _plan(cfg, progress=False)
+    cfg, _, _, _, key, out = _plan(cfg, progress=False, probe=probe)
     if cfg.overwrite or not out.is_file() or _damaged(out) is not None:
         return None
     try:
@@ -198,17 +200,20 @@ def find_store(cfg: ExtractConfig) -> dict | None:
     return {**found, "seconds": time.perf_counter() - t0}
 
 
-def extract(cfg: ExtractConfig) -> dict:
+def extract(cfg: ExtractConfig, probe=None) -> dict:
     """Extract activations as ``cfg`` says; a summary: path, n, layers, reused, resumed,
     seconds, bytes. A complete store at the target with the same key is reused, one with
-    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed."""
+    another key needs ``overwrite``; an unfinished ``.partial`` one is resumed. ``probe``:
+    the probe set ``cfg`` names, when the caller has read it already (``repsim cka`` reads
+    it once for several lookups and extractions)."""
     from repsim import __version__
     from repsim.paths import lock
     from repsim.registry import preprocessing_info
 
     t0 = time.perf_counter()
     rank, world = _dist()
-    cfg, spec, probe, data, key, out = _plan(cfg, progress=cfg.progress and rank == 0)
+    cfg, spec, probe, data, key, out = _plan(cfg, progress=cfg.progress and rank == 0,
+                                             probe=probe)
     # repsim's own cache entry, unreadable (a truncated copy of the cache): made again.
     damaged = not cfg.out and not cfg.overwrite and _damaged(out) is not None
     # One writer per store: a concurrent run of the same extraction waits here, then reuses

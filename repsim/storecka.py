@@ -143,3 +143,18 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
         medians.append(med)
     repeat(cached_said)  # once all are had: a fallback to the store repeats nothing twice
     return sketches, medians
+
+
+def warn_if_biased_reads_high(r: dict, cfg: CKAConfig) -> None:
+    """The biased estimator's null level (sqrt(PR_a PR_b) / (n - 1)) above 0.1, or unknown,
+    in the result file's content ``r``: computed or reused, the same result warns the same."""
+    if cfg.estimator != "biased" or not cfg.log:
+        return
+    if (null := r["biased_null_mean"]) is None:
+        cfg.log("note: the standard errors were skipped, so whether the biased estimator "
+                "reads high here was not checked; compute them (the default) to check")
+    elif (top := np.nanmax(np.array(null, float), initial=0.0)) > 0.1:  # all dead: NaN
+        cfg.log(f"warning: the biased estimator reads up to {top:.2f} on unrelated "
+                f"data here (n = {r['n']}, layers of effective dimensionality up to "
+                f"{np.nanmax(np.array(r['pr_a'] + r['pr_b'], float)):.0f}); "
+                "estimator='minibatch' (the default) or 'debiased' has null level 0")

@@ -1059,3 +1059,18 @@ def test_an_unreadable_cached_sketch_is_made_again(tmp_path, pair, damage):
     assert again == first
     third = run_cka(dataclasses.replace(cfg, out=str(tmp_path / "o3")))["result"]["matrix"]
     assert third == first  # from the sketches made again
+
+
+def test_an_image_folder_is_read_once_per_comparison(tiny, cifar_root, monkeypatch):
+    # With nothing cached, --layers-a read the folder three times (two store lookups, then
+    # the extraction), and side B as many again.
+    from repsim import data
+
+    reads, real = [], data.load_probe_set
+    monkeypatch.setattr(data, "load_probe_set", lambda *a, **k: reads.append(a) or real(*a, **k))
+    probe = ProbeSpec(dataset="cifar10", data_root=str(cifar_root), n=12)
+    for layers_b in ("2", "0,1"):
+        cfg = dataclasses.replace(_self_cfg("1", layers_b), probe=probe, b="tiny_cmp")
+        reads.clear()
+        r = run_cka(dataclasses.replace(cfg, weights_b="random"))["result"]
+        assert len(reads) == 1 and r["n"] == 12
