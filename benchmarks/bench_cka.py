@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchinfo import describe, run_info
 
 LA, LB = 12, 8
 CACHE = Path(os.environ.get("REPSIM_BENCH_CACHE", "/tmp/repsim-bench"))
@@ -184,7 +185,8 @@ def main() -> None:
     ns = [2000] if args.quick else [2000, 10000]
     if args.only_n:
         ns = [args.only_n]
-    print(f"# machine: {machine()}", flush=True)
+    info = run_info()
+    print(describe(info), flush=True)
     for n in ns:
         for p in [args.only_p] if args.only_p else [512, 4096]:
             feats = features(n, p)
@@ -225,7 +227,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"machine": machine(), "run": info, "rows": rows},
+                                         indent=1))
     print(f"wrote {args.out}")
 
 

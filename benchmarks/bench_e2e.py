@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchinfo import describe, run_info
 
 from repsim import cli  # light: no torch
 
@@ -147,6 +148,9 @@ def main() -> None:
     from repsim.models import build_model
     from repsim.weights import checkpoint_dir
 
+    info = run_info()
+    print(describe(info), flush=True)
+
     ck = Path(args.checkpoints) if args.checkpoints else checkpoint_dir()
     weights = f"checkpoints in {ck}"
     have = all((ck / f"{m}.pt").is_file() for m in MODULES)
@@ -229,6 +233,7 @@ def main() -> None:
     first = sum(e["wall_s"] for e in ext.values()) + rows["repsim cross"]["wall_s"]
     diff = float(np.max(np.abs(rows["repsim cross"]["matrix"] - rows["pcka cross"]["matrix"])))
     result = {
+        "run": info,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "device": rows["pcka cross"]["device"], "gpu": rows["pcka cross"]["gpu"],
         "n": args.n, "batch_size": args.batch_size, "data": data_note, "weights": weights,

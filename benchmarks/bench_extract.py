@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import describe, run_info
 
 
 def synthetic_root(n: int, ext: str = "png") -> Path:
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/extract.json")
     args = ap.parse_args()
     root = Path(args.data_root) if args.data_root else synthetic_root(args.n)
+    info = run_info()
+    print(describe(info), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in ("vit_cifar", "resnet18_cifar"):
@@ -116,7 +119,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__,
+    Path(args.out).write_text(json.dumps({"run": info, "torch": torch.__version__,
                                           "threads": torch.get_num_threads(),
                                           "cores": os.cpu_count(), "rows": rows}, indent=1))
 

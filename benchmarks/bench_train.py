@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchinfo import describe, run_info
 from PIL import Image
 
 
@@ -110,6 +111,8 @@ def main() -> int:
     ap.add_argument("--models", default="vit_cifar,resnet18_cifar")
     ap.add_argument("--out", default="benchmarks/out/train.json")
     args = ap.parse_args()
+    run = run_info()
+    print(describe(run), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "data"
@@ -123,7 +126,7 @@ def main() -> int:
                          "speedup": ours / plain})
             print(f"{m:16s} plain {plain:8.1f} img/s   repsim {ours:8.1f} img/s   "
                   f"{ours / plain:5.2f}x", flush=True)
-    info = {"machine": platform.processor() or platform.machine(),
+    info = {"run": run, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "workers": args.workers, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
