@@ -6,6 +6,9 @@ import datetime
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import benchinfo  # noqa: E402
@@ -19,3 +22,27 @@ def test_run_info_records_machine_and_date():
     assert info["cpu"] and info["cores"] >= 1 and info["torch"]
     line = benchinfo.describe(info)
     assert info["date"] in line and info["cpu"] in line and f"{info['cores']} cores" in line
+
+
+def test_bench_cka_refuses_to_time_a_wrong_matrix():
+    import bench_cka
+
+    ours = np.array([[0.5, 0.25], [0.125, np.nan]])
+    bench_cka.check_agrees(ours, ours + 1e-13, "loop", tol=1e-10)  # NaN cells: not timed
+    with pytest.raises(SystemExit, match="loop"):
+        bench_cka.check_agrees(ours, ours + 1e-3, "loop", tol=1e-10)
+
+
+def test_bench_cka_loop_is_an_independent_right_answer():
+    import bench_cka
+
+    rng = np.random.default_rng(0)
+    fa = [rng.standard_normal((12, 3)).astype(np.float32) for _ in range(2)]
+    fb = [fa[0] @ rng.standard_normal((3, 3)).astype(np.float32), fa[1][::-1].copy()]
+    from repsim.cka import cka_matrix
+
+    for est in ("biased", "debiased"):
+        loop = bench_cka.loop_cka(fa, fb, est, 6, [(0, 0), (1, 1)])
+        m = cka_matrix(fa, fb, estimator=est)
+        assert loop[(0, 0)] == pytest.approx(m[0, 0], abs=1e-12)
+        assert loop[(1, 1)] == pytest.approx(m[1, 1], abs=1e-12)
