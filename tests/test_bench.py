@@ -46,3 +46,13 @@ def test_bench_cka_loop_is_an_independent_right_answer():
         m = cka_matrix(fa, fb, estimator=est)
         assert loop[(0, 0)] == pytest.approx(m[0, 0], abs=1e-12)
         assert loop[(1, 1)] == pytest.approx(m[1, 1], abs=1e-12)
+
+
+def test_bench_correspondence_caches_bf16_nets_apart(tmp_path):
+    import bench_correspondence as bc
+
+    fp32 = bc.net_path(tmp_path, width=16, seed=0, epochs=1, bf16=False)
+    bf16 = bc.net_path(tmp_path, width=16, seed=0, epochs=1, bf16=True)
+    assert fp32 != bf16  # a net trained in bf16 is another net
+    assert fp32 == tmp_path / "plaincnn_w16_seed0_e1.pt"  # nets cached before still found
+    assert bc.net_path(tmp_path, width=16, seed=1, epochs=1, bf16=False) != fp32
