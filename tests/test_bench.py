@@ -56,3 +56,12 @@ def test_bench_correspondence_caches_bf16_nets_apart(tmp_path):
     assert fp32 != bf16  # a net trained in bf16 is another net
     assert fp32 == tmp_path / "plaincnn_w16_seed0_e1.pt"  # nets cached before still found
     assert bc.net_path(tmp_path, width=16, seed=1, epochs=1, bf16=False) != fp32
+
+
+def test_bench_stats_refuses_to_time_a_wrong_calibration():
+    import bench_stats
+
+    m = np.array([[0.9, 0.1]])
+    bench_stats.check_same("calibrate", m + 1e-14, m)
+    with pytest.raises(SystemExit, match="calibrate"):
+        bench_stats.check_same("calibrate", m + 1e-4, m)
