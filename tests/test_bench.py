@@ -65,3 +65,23 @@ def test_bench_stats_refuses_to_time_a_wrong_calibration():
     bench_stats.check_same("calibrate", m + 1e-14, m)
     with pytest.raises(SystemExit, match="calibrate"):
         bench_stats.check_same("calibrate", m + 1e-4, m)
+
+
+def test_bench_gpu_reference_cells_are_repsims_debiased_cka():
+    import bench_gpu
+    import torch
+
+    from repsim.cka import cka_matrix
+
+    rng = np.random.default_rng(1)
+    fa = [torch.tensor(rng.standard_normal((15, 4)), dtype=torch.float32) for _ in range(2)]
+    fb = [fa[1] @ torch.tensor(rng.standard_normal((4, 3)), dtype=torch.float32),
+          torch.tensor(rng.standard_normal((15, 5)), dtype=torch.float32)]
+    want = cka_matrix(fa, fb, estimator="debiased")
+    got = bench_gpu.reference_cells(fa, fb, [(0, 1), (1, 0)])
+    assert set(got) == {(0, 1), (1, 0)}
+    for (i, j), v in got.items():
+        assert v == pytest.approx(want[i, j], abs=1e-12)
+    with pytest.raises(RuntimeError, match="float64"):
+        bench_gpu.check_reference(want + 1e-3, got)
+    assert bench_gpu.check_reference(want, got) < 1e-12
