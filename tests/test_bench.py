@@ -85,3 +85,13 @@ def test_bench_gpu_reference_cells_are_repsims_debiased_cka():
     with pytest.raises(RuntimeError, match="float64"):
         bench_gpu.check_reference(want + 1e-3, got)
     assert bench_gpu.check_reference(want, got) < 1e-12
+
+
+def test_bench_train_times_repsims_steps_without_its_first_steps_costs():
+    import bench_train
+
+    # 1 s of one-off cost in each fresh run, then 1 s a step of 100 images: 100 images/s,
+    # as the plain loop is timed after its warm-up steps.
+    short = {"steps": 2, "train_images_per_second": 200 / 3}
+    long = {"steps": 12, "train_images_per_second": 1200 / 13}
+    assert bench_train.step_rate(short, long, batch_size=100) == pytest.approx(100, rel=1e-12)
