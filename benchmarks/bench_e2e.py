@@ -55,6 +55,14 @@ TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(cli.MMAP_THRESHOLD),
              "MALLOC_TRIM_THRESHOLD_": str(cli.TRIM_THRESHOLD)}
 
 
+def check_same_route(one: np.ndarray, three: np.ndarray) -> None:
+    """The one-command route must give the three commands' matrix exactly (same stores, same
+    seeded batches): else its time is that of another answer, and the run stops."""
+    if not np.array_equal(one, three, equal_nan=True):
+        raise SystemExit("repsim cka in one command gave another matrix than extract + cka: "
+                         f"max |diff| {np.nanmax(np.abs(one - three)):.3g}")
+
+
 def default_layers(model: str) -> list[str]:
     if model == "vit_cifar":
         return ["embed"] + [f"blocks.{i}" for i in range(6)]
@@ -283,6 +291,7 @@ def main() -> None:
               f"{r['pytorch_cka_s']:.1f} s: {r['speedup']:.1f}x (goal >= 5); max |diff| "
               f"{r['max_abs_diff']:.1e}")
     print(f"results: {args.out}; stores and logs in {work} (delete when done)")
+    check_same_route(rows["repsim one"]["matrix"], rows["repsim cross"]["matrix"])
 
 
 if __name__ == "__main__":

@@ -95,3 +95,12 @@ def test_bench_train_times_repsims_steps_without_its_first_steps_costs():
     short = {"steps": 2, "train_images_per_second": 200 / 3}
     long = {"steps": 12, "train_images_per_second": 1200 / 13}
     assert bench_train.step_rate(short, long, batch_size=100) == pytest.approx(100, rel=1e-12)
+
+
+def test_bench_e2e_refuses_routes_that_disagree():
+    import bench_e2e
+
+    m = np.array([[1.0, 0.3]])
+    bench_e2e.check_same_route(m, m.copy())
+    with pytest.raises(SystemExit, match="one command"):
+        bench_e2e.check_same_route(m, m + 1e-9)
