@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +30,25 @@ def synthetic_root(n: int, ext: str = "png") -> Path:
     from PIL import Image
 
     root = Path(tempfile.gettempdir()) / f"repsim-bench-data-{n}{'' if ext == 'png' else '-' + ext}"
-    d = root / "cifar10" / "test"
-    if not d.exists():
+    if (root / "cifar10" / "test").exists():
+        return root
+    # Written under a name of its own, then renamed: a run stopped half-way (or another run
+    # writing the same tree) never leaves a partial tree under the name that is reused.
+    part = Path(tempfile.mkdtemp(prefix=root.name + ".part-", dir=root.parent))
+    d = part / "cifar10" / "test"
+    try:
         gen = np.random.default_rng(0)
         for c in range(10):
             (d / f"class{c}").mkdir(parents=True)
             for k in range(-(-n // 10)):
                 Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
                     d / f"class{c}" / f"{k:04d}.{ext}")
+        part.rename(root)
+    except OSError:
+        if not (root / "cifar10" / "test").exists():  # not a concurrent run's tree: a failure
+            raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)  # gone after the rename; else the partial tree
     return root
 
 

@@ -104,3 +104,25 @@ def test_bench_e2e_refuses_routes_that_disagree():
     bench_e2e.check_same_route(m, m.copy())
     with pytest.raises(SystemExit, match="one command"):
         bench_e2e.check_same_route(m, m + 1e-9)
+
+
+def test_an_interrupted_synthetic_image_tree_is_not_reused(tmp_path, monkeypatch):
+    import bench_extract
+    from PIL import Image
+
+    monkeypatch.setattr(bench_extract.tempfile, "gettempdir", lambda: str(tmp_path))
+    real, saved = Image.Image.save, []
+
+    def dies_after_three(self, *args, **kwargs):
+        if len(saved) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the tree is being written
+        saved.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        bench_extract.synthetic_root(20)
+    monkeypatch.setattr(Image.Image, "save", real)
+    root = bench_extract.synthetic_root(20)
+    files = sorted((root / "cifar10" / "test").glob("*/*.png"))
+    assert len(files) == 20  # 2 per class, not the 3 written before the interrupt
