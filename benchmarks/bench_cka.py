@@ -47,7 +47,14 @@ def features(n: int, p: int) -> Path:
             w = rng.standard_normal((h.shape[1], p)).astype(np.float32) / np.sqrt(h.shape[1])
             out[i] = np.tanh(h @ w) + 0.1 * rng.standard_normal((n, p)).astype(np.float32)
             h = out[i][:, :64]
-        np.save(path, out)
+        # Saved under a name of its own and renamed when whole: a run stopped while saving (or
+        # another run saving the same file) never leaves a truncated file under this name.
+        part = path.with_name(f"{path.stem}.part-{os.getpid()}.npy")
+        try:
+            np.save(part, out)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
     return path
 
 

@@ -126,3 +126,22 @@ def test_an_interrupted_synthetic_image_tree_is_not_reused(tmp_path, monkeypatch
     root = bench_extract.synthetic_root(20)
     files = sorted((root / "cifar10" / "test").glob("*/*.png"))
     assert len(files) == 20  # 2 per class, not the 3 written before the interrupt
+
+
+def test_an_interrupted_feature_cache_is_not_reused(tmp_path, monkeypatch):
+    import bench_cka
+
+    monkeypatch.setattr(bench_cka, "CACHE", tmp_path)
+    real = np.save
+
+    def cut_short(file, arr, *args, **kwargs):
+        with open(file, "wb") as f:
+            f.write(b"\x93NUMPY")  # the start of the file, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_cka.np, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench_cka.features(8, 4)
+    monkeypatch.setattr(bench_cka.np, "save", real)
+    got = np.load(bench_cka.features(8, 4))
+    assert got.shape == (bench_cka.LA + bench_cka.LB, 8, 4) and got.dtype == np.float32
