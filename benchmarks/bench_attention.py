@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import describe, run_info
 
 MODELS = ("vit_cifar", "timm:vit_base_patch16_224")
 
@@ -96,6 +97,8 @@ def main() -> None:
         images = load_probe_set("cifar10", "test", n=n_max, data_root=args.data_root).images
     else:
         images = np.random.default_rng(0).integers(0, 256, (n_max, 32, 32, 3), dtype=np.uint8)
+    info = run_info()
+    print(describe(info), flush=True)
     rows = []
     for name in args.models.split(","):
         n = args.n_vit_base if "vit_base" in name else args.n
@@ -103,7 +106,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__,
+    Path(args.out).write_text(json.dumps({"run": info, "torch": torch.__version__,
                                           "threads": torch.get_num_threads(),
                                           "cores": os.cpu_count(), "rows": rows}, indent=1))
     print("| model | images | plain img/s | distance img/s | ratio |")

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchinfo import describe, run_info
 
 LA, LB = 12, 8
 CACHE = Path(os.environ.get("REPSIM_BENCH_CACHE", "/tmp/repsim-bench"))
@@ -46,7 +47,14 @@ def features(n: int, p: int) -> Path:
             w = rng.standard_normal((h.shape[1], p)).astype(np.float32) / np.sqrt(h.shape[1])
             out[i] = np.tanh(h @ w) + 0.1 * rng.standard_normal((n, p)).astype(np.float32)
             h = out[i][:, :64]
-        np.save(path, out)
+        # Saved under a name of its own and renamed when whole: a run stopped while saving (or
+        # another run saving the same file) never leaves a truncated file under this name.
+        part = path.with_name(f"{path.stem}.part-{os.getpid()}.npy")
+        try:
+            np.save(part, out)
+            os.replace(part, path)
+        finally:
+            part.unlink(missing_ok=True)
     return path
 
 
@@ -138,6 +146,18 @@ def run_child(method, estimator, feats, n, batch_size, loop_pairs, tmp) -> dict:
     return rec
 
 
+def check_agrees(ours: np.ndarray, other: np.ndarray, name: str, tol: float) -> float:
+    """Largest |difference| over the cells ``other`` computed; stop if above ``tol``.
+
+    A speed-up of a wrong matrix means nothing, so the run ends rather than print it.
+    """
+    mask = ~np.isnan(other)
+    diff = float(np.max(np.abs(ours[mask] - other[mask])))
+    if not diff <= tol:
+        raise SystemExit(f"repsim's matrix differs from {name}'s by {diff:.3g} (> {tol:g})")
+    return diff
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median time (the lower middle one for an even count)."""
     return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
@@ -184,7 +204,8 @@ def main() -> None:
     ns = [2000] if args.quick else [2000, 10000]
     if args.only_n:
         ns = [args.only_n]
-    print(f"# machine: {machine()}", flush=True)
+    info = run_info()
+    print(describe(info), flush=True)
     for n in ns:
         for p in [args.only_p] if args.only_p else [512, 4096]:
             feats = features(n, p)
@@ -201,7 +222,8 @@ def main() -> None:
                                                   args.batch_size, 0, tmp))
                 ours = median_run(ours_runs)
                 loop = run_child("loop", est, feats, n, args.batch_size, loop_pairs, tmp)
-                mask = ~np.isnan(loop["matrix"])
+                # Both in float64: any difference beyond rounding is a wrong answer.
+                diff_loop = check_agrees(ours["matrix"], loop["matrix"], "the loop", 1e-10)
                 row = {
                     "n": n, "p": p, "estimator": est,
                     "repsim_s": ours["seconds"], "repsim_peak_mb": ours["peak_mb"],
@@ -209,8 +231,7 @@ def main() -> None:
                                                                             False),
                     "loop_peak_mb": loop["peak_mb"],
                     "speedup_vs_loop": loop["seconds"] / ours["seconds"],
-                    "max_abs_diff_vs_loop": float(np.max(np.abs(ours["matrix"][mask]
-                                                                - loop["matrix"][mask]))),
+                    "max_abs_diff_vs_loop": diff_loop,
                 }
                 row["repsim_runs_s"] = [r["seconds"] for r in ours_runs]
                 if est == "debiased":
@@ -225,7 +246,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"machine": machine(), "run": info, "rows": rows},
+                                         indent=1))
     print(f"wrote {args.out}")
 
 

@@ -117,6 +117,11 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return hits / len(images)
 
 
+def net_path(cache: Path, width: int, seed: int, epochs: int, bf16: bool) -> Path:
+    """Where a trained net is cached: named by everything that changes its weights."""
+    return Path(cache) / f"plaincnn_w{width}_seed{seed}_e{epochs}{'_bf16' if bf16 else ''}.pt"
+
+
 def train_net(seed: int, width: int, train: tuple, test: tuple, epochs: int, bf16: bool,
               batch_size: int = 128, peak_lr: float = 0.1) -> tuple[PlainCNN, dict]:
     torch.manual_seed(seed)
@@ -213,7 +218,7 @@ def main() -> None:
 
     nets, runs = [], []
     for seed in range(args.nets):
-        path = cache / f"plaincnn_w{args.width}_seed{seed}_e{args.epochs}.pt"
+        path = net_path(cache, args.width, seed, args.epochs, bf16)
         if path.is_file():
             blob = torch.load(path, weights_only=True)  # never run pickled code
             model = PlainCNN(args.width).to(memory_format=torch.channels_last)

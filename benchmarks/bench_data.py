@@ -48,6 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     import torchvision  # noqa: F401  imported by every model command; not loading work
     from bench_extract import synthetic_root
+    from benchinfo import describe, run_info
 
     from repsim.data import load_probe_set
 
@@ -56,6 +57,8 @@ def main() -> None:
     paths = [f for c in sorted(split_dir.iterdir()) if c.is_dir() for f in sorted(c.iterdir())]
     ways = {"repsim": lambda: load_probe_set("cifar10", args.split, data_root=root).images,
             "pil_loop": lambda: pil_loop(paths), "pil_threads": lambda: pil_threads(paths)}
+    info = run_info()
+    print(describe(info), flush=True)
     seconds: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(args.repeat):
         got = {}
@@ -65,7 +68,7 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - t0)
         assert all(np.array_equal(got["repsim"], v) for v in got.values()), "pixels differ"
     med = {k: float(np.median(v)) for k, v in seconds.items()}
-    row = {"images": len(paths), "source": str(split_dir), "cores": os.cpu_count(),
+    row = {"run": info, "images": len(paths), "source": str(split_dir), "cores": os.cpu_count(),
            "seconds": seconds, "img_s": {k: len(paths) / v for k, v in med.items()},
            "speedup_vs_pil_loop": med["pil_loop"] / med["repsim"],
            "speedup_vs_pil_threads": med["pil_threads"] / med["repsim"]}

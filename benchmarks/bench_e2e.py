@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchinfo import describe, run_info
 
 from repsim import cli  # light: no torch
 
@@ -52,6 +53,14 @@ MODULES = {"vit_cifar": {"embed": "norm_pre"}, "resnet18_cifar": {"stem": "maxpo
 # What repsim.cli.reuse_freed_memory sets, as environment variables for another process.
 TUNED_ENV = {"MALLOC_MMAP_THRESHOLD_": str(cli.MMAP_THRESHOLD),
              "MALLOC_TRIM_THRESHOLD_": str(cli.TRIM_THRESHOLD)}
+
+
+def check_same_route(one: np.ndarray, three: np.ndarray) -> None:
+    """The one-command route must give the three commands' matrix exactly (same stores, same
+    seeded batches): else its time is that of another answer, and the run stops."""
+    if not np.array_equal(one, three, equal_nan=True):
+        raise SystemExit("repsim cka in one command gave another matrix than extract + cka: "
+                         f"max |diff| {np.nanmax(np.abs(one - three)):.3g}")
 
 
 def default_layers(model: str) -> list[str]:
@@ -147,6 +156,9 @@ def main() -> None:
     from repsim.models import build_model
     from repsim.weights import checkpoint_dir
 
+    info = run_info()
+    print(describe(info), flush=True)
+
     ck = Path(args.checkpoints) if args.checkpoints else checkpoint_dir()
     weights = f"checkpoints in {ck}"
     have = all((ck / f"{m}.pt").is_file() for m in MODULES)
@@ -229,6 +241,7 @@ def main() -> None:
     first = sum(e["wall_s"] for e in ext.values()) + rows["repsim cross"]["wall_s"]
     diff = float(np.max(np.abs(rows["repsim cross"]["matrix"] - rows["pcka cross"]["matrix"])))
     result = {
+        "run": info,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "device": rows["pcka cross"]["device"], "gpu": rows["pcka cross"]["gpu"],
         "n": args.n, "batch_size": args.batch_size, "data": data_note, "weights": weights,
@@ -278,6 +291,7 @@ def main() -> None:
               f"{r['pytorch_cka_s']:.1f} s: {r['speedup']:.1f}x (goal >= 5); max |diff| "
               f"{r['max_abs_diff']:.1e}")
     print(f"results: {args.out}; stores and logs in {work} (delete when done)")
+    check_same_route(rows["repsim one"]["matrix"], rows["repsim cross"]["matrix"])
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import describe, run_info
 
 
 def synthetic_root(n: int, ext: str = "png") -> Path:
@@ -28,14 +30,25 @@ def synthetic_root(n: int, ext: str = "png") -> Path:
     from PIL import Image
 
     root = Path(tempfile.gettempdir()) / f"repsim-bench-data-{n}{'' if ext == 'png' else '-' + ext}"
-    d = root / "cifar10" / "test"
-    if not d.exists():
+    if (root / "cifar10" / "test").exists():
+        return root
+    # Written under a name of its own, then renamed: a run stopped half-way (or another run
+    # writing the same tree) never leaves a partial tree under the name that is reused.
+    part = Path(tempfile.mkdtemp(prefix=root.name + ".part-", dir=root.parent))
+    d = part / "cifar10" / "test"
+    try:
         gen = np.random.default_rng(0)
         for c in range(10):
             (d / f"class{c}").mkdir(parents=True)
             for k in range(-(-n // 10)):
                 Image.fromarray(gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
                     d / f"class{c}" / f"{k:04d}.{ext}")
+        part.rename(root)
+    except OSError:
+        if not (root / "cifar10" / "test").exists():  # not a concurrent run's tree: a failure
+            raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)  # gone after the rename; else the partial tree
     return root
 
 
@@ -91,12 +104,18 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/extract.json")
     args = ap.parse_args()
     root = Path(args.data_root) if args.data_root else synthetic_root(args.n)
+    info = run_info()
+    print(describe(info), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in ("vit_cifar", "resnet18_cifar"):
             for reduce in ("flatten", "mean"):
-                bare_loop(model_name, root, min(args.n, args.batch_size), args.batch_size,
-                          args.device)  # warm-up: thread pools, allocator, page cache
+                # Warm-up of both sides alike (thread pools, allocator, page cache, the
+                # imports extract() makes on its first call), untimed.
+                warm = min(args.n, args.batch_size)
+                bare_loop(model_name, root, warm, args.batch_size, args.device)
+                run_extract(model_name, root, warm, args.batch_size, args.device, reduce,
+                            Path(tmp) / "warm-up.h5")
                 # Bare loop and extract alternate --repeat times, so both see the same
                 # machine state (this shared VM drifts by 10-20 % within minutes).
                 bares, exts = [], []
@@ -116,7 +135,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__,
+    Path(args.out).write_text(json.dumps({"run": info, "torch": torch.__version__,
                                           "threads": torch.get_num_threads(),
                                           "cores": os.cpu_count(), "rows": rows}, indent=1))
 

@@ -125,6 +125,32 @@ def timed(fn, device: str) -> tuple[float, np.ndarray, float | None]:
     return seconds, res, peak
 
 
+def reference_cells(fa: list, fb: list, pairs: list[tuple[int, int]]) -> dict:
+    """Debiased CKA of ``pairs`` in float64 on the tensors' own device, from the U-statistic
+    of Song et al. (2012) written out here: independent of repsim's engine."""
+    def hsic(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        m = k.shape[0]
+        k, l = k - torch.diag(k.diagonal()), l - torch.diag(l.diagonal())
+        return ((k * l).sum() + k.sum() * l.sum() / ((m - 1) * (m - 2))
+                - 2.0 / (m - 2) * (k.sum(0) @ l.sum(0))) / (m * (m - 3))
+
+    out = {}
+    for i, j in pairs:
+        x, y = fa[i].double(), fb[j].double()
+        k, l = x @ x.T, y @ y.T
+        out[(i, j)] = float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)))
+    return out
+
+
+def check_reference(ours: np.ndarray, ref: dict, tol: float = 1e-6) -> float:
+    """Largest |difference| of ``ours`` from the float64 reference cells; a RuntimeError (the
+    row is recorded as failed) above ``tol``: a timing of a wrong matrix is worth nothing."""
+    diff = max(abs(float(ours[i, j]) - v) for (i, j), v in ref.items())
+    if not diff <= tol:
+        raise RuntimeError(f"repsim's CKA differs from the float64 reference by {diff:.3g}")
+    return diff
+
+
 def cka_row(n: int, p: int, repeat: int, device: str) -> dict:
     """repsim's debiased cka_matrix vs pytorch-cka's cka_from_features on ``device``."""
     from repsim.cka import cka_matrix
@@ -155,6 +181,8 @@ def cka_row(n: int, p: int, repeat: int, device: str) -> dict:
         row[f"{k}_peak_mb"] = mid[2]
         row[f"{k}_matrix"] = mid[1]
     ours = row.pop("repsim_matrix")
+    row["max_abs_diff_vs_float64"] = check_reference(
+        ours, reference_cells(fa, fb, [(0, 0), (LA // 2, LB - 1), (LA - 1, 0)]))
     if cka_from_features is None:
         row["pytorch_cka"] = "pytorch-cka missing"
         return row

@@ -39,6 +39,14 @@ def layers(n: int, p: int, k: int, seed: int) -> list[np.ndarray]:
             + 0.1 * rng.standard_normal((n, p)).astype(np.float32) for _ in range(k)]
 
 
+def check_same(name: str, got: np.ndarray, want: np.ndarray, tol: float = 1e-10) -> None:
+    """Stop if ``got`` (float64, like ``want``) is not ``want`` up to rounding: a timing of a
+    wrong answer is worth nothing. NaN cells (dead layers) must be NaN in both."""
+    if not np.array_equal(np.isnan(got), np.isnan(want)) or not (
+            np.nanmax(np.abs(got - want), initial=0.0) <= tol):
+        raise SystemExit(f"{name} differs from the CKA matrix it should reproduce")
+
+
 def best(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -59,6 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/stats.json")
     args = ap.parse_args()
     a, b = layers(args.n, args.p, 7, 0), layers(args.n, args.p, 5, 1)
+    compare(a, b, estimator="debiased")  # warm-up (thread pools, allocator), untimed
     rows = {}
     rows["cka"] = best(lambda: compare(a, b, estimator="debiased"), args.repeat)
     rows["calibrate"] = best(lambda: stats.calibrate(a, b, estimator="debiased"), args.repeat)
@@ -66,6 +75,16 @@ def main() -> None:
                                                             strip=args.strip), args.repeat)
     rows["permutations"] = best(lambda: stats.calibrate(
         a, b, estimator="debiased", permutations=args.permutations), 1)
+    # The null's own cost: one run against one run of the same call without it, adjacent
+    # (the fastest of --repeat calibrations against a single null run would inflate it).
+    calibrate_once = best(lambda: stats.calibrate(a, b, estimator="debiased"), 1)
+    # What was timed must agree: the matrix, and the strips with the whole Grams.
+    want = compare(a, b, estimator="debiased").matrix
+    whole = stats.calibrate(a, b, estimator="debiased")
+    strips = stats.calibrate(a, b, estimator="debiased", strip=args.strip)
+    check_same("calibrate", whole.matrix, want)
+    check_same("calibrate with strips", strips.matrix, want)
+    check_same("the strips' standard errors", strips.se, whole.se)
     rng = np.random.default_rng(0)
 
     def brute_perm():
@@ -83,7 +102,7 @@ def main() -> None:
     res = {"n": args.n, "p": args.p, "grid": [7, 5], "permutations": args.permutations,
            "strip": args.strip,
            "seconds": rows, "calibrate_over_cka": rows["calibrate"] / rows["cka"],
-           "permutation_null_seconds": rows["permutations"] - rows["calibrate"],
+           "permutation_null_seconds": rows["permutations"] - calibrate_once,
            "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}

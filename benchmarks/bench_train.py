@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchinfo import describe, run_info
 from PIL import Image
 
 
@@ -91,14 +92,26 @@ def repsim_loop(model_name: str, root: Path, steps: int, warmup: int, device: st
                 tmp: Path) -> float:
     from repsim.train import TrainConfig, train
 
-    # Warm-up run first (same process, same shapes), then the timed run.
+    # A warm-up run first (same process, same shapes). Each run builds a fresh model and
+    # optimiser whose first steps cost extra, which the plain loop's timed steps do not
+    # include; so the rate is that of the steps a longer run makes beyond a shorter one.
     common = dict(model=model_name, data_root=str(root), device=device, progress=False,
                   epochs=1000)
-    train(TrainConfig(**common, max_steps=warmup, out=str(tmp / "w.pt"),
-                      run_dir=str(tmp / "w")))
-    res = train(TrainConfig(**common, max_steps=steps, out=str(tmp / "m.pt"),
-                            run_dir=str(tmp / "m")))
-    return res["train_images_per_second"]
+
+    def run(name: str, max_steps: int) -> dict:
+        return train(TrainConfig(**common, max_steps=max_steps, out=str(tmp / f"{name}.pt"),
+                                 run_dir=str(tmp / name)))
+
+    run("w", warmup)
+    return step_rate(run("s", warmup), run("m", warmup + steps))
+
+
+def step_rate(short: dict, long: dict, batch_size: int = 100) -> float:
+    """Images/s of the steps ``long`` made beyond ``short`` (two fresh runs of one config,
+    ``repsim.train.train`` summaries): the one-off costs both paid cancel."""
+    t_short = short["steps"] * batch_size / short["train_images_per_second"]
+    t_long = long["steps"] * batch_size / long["train_images_per_second"]
+    return (long["steps"] - short["steps"]) * batch_size / (t_long - t_short)
 
 
 def main() -> int:
@@ -110,6 +123,8 @@ def main() -> int:
     ap.add_argument("--models", default="vit_cifar,resnet18_cifar")
     ap.add_argument("--out", default="benchmarks/out/train.json")
     args = ap.parse_args()
+    run = run_info()
+    print(describe(run), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "data"
@@ -123,7 +138,7 @@ def main() -> int:
                          "speedup": ours / plain})
             print(f"{m:16s} plain {plain:8.1f} img/s   repsim {ours:8.1f} img/s   "
                   f"{ours / plain:5.2f}x", flush=True)
-    info = {"machine": platform.processor() or platform.machine(),
+    info = {"run": run, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "workers": args.workers, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -262,6 +262,8 @@ def test_captured_attention_is_the_models_own_attention_bit_for_bit(qk_norm):
         model(torch.randn(2, 3, 16, 16))
     for h in hooks:
         h.remove()
+    # every block ran the explicit path (an empty dict compared nothing) and was captured
+    assert sorted(own) == sorted(maps) == list(range(len(model.blocks)))
     for k in own:
         assert torch.equal(maps[k], own[k])
 

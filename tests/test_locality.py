@@ -204,14 +204,25 @@ def test_cka_settings_reach_the_engine_not_the_forward_batch(images):
     assert debiased.position.estimator == "debiased"
 
 
-def test_every_compare_setting_reaches_both_cka_calls(images):
+def test_every_compare_setting_reaches_both_cka_calls(images, monkeypatch):
     # measure's settings go to repsim.cka.compare; the locality maps went to cka_matrix, which
-    # has no memory_budget (or device, progress): a TypeError after the forward passes.
-    vit = CopyViT()
+    # has no memory_budget (or device, progress): a TypeError after the forward passes. A
+    # setting dropped on the way would pass silently, so each call's settings are recorded.
+    vit, cnn = CopyViT(), PatchCNN()
     plain = L.measure(vit, images, vit_layers="blocks.0", estimator="debiased")
-    small = L.measure(vit, images, vit_layers="blocks.0", estimator="debiased",
-                      memory_budget=1 << 20, device="cpu", progress=False)
+    seen, compare = [], L.cka.compare
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return compare(*args, **kwargs)
+
+    monkeypatch.setattr(L.cka, "compare", recording)
+    given = dict(memory_budget=1 << 20, device="cpu", progress=False)
+    small = L.measure(vit, images, cnn, images, vit_layers="blocks.0", cnn_layers="native",
+                      estimator="debiased", **given)
     np.testing.assert_allclose(small.maps, plain.maps, atol=1e-12)
+    assert len(seen) == 3  # the input's and blocks.0's locality maps, then the position CKA
+    assert all({k: kw.get(k) for k in given} == given for kw in seen), seen
 
 
 def test_summary_and_offset_map_against_explicit_loops():
