@@ -40,8 +40,9 @@ def pixel(probe, row):
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    """A data root holding ``svhn/test`` as a 3-class tree (svhn's class check patched to 3)."""
+    """A data root holding ``svhn/test`` as a 3-class tree (svhn patched to these 3 classes)."""
     monkeypatch.setitem(data.CLASS_COUNTS, "svhn", len(CLASSES))
+    monkeypatch.setitem(data.CLASS_NAMES, "svhn", tuple(sorted(CLASSES)))
     monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
     write_tree(tmp_path / "root" / "svhn" / "test")
     return tmp_path / "root"
@@ -246,6 +247,68 @@ def test_class_folders_named_class0_to_class99_take_their_numbers_as_labels(tmp_
     assert p.classes == tuple(f"class{k}" for k in range(100))
     np.testing.assert_array_equal(p.labels, np.arange(100))
     np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
+SVHN_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def test_svhn_tree_of_digit_words_takes_the_digits_as_labels(tmp_path):
+    # Sorted as text, eight was label 0 and five label 1: every digit mislabelled, silently.
+    numbered_tree(tmp_path / "svhn" / "test", [w.capitalize() if w == "two" else w
+                                               for w in SVHN_WORDS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert tuple(c.lower() for c in p.classes) == SVHN_WORDS
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(10))  # folder k: digit k
+
+
+def test_svhn_tree_that_names_no_digit_says_its_labels_are_in_sorted_order(tmp_path):
+    names = tuple("abcdefghij")
+    numbered_tree(tmp_path / "svhn" / "test", names)
+    with pytest.warns(UserWarning, match=r"name no SVHN class.*sorted order") as said:
+        p = data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert p.classes == names and "zero, one, two" in str(said[0].message)
+
+
+def test_svhn_tree_mixing_digit_words_and_other_names_is_refused(tmp_path):
+    numbered_tree(tmp_path / "svhn" / "test", [*SVHN_WORDS[:9], "nein"])
+    with pytest.raises(UserError, match="class folders nein are not SVHN class names") as err:
+        data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert "\n" not in str(err.value) and "zero, one, two" in str(err.value)
+
+
+def test_cifar100_class_names_are_its_labels_in_sorted_order():
+    names = data.CLASS_NAMES["cifar100"]
+    assert len(set(names)) == 100 and list(names) == sorted(names)
+    assert names[:3] == ("apple", "aquarium_fish", "baby") and names[-1] == "worm"
+
+
+def test_cifar100_tree_of_its_class_names_takes_their_labels_whatever_their_case(tmp_path):
+    # "Apple" sorts after "worm" as text; its label is still 0.
+    names = ["Apple", *data.CLASS_NAMES["cifar100"][1:]]
+    numbered_tree(tmp_path / "cifar100" / "test", names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes[0] == "Apple" and p.classes[1:] == data.CLASS_NAMES["cifar100"][1:]
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: label k
+
+
+def test_cifar100_tree_that_names_no_cifar100_class_warns(tmp_path):
+    numbered_tree(tmp_path / "cifar100" / "test", [f"kind_{chr(97 + k // 26)}{chr(97 + k % 26)}"
+                                                   for k in range(100)])
+    with pytest.warns(UserWarning, match=r"name no CIFAR-100 class.*sorted order"):
+        data.load_probe_set("cifar100", "test", data_root=tmp_path)
+
+
+def test_cifar100_tree_mixing_its_names_and_others_is_refused(tmp_path):
+    names = [*data.CLASS_NAMES["cifar100"][:99], "earthworm"]
+    numbered_tree(tmp_path / "cifar100" / "test", names)
+    with pytest.raises(UserError, match="class folders earthworm are not CIFAR-100 class names"):
+        data.load_probe_set("cifar100", "test", data_root=tmp_path)
+
 
 
 # --------------------------------------------------------------------------- imagefolder:PATH
