@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repsim.assets import CLASS_NAMES, DEFAULT_DATASET, PROBE_FILE, PROBE_NAME, read_bundle
-from repsim.errors import UserError, is_whole
+from repsim.errors import UserError, finite_real, is_whole
 from repsim.paths import ids_digest, offline
 
 DATASETS = ("cifar10", "cifar100", "svhn")  # under the data root
@@ -95,8 +95,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     """Seeded, class-balanced subset for data-scale studies: sorted ``(k,)`` int64 indices into
     the ``(n,)`` ``labels``, ``round(fraction * count_c)`` of each class (in sorted label order)
     drawn without replacement by one ``np.random.default_rng(seed)``."""
-    if not 0 < fraction <= 1:
-        raise UserError(f"fraction={fraction} is out of range; it must be in (0, 1], "
+    if not (finite_real(fraction) and 0 < fraction <= 1):  # True would pass as 1
+        raise UserError(f"fraction={_shown(fraction)} is out of range; it must be in (0, 1], "
                         "e.g. 0.1 for 10% of each class")
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -202,7 +202,7 @@ def _check_seed(seed: Any) -> None:
 
 
 def _shown(v: Any) -> str:
-    return str(v) if isinstance(v, (int, np.integer)) else repr(v)  # n='5' shows its quotes
+    return str(v) if isinstance(v, (int, float, np.number)) else repr(v)  # n='5' shows quotes
 
 
 def _check_positive(n: int | None) -> None:

@@ -523,6 +523,13 @@ def test_balanced_subset_rejects_bad_fraction(fraction):
         data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)
 
 
+@pytest.mark.parametrize("fraction", ["0.1", True, None])
+def test_balanced_subset_refuses_a_fraction_that_is_no_number(fraction):
+    # "0.1" raised a TypeError from the comparison; True passed as 1, every sample.
+    with pytest.raises(UserError, match=rf"fraction={fraction!r} .*must be in \(0, 1\]"):
+        data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)
+
+
 def test_negative_seed_is_a_user_error_not_a_numpy_traceback():
     # numpy's default_rng refuses negative seeds with a bare ValueError.
     with pytest.raises(UserError, match="seed=-1"):
