@@ -748,3 +748,15 @@ def test_sixteen_bit_grayscale_pngs_keep_their_grey_levels(tmp_path):
 def test_a_numpy_seed_leaves_the_provenance_json_serialisable():
     p = data.load_probe_set(n=5, seed=np.int64(3))
     assert json.loads(json.dumps(p.provenance()))["seed"] == 3  # json refuses np.int64
+
+
+def test_building_the_bundle_from_a_tree_of_other_class_names_is_refused(tmp_path):
+    # The bundle is read as CIFAR-10 (labels 0..9 = airplane..truck); a source tree named
+    # Plane, Car, ... was labelled in its sorted order (Bird 0), silently.
+    from repsim.assets import build_probe
+
+    names = ("Plane", "Car", *(c.capitalize() for c in CIFAR10[2:]))
+    write_tree(tmp_path / "test", classes=names, per_class=1)
+    with pytest.raises(SystemExit, match="class folders .* not CIFAR-10's"):
+        build_probe.build(tmp_path / "test", tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
