@@ -156,6 +156,8 @@ def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
     probe set, the first image of each class (``n_images=None``), or the samples with these
     ``ids`` (ids outside the probe set load the whole split once)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable | None):  # "17": 1, 7
+        raise UserError(f"ids={ids!r} is not a list of sample ids; pass a list, e.g. [0, 5]")
     ids = [] if ids is None else list(ids)  # a list: `not ids` is ambiguous for an array
     if not ids and n_images is None:
         first = np.unique(probe.labels, return_index=True)[1]  # sorted by label

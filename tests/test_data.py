@@ -691,6 +691,15 @@ def test_pick_images_refuses_ids_that_are_no_integers(bad):
         data.pick_images(probe, None, [bad])
 
 
+@pytest.mark.parametrize("bad", [np.int64(7), 7, "17"])
+def test_pick_images_refuses_ids_that_are_no_list(bad):
+    # ids=np.int64(7) (one id from an array) raised "not iterable"; ids="17" was read as the
+    # ids 1 and 7.
+    probe = data.load_probe_set(n=20)
+    with pytest.raises(UserError, match=re.escape(f"ids={bad!r} is not a list of sample ids")):
+        data.pick_images(probe, None, bad)
+
+
 @pytest.mark.parametrize("size", [32.5, "32", True])
 def test_an_image_size_that_is_no_integer_is_a_user_error(size):
     with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
