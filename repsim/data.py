@@ -5,8 +5,9 @@ canonical order of the full split), so runs and models line up row by row. Sourc
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
 ``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
-the dataset's own class names is theirs, for numbered folders (``7``, ``class7``) by
-number, otherwise sorted; then sorted file name) or else torchvision's own layout (ID = its index);
+the dataset's own class names (:data:`CLASS_NAMES`) is theirs, for numbered folders (``7``,
+``class7``) by number, otherwise sorted; then sorted file name) or else torchvision's own
+layout (ID = its index);
 ``imagefolder:PATH`` (``PATH/<class>/*`` in sorted order, or flat ``PATH/*``, one class).
 """
 
@@ -36,8 +37,8 @@ DEFAULT_MIXED_SIZE = 224  # square side used when images differ in size and none
 ENV_DATA_ROOT = "REPSIM_DATA"
 CIFAR10_TEST_SIZE = 10_000
 
-# A tree whose folders name classes must use CLASS_NAMES's (any case): other names
-# ("plane", "car") sort into another order, so their labels would be wrong.
+# For messages. A tree whose folders name classes must use its dataset's CLASS_NAMES (any
+# case): other names ("plane", "car") sort into another order, so labels would be wrong.
 _TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
 # A tree with another class count is some other dataset (or a half-copied one); labels
 # would silently disagree with the dataset's standard label order.
