@@ -5,8 +5,9 @@ canonical order of the full split), so runs and models line up row by row. Sourc
 ``cifar10-probe`` (1,000 CIFAR-10 test images bundled in :mod:`repsim.assets`); ``cifar10``,
 ``cifar100``, ``svhn`` under the data root, as an image-folder tree
 ``<root>/<dataset>/<split>/<class>/*`` (canonical order: class in label order, which for
-CIFAR-10's names is theirs, for numbered folders (``7``, ``class7``) by number, otherwise
-sorted; then sorted file name) or else torchvision's own layout (ID = its index);
+the dataset's own class names (:data:`CLASS_NAMES`) is theirs, for numbered folders (``7``,
+``class7``) by number, otherwise sorted; then sorted file name) or else torchvision's own
+layout (ID = its index);
 ``imagefolder:PATH`` (``PATH/<class>/*`` in sorted order, or flat ``PATH/*``, one class).
 """
 
@@ -25,8 +26,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from repsim.assets import DEFAULT_DATASET, PROBE_FILE, PROBE_NAME, read_bundle
-from repsim.errors import UserError, is_whole
+from repsim.assets import CLASS_NAMES, DEFAULT_DATASET, PROBE_FILE, PROBE_NAME, read_bundle
+from repsim.errors import UserError, finite_real, is_whole
 from repsim.paths import ids_digest, offline
 
 DATASETS = ("cifar10", "cifar100", "svhn")  # under the data root
@@ -36,13 +37,12 @@ DEFAULT_MIXED_SIZE = 224  # square side used when images differ in size and none
 ENV_DATA_ROOT = "REPSIM_DATA"
 CIFAR10_TEST_SIZE = 10_000
 
+# For messages. A tree whose folders name classes must use its dataset's CLASS_NAMES (any
+# case): other names ("plane", "car") sort into another order, so labels would be wrong.
+_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}
 # A tree with another class count is some other dataset (or a half-copied one); labels
 # would silently disagree with the dataset's standard label order.
-CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-# CIFAR-10's labels 0..9. A tree whose folders name classes must use these (any case):
-# other names ("plane", "car") sort into another order, so their labels would be wrong.
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CLASS_COUNTS = {name: len(names) for name, names in CLASS_NAMES.items()}
 _VALID_DATASETS = ", ".join(DATASETS) + f", {PROBE_NAME}, imagefolder:PATH"
 
 
@@ -96,8 +96,8 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
     """Seeded, class-balanced subset for data-scale studies: sorted ``(k,)`` int64 indices into
     the ``(n,)`` ``labels``, ``round(fraction * count_c)`` of each class (in sorted label order)
     drawn without replacement by one ``np.random.default_rng(seed)``."""
-    if not 0 < fraction <= 1:
-        raise UserError(f"fraction={fraction} is out of range; it must be in (0, 1], "
+    if not (finite_real(fraction) and 0 < fraction <= 1):  # True would pass as 1
+        raise UserError(f"fraction={_shown(fraction)} is out of range; it must be in (0, 1], "
                         "e.g. 0.1 for 10% of each class")
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -157,6 +157,8 @@ def pick_images(probe: ProbeSet, n_images: int | None, ids: Iterable[int] | None
     """(images ``(N, H, W, 3)`` uint8, ids ``(N,)``) to draw: the first ``n_images`` of the
     probe set, the first image of each class (``n_images=None``), or the samples with these
     ``ids`` (ids outside the probe set load the whole split once)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable | None):  # "17": 1, 7
+        raise UserError(f"ids={ids!r} is not a list of sample ids; pass a list, e.g. [0, 5]")
     ids = [] if ids is None else list(ids)  # a list: `not ids` is ambiguous for an array
     if not ids and n_images is None:
         first = np.unique(probe.labels, return_index=True)[1]  # sorted by label
@@ -203,7 +205,7 @@ def _check_seed(seed: Any) -> None:
 
 
 def _shown(v: Any) -> str:
-    return str(v) if isinstance(v, (int, np.integer)) else repr(v)  # n='5' shows its quotes
+    return str(v) if isinstance(v, (int, float, np.number)) else repr(v)  # n='5' shows quotes
 
 
 def _check_positive(n: int | None) -> None:
@@ -263,38 +265,43 @@ def _find_tree(root: Path, dataset: str, split: str) -> Path | None:
 
 
 def _tree_classes(tree: Path, name: str) -> tuple[str, ...]:
-    """The class folders of ``tree`` (a ``name`` split) in label order: CIFAR-10's own order
-    where they are CIFAR-10's class names, by number where all are the numbers 0..N-1 after
-    one prefix (``0``..``99``, ``class0``..``class99``), else sorted (a cifar10 tree with a
-    warning); UserError for a wrong count, other numbers or a mix of names."""
+    """The class folders of ``tree`` (a ``name`` split) in label order: by number where all are
+    the numbers 0..N-1 after one prefix (``0``..``99``, ``class0``..``class99``), else
+    :func:`_named_classes`; UserError for a wrong count or other numbers."""
     classes = tuple(_listing(tree)[0])
     if len(classes) != CLASS_COUNTS[name]:
         raise UserError(f"{tree} has {len(classes)} class folders but {name} has "
                         f"{CLASS_COUNTS[name]}; point data_root=DIR at a complete {name} tree")
     found = [re.fullmatch(r"(.*?)([0-9]+)", c) for c in classes]  # 7, class7: one prefix
-    if all(found) and len({m[1] for m in found}) == 1:  # the numbers are the labels
-        numbers = sorted(int(m[2]) for m in found)  # as text, 10 would precede 2
-        if numbers != list(range(len(classes))):  # 1..10: SVHN's files number the digit 0 10
-            raise UserError(f"{tree}: class folders numbered {numbers[0]}..{numbers[-1]} are not "
-                            f"{name}'s labels 0..{len(classes) - 1}; rename them, one per label")
-        return tuple(m[0] for m in sorted(found, key=lambda m: int(m[2])))
-    if name != "cifar10":  # CIFAR-100's names sort into its label order; SVHN's are digits
-        return classes
-    if not any(c.lower() in CIFAR10_CLASSES for c in classes):  # another dataset, or made up
-        warnings.warn(f"{tree}: class folders {', '.join(classes[:3])}, ... name no CIFAR-10 "
+    if not all(found) or len({m[1] for m in found}) != 1:
+        return _named_classes(tree, name, classes)
+    numbers = sorted(int(m[2]) for m in found)  # as text, 10 would precede 2
+    if numbers != list(range(len(classes))):  # 1..10: SVHN's files number the digit 0 10
+        raise UserError(f"{tree}: class folders numbered {numbers[0]}..{numbers[-1]} are not "
+                        f"{name}'s labels 0..{len(classes) - 1}; rename them, one per label")
+    return tuple(m[0] for m in sorted(found, key=lambda m: int(m[2])))
+
+
+def _named_classes(tree: Path, name: str, classes: tuple[str, ...]) -> tuple[str, ...]:
+    """``classes`` in the order of ``name``'s own class names (any case); sorted, with a
+    warning, where none is one of them; UserError for a mix (its labels would be guessed)."""
+    known, title = CLASS_NAMES[name], _TITLES[name]
+    shown = ", ".join(known) if len(known) <= 10 else f"{', '.join(known[:3])}, ..., {known[-1]}"
+    if not any(c.lower() in known for c in classes):  # another dataset, or made up
+        warnings.warn(f"{tree}: class folders {', '.join(classes[:3])}, ... name no {title} "
                       f"class, so they are labelled in sorted order ({classes[0]} 0, "
-                      f"{classes[1]} 1, ...), not as CIFAR-10 models label; rename them "
-                      f"{', '.join(CIFAR10_CLASSES)} for CIFAR-10's labels, or load "
-                      f"dataset='imagefolder:{tree}' where sorted order is meant", stacklevel=2)
+                      f"{classes[1]} 1, ...), not as {title} models label; rename them "
+                      f"{shown} for {title}'s labels, or load "
+                      f"dataset='imagefolder:{tree}' where sorted order is meant", stacklevel=3)
         return classes
-    foreign = [c for c in classes if c.lower() not in CIFAR10_CLASSES]
+    foreign = [c for c in classes if c.lower() not in known]
     if len({c.lower() for c in classes}) != len(classes):  # "Cat" and "cat": one is missing
         foreign = [c for c in classes if c != c.lower()]
     if foreign:
-        raise UserError(f"{tree}: class folders {', '.join(foreign)} are not CIFAR-10 class "
-                        "names, so their labels would be guessed; rename the 10 folders "
-                        f"{', '.join(CIFAR10_CLASSES)} (labels 0..9 in that order)")
-    return tuple(sorted(classes, key=lambda c: CIFAR10_CLASSES.index(c.lower())))
+        raise UserError(f"{tree}: class folders {', '.join(foreign)} are not {title} class "
+                        f"names, so their labels would be guessed; rename the {len(known)} "
+                        f"folders {shown} (labels 0..{len(known) - 1} in that order)")
+    return tuple(sorted(classes, key=lambda c: known.index(c.lower())))
 
 
 def _check_root(root: Path, dataset: str, split: str) -> None:

@@ -21,6 +21,7 @@ from repsim.errors import UserError, is_whole
 from repsim.layers import match_layers
 from repsim.paths import offline
 from repsim.registry import (
+    BUILT_IN,
     NO_NORM,
     TINYVIT_MODELS,
     Entry,
@@ -100,11 +101,9 @@ def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int
     spec = entry.spec
     path = default_weights_file(spec) if weights is None else Path(weights).expanduser()
     if weights is None and not path.is_file():
-        recipe = " --recipe tinyvit" if spec.name in TINYVIT_MODELS else ""  # not the paper's
         raise UserError(f"no trained weights for {spec.name}: {path} does not exist (default "
                         "weights live in $REPSIM_CHECKPOINTS or <repo>/checkpoints); fix: run "
-                        f"`repsim train --model {spec.name}{recipe}`, or pass weights=PATH or "
-                        "weights='random'")
+                        f"`{_train_command(entry)}`, or pass weights=PATH or weights='random'")
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise UserError(f"weights file {path} {what}; valid: a state dict or checkpoint file, "
@@ -123,6 +122,19 @@ def _load_file(entry: Entry, weights: str | os.PathLike | None, num_classes: int
         hint = (", or, if it has another class count, register the model with head_key (its "
                 "classifier's weight, e.g. 'fc.weight') so that the file's count is read")
     return load_into(build_model(spec.name, n, seed), sd, path, spec.name, note, hint), n, path
+
+
+def _train_command(entry: Entry) -> str:
+    """The ``repsim train`` line that writes ``entry``'s default weights: the command line
+    knows a model the user registered only once ``--import`` runs the module that does."""
+    name = entry.spec.name
+    if name in BUILT_IN:
+        return f"repsim train --model {name}" + (" --recipe tinyvit" if name in TINYVIT_MODELS
+                                                 else "")  # not the paper's recipe
+    build = getattr(entry.build, "func", entry.build)  # functools.partial
+    module = getattr(build, "__module__", None)
+    module = module if module and module != "__main__" else "MODULE"  # a notebook's own
+    return f"repsim --import {module} train --model {name}"
 
 
 def _weights_cache(tag: str) -> tuple[str | None, bool, Path]:

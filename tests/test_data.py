@@ -40,8 +40,9 @@ def pixel(probe, row):
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
-    """A data root holding ``svhn/test`` as a 3-class tree (svhn's class check patched to 3)."""
+    """A data root holding ``svhn/test`` as a 3-class tree (svhn patched to these 3 classes)."""
     monkeypatch.setitem(data.CLASS_COUNTS, "svhn", len(CLASSES))
+    monkeypatch.setitem(data.CLASS_NAMES, "svhn", tuple(sorted(CLASSES)))
     monkeypatch.delenv(data.ENV_DATA_ROOT, raising=False)
     write_tree(tmp_path / "root" / "svhn" / "test")
     return tmp_path / "root"
@@ -246,6 +247,68 @@ def test_class_folders_named_class0_to_class99_take_their_numbers_as_labels(tmp_
     assert p.classes == tuple(f"class{k}" for k in range(100))
     np.testing.assert_array_equal(p.labels, np.arange(100))
     np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: sample k
+
+
+SVHN_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def test_svhn_tree_of_digit_words_takes_the_digits_as_labels(tmp_path):
+    # Sorted as text, eight was label 0 and five label 1: every digit mislabelled, silently.
+    numbered_tree(tmp_path / "svhn" / "test", [w.capitalize() if w == "two" else w
+                                               for w in SVHN_WORDS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert tuple(c.lower() for c in p.classes) == SVHN_WORDS
+    np.testing.assert_array_equal(p.labels, np.arange(10))
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(10))  # folder k: digit k
+
+
+def test_svhn_tree_that_names_no_digit_says_its_labels_are_in_sorted_order(tmp_path):
+    names = tuple("abcdefghij")
+    numbered_tree(tmp_path / "svhn" / "test", names)
+    with pytest.warns(UserWarning, match=r"name no SVHN class.*sorted order") as said:
+        p = data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert p.classes == names and "zero, one, two" in str(said[0].message)
+
+
+def test_svhn_tree_mixing_digit_words_and_other_names_is_refused(tmp_path):
+    numbered_tree(tmp_path / "svhn" / "test", [*SVHN_WORDS[:9], "nein"])
+    with pytest.raises(UserError, match="class folders nein are not SVHN class names") as err:
+        data.load_probe_set("svhn", "test", data_root=tmp_path)
+    assert "\n" not in str(err.value) and "zero, one, two" in str(err.value)
+
+
+def test_cifar100_class_names_are_its_labels_in_sorted_order():
+    names = data.CLASS_NAMES["cifar100"]
+    assert len(set(names)) == 100 and list(names) == sorted(names)
+    assert names[:3] == ("apple", "aquarium_fish", "baby") and names[-1] == "worm"
+
+
+def test_cifar100_tree_of_its_class_names_takes_their_labels_whatever_their_case(tmp_path):
+    # "Apple" sorts after "worm" as text; its label is still 0.
+    names = ["Apple", *data.CLASS_NAMES["cifar100"][1:]]
+    numbered_tree(tmp_path / "cifar100" / "test", names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = data.load_probe_set("cifar100", "test", data_root=tmp_path)
+    assert p.classes[0] == "Apple" and p.classes[1:] == data.CLASS_NAMES["cifar100"][1:]
+    np.testing.assert_array_equal(p.images[:, 0, 0, 0], np.arange(100))  # folder k: label k
+
+
+def test_cifar100_tree_that_names_no_cifar100_class_warns(tmp_path):
+    numbered_tree(tmp_path / "cifar100" / "test", [f"kind_{chr(97 + k // 26)}{chr(97 + k % 26)}"
+                                                   for k in range(100)])
+    with pytest.warns(UserWarning, match=r"name no CIFAR-100 class.*sorted order"):
+        data.load_probe_set("cifar100", "test", data_root=tmp_path)
+
+
+def test_cifar100_tree_mixing_its_names_and_others_is_refused(tmp_path):
+    names = [*data.CLASS_NAMES["cifar100"][:99], "earthworm"]
+    numbered_tree(tmp_path / "cifar100" / "test", names)
+    with pytest.raises(UserError, match="class folders earthworm are not CIFAR-100 class names"):
+        data.load_probe_set("cifar100", "test", data_root=tmp_path)
+
 
 
 # --------------------------------------------------------------------------- imagefolder:PATH
@@ -460,6 +523,13 @@ def test_balanced_subset_rejects_bad_fraction(fraction):
         data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)
 
 
+@pytest.mark.parametrize("fraction", ["0.1", True, None])
+def test_balanced_subset_refuses_a_fraction_that_is_no_number(fraction):
+    # "0.1" raised a TypeError from the comparison; True passed as 1, every sample.
+    with pytest.raises(UserError, match=rf"fraction={fraction!r} .*must be in \(0, 1\]"):
+        data.balanced_subset(np.zeros(10, np.int64), fraction, seed=0)
+
+
 def test_negative_seed_is_a_user_error_not_a_numpy_traceback():
     # numpy's default_rng refuses negative seeds with a bare ValueError.
     with pytest.raises(UserError, match="seed=-1"):
@@ -621,6 +691,15 @@ def test_pick_images_refuses_ids_that_are_no_integers(bad):
         data.pick_images(probe, None, [bad])
 
 
+@pytest.mark.parametrize("bad", [np.int64(7), 7, "17"])
+def test_pick_images_refuses_ids_that_are_no_list(bad):
+    # ids=np.int64(7) (one id from an array) raised "not iterable"; ids="17" was read as the
+    # ids 1 and 7.
+    probe = data.load_probe_set(n=20)
+    with pytest.raises(UserError, match=re.escape(f"ids={bad!r} is not a list of sample ids")):
+        data.pick_images(probe, None, bad)
+
+
 @pytest.mark.parametrize("size", [32.5, "32", True])
 def test_an_image_size_that_is_no_integer_is_a_user_error(size):
     with pytest.raises(UserError, match=f"image_size={size!r} is not a valid size"):
@@ -678,3 +757,15 @@ def test_sixteen_bit_grayscale_pngs_keep_their_grey_levels(tmp_path):
 def test_a_numpy_seed_leaves_the_provenance_json_serialisable():
     p = data.load_probe_set(n=5, seed=np.int64(3))
     assert json.loads(json.dumps(p.provenance()))["seed"] == 3  # json refuses np.int64
+
+
+def test_building_the_bundle_from_a_tree_of_other_class_names_is_refused(tmp_path):
+    # The bundle is read as CIFAR-10 (labels 0..9 = airplane..truck); a source tree named
+    # Plane, Car, ... was labelled in its sorted order (Bird 0), silently.
+    from repsim.assets import build_probe
+
+    names = ("Plane", "Car", *(c.capitalize() for c in CIFAR10[2:]))
+    write_tree(tmp_path / "test", classes=names, per_class=1)
+    with pytest.raises(SystemExit, match="class folders .* not CIFAR-10's"):
+        build_probe.build(tmp_path / "test", tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -599,6 +600,16 @@ def test_a_user_model_with_default_weights_trains_from_scratch(ckpt_dir, private
     model, prov = initial_model("my_net_test", None, 10, 0)
     assert prov["init"] == "random" and isinstance(model, torch.nn.Sequential)
     assert R.default_weights_file(R.get_spec("my_net_test")) == ckpt_dir / "my_net_test.pt"
+
+
+def test_a_user_models_missing_weights_name_the_train_command_that_finds_it(ckpt_dir,
+                                                                            private_registry):
+    # "run `repsim train --model my_net`" was answered "unknown --model 'my_net'": the
+    # command line knows a user's model only with --import of the module that registers it.
+    R.register_model("my_net_test", input_size=4, weights="my_net_test.pt")(_flat)
+    with pytest.raises(UserError, match=re.escape(
+            f"run `repsim --import {_flat.__module__} train --model my_net_test`")):
+        M.load_model("my_net_test")
 
 
 @pytest.mark.parametrize("kwargs, what", [

@@ -23,6 +23,22 @@ PROBE_NAME = "cifar10-probe"
 DEFAULT_DATASET = PROBE_NAME  # every command but `repsim train`: offline, no data root
 PROBE_FILE = Path(__file__).resolve().parent / "cifar10_test_probe.npz"
 
+# Each dataset's class names in label order (0, 1, ...), as its own files name them.
+# CIFAR-100's fine labels are its names sorted; SVHN's labels are the digits.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR100_CLASSES = tuple((
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo "
+    "keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse "
+    "mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy "
+    "porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television "
+    "tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split())
+SVHN_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CLASS_NAMES = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES, "svhn": SVHN_CLASSES}
+
 
 @functools.lru_cache(maxsize=1)
 def read_bundle() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...], dict, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repsim.assets import PROBE_FILE
+from repsim.assets import CIFAR10_CLASSES, PROBE_FILE
 from repsim.data import balanced_subset, load_probe_set
 from repsim.paths import atomic_write, ids_digest
 
@@ -27,6 +27,9 @@ def build(source: Path, out: Path = PROBE_FILE, per_class: int = 100, seed: int 
     """Write the bundle to ``out`` (atomically) and return its ``meta`` record."""
     tree = load_probe_set(f"imagefolder:{source}", progress=True)  # decoded as every set is
     labels, classes = tree.labels, tree.classes
+    if classes != CIFAR10_CLASSES:  # else labels in another sorted order, read as CIFAR-10's
+        raise SystemExit(f"{source}: class folders {', '.join(classes)} are not CIFAR-10's "
+                         f"{', '.join(CIFAR10_CLASSES)}; rename them")
     if len(classes) != 10 or len(tree) != 10_000 or np.bincount(labels).min() != 1000:
         raise SystemExit(f"{source} has {len(classes)} classes and {len(tree)} images; "
                          "expected the CIFAR-10 test split (10 x 1,000)")
