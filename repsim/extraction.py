@@ -77,12 +77,14 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         # overwrite replaces repsim stores only, never a file of the user's named by mistake.
         import h5py
 
-        from repsim.store import is_store_format
+        from repsim.store import busy, is_store_format
 
         try:  # a store of an older format version too: readers refuse it, only this fixes it
             with h5py.File(out, "r") as f:
                 ours = is_store_format(f.attrs.get("format"))
-        except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
+        except OSError as exc:  # not HDF5 at all (or unreadable): not a store repsim wrote
+            if held := busy(out, exc):  # HDF5's lock of a writer elsewhere: no verdict
+                raise held from None
             ours = False
         if not ours:
             raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace "

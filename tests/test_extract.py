@@ -991,3 +991,17 @@ def test_a_closed_stores_layer_says_the_store_is_closed(tmp_path):
         pass
     with pytest.raises(UserError, match=r"s\.h5 is closed.*inside the `with"):
         s["a"]
+
+
+def test_overwrite_of_a_store_another_process_holds_open_says_so(tmp_path, cifar_root, tiny):
+    # overwrite=True on a store HDF5 holds locked for writing said "not a repsim store".
+    fcntl = pytest.importorskip("fcntl")
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    extract(c)
+    with open(c.out, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as HDF5's writer holds it
+        with pytest.raises(UserError, match="open for writing in another process"):
+            extract(replace(c, overwrite=True))
+    with Store(c.out) as s:
+        assert s.n == 4
+
