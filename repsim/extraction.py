@@ -170,6 +170,10 @@ def _plan(cfg: ExtractConfig, progress: bool, probe=None) -> tuple:
     from repsim.registry import get_spec
     from repsim.weights import check_weights_seeds
 
+    if isinstance(cfg.weights, str) and not cfg.weights.strip():  # an unset shell variable
+        raise UserError(f"weights={cfg.weights!r} names no weights file; valid: a file or "
+                        "'random'; fix: give one, or leave weights= out for the model's own "
+                        "weights")
     check_weights_seeds(vars(cfg))
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)

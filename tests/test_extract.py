@@ -1005,3 +1005,26 @@ def test_overwrite_of_a_store_another_process_holds_open_says_so(tmp_path, cifar
     with Store(c.out) as s:
         assert s.n == 4
 
+
+
+@pytest.mark.parametrize("weights", ["", "  "])
+def test_empty_weights_is_refused_whether_or_not_the_default_store_is_cached(
+        tmp_path, cifar_root, tiny, weights):
+    # weights="" (an unset shell variable in --weights "$W") keyed the store as the model's
+    # default weights: the cached default store was reused, and without it load_model refused.
+    from torch import nn
+
+    from repsim import registry
+
+    registry.register_model("tiny_w", input_size=4, weights="tiny_w.pt")(
+        lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes)))
+    file = registry.default_weights_file(registry.get_spec("tiny_w"))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models.build_model("tiny_w", 10, 0).state_dict(), file)
+    c = cfg(tmp_path, cifar_root, model="tiny_w", n=4, weights=weights, out=None)
+    msg = rf"weights={weights!r} names no weights file; valid: a file or 'random'"
+    with pytest.raises(UserError, match=msg):
+        extract(c)
+    extract(replace(c, weights=None))  # the default store, cached now
+    with pytest.raises(UserError, match=msg):
+        extract(c)
