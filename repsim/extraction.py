@@ -17,6 +17,7 @@ import re
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -178,6 +179,8 @@ def _plan(cfg: ExtractConfig, progress: bool, probe=None) -> tuple:
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
     cfg = _plain_ints(cfg)
+    if isinstance(cfg.layers, Iterator):  # a generator: read once, for the key and the model
+        cfg = replace(cfg, layers=list(cfg.layers))
     if probe is None:
         probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                                data_root=cfg.data_root, progress=progress)

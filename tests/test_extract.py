@@ -1028,3 +1028,11 @@ def test_empty_weights_is_refused_whether_or_not_the_default_store_is_cached(
     extract(replace(c, weights=None))  # the default store, cached now
     with pytest.raises(UserError, match=msg):
         extract(c)
+
+
+def test_layers_given_as_a_generator_are_those_layers(tmp_path, cifar_root, tiny):
+    # A generator was consumed by the store key, then models.layer_names saw none left.
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    res = extract(replace(c, layers=(name for name in ["1", "2"])))
+    assert res["layers"] == ["1", "2"]
+    assert extract(replace(c, layers=["1", "2"]))["reused"]
