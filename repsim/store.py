@@ -217,9 +217,11 @@ class StoreWriter:
                 raise KeyError("the file's layout is incomplete")
             self._done, self._layers = done, {k: f["layers"][k] for k in json.loads(
                 f.attrs.get("layer_order", "[]"))}
-        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError) as exc:
             if f is not None:
                 f.close()
+            if isinstance(exc, OSError) and (held := busy(self.path, exc)):
+                raise held from None  # another run's file, being written: not damage
             self.path.unlink()
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case
