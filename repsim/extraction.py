@@ -93,6 +93,16 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                             "another out=PATH, or move that file away yourself")
 
 
+def _check_weights(w: object) -> None:
+    """UserError for ``weights`` that name no weights (checked before the store key reads them)."""
+    if w is not None and not isinstance(w, (str, os.PathLike)):  # as load_model says it
+        raise UserError(f"weights={w!r} is not usable; valid: a file path, 'random', or None "
+                        "for the model's default weights")
+    if isinstance(w, str) and not w.strip():  # an unset shell variable: not the default
+        raise UserError(f"weights={w!r} names no weights file; valid: a file or 'random'; "
+                        "fix: give one, or leave weights= out for the model's own weights")
+
+
 def _plain_ints(cfg: ExtractConfig) -> ExtractConfig:
     """``cfg`` with numpy integers (``seed=np.int64(1)`` from a loop over ``np.arange``) as
     Python ints: they go into the store's JSON provenance, and into its key as the same
@@ -171,10 +181,7 @@ def _plan(cfg: ExtractConfig, progress: bool, probe=None) -> tuple:
     from repsim.registry import get_spec
     from repsim.weights import check_weights_seeds
 
-    if isinstance(cfg.weights, str) and not cfg.weights.strip():  # an unset shell variable
-        raise UserError(f"weights={cfg.weights!r} names no weights file; valid: a file or "
-                        "'random'; fix: give one, or leave weights= out for the model's own "
-                        "weights")
+    _check_weights(cfg.weights)
     check_weights_seeds(vars(cfg))
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)

@@ -1036,3 +1036,10 @@ def test_layers_given_as_a_generator_are_those_layers(tmp_path, cifar_root, tiny
     res = extract(replace(c, layers=(name for name in ["1", "2"])))
     assert res["layers"] == ["1", "2"]
     assert extract(replace(c, layers=["1", "2"]))["reused"]
+
+
+@pytest.mark.parametrize("weights", [1, ["s0.pt", "s1.pt"], True])
+def test_weights_of_another_type_is_one_user_error(tmp_path, cifar_root, tiny, weights):
+    # The store key took weights for a path: Path(1) raised TypeError with a traceback.
+    with pytest.raises(UserError, match=r"weights=.* is not usable; valid: a file path, 'random'"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, weights=weights))
