@@ -65,6 +65,9 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         value = getattr(cfg, name)
         if not (is_whole(value) or (name == "chunk_rows" and value is None)):
             raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
+    for name in ("overwrite", "progress"):  # "False" would read as true
+        if not isinstance(value := getattr(cfg, name), (bool, np.bool_)):
+            raise UserError(f"{name}={value!r} is not a bool; valid: True or False")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     valid = REDUCTIONS.get(family, ("flatten", "mean"))

@@ -1043,3 +1043,14 @@ def test_weights_of_another_type_is_one_user_error(tmp_path, cifar_root, tiny, w
     # The store key took weights for a path: Path(1) raised TypeError with a traceback.
     with pytest.raises(UserError, match=r"weights=.* is not usable; valid: a file path, 'random'"):
         extract(cfg(tmp_path, cifar_root, model=tiny, n=4, weights=weights))
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "progress"])
+def test_a_string_for_a_flag_is_one_user_error_not_true(tmp_path, cifar_root, tiny, flag):
+    # overwrite="False" (from a config file) read as true and replaced the store.
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    extract(c)
+    inode = os.stat(c.out).st_ino
+    with pytest.raises(UserError, match=rf"{flag}='False' is not a bool; valid: True or False"):
+        extract(replace(c, layers="1", **{flag: "False"}))
+    assert os.stat(c.out).st_ino == inode
