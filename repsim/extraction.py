@@ -76,6 +76,10 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
+    if isinstance(cfg.out, str) and not cfg.out.strip():  # an unset shell variable: not None
+        raise UserError(f"out={cfg.out!r} names no file; valid: a path for the store, or None "
+                        "for its content address in $REPSIM_CACHE/stores; fix: give a path, "
+                        "or leave out= unset")
     out = Path(cfg.out).expanduser() if cfg.out else None
     if cfg.overwrite and out and out.exists():
         # overwrite replaces repsim stores only, never a file of the user's named by mistake.
