@@ -76,7 +76,8 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
-    if isinstance(cfg.out, str) and not cfg.out.strip():  # an unset shell variable: not None
+    if cfg.out is not None and not (isinstance(cfg.out, os.PathLike) or  # "": an unset
+                                    isinstance(cfg.out, str) and cfg.out.strip()):  # variable
         raise UserError(f"out={cfg.out!r} names no file; valid: a path for the store, or None "
                         "for its content address in $REPSIM_CACHE/stores; fix: give a path, "
                         "or leave out= unset")

@@ -1056,9 +1056,11 @@ def test_a_string_for_a_flag_is_one_user_error_not_true(tmp_path, cifar_root, ti
     assert os.stat(c.out).st_ino == inode
 
 
-@pytest.mark.parametrize("out", ["", " "])
-def test_an_empty_out_is_refused_not_the_content_address(tmp_path, cifar_root, tiny, out):
-    # --out "$OUT" with OUT unset wrote the store to $REPSIM_CACHE/stores instead.
+@pytest.mark.parametrize("out", ["", " ", 1])
+def test_an_empty_or_non_path_out_is_refused_not_the_content_address(tmp_path, cifar_root,
+                                                                    tiny, out):
+    # --out "$OUT" with OUT unset wrote the store to $REPSIM_CACHE/stores instead (and out=1
+    # raised TypeError with a traceback).
     with pytest.raises(UserError, match=rf"out={out!r} names no file"):
         extract(cfg(tmp_path, cifar_root, model=tiny, n=4, out=out))
     assert not os.path.exists(os.path.join(os.environ["REPSIM_CACHE"], "stores"))
