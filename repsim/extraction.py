@@ -65,6 +65,9 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         value = getattr(cfg, name)
         if not (is_whole(value) or (name == "chunk_rows" and value is None)):
             raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
+    if not is_whole(seed := cfg.weights_seed, 0) or seed >= 2**64:  # load_model says "seed="
+        raise UserError(f"weights_seed={seed!r} is not usable; valid: a whole number >= 0 "
+                        "(below 2**64), e.g. weights_seed=0")
     for name in ("overwrite", "progress"):  # "False" would read as true
         if not isinstance(value := getattr(cfg, name), (bool, np.bool_)):
             raise UserError(f"{name}={value!r} is not a bool; valid: True or False")
@@ -152,7 +155,6 @@ def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
     from repsim.registry import canonical_name
 
     n = cfg.n if n is None else n
-
     model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
     name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,

@@ -1064,3 +1064,10 @@ def test_an_empty_or_non_path_out_is_refused_not_the_content_address(tmp_path, c
     with pytest.raises(UserError, match=rf"out={out!r} names no file"):
         extract(cfg(tmp_path, cifar_root, model=tiny, n=4, out=out))
     assert not os.path.exists(os.path.join(os.environ["REPSIM_CACHE"], "stores"))
+
+
+@pytest.mark.parametrize("seed", ["1", 1.5, None, -1])
+def test_a_bad_weights_seed_is_named_weights_seed_not_seed(tmp_path, cifar_root, tiny, seed):
+    # load_model's check said "seed='1' is not usable": the subset seed=, which was fine.
+    with pytest.raises(UserError, match=rf"^weights_seed={seed!r} is not usable; valid: a whole"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, weights_seed=seed))
