@@ -17,6 +17,7 @@ import re
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -64,6 +65,12 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
         value = getattr(cfg, name)
         if not (is_whole(value) or (name == "chunk_rows" and value is None)):
             raise UserError(f"{name}={value!r} is not valid; pass a positive integer")
+    if not is_whole(seed := cfg.weights_seed, 0) or seed >= 2**64:  # load_model says "seed="
+        raise UserError(f"weights_seed={seed!r} is not usable; valid: a whole number >= 0 "
+                        "(below 2**64), e.g. weights_seed=0")
+    for name in ("overwrite", "progress"):  # "False" would read as true
+        if not isinstance(value := getattr(cfg, name), (bool, np.bool_)):
+            raise UserError(f"{name}={value!r} is not a bool; valid: True or False")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     valid = REDUCTIONS.get(family, ("flatten", "mean"))
@@ -72,22 +79,39 @@ def _validate(cfg: ExtractConfig, family: str) -> None:
                         f"use one of {', '.join(valid)}")
     if cfg.compression not in (None, "gzip", "lzf"):
         raise UserError(f"compression={cfg.compression!r} is not valid; use gzip or lzf")
+    if cfg.out is not None and not (isinstance(cfg.out, os.PathLike) or  # "": an unset
+                                    isinstance(cfg.out, str) and cfg.out.strip()):  # variable
+        raise UserError(f"out={cfg.out!r} names no file; valid: a path for the store, or None "
+                        "for its content address in $REPSIM_CACHE/stores; fix: give a path, "
+                        "or leave out= unset")
     out = Path(cfg.out).expanduser() if cfg.out else None
     if cfg.overwrite and out and out.exists():
         # overwrite replaces repsim stores only, never a file of the user's named by mistake.
         import h5py
 
-        from repsim.store import is_store_format
+        from repsim.store import busy, is_store_format
 
         try:  # a store of an older format version too: readers refuse it, only this fixes it
             with h5py.File(out, "r") as f:
                 ours = is_store_format(f.attrs.get("format"))
-        except OSError:  # not HDF5 at all (or unreadable): not a store repsim wrote
+        except OSError as exc:  # not HDF5 at all (or unreadable): not a store repsim wrote
+            if held := busy(out, exc):  # HDF5's lock of a writer elsewhere: no verdict
+                raise held from None
             ours = False
         if not ours:
             raise UserError(f"{out} is not a repsim store, so overwrite=True does not replace "
                             "it; valid: out=PATH naming a new file or a store; fix: choose "
                             "another out=PATH, or move that file away yourself")
+
+
+def _check_weights(w: object) -> None:
+    """UserError for ``weights`` that name no weights (checked before the store key reads them)."""
+    if w is not None and not isinstance(w, (str, os.PathLike)):  # as load_model says it
+        raise UserError(f"weights={w!r} is not usable; valid: a file path, 'random', or None "
+                        "for the model's default weights")
+    if isinstance(w, str) and not w.strip():  # an unset shell variable: not the default
+        raise UserError(f"weights={w!r} names no weights file; valid: a file or 'random'; "
+                        "fix: give one, or leave weights= out for the model's own weights")
 
 
 def _plain_ints(cfg: ExtractConfig) -> ExtractConfig:
@@ -131,7 +155,6 @@ def _default_out(cfg: ExtractConfig, key: str, n: int | None = None) -> Path:
     from repsim.registry import canonical_name
 
     n = cfg.n if n is None else n
-
     model = canonical_name(cfg.model)  # timm:<arch> with its default tag: one store for both
     name = "-".join(filter(None, [model, weights_tag(cfg.weights, cfg.weights_seed),
                                   cfg.dataset,
@@ -168,10 +191,13 @@ def _plan(cfg: ExtractConfig, progress: bool, probe=None) -> tuple:
     from repsim.registry import get_spec
     from repsim.weights import check_weights_seeds
 
+    _check_weights(cfg.weights)
     check_weights_seeds(vars(cfg))
     spec = get_spec(cfg.model)
     _validate(cfg, spec.family)
     cfg = _plain_ints(cfg)
+    if isinstance(cfg.layers, Iterator):  # a generator: read once, for the key and the model
+        cfg = replace(cfg, layers=list(cfg.layers))
     if probe is None:
         probe = load_probe_set(cfg.dataset, cfg.split, n=cfg.n, seed=cfg.seed,
                                data_root=cfg.data_root, progress=progress)

@@ -51,6 +51,16 @@ class StoreBusy(UserError):
     """A store another process holds open for writing: no damage, nothing to make again."""
 
 
+def busy(path: str | os.PathLike, exc: OSError) -> StoreBusy | None:
+    """The :class:`StoreBusy` that ``exc`` (h5py failing to open ``path``) means when HDF5's
+    lock of a writer elsewhere refused it, else None (any other failure)."""
+    if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return None
+    return StoreBusy(f"store {path} is open for writing in another process (HDF5 locks it: "
+                     f"{os.strerror(exc.errno)}); fix: close it there (or wait for that "
+                     "process to end), then run this again")
+
+
 class Store:
     """A complete store, read: ``layers`` in model order, ``ids``, ``labels``, ``meta``;
     ``store[name]``: the lazy h5py ``(n, D)`` dataset (the CKA engine streams its row slices)."""
@@ -72,10 +82,8 @@ class Store:
         except OSError as exc:  # any file can be named here: a PNG, a README, the user's own data
             # h5py's errno messages span lines (a ctime, buffer addresses): the reason suffices.
             why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):  # HDF5's lock of a writer
-                raise StoreBusy(f"store {self.path} is open for writing in another process "
-                                f"(HDF5 locks it: {why}); fix: close it there (or wait for "
-                                "that process to end), then run this again") from exc
+            if held := busy(self.path, exc):
+                raise held from exc
             if "truncated file" in why:  # an HDF5 file shorter than its own header says
                 raise UserError(f"{self.path} is cut short ({why}): an interrupted copy or a "
                                 "full disk; fix: copy it again or extract it again") from exc
@@ -209,9 +217,11 @@ class StoreWriter:
                 raise KeyError("the file's layout is incomplete")
             self._done, self._layers = done, {k: f["layers"][k] for k in json.loads(
                 f.attrs.get("layer_order", "[]"))}
-        except (KeyError, OSError, ValueError, TypeError, RuntimeError):
+        except (KeyError, OSError, ValueError, TypeError, RuntimeError) as exc:
             if f is not None:
                 f.close()
+            if isinstance(exc, OSError) and (held := busy(self.path, exc)):
+                raise held from None  # another run's file, being written: not damage
             self.path.unlink()
             return None
         if not same:  # say what differs: a rerun with another --batch-size is the usual case

@@ -991,3 +991,83 @@ def test_a_closed_stores_layer_says_the_store_is_closed(tmp_path):
         pass
     with pytest.raises(UserError, match=r"s\.h5 is closed.*inside the `with"):
         s["a"]
+
+
+def test_overwrite_of_a_store_another_process_holds_open_says_so(tmp_path, cifar_root, tiny):
+    # overwrite=True on a store HDF5 holds locked for writing said "not a repsim store".
+    fcntl = pytest.importorskip("fcntl")
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    extract(c)
+    with open(c.out, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as HDF5's writer holds it
+        with pytest.raises(UserError, match="open for writing in another process"):
+            extract(replace(c, overwrite=True))
+    with Store(c.out) as s:
+        assert s.n == 4
+
+
+
+@pytest.mark.parametrize("weights", ["", "  "])
+def test_empty_weights_is_refused_whether_or_not_the_default_store_is_cached(
+        tmp_path, cifar_root, tiny, weights):
+    # weights="" (an unset shell variable in --weights "$W") keyed the store as the model's
+    # default weights: the cached default store was reused, and without it load_model refused.
+    from torch import nn
+
+    from repsim import registry
+
+    registry.register_model("tiny_w", input_size=4, weights="tiny_w.pt")(
+        lambda num_classes: nn.Sequential(nn.Flatten(), nn.Linear(48, num_classes)))
+    file = registry.default_weights_file(registry.get_spec("tiny_w"))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(models.build_model("tiny_w", 10, 0).state_dict(), file)
+    c = cfg(tmp_path, cifar_root, model="tiny_w", n=4, weights=weights, out=None)
+    msg = rf"weights={weights!r} names no weights file; valid: a file or 'random'"
+    with pytest.raises(UserError, match=msg):
+        extract(c)
+    extract(replace(c, weights=None))  # the default store, cached now
+    with pytest.raises(UserError, match=msg):
+        extract(c)
+
+
+def test_layers_given_as_a_generator_are_those_layers(tmp_path, cifar_root, tiny):
+    # A generator was consumed by the store key, then models.layer_names saw none left.
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    res = extract(replace(c, layers=(name for name in ["1", "2"])))
+    assert res["layers"] == ["1", "2"]
+    assert extract(replace(c, layers=["1", "2"]))["reused"]
+
+
+@pytest.mark.parametrize("weights", [1, ["s0.pt", "s1.pt"], True])
+def test_weights_of_another_type_is_one_user_error(tmp_path, cifar_root, tiny, weights):
+    # The store key took weights for a path: Path(1) raised TypeError with a traceback.
+    with pytest.raises(UserError, match=r"weights=.* is not usable; valid: a file path, 'random'"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, weights=weights))
+
+
+@pytest.mark.parametrize("flag", ["overwrite", "progress"])
+def test_a_string_for_a_flag_is_one_user_error_not_true(tmp_path, cifar_root, tiny, flag):
+    # overwrite="False" (from a config file) read as true and replaced the store.
+    c = cfg(tmp_path, cifar_root, model=tiny, n=4)
+    extract(c)
+    inode = os.stat(c.out).st_ino
+    with pytest.raises(UserError, match=rf"{flag}='False' is not a bool; valid: True or False"):
+        extract(replace(c, layers="1", **{flag: "False"}))
+    assert os.stat(c.out).st_ino == inode
+
+
+@pytest.mark.parametrize("out", ["", " ", 1])
+def test_an_empty_or_non_path_out_is_refused_not_the_content_address(tmp_path, cifar_root,
+                                                                    tiny, out):
+    # --out "$OUT" with OUT unset wrote the store to $REPSIM_CACHE/stores instead (and out=1
+    # raised TypeError with a traceback).
+    with pytest.raises(UserError, match=rf"out={out!r} names no file"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, out=out))
+    assert not os.path.exists(os.path.join(os.environ["REPSIM_CACHE"], "stores"))
+
+
+@pytest.mark.parametrize("seed", ["1", 1.5, None, -1])
+def test_a_bad_weights_seed_is_named_weights_seed_not_seed(tmp_path, cifar_root, tiny, seed):
+    # load_model's check said "seed='1' is not usable": the subset seed=, which was fine.
+    with pytest.raises(UserError, match=rf"^weights_seed={seed!r} is not usable; valid: a whole"):
+        extract(cfg(tmp_path, cifar_root, model=tiny, n=4, weights_seed=seed))
