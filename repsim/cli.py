@@ -12,17 +12,26 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
-from repsim.cliargs import Formatter, Parser, Usage, id_list, number, positive_int, size
+from repsim.cliargs import (
+    Formatter,
+    Parser,
+    Terminated,
+    Usage,
+    exit_quietly,
+    id_list,
+    number,
+    positive_int,
+    sigterm_unwinds,
+    size,
+)
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
@@ -400,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     """``repsim ARGV``: its exit status (a usage error raises SystemExit(1))."""
     try:
         try:
-            return _main(sys.argv[1:] if argv is None else list(argv))
+            return _main(sys.argv[1:] if argv is None else list(argv), owns_process=argv is None)
         finally:
             sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except BrokenPipeError:  # stdout's reader stopped reading (`repsim ... | head`)
@@ -430,29 +439,9 @@ def _asks_json(argv: list[str]) -> bool:
     return any(len(w) > 2 and "--json".startswith(w) for w in words)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, ``kill PID``) during a command: it unwinds as Ctrl-C
-    does, so cleanup runs (temporary files, journals) and one line says why it stopped."""
-
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (its handler comes back after)."""
-    def stop(signum, frame):
-        raise Terminated
-
-    try:
-        old = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread, where only the main thread may set it
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], owns_process: bool = False) -> int:
+    """``main``; ``owns_process``: it is the ``repsim`` program (argv from the command line),
+    which exits after, not a caller's function (a notebook's, a test's)."""
     try:
         args = _parse(argv)
     except Usage as exc:
@@ -461,7 +450,7 @@ def _main(argv: list[str]) -> int:
         return 0
     reuse_freed_memory()
     fail = partial(_fail, f"repsim {args.command}", getattr(args, "json", False))
-    with warnings.catch_warnings(), _sigterm_unwinds():  # warnings stay Python's for others
+    with warnings.catch_warnings(), sigterm_unwinds():  # warnings stay Python's for others
         if not args.debug:  # --debug: where each warning comes from
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
@@ -480,6 +469,8 @@ def _main(argv: list[str]) -> int:
             return fail(f"out of device memory ({one_line(exc)}); fix: fewer images "
                         "per batch (--batch-size; cka: --memory-budget)")
         except KeyboardInterrupt as exc:  # 128 + the signal, as a shell reports it
+            if owns_process:
+                exit_quietly()
             return (fail("terminated", 143) if isinstance(exc, Terminated)
                     else fail("interrupted", 130))
 

@@ -428,3 +428,32 @@ def test_sigterm_unwinds_and_says_so_in_one_line(json_):
     assert r.returncode == 143  # 128 + SIGTERM, as a shell reports it
     assert r.stderr == "cleaned up\nrepsim figures: terminated\n"
     assert r.stdout == ('{"error": "terminated"}\n' if json_ else "")
+
+
+_SECOND_SIGNAL_AT_EXIT = """
+import atexit, os, signal, sys, time
+from repsim import cli
+first, second = (getattr(signal, s) for s in sys.argv[1:])
+help_, options, _ = cli.COMMANDS["figures"]
+def late():  # a second Ctrl-C, or a kill, while the interpreter's exit handlers run
+    os.kill(os.getpid(), second)
+    time.sleep(0.2)
+    print("exit handlers done", file=sys.stderr)
+atexit.register(late)
+def run(args):
+    os.kill(os.getpid(), first)
+    time.sleep(5)
+cli.COMMANDS["figures"] = (help_, options, run)
+sys.argv = ["repsim", "figures"]
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("first, second, code, why", [
+    ("SIGINT", "SIGINT", 130, "interrupted"), ("SIGINT", "SIGTERM", 130, "interrupted"),
+    ("SIGTERM", "SIGINT", 143, "terminated"), ("SIGTERM", "SIGTERM", 143, "terminated")])
+def test_a_second_signal_while_exiting_is_ignored(first, second, code, why):
+    # The second Ctrl-C printed a traceback from the exit handlers; a second SIGTERM killed
+    # the process (status -15) before they ran.
+    r = _run("-c", _SECOND_SIGNAL_AT_EXIT, first, second)
+    assert (r.returncode, r.stderr) == (code, f"repsim figures: {why}\nexit handlers done\n")
