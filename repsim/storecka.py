@@ -128,14 +128,14 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
 
             rbf = cfg.kernel == "rbf"
             rows = sketch.bandwidth_rows(store.n, cfg.estimator)
-            med = cka.rbf_bandwidths([reader[layer]], rows, device)[0] if rbf else 0.0
-            try:
+            try:  # by its name: an error names the layer, not 'a[0]'
+                med = cka.rbf_bandwidths({layer: reader[layer]}, rows, device)[0] if rbf else 0.0
                 sk, said = recorded(
                     cka.layer_sketch, reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
                     threshold=cfg.threshold, batch_size=cfg.batch_size,
                     batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None, device=device)
                 sk = sk.cpu().numpy()
-            except ValueError as e:  # non-finite activations: name the store and layer
+            except ValueError as e:  # non-finite or RBF-unfit activations: name the store too
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None
             atomic_write(path, lambda tmp, sk=sk, med=med, said=said: np.savez(
                 tmp, sketch=sk, median_sqdist=np.float64(med), warnings=np.array(said, str)))

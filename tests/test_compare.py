@@ -1074,3 +1074,16 @@ def test_an_image_folder_is_read_once_per_comparison(tiny, cifar_root, monkeypat
         reads.clear()
         r = run_cka(dataclasses.replace(cfg, weights_b="random"))["result"]
         assert len(reads) == 1 and r["n"] == 12
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_a_non_finite_store_layer_is_one_line_naming_the_store_and_layer(tmp_path, kernel,
+                                                                          capsys):
+    # Under --kernel rbf, its bandwidth was computed outside the guard: a bare ValueError
+    # that named 'a[0]', not the store file and the layer.
+    fa = toy_feats(["stem", "blocks.0"])
+    fa["blocks.0"][3, 2] = np.nan
+    a = make_store(tmp_path / "a.h5", fa)
+    code, _, err = run_cli(capsys, "--a", a, "--b", a, "--kernel", kernel)
+    assert code == 1 and err.count("\n") == 1
+    assert f"{a} layer 'blocks.0'" in err and "a[0]" not in err
