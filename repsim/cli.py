@@ -33,6 +33,7 @@ from repsim.cliargs import (
     size,
 )
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
+from repsim.registry import get_spec, list_models  # torch-free
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
 
@@ -88,11 +89,14 @@ _SHARED = {  # options several commands share
     "--data-root": dict(help="data folder (default: $REPSIM_DATA or ./data)"),
     "--device": dict(help="cpu, cuda or cuda:N (default: cuda when available)"),
     "--json": dict(action="store_true", help="print one JSON object, no progress"),
-    "--model": dict(required=True, help="registry name (vit_cifar, resnet18_cifar, "
-                    "vit_imagenet, resnet18_imagenet) or timm:<name>"),
+    "--model": dict(required=True, help=f"registry name ({', '.join(list_models())}), "
+                    "one that --import registers, or timm:<name>"),
     "--weights": dict(help="checkpoint file, or 'random' for seeded random weights (default: "
                       "the model's own weights)"),
 }
+# Models whose own weights come from `repsim train`: it trains them from scratch (train.py).
+_SCRATCH = [m for m in list_models() if (get_spec(m).default_weights or "").startswith(
+    "checkpoints/")]
 _PROBE = ("--dataset", "--split", "--n", "--seed", "--weights-seed")
 _RUN = ("--data-root", "--device", "--json")
 
@@ -137,8 +141,8 @@ def cmd_extract(args) -> int:
 
 
 @command("train", "Train a model (resumable: rerun the same command to continue).",
-         opt("--model", required=True, help="vit_cifar or resnet18_cifar (from scratch), or "
-             "any registry model to fine-tune from its pretrained weights (vit_imagenet, "
+         opt("--model", required=True, help=f"{', '.join(_SCRATCH)} (from scratch), or any "
+             "registry model to fine-tune from its pretrained weights (vit_imagenet, "
              "timm:<name>)"),
          opt("--dataset", default="cifar10",
              help="cifar10, cifar100 or svhn (a dataset with a train split)"),

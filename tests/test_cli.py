@@ -103,6 +103,21 @@ def test_every_option_help_shows_its_default():
     assert "(default: 128)" in " ".join(_subparsers()["extract"].format_help().split())
 
 
+def test_model_help_names_every_registered_model_without_importing_torch():
+    # It listed four names: the six vit_cifar_tiny* models were nowhere in --help.
+    from repsim.registry import list_models
+
+    for name in ("extract", "eval"):
+        text = " ".join(_subparsers()[name].format_help().split())
+        assert [m for m in list_models() if m not in text] == [], name
+    train = " ".join(_subparsers()["train"].format_help().split())
+    assert "vit_cifar_tiny_sptlsa (from scratch)" in train
+    code = ("import sys; from repsim.cli import main\n"
+            "try:\n    main(['extract', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    assert _run("-c", code).stdout.strip().splitlines()[-1] == "False"
+
+
 def test_probe_commands_default_to_the_bundled_probe_set():
     for name, p in _subparsers().items():
         if name not in ("train", "figures"):  # training needs a train split; figures: specs
