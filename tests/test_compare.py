@@ -823,6 +823,20 @@ def test_settings_out_of_range_are_refused_before_any_work(tmp_path, pair, setti
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("seed", [1.5, "3", True, 2**64, -2**63 - 1])
+def test_a_permutation_seed_that_is_no_seed_is_refused_before_any_work(tmp_path, pair, seed,
+                                                                        monkeypatch):
+    # It was a ValueError naming 'seed=', raised once the whole matrix had been computed.
+    from repsim import compare
+    from repsim.errors import UserError
+
+    monkeypatch.setattr(compare, "cka_of_stores", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(UserError, match=rf"^permutation_seed={seed!r}: valid values are "
+                                        r"integers from -2\*\*63 to 2\*\*64 - 1"):
+        run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path), permutations=9,
+                          permutation_seed=seed))
+
+
 def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, pair, capsys):
     code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--batch-size", "8",
                            "--batch-seed", "-1", "--out", tmp_path)
