@@ -1101,3 +1101,20 @@ def test_a_non_finite_store_layer_is_one_line_naming_the_store_and_layer(tmp_pat
     code, _, err = run_cli(capsys, "--a", a, "--b", a, "--kernel", kernel)
     assert code == 1 and err.count("\n") == 1
     assert f"{a} layer 'blocks.0'" in err and "a[0]" not in err
+
+
+@pytest.mark.parametrize("bad_side", ["a", "b"])
+def test_a_non_finite_layer_of_large_stores_names_its_store(tmp_path, bad_side, monkeypatch,
+                                                            capsys):
+    # Streamed (sketches too large), it named only the layer: not which of the two files.
+    from repsim import storecka
+
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)
+    feats = {s: toy_feats(["stem", "head"], seed=i) for i, s in enumerate("ab")}
+    feats[bad_side]["head"][5, 1] = np.inf
+    a, b = (make_store(tmp_path / f"{s}.h5", feats[s]) for s in "ab")
+    code, _, err = run_cli(capsys, "--a", a, "--b", b, "--layers-a", "head", "--out", tmp_path)
+    bad, good = (a, b) if bad_side == "a" else (b, a)
+    last = err.splitlines()[-1]  # after the progress bar's
+    assert code == 1 and last.startswith(f"repsim cka: error: {bad}: layer 'head' has non-")
+    assert str(good) not in err
