@@ -124,4 +124,7 @@ def exit_quietly() -> None:
     """Ignore SIGINT and SIGTERM from now on: the command has said it stops, and a second
     Ctrl-C would print a traceback from the interpreter's exit handlers (torch's too)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread, whose handlers it cannot set
+            return

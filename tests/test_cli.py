@@ -472,3 +472,16 @@ def test_a_second_signal_while_exiting_is_ignored(first, second, code, why):
     # the process (status -15) before they ran.
     r = _run("-c", _SECOND_SIGNAL_AT_EXIT, first, second)
     assert (r.returncode, r.stderr) == (code, f"repsim figures: {why}\nexit handlers done\n")
+
+
+def test_main_in_another_thread_reports_an_interrupt_without_a_traceback():
+    # Only the main thread may set signal handlers: ignoring further signals must not fail.
+    import threading
+
+    from repsim.cliargs import exit_quietly
+
+    failed = []
+    t = threading.Thread(target=lambda: failed.append(exit_quietly()))
+    t.start()
+    t.join()
+    assert failed == [None]
