@@ -109,7 +109,8 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                   "kernel": cfg.kernel, "estimator": cfg.estimator,
                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "content": sketch.CONTENT_VERSION,
+                  "threshold": cfg.threshold if cfg.kernel == "rbf" else None,  # linear: unused
+                  "content": sketch.CONTENT_VERSION,
                   "format": "sketch/4"})
     return cache_dir("sketches", f"{key[:32]}.npz")
 

@@ -1118,3 +1118,13 @@ def test_a_non_finite_layer_of_large_stores_names_its_store(tmp_path, bad_side, 
     last = err.splitlines()[-1]  # after the progress bar's
     assert code == 1 and last.startswith(f"repsim cka: error: {bad}: layer 'head' has non-")
     assert str(good) not in err
+
+
+def test_linear_sketches_do_not_depend_on_the_rbf_threshold(tmp_path, pair):
+    # The sketch cache key held the threshold for every kernel: a linear comparison with
+    # another threshold (which it does not use) recomputed and stored every sketch again.
+    common = dict(a=str(pair[0]), b=str(pair[0]), plots=False, progress=False, se=False)
+    run_cka(CKAConfig(threshold=0.5, out=str(tmp_path / "o1"), **common))
+    sketches = sorted((tmp_path / "cache" / "sketches").iterdir())
+    run_cka(CKAConfig(threshold=1.0, out=str(tmp_path / "o2"), **common))  # no result to reuse
+    assert sorted((tmp_path / "cache" / "sketches").iterdir()) == sketches
