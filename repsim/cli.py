@@ -12,18 +12,28 @@ import dataclasses
 import importlib
 import json
 import os
-import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from repsim import __version__
 from repsim.assets import DEFAULT_DATASET
-from repsim.cliargs import Formatter, Parser, Usage, id_list, number, positive_int, size
+from repsim.cliargs import (
+    Formatter,
+    Parser,
+    Terminated,
+    Usage,
+    exit_quietly,
+    id_list,
+    number,
+    positive_int,
+    sigterm_unwinds,
+    size,
+)
 from repsim.errors import UserError, as_flags, one_line, one_line_warnings  # stdlib only
+from repsim.registry import get_spec, list_models  # torch-free
 
 COMMANDS: dict[str, tuple[str, tuple, Callable]] = {}
 
@@ -79,11 +89,14 @@ _SHARED = {  # options several commands share
     "--data-root": dict(help="data folder (default: $REPSIM_DATA or ./data)"),
     "--device": dict(help="cpu, cuda or cuda:N (default: cuda when available)"),
     "--json": dict(action="store_true", help="print one JSON object, no progress"),
-    "--model": dict(required=True, help="registry name (vit_cifar, resnet18_cifar, "
-                    "vit_imagenet, resnet18_imagenet) or timm:<name>"),
+    "--model": dict(required=True, help=f"registry name ({', '.join(list_models())}), "
+                    "one that --import registers, or timm:<name>"),
     "--weights": dict(help="checkpoint file, or 'random' for seeded random weights (default: "
                       "the model's own weights)"),
 }
+# Models whose own weights come from `repsim train`: it trains them from scratch (train.py).
+_SCRATCH = [m for m in list_models() if (get_spec(m).default_weights or "").startswith(
+    "checkpoints/")]
 _PROBE = ("--dataset", "--split", "--n", "--seed", "--weights-seed")
 _RUN = ("--data-root", "--device", "--json")
 
@@ -128,8 +141,8 @@ def cmd_extract(args) -> int:
 
 
 @command("train", "Train a model (resumable: rerun the same command to continue).",
-         opt("--model", required=True, help="vit_cifar or resnet18_cifar (from scratch), or "
-             "any registry model to fine-tune from its pretrained weights (vit_imagenet, "
+         opt("--model", required=True, help=f"{', '.join(_SCRATCH)} (from scratch), or any "
+             "registry model to fine-tune from its pretrained weights (vit_imagenet, "
              "timm:<name>)"),
          opt("--dataset", default="cifar10",
              help="cifar10, cifar100 or svhn (a dataset with a train split)"),
@@ -400,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     """``repsim ARGV``: its exit status (a usage error raises SystemExit(1))."""
     try:
         try:
-            return _main(sys.argv[1:] if argv is None else list(argv))
+            return _main(sys.argv[1:] if argv is None else list(argv), owns_process=argv is None)
         finally:
             sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except BrokenPipeError:  # stdout's reader stopped reading (`repsim ... | head`)
@@ -430,29 +443,9 @@ def _asks_json(argv: list[str]) -> bool:
     return any(len(w) > 2 and "--json".startswith(w) for w in words)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's time limit, ``kill PID``) during a command: it unwinds as Ctrl-C
-    does, so cleanup runs (temporary files, journals) and one line says why it stopped."""
-
-
-@contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (its handler comes back after)."""
-    def stop(signum, frame):
-        raise Terminated
-
-    try:
-        old = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread, where only the main thread may set it
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], owns_process: bool = False) -> int:
+    """``main``; ``owns_process``: it is the ``repsim`` program (argv from the command line),
+    which exits after, not a caller's function (a notebook's, a test's)."""
     try:
         args = _parse(argv)
     except Usage as exc:
@@ -461,7 +454,7 @@ def _main(argv: list[str]) -> int:
         return 0
     reuse_freed_memory()
     fail = partial(_fail, f"repsim {args.command}", getattr(args, "json", False))
-    with warnings.catch_warnings(), _sigterm_unwinds():  # warnings stay Python's for others
+    with warnings.catch_warnings(), sigterm_unwinds():  # warnings stay Python's for others
         if not args.debug:  # --debug: where each warning comes from
             warnings.showwarning = one_line_warnings(f"repsim {args.command}", warnings.showwarning)
         try:
@@ -480,6 +473,8 @@ def _main(argv: list[str]) -> int:
             return fail(f"out of device memory ({one_line(exc)}); fix: fewer images "
                         "per batch (--batch-size; cka: --memory-budget)")
         except KeyboardInterrupt as exc:  # 128 + the signal, as a shell reports it
+            if owns_process:
+                exit_quietly()
             return (fail("terminated", 143) if isinstance(exc, Terminated)
                     else fail("interrupted", 130))
 

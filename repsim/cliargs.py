@@ -1,13 +1,16 @@
-"""argparse pieces of the ``repsim`` command line: its parser (usage errors, close matches of
-unknown options), its help formatter, and value types (numbers in a range, sizes, id lists;
-each raises :class:`argparse.ArgumentTypeError`, a usage error naming the flag)."""
+"""Pieces of the ``repsim`` command line: its parser (usage errors, close matches of unknown
+options), its help formatter, value types (numbers in a range, sizes, id lists; each raises
+:class:`argparse.ArgumentTypeError`, a usage error naming the flag), and how a command stops
+on a signal (SIGTERM unwinds as Ctrl-C does; once it has said so, further signals are ignored)."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
 import re
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NoReturn
 
 from repsim.errors import UserError  # stdlib only
@@ -92,3 +95,36 @@ def id_list(text: str) -> list[int]:
 
 
 positive_int = number(int, 1, low_ok=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, ``kill PID``) during a command: it unwinds as Ctrl-C
+    does, so cleanup runs (temporary files, journals) and one line says why it stopped."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (its handler comes back after)."""
+    def stop(signum, frame):
+        raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread, where only the main thread may set it
+        yield
+        return
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop:  # not once :func:`exit_quietly` ran
+            signal.signal(signal.SIGTERM, old)
+
+
+def exit_quietly() -> None:
+    """Ignore SIGINT and SIGTERM from now on: the command has said it stops, and a second
+    Ctrl-C would print a traceback from the interpreter's exit handlers (torch's too)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread, whose handlers it cannot set
+            return

@@ -400,9 +400,11 @@ def _check_settings(cfg: CKAConfig) -> CKAConfig:
                  if isinstance(cfg.probe, dict) else "n=..., dataset=...")
         raise UserError(f"probe={cfg.probe!r} is not a ProbeSpec; valid: "
                         f"repsim.compare.ProbeSpec({given}), or None for the bundled probe set")
-    for k, lo in (("batch_seed", 0), ("permutations", 0), ("influence", 0), ("memory_budget", 1)):
-        if (v := getattr(cfg, k)) is not None and not is_whole(v, lo):
-            raise UserError(f"{k}={v!r}: valid values are integers >= {lo}; fix: give one, or "
+    for k, lo, top in (("batch_seed", 0, None), ("permutations", 0, None), ("influence", 0, None),
+                       ("memory_budget", 1, None), ("permutation_seed", -2**63, 2**64)):
+        if (v := getattr(cfg, k)) is not None and not (is_whole(v, lo) and (not top or v < top)):
+            valid = f">= {lo}" if top is None else "from -2**63 to 2**64 - 1"  # stats' seeds
+            raise UserError(f"{k}={v!r}: valid values are integers {valid}; fix: give one, or "
                             f"leave {k}= out")
     for k in ("batch_size", "batch_seed"):
         if cfg.estimator != "minibatch" and getattr(cfg, k) is not None:

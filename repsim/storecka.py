@@ -66,11 +66,16 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
             # A sketch reads one batch of a layer (all rows, unless minibatch) in float64.
             if not (small and 8 * min(cfg.batch_size or n, n) * width <= budget // 2):
                 fa = ra.features(layers_a)
-                return cka.compare(
-                    fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
-                    estimator=cfg.estimator, threshold=cfg.threshold,
-                    batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
-                    memory_budget=cfg.memory_budget, progress=cfg.progress)
+                try:
+                    return cka.compare(
+                        fa, fa if same else rb.features(layers_b), kernel=cfg.kernel,
+                        estimator=cfg.estimator, threshold=cfg.threshold,
+                        batch_size=cfg.batch_size, batch_seed=cfg.batch_seed, device=dev,
+                        memory_budget=cfg.memory_budget, progress=cfg.progress)
+                except ValueError as e:  # the engine names a layer, not the file holding it
+                    held = _holding(str(e), [(s.path, r, names) for r, (s, names)
+                                             in zip(readers, sides)])
+                    raise UserError(f"{held}: {e}") if held else e from None
             got = [_sketches(s, names, cfg, r, dev) for r, (s, names) in zip(readers, sides)]
     res = sketch.new_result(layers_a, layers_b, cfg.kernel, cfg.estimator, n, cfg.threshold,
                             cfg.batch_size, cfg.batch_seed)
@@ -87,6 +92,16 @@ def _cka_of_stores(store_a: StoreRef, store_b: StoreRef, layers_a: list[str],
     return res
 
 
+def _holding(msg: str, sides: list) -> str:
+    """The store file(s) of ``sides`` ((path, reader, layers)) holding the layer that the
+    engine's ``msg`` names ("layer 'x' ..."); of two with it, the one with non-finite values
+    if just one has them (read in blocks: only when CKA has failed); "" if it names none."""
+    held = [(path, r[x]) for path, r, names in sides for x in names if f"layer {x!r}" in msg]
+    bad = [(p, d) for p, d in held
+           if not all(np.isfinite(d[i:i + 4096]).all() for i in range(0, len(d), 4096))]
+    return " or ".join(str(p) for p, _ in (bad if len(bad) == 1 else held))
+
+
 def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
     """Cache file of one layer's sketch, keyed by the store file and the CKA settings."""
     st = store.path.stat()
@@ -94,7 +109,8 @@ def _sketch_path(store: StoreRef, layer: str, cfg: CKAConfig) -> Path:
                   "size": st.st_size, "mtime_ns": st.st_mtime_ns, "layer": layer,
                   "kernel": cfg.kernel, "estimator": cfg.estimator,
                   "batch_size": cfg.batch_size, "batch_seed": cfg.batch_seed,
-                  "threshold": cfg.threshold, "content": sketch.CONTENT_VERSION,
+                  "threshold": cfg.threshold if cfg.kernel == "rbf" else None,  # linear: unused
+                  "content": sketch.CONTENT_VERSION,
                   "format": "sketch/4"})
     return cache_dir("sketches", f"{key[:32]}.npz")
 
@@ -128,14 +144,14 @@ def _sketches(store: StoreRef, layers: list[str], cfg: CKAConfig, reader=None,
 
             rbf = cfg.kernel == "rbf"
             rows = sketch.bandwidth_rows(store.n, cfg.estimator)
-            med = cka.rbf_bandwidths([reader[layer]], rows, device)[0] if rbf else 0.0
-            try:
+            try:  # by its name: an error names the layer, not 'a[0]'
+                med = cka.rbf_bandwidths({layer: reader[layer]}, rows, device)[0] if rbf else 0.0
                 sk, said = recorded(
                     cka.layer_sketch, reader[layer], kernel=cfg.kernel, estimator=cfg.estimator,
                     threshold=cfg.threshold, batch_size=cfg.batch_size,
                     batch_seed=cfg.batch_seed, median_sqdist=med if rbf else None, device=device)
                 sk = sk.cpu().numpy()
-            except ValueError as e:  # non-finite activations: name the store and layer
+            except ValueError as e:  # non-finite or RBF-unfit activations: name the store too
                 raise UserError(f"{store.path} layer {layer!r}: {e}") from None
             atomic_write(path, lambda tmp, sk=sk, med=med, said=said: np.savez(
                 tmp, sketch=sk, median_sqdist=np.float64(med), warnings=np.array(said, str)))

@@ -103,6 +103,21 @@ def test_every_option_help_shows_its_default():
     assert "(default: 128)" in " ".join(_subparsers()["extract"].format_help().split())
 
 
+def test_model_help_names_every_registered_model_without_importing_torch():
+    # It listed four names: the six vit_cifar_tiny* models were nowhere in --help.
+    from repsim.registry import list_models
+
+    for name in ("extract", "eval"):
+        text = " ".join(_subparsers()[name].format_help().split())
+        assert [m for m in list_models() if m not in text] == [], name
+    train = " ".join(_subparsers()["train"].format_help().split())
+    assert "vit_cifar_tiny_sptlsa (from scratch)" in train
+    code = ("import sys; from repsim.cli import main\n"
+            "try:\n    main(['extract', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    assert _run("-c", code).stdout.strip().splitlines()[-1] == "False"
+
+
 def test_probe_commands_default_to_the_bundled_probe_set():
     for name, p in _subparsers().items():
         if name not in ("train", "figures"):  # training needs a train split; figures: specs
@@ -428,3 +443,45 @@ def test_sigterm_unwinds_and_says_so_in_one_line(json_):
     assert r.returncode == 143  # 128 + SIGTERM, as a shell reports it
     assert r.stderr == "cleaned up\nrepsim figures: terminated\n"
     assert r.stdout == ('{"error": "terminated"}\n' if json_ else "")
+
+
+_SECOND_SIGNAL_AT_EXIT = """
+import atexit, os, signal, sys, time
+from repsim import cli
+first, second = (getattr(signal, s) for s in sys.argv[1:])
+help_, options, _ = cli.COMMANDS["figures"]
+def late():  # a second Ctrl-C, or a kill, while the interpreter's exit handlers run
+    os.kill(os.getpid(), second)
+    time.sleep(0.2)
+    print("exit handlers done", file=sys.stderr)
+atexit.register(late)
+def run(args):
+    os.kill(os.getpid(), first)
+    time.sleep(5)
+cli.COMMANDS["figures"] = (help_, options, run)
+sys.argv = ["repsim", "figures"]
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("first, second, code, why", [
+    ("SIGINT", "SIGINT", 130, "interrupted"), ("SIGINT", "SIGTERM", 130, "interrupted"),
+    ("SIGTERM", "SIGINT", 143, "terminated"), ("SIGTERM", "SIGTERM", 143, "terminated")])
+def test_a_second_signal_while_exiting_is_ignored(first, second, code, why):
+    # The second Ctrl-C printed a traceback from the exit handlers; a second SIGTERM killed
+    # the process (status -15) before they ran.
+    r = _run("-c", _SECOND_SIGNAL_AT_EXIT, first, second)
+    assert (r.returncode, r.stderr) == (code, f"repsim figures: {why}\nexit handlers done\n")
+
+
+def test_main_in_another_thread_reports_an_interrupt_without_a_traceback():
+    # Only the main thread may set signal handlers: ignoring further signals must not fail.
+    import threading
+
+    from repsim.cliargs import exit_quietly
+
+    failed = []
+    t = threading.Thread(target=lambda: failed.append(exit_quietly()))
+    t.start()
+    t.join()
+    assert failed == [None]

@@ -823,6 +823,20 @@ def test_settings_out_of_range_are_refused_before_any_work(tmp_path, pair, setti
     assert not list(tmp_path.glob("*.json"))
 
 
+@pytest.mark.parametrize("seed", [1.5, "3", True, 2**64, -2**63 - 1])
+def test_a_permutation_seed_that_is_no_seed_is_refused_before_any_work(tmp_path, pair, seed,
+                                                                        monkeypatch):
+    # It was a ValueError naming 'seed=', raised once the whole matrix had been computed.
+    from repsim import compare
+    from repsim.errors import UserError
+
+    monkeypatch.setattr(compare, "cka_of_stores", lambda *a, **k: pytest.fail("computed"))
+    with pytest.raises(UserError, match=rf"^permutation_seed={seed!r}: valid values are "
+                                        r"integers from -2\*\*63 to 2\*\*64 - 1"):
+        run_cka(CKAConfig(a=str(pair[0]), b=str(pair[1]), out=str(tmp_path), permutations=9,
+                          permutation_seed=seed))
+
+
 def test_a_negative_batch_seed_at_the_cli_is_one_line_naming_the_flag(tmp_path, pair, capsys):
     code, _, err = run_cli(capsys, "--a", pair[0], "--b", pair[1], "--batch-size", "8",
                            "--batch-seed", "-1", "--out", tmp_path)
@@ -1074,3 +1088,43 @@ def test_an_image_folder_is_read_once_per_comparison(tiny, cifar_root, monkeypat
         reads.clear()
         r = run_cka(dataclasses.replace(cfg, weights_b="random"))["result"]
         assert len(reads) == 1 and r["n"] == 12
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_a_non_finite_store_layer_is_one_line_naming_the_store_and_layer(tmp_path, kernel,
+                                                                          capsys):
+    # Under --kernel rbf, its bandwidth was computed outside the guard: a bare ValueError
+    # that named 'a[0]', not the store file and the layer.
+    fa = toy_feats(["stem", "blocks.0"])
+    fa["blocks.0"][3, 2] = np.nan
+    a = make_store(tmp_path / "a.h5", fa)
+    code, _, err = run_cli(capsys, "--a", a, "--b", a, "--kernel", kernel)
+    assert code == 1 and err.count("\n") == 1
+    assert f"{a} layer 'blocks.0'" in err and "a[0]" not in err
+
+
+@pytest.mark.parametrize("bad_side", ["a", "b"])
+def test_a_non_finite_layer_of_large_stores_names_its_store(tmp_path, bad_side, monkeypatch,
+                                                            capsys):
+    # Streamed (sketches too large), it named only the layer: not which of the two files.
+    from repsim import storecka
+
+    monkeypatch.setattr(storecka, "SKETCH_MAX_BYTES", 0)
+    feats = {s: toy_feats(["stem", "head"], seed=i) for i, s in enumerate("ab")}
+    feats[bad_side]["head"][5, 1] = np.inf
+    a, b = (make_store(tmp_path / f"{s}.h5", feats[s]) for s in "ab")
+    code, _, err = run_cli(capsys, "--a", a, "--b", b, "--layers-a", "head", "--out", tmp_path)
+    bad, good = (a, b) if bad_side == "a" else (b, a)
+    last = err.splitlines()[-1]  # after the progress bar's
+    assert code == 1 and last.startswith(f"repsim cka: error: {bad}: layer 'head' has non-")
+    assert str(good) not in err
+
+
+def test_linear_sketches_do_not_depend_on_the_rbf_threshold(tmp_path, pair):
+    # The sketch cache key held the threshold for every kernel: a linear comparison with
+    # another threshold (which it does not use) recomputed and stored every sketch again.
+    common = dict(a=str(pair[0]), b=str(pair[0]), plots=False, progress=False, se=False)
+    run_cka(CKAConfig(threshold=0.5, out=str(tmp_path / "o1"), **common))
+    sketches = sorted((tmp_path / "cache" / "sketches").iterdir())
+    run_cka(CKAConfig(threshold=1.0, out=str(tmp_path / "o2"), **common))  # no result to reuse
+    assert sorted((tmp_path / "cache" / "sketches").iterdir()) == sketches
