@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import centre, centring, default_memory_budget, gram, hsic_scale
+from repsim import sketch
+from repsim.cka import centre, default_memory_budget, gram
 from repsim.errors import UserError, finite_real, is_whole, size_text
 from repsim.features import centred_rows, feature_set
 from repsim.permnull import permutation_null
@@ -189,10 +190,10 @@ def _closed_forms(rowdot: torch.Tensor, kr_ab: torch.Tensor, kr_ba: torch.Tensor
     ``m - 1`` rows."""
     m = len(rowdot)
     dot, u, sa, sb = rowdot.sum(0), (ra * rb).sum(0), ra.sum(0), rb.sum(0)
-    a, b = centring(hollow, m)
+    a, b = sketch.centring(hollow, m)
     whole = dot - 2 * a * u + b * sa * sb
     size = dot.abs() + 2 * a * u.abs() + b * (sa * sb).abs()
-    a, b = centring(hollow, m - 1)
+    a, b = sketch.centring(hollow, m - 1)
     dot_i = dot - 2 * rowdot + da * db
     u_i = u - kr_ab - kr_ba + rowdot - (ra - da) * (rb - db)
     return whole, dot_i - 2 * a * u_i + b * (sa - 2 * ra + da) * (sb - 2 * rb + db), size
@@ -403,7 +404,7 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
                  for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]
         whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
-        w, w_loo = hsic_scale(hollow, m), hsic_scale(hollow, m - 1)
+        w, w_loo = sketch.hsic_scale(hollow, m), sketch.hsic_scale(hollow, m - 1)
         terms.append([x * w for x in whole])
         loos.append([x * w_loo for x in loo])
         sizes.append([x * w for x in size])
