@@ -881,3 +881,41 @@ def test_all_reduced_rbf_sums_decide_the_identity_warning_from_every_rank(rng):
     np.testing.assert_allclose(got, want, atol=1e-12)
     np.testing.assert_allclose(got, [[ref.minibatch_cka(x, y, [np.arange(12), np.arange(12, 24)],
                                                         "rbf", 1.0, 1.0, 1.0)]], atol=1e-12)
+
+
+def _biased_minibatch_cka(x, y, batches, gram):
+    """The accumulator's biased estimate: tr(K H L H) / m^2 summed over batches, normalised."""
+    def h(k, l):
+        m = len(k)
+        c = np.eye(m) - 1.0 / m
+        return np.trace(k @ c @ l @ c) / m**2
+    ks, ls = [gram(x[r], 0) for r in batches], [gram(y[r], 1) for r in batches]
+    kl, kk, ll = (sum(h(a, b) for a, b in zip(p, q)) for p, q in ((ks, ls), (ks, ks), (ls, ls)))
+    return kl / np.sqrt(kk * ll)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [True, False])
+def test_merged_and_all_reduced_accumulators_equal_one_pass_over_all_rows(layers, kernel,
+                                                                          debiased):
+    x, y = layers[0][:50], layers[2][:50]
+    meds = [1.0 * x.shape[1], 2.0 * y.shape[1]] if kernel == "rbf" else [None, None]
+    batches = [np.arange(0, 12), np.arange(12, 30), np.arange(30, 37), np.arange(37, 50)]
+    make = lambda: cka.MinibatchCKA(kernel=kernel, debiased=debiased,  # noqa: E731
+                                    median_sqdist_a=meds[:1] if meds[0] else None,
+                                    median_sqdist_b=meds[1:] if meds[1] else None)
+    one, ranks = make(), [make(), make()]
+    for k, rows in enumerate(batches):  # uneven batches, dealt to the ranks in turn
+        one.update([x[rows]], [y[rows]])
+        ranks[k % 2].update([x[rows]], [y[rows]])
+    merged = make().merge(ranks[0]).merge(ranks[1]).compute()
+    _all_reduce(ranks)
+    if kernel == "linear":
+        gram = lambda z, side: ref.gram_linear(z)  # noqa: E731
+    else:
+        gram = lambda z, side: ref.gram_rbf(z, 1.0, meds[side])  # noqa: E731
+    want = (ref.minibatch_cka(x, y, batches, kernel, 1.0, *meds) if debiased else
+            _biased_minibatch_cka(x, y, batches, gram))
+    for got in (merged, ranks[0].compute(), ranks[1].compute(), one.compute()):
+        np.testing.assert_allclose(got, [[want]], rtol=1e-12, atol=1e-14)
+    assert (ranks[1].n_batches_, ranks[1].n_samples_) == (4, 50)
