@@ -203,7 +203,9 @@ def jackknife_se(loo: np.ndarray) -> np.ndarray:
     """Delete-one jackknife standard error ``sqrt((g-1)/g sum (t_i - mean t)^2)`` over the
     first axis of ``loo`` ``(g, ...)`` (the estimates without unit ``i``); NaN for ``g < 2``."""
     g = loo.shape[0]
-    return ((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0)) ** 0.5 * (1 if g > 1 else np.nan)
+    if g < 2:  # one estimate has no spread; none (g = 0) would divide by zero
+        return np.full(loo.shape[1:], np.nan)
+    return ((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0)) ** 0.5
 
 
 def participation_ratio(k: torch.Tensor) -> torch.Tensor:

@@ -596,3 +596,9 @@ def test_the_null_of_a_self_comparison_is_symmetric(batches):
     for v in cal.null.values():
         assert np.array_equal(v, v.T)
     assert cal.null["p_value"][0, 2] < cal.null["p_value"][0, 1]  # still each pair's own null
+
+
+def test_jackknife_se_of_no_estimates_is_nan_as_documented():
+    # "NaN for g < 2": g = 0 raised ZeroDivisionError.
+    got = stats.jackknife_se(np.ones((0, 2, 3)))
+    assert got.shape == (2, 3) and np.isnan(got).all()
