@@ -265,12 +265,15 @@ WORK_COPIES = 4
 NULL_COPIES = 3
 
 
-def strip_rows(m: int, layers: int, budget: int) -> int:
+def strip_rows(m: int, layers: int, budget: int, strip: int | None = None) -> int:
     """Rows per Gram strip of a batch of ``m`` rows of ``layers`` layers within ``budget``
     bytes: ``m`` (whole Grams) when :data:`WORK_COPIES` of them fit, else as many as fit, at
     least 16. Memory: ``WORK_COPIES * 8 * layers * strip * m`` bytes, plus the leave-one-out
-    values ``(m, La, Lb)`` and every layer's centred features ``(m, p)``."""
-    return min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
+    values ``(m, La, Lb)`` and every layer's centred features ``(m, p)``. ``strip``: the
+    caller's own choice instead, checked (a negative one gave NaN standard errors)."""
+    if strip is not None and not is_whole(strip, 1):
+        raise ValueError(f"strip={strip!r} must be a whole number >= 1 (rows per Gram strip)")
+    return strip or min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
 
 
 def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray],
@@ -400,7 +403,7 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     terms, loos, sizes, pr_a, pr_b, ca, cb = [], [], [], 0.0, 0.0, [], []
     for rows in batches:
         m = len(rows)
-        each = m if permutations else strip or strip_rows(m, layers, budget)
+        each = m if permutations else strip_rows(m, layers, budget, strip)
         every = m == n and np.array_equal(rows, np.arange(n))  # read without an index
         sides = [_side(nm, mats, None if every else rows, m, kernel, sig, hollow, each, dev)
                  for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]

@@ -602,3 +602,11 @@ def test_jackknife_se_of_no_estimates_is_nan_as_documented():
     # "NaN for g < 2": g = 0 raised ZeroDivisionError.
     got = stats.jackknife_se(np.ones((0, 2, 3)))
     assert got.shape == (2, 3) and np.isnan(got).all()
+
+
+@pytest.mark.parametrize("strip", [-1, 0, 2.5, "8", True])
+def test_calibrate_refuses_a_strip_that_is_no_row_count(strip):
+    # strip=-1 gave NaN standard errors silently; 2.5 and "8" a TypeError from deep inside.
+    x = np.random.default_rng(0).standard_normal((12, 3))
+    with pytest.raises(ValueError, match=rf"strip={strip!r} must be a whole number >= 1"):
+        stats.calibrate([x], [x[:, :2]], strip=strip)
