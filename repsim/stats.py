@@ -84,7 +84,8 @@ def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Ten
 
 
 def _of_grams(ka: torch.Tensor, kb: torch.Tensor, hollow: bool):
-    sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
+    # Float64 copies, whatever the Grams' dtype: the closed forms cancel large sums.
+    sa, sb = (_Side.of_grams(k.to(torch.float64, copy=True), hollow) for k in (ka, kb))
     return _closed_forms(*_moments(sa, sb)[0], hollow)
 
 
@@ -210,7 +211,7 @@ def jackknife_se(loo: np.ndarray) -> np.ndarray:
 
 def participation_ratio(k: torch.Tensor) -> torch.Tensor:
     """``(tr HKH)^2 / ||HKH||_F^2`` of stacked Grams ``(L, m, m)``: ``(L,)``."""
-    c = torch.stack([centre(x.clone(), "biased") for x in k])
+    c = torch.stack([centre(x.to(torch.float64, copy=True), "biased") for x in k])
     tr = c.diagonal(dim1=1, dim2=2).sum(1)
     return tr**2 / (c * c).sum((1, 2))
 
