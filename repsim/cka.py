@@ -243,8 +243,10 @@ class MinibatchCKA:
             sketch.check_medians(median_sqdist_a, median_sqdist_b)
         self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
+        # Python floats: merge() compares settings as text, where np.float64(2.0) is not 2.0.
         self.sigma2 = [None if m is None or kernel == "linear" else
-                       [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
+                       [threshold**2 * float(v) for v in m]
+                       for m in (median_sqdist_a, median_sqdist_b)]
         self.device = None if device is None else torch.device(device)
         # All state that compute() reads is in these tensors, so that an in-place all_reduce
         # of sums() merges all of it (the warnings too); see _batch_sums for the keys.

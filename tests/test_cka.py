@@ -919,3 +919,16 @@ def test_merged_and_all_reduced_accumulators_equal_one_pass_over_all_rows(layers
     for got in (merged, ranks[0].compute(), ranks[1].compute(), one.compute()):
         np.testing.assert_allclose(got, [[want]], rtol=1e-12, atol=1e-14)
     assert (ranks[1].n_batches_, ranks[1].n_samples_) == (4, 50)
+
+
+def test_merge_accepts_the_same_bandwidths_given_as_numpy_or_python_floats(layers):
+    # The settings were compared as text, and [np.float64(2.0)] reads unlike [2.0]: refused.
+    x, y = layers[0][:24], layers[2][:24]
+    meds = [float(np.median(((x[:, None] - x[None]) ** 2).sum(-1)))]
+    left = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=meds, median_sqdist_b=meds)
+    right = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=np.array(meds),
+                             median_sqdist_b=np.array(meds))
+    left.update([x[:12]], [y[:12]])
+    right.update([x[12:]], [y[12:]])
+    want = ref.minibatch_cka(x, y, [np.arange(12), np.arange(12, 24)], "rbf", 1.0, *meds * 2)
+    np.testing.assert_allclose(left.merge(right).compute(), [[want]], rtol=1e-12)
