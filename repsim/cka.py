@@ -12,7 +12,7 @@ each HSIC an inner product of centred Grams ``<C(K), C(L)>``:
 - ``minibatch`` (Nguyen, Raghu & Kornblith 2021): debiased HSIC summed over random batches
   of rows (:func:`minibatches`) before normalising, in O(batch^2) memory whatever ``n``.
 
-Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`centring`), so
+Both centrings are ``C_ij = K_ij - a (r_i + r_j) + b s`` (:func:`repsim.sketch.centring`), so
 ``<C(K), C(L)> = <K, L> - 2a r_K.r_L + b s_K s_L``: the engine (:func:`_hsic`) sums ``<K, L>``,
 ``r`` and ``s`` over tiles of the Grams' upper triangles, all layers' tiles stacked so that all
 ``La x Lb`` inner products are one matrix product. Float64, within ``memory_budget`` bytes,
@@ -46,6 +46,7 @@ F64 = torch.float64
 DEFAULT = sketch.DEFAULT_ESTIMATOR  # minibatch, batches of 1,024
 CONTENT_VERSION = sketch.CONTENT_VERSION  # raised by fixes that change CKA numbers (see there)
 SQRT2 = math.sqrt(2.0)
+HSIC_KEYS = ("hsic_ab", "hsic_aa", "hsic_bb")  # MinibatchCKA.sums(): (La, Lb), (La,), (Lb,)
 
 
 def gram(x: torch.Tensor, y: torch.Tensor | None = None, *, kernel: str = "linear",
@@ -88,27 +89,13 @@ def _sqdist(x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor | None = 
     return _dot(x, y, out).mul_(-2.0).add_(nx[:, None]).add_(ny[None, :])
 
 
-def centring(hollow: bool, m: int) -> tuple[float, float]:
-    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram:
-    ``H K H``, or U-centring (``hollow``: the diagonal zeroed first)."""
-    return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
-
-
-def hsic_scale(hollow: bool, m: int) -> float:
-    """``<C(K_a), C(K_b)>`` of ``m`` rows times this is the HSIC the engine sums: ``1 / m^2``,
-    or unbiased ``1 / (m(m - 3))``, 0 below 4 rows (the engine drops such a batch)."""
-    if hollow:
-        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
-    return 1.0 / m**2
-
-
 def centre(k: torch.Tensor, estimator: str) -> torch.Tensor:
     """``H K H`` (``"biased"``) or the U-centred ``K`` (otherwise) of a symmetric Gram, in place."""
     sketch.check_options("linear", estimator)  # an unknown estimator
     hollow = estimator != "biased"
     if hollow:
         k.fill_diagonal_(0.0)
-    a, b = centring(hollow, k.shape[0])
+    a, b = sketch.centring(hollow, k.shape[0])
     r = k.sum(1)
     k.sub_(a * r[:, None]).sub_(a * r[None, :]).add_(b * r.sum())
     return k.fill_diagonal_(0.0) if hollow else k
@@ -205,7 +192,7 @@ def _hsic(la: list[_Layer], lb: list[_Layer] | None, kernel: str, estimator: str
         dot += g[0] @ g[-1].T
         for k, f in enumerate(g):
             sq[k] += (f * f).sum(1)
-    a, b = centring(estimator != "biased", n)
+    a, b = sketch.centring(estimator != "biased", n)
     s = [x.sum(1) for x in r]
     own = [sq[k] - 2 * a * (r[k] * r[k]).sum(1) + b * s[k] ** 2 for k in range(len(sides))]
     cross = dot - 2 * a * (r[0] @ r[-1].T) + b * s[0][:, None] * s[-1][None, :]
@@ -256,15 +243,27 @@ class MinibatchCKA:
             sketch.check_medians(median_sqdist_a, median_sqdist_b)
         self.kernel, self.debiased, self.threshold = kernel, bool(debiased), threshold
         self.memory_budget = memory_budget
+        # Python floats: merge() compares settings as text, where np.float64(2.0) is not 2.0.
         self.sigma2 = [None if m is None or kernel == "linear" else
-                       [threshold**2 * v for v in m] for m in (median_sqdist_a, median_sqdist_b)]
+                       [threshold**2 * float(v) for v in m]
+                       for m in (median_sqdist_a, median_sqdist_b)]
         self.device = None if device is None else torch.device(device)
+        # All state that compute() reads is in these tensors, so that an in-place all_reduce
+        # of sums() merges all of it (the warnings too); see _batch_sums for the keys.
+        self._sums: dict[str, torch.Tensor] = {}
         self.hsic_ab_ = self.hsic_aa_ = self.hsic_bb_ = None  # HSIC sums: (La, Lb), (La,), (Lb,)
-        self.dead_: list[list[str | None]] = [[], []]
+        self._why: list[list[str | None]] = [[], []]  # per side and layer: why it was dead
         self.layers_: list[list[str]] = []
-        # RBF, per side and layer: the Grams' summed off-diagonal entries (the diagonal is 1)
-        self.offdiag_mass_: list[np.ndarray] | None = None
-        self.n_batches_ = self.n_samples_ = 0
+
+    n_batches_ = property(lambda self: int(self._sums.get("n_batches", 0)), doc="batches added")
+    n_samples_ = property(lambda self: int(self._sums.get("n_samples", 0)), doc="rows added")
+
+    @property
+    def dead_(self) -> list[list[str | None]]:
+        """Per side and layer: why it added nothing to any batch (of any process, once their
+        sums are reduced), or None."""
+        return [[why if n == 0 else None for why, n in zip(whys, self._sums[k].tolist())]
+                for whys, k in zip(self._why, ("live_a", "live_b"))] if self._sums else [[], []]
 
     def update(self, batch_a: Any, batch_b: Any) -> MinibatchCKA:
         """Add one batch. A batch too small for the estimator is skipped with a warning."""
@@ -292,35 +291,40 @@ class MinibatchCKA:
                           for k, (nm, x) in enumerate(zip(names, mats))])
         *hsic, totals = _hsic(sides[0], None if same else sides[1], self.kernel,
                               "debiased" if self.debiased else "biased", dev, budget, progress)
-        scale = hsic_scale(self.debiased, m)
-        dead = [[L.dead for L in side] for side in (sides[0], sides[-1])]
-        # RBF: the Grams' off-diagonal mass (their totals were of K - 1, diagonal 0).
-        mass = [(t + m * (m - 1)).cpu().numpy() for t in totals] if self.kernel == "rbf" else None
+        why = [[L.dead for L in side] for side in (sides[0], sides[-1])]
         names = [names_a] if same else [names_a, names_b]
-        return self._accumulate([x * scale for x in hsic], dead, 1, m, mass, names)
+        return self._accumulate(self._batch_sums(hsic, why, m, totals), why, names)
 
-    def _accumulate(self, hsic: list[torch.Tensor], dead: list[list[str | None]],
-                    batches: int, samples: int, mass: list[np.ndarray] | None,
+    def _batch_sums(self, hsic: list[torch.Tensor], why: list[list[str | None]], m: int,
+                    totals: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch's share of :meth:`sums`: ``live_a``/``_b`` count the batches each layer
+        added to; RBF ``offdiag_a``/``_b``: the Grams' summed off-diagonal entries (the
+        engine's totals were of ``K - 1`` with diagonal 0), for the identity warning."""
+        scale, dev = sketch.hsic_scale(self.debiased, m), hsic[0].device
+        out = dict(zip(HSIC_KEYS, (x * scale for x in hsic)))
+        for k, v in (("n_batches", 1), ("n_samples", m)):
+            out[k] = torch.tensor(float(v), dtype=F64, device=dev)
+        for k, dead in zip(("live_a", "live_b"), why):
+            out[k] = torch.tensor([float(not d) for d in dead], dtype=F64, device=dev)
+        if self.kernel == "rbf":
+            out["offdiag_a"], out["offdiag_b"] = (t.to(dev, F64) + m * (m - 1) for t in totals)
+        return out
+
+    def _accumulate(self, add: dict[str, torch.Tensor], why: list[list[str | None]],
                     names: list[list[str]]) -> MinibatchCKA:
-        if self.hsic_ab_ is None:  # own copies: with A == B, aa and bb are one tensor
-            self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (x.clone() for x in hsic)
-            self.dead_, self.layers_ = [list(d) for d in dead], [list(x) for x in names]
-            self.offdiag_mass_ = None if mass is None else [x.copy() for x in mass]
-        elif self.hsic_ab_.shape != hsic[0].shape:
-            raise ValueError(f"batch has {tuple(hsic[0].shape)} layer pairs, earlier batches "
-                             f"had {tuple(self.hsic_ab_.shape)}")
-        elif names[0] != self.layers_[0] or names[-1] != self.layers_[-1]:  # order matters
+        if not self._sums:  # own copies: with A == B, aa and bb are one tensor
+            self._sums = {k: x.clone() for k, x in add.items()}
+            self.hsic_ab_, self.hsic_aa_, self.hsic_bb_ = (self._sums[k] for k in HSIC_KEYS)
+            self._why, self.layers_ = [list(d) for d in why], [list(x) for x in names]
+            return self
+        # Order matters; the same names on each side also mean sums of the same shapes.
+        if names[0] != self.layers_[0] or names[-1] != self.layers_[-1]:
             raise ValueError(f"batch has layers {names}, earlier batches had {self.layers_}; "
                              "give every batch the same layers in the same order")
-        else:
-            for total, x in zip((self.hsic_ab_, self.hsic_aa_, self.hsic_bb_), hsic):
-                total += x.to(total.device)
-            self.dead_ = [[old and new for old, new in zip(olds, news)]
-                          for olds, news in zip(self.dead_, dead)]
-            if mass is not None:
-                self.offdiag_mass_ = [x + y for x, y in zip(self.offdiag_mass_, mass)]
-        self.n_batches_ += batches
-        self.n_samples_ += samples
+        for k, total in self._sums.items():
+            total += add[k].to(total.device)
+        self._why = [[old or new for old, new in zip(olds, news)]
+                     for olds, news in zip(self._why, why)]
         return self
 
     def merge(self, other: MinibatchCKA) -> MinibatchCKA:
@@ -330,44 +334,34 @@ class MinibatchCKA:
         if mine != theirs:  # their sums are of another HSIC: adding them would mean nothing
             raise ValueError(f"cannot merge: this accumulator has {mine}, the other {theirs}; "
                              "make both with the same settings")
-        if other.hsic_ab_ is None:
+        if not other._sums:
             return self
-        return self._accumulate([other.hsic_ab_, other.hsic_aa_, other.hsic_bb_], other.dead_,
-                                other.n_batches_, other.n_samples_, other.offdiag_mass_,
-                                other.layers_)
+        return self._accumulate(other._sums, other._why, other.layers_)
 
     def sums(self) -> dict[str, torch.Tensor]:
-        """The raw float64 sums; adding these across processes is exact merging."""
-        if self.hsic_ab_ is None:
+        """The accumulator's state, float64 tensors (HSIC sums ``hsic_ab``/``_aa``/``_bb``,
+        counts, and what the warnings need), not copies: an in-place ``all_reduce`` of each
+        across processes is exact merging, and :meth:`compute` then reads the merged state."""
+        if not self._sums:
             raise ValueError("no batch has been added yet")
-        return {"hsic_ab": self.hsic_ab_, "hsic_aa": self.hsic_aa_, "hsic_bb": self.hsic_bb_,
-                "n_batches": torch.tensor(float(self.n_batches_), dtype=F64),
-                "n_samples": torch.tensor(float(self.n_samples_), dtype=F64)}
+        return dict(self._sums)
 
     def compute(self) -> np.ndarray:
         """CKA matrix ``(La, Lb)``; NaN where a layer's summed self-HSIC is not positive.
         Warns of dead layers, RBF Grams nearly the identity, and self-HSICs that underflow."""
-        sums = self.sums()  # raises before the first batch
-        ab, aa, bb = (sums[k].cpu().numpy() for k in ("hsic_ab", "hsic_aa", "hsic_bb"))
+        sums, dead = self.sums(), self.dead_  # raises before the first batch
+        ab, aa, bb = (sums[k].cpu().numpy() for k in HSIC_KEYS)
         every = " in every batch" if self.n_batches_ > 1 else ""
-        for names, dead in zip(self.layers_, self.dead_):  # one side when B is A
-            for name, why in ((nm, why) for nm, why in zip(names, dead) if why):
+        for names, whys in zip(self.layers_, dead):  # one side when B is A
+            for name, why in ((nm, why) for nm, why in zip(names, whys) if why):
                 warnings.warn(f"layer {name!r} {why}{every}; its CKA values are NaN",
                               RuntimeWarning, stacklevel=2)
         if self.kernel == "rbf":
-            self._warn_identity()
+            per_row = [sums[k].cpu().numpy() / self.n_samples_ for k in ("offdiag_a", "offdiag_b")]
+            sketch.warn_identity_layers(self.threshold, self.layers_, per_row, dead, 3)
         else:  # RBF Grams do not depend on the features' scale; linear ones go as its square
-            sketch.warn_underflow([aa, bb], [[not d for d in x] for x in self.dead_])
+            sketch.warn_underflow([aa, bb], [[not d for d in x] for x in dead])
         return sketch.normalise(ab, aa, bb)
-
-    def _warn_identity(self) -> None:
-        """One warning for all layers whose RBF Grams are nearly the identity."""
-        per_row = [m / self.n_samples_ for m in self.offdiag_mass_]
-        bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(self.layers_, per_row, self.dead_)
-               for nm, v, dead in zip(side, vs, ds) if v < sketch.IDENTITY_MASS and not dead]
-        if bad:
-            sketch.warn_identity(self.threshold, f"layers {', '.join(bad[:4])}"
-                                 f"{' ...' * (len(bad) > 4)}", 4)
 
 
 # --------------------------------------------------------------------------- public API

@@ -165,6 +165,20 @@ def check_rows(n: int, estimator: str, batch: int | None = None) -> None:
         raise ValueError(f"estimator={estimator!r} needs at least {need} rows{got}")
 
 
+def centring(hollow: bool, m: int) -> tuple[float, float]:
+    """``(a, b)`` of the centring ``C_ij = K_ij - a (r_i + r_j) + b s`` of an ``m x m`` Gram:
+    ``H K H``, or U-centring (``hollow``: the diagonal zeroed first)."""
+    return (1.0 / (m - 2), 1.0 / ((m - 1) * (m - 2))) if hollow else (1.0 / m, 1.0 / m**2)
+
+
+def hsic_scale(hollow: bool, m: int) -> float:
+    """``<C(K_a), C(K_b)>`` of ``m`` rows times this is the HSIC the engine sums: ``1 / m^2``,
+    or unbiased ``1 / (m(m - 3))``, 0 below 4 rows (the engine drops such a batch)."""
+    if hollow:
+        return 1.0 / (m * (m - 3)) if m >= 4 else 0.0
+    return 1.0 / m**2
+
+
 def block_bounds(n: int, size: int) -> list[tuple[int, int]]:
     """Consecutive ``(start, stop)`` row ranges of ``size`` rows (the last may be shorter)."""
     return [(a, min(a + size, n)) for a in range(0, n, size)]
@@ -289,6 +303,18 @@ def warn_identity(threshold: float, layers: str, stacklevel: int) -> None:
                   "diagonal): CKA with them no longer depends on the data; use a threshold "
                   "between 0.5 and 2 (1, the default, is the median distance)",
                   RuntimeWarning, stacklevel=stacklevel)
+
+
+def warn_identity_layers(threshold: float, layers: Sequence[Sequence[str]],
+                         per_row: Sequence[np.ndarray], dead: Sequence[Sequence[Any]],
+                         stacklevel: int) -> None:
+    """One :func:`warn_identity` for all live layers (names per side, one side when B is A)
+    whose Grams' off-diagonal mass ``per_row`` is below :data:`IDENTITY_MASS`."""
+    bad = [f"{nm!r} ({v:.1e})" for side, vs, ds in zip(layers, per_row, dead)
+           for nm, v, why in zip(side, vs, ds) if v < IDENTITY_MASS and not why]
+    if bad:
+        warn_identity(threshold, f"layers {', '.join(bad[:4])}{' ...' * (len(bad) > 4)}",
+                      stacklevel + 1)
 
 
 def check_spread(name: str, sq_max: float, median: float | None = None) -> None:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.cka import centre, centring, default_memory_budget, gram, hsic_scale
+from repsim import sketch
+from repsim.cka import centre, default_memory_budget, gram
 from repsim.errors import UserError, finite_real, is_whole, size_text
 from repsim.features import centred_rows, feature_set
 from repsim.permnull import permutation_null
@@ -83,7 +84,8 @@ def leave_one_out(ka: torch.Tensor, kb: torch.Tensor, hollow: bool) -> torch.Ten
 
 
 def _of_grams(ka: torch.Tensor, kb: torch.Tensor, hollow: bool):
-    sa, sb = _Side.of_grams(ka.clone(), hollow), _Side.of_grams(kb.clone(), hollow)
+    # Float64 copies, whatever the Grams' dtype: the closed forms cancel large sums.
+    sa, sb = (_Side.of_grams(k.to(torch.float64, copy=True), hollow) for k in (ka, kb))
     return _closed_forms(*_moments(sa, sb)[0], hollow)
 
 
@@ -189,10 +191,10 @@ def _closed_forms(rowdot: torch.Tensor, kr_ab: torch.Tensor, kr_ba: torch.Tensor
     ``m - 1`` rows."""
     m = len(rowdot)
     dot, u, sa, sb = rowdot.sum(0), (ra * rb).sum(0), ra.sum(0), rb.sum(0)
-    a, b = centring(hollow, m)
+    a, b = sketch.centring(hollow, m)
     whole = dot - 2 * a * u + b * sa * sb
     size = dot.abs() + 2 * a * u.abs() + b * (sa * sb).abs()
-    a, b = centring(hollow, m - 1)
+    a, b = sketch.centring(hollow, m - 1)
     dot_i = dot - 2 * rowdot + da * db
     u_i = u - kr_ab - kr_ba + rowdot - (ra - da) * (rb - db)
     return whole, dot_i - 2 * a * u_i + b * (sa - 2 * ra + da) * (sb - 2 * rb + db), size
@@ -202,12 +204,14 @@ def jackknife_se(loo: np.ndarray) -> np.ndarray:
     """Delete-one jackknife standard error ``sqrt((g-1)/g sum (t_i - mean t)^2)`` over the
     first axis of ``loo`` ``(g, ...)`` (the estimates without unit ``i``); NaN for ``g < 2``."""
     g = loo.shape[0]
-    return ((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0)) ** 0.5 * (1 if g > 1 else np.nan)
+    if g < 2:  # one estimate has no spread; none (g = 0) would divide by zero
+        return np.full(loo.shape[1:], np.nan)
+    return ((g - 1) / g * ((loo - loo.mean(0)) ** 2).sum(0)) ** 0.5
 
 
 def participation_ratio(k: torch.Tensor) -> torch.Tensor:
     """``(tr HKH)^2 / ||HKH||_F^2`` of stacked Grams ``(L, m, m)``: ``(L,)``."""
-    c = torch.stack([centre(x.clone(), "biased") for x in k])
+    c = torch.stack([centre(x.to(torch.float64, copy=True), "biased") for x in k])
     tr = c.diagonal(dim1=1, dim2=2).sum(1)
     return tr**2 / (c * c).sum((1, 2))
 
@@ -262,12 +266,15 @@ WORK_COPIES = 4
 NULL_COPIES = 3
 
 
-def strip_rows(m: int, layers: int, budget: int) -> int:
+def strip_rows(m: int, layers: int, budget: int, strip: int | None = None) -> int:
     """Rows per Gram strip of a batch of ``m`` rows of ``layers`` layers within ``budget``
     bytes: ``m`` (whole Grams) when :data:`WORK_COPIES` of them fit, else as many as fit, at
     least 16. Memory: ``WORK_COPIES * 8 * layers * strip * m`` bytes, plus the leave-one-out
-    values ``(m, La, Lb)`` and every layer's centred features ``(m, p)``."""
-    return min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
+    values ``(m, La, Lb)`` and every layer's centred features ``(m, p)``. ``strip``: the
+    caller's own choice instead, checked (a negative one gave NaN standard errors)."""
+    if strip is not None and not is_whole(strip, 1):
+        raise ValueError(f"strip={strip!r} must be a whole number >= 1 (rows per Gram strip)")
+    return strip or min(m, max(16, budget // (WORK_COPIES * 8 * layers * m)))
 
 
 def check_null_fits(permutations: int, estimator: str, batches: list[np.ndarray],
@@ -397,13 +404,13 @@ def calibrate(mats_a: list[Any], mats_b: list[Any], *, estimator: str = "debiase
     terms, loos, sizes, pr_a, pr_b, ca, cb = [], [], [], 0.0, 0.0, [], []
     for rows in batches:
         m = len(rows)
-        each = m if permutations else strip or strip_rows(m, layers, budget)
+        each = m if permutations else strip_rows(m, layers, budget, strip)
         every = m == n and np.array_equal(rows, np.arange(n))  # read without an index
         sides = [_side(nm, mats, None if every else rows, m, kernel, sig, hollow, each, dev)
                  for nm, mats, sig in (("mats_a", mats_a, sigma2_a), ("mats_b", mats_b, sigma2_b))]
         whole, loo, size, pr = _batch(sides, hollow)
         # Batches of different sizes weigh as in the engine's sums (one batch: no effect).
-        w, w_loo = hsic_scale(hollow, m), hsic_scale(hollow, m - 1)
+        w, w_loo = sketch.hsic_scale(hollow, m), sketch.hsic_scale(hollow, m - 1)
         terms.append([x * w for x in whole])
         loos.append([x * w_loo for x in loo])
         sizes.append([x * w for x in size])

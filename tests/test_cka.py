@@ -821,3 +821,114 @@ def test_rbf_errors_name_the_layer_of_either_side_as_given(rng, estimator):
         cka.compare({"l1": x}, {"m1": y}, kernel="rbf", estimator=estimator, batch_size=8)
     with pytest.raises(ValueError, match=r"layer 'b\[0\]'.*overflow"):
         cka.rbf_cka(x, x * 1e160)
+
+
+def _all_reduce(accs):
+    """What ``torch.distributed.all_reduce`` (SUM) on every tensor of ``sums()`` does on each
+    rank: each tensor is replaced, in place, by the sum over the ranks."""
+    sums = [a.sums() for a in accs]
+    total = {k: sum(s[k].clone() for s in sums) for k in sums[0]}
+    for s in sums:
+        for k, t in s.items():
+            t.copy_(total[k])
+
+
+def test_all_reduced_sums_decide_dead_layers_from_every_rank(layers):
+    # A layer constant on rank 0's rows but alive on rank 1's: after the reduction its CKA is
+    # a number, so rank 0 must not warn that it is NaN (it did, from its own counts).
+    x = layers[0].copy()
+    x[:24] = 1.0
+    batches = [np.arange(a, a + 12) for a in range(0, 48, 12)]
+    ranks = [cka.MinibatchCKA(), cka.MinibatchCKA()]
+    for k, rows in enumerate(batches):
+        ranks[k // 2].update({"x": x[rows]}, {"y": layers[1][rows]})
+    _all_reduce(ranks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ranks[0].compute()
+    assert ranks[0].dead_ == [[None], [None]]
+    assert (ranks[0].n_batches_, ranks[0].n_samples_) == (4, 48)
+    # The constant batches add nothing to x's terms (0 in the reference, up to rounding).
+    np.testing.assert_allclose(got, [[ref.minibatch_cka(x, layers[1], batches)]], atol=1e-12)
+
+
+def test_all_reduced_sums_keep_a_layer_dead_on_every_rank_dead(layers):
+    x = np.ones((24, 3))
+    ranks = [cka.MinibatchCKA().update({"x": x[:12]}, {"y": layers[1][:12]}),
+             cka.MinibatchCKA().update({"x": x[12:]}, {"y": layers[1][12:24]})]
+    _all_reduce(ranks)
+    with pytest.warns(RuntimeWarning, match="layer 'x' .* in every batch; its CKA values are NaN"):
+        assert np.isnan(ranks[0].compute()).all()
+
+
+def test_all_reduced_rbf_sums_decide_the_identity_warning_from_every_rank(rng):
+    # Rank 0's rows are far apart (its Grams alone are the identity), rank 1's close together:
+    # the merged Grams are not the identity, and CKA is that of one pass over all rows.
+    x = np.concatenate([100.0 * np.arange(12)[:, None] * np.ones((1, 3)),
+                        0.1 * rng.standard_normal((12, 3))])
+    y = x + 0.05 * rng.standard_normal(x.shape)
+    make = lambda: cka.MinibatchCKA(kernel="rbf", median_sqdist_a=[1.0], median_sqdist_b=[1.0])  # noqa: E731
+    one, ranks = make(), [make(), make()]
+    for k in (0, 1):
+        rows = slice(12 * k, 12 * k + 12)
+        one.update({"x": x[rows]}, {"y": y[rows]})
+        ranks[k].update({"x": x[rows]}, {"y": y[rows]})
+    _all_reduce(ranks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = ranks[0].compute()
+        want = one.compute()
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(got, [[ref.minibatch_cka(x, y, [np.arange(12), np.arange(12, 24)],
+                                                        "rbf", 1.0, 1.0, 1.0)]], atol=1e-12)
+
+
+def _biased_minibatch_cka(x, y, batches, gram):
+    """The accumulator's biased estimate: tr(K H L H) / m^2 summed over batches, normalised."""
+    def h(k, l):
+        m = len(k)
+        c = np.eye(m) - 1.0 / m
+        return np.trace(k @ c @ l @ c) / m**2
+    ks, ls = [gram(x[r], 0) for r in batches], [gram(y[r], 1) for r in batches]
+    kl, kk, ll = (sum(h(a, b) for a, b in zip(p, q)) for p, q in ((ks, ls), (ks, ks), (ls, ls)))
+    return kl / np.sqrt(kk * ll)
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+@pytest.mark.parametrize("debiased", [True, False])
+def test_merged_and_all_reduced_accumulators_equal_one_pass_over_all_rows(layers, kernel,
+                                                                          debiased):
+    x, y = layers[0][:50], layers[2][:50]
+    meds = [1.0 * x.shape[1], 2.0 * y.shape[1]] if kernel == "rbf" else [None, None]
+    batches = [np.arange(0, 12), np.arange(12, 30), np.arange(30, 37), np.arange(37, 50)]
+    make = lambda: cka.MinibatchCKA(kernel=kernel, debiased=debiased,  # noqa: E731
+                                    median_sqdist_a=meds[:1] if meds[0] else None,
+                                    median_sqdist_b=meds[1:] if meds[1] else None)
+    one, ranks = make(), [make(), make()]
+    for k, rows in enumerate(batches):  # uneven batches, dealt to the ranks in turn
+        one.update([x[rows]], [y[rows]])
+        ranks[k % 2].update([x[rows]], [y[rows]])
+    merged = make().merge(ranks[0]).merge(ranks[1]).compute()
+    _all_reduce(ranks)
+    if kernel == "linear":
+        gram = lambda z, side: ref.gram_linear(z)  # noqa: E731
+    else:
+        gram = lambda z, side: ref.gram_rbf(z, 1.0, meds[side])  # noqa: E731
+    want = (ref.minibatch_cka(x, y, batches, kernel, 1.0, *meds) if debiased else
+            _biased_minibatch_cka(x, y, batches, gram))
+    for got in (merged, ranks[0].compute(), ranks[1].compute(), one.compute()):
+        np.testing.assert_allclose(got, [[want]], rtol=1e-12, atol=1e-14)
+    assert (ranks[1].n_batches_, ranks[1].n_samples_) == (4, 50)
+
+
+def test_merge_accepts_the_same_bandwidths_given_as_numpy_or_python_floats(layers):
+    # The settings were compared as text, and [np.float64(2.0)] reads unlike [2.0]: refused.
+    x, y = layers[0][:24], layers[2][:24]
+    meds = [float(np.median(((x[:, None] - x[None]) ** 2).sum(-1)))]
+    left = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=meds, median_sqdist_b=meds)
+    right = cka.MinibatchCKA(kernel="rbf", median_sqdist_a=np.array(meds),
+                             median_sqdist_b=np.array(meds))
+    left.update([x[:12]], [y[:12]])
+    right.update([x[12:]], [y[12:]])
+    want = ref.minibatch_cka(x, y, [np.arange(12), np.arange(12, 24)], "rbf", 1.0, *meds * 2)
+    np.testing.assert_allclose(left.merge(right).compute(), [[want]], rtol=1e-12)

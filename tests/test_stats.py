@@ -596,3 +596,33 @@ def test_the_null_of_a_self_comparison_is_symmetric(batches):
     for v in cal.null.values():
         assert np.array_equal(v, v.T)
     assert cal.null["p_value"][0, 2] < cal.null["p_value"][0, 1]  # still each pair's own null
+
+
+def test_jackknife_se_of_no_estimates_is_nan_as_documented():
+    # "NaN for g < 2": g = 0 raised ZeroDivisionError.
+    got = stats.jackknife_se(np.ones((0, 2, 3)))
+    assert got.shape == (2, 3) and np.isnan(got).all()
+
+
+@pytest.mark.parametrize("strip", [-1, 0, 2.5, "8", True])
+def test_calibrate_refuses_a_strip_that_is_no_row_count(strip):
+    # strip=-1 gave NaN standard errors silently; 2.5 and "8" a TypeError from deep inside.
+    x = np.random.default_rng(0).standard_normal((12, 3))
+    with pytest.raises(ValueError, match=rf"strip={strip!r} must be a whole number >= 1"):
+        stats.calibrate([x], [x[:, :2]], strip=strip)
+
+
+def test_gram_statistics_of_float32_grams_are_computed_in_float64():
+    # Float32 Grams were worked on in float32: leave-one-out HSIC 1.6e-3 off (relative).
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6)) + 3
+    y = x[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((40, 4))
+    k32, l32 = (torch.tensor(z @ z.T, dtype=torch.float32)[None] for z in (x, y))
+    k64, l64 = k32.double(), l32.double()  # the same values, exactly
+    for f in (stats.hsic, stats.leave_one_out):
+        got = f(k32, l32, True)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got, f(k64, l64, True), rtol=1e-12)
+    assert stats.participation_ratio(k32).dtype == torch.float64
+    np.testing.assert_allclose(stats.participation_ratio(k32), stats.participation_ratio(k64),
+                               rtol=1e-12)
