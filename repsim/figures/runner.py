@@ -416,33 +416,12 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     return "built", {**entry, "files": files}
 
 
-def _kept_note(entry: dict) -> str:
-    """For a kept figure of other probe settings than this run's, or read from weights or
-    probe images that are not those here: which, after "; "."""
-    changed, other = entry.get("changed"), entry.get("settings")
-    images = entry.get("images_changed")
-    return ((f"; not of this run's probe settings: {other}" if other else "")
-            + ("; its numbers are of other weights than the files here: " + "; ".join(changed)
-               if changed else "")
-            + ("; its numbers are of other probe images than these here: " + "; ".join(images)
-               if images else ""))
-
-
 def summary_text(summary: dict) -> str:
-    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: a line per figure (its
-    files, or why kept, skipped or failed, and a kept one's changed weights), then the counts."""
-    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
-             for status in ("built", "cached") for e in summary[status]]
-    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _kept_note(e)
-              for status in ("kept", "skipped", "failed") for e in summary[status]]
-    counts = ", ".join(f"{len(summary[k])} {k}"
-                       for k in ("built", "cached", "skipped", "failed", "kept"))
-    if summary.get("report_stale"):
-        lines.append(f"{summary['report_stale']} not updated: it is of the last full run; "
-                     "build every spec to update it")
-    seconds = summary.get("seconds", 0.0)
-    lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
-    return "\n".join(lines)
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary`` (see
+    :func:`repsim.figures.report.summary_text`)."""
+    from repsim.figures import report
+
+    return report.summary_text(summary)
 
 
 @contextmanager
@@ -478,15 +457,15 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
     summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "kept": [],
                                "skipped": [], "failed": []}
+    from repsim.figures.report import kept_note, write_report
+
     with _one_run_at_a_time(Path(out), ctx.log):
         for name, spec in specs.items():
             status, entry = _build_one(name, spec, ctx)
             summary[status].append(entry)
             ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                             else "") + _kept_note(entry))
+                                             else "") + kept_note(entry))
         if not only:  # the report covers every spec, so only a full run rewrites it
-            from repsim.figures.report import write_report
-
             summary["report"] = str(write_report(out, list(specs), summary))
         elif (summary["built"] or summary["failed"]) and (Path(out) / "REPORT.md").is_file():
             summary["report_stale"] = str(Path(out) / "REPORT.md")  # captions of old data
