@@ -36,14 +36,15 @@ def _activation_ranks(model, x, batch_size: int = 100) -> np.ndarray:
     """``(L, 2)`` effective ranks of the query and key activations, all tokens pooled."""
     import torch
 
-    from repsim.hooks import capture
+    from repsim.hooks import capture, eval_mode
 
     layers = [f"blocks.{i}.attn.qkv" for i in range(len(model.blocks))]
     d = model.embed_dim
     sums = torch.zeros(len(layers), 2, d, dtype=torch.float64)
     grams = torch.zeros(len(layers), 2, d, d, dtype=torch.float64)
     rows = 0
-    with torch.inference_mode(), capture(model, layers, reduce=None) as cap:
+    # eval_mode: measured as it predicts, whatever mode a user's model comes in (dropout off)
+    with torch.inference_mode(), eval_mode(model), capture(model, layers, reduce=None) as cap:
         for s in range(0, len(x), batch_size):
             batch = x[s:s + batch_size]
             model(batch.to(next(model.parameters()).device))
