@@ -705,3 +705,63 @@ def test_a_figure_that_cannot_be_written_fails_in_one_line_not_as_a_bug(tmp_path
     assert "a bug?" not in failed["reason"] and "traceback" not in failed, failed
     assert failed["reason"].startswith("cannot use ") and "s.png: Permission denied; fix: " \
         in failed["reason"], failed
+
+
+def _kept_snap(tmp_path: Path, monkeypatch):
+    """A figure built (as on a GPU machine) whose inputs are then gone: ``run()`` keeps it."""
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        ctx.manifest()
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    here["inputs"] = False
+    return run
+
+
+def test_a_rerun_does_not_rewrite_the_record_of_a_kept_figure(tmp_path, monkeypatch):
+    """Every run rewrote a kept figure's record (figures/data_scale.json, dynamics.json) with
+    the same bytes but a new mtime and file, though README says a rerun rewrites nothing."""
+    run = _kept_snap(tmp_path, monkeypatch)
+    run()
+    record = tmp_path / "f" / "s.json"
+    before, text = record.stat(), record.read_text()
+    (kept,) = run()["kept"]
+    after = record.stat()
+    assert kept["name"] == "s" and record.read_text() == text
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        ".figures.lock", "REPORT.md", "s.json", "s.txt"]
+
+
+def test_a_kept_figure_in_a_folder_that_takes_no_file_is_kept_not_failed(tmp_path,
+                                                                         monkeypatch):
+    """In a read-only --out (another user's clone) a kept figure failed ("cannot use
+    s.json: Permission denied"): keeping it wrote its record twice. Nothing to change:
+    it is kept."""
+    from repsim import paths
+
+    run = _kept_snap(tmp_path, monkeypatch)
+    run()
+
+    def refused(path, write):  # what a read-only folder does to every atomic write
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(paths, "atomic_write", refused)
+    res = run()
+    assert [e["name"] for e in res["kept"]] == ["s"] and not res["failed"], res
+

@@ -236,8 +236,8 @@ def _files_here(ctx: FigureContext, record: dict) -> list[Path] | None:
 
 def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> bool:
     """True when the record's files exist and its key matches its inputs' fingerprints now."""
-    if _files_here(ctx, record) is None:
-        return False
+    if _files_here(ctx, record) is None or _marker(ctx.path(".json")).exists():
+        return False  # no file, or a build that may have rewritten some stopped (_set_aside)
     try:
         deps = {k: ctx.fingerprint(json.loads(k)) for k in record.get("deps") or {}}
     # A record of another format, or an input gone (the builder then says which, and why).
@@ -329,30 +329,36 @@ def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
-    are not its figure), its record written back; None when there is none."""
+    are not its figure), vouched for again; None when there is none."""
     if not (record and record.get("format") == FORMAT and record.get("spec") == spec):
         return None
     others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
     if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
         return None
-    # Set aside when this build began (builders check their inputs before writing any file):
-    # it vouches for its files again.
-    key = record.get("building") or record.get("cache_key")
-    paths.write_json(record_path, {**{k: v for k, v in record.items() if k != "building"},
-                                   "cache_key": key})
+    # Set aside when this build began (builders check their inputs before writing any file).
+    # Unchanged, it is not rewritten (a rerun touches nothing; a read-only folder keeps it);
+    # one set aside by an older repsim (its key under "building") gets its key back.
+    kept = {**{k: v for k, v in record.items() if k != "building"},
+            "cache_key": record.get("building") or record.get("cache_key")}
+    if kept != record:
+        paths.write_json(record_path, kept)
     return _files_here(ctx, record)
+
+
+def _marker(record_path: Path) -> Path:  # there while a build may rewrite the record's files
+    return record_path.with_name(f".{record_path.stem}.building")
 
 
 def _set_aside(record_path: Path, record: dict | None) -> None:
     """Until the new record is written, the old one vouches for nothing: a build that stops
-    after rewriting some files must not leave it passing for complete. It stays (keyless,
-    its key under ``building``), so a run stopped while looking at a kept figure's inputs
-    does not lose that build (:func:`_keep` restores it)."""
-    key = (record or {}).get("building") or (record or {}).get("cache_key")
-    if key:
-        paths.write_json(record_path, {**record, "cache_key": None, "building": key})
-    else:
+    after rewriting some files must not leave it passing for complete. It stays untouched,
+    beside a marker (:func:`_marker`), so a run stopped while looking at a kept figure's
+    inputs does not lose that build (:func:`build_all` takes the marker away)."""
+    if not (record or {}).get("building") and not (record or {}).get("cache_key"):
         record_path.unlink(missing_ok=True)
+    else:  # a folder that takes no marker takes none of the build's files either
+        with suppress(OSError):
+            paths.write_text(_marker(record_path), "")
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -403,6 +409,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     try:
         json.dumps(data)
     except TypeError as exc:  # a registered kind's data; no record: the files vouch for nothing
+        record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": f"{name}: its data is not JSON ({exc}); a builder "
                           "puts numbers, strings, lists and tables in ctx.data"}
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
@@ -462,6 +469,11 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     with _one_run_at_a_time(Path(out), ctx.log):
         for name, spec in specs.items():
             status, entry = _build_one(name, spec, ctx)
+            # Returned: its record says what its files are now (a skipped build of another
+            # spec stays set aside: the spec put back keeps it, see _keep).
+            if status != "skipped" or not ctx.path(".json").exists():
+                with suppress(OSError):
+                    _marker(ctx.path(".json")).unlink(missing_ok=True)
             summary[status].append(entry)
             ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
                                              else "") + kept_note(entry))
