@@ -21,19 +21,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from repsim import __version__, compare, paths
-from repsim.compare import InputUnavailable, ProbeSpec
+from repsim.compare import InputUnavailable
 from repsim.errors import UserError, os_problem
-from repsim.figures.context import FigureContext, ModelRef, weights_file
+from repsim.figures.context import FigureContext
+from repsim.figures.kept import PROBE_KEYS, changed_images, changed_weights, other_settings
 from repsim.sketch import jsonable
 
 FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
-PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
 # The spec keys of the built-in kinds that name models (names or tables), for [labels]
 MODEL_FIELDS = ("models", "pairs", "model", "vit", "cnn", "base", "bases")
@@ -246,86 +246,6 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
-def _record_deps(record: dict) -> Iterator[tuple[dict, Any]]:
-    """A record's inputs as ``(description, fingerprint then)``; a key that is no JSON object
-    (a hand-edited record) is none."""
-    for key, then in (record.get("deps") or {}).items():
-        try:
-            desc = json.loads(key)
-        except ValueError:
-            continue
-        if isinstance(desc, dict):
-            yield desc, then
-
-
-def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
-    """For a kept build: each model it read whose weights file here is another file now (by
-    sha256), in one line; its numbers are of the file it read, not of the checkpoint here."""
-    out = []
-    for desc, then in _record_deps(record):
-        if desc.get("type") not in ("store", "model") or not isinstance(then, dict):
-            continue
-        try:
-            ref = ModelRef(**desc["ref"])
-            file = weights_file(ref)
-            now = ctx.fingerprint({"type": "model", "ref": desc["ref"]})["ref"]
-        except (InputUnavailable, UserError, KeyError, TypeError, ValueError):
-            continue  # not here (a snapshot left on the GPU machine): nothing to compare
-        if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
-            # sha256[@architecture of a registered model]: say which of the two changed
-            sha_then, sha_now = then["ref"].partition("@")[0], now.partition("@")[0]
-            out.append(f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
-                       f"here {sha_now[:12]})" if sha_then != sha_now else
-                       f"{ref.display()} ({file.name}: the same file, another architecture now)")
-    return list(dict.fromkeys(out))
-
-
-def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
-    """For a kept build: each probe set it read whose images here are others now (another
-    copy of the data set, a re-encoded split: by sha256), in one line; its numbers are of the
-    images it read, not of these."""
-    out = []
-    for desc, then in _record_deps(record):
-        try:
-            then = then if desc["type"] == "images" else then.get("images")
-            if not isinstance(then, dict) or not isinstance(desc.get("probe"), dict):
-                continue
-            now = ctx.fingerprint({"type": "images", "probe": desc["probe"]})
-        except (InputUnavailable, UserError, KeyError, TypeError, ValueError, AttributeError):
-            continue  # not here (no data set offline): nothing to compare
-        if now != then:
-            p = desc["probe"]
-            out.append(f"{p.get('dataset')} {p.get('split')} (n = {p.get('n') or 'all'}: it "
-                       f"read sha256 {str(then.get('images_sha256'))[:12]}, here "
-                       f"{str(now.get('images_sha256'))[:12]})")
-    return list(dict.fromkeys(out))
-
-
-def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
-    """For a kept build: the probe settings it was built with, where this run's overrides
-    (``--n``, ``--seed``, ...) ask others, in one line; None when the same, or it read no
-    probe. Its numbers are of those settings, not of the ones asked."""
-    try:
-        reads_probe = any("probe" in json.loads(k) for k in record.get("deps") or {})
-    except ValueError:
-        reads_probe = True
-    then, now = record.get("overrides") or {}, ctx.key_overrides(spec)
-    if not reads_probe or not isinstance(then, dict) or then == now:
-        return None
-    own = {**{f.name: getattr(ProbeSpec(), f.name) for f in fields(ProbeSpec)},
-           **(spec.get("probe") or {})}
-    keys = [k for k in PROBE_KEYS if {**own, **then}[k] != {**own, **now}[k]]
-    if not keys:  # overrides that differ in no probe setting (a hand-edited record)
-        return None
-
-    def show(values: dict) -> str:  # as the spec's [probe] writes them; n = None: all images
-        vals = {**own, **values}
-        return ", ".join(f"{k} = {'all' if vals[k] is None else json.dumps(vals[k])}"
-                         for k in keys)
-
-    return f"built with {show(then)}; this run asks {show(now)}"
-
-
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
@@ -384,11 +304,11 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     except InputUnavailable as exc:
         kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
-            other = _other_settings(ctx, spec, record)
+            other = other_settings(ctx, spec, record)
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             **({"settings": other} if other else {}),
-                            "changed": _changed_weights(ctx, record),
-                            "images_changed": _changed_images(ctx, record)}
+                            "changed": changed_weights(ctx, record),
+                            "images_changed": changed_images(ctx, record)}
         if not (record and record.get("spec") != spec):  # else set aside: the spec put back
             record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
