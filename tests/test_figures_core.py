@@ -765,3 +765,48 @@ def test_a_kept_figure_in_a_folder_that_takes_no_file_is_kept_not_failed(tmp_pat
     res = run()
     assert [e["name"] for e in res["kept"]] == ["s"] and not res["failed"], res
 
+
+def _two_owners(monkeypatch):
+    """Kind ``maps`` writes ``<name>.txt`` and ``<name>_maps.txt`` (as locality writes
+    ``locality_maps.png``); kind ``one`` writes ``<name>.txt``."""
+    def maps(spec, ctx):
+        return [ctx.write_text(".txt", "maps\n"), ctx.write_text("_maps.txt", "maps of maps\n")]
+
+    monkeypatch.setitem(KINDS, "maps", None)  # restored after the test
+    monkeypatch.setitem(KINDS, "one", None)
+    figure_kind("maps")(maps)
+    figure_kind("one")(lambda spec, ctx: [ctx.write_text(".txt", "one\n")])
+
+
+def test_a_spec_named_as_another_figures_file_is_refused_before_any_build(tmp_path,
+                                                                          monkeypatch):
+    """analyses/locality_maps.toml beside a built locality figure wrote locality_maps.png,
+    which the locality figure owns: each then showed as cached, one with the other's
+    picture. The run is refused in one line naming both specs and the file."""
+    from repsim.errors import UserError
+
+    _two_owners(monkeypatch)
+    write(tmp_path / "a", "loc", 'kind = "maps"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    write(tmp_path / "a", "loc_maps", 'kind = "one"\n')
+    with pytest.raises(UserError, match=r"loc_maps\.toml and .*loc\.toml would both write "
+                       r".*loc_maps\.txt"):
+        build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert (tmp_path / "f" / "loc_maps.txt").read_text() == "maps of maps\n"
+
+
+def test_a_figure_writing_another_specs_file_fails_and_that_figure_is_rebuilt(tmp_path,
+                                                                             monkeypatch):
+    """Built at once for the first time, the two each said "built", one file holding the
+    picture of the wrong one. The one writing the other's file fails, naming both, and the
+    other is rebuilt: its file is its own, on this run and the next."""
+    _two_owners(monkeypatch)
+    write(tmp_path / "a", "loc", 'kind = "maps"\n')
+    write(tmp_path / "a", "loc_maps", 'kind = "one"\n')
+    for _ in range(2):
+        res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+        (failed,) = res["failed"]
+        assert failed["name"] == "loc" and "loc_maps.txt" in failed["reason"]
+        assert "loc_maps.toml" in failed["reason"] and not res["cached"], res
+        assert (tmp_path / "f" / "loc_maps.txt").read_text() == "one\n"
+        assert not (tmp_path / "f" / "loc.json").exists()

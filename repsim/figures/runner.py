@@ -281,6 +281,42 @@ def _set_aside(record_path: Path, record: dict | None) -> None:
             paths.write_text(_marker(record_path), "")
 
 
+def _read_record(path: Path) -> dict | None:
+    """The record at ``path``; None when none, or no record (not JSON, or ``[1]``, say)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _clash(folder: Path, out: Path, name: str, files: list, names: set[str]
+           ) -> tuple[str, str] | None:
+    """``(other spec, one line)`` when one of spec ``name``'s ``files`` is named as the figure
+    of another spec in ``folder`` (``locality_maps.png``, the locality figure's, for
+    ``locality_maps.toml``): both would pass for current, one with the other's picture."""
+    for f in files if isinstance(files, list) else []:
+        other = Path(f).stem if isinstance(f, str) else name
+        if other != name and other in names:
+            return other, (f"{folder / other}.toml and {folder / name}.toml would both write "
+                           f"{out / Path(f).name}; rename one of them (a spec's name is that "
+                           "of its files)")
+    return None
+
+
+def _disown(folder: Path, ctx: FigureContext, status: str, entry: dict, names: set[str]
+            ) -> tuple[str, dict]:
+    """A figure just built that wrote another spec's file fails, and the other's record goes:
+    its file holds this figure's picture now, so it is built again (later in this run: its
+    name sorts after this one's, or in the next)."""
+    clash = _clash(folder, ctx.out_dir, entry["name"], entry.get("files") or [], names)
+    if status != "built" or clash is None:
+        return status, entry
+    for n in (entry["name"], clash[0]):
+        (ctx.out_dir / f"{n}.json").unlink(missing_ok=True)
+    return "failed", {"name": entry["name"], "kind": entry["kind"], "reason": clash[1]}
+
+
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     """``(status, summary entry)`` for one spec: cached, built, kept, skipped or failed."""
     from repsim.evaluation import hardware
@@ -289,11 +325,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     ctx.name, ctx.data, ctx.deps = name, {}, None
     record_path = ctx.path(".json")
     entry = {"name": name, "kind": spec["kind"]}
-    try:
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    except ValueError:
-        record = None
-    record = record if isinstance(record, dict) else None  # JSON, but no record ([1], say)
+    record = _read_record(record_path)
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
@@ -380,7 +412,13 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     ``report`` (a full run's REPORT.md) or ``report_stale`` (one that a run of ``only`` some
     specs left describing their earlier builds)."""
     t0 = time.perf_counter()
-    specs = load_specs(analyses, only)
+    specs, folder = load_specs(analyses, only), Path(analyses)
+    names = {p.stem for p in folder.glob("*.toml")}
+    for n in sorted(names):  # a spec named as a file of another's earlier build: before any
+        clash = _clash(folder, Path(out), n, (_read_record(Path(out) / f"{n}.json") or {})
+                       .get("files") or [], names)
+        if clash:
+            raise UserError(clash[1])
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
     summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "kept": [],
                                "skipped": [], "failed": []}
@@ -388,7 +426,7 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
 
     with _one_run_at_a_time(Path(out), ctx.log):
         for name, spec in specs.items():
-            status, entry = _build_one(name, spec, ctx)
+            status, entry = _disown(folder, ctx, *_build_one(name, spec, ctx), names)
             # Returned: its record says what its files are now (a skipped build of another
             # spec stays set aside: the spec put back keeps it, see _keep).
             if status != "skipped" or not ctx.path(".json").exists():
