@@ -52,3 +52,21 @@ def test_activation_ranks_are_those_of_the_model_in_eval_mode():
     model.train()
     np.testing.assert_allclose(_activation_ranks(model, x, batch_size=4), want, rtol=1e-12)
     assert model.training and model.blocks[0].drop.training
+
+
+def test_a_model_without_attention_blocks_is_refused_in_one_line():
+    """models = ["resnet18_cifar"] in a projection_rank spec failed as "AttributeError:
+    'ResNet' object has no attribute 'blocks' (a bug? ...)"; it is a UserError naming the
+    model and what the kind reads."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from repsim.errors import UserError
+    from repsim.figures.lowrank import build_figure
+
+    ref = SimpleNamespace(model="resnet18_cifar", display=lambda: "ResNet-18")
+    ctx = SimpleNamespace(name="ranks", model_ref=lambda m, spec: ref,
+                          model=lambda r: (nn.Sequential(nn.Linear(2, 2)), {}))
+    with pytest.raises(UserError, match=r"ranks: ResNet-18 .*Sequential.*Vision Transformer"):
+        build_figure({"models": ["resnet18_cifar"]}, ctx)
