@@ -810,3 +810,15 @@ def test_a_figure_writing_another_specs_file_fails_and_that_figure_is_rebuilt(tm
         assert "loc_maps.toml" in failed["reason"] and not res["cached"], res
         assert (tmp_path / "f" / "loc_maps.txt").read_text() == "one\n"
         assert not (tmp_path / "f" / "loc.json").exists()
+
+
+def test_a_figure_writing_report_md_fails_rather_than_losing_its_table(tmp_path, monkeypatch):
+    """An accuracy table named analyses/REPORT.toml wrote REPORT.md, which the full run then
+    replaced by its report: the table showed as cached, its file the report. It fails in
+    one line naming the file."""
+    monkeypatch.setitem(KINDS, "md", None)  # restored after the test
+    figure_kind("md")(lambda spec, ctx: [ctx.write_text(".md", "| a |\n")])
+    write(tmp_path / "a", "REPORT", 'kind = "md"\n')
+    for _ in range(2):
+        (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+        assert "REPORT.toml" in failed["reason"] and "REPORT.md" in failed["reason"], failed

@@ -297,6 +297,9 @@ def _clash(folder: Path, out: Path, name: str, files: list, names: set[str]
     ``locality_maps.toml``): both would pass for current, one with the other's picture."""
     for f in files if isinstance(files, list) else []:
         other = Path(f).stem if isinstance(f, str) else name
+        if Path(str(f)).name == "REPORT.md":  # a full run's report, written after every figure
+            return name, (f"{folder / name}.toml would write {out / 'REPORT.md'}, the report "
+                          "that repsim figures writes; rename the spec")
         if other != name and other in names:
             return other, (f"{folder / other}.toml and {folder / name}.toml would both write "
                            f"{out / Path(f).name}; rename one of them (a spec's name is that "
