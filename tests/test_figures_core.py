@@ -705,3 +705,120 @@ def test_a_figure_that_cannot_be_written_fails_in_one_line_not_as_a_bug(tmp_path
     assert "a bug?" not in failed["reason"] and "traceback" not in failed, failed
     assert failed["reason"].startswith("cannot use ") and "s.png: Permission denied; fix: " \
         in failed["reason"], failed
+
+
+def _kept_snap(tmp_path: Path, monkeypatch):
+    """A figure built (as on a GPU machine) whose inputs are then gone: ``run()`` keeps it."""
+    from repsim.compare import InputUnavailable
+
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
+    here = {"inputs": True}
+
+    def build_snap(spec, ctx):
+        ctx.manifest()
+        if not here["inputs"]:
+            raise InputUnavailable("no snapshots here")
+        return [ctx.write_text(".txt", "built\n")]
+
+    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
+    figure_kind("snap")(build_snap)
+    write(tmp_path / "a", "s", 'kind = "snap"\n')
+    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
+    run()
+    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
+    here["inputs"] = False
+    return run
+
+
+def test_a_rerun_does_not_rewrite_the_record_of_a_kept_figure(tmp_path, monkeypatch):
+    """Every run rewrote a kept figure's record (figures/data_scale.json, dynamics.json) with
+    the same bytes but a new mtime and file, though README says a rerun rewrites nothing."""
+    run = _kept_snap(tmp_path, monkeypatch)
+    run()
+    record = tmp_path / "f" / "s.json"
+    before, text = record.stat(), record.read_text()
+    (kept,) = run()["kept"]
+    after = record.stat()
+    assert kept["name"] == "s" and record.read_text() == text
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        ".figures.lock", "REPORT.md", "s.json", "s.txt"]
+
+
+def test_a_kept_figure_in_a_folder_that_takes_no_file_is_kept_not_failed(tmp_path,
+                                                                         monkeypatch):
+    """In a read-only --out (another user's clone) a kept figure failed ("cannot use
+    s.json: Permission denied"): keeping it wrote its record twice. Nothing to change:
+    it is kept."""
+    from repsim import paths
+
+    run = _kept_snap(tmp_path, monkeypatch)
+    run()
+
+    def refused(path, write):  # what a read-only folder does to every atomic write
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(paths, "atomic_write", refused)
+    res = run()
+    assert [e["name"] for e in res["kept"]] == ["s"] and not res["failed"], res
+
+
+def _two_owners(monkeypatch):
+    """Kind ``maps`` writes ``<name>.txt`` and ``<name>_maps.txt`` (as locality writes
+    ``locality_maps.png``); kind ``one`` writes ``<name>.txt``."""
+    def maps(spec, ctx):
+        return [ctx.write_text(".txt", "maps\n"), ctx.write_text("_maps.txt", "maps of maps\n")]
+
+    monkeypatch.setitem(KINDS, "maps", None)  # restored after the test
+    monkeypatch.setitem(KINDS, "one", None)
+    figure_kind("maps")(maps)
+    figure_kind("one")(lambda spec, ctx: [ctx.write_text(".txt", "one\n")])
+
+
+def test_a_spec_named_as_another_figures_file_is_refused_before_any_build(tmp_path,
+                                                                          monkeypatch):
+    """analyses/locality_maps.toml beside a built locality figure wrote locality_maps.png,
+    which the locality figure owns: each then showed as cached, one with the other's
+    picture. The run is refused in one line naming both specs and the file."""
+    from repsim.errors import UserError
+
+    _two_owners(monkeypatch)
+    write(tmp_path / "a", "loc", 'kind = "maps"\n')
+    build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    write(tmp_path / "a", "loc_maps", 'kind = "one"\n')
+    with pytest.raises(UserError, match=r"loc_maps\.toml and .*loc\.toml would both write "
+                       r".*loc_maps\.txt"):
+        build_all(tmp_path / "a", tmp_path / "f", progress=False)
+    assert (tmp_path / "f" / "loc_maps.txt").read_text() == "maps of maps\n"
+
+
+def test_a_figure_writing_another_specs_file_fails_and_that_figure_is_rebuilt(tmp_path,
+                                                                             monkeypatch):
+    """Built at once for the first time, the two each said "built", one file holding the
+    picture of the wrong one. The one writing the other's file fails, naming both, and the
+    other is rebuilt: its file is its own, on this run and the next."""
+    _two_owners(monkeypatch)
+    write(tmp_path / "a", "loc", 'kind = "maps"\n')
+    write(tmp_path / "a", "loc_maps", 'kind = "one"\n')
+    for _ in range(2):
+        res = build_all(tmp_path / "a", tmp_path / "f", progress=False)
+        (failed,) = res["failed"]
+        assert failed["name"] == "loc" and "loc_maps.txt" in failed["reason"]
+        assert "loc_maps.toml" in failed["reason"] and not res["cached"], res
+        assert (tmp_path / "f" / "loc_maps.txt").read_text() == "one\n"
+        assert not (tmp_path / "f" / "loc.json").exists()
+
+
+def test_a_figure_writing_report_md_fails_rather_than_losing_its_table(tmp_path, monkeypatch):
+    """An accuracy table named analyses/REPORT.toml wrote REPORT.md, which the full run then
+    replaced by its report: the table showed as cached, its file the report. It fails in
+    one line naming the file."""
+    monkeypatch.setitem(KINDS, "md", None)  # restored after the test
+    figure_kind("md")(lambda spec, ctx: [ctx.write_text(".md", "| a |\n")])
+    write(tmp_path / "a", "REPORT", 'kind = "md"\n')
+    for _ in range(2):
+        (failed,) = build_all(tmp_path / "a", tmp_path / "f", progress=False)["failed"]
+        assert "REPORT.toml" in failed["reason"] and "REPORT.md" in failed["reason"], failed

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from repsim.errors import UserError
+
 if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn
     from matplotlib.figure import Figure
 
@@ -36,14 +38,15 @@ def _activation_ranks(model, x, batch_size: int = 100) -> np.ndarray:
     """``(L, 2)`` effective ranks of the query and key activations, all tokens pooled."""
     import torch
 
-    from repsim.hooks import capture
+    from repsim.hooks import capture, eval_mode
 
     layers = [f"blocks.{i}.attn.qkv" for i in range(len(model.blocks))]
     d = model.embed_dim
     sums = torch.zeros(len(layers), 2, d, dtype=torch.float64)
     grams = torch.zeros(len(layers), 2, d, d, dtype=torch.float64)
     rows = 0
-    with torch.inference_mode(), capture(model, layers, reduce=None) as cap:
+    # eval_mode: measured as it predicts, whatever mode a user's model comes in (dropout off)
+    with torch.inference_mode(), eval_mode(model), capture(model, layers, reduce=None) as cap:
         for s in range(0, len(x), batch_size):
             batch = x[s:s + batch_size]
             model(batch.to(next(model.parameters()).device))
@@ -109,7 +112,12 @@ def build_figure(spec: dict, ctx) -> list[Path]:
     """Effective rank of each model's queries and keys, per block (:func:`draw_ranks`)."""
     refs = [ctx.model_ref(m, spec) for m in spec["models"]]
     for r in refs:  # every model first: a missing checkpoint skips before any computing
-        ctx.model(r)
+        model = ctx.model(r)[0]
+        blocks = getattr(model, "blocks", None)
+        if not blocks or not all(hasattr(getattr(b, "attn", None), "qkv") for b in blocks):
+            raise UserError(f"{ctx.name}: {r.display()} is a {type(model).__name__}; "
+                            "projection_rank reads the queries and keys of a Vision "
+                            "Transformer's blocks (blocks[i].attn.qkv); list ViT models only")
     results = [_measure(r, spec, ctx) for r in refs]
     ctx.data["models"] = results
     return ctx.save(draw_ranks(results, spec.get("title")

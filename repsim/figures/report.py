@@ -265,3 +265,33 @@ def write_report(out: str | Path, names: list[str], summary: dict[str, Any]) -> 
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path  # unchanged: not rewritten, so a cached run touches nothing
     return paths.write_text(path, text)
+
+
+def kept_note(entry: dict) -> str:
+    """For a kept figure of other probe settings than this run's, or read from weights or
+    probe images that are not those here: which, after "; "."""
+    changed, other = entry.get("changed"), entry.get("settings")
+    images = entry.get("images_changed")
+    return ((f"; not of this run's probe settings: {other}" if other else "")
+            + ("; its numbers are of other weights than the files here: " + "; ".join(changed)
+               if changed else "")
+            + ("; its numbers are of other probe images than these here: " + "; ".join(images)
+               if images else ""))
+
+
+def summary_text(summary: dict) -> str:
+    """What ``repsim figures`` prints of :func:`repsim.figures.runner.build_all`'s ``summary``:
+    a line per figure (its files, or why kept, skipped or failed, and a kept one's changed
+    weights), then the counts."""
+    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
+             for status in ("built", "cached") for e in summary[status]]
+    lines += [f"{status:8s}{e['name']}: {e['reason']}" + kept_note(e)
+              for status in ("kept", "skipped", "failed") for e in summary[status]]
+    counts = ", ".join(f"{len(summary[k])} {k}"
+                       for k in ("built", "cached", "skipped", "failed", "kept"))
+    if summary.get("report_stale"):
+        lines.append(f"{summary['report_stale']} not updated: it is of the last full run; "
+                     "build every spec to update it")
+    seconds = summary.get("seconds", 0.0)
+    lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
+    return "\n".join(lines)

@@ -21,19 +21,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from repsim import __version__, compare, paths
-from repsim.compare import InputUnavailable, ProbeSpec
+from repsim.compare import InputUnavailable
 from repsim.errors import UserError, os_problem
-from repsim.figures.context import FigureContext, ModelRef, weights_file
+from repsim.figures.context import FigureContext
+from repsim.figures.kept import PROBE_KEYS, changed_images, changed_weights, other_settings
 from repsim.sketch import jsonable
 
 FORMAT = "repsim-figure/2"
 COMMON_KEYS = ("kind", "title", "description", "probe", "cka", "labels")
-PROBE_KEYS = tuple(f.name for f in fields(ProbeSpec) if f.name not in ("data_root", "device"))
 CKA_KEYS = ("kernel", "estimator", "batch_size", "batch_seed", "threshold", "permutations")
 # The spec keys of the built-in kinds that name models (names or tables), for [labels]
 MODEL_FIELDS = ("models", "pairs", "model", "vit", "cnn", "base", "bases")
@@ -236,8 +236,8 @@ def _files_here(ctx: FigureContext, record: dict) -> list[Path] | None:
 
 def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> bool:
     """True when the record's files exist and its key matches its inputs' fingerprints now."""
-    if _files_here(ctx, record) is None:
-        return False
+    if _files_here(ctx, record) is None or _marker(ctx.path(".json")).exists():
+        return False  # no file, or a build that may have rewritten some stopped (_set_aside)
     try:
         deps = {k: ctx.fingerprint(json.loads(k)) for k in record.get("deps") or {}}
     # A record of another format, or an input gone (the builder then says which, and why).
@@ -246,113 +246,78 @@ def _still_valid(name: str, spec: dict, ctx: FigureContext, record: dict) -> boo
     return cache_key(name, spec, ctx.key_overrides(spec), deps) == record.get("cache_key")
 
 
-def _record_deps(record: dict) -> Iterator[tuple[dict, Any]]:
-    """A record's inputs as ``(description, fingerprint then)``; a key that is no JSON object
-    (a hand-edited record) is none."""
-    for key, then in (record.get("deps") or {}).items():
-        try:
-            desc = json.loads(key)
-        except ValueError:
-            continue
-        if isinstance(desc, dict):
-            yield desc, then
-
-
-def _changed_weights(ctx: FigureContext, record: dict) -> list[str]:
-    """For a kept build: each model it read whose weights file here is another file now (by
-    sha256), in one line; its numbers are of the file it read, not of the checkpoint here."""
-    out = []
-    for desc, then in _record_deps(record):
-        if desc.get("type") not in ("store", "model") or not isinstance(then, dict):
-            continue
-        try:
-            ref = ModelRef(**desc["ref"])
-            file = weights_file(ref)
-            now = ctx.fingerprint({"type": "model", "ref": desc["ref"]})["ref"]
-        except (InputUnavailable, UserError, KeyError, TypeError, ValueError):
-            continue  # not here (a snapshot left on the GPU machine): nothing to compare
-        if file is not None and isinstance(then.get("ref"), str) and now != then["ref"]:
-            # sha256[@architecture of a registered model]: say which of the two changed
-            sha_then, sha_now = then["ref"].partition("@")[0], now.partition("@")[0]
-            out.append(f"{ref.display()} ({file.name}: it read sha256 {sha_then[:12]}, "
-                       f"here {sha_now[:12]})" if sha_then != sha_now else
-                       f"{ref.display()} ({file.name}: the same file, another architecture now)")
-    return list(dict.fromkeys(out))
-
-
-def _changed_images(ctx: FigureContext, record: dict) -> list[str]:
-    """For a kept build: each probe set it read whose images here are others now (another
-    copy of the data set, a re-encoded split: by sha256), in one line; its numbers are of the
-    images it read, not of these."""
-    out = []
-    for desc, then in _record_deps(record):
-        try:
-            then = then if desc["type"] == "images" else then.get("images")
-            if not isinstance(then, dict) or not isinstance(desc.get("probe"), dict):
-                continue
-            now = ctx.fingerprint({"type": "images", "probe": desc["probe"]})
-        except (InputUnavailable, UserError, KeyError, TypeError, ValueError, AttributeError):
-            continue  # not here (no data set offline): nothing to compare
-        if now != then:
-            p = desc["probe"]
-            out.append(f"{p.get('dataset')} {p.get('split')} (n = {p.get('n') or 'all'}: it "
-                       f"read sha256 {str(then.get('images_sha256'))[:12]}, here "
-                       f"{str(now.get('images_sha256'))[:12]})")
-    return list(dict.fromkeys(out))
-
-
-def _other_settings(ctx: FigureContext, spec: dict, record: dict) -> str | None:
-    """For a kept build: the probe settings it was built with, where this run's overrides
-    (``--n``, ``--seed``, ...) ask others, in one line; None when the same, or it read no
-    probe. Its numbers are of those settings, not of the ones asked."""
-    try:
-        reads_probe = any("probe" in json.loads(k) for k in record.get("deps") or {})
-    except ValueError:
-        reads_probe = True
-    then, now = record.get("overrides") or {}, ctx.key_overrides(spec)
-    if not reads_probe or not isinstance(then, dict) or then == now:
-        return None
-    own = {**{f.name: getattr(ProbeSpec(), f.name) for f in fields(ProbeSpec)},
-           **(spec.get("probe") or {})}
-    keys = [k for k in PROBE_KEYS if {**own, **then}[k] != {**own, **now}[k]]
-    if not keys:  # overrides that differ in no probe setting (a hand-edited record)
-        return None
-
-    def show(values: dict) -> str:  # as the spec's [probe] writes them; n = None: all images
-        vals = {**own, **values}
-        return ", ".join(f"{k} = {'all' if vals[k] is None else json.dumps(vals[k])}"
-                         for k in keys)
-
-    return f"built with {show(then)}; this run asks {show(now)}"
-
-
 def _keep(ctx: FigureContext, spec: dict, record: dict | None, record_path: Path
           ) -> list[Path] | None:
     """The files of the earlier complete build of this very spec (a changed spec's old files
-    are not its figure), its record written back; None when there is none."""
+    are not its figure), vouched for again; None when there is none."""
     if not (record and record.get("format") == FORMAT and record.get("spec") == spec):
         return None
     others = [f for f in record.get("files", []) if Path(f).name != record_path.name]
     if not others or not all((ctx.out_dir / Path(f).name).exists() for f in others):
         return None
-    # Set aside when this build began (builders check their inputs before writing any file):
-    # it vouches for its files again.
-    key = record.get("building") or record.get("cache_key")
-    paths.write_json(record_path, {**{k: v for k, v in record.items() if k != "building"},
-                                   "cache_key": key})
+    # Set aside when this build began (builders check their inputs before writing any file).
+    # Unchanged, it is not rewritten (a rerun touches nothing; a read-only folder keeps it);
+    # one set aside by an older repsim (its key under "building") gets its key back.
+    kept = {**{k: v for k, v in record.items() if k != "building"},
+            "cache_key": record.get("building") or record.get("cache_key")}
+    if kept != record:
+        paths.write_json(record_path, kept)
     return _files_here(ctx, record)
+
+
+def _marker(record_path: Path) -> Path:  # there while a build may rewrite the record's files
+    return record_path.with_name(f".{record_path.stem}.building")
 
 
 def _set_aside(record_path: Path, record: dict | None) -> None:
     """Until the new record is written, the old one vouches for nothing: a build that stops
-    after rewriting some files must not leave it passing for complete. It stays (keyless,
-    its key under ``building``), so a run stopped while looking at a kept figure's inputs
-    does not lose that build (:func:`_keep` restores it)."""
-    key = (record or {}).get("building") or (record or {}).get("cache_key")
-    if key:
-        paths.write_json(record_path, {**record, "cache_key": None, "building": key})
-    else:
+    after rewriting some files must not leave it passing for complete. It stays untouched,
+    beside a marker (:func:`_marker`), so a run stopped while looking at a kept figure's
+    inputs does not lose that build (:func:`build_all` takes the marker away)."""
+    if not (record or {}).get("building") and not (record or {}).get("cache_key"):
         record_path.unlink(missing_ok=True)
+    else:  # a folder that takes no marker takes none of the build's files either
+        with suppress(OSError):
+            paths.write_text(_marker(record_path), "")
+
+
+def _read_record(path: Path) -> dict | None:
+    """The record at ``path``; None when none, or no record (not JSON, or ``[1]``, say)."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _clash(folder: Path, out: Path, name: str, files: list, names: set[str]
+           ) -> tuple[str, str] | None:
+    """``(other spec, one line)`` when one of spec ``name``'s ``files`` is named as the figure
+    of another spec in ``folder`` (``locality_maps.png``, the locality figure's, for
+    ``locality_maps.toml``): both would pass for current, one with the other's picture."""
+    for f in files if isinstance(files, list) else []:
+        other = Path(f).stem if isinstance(f, str) else name
+        if Path(str(f)).name == "REPORT.md":  # a full run's report, written after every figure
+            return name, (f"{folder / name}.toml would write {out / 'REPORT.md'}, the report "
+                          "that repsim figures writes; rename the spec")
+        if other != name and other in names:
+            return other, (f"{folder / other}.toml and {folder / name}.toml would both write "
+                           f"{out / Path(f).name}; rename one of them (a spec's name is that "
+                           "of its files)")
+    return None
+
+
+def _disown(folder: Path, ctx: FigureContext, status: str, entry: dict, names: set[str]
+            ) -> tuple[str, dict]:
+    """A figure just built that wrote another spec's file fails, and the other's record goes:
+    its file holds this figure's picture now, so it is built again (later in this run: its
+    name sorts after this one's, or in the next)."""
+    clash = _clash(folder, ctx.out_dir, entry["name"], entry.get("files") or [], names)
+    if status != "built" or clash is None:
+        return status, entry
+    for n in (entry["name"], clash[0]):
+        (ctx.out_dir / f"{n}.json").unlink(missing_ok=True)
+    return "failed", {"name": entry["name"], "kind": entry["kind"], "reason": clash[1]}
 
 
 def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
@@ -363,11 +328,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     ctx.name, ctx.data, ctx.deps = name, {}, None
     record_path = ctx.path(".json")
     entry = {"name": name, "kind": spec["kind"]}
-    try:
-        record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    except ValueError:
-        record = None
-    record = record if isinstance(record, dict) else None  # JSON, but no record ([1], say)
+    record = _read_record(record_path)
     try:
         if record and not ctx.force and _still_valid(name, spec, ctx, record):
             return "cached", {**entry, "files": [str(f) for f in _files_here(ctx, record)]}
@@ -378,11 +339,11 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     except InputUnavailable as exc:
         kept = _keep(ctx, spec, record, record_path)
         if kept:  # built where its inputs were: keep that build rather than lose it
-            other = _other_settings(ctx, spec, record)
+            other = other_settings(ctx, spec, record)
             return "kept", {**entry, "files": [str(f) for f in kept], "reason": str(exc),
                             **({"settings": other} if other else {}),
-                            "changed": _changed_weights(ctx, record),
-                            "images_changed": _changed_images(ctx, record)}
+                            "changed": changed_weights(ctx, record),
+                            "images_changed": changed_images(ctx, record)}
         if not (record and record.get("spec") != spec):  # else set aside: the spec put back
             record_path.unlink(missing_ok=True)          # keeps that build (see _keep)
         return "skipped", {**entry, "reason": str(exc)}
@@ -403,6 +364,7 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     try:
         json.dumps(data)
     except TypeError as exc:  # a registered kind's data; no record: the files vouch for nothing
+        record_path.unlink(missing_ok=True)
         return "failed", {**entry, "reason": f"{name}: its data is not JSON ({exc}); a builder "
                           "puts numbers, strings, lists and tables in ctx.data"}
     paths.write_json(record_path, {  # last: its presence with this key means "complete"
@@ -416,33 +378,12 @@ def _build_one(name: str, spec: dict, ctx: FigureContext) -> tuple[str, dict]:
     return "built", {**entry, "files": files}
 
 
-def _kept_note(entry: dict) -> str:
-    """For a kept figure of other probe settings than this run's, or read from weights or
-    probe images that are not those here: which, after "; "."""
-    changed, other = entry.get("changed"), entry.get("settings")
-    images = entry.get("images_changed")
-    return ((f"; not of this run's probe settings: {other}" if other else "")
-            + ("; its numbers are of other weights than the files here: " + "; ".join(changed)
-               if changed else "")
-            + ("; its numbers are of other probe images than these here: " + "; ".join(images)
-               if images else ""))
-
-
 def summary_text(summary: dict) -> str:
-    """What ``repsim figures`` prints of :func:`build_all`'s ``summary``: a line per figure (its
-    files, or why kept, skipped or failed, and a kept one's changed weights), then the counts."""
-    lines = [f"{status:8s}{e['name']}: {', '.join(e['files'])}"
-             for status in ("built", "cached") for e in summary[status]]
-    lines += [f"{status:8s}{e['name']}: {e['reason']}" + _kept_note(e)
-              for status in ("kept", "skipped", "failed") for e in summary[status]]
-    counts = ", ".join(f"{len(summary[k])} {k}"
-                       for k in ("built", "cached", "skipped", "failed", "kept"))
-    if summary.get("report_stale"):
-        lines.append(f"{summary['report_stale']} not updated: it is of the last full run; "
-                     "build every spec to update it")
-    seconds = summary.get("seconds", 0.0)
-    lines.append(f"figures in {os.path.abspath(summary['out'])}: {counts} ({seconds:.0f} s)")
-    return "\n".join(lines)
+    """What ``repsim figures`` prints of :func:`build_all`'s ``summary`` (see
+    :func:`repsim.figures.report.summary_text`)."""
+    from repsim.figures import report
+
+    return report.summary_text(summary)
 
 
 @contextmanager
@@ -474,19 +415,30 @@ def build_all(analyses: str | os.PathLike = "analyses", out: str | os.PathLike =
     ``report`` (a full run's REPORT.md) or ``report_stale`` (one that a run of ``only`` some
     specs left describing their earlier builds)."""
     t0 = time.perf_counter()
-    specs = load_specs(analyses, only)
+    specs, folder = load_specs(analyses, only), Path(analyses)
+    names = {p.stem for p in folder.glob("*.toml")}
+    for n in sorted(names):  # a spec named as a file of another's earlier build: before any
+        clash = _clash(folder, Path(out), n, (_read_record(Path(out) / f"{n}.json") or {})
+                       .get("files") or [], names)
+        if clash:
+            raise UserError(clash[1])
     ctx = FigureContext(Path(out), overrides, force, progress, log, device=device)
     summary: dict[str, Any] = {"out": str(Path(out)), "built": [], "cached": [], "kept": [],
                                "skipped": [], "failed": []}
+    from repsim.figures.report import kept_note, write_report
+
     with _one_run_at_a_time(Path(out), ctx.log):
         for name, spec in specs.items():
-            status, entry = _build_one(name, spec, ctx)
+            status, entry = _disown(folder, ctx, *_build_one(name, spec, ctx), names)
+            # Returned: its record says what its files are now (a skipped build of another
+            # spec stays set aside: the spec put back keeps it, see _keep).
+            if status != "skipped" or not ctx.path(".json").exists():
+                with suppress(OSError):
+                    _marker(ctx.path(".json")).unlink(missing_ok=True)
             summary[status].append(entry)
             ctx.log(f"{status:8s}{name}" + (" (reason in the summary)" if "reason" in entry
-                                             else "") + _kept_note(entry))
+                                             else "") + kept_note(entry))
         if not only:  # the report covers every spec, so only a full run rewrites it
-            from repsim.figures.report import write_report
-
             summary["report"] = str(write_report(out, list(specs), summary))
         elif (summary["built"] or summary["failed"]) and (Path(out) / "REPORT.md").is_file():
             summary["report_stale"] = str(Path(out) / "REPORT.md")  # captions of old data
