@@ -169,7 +169,8 @@ def check_state(state: dict[str, Any], state_path: Path, device: str, precision:
     type, trained in another ``precision``, or started from other bytes of the file
     ``init`` than ``init_sha256`` (states before these were recorded: not checked)."""
     fix = "fix: restart=True to start over, or another run_dir=PATH"
-    saved_on = "cuda" if state["rng"].get("cuda") is not None else "cpu"
+    rng = state["rng"]  # states before "device" was recorded: cuda or cpu
+    saved_on = "cuda" if rng.get("cuda") is not None else rng.get("device", "cpu")
     if saved_on != device:  # generator states of one device type fit no other
         raise UserError(f"{state_path} was saved on {saved_on} and cannot continue on "
                         f"{device}; valid: device={saved_on} to resume; {fix}")
@@ -213,11 +214,12 @@ def check_train_data(state: dict[str, Any], state_path: Path, now: dict[str, Any
 
 def get_rng(gen: torch.Generator, dev: torch.device) -> dict[str, Any]:
     """The random states a resumed run needs: ``gen`` (data order, augmentation) and torch's
-    CPU and, on CUDA, device generators (dropout)."""
+    CPU and, on CUDA or MPS, device generators (dropout); ``device``: the type they fit."""
     import torch
 
-    return {"data": gen.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+    return {"data": gen.get_state(), "torch": torch.get_rng_state(), "device": dev.type,
+            "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            **({"mps": torch.mps.get_rng_state()} if dev.type == "mps" else {})}
 
 
 def set_rng(rng: dict[str, Any], gen: torch.Generator, dev: torch.device) -> None:
@@ -228,6 +230,8 @@ def set_rng(rng: dict[str, Any], gen: torch.Generator, dev: torch.device) -> Non
     torch.set_rng_state(rng["torch"])
     if dev.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"], dev)
+    if dev.type == "mps" and rng.get("mps") is not None:
+        torch.mps.set_rng_state(rng["mps"])
 
 
 def other_settings(saved: Any, now: dict[str, Any], state_path: Path, out: Path) -> UserError:

@@ -208,5 +208,6 @@ def _trained_on(prov: dict[str, Any]) -> str | None:
 
     if prov["weights_sha256"] is None:  # random or pretrained weights: no file
         return None
-    dataset = (read_state_dict(prov["weights"])[1].get("data") or {}).get("dataset")
+    data = read_state_dict(prov["weights"])[1].get("data")  # another's file: anything
+    dataset = data.get("dataset") if isinstance(data, dict) else None
     return dataset if isinstance(dataset, str) else None

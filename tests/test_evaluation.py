@@ -133,3 +133,13 @@ def test_int32_labels_count_as_their_values():
     res = evaluation.evaluate(Guess(), SPEC, _images([0, 1, 2]),
                               torch.tensor([0, 1, 3], dtype=torch.int32))
     assert res["accuracy"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.parametrize("data", ["cifar10", ["cifar10"], 3, torch.zeros(2)])
+def test_a_foreign_checkpoints_data_entry_of_another_shape_names_no_dataset(tmp_path, data):
+    # A user's own {"state_dict": ..., "data": "cifar10"}: ("cifar10" or {}).get was an
+    # AttributeError traceback from repsim eval (a tensor: RuntimeError); only repsim's
+    # {"dataset": ...} names one.
+    path = tmp_path / "mine.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "data": data}, path)
+    assert evaluation._trained_on({"weights": str(path), "weights_sha256": "x"}) is None

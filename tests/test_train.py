@@ -1011,3 +1011,17 @@ def test_an_out_that_is_a_folder_is_refused_before_any_training(toy_root, tmp_pa
                        r"file path, e.g. \S*folder/train_mlp_test\.pt"):
         train.train(_cfg(toy_root, tmp_path, model=mlp, weights="random", epochs=1,
                          out=str(tmp_path / "folder")))
+
+
+def test_a_state_saved_on_mps_is_resumed_on_mps_not_refused_as_cpu(tmp_path, monkeypatch):
+    # The rng held no CUDA state, so an MPS run's state read as "saved on cpu": every resume
+    # with device=mps was refused ("valid: device=cpu"), and its dropout state was not kept.
+    mps_state = torch.arange(8, dtype=torch.uint8)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: mps_state)
+    rng = checkpoints.get_rng(torch.Generator(), torch.device("mps"))
+    assert torch.equal(rng["mps"], mps_state)
+    checkpoints.check_state({"rng": rng}, tmp_path / "state.pt", "mps", "fp32", "random", None)
+    with pytest.raises(UserError, match=r"saved on mps and cannot continue on cpu; "
+                       r"valid: device=mps to resume"):
+        checkpoints.check_state({"rng": rng}, tmp_path / "state.pt", "cpu", "fp32", "random",
+                                None)
