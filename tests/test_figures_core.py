@@ -176,24 +176,22 @@ def test_only_builds_its_specs_while_another_spec_is_being_written(tmp_path):
         load_specs(tmp_path / "a")
 
 
-def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeypatch):
-    """Ctrl-C while a kept figure (built on a GPU machine) was being looked at deleted its
-    record for good: every later run skipped it and the report dropped it. The record stays,
-    vouching for nothing until the figure is kept or built again."""
+def _kept_snap(tmp_path: Path, monkeypatch):
+    """A figure built (as on a GPU machine) whose inputs are then gone: ``run()`` keeps it;
+    ``here["stop"] = True`` makes its next check stop as Ctrl-C does. Returns (run, here)."""
     from repsim.compare import InputUnavailable
 
     ck = tmp_path / "ckpt"
     ck.mkdir()
     monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
     (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
-    state = {"inputs": True, "stop": False}
+    here = {"inputs": True, "stop": False}
 
     def build_snap(spec, ctx):
-        """A figure of snapshots that stayed on the machine that built it."""
         ctx.manifest()  # an input: changed below, so the figure is looked at again
-        if state["stop"]:
+        if here["stop"]:
             raise KeyboardInterrupt
-        if not state["inputs"]:
+        if not here["inputs"]:
             raise InputUnavailable("no snapshots here")
         return [ctx.write_text(".txt", "built\n")]
 
@@ -203,10 +201,19 @@ def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeyp
     run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
     run()
     (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
-    state.update(inputs=False, stop=True)
+    here["inputs"] = False
+    return run, here
+
+
+def test_a_kept_figure_survives_a_run_stopped_during_its_check(tmp_path, monkeypatch):
+    """Ctrl-C while a kept figure (built on a GPU machine) was being looked at deleted its
+    record for good: every later run skipped it and the report dropped it. The record stays,
+    vouching for nothing until the figure is kept or built again."""
+    run, here = _kept_snap(tmp_path, monkeypatch)
+    here["stop"] = True
     with pytest.raises(KeyboardInterrupt):
         run()
-    state["stop"] = False
+    here["stop"] = False
     res = run()
     assert [e["name"] for e in res["kept"]] == ["s"], res
     assert json.loads((tmp_path / "f" / "s.json").read_text())["cache_key"]
@@ -707,36 +714,10 @@ def test_a_figure_that_cannot_be_written_fails_in_one_line_not_as_a_bug(tmp_path
         in failed["reason"], failed
 
 
-def _kept_snap(tmp_path: Path, monkeypatch):
-    """A figure built (as on a GPU machine) whose inputs are then gone: ``run()`` keeps it."""
-    from repsim.compare import InputUnavailable
-
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    monkeypatch.setenv("REPSIM_CHECKPOINTS", str(ck))
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": [{"name": "m"}]}))
-    here = {"inputs": True}
-
-    def build_snap(spec, ctx):
-        ctx.manifest()
-        if not here["inputs"]:
-            raise InputUnavailable("no snapshots here")
-        return [ctx.write_text(".txt", "built\n")]
-
-    monkeypatch.setitem(KINDS, "snap", None)  # restored after the test
-    figure_kind("snap")(build_snap)
-    write(tmp_path / "a", "s", 'kind = "snap"\n')
-    run = lambda: build_all(tmp_path / "a", tmp_path / "f", progress=False)  # noqa: E731
-    run()
-    (ck / "manifest.json").write_text(json.dumps({"checkpoints": []}))
-    here["inputs"] = False
-    return run
-
-
 def test_a_rerun_does_not_rewrite_the_record_of_a_kept_figure(tmp_path, monkeypatch):
     """Every run rewrote a kept figure's record (figures/data_scale.json, dynamics.json) with
     the same bytes but a new mtime and file, though README says a rerun rewrites nothing."""
-    run = _kept_snap(tmp_path, monkeypatch)
+    run, _ = _kept_snap(tmp_path, monkeypatch)
     run()
     record = tmp_path / "f" / "s.json"
     before, text = record.stat(), record.read_text()
@@ -755,7 +736,7 @@ def test_a_kept_figure_in_a_folder_that_takes_no_file_is_kept_not_failed(tmp_pat
     it is kept."""
     from repsim import paths
 
-    run = _kept_snap(tmp_path, monkeypatch)
+    run, _ = _kept_snap(tmp_path, monkeypatch)
     run()
 
     def refused(path, write):  # what a read-only folder does to every atomic write
