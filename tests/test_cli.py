@@ -447,6 +447,9 @@ def test_sigterm_unwinds_and_says_so_in_one_line(json_):
 
 _SECOND_SIGNAL_AT_EXIT = """
 import atexit, os, signal, sys, time
+# As started from a terminal: a job started in the background (CI under nohup ... &) begins
+# with SIGINT ignored, which Python then leaves ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from repsim import cli
 first, second = (getattr(signal, s) for s in sys.argv[1:])
 help_, options, _ = cli.COMMANDS["figures"]

@@ -295,7 +295,10 @@ def test_ctrl_c_stops_the_runs_it_started_in_the_background(packed, tmp_path):
            "STAGES": "1"}
     run = subprocess.Popen(["bash", str(SCRIPT), "--smoke"], env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           start_new_session=True)
+                           start_new_session=True,  # as a terminal's shell starts it:
+                           # a background job (CI under nohup ... &) inherits SIGINT
+                           # ignored, which bash can then neither trap nor reset
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for _ in range(600):  # both runs started: seconds (one start of torch before them)
         if pids.is_file() and len(pids.read_text().split()) == 2:
             break
