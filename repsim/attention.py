@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repsim.errors import UserError, is_whole
-from repsim.hooks import as_tensor, eval_mode
+from repsim.hooks import as_tensor, eval_mode, float_dtype
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def model_input(model: nn.Module, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """``x`` on the model's device, floating ``x`` in the dtype of its first floating
-    parameter (numpy's float64 images into a float32 ViT, as :func:`repsim.extract` does)."""
+    """``x`` on the model's device, floating ``x`` in the model's dtype
+    (:func:`repsim.hooks.float_dtype`: numpy's float64 images into a float32 ViT, as
+    :func:`repsim.extract` does)."""
     t = as_tensor(x).to(model_device(model))
-    want = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    want = float_dtype(model)
     return t.to(want) if want is not None and t.is_floating_point() else t
 
 

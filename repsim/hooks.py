@@ -231,7 +231,7 @@ def as_tensor(x: Any) -> torch.Tensor:
     return torch.as_tensor(x)
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
+def float_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating parameter or buffer (None: it has none)."""
     state = itertools.chain(model.parameters(), model.buffers())
     return next((t.dtype for t in state if t.is_floating_point()), None)
@@ -289,7 +289,7 @@ def extract(model: nn.Module | str, images: Any, layers: str | Sequence[str] | N
     try:
         if device is not None or spec is not None:  # else it runs where it is: one split
             model.to(dev)                           # across devices stays split
-        want = _float_dtype(model)
+        want = float_dtype(model)
         with eval_mode(model), capture(model, layers, reduce, spec) as cap:
             for x in _batches(images, batch_size):
                 x = as_tensor(x) if dev is None else as_tensor(x).to(dev)
